@@ -1,0 +1,216 @@
+"""The one place that imports paho: a small MQTT 5 link used by the agent and the hub.
+
+paho calls back on its own network thread. Handlers passed in here must be quick and thread-safe
+(put on a queue, set an event). Notes on paho 2.x quirks that shape this module:
+
+* ``publish()`` returns ``MQTT_ERR_NO_CONN`` while disconnected, yet keeps a QoS>0 message queued
+  and sends it after the reconnect (with the same mid). That is "queued", not "failed".
+* ``publish()`` returns ``MQTT_ERR_QUEUE_SIZE`` and sends nothing when too many messages are
+  outstanding; it never raises. We raise :class:`MqttError` for every code but success/no-conn.
+* A refused CONNACK still reaches ``on_connect``: it is an error (bad credentials, not authorized),
+  not "connected", and it is reported to whoever waits for the connection.
+* A large ``max_inflight`` makes QoS 1 slower, not faster (measured: 1000 in flight 7.6k msg/s,
+  100 in flight 13k msg/s), so the default is 100.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent.contract import Delivery
+from edge_agent.settings import BrokerURL, TLSFiles
+
+log = logging.getLogger(__name__)
+
+
+class MqttError(Exception):
+    """An MQTT operation failed."""
+
+
+class ConnectRefused(MqttError):
+    """The broker answered CONNACK with a failure reason (bad credentials, not authorized, ...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"broker refused the connection: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received message, detached from paho."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    delivery: Delivery
+
+
+class MqttLink:
+    """One MQTT 5 connection with reconnect-and-backoff, resubscription and tracked publishes."""
+
+    def __init__(
+        self,
+        broker: BrokerURL,
+        client_id: str,
+        *,
+        tls: TLSFiles | None = None,
+        clean_start: bool = True,
+        session_expiry_s: int | None = None,
+        will: Will | None = None,
+        manual_ack: bool = False,
+        max_inflight: int = 100,
+        keepalive_s: int = 30,
+        on_message: Callable[[Message], None] | None = None,
+        on_published: Callable[[int, bool, str], None] | None = None,
+        on_connected: Callable[[bool], None] | None = None,
+        subscriptions: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self._clean_start = clean_start
+        self._session_expiry_s = session_expiry_s
+        self._keepalive_s = keepalive_s
+        self._on_message = on_message
+        self._on_published = on_published
+        self._on_connected = on_connected
+        self._subscriptions = list(subscriptions)
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._state_changed = threading.Condition()
+        self.connects = 0
+
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack,
+        )
+        client.enable_logger(logging.getLogger("paho"))
+        client.max_inflight_messages_set(max_inflight)
+        client.max_queued_messages_set(0)  # bounded by our own outbox, which checks every return code
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            files = tls or TLSFiles()
+            client.tls_set(
+                ca_certs=files.ca_file, certfile=files.cert_file, keyfile=files.key_file,
+                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.delivery.qos, retain=will.delivery.retain)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        self._client = client
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Connect in the background; paho reconnects with backoff from then on."""
+        props = Properties(PacketTypes.CONNECT)
+        if self._session_expiry_s is not None:
+            props.SessionExpiryInterval = self._session_expiry_s
+        try:
+            self._client.connect_async(
+                self.broker.host, self.broker.port, keepalive=self._keepalive_s,
+                clean_start=self._clean_start, properties=props,
+            )
+        except (OSError, ValueError) as exc:
+            raise MqttError(f"cannot connect to {self.broker}: {exc}") from exc
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> None:
+        """Block until connected; raise :class:`ConnectRefused` on a refused CONNACK, MqttError on timeout."""
+        with self._state_changed:
+            ok = self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused, timeout)
+        if self._refused and not self._connected.is_set():
+            raise ConnectRefused(self._refused)
+        if not ok:
+            raise MqttError(f"no connection to {self.broker} within {timeout:g} s")
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, *, final: tuple[str, bytes, Delivery] | None = None, timeout: float = 5.0) -> None:
+        """Optionally publish a last message (e.g. status offline) and disconnect cleanly."""
+        if final is not None and self.connected:
+            try:
+                info = self._client.publish(final[0], final[1], qos=final[2].qos, retain=final[2].retain)
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("final publish failed: %s", exc)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # ----------------------------------------------------------------- operations
+
+    def publish(self, topic: str, payload: bytes, delivery: Delivery) -> int:
+        """Queue a publish and return its mid; PUBACK is reported through ``on_published``."""
+        info = self._client.publish(topic, payload, qos=delivery.qos, retain=delivery.retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return info.mid
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Send the PUBACK of a received message (manual_ack mode) once its effects are durable."""
+        if qos > 0:
+            self._client.ack(mid, qos)
+
+    def subscribe(self, topic_filter: str, qos: int) -> None:
+        self._subscriptions.append((topic_filter, qos))
+        if self.connected:
+            self._client.subscribe(topic_filter, qos=qos)
+
+    # ----------------------------------------------------------------- paho callbacks (network thread)
+
+    def _handle_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if rc.is_failure:
+            log.error("broker %s refused the connection: %s", self.broker, rc)
+            with self._state_changed:
+                self._refused = str(rc)
+                self._state_changed.notify_all()
+            return
+        self.connects += 1
+        for topic_filter, qos in self._subscriptions:
+            client.subscribe(topic_filter, qos=qos)
+        with self._state_changed:
+            self._refused = None
+            self._connected.set()
+            self._state_changed.notify_all()
+        log.info("connected to %s as %s", self.broker, self.client_id)
+        if self._on_connected is not None:
+            self._on_connected(True)
+
+    def _handle_disconnect(self, _c: object, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            log.warning("disconnected from %s: %s", self.broker, rc)
+            if self._on_connected is not None:
+                self._on_connected(False)
+
+    def _handle_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        if self._on_message is not None:
+            self._on_message(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid))
+
+    def _handle_publish(self, _c: object, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
+        if self._on_published is not None:
+            self._on_published(mid, not rc.is_failure, str(rc))

@@ -1,0 +1,235 @@
+"""Settings: one validated object per process, from a TOML file, the environment and flags.
+
+Precedence: defaults < TOML file < environment (``{PREFIX}_{FIELD}``, e.g. ``EDGE_AGENT_BROKER``) <
+command-line flags. Unknown keys in the file are refused, values are type-checked, and every error
+names where the bad value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting that is missing, unknown or invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerURL:
+    """``mqtt://[user:pass@]host[:port]`` or ``mqtts://...`` (TLS; port 8883 by default)."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise SettingsError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise SettingsError(f"broker URL {url!r} has no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise SettingsError(f"broker URL {url!r} must not have a path, query or fragment")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise SettingsError(f"broker URL {url!r} has an invalid port") from exc
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname, port=port or (8883 if tls else 1883), tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+        )
+
+    def __str__(self) -> str:  # never print the password
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """CA bundle and optional client certificate for ``mqtts://`` brokers."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def check(self) -> None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise SettingsError(f"{name} {value!r} does not exist")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise SettingsError("cert_file and key_file go together")
+
+
+S = TypeVar("S")
+
+
+def _coerce(name: str, value: Any, hint: Any, origin: str) -> Any:
+    """Check/convert ``value`` to the field type ``hint``; strings from the environment are parsed."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        empty_env = isinstance(value, str) and value == "" and origin.startswith("env")
+        if (value is None or empty_env) and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0], origin)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(hint) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list | tuple) and all(isinstance(x, str) for x in items):
+            return tuple(x.strip() for x in items if x.strip())
+    raise SettingsError(f"{origin}: {name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def load_settings(
+    cls: type[S], *, env_prefix: str, config: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+) -> S:
+    """Build and validate ``cls`` (a dataclass) from file, environment and flags (flags win).
+
+    ``flags`` values that are ``None`` mean "not given on the command line".
+    """
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if config is not None:
+        path = Path(config).expanduser()
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise SettingsError(f"config file {str(path)!r} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+        unknown = set(data) - fields
+        if unknown:
+            raise SettingsError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(fields))}")
+        values.update({k: _coerce(k, v, hints[k], str(path)) for k, v in data.items()})
+    for name in fields:
+        key = f"{env_prefix}_{name.upper()}"
+        if key in environ:
+            values[name] = _coerce(name, environ[key], hints[name], f"environment {key}")
+    for name, value in (flags or {}).items():
+        if name not in fields:
+            raise SettingsError(f"unknown flag {name}")
+        if value is not None:
+            values[name] = _coerce(name, value, hints[name], f"--{name.replace('_', '-')}")
+    try:
+        settings = cls(**values)
+    except TypeError as exc:
+        raise SettingsError(str(exc)) from exc
+    check = getattr(settings, "validate", None)
+    if check is not None:
+        check()
+    return settings
+
+
+def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def positive(name: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise SettingsError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+OUTBOX_POLICIES = ("drop_oldest", "block")
+FEATURE_MODES = ("off", "sampled", "all")
+SOURCES = ("simulated", "stdin", "follow")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything an edge agent process needs (file ``[agent]`` keys = field names)."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    prefix: str = "edgeml"
+    client_id: str | None = None  # default: edge-agent-<device_id>
+    device_id: str | None = None  # replay: default is each log's own device ids
+    state_dir: str = "~/.local/state/edge-agent"  # outbox.sqlite and the active model live here
+    model_name: str = "default"
+    model: str | None = None  # a bundle file (.emlb) or an .onnx with a manifest beside it
+    model_wait_s: float = 120.0
+    trusted_key: str | None = None  # Ed25519 public key (PEM) that must have signed model bundles
+    insecure_allow_unsigned: bool = False  # development only: accept unsigned bundles
+    source: str = "simulated"
+    source_path: str | None = None  # for source = "follow"
+    sim_rate_hz: float = 50.0
+    sim_seed: int = 0
+    sim_channels: tuple[str, ...] = ("ax", "ay", "az", "wx", "wy", "wz")
+    batch_max_results: int = 100
+    batch_max_delay_s: float = 0.5
+    max_inflight: int = 20  # MQTT messages (batches) in flight
+    outbox_max: int = 200_000  # results kept on the device while the broker is unreachable
+    outbox_overflow: str = "drop_oldest"
+    features: str = "off"  # send model inputs for retraining: off, sampled or all
+    features_sample: float = 0.1
+    intra_op_threads: int = 1
+    status_interval_s: float = 10.0
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        BrokerURL.parse(self.broker)
+        self.tls.check()
+        choice("outbox_overflow", self.outbox_overflow, OUTBOX_POLICIES)
+        choice("features", self.features, FEATURE_MODES)
+        choice("source", self.source, SOURCES)
+        for name in ("batch_max_results", "max_inflight", "outbox_max", "intra_op_threads", "sim_rate_hz"):
+            positive(name, getattr(self, name))
+        for name in ("batch_max_delay_s", "model_wait_s", "status_interval_s"):
+            positive(name, getattr(self, name), zero_ok=True)
+        if not 0.0 <= self.features_sample <= 1.0:
+            raise SettingsError(f"features_sample must be in [0, 1], got {self.features_sample}")
+        if self.source == "follow" and not self.source_path:
+            raise SettingsError("source = 'follow' needs source_path")
+        if self.batch_max_results > 10_000:
+            raise SettingsError("batch_max_results must be at most 10000")
+
+    @property
+    def broker_url(self) -> BrokerURL:
+        return BrokerURL.parse(self.broker)
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.ca_file, self.cert_file, self.key_file)

@@ -1,0 +1,96 @@
+"""The real-broker harness and the MQTT link: publish and receive through mosquitto with our contract."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import threading
+
+import pytest
+
+from cloud_hub.broker import LocalBroker, derive_config, port_open
+from edge_agent import contract as c
+from edge_agent.mqtt import ConnectRefused, Message, MqttLink, Will
+from edge_agent.settings import BrokerURL
+
+
+def _link(broker: LocalBroker, client_id: str, **kw) -> MqttLink:
+    link = MqttLink(BrokerURL.parse(broker.url), client_id, **kw)
+    link.start()
+    link.wait_connected(10)
+    return link
+
+
+def test_derived_config_keeps_queue_limits(tmp_path) -> None:
+    text = derive_config("listener 1883 127.0.0.1\nmax_queued_messages 0\npersistence_location /x/\n",
+                         port=5555, workdir=tmp_path)
+    assert "listener 5555 127.0.0.1" in text and "listener 1883" not in text
+    assert "max_queued_messages 0" in text and "/x/" not in text
+
+
+def test_publish_and_receive_results_through_real_broker(shared_broker: LocalBroker, prefix: str) -> None:
+    topics = c.Topics(prefix)
+    got: queue.Queue[Message] = queue.Queue()
+    sub = _link(shared_broker, f"{prefix}-sub", on_message=got.put, subscriptions=[(topics.all_results, 1)])
+    acked = threading.Event()
+    pub = _link(shared_broker, f"{prefix}-pub", on_published=lambda mid, ok, rc: ok and acked.set())
+    batch = c.ResultBatch("dev-1", (c.Result(7, 10.0, 12.0, 1, 0.3, "ABD", 0.8, truth="ABD"),))
+    pub.publish(topics.results("dev-1"), batch.encode(), c.RESULTS_DELIVERY)
+    msg = got.get(timeout=10)
+    kind, device = topics.parse(msg.topic)
+    assert (kind, device, msg.qos) == ("results", "dev-1", 1)
+    assert c.decode_results(msg.payload, device) == batch
+    assert acked.wait(10), "PUBACK reported"
+    pub.stop()
+    sub.stop()
+
+
+def test_last_will_marks_device_offline(broker: LocalBroker, prefix: str) -> None:
+    topics = c.Topics(prefix)
+    offline = c.Status("dev-2", c.OFFLINE, 0.0)
+    dev = _link(broker, f"{prefix}-dev", keepalive_s=1,
+                will=Will(topics.status("dev-2"), offline.encode(), c.STATUS_DELIVERY))
+    dev.publish(topics.status("dev-2"), c.Status("dev-2", c.ONLINE, 1.0).encode(), c.STATUS_DELIVERY)
+    got: queue.Queue[Message] = queue.Queue()
+    watcher = _link(broker, f"{prefix}-watch", on_message=got.put, subscriptions=[(topics.all_status, 1)])
+    assert c.decode_status(got.get(timeout=10).payload).state == c.ONLINE
+    dev._client._sock.close()  # an abrupt network loss: the broker publishes the will  # type: ignore[union-attr]
+    dev._client.loop_stop()
+    assert c.decode_status(got.get(timeout=15).payload).state == c.OFFLINE
+    watcher.stop()
+
+
+def test_broker_stop_and_restart_keeps_port_and_retained(broker: LocalBroker, prefix: str) -> None:
+    topics = c.Topics(prefix)
+    pub = _link(broker, f"{prefix}-pub")
+    acked = threading.Event()
+    pub._on_published = lambda mid, ok, rc: acked.set()
+    pub.publish(topics.status("d"), c.Status("d", c.ONLINE, 1.0).encode(), c.STATUS_DELIVERY)
+    assert acked.wait(10)
+    pub.stop()
+    port, pid = broker.port, broker.pid
+    broker.restart()
+    assert broker.port == port and broker.pid != pid and port_open("127.0.0.1", port)
+    got: queue.Queue[Message] = queue.Queue()
+    sub = _link(broker, f"{prefix}-sub", on_message=got.put, subscriptions=[(topics.all_status, 1)])
+    msg = got.get(timeout=10)
+    assert msg.retain and c.decode_status(msg.payload).state == c.ONLINE
+    sub.stop()
+
+
+def test_refused_connack_is_an_error(tmp_path) -> None:
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "alice", "secret"], check=True)
+    pw.chmod(0o600)
+    base = tmp_path / "base.conf"
+    base.write_text(f"allow_anonymous false\npassword_file {pw}\n")
+    with LocalBroker(tmp_path / "b", base_config=base) as broker:
+        good = MqttLink(BrokerURL.parse(f"mqtt://alice:secret@127.0.0.1:{broker.port}"), "good")
+        good.start()
+        good.wait_connected(10)
+        good.stop()
+        bad = MqttLink(BrokerURL.parse(f"mqtt://alice:wrong@127.0.0.1:{broker.port}"), "bad")
+        bad.start()
+        with pytest.raises(ConnectRefused, match="Not authorized|Bad user name or password"):
+            bad.wait_connected(10)
+        bad.stop()

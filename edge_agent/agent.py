@@ -1,0 +1,228 @@
+"""The agent process: outbox + publisher + model slot + status, around the pure pipeline.
+
+The same :class:`Agent` serves ``edge-agent replay`` (recorded logs, many devices, exits when every
+result is acknowledged) and ``edge-agent run`` (a live source until SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent import contract as c
+from edge_agent.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
+from edge_agent.mqtt import Message, MqttError, MqttLink, Will
+from edge_agent.outbox import Outbox
+from edge_agent.pipeline import Processor
+from edge_agent.publisher import Publisher
+from edge_agent.runner import ModelRunner
+from edge_agent.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+class AgentError(RuntimeError):
+    """A condition the agent cannot work around (no model, bad configuration)."""
+
+
+@dataclass
+class ModelState:
+    bundle: c.Bundle
+    runner: ModelRunner
+
+
+class Agent:
+    """One MQTT connection, one outbox, one model, any number of device ids (replay)."""
+
+    def __init__(self, settings: AgentSettings, *, device_ids: tuple[str, ...] = ()) -> None:
+        self.settings = settings
+        self.topics = c.Topics(settings.prefix)
+        state = Path(settings.state_dir).expanduser()
+        state.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state
+        self.active_path = state / f"model-{settings.model_name}.emlb"
+        self.outbox = Outbox(state / "outbox.sqlite", max_rows=settings.outbox_max,
+                             overflow=settings.outbox_overflow)
+        self.device_ids: list[str] = list(device_ids)
+        single = device_ids[0] if len(device_ids) == 1 else None
+        will = None
+        if single is not None:
+            will = Will(self.topics.status(single), c.Status(single, c.OFFLINE, time.time()).encode(),
+                        c.STATUS_DELIVERY)
+        client_id = settings.client_id or (f"edge-agent-{single}" if single else f"edge-agent-{uuid.uuid4().hex[:8]}")
+        self._trusted = load_public_key(settings.trusted_key) if settings.trusted_key else None
+        self._updates: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.link = MqttLink(
+            settings.broker_url, client_id, tls=settings.tls, clean_start=True, will=will,
+            max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
+            on_published=self._on_published, on_connected=self._on_connected,
+            subscriptions=[(self.topics.model(settings.model_name), 1)],
+        )
+        self.publisher = Publisher(
+            self.outbox, self.link, self.topics, batch_max_results=settings.batch_max_results,
+            batch_max_delay_s=settings.batch_max_delay_s, max_inflight=settings.max_inflight,
+        )
+        self.model: ModelState | None = None
+        self.processor: Processor | None = None
+        self.source_channels: tuple[str, ...] | None = None
+        self.last_error: str | None = None
+        self.swaps = 0
+        self._status_due = 0.0
+        self._status_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- paho thread callbacks
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.topic == self.topics.model(self.settings.model_name) and msg.payload:
+            self._updates.put(msg.payload)
+
+    def _on_published(self, mid: int, ok: bool, reason: str) -> None:
+        self.publisher.on_published(mid, ok, reason)
+
+    def _on_connected(self, up: bool) -> None:
+        if up:
+            self._status_due = 0.0  # re-announce online (the will may have been published)
+            self.publisher.notify()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self.link.start()
+        self.publisher.start()
+
+    def close(self, *, drain_timeout: float | None = 10.0) -> bool:
+        """Drain the outbox (bounded), publish offline, disconnect. Returns True if fully drained."""
+        drained = self.publisher.wait_drained(drain_timeout)
+        self.publish_status(c.OFFLINE)
+        self.publisher.stop()
+        final = None
+        if len(self.device_ids) == 1:
+            final = (self.topics.status(self.device_ids[0]), self._status(self.device_ids[0], c.OFFLINE).encode(),
+                     c.STATUS_DELIVERY)
+        self.link.stop(final=final)
+        self.outbox.close()
+        return drained
+
+    # ----------------------------------------------------------------- models
+
+    def load_model(self, explicit: str | None, channels: tuple[str, ...]) -> ModelState:
+        """The model to start with: ``explicit`` file, else the persisted one, else the retained topic."""
+        self.source_channels = channels
+        candidates: list[tuple[str, bytes]] = []
+        if explicit:
+            try:
+                candidates.append((explicit, Path(explicit).expanduser().read_bytes()))
+            except OSError as exc:
+                raise AgentError(f"cannot read model {explicit}: {exc}") from exc
+        elif self.active_path.is_file():
+            candidates.append((str(self.active_path), self.active_path.read_bytes()))
+        for origin, payload in candidates:
+            try:
+                # A file the operator names is trusted like a signed bundle when no key is configured.
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned or
+                              (origin == explicit and self._trusted is None))
+                log.info("model v%d from %s", self.model.bundle.manifest.version, origin)  # type: ignore[union-attr]
+                return self.model  # type: ignore[return-value]
+            except BundleRejected as exc:
+                if origin == explicit:
+                    raise AgentError(f"model {origin} refused: {exc}") from exc
+                log.warning("persisted model %s refused (%s); waiting for the model topic", origin, exc)
+        return self._wait_for_model()
+
+    def _wait_for_model(self) -> ModelState:
+        topic = self.topics.model(self.settings.model_name)
+        deadline = time.monotonic() + self.settings.model_wait_s
+        log.info("waiting up to %g s for a model on %s", self.settings.model_wait_s, topic)
+        while time.monotonic() < deadline:
+            try:
+                payload = self._updates.get(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            try:
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)
+                return self.model  # type: ignore[return-value]
+            except BundleRejected as exc:
+                self.last_error = str(exc)
+                log.error("model refused: %s", exc)
+        where = "connected" if self.link.connected else f"not connected to {self.settings.broker_url}"
+        raise AgentError(
+            f"no usable model on {topic} within {self.settings.model_wait_s:g} s ({where}; "
+            f"last error: {self.last_error or 'none'}). Pass --model FILE or publish one with `cloud-hub publish`."
+        )
+
+    def _install(self, payload: bytes, *, allow_unsigned: bool) -> None:
+        bundle, runner = verify_bundle(
+            payload, trusted_key=self._trusted, allow_unsigned=allow_unsigned,
+            channels=self.source_channels, intra_op_threads=self.settings.intra_op_threads,
+        )
+        if self.model is not None and bundle.manifest.sha256 == self.model.bundle.manifest.sha256:
+            return  # the retained copy of what already runs
+        persist_bundle(bundle, self.active_path)
+        self.model = ModelState(bundle, runner)
+        if self.processor is not None:
+            self.processor.swap(runner)
+            self.swaps += 1
+        self.last_error = None
+        self._status_due = 0.0
+        log.info("serving model %s v%d (%s)", bundle.manifest.name, bundle.manifest.version, bundle.manifest.sha256[:12])
+
+    def poll_updates(self) -> None:
+        """Between batches: verify and hot-swap any model that arrived; a bad one is refused."""
+        while True:
+            try:
+                payload = self._updates.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)
+            except BundleRejected as exc:
+                self.last_error = f"model refused: {exc}"
+                self._status_due = 0.0
+                log.error("%s; still serving v%s", self.last_error,
+                          self.model.bundle.manifest.version if self.model else "none")
+
+    def make_processor(self) -> Processor:
+        assert self.model is not None and self.source_channels is not None
+        s = self.settings
+        self.processor = Processor(self.model.runner, self.outbox, source_channels=self.source_channels,
+                                   device_id=s.device_id, features=s.features, features_sample=s.features_sample)
+        return self.processor
+
+    # ----------------------------------------------------------------- status
+
+    def _status(self, device_id: str, state: str) -> c.Status:
+        m = self.model.bundle.manifest if self.model else None
+        error = self.last_error or self.publisher.last_error
+        if self.outbox.dropped:
+            error = f"{error}; " if error else ""
+            error += f"outbox overflow dropped {self.outbox.dropped} results"
+        return c.Status(device_id, state, time.time(), model_name=m.name if m else None,
+                        model_version=m.version if m else None, model_sha256=m.sha256 if m else None,
+                        outbox_depth=self.outbox.depth, last_error=error[:2000] if error else None)
+
+    def publish_status(self, state: str = c.ONLINE) -> None:
+        with self._status_lock:
+            for device in self.device_ids:
+                try:
+                    self.link.publish(self.topics.status(device), self._status(device, state).encode(),
+                                      c.STATUS_DELIVERY)
+                except MqttError as exc:
+                    log.warning("status publish failed: %s", exc)
+            self._status_due = time.monotonic() + self.settings.status_interval_s
+
+    def tick(self) -> None:
+        """Housekeeping between chunks: model updates, new devices, periodic status."""
+        self.poll_updates()
+        if self.processor is not None:
+            new = sorted(self.processor.stats.devices - set(self.device_ids))
+            if new:
+                self.device_ids.extend(new)
+                self._status_due = 0.0
+        if time.monotonic() >= self._status_due and self.link.connected:
+            self.publish_status(c.ONLINE)
+        self.publisher.notify()

@@ -1,0 +1,114 @@
+"""Model bundles on the device: verify (signature, sha256, compatibility), persist, load.
+
+A bundle is accepted only when every check passes; otherwise :class:`BundleRejected` says why and
+the running model keeps serving. The active bundle is persisted with write-to-temp + fsync +
+rename, so a reboot in the middle of an update leaves either the old or the new bundle, never a
+torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_agent.contract import Bundle, ContractError, decode_bundle
+from edge_agent.runner import ModelError, ModelRunner
+
+
+class BundleRejected(ValueError):
+    """A model bundle that failed verification; the message is the reason shown in the status."""
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(Path(path).expanduser().read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BundleRejected(f"cannot read trusted key {path}: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleRejected(f"trusted key {path} is not an Ed25519 public key")
+    return key
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).expanduser().read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot read signing key {path}: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"signing key {path} is not an Ed25519 private key")
+    return key
+
+
+def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> Bundle:
+    """The same bundle with an Ed25519 signature over its manifest (which holds the model's sha256)."""
+    kid = key_id(private_key.public_key())
+    unsigned = bundle.manifest.with_signature(b"", kid)
+    signature = private_key.sign(unsigned.signing_bytes())
+    return Bundle(unsigned.with_signature(signature, kid), bundle.model)
+
+
+def verify_bundle(
+    payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_unsigned: bool,
+    channels: tuple[str, ...] | None = None, intra_op_threads: int = 1,
+) -> tuple[Bundle, ModelRunner]:
+    """Decode and check a bundle, then build and warm up its runner. Raises :class:`BundleRejected`."""
+    try:
+        bundle = decode_bundle(payload)
+    except ContractError as exc:
+        raise BundleRejected(f"malformed bundle: {exc.reason}") from exc
+    m = bundle.manifest
+    digest = hashlib.sha256(bundle.model).hexdigest()
+    if digest != m.sha256:
+        raise BundleRejected(f"model v{m.version}: sha256 {digest[:12]}… does not match the manifest's {m.sha256[:12]}…")
+    signature = m.signature_bytes() if m.signature else None
+    if signature is None:
+        if not allow_unsigned:
+            raise BundleRejected(f"model v{m.version} is unsigned (allowed only with insecure_allow_unsigned)")
+    elif trusted_key is None:
+        if not allow_unsigned:
+            raise BundleRejected(f"model v{m.version} is signed but no trusted key is configured")
+    else:
+        if m.key_id != key_id(trusted_key):
+            raise BundleRejected(f"model v{m.version} was signed by key {m.key_id}, not the trusted key {key_id(trusted_key)}")
+        try:
+            trusted_key.verify(signature, m.signing_bytes())
+        except InvalidSignature as exc:
+            raise BundleRejected(f"model v{m.version}: bad signature") from exc
+    try:
+        runner = ModelRunner(bundle, intra_op_threads=intra_op_threads)
+    except ModelError as exc:
+        raise BundleRejected(f"model v{m.version}: {exc}") from exc
+    if channels is not None:
+        missing = [c for c in runner.params.channels if c not in channels]
+        if missing:
+            raise BundleRejected(
+                f"model v{m.version} needs channels {missing} that the source does not provide ({list(channels)})"
+            )
+    return bundle, runner
+
+
+def persist_bundle(bundle: Bundle, path: str | Path) -> None:
+    """Write atomically: temp file, fsync, rename, fsync the folder."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(bundle.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

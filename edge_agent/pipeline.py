@@ -1,0 +1,137 @@
+"""Readings in, results into the outbox: windowing, features, inference, result encoding.
+
+No broker and no clock here: the processor takes reading chunks and writes encoded results to the
+outbox. Keys are deterministic: ``seq`` is the window start in milliseconds, so replaying the
+same log with the same model produces the same keys and the hub stores each window once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.contract import Result, encode_result_obj
+from edge_agent.outbox import Outbox
+from edge_agent.preprocess import PreprocessParams, Windower, extract_features
+from edge_agent.runner import ModelRunner
+
+_GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
+
+
+def window_seq(start: np.ndarray) -> np.ndarray:
+    """The result key of each window: its start time in integer milliseconds."""
+    return np.rint(np.asarray(start, dtype=np.float64) * 1000.0).astype(np.int64)
+
+
+def sampled(seq: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic per-key sampling mask (the same windows are chosen on every replay)."""
+    if fraction >= 1.0:
+        return np.ones(len(seq), dtype=bool)
+    h = (seq.astype(np.uint64) * np.uint64(_GOLDEN)) & np.uint64(0xFFFFFFFF)
+    return h < np.uint64(int(fraction * 2**32))
+
+
+class DeviceIdError(ValueError):
+    """A single device id was forced on a log that holds several devices."""
+
+
+@dataclass
+class ProcessStats:
+    readings: int = 0
+    windows: int = 0
+    new_results: int = 0
+    dropped_windows: int = 0  # windows dropped for missing data (preprocessing policy)
+    devices: set[str] = field(default_factory=set)
+
+
+class Processor:
+    """Per-device windowers feeding one model runner; results go to the outbox."""
+
+    def __init__(self, runner: ModelRunner, outbox: Outbox, *, source_channels: tuple[str, ...],
+                 device_id: str | None = None, features: str = "off", features_sample: float = 0.1) -> None:
+        self.outbox = outbox
+        self.source_channels = tuple(source_channels)
+        self.device_id = device_id
+        self.features = features
+        self.features_sample = features_sample
+        self.stats = ProcessStats()
+        self._windowers: dict[str, Windower] = {}
+        self._source_of_override: str | None = None
+        self.runner = runner
+        self._columns = self._column_index(runner.params)
+
+    def _column_index(self, params: PreprocessParams) -> np.ndarray:
+        missing = [c for c in params.channels if c not in self.source_channels]
+        if missing:
+            raise ValueError(f"model needs channels {missing}; the source has {list(self.source_channels)}")
+        return np.array([self.source_channels.index(c) for c in params.channels], dtype=np.intp)
+
+    def swap(self, runner: ModelRunner) -> None:
+        """Serve the next windows with ``runner``. Windows in progress continue if the windowing is equal."""
+        old = self.runner.params
+        new = runner.params
+        self._columns = self._column_index(new)
+        same_windows = (old.sample_rate_hz, old.window_s, old.hop_s, old.channels, old.missing) == (
+            new.sample_rate_hz, new.window_s, new.hop_s, new.channels, new.missing)
+        if not same_windows:
+            self._windowers.clear()
+        self.runner = runner
+
+    def _device(self, source_device: str) -> str:
+        if self.device_id is None:
+            return source_device
+        if self._source_of_override is None:
+            self._source_of_override = source_device
+        elif self._source_of_override != source_device:
+            raise DeviceIdError(
+                f"--device-id renames a single-device log, but this log holds {self._source_of_override!r} "
+                f"and {source_device!r}; drop --device-id to replay each under its own id"
+            )
+        return self.device_id
+
+    def process(self, per_device: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> int:
+        """Process readings grouped by device: ``{device: (ts, values[n, channels], labels|None)}``."""
+        written = 0
+        for source_device, (ts, values, labels) in per_device.items():
+            device = self._device(source_device)
+            self.stats.devices.add(device)
+            self.stats.readings += len(ts)
+            windower = self._windowers.get(device)
+            if windower is None:
+                windower = self._windowers[device] = Windower(self.runner.params)
+            batch = windower.push(ts, values[:, self._columns], labels)
+            self.stats.dropped_windows += batch.dropped
+            if len(batch) == 0:
+                continue
+            written += self._emit(device, batch.start, batch.end, batch.data, batch.labels)
+        return written
+
+    def _emit(self, device: str, start: np.ndarray, end: np.ndarray, data: np.ndarray,
+              labels: np.ndarray | None) -> int:
+        runner = self.runner
+        feats = extract_features(data, runner.params)
+        pred = runner.predict(feats)
+        seqs = window_seq(start)
+        send_features = (np.zeros(len(seqs), bool) if self.features == "off"
+                         else sampled(seqs, 1.0 if self.features == "all" else self.features_sample))
+        version = runner.version
+        rows: list[tuple[int, bytes]] = []
+        starts, ends, seq_list = start.tolist(), end.tolist(), seqs.tolist()
+        truths = None if labels is None else [None if (x is None or x == "") else str(x) for x in labels.tolist()]
+        conf = None if pred.confidence is None else pred.confidence.tolist()
+        for i, seq in enumerate(seq_list):
+            result = Result(
+                seq=seq, start=starts[i], end=ends[i], model_version=version, latency_ms=pred.latency_ms,
+                label=pred.labels[i] if pred.labels is not None else None,
+                confidence=conf[i] if conf is not None else None,
+                value=tuple(pred.values[i].tolist()) if pred.values is not None else None,
+                truth=truths[i] if truths is not None else None,
+                features=tuple(feats[i].tolist()) if send_features[i] else None,
+            )
+            rows.append((seq, encode_result_obj(result)))
+        self.stats.windows += len(rows)
+        added = self.outbox.put(device, rows)
+        self.stats.new_results += added
+        return added

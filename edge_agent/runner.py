@@ -1,0 +1,111 @@
+"""The model behind one class: an onnxruntime session built from a verified bundle.
+
+A model update builds a new :class:`ModelRunner` (which validates and warms up), and only then is
+one reference swapped: a bad model never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_agent.contract import Bundle, Manifest
+from edge_agent.preprocess import PreprocessParams
+
+
+class ModelError(ValueError):
+    """A model that cannot serve (bad ONNX, wrong input shape, outputs we cannot read)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    labels: list[str] | None  # classifier: predicted class per window
+    confidence: np.ndarray | None  # classifier: its probability
+    values: np.ndarray | None  # regressor: float32[k, outputs]
+    latency_ms: float  # per window: batch wall time / batch size
+
+
+class ModelRunner:
+    """Wraps one ``InferenceSession``; ``predict`` takes a float32[k, n_features] batch."""
+
+    def __init__(self, bundle: Bundle, *, intra_op_threads: int = 1) -> None:
+        m: Manifest = bundle.manifest
+        self.manifest = m
+        try:
+            self.params = PreprocessParams.from_dict(m.preprocess)
+        except ValueError as exc:
+            raise ModelError(f"manifest preprocessing parameters: {exc}") from exc
+        if not self.params.is_fitted:
+            raise ModelError("manifest preprocessing parameters carry no normalization statistics")
+        if self.params.n_features != m.n_features:
+            raise ModelError(
+                f"manifest says {m.n_features} features but its preprocessing produces {self.params.n_features}"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(bundle.model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != m.input_name:
+            raise ModelError(f"model inputs {[i.name for i in inputs]} do not match manifest input {m.input_name!r}")
+        shape = inputs[0].shape
+        if len(shape) != 2 or shape[1] != m.n_features:
+            raise ModelError(f"model input shape {shape} does not take {m.n_features} features")
+        if inputs[0].type != "tensor(float)":
+            raise ModelError(f"model input type {inputs[0].type} is not float32")
+        names = [o.name for o in self.session.get_outputs()]
+        if m.task == "classification":
+            self._prob_output = next((n for n in names if "prob" in n), None)
+            if self._prob_output is None:
+                raise ModelError(f"classifier outputs {names} have no probabilities")
+            if not m.labels:
+                raise ModelError("classifier manifest has no labels")
+        else:
+            self._prob_output = None
+        self._outputs = names
+        self._labels = np.asarray(m.labels, dtype=object)
+        self.warm_up()
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def warm_up(self, runs: int = 3) -> None:
+        """First runs allocate and pick kernels; do that before serving, and prove the model runs."""
+        x = np.zeros((4, self.manifest.n_features), dtype=np.float32)
+        for _ in range(runs):
+            pred = self.predict(x)
+        width = len(self.manifest.labels)
+        if pred.confidence is not None and (not np.all(np.isfinite(pred.confidence)) or width < 1):
+            raise ModelError("model produced non-finite probabilities on warm-up")
+        if pred.values is not None and not np.all(np.isfinite(pred.values)):
+            raise ModelError("model produced non-finite values on warm-up")
+
+    def predict(self, features: np.ndarray) -> Prediction:
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.manifest.n_features:
+            raise ModelError(f"expected a batch of shape (k, {self.manifest.n_features}), got {x.shape}")
+        t0 = time.perf_counter()
+        try:
+            out = self.session.run(None, {self.manifest.input_name: x})
+        except Exception as exc:
+            raise ModelError(f"inference failed: {exc}") from exc
+        latency = (time.perf_counter() - t0) * 1000.0 / max(len(x), 1)
+        by_name = dict(zip(self._outputs, out, strict=True))
+        if self._prob_output is not None:
+            prob = np.asarray(by_name[self._prob_output], dtype=np.float32)
+            if prob.ndim != 2 or prob.shape[1] != len(self._labels):
+                raise ModelError(f"probabilities of shape {prob.shape} do not match {len(self._labels)} labels")
+            idx = prob.argmax(axis=1)
+            conf = np.clip(prob[np.arange(len(idx)), idx], 0.0, 1.0)
+            return Prediction(list(self._labels[idx]), conf, None, latency)
+        values = np.asarray(out[0], dtype=np.float32).reshape(len(x), -1)
+        return Prediction(None, None, values, latency)

@@ -1,0 +1,153 @@
+"""The two agent jobs: replay recorded logs, and run on a live source until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent import sources
+from edge_agent.agent import Agent, AgentError
+from edge_agent.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayReport:
+    devices: int = 0
+    readings: int = 0
+    windows: int = 0
+    published: int = 0
+    seconds: float = 0.0
+    skipped_lines: int = 0
+    dropped_windows: int = 0
+    model_version: int | None = None
+    model_swaps: int = 0
+    drained: bool = True
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+Progress = Callable[[int, int], None]  # (readings so far, windows so far)
+
+
+def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed: float = 0.0,
+           on_error: str = "raise", progress: Progress | None = None,
+           drain_timeout: float | None = None) -> ReplayReport:
+    """Replay logs through the model into the broker; returns once every result is acknowledged."""
+    t0 = time.perf_counter()
+    readers = [sources.read_log(path, on_error=on_error) for path in logs]
+    channels = readers[0].channels
+    for r in readers[1:]:
+        if r.channels != channels:
+            raise AgentError(f"{r.path}: channels {list(r.channels)} differ from {list(channels)} of {readers[0].path}")
+    devices = (settings.device_id,) if settings.device_id else ()
+    agent = Agent(settings, device_ids=devices)
+    report = ReplayReport()
+    stop = _install_stop_handlers()
+    agent.start()
+    try:
+        agent.load_model(model, channels)
+        processor = agent.make_processor()
+        for reader in readers:
+            for chunk in sources.pace(reader, speed):
+                processor.process(chunk.by_device())
+                agent.tick()
+                if progress is not None:
+                    progress(processor.stats.readings, processor.stats.windows)
+                if stop.is_set():
+                    raise AgentError("interrupted")
+            report.skipped_lines += reader.stats.skipped
+            report.skipped_examples += [str(e) for e in reader.stats.examples]
+        agent.tick()
+        report.drained = agent.publisher.wait_drained(drain_timeout)
+        report.published = agent.publisher.acked_results
+        report.devices = len(processor.stats.devices)
+        report.readings = processor.stats.readings
+        report.windows = processor.stats.windows
+        report.dropped_windows = processor.stats.dropped_windows
+        report.model_version = agent.model.bundle.manifest.version if agent.model else None
+        report.model_swaps = agent.swaps
+    finally:
+        agent.close(drain_timeout=0 if stop.is_set() else 5)
+        _restore_handlers()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def live_source(settings: AgentSettings, stop: threading.Event) -> tuple[Iterable[Any], tuple[str, ...]]:
+    s = settings
+    if s.source == "simulated":
+        src = sources.SimulatedSensor(s.device_id or "sim-0", s.sim_channels, s.sim_rate_hz, s.sim_seed,
+                                      stop=stop)
+        return src, tuple(s.sim_channels)
+    if s.source == "stdin":
+        src = sources.JsonLinesStream(sys.stdin, channels=s.sim_channels)
+        return src, tuple(s.sim_channels)
+    assert s.source_path is not None
+    src = sources.FollowFile(s.source_path, stop=stop)
+    return src, tuple(src.channels)
+
+
+def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: float = 10.0) -> dict[str, Any]:
+    """The long-running agent: live source until SIGTERM/SIGINT or the source ends, then drain."""
+    if not settings.device_id:
+        raise AgentError("run needs device_id (in the config file, EDGE_AGENT_DEVICE_ID or --device-id)")
+    stop = _install_stop_handlers()
+    agent = Agent(settings, device_ids=(settings.device_id,))
+    agent.start()
+    try:
+        source, channels = live_source(settings, stop)
+        agent.load_model(model or settings.model, channels)
+        processor = agent.make_processor()
+        for chunk in _until(source, stop):
+            processor.process(chunk.by_device())
+            agent.tick()
+        agent.tick()
+    finally:
+        drained = agent.close(drain_timeout=drain_timeout)
+        _restore_handlers()
+    return {"readings": processor.stats.readings, "windows": processor.stats.windows,
+            "drained": drained, "outbox_depth": agent.outbox.depth}
+
+
+def _until(chunks: Iterable[Any], stop: threading.Event) -> Iterator[Any]:
+    for chunk in chunks:
+        yield chunk
+        if stop.is_set():
+            return
+
+
+_previous: dict[int, Any] = {}
+
+
+def _install_stop_handlers() -> threading.Event:
+    """SIGTERM/SIGINT set a stop flag: the current chunk finishes, the outbox drains, then exit."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return stop
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():  # second signal: give up draining
+            raise KeyboardInterrupt
+        log.info("signal %d: finishing the current batch and draining the outbox", signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        _previous[sig] = signal.signal(sig, handler)
+    return stop
+
+
+def _restore_handlers() -> None:
+    for sig, old in _previous.items():
+        signal.signal(sig, old)
+    _previous.clear()
+

@@ -1,0 +1,128 @@
+"""The durable outbox and the publisher that drains it through a real broker."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from cloud_hub.broker import LocalBroker
+from edge_agent import contract as c
+from edge_agent.mqtt import Message, MqttLink
+from edge_agent.outbox import Outbox, OutboxFull
+from edge_agent.publisher import Publisher
+from edge_agent.settings import BrokerURL
+
+
+def _rows(device: str, seqs: range) -> list[tuple[int, bytes]]:
+    return [(s, c.encode_result_obj(c.Result(s, s / 1000, s / 1000 + 1, 1, 0.1, "A", 0.5))) for s in seqs]
+
+
+def test_rows_survive_reopen_and_keys_are_idempotent(tmp_path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+    assert box.put("d1", _rows("d1", range(10))) == 10
+    assert box.put("d1", _rows("d1", range(5, 15))) == 5  # 5..9 already pending
+    assert box.put("d2", _rows("d2", range(3))) == 3
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite")
+    assert box.depth == 18
+    pending = box.pending(0, 100)
+    assert [p.seq for p in pending if p.device_id == "d1"] == list(range(15))
+    box.delete([p.id for p in pending[:4]])
+    assert box.depth == 14
+    assert box.pending(pending[3].id, 2)[0].id == pending[4].id
+    box.close()
+
+
+def test_drop_oldest_overflow_is_counted_and_persisted(tmp_path) -> None:
+    box = Outbox(tmp_path / "o.sqlite", max_rows=10)
+    box.put("d", _rows("d", range(8)))
+    box.put("d", _rows("d", range(8, 14)))
+    assert box.depth == 10 and box.dropped == 4
+    assert box.pending(0, 1)[0].seq == 4  # the oldest four went
+    box.close()
+    assert Outbox(tmp_path / "o.sqlite", max_rows=10).dropped == 4
+
+
+def test_block_overflow_waits_for_room(tmp_path) -> None:
+    box = Outbox(tmp_path / "o.sqlite", max_rows=5, overflow="block")
+    box.put("d", _rows("d", range(5)))
+    with pytest.raises(OutboxFull):
+        box.put("d", _rows("d", range(5, 6)), timeout=0.05)
+    ids = [p.id for p in box.pending(0, 2)]
+    t = threading.Timer(0.05, box.delete, args=(ids,))
+    t.start()
+    assert box.put("d", _rows("d", range(5, 7)), timeout=30) == 2
+    t.join()
+    assert box.depth == 5 and box.dropped == 0
+
+
+def _collector(broker: LocalBroker, topics: c.Topics, name: str) -> tuple[MqttLink, queue.Queue[Message]]:
+    got: queue.Queue[Message] = queue.Queue()
+    link = MqttLink(BrokerURL.parse(broker.url), name, clean_start=False, session_expiry_s=600,
+                    on_message=got.put, subscriptions=[(topics.all_results, 1)])
+    link.start()
+    link.wait_connected(10)
+    return link, got
+
+
+def _received_keys(got: queue.Queue[Message], expected: int) -> list[tuple[str, int]]:
+    keys: list[tuple[str, int]] = []
+    while len(set(keys)) < expected:
+        msg = got.get(timeout=30)
+        batch = c.decode_results(msg.payload)
+        assert len(batch.results) <= 7
+        keys += [(batch.device_id, r.seq) for r in batch.results]
+    return keys
+
+
+def test_publisher_drains_outbox_across_broker_restart(broker: LocalBroker, prefix: str, tmp_path) -> None:
+    topics = c.Topics(prefix)
+    sub, got = _collector(broker, topics, f"{prefix}-sub")
+    box = Outbox(tmp_path / "o.sqlite")
+    link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-pub")
+    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=0.05, max_inflight=3)
+    link._on_published = pub.on_published
+    link.start()
+    pub.start()
+    box.put("a", _rows("a", range(50)))
+    box.put("b", _rows("b", range(20)))
+    pub.notify()
+    first = _received_keys(got, 70)
+    assert pub.wait_drained(30)
+    # Broker goes away: results keep being accepted into the outbox, nothing fails.
+    broker.stop()
+    box.put("a", _rows("a", range(50, 90)))
+    pub.notify()
+    assert box.depth == 40
+    broker.start()
+    assert pub.wait_drained(60), "drained after the broker came back"
+    second = _received_keys(got, 40)
+    assert set(first) == {("a", s) for s in range(50)} | {("b", s) for s in range(20)}
+    assert set(second) == {("a", s) for s in range(50, 90)}
+    pub.stop()
+    link.stop()
+    sub.stop()
+    box.close()
+
+
+def test_restarted_agent_resends_what_was_not_acknowledged(broker: LocalBroker, prefix: str, tmp_path) -> None:
+    """Rows written while no broker was reachable are delivered by the next process."""
+    topics = c.Topics(prefix)
+    box = Outbox(tmp_path / "o.sqlite")
+    box.put("a", _rows("a", range(30)))
+    box.close()  # the first process dies before any PUBACK
+    sub, got = _collector(broker, topics, f"{prefix}-sub")
+    box = Outbox(tmp_path / "o.sqlite")
+    link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-pub2")
+    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=0.0)
+    link._on_published = pub.on_published
+    link.start()
+    pub.start()
+    assert pub.wait_drained(30)
+    assert sorted(set(_received_keys(got, 30))) == [("a", s) for s in range(30)]
+    assert box.depth == 0
+    pub.stop()
+    link.stop()
+    sub.stop()

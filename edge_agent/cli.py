@@ -94,6 +94,8 @@ def replay(
             progress=cb, drain_timeout=timeout))
     except Exception as exc:
         raise _map_errors(exc) from exc
+    for line in report.skipped_examples:
+        typer.echo(f"skipped {line}", err=True)
     if json_out:
         typer.echo(orjson.dumps(report.as_dict()).decode())
     else:
@@ -102,8 +104,6 @@ def replay(
             f"{report.published} results acknowledged in {report.seconds:.2f} s "
             f"({report.readings / max(report.seconds, 1e-9):,.0f} readings/s), model v{report.model_version}"
         )
-        for line in report.skipped_examples:
-            typer.echo(f"skipped {line}", err=True)
     if not report.drained:
         _fail(f"{report.windows - report.published} results not acknowledged within {timeout} s "
               "(kept in the outbox, sent on the next start)", EXIT_BROKER)

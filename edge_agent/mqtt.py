@@ -96,6 +96,7 @@ class MqttLink:
         self._refused: str | None = None
         self._state_changed = threading.Condition()
         self.connects = 0
+        self._stopping = False
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack,
@@ -157,6 +158,7 @@ class MqttLink:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:
                 log.warning("final publish failed: %s", exc)
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -203,7 +205,7 @@ class MqttLink:
         was = self._connected.is_set()
         self._connected.clear()
         if was:
-            log.warning("disconnected from %s: %s", self.broker, rc)
+            (log.info if self._stopping else log.warning)("disconnected from %s: %s", self.broker, rc)
             if self._on_connected is not None:
                 self._on_connected(False)
 

@@ -65,8 +65,8 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
                     progress(processor.stats.readings, processor.stats.windows)
                 if stop.is_set():
                     raise AgentError("interrupted")
-            report.skipped_lines += reader.stats.skipped
-            report.skipped_examples += [str(e) for e in reader.stats.examples]
+            report.skipped_lines += reader.stats.rows_skipped
+            report.skipped_examples += [str(e) for e in reader.stats.first_errors]
         agent.tick()
         report.drained = agent.publisher.wait_drained(drain_timeout)
         report.published = agent.publisher.acked_results
@@ -86,14 +86,15 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
 def live_source(settings: AgentSettings, stop: threading.Event) -> tuple[Iterable[Any], tuple[str, ...]]:
     s = settings
     if s.source == "simulated":
+        # Live readings carry wall-clock time, so result keys (window start in ms) never repeat.
         src = sources.SimulatedSensor(s.device_id or "sim-0", s.sim_channels, s.sim_rate_hz, s.sim_seed,
-                                      stop=stop)
+                                      start_ts=round(time.time(), 2), stop_event=stop)
         return src, tuple(s.sim_channels)
     if s.source == "stdin":
-        src = sources.JsonLinesStream(sys.stdin, channels=s.sim_channels)
+        src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels)
         return src, tuple(s.sim_channels)
     assert s.source_path is not None
-    src = sources.FollowFile(s.source_path, stop=stop)
+    src = sources.FollowFile(s.source_path, stop_event=stop)
     return src, tuple(src.channels)
 
 

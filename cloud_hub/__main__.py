@@ -1,0 +1,3 @@
+from cloud_hub.cli import app
+
+app(prog_name="cloud-hub")

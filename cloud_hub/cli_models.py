@@ -1,0 +1,233 @@
+"""Model-lifecycle commands of ``cloud-hub``: train, retrain, keygen, publish, models, export.
+
+Exit codes as in :mod:`cloud_hub.cli_data`, plus 4: a model refused by its gate, not found, or not
+enough data to train; 5: a malformed input log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from cloud_hub.cli_data import ConfigOpt, DbOpt, _console, _errors, _fail, _pct, _settings, _ts
+
+EXIT_MODEL = 4
+EXIT_INPUT = 5
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")]
+HoldoutOpt = Annotated[str | None, typer.Option("--holdout-devices", help="Comma-separated device ids to evaluate "
+                                                "on (default: the last 20% of device ids, sorted).")]
+
+
+@contextmanager
+def _lifecycle_errors() -> Iterator[None]:
+    from cloud_hub.lifecycle import LifecycleError
+    from edge_agent.mqtt import MqttError
+    from edge_agent.settings import SettingsError
+    from edge_agent.sources import LogError
+
+    with _errors():
+        try:
+            yield
+        except SettingsError:
+            raise  # exit 2, mapped by _errors
+        except LogError as exc:
+            raise _fail(EXIT_INPUT, str(exc)) from None
+        except (LifecycleError, ValueError) as exc:
+            raise _fail(EXIT_MODEL, str(exc)) from None
+        except MqttError as exc:
+            raise _fail(3, str(exc)) from None
+
+
+def _engine(db: str) -> Any:
+    from cloud_hub.db import make_engine
+
+    return make_engine(db)
+
+
+def _holdout(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def _metric(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "-"
+    return _pct(m["accuracy"]) if "accuracy" in m else f"MAE {m['mae']:.3f}"
+
+
+def _print_outcome(outcome: Any, json_out: bool) -> None:
+    if json_out:
+        typer.echo(orjson.dumps(outcome.to_obj()).decode())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"model {outcome.name} v{outcome.version}: {outcome.state} "
+                        f"(hold-out devices: {', '.join(outcome.holdout_devices) or 'last 20% in time'})")
+    for col in ("", "hold-out score", "bytes", "latency/window"):
+        table.add_column(col, justify="right")
+    rows = [("FP32", outcome.fp32), ("INT8", outcome.int8)]
+    if outcome.baseline:
+        rows.append(("running (INT8)", outcome.baseline))
+    for label, m in rows:
+        table.add_row(label, _metric(m), f"{m['bytes']:,}", f"{m['latency_ms']:.3f} ms")
+    console = _console()
+    console.print(table)
+    if outcome.gate:
+        console.print(f"gate: {outcome.gate}")
+
+
+def train(
+    logs: Annotated[list[str], typer.Argument(help="Labelled logs (CSV / JSON Lines) to learn from.")],
+    db: DbOpt = None,
+    holdout_devices: HoldoutOpt = None,
+    window: Annotated[float, typer.Option("--window", help="Window length in seconds.")] = 2.0,
+    hop: Annotated[float, typer.Option("--hop", help="Step between windows in seconds.")] = 1.0,
+    name: NameOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the bundle (.emlb) to this file.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a classifier (text labels) or regressor (numeric labels), quantize to INT8, register it."""
+    from cloud_hub import lifecycle
+
+    with _lifecycle_errors():
+        s = _settings(config, db=db, model_name=name)
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        outcome = lifecycle.train_from_logs(_engine(s.db), logs, name=s.model_name,
+                                            holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
+                                            seed=seed)
+        if out is not None:
+            _export(s.db, s.model_name, outcome.version, out)
+    _print_outcome(outcome, json_out)
+
+
+def retrain(
+    db: DbOpt = None,
+    holdout_devices: HoldoutOpt = None,
+    tolerance: Annotated[float | None, typer.Option(help="How much worse (accuracy points as a fraction, "
+                                                    "or MAE) the new INT8 model may be.")] = None,
+    log: Annotated[list[str] | None, typer.Option("--log", help="Also learn from this labelled log.")] = None,
+    name: NameOpt = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Next version from the labelled features the fleet reported, warm-started, gated on hold-out devices."""
+    from cloud_hub import lifecycle
+
+    with _lifecycle_errors():
+        s = _settings(config, db=db, model_name=name, retrain_tolerance=tolerance)
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        outcome = lifecycle.retrain(_engine(s.db), name=s.model_name, holdout=_holdout(holdout_devices),
+                                    tolerance=s.retrain_tolerance, logs=log or [], seed=seed)
+    _print_outcome(outcome, json_out)
+    if outcome.state == "rejected":
+        raise typer.Exit(EXIT_MODEL)
+
+
+def keygen(
+    private_key: Annotated[Path, typer.Argument(help="Where to write the Ed25519 private key (PEM, mode 0600).")],
+    public_key: Annotated[Path | None, typer.Option("--public", help="Public key path "
+                                                    "(default: <private>.pub.pem).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Make an Ed25519 key pair: the hub signs bundles with the private key, devices trust the public one."""
+    from cloud_hub.signing import keygen as make
+
+    try:
+        priv, pub, kid = make(private_key, public_key, force=force)
+    except (FileExistsError, OSError) as exc:
+        raise _fail(2, str(exc)) from None
+    typer.echo(f"private key {priv}\npublic key  {pub} (give it to devices as trusted_key)\nkey id      {kid}")
+
+
+def publish(
+    db: DbOpt = None,
+    broker: Annotated[str | None, typer.Option("--broker", help="mqtt://… or mqtts://…")] = None,
+    version: Annotated[int | None, typer.Option(help="Version to publish (default: newest that passed its gate).")] = None,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
+    insecure_unsigned: Annotated[bool, typer.Option("--insecure-unsigned", help="Publish without a signature "
+                                                    "(devices refuse it unless they allow unsigned models).")] = False,
+    force: Annotated[bool, typer.Option(help="Publish a version that failed its gate.")] = False,
+    name: NameOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Sign a registered bundle and publish it retained on the model topic."""
+    from cloud_hub.rollout import publish as run
+
+    with _lifecycle_errors():
+        s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key)
+        bundle = run(_engine(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)
+    m = bundle.manifest
+    typer.echo(f"published {m.name} v{m.version} ({m.sha256[:12]}, "
+               f"{'signed by ' + str(m.key_id) if m.signature else 'UNSIGNED'}) on {s.topics.model(m.name)}")
+
+
+def models(
+    db: DbOpt = None,
+    name: NameOpt = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Every model version with its metrics and how many devices run it now."""
+    from cloud_hub.rollout import rollout
+
+    with _lifecycle_errors():
+        s = _settings(config, db=db)
+        rows = rollout(_engine(s.db), name)
+    if json_out:
+        typer.echo(orjson.dumps({"models": rows}).decode())
+        return
+    from rich.table import Table
+
+    table = Table(title="models")
+    for col in ("name", "version", "state", "on topic", "INT8 score", "FP32 score", "INT8 bytes",
+                "devices (online)", "created"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], str(r["version"]), r["state"], "yes" if r["on_topic"] else "",
+                      _metric(r["int8"]), _metric(r["fp32"]), f"{(r['int8'] or {}).get('bytes', 0):,}",
+                      f"{r['devices']} ({r['devices_online']})", _ts(r["created"]))
+    _console().print(table)
+
+
+def export(
+    out: Annotated[Path, typer.Argument(help="Bundle file to write (.emlb).")],
+    db: DbOpt = None,
+    version: Annotated[int | None, typer.Option(help="Version (default: newest).")] = None,
+    name: NameOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a registered bundle to a file (for `edge-agent --model FILE`)."""
+    with _lifecycle_errors():
+        s = _settings(config, db=db, model_name=name)
+        v = _export(s.db, s.model_name, version, out)
+    typer.echo(f"wrote {s.model_name} v{v} to {out}")
+
+
+def _export(db_url: str, name: str, version: int | None, out: Path) -> int:
+    from cloud_hub.db import transaction
+    from cloud_hub.lifecycle import LifecycleError
+    from cloud_hub.store import Store
+
+    engine = _engine(db_url)
+    with transaction(engine, write=False) as conn:
+        row = Store(engine).get_model(conn, name, version)
+    if row is None or row.bundle is None:
+        raise LifecycleError(f"model {name} v{version or 'latest'} is not registered")
+    out.write_bytes(row.bundle)
+    return row.version
+
+
+def register(app: typer.Typer) -> None:
+    for command in (train, retrain, keygen, publish, models, export):
+        app.command()(command)

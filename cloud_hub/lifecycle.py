@@ -1,0 +1,343 @@
+"""Model lifecycle: train (logs or fleet features) → FP32 ONNX → INT8 → evaluate → gate → register.
+
+Everything a device needs to preprocess exactly like the trainer travels in the manifest
+(:class:`edge_agent.preprocess.PreprocessParams`), so agent and hub cannot disagree.
+
+Held-out evaluation is always on devices the model never trained on. Default hold-out when none
+is named: the last ⌈20 %⌉ of the device ids in sorted order (at least one, and never all of them);
+a single-device data set is instead split in time (its last 20 % of windows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from cloud_hub import db, quantize, training, weights
+from cloud_hub.store import ModelRow, Store
+from edge_agent.contract import Bundle, Manifest
+from edge_agent.preprocess import PreprocessParams, Windower, extract_features, fit_normalization
+from edge_agent.sources import read_log
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_S = 2.0
+DEFAULT_HOP_S = 1.0
+
+
+class LifecycleError(RuntimeError):
+    """Not enough data, an incompatible model, nothing to publish..."""
+
+
+@dataclass
+class Dataset:
+    X: np.ndarray  # float32[n, f]
+    y: np.ndarray  # labels (str) or targets (float)
+    devices: np.ndarray  # str[n]
+    params: PreprocessParams
+    order: np.ndarray | None = None  # time order within the set (window start), for time splits
+
+    def subset(self, mask: np.ndarray) -> Dataset:
+        return Dataset(self.X[mask], self.y[mask], self.devices[mask], self.params,
+                       None if self.order is None else self.order[mask])
+
+
+@dataclass
+class Outcome:
+    """What one training run produced; ``to_obj`` is what ``train --json`` prints."""
+
+    name: str
+    version: int
+    state: str
+    fp32: dict[str, Any]
+    int8: dict[str, Any]
+    holdout_devices: list[str]
+    train_windows: int
+    holdout_windows: int
+    baseline: dict[str, Any] | None = None  # the running version on the same hold-out (retrain)
+    gate: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "state": self.state, "fp32": self.fp32,
+                "int8": self.int8, "holdout_devices": self.holdout_devices, "train_windows": self.train_windows,
+                "holdout_windows": self.holdout_windows, "baseline": self.baseline, "gate": self.gate, **self.extra}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _labels_array(labels: list[str]) -> np.ndarray:
+    """Text labels train a classifier; a column whose every label is a number trains a regressor."""
+    try:
+        values = np.array([float(x) for x in labels], dtype=np.float64)
+    except ValueError:
+        return np.asarray(labels, dtype=str)
+    return values if np.all(np.isfinite(values)) else np.asarray(labels, dtype=str)
+
+
+def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
+                      on_error: str = "raise") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw windows of labelled logs with the agent's own windowing: (data, labels, devices, starts)."""
+    data, labels, devices, starts = [], [], [], []
+    for path in paths:
+        reader = read_log(path, on_error=on_error)
+        if not reader.has_labels:
+            raise LifecycleError(f"{path}: no label column, cannot train from it")
+        missing = [c for c in params.channels if c not in reader.channels]
+        if missing:
+            raise LifecycleError(f"{path}: channels {missing} missing (log has {list(reader.channels)})")
+        cols = np.array([reader.channels.index(c) for c in params.channels])
+        windowers: dict[str, Windower] = {}
+        for chunk in reader:
+            for device, (ts, values, lab) in chunk.by_device().items():
+                w = windowers.setdefault(device, Windower(params))
+                batch = w.push(ts, values[:, cols], lab)
+                if len(batch):
+                    keep = np.asarray([x != "" for x in batch.labels.tolist()], dtype=bool)
+                    data.append(batch.data[keep])
+                    labels += [str(x) for x in batch.labels[keep].tolist()]
+                    devices += [device] * int(keep.sum())
+                    starts.append(batch.start[keep])
+    if not data:
+        raise LifecycleError("the logs hold no complete labelled window")
+    return (np.concatenate(data), _labels_array(labels), np.asarray(devices, dtype=str), np.concatenate(starts))
+
+
+def dataset_from_logs(paths: Sequence[str], *, window_s: float, hop_s: float, holdout: Sequence[str],
+                      params: PreprocessParams | None = None, on_error: str = "raise") -> Dataset:
+    """Features of labelled logs; normalization statistics are fitted on the training devices only."""
+    if params is None:
+        first = read_log(paths[0], on_error=on_error)
+        first.close()
+        rate = _rate_hint(paths[0])
+        params = PreprocessParams(sample_rate_hz=rate, window_s=window_s, hop_s=hop_s, channels=first.channels)
+    data, y, devices, starts = windows_from_logs(paths, params, on_error=on_error)
+    if not params.is_fitted:
+        train_mask = ~np.isin(devices, list(holdout)) if holdout else np.ones(len(devices), bool)
+        mean, std = fit_normalization(data[train_mask].reshape(-1, data.shape[2]))
+        params = params.with_normalization(mean, std)
+    X = extract_features(data, params)
+    return Dataset(X, y, devices, params, starts)
+
+
+def _rate_hint(path: str) -> float:
+    """The sampling rate of a log: the median step between a device's first readings."""
+    reader = read_log(path)
+    try:
+        chunk = next(iter(reader))
+    finally:
+        reader.close()
+    steps = []
+    for ts, _v, _l in chunk.by_device().values():
+        d = np.diff(ts)
+        if d.size:
+            steps.append(np.median(d))
+    if not steps:
+        raise LifecycleError(f"{path}: cannot infer the sampling rate (too few readings)")
+    return float(round(1.0 / float(np.median(steps)), 6))
+
+
+def choose_holdout(devices: Sequence[str], requested: Sequence[str] | None) -> list[str]:
+    known = sorted(set(devices))
+    if requested:
+        unknown = sorted(set(requested) - set(known))
+        if unknown:
+            raise LifecycleError(f"hold-out devices {unknown} have no labelled windows (known: {known})")
+        if set(requested) >= set(known):
+            raise LifecycleError("every device is held out: nothing left to train on")
+        return sorted(requested)
+    if len(known) < 2:
+        return []
+    return known[-max(1, math.ceil(0.2 * len(known))):]
+
+
+def split(ds: Dataset, holdout: Sequence[str]) -> tuple[Dataset, Dataset]:
+    if holdout:
+        mask = np.isin(ds.devices, list(holdout))
+    else:  # one device: hold out the last 20 % in time
+        order = ds.order if ds.order is not None else np.arange(len(ds.y))
+        mask = order >= np.quantile(order, 0.8)
+    train, test = ds.subset(~mask), ds.subset(mask)
+    if len(train.y) == 0 or len(test.y) == 0:
+        raise LifecycleError(f"split left {len(train.y)} training and {len(test.y)} hold-out windows")
+    return train, test
+
+
+# ----------------------------------------------------------------------------- model building
+
+
+def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: Any = None,
+          seed: int = 0, config: training.TrainConfig | None = None,
+          summary: dict[str, Any] | None = None) -> tuple[Bundle, dict[str, Any], dict[str, Any], bytes]:
+    """Train, export FP32, quantize INT8 (calibrated on training windows), evaluate both on ``test``."""
+    model = training.train(train.X, train.y, warm_from=warm_from, seed=seed, config=config)
+    n_features = train.X.shape[1]
+    fp32 = training.export_onnx(model, n_features)
+    int8 = quantize.quantize_int8(fp32, train.X, seed=seed)
+    m_fp32 = quantize.evaluate(fp32, test.X, test.y)
+    m_int8 = quantize.evaluate(int8, test.X, test.y)
+    task = training.model_task(model)
+    manifest = Manifest(
+        name=name, version=version, sha256=hashlib.sha256(int8).hexdigest(), task=task,
+        labels=training.model_labels(model), n_features=n_features, input_name=training.INPUT_NAME,
+        preprocess=train.params.to_dict(), created=time.time(),
+        metrics={"int8": m_int8, "fp32": m_fp32},
+        training={"train_windows": len(train.y), "holdout_windows": len(test.y),
+                  "train_devices": sorted(set(train.devices.tolist())),
+                  "holdout_devices": sorted(set(test.devices.tolist())),
+                  "warm_start": warm_from is not None, **(summary or {})},
+    )
+    return Bundle(manifest, int8), m_fp32, m_int8, weights.to_bytes(model)
+
+
+def score(metrics: dict[str, Any]) -> float:
+    """Higher is better: accuracy, or minus the MAE."""
+    return float(metrics["accuracy"]) if "accuracy" in metrics else -float(metrics["mae"])
+
+
+def next_version(store: Store, conn: sa.Connection, name: str) -> int:
+    latest = store.get_model(conn, name)
+    return 1 if latest is None else latest.version + 1
+
+
+def register(engine: sa.Engine, bundle: Bundle, weights_blob: bytes, state: str) -> None:
+    store = Store(engine)
+    m = bundle.manifest
+    with db.transaction(engine) as conn:
+        store.add_model(conn, name=m.name, version=m.version, sha256=m.sha256, manifest=m.to_obj(),
+                        created=m.created, bundle=bundle.encode(), metrics=m.metrics, state=state,
+                        weights=weights_blob)
+
+
+def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "default",
+                    holdout: Sequence[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
+                    hop_s: float = DEFAULT_HOP_S, seed: int = 0, on_error: str = "raise",
+                    config: training.TrainConfig | None = None) -> Outcome:
+    """``cloud-hub train``: a new version from labelled logs, registered as publishable."""
+    chosen = choose_holdout(_devices_of(logs, on_error), holdout)
+    ds = dataset_from_logs(logs, window_s=window_s, hop_s=hop_s, holdout=chosen, on_error=on_error)
+    train, test = split(ds, chosen)
+    store = Store(engine)
+    with db.transaction(engine) as conn:
+        version = next_version(store, conn, name)
+    bundle, m_fp32, m_int8, blob = build(train, test, name=name, version=version, seed=seed, config=config,
+                                         summary={"source": "logs", "logs": [str(p) for p in logs]})
+    register(engine, bundle, blob, "publishable")
+    return Outcome(name, version, "publishable", m_fp32, m_int8, chosen, len(train.y), len(test.y))
+
+
+def _devices_of(logs: Sequence[str], on_error: str) -> list[str]:
+    names: set[str] = set()
+    for path in logs:
+        with read_log(path, on_error=on_error) as reader:
+            for chunk in reader:
+                names.update(chunk.device_names)
+    return sorted(names)
+
+
+# ----------------------------------------------------------------------------- retraining from the fleet
+
+
+def current_model(store: Store, conn: sa.Connection, name: str) -> ModelRow:
+    """The version devices should be running: the last published, else the newest publishable."""
+    rows = [r for r in store.list_models(conn, name) if r.state in ("published", "publishable")]
+    published = [r for r in rows if r.state == "published"]
+    if published:
+        return max(published, key=lambda r: (r.published_at or 0.0, r.version))
+    if rows:
+        return rows[-1]
+    raise LifecycleError(f"no model {name!r} to retrain from: run `cloud-hub train` first")
+
+
+def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int) -> Dataset:
+    """Labelled feature vectors that agents reported (with the same preprocessing)."""
+    r = db.results
+    query = sa.select(r.c.device_id, r.c.truth, r.c.features, r.c.start).where(
+        r.c.features.is_not(None), r.c.truth.is_not(None)).order_by(r.c.id)
+    X, y, devices, starts = [], [], [], []
+    with engine.connect() as conn:
+        for device_id, truth, blob, start in conn.execute(query):
+            vec = db.unpack_features(blob)
+            if vec is None or vec.shape[0] != n_features:
+                continue  # reported under other preprocessing parameters
+            X.append(vec)
+            y.append(truth)
+            devices.append(device_id)
+            starts.append(start)
+    if not X:
+        raise LifecycleError("no labelled feature vectors reported by the fleet yet "
+                             "(agents send them with features = 'sampled' or 'all')")
+    return Dataset(np.vstack(X).astype(np.float32), _labels_array(y), np.asarray(devices, dtype=str), params,
+                   np.asarray(starts))
+
+
+def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] | None = None,
+            tolerance: float = 0.0, logs: Sequence[str] = (), seed: int = 0, min_windows: int = 50,
+            config: training.TrainConfig | None = None) -> Outcome:
+    """``cloud-hub retrain``: the next version from fleet features, warm-started and gated."""
+    store = Store(engine)
+    with db.transaction(engine, write=False) as conn:
+        current = current_model(store, conn, name)
+        version = next_version(store, conn, name)
+        weights_blob = store.get_weights(conn, name, current.version)
+    base_bundle = Bundle(_manifest_of(current), b"")
+    params = PreprocessParams.from_dict(base_bundle.manifest.preprocess)
+    ds = fleet_dataset(engine, params, base_bundle.manifest.n_features)
+    n_fleet = len(ds.y)
+    if logs:
+        data, y, devices, starts = windows_from_logs(logs, params)
+        extra = Dataset(extract_features(data, params), y, devices, params, starts)
+        ds = Dataset(np.vstack([ds.X, extra.X]), np.concatenate([ds.y.astype(extra.y.dtype), extra.y]),
+                     np.concatenate([ds.devices, extra.devices]), params, np.concatenate([ds.order, extra.order]))
+    if len(ds.y) < min_windows:
+        raise LifecycleError(f"only {len(ds.y)} labelled windows (need {min_windows})")
+    chosen = choose_holdout(ds.devices.tolist(), holdout)
+    train, test = split(ds, chosen)
+    warm = weights.from_bytes(weights_blob) if weights_blob else None
+    bundle, m_fp32, m_int8, blob = build(
+        train, test, name=name, version=version, warm_from=warm, seed=seed, config=config,
+        summary={"source": "fleet" + ("+logs" if logs else ""), "fleet_windows": n_fleet,
+                 "parent_version": current.version})
+    baseline = _evaluate_bundle(current, test)
+    ok = score(m_int8) >= score(baseline) - tolerance
+    gate = (f"v{version} INT8 {_fmt(m_int8)} vs running v{current.version} INT8 {_fmt(baseline)} "
+            f"on {len(test.y)} hold-out windows (tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
+    state = "publishable" if ok else "rejected"
+    bundle = Bundle(_with_gate(bundle.manifest, baseline, gate), bundle.model)
+    register(engine, bundle, blob, state)
+    log.info("%s", gate)
+    return Outcome(name, version, state, m_fp32, m_int8, chosen, len(train.y), len(test.y), baseline, gate,
+                   {"parent_version": current.version, "fleet_windows": n_fleet})
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return f"accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else f"MAE {metrics['mae']:.4f}"
+
+
+def _manifest_of(row: ModelRow) -> Manifest:
+    from edge_agent.contract import manifest_from_obj
+
+    return manifest_from_obj(row.manifest)
+
+
+def _with_gate(m: Manifest, baseline: dict[str, Any], gate: str) -> Manifest:
+    from dataclasses import replace
+
+    return replace(m, metrics={**m.metrics, "baseline_int8": baseline, "gate": gate})
+
+
+def _evaluate_bundle(row: ModelRow, test: Dataset) -> dict[str, Any]:
+    from edge_agent.contract import decode_bundle
+
+    if row.bundle is None:
+        raise LifecycleError(f"model {row.name} v{row.version} has no stored bundle")
+    return quantize.evaluate(decode_bundle(row.bundle).model, test.X, test.y, latency_runs=50, warmup=5)

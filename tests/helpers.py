@@ -1,0 +1,102 @@
+"""Test helpers: a generated labelled log, a small INT8 model bundle, a result collector."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from cloud_hub import lifecycle, training
+from cloud_hub.sample import write_sample_log
+from edge_agent import contract as c
+from edge_agent.mqtt import Message, MqttLink
+from edge_agent.pipeline import window_seq
+from edge_agent.preprocess import PreprocessParams, make_windows
+from edge_agent.settings import BrokerURL
+from edge_agent.sources import read_log
+
+SMALL = training.TrainConfig(hidden=(32,), max_iter=40)
+DEVICES = ("dev-a", "dev-b", "dev-c")
+
+
+def make_log(path: Path, *, seconds: float = 40.0, devices=DEVICES, seed: int = 0, start_ts: float = 0.0) -> Path:
+    write_sample_log(path, devices=devices, seconds=seconds, seed=seed, start_ts=start_ts)
+    return path
+
+
+def make_bundle(log: Path, *, version: int = 1, name: str = "default", holdout=("dev-c",),
+                window_s: float = 2.0, hop_s: float = 1.0) -> c.Bundle:
+    ds = lifecycle.dataset_from_logs([str(log)], window_s=window_s, hop_s=hop_s, holdout=list(holdout))
+    train, test = lifecycle.split(ds, list(holdout))
+    bundle, *_ = lifecycle.build(train, test, name=name, version=version, config=SMALL)
+    return bundle
+
+
+def expected_keys(log: Path, params: PreprocessParams) -> set[tuple[str, int]]:
+    """Every (device, seq) the agent must produce for this log: computed with the batch windowing."""
+    reader = read_log(log)
+    whole = reader.read_all()
+    assert whole is not None
+    keys: set[tuple[str, int]] = set()
+    cols = [whole.channels.index(ch) for ch in params.channels]
+    for device, (ts, values, labels) in whole.by_device().items():
+        batch = make_windows(ts, values[:, cols], labels, params)
+        keys |= {(device, int(s)) for s in window_seq(batch.start)}
+    return keys
+
+
+class Collector:
+    """A persistent-session subscriber that records every result key it receives."""
+
+    def __init__(self, broker_url: str, topics: c.Topics, name: str) -> None:
+        self.topics = topics
+        self.messages: queue.Queue[Message] = queue.Queue()
+        self.keys: list[tuple[str, int]] = []
+        self.results: dict[tuple[str, int], c.Result] = {}
+        self._lock = threading.Lock()
+        self.link = MqttLink(BrokerURL.parse(broker_url), name, clean_start=False, session_expiry_s=3600,
+                             on_message=self._on_message, subscriptions=[(topics.all_results, 1)])
+        self.link.start()
+        self.link.wait_connected(10)
+
+    def _on_message(self, msg: Message) -> None:
+        batch = c.decode_results(msg.payload, self.topics.parse(msg.topic)[1])
+        with self._lock:
+            for r in batch.results:
+                self.keys.append((batch.device_id, r.seq))
+                self.results[(batch.device_id, r.seq)] = r
+        self.messages.put(msg)
+
+    def distinct(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return set(self.keys)
+
+    def wait_for(self, expected: set[tuple[str, int]], timeout: float = 60.0) -> set[tuple[str, int]]:
+        deadline = timeout
+        while not expected <= self.distinct():
+            try:
+                self.messages.get(timeout=deadline)
+            except queue.Empty:
+                break
+        return self.distinct()
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+def agent_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edge_agent", *args]
+
+
+def run_agent(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(agent_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def features_of(results: dict[tuple[str, int], c.Result]) -> np.ndarray:
+    return np.array([r.features for r in results.values() if r.features is not None], dtype=np.float32)

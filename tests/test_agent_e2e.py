@@ -1,0 +1,137 @@
+"""The edge agent end to end through a real mosquitto: replay, broker outage, agent crash, bad logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cloud_hub.broker import LocalBroker
+from edge_agent import contract as c
+from edge_agent.preprocess import PreprocessParams
+from edge_agent.service import replay
+from edge_agent.settings import AgentSettings, load_settings
+from tests.helpers import Collector, agent_cmd, expected_keys, make_bundle, make_log, run_agent
+
+
+@pytest.fixture(scope="module")
+def log_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, PreprocessParams]:
+    root = tmp_path_factory.mktemp("agent-e2e")
+    log = make_log(root / "fleet.csv", seconds=40)
+    bundle = make_bundle(log)
+    model = root / "v1.emlb"
+    model.write_bytes(bundle.encode())
+    return log, model, PreprocessParams.from_dict(bundle.manifest.preprocess)
+
+
+def _settings(broker: LocalBroker, prefix: str, state: Path, **kw) -> AgentSettings:
+    return load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={},
+                         flags={"broker": broker.url, "prefix": prefix, "state_dir": str(state), **kw})
+
+
+def test_replay_delivers_one_result_per_window_per_device(shared_broker, prefix, tmp_path, log_and_model) -> None:
+    log, model, params = log_and_model
+    expected = expected_keys(log, params)
+    assert len({d for d, _ in expected}) == 3 and len(expected) > 90
+    sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
+    report = replay(_settings(shared_broker, prefix, tmp_path / "state"), [str(log)], model=str(model))
+    got = sub.wait_for(expected)
+    sub.stop()
+    assert got == expected
+    assert sorted(sub.keys) == sorted(expected), "no key twice on the wire in a fault-free run"
+    assert (report.devices, report.windows, report.published) == (3, len(expected), len(expected))
+    assert report.readings == 3 * 40 * 50
+    some = next(iter(sub.results.values()))
+    assert some.model_version == 1 and some.label in ("idle", "walk", "run", "lift") and some.truth is not None
+    assert 0.0 <= some.confidence <= 1.0 and some.end > some.start
+
+
+def test_replay_cli_json_and_rerun_gives_identical_keys(shared_broker, prefix, tmp_path, log_and_model) -> None:
+    log, model, params = log_and_model
+    sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
+    args = ("replay", str(log), "--broker", shared_broker.url, "--model", str(model), "--prefix", prefix,
+            "--state-dir", str(tmp_path / "s"), "--json", "--features", "all")
+    first = run_agent(*args)
+    assert first.returncode == 0, first.stderr
+    summary = orjson.loads(first.stdout)
+    assert {"devices", "readings", "windows", "published", "seconds"} <= summary.keys()
+    again = run_agent(*args)
+    assert again.returncode == 0, again.stderr
+    expected = expected_keys(log, params)
+    sub.wait_for(expected)
+    sub.stop()
+    assert sub.distinct() == expected
+    assert len(sub.keys) == 2 * len(expected), "the re-run produced exactly the same keys again"
+    assert all(r.features is not None and len(r.features) == params.n_features for r in sub.results.values())
+
+
+def test_broker_stopped_mid_replay_loses_nothing(broker, prefix, tmp_path, log_and_model) -> None:
+    log, model, params = log_and_model
+    expected = expected_keys(log, params)
+    sub = Collector(broker.url, c.Topics(prefix), f"{prefix}-sub")
+    proc = subprocess.Popen(
+        agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix", prefix,
+                  "--state-dir", str(tmp_path / "s"), "--speed", "8", "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1"})
+    sub.messages.get(timeout=60)  # results are flowing
+    broker.stop()
+    time.sleep(1.5)  # the agent keeps reading and queueing into its outbox meanwhile
+    broker.start()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert sub.wait_for(expected) == expected
+    sub.stop()
+    assert orjson.loads(out)["windows"] == len(expected)
+
+
+def _pending(state: Path) -> set[tuple[str, int]]:
+    db = sqlite3.connect(state / "outbox.sqlite")
+    try:
+        return {(d, s) for d, s in db.execute("SELECT device_id, seq FROM outbox")}
+    finally:
+        db.close()
+
+
+def test_agent_killed_mid_replay_delivers_pending_after_restart(broker, prefix, tmp_path, log_and_model) -> None:
+    log, model, params = log_and_model
+    expected = expected_keys(log, params)
+    sub = Collector(broker.url, c.Topics(prefix), f"{prefix}-sub")
+    state = tmp_path / "s"
+    args = agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix", prefix,
+                     "--state-dir", str(state), "--speed", "8")
+    env = {**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "1.5"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    sub.messages.get(timeout=60)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pending = _pending(state)
+    assert pending, "results were waiting in the outbox when the agent died"
+    assert not pending <= sub.distinct()
+    restarted = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert restarted.returncode == 0, restarted.stderr
+    got = sub.wait_for(expected)
+    sub.stop()
+    assert pending <= got and got == expected
+    assert _pending(state) == set()
+
+
+def test_malformed_log_names_file_and_line(shared_broker, prefix, tmp_path, log_and_model) -> None:
+    _, model, _ = log_and_model
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ts,device_id,ax,ay,az,wx,wy,wz,label\n0.00,d,1,2,3,4,5,6,A\n0.02,d,1,2,oops,4,5,6,A\n")
+    res = run_agent("replay", str(bad), "--broker", shared_broker.url, "--model", str(model),
+                    "--prefix", prefix, "--state-dir", str(tmp_path / "s"))
+    assert res.returncode == 5
+    assert "bad.csv:3" in res.stderr and "oops" in res.stderr
+    skipped = run_agent("replay", str(bad), "--broker", shared_broker.url, "--model", str(model),
+                        "--prefix", prefix, "--state-dir", str(tmp_path / "s"), "--skip-bad-lines", "--json")
+    assert skipped.returncode == 0, skipped.stderr
+    assert orjson.loads(skipped.stdout)["skipped_lines"] == 1
+    assert "bad.csv:3" in skipped.stderr

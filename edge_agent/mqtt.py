@@ -33,6 +33,18 @@ from edge_agent.settings import BrokerURL, TLSFiles
 log = logging.getLogger(__name__)
 
 
+class _QuietDisconnectRace(logging.Filter):
+    """paho's network thread may run one more loop between disconnect() and loop_stop() and log
+    "Client is not connected" at ERROR level: harmless, and alarming in a clean shutdown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_log = logging.getLogger("paho")
+_paho_log.addFilter(_QuietDisconnectRace())
+
+
 class MqttError(Exception):
     """An MQTT operation failed."""
 
@@ -101,7 +113,7 @@ class MqttLink:
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack,
         )
-        client.enable_logger(logging.getLogger("paho"))
+        client.enable_logger(_paho_log)
         client.max_inflight_messages_set(max_inflight)
         client.max_queued_messages_set(0)  # bounded by our own outbox, which checks every return code
         client.reconnect_delay_set(min_delay=1, max_delay=30)

@@ -1,0 +1,77 @@
+"""``cloud-hub demo``: the whole mission in about a minute."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cloud_hub.cli_data import _console, _pct
+
+
+def demo(
+    broker: Annotated[str | None, typer.Option("--broker", help="Use this broker instead of starting a private "
+                                               "mosquitto.")] = None,
+    agents: Annotated[int, typer.Option(help="Number of agents (devices) to run.", min=2, max=8)] = 4,
+    speed: Annotated[float | None, typer.Option(help="Replay speed of the agents (default: ~20 s of replay).")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its broker, database, keys and agents.")]
+        = Path("demo-run"),
+) -> None:
+    """Start a broker, a hub and agents; train v1, publish, retrain v2 from the fleet, roll it out, show stats."""
+    from rich.live import Live
+    from rich.table import Table
+
+    from cloud_hub.demo import Demo
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    console = _console()
+    live = Live(console=console, refresh_per_second=4, transient=True) if console.is_terminal else None
+
+    def say(line: str) -> None:
+        console.print(f"[bold cyan]›[/] {line}")
+
+    def table(rows: list[dict[str, Any]], title: str = "fleet (live)") -> Table:
+        t = Table(title=title)
+        for col in ("device", "results", "accuracy", "model version", "status"):
+            t.add_column(col, justify="right" if col != "device" else "left")
+        for r in rows:
+            t.add_row(r["device"], f"{r['results']:,}", _pct(r["accuracy"]),
+                      "-" if r["model_version"] is None else f"v{r['model_version']}", r.get("state") or "-")
+        return t
+
+    def show(rows: list[dict[str, Any]]) -> None:
+        if live is not None:
+            live.update(table(rows))
+
+    if live is not None:
+        live.start()
+    try:
+        outcome = Demo(workdir, broker=broker, agents=agents, speed=speed, say=say, show=show).run()
+    except Exception as exc:  # the demo's outer loop: report, clean up (done by Demo.run), exit non-zero
+        if live is not None:
+            live.stop()
+        typer.echo(f"cloud-hub demo: failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if live is not None:
+        live.stop()
+    stats = outcome["stats"].to_obj()
+    rows = []
+    for device, s in sorted(stats["devices"].items()):
+        rows.append({"device": device, "results": s["results"], "accuracy": s["accuracy"],
+                     "model_version": s.get("model_version"), "state": "done"})
+    console.print(table(rows, title="final stats per device (model version = the one that produced the last result)"))
+    versions = ", ".join(f"v{v}: {n:,}" for v, n in sorted(outcome["per_version"].items()))
+    console.print(f"fleet: {stats['results']:,} results stored exactly once ({versions}), accuracy "
+                  f"{_pct(stats['accuracy'])}, dead letters {stats['dead_letters']}")
+    for m in outcome["models"]:
+        console.print(f"model v{m['version']}: {m['state']}{' (on the model topic)' if m['on_topic'] else ''}, "
+                      f"INT8 {_pct((m['int8'] or {}).get('accuracy'))}, devices running it: {m['devices']}")
+    console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
+                  f"(files in {workdir}/)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)

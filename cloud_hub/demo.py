@@ -1,0 +1,239 @@
+"""The whole pipeline in one command: broker, hub, agents, train v1, retrain v2, rollout, stats.
+
+Data: the real smartwatch recordings in ``../shared/data/watch_shoulder_exercise`` when they are
+next to the repository (or named by ``EDGEML_DEMO_DATA``), otherwise a generated labelled log.
+Some devices' recordings train version 1; the others are replayed by the agents, which report
+labelled feature vectors; version 2 is retrained from those (plus the training logs), gated on a
+held-out agent device, signed and pushed; the agents hot-swap to it mid-replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from cloud_hub import db, lifecycle, rollout
+from cloud_hub.aggregate import fleet_stats
+from cloud_hub.broker import LocalBroker, port_open
+from cloud_hub.ingest import Hub
+from cloud_hub.sample import write_sample_log
+from cloud_hub.settings import HubSettings
+from cloud_hub.signing import keygen
+from edge_agent.settings import load_settings
+
+log = logging.getLogger(__name__)
+WATCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "watch_shoulder_exercise" / "watch_shoulder_exercise.csv"
+PREFIX = "demo"
+
+
+@dataclass
+class DemoData:
+    train_log: Path
+    agent_logs: dict[str, Path]  # device -> log
+    holdout_train: list[str]  # hold-out devices for v1 (within the training log)
+    holdout_fleet: list[str]  # hold-out agent for the v2 gate
+    source: str
+    duration_s: float  # recorded seconds per agent log
+
+
+def find_watch() -> Path | None:
+    env = os.environ.get("EDGEML_DEMO_DATA")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    return WATCH if WATCH.is_file() else None
+
+
+def _split_csv(src: Path, out: Path, groups: dict[str, set[str]]) -> dict[str, Path]:
+    """Split a log by device into one file per group (header kept)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {g: open(out / f"{g}.csv", "w") for g in groups}  # noqa: SIM115 - closed below
+    owner = {d: g for g, devs in groups.items() for d in devs}
+    try:
+        with open(src) as f:
+            header = f.readline()
+            for fh in files.values():
+                fh.write(header)
+            for line in f:
+                g = owner.get(line.split(",", 2)[1])
+                if g is not None:
+                    files[g].write(line)
+    finally:
+        for fh in files.values():
+            fh.close()
+    return {g: out / f"{g}.csv" for g in groups}
+
+
+def prepare_data(work: Path, agents: int) -> DemoData:
+    watch = find_watch()
+    data = work / "data"
+    if watch is not None:
+        subjects = [f"s{i:02d}" for i in range(1, 11)]
+        fleet = subjects[-agents:]
+        trainers = subjects[: 10 - agents]
+        parts = _split_csv(watch, data, {"train": set(trainers), **{d: {d} for d in fleet}})
+        return DemoData(parts.pop("train"), parts, trainers[-1:], fleet[-1:],
+                        f"real smartwatch IMU recordings ({watch.name}): {len(trainers)} subjects train v1, "
+                        f"{agents} are replayed by agents", 500.0)
+    fleet = [f"dev-{i:02d}" for i in range(agents)]
+    trainers = [f"trn-{i:02d}" for i in range(4)]
+    write_sample_log(data / "train.csv", devices=trainers, seconds=240, recordings=4, seed=7)
+    logs = {}
+    for i, dev in enumerate(fleet):
+        logs[dev] = data / f"{dev}.csv"
+        write_sample_log(logs[dev], devices=[dev], seconds=240, recordings=4, seed=7, start_ts=10_000.0 * (i + 1))
+    return DemoData(data / "train.csv", logs, trainers[-1:], fleet[-1:],
+                    f"generated sensor log ({len(trainers)} training devices, {agents} agents)", 240.0)
+
+
+class Demo:
+    """Runs every stage and reports through ``say`` (a line) and ``show`` (a live table)."""
+
+    def __init__(self, work: Path, *, broker: str | None, agents: int, speed: float | None,
+                 say: Callable[[str], None], show: Callable[[list[dict[str, Any]]], None]) -> None:
+        self.work = work
+        self.broker_url = broker
+        self.agents = agents
+        self.speed = speed
+        self.say = say
+        self.show = show
+        self.broker: LocalBroker | None = None
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self._cleanup()
+
+    def _start_broker(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        port = 1883 if not port_open("127.0.0.1", 1883) else None
+        self.broker = LocalBroker(self.work / "broker", port=port).start()
+        self.say(f"broker: private mosquitto on {self.broker.url} (config derived from mosquitto.conf)")
+        return self.broker.url
+
+    def _run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        data = prepare_data(self.work, self.agents)
+        self.say(f"data: {data.source}")
+        url = self._start_broker()
+        dbfile = self.work / "hub.sqlite"
+        settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
+            "broker": url, "db": f"sqlite:///{dbfile}", "prefix": PREFIX, "client_id": "demo-hub",
+            "log_interval_s": 0.0, "signing_key": str(self.work / "keys" / "hub.pem")})
+        _, public, kid = keygen(self.work / "keys" / "hub.pem")
+        self.say(f"keys: Ed25519 signing key {kid}; agents trust {public.name}")
+        engine = db.make_engine(settings.db)
+        hub = Hub(settings, engine=engine)
+        hub.start()
+        self.say("hub: ingesting into " + str(dbfile))
+        try:
+            v1 = lifecycle.train_from_logs(engine, [str(data.train_log)], holdout=data.holdout_train)
+            self.say(f"trained v1 on {v1.train_windows} windows: hold-out ({', '.join(v1.holdout_devices)}) "
+                     f"FP32 {_score(v1.fp32)}, INT8 {_score(v1.int8)}, INT8 {v1.int8['bytes']:,} bytes "
+                     f"vs FP32 {v1.fp32['bytes']:,}")
+            rollout.publish(engine, settings)
+            self.say("published v1 (signed, retained) on " + settings.topics.model("default"))
+            speed = self.speed or max(1.0, data.duration_s / 20.0)
+            self._start_agents(data, url, public, speed)
+            self.say(f"agents: {len(self.procs)} replaying at {speed:g}x, sending labelled features")
+            self._wait_fraction(engine, data, 0.45)
+            v2 = lifecycle.retrain(engine, holdout=data.holdout_fleet, tolerance=0.02,
+                                   logs=[str(data.train_log)])
+            self.say(f"retrained v2 from {v2.extra['fleet_windows']} fleet windows (+ training log), warm-started "
+                     f"from v1: {v2.gate}")
+            if v2.state == "publishable":
+                rollout.publish(engine, settings)
+                self.say("published v2: agents verify the signature and hot-swap between batches")
+            results = self._wait_agents(engine)
+            self._wait_stored(engine, results, hub)
+        finally:
+            hub.stop()
+        with engine.connect() as conn:
+            stats = fleet_stats(conn)
+            per_version = dict(conn.execute(
+                sa.select(db.results.c.model_version, sa.func.count()).group_by(db.results.c.model_version)).all())
+        models = rollout.rollout(engine)
+        engine.dispose()
+        return {"stats": stats, "models": models, "per_version": per_version, "agents": results,
+                "seconds": time.monotonic() - t0, "v1": v1, "v2": v2}
+
+    def _start_agents(self, data: DemoData, url: str, public: Path, speed: float) -> None:
+        exe = [sys.executable, "-m", "edge_agent"]
+        for device, path in data.agent_logs.items():
+            cmd = [*exe, "replay", str(path), "--broker", url, "--prefix", PREFIX, "--trusted-key", str(public),
+                   "--state-dir", str(self.work / "agents" / device), "--speed", f"{speed:g}",
+                   "--features", "all", "--json"]
+            self.procs[device] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                  env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1"})
+
+    def _table(self, engine: sa.Engine) -> list[dict[str, Any]]:
+        with engine.connect() as conn:
+            stats = fleet_stats(conn)
+            devices = {r["device_id"]: r for r in conn.execute(sa.select(db.devices)).mappings()}
+        rows = []
+        for device, s in sorted(stats.to_obj()["devices"].items()):
+            d = devices.get(device, {})
+            rows.append({"device": device, "results": s["results"], "accuracy": s["accuracy"],
+                         "model_version": d.get("model_version"), "state": d.get("state")})
+        return rows
+
+    def _wait_fraction(self, engine: sa.Engine, data: DemoData, fraction: float) -> None:
+        """Wait until the agents have reported ``fraction`` of their windows."""
+        expected = int(len(data.agent_logs) * data.duration_s * fraction)  # ~1 window per second per agent
+        while True:
+            rows = self._table(engine)
+            self.show(rows)
+            if sum(r["results"] for r in rows) >= expected or all(p.poll() is not None for p in self.procs.values()):
+                return
+            time.sleep(0.5)
+
+    def _wait_agents(self, engine: sa.Engine) -> dict[str, dict[str, Any]]:
+        while any(p.poll() is None for p in self.procs.values()):
+            self.show(self._table(engine))
+            time.sleep(0.5)
+        import orjson
+
+        out = {}
+        for device, p in self.procs.items():
+            stdout, stderr = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"agent {device} exited with {p.returncode}: {stderr.strip()[-500:]}")
+            out[device] = orjson.loads(stdout)
+        return out
+
+    def _wait_stored(self, engine: sa.Engine, agents: dict[str, dict[str, Any]], hub: Hub, timeout: float = 60) -> None:
+        want = sum(a["windows"] for a in agents.values())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                have = conn.execute(sa.select(sa.func.count()).select_from(db.results)).scalar_one()
+            if have >= want:
+                break
+            time.sleep(0.2)
+        self.show(self._table(engine))
+
+    def _cleanup(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _score(m: dict[str, Any]) -> str:
+    return f"{100 * m['accuracy']:.1f}%" if "accuracy" in m else f"MAE {m['mae']:.3f}"

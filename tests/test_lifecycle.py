@@ -1,0 +1,291 @@
+"""Model lifecycle: train → INT8 → registry → gate → sign → publish → verify → hot-swap on devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from cloud_hub import db, lifecycle, rollout
+from cloud_hub.cli import app as hub_app
+from cloud_hub.ingest import Hub
+from cloud_hub.settings import HubSettings
+from cloud_hub.signing import keygen
+from cloud_hub.store import Store
+from edge_agent import contract as c
+from edge_agent.bundle import BundleRejected, load_private_key, load_public_key, sign_bundle, verify_bundle
+from edge_agent.mqtt import Message, MqttLink
+from edge_agent.settings import BrokerURL, load_settings
+from tests.helpers import SMALL, agent_cmd, expected_keys, make_bundle, make_log
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("keys")
+    priv, pub, _ = keygen(root / "hub.pem")
+    other, _, _ = keygen(root / "intruder.pem")
+    return priv, pub, other
+
+
+@pytest.fixture(scope="module")
+def train_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_log(tmp_path_factory.mktemp("lc") / "train.csv", devices=("trn-1", "trn-2", "trn-3"), seconds=60)
+
+
+def test_train_cli_registers_an_int8_model(tmp_path, train_log) -> None:
+    dburl = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    res = runner.invoke(hub_app, ["train", str(train_log), "--db", dburl, "--holdout-devices", "trn-3", "--json",
+                                  "--out", str(tmp_path / "v1.emlb")])
+    assert res.exit_code == 0, res.output
+    out = orjson.loads(res.stdout)
+    assert out["version"] == 1 and out["holdout_devices"] == ["trn-3"]
+    for kind in ("fp32", "int8"):
+        assert 0.0 <= out[kind]["accuracy"] <= 1.0 and out[kind]["bytes"] > 0
+    assert out["int8"]["bytes"] < out["fp32"]["bytes"]
+    assert abs(out["int8"]["accuracy"] - out["fp32"]["accuracy"]) < 0.05
+    bundle = c.decode_bundle((tmp_path / "v1.emlb").read_bytes())
+    assert bundle.manifest.task == "classification" and set(bundle.manifest.labels) <= {"idle", "walk", "run", "lift"}
+    assert bundle.manifest.training["holdout_devices"] == ["trn-3"]
+    assert "trn-3" not in bundle.manifest.training["train_devices"]
+    again = runner.invoke(hub_app, ["train", str(train_log), "--db", dburl, "--json"])
+    assert orjson.loads(again.stdout)["version"] == 2
+    listed = orjson.loads(runner.invoke(hub_app, ["models", "--db", dburl, "--json"]).stdout)["models"]
+    assert [m["version"] for m in listed] == [1, 2] and all(m["state"] == "publishable" for m in listed)
+
+
+def test_numeric_labels_train_a_regressor(tmp_path) -> None:
+    log = tmp_path / "reg.csv"
+    rng = np.random.default_rng(0)
+    lines = ["ts,device_id,x,y,label"]
+    for dev, amp in (("r1", 1.0), ("r2", 2.0), ("r3", 1.5)):
+        for i in range(1500):
+            t = i / 50
+            a = amp * (1 + (i // 250) % 3)
+            lines.append(f"{t:.2f},{dev},{a * np.sin(6 * t):.4f},{rng.normal():.4f},{a:.1f}")
+    log.write_text("\n".join(lines) + "\n")
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'h.sqlite'}")
+    out = lifecycle.train_from_logs(engine, [str(log)], holdout=["r3"], config=SMALL)
+    assert "mae" in out.int8 and "mae" in out.fp32 and out.int8["mae"] < 2.0
+    with engine.connect() as conn:
+        bundle = c.decode_bundle(Store(engine).get_model(conn, "default").bundle)
+    _, model = verify_bundle(bundle.encode(), trusted_key=None, allow_unsigned=True)
+    pred = model.predict(np.zeros((3, bundle.manifest.n_features), np.float32))
+    assert pred.values is not None and pred.values.shape == (3, 1)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@pytest.fixture(scope="module")
+def v1(train_log) -> c.Bundle:
+    return make_bundle(train_log, holdout=("trn-3",))
+
+
+def _refused(payload: bytes, pub: Path, match: str) -> None:
+    with pytest.raises(BundleRejected, match=match):
+        verify_bundle(payload, trusted_key=load_public_key(pub), allow_unsigned=False)
+
+
+def test_bundle_checks(v1, keys) -> None:
+    priv, pub, other = keys
+    signed = sign_bundle(v1, load_private_key(priv))
+    bundle, model = verify_bundle(signed.encode(), trusted_key=load_public_key(pub), allow_unsigned=False)
+    assert bundle.manifest.version == 1 and model.version == 1
+    _refused(v1.encode(), pub, "unsigned")
+    _refused(sign_bundle(v1, load_private_key(other)).encode(), pub, "not the trusted key")
+    tampered = c.Bundle(signed.manifest, signed.model[:-8] + b"\x00" * 8)
+    _refused(tampered.encode(), pub, "sha256")
+    forged = c.Bundle(dataclasses.replace(signed.manifest, version=99), signed.model)
+    _refused(forged.encode(), pub, "bad signature")
+    _refused(b"garbage", pub, "malformed bundle")
+
+
+def _mismatched(train_log: Path, v1: c.Bundle) -> c.Bundle:
+    """v1's ONNX under a manifest whose preprocessing (4 s windows) produces a different input width."""
+    v4 = make_bundle(train_log, holdout=("trn-3",), window_s=4.0, hop_s=2.0)
+    assert v4.manifest.n_features != v1.manifest.n_features
+    return c.Bundle(dataclasses.replace(v4.manifest, version=3, sha256=v1.manifest.sha256), v1.model)
+
+
+def test_input_shape_mismatch_is_refused(v1, keys, train_log) -> None:
+    priv, pub, _ = keys
+    bad = sign_bundle(_mismatched(train_log, v1), load_private_key(priv))
+    _refused(bad.encode(), pub, "does not take")
+
+
+# --------------------------------------------------------------------------- on a live agent
+
+
+def _status_watch(broker_url: str, topics: c.Topics, name: str) -> tuple[MqttLink, queue.Queue[c.Status]]:
+    got: queue.Queue[c.Status] = queue.Queue()
+    link = MqttLink(BrokerURL.parse(broker_url), name, on_message=lambda m: got.put(c.decode_status(m.payload)),
+                    subscriptions=[(topics.all_status, 1)])
+    link.start()
+    link.wait_connected(10)
+    return link, got
+
+
+def _until(statuses: queue.Queue[c.Status], pred, timeout: float = 60) -> c.Status:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s = statuses.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if pred(s):
+            return s
+    raise AssertionError("no matching status")
+
+
+def _publish_raw(broker_url: str, topic: str, payload: bytes) -> None:
+    done: queue.Queue[bool] = queue.Queue()
+    link = MqttLink(BrokerURL.parse(broker_url), f"raw-{time.monotonic_ns()}", on_published=lambda *a: done.put(a[1]))
+    link.start()
+    link.wait_connected(10)
+    link.publish(topic, payload, c.MODEL_DELIVERY)
+    assert done.get(timeout=10)
+    link.stop()
+
+
+def test_bad_bundles_are_refused_and_v1_keeps_serving(shared_broker, prefix, tmp_path, keys, v1, train_log) -> None:
+    priv, pub, other = keys
+    topics = c.Topics(prefix)
+    good = sign_bundle(v1, load_private_key(priv))
+    model_file = tmp_path / "v1.emlb"
+    model_file.write_bytes(good.encode())
+    watch, statuses = _status_watch(shared_broker.url, topics, f"{prefix}-watch")
+    results: queue.Queue[Message] = queue.Queue()
+    sub = MqttLink(BrokerURL.parse(shared_broker.url), f"{prefix}-res", on_message=results.put,
+                   subscriptions=[(topics.all_results, 1)])
+    sub.start()
+    sub.wait_connected(10)
+    agent = subprocess.Popen(
+        agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1",
+                  "--state-dir", str(tmp_path / "state"), "--model", str(model_file), "--trusted-key", str(pub),
+                  "--source", "simulated"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2", "EDGE_AGENT_STATUS_INTERVAL_S": "1"})
+    try:
+        _until(statuses, lambda s: s.state == c.ONLINE and s.model_version == 1)
+        bad = {
+            "unsigned": v1,
+            "not the trusted key": sign_bundle(dataclasses.replace(v1, manifest=dataclasses.replace(
+                v1.manifest, version=2)), load_private_key(other)),
+            "sha256": c.Bundle(good.manifest, good.model[:-8] + b"\x00" * 8),
+            "bad signature": c.Bundle(dataclasses.replace(good.manifest, version=7), good.model),
+            "does not take": sign_bundle(_mismatched(train_log, v1), load_private_key(priv)),
+        }
+        for reason, bundle in bad.items():
+            _publish_raw(shared_broker.url, topics.model("default"), bundle.encode())
+            status = _until(statuses, lambda s, r=reason: s.last_error is not None and r in s.last_error)
+            assert status.model_version == 1 and status.state == c.ONLINE
+        # Results keep coming, all from v1.
+        for _ in range(3):
+            batch = c.decode_results(results.get(timeout=30).payload)
+            assert {r.model_version for r in batch.results} == {1}
+    finally:
+        agent.terminate()
+        _, err = agent.communicate(timeout=30)
+        watch.stop()
+        sub.stop()
+    assert agent.returncode == 0, err
+    assert (tmp_path / "state" / "model-default.emlb").read_bytes() == good.encode(), "the persisted model is v1"
+
+
+def test_retrain_from_fleet_and_rollout_switches_every_agent(broker, prefix, tmp_path, keys, train_log) -> None:
+    priv, pub, _ = keys
+    settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
+        "broker": broker.url, "db": f"sqlite:///{tmp_path / 'hub.sqlite'}", "prefix": prefix,
+        "client_id": f"{prefix}-hub", "signing_key": str(priv)})
+    engine = db.make_engine(settings.db)
+    hub = Hub(settings, engine=engine)
+    hub.start()
+    fleet = {dev: make_log(tmp_path / f"{dev}.csv", devices=(dev,), seconds=80, seed=0, start_ts=1000.0 * i)
+             for i, dev in enumerate(("dev-a", "dev-b"), start=1)}
+    try:
+        v1 = lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-3"], config=SMALL)
+        assert v1.version == 1
+        rollout.publish(engine, settings)
+        procs = [subprocess.Popen(
+            agent_cmd("replay", str(path), "--broker", broker.url, "--prefix", prefix, "--trusted-key", str(pub),
+                      "--state-dir", str(tmp_path / dev), "--speed", "4", "--features", "all", "--json"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2"}) for dev, path in fleet.items()]
+        _wait_rows(engine, 40)
+        v2 = lifecycle.retrain(engine, holdout=["dev-b"], tolerance=1.0, min_windows=20, config=SMALL)
+        assert (v2.version, v2.state, v2.extra["parent_version"]) == (2, "publishable", 1)
+        assert v2.baseline is not None and "accuracy" in v2.baseline
+        rollout.publish(engine, settings)
+        outs = [p.communicate(timeout=180) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+        reports = [orjson.loads(o) for o, _ in outs]
+        assert all(r["model_swaps"] == 1 and r["model_version"] == 2 for r in reports)
+        expected = set().union(*(expected_keys(path, _params(engine)) for path in fleet.values()))
+        _wait_rows(engine, len(expected))
+        time.sleep(1.5)  # let the last status messages arrive
+    finally:
+        hub.stop()
+    r = db.results
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(r.c.device_id, r.c.seq, r.c.model_version).order_by(r.c.device_id, r.c.seq)).all()
+        states = dict(conn.execute(sa.select(db.devices.c.device_id, db.devices.c.model_version)).all())
+    assert {(d, s) for d, s, _ in rows} == expected and len(rows) == len(expected), "every window exactly once"
+    for dev in fleet:
+        versions = [v for d, _, v in rows if d == dev]
+        assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions), "v1 then v2, never back"
+    assert states == {"dev-a": 2, "dev-b": 2}
+    res = runner.invoke(hub_app, ["models", "--db", settings.db, "--json"])
+    models = {m["version"]: m for m in orjson.loads(res.stdout)["models"]}
+    assert models[2]["devices"] == 2 and models[1]["devices"] == 0 and models[2]["on_topic"]
+
+
+def _params(engine: sa.Engine):
+    from edge_agent.preprocess import PreprocessParams
+
+    with engine.connect() as conn:
+        return PreprocessParams.from_dict(Store(engine).get_model(conn, "default", 1).manifest["preprocess"])
+
+
+def _wait_rows(engine: sa.Engine, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(sa.select(sa.func.count()).select_from(db.results)).scalar_one() >= n:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} results stored")
+
+
+def test_gate_rejects_a_worse_model(tmp_path, train_log) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-3"], config=SMALL)
+    params = _params(engine)
+    # The fleet reports features with scrambled ground truth: a model learned from it must lose.
+    ds = lifecycle.dataset_from_logs([str(train_log)], window_s=params.window_s, hop_s=params.hop_s,
+                                     holdout=[], params=params)
+    rng = np.random.default_rng(1)
+    store = Store(engine)
+    rows = [(dev, i, float(i), float(i) + 2, 1, "x", 0.5, None,
+             str(rng.choice(["idle", "walk", "run", "lift"])) if dev != "trn-3" else str(y), 0.1,
+             db.pack_features(x), time.time())
+            for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]
+    with db.transaction(engine) as conn:
+        store.insert_results(conn, rows)
+    out = lifecycle.retrain(engine, holdout=["trn-3"], tolerance=0.0, config=SMALL)
+    assert out.state == "rejected" and "fail" in out.gate
+    with pytest.raises(lifecycle.LifecycleError, match="failed its gate"), engine.connect() as conn:
+        rollout.pick(store, conn, "default", out.version, force=False)
+    res = runner.invoke(hub_app, ["retrain", "--db", f"sqlite:///{tmp_path / 'hub.sqlite'}", "--holdout-devices",
+                                  "trn-3"])
+    assert res.exit_code == 4

@@ -14,8 +14,8 @@ import numpy as np
 
 from edge_agent.contract import Result, encode_result_obj
 from edge_agent.outbox import Outbox
-from edge_agent.preprocess import PreprocessParams, Windower, extract_features
-from edge_agent.runner import ModelRunner
+from edge_agent.preprocess import PreprocessParams, WindowBatch, Windower, extract_features
+from edge_agent.runner import ModelRunner, Prediction
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
 
@@ -92,8 +92,12 @@ class Processor:
         return self.device_id
 
     def process(self, per_device: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> int:
-        """Process readings grouped by device: ``{device: (ts, values[n, channels], labels|None)}``."""
-        written = 0
+        """Process readings grouped by device: ``{device: (ts, values[n, channels], labels|None)}``.
+
+        The windows of all devices are featurized and inferred as one batch: per-call overhead of
+        numpy and onnxruntime dominates small batches.
+        """
+        ready: list[tuple[str, WindowBatch]] = []
         for source_device, (ts, values, labels) in per_device.items():
             device = self._device(source_device)
             self.stats.devices.add(device)
@@ -103,30 +107,39 @@ class Processor:
                 windower = self._windowers[device] = Windower(self.runner.params)
             batch = windower.push(ts, values[:, self._columns], labels)
             self.stats.dropped_windows += batch.dropped
-            if len(batch) == 0:
-                continue
-            written += self._emit(device, batch.start, batch.end, batch.data, batch.labels)
-        return written
-
-    def _emit(self, device: str, start: np.ndarray, end: np.ndarray, data: np.ndarray,
-              labels: np.ndarray | None) -> int:
+            if len(batch):
+                ready.append((device, batch))
+        if not ready:
+            return 0
         runner = self.runner
+        data = ready[0][1].data if len(ready) == 1 else np.concatenate([b.data for _, b in ready])
         feats = extract_features(data, runner.params)
         pred = runner.predict(feats)
-        seqs = window_seq(start)
+        written, offset = 0, 0
+        for device, batch in ready:
+            part = slice(offset, offset + len(batch))
+            offset += len(batch)
+            written += self._emit(device, batch, feats[part], pred, part)
+        return written
+
+    def _emit(self, device: str, batch: WindowBatch, feats: np.ndarray, pred: Prediction, part: slice) -> int:
+        seqs = window_seq(batch.start)
         send_features = (np.zeros(len(seqs), bool) if self.features == "off"
                          else sampled(seqs, 1.0 if self.features == "all" else self.features_sample))
-        version = runner.version
+        version = self.runner.version
         rows: list[tuple[int, bytes]] = []
-        starts, ends, seq_list = start.tolist(), end.tolist(), seqs.tolist()
-        truths = None if labels is None else [None if (x is None or x == "") else str(x) for x in labels.tolist()]
-        conf = None if pred.confidence is None else pred.confidence.tolist()
+        starts, ends, seq_list = batch.start.tolist(), batch.end.tolist(), seqs.tolist()
+        truths = None if batch.labels is None else [
+            None if (x is None or x == "") else str(x) for x in batch.labels.tolist()]
+        labels = pred.labels[part] if pred.labels is not None else None
+        conf = pred.confidence[part].tolist() if pred.confidence is not None else None
+        values = pred.values[part].tolist() if pred.values is not None else None
         for i, seq in enumerate(seq_list):
             result = Result(
                 seq=seq, start=starts[i], end=ends[i], model_version=version, latency_ms=pred.latency_ms,
-                label=pred.labels[i] if pred.labels is not None else None,
+                label=labels[i] if labels is not None else None,
                 confidence=conf[i] if conf is not None else None,
-                value=tuple(pred.values[i].tolist()) if pred.values is not None else None,
+                value=tuple(values[i]) if values is not None else None,
                 truth=truths[i] if truths is not None else None,
                 features=tuple(feats[i].tolist()) if send_features[i] else None,
             )

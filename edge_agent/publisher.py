@@ -3,8 +3,8 @@
 One thread: it batches pending rows per device into result messages (bounded by count and by the
 age of the oldest row), keeps at most ``max_inflight`` messages unacknowledged, and deletes rows
 when their message is acknowledged. paho keeps unacknowledged QoS 1 messages across reconnects and
-resends them itself (same mid), so rows handed over in this process are never handed over twice;
-after a restart the cursor starts at 0 and every pending row is sent again (the hub ignores
+resends them itself (same mid), so rows read in this process are never handed over twice;
+after a restart reading starts again at the first pending row, and every one is sent again (the hub ignores
 duplicates by key).
 """
 
@@ -36,7 +36,7 @@ class Publisher:
         self.max_inflight = max_inflight
         self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
         self._inflight: dict[int, list[int]] = {}  # mid -> outbox row ids
-        self._cursor = 0  # highest row id handed to paho in this process
+        self._read_upto = 0  # highest row id read from the outbox in this process (held, in flight or sent)
         self._held: list[Pending] = []  # read past the cursor, waiting for a full batch or its age
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -120,9 +120,10 @@ class Publisher:
         while len(self._inflight) < self.max_inflight:
             room = (self.max_inflight - len(self._inflight)) * self.batch_max_results
             if len(self._held) < room:
-                more = self.outbox.pending(self._cursor if not self._held else self._held[-1].id,
-                                          room - len(self._held))
-                self._held.extend(more)
+                more = self.outbox.pending(self._read_upto, room - len(self._held))
+                if more:
+                    self._held.extend(more)
+                    self._read_upto = more[-1].id
             if not self._held:
                 return
             batches = self._ready_batches()
@@ -140,7 +141,6 @@ class Publisher:
                 self.published_messages += 1
                 sent = {r.id for r in rows}
                 self._held = [r for r in self._held if r.id not in sent]
-                self._cursor = max(self._cursor, max(sent))
                 if len(self._inflight) >= self.max_inflight:
                     return
 

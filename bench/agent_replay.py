@@ -1,0 +1,118 @@
+"""Benchmark: the edge agent replaying a recorded log at --speed 0 into a real local broker.
+
+Prints, from one run:
+* readings/s and windows/s of ``edge-agent replay LOG --speed 0`` (a subprocess, every result
+  acknowledged by the broker), the agent's peak RSS, and wall time including interpreter start;
+* the ceiling measured in the same run: parsing the same log alone (``read_log``), and the ratio;
+* INT8 vs FP32 inference latency of the same model per batch (the agent's batch size) and per window.
+
+    python bench/agent_replay.py [LOG] [--model BUNDLE]
+
+LOG defaults to ../shared/data/watch_shoulder_exercise/watch_shoulder_exercise.csv; without
+--model the script trains one on subjects s01-s08 (the model `cloud-hub train` would make).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from cloud_hub import lifecycle, training
+from cloud_hub.broker import LocalBroker
+from cloud_hub.quantize import session
+from edge_agent.contract import decode_bundle
+from edge_agent.sources import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+WATCH = ROOT.parent / "shared" / "data" / "watch_shoulder_exercise" / "watch_shoulder_exercise.csv"
+
+
+def parse_ceiling(log: Path) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    rows = sum(len(chunk) for chunk in read_log(log))
+    return rows, time.perf_counter() - t0
+
+
+def batch_latency(onnx_bytes: bytes, x: np.ndarray, runs: int = 200) -> float:
+    sess = session(onnx_bytes)
+    name = sess.get_inputs()[0].name
+    for _ in range(20):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("log", nargs="?", type=Path, default=WATCH)
+    ap.add_argument("--model", type=Path, help="bundle (.emlb); default: train one on s01-s08")
+    ap.add_argument("--runs", type=int, default=3, help="replays; the best is reported")
+    args = ap.parse_args()
+    if not args.log.is_file():
+        sys.exit(f"no log at {args.log} (pass one)")
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    fp32 = None
+    if args.model is None:
+        ds = lifecycle.dataset_from_logs([str(args.log)], window_s=2.0, hop_s=1.0, holdout=["s09", "s10"])
+        train, test = lifecycle.split(ds, ["s09", "s10"])
+        model = training.train(train.X, train.y)
+        fp32 = training.export_onnx(model, train.X.shape[1])
+        bundle, *_ = lifecycle.build(train, test, name="default", version=1)
+        args.model = work / "model.emlb"
+        args.model.write_bytes(bundle.encode())
+    bundle = decode_bundle(args.model.read_bytes())
+
+    rows, parse_s = parse_ceiling(args.log)
+    best: dict | None = None
+    with LocalBroker(work / "broker") as broker:
+        for i in range(args.runs):
+            cmd = [sys.executable, "-m", "edge_agent", "replay", str(args.log), "--broker", broker.url,
+                   "--model", str(args.model), "--speed", "0", "--state-dir", str(work / f"state{i}"), "--json"]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            out = orjson.loads(proc.stdout.read())
+            err = proc.stderr.read().decode()
+            if status != 0 or not out["drained"] or out["published"] != out["windows"]:
+                sys.exit(f"replay failed ({status}): {err}")
+            out["rss_mb"] = usage.ru_maxrss / 1024
+            out["wall"] = wall
+            if best is None or out["seconds"] < best["seconds"]:
+                best = out
+    assert best is not None
+    rps = best["readings"] / best["seconds"]
+    print(f"log: {args.log.name}: {rows:,} readings, {best['devices']} devices, {best['windows']:,} windows")
+    print(f"ceiling  parse only (read_log):       {rows / parse_s:>10,.0f} readings/s")
+    print(f"agent    replay --speed 0, all acked: {rps:>10,.0f} readings/s  {best['windows'] / best['seconds']:,.0f} "
+          f"windows/s  ({best['seconds']:.2f} s in replay, {best['wall']:.2f} s wall with interpreter start)")
+    print(f"ratio    agent / parse-only ceiling:  {rps / (rows / parse_s):.2f}")
+    print(f"agent peak RSS: {best['rss_mb']:.1f} MB")
+
+    m = bundle.manifest
+    x = np.random.default_rng(0).normal(size=(160, m.n_features)).astype(np.float32)  # ~ a chunk's windows
+    int8_b, int8_1 = batch_latency(bundle.model, x), batch_latency(bundle.model, x[:1], runs=500)
+    print(f"INT8 model: {len(bundle.model):,} bytes; per batch of {len(x)}: {int8_b:.3f} ms; "
+          f"per single window: {int8_1:.3f} ms")
+    if fp32 is not None:
+        fp32_b, fp32_1 = batch_latency(fp32, x), batch_latency(fp32, x[:1], runs=500)
+        print(f"FP32 model: {len(fp32):,} bytes; per batch of {len(x)}: {fp32_b:.3f} ms; "
+              f"per single window: {fp32_1:.3f} ms")
+        print(f"INT8 / FP32 latency: batch {int8_b / fp32_b:.2f}, single window {int8_1 / fp32_1:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""The production broker config (deploy/mosquitto/) on a real mosquitto: every access rule holds.
+
+The broker runs ``deploy/mosquitto/mosquitto.conf`` itself, with only its listener ports and file
+locations rewritten into a temporary folder, the shipped ``acl`` verbatim, certificates from
+``make-dev-certs.sh`` and passwords from ``add-device.sh``. Clients are :class:`MqttLink`.
+
+mosquitto drops an ACL-denied publish (an MQTT 5 client gets a PUBACK "Not authorized") and grants
+a SUBSCRIBE to a denied topic but delivers nothing on it. So a "cannot" test publishes the forbidden
+message, waits for its PUBACK (sent after the broker has routed or dropped it), then publishes a
+permitted marker and asserts that only the marker arrives at a subscriber that would have seen
+both: the forbidden one would have come first. No sleep decides an outcome.
+
+Each forged publish gets a connection of its own: mosquitto 2.0.11 with ``max_queued_messages 0``
+closes a client's connection on the packet after an ACL-denied QoS 1 publish (the client
+reconnects after its 1 s backoff; eclipse-mosquitto #2579, #3088), which would only slow the test.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cloud_hub.broker import LocalBroker, free_port
+from edge_agent import contract as c
+from edge_agent.mqtt import ConnectRefused, Message, MqttError, MqttLink
+from edge_agent.settings import AgentSettings, BrokerURL, TLSFiles, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+MOSQ = DEPLOY / "mosquitto"
+PASSWORDS = {"hub": "hub-secret", "dev-a": "a-secret", "dev-b": "b-secret"}
+T = c.Topics()  # the ACL is written for the default prefix
+QOS1 = c.Delivery(qos=1, retain=False)
+RETAINED = c.Delivery(qos=1, retain=True)
+
+
+def derive_deploy_config(text: str, *, tls_port: int, mtls_port: int, root: Path) -> str:
+    """The shipped config with loopback ports and its files under ``root``; every other line kept."""
+    ports = {"8883": tls_port, "8884": mtls_port}
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["listener"]:
+            line = f"listener {ports[words[1]]} 127.0.0.1"  # a new listener must be added here
+        elif words[:1] == ["user"]:
+            continue
+        elif not words or words[0].startswith("#"):
+            out.append(line)
+            continue
+        out.append(line.replace("/etc/mosquitto/", f"{root}/etc/").replace("/var/lib/mosquitto/", f"{root}/data/"))
+    # As root, mosquitto would switch to user `mosquitto`, which cannot read our temporary files.
+    out.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class Deploy:
+    broker: LocalBroker
+    tls_port: int
+    mtls_port: int
+    etc: Path
+
+    @property
+    def certs(self) -> Path:
+        return self.etc / "certs"
+
+    def tls(self, client: str | None = None) -> TLSFiles:
+        ca = str(self.certs / "ca.crt")
+        if client is None:
+            return TLSFiles(ca)
+        return TLSFiles(ca, str(self.certs / f"{client}.crt"), str(self.certs / f"{client}.key"))
+
+
+@pytest.fixture(scope="module")
+def deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploy]:
+    root = tmp_path_factory.mktemp("deploy")
+    etc = root / "etc"
+    etc.mkdir()
+    (root / "data").mkdir()
+    subprocess.run([str(MOSQ / "make-dev-certs.sh"), str(etc / "certs"), "hub", "dev-a", "dev-b"],
+                   check=True, capture_output=True)
+    for user, password in PASSWORDS.items():
+        subprocess.run([str(MOSQ / "add-device.sh"), "-p", str(etc / "passwd"), user, password],
+                       check=True, capture_output=True)
+    shutil.copy(MOSQ / "acl", etc / "acl")
+    tls_port = free_port()
+    mtls_port = free_port()
+    while mtls_port == tls_port:
+        mtls_port = free_port()
+    text = derive_deploy_config((MOSQ / "mosquitto.conf").read_text(), tls_port=tls_port, mtls_port=mtls_port,
+                                root=root)
+    broker = LocalBroker(root / "broker", port=tls_port, config_text=text).start()
+    yield Deploy(broker, tls_port, mtls_port, etc)
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def retire() -> Iterator[Callable[[MqttLink], None]]:
+    """Stop links at the end of the module, all at once.
+
+    A link that never connected sits in paho's reconnect backoff, and stopping it waits up to a
+    second for that sleep to end: paid once here instead of once per link.
+    """
+    links: list[MqttLink] = []
+    yield links.append
+    with ThreadPoolExecutor(max(len(links), 1)) as pool:
+        list(pool.map(MqttLink.stop, links))
+
+
+class Peer:
+    """An MqttLink that records what it receives and the outcome of each publish."""
+
+    def __init__(self, url: str, client_id: str, *, tls: TLSFiles | None, cond: threading.Condition,
+                 subscriptions: Sequence[tuple[str, int]] = (), sync_topic: str | None = None) -> None:
+        self._cond = cond  # shared by the peers of one test, so a wait can span several of them
+        self.messages: list[Message] = []
+        self._acks: dict[int, tuple[bool, str]] = {}
+        subs = [*subscriptions, *([(sync_topic, 1)] if sync_topic else [])]
+        self.link = MqttLink(BrokerURL.parse(url), client_id, tls=tls, subscriptions=subs,
+                             on_message=self._on_message, on_published=self._on_published)
+        self.link.start()
+        try:
+            self.link.wait_connected(10)
+            if sync_topic:
+                # Subscriptions are handled in order: once the last one delivers, all are active.
+                self.publish(sync_topic, b"sync:" + uuid.uuid4().bytes.hex().encode())
+                self.wait_for(lambda m: m.payload.startswith(b"sync:"))
+        except BaseException:
+            self.link.stop()
+            raise
+
+    def _on_message(self, msg: Message) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def _on_published(self, mid: int, ok: bool, reason: str) -> None:
+        with self._cond:
+            self._acks[mid] = (ok, reason)
+            self._cond.notify_all()
+
+    def publish(self, topic: str, payload: bytes, delivery: c.Delivery = QOS1) -> tuple[bool, str]:
+        """Publish at QoS 1 and return the PUBACK's (success, reason)."""
+        mid = self.link.publish(topic, payload, delivery)
+        with self._cond:
+            assert self._cond.wait_for(lambda: mid in self._acks, 10), f"no PUBACK for {topic}"
+            return self._acks.pop(mid)
+
+    def wait_for(self, pred: Callable[[Message], bool], timeout: float = 10) -> list[Message]:
+        """Every message received up to and including the first that satisfies ``pred``."""
+        def upto() -> list[Message] | None:
+            for i, m in enumerate(self.messages):
+                if pred(m):
+                    return self.messages[: i + 1]
+            return None
+
+        with self._cond:
+            got = self._cond.wait_for(upto, timeout)
+            assert got is not None, f"expected message never arrived; got {[m.topic for m in self.messages]}"
+            return got
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+@pytest.fixture
+def peers(deploy: Deploy, retire: Callable[[MqttLink], None]) -> Iterator[Callable[..., Peer]]:
+    """Connect as ``user`` (password over TLS on 8883, or ``cert=True``: certificate on 8884).
+
+    Peers stop when the test ends; ``linger=True`` ones (no subscriptions) at the end of the module.
+    """
+    made: list[Peer] = []
+    n = iter(range(1000))
+    cond = threading.Condition()
+
+    def connect(user: str, *, cert: bool = False, subscriptions: Sequence[tuple[str, int]] = (),
+                sync: bool = True, linger: bool = False) -> Peer:
+        if cert:
+            url, tls = f"mqtts://127.0.0.1:{deploy.mtls_port}", deploy.tls(user)
+        else:
+            url, tls = f"mqtts://{user}:{PASSWORDS[user]}@127.0.0.1:{deploy.tls_port}", deploy.tls()
+        # A topic this identity may both publish and read: proves its subscriptions are active.
+        sync_topic = T.model(f"sync-{uuid.uuid4().hex[:8]}") if user == "hub" else T.status(user)
+        peer = Peer(url, f"{user}-{next(n)}-{uuid.uuid4().hex[:6]}", tls=tls, cond=cond,
+                    subscriptions=subscriptions, sync_topic=sync_topic if subscriptions and sync else None)
+        if linger and not subscriptions:
+            retire(peer.link)
+        else:
+            made.append(peer)
+        return peer
+
+    yield connect
+    # In parallel: a link stopped during paho's reconnect backoff takes up to a second to join.
+    with ThreadPoolExecutor(max(len(made), 1)) as pool:
+        list(pool.map(Peer.stop, made))
+
+
+@pytest.fixture
+def tag() -> bytes:
+    """A payload prefix unique to this test: retained messages of earlier tests never match it."""
+    return uuid.uuid4().hex.encode()
+
+
+def ours(tag: bytes, messages: list[Message]) -> list[tuple[str, bytes]]:
+    return [(m.topic, m.payload) for m in messages if m.payload.startswith(tag)]
+
+
+def model_topic() -> str:
+    return T.model(f"m-{uuid.uuid4().hex[:8]}")
+
+
+# --------------------------------------------------------------------------- the config itself
+
+
+def _settings(text: str) -> dict[str, str]:
+    pairs = (line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
+
+
+def test_shipped_config_is_locked_down_and_keeps_the_queue_limits(tmp_path: Path) -> None:
+    text = (MOSQ / "mosquitto.conf").read_text()
+    conf = _settings(text)
+    assert conf["allow_anonymous"] == "false"
+    assert conf["password_file"] == "/etc/mosquitto/passwd" and conf["acl_file"] == "/etc/mosquitto/acl"
+    assert "listener 1883" not in [line.strip() for line in text.splitlines()]  # no plain listener
+    for key in ("cafile", "certfile", "keyfile", "require_certificate", "use_identity_as_username"):
+        assert key in conf
+    dev = _settings((REPO / "mosquitto.conf").read_text())
+    for key in ("max_queued_messages", "max_queued_bytes", "max_inflight_messages", "max_packet_size",
+                "persistence", "persistent_client_expiration"):
+        assert conf[key] == dev[key], key
+    assert int(conf["max_queued_messages"]) >= 10_000_000 and int(conf["max_queued_bytes"]) > 0
+    derived = derive_deploy_config(text, tls_port=1, mtls_port=2, root=tmp_path)
+    assert not [v for v in _settings(derived).values() if "/etc/mosquitto" in v or "/var/lib/mosquitto" in v]
+    changed = [(a, b) for a, b in zip(text.splitlines(), derived.splitlines(), strict=False) if a != b]
+    assert all(a.split()[0] in ("listener", "password_file", "acl_file", "cafile", "certfile", "keyfile",
+                                "persistence_location") for a, _ in changed), changed
+
+
+def test_acl_prefix_matches_the_contract() -> None:
+    assert T.prefix == "edgeml"
+    acl = (MOSQ / "acl").read_text()
+    assert "pattern readwrite edgeml/devices/%u/results" in acl
+    rules = [line for line in acl.splitlines() if line.strip() and not line.startswith("#")]
+    assert not [r for r in rules if "%c" in r]  # the client id is chosen by the client: never trust it
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_device_publishes_its_own_results_and_status_to_the_hub(peers, tag: bytes) -> None:
+    hub = peers("hub", subscriptions=[(T.all_results, 1), (T.all_status, 1)])
+    dev = peers("dev-a")
+    batch = c.ResultBatch("dev-a", (c.Result(1, 0.0, 2.0, 1, 0.4, "ABD", 0.9),)).encode()
+    assert dev.publish(T.results("dev-a"), tag + batch)[0]
+    assert dev.publish(T.status("dev-a"), tag + b"online")[0]
+    got = hub.wait_for(lambda m: m.payload == tag + b"online")
+    assert ours(tag, got) == [(T.results("dev-a"), tag + batch), (T.status("dev-a"), tag + b"online")]
+
+
+def forge(peers, user: str, topics: Sequence[str], payload: bytes, *, cert: bool = False,
+          retain: bool = False) -> None:
+    """Publish as ``user`` to each topic, each from a fresh connection; every PUBACK says "Not authorized"."""
+    for topic in topics:
+        # mosquitto 2.0.11 drops this connection on its next packet; paho then sits in its
+        # reconnect backoff, so stopping it costs up to a second: done once, at the end.
+        peer = peers(user, cert=cert, linger=True)
+        ok, reason = peer.publish(topic, payload, RETAINED if retain else QOS1)
+        assert not ok and "Not authorized" in reason, (topic, reason)  # mosquitto 2.x, MQTT 5
+
+
+def test_device_cannot_publish_as_another_device(peers, tag: bytes) -> None:
+    hub = peers("hub", subscriptions=[(T.all_results, 1), (T.all_status, 1), ("#", 1)])
+    forge(peers, "dev-a", [T.results("dev-b"), T.status("dev-b"), "edgeml/devices/dev-a/other", "elsewhere"],
+          tag + b"forged")
+    dev = peers("dev-a")
+    assert dev.publish(T.results("dev-a"), tag + b"marker")[0]
+    got = hub.wait_for(lambda m: m.payload == tag + b"marker")
+    assert set(ours(tag, got)) == {(T.results("dev-a"), tag + b"marker")}
+
+
+def test_device_cannot_publish_a_model(peers, tag: bytes) -> None:
+    topic = model_topic()
+    hub = peers("hub", subscriptions=[(topic, 1), (T.all_results, 1)])
+    assert hub.publish(topic, tag + b"signed bundle", RETAINED)[0]
+    forge(peers, "dev-a", [topic], tag + b"evil bundle", retain=True)
+    dev = peers("dev-a")
+    assert dev.publish(T.results("dev-a"), tag + b"marker")[0]
+    got = hub.wait_for(lambda m: m.payload == tag + b"marker")
+    assert ours(tag, got) == [(topic, tag + b"signed bundle"), (T.results("dev-a"), tag + b"marker")]
+    # The retained bundle is still the hub's: what every device gets on (re)connect.
+    other = peers("dev-b", subscriptions=[(topic, 1)], sync=False)
+    first = other.wait_for(lambda m: m.topic == topic)[-1]
+    assert first.retain and first.payload == tag + b"signed bundle"
+
+
+def test_device_cannot_read_another_devices_topics(peers, tag: bytes) -> None:
+    b = peers("dev-b")
+    assert b.publish(T.status("dev-b"), tag + b"b status", RETAINED)[0]  # retained: offered on subscribe
+    spy_filters = [T.results("dev-b"), T.status("dev-b"), T.all_results, T.all_status, "#",
+                   T.shared(T.all_results, "spies")]
+    a = peers("dev-a", subscriptions=[(f, 1) for f in spy_filters])
+    hub = peers("hub", subscriptions=[(T.all_results, 1)])
+    assert b.publish(T.results("dev-b"), tag + b"b result")[0]
+    hub.wait_for(lambda m: m.payload == tag + b"b result")  # the broker has routed it to everyone
+    assert a.publish(T.results("dev-a"), tag + b"marker")[0]
+    got = a.wait_for(lambda m: m.payload == tag + b"marker")
+    assert {topic for topic, _ in ours(tag, got)} == {T.results("dev-a")}
+    assert not [m for m in a.messages if "dev-b" in m.topic]
+
+
+def test_device_reads_the_model_topic(peers, tag: bytes) -> None:
+    topic = model_topic()
+    hub = peers("hub")
+    assert hub.publish(topic, tag + b"bundle v1", RETAINED)[0]
+    dev = peers("dev-a", subscriptions=[(f"{T.prefix}/models/+", 1)])  # wildcard: every model, as allowed
+    retained = dev.wait_for(lambda m: m.topic == topic)[-1]
+    assert retained.retain and retained.payload == tag + b"bundle v1"
+    assert hub.publish(topic, tag + b"bundle v2", RETAINED)[0]
+    assert dev.wait_for(lambda m: m.payload == tag + b"bundle v2")[-1].topic == topic
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+def test_hub_workers_share_the_fleet_through_a_shared_subscription(peers, tag: bytes) -> None:
+    shared = T.shared(T.all_results, "hubs")
+    hubs = [peers("hub", subscriptions=[(shared, 1)]) for _ in range(2)]
+    devs = {d: peers(d) for d in ("dev-a", "dev-b")}
+    sent = {(T.results(d), tag + f"{d}-{i}".encode()) for d in devs for i in range(10)}
+    for topic, payload in sorted(sent):
+        assert devs[topic.split("/")[2]].publish(topic, payload)[0]
+    with hubs[0]._cond:  # one condition for all peers: wait until the two workers hold all 20
+        assert hubs[0]._cond.wait_for(
+            lambda: len([x for h in hubs for x in ours(tag, h.messages)]) >= len(sent), 10)
+        got = [x for h in hubs for x in ours(tag, h.messages)]
+    assert sorted(got) == sorted(sent)  # every result once, split between the workers
+    assert all(ours(tag, h.messages) for h in hubs)  # both took a share (mosquitto: round robin)
+
+
+def test_hub_with_a_client_certificate_reads_devices_with_certificates(peers, tag: bytes) -> None:
+    hub = peers("hub", cert=True, subscriptions=[(T.all_results, 1)])
+    # CN=dev-a is the username: the same ACL applies.
+    forge(peers, "dev-a", [T.results("dev-b"), T.model("default")], tag + b"forged", cert=True)
+    dev = peers("dev-a", cert=True)
+    assert dev.publish(T.results("dev-a"), tag + b"marker")[0]
+    got = hub.wait_for(lambda m: m.payload == tag + b"marker")
+    assert ours(tag, got) == [(T.results("dev-a"), tag + b"marker")]
+
+
+# --------------------------------------------------------------------------- authentication, TLS
+
+
+def test_wrong_password_unknown_user_and_anonymous_are_refused(deploy: Deploy, retire) -> None:
+    port = deploy.tls_port
+    urls = (f"mqtts://dev-a:wrong@127.0.0.1:{port}", f"mqtts://dev-a:b-secret@127.0.0.1:{port}",
+            f"mqtts://nobody:x@127.0.0.1:{port}", f"mqtts://127.0.0.1:{port}")
+    links = [MqttLink(BrokerURL.parse(url), f"intruder-{uuid.uuid4().hex[:6]}", tls=deploy.tls()) for url in urls]
+    for link in links:
+        retire(link)
+        link.start()
+    for url, link in zip(urls, links, strict=True):
+        with pytest.raises(ConnectRefused) as err:
+            link.wait_connected(10)
+        assert "Not authorized" in err.value.reason or "Bad user name or password" in err.value.reason, url
+
+
+def _fails_to_connect(retire: Callable[[MqttLink], None], url: str, tls: TLSFiles | None) -> None:
+    link = MqttLink(BrokerURL.parse(url), f"probe-{uuid.uuid4().hex[:6]}", tls=tls)
+    retire(link)
+    link.start()
+    # The TLS handshake fails at once on loopback, so no CONNACK ever comes; a longer wait could
+    # only turn a failure into a pass, never the reverse.
+    with pytest.raises(MqttError):
+        link.wait_connected(0.5)
+    assert not link.connected
+
+
+def test_tls_verifies_the_broker_by_name_and_ca(deploy: Deploy, retire) -> None:
+    url = f"mqtts://dev-a:{PASSWORDS['dev-a']}@localhost:{deploy.tls_port}"  # the DNS SAN
+    link = MqttLink(BrokerURL.parse(url), "dev-a-localhost", tls=deploy.tls())
+    link.start()
+    try:
+        link.wait_connected(10)
+    finally:
+        link.stop()
+    _fails_to_connect(retire, url, TLSFiles())  # the system CAs do not trust the development CA
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_exchange(deploy.tls_port, ssl.create_default_context())
+
+
+def _tls_exchange(port: int, ctx: ssl.SSLContext) -> bytes:
+    """TLS handshake, then an MQTT CONNECT; what comes back (b"" when the broker hangs up)."""
+    connect = bytes([0x10, 16, 0, 4, *b"MQTT", 5, 0x02, 0, 30, 0, 0, 3, *b"raw"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(connect)
+        return s.recv(16)
+
+
+def test_mutual_tls_port_requires_a_client_certificate(deploy: Deploy, retire) -> None:
+    _fails_to_connect(retire, f"mqtts://dev-a:{PASSWORDS['dev-a']}@127.0.0.1:{deploy.mtls_port}", deploy.tls())
+    ctx = ssl.create_default_context(cafile=deploy.tls().ca_file)
+    try:  # TLS 1.3 reports a missing client certificate after the handshake: on the first read
+        answer = _tls_exchange(deploy.mtls_port, ctx)
+    except (ssl.SSLError, ConnectionResetError):
+        answer = b""
+    assert answer == b"", answer  # no CONNACK
+    ctx.load_cert_chain(deploy.tls("dev-a").cert_file, deploy.tls("dev-a").key_file)
+    assert _tls_exchange(deploy.mtls_port, ctx)[:1] == b"\x20"  # with a certificate: CONNACK
+
+
+def test_plain_tcp_to_the_tls_port_fails(deploy: Deploy, retire) -> None:
+    _fails_to_connect(retire, f"mqtt://dev-a:{PASSWORDS['dev-a']}@127.0.0.1:{deploy.tls_port}", None)
+    # The same on the wire: an MQTT CONNECT in clear text never gets a CONNACK (0x20).
+    connect = bytes([0x10, 16, 0, 4, *b"MQTT", 5, 0x02, 0, 30, 0, 0, 3, *b"raw"])
+    with socket.create_connection(("127.0.0.1", deploy.tls_port), timeout=5) as s:
+        s.sendall(connect)
+        try:
+            answer = s.recv(16)
+        except ConnectionResetError:
+            answer = b""
+    assert not answer.startswith(b"\x20")
+
+
+# --------------------------------------------------------------------------- provisioning, examples
+
+
+@pytest.mark.parametrize("bad", ["a/b", "dev+", "#", "a:b", "", "x" * 65])
+def test_add_device_refuses_ids_the_acl_cannot_hold(tmp_path: Path, bad: str) -> None:
+    passwd = tmp_path / "passwd"
+    run = subprocess.run([str(MOSQ / "add-device.sh"), "-p", str(passwd), bad, "pw"], capture_output=True, text=True)
+    assert run.returncode == 2 and "invalid device id" in run.stderr
+    assert not passwd.exists()
+
+
+def test_add_device_generates_a_password_and_removes_the_entry(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    run = subprocess.run([str(MOSQ / "add-device.sh"), "-p", str(passwd), "-c", str(tmp_path / "certs"), "s01"],
+                         capture_output=True, text=True, check=True)
+    password = next(line.split(": ", 1)[1] for line in run.stdout.splitlines() if line.startswith("password: "))
+    assert len(password) >= 24 and password not in passwd.read_text()
+    assert passwd.read_text().startswith("s01:") and oct(passwd.stat().st_mode & 0o777) == "0o640"
+    cert = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "certs/s01.crt"), "-noout", "-subject"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "CN = s01" in cert
+    subprocess.run([str(MOSQ / "add-device.sh"), "-p", str(passwd), "--remove", "s01"], check=True,
+                   capture_output=True)
+    assert "s01:" not in passwd.read_text()
+
+
+def test_example_agent_config_is_valid(deploy: Deploy) -> None:
+    # Only the TLS files are swapped for existing ones: validate() checks that they exist.
+    tls = deploy.tls("dev-a")
+    settings = load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=DEPLOY / "agent.toml", environ={},
+                             flags={"ca_file": tls.ca_file, "cert_file": tls.cert_file, "key_file": tls.key_file})
+    assert settings.broker_url.tls and settings.prefix == T.prefix
+    assert settings.state_dir == "/var/lib/edge-agent"  # the unit's StateDirectory=
+    assert settings.trusted_key and not settings.insecure_allow_unsigned
+
+
+def test_example_hub_config_is_valid(deploy: Deploy) -> None:
+    from cloud_hub.settings import ENV_PREFIX, HubSettings
+
+    settings = load_settings(HubSettings, env_prefix=ENV_PREFIX, config=DEPLOY / "hub.toml", environ={},
+                             flags={"ca_file": deploy.tls().ca_file})
+    assert settings.broker_url.tls and settings.broker_url.username == "hub"  # the ACL's hub identity
+    assert settings.prefix == T.prefix and settings.share_group and settings.signing_key
+
+
+@pytest.mark.parametrize(("unit", "command", "user"), [
+    ("edge-agent", "edge-agent run --config /etc/edge-agent/agent.toml", "edge-agent"),
+    ("cloud-hub", "cloud-hub serve --config /etc/cloud-hub/hub.toml", "cloud-hub"),
+])
+def test_systemd_units_run_the_service_confined(unit: str, command: str, user: str) -> None:
+    lines = {line.strip() for line in (DEPLOY / "systemd" / f"{unit}.service").read_text().splitlines()}
+    assert f"ExecStart=/opt/edgeml/bin/{command}" in lines
+    for want in (f"User={user}", f"StateDirectory={unit}", "Restart=on-failure", "NoNewPrivileges=yes",
+                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "CapabilityBoundingSet="):
+        assert want in lines, want
+
+
+def test_agent_image_installs_the_base_package_only() -> None:
+    agent = (DEPLOY / "Dockerfile.agent").read_text()
+    hub = (DEPLOY / "Dockerfile.hub").read_text()
+    assert "FROM python:3.11-slim" in agent and "pip install . " in agent and "[hub" not in agent
+    assert 'pip install ".[hub,postgres]"' in hub

@@ -1,0 +1,873 @@
+"""Sensor sources: log parsing (CSV / JSONL), errors, chunking, pacing and live sources.
+
+Every log is generated here in tmp_path; nothing reads /work/shared.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent import sources
+from edge_agent.sources import (
+    FollowFile,
+    JsonLinesStream,
+    LogError,
+    ReadingChunk,
+    SimulatedSensor,
+    StdinSource,
+    pace,
+    read_log,
+)
+
+HEADER = "ts,device_id,ax,ay,az,label"
+CHANNELS = ("ax", "ay", "az")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_readings(n_per_device: int = 50, devices=("s01", "s02", "s10"), seed: int = 0) -> list[dict]:
+    """Interleaved readings of several devices, sorted by ts like a hub log."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d, dev in enumerate(devices):
+        t = 100.0 + d * 0.003
+        for i in range(n_per_device):
+            t = round(t + 0.02 + 0.01 * (i % 3), 4)
+            vals = [round(float(v), 6) for v in rng.normal(0, 3, 3)]
+            if i % 17 == 5:
+                vals[1] = None  # a missing reading
+            rows.append(
+                {
+                    "ts": t,
+                    "device_id": dev,
+                    "ax": vals[0],
+                    "ay": vals[1],
+                    "az": vals[2],
+                    "label": ["walk", "run", "", "7"][(i // 10) % 4],
+                }
+            )
+    rows.sort(key=lambda r: (r["ts"], r["device_id"]))
+    return rows
+
+
+def _num(v) -> str:
+    return "" if v is None else repr(v)
+
+
+def write_csv(path: Path, rows: list[dict], header: str = HEADER) -> Path:
+    cols = header.split(",")
+    text = (
+        header
+        + "\n"
+        + "".join(
+            ",".join(_num(r[c]) if c not in ("device_id", "label") else str(r[c]) for c in cols) + "\n"
+            for r in rows
+        )
+    )
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+    return path
+
+
+def read_all(path, **kw) -> ReadingChunk:
+    chunk = read_log(path, **kw).read_all()
+    assert chunk is not None
+    return chunk
+
+
+def assert_same(a: ReadingChunk, b: ReadingChunk) -> None:
+    np.testing.assert_array_equal(a.ts, b.ts)
+    np.testing.assert_array_equal(a.device_ids, b.device_ids)
+    np.testing.assert_array_equal(a.values, b.values)  # NaN == NaN here
+    if a.labels is None or b.labels is None:
+        assert a.labels is None and b.labels is None
+    else:
+        np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.channels == b.channels
+
+
+def expected_arrays(rows: list[dict]):
+    ts = np.array([r["ts"] for r in rows])
+    vals = np.array([[np.nan if r[c] is None else r[c] for c in CHANNELS] for r in rows], dtype=np.float32)
+    return ts, np.array([r["device_id"] for r in rows]), vals, np.array([r["label"] for r in rows])
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".ndjson", ".csv.gz", ".jsonl.gz"])
+def test_formats_parse_to_the_expected_data(tmp_path: Path, suffix: str) -> None:
+    rows = make_readings()
+    path = tmp_path / f"log{suffix}"
+    (write_csv if ".csv" in suffix else write_jsonl)(path, rows)
+    reader = read_log(path)
+    assert reader.channels == CHANNELS
+    assert reader.has_labels
+    chunk = reader.read_all()
+    ts, dev, vals, labels = expected_arrays(rows)
+    np.testing.assert_array_equal(chunk.ts, ts)
+    np.testing.assert_array_equal(chunk.device_ids, dev)
+    np.testing.assert_array_equal(chunk.values, vals)
+    np.testing.assert_array_equal(chunk.labels, labels)
+    assert chunk.values.dtype == np.float32 and chunk.ts.dtype == np.float64
+    assert chunk.source == str(path)
+    assert reader.stats.rows_read == len(rows) and reader.stats.rows_skipped == 0
+    assert set(reader.device_names) == {"s01", "s02", "s10"}
+
+
+def test_csv_and_jsonl_give_the_same_data(tmp_path: Path) -> None:
+    rows = make_readings(80)
+    a = read_all(write_csv(tmp_path / "a.csv", rows))
+    b = read_all(write_jsonl(tmp_path / "a.jsonl", rows))
+    assert_same(a, b)
+    np.testing.assert_array_equal(a.lines, np.arange(2, len(rows) + 2))  # header is line 1
+    np.testing.assert_array_equal(b.lines, np.arange(1, len(rows) + 1))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64, 2047, 2048, 2049, 5000, 100_000])
+def test_chunking_does_not_change_the_data(tmp_path: Path, chunk_rows: int) -> None:
+    # 4500 rows: several internal parse parts (fewer rows for tiny chunks: they are slow)
+    rows = make_readings(1500 if chunk_rows > 10 else 100)
+    for path in (write_csv(tmp_path / "a.csv", rows), write_jsonl(tmp_path / "a.jsonl", rows)):
+        ref = read_all(path, chunk_rows=100_000)
+        chunks = list(read_log(path, chunk_rows=chunk_rows))
+        assert all(len(c) <= chunk_rows for c in chunks)
+        assert all(len(c) == chunk_rows for c in chunks[:-1])  # no line is bad: exact sizes
+        assert_same(ReadingChunk.concat(chunks), ref)
+        assert chunks[0].first_line == ref.first_line
+
+
+def test_chunking_does_not_change_skips(tmp_path: Path) -> None:
+    lines = [HEADER]
+    t = 0.0
+    for i in range(3000):
+        t += 0.01
+        lines.append(f"{t:.2f},d{i % 3},{i},{-i},0.5,x" if i % 97 else f"{t:.2f},d{i % 3},oops,1,2,x")
+    path = write_lines(tmp_path / "s.csv", lines)
+    results = []
+    for cr in (5, 333, 4096):
+        reader = read_log(path, chunk_rows=cr, on_error="skip")
+        whole = ReadingChunk.concat(list(reader))
+        results.append((whole, reader.stats))
+    for whole, stats in results[1:]:
+        assert_same(whole, results[0][0])
+        assert stats.skipped_by_reason == results[0][1].skipped_by_reason == {"bad number": 31}
+
+
+def test_missing_readings_are_nan_not_errors(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "m.csv", [HEADER, "0.1,a,,1,nan,x", "0.2,a,NaN,,2,", "0.3,a,1,2,3,y"])
+    c = read_all(path)
+    assert np.isnan(c.values[0, 0]) and np.isnan(c.values[0, 2]) and np.isnan(c.values[1, 0])
+    assert np.isnan(c.values[1, 1]) and c.values[1, 2] == 2
+    assert c.labels.tolist() == ["x", "", "y"]
+
+
+def test_number_syntaxes(tmp_path: Path) -> None:
+    vals = [
+        "1",
+        "-2",
+        "+3",
+        ".5",
+        "-.25",
+        "7.",
+        "1e-3",
+        "2E+2",
+        " 4.5 ",
+        "-0",
+        "000123.4500",
+        "12345678901234.5",
+        "0.1234567890123456789",
+        "-9007199254740993",
+    ]
+    lines = [HEADER] + [f"{i},a,{v},0,0,x" for i, v in enumerate(vals)]
+    c = read_all(write_lines(tmp_path / "n.csv", lines))
+    np.testing.assert_array_equal(c.values[:, 0], np.array([float(v) for v in vals], dtype=np.float32))
+    assert math.copysign(1.0, c.values[9, 0]) == -1.0  # "-0" keeps its sign like float()
+
+
+def test_optional_label_and_column_order(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "o.csv", ["wz,device_id,ts,ax", "1.5,n1,0.5,2", "2.5,n2,0.5,3"])
+    reader = read_log(path)
+    assert reader.channels == ("wz", "ax") and not reader.has_labels
+    c = reader.read_all()
+    assert c.labels is None
+    np.testing.assert_array_equal(c.values, np.array([[1.5, 2], [2.5, 3]], np.float32))
+    np.testing.assert_array_equal(c.ts, [0.5, 0.5])
+
+
+def test_quotes_crlf_bom_blank_lines_and_no_final_newline(tmp_path: Path) -> None:
+    text = '\ufeffts,device_id,ax,ay,az,label\r\n0.1,a,1,2,3,"x,y"\r\n\r\n0.2,"a",4,5,6,z\r\n0.3,a,7,8,9,w'
+    path = tmp_path / "q.csv"
+    path.write_bytes(text.encode("utf-8"))
+    reader = read_log(path)
+    c = reader.read_all()
+    assert c.labels.tolist() == ["x,y", "z", "w"]
+    assert c.lines.tolist() == [2, 4, 5]
+    assert reader.stats.blank_lines == 1 and reader.stats.rows_skipped == 0
+    np.testing.assert_array_equal(c.values[:, 2], [3, 6, 9])
+
+
+def test_long_device_ids_and_labels(tmp_path: Path) -> None:
+    lines = [HEADER]
+    for i in range(40):
+        dev = "a-rather-long-device-identifier-" + str(i % 4)
+        lines.append(f"{i},{dev},1,2,3,label-number-{i % 5}-of-the-long-kind")
+    lines.append("40,x,1,2,3,é")
+    c = read_all(write_lines(tmp_path / "l.csv", lines))
+    assert len(set(c.device_ids.tolist())) == 5
+    assert c.labels[-1] == "é" and c.labels[0] == "label-number-0-of-the-long-kind"
+
+
+def test_unknown_extension(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown log format"):
+        read_log(tmp_path / "x.txt")
+
+
+# ----------------------------------------------------------------------------- errors
+
+GOOD = ["0.10,a,1,2,3,x", "0.10,b,1,2,3,x", "0.12,a,1,2,3,x"]
+
+CSV_CASES = [
+    # (bad line, kind, reason)
+    ("0.2,a,abc,2,3,x", "bad number", "bad number 'abc' in column 'ax'"),
+    ("0.2,a,1,2,1.2.3,x", "bad number", "bad number '1.2.3' in column 'az'"),
+    ("0.2,a,1,2,0x10,x", "bad number", "bad number '0x10' in column 'az'"),
+    ("0.2,a,1_000,2,3,x", "bad number", "bad number '1_000' in column 'ax'"),
+    ("0.2,a,1,-,3,x", "bad number", "bad number '-' in column 'ay'"),
+    ("abc,a,1,2,3,x", "bad number", "bad number 'abc' in column 'ts'"),
+    ("0.2,a,1,2,3", "missing column", "missing column(s): expected 6 fields, got 5"),
+    ("0.2,a,1,2,3,x,9", "extra column", "extra column(s): expected 6 fields, got 7"),
+    (",a,1,2,3,x", "empty field", "empty field 'ts'"),
+    ("0.2,,1,2,3,x", "empty field", "empty field 'device_id'"),
+    ("inf,a,1,2,3,x", "non-finite ts", "non-finite ts 'inf'"),
+    ("nan,a,1,2,3,x", "non-finite ts", "non-finite ts 'nan'"),
+    ("0.2,a,1,-inf,3,x", "non-finite value", "non-finite value '-inf' in column 'ay'"),
+    ("0.2,a,1e39,2,3,x", "non-finite value", "value '1e39' out of float32 range in column 'ax'"),
+    (
+        "0.11,a,1,2,3,x",
+        "non-monotonic ts",
+        "non-monotonic ts 0.11 for device 'a' (previous 0.12 at line {prev})",
+    ),
+    (
+        "0.12,a,1,2,3,x",
+        "non-monotonic ts",
+        "non-monotonic ts 0.12 for device 'a' (previous 0.12 at line {prev})",
+    ),
+    ('0.2,a,1,2,3,"x', "bad quoting", "bad quoting"),
+]
+
+
+@pytest.mark.parametrize(("bad", "kind", "reason"), CSV_CASES)
+@pytest.mark.parametrize("where", ["early", "deep"])
+def test_csv_errors_name_file_line_and_reason(
+    tmp_path: Path, bad: str, kind: str, reason: str, where: str
+) -> None:
+    # "deep": the bad line sits after 5000 good ones, inside a fast-path block
+    filler = [] if where == "early" else [f"{i * 0.0001:.4f},z,1,2,3,x" for i in range(5000)]
+    lines = [HEADER, *filler, *GOOD, bad, "9.0,a,1,2,3,x"]
+    path = write_lines(tmp_path / "data.csv", lines)
+    line = len(lines) - 1
+    reason = reason.format(prev=line - 1)
+    with pytest.raises(LogError) as ei:
+        read_all(path)
+    e = ei.value
+    assert (e.path, e.line, e.kind) == (str(path), line, kind)
+    assert e.reason.startswith(reason)
+    assert str(e).startswith(f"{path}:{line}: {reason}")
+    assert isinstance(e, ValueError)
+    # skip: the bad line goes, the others stay, the reason is counted
+    reader = read_log(path, on_error="skip")
+    c = reader.read_all()
+    assert len(c) == len(lines) - 2
+    assert reader.stats.rows_skipped == 1 and reader.stats.skipped_by_reason == {kind: 1}
+    assert [str(x) for x in reader.stats.first_errors] == [str(e)]
+
+
+def test_error_str_is_path_line_reason(tmp_path: Path) -> None:
+    e = LogError("data.csv", 17, "bad number 'abc' in column 'ax'", "bad number")
+    assert str(e) == "data.csv:17: bad number 'abc' in column 'ax'"
+    e2 = pickle.loads(pickle.dumps(e))
+    assert (e2.path, e2.line, e2.reason, e2.kind) == (e.path, e.line, e.reason, e.kind)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ("ts,ax,ay", "missing header column 'device_id'"),
+        ("device_id,ax,ay", "missing header column 'ts'"),
+        ("ts,device_id,ax,ax", "duplicate column 'ax' in header"),
+        ("ts,device_id,label", "no channel columns in header"),
+        ("ts,device_id,,ax", "empty column name in header"),
+    ],
+)
+def test_header_errors_are_fatal_even_when_skipping(tmp_path: Path, header: str, reason: str) -> None:
+    path = write_lines(tmp_path / "h.csv", [header, "0,a,1,2"])
+    with pytest.raises(LogError) as ei:
+        read_log(path, on_error="skip")
+    assert ei.value.line == 1 and ei.value.reason == reason
+
+
+def test_empty_files(tmp_path: Path) -> None:
+    for name in ("e.csv", "e.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(LogError, match="empty file"):
+            read_log(tmp_path / name)
+    only_header = write_lines(tmp_path / "h.csv", [HEADER])
+    reader = read_log(only_header)
+    assert reader.channels == CHANNELS and list(reader) == []
+
+
+J_GOOD = [
+    '{"ts":0.1,"device_id":"a","ax":1,"ay":2,"az":3,"label":"x"}',
+    '{"ts":0.1,"device_id":"b","ax":1,"ay":null,"az":3,"label":null}',
+]
+JSON_CASES = [
+    ('{"ts":0.2,"device_id":"a","ax":1,"ay":2,"az":3', "bad json", "bad JSON"),
+    ("[1, 2]", "bad json", "expected a JSON object"),
+    ('{"ts":0.2,"device_id":"a","ax":1,"az":3,"label":"x"}', "missing column", "missing key 'ay'"),
+    (
+        '{"ts":0.2,"device_id":"a","ax":1,"ay":2,"az":3,"label":"x","q":1}',
+        "extra column",
+        "unexpected key 'q'",
+    ),
+    (
+        '{"ts":0.2,"device_id":"a","ax":"1","ay":2,"az":3,"label":"x"}',
+        "bad number",
+        "bad number \"1\" in column 'ax'",
+    ),
+    (
+        '{"ts":0.2,"device_id":"a","ax":true,"ay":2,"az":3,"label":"x"}',
+        "bad number",
+        "bad number true in column 'ax'",
+    ),
+    ('{"ts":null,"device_id":"a","ax":1,"ay":2,"az":3,"label":"x"}', "empty field", "empty field 'ts'"),
+    ('{"ts":0.2,"device_id":"","ax":1,"ay":2,"az":3,"label":"x"}', "empty field", "empty field 'device_id'"),
+    (
+        '{"ts":0.2,"device_id":"a","ax":1e300,"ay":2,"az":3,"label":"x"}',
+        "non-finite value",
+        "value 1e+300 out of",
+    ),
+    (
+        '{"ts":0.05,"device_id":"a","ax":1,"ay":2,"az":3,"label":"x"}',
+        "non-monotonic ts",
+        "non-monotonic ts 0.05",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad", "kind", "reason"), JSON_CASES)
+def test_jsonl_errors_name_file_line_and_reason(tmp_path: Path, bad: str, kind: str, reason: str) -> None:
+    filler = [
+        orjson.dumps({"ts": i * 0.0001, "device_id": "z", "ax": 1, "ay": 2, "az": 3, "label": "q"}).decode()
+        for i in range(3000)
+    ]
+    lines = [*J_GOOD, *filler, bad, '{"ts":9,"device_id":"a","ax":1,"ay":2,"az":3,"label":"x"}']
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    with pytest.raises(LogError) as ei:
+        read_all(path)
+    assert (ei.value.line, ei.value.kind) == (len(lines) - 1, kind)
+    assert ei.value.reason.startswith(reason)
+    assert str(ei.value).startswith(f"{path}:{len(lines) - 1}: ")
+    reader = read_log(path, on_error="skip")
+    assert len(reader.read_all()) == len(lines) - 1
+    assert reader.stats.skipped_by_reason == {kind: 1}
+
+
+def test_jsonl_label_may_be_absent_null_or_numeric(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "j.jsonl",
+        [
+            '{"ts":0.1,"device_id":"a","ax":1,"label":"x"}',
+            '{"ts":0.2,"device_id":"a","ax":1}',
+            '{"ts":0.3,"device_id":7,"ax":1,"label":3}',
+            '{"ts":0.4,"device_id":"a","ax":1,"label":null}',
+        ],
+    )
+    c = read_all(path)
+    assert c.labels.tolist() == ["x", "", "3", ""]
+    assert c.device_ids.tolist() == ["a", "a", "7", "a"]
+
+
+def test_raise_mode_delivers_the_rows_before_the_bad_line(tmp_path: Path) -> None:
+    lines = [HEADER] + [f"{i},a,1,2,3,x" for i in range(10)] + ["10,a,bad,2,3,x", "11,a,1,2,3,x"]
+    reader = read_log(write_lines(tmp_path / "r.csv", lines), chunk_rows=100)
+    got = []
+    with pytest.raises(LogError) as ei:
+        for c in reader:
+            got.append(c)
+    assert ei.value.line == 12
+    assert sum(len(c) for c in got) == 10 == reader.stats.rows_read
+
+
+def test_skip_policy_counts_every_reason(tmp_path: Path) -> None:
+    lines = [
+        HEADER,
+        "0.1,a,1,2,3,x",
+        "0.2,a,zz,2,3,x",  # bad number
+        "0.3,a,1,2,3",  # missing column
+        "0.4,a,1,2,3,x,5",  # extra column
+        ",a,1,2,3,x",  # empty ts
+        "0.5,a,1,2,3,x",
+        "0.45,a,1,2,3,x",  # non-monotonic
+        "0.6,b,1,2,3,x",
+        "inf,b,1,2,3,x",  # non-finite ts
+        "0.7,b,q,r,s,x",  # bad number (one count per line)
+        "0.8,a,1,2,3,x",
+    ]
+    reader = read_log(write_lines(tmp_path / "s.csv", lines), on_error="skip")
+    c = reader.read_all()
+    assert c.lines.tolist() == [2, 7, 9, 12]
+    s = reader.stats
+    assert s.rows_read == 4 and s.rows_skipped == 7 and s.lines == len(lines)
+    assert s.skipped_by_reason == {
+        "bad number": 2,
+        "missing column": 1,
+        "extra column": 1,
+        "empty field": 1,
+        "non-monotonic ts": 1,
+        "non-finite ts": 1,
+    }
+    assert [e.line for e in s.first_errors] == [3, 4, 5, 6, 8, 10, 11]
+    assert "7 skipped" in s.summary() and "s.csv:3: bad number 'zz' in column 'ax'" in s.summary()
+
+
+def test_many_errors_only_the_first_few_are_kept(tmp_path: Path) -> None:
+    lines = [HEADER] + [f"{i},a,{'x' if i % 2 else 1},2,3,y" for i in range(200)]
+    reader = read_log(write_lines(tmp_path / "m.csv", lines), on_error="skip")
+    assert len(reader.read_all()) == 100
+    assert reader.stats.rows_skipped == 100 and len(reader.stats.first_errors) == sources.MAX_ERRORS_KEPT
+
+
+# ----------------------------------------------------------------------------- monotonic ts
+
+
+def test_interleaved_devices_are_checked_per_device(tmp_path: Path) -> None:
+    # globally unsorted is fine as long as each device increases
+    lines = [
+        HEADER,
+        "5,a,1,1,1,x",
+        "1,b,1,1,1,x",
+        "6,a,1,1,1,x",
+        "2,b,1,1,1,x",
+        "2.5,b,1,1,1,x",
+        "7,a,1,1,1,x",
+    ]
+    c = read_all(write_lines(tmp_path / "i.csv", lines), chunk_rows=2)
+    assert c.device_ids.tolist() == ["a", "b", "a", "b", "b", "a"]
+    bad = [*lines, "2.5,b,1,1,1,x"]
+    with pytest.raises(LogError) as ei:
+        read_all(write_lines(tmp_path / "j.csv", bad), chunk_rows=3)
+    assert ei.value.line == 8 and "device 'b' (previous 2.5 at line 6)" in ei.value.reason
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 4, 100])
+def test_skipping_non_monotonic_rows_keeps_the_running_max(tmp_path: Path, chunk_rows: int) -> None:
+    seq = [1, 2, 10, 3, 4, 11, 11, 12]
+    lines = [HEADER] + [f"{t},a,{i},0,0,x" for i, t in enumerate(seq)]
+    lines.insert(3, "1.5,b,0,0,0,y")  # another device in between
+    reader = read_log(write_lines(tmp_path / "m.csv", lines), chunk_rows=chunk_rows, on_error="skip")
+    c = reader.read_all()
+    by = c.by_device()
+    assert by["a"][0].tolist() == [1, 2, 10, 11, 12]
+    assert by["b"][0].tolist() == [1.5]
+    assert reader.stats.skipped_by_reason == {"non-monotonic ts": 3}
+
+
+# ----------------------------------------------------------------------------- chunk helpers
+
+
+def test_by_device_matches_a_naive_split(tmp_path: Path) -> None:
+    rows = make_readings(200, devices=tuple(f"d{i}" for i in range(12)))
+    c = read_all(write_csv(tmp_path / "b.csv", rows))
+    split = c.by_device()
+    assert set(split) == {f"d{i}" for i in range(12)}
+    for dev, (ts, vals, labels) in split.items():
+        mask = c.device_ids == dev
+        np.testing.assert_array_equal(ts, c.ts[mask])
+        np.testing.assert_array_equal(vals, c.values[mask])
+        np.testing.assert_array_equal(labels, c.labels[mask])
+    single = c.take(c.device_ids == "d3")
+    assert list(single.by_device()) == ["d3"]
+    assert c.take(slice(0, 0)).by_device() == {}
+
+
+def test_concat_remaps_codes_of_different_sources(tmp_path: Path) -> None:
+    a = read_all(write_lines(tmp_path / "a.csv", [HEADER, "1,x,1,1,1,l", "2,y,1,1,1,l"]))
+    b = read_all(write_lines(tmp_path / "b.csv", [HEADER, "1,y,2,2,2,m", "2,z,2,2,2,m"]))
+    c = ReadingChunk.concat([a, b])
+    assert c.device_ids.tolist() == ["x", "y", "y", "z"]
+    assert set(c.device_names) == {"x", "y", "z"}
+
+
+# ----------------------------------------------------------------------------- hypothesis
+
+finite32 = st.floats(min_value=-3e38, max_value=3e38, allow_nan=False, allow_infinity=False)
+reading = st.tuples(
+    st.floats(min_value=0.001, max_value=10.0, allow_nan=False),  # ts step
+    st.sampled_from(["a", "b", "sensor-7", "ünï", "dev,ice"]),  # device (one needs quoting)
+    st.lists(
+        st.one_of(
+            finite32,
+            st.none(),
+            st.integers(-(10**6), 10**6),
+            st.decimals(-(10**6), 10**6, places=4, allow_nan=False, allow_infinity=False),
+        ),
+        min_size=2,
+        max_size=2,
+    ),
+    st.sampled_from(["", "walk", "1.5", "x y"]),
+)
+
+
+def _fmt(v) -> str:
+    return "" if v is None else (str(v) if not isinstance(v, float) else repr(v))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(reading, min_size=1, max_size=60), st.integers(1, 9))
+def test_roundtrip_csv_and_jsonl(tmp_path: Path, data, chunk_rows: int) -> None:
+    last: dict[str, float] = {}
+    t = 0.0
+    rows = []
+    for step, dev, vals, label in data:
+        t = last.get(dev, 0.0) + step
+        last[dev] = t
+        rows.append((t, dev, vals, label))
+    csv_lines = ["ts,device_id,u,v,label"]
+    jl = []
+    for t, dev, vals, label in rows:
+        dq = f'"{dev}"' if "," in dev else dev
+        csv_lines.append(f"{t!r},{dq},{_fmt(vals[0])},{_fmt(vals[1])},{label}")
+        jl.append(
+            orjson.dumps(
+                {
+                    "ts": t,
+                    "device_id": dev,
+                    "u": None if vals[0] is None else float(vals[0]),
+                    "v": None if vals[1] is None else float(vals[1]),
+                    "label": label,
+                }
+            ).decode()
+        )
+    c1 = read_all(write_lines(tmp_path / "r.csv", csv_lines), chunk_rows=chunk_rows)
+    c2 = read_all(write_lines(tmp_path / "r.jsonl", jl), chunk_rows=chunk_rows)
+    exp_vals = np.array(
+        [[np.nan if v is None else float(v) for v in vals] for _, _, vals, _ in rows], np.float32
+    )
+    for c in (c1, c2):
+        np.testing.assert_array_equal(c.ts, [r[0] for r in rows])
+        np.testing.assert_array_equal(c.values, exp_vals)
+        assert c.device_ids.tolist() == [r[1] for r in rows]
+        assert c.labels.tolist() == [r[3] for r in rows]
+
+
+numeric_text = st.one_of(
+    st.from_regex(r"\A[+-]?[0-9]{0,9}(\.[0-9]{0,9})?\Z", fullmatch=True),
+    st.from_regex(r"\A[-+.0-9eE]{1,16}\Z", fullmatch=True),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.floats(min_value=-1e6, max_value=1e6).map(lambda x: f"{x:.6f}"),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(numeric_text, min_size=1, max_size=40))
+def test_vectorized_number_parser_agrees_with_float(texts: list[str]) -> None:
+    raw = b"\n" * 64 + ",".join(texts).encode()
+    ends, pos = [], 64
+    starts = []
+    for t in texts:
+        starts.append(pos)
+        pos += len(t)
+        ends.append(pos)
+        pos += 1
+    vals, status = sources._parse_numeric(raw, np.array(starts), np.array(ends))
+    for t, v, s in zip(texts, vals.tolist(), status.tolist(), strict=True):
+        try:
+            ref = float(t) if t.strip() and "_" not in t else None
+        except ValueError:
+            ref = None
+        if not t.strip():
+            assert s == sources.EMPTY
+        elif ref is None:
+            assert s == sources.BAD, t
+        elif math.isnan(ref):
+            assert s == sources.NAN
+        else:
+            assert s in (sources.OK, sources.INF), t
+            assert v == ref and math.copysign(1, v) == math.copysign(1, ref), (t, v, ref)
+
+
+# ----------------------------------------------------------------------------- pacing
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, dt: float) -> None:
+        assert dt > 0
+        self.sleeps.append(dt)
+        self.now += dt
+
+
+def _chunk(ts, devs=None) -> ReadingChunk:
+    n = len(ts)
+    return ReadingChunk(
+        ts=np.asarray(ts, float),
+        device_codes=np.zeros(n, np.int32) if devs is None else np.asarray(devs, np.int32),
+        device_names=("a", "b"),
+        values=np.zeros((n, 1), np.float32),
+        channels=("x",),
+    )
+
+
+@pytest.mark.parametrize("speed", [1.0, 10.0, 0.5])
+def test_pace_releases_readings_at_their_scaled_time(speed: float) -> None:
+    fc = FakeClock()
+    chunks = [_chunk([10.0, 10.0, 10.5, 11.0], [0, 1, 0, 0]), _chunk([11.0, 12.5, 13.0])]
+    released = []
+    for sub in pace(chunks, speed, clock=fc.clock, sleep=fc.sleep):
+        released.append((fc.now - 1000.0, sub.ts.tolist()))
+    assert [t for _, ts in released for t in ts] == [10.0, 10.0, 10.5, 11.0, 11.0, 12.5, 13.0]
+    for at, ts in released:
+        for t in ts:  # never early, and released as soon as due (the fake clock does not drift)
+            assert at == pytest.approx((t - 10.0) / speed)
+    assert sum(fc.sleeps) == pytest.approx(3.0 / speed)
+
+
+def test_pace_batches_readings_that_are_already_due() -> None:
+    fc = FakeClock()
+
+    def slow_consumer():
+        for sub in pace([_chunk(np.arange(0, 1, 0.01))], 1.0, clock=fc.clock, sleep=fc.sleep):
+            yield sub
+            fc.now += 0.1  # processing takes 100 ms: later readings are already due
+
+    subs = list(slow_consumer())
+    assert sum(len(s) for s in subs) == 100
+    assert len(subs) < 20
+
+
+def test_pace_speed_zero_never_sleeps() -> None:
+    chunks = [_chunk([0.0, 5.0]), _chunk([100.0])]
+
+    def no_sleep(_dt):
+        raise AssertionError("slept")
+
+    out = list(pace(chunks, 0, clock=lambda: 0.0, sleep=no_sleep))
+    assert out == chunks
+    with pytest.raises(ValueError):
+        list(pace(chunks, float("nan")))
+
+
+def test_pace_never_moves_back_on_unsorted_logs() -> None:
+    fc = FakeClock()
+    out = list(pace([_chunk([5.0, 6.0, 1.0, 7.0])], 1.0, clock=fc.clock, sleep=fc.sleep))
+    assert [t for s in out for t in s.ts.tolist()] == [5.0, 6.0, 1.0, 7.0]
+    assert sum(fc.sleeps) == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- simulated sensor
+
+
+def test_simulated_sensor_is_deterministic() -> None:
+    def run(seed):
+        sim = SimulatedSensor(
+            ["d1", "d2"],
+            ("ax", "ay"),
+            50.0,
+            seed,
+            ("idle", "walk", "run"),
+            speed=0,
+            limit=1000,
+            segment_s=4.0,
+        )
+        return ReadingChunk.concat(list(sim))
+
+    a, b, c = run(1), run(1), run(2)
+    assert_same(a, b)
+    assert not np.array_equal(a.values, c.values)
+    assert len(a) == 2000 and a.channels == ("ax", "ay")
+    split = a.by_device()
+    ts, vals, labels = split["d1"]
+    np.testing.assert_allclose(np.diff(ts), 0.02)
+    # the hidden class changes only on segment boundaries (every 4 s = 200 samples)
+    seg = np.arange(1000) // 200
+    for s in range(5):
+        assert len(set(labels[seg == s].tolist())) == 1
+    assert len(set(labels.tolist())) > 1
+    assert np.isfinite(vals).all()
+
+
+def test_simulated_sensor_paces_with_injected_clock_and_stops() -> None:
+    fc = FakeClock()
+    sim = SimulatedSensor(
+        "s",
+        ("x",),
+        rate_hz=10.0,
+        seed=0,
+        labels=None,
+        chunk_s=0.5,
+        duration_s=3.0,
+        clock=fc.clock,
+        sleep=fc.sleep,
+    )
+    chunks = list(sim)
+    assert sum(len(c) for c in chunks) == 30 and all(c.labels is None for c in chunks)
+    assert fc.now - 1000.0 == pytest.approx(2.9)  # the last sample's time (first one at t=0)
+    sim2 = SimulatedSensor("s", ("x",), 10.0, 0, speed=0, missing_rate=0.3, chunk_s=1.0)
+    got = []
+    for c in sim2:
+        got.append(c)
+        if len(got) == 3:
+            sim2.stop()
+    assert len(got) == 3 and np.isnan(np.concatenate([c.values for c in got])).any()
+
+
+# ----------------------------------------------------------------------------- streams
+
+STREAM = [
+    '{"ts": 1.0, "device_id": "a", "ax": 1, "ay": 2, "label": "x"}',
+    '{"ts": 1.0, "device_id": "b", "ax": 3, "ay": null}',
+    "",
+    '{"ts": 1.1, "device_id": "a", "ax": 5, "ay": 6, "label": "y"}',
+]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_json_lines_stream(binary: bool) -> None:
+    text = "\n".join(STREAM) + "\n"
+    f = io.BytesIO(text.encode()) if binary else io.StringIO(text)
+    src = JsonLinesStream(f, name="<stdin>", chunk_rows=2)
+    c = ReadingChunk.concat(list(src))
+    assert src.channels == ("ax", "ay") and src.has_labels
+    assert c.ts.tolist() == [1.0, 1.0, 1.1] and c.labels.tolist() == ["x", "", "y"]
+    assert c.lines.tolist() == [1, 2, 4]
+    assert np.isnan(c.values[1, 1])
+
+
+def test_stream_errors_name_stdin_and_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "\n".join([*STREAM, '{"ts": 1.2, "device_id": "a", "ax": "oops", "ay": 6}']) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    src = StdinSource(channels=("ax", "ay"))
+    got = []
+    with pytest.raises(LogError) as ei:
+        for c in src:
+            got.append(c)
+    assert str(ei.value) == "<stdin>:5: bad number \"oops\" in column 'ax'"
+    assert sum(len(c) for c in got) == 3
+
+
+def test_stream_skip_mode_and_partial_last_line() -> None:
+    text = '{"ts":1,"device_id":"a","ax":1}\nnot json\n{"ts":2,"device_id":"a","ax":2}'
+    src = JsonLinesStream(io.StringIO(text), on_error="skip")
+    c = ReadingChunk.concat(list(src))
+    assert c.ts.tolist() == [1.0, 2.0]
+    assert src.stats.skipped_by_reason == {"bad json": 1}
+    assert str(src.stats.first_errors[0]).startswith("<stream>:2: bad JSON")
+
+
+# ----------------------------------------------------------------------------- follow file
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_follow_file_picks_up_appended_lines(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"live.{fmt}"
+    if fmt == "csv":
+        first = "ts,device_id,ax,label\n0,a,1,x\n"
+        pieces = ["1,a,2,x\n2,b,3", ",y\n", "3,a,4,z\n4,a,5"]  # partial lines on purpose
+    else:
+        first = '{"ts":0,"device_id":"a","ax":1,"label":"x"}\n'
+        pieces = [
+            '{"ts":1,"device_id":"a","ax":2,"label":"x"}\n{"ts":2,"device_id":"b",',
+            '"ax":3,"label":"y"}\n',
+            '{"ts":3,"device_id":"a","ax":4,"label":"z"}\n{"ts":4',
+        ]
+    path.write_text(first)
+    state = {"i": 0}
+    ff: FollowFile
+
+    def sleep(_dt: float) -> None:  # each poll: the writer appends the next piece, then stops
+        if state["i"] < len(pieces):
+            with path.open("a") as f:
+                f.write(pieces[state["i"]])
+            state["i"] += 1
+        else:
+            ff.stop()
+
+    ff = FollowFile(path, poll_s=0.01, sleep=sleep)
+    assert ff.channels == ("ax",)  # schema known at once
+    chunks = list(ff)
+    c = ReadingChunk.concat(chunks)
+    assert c.ts.tolist() == [0, 1, 2, 3]
+    assert c.device_ids.tolist() == ["a", "a", "b", "a"]
+    assert c.labels.tolist() == ["x", "x", "y", "z"]
+    assert len(chunks) >= 3  # data arrived in several polls
+    assert ff.stats.skipped_by_reason == {"partial line at stop": 1}
+
+
+def test_follow_file_waits_for_the_file_and_can_start_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "later.csv"
+    calls = {"n": 0}
+    ff: FollowFile
+
+    def sleep(_dt: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            path.write_text("ts,device_id,ax\n0,a,1\n")
+        elif calls["n"] > 3:
+            ff.stop()
+
+    ff = FollowFile(path, sleep=sleep)
+    assert ff.channels is None
+    c = ReadingChunk.concat(list(ff))
+    assert c.ts.tolist() == [0.0] and ff.channels == ("ax",)
+
+    path.write_text("ts,device_id,ax\n0,a,1\n1,a,2\n")
+    state = {"done": False}
+
+    def sleep2(_dt: float) -> None:
+        if not state["done"]:
+            with path.open("a") as f:
+                f.write("2,a,3\n")
+            state["done"] = True
+        else:
+            ff2.stop()
+
+    ff2 = FollowFile(path, from_end=True, sleep=sleep2)
+    c2 = ReadingChunk.concat(list(ff2))
+    assert c2.ts.tolist() == [2.0] and c2.first_line == 4

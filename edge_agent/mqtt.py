@@ -109,6 +109,9 @@ class MqttLink:
         self._state_changed = threading.Condition()
         self.connects = 0
         self._stopping = False
+        self._sub_pending: dict[int, str] = {}  # SUBSCRIBE mid -> filter, until its SUBACK
+        self._sub_error: str | None = None
+        self._subscribed = False
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack,
@@ -131,6 +134,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         self._client = client
 
     # ----------------------------------------------------------------- lifecycle
@@ -157,6 +161,21 @@ class MqttLink:
             raise ConnectRefused(self._refused)
         if not ok:
             raise MqttError(f"no connection to {self.broker} within {timeout:g} s")
+
+    def wait_subscribed(self, timeout: float) -> None:
+        """Block until the broker acknowledged every subscription of the current connection.
+
+        A SUBACK with a failure reason (brokers that check the ACL at subscribe time, shared
+        subscriptions not supported) raises :class:`MqttError`: a subscriber that silently receives
+        nothing is worse than one that stops. (mosquitto 2.0 grants such filters and applies its
+        ACL per message instead.)
+        """
+        with self._state_changed:
+            ok = self._state_changed.wait_for(lambda: self._subscribed or self._sub_error, timeout)
+        if self._sub_error:
+            raise MqttError(self._sub_error)
+        if not ok:
+            raise MqttError(f"subscriptions not acknowledged by {self.broker} within {timeout:g} s")
 
     @property
     def connected(self) -> bool:
@@ -191,7 +210,14 @@ class MqttLink:
     def subscribe(self, topic_filter: str, qos: int) -> None:
         self._subscriptions.append((topic_filter, qos))
         if self.connected:
-            self._client.subscribe(topic_filter, qos=qos)
+            self._send_subscribe(self._client, topic_filter, qos)
+
+    def _send_subscribe(self, client: paho.Client, topic_filter: str, qos: int) -> None:
+        with self._state_changed:
+            self._subscribed = False
+            _rc, mid = client.subscribe(topic_filter, qos=qos)
+            if mid is not None:
+                self._sub_pending[mid] = topic_filter
 
     # ----------------------------------------------------------------- paho callbacks (network thread)
 
@@ -203,8 +229,11 @@ class MqttLink:
                 self._state_changed.notify_all()
             return
         self.connects += 1
+        with self._state_changed:
+            self._sub_pending.clear()
+            self._subscribed = not self._subscriptions
         for topic_filter, qos in self._subscriptions:
-            client.subscribe(topic_filter, qos=qos)
+            self._send_subscribe(client, topic_filter, qos)
         with self._state_changed:
             self._refused = None
             self._connected.set()
@@ -221,9 +250,20 @@ class MqttLink:
             if self._on_connected is not None:
                 self._on_connected(False)
 
+    def _handle_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
+        with self._state_changed:
+            topic_filter = self._sub_pending.pop(mid, "?")
+            failed = [str(rc) for rc in codes if rc.is_failure]
+            if failed:
+                self._sub_error = f"broker refused the subscription to {topic_filter}: {', '.join(failed)}"
+                log.error("%s", self._sub_error)
+            if not self._sub_pending:
+                self._subscribed = True
+            self._state_changed.notify_all()
+
     def _handle_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:
-            self._on_message(Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), msg.mid))
+            self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid))
 
     def _handle_publish(self, _c: object, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
         if self._on_published is not None:

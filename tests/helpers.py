@@ -63,6 +63,7 @@ class Collector:
                              on_message=self._on_message, subscriptions=[(topics.all_results, 1)])
         self.link.start()
         self.link.wait_connected(10)
+        self.link.wait_subscribed(10)
 
     def _on_message(self, msg: Message) -> None:
         batch = c.decode_results(msg.payload, self.topics.parse(msg.topic)[1])

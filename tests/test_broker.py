@@ -18,6 +18,7 @@ def _link(broker: LocalBroker, client_id: str, **kw) -> MqttLink:
     link = MqttLink(BrokerURL.parse(broker.url), client_id, **kw)
     link.start()
     link.wait_connected(10)
+    link.wait_subscribed(10)
     return link
 
 
@@ -94,3 +95,4 @@ def test_refused_connack_is_an_error(tmp_path) -> None:
         with pytest.raises(ConnectRefused, match="Not authorized|Bad user name or password"):
             bad.wait_connected(10)
         bad.stop()
+

@@ -65,6 +65,7 @@ def _collector(broker: LocalBroker, topics: c.Topics, name: str) -> tuple[MqttLi
                     on_message=got.put, subscriptions=[(topics.all_results, 1)])
     link.start()
     link.wait_connected(10)
+    link.wait_subscribed(10)
     return link, got
 
 

@@ -1,0 +1,259 @@
+"""Benchmark: results/s the hub stores end to end, against two ceilings measured in the same run.
+
+    python bench/hub_ingest.py                       # --batch 100 and --batch 1, best of 3 each
+    python bench/hub_ingest.py --batch 100 --repeat 5 --profile hub.prof
+
+For each batch size (results per MQTT message, as the agent sends them):
+
+* raw:  ``sqlite3`` ``executemany`` of the same rows into an equivalent table (same pragmas,
+  transactions of the hub's ``batch_max`` rows): the database ceiling.
+* bare: a paho subscriber (QoS 1) that only counts the same messages from the same broker: the MQTT
+  ceiling (it includes the publisher's speed, like the hub does).
+* hub:  :class:`cloud_hub.ingest.Hub`, from MQTT in to committed rows out.
+
+A private mosquitto (LocalBroker, the project's mosquitto.conf) carries the traffic; the load
+generator publishes from a separate process (this script with ``_publish``), starting when told to,
+so its start-up is not timed. Each figure is the best of ``--repeat`` runs: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud_hub.broker import LocalBroker
+from cloud_hub.ingest import Hub
+from cloud_hub.settings import HubSettings
+from edge_agent import contract as c
+
+LABELS = ("walk", "run", "sit", "stand")
+DEVICES = 8
+
+
+def make_batches(n_results: int, per_msg: int, devices: int = DEVICES) -> list[c.ResultBatch]:
+    """Deterministic result batches spread over ``devices`` devices."""
+    out = []
+    seq = 1_700_000_000_000
+    per_device = [seq] * devices
+    for i in range(n_results // per_msg):
+        d = i % devices
+        rs = []
+        for _ in range(per_msg):
+            s = per_device[d]
+            per_device[d] += 2000
+            t = s / 1000
+            rs.append(c.Result(seq=s, start=t, end=t + 2.0, model_version=3, latency_ms=0.4 + (s % 7) / 10,
+                               label=LABELS[s % 4], confidence=0.5 + (s % 50) / 100, truth=LABELS[(s // 2000) % 4]))
+        out.append(c.ResultBatch(f"dev-{d:03d}", tuple(rs)))
+    return out
+
+
+# --------------------------------------------------------------------------- load generator (child process)
+
+
+def publish_main(port: int, prefix: str, per_msg: int, n_results: int) -> None:
+    topics = c.Topics(prefix)
+    payloads = [(topics.results(b.device_id), b.encode()) for b in make_batches(n_results, per_msg)]
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}",
+                         protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    done = threading.Semaphore(0)
+    client.on_publish = lambda *_a: done.release()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    window = 5000  # paho refuses QoS 1 publishes past 65,535 outstanding: keep far below
+    for i, (topic, payload) in enumerate(payloads):
+        if i >= window:
+            done.acquire()
+        info = client.publish(topic, payload, qos=1)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS,):
+            raise SystemExit(f"publish failed: {paho.error_string(info.rc)}")
+    for _ in range(min(window, len(payloads))):
+        done.acquire()
+    print(f"done {time.perf_counter() - t0:.3f}", flush=True)
+    client.disconnect()
+    client.loop_stop()
+
+
+class Publisher:
+    """The load generator process, connected and waiting for go()."""
+
+    def __init__(self, port: int, prefix: str, per_msg: int, n_results: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "_publish", str(port), prefix, str(per_msg), str(n_results)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if line.strip() != "ready":
+            raise RuntimeError(f"publisher did not start: {line!r}")
+
+    def go(self) -> float:
+        self.proc.stdin.write("go\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return time.perf_counter()
+
+    def finish(self) -> float:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        self.proc.wait(60)
+        return float(line.split()[1])
+
+
+# --------------------------------------------------------------------------- the three measurements
+
+
+def raw_sqlite(path: Path, per_msg: int, n_results: int, txn_rows: int) -> tuple[float, float]:
+    """rows/s of a bare sqlite3 executemany of the hub's rows into an equivalent table, CPU µs/row."""
+    now = time.time()
+    rows = [(b.device_id, r.seq, r.start, r.end, r.model_version, r.label, r.confidence, None, r.truth,
+             r.latency_ms, None, now) for b in make_batches(n_results, per_msg) for r in b.results]
+    db = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
+        db.execute(f"PRAGMA {pragma}")
+    db.execute('CREATE TABLE results (id INTEGER PRIMARY KEY, device_id VARCHAR(64) NOT NULL, seq BIGINT NOT NULL, '
+               'start FLOAT NOT NULL, "end" FLOAT NOT NULL, model_version BIGINT NOT NULL, label VARCHAR(256), '
+               'confidence FLOAT, value TEXT, truth VARCHAR(256), latency_ms FLOAT NOT NULL, features BLOB, '
+               'received_at FLOAT NOT NULL, UNIQUE (device_id, seq))')
+    db.execute("CREATE INDEX ix_results_start ON results (start)")
+    sql = ('INSERT INTO results (device_id, seq, start, "end", model_version, label, confidence, value, truth, '
+           'latency_ms, features, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(rows), txn_rows):
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(sql, rows[i:i + txn_rows])
+        db.execute("COMMIT")
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    db.close()
+    return len(rows) / dt, cpu / len(rows) * 1e6
+
+
+def bare_subscriber(broker: LocalBroker, per_msg: int, n_results: int) -> tuple[float, float, float]:
+    """results/s that a paho subscriber receives (QoS 1, counting only), CPU µs/result, the publisher's rate."""
+    prefix = f"bare-{uuid.uuid4().hex[:8]}"
+    want = n_results // per_msg
+    got = [0]
+    all_in = threading.Event()
+
+    def on_message(*_a: object) -> None:
+        got[0] += 1
+        if got[0] == want:
+            all_in.set()
+
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=prefix, protocol=paho.MQTTv5)
+    sub.on_message = on_message
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    sub.subscribe(c.Topics(prefix).all_results, qos=1)
+    subscribed.wait(10)
+    pub = Publisher(broker.port, prefix, per_msg, n_results)
+    c0 = time.process_time()
+    t0 = pub.go()
+    if not all_in.wait(300):
+        raise RuntimeError(f"bare subscriber got {got[0]} of {want} messages")
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    pub_s = pub.finish()
+    sub.disconnect()
+    sub.loop_stop()
+    return n_results / dt, cpu / n_results * 1e6, n_results / pub_s
+
+
+def hub_run(broker: LocalBroker, workdir: Path, per_msg: int, n_results: int,
+            profile: cProfile.Profile | None) -> tuple[float, float]:
+    """results/s stored (committed) by the hub, from the publisher's start; CPU µs/result."""
+    prefix = f"hub-{uuid.uuid4().hex[:8]}"
+    db = workdir / f"{prefix}.sqlite"
+    settings = HubSettings(broker=broker.url, db=f"sqlite:///{db}", prefix=prefix, client_id=prefix,
+                           log_interval_s=0)
+    hub = Hub(settings)
+    if profile is not None:
+        run = hub._run
+
+        def profiled() -> None:
+            profile.enable()
+            try:
+                run()
+            finally:
+                profile.disable()
+
+        hub._writer._target = profiled  # type: ignore[attr-defined]  # bench only: profile the writer thread
+    hub.start()
+    time.sleep(0.3)  # subscriptions acknowledged
+    pub = Publisher(broker.port, prefix, per_msg, n_results)
+    c0 = time.process_time()
+    t0 = pub.go()
+    while hub.stats.stored < n_results:
+        time.sleep(0.002)
+        if time.perf_counter() - t0 > 300:
+            raise RuntimeError(f"the hub stored {hub.stats.stored} of {n_results} results in 300 s")
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    pub.finish()
+    hub.stop()
+    if hub.stats.dead_letters or hub.stats.duplicates:
+        raise RuntimeError(f"unexpected: {hub.stats}")
+    return n_results / dt, cpu / n_results * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, action="append", help="results per message (repeatable; default 100 and 1)")
+    ap.add_argument("--results", type=int, default=0, help="results per run (default 200000 for batch>=10, else 30000)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", help="write a cProfile of the hub's writer thread to this file")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the hub's and the links' info lines would drown the figures
+    logging.getLogger("paho").setLevel(logging.CRITICAL)
+    profile = cProfile.Profile() if args.profile else None
+    with tempfile.TemporaryDirectory(prefix="hub-bench-") as tmp:
+        work = Path(tmp)
+        broker = LocalBroker(work / "mosquitto").start()
+        try:
+            for per_msg in args.batch or [100, 1]:
+                n = args.results or (200_000 if per_msg >= 10 else 30_000)
+                n -= n % per_msg
+                raws, bare_runs, hubs = [], [], []
+                for i in range(args.repeat):  # interleaved, so that all three see the same background load
+                    raws.append(raw_sqlite(work / f"raw-{per_msg}-{i}.sqlite", per_msg, n, HubSettings().batch_max))
+                    bare_runs.append(bare_subscriber(broker, per_msg, n))
+                    hubs.append(hub_run(broker, work, per_msg, n, profile))
+                (raw, raw_cpu), (hub, hub_cpu) = max(raws), max(hubs)
+                bare, bare_cpu, _ = max(bare_runs)
+                pub_rate = max(r[2] for r in bare_runs)
+                print(f"--batch {per_msg}: {n} results, {n // per_msg} messages, best of {args.repeat}")
+                print(f"  raw sqlite3 executemany {raw:10,.0f} rows/s     {raw_cpu:6.1f} µs CPU/row")
+                print(f"  bare paho subscriber    {bare:10,.0f} results/s  {bare_cpu:6.1f} µs CPU/result  "
+                      f"({bare / per_msg:,.0f} msg/s; publisher alone {pub_rate:,.0f} results/s)")
+                print(f"  hub stored              {hub:10,.0f} results/s  {hub_cpu:6.1f} µs CPU/result  "
+                      f"({hub / per_msg:,.0f} msg/s)")
+                print(f"  hub / raw sqlite = {hub / raw:.0%}   hub / bare subscriber = {hub / bare:.0%}", flush=True)
+        finally:
+            broker.stop()
+    if profile is not None:
+        profile.dump_stats(args.profile)
+        print(f"profile of the writer thread: {args.profile} (python -m pstats {args.profile})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_publish":
+        publish_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        os.environ.setdefault("PYTHONHASHSEED", "0")
+        main()

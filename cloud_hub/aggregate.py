@@ -1,0 +1,277 @@
+"""Aggregation per device, per time bucket and fleet-wide.
+
+Results are bucketed by their window ``start`` (the device's clock when the window began), not by the
+time the hub received them, so the results of an agent that was offline for an hour land in the
+buckets they belong to when its outbox drains.
+
+The math is pure: :class:`Counts` are mergeable partial aggregates (count, class histogram, sums
+for the mean confidence and the accuracy) that SQL computes with grouped queries, and
+:func:`finish` turns them plus the latencies of the same rows into a :class:`Summary`. Latency
+percentiles need the values themselves (SQLite has no percentile function), so
+:func:`group_quantiles` computes them with numpy from one column fetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cloud_hub.db import dead_letters, devices, results
+
+BUCKETS: dict[str, float] = {"minute": 60.0, "hour": 3600.0}
+QUANTILES = (50.0, 95.0)
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+@dataclass(slots=True)
+class Counts:
+    """A mergeable partial aggregate of a group of results."""
+
+    results: int = 0
+    classes: dict[str, int] = field(default_factory=dict)
+    conf_sum: float = 0.0
+    conf_n: int = 0
+    labelled: int = 0  # results that came with ground truth
+    correct: int = 0  # ... whose predicted label equals it
+    last_seen: float | None = None  # hub clock
+
+    def merge(self, other: Counts) -> Counts:
+        classes = dict(self.classes)
+        for label, n in other.classes.items():
+            classes[label] = classes.get(label, 0) + n
+        seen = [t for t in (self.last_seen, other.last_seen) if t is not None]
+        return Counts(self.results + other.results, classes, self.conf_sum + other.conf_sum,
+                      self.conf_n + other.conf_n, self.labelled + other.labelled, self.correct + other.correct,
+                      max(seen) if seen else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    results: int
+    classes: dict[str, int]
+    mean_confidence: float | None
+    accuracy: float | None  # over the results with ground truth; None when there were none
+    labelled: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    last_seen: float | None
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "results": self.results, "classes": dict(sorted(self.classes.items())),
+            "mean_confidence": self.mean_confidence, "accuracy": self.accuracy, "labelled": self.labelled,
+            "latency_ms": {"p50": self.latency_p50_ms, "p95": self.latency_p95_ms}, "last_seen": self.last_seen,
+        }
+
+
+def bucket_floor(start: np.ndarray | Sequence[float], width: float) -> np.ndarray:
+    """The start of the bucket of each window start (floor to a multiple of ``width`` seconds)."""
+    return np.floor(np.asarray(start, dtype=np.float64) / width) * width
+
+
+def quantiles(latency_ms: np.ndarray | Sequence[float]) -> tuple[float | None, float | None]:
+    """p50 and p95 (linear interpolation), or (None, None) for no values."""
+    values = np.asarray(latency_ms, dtype=np.float64)
+    if values.size == 0:
+        return None, None
+    p50, p95 = np.percentile(values, QUANTILES)
+    return float(p50), float(p95)
+
+
+def group_quantiles(keys: Sequence[Any], latency_ms: np.ndarray | Sequence[float]) -> dict[Any, tuple[float | None, float | None]]:
+    """p50/p95 of ``latency_ms`` per distinct key (one sort, then one slice per group)."""
+    values = np.asarray(latency_ms, dtype=np.float64)
+    if values.size == 0:
+        return {}
+    uniques, codes = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    return {uniques[i]: quantiles(values[order[bounds[i]:bounds[i + 1]]]) for i in range(len(uniques))}
+
+
+def counts_of(labels: Sequence[str | None], confidence: Sequence[float | None], truth: Sequence[str | None],
+              received_at: Sequence[float] | None = None) -> Counts:
+    """Counts of raw rows (what the SQL query computes, for a handful of rows or a test)."""
+    lab = np.asarray(labels, dtype=object)
+    tru = np.asarray(truth, dtype=object)
+    conf = np.asarray([np.nan if c is None else c for c in confidence], dtype=np.float64)
+    names, n = np.unique(lab[lab != None], return_counts=True)  # noqa: E711 - elementwise on objects
+    has_truth = tru != None  # noqa: E711
+    seen = np.asarray(received_at if received_at is not None else [], dtype=np.float64)
+    return Counts(
+        results=len(lab), classes={str(k): int(v) for k, v in zip(names, n, strict=True)},
+        conf_sum=float(np.nansum(conf)), conf_n=int(np.count_nonzero(~np.isnan(conf))),
+        labelled=int(has_truth.sum()), correct=int((lab[has_truth] == tru[has_truth]).sum()),
+        last_seen=float(seen.max()) if seen.size else None,
+    )
+
+
+def finish(counts: Counts, latency: tuple[float | None, float | None] = (None, None)) -> Summary:
+    """The summary of a group from its counts and latency percentiles."""
+    return Summary(
+        results=counts.results, classes=dict(counts.classes),
+        mean_confidence=counts.conf_sum / counts.conf_n if counts.conf_n else None,
+        accuracy=counts.correct / counts.labelled if counts.labelled else None, labelled=counts.labelled,
+        latency_p50_ms=latency[0], latency_p95_ms=latency[1], last_seen=counts.last_seen,
+    )
+
+
+def summarize(labels: Sequence[str | None], confidence: Sequence[float | None], truth: Sequence[str | None],
+              latency_ms: Sequence[float], received_at: Sequence[float] | None = None) -> Summary:
+    """The summary of raw rows."""
+    return finish(counts_of(labels, confidence, truth, received_at), quantiles(latency_ms))
+
+
+def parse_since(text: str) -> float:
+    """Epoch seconds from ``text``: a number of seconds, or ISO-8601 (without a zone: UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is neither epoch seconds nor an ISO-8601 time") from exc
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+# --------------------------------------------------------------------------- SQL edge
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    summary: Summary
+    model_version: int | None  # of the device's latest result, else the one its status reported
+    state: str | None
+    last_seen: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStats:
+    fleet: Summary
+    devices: dict[str, DeviceStats]
+    dead_letters: int
+    bucket: str | None = None
+    buckets: dict[float, tuple[Summary, dict[str, Summary]]] = field(default_factory=dict)
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {**self.fleet.to_obj(), "dead_letters": self.dead_letters, "devices": {
+            d: {**s.summary.to_obj(), "model_version": s.model_version, "state": s.state, "last_seen": s.last_seen}
+            for d, s in sorted(self.devices.items())
+        }}
+        if self.bucket is not None:
+            obj["bucket"] = self.bucket
+            obj["buckets"] = [{"start": start, **fleet.to_obj(),
+                               "devices": {d: s.to_obj() for d, s in sorted(per_device.items())}}
+                              for start, (fleet, per_device) in sorted(self.buckets.items())]
+        return obj
+
+
+def _filters(device: str | None, since: float | None) -> list[Any]:
+    where = []
+    if device is not None:
+        where.append(results.c.device_id == device)
+    if since is not None:
+        where.append(results.c.start >= since)
+    return where
+
+
+def _grouped_counts(conn: Connection, where: list[Any], bucket_expr: Any = None) -> dict[tuple[str, Any], Counts]:
+    """One grouped query: Counts per (device, bucket or None), histogram by label."""
+    r = results.c
+    keys = [r.device_id, r.label] + ([bucket_expr] if bucket_expr is not None else [])
+    query = sa.select(
+        *keys, sa.func.count(), sa.func.sum(r.confidence), sa.func.count(r.confidence), sa.func.count(r.truth),
+        sa.func.sum(sa.case((r.label == r.truth, 1), else_=0)), sa.func.max(r.received_at),
+    ).where(*where).group_by(*keys)
+    out: dict[tuple[str, Any], Counts] = {}
+    for row in conn.execute(query):
+        device, label = row[0], row[1]
+        key = (device, row[2] if bucket_expr is not None else None)
+        n, conf_sum, conf_n, labelled, correct, seen = row[-6:]
+        part = Counts(int(n), {label: int(n)} if label is not None else {}, float(conf_sum or 0.0), int(conf_n),
+                      int(labelled), int(correct or 0), seen)
+        out[key] = out[key].merge(part) if key in out else part
+    return out
+
+
+def _merge(counts: Iterable[Counts]) -> Counts:
+    total = Counts()
+    for c in counts:
+        total = total.merge(c)
+    return total
+
+
+def fleet_stats(conn: Connection, *, device: str | None = None, since: float | None = None,
+                bucket: str | None = None) -> FleetStats:
+    """Per-device and fleet-wide summaries (and per bucket when ``bucket`` is minute or hour)."""
+    where = _filters(device, since)
+    r = results.c
+    per_device = {d: c for (d, _), c in _grouped_counts(conn, where).items()}
+    lat_rows = conn.execute(sa.select(r.device_id, r.start, r.latency_ms).where(*where)).all()
+    dev_ids = [row[0] for row in lat_rows]
+    starts = np.fromiter((row[1] for row in lat_rows), np.float64, len(lat_rows))
+    latency = np.fromiter((row[2] for row in lat_rows), np.float64, len(lat_rows))
+    dev_q = group_quantiles(dev_ids, latency)
+
+    dev_rows = conn.execute(sa.select(devices.c.device_id, devices.c.state, devices.c.last_seen,
+                                      devices.c.model_version)
+                            .where(*([devices.c.device_id == device] if device is not None else []))).all()
+    latest = _latest_model_versions(conn, where)
+    out: dict[str, DeviceStats] = {}
+    known = {row[0]: row for row in dev_rows}
+    for d in sorted(set(known) | set(per_device)):
+        row = known.get(d)
+        out[d] = DeviceStats(
+            summary=finish(per_device.get(d, Counts()), dev_q.get(d, (None, None))),
+            model_version=latest.get(d, row[3] if row else None), state=row[1] if row else None,
+            last_seen=row[2] if row else None,
+        )
+    fleet = finish(_merge(per_device.values()), quantiles(latency))
+
+    dl = sa.select(sa.func.count()).select_from(dead_letters)
+    if since is not None:
+        dl = dl.where(dead_letters.c.received_at >= since)
+    n_dead = int(conn.execute(dl).scalar_one())
+
+    buckets: dict[float, tuple[Summary, dict[str, Summary]]] = {}
+    if bucket is not None:
+        width = BUCKETS[bucket]
+        expr = sa.func.floor(r.start / sa.literal_column(repr(width))) * sa.literal_column(repr(width))
+        grouped = _grouped_counts(conn, where, expr)
+        b_starts = bucket_floor(starts, width)
+        pair_q = group_quantiles([f"{d}\0{b!r}" for d, b in zip(dev_ids, b_starts.tolist(), strict=True)], latency)
+        fleet_q = group_quantiles(b_starts.tolist(), latency)
+        for b in sorted({float(b) for _, b in grouped}):
+            devs = {d: finish(c, pair_q.get(f"{d}\0{b!r}", (None, None)))
+                    for (d, bb), c in grouped.items() if float(bb) == b}
+            totals = _merge(c for (_, bb), c in grouped.items() if float(bb) == b)
+            buckets[b] = (finish(totals, fleet_q.get(b, (None, None))), devs)
+    return FleetStats(fleet, out, n_dead, bucket, buckets)
+
+
+def _latest_model_versions(conn: Connection, where: list[Any]) -> dict[str, int]:
+    """The model version of each device's latest result (highest seq)."""
+    r = results.c
+    top = sa.select(r.device_id, sa.func.max(r.seq).label("seq")).where(*where).group_by(r.device_id).subquery()
+    query = sa.select(r.device_id, r.model_version).join_from(
+        results, top, sa.and_(r.device_id == top.c.device_id, r.seq == top.c.seq))
+    return {d: int(v) for d, v in conn.execute(query)}
+
+
+def device_list(conn: Connection) -> list[Mapping[str, Any]]:
+    """Every device with its status fields and result count, ordered by id."""
+    counts = (sa.select(results.c.device_id, sa.func.count().label("results"))
+              .group_by(results.c.device_id).subquery())
+    query = (sa.select(devices, sa.func.coalesce(counts.c.results, 0).label("results"))
+             .join_from(devices, counts, devices.c.device_id == counts.c.device_id, isouter=True)
+             .order_by(devices.c.device_id))
+    return [{str(k): v for k, v in row.items()} for row in conn.execute(query).mappings()]

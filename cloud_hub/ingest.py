@@ -1,0 +1,351 @@
+"""Ingestion: MQTT in, one transaction per batch, acknowledgements only after the commit.
+
+Threads: paho's network thread only puts each :class:`Message` on a queue (and a marker on every
+connect/disconnect); one writer thread drains the queue into a batch, decodes every message through
+the contract, writes the batch in ONE transaction and, once it is committed, sends the PUBACK of every
+message in it. With a persistent session (clean start off, session expiry set) the broker redelivers
+whatever was not acknowledged when the hub died, and the idempotent insert on (device_id, seq) makes
+the redelivery harmless: exactly one row per result.
+
+Why a batch ends as soon as the queue is empty: the broker keeps at most ``max_inflight_messages``
+(100 in our mosquitto.conf) unacknowledged QoS 1 messages in flight to us and sends nothing more until
+we acknowledge, so waiting for a fuller batch only stalls the stream. ``batch_max`` and
+``batch_max_delay_s`` bound a batch while messages keep arriving.
+
+Why acknowledgements check the connection generation: packet ids (mids) are per connection. After a
+reconnect the broker resends the unacknowledged messages and may give their old mids to other
+messages; a PUBACK for an old mid sent on the new connection could acknowledge a message that was
+never stored. The writer counts the connect/disconnect markers it has dequeued and acknowledges a batch
+only if no connection event happened since its messages arrived; otherwise the broker redelivers them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from cloud_hub.db import HubError, describe, is_transient, make_engine, pack_features
+from cloud_hub.settings import HubSettings
+from cloud_hub.store import Batch, Store, Written, dead_letter
+from edge_agent.contract import ContractError, Topics, decode_results, decode_status
+from edge_agent.mqtt import Message, MqttError, MqttLink
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_EVENT = object()  # queued by the network thread on every connect and disconnect
+_STOP = object()  # queued by stop(): everything before it is flushed, committed and acknowledged
+_MAX_BACKOFF_S = 30.0
+_TOPIC_CACHE_MAX = 100_000
+SEEN_RESOLUTION_S = 1.0  # devices.last_seen moves forward at most this often per device (saves a write a batch)
+
+
+class BrokerUnavailable(HubError):
+    """The broker cannot be reached or refused the connection."""
+
+
+@dataclass(slots=True)
+class Pending(Batch):
+    """A batch being collected: the decoded rows plus the messages to acknowledge after commit."""
+
+    messages: list[Message] = field(default_factory=list)
+    generation: int = 0
+    final: bool = False
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters kept by the writer thread (read them from anywhere; they only grow)."""
+
+    messages: int = 0
+    stored: int = 0  # new result rows committed
+    duplicates: int = 0  # result rows that were already stored
+    dead_letters: int = 0
+    batches: int = 0
+    db_errors: int = 0
+    unacked: int = 0  # messages left for redelivery because the connection changed before their ack
+
+
+class Hub:
+    """One hub worker: subscribes to every device's results and status and stores them."""
+
+    def __init__(self, settings: HubSettings, *, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.topics: Topics = settings.topics
+        self._own_engine = engine is None
+        self.engine = make_engine(settings.db) if engine is None else engine
+        self.store = Store(self.engine)
+        self.stats = HubStats()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._connection_events = 0  # incremented on the network thread only
+        self._generation = 0  # connection events dequeued by the writer
+        self._topic_cache: dict[str, tuple[str, str]] = {}
+        self._touched: dict[str, float] = {}  # device -> last_seen last committed by this hub
+        self._conn: Connection | None = None  # the writer thread's connection
+        self._stop_deadline: float | None = None
+        self._stopping = threading.Event()  # cuts a retry backoff short
+        self._writer = threading.Thread(target=self._run, name="hub-writer", daemon=True)
+        group = settings.share_group
+        self.link = MqttLink(
+            settings.broker_url, settings.client_id, tls=settings.tls, clean_start=False,
+            session_expiry_s=settings.session_expiry_s, manual_ack=True,
+            on_message=self._queue.put, on_connected=self._on_connection_event,
+            subscriptions=[(self.topics.shared(self.topics.all_results, group), 1),
+                           (self.topics.shared(self.topics.all_status, group), 1)],
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self, connect_timeout: float | None = None) -> None:
+        """Start the writer and connect; :class:`BrokerUnavailable` if no connection in time."""
+        self._writer.start()
+        try:
+            self.link.start()
+            timeout = self.settings.connect_timeout_s if connect_timeout is None else connect_timeout
+            self.link.wait_connected(timeout)
+            self.link.wait_subscribed(timeout)
+        except MqttError as exc:
+            self.stop(timeout=1.0)
+            raise BrokerUnavailable(str(exc)) from exc
+        log.info("hub %s ingesting %s/devices/+/{results,status}%s into %s", self.settings.client_id,
+                 self.topics.prefix, f" (share group {self.settings.share_group})" if self.settings.share_group
+                 else "", describe(self.engine))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Flush, commit and acknowledge what was received, then disconnect.
+
+        If the database stays unavailable for ``timeout`` seconds, the pending batch is left
+        unacknowledged: the broker redelivers it to the next session.
+        """
+        self._stop_deadline = time.monotonic() + timeout
+        self._queue.put(_STOP)
+        self._stopping.set()
+        if self._writer.is_alive():
+            self._writer.join(timeout + 5.0)
+        self._log_stats(final=True)
+        self.link.stop()
+        if self._own_engine:
+            self.engine.dispose()
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    # ----------------------------------------------------------------- network thread
+
+    def _on_connection_event(self, _up: bool) -> None:
+        self._connection_events += 1
+        self._queue.put(_CONNECTION_EVENT)
+
+    # ----------------------------------------------------------------- writer thread
+
+    def _run(self) -> None:
+        interval = self.settings.log_interval_s
+        self._next_log = time.monotonic() + interval if interval > 0 else float("inf")
+        self._last_log = (time.monotonic(), 0)
+        while True:
+            pending = self._collect(timeout=min(0.5, interval) if interval > 0 else 0.5)
+            if pending is not None and (pending.messages or pending.dead):
+                touched = self._touched
+                pending.seen = {d: t for d, t in pending.seen.items()
+                                if t - touched.get(d, -SEEN_RESOLUTION_S) >= SEEN_RESOLUTION_S}
+                written = self._commit(pending)
+                if written is not None:
+                    touched.update(pending.seen)
+                    self._ack(pending, written)
+            if time.monotonic() >= self._next_log:
+                self._log_stats()
+            if pending is not None and pending.final:
+                if self._conn is not None:
+                    self._conn.close()
+                return
+
+    def _collect(self, timeout: float) -> Pending | None:
+        """Block for the first item, then take what is queued, up to batch_max rows / max delay."""
+        get = self._queue.get
+        try:
+            item = get(timeout=timeout)
+        except queue.Empty:
+            return None
+        pending = Pending(generation=self._generation)
+        now = time.time()
+        deadline = time.monotonic() + self.settings.batch_max_delay_s
+        batch_max = self.settings.batch_max
+        while True:
+            if item is _CONNECTION_EVENT:
+                self._generation += 1
+                if pending.messages:
+                    break  # messages of one connection per batch (see the module docstring)
+                pending.generation = self._generation
+            elif item is _STOP:
+                pending.final = True
+                break
+            else:
+                self._add(pending, item, now)
+                if len(pending.rows) >= batch_max or time.monotonic() >= deadline:
+                    break
+            try:
+                item = get(block=False)
+            except queue.Empty:
+                break  # drained: write now, more waiting would only stall the broker's inflight window
+        return pending
+
+    def _add(self, pending: Pending, msg: Message, now: float) -> None:
+        """Decode one message into the batch; anything the contract refuses becomes a dead letter."""
+        pending.messages.append(msg)
+        topic = msg.topic
+        try:
+            parsed = self._topic_cache.get(topic)
+            if parsed is None:
+                parsed = self.topics.parse(topic)
+                if len(self._topic_cache) >= _TOPIC_CACHE_MAX:
+                    self._topic_cache.clear()
+                self._topic_cache[topic] = parsed
+            kind, device = parsed
+            if kind == "results":
+                batch = decode_results(msg.payload, device)
+                dumps, pack = orjson.dumps, pack_features
+                pending.rows.extend([
+                    (device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
+                     None if r.value is None else dumps(r.value).decode(), r.truth, r.latency_ms,
+                     None if r.features is None else pack(r.features), now)
+                    for r in batch.results
+                ])
+                pending.seen[device] = now
+            elif kind == "status":
+                pending.statuses[device] = (decode_status(msg.payload, device), now)
+            else:
+                raise ContractError(f"the hub does not ingest {kind} topics")
+        except ContractError as exc:
+            pending.dead.append(dead_letter(topic, msg.payload, exc.reason, now,
+                                            self.settings.dead_letter_max_bytes))
+        except Exception as exc:  # a decoder bug must not stop ingestion: keep the message, say why
+            log.exception("could not decode a message on %s", topic)
+            pending.dead.append(dead_letter(topic, msg.payload, f"hub failed to decode: {exc!r}", now,
+                                            self.settings.dead_letter_max_bytes))
+
+    def _commit(self, pending: Pending) -> Written | None:
+        """Write the batch in one transaction, retrying with backoff; None if stop() gave up waiting."""
+        delay = 0.2
+        while True:
+            try:
+                return self._write(pending)
+            except Exception as exc:  # the outer loop of a long-running process: log and carry on
+                self.stats.db_errors += 1
+                if isinstance(exc, sa.exc.DBAPIError) and not is_transient(exc):
+                    log.error("the database refused a batch (%s); writing its messages one by one",
+                              _first_line(exc))
+                    try:
+                        return self._commit_one_by_one(pending)
+                    except Exception as inner:
+                        exc = inner
+                log.warning("database write failed, retrying in %.1f s (nothing acknowledged): %s",
+                            delay, _first_line(exc), exc_info=not isinstance(exc, sa.exc.SQLAlchemyError))
+            if not self._stopping.wait(delay):
+                pass  # backoff over, not stopping
+            elif (remaining := (self._stop_deadline or 0.0) - time.monotonic()) > 0:
+                time.sleep(min(delay, remaining))  # stopping: keep trying until stop()'s timeout
+            else:
+                log.error("stopping with %d messages uncommitted: the broker will redeliver them",
+                          len(pending.messages))
+                return None
+            delay = min(delay * 2, _MAX_BACKOFF_S)
+
+    def _write(self, pending: Pending) -> Written:
+        """One transaction on the writer's own connection, kept open between batches (a pool checkout
+        and return per batch cost as much as writing 10 rows); dropped on any error."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.engine.connect()
+            conn.execution_options(hub_write=True)
+        try:
+            with conn.begin():
+                return self.store.write(conn, pending)
+        except BaseException:
+            self._conn = None
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+
+    def _commit_one_by_one(self, pending: Pending) -> Written | None:
+        """Isolate the message(s) the database refuses (e.g. a NUL in a PostgreSQL string)."""
+        total = [0, 0, 0]
+        for msg in pending.messages:
+            single = Pending()
+            self._add(single, msg, time.time())
+            try:
+                w = self._write(single)
+            except sa.exc.DBAPIError as exc:
+                if is_transient(exc):
+                    raise  # the caller retries the whole batch: idempotent, nothing is duplicated
+                letter = dead_letter(msg.topic, msg.payload, f"database refused: {_first_line(exc)}",
+                                     time.time(), self.settings.dead_letter_max_bytes)
+                w = self._write(Pending(dead=[letter]))
+            total = [total[0] + w.new, total[1] + w.duplicates, total[2] + w.dead]
+        return Written(*total)
+
+    def _ack(self, pending: Pending, written: Written) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.messages += len(pending.messages)
+        stats.stored += written.new
+        stats.duplicates += written.duplicates
+        stats.dead_letters += written.dead
+        if pending.generation != self._connection_events or not self.link.connected:
+            stats.unacked += len(pending.messages)
+            log.info("connection changed: %d committed messages left for redelivery", len(pending.messages))
+            return
+        ack = self.link.ack
+        for msg in pending.messages:
+            ack(msg.mid, msg.qos)
+
+    def _log_stats(self, final: bool = False) -> None:
+        now = time.monotonic()
+        last_t, last_rows = getattr(self, "_last_log", (now, 0))
+        s = self.stats
+        rate = (s.stored + s.duplicates - last_rows) / max(now - last_t, 1e-9)
+        log.info("%s%.0f results/s, backlog %d messages, %d rows stored, %d duplicates ignored, "
+                 "%d dead letters, %d messages", "final: " if final else "", rate, self.backlog, s.stored,
+                 s.duplicates, s.dead_letters, s.messages)
+        self._last_log = (now, s.stored + s.duplicates)
+        interval = self.settings.log_interval_s
+        self._next_log = now + interval if interval > 0 else float("inf")
+
+
+def _first_line(exc: BaseException) -> str:
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip()
+    return f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
+
+
+def serve(settings: HubSettings, *, stop: threading.Event | None = None,
+          on_started: Callable[[Hub], None] | None = None) -> HubStats:
+    """Run a hub until SIGTERM/SIGINT (or ``stop`` is set), then flush, commit, ack and disconnect."""
+    stop = stop or threading.Event()
+    hub = Hub(settings)
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        hub.start()
+        if on_started is not None:
+            on_started(hub)
+        while not stop.wait(1.0):
+            pass
+        log.info("stopping: flushing %d queued messages", hub.backlog)
+        hub.stop()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return hub.stats

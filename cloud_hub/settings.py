@@ -1,0 +1,91 @@
+"""Hub settings: one validated object per hub process (file ``[hub]`` keys = field names).
+
+Loaded with :func:`edge_agent.settings.load_settings` (defaults < TOML file < environment
+``CLOUD_HUB_<FIELD>`` < command-line flags), so the hub and the agent share one loader and one set
+of error messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_agent.contract import ContractError, Topics, check_id
+from edge_agent.settings import BrokerURL, SettingsError, TLSFiles, choice, positive
+
+ENV_PREFIX = "CLOUD_HUB"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_BATCH = 100_000
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Everything a hub process needs."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    prefix: str = "edgeml"
+    db: str = "sqlite:///hub.sqlite"  # any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db
+    client_id: str = "cloud-hub"  # also names the persistent session: keep it stable across restarts
+    share_group: str | None = None  # subscribe through $share/<group>/... so several hubs split the fleet
+    session_expiry_s: int = 86_400  # the broker keeps our session (and queues results) this long
+    connect_timeout_s: float = 10.0  # `serve` gives up (exit 3) if the first connection takes longer
+    batch_max: int = 5_000  # result rows per transaction
+    batch_max_delay_s: float = 0.2  # longest time spent collecting one batch while messages keep coming
+    dead_letter_max_bytes: int = 64 << 10  # raw payload bytes kept per dead letter
+    log_interval_s: float = 10.0  # a stats line this often; 0 = never
+    log_level: str = "INFO"
+    # Model lifecycle (used by the retraining/rollout commands).
+    model_name: str = "default"
+    signing_key: str | None = None  # Ed25519 private key (PEM) that signs published bundles
+    retrain_every_n: int = 0  # retrain after this many new labelled results; 0 = never automatically
+    retrain_tolerance: float = 0.0  # a candidate may be this much worse than the running model
+
+    def validate(self) -> None:
+        BrokerURL.parse(self.broker)
+        self.tls.check()
+        try:
+            Topics(self.prefix)
+            check_id(self.client_id, "client id")
+            if self.share_group is not None:
+                check_id(self.share_group, "share group")
+            check_id(self.model_name, "model name")
+        except ContractError as exc:
+            raise SettingsError(exc.reason) from exc
+        db_url(self.db)
+        choice("log_level", self.log_level.upper(), LOG_LEVELS)
+        for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s"):
+            positive(name, getattr(self, name))
+        for name in ("batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
+                     "retrain_tolerance"):
+            positive(name, getattr(self, name), zero_ok=True)
+        if self.batch_max > MAX_BATCH:
+            raise SettingsError(f"batch_max must be at most {MAX_BATCH}, got {self.batch_max}")
+        if self.session_expiry_s > 0xFFFFFFFF:
+            raise SettingsError("session_expiry_s must fit in 32 bits (MQTT 5)")
+
+    @property
+    def broker_url(self) -> BrokerURL:
+        return BrokerURL.parse(self.broker)
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.ca_file, self.cert_file, self.key_file)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.prefix)
+
+
+def db_url(url: str) -> str:
+    """Check that ``url`` is an SQLAlchemy database URL; return it unchanged."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError as exc:
+        raise SettingsError(f"db {url!r} is not a database URL (e.g. sqlite:///hub.sqlite, "
+                            "postgresql+psycopg://user@host/db)") from exc
+    return url

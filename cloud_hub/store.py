@@ -1,0 +1,205 @@
+"""Idempotent batched writes: results, devices, dead letters, and the model registry.
+
+The hot path (:meth:`Store.insert_results`) compiles the dialect's
+``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` once and executes it with plain tuples
+through ``exec_driver_sql``: SQLAlchemy's per-row parameter processing (dict to tuple, type
+processors) cost more than the insert itself (measured on SQLite: 35k rows/s through
+``conn.execute(stmt, dicts)``, 85-90k rows/s this way, raw ``sqlite3`` about 90k on the same
+loaded machine). The rows are plain values already, so there is nothing to process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from cloud_hub.db import MODEL_STATES, HubError, dead_letters, devices, models, results
+from edge_agent.contract import Status
+from edge_agent.settings import SettingsError
+
+RESULT_COLUMNS = ("device_id", "seq", "start", "end", "model_version", "label", "confidence", "value",
+                  "truth", "latency_ms", "features", "received_at")
+"""The order of the values in a result row tuple."""
+
+_INSERTS: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+_MODEL_COLUMNS = [c for c in models.c if c.name not in ("id", "weights")]  # weights: fetched on demand
+
+
+class ModelExists(HubError):
+    """A model with this name and version is already registered."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one transaction writes: result rows, device sightings, statuses and dead letters."""
+
+    rows: list[tuple[Any, ...]] = field(default_factory=list)  # in RESULT_COLUMNS order
+    seen: dict[str, float] = field(default_factory=dict)  # device id -> received time (hub clock)
+    statuses: dict[str, tuple[Status, float]] = field(default_factory=dict)  # the latest per device
+    dead: list[dict[str, Any]] = field(default_factory=list)  # see Store.dead_letter
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a batch write changed."""
+
+    new: int  # result rows inserted
+    duplicates: int  # result rows already stored (redeliveries, replays)
+    dead: int  # dead letters
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    name: str
+    version: int
+    created: float
+    sha256: str
+    manifest: dict[str, Any]
+    bundle: bytes | None
+    metrics: dict[str, Any] | None
+    state: str
+    published_at: float | None
+
+
+class Store:
+    """Statements compiled once for one engine's dialect (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        insert = _INSERTS.get(dialect.name)
+        if insert is None:
+            raise SettingsError(f"database {dialect.name!r} is not supported: use sqlite or postgresql")
+        self.dialect = dialect.name
+        stmt = insert(results).on_conflict_do_nothing(index_elements=["device_id", "seq"])
+        compiled = stmt.compile(dialect=dialect, column_keys=list(RESULT_COLUMNS), for_executemany=True)
+        self._results_sql = str(compiled)
+        self._positional = bool(dialect.positional)
+        if self._positional and tuple(compiled.positiontup or ()) != RESULT_COLUMNS:
+            raise AssertionError(f"unexpected parameter order {compiled.positiontup}")
+
+        dev = insert(devices)
+        newer = sa.case((dev.excluded.last_seen > devices.c.last_seen, dev.excluded.last_seen),
+                        else_=devices.c.last_seen)
+        self._touch = dev.on_conflict_do_update(index_elements=["device_id"], set_={"last_seen": newer})
+        keep = {name: sa.func.coalesce(getattr(dev.excluded, name), devices.c[name])
+                for name in ("model_name", "model_version", "model_sha256")}
+        self._status = dev.on_conflict_do_update(index_elements=["device_id"], set_={
+            "last_seen": newer, "state": dev.excluded.state, "outbox_depth": dev.excluded.outbox_depth,
+            "last_error": dev.excluded.last_error, "status_ts": dev.excluded.status_ts, **keep,
+        })
+
+    # ----------------------------------------------------------------- results and devices
+
+    def insert_results(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert result rows (tuples in :data:`RESULT_COLUMNS` order); return how many were new."""
+        if not rows:
+            return 0
+        params: Any = rows if self._positional else [dict(zip(RESULT_COLUMNS, r, strict=True)) for r in rows]
+        if len(params) == 1:
+            params = params[0]
+        return int(conn.exec_driver_sql(self._results_sql, params).rowcount)
+
+    def touch_devices(self, conn: Connection, seen: Mapping[str, float]) -> None:
+        """Create devices first seen now; move ``last_seen`` forward (never back)."""
+        if seen:
+            conn.execute(self._touch, [{"device_id": d, "first_seen": t, "last_seen": t}
+                                       for d, t in sorted(seen.items())])  # sorted: no PG deadlocks
+
+    def apply_statuses(self, conn: Connection, statuses: Mapping[str, tuple[Status, float]]) -> None:
+        """Upsert device status (state, model, outbox depth, last error) from status messages.
+
+        A status without model fields (the last will) keeps the model last reported.
+        """
+        if statuses:
+            conn.execute(self._status, [
+                {"device_id": d, "first_seen": t, "last_seen": t, "state": s.state, "model_name": s.model_name,
+                 "model_version": s.model_version, "model_sha256": s.model_sha256,
+                 "outbox_depth": s.outbox_depth, "last_error": s.last_error, "status_ts": s.ts}
+                for d, (s, t) in sorted(statuses.items())
+            ])
+
+    def insert_dead_letters(self, conn: Connection, letters: Sequence[Mapping[str, Any]]) -> int:
+        """Insert dead letters built with :func:`dead_letter`."""
+        if letters:
+            conn.execute(dead_letters.insert(), list(letters))
+        return len(letters)
+
+    def write(self, conn: Connection, batch: Batch) -> Written:
+        """Everything of one batch, in the caller's transaction."""
+        new = self.insert_results(conn, batch.rows)
+        self.touch_devices(conn, batch.seen)
+        self.apply_statuses(conn, batch.statuses)
+        dead = self.insert_dead_letters(conn, batch.dead)
+        return Written(new=new, duplicates=len(batch.rows) - new, dead=dead)
+
+    # ----------------------------------------------------------------- model registry
+
+    def add_model(self, conn: Connection, *, name: str, version: int, sha256: str, manifest: Mapping[str, Any],
+                  created: float, bundle: bytes | None = None, metrics: Mapping[str, Any] | None = None,
+                  state: str = "candidate", weights: bytes | None = None) -> None:
+        """Register a model version; :class:`ModelExists` if (name, version) is taken."""
+        _check_state(state)
+        stmt = (_INSERTS[self.dialect](models).on_conflict_do_nothing(index_elements=["name", "version"])
+                .returning(models.c.id))
+        row = {"name": name, "version": version, "created": created, "sha256": sha256,
+               "manifest": orjson.dumps(dict(manifest)).decode(), "bundle": bundle, "weights": weights,
+               "metrics": None if metrics is None else orjson.dumps(dict(metrics)).decode(), "state": state,
+               "published_at": created if state == "published" else None}
+        if conn.execute(stmt, row).first() is None:  # rowcount is unreliable with RETURNING
+            raise ModelExists(f"model {name} version {version} is already registered")
+
+    def set_model_state(self, conn: Connection, name: str, version: int, state: str, *,
+                        at: float | None = None) -> bool:
+        """Move a model to ``state`` (``published`` also records ``at``); False if there is no such model."""
+        _check_state(state)
+        values: dict[str, Any] = {"state": state}
+        if state == "published":
+            values["published_at"] = at
+        stmt = models.update().where(models.c.name == name, models.c.version == version).values(values)
+        return conn.execute(stmt).rowcount == 1
+
+    def get_model(self, conn: Connection, name: str, version: int | None = None) -> ModelRow | None:
+        """One version of a model, or its highest version when ``version`` is None."""
+        query = sa.select(*_MODEL_COLUMNS).where(models.c.name == name)
+        query = query.where(models.c.version == version) if version is not None else query
+        row = conn.execute(query.order_by(models.c.version.desc()).limit(1)).mappings().first()
+        return None if row is None else _model_row(row)
+
+    def get_weights(self, conn: Connection, name: str, version: int) -> bytes | None:
+        """The training weights stored with a model version (None if there are none)."""
+        blob = conn.execute(sa.select(models.c.weights).where(models.c.name == name, models.c.version == version)
+                            ).scalar_one_or_none()
+        return None if blob is None else bytes(blob)
+
+    def list_models(self, conn: Connection, name: str | None = None) -> list[ModelRow]:
+        """Every registered version (without weights), by name then version."""
+        query = sa.select(*_MODEL_COLUMNS).order_by(models.c.name, models.c.version)
+        if name is not None:
+            query = query.where(models.c.name == name)
+        return [_model_row(r) for r in conn.execute(query).mappings()]
+
+
+def dead_letter(topic: str, payload: bytes, reason: str, received_at: float, max_bytes: int) -> dict[str, Any]:
+    """A dead-letter row: the payload cut to ``max_bytes``, its full size, and why it was refused."""
+    return {"topic": topic[:1024], "payload": bytes(payload[:max_bytes]), "size": len(payload),
+            "reason": reason[:2000], "received_at": received_at}
+
+
+def _check_state(state: str) -> None:
+    if state not in MODEL_STATES:
+        raise ValueError(f"model state must be one of {', '.join(MODEL_STATES)}, got {state!r}")
+
+
+def _model_row(row: Mapping[Any, Any]) -> ModelRow:
+    return ModelRow(
+        name=row["name"], version=row["version"], created=row["created"], sha256=row["sha256"],
+        manifest=orjson.loads(row["manifest"]), bundle=None if row["bundle"] is None else bytes(row["bundle"]),
+        metrics=None if row["metrics"] is None else orjson.loads(row["metrics"]), state=row["state"],
+        published_at=row["published_at"],
+    )

@@ -1,0 +1,260 @@
+"""The data commands: `serve` as a real process (SIGKILL and SIGTERM), `stats` and `devices` with CliRunner."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import sqlalchemy as sa
+import typer
+from typer.testing import CliRunner
+
+from cloud_hub import db
+from cloud_hub.broker import LocalBroker
+from cloud_hub.cli_data import EXIT_UNAVAILABLE, EXIT_USAGE, register
+from cloud_hub.store import Store, dead_letter
+from edge_agent import contract as c
+from tests.test_ingest import Publisher, batch, stored_keys, wait_for
+
+runner = CliRunner()
+
+
+def cli_app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(cli_app(), list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+class ServeProcess:
+    """`cloud-hub serve` as a real subprocess, logging to a file."""
+
+    def __init__(self, broker: LocalBroker, url: str, prefix: str, log: Path) -> None:
+        self.log = log
+        env = {**os.environ, "CLOUD_HUB_LOG_INTERVAL_S": "1"}
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cloud_hub", "serve", "--broker", broker.url, "--db", url,
+                 "--prefix", prefix, "--client-id", f"{prefix}-hub"], stdout=out, stderr=out, env=env)
+
+    def wait_started(self) -> None:
+        """Until the hub logs that it ingests (its signal handlers are in place by then)."""
+        wait_for(lambda: " ingesting " in self.log.read_text() or self.proc.poll() is not None, what="serve")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def signal(self, sig: signal.Signals) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+    def final_line(self) -> str:
+        lines = [ln for ln in self.log.read_text().splitlines() if "final:" in ln]
+        assert lines, self.log.read_text()
+        return lines[-1]
+
+
+def wait_ready(pub: Publisher, topics: c.Topics, url: str, probe: str) -> None:
+    """A retained status reaches the hub once it has subscribed: wait until it is stored."""
+    pub.publish(topics.status(probe), c.Status(probe, c.ONLINE, time.time()).encode(), c.STATUS_DELIVERY)
+
+    def stored() -> bool:
+        engine = db.make_engine(url)
+        try:
+            with db.transaction(engine, write=False) as conn:
+                return conn.execute(sa.select(db.devices.c.device_id)
+                                    .where(db.devices.c.device_id == probe)).first() is not None
+        finally:
+            engine.dispose()
+
+    wait_for(stored, what="the hub to subscribe")
+
+
+def count_rows(url: str) -> int:
+    return len(stored_keys(url))
+
+
+@pytest.mark.slow
+def test_serve_killed_mid_stream_and_restarted_stores_every_result_once(
+        broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    topics = c.Topics(prefix)
+    pub = Publisher(broker, f"{prefix}-pub")
+    hub = ServeProcess(broker, url, prefix, tmp_path / "serve.log")
+    wait_ready(pub, topics, url, "probe-1")
+    batches = [batch(f"dev-{k % 3}", 1000 + 20 * k, 20) for k in range(240)]
+
+    def publish(part: list[c.ResultBatch], pause: float) -> None:
+        for b in part:
+            pub.publish(topics.results(b.device_id), b.encode())
+            time.sleep(pause)
+
+    stream = threading.Thread(target=publish, args=(batches[:120], 0.004))
+    stream.start()
+    wait_for(lambda: count_rows(url) >= 400, what="the first rows")
+    assert hub.signal(signal.SIGKILL) == -signal.SIGKILL  # mid-stream: nothing flushed, nothing acked after
+    stream.join()
+    publish(batches[120:180], 0.0)  # while no hub runs: the broker queues them in the hub's session
+    hub = ServeProcess(broker, url, prefix, tmp_path / "serve2.log")
+    publish(batches[180:], 0.002)
+    pub.wait_acked()
+    expected = {(b.device_id, r.seq) for b in batches for r in b.results}
+    wait_for(lambda: count_rows(url) >= len(expected), what="every result")
+    hub.wait_started()
+    assert hub.signal(signal.SIGTERM) == 0
+    got = stored_keys(url)
+    assert len(got) == len(expected) == 4800
+    assert set(got) == expected
+
+    code, out, _ = invoke("stats", "--db", url, "--json")  # stats agrees with the rows stored
+    assert code == 0
+    stats = orjson.loads(out)
+    assert stats["results"] == 4800 and stats["dead_letters"] == 0
+    assert {d: v["results"] for d, v in stats["devices"].items()} == {
+        "dev-0": 1600, "dev-1": 1600, "dev-2": 1600, "probe-1": 0}
+    pub.stop()
+
+
+@pytest.mark.slow
+def test_serve_exits_0_on_sigterm_after_flushing(broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    topics = c.Topics(prefix)
+    pub = Publisher(broker, f"{prefix}-pub")
+    hub = ServeProcess(broker, url, prefix, tmp_path / "serve1.log")
+    wait_ready(pub, topics, url, "probe")
+    batches = [batch("dev-a", 20 * k, 20) for k in range(150)]
+
+    def stream() -> None:
+        for b in batches:
+            pub.publish(topics.results("dev-a"), b.encode())
+            time.sleep(0.003)
+
+    publisher = threading.Thread(target=stream)
+    publisher.start()
+    wait_for(lambda: count_rows(url) >= 400, what="the first rows")
+    assert hub.signal(signal.SIGTERM) == 0  # while the stream goes on
+    first = count_rows(url)
+    final = hub.final_line()
+    assert f"{first} rows stored" in final, final  # what it logged as stored is what is in the table
+    assert "Traceback" not in hub.log.read_text()
+    publisher.join()
+    pub.wait_acked()
+
+    # Everything the first run committed was acknowledged: the second run sees no duplicate.
+    hub = ServeProcess(broker, url, prefix, tmp_path / "serve2.log")
+    hub.wait_started()
+    wait_for(lambda: count_rows(url) >= 3000, what="the rest")
+    assert hub.signal(signal.SIGINT) == 0
+    assert re.search(r"\b0 duplicates ignored", hub.final_line()), hub.final_line()
+    assert set(stored_keys(url)) == {("dev-a", s) for s in range(3000)}
+    assert count_rows(url) == 3000
+    pub.stop()
+
+
+def test_stats_json_numbers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    store = Store(engine)
+    t0 = 1_699_999_200.0  # 2023-11-14T22:00:00Z, a whole hour
+
+    def r(device: str, seq: int, start: float, label: str, truth: str | None, conf: float, lat: float,
+          version: int = 1) -> tuple:
+        return (device, seq, start, start + 2, version, label, conf, None, truth, lat, None, 99.0)
+
+    rows = [r("a", 1, t0 + 10, "walk", "walk", 0.8, 1.0), r("a", 2, t0 + 70, "run", "walk", 0.6, 3.0, 2),
+            r("a", 3, t0 + 20, "walk", None, 0.7, 2.0),  # a late result for the first minute
+            r("b", 1, t0 + 3700, "sit", "sit", 0.9, 5.0, 4)]
+    with db.transaction(engine) as conn:
+        store.insert_results(conn, rows)
+        store.touch_devices(conn, {"a": 99.0, "b": 99.0})
+        store.insert_dead_letters(conn, [dead_letter("x", b"junk", "bad", 99.0, 100)])
+    engine.dispose()
+
+    code, out, err = invoke("stats", "--db", url, "--json")
+    assert code == 0, err
+    s = orjson.loads(out)
+    assert (s["results"], s["dead_letters"], s["labelled"]) == (4, 1, 3)
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["mean_confidence"] == pytest.approx(0.75)
+    assert s["classes"] == {"run": 1, "sit": 1, "walk": 2} and "buckets" not in s
+    a, b = s["devices"]["a"], s["devices"]["b"]
+    assert (a["results"], a["accuracy"], a["model_version"]) == (3, 0.5, 1)  # version of its latest seq
+    assert (b["results"], b["accuracy"], b["model_version"]) == (1, 1.0, 4)
+    assert a["latency_ms"] == {"p50": 2.0, "p95": pytest.approx(2.9)}
+
+    code, out, _ = invoke("stats", "--db", url, "--json", "--bucket", "minute", "--device", "a")
+    s = orjson.loads(out)
+    assert s["results"] == 3 and list(s["devices"]) == ["a"]
+    assert [(x["start"], x["results"], x["accuracy"]) for x in s["buckets"]] == [
+        (t0, 2, 1.0), (t0 + 60, 1, 0.0)]
+    assert s["buckets"][0]["devices"]["a"]["classes"] == {"walk": 2}
+
+    code, out, _ = invoke("stats", "--db", url, "--json", "--bucket", "hour", "--since", "2023-11-14T22:00:40Z")
+    s = orjson.loads(out)
+    assert s["results"] == 2 and [(x["start"], x["results"]) for x in s["buckets"]] == [(t0, 1), (t0 + 3600, 1)]
+
+    code, out, _ = invoke("stats", "--db", url)  # the readable table
+    assert code == 0 and "fleet" in out and "dead letters: 1" in out
+
+    code, out, _ = invoke("devices", "--db", url, "--json")
+    assert code == 0
+    devs = orjson.loads(out)
+    assert set(devs) == {"a", "b"} and devs["a"]["results"] == 3 and devs["a"]["state"] == "online"
+    code, out, _ = invoke("devices", "--db", url)
+    assert code == 0 and "online" in out
+
+
+def test_errors_have_documented_exit_codes(tmp_path: Path) -> None:
+    cases = [
+        (["stats", "--db", "no url"], EXIT_USAGE, "not a database URL"),
+        (["stats", "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"], EXIT_UNAVAILABLE, "does not exist"),
+        (["stats", "--db", "postgresql+psycopg://postgres@127.0.0.1:1/x"], EXIT_UNAVAILABLE, "cannot open"),
+        (["stats", "--db", "sqlite://", "--bucket", "week"], EXIT_USAGE, "--bucket must be one of minute, hour"),
+        (["stats", "--db", "sqlite://", "--since", "soon"], EXIT_USAGE, "--since"),
+        (["devices", "--config", str(tmp_path / "nope.toml")], EXIT_USAGE, "does not exist"),
+        (["serve", "--broker", "http://x"], EXIT_USAGE, "must start with mqtt://"),
+        (["serve", "--db", "sqlite://", "--share-group", "a/b"], EXIT_USAGE, "invalid share group"),
+    ]
+    for args, code, message in cases:
+        got, out, err = invoke(*args)
+        assert got == code, (args, out, err)
+        assert message in err and "Traceback" not in err, (args, err)
+
+
+def test_serve_exits_3_when_the_broker_is_unreachable(tmp_path: Path) -> None:
+    from cloud_hub.broker import free_port
+
+    env = {**os.environ, "CLOUD_HUB_CONNECT_TIMEOUT_S": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cloud_hub", "serve", "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                           "--db", f"sqlite:///{tmp_path / 'hub.sqlite'}"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr
+    assert "cloud-hub: error: no connection to" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hub_settings_from_file_environment_and_flags(tmp_path: Path) -> None:
+    from cloud_hub.settings import ENV_PREFIX, HubSettings
+    from edge_agent.settings import SettingsError, load_settings
+
+    cfg = tmp_path / "hub.toml"
+    cfg.write_text('db = "sqlite:///file.sqlite"\nshare_group = "hubs"\nbatch_max = 100\n')
+    s = load_settings(HubSettings, env_prefix=ENV_PREFIX, config=cfg,
+                      environ={"CLOUD_HUB_PREFIX": "fleet", "CLOUD_HUB_BATCH_MAX": "200"},
+                      flags={"client_id": "hub-7", "prefix": None})
+    assert (s.db, s.share_group, s.batch_max, s.prefix, s.client_id) == (
+        "sqlite:///file.sqlite", "hubs", 200, "fleet", "hub-7")
+    assert s.topics.shared(s.topics.all_results, s.share_group) == "$share/hubs/fleet/devices/+/results"
+    for flags, message in [({"prefix": "a/#"}, "invalid topic prefix"), ({"batch_max": 0}, "batch_max must be > 0"),
+                           ({"log_level": "LOUD"}, "log_level must be one of"), ({"db": "::"}, "not a database URL"),
+                           ({"client_id": "a b"}, "invalid client id")]:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            load_settings(HubSettings, env_prefix=ENV_PREFIX, environ={}, flags=flags)

@@ -1,0 +1,302 @@
+"""Ingestion through a real mosquitto into real SQLite files: exactly once, dead letters, DB outages."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from cloud_hub import db
+from cloud_hub.broker import LocalBroker
+from cloud_hub.ingest import Hub
+from cloud_hub.settings import HubSettings
+from edge_agent import contract as c
+from edge_agent.mqtt import MqttLink
+from edge_agent.settings import BrokerURL
+from tests.test_store import BACKENDS, backend_engine
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll until ``check()``; the timeout only bounds a hang, it is not what the test measures."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Publisher:
+    """A device-side MQTT link that counts PUBACKs."""
+
+    def __init__(self, broker: LocalBroker, client_id: str) -> None:
+        self._acked = 0
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.link = MqttLink(BrokerURL.parse(broker.url), client_id, on_published=self._on_published)
+        self.link.start()
+        self.link.wait_connected(10)
+
+    def _on_published(self, _mid: int, ok: bool, _rc: str) -> None:
+        assert ok
+        with self._lock:
+            self._acked += 1
+
+    def publish(self, topic: str, payload: bytes, delivery: c.Delivery = c.RESULTS_DELIVERY) -> None:
+        self.link.publish(topic, payload, delivery)
+        self.sent += 1
+
+    def wait_acked(self) -> None:
+        wait_for(lambda: self._acked >= self.sent, what="PUBACKs")
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+def batch(device: str, first: int, n: int, **kw: object) -> c.ResultBatch:
+    return c.ResultBatch(device, tuple(
+        c.Result(seq=s, start=s / 10, end=s / 10 + 2, model_version=1, latency_ms=0.5, label="walk",
+                 confidence=0.9, **kw)  # type: ignore[arg-type]
+        for s in range(first, first + n)))
+
+
+def stored_keys(url: str) -> list[tuple[str, int]]:
+    engine = db.make_engine(url)
+    with db.transaction(engine, write=False) as conn:
+        got = [tuple(r) for r in conn.execute(sa.select(db.results.c.device_id, db.results.c.seq))]
+    engine.dispose()
+    return got
+
+
+def settings_for(broker: LocalBroker, prefix: str, tmp_path: Path, **kw: object) -> HubSettings:
+    return HubSettings(broker=broker.url, db=f"sqlite:///{tmp_path / 'hub.sqlite'}", prefix=prefix,
+                       client_id=f"{prefix}-hub", log_interval_s=0, **kw)  # type: ignore[arg-type]
+
+
+def ready(hub: Hub, pub: Publisher, probe: str = "probe") -> None:
+    """Wait until the hub's first subscriptions are in place: a retained status reaches it either way.
+
+    (Messages published before a hub's very first SUBSCRIBE has no session to queue them in.)
+    """
+    before = hub.stats.messages
+    pub.publish(hub.topics.status(probe), c.Status(probe, c.ONLINE, 1.0).encode(), c.STATUS_DELIVERY)
+    wait_for(lambda: hub.stats.messages > before, what="the hub to subscribe")
+
+
+@pytest.fixture
+def publisher(shared_broker: LocalBroker, prefix: str) -> Iterator[Publisher]:
+    p = Publisher(shared_broker, f"{prefix}-pub")
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def hub(shared_broker: LocalBroker, prefix: str, tmp_path: Path, publisher: Publisher) -> Iterator[Hub]:
+    h = Hub(settings_for(shared_broker, prefix, tmp_path, dead_letter_max_bytes=1024))
+    h.start()
+    ready(h, publisher)
+    yield h
+    h.stop()
+
+
+def test_batches_from_several_devices_are_stored_exactly_once(hub: Hub, publisher: Publisher) -> None:
+    topics = hub.topics
+    expected = set()
+    for k in range(20):
+        for d in range(5):
+            b = batch(f"dev-{d}", 1000 + k * 10, 10)
+            publisher.publish(topics.results(b.device_id), b.encode())
+            expected |= {(b.device_id, r.seq) for r in b.results}
+    publisher.wait_acked()
+    wait_for(lambda: hub.stats.stored >= len(expected), what="all rows")
+    got = stored_keys(hub.settings.db)
+    assert len(got) == len(expected) == 1000
+    assert set(got) == expected
+    with db.transaction(hub.engine, write=False) as conn:
+        devices = {r.device_id: r.state for r in conn.execute(sa.select(db.devices))}
+    assert devices == {"probe": "online", **{f"dev-{d}": "online" for d in range(5)}}
+
+
+def test_publishing_the_same_batches_twice_stores_no_duplicates(hub: Hub, publisher: Publisher) -> None:
+    batches = [batch("dev-a", 100 + 5 * k, 5) for k in range(30)]
+    for _ in range(2):
+        for b in batches:
+            publisher.publish(hub.topics.results("dev-a"), b.encode())
+    publisher.wait_acked()
+    wait_for(lambda: hub.stats.stored + hub.stats.duplicates >= 300, what="both copies processed")
+    assert (hub.stats.stored, hub.stats.duplicates) == (150, 150)
+    got = stored_keys(hub.settings.db)
+    assert len(got) == len(set(got)) == 150
+
+
+def test_garbage_goes_to_dead_letters_and_valid_results_around_it_are_stored(
+        hub: Hub, publisher: Publisher, prefix: str) -> None:
+    topics = hub.topics
+    good = [batch("dev-a", 10 * k, 10) for k in range(6)]
+    valid_obj = orjson.loads(good[0].encode())
+    bad: list[tuple[str, bytes, str]] = [
+        (topics.results("dev-a"), b"not json at all", "not valid JSON"),
+        (topics.results("dev-a"), orjson.dumps({**valid_obj, "v": 99}), "unsupported schema version 99"),
+        (topics.results("dev-a"), good[0].encode().replace(b'"start":0.0', b'"start":1e999'), "not valid JSON"),
+        (topics.results("dev-a"), good[0].encode().replace(b'"start":0.0', b'"start":NaN'), "not valid JSON"),
+        (topics.results("dev-b"), good[1].encode(), "differs from 'dev-b' in the topic"),
+        (topics.results("dev-a"), b"[" + b"1," * (c.MAX_RESULTS_BYTES // 2) + b"1]", "over the"),
+        (topics.results("dev-a"), orjson.dumps({**valid_obj, "results": [{"seq": 1}]}), "missing"),
+        (topics.results("dev-a"), orjson.dumps({**valid_obj, "extra": 1}), "unknown field(s) extra"),
+        (topics.status("dev-a"), b'{"v":1,"device_id":"dev-a","state":"sleeping","ts":1}', "status.state"),
+        (f"{prefix}/devices/bad id!/results", good[2].encode(), "invalid device id"),
+    ]
+    assert b'"start":0.0' in good[0].encode()
+    for i, g in enumerate(good):  # a valid message, a bad one, a valid one, ...
+        publisher.publish(topics.results("dev-a"), g.encode())
+        for topic, payload, _ in bad[2 * i:2 * i + 2]:
+            publisher.publish(topic, payload)
+    publisher.wait_acked()
+    wait_for(lambda: hub.stats.stored >= 60 and hub.stats.dead_letters >= len(bad), what="all messages")
+    assert set(stored_keys(hub.settings.db)) == {("dev-a", s) for s in range(60)}
+    with db.transaction(hub.engine, write=False) as conn:
+        letters = conn.execute(sa.select(db.dead_letters).order_by(db.dead_letters.c.id)).all()
+    assert len(letters) == len(bad)
+    by_topic_payload = {(r.topic, bytes(r.payload)): r for r in letters}
+    for topic, payload, reason in bad:
+        letter = by_topic_payload[(topic, payload[:1024])]
+        assert reason in letter.reason, (reason, letter.reason)
+        assert letter.size == len(payload) and letter.received_at > 0
+    assert max(len(r.payload) for r in letters) == 1024  # bounded raw bytes
+    assert hub.link.connected and hub.stats.db_errors == 0  # never stopped
+
+
+def test_status_messages_update_devices(hub: Hub, publisher: Publisher) -> None:
+    topics = hub.topics
+    publisher.publish(topics.status("dev-s"), c.Status("dev-s", c.ONLINE, 1.0, "default", 3, "e" * 64, 12,
+                                                       "sensor glitch").encode(), c.STATUS_DELIVERY)
+    publisher.wait_acked()
+    wait_for(lambda: hub.stats.messages >= 2, what="status")
+    publisher.publish(topics.status("dev-s"), c.Status("dev-s", c.OFFLINE, 2.0).encode(), c.STATUS_DELIVERY)
+    publisher.wait_acked()
+    wait_for(lambda: hub.stats.messages >= 3, what="offline status")
+    with db.transaction(hub.engine, write=False) as conn:
+        dev = conn.execute(sa.select(db.devices).where(db.devices.c.device_id == "dev-s")).one()
+    assert (dev.device_id, dev.state, dev.model_name, dev.model_version, dev.model_sha256) == (
+        "dev-s", "offline", "default", 3, "e" * 64)
+    assert (dev.outbox_depth, dev.last_error) == (0, None)
+    # clear the retained messages this test left on the shared broker
+    publisher.publish(topics.status("dev-s"), b"", c.STATUS_DELIVERY)
+    publisher.wait_acked()
+
+
+def test_database_outage_acks_nothing_and_the_batch_is_retried(
+        broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
+    settings = settings_for(broker, prefix, tmp_path)
+    hub = Hub(settings)
+    hub.start()
+    pub = Publisher(broker, f"{prefix}-pub")
+    ready(hub, pub)
+    path = tmp_path / "hub.sqlite"
+    outage = sqlite3.connect(path, isolation_level=None)
+    outage.execute("ALTER TABLE results RENAME TO results_away")  # every insert now fails
+    for k in range(5):
+        b = batch("dev-a", k * 10, 10)
+        pub.publish(hub.topics.results("dev-a"), b.encode())
+    pub.wait_acked()
+    wait_for(lambda: hub.stats.db_errors >= 2, what="failed writes")
+    assert hub.stats.stored == 0 and hub.stats.messages == 1  # nothing committed but the probe: nothing acked
+    # A hub that stops during the outage leaves its messages to the broker ...
+    hub.stop(timeout=0.5)
+    outage.execute("ALTER TABLE results_away RENAME TO results")
+    outage.close()
+    # ... which redelivers them to the next session of the same client id.
+    again = Hub(settings)
+    again.start()
+    wait_for(lambda: again.stats.stored >= 50, what="redelivered rows")
+    assert sorted(stored_keys(settings.db)) == [("dev-a", s) for s in range(50)]
+
+    # An outage while running: the same batch is retried until it commits.
+    outage = sqlite3.connect(path, isolation_level=None)
+    outage.execute("ALTER TABLE results RENAME TO results_away")
+    errors = again.stats.db_errors
+    pub.publish(again.topics.results("dev-a"), batch("dev-a", 50, 10).encode())
+    wait_for(lambda: again.stats.db_errors >= errors + 2, what="failed writes")
+    outage.execute("ALTER TABLE results_away RENAME TO results")
+    outage.close()
+    wait_for(lambda: again.stats.stored >= 60, what="retried batch")
+    assert sorted(stored_keys(settings.db)) == [("dev-a", s) for s in range(60)]
+    again.stop()
+    pub.stop()
+
+
+def test_shared_subscription_splits_the_fleet_between_hubs(
+        shared_broker: LocalBroker, prefix: str, tmp_path: Path, publisher: Publisher) -> None:
+    base = settings_for(shared_broker, prefix, tmp_path, share_group="workers")
+    hubs = [Hub(HubSettings(**{**base.__dict__, "client_id": f"{prefix}-hub{i}"})) for i in range(2)]
+    for h in hubs:
+        h.start()
+    # Shared subscriptions get no retained messages: probe live until each hub has had one.
+    while not all(h.stats.messages for h in hubs):
+        publisher.publish(hubs[0].topics.status("probe"), c.Status("probe", c.ONLINE, 1.0).encode())
+        publisher.wait_acked()
+        time.sleep(0.05)
+    probes = sum(h.stats.messages for h in hubs)
+    for k in range(40):
+        publisher.publish(hubs[0].topics.results(f"dev-{k % 4}"), batch(f"dev-{k % 4}", k * 10, 10).encode())
+    publisher.wait_acked()
+    wait_for(lambda: sum(h.stats.stored for h in hubs) >= 400, what="all rows")
+    got = stored_keys(base.db)
+    assert len(got) == len(set(got)) == 400
+    assert all(h.stats.stored > 0 for h in hubs), [h.stats for h in hubs]
+    assert sum(h.stats.messages for h in hubs) == probes + 40
+    for h in hubs:
+        h.stop()
+
+
+def test_stop_flushes_and_acknowledges(broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
+    settings = settings_for(broker, prefix, tmp_path)
+    hub = Hub(settings)
+    hub.start()
+    pub = Publisher(broker, f"{prefix}-pub")
+    ready(hub, pub)
+    for k in range(50):
+        pub.publish(hub.topics.results("dev-a"), batch("dev-a", k * 10, 10).encode())
+    pub.wait_acked()
+    hub.stop()
+    first = hub.stats.stored
+    # Whatever the first session committed was acknowledged: the next one gets no duplicates.
+    again = Hub(settings)
+    again.start()
+    wait_for(lambda: first + again.stats.stored >= 500, what="the rest")
+    assert again.stats.duplicates == 0
+    assert len(set(stored_keys(settings.db))) == len(stored_keys(settings.db)) == 500
+    again.stop()
+    pub.stop()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_exactly_once_and_a_row_the_database_refuses(
+        kind: str, shared_broker: LocalBroker, prefix: str, tmp_path: Path, publisher: Publisher) -> None:
+    """Both backends; PostgreSQL refuses a NUL in a text column: that message alone is dead-lettered."""
+    with backend_engine(kind, tmp_path) as engine:
+        hub = Hub(settings_for(shared_broker, prefix, tmp_path), engine=engine)
+        hub.start()
+        ready(hub, publisher)
+        batches = [batch(f"dev-{k % 2}", 10 * k, 10) for k in range(20)]
+        poison = c.ResultBatch("dev-0", (c.Result(5000, 1.0, 2.0, 1, 0.5, label="wa\x00lk"),))
+        for b in batches[:10] + [poison] + batches[10:] + batches[:5]:
+            publisher.publish(hub.topics.results(b.device_id), b.encode())
+        publisher.wait_acked()
+        wait_for(lambda: hub.stats.messages >= 27, what="all messages")
+        hub.stop()
+        with db.transaction(engine, write=False) as conn:
+            got = [tuple(r) for r in conn.execute(sa.select(db.results.c.device_id, db.results.c.seq))]
+            letters = conn.execute(sa.select(db.dead_letters.c.reason)).scalars().all()
+    expected = {(b.device_id, r.seq) for b in batches for r in b.results}
+    if kind == "sqlite":  # SQLite stores the NUL
+        assert (len(got), set(got), letters) == (201, expected | {("dev-0", 5000)}, [])
+    else:
+        assert (len(got), set(got)) == (200, expected)
+        assert len(letters) == 1 and letters[0].startswith("database refused:"), letters
+    assert hub.stats.duplicates == 50

@@ -1,0 +1,229 @@
+"""The store's contract, run against SQLite and (when reachable) PostgreSQL: one suite, two backends."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cloud_hub import db
+from cloud_hub.db import DatabaseUnavailable, make_engine, transaction
+from cloud_hub.store import RESULT_COLUMNS, Batch, ModelExists, Store, dead_letter
+from edge_agent import contract as c
+from edge_agent.settings import SettingsError
+from tests.conftest import postgres_url
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@contextmanager
+def backend_engine(kind: str, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh database: a SQLite file, or a PostgreSQL schema of this test's own (dropped after)."""
+    if kind == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+        yield engine
+        engine.dispose()
+        return
+    url = postgres_url()
+    if url is None:
+        pytest.skip("PostgreSQL is not reachable")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    engine = make_engine(url, schema=schema)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        cleanup = sa.create_engine(url)
+        with cleanup.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        cleanup.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    with backend_engine(request.param, tmp_path) as e:
+        yield e
+
+
+def row(device: str, seq: int, *, label: str | None = "walk", truth: str | None = None,
+        features: list[float] | None = None, value: str | None = None, at: float = 100.0) -> tuple:
+    start = seq / 1000
+    return (device, seq, start, start + 2.0, 1, label, 0.75, value, truth, 0.5,
+            db.pack_features(features), at)
+
+
+def keys(engine: Engine) -> list[tuple[str, int]]:
+    with transaction(engine, write=False) as conn:
+        return [tuple(r) for r in conn.execute(sa.select(db.results.c.device_id, db.results.c.seq)
+                                               .order_by(db.results.c.device_id, db.results.c.seq))]
+
+
+def test_results_insert_is_idempotent_and_counts_new_rows(engine: Engine) -> None:
+    store = Store(engine)
+    first = [row("a", s) for s in range(1000, 1010)] + [row("b", 1000)]
+    with transaction(engine) as conn:
+        assert store.insert_results(conn, first) == 11
+    with transaction(engine) as conn:
+        assert store.insert_results(conn, first) == 0  # a redelivery changes nothing
+    with transaction(engine) as conn:
+        assert store.insert_results(conn, [row("a", 1009), row("a", 1010), row("b", 1000), row("c", 1000)]) == 2
+    with transaction(engine) as conn:
+        assert store.insert_results(conn, [row("d", 1)]) == 1  # a single row goes the same way
+        assert store.insert_results(conn, []) == 0
+    got = keys(engine)
+    assert len(got) == len(set(got)) == 14
+    assert ("a", 1010) in got and ("c", 1000) in got and ("d", 1) in got
+
+
+def test_result_values_round_trip(engine: Engine) -> None:
+    store = Store(engine)
+    feats = [0.25, -1.5, 3.0e-3]
+    with transaction(engine) as conn:
+        store.insert_results(conn, [row("a", 5, truth="run", features=feats),
+                                    row("a", 6, label=None, value="[1.5,2.0]")])
+    with transaction(engine, write=False) as conn:
+        got = {r.seq: r for r in conn.execute(sa.select(db.results).order_by(db.results.c.seq))}
+    assert got[5].truth == "run" and got[5].label == "walk" and got[5].confidence == 0.75
+    assert got[5].start == 0.005 and got[5].end == 2.005 and got[5].received_at == 100.0
+    np.testing.assert_array_equal(db.unpack_features(got[5].features), np.asarray(feats, dtype=np.float32))
+    assert got[6].features is None and got[6].value == "[1.5,2.0]" and got[6].label is None
+
+
+def test_device_upserts(engine: Engine) -> None:
+    store = Store(engine)
+    with transaction(engine) as conn:
+        store.touch_devices(conn, {"a": 10.0, "b": 10.0})
+    with transaction(engine) as conn:
+        store.touch_devices(conn, {"a": 5.0})  # late: last_seen never goes back
+        store.apply_statuses(conn, {"b": (c.Status("b", c.ONLINE, 1.0, "m", 4, "f" * 64, 17, "oops"), 20.0)})
+    with transaction(engine) as conn:
+        # the last will carries no model: the model last reported is kept
+        store.apply_statuses(conn, {"b": (c.Status("b", c.OFFLINE, 2.0), 30.0)})
+        store.apply_statuses(conn, {"c": (c.Status("c", c.ONLINE, 2.0, outbox_depth=3), 40.0)})
+    with transaction(engine, write=False) as conn:
+        devs = {r.device_id: r for r in conn.execute(sa.select(db.devices))}
+    assert set(devs) == {"a", "b", "c"}
+    assert (devs["a"].first_seen, devs["a"].last_seen, devs["a"].state) == (10.0, 10.0, "online")
+    b = devs["b"]
+    assert (b.first_seen, b.last_seen, b.state) == (10.0, 30.0, "offline")
+    assert (b.model_name, b.model_version, b.model_sha256) == ("m", 4, "f" * 64)
+    assert (b.outbox_depth, b.last_error) == (0, None)
+    assert (devs["c"].state, devs["c"].outbox_depth, devs["c"].first_seen) == ("online", 3, 40.0)
+
+
+def test_dead_letters_are_bounded(engine: Engine) -> None:
+    store = Store(engine)
+    big = b"x" * 5000
+    with transaction(engine) as conn:
+        n = store.insert_dead_letters(conn, [dead_letter("p/devices/a/results", big, "too big", 7.0, 1024),
+                                             dead_letter("p/devices/a/status", b"\x00\xff", "bad", 8.0, 1024)])
+    assert n == 2
+    with transaction(engine, write=False) as conn:
+        rows = conn.execute(sa.select(db.dead_letters).order_by(db.dead_letters.c.id)).all()
+    assert [(r.topic, bytes(r.payload), r.size, r.reason) for r in rows] == [
+        ("p/devices/a/results", b"x" * 1024, 5000, "too big"), ("p/devices/a/status", b"\x00\xff", 2, "bad")]
+
+
+def test_batch_write_is_one_unit(engine: Engine) -> None:
+    store = Store(engine)
+    batch = Batch(rows=[row("a", 1), row("a", 2)], seen={"a": 50.0},
+                  statuses={"a": (c.Status("a", c.ONLINE, 1.0, model_version=2), 50.0)},
+                  dead=[dead_letter("t", b"?", "why", 50.0, 10)])
+    with transaction(engine) as conn:
+        w = store.write(conn, batch)
+    assert (w.new, w.duplicates, w.dead) == (2, 0, 1)
+    with pytest.raises(RuntimeError), transaction(engine) as conn:
+        store.write(conn, Batch(rows=[row("a", 3)]))
+        raise RuntimeError("rolled back")
+    assert keys(engine) == [("a", 1), ("a", 2)]
+    with transaction(engine) as conn:
+        w = store.write(conn, batch)
+    assert (w.new, w.duplicates) == (0, 2)
+
+
+def test_model_registry(engine: Engine) -> None:
+    store = Store(engine)
+    with transaction(engine) as conn:
+        store.add_model(conn, name="m", version=1, sha256="a" * 64, manifest={"name": "m", "version": 1},
+                        created=1.0, bundle=b"B1", metrics={"accuracy": 0.9}, weights=b"W1")
+        store.add_model(conn, name="m", version=2, sha256="b" * 64, manifest={"name": "m", "version": 2},
+                        created=2.0, state="publishable")
+        store.add_model(conn, name="other", version=1, sha256="c" * 64, manifest={}, created=3.0)
+    with pytest.raises(ModelExists), transaction(engine) as conn:
+        store.add_model(conn, name="m", version=2, sha256="d" * 64, manifest={}, created=4.0)
+    with pytest.raises(ValueError, match="model state"), transaction(engine) as conn:
+        store.add_model(conn, name="m", version=9, sha256="d" * 64, manifest={}, created=4.0, state="great")
+    with transaction(engine) as conn:
+        assert store.set_model_state(conn, "m", 1, "published", at=5.0)
+        assert store.set_model_state(conn, "m", 2, "rejected")
+        assert not store.set_model_state(conn, "m", 7, "rejected")
+    with transaction(engine, write=False) as conn:
+        latest = store.get_model(conn, "m")
+        first = store.get_model(conn, "m", 1)
+        assert store.get_model(conn, "nope") is None
+        assert [(r.name, r.version) for r in store.list_models(conn)] == [("m", 1), ("m", 2), ("other", 1)]
+        assert [r.version for r in store.list_models(conn, "m")] == [1, 2]
+        assert store.get_weights(conn, "m", 1) == b"W1" and store.get_weights(conn, "m", 2) is None
+    assert latest is not None and (latest.version, latest.state, latest.bundle) == (2, "rejected", None)
+    assert first is not None and first.state == "published" and first.published_at == 5.0
+    assert first.manifest == {"name": "m", "version": 1} and first.metrics == {"accuracy": 0.9}
+    assert first.bundle == b"B1" and first.sha256 == "a" * 64
+
+
+def test_concurrent_sqlite_writers_never_see_database_is_locked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engines = [make_engine(url) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def work(i: int, engine: Engine) -> None:
+        store = Store(engine)
+        try:
+            for k in range(40):
+                with transaction(engine) as conn:
+                    # read, then write: the pattern that fails at once under a deferred BEGIN
+                    conn.execute(sa.select(sa.func.count()).select_from(db.results)).scalar_one()
+                    store.insert_results(conn, [row(f"d{i}", k * 10 + j) for j in range(10)])
+                    store.touch_devices(conn, {f"d{i}": float(k), "shared": float(k)})
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, e)) for i, e in enumerate(engines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(keys(engines[0])) == 4 * 40 * 10
+    for e in engines:
+        e.dispose()
+
+
+def test_sqlite_pragmas_and_columns(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    assert tuple(col.name for col in db.results.c if col.name != "id") == RESULT_COLUMNS
+    engine.dispose()
+
+
+def test_make_engine_errors(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not a database URL"):
+        make_engine("not a url")
+    with pytest.raises(SettingsError, match="no driver"):
+        make_engine("nosuchdb://x/y")
+    with pytest.raises(DatabaseUnavailable, match="cannot open"):
+        make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'hub.sqlite'}")
+    with pytest.raises(DatabaseUnavailable, match="cannot open"):
+        make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test", connect_args={"connect_timeout": 2})
+    with pytest.raises(SettingsError, match="schema"):
+        make_engine("sqlite://", schema="x")

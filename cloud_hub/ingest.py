@@ -35,6 +35,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from cloud_hub.autoretrain import AutoRetrainer
 from cloud_hub.db import HubError, describe, is_transient, make_engine, pack_features
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import Batch, Store, Written, dead_letter
@@ -339,10 +340,13 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         hub.start()
+        retrainer = AutoRetrainer(settings, hub.engine)
+        retrainer.start()
         if on_started is not None:
             on_started(hub)
         while not stop.wait(1.0):
             pass
+        retrainer.stop()
         log.info("stopping: flushing %d queued messages", hub.backlog)
         hub.stop()
     finally:

@@ -41,6 +41,8 @@ class HubSettings:
     signing_key: str | None = None  # Ed25519 private key (PEM) that signs published bundles
     retrain_every_n: int = 0  # retrain after this many new labelled results; 0 = never automatically
     retrain_tolerance: float = 0.0  # a candidate may be this much worse than the running model
+    retrain_interval_s: float = 0.0  # also retrain this often while serve runs (if new labelled data); 0 = never
+    auto_publish: bool = False  # publish a retrained version that passed its gate (needs signing_key)
 
     def validate(self) -> None:
         BrokerURL.parse(self.broker)
@@ -58,7 +60,7 @@ class HubSettings:
         for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s"):
             positive(name, getattr(self, name))
         for name in ("batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
-                     "retrain_tolerance"):
+                     "retrain_tolerance", "retrain_interval_s"):
             positive(name, getattr(self, name), zero_ok=True)
         if self.batch_max > MAX_BATCH:
             raise SettingsError(f"batch_max must be at most {MAX_BATCH}, got {self.batch_max}")

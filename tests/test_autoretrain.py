@@ -1,0 +1,91 @@
+"""Retraining while serve runs: after N new labelled windows, gated, and published when configured."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+
+from cloud_hub import db, lifecycle
+from cloud_hub.autoretrain import AutoRetrainer
+from cloud_hub.ingest import serve
+from cloud_hub.settings import HubSettings
+from cloud_hub.signing import keygen
+from cloud_hub.store import Store
+from edge_agent import contract as c
+from edge_agent.mqtt import Message, MqttLink
+from edge_agent.settings import BrokerURL, load_settings
+from tests.helpers import SMALL, make_log
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory):
+    log = make_log(tmp_path_factory.mktemp("ar") / "train.csv", devices=("a1", "a2", "a3"), seconds=60)
+    return log
+
+
+def _settings(tmp_path, **kw) -> HubSettings:
+    return load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={},
+                         flags={"db": f"sqlite:///{tmp_path / 'hub.sqlite'}", **kw})
+
+
+def _report(engine, log, params, first_seq: int) -> int:
+    """Insert the log's windows as if agents had reported them with features and ground truth."""
+    ds = lifecycle.dataset_from_logs([str(log)], window_s=params.window_s, hop_s=params.hop_s, holdout=[],
+                                     params=params)
+    rows = [(dev, first_seq + i, float(i), float(i) + 2, 1, str(y), 0.9, None, str(y), 0.1,
+             db.pack_features(x), time.time()) for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices))]
+    with db.transaction(engine) as conn:
+        Store(engine).insert_results(conn, rows)
+    return len(rows)
+
+
+def _params(engine):
+    from edge_agent.preprocess import PreprocessParams
+
+    with engine.connect() as conn:
+        return PreprocessParams.from_dict(Store(engine).get_model(conn, "default", 1).manifest["preprocess"])
+
+
+def test_retrains_after_n_new_labelled_windows(tmp_path, labelled) -> None:
+    settings = _settings(tmp_path, retrain_every_n=100, retrain_tolerance=1.0)
+    engine = db.make_engine(settings.db)
+    lifecycle.train_from_logs(engine, [str(labelled)], holdout=["a3"], config=SMALL)
+    params = _params(engine)
+    _report(engine, labelled, params, 0)  # reported before serve started: not counted
+    auto = AutoRetrainer(settings, engine)
+    assert auto.enabled and auto.new_labelled() == 0 and auto.check() is None
+    n = _report(engine, labelled, params, 10**9)
+    assert n >= 100 and auto.new_labelled() == n
+    outcome = auto.check()
+    assert outcome is not None and outcome.version == 2 and outcome.state == "publishable"
+    assert auto.new_labelled() == 0 and auto.check() is None
+
+
+def test_serve_retrains_and_publishes_when_configured(broker, prefix, tmp_path, labelled) -> None:
+    priv, pub, _ = keygen(tmp_path / "k.pem")
+    settings = _settings(tmp_path, broker=broker.url, prefix=prefix, retrain_every_n=50, retrain_tolerance=1.0,
+                         auto_publish=True, signing_key=str(priv), client_id=f"{prefix}-hub")
+    engine = db.make_engine(settings.db)
+    lifecycle.train_from_logs(engine, [str(labelled)], holdout=["a3"], config=SMALL)
+    models: queue.Queue[Message] = queue.Queue()
+    watcher = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-w", on_message=models.put,
+                       subscriptions=[(c.Topics(prefix).model("default"), 1)])
+    watcher.start()
+    watcher.wait_connected(10)
+    stop = threading.Event()
+    started = threading.Event()
+    thread = threading.Thread(target=serve, args=(settings,), kwargs={"stop": stop,
+                                                                       "on_started": lambda _h: started.set()})
+    thread.start()
+    try:
+        assert started.wait(30)
+        _report(engine, labelled, _params(engine), 10**9)
+        bundle = c.decode_bundle(models.get(timeout=90).payload)
+        assert bundle.manifest.version == 2 and bundle.manifest.signature is not None
+    finally:
+        stop.set()
+        thread.join(60)
+        watcher.stop()

@@ -36,7 +36,7 @@ def _report(engine, log, params, first_seq: int) -> int:
     ds = lifecycle.dataset_from_logs([str(log)], window_s=params.window_s, hop_s=params.hop_s, holdout=[],
                                      params=params)
     rows = [(dev, first_seq + i, float(i), float(i) + 2, 1, str(y), 0.9, None, str(y), 0.1,
-             db.pack_features(x), time.time()) for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices))]
+             db.pack_features(x), time.time()) for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]
     with db.transaction(engine) as conn:
         Store(engine).insert_results(conn, rows)
     return len(rows)

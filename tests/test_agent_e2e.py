@@ -139,3 +139,13 @@ def test_malformed_log_names_file_and_line(shared_broker, prefix, tmp_path, log_
     assert skipped.returncode == 0, skipped.stderr
     assert orjson.loads(skipped.stdout)["skipped_lines"] == 1
     assert "bad.csv:3" in skipped.stderr
+
+
+def test_without_model_the_agent_waits_for_the_topic_then_says_why(shared_broker, prefix, tmp_path,
+                                                                   log_and_model) -> None:
+    log, _, _ = log_and_model
+    res = run_agent("replay", str(log), "--broker", shared_broker.url, "--prefix", prefix,
+                    "--state-dir", str(tmp_path / "s"), env={"EDGE_AGENT_MODEL_WAIT_S": "1"})
+    assert res.returncode == 4
+    assert f"no usable model on {prefix}/models/default within 1 s" in res.stderr
+    assert "cloud-hub publish" in res.stderr

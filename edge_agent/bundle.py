@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from edge_agent.contract import Bundle, ContractError, decode_bundle
 from edge_agent.runner import ModelError, ModelRunner
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+# cryptography (OpenSSL) costs ~8 MB of RSS on import: it is loaded only where a key is used, so an
+# agent that runs without signature checks (development) does not carry it.
 
 
 class BundleRejected(ValueError):
@@ -25,11 +28,16 @@ class BundleRejected(ValueError):
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(Path(path).expanduser().read_bytes())
     except (OSError, ValueError) as exc:
@@ -40,6 +48,9 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).expanduser().read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -78,6 +89,8 @@ def verify_bundle(
         if not allow_unsigned:
             raise BundleRejected(f"model v{m.version} is signed but no trusted key is configured")
     else:
+        from cryptography.exceptions import InvalidSignature
+
         if m.key_id != key_id(trusted_key):
             raise BundleRejected(f"model v{m.version} was signed by key {m.key_id}, not the trusted key {key_id(trusted_key)}")
         try:

@@ -110,12 +110,12 @@ def replay(
 
 
 def _with_progress(job: Any) -> Any:
+    if not sys.stderr.isatty():  # no bar (and no rich import) in pipes, services and CI
+        return job(None)
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    if not console.is_terminal:
-        return job(None)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("replaying")

@@ -55,7 +55,9 @@ When labels are given (one per reading), each window gets one label:
 
 * float labels (regression targets): the mean over the window's readings;
 * any other labels (text, int, bool, object): the majority label of the
-  window's readings; ties go to the tied label seen most recently.
+  window's readings; ties go to the tied label seen most recently.  Labels
+  are compared by value (object arrays mixing types, e.g. str and None, are
+  compared by their ``str``).
 """
 
 from __future__ import annotations
@@ -124,7 +126,11 @@ class PreprocessParams:
         norm_mean, norm_std: per-channel normalization statistics fitted on
             the training data (:func:`fit_normalization`); empty tuples mean
             "not fitted yet" (windowing works, feature extraction refuses).
-        features: name/version of the feature set (one of ``FEATURE_SETS``).
+        features: name/version of the feature set (one of ``FEATURE_SETS``):
+            ``"stats-fft-v1"`` (default: time-domain statistics, channel
+            correlations and spectral features) or ``"stats-v1"`` (without the
+            spectral part: better on the watch exercise data, see
+            :func:`extract_features`).
         fft_max_hz: highest frequency of the rFFT magnitude bins kept per
             channel by ``"stats-fft-v1"`` (``None`` = up to Nyquist).
     """
@@ -401,7 +407,7 @@ class Windower:
             if self._buf_labels is None:
                 self._buf_labels = labels[:0]
         if n == 0:
-            return WindowBatch.empty(self._size, self._c, labels.dtype if has_labels else None)
+            return WindowBatch.empty(self._size, self._c, labels.dtype if labels is not None else None)
 
         # Segment boundaries inside this chunk (index i = a segment starts at i).
         prev = np.empty(n, np.float64)
@@ -420,11 +426,13 @@ class Windower:
             if s == 0 and continues:
                 seg_ts = np.concatenate([self._buf_ts, ts[a:b]])
                 seg_v = np.concatenate([self._buf_vals, values[a:b]])
-                seg_l = np.concatenate([self._buf_labels, labels[a:b]]) if has_labels else None
+                seg_l = None
+                if labels is not None and self._buf_labels is not None:
+                    seg_l = np.concatenate([self._buf_labels, labels[a:b]])
                 skip = self._skip
             else:
                 seg_ts, seg_v = ts[a:b], values[a:b]
-                seg_l = labels[a:b] if has_labels else None
+                seg_l = labels[a:b] if labels is not None else None
                 skip = 0
             m = seg_ts.shape[0]
             if skip >= m:
@@ -533,21 +541,26 @@ def _window_labels(labels: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
     if starts.shape[0] == 0:
         return np.empty(0, _window_label_dtype(labels))
     if labels.dtype.kind == "f":
-        cs = np.concatenate([[0.0], np.cumsum(labels, dtype=np.float64)])
-        return (cs[ends + 1] - cs[starts]) / (ends - starts + 1)
-    uniq, codes = np.unique(labels, return_inverse=True)
-    codes = codes.reshape(-1)
-    u = uniq.shape[0]
-    if u == 1:
-        return labels[starts]
+        # Direct per-window mean (not a cumulative sum) so the result does not
+        # depend on where the stream was chunked, to the last bit.
+        size = int(ends[0] - starts[0] + 1)
+        return sliding_window_view(labels.astype(np.float64), size)[starts].mean(axis=1)
     # Restrict to the samples covered by the windows.
     lo, hi = int(starts[0]), int(ends[-1]) + 1
-    codes = codes[lo:hi]
+    covered = labels[lo:hi]
+    try:
+        _, codes = np.unique(covered, return_inverse=True)
+    except TypeError:  # object labels of mixed types (e.g. str and None)
+        _, codes = np.unique(covered.astype(str), return_inverse=True)
+    codes = codes.reshape(-1)
+    u = int(codes.max()) + 1
+    s, e = starts - lo, ends - lo
+    if u == 1:
+        return labels[starts]
     n = codes.shape[0]
     onehot = np.zeros((n + 1, u), np.int32)
     onehot[np.arange(1, n + 1), codes] = 1
     counts_cum = np.cumsum(onehot, axis=0)
-    s, e = starts - lo, ends - lo
     counts = counts_cum[e + 1] - counts_cum[s]  # (k, u)
     # Index of the most recent occurrence of each label up to each sample.
     last_seen = np.where(onehot[1:] == 1, np.arange(n).reshape(-1, 1), -1)
@@ -555,8 +568,9 @@ def _window_labels(labels: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
     recency = last_seen[e]  # (k, u)
     tied = counts == counts.max(axis=1, keepdims=True)
     pick = np.argmax(np.where(tied, recency, -2), axis=1)
-    # Return the original label objects (keeps dtype, e.g. '<U4' or object).
-    return uniq[pick].astype(labels.dtype, copy=False)
+    # The original label objects (keeps dtype and values, e.g. None), taken
+    # at the picked label's most recent reading in the window.
+    return covered[recency[np.arange(recency.shape[0]), pick]]
 
 
 # ---------------------------------------------------------------------------
@@ -624,8 +638,12 @@ def extract_features(windows: np.ndarray, params: PreprocessParams) -> np.ndarra
         * ``"stats-fft-v1"`` only, per channel, from the rFFT of the
           mean-removed, Hann-tapered window: dominant frequency (Hz),
           spectral centroid (Hz), normalized spectral entropy, log energy;
-          then the log1p rFFT magnitude of every bin from ``df`` up to
-          ``fft_max_hz`` (DC excluded), scaled by ``1/size``.
+          then ``log(1 + 10 |X_f| / size)`` for every rFFT bin ``f`` from
+          ``df = rate / size`` up to ``fft_max_hz`` (DC excluded).
+
+        ``"stats-v1"`` is the first two groups only (time domain); on the
+        watch exercise data it generalizes better to unseen subjects (the
+        spectrum mostly encodes each person's repetition tempo).
     """
     if not params.is_fitted:
         raise ValueError("params have no normalization statistics: use fit_normalization() first")
@@ -637,27 +655,36 @@ def extract_features(windows: np.ndarray, params: PreprocessParams) -> np.ndarra
     mean = np.asarray(params.norm_mean, np.float32)
     std = np.asarray(params.norm_std, np.float32)
     x = (w - mean) / std  # (k, size, c)
-    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if not np.all(np.isfinite(x)):
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
     eps = np.float32(1e-6)
     mu = x.mean(axis=1)  # (k, c)
     xc = x - mu[:, None, :]
     var = (xc * xc).mean(axis=1)
     sd = np.sqrt(var)
-    pct = np.percentile(x, _PERCENTILES, axis=1)  # (p, k, c)
+    xs = np.sort(x, axis=1)
+    # Percentiles with numpy's default "linear" method, from the sorted values.
+    pos = np.asarray(_PERCENTILES, np.float64) / 100.0 * (size - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = (pos - lo).astype(np.float32)[None, :, None]
+    pct = xs[:, lo, :] + (xs[:, hi, :] - xs[:, lo, :]) * frac  # (k, p, c)
+    pct = pct.transpose(1, 0, 2)  # (p, k, c)
     rms = np.sqrt((x * x).mean(axis=1))
     mad = np.abs(np.diff(x, axis=1)).mean(axis=1)
     z = xc / (sd[:, None, :] + eps)
-    skew = (z**3).mean(axis=1)
-    kurt = (z**4).mean(axis=1) - 3.0
+    z2 = z * z
+    skew = (z2 * z).mean(axis=1)
+    kurt = (z2 * z2).mean(axis=1) - 3.0
     sign = xc >= 0
     zcr = (sign[:, 1:] != sign[:, :-1]).mean(axis=1)
-    feats = [mu, sd, x.min(axis=1), x.max(axis=1), *pct, rms, mad, skew, kurt, zcr.astype(np.float32)]
+    feats = [mu, sd, xs[:, 0], xs[:, -1], *pct, rms, mad, skew, kurt, zcr.astype(np.float32)]
 
     # Pairwise correlations.
     iu, ju = np.triu_indices(c, k=1)
     if iu.size:
-        cov = np.einsum("kti,ktj->kij", z, z) / size  # (k, c, c)
+        cov = np.matmul(z.transpose(0, 2, 1), z) / size  # (k, c, c)
         feats.append(np.clip(cov[:, iu, ju], -1.0, 1.0))
 
     if params.features == "stats-fft-v1":

@@ -1,0 +1,414 @@
+"""Tests of edge_agent.preprocess: windowing, streaming, missing data, params, features."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.preprocess import (
+    PreprocessParams,
+    WindowBatch,
+    Windower,
+    extract_features,
+    feature_names,
+    fit_normalization,
+    make_windows,
+)
+
+RATE = 50.0
+DT = 1.0 / RATE
+
+
+def params(window_s: float = 0.2, hop_s: float = 0.1, c: int = 2, **kw) -> PreprocessParams:
+    return PreprocessParams(RATE, window_s, hop_s, tuple(f"ch{i}" for i in range(c)), **kw)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_windows(ts, values, labels, p: PreprocessParams):
+    """Slow, obvious implementation of the documented rules (loops per sample)."""
+    size, hop = p.window_size, p.hop_size
+    segments, cur = [], [0]
+    for i in range(1, len(ts)):
+        d = ts[i] - ts[i - 1]
+        if d <= 0 or d > 1.5 / p.sample_rate_hz:
+            segments.append(cur)
+            cur = []
+        cur.append(i)
+    if len(ts):
+        segments.append(cur)
+    out, dropped = [], 0
+    for seg in segments:
+        for s in range(0, len(seg) - size + 1, hop):
+            idx = seg[s : s + size]
+            w = values[idx].astype(np.float64)
+            bad = ~np.isfinite(w)
+            limit = 0 if p.missing == "drop" else p.max_missing_frac * size
+            if any(bad[:, j].sum() > limit or bad[:, j].all() for j in range(w.shape[1])):
+                dropped += 1
+                continue
+            for j in range(w.shape[1]):
+                if bad[:, j].any():
+                    good = np.flatnonzero(~bad[:, j])
+                    w[:, j] = np.interp(np.arange(size), good, w[good, j])
+            lab = None
+            if labels is not None:
+                ls = list(labels[idx])
+                if labels.dtype.kind == "f":
+                    lab = float(np.mean(ls))
+                else:
+                    counts = Counter(ls)
+                    best = max(counts.values())
+                    lab = next(v for v in reversed(ls) if counts[v] == best)
+            out.append((ts[idx[0]], ts[idx[-1]], w.astype(np.float32), lab))
+    return out, dropped
+
+
+def assert_same(a: WindowBatch, b: WindowBatch) -> None:
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a.start, b.start)
+    np.testing.assert_array_equal(a.end, b.end)
+    np.testing.assert_array_equal(a.data, b.data)
+    assert a.dropped == b.dropped
+    assert (a.labels is None) == (b.labels is None)
+    if a.labels is not None:
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def streams(draw, with_nan: bool = True):
+    n = draw(st.integers(0, 160))
+    c = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    steps = np.full(n, DT)
+    gap_p = draw(st.sampled_from([0.0, 0.02, 0.1]))
+    gaps = rng.random(n) < gap_p
+    steps[gaps] = DT * rng.uniform(1.6, 6.0, gaps.sum())
+    ts = 1000.0 + np.cumsum(steps)
+    values = rng.normal(size=(n, c)).astype(np.float32)
+    if with_nan and n:
+        nan_p = draw(st.sampled_from([0.0, 0.05, 0.3]))
+        values[rng.random((n, c)) < nan_p] = np.nan
+    kind = draw(st.sampled_from(["none", "text", "float"]))
+    labels = None
+    if kind == "text":
+        labels = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
+    elif kind == "float":
+        labels = rng.normal(size=n)
+    size = draw(st.integers(2, 12))
+    hop = draw(st.integers(1, 15))
+    missing = draw(st.sampled_from(["interpolate", "drop"]))
+    p = PreprocessParams(RATE, size / RATE, hop / RATE, tuple(f"ch{i}" for i in range(c)), missing=missing)
+    return ts, values, labels, p
+
+
+@st.composite
+def chunkings(draw, n: int):
+    cuts = draw(st.lists(st.integers(0, n), max_size=12))
+    return sorted(set(cuts))
+
+
+# --------------------------------------------------------------------------- windowing
+
+
+def test_window_and_hop_sizes():
+    p = PreprocessParams(50.0, 2.56, 0.5, ("x",))
+    assert (p.window_size, p.hop_size) == (128, 25)
+
+
+def test_feature_counts():
+    six = tuple("abcdef")
+    assert PreprocessParams(50.0, 2.5, 0.5, six, features="stats-v1").n_features == 14 * 6 + 15
+    p = PreprocessParams(50.0, 2.0, 0.5, six, features="stats-fft-v1", fft_max_hz=10.0)
+    assert p.n_features == 14 * 6 + 15 + 4 * 6 + 20 * 6  # bins of 0.5 Hz up to 10 Hz
+
+
+def test_basic_windows_and_gap():
+    p = params(window_s=0.1, hop_s=0.06, c=1)  # 5 samples, hop 3
+    ts = np.r_[np.arange(11) * DT, 1.0 + np.arange(6) * DT]
+    vals = np.arange(17, dtype=np.float32).reshape(-1, 1)
+    b = make_windows(ts, vals, None, p)
+    # segment 1 (11 samples): starts 0, 3, 6; segment 2 (6 samples): start 0 only
+    assert len(b) == 4
+    np.testing.assert_array_equal(b.data[:, 0, 0], [0, 3, 6, 11])
+    np.testing.assert_allclose(b.start, [0, 3 * DT, 6 * DT, 1.0])
+    np.testing.assert_allclose(b.end, [4 * DT, 7 * DT, 10 * DT, 1.0 + 4 * DT])
+    assert b.labels is None and b.dropped == 0
+    assert b.data.dtype == np.float32 and b.start.dtype == np.float64
+
+
+def test_non_increasing_timestamp_breaks_the_stream():
+    p = params(window_s=0.1, hop_s=0.1, c=1)
+    ts = np.r_[np.arange(7) * DT, np.arange(7) * DT]  # clock reset
+    vals = np.ones((14, 1), np.float32)
+    b = make_windows(ts, vals, None, p)
+    np.testing.assert_allclose(b.start, [0.0, 0.0])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams())
+def test_batch_matches_reference(stream):
+    ts, values, labels, p = stream
+    b = make_windows(ts, values, labels, p)
+    ref, dropped = reference_windows(ts, values, labels, p)
+    assert len(b) == len(ref)
+    assert b.dropped == dropped
+    for i, (s, e, w, lab) in enumerate(ref):
+        assert b.start[i] == s and b.end[i] == e
+        np.testing.assert_allclose(b.data[i], w, rtol=1e-5, atol=1e-5)
+        if labels is not None:
+            if labels.dtype.kind == "f":
+                assert b.labels[i] == pytest.approx(lab)
+            else:
+                assert b.labels[i] == lab
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_streaming_equals_batch_for_any_chunking(data):
+    ts, values, labels, p = data.draw(streams())
+    cuts = data.draw(chunkings(len(ts)))
+    batch = make_windows(ts, values, labels, p)
+    w = Windower(p)
+    parts = []
+    bounds = [0, *cuts, len(ts)]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        parts.append(w.push(ts[a:b], values[a:b], None if labels is None else labels[a:b]))
+        assert w.buffered < p.window_size  # bounded memory
+    assert_same(WindowBatch.concat(parts), batch)
+
+
+@settings(max_examples=100, deadline=None)
+@given(streams(with_nan=False))
+def test_no_window_spans_a_gap(stream):
+    ts, values, labels, p = stream
+    b = make_windows(ts, values, labels, p)
+    assert not np.isnan(b.data).any()
+    index = {t: i for i, t in enumerate(ts)}
+    for s, e in zip(b.start, b.end, strict=True):
+        i, j = index[s], index[e]
+        assert j - i == p.window_size - 1
+        assert np.all(np.diff(ts[i : j + 1]) <= p.gap_s)
+
+
+def test_one_sample_at_a_time():
+    p = params(window_s=0.2, hop_s=0.14, c=2)
+    rng = np.random.default_rng(1)
+    n = 300
+    ts = np.cumsum(np.where(rng.random(n) < 0.03, 0.5, DT))
+    vals = rng.normal(size=(n, 2)).astype(np.float32)
+    labs = np.array(["x", "y"])[rng.integers(0, 2, n)]
+    w = Windower(p)
+    parts = [w.push(ts[i : i + 1], vals[i : i + 1], labs[i : i + 1]) for i in range(n)]
+    assert_same(WindowBatch.concat(parts), make_windows(ts, vals, labs, p))
+
+
+def test_hop_larger_than_window_across_chunks():
+    p = params(window_s=0.06, hop_s=0.2, c=1)  # 3 samples, hop 10
+    ts = np.arange(40) * DT
+    vals = np.arange(40, dtype=np.float32).reshape(-1, 1)
+    w = Windower(p)
+    got = WindowBatch.concat([w.push(ts[i : i + 4], vals[i : i + 4]) for i in range(0, 40, 4)])
+    np.testing.assert_array_equal(got.data[:, 0, 0], [0, 10, 20, 30])
+
+
+def test_labels_must_be_consistent_across_pushes():
+    w = Windower(params())
+    w.push(np.array([0.0]), np.zeros((1, 2), np.float32), np.array(["a"]))
+    with pytest.raises(ValueError):
+        w.push(np.array([DT]), np.zeros((1, 2), np.float32), None)
+
+
+def test_shape_errors():
+    w = Windower(params(c=2))
+    with pytest.raises(ValueError):
+        w.push(np.zeros(3), np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError):
+        w.push(np.array([0.0, np.nan]), np.zeros((2, 2), np.float32))
+
+
+def test_majority_label_ties_go_to_most_recent():
+    p = params(window_s=0.08, hop_s=0.08, c=1)  # 4 samples
+    ts = np.arange(8) * DT
+    vals = np.zeros((8, 1), np.float32)
+    labs = np.array(["b", "a", "a", "b", "a", "a", "a", "b"])
+    b = make_windows(ts, vals, labs, p)
+    assert list(b.labels) == ["b", "a"]
+
+
+def test_object_labels_with_none():
+    p = params(window_s=0.08, hop_s=0.08, c=1)
+    labs = np.array(["x", None, None, None, "y", "y", None, "y"], dtype=object)
+    b = make_windows(np.arange(8) * DT, np.zeros((8, 1), np.float32), labs, p)
+    assert b.labels.tolist() == [None, "y"]
+
+
+def test_float_labels_are_averaged():
+    p = params(window_s=0.08, hop_s=0.08, c=1)
+    b = make_windows(np.arange(4) * DT, np.zeros((4, 1), np.float32), np.array([1.0, 2.0, 3.0, 6.0]), p)
+    assert b.labels.tolist() == [3.0]
+
+
+# --------------------------------------------------------------------------- missing data
+
+
+def test_interpolation_inside_window():
+    p = params(window_s=0.2, hop_s=0.2, c=2)  # 10 samples, max 2 missing per channel
+    ts = np.arange(10) * DT
+    vals = np.stack([np.arange(10.0), 10 * np.arange(10.0)], axis=1).astype(np.float32)
+    vals[3, 0] = vals[4, 0] = np.nan  # interior: linear
+    vals[0, 1] = np.nan  # edge: nearest valid value
+    b = make_windows(ts, vals, None, p)
+    assert len(b) == 1 and b.dropped == 0
+    np.testing.assert_allclose(b.data[0, :, 0], np.arange(10.0))
+    np.testing.assert_allclose(b.data[0, :, 1], [10, 10, 20, 30, 40, 50, 60, 70, 80, 90])
+
+
+def test_too_many_missing_drops_and_counts():
+    p = params(window_s=0.2, hop_s=0.2, c=2)
+    ts = np.arange(30) * DT
+    vals = np.ones((30, 2), np.float32)
+    vals[12:15, 1] = np.nan  # 3 > 0.2 * 10 in window 2
+    vals[20:30, 0] = np.nan  # whole channel missing in window 3
+    b = make_windows(ts, vals, None, p)
+    assert len(b) == 1 and b.dropped == 2
+    assert b.start[0] == 0.0
+
+
+def test_drop_policy_drops_any_missing():
+    p = params(window_s=0.2, hop_s=0.2, c=1, missing="drop")
+    vals = np.ones((20, 1), np.float32)
+    vals[15, 0] = np.inf
+    b = make_windows(np.arange(20) * DT, vals, None, p)
+    assert len(b) == 1 and b.dropped == 1
+
+
+def test_dropped_count_is_chunking_independent():
+    p = params(window_s=0.2, hop_s=0.1, c=1)
+    rng = np.random.default_rng(3)
+    vals = rng.normal(size=(200, 1)).astype(np.float32)
+    vals[rng.random(200) < 0.25] = np.nan
+    ts = np.arange(200) * DT
+    whole = make_windows(ts, vals, None, p)
+    w = Windower(p)
+    parts = [w.push(ts[i : i + 7], vals[i : i + 7]) for i in range(0, 200, 7)]
+    assert whole.dropped > 0
+    assert sum(x.dropped for x in parts) == whole.dropped
+
+
+# --------------------------------------------------------------------------- params
+
+
+def test_params_dict_round_trip_through_json():
+    p = params(c=3, features="stats-v1", fft_max_hz=10.0).with_normalization([1.0, 2.0, 3.0], [0.5, 1.0, 2.0])
+    d = json.loads(json.dumps(p.to_dict()))
+    assert PreprocessParams.from_dict(d) == p
+    assert PreprocessParams.from_dict(params().to_dict()) == params()
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda d: d.update(extra=1), "unknown keys ['extra']"),
+        (lambda d: d.pop("window_s"), "missing keys ['window_s']"),
+        (lambda d: d.update(window_s="2"), "window_s must be a number"),
+        (lambda d: d.update(channels="ax"), "channels must be a list of strings"),
+        (lambda d: d.update(norm_mean=[1.0]), "norm_mean and norm_std must have the same length"),
+        (lambda d: d.update(norm_mean=[1.0], norm_std=[1.0]), "norm_mean/norm_std have 1 values"),
+        (lambda d: d.update(norm_std=[1.0, 0.0]), "norm_std must be finite and > 0"),
+        (lambda d: d.update(missing="zero"), "missing must be one of"),
+        (lambda d: d.update(features="nope-v9"), "features must be one of"),
+        (lambda d: d.update(sample_rate_hz=-1), "sample_rate_hz must be > 0"),
+        (lambda d: d.update(hop_s=0.001), "hop of less than 1 sample"),
+        (lambda d: d.update(max_missing_frac=True), "max_missing_frac must be a number"),
+    ],
+)
+def test_params_from_dict_is_strict(change, needle):
+    d = params().with_normalization([0.0, 0.0], [1.0, 1.0]).to_dict()
+    change(d)
+    with pytest.raises(ValueError) as err:
+        PreprocessParams.from_dict(d)
+    assert needle in str(err.value)
+
+
+def test_params_from_dict_rejects_non_mapping():
+    with pytest.raises(ValueError):
+        PreprocessParams.from_dict(["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_fit_normalization_ignores_nan_and_constant_channels():
+    v = np.array([[1.0, 5.0], [3.0, 5.0], [np.nan, 5.0]], np.float32)
+    mean, std = fit_normalization(v)
+    assert mean == pytest.approx((2.0, 5.0))
+    assert std == pytest.approx((1.0, 1.0))
+    with pytest.raises(ValueError):
+        fit_normalization(np.full((3, 1), np.nan))
+
+
+@pytest.mark.parametrize("features", ["stats-fft-v1", "stats-v1"])
+def test_extract_features_shape_and_vectorization(features):
+    p = params(window_s=2.0, hop_s=0.5, c=3, features=features, fft_max_hz=10.0)
+    rng = np.random.default_rng(0)
+    raw = rng.normal(3.0, 2.0, size=(7, p.window_size, 3)).astype(np.float32)
+    p = p.with_normalization(*fit_normalization(raw))
+    f = extract_features(raw, p)
+    assert f.shape == (7, p.n_features) == (7, len(feature_names(p)))
+    assert f.dtype == np.float32 and np.all(np.isfinite(f))
+    single = np.concatenate([extract_features(raw[i : i + 1], p) for i in range(7)])
+    np.testing.assert_allclose(single, f, rtol=1e-5, atol=1e-5)
+
+
+def test_features_use_shipped_normalization():
+    p = params(window_s=1.0, hop_s=1.0, c=2)
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(4, p.window_size, 2)).astype(np.float32)
+    p1 = p.with_normalization([0.0, 0.0], [1.0, 1.0])
+    p2 = p.with_normalization([10.0, -3.0], [2.0, 0.5])
+    shifted = raw * np.array([2.0, 0.5], np.float32) + np.array([10.0, -3.0], np.float32)
+    np.testing.assert_allclose(extract_features(shifted, p2), extract_features(raw, p1), rtol=1e-3, atol=1e-3)
+
+
+def test_dominant_frequency_feature():
+    p = params(window_s=2.0, hop_s=2.0, c=1, features="stats-fft-v1").with_normalization([0.0], [1.0])
+    t = np.arange(p.window_size) / RATE
+    w = np.sin(2 * np.pi * 5.0 * t).astype(np.float32).reshape(1, -1, 1)
+    f = extract_features(w, p)
+    names = feature_names(p)
+    assert f[0, names.index("ch0_dom_freq")] == pytest.approx(5.0)
+    bins = [i for i, n in enumerate(names) if "_fft_" in n]
+    assert names[bins[int(np.argmax(f[0, bins]))]] == "ch0_fft_5.00Hz"
+
+
+def test_extract_features_requires_fitted_params():
+    p = params()
+    with pytest.raises(ValueError, match="normalization"):
+        extract_features(np.zeros((1, p.window_size, 2), np.float32), p)
+    with pytest.raises(ValueError):
+        extract_features(np.zeros((1, 3, 2), np.float32), p.with_normalization([0, 0], [1, 1]))
+
+
+def test_train_and_serve_paths_agree():
+    """Features of windows cut by the streaming agent equal those of the batch trainer."""
+    p = params(window_s=1.0, hop_s=0.5, c=2)
+    rng = np.random.default_rng(5)
+    ts = np.arange(500) * DT
+    vals = rng.normal(size=(500, 2)).astype(np.float32)
+    p = dataclasses.replace(p).with_normalization(*fit_normalization(vals))
+    batch = make_windows(ts, vals, None, p)
+    w = Windower(p)
+    stream = WindowBatch.concat([w.push(ts[i : i + 13], vals[i : i + 13]) for i in range(0, 500, 13)])
+    np.testing.assert_array_equal(extract_features(stream.data, p), extract_features(batch.data, p))

@@ -88,8 +88,13 @@ def train(
     logs: Annotated[list[str], typer.Argument(help="Labelled logs (CSV / JSON Lines) to learn from.")],
     db: DbOpt = None,
     holdout_devices: HoldoutOpt = None,
-    window: Annotated[float, typer.Option("--window", help="Window length in seconds.")] = 2.0,
-    hop: Annotated[float, typer.Option("--hop", help="Step between windows in seconds.")] = 1.0,
+    window: Annotated[float, typer.Option("--window", help="Window length in seconds.")] = 2.5,
+    hop: Annotated[float, typer.Option("--hop", help="Step between windows in seconds.")] = 0.5,
+    features: Annotated[str, typer.Option("--features", help="Feature set: stats-v1 (time-domain) or "
+                                          "stats-fft-v1 (adds spectra).")] = "stats-v1",
+    mirror: Annotated[str | None, typer.Option("--mirror", help="Comma-separated channels to negate in an "
+                                               "extra mirrored copy of each training window (sensors worn on "
+                                               "either side; the watch data: ax,wy,wz).")] = None,
     name: NameOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the bundle (.emlb) to this file.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -104,7 +109,7 @@ def train(
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         outcome = lifecycle.train_from_logs(_engine(s.db), logs, name=s.model_name,
                                             holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
-                                            seed=seed)
+                                            seed=seed, features=features, mirror=_holdout(mirror) or ())
         if out is not None:
             _export(s.db, s.model_name, outcome.version, out)
     _print_outcome(outcome, json_out)

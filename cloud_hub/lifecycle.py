@@ -29,8 +29,12 @@ from edge_agent.sources import read_log
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW_S = 2.0
-DEFAULT_HOP_S = 1.0
+# Defaults measured on the watch recordings (bench/train_watch.py, subjects s09 and s10 held out):
+# time-domain statistics generalize to unseen people better than spectra, which capture each
+# person's pace (stats-fft-v1 loses ~5 points there).
+DEFAULT_WINDOW_S = 2.5
+DEFAULT_HOP_S = 0.5
+DEFAULT_FEATURES = "stats-v1"
 
 
 class LifecycleError(RuntimeError):
@@ -113,19 +117,36 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
 
 
 def dataset_from_logs(paths: Sequence[str], *, window_s: float, hop_s: float, holdout: Sequence[str],
-                      params: PreprocessParams | None = None, on_error: str = "raise") -> Dataset:
-    """Features of labelled logs; normalization statistics are fitted on the training devices only."""
+                      params: PreprocessParams | None = None, on_error: str = "raise",
+                      features: str = DEFAULT_FEATURES, mirror: Sequence[str] = ()) -> Dataset:
+    """Features of labelled logs; normalization statistics are fitted on the training devices only.
+
+    ``mirror`` names channels to negate in an extra, mirrored copy of every training window (data
+    augmentation for sensors worn on either side of the body: the watch recordings' two arms are
+    mirror images with ``ax, wy, wz`` negated). Hold-out windows are never mirrored.
+    """
     if params is None:
         first = read_log(paths[0], on_error=on_error)
         first.close()
         rate = _rate_hint(paths[0])
-        params = PreprocessParams(sample_rate_hz=rate, window_s=window_s, hop_s=hop_s, channels=first.channels)
+        params = PreprocessParams(sample_rate_hz=rate, window_s=window_s, hop_s=hop_s, channels=first.channels,
+                                  features=features)
     data, y, devices, starts = windows_from_logs(paths, params, on_error=on_error)
     if not params.is_fitted:
         train_mask = ~np.isin(devices, list(holdout)) if holdout else np.ones(len(devices), bool)
         mean, std = fit_normalization(data[train_mask].reshape(-1, data.shape[2]))
         params = params.with_normalization(mean, std)
     X = extract_features(data, params)
+    if mirror:
+        unknown = sorted(set(mirror) - set(params.channels))
+        if unknown:
+            raise LifecycleError(f"cannot mirror unknown channels {unknown} (channels: {list(params.channels)})")
+        sign = np.array([-1.0 if ch in mirror else 1.0 for ch in params.channels], dtype=np.float32)
+        train_mask = ~np.isin(devices, list(holdout))
+        X = np.vstack([X, extract_features(data[train_mask] * sign, params)])
+        y = np.concatenate([y, y[train_mask]])
+        devices = np.concatenate([devices, devices[train_mask]])
+        starts = np.concatenate([starts, starts[train_mask]])
     return Dataset(X, y, devices, params, starts)
 
 
@@ -221,16 +242,19 @@ def register(engine: sa.Engine, bundle: Bundle, weights_blob: bytes, state: str)
 def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "default",
                     holdout: Sequence[str] | None = None, window_s: float = DEFAULT_WINDOW_S,
                     hop_s: float = DEFAULT_HOP_S, seed: int = 0, on_error: str = "raise",
-                    config: training.TrainConfig | None = None) -> Outcome:
+                    config: training.TrainConfig | None = None, features: str = DEFAULT_FEATURES,
+                    mirror: Sequence[str] = ()) -> Outcome:
     """``cloud-hub train``: a new version from labelled logs, registered as publishable."""
     chosen = choose_holdout(_devices_of(logs, on_error), holdout)
-    ds = dataset_from_logs(logs, window_s=window_s, hop_s=hop_s, holdout=chosen, on_error=on_error)
+    ds = dataset_from_logs(logs, window_s=window_s, hop_s=hop_s, holdout=chosen, on_error=on_error,
+                           features=features, mirror=mirror)
     train, test = split(ds, chosen)
     store = Store(engine)
     with db.transaction(engine) as conn:
         version = next_version(store, conn, name)
     bundle, m_fp32, m_int8, blob = build(train, test, name=name, version=version, seed=seed, config=config,
-                                         summary={"source": "logs", "logs": [str(p) for p in logs]})
+                                         summary={"source": "logs", "logs": [str(p) for p in logs],
+                                                  "mirror": list(mirror)})
     register(engine, bundle, blob, "publishable")
     return Outcome(name, version, "publishable", m_fp32, m_int8, chosen, len(train.y), len(test.y))
 

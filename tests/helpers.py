@@ -30,8 +30,9 @@ def make_log(path: Path, *, seconds: float = 40.0, devices=DEVICES, seed: int = 
 
 
 def make_bundle(log: Path, *, version: int = 1, name: str = "default", holdout=("dev-c",),
-                window_s: float = 2.0, hop_s: float = 1.0) -> c.Bundle:
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=window_s, hop_s=hop_s, holdout=list(holdout))
+                window_s: float = 2.0, hop_s: float = 1.0, features: str = "stats-v1") -> c.Bundle:
+    ds = lifecycle.dataset_from_logs([str(log)], window_s=window_s, hop_s=hop_s, holdout=list(holdout),
+                                     features=features)
     train, test = lifecycle.split(ds, list(holdout))
     bundle, *_ = lifecycle.build(train, test, name=name, version=version, config=SMALL)
     return bundle

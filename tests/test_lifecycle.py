@@ -112,8 +112,8 @@ def test_bundle_checks(v1, keys) -> None:
 
 
 def _mismatched(train_log: Path, v1: c.Bundle) -> c.Bundle:
-    """v1's ONNX under a manifest whose preprocessing (4 s windows) produces a different input width."""
-    v4 = make_bundle(train_log, holdout=("trn-3",), window_s=4.0, hop_s=2.0)
+    """v1's ONNX under a manifest whose preprocessing (spectral features too) produces a different width."""
+    v4 = make_bundle(train_log, holdout=("trn-3",), window_s=4.0, hop_s=2.0, features="stats-fft-v1")
     assert v4.manifest.n_features != v1.manifest.n_features
     return c.Bundle(dataclasses.replace(v4.manifest, version=3, sha256=v1.manifest.sha256), v1.model)
 
@@ -289,3 +289,15 @@ def test_gate_rejects_a_worse_model(tmp_path, train_log) -> None:
     res = runner.invoke(hub_app, ["retrain", "--db", f"sqlite:///{tmp_path / 'hub.sqlite'}", "--holdout-devices",
                                   "trn-3"])
     assert res.exit_code == 4
+
+
+def test_mirror_augmentation_doubles_training_windows_only(train_log) -> None:
+    plain = lifecycle.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=["trn-3"])
+    mirrored = lifecycle.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=["trn-3"],
+                                           mirror=["ax", "wy"])
+    n_train = int((plain.devices != "trn-3").sum())
+    assert len(mirrored.y) == len(plain.y) + n_train
+    assert (mirrored.devices == "trn-3").sum() == (plain.devices == "trn-3").sum()
+    assert not np.allclose(mirrored.X[len(plain.y):], plain.X[plain.devices != "trn-3"])
+    with pytest.raises(lifecycle.LifecycleError, match="unknown channels"):
+        lifecycle.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=[], mirror=["nope"])

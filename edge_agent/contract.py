@@ -199,20 +199,30 @@ class Result:
     features: tuple[float, ...] | None = None  # the model input, for retraining at the hub
 
     def to_obj(self) -> dict[str, Any]:
-        for name in ("start", "end", "latency_ms", "confidence"):
-            _finite(getattr(self, name), f"result.{name}")
-        for name in ("value", "features"):
-            seq = getattr(self, name)
-            if seq is not None and not all(math.isfinite(x) for x in seq):
-                raise ContractError(f"result.{name} must hold only finite numbers")
+        # The agent encodes every result: attribute access is spelled out (no getattr loops).
+        isfinite = math.isfinite
+        if not (isfinite(self.start) and isfinite(self.end) and isfinite(self.latency_ms)):
+            for name in ("start", "end", "latency_ms"):
+                _finite(getattr(self, name), f"result.{name}")
         obj: dict[str, Any] = {
             "seq": self.seq, "start": self.start, "end": self.end,
             "model_version": self.model_version, "latency_ms": self.latency_ms,
         }
-        for name in ("label", "confidence", "value", "truth", "features"):
-            v = getattr(self, name)
-            if v is not None:
-                obj[name] = list(v) if isinstance(v, tuple) else v
+        if self.label is not None:
+            obj["label"] = self.label
+        if self.confidence is not None:
+            _finite(self.confidence, "result.confidence")
+            obj["confidence"] = self.confidence
+        if self.value is not None:
+            if not all(map(isfinite, self.value)):
+                raise ContractError("result.value must hold only finite numbers")
+            obj["value"] = list(self.value)
+        if self.truth is not None:
+            obj["truth"] = self.truth
+        if self.features is not None:
+            if not all(map(isfinite, self.features)):
+                raise ContractError("result.features must hold only finite numbers")
+            obj["features"] = list(self.features)
         return obj
 
 

@@ -18,7 +18,7 @@ from edge_agent.preprocess import PreprocessParams, WindowBatch, Windower, extra
 from edge_agent.runner import ModelRunner, Prediction
 
 _GOLDEN = 2654435761
-FEATURE_SLICE = 32  # windows per extract_features call  # Knuth's multiplicative hash: a deterministic "random" sample of windows
+FEATURE_SLICE = 64  # windows per extract_features call  # Knuth's multiplicative hash: a deterministic "random" sample of windows
 
 
 def window_seq(start: np.ndarray) -> np.ndarray:

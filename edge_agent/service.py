@@ -30,6 +30,7 @@ class ReplayReport:
     model_version: int | None = None
     model_swaps: int = 0
     drained: bool = True
+    peak_rss_mb: float | None = None  # this process's peak resident memory (Linux VmHWM)
     skipped_examples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,7 +81,21 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
         agent.close(drain_timeout=0 if stop.is_set() else 5)
         _restore_handlers()
     report.seconds = time.perf_counter() - t0
+    report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since exec (getrusage would include the parent's
+    memory at fork time), or None where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def live_source(settings: AgentSettings, stop: threading.Event) -> tuple[Iterable[Any], tuple[str, ...]]:

@@ -28,6 +28,8 @@ import orjson
 from cloud_hub import lifecycle, training, weights
 from cloud_hub.broker import LocalBroker
 from cloud_hub.quantize import session
+from cloud_hub.signing import keygen
+from edge_agent.bundle import load_private_key, sign_bundle
 from edge_agent.contract import decode_bundle
 from edge_agent.sources import read_log
 
@@ -103,6 +105,18 @@ def main() -> None:
           f"windows/s  ({best['seconds']:.2f} s in replay, {best['wall']:.2f} s wall with interpreter start)")
     print(f"ratio    agent / parse-only ceiling:  {rps / (rows / parse_s):.2f}")
     print(f"agent peak RSS (VmHWM, reported by the agent): {best['peak_rss_mb']:.1f} MB")
+
+    # The same replay with signature verification (a production agent: trusted_key set).
+    priv, pub, _ = keygen(work / "hub.pem")
+    signed = work / "signed.emlb"
+    signed.write_bytes(sign_bundle(bundle, load_private_key(priv)).encode())
+    with LocalBroker(work / "broker2") as broker:
+        res = subprocess.run([sys.executable, "-m", "edge_agent", "replay", str(args.log), "--broker", broker.url,
+                              "--model", str(signed), "--trusted-key", str(pub), "--state-dir", str(work / "signed"),
+                              "--json"], capture_output=True, check=True)
+    verified = orjson.loads(res.stdout)
+    print(f"with --trusted-key (Ed25519 verification loads cryptography): "
+          f"{verified['readings'] / verified['seconds']:,.0f} readings/s, peak RSS {verified['peak_rss_mb']:.1f} MB")
 
     m = bundle.manifest
     x = (feats[:160] if feats is not None else  # about one chunk's windows

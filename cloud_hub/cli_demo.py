@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,9 +43,16 @@ def demo(
                       "-" if r["model_version"] is None else f"v{r['model_version']}", r.get("state") or "-")
         return t
 
+    last_line = [0.0]
+
     def show(rows: list[dict[str, Any]]) -> None:
         if live is not None:
             live.update(table(rows))
+        elif rows and time.monotonic() - last_line[0] >= 5.0:  # pipes and CI: a progress line every 5 s
+            last_line[0] = time.monotonic()
+            console.print("  fleet: " + ", ".join(
+                f"{r['device']} {r['results']} results" + (f" (v{r['model_version']})" if r["model_version"] else "")
+                for r in rows))
 
     if live is not None:
         live.start()
@@ -68,7 +76,8 @@ def demo(
                   f"{_pct(stats['accuracy'])}, dead letters {stats['dead_letters']}")
     for m in outcome["models"]:
         console.print(f"model v{m['version']}: {m['state']}{' (on the model topic)' if m['on_topic'] else ''}, "
-                      f"INT8 {_pct((m['int8'] or {}).get('accuracy'))}, devices running it: {m['devices']}")
+                      f"INT8 {_pct((m['int8'] or {}).get('accuracy'))} on hold-out "
+                      f"{', '.join(m['holdout_devices']) or '-'}, devices running it: {m['devices']}")
     console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
                   f"(files in {workdir}/)")
 

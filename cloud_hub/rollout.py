@@ -103,6 +103,7 @@ def rollout(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:
             "published_at": r.published_at, "on_topic": on_topic.get(r.name) == r.version,
             "int8": _brief(metrics.get("int8")), "fp32": _brief(metrics.get("fp32")),
             "gate": metrics.get("gate"), "devices_online": c["online"], "devices": c["total"],
+            "holdout_devices": r.manifest.get("training", {}).get("holdout_devices", []),
         })
     return out
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_agent.contract import ContractError, Topics, check_id
-from edge_agent.settings import BrokerURL, SettingsError, TLSFiles, choice, positive
+from edge_agent.contract import ContractError, check_id
+from edge_agent.settings import BrokerSettings, SettingsError, choice, positive
 
 ENV_PREFIX = "CLOUD_HUB"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -18,14 +18,9 @@ MAX_BATCH = 100_000
 
 
 @dataclass(frozen=True)
-class HubSettings:
-    """Everything a hub process needs."""
+class HubSettings(BrokerSettings):
+    """Everything a hub process needs (broker, TLS files and prefix come from BrokerSettings)."""
 
-    broker: str = "mqtt://127.0.0.1:1883"
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    prefix: str = "edgeml"
     db: str = "sqlite:///hub.sqlite"  # any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db
     client_id: str = "cloud-hub"  # also names the persistent session: keep it stable across restarts
     share_group: str | None = None  # subscribe through $share/<group>/... so several hubs split the fleet
@@ -45,10 +40,9 @@ class HubSettings:
     auto_publish: bool = False  # publish a retrained version that passed its gate (needs signing_key)
 
     def validate(self) -> None:
-        BrokerURL.parse(self.broker)
-        self.tls.check()
+        self.validate_broker()
+        _ = self.topics
         try:
-            Topics(self.prefix)
             check_id(self.client_id, "client id")
             if self.share_group is not None:
                 check_id(self.share_group, "share group")
@@ -66,18 +60,6 @@ class HubSettings:
             raise SettingsError(f"batch_max must be at most {MAX_BATCH}, got {self.batch_max}")
         if self.session_expiry_s > 0xFFFFFFFF:
             raise SettingsError("session_expiry_s must fit in 32 bits (MQTT 5)")
-
-    @property
-    def broker_url(self) -> BrokerURL:
-        return BrokerURL.parse(self.broker)
-
-    @property
-    def tls(self) -> TLSFiles:
-        return TLSFiles(self.ca_file, self.cert_file, self.key_file)
-
-    @property
-    def topics(self) -> Topics:
-        return Topics(self.prefix)
 
 
 def db_url(url: str) -> str:

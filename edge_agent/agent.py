@@ -41,7 +41,7 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, *, device_ids: tuple[str, ...] = ()) -> None:
         self.settings = settings
-        self.topics = c.Topics(settings.prefix)
+        self.topics = settings.topics
         state = Path(settings.state_dir).expanduser()
         state.mkdir(parents=True, exist_ok=True)
         self.state_dir = state

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from edge_agent.contract import ContractError, Topics
+
 
 class SettingsError(ValueError):
     """A setting that is missing, unknown or invalid."""
@@ -177,14 +179,39 @@ SOURCES = ("simulated", "stdin", "follow")
 
 
 @dataclass(frozen=True)
-class AgentSettings:
-    """Everything an edge agent process needs (file ``[agent]`` keys = field names)."""
+class BrokerSettings:
+    """How a process reaches the broker: the part of the settings the agent and the hub share."""
 
     broker: str = "mqtt://127.0.0.1:1883"
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     prefix: str = "edgeml"
+
+    def validate_broker(self) -> None:
+        BrokerURL.parse(self.broker)
+        self.tls.check()
+
+    @property
+    def broker_url(self) -> BrokerURL:
+        return BrokerURL.parse(self.broker)
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.ca_file, self.cert_file, self.key_file)
+
+    @property
+    def topics(self) -> Topics:
+        try:
+            return Topics(self.prefix)
+        except ContractError as exc:
+            raise SettingsError(exc.reason) from exc
+
+
+@dataclass(frozen=True)
+class AgentSettings(BrokerSettings):
+    """Everything an edge agent process needs (keys of its TOML file = field names)."""
+
     client_id: str | None = None  # default: edge-agent-<device_id>
     device_id: str | None = None  # replay: default is each log's own device ids
     state_dir: str = "~/.local/state/edge-agent"  # outbox.sqlite and the active model live here
@@ -210,8 +237,8 @@ class AgentSettings:
     log_level: str = "INFO"
 
     def validate(self) -> None:
-        BrokerURL.parse(self.broker)
-        self.tls.check()
+        self.validate_broker()
+        _ = self.topics
         choice("outbox_overflow", self.outbox_overflow, OUTBOX_POLICIES)
         choice("features", self.features, FEATURE_MODES)
         choice("source", self.source, SOURCES)
@@ -225,11 +252,3 @@ class AgentSettings:
             raise SettingsError("source = 'follow' needs source_path")
         if self.batch_max_results > 10_000:
             raise SettingsError("batch_max_results must be at most 10000")
-
-    @property
-    def broker_url(self) -> BrokerURL:
-        return BrokerURL.parse(self.broker)
-
-    @property
-    def tls(self) -> TLSFiles:
-        return TLSFiles(self.ca_file, self.cert_file, self.key_file)

@@ -164,7 +164,7 @@ class Demo:
             hub.stop()
         with engine.connect() as conn:
             stats = fleet_stats(conn)
-            per_version = dict(conn.execute(
+            per_version: dict[int, int] = dict(conn.execute(
                 sa.select(db.results.c.model_version, sa.func.count()).group_by(db.results.c.model_version)).all())
         models = rollout.rollout(engine)
         engine.dispose()
@@ -186,7 +186,7 @@ class Demo:
             devices = {r["device_id"]: r for r in conn.execute(sa.select(db.devices)).mappings()}
         rows = []
         for device, s in sorted(stats.to_obj()["devices"].items()):
-            d = devices.get(device, {})
+            d: Any = devices.get(device, {})
             rows.append({"device": device, "results": s["results"], "accuracy": s["accuracy"],
                          "model_version": d.get("model_version"), "state": d.get("state")})
         return rows

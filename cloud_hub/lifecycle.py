@@ -105,8 +105,8 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
             for device, (ts, values, lab) in chunk.by_device().items():
                 w = windowers.setdefault(device, Windower(params))
                 batch = w.push(ts, values[:, cols], lab)
-                if len(batch):
-                    keep = np.asarray([x != "" for x in batch.labels.tolist()], dtype=bool)
+                if len(batch) and batch.labels is not None:
+                    keep = np.array([x != "" for x in batch.labels.tolist()], dtype=np.bool_)
                     data.append(batch.data[keep])
                     labels += [str(x) for x in batch.labels[keep].tolist()]
                     devices += [device] * int(keep.sum())

@@ -25,7 +25,7 @@ def to_bytes(model: Pipeline) -> bytes:
         "hidden": np.asarray(mlp.hidden_layer_sizes, dtype=np.int64),
         "activation": np.array(mlp.activation),
         "out_activation": np.array(mlp.out_activation_),
-        "n_layers": np.int64(len(mlp.coefs_)),
+        "n_layers": np.array(len(mlp.coefs_), dtype=np.int64),
         "target_scale": np.asarray(getattr(mlp, "target_scale_", (0.0, 1.0)), dtype=np.float64),
     }
     for name in _PARAMS:
@@ -36,7 +36,7 @@ def to_bytes(model: Pipeline) -> bytes:
     if isinstance(mlp, MLPClassifier):
         arrays["classes"] = np.asarray(mlp.classes_).astype(str)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, allow_pickle=False, **arrays)
     return buf.getvalue()
 
 

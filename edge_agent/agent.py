@@ -98,13 +98,9 @@ class Agent:
     def close(self, *, drain_timeout: float | None = 10.0) -> bool:
         """Drain the outbox (bounded), publish offline, disconnect. Returns True if fully drained."""
         drained = self.publisher.wait_drained(drain_timeout)
-        self.publish_status(c.OFFLINE)
         self.publisher.stop()
-        final = None
-        if len(self.device_ids) == 1:
-            final = (self.topics.status(self.device_ids[0]), self._status(self.device_ids[0], c.OFFLINE).encode(),
-                     c.STATUS_DELIVERY)
-        self.link.stop(final=final)
+        self.link.stop(final=[(self.topics.status(d), self._status(d, c.OFFLINE).encode(), c.STATUS_DELIVERY)
+                              for d in self.device_ids])
         self.outbox.close()
         return drained
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
@@ -36,7 +36,7 @@ def _settings(config: str | None, **flags: Any) -> AgentSettings:
         _fail(f"settings: {exc}", EXIT_USAGE)
 
 
-def _fail(message: str, code: int) -> typer.Exit:
+def _fail(message: str, code: int) -> NoReturn:
     typer.secho(f"edge-agent: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -46,7 +46,7 @@ def _logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _map_errors(exc: BaseException) -> typer.Exit:
+def _map_errors(exc: BaseException) -> NoReturn:
     from edge_agent.agent import AgentError
     from edge_agent.bundle import BundleRejected
     from edge_agent.mqtt import ConnectRefused, MqttError
@@ -54,13 +54,13 @@ def _map_errors(exc: BaseException) -> typer.Exit:
     from edge_agent.sources import LogError
 
     if isinstance(exc, LogError):
-        return _fail(str(exc), EXIT_INPUT)
+        _fail(str(exc), EXIT_INPUT)
     if isinstance(exc, DeviceIdError):
-        return _fail(str(exc), EXIT_USAGE)
+        _fail(str(exc), EXIT_USAGE)
     if isinstance(exc, ConnectRefused | MqttError):
-        return _fail(str(exc), EXIT_BROKER)
+        _fail(str(exc), EXIT_BROKER)
     if isinstance(exc, AgentError | BundleRejected):
-        return _fail(str(exc), EXIT_MODEL)
+        _fail(str(exc), EXIT_MODEL)
     raise exc
 
 
@@ -93,7 +93,7 @@ def replay(
             s, logs, model=s.model, speed=speed, on_error="skip" if skip_bad_lines else "raise",
             progress=cb, drain_timeout=timeout))
     except Exception as exc:
-        raise _map_errors(exc) from exc
+        _map_errors(exc)
     for line in report.skipped_examples:
         typer.echo(f"skipped {line}", err=True)
     if json_out:
@@ -147,7 +147,7 @@ def run(
     try:
         summary = service.run(s, model=s.model)
     except Exception as exc:
-        raise _map_errors(exc) from exc
+        _map_errors(exc)
     typer.echo(orjson.dumps(summary).decode(), err=True)
 
 

@@ -181,12 +181,14 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def stop(self, *, final: tuple[str, bytes, Delivery] | None = None, timeout: float = 5.0) -> None:
-        """Optionally publish a last message (e.g. status offline) and disconnect cleanly."""
-        if final is not None and self.connected:
+    def stop(self, *, final: Sequence[tuple[str, bytes, Delivery]] = (), timeout: float = 5.0) -> None:
+        """Publish last messages (e.g. status offline), wait for their PUBACKs (bounded), disconnect."""
+        if final and self.connected:
             try:
-                info = self._client.publish(final[0], final[1], qos=final[2].qos, retain=final[2].retain)
-                info.wait_for_publish(timeout)
+                infos = [self._client.publish(topic, payload, qos=d.qos, retain=d.retain)
+                         for topic, payload, d in final]
+                for info in infos:
+                    info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:
                 log.warning("final publish failed: %s", exc)
         self._stopping = True

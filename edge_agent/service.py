@@ -100,6 +100,7 @@ def peak_rss_mb() -> float | None:
 
 def live_source(settings: AgentSettings, stop: threading.Event) -> tuple[Iterable[Any], tuple[str, ...]]:
     s = settings
+    src: Iterable[Any]
     if s.source == "simulated":
         # Live readings carry wall-clock time, so result keys (window start in ms) never repeat.
         src = sources.SimulatedSensor(s.device_id or "sim-0", s.sim_channels, s.sim_rate_hz, s.sim_seed,
@@ -109,8 +110,10 @@ def live_source(settings: AgentSettings, stop: threading.Event) -> tuple[Iterabl
         src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels)
         return src, tuple(s.sim_channels)
     assert s.source_path is not None
-    src = sources.FollowFile(s.source_path, stop_event=stop)
-    return src, tuple(src.channels)
+    follow = sources.FollowFile(s.source_path, stop_event=stop)
+    if follow.channels is None:
+        raise AgentError(f"{s.source_path}: no header line yet (ts,device_id,<channels>[,label])")
+    return follow, tuple(follow.channels)
 
 
 def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: float = 10.0) -> dict[str, Any]:

@@ -282,11 +282,15 @@ def current_model(store: Store, conn: sa.Connection, name: str) -> ModelRow:
     raise LifecycleError(f"no model {name!r} to retrain from: run `cloud-hub train` first")
 
 
-def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int) -> Dataset:
-    """Labelled feature vectors that agents reported (with the same preprocessing)."""
+def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int, *,
+                  versions: Sequence[int] | None = None) -> Dataset:
+    """Labelled feature vectors that agents reported, from results of ``versions`` (the versions
+    whose preprocessing equals ``params``: features made otherwise do not mean the same thing)."""
     r = db.results
     query = sa.select(r.c.device_id, r.c.truth, r.c.features, r.c.start).where(
         r.c.features.is_not(None), r.c.truth.is_not(None)).order_by(r.c.id)
+    if versions is not None:
+        query = query.where(r.c.model_version.in_(list(versions)))
     X, y, devices, starts = [], [], [], []
     with engine.connect() as conn:
         for device_id, truth, blob, start in conn.execute(query):
@@ -315,7 +319,10 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
         weights_blob = store.get_weights(conn, name, current.version)
     base_bundle = Bundle(_manifest_of(current), b"")
     params = PreprocessParams.from_dict(base_bundle.manifest.preprocess)
-    ds = fleet_dataset(engine, params, base_bundle.manifest.n_features)
+    with engine.connect() as conn:
+        same = [row.version for row in store.list_models(conn, name)
+                if row.manifest.get("preprocess") == base_bundle.manifest.preprocess]
+    ds = fleet_dataset(engine, params, base_bundle.manifest.n_features, versions=same)
     n_fleet = len(ds.y)
     if logs:
         data, y, devices, starts = windows_from_logs(logs, params)

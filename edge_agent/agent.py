@@ -30,6 +30,10 @@ class AgentError(RuntimeError):
     """A condition the agent cannot work around (no model, bad configuration)."""
 
 
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT before a replay finished; what was produced is safe in the outbox."""
+
+
 @dataclass
 class ModelState:
     bundle: c.Bundle
@@ -100,7 +104,7 @@ class Agent:
         drained = self.publisher.wait_drained(drain_timeout)
         self.publisher.stop()
         self.link.stop(final=[(self.topics.status(d), self._status(d, c.OFFLINE).encode(), c.STATUS_DELIVERY)
-                              for d in self.device_ids])
+                              for d in self.device_ids if c.valid_id(d)])
         self.outbox.close()
         return drained
 
@@ -207,7 +211,7 @@ class Agent:
                 try:
                     self.link.publish(self.topics.status(device), self._status(device, state).encode(),
                                       c.STATUS_DELIVERY)
-                except MqttError as exc:
+                except (MqttError, c.ContractError) as exc:
                     log.warning("status publish failed: %s", exc)
             self._status_due = time.monotonic() + self.settings.status_interval_s
 

@@ -81,7 +81,10 @@ def verify_bundle(
     digest = hashlib.sha256(bundle.model).hexdigest()
     if digest != m.sha256:
         raise BundleRejected(f"model v{m.version}: sha256 {digest[:12]}… does not match the manifest's {m.sha256[:12]}…")
-    signature = m.signature_bytes() if m.signature else None
+    try:
+        signature = m.signature_bytes() if m.signature else None
+    except ContractError as exc:
+        raise BundleRejected(f"model v{m.version}: {exc.reason}") from exc
     if signature is None:
         if not allow_unsigned:
             raise BundleRejected(f"model v{m.version} is unsigned (allowed only with insecure_allow_unsigned)")

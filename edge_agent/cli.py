@@ -1,7 +1,8 @@
 """The ``edge-agent`` command line: a thin shell over :mod:`edge_agent.service`.
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad usage or settings; 3 broker unreachable or
-results not acknowledged in time; 4 no usable model; 5 malformed input log.
+results not acknowledged in time; 4 no usable model; 5 malformed input log (or an invalid device id
+in it); 130 interrupted by SIGTERM/SIGINT (results are kept in the outbox).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from edge_agent.settings import AgentSettings, SettingsError, load_settings
 app = typer.Typer(help="Edge agent: read sensors or replay logs, run the INT8 model, publish results over MQTT.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
-EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INPUT = 2, 3, 4, 5
+EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INPUT, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="TOML settings file.")]
 BrokerOpt = Annotated[str | None, typer.Option(help="mqtt://[user:pass@]host:port or mqtts://…")]
@@ -47,7 +48,7 @@ def _logging(level: str) -> None:
 
 
 def _map_errors(exc: BaseException) -> NoReturn:
-    from edge_agent.agent import AgentError
+    from edge_agent.agent import AgentError, Interrupted
     from edge_agent.bundle import BundleRejected
     from edge_agent.mqtt import ConnectRefused, MqttError
     from edge_agent.pipeline import DeviceIdError
@@ -56,7 +57,9 @@ def _map_errors(exc: BaseException) -> NoReturn:
     if isinstance(exc, LogError):
         _fail(str(exc), EXIT_INPUT)
     if isinstance(exc, DeviceIdError):
-        _fail(str(exc), EXIT_USAGE)
+        _fail(str(exc), EXIT_INPUT)
+    if isinstance(exc, Interrupted):
+        _fail(str(exc), EXIT_INTERRUPTED)
     if isinstance(exc, ConnectRefused | MqttError):
         _fail(str(exc), EXIT_BROKER)
     if isinstance(exc, AgentError | BundleRejected):

@@ -52,6 +52,10 @@ STATUS_DELIVERY: Final = Delivery(qos=1, retain=True)
 MODEL_DELIVERY: Final = Delivery(qos=1, retain=True)
 
 
+def valid_id(value: object) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
 def check_id(value: str, what: str = "device id") -> str:
     """Return ``value`` if it is a valid device id / model name (no MQTT wildcards, no slash)."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):

@@ -65,6 +65,9 @@ class Outbox:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        # Rows with id <= floor are being sent (set by the publisher): overflow drops the oldest rows
+        # above it, so what it counts as dropped really never left the device.
+        self.floor = 0
         self.dropped = self._meta("dropped")
 
     def _meta(self, key: str) -> int:
@@ -96,16 +99,19 @@ class Outbox:
                 added = self._db.total_changes - before
                 excess = self._depth + added - self.max_rows
                 if excess > 0:  # only reachable with drop_oldest
+                    before = self._db.total_changes
                     self._db.execute(
-                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (excess,)
+                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT ?)",
+                        (self.floor, excess),
                     )
+                    excess = self._db.total_changes - before
                     self.dropped += excess
                     self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self.dropped,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._depth += added - max(excess, 0)
+            self._depth += added - max(excess, 0)  # may exceed max_rows by what is in flight
             return added
 
     def pending(self, after_id: int, limit: int) -> list[Pending]:

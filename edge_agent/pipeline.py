@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_agent.contract import Result, encode_result_obj
+from edge_agent.contract import ContractError, Result, check_id, encode_result_obj
 from edge_agent.outbox import Outbox
 from edge_agent.preprocess import PreprocessParams, WindowBatch, Windower, extract_features
 from edge_agent.runner import ModelRunner, Prediction
@@ -35,7 +35,7 @@ def sampled(seq: np.ndarray, fraction: float) -> np.ndarray:
 
 
 class DeviceIdError(ValueError):
-    """A single device id was forced on a log that holds several devices."""
+    """A device id that cannot be used: invalid in the contract, or several under one --device-id."""
 
 
 @dataclass
@@ -60,6 +60,8 @@ class Processor:
         self.stats = ProcessStats()
         self._windowers: dict[str, Windower] = {}
         self._source_of_override: str | None = None
+        self._devices: dict[str, str] = {}  # source device id -> published device id (checked once)
+        self._source = "the source"  # named in errors
         self.runner = runner
         self._columns = self._column_index(runner.params)
 
@@ -74,15 +76,19 @@ class Processor:
         old = self.runner.params
         new = runner.params
         self._columns = self._column_index(new)
-        same_windows = (old.sample_rate_hz, old.window_s, old.hop_s, old.channels, old.missing) == (
-            new.sample_rate_hz, new.window_s, new.hop_s, new.channels, new.missing)
+        same_windows = (old.sample_rate_hz, old.window_s, old.hop_s, old.channels, old.missing,
+                        old.max_missing_frac) == (new.sample_rate_hz, new.window_s, new.hop_s, new.channels,
+                                                  new.missing, new.max_missing_frac)
         if not same_windows:
             self._windowers.clear()
         self.runner = runner
 
     def _device(self, source_device: str) -> str:
         if self.device_id is None:
-            return source_device
+            try:
+                return check_id(source_device)
+            except ContractError as exc:  # it would name an MQTT topic: refuse it here, not at publish
+                raise DeviceIdError(f"{self._source}: {exc.reason}") from exc
         if self._source_of_override is None:
             self._source_of_override = source_device
         elif self._source_of_override != source_device:
@@ -92,15 +98,18 @@ class Processor:
             )
         return self.device_id
 
-    def process(self, per_device: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> int:
+    def process(self, per_device: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                source: str = "the source") -> int:
         """Process readings grouped by device: ``{device: (ts, values[n, channels], labels|None)}``.
 
         The windows of all devices are featurized and inferred as one batch: per-call overhead of
         numpy and onnxruntime dominates small batches.
         """
         ready: list[tuple[str, WindowBatch]] = []
+        self._source = source
         for source_device, (ts, values, labels) in per_device.items():
-            device = self._device(source_device)
+            device = self._devices.get(source_device) or self._devices.setdefault(
+                source_device, self._device(source_device))
             self.stats.devices.add(device)
             self.stats.readings += len(ts)
             windower = self._windowers.get(device)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 
-from edge_agent.contract import RESULTS_DELIVERY, Topics, join_results
+from edge_agent.contract import RESULTS_DELIVERY, ContractError, Topics, join_results
 from edge_agent.mqtt import MqttError, MqttLink
 from edge_agent.outbox import Outbox, Pending
 
@@ -38,6 +38,8 @@ class Publisher:
         self._inflight: dict[int, list[int]] = {}  # mid -> outbox row ids
         self._read_upto = 0  # highest row id read from the outbox in this process (held, in flight or sent)
         self._held: list[Pending] = []  # read past the cursor, waiting for a full batch or its age
+        self._done: list[int] = []  # acknowledged rows not yet deleted (a failed delete is retried)
+        self._refused_ids: set[int] = set()  # rows whose message the broker refused (kept until restart)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drain = False
@@ -45,6 +47,7 @@ class Publisher:
         self.published_messages = 0
         self.acked_results = 0
         self.refused = 0
+        self.discarded = 0
         self.last_error: str | None = None
 
     # called from paho's network thread
@@ -64,12 +67,20 @@ class Publisher:
         self._drain = True
         self._wake.set()
 
-    def wait_drained(self, timeout: float | None = None, *, poll_s: float = 0.05) -> bool:
-        """Block until every row of the outbox is acknowledged."""
+    def wait_drained(self, timeout: float | None = None, *, stop: threading.Event | None = None,
+                     poll_s: float = 0.05) -> bool:
+        """Block until every row of the outbox is acknowledged.
+
+        Returns False at the timeout, when ``stop`` is set, or when all that is left are rows the
+        broker refused (they are not resent in this process: waiting would never end).
+        """
         self.flush_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.outbox.depth > 0:
             if deadline is not None and time.monotonic() > deadline:
+                return False
+            if (stop is not None and stop.is_set()) or (self._refused_ids and self.outbox.depth <= len(
+                    self._refused_ids) and not self._inflight):
                 return False
             time.sleep(poll_s)
         return True
@@ -96,7 +107,7 @@ class Publisher:
                 time.sleep(0.5)
 
     def _handle_acks(self) -> None:
-        done: list[int] = []
+        done = self._done
         while True:
             try:
                 mid, ok, reason = self._acks.get_nowait()
@@ -110,11 +121,14 @@ class Publisher:
             else:
                 # e.g. "Not authorized": the rows stay in the outbox and are retried after a restart.
                 self.refused += len(ids)
+                self._refused_ids.update(ids)
                 self.last_error = f"broker refused a results message: {reason}"
                 log.error("broker refused %d results: %s", len(ids), reason)
         if done:
-            self.outbox.delete(done)
+            self.outbox.delete(done)  # if this raises, the ids stay in self._done for the next round
             self.acked_results += len(done)
+            self._done = []
+        self.outbox.floor = self._read_upto  # overflow never drops what is held or in flight
 
     def _send(self) -> None:
         while len(self._inflight) < self.max_inflight:
@@ -132,7 +146,12 @@ class Publisher:
             for device_id, rows in batches:
                 payload = join_results(device_id, [r.payload for r in rows])
                 try:
-                    mid = self.link.publish(self.topics.results(device_id), payload, RESULTS_DELIVERY)
+                    topic = self.topics.results(device_id)
+                except ContractError as exc:  # written by a version that did not check ids: unsendable
+                    self._discard(rows, exc.reason)
+                    continue
+                try:
+                    mid = self.link.publish(topic, payload, RESULTS_DELIVERY)
                 except MqttError as exc:
                     self.last_error = str(exc)
                     log.warning("publish failed, will retry: %s", exc)
@@ -143,6 +162,14 @@ class Publisher:
                 self._held = [r for r in self._held if r.id not in sent]
                 if len(self._inflight) >= self.max_inflight:
                     return
+
+    def _discard(self, rows: list[Pending], reason: str) -> None:
+        ids = {r.id for r in rows}
+        self.outbox.delete(list(ids))
+        self._held = [r for r in self._held if r.id not in ids]
+        self.discarded += len(ids)
+        self.last_error = f"discarded {self.discarded} unsendable results: {reason}"
+        log.error("%s", self.last_error)
 
     def _ready_batches(self) -> list[tuple[str, list[Pending]]]:
         """Full batches, plus partial ones whose oldest row has waited long enough (or when draining)."""

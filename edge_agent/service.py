@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent import sources
-from edge_agent.agent import Agent, AgentError
+from edge_agent.agent import Agent, AgentError, Interrupted
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -60,16 +60,20 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
         processor = agent.make_processor()
         for reader in readers:
             for chunk in sources.pace(reader, speed):
-                processor.process(chunk.by_device())
+                processor.process(chunk.by_device(), chunk.source)
                 agent.tick()
                 if progress is not None:
                     progress(processor.stats.readings, processor.stats.windows)
                 if stop.is_set():
-                    raise AgentError("interrupted")
+                    raise Interrupted(f"interrupted: {agent.outbox.depth} results kept in the outbox "
+                                      f"({agent.state_dir}), sent on the next start")
             report.skipped_lines += reader.stats.rows_skipped
             report.skipped_examples += [str(e) for e in reader.stats.first_errors]
         agent.tick()
-        report.drained = agent.publisher.wait_drained(drain_timeout)
+        report.drained = agent.publisher.wait_drained(drain_timeout, stop=stop)
+        if stop.is_set():
+            raise Interrupted(f"interrupted while waiting for acknowledgements: {agent.outbox.depth} results "
+                              f"kept in the outbox ({agent.state_dir}), sent on the next start")
         report.published = agent.publisher.acked_results
         report.devices = len(processor.stats.devices)
         report.readings = processor.stats.readings
@@ -128,7 +132,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
         agent.load_model(model or settings.model, channels)
         processor = agent.make_processor()
         for chunk in _until(source, stop):
-            processor.process(chunk.by_device())
+            processor.process(chunk.by_device(), chunk.source)
             agent.tick()
         agent.tick()
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from edge_agent.contract import ContractError, Topics
+from edge_agent.contract import ContractError, Topics, valid_id
 
 
 class SettingsError(ValueError):
@@ -239,6 +239,8 @@ class AgentSettings(BrokerSettings):
     def validate(self) -> None:
         self.validate_broker()
         _ = self.topics
+        if self.device_id is not None and not valid_id(self.device_id):
+            raise SettingsError(f"device_id {self.device_id!r} is not valid: use 1-64 of A-Z a-z 0-9 _ . : -")
         choice("outbox_overflow", self.outbox_overflow, OUTBOX_POLICIES)
         choice("features", self.features, FEATURE_MODES)
         choice("source", self.source, SOURCES)

@@ -149,3 +149,36 @@ def test_without_model_the_agent_waits_for_the_topic_then_says_why(shared_broker
     assert res.returncode == 4
     assert f"no usable model on {prefix}/models/default within 1 s" in res.stderr
     assert "cloud-hub publish" in res.stderr
+
+
+def test_invalid_device_id_in_a_log_is_an_input_error(shared_broker, prefix, tmp_path, log_and_model) -> None:
+    _, model, _ = log_and_model
+    bad = tmp_path / "ids.csv"
+    bad.write_text("ts,device_id,ax,ay,az,wx,wy,wz\n" + "".join(
+        f"{i / 50:.2f},dev a,1,2,3,4,5,6\n" for i in range(200)))
+    state = tmp_path / "s"
+    res = run_agent("replay", str(bad), "--broker", shared_broker.url, "--model", str(model),
+                    "--prefix", prefix, "--state-dir", str(state))
+    assert res.returncode == 5, res.stderr
+    assert "ids.csv" in res.stderr and "invalid device id 'dev a'" in res.stderr
+    assert _pending(state) == set(), "nothing unsendable reached the outbox"
+
+
+def test_sigterm_while_waiting_for_a_dead_broker_exits_130_keeping_results(tmp_path, log_and_model) -> None:
+    log, model, _ = log_and_model
+    from cloud_hub.broker import free_port
+
+    state = tmp_path / "s"
+    proc = subprocess.Popen(agent_cmd("replay", str(log), "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                                      "--model", str(model), "--state-dir", str(state)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (state / "outbox.sqlite").exists() or len(_pending(state)) < 50:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)  # the replay is done producing and waits for acknowledgements that cannot come
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "kept in the outbox" in err
+    assert len(_pending(state)) >= 50

@@ -109,6 +109,8 @@ def test_bundle_checks(v1, keys) -> None:
     forged = c.Bundle(dataclasses.replace(signed.manifest, version=99), signed.model)
     _refused(forged.encode(), pub, "bad signature")
     _refused(b"garbage", pub, "malformed bundle")
+    mangled = c.Bundle(dataclasses.replace(signed.manifest, signature="not*base64!"), signed.model)
+    _refused(mangled.encode(), pub, "not valid base64")
 
 
 def _mismatched(train_log: Path, v1: c.Bundle) -> c.Bundle:

@@ -159,7 +159,7 @@ class Demo:
                 rollout.publish(engine, settings)
                 self.say("published v2: agents verify the signature and hot-swap between batches")
             results = self._wait_agents(engine)
-            self._wait_stored(engine, results, hub)
+            self._wait_stored(engine, results)
         finally:
             hub.stop()
         with engine.connect() as conn:
@@ -215,7 +215,7 @@ class Demo:
             out[device] = orjson.loads(stdout)
         return out
 
-    def _wait_stored(self, engine: sa.Engine, agents: dict[str, dict[str, Any]], hub: Hub, timeout: float = 60) -> None:
+    def _wait_stored(self, engine: sa.Engine, agents: dict[str, dict[str, Any]], timeout: float = 60) -> None:
         want = sum(a["windows"] for a in agents.values())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -16,7 +16,6 @@ import base64
 import math
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
@@ -492,11 +491,3 @@ def decode_bundle(payload: bytes) -> Bundle:
         raise ContractError("bundle manifest length points past the end of the payload")
     manifest = manifest_from_obj(_loads(payload[_HEADER.size:end], MAX_STATUS_BYTES * 64, "manifest"))
     return Bundle(manifest, payload[end:])
-
-
-# --------------------------------------------------------------------------- dispatch
-
-DECODERS: Final[dict[str, Callable[..., Any]]] = {
-    "results": decode_results,
-    "status": decode_status,
-}

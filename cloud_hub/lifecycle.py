@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from cloud_hub import db, quantize, training, weights
 from cloud_hub.store import ModelRow, Store
-from edge_agent.contract import Bundle, Manifest
+from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.preprocess import PreprocessParams, Windower, extract_features, fit_normalization
 from edge_agent.sources import read_log
 
@@ -271,14 +271,20 @@ def _devices_of(logs: Sequence[str], on_error: str) -> list[str]:
 # ----------------------------------------------------------------------------- retraining from the fleet
 
 
-def current_model(store: Store, conn: sa.Connection, name: str) -> ModelRow:
-    """The version devices should be running: the last published, else the newest publishable."""
-    rows = [r for r in store.list_models(conn, name) if r.state in ("published", "publishable")]
+def on_topic(rows: Sequence[ModelRow]) -> ModelRow | None:
+    """The version on the model topic: the one published last (rows of one model name)."""
     published = [r for r in rows if r.state == "published"]
-    if published:
-        return max(published, key=lambda r: (r.published_at or 0.0, r.version))
-    if rows:
-        return rows[-1]
+    return max(published, key=lambda r: (r.published_at or 0.0, r.version)) if published else None
+
+
+def current_model(rows: Sequence[ModelRow], name: str) -> ModelRow:
+    """The version devices should be running: the one on the topic, else the newest publishable."""
+    running = on_topic(rows)
+    if running is not None:
+        return running
+    publishable = [r for r in rows if r.state == "publishable"]
+    if publishable:
+        return publishable[-1]
     raise LifecycleError(f"no model {name!r} to retrain from: run `cloud-hub train` first")
 
 
@@ -314,15 +320,14 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
     """``cloud-hub retrain``: the next version from fleet features, warm-started and gated."""
     store = Store(engine)
     with db.transaction(engine, write=False) as conn:
-        current = current_model(store, conn, name)
+        rows = store.list_models(conn, name)
+        current = current_model(rows, name)
         version = next_version(store, conn, name)
         weights_blob = store.get_weights(conn, name, current.version)
-    base_bundle = Bundle(_manifest_of(current), b"")
-    params = PreprocessParams.from_dict(base_bundle.manifest.preprocess)
-    with engine.connect() as conn:
-        same = [row.version for row in store.list_models(conn, name)
-                if row.manifest.get("preprocess") == base_bundle.manifest.preprocess]
-    ds = fleet_dataset(engine, params, base_bundle.manifest.n_features, versions=same)
+    manifest = manifest_from_obj(current.manifest)
+    params = PreprocessParams.from_dict(manifest.preprocess)
+    same = [row.version for row in rows if row.manifest.get("preprocess") == manifest.preprocess]
+    ds = fleet_dataset(engine, params, manifest.n_features, versions=same)
     n_fleet = len(ds.y)
     if logs:
         data, y, devices, starts = windows_from_logs(logs, params)
@@ -354,21 +359,11 @@ def _fmt(metrics: dict[str, Any]) -> str:
     return f"accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else f"MAE {metrics['mae']:.4f}"
 
 
-def _manifest_of(row: ModelRow) -> Manifest:
-    from edge_agent.contract import manifest_from_obj
-
-    return manifest_from_obj(row.manifest)
-
-
 def _with_gate(m: Manifest, baseline: dict[str, Any], gate: str) -> Manifest:
-    from dataclasses import replace
-
     return replace(m, metrics={**m.metrics, "baseline_int8": baseline, "gate": gate})
 
 
 def _evaluate_bundle(row: ModelRow, test: Dataset) -> dict[str, Any]:
-    from edge_agent.contract import decode_bundle
-
     if row.bundle is None:
         raise LifecycleError(f"model {row.name} v{row.version} has no stored bundle")
     return quantize.evaluate(decode_bundle(row.bundle).model, test.X, test.y, latency_runs=50, warmup=5)

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from cloud_hub import db
-from cloud_hub.lifecycle import LifecycleError
+from cloud_hub.lifecycle import LifecycleError, on_topic
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import ModelRow, Store
 from edge_agent.bundle import load_private_key, sign_bundle
@@ -89,27 +89,23 @@ def rollout(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:
         entry["total"] += n
         if state == "online":
             entry["online"] += n
-    on_topic: dict[str, int] = {}
-    for r in rows:
-        if r.state == "published" and (r.name not in on_topic or
-                                       (r.published_at or 0) >= _published_at(rows, r.name, on_topic[r.name])):
-            on_topic[r.name] = r.version
+    topic_version = {}
+    for model_name in {r.name for r in rows}:
+        live = on_topic([r for r in rows if r.name == model_name])
+        if live is not None:
+            topic_version[model_name] = live.version
     out = []
     for r in rows:
         metrics = r.metrics or {}
         c = counts.get((r.name, r.version), {"online": 0, "total": 0})
         out.append({
             "name": r.name, "version": r.version, "state": r.state, "created": r.created,
-            "published_at": r.published_at, "on_topic": on_topic.get(r.name) == r.version,
+            "published_at": r.published_at, "on_topic": topic_version.get(r.name) == r.version,
             "int8": _brief(metrics.get("int8")), "fp32": _brief(metrics.get("fp32")),
             "gate": metrics.get("gate"), "devices_online": c["online"], "devices": c["total"],
             "holdout_devices": r.manifest.get("training", {}).get("holdout_devices", []),
         })
     return out
-
-
-def _published_at(rows: list[ModelRow], name: str, version: int) -> float:
-    return next((r.published_at or 0.0) for r in rows if r.name == name and r.version == version)
 
 
 def _brief(m: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -108,8 +108,9 @@ class Processor:
         ready: list[tuple[str, WindowBatch]] = []
         self._source = source
         for source_device, (ts, values, labels) in per_device.items():
-            device = self._devices.get(source_device) or self._devices.setdefault(
-                source_device, self._device(source_device))
+            device = self._devices.get(source_device)
+            if device is None:
+                device = self._devices[source_device] = self._device(source_device)
             self.stats.devices.add(device)
             self.stats.readings += len(ts)
             windower = self._windowers.get(device)

@@ -38,6 +38,14 @@ def make_bundle(log: Path, *, version: int = 1, name: str = "default", holdout=(
     return bundle
 
 
+def model_params(engine, version: int = 1) -> PreprocessParams:
+    """The preprocessing parameters of a registered model version."""
+    from cloud_hub.store import Store
+
+    with engine.connect() as conn:
+        return PreprocessParams.from_dict(Store(engine).get_model(conn, "default", version).manifest["preprocess"])
+
+
 def expected_keys(log: Path, params: PreprocessParams) -> set[tuple[str, int]]:
     """Every (device, seq) the agent must produce for this log: computed with the batch windowing."""
     reader = read_log(log)

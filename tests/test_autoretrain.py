@@ -17,7 +17,7 @@ from cloud_hub.store import Store
 from edge_agent import contract as c
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.settings import BrokerURL, load_settings
-from tests.helpers import SMALL, make_log
+from tests.helpers import SMALL, make_log, model_params
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +42,11 @@ def _report(engine, log, params, first_seq: int) -> int:
     return len(rows)
 
 
-def _params(engine):
-    from edge_agent.preprocess import PreprocessParams
-
-    with engine.connect() as conn:
-        return PreprocessParams.from_dict(Store(engine).get_model(conn, "default", 1).manifest["preprocess"])
-
-
 def test_retrains_after_n_new_labelled_windows(tmp_path, labelled) -> None:
     settings = _settings(tmp_path, retrain_every_n=100, retrain_tolerance=1.0)
     engine = db.make_engine(settings.db)
     lifecycle.train_from_logs(engine, [str(labelled)], holdout=["a3"], config=SMALL)
-    params = _params(engine)
+    params = model_params(engine)
     _report(engine, labelled, params, 0)  # reported before serve started: not counted
     auto = AutoRetrainer(settings, engine)
     assert auto.enabled and auto.new_labelled() == 0 and auto.check() is None
@@ -82,7 +75,7 @@ def test_serve_retrains_and_publishes_when_configured(broker, prefix, tmp_path, 
     thread.start()
     try:
         assert started.wait(30)
-        _report(engine, labelled, _params(engine), 10**9)
+        _report(engine, labelled, model_params(engine), 10**9)
         bundle = c.decode_bundle(models.get(timeout=90).payload)
         assert bundle.manifest.version == 2 and bundle.manifest.signature is not None
     finally:

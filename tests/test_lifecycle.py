@@ -25,7 +25,8 @@ from edge_agent import contract as c
 from edge_agent.bundle import BundleRejected, load_private_key, load_public_key, sign_bundle, verify_bundle
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.settings import BrokerURL, load_settings
-from tests.helpers import SMALL, agent_cmd, expected_keys, make_bundle, make_log
+from tests.helpers import SMALL, agent_cmd, expected_keys, make_bundle, make_log, model_params
+from tests.test_ingest import stored_keys, wait_for
 
 runner = CliRunner()
 
@@ -224,7 +225,7 @@ def test_retrain_from_fleet_and_rollout_switches_every_agent(broker, prefix, tmp
                       "--state-dir", str(tmp_path / dev), "--speed", "4", "--features", "all", "--json"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2"}) for dev, path in fleet.items()]
-        _wait_rows(engine, 40)
+        wait_for(lambda: len(stored_keys(settings.db)) >= 40, timeout=120, what="40 results stored")
         v2 = lifecycle.retrain(engine, holdout=["dev-b"], tolerance=1.0, min_windows=20, config=SMALL)
         assert (v2.version, v2.state, v2.extra["parent_version"]) == (2, "publishable", 1)
         assert v2.baseline is not None and "accuracy" in v2.baseline
@@ -233,8 +234,8 @@ def test_retrain_from_fleet_and_rollout_switches_every_agent(broker, prefix, tmp
         assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
         reports = [orjson.loads(o) for o, _ in outs]
         assert all(r["model_swaps"] == 1 and r["model_version"] == 2 for r in reports)
-        expected = set().union(*(expected_keys(path, _params(engine)) for path in fleet.values()))
-        _wait_rows(engine, len(expected))
+        expected = set().union(*(expected_keys(path, model_params(engine)) for path in fleet.values()))
+        wait_for(lambda: len(stored_keys(settings.db)) >= len(expected), timeout=120, what="every result")
         time.sleep(1.5)  # let the last status messages arrive
     finally:
         hub.stop()
@@ -252,27 +253,10 @@ def test_retrain_from_fleet_and_rollout_switches_every_agent(broker, prefix, tmp
     assert models[2]["devices"] == 2 and models[1]["devices"] == 0 and models[2]["on_topic"]
 
 
-def _params(engine: sa.Engine):
-    from edge_agent.preprocess import PreprocessParams
-
-    with engine.connect() as conn:
-        return PreprocessParams.from_dict(Store(engine).get_model(conn, "default", 1).manifest["preprocess"])
-
-
-def _wait_rows(engine: sa.Engine, n: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            if conn.execute(sa.select(sa.func.count()).select_from(db.results)).scalar_one() >= n:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"fewer than {n} results stored")
-
-
 def test_gate_rejects_a_worse_model(tmp_path, train_log) -> None:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-3"], config=SMALL)
-    params = _params(engine)
+    params = model_params(engine)
     # The fleet reports features with scrambled ground truth: a model learned from it must lose.
     ds = lifecycle.dataset_from_logs([str(train_log)], window_s=params.window_s, hop_s=params.hop_s,
                                      holdout=[], params=params)

@@ -69,9 +69,10 @@ def _collector(broker: LocalBroker, topics: c.Topics, name: str) -> tuple[MqttLi
     return link, got
 
 
-def _received_keys(got: queue.Queue[Message], expected: int) -> list[tuple[str, int]]:
+def _received_keys(got: queue.Queue[Message], expected: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Every key received until all of ``expected`` arrived (duplicates and strangers included)."""
     keys: list[tuple[str, int]] = []
-    while len(set(keys)) < expected:
+    while not expected <= set(keys):
         msg = got.get(timeout=30)
         batch = c.decode_results(msg.payload)
         assert len(batch.results) <= 7
@@ -91,7 +92,8 @@ def test_publisher_drains_outbox_across_broker_restart(broker: LocalBroker, pref
     box.put("a", _rows("a", range(50)))
     box.put("b", _rows("b", range(20)))
     pub.notify()
-    first = _received_keys(got, 70)
+    first_set = {("a", s) for s in range(50)} | {("b", s) for s in range(20)}
+    first = _received_keys(got, first_set)
     assert pub.wait_drained(30)
     # Broker goes away: results keep being accepted into the outbox, nothing fails.
     broker.stop()
@@ -100,9 +102,12 @@ def test_publisher_drains_outbox_across_broker_restart(broker: LocalBroker, pref
     assert box.depth == 40
     broker.start()
     assert pub.wait_drained(60), "drained after the broker came back"
-    second = _received_keys(got, 40)
-    assert set(first) == {("a", s) for s in range(50)} | {("b", s) for s in range(20)}
-    assert set(second) == {("a", s) for s in range(50, 90)}
+    second_set = {("a", s) for s in range(50, 90)}
+    second = _received_keys(got, second_set)
+    assert set(first) == first_set
+    # Every new row arrived. The subscriber's persistent session may get a message of the first
+    # phase again after the broker restart (QoS 1 is at-least-once on the wire; the hub dedups).
+    assert second_set <= set(second) <= first_set | second_set
     pub.stop()
     link.stop()
     sub.stop()
@@ -123,7 +128,8 @@ def test_restarted_agent_resends_what_was_not_acknowledged(broker: LocalBroker, 
     link.start()
     pub.start()
     assert pub.wait_drained(30)
-    assert sorted(set(_received_keys(got, 30))) == [("a", s) for s in range(30)]
+    want = {("a", s) for s in range(30)}
+    assert set(_received_keys(got, want)) == want
     assert box.depth == 0
     pub.stop()
     link.stop()
@@ -144,7 +150,7 @@ def test_partial_batches_never_resend_rows(shared_broker: LocalBroker, prefix: s
     link.wait_connected(10)
     pub.start()
     pub.notify()
-    assert set(_received_keys(got, 7)) == {("a", s) for s in range(7)}
+    assert set(_received_keys(got, {("a", s) for s in range(7)})) == {("a", s) for s in range(7)}
     for _ in range(5):  # let the pump run a few rounds while b's batch waits
         pub.notify()
         time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Ingestion: MQTT in, one transaction per batch, acknowledgements only after the commit.
+"""Ingestion: MQTT in, one transaction per batch, receipts and acknowledgements only after the commit.
 
 Threads: paho's network thread only puts each :class:`Message` on a queue (and a marker on every
 connect/disconnect); one writer thread drains the queue into a batch, decodes every message through
@@ -6,6 +6,13 @@ the contract, writes the batch in ONE transaction and, once it is committed, sen
 message in it. With a persistent session (clean start off, session expiry set) the broker redelivers
 whatever was not acknowledged when the hub died, and the idempotent insert on (device_id, seq) makes
 the redelivery harmless: exactly one row per result.
+
+Why receipts: the PUBACK a device gets only says the broker has its results, and a broker keeps
+queued messages in memory between autosaves. So once a batch is committed the hub tells each device
+which of its results are stored (``{prefix}/devices/{id}/receipts``, runs of seqs, new rows and
+duplicates alike), and the device keeps every result until then, sending it again when no receipt
+comes. Receipts go out before the PUBACKs of the same batch; if the hub dies in between, the broker
+redelivers, the rows are duplicates and are receipted again.
 
 Why a batch ends as soon as the queue is empty: the broker keeps at most ``max_inflight_messages``
 (100 in our mosquitto.conf) unacknowledged QoS 1 messages in flight to us and sends nothing more until
@@ -39,6 +46,7 @@ from cloud_hub.autoretrain import AutoRetrainer
 from cloud_hub.db import HubError, describe, is_transient, make_engine, pack_features
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import Batch, Store, Written, dead_letter
+from edge_agent import contract as c
 from edge_agent.contract import ContractError, Topics, decode_results, decode_status
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
@@ -75,6 +83,7 @@ class HubStats:
     batches: int = 0
     db_errors: int = 0
     unacked: int = 0  # messages left for redelivery because the connection changed before their ack
+    receipts: int = 0  # receipt messages sent to devices
 
 
 class Hub:
@@ -157,13 +166,17 @@ class Hub:
         while True:
             pending = self._collect(timeout=min(0.5, interval) if interval > 0 else 0.5)
             if pending is not None and (pending.messages or pending.dead):
+                log.debug("committing a batch: %d messages, %d results", len(pending.messages), len(pending.rows))
                 touched = self._touched
                 pending.seen = {d: t for d, t in pending.seen.items()
                                 if t - touched.get(d, -SEEN_RESOLUTION_S) >= SEEN_RESOLUTION_S}
                 written = self._commit(pending)
                 if written is not None:
                     touched.update(pending.seen)
-                    self._ack(pending, written)
+                    self._count(pending, written)
+                    if self.settings.receipts:
+                        self._send_receipts(pending)
+                    self._ack(pending)
             if time.monotonic() >= self._next_log:
                 self._log_stats()
             if pending is not None and pending.final:
@@ -279,13 +292,17 @@ class Hub:
             raise
 
     def _commit_one_by_one(self, pending: Pending) -> Written | None:
-        """Isolate the message(s) the database refuses (e.g. a NUL in a PostgreSQL string)."""
+        """Isolate the message(s) the database refuses (e.g. a NUL in a PostgreSQL string).
+
+        Afterwards ``pending.rows`` holds only the rows that were stored: only those are receipted."""
         total = [0, 0, 0]
+        stored: list[tuple[Any, ...]] = []
         for msg in pending.messages:
             single = Pending()
             self._add(single, msg, time.time())
             try:
                 w = self._write(single)
+                stored += single.rows
             except sa.exc.DBAPIError as exc:
                 if is_transient(exc):
                     raise  # the caller retries the whole batch: idempotent, nothing is duplicated
@@ -293,15 +310,36 @@ class Hub:
                                      time.time(), self.settings.dead_letter_max_bytes)
                 w = self._write(Pending(dead=[letter]))
             total = [total[0] + w.new, total[1] + w.duplicates, total[2] + w.dead]
+        pending.rows = stored
         return Written(*total)
 
-    def _ack(self, pending: Pending, written: Written) -> None:
+    def _count(self, pending: Pending, written: Written) -> None:
         stats = self.stats
         stats.batches += 1
         stats.messages += len(pending.messages)
         stats.stored += written.new
         stats.duplicates += written.duplicates
         stats.dead_letters += written.dead
+
+    def _send_receipts(self, pending: Pending) -> None:
+        """Tell each device which of its results this committed batch holds (one message per device)."""
+        per_device: dict[str, list[int]] = {}
+        for row in pending.rows:
+            seqs = per_device.get(row[0])
+            if seqs is None:
+                per_device[row[0]] = seqs = []
+            seqs.append(row[1])
+        publish, topics = self.link.publish, self.topics
+        for device, seqs in per_device.items():
+            try:
+                publish(topics.receipts(device), c.Receipt.of(device, seqs).encode(), c.RECEIPT_DELIVERY)
+            except (MqttError, ContractError) as exc:  # the device sends again and gets its receipt then
+                log.warning("receipt to %s not sent: %s", device, exc)
+                continue
+            self.stats.receipts += 1
+
+    def _ack(self, pending: Pending) -> None:
+        stats = self.stats
         if pending.generation != self._connection_events or not self.link.connected:
             stats.unacked += len(pending.messages)
             log.info("connection changed: %d committed messages left for redelivery", len(pending.messages))

@@ -225,6 +225,12 @@ def score(metrics: dict[str, Any]) -> float:
     return float(metrics["accuracy"]) if "accuracy" in metrics else -float(metrics["mae"])
 
 
+def passes_gate(candidate: dict[str, Any], running: dict[str, Any], tolerance: float = 0.0) -> bool:
+    """The gate: a candidate may replace the running version when it is not worse on the same hold-out
+    than ``tolerance`` allows. An equal score passes (a retrain that changes nothing is not a regression)."""
+    return score(candidate) >= score(running) - tolerance
+
+
 def next_version(store: Store, conn: sa.Connection, name: str) -> int:
     latest = store.get_model(conn, name)
     return 1 if latest is None else latest.version + 1
@@ -344,7 +350,7 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
         summary={"source": "fleet" + ("+logs" if logs else ""), "fleet_windows": n_fleet,
                  "parent_version": current.version})
     baseline = _evaluate_bundle(current, test)
-    ok = score(m_int8) >= score(baseline) - tolerance
+    ok = passes_gate(m_int8, baseline, tolerance)
     gate = (f"v{version} INT8 {_fmt(m_int8)} vs running v{current.version} INT8 {_fmt(baseline)} "
             f"on {len(test.y)} hold-out windows (tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
     state = "publishable" if ok else "rejected"

@@ -28,6 +28,7 @@ class HubSettings(BrokerSettings):
     connect_timeout_s: float = 10.0  # `serve` gives up (exit 3) if the first connection takes longer
     batch_max: int = 5_000  # result rows per transaction
     batch_max_delay_s: float = 0.2  # longest time spent collecting one batch while messages keep coming
+    receipts: bool = True  # after each commit, tell devices which results are stored (they keep them until then)
     dead_letter_max_bytes: int = 64 << 10  # raw payload bytes kept per dead letter
     log_interval_s: float = 10.0  # a stats line this often; 0 = never
     log_level: str = "INFO"

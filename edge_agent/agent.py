@@ -51,7 +51,8 @@ class Agent:
         self.state_dir = state
         self.active_path = state / f"model-{settings.model_name}.emlb"
         self.outbox = Outbox(state / "outbox.sqlite", max_rows=settings.outbox_max,
-                             overflow=settings.outbox_overflow)
+                             overflow=settings.outbox_overflow, resend_after_s=settings.resend_after_s,
+                             resend_max_s=settings.resend_max_s)
         self.device_ids: list[str] = list(device_ids)
         single = device_ids[0] if len(device_ids) == 1 else None
         will = None
@@ -61,15 +62,22 @@ class Agent:
         client_id = settings.client_id or (f"edge-agent-{single}" if single else f"edge-agent-{uuid.uuid4().hex[:8]}")
         self._trusted = load_public_key(settings.trusted_key) if settings.trusted_key else None
         self._updates: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._model_topic = self.topics.model(settings.model_name)
+        subscriptions = [(self._model_topic, 1)]
+        if settings.receipts:
+            # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
+            # device to its own); subscribing per device as they appear would race their first results.
+            subscriptions.append((self.topics.receipts(single) if single else self.topics.all_receipts, 1))
         self.link = MqttLink(
             settings.broker_url, client_id, tls=settings.tls, clean_start=True, will=will,
             max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
             on_published=self._on_published, on_connected=self._on_connected,
-            subscriptions=[(self.topics.model(settings.model_name), 1)],
+            subscriptions=subscriptions,
         )
         self.publisher = Publisher(
             self.outbox, self.link, self.topics, batch_max_results=settings.batch_max_results,
             batch_max_delay_s=settings.batch_max_delay_s, max_inflight=settings.max_inflight,
+            receipts=settings.receipts,
         )
         self.model: ModelState | None = None
         self.processor: Processor | None = None
@@ -82,8 +90,11 @@ class Agent:
     # ----------------------------------------------------------------- paho thread callbacks
 
     def _on_message(self, msg: Message) -> None:
-        if msg.topic == self.topics.model(self.settings.model_name) and msg.payload:
-            self._updates.put(msg.payload)
+        if msg.topic == self._model_topic:
+            if msg.payload:
+                self._updates.put(msg.payload)
+        elif msg.topic.endswith("/receipts"):
+            self.publisher.on_receipt(msg.topic, msg.payload)
 
     def _on_published(self, mid: int, ok: bool, reason: str) -> None:
         self.publisher.on_published(mid, ok, reason)
@@ -91,7 +102,7 @@ class Agent:
     def _on_connected(self, up: bool) -> None:
         if up:
             self._status_due = 0.0  # re-announce online (the will may have been published)
-            self.publisher.notify()
+            self.publisher.on_reconnect()
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -79,17 +79,22 @@ def replay(
     trusted_key: KeyOpt = None,
     features: Annotated[str | None, typer.Option(help="Send model inputs for retraining: off|sampled|all.")] = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="Count and report malformed lines instead of stopping.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Give up waiting for acknowledgements after S seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Give up waiting for receipts after S seconds (exit 3).")] = None,
+    until: Annotated[str | None, typer.Option(help="hub: exit 0 once the hub has stored every result (its receipts); "
+                                            "broker: once the broker has them (setups without a hub). "
+                                            "Default: the receipts setting (true = hub).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Replay recorded logs as if live; exit 0 once every result is acknowledged by the broker."""
+    """Replay recorded logs as if live; exit 0 once the hub has stored every result (or the broker, --until)."""
     from edge_agent import service
 
     if speed < 0:
         _fail("--speed must be >= 0", EXIT_USAGE)
+    if until not in (None, "hub", "broker"):
+        _fail(f"--until must be hub or broker, got {until!r}", EXIT_USAGE)
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,
-                  trusted_key=trusted_key, features=features)
+                  trusted_key=trusted_key, features=features, receipts=None if until is None else until == "hub")
     _logging("WARNING" if json_out else s.log_level)
     try:
         report = _with_progress(lambda cb: service.replay(
@@ -104,12 +109,14 @@ def replay(
     else:
         typer.echo(
             f"{report.devices} devices, {report.readings} readings, {report.windows} windows, "
-            f"{report.published} results acknowledged in {report.seconds:.2f} s "
-            f"({report.readings / max(report.seconds, 1e-9):,.0f} readings/s), model v{report.model_version}"
+            f"{report.published} results {'stored by the hub' if report.until == 'hub' else 'acknowledged by the broker'}"
+            f" in {report.seconds:.2f} s ({report.readings / max(report.seconds, 1e-9):,.0f} readings/s), "
+            f"model v{report.model_version}"
         )
     if not report.drained:
-        _fail(f"{report.windows - report.published} results not acknowledged within {timeout} s "
-              "(kept in the outbox, sent on the next start)", EXIT_BROKER)
+        why = f"within {timeout:g} s" if timeout is not None else "(the broker refused them)"
+        _fail(f"{report.not_stored} results not yet {'stored by the hub' if report.until == 'hub' else 'acknowledged'}"
+              f" {why}: they stay in the outbox ({s.state_dir}) and are sent again on the next start", EXIT_BROKER)
 
 
 def _with_progress(job: Any) -> Any:

@@ -16,6 +16,7 @@ import base64
 import math
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
@@ -26,6 +27,8 @@ MAX_RESULTS_BYTES: Final = 1 << 20  # a results batch; the agent stays far below
 MAX_STATUS_BYTES: Final = 16 << 10
 MAX_BUNDLE_BYTES: Final = 32 << 20
 MAX_RESULTS_PER_BATCH: Final = 10_000
+MAX_RECEIPT_BYTES: Final = 256 << 10
+MAX_RECEIPT_RUNS: Final = 10_000
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -48,6 +51,7 @@ class Delivery:
 
 RESULTS_DELIVERY: Final = Delivery(qos=1, retain=False)
 STATUS_DELIVERY: Final = Delivery(qos=1, retain=True)
+RECEIPT_DELIVERY: Final = Delivery(qos=1, retain=False)
 MODEL_DELIVERY: Final = Delivery(qos=1, retain=True)
 
 
@@ -67,7 +71,8 @@ class Topics:
     """Topic layout under one prefix.
 
     ``{prefix}/devices/{device_id}/results`` result batches, ``.../status`` retained device status
-    (last will: offline), ``{prefix}/models/{name}`` retained signed model bundles.
+    (last will: offline), ``.../receipts`` the hub's commit receipts for that device,
+    ``{prefix}/models/{name}`` retained signed model bundles.
     """
 
     prefix: str = "edgeml"
@@ -83,6 +88,9 @@ class Topics:
     def status(self, device_id: str) -> str:
         return f"{self.prefix}/devices/{check_id(device_id)}/status"
 
+    def receipts(self, device_id: str) -> str:
+        return f"{self.prefix}/devices/{check_id(device_id)}/receipts"
+
     def model(self, name: str) -> str:
         return f"{self.prefix}/models/{check_id(name, 'model name')}"
 
@@ -94,16 +102,20 @@ class Topics:
     def all_status(self) -> str:
         return f"{self.prefix}/devices/+/status"
 
+    @property
+    def all_receipts(self) -> str:
+        return f"{self.prefix}/devices/+/receipts"
+
     def shared(self, topic_filter: str, group: str | None) -> str:
         """The filter as an MQTT 5 shared subscription when ``group`` is set."""
         return f"$share/{check_id(group, 'share group')}/{topic_filter}" if group else topic_filter
 
     def parse(self, topic: str) -> tuple[str, str]:
-        """Split a topic into (kind, id): ("results"|"status", device_id) or ("model", name)."""
+        """Split a topic into (kind, id): ("results"|"status"|"receipts", device_id) or ("model", name)."""
         head = self.prefix + "/"
         if topic.startswith(head):
             parts = topic[len(head):].split("/")
-            if len(parts) == 3 and parts[0] == "devices" and parts[2] in ("results", "status"):
+            if len(parts) == 3 and parts[0] == "devices" and parts[2] in ("results", "status", "receipts"):
                 return parts[2], check_id(parts[1])
             if len(parts) == 2 and parts[0] == "models":
                 return "model", check_id(parts[1], "model name")
@@ -323,6 +335,85 @@ def decode_results(payload: bytes, topic_device: str | None = None) -> ResultBat
     if type(items) is not list or not 0 < len(items) <= MAX_RESULTS_PER_BATCH:
         raise ContractError(f"results must be a list of 1..{MAX_RESULTS_PER_BATCH} objects")
     return ResultBatch(device_id, tuple(_result_from_obj(o, i) for i, o in enumerate(items)))
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The hub's word that results of one device are committed, the payload of ``.../receipts``.
+
+    The stored keys are written as runs ``[first, step, count]``: the seqs ``first``,
+    ``first + step``, ... (``count`` of them). A device's seqs are window starts, so the results of
+    one batch are almost always one run (a constant hop): a receipt for 100 results is ~60 bytes.
+    A receipt covers new rows and duplicates alike, and applying one twice is harmless.
+    """
+
+    device_id: str
+    runs: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def of(cls, device_id: str, seqs: Iterable[int]) -> Receipt:
+        return cls(device_id, seq_runs(seqs))
+
+    def seqs(self) -> list[int]:
+        return [first + step * i for first, step, count in self.runs for i in range(count)]
+
+    def encode(self) -> bytes:
+        check_id(self.device_id)
+        if not 0 < len(self.runs) <= MAX_RECEIPT_RUNS:
+            raise ContractError(f"a receipt holds 1..{MAX_RECEIPT_RUNS} runs, not {len(self.runs)}")
+        return orjson.dumps({"v": SCHEMA_VERSION, "device_id": self.device_id, "runs": self.runs})
+
+
+def seq_runs(seqs: Iterable[int]) -> tuple[tuple[int, int, int], ...]:
+    """Sorted distinct ``seqs`` as runs ``(first, step, count)`` of constant step (greedy)."""
+    ordered = sorted(set(seqs))
+    runs: list[tuple[int, int, int]] = []
+    i, n = 0, len(ordered)
+    while i < n:
+        first = ordered[i]
+        if i + 1 == n:
+            runs.append((first, 1, 1))
+            break
+        step = ordered[i + 1] - first
+        j = i + 1
+        while j + 1 < n and ordered[j + 1] - ordered[j] == step:
+            j += 1
+        runs.append((first, step, j - i + 1))
+        i = j + 1
+    return tuple(runs)
+
+
+_RECEIPT_KEYS: Final = frozenset({"v", "device_id", "runs"})
+_MAX_RECEIPT_SEQS: Final = 1_000_000
+
+
+def decode_receipt(payload: bytes, topic_device: str | None = None) -> Receipt:
+    obj = _loads(payload, MAX_RECEIPT_BYTES, "receipt")
+    _check_keys(obj, _RECEIPT_KEYS, _RECEIPT_KEYS, "receipt")
+    device_id = obj["device_id"]
+    check_id(device_id if isinstance(device_id, str) else repr(device_id))
+    if topic_device is not None and device_id != topic_device:
+        raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
+    items = obj["runs"]
+    if type(items) is not list or not 0 < len(items) <= MAX_RECEIPT_RUNS:
+        raise ContractError(f"receipt.runs must be a list of 1..{MAX_RECEIPT_RUNS} runs")
+    runs: list[tuple[int, int, int]] = []
+    total = 0
+    for i, run in enumerate(items):
+        if type(run) is not list or len(run) != 3 or not all(type(x) is int for x in run):
+            raise ContractError(f"receipt.runs[{i}] must be [first, step, count] integers")
+        first, step, count = run
+        if not (0 <= first <= _MAX_INT and step >= 1 and count >= 1
+                and first + step * (count - 1) <= _MAX_INT):
+            raise ContractError(f"receipt.runs[{i}] = {run} is out of range (first >= 0, step >= 1, count >= 1)")
+        total += count
+        runs.append((first, step, count))
+    if total > _MAX_RECEIPT_SEQS:
+        raise ContractError(f"receipt covers {total} results, over the {_MAX_RECEIPT_SEQS} limit")
+    return Receipt(device_id, tuple(runs))
 
 
 # --------------------------------------------------------------------------- status

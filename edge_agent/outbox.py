@@ -1,15 +1,22 @@
 """The durable on-device outbox: results are written here before they are published.
 
-A row leaves the outbox only when the broker acknowledged (PUBACK) the message that carried it, so
-a crash, a reboot or a broker outage loses nothing: whatever is still here is sent again.
+A row goes pending -> sent (the broker's PUBACK) -> receipted by the hub (deleted). The broker's
+PUBACK only says the broker has the message, and a broker keeps queued messages in memory between
+autosaves; so a sent row stays here, with a time ``due`` at which it is sent again unless the hub's
+receipt (its word that the row is committed) deletes it first. The wait doubles with each attempt
+(bounded), so a hub that is down for hours does not get every row queued again every few seconds.
+A crash, a reboot, a broker that forgets everything or a hub outage loses nothing: whatever is
+still here is sent again, and the hub ignores duplicates by key. (Without a hub, ``receipts=False``
+in the publisher deletes rows at the PUBACK.)
 
 * SQLite in WAL mode with ``synchronous=NORMAL``: a committed row survives a crash of the agent
   process; on sudden power loss the last transaction may be lost (set ``durable=True`` for FULL
   sync at the cost of an fsync per transaction).
 * The key (device_id, seq) is unique: re-producing a result that is still pending is a no-op.
-* Bounded: at most ``max_rows`` pending rows. Overflow policy ``drop_oldest`` deletes the oldest
-  pending rows to make room and counts them (reported in the device status: never silent);
-  ``block`` makes :meth:`put` wait until the publisher has freed room (back-pressure on the source).
+* Bounded: at most ``max_rows`` rows, pending and unreceipted alike. Overflow policy
+  ``drop_oldest`` deletes the oldest rows that are not in flight to make room and counts them
+  (reported in the device status: never silent); ``block`` makes :meth:`put` wait until receipts
+  have freed room (back-pressure on the source).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +35,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER NOT NULL,
     created REAL NOT NULL,
     payload BLOB NOT NULL,
+    due REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
     UNIQUE (device_id, seq)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# ``due`` is NULL while a row is pending (never sent, or taken for sending again) and the time to send
+# it again once the broker acknowledged it; ``attempts`` counts those acknowledgements.
+_UPGRADE = ("ALTER TABLE outbox ADD COLUMN due REAL",
+            "ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+_INDEX = "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due) WHERE due IS NOT NULL"
+_MAX_DOUBLINGS = 20
 
 
 class OutboxFull(RuntimeError):
@@ -39,7 +54,7 @@ class OutboxFull(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class Pending:
+class OutboxRow:
     id: int
     device_id: str
     seq: int
@@ -51,22 +66,31 @@ class Outbox:
     """Thread-safe durable queue of encoded results (one SQLite connection, one lock)."""
 
     def __init__(self, path: str | Path, *, max_rows: int = 200_000, overflow: str = "drop_oldest",
-                 durable: bool = False) -> None:
+                 durable: bool = False, resend_after_s: float = 15.0, resend_max_s: float = 300.0) -> None:
         if overflow not in ("drop_oldest", "block"):
             raise ValueError(f"unknown overflow policy {overflow!r}")
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
         self.overflow = overflow
+        self.resend_after_s = resend_after_s
+        self.resend_max_s = max(resend_max_s, resend_after_s)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "due" not in columns:  # an outbox written before receipts: every row is pending
+            for statement in _UPGRADE:
+                self._db.execute(statement)
+        self._db.execute(_INDEX)
+        # A new process sends every row again, unreceipted ones included: the broker may have lost them.
+        self._db.execute("UPDATE outbox SET due = NULL WHERE due IS NOT NULL")
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        # Rows with id <= floor are being sent (set by the publisher): overflow drops the oldest rows
-        # above it, so what it counts as dropped really never left the device.
+        # Rows with id <= floor and no ``due`` are held or in flight in the publisher: overflow never
+        # drops those (it drops the oldest unsent rows above the floor or unreceipted rows).
         self.floor = 0
         self.dropped = self._meta("dropped")
 
@@ -76,7 +100,7 @@ class Outbox:
 
     @property
     def depth(self) -> int:
-        """Results written and not yet acknowledged by the broker."""
+        """Results written and not yet receipted by the hub (pending and sent alike)."""
         return self._depth
 
     def put(self, device_id: str, rows: Sequence[tuple[int, bytes]], *, timeout: float | None = None) -> int:
@@ -101,7 +125,8 @@ class Outbox:
                 if excess > 0:  # only reachable with drop_oldest
                     before = self._db.total_changes
                     self._db.execute(
-                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT ?)",
+                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE id > ? OR due IS NOT NULL "
+                        "ORDER BY id LIMIT ?)",
                         (self.floor, excess),
                     )
                     excess = self._db.total_changes - before
@@ -114,31 +139,77 @@ class Outbox:
             self._depth += added - max(excess, 0)  # may exceed max_rows by what is in flight
             return added
 
-    def pending(self, after_id: int, limit: int) -> list[Pending]:
-        """Pending rows with id > ``after_id``, oldest first."""
+    def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
+        """OutboxRow rows with id > ``after_id``, oldest first."""
         with self._lock:
             cur = self._db.execute(
                 "SELECT id, device_id, seq, created, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
-            return [Pending(*row) for row in cur]
+            return [OutboxRow(*row) for row in cur]
 
-    def delete(self, ids: Sequence[int]) -> None:
-        """Forget acknowledged rows."""
-        if not ids:
-            return
+    def delete(self, ids: Sequence[int]) -> int:
+        """Forget rows by id (delivered without receipts, or unsendable); returns how many were here."""
+        return self._remove("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    def confirm(self, device_id: str, seqs: Sequence[int]) -> int:
+        """Forget the rows the hub has committed (a receipt); returns how many were still here."""
+        return self._remove("DELETE FROM outbox WHERE device_id = ? AND seq = ?", [(device_id, s) for s in seqs])
+
+    def _remove(self, sql: str, params: list[tuple[object, ...]]) -> int:
+        if not params:
+            return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                before = self._db.total_changes
-                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
-                removed = self._db.total_changes - before
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            removed = self._write(lambda: self._db.executemany(sql, params))
             self._depth -= removed
             self._room.notify_all()
+            return removed
+
+    def mark_sent(self, ids: Sequence[int], now: float | None = None) -> int:
+        """The broker acknowledged these rows: send them again at ``due`` unless a receipt comes first."""
+        if not ids:
+            return 0
+        now = time.time() if now is None else now
+        sql = (f"UPDATE outbox SET attempts = attempts + 1, due = ? + MIN(?, ? * (1 << MIN(attempts, {_MAX_DOUBLINGS}))) "
+               "WHERE id = ? AND due IS NULL")
+        params = [(now, self.resend_max_s, self.resend_after_s, i) for i in ids]
+        with self._lock:
+            return self._write(lambda: self._db.executemany(sql, params))
+
+    def take_due(self, limit: int, now: float | None = None) -> list[OutboxRow]:
+        """Unreceipted rows whose time to be sent again has come (oldest first), made pending again."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = [OutboxRow(*r) for r in self._db.execute(
+                "SELECT id, device_id, seq, created, payload FROM outbox WHERE due IS NOT NULL AND due <= ? "
+                "ORDER BY due, id LIMIT ?", (now, limit))]
+            if rows:
+                self._write(lambda: self._db.executemany("UPDATE outbox SET due = NULL WHERE id = ?",
+                                                         [(r.id,) for r in rows]))
+            return rows
+
+    def resend_all(self) -> int:
+        """Make every unreceipted row due now (after a reconnect: the broker may have lost them)."""
+        with self._lock:
+            return self._write(lambda: self._db.execute("UPDATE outbox SET due = 0 WHERE due IS NOT NULL"))
+
+    def unreceipted(self) -> int:
+        """Rows the broker acknowledged that still wait for their receipt."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE due IS NOT NULL").fetchone()[0])
+
+    def _write(self, statement: Callable[[], object]) -> int:
+        """Run one statement in its own transaction (lock held); returns the rows it changed."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            before = self._db.total_changes
+            statement()
+            changed = self._db.total_changes - before
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return changed
 
     def close(self) -> None:
         with self._lock:

@@ -1,11 +1,16 @@
-"""Moves results from the durable outbox to the broker, deleting them only after PUBACK.
+"""Moves results from the durable outbox to the broker; rows leave the outbox on the hub's receipt.
 
 One thread: it batches pending rows per device into result messages (bounded by count and by the
-age of the oldest row), keeps at most ``max_inflight`` messages unacknowledged, and deletes rows
-when their message is acknowledged. paho keeps unacknowledged QoS 1 messages across reconnects and
-resends them itself (same mid), so rows read in this process are never handed over twice;
-after a restart reading starts again at the first pending row, and every one is sent again (the hub ignores
-duplicates by key).
+age of the oldest row), keeps at most ``max_inflight`` messages unacknowledged, and on each PUBACK
+marks the message's rows sent. A row is deleted only when the hub's receipt says it is committed
+(``receipts=True``, the default), or at the PUBACK for setups without a hub (``receipts=False``).
+
+Sent rows without a receipt go out again when their ``due`` time comes (a wait that doubles per
+attempt) and after every reconnect: the broker may have lost them (a crash between autosaves, or a
+broker without persistence). paho itself resends messages that are in flight across a reconnect
+(same mid), so a row read in this process is never handed to paho twice while it is in flight;
+after a restart every row is sent again. Re-sends are harmless: the hub ignores duplicates by key
+and receipts them again.
 """
 
 from __future__ import annotations
@@ -16,36 +21,46 @@ import threading
 import time
 from collections import defaultdict
 
-from edge_agent.contract import RESULTS_DELIVERY, ContractError, Topics, join_results
+from edge_agent.contract import RESULTS_DELIVERY, ContractError, Topics, decode_receipt, join_results
 from edge_agent.mqtt import MqttError, MqttLink
-from edge_agent.outbox import Outbox, Pending
+from edge_agent.outbox import Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
+
+_DUE_CHECK_S = 0.5  # how often the pump looks for unreceipted rows whose time to be sent again came
 
 
 class Publisher:
     """Background pump from an :class:`Outbox` to an :class:`MqttLink`."""
 
     def __init__(self, outbox: Outbox, link: MqttLink, topics: Topics, *, batch_max_results: int = 100,
-                 batch_max_delay_s: float = 0.5, max_inflight: int = 20) -> None:
+                 batch_max_delay_s: float = 0.5, max_inflight: int = 20, receipts: bool = True) -> None:
         self.outbox = outbox
         self.link = link
         self.topics = topics
         self.batch_max_results = batch_max_results
         self.batch_max_delay_s = batch_max_delay_s
         self.max_inflight = max_inflight
+        self.receipts = receipts
         self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
+        self._receipts: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._inflight: dict[int, list[int]] = {}  # mid -> outbox row ids
         self._read_upto = 0  # highest row id read from the outbox in this process (held, in flight or sent)
-        self._held: list[Pending] = []  # read past the cursor, waiting for a full batch or its age
-        self._done: list[int] = []  # acknowledged rows not yet deleted (a failed delete is retried)
+        self._held: list[OutboxRow] = []  # waiting for a full batch or its age (new rows and re-sends)
+        self._done: list[int] = []  # acknowledged rows not yet marked/deleted (a failed write is retried)
         self._refused_ids: set[int] = set()  # rows whose message the broker refused (kept until restart)
+        self._resend_all = False  # set on a reconnect, handled by the pump
+        self._next_due_check = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drain = False
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self.rounds = 0  # pump rounds run (lets tests wait for the pump without sleeping)
         self.published_messages = 0
-        self.acked_results = 0
+        self.acked_results = 0  # PUBACKed rows (a re-sent row counts again)
+        self.stored_results = 0  # rows removed by a receipt (or at the PUBACK without receipts)
+        self.resent_results = 0  # rows handed to the broker again for want of a receipt
+        self.bad_receipts = 0
         self.refused = 0
         self.discarded = 0
         self.last_error: str | None = None
@@ -53,6 +68,15 @@ class Publisher:
     # called from paho's network thread
     def on_published(self, mid: int, ok: bool, reason: str) -> None:
         self._acks.put((mid, ok, reason))
+        self._wake.set()
+
+    def on_receipt(self, topic: str, payload: bytes) -> None:
+        self._receipts.put((topic, payload))
+        self._wake.set()
+
+    def on_reconnect(self) -> None:
+        """The connection came back: whatever waits for a receipt may be lost with the old broker."""
+        self._resend_all = True
         self._wake.set()
 
     def notify(self) -> None:
@@ -68,20 +92,29 @@ class Publisher:
         self._wake.set()
 
     def wait_drained(self, timeout: float | None = None, *, stop: threading.Event | None = None,
-                     poll_s: float = 0.05) -> bool:
-        """Block until every row of the outbox is acknowledged.
+                     poll_s: float = 0.05, on_wait: float = 10.0) -> bool:
+        """Block until every row of the outbox is stored (receipted, or acknowledged without receipts).
 
         Returns False at the timeout, when ``stop`` is set, or when all that is left are rows the
-        broker refused (they are not resent in this process: waiting would never end).
+        broker refused (they are not resent in this process: waiting would never end). Says every
+        ``on_wait`` seconds what it is waiting for, so a missing hub is never a silent hang.
         """
         self.flush_all()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        next_note = start + on_wait
         while self.outbox.depth > 0:
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 return False
             if (stop is not None and stop.is_set()) or (self._refused_ids and self.outbox.depth <= len(
                     self._refused_ids) and not self._inflight):
                 return False
+            if now >= next_note:
+                next_note = now + on_wait
+                log.warning("waiting for %s: %d results not yet stored (%s)",
+                            "the hub's receipts" if self.receipts else "the broker", self.outbox.depth,
+                            "connected" if self.link.connected else f"not connected to {self.link.broker}")
             time.sleep(poll_s)
         return True
 
@@ -99,12 +132,15 @@ class Publisher:
             self._wake.clear()
             try:
                 self._handle_acks()
+                self._handle_receipts()
                 if self.link.connected:
+                    self._requeue()
                     self._send()
             except Exception as exc:  # the pump must outlive any single failure; the rows stay queued
                 self.last_error = f"publisher: {exc}"
                 log.exception("publisher error")
                 time.sleep(0.5)
+            self.rounds += 1
 
     def _handle_acks(self) -> None:
         done = self._done
@@ -125,10 +161,48 @@ class Publisher:
                 self.last_error = f"broker refused a results message: {reason}"
                 log.error("broker refused %d results: %s", len(ids), reason)
         if done:
-            self.outbox.delete(done)  # if this raises, the ids stay in self._done for the next round
+            # If this raises, the ids stay in self._done for the next round.
+            if self.receipts:
+                self.outbox.mark_sent(done)
+            else:
+                self.stored_results += self.outbox.delete(done)
             self.acked_results += len(done)
             self._done = []
         self.outbox.floor = self._read_upto  # overflow never drops what is held or in flight
+
+    def _handle_receipts(self) -> None:
+        while True:
+            try:
+                topic, payload = self._receipts.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                receipt = decode_receipt(payload, self.topics.parse(topic)[1])
+            except ContractError as exc:  # not fatal: the rows stay and are sent again
+                self.bad_receipts += 1
+                self.last_error = f"bad receipt on {topic}: {exc.reason}"
+                log.warning("%s", self.last_error)
+                continue
+            self.stored_results += self.outbox.confirm(receipt.device_id, receipt.seqs())
+
+    def _requeue(self) -> None:
+        """Take unreceipted rows whose time has come (or all of them after a reconnect) for sending."""
+        if not self.receipts:
+            return
+        if self._resend_all:
+            self._resend_all = False
+            self.outbox.resend_all()
+            self._next_due_check = 0.0
+        now = time.monotonic()
+        if now < self._next_due_check:
+            return
+        room = self.max_inflight * self.batch_max_results - len(self._held)
+        due = self.outbox.take_due(room) if room > 0 else []
+        if due:
+            self._held[:0] = due  # oldest first
+            self.resent_results += len(due)
+        # Look again soon while there is more to take, else at the normal pace.
+        self._next_due_check = now if len(due) == room else now + _DUE_CHECK_S
 
     def _send(self) -> None:
         while len(self._inflight) < self.max_inflight:
@@ -163,7 +237,7 @@ class Publisher:
                 if len(self._inflight) >= self.max_inflight:
                     return
 
-    def _discard(self, rows: list[Pending], reason: str) -> None:
+    def _discard(self, rows: list[OutboxRow], reason: str) -> None:
         ids = {r.id for r in rows}
         self.outbox.delete(list(ids))
         self._held = [r for r in self._held if r.id not in ids]
@@ -171,13 +245,13 @@ class Publisher:
         self.last_error = f"discarded {self.discarded} unsendable results: {reason}"
         log.error("%s", self.last_error)
 
-    def _ready_batches(self) -> list[tuple[str, list[Pending]]]:
+    def _ready_batches(self) -> list[tuple[str, list[OutboxRow]]]:
         """Full batches, plus partial ones whose oldest row has waited long enough (or when draining)."""
-        per_device: dict[str, list[Pending]] = defaultdict(list)
+        per_device: dict[str, list[OutboxRow]] = defaultdict(list)
         for row in self._held:
             per_device[row.device_id].append(row)
         now = time.time()
-        ready: list[tuple[str, list[Pending]]] = []
+        ready: list[tuple[str, list[OutboxRow]]] = []
         for device_id, rows in per_device.items():
             for i in range(0, len(rows), self.batch_max_results):
                 chunk = rows[i:i + self.batch_max_results]

@@ -23,7 +23,10 @@ class ReplayReport:
     devices: int = 0
     readings: int = 0
     windows: int = 0
-    published: int = 0
+    published: int = 0  # results stored by the hub (receipted), or acknowledged by the broker without receipts
+    until: str = "hub"
+    not_stored: int = 0  # results still in the outbox when the replay ended
+    resent: int = 0  # results sent again for want of a receipt
     seconds: float = 0.0
     skipped_lines: int = 0
     dropped_windows: int = 0
@@ -70,11 +73,14 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
             report.skipped_lines += reader.stats.rows_skipped
             report.skipped_examples += [str(e) for e in reader.stats.first_errors]
         agent.tick()
+        report.until = "hub" if settings.receipts else "broker"
         report.drained = agent.publisher.wait_drained(drain_timeout, stop=stop)
+        report.not_stored = agent.outbox.depth
         if stop.is_set():
             raise Interrupted(f"interrupted while waiting for acknowledgements: {agent.outbox.depth} results "
                               f"kept in the outbox ({agent.state_dir}), sent on the next start")
-        report.published = agent.publisher.acked_results
+        report.published = agent.publisher.stored_results
+        report.resent = agent.publisher.resent_results
         report.devices = len(processor.stats.devices)
         report.readings = processor.stats.readings
         report.windows = processor.stats.windows

@@ -230,6 +230,9 @@ class AgentSettings(BrokerSettings):
     max_inflight: int = 20  # MQTT messages (batches) in flight
     outbox_max: int = 200_000  # results kept on the device while the broker is unreachable
     outbox_overflow: str = "drop_oldest"
+    receipts: bool = True  # keep each result until the hub's commit receipt; false: until the broker's PUBACK
+    resend_after_s: float = 15.0  # a sent result without a receipt goes out again after this (doubling)...
+    resend_max_s: float = 300.0  # ...up to this wait between attempts
     features: str = "off"  # send model inputs for retraining: off, sampled or all
     features_sample: float = 0.1
     intra_op_threads: int = 1
@@ -245,6 +248,8 @@ class AgentSettings(BrokerSettings):
         choice("features", self.features, FEATURE_MODES)
         choice("source", self.source, SOURCES)
         for name in ("batch_max_results", "max_inflight", "outbox_max", "intra_op_threads", "sim_rate_hz"):
+            positive(name, getattr(self, name))
+        for name in ("resend_after_s", "resend_max_s"):
             positive(name, getattr(self, name))
         for name in ("batch_max_delay_s", "model_wait_s", "status_interval_s"):
             positive(name, getattr(self, name), zero_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cloud_hub.broker import LocalBroker, port_open
+from tests.helpers import Processes
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,14 @@ def broker(tmp_path: Path) -> Iterator[LocalBroker]:
     broker = LocalBroker(tmp_path / "mosquitto").start()
     yield broker
     broker.kill()
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """Spawn processes through this: each one is killed by pid when the test ends, passed or failed."""
+    owner = Processes()
+    yield owner
+    owner.kill_all()
 
 
 _counter = itertools.count()

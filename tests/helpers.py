@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import queue
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +63,15 @@ def expected_keys(log: Path, params: PreprocessParams) -> set[tuple[str, int]]:
     return keys
 
 
+def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll until ``check()``; the timeout only bounds a hang, it is not what the test measures."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 class Collector:
     """A persistent-session subscriber that records every result key it receives."""
 
@@ -97,6 +110,43 @@ class Collector:
 
     def stop(self) -> None:
         self.link.stop()
+
+
+class Processes:
+    """Owns every process a test spawns and kills each by pid at teardown, on failure too."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+
+    def popen(self, args: list[str], **kw: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(args, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def outbox(state: Path) -> dict[tuple[str, int], float | None]:
+    """The agent's outbox as the test sees it: key -> due (None: not yet acknowledged by the broker)."""
+    path = state / "outbox.sqlite"
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {(d, s): due for d, s, due in db.execute("SELECT device_id, seq, due FROM outbox")}
+    except sqlite3.OperationalError as exc:  # the file exists a moment before its table
+        if "no such table" in str(exc) or "no such column" in str(exc):
+            return {}
+        raise
+    finally:
+        db.close()
 
 
 def agent_cmd(*args: str) -> list[str]:

@@ -1,12 +1,14 @@
-"""The edge agent end to end through a real mosquitto: replay, broker outage, agent crash, bad logs."""
+"""The edge agent end to end through a real mosquitto: replay, broker outage, agent crash, bad logs.
+
+No hub runs here, so these agents deliver with ``--until broker`` (a row leaves the outbox at the
+broker's PUBACK): test_delivery_e2e.py covers the hub's receipts.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import orjson
@@ -17,7 +19,16 @@ from edge_agent import contract as c
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.service import replay
 from edge_agent.settings import AgentSettings, load_settings
-from tests.helpers import Collector, agent_cmd, expected_keys, make_bundle, make_log, run_agent
+from tests.helpers import (
+    Collector,
+    agent_cmd,
+    expected_keys,
+    make_bundle,
+    make_log,
+    outbox,
+    run_agent,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +43,8 @@ def log_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
 
 def _settings(broker: LocalBroker, prefix: str, state: Path, **kw) -> AgentSettings:
     return load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={},
-                         flags={"broker": broker.url, "prefix": prefix, "state_dir": str(state), **kw})
+                         flags={"broker": broker.url, "prefix": prefix, "state_dir": str(state), "receipts": False,
+                                **kw})
 
 
 def test_replay_delivers_one_result_per_window_per_device(shared_broker, prefix, tmp_path, log_and_model) -> None:
@@ -56,7 +68,7 @@ def test_replay_cli_json_and_rerun_gives_identical_keys(shared_broker, prefix, t
     log, model, params = log_and_model
     sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
     args = ("replay", str(log), "--broker", shared_broker.url, "--model", str(model), "--prefix", prefix,
-            "--state-dir", str(tmp_path / "s"), "--json", "--features", "all")
+            "--state-dir", str(tmp_path / "s"), "--json", "--features", "all", "--until", "broker")
     first = run_agent(*args)
     assert first.returncode == 0, first.stderr
     summary = orjson.loads(first.stdout)
@@ -71,18 +83,21 @@ def test_replay_cli_json_and_rerun_gives_identical_keys(shared_broker, prefix, t
     assert all(r.features is not None and len(r.features) == params.n_features for r in sub.results.values())
 
 
-def test_broker_stopped_mid_replay_loses_nothing(broker, prefix, tmp_path, log_and_model) -> None:
+def test_broker_stopped_mid_replay_loses_nothing(procs, broker, prefix, tmp_path, log_and_model) -> None:
     log, model, params = log_and_model
     expected = expected_keys(log, params)
     sub = Collector(broker.url, c.Topics(prefix), f"{prefix}-sub")
-    proc = subprocess.Popen(
+    state = tmp_path / "s"
+    proc = procs.popen(
         agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix", prefix,
-                  "--state-dir", str(tmp_path / "s"), "--speed", "8", "--json"),
+                  "--state-dir", str(state), "--speed", "8", "--json", "--until", "broker"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1"})
     sub.messages.get(timeout=60)  # results are flowing
     broker.stop()
-    time.sleep(1.5)  # the agent keeps reading and queueing into its outbox meanwhile
+    before = len(_pending(state))
+    wait_for(lambda: len(_pending(state)) >= before + 10 or proc.poll() is not None,
+             what="the agent to keep queueing into its outbox while the broker is away")
     broker.start()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -92,26 +107,22 @@ def test_broker_stopped_mid_replay_loses_nothing(broker, prefix, tmp_path, log_a
 
 
 def _pending(state: Path) -> set[tuple[str, int]]:
-    db = sqlite3.connect(state / "outbox.sqlite")
-    try:
-        return {(d, s) for d, s in db.execute("SELECT device_id, seq FROM outbox")}
-    finally:
-        db.close()
+    return set(outbox(state))
 
 
-def test_agent_killed_mid_replay_delivers_pending_after_restart(broker, prefix, tmp_path, log_and_model) -> None:
+def test_agent_killed_mid_replay_delivers_pending_after_restart(procs, broker, prefix, tmp_path,
+                                                                log_and_model) -> None:
     """Results written while the broker is unreachable survive a SIGKILL and go out after the restart."""
     log, model, params = log_and_model
     expected = expected_keys(log, params)
     state = tmp_path / "s"
     args = agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix", prefix,
-                     "--state-dir", str(state), "--speed", "8")
+                     "--state-dir", str(state), "--speed", "8", "--until", "broker")
     broker.stop()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (state / "outbox.sqlite").exists() or len(_pending(state)) < 20:
-        assert proc.poll() is None and time.monotonic() < deadline, "the agent queues while the broker is away"
-        time.sleep(0.1)
+    proc = procs.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: len(_pending(state)) >= 20 or proc.poll() is not None, timeout=60,
+             what="the agent to queue while the broker is away")
+    assert proc.poll() is None, "the agent queues while the broker is away"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     pending = _pending(state)
@@ -135,7 +146,8 @@ def test_malformed_log_names_file_and_line(shared_broker, prefix, tmp_path, log_
     assert res.returncode == 5
     assert "bad.csv:3" in res.stderr and "oops" in res.stderr
     skipped = run_agent("replay", str(bad), "--broker", shared_broker.url, "--model", str(model),
-                        "--prefix", prefix, "--state-dir", str(tmp_path / "s"), "--skip-bad-lines", "--json")
+                        "--prefix", prefix, "--state-dir", str(tmp_path / "s"), "--skip-bad-lines", "--json",
+                        "--until", "broker")
     assert skipped.returncode == 0, skipped.stderr
     assert orjson.loads(skipped.stdout)["skipped_lines"] == 1
     assert "bad.csv:3" in skipped.stderr
@@ -164,21 +176,21 @@ def test_invalid_device_id_in_a_log_is_an_input_error(shared_broker, prefix, tmp
     assert _pending(state) == set(), "nothing unsendable reached the outbox"
 
 
-def test_sigterm_while_waiting_for_a_dead_broker_exits_130_keeping_results(tmp_path, log_and_model) -> None:
-    log, model, _ = log_and_model
+def test_sigterm_while_waiting_for_a_dead_broker_exits_130_keeping_results(procs, tmp_path, log_and_model) -> None:
+    log, model, params = log_and_model
     from cloud_hub.broker import free_port
 
     state = tmp_path / "s"
-    proc = subprocess.Popen(agent_cmd("replay", str(log), "--broker", f"mqtt://127.0.0.1:{free_port()}",
-                                      "--model", str(model), "--state-dir", str(state)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (state / "outbox.sqlite").exists() or len(_pending(state)) < 50:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    time.sleep(1.0)  # the replay is done producing and waits for acknowledgements that cannot come
+    proc = procs.popen(agent_cmd("replay", str(log), "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                                 "--model", str(model), "--state-dir", str(state)),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The replay is done producing and waits for receipts that cannot come.
+    produced = len(expected_keys(log, params))
+    wait_for(lambda: len(_pending(state)) == produced or proc.poll() is not None, timeout=60,
+             what="every result in the outbox")
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "kept in the outbox" in err
-    assert len(_pending(state)) >= 50
+    assert len(_pending(state)) == produced

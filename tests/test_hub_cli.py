@@ -22,7 +22,8 @@ from cloud_hub.broker import LocalBroker
 from cloud_hub.cli_data import EXIT_UNAVAILABLE, EXIT_USAGE, register
 from cloud_hub.store import Store, dead_letter
 from edge_agent import contract as c
-from tests.test_ingest import Publisher, batch, stored_keys, wait_for
+from tests.helpers import Processes, wait_for
+from tests.test_ingest import Publisher, batch, stored_keys
 
 runner = CliRunner()
 
@@ -41,11 +42,12 @@ def invoke(*args: str) -> tuple[int, str, str]:
 class ServeProcess:
     """`cloud-hub serve` as a real subprocess, logging to a file."""
 
-    def __init__(self, broker: LocalBroker, url: str, prefix: str, log: Path) -> None:
+    def __init__(self, procs: Processes, broker: LocalBroker, url: str, prefix: str, log: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.log = log
-        env = {**os.environ, "CLOUD_HUB_LOG_INTERVAL_S": "1"}
+        env = {**os.environ, "CLOUD_HUB_LOG_INTERVAL_S": "1", **(env or {})}
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
+            self.proc = procs.popen(
                 [sys.executable, "-m", "cloud_hub", "serve", "--broker", broker.url, "--db", url,
                  "--prefix", prefix, "--client-id", f"{prefix}-hub"], stdout=out, stderr=out, env=env)
 
@@ -86,11 +88,11 @@ def count_rows(url: str) -> int:
 
 @pytest.mark.slow
 def test_serve_killed_mid_stream_and_restarted_stores_every_result_once(
-        broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
+        procs, broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     topics = c.Topics(prefix)
     pub = Publisher(broker, f"{prefix}-pub")
-    hub = ServeProcess(broker, url, prefix, tmp_path / "serve.log")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve.log")
     wait_ready(pub, topics, url, "probe-1")
     batches = [batch(f"dev-{k % 3}", 1000 + 20 * k, 20) for k in range(240)]
 
@@ -105,7 +107,7 @@ def test_serve_killed_mid_stream_and_restarted_stores_every_result_once(
     assert hub.signal(signal.SIGKILL) == -signal.SIGKILL  # mid-stream: nothing flushed, nothing acked after
     stream.join()
     publish(batches[120:180], 0.0)  # while no hub runs: the broker queues them in the hub's session
-    hub = ServeProcess(broker, url, prefix, tmp_path / "serve2.log")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve2.log")
     publish(batches[180:], 0.002)
     pub.wait_acked()
     expected = {(b.device_id, r.seq) for b in batches for r in b.results}
@@ -126,11 +128,11 @@ def test_serve_killed_mid_stream_and_restarted_stores_every_result_once(
 
 
 @pytest.mark.slow
-def test_serve_exits_0_on_sigterm_after_flushing(broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
+def test_serve_exits_0_on_sigterm_after_flushing(procs, broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     topics = c.Topics(prefix)
     pub = Publisher(broker, f"{prefix}-pub")
-    hub = ServeProcess(broker, url, prefix, tmp_path / "serve1.log")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve1.log")
     wait_ready(pub, topics, url, "probe")
     batches = [batch("dev-a", 20 * k, 20) for k in range(150)]
 
@@ -151,7 +153,7 @@ def test_serve_exits_0_on_sigterm_after_flushing(broker: LocalBroker, prefix: st
     pub.wait_acked()
 
     # Everything the first run committed was acknowledged: the second run sees no duplicate.
-    hub = ServeProcess(broker, url, prefix, tmp_path / "serve2.log")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve2.log")
     hub.wait_started()
     wait_for(lambda: count_rows(url) >= 3000, what="the rest")
     assert hub.signal(signal.SIGINT) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -19,16 +19,8 @@ from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent.mqtt import MqttLink
 from edge_agent.settings import BrokerURL
+from tests.helpers import wait_for
 from tests.test_store import BACKENDS, backend_engine
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll until ``check()``; the timeout only bounds a hang, it is not what the test measures."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class Publisher:

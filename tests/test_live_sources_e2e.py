@@ -31,17 +31,19 @@ def _readings(device: str, seconds: float, start: float) -> list[dict]:
                 enumerate(("ax", "ay", "az", "wx", "wy", "wz"))}, "label": "walk"} for i in range(n)]
 
 
-def _run(broker, prefix: str, tmp_path: Path, model: Path, *extra: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen(
+def _run(procs, broker, prefix: str, tmp_path: Path, model: Path, *extra: str, **popen) -> subprocess.Popen:
+    # No hub here: a result is delivered once the broker has it (receipts off).
+    return procs.popen(
         agent_cmd("run", "--broker", broker.url, "--prefix", prefix, "--device-id", "live-1", "--state-dir",
                   str(tmp_path / "state"), "--model", str(model), *extra),
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1"}, **popen)
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1", "EDGE_AGENT_RECEIPTS": "false"}, **popen)
 
 
-def test_run_on_stdin_json_lines(shared_broker, prefix, tmp_path, model) -> None:
+def test_run_on_stdin_json_lines(procs, shared_broker, prefix, tmp_path, model) -> None:
     sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
     start = 1_700_000_000.0
-    agent = _run(shared_broker, prefix, tmp_path, model, "--source", "stdin", stdin=subprocess.PIPE)
+    agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "stdin", stdin=subprocess.PIPE)
     lines = b"".join(orjson.dumps(r) + b"\n" for r in _readings("live-1", 10, start))
     _, err = agent.communicate(input=lines.decode(), timeout=120)  # end of input ends the source: drain, exit
     assert agent.returncode == 0, err
@@ -52,7 +54,7 @@ def test_run_on_stdin_json_lines(shared_broker, prefix, tmp_path, model) -> None
     sub.stop()
 
 
-def test_run_following_a_growing_log_until_sigterm(shared_broker, prefix, tmp_path, model) -> None:
+def test_run_following_a_growing_log_until_sigterm(procs, shared_broker, prefix, tmp_path, model) -> None:
     sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
     log = tmp_path / "live.csv"
     rows = _readings("live-1", 8, 5000.0)
@@ -63,7 +65,7 @@ def test_run_following_a_growing_log_until_sigterm(shared_broker, prefix, tmp_pa
                        f"{r['label']}\n" for r in part)
 
     log.write_text(header + csv(rows[:150]))
-    agent = _run(shared_broker, prefix, tmp_path, model, "--source", "follow", "--source-path", str(log))
+    agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "follow", "--source-path", str(log))
     sub.messages.get(timeout=60)  # the first windows of what was there
     with open(log, "a") as f:  # the file grows while the agent follows it
         f.write(csv(rows[150:]))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
-import time
 
 import pytest
 
@@ -14,6 +14,7 @@ from edge_agent.mqtt import Message, MqttLink
 from edge_agent.outbox import Outbox, OutboxFull
 from edge_agent.publisher import Publisher
 from edge_agent.settings import BrokerURL
+from tests.helpers import wait_for
 
 
 def _rows(device: str, seqs: range) -> list[tuple[int, bytes]]:
@@ -51,12 +52,74 @@ def test_block_overflow_waits_for_room(tmp_path) -> None:
     box.put("d", _rows("d", range(5)))
     with pytest.raises(OutboxFull):
         box.put("d", _rows("d", range(5, 6)), timeout=0.05)
-    ids = [p.id for p in box.pending(0, 2)]
-    t = threading.Timer(0.05, box.delete, args=(ids,))
+    box.mark_sent([p.id for p in box.pending(0, 5)])  # at the broker, but not yet stored by the hub
+    with pytest.raises(OutboxFull):
+        box.put("d", _rows("d", range(5, 6)), timeout=0.05)
+    t = threading.Timer(0.05, box.confirm, args=("d", [0, 1]))  # the hub's receipt frees room
     t.start()
     assert box.put("d", _rows("d", range(5, 7)), timeout=30) == 2
     t.join()
     assert box.depth == 5 and box.dropped == 0
+
+
+def test_a_row_leaves_only_with_its_receipt_and_is_due_again_without_one(tmp_path) -> None:
+    box = Outbox(tmp_path / "o.sqlite", resend_after_s=10, resend_max_s=25)
+    box.put("d", _rows("d", range(4)))
+    rows = box.pending(0, 10)
+    assert box.mark_sent([r.id for r in rows], now=1000.0) == 4
+    assert box.depth == 4 and box.unreceipted() == 4, "the broker's PUBACK removes nothing"
+    assert box.take_due(10, now=1009.0) == []
+    assert box.confirm("d", [0, 2, 99]) == 2  # an unknown seq (another run's) is ignored
+    assert box.confirm("other", [1]) == 0
+    due = box.take_due(10, now=1010.0)
+    assert [r.seq for r in due] == [1, 3] and box.unreceipted() == 0 and box.depth == 2
+    assert box.mark_sent([r.id for r in due], now=2000.0) == 2  # second attempt: the wait doubles
+    assert box.take_due(10, now=2019.0) == [] and len(box.take_due(10, now=2020.0)) == 2
+    box.mark_sent([r.id for r in due], now=3000.0)  # third: 40 s, capped at 25 s
+    assert len(box.take_due(10, now=3025.0)) == 2
+    box.mark_sent([r.id for r in due], now=4000.0)
+    assert box.resend_all() == 2 and len(box.take_due(10, now=0.0)) == 2, "a reconnect makes all due now"
+    box.close()
+
+
+def test_a_new_process_sends_unreceipted_rows_again(tmp_path) -> None:
+    box = Outbox(tmp_path / "o.sqlite")
+    box.put("d", _rows("d", range(3)))
+    box.mark_sent([r.id for r in box.pending(0, 10)])
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite")
+    assert [r.seq for r in box.pending(0, 10)] == [0, 1, 2] and box.unreceipted() == 0
+    box.close()
+
+
+def test_an_outbox_from_before_receipts_is_upgraded_in_place(tmp_path) -> None:
+    path = tmp_path / "o.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, seq INTEGER NOT NULL,
+                             created REAL NOT NULL, payload BLOB NOT NULL, UNIQUE (device_id, seq));
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO outbox (device_id, seq, created, payload) VALUES ('d', 7, 1.0, x'7b7d');
+        INSERT INTO meta VALUES ('dropped', 3);
+    """)
+    old.close()
+    box = Outbox(path)
+    assert box.depth == 1 and box.dropped == 3 and [r.seq for r in box.pending(0, 10)] == [7]
+    box.mark_sent([box.pending(0, 1)[0].id])
+    assert box.unreceipted() == 1 and box.confirm("d", [7]) == 1 and box.depth == 0
+    box.close()
+
+
+def test_drop_oldest_may_drop_unreceipted_rows_but_never_rows_in_flight(tmp_path) -> None:
+    box = Outbox(tmp_path / "o.sqlite", max_rows=6)
+    box.put("d", _rows("d", range(6)))
+    rows = box.pending(0, 6)
+    box.mark_sent([r.id for r in rows[:2]])  # 0, 1: at the broker, waiting for receipts
+    box.floor = rows[3].id  # 2, 3: in flight
+    box.put("d", _rows("d", range(6, 9)))
+    assert box.dropped == 3 and box.depth == 6
+    assert sorted(r.seq for r in box.pending(0, 100)) == [2, 3, 5, 6, 7, 8]
+    box.close()
 
 
 def _collector(broker: LocalBroker, topics: c.Topics, name: str) -> tuple[MqttLink, queue.Queue[Message]]:
@@ -80,12 +143,13 @@ def _received_keys(got: queue.Queue[Message], expected: set[tuple[str, int]]) ->
     return keys
 
 
-def test_publisher_drains_outbox_across_broker_restart(broker: LocalBroker, prefix: str, tmp_path) -> None:
+def test_without_receipts_publisher_drains_outbox_across_broker_restart(broker: LocalBroker, prefix: str, tmp_path) -> None:
     topics = c.Topics(prefix)
     sub, got = _collector(broker, topics, f"{prefix}-sub")
     box = Outbox(tmp_path / "o.sqlite")
     link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-pub")
-    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=0.05, max_inflight=3)
+    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=0.05, max_inflight=3,
+                    receipts=False)
     link._on_published = pub.on_published
     link.start()
     pub.start()
@@ -123,7 +187,7 @@ def test_restarted_agent_resends_what_was_not_acknowledged(broker: LocalBroker, 
     sub, got = _collector(broker, topics, f"{prefix}-sub")
     box = Outbox(tmp_path / "o.sqlite")
     link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-pub2")
-    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=0.0)
+    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=0.0, receipts=False)
     link._on_published = pub.on_published
     link.start()
     pub.start()
@@ -144,16 +208,18 @@ def test_partial_batches_never_resend_rows(shared_broker: LocalBroker, prefix: s
     box.put("b", _rows("b", range(1)))  # oldest row: a partial batch that waits for its delay
     box.put("a", _rows("a", range(7)))  # a full batch: sent at once
     link = MqttLink(BrokerURL.parse(shared_broker.url), f"{prefix}-pub")
-    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=30.0, max_inflight=2)
+    pub = Publisher(box, link, topics, batch_max_results=7, batch_max_delay_s=30.0, max_inflight=2,
+                    receipts=False)
     link._on_published = pub.on_published
     link.start()
     link.wait_connected(10)
     pub.start()
     pub.notify()
     assert set(_received_keys(got, {("a", s) for s in range(7)})) == {("a", s) for s in range(7)}
+    rounds = pub.rounds
     for _ in range(5):  # let the pump run a few rounds while b's batch waits
         pub.notify()
-        time.sleep(0.05)
+    wait_for(lambda: pub.rounds >= rounds + 5, what="five pump rounds")
     assert pub.wait_drained(30)
     keys: list[tuple[str, int]] = []
     while ("b", 0) not in keys:  # the broker keeps order: anything sent twice arrived before b's batch

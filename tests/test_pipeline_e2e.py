@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -42,11 +41,11 @@ def _marker(pub: Publisher, topics: c.Topics, url: str, name: str) -> None:
     wait_ready(pub, topics, url, name)
 
 
-def test_replay_into_hub_twice_stores_each_window_once_and_stats_agree(broker, prefix, tmp_path, fleet) -> None:
+def test_replay_into_hub_twice_stores_each_window_once_and_stats_agree(procs, broker, prefix, tmp_path, fleet) -> None:
     log, model, expected = fleet
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     topics = c.Topics(prefix)
-    hub = ServeProcess(broker, url, prefix, tmp_path / "hub.log")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
     hub.wait_started()
     pub = Publisher(broker, f"{prefix}-marker")
     first = _replay(broker, prefix, log, model, tmp_path / "s1")
@@ -71,20 +70,19 @@ def test_replay_into_hub_twice_stores_each_window_once_and_stats_agree(broker, p
                if d in per_device)
 
 
-def test_hub_sigkilled_while_agent_replays_loses_and_doubles_nothing(broker, prefix, tmp_path, fleet) -> None:
+def test_hub_sigkilled_while_agent_replays_loses_and_doubles_nothing(procs, broker, prefix, tmp_path, fleet) -> None:
     log, model, expected = fleet
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    hub = ServeProcess(broker, url, prefix, tmp_path / "hub.log")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
     hub.wait_started()
-    agent = subprocess.Popen(
+    agent = procs.popen(
         agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix", prefix,
                   "--state-dir", str(tmp_path / "s"), "--speed", "8", "--json"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1"})
     wait_for(lambda: len(stored_keys(url)) >= 20, what="first results stored")
-    hub.signal(signal.SIGKILL)
-    time.sleep(0.5)  # the agent keeps publishing; the broker queues for the hub's persistent session
-    hub = ServeProcess(broker, url, prefix, tmp_path / "hub.log")
+    hub.signal(signal.SIGKILL)  # the agent keeps publishing; the broker queues for the hub's persistent session
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
     hub.wait_started()
     out, err = agent.communicate(timeout=120)
     assert agent.returncode == 0, err

@@ -72,7 +72,9 @@ def demo(
                      "model_version": s.get("model_version"), "state": "done"})
     console.print(table(rows, title="final stats per device (model version = the one that produced the last result)"))
     versions = ", ".join(f"v{v}: {n:,}" for v, n in sorted(outcome["per_version"].items()))
-    console.print(f"fleet: {stats['results']:,} results stored exactly once ({versions}), accuracy "
+    problems = outcome["delivery"]
+    delivered = "stored exactly once" if not problems else "stored, NOT exactly once"
+    console.print(f"fleet: {stats['results']:,} results {delivered} ({versions}), accuracy "
                   f"{_pct(stats['accuracy'])}, dead letters {stats['dead_letters']}")
     for m in outcome["models"]:
         console.print(f"model v{m['version']}: {m['state']}{' (on the model topic)' if m['on_topic'] else ''}, "
@@ -80,6 +82,9 @@ def demo(
                       f"{', '.join(m['holdout_devices']) or '-'}, devices running it: {m['devices']}")
     console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
                   f"(files in {workdir}/)")
+    if problems:
+        typer.echo("cloud-hub demo: delivery check failed: " + "; ".join(problems), err=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

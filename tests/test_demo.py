@@ -9,7 +9,11 @@ import sys
 
 import pytest
 
+from cloud_hub import db
 from cloud_hub.broker import port_open
+from cloud_hub.demo import delivery_check
+from tests.helpers import expected_keys, model_params
+from tests.test_ingest import stored_keys
 
 
 @pytest.mark.slow
@@ -24,3 +28,22 @@ def test_demo_runs_end_to_end_on_generated_data(tmp_path) -> None:
     assert "model v2: published (on the model topic)" in out and "devices running it: 2" in out
     port = int(re.search(r"private mosquitto on mqtt://127\.0\.0\.1:(\d+)", out).group(1))
     assert not port_open("127.0.0.1", port), "the demo stopped the broker it started"
+    # "stored exactly once" is what the hub's table holds: every window of every agent's log, once.
+    work = tmp_path / "demo"
+    url = f"sqlite:///{work / 'hub.sqlite'}"
+    engine = db.make_engine(url, create=False)
+    params = model_params(engine, 1)
+    engine.dispose()
+    expected = set().union(*(expected_keys(work / "data" / f"dev-{i:02d}.csv", params) for i in range(2)))
+    keys = stored_keys(url)
+    assert len(keys) == len(expected) and set(keys) == expected
+    shown = int(re.search(r"fleet: ([\d,]+) results stored exactly once", out).group(1).replace(",", ""))
+    assert shown == len(expected)
+
+
+def test_delivery_check_names_every_device_that_is_not_exactly_once() -> None:
+    agents = {"a": {"windows": 10, "published": 10}, "b": {"windows": 8, "published": 8},
+              "c": {"windows": 5, "published": 4}}
+    assert delivery_check({k: agents[k] for k in "ab"}, {"a": 10, "b": 8}) == []
+    assert delivery_check(agents, {"a": 10, "b": 7, "c": 5}) == [
+        "b: 7 results stored for 8 windows", "c: 4 of 5 results receipted by the hub"]

@@ -332,6 +332,17 @@ def test_device_reads_the_model_topic(peers, tag: bytes) -> None:
     assert dev.wait_for(lambda m: m.payload == tag + b"bundle v2")[-1].topic == topic
 
 
+def test_device_reads_only_its_own_receipts_and_only_the_hub_writes_them(peers, tag: bytes) -> None:
+    a = peers("dev-a", subscriptions=[(T.receipts("dev-a"), 1), (T.receipts("dev-b"), 1), (T.all_receipts, 1)])
+    forge(peers, "dev-a", [T.receipts("dev-a"), T.receipts("dev-b")], tag + b"forged receipt")
+    forge(peers, "dev-b", [T.receipts("dev-a")], tag + b"forged receipt")
+    hub = peers("hub")
+    assert hub.publish(T.receipts("dev-b"), tag + b"for b")[0]
+    assert hub.publish(T.receipts("dev-a"), tag + b"for a")[0]
+    got = a.wait_for(lambda m: m.payload == tag + b"for a")
+    assert set(ours(tag, got)) == {(T.receipts("dev-a"), tag + b"for a")}, "nothing forged, nothing of b's"
+
+
 # --------------------------------------------------------------------------- the hub
 
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cloud_hub.broker import LocalBroker
+from cloud_hub.broker import REPO_CONF, LocalBroker
 from edge_agent import contract as c
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.outbox import Outbox, OutboxFull
@@ -239,3 +239,43 @@ def test_overflow_never_drops_rows_being_sent(tmp_path) -> None:
     box.put("d", _rows("d", range(10, 13)))
     assert box.dropped == 3 and box.depth == 10
     assert [p.seq for p in box.pending(0, 100)] == [0, 1, 2, 3, *range(7, 13)]
+
+
+@pytest.mark.parametrize("receipts", [True, False], ids=["receipts", "until-broker"])
+def test_rows_the_broker_refuses_stay_in_the_outbox(tmp_path, prefix: str, receipts: bool) -> None:
+    """An ACL-denied publish gets a PUBACK with a failure reason (MQTT 5): those rows were not
+    delivered and stay; the allowed device's rows leave (at the hub's receipt, or at the PUBACK)."""
+    from cloud_hub.ingest import Hub
+    from tests.test_ingest import settings_for
+
+    topics = c.Topics(prefix)
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {prefix}/devices/good/#\n")
+    base = tmp_path / "base.conf"
+    base.write_text(REPO_CONF.read_text() + f"\nacl_file {acl}\n")
+    broker = LocalBroker(tmp_path / "mosquitto", base_config=base).start()
+    hub = Hub(settings_for(broker, prefix, tmp_path)) if receipts else None
+    try:
+        if hub is not None:
+            hub.start()
+        box = Outbox(tmp_path / "o.sqlite")
+        link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-pub",
+                        subscriptions=[(topics.receipts("good"), 1)] if receipts else ())
+        pub = Publisher(box, link, topics, batch_max_results=5, batch_max_delay_s=0.0, receipts=receipts)
+        link._on_published = pub.on_published
+        link._on_message = lambda m: pub.on_receipt(m.topic, m.payload)
+        box.put("good", _rows("good", range(10)))
+        box.put("denied", _rows("denied", range(7)))
+        link.start()
+        pub.start()
+        assert not pub.wait_drained(60), "refused rows can never drain"
+        assert pub.refused == 7 and pub.acked_results == 10 and pub.stored_results == 10
+        assert {(r.device_id, r.seq) for r in box.pending(0, 100)} == {("denied", s) for s in range(7)}
+        assert "not authorized" in (pub.last_error or "").lower()
+        pub.stop()
+        link.stop()
+        box.close()
+    finally:
+        if hub is not None:
+            hub.stop()
+        broker.kill()

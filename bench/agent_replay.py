@@ -1,8 +1,11 @@
 """Benchmark: the edge agent replaying a recorded log at --speed 0 into a real local broker.
 
 Prints, from one run:
-* readings/s and windows/s of ``edge-agent replay LOG --speed 0`` (a subprocess, every result
-  acknowledged by the broker), the agent's peak RSS, and wall time including interpreter start;
+* readings/s and windows/s of ``edge-agent replay LOG --speed 0`` (a subprocess) into a hub (in this
+  process, on a SQLite file), exiting once the hub has receipted every result; the agent's peak RSS,
+  and wall time including interpreter start;
+* the same replay with ``--until broker`` (rows leave at the broker's PUBACK, no hub), interleaved in
+  the same run: what the end-to-end receipts cost the agent;
 * the ceiling measured in the same run: parsing the same log alone (``read_log``), and the ratio;
 * INT8 vs FP32 inference latency of the same model per batch (the agent's batch size) and per window.
 
@@ -15,6 +18,7 @@ LOG defaults to ../shared/data/watch_shoulder_exercise/watch_shoulder_exercise.c
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +31,9 @@ import orjson
 
 from cloud_hub import lifecycle, training, weights
 from cloud_hub.broker import LocalBroker
+from cloud_hub.ingest import Hub
 from cloud_hub.quantize import session
+from cloud_hub.settings import HubSettings
 from cloud_hub.signing import keygen
 from edge_agent.bundle import load_private_key, sign_bundle
 from edge_agent.contract import decode_bundle
@@ -81,30 +87,50 @@ def main() -> None:
     # An installed package carries compiled bytecode; compiling at import would count in the RSS.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "edge_agent")], check=True)
     rows, parse_s = parse_ceiling(args.log)
-    best: dict | None = None
+    best: dict[str, dict] = {}
     with LocalBroker(work / "broker") as broker:
-        for i in range(args.runs):
-            cmd = [sys.executable, "-m", "edge_agent", "replay", str(args.log), "--broker", broker.url,
-                   "--model", str(args.model), "--speed", "0", "--state-dir", str(work / f"state{i}"), "--json"]
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            status = proc.wait()
-            wall = time.perf_counter() - t0
-            out = orjson.loads(proc.stdout.read())
-            err = proc.stderr.read().decode()
-            if status != 0 or not out["drained"] or out["published"] != out["windows"]:
-                sys.exit(f"replay failed ({status}): {err}")
-            out["wall"] = wall
-            if best is None or out["seconds"] < best["seconds"]:
-                best = out
-    assert best is not None
-    rps = best["readings"] / best["seconds"]
-    print(f"log: {args.log.name}: {rows:,} readings, {best['devices']} devices, {best['windows']:,} windows")
-    print(f"ceiling  parse only (read_log):       {rows / parse_s:>10,.0f} readings/s")
-    print(f"agent    replay --speed 0, all acked: {rps:>10,.0f} readings/s  {best['windows'] / best['seconds']:,.0f} "
-          f"windows/s  ({best['seconds']:.2f} s in replay, {best['wall']:.2f} s wall with interpreter start)")
-    print(f"ratio    agent / parse-only ceiling:  {rps / (rows / parse_s):.2f}")
-    print(f"agent peak RSS (VmHWM, reported by the agent): {best['peak_rss_mb']:.1f} MB")
+        hub = Hub(HubSettings(broker=broker.url, db=f"sqlite:///{work / 'hub.sqlite'}", client_id="bench-hub",
+                              log_interval_s=0))
+        hub.start()
+        try:
+            ingested = 0
+            for i in range(args.runs):  # interleaved: both modes see the same background load
+                for until in ("hub", "broker"):
+                    # Start each replay with an idle hub (a --until broker replay exits before the hub is done).
+                    while hub.stats.stored + hub.stats.duplicates < ingested:
+                        time.sleep(0.01)
+                    cmd = [sys.executable, "-m", "edge_agent", "replay", str(args.log), "--broker", broker.url,
+                           "--model", str(args.model), "--speed", "0", "--state-dir", str(work / f"state-{until}{i}"),
+                           "--json", "--until", until]
+                    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                    proc = subprocess.run(cmd, capture_output=True)
+                    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+                    if proc.returncode != 0:
+                        sys.exit(f"replay failed ({proc.returncode}): {proc.stderr.decode()}")
+                    out = orjson.loads(proc.stdout)
+                    if not out["drained"] or out["published"] != out["windows"]:
+                        sys.exit(f"replay did not deliver everything: {out}")
+                    out["wall"] = wall
+                    ingested += out["windows"]
+                    out["cpu"] = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+                    if until not in best or out["seconds"] < best[until]["seconds"]:
+                        best[until] = out
+        finally:
+            hub.stop()
+    e2e, plain = best["hub"], best["broker"]
+    rps = e2e["readings"] / e2e["seconds"]
+    rps_plain = plain["readings"] / plain["seconds"]
+    print(f"log: {args.log.name}: {rows:,} readings, {e2e['devices']} devices, {e2e['windows']:,} windows")
+    print(f"ceiling  parse only (read_log):          {rows / parse_s:>10,.0f} readings/s")
+    print(f"agent    replay --speed 0, hub receipts: {rps:>10,.0f} readings/s  {e2e['windows'] / e2e['seconds']:,.0f} "
+          f"windows/s  ({e2e['seconds']:.2f} s in replay, {e2e['wall']:.2f} s wall with interpreter start)")
+    print(f"agent    replay --until broker:          {rps_plain:>10,.0f} readings/s  (receipts cost "
+          f"{1 - rps / rps_plain:.0%})")
+    print(f"         waiting after the last reading: {e2e['drain_s'] * 1e3:.0f} ms for receipts, "
+          f"{plain['drain_s'] * 1e3:.0f} ms for PUBACKs; agent CPU {e2e['cpu']:.2f} s vs {plain['cpu']:.2f} s")
+    print(f"ratio    agent / parse-only ceiling:     {rps / (rows / parse_s):.2f}")
+    print(f"agent peak RSS (VmHWM, reported by the agent): {e2e['peak_rss_mb']:.1f} MB "
+          f"({plain['peak_rss_mb']:.1f} MB with --until broker)")
 
     # The same replay with signature verification (a production agent: trusted_key set).
     priv, pub, _ = keygen(work / "hub.pem")
@@ -113,7 +139,7 @@ def main() -> None:
     with LocalBroker(work / "broker2") as broker:
         res = subprocess.run([sys.executable, "-m", "edge_agent", "replay", str(args.log), "--broker", broker.url,
                               "--model", str(signed), "--trusted-key", str(pub), "--state-dir", str(work / "signed"),
-                              "--json"], capture_output=True, check=True)
+                              "--json", "--until", "broker"], capture_output=True, check=True)
     verified = orjson.loads(res.stdout)
     print(f"with --trusted-key (Ed25519 verification loads cryptography): "
           f"{verified['readings'] / verified['seconds']:,.0f} readings/s, peak RSS {verified['peak_rss_mb']:.1f} MB")

@@ -9,7 +9,8 @@ For each batch size (results per MQTT message, as the agent sends them):
   transactions of the hub's ``batch_max`` rows): the database ceiling.
 * bare: a paho subscriber (QoS 1) that only counts the same messages from the same broker: the MQTT
   ceiling (it includes the publisher's speed, like the hub does).
-* hub:  :class:`cloud_hub.ingest.Hub`, from MQTT in to committed rows out.
+* hub:  :class:`cloud_hub.ingest.Hub`, from MQTT in to committed rows out, with commit receipts
+  to the devices (the default) and, for comparison, without.
 
 A private mosquitto (LocalBroker, the project's mosquitto.conf) carries the traffic; the load
 generator publishes from a separate process (this script with ``_publish``), starting when told to,
@@ -177,12 +178,12 @@ def bare_subscriber(broker: LocalBroker, per_msg: int, n_results: int) -> tuple[
 
 
 def hub_run(broker: LocalBroker, workdir: Path, per_msg: int, n_results: int,
-            profile: cProfile.Profile | None) -> tuple[float, float]:
-    """results/s stored (committed) by the hub, from the publisher's start; CPU µs/result."""
+            profile: cProfile.Profile | None, receipts: bool = True) -> tuple[float, float, int]:
+    """results/s stored (committed) by the hub, from the publisher's start; CPU µs/result; receipts sent."""
     prefix = f"hub-{uuid.uuid4().hex[:8]}"
     db = workdir / f"{prefix}.sqlite"
     settings = HubSettings(broker=broker.url, db=f"sqlite:///{db}", prefix=prefix, client_id=prefix,
-                           log_interval_s=0)
+                           log_interval_s=0, receipts=receipts)
     hub = Hub(settings)
     if profile is not None:
         run = hub._run
@@ -195,8 +196,7 @@ def hub_run(broker: LocalBroker, workdir: Path, per_msg: int, n_results: int,
                 profile.disable()
 
         hub._writer._target = profiled  # type: ignore[attr-defined]  # bench only: profile the writer thread
-    hub.start()
-    time.sleep(0.3)  # subscriptions acknowledged
+    hub.start()  # returns once the broker acknowledged the subscriptions
     pub = Publisher(broker.port, prefix, per_msg, n_results)
     c0 = time.process_time()
     t0 = pub.go()
@@ -209,7 +209,7 @@ def hub_run(broker: LocalBroker, workdir: Path, per_msg: int, n_results: int,
     hub.stop()
     if hub.stats.dead_letters or hub.stats.duplicates:
         raise RuntimeError(f"unexpected: {hub.stats}")
-    return n_results / dt, cpu / n_results * 1e6
+    return n_results / dt, cpu / n_results * 1e6, hub.stats.receipts
 
 
 def main() -> None:
@@ -229,21 +229,26 @@ def main() -> None:
             for per_msg in args.batch or [100, 1]:
                 n = args.results or (200_000 if per_msg >= 10 else 30_000)
                 n -= n % per_msg
-                raws, bare_runs, hubs = [], [], []
-                for i in range(args.repeat):  # interleaved, so that all three see the same background load
+                raws, bare_runs, hubs, plain = [], [], [], []
+                for i in range(args.repeat):  # interleaved, so that all of them see the same background load
                     raws.append(raw_sqlite(work / f"raw-{per_msg}-{i}.sqlite", per_msg, n, HubSettings().batch_max))
                     bare_runs.append(bare_subscriber(broker, per_msg, n))
                     hubs.append(hub_run(broker, work, per_msg, n, profile))
-                (raw, raw_cpu), (hub, hub_cpu) = max(raws), max(hubs)
+                    plain.append(hub_run(broker, work, per_msg, n, None, receipts=False))
+                (raw, raw_cpu), (hub, hub_cpu, receipts) = max(raws), max(hubs)
+                no_receipts = max(plain)[0]
+                print("  runs with receipts:", [f"{h[0]:,.0f}" for h in hubs], "without:", [f"{h[0]:,.0f}" for h in plain])
                 bare, bare_cpu, _ = max(bare_runs)
                 pub_rate = max(r[2] for r in bare_runs)
                 print(f"--batch {per_msg}: {n} results, {n // per_msg} messages, best of {args.repeat}")
                 print(f"  raw sqlite3 executemany {raw:10,.0f} rows/s     {raw_cpu:6.1f} µs CPU/row")
                 print(f"  bare paho subscriber    {bare:10,.0f} results/s  {bare_cpu:6.1f} µs CPU/result  "
                       f"({bare / per_msg:,.0f} msg/s; publisher alone {pub_rate:,.0f} results/s)")
-                print(f"  hub stored              {hub:10,.0f} results/s  {hub_cpu:6.1f} µs CPU/result  "
-                      f"({hub / per_msg:,.0f} msg/s)")
-                print(f"  hub / raw sqlite = {hub / raw:.0%}   hub / bare subscriber = {hub / bare:.0%}", flush=True)
+                print(f"  hub stored + receipts   {hub:10,.0f} results/s  {hub_cpu:6.1f} µs CPU/result  "
+                      f"({hub / per_msg:,.0f} msg/s, {receipts:,} receipt messages)")
+                print(f"  hub without receipts    {no_receipts:10,.0f} results/s")
+                print(f"  hub / raw sqlite = {hub / raw:.0%}   hub / bare subscriber = {hub / bare:.0%}   "
+                      f"receipts cost {1 - hub / no_receipts:.0%}", flush=True)
         finally:
             broker.stop()
     if profile is not None:

@@ -47,6 +47,11 @@ _UPGRADE = ("ALTER TABLE outbox ADD COLUMN due REAL",
             "ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 _INDEX = "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due) WHERE due IS NOT NULL"
 _MAX_DOUBLINGS = 20
+_CHUNK = 500  # ids or seqs per statement (SQLite allows 32,766 parameters)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
 
 
 class OutboxFull(RuntimeError):
@@ -103,6 +108,11 @@ class Outbox:
         """Results written and not yet receipted by the hub (pending and sent alike)."""
         return self._depth
 
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until no row is left (every one receipted) or ``timeout`` passes; True if empty."""
+        with self._lock:
+            return self._room.wait_for(lambda: self._depth <= 0, timeout)
+
     def put(self, device_id: str, rows: Sequence[tuple[int, bytes]], *, timeout: float | None = None) -> int:
         """Store results ``(seq, payload)`` of one device in one transaction; returns how many were new."""
         if not rows:
@@ -154,13 +164,18 @@ class Outbox:
 
     def confirm(self, device_id: str, seqs: Sequence[int]) -> int:
         """Forget the rows the hub has committed (a receipt); returns how many were still here."""
-        return self._remove("DELETE FROM outbox WHERE device_id = ? AND seq = ?", [(device_id, s) for s in seqs])
+        params = [[device_id, *seqs[i:i + _CHUNK]] for i in range(0, len(seqs), _CHUNK)]
+        return self._remove(lambda p: f"DELETE FROM outbox WHERE device_id = ? AND seq IN ({_marks(len(p) - 1)})",
+                            params)
 
-    def _remove(self, sql: str, params: list[tuple[object, ...]]) -> int:
+    def _remove(self, sql: str | Callable[[list[object]], str], params: Sequence[Sequence[object]]) -> int:
         if not params:
             return 0
         with self._lock:
-            removed = self._write(lambda: self._db.executemany(sql, params))
+            if isinstance(sql, str):
+                removed = self._write(lambda: self._db.executemany(sql, params))
+            else:
+                removed = self._write(lambda: [self._db.execute(sql(list(p)), p) for p in params])
             self._depth -= removed
             self._room.notify_all()
             return removed
@@ -170,11 +185,13 @@ class Outbox:
         if not ids:
             return 0
         now = time.time() if now is None else now
-        sql = (f"UPDATE outbox SET attempts = attempts + 1, due = ? + MIN(?, ? * (1 << MIN(attempts, {_MAX_DOUBLINGS}))) "
-               "WHERE id = ? AND due IS NULL")
-        params = [(now, self.resend_max_s, self.resend_after_s, i) for i in ids]
+        head = (f"UPDATE outbox SET attempts = attempts + 1, due = ? + MIN(?, ? * (1 << MIN(attempts, {_MAX_DOUBLINGS}))) "
+                "WHERE due IS NULL AND id IN ")
+        chunks = [list(ids[i:i + _CHUNK]) for i in range(0, len(ids), _CHUNK)]
         with self._lock:
-            return self._write(lambda: self._db.executemany(sql, params))
+            return self._write(lambda: [self._db.execute(f"{head}({_marks(len(c))})",
+                                                         [now, self.resend_max_s, self.resend_after_s, *c])
+                                        for c in chunks])
 
     def take_due(self, limit: int, now: float | None = None) -> list[OutboxRow]:
         """Unreceipted rows whose time to be sent again has come (oldest first), made pending again."""

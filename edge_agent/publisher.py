@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 from edge_agent.contract import RESULTS_DELIVERY, ContractError, Topics, decode_receipt, join_results
 from edge_agent.mqtt import MqttError, MqttLink
@@ -28,6 +28,11 @@ from edge_agent.outbox import Outbox, OutboxRow
 log = logging.getLogger(__name__)
 
 _DUE_CHECK_S = 0.5  # how often the pump looks for unreceipted rows whose time to be sent again came
+# A receipt usually follows the PUBACK within milliseconds: rows are marked sent in the outbox (an
+# UPDATE) only when theirs has not come after this long, or when many wait, which saves a write per
+# message on the fast path. Until then they are protected like rows in flight.
+_MARK_AFTER_S = 1.0
+_MARK_MAX_ROWS = 5_000
 
 
 class Publisher:
@@ -48,6 +53,8 @@ class Publisher:
         self._read_upto = 0  # highest row id read from the outbox in this process (held, in flight or sent)
         self._held: list[OutboxRow] = []  # waiting for a full batch or its age (new rows and re-sends)
         self._done: list[int] = []  # acknowledged rows not yet marked/deleted (a failed write is retried)
+        self._acked: deque[tuple[float, list[int]]] = deque()  # PUBACKed, waiting a moment for their receipt
+        self._acked_rows = 0
         self._refused_ids: set[int] = set()  # rows whose message the broker refused (kept until restart)
         self._resend_all = False  # set on a reconnect, handled by the pump
         self._next_due_check = 0.0
@@ -92,7 +99,7 @@ class Publisher:
         self._wake.set()
 
     def wait_drained(self, timeout: float | None = None, *, stop: threading.Event | None = None,
-                     poll_s: float = 0.05, on_wait: float = 10.0) -> bool:
+                     poll_s: float = 0.1, on_wait: float = 10.0) -> bool:
         """Block until every row of the outbox is stored (receipted, or acknowledged without receipts).
 
         Returns False at the timeout, when ``stop`` is set, or when all that is left are rows the
@@ -115,7 +122,7 @@ class Publisher:
                 log.warning("waiting for %s: %d results not yet stored (%s)",
                             "the hub's receipts" if self.receipts else "the broker", self.outbox.depth,
                             "connected" if self.link.connected else f"not connected to {self.link.broker}")
-            time.sleep(poll_s)
+            self.outbox.wait_empty(poll_s)  # wakes at once when the last row goes
         return True
 
     def stop(self) -> None:
@@ -163,12 +170,23 @@ class Publisher:
         if done:
             # If this raises, the ids stay in self._done for the next round.
             if self.receipts:
-                self.outbox.mark_sent(done)
+                self._acked.append((time.monotonic(), done))
+                self._acked_rows += len(done)
             else:
                 self.stored_results += self.outbox.delete(done)
             self.acked_results += len(done)
             self._done = []
         self.outbox.floor = self._read_upto  # overflow never drops what is held or in flight
+
+    def _mark_sent(self, everything: bool = False) -> None:
+        """Mark PUBACKed rows whose receipt is late (all of them with ``everything``) as sent."""
+        cutoff = time.monotonic() - _MARK_AFTER_S
+        acked = self._acked
+        while acked and (everything or acked[0][0] <= cutoff or self._acked_rows > _MARK_MAX_ROWS):
+            ids = acked[0][1]
+            self.outbox.mark_sent(ids)  # rows receipted meanwhile are gone: nothing to mark
+            acked.popleft()
+            self._acked_rows -= len(ids)
 
     def _handle_receipts(self) -> None:
         while True:
@@ -189,6 +207,7 @@ class Publisher:
         """Take unreceipted rows whose time has come (or all of them after a reconnect) for sending."""
         if not self.receipts:
             return
+        self._mark_sent(everything=self._resend_all)
         if self._resend_all:
             self._resend_all = False
             self.outbox.resend_all()

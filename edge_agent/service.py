@@ -27,6 +27,7 @@ class ReplayReport:
     until: str = "hub"
     not_stored: int = 0  # results still in the outbox when the replay ended
     resent: int = 0  # results sent again for want of a receipt
+    drain_s: float = 0.0  # seconds spent after the last reading waiting for delivery
     seconds: float = 0.0
     skipped_lines: int = 0
     dropped_windows: int = 0
@@ -74,7 +75,9 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
             report.skipped_examples += [str(e) for e in reader.stats.first_errors]
         agent.tick()
         report.until = "hub" if settings.receipts else "broker"
+        t_drain = time.perf_counter()
         report.drained = agent.publisher.wait_drained(drain_timeout, stop=stop)
+        report.drain_s = time.perf_counter() - t_drain
         report.not_stored = agent.outbox.depth
         if stop.is_set():
             raise Interrupted(f"interrupted while waiting for acknowledgements: {agent.outbox.depth} results "

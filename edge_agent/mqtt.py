@@ -11,6 +11,10 @@ paho calls back on its own network thread. Handlers passed in here must be quick
   not "connected", and it is reported to whoever waits for the connection.
 * A large ``max_inflight`` makes QoS 1 slower, not faster (measured: 1000 in flight 7.6k msg/s,
   100 in flight 13k msg/s), so the default is 100.
+* ``loop_stop()`` right after ``disconnect()`` may end the network thread before it has written
+  the packets queued before the DISCONNECT (seen under CPU load: the hub's last PUBACKs never
+  left, and the next session got those messages again). :meth:`MqttLink.stop` waits for the
+  disconnection first.
 """
 
 from __future__ import annotations
@@ -192,7 +196,12 @@ class MqttLink:
             except (RuntimeError, ValueError) as exc:
                 log.warning("final publish failed: %s", exc)
         self._stopping = True
-        self._client.disconnect()
+        if self._client.disconnect() == paho.MQTT_ERR_SUCCESS:
+            # loop_stop() ends the network thread at its next turn, whether or not it has written what
+            # is queued (PUBACKs of the hub's last batch, the DISCONNECT): wait until paho reports the
+            # disconnection, which it does once the DISCONNECT is on the wire.
+            with self._state_changed:
+                self._state_changed.wait_for(lambda: not self._connected.is_set(), timeout)
         self._client.loop_stop()
 
     # ----------------------------------------------------------------- operations
@@ -246,7 +255,9 @@ class MqttLink:
 
     def _handle_disconnect(self, _c: object, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         was = self._connected.is_set()
-        self._connected.clear()
+        with self._state_changed:
+            self._connected.clear()
+            self._state_changed.notify_all()
         if was:
             (log.info if self._stopping else log.warning)("disconnected from %s: %s", self.broker, rc)
             if self._on_connected is not None:

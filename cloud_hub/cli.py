@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import typer
 
-from cloud_hub import cli_data, cli_demo, cli_models
+from cloud_hub import cli_data, cli_db, cli_demo, cli_models
 
 app = typer.Typer(help="Cloud hub: ingest device results into SQL, aggregate, retrain and roll out models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
-# Data path (serve, stats, devices), model lifecycle (train, retrain, keygen, publish, models, export)
-# and the demo.
-for _group in (cli_data, cli_models, cli_demo):
+# Data path (serve, stats, devices), model lifecycle (train, retrain, keygen, publish, models, export),
+# the schema (db current|history|upgrade|downgrade) and the demo.
+for _group in (cli_data, cli_models, cli_db, cli_demo):
     _group.register(app)
 
 

@@ -1,7 +1,8 @@
 """Data commands of ``cloud-hub``: ``serve`` (ingest), ``stats`` and ``devices``.
 
 Exit codes: 0 success; 2 bad usage or settings (unknown option, invalid URL or value, bad config
-file); 3 the broker or the database is unavailable (unreachable, refused, cannot be opened).
+file); 3 the broker or the database is unavailable (unreachable, refused, cannot be opened, not a hub
+database, or at a schema revision this build does not serve: behind, ahead or unknown).
 Errors are printed as one readable line on stderr, without a traceback.
 """
 
@@ -63,15 +64,10 @@ def _errors() -> Iterator[None]:
 
 
 def _with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:
-    from sqlalchemy.engine import make_url
+    """Run a read-only ``work(conn)``: the database must exist and be at this build's revision."""
+    from cloud_hub.db import make_engine, transaction
 
-    from cloud_hub.db import DatabaseUnavailable, make_engine, transaction
-
-    url = make_url(settings.db)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not Path(url.database).expanduser().exists():
-        raise DatabaseUnavailable(f"database file {url.database!r} does not exist")  # don't create it by reading
-    engine = make_engine(settings.db)
+    engine = make_engine(settings.db, create=False)
     try:
         with transaction(engine, write=False) as conn:
             return work(conn)

@@ -47,10 +47,11 @@ def _lifecycle_errors() -> Iterator[None]:
             raise _fail(3, str(exc)) from None
 
 
-def _engine(db: str) -> Any:
+def _engine(db: str, *, read_only: bool = False) -> Any:
+    """The hub database; read-only commands never create one (a missing file is an error)."""
     from cloud_hub.db import make_engine
 
-    return make_engine(db)
+    return make_engine(db, create=not read_only)
 
 
 def _holdout(text: str | None) -> list[str] | None:
@@ -188,7 +189,7 @@ def models(
 
     with _lifecycle_errors():
         s = _settings(config, db=db)
-        rows = rollout(_engine(s.db), name)
+        rows = rollout(_engine(s.db, read_only=True), name)
     if json_out:
         typer.echo(orjson.dumps({"models": rows}).decode())
         return
@@ -224,7 +225,7 @@ def _export(db_url: str, name: str, version: int | None, out: Path) -> int:
     from cloud_hub.lifecycle import LifecycleError
     from cloud_hub.store import Store
 
-    engine = _engine(db_url)
+    engine = _engine(db_url, read_only=True)
     with transaction(engine, write=False) as conn:
         row = Store(engine).get_model(conn, name, version)
     if row is None or row.bundle is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,13 +119,18 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-def make_engine(url: str, *, schema: str | None = None, create: bool = True, **kw: Any) -> Engine:
-    """An engine for ``url`` with our SQLite pragmas; creates the tables unless ``create=False``.
+def make_engine(url: str, *, schema: str | None = None, create: bool = True, migrate: bool = False,
+                check: bool = True, **kw: Any) -> Engine:
+    """An engine for ``url`` with our SQLite pragmas, on a database at this build's schema revision.
 
-    ``schema`` (PostgreSQL only) puts every table in that schema, creating it: the tests use one
-    schema per test so that they never collide.
-    Raises :class:`SettingsError` for a malformed URL or a missing driver and
-    :class:`DatabaseUnavailable` when the database cannot be reached.
+    ``create`` gives an empty (or, for SQLite, missing) database the current schema; without it a
+    missing SQLite file is refused rather than created (read-only commands). ``migrate`` upgrades a
+    database whose schema is behind instead of refusing it; ``check=False`` skips the revision check
+    (the ``db`` commands). ``schema`` (PostgreSQL only) puts every table in that schema, creating it:
+    the tests use one schema per test so that they never collide.
+    Raises :class:`SettingsError` for a malformed URL or a missing driver,
+    :class:`DatabaseUnavailable` when the database cannot be reached or read, and
+    :class:`cloud_hub.schema.SchemaError` when its schema is not this build's.
     """
     try:
         parsed = sa.engine.make_url(url)
@@ -141,17 +147,23 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True, **k
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-    if create:
-        try:
+        path = parsed.database
+        if not create and path not in (None, "", ":memory:") and not Path(path).expanduser().exists():
+            raise DatabaseUnavailable(f"database file {path!r} does not exist")  # connecting would create it
+    try:
+        if schema is not None:
             with engine.begin() as conn:
-                if schema is not None:
-                    conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-                metadata.create_all(conn)
-        except sa.exc.OperationalError as exc:
-            engine.dispose()
-            raise DatabaseUnavailable(f"cannot open {describe(engine)}: {_first_line(exc)}") from exc
-        except sa.exc.IntegrityError:  # another process created the tables at the same moment
-            metadata.create_all(engine)
+                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        if check:
+            from cloud_hub import schema as revisions
+
+            revisions.check(engine, create=create, migrate=migrate)
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        raise DatabaseUnavailable(f"cannot open {describe(engine)}: {_first_line(exc)}") from exc
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 

@@ -93,7 +93,7 @@ class Hub:
         self.settings = settings
         self.topics: Topics = settings.topics
         self._own_engine = engine is None
-        self.engine = make_engine(settings.db) if engine is None else engine
+        self.engine = make_engine(settings.db, migrate=settings.auto_migrate) if engine is None else engine
         self.store = Store(self.engine)
         self.stats = HubStats()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()

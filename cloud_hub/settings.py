@@ -22,6 +22,7 @@ class HubSettings(BrokerSettings):
     """Everything a hub process needs (broker, TLS files and prefix come from BrokerSettings)."""
 
     db: str = "sqlite:///hub.sqlite"  # any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db
+    auto_migrate: bool = False  # serve upgrades a database whose schema is behind (else: refuse, say how)
     client_id: str = "cloud-hub"  # also names the persistent session: keep it stable across restarts
     share_group: str | None = None  # subscribe through $share/<group>/... so several hubs split the fleet
     session_expiry_s: int = 86_400  # the broker keeps our session (and queues results) this long

@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from cloud_hub.db import dead_letters, devices, results
+from cloud_hub.db import dead_letters, devices, models, results
 
 BUCKETS: dict[str, float] = {"minute": 60.0, "hour": 3600.0}
 QUANTILES = (50.0, 95.0)
@@ -155,18 +156,31 @@ class DeviceStats:
 
 
 @dataclass(frozen=True, slots=True)
+class VersionStats:
+    """The results one model version produced, and the part of them from devices it never trained on."""
+
+    summary: Summary
+    held_out: Summary  # results of devices outside its training set: the honest accuracy
+    train_devices: tuple[str, ...]  # empty when the registry does not say (e.g. a model made elsewhere)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {**self.summary.to_obj(), "held_out": self.held_out.to_obj(), "train_devices": list(self.train_devices)}
+
+
+@dataclass(frozen=True, slots=True)
 class FleetStats:
     fleet: Summary
     devices: dict[str, DeviceStats]
     dead_letters: int
     bucket: str | None = None
     buckets: dict[float, tuple[Summary, dict[str, Summary]]] = field(default_factory=dict)
+    versions: dict[int, VersionStats] = field(default_factory=dict)
 
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {**self.fleet.to_obj(), "dead_letters": self.dead_letters, "devices": {
             d: {**s.summary.to_obj(), "model_version": s.model_version, "state": s.state, "last_seen": s.last_seen}
             for d, s in sorted(self.devices.items())
-        }}
+        }, "model_versions": {str(v): s.to_obj() for v, s in sorted(self.versions.items())}}
         if self.bucket is not None:
             obj["bucket"] = self.bucket
             obj["buckets"] = [{"start": start, **fleet.to_obj(),
@@ -255,7 +269,24 @@ def fleet_stats(conn: Connection, *, device: str | None = None, since: float | N
                     for (d, bb), c in grouped.items() if float(bb) == b}
             totals = _merge(c for (_, bb), c in grouped.items() if float(bb) == b)
             buckets[b] = (finish(totals, fleet_q.get(b, (None, None))), devs)
-    return FleetStats(fleet, out, n_dead, bucket, buckets)
+    return FleetStats(fleet, out, n_dead, bucket, buckets, version_stats(conn, where))
+
+
+def version_stats(conn: Connection, where: list[Any]) -> dict[int, VersionStats]:
+    """Per model version: all its results, and those of devices outside its training set."""
+    grouped = _grouped_counts(conn, where, results.c.model_version)
+    trained: dict[int, set[str]] = {}
+    for version, manifest in conn.execute(sa.select(models.c.version, models.c.manifest)):
+        devices_of = (orjson.loads(manifest).get("training") or {}).get("train_devices") or []
+        trained.setdefault(int(version), set()).update(str(d) for d in devices_of)
+    out: dict[int, VersionStats] = {}
+    for version in sorted({int(v) for _, v in grouped}):
+        mine = {d: c for (d, v), c in grouped.items() if int(v) == version}
+        train = trained.get(version, set())
+        out[version] = VersionStats(finish(_merge(mine.values())),
+                                    finish(_merge(c for d, c in mine.items() if d not in train)),
+                                    tuple(sorted(train)))
+    return out
 
 
 def _latest_model_versions(conn: Connection, where: list[Any]) -> dict[str, int]:

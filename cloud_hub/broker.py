@@ -17,7 +17,9 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO_CONF = Path(__file__).resolve().parents[1] / "mosquitto.conf"
+# The project's mosquitto.conf (at the repository root; cloud_hub/mosquitto.conf links to it, and a built
+# wheel carries a copy there).
+REPO_CONF = Path(__file__).parent / "mosquitto.conf"
 _REPLACED = ("listener", "port", "bind_address", "persistence_location", "log_dest", "pid_file", "user")
 
 
@@ -64,7 +66,11 @@ class LocalBroker:
         self.port = port or free_port()
         if config_text is None:
             base = Path(base_config) if base_config else REPO_CONF
-            text = base.read_text() if base.is_file() else "persistence true\nallow_anonymous true\nmax_queued_messages 0\n"
+            try:
+                text = base.read_text()
+            except OSError as exc:  # never fall back to mosquitto's defaults: they drop QoS 1 messages
+                raise BrokerError(f"broker config {base} cannot be read ({exc.strerror}): reinstall the "
+                                  "package, or pass the config of your broker") from exc
             config_text = derive_config(text, port=self.port, workdir=self.workdir)
         self.config_path = self.workdir / "mosquitto.conf"
         self.config_path.write_text(config_text)

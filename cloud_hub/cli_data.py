@@ -1,15 +1,15 @@
 """Data commands of ``cloud-hub``: ``serve`` (ingest), ``stats`` and ``devices``.
 
-Exit codes: 0 success; 2 bad usage or settings (unknown option, invalid URL or value, bad config
-file); 3 the broker or the database is unavailable (unreachable, refused, cannot be opened, not a hub
-database, or at a schema revision this build does not serve: behind, ahead or unknown).
+Exit codes: :mod:`edge_agent.exits`. Errors are one readable line on stderr, without a traceback.
 Errors are printed as one readable line on stderr, without a traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -21,10 +21,11 @@ import typer
 
 from cloud_hub.db import HubError
 from cloud_hub.settings import ENV_PREFIX, HubSettings
+from edge_agent import exits
 from edge_agent.settings import SettingsError, load_settings
 
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
+EXIT_USAGE = exits.USAGE
+EXIT_UNAVAILABLE = exits.UNAVAILABLE
 
 T = TypeVar("T")
 
@@ -34,7 +35,9 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy database URL
 
 
 def _settings(config: Path | None, **flags: Any) -> HubSettings:
-    return load_settings(HubSettings, env_prefix=ENV_PREFIX, config=config, flags=flags)
+    return load_settings(HubSettings, env_prefix=ENV_PREFIX, config=config, flags=flags,
+                         warn=lambda m: typer.echo(f"cloud-hub: warning: {m}", err=True),
+                         other_env=(f"{ENV_PREFIX}_CONFIG",))
 
 
 def _fail(code: int, message: str) -> typer.Exit:
@@ -78,11 +81,35 @@ def _with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=160)  # pipes: don't squeeze to 80 columns
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=160)  # pipes: don't squeeze to 80 columns
+
+
+def _table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
+    """A table that fits a terminal: light borders, values folded (never cut with "…") when narrow."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    return table
 
 
 def _ts(t: float | None) -> str:
     return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _age(t: float | None, now: float | None = None) -> str:
+    """How long ago, compactly: 4s, 12m, 3h, 2d (the exact UTC times are in --json)."""
+    if t is None:
+        return "-"
+    dt = max(0.0, (time.time() if now is None else now) - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if dt >= size:
+            return f"{dt / size:.0f}{unit} ago"
+    return f"{dt:.0f}s ago"
 
 
 def _pct(x: float | None) -> str:
@@ -91,6 +118,13 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _ms(x: float | None) -> str:
+    """Milliseconds with the digits that matter: 0.0052, 0.42, 3.1, 120."""
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2g}"
 
 
 def serve(
@@ -139,32 +173,36 @@ def stats(
     if as_json:
         typer.echo(orjson.dumps(result.to_obj(), option=orjson.OPT_NON_STR_KEYS).decode())
         return
-    from rich.table import Table
-
-    table = Table(title=f"results{f' since {_ts(t0)} UTC' if t0 is not None else ''}")
-    for col in ("device", "results", "accuracy", "labelled", "mean conf", "p50 ms", "p95 ms", "model", "state",
-                "last seen (UTC)"):
-        table.add_column(col, justify="left" if col in ("device", "state", "last seen (UTC)") else "right")
+    table = _table(f"results{f' since {_ts(t0)} UTC' if t0 is not None else ''}", "device", "results", "accuracy",
+                   "conf", "p50 ms", "p95 ms", "model", "state", "seen",
+                   right=("results", "accuracy", "conf", "p50 ms", "p95 ms", "model"))
     for name, d in sorted(result.devices.items()):
         s = d.summary
-        table.add_row(name, str(s.results), _pct(s.accuracy), str(s.labelled), _num(s.mean_confidence, ".3f"),
-                      _num(s.latency_p50_ms), _num(s.latency_p95_ms), _num(d.model_version, "d"), d.state or "-",
-                      _ts(d.last_seen))
+        table.add_row(name, f"{s.results:,}", _pct(s.accuracy), _num(s.mean_confidence, ".2f"),
+                      _ms(s.latency_p50_ms), _ms(s.latency_p95_ms), _num(d.model_version, "d"), d.state or "-",
+                      _age(d.last_seen))
     f = result.fleet
-    table.add_row("[b]fleet[/b]", str(f.results), _pct(f.accuracy), str(f.labelled), _num(f.mean_confidence, ".3f"),
-                  _num(f.latency_p50_ms), _num(f.latency_p95_ms), "", "", _ts(f.last_seen), end_section=True)
+    table.add_row("[b]fleet[/b]", f"{f.results:,}", _pct(f.accuracy), _num(f.mean_confidence, ".2f"),
+                  _ms(f.latency_p50_ms), _ms(f.latency_p95_ms), "", "", _age(f.last_seen), end_section=True)
     console = _console()
     console.print(table)
+    if result.versions:
+        vt = _table("per model version (held out: devices outside its training set)", "model", "results",
+                    "accuracy", "held-out acc", "held-out results", "trained on",
+                    right=("results", "accuracy", "held-out acc", "held-out results"))
+        for version, v in sorted(result.versions.items()):
+            vt.add_row(f"v{version}", f"{v.summary.results:,}", _pct(v.summary.accuracy), _pct(v.held_out.accuracy),
+                       f"{v.held_out.results:,}", f"{len(v.train_devices)} devices" if v.train_devices else "-")
+        console.print(vt)
     if f.classes:
         console.print("classes: " + ", ".join(f"{k} {v}" for k, v in sorted(f.classes.items())))
     console.print(f"dead letters: {result.dead_letters}")
     if bucket is not None:
-        bt = Table(title=f"per {bucket} (window start, UTC)")
-        for col in ("bucket", "results", "devices", "accuracy", "mean conf", "p50 ms", "p95 ms"):
-            bt.add_column(col, justify="left" if col == "bucket" else "right")
+        bt = _table(f"per {bucket} (window start, UTC)", "bucket", "results", "devices", "accuracy", "conf",
+                    "p50 ms", "p95 ms", right=("results", "devices", "accuracy", "conf", "p50 ms", "p95 ms"))
         for start, (s, per_device) in sorted(result.buckets.items()):
-            bt.add_row(_ts(start), str(s.results), str(len(per_device)), _pct(s.accuracy),
-                       _num(s.mean_confidence, ".3f"), _num(s.latency_p50_ms), _num(s.latency_p95_ms))
+            bt.add_row(_ts(start)[:16], f"{s.results:,}", str(len(per_device)), _pct(s.accuracy),
+                       _num(s.mean_confidence, ".2f"), _ms(s.latency_p50_ms), _ms(s.latency_p95_ms))
         console.print(bt)
 
 
@@ -183,15 +221,12 @@ def devices(
         typer.echo(orjson.dumps({r["device_id"]: {k: v for k, v in r.items() if k != "device_id"} for r in rows})
                    .decode())
         return
-    from rich.table import Table
-
-    table = Table(title="devices")
-    for col in ("device", "state", "last seen (UTC)", "model", "version", "outbox", "results", "last error"):
-        table.add_column(col, justify="right" if col in ("version", "outbox", "results") else "left")
+    table = _table("devices", "device", "state", "seen", "model", "outbox", "results", "last error",
+                   right=("outbox", "results"))
     for r in rows:
-        table.add_row(r["device_id"], r["state"], _ts(r["last_seen"]), r["model_name"] or "-",
-                      _num(r["model_version"], "d"), _num(r["outbox_depth"], "d"), str(r["results"]),
-                      (r["last_error"] or "")[:60])
+        model = "-" if r["model_version"] is None else f"{r['model_name'] or ''} v{r['model_version']}"
+        table.add_row(r["device_id"], r["state"], _age(r["last_seen"]), model, _num(r["outbox_depth"], ",d"),
+                      f"{r['results']:,}", r["last_error"] or "")
     _console().print(table)
 
 

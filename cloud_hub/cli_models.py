@@ -16,10 +16,11 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from cloud_hub.cli_data import ConfigOpt, DbOpt, _console, _errors, _fail, _pct, _settings, _ts
+from cloud_hub.cli_data import ConfigOpt, DbOpt, _age, _console, _errors, _fail, _pct, _settings, _table
+from edge_agent import exits
 
-EXIT_MODEL = 4
-EXIT_INPUT = 5
+EXIT_MODEL = exits.MODEL
+EXIT_INPUT = exits.INPUT
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")]
@@ -44,7 +45,7 @@ def _lifecycle_errors() -> Iterator[None]:
         except (LifecycleError, ValueError) as exc:
             raise _fail(EXIT_MODEL, str(exc)) from None
         except MqttError as exc:
-            raise _fail(3, str(exc)) from None
+            raise _fail(exits.UNAVAILABLE, str(exc)) from None
 
 
 def _engine(db: str, *, read_only: bool = False) -> Any:
@@ -52,6 +53,13 @@ def _engine(db: str, *, read_only: bool = False) -> Any:
     from cloud_hub.db import make_engine
 
     return make_engine(db, create=not read_only)
+
+
+def _progress_lines(quiet: bool) -> None:
+    """Stage lines of training on stderr ("training on 8,012 windows...") unless the output is JSON."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="cloud-hub: %(message)s")
+    if not quiet:
+        logging.getLogger("cloud_hub.lifecycle").setLevel(logging.INFO)
 
 
 def _holdout(text: str | None) -> list[str] | None:
@@ -68,12 +76,9 @@ def _print_outcome(outcome: Any, json_out: bool) -> None:
     if json_out:
         typer.echo(orjson.dumps(outcome.to_obj()).decode())
         return
-    from rich.table import Table
-
-    table = Table(title=f"model {outcome.name} v{outcome.version}: {outcome.state} "
-                        f"(hold-out devices: {', '.join(outcome.holdout_devices) or 'last 20% in time'})")
-    for col in ("", "hold-out score", "bytes", "latency/window"):
-        table.add_column(col, justify="right")
+    table = _table(f"model {outcome.name} v{outcome.version}: {outcome.state} "
+                   f"(hold-out devices: {', '.join(outcome.holdout_devices) or 'last 20% in time'})",
+                   "", "hold-out score", "bytes", "latency/window", right=("hold-out score", "bytes", "latency/window"))
     rows = [("FP32", outcome.fp32), ("INT8", outcome.int8)]
     if outcome.baseline:
         rows.append(("running (INT8)", outcome.baseline))
@@ -107,7 +112,7 @@ def train(
 
     with _lifecycle_errors():
         s = _settings(config, db=db, model_name=name)
-        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        _progress_lines(json_out)
         outcome = lifecycle.train_from_logs(_engine(s.db), logs, name=s.model_name,
                                             holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
                                             seed=seed, features=features, mirror=_holdout(mirror) or ())
@@ -132,7 +137,7 @@ def retrain(
 
     with _lifecycle_errors():
         s = _settings(config, db=db, model_name=name, retrain_tolerance=tolerance)
-        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        _progress_lines(json_out)
         outcome = lifecycle.retrain(_engine(s.db), name=s.model_name, holdout=_holdout(holdout_devices),
                                     tolerance=s.retrain_tolerance, logs=log or [], seed=seed)
     _print_outcome(outcome, json_out)
@@ -165,13 +170,14 @@ def publish(
                                                     "(devices refuse it unless they allow unsigned models).")] = False,
     force: Annotated[bool, typer.Option(help="Publish a version that failed its gate.")] = False,
     name: NameOpt = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Sign a registered bundle and publish it retained on the model topic."""
     from cloud_hub.rollout import publish as run
 
     with _lifecycle_errors():
-        s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key)
+        s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
         bundle = run(_engine(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)
     m = bundle.manifest
     typer.echo(f"published {m.name} v{m.version} ({m.sha256[:12]}, "
@@ -193,16 +199,13 @@ def models(
     if json_out:
         typer.echo(orjson.dumps({"models": rows}).decode())
         return
-    from rich.table import Table
-
-    table = Table(title="models")
-    for col in ("name", "version", "state", "on topic", "INT8 score", "FP32 score", "INT8 bytes",
-                "devices (online)", "created"):
-        table.add_column(col)
+    table = _table("models: scores on each version's hold-out devices; devices running it (online)", "model",
+                   "state", "topic", "INT8", "FP32", "bytes", "devices", "created",
+                   right=("INT8", "FP32", "bytes", "devices"))
     for r in rows:
-        table.add_row(r["name"], str(r["version"]), r["state"], "yes" if r["on_topic"] else "",
+        table.add_row(f"{r['name']} v{r['version']}", r["state"], "yes" if r["on_topic"] else "",
                       _metric(r["int8"]), _metric(r["fp32"]), f"{(r['int8'] or {}).get('bytes', 0):,}",
-                      f"{r['devices']} ({r['devices_online']})", _ts(r["created"]))
+                      f"{r['devices']} ({r['devices_online']})", _age(r["created"]))
     _console().print(table)
 
 

@@ -107,9 +107,9 @@ class Hub:
         self._writer = threading.Thread(target=self._run, name="hub-writer", daemon=True)
         group = settings.share_group
         self.link = MqttLink(
-            settings.broker_url, settings.client_id, tls=settings.tls, clean_start=False,
+            settings.broker_url, settings.session_id, tls=settings.tls, clean_start=False,
             session_expiry_s=settings.session_expiry_s, manual_ack=True,
-            on_message=self._queue.put, on_connected=self._on_connection_event,
+            on_message=self._queue.put, on_connected=self._on_connection_event, exclusive=True,
             subscriptions=[(self.topics.shared(self.topics.all_results, group), 1),
                            (self.topics.shared(self.topics.all_status, group), 1)],
         )
@@ -127,7 +127,7 @@ class Hub:
         except MqttError as exc:
             self.stop(timeout=1.0)
             raise BrokerUnavailable(str(exc)) from exc
-        log.info("hub %s ingesting %s/devices/+/{results,status}%s into %s", self.settings.client_id,
+        log.info("hub %s ingesting %s/devices/+/{results,status}%s into %s", self.settings.session_id,
                  self.topics.prefix, f" (share group {self.settings.share_group})" if self.settings.share_group
                  else "", describe(self.engine))
 
@@ -350,13 +350,19 @@ class Hub:
 
     def _log_stats(self, final: bool = False) -> None:
         now = time.monotonic()
-        last_t, last_rows = getattr(self, "_last_log", (now, 0))
+        last_t, last_seen = getattr(self, "_last_log", (now, 0))
         s = self.stats
-        rate = (s.stored + s.duplicates - last_rows) / max(now - last_t, 1e-9)
-        log.info("%s%.0f results/s, backlog %d messages, %d rows stored, %d duplicates ignored, "
-                 "%d dead letters, %d messages", "final: " if final else "", rate, self.backlog, s.stored,
-                 s.duplicates, s.dead_letters, s.messages)
-        self._last_log = (now, s.stored + s.duplicates)
+        seen = s.messages + s.dead_letters
+        if final:
+            log.info("final: this session: %d rows stored, %d duplicates ignored, %d dead letters, %d messages, "
+                     "%d receipts sent", s.stored, s.duplicates, s.dead_letters, s.messages, s.receipts)
+        elif seen != last_seen or self.backlog:  # an idle hub says nothing
+            rate = (s.stored + s.duplicates - getattr(self, "_last_rows", 0)) / max(now - last_t, 1e-9)
+            log.info("%.0f results/s, backlog %d messages; this session: %d rows stored, %d duplicates ignored, "
+                     "%d dead letters, %d messages", rate, self.backlog, s.stored, s.duplicates, s.dead_letters,
+                     s.messages)
+        self._last_log = (now, seen)
+        self._last_rows = s.stored + s.duplicates
         interval = self.settings.log_interval_s
         self._next_log = now + interval if interval > 0 else float("inf")
 
@@ -382,11 +388,13 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
         retrainer.start()
         if on_started is not None:
             on_started(hub)
-        while not stop.wait(1.0):
+        while not stop.wait(1.0) and hub.link.fatal is None:
             pass
         retrainer.stop()
         log.info("stopping: flushing %d queued messages", hub.backlog)
         hub.stop()
+        if hub.link.fatal is not None:
+            raise BrokerUnavailable(hub.link.fatal)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -200,10 +200,16 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
           seed: int = 0, config: training.TrainConfig | None = None,
           summary: dict[str, Any] | None = None) -> tuple[Bundle, dict[str, Any], dict[str, Any], bytes]:
     """Train, export FP32, quantize INT8 (calibrated on training windows), evaluate both on ``test``."""
+    t0 = time.monotonic()
+    log.info("training on %d windows of %d devices (%d features)%s", len(train.y), len(set(train.devices.tolist())),
+             train.X.shape[1], ", warm-started" if warm_from is not None else "")
     model = training.train(train.X, train.y, warm_from=warm_from, seed=seed, config=config)
     n_features = train.X.shape[1]
+    log.info("trained in %.1f s; exporting FP32 ONNX and quantizing to INT8 (calibrated on training windows)",
+             time.monotonic() - t0)
     fp32 = training.export_onnx(model, n_features)
     int8 = quantize.quantize_int8(fp32, train.X, seed=seed)
+    log.info("evaluating FP32 and INT8 on %d hold-out windows", len(test.y))
     m_fp32 = quantize.evaluate(fp32, test.X, test.y)
     m_int8 = quantize.evaluate(int8, test.X, test.y)
     task = training.model_task(model)
@@ -251,7 +257,9 @@ def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "defa
                     config: training.TrainConfig | None = None, features: str = DEFAULT_FEATURES,
                     mirror: Sequence[str] = ()) -> Outcome:
     """``cloud-hub train``: a new version from labelled logs, registered as publishable."""
+    log.info("reading %d log(s): %s", len(logs), ", ".join(str(p) for p in logs))
     chosen = choose_holdout(_devices_of(logs, on_error), holdout)
+    log.info("windowing and featurizing (hold-out devices: %s)", ", ".join(chosen) or "the last 20% in time")
     ds = dataset_from_logs(logs, window_s=window_s, hop_s=hop_s, holdout=chosen, on_error=on_error,
                            features=features, mirror=mirror)
     train, test = split(ds, chosen)
@@ -351,8 +359,9 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
                  "parent_version": current.version})
     baseline = _evaluate_bundle(current, test)
     ok = passes_gate(m_int8, baseline, tolerance)
-    gate = (f"v{version} INT8 {_fmt(m_int8)} vs running v{current.version} INT8 {_fmt(baseline)} "
-            f"on {len(test.y)} hold-out windows (tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
+    gate = (f"v{version} INT8 {_fmt(m_int8)} vs running v{current.version} INT8 {_fmt(baseline)}, both on "
+            f"hold-out {', '.join(chosen) or 'windows'} ({len(test.y)} windows; tolerance {tolerance:g}): "
+            f"{'pass' if ok else 'fail'}")
     state = "publishable" if ok else "rejected"
     bundle = Bundle(_with_gate(bundle.manifest, baseline, gate), bundle.model)
     register(engine, bundle, blob, state)
@@ -362,7 +371,7 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
-    return f"accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else f"MAE {metrics['mae']:.4f}"
+    return f"accuracy {100 * metrics['accuracy']:.1f}%" if "accuracy" in metrics else f"MAE {metrics['mae']:.4f}"
 
 
 def _with_gate(m: Manifest, baseline: dict[str, Any], gate: str) -> Manifest:

@@ -56,7 +56,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
         outcome.append("ok" if ok else reason)
         acked.set()
 
-    link = MqttLink(settings.broker_url, f"{settings.client_id}-publish-{int(time.time())}", tls=settings.tls,
+    link = MqttLink(settings.broker_url, f"{settings.session_id}-publish-{int(time.time())}", tls=settings.tls,
                     on_published=on_published)
     link.start()
     try:

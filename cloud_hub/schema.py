@@ -107,7 +107,8 @@ def check(engine: Engine, *, create: bool = True, migrate: bool = False) -> str:
             return upgrade(engine).after
         what = "was created before schema migrations" if rev == UNVERSIONED else f"is at schema revision {rev}"
         raise SchemaBehind(f"{describe(engine)} {what}; this build needs {HEAD}: run "
-                           f"`cloud-hub db upgrade --db URL` (it writes a backup first), or set auto_migrate = true")
+                           f"`cloud-hub db upgrade --db {describe(engine)}` (it writes a backup first), "
+                           "or set auto_migrate = true")
     raise SchemaUnknown(f"{describe(engine)} is at schema revision {rev!r}, which this build does not know "
                         f"(its newest is {HEAD}; written by a newer cloud-hub?): nothing was changed")
 

@@ -7,13 +7,15 @@ of error messages.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import socket
 from dataclasses import dataclass
 
 from edge_agent.contract import ContractError, check_id
-from edge_agent.settings import BrokerSettings, SettingsError, choice, positive
+from edge_agent.settings import LOG_LEVELS, BrokerSettings, SettingsError, choice, positive
 
 ENV_PREFIX = "CLOUD_HUB"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_BATCH = 100_000
 
 
@@ -23,7 +25,9 @@ class HubSettings(BrokerSettings):
 
     db: str = "sqlite:///hub.sqlite"  # any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db
     auto_migrate: bool = False  # serve upgrades a database whose schema is behind (else: refuse, say how)
-    client_id: str = "cloud-hub"  # also names the persistent session: keep it stable across restarts
+    # Names the persistent session: stable across restarts, unique per hub. Default: cloud-hub-<host>-<hash of
+    # db and prefix>, so two hubs on one broker never share a session by accident (that knocks both off).
+    client_id: str | None = None
     share_group: str | None = None  # subscribe through $share/<group>/... so several hubs split the fleet
     session_expiry_s: int = 86_400  # the broker keeps our session (and queues results) this long
     connect_timeout_s: float = 10.0  # `serve` gives up (exit 3) if the first connection takes longer
@@ -45,14 +49,14 @@ class HubSettings(BrokerSettings):
         self.validate_broker()
         _ = self.topics
         try:
-            check_id(self.client_id, "client id")
+            check_id(self.session_id, "client id")
             if self.share_group is not None:
                 check_id(self.share_group, "share group")
             check_id(self.model_name, "model name")
         except ContractError as exc:
             raise SettingsError(exc.reason) from exc
         db_url(self.db)
-        choice("log_level", self.log_level.upper(), LOG_LEVELS)
+        choice("log_level", self.log_level.upper(), LOG_LEVELS, raw=self.log_level)
         for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s"):
             positive(name, getattr(self, name))
         for name in ("batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
@@ -62,6 +66,16 @@ class HubSettings(BrokerSettings):
             raise SettingsError(f"batch_max must be at most {MAX_BATCH}, got {self.batch_max}")
         if self.session_expiry_s > 0xFFFFFFFF:
             raise SettingsError("session_expiry_s must fit in 32 bits (MQTT 5)")
+
+
+    @property
+    def session_id(self) -> str:
+        """The MQTT client id: ``client_id``, or one derived from this host, the database and the prefix."""
+        if self.client_id is not None:
+            return self.client_id
+        digest = hashlib.sha256(f"{self.db}\n{self.prefix}".encode()).hexdigest()[:8]
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32] or "host"
+        return f"cloud-hub-{host}-{digest}"
 
 
 def db_url(url: str) -> str:

@@ -30,6 +30,10 @@ class AgentError(RuntimeError):
     """A condition the agent cannot work around (no model, bad configuration)."""
 
 
+class StateConflict(AgentError):
+    """The state dir holds results made for another broker or prefix."""
+
+
 class Interrupted(RuntimeError):
     """SIGTERM/SIGINT before a replay finished; what was produced is safe in the outbox."""
 
@@ -46,13 +50,20 @@ class Agent:
     def __init__(self, settings: AgentSettings, *, device_ids: tuple[str, ...] = ()) -> None:
         self.settings = settings
         self.topics = settings.topics
-        state = Path(settings.state_dir).expanduser()
+        state = settings.state_path
         state.mkdir(parents=True, exist_ok=True)
         self.state_dir = state
         self.active_path = state / f"model-{settings.model_name}.emlb"
         self.outbox = Outbox(state / "outbox.sqlite", max_rows=settings.outbox_max,
                              overflow=settings.outbox_overflow, resend_after_s=settings.resend_after_s,
                              resend_max_s=settings.resend_max_s)
+        held = self.outbox.bind(settings.delivery_target)
+        if held is not None:
+            self.outbox.close()
+            raise StateConflict(
+                f"state dir {state} holds {self.outbox.depth} results made for {held}; they must not go to "
+                f"{settings.delivery_target}: deliver them first (run again with that broker and prefix) or "
+                "use another --state-dir")
         self.device_ids: list[str] = list(device_ids)
         single = device_ids[0] if len(device_ids) == 1 else None
         will = None
@@ -153,6 +164,11 @@ class Agent:
             try:
                 payload = self._updates.get(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
             except queue.Empty:
+                away = self.link.disconnected_since
+                if away is not None and time.monotonic() - away > self.settings.connect_timeout_s:
+                    raise MqttError(f"cannot reach the broker {self.settings.broker_url} for "
+                                    f"{self.settings.connect_timeout_s:g} s to get a model from {topic}: "
+                                    f"{self.link.unreachable_reason()}") from None
                 continue
             try:
                 self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)

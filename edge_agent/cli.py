@@ -1,8 +1,6 @@
 """The ``edge-agent`` command line: a thin shell over :mod:`edge_agent.service`.
 
-Exit codes: 0 success; 1 unexpected failure; 2 bad usage or settings; 3 broker unreachable or
-results not acknowledged in time; 4 no usable model; 5 malformed input log (or an invalid device id
-in it); 130 interrupted by SIGTERM/SIGINT (results are kept in the outbox).
+Exit codes: :mod:`edge_agent.exits` (one table for both command lines).
 """
 
 from __future__ import annotations
@@ -14,12 +12,15 @@ from typing import Annotated, Any, NoReturn
 import orjson
 import typer
 
+from edge_agent import exits
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 
 app = typer.Typer(help="Edge agent: read sensors or replay logs, run the INT8 model, publish results over MQTT.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
-EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INPUT, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
+EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INPUT, EXIT_INTERRUPTED = (
+    exits.USAGE, exits.UNAVAILABLE, exits.MODEL, exits.INPUT, exits.INTERRUPTED)
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="TOML settings file.")]
 BrokerOpt = Annotated[str | None, typer.Option(help="mqtt://[user:pass@]host:port or mqtts://…")]
@@ -28,17 +29,33 @@ DeviceOpt = Annotated[str | None, typer.Option("--device-id", help="Device id (r
 StateOpt = Annotated[str | None, typer.Option("--state-dir", help="Folder for the outbox and the active model.")]
 PrefixOpt = Annotated[str | None, typer.Option(help="Topic prefix.")]
 KeyOpt = Annotated[str | None, typer.Option("--trusted-key", help="Ed25519 public key (PEM) that signs models.")]
+LogLevelOpt = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from edge_agent import __version__
+
+        typer.echo(f"edge-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Edge agent: read sensors or replay logs, run the INT8 model, publish results over MQTT."""
 
 
 def _settings(config: str | None, **flags: Any) -> AgentSettings:
     try:
-        return load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=config, flags=flags)
+        return load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=config, flags=flags,
+                             warn=lambda m: typer.echo(f"edge-agent: warning: {m}", err=True))
     except SettingsError as exc:
         _fail(f"settings: {exc}", EXIT_USAGE)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    typer.secho(f"edge-agent: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"edge-agent: error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -48,7 +65,7 @@ def _logging(level: str) -> None:
 
 
 def _map_errors(exc: BaseException) -> NoReturn:
-    from edge_agent.agent import AgentError, Interrupted
+    from edge_agent.agent import AgentError, Interrupted, StateConflict
     from edge_agent.bundle import BundleRejected
     from edge_agent.mqtt import ConnectRefused, MqttError
     from edge_agent.pipeline import DeviceIdError
@@ -58,6 +75,8 @@ def _map_errors(exc: BaseException) -> NoReturn:
         _fail(str(exc), EXIT_INPUT)
     if isinstance(exc, DeviceIdError):
         _fail(str(exc), EXIT_INPUT)
+    if isinstance(exc, StateConflict):
+        _fail(str(exc), EXIT_USAGE)
     if isinstance(exc, Interrupted):
         _fail(str(exc), EXIT_INTERRUPTED)
     if isinstance(exc, ConnectRefused | MqttError):
@@ -84,6 +103,7 @@ def replay(
                                             "broker: once the broker has them (setups without a hub). "
                                             "Default: the receipts setting (true = hub).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
+    log_level: LogLevelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Replay recorded logs as if live; exit 0 once the hub has stored every result (or the broker, --until)."""
@@ -94,8 +114,9 @@ def replay(
     if until not in (None, "hub", "broker"):
         _fail(f"--until must be hub or broker, got {until!r}", EXIT_USAGE)
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,
-                  trusted_key=trusted_key, features=features, receipts=None if until is None else until == "hub")
-    _logging("WARNING" if json_out else s.log_level)
+                  trusted_key=trusted_key, features=features, receipts=None if until is None else until == "hub",
+                  log_level=log_level)
+    _logging(s.log_level if log_level or not json_out else "WARNING")
     try:
         report = _with_progress(lambda cb: service.replay(
             s, logs, model=s.model, speed=speed, on_error="skip" if skip_bad_lines else "raise",
@@ -114,26 +135,37 @@ def replay(
             f"model v{report.model_version}"
         )
     if not report.drained:
-        why = f"within {timeout:g} s" if timeout is not None else "(the broker refused them)"
+        within = f" within {timeout:g} s" if timeout is not None else ""
         _fail(f"{report.not_stored} results not yet {'stored by the hub' if report.until == 'hub' else 'acknowledged'}"
-              f" {why}: they stay in the outbox ({s.state_dir}) and are sent again on the next start", EXIT_BROKER)
+              f"{within} ({report.cause}); they stay in the outbox ({s.state_path}) and are sent again on the "
+              "next start", EXIT_BROKER)
 
 
 def _with_progress(job: Any) -> Any:
+    """A progress bar (share of the logs read, ETA) on a terminal; log lines print above it, not on it."""
     if not sys.stderr.isatty():  # no bar (and no rich import) in pipes, services and CI
         return job(None)
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("replaying")
+    root = logging.getLogger()
+    plain = root.handlers[:]
+    for handler in plain:
+        root.removeHandler(handler)
+    root.addHandler(RichHandler(console=console, show_path=False))
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("replaying", total=1.0)
 
-        def update(readings: int, windows: int) -> None:
-            bar.update(task, description=f"{readings:,} readings → {windows:,} windows")
+            def update(readings: int, windows: int, fraction: float) -> None:
+                bar.update(task, completed=fraction, description=f"{readings:,} readings → {windows:,} windows")
 
-        return job(update)
+            return job(update)
+    finally:
+        root.handlers[:] = plain
 
 
 @app.command()
@@ -147,12 +179,13 @@ def run(
     trusted_key: KeyOpt = None,
     source: Annotated[str | None, typer.Option(help="simulated | stdin | follow.")] = None,
     source_path: Annotated[str | None, typer.Option(help="Log file to follow (source = follow).")] = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """The long-running agent on a live source; SIGTERM drains the outbox and exits cleanly."""
     from edge_agent import service
 
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,
-                  trusted_key=trusted_key, source=source, source_path=source_path)
+                  trusted_key=trusted_key, source=source, source_path=source_path, log_level=log_level)
     _logging(s.log_level)
     try:
         summary = service.run(s, model=s.model)

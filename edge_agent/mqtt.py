@@ -20,8 +20,10 @@ paho calls back on its own network thread. Handlers passed in here must be quick
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +49,11 @@ class _QuietDisconnectRace(logging.Filter):
 
 _paho_log = logging.getLogger("paho")
 _paho_log.addFilter(_QuietDisconnectRace())
+
+
+_SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason code
+_QUICK_DROP_S = 5.0  # a connection the broker closes sooner than this after opening it counts as a quick drop
+_QUICK_DROPS = 3  # ...and this many in a row as a session takeover
 
 
 class MqttError(Exception):
@@ -98,6 +105,7 @@ class MqttLink:
         on_published: Callable[[int, bool, str], None] | None = None,
         on_connected: Callable[[bool], None] | None = None,
         subscriptions: Sequence[tuple[str, int]] = (),
+        exclusive: bool = False,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -109,6 +117,11 @@ class MqttLink:
         self._on_connected = on_connected
         self._subscriptions = list(subscriptions)
         self._connected = threading.Event()
+        self.disconnected_since: float | None = time.monotonic()  # None while connected
+        self.fatal: str | None = None  # why this link gave up for good (a session takeover)
+        self._exclusive = exclusive
+        self._connected_at = 0.0
+        self._quick_drops = 0
         self._refused: str | None = None
         self._state_changed = threading.Condition()
         self.connects = 0
@@ -164,7 +177,26 @@ class MqttLink:
         if self._refused and not self._connected.is_set():
             raise ConnectRefused(self._refused)
         if not ok:
-            raise MqttError(f"no connection to {self.broker} within {timeout:g} s")
+            raise MqttError(f"no connection to {self.broker} within {timeout:g} s: {self.unreachable_reason()}")
+
+    def unreachable_reason(self) -> str:
+        """Why the broker cannot be reached, found out with a plain TCP connection (paho does not say)."""
+        if self._refused:
+            return f"the broker refused the connection ({self._refused})"
+        host, port = self.broker.host, self.broker.port
+        try:
+            with socket.create_connection((host, port), timeout=3):
+                pass
+        except socket.gaierror as exc:
+            return f"unknown host {host!r} ({exc.strerror})"
+        except ConnectionRefusedError:
+            return f"connection refused (nothing listens on {host}:{port})"
+        except TimeoutError:
+            return f"no answer from {host}:{port} (timed out)"
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return ("the TCP connection opens but MQTT does not come up (a TLS/plain mismatch, or not an MQTT "
+                "broker?)" if not self.broker.tls else "the TCP connection opens but the TLS/MQTT handshake fails")
 
     def wait_subscribed(self, timeout: float) -> None:
         """Block until the broker acknowledged every subscription of the current connection.
@@ -248,20 +280,44 @@ class MqttLink:
         with self._state_changed:
             self._refused = None
             self._connected.set()
+            self.disconnected_since = None
+            self._connected_at = time.monotonic()
             self._state_changed.notify_all()
         log.info("connected to %s as %s", self.broker, self.client_id)
         if self._on_connected is not None:
             self._on_connected(True)
 
-    def _handle_disconnect(self, _c: object, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+    def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if not self._stopping and self._connected.is_set():
+            self._check_takeover(client, rc)
         was = self._connected.is_set()
         with self._state_changed:
             self._connected.clear()
+            if was:
+                self.disconnected_since = time.monotonic()
             self._state_changed.notify_all()
         if was:
             (log.info if self._stopping else log.warning)("disconnected from %s: %s", self.broker, rc)
             if self._on_connected is not None:
                 self._on_connected(False)
+
+    def _check_takeover(self, client: paho.Client, rc: ReasonCode) -> None:
+        """Two processes with one client id knock each other off, forever, each logging "Unspecified
+        error". MQTT 5 brokers may say so (reason 0x8E); mosquitto 2.0 just closes the connection, so
+        connections the broker closes within seconds of opening them, several times in a row, are
+        taken for the same thing. A link with ``exclusive`` (the hub) then stops; others say why."""
+        quick = time.monotonic() - self._connected_at < _QUICK_DROP_S
+        self._quick_drops = self._quick_drops + 1 if quick else 0
+        if rc.value != _SESSION_TAKEN_OVER and self._quick_drops < _QUICK_DROPS:
+            return
+        why = ("took over the session" if rc.value == _SESSION_TAKEN_OVER else
+               f"is probably connected: the broker closed {self._quick_drops} connections within seconds")
+        message = (f"another client with the client id {self.client_id!r} {why} on {self.broker}; "
+                   "give each process its own client id")
+        log.error("%s", message)
+        if self._exclusive:
+            self.fatal = message
+            client.disconnect()  # ends paho's reconnect loop
 
     def _handle_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
         with self._state_changed:

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (device_id, seq)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS binding (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # ``due`` is NULL while a row is pending (never sent, or taken for sending again) and the time to send
 # it again once the broker acknowledged it; ``attempts`` counts those acknowledgements.
@@ -107,6 +108,16 @@ class Outbox:
     def depth(self) -> int:
         """Results written and not yet receipted by the hub (pending and sent alike)."""
         return self._depth
+
+    def bind(self, target: str) -> str | None:
+        """Tie the rows to where they go (broker and prefix). Returns the other target when rows made
+        for it are still here (the caller refuses to send them elsewhere), else None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM binding WHERE key = 'target'").fetchone()
+            if row is not None and row[0] != target and self._depth > 0:
+                return str(row[0])
+            self._write(lambda: self._db.execute("INSERT OR REPLACE INTO binding VALUES ('target', ?)", (target,)))
+            return None
 
     def wait_empty(self, timeout: float) -> bool:
         """Block until no row is left (every one receipted) or ``timeout`` passes; True if empty."""

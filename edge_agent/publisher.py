@@ -99,12 +99,13 @@ class Publisher:
         self._wake.set()
 
     def wait_drained(self, timeout: float | None = None, *, stop: threading.Event | None = None,
-                     poll_s: float = 0.1, on_wait: float = 10.0) -> bool:
+                     poll_s: float = 0.1, on_wait: float = 10.0, unreachable_s: float | None = None) -> bool:
         """Block until every row of the outbox is stored (receipted, or acknowledged without receipts).
 
         Returns False at the timeout, when ``stop`` is set, or when all that is left are rows the
-        broker refused (they are not resent in this process: waiting would never end). Says every
-        ``on_wait`` seconds what it is waiting for, so a missing hub is never a silent hang.
+        broker refused (they are not resent in this process: waiting would never end). Raises
+        :class:`MqttError` with the cause when the broker has been unreachable for ``unreachable_s``.
+        Says every ``on_wait`` seconds what it is waiting for: a missing hub is never a silent hang.
         """
         self.flush_all()
         start = time.monotonic()
@@ -117,11 +118,18 @@ class Publisher:
             if (stop is not None and stop.is_set()) or (self._refused_ids and self.outbox.depth <= len(
                     self._refused_ids) and not self._inflight):
                 return False
+            if self.link.fatal is not None:
+                raise MqttError(self.link.fatal)
+            away = self.link.disconnected_since
+            if unreachable_s is not None and away is not None and now - away > unreachable_s:
+                raise MqttError(f"cannot reach the broker {self.link.broker} for {now - away:.0f} s: "
+                                f"{self.link.unreachable_reason()}")
             if now >= next_note:
                 next_note = now + on_wait
                 log.warning("waiting for %s: %d results not yet stored (%s)",
                             "the hub's receipts" if self.receipts else "the broker", self.outbox.depth,
-                            "connected" if self.link.connected else f"not connected to {self.link.broker}")
+                            "connected" if away is None else
+                            f"not connected to {self.link.broker}: {self.link.unreachable_reason()}")
             self.outbox.wait_empty(poll_s)  # wakes at once when the last row goes
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 
 from edge_agent import sources
 from edge_agent.agent import Agent, AgentError, Interrupted
+from edge_agent.mqtt import MqttError
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class ReplayReport:
     not_stored: int = 0  # results still in the outbox when the replay ended
     resent: int = 0  # results sent again for want of a receipt
     drain_s: float = 0.0  # seconds spent after the last reading waiting for delivery
+    cause: str | None = None  # why results are not stored yet (when not drained)
     seconds: float = 0.0
     skipped_lines: int = 0
     dropped_windows: int = 0
@@ -41,7 +44,7 @@ class ReplayReport:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-Progress = Callable[[int, int], None]  # (readings so far, windows so far)
+Progress = Callable[[int, int, float], None]  # (readings so far, windows so far, fraction of the logs read)
 
 
 def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed: float = 0.0,
@@ -62,22 +65,33 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     try:
         agent.load_model(model, channels)
         processor = agent.make_processor()
-        for reader in readers:
+        sizes = [max(os.path.getsize(r.path), 1) for r in readers]
+        total, done = sum(sizes), 0
+        for reader, size in zip(readers, sizes, strict=True):
             for chunk in sources.pace(reader, speed):
                 processor.process(chunk.by_device(), chunk.source)
                 agent.tick()
                 if progress is not None:
-                    progress(processor.stats.readings, processor.stats.windows)
+                    progress(processor.stats.readings, processor.stats.windows,
+                             min(1.0, (done + reader.position()) / total))
                 if stop.is_set():
                     raise Interrupted(f"interrupted: {agent.outbox.depth} results kept in the outbox "
                                       f"({agent.state_dir}), sent on the next start")
+            done += size
             report.skipped_lines += reader.stats.rows_skipped
             report.skipped_examples += [str(e) for e in reader.stats.first_errors]
         agent.tick()
         report.until = "hub" if settings.receipts else "broker"
         t_drain = time.perf_counter()
-        report.drained = agent.publisher.wait_drained(drain_timeout, stop=stop)
+        try:
+            report.drained = agent.publisher.wait_drained(drain_timeout, stop=stop,
+                                                          unreachable_s=settings.connect_timeout_s)
+        except MqttError as exc:
+            raise MqttError(f"{exc}; {agent.outbox.depth} results stay in the outbox ({agent.state_dir}) "
+                            "and go out on the next start") from exc
         report.drain_s = time.perf_counter() - t_drain
+        if not report.drained:
+            report.cause = _why_not_stored(agent, settings)
         report.not_stored = agent.outbox.depth
         if stop.is_set():
             raise Interrupted(f"interrupted while waiting for acknowledgements: {agent.outbox.depth} results "
@@ -96,6 +110,17 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def _why_not_stored(agent: Agent, settings: AgentSettings) -> str:
+    if agent.publisher.refused:
+        return f"the broker refused {agent.publisher.refused} results: {agent.publisher.last_error}"
+    if not agent.link.connected:
+        return f"not connected to {settings.broker_url}: {agent.link.unreachable_reason()}"
+    if settings.receipts:
+        return (f"connected to {settings.broker_url}, but no hub receipted them: is `cloud-hub serve` running "
+                f"on this broker with prefix {settings.prefix!r}?")
+    return f"connected to {settings.broker_url}, waiting for its acknowledgements"
 
 
 def peak_rss_mb() -> float | None:

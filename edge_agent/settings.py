@@ -8,11 +8,12 @@ names where the bad value came from.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +23,11 @@ from edge_agent.contract import ContractError, Topics, valid_id
 
 
 class SettingsError(ValueError):
-    """A setting that is missing, unknown or invalid."""
+    """A setting that is missing, unknown or invalid; ``field`` names it when one setting is at fault."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,15 +128,20 @@ def _coerce(name: str, value: Any, hint: Any, origin: str) -> Any:
 def load_settings(
     cls: type[S], *, env_prefix: str, config: str | Path | None = None,
     flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = None, other_env: Sequence[str] = (),
 ) -> S:
     """Build and validate ``cls`` (a dataclass) from file, environment and flags (flags win).
 
-    ``flags`` values that are ``None`` mean "not given on the command line".
+    ``flags`` values that are ``None`` mean "not given on the command line". Every error names where
+    the bad value came from (the file, the variable, the flag). An environment variable with our
+    prefix that is no setting (a typo) is reported through ``warn``; ``other_env`` lists the ones
+    that are meant for something else (e.g. ``CLOUD_HUB_CONFIG``).
     """
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if config is not None:
         path = Path(config).expanduser()
         try:
@@ -144,36 +154,55 @@ def load_settings(
         if unknown:
             raise SettingsError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(fields))}")
         values.update({k: _coerce(k, v, hints[k], str(path)) for k, v in data.items()})
+        origins.update({k: str(path) for k in data})
     for name in fields:
         key = f"{env_prefix}_{name.upper()}"
         if key in environ:
             values[name] = _coerce(name, environ[key], hints[name], f"environment {key}")
+            origins[name] = f"environment {key}"
+    known = {f"{env_prefix}_{name.upper()}" for name in fields} | set(other_env)
+    strays = sorted(k for k in environ if k.startswith(f"{env_prefix}_") and k not in known)
+    for stray in strays:
+        close = difflib.get_close_matches(stray, sorted(known), n=1)
+        if warn is not None:
+            warn(f"ignoring environment variable {stray}: not a setting" +
+                 (f" (did you mean {close[0]}?)" if close else ""))
     for name, value in (flags or {}).items():
         if name not in fields:
             raise SettingsError(f"unknown flag {name}")
         if value is not None:
             values[name] = _coerce(name, value, hints[name], f"--{name.replace('_', '-')}")
+            origins[name] = f"--{name.replace('_', '-')}"
     try:
         settings = cls(**values)
     except TypeError as exc:
         raise SettingsError(str(exc)) from exc
     check = getattr(settings, "validate", None)
     if check is not None:
-        check()
+        try:
+            check()
+        except SettingsError as exc:
+            origin = origins.get(exc.field or "")
+            if origin is None:
+                raise
+            raise SettingsError(f"{origin}: {exc}", field=exc.field) from None
     return settings
 
 
-def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def choice(name: str, value: str, allowed: tuple[str, ...], *, raw: str | None = None) -> None:
+    """``value`` must be one of ``allowed``; the error shows ``raw`` (what the user wrote) if given."""
     if value not in allowed:
-        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        got = value if raw is None else raw
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {got!r}", field=name)
 
 
 def positive(name: str, value: float, *, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
-        raise SettingsError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        raise SettingsError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}", field=name)
 
 
 OUTBOX_POLICIES = ("drop_oldest", "block")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FEATURE_MODES = ("off", "sampled", "all")
 SOURCES = ("simulated", "stdin", "follow")
 
@@ -187,10 +216,15 @@ class BrokerSettings:
     cert_file: str | None = None
     key_file: str | None = None
     prefix: str = "edgeml"
+    connect_timeout_s: float = 30.0  # give up (exit 3, saying why) when the broker is unreachable this long
 
     def validate_broker(self) -> None:
-        BrokerURL.parse(self.broker)
+        try:
+            BrokerURL.parse(self.broker)
+        except SettingsError as exc:
+            raise SettingsError(str(exc), field="broker") from None
         self.tls.check()
+        positive("connect_timeout_s", self.connect_timeout_s)
 
     @property
     def broker_url(self) -> BrokerURL:
@@ -214,7 +248,9 @@ class AgentSettings(BrokerSettings):
 
     client_id: str | None = None  # default: edge-agent-<device_id>
     device_id: str | None = None  # replay: default is each log's own device ids
-    state_dir: str = "~/.local/state/edge-agent"  # outbox.sqlite and the active model live here
+    # outbox.sqlite and the active model live here; default: ~/.local/state/edge-agent/<host>-<port>-<prefix>,
+    # one folder per broker and prefix, so results only ever go where they were made for.
+    state_dir: str | None = None
     model_name: str = "default"
     model: str | None = None  # a bundle file (.emlb) or an .onnx with a manifest beside it
     model_wait_s: float = 120.0
@@ -239,11 +275,24 @@ class AgentSettings(BrokerSettings):
     status_interval_s: float = 10.0
     log_level: str = "INFO"
 
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir is not None:
+            return Path(self.state_dir).expanduser()
+        url = self.broker_url
+        return Path("~/.local/state/edge-agent").expanduser() / f"{url.host}-{url.port}-{self.prefix}"
+
+    @property
+    def delivery_target(self) -> str:
+        """Where this agent's results go: the broker (without password) and the topic prefix."""
+        return f"{self.broker_url} prefix {self.prefix}"
+
     def validate(self) -> None:
         self.validate_broker()
         _ = self.topics
         if self.device_id is not None and not valid_id(self.device_id):
             raise SettingsError(f"device_id {self.device_id!r} is not valid: use 1-64 of A-Z a-z 0-9 _ . : -")
+        choice("log_level", self.log_level.upper(), LOG_LEVELS, raw=self.log_level)
         choice("outbox_overflow", self.outbox_overflow, OUTBOX_POLICIES)
         choice("features", self.features, FEATURE_MODES)
         choice("source", self.source, SOURCES)

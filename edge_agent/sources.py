@@ -43,6 +43,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -99,10 +100,15 @@ class LogError(ValueError):
         self.line = int(line)
         self.reason = reason
         self.kind = kind or reason
-        super().__init__(f"{self.path}:{self.line}: {reason}")
+        super().__init__(f"{self.path}:{self.line}: {reason}" if self.line > 0 else f"{self.path}: {reason}")
 
     def __reduce__(self):
         return (type(self), (self.path, self.line, self.reason, self.kind))
+
+
+def file_error(path: str | os.PathLike, reason: str) -> LogError:
+    """An error about the whole file (missing, unreadable, unknown format): ``"<path>: <reason>"``."""
+    return LogError(str(path), 0, reason, "bad file")
 
 
 @dataclass
@@ -1222,10 +1228,21 @@ def log_format(path: str | os.PathLike) -> tuple[str, bool]:
         return "csv", gz
     if p.endswith(".jsonl") or p.endswith(".ndjson"):
         return "jsonl", gz
-    raise ValueError(f"{path}: unknown log format (expected .csv, .jsonl or .ndjson, optionally .gz)")
+    raise file_error(path, "unknown log format: name it .csv, .jsonl or .ndjson (optionally .gz)")
 
 
 # --------------------------------------------------------------------------- LogReader
+
+_BROKEN_FILE = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+def _broken(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "the compressed file ends early (truncated .gz)"
+    if isinstance(exc, gzip.BadGzipFile | zlib.error):
+        return f"not a valid gzip file ({exc})"
+    return f"read error: {exc}"
+
 
 
 class LogReader:
@@ -1254,9 +1271,15 @@ class LogReader:
         self.format = fmt
         self.chunk_rows = chunk_rows
         self.stats = ReadStats()
-        self._f: BinaryIO = gzip.open(self.path, "rb") if gz else open(self.path, "rb")  # type: ignore[assignment]  # noqa: SIM115
+        try:
+            self._f: BinaryIO = gzip.open(self.path, "rb") if gz else open(self.path, "rb")  # type: ignore[assignment]  # noqa: SIM115
+        except OSError as exc:
+            raise file_error(self.path, f"cannot open: {exc.strerror or exc}") from exc
         try:
             self._setup(on_error)
+        except _BROKEN_FILE as exc:
+            self._f.close()
+            raise file_error(self.path, _broken(exc)) from exc
         except BaseException:
             self._f.close()
             raise
@@ -1319,10 +1342,13 @@ class LogReader:
 
         def read(n: int) -> bytes:
             nonlocal head
-            if head:
-                out, head = head + f_read(n), b""
-                return out
-            return f_read(n)
+            try:
+                if head:
+                    out, head = head + f_read(n), b""
+                    return out
+                return f_read(n)
+            except _BROKEN_FILE as exc:  # a truncated or corrupt .gz, a read error of the disk
+                raise LogError(self.path, line, _broken(exc), "bad file") from exc
 
         line = self._first_line
 
@@ -1343,6 +1369,15 @@ class LogReader:
         if it is None:
             it = self._it = self._gen()
         return next(it)
+
+    def position(self) -> int:
+        """Bytes of the file read so far (compressed bytes for .gz): progress against its size."""
+        f = self._f
+        raw = getattr(f, "fileobj", None) or f  # a GzipFile reads from .fileobj
+        try:
+            return int(raw.tell())
+        except (OSError, ValueError):  # closed
+            return os.path.getsize(self.path)
 
     def read_all(self) -> ReadingChunk | None:
         """All remaining rows as one chunk (None if there are none)."""

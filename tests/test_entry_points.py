@@ -21,3 +21,30 @@ def test_console_script_help(script: str, commands: tuple[str, ...]) -> None:
     assert res.returncode == 0, res.stderr
     for command in commands:
         assert command in res.stdout
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_broker_config_and_the_migrations(tmp_path: Path) -> None:
+    """An installed hub starts its brokers from the project's mosquitto.conf (never mosquitto's
+    defaults, which drop QoS 1 messages) and upgrades databases with the migrations it ships."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    (wheel,) = tmp_path.glob("edgeml_mqtt-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        conf = z.read("cloud_hub/mosquitto.conf").decode()
+    assert conf == (root / "mosquitto.conf").read_text()
+    assert "max_queued_messages 10000000" in conf
+    assert {"cloud_hub/migrations/env.py", "cloud_hub/migrations/script.py.mako",
+            "cloud_hub/migrations/versions/0001_baseline.py"} <= names
+
+
+def test_a_missing_broker_config_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
+    from cloud_hub.broker import BrokerError, LocalBroker
+
+    with pytest.raises(BrokerError, match="cannot be read"):
+        LocalBroker(tmp_path, base_config=tmp_path / "nosuch.conf")

@@ -176,11 +176,14 @@ class Agent:
             except BundleRejected as exc:
                 self.last_error = str(exc)
                 log.error("model refused: %s", exc)
-        where = "connected" if self.link.connected else f"not connected to {self.settings.broker_url}"
-        raise AgentError(
-            f"no usable model on {topic} within {self.settings.model_wait_s:g} s ({where}; "
-            f"last error: {self.last_error or 'none'}). Pass --model FILE or publish one with `cloud-hub publish`."
-        )
+        if not self.link.connected:
+            why = f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
+        elif self.last_error:
+            why = f"connected to {self.settings.broker_url}; the model there was refused: {self.last_error}"
+        else:
+            why = f"connected to {self.settings.broker_url}; nothing is published there"
+        raise AgentError(f"no usable model on {topic} within {self.settings.model_wait_s:g} s ({why}). "
+                         "Pass --model FILE or publish one with `cloud-hub publish`.")
 
     def _install(self, payload: bytes, *, allow_unsigned: bool) -> None:
         bundle, runner = verify_bundle(

@@ -66,18 +66,22 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
         agent.load_model(model, channels)
         processor = agent.make_processor()
         sizes = [max(os.path.getsize(r.path), 1) for r in readers]
-        total, done = sum(sizes), 0
+        total, done, lines_done = sum(sizes), 0, 0
         for reader, size in zip(readers, sizes, strict=True):
             for chunk in sources.pace(reader, speed):
                 processor.process(chunk.by_device(), chunk.source)
                 agent.tick()
                 if progress is not None:
+                    # Readings released so far against the readings the logs hold, estimated from the
+                    # lines per byte read so far (the reader reads ahead of the pacing).
+                    lines, read = lines_done + reader.stats.lines, done + reader.position()
                     progress(processor.stats.readings, processor.stats.windows,
-                             min(1.0, (done + reader.position()) / total))
+                             min(1.0, processor.stats.readings / max(1.0, total * lines / max(read, 1))))
                 if stop.is_set():
                     raise Interrupted(f"interrupted: {agent.outbox.depth} results kept in the outbox "
                                       f"({agent.state_dir}), sent on the next start")
             done += size
+            lines_done += reader.stats.lines
             report.skipped_lines += reader.stats.rows_skipped
             report.skipped_examples += [str(e) for e in reader.stats.first_errors]
         agent.tick()

@@ -59,8 +59,8 @@ def valid_id(value: object) -> bool:
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
-def check_id(value: str, what: str = "device id") -> str:
-    """Return ``value`` if it is a valid device id / model name (no MQTT wildcards, no slash)."""
+def check_id(value: object, what: str = "device id") -> str:
+    """Return ``value`` if it is a valid device id / model name (a string; no MQTT wildcards, no slash)."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ContractError(f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 _ . : -")
     return value
@@ -135,7 +135,7 @@ def _loads(payload: bytes, limit: int, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ContractError(f"{what} payload must be a JSON object, got {type(obj).__name__}")
     version = obj.get("v")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # not True, not 1.0
         raise ContractError(f"{what} has unsupported schema version {version!r} (this build speaks {SCHEMA_VERSION})")
     return obj
 
@@ -328,7 +328,7 @@ def decode_results(payload: bytes, topic_device: str | None = None) -> ResultBat
     obj = _loads(payload, MAX_RESULTS_BYTES, "results")
     _check_keys(obj, frozenset({"v", "device_id", "results"}), frozenset({"v", "device_id", "results"}), "results")
     device_id = obj["device_id"]
-    check_id(device_id) if isinstance(device_id, str) else check_id(repr(device_id))
+    check_id(device_id)
     if topic_device is not None and device_id != topic_device:
         raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
     items = obj["results"]
@@ -394,7 +394,7 @@ def decode_receipt(payload: bytes, topic_device: str | None = None) -> Receipt:
     obj = _loads(payload, MAX_RECEIPT_BYTES, "receipt")
     _check_keys(obj, _RECEIPT_KEYS, _RECEIPT_KEYS, "receipt")
     device_id = obj["device_id"]
-    check_id(device_id if isinstance(device_id, str) else repr(device_id))
+    check_id(device_id)
     if topic_device is not None and device_id != topic_device:
         raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
     items = obj["runs"]
@@ -452,7 +452,7 @@ def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
     obj = _loads(payload, MAX_STATUS_BYTES, "status")
     _check_keys(obj, _STATUS_REQUIRED, _STATUS_ALLOWED, "status")
     device_id = obj["device_id"]
-    check_id(device_id if isinstance(device_id, str) else repr(device_id))
+    check_id(device_id)
     if topic_device is not None and device_id != topic_device:
         raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
     if obj["state"] not in (ONLINE, OFFLINE):
@@ -528,7 +528,7 @@ _MANIFEST_ALLOWED: Final = _MANIFEST_REQUIRED | {"metrics", "training", "key_id"
 def manifest_from_obj(obj: dict[str, Any]) -> Manifest:
     what = "manifest"
     _check_keys(obj, _MANIFEST_REQUIRED, _MANIFEST_ALLOWED, what)
-    if obj["v"] != SCHEMA_VERSION:
+    if type(obj["v"]) is not int or obj["v"] != SCHEMA_VERSION:
         raise ContractError(f"manifest has unsupported schema version {obj['v']!r}")
     sha = obj["sha256"]
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
@@ -542,7 +542,7 @@ def manifest_from_obj(obj: dict[str, Any]) -> Manifest:
         if key in obj and type(obj[key]) is not dict:
             raise ContractError(f"manifest.{key} must be an object")
     name = obj["name"]
-    check_id(name if isinstance(name, str) else repr(name), "model name")
+    check_id(name, "model name")
     input_name = obj["input_name"]
     if type(input_name) is not str or not input_name:
         raise ContractError("manifest.input_name must be a non-empty string")

@@ -119,6 +119,7 @@ class MqttLink:
         self._connected = threading.Event()
         self.disconnected_since: float | None = time.monotonic()  # None while connected
         self.fatal: str | None = None  # why this link gave up for good (a session takeover)
+        self._outgoing = 0  # publishes not yet acknowledged (QoS 1) or sent (QoS 0)
         self._exclusive = exclusive
         self._connected_at = 0.0
         self._quick_drops = 0
@@ -221,12 +222,17 @@ class MqttLink:
         """Publish last messages (e.g. status offline), wait for their PUBACKs (bounded), disconnect."""
         if final and self.connected:
             try:
-                infos = [self._client.publish(topic, payload, qos=d.qos, retain=d.retain)
-                         for topic, payload, d in final]
-                for info in infos:
-                    info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError) as exc:
+                for topic, payload, d in final:
+                    self.publish(topic, payload, d)
+            except (MqttError, ValueError) as exc:
                 log.warning("final publish failed: %s", exc)
+        if self.connected:
+            # mosquitto 2.0.11 drops a client that disconnects while one of its QoS 1 publishes is
+            # unacknowledged ("disconnected due to out of memory"), without applying the PUBACKs the
+            # client sent before: the hub's last acknowledgements were lost that way, its receipts
+            # being in flight. So let what we published be acknowledged first (bounded).
+            with self._state_changed:
+                self._state_changed.wait_for(lambda: self._outgoing <= 0 or not self.connected, timeout)
         self._stopping = True
         if self._client.disconnect() == paho.MQTT_ERR_SUCCESS:
             # loop_stop() ends the network thread at its next turn, whether or not it has written what
@@ -243,6 +249,8 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=delivery.qos, retain=delivery.retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        with self._state_changed:
+            self._outgoing += 1  # the callback may already have counted it down: a counter, not a set
         return info.mid
 
     def ack(self, mid: int, qos: int) -> None:
@@ -335,5 +343,8 @@ class MqttLink:
             self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid))
 
     def _handle_publish(self, _c: object, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
+        with self._state_changed:
+            self._outgoing -= 1
+            self._state_changed.notify_all()
         if self._on_published is not None:
             self._on_published(mid, not rc.is_failure, str(rc))

@@ -1,0 +1,209 @@
+"""The wire contract as a document: JSON Schemas of every payload and an AsyncAPI 3 description.
+
+For the authors of devices that are not our agent (a microcontroller, a Node-RED flow): what to
+send, on which topic, with which QoS and retain flag, and what comes back. Built from the limits in
+:mod:`edge_agent.contract`, so the two cannot drift apart; ``contract/asyncapi.json`` in the
+repository is this module's output, and a test checks that it is current, that everything the
+encoders produce validates, and that every payload a schema refuses, the decoders refuse too (the
+decoders may be stricter: ``end >= start``, the payload size, the topic's device id).
+
+    python -m edge_agent.contract_schema > contract/asyncapi.json
+
+The agent never imports this module: it is documentation and tests, not the runtime path.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+
+from edge_agent import contract as c
+
+ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$",
+      "description": "1-64 of A-Z a-z 0-9 _ . : - (no MQTT wildcards, no slash)"}
+U63 = {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1}
+NUMBER = {"type": "number", "description": "finite (JSON has no NaN or Infinity)"}
+VERSION = {"const": c.SCHEMA_VERSION, "description": "schema version; other versions are refused"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields may be left out or be null."""
+    return {"oneOf": [{"type": "null"}, schema]}
+
+
+def _numbers(limit: int) -> dict[str, Any]:
+    return {"type": "array", "maxItems": limit, "items": NUMBER}
+
+
+RESULT: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["seq", "start", "end", "model_version", "latency_ms"],
+    "properties": {
+        "seq": {**U63, "description": "unique per device: (device_id, seq) is the result's key. Our agent "
+                "uses the window start in ms, so a replay of the same log has the same keys"},
+        "start": {**NUMBER, "description": "window start, epoch seconds (device clock)"},
+        "end": {**NUMBER, "description": "window end, epoch seconds; not before start"},
+        "model_version": {**U63, "description": "the model version that produced the result"},
+        "latency_ms": {"type": "number", "minimum": 0, "description": "inference time in milliseconds"},
+        "label": _nullable({"type": "string", "maxLength": 256, "description": "predicted class"}),
+        "confidence": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "value": _nullable({**_numbers(256), "description": "regression output"}),
+        "truth": _nullable({"type": "string", "maxLength": 256, "description": "ground truth, when known"}),
+        "features": _nullable({**_numbers(4096), "description": "the model input, for retraining at the hub"}),
+    },
+}
+
+RESULTS: dict[str, Any] = {
+    "title": "results", "type": "object", "additionalProperties": False,
+    "description": f"A batch of results of one device (at most {c.MAX_RESULTS_BYTES} bytes). The device_id "
+                   "must be the one in the topic.",
+    "required": ["v", "device_id", "results"],
+    "properties": {"v": VERSION, "device_id": ID,
+                   "results": {"type": "array", "minItems": 1, "maxItems": c.MAX_RESULTS_PER_BATCH, "items": RESULT}},
+}
+
+STATUS: dict[str, Any] = {
+    "title": "status", "type": "object", "additionalProperties": False,
+    "description": f"The device's retained status (at most {c.MAX_STATUS_BYTES} bytes); its last will is the "
+                   "same with state offline. A status without model fields keeps the model last reported.",
+    "required": ["v", "device_id", "state", "ts"],
+    "properties": {
+        "v": VERSION, "device_id": ID, "state": {"enum": [c.ONLINE, c.OFFLINE]},
+        "ts": {**NUMBER, "description": "epoch seconds (device clock)"},
+        "model_name": _nullable({"type": "string", "maxLength": 64}),
+        "model_version": _nullable(U63),
+        "model_sha256": _nullable({"type": "string", "maxLength": 64}),
+        "outbox_depth": {**U63, "description": "results on the device not yet receipted by the hub"},
+        "last_error": _nullable({"type": "string", "maxLength": 2000}),
+    },
+}
+
+RECEIPT: dict[str, Any] = {
+    "title": "receipt", "type": "object", "additionalProperties": False,
+    "description": "The hub's word that results of this device are committed (new rows and duplicates "
+                   "alike). runs: [first, step, count] stands for the seqs first, first+step, ... (count of "
+                   "them). A device deletes those results; applying a receipt twice is harmless.",
+    "required": ["v", "device_id", "runs"],
+    "properties": {
+        "v": VERSION, "device_id": ID,
+        "runs": {"type": "array", "minItems": 1, "maxItems": c.MAX_RECEIPT_RUNS, "items": {
+            "type": "array", "minItems": 3, "maxItems": 3,
+            "items": [U63, {"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}]}},
+    },
+}
+
+MANIFEST: dict[str, Any] = {
+    "title": "manifest", "type": "object", "additionalProperties": False,
+    "description": "What travels with a model: identity, integrity, interface, preprocessing and metrics.",
+    "required": ["v", "name", "version", "sha256", "task", "labels", "n_features", "input_name", "preprocess",
+                 "created"],
+    "properties": {
+        "v": VERSION, "name": ID, "version": {**U63, "minimum": 1},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "of the ONNX bytes"},
+        "task": {"enum": list(c.TASKS)},
+        "labels": {"type": "array", "items": {"type": "string"}, "description": "class names (classification)"},
+        "n_features": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
+        "input_name": {"type": "string", "minLength": 1},
+        "preprocess": {"type": "object", "description": "window length, hop, channels, feature set and "
+                       "normalization: edge_agent.preprocess.PreprocessParams"},
+        "created": NUMBER,
+        "metrics": {"type": "object"}, "training": {"type": "object"},
+        "key_id": _nullable({"type": "string", "maxLength": 128}),
+        "signature": _nullable({"type": "string", "maxLength": 256,
+                                "description": "base64 Ed25519 signature of the manifest without this field"}),
+    },
+}
+
+BUNDLE_FORMAT = """\
+A model bundle is binary: the 4 bytes `EMLB`, the manifest length as a 4-byte big-endian unsigned
+integer, the manifest (UTF-8 JSON, the `manifest` schema), then the INT8 ONNX model bytes to the end.
+At most 32 MiB. To verify one, a device: (1) checks the magic and lengths; (2) checks that the
+sha256 of the ONNX bytes equals `manifest.sha256`; (3) checks `manifest.signature` (base64 Ed25519)
+against the hub's public key over the signing bytes: the manifest as a JSON object without its
+`signature` field, keys sorted, no spaces (orjson OPT_SORT_KEYS: separators `,` and `:`), UTF-8;
+(4) checks that `n_features` and `preprocess.channels` fit its sensors; only then loads the model,
+warms it up and swaps it in. A bundle that fails any step is refused and the running model stays.
+The topic is retained: a device that connects gets the current bundle at once."""
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    return {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST}
+
+
+def _mqtt(delivery: c.Delivery) -> dict[str, Any]:
+    return {"mqtt": {"qos": delivery.qos, "retain": delivery.retain, "bindingVersion": "0.2.0"}}
+
+
+def asyncapi() -> dict[str, Any]:
+    """The AsyncAPI 3 document, from a device's point of view."""
+    prefix = {"description": "topic prefix of the deployment (settings `prefix`, default `edgeml`)",
+              "default": "edgeml"}
+    device = {"description": "the device id: the same as in the payload (and the broker username under the "
+                             "deployment ACL)"}
+
+    def channel(address: str, message: str, **params: Any) -> dict[str, Any]:
+        return {"address": address, "parameters": {"prefix": prefix, **params},
+                "messages": {message: {"$ref": f"#/components/messages/{message}"}}}
+
+    def operation(action: str, chan: str, delivery: c.Delivery, summary: str) -> dict[str, Any]:
+        return {"action": action, "channel": {"$ref": f"#/channels/{chan}"}, "summary": summary,
+                "bindings": _mqtt(delivery)}
+
+    def message(name: str, summary: str, content: str = "application/json") -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "summary": summary, "contentType": content}
+        body["payload"] = ({"$ref": f"#/components/schemas/{name}"} if content == "application/json"
+                           else {"type": "string", "format": "binary", "description": BUNDLE_FORMAT})
+        return body
+
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "edgeml-mqtt device contract", "version": str(c.SCHEMA_VERSION),
+            "description": "What a device sends to the cloud hub and what it gets back, over MQTT 3.1.1 or 5. "
+                           "Every JSON payload carries the schema version `v`; the hub refuses anything else "
+                           "and keeps refused payloads in its dead-letter table with the reason. A result "
+                           "is stored once per (device_id, seq), however often it is sent.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {"broker": {"host": "localhost:1883", "protocol": "mqtt",
+                               "description": "mosquitto with the project's config; production: mqtts on 8883 "
+                                              "with a username per device (deploy/mosquitto)"}},
+        "channels": {
+            "results": channel("{prefix}/devices/{device_id}/results", "results", device_id=device),
+            "status": channel("{prefix}/devices/{device_id}/status", "status", device_id=device),
+            "receipts": channel("{prefix}/devices/{device_id}/receipts", "receipt", device_id=device),
+            "model": channel("{prefix}/models/{model_name}", "bundle",
+                             model_name={"description": "model name (settings `model_name`, default `default`)"}),
+        },
+        "operations": {
+            "sendResults": operation("send", "results", c.RESULTS_DELIVERY,
+                                     "Publish result batches; keep each result until its receipt, send it "
+                                     "again if none comes (after a timeout and after every reconnect)."),
+            "sendStatus": operation("send", "status", c.STATUS_DELIVERY,
+                                    "Publish the retained status on connect and now and then; set the same "
+                                    "with state offline as the last will."),
+            "receiveReceipts": operation("receive", "receipts", c.RECEIPT_DELIVERY,
+                                         "Subscribe to your receipts: the hub sends one after each commit."),
+            "receiveModels": operation("receive", "model", c.MODEL_DELIVERY,
+                                       "Subscribe to the retained, signed model bundle; verify, then swap."),
+        },
+        "components": {
+            "messages": {
+                "results": message("results", "a batch of results"),
+                "status": message("status", "device status (retained; the last will says offline)"),
+                "receipt": message("receipt", "the hub's commit receipt"),
+                "bundle": message("bundle", "a signed INT8 ONNX model bundle", "application/octet-stream"),
+            },
+            "schemas": schemas(),
+        },
+    }
+
+
+def render() -> str:
+    return orjson.dumps(asyncapi(), option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

@@ -1,0 +1,176 @@
+"""The published contract (contract/asyncapi.json) and the contract module never disagree: the file is
+current, every message the encoders produce validates, and every payload a schema refuses, the
+decoders refuse too (property tests on both sides)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent import contract as c
+from edge_agent import contract_schema as cs
+
+ROOT = Path(__file__).resolve().parents[1]
+VALIDATORS = {name: jsonschema.Draft7Validator(schema) for name, schema in cs.schemas().items()}
+DECODERS = {
+    "results": lambda p: c.decode_results(p),
+    "status": lambda p: c.decode_status(p),
+    "receipt": lambda p: c.decode_receipt(p),
+    "manifest": lambda p: c.decode_bundle(b"EMLB" + struct.pack(">I", len(p)) + p + b"onnx bytes"),
+}
+
+
+def test_the_published_document_is_current() -> None:
+    assert (ROOT / "contract" / "asyncapi.json").read_text() == cs.render(), \
+        "regenerate: python -m edge_agent.contract_schema > contract/asyncapi.json"
+
+
+def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> None:
+    doc = cs.asyncapi()
+    assert doc["asyncapi"] == "3.0.0"
+    assert set(doc["channels"]) == {"results", "status", "receipts", "model"}
+    topics = c.Topics("edgeml")
+    addresses = {name: ch["address"].format(prefix="edgeml", device_id="d1", model_name="default")
+                 for name, ch in doc["channels"].items()}
+    assert addresses == {"results": topics.results("d1"), "status": topics.status("d1"),
+                         "receipts": topics.receipts("d1"), "model": topics.model("default")}
+    ops = doc["operations"]
+    for op, delivery in (("sendResults", c.RESULTS_DELIVERY), ("sendStatus", c.STATUS_DELIVERY),
+                         ("receiveReceipts", c.RECEIPT_DELIVERY), ("receiveModels", c.MODEL_DELIVERY)):
+        assert ops[op]["bindings"]["mqtt"]["qos"] == delivery.qos
+        assert ops[op]["bindings"]["mqtt"]["retain"] == delivery.retain
+    for schema in cs.schemas().values():
+        jsonschema.Draft7Validator.check_schema(schema)
+
+
+# --------------------------------------------------------------------------- encoders -> schema
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-1e12, max_value=1e12)
+text = st.text(max_size=40)
+ids = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)
+u63 = st.integers(0, (1 << 63) - 1)
+
+
+@st.composite
+def results(draw: st.DrawFn) -> c.Result:
+    start = draw(finite)
+    return c.Result(
+        seq=draw(u63), start=start, end=start + draw(st.floats(0, 1e6)), model_version=draw(u63),
+        latency_ms=draw(st.floats(0, 1e6)), label=draw(st.none() | text),
+        confidence=draw(st.none() | st.floats(0, 1)), value=draw(st.none() | st.tuples(finite, finite)),
+        truth=draw(st.none() | text), features=draw(st.none() | st.lists(finite, max_size=8).map(tuple)))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(device=ids, items=st.lists(results(), min_size=1, max_size=5))
+def test_every_encoded_results_batch_validates(device: str, items: list[c.Result]) -> None:
+    VALIDATORS["results"].validate(orjson.loads(c.ResultBatch(device, tuple(items)).encode()))
+    encoded = [c.encode_result_obj(r) for r in items]  # the agent's own path: one by one, joined
+    VALIDATORS["results"].validate(orjson.loads(c.join_results(device, encoded)))
+
+
+@settings(max_examples=150)
+@given(device=ids, state=st.sampled_from([c.ONLINE, c.OFFLINE]), ts=finite,
+       model=st.none() | st.tuples(ids, u63, st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
+       depth=u63, error=st.none() | st.text(max_size=100))
+def test_every_encoded_status_validates(device, state, ts, model, depth, error) -> None:
+    name, version, sha = model if model else (None, None, None)
+    VALIDATORS["status"].validate(orjson.loads(c.Status(device, state, ts, name, version, sha, depth, error).encode()))
+
+
+@settings(max_examples=150)
+@given(device=ids, seqs=st.sets(st.integers(0, 10**13), min_size=1, max_size=200))
+def test_every_encoded_receipt_validates_and_holds_exactly_its_seqs(device: str, seqs: set[int]) -> None:
+    receipt = c.Receipt.of(device, seqs)
+    payload = receipt.encode()
+    VALIDATORS["receipt"].validate(orjson.loads(payload))
+    assert sorted(c.decode_receipt(payload, device).seqs()) == sorted(seqs)
+
+
+def test_a_real_bundle_manifest_validates(tmp_path) -> None:
+    from tests.helpers import make_bundle, make_log
+
+    bundle = make_bundle(make_log(tmp_path / "log.csv", seconds=20))
+    obj = orjson.loads(orjson.dumps(bundle.manifest.to_obj()))
+    VALIDATORS["manifest"].validate(obj)
+    VALIDATORS["manifest"].validate({k: v for k, v in obj.items() if k not in ("signature", "key_id")})
+
+
+# --------------------------------------------------------------------------- schema refuses -> decoder refuses
+
+VALID = {
+    "results": {"v": 1, "device_id": "d1", "results": [
+        {"seq": 5, "start": 1.0, "end": 3.0, "model_version": 2, "latency_ms": 0.4, "label": "walk",
+         "confidence": 0.9, "truth": "walk", "value": [1.0, 2.0], "features": [0.5, -1.5]}]},
+    "status": {"v": 1, "device_id": "d1", "state": "online", "ts": 12.5, "model_name": "default",
+               "model_version": 2, "model_sha256": "a" * 64, "outbox_depth": 3, "last_error": "x"},
+    "receipt": {"v": 1, "device_id": "d1", "runs": [[0, 500, 4], [9000, 1, 1]]},
+    "manifest": {"v": 1, "name": "default", "version": 3, "sha256": "b" * 64, "task": "classification",
+                 "labels": ["a", "b"], "n_features": 4, "input_name": "x", "preprocess": {"window_s": 2},
+                 "created": 5.0, "metrics": {}, "training": {}, "key_id": "k", "signature": "c2ln"},
+}
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 64), 1 << 64) | finite | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
+
+
+def _paths(obj: Any, path: tuple = ()) -> list[tuple]:
+    out = [path]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*path, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*path, i))
+    return out
+
+
+@st.composite
+def mutated(draw: st.DrawFn, kind: str) -> Any:
+    """A valid payload with one thing changed: a value replaced, a key dropped, or a key added."""
+    obj = copy.deepcopy(VALID[kind])
+    path = draw(st.sampled_from(_paths(obj)[1:]))
+    parent = obj
+    for key in path[:-1]:
+        parent = parent[key]
+    how = draw(st.sampled_from(["replace", "drop", "add"]))
+    if how == "replace" or not isinstance(parent, dict):
+        parent[path[-1]] = draw(json_values)
+    elif how == "drop":
+        del parent[path[-1]]
+    else:
+        parent[draw(st.text(min_size=1, max_size=8))] = draw(json_values)
+    return obj
+
+
+def _refused_by_decoder(kind: str, obj: Any) -> bool:
+    try:
+        DECODERS[kind](json.dumps(obj).encode())  # the stdlib writes integers of any size
+    except c.ContractError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("kind", sorted(VALID))
+def test_the_valid_examples_pass_both(kind: str) -> None:
+    VALIDATORS[kind].validate(VALID[kind])
+    assert not _refused_by_decoder(kind, VALID[kind])
+
+
+@pytest.mark.parametrize("kind", sorted(VALID))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_what_a_schema_refuses_the_decoder_refuses(kind: str, data: st.DataObject) -> None:
+    obj = data.draw(mutated(kind))
+    if not VALIDATORS[kind].is_valid(obj):
+        assert _refused_by_decoder(kind, obj), f"the schema refuses it, the decoder took it: {obj!r}"

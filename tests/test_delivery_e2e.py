@@ -202,3 +202,27 @@ def test_hub_sigkilled_between_receiving_and_committing_loses_nothing(procs, bro
     assert hub.signal(signal.SIGTERM) == 0
     pub.stop()
     assert_exactly_once(url, expected)
+
+
+def test_run_drains_into_the_hub_on_end_of_input_and_keeps_nothing(procs, broker, prefix, tmp_path, fleet) -> None:
+    """`edge-agent run` waits (bounded) for the hub's receipts of what it produced before it exits."""
+    from tests.test_live_sources_e2e import _readings
+
+    _, model, _ = fleet
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    state = tmp_path / "agent"
+    agent = procs.popen(agent_cmd("run", "--broker", broker.url, "--prefix", prefix, "--device-id", "live-1",
+                                  "--state-dir", str(state), "--model", str(model), "--source", "stdin"),
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        env={**os.environ, **FAST_RESEND})
+    start = 1_700_000_000.0
+    lines = "".join(orjson.dumps(r).decode() + "\n" for r in _readings("live-1", 10, start))
+    _, err = agent.communicate(input=lines, timeout=120)
+    assert agent.returncode == 0, err
+    summary = orjson.loads(err.strip().splitlines()[-1])
+    assert summary["drained"] is True and summary["outbox_depth"] == 0, summary
+    expected = {("live-1", int(round((start + s) * 1000))) for s in range(9)}
+    assert set(stored_keys(url)) == expected and outbox(state) == {}
+    assert hub.signal(signal.SIGTERM) == 0

@@ -24,6 +24,7 @@ from edge_agent.runner import ModelRunner
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
+_OFFLINE_NOTE_S = 60.0  # how often a disconnected agent says why
 
 
 class AgentError(RuntimeError):
@@ -96,6 +97,7 @@ class Agent:
         self.last_error: str | None = None
         self.swaps = 0
         self._status_due = 0.0
+        self._offline_note = 0.0
         self._status_lock = threading.Lock()
 
     # ----------------------------------------------------------------- paho thread callbacks
@@ -253,6 +255,13 @@ class Agent:
             if new:
                 self.device_ids.extend(new)
                 self._status_due = 0.0
-        if time.monotonic() >= self._status_due and self.link.connected:
+        now = time.monotonic()
+        if now >= self._status_due and self.link.connected:
             self.publish_status(c.ONLINE)
+        away = self.link.disconnected_since
+        if away is not None and now - away > self.settings.connect_timeout_s and now >= self._offline_note:
+            # A device keeps working offline (the outbox holds its results), but never silently.
+            self._offline_note = now + _OFFLINE_NOTE_S
+            log.warning("not connected to %s for %.0f s: %s; %d results kept in the outbox", self.settings.broker_url,
+                        now - away, self.link.unreachable_reason(), self.outbox.depth)
         self.publisher.notify()

@@ -30,12 +30,11 @@ import numpy as np
 import orjson
 
 from cloud_hub import lifecycle, training, weights
-from cloud_hub.broker import LocalBroker
 from cloud_hub.ingest import Hub
+from cloud_hub.local_broker import LocalBroker
 from cloud_hub.quantize import session
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen
-from edge_agent.bundle import load_private_key, sign_bundle
+from cloud_hub.signing import keygen, load_private_key, sign_bundle
 from edge_agent.contract import decode_bundle
 from edge_agent.sources import read_log
 

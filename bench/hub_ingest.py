@@ -37,8 +37,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_hub.broker import LocalBroker
 from cloud_hub.ingest import Hub
+from cloud_hub.local_broker import LocalBroker
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 

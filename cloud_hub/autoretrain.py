@@ -10,11 +10,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from cloud_hub import db, lifecycle, rollout
+from cloud_hub import db
 from cloud_hub.settings import HubSettings
+
+if TYPE_CHECKING:
+    from cloud_hub import lifecycle
+
+# The training stack (scikit-learn, skl2onnx, onnx quantization) is imported on the first retrain,
+# not at start: a `serve` worker that never retrains does not carry it (~60 MB of RSS).
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ class AutoRetrainer:
         self._watermark = self._max_labelled_id()
         self._last = time.monotonic()
         self.rounds += 1
+        from cloud_hub import lifecycle, rollout
+
         try:
             outcome = lifecycle.retrain(self.engine, name=s.model_name, tolerance=s.retrain_tolerance)
         except lifecycle.LifecycleError as exc:

@@ -24,8 +24,8 @@ import sqlalchemy as sa
 
 from cloud_hub import db, lifecycle, rollout
 from cloud_hub.aggregate import fleet_stats
-from cloud_hub.broker import LocalBroker, port_open
 from cloud_hub.ingest import Hub
+from cloud_hub.local_broker import LocalBroker, port_open
 from cloud_hub.sample import write_sample_log
 from cloud_hub.settings import HubSettings
 from cloud_hub.signing import keygen

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from cloud_hub import db
 from cloud_hub.lifecycle import LifecycleError, on_topic
 from cloud_hub.settings import HubSettings
+from cloud_hub.signing import load_private_key, sign_bundle
 from cloud_hub.store import ModelRow, Store
-from edge_agent.bundle import load_private_key, sign_bundle
 from edge_agent.contract import MODEL_DELIVERY, Bundle, decode_bundle
 from edge_agent.mqtt import MqttError, MqttLink
 

@@ -1,4 +1,4 @@
-"""Ed25519 key pairs for signing model bundles (verification lives on the device: edge_agent.bundle)."""
+"""Ed25519 keys and the signing of model bundles: the hub's side (devices only verify: edge_agent.bundle)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,32 @@ import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent.bundle import key_id
+from edge_agent.contract import Bundle
+from edge_agent.contract import key_id as raw_key_id
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    return raw_key_id(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).expanduser().read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot read signing key {path}: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"signing key {path} is not an Ed25519 private key")
+    return key
+
+
+def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> Bundle:
+    """The same bundle with an Ed25519 signature over its manifest (which holds the model's sha256)."""
+    kid = key_id(private_key.public_key())
+    unsigned = bundle.manifest.with_signature(b"", kid)
+    signature = private_key.sign(unsigned.signing_bytes())
+    return Bundle(unsigned.with_signature(signature, kid), bundle.model)
 
 
 def keygen(private_path: str | Path, public_path: str | Path | None = None, *, force: bool = False) -> tuple[Path, Path, str]:

@@ -1,5 +1,8 @@
 """Model bundles on the device: verify (signature, sha256, compatibility), persist, load.
 
+The device only verifies: signing lives on the hub (:mod:`cloud_hub.signing`), so no private-key
+code ships to devices.
+
 A bundle is accepted only when every check passes; otherwise :class:`BundleRejected` says why and
 the running model keeps serving. The active bundle is persisted with write-to-temp + fsync +
 rename, so a reboot in the middle of an update leaves either the old or the new bundle, never a
@@ -14,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent.contract import Bundle, ContractError, decode_bundle
+from edge_agent.contract import key_id as contract_key_id
 from edge_agent.runner import ModelError, ModelRunner
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 # cryptography (OpenSSL) costs ~8 MB of RSS on import: it is loaded only where a key is used, so an
 # agent that runs without signature checks (development) does not carry it.
@@ -30,8 +34,7 @@ class BundleRejected(ValueError):
 def key_id(public_key: Ed25519PublicKey) -> str:
     from cryptography.hazmat.primitives import serialization
 
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return contract_key_id(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
@@ -45,27 +48,6 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise BundleRejected(f"trusted key {path} is not an Ed25519 public key")
     return key
-
-
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    try:
-        key = serialization.load_pem_private_key(Path(path).expanduser().read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"cannot read signing key {path}: {exc}") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"signing key {path} is not an Ed25519 private key")
-    return key
-
-
-def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> Bundle:
-    """The same bundle with an Ed25519 signature over its manifest (which holds the model's sha256)."""
-    kid = key_id(private_key.public_key())
-    unsigned = bundle.manifest.with_signature(b"", kid)
-    signature = private_key.sign(unsigned.signing_bytes())
-    return Bundle(unsigned.with_signature(signature, kid), bundle.model)
 
 
 def verify_bundle(

@@ -13,6 +13,7 @@ survives :func:`orjson.loads` is finite.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import re
 import struct
@@ -468,6 +469,12 @@ def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
 
 
 # --------------------------------------------------------------------------- model bundles
+
+
+def key_id(raw_public_key: bytes) -> str:
+    """The id of an Ed25519 public key (its 32 raw bytes): the first 16 hex digits of their sha256."""
+    return hashlib.sha256(raw_public_key).hexdigest()[:16]
+
 
 _BUNDLE_MAGIC: Final = b"EMLB"
 _HEADER: Final = struct.Struct(">4sI")  # magic, manifest length

@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cloud_hub.broker import REPO_CONF, LocalBroker
+from cloud_hub.local_broker import REPO_CONF, LocalBroker
 from edge_agent import contract as c
 from edge_agent.preprocess import PreprocessParams
 from tests.helpers import Processes, agent_cmd, expected_keys, make_bundle, make_log, outbox, wait_for

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from cloud_hub import db
-from cloud_hub.broker import port_open
 from cloud_hub.demo import delivery_check
+from cloud_hub.local_broker import port_open
 from tests.helpers import expected_keys, model_params
 from tests.test_ingest import stored_keys
 

@@ -44,7 +44,7 @@ def test_the_wheel_carries_the_broker_config_and_the_migrations(tmp_path: Path) 
 
 
 def test_a_missing_broker_config_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
-    from cloud_hub.broker import BrokerError, LocalBroker
+    from cloud_hub.local_broker import BrokerError, LocalBroker
 
     with pytest.raises(BrokerError, match="cannot be read"):
         LocalBroker(tmp_path, base_config=tmp_path / "nosuch.conf")

@@ -18,8 +18,8 @@ import typer
 from typer.testing import CliRunner
 
 from cloud_hub import db
-from cloud_hub.broker import LocalBroker
 from cloud_hub.cli_data import EXIT_UNAVAILABLE, EXIT_USAGE, register
+from cloud_hub.local_broker import LocalBroker
 from cloud_hub.store import Store, dead_letter
 from edge_agent import contract as c
 from tests.helpers import Processes, wait_for
@@ -233,7 +233,7 @@ def test_errors_have_documented_exit_codes(tmp_path: Path) -> None:
 
 
 def test_serve_exits_3_when_the_broker_is_unreachable(tmp_path: Path) -> None:
-    from cloud_hub.broker import free_port
+    from cloud_hub.local_broker import free_port
 
     env = {**os.environ, "CLOUD_HUB_CONNECT_TIMEOUT_S": "1"}
     proc = subprocess.run([sys.executable, "-m", "cloud_hub", "serve", "--broker", f"mqtt://127.0.0.1:{free_port()}",

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from cloud_hub import db
-from cloud_hub.broker import LocalBroker
 from cloud_hub.ingest import Hub
+from cloud_hub.local_broker import LocalBroker
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent.mqtt import MqttLink

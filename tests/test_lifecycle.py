@@ -19,10 +19,10 @@ from cloud_hub import db, lifecycle, rollout
 from cloud_hub.cli import app as hub_app
 from cloud_hub.ingest import Hub
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen
+from cloud_hub.signing import keygen, load_private_key, sign_bundle
 from cloud_hub.store import Store
 from edge_agent import contract as c
-from edge_agent.bundle import BundleRejected, load_private_key, load_public_key, sign_bundle, verify_bundle
+from edge_agent.bundle import BundleRejected, load_public_key, verify_bundle
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.settings import BrokerURL, load_settings
 from tests.helpers import SMALL, agent_cmd, expected_keys, make_bundle, make_log, model_params

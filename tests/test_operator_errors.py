@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_hub.broker import LocalBroker, free_port
+from cloud_hub.local_broker import LocalBroker, free_port
 from edge_agent import exits
 from tests.helpers import Processes, agent_cmd, make_bundle, make_log, outbox, wait_for
 

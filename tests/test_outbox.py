@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cloud_hub.broker import REPO_CONF, LocalBroker
+from cloud_hub.local_broker import REPO_CONF, LocalBroker
 from edge_agent import contract as c
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.outbox import Outbox, OutboxFull

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cloud_hub.broker import LocalBroker
+from cloud_hub.local_broker import LocalBroker
 from edge_agent import contract as c
 from edge_agent.preprocess import PreprocessParams
 from tests.helpers import agent_cmd, expected_keys, make_bundle, make_log, run_agent

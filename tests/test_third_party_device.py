@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloud_hub import db
-from cloud_hub.broker import LocalBroker
+from cloud_hub.local_broker import LocalBroker
 from edge_agent import contract as c
 from tests.helpers import Processes, wait_for
 from tests.test_hub_cli import ServeProcess

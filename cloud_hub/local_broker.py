@@ -1,4 +1,4 @@
-"""Run a private mosquitto from a config derived from the project's ``mosquitto.conf``.
+"""A private mosquitto for tests, the demo and benchmarks, from a config derived from ``mosquitto.conf``.
 
 Used by the test suite (a real broker, never a mock) and by ``cloud-hub demo``. The derived config
 keeps every line of the base file except the listener, persistence location and log destination,

@@ -70,18 +70,10 @@ INTEGER_OPS = frozenset(
 
 
 def session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | Path | None = None) -> Any:
-    """An onnxruntime CPU session as on a small device (``threads`` intra-op threads)."""
-    import onnxruntime as ort
+    """An onnxruntime CPU session as on a small device (the device's own helper, so both agree)."""
+    from edge_agent.runner import cpu_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(onnx_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+    return cpu_session(onnx_bytes, threads=threads, optimized_path=None if optimized_path is None else str(optimized_path))
 
 
 class _Reader:

@@ -28,6 +28,20 @@ class Prediction:
     latency_ms: float  # per window: batch wall time / batch size
 
 
+def cpu_session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | None = None) -> ort.InferenceSession:
+    """The one way we open an onnxruntime session, on the device and on the hub alike: CPU,
+    ``threads`` intra-op threads (1 on a small device), sequential, every graph optimization."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+
 class ModelRunner:
     """Wraps one ``InferenceSession``; ``predict`` takes a float32[k, n_features] batch."""
 
@@ -44,13 +58,8 @@ class ModelRunner:
             raise ModelError(
                 f"manifest says {m.n_features} features but its preprocessing produces {self.params.n_features}"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(bundle.model, options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(bundle.model, threads=intra_op_threads)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
             raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
         inputs = self.session.get_inputs()

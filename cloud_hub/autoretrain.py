@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from cloud_hub import db
 from cloud_hub.settings import HubSettings
+from cloud_hub.store import Store
 
 if TYPE_CHECKING:
     from cloud_hub import lifecycle
@@ -35,6 +35,7 @@ class AutoRetrainer:
         self.check_s = check_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="auto-retrain", daemon=True)
+        self.store = Store(engine)
         self._watermark = self._max_labelled_id()
         self._last = time.monotonic()
         self.rounds = 0
@@ -43,19 +44,13 @@ class AutoRetrainer:
     def enabled(self) -> bool:
         return self.settings.retrain_every_n > 0 or self.settings.retrain_interval_s > 0
 
-    def _labelled(self) -> sa.ColumnElement[bool]:
-        r = db.results
-        return sa.and_(r.c.features.is_not(None), r.c.truth.is_not(None))
-
     def _max_labelled_id(self) -> int:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.max(db.results.c.id)).where(self._labelled())).scalar() or 0
+            return self.store.max_labelled_id(conn)
 
     def new_labelled(self) -> int:
-        r = db.results
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(r)
-                                .where(self._labelled(), r.c.id > self._watermark)).scalar_one()
+            return self.store.count_labelled_after(conn, self._watermark)
 
     def check(self) -> lifecycle.Outcome | None:
         """Retrain if due; returns the outcome of the round, or None."""

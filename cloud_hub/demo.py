@@ -29,6 +29,7 @@ from cloud_hub.local_broker import LocalBroker, port_open
 from cloud_hub.sample import write_sample_log
 from cloud_hub.settings import HubSettings
 from cloud_hub.signing import keygen
+from cloud_hub.store import Store
 from edge_agent.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -162,12 +163,11 @@ class Demo:
             self.show(self._table(engine))
         finally:
             hub.stop()
+        store = Store(engine)
         with engine.connect() as conn:
             stats = fleet_stats(conn)
-            per_version: dict[int, int] = dict(conn.execute(
-                sa.select(db.results.c.model_version, sa.func.count()).group_by(db.results.c.model_version)).all())
-            per_device: dict[str, int] = dict(conn.execute(
-                sa.select(db.results.c.device_id, sa.func.count()).group_by(db.results.c.device_id)).all())
+            per_version = store.count_results(conn, "model_version")
+            per_device = store.count_results(conn, "device_id")
         models = rollout.rollout(engine)
         engine.dispose()
         return {"stats": stats, "models": models, "per_version": per_version, "agents": results,
@@ -186,7 +186,7 @@ class Demo:
     def _table(self, engine: sa.Engine) -> list[dict[str, Any]]:
         with engine.connect() as conn:
             stats = fleet_stats(conn)
-            devices = {r["device_id"]: r for r in conn.execute(sa.select(db.devices)).mappings()}
+            devices = Store(engine).device_rows(conn)
         rows = []
         for device, s in sorted(stats.to_obj()["devices"].items()):
             d: Any = devices.get(device, {})

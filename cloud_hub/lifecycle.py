@@ -306,14 +306,9 @@ def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int, 
                   versions: Sequence[int] | None = None) -> Dataset:
     """Labelled feature vectors that agents reported, from results of ``versions`` (the versions
     whose preprocessing equals ``params``: features made otherwise do not mean the same thing)."""
-    r = db.results
-    query = sa.select(r.c.device_id, r.c.truth, r.c.features, r.c.start).where(
-        r.c.features.is_not(None), r.c.truth.is_not(None)).order_by(r.c.id)
-    if versions is not None:
-        query = query.where(r.c.model_version.in_(list(versions)))
     X, y, devices, starts = [], [], [], []
     with engine.connect() as conn:
-        for device_id, truth, blob, start in conn.execute(query):
+        for device_id, truth, blob, start in Store(engine).labelled_features(conn, versions):
             vec = db.unpack_features(blob)
             if vec is None or vec.shape[0] != n_features:
                 continue  # reported under other preprocessing parameters

@@ -76,14 +76,10 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
 def rollout(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:
     """Every version with its metrics, and how many devices report running it (online / in total)."""
     store = Store(engine)
-    d = db.devices
     with db.transaction(engine, write=False) as conn:
         rows = store.list_models(conn, name)
-        running = conn.execute(
-            sa.select(d.c.model_name, d.c.model_version, d.c.state, sa.func.count())
-            .group_by(d.c.model_name, d.c.model_version, d.c.state)
-        ).all()
-    counts: dict[tuple[str, int], dict[str, int]] = {}
+        running = store.devices_by_model(conn)
+    counts: dict[tuple[str | None, int | None], dict[str, int]] = {}
     for model_name, model_version, state, n in running:
         entry = counts.setdefault((model_name, model_version), {"online": 0, "total": 0})
         entry["total"] += n

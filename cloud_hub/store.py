@@ -10,7 +10,7 @@ loaded machine). The rows are plain values already, so there is nothing to proce
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +137,48 @@ class Store:
         self.apply_statuses(conn, batch.statuses)
         dead = self.insert_dead_letters(conn, batch.dead)
         return Written(new=new, duplicates=len(batch.rows) - new, dead=dead)
+
+    # ----------------------------------------------------------------- reads for the lifecycle and the CLI
+
+    @staticmethod
+    def _labelled() -> sa.ColumnElement[bool]:
+        return sa.and_(results.c.features.is_not(None), results.c.truth.is_not(None))
+
+    def max_labelled_id(self, conn: Connection) -> int:
+        """The id of the newest result that carries features and ground truth (0 if none)."""
+        return int(conn.execute(sa.select(sa.func.max(results.c.id)).where(self._labelled())).scalar() or 0)
+
+    def count_labelled_after(self, conn: Connection, after_id: int) -> int:
+        """Results with features and ground truth stored after the result ``after_id``."""
+        return int(conn.execute(sa.select(sa.func.count()).select_from(results)
+                                .where(self._labelled(), results.c.id > after_id)).scalar_one())
+
+    def labelled_features(self, conn: Connection, versions: Sequence[int] | None = None
+                          ) -> Iterator[tuple[str, str, bytes, float]]:
+        """(device, truth, packed features, window start) of every labelled result, oldest first;
+        only results of model ``versions`` when given."""
+        r = results.c
+        query = sa.select(r.device_id, r.truth, r.features, r.start).where(self._labelled()).order_by(r.id)
+        if versions is not None:
+            query = query.where(r.model_version.in_(list(versions)))
+        for device, truth, blob, start in conn.execute(query):
+            yield str(device), str(truth), bytes(blob), float(start)
+
+    def count_results(self, conn: Connection, by: str) -> dict[Any, int]:
+        """Result counts grouped by a column: ``device_id`` or ``model_version``."""
+        column = results.c[by]
+        return {k: int(n) for k, n in conn.execute(sa.select(column, sa.func.count()).group_by(column))}
+
+    def devices_by_model(self, conn: Connection) -> list[tuple[str | None, int | None, str, int]]:
+        """(model name, model version, state, devices) as the devices last reported."""
+        d = devices.c
+        return [(m, v, s, int(n)) for m, v, s, n in conn.execute(
+            sa.select(d.model_name, d.model_version, d.state, sa.func.count())
+            .group_by(d.model_name, d.model_version, d.state))]
+
+    def device_rows(self, conn: Connection) -> dict[str, Mapping[str, Any]]:
+        """Every device's row (status fields), by id."""
+        return {str(r["device_id"]): dict(r) for r in conn.execute(sa.select(devices)).mappings()}
 
     # ----------------------------------------------------------------- model registry
 

@@ -62,4 +62,4 @@ def version() -> None:
     """Print the version."""
     from cloud_hub import __version__
 
-    typer.echo(__version__)
+    typer.echo(f"cloud-hub {__version__}")

@@ -29,7 +29,7 @@ EXIT_UNAVAILABLE = exits.UNAVAILABLE
 
 T = TypeVar("T")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of hub settings (keys = field names).",
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of hub settings (keys = field names).",
                                                 envvar=f"{ENV_PREFIX}_CONFIG")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy database URL (default: sqlite:///hub.sqlite).")]
 
@@ -134,8 +134,9 @@ def serve(
     prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
     share_group: Annotated[str | None, typer.Option("--share-group", help="Split the fleet with other hubs "
                                                     "through $share/<group>/...")] = None,
-    client_id: Annotated[str | None, typer.Option("--client-id", help="Client id = persistent session name. "
-                                                  "(default: cloud-hub).")] = None,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="Client id = persistent session name, "
+                                                  "stable and unique per hub (default: cloud-hub-<host>-<hash of "
+                                                  "db and prefix>).")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
 ) -> None:
     """Ingest every device's results and status into the database until SIGTERM/SIGINT."""
@@ -170,6 +171,8 @@ def stats(
     with _errors():
         settings = _settings(config, db=db)
         result = _with_db(settings, lambda conn: fleet_stats(conn, device=device, since=t0, bucket=bucket))
+    if device is not None and device not in result.devices:
+        raise _fail(EXIT_USAGE, f"no device {device!r} in {settings.db} (`cloud-hub devices` lists them)")
     if as_json:
         typer.echo(orjson.dumps(result.to_obj(), option=orjson.OPT_NON_STR_KEYS).decode())
         return

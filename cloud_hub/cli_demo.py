@@ -87,5 +87,23 @@ def demo(
         raise typer.Exit(1)
 
 
+def sample(
+    out: Annotated[Path, typer.Argument(help="CSV log to write: ts,device_id,ax,ay,az,wx,wy,wz,label.")],
+    devices: Annotated[str, typer.Option(help="Comma-separated device ids.")] = "dev-a,dev-b,dev-c",
+    seconds: Annotated[float, typer.Option(help="Recorded seconds per device (50 readings a second).")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a labelled sensor log to try the pipeline with (recorded until now, labels idle/walk/run/lift)."""
+    from cloud_hub.sample import write_sample_log
+
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not ids or seconds <= 0:
+        typer.echo("cloud-hub: error: --devices needs at least one id and --seconds must be > 0", err=True)
+        raise typer.Exit(2)
+    n = write_sample_log(out, devices=ids, seconds=seconds, seed=seed, start_ts=float(int(time.time() - seconds)))
+    typer.echo(f"wrote {n:,} readings of {len(ids)} devices to {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(demo)
+    app.command()(sample)

@@ -117,7 +117,7 @@ def train(
                                             holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
                                             seed=seed, features=features, mirror=_holdout(mirror) or ())
         if out is not None:
-            _export(s.db, s.model_name, outcome.version, out)
+            _export(s.db, s.model_name, outcome.version, out, s.signing_key)
     _print_outcome(outcome, json_out)
 
 
@@ -213,17 +213,20 @@ def export(
     out: Annotated[Path, typer.Argument(help="Bundle file to write (.emlb).")],
     db: DbOpt = None,
     version: Annotated[int | None, typer.Option(help="Version (default: newest).")] = None,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help="Sign it with this Ed25519 private "
+                                                    "key (PEM), as publish does (default: settings signing_key).")] = None,
     name: NameOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Write a registered bundle to a file (for `edge-agent --model FILE`)."""
+    """Write a registered bundle to a file (for `edge-agent --model FILE`), signed when a key is given."""
     with _lifecycle_errors():
-        s = _settings(config, db=db, model_name=name)
-        v = _export(s.db, s.model_name, version, out)
-    typer.echo(f"wrote {s.model_name} v{v} to {out}")
+        s = _settings(config, db=db, model_name=name, signing_key=signing_key)
+        v, signed = _export(s.db, s.model_name, version, out, s.signing_key)
+    typer.echo(f"wrote {s.model_name} v{v} to {out}" + ("" if signed else
+               " (unsigned: an agent with --trusted-key refuses it; pass --signing-key to sign it)"))
 
 
-def _export(db_url: str, name: str, version: int | None, out: Path) -> int:
+def _export(db_url: str, name: str, version: int | None, out: Path, key: str | None = None) -> tuple[int, bool]:
     from cloud_hub.db import transaction
     from cloud_hub.lifecycle import LifecycleError
     from cloud_hub.store import Store
@@ -233,8 +236,14 @@ def _export(db_url: str, name: str, version: int | None, out: Path) -> int:
         row = Store(engine).get_model(conn, name, version)
     if row is None or row.bundle is None:
         raise LifecycleError(f"model {name} v{version or 'latest'} is not registered")
-    out.write_bytes(row.bundle)
-    return row.version
+    payload = row.bundle
+    if key is not None:
+        from cloud_hub.signing import load_private_key, sign_bundle
+        from edge_agent.contract import decode_bundle
+
+        payload = sign_bundle(decode_bundle(payload), load_private_key(key)).encode()
+    out.write_bytes(payload)
+    return row.version, key is not None
 
 
 def register(app: typer.Typer) -> None:

@@ -91,7 +91,9 @@ def prepare_data(work: Path, agents: int) -> DemoData:
     logs = {}
     for i, dev in enumerate(fleet):
         logs[dev] = data / f"{dev}.csv"
-        write_sample_log(logs[dev], devices=[dev], seconds=240, recordings=4, seed=7, start_ts=10_000.0 * (i + 1))
+        # Recorded "yesterday" (not in 1970): `stats --since` and the time buckets then read naturally.
+        write_sample_log(logs[dev], devices=[dev], seconds=240, recordings=4, seed=7,
+                         start_ts=float(int(time.time()) // 3600 * 3600 - 86_400 + 3_600 * i))
     return DemoData(data / "train.csv", logs, trainers[-1:], fleet[-1:],
                     f"generated sensor log ({len(trainers)} training devices, {agents} agents)", 240.0)
 

@@ -116,22 +116,33 @@ class Hub:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self, connect_timeout: float | None = None) -> None:
-        """Start the writer and connect; :class:`BrokerUnavailable` if no connection in time."""
+    def start(self, connect_timeout: float | None = None, *, stop: threading.Event | None = None) -> bool:
+        """Start the writer and connect; :class:`BrokerUnavailable` if no connection in time. Returns
+        False (and has stopped) when ``stop`` was set meanwhile (SIGTERM/SIGINT during the connect)."""
         self._writer.start()
+        timeout = self.settings.connect_timeout_s if connect_timeout is None else connect_timeout
         try:
             self.link.start()
-            timeout = self.settings.connect_timeout_s if connect_timeout is None else connect_timeout
-            self.link.wait_connected(timeout)
+            log.info("connecting to %s (giving up after %g s)", self.settings.broker_url, timeout)
+            deadline = time.monotonic() + timeout
+            # In slices, so that a signal ends the wait at once.
+            while not self.link.connected_within(max(0.0, min(0.2, deadline - time.monotonic()))):
+                if stop is not None and stop.is_set():
+                    self.stop(timeout=1.0, report=False)
+                    return False
+                if time.monotonic() >= deadline:
+                    raise MqttError(f"no connection to {self.settings.broker_url} within {timeout:g} s: "
+                                    f"{self.link.unreachable_reason()}")
             self.link.wait_subscribed(timeout)
         except MqttError as exc:
-            self.stop(timeout=1.0)
+            self.stop(timeout=1.0, report=False)
             raise BrokerUnavailable(str(exc)) from exc
         log.info("hub %s ingesting %s/devices/+/{results,status}%s into %s", self.settings.session_id,
                  self.topics.prefix, f" (share group {self.settings.share_group})" if self.settings.share_group
                  else "", describe(self.engine))
+        return True
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0, *, report: bool = True) -> None:
         """Flush, commit and acknowledge what was received, then disconnect.
 
         If the database stays unavailable for ``timeout`` seconds, the pending batch is left
@@ -142,7 +153,8 @@ class Hub:
         self._stopping.set()
         if self._writer.is_alive():
             self._writer.join(timeout + 5.0)
-        self._log_stats(final=True)
+        if report:
+            self._log_stats(final=True)
         self.link.stop()
         if self._own_engine:
             self.engine.dispose()
@@ -237,7 +249,9 @@ class Hub:
                 ])
                 pending.seen[device] = now
             elif kind == "status":
-                pending.statuses[device] = (decode_status(msg.payload, device), now)
+                status = decode_status(msg.payload, device)
+                # A retained status comes again with every (re)subscription: it says nothing about now.
+                pending.statuses[device] = (status, min(now, status.ts) if msg.retain else now)
             else:
                 raise ContractError(f"the hub does not ingest {kind} topics")
         except ContractError as exc:
@@ -383,7 +397,8 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
-        hub.start()
+        if not hub.start(stop=stop):
+            return hub.stats
         retrainer = AutoRetrainer(settings, hub.engine)
         retrainer.start()
         if on_started is not None:

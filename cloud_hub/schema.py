@@ -60,7 +60,10 @@ class Upgraded:
 
 def current(conn: Connection) -> str | None:
     """The database's revision, :data:`UNVERSIONED`, or None for an empty database."""
-    names = set(sa.inspect(conn).get_table_names())
+    try:
+        names = set(sa.inspect(conn).get_table_names())
+    except sa.exc.DatabaseError as exc:  # e.g. a file that is not SQLite
+        raise DatabaseUnavailable(f"cannot read {_where(conn)}: {_first_line(exc)}") from exc
     if "alembic_version" in names:
         revs = list(conn.execute(sa.select(_version.c.version_num)).scalars())
         if len(revs) != 1:
@@ -145,7 +148,7 @@ def history() -> list[tuple[str, str]]:
     from alembic.script import ScriptDirectory
 
     scripts = ScriptDirectory(str(MIGRATIONS))
-    return [(s.revision, (s.doc or "").strip().splitlines()[0] if s.doc else "")
+    return [(s.revision, (s.doc or "").strip().splitlines()[0].replace("``", "") if s.doc else "")
             for s in reversed(list(scripts.walk_revisions()))]
 
 

@@ -31,6 +31,17 @@ class AgentError(RuntimeError):
     """A condition the agent cannot work around (no model, bad configuration)."""
 
 
+def _hint(reason: str) -> str:
+    """What to do about a refused bundle, by its reason."""
+    if "no trusted key is configured" in reason:
+        return "Pass --trusted-key with the hub's public key (the .pub.pem of `cloud-hub keygen`)."
+    if "unsigned" in reason:
+        return "Publish it signed (`cloud-hub publish --signing-key KEY`), or allow unsigned models in development."
+    if "not the trusted key" in reason:
+        return "Give --trusted-key the public key of the key that signs the models."
+    return "Publish a good model with `cloud-hub publish`, or pass --model FILE."
+
+
 class StateConflict(AgentError):
     """The state dir holds results made for another broker or prefix."""
 
@@ -96,6 +107,7 @@ class Agent:
         self.source_channels: tuple[str, ...] | None = None
         self.last_error: str | None = None
         self.swaps = 0
+        self.stop_event = threading.Event()  # set by SIGTERM/SIGINT (service): ends waits early
         self._status_due = 0.0
         self._offline_note = 0.0
         self._status_lock = threading.Lock()
@@ -159,14 +171,24 @@ class Agent:
         return self._wait_for_model()
 
     def _wait_for_model(self) -> ModelState:
+        """The retained model of the topic. A refused one ends the wait at once (it stays retained: waiting
+        for another is waiting for an operator), and so does SIGTERM/SIGINT or an unreachable broker."""
         topic = self.topics.model(self.settings.model_name)
         deadline = time.monotonic() + self.settings.model_wait_s
         log.info("waiting up to %g s for a model on %s", self.settings.model_wait_s, topic)
+        said = False
         while time.monotonic() < deadline:
+            if self.stop_event.is_set():
+                raise Interrupted("interrupted while waiting for a model")
             try:
-                payload = self._updates.get(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
+                payload = self._updates.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
             except queue.Empty:
                 away = self.link.disconnected_since
+                if away is not None and time.monotonic() - away > min(3.0, self.settings.connect_timeout_s) \
+                        and not said:
+                    said = True
+                    log.warning("not connected to %s yet (%s); trying for up to %g s", self.settings.broker_url,
+                                self.link.unreachable_reason(), self.settings.connect_timeout_s)
                 if away is not None and time.monotonic() - away > self.settings.connect_timeout_s:
                     raise MqttError(f"cannot reach the broker {self.settings.broker_url} for "
                                     f"{self.settings.connect_timeout_s:g} s to get a model from {topic}: "
@@ -176,15 +198,10 @@ class Agent:
                 self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)
                 return self.model  # type: ignore[return-value]
             except BundleRejected as exc:
-                self.last_error = str(exc)
-                log.error("model refused: %s", exc)
-        if not self.link.connected:
-            why = f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
-        elif self.last_error:
-            why = f"connected to {self.settings.broker_url}; the model there was refused: {self.last_error}"
-        else:
-            why = f"connected to {self.settings.broker_url}; nothing is published there"
-        raise AgentError(f"no usable model on {topic} within {self.settings.model_wait_s:g} s ({why}). "
+                raise AgentError(f"the model on {topic} was refused: {exc}. {_hint(str(exc))}") from exc
+        why = (f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
+               if not self.link.connected else f"connected to {self.settings.broker_url}; nothing is published there")
+        raise AgentError(f"no model on {topic} within {self.settings.model_wait_s:g} s ({why}). "
                          "Pass --model FILE or publish one with `cloud-hub publish`.")
 
     def _install(self, payload: bytes, *, allow_unsigned: bool) -> None:
@@ -235,7 +252,8 @@ class Agent:
             error += f"outbox overflow dropped {self.outbox.dropped} results"
         return c.Status(device_id, state, time.time(), model_name=m.name if m else None,
                         model_version=m.version if m else None, model_sha256=m.sha256 if m else None,
-                        outbox_depth=self.outbox.depth, last_error=error[:2000] if error else None)
+                        outbox_depth=self.outbox.depth_of(device_id) if len(self.device_ids) > 1 else self.outbox.depth,
+                        last_error=error[:2000] if error else None)
 
     def publish_status(self, state: str = c.ONLINE) -> None:
         with self._status_lock:
@@ -259,7 +277,7 @@ class Agent:
         if now >= self._status_due and self.link.connected:
             self.publish_status(c.ONLINE)
         away = self.link.disconnected_since
-        if away is not None and now - away > self.settings.connect_timeout_s and now >= self._offline_note:
+        if away is not None and now - away > min(3.0, self.settings.connect_timeout_s) and now >= self._offline_note:
             # A device keeps working offline (the outbox holds its results), but never silently.
             self._offline_note = now + _OFFLINE_NOTE_S
             log.warning("not connected to %s for %.0f s: %s; %d results kept in the outbox", self.settings.broker_url,

@@ -128,11 +128,13 @@ def replay(
     if json_out:
         typer.echo(orjson.dumps(report.as_dict()).decode())
     else:
+        where = "stored by the hub" if report.until == "hub" else "acknowledged by the broker"
+        earlier = f" ({report.leftovers} of them left over from an earlier run)" if report.leftovers else ""
+        producing = max(report.seconds - report.drain_s, 1e-9)
         typer.echo(
-            f"{report.devices} devices, {report.readings} readings, {report.windows} windows, "
-            f"{report.published} results {'stored by the hub' if report.until == 'hub' else 'acknowledged by the broker'}"
-            f" in {report.seconds:.2f} s ({report.readings / max(report.seconds, 1e-9):,.0f} readings/s), "
-            f"model v{report.model_version}"
+            f"{report.devices} devices, {report.readings:,} readings, {report.windows:,} windows "
+            f"({report.readings / producing:,.0f} readings/s), model v{report.model_version}; "
+            f"{report.published:,} results {where}{earlier} after {report.seconds:.2f} s"
         )
     if not report.drained:
         within = f" within {timeout:g} s" if timeout is not None else ""
@@ -199,4 +201,4 @@ def version() -> None:
     """Print the version."""
     from edge_agent import __version__
 
-    typer.echo(__version__)
+    typer.echo(f"edge-agent {__version__}")

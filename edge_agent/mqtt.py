@@ -171,6 +171,14 @@ class MqttLink:
             raise MqttError(f"cannot connect to {self.broker}: {exc}") from exc
         self._client.loop_start()
 
+    def connected_within(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the connection; False if it is not there yet (refused: raises)."""
+        with self._state_changed:
+            self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused, timeout)
+        if self._refused and not self._connected.is_set():
+            raise ConnectRefused(self._refused)
+        return self._connected.is_set()
+
     def wait_connected(self, timeout: float) -> None:
         """Block until connected; raise :class:`ConnectRefused` on a refused CONNACK, MqttError on timeout."""
         with self._state_changed:

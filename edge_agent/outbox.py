@@ -119,6 +119,11 @@ class Outbox:
             self._write(lambda: self._db.execute("INSERT OR REPLACE INTO binding VALUES ('target', ?)", (target,)))
             return None
 
+    def depth_of(self, device_id: str) -> int:
+        """Rows of one device (a replay of many devices shares one outbox)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE device_id = ?", (device_id,)).fetchone()[0])
+
     def wait_empty(self, timeout: float) -> bool:
         """Block until no row is left (every one receipted) or ``timeout`` passes; True if empty."""
         with self._lock:

@@ -110,7 +110,7 @@ class Publisher:
         self.flush_all()
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        next_note = start + on_wait
+        next_note = start + min(on_wait, 3.0)  # the first word early: a wrong port should not look like a hang
         while self.outbox.depth > 0:
             now = time.monotonic()
             if deadline is not None and now > deadline:

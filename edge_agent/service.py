@@ -26,6 +26,8 @@ class ReplayReport:
     readings: int = 0
     windows: int = 0
     published: int = 0  # results stored by the hub (receipted), or acknowledged by the broker without receipts
+    acknowledged: int = 0  # results the broker acknowledged (PUBACK), re-sends included
+    leftovers: int = 0  # results an earlier run left in the outbox (delivered by this one with its own)
     until: str = "hub"
     not_stored: int = 0  # results still in the outbox when the replay ended
     resent: int = 0  # results sent again for want of a receipt
@@ -41,7 +43,8 @@ class ReplayReport:
     skipped_examples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: round(v, 3) if isinstance(v, float) else v
+                for k in self.__dataclass_fields__ for v in [getattr(self, k)]}
 
 
 Progress = Callable[[int, int, float], None]  # (readings so far, windows so far, fraction of the logs read)
@@ -59,8 +62,9 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
             raise AgentError(f"{r.path}: channels {list(r.channels)} differ from {list(channels)} of {readers[0].path}")
     devices = (settings.device_id,) if settings.device_id else ()
     agent = Agent(settings, device_ids=devices)
-    report = ReplayReport()
+    report = ReplayReport(leftovers=agent.outbox.depth)
     stop = _install_stop_handlers()
+    agent.stop_event = stop
     agent.start()
     try:
         agent.load_model(model, channels)
@@ -101,6 +105,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
             raise Interrupted(f"interrupted while waiting for acknowledgements: {agent.outbox.depth} results "
                               f"kept in the outbox ({agent.state_dir}), sent on the next start")
         report.published = agent.publisher.stored_results
+        report.acknowledged = agent.publisher.acked_results
         report.resent = agent.publisher.resent_results
         report.devices = len(processor.stats.devices)
         report.readings = processor.stats.readings
@@ -109,7 +114,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
         report.model_version = agent.model.bundle.manifest.version if agent.model else None
         report.model_swaps = agent.swaps
     finally:
-        agent.close(drain_timeout=0 if stop.is_set() else 5)
+        agent.close(drain_timeout=0 if stop.is_set() or not report.drained else 5)
         _restore_handlers()
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
@@ -164,6 +169,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
         raise AgentError("run needs device_id (in the config file, EDGE_AGENT_DEVICE_ID or --device-id)")
     stop = _install_stop_handlers()
     agent = Agent(settings, device_ids=(settings.device_id,))
+    agent.stop_event = stop
     agent.start()
     try:
         source, channels = live_source(settings, stop)

@@ -292,3 +292,23 @@ def test_exactly_once_and_a_row_the_database_refuses(
         assert (len(got), set(got)) == (200, expected)
         assert len(letters) == 1 and letters[0].startswith("database refused:"), letters
     assert hub.stats.duplicates == 50
+
+
+def test_a_retained_status_does_not_make_a_silent_device_look_seen_now(
+        shared_broker: LocalBroker, prefix: str, tmp_path: Path, publisher: Publisher) -> None:
+    """Every (re)subscription gets the retained statuses again: they must not move last_seen to now."""
+    old = time.time() - 3600
+    topics = c.Topics(prefix)
+    publisher.publish(topics.status("quiet"), c.Status("quiet", c.ONLINE, old).encode(), c.STATUS_DELIVERY)
+    publisher.wait_acked()
+    hub = Hub(settings_for(shared_broker, prefix, tmp_path))
+    hub.start()
+    try:
+        wait_for(lambda: hub.stats.messages >= 1, what="the retained status")
+    finally:
+        hub.stop()
+    engine = db.make_engine(settings_for(shared_broker, prefix, tmp_path).db)
+    with engine.connect() as conn:
+        seen = conn.execute(sa.select(db.devices.c.last_seen).where(db.devices.c.device_id == "quiet")).scalar_one()
+    engine.dispose()
+    assert seen == pytest.approx(old), "last seen an hour ago, as its status says"

@@ -248,3 +248,70 @@ def _first_column(out: str, value: str) -> bool:
         elif cells:
             cells[-1] += line[x0:x1].strip()
     return value in cells
+
+
+def test_a_signal_ends_the_wait_for_a_model_at_once(procs: Processes, shared_broker, prefix, files, tmp_path) -> None:
+    import signal
+
+    err = tmp_path / "agent.err"
+    with open(err, "wb") as sink:
+        agent = procs.popen(agent_cmd("replay", str(files["log"]), "--broker", shared_broker.url, "--prefix", prefix,
+                                      "--state-dir", str(tmp_path / "s"), "--log-level", "INFO"),
+                            stdout=subprocess.DEVNULL, stderr=sink, env={**os.environ, "EDGE_AGENT_MODEL_WAIT_S": "120"})
+    wait_for(lambda: b"waiting up to 120 s for a model" in err.read_bytes(), what="the model wait")
+    agent.send_signal(signal.SIGINT)
+    assert agent.wait(15) == exits.INTERRUPTED, err.read_text()
+    assert "interrupted while waiting for a model" in err.read_text()
+
+
+def test_a_refused_model_ends_the_wait_with_what_to_do(shared_broker, prefix, files, tmp_path) -> None:
+    from cloud_hub.signing import keygen, load_private_key, sign_bundle
+    from edge_agent import contract as c
+    from tests.test_ingest import Publisher
+
+    priv, pub_key, _ = keygen(tmp_path / "hub.pem")
+    signed = sign_bundle(c.decode_bundle(files["model"].read_bytes()), load_private_key(priv))
+    pub = Publisher(shared_broker, f"{prefix}-pub")
+    pub.publish(c.Topics(prefix).model("default"), signed.encode(), c.MODEL_DELIVERY)
+    pub.wait_acked()
+    pub.stop()
+    res = run(agent_cmd("replay", str(files["log"]), "--broker", shared_broker.url, "--prefix", prefix,
+                        "--state-dir", str(tmp_path / "s")), env={"EDGE_AGENT_MODEL_WAIT_S": "120"}, timeout=60)
+    one_line(res, exits.MODEL, "was refused", "no trusted key is configured", "Pass --trusted-key")
+
+
+def test_export_signs_with_a_key_so_a_trusted_agent_takes_it(files, tmp_path) -> None:
+    from cloud_hub.signing import keygen
+    from edge_agent.bundle import load_public_key, verify_bundle
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    assert run(hub_cmd("train", str(files["log"]), "--db", url, "--holdout-devices", "dev-c")).returncode == 0
+    priv, pub_key, _ = keygen(tmp_path / "hub.pem")
+    out = tmp_path / "signed.emlb"
+    res = run(hub_cmd("export", str(out), "--db", url, "--signing-key", str(priv)))
+    assert res.returncode == 0 and "unsigned" not in res.stdout, res.stdout + res.stderr
+    bundle, _ = verify_bundle(out.read_bytes(), trusted_key=load_public_key(pub_key), allow_unsigned=False)
+    assert bundle.manifest.signature is not None
+    res = run(hub_cmd("export", str(tmp_path / "plain.emlb"), "--db", url))
+    assert res.returncode == 0 and "unsigned" in res.stdout
+
+
+def test_stats_of_an_unknown_device_says_so(files, tmp_path) -> None:
+    from cloud_hub import db
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    db.make_engine(url).dispose()
+    one_line(run(hub_cmd("stats", "--db", url, "--device", "nope")), exits.USAGE, "no device 'nope'")
+
+
+def test_sample_writes_a_log_recorded_until_now(tmp_path) -> None:
+    import time
+
+    from edge_agent.sources import read_log
+
+    out = tmp_path / "s.csv"
+    res = run(hub_cmd("sample", str(out), "--devices", "a,b", "--seconds", "10"))
+    assert res.returncode == 0 and "1,000 readings of 2 devices" in res.stdout
+    whole = read_log(out).read_all()
+    assert whole is not None and set(whole.device_names) == {"a", "b"}
+    assert abs(float(whole.ts.max()) - time.time()) < 120

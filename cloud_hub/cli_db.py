@@ -22,9 +22,8 @@ def _engine(db: str | None, config: Any, *, create: bool) -> Any:
     return make_engine(_settings(config, db=db).db, create=create, check=False)
 
 
-@app.command()
-def current(db: DbOpt = None, config: ConfigOpt = None) -> None:
-    """The database's revision, and whether this build serves it."""
+def _revision(db: str | None, config: Any) -> tuple[str | None, str]:
+    """(the database's revision, its URL without password); the database must exist."""
     from cloud_hub import schema
     from cloud_hub.db import describe, transaction
 
@@ -32,10 +31,17 @@ def current(db: DbOpt = None, config: ConfigOpt = None) -> None:
         engine = _engine(db, config, create=False)
         try:
             with transaction(engine, write=False) as conn:
-                rev = schema.current(conn)
+                return schema.current(conn), describe(engine)
         finally:
             engine.dispose()
-    where = describe(engine)
+
+
+@app.command()
+def current(db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """The database's revision, and whether this build serves it."""
+    from cloud_hub import schema
+
+    rev, where = _revision(db, config)
     if rev == schema.HEAD:
         typer.echo(f"{where}: {rev} (head: this build serves it)")
     elif rev is None:
@@ -50,17 +56,8 @@ def current(db: DbOpt = None, config: ConfigOpt = None) -> None:
 def history(db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Every revision this build knows, oldest first; with --db, marks the database's."""
     from cloud_hub import schema
-    from cloud_hub.db import transaction
 
-    rev = None
-    if db is not None or config is not None:
-        with _errors():
-            engine = _engine(db, config, create=False)
-            try:
-                with transaction(engine, write=False) as conn:
-                    rev = schema.current(conn)
-            finally:
-                engine.dispose()
+    rev = _revision(db, config)[0] if db is not None or config is not None else None
     for revision, doc in schema.history():
         mark = " (database)" if revision == rev else ""
         typer.echo(f"{revision}{' (head)' if revision == schema.HEAD else ''}{mark}: {doc}")

@@ -42,6 +42,15 @@ def make_bundle(log: Path, *, version: int = 1, name: str = "default", holdout=(
     return bundle
 
 
+def fleet_files(root: Path, seconds: float = 40.0) -> tuple[Path, Path, set[tuple[str, int]]]:
+    """A labelled log of three devices, a model bundle file trained on it, and every key it yields."""
+    log = make_log(root / "fleet.csv", seconds=seconds)
+    bundle = make_bundle(log)
+    model = root / "v1.emlb"
+    model.write_bytes(bundle.encode())
+    return log, model, expected_keys(log, PreprocessParams.from_dict(bundle.manifest.preprocess))
+
+
 def model_params(engine, version: int = 1) -> PreprocessParams:
     """The preprocessing parameters of a registered model version."""
     from cloud_hub.store import Store

@@ -22,8 +22,7 @@ import pytest
 
 from cloud_hub.local_broker import REPO_CONF, LocalBroker
 from edge_agent import contract as c
-from edge_agent.preprocess import PreprocessParams
-from tests.helpers import Processes, agent_cmd, expected_keys, make_bundle, make_log, outbox, wait_for
+from tests.helpers import Processes, agent_cmd, fleet_files, outbox, wait_for
 from tests.test_hub_cli import ServeProcess, wait_ready
 from tests.test_ingest import Publisher, batch, stored_keys
 
@@ -37,13 +36,9 @@ FAST_RESEND = {"EDGE_AGENT_RESEND_AFTER_S": "0.5", "EDGE_AGENT_RESEND_MAX_S": "2
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, set[tuple[str, int]]]:
     root = tmp_path_factory.mktemp("delivery")
-    log = make_log(root / "fleet.csv", seconds=40)
-    bundle = make_bundle(log)
-    model = root / "v1.emlb"
-    model.write_bytes(bundle.encode())
-    empty = root / "empty.csv"
-    empty.write_text(log.read_text().splitlines()[0] + "\n")
-    return log, model, expected_keys(log, PreprocessParams.from_dict(bundle.manifest.preprocess))
+    log, model, expected = fleet_files(root)
+    (root / "empty.csv").write_text(log.read_text().splitlines()[0] + "\n")  # a header: nothing new to read
+    return log, model, expected
 
 
 def unreceipted(state: Path) -> int:

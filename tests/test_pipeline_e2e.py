@@ -13,20 +13,14 @@ import pytest
 
 from cloud_hub.local_broker import LocalBroker
 from edge_agent import contract as c
-from edge_agent.preprocess import PreprocessParams
-from tests.helpers import agent_cmd, expected_keys, make_bundle, make_log, run_agent
+from tests.helpers import agent_cmd, fleet_files, run_agent
 from tests.test_hub_cli import ServeProcess, invoke, wait_ready
 from tests.test_ingest import Publisher, stored_keys, wait_for
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, set[tuple[str, int]]]:
-    root = tmp_path_factory.mktemp("pipeline")
-    log = make_log(root / "fleet.csv", seconds=40)
-    bundle = make_bundle(log)
-    model = root / "v1.emlb"
-    model.write_bytes(bundle.encode())
-    return log, model, expected_keys(log, PreprocessParams.from_dict(bundle.manifest.preprocess))
+    return fleet_files(tmp_path_factory.mktemp("pipeline"))
 
 
 def _replay(broker: LocalBroker, prefix: str, log: Path, model: Path, state: Path, *extra: str) -> dict:

@@ -187,6 +187,14 @@ def _opt_floats(obj: dict[str, Any], key: str, what: str, limit: int = 4096) -> 
     return tuple(float(x) for x in value)
 
 
+def _device_of(obj: dict[str, Any], topic_device: str | None) -> str:
+    """The payload's device id: valid, and the one in the topic when that is known."""
+    device_id = check_id(obj["device_id"])
+    if topic_device is not None and device_id != topic_device:
+        raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
+    return device_id
+
+
 def _finite(value: float | None, name: str) -> None:
     if value is not None and not math.isfinite(value):
         raise ContractError(f"{name} must be finite, got {value!r}")
@@ -328,10 +336,7 @@ def decode_results(payload: bytes, topic_device: str | None = None) -> ResultBat
     """Decode and validate a results payload; ``topic_device`` must match the payload's device id."""
     obj = _loads(payload, MAX_RESULTS_BYTES, "results")
     _check_keys(obj, frozenset({"v", "device_id", "results"}), frozenset({"v", "device_id", "results"}), "results")
-    device_id = obj["device_id"]
-    check_id(device_id)
-    if topic_device is not None and device_id != topic_device:
-        raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
+    device_id = _device_of(obj, topic_device)
     items = obj["results"]
     if type(items) is not list or not 0 < len(items) <= MAX_RESULTS_PER_BATCH:
         raise ContractError(f"results must be a list of 1..{MAX_RESULTS_PER_BATCH} objects")
@@ -394,10 +399,7 @@ _MAX_RECEIPT_SEQS: Final = 1_000_000
 def decode_receipt(payload: bytes, topic_device: str | None = None) -> Receipt:
     obj = _loads(payload, MAX_RECEIPT_BYTES, "receipt")
     _check_keys(obj, _RECEIPT_KEYS, _RECEIPT_KEYS, "receipt")
-    device_id = obj["device_id"]
-    check_id(device_id)
-    if topic_device is not None and device_id != topic_device:
-        raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
+    device_id = _device_of(obj, topic_device)
     items = obj["runs"]
     if type(items) is not list or not 0 < len(items) <= MAX_RECEIPT_RUNS:
         raise ContractError(f"receipt.runs must be a list of 1..{MAX_RECEIPT_RUNS} runs")
@@ -452,10 +454,7 @@ _STATUS_ALLOWED: Final = _STATUS_REQUIRED | {"model_name", "model_version", "mod
 def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
     obj = _loads(payload, MAX_STATUS_BYTES, "status")
     _check_keys(obj, _STATUS_REQUIRED, _STATUS_ALLOWED, "status")
-    device_id = obj["device_id"]
-    check_id(device_id)
-    if topic_device is not None and device_id != topic_device:
-        raise ContractError(f"device id {device_id!r} in the payload differs from {topic_device!r} in the topic")
+    device_id = _device_of(obj, topic_device)
     if obj["state"] not in (ONLINE, OFFLINE):
         raise ContractError(f"status.state must be {ONLINE!r} or {OFFLINE!r}, got {obj['state']!r}")
     return Status(

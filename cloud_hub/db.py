@@ -160,7 +160,7 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True, mig
             revisions.check(engine, create=create, migrate=migrate)
     except sa.exc.OperationalError as exc:
         engine.dispose()
-        raise DatabaseUnavailable(f"cannot open {describe(engine)}: {_first_line(exc)}") from exc
+        raise DatabaseUnavailable(f"cannot open {describe(engine)}: {first_line(exc)}") from exc
     except BaseException:
         engine.dispose()
         raise
@@ -172,7 +172,8 @@ def describe(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of a database error's message (drivers' messages run over several)."""
     inner = getattr(exc, "orig", None) or exc
     return str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cloud_hub.db import DatabaseUnavailable, describe, metadata, transaction
+from cloud_hub.db import DatabaseUnavailable, describe, first_line, metadata, transaction
 
 REVISIONS: tuple[str, ...] = ("0001_baseline",)
 """Every revision of ``cloud_hub/migrations/versions``, oldest first (a test checks the two agree)."""
@@ -63,20 +63,20 @@ def current(conn: Connection) -> str | None:
     try:
         names = set(sa.inspect(conn).get_table_names())
     except sa.exc.DatabaseError as exc:  # e.g. a file that is not SQLite
-        raise DatabaseUnavailable(f"cannot read {_where(conn)}: {_first_line(exc)}") from exc
+        raise DatabaseUnavailable(f"cannot read {describe(conn.engine)}: {first_line(exc)}") from exc
     if "alembic_version" in names:
         revs = list(conn.execute(sa.select(_version.c.version_num)).scalars())
         if len(revs) != 1:
-            raise SchemaUnknown(f"{_where(conn)} has {len(revs)} schema revisions in alembic_version, not one")
+            raise SchemaUnknown(f"{describe(conn.engine)} has {len(revs)} schema revisions in alembic_version, not one")
         if not names >= HUB_TABLES:
-            raise SchemaUnknown(f"{_where(conn)} is not a cloud-hub database (revision {revs[0]!r}, tables "
+            raise SchemaUnknown(f"{describe(conn.engine)} is not a cloud-hub database (revision {revs[0]!r}, tables "
                                 f"{', '.join(sorted(names - {'alembic_version'})) or 'none'})")
         return str(revs[0])
     if not names:
         return None
     if names >= HUB_TABLES:
         return UNVERSIONED
-    raise SchemaUnknown(f"{_where(conn)} is not a cloud-hub database (it has tables {', '.join(sorted(names)[:8])})")
+    raise SchemaUnknown(f"{describe(conn.engine)} is not a cloud-hub database (it has tables {', '.join(sorted(names)[:8])})")
 
 
 def check(engine: Engine, *, create: bool = True, migrate: bool = False) -> str:
@@ -99,7 +99,7 @@ def check(engine: Engine, *, create: bool = True, migrate: bool = False) -> str:
                 raise
             continue  # another process created the schema at the same moment: look again
         except sa.exc.DatabaseError as exc:  # the file is not a database, the server refused, ...
-            raise DatabaseUnavailable(f"cannot open {describe(engine)}: {_first_line(exc)}") from exc
+            raise DatabaseUnavailable(f"cannot open {describe(engine)}: {first_line(exc)}") from exc
         break
     if rev == HEAD:
         return rev
@@ -195,14 +195,4 @@ def _alembic(command: str, conn: Connection, target: str) -> None:
     try:
         getattr(commands, command)(cfg, target)
     except CommandError as exc:  # e.g. a target revision that does not exist
-        raise SchemaUnknown(f"{_where(conn)}: {command} to {target!r}: {exc}") from exc
-
-
-def _where(conn: Connection) -> str:
-    return conn.engine.url.render_as_string(hide_password=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    inner = getattr(exc, "orig", None) or exc
-    text = str(inner).strip()
-    return text.splitlines()[0] if text else type(inner).__name__
+        raise SchemaUnknown(f"{describe(conn.engine)}: {command} to {target!r}: {exc}") from exc

@@ -67,7 +67,6 @@ class Publisher:
         self.acked_results = 0  # PUBACKed rows (a re-sent row counts again)
         self.stored_results = 0  # rows removed by a receipt (or at the PUBACK without receipts)
         self.resent_results = 0  # rows handed to the broker again for want of a receipt
-        self.bad_receipts = 0
         self.refused = 0
         self.discarded = 0
         self.last_error: str | None = None
@@ -205,7 +204,6 @@ class Publisher:
             try:
                 receipt = decode_receipt(payload, self.topics.parse(topic)[1])
             except ContractError as exc:  # not fatal: the rows stay and are sent again
-                self.bad_receipts += 1
                 self.last_error = f"bad receipt on {topic}: {exc.reason}"
                 log.warning("%s", self.last_error)
                 continue

@@ -22,19 +22,41 @@ def demo(
         = Path("demo-run"),
 ) -> None:
     """Start a broker, a hub and agents; train v1, publish, retrain v2 from the fleet, roll it out, show stats."""
-    from rich.live import Live
-    from rich.table import Table
-
     from cloud_hub.demo import Demo
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    console = _console()
-    live = Live(console=console, refresh_per_second=4, transient=True) if console.is_terminal else None
+    view = _FleetView()
+    try:
+        outcome = Demo(workdir, broker=broker, agents=agents, speed=speed, say=view.say, show=view.show).run()
+    except Exception as exc:  # the demo's outer loop: report, clean up (done by Demo.run), exit non-zero
+        typer.echo(f"cloud-hub demo: failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        view.stop()
+    _summary(view, outcome, workdir)
+    if outcome["delivery"]:
+        typer.echo("cloud-hub demo: delivery check failed: " + "; ".join(outcome["delivery"]), err=True)
+        raise typer.Exit(1)
 
-    def say(line: str) -> None:
-        console.print(f"[bold cyan]›[/] {line}")
 
-    def table(rows: list[dict[str, Any]], title: str = "fleet (live)") -> Table:
+class _FleetView:
+    """The demo's progress: a live table on a terminal, a line every 5 s in pipes and CI."""
+
+    def __init__(self) -> None:
+        from rich.live import Live
+
+        self.console = _console()
+        self.live = Live(console=self.console, refresh_per_second=4, transient=True) if self.console.is_terminal else None
+        self._last_line = 0.0
+        if self.live is not None:
+            self.live.start()
+
+    def say(self, line: str) -> None:
+        self.console.print(f"[bold cyan]›[/] {line}")
+
+    def table(self, rows: list[dict[str, Any]], title: str = "fleet (live)") -> Any:
+        from rich.table import Table
+
         t = Table(title=title)
         for col in ("device", "results", "accuracy", "model version", "status"):
             t.add_column(col, justify="right" if col != "device" else "left")
@@ -43,37 +65,30 @@ def demo(
                       "-" if r["model_version"] is None else f"v{r['model_version']}", r.get("state") or "-")
         return t
 
-    last_line = [0.0]
-
-    def show(rows: list[dict[str, Any]]) -> None:
-        if live is not None:
-            live.update(table(rows))
-        elif rows and time.monotonic() - last_line[0] >= 5.0:  # pipes and CI: a progress line every 5 s
-            last_line[0] = time.monotonic()
-            console.print("  fleet: " + ", ".join(
+    def show(self, rows: list[dict[str, Any]]) -> None:
+        if self.live is not None:
+            self.live.update(self.table(rows))
+        elif rows and time.monotonic() - self._last_line >= 5.0:
+            self._last_line = time.monotonic()
+            self.console.print("  fleet: " + ", ".join(
                 f"{r['device']} {r['results']} results" + (f" (v{r['model_version']})" if r["model_version"] else "")
                 for r in rows))
 
-    if live is not None:
-        live.start()
-    try:
-        outcome = Demo(workdir, broker=broker, agents=agents, speed=speed, say=say, show=show).run()
-    except Exception as exc:  # the demo's outer loop: report, clean up (done by Demo.run), exit non-zero
-        if live is not None:
-            live.stop()
-        typer.echo(f"cloud-hub demo: failed: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if live is not None:
-        live.stop()
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def _summary(view: _FleetView, outcome: dict[str, Any], workdir: Path) -> None:
+    console = view.console
     stats = outcome["stats"].to_obj()
-    rows = []
-    for device, s in sorted(stats["devices"].items()):
-        rows.append({"device": device, "results": s["results"], "accuracy": s["accuracy"],
-                     "model_version": s.get("model_version"), "state": "done"})
-    console.print(table(rows, title="final stats per device (model version = the one that produced the last result)"))
+    rows = [{"device": device, "results": s["results"], "accuracy": s["accuracy"],
+             "model_version": s.get("model_version"), "state": "done"}
+            for device, s in sorted(stats["devices"].items())]
+    console.print(view.table(rows, title="final stats per device (model version = the one that produced the last "
+                                         "result)"))
     versions = ", ".join(f"v{v}: {n:,}" for v, n in sorted(outcome["per_version"].items()))
-    problems = outcome["delivery"]
-    delivered = "stored exactly once" if not problems else "stored, NOT exactly once"
+    delivered = "stored exactly once" if not outcome["delivery"] else "stored, NOT exactly once"
     console.print(f"fleet: {stats['results']:,} results {delivered} ({versions}), accuracy "
                   f"{_pct(stats['accuracy'])}, dead letters {stats['dead_letters']}")
     for m in outcome["models"]:
@@ -82,9 +97,6 @@ def demo(
                       f"{', '.join(m['holdout_devices']) or '-'}, devices running it: {m['devices']}")
     console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
                   f"(files in {workdir}/)")
-    if problems:
-        typer.echo("cloud-hub demo: delivery check failed: " + "; ".join(problems), err=True)
-        raise typer.Exit(1)
 
 
 def sample(

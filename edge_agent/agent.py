@@ -107,7 +107,7 @@ class Agent:
         self.source_channels: tuple[str, ...] | None = None
         self.last_error: str | None = None
         self.swaps = 0
-        self.stop_event = threading.Event()  # set by SIGTERM/SIGINT (service): ends waits early
+        self.stop_event = threading.Event()  # set by SIGTERM/SIGINT (jobs.py): ends waits early
         self._status_due = 0.0
         self._offline_note = 0.0
         self._status_lock = threading.Lock()

@@ -107,7 +107,7 @@ def replay(
     config: ConfigOpt = None,
 ) -> None:
     """Replay recorded logs as if live; exit 0 once the hub has stored every result (or the broker, --until)."""
-    from edge_agent import service
+    from edge_agent import jobs
 
     if speed < 0:
         _fail("--speed must be >= 0", EXIT_USAGE)
@@ -118,7 +118,7 @@ def replay(
                   log_level=log_level)
     _logging(s.log_level if log_level or not json_out else "WARNING")
     try:
-        report = _with_progress(lambda cb: service.replay(
+        report = _with_progress(lambda cb: jobs.replay(
             s, logs, model=s.model, speed=speed, on_error="skip" if skip_bad_lines else "raise",
             progress=cb, drain_timeout=timeout))
     except Exception as exc:
@@ -184,13 +184,13 @@ def run(
     log_level: LogLevelOpt = None,
 ) -> None:
     """The long-running agent on a live source; SIGTERM drains the outbox and exits cleanly."""
-    from edge_agent import service
+    from edge_agent import jobs
 
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,
                   trusted_key=trusted_key, source=source, source_path=source_path, log_level=log_level)
     _logging(s.log_level)
     try:
-        summary = service.run(s, model=s.model)
+        summary = jobs.run(s, model=s.model)
     except Exception as exc:
         _map_errors(exc)
     typer.echo(orjson.dumps(summary).decode(), err=True)

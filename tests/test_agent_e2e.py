@@ -16,8 +16,8 @@ import pytest
 
 from cloud_hub.local_broker import LocalBroker
 from edge_agent import contract as c
+from edge_agent.jobs import replay
 from edge_agent.preprocess import PreprocessParams
-from edge_agent.service import replay
 from edge_agent.settings import AgentSettings, load_settings
 from tests.helpers import (
     Collector,

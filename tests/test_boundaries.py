@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = {
     "contract": "the wire contract",
     "preprocess": "the one preprocessing implementation (the hub trains on the agent's features)",
-    "sources": "the log reader",
+    "sources": "the log reader (and the simulated sensor `cloud-hub sample` writes logs with)",
     "mqtt": "the paho adapter",
     "runner": "the onnxruntime model runner",
     "settings": "one settings loader and the broker settings both sides use",

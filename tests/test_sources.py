@@ -26,6 +26,7 @@ from edge_agent.sources import (
     ReadingChunk,
     SimulatedSensor,
     StdinSource,
+    numbers,
     pace,
     read_log,
 )
@@ -610,20 +611,20 @@ def test_vectorized_number_parser_agrees_with_float(texts: list[str]) -> None:
         pos += len(t)
         ends.append(pos)
         pos += 1
-    vals, status = sources._parse_numeric(raw, np.array(starts), np.array(ends))
+    vals, status = numbers.parse_numbers(raw, np.array(starts), np.array(ends))
     for t, v, s in zip(texts, vals.tolist(), status.tolist(), strict=True):
         try:
             ref = float(t) if t.strip() and "_" not in t else None
         except ValueError:
             ref = None
         if not t.strip():
-            assert s == sources.EMPTY
+            assert s == numbers.EMPTY
         elif ref is None:
-            assert s == sources.BAD, t
+            assert s == numbers.BAD, t
         elif math.isnan(ref):
-            assert s == sources.NAN
+            assert s == numbers.NAN
         else:
-            assert s in (sources.OK, sources.INF), t
+            assert s in (numbers.OK, numbers.INF), t
             assert v == ref and math.copysign(1, v) == math.copysign(1, ref), (t, v, ref)
 
 

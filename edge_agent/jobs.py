@@ -55,11 +55,8 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
            drain_timeout: float | None = None) -> ReplayReport:
     """Replay logs through the model into the broker; returns once every result is acknowledged."""
     t0 = time.perf_counter()
-    readers = [sources.read_log(path, on_error=on_error) for path in logs]
+    readers = _open_logs(logs, on_error)
     channels = readers[0].channels
-    for r in readers[1:]:
-        if r.channels != channels:
-            raise AgentError(f"{r.path}: channels {list(r.channels)} differ from {list(channels)} of {readers[0].path}")
     devices = (settings.device_id,) if settings.device_id else ()
     agent = Agent(settings, device_ids=devices)
     report = ReplayReport(leftovers=agent.outbox.depth)
@@ -89,21 +86,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
             report.skipped_lines += reader.stats.rows_skipped
             report.skipped_examples += [str(e) for e in reader.stats.first_errors]
         agent.tick()
-        report.until = "hub" if settings.receipts else "broker"
-        t_drain = time.perf_counter()
-        try:
-            report.drained = agent.publisher.wait_drained(drain_timeout, stop=stop,
-                                                          unreachable_s=settings.connect_timeout_s)
-        except MqttError as exc:
-            raise MqttError(f"{exc}; {agent.outbox.depth} results stay in the outbox ({agent.state_dir}) "
-                            "and go out on the next start") from exc
-        report.drain_s = time.perf_counter() - t_drain
-        if not report.drained:
-            report.cause = _why_not_stored(agent, settings)
-        report.not_stored = agent.outbox.depth
-        if stop.is_set():
-            raise Interrupted(f"interrupted while waiting for acknowledgements: {agent.outbox.depth} results "
-                              f"kept in the outbox ({agent.state_dir}), sent on the next start")
+        _drain(agent, settings, report, drain_timeout, stop)
         report.published = agent.publisher.stored_results
         report.acknowledged = agent.publisher.acked_results
         report.resent = agent.publisher.resent_results
@@ -119,6 +102,34 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def _open_logs(logs: list[str], on_error: str) -> list[sources.LogReader]:
+    readers = [sources.read_log(path, on_error=on_error) for path in logs]
+    channels = readers[0].channels
+    for r in readers[1:]:
+        if r.channels != channels:
+            raise AgentError(f"{r.path}: channels {list(r.channels)} differ from {list(channels)} of {readers[0].path}")
+    return readers
+
+
+def _drain(agent: Agent, settings: AgentSettings, report: ReplayReport, timeout: float | None,
+           stop: threading.Event) -> None:
+    """Wait until every result is receipted (or acknowledged by the broker with ``--until broker``)."""
+    report.until = "hub" if settings.receipts else "broker"
+    t_drain = time.perf_counter()
+    try:
+        report.drained = agent.publisher.wait_drained(timeout, stop=stop, unreachable_s=settings.connect_timeout_s)
+    except MqttError as exc:
+        raise MqttError(f"{exc}; {agent.outbox.depth} results stay in the outbox ({agent.state_dir}) "
+                        "and go out on the next start") from exc
+    report.drain_s = time.perf_counter() - t_drain
+    if not report.drained:
+        report.cause = _why_not_stored(agent, settings)
+    report.not_stored = agent.outbox.depth
+    if stop.is_set():
+        raise Interrupted(f"interrupted while waiting for acknowledgements: {agent.outbox.depth} results "
+                          f"kept in the outbox ({agent.state_dir}), sent on the next start")
 
 
 def _why_not_stored(agent: Agent, settings: AgentSettings) -> str:

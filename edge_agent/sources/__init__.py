@@ -1,0 +1,17 @@
+"""Sensor sources: everything yields :class:`ReadingChunk` (columnar readings of one or more devices).
+
+* ``chunk``   -- :class:`ReadingChunk`, :class:`LogError` (file, line, reason), :class:`ReadStats`
+* ``numbers`` -- vectorized decoding of numeric and categorical fields
+* ``logs``    -- recorded logs (CSV / JSON Lines, gzip): :func:`read_log`, and :class:`LineParser`,
+  the one engine and the one set of rules every source's lines go through
+* ``live``    -- :func:`pace`, :class:`SimulatedSensor`, :class:`JsonLinesStream`, :class:`FollowFile`
+"""
+
+from edge_agent.sources.chunk import MAX_ERRORS_KEPT, LogError, ReadingChunk, ReadStats, file_error
+from edge_agent.sources.live import FollowFile, JsonLinesStream, SimulatedSensor, StdinSource, pace
+from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, LogReader, log_format, read_log
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS", "MAX_ERRORS_KEPT", "FollowFile", "JsonLinesStream", "LineParser", "LogError", "LogReader",
+    "ReadStats", "ReadingChunk", "SimulatedSensor", "StdinSource", "file_error", "log_format", "pace", "read_log",
+]

@@ -1,0 +1,209 @@
+"""What every source yields and how it fails: :class:`ReadingChunk`, :class:`LogError`, :class:`ReadStats`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_ERRORS_KEPT = 10
+
+# Reason kinds (keys of ReadStats.skipped_by_reason).
+BAD_NUMBER = "bad number"
+NON_FINITE_VALUE = "non-finite value"
+EMPTY_FIELD = "empty field"
+MISSING_COLUMN = "missing column"
+EXTRA_COLUMN = "extra column"
+NON_FINITE_TS = "non-finite ts"
+NON_MONOTONIC_TS = "non-monotonic ts"
+BAD_JSON = "bad json"
+BAD_ENCODING = "bad encoding"
+BAD_QUOTING = "bad quoting"
+BAD_VALUE = "bad value"
+BAD_HEADER = "bad header"
+
+# --------------------------------------------------------------------------- errors
+
+
+class LogError(ValueError):
+    """A malformed log line (or header).
+
+    ``str(err)`` is ``"<path>:<line>: <reason>"``, ``line`` is the 1-based
+    physical line number (the CSV header is line 1), ``kind`` the short reason
+    class used for the skip counters (e.g. ``"bad number"``).
+    """
+
+    def __init__(self, path: str, line: int, reason: str, kind: str | None = None):
+        self.path = str(path)
+        self.line = int(line)
+        self.reason = reason
+        self.kind = kind or reason
+        super().__init__(f"{self.path}:{self.line}: {reason}" if self.line > 0 else f"{self.path}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.line, self.reason, self.kind))
+
+
+def file_error(path: str | os.PathLike, reason: str) -> LogError:
+    """An error about the whole file (missing, unreadable, unknown format): ``"<path>: <reason>"``."""
+    return LogError(str(path), 0, reason, "bad file")
+
+
+@dataclass
+class ReadStats:
+    """Counters of a reader.  ``rows_read`` counts rows yielded."""
+
+    lines: int = 0  # physical lines consumed, header included
+    rows_read: int = 0
+    rows_skipped: int = 0
+    blank_lines: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    first_errors: list[LogError] = field(default_factory=list)
+
+    def record(self, err: LogError) -> None:
+        """Count a skipped line (the first few errors are kept for the summary)."""
+        self.rows_skipped += 1
+        self.skipped_by_reason[err.kind] = self.skipped_by_reason.get(err.kind, 0) + 1
+        if len(self.first_errors) < MAX_ERRORS_KEPT:
+            self.first_errors.append(err)
+
+    def summary(self) -> str:
+        s = f"{self.rows_read} rows read, {self.rows_skipped} skipped"
+        if self.skipped_by_reason:
+            s += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped_by_reason.items())) + ")"
+        for e in self.first_errors:
+            s += f"\n  {e}"
+        return s
+
+
+# --------------------------------------------------------------------------- chunk
+
+
+@dataclass(eq=False)
+class ReadingChunk:
+    """A columnar block of readings.
+
+    * ``ts``            float64[n], seconds
+    * ``device_codes``  int32[n], index into ``device_names``
+    * ``device_names``  tuple of device ids (shared by all chunks of a source;
+                        codes are stable for the source's lifetime)
+    * ``values``        float32[n, len(channels)], NaN = missing reading
+    * ``channels``      tuple of channel names
+    * ``labels``        str array [n] (ground truth, "" = unknown) or None
+    * ``source``        file path, ``<stdin>``, ``sim:<device>``...
+    * ``first_line``    physical line of the first row (0 if not from a file)
+    * ``lines``         int64[n] physical line of every row, or None
+    """
+
+    ts: np.ndarray
+    device_codes: np.ndarray
+    device_names: tuple[str, ...]
+    values: np.ndarray
+    channels: tuple[str, ...]
+    labels: np.ndarray | None = None
+    source: str = ""
+    first_line: int = 0
+    lines: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+    @property
+    def n(self) -> int:
+        return len(self)
+
+    @property
+    def device_ids(self) -> np.ndarray:
+        """Per-row device id as a str array."""
+        names = np.array(self.device_names, dtype=str) if self.device_names else np.array([], dtype=str)
+        return names[self.device_codes]
+
+    def take(self, index: slice | np.ndarray) -> ReadingChunk:
+        """Rows selected by a slice, boolean mask or index array."""
+        lines = self.lines[index] if self.lines is not None else None
+        first = int(lines[0]) if lines is not None and len(lines) else 0
+        return ReadingChunk(
+            ts=self.ts[index],
+            device_codes=self.device_codes[index],
+            device_names=self.device_names,
+            values=self.values[index],
+            channels=self.channels,
+            labels=self.labels[index] if self.labels is not None else None,
+            source=self.source,
+            first_line=first,
+            lines=lines,
+        )
+
+    def by_device(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Split per device: ``{device_id: (ts, values, labels)}`` in file order
+        within each device.  Vectorized (one radix argsort, no per-row loop)."""
+        n = len(self)
+        if n == 0:
+            return {}
+        codes = self.device_codes
+        c0 = codes[0]
+        if (codes == c0).all():
+            return {self.device_names[int(c0)]: (self.ts, self.values, self.labels)}
+        order = group_order(codes, len(self.device_names))
+        sc = codes[order]
+        starts = np.flatnonzero(np.concatenate(([True], sc[1:] != sc[:-1])))
+        ends = np.append(starts[1:], n)
+        ts = self.ts[order]
+        vals = self.values[order]
+        labs = self.labels[order] if self.labels is not None else None
+        out = {}
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            out[self.device_names[int(sc[s])]] = (
+                ts[s:e],
+                vals[s:e],
+                labs[s:e] if labs is not None else None,
+            )
+        return out
+
+    @staticmethod
+    def concat(chunks: Sequence[ReadingChunk]) -> ReadingChunk:
+        """Concatenate chunks (device codes are re-mapped if sources differ)."""
+        chunks = list(chunks)
+        if not chunks:
+            raise ValueError("concat of no chunks")
+        if len(chunks) == 1:
+            return chunks[0]
+        channels = chunks[0].channels
+        for c in chunks:
+            if c.channels != channels:
+                raise ValueError(f"channel mismatch: {c.channels} != {channels}")
+        names = max((c.device_names for c in chunks), key=len)
+        if all(names[: len(c.device_names)] == c.device_names for c in chunks):
+            codes = np.concatenate([c.device_codes for c in chunks])
+        else:
+            index: dict[str, int] = {}
+            parts = []
+            for c in chunks:
+                remap = np.array([index.setdefault(nm, len(index)) for nm in c.device_names], dtype=np.int32)
+                parts.append(remap[c.device_codes] if len(remap) else c.device_codes)
+            names = tuple(index)
+            codes = np.concatenate(parts)
+        has_labels = all(c.labels is not None for c in chunks)
+        has_lines = all(c.lines is not None for c in chunks)
+        return ReadingChunk(
+            ts=np.concatenate([c.ts for c in chunks]),
+            device_codes=codes.astype(np.int32, copy=False),
+            device_names=tuple(names),
+            values=np.concatenate([c.values for c in chunks]),
+            channels=channels,
+            labels=np.concatenate([c.labels for c in chunks]) if has_labels else None,
+            source=chunks[0].source,
+            first_line=chunks[0].first_line,
+            lines=np.concatenate([c.lines for c in chunks]) if has_lines else None,
+        )
+
+
+def group_order(codes: np.ndarray, ncodes: int) -> np.ndarray:
+    """Stable argsort of small integer codes (radix sort through uint16)."""
+    if ncodes <= 0xFFFF:
+        return np.argsort(codes.astype(np.uint16), kind="stable")
+    return np.argsort(codes, kind="stable")
+
+

@@ -1,0 +1,338 @@
+"""Recorded logs: CSV and JSON Lines (optionally gzip) read as columnar chunks, with located errors.
+
+:func:`read_log` -> :class:`LogReader`, an iterator of :class:`ReadingChunk` that raises
+:class:`LogError` (file, 1-based physical line, reason) at the first bad line, or with
+``on_error="skip"`` drops bad lines and counts them per reason in ``reader.stats``.
+:class:`LineParser` is the engine, fed bytes as they come: the live sources (``live.py``) use it
+too.  It cuts the lines into blocks of at most 2048 (bigger temporaries are mmap'd by malloc and
+page-fault on every block) that ``formats.py`` decodes, so results never depend on chunking.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
+
+import numpy as np
+
+from edge_agent.sources.chunk import (
+    BAD_HEADER,
+    NON_MONOTONIC_TS,
+    LogError,
+    ReadingChunk,
+    ReadStats,
+    file_error,
+    group_order,
+)
+from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, _short
+
+DEFAULT_CHUNK_ROWS = 8192
+_PART_ROWS = 2048  # lines parsed at once
+
+
+class LineParser:
+    """Bytes of a CSV / JSON Lines log in, :class:`ReadingChunk` out, as the bytes come.
+
+    :meth:`prime` buffers data until the schema is known (the CSV header, or the first JSON record
+    unless ``channels`` are given); :meth:`feed` parses the complete lines buffered so far.  State
+    that spans lines lives here: device and label codes, the last ts per device, the error policy.
+    """
+
+    def __init__(self, source: str, fmt: str, *, on_error: str = "raise", chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 channels: Sequence[str] | None = None, has_labels: bool | None = None):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        if fmt not in ("csv", "jsonl"):
+            raise ValueError(f"unknown format {fmt!r}")
+        self.source, self.format, self.on_error, self.chunk_rows = source, fmt, on_error, chunk_rows
+        self.stats = ReadStats()
+        self.line = 1  # physical line of the next byte in the buffer
+        self.d = Decoder(source)
+        self._fmt: Csv | Jsonl | None = None
+        self._given = (tuple(channels), has_labels is not False) if channels is not None and fmt == "jsonl" else None
+        self._buf = b""
+        self._acc: list[ReadingChunk] = []
+        self._acc_lines = 0
+        self._last_ts = np.empty(0)
+        self._last_line = np.empty(0, dtype=np.int64)
+
+    @property
+    def ready(self) -> bool:
+        return self._fmt is not None
+
+    @property
+    def channels(self) -> tuple[str, ...] | None:
+        return self.d.rules.channels if self.ready else None
+
+    @property
+    def has_labels(self) -> bool | None:
+        return self.d.rules.has_labels if self.ready else None
+
+    @property
+    def partial(self) -> bytes:
+        return self._buf
+
+    def prime(self, data: bytes = b"") -> bool:
+        """Buffer ``data`` and set up the schema when it can be; True once it is."""
+        if data:
+            self._buf = self._buf + data if self._buf else data
+        if self._fmt is None:
+            self._setup()
+        return self._fmt is not None
+
+    def _setup(self) -> None:
+        buf = self._buf
+        if self.format == "csv":
+            end = buf.find(b"\n") + 1
+            if end:
+                self._fmt = Csv(self.d, buf[:end])
+                self._buf, self.line, self.stats.lines = buf[end:], 2, 1
+            return
+        if self._given is None:
+            for lineno, ln in enumerate(buf.split(b"\n")[:-1], self.line):
+                if ln.strip():
+                    self._given = Jsonl.schema(self.source, ln, lineno)
+                    break
+            else:
+                return
+        self.d.rules = Rules(*self._given)
+        self._fmt = Jsonl(self.d)
+
+    def feed(self, data: bytes = b"", *, flush: bool = True, final: bool = False) -> Iterator[ReadingChunk]:
+        """Chunks from the complete lines buffered (``final``: the last line needs no newline).
+
+        With ``flush`` every complete line is parsed now; without, only whole chunks of
+        ``chunk_rows`` lines are yielded (a file read in blocks).  In raise mode the rows before a
+        bad line are yielded first, then its :class:`LogError` is raised.
+        """
+        if final and (data or self._buf)[-1:] not in (b"", b"\n"):
+            data += b"\n"
+        if not self.prime(data):
+            return
+        buf = self._buf
+        nl = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
+        i = off = 0
+        while i < nl.shape[0]:
+            want = min(_PART_ROWS, self.chunk_rows - self._acc_lines)
+            k = min(want, nl.shape[0] - i)
+            if k < want and not flush:
+                break
+            end = int(nl[i + k - 1]) + 1
+            error = self._part(buf[off:end], k)
+            off, i = end, i + k
+            self._buf = buf[off:]
+            if error is not None:
+                yield from self._take()
+                raise error
+            if self._acc_lines == self.chunk_rows:
+                yield from self._take()
+        self._buf = buf[off:]
+        if flush:
+            yield from self._take()
+
+    def _take(self) -> Iterator[ReadingChunk]:
+        acc, self._acc, self._acc_lines = self._acc, [], 0
+        if acc:
+            yield acc[0] if len(acc) == 1 else ReadingChunk.concat(acc)
+
+    def skip_complete_lines(self) -> None:
+        """Drop the buffered complete lines (counted in ``stats.lines``): follow from the end."""
+        end = self._buf.rfind(b"\n") + 1
+        n = self._buf.count(b"\n", 0, end)
+        self.line += n
+        self.stats.lines += n
+        self._buf = self._buf[end:]
+
+    def _part(self, block: bytes, nlines: int) -> LogError | None:
+        """Parse one block of lines into the current chunk; the error to raise, if any."""
+        assert self._fmt is not None
+        b = self._fmt.parse(block, self.line, nlines)
+        self.line += nlines
+        self.stats.lines += nlines
+        self.stats.blank_lines += b.blank
+        self._acc_lines += nlines
+        self._monotonic(b)
+        error = None
+        if b.problems:
+            b.problems.sort()
+            if self.on_error == "raise":
+                line, kind, reason = b.problems[0]
+                error = LogError(self.source, line, reason, kind)
+                b.keep(b.lines < line)
+            else:
+                for line, kind, reason in b.problems:
+                    self.stats.record(LogError(self.source, line, reason, kind))
+        self.stats.rows_read += b.ts.shape[0]
+        if b.ts.shape[0]:
+            self._acc.append(ReadingChunk(
+                ts=b.ts, device_codes=b.dev, device_names=self.d.devices.names_tuple, values=b.vals,
+                channels=self.d.rules.channels, labels=self.d.labels.names_array[b.lab] if b.lab is not None else None,
+                source=self.source, first_line=int(b.lines[0]), lines=b.lines))
+        return error
+
+    def _monotonic(self, b: Block) -> None:
+        """Per device, ts must increase strictly: a row at or below the device's last ts is a problem."""
+        n, nd = b.ts.shape[0], len(self.d.devices.names)
+        if n == 0:
+            return
+        if self._last_ts.shape[0] < nd:
+            grow = nd - self._last_ts.shape[0]
+            self._last_ts = np.concatenate([self._last_ts, np.full(grow, -np.inf)])
+            self._last_line = np.concatenate([self._last_line, np.zeros(grow, dtype=np.int64)])
+        single = bool((b.dev == b.dev[0]).all())
+        order = None if single else group_order(b.dev, nd)
+        sc, st = (b.dev, b.ts) if order is None else (b.dev[order], b.ts[order])
+        first = np.empty(n, dtype=bool)
+        first[0] = True
+        np.not_equal(sc[1:], sc[:-1], out=first[1:])
+        prev = np.empty(n)
+        prev[1:] = st[:-1]
+        prev[first] = self._last_ts[sc[first]]
+        if not (st <= prev).any():
+            last = np.append(np.flatnonzero(first)[1:] - 1, n - 1)
+            self._last_ts[sc[last]] = st[last]
+            self._last_line[sc[last]] = (b.lines if order is None else b.lines[order])[last]
+            return
+        bad = np.zeros(n, dtype=bool)  # rare: walk the rows in file order
+        last_ts, last_line, names = self._last_ts, self._last_line, self.d.devices.names
+        for r, (t, c, line) in enumerate(zip(b.ts.tolist(), b.dev.tolist(), b.lines.tolist(), strict=True)):
+            if t > last_ts[c]:
+                last_ts[c], last_line[c] = t, line
+                continue
+            bad[r] = True
+            b.problems.append((line, NON_MONOTONIC_TS, f"non-monotonic ts {t!r} for device '{_short(names[c])}' "
+                                                       f"(previous {float(last_ts[c])!r} at line {last_line[c]})"))
+        b.keep(~bad)
+
+
+def log_format(path: str | os.PathLike) -> tuple[str, bool]:
+    """``('csv' | 'jsonl', gzipped)`` from the file name."""
+    p = str(path).lower().removesuffix(".gz")
+    gz = p != str(path).lower()
+    if p.endswith(".csv"):
+        return "csv", gz
+    if p.endswith((".jsonl", ".ndjson")):
+        return "jsonl", gz
+    raise file_error(path, "unknown log format: name it .csv, .jsonl or .ndjson (optionally .gz)")
+
+
+_BROKEN_FILE = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+def _broken(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "the compressed file ends early (truncated .gz)"
+    if isinstance(exc, gzip.BadGzipFile | zlib.error):
+        return f"not a valid gzip file ({exc})"
+    return f"read error: {exc}"
+
+
+class LogReader:
+    """Iterator of :class:`ReadingChunk` over a recorded log (``chunk_rows`` lines each).
+
+    Attributes: ``path``, ``format``, ``channels``, ``has_labels``, ``stats``, ``device_names``
+    (grows as devices are met).  The schema is read at once, so header errors raise here.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, on_error: str = "raise",
+                 format: str | None = None):
+        self.path = str(path)
+        fmt, gz = log_format(path)
+        self.format = format or fmt
+        self.parser = LineParser(self.path, self.format, on_error=on_error, chunk_rows=chunk_rows)
+        self.stats = self.parser.stats
+        try:
+            self._f: BinaryIO = gzip.open(self.path, "rb") if gz else open(self.path, "rb")  # type: ignore[assignment]  # noqa: SIM115
+        except OSError as exc:
+            raise file_error(self.path, f"cannot open: {exc.strerror or exc}") from exc
+        try:
+            while not self.parser.prime(data := self._read(1 << 16)):
+                if not data and not (self.parser.partial[-1:] not in (b"", b"\n") and self.parser.prime(b"\n")):
+                    what = "no header" if self.format == "csv" else "no records"
+                    raise LogError(self.path, max(self.parser.partial.count(b"\n"), 1), f"empty file ({what})",
+                                   BAD_HEADER)
+                if not data:
+                    break
+        except BaseException:
+            self._f.close()
+            raise
+        self._it: Iterator[ReadingChunk] | None = None
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self._f.read(n)
+        except _BROKEN_FILE as exc:  # a truncated or corrupt .gz, a read error of the disk
+            if not self.parser.ready:
+                raise file_error(self.path, _broken(exc)) from exc
+            raise LogError(self.path, self.parser.line, _broken(exc), "bad file") from exc
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        assert self.parser.channels is not None
+        return self.parser.channels
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.parser.has_labels)
+
+    @property
+    def device_names(self) -> tuple[str, ...]:
+        return self.parser.d.devices.names_tuple
+
+    def __iter__(self) -> LogReader:
+        return self
+
+    def __next__(self) -> ReadingChunk:
+        if self._it is None:
+            self._it = self._chunks()
+        return next(self._it)
+
+    def _chunks(self) -> Iterator[ReadingChunk]:
+        try:
+            while data := self._read(1 << 18):
+                yield from self.parser.feed(data, flush=False)
+            yield from self.parser.feed(final=True)
+        finally:
+            self.close()
+
+    def position(self) -> int:
+        """Bytes of the file read so far (compressed bytes for .gz): progress against its size."""
+        raw = getattr(self._f, "fileobj", None) or self._f  # a GzipFile reads from .fileobj
+        try:
+            return int(raw.tell())
+        except (OSError, ValueError):  # closed
+            return os.path.getsize(self.path)
+
+    def read_all(self) -> ReadingChunk | None:
+        """All remaining rows as one chunk (None if there are none)."""
+        chunks = list(self)
+        return ReadingChunk.concat(chunks) if chunks else None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __del__(self) -> None:
+        f = self.__dict__.get("_f")
+        if f is not None:
+            f.close()
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_log(path: str | os.PathLike, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, on_error: str = "raise",
+             format: str | None = None) -> LogReader:
+    """Open a recorded log (``.csv`` / ``.jsonl`` / ``.ndjson``, optionally ``.gz``).
+
+    ``on_error="raise"`` raises :class:`LogError` at the first bad line; ``"skip"`` drops bad lines
+    and counts them in ``reader.stats``.
+    """
+    return LogReader(path, chunk_rows=chunk_rows, on_error=on_error, format=format)

@@ -872,3 +872,38 @@ def test_follow_file_waits_for_the_file_and_can_start_at_the_end(tmp_path: Path)
     ff2 = FollowFile(path, from_end=True, sleep=sleep2)
     c2 = ReadingChunk.concat(list(ff2))
     assert c2.ts.tolist() == [2.0] and c2.first_line == 4
+
+
+# ----------------------------------------------------------------------------- one set of rules
+
+ONE_RULE_CASES = [
+    ("0.2,a,abc,2,3,x", "bad number 'abc' in column 'ax'"),
+    ("0.2,a,1,2,1e39,x", "value '1e39' out of float32 range in column 'az'"),
+    ("nan,a,1,2,3,x", "non-finite ts 'nan'"),
+    ("0.2,,1,2,3,x", "empty field 'device_id'"),
+    ("0.05,a,1,2,3,x", "non-monotonic ts 0.05 for device 'a' (previous 0.12 at line 4)"),
+]
+
+
+@pytest.mark.parametrize(("bad", "reason"), ONE_RULE_CASES)
+def test_every_path_judges_a_line_by_the_same_rule(tmp_path: Path, bad: str, reason: str) -> None:
+    """The vectorized CSV path, the line-by-line CSV path (a quoted field in the block), a followed
+    file and a stream name the same line with the same reason: one set of rules serves them all."""
+    lines = [HEADER, *GOOD, bad]
+    line = len(lines)
+    plain = write_lines(tmp_path / "plain.csv", lines)
+    quoted = write_lines(tmp_path / "quoted.csv", [HEADER, '0.10,a,1,2,3,"x"', *GOOD[1:], bad])
+    got = []
+    for path in (plain, quoted):
+        with pytest.raises(LogError) as ei:
+            read_all(path)
+        got.append(str(ei.value).replace(str(path), "LOG"))
+    ff = FollowFile(plain, sleep=lambda _dt: ff.stop())
+    with pytest.raises(LogError) as ei:
+        list(ff)
+    got.append(str(ei.value).replace(str(plain), "LOG"))
+    stream = JsonLinesStream(io.BytesIO(plain.read_bytes()), name="LOG", format="csv")
+    with pytest.raises(LogError) as ei:
+        list(stream)
+    got.append(str(ei.value))
+    assert got == [f"LOG:{line}: {reason}"] * 4

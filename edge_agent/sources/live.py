@@ -1,6 +1,6 @@
-"""Live sources and replay pacing.
+"""Live sources.
 
-:func:`pace` releases recorded readings at their (scaled) time; :class:`SimulatedSensor` is a
+:class:`SimulatedSensor` is a
 seeded synthetic IMU-like signal with a hidden, changing activity class; :class:`JsonLinesStream`
 (and :func:`StdinSource`) read JSON lines from a stream; :class:`FollowFile` follows a growing CSV /
 JSONL log like ``tail -f``.  Streams parse with the log reader's :class:`LineParser`: the same
@@ -15,49 +15,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
 from edge_agent.sources.chunk import LogError, ReadingChunk
 from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, log_format
-
-_PACE_SLACK = 1e-4  # seconds: readings due this soon are released now
-
-
-def pace(chunks: Iterable[ReadingChunk], speed: float, *, clock: Callable[[], float] = time.monotonic,
-         sleep: Callable[[float], Any] = time.sleep) -> Iterator[ReadingChunk]:
-    """Release readings according to their recorded timestamps.
-
-    A reading with timestamp ``t`` is released at ``start + (t - t_first) / speed`` (``t`` taken as
-    a running max, so a log not sorted by time never moves the schedule back).  Readings due at the
-    same moment are released together as a sub-chunk.  ``speed <= 0`` or infinite: no pacing.
-    """
-    if speed != speed:
-        raise ValueError("speed is NaN")
-    if speed <= 0 or math.isinf(speed):
-        yield from chunks
-        return
-    t0_rec, t0_clock, run_max = None, 0.0, -math.inf
-    for chunk in chunks:
-        n = len(chunk)
-        if n == 0:
-            continue
-        if t0_rec is None:
-            t0_rec, t0_clock = float(chunk.ts[0]), clock()
-        rec = np.maximum(np.maximum.accumulate(chunk.ts), run_max)
-        run_max = float(rec[-1])
-        due = (rec - t0_rec) / speed
-        i = 0
-        while i < n:
-            now = clock() - t0_clock
-            j = int(np.searchsorted(due, now + _PACE_SLACK, side="right"))
-            if j > i:
-                yield chunk if (i == 0 and j == n) else chunk.take(slice(i, j))
-                i = j
-            else:
-                sleep(float(due[i]) - now)
 
 
 class SimulatedSensor:
@@ -154,7 +118,21 @@ class SimulatedSensor:
             yield chunk
 
 
-class JsonLinesStream:
+class _Lines:
+    """A source whose lines go through a :class:`LineParser` (schema, rules, ``name:line`` errors)."""
+
+    parser: LineParser
+
+    @property
+    def channels(self) -> tuple[str, ...] | None:
+        return self.parser.channels
+
+    @property
+    def has_labels(self) -> bool | None:
+        return self.parser.has_labels
+
+
+class JsonLinesStream(_Lines):
     """JSON lines from a live stream (a text or binary file object, e.g. stdin):
     ``{"ts":..., "device_id":..., "<channel>":..., "label":...}``.
 
@@ -172,14 +150,6 @@ class JsonLinesStream:
         self.parser = LineParser(self.name, format, on_error=on_error, chunk_rows=chunk_rows, channels=channels,
                                  has_labels=has_labels)
         self.stats = self.parser.stats
-
-    @property
-    def channels(self) -> tuple[str, ...] | None:
-        return self.parser.channels
-
-    @property
-    def has_labels(self) -> bool | None:
-        return self.parser.has_labels
 
     def _reader(self) -> Callable[[], bytes]:
         f = self.file
@@ -213,7 +183,7 @@ def StdinSource(**kwargs: Any) -> JsonLinesStream:
     return JsonLinesStream(sys.stdin, **kwargs)
 
 
-class FollowFile:
+class FollowFile(_Lines):
     """Follow a CSV / JSONL log as it grows (like ``tail -f``).
 
     The schema is read at construction when the file exists (``channels`` is None until it does).
@@ -238,14 +208,6 @@ class FollowFile:
         self._f: BinaryIO | None = None
         self._pos = 0
         self._open()
-
-    @property
-    def channels(self) -> tuple[str, ...] | None:
-        return self.parser.channels
-
-    @property
-    def has_labels(self) -> bool | None:
-        return self.parser.has_labels
 
     def stop(self) -> None:
         self.stop_event.set()

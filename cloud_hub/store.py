@@ -6,6 +6,11 @@ through ``exec_driver_sql``: SQLAlchemy's per-row parameter processing (dict to 
 processors) cost more than the insert itself (measured on SQLite: 35k rows/s through
 ``conn.execute(stmt, dicts)``, 85-90k rows/s this way, raw ``sqlite3`` about 90k on the same
 loaded machine). The rows are plain values already, so there is nothing to process.
+
+On PostgreSQL through psycopg 3, batches of :data:`COPY_MIN_ROWS` or more go through ``COPY``
+(binary) into a session-private staging table, then one ``INSERT ... SELECT ... ON CONFLICT DO
+NOTHING`` that empties the stage in the same statement: its row count is the new rows, so
+duplicates are counted exactly as before (``bench/hub_ingest.py --db URL`` measures both ways).
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ RESULT_COLUMNS = ("device_id", "seq", "start", "end", "model_version", "label", 
 """The order of the values in a result row tuple."""
 
 _INSERTS: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+COPY_MIN_ROWS = 16
+"""Smaller batches are inserted with ``executemany``: COPY's two extra statements cost more than it saves."""
+_PG_TYPES = ("text", "int8", "float8", "float8", "int8", "text", "float8", "text", "text", "float8", "bytea", "float8")
+_COLS = ", ".join(f'"{c}"' for c in RESULT_COLUMNS)
+_STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS results_stage ON COMMIT DELETE ROWS AS SELECT {_COLS} FROM results "
+          "WITH NO DATA")
+_FROM_STAGE = (f"WITH staged AS (DELETE FROM results_stage RETURNING {_COLS}) INSERT INTO results ({_COLS}) "
+               f"SELECT {_COLS} FROM staged ON CONFLICT (device_id, seq) DO NOTHING")
 _MODEL_COLUMNS = [c for c in models.c if c.name not in ("id", "weights")]  # weights: fetched on demand
 
 
@@ -76,6 +89,7 @@ class Store:
         if insert is None:
             raise SettingsError(f"database {dialect.name!r} is not supported: use sqlite or postgresql")
         self.dialect = dialect.name
+        self.copy = dialect.name == "postgresql" and dialect.driver == "psycopg"  # COPY for big batches
         stmt = insert(results).on_conflict_do_nothing(index_elements=["device_id", "seq"])
         compiled = stmt.compile(dialect=dialect, column_keys=list(RESULT_COLUMNS), for_executemany=True)
         self._results_sql = str(compiled)
@@ -100,10 +114,23 @@ class Store:
         """Insert result rows (tuples in :data:`RESULT_COLUMNS` order); return how many were new."""
         if not rows:
             return 0
+        if self.copy and len(rows) >= COPY_MIN_ROWS:
+            return self._copy_results(conn, rows)
         params: Any = rows if self._positional else [dict(zip(RESULT_COLUMNS, r, strict=True)) for r in rows]
         if len(params) == 1:
             params = params[0]
         return int(conn.exec_driver_sql(self._results_sql, params).rowcount)
+
+    def _copy_results(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        """PostgreSQL: binary COPY into the session's staging table, then one idempotent move."""
+        with conn.connection.dbapi_connection.cursor() as cur:  # type: ignore[union-attr]
+            cur.execute(_STAGE)
+            with cur.copy(f"COPY results_stage ({_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(_PG_TYPES)
+                for r in rows:
+                    copy.write_row(r)
+            cur.execute(_FROM_STAGE)
+            return int(cur.rowcount)
 
     def touch_devices(self, conn: Connection, seen: Mapping[str, float]) -> None:
         """Create devices first seen now; move ``last_seen`` forward (never back)."""

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from cloud_hub import db
 from cloud_hub.db import DatabaseUnavailable, make_engine, transaction
-from cloud_hub.store import RESULT_COLUMNS, Batch, ModelExists, Store, dead_letter
+from cloud_hub.store import COPY_MIN_ROWS, RESULT_COLUMNS, Batch, ModelExists, Store, dead_letter
 from edge_agent import contract as c
 from edge_agent.settings import SettingsError
 from tests.conftest import postgres_url
@@ -80,6 +80,29 @@ def test_results_insert_is_idempotent_and_counts_new_rows(engine: Engine) -> Non
     got = keys(engine)
     assert len(got) == len(set(got)) == 14
     assert ("a", 1010) in got and ("c", 1000) in got and ("d", 1) in got
+
+
+@pytest.mark.parametrize("size", [1, COPY_MIN_ROWS - 1, COPY_MIN_ROWS, 700])
+def test_big_and_small_batches_count_new_rows_and_duplicates_alike(engine: Engine, size: int) -> None:
+    """On PostgreSQL batches from COPY_MIN_ROWS rows go through COPY and a staging table: the same
+    contract as executemany (new rows counted, duplicates within and across batches ignored, two
+    batches in one transaction, a rolled-back batch leaves nothing behind)."""
+    store = Store(engine)
+    batch = [row("a", s) for s in range(size)]
+    with transaction(engine) as conn:
+        assert store.insert_results(conn, batch) == size
+        assert store.insert_results(conn, batch + [row("b", 1)]) == 1  # same transaction: the stage was emptied
+    with pytest.raises(RuntimeError), transaction(engine) as conn:
+        store.insert_results(conn, [row("c", s) for s in range(size)])
+        raise RuntimeError("rolled back")
+    with transaction(engine) as conn:  # in-batch duplicates count once; the rolled-back rows are not there
+        twice = [row("c", s) for s in range(size)] * 2 + batch
+        assert store.insert_results(conn, twice) == size
+    with transaction(engine, write=False) as conn:
+        stored = conn.execute(sa.select(db.results.c.device_id, db.results.c.seq, db.results.c.label,
+                                        db.results.c.features)).all()
+    assert len(stored) == 2 * size + 1 and {r.label for r in stored} == {"walk"}
+    assert store.copy == (engine.dialect.name == "postgresql")
 
 
 def test_result_values_round_trip(engine: Engine) -> None:

@@ -2,11 +2,15 @@
 
     python bench/hub_ingest.py                       # --batch 100 and --batch 1, best of 3 each
     python bench/hub_ingest.py --batch 100 --repeat 5 --profile hub.prof
+    python bench/hub_ingest.py --db postgresql+psycopg://postgres@127.0.0.1:5432/postgres --batch 100
 
 For each batch size (results per MQTT message, as the agent sends them):
 
 * raw:  ``sqlite3`` ``executemany`` of the same rows into an equivalent table (same pragmas,
-  transactions of the hub's ``batch_max`` rows): the database ceiling.
+  transactions of the hub's ``batch_max`` rows): the database ceiling.  With ``--db`` a PostgreSQL
+  URL, two ceilings on the hub's own tables: psycopg ``executemany`` of ``INSERT ... ON CONFLICT DO
+  NOTHING``, and psycopg binary ``COPY`` of the same rows (no conflict handling at all).  Every
+  run gets a fresh schema of its own, dropped afterwards.
 * bare: a paho subscriber (QoS 1) that only counts the same messages from the same broker: the MQTT
   ceiling (it includes the publisher's speed, like the hub does).
 * hub:  :class:`cloud_hub.ingest.Hub`, from MQTT in to committed rows out, with commit receipts
@@ -122,9 +126,7 @@ class Publisher:
 
 def raw_sqlite(path: Path, per_msg: int, n_results: int, txn_rows: int) -> tuple[float, float]:
     """rows/s of a bare sqlite3 executemany of the hub's rows into an equivalent table, CPU µs/row."""
-    now = time.time()
-    rows = [(b.device_id, r.seq, r.start, r.end, r.model_version, r.label, r.confidence, None, r.truth,
-             r.latency_ms, None, now) for b in make_batches(n_results, per_msg) for r in b.results]
+    rows = bench_rows(per_msg, n_results)
     db = sqlite3.connect(path, isolation_level=None)
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
         db.execute(f"PRAGMA {pragma}")
@@ -142,6 +144,68 @@ def raw_sqlite(path: Path, per_msg: int, n_results: int, txn_rows: int) -> tuple
         db.execute("COMMIT")
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     db.close()
+    return len(rows) / dt, cpu / len(rows) * 1e6
+
+
+def bench_rows(per_msg: int, n_results: int) -> list[tuple]:
+    now = time.time()
+    return [(b.device_id, r.seq, r.start, r.end, r.model_version, r.label, r.confidence, None, r.truth,
+             r.latency_ms, None, now) for b in make_batches(n_results, per_msg) for r in b.results]
+
+
+class PgSchema:
+    """A fresh PostgreSQL schema with the hub's tables (make_engine), dropped on exit."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        from cloud_hub.db import make_engine
+
+        self.url, self.name = url, f"bench_{uuid.uuid4().hex[:10]}"
+        make_engine(url, schema=self.name).dispose()  # creates the schema and the tables
+        self.hub_url = sa.engine.make_url(url).update_query_dict({"options": f"-csearch_path={self.name}"}) \
+            .render_as_string(hide_password=False)
+
+    def connect(self):  # a bare psycopg connection on the schema
+        import psycopg
+        import sqlalchemy as sa
+
+        u = sa.engine.make_url(self.url)
+        return psycopg.connect(host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database,
+                               options=f"-csearch_path={self.name}")
+
+    def __enter__(self) -> PgSchema:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
+        engine.dispose()
+
+
+def raw_postgres(url: str, per_msg: int, n_results: int, txn_rows: int, how: str) -> tuple[float, float]:
+    """rows/s of bare psycopg into the hub's results table: ``executemany`` (ON CONFLICT DO NOTHING) or
+    binary ``COPY``, in transactions of the hub's ``batch_max`` rows; CPU µs/row of this process."""
+    from cloud_hub.store import _COLS, _PG_TYPES
+
+    rows = bench_rows(per_msg, n_results)
+    with PgSchema(url) as schema, schema.connect() as db:
+        sql = (f"INSERT INTO results ({_COLS}) VALUES ({', '.join(['%s'] * 12)}) "
+               "ON CONFLICT (device_id, seq) DO NOTHING")
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(0, len(rows), txn_rows):
+            with db.transaction(), db.cursor() as cur:
+                if how == "executemany":
+                    cur.executemany(sql, rows[i:i + txn_rows])
+                else:
+                    with cur.copy(f"COPY results ({_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.set_types(_PG_TYPES)
+                        for r in rows[i:i + txn_rows]:
+                            copy.write_row(r)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return len(rows) / dt, cpu / len(rows) * 1e6
 
 
@@ -178,12 +242,21 @@ def bare_subscriber(broker: LocalBroker, per_msg: int, n_results: int) -> tuple[
 
 
 def hub_run(broker: LocalBroker, workdir: Path, per_msg: int, n_results: int,
-            profile: cProfile.Profile | None, receipts: bool = True) -> tuple[float, float, int]:
+            profile: cProfile.Profile | None, receipts: bool = True, db_url: str | None = None
+            ) -> tuple[float, float, int]:
     """results/s stored (committed) by the hub, from the publisher's start; CPU µs/result; receipts sent."""
     prefix = f"hub-{uuid.uuid4().hex[:8]}"
-    db = workdir / f"{prefix}.sqlite"
-    settings = HubSettings(broker=broker.url, db=f"sqlite:///{db}", prefix=prefix, client_id=prefix,
-                           log_interval_s=0, receipts=receipts)
+    if db_url is None:
+        return _hub_run(broker, f"sqlite:///{workdir / f'{prefix}.sqlite'}", prefix, per_msg, n_results, profile,
+                        receipts)
+    with PgSchema(db_url) as schema:
+        return _hub_run(broker, schema.hub_url, prefix, per_msg, n_results, profile, receipts)
+
+
+def _hub_run(broker: LocalBroker, url: str, prefix: str, per_msg: int, n_results: int,
+             profile: cProfile.Profile | None, receipts: bool) -> tuple[float, float, int]:
+    settings = HubSettings(broker=broker.url, db=url, prefix=prefix, client_id=prefix, log_interval_s=0,
+                           receipts=receipts)
     hub = Hub(settings)
     if profile is not None:
         run = hub._run
@@ -218,7 +291,11 @@ def main() -> None:
     ap.add_argument("--results", type=int, default=0, help="results per run (default 200000 for batch>=10, else 30000)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", help="write a cProfile of the hub's writer thread to this file")
+    ap.add_argument("--db", help="a PostgreSQL SQLAlchemy URL (postgresql+psycopg://...) instead of SQLite files")
     args = ap.parse_args()
+    pg = args.db is not None
+    if pg and not args.db.startswith("postgresql+psycopg://"):
+        ap.error("--db takes a postgresql+psycopg:// URL (SQLite is the default)")
     logging.basicConfig(level=logging.ERROR)  # the hub's and the links' info lines would drown the figures
     logging.getLogger("paho").setLevel(logging.CRITICAL)
     profile = cProfile.Profile() if args.profile else None
@@ -229,25 +306,38 @@ def main() -> None:
             for per_msg in args.batch or [100, 1]:
                 n = args.results or (200_000 if per_msg >= 10 else 30_000)
                 n -= n % per_msg
-                raws, bare_runs, hubs, plain = [], [], [], []
+                raws, copies, bare_runs, hubs, plain = [], [], [], [], []
+                txn = HubSettings().batch_max
                 for i in range(args.repeat):  # interleaved, so that all of them see the same background load
-                    raws.append(raw_sqlite(work / f"raw-{per_msg}-{i}.sqlite", per_msg, n, HubSettings().batch_max))
+                    if pg:
+                        raws.append(raw_postgres(args.db, per_msg, n, txn, "executemany"))
+                        copies.append(raw_postgres(args.db, per_msg, n, txn, "copy"))
+                    else:
+                        raws.append(raw_sqlite(work / f"raw-{per_msg}-{i}.sqlite", per_msg, n, txn))
                     bare_runs.append(bare_subscriber(broker, per_msg, n))
-                    hubs.append(hub_run(broker, work, per_msg, n, profile))
-                    plain.append(hub_run(broker, work, per_msg, n, None, receipts=False))
+                    hubs.append(hub_run(broker, work, per_msg, n, profile, db_url=args.db))
+                    plain.append(hub_run(broker, work, per_msg, n, None, receipts=False, db_url=args.db))
                 (raw, raw_cpu), (hub, hub_cpu, receipts) = max(raws), max(hubs)
                 no_receipts = max(plain)[0]
                 print("  runs with receipts:", [f"{h[0]:,.0f}" for h in hubs], "without:", [f"{h[0]:,.0f}" for h in plain])
                 bare, bare_cpu, _ = max(bare_runs)
                 pub_rate = max(r[2] for r in bare_runs)
                 print(f"--batch {per_msg}: {n} results, {n // per_msg} messages, best of {args.repeat}")
-                print(f"  raw sqlite3 executemany {raw:10,.0f} rows/s     {raw_cpu:6.1f} µs CPU/row")
+                if pg:
+                    copy, copy_cpu = max(copies)
+                    print(f"  raw psycopg executemany {raw:10,.0f} rows/s     {raw_cpu:6.1f} µs CPU/row "
+                          "(INSERT ... ON CONFLICT DO NOTHING)")
+                    print(f"  raw psycopg COPY        {copy:10,.0f} rows/s     {copy_cpu:6.1f} µs CPU/row (binary)")
+                else:
+                    print(f"  raw sqlite3 executemany {raw:10,.0f} rows/s     {raw_cpu:6.1f} µs CPU/row")
                 print(f"  bare paho subscriber    {bare:10,.0f} results/s  {bare_cpu:6.1f} µs CPU/result  "
                       f"({bare / per_msg:,.0f} msg/s; publisher alone {pub_rate:,.0f} results/s)")
                 print(f"  hub stored + receipts   {hub:10,.0f} results/s  {hub_cpu:6.1f} µs CPU/result  "
                       f"({hub / per_msg:,.0f} msg/s, {receipts:,} receipt messages)")
                 print(f"  hub without receipts    {no_receipts:10,.0f} results/s")
-                print(f"  hub / raw sqlite = {hub / raw:.0%}   hub / bare subscriber = {hub / bare:.0%}   "
+                ceiling = f"hub / raw COPY = {hub / max(copies)[0]:.0%}   hub / raw executemany" if pg else \
+                    "hub / raw sqlite"
+                print(f"  {ceiling} = {hub / raw:.0%}   hub / bare subscriber = {hub / bare:.0%}   "
                       f"receipts cost {1 - hub / no_receipts:.0%}", flush=True)
         finally:
             broker.stop()

@@ -1,9 +1,10 @@
 """Ingestion: MQTT in, one transaction per batch, receipts and acknowledgements only after the commit.
 
 Threads: paho's network thread only puts each :class:`Message` on a queue (and a marker on every
-connect/disconnect); one writer thread drains the queue into a batch, decodes every message through
-the contract, writes the batch in ONE transaction and, once it is committed, sends the PUBACK of every
-message in it. With a persistent session (clean start off, session expiry set) the broker redelivers
+connect/disconnect); a decoder thread drains the queue into a batch, decoding every message through
+the contract; one writer thread writes each batch in ONE transaction and, once it is committed, sends
+the PUBACK of every message in it. The decoder works on the next batch while the writer waits for the
+database (at most one decoded batch waits for the writer). With a persistent session (clean start off, session expiry set) the broker redelivers
 whatever was not acknowledged when the hub died, and the idempotent insert on (device_id, seq) makes
 the redelivery harmless: exactly one row per result.
 
@@ -104,6 +105,8 @@ class Hub:
         self._conn: Connection | None = None  # the writer thread's connection
         self._stop_deadline: float | None = None
         self._stopping = threading.Event()  # cuts a retry backoff short
+        self._decoded: queue.Queue[Pending | None] = queue.Queue(maxsize=1)  # decoder -> writer
+        self._decoder = threading.Thread(target=self._decode, name="hub-decoder", daemon=True)
         self._writer = threading.Thread(target=self._run, name="hub-writer", daemon=True)
         group = settings.share_group
         self.link = MqttLink(
@@ -119,6 +122,7 @@ class Hub:
     def start(self, connect_timeout: float | None = None, *, stop: threading.Event | None = None) -> bool:
         """Start the writer and connect; :class:`BrokerUnavailable` if no connection in time. Returns
         False (and has stopped) when ``stop`` was set meanwhile (SIGTERM/SIGINT during the connect)."""
+        self._decoder.start()
         self._writer.start()
         timeout = self.settings.connect_timeout_s if connect_timeout is None else connect_timeout
         try:
@@ -151,8 +155,9 @@ class Hub:
         self._stop_deadline = time.monotonic() + timeout
         self._queue.put(_STOP)
         self._stopping.set()
-        if self._writer.is_alive():
-            self._writer.join(timeout + 5.0)
+        for thread in (self._decoder, self._writer):
+            if thread.is_alive():
+                thread.join(timeout + 5.0)
         if report:
             self._log_stats(final=True)
         self.link.stop()
@@ -161,7 +166,7 @@ class Hub:
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + self._decoded.qsize()
 
     # ----------------------------------------------------------------- network thread
 
@@ -171,12 +176,24 @@ class Hub:
 
     # ----------------------------------------------------------------- writer thread
 
+    def _decode(self) -> None:
+        """The decoder thread: batches of decoded messages for the writer, until the stop marker."""
+        while True:
+            pending = self._collect(timeout=0.5)
+            if pending is not None:
+                self._decoded.put(pending)
+                if pending.final:
+                    return
+
     def _run(self) -> None:
         interval = self.settings.log_interval_s
         self._next_log = time.monotonic() + interval if interval > 0 else float("inf")
         self._last_log = (time.monotonic(), 0)
         while True:
-            pending = self._collect(timeout=min(0.5, interval) if interval > 0 else 0.5)
+            try:
+                pending = self._decoded.get(timeout=min(0.5, interval) if interval > 0 else 0.5)
+            except queue.Empty:
+                pending = None
             if pending is not None and (pending.messages or pending.dead):
                 log.debug("committing a batch: %d messages, %d results", len(pending.messages), len(pending.rows))
                 touched = self._touched

@@ -7,10 +7,12 @@ processors) cost more than the insert itself (measured on SQLite: 35k rows/s thr
 ``conn.execute(stmt, dicts)``, 85-90k rows/s this way, raw ``sqlite3`` about 90k on the same
 loaded machine). The rows are plain values already, so there is nothing to process.
 
-On PostgreSQL through psycopg 3, batches of :data:`COPY_MIN_ROWS` or more go through ``COPY``
-(binary) into a session-private staging table, then one ``INSERT ... SELECT ... ON CONFLICT DO
-NOTHING`` that empties the stage in the same statement: its row count is the new rows, so
-duplicates are counted exactly as before (``bench/hub_ingest.py --db URL`` measures both ways).
+On PostgreSQL through psycopg 3, batches of :data:`COPY_MIN_ROWS` or more go through binary
+``COPY`` straight into ``results`` inside a savepoint: the unique key (device_id, seq) refuses the
+whole batch if any row is already stored (a redelivery, a replay), and then, back at the savepoint,
+the batch goes through a session-private staging table and one ``INSERT ... SELECT ... ON CONFLICT
+DO NOTHING`` that empties the stage: its row count is the new rows, so duplicates are counted as
+before. ``bench/hub_ingest.py --db URL`` measures it against bare ``COPY`` and ``executemany``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _PG_TYPES = ("text", "int8", "float8", "float8", "int8", "text", "float8", "text
 _COLS = ", ".join(f'"{c}"' for c in RESULT_COLUMNS)
 _STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS results_stage ON COMMIT DELETE ROWS AS SELECT {_COLS} FROM results "
           "WITH NO DATA")
+_UNIQUE_VIOLATION = "23505"
 _FROM_STAGE = (f"WITH staged AS (DELETE FROM results_stage RETURNING {_COLS}) INSERT INTO results ({_COLS}) "
                f"SELECT {_COLS} FROM staged ON CONFLICT (device_id, seq) DO NOTHING")
 _MODEL_COLUMNS = [c for c in models.c if c.name not in ("id", "weights")]  # weights: fetched on demand
@@ -122,15 +125,28 @@ class Store:
         return int(conn.exec_driver_sql(self._results_sql, params).rowcount)
 
     def _copy_results(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
-        """PostgreSQL: binary COPY into the session's staging table, then one idempotent move."""
-        with conn.connection.dbapi_connection.cursor() as cur:  # type: ignore[union-attr]
-            cur.execute(_STAGE)
-            with cur.copy(f"COPY results_stage ({_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(_PG_TYPES)
-                for r in rows:
-                    copy.write_row(r)
-            cur.execute(_FROM_STAGE)
-            return int(cur.rowcount)
+        """PostgreSQL: binary COPY into ``results``; if a row is already there, through the stage.
+
+        Driver errors come out as SQLAlchemy's, like every other statement's (the hub tells a
+        refused row from a lost connection by them)."""
+        dbapi_error = conn.dialect.loaded_dbapi.Error
+        try:
+            with conn.connection.dbapi_connection.cursor() as cur:  # type: ignore[union-attr]
+                cur.execute("SAVEPOINT copy_results")
+                try:
+                    _copy(cur, "results", rows)
+                except dbapi_error as exc:
+                    if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT copy_results")
+                    cur.execute(_STAGE)
+                    _copy(cur, "results_stage", rows)
+                    cur.execute(_FROM_STAGE)
+                    return int(cur.rowcount)
+                cur.execute("RELEASE SAVEPOINT copy_results")
+                return len(rows)
+        except dbapi_error as exc:
+            raise sa.exc.DBAPIError.instance("COPY results", None, exc, dbapi_error) from exc
 
     def touch_devices(self, conn: Connection, seen: Mapping[str, float]) -> None:
         """Create devices first seen now; move ``last_seen`` forward (never back)."""
@@ -252,6 +268,13 @@ class Store:
         if name is not None:
             query = query.where(models.c.name == name)
         return [_model_row(r) for r in conn.execute(query).mappings()]
+
+
+def _copy(cur: Any, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    with cur.copy(f"COPY {table} ({_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_PG_TYPES)
+        for r in rows:
+            copy.write_row(r)
 
 
 def dead_letter(topic: str, payload: bytes, reason: str, received_at: float, max_bytes: int) -> dict[str, Any]:

@@ -55,6 +55,23 @@ def verify_bundle(
     channels: tuple[str, ...] | None = None, intra_op_threads: int = 1,
 ) -> tuple[Bundle, ModelRunner]:
     """Decode and check a bundle, then build and warm up its runner. Raises :class:`BundleRejected`."""
+    bundle = check_bundle(payload, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
+    m = bundle.manifest
+    try:
+        runner = ModelRunner(bundle, intra_op_threads=intra_op_threads)
+    except ModelError as exc:
+        raise BundleRejected(f"model v{m.version}: {exc}") from exc
+    if channels is not None:
+        missing = [c for c in runner.params.channels if c not in channels]
+        if missing:
+            raise BundleRejected(
+                f"model v{m.version} needs channels {missing} that the source does not provide ({list(channels)})"
+            )
+    return bundle, runner
+
+
+def check_bundle(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> Bundle:
+    """Decode a bundle and check its digest and signature (no model is loaded). Raises :class:`BundleRejected`."""
     try:
         bundle = decode_bundle(payload)
     except ContractError as exc:
@@ -82,17 +99,7 @@ def verify_bundle(
             trusted_key.verify(signature, m.signing_bytes())
         except InvalidSignature as exc:
             raise BundleRejected(f"model v{m.version}: bad signature") from exc
-    try:
-        runner = ModelRunner(bundle, intra_op_threads=intra_op_threads)
-    except ModelError as exc:
-        raise BundleRejected(f"model v{m.version}: {exc}") from exc
-    if channels is not None:
-        missing = [c for c in runner.params.channels if c not in channels]
-        if missing:
-            raise BundleRejected(
-                f"model v{m.version} needs channels {missing} that the source does not provide ({list(channels)})"
-            )
-    return bundle, runner
+    return bundle
 
 
 def persist_bundle(bundle: Bundle, path: str | Path) -> None:

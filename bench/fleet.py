@@ -307,7 +307,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         rollout.publish(engine, settings, version=2, signing_key=str(work / "hub.key"), force=True)
         t_acked = time.time()
         engine.dispose()
-        while count(db_url, "SELECT count(*) FROM devices WHERE model_version = 2 AND device_id LIKE 'sim-%'") \
+        while count(db_url, "SELECT count(*) FROM devices WHERE model_version = 2 AND substr(device_id, 1, 4) = 'sim-'") \
                 < args.devices:
             if time.time() - t_pub > 120:
                 raise SystemExit("not every device reported model v2 within 120 s")

@@ -14,11 +14,14 @@ Pipeline
 1. ``Windower.push`` / ``make_windows`` cut the stream of readings into
    fixed-size windows that never span a gap, and apply the missing-data
    policy.  Windows hold the *raw* channel values (float32, NaNs filled in);
-   they are **not** normalized.
+   they are **not** normalized.  A :class:`WindowBatch` keeps its windows as
+   offsets into the readings they share (``DeviceWindowers`` does this per
+   device for the agent and the trainer alike).
 2. ``extract_features`` normalizes every channel with the statistics shipped
    in :class:`PreprocessParams` (``norm_mean`` / ``norm_std``, fitted once at
    training time with :func:`fit_normalization`) and computes the feature
-   vector of each window.
+   vector of each window; sums over blocks of readings are computed once and
+   shared by the overlapping windows.
 
 Windowing rules
 ---------------

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from cloud_hub import db, quantize, training, weights
 from cloud_hub.store import ModelRow, Store
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
-from edge_agent.preprocess import PreprocessParams, Windower, extract_features, fit_normalization
+from edge_agent.preprocess import DeviceWindowers, PreprocessParams, extract_features, fit_normalization
 from edge_agent.sources import read_log
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,9 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
         if missing:
             raise LifecycleError(f"{path}: channels {missing} missing (log has {list(reader.channels)})")
         cols = np.array([reader.channels.index(c) for c in params.channels])
-        windowers: dict[str, Windower] = {}
+        windowers = DeviceWindowers(params)
         for chunk in reader:
-            for device, (ts, values, lab) in chunk.by_device().items():
-                w = windowers.setdefault(device, Windower(params))
-                batch = w.push(ts, values[:, cols], lab)
+            for device, batch in windowers.push(chunk.by_device(), cols):
                 if len(batch) and batch.labels is not None:
                     keep = np.array([x != "" for x in batch.labels.tolist()], dtype=np.bool_)
                     data.append(batch.data[keep])

@@ -14,11 +14,10 @@ import numpy as np
 
 from edge_agent.contract import ContractError, Result, check_id, encode_result_obj
 from edge_agent.outbox import Outbox
-from edge_agent.preprocess import PreprocessParams, WindowBatch, Windower, extract_features
+from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
 from edge_agent.runner import ModelRunner, Prediction
 
-_GOLDEN = 2654435761
-FEATURE_SLICE = 64  # windows per extract_features call  # Knuth's multiplicative hash: a deterministic "random" sample of windows
+_GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
 
 
 def window_seq(start: np.ndarray) -> np.ndarray:
@@ -58,12 +57,12 @@ class Processor:
         self.features = features
         self.features_sample = features_sample
         self.stats = ProcessStats()
-        self._windowers: dict[str, Windower] = {}
         self._source_of_override: str | None = None
         self._devices: dict[str, str] = {}  # source device id -> published device id (checked once)
         self._source = "the source"  # named in errors
         self.runner = runner
         self._columns = self._column_index(runner.params)
+        self._windowers = DeviceWindowers(runner.params)  # by source device id
 
     def _column_index(self, params: PreprocessParams) -> np.ndarray:
         missing = [c for c in params.channels if c not in self.source_channels]
@@ -80,7 +79,7 @@ class Processor:
                         old.max_missing_frac) == (new.sample_rate_hz, new.window_s, new.hop_s, new.channels,
                                                   new.missing, new.max_missing_frac)
         if not same_windows:
-            self._windowers.clear()
+            self._windowers = DeviceWindowers(new)
         self.runner = runner
 
     def _device(self, source_device: str) -> str:
@@ -105,30 +104,23 @@ class Processor:
         The windows of all devices are featurized and inferred as one batch: per-call overhead of
         numpy and onnxruntime dominates small batches.
         """
-        ready: list[tuple[str, WindowBatch]] = []
         self._source = source
-        for source_device, (ts, values, labels) in per_device.items():
+        for source_device, (ts, _values, _labels) in per_device.items():
             device = self._devices.get(source_device)
             if device is None:
                 device = self._devices[source_device] = self._device(source_device)
             self.stats.devices.add(device)
             self.stats.readings += len(ts)
-            windower = self._windowers.get(device)
-            if windower is None:
-                windower = self._windowers[device] = Windower(self.runner.params)
-            batch = windower.push(ts, values[:, self._columns], labels)
+        ready: list[tuple[str, WindowBatch]] = []
+        for source_device, batch in self._windowers.push(per_device, self._columns):
             self.stats.dropped_windows += batch.dropped
             if len(batch):
-                ready.append((device, batch))
+                ready.append((self._devices[source_device], batch))
         if not ready:
             return 0
         runner = self.runner
-        data = ready[0][1].data if len(ready) == 1 else np.concatenate([b.data for _, b in ready])
-        # Features in slices: the temporaries of extract_features are ~20 arrays of the windows' size,
-        # so slicing bounds the agent's peak memory at no measurable cost in speed.
-        step = FEATURE_SLICE
-        feats = extract_features(data, runner.params) if len(data) <= step else np.concatenate(
-            [extract_features(data[i:i + step], runner.params) for i in range(0, len(data), step)])
+        feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
+                                 runner.params)
         pred = runner.predict(feats)
         written, offset = 0, 0
         for device, batch in ready:

@@ -14,11 +14,14 @@ Pipeline
 1. ``Windower.push`` / ``make_windows`` cut the stream of readings into
    fixed-size windows that never span a gap, and apply the missing-data
    policy.  Windows hold the *raw* channel values (float32, NaNs filled in);
-   they are **not** normalized.
+   they are **not** normalized.  A :class:`WindowBatch` keeps its windows as
+   offsets into the readings they share (``DeviceWindowers`` does this per
+   device for the agent and the trainer alike).
 2. ``extract_features`` normalizes every channel with the statistics shipped
    in :class:`PreprocessParams` (``norm_mean`` / ``norm_std``, fitted once at
    training time with :func:`fit_normalization`) and computes the feature
-   vector of each window.
+   vector of each window; sums over blocks of readings are computed once and
+   shared by the overlapping windows.
 
 Windowing rules
 ---------------
@@ -63,6 +66,7 @@ When labels are given (one per reading), each window gets one label:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +81,7 @@ __all__ = [
     "PreprocessParams",
     "WindowBatch",
     "Windower",
+    "DeviceWindowers",
     "make_windows",
     "extract_features",
     "feature_names",
@@ -296,11 +301,20 @@ def _as_float(name: str, value: Any) -> float:
 class WindowBatch:
     """Windows emitted by :class:`Windower` / :func:`make_windows`.
 
+    A batch holds its windows as slices of the readings they were cut from: window ``i`` is
+    ``values[offsets[i] : offsets[i] + size]``. Overlapping windows share their readings, so a batch
+    costs about one copy of its readings instead of ``size / hop`` copies, and
+    :func:`extract_features` computes most statistics once per reading instead of once per window.
+    ``data`` materializes the windows (the trainer's view).
+
     Attributes:
         start: float64[k], timestamp of each window's first sample.
         end: float64[k], timestamp of each window's last sample.
-        data: float32[k, size, c], the **raw** (not normalized) channel values,
-            missing values filled according to the missing-data policy.
+        values: float32[m, c], the **raw** (not normalized) readings the windows are cut from, in
+            ``params.channels`` order. Every reading a window covers is finite: a window with
+            interpolated values covers its own filled-in copy, appended to the readings.
+        offsets: intp[k], the row of ``values`` where each window begins.
+        size: samples per window.
         labels: array[k] of window labels (see module docstring), or None when
             no labels were given.
         dropped: number of windows dropped because of missing data.
@@ -308,37 +322,63 @@ class WindowBatch:
 
     start: np.ndarray
     end: np.ndarray
-    data: np.ndarray
+    values: np.ndarray
+    offsets: np.ndarray
+    size: int
     labels: np.ndarray | None = None
     dropped: int = 0
 
     def __len__(self) -> int:
         return int(self.start.shape[0])
 
+    @functools.cached_property
+    def data(self) -> np.ndarray:
+        """float32[k, size, c]: the windows themselves (a copy, made on first use)."""
+        if len(self) == 0:
+            return np.empty((0, self.size, self.values.shape[1]), np.float32)
+        windows = sliding_window_view(self.values, self.size, axis=0)[self.offsets]  # (k, c, size)
+        return np.ascontiguousarray(windows.transpose(0, 2, 1))
+
+    @classmethod
+    def of_windows(cls, start: np.ndarray, end: np.ndarray, data: np.ndarray,
+                   labels: np.ndarray | None = None, dropped: int = 0) -> WindowBatch:
+        """A batch of windows given as one float32[k, size, c] array."""
+        data = np.asarray(data, dtype=np.float32)
+        k, size, c = data.shape
+        return cls(start=start, end=end, values=data.reshape(k * size, c),
+                   offsets=np.arange(k, dtype=np.intp) * size, size=size, labels=labels, dropped=dropped)
+
     @classmethod
     def empty(cls, size: int, n_channels: int, labels_dtype: Any = None) -> WindowBatch:
         return cls(
             start=np.empty(0, np.float64),
             end=np.empty(0, np.float64),
-            data=np.empty((0, size, n_channels), np.float32),
+            values=np.empty((0, n_channels), np.float32),
+            offsets=np.empty(0, np.intp),
+            size=size,
             labels=None if labels_dtype is None else np.empty(0, labels_dtype),
             dropped=0,
         )
 
     @classmethod
     def concat(cls, batches: Iterable[WindowBatch]) -> WindowBatch:
-        """Concatenate batches (all with labels or all without)."""
+        """Concatenate batches (all with labels or all without, all of one window size)."""
         batches = list(batches)
         if not batches:
             raise ValueError("WindowBatch.concat needs at least one batch")
         with_labels = {b.labels is not None for b in batches}
         if len(with_labels) != 1:
             raise ValueError("cannot concatenate labelled and unlabelled WindowBatches")
+        if len({b.size for b in batches}) != 1:
+            raise ValueError("cannot concatenate WindowBatches of different window sizes")
+        rows = np.cumsum([0] + [b.values.shape[0] for b in batches[:-1]])
         return cls(
             start=np.concatenate([b.start for b in batches]),
             end=np.concatenate([b.end for b in batches]),
-            data=np.concatenate([b.data for b in batches]),
-            labels=np.concatenate([b.labels for b in batches]) if with_labels == {True} else None,
+            values=np.concatenate([b.values for b in batches]),
+            offsets=np.concatenate([b.offsets + r for b, r in zip(batches, rows.tolist(), strict=True)]),
+            size=batches[0].size,
+            labels=np.concatenate([b.labels for b in batches]) if with_labels == {True} else None,  # type: ignore[misc]
             dropped=int(sum(b.dropped for b in batches)),
         )
 
@@ -386,6 +426,25 @@ class Windower:
             labels: array[n] of per-reading labels, or None.  Either every push
                 of a Windower has labels or none has.
         """
+        ts, values, labels = self._checked(ts, values, labels)
+        n = ts.shape[0]
+        if n == 0:
+            return WindowBatch.empty(self._size, self._c, labels.dtype if labels is not None else None)
+        bounds, continues = self._segment_bounds(ts)
+        out: list[WindowBatch] = []
+        for s in range(len(bounds) - 1):
+            a, b = bounds[s], bounds[s + 1]
+            seg_ts, seg_v, seg_l, skip = self._segment(
+                ts[a:b], values[a:b], labels[a:b] if labels is not None else None, continues and s == 0)
+            batch, next_start = _window_segment(seg_ts, seg_v, seg_l, self.params)
+            out.append(batch)
+            if s == len(bounds) - 2:  # keep the tail of the last segment only
+                self._keep_tail(seg_ts, seg_v, seg_l, skip, next_start)
+        self._last_ts = float(ts[-1])
+        return out[0] if len(out) == 1 else WindowBatch.concat(out)
+
+    def _checked(self, ts: np.ndarray, values: np.ndarray,
+                 labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         ts = np.asarray(ts, dtype=np.float64).reshape(-1)
         values = np.asarray(values, dtype=np.float32)
         n = ts.shape[0]
@@ -400,67 +459,80 @@ class Windower:
             self._labels_mode = has_labels
         elif self._labels_mode != has_labels:
             raise ValueError("either every push has labels or none has")
-        if has_labels:
+        if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (n,):
                 raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
             if self._buf_labels is None:
                 self._buf_labels = labels[:0]
-        if n == 0:
-            return WindowBatch.empty(self._size, self._c, labels.dtype if labels is not None else None)
+        return ts, values, labels
 
-        # Segment boundaries inside this chunk (index i = a segment starts at i).
+    def _segment_bounds(self, ts: np.ndarray) -> tuple[list[int], bool]:
+        """Where contiguous segments start in this chunk (plus its end), and whether the first one
+        continues the segment of the previous chunk."""
+        n = ts.shape[0]
         prev = np.empty(n, np.float64)
         prev[0] = np.nan if self._last_ts is None else self._last_ts
         prev[1:] = ts[:-1]
         d = ts - prev
         brk = ~((d > 0) & (d <= self.params.gap_s))  # NaN (first ever) -> break
-        cuts = np.flatnonzero(brk)
-        bounds = np.unique(np.concatenate([[0], cuts, [n]]))
-        continues = not brk[0]
+        cuts = np.flatnonzero(brk[1:]) + 1
+        return [0, *cuts.tolist(), n], not bool(brk[0])
 
-        out: list[WindowBatch] = []
-        n_seg = bounds.shape[0] - 1
-        for s in range(n_seg):
-            a, b = int(bounds[s]), int(bounds[s + 1])
-            if s == 0 and continues:
-                seg_ts = np.concatenate([self._buf_ts, ts[a:b]])
-                seg_v = np.concatenate([self._buf_vals, values[a:b]])
-                seg_l = None
-                if labels is not None and self._buf_labels is not None:
-                    seg_l = np.concatenate([self._buf_labels, labels[a:b]])
-                skip = self._skip
-            else:
-                seg_ts, seg_v = ts[a:b], values[a:b]
-                seg_l = labels[a:b] if labels is not None else None
-                skip = 0
-            m = seg_ts.shape[0]
-            if skip >= m:
-                skip -= m
-                seg_ts, seg_v = seg_ts[:0], seg_v[:0]
-                seg_l = seg_l[:0] if seg_l is not None else None
-            elif skip:
-                seg_ts, seg_v = seg_ts[skip:], seg_v[skip:]
-                seg_l = seg_l[skip:] if seg_l is not None else None
-                skip = 0
-            batch, next_start = _window_segment(seg_ts, seg_v, seg_l, self.params)
-            out.append(batch)
-            m = seg_ts.shape[0]
-            if s == n_seg - 1:  # keep the tail of the last segment only
-                if next_start <= m:
-                    self._buf_ts = seg_ts[next_start:].copy()
-                    self._buf_vals = seg_v[next_start:].copy()
-                    self._buf_labels = seg_l[next_start:].copy() if seg_l is not None else None
-                    self._skip = skip
-                else:
-                    self._buf_ts = seg_ts[:0].copy()
-                    self._buf_vals = seg_v[:0].copy()
-                    self._buf_labels = seg_l[:0].copy() if seg_l is not None else None
-                    self._skip = skip + next_start - m
-        self._last_ts = float(ts[-1])
-        if len(out) == 1:
-            return out[0]
-        return WindowBatch.concat(out)
+    def _segment(self, ts: np.ndarray, vals: np.ndarray, labels: np.ndarray | None, continues: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+        """One segment's readings from its next window start on (the buffered tail of the previous
+        chunk first, if it continues), and how many samples are still to skip after them."""
+        skip = 0
+        if continues:
+            ts = np.concatenate([self._buf_ts, ts])
+            vals = np.concatenate([self._buf_vals, vals])
+            if labels is not None and self._buf_labels is not None:
+                labels = np.concatenate([self._buf_labels, labels])
+            skip = self._skip
+        cut = min(skip, ts.shape[0])
+        return ts[cut:], vals[cut:], labels[cut:] if labels is not None else None, skip - cut
+
+    def _keep_tail(self, ts: np.ndarray, vals: np.ndarray, labels: np.ndarray | None, skip: int,
+                   next_start: int) -> None:
+        """Keep what a future window of this segment can use: from ``next_start`` on."""
+        m = ts.shape[0]
+        keep = min(next_start, m)
+        self._buf_ts = ts[keep:].copy()
+        self._buf_vals = vals[keep:].copy()
+        self._buf_labels = labels[keep:].copy() if labels is not None else None
+        self._skip = skip + max(next_start - m, 0)
+
+
+class DeviceWindowers:
+    """One :class:`Windower` per device, made on the device's first readings.
+
+    The one windowing loop of the agent (serving) and the hub (training): both push readings grouped
+    by device, ``{device: (ts, values[n, channels], labels | None)}`` (``ReadingChunk.by_device()``).
+    """
+
+    def __init__(self, params: PreprocessParams) -> None:
+        self.params = params
+        self._windowers: dict[str, Windower] = {}
+
+    def push(self, per_device: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+             columns: np.ndarray | None = None) -> list[tuple[str, WindowBatch]]:
+        """Push each device's readings; returns ``(device, windows)`` for every device pushed, in
+        order, including batches with no window (they may count dropped windows).
+
+        ``columns`` picks and orders the value columns as ``params.channels`` (None: already so).
+        """
+        out = []
+        for device, (ts, values, labels) in per_device.items():
+            windower = self._windowers.get(device)
+            if windower is None:
+                windower = self._windowers[device] = Windower(self.params)
+            out.append((device, windower.push(ts, values if columns is None else values[:, columns], labels)))
+        return out
+
+    def clear(self) -> None:
+        """Forget every device's windows in progress."""
+        self._windowers.clear()
 
 
 def make_windows(
@@ -483,28 +555,43 @@ def _window_segment(
     if m < size:
         return WindowBatch.empty(size, c, labels_dtype), 0
     k = (m - size) // hop + 1
-    starts = np.arange(k) * hop
-    data = sliding_window_view(vals, size, axis=0)[starts]  # (k, c, size)
-    data = np.ascontiguousarray(data.transpose(0, 2, 1))  # (k, size, c)
-
-    bad = ~np.isfinite(data)
-    dropped = 0
-    keep = None
+    starts = np.arange(k, dtype=np.intp) * hop
+    region = vals[: (k - 1) * hop + size]  # the readings the windows cover
+    offsets, dropped = starts, 0
+    bad = ~np.isfinite(region)
     if bad.any():
-        n_bad = bad.sum(axis=1)  # (k, c)
-        limit = 0 if params.missing == "drop" else params.max_missing_frac * size
-        keep = ~np.any((n_bad > limit) | (n_bad >= size), axis=1)
-        dropped = int(k - keep.sum())
-        data, bad, starts = data[keep], bad[keep], starts[keep]
-        if bad.any():
-            data = _interpolate_windows(data, bad)
-
+        starts, offsets, region = _apply_missing_policy(region, bad, starts, params)
+        dropped = k - starts.shape[0]
     ends = starts + size - 1
     win_labels = None
     if labels is not None:
         win_labels = _window_labels(labels, starts, ends)
-    batch = WindowBatch(start=ts[starts], end=ts[ends], data=data, labels=win_labels, dropped=dropped)
+    batch = WindowBatch(start=ts[starts], end=ts[ends], values=region, offsets=offsets, size=size,
+                        labels=win_labels, dropped=dropped)
     return batch, int(k * hop)
+
+
+def _apply_missing_policy(region: np.ndarray, bad: np.ndarray, starts: np.ndarray, params: PreprocessParams
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop the windows with too many missing values; give each kept window that has some its own
+    interpolated copy, appended to the readings. Returns (starts, offsets, readings) of kept windows."""
+    size, c = params.window_size, region.shape[1]
+    counts = np.zeros((region.shape[0] + 1, c), np.int64)
+    np.cumsum(bad, axis=0, out=counts[1:])
+    n_bad = counts[starts + size] - counts[starts]  # (k, c) missing values per window and channel
+    limit = 0 if params.missing == "drop" else params.max_missing_frac * size
+    keep = ~np.any((n_bad > limit) | (n_bad >= size), axis=1)
+    starts, n_bad = starts[keep], n_bad[keep]
+    if starts.shape[0] == 0:
+        return starts, starts, region[:0]
+    offsets = starts.copy()
+    fill = np.flatnonzero(n_bad.any(axis=1))
+    if fill.size:
+        windows = np.ascontiguousarray(sliding_window_view(region, size, axis=0)[starts[fill]].transpose(0, 2, 1))
+        windows = _interpolate_windows(windows, ~np.isfinite(windows))
+        offsets[fill] = region.shape[0] + np.arange(fill.size) * size
+        region = np.concatenate([region, windows.reshape(-1, c)])
+    return starts, offsets, region
 
 
 def _interpolate_windows(data: np.ndarray, bad: np.ndarray) -> np.ndarray:
@@ -548,6 +635,8 @@ def _window_labels(labels: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
     # Restrict to the samples covered by the windows.
     lo, hi = int(starts[0]), int(ends[-1]) + 1
     covered = labels[lo:hi]
+    if bool(np.all(covered == covered[0])):  # the usual case: one label (no sorting of text)
+        return labels[starts]
     try:
         _, codes = np.unique(covered, return_inverse=True)
     except TypeError:  # object labels of mixed types (e.g. str and None)
@@ -620,11 +709,13 @@ def feature_names(params: PreprocessParams) -> list[str]:
     return names
 
 
-def extract_features(windows: np.ndarray, params: PreprocessParams) -> np.ndarray:
+def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams) -> np.ndarray:
     """Feature vectors of windows, vectorized over windows.
 
     Args:
-        windows: float32[k, size, c] raw windows (``WindowBatch.data``).
+        windows: a :class:`WindowBatch`, or float32[k, size, c] raw windows
+            (``WindowBatch.data``).  Both give the same features; a batch is
+            faster (its overlapping windows share their readings' statistics).
         params: fitted params (``norm_mean``/``norm_std`` set).
 
     Returns:
@@ -647,60 +738,183 @@ def extract_features(windows: np.ndarray, params: PreprocessParams) -> np.ndarra
     """
     if not params.is_fitted:
         raise ValueError("params have no normalization statistics: use fit_normalization() first")
-    w = np.asarray(windows, dtype=np.float32)
     size, c = params.window_size, len(params.channels)
-    if w.ndim != 3 or w.shape[1:] != (size, c):
-        raise ValueError(f"windows must have shape (k, {size}, {c}), got {w.shape}")
-    k = w.shape[0]
-    mean = np.asarray(params.norm_mean, np.float32)
-    inv = np.float32(1.0) / np.asarray(params.norm_std, np.float32)
-    # Layout (k, c, size): every statistic reduces the last, contiguous axis (3x faster than
-    # reducing the middle axis of (k, size, c); this runs on the device for every window).
-    x = np.ascontiguousarray(((w - mean) * inv).transpose(0, 2, 1))
-    if not np.isfinite(x).all():
-        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(windows, WindowBatch):
+        if windows.size != size or windows.values.ndim != 2 or windows.values.shape[1] != c:
+            raise ValueError(f"windows of {windows.size} samples x {windows.values.shape[1:]} channels "
+                             f"do not match params ({size} samples, {c} channels)")
+        values, offsets = windows.values, windows.offsets
+    else:
+        w = np.asarray(windows, dtype=np.float32)
+        if w.ndim != 3 or w.shape[1:] != (size, c):
+            raise ValueError(f"windows must have shape (k, {size}, {c}), got {w.shape}")
+        values, offsets = w.reshape(-1, c), np.arange(w.shape[0], dtype=np.intp) * size
+    return _features(values, offsets, params)
 
-    eps = np.float32(1e-6)
-    n = np.float32(size)
-    mu = x.sum(axis=2) / n  # (k, c)
-    xc = x - mu[:, :, None]
-    sd = np.sqrt(np.einsum("kcs,kcs->kc", xc, xc) / n)
-    xs = np.sort(x, axis=2)
-    # Percentiles with numpy's default "linear" method, from the sorted values.
+
+# Windows are split into blocks of gcd(window, hop) samples (5 blocks for 2.5 s windows with a 0.5 s
+# hop): the moments of each block are computed once, and a window's moments are combined from its
+# blocks'. With more blocks than this per window (e.g. a hop of one sample) windows are one block.
+_MAX_BLOCKS = 16
+FEATURE_SLICE = 512  # windows per pass of the per-window statistics (bounds the temporaries)
+
+
+def _block_size(params: PreprocessParams) -> int:
+    size = params.window_size
+    g = math.gcd(size, params.hop_size)
+    return g if size // g <= _MAX_BLOCKS else size
+
+
+def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Features of the windows ``values[o : o + size]`` (raw readings) for ``o`` in ``offsets``."""
+    size, c = params.window_size, len(params.channels)
+    k = offsets.shape[0]
+    if k == 0:
+        return np.empty((0, params.n_features), np.float32)
+    mean = np.asarray(params.norm_mean, np.float32)[:, None]
+    inv = np.float32(1.0) / np.asarray(params.norm_std, np.float32)[:, None]
+    # Layout (c, m), C order: every statistic reduces the last, contiguous axis.
+    x = np.empty((c, values.shape[0]), np.float32)
+    np.subtract(values.T, mean, out=x)
+    x *= inv
+    if not np.isfinite(x).all():  # readings no window covers (dropped), or an overflow
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    g = _block_size(params)
+    if np.any(offsets % g):  # windows not on block boundaries: lay the windows out one after the other
+        x = sliding_window_view(x, size, axis=1)[:, offsets].reshape(c, k * size)
+        offsets = np.arange(k, dtype=np.intp) * size
+    blocks = _Blocks.of(x, g)
+    out = np.empty((k, params.n_features), np.float32)
+    for i in range(0, k, FEATURE_SLICE):
+        out[i : i + FEATURE_SLICE] = _window_features(x, blocks, offsets[i : i + FEATURE_SLICE], params)
+    return out
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Sums over consecutive blocks of ``g`` normalized readings (one row per block).
+
+    Each block's deviations ``d = x - shift`` are taken from its own ``shift`` (its mean rounded to
+    float32, so ``d`` is exact in float32): power sums of deviations from a nearby value keep the
+    moments of a window exact even for a flat signal far from zero, where power sums of the raw
+    values would cancel catastrophically. ``t1``..``t4`` = sums of ``d``, of the outer products
+    ``d d^T`` (c x c), of ``d^3`` and of ``d^4``; ``adiff`` = sum of ``|x[i+1] - x[i]|`` over the
+    block's readings ``i`` (the last one reaching into the next block) and ``edge`` that last term.
+    """
+
+    g: int
+    shift: np.ndarray  # (nb, c)
+    t1: np.ndarray  # (nb, c)
+    t2: np.ndarray  # (nb, c, c)
+    t3: np.ndarray  # (nb, c)
+    t4: np.ndarray  # (nb, c)
+    adiff: np.ndarray  # (nb, c)
+    edge: np.ndarray  # (nb, c)
+
+    @classmethod
+    def of(cls, x: np.ndarray, g: int) -> _Blocks:
+        """Blocks of the normalized readings ``x`` (c, m); a partial last block is left out.
+
+        The sums are float32 like the readings (the precision of a float32 window statistic) and
+        are combined in float64.
+        """
+        c, nb = x.shape[0], x.shape[1] // g
+        x = x[:, : nb * g]
+        xb = x.reshape(c, nb, g)
+        shift = xb.mean(axis=2, dtype=np.float32)
+        d = xb - shift[:, :, None]
+        d2 = d * d
+        dt = d.transpose(1, 0, 2)  # (nb, c, g)
+        ad = np.zeros((c, nb * g), np.float32)
+        np.abs(np.diff(x, axis=1), out=ad[:, :-1])
+        f64 = np.float64
+        return cls(
+            g=g,
+            shift=shift.T.astype(f64),
+            t1=d.sum(axis=2, dtype=f64).T,
+            t2=np.matmul(dt, dt.transpose(0, 2, 1)).astype(f64),
+            t3=np.einsum("cbg,cbg->bc", d2, d).astype(f64),
+            t4=np.einsum("cbg,cbg->bc", d2, d2).astype(f64),
+            adiff=ad.reshape(c, nb, g).sum(axis=2).T.astype(f64),
+            edge=ad[:, g - 1 :: g].T.astype(f64),
+        )
+
+
+def _window_features(x: np.ndarray, blocks: _Blocks, offsets: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Feature rows of the windows at ``offsets`` of the normalized readings ``x`` (c, m)."""
+    size, c = params.window_size, len(params.channels)
+    m = _window_moments(blocks, offsets, size)
+    sd_eps = m.sd + 1e-6
+    skew = m.m3 / sd_eps**3
+    kurt = m.m4 / sd_eps**4 - 3.0
+    # The readings of each window, (k, c, size) (a copy): crossing rate, order statistics, spectrum.
+    win = sliding_window_view(x, size, axis=1)[:, offsets].transpose(1, 0, 2)
+    mu32 = m.mean.astype(np.float32)[:, :, None]
+    above = win >= mu32
+    zcr = np.count_nonzero(above[:, :, 1:] != above[:, :, :-1], axis=2) / np.float32(size - 1)
+    spectral = _spectral_features(win - mu32, params) if params.features == "stats-fft-v1" else []
+    win.sort(axis=2)
     pos = np.asarray(_PERCENTILES, np.float64) / 100.0 * (size - 1)
     lo = np.floor(pos).astype(np.intp)
     hi = np.minimum(lo + 1, size - 1)
     frac = (pos - lo).astype(np.float32)
-    pct = xs[:, :, lo] + (xs[:, :, hi] - xs[:, :, lo]) * frac  # (k, c, p)
-    rms = np.sqrt(np.einsum("kcs,kcs->kc", x, x) / n)
-    mad = np.abs(np.diff(x, axis=2)).sum(axis=2) / np.float32(size - 1)
-    z = xc / (sd[:, :, None] + eps)
-    z2 = z * z
-    skew = np.einsum("kcs,kcs->kc", z2, z) / n
-    kurt = np.einsum("kcs,kcs->kc", z2, z2) / n - np.float32(3.0)
-    sign = xc >= 0
-    zcr = np.count_nonzero(sign[:, :, 1:] != sign[:, :, :-1], axis=2).astype(np.float32) / np.float32(size - 1)
-    feats = [mu, sd, xs[:, :, 0], xs[:, :, -1], *pct.transpose(2, 0, 1), rms, mad, skew, kurt, zcr]
-
-    # Pairwise correlations.
+    pct = win[:, :, lo] + (win[:, :, hi] - win[:, :, lo]) * frac  # (k, c, p), numpy's "linear" method
+    feats = [m.mean, m.sd, win[:, :, 0], win[:, :, -1], *pct.transpose(2, 0, 1), m.rms, m.mad, skew, kurt, zcr]
     iu, ju = np.triu_indices(c, k=1)
     if iu.size:
-        cov = np.matmul(z, z.transpose(0, 2, 1)) / n  # (k, c, c)
-        feats.append(np.clip(cov[:, iu, ju], -1.0, 1.0))
+        feats.append(np.clip(m.cov[:, iu, ju] / (sd_eps[:, iu] * sd_eps[:, ju]), -1.0, 1.0))
+    return np.concatenate(feats + spectral, axis=1, dtype=np.float32)
 
-    if params.features == "stats-fft-v1":
-        taper = np.hanning(size).astype(np.float32)
-        mag = np.abs(np.fft.rfft(xc * taper, axis=2)).astype(np.float32) / size  # (k, c, nf)
-        freqs = np.fft.rfftfreq(size, d=1.0 / params.sample_rate_hz).astype(np.float32)
-        ac = mag[:, :, 1:]  # drop DC
-        power = ac * ac
-        ptot = power.sum(axis=2) + eps
-        dom = freqs[1:][np.argmax(ac, axis=2)]
-        centroid = (power * freqs[1:]).sum(axis=2) / ptot
-        p = power / ptot[:, :, None]
-        ent = -(p * np.log(p + 1e-12)).sum(axis=2) / np.float32(math.log(max(ac.shape[2], 2)))
-        feats += [dom, centroid, ent, np.log(ptot)]
-        nb = _fft_bins(params)
-        feats.append(np.log1p(ac[:, :, :nb] * 10.0).reshape(k, c * nb))
-    out = np.concatenate([f.reshape(k, -1) if f.ndim == 2 else f for f in feats], axis=1)
-    return np.ascontiguousarray(out, dtype=np.float32)
+
+@dataclass(frozen=True)
+class _Moments:
+    mean: np.ndarray  # (k, c)
+    sd: np.ndarray  # (k, c), population standard deviation
+    cov: np.ndarray  # (k, c, c), population covariance
+    m3: np.ndarray  # (k, c), third central moment
+    m4: np.ndarray  # (k, c), fourth central moment
+    rms: np.ndarray  # (k, c)
+    mad: np.ndarray  # (k, c), mean absolute first difference
+
+
+def _window_moments(blocks: _Blocks, offsets: np.ndarray, size: int) -> _Moments:
+    """Moments of windows from the sums of their blocks, each moved from the block's shift to the
+    window mean by the binomial expansion (as in the pairwise updates of Chan, Golub and LeVeque,
+    and of Pébay for the third and fourth moments)."""
+    g = blocks.g
+    idx = (offsets // g)[None, :] + np.arange(size // g)[:, None]  # (K, k): each window's K blocks
+    shift, t1 = blocks.shift[idx], blocks.t1[idx]  # (K, k, c)
+    mean = (g * shift + t1).sum(axis=0) / size
+    delta = shift - mean  # each block's shift from the window mean
+    delta2 = delta * delta
+    t2 = blocks.t2[idx]  # (K, k, c, c)
+    t2d = np.diagonal(t2, axis1=2, axis2=3)  # (K, k, c)
+    t3 = blocks.t3[idx]
+    half = np.einsum("Kki,Kkj->kij", delta, t1 + 0.5 * g * delta)  # cov's terms in delta, half of them
+    cov = t2.sum(axis=0) + half + half.transpose(0, 2, 1)
+    m3 = (t3 + 3.0 * delta * t2d + 3.0 * delta2 * t1 + g * delta2 * delta).sum(axis=0)
+    m4 = (blocks.t4[idx] + 4.0 * delta * t3 + 6.0 * delta2 * t2d + 4.0 * delta2 * delta * t1
+          + g * delta2 * delta2).sum(axis=0)
+    sq = (t2d + 2.0 * shift * t1 + g * shift * shift).sum(axis=0)
+    mad = (blocks.adiff[idx].sum(axis=0) - blocks.edge[idx[-1]]) / (size - 1)
+    cov /= size
+    return _Moments(mean=mean, sd=np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0)), cov=cov,
+                    m3=m3 / size, m4=m4 / size, rms=np.sqrt(np.maximum(sq, 0.0) / size), mad=mad)
+
+
+def _spectral_features(xc: np.ndarray, params: PreprocessParams) -> list[np.ndarray]:
+    """``"stats-fft-v1"``'s spectral features of mean-removed windows ``xc`` (k, c, size)."""
+    size, k, c = params.window_size, xc.shape[0], xc.shape[1]
+    eps = np.float32(1e-6)
+    taper = np.hanning(size).astype(np.float32)
+    mag = np.abs(np.fft.rfft(xc * taper, axis=2)).astype(np.float32) / size  # (k, c, nf)
+    freqs = np.fft.rfftfreq(size, d=1.0 / params.sample_rate_hz).astype(np.float32)
+    ac = mag[:, :, 1:]  # drop DC
+    power = ac * ac
+    ptot = power.sum(axis=2) + eps
+    dom = freqs[1:][np.argmax(ac, axis=2)]
+    centroid = (power * freqs[1:]).sum(axis=2) / ptot
+    p = power / ptot[:, :, None]
+    ent = -(p * np.log(p + 1e-12)).sum(axis=2) / np.float32(math.log(max(ac.shape[2], 2)))
+    nb = _fft_bins(params)
+    return [dom, centroid, ent, np.log(ptot), np.log1p(ac[:, :, :nb] * 10.0).reshape(k, c * nb)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -12,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.preprocess import (
+    _PERCENTILES,
+    DeviceWindowers,
     PreprocessParams,
     WindowBatch,
     Windower,
@@ -20,6 +23,7 @@ from edge_agent.preprocess import (
     fit_normalization,
     make_windows,
 )
+from edge_agent.preprocess import _fft_bins as fft_bins
 
 RATE = 50.0
 DT = 1.0 / RATE
@@ -69,6 +73,59 @@ def reference_windows(ts, values, labels, p: PreprocessParams):
                     lab = next(v for v in reversed(ls) if counts[v] == best)
             out.append((ts[idx[0]], ts[idx[-1]], w.astype(np.float32), lab))
     return out, dropped
+
+
+def reference_features(windows: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """The features as computed before the block statistics: every statistic on every window
+    separately, in float32 (kept verbatim as the reference of the fast path)."""
+    w = np.asarray(windows, dtype=np.float32)
+    size, c = params.window_size, len(params.channels)
+    k = w.shape[0]
+    mean = np.asarray(params.norm_mean, np.float32)
+    inv = np.float32(1.0) / np.asarray(params.norm_std, np.float32)
+    x = np.ascontiguousarray(((w - mean) * inv).transpose(0, 2, 1))
+    if not np.isfinite(x).all():
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    eps = np.float32(1e-6)
+    n = np.float32(size)
+    mu = x.sum(axis=2) / n  # (k, c)
+    xc = x - mu[:, :, None]
+    sd = np.sqrt(np.einsum("kcs,kcs->kc", xc, xc) / n)
+    xs = np.sort(x, axis=2)
+    pos = np.asarray(_PERCENTILES, np.float64) / 100.0 * (size - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = (pos - lo).astype(np.float32)
+    pct = xs[:, :, lo] + (xs[:, :, hi] - xs[:, :, lo]) * frac  # (k, c, p)
+    rms = np.sqrt(np.einsum("kcs,kcs->kc", x, x) / n)
+    mad = np.abs(np.diff(x, axis=2)).sum(axis=2) / np.float32(size - 1)
+    z = xc / (sd[:, :, None] + eps)
+    z2 = z * z
+    skew = np.einsum("kcs,kcs->kc", z2, z) / n
+    kurt = np.einsum("kcs,kcs->kc", z2, z2) / n - np.float32(3.0)
+    sign = xc >= 0
+    zcr = np.count_nonzero(sign[:, :, 1:] != sign[:, :, :-1], axis=2).astype(np.float32) / np.float32(size - 1)
+    feats = [mu, sd, xs[:, :, 0], xs[:, :, -1], *pct.transpose(2, 0, 1), rms, mad, skew, kurt, zcr]
+    iu, ju = np.triu_indices(c, k=1)
+    if iu.size:
+        cov = np.matmul(z, z.transpose(0, 2, 1)) / n  # (k, c, c)
+        feats.append(np.clip(cov[:, iu, ju], -1.0, 1.0))
+    if params.features == "stats-fft-v1":
+        taper = np.hanning(size).astype(np.float32)
+        mag = np.abs(np.fft.rfft(xc * taper, axis=2)).astype(np.float32) / size  # (k, c, nf)
+        freqs = np.fft.rfftfreq(size, d=1.0 / params.sample_rate_hz).astype(np.float32)
+        ac = mag[:, :, 1:]
+        power = ac * ac
+        ptot = power.sum(axis=2) + eps
+        dom = freqs[1:][np.argmax(ac, axis=2)]
+        centroid = (power * freqs[1:]).sum(axis=2) / ptot
+        p = power / ptot[:, :, None]
+        ent = -(p * np.log(p + 1e-12)).sum(axis=2) / np.float32(math.log(max(ac.shape[2], 2)))
+        feats += [dom, centroid, ent, np.log(ptot)]
+        nb = fft_bins(params)
+        feats.append(np.log1p(ac[:, :, :nb] * 10.0).reshape(k, c * nb))
+    out = np.concatenate([f.reshape(k, -1) if f.ndim == 2 else f for f in feats], axis=1)
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def assert_same(a: WindowBatch, b: WindowBatch) -> None:
@@ -412,3 +469,101 @@ def test_train_and_serve_paths_agree():
     w = Windower(p)
     stream = WindowBatch.concat([w.push(ts[i : i + 13], vals[i : i + 13]) for i in range(0, 500, 13)])
     np.testing.assert_array_equal(extract_features(stream.data, p), extract_features(batch.data, p))
+    # The agent featurizes the batch itself (its windows share their readings' block statistics).
+    np.testing.assert_allclose(extract_features(stream, p), extract_features(batch.data, p), rtol=1e-6, atol=1e-6)
+
+
+# Window and hop in samples at 50 Hz: blocks of gcd(window, hop) samples (5 x 25, 3 x 4, 10 x 1), windows
+# laid out one after the other when a window would have more than 16 blocks (128 and 25), windows
+# without overlap (20 and 20) and with gaps between them (6 and 9).
+WINDOW_HOP = [(125, 25), (12, 8), (10, 1), (128, 25), (20, 20), (6, 9)]
+
+
+def noisy_stream(n: int, c: int, seed: int, nan_frac: float = 0.03):
+    """Readings at 50 Hz with gaps, offsets and spreads per channel, a few NaNs and an inf."""
+    rng = np.random.default_rng(seed)
+    steps = np.full(n, DT)
+    gaps = rng.random(n) < 0.004
+    steps[gaps] = DT * rng.uniform(2.0, 40.0, gaps.sum())
+    ts = 1000.0 + np.cumsum(steps)
+    base = rng.normal(0, 3, c) + np.sin(np.arange(n)[:, None] / rng.uniform(3, 30, c)) * rng.uniform(0.1, 4, c)
+    values = (base + rng.normal(size=(n, c)) * rng.uniform(0.05, 2, c)).astype(np.float32)
+    values[rng.random((n, c)) < nan_frac] = np.nan
+    values[n // 2, 0] = np.inf
+    values[n // 3 : n // 3 + 60, 1] = np.nan  # drops the windows over it
+    return ts, values
+
+
+@pytest.mark.parametrize("features", ["stats-v1", "stats-fft-v1"])
+@pytest.mark.parametrize(("size", "hop"), WINDOW_HOP)
+def test_batch_features_equal_the_per_window_reference(features, size, hop):
+    """The features of a streamed WindowBatch (block statistics shared by overlapping windows) and of
+    its materialized windows equal the per-window float32 reference, interpolated windows included."""
+    p = PreprocessParams(RATE, size / RATE, hop / RATE, ("a", "b", "c"), features=features, fft_max_hz=8.0)
+    ts, values = noisy_stream(3000, 3, seed=size * 100 + hop)
+    p = p.with_normalization(*fit_normalization(values))
+    w = Windower(p)
+    batch = WindowBatch.concat([w.push(ts[i : i + 97], values[i : i + 97]) for i in range(0, len(ts), 97)])
+    assert len(batch) > 20 and batch.dropped > 0
+    interpolated = len(batch) - len(make_windows(ts, values, None, dataclasses.replace(p, missing="drop")))
+    assert interpolated > 0 and np.isfinite(batch.data).all()
+    expected = reference_features(batch.data, p)
+    np.testing.assert_allclose(extract_features(batch, p), expected, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(extract_features(batch.data, p), expected, rtol=2e-4, atol=2e-5)
+
+
+def test_moments_of_quiet_signals_far_from_zero_stay_exact():
+    """Skewness and kurtosis of a signal that barely moves around a large value (a sensor at rest):
+    power sums of the raw values would cancel; the block statistics match float64 arithmetic."""
+    p = params(window_s=2.5, hop_s=0.5, c=2).with_normalization([0.0, 0.0], [1.0, 1.0])
+    rng = np.random.default_rng(11)
+    n = 2000
+    values = np.stack([40.0 + 1e-3 * rng.standard_exponential(n), np.full(n, 7.25)], axis=1).astype(np.float32)
+    batch = make_windows(np.arange(n) * DT, values, None, p)
+    f = extract_features(batch, p)
+    names = feature_names(p)
+    x = batch.data.astype(np.float64)  # (k, size, c)
+    xc = x - x.mean(axis=1, keepdims=True)
+    sd = np.sqrt((xc**2).mean(axis=1))
+    skew = (xc**3).mean(axis=1) / (sd + 1e-6) ** 3
+    kurt = (xc**4).mean(axis=1) / (sd + 1e-6) ** 4 - 3.0
+    np.testing.assert_allclose(f[:, names.index("ch0_skew")], skew[:, 0], rtol=1e-3)
+    np.testing.assert_allclose(f[:, names.index("ch0_kurt")], kurt[:, 0], rtol=1e-3)
+    assert skew[:, 0].min() > 0.5  # the test signal is skewed: the check above is not 0 == 0
+    # A constant channel: no spread, no skew, kurtosis -3 (the excess of a point mass at eps spread).
+    for stat, value in [("std", 0.0), ("skew", 0.0), ("kurt", -3.0), ("zcr", 0.0), ("mad_diff", 0.0)]:
+        np.testing.assert_array_equal(f[:, names.index(f"ch1_{stat}")], value)
+
+
+def test_device_windowers_window_each_device_as_make_windows():
+    p = params(window_s=0.2, hop_s=0.1, c=2)
+    streams_ = {d: noisy_stream(300, 3, seed=i) for i, d in enumerate(["dev-a", "dev-b", "dev-c"])}
+    columns = np.array([2, 0])  # the source has 3 columns; the params' channels are its 3rd and 1st
+    windowers = DeviceWindowers(p)
+    got: dict[str, list[WindowBatch]] = {d: [] for d in streams_}
+    for i in range(0, 300, 41):  # chunks holding every device, as ReadingChunk.by_device() gives them
+        chunk = {d: (ts[i : i + 41], v[i : i + 41], None) for d, (ts, v) in streams_.items() if d != "dev-c" or i < 120}
+        pushed = windowers.push(chunk, columns)
+        assert [d for d, _ in pushed] == list(chunk)  # every device pushed, in order, even without a window
+        for d, batch in pushed:
+            got[d].append(batch)
+    for d, (ts, v) in streams_.items():
+        n = 300 if d != "dev-c" else 123
+        assert_same(WindowBatch.concat(got[d]), make_windows(ts[:n], v[:n, columns], None, p))
+    windowers.clear()
+    ts, v = streams_["dev-a"]
+    assert_same(windowers.push({"dev-a": (ts[:50], v[:50], None)}, columns)[0][1],
+                make_windows(ts[:50], v[:50, columns], None, p))
+
+
+def test_window_batch_of_windows_and_concat():
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(4, 5, 2)).astype(np.float32)
+    a = WindowBatch.of_windows(np.arange(4.0), np.arange(4.0) + 1, data)
+    np.testing.assert_array_equal(a.data, data)
+    b = make_windows(np.arange(12) * DT, rng.normal(size=(12, 2)).astype(np.float32), None,
+                     params(window_s=0.1, hop_s=0.06))
+    both = WindowBatch.concat([a, b, WindowBatch.empty(5, 2)])
+    np.testing.assert_array_equal(both.data, np.concatenate([data, b.data]))
+    with pytest.raises(ValueError, match="window sizes"):
+        WindowBatch.concat([a, WindowBatch.empty(6, 2)])

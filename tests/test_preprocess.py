@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.preprocess import (
-    _PERCENTILES,
     DeviceWindowers,
     PreprocessParams,
     WindowBatch,
@@ -23,7 +22,8 @@ from edge_agent.preprocess import (
     fit_normalization,
     make_windows,
 )
-from edge_agent.preprocess import _fft_bins as fft_bins
+from edge_agent.preprocess.features import _fft_bins as fft_bins
+from edge_agent.preprocess.params import _PERCENTILES
 
 RATE = 50.0
 DT = 1.0 / RATE

@@ -1,0 +1,220 @@
+"""Preprocessing parameters: what a model was trained with, shipped in its manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MISSING_POLICIES = ("interpolate", "drop")
+
+#: Supported feature sets.  The name is versioned: changing what a feature set
+#: computes requires a new name, because trained models depend on it.
+FEATURE_SETS = ("stats-fft-v1", "stats-v1")
+
+# Percentiles used by the time-domain statistics.
+_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
+_STAT_NAMES = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    *(f"p{int(p)}" for p in _PERCENTILES),
+    "rms",
+    "mad_diff",  # mean absolute first difference (jerkiness)
+    "skew",
+    "kurt",
+    "zcr",  # zero (mean) crossing rate, crossings per sample
+)
+_SPEC_NAMES = ("dom_freq", "centroid", "entropy", "log_energy")
+
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """Everything needed to turn raw readings into model inputs.
+
+    The instance travels as JSON (``to_dict`` / ``from_dict``) inside the
+    model manifest, so a device preprocesses exactly as the trainer did.
+
+    Attributes:
+        sample_rate_hz: nominal sampling rate of the readings.
+        window_s: window length in seconds (``round(window_s*rate)`` samples).
+        hop_s: step between window starts in seconds (``round(hop_s*rate)``
+            samples).
+        channels: names of the value columns, in order.
+        missing: missing-data policy, ``"interpolate"`` or ``"drop"`` (see the
+            module docstring).
+        max_missing_frac: with ``"interpolate"``, windows in which any channel
+            has more than this fraction of missing samples are dropped.
+        norm_mean, norm_std: per-channel normalization statistics fitted on
+            the training data (:func:`fit_normalization`); empty tuples mean
+            "not fitted yet" (windowing works, feature extraction refuses).
+        features: name/version of the feature set (one of ``FEATURE_SETS``):
+            ``"stats-fft-v1"`` (default: time-domain statistics, channel
+            correlations and spectral features) or ``"stats-v1"`` (without the
+            spectral part: better on the watch exercise data, see
+            :func:`extract_features`).
+        fft_max_hz: highest frequency of the rFFT magnitude bins kept per
+            channel by ``"stats-fft-v1"`` (``None`` = up to Nyquist).
+    """
+
+    sample_rate_hz: float
+    window_s: float
+    hop_s: float
+    channels: tuple[str, ...]
+    missing: str = "interpolate"
+    max_missing_frac: float = 0.2
+    norm_mean: tuple[float, ...] = ()
+    norm_std: tuple[float, ...] = ()
+    features: str = "stats-fft-v1"
+    fft_max_hz: float | None = None
+
+    def __post_init__(self) -> None:
+        # Normalize sequence fields to tuples so that equality and hashing
+        # work after a JSON round trip (JSON has lists only).
+        object.__setattr__(self, "channels", tuple(str(c) for c in self.channels))
+        object.__setattr__(self, "norm_mean", tuple(float(v) for v in self.norm_mean))
+        object.__setattr__(self, "norm_std", tuple(float(v) for v in self.norm_std))
+        errors = []
+        if not (_finite(self.sample_rate_hz) and self.sample_rate_hz > 0):
+            errors.append(f"sample_rate_hz must be > 0, got {self.sample_rate_hz!r}")
+        else:
+            if not (_finite(self.window_s) and round(self.window_s * self.sample_rate_hz) >= 2):
+                errors.append(f"window_s={self.window_s!r} gives fewer than 2 samples per window")
+            if not (_finite(self.hop_s) and round(self.hop_s * self.sample_rate_hz) >= 1):
+                errors.append(f"hop_s={self.hop_s!r} gives a hop of less than 1 sample")
+        if not self.channels:
+            errors.append("channels must not be empty")
+        elif len(set(self.channels)) != len(self.channels):
+            errors.append(f"channels must be unique, got {list(self.channels)}")
+        if self.missing not in MISSING_POLICIES:
+            errors.append(f"missing must be one of {MISSING_POLICIES}, got {self.missing!r}")
+        if not (_finite(self.max_missing_frac) and 0.0 <= self.max_missing_frac < 1.0):
+            errors.append(f"max_missing_frac must be in [0, 1), got {self.max_missing_frac!r}")
+        if self.features not in FEATURE_SETS:
+            errors.append(f"features must be one of {FEATURE_SETS}, got {self.features!r}")
+        if self.fft_max_hz is not None and not (_finite(self.fft_max_hz) and self.fft_max_hz > 0):
+            errors.append(f"fft_max_hz must be > 0 or None, got {self.fft_max_hz!r}")
+        if len(self.norm_mean) != len(self.norm_std):
+            errors.append("norm_mean and norm_std must have the same length")
+        elif self.norm_mean and len(self.norm_mean) != len(self.channels):
+            errors.append(
+                f"norm_mean/norm_std have {len(self.norm_mean)} values "
+                f"but there are {len(self.channels)} channels"
+            )
+        if not all(_finite(v) for v in self.norm_mean):
+            errors.append("norm_mean must be finite")
+        if not all(_finite(v) and v > 0 for v in self.norm_std):
+            errors.append("norm_std must be finite and > 0")
+        if errors:
+            raise ValueError("invalid PreprocessParams: " + "; ".join(errors))
+
+    # -- derived sizes -----------------------------------------------------
+    @property
+    def window_size(self) -> int:
+        """Window length in samples."""
+        return int(round(self.window_s * self.sample_rate_hz))
+
+    @property
+    def hop_size(self) -> int:
+        """Hop between window starts in samples."""
+        return int(round(self.hop_s * self.sample_rate_hz))
+
+    @property
+    def gap_s(self) -> float:
+        """Timestamp jumps larger than this (seconds) are gaps."""
+        return 1.5 / self.sample_rate_hz
+
+    @property
+    def is_fitted(self) -> bool:
+        """True when normalization statistics are present."""
+        return len(self.norm_mean) == len(self.channels)
+
+    @property
+    def n_features(self) -> int:
+        """Length of the feature vector produced by :func:`extract_features`."""
+        from edge_agent.preprocess.features import feature_names  # features import the params
+
+        return len(feature_names(self))
+
+    def with_normalization(self, mean: Sequence[float], std: Sequence[float]) -> PreprocessParams:
+        """Copy of these params with the given normalization statistics."""
+        return dataclasses.replace(self, norm_mean=tuple(mean), norm_std=tuple(std))
+
+    # -- JSON --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        for k in ("channels", "norm_mean", "norm_std"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessParams:
+        """Strict inverse of :meth:`to_dict`.
+
+        Raises ValueError on unknown keys, missing required keys, wrong
+        types or invalid values (with a message naming the culprit).
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"PreprocessParams.from_dict expects a mapping, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        required = [
+            n
+            for n, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [n for n in required if n not in d]
+        if unknown or missing:
+            parts = []
+            if unknown:
+                parts.append(f"unknown keys {unknown}")
+            if missing:
+                parts.append(f"missing keys {missing}")
+            raise ValueError(
+                "invalid PreprocessParams dict: " + ", ".join(parts) + f" (expected keys: {sorted(fields)})"
+            )
+        kw: dict[str, Any] = {}
+        for name, value in d.items():
+            if name in ("sample_rate_hz", "window_s", "hop_s", "max_missing_frac"):
+                kw[name] = _as_float(name, value)
+            elif name == "fft_max_hz":
+                kw[name] = None if value is None else _as_float(name, value)
+            elif name in ("missing", "features"):
+                if not isinstance(value, str):
+                    raise ValueError(f"invalid PreprocessParams dict: {name} must be a string, got {value!r}")
+                kw[name] = value
+            elif name == "channels":
+                if (
+                    isinstance(value, str)
+                    or not isinstance(value, (list, tuple))
+                    or not all(isinstance(v, str) for v in value)
+                ):
+                    raise ValueError(
+                        f"invalid PreprocessParams dict: channels must be a list of strings, got {value!r}"
+                    )
+                kw[name] = tuple(value)
+            else:  # norm_mean / norm_std
+                if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                    raise ValueError(
+                        f"invalid PreprocessParams dict: {name} must be a list of numbers, got {value!r}"
+                    )
+                kw[name] = tuple(_as_float(name, v) for v in value)
+        return cls(**kw)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"invalid PreprocessParams dict: {name} must be a number, got {value!r}")
+    return float(value)

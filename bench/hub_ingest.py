@@ -268,7 +268,7 @@ def _hub_run(broker: LocalBroker, url: str, prefix: str, per_msg: int, n_results
             finally:
                 profile.disable()
 
-        hub._writer._target = profiled  # type: ignore[attr-defined]  # bench only: profile the writer thread
+        hub._writers[0]._target = profiled  # type: ignore[attr-defined]  # bench only: profile the writer thread
     hub.start()  # returns once the broker acknowledged the subscriptions
     pub = Publisher(broker.port, prefix, per_msg, n_results)
     c0 = time.process_time()

@@ -4,7 +4,10 @@ Threads: paho's network thread only puts each :class:`Message` on a queue (and a
 connect/disconnect); a decoder thread drains the queue into a batch, decoding every message through
 the contract; one writer thread writes each batch in ONE transaction and, once it is committed, sends
 the PUBACK of every message in it. The decoder works on the next batch while the writer waits for the
-database (at most one decoded batch waits for the writer). With a persistent session (clean start off, session expiry set) the broker redelivers
+database (at most one decoded batch waits for a writer). On PostgreSQL two writers, each with its own
+connection and transaction, take turns: one streams its batch while the other's is being stored
+(two batches holding the same row, a redelivery, are serialized by the unique key; a deadlock
+between them is retried like any transient error). With a persistent session (clean start off, session expiry set) the broker redelivers
 whatever was not acknowledged when the hub died, and the idempotent insert on (device_id, seq) makes
 the redelivery harmless: exactly one row per result.
 
@@ -102,12 +105,15 @@ class Hub:
         self._generation = 0  # connection events dequeued by the writer
         self._topic_cache: dict[str, tuple[str, str]] = {}
         self._touched: dict[str, float] = {}  # device -> last_seen last committed by this hub
-        self._conn: Connection | None = None  # the writer thread's connection
+        self._local = threading.local()  # .conn: each writer thread's connection
         self._stop_deadline: float | None = None
         self._stopping = threading.Event()  # cuts a retry backoff short
         self._decoded: queue.Queue[Pending | None] = queue.Queue(maxsize=1)  # decoder -> writer
         self._decoder = threading.Thread(target=self._decode, name="hub-decoder", daemon=True)
-        self._writer = threading.Thread(target=self._run, name="hub-writer", daemon=True)
+        self._stats_lock = threading.Lock()
+        writers = 2 if self.engine.dialect.name == "postgresql" else 1  # SQLite has one write lock anyway
+        self._writers = [threading.Thread(target=self._run, args=(i,), name=f"hub-writer-{i}", daemon=True)
+                         for i in range(writers)]
         group = settings.share_group
         self.link = MqttLink(
             settings.broker_url, settings.session_id, tls=settings.tls, clean_start=False,
@@ -123,7 +129,8 @@ class Hub:
         """Start the writer and connect; :class:`BrokerUnavailable` if no connection in time. Returns
         False (and has stopped) when ``stop`` was set meanwhile (SIGTERM/SIGINT during the connect)."""
         self._decoder.start()
-        self._writer.start()
+        for writer in self._writers:
+            writer.start()
         timeout = self.settings.connect_timeout_s if connect_timeout is None else connect_timeout
         try:
             self.link.start()
@@ -155,7 +162,7 @@ class Hub:
         self._stop_deadline = time.monotonic() + timeout
         self._queue.put(_STOP)
         self._stopping.set()
-        for thread in (self._decoder, self._writer):
+        for thread in (self._decoder, *self._writers):
             if thread.is_alive():
                 thread.join(timeout + 5.0)
         if report:
@@ -183,12 +190,15 @@ class Hub:
             if pending is not None:
                 self._decoded.put(pending)
                 if pending.final:
+                    for _ in self._writers[1:]:
+                        self._decoded.put(Pending(final=True))  # every writer stops after the last batch
                     return
 
-    def _run(self) -> None:
-        interval = self.settings.log_interval_s
+    def _run(self, index: int = 0) -> None:
+        interval = self.settings.log_interval_s if index == 0 else 0.0  # writer 0 logs
         self._next_log = time.monotonic() + interval if interval > 0 else float("inf")
         self._last_log = (time.monotonic(), 0)
+        self._local.conn = None
         while True:
             try:
                 pending = self._decoded.get(timeout=min(0.5, interval) if interval > 0 else 0.5)
@@ -206,11 +216,11 @@ class Hub:
                     if self.settings.receipts:
                         self._send_receipts(pending)
                     self._ack(pending)
-            if time.monotonic() >= self._next_log:
+            if index == 0 and time.monotonic() >= self._next_log:
                 self._log_stats()
             if pending is not None and pending.final:
-                if self._conn is not None:
-                    self._conn.close()
+                if self._local.conn is not None:
+                    self._local.conn.close()
                 return
 
     def _collect(self, timeout: float) -> Pending | None:
@@ -286,7 +296,8 @@ class Hub:
             try:
                 return self._write(pending)
             except Exception as exc:  # the outer loop of a long-running process: log and carry on
-                self.stats.db_errors += 1
+                with self._stats_lock:
+                    self.stats.db_errors += 1
                 if isinstance(exc, sa.exc.DBAPIError) and not is_transient(exc):
                     log.error("the database refused a batch (%s); writing its messages one by one",
                               _first_line(exc))
@@ -309,15 +320,15 @@ class Hub:
     def _write(self, pending: Pending) -> Written:
         """One transaction on the writer's own connection, kept open between batches (a pool checkout
         and return per batch cost as much as writing 10 rows); dropped on any error."""
-        conn = self._conn
+        conn = self._local.conn
         if conn is None:
-            conn = self._conn = self.engine.connect()
+            conn = self._local.conn = self.engine.connect()
             conn.execution_options(hub_write=True)
         try:
             with conn.begin():
                 return self.store.write(conn, pending)
         except BaseException:
-            self._conn = None
+            self._local.conn = None
             with contextlib.suppress(Exception):
                 conn.close()
             raise
@@ -346,11 +357,12 @@ class Hub:
 
     def _count(self, pending: Pending, written: Written) -> None:
         stats = self.stats
-        stats.batches += 1
-        stats.messages += len(pending.messages)
-        stats.stored += written.new
-        stats.duplicates += written.duplicates
-        stats.dead_letters += written.dead
+        with self._stats_lock:
+            stats.batches += 1
+            stats.messages += len(pending.messages)
+            stats.stored += written.new
+            stats.duplicates += written.duplicates
+            stats.dead_letters += written.dead
 
     def _send_receipts(self, pending: Pending) -> None:
         """Tell each device which of its results this committed batch holds (one message per device)."""
@@ -367,12 +379,14 @@ class Hub:
             except (MqttError, ContractError) as exc:  # the device sends again and gets its receipt then
                 log.warning("receipt to %s not sent: %s", device, exc)
                 continue
-            self.stats.receipts += 1
+            with self._stats_lock:
+                self.stats.receipts += 1
 
     def _ack(self, pending: Pending) -> None:
         stats = self.stats
         if pending.generation != self._connection_events or not self.link.connected:
-            stats.unacked += len(pending.messages)
+            with self._stats_lock:
+                stats.unacked += len(pending.messages)
             log.info("connection changed: %d committed messages left for redelivery", len(pending.messages))
             return
         ack = self.link.ack

@@ -131,6 +131,10 @@ class Outbox:
 
     def put(self, device_id: str, rows: Sequence[tuple[int, bytes]], *, timeout: float | None = None) -> int:
         """Store results ``(seq, payload)`` of one device in one transaction; returns how many were new."""
+        return self.put_many([(device_id, seq, payload) for seq, payload in rows], timeout=timeout)
+
+    def put_many(self, rows: Sequence[tuple[str, int, bytes]], *, timeout: float | None = None) -> int:
+        """Store results ``(device_id, seq, payload)`` in one transaction; returns how many were new."""
         if not rows:
             return 0
         now = time.time()
@@ -144,7 +148,7 @@ class Outbox:
                 before = self._db.total_changes
                 self._db.executemany(
                     "INSERT OR IGNORE INTO outbox (device_id, seq, created, payload) VALUES (?, ?, ?, ?)",
-                    [(device_id, seq, now, payload) for seq, payload in rows],
+                    [(device_id, seq, now, payload) for device_id, seq, payload in rows],
                 )
                 added = self._db.total_changes - before
                 excess = self._depth + added - self.max_rows

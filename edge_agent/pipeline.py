@@ -122,19 +122,24 @@ class Processor:
         feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
                                  runner.params)
         pred = runner.predict(feats)
-        written, offset = 0, 0
+        rows: list[tuple[str, int, bytes]] = []
+        offset = 0
         for device, batch in ready:
             part = slice(offset, offset + len(batch))
             offset += len(batch)
-            written += self._emit(device, batch, feats[part], pred, part)
-        return written
+            rows += self._results(device, batch, feats[part], pred, part)
+        self.stats.windows += len(rows)
+        added = self.outbox.put_many(rows)  # one transaction for every device of the chunk
+        self.stats.new_results += added
+        return added
 
-    def _emit(self, device: str, batch: WindowBatch, feats: np.ndarray, pred: Prediction, part: slice) -> int:
+    def _results(self, device: str, batch: WindowBatch, feats: np.ndarray, pred: Prediction, part: slice
+                 ) -> list[tuple[str, int, bytes]]:
         seqs = window_seq(batch.start)
         send_features = (np.zeros(len(seqs), bool) if self.features == "off"
                          else sampled(seqs, 1.0 if self.features == "all" else self.features_sample))
         version = self.runner.version
-        rows: list[tuple[int, bytes]] = []
+        rows: list[tuple[str, int, bytes]] = []
         starts, ends, seq_list = batch.start.tolist(), batch.end.tolist(), seqs.tolist()
         truths = None if batch.labels is None else [
             None if (x is None or x == "") else str(x) for x in batch.labels.tolist()]
@@ -150,8 +155,5 @@ class Processor:
                 truth=truths[i] if truths is not None else None,
                 features=tuple(feats[i].tolist()) if send_features[i] else None,
             )
-            rows.append((seq, encode_result_obj(result)))
-        self.stats.windows += len(rows)
-        added = self.outbox.put(device, rows)
-        self.stats.new_results += added
-        return added
+            rows.append((device, seq, encode_result_obj(result)))
+        return rows

@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from cloud_hub.autoretrain import AutoRetrainer
 from cloud_hub.db import HubError, describe, is_transient, make_engine, pack_features

@@ -1,4 +1,4 @@
-"""Benchmark: a simulated fleet of 1,000 devices against a real mosquitto and a real hub.
+"""Benchmark: a simulated fleet of devices (1,000 by default) against a real mosquitto and a real hub.
 
     python bench/fleet.py                                     # 1,000 devices for 120 s, SQLite, 1 hub
     python bench/fleet.py --db postgresql+psycopg://postgres@127.0.0.1:5432/postgres --workers 2
@@ -40,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent import contract as c
+from edge_agent import exits
 from edge_agent.bundle import BundleRejected, check_bundle, load_public_key
 
 MODEL = "fleet"
@@ -368,10 +369,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.workers > 1 and not args.db:
         ap.error("several hub workers need PostgreSQL (--db)")
+    if args.db and not args.db.startswith("postgresql+psycopg://"):
+        ap.error("--db takes a postgresql+psycopg:// URL (SQLite is the default)")
+    if args.devices < 1 or args.procs < 1:
+        ap.error("--devices and --procs must be at least 1")
+    args.procs = min(args.procs, args.devices)
     if args.switch_at >= args.seconds:
         ap.error("--switch-at must be within --seconds")
+    from cloud_hub.db import DatabaseUnavailable
+
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
-        run(args, Path(tmp))
+        try:
+            run(args, Path(tmp))
+        except DatabaseUnavailable as exc:
+            print(f"fleet.py: {exc}", file=sys.stderr)
+            raise SystemExit(exits.UNAVAILABLE) from None
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from cloud_hub.ingest import Hub
 from cloud_hub.local_broker import LocalBroker
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
+from edge_agent import exits
 
 LABELS = ("walk", "run", "sit", "stand")
 DEVICES = 8
@@ -319,10 +320,10 @@ def main() -> None:
                     plain.append(hub_run(broker, work, per_msg, n, None, receipts=False, db_url=args.db))
                 (raw, raw_cpu), (hub, hub_cpu, receipts) = max(raws), max(hubs)
                 no_receipts = max(plain)[0]
-                print("  runs with receipts:", [f"{h[0]:,.0f}" for h in hubs], "without:", [f"{h[0]:,.0f}" for h in plain])
                 bare, bare_cpu, _ = max(bare_runs)
                 pub_rate = max(r[2] for r in bare_runs)
                 print(f"--batch {per_msg}: {n} results, {n // per_msg} messages, best of {args.repeat}")
+                print("  runs with receipts:", [f"{h[0]:,.0f}" for h in hubs], "without:", [f"{h[0]:,.0f}" for h in plain])
                 if pg:
                     copy, copy_cpu = max(copies)
                     print(f"  raw psycopg executemany {raw:10,.0f} rows/s     {raw_cpu:6.1f} µs CPU/row "
@@ -350,5 +351,11 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_publish":
         publish_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
+        from cloud_hub.db import DatabaseUnavailable
+
         os.environ.setdefault("PYTHONHASHSEED", "0")
-        main()
+        try:
+            main()
+        except DatabaseUnavailable as exc:
+            print(f"hub_ingest.py: {exc}", file=sys.stderr)
+            raise SystemExit(exits.UNAVAILABLE) from None

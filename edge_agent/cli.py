@@ -1,4 +1,4 @@
-"""The ``edge-agent`` command line: a thin shell over :mod:`edge_agent.service`.
+"""The ``edge-agent`` command line: a thin shell over :mod:`edge_agent.jobs`.
 
 Exit codes: :mod:`edge_agent.exits` (one table for both command lines).
 """

@@ -10,9 +10,17 @@
 
 from edge_agent.sources.chunk import MAX_ERRORS_KEPT, LogError, ReadingChunk, ReadStats, file_error
 from edge_agent.sources.live import FollowFile, JsonLinesStream, SimulatedSensor, StdinSource
-from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, LogReader, log_format, pace, read_log
+from edge_agent.sources.logs import (
+    DEFAULT_CHUNK_ROWS,
+    LineParser,
+    LogReader,
+    log_format,
+    pace,
+    read_ahead,
+    read_log,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS", "MAX_ERRORS_KEPT", "FollowFile", "JsonLinesStream", "LineParser", "LogError", "LogReader",
-    "ReadStats", "ReadingChunk", "SimulatedSensor", "StdinSource", "file_error", "log_format", "pace", "read_log",
+    "ReadStats", "ReadingChunk", "SimulatedSensor", "StdinSource", "file_error", "log_format", "pace", "read_ahead", "read_log",
 ]

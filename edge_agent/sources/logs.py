@@ -14,10 +14,12 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import queue
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -235,6 +237,47 @@ def _broken(exc: BaseException) -> str:
     return f"read error: {exc}"
 
 
+class _Gunzip:
+    """Decompress a .gz file as it is read (members one after the other, like ``gzip.open``), giving
+    every byte that can be decompressed before a truncation or corruption is reported: the error then
+    names the line where the file breaks. (``GzipFile.read`` loses what it decompressed in the read
+    that fails.)"""
+
+    def __init__(self, path: str) -> None:
+        self.raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._error: BaseException | None = None
+        self._started = False
+
+    def read(self, n: int) -> bytes:
+        if self._error is not None:
+            raise self._error
+        out = b""
+        while not out:
+            data = self._z.unused_data or self.raw.read(max(n // 4, 1 << 14))
+            if self._z.eof:  # the next member of a multi-member file
+                if not data.strip(b"\0"):
+                    return b""
+                self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            elif not data:
+                if self._started:  # the stream stops inside a member
+                    self._error = EOFError("truncated")
+                    raise self._error
+                return b""
+            try:
+                out = self._z.decompress(data)
+            except zlib.error as exc:
+                self._error = gzip.BadGzipFile(str(exc))
+                if out:
+                    return out
+                raise self._error from exc
+            self._started = True
+        return out
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class LogReader:
     """Iterator of :class:`ReadingChunk` over a recorded log (``chunk_rows`` lines each).
 
@@ -250,7 +293,7 @@ class LogReader:
         self.parser = LineParser(self.path, self.format, on_error=on_error, chunk_rows=chunk_rows)
         self.stats = self.parser.stats
         try:
-            self._f: BinaryIO = gzip.open(self.path, "rb") if gz else open(self.path, "rb")  # type: ignore[assignment]  # noqa: SIM115
+            self._f: Any = _Gunzip(self.path) if gz else open(self.path, "rb")  # noqa: SIM115
         except OSError as exc:
             raise file_error(self.path, f"cannot open: {exc.strerror or exc}") from exc
         try:
@@ -267,12 +310,11 @@ class LogReader:
         self._it: Iterator[ReadingChunk] | None = None
 
     def _read(self, n: int) -> bytes:
+        """Read while looking for the schema: a broken file is an error about the whole file."""
         try:
             return self._f.read(n)
-        except _BROKEN_FILE as exc:  # a truncated or corrupt .gz, a read error of the disk
-            if not self.parser.ready:
-                raise file_error(self.path, _broken(exc)) from exc
-            raise LogError(self.path, self.parser.line, _broken(exc), "bad file") from exc
+        except _BROKEN_FILE as exc:
+            raise file_error(self.path, _broken(exc)) from exc
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -297,7 +339,14 @@ class LogReader:
 
     def _chunks(self) -> Iterator[ReadingChunk]:
         try:
-            while data := self._read(1 << 18):
+            while True:
+                try:
+                    data = self._f.read(1 << 18)
+                except _BROKEN_FILE as exc:  # a truncated or corrupt .gz, a read error of the disk
+                    yield from self.parser.feed()  # the complete lines before the break, then where it is
+                    raise LogError(self.path, self.parser.line, _broken(exc), "bad file") from exc
+                if not data:
+                    break
                 yield from self.parser.feed(data, flush=False)
             yield from self.parser.feed(final=True)
         finally:
@@ -305,7 +354,7 @@ class LogReader:
 
     def position(self) -> int:
         """Bytes of the file read so far (compressed bytes for .gz): progress against its size."""
-        raw = getattr(self._f, "fileobj", None) or self._f  # a GzipFile reads from .fileobj
+        raw = getattr(self._f, "raw", None) or self._f  # a .gz is read from .raw
         try:
             return int(raw.tell())
         except (OSError, ValueError):  # closed
@@ -376,3 +425,40 @@ def pace(chunks: Iterable[ReadingChunk], speed: float, *, clock: Callable[[], fl
                 i = j
             else:
                 sleep(float(due[i]) - now)
+
+
+def read_ahead(chunks: Iterable[ReadingChunk], depth: int = 2) -> Iterator[ReadingChunk]:
+    """Iterate ``chunks`` in a thread of its own, up to ``depth`` chunks ahead of the caller.
+
+    Parsing is mostly numpy, which releases the GIL: it overlaps with what the caller does with the
+    previous chunk (windows, inference, the outbox). An error of the reader (a :class:`LogError`)
+    reaches the caller after the chunks before it, as without the thread.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not done.is_set():
+                    try:
+                        q.put(chunk, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # handed to the caller, raised there
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        done.set()

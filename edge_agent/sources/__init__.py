@@ -3,22 +3,16 @@
 * ``chunk``   -- :class:`ReadingChunk`, :class:`LogError` (file, line, reason), :class:`ReadStats`
 * ``numbers`` -- vectorized decoding of numeric and categorical fields
 * ``formats`` -- CSV and JSON Lines blocks, and :class:`Rules`: every rule a line must pass
-* ``logs``    -- recorded logs (CSV / JSON Lines, gzip): :func:`read_log`, :func:`pace`, and
-  :class:`LineParser`, the one engine every source's lines go through
+* ``logs``    -- recorded logs (CSV / JSON Lines, gzip): :func:`read_log`, and :class:`LineParser`,
+  the one engine every source's lines go through
+* ``replay``  -- :func:`pace` (recorded time, scaled) and :func:`read_ahead` (parse in a thread)
 * ``live``    -- :class:`SimulatedSensor`, :class:`JsonLinesStream`, :class:`FollowFile`
 """
 
 from edge_agent.sources.chunk import MAX_ERRORS_KEPT, LogError, ReadingChunk, ReadStats, file_error
 from edge_agent.sources.live import FollowFile, JsonLinesStream, SimulatedSensor, StdinSource
-from edge_agent.sources.logs import (
-    DEFAULT_CHUNK_ROWS,
-    LineParser,
-    LogReader,
-    log_format,
-    pace,
-    read_ahead,
-    read_log,
-)
+from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, LogReader, log_format, read_log
+from edge_agent.sources.replay import pace, read_ahead
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS", "MAX_ERRORS_KEPT", "FollowFile", "JsonLinesStream", "LineParser", "LogError", "LogReader",

@@ -2,8 +2,7 @@
 
 :func:`read_log` -> :class:`LogReader`, an iterator of :class:`ReadingChunk` that raises
 :class:`LogError` (file, 1-based physical line, reason) at the first bad line, or with
-``on_error="skip"`` drops bad lines and counts them per reason in ``reader.stats``; :func:`pace`
-replays them at their recorded (scaled) time.
+``on_error="skip"`` drops bad lines and counts them per reason in ``reader.stats``.
 :class:`LineParser` is the engine, fed bytes as they come: the live sources (``live.py``) use it
 too.  It cuts the lines into blocks of at most 2048 (bigger temporaries are mmap'd by malloc and
 page-fault on every block) that ``formats.py`` decodes, so results never depend on chunking.
@@ -12,13 +11,9 @@ page-fault on every block) that ``formats.py`` decodes, so results never depend 
 from __future__ import annotations
 
 import gzip
-import math
 import os
-import queue
-import threading
-import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -388,77 +383,3 @@ def read_log(path: str | os.PathLike, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, o
     and counts them in ``reader.stats``.
     """
     return LogReader(path, chunk_rows=chunk_rows, on_error=on_error, format=format)
-
-
-_PACE_SLACK = 1e-4  # seconds: readings due this soon are released now
-
-
-def pace(chunks: Iterable[ReadingChunk], speed: float, *, clock: Callable[[], float] = time.monotonic,
-         sleep: Callable[[float], Any] = time.sleep) -> Iterator[ReadingChunk]:
-    """Release readings according to their recorded timestamps.
-
-    A reading with timestamp ``t`` is released at ``start + (t - t_first) / speed`` (``t`` taken as
-    a running max, so a log not sorted by time never moves the schedule back).  Readings due at the
-    same moment are released together as a sub-chunk.  ``speed <= 0`` or infinite: no pacing.
-    """
-    if speed != speed:
-        raise ValueError("speed is NaN")
-    if speed <= 0 or math.isinf(speed):
-        yield from chunks
-        return
-    t0_rec, t0_clock, run_max = None, 0.0, -math.inf
-    for chunk in chunks:
-        n = len(chunk)
-        if n == 0:
-            continue
-        if t0_rec is None:
-            t0_rec, t0_clock = float(chunk.ts[0]), clock()
-        rec = np.maximum(np.maximum.accumulate(chunk.ts), run_max)
-        run_max = float(rec[-1])
-        due = (rec - t0_rec) / speed
-        i = 0
-        while i < n:
-            now = clock() - t0_clock
-            j = int(np.searchsorted(due, now + _PACE_SLACK, side="right"))
-            if j > i:
-                yield chunk if (i == 0 and j == n) else chunk.take(slice(i, j))
-                i = j
-            else:
-                sleep(float(due[i]) - now)
-
-
-def read_ahead(chunks: Iterable[ReadingChunk], depth: int = 2) -> Iterator[ReadingChunk]:
-    """Iterate ``chunks`` in a thread of its own, up to ``depth`` chunks ahead of the caller.
-
-    Parsing is mostly numpy, which releases the GIL: it overlaps with what the caller does with the
-    previous chunk (windows, inference, the outbox). An error of the reader (a :class:`LogError`)
-    reaches the caller after the chunks before it, as without the thread.
-    """
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    done = threading.Event()
-    end = object()
-
-    def produce() -> None:
-        try:
-            for chunk in chunks:
-                while not done.is_set():
-                    try:
-                        q.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if done.is_set():
-                    return
-            q.put(end)
-        except BaseException as exc:  # handed to the caller, raised there
-            q.put(exc)
-
-    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        done.set()

@@ -253,11 +253,18 @@ def _continue(
         warm_start=same_classes,
         max_iter=epochs,
         early_stopping=False,
+        tol=cfg.tol,  # this fit's config, not the previous model's
+        n_iter_no_change=cfg.n_iter_no_change,
         batch_size=batch,
         # A RandomState instance (not an int) so that each partial_fit epoch
         # shuffles differently, deterministically for a given seed.
         random_state=np.random.RandomState(seed),
     )
+    # warm_start keeps the previous fit's no-improvement counter and best loss: after a fit that
+    # stopped early the counter is already past n_iter_no_change, and the continued fit would stop
+    # after one epoch. Each continued fit starts its own count (scikit-learn has no public reset).
+    mlp._no_improvement_count = 0
+    mlp.best_loss_ = np.inf
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if task == "regression":

@@ -223,3 +223,20 @@ def test_bad_inputs(data, classifier):
         quantize_int8(fp32, data["Xtr"][:, :5])
     with pytest.raises(ValueError):
         export_onnx(train(data["Xtr"], data["ytr"], config=TrainConfig(hidden=(8,), max_iter=2)), 5)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_warm_start_trains_its_epochs_even_when_the_previous_fit_stopped_early(data, task):
+    """scikit-learn's warm_start keeps the early-stopping counter and best loss of the previous fit:
+    after a fit that converged early, a continued fit stopped after one epoch. Each continued fit
+    must run the epochs it is given."""
+    y = data["ytr"] if task == "classification" else (data["Xtr"][:, 0] * 2.0 + 1.0).astype(np.float64)
+    # tol=10: no epoch improves enough, so the first fit stops early, its counter past n_iter_no_change
+    prev = train(data["Xtr"], y, seed=0, config=TrainConfig(hidden=(32,), max_iter=400, min_updates=0, tol=10.0))
+    assert prev[-1].n_iter_ < 400, "the first fit must stop early for this test to mean anything"
+    # New data the previous model fits worse than its best loss (another subject, say): the carried
+    # counter went past n_iter_no_change at the first epoch without improvement.
+    other = np.roll(y, 7) if task == "classification" else 5.0 - 3.0 * y
+    cfg = TrainConfig(hidden=(32,), warm_epochs=6, min_updates=0)
+    warm = train(data["Xtr"], other, warm_from=prev, seed=1, config=cfg)
+    assert len(warm[-1].loss_curve_) - len(prev[-1].loss_curve_) == 6

@@ -69,7 +69,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
         sizes = [max(os.path.getsize(r.path), 1) for r in readers]
         total, done, lines_done = sum(sizes), 0, 0
         for reader, size in zip(readers, sizes, strict=True):
-            for chunk in sources.pace(sources.read_ahead(reader), speed):
+            for chunk in sources.pace(reader, speed):
                 processor.process(chunk.by_device(), chunk.source)
                 agent.tick()
                 if progress is not None:

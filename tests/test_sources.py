@@ -909,46 +909,7 @@ def test_every_path_judges_a_line_by_the_same_rule(tmp_path: Path, bad: str, rea
     assert got == [f"LOG:{line}: {reason}"] * 4
 
 
-# ----------------------------------------------------------------------------- read ahead
-
-
-def test_read_ahead_gives_the_same_chunks_and_the_error_after_the_rows_before_it(tmp_path: Path) -> None:
-    lines = [HEADER] + [f"{i},a,1,2,3,x" for i in range(50)] + ["50,a,bad,2,3,x", "51,a,1,2,3,x"]
-    path = write_lines(tmp_path / "r.csv", lines)
-    direct = []
-    with pytest.raises(LogError) as e1:
-        for c in read_log(path, chunk_rows=7):
-            direct.append(c)
-    ahead = []
-    with pytest.raises(LogError) as e2:
-        for c in sources.read_ahead(read_log(path, chunk_rows=7)):
-            ahead.append(c)
-    assert str(e1.value) == str(e2.value) and e2.value.line == 52
-    assert len(ahead) == len(direct) == 8
-    assert_same(ReadingChunk.concat(ahead), ReadingChunk.concat(direct))
-
-
-def test_read_ahead_stops_its_thread_when_the_caller_stops(tmp_path: Path) -> None:
-    import threading
-
-    from tests.helpers import wait_for
-
-    path = write_csv(tmp_path / "big.csv", make_readings(500))
-    pulled = []
-
-    def source():
-        for chunk in read_log(path, chunk_rows=10):
-            pulled.append(len(chunk))
-            yield chunk
-
-    it = sources.read_ahead(source(), depth=1)
-    assert len(next(it)) == 10
-    wait_for(lambda: len(pulled) >= 3, what="the reader to be one chunk ahead and waiting")  # taken, queued, held
-    threads = [t for t in threading.enumerate() if t.name == "read-ahead"]
-    it.close()  # the caller leaves early (an interrupt, an error downstream)
-    for t in threads:
-        t.join(5)
-    assert threads and not any(t.is_alive() for t in threads)
+# ----------------------------------------------------------------------------- gzip
 
 
 def test_a_truncated_gzip_names_the_line_where_it_breaks_after_the_rows_before_it(tmp_path: Path) -> None:

@@ -138,13 +138,15 @@ def serve(
                                                   "stable and unique per hub (default: cloud-hub-<host>-<hash of "
                                                   "db and prefix>).")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
+    http: Annotated[str | None, typer.Option("--http", help="host:port to serve Prometheus metrics on "
+                                             "(/metrics), e.g. 127.0.0.1:9100.")] = None,
 ) -> None:
     """Ingest every device's results and status into the database until SIGTERM/SIGINT."""
     from cloud_hub.ingest import serve as run
 
     with _errors():
         settings = _settings(config, broker=broker, db=db, prefix=prefix, share_group=share_group,
-                             client_id=client_id, log_level=log_level)
+                             client_id=client_id, log_level=log_level, http=http)
         logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run(settings)

@@ -48,11 +48,12 @@ from sqlalchemy.engine import Engine
 
 from cloud_hub.autoretrain import AutoRetrainer
 from cloud_hub.db import HubError, describe, is_transient, make_engine, pack_features
-from cloud_hub.settings import HubSettings
+from cloud_hub.settings import HubSettings, split_address
 from cloud_hub.store import Batch, Store, Written, dead_letter
 from edge_agent import contract as c
 from edge_agent.contract import ContractError, Topics, decode_results, decode_status
 from edge_agent.mqtt import Message, MqttError, MqttLink
+from edge_agent.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Hub:
         self._decoded: queue.Queue[Pending | None] = queue.Queue(maxsize=1)  # decoder -> writer
         self._decoder = threading.Thread(target=self._decode, name="hub-decoder", daemon=True)
         self._stats_lock = threading.Lock()
+        self.on_commit: Callable[[float], None] | None = None  # seconds per committed batch (metrics)
         writers = 2 if self.engine.dialect.name == "postgresql" else 1  # SQLite has one write lock anyway
         self._writers = [threading.Thread(target=self._run, args=(i,), name=f"hub-writer-{i}", daemon=True)
                          for i in range(writers)]
@@ -209,8 +211,11 @@ class Hub:
                 touched = self._touched
                 pending.seen = {d: t for d, t in pending.seen.items()
                                 if t - touched.get(d, -SEEN_RESOLUTION_S) >= SEEN_RESOLUTION_S}
+                t0 = time.perf_counter()
                 written = self._commit(pending)
                 if written is not None:
+                    if self.on_commit is not None:
+                        self.on_commit(time.perf_counter() - t0)
                     touched.update(pending.seen)
                     self._count(pending, written)
                     if self.settings.receipts:
@@ -430,6 +435,7 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
     try:
         if not hub.start(stop=stop):
             return hub.stats
+        metrics = _serve_metrics(hub, settings.http) if settings.http else None
         retrainer = AutoRetrainer(settings, hub.engine)
         retrainer.start()
         if on_started is not None:
@@ -439,9 +445,25 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
         retrainer.stop()
         log.info("stopping: flushing %d queued messages", hub.backlog)
         hub.stop()
+        if metrics is not None:
+            metrics.stop()
         if hub.link.fatal is not None:
             raise BrokerUnavailable(hub.link.fatal)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return hub.stats
+
+
+def _serve_metrics(hub: Hub, address: str) -> Any:
+    """Prometheus metrics on ``address`` (host:port); the hub stops with one line if it cannot listen."""
+    from cloud_hub.metrics import HubMetrics  # prometheus_client: only when asked for
+
+    host, port = split_address(address)
+    metrics = HubMetrics(hub)
+    try:
+        metrics.serve(host, port)
+    except OSError as exc:  # a port taken or an address not of this host: a setting to change
+        hub.stop(timeout=1.0, report=False)
+        raise SettingsError(f"http {address}: cannot listen ({exc.strerror or exc})", field="http") from exc
+    return metrics

@@ -36,6 +36,7 @@ class HubSettings(BrokerSettings):
     receipts: bool = True  # after each commit, tell devices which results are stored (they keep them until then)
     dead_letter_max_bytes: int = 64 << 10  # raw payload bytes kept per dead letter
     log_interval_s: float = 10.0  # a stats line this often; 0 = never
+    http: str | None = None  # host:port where serve answers /metrics (Prometheus); None = no HTTP server
     log_level: str = "INFO"
     # Model lifecycle (used by the retraining/rollout commands).
     model_name: str = "default"
@@ -62,6 +63,8 @@ class HubSettings(BrokerSettings):
         for name in ("batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
                      "retrain_tolerance", "retrain_interval_s"):
             positive(name, getattr(self, name), zero_ok=True)
+        if self.http is not None:
+            split_address(self.http)
         if self.batch_max > MAX_BATCH:
             raise SettingsError(f"batch_max must be at most {MAX_BATCH}, got {self.batch_max}")
         if self.session_expiry_s > 0xFFFFFFFF:
@@ -76,6 +79,14 @@ class HubSettings(BrokerSettings):
         digest = hashlib.sha256(f"{self.db}\n{self.prefix}".encode()).hexdigest()[:8]
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32] or "host"
         return f"cloud-hub-{host}-{digest}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` of the HTTP endpoint; a SettingsError naming ``http`` otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"http must be host:port, e.g. 127.0.0.1:9100, got {address!r}", field="http")
+    return host.strip("[]"), int(port)
 
 
 def db_url(url: str) -> str:

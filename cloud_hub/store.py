@@ -219,6 +219,10 @@ class Store:
             sa.select(d.model_name, d.model_version, d.state, sa.func.count())
             .group_by(d.model_name, d.model_version, d.state))]
 
+    def outbox_total(self, conn: Connection) -> int:
+        """Results the devices said they still hold (the sum of their last reported outbox depth)."""
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(devices.c.outbox_depth), 0))).scalar_one())
+
     def device_rows(self, conn: Connection) -> dict[str, Mapping[str, Any]]:
         """Every device's row (status fields), by id."""
         return {str(r["device_id"]): dict(r) for r in conn.execute(sa.select(devices)).mappings()}

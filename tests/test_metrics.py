@@ -1,0 +1,91 @@
+"""`cloud-hub serve --http`: Prometheus metrics of a real hub process, fed by a real agent replay."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloud_hub import db
+from cloud_hub.local_broker import LocalBroker, free_port
+from edge_agent import exits
+from tests.helpers import agent_cmd, fleet_files, wait_for
+from tests.test_hub_cli import ServeProcess, count_rows
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def answers(port: int) -> bool:
+    try:
+        scrape(port)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_metrics_of_a_replay_agree_with_the_database(procs, broker: LocalBroker, prefix: str,
+                                                     tmp_path: Path) -> None:
+    log, model, keys = fleet_files(tmp_path)
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    port = free_port()
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve.log", env={"CLOUD_HUB_HTTP": f"127.0.0.1:{port}"})
+    hub.wait_started()
+    wait_for(lambda: answers(port), what="/metrics")
+    before = scrape(port)
+    assert before[("edgeml_hub_results_stored_total", ())] == 0
+    replay = procs.popen(agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix",
+                                   prefix, "--state-dir", str(tmp_path / "agent"), "--speed", "20"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: scrape(port)[("edgeml_hub_results_stored_total", ())] > 0, what="results while replaying")
+    during = scrape(port)
+    assert replay.wait(120) == 0, replay.stderr.read() if replay.stderr else ""
+    wait_for(lambda: scrape(port)[("edgeml_devices", (("state", "offline"),))] == 3, what="the agent's last status")
+    after = scrape(port)
+
+    stored = count_rows(url)
+    assert stored == len(keys)  # what stats and the table say
+    assert after[("edgeml_hub_results_stored_total", ())] == stored
+    assert during[("edgeml_hub_results_stored_total", ())] <= stored
+    assert after[("edgeml_hub_results_duplicate_total", ())] == 0
+    assert after[("edgeml_hub_dead_letters_total", ())] == 0
+    assert after[("edgeml_hub_receipts_sent_total", ())] >= 3  # each device got at least one receipt
+    transactions = after[("edgeml_hub_transactions_total", ())]
+    assert transactions >= 1 and after[("edgeml_hub_commit_seconds_count", ())] == transactions
+    assert after[("edgeml_hub_commit_seconds_sum", ())] > 0
+    assert after[("edgeml_devices", (("state", "online"),))] == 0
+    with db.transaction(db.make_engine(url), write=False) as conn:
+        versions = {int(v) for (v,) in conn.exec_driver_sql("SELECT model_version FROM devices")}
+    assert versions == {1}
+    assert after[("edgeml_devices_by_model", (("model", "default"), ("state", "offline"), ("version", "1")))] == 3
+    assert after[("edgeml_device_outbox_results", ())] == 0  # every result was receipted
+    assert after[("edgeml_hub_backlog_messages", ())] == 0
+
+
+def test_a_bad_or_taken_http_address_is_one_line_and_exit_2(broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    base = ["-m", "cloud_hub", "serve", "--broker", broker.url, "--db", url, "--prefix", prefix]
+    res = subprocess.run([sys.executable, *base, "--http", "9100"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == exits.USAGE and "http must be host:port" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([sys.executable, *base, "--http", f"127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode == exits.USAGE, res.stderr
+    assert f"http 127.0.0.1:{port}: cannot listen" in res.stderr and "Traceback" not in res.stderr

@@ -90,12 +90,24 @@ def _labels_array(labels: list[str]) -> np.ndarray:
 
 def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
                       on_error: str = "raise") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw windows of labelled logs with the agent's own windowing: (data, labels, devices, starts)."""
+    """Raw windows of labelled logs with the agent's own windowing: (data, labels, devices, starts).
+
+    A label column whose labels are numbers holds regression targets: it is read as numbers, and a
+    window's target is the mean of its readings' (a window with an unknown target is left out).
+    """
     data, labels, devices, starts = [], [], [], []
+    numeric: bool | None = None
     for path in paths:
         reader = read_log(path, on_error=on_error)
         if not reader.has_labels:
             raise LifecycleError(f"{path}: no label column, cannot train from it")
+        this = reader.labels_are_numbers()
+        if numeric is not None and this != numeric:
+            raise LifecycleError(f"{path}: its labels are {'numbers' if this else 'text'}, those of {paths[0]} are "
+                                 f"{'numbers' if numeric else 'text'}: one model learns one kind of label")
+        numeric = this
+        if numeric:
+            reader.labels_as_numbers()
         missing = [c for c in params.channels if c not in reader.channels]
         if missing:
             raise LifecycleError(f"{path}: channels {missing} missing (log has {list(reader.channels)})")
@@ -104,7 +116,8 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
         for chunk in reader:
             for device, batch in windowers.push(chunk.by_device(), cols):
                 if len(batch) and batch.labels is not None:
-                    keep = np.array([x != "" for x in batch.labels.tolist()], dtype=np.bool_)
+                    keep = (np.isfinite(batch.labels) if numeric else
+                            np.array([x != "" for x in batch.labels.tolist()], dtype=np.bool_))
                     data.append(batch.data[keep])
                     labels += [str(x) for x in batch.labels[keep].tolist()]
                     devices += [device] * int(keep.sum())

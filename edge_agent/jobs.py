@@ -65,6 +65,9 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     agent.start()
     try:
         agent.load_model(model, channels)
+        if agent.model is not None and agent.model.bundle.manifest.task == "regression":
+            for r in readers:
+                r.labels_as_numbers()  # ground truth: the mean target of a window, not its majority text
         processor = agent.make_processor()
         sizes = [max(os.path.getsize(r.path), 1) for r in readers]
         total, done, lines_done = sum(sizes), 0, 0
@@ -185,6 +188,8 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     try:
         source, channels = live_source(settings, stop)
         agent.load_model(model or settings.model, channels)
+        if agent.model is not None and agent.model.bundle.manifest.task == "regression" and hasattr(source, "parser"):
+            source.parser.numeric_labels = True  # followed files and stdin: numeric ground truth
         processor = agent.make_processor()
         for chunk in _until(source, stop):
             processor.process(chunk.by_device(), chunk.source)

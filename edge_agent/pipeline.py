@@ -141,8 +141,7 @@ class Processor:
         version = self.runner.version
         rows: list[tuple[str, int, bytes]] = []
         starts, ends, seq_list = batch.start.tolist(), batch.end.tolist(), seqs.tolist()
-        truths = None if batch.labels is None else [
-            None if (x is None or x == "") else str(x) for x in batch.labels.tolist()]
+        truths = None if batch.labels is None else _truths(batch.labels)
         labels = pred.labels[part] if pred.labels is not None else None
         conf = pred.confidence[part].tolist() if pred.confidence is not None else None
         values = pred.values[part].tolist() if pred.values is not None else None
@@ -157,3 +156,10 @@ class Processor:
             )
             rows.append((device, seq, encode_result_obj(result)))
         return rows
+
+
+def _truths(labels: np.ndarray) -> list[str | None]:
+    """Window ground truth as the contract carries it: text, or a number written out; None = unknown."""
+    if labels.dtype.kind == "f":  # regression targets: the window's mean, NaN when a reading had none
+        return [None if x != x else repr(x) for x in labels.tolist()]
+    return [None if (x is None or x == "") else str(x) for x in labels.tolist()]

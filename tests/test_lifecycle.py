@@ -24,6 +24,7 @@ from cloud_hub.store import Store
 from edge_agent import contract as c
 from edge_agent.bundle import BundleRejected, load_public_key, verify_bundle
 from edge_agent.mqtt import Message, MqttLink
+from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import BrokerURL, load_settings
 from tests.helpers import SMALL, agent_cmd, expected_keys, make_bundle, make_log, model_params
 from tests.test_ingest import stored_keys, wait_for
@@ -311,3 +312,19 @@ def _device_versions(engine: sa.Engine) -> dict[str, tuple[int | None, str | Non
 ])
 def test_gate_passes_a_candidate_not_worse_than_the_running_version(candidate, running, tolerance, ok) -> None:
     assert lifecycle.passes_gate(candidate, running, tolerance) is ok
+
+
+def test_a_window_of_numeric_labels_has_their_mean_as_its_target(tmp_path) -> None:
+    # 4 readings a window, one window per 4 readings: the target of the first is the mean of
+    # 24.26, 24.26, 24.27 and 28.38, not the majority (24.26)
+    targets = [24.26, 24.26, 24.27, 28.38, 30.0, 30.0, 31.0, 33.0]
+    log = tmp_path / "reg.csv"
+    log.write_text("ts,device_id,x,label\n" + "".join(f"{i / 50:.2f},d,{i},{y}\n" for i, y in enumerate(targets)))
+    params = PreprocessParams(sample_rate_hz=50.0, window_s=4 / 50, hop_s=4 / 50, channels=("x",))
+    _, y, _, _ = lifecycle.windows_from_logs([str(log)], params)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, [np.mean(targets[:4]), np.mean(targets[4:])])
+    mixed = tmp_path / "text.csv"
+    mixed.write_text("ts,device_id,x,label\n0,d,1,walk\n")
+    with pytest.raises(lifecycle.LifecycleError, match="labels are text"):
+        lifecycle.windows_from_logs([str(log), str(mixed)], params)

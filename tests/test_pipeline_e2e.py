@@ -84,3 +84,58 @@ def test_hub_sigkilled_while_agent_replays_loses_and_doubles_nothing(procs, brok
     assert hub.signal(signal.SIGTERM) == 0
     keys = stored_keys(url)
     assert len(keys) == len(expected) and set(keys) == expected
+
+
+@pytest.mark.slow
+def test_a_regressor_end_to_end_stores_predictions_and_mean_targets(procs, broker, prefix, tmp_path) -> None:
+    """Numeric labels train a regressor; the agent replays through a real broker into a real hub; every
+    window is stored once with the model's value and, as truth, the mean target of its readings."""
+    import numpy as np
+    import sqlalchemy as sa
+
+    from cloud_hub import db, lifecycle
+    from cloud_hub.store import Store
+    from edge_agent.preprocess import PreprocessParams, make_windows
+    from edge_agent.sources import read_log
+    from tests.helpers import SMALL
+
+    log = tmp_path / "reg.csv"
+    rng = np.random.default_rng(1)
+    rows = ["ts,device_id,x,y,label"]
+    for dev, amp in (("r1", 1.0), ("r2", 2.0), ("r3", 1.5)):
+        for i in range(1000):
+            t = i / 50
+            a = amp * (1 + (i // 250) % 3) + 0.01 * (i % 7)  # targets vary inside a window: mean != majority
+            rows.append(f"{t:.2f},{dev},{a * np.sin(6 * t):.4f},{rng.normal():.4f},{a:.2f}")
+    log.write_text("\n".join(rows) + "\n")
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'train.sqlite'}")
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["r3"], config=SMALL)
+    with engine.connect() as conn:
+        bundle = Store(engine).get_model(conn, "default").bundle
+    engine.dispose()
+    model = tmp_path / "reg.emlb"
+    model.write_bytes(bundle)
+    params = PreprocessParams.from_dict(c.decode_bundle(bundle).manifest.preprocess)
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    report = _replay(broker, prefix, log, model, tmp_path / "s")
+    assert hub.signal(signal.SIGTERM) == 0
+    whole = read_log(log).labels_as_numbers().read_all()
+    want = {}
+    cols = [whole.channels.index(ch) for ch in params.channels]
+    for device, (ts, values, labels) in whole.by_device().items():
+        batch = make_windows(ts, values[:, cols], labels, params)
+        for start, target in zip(batch.start.tolist(), batch.labels.tolist(), strict=True):
+            want[(device, int(round(start * 1000)))] = target
+    hub_db = db.make_engine(url)
+    with hub_db.connect() as conn:
+        got = {(d, s): (v, t) for d, s, v, t in conn.execute(
+            sa.select(db.results.c.device_id, db.results.c.seq, db.results.c.value, db.results.c.truth))}
+    hub_db.dispose()
+    assert report["published"] == len(want) == len(got) and set(got) == set(want)
+    for key, (value, truth) in got.items():
+        assert len(orjson.loads(value)) == 1  # one output, a number
+        assert float(truth) == pytest.approx(want[key], rel=1e-12)
+    assert len({t for _, t in got.values()}) > 3 * 6  # the means, not a handful of majority labels

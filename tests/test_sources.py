@@ -936,3 +936,30 @@ def test_gzip_members_one_after_the_other_read_as_one_log(tmp_path: Path) -> Non
     path.write_bytes(gzip.compress(head.encode()) + gzip.compress(tail.encode()) + b"\0" * 8)  # like `cat a.gz b.gz`
     c = read_all(path)
     assert len(c) == 7000 and c.ts[-1] == 6999 and c.lines[-1] == 7001
+
+
+# ----------------------------------------------------------------------------- numeric labels
+
+
+def test_a_numeric_label_column_reads_as_numbers_with_located_errors(tmp_path: Path) -> None:
+    good = write_lines(tmp_path / "reg.csv", [HEADER, "0.1,a,1,2,3,24.26", "0.2,a,1,2,3,", "0.3,a,1,2,3,-1e2"])
+    reader = read_log(good)
+    assert reader.labels_are_numbers()
+    c = reader.labels_as_numbers().read_all()
+    assert c.labels.dtype == np.float64 and c.labels[0] == 24.26 and np.isnan(c.labels[1]) and c.labels[2] == -100
+    assert not read_log(write_lines(tmp_path / "text.csv", [HEADER, "0.1,a,1,2,3,walk"])).labels_are_numbers()
+    assert not read_log(write_lines(tmp_path / "none.csv", [HEADER, "0.1,a,1,2,3,"])).labels_are_numbers()
+    for bad, reason in (("abc", "bad number 'abc' in column 'label' (the labels are numbers)"),
+                        ("nan", "non-finite value 'nan' in column 'label'"),
+                        ("inf", "non-finite value 'inf' in column 'label'")):
+        path = write_lines(tmp_path / "bad.csv", [HEADER, "0.1,a,1,2,3,1.5", f"0.2,a,1,2,3,{bad}", "0.3,a,1,2,3,2"])
+        with pytest.raises(LogError) as ei:
+            read_log(path).labels_as_numbers().read_all()
+        assert str(ei.value) == f"{path}:3: {reason}"
+        reader = read_log(path, on_error="skip").labels_as_numbers()
+        assert reader.read_all().labels.tolist() == [1.5, 2.0]
+        assert reader.stats.rows_skipped == 1
+    jl = write_lines(tmp_path / "reg.jsonl", ['{"ts":1,"device_id":"a","x":1,"label":2.5}',
+                                              '{"ts":2,"device_id":"a","x":1,"label":"oops"}'])
+    with pytest.raises(LogError, match=r"reg.jsonl:2: bad number 'oops' in column 'label'"):
+        read_log(jl).labels_as_numbers().read_all()

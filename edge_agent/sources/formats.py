@@ -114,6 +114,19 @@ class Rules:
         label, err = _text(label, "label") if self.has_labels else ("", None)
         return (None, err) if err else ((t, device, vals, label), None)
 
+    @staticmethod
+    def label_number(label: str) -> tuple[float, tuple[str, str] | None]:
+        """A label of a numeric label column (regression targets): a finite number, or empty for
+        unknown (NaN)."""
+        if not label.strip():
+            return math.nan, None
+        x, st = number(label.encode("utf-8", "surrogatepass"))
+        if st == BAD:
+            return math.nan, (BAD_NUMBER, f"bad number {_show(label.encode())} in column 'label' (the labels are numbers)")
+        if st != OK:
+            return math.nan, (NON_FINITE_VALUE, f"non-finite value {_show(label.encode())} in column 'label'")
+        return x, None
+
 
 class Block:
     """The valid rows of one block of lines, and the lines that gave none."""
@@ -328,6 +341,28 @@ class Decoder:
         self.ws = Workspace()
         self.devices, self.labels = Codes(allow_empty=False), Codes(allow_empty=True)
         self.rules = Rules((), False)
+        self._label_values = np.empty(0)  # per label code, for a numeric label column
+        self._label_errors: dict[int, tuple[str, str]] = {}
+
+    def check_label_numbers(self, b: Block) -> None:
+        """A numeric label column: rows whose label is not a number (or empty) become problems."""
+        assert b.lab is not None
+        names = self.labels.names
+        for code in range(self._label_values.shape[0], len(names)):
+            value, err = Rules.label_number(names[code])
+            self._label_values = np.append(self._label_values, value)
+            if err:
+                self._label_errors[code] = err
+        if self._label_errors:
+            bad = np.isin(b.lab, np.fromiter(self._label_errors, dtype=np.int64))
+            if bad.any():
+                for r in np.flatnonzero(bad).tolist():
+                    b.problems.append((int(b.lines[r]), *self._label_errors[int(b.lab[r])]))
+                b.keep(~bad)
+
+    def label_numbers(self, codes: np.ndarray) -> np.ndarray:
+        """Labels as float64 (NaN = unknown), after :meth:`check_label_numbers`."""
+        return self._label_values[codes]
 
     def block(self, ts: Sequence[Any], dev: Sequence[Any], chans: Any, labels: Sequence[Any],
               lines: np.ndarray, problems: list[Problem], blank: int) -> Block:

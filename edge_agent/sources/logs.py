@@ -55,6 +55,7 @@ class LineParser:
         self.d = Decoder(source)
         self._fmt: Csv | Jsonl | None = None
         self._given = (tuple(channels), has_labels is not False) if channels is not None and fmt == "jsonl" else None
+        self.numeric_labels = False  # labels as numbers (regression targets): see LogReader.labels_as_numbers
         self._buf = b""
         self._acc: list[ReadingChunk] = []
         self._acc_lines = 0
@@ -156,6 +157,8 @@ class LineParser:
         self.stats.lines += nlines
         self.stats.blank_lines += b.blank
         self._acc_lines += nlines
+        if self.numeric_labels and b.lab is not None:
+            self.d.check_label_numbers(b)
         self._monotonic(b)
         error = None
         if b.problems:
@@ -169,10 +172,16 @@ class LineParser:
                     self.stats.record(LogError(self.source, line, reason, kind))
         self.stats.rows_read += b.ts.shape[0]
         if b.ts.shape[0]:
+            if b.lab is None:
+                labels = None
+            elif self.numeric_labels:
+                labels = self.d.label_numbers(b.lab)
+            else:
+                labels = self.d.labels.names_array[b.lab]
             self._acc.append(ReadingChunk(
                 ts=b.ts, device_codes=b.dev, device_names=self.d.devices.names_tuple, values=b.vals,
-                channels=self.d.rules.channels, labels=self.d.labels.names_array[b.lab] if b.lab is not None else None,
-                source=self.source, first_line=int(b.lines[0]), lines=b.lines))
+                channels=self.d.rules.channels, labels=labels, source=self.source, first_line=int(b.lines[0]),
+                lines=b.lines))
         return error
 
     def _monotonic(self, b: Block) -> None:
@@ -315,6 +324,20 @@ class LogReader:
     def channels(self) -> tuple[str, ...]:
         assert self.parser.channels is not None
         return self.parser.channels
+
+    def labels_as_numbers(self) -> LogReader:
+        """Read the label column as numbers (regression targets): chunks carry float64 labels, NaN
+        where a label is empty; a label that is not a finite number is a bad line (``file:line``).
+        Call before iterating."""
+        self.parser.numeric_labels = True
+        return self
+
+    def labels_are_numbers(self) -> bool:
+        """Whether every label of this log's first chunk that is not empty is a number (and one is):
+        a regression target rather than a class. Reads the file again from the start."""
+        first = next(iter(read_log(self.path, format=self.format, chunk_rows=self.parser.chunk_rows)), None)
+        texts = [] if first is None or first.labels is None else [x for x in first.labels.tolist() if x.strip()]
+        return bool(texts) and all(Rules.label_number(x)[1] is None for x in texts)
 
     @property
     def has_labels(self) -> bool:

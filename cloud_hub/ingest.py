@@ -7,9 +7,9 @@ the PUBACK of every message in it. The decoder works on the next batch while the
 database (at most one decoded batch waits for a writer). On PostgreSQL two writers, each with its own
 connection and transaction, take turns: one streams its batch while the other's is being stored
 (two batches holding the same row, a redelivery, are serialized by the unique key; a deadlock
-between them is retried like any transient error). With a persistent session (clean start off, session expiry set) the broker redelivers
-whatever was not acknowledged when the hub died, and the idempotent insert on (device_id, seq) makes
-the redelivery harmless: exactly one row per result.
+between them is retried like any transient error). With a persistent session (clean start off,
+session expiry set) the broker redelivers whatever was not acknowledged when the hub died, and the
+idempotent insert on (device_id, seq) makes the redelivery harmless: exactly one row per result.
 
 Why receipts: the PUBACK a device gets only says the broker has its results, and a broker keeps
 queued messages in memory between autosaves. So once a batch is committed the hub tells each device
@@ -109,7 +109,7 @@ class Hub:
         self._local = threading.local()  # .conn: each writer thread's connection
         self._stop_deadline: float | None = None
         self._stopping = threading.Event()  # cuts a retry backoff short
-        self._decoded: queue.Queue[Pending | None] = queue.Queue(maxsize=1)  # decoder -> writer
+        self._decoded: queue.Queue[Pending] = queue.Queue(maxsize=1)  # decoder -> writers
         self._decoder = threading.Thread(target=self._decode, name="hub-decoder", daemon=True)
         self._stats_lock = threading.Lock()
         self.on_commit: Callable[[float], None] | None = None  # seconds per committed batch (metrics)

@@ -10,7 +10,6 @@ prefix.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cloud_hub import db
-from cloud_hub.store import Store
 
 if TYPE_CHECKING:
     from cloud_hub.ingest import Hub
@@ -51,11 +49,10 @@ class HubMetrics:
         self.registry.register(_FleetCollector(hub))
         hub.on_commit = lambda seconds: self.commit_seconds.observe(seconds)
         self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     def serve(self, host: str, port: int) -> None:
         """Serve ``/metrics`` on ``host:port`` in a daemon thread; OSError if the port is taken."""
-        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        self._server, _thread = start_http_server(port, host, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     def stop(self) -> None:
@@ -70,7 +67,6 @@ class _FleetCollector(Collector):
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.store = Store(hub.engine)
 
     def collect(self) -> Iterator[Any]:
         stats = self.hub.stats
@@ -80,8 +76,8 @@ class _FleetCollector(Collector):
                                 value=self.hub.backlog)
         try:
             with db.transaction(self.hub.engine, write=False) as conn:
-                by_model = self.store.devices_by_model(conn)
-                waiting = self.store.outbox_total(conn)
+                by_model = self.hub.store.devices_by_model(conn)
+                waiting = self.hub.store.outbox_total(conn)
         except Exception as exc:  # a scrape must not fail because the database is away for a moment
             log.warning("metrics: fleet gauges skipped: %s", exc)
             return

@@ -65,9 +65,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     agent.start()
     try:
         agent.load_model(model, channels)
-        if agent.model is not None and agent.model.bundle.manifest.task == "regression":
-            for r in readers:
-                r.labels_as_numbers()  # ground truth: the mean target of a window, not its majority text
+        _numeric_truth(agent, readers)
         processor = agent.make_processor()
         sizes = [max(os.path.getsize(r.path), 1) for r in readers]
         total, done, lines_done = sum(sizes), 0, 0
@@ -105,6 +103,17 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def _numeric_truth(agent: Agent, srcs: Iterable[Any]) -> None:
+    """A regressor's ground truth is a number: its sources read the label column as numbers, so a
+    window's truth is the mean of its readings' targets, not the majority text (logs, followed files
+    and stdin; the simulated sensor emits classes)."""
+    if agent.model is not None and agent.model.bundle.manifest.task == "regression":
+        for src in srcs:
+            parser = getattr(src, "parser", None)
+            if parser is not None:
+                parser.numeric_labels = True
 
 
 def _open_logs(logs: list[str], on_error: str) -> list[sources.LogReader]:
@@ -188,8 +197,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     try:
         source, channels = live_source(settings, stop)
         agent.load_model(model or settings.model, channels)
-        if agent.model is not None and agent.model.bundle.manifest.task == "regression" and hasattr(source, "parser"):
-            source.parser.numeric_labels = True  # followed files and stdin: numeric ground truth
+        _numeric_truth(agent, [source])
         processor = agent.make_processor()
         for chunk in _until(source, stop):
             processor.process(chunk.by_device(), chunk.source)

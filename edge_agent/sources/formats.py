@@ -347,12 +347,11 @@ class Decoder:
     def check_label_numbers(self, b: Block) -> None:
         """A numeric label column: rows whose label is not a number (or empty) become problems."""
         assert b.lab is not None
-        names = self.labels.names
-        for code in range(self._label_values.shape[0], len(names)):
-            value, err = Rules.label_number(names[code])
-            self._label_values = np.append(self._label_values, value)
-            if err:
-                self._label_errors[code] = err
+        known = self._label_values.shape[0]
+        if known < len(self.labels.names):  # labels first met in this block, each judged once
+            judged = [Rules.label_number(name) for name in self.labels.names[known:]]
+            self._label_values = np.concatenate([self._label_values, [value for value, _ in judged]])
+            self._label_errors.update({known + i: err for i, (_, err) in enumerate(judged) if err})
         if self._label_errors:
             bad = np.isin(b.lab, np.fromiter(self._label_errors, dtype=np.int64))
             if bad.any():

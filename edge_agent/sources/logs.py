@@ -126,8 +126,8 @@ class LineParser:
             end = int(nl[i + k - 1]) + 1
             error = self._part(buf[off:end], k)
             off, i = end, i + k
-            self._buf = buf[off:]
             if error is not None:
+                self._buf = buf[off:]
                 yield from self._take()
                 raise error
             if self._acc_lines == self.chunk_rows:
@@ -272,8 +272,6 @@ class _Gunzip:
                 out = self._z.decompress(data)
             except zlib.error as exc:
                 self._error = gzip.BadGzipFile(str(exc))
-                if out:
-                    return out
                 raise self._error from exc
             self._started = True
         return out
@@ -335,7 +333,9 @@ class LogReader:
     def labels_are_numbers(self) -> bool:
         """Whether every label of this log's first chunk that is not empty is a number (and one is):
         a regression target rather than a class. Reads the file again from the start."""
-        first = next(iter(read_log(self.path, format=self.format, chunk_rows=self.parser.chunk_rows)), None)
+        with read_log(self.path, format=self.format, chunk_rows=self.parser.chunk_rows,
+                      on_error=self.parser.on_error) as again:
+            first = next(again, None)
         texts = [] if first is None or first.labels is None else [x for x in first.labels.tolist() if x.strip()]
         return bool(texts) and all(Rules.label_number(x)[1] is None for x in texts)
 

@@ -33,6 +33,20 @@ def make_log(path: Path, *, seconds: float = 40.0, devices=DEVICES, seed: int = 
     return path
 
 
+def make_regression_log(path: Path, *, readings: int = 1500, seed: int = 0, spread: bool = False) -> Path:
+    """Three devices (r1-r3) whose numeric label, the amplitude of channel ``x``, steps every 5 s;
+    ``spread`` makes the targets vary inside a window too, so that a window's mean is not its majority."""
+    rng = np.random.default_rng(seed)
+    rows = ["ts,device_id,x,y,label"]
+    for dev, amp in (("r1", 1.0), ("r2", 2.0), ("r3", 1.5)):
+        for i in range(readings):
+            t = i / 50
+            a = amp * (1 + (i // 250) % 3) + (0.01 * (i % 7) if spread else 0.0)
+            rows.append(f"{t:.2f},{dev},{a * np.sin(6 * t):.4f},{rng.normal():.4f},{a:.2f}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def make_bundle(log: Path, *, version: int = 1, name: str = "default", holdout=("dev-c",),
                 window_s: float = 2.0, hop_s: float = 1.0, features: str = "stats-v1") -> c.Bundle:
     ds = lifecycle.dataset_from_logs([str(log)], window_s=window_s, hop_s=hop_s, holdout=list(holdout),

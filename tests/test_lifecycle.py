@@ -26,7 +26,15 @@ from edge_agent.bundle import BundleRejected, load_public_key, verify_bundle
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import BrokerURL, load_settings
-from tests.helpers import SMALL, agent_cmd, expected_keys, make_bundle, make_log, model_params
+from tests.helpers import (
+    SMALL,
+    agent_cmd,
+    expected_keys,
+    make_bundle,
+    make_log,
+    make_regression_log,
+    model_params,
+)
 from tests.test_ingest import stored_keys, wait_for
 
 runner = CliRunner()
@@ -67,15 +75,7 @@ def test_train_cli_registers_an_int8_model(tmp_path, train_log) -> None:
 
 
 def test_numeric_labels_train_a_regressor(tmp_path) -> None:
-    log = tmp_path / "reg.csv"
-    rng = np.random.default_rng(0)
-    lines = ["ts,device_id,x,y,label"]
-    for dev, amp in (("r1", 1.0), ("r2", 2.0), ("r3", 1.5)):
-        for i in range(1500):
-            t = i / 50
-            a = amp * (1 + (i // 250) % 3)
-            lines.append(f"{t:.2f},{dev},{a * np.sin(6 * t):.4f},{rng.normal():.4f},{a:.1f}")
-    log.write_text("\n".join(lines) + "\n")
+    log = make_regression_log(tmp_path / "reg.csv")
     engine = db.make_engine(f"sqlite:///{tmp_path / 'h.sqlite'}")
     out = lifecycle.train_from_logs(engine, [str(log)], holdout=["r3"], config=SMALL)
     assert "mae" in out.int8 and "mae" in out.fp32 and out.int8["mae"] < 2.0

@@ -90,24 +90,16 @@ def test_hub_sigkilled_while_agent_replays_loses_and_doubles_nothing(procs, brok
 def test_a_regressor_end_to_end_stores_predictions_and_mean_targets(procs, broker, prefix, tmp_path) -> None:
     """Numeric labels train a regressor; the agent replays through a real broker into a real hub; every
     window is stored once with the model's value and, as truth, the mean target of its readings."""
-    import numpy as np
     import sqlalchemy as sa
 
     from cloud_hub import db, lifecycle
     from cloud_hub.store import Store
+    from edge_agent.pipeline import window_seq
     from edge_agent.preprocess import PreprocessParams, make_windows
     from edge_agent.sources import read_log
-    from tests.helpers import SMALL
+    from tests.helpers import SMALL, make_regression_log
 
-    log = tmp_path / "reg.csv"
-    rng = np.random.default_rng(1)
-    rows = ["ts,device_id,x,y,label"]
-    for dev, amp in (("r1", 1.0), ("r2", 2.0), ("r3", 1.5)):
-        for i in range(1000):
-            t = i / 50
-            a = amp * (1 + (i // 250) % 3) + 0.01 * (i % 7)  # targets vary inside a window: mean != majority
-            rows.append(f"{t:.2f},{dev},{a * np.sin(6 * t):.4f},{rng.normal():.4f},{a:.2f}")
-    log.write_text("\n".join(rows) + "\n")
+    log = make_regression_log(tmp_path / "reg.csv", readings=1000, seed=1, spread=True)  # mean != majority
     engine = db.make_engine(f"sqlite:///{tmp_path / 'train.sqlite'}")
     lifecycle.train_from_logs(engine, [str(log)], holdout=["r3"], config=SMALL)
     with engine.connect() as conn:
@@ -127,8 +119,8 @@ def test_a_regressor_end_to_end_stores_predictions_and_mean_targets(procs, broke
     cols = [whole.channels.index(ch) for ch in params.channels]
     for device, (ts, values, labels) in whole.by_device().items():
         batch = make_windows(ts, values[:, cols], labels, params)
-        for start, target in zip(batch.start.tolist(), batch.labels.tolist(), strict=True):
-            want[(device, int(round(start * 1000)))] = target
+        for seq, target in zip(window_seq(batch.start).tolist(), batch.labels.tolist(), strict=True):
+            want[(device, seq)] = target
     hub_db = db.make_engine(url)
     with hub_db.connect() as conn:
         got = {(d, s): (v, t) for d, s, v, t in conn.execute(

@@ -49,8 +49,10 @@ RESULT: dict[str, Any] = {
         "latency_ms": {"type": "number", "minimum": 0, "description": "inference time in milliseconds"},
         "label": _nullable({"type": "string", "maxLength": 256, "description": "predicted class"}),
         "confidence": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-        "value": _nullable({**_numbers(256), "description": "regression output"}),
-        "truth": _nullable({"type": "string", "maxLength": 256, "description": "ground truth, when known"}),
+        "value": _nullable({**_numbers(256), "description": "regression output, one number per output "
+                                                             "(e.g. x, y of a position)"}),
+        "truth": _nullable({"type": "string", "maxLength": 256, "description": "ground truth, when known: a "
+                            "class, or for a regressor its targets as numbers separated by ';' (the window mean)"}),
         "features": _nullable({**_numbers(4096), "description": "the model input, for retraining at the hub"}),
     },
 }

@@ -161,5 +161,7 @@ class Processor:
 def _truths(labels: np.ndarray) -> list[str | None]:
     """Window ground truth as the contract carries it: text, or a number written out; None = unknown."""
     if labels.dtype.kind == "f":  # regression targets: the window's mean, NaN when a reading had none
+        if labels.ndim == 2:  # several outputs: "x;y", as the log writes them
+            return [None if any(v != v for v in row) else ";".join(map(repr, row)) for row in labels.tolist()]
         return [None if x != x else repr(x) for x in labels.tolist()]
     return [None if (x is None or x == "") else str(x) for x in labels.tolist()]

@@ -56,14 +56,15 @@ Window labels
 -------------
 When labels are given (one per reading), each window gets one label:
 
-* float labels (regression targets): the mean over the window's readings;
+* float labels (regression targets, ``[n]`` or ``[n, outputs]``): the mean over
+  the window's readings, per output;
 * any other labels (text, int, bool, object): the majority label of the
   window's readings; ties go to the tied label seen most recently.  Labels
   are compared by value (object arrays mixing types, e.g. str and None, are
   compared by their ``str``).
 """
 
-from edge_agent.preprocess.features import extract_features, feature_names, fit_normalization
+from edge_agent.preprocess.features import extract_features, feature_names, fit_normalization, replace_absent
 from edge_agent.preprocess.params import FEATURE_SETS, MISSING_POLICIES, PreprocessParams
 from edge_agent.preprocess.windows import DeviceWindowers, WindowBatch, Windower, make_windows
 
@@ -78,4 +79,5 @@ __all__ = [
     "extract_features",
     "feature_names",
     "fit_normalization",
+    "replace_absent",
 ]

@@ -13,10 +13,12 @@ from edge_agent.preprocess.params import _PERCENTILES, _SPEC_NAMES, _STAT_NAMES,
 from edge_agent.preprocess.windows import WindowBatch
 
 
-def fit_normalization(values: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def fit_normalization(values: np.ndarray, params: PreprocessParams | None = None
+                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of training values, ignoring NaN/inf.
 
-    ``values`` is ``[n, c]`` readings or ``[k, size, c]`` windows.  A channel
+    ``values`` is ``[n, c]`` readings or ``[k, size, c]`` windows; with ``params``, their absent
+    value is replaced first (:func:`replace_absent`), as :func:`extract_features` does.  A channel
     with (near) zero spread gets std 1.0.  Returns tuples ready for
     ``PreprocessParams.with_normalization``.
     """
@@ -24,6 +26,8 @@ def fit_normalization(values: np.ndarray) -> tuple[tuple[float, ...], tuple[floa
     if v.ndim < 2:
         raise ValueError("values must be [n, c] or [k, size, c]")
     v = v.reshape(-1, v.shape[-1])
+    if params is not None:
+        v = replace_absent(v, params)
     v = np.where(np.isfinite(v), v, np.nan)
     if v.shape[0] == 0 or np.all(np.isnan(v), axis=0).any():
         raise ValueError("every channel needs at least one finite value")
@@ -31,6 +35,14 @@ def fit_normalization(values: np.ndarray) -> tuple[tuple[float, ...], tuple[floa
     std = np.nanstd(v, axis=0)
     std = np.where(std > 1e-8 * np.maximum(1.0, np.abs(mean)), std, 1.0)
     return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
+def replace_absent(values: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """``values`` with every reading equal to ``params.absent_value`` replaced by ``absent_as``
+    (the same array when there is no absent value)."""
+    if params.absent_value is None:
+        return values
+    return np.where(values == np.float32(params.absent_value), values.dtype.type(params.absent_as), values)
 
 
 def _fft_bins(params: PreprocessParams) -> int:
@@ -46,6 +58,8 @@ def _fft_bins(params: PreprocessParams) -> int:
 def feature_names(params: PreprocessParams) -> list[str]:
     """Names of the features, in the column order of :func:`extract_features`."""
     ch = params.channels
+    if params.features == "mean-v1":
+        return [f"{c}_mean" for c in ch]
     names = [f"{c}_{s}" for s in _STAT_NAMES for c in ch]
     names += [f"corr_{ch[i]}_{ch[j]}" for i in range(len(ch)) for j in range(i + 1, len(ch))]
     if params.features == "stats-fft-v1":
@@ -81,6 +95,8 @@ def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams
         ``"stats-v1"`` is the first two groups only (time domain); on the
         watch exercise data it generalizes better to unseen subjects (the
         spectrum mostly encodes each person's repetition tempo).
+        ``"mean-v1"`` is the per-channel mean only (signal-strength scans).
+        Readings equal to ``params.absent_value`` count as ``absent_as``.
     """
     if not params.is_fitted:
         raise ValueError("params have no normalization statistics: use fit_normalization() first")
@@ -121,10 +137,12 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
     inv = np.float32(1.0) / np.asarray(params.norm_std, np.float32)[:, None]
     # Layout (c, m), C order: every statistic reduces the last, contiguous axis.
     x = np.empty((c, values.shape[0]), np.float32)
-    np.subtract(values.T, mean, out=x)
+    np.subtract(replace_absent(values, params).T, mean, out=x)
     x *= inv
     if not np.isfinite(x).all():  # readings no window covers (dropped), or an overflow
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if params.features == "mean-v1":
+        return sliding_window_view(x, size, axis=1)[:, offsets].mean(axis=2, dtype=np.float32).T.copy()
     g = _block_size(params)
     if np.any(offsets % g):  # windows not on block boundaries: lay the windows out one after the other
         x = sliding_window_view(x, size, axis=1)[:, offsets].reshape(c, k * size)

@@ -12,7 +12,7 @@ MISSING_POLICIES = ("interpolate", "drop")
 
 #: Supported feature sets.  The name is versioned: changing what a feature set
 #: computes requires a new name, because trained models depend on it.
-FEATURE_SETS = ("stats-fft-v1", "stats-v1")
+FEATURE_SETS = ("stats-fft-v1", "stats-v1", "mean-v1")
 
 # Percentiles used by the time-domain statistics.
 _PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
@@ -57,8 +57,16 @@ class PreprocessParams:
             correlations and spectral features) or ``"stats-v1"`` (without the
             spectral part: better on the watch exercise data, see
             :func:`extract_features`).
+            ``"mean-v1"``: the window mean of each channel only, for scans of
+            signal strengths (positioning fingerprints: a window of 1-3 scans).
         fft_max_hz: highest frequency of the rFFT magnitude bins kept per
             channel by ``"stats-fft-v1"`` (``None`` = up to Nyquist).
+        absent_value, absent_as: a reading equal to ``absent_value`` means
+            "nothing there" rather than "reading missing" (UJIIndoorLoc writes
+            +100 for an access point a scan did not hear) and stands for
+            ``absent_as`` (e.g. -110 dBm, below the weakest signal heard);
+            ``None`` = no such value.  Applied before normalization, at
+            training and on the device alike.
     """
 
     sample_rate_hz: float
@@ -71,6 +79,8 @@ class PreprocessParams:
     norm_std: tuple[float, ...] = ()
     features: str = "stats-fft-v1"
     fft_max_hz: float | None = None
+    absent_value: float | None = None
+    absent_as: float | None = None
 
     def __post_init__(self) -> None:
         # Normalize sequence fields to tuples so that equality and hashing
@@ -82,8 +92,9 @@ class PreprocessParams:
         if not (_finite(self.sample_rate_hz) and self.sample_rate_hz > 0):
             errors.append(f"sample_rate_hz must be > 0, got {self.sample_rate_hz!r}")
         else:
-            if not (_finite(self.window_s) and round(self.window_s * self.sample_rate_hz) >= 2):
-                errors.append(f"window_s={self.window_s!r} gives fewer than 2 samples per window")
+            least = 1 if self.features == "mean-v1" else 2  # a mean needs one reading, a spread two
+            if not (_finite(self.window_s) and round(self.window_s * self.sample_rate_hz) >= least):
+                errors.append(f"window_s={self.window_s!r} gives fewer than {least} samples per window")
             if not (_finite(self.hop_s) and round(self.hop_s * self.sample_rate_hz) >= 1):
                 errors.append(f"hop_s={self.hop_s!r} gives a hop of less than 1 sample")
         if not self.channels:
@@ -98,6 +109,10 @@ class PreprocessParams:
             errors.append(f"features must be one of {FEATURE_SETS}, got {self.features!r}")
         if self.fft_max_hz is not None and not (_finite(self.fft_max_hz) and self.fft_max_hz > 0):
             errors.append(f"fft_max_hz must be > 0 or None, got {self.fft_max_hz!r}")
+        if (self.absent_value is None) != (self.absent_as is None):
+            errors.append("absent_value and absent_as go together (both set or both None)")
+        elif self.absent_value is not None and not (_finite(self.absent_value) and _finite(self.absent_as)):
+            errors.append(f"absent_value and absent_as must be finite, got {self.absent_value!r}, {self.absent_as!r}")
         if len(self.norm_mean) != len(self.norm_std):
             errors.append("norm_mean and norm_std must have the same length")
         elif self.norm_mean and len(self.norm_mean) != len(self.channels):
@@ -150,6 +165,8 @@ class PreprocessParams:
         d = dataclasses.asdict(self)
         for k in ("channels", "norm_mean", "norm_std"):
             d[k] = list(d[k])
+        if self.absent_value is None:  # keys added later are left out at their default, so agents that
+            del d["absent_value"], d["absent_as"]  # predate them still read every manifest they can serve
         return d
 
     @classmethod
@@ -182,7 +199,7 @@ class PreprocessParams:
         for name, value in d.items():
             if name in ("sample_rate_hz", "window_s", "hop_s", "max_missing_frac"):
                 kw[name] = _as_float(name, value)
-            elif name == "fft_max_hz":
+            elif name in ("fft_max_hz", "absent_value", "absent_as"):
                 kw[name] = None if value is None else _as_float(name, value)
             elif name in ("missing", "features"):
                 if not isinstance(value, str):

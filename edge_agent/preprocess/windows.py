@@ -66,14 +66,16 @@ class WindowBatch:
                    offsets=np.arange(k, dtype=np.intp) * size, size=size, labels=labels, dropped=dropped)
 
     @classmethod
-    def empty(cls, size: int, n_channels: int, labels_dtype: Any = None) -> WindowBatch:
+    def empty(cls, size: int, n_channels: int, labels_dtype: Any = None, outputs: tuple[int, ...] = ()
+              ) -> WindowBatch:
+        """No windows; with ``labels_dtype``, labels of shape ``(0, *outputs)``."""
         return cls(
             start=np.empty(0, np.float64),
             end=np.empty(0, np.float64),
             values=np.empty((0, n_channels), np.float32),
             offsets=np.empty(0, np.intp),
             size=size,
-            labels=None if labels_dtype is None else np.empty(0, labels_dtype),
+            labels=None if labels_dtype is None else np.empty((0, *outputs), labels_dtype),
             dropped=0,
         )
 
@@ -140,13 +142,15 @@ class Windower:
             ts: float64[n], timestamps in seconds (finite).
             values: float32[n, c], channel values in ``params.channels`` order;
                 NaN / inf mark missing readings.
-            labels: array[n] of per-reading labels, or None.  Either every push
-                of a Windower has labels or none has.
+            labels: array[n] of per-reading labels (float ``[n, outputs]`` for
+                several regression targets), or None.  Either every push of a
+                Windower has labels or none has.
         """
         ts, values, labels = self._checked(ts, values, labels)
         n = ts.shape[0]
         if n == 0:
-            return WindowBatch.empty(self._size, self._c, labels.dtype if labels is not None else None)
+            return WindowBatch.empty(self._size, self._c, None if labels is None else _window_label_dtype(labels),
+                                     () if labels is None else labels.shape[1:])
         bounds, continues = self._segment_bounds(ts)
         out: list[WindowBatch] = []
         for s in range(len(bounds) - 1):
@@ -178,8 +182,8 @@ class Windower:
             raise ValueError("either every push has labels or none has")
         if labels is not None:
             labels = np.asarray(labels)
-            if labels.shape != (n,):
-                raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+            if labels.shape[:1] != (n,) or (labels.ndim != 1 and not (labels.ndim == 2 and labels.dtype.kind == "f")):
+                raise ValueError(f"labels must have shape ({n},) (or ({n}, outputs) of floats), got {labels.shape}")
             if self._buf_labels is None:
                 self._buf_labels = labels[:0]
         return ts, values, labels
@@ -270,7 +274,7 @@ def _window_segment(
     m, c = vals.shape
     labels_dtype = None if labels is None else _window_label_dtype(labels)
     if m < size:
-        return WindowBatch.empty(size, c, labels_dtype), 0
+        return WindowBatch.empty(size, c, labels_dtype, () if labels is None else labels.shape[1:]), 0
     k = (m - size) // hop + 1
     starts = np.arange(k, dtype=np.intp) * hop
     region = vals[: (k - 1) * hop + size]  # the readings the windows cover
@@ -343,12 +347,12 @@ def _window_label_dtype(labels: np.ndarray) -> Any:
 def _window_labels(labels: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Per-window label: mean for float labels, else majority (ties -> most recent)."""
     if starts.shape[0] == 0:
-        return np.empty(0, _window_label_dtype(labels))
+        return np.empty((0, *labels.shape[1:]), _window_label_dtype(labels))
     if labels.dtype.kind == "f":
         # Direct per-window mean (not a cumulative sum) so the result does not
-        # depend on where the stream was chunked, to the last bit.
+        # depend on where the stream was chunked, to the last bit; per output.
         size = int(ends[0] - starts[0] + 1)
-        return sliding_window_view(labels.astype(np.float64), size)[starts].mean(axis=1)
+        return sliding_window_view(labels.astype(np.float64), size, axis=0)[starts].mean(axis=-1)
     # Restrict to the samples covered by the windows.
     lo, hi = int(starts[0]), int(ends[-1]) + 1
     covered = labels[lo:hi]

@@ -111,21 +111,26 @@ class Rules:
             if st == OK and abs(x) >= 3.4028235677973366e38:  # rounds to inf as float32
                 return None, (NON_FINITE_VALUE, f"value {_show(v)} out of float32 range in column '{name}'")
             vals.append(x)
+        if self.has_labels and type(label) is list and label and set(map(type, label)) <= _NUM:
+            label = ";".join(map(repr, label))  # JSON Lines: several targets as a list of numbers
         label, err = _text(label, "label") if self.has_labels else ("", None)
         return (None, err) if err else ((t, device, vals, label), None)
 
     @staticmethod
-    def label_number(label: str) -> tuple[float, tuple[str, str] | None]:
-        """A label of a numeric label column (regression targets): a finite number, or empty for
-        unknown (NaN)."""
+    def label_numbers(label: str) -> tuple[tuple[float, ...] | None, tuple[str, str] | None]:
+        """A label of a numeric label column (regression targets): finite numbers separated by ``;``
+        (one per output, e.g. ``x;y`` of a position), or empty for unknown (``None``)."""
         if not label.strip():
-            return math.nan, None
-        x, st = number(label.encode("utf-8", "surrogatepass"))
-        if st == BAD:
-            return math.nan, (BAD_NUMBER, f"bad number {_show(label.encode())} in column 'label' (the labels are numbers)")
-        if st != OK:
-            return math.nan, (NON_FINITE_VALUE, f"non-finite value {_show(label.encode())} in column 'label'")
-        return x, None
+            return None, None
+        out = []
+        for part in label.split(";"):
+            x, st = number(part.encode("utf-8", "surrogatepass"))
+            if st in (BAD, EMPTY):
+                return None, (BAD_NUMBER, f"bad number {_show(label.encode())} in column 'label' (the labels are numbers)")
+            if st != OK:
+                return None, (NON_FINITE_VALUE, f"non-finite value {_show(label.encode())} in column 'label'")
+            out.append(x)
+        return tuple(out), None
 
 
 class Block:
@@ -341,17 +346,34 @@ class Decoder:
         self.ws = Workspace()
         self.devices, self.labels = Codes(allow_empty=False), Codes(allow_empty=True)
         self.rules = Rules((), False)
-        self._label_values = np.empty(0)  # per label code, for a numeric label column
+        self._label_list: list[tuple[float, ...] | None] = []  # per label code, for a numeric label column
+        self._label_values = np.empty((0, 1))
         self._label_errors: dict[int, tuple[str, str]] = {}
+        self.outputs: int | None = None  # numbers per label: fixed by the first label that has any
 
     def check_label_numbers(self, b: Block) -> None:
-        """A numeric label column: rows whose label is not a number (or empty) become problems."""
+        """A numeric label column: rows whose label is not a number (or empty), or holds another
+        count of numbers than the column's first, become problems."""
         assert b.lab is not None
-        known = self._label_values.shape[0]
+        known = len(self._label_list)
         if known < len(self.labels.names):  # labels first met in this block, each judged once
-            judged = [Rules.label_number(name) for name in self.labels.names[known:]]
-            self._label_values = np.concatenate([self._label_values, [value for value, _ in judged]])
-            self._label_errors.update({known + i: err for i, (_, err) in enumerate(judged) if err})
+            for i, name in enumerate(self.labels.names[known:], known):
+                numbers, err = Rules.label_numbers(name)
+                if numbers is not None and self.outputs is None:
+                    self.outputs = len(numbers)
+                if numbers is not None and len(numbers) != self.outputs:
+                    err = (BAD_VALUE, f"label {_show(name.encode())} holds {len(numbers)} numbers, "
+                                      f"the column's first label {self.outputs}")
+                    numbers = None
+                self._label_list.append(numbers)
+                if err:
+                    self._label_errors[i] = err
+            k = self.outputs or 1
+            if self._label_values.shape[1] != k:  # the first numbers came after unknown labels only
+                self._label_values = np.full((self._label_values.shape[0], k), math.nan)
+            new = np.array([x if x is not None else (math.nan,) * k for x in self._label_list[known:]],
+                           dtype=np.float64).reshape(-1, k)
+            self._label_values = np.concatenate([self._label_values, new])
         if self._label_errors:
             bad = np.isin(b.lab, np.fromiter(self._label_errors, dtype=np.int64))
             if bad.any():
@@ -360,8 +382,10 @@ class Decoder:
                 b.keep(~bad)
 
     def label_numbers(self, codes: np.ndarray) -> np.ndarray:
-        """Labels as float64 (NaN = unknown), after :meth:`check_label_numbers`."""
-        return self._label_values[codes]
+        """Labels as float64 (NaN = unknown), after :meth:`check_label_numbers`: ``[n]`` for one
+        number per label, ``[n, outputs]`` for several."""
+        values = self._label_values[codes]
+        return values[:, 0] if values.shape[1] == 1 else values
 
     def block(self, ts: Sequence[Any], dev: Sequence[Any], chans: Any, labels: Sequence[Any],
               lines: np.ndarray, problems: list[Problem], blank: int) -> Block:

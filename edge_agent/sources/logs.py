@@ -337,7 +337,7 @@ class LogReader:
                       on_error=self.parser.on_error) as again:
             first = next(again, None)
         texts = [] if first is None or first.labels is None else [x for x in first.labels.tolist() if x.strip()]
-        return bool(texts) and all(Rules.label_number(x)[1] is None for x in texts)
+        return bool(texts) and all(Rules.label_numbers(x)[1] is None for x in texts)
 
     @property
     def has_labels(self) -> bool:

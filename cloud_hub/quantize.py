@@ -221,6 +221,17 @@ def op_counts(onnx_bytes: bytes, *, optimized: bool = False) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.node))
 
 
+def error_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """A regressor's errors: ``mae`` (mean absolute error, averaged over the outputs) and the mean,
+    median and 90th percentile of each window's error, its Euclidean distance to the truth over
+    the outputs (metres for an x, y position; the absolute error for one output)."""
+    d = np.asarray(pred, np.float64).reshape(truth.shape[0], -1) - np.asarray(truth, np.float64).reshape(truth.shape[0], -1)
+    err = np.sqrt(np.sum(d * d, axis=1))
+    return {"mae": float(np.mean(np.abs(d))), "mean_error": float(np.mean(err)),
+            "median_error": float(np.median(err)), "p90_error": float(np.percentile(err, 90)),
+            "outputs": int(d.shape[1])}
+
+
 def evaluate(
     onnx_bytes: bytes,
     X: np.ndarray,
@@ -234,15 +245,16 @@ def evaluate(
     Runs in onnxruntime with 1 intra-op thread (as on a small device).
 
     Returns a dict with ``task``, ``n``, ``accuracy`` (classifier: share of
-    correct labels) or ``mae`` (regressor), ``bytes`` (artifact size),
+    correct labels) or for a regressor :func:`error_metrics` (``mae``, and the
+    mean / median / p90 of the error), ``bytes`` (artifact size),
     ``latency_ms`` (median batch-of-1 inference time over ``latency_runs``
     runs after ``warmup`` runs, cycling over the rows of ``X``) and
     ``latency_p90_ms``.
     """
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
-    if X.ndim != 2 or X.shape[0] == 0 or y.shape != (X.shape[0],):
-        raise ValueError(f"X must be [n, f] with n > 0 and y [n], got {X.shape} and {y.shape}")
+    if X.ndim != 2 or X.shape[0] == 0 or y.shape[:1] != (X.shape[0],) or y.ndim > 2:
+        raise ValueError(f"X must be [n, f] with n > 0 and y [n] or [n, outputs], got {X.shape} and {y.shape}")
     sess = session(onnx_bytes)
     input_name = sess.get_inputs()[0].name
     out_names = [o.name for o in sess.get_outputs()]
@@ -258,7 +270,7 @@ def evaluate(
         out["accuracy"] = float(np.mean(pred.reshape(-1).astype(str) == y.astype(str)))
     else:
         out["task"] = "regression"
-        out["mae"] = float(np.mean(np.abs(pred.reshape(-1).astype(np.float64) - y.astype(np.float64))))
+        out.update(error_metrics(pred.reshape(X.shape[0], -1), y.reshape(X.shape[0], -1)))
 
     rows = [X[i % X.shape[0] : i % X.shape[0] + 1] for i in range(max(latency_runs, 1))]
     for i in range(warmup):

@@ -107,5 +107,5 @@ def rollout(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:
 def _brief(m: dict[str, Any] | None) -> dict[str, Any] | None:
     if not m:
         return None
-    keys = ("accuracy", "mae", "bytes", "latency_ms")
+    keys = ("accuracy", "mae", "mean_error", "median_error", "p90_error", "outputs", "bytes", "latency_ms")
     return {k: m[k] for k in keys if k in m}

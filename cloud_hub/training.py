@@ -83,10 +83,13 @@ class TrainConfig:
 
 
 def task_of(y: np.ndarray) -> str:
-    """``"classification"`` for text labels, ``"regression"`` for numeric ones."""
+    """``"classification"`` for text labels, ``"regression"`` for numeric ones (``[n]``, or
+    ``[n, outputs]`` for several targets, e.g. the x, y of a position)."""
     y = np.asarray(y)
+    if y.ndim == 2 and y.shape[0] and y.shape[1] and y.dtype.kind in "iuf":
+        return "regression"
     if y.ndim != 1 or y.shape[0] == 0:
-        raise ValueError("y must be a non-empty 1-D array")
+        raise ValueError("y must be a non-empty 1-D array (or [n, outputs] of numbers)")
     if y.dtype.kind in "iuf":
         return "regression"
     if y.dtype.kind in "US":
@@ -137,7 +140,8 @@ def train(
 
     Args:
         X: float32[n, f] window features (``edge_agent.preprocess.extract_features``).
-        y: [n] labels: text -> classifier, numbers -> regressor.
+        y: [n] labels: text -> classifier, numbers -> regressor ([n, outputs]: one
+            regressor with several outputs).
         warm_from: a previous model of :func:`train` to continue from, if compatible.
         seed: random seed (initialization and shuffling); same inputs + seed give
             the same model.
@@ -153,8 +157,8 @@ def train(
 def _train(X: np.ndarray, y: np.ndarray, warm_from: Pipeline | None, seed: int, cfg: TrainConfig) -> Pipeline:
     X = _check_X(X)
     y = np.asarray(y)
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"y must have shape ({X.shape[0]},), got {y.shape}")
+    if y.shape[:1] != (X.shape[0],) or y.ndim > 2:
+        raise ValueError(f"y must have shape ({X.shape[0]},) or ({X.shape[0]}, outputs), got {y.shape}")
     task = task_of(y)
     if task == "classification":
         y = y.astype(str)
@@ -201,20 +205,21 @@ def _epochs(epochs: int, min_updates: int, n: int, batch: int) -> int:
     return max(epochs, -(-min_updates // per_epoch))
 
 
-def _target_stats(y: np.ndarray) -> tuple[float, float]:
-    mu = float(np.mean(y))
-    sd = float(np.std(y))
-    return mu, (sd if sd > 1e-12 * max(1.0, abs(mu)) else 1.0)
+def _target_stats(y: np.ndarray) -> tuple[Any, Any]:
+    """Mean and spread of the targets: floats for one output, arrays for several."""
+    mu, sd = np.mean(y, axis=0), np.std(y, axis=0)
+    sd = np.where(sd > 1e-12 * np.maximum(1.0, np.abs(mu)), sd, 1.0)
+    return (float(mu), float(sd)) if y.ndim == 1 else (mu, sd)
 
 
-def _fold_target(mlp: MLPRegressor, mu: float, sd: float) -> None:
+def _fold_target(mlp: MLPRegressor, mu: Any, sd: Any) -> None:
     """Make the last layer predict ``y`` instead of ``(y - mu) / sd``."""
     mlp.coefs_[-1] = mlp.coefs_[-1] * sd
     mlp.intercepts_[-1] = mlp.intercepts_[-1] * sd + mu
     mlp.target_scale_ = (mu, sd)  # remembered for warm starts
 
 
-def _unfold_target(mlp: MLPRegressor) -> tuple[float, float]:
+def _unfold_target(mlp: MLPRegressor) -> tuple[Any, Any]:
     mu, sd = getattr(mlp, "target_scale_", (0.0, 1.0))
     mlp.coefs_[-1] = mlp.coefs_[-1] / sd
     mlp.intercepts_[-1] = (mlp.intercepts_[-1] - mu) / sd
@@ -234,6 +239,8 @@ def _warm_incompatibility(prev: Any, X: np.ndarray, y: np.ndarray, task: str) ->
         new = sorted(set(np.unique(y)) - set(mlp.classes_))
         if new:
             return f"labels {new} unknown to the previous model"
+    elif mlp.coefs_[-1].shape[1] != (1 if y.ndim == 1 else y.shape[1]):
+        return f"previous model has {mlp.coefs_[-1].shape[1]} outputs, the targets {1 if y.ndim == 1 else y.shape[1]}"
     return None
 
 
@@ -286,7 +293,7 @@ def export_onnx(model: Pipeline, n_features: int) -> bytes:
 
     * classifier: ``"label"`` string[N] and ``"probabilities"`` float32[N, n_classes]
       (columns in :func:`model_labels` order; no ZipMap);
-    * regressor: ``"variable"`` float32[N, 1].
+    * regressor: ``"variable"`` float32[N, outputs].
     """
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
@@ -361,3 +368,38 @@ def _replace_scaler(onx: Any) -> None:
         )
     del graph.node[:]
     graph.node.extend(new_nodes)
+
+
+#: k-NN baselines are skipped beyond this many train x test distance computations (seconds of CPU).
+KNN_MAX_PAIRS = 400_000_000
+
+
+def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
+              k: int = 3) -> dict[str, dict[str, Any]]:
+    """What a model must beat, on the same windows and inputs: the constant predictor (the training
+    mean, or the most frequent class) and k-nearest neighbours on the standardized features (for
+    positioning, classic k-NN fingerprinting). Metrics as :func:`cloud_hub.quantize.evaluate` gives."""
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+
+    from cloud_hub.quantize import error_metrics
+
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    task = task_of(y_train)
+
+    def score(pred: np.ndarray) -> dict[str, Any]:
+        if task == "classification":
+            return {"task": task, "n": len(y_test), "accuracy": float(np.mean(pred.astype(str) == y_test.astype(str)))}
+        return {"task": task, "n": len(y_test), **error_metrics(pred, y_test)}
+
+    if task == "classification":
+        names, counts = np.unique(y_train.astype(str), return_counts=True)
+        out = {"majority": score(np.full(len(y_test), names[np.argmax(counts)]))}
+    else:
+        out = {"mean": score(np.tile(np.mean(y_train.astype(np.float64), axis=0), (len(y_test), 1)))}
+    if len(X_train) * len(X_test) <= KNN_MAX_PAIRS:
+        scaler = StandardScaler().fit(X_train)
+        knn = (KNeighborsClassifier if task == "classification" else KNeighborsRegressor)(n_neighbors=min(k, len(X_train)))
+        with threadpool_limits(limits=1, user_api="blas"):
+            knn.fit(scaler.transform(X_train), y_train)
+            out[f"knn{k}"] = score(knn.predict(scaler.transform(X_test)))
+    return out

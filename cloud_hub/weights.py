@@ -66,5 +66,6 @@ def from_bytes(blob: bytes) -> Pipeline:
         mlp.classes_ = a["classes"]
         mlp._label_binarizer = LabelBinarizer().fit(a["classes"])
     else:
-        mlp.target_scale_ = tuple(float(x) for x in a["target_scale"])
+        scale = a["target_scale"]  # [mu, sd], or [[mu...], [sd...]] for several outputs
+        mlp.target_scale_ = (scale[0], scale[1]) if scale.ndim == 2 else tuple(float(x) for x in scale)
     return Pipeline([("scaler", scaler), ("mlp", mlp)])

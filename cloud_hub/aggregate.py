@@ -14,7 +14,7 @@ percentiles need the values themselves (SQLite has no percentile function), so
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,7 +40,7 @@ class Counts:
     classes: dict[str, int] = field(default_factory=dict)
     conf_sum: float = 0.0
     conf_n: int = 0
-    labelled: int = 0  # results that came with ground truth
+    labelled: int = 0  # results that came with ground truth (not a regressor's: see Errors)
     correct: int = 0  # ... whose predicted label equals it
     last_seen: float | None = None  # hub clock
 
@@ -55,6 +55,27 @@ class Counts:
 
 
 @dataclass(frozen=True, slots=True)
+class Errors:
+    """A regressor's errors over the results with ground truth: each result's Euclidean distance
+    between its value and its truth (the absolute error for one output; metres for a position)."""
+
+    n: int
+    mean: float
+    median: float
+    p90: float
+
+    @classmethod
+    def of(cls, errors: np.ndarray) -> Errors | None:
+        if errors.size == 0:
+            return None
+        median, p90 = np.percentile(errors, (50.0, 90.0))
+        return cls(int(errors.size), float(errors.mean()), float(median), float(p90))
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean, "median": self.median, "p90": self.p90}
+
+
+@dataclass(frozen=True, slots=True)
 class Summary:
     results: int
     classes: dict[str, int]
@@ -64,12 +85,14 @@ class Summary:
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     last_seen: float | None
+    error: Errors | None = None  # regressors' results with ground truth
 
     def to_obj(self) -> dict[str, Any]:
         return {
             "results": self.results, "classes": dict(sorted(self.classes.items())),
             "mean_confidence": self.mean_confidence, "accuracy": self.accuracy, "labelled": self.labelled,
             "latency_ms": {"p50": self.latency_p50_ms, "p95": self.latency_p95_ms}, "last_seen": self.last_seen,
+            "error": None if self.error is None else self.error.to_obj(),
         }
 
 
@@ -123,6 +146,32 @@ def finish(counts: Counts, latency: tuple[float | None, float | None] = (None, N
         accuracy=counts.correct / counts.labelled if counts.labelled else None, labelled=counts.labelled,
         latency_p50_ms=latency[0], latency_p95_ms=latency[1], last_seen=counts.last_seen,
     )
+
+
+def describe_error(metrics: Mapping[str, Any]) -> str:
+    """A regressor's hold-out error (``quantize.evaluate``'s metrics) in a few words: the MAE of one
+    output, the mean / median / p90 error of several."""
+    if metrics.get("outputs", 1) == 1 or "median_error" not in metrics:
+        return f"MAE {metrics['mae']:.4g}"
+    return (f"error mean {metrics['mean_error']:.3g} / median {metrics['median_error']:.3g} / "
+            f"p90 {metrics['p90_error']:.3g}")
+
+
+def result_errors(values: Sequence[str | None], truths: Sequence[str | None]) -> np.ndarray:
+    """Per result, the Euclidean distance between its value (the JSON list the hub stores) and its
+    truth (numbers separated by ``;``); NaN where either is missing, not numbers, or of other lengths."""
+    out = np.full(len(values), np.nan)
+    for i, (value, truth) in enumerate(zip(values, truths, strict=True)):
+        if value is None or truth is None:
+            continue
+        try:
+            v = np.asarray(orjson.loads(value), dtype=np.float64).reshape(-1)
+            t = np.array([float(x) for x in truth.split(";")])
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            continue
+        if v.shape == t.shape:
+            out[i] = float(np.sqrt(np.sum((v - t) ** 2)))
+    return out
 
 
 def summarize(labels: Sequence[str | None], confidence: Sequence[float | None], truth: Sequence[str | None],
@@ -189,6 +238,32 @@ class FleetStats:
         return obj
 
 
+def _grouped_errors(conn: Connection, where: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The errors of regressors' results with ground truth: (devices, starts, versions, errors)."""
+    r = results.c
+    rows = conn.execute(sa.select(r.device_id, r.start, r.model_version, r.value, r.truth)
+                        .where(*where, r.value.is_not(None), r.truth.is_not(None))).all()
+    errors = result_errors([row[3] for row in rows], [row[4] for row in rows])
+    ok = ~np.isnan(errors)
+    dev = np.asarray([row[0] for row in rows], dtype=object)
+    start = np.fromiter((row[1] for row in rows), np.float64, len(rows))
+    version = np.fromiter((row[2] for row in rows), np.int64, len(rows))
+    return dev[ok], start[ok], version[ok], errors[ok]
+
+
+def _errors_by(keys: np.ndarray, errors: np.ndarray) -> dict[Any, Errors]:
+    out: dict[Any, Errors] = {}
+    for key in set(keys.tolist()):
+        e = Errors.of(errors[keys == key])
+        if e is not None:
+            out[key] = e
+    return out
+
+
+def _with_error(summary: Summary, error: Errors | None) -> Summary:
+    return summary if error is None else replace(summary, error=error)
+
+
 def _filters(device: str | None, since: float | None) -> list[Any]:
     where = []
     if device is not None:
@@ -203,7 +278,8 @@ def _grouped_counts(conn: Connection, where: list[Any], bucket_expr: Any = None)
     r = results.c
     keys = [r.device_id, r.label] + ([bucket_expr] if bucket_expr is not None else [])
     query = sa.select(
-        *keys, sa.func.count(), sa.func.sum(r.confidence), sa.func.count(r.confidence), sa.func.count(r.truth),
+        *keys, sa.func.count(), sa.func.sum(r.confidence), sa.func.count(r.confidence),
+        sa.func.sum(sa.case((sa.and_(r.truth.is_not(None), r.value.is_(None)), 1), else_=0)),  # not a regressor's
         sa.func.sum(sa.case((r.label == r.truth, 1), else_=0)), sa.func.max(r.received_at),
     ).where(*where).group_by(*keys)
     out: dict[tuple[str, Any], Counts] = {}
@@ -212,7 +288,7 @@ def _grouped_counts(conn: Connection, where: list[Any], bucket_expr: Any = None)
         key = (device, row[2] if bucket_expr is not None else None)
         n, conf_sum, conf_n, labelled, correct, seen = row[-6:]
         part = Counts(int(n), {label: int(n)} if label is not None else {}, float(conf_sum or 0.0), int(conf_n),
-                      int(labelled), int(correct or 0), seen)
+                      int(labelled or 0), int(correct or 0), seen)
         out[key] = out[key].merge(part) if key in out else part
     return out
 
@@ -240,16 +316,18 @@ def fleet_stats(conn: Connection, *, device: str | None = None, since: float | N
                                       devices.c.model_version)
                             .where(*([devices.c.device_id == device] if device is not None else []))).all()
     latest = _latest_model_versions(conn, where)
+    e_dev, e_start, e_version, errors = _grouped_errors(conn, where)
+    dev_err = _errors_by(e_dev, errors)
     out: dict[str, DeviceStats] = {}
     known = {row[0]: row for row in dev_rows}
     for d in sorted(set(known) | set(per_device)):
         row = known.get(d)
         out[d] = DeviceStats(
-            summary=finish(per_device.get(d, Counts()), dev_q.get(d, (None, None))),
+            summary=_with_error(finish(per_device.get(d, Counts()), dev_q.get(d, (None, None))), dev_err.get(d)),
             model_version=latest.get(d, row[3] if row else None), state=row[1] if row else None,
             last_seen=row[2] if row else None,
         )
-    fleet = finish(_merge(per_device.values()), quantiles(latency))
+    fleet = _with_error(finish(_merge(per_device.values()), quantiles(latency)), Errors.of(errors))
 
     dl = sa.select(sa.func.count()).select_from(dead_letters)
     if since is not None:
@@ -264,17 +342,26 @@ def fleet_stats(conn: Connection, *, device: str | None = None, since: float | N
         b_starts = bucket_floor(starts, width)
         pair_q = group_quantiles([f"{d}\0{b!r}" for d, b in zip(dev_ids, b_starts.tolist(), strict=True)], latency)
         fleet_q = group_quantiles(b_starts.tolist(), latency)
+        e_bucket = bucket_floor(e_start, width)
+        bucket_err = _errors_by(e_bucket, errors)
+        pair_err = _errors_by(np.asarray([f"{d}\0{b!r}" for d, b in zip(e_dev.tolist(), e_bucket.tolist(), strict=True)],
+                                         dtype=object), errors)
         for b in sorted({float(b) for _, b in grouped}):
-            devs = {d: finish(c, pair_q.get(f"{d}\0{b!r}", (None, None)))
+            devs = {d: _with_error(finish(c, pair_q.get(f"{d}\0{b!r}", (None, None))), pair_err.get(f"{d}\0{b!r}"))
                     for (d, bb), c in grouped.items() if float(bb) == b}
             totals = _merge(c for (_, bb), c in grouped.items() if float(bb) == b)
-            buckets[b] = (finish(totals, fleet_q.get(b, (None, None))), devs)
-    return FleetStats(fleet, out, n_dead, bucket, buckets, version_stats(conn, where))
+            buckets[b] = (_with_error(finish(totals, fleet_q.get(b, (None, None))), bucket_err.get(b)), devs)
+    return FleetStats(fleet, out, n_dead, bucket, buckets, version_stats(conn, where, (e_dev, e_version, errors)))
 
 
-def version_stats(conn: Connection, where: list[Any]) -> dict[int, VersionStats]:
+def version_stats(conn: Connection, where: list[Any],
+                  errors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[int, VersionStats]:
     """Per model version: all its results, and those of devices outside its training set."""
     grouped = _grouped_counts(conn, where, results.c.model_version)
+    if errors is None:
+        e_dev, _, e_version, e = _grouped_errors(conn, where)
+    else:
+        e_dev, e_version, e = errors
     trained: dict[int, set[str]] = {}
     for version, manifest in conn.execute(sa.select(models.c.version, models.c.manifest)):
         devices_of = (orjson.loads(manifest).get("training") or {}).get("train_devices") or []
@@ -283,8 +370,11 @@ def version_stats(conn: Connection, where: list[Any]) -> dict[int, VersionStats]
     for version in sorted({int(v) for _, v in grouped}):
         mine = {d: c for (d, v), c in grouped.items() if int(v) == version}
         train = trained.get(version, set())
-        out[version] = VersionStats(finish(_merge(mine.values())),
-                                    finish(_merge(c for d, c in mine.items() if d not in train)),
+        of_version = e_version == version
+        held = of_version & ~np.isin(e_dev, list(train))
+        out[version] = VersionStats(_with_error(finish(_merge(mine.values())), Errors.of(e[of_version])),
+                                    _with_error(finish(_merge(c for d, c in mine.items() if d not in train)),
+                                                Errors.of(e[held])),
                                     tuple(sorted(train)))
     return out
 

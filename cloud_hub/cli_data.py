@@ -120,6 +120,13 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _quality(s: Any) -> str:
+    """A classifier's accuracy, or a regressor's mean / median / p90 error (in the targets' unit)."""
+    if s.error is not None:
+        return f"{s.error.mean:.3g} / {s.error.median:.3g} / {s.error.p90:.3g}"
+    return _pct(s.accuracy)
+
+
 def _ms(x: float | None) -> str:
     """Milliseconds with the digits that matter: 0.0052, 0.42, 3.1, 120."""
     if x is None:
@@ -161,7 +168,8 @@ def stats(
     bucket: Annotated[str | None, typer.Option("--bucket", help="Also per time bucket: minute or hour.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Result counts, class histogram, confidence, accuracy and latency per device and fleet-wide."""
+    """Result counts, class histogram, confidence, accuracy (a regressor: mean / median / p90 error) and
+    latency per device and fleet-wide."""
     from cloud_hub.aggregate import BUCKETS, fleet_stats, parse_since
 
     if bucket is not None and bucket not in BUCKETS:
@@ -178,35 +186,37 @@ def stats(
     if as_json:
         typer.echo(orjson.dumps(result.to_obj(), option=orjson.OPT_NON_STR_KEYS).decode())
         return
-    table = _table(f"results{f' since {_ts(t0)} UTC' if t0 is not None else ''}", "device", "results", "accuracy",
+    quality = "error mean/median/p90" if result.fleet.error is not None else "accuracy"
+    table = _table(f"results{f' since {_ts(t0)} UTC' if t0 is not None else ''}", "device", "results", quality,
                    "conf", "p50 ms", "p95 ms", "model", "state", "seen",
-                   right=("results", "accuracy", "conf", "p50 ms", "p95 ms", "model"))
+                   right=("results", quality, "conf", "p50 ms", "p95 ms", "model"))
     for name, d in sorted(result.devices.items()):
         s = d.summary
-        table.add_row(name, f"{s.results:,}", _pct(s.accuracy), _num(s.mean_confidence, ".2f"),
+        table.add_row(name, f"{s.results:,}", _quality(s), _num(s.mean_confidence, ".2f"),
                       _ms(s.latency_p50_ms), _ms(s.latency_p95_ms), _num(d.model_version, "d"), d.state or "-",
                       _age(d.last_seen))
     f = result.fleet
-    table.add_row("[b]fleet[/b]", f"{f.results:,}", _pct(f.accuracy), _num(f.mean_confidence, ".2f"),
+    table.add_row("[b]fleet[/b]", f"{f.results:,}", _quality(f), _num(f.mean_confidence, ".2f"),
                   _ms(f.latency_p50_ms), _ms(f.latency_p95_ms), "", "", _age(f.last_seen), end_section=True)
     console = _console()
     console.print(table)
     if result.versions:
+        held = "held-out acc" if result.fleet.error is None else "held-out error"
         vt = _table("per model version (held out: devices outside its training set)", "model", "results",
-                    "accuracy", "held-out acc", "held-out results", "trained on",
-                    right=("results", "accuracy", "held-out acc", "held-out results"))
+                    quality, held, "held-out results", "trained on",
+                    right=("results", quality, held, "held-out results"))
         for version, v in sorted(result.versions.items()):
-            vt.add_row(f"v{version}", f"{v.summary.results:,}", _pct(v.summary.accuracy), _pct(v.held_out.accuracy),
+            vt.add_row(f"v{version}", f"{v.summary.results:,}", _quality(v.summary), _quality(v.held_out),
                        f"{v.held_out.results:,}", f"{len(v.train_devices)} devices" if v.train_devices else "-")
         console.print(vt)
     if f.classes:
         console.print("classes: " + ", ".join(f"{k} {v}" for k, v in sorted(f.classes.items())))
     console.print(f"dead letters: {result.dead_letters}")
     if bucket is not None:
-        bt = _table(f"per {bucket} (window start, UTC)", "bucket", "results", "devices", "accuracy", "conf",
-                    "p50 ms", "p95 ms", right=("results", "devices", "accuracy", "conf", "p50 ms", "p95 ms"))
+        bt = _table(f"per {bucket} (window start, UTC)", "bucket", "results", "devices", quality, "conf",
+                    "p50 ms", "p95 ms", right=("results", "devices", quality, "conf", "p50 ms", "p95 ms"))
         for start, (s, per_device) in sorted(result.buckets.items()):
-            bt.add_row(_ts(start)[:16], f"{s.results:,}", str(len(per_device)), _pct(s.accuracy),
+            bt.add_row(_ts(start)[:16], f"{s.results:,}", str(len(per_device)), _quality(s),
                        _num(s.mean_confidence, ".2f"), _ms(s.latency_p50_ms), _ms(s.latency_p95_ms))
         console.print(bt)
 

@@ -20,14 +20,20 @@ def demo(
     speed: Annotated[float | None, typer.Option(help="Replay speed of the agents (default: ~20 s of replay).")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the demo keeps its broker, database, keys and agents.")]
         = Path("demo-run"),
+    scenario: Annotated[str, typer.Option(help="activity (smartwatch recordings, or a generated IMU log: "
+                                          "classes) or positioning (phones' Wi-Fi scans: x, y in metres).")]
+        = "activity",
 ) -> None:
     """Start a broker, a hub and agents; train v1, publish, retrain v2 from the fleet, roll it out, show stats."""
     from cloud_hub.demo import Demo
 
+    if scenario not in ("activity", "positioning"):
+        raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     view = _FleetView()
     try:
-        outcome = Demo(workdir, broker=broker, agents=agents, speed=speed, say=view.say, show=view.show).run()
+        outcome = Demo(workdir, broker=broker, agents=agents, speed=speed, say=view.say, show=view.show,
+                       scenario=scenario).run()
     except Exception as exc:  # the demo's outer loop: report, clean up (done by Demo.run), exit non-zero
         typer.echo(f"cloud-hub demo: failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -58,10 +64,15 @@ class _FleetView:
         from rich.table import Table
 
         t = Table(title=title)
-        for col in ("device", "results", "accuracy", "model version", "status"):
+        regression = any(r.get("error") for r in rows)
+        quality = "error mean / median / p90" if regression else "accuracy"
+        for col in ("device", "results", quality, "model version", "status"):
             t.add_column(col, justify="right" if col != "device" else "left")
         for r in rows:
-            t.add_row(r["device"], f"{r['results']:,}", _pct(r["accuracy"]),
+            e = r.get("error")
+            t.add_row(r["device"], f"{r['results']:,}",
+                      f"{e['mean']:.2f} / {e['median']:.2f} / {e['p90']:.2f}" if e else
+                      "-" if regression else _pct(r["accuracy"]),
                       "-" if r["model_version"] is None else f"v{r['model_version']}", r.get("state") or "-")
         return t
 
@@ -82,38 +93,77 @@ class _FleetView:
 def _summary(view: _FleetView, outcome: dict[str, Any], workdir: Path) -> None:
     console = view.console
     stats = outcome["stats"].to_obj()
-    rows = [{"device": device, "results": s["results"], "accuracy": s["accuracy"],
+    rows = [{"device": device, "results": s["results"], "accuracy": s["accuracy"], "error": s["error"],
              "model_version": s.get("model_version"), "state": "done"}
             for device, s in sorted(stats["devices"].items())]
     console.print(view.table(rows, title="final stats per device (model version = the one that produced the last "
                                          "result)"))
     versions = ", ".join(f"v{v}: {n:,}" for v, n in sorted(outcome["per_version"].items()))
     delivered = "stored exactly once" if not outcome["delivery"] else "stored, NOT exactly once"
-    console.print(f"fleet: {stats['results']:,} results {delivered} ({versions}), accuracy "
-                  f"{_pct(stats['accuracy'])}, dead letters {stats['dead_letters']}")
+    e = stats["error"]
+    quality = (f"error mean {e['mean']:.2f} / median {e['median']:.2f} / p90 {e['p90']:.2f}" if e else
+               f"accuracy {_pct(stats['accuracy'])}")
+    console.print(f"fleet: {stats['results']:,} results {delivered} ({versions}), {quality}, "
+                  f"dead letters {stats['dead_letters']}")
+    from cloud_hub.demo import _score
+
     for m in outcome["models"]:
         console.print(f"model v{m['version']}: {m['state']}{' (on the model topic)' if m['on_topic'] else ''}, "
-                      f"INT8 {_pct((m['int8'] or {}).get('accuracy'))} on hold-out "
+                      f"INT8 {_score(m['int8']) if m['int8'] else '-'} on hold-out "
                       f"{', '.join(m['holdout_devices']) or '-'}, devices running it: {m['devices']}")
     console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
                   f"(files in {workdir}/)")
 
 
 def sample(
-    out: Annotated[Path, typer.Argument(help="CSV log to write: ts,device_id,ax,ay,az,wx,wy,wz,label.")],
-    devices: Annotated[str, typer.Option(help="Comma-separated device ids.")] = "dev-a,dev-b,dev-c",
-    seconds: Annotated[float, typer.Option(help="Recorded seconds per device (50 readings a second).")] = 120.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Argument(help="CSV log to write: ts,device_id,ax,ay,az,wx,wy,wz,label (activity) "
+                                        "or ts,device_id,WAP001..WAP012,label with label x;y in metres "
+                                        "(positioning).")],
+    scenario: Annotated[str, typer.Option(help="activity (a 6-axis IMU, classes idle/walk/run/lift) or "
+                                          "positioning (Wi-Fi scans of phones walking an office floor).")]
+        = "activity",
+    devices: Annotated[str | None, typer.Option(help="Comma-separated device ids (default dev-a,dev-b,dev-c; "
+                                                "positioning: phone-01..phone-08).")] = None,
+    seconds: Annotated[float, typer.Option(help="Recorded seconds per device (activity: 50 readings a second; "
+                                           "positioning: 1 scan a second).")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Random seed (positioning: of the phones; the floor stays the same).")]
+        = 0,
+    ujiindoorloc: Annotated[Path | None, typer.Option("--ujiindoorloc", help="positioning: convert this "
+                                                      "UJIIndoorLoc CSV instead of generating scans.")] = None,
+    building: Annotated[int | None, typer.Option(help="--ujiindoorloc: keep this BUILDINGID only.")] = None,
+    floor: Annotated[int | None, typer.Option(help="--ujiindoorloc: keep this FLOOR only.")] = None,
 ) -> None:
-    """Write a labelled sensor log to try the pipeline with (recorded until now, labels idle/walk/run/lift)."""
-    from cloud_hub.sample import write_sample_log
-
-    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    """Write a labelled log to try the pipeline with, recorded until now: sensor readings with activity
+    classes, or phones' Wi-Fi scans with their positions (a regressor with two outputs)."""
+    if scenario not in ("activity", "positioning"):
+        raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
+    default = "dev-a,dev-b,dev-c" if scenario == "activity" else ",".join(f"phone-{i:02d}" for i in range(1, 9))
+    ids = [d.strip() for d in (devices or default).split(",") if d.strip()]
     if not ids or seconds <= 0:
-        typer.echo("cloud-hub: error: --devices needs at least one id and --seconds must be > 0", err=True)
-        raise typer.Exit(2)
-    n = write_sample_log(out, devices=ids, seconds=seconds, seed=seed, start_ts=float(int(time.time() - seconds)))
-    typer.echo(f"wrote {n:,} readings of {len(ids)} devices to {out}")
+        raise _usage("--devices needs at least one id and --seconds must be > 0")
+    start = float(int(time.time() - seconds))
+    if scenario == "activity":
+        from cloud_hub.sample import write_sample_log
+
+        n = write_sample_log(out, devices=ids, seconds=seconds, seed=seed, start_ts=start)
+        typer.echo(f"wrote {n:,} readings of {len(ids)} devices to {out}")
+        return
+    from cloud_hub.positioning import convert_ujiindoorloc, write_positioning_log
+
+    if ujiindoorloc is not None:
+        try:
+            n = convert_ujiindoorloc(ujiindoorloc, out, building=building, floor=floor)
+        except (OSError, ValueError) as exc:
+            raise _usage(str(exc)) from None
+        typer.echo(f"wrote {n:,} scans of {ujiindoorloc} to {out}")
+        return
+    n = write_positioning_log(out, phones=ids, seconds=seconds, seed=seed, start_ts=start)
+    typer.echo(f"wrote {n:,} scans of {len(ids)} phones to {out} (label: x;y in metres)")
+
+
+def _usage(message: str) -> typer.Exit:
+    typer.echo(f"cloud-hub: error: {message}", err=True)
+    return typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:

@@ -66,10 +66,24 @@ def _holdout(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
+def _absent(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        value, _, counts_as = text.partition("=")
+        return float(value), float(counts_as)
+    except ValueError:
+        raise _fail(2, f"--absent: expected VALUE=AS (e.g. 100=-110), got {text!r}") from None
+
+
 def _metric(m: dict[str, Any] | None) -> str:
     if not m:
         return "-"
-    return _pct(m["accuracy"]) if "accuracy" in m else f"MAE {m['mae']:.3f}"
+    if "accuracy" in m:
+        return _pct(m["accuracy"])
+    from cloud_hub.aggregate import describe_error
+
+    return describe_error(m)
 
 
 def _print_outcome(outcome: Any, json_out: bool) -> None:
@@ -84,6 +98,8 @@ def _print_outcome(outcome: Any, json_out: bool) -> None:
         rows.append(("running (INT8)", outcome.baseline))
     for label, m in rows:
         table.add_row(label, _metric(m), f"{m['bytes']:,}", f"{m['latency_ms']:.3f} ms")
+    for label, m in sorted(outcome.extra.get("baselines", {}).items()):
+        table.add_row(f"baseline: {label}", _metric(m), "-", "-")
     console = _console()
     console.print(table)
     if outcome.gate:
@@ -94,10 +110,16 @@ def train(
     logs: Annotated[list[str], typer.Argument(help="Labelled logs (CSV / JSON Lines) to learn from.")],
     db: DbOpt = None,
     holdout_devices: HoldoutOpt = None,
-    window: Annotated[float, typer.Option("--window", help="Window length in seconds.")] = 2.5,
-    hop: Annotated[float, typer.Option("--hop", help="Step between windows in seconds.")] = 0.5,
-    features: Annotated[str, typer.Option("--features", help="Feature set: stats-v1 (time-domain) or "
-                                          "stats-fft-v1 (adds spectra).")] = "stats-v1",
+    window: Annotated[float | None, typer.Option("--window", help="Window length in seconds (default 2.5; "
+                                                 "scans of WAPnnn columns: 3 scans).")] = None,
+    hop: Annotated[float | None, typer.Option("--hop", help="Step between windows in seconds (default 0.5; "
+                                              "scans: 1 scan).")] = None,
+    features: Annotated[str | None, typer.Option("--features", help="Feature set: stats-v1 (time-domain, the "
+                                                 "default), stats-fft-v1 (adds spectra), mean-v1 (window means; "
+                                                 "the default for scans).")] = None,
+    absent: Annotated[str | None, typer.Option("--absent", help="VALUE=AS: a reading of VALUE means 'not there' "
+                                               "and counts as AS (scans: 100=-110, UJIIndoorLoc's 'not heard').")]
+        = None,
     mirror: Annotated[str | None, typer.Option("--mirror", help="Comma-separated channels to negate in an "
                                                "extra mirrored copy of each training window (sensors worn on "
                                                "either side; the watch data: ax,wy,wz).")] = None,
@@ -115,7 +137,8 @@ def train(
         _progress_lines(json_out)
         outcome = lifecycle.train_from_logs(_engine(s.db), logs, name=s.model_name,
                                             holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
-                                            seed=seed, features=features, mirror=_holdout(mirror) or ())
+                                            seed=seed, features=features, mirror=_holdout(mirror) or (),
+                                            absent=_absent(absent))
         if out is not None:
             _export(s.db, s.model_name, outcome.version, out, s.signing_key)
     _print_outcome(outcome, json_out)

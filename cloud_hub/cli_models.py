@@ -194,11 +194,30 @@ def publish(
     force: Annotated[bool, typer.Option(help="Publish a version that failed its gate.")] = False,
     name: NameOpt = None,
     prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
+    canary: Annotated[str | None, typer.Option("--canary", help="Send it to this share of the devices first "
+                                               "(e.g. 10%): promoted to all, or rolled back, by its results.")]
+        = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="Send it to these devices first "
+                                                "(comma-separated), as --canary does.")] = None,
+    min_results: Annotated[int | None, typer.Option("--min-results", help="Canary: scored results from the "
+                                                    "cohort before it is judged (default: canary_min_results, 50).",
+                                                    min=1)] = None,
+    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Canary: how much worse than the others "
+                                                    "it may do (default: canary_tolerance, 0.02).", min=0)] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Sign a registered bundle and publish it retained on the model topic."""
+    """Sign a registered bundle and publish it retained on the model topic (or to a canary cohort first)."""
     from cloud_hub.rollout import publish as run
 
+    if canary is not None or devices is not None:
+        from cloud_hub.cli_rollout import start_canary
+
+        with _lifecycle_errors():
+            s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
+            engine = _engine(s.db)
+        start_canary(s, engine, version=version, share=canary, devices=devices, min_results=min_results,
+                     tolerance=tolerance, allow_unsigned=insecure_unsigned, force=force)
+        return
     with _lifecycle_errors():
         s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
         bundle = run(_engine(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)

@@ -95,6 +95,34 @@ models = sa.Table(
     sa.CheckConstraint("state IN ('candidate', 'publishable', 'rejected', 'published')", name="ck_models_state"),
 )
 
+ROLLOUT_STATES = ("canary", "promoted", "rolled_back")
+
+rollouts = sa.Table(  # a version sent to a cohort of devices first (cloud_hub/canary.py)
+    "rollouts", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(64), nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("previous_version", sa.BigInteger),  # on the model topic when the canary started
+    sa.Column("cohort", sa.Text, nullable=False),  # JSON list of device ids
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("min_results", sa.BigInteger, nullable=False),
+    sa.Column("tolerance", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("ended_at", sa.Double),
+    sa.Column("reason", sa.Text),  # why it was promoted or rolled back
+    sa.CheckConstraint("state IN ('canary', 'promoted', 'rolled_back')", name="ck_rollouts_state"),
+)
+
+events = sa.Table(  # what the hub did to the fleet's models, also published on {prefix}/events
+    "events", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.Double, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("model_name", sa.String(64)),
+    sa.Column("version", sa.BigInteger),
+    sa.Column("detail", sa.Text, nullable=False),  # JSON
+)
+
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # We emit BEGIN ourselves (see _sqlite_on_begin): pysqlite's implicit BEGIN is deferred, and a

@@ -47,6 +47,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cloud_hub.autoretrain import AutoRetrainer
+from cloud_hub.canary import CanaryWatcher
 from cloud_hub.db import HubError, describe, is_transient, make_engine, pack_features
 from cloud_hub.settings import HubSettings, split_address
 from cloud_hub.store import Batch, Store, Written, dead_letter
@@ -438,11 +439,14 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
         metrics = _serve_metrics(hub, settings.http) if settings.http else None
         retrainer = AutoRetrainer(settings, hub.engine)
         retrainer.start()
+        watcher = CanaryWatcher(settings, hub.engine)
+        watcher.start()
         if on_started is not None:
             on_started(hub)
         while not stop.wait(1.0) and hub.link.fatal is None:
             pass
         retrainer.stop()
+        watcher.stop()
         log.info("stopping: flushing %d queued messages", hub.backlog)
         hub.stop()
         if metrics is not None:

@@ -25,11 +25,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from cloud_hub.db import DatabaseUnavailable, describe, first_line, metadata, transaction
 
-REVISIONS: tuple[str, ...] = ("0001_baseline",)
+REVISIONS: tuple[str, ...] = ("0001_baseline", "0002_rollouts")
 """Every revision of ``cloud_hub/migrations/versions``, oldest first (a test checks the two agree)."""
 HEAD = REVISIONS[-1]
 UNVERSIONED = "unversioned"  # the hub's tables without alembic_version: made before migrations existed
-HUB_TABLES = frozenset({"devices", "results", "dead_letters", "models"})
+HUB_TABLES = frozenset({"devices", "results", "dead_letters", "models"})  # of the baseline revision
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 _version = sa.Table(  # Alembic's own definition of its version table

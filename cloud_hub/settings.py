@@ -45,6 +45,12 @@ class HubSettings(BrokerSettings):
     retrain_tolerance: float = 0.0  # a candidate may be this much worse than the running model
     retrain_interval_s: float = 0.0  # also retrain this often while serve runs (if new labelled data); 0 = never
     auto_publish: bool = False  # publish a retrained version that passed its gate (needs signing_key)
+    # Canary rollouts (cloud-hub publish --canary): serve judges the open one this often (0 = only by hand),
+    # after this many scored results from the cohort, allowing it to be this much worse than the control
+    # (accuracy as a fraction, a regressor's mean error in its unit, or mean confidence).
+    canary_check_s: float = 5.0
+    canary_min_results: int = 50
+    canary_tolerance: float = 0.02
 
     def validate(self) -> None:
         self.validate_broker()
@@ -58,10 +64,10 @@ class HubSettings(BrokerSettings):
             raise SettingsError(exc.reason) from exc
         db_url(self.db)
         choice("log_level", self.log_level.upper(), LOG_LEVELS, raw=self.log_level)
-        for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s"):
+        for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s", "canary_min_results"):
             positive(name, getattr(self, name))
         for name in ("batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
-                     "retrain_tolerance", "retrain_interval_s"):
+                     "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance"):
             positive(name, getattr(self, name), zero_ok=True)
         if self.http is not None:
             split_address(self.http)

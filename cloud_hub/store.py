@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from cloud_hub.db import MODEL_STATES, HubError, dead_letters, devices, models, results
+from cloud_hub.db import MODEL_STATES, HubError, dead_letters, devices, events, models, results, rollouts
 from edge_agent.contract import Status
 from edge_agent.settings import SettingsError
 
@@ -272,6 +272,73 @@ class Store:
         if name is not None:
             query = query.where(models.c.name == name)
         return [_model_row(r) for r in conn.execute(query).mappings()]
+
+
+    # ----------------------------------------------------------------- rollouts and events
+
+    def add_rollout(self, conn: Connection, *, name: str, version: int, previous: int | None,
+                    cohort: Sequence[str], min_results: int, tolerance: float, at: float) -> int:
+        row = {"model_name": name, "version": version, "previous_version": previous,
+               "cohort": orjson.dumps(list(cohort)).decode(), "state": "canary", "min_results": min_results,
+               "tolerance": tolerance, "started_at": at}
+        return int(conn.execute(rollouts.insert().values(row).returning(rollouts.c.id)).scalar_one())
+
+    def rollouts(self, conn: Connection, name: str, *, state: str | None = None) -> list[RolloutRow]:
+        """The rollouts of a model, newest first (``state``: only those in it)."""
+        query = sa.select(rollouts).where(rollouts.c.model_name == name).order_by(rollouts.c.id.desc())
+        if state is not None:
+            query = query.where(rollouts.c.state == state)
+        return [RolloutRow(r["id"], r["model_name"], r["version"], r["previous_version"],
+                           tuple(orjson.loads(r["cohort"])), r["state"], r["min_results"], r["tolerance"],
+                           r["started_at"], r["ended_at"], r["reason"]) for r in conn.execute(query).mappings()]
+
+    def end_rollout(self, conn: Connection, rollout_id: int, state: str, reason: str, at: float) -> bool:
+        """Close a canary rollout (promoted or rolled back); False when it was no longer a canary."""
+        stmt = (rollouts.update().where(rollouts.c.id == rollout_id, rollouts.c.state == "canary")
+                .values(state=state, reason=reason[:2000], ended_at=at))
+        return conn.execute(stmt).rowcount == 1
+
+    def add_event(self, conn: Connection, kind: str, name: str | None, version: int | None,
+                  detail: Mapping[str, Any], at: float) -> None:
+        conn.execute(events.insert().values(ts=at, kind=kind, model_name=name, version=version,
+                                            detail=orjson.dumps(dict(detail)).decode()))
+
+    def events(self, conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
+        query = sa.select(events).order_by(events.c.id.desc()).limit(limit)
+        return [{"ts": r["ts"], "kind": r["kind"], "model": r["model_name"], "version": r["version"],
+                 **orjson.loads(r["detail"])} for r in conn.execute(query).mappings()]
+
+    def canary_results(self, conn: Connection, versions: Sequence[int], since: float
+                       ) -> list[tuple[str, int, str | None, str | None, float | None, str | None]]:
+        """(device, version, label, truth, confidence, value) of the results of ``versions`` received
+        since ``since``: what a canary is judged on."""
+        r = results.c
+        query = sa.select(r.device_id, r.model_version, r.label, r.truth, r.confidence, r.value).where(
+            r.model_version.in_(list(versions)), r.received_at >= since)
+        return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
+
+    def results_of_version(self, conn: Connection, version: int, limit: int
+                           ) -> list[tuple[str, int, str | None, str | None, float | None, str | None]]:
+        """The latest ``limit`` results of a version, whenever received (a control when few are fresh)."""
+        r = results.c
+        query = (sa.select(r.device_id, r.model_version, r.label, r.truth, r.confidence, r.value)
+                 .where(r.model_version == version).order_by(r.id.desc()).limit(limit))
+        return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRow:
+    id: int
+    name: str
+    version: int
+    previous: int | None
+    cohort: tuple[str, ...]
+    state: str
+    min_results: int
+    tolerance: float
+    started_at: float
+    ended_at: float | None
+    reason: str | None
 
 
 def _copy(cur: Any, table: str, rows: Sequence[tuple[Any, ...]]) -> None:

@@ -84,9 +84,15 @@ class Agent:
                         c.STATUS_DELIVERY)
         client_id = settings.client_id or (f"edge-agent-{single}" if single else f"edge-agent-{uuid.uuid4().hex[:8]}")
         self._trusted = load_public_key(settings.trusted_key) if settings.trusted_key else None
-        self._updates: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        # (from the device's own model topic?, payload): a canary bundle there wins over the fleet's
+        self._updates: queue.SimpleQueue[tuple[bool, bytes]] = queue.SimpleQueue()
         self._model_topic = self.topics.model(settings.model_name)
+        self._device_model_topic = self.topics.device_model(single) if single else None
+        self._fleet_bundle: bytes | None = None  # the last bundle of the model topic
+        self._canary_bundle: bytes | None = None  # the device's own, while a canary rollout includes it
         subscriptions = [(self._model_topic, 1)]
+        if self._device_model_topic:
+            subscriptions.append((self._device_model_topic, 1))
         if settings.receipts:
             # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
             # device to its own); subscribing per device as they appear would race their first results.
@@ -117,7 +123,9 @@ class Agent:
     def _on_message(self, msg: Message) -> None:
         if msg.topic == self._model_topic:
             if msg.payload:
-                self._updates.put(msg.payload)
+                self._updates.put((False, msg.payload))
+        elif msg.topic == self._device_model_topic:
+            self._updates.put((True, msg.payload))  # empty: the canary is over
         elif msg.topic.endswith("/receipts"):
             self.publisher.on_receipt(msg.topic, msg.payload)
 
@@ -181,7 +189,11 @@ class Agent:
             if self.stop_event.is_set():
                 raise Interrupted("interrupted while waiting for a model")
             try:
-                payload = self._updates.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+                own, payload = self._updates.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+                self._note(own, payload)
+                payload = self._canary_bundle or self._fleet_bundle or b""
+                if not payload:
+                    continue
             except queue.Empty:
                 away = self.link.disconnected_since
                 if away is not None and time.monotonic() - away > min(3.0, self.settings.connect_timeout_s) \
@@ -220,15 +232,27 @@ class Agent:
         self._status_due = 0.0
         log.info("serving model %s v%d (%s)", bundle.manifest.name, bundle.manifest.version, bundle.manifest.sha256[:12])
 
+    def _note(self, own: bool, payload: bytes) -> None:
+        if own:
+            self._canary_bundle = payload or None
+        else:
+            self._fleet_bundle = payload
+
     def poll_updates(self) -> None:
-        """Between batches: verify and hot-swap any model that arrived; a bad one is refused."""
+        """Between batches: verify and hot-swap the model to run (the device's canary bundle while it has
+        one, else the model topic's) when it changed; a bad one is refused and the running one stays."""
+        changed = False
         while True:
             try:
-                payload = self._updates.get_nowait()
+                own, payload = self._updates.get_nowait()
             except queue.Empty:
                 break
+            self._note(own, payload)
+            changed = True
+        wanted = self._canary_bundle or self._fleet_bundle
+        if changed and wanted:
             try:
-                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)
+                self._install(wanted, allow_unsigned=self.settings.insecure_allow_unsigned)
             except BundleRejected as exc:
                 self.last_error = f"model refused: {exc}"
                 self._status_due = 0.0

@@ -95,6 +95,15 @@ class Topics:
     def model(self, name: str) -> str:
         return f"{self.prefix}/models/{check_id(name, 'model name')}"
 
+    def device_model(self, device_id: str) -> str:
+        """A canary rollout's bundle for one device (retained; empty = follow the fleet's model topic)."""
+        return f"{self.prefix}/devices/{check_id(device_id)}/model"
+
+    @property
+    def events(self) -> str:
+        """Rollout events the hub publishes (canary started, promoted, rolled back)."""
+        return f"{self.prefix}/events"
+
     @property
     def all_results(self) -> str:
         return f"{self.prefix}/devices/+/results"

@@ -178,6 +178,7 @@ def asyncapi() -> dict[str, Any]:
             "receipts": channel("{prefix}/devices/{device_id}/receipts", "receipt", device_id=device),
             "model": channel("{prefix}/models/{model_name}", "bundle",
                              model_name={"description": "model name (settings `model_name`, default `default`)"}),
+            "deviceModel": channel("{prefix}/devices/{device_id}/model", "bundle", device_id=device),
         },
         "operations": {
             "sendResults": operation("send", "results", c.RESULTS_DELIVERY,
@@ -190,6 +191,10 @@ def asyncapi() -> dict[str, Any]:
                                          "Subscribe to your receipts: the hub sends one after each commit."),
             "receiveModels": operation("receive", "model", c.MODEL_DELIVERY,
                                        "Subscribe to the retained, signed model bundle; verify, then swap."),
+            "receiveDeviceModel": operation("receive", "deviceModel", c.MODEL_DELIVERY,
+                                            "Canary rollouts: a retained bundle here is for this device only and "
+                                            "wins over the model topic; an empty retained message ends it (run "
+                                            "the model topic's bundle again). Verify it the same way."),
         },
         "components": {
             "messages": {

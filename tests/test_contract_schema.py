@@ -37,15 +37,17 @@ def test_the_published_document_is_current() -> None:
 def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> None:
     doc = cs.asyncapi()
     assert doc["asyncapi"] == "3.0.0"
-    assert set(doc["channels"]) == {"results", "status", "receipts", "model"}
+    assert set(doc["channels"]) == {"results", "status", "receipts", "model", "deviceModel"}
     topics = c.Topics("edgeml")
     addresses = {name: ch["address"].format(prefix="edgeml", device_id="d1", model_name="default")
                  for name, ch in doc["channels"].items()}
     assert addresses == {"results": topics.results("d1"), "status": topics.status("d1"),
-                         "receipts": topics.receipts("d1"), "model": topics.model("default")}
+                         "receipts": topics.receipts("d1"), "model": topics.model("default"),
+                         "deviceModel": topics.device_model("d1")}
     ops = doc["operations"]
     for op, delivery in (("sendResults", c.RESULTS_DELIVERY), ("sendStatus", c.STATUS_DELIVERY),
-                         ("receiveReceipts", c.RECEIPT_DELIVERY), ("receiveModels", c.MODEL_DELIVERY)):
+                         ("receiveReceipts", c.RECEIPT_DELIVERY), ("receiveModels", c.MODEL_DELIVERY),
+                         ("receiveDeviceModel", c.MODEL_DELIVERY)):
         assert ops[op]["bindings"]["mqtt"]["qos"] == delivery.qos
         assert ops[op]["bindings"]["mqtt"]["retain"] == delivery.retain
     for schema in cs.schemas().values():

@@ -343,6 +343,18 @@ def test_device_reads_only_its_own_receipts_and_only_the_hub_writes_them(peers, 
     assert set(ours(tag, got)) == {(T.receipts("dev-a"), tag + b"for a")}, "nothing forged, nothing of b's"
 
 
+def test_device_reads_only_its_own_canary_bundle_and_only_the_hub_writes_it(peers, tag: bytes) -> None:
+    a = peers("dev-a", subscriptions=[(T.device_model("dev-a"), 1), (T.device_model("dev-b"), 1),
+                                      (f"{T.prefix}/devices/+/model", 1)])
+    forge(peers, "dev-a", [T.device_model("dev-a"), T.device_model("dev-b")], tag + b"forged bundle")
+    forge(peers, "dev-b", [T.device_model("dev-a")], tag + b"forged bundle")
+    hub = peers("hub")
+    assert hub.publish(T.device_model("dev-b"), tag + b"canary for b")[0]
+    assert hub.publish(T.device_model("dev-a"), tag + b"canary for a")[0]
+    got = a.wait_for(lambda m: m.payload == tag + b"canary for a")
+    assert set(ours(tag, got)) == {(T.device_model("dev-a"), tag + b"canary for a")}, "nothing forged, nothing of b's"
+
+
 # --------------------------------------------------------------------------- the hub
 
 

@@ -72,7 +72,7 @@ def revision_of(url: str) -> str | None:
 def create_legacy(url: str) -> sa.Engine:
     """The hub's tables as a build before migrations (and before models.weights) left them."""
     engine = raw(url)
-    db.metadata.create_all(engine)
+    db.metadata.create_all(engine, tables=[db.metadata.tables[t] for t in sorted(schema.HUB_TABLES)])
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE models DROP COLUMN weights"))
     return engine

@@ -396,3 +396,36 @@ def device_list(conn: Connection) -> list[Mapping[str, Any]]:
              .join_from(devices, counts, devices.c.device_id == counts.c.device_id, isouter=True)
              .order_by(devices.c.device_id))
     return [{str(k): v for k, v in row.items()} for row in conn.execute(query).mappings()]
+
+
+def dashboard_view(conn: Connection, now: float, *, minutes: int = 30) -> dict[str, Any]:
+    """The live page's data: every device (status, results, accuracy or error over the last hour),
+    results and accuracy per minute of the hub's clock over the last ``minutes``, dead letters."""
+    r = results.c
+    recent = [r.received_at >= now - 3600]
+    counts = {d: c for (d, _), c in _grouped_counts(conn, recent).items()}
+    e_dev, _, _, errors = _grouped_errors(conn, recent)
+    dev_err = _errors_by(e_dev, errors)
+    rows = []
+    for d in device_list(conn):
+        c = counts.get(d["device_id"])
+        err = dev_err.get(d["device_id"])
+        rows.append({"device_id": d["device_id"], "state": d["state"], "model_version": d["model_version"],
+                     "outbox_depth": d["outbox_depth"], "last_seen": d["last_seen"], "results": d["results"],
+                     "accuracy": c.correct / c.labelled if c is not None and c.labelled else None,
+                     "error": None if err is None else err.to_obj()})
+    minute = sa.func.floor(r.received_at / 60.0) * 60.0
+    per_minute = conn.execute(
+        sa.select(minute, sa.func.count(),
+                  sa.func.sum(sa.case((sa.and_(r.truth.is_not(None), r.value.is_(None)), 1), else_=0)),
+                  sa.func.sum(sa.case((r.label == r.truth, 1), else_=0)))
+        .where(r.received_at >= now - 60 * minutes).group_by(minute).order_by(minute)).all()
+    n_dead = int(conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar_one())
+    latest = conn.execute(sa.select(dead_letters.c.received_at, dead_letters.c.reason)
+                          .order_by(dead_letters.c.id.desc()).limit(5)).all()
+    return {
+        "devices": rows, "results": sum(d["results"] for d in rows),
+        "minutes": [{"start": float(m), "results": int(n), "accuracy": (int(ok or 0) / int(lab)) if lab else None}
+                    for m, n, lab, ok in per_minute],
+        "dead_letters": {"count": n_dead, "latest": [{"at": at, "reason": reason} for at, reason in latest]},
+    }

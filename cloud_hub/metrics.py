@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -48,12 +48,16 @@ class HubMetrics:
             registry=self.registry)
         self.registry.register(_FleetCollector(hub))
         hub.on_commit = lambda seconds: self.commit_seconds.observe(seconds)
+        self.hub = hub
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> None:
-        """Serve ``/metrics`` on ``host:port`` in a daemon thread; OSError if the port is taken."""
-        self._server, _thread = start_http_server(port, host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        """Serve ``/metrics`` and the dashboard (``/``, ``/api/fleet``) on ``host:port`` in a daemon
+        thread; OSError if the port is taken."""
+        from cloud_hub.dashboard import serve_http
+
+        self._server = serve_http(host, port, make_wsgi_app(self.registry), self.hub)
+        log.info("metrics on http://%s:%d/metrics, dashboard on http://%s:%d/", host, port, host, port)
 
     def stop(self) -> None:
         if self._server is not None:

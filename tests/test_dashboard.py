@@ -1,0 +1,109 @@
+"""The live dashboard of `cloud-hub serve --http`, in a real headless Chromium (Debian's `chromium` and
+`chromium-driver`, driven by selenium): it shows the devices of a live run and updates without a reload."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cloud_hub.local_broker import LocalBroker, free_port
+from tests.helpers import agent_cmd, fleet_files, make_log, wait_for
+from tests.test_hub_cli import ServeProcess, count_rows
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    """Headless Chromium; quit (browser and driver) on failure too."""
+    if CHROMIUM is None or DRIVER is None:
+        pytest.fail("the dashboard test needs Debian's chromium and chromium-driver: "
+                    "apt-get install -y chromium chromium-driver (./dev setup and .ci/run do it)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _api(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=5) as resp:
+        return orjson.loads(resp.read())
+
+
+def _answers(port: int) -> bool:
+    try:
+        _api(port)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, browser, broker: LocalBroker,
+                                                                     prefix: str, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    log, model, keys = fleet_files(tmp_path)
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    port = free_port()
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve.log", env={"CLOUD_HUB_HTTP": f"127.0.0.1:{port}"})
+    hub.wait_started()
+    wait_for(lambda: _answers(port), what="the dashboard's API")
+
+    def replay(path: Path, state: str) -> None:
+        agent = procs.popen(agent_cmd("replay", str(path), "--broker", broker.url, "--model", str(model), "--prefix",
+                                      prefix, "--state-dir", str(tmp_path / state), "--speed", "0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert agent.wait(120) == 0, agent.stderr.read() if agent.stderr else ""
+
+    replay(log, "a1")
+    browser.get(f"http://127.0.0.1:{port}/")  # type: ignore[attr-defined]
+    wait = WebDriverWait(browser, 60)
+
+    def rows() -> dict[str, list[str]]:
+        """The table as the page shows it now (read in one script: the page redraws it every 2 s)."""
+        cells = browser.execute_script(  # type: ignore[attr-defined]
+            "return Array.from(document.querySelectorAll('#devices tbody tr'))"
+            ".map(tr => Array.from(tr.cells).map(td => td.textContent))")
+        return {row[0]: row for row in cells}
+
+    wait.until(lambda _: set(rows()) >= {"dev-a", "dev-b", "dev-c"})
+    per_device = {d: sum(1 for dd, _ in keys if dd == d) for d in ("dev-a", "dev-b", "dev-c")}
+    wait.until(lambda _: all(rows()[d][6] == str(n) for d, n in per_device.items()))
+    shown = rows()
+    assert all(shown[d][2] == "v1" for d in per_device), shown  # the model version each reported
+    assert all(shown[d][5].endswith("%") for d in per_device), shown  # accuracy over the last hour
+    first_page = browser.execute_script("return performance.timeOrigin")  # type: ignore[attr-defined]
+
+    # A new device replays: the same page (no reload) shows it, and the plots have data
+    replay(make_log(tmp_path / "late.csv", devices=("dev-late",), seconds=20, seed=3, start_ts=5000.0), "a2")
+    wait.until(lambda _: "dev-late" in rows() and int(rows()["dev-late"][6]) > 0)
+    assert browser.execute_script("return performance.timeOrigin") == first_page, "the page was reloaded"  # type: ignore[attr-defined]
+    total = count_rows(url)
+    wait.until(lambda _: f"{total} results" in browser.find_element(By.ID, "status").text)  # type: ignore[attr-defined]
+    assert browser.find_elements(By.CSS_SELECTOR, "#rate circle")  # type: ignore[attr-defined]
+    assert "0 refused messages" in browser.find_element(By.ID, "dead").text  # type: ignore[attr-defined]
+    shot = tmp_path / "dashboard.png"
+    assert browser.save_screenshot(str(shot))  # type: ignore[attr-defined]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    api = _api(port)
+    assert api["results"] == total and {d["device_id"] for d in api["devices"]} == {*per_device, "dev-late"}
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)

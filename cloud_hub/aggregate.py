@@ -412,6 +412,7 @@ def dashboard_view(conn: Connection, now: float, *, minutes: int = 30) -> dict[s
         err = dev_err.get(d["device_id"])
         rows.append({"device_id": d["device_id"], "state": d["state"], "model_version": d["model_version"],
                      "outbox_depth": d["outbox_depth"], "last_seen": d["last_seen"], "results": d["results"],
+                     "drift_psi": d["drift_psi"], "mean_confidence": d["mean_confidence"],
                      "accuracy": c.correct / c.labelled if c is not None and c.labelled else None,
                      "error": None if err is None else err.to_obj()})
     minute = sa.func.floor(r.received_at / 60.0) * 60.0

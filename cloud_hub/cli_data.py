@@ -226,22 +226,25 @@ def devices(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object keyed by device id.")] = False,
 ) -> None:
-    """Every device: last seen, online/offline, model version, outbox depth, last error."""
+    """Every device: last seen, online/offline, model version, outbox depth, drift, last error."""
     from cloud_hub.aggregate import device_list
+    from edge_agent.drift import DRIFTING
 
     with _errors():
         settings = _settings(config, db=db)
-        rows = _with_db(settings, device_list)
+        listed = _with_db(settings, device_list)
+    rows = [{**r, "drifting": r["drift_psi"] is not None and r["drift_psi"] > DRIFTING} for r in listed]
     if as_json:
         typer.echo(orjson.dumps({r["device_id"]: {k: v for k, v in r.items() if k != "device_id"} for r in rows})
                    .decode())
         return
-    table = _table("devices", "device", "state", "seen", "model", "outbox", "results", "last error",
-                   right=("outbox", "results"))
+    table = _table("devices", "device", "state", "seen", "model", "outbox", "results", "drift (PSI)", "last error",
+                   right=("outbox", "results", "drift (PSI)"))
     for r in rows:
         model = "-" if r["model_version"] is None else f"{r['model_name'] or ''} v{r['model_version']}"
+        drift = _num(r["drift_psi"], ".2f") + (" DRIFTING" if r["drifting"] else "")
         table.add_row(r["device_id"], r["state"], _age(r["last_seen"]), model, _num(r["outbox_depth"], ",d"),
-                      f"{r['results']:,}", r["last_error"] or "")
+                      f"{r['results']:,}", drift, r["last_error"] or "")
     _console().print(table)
 
 

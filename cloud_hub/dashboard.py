@@ -3,7 +3,8 @@
 
 The page shows the fleet table (device, online, model version, outbox depth, last seen, accuracy or
 error, results), results per minute and accuracy per minute over the last 30 minutes as SVG plots,
-the rollouts with the open canary's verdict, and the dead letters.
+the rollouts with the open canary's verdict, the dead letters, and each device's drift (flagged above
+``edge_agent.drift.DRIFTING``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 
 from cloud_hub import db
 from cloud_hub.aggregate import dashboard_view
+from edge_agent.drift import DRIFTING
 
 if TYPE_CHECKING:
     from cloud_hub.ingest import Hub
@@ -62,7 +64,7 @@ def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
             return metrics(environ, start_response)
         if path in ("/", "/index.html"):
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")])
-            return [PAGE.encode()]
+            return [PAGE.replace("%(drifting)s", repr(DRIFTING)).encode()]
         if path == "/api/fleet":
             try:
                 body, status = orjson.dumps(snapshot(hub), option=orjson.OPT_NON_STR_KEYS), "200 OK"
@@ -98,7 +100,7 @@ PAGE = """<!doctype html>
 <div id="status">loading…</div>
 <h2>devices</h2>
 <table id="devices"><thead><tr><th>device</th><th>state</th><th>model</th><th>outbox</th><th>last seen</th>
-<th>accuracy / error (1 h)</th><th>results</th></tr></thead><tbody></tbody></table>
+<th>accuracy / error (1 h)</th><th>results</th><th>drift (PSI)</th></tr></thead><tbody></tbody></table>
 <div class="plots">
  <div><h2>results per minute (hub clock, 30 min)</h2><svg id="rate" width="420" height="140"></svg></div>
  <div><h2>accuracy per minute</h2><svg id="acc" width="420" height="140"></svg></div>
@@ -108,6 +110,7 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
+const DRIFTING = %(drifting)s;
 const esc = (s) => String(s ?? "-").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 const ago = (t) => t == null ? "-" : Math.max(0, Math.round(Date.now() / 1000 - t)) + " s ago";
 const pct = (x) => x == null ? "-" : (100 * x).toFixed(1) + "%";
@@ -125,7 +128,9 @@ function render(f) {
   const rows = f.devices.map((d) => "<tr class=\\"" + (d.state === "online" ? "" : "off") + "\\" data-device=\\"" + esc(d.device_id) + "\\">" +
     "<td>" + esc(d.device_id) + "</td><td>" + esc(d.state) + "</td><td>" + (d.model_version == null ? "-" : "v" + d.model_version) +
     "</td><td>" + esc(d.outbox_depth) + "</td><td>" + ago(d.last_seen) + "</td><td>" +
-    (d.error ? d.error.median.toFixed(2) + " (median)" : pct(d.accuracy)) + "</td><td class=\\"results\\">" + d.results + "</td></tr>");
+    (d.error ? d.error.median.toFixed(2) + " (median)" : pct(d.accuracy)) + "</td><td class=\\"results\\">" + d.results +
+    "</td><td class=\\"" + (d.drift_psi > DRIFTING ? "bad" : "") + "\\">" + (d.drift_psi == null ? "-" :
+    d.drift_psi.toFixed(2) + (d.drift_psi > DRIFTING ? " drifting" : "")) + "</td></tr>");
   $("devices").tBodies[0].innerHTML = rows.join("");
   const rate = f.minutes.map((m) => [m.start, m.results]);
   plot($("rate"), rate, Math.max(1, ...rate.map((p) => p[1])), (v) => v + "/min");

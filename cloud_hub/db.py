@@ -47,6 +47,8 @@ devices = sa.Table(
     sa.Column("outbox_depth", sa.BigInteger),
     sa.Column("last_error", sa.Text),
     sa.Column("status_ts", sa.Double),  # device clock of the last status message
+    sa.Column("drift_psi", sa.Double),  # its last status's (edge_agent/drift.py)
+    sa.Column("mean_confidence", sa.Double),
 )
 
 results = sa.Table(

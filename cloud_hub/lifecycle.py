@@ -26,6 +26,7 @@ from cloud_hub import db, quantize, training, weights
 from cloud_hub.aggregate import describe_error
 from cloud_hub.store import ModelRow, Store
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
+from edge_agent.drift import feature_bins
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, extract_features, fit_normalization
 from edge_agent.sources import read_log
 
@@ -324,7 +325,8 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
         training={"train_windows": len(train.y), "holdout_windows": len(test.y),
                   "train_devices": sorted(set(train.devices.tolist())),
                   "holdout_devices": sorted(set(test.devices.tolist())),
-                  "warm_start": warm_from is not None, **(summary or {})},
+                  "warm_start": warm_from is not None, **(summary or {}),
+                  "feature_bins": feature_bins(recorded.X)},  # the devices measure their drift against it
     )
     return Bundle(manifest, int8), m_fp32, m_int8, weights.to_bytes(model)
 

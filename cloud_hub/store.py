@@ -105,7 +105,7 @@ class Store:
                         else_=devices.c.last_seen)
         self._touch = dev.on_conflict_do_update(index_elements=["device_id"], set_={"last_seen": newer})
         keep = {name: sa.func.coalesce(getattr(dev.excluded, name), devices.c[name])
-                for name in ("model_name", "model_version", "model_sha256")}
+                for name in ("model_name", "model_version", "model_sha256", "drift_psi", "mean_confidence")}
         self._status = dev.on_conflict_do_update(index_elements=["device_id"], set_={
             "last_seen": newer, "state": dev.excluded.state, "outbox_depth": dev.excluded.outbox_depth,
             "last_error": dev.excluded.last_error, "status_ts": dev.excluded.status_ts, **keep,
@@ -157,13 +157,14 @@ class Store:
     def apply_statuses(self, conn: Connection, statuses: Mapping[str, tuple[Status, float]]) -> None:
         """Upsert device status (state, model, outbox depth, last error) from status messages.
 
-        A status without model fields (the last will) keeps the model last reported.
+        A status without model fields (the last will) keeps the model (and drift) last reported.
         """
         if statuses:
             conn.execute(self._status, [
                 {"device_id": d, "first_seen": t, "last_seen": t, "state": s.state, "model_name": s.model_name,
                  "model_version": s.model_version, "model_sha256": s.model_sha256,
-                 "outbox_depth": s.outbox_depth, "last_error": s.last_error, "status_ts": s.ts}
+                 "outbox_depth": s.outbox_depth, "last_error": s.last_error, "status_ts": s.ts,
+                 "drift_psi": s.drift_psi, "mean_confidence": s.mean_confidence}
                 for d, (s, t) in sorted(statuses.items())
             ])
 

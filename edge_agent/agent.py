@@ -13,15 +13,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent import contract as c
 from edge_agent.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
+from edge_agent.drift import DriftMeter
 from edge_agent.mqtt import Message, MqttError, MqttLink, Will
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import Processor
 from edge_agent.publisher import Publisher
 from edge_agent.runner import ModelRunner
 from edge_agent.settings import AgentSettings
+
+if TYPE_CHECKING:
+    from edge_agent.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 _OFFLINE_NOTE_S = 60.0  # how often a disconnected agent says why
@@ -109,6 +114,8 @@ class Agent:
             receipts=settings.receipts,
         )
         self.model: ModelState | None = None
+        self.drift: DriftMeter | None = None
+        self.metrics: AgentMetrics | None = None
         self.processor: Processor | None = None
         self.source_channels: tuple[str, ...] | None = None
         self.last_error: str | None = None
@@ -140,6 +147,11 @@ class Agent:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        if self.settings.metrics_port is not None and self.metrics is None:
+            from edge_agent.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(self)
+            self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         self.link.start()
         self.publisher.start()
 
@@ -150,6 +162,8 @@ class Agent:
         self.link.stop(final=[(self.topics.status(d), self._status(d, c.OFFLINE).encode(), c.STATUS_DELIVERY)
                               for d in self.device_ids if c.valid_id(d)])
         self.outbox.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         return drained
 
     # ----------------------------------------------------------------- models
@@ -225,8 +239,10 @@ class Agent:
             return  # the retained copy of what already runs
         persist_bundle(bundle, self.active_path)
         self.model = ModelState(bundle, runner)
+        self.drift = DriftMeter.of(bundle.manifest.training)  # counts start again with each model
         if self.processor is not None:
             self.processor.swap(runner)
+            self.processor.drift = self.drift
             self.swaps += 1
         self.last_error = None
         self._status_due = 0.0
@@ -264,6 +280,9 @@ class Agent:
         s = self.settings
         self.processor = Processor(self.model.runner, self.outbox, source_channels=self.source_channels,
                                    device_id=s.device_id, features=s.features, features_sample=s.features_sample)
+        self.processor.drift = self.drift
+        if self.metrics is not None:
+            self.processor.on_inference = self.metrics.observe_inference
         return self.processor
 
     # ----------------------------------------------------------------- status
@@ -277,7 +296,9 @@ class Agent:
         return c.Status(device_id, state, time.time(), model_name=m.name if m else None,
                         model_version=m.version if m else None, model_sha256=m.sha256 if m else None,
                         outbox_depth=self.outbox.depth_of(device_id) if len(self.device_ids) > 1 else self.outbox.depth,
-                        last_error=error[:2000] if error else None)
+                        last_error=error[:2000] if error else None,
+                        drift_psi=None if self.drift is None else self.drift.psi(),
+                        mean_confidence=None if self.drift is None else self.drift.mean_confidence())
 
     def publish_status(self, state: str = c.ONLINE) -> None:
         with self._status_lock:

@@ -75,7 +75,7 @@ def _map_errors(exc: BaseException) -> NoReturn:
         _fail(str(exc), EXIT_INPUT)
     if isinstance(exc, DeviceIdError):
         _fail(str(exc), EXIT_INPUT)
-    if isinstance(exc, StateConflict):
+    if isinstance(exc, StateConflict | SettingsError):  # e.g. a metrics_port already taken
         _fail(str(exc), EXIT_USAGE)
     if isinstance(exc, Interrupted):
         _fail(str(exc), EXIT_INTERRUPTED)

@@ -446,18 +446,23 @@ class Status:
     model_sha256: str | None = None
     outbox_depth: int = 0
     last_error: str | None = None
+    drift_psi: float | None = None  # PSI of its windows' features vs the training's (edge_agent/drift.py)
+    mean_confidence: float | None = None  # of its recent predictions
 
     def encode(self) -> bytes:
         check_id(self.device_id)
         if self.state not in (ONLINE, OFFLINE):
             raise ContractError(f"status.state must be {ONLINE!r} or {OFFLINE!r}, got {self.state!r}")
         _finite(self.ts, "status.ts")
+        _finite(self.drift_psi, "status.drift_psi")
+        _finite(self.mean_confidence, "status.mean_confidence")
         obj = {"v": SCHEMA_VERSION, **asdict(self)}
         return orjson.dumps({k: v for k, v in obj.items() if v is not None})
 
 
 _STATUS_REQUIRED: Final = frozenset({"v", "device_id", "state", "ts"})
-_STATUS_ALLOWED: Final = _STATUS_REQUIRED | {"model_name", "model_version", "model_sha256", "outbox_depth", "last_error"}
+_STATUS_ALLOWED: Final = _STATUS_REQUIRED | {"model_name", "model_version", "model_sha256", "outbox_depth", "last_error",
+                                              "drift_psi", "mean_confidence"}
 
 
 def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
@@ -473,6 +478,8 @@ def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
         model_sha256=_opt_str(obj, "model_sha256", "status", 64),
         outbox_depth=_int(obj, "outbox_depth", "status") if "outbox_depth" in obj else 0,
         last_error=_opt_str(obj, "last_error", "status", 2000),
+        drift_psi=None if obj.get("drift_psi") is None else _float(obj, "drift_psi", "status"),
+        mean_confidence=None if obj.get("mean_confidence") is None else _float(obj, "mean_confidence", "status"),
     )
 
 

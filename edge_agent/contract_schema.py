@@ -79,6 +79,10 @@ STATUS: dict[str, Any] = {
         "model_sha256": _nullable({"type": "string", "maxLength": 64}),
         "outbox_depth": {**U63, "description": "results on the device not yet receipted by the hub"},
         "last_error": _nullable({"type": "string", "maxLength": 2000}),
+        "drift_psi": _nullable({**NUMBER, "description": "population stability index of the device's recent "
+                                "windows' features against the training distribution in the manifest "
+                                "(training.feature_bins), averaged over the features; above 0.25: drifting"}),
+        "mean_confidence": _nullable({**NUMBER, "description": "mean confidence of its recent predictions"}),
     },
 }
 

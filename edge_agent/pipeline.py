@@ -7,12 +7,13 @@ same log with the same model produces the same keys and the hub stores each wind
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_agent.contract import ContractError, Result, check_id, encode_result_obj
+from edge_agent.drift import DriftMeter
 from edge_agent.outbox import Outbox
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
 from edge_agent.runner import ModelRunner, Prediction
@@ -63,6 +64,8 @@ class Processor:
         self.runner = runner
         self._columns = self._column_index(runner.params)
         self._windowers = DeviceWindowers(runner.params)  # by source device id
+        self.drift: DriftMeter | None = None  # the model's, set by the agent
+        self.on_inference: Callable[[float], None] | None = None  # latency of each inference call (metrics)
 
     def _column_index(self, params: PreprocessParams) -> np.ndarray:
         missing = [c for c in params.channels if c not in self.source_channels]
@@ -122,6 +125,10 @@ class Processor:
         feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
                                  runner.params)
         pred = runner.predict(feats)
+        if self.drift is not None:
+            self.drift.add(feats, pred.confidence)
+        if self.on_inference is not None:
+            self.on_inference(pred.latency_ms)
         rows: list[tuple[str, int, bytes]] = []
         offset = 0
         for device, batch in ready:

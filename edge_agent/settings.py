@@ -274,6 +274,8 @@ class AgentSettings(BrokerSettings):
     intra_op_threads: int = 1
     status_interval_s: float = 10.0
     log_level: str = "INFO"
+    metrics_port: int | None = None  # serve Prometheus metrics on http://metrics_host:PORT/metrics (needs prometheus_client)
+    metrics_host: str = "127.0.0.1"
 
     @property
     def state_path(self) -> Path:
@@ -306,5 +308,7 @@ class AgentSettings(BrokerSettings):
             raise SettingsError(f"features_sample must be in [0, 1], got {self.features_sample}")
         if self.source == "follow" and not self.source_path:
             raise SettingsError("source = 'follow' needs source_path")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise SettingsError(f"metrics_port must be in 1-65535, got {self.metrics_port}")
         if self.batch_max_results > 10_000:
             raise SettingsError("batch_max_results must be at most 10000")

@@ -16,6 +16,7 @@ SHARED = {
     "runner": "the onnxruntime model runner",
     "settings": "one settings loader and the broker settings both sides use",
     "exits": "one exit-code table for both command lines",
+    "drift": "the training-feature bins the hub ships and the device measures its drift against",
 }
 
 

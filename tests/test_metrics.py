@@ -8,6 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,7 +16,7 @@ from cloud_hub import db
 from cloud_hub.local_broker import LocalBroker, free_port
 from edge_agent import exits
 from tests.helpers import agent_cmd, fleet_files, wait_for
-from tests.test_hub_cli import ServeProcess, count_rows
+from tests.test_hub_cli import ServeProcess, count_rows, invoke
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -56,7 +57,13 @@ def test_metrics_of_a_replay_agree_with_the_database(procs, broker: LocalBroker,
     after = scrape(port)
 
     stored = count_rows(url)
-    assert stored == len(keys)  # what stats and the table say
+    assert stored == len(keys)  # what the table says, and `cloud-hub stats`:
+    code, out, err = invoke("stats", "--db", url, "--json")
+    assert code == 0, err
+    stats = orjson.loads(out)
+    assert stats["results"] == stored and stats["dead_letters"] == after[("edgeml_hub_dead_letters_total", ())]
+    assert {d: s["results"] for d, s in stats["devices"].items()} == {
+        d: sum(1 for dd, _ in keys if dd == d) for d in ("dev-a", "dev-b", "dev-c")}
     assert after[("edgeml_hub_results_stored_total", ())] == stored
     assert during[("edgeml_hub_results_stored_total", ())] <= stored
     assert after[("edgeml_hub_results_duplicate_total", ())] == 0

@@ -75,6 +75,8 @@ def create_legacy(url: str) -> sa.Engine:
     db.metadata.create_all(engine, tables=[db.metadata.tables[t] for t in sorted(schema.HUB_TABLES)])
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE models DROP COLUMN weights"))
+        for column in ("drift_psi", "mean_confidence"):  # added by later revisions
+            conn.execute(sa.text(f"ALTER TABLE devices DROP COLUMN {column}"))
     return engine
 
 

@@ -229,7 +229,13 @@ def test_retrain_from_fleet_and_rollout_switches_every_agent(procs, broker, pref
                       "--state-dir", str(tmp_path / dev), "--speed", "4", "--features", "all", "--json"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2"}) for dev, path in fleet.items()]
-        wait_for(lambda: len(stored_keys(settings.db)) >= 40, timeout=120, what="40 results stored")
+        # Enough to retrain on: the training device (dev-a; dev-b is held out) has labelled windows of
+        # two classes at least, and the hold-out some (under load the agents run at their own pace).
+        def enough() -> bool:
+            classes = _classes(engine)
+            return classes.get("dev-a", 0) >= 2 and classes.get("dev-b", 0) >= 1 and len(stored_keys(settings.db)) >= 40
+
+        wait_for(enough, timeout=120, what="40 results stored, two classes from dev-a")
         v2 = lifecycle.retrain(engine, holdout=["dev-b"], tolerance=1.0, min_windows=20, config=SMALL)
         assert (v2.version, v2.state, v2.extra["parent_version"]) == (2, "publishable", 1)
         assert v2.baseline is not None and "accuracy" in v2.baseline
@@ -257,6 +263,15 @@ def test_retrain_from_fleet_and_rollout_switches_every_agent(procs, broker, pref
     res = runner.invoke(hub_app, ["models", "--db", settings.db, "--json"])
     models = {m["version"]: m for m in orjson.loads(res.stdout)["models"]}
     assert models[2]["devices"] == 2 and models[1]["devices"] == 0 and models[2]["on_topic"]
+
+
+def _classes(engine: sa.Engine) -> dict[str, int]:
+    """Distinct ground-truth classes per device among the results that carry features."""
+    r = db.results.c
+    with engine.connect() as conn:
+        return {d: n for d, n in conn.execute(
+            sa.select(r.device_id, sa.func.count(sa.distinct(r.truth)))
+            .where(r.features.is_not(None), r.truth.is_not(None)).group_by(r.device_id))}
 
 
 def test_gate_rejects_a_worse_model(tmp_path, train_log) -> None:

@@ -51,31 +51,28 @@ class CanaryError(RuntimeError):
 
 def send(settings: HubSettings, messages: Sequence[tuple[str, bytes, Delivery]], timeout: float = 30.0) -> None:
     """Publish ``messages`` and wait for every PUBACK (the broker has them, retained ones included)."""
-    done = threading.Event()
+    acked: set[int] = set()
     refused: list[str] = []
-    pending = set()
-    lock = threading.Lock()
+    changed = threading.Condition()
 
     def on_published(mid: int, ok: bool, reason: str) -> None:
-        with lock:
-            pending.discard(mid)
+        # paho calls this holding its outgoing-message lock, which publish() takes too: never publish
+        # while holding ``changed`` (a PUBACK arriving during the next publish would deadlock both)
+        with changed:
+            acked.add(mid)
             if not ok:
                 refused.append(reason)
-            if not pending:
-                done.set()
+            changed.notify_all()
 
     link = MqttLink(settings.broker_url, f"{settings.session_id}-rollout-{int(time.time() * 1000)}",
                     tls=settings.tls, on_published=on_published)
     link.start()
     try:
         link.wait_connected(timeout)
-        with lock:
-            for topic, payload, delivery in messages:
-                pending.add(link.publish(topic, payload, delivery))
-            if not pending:
-                done.set()
-        if not done.wait(timeout):
-            raise MqttError(f"no PUBACK within {timeout:g} s for {len(pending)} of {len(messages)} messages")
+        mids = {link.publish(topic, payload, delivery) for topic, payload, delivery in messages}
+        with changed:
+            if not changed.wait_for(lambda: mids <= acked, timeout):
+                raise MqttError(f"no PUBACK within {timeout:g} s for {len(mids - acked)} of {len(messages)} messages")
         if refused:
             raise MqttError(f"the broker refused: {refused[0]}")
     finally:

@@ -191,3 +191,23 @@ def test_rollback_by_hand_and_operator_mistakes_are_one_line(tmp_path: Path) -> 
     assert res.exit_code == 2 and "no open canary of default to roll back" in res.stderr
     res = runner.invoke(hub_app, ["publish", "--db", url, "--broker", "mqtt://127.0.0.1:1", "--canary", "150%"])
     assert res.exit_code in (2, 4) and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_send_waits_for_every_puback_without_deadlocking_on_early_ones(broker, prefix, tmp_path: Path) -> None:
+    """PUBACKs arrive while later messages are still being published (paho reports them holding the
+    lock publish() needs): send must neither deadlock nor miss one."""
+    settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
+        "broker": broker.url, "db": f"sqlite:///{tmp_path / 'h.sqlite'}", "prefix": prefix,
+        "client_id": f"{prefix}-send"})
+    got: queue.Queue[bytes] = queue.Queue()
+    watch = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-watch", subscriptions=[(f"{prefix}/events", 1)],
+                     on_message=lambda m: got.put(m.payload))
+    watch.start()
+    watch.wait_connected(10)
+    try:
+        for round_ in range(5):
+            canary.send(settings, [(f"{prefix}/events", f"{round_}-{i}".encode(), canary.EVENTS_DELIVERY)
+                                   for i in range(400)], timeout=60)
+        wait_for(lambda: got.qsize() >= 2000, what="every message delivered")
+    finally:
+        watch.stop()

@@ -99,6 +99,18 @@ class Topics:
         """A canary rollout's bundle for one device (retained; empty = follow the fleet's model topic)."""
         return f"{self.prefix}/devices/{check_id(device_id)}/model"
 
+    def rounds(self, name: str) -> str:
+        """The retained announcement of a model's open federated round (edge_agent/contract_rounds.py)."""
+        return f"{self.prefix}/rounds/{check_id(name, 'model name')}"
+
+    def update(self, device_id: str) -> str:
+        """A device's answer to a federated round: its INT8 delta and what it measured."""
+        return f"{self.prefix}/devices/{check_id(device_id)}/update"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.prefix}/devices/+/update"
+
     @property
     def events(self) -> str:
         """Rollout events the hub publishes (canary started, promoted, rolled back)."""
@@ -121,11 +133,11 @@ class Topics:
         return f"$share/{check_id(group, 'share group')}/{topic_filter}" if group else topic_filter
 
     def parse(self, topic: str) -> tuple[str, str]:
-        """Split a topic into (kind, id): ("results"|"status"|"receipts", device_id) or ("model", name)."""
+        """Split a topic into (kind, id): ("results"|"status"|"receipts"|"update", device_id) or ("model", name)."""
         head = self.prefix + "/"
         if topic.startswith(head):
             parts = topic[len(head):].split("/")
-            if len(parts) == 3 and parts[0] == "devices" and parts[2] in ("results", "status", "receipts"):
+            if len(parts) == 3 and parts[0] == "devices" and parts[2] in ("results", "status", "receipts", "update"):
                 return parts[2], check_id(parts[1])
             if len(parts) == 2 and parts[0] == "models":
                 return "model", check_id(parts[1], "model name")

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from edge_agent import contract as c
+from edge_agent import contract_rounds as cr
 
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$",
       "description": "1-64 of A-Z a-z 0-9 _ . : - (no MQTT wildcards, no slash)"}
@@ -134,8 +135,72 @@ warms it up and swaps it in. A bundle that fails any step is refused and the run
 The topic is retained: a device that connects gets the current bundle at once."""
 
 
+_TENSORS = {"type": "array", "minItems": 1, "maxItems": cr.MAX_TENSORS, "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "shape"],
+    "properties": {"name": ID, "shape": {"type": "array", "minItems": 1, "maxItems": 4,
+                                         "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}},
+                   "scale": {"type": "number", "minimum": 0, "description": "int8 deltas: value = int8 x scale"}}}}
+
+ROUND: dict[str, Any] = {
+    "title": "round", "type": "object", "additionalProperties": False,
+    "description": "The header of a federated round's announcement (signed like a manifest).",
+    "required": sorted(set(cr.RoundPlan(0, "m", 1, "", "classification", (), 0.0).header()) - {"key_id", "signature"}),
+    "properties": {
+        "v": VERSION, "round": {**U63, "minimum": 1}, "model": ID, "base_version": {**U63, "minimum": 1},
+        "base_sha256": {"type": "string", "description": "the sha256 of the model a device must run to answer"},
+        "task": {"enum": list(c.TASKS)},
+        "participants": {"type": "array", "items": ID, "description": "the devices asked; the others ignore it"},
+        "deadline": {**NUMBER, "description": "epoch seconds (hub clock): later answers count only as late"},
+        "epochs": {"type": "integer", "minimum": 1, "maximum": 1000}, "lr": NUMBER,
+        "batch": {"type": "integer", "minimum": 1, "maximum": 1 << 16},
+        "mu": {**NUMBER, "description": "FedProx proximal weight; 0 = FedAvg"},
+        "alpha": {**NUMBER, "description": "L2 penalty, as the hub trained with"},
+        "clip": {**NUMBER, "description": "clip the delta's L2 norm to this; far above it is refused"},
+        "min_windows": {"type": "integer", "minimum": 1, "description": "answer only holding this many labelled windows"},
+        "min_new": {"type": "integer", "minimum": 0, "description": "...this many new since the last answer"},
+        "min_updates": {"type": "integer", "minimum": 1}, "max_staleness": {"type": "integer", "minimum": 0},
+        "encoding": {"enum": sorted(cr.ENCODINGS)}, "budget_s": NUMBER, "created": NUMBER,
+        "weights_sha256": {"type": "string", "description": "of the tensor bytes after the header"},
+        "tensors": _TENSORS,
+        "trainable": {"type": "array", "minItems": 1, "items": ID, "description": "the tensors to train and send"},
+        "key_id": _nullable({"type": "string", "maxLength": 128}),
+        "signature": _nullable({"type": "string", "maxLength": 256, "description": "base64 Ed25519 signature of "
+                                "the header without this field, keys sorted, as for a manifest"}),
+    },
+}
+
+UPDATE: dict[str, Any] = {
+    "title": "update", "type": "object", "additionalProperties": False,
+    "description": "The header of a device's answer to a round.",
+    "required": sorted(cr._UPDATE_KEYS),
+    "properties": {
+        "v": VERSION, "round": {**U63, "minimum": 1}, "device_id": ID, "model": ID,
+        "base_version": {**U63, "minimum": 1},
+        "n": {"type": "integer", "minimum": 1, "description": "labelled windows trained on"},
+        "loss_before": NUMBER, "loss_after": NUMBER,
+        "metric_before": {**NUMBER, "description": "accuracy (or mean error) of the base on the device's windows"},
+        "metric_after": NUMBER, "norm": {**NUMBER, "description": "of the delta before clipping"},
+        "epochs": {"type": "integer", "minimum": 0}, "seconds": NUMBER,
+        "ranges": {"type": "array", "maxItems": 64, "items": {"type": "array", "minItems": 4, "maxItems": 4,
+                   "items": NUMBER}, "description": "per layer: input min, max, pre-activation min, max"},
+        "encoding": {"enum": sorted(cr.ENCODINGS)}, "tensors": {**_TENSORS, "description": "the delta's tensors"},
+        "sent": NUMBER,
+    },
+}
+
+ROUND_FORMAT = """\
+Federated rounds use the bundle's framing: 4 magic bytes (`EMLR` for an announcement, `EMLU` for an
+update), the header length as a 4-byte big-endian unsigned integer, the header (UTF-8 JSON: the
+`round` or `update` schema), then the tensors in the header's order, C order, little-endian: float32
+weights in an announcement (their sha256 is `weights_sha256`, covered by the signature), int8 (or
+float32 with `encoding` float32) deltas in an update. A device answers a round only when it runs the
+model of `base_version` and `base_sha256`, is among `participants` and holds enough labelled windows;
+it sends the delta of the `trainable` tensors, never its data."""
+
+
 def schemas() -> dict[str, dict[str, Any]]:
-    return {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST}
+    return {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST, "round": ROUND,
+            "update": UPDATE}
 
 
 def _mqtt(delivery: c.Delivery) -> dict[str, Any]:
@@ -160,7 +225,8 @@ def asyncapi() -> dict[str, Any]:
     def message(name: str, summary: str, content: str = "application/json") -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "summary": summary, "contentType": content}
         body["payload"] = ({"$ref": f"#/components/schemas/{name}"} if content == "application/json"
-                           else {"type": "string", "format": "binary", "description": BUNDLE_FORMAT})
+                           else {"type": "string", "format": "binary",
+                                 "description": BUNDLE_FORMAT if name == "bundle" else ROUND_FORMAT})
         return body
 
     return {
@@ -183,6 +249,9 @@ def asyncapi() -> dict[str, Any]:
             "model": channel("{prefix}/models/{model_name}", "bundle",
                              model_name={"description": "model name (settings `model_name`, default `default`)"}),
             "deviceModel": channel("{prefix}/devices/{device_id}/model", "bundle", device_id=device),
+            "rounds": channel("{prefix}/rounds/{model_name}", "announcement",
+                              model_name={"description": "model name (settings `model_name`, default `default`)"}),
+            "update": channel("{prefix}/devices/{device_id}/update", "update", device_id=device),
         },
         "operations": {
             "sendResults": operation("send", "results", c.RESULTS_DELIVERY,
@@ -199,6 +268,12 @@ def asyncapi() -> dict[str, Any]:
                                             "Canary rollouts: a retained bundle here is for this device only and "
                                             "wins over the model topic; an empty retained message ends it (run "
                                             "the model topic's bundle again). Verify it the same way."),
+            "receiveRounds": operation("receive", "rounds", cr.ROUND_DELIVERY,
+                                       "Federated rounds: the retained, signed announcement of the open round "
+                                       "(empty: none). Verify it as a bundle, then train if asked."),
+            "sendUpdate": operation("send", "update", cr.UPDATE_DELIVERY,
+                                    "Answer a round once: the INT8 delta of the trainable tensors, the example "
+                                    "count, scores before and after, the activation ranges seen."),
         },
         "components": {
             "messages": {
@@ -206,6 +281,9 @@ def asyncapi() -> dict[str, Any]:
                 "status": message("status", "device status (retained; the last will says offline)"),
                 "receipt": message("receipt", "the hub's commit receipt"),
                 "bundle": message("bundle", "a signed INT8 ONNX model bundle", "application/octet-stream"),
+                "announcement": message("announcement", "a signed federated round: its plan and the base "
+                                        "weights", "application/octet-stream"),
+                "update": message("update", "a device's INT8 delta for a round", "application/octet-stream"),
             },
             "schemas": schemas(),
         },

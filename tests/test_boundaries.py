@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {
     "contract": "the wire contract",
+    "contract_rounds": "the wire contract of federated rounds (announcements and updates)",
     "preprocess": "the one preprocessing implementation (the hub trains on the agent's features)",
     "sources": "the log reader (and the simulated sensor `cloud-hub sample` writes logs with)",
     "mqtt": "the paho adapter",

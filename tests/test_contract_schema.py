@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent import contract as c
+from edge_agent import contract_rounds as cr
 from edge_agent import contract_schema as cs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,21 +39,52 @@ def test_the_published_document_is_current() -> None:
 def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> None:
     doc = cs.asyncapi()
     assert doc["asyncapi"] == "3.0.0"
-    assert set(doc["channels"]) == {"results", "status", "receipts", "model", "deviceModel"}
+    assert set(doc["channels"]) == {"results", "status", "receipts", "model", "deviceModel", "rounds", "update"}
     topics = c.Topics("edgeml")
     addresses = {name: ch["address"].format(prefix="edgeml", device_id="d1", model_name="default")
                  for name, ch in doc["channels"].items()}
     assert addresses == {"results": topics.results("d1"), "status": topics.status("d1"),
                          "receipts": topics.receipts("d1"), "model": topics.model("default"),
-                         "deviceModel": topics.device_model("d1")}
+                         "deviceModel": topics.device_model("d1"), "rounds": topics.rounds("default"),
+                         "update": topics.update("d1")}
     ops = doc["operations"]
     for op, delivery in (("sendResults", c.RESULTS_DELIVERY), ("sendStatus", c.STATUS_DELIVERY),
                          ("receiveReceipts", c.RECEIPT_DELIVERY), ("receiveModels", c.MODEL_DELIVERY),
-                         ("receiveDeviceModel", c.MODEL_DELIVERY)):
+                         ("receiveDeviceModel", c.MODEL_DELIVERY), ("receiveRounds", cr.ROUND_DELIVERY),
+                         ("sendUpdate", cr.UPDATE_DELIVERY)):
         assert ops[op]["bindings"]["mqtt"]["qos"] == delivery.qos
         assert ops[op]["bindings"]["mqtt"]["retain"] == delivery.retain
     for schema in cs.schemas().values():
         jsonschema.Draft7Validator.check_schema(schema)
+
+
+def test_round_announcements_and_updates_validate_and_decode_back() -> None:
+    rng = np.random.default_rng(0)
+    weights = {"coef_0": rng.normal(size=(5, 4)).astype(np.float32), "intercept_0": np.zeros(4, np.float32),
+               "coef_1": rng.normal(size=(4, 3)).astype(np.float32), "intercept_1": np.ones(3, np.float32)}
+    plan = cr.RoundPlan(3, "default", 2, "a" * 64, "classification", ("d1", "d2"), 1e9, trainable=("coef_1",
+                                                                                                     "intercept_1"))
+    payload = cr.announcement(plan, weights).encode()
+    head_len = int.from_bytes(payload[4:8], "big")
+    VALIDATORS["round"].validate(orjson.loads(payload[8:8 + head_len]))
+    back = cr.decode_announcement(payload)
+    assert back.plan.trainable == ("coef_1", "intercept_1") and back.plan.participants == ("d1", "d2")
+    assert all(np.array_equal(back.weights[k], v) for k, v in weights.items())
+    with pytest.raises(c.ContractError, match="sha256"):
+        cr.decode_announcement(payload[:-1] + bytes([payload[-1] ^ 1]))  # a flipped weight bit
+    delta = {"coef_1": rng.normal(0, 0.01, (4, 3)).astype(np.float32), "intercept_1": np.zeros(3, np.float32)}
+    specs, arrays = cr.encode_update_delta(delta, "int8")
+    update = cr.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),) * 2, "int8",
+                       specs, arrays, 5.0)
+    data = update.encode()
+    assert len(data) < 8 + 400 + 15  # 12 + 3 bytes of int8 after the header
+    VALIDATORS["update"].validate(orjson.loads(data[8:8 + int.from_bytes(data[4:8], "big")]))
+    got = cr.decode_update(data, "d1").dequantized()
+    scale = specs[0].scale
+    assert np.max(np.abs(got["coef_1"] - delta["coef_1"])) <= scale / 2 + 1e-9
+    assert not got["intercept_1"].any()
+    with pytest.raises(c.ContractError, match="differs"):
+        cr.decode_update(data, "d2")
 
 
 # --------------------------------------------------------------------------- encoders -> schema

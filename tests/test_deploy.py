@@ -355,6 +355,20 @@ def test_device_reads_only_its_own_canary_bundle_and_only_the_hub_writes_it(peer
     assert set(ours(tag, got)) == {(T.device_model("dev-a"), tag + b"canary for a")}, "nothing forged, nothing of b's"
 
 
+def test_device_reads_the_round_and_writes_only_its_own_update(peers, tag: bytes) -> None:
+    hub = peers("hub", subscriptions=[(T.all_updates, 1)])
+    a = peers("dev-a", subscriptions=[(T.rounds("default"), 1), (T.update("dev-b"), 1)])
+    forge(peers, "dev-a", [T.rounds("default"), T.update("dev-b")], tag + b"forged")
+    assert hub.publish(T.rounds("default"), tag + b"round 1", RETAINED)[0]
+    assert a.wait_for(lambda m: m.payload == tag + b"round 1")[-1].retain is False  # live, not from the store
+    b = peers("dev-b")
+    assert b.publish(T.update("dev-b"), tag + b"update of b")[0]
+    got = hub.wait_for(lambda m: m.payload == tag + b"update of b")
+    assert ours(tag, got) == [(T.update("dev-b"), tag + b"update of b")], "nothing forged reached the hub"
+    assert ours(tag, a.messages) == [(T.rounds("default"), tag + b"round 1")], "a reads no other device's update"
+    assert hub.publish(T.rounds("default"), b"", RETAINED)[0]  # clear it for the other tests
+
+
 # --------------------------------------------------------------------------- the hub
 
 

@@ -30,7 +30,7 @@ def _require_hub_extra() -> None:
 
 _require_hub_extra()
 
-from cloud_hub import cli_data, cli_db, cli_demo, cli_models, cli_rollout  # noqa: E402 - after the check above
+from cloud_hub import cli_data, cli_db, cli_demo, cli_models, cli_rollout, cli_rounds  # noqa: E402 - after the check above
 
 app = typer.Typer(help="Cloud hub: ingest device results into SQL, aggregate, retrain and roll out models.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
@@ -52,8 +52,9 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 
 # Data path (serve, stats, devices), model lifecycle (train, retrain, keygen, publish, models, export),
-# the schema (db current|history|upgrade|downgrade) and the demo.
-for _group in (cli_data, cli_models, cli_rollout, cli_db, cli_demo):
+# canaries (rollout status, rollback), federated rounds (federate, rounds), the schema
+# (db current|history|upgrade|downgrade) and the demo.
+for _group in (cli_data, cli_models, cli_rollout, cli_rounds, cli_db, cli_demo):
     _group.register(app)
 
 

@@ -126,6 +126,47 @@ events = sa.Table(  # what the hub did to the fleet's models, also published on 
 )
 
 
+ROUND_STATES = ("open", "closed", "published", "rejected", "failed")
+
+fl_rounds = sa.Table(  # a federated round (cloud_hub/rounds.py): its plan, its announcement and what came of it
+    "fl_rounds", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(64), nullable=False),
+    sa.Column("base_version", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("participants", sa.Text, nullable=False),  # JSON list of the selected device ids
+    sa.Column("plan", sa.Text, nullable=False),  # JSON: the announcement's header
+    sa.Column("announcement", sa.LargeBinary, nullable=False),  # the signed payload, re-published on resume
+    sa.Column("opened_at", sa.Double, nullable=False),
+    sa.Column("deadline", sa.Double, nullable=False),
+    sa.Column("closed_at", sa.Double),
+    sa.Column("new_version", sa.BigInteger),  # the aggregated model, registered (published or rejected)
+    sa.Column("outcome", sa.Text),  # JSON: accuracy before/after, bytes, ...
+    sa.Column("reason", sa.Text),
+    sa.CheckConstraint("state IN ('open', 'closed', 'published', 'rejected', 'failed')", name="ck_fl_rounds_state"),
+    sa.Index("ix_fl_rounds_model_state", "model_name", "state"),
+)
+
+fl_updates = sa.Table(  # every update a device sent, with the hub's verdict
+    "fl_updates", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("round_id", sa.BigInteger, nullable=False),  # the round it counted in (or was refused by)
+    sa.Column("update_round", sa.BigInteger),  # the round the device answered (older when late)
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("n_examples", sa.BigInteger),
+    sa.Column("staleness", sa.BigInteger),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),  # of the payload: a redelivery is recognised
+    sa.Column("metrics", sa.Text),  # JSON: loss and metric before/after, norm, epochs, seconds
+    sa.Column("payload", sa.LargeBinary),  # the update as received, kept for accepted and late ones
+    sa.Column("received_at", sa.Double, nullable=False),
+    sa.CheckConstraint("status IN ('accepted', 'late', 'refused')", name="ck_fl_updates_status"),
+    sa.Index("ix_fl_updates_round_device", "round_id", "device_id"),
+)
+
+
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # We emit BEGIN ourselves (see _sqlite_on_begin): pysqlite's implicit BEGIN is deferred, and a
     # deferred transaction that reads then writes gets SQLITE_BUSY at once, without waiting for the

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from cloud_hub.db import DatabaseUnavailable, describe, first_line, metadata, transaction
 
-REVISIONS: tuple[str, ...] = ("0001_baseline", "0002_rollouts", "0003_device_drift")
+REVISIONS: tuple[str, ...] = ("0001_baseline", "0002_rollouts", "0003_device_drift", "0004_federated_rounds")
 """Every revision of ``cloud_hub/migrations/versions``, oldest first (a test checks the two agree)."""
 HEAD = REVISIONS[-1]
 UNVERSIONED = "unversioned"  # the hub's tables without alembic_version: made before migrations existed

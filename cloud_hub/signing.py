@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.contract import Bundle
 from edge_agent.contract import key_id as raw_key_id
+from edge_agent.contract_rounds import RoundPlan
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -32,6 +33,13 @@ def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> Bundle:
     unsigned = bundle.manifest.with_signature(b"", kid)
     signature = private_key.sign(unsigned.signing_bytes())
     return Bundle(unsigned.with_signature(signature, kid), bundle.model)
+
+
+def sign_round(plan: RoundPlan, private_key: Ed25519PrivateKey) -> RoundPlan:
+    """The round's announcement header with an Ed25519 signature (it holds the weights' sha256)."""
+    kid = key_id(private_key.public_key())
+    unsigned = plan.with_signature(b"", kid)
+    return unsigned.with_signature(private_key.sign(unsigned.signing_bytes()), kid)
 
 
 def keygen(private_path: str | Path, public_path: str | Path | None = None, *, force: bool = False) -> tuple[Path, Path, str]:

@@ -1,0 +1,177 @@
+"""Federated-learning commands of ``cloud-hub``: ``federate`` (run rounds) and ``rounds`` (what came of them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from cloud_hub.cli_data import ConfigOpt, DbOpt, _age, _console, _fail, _settings, _table
+from edge_agent import exits
+
+
+@contextmanager
+def _round_errors() -> Iterator[None]:
+    from cloud_hub.cli_models import _lifecycle_errors
+    from cloud_hub.rounds import RoundError
+
+    with _lifecycle_errors():
+        try:
+            yield
+        except RoundError as exc:
+            raise _fail(exits.MODEL, str(exc)) from None
+
+
+def federate(
+    db: DbOpt = None,
+    broker: Annotated[str | None, typer.Option("--broker", help="mqtt://… or mqtts://…")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Rounds to run (an open round left by a stopped "
+                                        "hub is resumed and counts as the first).", min=1)] = 5,
+    fraction: Annotated[float, typer.Option(help="Share of the available devices asked each round.",
+                                            min=0.0, max=1.0)] = 1.0,
+    min_available: Annotated[int, typer.Option("--min-available", help="Wait until this many devices run the "
+                                               "base version.", min=1)] = 1,
+    wait_devices: Annotated[float, typer.Option("--wait-devices", help="…for at most this many seconds.")] = 60.0,
+    min_updates: Annotated[int | None, typer.Option("--min-updates", help="K: close a round at this many "
+                                                    "updates (default: every participant).", min=1)] = None,
+    deadline: Annotated[float, typer.Option("--deadline", help="Seconds before a round closes anyway.")] = 60.0,
+    epochs: Annotated[int, typer.Option(help="Local epochs on each device.", min=1)] = 1,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 1e-3,
+    batch: Annotated[int, typer.Option(help="Local minibatch size.", min=1)] = 64,
+    mu: Annotated[float, typer.Option(help="FedProx proximal weight (0 = FedAvg).", min=0.0)] = 0.0,
+    clip: Annotated[float, typer.Option(help="L2 norm devices clip their delta to; far above it is refused.")] = 10.0,
+    train_layers: Annotated[int | None, typer.Option("--train-layers", help="Train and send only the last K "
+                                                     "layers (smaller uploads).", min=1)] = None,
+    min_windows: Annotated[int, typer.Option("--min-windows", help="A device answers when it holds at least "
+                                             "this many labelled windows...", min=1)] = 32,
+    min_new: Annotated[int, typer.Option("--min-new", help="...of which this many are new since it last "
+                                         "answered.", min=0)] = 0,
+    max_staleness: Annotated[int, typer.Option("--max-staleness", help="Rounds an answer may be late and still "
+                                               "count (weighted down).", min=0)] = 1,
+    fp32_deltas: Annotated[bool, typer.Option("--fp32-deltas", help="Devices send FP32 deltas (4x the bytes; "
+                                              "for comparison).")] = False,
+    budget: Annotated[float, typer.Option("--budget", help="Seconds of training a device may spend.")] = 60.0,
+    holdout_log: Annotated[list[str] | None, typer.Option("--holdout-log", help="Labelled log the candidate is "
+                                                          "gated on (else the devices' own evaluation).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Gate: how much worse on the hold-out it may be.")] = 0.0,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
+    insecure_unsigned: Annotated[bool, typer.Option("--insecure-unsigned", help="Unsigned announcements and "
+                                                    "models (development brokers).")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="MQTT client id stem (its session, "
+                                                  "<id>-federate, keeps updates sent while it is down).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the participant sampling.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rounds as one JSON object at the end.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Federated rounds: devices fine-tune the running model on their own labelled windows and send INT8
+    deltas (never their data); the hub averages them, re-quantizes, gates, signs and publishes."""
+    from cloud_hub.cli_models import _engine
+    from cloud_hub.rounds import Coordinator, FederateConfig
+
+    cfg = FederateConfig(
+        rounds=rounds, fraction=fraction, min_available=min_available, wait_devices_s=wait_devices,
+        min_updates=min_updates, deadline_s=deadline, epochs=epochs, lr=lr, batch=batch, mu=mu, clip=clip,
+        train_layers=train_layers, min_windows=min_windows, min_new=min_new, max_staleness=max_staleness,
+        encoding="float32" if fp32_deltas else "int8", budget_s=budget, tolerance=tolerance,
+        holdout_logs=tuple(holdout_log or ()), seed=seed)
+    with _round_errors():
+        s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
+                      client_id=client_id)
+        engine = _engine(s.db)
+        say = (lambda line: None) if quiet or json_out else (lambda line: typer.echo(f"federate: {line}", err=True))
+        done = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
+                           progress=say).run()
+    _show(engine, s.model_name, [r.id for r in done], json_out)
+
+
+def rounds(
+    db: DbOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
+    last: Annotated[int, typer.Option("--last", help="Show the newest N rounds.", min=1)] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Each federated round: participants, updates accepted / late / refused (and why), upload bytes,
+    the devices' own score before and after, the hold-out score before and after, the version it made."""
+    from cloud_hub import db as hub_db
+    from cloud_hub.cli_models import _engine
+    from cloud_hub.round_store import RoundStore
+
+    with _round_errors():
+        s = _settings(config, db=db, model_name=name)
+        engine = _engine(s.db, read_only=True)
+        with hub_db.transaction(engine, write=False) as conn:
+            ids = [r.id for r in RoundStore().rounds(conn, s.model_name, limit=last)]
+    _show(engine, s.model_name, ids, json_out)
+
+
+def round_views(engine: Any, name: str, ids: list[int]) -> list[dict[str, Any]]:
+    from cloud_hub import db as hub_db
+    from cloud_hub.round_store import RoundStore
+
+    store = RoundStore()
+    with hub_db.transaction(engine, write=False) as conn:
+        rows = [r for r in store.rounds(conn, name) if r.id in set(ids)]
+        updates = store.updates(conn, ids)
+    out = []
+    for r in rows:
+        mine = [u for u in updates if u["round_id"] == r.id]
+        refused: dict[str, int] = {}
+        for u in mine:
+            if u["status"] == "refused":
+                refused[u["reason"]] = refused.get(u["reason"], 0) + 1
+        fed = r.outcome.get("federated", {})
+        out.append({
+            "round": r.id, "model": r.model_name, "base_version": r.base_version, "state": r.state,
+            "new_version": r.new_version, "participants": list(r.participants),
+            "accepted": sum(u["status"] == "accepted" for u in mine), "late": sum(u["status"] == "late" for u in mine),
+            "refused": sum(refused.values()), "refusals": refused,
+            "upload_bytes": sum(u["bytes"] for u in mine), "announcement_bytes": r.plan.get("announcement_bytes"),
+            "device_metric_before": fed.get("metric_before"), "device_metric_after": fed.get("metric_after"),
+            "holdout_before": r.outcome.get("holdout_before"), "holdout_after": r.outcome.get("holdout_after"),
+            "task": r.plan.get("task"), "opened_at": r.opened_at, "closed_at": r.closed_at, "reason": r.reason,
+        })
+    return out
+
+
+def _show(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
+    views = round_views(engine, name, ids)
+    if json_out:
+        typer.echo(orjson.dumps({"rounds": views}).decode())
+        return
+    console = _console()
+    if not views:
+        console.print(f"no federated round of {name} yet: `cloud-hub federate` runs some")
+        return
+    table = _table(f"federated rounds of {name}", "round", "base", "state", "asked", "accepted", "late", "refused",
+                   "upload", "devices before→after", "hold-out before→after", "opened",
+                   right=("asked", "accepted", "late", "refused", "upload"))
+    for v in views:
+        table.add_row(str(v["round"]), f"v{v['base_version']}",
+                      v["state"] + (f" v{v['new_version']}" if v["new_version"] else ""), str(len(v["participants"])),
+                      str(v["accepted"]), str(v["late"]), str(v["refused"]), f"{v['upload_bytes'] / 1024:,.0f} kB",
+                      _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
+                      _pair(v["holdout_before"], v["holdout_after"], v["task"]), _age(v["opened_at"]))
+    console.print(table)
+    for v in views:
+        for reason, n in v["refusals"].items():
+            console.print(f"round {v['round']}: refused {n}: {reason}")
+
+
+def _pair(a: float | None, b: float | None, task: str | None) -> str:
+    if a is None or b is None:
+        return "-"
+    if task == "classification":
+        return f"{100 * a:.1f}% → {100 * b:.1f}%"
+    return f"{a:.3g} → {b:.3g}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(federate)
+    app.command("rounds")(rounds)

@@ -1,0 +1,109 @@
+"""Closing a federated round: aggregate the counted updates, re-quantize, evaluate, gate, register, publish.
+
+Loaded by the coordinator (:mod:`cloud_hub.rounds`) when a round closes; it needs the training stack
+(scikit-learn for the FP32 master copy, onnx and onnxruntime.quantization for the INT8 model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from cloud_hub import db, fedavg, quantize, training, weights
+from cloud_hub.lifecycle import _fmt, next_version, passes_gate, register, windows_from_logs
+from cloud_hub.round_store import RoundRow
+from cloud_hub.settings import HubSettings
+from cloud_hub.store import Store
+from edge_agent.contract import Bundle, decode_bundle, manifest_from_obj
+from edge_agent.contract_rounds import Update, decode_update
+from edge_agent.preprocess import PreprocessParams, extract_features
+
+if TYPE_CHECKING:
+    from cloud_hub.rounds import FederateConfig
+
+log = logging.getLogger(__name__)
+
+
+def fleet_view(updates: Sequence[Update]) -> dict[str, Any]:
+    """What the devices measured on their own windows, weighted by their example counts: the base's
+    score before training (a federated evaluation of the running version) and their local models' after."""
+    n = sum(u.n_examples for u in updates)
+    if not n:
+        return {}
+
+    def mean(get: Any) -> float:
+        return float(sum(get(u) * u.n_examples for u in updates) / n)
+
+    return {"examples": n, "metric_before": mean(lambda u: u.metric_before),
+            "metric_after": mean(lambda u: u.metric_after), "loss_before": mean(lambda u: u.loss_before),
+            "loss_after": mean(lambda u: u.loss_after)}
+
+
+def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Sequence[tuple[str, int, bytes]],
+           cfg: FederateConfig, *, signing_key: str | None, allow_unsigned: bool
+           ) -> tuple[str, int | None, dict[str, Any], str]:
+    """(state, new version, outcome, reason) of a closed round; the new version is registered (and published)."""
+    updates = [(decode_update(payload), staleness) for _device, staleness, payload in counted]
+    outcome: dict[str, Any] = {
+        "counted": len(updates), "upload_bytes": sum(len(p) for _d, _s, p in counted),
+        "federated": fleet_view([u for u, _ in updates]),
+    }
+    if not updates:
+        return "failed", None, outcome, "no update counted by the deadline: the model is unchanged"
+    store = Store(engine)
+    with db.transaction(engine, write=False) as conn:
+        base = store.get_model(conn, r.model_name, r.base_version)
+        blob = store.get_weights(conn, r.model_name, r.base_version)
+        version = next_version(store, conn, r.model_name)
+    if base is None or blob is None or base.bundle is None:
+        return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
+    t0 = time.monotonic()
+    pipeline = weights.from_bytes(blob)
+    master = fedavg.mlp_tensors(pipeline)
+    new = fedavg.aggregate(master, [fedavg.Update(u.dequantized(), u.n_examples, s) for u, s in updates],
+                           clip=float(r.plan["clip"]))
+    model = fedavg.with_tensors(pipeline, new)
+    manifest = manifest_from_obj(base.manifest)
+    fp32 = training.export_onnx(model, manifest.n_features)
+    ranges = fedavg.merge_ranges([list(u.ranges) for u, _ in updates])
+    int8 = fedavg.quantize_from_ranges(fp32, ranges)
+    outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
+    metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
+    state, gate = "publishable", "no hold-out logs: published on the devices' own evaluation (rounds table)"
+    if cfg.holdout_logs:
+        params = PreprocessParams.from_dict(manifest.preprocess)
+        data, y, _devices, _starts = windows_from_logs(list(cfg.holdout_logs), params)
+        X = extract_features(data, params)
+        m_new = quantize.evaluate(int8, X, y, latency_runs=20, warmup=2)
+        m_base = quantize.evaluate(decode_bundle(base.bundle).model, X, y, latency_runs=20, warmup=2)
+        ok = passes_gate(m_new, m_base, cfg.tolerance)
+        gate = (f"v{version} INT8 {_fmt(m_new)} vs running v{r.base_version} INT8 {_fmt(m_base)} on the hold-out "
+                f"logs ({len(y)} windows; tolerance {cfg.tolerance:g}): {'pass' if ok else 'fail'}")
+        state = "publishable" if ok else "rejected"
+        metrics |= {"int8": m_new, "baseline_int8": m_base}
+        outcome |= {"holdout_before": _score(m_base), "holdout_after": _score(m_new)}
+    bundle = Bundle(replace(
+        manifest, version=version, sha256=hashlib.sha256(int8).hexdigest(), created=time.time(),
+        metrics=metrics | {"gate": gate}, key_id=None, signature=None,
+        training={**manifest.training, "source": "federated", "round": r.id, "parent_version": r.base_version,
+                  "updates": len(updates), "devices": sorted({u.device_id for u, _ in updates}),
+                  "warm_start": True}), int8)
+    register(engine, bundle, weights.to_bytes(model), state)
+    outcome |= {"int8_bytes": len(int8), "gate": gate}
+    if state == "rejected":
+        return "rejected", version, outcome, gate
+    from cloud_hub.rollout import publish
+
+    publish(engine, settings, version=version, signing_key=signing_key, allow_unsigned=allow_unsigned)
+    return "published", version, outcome, gate
+
+
+def _score(m: dict[str, Any]) -> float:
+    return float(m["accuracy"]) if "accuracy" in m else float(m.get("mean_error", m.get("mae", np.nan)))

@@ -1,0 +1,352 @@
+"""Federated rounds on the hub: select devices, announce, judge their updates, aggregate, gate, publish.
+
+One :class:`Coordinator` runs the rounds of one model (``cloud-hub federate``). A round:
+
+1. **opens**: the devices that report running the base version are sampled (``fraction``, at least
+   ``min_available``), and a signed announcement with the base's FP32 weights goes retained on
+   ``{prefix}/rounds/{model}``;
+2. **collects** updates from ``{prefix}/devices/+/update`` on a persistent session with manual
+   acknowledgements: each is judged (:func:`judge`), written to ``fl_updates`` with its verdict,
+   committed, and only then acknowledged, so a hub killed mid-round loses no accepted update (the
+   broker redelivers what was not acknowledged; a redelivery of a judged payload is recognised by
+   its sha256 and counted once);
+3. **closes** at ``min_updates`` accepted updates or at the deadline, whichever comes first; late
+   answers to the previous rounds (up to ``max_staleness``) count, weighted down (FedBuff);
+4. **aggregates** (:mod:`cloud_hub.fedavg`: clip, example-weighted mean on the FP32 master copy),
+   re-quantizes to static INT8 from the activation ranges the devices reported, evaluates on
+   hold-out logs when given (and the devices' own evaluations), gates against the base, registers
+   the version and, when it passes, signs and publishes it on the model topic.
+
+The round's state lives in ``fl_rounds``: a restarted coordinator resumes an open round (re-publishing
+its announcement) or finishes a closed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import sqlalchemy as sa
+
+from cloud_hub import db
+from cloud_hub.round_store import RoundRow, RoundStore
+from cloud_hub.settings import HubSettings
+from cloud_hub.store import Store, dead_letter
+from edge_agent.contract import ContractError
+from edge_agent.contract_rounds import (
+    ROUND_DELIVERY,
+    Announcement,
+    RoundPlan,
+    Update,
+    announcement,
+    decode_update,
+)
+from edge_agent.mqtt import Message, MqttLink
+
+log = logging.getLogger(__name__)
+
+
+class RoundError(RuntimeError):
+    """No model to federate, no devices to ask, no signing key: an operator's problem, said in one line."""
+
+
+@dataclass(frozen=True)
+class FederateConfig:
+    rounds: int = 5
+    fraction: float = 1.0  # share of the available devices asked each round
+    min_available: int = 1  # wait (up to wait_devices_s) until this many devices run the base version
+    wait_devices_s: float = 60.0
+    min_updates: int | None = None  # K: close once this many updates counted (default: every participant)
+    deadline_s: float = 60.0
+    epochs: int = 1
+    lr: float = 1e-3
+    batch: int = 64
+    mu: float = 0.0
+    clip: float = 10.0
+    refuse_factor: float = 3.0  # an update whose norm is over refuse_factor x clip is refused, not clipped
+    train_layers: int | None = None  # the last k layers; None = all
+    min_windows: int = 32  # a device answers when it holds this many labelled windows...
+    min_new: int = 0  # ...with this many new since it last answered
+    max_staleness: int = 1
+    encoding: str = "int8"
+    budget_s: float = 60.0
+    tolerance: float = 0.0  # the gate: the candidate may be this much worse on the hold-out
+    holdout_logs: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class Verdict:
+    status: str  # accepted | late | refused | duplicate (a redelivery, already counted)
+    reason: str | None = None
+    round_id: int = 0
+    staleness: int = 0
+    update: Update | None = field(default=None, repr=False)
+
+
+def trainable_names(n_layers: int, train_layers: int | None) -> tuple[str, ...]:
+    k = n_layers if train_layers is None else max(1, min(train_layers, n_layers))
+    return tuple(name for i in range(n_layers - k, n_layers) for name in (f"coef_{i}", f"intercept_{i}"))
+
+
+def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds: Callable[[int], RoundRow | None],
+          counted: dict[str, str], digest: str, refuse_factor: float) -> Verdict:
+    """The hub's verdict on one update. ``counted``: device -> payload sha256 already counted this round."""
+    try:
+        u = decode_update(payload, topic_device)
+    except ContractError as exc:
+        return Verdict("refused", f"malformed: {exc.reason}", current.id if current else 0)
+    if current is None:
+        return Verdict("refused", f"round {u.round_id} is closed and no round is open", u.round_id, update=u)
+    if u.device_id in counted:
+        same = counted[u.device_id] == digest
+        return Verdict("duplicate" if same else "refused", None if same else "a second update in the same round",
+                       current.id, update=u)
+    own = rounds(u.round_id)
+    if own is None or u.round_id > current.id:
+        return Verdict("refused", f"unknown round {u.round_id}", current.id, update=u)
+    if u.model != own.model_name:
+        return Verdict("refused", f"model {u.model!r}, round {u.round_id} trains {own.model_name!r}", current.id, update=u)
+    if u.device_id not in own.participants:
+        return Verdict("refused", f"{u.device_id} was not selected for round {u.round_id}", current.id, update=u)
+    if u.base_version != own.base_version:
+        return Verdict("refused", f"base version v{u.base_version}, round {u.round_id} trains "
+                       f"v{own.base_version}", current.id, update=u)
+    staleness = current.id - u.round_id
+    if staleness > int(current.plan["max_staleness"]):
+        return Verdict("refused", f"after the deadline of round {u.round_id} ({staleness} rounds late, "
+                       f"at most {current.plan['max_staleness']} count)", current.id, update=u)
+    want = {t["name"]: tuple(t["shape"]) for t in own.plan["tensors"] if t["name"] in own.plan["trainable"]}
+    got = {t.name: t.shape for t in u.tensors}
+    if got != want:
+        return Verdict("refused", f"wrong shape: tensors {sorted(got.items())} but the round trains "
+                       f"{sorted(want.items())}", current.id, update=u)
+    delta = u.dequantized()
+    finite = all(np.isfinite(d).all() for d in delta.values()) and all(np.isfinite(r).all() for r in u.ranges)
+    if not finite:
+        return Verdict("refused", "NaN or inf in the delta or the ranges", current.id, update=u)
+    norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
+    clip = float(own.plan["clip"])
+    if norm > refuse_factor * clip:
+        return Verdict("refused", f"delta norm {norm:.3g} is far above the clip {clip:g}", current.id, update=u)
+    return Verdict("late" if staleness else "accepted", None, current.id, staleness, u)
+
+
+class Coordinator:
+    """Runs federated rounds of ``settings.model_name`` (``cloud-hub federate``)."""
+
+    def __init__(self, settings: HubSettings, engine: sa.Engine, config: FederateConfig, *,
+                 signing_key: str | None, allow_unsigned: bool,
+                 progress: Callable[[str], None] = lambda line: None) -> None:
+        if not signing_key and not allow_unsigned:
+            raise RoundError("no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
+                             "or --insecure-unsigned for development brokers")
+        self.s, self.engine, self.cfg = settings, engine, config
+        self.signing_key, self.allow_unsigned = signing_key, allow_unsigned
+        self.say = progress
+        self.store, self.rounds = Store(engine), RoundStore()
+        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._published: dict[int, str] = {}
+        self._link = MqttLink(
+            settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
+            session_expiry_s=settings.session_expiry_s, manual_ack=True, on_message=self._inbox.put,
+            on_published=self._on_published, subscriptions=[(settings.topics.all_updates, 1)],
+        )
+
+    def _on_published(self, mid: int, ok: bool, reason: str) -> None:
+        self._published[mid] = "ok" if ok else reason
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> list[RoundRow]:
+        self._link.start()
+        try:
+            self._link.wait_connected(self.s.connect_timeout_s)
+            self._link.wait_subscribed(self.s.connect_timeout_s)
+            done: list[int] = []
+            while len(done) < self.cfg.rounds:
+                done.append(self._one_round())
+            self._send(self.s.topics.rounds(self.s.model_name), b"")  # no round open: clear the announcement
+            with db.transaction(self.engine, write=False) as conn:
+                return [r for r in self.rounds.rounds(conn, self.s.model_name) if r.id in done]
+        finally:
+            self._link.stop()
+
+    def _one_round(self) -> int:
+        with db.transaction(self.engine, write=False) as conn:
+            pending = self.rounds.rounds(conn, self.s.model_name, states=("open", "closed"))
+        if pending:
+            r = pending[-1]
+            self.say(f"round {r.id}: resuming ({r.state}, base v{r.base_version})")
+            if r.state == "open":
+                with db.transaction(self.engine, write=False) as conn:
+                    self._send(self.s.topics.rounds(r.model_name), self.rounds.announcement(conn, r.id))
+        else:
+            r = self._open()
+        if r.state == "open":
+            self._collect(r)
+        return self._finish(r.id)
+
+    def _open(self) -> RoundRow:
+        from cloud_hub import fedavg, weights
+        from cloud_hub.lifecycle import current_model
+
+        name = self.s.model_name
+        with db.transaction(self.engine, write=False) as conn:
+            rows = self.store.list_models(conn, name)
+        if not rows:
+            raise RoundError(f"no model {name!r} to federate: run `cloud-hub train` and `publish` first")
+        base = current_model(rows, name)
+        devices = self._available(base.version)
+        rng = random.Random(f"{self.cfg.seed}/{base.version}/{time.time_ns()}")
+        k = max(1, round(self.cfg.fraction * len(devices)))
+        chosen = sorted(rng.sample(devices, min(k, len(devices))))
+        with db.transaction(self.engine, write=False) as conn:
+            blob = self.store.get_weights(conn, name, base.version)
+            round_id = self.rounds.next_round_id(conn)
+        if blob is None:
+            raise RoundError(f"model {name} v{base.version} has no stored FP32 weights to start a round from")
+        tensors = fedavg.mlp_tensors(weights.from_bytes(blob))
+        n_layers = sum(1 for t in tensors if t.startswith("coef_"))
+        now = time.time()
+        c = self.cfg
+        plan = RoundPlan(
+            round_id=round_id, model=name, base_version=base.version, base_sha256=base.sha256,
+            task=str(base.manifest["task"]), participants=tuple(chosen), deadline=now + c.deadline_s,
+            epochs=c.epochs, lr=c.lr, batch=c.batch, mu=c.mu, alpha=float(_alpha(blob)), clip=c.clip,
+            min_windows=c.min_windows, min_new=c.min_new, min_updates=min(c.min_updates or len(chosen), len(chosen)),
+            max_staleness=c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
+            trainable=trainable_names(n_layers, c.train_layers),
+        )
+        ann = self._signed(announcement(plan, tensors))
+        payload = ann.encode()
+        with db.transaction(self.engine) as conn:
+            self.rounds.add_round(conn, round_id=round_id, name=name, base_version=base.version, participants=chosen,
+                                  plan=ann.plan.header() | {"announcement_bytes": len(payload)},
+                                  announcement=payload, opened_at=now, deadline=plan.deadline)
+        self._send(self.s.topics.rounds(name), payload)
+        self.say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "
+                 f"({', '.join(chosen)}), {len(payload):,} bytes, closes at {plan.min_updates} updates or in "
+                 f"{c.deadline_s:g} s")
+        with db.transaction(self.engine, write=False) as conn:
+            row = self.rounds.get_round(conn, round_id)
+        assert row is not None
+        return row
+
+    def _available(self, version: int) -> list[str]:
+        """Devices whose last status says they run ``version`` and are online; waits for min_available."""
+        until = time.monotonic() + self.cfg.wait_devices_s
+        while True:
+            with db.transaction(self.engine, write=False) as conn:
+                rows = self.store.device_rows(conn)
+            found = sorted(d for d, r in rows.items() if r["model_name"] == self.s.model_name
+                           and r["model_version"] == version and r["state"] == "online")
+            if len(found) >= self.cfg.min_available:
+                return found
+            if time.monotonic() >= until:
+                raise RoundError(f"only {len(found)} device(s) report running {self.s.model_name} v{version} "
+                                 f"(need {self.cfg.min_available}) after {self.cfg.wait_devices_s:g} s: are the "
+                                 f"agents and `cloud-hub serve` running on {self.s.broker_url}?")
+            time.sleep(0.2)
+
+    def _signed(self, ann: Announcement) -> Announcement:
+        if not self.signing_key:
+            return ann
+        from cloud_hub.signing import load_private_key, sign_round
+
+        return Announcement(sign_round(ann.plan, load_private_key(self.signing_key)), ann.weights)
+
+    def _send(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
+        mid = self._link.publish(topic, payload, ROUND_DELIVERY)
+        until = time.monotonic() + timeout
+        while mid not in self._published:
+            if time.monotonic() > until:
+                raise RoundError(f"no PUBACK from {self.s.broker_url} for {topic} within {timeout:g} s")
+            time.sleep(0.01)
+        outcome = self._published.pop(mid)
+        if outcome != "ok":
+            raise RoundError(f"the broker refused {topic}: {outcome}")
+
+    def _collect(self, r: RoundRow) -> None:
+        while True:
+            with db.transaction(self.engine, write=False) as conn:
+                counted = self.rounds.counted(conn, r.id)
+            if len(counted) >= int(r.plan["min_updates"]) or (time.time() >= r.deadline and self._inbox.empty()):
+                break
+            try:
+                msg = self._inbox.get(timeout=max(0.01, min(0.5, r.deadline - time.time())))
+            except queue.Empty:
+                continue
+            self._receive(msg, r)
+        why = f"{len(counted)} update(s) counted" + ("" if len(counted) >= int(r.plan["min_updates"]) else
+                                                    " at the deadline")
+        with db.transaction(self.engine) as conn:
+            self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
+        self.say(f"round {r.id}: closed, {why}")
+
+    def _receive(self, msg: Message, r: RoundRow) -> None:
+        digest = hashlib.sha256(msg.payload).hexdigest()
+        device = msg.topic.split("/")[-2]
+        with db.transaction(self.engine) as conn:
+            if self.rounds.seen(conn, digest):
+                verdict = Verdict("duplicate", round_id=r.id)
+            else:
+                verdict = judge(msg.payload, device, current=r, rounds=lambda i: self.rounds.get_round(conn, i),
+                                counted=self.rounds.counted(conn, r.id), digest=digest,
+                                refuse_factor=self.cfg.refuse_factor)
+            if verdict.status != "duplicate":
+                self._record(conn, msg, device, digest, verdict)
+        self._link.ack(msg.mid, msg.qos)  # after the commit: an update the hub had not stored is redelivered
+        if verdict.status == "refused":
+            self.say(f"round {r.id}: refused an update from {device}: {verdict.reason}")
+        elif verdict.status != "duplicate":
+            self.say(f"round {r.id}: {verdict.status} the update of {device} "
+                     f"({len(msg.payload):,} bytes{', ' + str(verdict.staleness) + ' round(s) late' if verdict.staleness else ''})")
+
+    def _record(self, conn: sa.Connection, msg: Message, device: str, digest: str, v: Verdict) -> None:
+        u = v.update
+        metrics = None if u is None else {
+            "loss_before": u.loss_before, "loss_after": u.loss_after, "metric_before": u.metric_before,
+            "metric_after": u.metric_after, "norm": u.norm, "epochs": u.epochs, "seconds": u.seconds}
+        counted = v.status in ("accepted", "late")
+        self.rounds.add_update(conn, round_id=v.round_id, update_round=None if u is None else u.round_id,
+                               device_id=device, status=v.status, reason=v.reason,
+                               n_examples=None if u is None else u.n_examples, staleness=v.staleness,
+                               size=len(msg.payload), sha256=digest, metrics=metrics,
+                               payload=msg.payload if counted else None, at=time.time())
+        if v.reason is not None and v.reason.startswith("malformed"):
+            self.store.insert_dead_letters(conn, [dead_letter(msg.topic, msg.payload, v.reason, time.time(),
+                                                              self.s.dead_letter_max_bytes)])
+
+    # ----------------------------------------------------------------- closing
+
+    def _finish(self, round_id: int) -> int:
+        from cloud_hub.round_finish import finish
+
+        with db.transaction(self.engine, write=False) as conn:
+            r = self.rounds.get_round(conn, round_id)
+            counted = self.rounds.counted_payloads(conn, round_id)
+        assert r is not None
+        state, version, outcome, reason = finish(self.engine, self.s, r, counted, self.cfg,
+                                                 signing_key=self.signing_key, allow_unsigned=self.allow_unsigned)
+        with db.transaction(self.engine) as conn:
+            self.rounds.set_round(conn, round_id, state=state, expect=("closed",), new_version=version,
+                                  outcome=outcome, reason=reason)
+        self.say(f"round {round_id}: {state}" + (f" v{version}" if version else "") + f": {reason}")
+        return round_id
+
+
+def _alpha(blob: bytes) -> float:
+    from cloud_hub import weights
+
+    mlp = weights.from_bytes(blob).steps[-1][1]
+    return float(mlp.alpha)
+
+
+__all__: Sequence[str] = ("Coordinator", "FederateConfig", "RoundError", "judge", "trainable_names")

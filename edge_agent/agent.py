@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 from edge_agent import contract as c
 from edge_agent.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
+from edge_agent.contract_rounds import UPDATE_DELIVERY
 from edge_agent.drift import DriftMeter
+from edge_agent.learner import Learner
 from edge_agent.mqtt import Message, MqttError, MqttLink, Will
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import Processor
@@ -98,6 +100,10 @@ class Agent:
         subscriptions = [(self._model_topic, 1)]
         if self._device_model_topic:
             subscriptions.append((self._device_model_topic, 1))
+        self._rounds_topic = self.topics.rounds(settings.model_name)
+        self.learner: Learner | None = None
+        if settings.federated and single is not None:
+            subscriptions.append((self._rounds_topic, 1))
         if settings.receipts:
             # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
             # device to its own); subscribing per device as they appear would race their first results.
@@ -114,6 +120,13 @@ class Agent:
             receipts=settings.receipts,
         )
         self.model: ModelState | None = None
+        if settings.federated and single is not None:
+            self.learner = Learner(
+                device_id=single, state_dir=state, model_name=settings.model_name, capacity=settings.learn_windows,
+                trusted_key=self._trusted, allow_unsigned=settings.insecure_allow_unsigned,
+                running=lambda: self.model.bundle if self.model is not None else None,
+                publish=self._publish_update,
+                topic=self.topics.update(single))
         self.drift: DriftMeter | None = None
         self.metrics: AgentMetrics | None = None
         self.processor: Processor | None = None
@@ -135,6 +148,11 @@ class Agent:
             self._updates.put((True, msg.payload))  # empty: the canary is over
         elif msg.topic.endswith("/receipts"):
             self.publisher.on_receipt(msg.topic, msg.payload)
+        elif msg.topic == self._rounds_topic and self.learner is not None:
+            self.learner.offer(msg.payload)
+
+    def _publish_update(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload, UPDATE_DELIVERY)
 
     def _on_published(self, mid: int, ok: bool, reason: str) -> None:
         self.publisher.on_published(mid, ok, reason)
@@ -162,6 +180,8 @@ class Agent:
         self.link.stop(final=[(self.topics.status(d), self._status(d, c.OFFLINE).encode(), c.STATUS_DELIVERY)
                               for d in self.device_ids if c.valid_id(d)])
         self.outbox.close()
+        if self.learner is not None:
+            self.learner.close()
         if self.metrics is not None:
             self.metrics.stop()
         return drained
@@ -281,6 +301,8 @@ class Agent:
         self.processor = Processor(self.model.runner, self.outbox, source_channels=self.source_channels,
                                    device_id=s.device_id, features=s.features, features_sample=s.features_sample)
         self.processor.drift = self.drift
+        if self.learner is not None:
+            self.processor.on_labelled = self.learner.on_windows
         if self.metrics is not None:
             self.processor.on_inference = self.metrics.observe_inference
         return self.processor
@@ -311,8 +333,10 @@ class Agent:
             self._status_due = time.monotonic() + self.settings.status_interval_s
 
     def tick(self) -> None:
-        """Housekeeping between chunks: model updates, new devices, periodic status."""
+        """Housekeeping between chunks: model updates, federated rounds, new devices, periodic status."""
         self.poll_updates()
+        if self.learner is not None:
+            self.learner.tick()
         if self.processor is not None:
             new = sorted(self.processor.stats.devices - set(self.device_ids))
             if new:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent.contract import Bundle, ContractError, decode_bundle
 from edge_agent.contract import key_id as contract_key_id
+from edge_agent.contract_rounds import Announcement, decode_announcement
 from edge_agent.runner import ModelError, ModelRunner
 
 if TYPE_CHECKING:
@@ -84,22 +85,40 @@ def check_bundle(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_
         signature = m.signature_bytes() if m.signature else None
     except ContractError as exc:
         raise BundleRejected(f"model v{m.version}: {exc.reason}") from exc
+    _check_signature(f"model v{m.version}", signature, m.key_id, m.signing_bytes(), trusted_key, allow_unsigned)
+    return bundle
+
+
+def check_round(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> Announcement:
+    """Decode a round announcement and check its weights' digest and its signature, as for a bundle."""
+    try:
+        ann = decode_announcement(payload)
+        signature = ann.plan.signature_bytes() if ann.plan.signature else None
+    except ContractError as exc:
+        raise BundleRejected(f"malformed round announcement: {exc.reason}") from exc
+    plan = ann.plan
+    _check_signature(f"round {plan.round_id}", signature, plan.key_id, plan.signing_bytes(), trusted_key,
+                     allow_unsigned)
+    return ann
+
+
+def _check_signature(what: str, signature: bytes | None, signed_by: str | None, data: bytes,
+                     trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> None:
     if signature is None:
         if not allow_unsigned:
-            raise BundleRejected(f"model v{m.version} is unsigned (allowed only with insecure_allow_unsigned)")
+            raise BundleRejected(f"{what} is unsigned (allowed only with insecure_allow_unsigned)")
     elif trusted_key is None:
         if not allow_unsigned:
-            raise BundleRejected(f"model v{m.version} is signed but no trusted key is configured")
+            raise BundleRejected(f"{what} is signed but no trusted key is configured")
     else:
         from cryptography.exceptions import InvalidSignature
 
-        if m.key_id != key_id(trusted_key):
-            raise BundleRejected(f"model v{m.version} was signed by key {m.key_id}, not the trusted key {key_id(trusted_key)}")
+        if signed_by != key_id(trusted_key):
+            raise BundleRejected(f"{what} was signed by key {signed_by}, not the trusted key {key_id(trusted_key)}")
         try:
-            trusted_key.verify(signature, m.signing_bytes())
+            trusted_key.verify(signature, data)
         except InvalidSignature as exc:
-            raise BundleRejected(f"model v{m.version}: bad signature") from exc
-    return bundle
+            raise BundleRejected(f"{what}: bad signature") from exc
 
 
 def persist_bundle(bundle: Bundle, path: str | Path) -> None:

@@ -168,7 +168,8 @@ def peak_rss_mb() -> float | None:
     return None
 
 
-def live_source(settings: AgentSettings, stop: threading.Event) -> tuple[Iterable[Any], tuple[str, ...]]:
+def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[], None] = lambda: None
+                ) -> tuple[Iterable[Any], tuple[str, ...]]:
     s = settings
     src: Iterable[Any]
     if s.source == "simulated":
@@ -180,7 +181,11 @@ def live_source(settings: AgentSettings, stop: threading.Event) -> tuple[Iterabl
         src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels)
         return src, tuple(s.sim_channels)
     assert s.source_path is not None
-    follow = sources.FollowFile(s.source_path, stop_event=stop)
+    def wait(seconds: float) -> None:  # between polls of a quiet file the agent still does its housekeeping
+        idle()
+        stop.wait(seconds)
+
+    follow = sources.FollowFile(s.source_path, stop_event=stop, sleep=wait)
     if follow.channels is None:
         raise AgentError(f"{s.source_path}: no header line yet (ts,device_id,<channels>[,label])")
     return follow, tuple(follow.channels)
@@ -195,7 +200,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     agent.stop_event = stop
     agent.start()
     try:
-        source, channels = live_source(settings, stop)
+        source, channels = live_source(settings, stop, idle=agent.tick)
         agent.load_model(model or settings.model, channels)
         _numeric_truth(agent, [source])
         processor = agent.make_processor()

@@ -66,6 +66,9 @@ class Processor:
         self._windowers = DeviceWindowers(runner.params)  # by source device id
         self.drift: DriftMeter | None = None  # the model's, set by the agent
         self.on_inference: Callable[[float], None] | None = None  # latency of each inference call (metrics)
+        # labelled windows' features for federated rounds (edge_agent/learner.py): (layout, features, truths)
+        self.on_labelled: Callable[[str, np.ndarray, list[str | None]], None] | None = None
+        self._layout = _layout(runner.params)
 
     def _column_index(self, params: PreprocessParams) -> np.ndarray:
         missing = [c for c in params.channels if c not in self.source_channels]
@@ -84,6 +87,7 @@ class Processor:
         if not same_windows:
             self._windowers = DeviceWindowers(new)
         self.runner = runner
+        self._layout = _layout(new)
 
     def _device(self, source_device: str) -> str:
         if self.device_id is None:
@@ -135,6 +139,8 @@ class Processor:
             part = slice(offset, offset + len(batch))
             offset += len(batch)
             rows += self._results(device, batch, feats[part], pred, part)
+            if self.on_labelled is not None and batch.labels is not None:
+                self.on_labelled(self._layout, feats[part], _truths(batch.labels))
         self.stats.windows += len(rows)
         added = self.outbox.put_many(rows)  # one transaction for every device of the chunk
         self.stats.new_results += added
@@ -163,6 +169,11 @@ class Processor:
             )
             rows.append((device, seq, encode_result_obj(result)))
         return rows
+
+
+def _layout(params: PreprocessParams) -> str:
+    """What makes two feature vectors comparable: the preprocessing that made them."""
+    return repr(sorted(params.to_dict().items()))
 
 
 def _truths(labels: np.ndarray) -> list[str | None]:

@@ -276,6 +276,10 @@ class AgentSettings(BrokerSettings):
     log_level: str = "INFO"
     metrics_port: int | None = None  # serve Prometheus metrics on http://metrics_host:PORT/metrics (needs prometheus_client)
     metrics_host: str = "127.0.0.1"
+    # Federated rounds: keep the newest labelled windows' features in the state dir and answer the hub's
+    # rounds with an INT8 weight delta trained on them (the windows never leave the device).
+    federated: bool = True
+    learn_windows: int = 4000  # at most this many labelled windows kept (the oldest go first)
 
     @property
     def state_path(self) -> Path:
@@ -298,7 +302,8 @@ class AgentSettings(BrokerSettings):
         choice("outbox_overflow", self.outbox_overflow, OUTBOX_POLICIES)
         choice("features", self.features, FEATURE_MODES)
         choice("source", self.source, SOURCES)
-        for name in ("batch_max_results", "max_inflight", "outbox_max", "intra_op_threads", "sim_rate_hz"):
+        for name in ("batch_max_results", "max_inflight", "outbox_max", "intra_op_threads", "sim_rate_hz",
+                     "learn_windows"):
             positive(name, getattr(self, name))
         for name in ("resend_after_s", "resend_max_s"):
             positive(name, getattr(self, name))

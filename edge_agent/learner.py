@@ -1,0 +1,225 @@
+"""The device's side of federated rounds: keep labelled windows, answer a round with an INT8 delta.
+
+:class:`WindowStore` keeps the features of the newest labelled windows (the label column of the
+source) in the state dir, bounded, so a restart keeps them; they never leave the device.
+:class:`Learner` takes the hub's retained round announcement, checks it (signature, the base is the
+model this device runs, this device was selected, enough new windows), fine-tunes in a background
+thread with :mod:`edge_agent.learn` (numpy only; inference keeps running) and publishes its update:
+the INT8-quantized delta of the trainable tensors, its example count, losses and scores before and
+after, and the activation ranges it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edge_agent.bundle import BundleRejected, check_round
+from edge_agent.contract import Bundle, ContractError
+from edge_agent.contract_rounds import UPDATE_DELIVERY, Announcement, Update, encode_update_delta
+
+log = logging.getLogger(__name__)
+
+
+class WindowStore:
+    """The newest ``capacity`` labelled feature windows of one model's feature layout, on disk."""
+
+    def __init__(self, path: Path, capacity: int) -> None:
+        self.path, self.capacity = path, capacity
+        self.X = np.zeros((0, 0), np.float32)
+        self.y: list[str] = []
+        self.layout = ""  # the preprocessing the features were made with: others are not comparable
+        self.new = 0  # windows added since the last round this device answered
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                self.X, self.y = z["X"].astype(np.float32), [str(v) for v in z["y"].tolist()]
+                self.layout, self.new = str(z["layout"]), int(z["new"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError) as exc:  # a torn or foreign file: start again, say so
+            log.warning("labelled windows in %s unreadable (%s): starting an empty store", self.path, exc)
+
+    def add(self, layout: str, feats: np.ndarray, truths: list[str | None]) -> None:
+        keep = [i for i, t in enumerate(truths) if t]
+        if not keep:
+            return
+        if layout != self.layout or (self.X.size and self.X.shape[1] != feats.shape[1]):
+            self.X, self.y, self.layout, self.new = np.zeros((0, feats.shape[1]), np.float32), [], layout, 0
+        rows = np.asarray(feats[keep], dtype=np.float32)
+        self.X = np.concatenate([self.X.reshape(-1, rows.shape[1]), rows])[-self.capacity:]
+        self.y = (self.y + [str(truths[i]) for i in keep])[-self.capacity:]
+        self.new = min(self.new + len(keep), self.capacity)
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp.npz")
+        with open(tmp, "wb") as f:
+            np.savez(f, X=self.X, y=np.asarray(self.y, dtype=str), layout=np.array(self.layout), new=np.array(self.new))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def _targets(task: str, labels: tuple[str, ...], y: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to use, targets): class indices of the model's labels, or the numbers of ``x;y`` targets."""
+    if task == "classification":
+        index = {label: i for i, label in enumerate(labels)}
+        rows = [i for i, t in enumerate(y) if t in index]
+        return np.asarray(rows, np.intp), np.asarray([index[y[i]] for i in rows], np.int64)
+    rows, out = [], []
+    for i, t in enumerate(y):
+        try:
+            out.append([float(v) for v in t.split(";")])
+            rows.append(i)
+        except ValueError:
+            continue
+    return np.asarray(rows, np.intp), np.asarray(out, np.float32).reshape(len(rows), -1)
+
+
+class Learner:
+    """Answers the rounds of one device (``edge-agent run``)."""
+
+    def __init__(self, *, device_id: str, state_dir: Path, model_name: str, capacity: int,
+                 trusted_key: Any, allow_unsigned: bool, running: Callable[[], Bundle | None],
+                 publish: Callable[[str, bytes], None], topic: str) -> None:
+        self.device_id, self.running, self.publish, self.topic = device_id, running, publish, topic
+        self.trusted_key, self.allow_unsigned = trusted_key, allow_unsigned
+        self.store = WindowStore(state_dir / f"learn-{model_name}.npz", capacity)
+        self._answered_path = state_dir / f"learn-{model_name}-rounds.json"
+        self.answered: list[int] = self._read_answered()
+        self._offered: bytes | None = None  # the retained announcement of the open round
+        self._looked_at: tuple[Any, ...] = ()
+        self._said: str | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.last: dict[str, Any] = {}  # the last round's outcome (logged; in metrics)
+        self._saved_at = time.monotonic()
+
+    def _read_answered(self) -> list[int]:
+        try:
+            return [int(x) for x in orjson.loads(self._answered_path.read_bytes())][-100:]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    # ----------------------------------------------------------------- from the agent
+
+    def on_windows(self, layout: str, feats: np.ndarray, truths: list[str | None] | None) -> None:
+        if truths is not None:
+            self.store.add(layout, feats, truths)
+
+    def offer(self, payload: bytes) -> None:
+        """An announcement arrived (paho's thread); an empty one: no round is open."""
+        with self._lock:
+            self._offered = payload or None
+
+    def tick(self) -> None:
+        """Between chunks and while a live source is quiet (the agent's thread): answer the open round
+        once it fits. It is looked at again whenever it, the running model or the new windows change,
+        so a device that had too few windows answers once it has enough, before the deadline."""
+        if time.monotonic() - self._saved_at > 30.0:
+            self.save()
+        with self._lock:
+            payload = self._offered
+        if payload is None or (self._thread is not None and self._thread.is_alive()):
+            return
+        bundle = self.running()
+        key = (id(payload), self.store.new, bundle.manifest.sha256 if bundle else None)
+        if key == self._looked_at:
+            return
+        self._looked_at = key
+        why, ann = self._check(payload)
+        if ann is None:
+            if why and why != self._said:
+                log.info("%s", why)
+            self._said = why
+            return
+        X, y = self.store.X.copy(), list(self.store.y)
+        self.store.new = 0
+        self.answered = [*self.answered, ann.plan.round_id][-100:]
+        self._answered_path.write_bytes(orjson.dumps(self.answered))
+        self.save()
+        self._thread = threading.Thread(target=self._train, args=(ann, X, y), name="edge-agent-learn", daemon=True)
+        self._thread.start()
+
+    def _check(self, payload: bytes) -> tuple[str | None, Announcement | None]:
+        try:
+            ann = check_round(payload, trusted_key=self.trusted_key, allow_unsigned=self.allow_unsigned)
+        except BundleRejected as exc:
+            return f"round announcement refused: {exc}", None
+        p = ann.plan
+        if p.round_id in self.answered:
+            return None, None
+        if self.device_id not in p.participants:
+            return f"round {p.round_id}: not selected", None
+        bundle = self.running()
+        if bundle is None or bundle.manifest.version != p.base_version or bundle.manifest.sha256 != p.base_sha256:
+            have = "no model" if bundle is None else f"v{bundle.manifest.version}"
+            return f"round {p.round_id} trains v{p.base_version}, this device runs {have}: not answering", None
+        if time.time() > p.deadline:
+            return f"round {p.round_id}: its deadline has passed", None
+        held = len(self.store.y)
+        if held < p.min_windows or self.store.new < p.min_new:
+            return (f"round {p.round_id}: {held} labelled windows ({self.store.new} new), the round wants "
+                    f"{p.min_windows} ({p.min_new} new): not answering yet"), None
+        return None, ann
+
+    def _train(self, ann: Announcement, X: np.ndarray, y: list[str]) -> None:
+        from edge_agent import learn
+
+        p = ann.plan
+        bundle = self.running()
+        labels = bundle.manifest.labels if bundle is not None else ()
+        try:
+            rows, target = _targets(p.task, labels, y)
+            if len(rows) < p.min_windows:
+                log.info("round %d: only %d windows have labels of this model: not answering", p.round_id, len(rows))
+                return
+            n_layers = sum(1 for t in p.trainable if t.startswith("coef_"))
+            res = learn.fine_tune(
+                dict(ann.weights), p.task, X[rows], target, epochs=p.epochs, lr=p.lr, batch=p.batch, mu=p.mu,
+                alpha=p.alpha, clip=p.clip, train_layers=n_layers, seed=p.round_id, budget_s=p.budget_s)
+            specs, arrays = encode_update_delta({k: res.delta[k] for k in p.trainable}, p.encoding)
+            update = Update(
+                round_id=p.round_id, device_id=self.device_id, model=p.model, base_version=p.base_version,
+                n_examples=int(res.n), loss_before=float(res.loss_before), loss_after=float(res.loss_after),
+                metric_before=float(res.metric_before), metric_after=float(res.metric_after),
+                norm=float(res.norm), epochs=int(res.epochs), seconds=float(res.seconds),
+                ranges=tuple(tuple(float(v) for v in r) for r in res.ranges),  # type: ignore[misc]
+                encoding=p.encoding, tensors=specs, delta=arrays, sent=time.time())
+            payload = update.encode()
+            self.publish(self.topic, payload)
+            self.last = {"round": p.round_id, "n": int(res.n), "bytes": len(payload), "seconds": res.seconds,
+                         "metric_before": res.metric_before, "metric_after": res.metric_after}
+            log.info("round %d: trained on %d windows in %.1f s (%d epochs; %s %.3f -> %.3f), sent %s bytes",
+                     p.round_id, res.n, res.seconds, res.epochs,
+                     "accuracy" if p.task == "classification" else "error", res.metric_before, res.metric_after,
+                     f"{len(payload):,}")
+        except (ValueError, ContractError, FloatingPointError) as exc:
+            log.error("round %d: training failed: %s", p.round_id, exc)
+        except Exception:  # a bug must not take inference down with it
+            log.exception("round %d: training failed", p.round_id)
+
+    def save(self) -> None:
+        self._saved_at = time.monotonic()
+        try:
+            self.store.save()
+        except OSError as exc:
+            log.warning("cannot save labelled windows to %s: %s", self.store.path, exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.save()
+
+
+__all__ = ["Learner", "WindowStore", "UPDATE_DELIVERY"]

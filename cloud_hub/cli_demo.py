@@ -23,6 +23,10 @@ def demo(
     scenario: Annotated[str, typer.Option(help="activity (smartwatch recordings, or a generated IMU log: "
                                           "classes) or positioning (phones' Wi-Fi scans: x, y in metres).")]
         = "activity",
+    federated: Annotated[bool, typer.Option("--federated", help="Devices learn instead: federated rounds on "
+                                            "their own recordings (INT8 deltas, never data), then the rounds "
+                                            "table.")] = False,
+    rounds: Annotated[int, typer.Option(help="--federated: rounds to run.", min=1)] = 5,
 ) -> None:
     """Start a broker, a hub and agents; train v1, publish, retrain v2 from the fleet, roll it out, show stats."""
     from cloud_hub.demo import Demo
@@ -30,6 +34,11 @@ def demo(
     if scenario not in ("activity", "positioning"):
         raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if federated:
+        if scenario != "activity":
+            raise _usage("--federated runs the activity scenario (the watch recordings, or a generated IMU log)")
+        _federated(workdir, broker, agents, rounds)
+        return
     view = _FleetView()
     try:
         outcome = Demo(workdir, broker=broker, agents=agents, speed=speed, say=view.say, show=view.show,
@@ -43,6 +52,25 @@ def demo(
     if outcome["delivery"]:
         typer.echo("cloud-hub demo: delivery check failed: " + "; ".join(outcome["delivery"]), err=True)
         raise typer.Exit(1)
+
+
+def _federated(workdir: Path, broker: str | None, agents: int, rounds: int) -> None:
+    from cloud_hub.cli_rounds import _show
+    from cloud_hub.demo_federated import FederatedDemo
+
+    view = _FleetView()
+    try:
+        outcome = FederatedDemo(workdir, broker=broker, agents=agents, rounds=rounds, say=view.say,
+                                show=view.show).run()
+    except Exception as exc:
+        typer.echo(f"cloud-hub demo: failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        view.stop()
+    _show(outcome["engine"], "default", outcome["rounds"], json_out=False)
+    outcome["engine"].dispose()
+    view.console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
+                       f"(files in {workdir}/; `cloud-hub rounds --db sqlite:///{workdir}/hub.sqlite`)")
 
 
 class _FleetView:

@@ -1,0 +1,293 @@
+"""Federated rounds with real processes: `edge-agent run` devices following their own labelled logs,
+`cloud-hub serve`, `cloud-hub federate`, a real mosquitto. Devices send INT8 deltas, never windows."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from cloud_hub import db, lifecycle, rollout
+from cloud_hub.cli import app as hub_app
+from cloud_hub.settings import HubSettings
+from cloud_hub.signing import keygen
+from edge_agent import contract as c
+from edge_agent import contract_rounds as cr
+from edge_agent import learn
+from edge_agent.mqtt import BrokerURL, MqttLink
+from edge_agent.preprocess import PreprocessParams, extract_features
+from edge_agent.settings import load_settings
+from tests.helpers import SMALL, agent_cmd, make_log, wait_for
+from tests.test_hub_cli import ServeProcess
+
+DEVICES = ("fl-1", "fl-2", "fl-3")
+
+
+def _devices(url: str) -> dict[str, int | None]:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {d: v for d, v in conn.execute(sa.select(db.devices.c.device_id, db.devices.c.model_version))}
+    finally:
+        engine.dispose()
+
+
+def _query(url: str, stmt: sa.Executable) -> list[tuple]:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(stmt)]
+    finally:
+        engine.dispose()
+
+
+def _updates(url: str) -> list[tuple]:
+    u = db.fl_updates.c
+    return _query(url, sa.select(u.round_id, u.device_id, u.status, u.reason, u.bytes).order_by(u.id))
+
+
+class Fleet:
+    """v1 trained and published signed, `serve` running, one `edge-agent run` per device following its log."""
+
+    def __init__(self, procs, broker, prefix: str, tmp_path: Path, *, partial: tuple[str, ...] = ()) -> None:
+        self.procs, self.broker, self.prefix, self.tmp = procs, broker, prefix, tmp_path
+        self.priv, self.pub, _ = keygen(tmp_path / "keys" / "hub.pem")
+        self.url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+        settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
+            "broker": broker.url, "db": self.url, "prefix": prefix, "client_id": f"{prefix}-cli",
+            "signing_key": str(self.priv)})
+        engine = db.make_engine(self.url)
+        train_log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=60)
+        assert lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-2"], config=SMALL).version == 1
+        rollout.publish(engine, settings)
+        engine.dispose()
+        self.hub = ServeProcess(procs, broker, self.url, prefix, tmp_path / "hub.log")
+        self.hub.wait_started()
+        self.logs: dict[str, Path] = {}
+        self.rest: dict[str, list[str]] = {}
+        for i, dev in enumerate(DEVICES):
+            full = make_log(tmp_path / f"{dev}-all.csv", devices=(dev,), seconds=50, seed=10 + i).read_text()
+            lines = full.splitlines(keepends=True)
+            cut = 60 if dev in partial else len(lines)  # a second of readings: no window yet
+            self.logs[dev] = tmp_path / f"{dev}.csv"
+            self.logs[dev].write_text("".join(lines[:cut]))
+            self.rest[dev] = lines[cut:]
+        self.agents = {dev: procs.popen(
+            agent_cmd("run", "--broker", broker.url, "--prefix", prefix, "--device-id", dev,
+                      "--state-dir", str(tmp_path / dev), "--trusted-key", str(self.pub),
+                      "--source", "follow", "--source-path", str(self.logs[dev])),
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{dev}.log", "wb"),  # noqa: SIM115 - closed by procs
+            env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2", "EDGE_AGENT_STATUS_INTERVAL_S": "1"})
+            for dev in DEVICES}
+        self.check(lambda: all(_devices(self.url).get(d) == 1 for d in DEVICES), "every device on v1")
+
+    def alive(self) -> None:
+        for dev, p in self.agents.items():
+            assert p.poll() is None, (self.tmp / f"{dev}.log").read_text()
+
+    def check(self, cond, what: str, timeout: float = 120) -> None:
+        def ok() -> bool:
+            self.alive()
+            return cond()
+        wait_for(ok, timeout=timeout, what=what)
+
+    def federate(self, *args: str, log: str = "federate.log") -> subprocess.Popen:
+        out = open(self.tmp / log, "ab")  # noqa: SIM115 - the process owns it
+        return self.procs.popen(
+            [sys.executable, "-m", "cloud_hub", "federate", "--broker", self.broker.url, "--db", self.url,
+             "--prefix", self.prefix, "--client-id", f"{self.prefix}-fed", "--signing-key", str(self.priv),
+             "--min-available", "3", "--min-windows", "16", "--epochs", "3", "--lr", "0.003", *args],
+            stdout=out, stderr=out)
+
+    def stop(self) -> None:
+        for p in self.agents.values():
+            p.send_signal(signal.SIGTERM)
+        for dev, p in self.agents.items():
+            assert p.wait(60) == 0, (self.tmp / f"{dev}.log").read_text()
+        self.hub.signal(signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_rounds_end_to_end_devices_learn_and_swap_to_the_aggregated_model(procs, broker, prefix, tmp_path) -> None:
+    fleet = Fleet(procs, broker, prefix, tmp_path)
+    fed = fleet.federate("--rounds", "2", "--deadline", "120", "--json")
+    assert fed.wait(300) == 0, (tmp_path / "federate.log").read_text()
+    out = (tmp_path / "federate.log").read_text()
+    views = orjson.loads(out.strip().splitlines()[-1])["rounds"]
+    assert [(v["round"], v["state"], v["new_version"], v["accepted"], v["refused"]) for v in views] == [
+        (1, "published", 2, 3, 0), (2, "published", 3, 3, 0)], out
+    for v in views:
+        assert sorted(v["participants"]) == list(DEVICES)
+        assert 0.0 <= v["device_metric_before"] <= 1.0 and 0.0 <= v["device_metric_after"] <= 1.0
+    # every device verified, swapped and reports the version of the second round
+    fleet.check(lambda: all(_devices(fleet.url).get(d) == 3 for d in DEVICES), "every device on v3")
+    updates = _updates(fleet.url)
+    assert sorted((r, d, s) for r, d, s, _, _ in updates) == sorted(
+        (r, d, "accepted") for r in (1, 2) for d in DEVICES)
+    m = db.models.c
+    rows = _query(fleet.url, sa.select(m.version, m.state, m.manifest).order_by(m.version))
+    assert [(v, s) for v, s, _ in rows] == [(1, "published"), (2, "published"), (3, "published")]
+    manifest = orjson.loads(rows[2][2])
+    assert manifest["training"]["source"] == "federated" and manifest["training"]["parent_version"] == 2
+    assert manifest["training"]["devices"] == list(DEVICES)
+    # the devices' own windows stayed home: the hub holds no feature vector of them
+    r = db.results.c
+    assert _query(fleet.url, sa.select(sa.func.count()).where(r.features.is_not(None))) == [(0,)]
+    assert _query(fleet.url, sa.select(sa.func.count()).where(r.device_id.in_(DEVICES), r.model_version == 1))[0][0] > 0
+    fleet.stop()
+
+
+@pytest.mark.slow
+def test_a_hub_killed_mid_round_resumes_it_and_loses_no_update(procs, broker, prefix, tmp_path) -> None:
+    fleet = Fleet(procs, broker, prefix, tmp_path, partial=("fl-3",))
+    fed = fleet.federate("--rounds", "1", "--deadline", "300")
+    u = db.fl_updates.c
+    fleet.check(lambda: len(_query(fleet.url, sa.select(u.id).where(u.status == "accepted"))) == 2,
+                "the updates of fl-1 and fl-2", timeout=180)
+    fed.kill()  # SIGKILL mid-round: fl-3 has not answered yet (too few labelled windows)
+    fed.wait(30)
+    # fl-3 gets the rest of its log and answers while no hub listens: the broker keeps the update
+    with open(fleet.logs["fl-3"], "a") as f:
+        f.writelines(fleet.rest["fl-3"])
+    fleet.check(lambda: "sent" in (tmp_path / "fl-3.log").read_text(), "fl-3's update", timeout=180)
+    again = fleet.federate("--rounds", "1", "--deadline", "300", log="federate2.log")
+    assert again.wait(300) == 0, (tmp_path / "federate2.log").read_text()
+    log2 = (tmp_path / "federate2.log").read_text()
+    assert "round 1: resuming (open, base v1)" in log2, log2
+    rows = _updates(fleet.url)
+    assert sorted((r, d, s) for r, d, s, _, _ in rows) == [(1, d, "accepted") for d in DEVICES], rows
+    fr = db.fl_rounds.c
+    assert _query(fleet.url, sa.select(fr.id, fr.state, fr.new_version)) == [(1, "published", 2)]
+    manifest = orjson.loads(_query(fleet.url, sa.select(db.models.c.manifest).where(db.models.c.version == 2))[0][0])
+    assert manifest["training"]["devices"] == list(DEVICES) and manifest["training"]["updates"] == 3
+    fleet.check(lambda: all(_devices(fleet.url).get(d) == 2 for d in DEVICES), "every device on v2")
+    fleet.stop()
+
+
+class FakeDevices:
+    """The test speaks for devices itself: statuses, and updates crafted good or bad."""
+
+    def __init__(self, broker, prefix: str, names: tuple[str, ...]) -> None:
+        self.topics = c.Topics(prefix)
+        self.names = names
+        self.announcements: queue.Queue[bytes] = queue.Queue()
+        self.link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-fakes", subscriptions=[
+            (self.topics.rounds("default"), 1)], on_message=lambda m: m.payload and self.announcements.put(m.payload))
+        self.link.start()
+        self.link.wait_connected(10)
+
+    def report(self, url: str, version: int) -> None:
+        m = db.models.c
+        sha = _query(url, sa.select(m.sha256).where(m.version == version))[0][0]
+        for d in self.names:
+            self.link.publish(self.topics.status(d), c.Status(d, c.ONLINE, time.time(), "default", version, sha).encode(),
+                              c.STATUS_DELIVERY)
+
+    def next_round(self, round_id: int) -> cr.Announcement:
+        while True:
+            ann = cr.decode_announcement(self.announcements.get(timeout=120))
+            if ann.plan.round_id == round_id:
+                return ann
+
+    def send(self, device: str, payload: bytes) -> None:
+        self.link.publish(self.topics.update(device), payload, cr.UPDATE_DELIVERY)
+
+
+def _update(ann: cr.Announcement, device: str, X: np.ndarray, *, scale: float = 1e-3, encoding: str = "int8",
+            base: int | None = None, drop: str | None = None, nan: bool = False, seed: int = 0,
+            force_scale: float | None = None, **over) -> bytes:
+    p = ann.plan
+    rng = np.random.default_rng(seed)
+    delta = {k: (rng.normal(0, scale, ann.weights[k].shape)).astype(np.float32) for k in p.trainable if k != drop}
+    if nan:
+        delta[p.trainable[0]].flat[0] = np.nan
+    specs, arrays = cr.encode_update_delta(delta, encoding)
+    if force_scale is not None:  # int8 values times a scale that overflows float32
+        specs = tuple(dataclasses.replace(t, scale=force_scale) for t in specs)
+    fields = dict(round_id=p.round_id, device_id=device, model=p.model, base_version=base or p.base_version,
+                  n_examples=50, loss_before=1.0, loss_after=0.5, metric_before=0.5, metric_after=0.7, norm=0.1,
+                  epochs=1, seconds=0.1, ranges=tuple(tuple(r) for r in learn.activation_ranges(ann.weights, X)),
+                  encoding=encoding, tensors=specs, delta=arrays, sent=time.time())
+    fields.update(over)
+    return cr.Update(**fields).encode()
+
+
+@pytest.mark.slow
+def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, broker, prefix, tmp_path) -> None:
+    priv, _, _ = keygen(tmp_path / "keys" / "hub.pem")
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    train_log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
+    assert lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-2"], config=SMALL).version == 1
+    params = PreprocessParams.from_dict(orjson.loads(_query(url, sa.select(db.models.c.manifest))[0][0])["preprocess"])
+    data, *_ = lifecycle.windows_from_logs([str(train_log)], params)
+    X = extract_features(data, params)
+    engine.dispose()
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    fakes = FakeDevices(broker, prefix, ("fk-1", "fk-2", "fk-3", "fk-4"))
+    fakes.report(url, 1)
+    wait_for(lambda: all(_devices(url).get(d) == 1 for d in fakes.names), what="the fake devices on v1")
+    out = open(tmp_path / "federate.log", "ab")  # noqa: SIM115 - the process owns it
+    fed = procs.popen([sys.executable, "-m", "cloud_hub", "federate", "--broker", broker.url, "--db", url, "--prefix",
+                       prefix, "--client-id", f"{prefix}-fed", "--signing-key", str(priv), "--rounds", "2",
+                       "--fraction", "0.75", "--min-available", "4", "--min-updates", "2", "--deadline", "120",
+                       "--max-staleness", "0", "--clip", "1.0"], stdout=out, stderr=out)
+    ann = fakes.next_round(1)
+    p1, p2, p3 = ann.plan.participants
+    (outsider,) = set(fakes.names) - set(ann.plan.participants)
+    good = _update(ann, p1, X)
+    bad = {
+        "malformed: not a update (bad magic)": (p1, b"not an update"),
+        "base version v7, round 1 trains v1": (p1, _update(ann, p1, X, base=7)),
+        "wrong shape": (p1, _update(ann, p1, X, drop=ann.plan.trainable[0])),
+        "malformed: update delta holds NaN or inf": (p1, _update(ann, p1, X, encoding="float32", nan=True)),
+        "NaN or inf in the delta or the ranges": (p1, _update(ann, p1, X, force_scale=1e38)),
+        "far above the clip 1": (p1, _update(ann, p1, X, scale=1.0)),
+        f"{outsider} was not selected for round 1": (outsider, _update(ann, outsider, X)),
+    }
+    for device, payload in bad.values():
+        fakes.send(device, payload)
+    fakes.send(p1, good)
+    fakes.send(p1, _update(ann, p1, X, seed=1))  # a second, different one
+    fakes.send(p1, good)  # the same again, as a broker's redelivery: counted once, not refused
+    fakes.send(p2, _update(ann, p2, X, seed=2))  # the second update closes the round
+    wait_for(lambda: _query(url, sa.select(db.fl_rounds.c.state).where(db.fl_rounds.c.id == 1)) == [("published",)],
+             timeout=120, what="round 1 published")
+    # round 2 starts once the devices report v2; an answer to round 1 is now after its deadline
+    fakes.report(url, 2)
+    ann2 = fakes.next_round(2)
+    q1, q2 = ann2.plan.participants[:2]
+    fakes.send(p3, _update(ann, p3, X))
+    fakes.send(q1, _update(ann2, q1, X))
+    fakes.send(q2, _update(ann2, q2, X))
+    assert fed.wait(120) == 0, (tmp_path / "federate.log").read_text()
+    fakes.link.stop()
+    rows = _updates(url)
+    refused = [(r, d, reason) for r, d, s, reason, _ in rows if s == "refused"]
+    for why, (device, _) in bad.items():
+        assert any(r == 1 and d == device and why in reason for r, d, reason in refused), (why, refused)
+    assert any(r == 1 and d == p1 and "a second update" in reason for r, d, reason in refused), refused
+    assert any(r == 2 and d == p3 and "after the deadline of round 1" in reason for r, d, reason in refused), refused
+    assert len(refused) == len(bad) + 2, refused
+    assert sorted((r, d) for r, d, s, _, _ in rows if s == "accepted") == sorted([(1, p1), (1, p2), (2, q1), (2, q2)])
+    letters = _query(url, sa.select(db.dead_letters.c.reason))
+    assert sum("update" in r for (r,) in letters) == 2, letters  # the two malformed ones
+    fr = db.fl_rounds.c
+    assert _query(url, sa.select(fr.id, fr.state, fr.new_version).order_by(fr.id)) == [(1, "published", 2),
+                                                                                        (2, "published", 3)]
+    res = CliRunner().invoke(hub_app, ["rounds", "--db", url])
+    assert res.exit_code == 0, res.output
+    assert "refused 1: a second update in the same round" in res.stdout.replace("\n", " ")
+    hub.signal(signal.SIGTERM)

@@ -111,37 +111,12 @@ def rounds(
     _show(engine, s.model_name, ids, json_out)
 
 
-def round_views(engine: Any, name: str, ids: list[int]) -> list[dict[str, Any]]:
-    from cloud_hub import db as hub_db
-    from cloud_hub.round_store import RoundStore
-
-    store = RoundStore()
-    with hub_db.transaction(engine, write=False) as conn:
-        rows = [r for r in store.rounds(conn, name) if r.id in set(ids)]
-        updates = store.updates(conn, ids)
-    out = []
-    for r in rows:
-        mine = [u for u in updates if u["round_id"] == r.id]
-        refused: dict[str, int] = {}
-        for u in mine:
-            if u["status"] == "refused":
-                refused[u["reason"]] = refused.get(u["reason"], 0) + 1
-        fed = r.outcome.get("federated", {})
-        out.append({
-            "round": r.id, "model": r.model_name, "base_version": r.base_version, "state": r.state,
-            "new_version": r.new_version, "participants": list(r.participants),
-            "accepted": sum(u["status"] == "accepted" for u in mine), "late": sum(u["status"] == "late" for u in mine),
-            "refused": sum(refused.values()), "refusals": refused,
-            "upload_bytes": sum(u["bytes"] for u in mine), "announcement_bytes": r.plan.get("announcement_bytes"),
-            "device_metric_before": fed.get("metric_before"), "device_metric_after": fed.get("metric_after"),
-            "holdout_before": r.outcome.get("holdout_before"), "holdout_after": r.outcome.get("holdout_after"),
-            "task": r.plan.get("task"), "opened_at": r.opened_at, "closed_at": r.closed_at, "reason": r.reason,
-        })
-    return out
-
-
 def _show(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
-    views = round_views(engine, name, ids)
+    from cloud_hub import db as hub_db
+    from cloud_hub.round_store import views as round_views
+
+    with hub_db.transaction(engine, write=False) as conn:
+        views = round_views(conn, name, ids)
     if json_out:
         typer.echo(orjson.dumps({"rounds": views}).decode())
         return

@@ -42,6 +42,8 @@ class _Quiet(WSGIRequestHandler):
 def snapshot(hub: Hub) -> dict[str, Any]:
     """What the page shows, from the database (and the worker's backlog)."""
     from cloud_hub import canary
+    from cloud_hub.round_store import RoundStore
+    from cloud_hub.round_store import views as round_views
     from cloud_hub.store import Store
 
     store = Store(hub.engine)
@@ -50,11 +52,12 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         view = dashboard_view(conn, time.time())
         rollouts = store.rollouts(conn, name)[:5]
         events = store.events(conn, 10)
+        rounds = round_views(conn, name, [r.id for r in RoundStore().rounds(conn, name, limit=5)])
     verdict = canary.judge(hub.engine, rollouts[0]) if rollouts and rollouts[0].state == "canary" else None
     return {**view, "backlog": hub.backlog, "model": name, "events": events,
             "rollouts": [{"version": r.version, "previous_version": r.previous, "state": r.state,
                           "cohort": list(r.cohort), "started_at": r.started_at, "reason": r.reason} for r in rollouts],
-            "verdict": None if verdict is None else verdict.to_obj()}
+            "verdict": None if verdict is None else verdict.to_obj(), "rounds": rounds}
 
 
 def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
@@ -106,6 +109,7 @@ PAGE = """<!doctype html>
  <div><h2>accuracy per minute</h2><svg id="acc" width="420" height="140"></svg></div>
 </div>
 <h2>rollouts</h2><div id="rollouts"></div>
+<h2>federated rounds</h2><div id="rounds"></div>
 <h2>dead letters</h2><div id="dead"></div>
 <script>
 "use strict";
@@ -140,6 +144,15 @@ function render(f) {
       (r.state === "rolled_back" ? "bad" : "") + "\\">" + esc(r.state) + "</td><td>" + esc(r.cohort.join(", ")) +
       "</td><td>" + esc(r.reason || (f.verdict && r.state === "canary" ? f.verdict.reason : "")) + "</td></tr>").join("") + "</table>"
     : "no canary rollout yet";
+  const score = (r, x) => x == null ? "-" : r.task === "classification" ? pct(x) : x.toFixed(2);
+  $("rounds").innerHTML = f.rounds.length ? "<table><tr><th>round</th><th>base</th><th>state</th><th>accepted / late / refused</th>" +
+    "<th>upload</th><th>devices before → after</th><th>hold-out before → after</th></tr>" +
+    f.rounds.map((r) => "<tr data-round=\\"" + r.round + "\\"><td>" + r.round + "</td><td>v" + r.base_version + "</td><td class=\\"" +
+      (r.state === "failed" || r.state === "rejected" ? "bad" : "") + "\\">" + esc(r.state) + (r.new_version ? " v" + r.new_version : "") +
+      "</td><td>" + r.accepted + " / " + r.late + " / " + r.refused + "</td><td>" + Math.round(r.upload_bytes / 1024) +
+      " kB</td><td>" + score(r, r.device_metric_before) + " → " + score(r, r.device_metric_after) + "</td><td>" +
+      score(r, r.holdout_before) + " → " + score(r, r.holdout_after) + "</td></tr>").join("") + "</table>"
+    : "no federated round yet (cloud-hub federate)";
   $("dead").innerHTML = f.dead_letters.count + " refused messages" + (f.dead_letters.latest.length ? ": " +
     f.dead_letters.latest.map((d) => esc(d.reason)).join("; ") : "");
   $("status").textContent = f.devices.length + " devices, " + f.results + " results, backlog " + f.backlog +

@@ -105,7 +105,7 @@ class FederatedDemo:
                      f"windows and sends an INT8 delta; gate: {', '.join(data.holdout_train)}")
             done = Coordinator(settings, engine, cfg, signing_key=str(key), allow_unsigned=False,
                                progress=lambda line: self.say("  " + line)).run()
-            last = max((r.new_version for r in done if r.state == "published"), default=1)
+            last = max((r.new_version or 1 for r in done if r.state == "published"), default=1)
             self._wait(lambda: all(v == last for v in self._versions(engine).values()),
                        f"every agent on v{last}")
         finally:

@@ -122,3 +122,31 @@ class RoundStore:
                  .where(u.round_id.in_(list(round_ids))).order_by(u.id))
         return [{**dict(r), "metrics": orjson.loads(r["metrics"]) if r["metrics"] else None}
                 for r in conn.execute(query).mappings()]
+
+
+def views(conn: Connection, name: str, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Each round as `cloud-hub rounds` and the dashboard show it: participants, updates accepted / late /
+    refused (by reason), upload bytes, the devices' own scores and the hold-out's, before and after."""
+    store = RoundStore()
+    wanted = set(ids)
+    rows = [r for r in store.rounds(conn, name) if r.id in wanted]
+    updates = store.updates(conn, [r.id for r in rows])
+    out = []
+    for r in rows:
+        mine = [u for u in updates if u["round_id"] == r.id]
+        refused: dict[str, int] = {}
+        for u in mine:
+            if u["status"] == "refused":
+                refused[u["reason"]] = refused.get(u["reason"], 0) + 1
+        fed = r.outcome.get("federated", {})
+        out.append({
+            "round": r.id, "model": r.model_name, "base_version": r.base_version, "state": r.state,
+            "new_version": r.new_version, "participants": list(r.participants),
+            "accepted": sum(u["status"] == "accepted" for u in mine), "late": sum(u["status"] == "late" for u in mine),
+            "refused": sum(refused.values()), "refusals": refused,
+            "upload_bytes": sum(u["bytes"] for u in mine), "announcement_bytes": r.plan.get("announcement_bytes"),
+            "device_metric_before": fed.get("metric_before"), "device_metric_after": fed.get("metric_after"),
+            "holdout_before": r.outcome.get("holdout_before"), "holdout_after": r.outcome.get("holdout_after"),
+            "task": r.plan.get("task"), "opened_at": r.opened_at, "closed_at": r.closed_at, "reason": r.reason,
+        })
+    return out

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class WindowStore:
                 self.layout, self.new = str(z["layout"]), int(z["new"])
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError) as exc:  # a torn or foreign file: start again, say so
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # torn or foreign: start again
             log.warning("labelled windows in %s unreadable (%s): starting an empty store", self.path, exc)
 
     def add(self, layout: str, feats: np.ndarray, truths: list[str | None]) -> None:

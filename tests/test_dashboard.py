@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from cloud_hub import db
 from cloud_hub.local_broker import LocalBroker, free_port
 from tests.helpers import agent_cmd, fleet_files, make_log, wait_for
 from tests.test_hub_cli import ServeProcess, count_rows
@@ -55,6 +57,25 @@ def _answers(port: int) -> bool:
 
 
 @pytest.mark.slow
+def _a_round(url: str) -> None:
+    from cloud_hub.round_store import RoundStore
+
+    engine = db.make_engine(url)
+    store = RoundStore()
+    with db.transaction(engine) as conn:
+        store.add_round(conn, round_id=1, name="default", base_version=1, participants=["dev-a", "dev-b"],
+                        plan={"task": "classification"}, announcement=b"x", opened_at=time.time(),
+                        deadline=time.time() + 60)
+        for device, status, reason in (("dev-a", "accepted", None), ("dev-b", "accepted", None),
+                                       ("dev-c", "refused", "dev-c was not selected for round 1")):
+            store.add_update(conn, round_id=1, update_round=1, device_id=device, status=status, reason=reason,
+                             n_examples=10, staleness=0, size=1024 if status == "accepted" else 100,
+                             sha256=device, metrics=None, payload=None, at=time.time())
+        store.set_round(conn, 1, state="published", expect=("open",), new_version=2, outcome={
+            "federated": {"metric_before": 0.6, "metric_after": 0.8}, "holdout_before": 0.7, "holdout_after": 0.75})
+    engine.dispose()
+
+
 def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, browser, broker: LocalBroker,
                                                                      prefix: str, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
@@ -100,6 +121,12 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
     wait.until(lambda _: f"{total} results" in browser.find_element(By.ID, "status").text)  # type: ignore[attr-defined]
     assert browser.find_elements(By.CSS_SELECTOR, "#rate circle")  # type: ignore[attr-defined]
     assert "0 refused messages" in browser.find_element(By.ID, "dead").text  # type: ignore[attr-defined]
+    assert "no federated round yet" in browser.find_element(By.ID, "rounds").text  # type: ignore[attr-defined]
+    _a_round(url)  # as `cloud-hub federate` records one: the page shows it at its next poll
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#rounds tr[data-round='1']"))  # type: ignore[attr-defined]
+    cells = browser.execute_script(  # type: ignore[attr-defined]
+        "return Array.from(document.querySelectorAll('#rounds tr[data-round] td')).map(td => td.textContent)")
+    assert cells == ["1", "v1", "published v2", "2 / 0 / 1", "2 kB", "60.0% → 80.0%", "70.0% → 75.0%"], cells
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot))  # type: ignore[attr-defined]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

@@ -291,3 +291,84 @@ def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, b
     assert res.exit_code == 0, res.output
     assert "refused 1: a second update in the same round" in res.stdout.replace("\n", " ")
     hub.signal(signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------- the device's side, in process
+
+
+def _plan_and_weights(**over) -> tuple[cr.RoundPlan, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    weights = {"scaler_mean": np.zeros(4, np.float32), "scaler_scale": np.ones(4, np.float32),
+               "coef_0": rng.normal(0, 0.5, (4, 8)).astype(np.float32), "intercept_0": np.zeros(8, np.float32),
+               "coef_1": rng.normal(0, 0.5, (8, 2)).astype(np.float32), "intercept_1": np.zeros(2, np.float32)}
+    fields = dict(round_id=1, model="default", base_version=1, base_sha256="a" * 64, task="classification",
+                  participants=("me",), deadline=time.time() + 60, min_windows=10,
+                  trainable=("coef_0", "intercept_0", "coef_1", "intercept_1"))
+    fields.update(over)
+    return cr.RoundPlan(**fields), weights
+
+
+def test_the_window_store_keeps_the_newest_labelled_windows_on_disk(tmp_path) -> None:
+    from edge_agent.learner import WindowStore
+
+    store = WindowStore(tmp_path / "w.npz", capacity=5)
+    feats = np.arange(12, dtype=np.float32).reshape(4, 3)
+    store.add("L1", feats, ["a", None, "b", ""])  # unlabelled windows are not kept
+    store.add("L1", feats + 100, ["c", "d", "e", "f"])
+    assert store.y == ["b", "c", "d", "e", "f"] and store.X.shape == (5, 3) and store.new == 5
+    assert store.X[0].tolist() == [6.0, 7.0, 8.0]
+    store.save()
+    again = WindowStore(tmp_path / "w.npz", capacity=5)
+    assert again.y == store.y and np.array_equal(again.X, store.X) and again.layout == "L1"
+    again.add("L2", np.ones((1, 2), np.float32), ["z"])  # other preprocessing: not comparable, start again
+    assert again.y == ["z"] and again.X.shape == (1, 2)
+    (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 torn")
+    assert WindowStore(tmp_path / "torn.npz", capacity=5).y == []  # a torn file: an empty store, not a crash
+
+
+def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> None:
+    from cloud_hub.signing import load_private_key, sign_round
+    from edge_agent.bundle import load_public_key
+    from edge_agent.learner import Learner
+
+    priv, pub, _ = keygen(tmp_path / "k.pem")
+    other, _, _ = keygen(tmp_path / "other.pem")
+    sent: list[tuple[str, bytes]] = []
+    manifest = type("M", (), {"version": 1, "sha256": "a" * 64, "labels": ("x", "y")})
+    running = type("B", (), {"manifest": manifest})
+    learner = Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100,
+                      trusted_key=load_public_key(pub), allow_unsigned=False, running=lambda: running,  # type: ignore[arg-type,return-value]
+                      publish=lambda t, p: sent.append((t, p)), topic="t/devices/me/update")
+
+    def offer(plan: cr.RoundPlan, weights, key=priv) -> str | None:
+        ann = cr.announcement(plan, weights)
+        signed = cr.Announcement(sign_round(ann.plan, load_private_key(key)), ann.weights) if key else ann
+        why, got = learner._check(signed.encode())
+        return why if got is None else "ok"
+
+    plan, w = _plan_and_weights()
+    assert "unsigned" in offer(plan, w, key=None)
+    assert "not the trusted key" in offer(plan, w, key=other)
+    assert "not selected" in offer(_plan_and_weights(participants=("someone",))[0], w)
+    assert "this device runs v1: not answering" in offer(_plan_and_weights(base_version=2)[0], w)
+    assert "deadline has passed" in offer(_plan_and_weights(deadline=time.time() - 1)[0], w)
+    assert "0 labelled windows" in offer(plan, w)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 4)).astype(np.float32)
+    learner.on_windows("L", X, ["x" if v > 0 else "y" for v in X[:, 0]])
+    assert offer(plan, w) == "ok"
+    ann = cr.announcement(plan, w)
+    learner.offer(cr.Announcement(sign_round(ann.plan, load_private_key(priv)), ann.weights).encode())
+    learner.tick()
+    learner.close()
+    assert len(sent) == 1 and sent[0][0] == "t/devices/me/update"
+    update = cr.decode_update(sent[0][1], "me")
+    assert update.round_id == 1 and update.n_examples == 40 and update.metric_after >= update.metric_before
+    assert {t.name for t in update.tensors} == set(plan.trainable) and update.encoding == "int8"
+    assert len(update.ranges) == 2
+    learner.offer(cr.Announcement(sign_round(ann.plan, load_private_key(priv)), ann.weights).encode())
+    learner.tick()
+    learner.close()
+    assert len(sent) == 1, "a round is answered once"
+    assert Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100, trusted_key=None,
+                   allow_unsigned=True, running=lambda: None, publish=lambda t, p: None, topic="x").answered == [1]

@@ -38,8 +38,8 @@ def federate(
     min_updates: Annotated[int | None, typer.Option("--min-updates", help="K: close a round at this many "
                                                     "updates (default: every participant).", min=1)] = None,
     deadline: Annotated[float, typer.Option("--deadline", help="Seconds before a round closes anyway.")] = 60.0,
-    epochs: Annotated[int, typer.Option(help="Local epochs on each device.", min=1)] = 1,
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 1e-3,
+    epochs: Annotated[int, typer.Option(help="Local epochs on each device.", min=1)] = 5,
+    lr: Annotated[float, typer.Option(help="Local learning rate (SGD, momentum 0.9).")] = 0.03,
     batch: Annotated[int, typer.Option(help="Local minibatch size.", min=1)] = 64,
     mu: Annotated[float, typer.Option(help="FedProx proximal weight (0 = FedAvg).", min=0.0)] = 0.0,
     clip: Annotated[float, typer.Option(help="L2 norm devices clip their delta to; far above it is refused.")] = 10.0,

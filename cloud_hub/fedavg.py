@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
-__all__ = ["Update", "aggregate", "clip", "delta_norm", "dequantize_delta", "merge_ranges", "mlp_tensors",
+__all__ = ["Update", "aggregate", "clip", "delta_norm", "merge_ranges", "mlp_tensors",
            "quantize_from_ranges", "staleness_weight", "with_tensors"]
 
 Tensors = Mapping[str, np.ndarray]
@@ -89,11 +89,6 @@ def staleness_weight(staleness: float) -> float:
     if staleness < 0:
         raise ValueError("staleness must be >= 0")
     return 1.0 / math.sqrt(1.0 + staleness)
-
-
-def dequantize_delta(q: Mapping[str, tuple[np.ndarray, float]]) -> dict[str, np.ndarray]:
-    """Decode ``edge_agent.learn.quantize_delta``'s symmetric INT8 tensors (int8 values, scale)."""
-    return {k: np.asarray(v, np.int8).astype(np.float32) * np.float32(s) for k, (v, s) in q.items()}
 
 
 @dataclass

@@ -64,8 +64,9 @@ class FederateConfig:
     wait_devices_s: float = 60.0
     min_updates: int | None = None  # K: close once this many updates counted (default: every participant)
     deadline_s: float = 60.0
-    epochs: int = 1
-    lr: float = 1e-3
+    # Local training (SGD, momentum 0.9): chosen by bench/federated_watch.py --study on s01-s08 only
+    epochs: int = 5
+    lr: float = 0.03
     batch: int = 64
     mu: float = 0.0
     clip: float = 10.0
@@ -219,7 +220,7 @@ class Coordinator:
         plan = RoundPlan(
             round_id=round_id, model=name, base_version=base.version, base_sha256=base.sha256,
             task=str(base.manifest["task"]), participants=tuple(chosen), deadline=now + c.deadline_s,
-            epochs=c.epochs, lr=c.lr, batch=c.batch, mu=c.mu, alpha=float(_alpha(blob)), clip=c.clip,
+            epochs=c.epochs, lr=c.lr, batch=c.batch, mu=c.mu, alpha=_alpha(blob, c.batch), clip=c.clip,
             min_windows=c.min_windows, min_new=c.min_new, min_updates=min(c.min_updates or len(chosen), len(chosen)),
             max_staleness=c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
             trainable=trainable_names(n_layers, c.train_layers),
@@ -342,11 +343,13 @@ class Coordinator:
         return round_id
 
 
-def _alpha(blob: bytes) -> float:
+def _alpha(blob: bytes, batch: int) -> float:
+    """The base's L2 penalty at the same strength per example: scikit-learn divides it by the batch size."""
     from cloud_hub import weights
 
     mlp = weights.from_bytes(blob).steps[-1][1]
-    return float(mlp.alpha)
+    central = mlp.batch_size if isinstance(mlp.batch_size, int) else 200
+    return float(mlp.alpha) * batch / max(1, central)
 
 
 __all__: Sequence[str] = ("Coordinator", "FederateConfig", "RoundError", "judge", "trainable_names")

@@ -335,6 +335,8 @@ def encode_update_delta(delta: dict[str, np.ndarray], encoding: str) -> tuple[tu
     specs, arrays = [], {}
     for name, d in delta.items():
         d = np.asarray(d, dtype=np.float32)
+        if not np.isfinite(d).all():  # a diverged training: say so rather than send zeros
+            raise ContractError(f"delta {name} holds NaN or inf")
         shape = tuple(int(x) for x in d.shape)
         if encoding == "float32":
             specs.append(TensorSpec(name, shape))

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LocalResult", "activation_ranges", "dequantize_delta", "fine_tune", "loss_and_grad",
-           "n_layers", "predict", "quantize_delta", "trainable_names"]
+__all__ = ["LocalResult", "activation_ranges", "fine_tune", "loss_and_grad", "n_layers", "predict",
+           "trainable_names"]
 
 Tensors = Mapping[str, np.ndarray]
 _CHUNK = 1024  # rows per forward pass outside training (bounds the activation memory)
@@ -307,24 +307,3 @@ def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epoc
                        metric_before=metric_before, metric_after=metric_after, norm=norm,
                        epochs=round(done / per_epoch, 4), seconds=time.monotonic() - t0,
                        ranges=activation_ranges(new, X))
-
-
-def quantize_delta(delta: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, float]]:
-    """Symmetric per-tensor INT8: ``q = round(d / scale)`` with ``scale = max|d| / 127`` (an all-zero
-    tensor gets scale 0.0 and zeros); every element is off by at most ``scale / 2``."""
-    out = {}
-    for name, d in delta.items():
-        d = np.asarray(d, np.float32)
-        peak = float(np.max(np.abs(d))) if d.size else 0.0
-        if not np.isfinite(peak):
-            raise ValueError(f"delta {name} has NaN or inf")
-        if peak == 0.0:
-            out[name] = (np.zeros(d.shape, np.int8), 0.0)
-            continue
-        scale = peak / 127.0
-        out[name] = (np.clip(np.rint(d / np.float32(scale)), -127, 127).astype(np.int8), scale)
-    return out
-
-
-def dequantize_delta(q: Mapping[str, tuple[np.ndarray, float]]) -> dict[str, np.ndarray]:
-    return {name: np.asarray(v, np.int8).astype(np.float32) * np.float32(scale) for name, (v, scale) in q.items()}

@@ -47,3 +47,28 @@ def test_delivery_check_names_every_device_that_is_not_exactly_once() -> None:
     assert delivery_check({k: agents[k] for k in "ab"}, {"a": 10, "b": 8}) == []
     assert delivery_check(agents, {"a": 10, "b": 7, "c": 5}) == [
         "b: 7 results stored for 8 windows", "c: 4 of 5 results receipted by the hub"]
+
+
+@pytest.mark.slow
+def test_the_federated_demo_runs_rounds_and_ends_with_the_rounds_table(tmp_path) -> None:
+    env = {**os.environ, "EDGEML_DEMO_DATA": str(tmp_path / "none.csv"), "COLUMNS": "200"}
+    res = subprocess.run([sys.executable, "-m", "cloud_hub", "demo", "--federated", "--rounds", "2", "--agents", "3",
+                          "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=400, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "generated sensor log" in out and "published v1" in out
+    assert "round 1: closed, 3 update(s) counted" in out and "round 2: closed, 3 update(s) counted" in out
+    assert "federated rounds of default" in out
+    table = [line.split() for line in out.splitlines() if re.match(r"\s*[12]\s+v[12]\s", line)]
+    assert [row[0] for row in table] == ["1", "2"] and table[0][1] == "v1", out
+    assert all(row[2] in ("published", "rejected") and row[4:6] == ["3", "3"] for row in table), table  # asked, accepted
+    url = f"sqlite:///{tmp_path / 'demo' / 'hub.sqlite'}"
+    engine = db.make_engine(url, create=False)
+    with engine.connect() as conn:
+        updates = conn.execute(db.fl_updates.select()).all()
+        features = conn.execute(db.results.select().where(db.results.c.features.is_not(None))).all()
+    engine.dispose()
+    assert len(updates) == 6 and {u.status for u in updates} == {"accepted"}
+    assert features == [], "the agents kept their windows: no feature vector reached the hub"
+    port = int(re.search(r"private mosquitto on mqtt://127\.0\.0\.1:(\d+)", out).group(1))
+    assert not port_open("127.0.0.1", port), "the demo stopped the broker it started"

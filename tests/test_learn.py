@@ -1,0 +1,295 @@
+"""On-device fine-tuning (edge_agent/learn.py) and the hub's federated math (cloud_hub/fedavg.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud_hub import fedavg, weights
+from cloud_hub.quantize import quantize_int8, session
+from cloud_hub.training import TrainConfig, export_onnx, train
+from edge_agent import contract as c
+from edge_agent import contract_rounds as cr
+from edge_agent import learn
+
+SMALL = TrainConfig(hidden=(24, 16), max_iter=20, min_updates=100, batch_size=64)
+
+
+def _data(n: int = 400, f: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, f)) * np.linspace(0.5, 3.0, f) + np.arange(f)).astype(np.float32)
+    X[:, 5] = 2.0  # a constant feature (scale 0 -> 1)
+    z = (X - np.arange(f)) / np.linspace(0.5, 3.0, f)
+    cls = (z[:, 0] > 0).astype(int) + (z[:, 1] + 0.5 * z[:, 2] > 0.3).astype(int)
+    target = np.stack([3.0 * z[:, 0] - z[:, 3] + 10.0, 0.5 * z[:, 1] * z[:, 2] - 4.0], axis=1)
+    return X, cls, target
+
+
+@pytest.fixture(scope="module")
+def classifier() -> tuple:
+    X, cls, _ = _data()
+    labels = np.array(["lo", "mid", "hi"])[cls]
+    model = train(X, labels, config=SMALL)
+    return model, X, cls
+
+
+@pytest.fixture(scope="module")
+def regressor() -> tuple:
+    X, _, target = _data(seed=1)
+    model = train(X, target, config=SMALL)
+    return model, X, target
+
+
+def _onnx_out(model, X: np.ndarray) -> np.ndarray:
+    sess = session(export_onnx(model, X.shape[1]))
+    outs = [o.name for o in sess.get_outputs()]
+    name = "probabilities" if "probabilities" in outs else outs[0]
+    return sess.run([name], {"input": X})[0].reshape(len(X), -1)  # a regressor's is [n * outputs, 1]
+
+
+def test_predict_matches_the_fp32_onnx(classifier, regressor) -> None:
+    for model, X, _ in (classifier, regressor):
+        t = fedavg.mlp_tensors(model)
+        task = "classification" if "target_mu" not in t else "regression"
+        got = learn.predict(t, task, X)
+        ref = _onnx_out(model, X)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # the class columns of a classifier are the model's classes order
+    model, X, cls = classifier
+    classes = list(model[-1].classes_)
+    names = np.array(["lo", "mid", "hi"])[cls]
+    acc = np.mean(np.array(classes)[learn.predict(fedavg.mlp_tensors(model), "classification", X).argmax(1)] == names)
+    assert acc > 0.65  # columns in the classes order (chance is below 0.5)
+
+
+def test_mlp_tensors_round_trip_through_the_weights_blob(classifier, regressor) -> None:
+    for model, X, _ in (classifier, regressor):
+        loaded = weights.from_bytes(weights.to_bytes(model))
+        t = fedavg.mlp_tensors(loaded)
+        assert all(v.dtype == np.float32 for v in t.values())
+        assert t["coef_0"].shape == (X.shape[1], 24) and t["coef_2"].shape[0] == 16
+        moved = {k: (v + 0.01 if k.startswith(("coef", "intercept")) else v) for k, v in t.items()}
+        again = weights.from_bytes(weights.to_bytes(fedavg.with_tensors(loaded, moved)))
+        t2 = fedavg.mlp_tensors(again)
+        assert set(t2) == set(t)
+        for k in t:
+            np.testing.assert_allclose(t2[k], moved[k], rtol=1e-6, atol=1e-6)
+        # the source pipeline is untouched, and the new one exports
+        np.testing.assert_array_equal(fedavg.mlp_tensors(loaded)["coef_1"], t["coef_1"])
+        assert len(export_onnx(fedavg.with_tensors(loaded, moved), X.shape[1])) > 0
+    model, X, target = regressor
+    t = fedavg.mlp_tensors(model)
+    assert t["target_mu"].shape == (2,) and t["target_sd"].shape == (2,)
+    np.testing.assert_allclose(t["target_mu"], target.mean(0), rtol=1e-5)
+    with pytest.raises(ValueError):
+        fedavg.with_tensors(model, {**t, "coef_0": t["coef_0"][:, :3]})
+
+
+def _f64(t: dict) -> dict:
+    return {k: v.astype(np.float64) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_gradient_matches_finite_differences(classifier, regressor, kind) -> None:
+    model, X, y = classifier if kind == "classification" else regressor
+    t = _f64(fedavg.mlp_tensors(model))
+    X, y = X[:40].astype(np.float64), y[:40]
+    rng = np.random.default_rng(3)
+    start = {k: v + (rng.normal(0, 0.05, v.shape) if k.startswith(("coef", "intercept")) else 0) for k, v in t.items()}
+    for layers in (None, 1):
+        f = lambda tt, k=layers: learn.loss_and_grad(tt, kind, X, y, alpha=0.7, mu=0.3, start=start, train_layers=k)  # noqa: E731
+        loss, grad = f(t)
+        assert set(grad) == set(learn.trainable_names(t, layers))
+        for name, g in grad.items():
+            for _ in range(4):
+                idx = tuple(int(rng.integers(s)) for s in g.shape)
+                eps = 1e-6
+                plus, minus = _f64(t), _f64(t)
+                plus[name][idx] += eps
+                minus[name][idx] -= eps
+                num = (f(plus)[0] - f(minus)[0]) / (2 * eps)
+                assert abs(num - g[idx]) <= 1e-5 * max(1.0, abs(num)), (name, idx, num, g[idx])
+    # the penalties are the documented ones
+    plain = learn.loss_and_grad(t, kind, X, y)[0]
+    l2 = sum(float(np.sum(t[f"coef_{i}"] ** 2)) for i in range(3))
+    if kind == "regression":  # alpha applies to the unfolded (standardized-target) last layer
+        l2 += float(np.sum((t["coef_2"] / t["target_sd"]) ** 2)) - float(np.sum(t["coef_2"] ** 2))
+    assert learn.loss_and_grad(t, kind, X, y, alpha=0.7)[0] == pytest.approx(plain + 0.5 * 0.7 / 40 * l2, rel=1e-9)
+
+
+def test_fine_tune_learns_and_reports(classifier, regressor) -> None:
+    model, X, cls = classifier
+    t = fedavg.mlp_tensors(model)
+    idx = {c: i for i, c in enumerate(model[-1].classes_)}
+    y = np.array([idx[c] for c in np.array(["lo", "mid", "hi"])[cls]])
+    # a shifted device: its features are offset, the pretrained model is worse there
+    Xd = X + np.float32(0.8)
+    r = learn.fine_tune(t, "classification", Xd, y, epochs=10, lr=1e-3, optimizer="adam", alpha=1e-4)
+    assert r.n == len(Xd) and r.epochs == 10
+    assert r.loss_after < 0.8 * r.loss_before and r.metric_after > r.metric_before
+    assert r.metric_after == pytest.approx(np.mean(learn.predict(r.tensors, "classification", Xd).argmax(1) == y))
+    assert set(r.delta) == set(learn.trainable_names(t))
+    for k, d in r.delta.items():
+        np.testing.assert_allclose(t[k] + d, r.tensors[k], atol=1e-6)
+    assert r.norm == pytest.approx(fedavg.delta_norm(r.delta), rel=1e-5)
+    assert r.ranges == learn.activation_ranges(r.tensors, Xd) and len(r.ranges) == 3
+    assert r.ranges[1][0] >= 0.0 and all(lo <= hi for lo, hi, _, _ in r.ranges)
+    np.testing.assert_array_equal(t["coef_0"], fedavg.mlp_tensors(model)["coef_0"])  # input untouched
+
+    model, X, target = regressor
+    t = fedavg.mlp_tensors(model)
+    yd = target + np.array([1.5, -1.0])  # the device's targets are offset
+    r = learn.fine_tune(t, "regression", X, yd, epochs=10, lr=1e-2, optimizer="adam")
+    err = lambda tt: float(np.mean(np.linalg.norm(learn.predict(tt, "regression", X) - yd, axis=1)))  # noqa: E731
+    assert r.metric_before == pytest.approx(err(t), rel=1e-4)
+    assert r.metric_after == pytest.approx(err(r.tensors), rel=1e-4) and r.metric_after < 0.7 * r.metric_before
+    assert r.loss_after < r.loss_before
+    np.testing.assert_array_equal(r.tensors["target_sd"], t["target_sd"])
+
+
+def test_train_layers_mu_clip_and_budget(classifier) -> None:
+    model, X, cls = classifier
+    t = fedavg.mlp_tensors(model)
+    Xd = X + np.float32(0.8)
+    r = learn.fine_tune(t, "classification", Xd, cls, epochs=3, lr=1e-3, optimizer="adam", train_layers=1)
+    assert set(r.delta) == {"coef_2", "intercept_2"}
+    for k in ("coef_0", "intercept_0", "coef_1", "intercept_1", "scaler_mean", "scaler_scale"):
+        np.testing.assert_array_equal(r.tensors[k], t[k])
+    assert np.abs(r.delta["coef_2"]).max() > 0
+
+    free = learn.fine_tune(t, "classification", Xd, cls, epochs=5, lr=3e-3, optimizer="adam")
+    prox = learn.fine_tune(t, "classification", Xd, cls, epochs=5, lr=3e-3, optimizer="adam", mu=2.0)
+    assert prox.norm < 0.8 * free.norm
+
+    clipped = learn.fine_tune(t, "classification", Xd, cls, epochs=5, lr=3e-3, optimizer="adam", clip=0.1)
+    assert clipped.norm == pytest.approx(free.norm, rel=1e-5)  # the norm is reported before clipping
+    assert fedavg.delta_norm(clipped.delta) == pytest.approx(0.1, rel=1e-4)
+    assert fedavg.delta_norm(fedavg.clip(free.delta, 0.1)) == pytest.approx(0.1, rel=1e-4)
+    assert fedavg.clip(free.delta, 1e9)["coef_0"] == pytest.approx(free.delta["coef_0"])
+
+    quick = learn.fine_tune(t, "classification", Xd, cls, epochs=1000, lr=1e-3, optimizer="adam", budget_s=0.2)
+    assert 0 < quick.epochs < 1000 and quick.seconds < 2.0
+    sgd = learn.fine_tune(t, "classification", Xd, cls, epochs=5, lr=0.1)  # the default: SGD, momentum 0.9
+    assert sgd.loss_after < 0.8 * sgd.loss_before and sgd.metric_after > sgd.metric_before
+
+
+def test_int8_delta_round_trip_on_the_wire() -> None:
+    rng = np.random.default_rng(0)
+    delta = {"a": rng.normal(0, 1e-3, (50, 30)).astype(np.float32), "b": np.zeros(7, np.float32),
+             "c": np.array([-2.0, 0.5, 1.0], np.float32)}
+    specs, arrays = cr.encode_update_delta(delta, "int8")
+    assert arrays["a"].dtype == np.int8 and {t.name: t.scale for t in specs}["b"] == 0.0
+    assert arrays["c"].tolist() == [-127, 32, 64]
+    update = cr.Update(1, "d", "m", 1, 5, 1.0, 1.0, 0.5, 0.5, 0.1, 1, 0.1, (), "int8", specs, arrays)
+    deq = cr.decode_update(update.encode(), "d").dequantized()
+    for t in specs:
+        assert np.all(np.abs(deq[t.name] - delta[t.name]) <= (t.scale or 0) / 2 * (1 + 1e-5) + 1e-12), t.name
+    np.testing.assert_array_equal(deq["b"], 0)
+    with pytest.raises(c.ContractError, match="NaN or inf"):
+        cr.encode_update_delta({"a": np.array([1.0, np.nan], np.float32)}, "int8")
+
+
+def test_aggregate_is_the_weighted_mean_of_the_updates() -> None:
+    master = {"coef_0": np.ones((2, 3), np.float32), "intercept_0": np.zeros(3, np.float32),
+              "coef_1": np.ones((3, 1), np.float32)}
+    d1 = {"coef_0": np.full((2, 3), 1.0, np.float32), "intercept_0": np.full(3, 2.0, np.float32)}
+    d2 = {"coef_0": np.full((2, 3), -1.0, np.float32), "intercept_0": np.full(3, 0.0, np.float32)}
+    new = fedavg.aggregate(master, [fedavg.Update(d1, 300), fedavg.Update(d2, 100)])
+    np.testing.assert_allclose(new["coef_0"], 1 + (300 * 1 - 100) / 400)
+    np.testing.assert_allclose(new["intercept_0"], 300 * 2 / 400)
+    np.testing.assert_array_equal(new["coef_1"], master["coef_1"])  # no update holds it
+    np.testing.assert_array_equal(master["coef_0"], 1)  # master untouched
+    # staleness down-weights: the same n, the stale one counts 1/sqrt(1+3) = 1/2
+    stale = fedavg.aggregate(master, [fedavg.Update(d1, 100), fedavg.Update(d2, 100, staleness=3)])
+    np.testing.assert_allclose(stale["coef_0"], 1 + (1 - 0.5) / 1.5, rtol=1e-6)
+    assert fedavg.staleness_weight(0) == 1.0 and fedavg.staleness_weight(3) == 0.5
+    # server learning rate and clipping (each update clipped before averaging)
+    half = fedavg.aggregate(master, [fedavg.Update(d1, 1)], server_lr=0.5)
+    np.testing.assert_allclose(half["intercept_0"], 1.0)
+    small = fedavg.aggregate(master, [fedavg.Update(d1, 1)], clip=0.1)
+    assert fedavg.delta_norm({k: small[k] - master[k] for k in d1}) == pytest.approx(0.1, rel=1e-5)
+    # a device that trained only some tensors moves only those, and only with its peers' weight
+    part = fedavg.aggregate(master, [fedavg.Update(d1, 100), fedavg.Update({"intercept_0": d2["intercept_0"]}, 300)])
+    np.testing.assert_allclose(part["coef_0"], 2.0)
+    np.testing.assert_allclose(part["intercept_0"], 0.5)
+    with pytest.raises(ValueError):
+        fedavg.aggregate(master, [fedavg.Update({"coef_0": np.ones((3, 2), np.float32)}, 1)])
+
+
+def test_merge_ranges() -> None:
+    a = [[-1.0, 2.0, -3.0, 4.0], [0.0, 5.0, -1.0, 1.0]]
+    b = [[-2.0, 1.0, -1.0, 6.0], [0.0, 4.0, -2.0, 0.5]]
+    assert fedavg.merge_ranges([a, b]) == [[-2.0, 2.0, -3.0, 6.0], [0.0, 5.0, -2.0, 1.0]]
+    with pytest.raises(ValueError):
+        fedavg.merge_ranges([a, a[:1]])
+
+
+def _labels(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
+    sess = session(onnx_bytes)
+    outs = [o.name for o in sess.get_outputs()]
+    out = sess.run([outs[0]], {"input": X})[0]
+    return out if "label" in outs else out.reshape(len(X), -1)
+
+
+def test_quantize_from_ranges_agrees_with_calibrated_int8(classifier, regressor) -> None:
+    model, X, _ = classifier
+    fp32 = export_onnx(model, X.shape[1])
+    t = fedavg.mlp_tensors(model)
+    # two "devices" observe halves of the rows; the merged ranges are those of all the rows
+    ranges = fedavg.merge_ranges([learn.activation_ranges(t, X[:200]), learn.activation_ranges(t, X[200:])])
+    np.testing.assert_allclose(ranges, learn.activation_ranges(t, X), rtol=1e-6)
+    int8 = fedavg.quantize_from_ranges(fp32, ranges)
+    ref = quantize_int8(fp32, X, per_channel=False)
+    agree = np.mean(_labels(int8, X).reshape(-1) == _labels(ref, X).reshape(-1))
+    assert agree >= 0.98
+    # the same activation scales as calibration on the rows
+    acts = fedavg.quantized_activations(int8)
+    assert sorted(acts) == sorted(fedavg.quantized_activations(ref)) and len(acts) == 4
+    scales = lambda b: {i.name: float(np.asarray(__import__("onnx").numpy_helper.to_array(i)))  # noqa: E731
+                        for i in __import__("onnx").load_from_string(b).graph.initializer
+                        if i.name.endswith("_scale") and any(i.name.startswith(a) for a in acts)}
+    s_ours, s_ref = scales(int8), scales(ref)
+    assert s_ours.keys() == s_ref.keys()
+    for k in s_ours:
+        assert s_ours[k] == pytest.approx(s_ref[k], rel=1e-4), k
+    # a too-narrow range changes the model: the ranges really are used
+    narrow = [[lo / 4, hi / 4, a / 4, b / 4] for lo, hi, a, b in ranges]
+    assert not np.array_equal(_labels(fedavg.quantize_from_ranges(fp32, narrow), X), _labels(int8, X))
+    with pytest.raises(ValueError):
+        fedavg.quantize_from_ranges(fp32, ranges[:2])
+
+    model, X, _ = regressor
+    fp32 = export_onnx(model, X.shape[1])
+    t = fedavg.mlp_tensors(model)
+    int8 = fedavg.quantize_from_ranges(fp32, learn.activation_ranges(t, X))
+    ref = quantize_int8(fp32, X, per_channel=False)
+    a, b, f = _labels(int8, X), _labels(ref, X), learn.predict(t, "regression", X)
+    assert np.mean(np.abs(a - b)) <= 0.02 * np.std(f)
+    assert np.mean(np.abs(a - f)) <= 0.05 * np.std(f)
+
+
+def test_quantize_from_ranges_refuses_an_activation_without_a_range(classifier, monkeypatch) -> None:
+    model, X, _ = classifier
+    fp32 = export_onnx(model, X.shape[1])
+    ranges = learn.activation_ranges(fedavg.mlp_tensors(model), X)
+    real = fedavg._overrides
+
+    def drop_first(m, r):
+        out = real(m, r)
+        out.pop(next(iter(out)))
+        return out
+
+    monkeypatch.setattr(fedavg, "_overrides", drop_first)
+    with pytest.raises(ValueError, match="without a range"):
+        fedavg.quantize_from_ranges(fp32, ranges)
+
+
+def test_learn_imports_only_numpy() -> None:
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(learn.__file__).read_text())
+    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert mods <= {"numpy", "time", "dataclasses", "collections", "__future__"}, mods

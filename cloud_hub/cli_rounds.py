@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -74,6 +75,9 @@ def federate(
     from cloud_hub.cli_models import _engine
     from cloud_hub.rounds import Coordinator, FederateConfig
 
+    for path in holdout_log or ():
+        if not Path(path).is_file():
+            raise _fail(exits.INPUT, f"--holdout-log {path}: no such file")
     cfg = FederateConfig(
         rounds=rounds, fraction=fraction, min_available=min_available, wait_devices_s=wait_devices,
         min_updates=min_updates, deadline_s=deadline, epochs=epochs, lr=lr, batch=batch, mu=mu, clip=clip,

@@ -191,7 +191,8 @@ class Coordinator:
         else:
             r = self._open()
         if r.state == "open":
-            self._collect(r)
+            # resumed: what devices sent while no coordinator listened arrives just after the connect
+            self._collect(r, grace_s=1.0 if pending else 0.0)
         return self._finish(r.id)
 
     def _open(self) -> RoundRow:
@@ -274,11 +275,13 @@ class Coordinator:
         if outcome != "ok":
             raise RoundError(f"the broker refused {topic}: {outcome}")
 
-    def _collect(self, r: RoundRow) -> None:
+    def _collect(self, r: RoundRow, grace_s: float = 0.0) -> None:
+        not_before = time.monotonic() + grace_s
         while True:
             with db.transaction(self.engine, write=False) as conn:
                 counted = self.rounds.counted(conn, r.id)
-            if len(counted) >= int(r.plan["min_updates"]) or (time.time() >= r.deadline and self._inbox.empty()):
+            if len(counted) >= int(r.plan["min_updates"]) or (
+                    time.time() >= r.deadline and self._inbox.empty() and time.monotonic() >= not_before):
                 break
             try:
                 msg = self._inbox.get(timeout=max(0.01, min(0.5, r.deadline - time.time())))

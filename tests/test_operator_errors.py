@@ -315,3 +315,19 @@ def test_sample_writes_a_log_recorded_until_now(tmp_path) -> None:
     whole = read_log(out).read_all()
     assert whole is not None and set(whole.device_names) == {"a", "b"}
     assert abs(float(whole.ts.max()) - time.time()) < 120
+
+
+def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'h.sqlite'}"
+    base = ["federate", "--db", db_url, "--prefix", prefix, "--insecure-unsigned", "--wait-devices", "1"]
+    closed = f"mqtt://127.0.0.1:{free_port()}"
+    res = run(hub_cmd(*base, "--broker", closed), env={"CLOUD_HUB_CONNECT_TIMEOUT_S": "2"})
+    one_line(res, exits.UNAVAILABLE, closed, "connection refused")
+    res = run(hub_cmd(*base, "--broker", shared_broker.url, "--holdout-log", str(tmp_path / "nope.csv")))
+    one_line(res, exits.INPUT, "--holdout-log", "nope.csv: no such file")
+    res = run(hub_cmd(*base, "--broker", shared_broker.url))
+    one_line(res, exits.MODEL, "no model 'default' to federate", "cloud-hub train")
+    res = run(hub_cmd("federate", "--db", db_url, "--broker", shared_broker.url))
+    one_line(res, exits.MODEL, "no signing key", "--signing-key")
+    res = run(hub_cmd("rounds", "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"))
+    one_line(res, exits.UNAVAILABLE, "missing.sqlite", "does not exist")

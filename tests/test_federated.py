@@ -372,3 +372,35 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     assert len(sent) == 1, "a round is answered once"
     assert Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100, trusted_key=None,
                    allow_unsigned=True, running=lambda: None, publish=lambda t, p: None, topic="x").answered == [1]
+
+
+@pytest.mark.slow
+def test_a_device_that_never_answers_stalls_nothing_past_the_deadline(procs, broker, prefix, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    train_log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
+    assert lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-2"], config=SMALL).version == 1
+    params = PreprocessParams.from_dict(orjson.loads(_query(url, sa.select(db.models.c.manifest))[0][0])["preprocess"])
+    data, *_ = lifecycle.windows_from_logs([str(train_log)], params)
+    X = extract_features(data, params)
+    engine.dispose()
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    fakes = FakeDevices(broker, prefix, ("ok-1", "silent-1"))
+    fakes.report(url, 1)
+    wait_for(lambda: all(_devices(url).get(d) == 1 for d in fakes.names), what="the fake devices on v1")
+    out = open(tmp_path / "federate.log", "ab")  # noqa: SIM115 - the process owns it
+    fed = procs.popen([sys.executable, "-m", "cloud_hub", "federate", "--broker", broker.url, "--db", url, "--prefix",
+                       prefix, "--client-id", f"{prefix}-fed", "--insecure-unsigned", "--rounds", "1",
+                       "--min-available", "2", "--deadline", "4"], stdout=out, stderr=out)
+    ann = fakes.next_round(1)
+    assert ann.plan.participants == ("ok-1", "silent-1") and ann.plan.min_updates == 2
+    fakes.send("ok-1", _update(ann, "ok-1", X))  # silent-1 never answers
+    assert fed.wait(120) == 0, (tmp_path / "federate.log").read_text()
+    fakes.link.stop()
+    log = (tmp_path / "federate.log").read_text()
+    assert "round 1: closed, 1 update(s) counted at the deadline" in log, log
+    fr = db.fl_rounds.c
+    assert _query(url, sa.select(fr.state, fr.new_version)) == [("published", 2)]
+    assert [(d, s) for _, d, s, _, _ in _updates(url)] == [("ok-1", "accepted")]
+    hub.signal(signal.SIGTERM)

@@ -128,27 +128,35 @@ def _show(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
     if not views:
         console.print(f"no federated round of {name} yet: `cloud-hub federate` runs some")
         return
-    table = _table(f"federated rounds of {name}", "round", "base", "state", "asked", "accepted", "late", "refused",
-                   "upload", "devices before→after", "hold-out before→after", "opened",
-                   right=("asked", "accepted", "late", "refused", "upload"))
+    task = views[-1]["task"]
+    unit = " %" if task == "classification" else ""
+    table = _table(f"federated rounds of {name}", "round", "base", "made", "updates", "upload", f"devices{unit}",
+                   f"hold-out{unit}", "opened", right=("updates", "upload"))
     for v in views:
-        table.add_row(str(v["round"]), f"v{v['base_version']}",
-                      v["state"] + (f" v{v['new_version']}" if v["new_version"] else ""), str(len(v["participants"])),
-                      str(v["accepted"]), str(v["late"]), str(v["refused"]), f"{v['upload_bytes'] / 1024:,.0f} kB",
+        made = f"v{v['new_version']} {v['state']}" if v["new_version"] else v["state"]
+        table.add_row(str(v["round"]), f"v{v['base_version']}", made,
+                      f"{v['accepted']}/{v['late']}/{v['refused']} of {len(v['participants'])}", _bytes(v["upload_bytes"]),
                       _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
                       _pair(v["holdout_before"], v["holdout_after"], v["task"]), _age(v["opened_at"]))
     console.print(table)
+    console.print("updates: accepted/late/refused of the devices asked; devices: their own score of the base → "
+                  "of their fine-tuned model; hold-out: the base → the round's model")
     for v in views:
         for reason, n in v["refusals"].items():
             console.print(f"round {v['round']}: refused {n}: {reason}")
 
 
 def _pair(a: float | None, b: float | None, task: str | None) -> str:
+    """Before → after: accuracy in % (classifier) or the mean error (regressor)."""
     if a is None or b is None:
         return "-"
     if task == "classification":
-        return f"{100 * a:.1f}% → {100 * b:.1f}%"
-    return f"{a:.3g} → {b:.3g}"
+        return f"{100 * a:.1f}→{100 * b:.1f}"
+    return f"{a:.3g}→{b:.3g}"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def register(app: typer.Typer) -> None:

@@ -103,7 +103,8 @@ class Learner:
         self._said: str | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.last: dict[str, Any] = {}  # the last round's outcome (logged; in metrics)
+        self.last: dict[str, Any] = {}  # the last round's outcome (logged)
+        self.sent = 0  # updates published (metrics)
         self._saved_at = time.monotonic()
 
     def _read_answered(self) -> list[int]:
@@ -199,6 +200,7 @@ class Learner:
                 encoding=p.encoding, tensors=specs, delta=arrays, sent=time.time())
             payload = update.encode()
             self.publish(self.topic, payload)
+            self.sent += 1
             self.last = {"round": p.round_id, "n": int(res.n), "bytes": len(payload), "seconds": res.seconds,
                          "metric_before": res.metric_before, "metric_after": res.metric_after}
             log.info("round %d: trained on %d windows in %.1f s (%d epochs; %s %.3f -> %.3f), sent %s bytes",

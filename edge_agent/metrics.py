@@ -81,6 +81,11 @@ class _Collector:
         if m is not None:
             version.add_metric([m.name], m.version)
         yield version
+        if a.learner is not None:  # federated rounds (edge_agent/learner.py)
+            yield GaugeMetricFamily("edgeml_agent_labelled_windows", "Labelled windows kept for federated rounds.",
+                                    value=len(a.learner.store.y))
+            yield CounterMetricFamily("edgeml_agent_round_updates", "Federated round updates sent.",
+                                      value=a.learner.sent)
         psi = a.drift.psi() if a.drift is not None else None
         if psi is not None:
             yield GaugeMetricFamily("edgeml_agent_drift_psi", "PSI of recent features vs the training's.", value=psi)

@@ -57,6 +57,9 @@ def test_a_live_agent_serves_its_metrics(procs, shared_broker, prefix, tmp_path:
     calls = m[("edgeml_agent_inference_seconds_count", ())]
     assert 1 <= calls <= m[("edgeml_agent_windows_total", ())] and m[("edgeml_agent_inference_seconds_sum", ())] > 0
     assert ("edgeml_agent_outbox_results", ()) in m and m[("edgeml_agent_model_swaps_total", ())] == 0
+    # the simulated sensor's windows are labelled: kept for federated rounds, none answered yet
+    assert 0 < m[("edgeml_agent_labelled_windows", ())] <= m[("edgeml_agent_windows_total", ())]
+    assert m[("edgeml_agent_round_updates_total", ())] == 0
 
 
 def test_a_taken_metrics_port_is_one_line_and_exit_2(shared_broker, prefix, tmp_path: Path) -> None:

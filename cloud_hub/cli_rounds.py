@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,9 +90,21 @@ def federate(
                       client_id=client_id)
         engine = _engine(s.db)
         say = (lambda line: None) if quiet or json_out else (lambda line: typer.echo(f"federate: {line}", err=True))
-        done = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
-                           progress=say).run()
+        coordinator = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
+                                  progress=say)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            done = coordinator.run()
+        except KeyboardInterrupt:
+            raise _fail(exits.INTERRUPTED, "interrupted: an open round stays open with every update it has "
+                                           "accepted; run `cloud-hub federate` again to resume it") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     _show(engine, s.model_name, [r.id for r in done], json_out)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def rounds(

@@ -243,7 +243,8 @@ class Coordinator:
 
     def _available(self, version: int) -> list[str]:
         """Devices whose last status says they run ``version`` and are online; waits for min_available."""
-        until = time.monotonic() + self.cfg.wait_devices_s
+        start = time.monotonic()
+        until, said = start + self.cfg.wait_devices_s, False
         while True:
             with db.transaction(self.engine, write=False) as conn:
                 rows = self.store.device_rows(conn)
@@ -251,6 +252,10 @@ class Coordinator:
                            and r["model_version"] == version and r["state"] == "online")
             if len(found) >= self.cfg.min_available:
                 return found
+            if not said and time.monotonic() - start > 3.0:
+                said = True
+                self.say(f"waiting up to {self.cfg.wait_devices_s:g} s for {self.cfg.min_available} device(s) to "
+                         f"report running {self.s.model_name} v{version} (now {len(found)})")
             if time.monotonic() >= until:
                 raise RoundError(f"only {len(found)} device(s) report running {self.s.model_name} v{version} "
                                  f"(need {self.cfg.min_available}) after {self.cfg.wait_devices_s:g} s: are the "

@@ -8,7 +8,7 @@
 | 3 | broker or database unavailable: unreachable (with the cause), refused, taken over by another client; results not stored in time; a database that is not a hub database or at a schema revision this build does not serve |
 | 4 | model: none usable, refused by its gate, not found, or not enough data |
 | 5 | malformed input: a log file that is missing, unreadable, of unknown format or malformed (``file:line``), or a device id the contract refuses |
-| 130 | interrupted by SIGTERM/SIGINT (the agent keeps its results in the outbox) |
+| 130 | interrupted by SIGTERM/SIGINT (the agent keeps its results in the outbox; `federate` keeps its open round) |
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import gzip
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,33 @@ def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) ->
     one_line(res, exits.MODEL, "no signing key", "--signing-key")
     res = run(hub_cmd("rounds", "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"))
     one_line(res, exits.UNAVAILABLE, "missing.sqlite", "does not exist")
+
+
+def test_federate_says_what_it_waits_for_and_a_signal_ends_it_in_one_line(procs: Processes, shared_broker, prefix,
+                                                                          tmp_path) -> None:
+    import signal
+
+    from cloud_hub import db, lifecycle
+    from tests.helpers import SMALL
+
+    db_url = f"sqlite:///{tmp_path / 'h.sqlite'}"
+    engine = db.make_engine(db_url)
+    lifecycle.train_from_logs(engine, [str(make_log(tmp_path / "t.csv", seconds=20))], config=SMALL)
+    engine.dispose()
+    fed = procs.popen(hub_cmd("federate", "--db", db_url, "--broker", shared_broker.url, "--prefix", prefix,
+                              "--insecure-unsigned", "--min-available", "2", "--wait-devices", "600"),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(fed.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+
+    def waiting() -> bool:
+        assert fed.poll() is None, "".join(err)
+        return any("waiting up to 600 s for 2 device(s) to report running default v1 (now 0)" in ln for ln in err)
+
+    wait_for(waiting, timeout=60, what="federate saying what it waits for")
+    fed.send_signal(signal.SIGINT)
+    fed.wait(60)
+    reader.join(10)
+    res = subprocess.CompletedProcess(fed.args, fed.returncode, "", "".join(err))
+    one_line(res, exits.INTERRUPTED, "interrupted", "run `cloud-hub federate` again to resume")

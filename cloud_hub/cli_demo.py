@@ -174,7 +174,7 @@ def sample(
         from cloud_hub.sample import write_sample_log
 
         n = write_sample_log(out, devices=ids, seconds=seconds, seed=seed, start_ts=start)
-        typer.echo(f"wrote {n:,} readings of {len(ids)} devices to {out}")
+        typer.echo(f"wrote {n:,} readings of {len(ids)} device{'s' if len(ids) != 1 else ''} to {out}")
         return
     from cloud_hub.positioning import convert_ujiindoorloc, write_positioning_log
 

@@ -73,7 +73,7 @@ def federate(
 ) -> None:
     """Federated rounds: devices fine-tune the running model on their own labelled windows and send INT8
     deltas (never their data); the hub averages them, re-quantizes, gates, signs and publishes."""
-    from cloud_hub.cli_models import _engine
+    from cloud_hub.cli_models import _engine, _progress_lines
     from cloud_hub.rounds import Coordinator, FederateConfig
 
     for path in holdout_log or ():
@@ -88,7 +88,18 @@ def federate(
     with _round_errors():
         s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                       client_id=client_id)
-        engine = _engine(s.db)
+        _progress_lines(True)  # warnings (the broker's) as `cloud-hub: ...` lines, not raw log records
+        if not s.signing_key and not insecure_unsigned:
+            raise _fail(exits.USAGE, "no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
+                                     "or --insecure-unsigned for development brokers")
+        if s.signing_key:
+            from cloud_hub.signing import load_private_key
+
+            try:
+                load_private_key(s.signing_key)
+            except ValueError as exc:
+                raise _fail(exits.USAGE, str(exc)) from None
+        engine = _engine(s.db, read_only=True)  # the model must be there: never create an empty database
         say = (lambda line: None) if quiet or json_out else (lambda line: typer.echo(f"federate: {line}", err=True))
         coordinator = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
                                   progress=say)
@@ -152,8 +163,9 @@ def _show(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
                       _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
                       _pair(v["holdout_before"], v["holdout_after"], v["task"]), _age(v["opened_at"]))
     console.print(table)
-    console.print("updates: accepted/late/refused of the devices asked; devices: their own score of the base → "
-                  "of their fine-tuned model; hold-out: the base → the round's model")
+    console.print("updates: accepted/late/refused of the devices asked; devices: scores on their held-out windows, "
+                  "the base → the round's model (their evaluation, when there is no hold-out log) or → their own "
+                  "fine-tuned models; hold-out: the base → the round's model on the hold-out log")
     for v in views:
         for reason, n in v["refusals"].items():
             console.print(f"round {v['round']}: refused {n}: {reason}")

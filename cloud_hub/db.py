@@ -162,7 +162,7 @@ fl_updates = sa.Table(  # every update a device sent, with the hub's verdict
     sa.Column("metrics", sa.Text),  # JSON: loss and metric before/after, norm, epochs, seconds
     sa.Column("payload", sa.LargeBinary),  # the update as received, kept for accepted and late ones
     sa.Column("received_at", sa.Double, nullable=False),
-    sa.CheckConstraint("status IN ('accepted', 'late', 'refused')", name="ck_fl_updates_status"),
+    sa.CheckConstraint("status IN ('accepted', 'late', 'refused', 'evaluated')", name="ck_fl_updates_status"),
     sa.Index("ix_fl_updates_round_device", "round_id", "device_id"),
 )
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -24,9 +24,6 @@ from cloud_hub.store import Store
 from edge_agent.contract import Bundle, decode_bundle, manifest_from_obj
 from edge_agent.contract_rounds import Update, decode_update
 from edge_agent.preprocess import PreprocessParams, extract_features
-
-if TYPE_CHECKING:
-    from cloud_hub.rounds import FederateConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +43,14 @@ def fleet_view(updates: Sequence[Update]) -> dict[str, Any]:
             "loss_after": mean(lambda u: u.loss_after)}
 
 
-def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Sequence[tuple[str, int, bytes]],
-           cfg: FederateConfig, *, signing_key: str | None, allow_unsigned: bool
+def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Sequence[tuple[str, int, bytes]], *,
+           signing_key: str | None, allow_unsigned: bool,
+           evaluate: Callable[[dict[str, np.ndarray]], dict[str, Any] | None]
            ) -> tuple[str, int | None, dict[str, Any], str]:
-    """(state, new version, outcome, reason) of a closed round; the new version is registered (and published)."""
+    """(state, new version, outcome, reason) of a closed round; the new version is registered (and published).
+
+    The gate: the round's hold-out logs when it has some, else the devices' own evaluation (``evaluate``:
+    the devices that trained score the candidate and the base on windows they never train on)."""
     updates = [(decode_update(payload), staleness) for _device, staleness, payload in counted]
     outcome: dict[str, Any] = {
         "counted": len(updates), "upload_bytes": sum(len(p) for _d, _s, p in counted),
@@ -76,19 +77,37 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     int8 = fedavg.quantize_from_ranges(fp32, ranges)
     outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
     metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
-    state, gate = "publishable", "no hold-out logs: published on the devices' own evaluation (rounds table)"
-    if cfg.holdout_logs:
+    holdout = [str(p) for p in r.plan.get("holdout_logs", [])]  # the round's own gate, also when resumed
+    tolerance = float(r.plan.get("tolerance", 0.0))
+    classifier = r.plan.get("task") == "classification"
+    if holdout:
         params = PreprocessParams.from_dict(manifest.preprocess)
-        data, y, _devices, _starts = windows_from_logs(list(cfg.holdout_logs), params)
+        data, y, _devices, _starts = windows_from_logs(holdout, params)
         X = extract_features(data, params)
         m_new = quantize.evaluate(int8, X, y, latency_runs=20, warmup=2)
         m_base = quantize.evaluate(decode_bundle(base.bundle).model, X, y, latency_runs=20, warmup=2)
-        ok = passes_gate(m_new, m_base, cfg.tolerance)
+        ok = passes_gate(m_new, m_base, tolerance)
         gate = (f"v{version} INT8 {_fmt(m_new)} vs running v{r.base_version} INT8 {_fmt(m_base)} on the hold-out "
-                f"logs ({len(y)} windows; tolerance {cfg.tolerance:g}): {'pass' if ok else 'fail'}")
-        state = "publishable" if ok else "rejected"
+                f"logs ({len(y)} windows; tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
         metrics |= {"int8": m_new, "baseline_int8": m_base}
         outcome |= {"holdout_before": _score(m_base), "holdout_after": _score(m_new)}
+    else:
+        fed = evaluate(new)
+        if fed is None:
+            ok, gate = False, f"v{version}: no device evaluated it by the deadline, so it is not published"
+        else:
+            before, after = fed["before"], fed["after"]
+            ok = after >= before - tolerance if classifier else after <= before + tolerance
+            what = (lambda x: f"{100 * x:.1f}%") if classifier else (lambda x: f"mean error {x:.3g}")
+            gate = (f"v{version} {what(after)} vs running v{r.base_version} {what(before)} in the devices' own "
+                    f"evaluation ({fed['windows']} held-out windows of {len(fed['devices'])} devices, FP32; "
+                    f"tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
+            key = "accuracy" if classifier else "mean_error"
+            metrics |= {"int8": {key: after, "n": fed["windows"], "bytes": len(int8),
+                                 "source": "federated evaluation (FP32 on the devices' held-out windows)"},
+                        "baseline_int8": {key: before, "n": fed["windows"]}}
+            outcome |= {"evaluation_before": before, "evaluation_after": after, "evaluated_by": fed["devices"]}
+    state = "publishable" if ok else "rejected"
     bundle = Bundle(replace(
         manifest, version=version, sha256=hashlib.sha256(int8).hexdigest(), created=time.time(),
         metrics=metrics | {"gate": gate}, key_id=None, signature=None,
@@ -99,6 +118,11 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     outcome |= {"int8_bytes": len(int8), "gate": gate}
     if state == "rejected":
         return "rejected", version, outcome, gate
+    with db.transaction(engine, write=False) as conn:
+        canaries = store.rollouts(conn, r.model_name, state="canary")
+    if canaries:  # opened while the round ran: its promotion would replace this version
+        return "failed", version, outcome, (f"{gate}; v{version} is registered but not published: a canary "
+                                            f"rollout of v{canaries[0].version} is open")
     from cloud_hub.rollout import publish
 
     publish(engine, settings, version=version, signing_key=signing_key, allow_unsigned=allow_unsigned)

@@ -96,16 +96,24 @@ class RoundStore:
             bytes=size, sha256=sha256, metrics=None if metrics is None else orjson.dumps(dict(metrics)).decode(),
             payload=payload, received_at=at))
 
-    def counted(self, conn: Connection, round_id: int) -> dict[str, str]:
-        """device -> payload sha256 of the updates a round counts (accepted or late)."""
+    def counted(self, conn: Connection, round_id: int, statuses: Sequence[str] = COUNTED) -> dict[str, str]:
+        """device -> payload sha256 of the updates a round counts (accepted or late; or its evaluations)."""
         u = fl_updates.c
-        rows = conn.execute(sa.select(u.device_id, u.sha256).where(u.round_id == round_id, u.status.in_(COUNTED)))
+        rows = conn.execute(sa.select(u.device_id, u.sha256).where(u.round_id == round_id,
+                                                                     u.status.in_(list(statuses))))
         return {d: s for d, s in rows}
 
     def seen(self, conn: Connection, sha256: str) -> bool:
         """Whether this exact payload was already judged (a broker's redelivery after the hub restarted)."""
         u = fl_updates.c
         return conn.execute(sa.select(u.id).where(u.sha256 == sha256).limit(1)).first() is not None
+
+    def evaluations(self, conn: Connection, round_id: int) -> dict[str, tuple[int, dict[str, Any]]]:
+        """device -> (held-out windows, its scores) of a round's federated evaluation of its candidate."""
+        u = fl_updates.c
+        rows = conn.execute(sa.select(u.device_id, u.n_examples, u.metrics)
+                            .where(u.round_id == round_id, u.status == "evaluated"))
+        return {d: (int(n or 0), orjson.loads(m) if m else {}) for d, n, m in rows}
 
     def counted_payloads(self, conn: Connection, round_id: int) -> list[tuple[str, int, bytes]]:
         """(device, staleness, payload) of the updates a round aggregates."""
@@ -143,9 +151,13 @@ def views(conn: Connection, name: str, ids: Sequence[int]) -> list[dict[str, Any
             "round": r.id, "model": r.model_name, "base_version": r.base_version, "state": r.state,
             "new_version": r.new_version, "participants": list(r.participants),
             "accepted": sum(u["status"] == "accepted" for u in mine), "late": sum(u["status"] == "late" for u in mine),
+            "evaluated": sum(u["status"] == "evaluated" for u in mine),
             "refused": sum(refused.values()), "refusals": refused,
             "upload_bytes": sum(u["bytes"] for u in mine), "announcement_bytes": r.plan.get("announcement_bytes"),
-            "device_metric_before": fed.get("metric_before"), "device_metric_after": fed.get("metric_after"),
+            # the base → the round's model, scored by the devices on windows they never train on (their
+            # evaluation); without one, the base → their own fine-tuned models
+            "device_metric_before": r.outcome.get("evaluation_before", fed.get("metric_before")),
+            "device_metric_after": r.outcome.get("evaluation_after", fed.get("metric_after")),
             "holdout_before": r.outcome.get("holdout_before"), "holdout_after": r.outcome.get("holdout_after"),
             "task": r.plan.get("task"), "opened_at": r.opened_at, "closed_at": r.closed_at, "reason": r.reason,
         })

@@ -30,6 +30,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -47,7 +49,7 @@ from edge_agent.contract_rounds import (
     announcement,
     decode_update,
 )
-from edge_agent.mqtt import Message, MqttLink
+from edge_agent.mqtt import Message, MqttError, MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,9 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
         return Verdict("refused", f"malformed: {exc.reason}", current.id if current else 0)
     if current is None:
         return Verdict("refused", f"round {u.round_id} is closed and no round is open", u.round_id, update=u)
+    if u.kind != "train":
+        return Verdict("refused", f"an evaluation for round {u.round_id}, which is not being evaluated", current.id,
+                       update=u)
     if u.device_id in counted:
         same = counted[u.device_id] == digest
         return Verdict("duplicate" if same else "refused", None if same else "a second update in the same round",
@@ -157,7 +162,7 @@ class Coordinator:
         self._link = MqttLink(
             settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
             session_expiry_s=settings.session_expiry_s, manual_ack=True, on_message=self._inbox.put,
-            on_published=self._on_published, subscriptions=[(settings.topics.all_updates, 1)],
+            on_published=self._on_published, subscriptions=[(settings.topics.all_updates, 1)], exclusive=True,
         )
 
     def _on_published(self, mid: int, ok: bool, reason: str) -> None:
@@ -173,7 +178,6 @@ class Coordinator:
             done: list[int] = []
             while len(done) < self.cfg.rounds:
                 done.append(self._one_round())
-            self._send(self.s.topics.rounds(self.s.model_name), b"")  # no round open: clear the announcement
             with db.transaction(self.engine, write=False) as conn:
                 return [r for r in self.rounds.rounds(conn, self.s.model_name) if r.id in done]
         finally:
@@ -184,7 +188,9 @@ class Coordinator:
             pending = self.rounds.rounds(conn, self.s.model_name, states=("open", "closed"))
         if pending:
             r = pending[-1]
-            self.say(f"round {r.id}: resuming ({r.state}, base v{r.base_version})")
+            gate = r.plan.get("holdout_logs") or "none (no hold-out log)"
+            self.say(f"round {r.id}: resuming ({r.state}, base v{r.base_version}); its gate: hold-out {gate}, "
+                     f"tolerance {r.plan.get('tolerance', 0.0):g}")
             if r.state == "open":
                 with db.transaction(self.engine, write=False) as conn:
                     self._send(self.s.topics.rounds(r.model_name), self.rounds.announcement(conn, r.id))
@@ -205,6 +211,7 @@ class Coordinator:
         if not rows:
             raise RoundError(f"no model {name!r} to federate: run `cloud-hub train` and `publish` first")
         base = current_model(rows, name)
+        self._no_canary(name)
         devices = self._available(base.version)
         rng = random.Random(f"{self.cfg.seed}/{base.version}/{time.time_ns()}")
         k = max(1, round(self.cfg.fraction * len(devices)))
@@ -230,11 +237,14 @@ class Coordinator:
         payload = ann.encode()
         with db.transaction(self.engine) as conn:
             self.rounds.add_round(conn, round_id=round_id, name=name, base_version=base.version, participants=chosen,
-                                  plan=ann.plan.header() | {"announcement_bytes": len(payload)},
+                                  plan=ann.plan.header() | {  # and the hub's own part of the plan: its gate
+                                      "announcement_bytes": len(payload), "tolerance": c.tolerance,
+                                      "holdout_logs": [str(Path(p).resolve()) for p in c.holdout_logs]},
                                   announcement=payload, opened_at=now, deadline=plan.deadline)
         self._send(self.s.topics.rounds(name), payload)
         self.say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "
-                 f"({', '.join(chosen)}), {len(payload):,} bytes, closes at {plan.min_updates} updates or in "
+                 f"({', '.join(chosen)}; the announcement with the base's FP32 weights: {len(payload) / 1e6:.2f} MB), "
+                 f"closes at {plan.min_updates} updates or in "
                  f"{c.deadline_s:g} s")
         with db.transaction(self.engine, write=False) as conn:
             row = self.rounds.get_round(conn, round_id)
@@ -242,25 +252,46 @@ class Coordinator:
         return row
 
     def _available(self, version: int) -> list[str]:
-        """Devices whose last status says they run ``version`` and are online; waits for min_available."""
+        """Online devices whose last status says they run ``version``. Waits (up to wait_devices_s) for
+        min_available of them, and for the last round's participants to swap to it: a round started
+        the moment the first device swapped would leave the others out."""
+        with db.transaction(self.engine, write=False) as conn:
+            last = self.rounds.rounds(conn, self.s.model_name, limit=1)
+        expected = set(last[-1].participants) if last else set()
         start = time.monotonic()
         until, said = start + self.cfg.wait_devices_s, False
         while True:
             with db.transaction(self.engine, write=False) as conn:
                 rows = self.store.device_rows(conn)
-            found = sorted(d for d, r in rows.items() if r["model_name"] == self.s.model_name
-                           and r["model_version"] == version and r["state"] == "online")
-            if len(found) >= self.cfg.min_available:
+            online = {d: r for d, r in rows.items() if r["state"] == "online" and r["model_name"] == self.s.model_name}
+            found = sorted(d for d, r in online.items() if r["model_version"] == version)
+            lagging = sorted((expected & set(online)) - set(found))
+            if len(found) >= self.cfg.min_available and not lagging:
                 return found
+            others = ", ".join(f"{d} on v{online[d]['model_version']}" for d in sorted(set(online) - set(found)))
             if not said and time.monotonic() - start > 3.0:
                 said = True
-                self.say(f"waiting up to {self.cfg.wait_devices_s:g} s for {self.cfg.min_available} device(s) to "
-                         f"report running {self.s.model_name} v{version} (now {len(found)})")
+                self.say(f"waiting up to {self.cfg.wait_devices_s:g} s for {max(self.cfg.min_available, len(expected))}"
+                         f" device(s) to report running {self.s.model_name} v{version} (now {len(found)}"
+                         + (f"; {others}" if others else "") + ")")
             if time.monotonic() >= until:
+                if len(found) >= self.cfg.min_available:
+                    self.say(f"going on without {', '.join(lagging)}: not on v{version} after "
+                             f"{self.cfg.wait_devices_s:g} s")
+                    return found
                 raise RoundError(f"only {len(found)} device(s) report running {self.s.model_name} v{version} "
-                                 f"(need {self.cfg.min_available}) after {self.cfg.wait_devices_s:g} s: are the "
-                                 f"agents and `cloud-hub serve` running on {self.s.broker_url}?")
+                                 f"(need {self.cfg.min_available}) after {self.cfg.wait_devices_s:g} s"
+                                 + (f"; {others}" if others else "; no other device is online")
+                                 + f": are the agents and `cloud-hub serve` running on {self.s.broker_url}?")
             time.sleep(0.2)
+
+    def _no_canary(self, name: str) -> None:
+        with db.transaction(self.engine, write=False) as conn:
+            canaries = self.store.rollouts(conn, name, state="canary")
+        if canaries:
+            raise RoundError(f"a canary rollout of {name} v{canaries[0].version} is open: rounds would train "
+                             "beside it and its promotion would replace their model; let `serve` finish it or "
+                             "`cloud-hub rollback`, then federate")
 
     def _signed(self, ann: Announcement) -> Announcement:
         if not self.signing_key:
@@ -273,6 +304,7 @@ class Coordinator:
         mid = self._link.publish(topic, payload, ROUND_DELIVERY)
         until = time.monotonic() + timeout
         while mid not in self._published:
+            self._check_link()
             if time.monotonic() > until:
                 raise RoundError(f"no PUBACK from {self.s.broker_url} for {topic} within {timeout:g} s")
             time.sleep(0.01)
@@ -288,16 +320,28 @@ class Coordinator:
             if len(counted) >= int(r.plan["min_updates"]) or (
                     time.time() >= r.deadline and self._inbox.empty() and time.monotonic() >= not_before):
                 break
+            self._check_link()
             try:
                 msg = self._inbox.get(timeout=max(0.01, min(0.5, r.deadline - time.time())))
             except queue.Empty:
                 continue
             self._receive(msg, r)
+        silent = [d for d in r.participants if d not in counted]
         why = f"{len(counted)} update(s) counted" + ("" if len(counted) >= int(r.plan["min_updates"]) else
                                                     " at the deadline")
+        if silent:
+            why += f"; no update from {', '.join(silent)}"
+        if not counted:
+            why += (" (see the agents' logs: a device answers only an announcement signed by the key it trusts, "
+                    "on its prefix, for the version it runs, when it holds --min-windows labelled windows)")
         with db.transaction(self.engine) as conn:
             self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
+        self._send(self.s.topics.rounds(r.model_name), b"")  # the retained announcement is for open rounds only
         self.say(f"round {r.id}: closed, {why}")
+
+    def _check_link(self) -> None:
+        if self._link.fatal:  # another process took our client id (a second federate): stop, say so
+            raise MqttError(self._link.fatal)
 
     def _receive(self, msg: Message, r: RoundRow) -> None:
         digest = hashlib.sha256(msg.payload).hexdigest()
@@ -323,7 +367,7 @@ class Coordinator:
         metrics = None if u is None else {
             "loss_before": u.loss_before, "loss_after": u.loss_after, "metric_before": u.metric_before,
             "metric_after": u.metric_after, "norm": u.norm, "epochs": u.epochs, "seconds": u.seconds}
-        counted = v.status in ("accepted", "late")
+        counted = v.status in ("accepted", "late")  # kept whole: the round aggregates them
         self.rounds.add_update(conn, round_id=v.round_id, update_round=None if u is None else u.round_id,
                                device_id=device, status=v.status, reason=v.reason,
                                n_examples=None if u is None else u.n_examples, staleness=v.staleness,
@@ -332,6 +376,76 @@ class Coordinator:
         if v.reason is not None and v.reason.startswith("malformed"):
             self.store.insert_dead_letters(conn, [dead_letter(msg.topic, msg.payload, v.reason, time.time(),
                                                               self.s.dead_letter_max_bytes)])
+
+    # ----------------------------------------------------------------- federated evaluation
+
+    def _evaluate(self, r: RoundRow, candidate: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """Ask the devices that trained in round ``r`` to score its candidate and the base on their held-out
+        windows; the example-weighted scores, or None when none answered by the deadline."""
+        with db.transaction(self.engine, write=False) as conn:
+            devices = tuple(sorted(self.rounds.counted(conn, r.id, statuses=("accepted",))))  # trained on this base
+        now = time.time()
+        plan = RoundPlan(
+            round_id=r.id, model=r.model_name, base_version=r.base_version, base_sha256=str(r.plan["base_sha256"]),
+            task=str(r.plan["task"]), participants=devices, deadline=now + min(self.cfg.deadline_s, 60.0),
+            min_windows=1, min_updates=len(devices), max_staleness=0, encoding=str(r.plan["encoding"]),
+            created=now, kind="evaluate")
+        payload = self._signed(announcement(plan, candidate)).encode()
+        topic = self.s.topics.rounds(r.model_name)
+        self._send(topic, payload)
+        self.say(f"round {r.id}: no hold-out log: asking {', '.join(devices)} to evaluate the candidate on their "
+                 f"held-out windows")
+        while True:
+            with db.transaction(self.engine, write=False) as conn:
+                answered = self.rounds.counted(conn, r.id, statuses=("evaluated",))
+            if set(devices) <= set(answered) or (time.time() >= plan.deadline and self._inbox.empty()):
+                break
+            self._check_link()
+            try:
+                msg = self._inbox.get(timeout=max(0.01, min(0.5, plan.deadline - time.time())))
+            except queue.Empty:
+                continue
+            self._receive_evaluation(msg, r, devices)
+        self._send(topic, b"")
+        with db.transaction(self.engine, write=False) as conn:
+            got = self.rounds.evaluations(conn, r.id)
+        n = sum(k for k, _ in got.values())
+        if not n:
+            return None
+        mean = lambda key: sum(k * float(m[key]) for k, m in got.values()) / n  # noqa: E731
+        return {"devices": sorted(got), "windows": n, "before": mean("metric_before"), "after": mean("metric_after")}
+
+    def _receive_evaluation(self, msg: Message, r: RoundRow, devices: tuple[str, ...]) -> None:
+        digest = hashlib.sha256(msg.payload).hexdigest()
+        device = msg.topic.split("/")[-2]
+        with db.transaction(self.engine) as conn:
+            if not self.rounds.seen(conn, digest):
+                try:
+                    u = decode_update(msg.payload, device)
+                except ContractError as exc:
+                    verdict = Verdict("refused", f"malformed: {exc.reason}", r.id)
+                else:
+                    verdict = self._evaluation_verdict(u, r, devices, self.rounds.counted(conn, r.id, statuses=("evaluated",)))
+                    verdict.update = u
+                self._record(conn, msg, device, digest, verdict)
+            else:
+                verdict = Verdict("duplicate", round_id=r.id)
+        self._link.ack(msg.mid, msg.qos)
+        if verdict.status == "refused":
+            self.say(f"round {r.id}: refused an answer from {device}: {verdict.reason}")
+
+    @staticmethod
+    def _evaluation_verdict(u: Update, r: RoundRow, devices: tuple[str, ...], answered: dict[str, str]) -> Verdict:
+        if u.kind != "evaluate" or u.round_id != r.id:
+            return Verdict("refused", f"round {u.round_id} ({u.kind}) arrived while round {r.id} is being evaluated",
+                           r.id)
+        if u.device_id not in devices:
+            return Verdict("refused", f"{u.device_id} was not asked to evaluate round {r.id}", r.id)
+        if u.device_id in answered:
+            return Verdict("refused", "a second evaluation in the same round", r.id)
+        if u.base_version != r.base_version:
+            return Verdict("refused", f"base version v{u.base_version}, round {r.id} trains v{r.base_version}", r.id)
+        return Verdict("evaluated", None, r.id)
 
     # ----------------------------------------------------------------- closing
 
@@ -342,8 +456,9 @@ class Coordinator:
             r = self.rounds.get_round(conn, round_id)
             counted = self.rounds.counted_payloads(conn, round_id)
         assert r is not None
-        state, version, outcome, reason = finish(self.engine, self.s, r, counted, self.cfg,
-                                                 signing_key=self.signing_key, allow_unsigned=self.allow_unsigned)
+        state, version, outcome, reason = finish(self.engine, self.s, r, counted, signing_key=self.signing_key,
+                                                 allow_unsigned=self.allow_unsigned,
+                                                 evaluate=lambda tensors: self._evaluate(r, tensors))
         with db.transaction(self.engine) as conn:
             self.rounds.set_round(conn, round_id, state=state, expect=("closed",), new_version=version,
                                   outcome=outcome, reason=reason)

@@ -19,9 +19,16 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(Path(path).expanduser().read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"cannot read signing key {path}: {exc}") from exc
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read signing key {path}: {exc.strerror or exc}") from exc
+    if b"PUBLIC KEY" in data:
+        raise ValueError(f"signing key {path} is a public key: sign with the private key of `cloud-hub keygen` "
+                         "(devices get the .pub.pem)")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"signing key {path} is not a PEM private key ({str(exc).splitlines()[0]})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"signing key {path} is not an Ed25519 private key")
     return key

@@ -48,6 +48,7 @@ _ROUND_MAGIC: Final = b"EMLR"
 _UPDATE_MAGIC: Final = b"EMLU"
 ROUND_DELIVERY: Final = Delivery(qos=1, retain=True)  # reconnecting devices see the open round
 UPDATE_DELIVERY: Final = Delivery(qos=1, retain=False)
+KINDS: Final = ("train", "evaluate")
 ENCODINGS: Final[dict[str, np.dtype]] = {"int8": np.dtype("<i1"), "float32": np.dtype("<f4")}
 
 
@@ -67,9 +68,9 @@ class TensorSpec:
         return obj
 
 
-def _specs(value: Any, what: str, scaled: bool) -> tuple[TensorSpec, ...]:
-    if type(value) is not list or not 0 < len(value) <= MAX_TENSORS:
-        raise ContractError(f"{what}.tensors must be a list of 1 to {MAX_TENSORS} tensors")
+def _specs(value: Any, what: str, scaled: bool, least: int = 1) -> tuple[TensorSpec, ...]:
+    if type(value) is not list or not least <= len(value) <= MAX_TENSORS:
+        raise ContractError(f"{what}.tensors must be a list of {least} to {MAX_TENSORS} tensors")
     out = []
     for i, t in enumerate(value):
         w = f"{what}.tensors[{i}]"
@@ -153,6 +154,7 @@ class RoundPlan:
     weights_sha256: str = ""
     tensors: tuple[TensorSpec, ...] = ()
     trainable: tuple[str, ...] = ()  # the tensors a device trains and sends back
+    kind: str = "train"  # or "evaluate": score these weights (the round's candidate) on held-out windows
     key_id: str | None = None
     signature: str | None = None
 
@@ -164,7 +166,7 @@ class RoundPlan:
             "alpha": self.alpha, "clip": self.clip, "min_windows": self.min_windows, "min_new": self.min_new,
             "min_updates": self.min_updates, "max_staleness": self.max_staleness, "encoding": self.encoding,
             "budget_s": self.budget_s, "created": self.created, "weights_sha256": self.weights_sha256,
-            "tensors": [t.to_obj() for t in self.tensors], "trainable": list(self.trainable),
+            "tensors": [t.to_obj() for t in self.tensors], "trainable": list(self.trainable), "kind": self.kind,
             "key_id": self.key_id, "signature": self.signature,
         }
 
@@ -203,8 +205,8 @@ def announcement(plan: RoundPlan, weights: dict[str, np.ndarray]) -> Announcemen
     """An announcement of ``weights`` (float32), with their specs and digest filled into ``plan``."""
     specs = tuple(TensorSpec(n, tuple(int(d) for d in np.shape(a))) for n, a in weights.items())
     missing = [t for t in plan.trainable if t not in weights]
-    if missing or not plan.trainable:
-        raise ContractError(f"round trains {list(plan.trainable)}; the weights lack {missing}")
+    if missing or (plan.kind == "train") != bool(plan.trainable):
+        raise ContractError(f"a {plan.kind} round with trainable {list(plan.trainable)}; the weights lack {missing}")
     body = _body(specs, weights, np.dtype("<f4"))
     plan = replace(plan, tensors=specs, weights_sha256=hashlib.sha256(body).hexdigest(), key_id=None, signature=None)
     return Announcement(plan, {s.name: np.ascontiguousarray(weights[s.name], dtype=np.float32) for s in specs})
@@ -227,9 +229,11 @@ def decode_announcement(payload: bytes) -> Announcement:
     if type(parts) is not list or len(parts) > 100_000:
         raise ContractError("round.participants must be a list of device ids")
     specs = _specs(obj["tensors"], what, scaled=False)
-    trainable = obj["trainable"]
-    if type(trainable) is not list or not trainable or not set(trainable) <= {s.name for s in specs}:
-        raise ContractError("round.trainable must name some of its tensors")
+    kind, trainable = obj["kind"], obj["trainable"]
+    if kind not in KINDS:
+        raise ContractError(f"round.kind must be one of {KINDS}")
+    if type(trainable) is not list or not set(trainable) <= {s.name for s in specs} or (kind == "train") != bool(trainable):
+        raise ContractError("round.trainable must name some of its tensors (none in an evaluate round)")
     if hashlib.sha256(body).hexdigest() != obj["weights_sha256"]:
         raise ContractError("round weights do not match their sha256")
     plan = RoundPlan(
@@ -242,7 +246,7 @@ def decode_announcement(payload: bytes) -> Announcement:
         min_updates=_int(obj, "min_updates", what, 1),
         max_staleness=_int(obj, "max_staleness", what, 0, 1000), encoding=obj["encoding"],
         budget_s=_float(obj, "budget_s", what), created=_float(obj, "created", what),
-        weights_sha256=obj["weights_sha256"], tensors=specs, trainable=tuple(trainable),
+        weights_sha256=obj["weights_sha256"], tensors=specs, trainable=tuple(trainable), kind=kind,
         key_id=_opt_str(obj, "key_id", what, 128), signature=_opt_str(obj, "signature", what, 256),
     )
     weights = _arrays(specs, body, np.dtype("<f4"), "round announcement")
@@ -275,6 +279,7 @@ class Update:
     tensors: tuple[TensorSpec, ...]
     delta: dict[str, np.ndarray] = field(repr=False)  # int8 (scaled by the spec) or float32
     sent: float = 0.0
+    kind: str = "train"  # "evaluate": no tensors; metric_before/after = the base's/the candidate's score
 
     def encode(self) -> bytes:
         header = {
@@ -283,7 +288,7 @@ class Update:
             "loss_after": self.loss_after, "metric_before": self.metric_before, "metric_after": self.metric_after,
             "norm": self.norm, "epochs": self.epochs, "seconds": self.seconds,
             "ranges": [list(r) for r in self.ranges], "encoding": self.encoding,
-            "tensors": [t.to_obj() for t in self.tensors], "sent": self.sent,
+            "tensors": [t.to_obj() for t in self.tensors], "sent": self.sent, "kind": self.kind,
         }
         return _pack(_UPDATE_MAGIC, header, _body(self.tensors, self.delta, ENCODINGS[self.encoding]), MAX_UPDATE_BYTES)
 
@@ -297,7 +302,7 @@ class Update:
 
 _UPDATE_KEYS: Final = frozenset({"v", "round", "device_id", "model", "base_version", "n", "loss_before", "loss_after",
                                  "metric_before", "metric_after", "norm", "epochs", "seconds", "ranges", "encoding",
-                                 "tensors", "sent"})
+                                 "tensors", "sent", "kind"})
 
 
 def decode_update(payload: bytes, topic_device: str | None = None) -> Update:
@@ -310,7 +315,10 @@ def decode_update(payload: bytes, topic_device: str | None = None) -> Update:
     encoding = obj["encoding"]
     if encoding not in ENCODINGS:
         raise ContractError(f"update.encoding must be one of {sorted(ENCODINGS)}")
-    specs = _specs(obj["tensors"], what, scaled=encoding == "int8")
+    kind = obj["kind"]
+    if kind not in KINDS:
+        raise ContractError(f"update.kind must be one of {KINDS}")
+    specs = _specs(obj["tensors"], what, scaled=encoding == "int8", least=1 if kind == "train" else 0)
     ranges = obj["ranges"]
     if type(ranges) is not list or len(ranges) > 64 or any(
             type(r) is not list or len(r) != 4 or any(type(x) not in (int, float) for x in r) for r in ranges):
@@ -326,7 +334,7 @@ def decode_update(payload: bytes, topic_device: str | None = None) -> Update:
         norm=_float(obj, "norm", what), epochs=_int(obj, "epochs", what, 0, 1000),
         seconds=_float(obj, "seconds", what),
         ranges=tuple((float(a), float(b), float(c), float(d)) for a, b, c, d in ranges),
-        encoding=encoding, tensors=specs, delta=delta, sent=_float(obj, "sent", what),
+        encoding=encoding, tensors=specs, delta=delta, sent=_float(obj, "sent", what), kind=kind,
     )
 
 

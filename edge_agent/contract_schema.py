@@ -162,7 +162,10 @@ ROUND: dict[str, Any] = {
         "encoding": {"enum": sorted(cr.ENCODINGS)}, "budget_s": NUMBER, "created": NUMBER,
         "weights_sha256": {"type": "string", "description": "of the tensor bytes after the header"},
         "tensors": _TENSORS,
-        "trainable": {"type": "array", "minItems": 1, "items": ID, "description": "the tensors to train and send"},
+        "trainable": {"type": "array", "items": ID, "description": "the tensors to train and send (none when "
+                      "kind is evaluate)"},
+        "kind": {"enum": list(cr.KINDS), "description": "train: fine-tune and send the delta; evaluate: score "
+                 "these weights (the round's candidate) on your held-out windows and send no tensors"},
         "key_id": _nullable({"type": "string", "maxLength": 128}),
         "signature": _nullable({"type": "string", "maxLength": 256, "description": "base64 Ed25519 signature of "
                                 "the header without this field, keys sorted, as for a manifest"}),
@@ -178,13 +181,16 @@ UPDATE: dict[str, Any] = {
         "base_version": {**U63, "minimum": 1},
         "n": {"type": "integer", "minimum": 1, "description": "labelled windows trained on"},
         "loss_before": NUMBER, "loss_after": NUMBER,
-        "metric_before": {**NUMBER, "description": "accuracy (or mean error) of the base on the device's windows"},
-        "metric_after": NUMBER, "norm": {**NUMBER, "description": "of the delta before clipping"},
+        "metric_before": {**NUMBER, "description": "accuracy (or mean error) of the base on the device's held-out "
+                          "windows (one in five, never trained on)"},
+        "metric_after": {**NUMBER, "description": "the same of its fine-tuned model (train) or of the candidate "
+                         "(evaluate)"}, "norm": {**NUMBER, "description": "of the delta before clipping"},
         "epochs": {"type": "integer", "minimum": 0}, "seconds": NUMBER,
         "ranges": {"type": "array", "maxItems": 64, "items": {"type": "array", "minItems": 4, "maxItems": 4,
                    "items": NUMBER}, "description": "per layer: input min, max, pre-activation min, max"},
-        "encoding": {"enum": sorted(cr.ENCODINGS)}, "tensors": {**_TENSORS, "description": "the delta's tensors"},
-        "sent": NUMBER,
+        "encoding": {"enum": sorted(cr.ENCODINGS)},
+        "tensors": {**_TENSORS, "minItems": 0, "description": "the delta's tensors (none in an evaluate answer)"},
+        "sent": NUMBER, "kind": {"enum": list(cr.KINDS), "description": "the kind of round it answers"},
     },
 }
 

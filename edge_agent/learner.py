@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,22 @@ def _targets(task: str, labels: tuple[str, ...], y: list[str]) -> tuple[np.ndarr
     return np.asarray(rows, np.intp), np.asarray(out, np.float32).reshape(len(rows), -1)
 
 
+def held_out(X: np.ndarray, share: int = 5) -> np.ndarray:
+    """One labelled window in ``share``, chosen by its features' checksum (so a window is held out in
+    every round, whatever else the store holds): the device scores models on these and never trains on them."""
+    return np.fromiter((zlib.crc32(row.tobytes()) % share == 0 for row in X), bool, len(X))
+
+
+def score(tensors: dict[str, np.ndarray], task: str, X: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of a classifier, or a regressor's mean Euclidean error in real units."""
+    from edge_agent import learn
+
+    out = learn.predict(tensors, task, X)
+    if task == "classification":
+        return float(np.mean(out.argmax(axis=1) == y))
+    return float(np.mean(np.linalg.norm(out.reshape(len(X), -1) - y.reshape(len(X), -1), axis=1)))
+
+
 class Learner:
     """Answers the rounds of one device (``edge-agent run``)."""
 
@@ -97,8 +114,10 @@ class Learner:
         self.trusted_key, self.allow_unsigned = trusted_key, allow_unsigned
         self.store = WindowStore(state_dir / f"learn-{model_name}.npz", capacity)
         self._answered_path = state_dir / f"learn-{model_name}-rounds.json"
-        self.answered: list[int] = self._read_answered()
+        self.answered: list[str] = self._read_answered()  # "<round>/<kind>": each answered once
+        self._bases: dict[int, dict[str, np.ndarray]] = {}  # round -> the base it trained (to score it again)
         self._offered: bytes | None = None  # the retained announcement of the open round
+        self._offers = 0  # announcements received: a new one is looked at even if it equals the last
         self._looked_at: tuple[Any, ...] = ()
         self._said: str | None = None
         self._lock = threading.Lock()
@@ -107,9 +126,9 @@ class Learner:
         self.sent = 0  # updates published (metrics)
         self._saved_at = time.monotonic()
 
-    def _read_answered(self) -> list[int]:
+    def _read_answered(self) -> list[str]:
         try:
-            return [int(x) for x in orjson.loads(self._answered_path.read_bytes())][-100:]
+            return [str(x) for x in orjson.loads(self._answered_path.read_bytes())][-100:]
         except (OSError, ValueError, TypeError):
             return []
 
@@ -123,6 +142,7 @@ class Learner:
         """An announcement arrived (paho's thread); an empty one: no round is open."""
         with self._lock:
             self._offered = payload or None
+            self._offers += 1
 
     def tick(self) -> None:
         """Between chunks and while a live source is quiet (the agent's thread): answer the open round
@@ -131,11 +151,11 @@ class Learner:
         if time.monotonic() - self._saved_at > 30.0:
             self.save()
         with self._lock:
-            payload = self._offered
+            payload, offers = self._offered, self._offers
         if payload is None or (self._thread is not None and self._thread.is_alive()):
             return
         bundle = self.running()
-        key = (id(payload), self.store.new, bundle.manifest.sha256 if bundle else None)
+        key = (offers, len(self.store.y), self.store.new, bundle.manifest.sha256 if bundle else None)
         if key == self._looked_at:
             return
         self._looked_at = key
@@ -146,11 +166,13 @@ class Learner:
             self._said = why
             return
         X, y = self.store.X.copy(), list(self.store.y)
-        self.store.new = 0
-        self.answered = [*self.answered, ann.plan.round_id][-100:]
+        if ann.plan.kind == "train":
+            self.store.new = 0
+        self.answered = [*self.answered, f"{ann.plan.round_id}/{ann.plan.kind}"][-100:]
         self._answered_path.write_bytes(orjson.dumps(self.answered))
         self.save()
-        self._thread = threading.Thread(target=self._train, args=(ann, X, y), name="edge-agent-learn", daemon=True)
+        work = self._train if ann.plan.kind == "train" else self._evaluate
+        self._thread = threading.Thread(target=work, args=(ann, X, y), name="edge-agent-learn", daemon=True)
         self._thread.start()
 
     def _check(self, payload: bytes) -> tuple[str | None, Announcement | None]:
@@ -159,10 +181,12 @@ class Learner:
         except BundleRejected as exc:
             return f"round announcement refused: {exc}", None
         p = ann.plan
-        if p.round_id in self.answered:
+        if f"{p.round_id}/{p.kind}" in self.answered:
             return None, None
         if self.device_id not in p.participants:
             return f"round {p.round_id}: not selected", None
+        if p.kind == "evaluate" and p.round_id not in self._bases:
+            return f"round {p.round_id}: asked to evaluate, but this device did not train in it: not answering", None
         bundle = self.running()
         if bundle is None or bundle.manifest.version != p.base_version or bundle.manifest.sha256 != p.base_sha256:
             have = "no model" if bundle is None else f"v{bundle.manifest.version}"
@@ -186,10 +210,15 @@ class Learner:
             if len(rows) < p.min_windows:
                 log.info("round %d: only %d windows have labels of this model: not answering", p.round_id, len(rows))
                 return
+            held = held_out(X[rows])
+            self._bases = {p.round_id: dict(ann.weights)}  # its evaluation compares the candidate with it
             n_layers = sum(1 for t in p.trainable if t.startswith("coef_"))
             res = learn.fine_tune(
-                dict(ann.weights), p.task, X[rows], target, epochs=p.epochs, lr=p.lr, batch=p.batch, mu=p.mu,
-                alpha=p.alpha, clip=p.clip, train_layers=n_layers, seed=p.round_id, budget_s=p.budget_s)
+                dict(ann.weights), p.task, X[rows][~held], target[~held], epochs=p.epochs, lr=p.lr, batch=p.batch,
+                mu=p.mu, alpha=p.alpha, clip=p.clip, train_layers=n_layers, seed=p.round_id, budget_s=p.budget_s)
+            if held.any():  # scores on the device's windows that no round ever trains on
+                res.metric_before = score(ann.weights, p.task, X[rows][held], target[held])
+                res.metric_after = score(res.tensors, p.task, X[rows][held], target[held])
             specs, arrays = encode_update_delta({k: res.delta[k] for k in p.trainable}, p.encoding)
             update = Update(
                 round_id=p.round_id, device_id=self.device_id, model=p.model, base_version=p.base_version,
@@ -211,6 +240,33 @@ class Learner:
             log.error("round %d: training failed: %s", p.round_id, exc)
         except Exception:  # a bug must not take inference down with it
             log.exception("round %d: training failed", p.round_id)
+
+    def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str]) -> None:
+        """The round's candidate and the base it trained, scored on the same held-out windows."""
+        p = ann.plan
+        bundle = self.running()
+        try:
+            rows, target = _targets(p.task, bundle.manifest.labels if bundle else (), y)
+            held = held_out(X[rows])
+            if not held.any():
+                log.info("round %d: no held-out window to evaluate on", p.round_id)
+                return
+            Xh, yh = X[rows][held], target[held]
+            t0 = time.monotonic()
+            before, after = score(self._bases[p.round_id], p.task, Xh, yh), score(dict(ann.weights), p.task, Xh, yh)
+            update = Update(
+                round_id=p.round_id, device_id=self.device_id, model=p.model, base_version=p.base_version,
+                n_examples=int(held.sum()), loss_before=0.0, loss_after=0.0, metric_before=before, metric_after=after,
+                norm=0.0, epochs=0, seconds=time.monotonic() - t0, ranges=(), encoding=p.encoding, tensors=(),
+                delta={}, sent=time.time(), kind="evaluate")
+            self.publish(self.topic, update.encode())
+            self.sent += 1
+            log.info("round %d: evaluated the candidate on %d held-out windows: %.3f (the base: %.3f)",
+                     p.round_id, int(held.sum()), after, before)
+        except (ValueError, ContractError, FloatingPointError) as exc:
+            log.error("round %d: evaluation failed: %s", p.round_id, exc)
+        except Exception:  # a bug must not take inference down with it
+            log.exception("round %d: evaluation failed", p.round_id)
 
     def save(self) -> None:
         self._saved_at = time.monotonic()

@@ -121,7 +121,8 @@ class Fleet:
 @pytest.mark.slow
 def test_rounds_end_to_end_devices_learn_and_swap_to_the_aggregated_model(procs, broker, prefix, tmp_path) -> None:
     fleet = Fleet(procs, broker, prefix, tmp_path)
-    fed = fleet.federate("--rounds", "2", "--deadline", "120", "--json")
+    # no hold-out log: each round's candidate is gated by the devices' own evaluation (tolerance: any score)
+    fed = fleet.federate("--rounds", "2", "--deadline", "120", "--tolerance", "1", "--json")
     assert fed.wait(300) == 0, (tmp_path / "federate.log").read_text()
     out = (tmp_path / "federate.log").read_text()
     views = orjson.loads(out.strip().splitlines()[-1])["rounds"]
@@ -134,12 +135,15 @@ def test_rounds_end_to_end_devices_learn_and_swap_to_the_aggregated_model(procs,
     fleet.check(lambda: all(_devices(fleet.url).get(d) == 3 for d in DEVICES), "every device on v3")
     updates = _updates(fleet.url)
     assert sorted((r, d, s) for r, d, s, _, _ in updates) == sorted(
-        (r, d, "accepted") for r in (1, 2) for d in DEVICES)
+        (r, d, s) for r in (1, 2) for d in DEVICES for s in ("accepted", "evaluated"))
     m = db.models.c
     rows = _query(fleet.url, sa.select(m.version, m.state, m.manifest).order_by(m.version))
     assert [(v, s) for v, s, _ in rows] == [(1, "published"), (2, "published"), (3, "published")]
     manifest = orjson.loads(rows[2][2])
     assert manifest["training"]["source"] == "federated" and manifest["training"]["parent_version"] == 2
+    assert "in the devices' own evaluation" in manifest["metrics"]["gate"], manifest["metrics"]["gate"]
+    assert manifest["metrics"]["int8"]["source"].startswith("federated evaluation")
+    assert 0 <= manifest["metrics"]["int8"]["accuracy"] <= 1 and manifest["metrics"]["int8"]["n"] > 0
     assert manifest["training"]["devices"] == list(DEVICES)
     # the devices' own windows stayed home: the hub holds no feature vector of them
     r = db.results.c
@@ -151,7 +155,9 @@ def test_rounds_end_to_end_devices_learn_and_swap_to_the_aggregated_model(procs,
 @pytest.mark.slow
 def test_a_hub_killed_mid_round_resumes_it_and_loses_no_update(procs, broker, prefix, tmp_path) -> None:
     fleet = Fleet(procs, broker, prefix, tmp_path, partial=("fl-3",))
-    fed = fleet.federate("--rounds", "1", "--deadline", "300")
+    # its gate is part of the round: the run that resumes it is not told again, and still applies it
+    fed = fleet.federate("--rounds", "1", "--deadline", "300", "--holdout-log", str(tmp_path / "train.csv"),
+                         "--tolerance", "1")
     u = db.fl_updates.c
     fleet.check(lambda: len(_query(fleet.url, sa.select(u.id).where(u.status == "accepted"))) == 2,
                 "the updates of fl-1 and fl-2", timeout=180)
@@ -171,6 +177,8 @@ def test_a_hub_killed_mid_round_resumes_it_and_loses_no_update(procs, broker, pr
     assert _query(fleet.url, sa.select(fr.id, fr.state, fr.new_version)) == [(1, "published", 2)]
     manifest = orjson.loads(_query(fleet.url, sa.select(db.models.c.manifest).where(db.models.c.version == 2))[0][0])
     assert manifest["training"]["devices"] == list(DEVICES) and manifest["training"]["updates"] == 3
+    assert "on the hold-out logs" in manifest["metrics"]["gate"] and "tolerance 1" in manifest["metrics"]["gate"]
+    assert "accuracy" in manifest["metrics"]["int8"]
     fleet.check(lambda: all(_devices(fleet.url).get(d) == 2 for d in DEVICES), "every device on v2")
     fleet.stop()
 
@@ -212,7 +220,10 @@ def _update(ann: cr.Announcement, device: str, X: np.ndarray, *, scale: float = 
     delta = {k: (rng.normal(0, scale, ann.weights[k].shape)).astype(np.float32) for k in p.trainable if k != drop}
     if nan:
         delta[p.trainable[0]].flat[0] = np.nan
-    specs, arrays = cr.encode_update_delta(delta, encoding)
+    if nan:  # a device that sends what our encoder refuses
+        specs, arrays = tuple(cr.TensorSpec(k, v.shape) for k, v in delta.items()), delta
+    else:
+        specs, arrays = cr.encode_update_delta(delta, encoding)
     if force_scale is not None:  # int8 values times a scale that overflows float32
         specs = tuple(dataclasses.replace(t, scale=force_scale) for t in specs)
     fields = dict(round_id=p.round_id, device_id=device, model=p.model, base_version=base or p.base_version,
@@ -243,7 +254,8 @@ def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, b
     fed = procs.popen([sys.executable, "-m", "cloud_hub", "federate", "--broker", broker.url, "--db", url, "--prefix",
                        prefix, "--client-id", f"{prefix}-fed", "--signing-key", str(priv), "--rounds", "2",
                        "--fraction", "0.75", "--min-available", "4", "--min-updates", "2", "--deadline", "120",
-                       "--max-staleness", "0", "--clip", "1.0"], stdout=out, stderr=out)
+                       "--max-staleness", "0", "--clip", "1.0", "--holdout-log", str(train_log), "--tolerance", "1"],
+                      stdout=out, stderr=out)
     ann = fakes.next_round(1)
     p1, p2, p3 = ann.plan.participants
     (outsider,) = set(fakes.names) - set(ann.plan.participants)
@@ -329,7 +341,7 @@ def test_the_window_store_keeps_the_newest_labelled_windows_on_disk(tmp_path) ->
 def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> None:
     from cloud_hub.signing import load_private_key, sign_round
     from edge_agent.bundle import load_public_key
-    from edge_agent.learner import Learner
+    from edge_agent.learner import Learner, held_out, score
 
     priv, pub, _ = keygen(tmp_path / "k.pem")
     other, _, _ = keygen(tmp_path / "other.pem")
@@ -363,15 +375,31 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     learner.close()
     assert len(sent) == 1 and sent[0][0] == "t/devices/me/update"
     update = cr.decode_update(sent[0][1], "me")
-    assert update.round_id == 1 and update.n_examples == 40 and update.metric_after >= update.metric_before
+    held = held_out(X)
+    assert 0 < held.sum() < 40 and update.n_examples == 40 - held.sum()  # held-out windows are never trained on
+    assert update.round_id == 1 and update.metric_after >= update.metric_before
     assert {t.name for t in update.tensors} == set(plan.trainable) and update.encoding == "int8"
     assert len(update.ranges) == 2
     learner.offer(cr.Announcement(sign_round(ann.plan, load_private_key(priv)), ann.weights).encode())
     learner.tick()
     learner.close()
     assert len(sent) == 1, "a round is answered once"
+    # the hub then asks it to evaluate the round's candidate: both models scored on the held-out windows
+    ev, _ = _plan_and_weights(kind="evaluate", trainable=())
+    candidate = {k: v + np.float32(0.01) if k.startswith("coef") else v for k, v in w.items()}
+    ann = cr.announcement(ev, candidate)
+    learner.offer(cr.Announcement(sign_round(ann.plan, load_private_key(priv)), ann.weights).encode())
+    learner.tick()
+    learner.close()
+    assert len(sent) == 2
+    answer = cr.decode_update(sent[1][1], "me")
+    assert answer.kind == "evaluate" and answer.tensors == () and answer.n_examples == held.sum()
+    assert answer.metric_before == pytest.approx(score(w, "classification", X[held], (X[held, 0] <= 0).astype(int)))
+    assert answer.metric_after == pytest.approx(score(candidate, "classification", X[held],
+                                                      (X[held, 0] <= 0).astype(int)))
     assert Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100, trusted_key=None,
-                   allow_unsigned=True, running=lambda: None, publish=lambda t, p: None, topic="x").answered == [1]
+                   allow_unsigned=True, running=lambda: None, publish=lambda t, p: None,
+                   topic="x").answered == ["1/train", "1/evaluate"]
 
 
 @pytest.mark.slow
@@ -392,14 +420,15 @@ def test_a_device_that_never_answers_stalls_nothing_past_the_deadline(procs, bro
     out = open(tmp_path / "federate.log", "ab")  # noqa: SIM115 - the process owns it
     fed = procs.popen([sys.executable, "-m", "cloud_hub", "federate", "--broker", broker.url, "--db", url, "--prefix",
                        prefix, "--client-id", f"{prefix}-fed", "--insecure-unsigned", "--rounds", "1",
-                       "--min-available", "2", "--deadline", "4"], stdout=out, stderr=out)
+                       "--min-available", "2", "--deadline", "4", "--holdout-log", str(train_log), "--tolerance", "1"],
+                      stdout=out, stderr=out)
     ann = fakes.next_round(1)
     assert ann.plan.participants == ("ok-1", "silent-1") and ann.plan.min_updates == 2
     fakes.send("ok-1", _update(ann, "ok-1", X))  # silent-1 never answers
     assert fed.wait(120) == 0, (tmp_path / "federate.log").read_text()
     fakes.link.stop()
     log = (tmp_path / "federate.log").read_text()
-    assert "round 1: closed, 1 update(s) counted at the deadline" in log, log
+    assert "round 1: closed, 1 update(s) counted at the deadline; no update from silent-1" in log, log
     fr = db.fl_rounds.c
     assert _query(url, sa.select(fr.state, fr.new_version)) == [("published", 2)]
     assert [(d, s) for _, d, s, _, _ in _updates(url)] == [("ok-1", "accepted")]

@@ -319,7 +319,11 @@ def test_sample_writes_a_log_recorded_until_now(tmp_path) -> None:
 
 
 def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) -> None:
+    from cloud_hub import db
+    from cloud_hub.signing import keygen
+
     db_url = f"sqlite:///{tmp_path / 'h.sqlite'}"
+    db.make_engine(db_url).dispose()  # an empty hub database
     base = ["federate", "--db", db_url, "--prefix", prefix, "--insecure-unsigned", "--wait-devices", "1"]
     closed = f"mqtt://127.0.0.1:{free_port()}"
     res = run(hub_cmd(*base, "--broker", closed), env={"CLOUD_HUB_CONNECT_TIMEOUT_S": "2"})
@@ -329,9 +333,15 @@ def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) ->
     res = run(hub_cmd(*base, "--broker", shared_broker.url))
     one_line(res, exits.MODEL, "no model 'default' to federate", "cloud-hub train")
     res = run(hub_cmd("federate", "--db", db_url, "--broker", shared_broker.url))
-    one_line(res, exits.MODEL, "no signing key", "--signing-key")
-    res = run(hub_cmd("rounds", "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"))
-    one_line(res, exits.UNAVAILABLE, "missing.sqlite", "does not exist")
+    one_line(res, exits.USAGE, "no signing key", "--signing-key")
+    _, public, _ = keygen(tmp_path / "k.pem")
+    res = run(hub_cmd("federate", "--db", db_url, "--broker", shared_broker.url, "--signing-key", str(public)))
+    one_line(res, exits.USAGE, f"signing key {public} is a public key")
+    for command in ("rounds", "federate"):  # neither creates a database that is not there
+        res = run(hub_cmd(command, "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}", "--insecure-unsigned"
+                          ) if command == "federate" else hub_cmd(command, "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"))
+        one_line(res, exits.UNAVAILABLE, "missing.sqlite", "does not exist")
+    assert not (tmp_path / "missing.sqlite").exists()
 
 
 def test_federate_says_what_it_waits_for_and_a_signal_ends_it_in_one_line(procs: Processes, shared_broker, prefix,

@@ -51,7 +51,7 @@ def upgrade() -> None:
         sa.Column("metrics", sa.Text),
         sa.Column("payload", sa.LargeBinary),
         sa.Column("received_at", sa.Double, nullable=False),
-        sa.CheckConstraint("status IN ('accepted', 'late', 'refused')", name="ck_fl_updates_status"),
+        sa.CheckConstraint("status IN ('accepted', 'late', 'refused', 'evaluated')", name="ck_fl_updates_status"),
     )
     op.create_index("ix_fl_updates_round_device", "fl_updates", ["round_id", "device_id"])
 

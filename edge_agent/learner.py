@@ -16,7 +16,6 @@ import os
 import threading
 import time
 import zipfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ class WindowStore:
         self.path, self.capacity = path, capacity
         self.X = np.zeros((0, 0), np.float32)
         self.y: list[str] = []
+        self.t = np.zeros(0)  # window starts (seconds): the held-out windows are whole minutes of them
         self.layout = ""  # the preprocessing the features were made with: others are not comparable
         self.new = 0  # windows added since the last round this device answered
         self._load()
@@ -45,28 +45,34 @@ class WindowStore:
     def _load(self) -> None:
         try:
             with np.load(self.path, allow_pickle=False) as z:
-                self.X, self.y = z["X"].astype(np.float32), [str(v) for v in z["y"].tolist()]
+                X, y, t = z["X"].astype(np.float32), [str(v) for v in z["y"].tolist()], z["t"].astype(np.float64)
+                if not len(X) == len(y) == len(t):
+                    raise ValueError(f"{len(X)} windows, {len(y)} labels and {len(t)} times")
+                self.X, self.y, self.t = X, y, t
                 self.layout, self.new = str(z["layout"]), int(z["new"])
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # torn or foreign: start again
             log.warning("labelled windows in %s unreadable (%s): starting an empty store", self.path, exc)
 
-    def add(self, layout: str, feats: np.ndarray, truths: list[str | None]) -> None:
+    def add(self, layout: str, feats: np.ndarray, truths: list[str | None], starts: np.ndarray) -> None:
         keep = [i for i, t in enumerate(truths) if t]
         if not keep:
             return
         if layout != self.layout or (self.X.size and self.X.shape[1] != feats.shape[1]):
-            self.X, self.y, self.layout, self.new = np.zeros((0, feats.shape[1]), np.float32), [], layout, 0
+            self.X, self.y, self.t = np.zeros((0, feats.shape[1]), np.float32), [], np.zeros(0)
+            self.layout, self.new = layout, 0
         rows = np.asarray(feats[keep], dtype=np.float32)
         self.X = np.concatenate([self.X.reshape(-1, rows.shape[1]), rows])[-self.capacity:]
         self.y = (self.y + [str(truths[i]) for i in keep])[-self.capacity:]
+        self.t = np.concatenate([self.t, np.asarray(starts, np.float64)[keep]])[-self.capacity:]
         self.new = min(self.new + len(keep), self.capacity)
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp.npz")
         with open(tmp, "wb") as f:
-            np.savez(f, X=self.X, y=np.asarray(self.y, dtype=str), layout=np.array(self.layout), new=np.array(self.new))
+            np.savez(f, X=self.X, y=np.asarray(self.y, dtype=str), t=self.t, layout=np.array(self.layout),
+                     new=np.array(self.new))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -88,10 +94,17 @@ def _targets(task: str, labels: tuple[str, ...], y: list[str]) -> tuple[np.ndarr
     return np.asarray(rows, np.intp), np.asarray(out, np.float32).reshape(len(rows), -1)
 
 
-def held_out(X: np.ndarray, share: int = 5) -> np.ndarray:
-    """One labelled window in ``share``, chosen by its features' checksum (so a window is held out in
-    every round, whatever else the store holds): the device scores models on these and never trains on them."""
-    return np.fromiter((zlib.crc32(row.tobytes()) % share == 0 for row in X), bool, len(X))
+def held_out(starts: np.ndarray, share: int = 5, block_s: float = 60.0) -> np.ndarray:
+    """The windows of one minute in ``share`` (by their start time; the same windows in every round): the
+    device scores models on them and never trains on them. Whole minutes, not single windows, because
+    overlapping windows share readings: a neighbour trained on would give the answer away."""
+    t = np.asarray(starts, np.float64)
+    if len(t) < share:
+        return np.zeros(len(t), bool)
+    held = np.floor(t / block_s) % share == 0
+    if not held.any() or held.mean() > 2 / share:  # a few minutes only: the latest fifth
+        held = t >= np.sort(t)[len(t) - max(1, len(t) // share)]
+    return held
 
 
 def score(tensors: dict[str, np.ndarray], task: str, X: np.ndarray, y: np.ndarray) -> float:
@@ -134,9 +147,9 @@ class Learner:
 
     # ----------------------------------------------------------------- from the agent
 
-    def on_windows(self, layout: str, feats: np.ndarray, truths: list[str | None] | None) -> None:
+    def on_windows(self, layout: str, feats: np.ndarray, truths: list[str | None] | None, starts: np.ndarray) -> None:
         if truths is not None:
-            self.store.add(layout, feats, truths)
+            self.store.add(layout, feats, truths, starts)
 
     def offer(self, payload: bytes) -> None:
         """An announcement arrived (paho's thread); an empty one: no round is open."""
@@ -165,14 +178,14 @@ class Learner:
                 log.info("%s", why)
             self._said = why
             return
-        X, y = self.store.X.copy(), list(self.store.y)
+        X, y, t = self.store.X.copy(), list(self.store.y), self.store.t.copy()
         if ann.plan.kind == "train":
             self.store.new = 0
         self.answered = [*self.answered, f"{ann.plan.round_id}/{ann.plan.kind}"][-100:]
         self._answered_path.write_bytes(orjson.dumps(self.answered))
         self.save()
         work = self._train if ann.plan.kind == "train" else self._evaluate
-        self._thread = threading.Thread(target=work, args=(ann, X, y), name="edge-agent-learn", daemon=True)
+        self._thread = threading.Thread(target=work, args=(ann, X, y, t), name="edge-agent-learn", daemon=True)
         self._thread.start()
 
     def _check(self, payload: bytes) -> tuple[str | None, Announcement | None]:
@@ -199,7 +212,7 @@ class Learner:
                     f"{p.min_windows} ({p.min_new} new): not answering yet"), None
         return None, ann
 
-    def _train(self, ann: Announcement, X: np.ndarray, y: list[str]) -> None:
+    def _train(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray) -> None:
         from edge_agent import learn
 
         p = ann.plan
@@ -210,7 +223,7 @@ class Learner:
             if len(rows) < p.min_windows:
                 log.info("round %d: only %d windows have labels of this model: not answering", p.round_id, len(rows))
                 return
-            held = held_out(X[rows])
+            held = held_out(t[rows])
             self._bases = {p.round_id: dict(ann.weights)}  # its evaluation compares the candidate with it
             n_layers = sum(1 for t in p.trainable if t.startswith("coef_"))
             res = learn.fine_tune(
@@ -241,13 +254,13 @@ class Learner:
         except Exception:  # a bug must not take inference down with it
             log.exception("round %d: training failed", p.round_id)
 
-    def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str]) -> None:
+    def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray) -> None:
         """The round's candidate and the base it trained, scored on the same held-out windows."""
         p = ann.plan
         bundle = self.running()
         try:
             rows, target = _targets(p.task, bundle.manifest.labels if bundle else (), y)
-            held = held_out(X[rows])
+            held = held_out(t[rows])
             if not held.any():
                 log.info("round %d: no held-out window to evaluate on", p.round_id)
                 return

@@ -66,8 +66,8 @@ class Processor:
         self._windowers = DeviceWindowers(runner.params)  # by source device id
         self.drift: DriftMeter | None = None  # the model's, set by the agent
         self.on_inference: Callable[[float], None] | None = None  # latency of each inference call (metrics)
-        # labelled windows' features for federated rounds (edge_agent/learner.py): (layout, features, truths)
-        self.on_labelled: Callable[[str, np.ndarray, list[str | None]], None] | None = None
+        # labelled windows for federated rounds (edge_agent/learner.py): (layout, features, truths, starts)
+        self.on_labelled: Callable[[str, np.ndarray, list[str | None], np.ndarray], None] | None = None
         self._layout = _layout(runner.params)
 
     def _column_index(self, params: PreprocessParams) -> np.ndarray:
@@ -140,7 +140,7 @@ class Processor:
             offset += len(batch)
             rows += self._results(device, batch, feats[part], pred, part)
             if self.on_labelled is not None and batch.labels is not None:
-                self.on_labelled(self._layout, feats[part], _truths(batch.labels))
+                self.on_labelled(self._layout, feats[part], _truths(batch.labels), batch.start)
         self.stats.windows += len(rows)
         added = self.outbox.put_many(rows)  # one transaction for every device of the chunk
         self.stats.new_results += added

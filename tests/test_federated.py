@@ -325,14 +325,15 @@ def test_the_window_store_keeps_the_newest_labelled_windows_on_disk(tmp_path) ->
 
     store = WindowStore(tmp_path / "w.npz", capacity=5)
     feats = np.arange(12, dtype=np.float32).reshape(4, 3)
-    store.add("L1", feats, ["a", None, "b", ""])  # unlabelled windows are not kept
-    store.add("L1", feats + 100, ["c", "d", "e", "f"])
+    store.add("L1", feats, ["a", None, "b", ""], np.arange(4.0))  # unlabelled windows are not kept
+    store.add("L1", feats + 100, ["c", "d", "e", "f"], np.arange(4.0) + 10)
     assert store.y == ["b", "c", "d", "e", "f"] and store.X.shape == (5, 3) and store.new == 5
-    assert store.X[0].tolist() == [6.0, 7.0, 8.0]
+    assert store.X[0].tolist() == [6.0, 7.0, 8.0] and store.t.tolist() == [2.0, 10.0, 11.0, 12.0, 13.0]
     store.save()
     again = WindowStore(tmp_path / "w.npz", capacity=5)
     assert again.y == store.y and np.array_equal(again.X, store.X) and again.layout == "L1"
-    again.add("L2", np.ones((1, 2), np.float32), ["z"])  # other preprocessing: not comparable, start again
+    assert np.array_equal(again.t, store.t)
+    again.add("L2", np.ones((1, 2), np.float32), ["z"], np.zeros(1))  # other preprocessing: start again
     assert again.y == ["z"] and again.X.shape == (1, 2)
     (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 torn")
     assert WindowStore(tmp_path / "torn.npz", capacity=5).y == []  # a torn file: an empty store, not a crash
@@ -367,7 +368,8 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     assert "0 labelled windows" in offer(plan, w)
     rng = np.random.default_rng(1)
     X = rng.normal(size=(40, 4)).astype(np.float32)
-    learner.on_windows("L", X, ["x" if v > 0 else "y" for v in X[:, 0]])
+    starts = np.arange(40) * 15.0  # four windows a minute for ten minutes: minutes 0 and 5 are held out
+    learner.on_windows("L", X, ["x" if v > 0 else "y" for v in X[:, 0]], starts)
     assert offer(plan, w) == "ok"
     ann = cr.announcement(plan, w)
     learner.offer(cr.Announcement(sign_round(ann.plan, load_private_key(priv)), ann.weights).encode())
@@ -375,8 +377,8 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     learner.close()
     assert len(sent) == 1 and sent[0][0] == "t/devices/me/update"
     update = cr.decode_update(sent[0][1], "me")
-    held = held_out(X)
-    assert 0 < held.sum() < 40 and update.n_examples == 40 - held.sum()  # held-out windows are never trained on
+    held = held_out(starts)
+    assert held.sum() == 8 and update.n_examples == 32  # held-out windows are never trained on
     assert update.round_id == 1 and update.metric_after >= update.metric_before
     assert {t.name for t in update.tensors} == set(plan.trainable) and update.encoding == "int8"
     assert len(update.ranges) == 2
@@ -433,3 +435,15 @@ def test_a_device_that_never_answers_stalls_nothing_past_the_deadline(procs, bro
     assert _query(url, sa.select(fr.state, fr.new_version)) == [("published", 2)]
     assert [(d, s) for _, d, s, _, _ in _updates(url)] == [("ok-1", "accepted")]
     hub.signal(signal.SIGTERM)
+
+
+def test_held_out_windows_are_whole_minutes_or_the_latest_fifth_of_a_short_recording() -> None:
+    from edge_agent.learner import held_out
+
+    long = np.arange(0.0, 600.0, 0.5)  # ten minutes of windows every 0.5 s
+    held = held_out(long)
+    assert set(np.floor(long[held] / 60).astype(int).tolist()) == {0, 5}  # whole minutes: neighbours stay out too
+    assert np.array_equal(held_out(long[::-1]), held[::-1]), "chosen by time, not by position in the store"
+    short = np.arange(0.0, 50.0, 0.5)  # less than a minute: the latest fifth
+    assert held_out(short).sum() == 20 and held_out(short)[-20:].all()
+    assert not held_out(np.arange(3.0)).any()  # too few to hold any out

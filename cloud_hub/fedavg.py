@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,19 +161,6 @@ def _overrides(model: Any, ranges: Sequence[Sequence[float]]) -> dict[str, tuple
     return out
 
 
-class _OneRow:
-    """A calibration reader of one all-zero row: every range it yields is overridden."""
-
-    def __init__(self, input_name: str, n_features: int):
-        self._rows = [{input_name: np.zeros((1, n_features), np.float32)}]
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return self._rows.pop() if self._rows else None
-
-    def rewind(self) -> None:  # pragma: no cover - not used by MinMax
-        raise NotImplementedError
-
-
 def quantize_from_ranges(fp32_bytes: bytes, ranges: Sequence[Sequence[float]], *,
                          per_channel: bool = False) -> bytes:
     """Static QDQ INT8 as ``quantize.quantize_int8`` builds it (u8 activations, s8 weights, Gemm/MatMul/
@@ -184,32 +169,23 @@ def quantize_from_ranges(fp32_bytes: bytes, ranges: Sequence[Sequence[float]], *
     activation would be quantized with a range that did not come from ``ranges``. Per-layer weight
     scales by default (``quantize_int8`` picks per-channel only when data shows it helps)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="edgeml-fedquant-") as tmp:
-        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        src.write_bytes(fp32_bytes)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        model = onnx.load(str(pre))
-        if len(model.graph.input) != 1:
-            raise ValueError("expected a model with a single input")
-        inp = model.graph.input[0]
-        n_features = inp.type.tensor_type.shape.dim[1].dim_value
-        overrides = _overrides(model, ranges)
-        quantize_static(
-            str(pre), str(dst), _OneRow(inp.name, n_features),  # type: ignore[arg-type]
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm", "Relu"],
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"TensorQuantOverrides": {k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                                    for k, (lo, hi) in overrides.items()}},
-        )
-        out = dst.read_bytes()
-    missing = sorted(set(quantized_activations(out)) - set(overrides))
+    from cloud_hub.quantize import _quantize
+
+    model = onnx.load_from_string(fp32_bytes)
+    if len(model.graph.input) != 1:
+        raise ValueError("expected a model with a single input")
+    inp = model.graph.input[0]
+    n_features = inp.type.tensor_type.shape.dim[1].dim_value
+    given: dict[str, tuple[float, float]] = {}
+
+    def overrides(pre: Any) -> dict[str, tuple[float, float]]:
+        given.update(_overrides(pre, ranges))
+        return given
+
+    # one row of zeros feeds the calibration pass; every range it would give is overridden
+    out = _quantize(fp32_bytes, np.zeros((1, n_features), np.float32), inp.name, per_channel, ranges=overrides)
+    missing = sorted(set(quantized_activations(out)) - set(given))
     if missing:
         raise ValueError(f"activations {missing} were quantized without a range from the devices")
     return out

@@ -40,6 +40,7 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,12 @@ def _check_calibration(
     return np.ascontiguousarray(cal), inp.name
 
 
-def _quantize(fp32_bytes: bytes, cal: np.ndarray, input_name: str, per_channel: bool) -> bytes:
+def _quantize(fp32_bytes: bytes, cal: np.ndarray, input_name: str, per_channel: bool,
+              ranges: Callable[[Any], dict[str, tuple[float, float]]] | None = None) -> bytes:
+    """Static QDQ INT8, activation ranges calibrated (MinMax) on ``cal``, or set by ``ranges``: a function
+    of the pre-processed graph giving ``{tensor: (min, max)}`` (the hub's federated rounds use the ranges
+    the devices observed, with no data)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -166,6 +172,8 @@ def _quantize(fp32_bytes: bytes, cal: np.ndarray, input_name: str, per_channel: 
         # need sympy; the MLP graphs have only standard ops, which ONNX shape
         # inference covers.)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        overrides = {} if ranges is None else {
+            name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges(onnx.load(str(pre))).items()}
         quantize_static(
             str(pre),
             str(dst),
@@ -179,6 +187,7 @@ def _quantize(fp32_bytes: bytes, cal: np.ndarray, input_name: str, per_channel: 
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"TensorQuantOverrides": overrides} if overrides else {},
         )
         return dst.read_bytes()
 

@@ -234,22 +234,28 @@ def _update(ann: cr.Announcement, device: str, X: np.ndarray, *, scale: float = 
     return cr.Update(**fields).encode()
 
 
-@pytest.mark.slow
-def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, broker, prefix, tmp_path) -> None:
-    priv, _, _ = keygen(tmp_path / "keys" / "hub.pem")
+def _fake_fleet(procs, broker, prefix: str, tmp_path: Path, names: tuple[str, ...]):
+    """v1 trained, `serve` running, and devices the test speaks for, reported on v1; with feature rows
+    of the training log (for the activation ranges of crafted updates)."""
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     engine = db.make_engine(url)
     train_log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
     assert lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-2"], config=SMALL).version == 1
     params = PreprocessParams.from_dict(orjson.loads(_query(url, sa.select(db.models.c.manifest))[0][0])["preprocess"])
     data, *_ = lifecycle.windows_from_logs([str(train_log)], params)
-    X = extract_features(data, params)
     engine.dispose()
     hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
     hub.wait_started()
-    fakes = FakeDevices(broker, prefix, ("fk-1", "fk-2", "fk-3", "fk-4"))
+    fakes = FakeDevices(broker, prefix, names)
     fakes.report(url, 1)
     wait_for(lambda: all(_devices(url).get(d) == 1 for d in fakes.names), what="the fake devices on v1")
+    return url, train_log, extract_features(data, params), hub, fakes
+
+
+@pytest.mark.slow
+def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, broker, prefix, tmp_path) -> None:
+    priv, _, _ = keygen(tmp_path / "keys" / "hub.pem")
+    url, train_log, X, hub, fakes = _fake_fleet(procs, broker, prefix, tmp_path, ("fk-1", "fk-2", "fk-3", "fk-4"))
     out = open(tmp_path / "federate.log", "ab")  # noqa: SIM115 - the process owns it
     fed = procs.popen([sys.executable, "-m", "cloud_hub", "federate", "--broker", broker.url, "--db", url, "--prefix",
                        prefix, "--client-id", f"{prefix}-fed", "--signing-key", str(priv), "--rounds", "2",
@@ -406,19 +412,7 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
 
 @pytest.mark.slow
 def test_a_device_that_never_answers_stalls_nothing_past_the_deadline(procs, broker, prefix, tmp_path) -> None:
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    engine = db.make_engine(url)
-    train_log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
-    assert lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-2"], config=SMALL).version == 1
-    params = PreprocessParams.from_dict(orjson.loads(_query(url, sa.select(db.models.c.manifest))[0][0])["preprocess"])
-    data, *_ = lifecycle.windows_from_logs([str(train_log)], params)
-    X = extract_features(data, params)
-    engine.dispose()
-    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
-    hub.wait_started()
-    fakes = FakeDevices(broker, prefix, ("ok-1", "silent-1"))
-    fakes.report(url, 1)
-    wait_for(lambda: all(_devices(url).get(d) == 1 for d in fakes.names), what="the fake devices on v1")
+    url, train_log, X, hub, fakes = _fake_fleet(procs, broker, prefix, tmp_path, ("ok-1", "silent-1"))
     out = open(tmp_path / "federate.log", "ab")  # noqa: SIM115 - the process owns it
     fed = procs.popen([sys.executable, "-m", "cloud_hub", "federate", "--broker", broker.url, "--db", url, "--prefix",
                        prefix, "--client-id", f"{prefix}-fed", "--insecure-unsigned", "--rounds", "1",

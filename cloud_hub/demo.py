@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,12 +245,17 @@ class Demo:
         return out
 
     def _cleanup(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if self.broker is not None:
-            self.broker.stop()
+        stop_all(self.procs.values(), self.broker)
+
+
+def stop_all(procs: Iterable[subprocess.Popen[Any]], broker: LocalBroker | None) -> None:
+    """Whatever a demo started, on success or failure: its agents (by pid), then its broker."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if broker is not None:
+        broker.stop()
 
 
 def delivery_check(agents: dict[str, dict[str, Any]], stored: dict[str, int]) -> list[str]:

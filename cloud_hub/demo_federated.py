@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from cloud_hub import db, lifecycle, rollout
-from cloud_hub.demo import PREFIX, DemoData, _score, prepare_data
+from cloud_hub.demo import PREFIX, DemoData, _score, prepare_data, stop_all
 from cloud_hub.ingest import Hub
 from cloud_hub.local_broker import LocalBroker, port_open
 from cloud_hub.rounds import Coordinator, FederateConfig
@@ -56,12 +56,7 @@ class FederatedDemo:
         try:
             return self._run()
         finally:
-            for p in self.procs.values():
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            if self.broker is not None:
-                self.broker.stop()
+            stop_all(self.procs.values(), self.broker)
 
     def _run(self) -> dict[str, Any]:
         import shutil

@@ -164,6 +164,7 @@ fl_updates = sa.Table(  # every update a device sent, with the hub's verdict
     sa.Column("received_at", sa.Double, nullable=False),
     sa.CheckConstraint("status IN ('accepted', 'late', 'refused', 'evaluated')", name="ck_fl_updates_status"),
     sa.Index("ix_fl_updates_round_device", "round_id", "device_id"),
+    sa.Index("ix_fl_updates_sha256", "sha256"),  # a redelivery is looked up by it
 )
 
 

@@ -59,6 +59,17 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     if not updates:
         return "failed", None, outcome, "no update counted by the deadline: the model is unchanged"
     store = Store(engine)
+    done = _made_by(store, engine, r)
+    if done is not None:  # a coordinator stopped after registering it: finish that version, do not make another
+        gate = str((done.metrics or {}).get("gate", "registered before the coordinator stopped"))
+        if done.state in ("published", "rejected"):
+            return done.state, done.version, outcome, gate
+        if _canary_open(store, engine, r.model_name):
+            return "failed", done.version, outcome, f"{gate}; registered but not published: a canary is open"
+        from cloud_hub.rollout import publish
+
+        publish(engine, settings, version=done.version, signing_key=signing_key, allow_unsigned=allow_unsigned)
+        return "published", done.version, outcome, gate
     with db.transaction(engine, write=False) as conn:
         base = store.get_model(conn, r.model_name, r.base_version)
         blob = store.get_weights(conn, r.model_name, r.base_version)
@@ -68,7 +79,10 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     t0 = time.monotonic()
     pipeline = weights.from_bytes(blob)
     master = fedavg.mlp_tensors(pipeline)
-    new = fedavg.aggregate(master, [fedavg.Update(u.dequantized(), u.n_examples, s) for u, s in updates],
+    # a device states its own example count: none may weigh more than 3x the median (one device must not
+    # outvote the round by claiming a billion windows)
+    cap = 3 * int(np.median([u.n_examples for u, _ in updates]))
+    new = fedavg.aggregate(master, [fedavg.Update(u.dequantized(), min(u.n_examples, cap), s) for u, s in updates],
                            clip=float(r.plan["clip"]))
     model = fedavg.with_tensors(pipeline, new)
     manifest = manifest_from_obj(base.manifest)
@@ -118,15 +132,25 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     outcome |= {"int8_bytes": len(int8), "gate": gate}
     if state == "rejected":
         return "rejected", version, outcome, gate
-    with db.transaction(engine, write=False) as conn:
-        canaries = store.rollouts(conn, r.model_name, state="canary")
-    if canaries:  # opened while the round ran: its promotion would replace this version
-        return "failed", version, outcome, (f"{gate}; v{version} is registered but not published: a canary "
-                                            f"rollout of v{canaries[0].version} is open")
+    if _canary_open(store, engine, r.model_name):  # opened while the round ran: its promotion would replace it
+        return "failed", version, outcome, f"{gate}; v{version} is registered but not published: a canary is open"
     from cloud_hub.rollout import publish
 
     publish(engine, settings, version=version, signing_key=signing_key, allow_unsigned=allow_unsigned)
     return "published", version, outcome, gate
+
+
+def _made_by(store: Store, engine: sa.Engine, r: RoundRow) -> Any:
+    """The version this round already registered, if any (its manifest names the round)."""
+    with db.transaction(engine, write=False) as conn:
+        rows = store.list_models(conn, r.model_name)
+    return next((m for m in rows if m.manifest.get("training", {}).get("source") == "federated"
+                 and m.manifest["training"].get("round") == r.id), None)
+
+
+def _canary_open(store: Store, engine: sa.Engine, name: str) -> bool:
+    with db.transaction(engine, write=False) as conn:
+        return bool(store.rollouts(conn, name, state="canary"))
 
 
 def _score(m: dict[str, Any]) -> float:

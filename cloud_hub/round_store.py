@@ -103,6 +103,12 @@ class RoundStore:
                                                                      u.status.in_(list(statuses))))
         return {d: s for d, s in rows}
 
+    def prior(self, conn: Connection, device_id: str, update_round: int) -> str | None:
+        """The sha256 of the update of ``device_id`` for ``update_round`` already counted (in any round)."""
+        u = fl_updates.c
+        return conn.execute(sa.select(u.sha256).where(u.device_id == device_id, u.update_round == update_round,
+                                                      u.status.in_(COUNTED)).limit(1)).scalar_one_or_none()
+
     def seen(self, conn: Connection, sha256: str) -> bool:
         """Whether this exact payload was already judged (a broker's redelivery after the hub restarted)."""
         u = fl_updates.c

@@ -37,6 +37,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from cloud_hub import db
+from cloud_hub.lifecycle import LifecycleError
 from cloud_hub.round_store import RoundRow, RoundStore
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import Store, dead_letter
@@ -99,8 +100,9 @@ def trainable_names(n_layers: int, train_layers: int | None) -> tuple[str, ...]:
 
 
 def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds: Callable[[int], RoundRow | None],
-          counted: dict[str, str], digest: str, refuse_factor: float) -> Verdict:
-    """The hub's verdict on one update. ``counted``: device -> payload sha256 already counted this round."""
+          prior: Callable[[str, int], str | None], digest: str, refuse_factor: float) -> Verdict:
+    """The hub's verdict on one update. ``prior(device, round)``: the sha256 of the update of that device
+    for that round already counted (in any round: a late one counts in a later round), or None."""
     try:
         u = decode_update(payload, topic_device)
     except ContractError as exc:
@@ -110,10 +112,6 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
     if u.kind != "train":
         return Verdict("refused", f"an evaluation for round {u.round_id}, which is not being evaluated", current.id,
                        update=u)
-    if u.device_id in counted:
-        same = counted[u.device_id] == digest
-        return Verdict("duplicate" if same else "refused", None if same else "a second update in the same round",
-                       current.id, update=u)
     own = rounds(u.round_id)
     if own is None or u.round_id > current.id:
         return Verdict("refused", f"unknown round {u.round_id}", current.id, update=u)
@@ -124,6 +122,11 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
     if u.base_version != own.base_version:
         return Verdict("refused", f"base version v{u.base_version}, round {u.round_id} trains "
                        f"v{own.base_version}", current.id, update=u)
+    before = prior(u.device_id, u.round_id)
+    if before is not None:
+        same = before == digest
+        return Verdict("duplicate" if same else "refused", None if same else
+                       f"a second update for round {u.round_id}", current.id, update=u)
     staleness = current.id - u.round_id
     if staleness > int(current.plan["max_staleness"]):
         return Verdict("refused", f"after the deadline of round {u.round_id} ({staleness} rounds late, "
@@ -137,6 +140,16 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
     finite = all(np.isfinite(d).all() for d in delta.values()) and all(np.isfinite(r).all() for r in u.ranges)
     if not finite:
         return Verdict("refused", "NaN or inf in the delta or the ranges", current.id, update=u)
+    layers = sum(1 for t in current.plan["tensors"] if t["name"].startswith("coef_"))
+    if len(u.ranges) != layers or any(lo > hi or ilo > ihi for ilo, ihi, lo, hi in u.ranges):
+        return Verdict("refused", f"activation ranges of {len(u.ranges)} layers, or a minimum over its maximum "
+                       f"(the model has {layers} layers)", current.id, update=u)
+    if own.id != current.id:  # late: it must still fit the model this round trains
+        now = {t["name"]: tuple(t["shape"]) for t in current.plan["tensors"]}
+        if any(now.get(name) != shape for name, shape in got.items()):
+            return Verdict("refused", f"late, and its tensors no longer fit v{current.base_version}", current.id, update=u)
+    if current.plan["task"] == "classification" and not (0 <= u.metric_before <= 1 and 0 <= u.metric_after <= 1):
+        return Verdict("refused", "an accuracy outside [0, 1]", current.id, update=u)
     norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
     clip = float(own.plan["clip"])
     if norm > refuse_factor * clip:
@@ -158,6 +171,7 @@ class Coordinator:
         self.say = progress
         self.store, self.rounds = Store(engine), RoundStore()
         self._inbox: queue.Queue[Message] = queue.Queue()
+        self._later: list[Message] = []  # training answers held (not acknowledged) during an evaluation
         self._published: dict[int, str] = {}
         self._link = MqttLink(
             settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
@@ -314,11 +328,16 @@ class Coordinator:
 
     def _collect(self, r: RoundRow, grace_s: float = 0.0) -> None:
         not_before = time.monotonic() + grace_s
+        for msg in self._later:  # answers that came while the last round was being evaluated
+            self._inbox.put(msg)
+        self._later = []
         while True:
             with db.transaction(self.engine, write=False) as conn:
+                fresh = self.rounds.counted(conn, r.id, statuses=("accepted",))  # K counts answers to this round
                 counted = self.rounds.counted(conn, r.id)
-            if len(counted) >= int(r.plan["min_updates"]) or (
-                    time.time() >= r.deadline and self._inbox.empty() and time.monotonic() >= not_before):
+            past = time.time() - r.deadline
+            if len(fresh) >= int(r.plan["min_updates"]) or (
+                    past >= 0 and (self._inbox.empty() or past > 2.0) and time.monotonic() >= not_before):
                 break
             self._check_link()
             try:
@@ -326,8 +345,8 @@ class Coordinator:
             except queue.Empty:
                 continue
             self._receive(msg, r)
-        silent = [d for d in r.participants if d not in counted]
-        why = f"{len(counted)} update(s) counted" + ("" if len(counted) >= int(r.plan["min_updates"]) else
+        silent = [d for d in r.participants if d not in fresh]
+        why = f"{len(counted)} update(s) counted" + ("" if len(fresh) >= int(r.plan["min_updates"]) else
                                                     " at the deadline")
         if silent:
             why += f"; no update from {', '.join(silent)}"
@@ -351,7 +370,7 @@ class Coordinator:
                 verdict = Verdict("duplicate", round_id=r.id)
             else:
                 verdict = judge(msg.payload, device, current=r, rounds=lambda i: self.rounds.get_round(conn, i),
-                                counted=self.rounds.counted(conn, r.id), digest=digest,
+                                prior=lambda d, i: self.rounds.prior(conn, d, i), digest=digest,
                                 refuse_factor=self.cfg.refuse_factor)
             if verdict.status != "duplicate":
                 self._record(conn, msg, device, digest, verdict)
@@ -384,6 +403,9 @@ class Coordinator:
         windows; the example-weighted scores, or None when none answered by the deadline."""
         with db.transaction(self.engine, write=False) as conn:
             devices = tuple(sorted(self.rounds.counted(conn, r.id, statuses=("accepted",))))  # trained on this base
+        if not devices:
+            self.say(f"round {r.id}: only late updates, from devices that trained an older base: none can evaluate")
+            return None
         now = time.time()
         plan = RoundPlan(
             round_id=r.id, model=r.model_name, base_version=r.base_version, base_sha256=str(r.plan["base_sha256"]),
@@ -409,27 +431,37 @@ class Coordinator:
         self._send(topic, b"")
         with db.transaction(self.engine, write=False) as conn:
             got = self.rounds.evaluations(conn, r.id)
-        n = sum(k for k, _ in got.values())
+        cap = 3 * float(np.median([k for k, _ in got.values()])) if got else 0.0
+        weights = {d: min(float(k), cap) for d, (k, _) in got.items()}  # no device outvotes the rest
+        n = sum(weights.values())
         if not n:
             return None
-        mean = lambda key: sum(k * float(m[key]) for k, m in got.values()) / n  # noqa: E731
-        return {"devices": sorted(got), "windows": n, "before": mean("metric_before"), "after": mean("metric_after")}
+        mean = lambda key: sum(weights[d] * float(m[key]) for d, (_, m) in got.items()) / n  # noqa: E731
+        return {"devices": sorted(got), "windows": int(sum(k for k, _ in got.values())), "before": mean("metric_before"),
+                "after": mean("metric_after")}
 
     def _receive_evaluation(self, msg: Message, r: RoundRow, devices: tuple[str, ...]) -> None:
         digest = hashlib.sha256(msg.payload).hexdigest()
         device = msg.topic.split("/")[-2]
+        try:
+            u: Update | None = decode_update(msg.payload, device)
+            malformed = None
+        except ContractError as exc:
+            u, malformed = None, exc.reason
+        if u is not None and u.kind == "train":  # a late answer: judged in the next round, acknowledged then
+            self._later.append(msg)
+            return
         with db.transaction(self.engine) as conn:
-            if not self.rounds.seen(conn, digest):
-                try:
-                    u = decode_update(msg.payload, device)
-                except ContractError as exc:
-                    verdict = Verdict("refused", f"malformed: {exc.reason}", r.id)
+            if self.rounds.seen(conn, digest):
+                verdict = Verdict("duplicate", round_id=r.id)
+            else:
+                if u is None:
+                    verdict = Verdict("refused", f"malformed: {malformed}", r.id)
                 else:
-                    verdict = self._evaluation_verdict(u, r, devices, self.rounds.counted(conn, r.id, statuses=("evaluated",)))
+                    verdict = self._evaluation_verdict(
+                        u, r, devices, self.rounds.counted(conn, r.id, statuses=("evaluated",)))
                     verdict.update = u
                 self._record(conn, msg, device, digest, verdict)
-            else:
-                verdict = Verdict("duplicate", round_id=r.id)
         self._link.ack(msg.mid, msg.qos)
         if verdict.status == "refused":
             self.say(f"round {r.id}: refused an answer from {device}: {verdict.reason}")
@@ -445,6 +477,8 @@ class Coordinator:
             return Verdict("refused", "a second evaluation in the same round", r.id)
         if u.base_version != r.base_version:
             return Verdict("refused", f"base version v{u.base_version}, round {r.id} trains v{r.base_version}", r.id)
+        if r.plan["task"] == "classification" and not (0 <= u.metric_before <= 1 and 0 <= u.metric_after <= 1):
+            return Verdict("refused", "an accuracy outside [0, 1]", r.id)
         return Verdict("evaluated", None, r.id)
 
     # ----------------------------------------------------------------- closing
@@ -456,9 +490,12 @@ class Coordinator:
             r = self.rounds.get_round(conn, round_id)
             counted = self.rounds.counted_payloads(conn, round_id)
         assert r is not None
-        state, version, outcome, reason = finish(self.engine, self.s, r, counted, signing_key=self.signing_key,
-                                                 allow_unsigned=self.allow_unsigned,
-                                                 evaluate=lambda tensors: self._evaluate(r, tensors))
+        try:
+            state, version, outcome, reason = finish(self.engine, self.s, r, counted, signing_key=self.signing_key,
+                                                     allow_unsigned=self.allow_unsigned,
+                                                     evaluate=lambda tensors: self._evaluate(r, tensors))
+        except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
+            state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
         with db.transaction(self.engine) as conn:
             self.rounds.set_round(conn, round_id, state=state, expect=("closed",), new_version=version,
                                   outcome=outcome, reason=reason)

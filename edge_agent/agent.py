@@ -177,11 +177,11 @@ class Agent:
         """Drain the outbox (bounded), publish offline, disconnect. Returns True if fully drained."""
         drained = self.publisher.wait_drained(drain_timeout)
         self.publisher.stop()
+        if self.learner is not None:  # a round's answer in the making goes out before the link closes
+            self.learner.close()
         self.link.stop(final=[(self.topics.status(d), self._status(d, c.OFFLINE).encode(), c.STATUS_DELIVERY)
                               for d in self.device_ids if c.valid_id(d)])
         self.outbox.close()
-        if self.learner is not None:
-            self.learner.close()
         if self.metrics is not None:
             self.metrics.stop()
         return drained

@@ -159,13 +159,14 @@ class RoundPlan:
     signature: str | None = None
 
     def header(self) -> dict[str, Any]:
+        # floats written as floats (10.0, not 10): a device re-serializes what it decoded to check the signature
         return {
             "v": SCHEMA_VERSION, "round": self.round_id, "model": self.model, "base_version": self.base_version,
             "base_sha256": self.base_sha256, "task": self.task, "participants": list(self.participants),
-            "deadline": self.deadline, "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "mu": self.mu,
-            "alpha": self.alpha, "clip": self.clip, "min_windows": self.min_windows, "min_new": self.min_new,
+            "deadline": float(self.deadline), "epochs": self.epochs, "lr": float(self.lr), "batch": self.batch,
+            "mu": float(self.mu), "alpha": float(self.alpha), "clip": float(self.clip), "min_windows": self.min_windows, "min_new": self.min_new,
             "min_updates": self.min_updates, "max_staleness": self.max_staleness, "encoding": self.encoding,
-            "budget_s": self.budget_s, "created": self.created, "weights_sha256": self.weights_sha256,
+            "budget_s": float(self.budget_s), "created": float(self.created), "weights_sha256": self.weights_sha256,
             "tensors": [t.to_obj() for t in self.tensors], "trainable": list(self.trainable), "kind": self.kind,
             "key_id": self.key_id, "signature": self.signature,
         }

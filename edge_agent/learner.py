@@ -56,12 +56,15 @@ class WindowStore:
             log.warning("labelled windows in %s unreadable (%s): starting an empty store", self.path, exc)
 
     def add(self, layout: str, feats: np.ndarray, truths: list[str | None], starts: np.ndarray) -> None:
-        keep = [i for i, t in enumerate(truths) if t]
-        if not keep:
-            return
+        """Keep the labelled windows that start after the newest one kept (a followed log is read again
+        from its start when the agent restarts: those windows are kept once)."""
         if layout != self.layout or (self.X.size and self.X.shape[1] != feats.shape[1]):
             self.X, self.y, self.t = np.zeros((0, feats.shape[1]), np.float32), [], np.zeros(0)
             self.layout, self.new = layout, 0
+        last = float(self.t.max()) if len(self.t) else -np.inf
+        keep = [i for i, t in enumerate(truths) if t and float(starts[i]) > last]
+        if not keep:
+            return
         rows = np.asarray(feats[keep], dtype=np.float32)
         self.X = np.concatenate([self.X.reshape(-1, rows.shape[1]), rows])[-self.capacity:]
         self.y = (self.y + [str(truths[i]) for i in keep])[-self.capacity:]
@@ -181,11 +184,11 @@ class Learner:
         X, y, t = self.store.X.copy(), list(self.store.y), self.store.t.copy()
         if ann.plan.kind == "train":
             self.store.new = 0
-        self.answered = [*self.answered, f"{ann.plan.round_id}/{ann.plan.kind}"][-100:]
-        self._answered_path.write_bytes(orjson.dumps(self.answered))
         self.save()
         work = self._train if ann.plan.kind == "train" else self._evaluate
-        self._thread = threading.Thread(target=work, args=(ann, X, y, t), name="edge-agent-learn", daemon=True)
+        labels = bundle.manifest.labels if bundle is not None else ()  # of the model the round was checked against
+        self._thread = threading.Thread(target=work, args=(ann, X, y, t, labels), name="edge-agent-learn",
+                                        daemon=True)
         self._thread.start()
 
     def _check(self, payload: bytes) -> tuple[str | None, Announcement | None]:
@@ -212,12 +215,10 @@ class Learner:
                     f"{p.min_windows} ({p.min_new} new): not answering yet"), None
         return None, ann
 
-    def _train(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray) -> None:
+    def _train(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray, labels: tuple[str, ...]) -> None:
         from edge_agent import learn
 
         p = ann.plan
-        bundle = self.running()
-        labels = bundle.manifest.labels if bundle is not None else ()
         try:
             rows, target = _targets(p.task, labels, y)
             if len(rows) < p.min_windows:
@@ -242,6 +243,7 @@ class Learner:
                 encoding=p.encoding, tensors=specs, delta=arrays, sent=time.time())
             payload = update.encode()
             self.publish(self.topic, payload)
+            self._answered(p.round_id, p.kind)
             self.sent += 1
             self.last = {"round": p.round_id, "n": int(res.n), "bytes": len(payload), "seconds": res.seconds,
                          "metric_before": res.metric_before, "metric_after": res.metric_after}
@@ -254,12 +256,12 @@ class Learner:
         except Exception:  # a bug must not take inference down with it
             log.exception("round %d: training failed", p.round_id)
 
-    def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray) -> None:
+    def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray,
+                  labels: tuple[str, ...]) -> None:
         """The round's candidate and the base it trained, scored on the same held-out windows."""
         p = ann.plan
-        bundle = self.running()
         try:
-            rows, target = _targets(p.task, bundle.manifest.labels if bundle else (), y)
+            rows, target = _targets(p.task, labels, y)
             held = held_out(t[rows])
             if not held.any():
                 log.info("round %d: no held-out window to evaluate on", p.round_id)
@@ -273,6 +275,7 @@ class Learner:
                 norm=0.0, epochs=0, seconds=time.monotonic() - t0, ranges=(), encoding=p.encoding, tensors=(),
                 delta={}, sent=time.time(), kind="evaluate")
             self.publish(self.topic, update.encode())
+            self._answered(p.round_id, p.kind)
             self.sent += 1
             log.info("round %d: evaluated the candidate on %d held-out windows: %.3f (the base: %.3f)",
                      p.round_id, int(held.sum()), after, before)
@@ -280,6 +283,13 @@ class Learner:
             log.error("round %d: evaluation failed: %s", p.round_id, exc)
         except Exception:  # a bug must not take inference down with it
             log.exception("round %d: evaluation failed", p.round_id)
+
+    def _answered(self, round_id: int, kind: str) -> None:
+        """Once its answer is handed to MQTT (a device stopped before that answers again after its restart)."""
+        self.answered = [*self.answered, f"{round_id}/{kind}"][-100:]
+        tmp = self._answered_path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(self.answered))
+        os.replace(tmp, self._answered_path)
 
     def save(self) -> None:
         self._saved_at = time.monotonic()

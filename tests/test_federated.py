@@ -273,6 +273,8 @@ def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, b
         "malformed: update delta holds NaN or inf": (p1, _update(ann, p1, X, encoding="float32", nan=True)),
         "NaN or inf in the delta or the ranges": (p1, _update(ann, p1, X, force_scale=1e38)),
         "far above the clip 1": (p1, _update(ann, p1, X, scale=1.0)),
+        "activation ranges of 1 layers": (p1, _update(ann, p1, X, ranges=((0.0, 1.0, 0.0, 1.0),))),
+        "an accuracy outside [0, 1]": (p1, _update(ann, p1, X, metric_after=7.0)),
         f"{outsider} was not selected for round 1": (outsider, _update(ann, outsider, X)),
     }
     for device, payload in bad.values():
@@ -296,7 +298,7 @@ def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, b
     refused = [(r, d, reason) for r, d, s, reason, _ in rows if s == "refused"]
     for why, (device, _) in bad.items():
         assert any(r == 1 and d == device and why in reason for r, d, reason in refused), (why, refused)
-    assert any(r == 1 and d == p1 and "a second update" in reason for r, d, reason in refused), refused
+    assert any(r == 1 and d == p1 and "a second update for round 1" in reason for r, d, reason in refused), refused
     assert any(r == 2 and d == p3 and "after the deadline of round 1" in reason for r, d, reason in refused), refused
     assert len(refused) == len(bad) + 2, refused
     assert sorted((r, d) for r, d, s, _, _ in rows if s == "accepted") == sorted([(1, p1), (1, p2), (2, q1), (2, q2)])
@@ -307,7 +309,7 @@ def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, b
                                                                                         (2, "published", 3)]
     res = CliRunner().invoke(hub_app, ["rounds", "--db", url])
     assert res.exit_code == 0, res.output
-    assert "refused 1: a second update in the same round" in res.stdout.replace("\n", " ")
+    assert "refused 1: a second update for round 1" in res.stdout.replace("\n", " ")
     hub.signal(signal.SIGTERM)
 
 
@@ -339,6 +341,8 @@ def test_the_window_store_keeps_the_newest_labelled_windows_on_disk(tmp_path) ->
     again = WindowStore(tmp_path / "w.npz", capacity=5)
     assert again.y == store.y and np.array_equal(again.X, store.X) and again.layout == "L1"
     assert np.array_equal(again.t, store.t)
+    again.add("L1", feats + 100, ["c", "d", "e", "f"], np.arange(4.0) + 10)  # a followed log read again
+    assert again.y == store.y and again.new == store.new, "windows seen before are kept once"
     again.add("L2", np.ones((1, 2), np.float32), ["z"], np.zeros(1))  # other preprocessing: start again
     assert again.y == ["z"] and again.X.shape == (1, 2)
     (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 torn")
@@ -441,3 +445,35 @@ def test_held_out_windows_are_whole_minutes_or_the_latest_fifth_of_a_short_recor
     short = np.arange(0.0, 50.0, 0.5)  # less than a minute: the latest fifth
     assert held_out(short).sum() == 20 and held_out(short)[-20:].all()
     assert not held_out(np.arange(3.0)).any()  # too few to hold any out
+
+
+def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault() -> None:
+    from cloud_hub.round_store import RoundRow
+    from cloud_hub.rounds import judge
+
+    plan, w = _plan_and_weights(participants=("a", "b"))
+    header = cr.announcement(plan, w).plan.header() | {"max_staleness": 1}
+    r1 = RoundRow(1, "default", 1, "closed", ("a", "b"), header, 0.0, 1.0, None, None, {}, None)
+    r2 = RoundRow(2, "default", 1, "open", ("a", "b"), header | {"round": 2}, 0.0, 1.0, None, None, {}, None)
+    rows = {1: r1, 2: r2}
+    X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    ann1 = cr.announcement(plan, w)
+    ann2 = cr.announcement(dataclasses.replace(plan, round_id=2), w)
+    counted: dict[tuple[str, int], str] = {}
+
+    def verdict(payload: bytes, device: str = "a"):
+        import hashlib
+
+        v = judge(payload, device, current=r2, rounds=rows.get, prior=lambda d, i: counted.get((d, i)),
+                  digest=hashlib.sha256(payload).hexdigest(), refuse_factor=3.0)
+        if v.status in ("accepted", "late"):
+            counted[(device, v.update.round_id)] = hashlib.sha256(payload).hexdigest()
+        return v.status, v.reason
+
+    late, fresh = _update(ann1, "a", X), _update(ann2, "a", X)
+    assert verdict(late) == ("late", None)  # its answer to round 1, counted in round 2 at a lower weight
+    assert verdict(fresh) == ("accepted", None)  # and its answer to round 2: both count
+    assert verdict(late) == ("duplicate", None)  # a redelivery: counted once
+    assert verdict(_update(ann1, "a", X, seed=5)) == ("refused", "a second update for round 1")
+    status, reason = verdict(_update(ann2, "a", X, model="other"))
+    assert status == "refused" and "model 'other'" in reason, reason  # not "a second update"

@@ -54,9 +54,11 @@ def upgrade() -> None:
         sa.CheckConstraint("status IN ('accepted', 'late', 'refused', 'evaluated')", name="ck_fl_updates_status"),
     )
     op.create_index("ix_fl_updates_round_device", "fl_updates", ["round_id", "device_id"])
+    op.create_index("ix_fl_updates_sha256", "fl_updates", ["sha256"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_fl_updates_sha256", "fl_updates")
     op.drop_index("ix_fl_updates_round_device", "fl_updates")
     op.drop_table("fl_updates")
     op.drop_index("ix_fl_rounds_model_state", "fl_rounds")

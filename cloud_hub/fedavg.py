@@ -126,8 +126,10 @@ def aggregate(master: Tensors, updates: Sequence[Update], *, clip: float | None 
 _clip = clip
 
 
-def merge_ranges(ranges: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
-    """Devices' per-layer ``[in_lo, in_hi, out_lo, out_hi]`` merged: min of the lows, max of the highs."""
+def merge_ranges(ranges: Sequence[Sequence[Sequence[float]]], *, spread: float = 4.0) -> list[list[float]]:
+    """Devices' per-layer ``[in_lo, in_hi, out_lo, out_hi]`` merged: min of the lows, max of the highs, but
+    never further out than ``spread`` times the median device's span past the medians: one device (a
+    glitch, or a hostile one) must not stretch an 8-bit range until real values fall into a few steps."""
     if not ranges:
         raise ValueError("no ranges to merge")
     arr = [np.asarray(r, np.float64) for r in ranges]
@@ -137,6 +139,11 @@ def merge_ranges(ranges: Sequence[Sequence[Sequence[float]]]) -> list[list[float
     if not np.all(np.isfinite(stack)):
         raise ValueError("ranges contain NaN or inf")
     lo, hi = stack.min(axis=0), stack.max(axis=0)
+    mid = np.median(stack, axis=0)
+    for a, b in ((0, 1), (2, 3)):  # input and pre-activation bounds
+        span = np.maximum(mid[:, b] - mid[:, a], 1e-6)
+        lo[:, a] = np.maximum(lo[:, a], mid[:, a] - spread * span)
+        hi[:, b] = np.minimum(hi[:, b], mid[:, b] + spread * span)
     return [[float(lo[i, 0]), float(hi[i, 1]), float(lo[i, 2]), float(hi[i, 3])] for i in range(stack.shape[1])]
 
 

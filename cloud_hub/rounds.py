@@ -170,14 +170,25 @@ class Coordinator:
         self.signing_key, self.allow_unsigned = signing_key, allow_unsigned
         self.say = progress
         self.store, self.rounds = Store(engine), RoundStore()
-        self._inbox: queue.Queue[Message] = queue.Queue()
-        self._later: list[Message] = []  # training answers held (not acknowledged) during an evaluation
+        # (connection generation, message): packet ids are per connection, so a message is acknowledged only
+        # on the connection it came on; after a reconnect the broker sends it again (and it is counted once)
+        self._inbox: queue.Queue[tuple[int, Message]] = queue.Queue()
+        self._generation = 0
+        self._later: list[tuple[int, Message]] = []  # training answers held (unacknowledged) during an evaluation
         self._published: dict[int, str] = {}
         self._link = MqttLink(
             settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
-            session_expiry_s=settings.session_expiry_s, manual_ack=True, on_message=self._inbox.put,
+            session_expiry_s=settings.session_expiry_s, manual_ack=True, on_message=lambda m: self._inbox.put((self._generation, m)),
+            on_connected=self._on_connected,
             on_published=self._on_published, subscriptions=[(settings.topics.all_updates, 1)], exclusive=True,
         )
+
+    def _on_connected(self, _up: bool) -> None:
+        self._generation += 1
+
+    def _ack(self, generation: int, msg: Message) -> None:
+        if generation == self._generation:
+            self._link.ack(msg.mid, msg.qos)
 
     def _on_published(self, mid: int, ok: bool, reason: str) -> None:
         self._published[mid] = "ok" if ok else reason
@@ -328,8 +339,8 @@ class Coordinator:
 
     def _collect(self, r: RoundRow, grace_s: float = 0.0) -> None:
         not_before = time.monotonic() + grace_s
-        for msg in self._later:  # answers that came while the last round was being evaluated
-            self._inbox.put(msg)
+        for got in self._later:  # answers that came while the last round was being evaluated
+            self._inbox.put(got)
         self._later = []
         while True:
             with db.transaction(self.engine, write=False) as conn:
@@ -341,10 +352,10 @@ class Coordinator:
                 break
             self._check_link()
             try:
-                msg = self._inbox.get(timeout=max(0.01, min(0.5, r.deadline - time.time())))
+                generation, msg = self._inbox.get(timeout=max(0.01, min(0.5, r.deadline - time.time())))
             except queue.Empty:
                 continue
-            self._receive(msg, r)
+            self._receive(generation, msg, r)
         silent = [d for d in r.participants if d not in fresh]
         why = f"{len(counted)} update(s) counted" + ("" if len(fresh) >= int(r.plan["min_updates"]) else
                                                     " at the deadline")
@@ -362,7 +373,7 @@ class Coordinator:
         if self._link.fatal:  # another process took our client id (a second federate): stop, say so
             raise MqttError(self._link.fatal)
 
-    def _receive(self, msg: Message, r: RoundRow) -> None:
+    def _receive(self, generation: int, msg: Message, r: RoundRow) -> None:
         digest = hashlib.sha256(msg.payload).hexdigest()
         device = msg.topic.split("/")[-2]
         with db.transaction(self.engine) as conn:
@@ -374,7 +385,7 @@ class Coordinator:
                                 refuse_factor=self.cfg.refuse_factor)
             if verdict.status != "duplicate":
                 self._record(conn, msg, device, digest, verdict)
-        self._link.ack(msg.mid, msg.qos)  # after the commit: an update the hub had not stored is redelivered
+        self._ack(generation, msg)  # after the commit: an update the hub had not stored is redelivered
         if verdict.status == "refused":
             self.say(f"round {r.id}: refused an update from {device}: {verdict.reason}")
         elif verdict.status != "duplicate":
@@ -424,10 +435,10 @@ class Coordinator:
                 break
             self._check_link()
             try:
-                msg = self._inbox.get(timeout=max(0.01, min(0.5, plan.deadline - time.time())))
+                generation, msg = self._inbox.get(timeout=max(0.01, min(0.5, plan.deadline - time.time())))
             except queue.Empty:
                 continue
-            self._receive_evaluation(msg, r, devices)
+            self._receive_evaluation(generation, msg, r, devices)
         self._send(topic, b"")
         with db.transaction(self.engine, write=False) as conn:
             got = self.rounds.evaluations(conn, r.id)
@@ -440,7 +451,7 @@ class Coordinator:
         return {"devices": sorted(got), "windows": int(sum(k for k, _ in got.values())), "before": mean("metric_before"),
                 "after": mean("metric_after")}
 
-    def _receive_evaluation(self, msg: Message, r: RoundRow, devices: tuple[str, ...]) -> None:
+    def _receive_evaluation(self, generation: int, msg: Message, r: RoundRow, devices: tuple[str, ...]) -> None:
         digest = hashlib.sha256(msg.payload).hexdigest()
         device = msg.topic.split("/")[-2]
         try:
@@ -449,7 +460,7 @@ class Coordinator:
         except ContractError as exc:
             u, malformed = None, exc.reason
         if u is not None and u.kind == "train":  # a late answer: judged in the next round, acknowledged then
-            self._later.append(msg)
+            self._later.append((generation, msg))
             return
         with db.transaction(self.engine) as conn:
             if self.rounds.seen(conn, digest):
@@ -462,7 +473,7 @@ class Coordinator:
                         u, r, devices, self.rounds.counted(conn, r.id, statuses=("evaluated",)))
                     verdict.update = u
                 self._record(conn, msg, device, digest, verdict)
-        self._link.ack(msg.mid, msg.qos)
+        self._ack(generation, msg)
         if verdict.status == "refused":
             self.say(f"round {r.id}: refused an answer from {device}: {verdict.reason}")
 

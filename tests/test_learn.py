@@ -221,6 +221,10 @@ def test_merge_ranges() -> None:
     a = [[-1.0, 2.0, -3.0, 4.0], [0.0, 5.0, -1.0, 1.0]]
     b = [[-2.0, 1.0, -1.0, 6.0], [0.0, 4.0, -2.0, 0.5]]
     assert fedavg.merge_ranges([a, b]) == [[-2.0, 2.0, -3.0, 6.0], [0.0, 5.0, -2.0, 1.0]]
+    # one device reporting an absurd range does not stretch the merged one
+    wild = [[-1e30, 1e30, -1e30, 1e30], [0.0, 1e30, -1e30, 1e30]]
+    merged = fedavg.merge_ranges([a, a, b, wild])
+    assert all(abs(x) < 100 for layer in merged for x in layer), merged
     with pytest.raises(ValueError):
         fedavg.merge_ranges([a, a[:1]])
 

@@ -477,3 +477,46 @@ def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault()
     assert verdict(_update(ann1, "a", X, seed=5)) == ("refused", "a second update for round 1")
     status, reason = verdict(_update(ann2, "a", X, model="other"))
     assert status == "refused" and "model 'other'" in reason, reason  # not "a second update"
+
+
+def test_a_round_whose_version_was_registered_before_a_crash_is_finished_with_it(tmp_path) -> None:
+    """The coordinator stopped between registering the round's version and recording the round: the next
+    run finishes the round with that version instead of making a second one."""
+    from cloud_hub import fedavg, weights
+    from cloud_hub.round_finish import finish
+    from cloud_hub.round_store import RoundStore
+    from cloud_hub.store import Store
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
+    store = Store(engine)
+    with engine.connect() as conn:
+        v1 = store.get_model(conn, "default", 1)
+        tensors = fedavg.mlp_tensors(weights.from_bytes(store.get_weights(conn, "default", 1)))
+    plan = cr.RoundPlan(1, "default", 1, v1.sha256, "classification", ("a",), time.time() + 60,
+                        trainable=("coef_1", "intercept_1"))
+    header = cr.announcement(plan, tensors).plan.header()
+    specs, arrays = cr.encode_update_delta({k: np.zeros_like(tensors[k]) for k in plan.trainable}, "int8")
+    payload = cr.Update(1, "a", "default", 1, 10, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
+                        ((0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 1.0)), "int8", specs, arrays).encode()
+    with db.transaction(engine) as conn:
+        RoundStore().add_round(conn, round_id=1, name="default", base_version=1, participants=["a"], plan=header,
+                               announcement=b"x", opened_at=time.time(), deadline=time.time())
+        store.add_model(conn, name="default", version=2, sha256="b" * 64, created=time.time(), state="rejected",
+                        manifest={**v1.manifest, "version": 2, "training": {"source": "federated", "round": 1}},
+                        metrics={"gate": "v2 failed its gate"})
+        RoundStore().set_round(conn, 1, state="closed", expect=("open",), closed_at=time.time())
+    with engine.connect() as conn:
+        round_row = RoundStore().rounds(conn, "default")[0]
+
+    def no_evaluation(_tensors):
+        raise AssertionError("the round's version exists: nothing is aggregated or evaluated again")
+
+    state, version, _, reason = finish(engine, None, round_row, [("a", 0, payload)], signing_key=None,  # type: ignore[arg-type]
+                                       allow_unsigned=True, evaluate=no_evaluation)
+    assert (state, version, reason) == ("rejected", 2, "v2 failed its gate")
+    with engine.connect() as conn:
+        assert [m.version for m in store.list_models(conn, "default")] == [1, 2], "no second version was made"
+    engine.dispose()

@@ -135,6 +135,7 @@ class Learner:
         self._offered: bytes | None = None  # the retained announcement of the open round
         self._offers = 0  # announcements received: a new one is looked at even if it equals the last
         self._looked_at: tuple[Any, ...] = ()
+        self._settled: tuple[Any, ...] = ()  # (announcement, model) whose verdict new windows cannot change
         self._said: str | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -171,8 +172,9 @@ class Learner:
         if payload is None or (self._thread is not None and self._thread.is_alive()):
             return
         bundle = self.running()
-        key = (offers, len(self.store.y), self.store.new, bundle.manifest.sha256 if bundle else None)
-        if key == self._looked_at:
+        settled = (offers, bundle.manifest.sha256 if bundle else None)
+        key = (*settled, len(self.store.y), self.store.new)
+        if key == self._looked_at or settled == self._settled:
             return
         self._looked_at = key
         why, ann = self._check(payload)
@@ -180,6 +182,8 @@ class Learner:
             if why and why != self._said:
                 log.info("%s", why)
             self._said = why
+            if why is None or "labelled windows" not in why:  # only new windows could change this verdict
+                self._settled = settled
             return
         X, y, t = self.store.X.copy(), list(self.store.y), self.store.t.copy()
         if ann.plan.kind == "train":

@@ -346,16 +346,13 @@ class Coordinator:
             with db.transaction(self.engine, write=False) as conn:
                 fresh = self.rounds.counted(conn, r.id, statuses=("accepted",))  # K counts answers to this round
                 counted = self.rounds.counted(conn, r.id)
-            past = time.time() - r.deadline
-            if len(fresh) >= int(r.plan["min_updates"]) or (
-                    past >= 0 and (self._inbox.empty() or past > 2.0) and time.monotonic() >= not_before):
+            if len(fresh) >= int(r.plan["min_updates"]):
                 break
-            self._check_link()
-            try:
-                generation, msg = self._inbox.get(timeout=max(0.01, min(0.5, r.deadline - time.time())))
-            except queue.Empty:
-                continue
-            self._receive(generation, msg, r)
+            nxt = self._next(r.deadline, not_before)
+            if nxt is None:
+                break
+            if nxt[1] is not None:
+                self._receive(nxt[0], nxt[1], r)
         silent = [d for d in r.participants if d not in fresh]
         why = f"{len(counted)} update(s) counted" + ("" if len(fresh) >= int(r.plan["min_updates"]) else
                                                     " at the deadline")
@@ -368,6 +365,19 @@ class Coordinator:
             self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
         self._send(self.s.topics.rounds(r.model_name), b"")  # the retained announcement is for open rounds only
         self.say(f"round {r.id}: closed, {why}")
+
+    def _next(self, deadline: float, not_before: float = 0.0) -> tuple[int, Message | None] | None:
+        """The next (generation, message) before ``deadline``; (0, None) when none came within half a
+        second; None once the deadline has passed and the inbox is drained (at most 2 s past it, so a
+        device that keeps sending cannot hold a round open)."""
+        past = time.time() - deadline
+        if past >= 0 and (self._inbox.empty() or past > 2.0) and time.monotonic() >= not_before:
+            return None
+        self._check_link()
+        try:
+            return self._inbox.get(timeout=max(0.01, min(0.5, deadline - time.time())))
+        except queue.Empty:
+            return 0, None
 
     def _check_link(self) -> None:
         if self._link.fatal:  # another process took our client id (a second federate): stop, say so
@@ -431,14 +441,13 @@ class Coordinator:
         while True:
             with db.transaction(self.engine, write=False) as conn:
                 answered = self.rounds.counted(conn, r.id, statuses=("evaluated",))
-            if set(devices) <= set(answered) or (time.time() >= plan.deadline and self._inbox.empty()):
+            if set(devices) <= set(answered):
                 break
-            self._check_link()
-            try:
-                generation, msg = self._inbox.get(timeout=max(0.01, min(0.5, plan.deadline - time.time())))
-            except queue.Empty:
-                continue
-            self._receive_evaluation(generation, msg, r, devices)
+            nxt = self._next(plan.deadline)
+            if nxt is None:
+                break
+            if nxt[1] is not None:
+                self._receive_evaluation(nxt[0], nxt[1], r, devices)
         self._send(topic, b"")
         with db.transaction(self.engine, write=False) as conn:
             got = self.rounds.evaluations(conn, r.id)

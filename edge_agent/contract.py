@@ -545,12 +545,17 @@ class Manifest:
         return replace(unsigned, signature=base64.b64encode(signature).decode())
 
     def signature_bytes(self) -> bytes | None:
-        if self.signature is None:
-            return None
-        try:
-            return base64.b64decode(self.signature, validate=True)
-        except ValueError as exc:
-            raise ContractError("manifest.signature is not valid base64") from exc
+        return signature_bytes(self.signature, "manifest")
+
+
+def signature_bytes(signature: str | None, what: str) -> bytes | None:
+    """The raw Ed25519 signature of a signed header (a manifest, a round announcement), or None if unsigned."""
+    if signature is None:
+        return None
+    try:
+        return base64.b64decode(signature, validate=True)
+    except ValueError as exc:
+        raise ContractError(f"{what}.signature is not valid base64") from exc
 
 
 _MANIFEST_REQUIRED: Final = frozenset(

@@ -38,6 +38,7 @@ from edge_agent.contract import (
     _loads,
     _opt_str,
     check_id,
+    signature_bytes,
 )
 
 MAX_ROUND_BYTES: Final = 32 << 20
@@ -180,12 +181,7 @@ class RoundPlan:
         return replace(self, key_id=key_id, signature=base64.b64encode(signature).decode())
 
     def signature_bytes(self) -> bytes | None:
-        if self.signature is None:
-            return None
-        try:
-            return base64.b64decode(self.signature, validate=True)
-        except ValueError as exc:
-            raise ContractError("round.signature is not valid base64") from exc
+        return signature_bytes(self.signature, "round")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import subprocess
 import threading
 
@@ -44,6 +45,16 @@ def test_publish_and_receive_results_through_real_broker(shared_broker: LocalBro
     assert acked.wait(10), "PUBACK reported"
     pub.stop()
     sub.stop()
+
+
+def test_link_turns_nagle_off(shared_broker: LocalBroker, prefix: str) -> None:
+    """Small packets (results, acks, receipts) must not wait behind a delayed ACK: TCP_NODELAY on the
+    client's socket, and on the broker's through ``set_tcp_nodelay`` in the config tests derive."""
+    link = _link(shared_broker, f"{prefix}-nodelay")
+    sock = link._client.socket()
+    assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    link.stop()
+    assert "set_tcp_nodelay true" in shared_broker.config_path.read_text()
 
 
 def test_last_will_marks_device_offline(broker: LocalBroker, prefix: str) -> None:

@@ -239,7 +239,7 @@ def test_shipped_config_is_locked_down_and_keeps_the_queue_limits(tmp_path: Path
         assert key in conf
     dev = _settings((REPO / "mosquitto.conf").read_text())
     for key in ("max_queued_messages", "max_queued_bytes", "max_inflight_messages", "max_packet_size",
-                "persistence", "persistent_client_expiration"):
+                "set_tcp_nodelay", "persistence", "persistent_client_expiration"):
         assert conf[key] == dev[key], key
     assert int(conf["max_queued_messages"]) >= 10_000_000 and int(conf["max_queued_bytes"]) > 0
     derived = derive_deploy_config(text, tls_port=1, mtls_port=2, root=tmp_path)

@@ -35,6 +35,22 @@ def test_psi_is_near_zero_on_the_training_distribution_and_large_on_a_shift() ->
     assert DriftMeter.of({}) is None and DriftMeter.of({"feature_bins": {"edges": [[1.0]]}}) is None
 
 
+def test_the_device_counts_its_windows_into_the_bins_as_the_hub_counted_the_training_windows() -> None:
+    """Values on an edge, NaN and the outer bins land where ``feature_bins`` put them: a device fed the
+    training windows themselves reports exactly the training shares (PSI 0)."""
+    rng = np.random.default_rng(1)
+    train = np.round(rng.normal(size=(1500, 6)), 1).astype(np.float32)  # many values exactly on an edge
+    bins = feature_bins(train)
+    meter = DriftMeter.of({"feature_bins": bins})
+    assert meter is not None
+    meter.add(train[:700])
+    meter.add(train[700:])
+    assert np.allclose(meter.counts / len(train), bins["expected"], atol=1e-6)
+    assert meter.psi() == pytest.approx(0.0, abs=1e-5)
+    meter.add(np.full((1, 6), np.nan, np.float32))  # NaN is above no edge: the first bin, as in training
+    assert meter.counts[:, 0].sum() == pytest.approx(sum(e[0] for e in bins["expected"]) * 1500 + 6)
+
+
 @pytest.mark.slow
 def test_a_device_whose_inputs_moved_is_flagged_drifting(procs, broker, prefix, tmp_path: Path) -> None:
     from cloud_hub import db, lifecycle

@@ -41,6 +41,24 @@ def log_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     return log, model, PreprocessParams.from_dict(bundle.manifest.preprocess)
 
 
+def test_a_large_batch_is_inferred_in_slices_with_the_same_predictions(log_and_model) -> None:
+    """``predict`` runs onnxruntime on at most INFER_SLICE windows at a time (its arena grows with the
+    batch); the predictions are those of the batch in one run, in order."""
+    import numpy as np
+
+    from edge_agent import runner as r
+    _, model, params = log_and_model
+    bundle = c.decode_bundle(model.read_bytes())
+    x = np.random.default_rng(3).normal(size=(2 * r.INFER_SLICE + 17, params.n_features)).astype(np.float32)
+    model_runner = r.ModelRunner(bundle)
+    whole = model_runner.session.run(None, {bundle.manifest.input_name: x})
+    probs = next(o for o, meta in zip(whole, model_runner.session.get_outputs(), strict=True) if "prob" in meta.name)
+    pred = model_runner.predict(x)
+    assert pred.labels is not None and pred.confidence is not None and len(pred.labels) == len(x)
+    np.testing.assert_allclose(pred.confidence, probs.max(axis=1), rtol=1e-6)
+    assert pred.labels == [bundle.manifest.labels[i] for i in probs.argmax(axis=1)]
+
+
 def _settings(broker: LocalBroker, prefix: str, state: Path, **kw) -> AgentSettings:
     return load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={},
                          flags={"broker": broker.url, "prefix": prefix, "state_dir": str(state), "receipts": False,

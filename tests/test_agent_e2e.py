@@ -59,6 +59,27 @@ def test_a_large_batch_is_inferred_in_slices_with_the_same_predictions(log_and_m
     assert pred.labels == [bundle.manifest.labels[i] for i in probs.argmax(axis=1)]
 
 
+def test_a_two_output_regressor_is_inferred_in_slices_window_by_window(tmp_path: Path) -> None:
+    """A regressor's output is [windows * outputs, 1]: slices keep each window's outputs together."""
+    import numpy as np
+
+    from edge_agent import runner as r
+    rng = np.random.default_rng(0)
+    rows = ["ts,device_id,x,y,label"]
+    for dev, amp in (("r1", 1.0), ("r2", 2.0), ("r3", 1.5)):
+        for i in range(1500):
+            t, a = i / 50, amp * (1 + (i // 250) % 3)
+            rows.append(f"{t:.2f},{dev},{a * np.sin(6 * t):.4f},{rng.normal():.4f},{a:.2f};{3 - a:.2f}")
+    (tmp_path / "xy.csv").write_text("\n".join(rows) + "\n")
+    bundle = make_bundle(tmp_path / "xy.csv", holdout=("r3",))
+    model_runner = r.ModelRunner(bundle)
+    x = rng.normal(size=(2 * r.INFER_SLICE + 17, bundle.manifest.n_features)).astype(np.float32)
+    whole = model_runner.session.run(None, {bundle.manifest.input_name: x})[0]
+    pred = model_runner.predict(x)
+    assert pred.values is not None and pred.values.shape == (len(x), 2)
+    np.testing.assert_array_equal(pred.values, np.asarray(whole).reshape(len(x), 2))
+
+
 def _settings(broker: LocalBroker, prefix: str, state: Path, **kw) -> AgentSettings:
     return load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={},
                          flags={"broker": broker.url, "prefix": prefix, "state_dir": str(state), "receipts": False,

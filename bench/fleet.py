@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_agent import contract as c
 from edge_agent import exits
 from edge_agent.bundle import BundleRejected, check_bundle, load_public_key
+from edge_agent.mqtt import tcp_no_delay
 
 MODEL = "fleet"
 RESEND_S = 15.0
@@ -62,6 +63,7 @@ class Device:
         self.model_at: dict[int, float] = {}  # version -> when it arrived
         self.rejected = 0
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
+        self.client.on_socket_open = tcp_no_delay  # as the agent's link does
         self.client.will_set(topics.status(name), c.Status(name, c.OFFLINE, time.time()).encode(), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

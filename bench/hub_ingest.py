@@ -46,6 +46,7 @@ from cloud_hub.local_broker import LocalBroker
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent import exits
+from edge_agent.mqtt import tcp_no_delay
 
 LABELS = ("walk", "run", "sit", "stand")
 DEVICES = 8
@@ -77,6 +78,7 @@ def publish_main(port: int, prefix: str, per_msg: int, n_results: int) -> None:
     payloads = [(topics.results(b.device_id), b.encode()) for b in make_batches(n_results, per_msg)]
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}",
                          protocol=paho.MQTTv5)
+    client.on_socket_open = tcp_no_delay  # every client of the run as the agent's and the hub's links
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     done = threading.Semaphore(0)
@@ -223,6 +225,7 @@ def bare_subscriber(broker: LocalBroker, per_msg: int, n_results: int) -> tuple[
             all_in.set()
 
     sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=prefix, protocol=paho.MQTTv5)
+    sub.on_socket_open = tcp_no_delay
     sub.on_message = on_message
     subscribed = threading.Event()
     sub.on_subscribe = lambda *_a: subscribed.set()

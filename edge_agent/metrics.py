@@ -32,7 +32,7 @@ class AgentMetrics:
         self.agent = agent
         self.registry = CollectorRegistry()
         self.inference = Histogram("edgeml_agent_inference_seconds",
-                                   "Time of one inference call (a batch of windows) in onnxruntime.",
+                                   "Inference time per window: a batch's onnxruntime time over its windows (one observation a batch).",
                                    buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_Collector(agent))
         self._server: Any = None

@@ -85,6 +85,7 @@ class ModelRunner:
         else:
             self._prob_output = None
         self._outputs = names
+        self._wanted = [self._prob_output or names[0]]
         self._labels = np.asarray(m.labels, dtype=object)
         self.warm_up()
 
@@ -108,20 +109,19 @@ class ModelRunner:
         if x.ndim != 2 or x.shape[1] != self.manifest.n_features:
             raise ModelError(f"expected a batch of shape (k, {self.manifest.n_features}), got {x.shape}")
         t0 = time.perf_counter()
-        try:
-            runs = [self.session.run(None, {self.manifest.input_name: x[i : i + INFER_SLICE]})
-                    for i in range(0, max(len(x), 1), INFER_SLICE)]
-            out = runs[0] if len(runs) == 1 else [np.concatenate(parts) for parts in zip(*runs, strict=True)]
+        try:  # only the output used (a classifier's probabilities, a regressor's values), slice by slice
+            parts = [self.session.run(self._wanted, {self.manifest.input_name: x[i : i + INFER_SLICE]})[0]
+                     for i in range(0, max(len(x), 1), INFER_SLICE)]
+            out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         except Exception as exc:
             raise ModelError(f"inference failed: {exc}") from exc
         latency = (time.perf_counter() - t0) * 1000.0 / max(len(x), 1)
-        by_name = dict(zip(self._outputs, out, strict=True))
         if self._prob_output is not None:
-            prob = np.asarray(by_name[self._prob_output], dtype=np.float32)
+            prob = np.asarray(out, dtype=np.float32)
             if prob.ndim != 2 or prob.shape[1] != len(self._labels):
                 raise ModelError(f"probabilities of shape {prob.shape} do not match {len(self._labels)} labels")
             idx = prob.argmax(axis=1)
             conf = np.clip(prob[np.arange(len(idx)), idx], 0.0, 1.0)
             return Prediction(list(self._labels[idx]), conf, None, latency)
-        values = np.asarray(out[0], dtype=np.float32).reshape(len(x), -1)
+        values = np.asarray(out, dtype=np.float32).reshape(len(x), -1)
         return Prediction(None, None, values, latency)

@@ -109,6 +109,13 @@ class RoundStore:
         return conn.execute(sa.select(u.sha256).where(u.device_id == device_id, u.update_round == update_round,
                                                       u.status.in_(COUNTED)).limit(1)).scalar_one_or_none()
 
+    def rounds_since(self, conn: Connection, name: str, after: int, upto: int) -> int:
+        """Rounds of model ``name`` with ``after < id <= upto``: how many rounds late an update is
+        (other models' rounds in between do not count)."""
+        r = fl_rounds.c
+        return int(conn.execute(sa.select(sa.func.count()).select_from(fl_rounds)
+                                .where(r.model_name == name, r.id > after, r.id <= upto)).scalar_one())
+
     def seen(self, conn: Connection, sha256: str) -> bool:
         """Whether this exact payload was already judged (a broker's redelivery after the hub restarted)."""
         u = fl_updates.c

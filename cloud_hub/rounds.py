@@ -100,9 +100,11 @@ def trainable_names(n_layers: int, train_layers: int | None) -> tuple[str, ...]:
 
 
 def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds: Callable[[int], RoundRow | None],
-          prior: Callable[[str, int], str | None], digest: str, refuse_factor: float) -> Verdict:
+          prior: Callable[[str, int], str | None], digest: str, refuse_factor: float,
+          rounds_since: Callable[[str, int, int], int]) -> Verdict:
     """The hub's verdict on one update. ``prior(device, round)``: the sha256 of the update of that device
-    for that round already counted (in any round: a late one counts in a later round), or None."""
+    for that round already counted (in any round: a late one counts in a later round), or None.
+    ``rounds_since(model, after, upto)``: that model's rounds with ``after < id <= upto``."""
     try:
         u = decode_update(payload, topic_device)
     except ContractError as exc:
@@ -117,6 +119,9 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
         return Verdict("refused", f"unknown round {u.round_id}", current.id, update=u)
     if u.model != own.model_name:
         return Verdict("refused", f"model {u.model!r}, round {u.round_id} trains {own.model_name!r}", current.id, update=u)
+    if own.model_name != current.model_name:  # a late answer to another model's round: never mixed in
+        return Verdict("refused", f"round {u.round_id} trained {own.model_name!r}; the open round {current.id} "
+                       f"trains {current.model_name!r}", current.id, update=u)
     if u.device_id not in own.participants:
         return Verdict("refused", f"{u.device_id} was not selected for round {u.round_id}", current.id, update=u)
     if u.base_version != own.base_version:
@@ -127,7 +132,7 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
         same = before == digest
         return Verdict("duplicate" if same else "refused", None if same else
                        f"a second update for round {u.round_id}", current.id, update=u)
-    staleness = current.id - u.round_id
+    staleness = 0 if own.id == current.id else rounds_since(current.model_name, own.id, current.id)
     if staleness > int(current.plan["max_staleness"]):
         return Verdict("refused", f"after the deadline of round {u.round_id} ({staleness} rounds late, "
                        f"at most {current.plan['max_staleness']} count)", current.id, update=u)
@@ -392,7 +397,8 @@ class Coordinator:
             else:
                 verdict = judge(msg.payload, device, current=r, rounds=lambda i: self.rounds.get_round(conn, i),
                                 prior=lambda d, i: self.rounds.prior(conn, d, i), digest=digest,
-                                refuse_factor=self.cfg.refuse_factor)
+                                refuse_factor=self.cfg.refuse_factor,
+                                rounds_since=lambda m, a, b: self.rounds.rounds_since(conn, m, a, b))
             if verdict.status != "duplicate":
                 self._record(conn, msg, device, digest, verdict)
         self._ack(generation, msg)  # after the commit: an update the hub had not stored is redelivered

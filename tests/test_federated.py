@@ -461,11 +461,14 @@ def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault()
     ann2 = cr.announcement(dataclasses.replace(plan, round_id=2), w)
     counted: dict[tuple[str, int], str] = {}
 
-    def verdict(payload: bytes, device: str = "a"):
+    def since(model: str, after: int, upto: int) -> int:
+        return sum(1 for i, r in rows.items() if r.model_name == model and after < i <= upto)
+
+    def verdict(payload: bytes, device: str = "a", current: RoundRow = r2):
         import hashlib
 
-        v = judge(payload, device, current=r2, rounds=rows.get, prior=lambda d, i: counted.get((d, i)),
-                  digest=hashlib.sha256(payload).hexdigest(), refuse_factor=3.0)
+        v = judge(payload, device, current=current, rounds=rows.get, prior=lambda d, i: counted.get((d, i)),
+                  digest=hashlib.sha256(payload).hexdigest(), refuse_factor=3.0, rounds_since=since)
         if v.status in ("accepted", "late"):
             counted[(device, v.update.round_id)] = hashlib.sha256(payload).hexdigest()
         return v.status, v.reason
@@ -477,6 +480,28 @@ def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault()
     assert verdict(_update(ann1, "a", X, seed=5)) == ("refused", "a second update for round 1")
     status, reason = verdict(_update(ann2, "a", X, model="other"))
     assert status == "refused" and "model 'other'" in reason, reason  # not "a second update"
+    # Rounds of another model in between: they neither make an answer later nor take it in.
+    rows[3] = RoundRow(3, "other", 1, "closed", ("a", "b"), header | {"round": 3}, 0.0, 1.0, None, None, {}, None)
+    rows[4] = RoundRow(4, "default", 1, "open", ("a", "b"), header | {"round": 4}, 0.0, 1.0, None, None, {}, None)
+    assert verdict(_update(ann2, "b", X), device="b", current=rows[4]) == ("late", None)  # one round of its model late
+    status, reason = verdict(_update(ann2, "b", X, seed=7), device="b", current=rows[3])
+    assert status == "refused" and "trains 'other'" in reason, reason  # never averaged into another model
+
+
+def test_lateness_counts_the_rounds_of_the_same_model_only(tmp_path) -> None:
+    from cloud_hub.round_store import RoundStore
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    store = RoundStore()
+    with db.transaction(engine) as conn:
+        for i, name in enumerate(("default", "other", "other", "default", "default"), 1):
+            store.add_round(conn, round_id=i, name=name, base_version=1, participants=["a"], plan={},
+                            announcement=b"", opened_at=0.0, deadline=1.0)
+    with engine.connect() as conn:
+        assert store.rounds_since(conn, "default", 1, 4) == 1  # rounds 2 and 3 trained another model
+        assert store.rounds_since(conn, "default", 1, 5) == 2 and store.rounds_since(conn, "other", 2, 5) == 1
+        assert store.rounds_since(conn, "default", 4, 4) == 0
+    engine.dispose()
 
 
 def test_a_round_whose_version_was_registered_before_a_crash_is_finished_with_it(tmp_path) -> None:

@@ -139,6 +139,9 @@ def _summary(view: _FleetView, outcome: dict[str, Any], workdir: Path) -> None:
         console.print(f"model v{m['version']}: {m['state']}{' (on the model topic)' if m['on_topic'] else ''}, "
                       f"INT8 {_score(m['int8']) if m['int8'] else '-'} on hold-out "
                       f"{', '.join(m['holdout_devices']) or '-'}, devices running it: {m['devices']}")
+    retrained = outcome.get("v2")
+    if retrained is not None and retrained.gate:  # the one comparison on the same windows
+        console.print(f"v{retrained.version}'s gate (both versions on the same hold-out): {retrained.gate}")
     console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
                   f"(files in {workdir}/)")
 

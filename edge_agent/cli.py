@@ -5,6 +5,7 @@ Exit codes: :mod:`edge_agent.exits` (one table for both command lines).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Annotated, Any, NoReturn
@@ -98,7 +99,8 @@ def replay(
     trusted_key: KeyOpt = None,
     features: Annotated[str | None, typer.Option(help="Send model inputs for retraining: off|sampled|all.")] = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="Count and report malformed lines instead of stopping.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Give up waiting for receipts after S seconds (exit 3).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Give up after S seconds of waiting (exit 3): for the broker, "
+                                                  "the model on its topic, or the receipts.")] = None,
     until: Annotated[str | None, typer.Option(help="hub: exit 0 once the hub has stored every result (its receipts); "
                                             "broker: once the broker has them (setups without a hub). "
                                             "Default: the receipts setting (true = hub).")] = None,
@@ -116,6 +118,9 @@ def replay(
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,
                   trusted_key=trusted_key, features=features, receipts=None if until is None else until == "hub",
                   log_level=log_level)
+    if timeout is not None and timeout > 0:  # one bound for every wait, not only the one for receipts
+        s = dataclasses.replace(s, model_wait_s=min(s.model_wait_s, timeout),
+                                connect_timeout_s=min(s.connect_timeout_s, timeout))
     _logging(s.log_level if log_level or not json_out else "WARNING")
     try:
         report = _with_progress(lambda cb: jobs.replay(

@@ -26,6 +26,7 @@ def test_demo_runs_end_to_end_on_generated_data(tmp_path) -> None:
     assert "generated sensor log" in out and "published v1" in out and "published v2" in out
     assert "final stats per device" in out and "results stored exactly once" in out
     assert "model v2: published (on the model topic)" in out and "devices running it: 2" in out
+    assert "v2's gate (both versions on the same hold-out): " in out  # not only each on its own hold-out
     port = int(re.search(r"private mosquitto on mqtt://127\.0\.0\.1:(\d+)", out).group(1))
     assert not port_open("127.0.0.1", port), "the demo stopped the broker it started"
     # "stored exactly once" is what the hub's table holds: every window of every agent's log, once.

@@ -89,6 +89,15 @@ def test_an_unreachable_broker_is_named_with_its_cause_and_nothing_hangs(files, 
     one_line(res, exits.UNAVAILABLE, closed, "connection refused")
 
 
+def test_timeout_bounds_every_wait_of_a_replay_not_only_the_receipts(files, tmp_path) -> None:
+    """``--timeout 2`` against a broker nobody runs: it gives up on the broker (and on the model it would
+    fetch) after 2 s, not after the 30 s of the settings' defaults."""
+    closed = f"mqtt://127.0.0.1:{free_port()}"
+    res = run(agent_cmd("replay", str(files["log"]), "--state-dir", str(tmp_path / "s"), "--broker", closed,
+                        "--timeout", "2"))
+    one_line(res, exits.UNAVAILABLE, f"cannot reach the broker {closed} for 2 s", "to get a model")
+
+
 def test_a_hub_that_never_answers_is_named_at_the_timeout(shared_broker, prefix, files, tmp_path) -> None:
     res = run(agent_cmd("replay", str(files["log"]), "--model", str(files["model"]), "--prefix", prefix,
                         "--state-dir", str(tmp_path / "s"), "--broker", shared_broker.url, "--timeout", "1"))

@@ -145,8 +145,8 @@ def serve(
                                                   "stable and unique per hub (default: cloud-hub-<host>-<hash of "
                                                   "db and prefix>).")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
-    http: Annotated[str | None, typer.Option("--http", help="host:port to serve Prometheus metrics on "
-                                             "(/metrics), e.g. 127.0.0.1:9100.")] = None,
+    http: Annotated[str | None, typer.Option("--http", help="host:port of the live dashboard (/) and the "
+                                             "Prometheus metrics (/metrics), e.g. 127.0.0.1:9100.")] = None,
 ) -> None:
     """Ingest every device's results and status into the database until SIGTERM/SIGINT."""
     from cloud_hub.ingest import serve as run

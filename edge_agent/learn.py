@@ -233,6 +233,17 @@ def _evaluate(layers: list[list[np.ndarray]], H: np.ndarray, Y: np.ndarray, y_re
     return loss / n, (hits if task == "classification" else err) / n
 
 
+def score(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray) -> float:
+    """The metric ``fine_tune`` reports (accuracy, or mean Euclidean error in real units) of ``tensors``
+    on windows X [n, f] with labels y as ``fine_tune`` takes them."""
+    layers = _layers(tensors, task, unfold=True)
+    H = _standardize(tensors, X)
+    outputs = layers[-1][0].shape[1]
+    Y = _targets(tensors, task, y, H.shape[0], outputs)
+    y_real = np.asarray(y, H.dtype) if task == "regression" else Y
+    return _evaluate(layers, H, Y, y_real, task, _target(tensors, outputs))[1]
+
+
 def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epochs: float, lr: float,
               batch: int = 64, mu: float = 0.0, alpha: float = 0.0, clip: float | None = None,
               train_layers: int | None = None, seed: int = 0, budget_s: float | None = None,

@@ -110,16 +110,6 @@ def held_out(starts: np.ndarray, share: int = 5, block_s: float = 60.0) -> np.nd
     return held
 
 
-def score(tensors: dict[str, np.ndarray], task: str, X: np.ndarray, y: np.ndarray) -> float:
-    """Accuracy of a classifier, or a regressor's mean Euclidean error in real units."""
-    from edge_agent import learn
-
-    out = learn.predict(tensors, task, X)
-    if task == "classification":
-        return float(np.mean(out.argmax(axis=1) == y))
-    return float(np.mean(np.linalg.norm(out.reshape(len(X), -1) - y.reshape(len(X), -1), axis=1)))
-
-
 class Learner:
     """Answers the rounds of one device (``edge-agent run``)."""
 
@@ -235,8 +225,8 @@ class Learner:
                 dict(ann.weights), p.task, X[rows][~held], target[~held], epochs=p.epochs, lr=p.lr, batch=p.batch,
                 mu=p.mu, alpha=p.alpha, clip=p.clip, train_layers=n_layers, seed=p.round_id, budget_s=p.budget_s)
             if held.any():  # scores on the device's windows that no round ever trains on
-                res.metric_before = score(ann.weights, p.task, X[rows][held], target[held])
-                res.metric_after = score(res.tensors, p.task, X[rows][held], target[held])
+                res.metric_before = learn.score(ann.weights, p.task, X[rows][held], target[held])
+                res.metric_after = learn.score(res.tensors, p.task, X[rows][held], target[held])
             specs, arrays = encode_update_delta({k: res.delta[k] for k in p.trainable}, p.encoding)
             update = Update(
                 round_id=p.round_id, device_id=self.device_id, model=p.model, base_version=p.base_version,
@@ -263,6 +253,8 @@ class Learner:
     def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray,
                   labels: tuple[str, ...]) -> None:
         """The round's candidate and the base it trained, scored on the same held-out windows."""
+        from edge_agent import learn
+
         p = ann.plan
         try:
             rows, target = _targets(p.task, labels, y)
@@ -272,7 +264,7 @@ class Learner:
                 return
             Xh, yh = X[rows][held], target[held]
             t0 = time.monotonic()
-            before, after = score(self._bases[p.round_id], p.task, Xh, yh), score(dict(ann.weights), p.task, Xh, yh)
+            before, after = learn.score(self._bases[p.round_id], p.task, Xh, yh), learn.score(dict(ann.weights), p.task, Xh, yh)
             update = Update(
                 round_id=p.round_id, device_id=self.device_id, model=p.model, base_version=p.base_version,
                 n_examples=int(held.sum()), loss_before=0.0, loss_after=0.0, metric_before=before, metric_after=after,

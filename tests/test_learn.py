@@ -118,6 +118,23 @@ def test_gradient_matches_finite_differences(classifier, regressor, kind) -> Non
     assert learn.loss_and_grad(t, kind, X, y, alpha=0.7)[0] == pytest.approx(plain + 0.5 * 0.7 / 40 * l2, rel=1e-9)
 
 
+def test_score_is_the_metric_fine_tune_reports_and_that_of_the_predictions(classifier, regressor) -> None:
+    model, X, cls = classifier
+    t = fedavg.mlp_tensors(model)
+    idx = {c: i for i, c in enumerate(model[-1].classes_)}
+    y = np.array([idx[c] for c in np.array(["lo", "mid", "hi"])[cls]])
+    assert learn.score(t, "classification", X, y) == pytest.approx(
+        np.mean(learn.predict(t, "classification", X).argmax(1) == y))
+    r = learn.fine_tune(t, "classification", X, y, epochs=1, lr=1e-3)
+    assert learn.score(t, "classification", X, y) == pytest.approx(r.metric_before)
+    model, X, target = regressor
+    t = fedavg.mlp_tensors(model)
+    err = np.mean(np.linalg.norm(learn.predict(t, "regression", X) - target, axis=1))
+    assert learn.score(t, "regression", X, target) == pytest.approx(err, rel=1e-5)
+    r = learn.fine_tune(t, "regression", X, target, epochs=1, lr=1e-3)
+    assert learn.score(r.tensors, "regression", X, target) == pytest.approx(r.metric_after, rel=1e-6)
+
+
 def test_fine_tune_learns_and_reports(classifier, regressor) -> None:
     model, X, cls = classifier
     t = fedavg.mlp_tensors(model)

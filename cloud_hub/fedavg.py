@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
-__all__ = ["Update", "aggregate", "clip", "delta_norm", "merge_ranges", "mlp_tensors",
+__all__ = ["Update", "aggregate", "capped_examples", "clip", "delta_norm", "merge_ranges", "mlp_tensors",
            "quantize_from_ranges", "staleness_weight", "with_tensors"]
 
 Tensors = Mapping[str, np.ndarray]
@@ -94,6 +94,13 @@ class Update:
     delta: Mapping[str, np.ndarray]  # dequantized, the trained tensors only
     n_examples: int
     staleness: float = 0.0  # rounds between the master it started from and the current one
+
+
+def capped_examples(counts: Sequence[int]) -> list[int]:
+    """Devices' stated example counts, each capped at 3x the median: one device must not outvote a round
+    (its average, its evaluation) by claiming a billion windows."""
+    cap = 3 * int(np.median(counts)) if len(counts) else 0
+    return [min(int(k), cap) for k in counts]
 
 
 def aggregate(master: Tensors, updates: Sequence[Update], *, clip: float | None = None,

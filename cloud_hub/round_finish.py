@@ -79,10 +79,9 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     t0 = time.monotonic()
     pipeline = weights.from_bytes(blob)
     master = fedavg.mlp_tensors(pipeline)
-    # a device states its own example count: none may weigh more than 3x the median (one device must not
-    # outvote the round by claiming a billion windows)
-    cap = 3 * int(np.median([u.n_examples for u, _ in updates]))
-    new = fedavg.aggregate(master, [fedavg.Update(u.dequantized(), min(u.n_examples, cap), s) for u, s in updates],
+    counts = fedavg.capped_examples([u.n_examples for u, _ in updates])
+    new = fedavg.aggregate(master, [fedavg.Update(u.dequantized(), k, s) for (u, s), k in zip(updates, counts,
+                                                                                                strict=True)],
                            clip=float(r.plan["clip"]))
     model = fedavg.with_tensors(pipeline, new)
     manifest = manifest_from_obj(base.manifest)

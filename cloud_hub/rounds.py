@@ -153,13 +153,18 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
         now = {t["name"]: tuple(t["shape"]) for t in current.plan["tensors"]}
         if any(now.get(name) != shape for name, shape in got.items()):
             return Verdict("refused", f"late, and its tensors no longer fit v{current.base_version}", current.id, update=u)
-    if current.plan["task"] == "classification" and not (0 <= u.metric_before <= 1 and 0 <= u.metric_after <= 1):
+    if _accuracy_outside(current, u):
         return Verdict("refused", "an accuracy outside [0, 1]", current.id, update=u)
     norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
     clip = float(own.plan["clip"])
     if norm > refuse_factor * clip:
         return Verdict("refused", f"delta norm {norm:.3g} is far above the clip {clip:g}", current.id, update=u)
     return Verdict("late" if staleness else "accepted", None, current.id, staleness, u)
+
+
+def _accuracy_outside(r: RoundRow, u: Update) -> bool:
+    """A classifier's scores are accuracies: a device that states one outside [0, 1] is not believed."""
+    return r.plan["task"] == "classification" and not (0 <= u.metric_before <= 1 and 0 <= u.metric_after <= 1)
 
 
 class Coordinator:
@@ -457,8 +462,9 @@ class Coordinator:
         self._send(topic, b"")
         with db.transaction(self.engine, write=False) as conn:
             got = self.rounds.evaluations(conn, r.id)
-        cap = 3 * float(np.median([k for k, _ in got.values()])) if got else 0.0
-        weights = {d: min(float(k), cap) for d, (k, _) in got.items()}  # no device outvotes the rest
+        from cloud_hub.fedavg import capped_examples  # loaded with round_finish, which calls this
+
+        weights = dict(zip(got, capped_examples([k for k, _ in got.values()]), strict=True))
         n = sum(weights.values())
         if not n:
             return None
@@ -503,7 +509,7 @@ class Coordinator:
             return Verdict("refused", "a second evaluation in the same round", r.id)
         if u.base_version != r.base_version:
             return Verdict("refused", f"base version v{u.base_version}, round {r.id} trains v{r.base_version}", r.id)
-        if r.plan["task"] == "classification" and not (0 <= u.metric_before <= 1 and 0 <= u.metric_after <= 1):
+        if _accuracy_outside(r, u):
             return Verdict("refused", "an accuracy outside [0, 1]", r.id)
         return Verdict("evaluated", None, r.id)
 

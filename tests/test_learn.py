@@ -118,6 +118,11 @@ def test_gradient_matches_finite_differences(classifier, regressor, kind) -> Non
     assert learn.loss_and_grad(t, kind, X, y, alpha=0.7)[0] == pytest.approx(plain + 0.5 * 0.7 / 40 * l2, rel=1e-9)
 
 
+def test_no_device_outweighs_a_round_by_the_examples_it_claims() -> None:
+    assert fedavg.capped_examples([100, 120, 10**12]) == [100, 120, 360]  # 3x the median
+    assert fedavg.capped_examples([80, 90]) == [80, 90] and fedavg.capped_examples([]) == []
+
+
 def test_score_is_the_metric_fine_tune_reports_and_that_of_the_predictions(classifier, regressor) -> None:
     model, X, cls = classifier
     t = fedavg.mlp_tensors(model)

@@ -84,7 +84,6 @@ class ModelRunner:
                 raise ModelError("classifier manifest has no labels")
         else:
             self._prob_output = None
-        self._outputs = names
         self._wanted = [self._prob_output or names[0]]
         self._labels = np.asarray(m.labels, dtype=object)
         self.warm_up()

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from cloud_hub import db
 from cloud_hub.aggregate import result_errors
-from cloud_hub.settings import HubSettings
+from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from cloud_hub.signing import load_private_key, sign_bundle
 from cloud_hub.store import ModelRow, RolloutRow, Store
 from edge_agent.contract import MODEL_DELIVERY, RESULTS_DELIVERY, Delivery, decode_bundle
@@ -87,8 +87,7 @@ def signed_bundle(row: ModelRow, settings: HubSettings, signing_key: str | None,
     if key_path:
         return sign_bundle(bundle, load_private_key(key_path)).encode()
     if not allow_unsigned:
-        raise CanaryError("no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
-                          "or --insecure-unsigned for development brokers")
+        raise CanaryError(NO_SIGNING_KEY)
     return bundle.encode()
 
 

@@ -12,6 +12,7 @@ import orjson
 import typer
 
 from cloud_hub.cli_data import ConfigOpt, DbOpt, _age, _console, _fail, _settings, _table
+from cloud_hub.settings import NO_SIGNING_KEY
 from edge_agent import exits
 
 
@@ -90,8 +91,7 @@ def federate(
                       client_id=client_id)
         _progress_lines(True)  # warnings (the broker's) as `cloud-hub: ...` lines, not raw log records
         if not s.signing_key and not insecure_unsigned:
-            raise _fail(exits.USAGE, "no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
-                                     "or --insecure-unsigned for development brokers")
+            raise _fail(exits.USAGE, NO_SIGNING_KEY)
         if s.signing_key:
             from cloud_hub.signing import load_private_key
 

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from cloud_hub import db
 from cloud_hub.lifecycle import LifecycleError, on_topic
-from cloud_hub.settings import HubSettings
+from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from cloud_hub.signing import load_private_key, sign_bundle
 from cloud_hub.store import ModelRow, Store
 from edge_agent.contract import MODEL_DELIVERY, Bundle, decode_bundle
@@ -47,8 +47,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     if key_path:
         bundle = sign_bundle(bundle, load_private_key(key_path))
     elif not allow_unsigned:
-        raise LifecycleError("no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
-                             "or --insecure-unsigned for development brokers")
+        raise LifecycleError(NO_SIGNING_KEY)
     acked = threading.Event()
     outcome: list[str] = []
 

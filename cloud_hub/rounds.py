@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from cloud_hub import db
 from cloud_hub.lifecycle import LifecycleError
 from cloud_hub.round_store import RoundRow, RoundStore
-from cloud_hub.settings import HubSettings
+from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from cloud_hub.store import Store, dead_letter
 from edge_agent.contract import ContractError
 from edge_agent.contract_rounds import (
@@ -174,8 +174,7 @@ class Coordinator:
                  signing_key: str | None, allow_unsigned: bool,
                  progress: Callable[[str], None] = lambda line: None) -> None:
         if not signing_key and not allow_unsigned:
-            raise RoundError("no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
-                             "or --insecure-unsigned for development brokers")
+            raise RoundError(NO_SIGNING_KEY)
         self.s, self.engine, self.cfg = settings, engine, config
         self.signing_key, self.allow_unsigned = signing_key, allow_unsigned
         self.say = progress

@@ -17,6 +17,9 @@ from edge_agent.settings import LOG_LEVELS, BrokerSettings, SettingsError, choic
 
 ENV_PREFIX = "CLOUD_HUB"
 MAX_BATCH = 100_000
+# What every command that publishes (publish, canary, federate) says when it has nothing to sign with.
+NO_SIGNING_KEY = ("no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
+                  "or --insecure-unsigned for development brokers")
 
 
 @dataclass(frozen=True)

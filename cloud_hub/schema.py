@@ -15,6 +15,7 @@ it is stamped at the baseline and upgraded like any other.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from cloud_hub.db import DatabaseUnavailable, describe, first_line, metadata, transaction
+
+log = logging.getLogger(__name__)
 
 REVISIONS: tuple[str, ...] = ("0001_baseline", "0002_rollouts", "0003_device_drift", "0004_federated_rounds")
 """Every revision of ``cloud_hub/migrations/versions``, oldest first (a test checks the two agree)."""
@@ -107,7 +110,10 @@ def check(engine: Engine, *, create: bool = True, migrate: bool = False) -> str:
         raise SchemaError(f"{describe(engine)} holds no cloud-hub tables (nothing to read)")
     if rev == UNVERSIONED or rev in REVISIONS:
         if migrate:
-            return upgrade(engine).after
+            done = upgrade(engine)
+            log.warning("auto_migrate: upgraded %s from %s to %s%s", describe(engine), done.before, done.after,
+                        f" (backup: {done.backup})" if done.backup else "")
+            return done.after
         what = "was created before schema migrations" if rev == UNVERSIONED else f"is at schema revision {rev}"
         raise SchemaBehind(f"{describe(engine)} {what}; this build needs {HEAD}: run "
                            f"`cloud-hub db upgrade --db {describe(engine)}` (it writes a backup first), "

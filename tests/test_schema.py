@@ -97,12 +97,52 @@ def fill(engine: sa.Engine, log: Path, *, weights: bool = True) -> dict[str, int
         if weights:
             values["weights"] = blob
         conn.execute(sa.table("models", *(sa.column(k) for k in values)).insert().values(values))
+        later = set(sa.inspect(conn).get_table_names())
+        for table, rows in LATER_ROWS.items():  # the tables of later revisions, where this one has them
+            if table in later:
+                conn.execute(sa.table(table, *(sa.column(k) for k in rows[0])).insert(), rows)
     return counts(engine)
 
 
+# Rows for the tables later revisions added (only the columns each revision created them with).
+LATER_ROWS: dict[str, list[dict[str, object]]] = {
+    "rollouts": [{"model_name": "default", "version": v, "previous_version": v - 1, "cohort": '["dev-a"]',
+                  "state": state, "min_results": 50, "tolerance": 0.02, "started_at": 2.0 + v}
+                 for v, state in ((2, "rolled_back"), (3, "canary"))],
+    "events": [{"ts": 3.0 + i, "kind": kind, "model_name": "default", "version": 2, "detail": "{}"}
+               for i, kind in enumerate(("canary_started", "rolled_back", "published"))],
+    "fl_rounds": [{"model_name": "default", "base_version": 1, "state": "open", "participants": '["dev-a","dev-b"]',
+                   "plan": "{}", "announcement": b"signed", "opened_at": 4.0, "deadline": 64.0}],
+    "fl_updates": [{"round_id": 1, "update_round": 1, "device_id": d, "status": "accepted", "n_examples": 40,
+                    "staleness": 0, "bytes": 1200, "sha256": d * 8, "payload": b"delta", "received_at": 5.0}
+                   for d in ("dev-a", "dev-b")],
+}
+
+
 def counts(engine: sa.Engine) -> dict[str, int]:
+    """Rows of every hub table the database has (those of later revisions too)."""
     with engine.connect() as conn:
-        return {t: conn.execute(sa.text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in sorted(schema.HUB_TABLES)}
+        present = set(sa.inspect(conn).get_table_names()) & set(db.metadata.tables)
+        return {t: conn.execute(sa.text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in sorted(present)}
+
+
+def backup_of(out: str) -> Path:
+    """The backup file ``db upgrade`` names."""
+    assert "backup: " in out, out
+    path = Path(out.split("backup: ")[1].splitlines()[0])
+    assert path.is_file(), path
+    return path
+
+
+def backup_holds(path: Path, revision: str, rows: dict[str, int]) -> None:
+    """The backup is the database as it was: at ``revision``, with every row of every table."""
+    with sqlite3.connect(path) as old:
+        assert old.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        versions = [v for (v,) in old.execute("SELECT version_num FROM alembic_version")] \
+            if revision != schema.UNVERSIONED else []
+        held = {t: old.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in rows}
+    assert versions == ([] if revision == schema.UNVERSIONED else [revision])
+    assert held == rows
 
 
 def test_revisions_of_the_code_match_the_migration_scripts() -> None:
@@ -139,16 +179,23 @@ def test_a_database_full_of_data_upgrades_from_every_revision_and_is_served(
     schema.upgrade(engine, target=start, backup=False)
     before = fill(engine, log)
     engine.dispose()
+    assert all(before[t] == len(rows) for t, rows in LATER_ROWS.items() if t in before)
     code, out = cli("db", "upgrade", "--db", url)
     assert code == 0, out
     assert revision_of(url) == schema.HEAD
+    if start == schema.HEAD:
+        assert "nothing to do" in out and "backup" not in out, out
+    elif url.startswith("sqlite"):  # a versioned database is copied first, like one from before migrations
+        backup_holds(backup_of(out), start, before)
     _serves(url, before, shared_broker, prefix, tmp_path)
 
 
 def _serves(url: str, before: dict[str, int], broker, prefix: str, tmp_path: Path) -> None:
     """Every row is still there, and the current code ingests, aggregates and retrains on it."""
     engine = db.make_engine(url, create=False)
-    assert counts(engine) == before
+    after = counts(engine)
+    assert {t: n for t, n in after.items() if t in before} == before
+    assert not any(n for t, n in after.items() if t not in before), "tables the upgrade created start empty"
     code, out = cli("stats", "--db", url, "--json")
     assert code == 0, out
     assert orjson.loads(out)["results"] == before["results"] and orjson.loads(out)["dead_letters"] == 1
@@ -181,26 +228,39 @@ def test_a_database_from_before_migrations_is_refused_then_adopted(
     assert code == 0, out
     assert f"upgraded {schema.UNVERSIONED} -> {schema.HEAD}" in out
     if url.startswith("sqlite"):
-        copy = Path(out.split("backup: ")[1].splitlines()[0])
+        copy = backup_of(out)
+        backup_holds(copy, schema.UNVERSIONED, before)
         with sqlite3.connect(copy) as old:
-            assert old.execute("SELECT COUNT(*) FROM results").fetchone()[0] == before["results"]
             assert "weights" not in {r[1] for r in old.execute("PRAGMA table_info(models)")}
     code, out = cli("db", "upgrade", "--db", url)
     assert code == 0 and "nothing to do" in out
     _serves(url, before, shared_broker, prefix, tmp_path)
 
 
-def test_serve_with_auto_migrate_upgrades_by_itself(url: str, log: Path, shared_broker, prefix: str,
-                                                    tmp_path: Path) -> None:
-    engine = create_legacy(url)
-    fill(engine, log, weights=False)
+@pytest.mark.parametrize("start", [schema.UNVERSIONED, schema.REVISIONS[0], schema.REVISIONS[-2]])
+def test_serve_with_auto_migrate_upgrades_by_itself_after_a_backup(
+        url: str, start: str, log: Path, shared_broker, prefix: str, tmp_path: Path) -> None:
+    if start == schema.UNVERSIONED:
+        engine = create_legacy(url)
+    else:
+        engine = raw(url)
+        schema.upgrade(engine, target=start, backup=False)
+    before = fill(engine, log, weights=start != schema.UNVERSIONED)
     engine.dispose()
     settings = dataclasses.replace(settings_for(shared_broker, prefix, tmp_path), db=url)
     with pytest.raises(schema.SchemaBehind, match="db upgrade"):
         Hub(settings)
+    assert not list(tmp_path.glob("*.bak")), "refusing wrote nothing"
     hub = Hub(dataclasses.replace(settings, auto_migrate=True))
     hub.stop(timeout=1)
     assert revision_of(url) == schema.HEAD
+    engine = raw(url)
+    assert {t: n for t, n in counts(engine).items() if t in before} == before
+    engine.dispose()
+    if url.startswith("sqlite"):
+        copies = list(tmp_path.glob("hub.sqlite.*.bak"))
+        assert len(copies) == 1, copies
+        backup_holds(copies[0], start, before)
 
 
 def _digest(url: str) -> str:

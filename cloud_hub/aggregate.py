@@ -209,8 +209,8 @@ class VersionStats:
     """The results one model version produced, and the part of them from devices it never trained on."""
 
     summary: Summary
-    held_out: Summary  # results of devices outside its training set: the honest accuracy
-    train_devices: tuple[str, ...]  # empty when the registry does not say (e.g. a model made elsewhere)
+    held_out: Summary  # results of devices whose data never shaped it: the honest accuracy
+    train_devices: tuple[str, ...]  # every device that shaped it (shaped_by); empty when the registry does not say
 
     def to_obj(self) -> dict[str, Any]:
         return {**self.summary.to_obj(), "held_out": self.held_out.to_obj(), "train_devices": list(self.train_devices)}
@@ -356,16 +356,18 @@ def fleet_stats(conn: Connection, *, device: str | None = None, since: float | N
 
 def version_stats(conn: Connection, where: list[Any],
                   errors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[int, VersionStats]:
-    """Per model version: all its results, and those of devices outside its training set."""
+    """Per model version: all its results, and those of the devices whose data never shaped it
+    (:func:`shaped_by`: its training devices, every round's participants, its parents')."""
     grouped = _grouped_counts(conn, where, results.c.model_version)
     if errors is None:
         e_dev, _, e_version, e = _grouped_errors(conn, where)
     else:
         e_dev, e_version, e = errors
+    manifests = {(str(name), int(version)): orjson.loads(manifest) for name, version, manifest
+                 in conn.execute(sa.select(models.c.name, models.c.version, models.c.manifest))}
     trained: dict[int, set[str]] = {}
-    for version, manifest in conn.execute(sa.select(models.c.version, models.c.manifest)):
-        devices_of = (orjson.loads(manifest).get("training") or {}).get("train_devices") or []
-        trained.setdefault(int(version), set()).update(str(d) for d in devices_of)
+    for (_name, version), devices_of in shaped_by(manifests).items():
+        trained.setdefault(version, set()).update(devices_of)
     out: dict[int, VersionStats] = {}
     for version in sorted({int(v) for _, v in grouped}):
         mine = {d: c for (d, v), c in grouped.items() if int(v) == version}
@@ -376,6 +378,27 @@ def version_stats(conn: Connection, where: list[Any],
                                     _with_error(finish(_merge(c for d, c in mine.items() if d not in train)),
                                                 Errors.of(e[held])),
                                     tuple(sorted(train)))
+    return out
+
+
+def shaped_by(manifests: Mapping[tuple[str, int], Mapping[str, Any]]) -> dict[tuple[str, int], frozenset[str]]:
+    """Per (name, version), every device whose data shaped the version: none of them is held out for it.
+
+    A manifest written since it was recorded says so itself (``training.shaped_by``). An older one is read
+    as its ``train_devices`` (a federated one copied its base's), its round's participants (``devices``)
+    and, through ``parent_version``, whatever shaped the version it started from: a federated manifest
+    kept only its last round's participants, and a retrain is warm-started from its parent."""
+    out: dict[tuple[str, int], frozenset[str]] = {}
+    for name, version in sorted(manifests, key=lambda k: k[1]):  # a parent is older than its child
+        training = manifests[(name, version)].get("training") or {}
+        if "shaped_by" in training:
+            out[(name, version)] = frozenset(str(d) for d in training["shaped_by"])
+            continue
+        devices_of = {str(d) for key in ("train_devices", "devices") for d in training.get(key) or ()}
+        parent = training.get("parent_version")
+        if isinstance(parent, int) and parent < version:
+            devices_of |= out.get((name, parent), frozenset())
+        out[(name, version)] = frozenset(devices_of)
     return out
 
 

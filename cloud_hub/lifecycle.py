@@ -3,9 +3,11 @@
 Everything a device needs to preprocess exactly like the trainer travels in the manifest
 (:class:`edge_agent.preprocess.PreprocessParams`), so agent and hub cannot disagree.
 
-Held-out evaluation is always on devices the model never trained on. Default hold-out when none
-is named: the last ⌈20 %⌉ of the device ids in sorted order (at least one, and never all of them);
-a single-device data set is instead split in time (its last 20 % of windows).
+Held-out evaluation is always on devices the model never trained on, nor any version it started
+from (``training.shaped_by`` records every device whose data shaped a version). Default hold-out when
+none is named: the last ⌈20 %⌉ of the device ids in sorted order (at least one, and never all of
+them), among those that did not shape the version it starts from; a single-device data set is
+instead split in time (its last 20 % of windows).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from cloud_hub import db, quantize, training, weights
-from cloud_hub.aggregate import describe_error
+from cloud_hub.aggregate import describe_error, shaped_by
 from cloud_hub.store import ModelRow, Store
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.drift import feature_bins
@@ -171,8 +173,8 @@ def default_params(path: str, *, window_s: float | None = None, hop_s: float | N
                    features: str | None = None, absent: tuple[float, float] | None = None,
                    on_error: str = "raise") -> PreprocessParams:
     """Preprocessing for a log, before normalization: what is given, else the defaults of its kind
-    (sensor readings: 2.5 s windows every 0.5 s, ``stats-v1``; signal-strength scans: 2 scans every
-    scan, ``mean-v1``, +100 = not heard)."""
+    (sensor readings: 2.5 s windows every 0.5 s, ``stats-v1``; signal-strength scans: windows of
+    ``SCAN_WINDOW`` (3) scans every scan, ``mean-v1``, +100 = not heard)."""
     first = read_log(path, on_error=on_error)
     first.close()
     rate = _rate_hint(path)
@@ -269,7 +271,10 @@ def _rate_hint(path: str) -> float:
     return float(round(1.0 / float(np.median(steps)), 6))
 
 
-def choose_holdout(devices: Sequence[str], requested: Sequence[str] | None) -> list[str]:
+def choose_holdout(devices: Sequence[str], requested: Sequence[str] | None,
+                   shaped: Collection[str] = (), parent: str = "the running version") -> list[str]:
+    """The hold-out devices: ``requested``, else the last ⌈20 %⌉ of the device ids; never one in ``shaped``
+    (the devices whose data shaped ``parent``, which a retrain starts from: scores on them are not held out)."""
     known = sorted(set(devices))
     if requested:
         unknown = sorted(set(requested) - set(known))
@@ -277,10 +282,18 @@ def choose_holdout(devices: Sequence[str], requested: Sequence[str] | None) -> l
             raise LifecycleError(f"hold-out devices {unknown} have no labelled windows (known: {known})")
         if set(requested) >= set(known):
             raise LifecycleError("every device is held out: nothing left to train on")
+        used = sorted(set(requested) & set(shaped))
+        if used:
+            raise LifecycleError(f"hold-out devices {used} shaped {parent} (it learned from their windows): they "
+                                 "cannot judge the new version; hold out devices it never learned from")
         return sorted(requested)
     if len(known) < 2:
         return []
-    return known[-max(1, math.ceil(0.2 * len(known))):]
+    fresh = [d for d in known if d not in set(shaped)]
+    if not fresh:
+        raise LifecycleError(f"every device with labelled windows ({', '.join(known)}) shaped {parent}: none is "
+                             "left to judge the new version on; add a device it never learned from, or a --log of one")
+    return fresh[-min(len(fresh), max(1, math.ceil(0.2 * len(known)))):]
 
 
 def split(ds: Dataset, holdout: Sequence[str]) -> tuple[Dataset, Dataset]:
@@ -299,9 +312,10 @@ def split(ds: Dataset, holdout: Sequence[str]) -> tuple[Dataset, Dataset]:
 
 
 def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: Any = None,
-          seed: int = 0, config: training.TrainConfig | None = None,
-          summary: dict[str, Any] | None = None) -> tuple[Bundle, dict[str, Any], dict[str, Any], bytes]:
-    """Train, export FP32, quantize INT8 (calibrated on training windows), evaluate both on ``test``."""
+          seed: int = 0, config: training.TrainConfig | None = None, summary: dict[str, Any] | None = None,
+          shaped: Collection[str] = ()) -> tuple[Bundle, dict[str, Any], dict[str, Any], bytes]:
+    """Train, export FP32, quantize INT8 (calibrated on training windows), evaluate both on ``test``.
+    ``shaped``: the devices that shaped ``warm_from``; with the training devices, the new version's ``shaped_by``."""
     t0 = time.monotonic()
     log.info("training on %d windows of %d devices (%d features)%s", len(train.y), len(set(train.devices.tolist())),
              train.X.shape[1], ", warm-started" if warm_from is not None else "")
@@ -325,6 +339,7 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
         training={"train_windows": len(train.y), "holdout_windows": len(test.y),
                   "train_devices": sorted(set(train.devices.tolist())),
                   "holdout_devices": sorted(set(test.devices.tolist())),
+                  "shaped_by": sorted(set(train.devices.tolist()) | set(shaped)),
                   "warm_start": warm_from is not None, **(summary or {}),
                   "feature_bins": feature_bins(recorded.X)},  # the devices measure their drift against it
     )
@@ -447,6 +462,7 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
     params = PreprocessParams.from_dict(manifest.preprocess)
     config = config or default_config(params)
     same = [row.version for row in rows if row.manifest.get("preprocess") == manifest.preprocess]
+    shaped = shaped_by({(r.name, r.version): r.manifest for r in rows}).get((name, current.version), frozenset())
     ds = fleet_dataset(engine, params, manifest.n_features, versions=same)
     n_fleet = len(ds.y)
     if logs:
@@ -456,11 +472,12 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
                      np.concatenate([ds.devices, extra.devices]), params, np.concatenate([ds.order, extra.order]))
     if len(ds.y) < min_windows:
         raise LifecycleError(f"only {len(ds.y)} labelled windows (need {min_windows})")
-    chosen = choose_holdout(ds.devices.tolist(), holdout)
+    chosen = choose_holdout(ds.devices.tolist(), holdout, shaped, f"v{current.version}")
     train, test = split(ds, chosen)
     warm = weights.from_bytes(weights_blob) if weights_blob else None
     bundle, m_fp32, m_int8, blob = build(
         train, test, name=name, version=version, warm_from=warm, seed=seed, config=config,
+        shaped=shaped if warm is not None else (),
         summary={"source": "fleet" + ("+logs" if logs else ""), "fleet_windows": n_fleet,
                  "parent_version": current.version})
     baseline = _evaluate_bundle(current, test)

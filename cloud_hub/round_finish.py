@@ -17,6 +17,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from cloud_hub import db, fedavg, quantize, training, weights
+from cloud_hub.aggregate import shaped_by
 from cloud_hub.lifecycle import _fmt, next_version, passes_gate, register, windows_from_logs
 from cloud_hub.round_store import RoundRow
 from cloud_hub.settings import HubSettings
@@ -74,6 +75,7 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
         base = store.get_model(conn, r.model_name, r.base_version)
         blob = store.get_weights(conn, r.model_name, r.base_version)
         version = next_version(store, conn, r.model_name)
+        rows = store.list_models(conn, r.model_name)
     if base is None or blob is None or base.bundle is None:
         return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
     t0 = time.monotonic()
@@ -85,6 +87,10 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
                            clip=float(r.plan["clip"]))
     model = fedavg.with_tensors(pipeline, new)
     manifest = manifest_from_obj(base.manifest)
+    participants = sorted({u.device_id for u, _ in updates})
+    # none of them is held out for the new version: the base's devices, every round's, this round's
+    shaped = shaped_by({(m.name, m.version): m.manifest for m in rows}).get((r.model_name, r.base_version),
+                                                                          frozenset()) | set(participants)
     fp32 = training.export_onnx(model, manifest.n_features)
     ranges = fedavg.merge_ranges([list(u.ranges) for u, _ in updates])
     int8 = fedavg.quantize_from_ranges(fp32, ranges)
@@ -95,13 +101,16 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     classifier = r.plan.get("task") == "classification"
     if holdout:
         params = PreprocessParams.from_dict(manifest.preprocess)
-        data, y, _devices, _starts = windows_from_logs(holdout, params)
+        data, y, held_devices, _starts = windows_from_logs(holdout, params)
         X = extract_features(data, params)
         m_new = quantize.evaluate(int8, X, y, latency_runs=20, warmup=2)
         m_base = quantize.evaluate(decode_bundle(base.bundle).model, X, y, latency_runs=20, warmup=2)
         ok = passes_gate(m_new, m_base, tolerance)
+        not_held = sorted(set(held_devices.tolist()) & shaped)
         gate = (f"v{version} INT8 {_fmt(m_new)} vs running v{r.base_version} INT8 {_fmt(m_base)} on the hold-out "
-                f"logs ({len(y)} windows; tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
+                f"logs ({len(y)} windows; tolerance {tolerance:g}"
+                + (f"; not held out: {', '.join(not_held)} shaped v{version}" if not_held else "")
+                + f"): {'pass' if ok else 'fail'}")
         metrics |= {"int8": m_new, "baseline_int8": m_base}
         outcome |= {"holdout_before": _score(m_base), "holdout_after": _score(m_new)}
     else:
@@ -125,7 +134,7 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
         manifest, version=version, sha256=hashlib.sha256(int8).hexdigest(), created=time.time(),
         metrics=metrics | {"gate": gate}, key_id=None, signature=None,
         training={**manifest.training, "source": "federated", "round": r.id, "parent_version": r.base_version,
-                  "updates": len(updates), "devices": sorted({u.device_id for u, _ in updates}),
+                  "updates": len(updates), "devices": participants, "shaped_by": sorted(shaped),
                   "warm_start": True}), int8)
     register(engine, bundle, weights.to_bytes(model), state)
     outcome |= {"int8_bytes": len(int8), "gate": gate}

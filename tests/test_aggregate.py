@@ -143,3 +143,21 @@ def test_sql_aggregation_agrees_with_the_pure_functions(kind: str, tmp_path: Pat
     obj = late.to_obj()
     assert obj["results"] == len(mine) and obj["bucket"] == "minute"
     assert [b["start"] for b in obj["buckets"]] == sorted(late.buckets)
+
+
+def test_the_devices_that_shaped_a_version_include_its_rounds_and_its_parents() -> None:
+    """Manifests written before ``shaped_by`` was recorded: a federated one copied its base's train_devices
+    and kept only its own round's participants, so the rest comes through parent_version."""
+    manifests = {
+        ("m", 1): {"training": {"train_devices": ["a"], "holdout_devices": ["z"]}},
+        ("m", 2): {"training": {"train_devices": ["a"], "devices": ["b"], "parent_version": 1}},  # round 1
+        ("m", 3): {"training": {"train_devices": ["a"], "devices": ["c"], "parent_version": 2}},  # round 2
+        ("m", 4): {"training": {"train_devices": ["d"], "parent_version": 3}},  # a retrain, warm-started from v3
+        ("m", 5): {"training": {"shaped_by": ["e"], "train_devices": ["a"], "parent_version": 4}},  # says it itself
+        ("other", 2): {"training": {"train_devices": ["x"]}},  # another model's v2 is not m's parent
+        ("m", 6): {},  # a model made elsewhere: the registry does not say
+    }
+    got = agg.shaped_by(manifests)
+    assert got[("m", 2)] == {"a", "b"} and got[("m", 3)] == {"a", "b", "c"}
+    assert got[("m", 4)] == {"a", "b", "c", "d"} and got[("m", 5)] == {"e"}
+    assert got[("other", 2)] == {"x"} and got[("m", 6)] == frozenset()

@@ -546,3 +546,60 @@ def test_a_round_whose_version_was_registered_before_a_crash_is_finished_with_it
     with engine.connect() as conn:
         assert [m.version for m in store.list_models(conn, "default")] == [1, 2], "no second version was made"
     engine.dispose()
+
+
+# --------------------------------------------------------------------------- a round closed in process
+
+
+def _closed_round(engine: sa.Engine, participants: tuple[str, ...], **plan_extra) -> tuple[object, dict]:
+    """Round 1 on v1 (already registered), closed, its plan the coordinator's with ``plan_extra``."""
+    from cloud_hub import fedavg, weights
+    from cloud_hub.round_store import RoundStore
+    from cloud_hub.store import Store
+
+    with engine.connect() as conn:
+        v1 = Store(engine).get_model(conn, "default", 1)
+        tensors = fedavg.mlp_tensors(weights.from_bytes(Store(engine).get_weights(conn, "default", 1)))
+    plan = cr.RoundPlan(1, "default", 1, v1.sha256, "classification", participants, time.time() + 60,
+                        trainable=("coef_1", "intercept_1"))
+    header = cr.announcement(plan, tensors).plan.header() | plan_extra
+    with db.transaction(engine) as conn:
+        RoundStore().add_round(conn, round_id=1, name="default", base_version=1, participants=list(participants),
+                               plan=header, announcement=b"x", opened_at=time.time(), deadline=time.time())
+        RoundStore().set_round(conn, 1, state="closed", expect=("open",), closed_at=time.time())
+    with engine.connect() as conn:
+        return RoundStore().rounds(conn, "default")[0], tensors
+
+
+def _zero_update(device: str, tensors: dict, *, round_id: int = 1, n: int = 10) -> bytes:
+    specs, arrays = cr.encode_update_delta({k: np.zeros_like(tensors[k]) for k in ("coef_1", "intercept_1")}, "int8")
+    return cr.Update(round_id, device, "default", 1, n, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
+                     ((0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 1.0)), "int8", specs, arrays).encode()
+
+
+def test_no_device_that_shaped_a_version_counts_as_held_out_for_it(tmp_path) -> None:
+    """v1 trained on dev-a (dev-c held out), federated with dev-b into v2; results of v2 from all three:
+    only dev-c's are held out (the manifest copies the base's train_devices; the round's are not in them)."""
+    from cloud_hub.aggregate import fleet_stats
+    from cloud_hub.round_finish import finish
+    from cloud_hub.store import Store
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    log = make_log(tmp_path / "train.csv", devices=("dev-a", "dev-c"), seconds=40)
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["dev-c"], config=SMALL)
+    held_log = make_log(tmp_path / "held.csv", devices=("dev-c",), seconds=20, seed=3)
+    # a gate no model passes (tolerance -1): the version is registered, never published
+    r, tensors = _closed_round(engine, ("dev-b",), tolerance=-1.0, holdout_logs=[str(held_log)])
+    state, version, _, _ = finish(engine, None, r, [("dev-b", 0, _zero_update("dev-b", tensors))],  # type: ignore[arg-type]
+                                  signing_key=None, allow_unsigned=True, evaluate=lambda *_: None)
+    assert (state, version) == ("rejected", 2)
+    rows = [(dev, seq, float(seq), float(seq) + 2, 2, "walk", 0.9, None, truth, 1.0, None, time.time())
+            for dev in ("dev-a", "dev-b", "dev-c") for seq, truth in enumerate(("walk", "run", "walk"))]
+    with db.transaction(engine) as conn:
+        Store(engine).insert_results(conn, rows)
+    with engine.connect() as conn:
+        v2 = fleet_stats(conn).versions[2]
+    assert v2.train_devices == ("dev-a", "dev-b")
+    assert (v2.summary.results, v2.held_out.results, v2.held_out.labelled) == (9, 3, 3)  # dev-c's only
+    assert v2.held_out.accuracy == pytest.approx(2 / 3)
+    engine.dispose()

@@ -343,3 +343,13 @@ def test_a_window_of_numeric_labels_has_their_mean_as_its_target(tmp_path) -> No
     mixed.write_text("ts,device_id,x,label\n0,d,1,walk\n")
     with pytest.raises(lifecycle.LifecycleError, match="labels are text"):
         lifecycle.windows_from_logs([str(log), str(mixed)], params)
+
+
+def test_a_retrain_never_holds_out_a_device_that_shaped_the_version_it_starts_from() -> None:
+    devices = ["a", "b", "c", "d", "e"]
+    assert lifecycle.choose_holdout(devices, None) == ["e"]
+    assert lifecycle.choose_holdout(devices, None, shaped={"d", "e"}, parent="v3") == ["c"]
+    with pytest.raises(lifecycle.LifecycleError, match=r"hold-out devices \['e'\] shaped v3"):
+        lifecycle.choose_holdout(devices, ["c", "e"], shaped={"d", "e"}, parent="v3")
+    with pytest.raises(lifecycle.LifecycleError, match="every device with labelled windows .* shaped v3"):
+        lifecycle.choose_holdout(devices, None, shaped=set(devices), parent="v3")

@@ -477,6 +477,7 @@ def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault()
     late, fresh = _update(ann1, "a", X), _update(ann2, "a", X)
     assert verdict(late) == ("late", None)  # its answer to round 1, counted in round 2 at a lower weight
     assert verdict(fresh) == ("accepted", None)  # and its answer to round 2: both count
+    assert verdict(_update(ann2, "b", X, base=7), device="b") == ("refused", "base version v7, round 2 trains v1")
     assert verdict(late) == ("duplicate", None)  # a redelivery: counted once
     assert verdict(_update(ann1, "a", X, seed=5)) == ("refused", "a second update for round 1")
     status, reason = verdict(_update(ann2, "a", X, model="other"))
@@ -571,8 +572,10 @@ def _closed_round(engine: sa.Engine, participants: tuple[str, ...], **plan_extra
         return RoundStore().rounds(conn, "default")[0], tensors
 
 
-def _zero_update(device: str, tensors: dict, *, round_id: int = 1, n: int = 10) -> bytes:
-    specs, arrays = cr.encode_update_delta({k: np.zeros_like(tensors[k]) for k in ("coef_1", "intercept_1")}, "int8")
+def _zero_update(device: str, tensors: dict, *, round_id: int = 1, n: int = 10, value: float = 0.0) -> bytes:
+    """An update whose delta is ``value`` in every trained weight (exact in INT8: one step of its scale)."""
+    specs, arrays = cr.encode_update_delta({k: np.full_like(tensors[k], value) for k in ("coef_1", "intercept_1")},
+                                           "int8")
     return cr.Update(round_id, device, "default", 1, n, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
                      ((0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 1.0)), "int8", specs, arrays).encode()
 
@@ -602,4 +605,30 @@ def test_no_device_that_shaped_a_version_counts_as_held_out_for_it(tmp_path) -> 
     assert v2.train_devices == ("dev-a", "dev-b")
     assert (v2.summary.results, v2.held_out.results, v2.held_out.labelled) == (9, 3, 3)  # dev-c's only
     assert v2.held_out.accuracy == pytest.approx(2 / 3)
+    engine.dispose()
+
+
+def test_a_late_update_is_averaged_in_at_its_staleness_weight(tmp_path) -> None:
+    """Two updates of the same size, one fresh and one a round late: the new master is the base plus their
+    deltas weighted 1 and 1/sqrt(2) (FedBuff), not their plain mean."""
+    from cloud_hub import fedavg, weights
+    from cloud_hub.round_finish import finish
+    from cloud_hub.store import Store
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
+    r, tensors = _closed_round(engine, ("a", "b"), tolerance=-1.0, holdout_logs=[str(log)])
+    counted = [("a", 0, _zero_update("a", tensors, n=40, value=0.01)),
+               ("b", 1, _zero_update("b", tensors, n=40, value=-0.01))]  # answered the round before: 1 late
+    state, version, _, _ = finish(engine, None, r, counted, signing_key=None, allow_unsigned=True,  # type: ignore[arg-type]
+                                  evaluate=lambda *_: None)
+    assert (state, version) == ("rejected", 2)
+    with engine.connect() as conn:
+        got = fedavg.mlp_tensors(weights.from_bytes(Store(engine).get_weights(conn, "default", 2)))
+    w = 1 / np.sqrt(2)
+    step = 0.01 * (1 - w) / (1 + w)  # (40 * 0.01 + 40 w * -0.01) / (40 + 40 w)
+    for name in ("coef_1", "intercept_1"):
+        np.testing.assert_allclose(got[name], tensors[name] + np.float32(step), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got["coef_0"], tensors["coef_0"])  # not trained in the round
     engine.dispose()

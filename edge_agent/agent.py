@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from edge_agent import contract as c
 from edge_agent.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
 from edge_agent.contract_rounds import UPDATE_DELIVERY
-from edge_agent.drift import DriftMeter
+from edge_agent.drift import DeviceDrift
 from edge_agent.learner import Learner
 from edge_agent.mqtt import Message, MqttError, MqttLink, Will
 from edge_agent.outbox import Outbox
@@ -127,7 +127,7 @@ class Agent:
                 running=lambda: self.model.bundle if self.model is not None else None,
                 publish=self._publish_update,
                 topic=self.topics.update(single))
-        self.drift: DriftMeter | None = None
+        self.drift: DeviceDrift | None = None  # one meter per device id
         self.metrics: AgentMetrics | None = None
         self.processor: Processor | None = None
         self.source_channels: tuple[str, ...] | None = None
@@ -243,8 +243,9 @@ class Agent:
             try:
                 self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)
                 return self.model  # type: ignore[return-value]
-            except BundleRejected as exc:
-                raise AgentError(f"the model on {topic} was refused: {exc}. {_hint(str(exc))}") from exc
+            except Exception as exc:  # whatever it fails with, it is refused: one line, not a traceback
+                why = str(exc) if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
+                raise AgentError(f"the model on {topic} was refused: {why}. {_hint(why)}") from exc
         why = (f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
                if not self.link.connected else f"connected to {self.settings.broker_url}; nothing is published there")
         raise AgentError(f"no model on {topic} within {self.settings.model_wait_s:g} s ({why}). "
@@ -259,7 +260,7 @@ class Agent:
             return  # the retained copy of what already runs
         persist_bundle(bundle, self.active_path)
         self.model = ModelState(bundle, runner)
-        self.drift = DriftMeter.of(bundle.manifest.training)  # counts start again with each model
+        self.drift = DeviceDrift.of(bundle.manifest.training)  # counts start again with each model
         if self.processor is not None:
             self.processor.swap(runner)
             self.processor.drift = self.drift
@@ -289,8 +290,9 @@ class Agent:
         if changed and wanted:
             try:
                 self._install(wanted, allow_unsigned=self.settings.insecure_allow_unsigned)
-            except BundleRejected as exc:
-                self.last_error = f"model refused: {exc}"
+            except Exception as exc:  # retained: any failure must refuse it, not crash-loop on it
+                why = exc if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
+                self.last_error = f"model refused: {why}"
                 self._status_due = 0.0
                 log.error("%s; still serving v%s", self.last_error,
                           self.model.bundle.manifest.version if self.model else "none")
@@ -319,8 +321,8 @@ class Agent:
                         model_version=m.version if m else None, model_sha256=m.sha256 if m else None,
                         outbox_depth=self.outbox.depth_of(device_id) if len(self.device_ids) > 1 else self.outbox.depth,
                         last_error=error[:2000] if error else None,
-                        drift_psi=None if self.drift is None else self.drift.psi(),
-                        mean_confidence=None if self.drift is None else self.drift.mean_confidence())
+                        drift_psi=None if self.drift is None else self.drift.psi(device_id),
+                        mean_confidence=None if self.drift is None else self.drift.mean_confidence(device_id))
 
     def publish_status(self, state: str = c.ONLINE) -> None:
         with self._status_lock:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from edge_agent.drift import MIN_WINDOWS
 from edge_agent.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -86,6 +87,12 @@ class _Collector:
                                     value=len(a.learner.store.y))
             yield CounterMetricFamily("edgeml_agent_round_updates", "Federated round updates sent.",
                                       value=a.learner.sent)
-        psi = a.drift.psi() if a.drift is not None else None
-        if psi is not None:
-            yield GaugeMetricFamily("edgeml_agent_drift_psi", "PSI of recent features vs the training's.", value=psi)
+        drift = GaugeMetricFamily("edgeml_agent_drift_psi", "PSI of a device's recent features vs the training's "
+                                  f"(from {MIN_WINDOWS} windows on).", labels=["device"])
+        meters = a.drift
+        if meters is not None:
+            for device in list(meters.meters):
+                psi = meters.psi(device)
+                if psi is not None:
+                    drift.add_metric([device], psi)
+        yield drift

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent.contract import ContractError, Result, check_id, encode_result_obj
-from edge_agent.drift import DriftMeter
+from edge_agent.drift import DeviceDrift
 from edge_agent.outbox import Outbox
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
 from edge_agent.runner import ModelRunner, Prediction
@@ -64,7 +64,7 @@ class Processor:
         self.runner = runner
         self._columns = self._column_index(runner.params)
         self._windowers = DeviceWindowers(runner.params)  # by source device id
-        self.drift: DriftMeter | None = None  # the model's, set by the agent
+        self.drift: DeviceDrift | None = None  # the model's meters, one a device; set by the agent
         self.on_inference: Callable[[float], None] | None = None  # latency of each inference call (metrics)
         # labelled windows for federated rounds (edge_agent/learner.py): (layout, features, truths, starts)
         self.on_labelled: Callable[[str, np.ndarray, list[str | None], np.ndarray], None] | None = None
@@ -129,15 +129,17 @@ class Processor:
         feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
                                  runner.params)
         pred = runner.predict(feats)
+        parts: list[tuple[str, slice]] = []  # each device's windows in the batch
+        offset = 0
+        for device, batch in ready:
+            parts.append((device, slice(offset, offset + len(batch))))
+            offset += len(batch)
         if self.drift is not None:
-            self.drift.add(feats, pred.confidence)
+            self.drift.add(parts, feats, pred.confidence)
         if self.on_inference is not None:
             self.on_inference(pred.latency_ms)
         rows: list[tuple[str, int, bytes]] = []
-        offset = 0
-        for device, batch in ready:
-            part = slice(offset, offset + len(batch))
-            offset += len(batch)
+        for (device, batch), (_, part) in zip(ready, parts, strict=True):
             rows += self._results(device, batch, feats[part], pred, part)
             if self.on_labelled is not None and batch.labels is not None:
                 self.on_labelled(self._layout, feats[part], _truths(batch.labels), batch.start)

@@ -38,6 +38,9 @@ class AgentError(RuntimeError):
     """A condition the agent cannot work around (no model, bad configuration)."""
 
 
+_DATA_FAULT = "that the source does not provide"  # bundle.verify_bundle: the data lacks what the model reads
+
+
 def _hint(reason: str) -> str:
     """What to do about a refused bundle, by its reason."""
     if "no trusted key is configured" in reason:
@@ -46,6 +49,9 @@ def _hint(reason: str) -> str:
         return "Publish it signed (`cloud-hub publish --signing-key KEY`), or allow unsigned models in development."
     if "not the trusted key" in reason:
         return "Give --trusted-key the public key of the key that signs the models."
+    if _DATA_FAULT in reason:
+        return ("The data is at fault, not the model: the source lacks channels the model was trained on; "
+                "give it those columns, or train a model on the channels it has.")
     return "Publish a good model with `cloud-hub publish`, or pass --model FILE."
 
 
@@ -208,7 +214,9 @@ class Agent:
                 return self.model  # type: ignore[return-value]
             except BundleRejected as exc:
                 if origin == explicit:
-                    raise AgentError(f"model {origin} refused: {exc}") from exc
+                    data = _DATA_FAULT in str(exc)  # then the model is right, and the hint says so
+                    raise AgentError(f"model {origin} refused: {exc}" + (f". {_hint(str(exc))}" if data else "")
+                                     ) from exc
                 log.warning("persisted model %s refused (%s); waiting for the model topic", origin, exc)
         return self._wait_for_model()
 

@@ -202,6 +202,26 @@ def test_without_model_the_agent_waits_for_the_topic_then_says_why(shared_broker
     assert "cloud-hub publish" in res.stderr
 
 
+def test_a_log_missing_a_channel_blames_the_data_not_the_model(shared_broker, prefix, tmp_path, log_and_model) -> None:
+    log, model, _ = log_and_model
+    lines = log.read_text().splitlines()
+    cut = lines[0].split(",").index("wz")
+    short = tmp_path / "no-wz.csv"
+    short.write_text("\n".join(",".join(f for i, f in enumerate(line.split(",")) if i != cut) for line in lines))
+    from tests.test_ingest import Publisher
+
+    pub = Publisher(shared_broker, f"{prefix}-model-pub")
+    pub.publish(c.Topics(prefix).model("default"), model.read_bytes(), c.MODEL_DELIVERY)
+    pub.wait_acked()
+    pub.stop()
+    for how in (["--model", str(model)], []):  # a file the operator names, and the model topic
+        res = run_agent("replay", str(short), "--broker", shared_broker.url, "--prefix", prefix,
+                        "--state-dir", str(tmp_path / "s"), *how, env={"EDGE_AGENT_INSECURE_ALLOW_UNSIGNED": "true"})
+        assert res.returncode == 4, res.stderr
+        assert "needs channels ['wz'] that the source does not provide" in res.stderr, res.stderr
+        assert "The data is at fault, not the model" in res.stderr and "Publish a good model" not in res.stderr
+
+
 def test_invalid_device_id_in_a_log_is_an_input_error(shared_broker, prefix, tmp_path, log_and_model) -> None:
     _, model, _ = log_and_model
     bad = tmp_path / "ids.csv"

@@ -122,6 +122,14 @@ def _labels_array(labels: list[str]) -> np.ndarray:
     return values[:, 0] if values.shape[1] == 1 else values
 
 
+def require_labels(paths: Sequence[str], on_error: str = "raise") -> None:
+    """Every log has a label column, from its header alone: said before any log is read through."""
+    for path in paths:
+        with read_log(path, on_error=on_error) as reader:
+            if not reader.has_labels:
+                raise LifecycleError(f"{path}: no label column, cannot train from it")
+
+
 def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
                       on_error: str = "raise") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw windows of labelled logs with the agent's own windowing: (data, labels, devices, starts).
@@ -130,13 +138,12 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
     window's target is the mean of its readings' (a window with an unknown target is left out).
     Labels of several numbers (``x;y``) are targets of several outputs: ``[n, outputs]``.
     """
+    require_labels(paths, on_error)
     data, labels, devices, starts = [], [], [], []
     targets: list[np.ndarray] = []
     numeric: bool | None = None
     for path in paths:
         reader = read_log(path, on_error=on_error)
-        if not reader.has_labels:
-            raise LifecycleError(f"{path}: no label column, cannot train from it")
         this = reader.labels_are_numbers()
         if numeric is not None and this != numeric:
             raise LifecycleError(f"{path}: its labels are {'numbers' if this else 'text'}, those of {paths[0]} are "
@@ -381,6 +388,7 @@ def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "defa
                     mirror: Sequence[str] = (), absent: tuple[float, float] | None = None) -> Outcome:
     """``cloud-hub train``: a new version from labelled logs, registered as publishable."""
     log.info("reading %d log(s): %s", len(logs), ", ".join(str(p) for p in logs))
+    require_labels(logs, on_error)
     chosen = choose_holdout(_devices_of(logs, on_error), holdout)
     log.info("windowing and featurizing (hold-out devices: %s)", ", ".join(chosen) or "the last 20% in time")
     ds = dataset_from_logs(logs, window_s=window_s, hop_s=hop_s, holdout=chosen, on_error=on_error,

@@ -109,6 +109,8 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
         u = decode_update(payload, topic_device)
     except ContractError as exc:
         return Verdict("refused", f"malformed: {exc.reason}", current.id if current else 0)
+    except Exception as exc:  # an update never acknowledged comes back at every restart of federate
+        return Verdict("refused", f"malformed ({type(exc).__name__}: {exc})", current.id if current else 0)
     if current is None:
         return Verdict("refused", f"round {u.round_id} is closed and no round is open", u.round_id, update=u)
     if u.kind != "train":
@@ -479,6 +481,8 @@ class Coordinator:
             malformed = None
         except ContractError as exc:
             u, malformed = None, exc.reason
+        except Exception as exc:  # as in judge: refuse and acknowledge, never stop federate
+            u, malformed = None, f"{type(exc).__name__}: {exc}"
         if u is not None and u.kind == "train":  # a late answer: judged in the next round, acknowledged then
             self._later.append((generation, msg))
             return

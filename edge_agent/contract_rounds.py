@@ -28,16 +28,20 @@ import numpy as np
 import orjson
 
 from edge_agent.contract import (
+    MAX_HEADER_DEPTH,
     SCHEMA_VERSION,
     TASKS,
     ContractError,
     Delivery,
     _check_keys,
+    _choice,
     _float,
+    _hex64,
     _int,
     _loads,
     _opt_str,
     check_id,
+    show,
     signature_bytes,
 )
 
@@ -83,7 +87,7 @@ def _specs(value: Any, what: str, scaled: bool, least: int = 1) -> tuple[TensorS
         shape = t["shape"]
         if type(shape) is not list or not 1 <= len(shape) <= 4 or any(type(d) is not int or not 0 < d <= 1 << 20
                                                                        for d in shape):
-            raise ContractError(f"{w}.shape must be 1 to 4 positive integers, got {shape!r:.80}")
+            raise ContractError(f"{w}.shape must be 1 to 4 positive integers, got {show(shape)}")
         scale = _float(t, "scale", w) if scaled else None
         if scale is not None and scale < 0:
             raise ContractError(f"{w}.scale must not be negative")
@@ -110,7 +114,7 @@ def _unpack(payload: bytes, magic: bytes, limit: int, what: str) -> tuple[dict[s
     end = _HEADER.size + head_len
     if end > len(payload):
         raise ContractError(f"{what} header length points past the end of the payload")
-    return _loads(payload[_HEADER.size:end], 1 << 20, what), payload[end:]
+    return _loads(payload[_HEADER.size:end], 1 << 20, what, MAX_HEADER_DEPTH), payload[end:]
 
 
 def _arrays(specs: tuple[TensorSpec, ...], body: bytes, dtype: np.dtype, what: str) -> dict[str, np.ndarray]:
@@ -212,36 +216,38 @@ def announcement(plan: RoundPlan, weights: dict[str, np.ndarray]) -> Announcemen
 _ROUND_KEYS: Final = frozenset(RoundPlan(0, "m", 1, "", "classification", (), 0.0).header())
 
 
+def announcement_header(payload: bytes) -> dict[str, Any]:
+    """An announcement's header as decoded JSON, not yet interpreted: the receiver checks its signature
+    (``edge_agent.contract.signed_part``) before :func:`decode_announcement` reads a field of it."""
+    return _unpack(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")[0]
+
+
 def decode_announcement(payload: bytes) -> Announcement:
     """Parse an announcement and check its weights against the digest. The signature is checked by the
     receiver (``edge_agent.bundle.verify_signed``), the fit to its running model by the device."""
     obj, body = _unpack(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")
     what = "round"
     _check_keys(obj, _ROUND_KEYS - {"key_id", "signature"}, _ROUND_KEYS, what)
-    if obj["task"] not in TASKS:
-        raise ContractError(f"round.task must be one of {TASKS}")
-    if obj["encoding"] not in ENCODINGS:
-        raise ContractError(f"round.encoding must be one of {sorted(ENCODINGS)}")
+    task, encoding = _choice(obj, "task", TASKS, what), _choice(obj, "encoding", ENCODINGS, what)
     parts = obj["participants"]
     if type(parts) is not list or len(parts) > 100_000:
         raise ContractError("round.participants must be a list of device ids")
     specs = _specs(obj["tensors"], what, scaled=False)
-    kind, trainable = obj["kind"], obj["trainable"]
-    if kind not in KINDS:
-        raise ContractError(f"round.kind must be one of {KINDS}")
-    if type(trainable) is not list or not set(trainable) <= {s.name for s in specs} or (kind == "train") != bool(trainable):
+    kind, trainable = _choice(obj, "kind", KINDS, what), obj["trainable"]
+    if type(trainable) is not list or not all(type(t) is str for t in trainable) \
+            or not set(trainable) <= {s.name for s in specs} or (kind == "train") != bool(trainable):
         raise ContractError("round.trainable must name some of its tensors (none in an evaluate round)")
-    if hashlib.sha256(body).hexdigest() != obj["weights_sha256"]:
+    if hashlib.sha256(body).hexdigest() != _hex64(obj, "weights_sha256", what):
         raise ContractError("round weights do not match their sha256")
     plan = RoundPlan(
         round_id=_int(obj, "round", what, 1), model=check_id(obj["model"], "model name"),
-        base_version=_int(obj, "base_version", what, 1), base_sha256=str(obj["base_sha256"])[:64],
-        task=obj["task"], participants=tuple(check_id(p) for p in parts), deadline=_float(obj, "deadline", what),
+        base_version=_int(obj, "base_version", what, 1), base_sha256=_hex64(obj, "base_sha256", what),
+        task=task, participants=tuple(check_id(p) for p in parts), deadline=_float(obj, "deadline", what),
         epochs=_int(obj, "epochs", what, 1, 1000), lr=_float(obj, "lr", what), batch=_int(obj, "batch", what, 1, 1 << 16),
         mu=_float(obj, "mu", what), alpha=_float(obj, "alpha", what), clip=_float(obj, "clip", what),
         min_windows=_int(obj, "min_windows", what, 1), min_new=_int(obj, "min_new", what, 0),
         min_updates=_int(obj, "min_updates", what, 1),
-        max_staleness=_int(obj, "max_staleness", what, 0, 1000), encoding=obj["encoding"],
+        max_staleness=_int(obj, "max_staleness", what, 0, 1000), encoding=encoding,
         budget_s=_float(obj, "budget_s", what), created=_float(obj, "created", what),
         weights_sha256=obj["weights_sha256"], tensors=specs, trainable=tuple(trainable), kind=kind,
         key_id=_opt_str(obj, "key_id", what, 128), signature=_opt_str(obj, "signature", what, 256),
@@ -309,12 +315,7 @@ def decode_update(payload: bytes, topic_device: str | None = None) -> Update:
     device_id = check_id(obj["device_id"])
     if topic_device is not None and device_id != topic_device:
         raise ContractError(f"device id {device_id!r} in the update differs from {topic_device!r} in the topic")
-    encoding = obj["encoding"]
-    if encoding not in ENCODINGS:
-        raise ContractError(f"update.encoding must be one of {sorted(ENCODINGS)}")
-    kind = obj["kind"]
-    if kind not in KINDS:
-        raise ContractError(f"update.kind must be one of {KINDS}")
+    encoding, kind = _choice(obj, "encoding", ENCODINGS, what), _choice(obj, "kind", KINDS, what)
     specs = _specs(obj["tensors"], what, scaled=encoding == "int8", least=1 if kind == "train" else 0)
     ranges = obj["ranges"]
     if type(ranges) is not list or len(ranges) > 64 or any(

@@ -190,6 +190,8 @@ class Learner:
             ann = check_round(payload, trusted_key=self.trusted_key, allow_unsigned=self.allow_unsigned)
         except BundleRejected as exc:
             return f"round announcement refused: {exc}", None
+        except Exception as exc:  # a retained message: dying here would die again at every start
+            return f"round announcement refused ({type(exc).__name__}: {exc})", None
         p = ann.plan
         if f"{p.round_id}/{p.kind}" in self.answered:
             return None, None

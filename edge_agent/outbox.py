@@ -96,7 +96,8 @@ class Outbox:
         self._room = threading.Condition(self._lock)
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         # Rows with id <= floor and no ``due`` are held or in flight in the publisher: overflow never
-        # drops those (it drops the oldest unsent rows above the floor or unreceipted rows).
+        # drops those (it drops the oldest unsent rows above the floor or unreceipted rows). Raised by
+        # pending(hold=True) under the lock: a put on another thread sees it before the rows go out.
         self.floor = 0
         self.dropped = self._meta("dropped")
 
@@ -169,14 +170,18 @@ class Outbox:
             self._depth += added - max(excess, 0)  # may exceed max_rows by what is in flight
             return added
 
-    def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
-        """OutboxRow rows with id > ``after_id``, oldest first."""
+    def pending(self, after_id: int, limit: int, *, hold: bool = False) -> list[OutboxRow]:
+        """OutboxRow rows with id > ``after_id``, oldest first; ``hold``: the caller sends them, so
+        overflow must not drop them (the floor rises to the last one, in the same locked step)."""
         with self._lock:
             cur = self._db.execute(
                 "SELECT id, device_id, seq, created, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
-            return [OutboxRow(*row) for row in cur]
+            rows = [OutboxRow(*row) for row in cur]
+            if hold and rows:
+                self.floor = max(self.floor, rows[-1].id)
+            return rows
 
     def delete(self, ids: Sequence[int]) -> int:
         """Forget rows by id (delivered without receipts, or unsendable); returns how many were here."""

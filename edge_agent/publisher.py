@@ -183,7 +183,6 @@ class Publisher:
                 self.stored_results += self.outbox.delete(done)
             self.acked_results += len(done)
             self._done = []
-        self.outbox.floor = self._read_upto  # overflow never drops what is held or in flight
 
     def _mark_sent(self, everything: bool = False) -> None:
         """Mark PUBACKed rows whose receipt is late (all of them with ``everything``) as sent."""
@@ -233,7 +232,8 @@ class Publisher:
         while len(self._inflight) < self.max_inflight:
             room = (self.max_inflight - len(self._inflight)) * self.batch_max_results
             if len(self._held) < room:
-                more = self.outbox.pending(self._read_upto, room - len(self._held))
+                # hold: from this read on, overflow never drops these rows (held, then in flight)
+                more = self.outbox.pending(self._read_upto, room - len(self._held), hold=True)
                 if more:
                     self._held.extend(more)
                     self._read_upto = more[-1].id

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from edge_agent.contract import ContractError, check_id
-from edge_agent.settings import LOG_LEVELS, BrokerSettings, SettingsError, choice, positive
+from edge_agent.settings import LOG_LEVELS, BrokerSettings, SettingsError, choice, positive, user_path
 
 ENV_PREFIX = "CLOUD_HUB"
 MAX_BATCH = 100_000
@@ -93,7 +93,7 @@ class HubSettings(BrokerSettings):
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` of the HTTP endpoint; a SettingsError naming ``http`` otherwise."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # not "²"
         raise SettingsError(f"http must be host:port, e.g. 127.0.0.1:9100, got {address!r}", field="http")
     return host.strip("[]"), int(port)
 
@@ -104,8 +104,10 @@ def db_url(url: str) -> str:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        make_url(url)
-    except ArgumentError as exc:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:  # "9://:.": make_url's int() of the port raises ValueError
         raise SettingsError(f"db {url!r} is not a database URL (e.g. sqlite:///hub.sqlite, "
-                            "postgresql+psycopg://user@host/db)") from exc
+                            "postgresql+psycopg://user@host/db)", field="db") from exc
+    if parsed.drivername.startswith("sqlite") and parsed.database:
+        user_path("db", parsed.database)  # sqlite:///~nosuchuser/hub.sqlite
     return url

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_agent.contract import Bundle, ContractError, decode_bundle
+from edge_agent.contract import Bundle, ContractError, Signed, manifest_from_obj, signed_part, split_bundle
 from edge_agent.contract import key_id as contract_key_id
-from edge_agent.contract_rounds import Announcement, decode_announcement
+from edge_agent.contract_rounds import Announcement, announcement_header, decode_announcement
 from edge_agent.runner import ModelError, ModelRunner
 
 if TYPE_CHECKING:
@@ -72,38 +72,48 @@ def verify_bundle(
 
 
 def check_bundle(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> Bundle:
-    """Decode a bundle and check its digest and signature (no model is loaded). Raises :class:`BundleRejected`."""
+    """Check a bundle's signature, then decode it and check its digest (no model is loaded). Raises
+    :class:`BundleRejected`. The signature is checked on the manifest's bytes as they came, before any
+    field is interpreted: a trusted key then keeps out whatever a decoder might choke on."""
     try:
-        bundle = decode_bundle(payload)
+        header, model = split_bundle(payload)
+        signed = signed_part(header, "manifest")
+    except ContractError as exc:
+        raise BundleRejected(f"malformed bundle: {exc.reason}") from exc
+    what = _named("model v", header.get("version"), "model bundle")
+    _check_signature(what, signed, trusted_key, allow_unsigned)
+    try:
+        bundle = Bundle(manifest_from_obj(header), model)
     except ContractError as exc:
         raise BundleRejected(f"malformed bundle: {exc.reason}") from exc
     m = bundle.manifest
     digest = hashlib.sha256(bundle.model).hexdigest()
     if digest != m.sha256:
         raise BundleRejected(f"model v{m.version}: sha256 {digest[:12]}… does not match the manifest's {m.sha256[:12]}…")
-    try:
-        signature = m.signature_bytes() if m.signature else None
-    except ContractError as exc:
-        raise BundleRejected(f"model v{m.version}: {exc.reason}") from exc
-    _check_signature(f"model v{m.version}", signature, m.key_id, m.signing_bytes(), trusted_key, allow_unsigned)
     return bundle
 
 
 def check_round(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> Announcement:
-    """Decode a round announcement and check its weights' digest and its signature, as for a bundle."""
+    """Check a round announcement's signature, then decode it and check its weights' digest, as for a bundle."""
     try:
-        ann = decode_announcement(payload)
-        signature = ann.plan.signature_bytes() if ann.plan.signature else None
+        header = announcement_header(payload)
+        signed = signed_part(header, "round")
     except ContractError as exc:
         raise BundleRejected(f"malformed round announcement: {exc.reason}") from exc
-    plan = ann.plan
-    _check_signature(f"round {plan.round_id}", signature, plan.key_id, plan.signing_bytes(), trusted_key,
-                     allow_unsigned)
-    return ann
+    _check_signature(_named("round ", header.get("round"), "round announcement"), signed, trusted_key, allow_unsigned)
+    try:
+        return decode_announcement(payload)
+    except ContractError as exc:
+        raise BundleRejected(f"malformed round announcement: {exc.reason}") from exc
 
 
-def _check_signature(what: str, signature: bytes | None, signed_by: str | None, data: bytes,
-                     trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> None:
+def _named(prefix: str, number: object, otherwise: str) -> str:
+    """How a message names what it refuses before its header is interpreted: ``model v3``, ``round 7``."""
+    return f"{prefix}{number}" if type(number) is int else otherwise
+
+
+def _check_signature(what: str, signed: Signed, trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> None:
+    signature, signed_by, data = signed.signature, signed.key_id, signed.data
     if signature is None:
         if not allow_unsigned:
             raise BundleRejected(f"{what} is unsigned (allowed only with insecure_allow_unsigned)")

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import math
 import re
+import reprlib
 import struct
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +32,19 @@ MAX_RESULTS_PER_BATCH: Final = 10_000
 MAX_RECEIPT_BYTES: Final = 256 << 10
 MAX_RECEIPT_RUNS: Final = 10_000
 
+MAX_HEADER_DEPTH: Final = 32  # nesting of a signed header's JSON (a manifest's metrics, a round's plan)
+
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+# Error messages quote what a payload held through this: bounded in depth and length, so a value
+# nested 1,000 deep or a megabyte long makes a short message, not a RecursionError (plain repr recurses).
+_SHOWN: Final = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 2, 4, 4, 60, 60, 40
+
+
+def show(value: object) -> str:
+    """A short, always-safe quotation of a decoded value for an error message."""
+    return _SHOWN.repr(value)
 
 
 class ContractError(ValueError):
@@ -63,7 +76,7 @@ def valid_id(value: object) -> bool:
 def check_id(value: object, what: str = "device id") -> str:
     """Return ``value`` if it is a valid device id / model name (a string; no MQTT wildcards, no slash)."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise ContractError(f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 _ . : -")
+        raise ContractError(f"invalid {what} {show(value)}: use 1-64 of A-Z a-z 0-9 _ . : -")
     return value
 
 
@@ -147,7 +160,9 @@ class Topics:
 # --------------------------------------------------------------------------- validation helpers
 
 
-def _loads(payload: bytes, limit: int, what: str) -> dict[str, Any]:
+def _loads(payload: bytes, limit: int, what: str, max_depth: int | None = None) -> dict[str, Any]:
+    """A JSON object of schema version 1. ``max_depth`` bounds its nesting: a signed header is written
+    out again to check its signature (orjson refuses past 255 levels) and copied by ``asdict``."""
     if len(payload) > limit:
         raise ContractError(f"{what} payload is {len(payload)} bytes, over the {limit}-byte limit")
     try:
@@ -156,10 +171,28 @@ def _loads(payload: bytes, limit: int, what: str) -> dict[str, Any]:
         raise ContractError(f"{what} payload is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise ContractError(f"{what} payload must be a JSON object, got {type(obj).__name__}")
+    if max_depth is not None and _depth(obj, max_depth) > max_depth:
+        raise ContractError(f"{what} is nested more than {max_depth} levels deep")
     version = obj.get("v")
     if type(version) is not int or version != SCHEMA_VERSION:  # not True, not 1.0
-        raise ContractError(f"{what} has unsupported schema version {version!r} (this build speaks {SCHEMA_VERSION})")
+        raise ContractError(f"{what} has unsupported schema version {show(version)} (this build speaks {SCHEMA_VERSION})")
     return obj
+
+
+def _depth(value: Any, stop: int) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), counted without recursion; stops past ``stop``."""
+    deepest, level = 0, [(value, 0)]
+    while level:
+        item, d = level.pop()
+        if type(item) is dict:
+            item = item.values()
+        elif type(item) is not list:
+            continue
+        deepest = max(deepest, d + 1)
+        if deepest > stop:
+            return deepest
+        level.extend((x, d + 1) for x in item)
+    return deepest
 
 
 def _check_keys(obj: dict[str, Any], required: frozenset[str], allowed: frozenset[str], what: str) -> None:
@@ -167,13 +200,31 @@ def _check_keys(obj: dict[str, Any], required: frozenset[str], allowed: frozense
     if not required <= keys:
         raise ContractError(f"{what} is missing {', '.join(sorted(required - keys))}")
     if not keys <= allowed:
-        raise ContractError(f"{what} has unknown field(s) {', '.join(sorted(keys - allowed))}")
+        unknown = sorted(keys - allowed)
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ContractError(f"{what} has unknown field(s) {', '.join(show(k)[1:-1] for k in unknown[:5])}{more}")
+
+
+def _choice(obj: dict[str, Any], key: str, allowed: Iterable[str], what: str) -> str:
+    """A string field with a fixed set of values (a list or an object there is refused, not hashed)."""
+    value = obj[key]
+    if type(value) is not str or value not in allowed:
+        raise ContractError(f"{what}.{key} must be one of {', '.join(allowed)}, got {show(value)}")
+    return value
+
+
+def _hex64(obj: dict[str, Any], key: str, what: str) -> str:
+    """A sha256 digest field: 64 lowercase hex digits."""
+    value = obj[key]
+    if type(value) is not str or not _HEX64.fullmatch(value):
+        raise ContractError(f"{what}.{key} must be 64 lowercase hex digits, got {show(value)}")
+    return value
 
 
 def _int(obj: dict[str, Any], key: str, what: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
     value = obj[key]
     if type(value) is not int or not lo <= value <= hi:
-        raise ContractError(f"{what}.{key} must be an integer in [{lo}, {hi}], got {value!r}")
+        raise ContractError(f"{what}.{key} must be an integer in [{lo}, {hi}], got {show(value)}")
     return value
 
 
@@ -184,7 +235,7 @@ def _float(obj: dict[str, Any], key: str, what: str) -> float:
         return value  # orjson only yields finite floats
     if t is int:
         return float(value)
-    raise ContractError(f"{what}.{key} must be a finite number, got {value!r}")
+    raise ContractError(f"{what}.{key} must be a finite number, got {show(value)}")
 
 
 def _opt_str(obj: dict[str, Any], key: str, what: str, limit: int = 256) -> str | None:
@@ -192,7 +243,7 @@ def _opt_str(obj: dict[str, Any], key: str, what: str, limit: int = 256) -> str 
     if value is None:
         return None
     if type(value) is not str or len(value) > limit:
-        raise ContractError(f"{what}.{key} must be a string of at most {limit} characters, got {value!r:.80}")
+        raise ContractError(f"{what}.{key} must be a string of at most {limit} characters, got {show(value)}")
     return value
 
 
@@ -204,7 +255,7 @@ def _opt_floats(obj: dict[str, Any], key: str, what: str, limit: int = 4096) -> 
         raise ContractError(f"{what}.{key} must be a list of at most {limit} numbers")
     for x in value:
         if type(x) is not float and type(x) is not int:
-            raise ContractError(f"{what}.{key} must hold only finite numbers, got {x!r}")
+            raise ContractError(f"{what}.{key} must hold only finite numbers, got {show(x)}")
     return tuple(float(x) for x in value)
 
 
@@ -481,10 +532,8 @@ def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
     obj = _loads(payload, MAX_STATUS_BYTES, "status")
     _check_keys(obj, _STATUS_REQUIRED, _STATUS_ALLOWED, "status")
     device_id = _device_of(obj, topic_device)
-    if obj["state"] not in (ONLINE, OFFLINE):
-        raise ContractError(f"status.state must be {ONLINE!r} or {OFFLINE!r}, got {obj['state']!r}")
     return Status(
-        device_id=device_id, state=obj["state"], ts=_float(obj, "ts", "status"),
+        device_id=device_id, state=_choice(obj, "state", (ONLINE, OFFLINE), "status"), ts=_float(obj, "ts", "status"),
         model_name=_opt_str(obj, "model_name", "status", 64),
         model_version=None if obj.get("model_version") is None else _int(obj, "model_version", "status"),
         model_sha256=_opt_str(obj, "model_sha256", "status", 64),
@@ -558,6 +607,28 @@ def signature_bytes(signature: str | None, what: str) -> bytes | None:
         raise ContractError(f"{what}.signature is not valid base64") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """What a signed header's signature covers, read from the header as it came, before any field is
+    interpreted: its canonical bytes (sorted keys, without ``signature``), the signature and the key id."""
+
+    data: bytes
+    signature: bytes | None
+    key_id: str | None
+
+
+def signed_part(header: dict[str, Any], what: str) -> Signed:
+    """The signed part of a decoded header (a manifest, a round announcement). The signer wrote the
+    same canonical bytes from its object (``signing_bytes``), so they are equal for any header it made."""
+    signature = _opt_str(header, "signature", what, 256)
+    key = _opt_str(header, "key_id", what, 128)
+    try:
+        data = orjson.dumps({k: v for k, v in header.items() if k != "signature"}, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:  # not reached for a header within MAX_HEADER_DEPTH: a guard
+        raise ContractError(f"{what} cannot be written canonically: {exc}") from exc
+    return Signed(data, signature_bytes(signature, what), key)
+
+
 _MANIFEST_REQUIRED: Final = frozenset(
     {"v", "name", "version", "sha256", "task", "labels", "n_features", "input_name", "preprocess", "created"}
 )
@@ -565,28 +636,31 @@ _MANIFEST_ALLOWED: Final = _MANIFEST_REQUIRED | {"metrics", "training", "key_id"
 
 
 def manifest_from_obj(obj: dict[str, Any]) -> Manifest:
+    """A manifest from its decoded JSON (a bundle's header, or one the hub stored); ContractError if
+    anything in it is not what the contract says, nesting past MAX_HEADER_DEPTH included."""
     what = "manifest"
+    if type(obj) is not dict:
+        raise ContractError(f"manifest must be an object, got {type(obj).__name__}")
     _check_keys(obj, _MANIFEST_REQUIRED, _MANIFEST_ALLOWED, what)
     if type(obj["v"]) is not int or obj["v"] != SCHEMA_VERSION:
-        raise ContractError(f"manifest has unsupported schema version {obj['v']!r}")
-    sha = obj["sha256"]
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise ContractError("manifest.sha256 must be 64 lowercase hex digits")
-    if obj["task"] not in TASKS:
-        raise ContractError(f"manifest.task must be one of {TASKS}, got {obj['task']!r}")
+        raise ContractError(f"manifest has unsupported schema version {show(obj['v'])}")
+    sha = _hex64(obj, "sha256", what)
+    task = _choice(obj, "task", TASKS, what)
     labels = obj["labels"]
     if type(labels) is not list or not all(type(x) is str for x in labels):
         raise ContractError("manifest.labels must be a list of strings")
     for key in ("preprocess", "metrics", "training"):
         if key in obj and type(obj[key]) is not dict:
             raise ContractError(f"manifest.{key} must be an object")
+        if key in obj and _depth(obj[key], MAX_HEADER_DEPTH - 1) > MAX_HEADER_DEPTH - 1:
+            raise ContractError(f"manifest.{key} is nested more than {MAX_HEADER_DEPTH - 1} levels deep")
     name = obj["name"]
     check_id(name, "model name")
     input_name = obj["input_name"]
     if type(input_name) is not str or not input_name:
         raise ContractError("manifest.input_name must be a non-empty string")
     return Manifest(
-        name=name, version=_int(obj, "version", what, 1), sha256=sha, task=obj["task"], labels=tuple(labels),
+        name=name, version=_int(obj, "version", what, 1), sha256=sha, task=task, labels=tuple(labels),
         n_features=_int(obj, "n_features", what, 1, 1 << 20), input_name=input_name,
         preprocess=obj["preprocess"], created=_float(obj, "created", what),
         metrics=obj.get("metrics") or {}, training=obj.get("training") or {},
@@ -609,8 +683,8 @@ class Bundle:
         return payload
 
 
-def decode_bundle(payload: bytes) -> Bundle:
-    """Parse a bundle. Integrity (sha256) and signature are checked by the receiver, not here."""
+def split_bundle(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """A bundle's manifest as decoded JSON (not yet interpreted: see :func:`signed_part`) and its model bytes."""
     if len(payload) > MAX_BUNDLE_BYTES:
         raise ContractError(f"bundle of {len(payload)} bytes is over the {MAX_BUNDLE_BYTES}-byte limit")
     if len(payload) < _HEADER.size or payload[:4] != _BUNDLE_MAGIC:
@@ -619,5 +693,10 @@ def decode_bundle(payload: bytes) -> Bundle:
     end = _HEADER.size + head_len
     if end > len(payload):
         raise ContractError("bundle manifest length points past the end of the payload")
-    manifest = manifest_from_obj(_loads(payload[_HEADER.size:end], MAX_STATUS_BYTES * 64, "manifest"))
-    return Bundle(manifest, payload[end:])
+    return _loads(payload[_HEADER.size:end], MAX_STATUS_BYTES * 64, "manifest", MAX_HEADER_DEPTH), payload[end:]
+
+
+def decode_bundle(payload: bytes) -> Bundle:
+    """Parse a bundle. Integrity (sha256) and signature are checked by the receiver, not here."""
+    header, model = split_bundle(payload)
+    return Bundle(manifest_from_obj(header), model)

@@ -75,7 +75,10 @@ class ModelRunner:
             raise ModelError(f"model input shape {shape} does not take {m.n_features} features")
         if inputs[0].type != "tensor(float)":
             raise ModelError(f"model input type {inputs[0].type} is not float32")
-        names = [o.name for o in self.session.get_outputs()]
+        outputs = self.session.get_outputs()
+        names = [o.name for o in outputs]
+        if m.task == "regression" and outputs[0].type not in ("tensor(float)", "tensor(double)"):
+            raise ModelError(f"a regressor's output {names[0]!r} is {outputs[0].type}, not numbers: is the task right?")
         if m.task == "classification":
             self._prob_output = next((n for n in names if "prob" in n), None)
             if self._prob_output is None:

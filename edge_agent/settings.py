@@ -42,7 +42,10 @@ class BrokerURL:
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # "mqtt://[": an unclosed IPv6 bracket
+            raise SettingsError(f"broker URL {url!r} is not a URL: {exc}") from exc
         if parts.scheme not in ("mqtt", "mqtts"):
             raise SettingsError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
         if not parts.hostname:
@@ -53,6 +56,8 @@ class BrokerURL:
             port = parts.port
         except ValueError as exc:
             raise SettingsError(f"broker URL {url!r} has an invalid port") from exc
+        if port == 0:  # not "the default": a typo would otherwise connect to 1883 silently
+            raise SettingsError(f"broker URL {url!r} has an invalid port")
         tls = parts.scheme == "mqtts"
         return cls(
             host=parts.hostname, port=port or (8883 if tls else 1883), tls=tls,
@@ -76,13 +81,25 @@ class TLSFiles:
     def check(self) -> None:
         for name in ("ca_file", "cert_file", "key_file"):
             value = getattr(self, name)
-            if value is not None and not Path(value).expanduser().is_file():
-                raise SettingsError(f"{name} {value!r} does not exist")
+            if value is not None and not user_path(name, value).is_file():
+                raise SettingsError(f"{name} {value!r} does not exist", field=name)
         if (self.cert_file is None) != (self.key_file is None):
             raise SettingsError("cert_file and key_file go together")
 
 
 S = TypeVar("S")
+
+
+def user_path(name: str, value: str | Path) -> Path:
+    """``value`` with ``~`` expanded; a SettingsError naming ``name`` when it cannot be (``~nosuchuser/x``,
+    no home directory) or holds a NUL, instead of the RuntimeError/ValueError of pathlib, wherever it is used."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as exc:
+        raise SettingsError(f"{name} {str(value)!r}: {exc}", field=name) from exc
+    if "\0" in str(path):
+        raise SettingsError(f"{name} {str(value)!r} holds a NUL character", field=name)
+    return path
 
 
 def _coerce(name: str, value: Any, hint: Any, origin: str) -> Any:
@@ -122,7 +139,7 @@ def _coerce(name: str, value: Any, hint: Any, origin: str) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if isinstance(items, list | tuple) and all(isinstance(x, str) for x in items):
             return tuple(x.strip() for x in items if x.strip())
-    raise SettingsError(f"{origin}: {name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise SettingsError(f"{origin}: {name} must be {getattr(hint, '__name__', hint)}, got {value!r:.80}")
 
 
 def load_settings(
@@ -143,11 +160,13 @@ def load_settings(
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if config is not None:
-        path = Path(config).expanduser()
+        path = user_path("config file", config)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise SettingsError(f"config file {str(path)!r} does not exist") from exc
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, not UTF-8 (TOML is UTF-8)
+            raise SettingsError(f"config file {str(path)!r} cannot be read: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
         unknown = set(data) - fields
@@ -197,7 +216,7 @@ def choice(name: str, value: str, allowed: tuple[str, ...], *, raw: str | None =
 
 
 def positive(name: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
+    if not (value > 0 or (zero_ok and value == 0)):  # NaN ("nan" in the environment) is neither
         raise SettingsError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}", field=name)
 
 
@@ -296,6 +315,9 @@ class AgentSettings(BrokerSettings):
     def validate(self) -> None:
         self.validate_broker()
         _ = self.topics
+        for name in ("state_dir", "model", "trusted_key", "source_path"):
+            if getattr(self, name) is not None:
+                user_path(name, getattr(self, name))
         if self.device_id is not None and not valid_id(self.device_id):
             raise SettingsError(f"device_id {self.device_id!r} is not valid: use 1-64 of A-Z a-z 0-9 _ . : -")
         choice("log_level", self.log_level.upper(), LOG_LEVELS, raw=self.log_level)

@@ -30,6 +30,15 @@ _STAT_NAMES = (
 )
 _SPEC_NAMES = ("dom_freq", "centroid", "entropy", "log_energy")
 
+# Sane bounds: parameters arrive in signed manifests, but a value past these would overflow an integer
+# (a rate or hop of 1e308), or stall a device for seconds and gigabytes (a 1e5 s window: 9.4 s, 1.2 GB
+# just naming its features). The largest real uses are far below: 50 Hz x 6 channels x 2 s windows for
+# the watch, 520 Wi-Fi channels x 1-3 scans for positioning.
+MAX_RATE_HZ = 1e6
+MAX_WINDOW_SAMPLES = 1 << 16  # also the most a hop may span
+MAX_CHANNELS = 1024
+MAX_WINDOW_VALUES = 1 << 20  # samples x channels of one window (4 MB as float32)
+
 
 
 @dataclass(frozen=True)
@@ -89,16 +98,22 @@ class PreprocessParams:
         object.__setattr__(self, "norm_mean", tuple(float(v) for v in self.norm_mean))
         object.__setattr__(self, "norm_std", tuple(float(v) for v in self.norm_std))
         errors = []
-        if not (_finite(self.sample_rate_hz) and self.sample_rate_hz > 0):
-            errors.append(f"sample_rate_hz must be > 0, got {self.sample_rate_hz!r}")
+        if not (_finite(self.sample_rate_hz) and 0 < self.sample_rate_hz <= MAX_RATE_HZ):
+            errors.append(f"sample_rate_hz must be > 0 and at most {MAX_RATE_HZ:g}, got {self.sample_rate_hz!r}")
         else:
             least = 1 if self.features == "mean-v1" else 2  # a mean needs one reading, a spread two
-            if not (_finite(self.window_s) and round(self.window_s * self.sample_rate_hz) >= least):
+            window, hop = _samples(self.window_s, self.sample_rate_hz), _samples(self.hop_s, self.sample_rate_hz)
+            if window < least:
                 errors.append(f"window_s={self.window_s!r} gives fewer than {least} samples per window")
-            if not (_finite(self.hop_s) and round(self.hop_s * self.sample_rate_hz) >= 1):
+            elif window > MAX_WINDOW_SAMPLES or window * len(self.channels) > MAX_WINDOW_VALUES:
+                errors.append(f"window_s={self.window_s!r} gives windows of {window:g} samples x {len(self.channels)} "
+                              f"channels, over the limits of {MAX_WINDOW_SAMPLES} samples, {MAX_WINDOW_VALUES} values")
+            if hop < 1:
                 errors.append(f"hop_s={self.hop_s!r} gives a hop of less than 1 sample")
-        if not self.channels:
-            errors.append("channels must not be empty")
+            elif hop > MAX_WINDOW_SAMPLES:
+                errors.append(f"hop_s={self.hop_s!r} gives a hop of {hop:g} samples, over {MAX_WINDOW_SAMPLES}")
+        if not self.channels or len(self.channels) > MAX_CHANNELS:
+            errors.append(f"channels must be 1 to {MAX_CHANNELS} names, got {len(self.channels)}")
         elif len(set(self.channels)) != len(self.channels):
             errors.append(f"channels must be unique, got {list(self.channels)}")
         if self.missing not in MISSING_POLICIES:
@@ -222,6 +237,14 @@ class PreprocessParams:
                     )
                 kw[name] = tuple(_as_float(name, v) for v in value)
         return cls(**kw)
+
+
+def _samples(seconds: float, rate: float) -> float:
+    """``round(seconds * rate)`` as a float, -1 when not a finite number (no OverflowError for 1e308)."""
+    if not _finite(seconds):
+        return -1.0
+    n = float(seconds) * rate
+    return float(round(n)) if math.isfinite(n) else math.inf
 
 
 def _finite(v: Any) -> bool:

@@ -310,6 +310,7 @@ class LogReader:
             self._f.close()
             raise
         self._it: Iterator[ReadingChunk] | None = None
+        self._peeked: list[str] | None = None
 
     def _read(self, n: int) -> bytes:
         """Read while looking for the schema: a broken file is an error about the whole file."""
@@ -326,18 +327,34 @@ class LogReader:
     def labels_as_numbers(self) -> LogReader:
         """Read the label column as numbers (regression targets): chunks carry float64 labels, NaN
         where a label is empty; a label that is not a finite number is a bad line (``file:line``).
-        Call before iterating."""
+        Call before iterating.
+
+        The labels' shape (``[n]``, or ``[n, outputs]`` for ``x;y``) is fixed here by the file's first
+        label that holds numbers, so it is the same in every chunk however the file is cut (chunks of
+        unlabelled rows before it included)."""
         self.parser.numeric_labels = True
+        numbers = next((n for n in (Rules.label_numbers(x)[0] for x in self._first_labels()) if n), None)
+        if numbers is not None:
+            self.parser.d.outputs = len(numbers)
         return self
 
     def labels_are_numbers(self) -> bool:
-        """Whether every label of this log's first chunk that is not empty is a number (and one is):
-        a regression target rather than a class. Reads the file again from the start."""
-        with read_log(self.path, format=self.format, chunk_rows=self.parser.chunk_rows,
-                      on_error=self.parser.on_error) as again:
-            first = next(again, None)
-        texts = [] if first is None or first.labels is None else [x for x in first.labels.tolist() if x.strip()]
+        """Whether every label that is not empty in the log's first chunk that has one is a number:
+        a regression target rather than a class."""
+        texts = self._first_labels()
         return bool(texts) and all(Rules.label_numbers(x)[1] is None for x in texts)
+
+    def _first_labels(self) -> list[str]:
+        """The labels that are not empty of the first chunk that has one (read again from the start,
+        skipping bad lines: they are this reader's to report; the whole file when no row has a label)."""
+        if self._peeked is None:
+            self._peeked = []
+            with read_log(self.path, format=self.format, chunk_rows=self.parser.chunk_rows, on_error="skip") as again:
+                for chunk in again:
+                    self._peeked = [] if chunk.labels is None else [x for x in chunk.labels.tolist() if x.strip()]
+                    if self._peeked or chunk.labels is None:
+                        break
+        return self._peeked
 
     @property
     def has_labels(self) -> bool:

@@ -14,7 +14,8 @@ idempotent insert on (device_id, seq) makes the redelivery harmless: exactly one
 Why receipts: the PUBACK a device gets only says the broker has its results, and a broker keeps
 queued messages in memory between autosaves. So once a batch is committed the hub tells each device
 which of its results are stored (``{prefix}/devices/{id}/receipts``, runs of seqs, new rows and
-duplicates alike), and the device keeps every result until then, sending it again when no receipt
+duplicates alike, the duplicates marked for a device that asks; split so that each receipt fits the
+device's decoder), and the device keeps every result until then, sending it again when no receipt
 comes. Receipts go out before the PUBACKs of the same batch; if the hub dies in between, the broker
 redelivers, the rows are duplicates and are receipted again.
 
@@ -76,6 +77,8 @@ class Pending(Batch):
     messages: list[Message] = field(default_factory=list)
     generation: int = 0
     final: bool = False
+    marking: dict[str, bool] = field(default_factory=dict)  # device -> all its messages ask mark_duplicates
+    dup: set[tuple[str, int]] = field(default_factory=set)  # keys stored before this batch (devices marking)
 
 
 @dataclass(slots=True)
@@ -281,6 +284,7 @@ class Hub:
                     for r in batch.results
                 ])
                 pending.seen[device] = now
+                pending.marking[device] = pending.marking.get(device, True) and batch.mark_duplicates
             elif kind == "status":
                 status = decode_status(msg.payload, device)
                 # A retained status comes again with every (re)subscription: it says nothing about now.
@@ -332,12 +336,24 @@ class Hub:
             conn.execution_options(hub_write=True)
         try:
             with conn.begin():
-                return self.store.write(conn, pending)
+                written = self.store.write(conn, pending)
+                pending.dup = self._duplicates(conn, pending, written)
+                return written
         except BaseException:
             self._local.conn = None
             with contextlib.suppress(Exception):
                 conn.close()
             raise
+
+    def _duplicates(self, conn: sa.Connection, pending: Pending, written: Written) -> set[tuple[str, int]]:
+        """The keys of the batch that were stored before it, of the devices that ask for them: none to look
+        for when every row was new, all of them when none was, else a look at the table."""
+        if not written.duplicates or not any(pending.marking.values()):
+            return set()
+        rows = [row for row in pending.rows if pending.marking.get(row[0])]
+        if written.new == 0:
+            return {(row[0], row[1]) for row in rows}
+        return self.store.stored_before(conn, rows)
 
     def _commit_one_by_one(self, pending: Pending) -> Written | None:
         """Isolate the message(s) the database refuses (e.g. a NUL in a PostgreSQL string).
@@ -345,12 +361,14 @@ class Hub:
         Afterwards ``pending.rows`` holds only the rows that were stored: only those are receipted."""
         total = [0, 0, 0]
         stored: list[tuple[Any, ...]] = []
+        pending.dup = set()
         for msg in pending.messages:
             single = Pending()
             self._add(single, msg, time.time())
             try:
                 w = self._write(single)
                 stored += single.rows
+                pending.dup |= single.dup
             except sa.exc.DBAPIError as exc:
                 if is_transient(exc):
                     raise  # the caller retries the whole batch: idempotent, nothing is duplicated
@@ -371,22 +389,24 @@ class Hub:
             stats.dead_letters += written.dead
 
     def _send_receipts(self, pending: Pending) -> None:
-        """Tell each device which of its results this committed batch holds (one message per device)."""
+        """Tell each device which of its results this committed batch holds, and (when it asks) which of
+        them were stored before: one message per device, or as many as it takes for each to fit."""
         per_device: dict[str, list[int]] = {}
         for row in pending.rows:
             seqs = per_device.get(row[0])
             if seqs is None:
                 per_device[row[0]] = seqs = []
             seqs.append(row[1])
-        publish, topics = self.link.publish, self.topics
+        publish, topics, dup = self.link.publish, self.topics, pending.dup
         for device, seqs in per_device.items():
             try:
-                publish(topics.receipts(device), c.Receipt.of(device, seqs).encode(), c.RECEIPT_DELIVERY)
+                payloads = c.receipt_payloads(device, seqs, [s for s in seqs if (device, s) in dup] if dup else ())
+                for payload in payloads:
+                    publish(topics.receipts(device), payload, c.RECEIPT_DELIVERY)
+                    with self._stats_lock:
+                        self.stats.receipts += 1
             except (MqttError, ContractError) as exc:  # the device sends again and gets its receipt then
                 log.warning("receipt to %s not sent: %s", device, exc)
-                continue
-            with self._stats_lock:
-                self.stats.receipts += 1
 
     def _ack(self, pending: Pending) -> None:
         stats = self.stats

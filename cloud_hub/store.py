@@ -182,6 +182,22 @@ class Store:
         dead = self.insert_dead_letters(conn, batch.dead)
         return Written(new=new, duplicates=len(batch.rows) - new, dead=dead)
 
+    def stored_before(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> set[tuple[str, int]]:
+        """The keys of result ``rows`` just written (``ON CONFLICT DO NOTHING``) that an earlier write had
+        stored: their stored ``received_at`` is not the row's. For receipts that tell a device its new
+        results from its duplicates; only a batch mixing both needs it."""
+        received: dict[str, dict[int, float]] = {}
+        for row in rows:
+            received.setdefault(row[0], {})[row[1]] = row[-1]
+        before: set[tuple[str, int]] = set()
+        r = results.c
+        for device, seqs in sorted(received.items()):
+            keys = list(seqs)
+            for i in range(0, len(keys), 500):  # bounded IN lists
+                query = sa.select(r.seq, r.received_at).where(r.device_id == device, r.seq.in_(keys[i:i + 500]))
+                before.update((device, seq) for seq, at in conn.execute(query) if at != seqs[seq])
+        return before
+
     # ----------------------------------------------------------------- reads for the lifecycle and the CLI
 
     @staticmethod

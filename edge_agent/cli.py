@@ -133,19 +133,28 @@ def replay(
     if json_out:
         typer.echo(orjson.dumps(report.as_dict()).decode())
     else:
-        where = "stored by the hub" if report.until == "hub" else "acknowledged by the broker"
         earlier = f" ({report.leftovers} of them left over from an earlier run)" if report.leftovers else ""
         producing = max(report.seconds - report.drain_s, 1e-9)
         typer.echo(
             f"{report.devices} devices, {report.readings:,} readings, {report.windows:,} windows "
             f"({report.readings / producing:,.0f} readings/s), model v{report.model_version}; "
-            f"{report.published:,} results {where}{earlier} after {report.seconds:.2f} s"
+            f"{_delivered(report)}{earlier} after {report.seconds:.2f} s"
         )
     if not report.drained:
         within = f" within {timeout:g} s" if timeout is not None else ""
         _fail(f"{report.not_stored} results not yet {'stored by the hub' if report.until == 'hub' else 'acknowledged'}"
               f"{within} ({report.cause}); they stay in the outbox ({s.state_path}) and are sent again on the "
               "next start", EXIT_BROKER)
+
+
+def _delivered(report: Any) -> str:
+    """What the hub did with the results: stored them, or had them already (its receipts say which)."""
+    if report.until != "hub":
+        return f"{report.published:,} results acknowledged by the broker"
+    new = report.published - report.already_stored
+    if not report.already_stored:
+        return f"{new:,} results stored by the hub"
+    return f"{new:,} results stored by the hub and {report.already_stored:,} it had already stored"
 
 
 def _with_progress(job: Any) -> Any:

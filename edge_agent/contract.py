@@ -377,17 +377,21 @@ class ResultBatch:
 
     device_id: str
     results: tuple[Result, ...]
+    mark_duplicates: bool = False  # the device reads receipts' ``dup`` (see Receipt); older devices do not
 
     def encode(self) -> bytes:
         check_id(self.device_id)
         if not 0 < len(self.results) <= MAX_RESULTS_PER_BATCH:
             raise ContractError(f"a batch holds 1..{MAX_RESULTS_PER_BATCH} results, not {len(self.results)}")
-        return encode_results(self.device_id, [r.to_obj() for r in self.results])
+        return encode_results(self.device_id, [r.to_obj() for r in self.results], self.mark_duplicates)
 
 
-def encode_results(device_id: str, result_objs: list[dict[str, Any]]) -> bytes:
+def encode_results(device_id: str, result_objs: list[dict[str, Any]], mark_duplicates: bool = False) -> bytes:
     """Encode already-validated result objects (the outbox stores them encoded)."""
-    payload = orjson.dumps({"v": SCHEMA_VERSION, "device_id": device_id, "results": result_objs})
+    obj: dict[str, Any] = {"v": SCHEMA_VERSION, "device_id": device_id, "results": result_objs}
+    if mark_duplicates:
+        obj["mark_duplicates"] = True
+    payload = orjson.dumps(obj)
     if len(payload) > MAX_RESULTS_BYTES:
         raise ContractError(f"results payload of {len(payload)} bytes is over the {MAX_RESULTS_BYTES}-byte limit")
     return payload
@@ -398,21 +402,29 @@ def encode_result_obj(result: Result) -> bytes:
     return orjson.dumps(result.to_obj())
 
 
-def join_results(device_id: str, encoded: list[bytes]) -> bytes:
+def join_results(device_id: str, encoded: list[bytes], mark_duplicates: bool = False) -> bytes:
     """A results payload built from results encoded one by one with :func:`encode_result_obj`."""
-    head = orjson.dumps({"v": SCHEMA_VERSION, "device_id": device_id})[:-1]
+    head = orjson.dumps({"v": SCHEMA_VERSION, "device_id": device_id,
+                         **({"mark_duplicates": True} if mark_duplicates else {})})[:-1]
     return head + b',"results":[' + b",".join(encoded) + b"]}"
 
 
 def decode_results(payload: bytes, topic_device: str | None = None) -> ResultBatch:
     """Decode and validate a results payload; ``topic_device`` must match the payload's device id."""
     obj = _loads(payload, MAX_RESULTS_BYTES, "results")
-    _check_keys(obj, frozenset({"v", "device_id", "results"}), frozenset({"v", "device_id", "results"}), "results")
+    _check_keys(obj, _RESULTS_REQUIRED, _RESULTS_ALLOWED, "results")
     device_id = _device_of(obj, topic_device)
     items = obj["results"]
     if type(items) is not list or not 0 < len(items) <= MAX_RESULTS_PER_BATCH:
         raise ContractError(f"results must be a list of 1..{MAX_RESULTS_PER_BATCH} objects")
-    return ResultBatch(device_id, tuple(_result_from_obj(o, i) for i, o in enumerate(items)))
+    mark = obj.get("mark_duplicates", False)
+    if type(mark) is not bool:
+        raise ContractError(f"results.mark_duplicates must be true or false, got {mark!r:.40}")
+    return ResultBatch(device_id, tuple(_result_from_obj(o, i) for i, o in enumerate(items)), mark)
+
+
+_RESULTS_REQUIRED: Final = frozenset({"v", "device_id", "results"})
+_RESULTS_ALLOWED: Final = _RESULTS_REQUIRED | {"mark_duplicates"}
 
 
 # --------------------------------------------------------------------------- receipts
@@ -426,23 +438,68 @@ class Receipt:
     ``first + step``, ... (``count`` of them). A device's seqs are window starts, so the results of
     one batch are almost always one run (a constant hop): a receipt for 100 results is ~60 bytes.
     A receipt covers new rows and duplicates alike, and applying one twice is harmless.
+
+    ``dup`` (optional, in the same runs) names those of them that were stored before this delivery
+    (a replay of the same log, a re-send whose first receipt was lost): the device can tell the
+    operator new from already stored. The hub writes it only for devices whose results say
+    ``mark_duplicates``: a device of an older build refuses unknown fields, and gets receipts as before.
+    Each receipt fits the decoder's limits; :func:`receipt_payloads` splits what does not.
     """
 
     device_id: str
     runs: tuple[tuple[int, int, int], ...]
+    dup: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
-    def of(cls, device_id: str, seqs: Iterable[int]) -> Receipt:
-        return cls(device_id, seq_runs(seqs))
+    def of(cls, device_id: str, seqs: Iterable[int], dup: Iterable[int] = ()) -> Receipt:
+        return cls(device_id, seq_runs(seqs), seq_runs(dup))
 
     def seqs(self) -> list[int]:
-        return [first + step * i for first, step, count in self.runs for i in range(count)]
+        return _expand(self.runs)
+
+    def dup_seqs(self) -> list[int]:
+        return _expand(self.dup)
 
     def encode(self) -> bytes:
         check_id(self.device_id)
-        if not 0 < len(self.runs) <= MAX_RECEIPT_RUNS:
-            raise ContractError(f"a receipt holds 1..{MAX_RECEIPT_RUNS} runs, not {len(self.runs)}")
-        return orjson.dumps({"v": SCHEMA_VERSION, "device_id": self.device_id, "runs": self.runs})
+        if not 0 < len(self.runs) <= MAX_RECEIPT_RUNS or len(self.dup) > MAX_RECEIPT_RUNS:
+            raise ContractError(f"a receipt holds 1..{MAX_RECEIPT_RUNS} runs (and dup runs), not "
+                                f"{len(self.runs)} ({len(self.dup)})")
+        if sum(count for *_, count in self.runs) + sum(count for *_, count in self.dup) > _MAX_RECEIPT_SEQS:
+            raise ContractError(f"a receipt covers at most {_MAX_RECEIPT_SEQS} results")
+        obj: dict[str, Any] = {"v": SCHEMA_VERSION, "device_id": self.device_id, "runs": self.runs}
+        if self.dup:
+            obj["dup"] = self.dup
+        payload = orjson.dumps(obj)
+        if len(payload) > MAX_RECEIPT_BYTES:
+            raise ContractError(f"receipt of {len(payload)} bytes is over the {MAX_RECEIPT_BYTES}-byte limit")
+        return payload
+
+
+def receipt_payloads(device_id: str, seqs: Iterable[int], dup: Iterable[int] = ()) -> list[bytes]:
+    """Encoded receipts for ``seqs`` (``dup``: those of them stored before), as many as it takes for each
+    to fit the decoder's limits (runs, results, bytes): 14,000 irregular 19-digit seqs make 280 KB as
+    one receipt, which a device would refuse, and those results would be sent again forever."""
+    ordered = sorted(set(seqs))
+    already = set(dup)
+    payloads: list[bytes] = []
+
+    def add(part: list[int]) -> None:
+        try:
+            payloads.append(Receipt.of(device_id, part, [s for s in part if s in already]).encode())
+        except ContractError:
+            if len(part) < 2:
+                raise
+            add(part[:len(part) // 2])  # halves of the seqs, in order: each half's runs are fewer
+            add(part[len(part) // 2:])
+
+    if ordered:
+        add(ordered)
+    return payloads
+
+
+def _expand(runs: tuple[tuple[int, int, int], ...]) -> list[int]:
+    return [first + step * i for first, step, count in runs for i in range(count)]
 
 
 def seq_runs(seqs: Iterable[int]) -> tuple[tuple[int, int, int], ...]:
@@ -464,31 +521,38 @@ def seq_runs(seqs: Iterable[int]) -> tuple[tuple[int, int, int], ...]:
     return tuple(runs)
 
 
-_RECEIPT_KEYS: Final = frozenset({"v", "device_id", "runs"})
+_RECEIPT_REQUIRED: Final = frozenset({"v", "device_id", "runs"})
+_RECEIPT_ALLOWED: Final = _RECEIPT_REQUIRED | {"dup"}
 _MAX_RECEIPT_SEQS: Final = 1_000_000
 
 
 def decode_receipt(payload: bytes, topic_device: str | None = None) -> Receipt:
     obj = _loads(payload, MAX_RECEIPT_BYTES, "receipt")
-    _check_keys(obj, _RECEIPT_KEYS, _RECEIPT_KEYS, "receipt")
+    _check_keys(obj, _RECEIPT_REQUIRED, _RECEIPT_ALLOWED, "receipt")
     device_id = _device_of(obj, topic_device)
-    items = obj["runs"]
-    if type(items) is not list or not 0 < len(items) <= MAX_RECEIPT_RUNS:
-        raise ContractError(f"receipt.runs must be a list of 1..{MAX_RECEIPT_RUNS} runs")
+    runs, total = _receipt_runs(obj["runs"], "runs", least=1)
+    dup, dups = _receipt_runs(obj["dup"], "dup", least=1) if "dup" in obj else ((), 0)
+    if total + dups > _MAX_RECEIPT_SEQS:
+        raise ContractError(f"receipt covers {total + dups} results, over the {_MAX_RECEIPT_SEQS} limit")
+    return Receipt(device_id, runs, dup)
+
+
+def _receipt_runs(items: Any, key: str, least: int) -> tuple[tuple[tuple[int, int, int], ...], int]:
+    """Validated runs ``[first, step, count]`` of a receipt's ``key`` and how many seqs they hold."""
+    if type(items) is not list or not least <= len(items) <= MAX_RECEIPT_RUNS:
+        raise ContractError(f"receipt.{key} must be a list of {least}..{MAX_RECEIPT_RUNS} runs")
     runs: list[tuple[int, int, int]] = []
     total = 0
     for i, run in enumerate(items):
         if type(run) is not list or len(run) != 3 or not all(type(x) is int for x in run):
-            raise ContractError(f"receipt.runs[{i}] must be [first, step, count] integers")
+            raise ContractError(f"receipt.{key}[{i}] must be [first, step, count] integers")
         first, step, count = run
         if not (0 <= first <= _MAX_INT and step >= 1 and count >= 1
                 and first + step * (count - 1) <= _MAX_INT):
-            raise ContractError(f"receipt.runs[{i}] = {run} is out of range (first >= 0, step >= 1, count >= 1)")
+            raise ContractError(f"receipt.{key}[{i}] = {run} is out of range (first >= 0, step >= 1, count >= 1)")
         total += count
         runs.append((first, step, count))
-    if total > _MAX_RECEIPT_SEQS:
-        raise ContractError(f"receipt covers {total} results, over the {_MAX_RECEIPT_SEQS} limit")
-    return Receipt(device_id, tuple(runs))
+    return tuple(runs), total
 
 
 # --------------------------------------------------------------------------- status

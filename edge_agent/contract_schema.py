@@ -64,7 +64,10 @@ RESULTS: dict[str, Any] = {
                    "must be the one in the topic.",
     "required": ["v", "device_id", "results"],
     "properties": {"v": VERSION, "device_id": ID,
-                   "results": {"type": "array", "minItems": 1, "maxItems": c.MAX_RESULTS_PER_BATCH, "items": RESULT}},
+                   "results": {"type": "array", "minItems": 1, "maxItems": c.MAX_RESULTS_PER_BATCH, "items": RESULT},
+                   "mark_duplicates": {"type": "boolean", "description": "true: mark the results the hub had "
+                                       "already stored in the receipt's dup (a device that reads dup says so; "
+                                       "the hub writes dup to no other)"}},
 }
 
 STATUS: dict[str, Any] = {
@@ -87,17 +90,21 @@ STATUS: dict[str, Any] = {
     },
 }
 
+RUNS: dict[str, Any] = {"type": "array", "minItems": 1, "maxItems": c.MAX_RECEIPT_RUNS, "items": {
+    "type": "array", "minItems": 3, "maxItems": 3,
+    "items": [U63, {"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}]}}
+
 RECEIPT: dict[str, Any] = {
     "title": "receipt", "type": "object", "additionalProperties": False,
     "description": "The hub's word that results of this device are committed (new rows and duplicates "
                    "alike). runs: [first, step, count] stands for the seqs first, first+step, ... (count of "
-                   "them). A device deletes those results; applying a receipt twice is harmless.",
+                   "them). A device deletes those results; applying a receipt twice is harmless. At most "
+                   f"{c.MAX_RECEIPT_BYTES} bytes: the hub splits a commit's receipt into as many as it takes.",
     "required": ["v", "device_id", "runs"],
     "properties": {
-        "v": VERSION, "device_id": ID,
-        "runs": {"type": "array", "minItems": 1, "maxItems": c.MAX_RECEIPT_RUNS, "items": {
-            "type": "array", "minItems": 3, "maxItems": 3,
-            "items": [U63, {"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}]}},
+        "v": VERSION, "device_id": ID, "runs": RUNS,
+        "dup": {**RUNS, "description": "those of runs the hub had already stored before this delivery (a "
+                "replay of the same log, a re-send): sent only to devices whose results say mark_duplicates"},
     },
 }
 

@@ -26,6 +26,7 @@ class ReplayReport:
     readings: int = 0
     windows: int = 0
     published: int = 0  # results stored by the hub (receipted), or acknowledged by the broker without receipts
+    already_stored: int = 0  # of those, results the hub had stored before (a replay of the same log): not new
     acknowledged: int = 0  # results the broker acknowledged (PUBACK), re-sends included
     leftovers: int = 0  # results an earlier run left in the outbox (delivered by this one with its own)
     until: str = "hub"
@@ -89,6 +90,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
         agent.tick()
         _drain(agent, settings, report, drain_timeout, stop)
         report.published = agent.publisher.stored_results
+        report.already_stored = agent.publisher.already_stored
         report.acknowledged = agent.publisher.acked_results
         report.resent = agent.publisher.resent_results
         report.devices = len(processor.stats.devices)

@@ -66,6 +66,7 @@ class Publisher:
         self.published_messages = 0
         self.acked_results = 0  # PUBACKed rows (a re-sent row counts again)
         self.stored_results = 0  # rows removed by a receipt (or at the PUBACK without receipts)
+        self.already_stored = 0  # of those, rows the hub had stored before (its receipt's dup): not new there
         self.resent_results = 0  # rows handed to the broker again for want of a receipt
         self.refused = 0
         self.discarded = 0
@@ -206,7 +207,9 @@ class Publisher:
                 self.last_error = f"bad receipt on {topic}: {exc.reason}"
                 log.warning("%s", self.last_error)
                 continue
-            self.stored_results += self.outbox.confirm(receipt.device_id, receipt.seqs())
+            already = self.outbox.confirm(receipt.device_id, receipt.dup_seqs()) if receipt.dup else 0
+            self.already_stored += already
+            self.stored_results += already + self.outbox.confirm(receipt.device_id, receipt.seqs())
 
     def _requeue(self) -> None:
         """Take unreceipted rows whose time has come (or all of them after a reconnect) for sending."""
@@ -243,7 +246,9 @@ class Publisher:
             if not batches:
                 return
             for device_id, rows in batches:
-                payload = join_results(device_id, [r.payload for r in rows])
+                # mark_duplicates: the receipt then says which were stored before (a hub of this build
+                # or newer reads it; an older one refuses it: upgrade the hub first)
+                payload = join_results(device_id, [r.payload for r in rows], mark_duplicates=self.receipts)
                 try:
                     topic = self.topics.results(device_id)
                 except ContractError as exc:  # written by a version that did not check ids: unsendable

@@ -8,16 +8,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 import sqlalchemy as sa
 
 from cloud_hub import db
-from cloud_hub.ingest import Hub
+from cloud_hub.ingest import Hub, Pending
 from cloud_hub.local_broker import LocalBroker
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
-from edge_agent.mqtt import MqttLink
+from edge_agent.mqtt import Message, MqttLink
 from edge_agent.settings import BrokerURL
 from tests.helpers import wait_for
 from tests.test_store import BACKENDS, backend_engine
@@ -312,3 +313,78 @@ def test_a_retained_status_does_not_make_a_silent_device_look_seen_now(
         seen = conn.execute(sa.select(db.devices.c.last_seen).where(db.devices.c.device_id == "quiet")).scalar_one()
     engine.dispose()
     assert seen == pytest.approx(old), "last seen an hour ago, as its status says"
+
+
+class Receipts:
+    """A device's receipts topic, each receipt kept as it came (payload and decoded)."""
+
+    def __init__(self, broker: LocalBroker, topics: c.Topics, device: str) -> None:
+        self.device = device
+        self.got: list[tuple[bytes, c.Receipt]] = []
+        self._lock = threading.Lock()
+        self.link = MqttLink(BrokerURL.parse(broker.url), f"{topics.prefix}-receipts-{device}",
+                             on_message=self._on_message, subscriptions=[(topics.receipts(device), 1)])
+        self.link.start()
+        self.link.wait_connected(10)
+        self.link.wait_subscribed(10)
+
+    def _on_message(self, msg: Message) -> None:
+        receipt = c.decode_receipt(msg.payload, self.device)  # what the device's decoder accepts
+        with self._lock:
+            self.got.append((msg.payload, receipt))
+
+    def covering(self, seqs: set[int], after: int = 0) -> list[tuple[bytes, c.Receipt]]:
+        """The receipts from the ``after``-th on, once together they cover ``seqs``."""
+        def covered() -> bool:
+            with self._lock:
+                return seqs <= {s for _, r in self.got[after:] for s in r.seqs()}
+        wait_for(covered, what=f"receipts for {len(seqs)} results")
+        with self._lock:
+            return self.got[after:]
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+def test_receipts_mark_what_was_stored_before_for_a_device_that_asks(
+        hub: Hub, publisher: Publisher, shared_broker: LocalBroker) -> None:
+    """New rows, a batch mixing new rows and rows stored before, a batch of duplicates only: the receipt's
+    dup names exactly the rows stored before. A device that does not ask (an older build) gets receipts
+    without dup, which its strict decoder accepts."""
+    receipts = Receipts(shared_broker, hub.topics, "dev-m")
+    topic = hub.topics.results("dev-m")
+    seen = 0
+    try:
+        for first, n, mark, dup in ((0, 50, True, set()), (25, 75, True, set(range(25, 50))),
+                                    (0, 10, True, set(range(10))), (90, 20, False, set())):
+            b = batch("dev-m", first, n)
+            publisher.publish(topic, c.ResultBatch(b.device_id, b.results, mark_duplicates=mark).encode())
+            got = receipts.covering({r.seq for r in b.results}, after=seen)
+            seen += len(got)
+            assert {s for _, r in got for s in r.dup_seqs()} == dup, (first, n)
+            if not mark:
+                assert all(b'"dup"' not in payload for payload, _ in got)
+        publisher.wait_acked()
+    finally:
+        receipts.stop()
+    assert (hub.stats.stored, hub.stats.duplicates) == (110, 45)  # 90..99 of the last were stored: not marked
+
+
+def test_a_receipt_too_big_for_one_message_is_split_into_receipts_the_device_accepts(
+        hub: Hub, shared_broker: LocalBroker) -> None:
+    """14,000 irregular 19-digit seqs committed in one batch: as one receipt they make ~280 KB, over the
+    device decoder's 256 KiB, and the device would send them again forever. Every receipt the hub sends
+    fits, and together they cover each result."""
+    rng = np.random.default_rng(24)
+    seqs = {int(s) for s in rng.integers(10**18, 9 * 10**18, 14_000, dtype=np.int64)}
+    whole = orjson.dumps({"v": c.SCHEMA_VERSION, "device_id": "dev-big", "runs": c.seq_runs(seqs)})
+    assert len(whole) > c.MAX_RECEIPT_BYTES  # as one receipt: too big for the device
+    receipts = Receipts(shared_broker, hub.topics, "dev-big")
+    try:
+        hub._send_receipts(Pending(rows=[("dev-big", s) for s in seqs], dup={("dev-big", s) for s in seqs}))
+        got = receipts.covering(seqs)
+    finally:
+        receipts.stop()
+    assert len(got) > 1 and all(len(payload) <= c.MAX_RECEIPT_BYTES for payload, _ in got)
+    assert sorted(s for _, r in got for s in r.seqs()) == sorted(seqs)
+    assert {s for _, r in got for s in r.dup_seqs()} == seqs

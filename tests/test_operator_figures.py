@@ -1,15 +1,18 @@
-"""What the operator reads is about what it says (issue 24): `train` names a log without labels before
-reading anything through."""
+"""What the operator reads is about what it says (issue 24): a replay tells results the hub stored from
+results it had already; `train` names a log without labels before reading anything through."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import orjson
 from typer.testing import CliRunner
 
 from cloud_hub.cli import app
 from edge_agent import exits
-from tests.helpers import make_log
+from tests.helpers import fleet_files, make_log, run_agent
+from tests.test_hub_cli import ServeProcess
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -29,3 +32,26 @@ def test_train_says_a_log_has_no_label_column_before_reading_the_logs_through(tm
     assert code == exits.MODEL, (code, out, err)
     assert f"{unlabelled}: no label column, cannot train from it" in err, err
     assert "line" not in err, err  # not the malformed last line of the first log
+
+
+def test_a_replay_says_which_results_the_hub_stored_and_which_it_had_already(procs, broker, prefix, tmp_path) -> None:
+    """The first half of a log, then the whole log from a fresh state dir: the second replay's results are
+    the first's again (already stored) and the second half's (new), each counted as such."""
+    log, model, expected = fleet_files(tmp_path)
+    lines = log.read_text().splitlines()
+    cut = float(lines[-1].split(",", 1)[0]) / 2
+    half = tmp_path / "half.csv"
+    half.write_text("\n".join([lines[0], *(ln for ln in lines[1:] if float(ln.split(",", 1)[0]) < cut)]) + "\n")
+    hub = ServeProcess(procs, broker, f"sqlite:///{tmp_path / 'hub.sqlite'}", prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    args = ("--broker", broker.url, "--model", str(model), "--prefix", prefix)
+    first = run_agent("replay", str(half), *args, "--state-dir", str(tmp_path / "s1"), "--json")
+    assert first.returncode == 0, first.stderr
+    report = orjson.loads(first.stdout)
+    assert report["already_stored"] == 0 and 0 < report["published"] == report["windows"] < len(expected)
+    again = run_agent("replay", str(log), *args, "--state-dir", str(tmp_path / "s2"))
+    assert again.returncode == 0, again.stderr
+    said = re.search(r"([\d,]+) results stored by the hub and ([\d,]+) it had already stored", again.stdout)
+    assert said is not None, again.stdout
+    new, already = (int(x.replace(",", "")) for x in said.groups())
+    assert (new, already) == (len(expected) - report["windows"], report["windows"])

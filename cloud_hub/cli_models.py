@@ -77,7 +77,7 @@ def _absent(text: str | None) -> tuple[float, float] | None:
 
 
 def _metric(m: dict[str, Any] | None) -> str:
-    if not m:
+    if not m or not {"accuracy", "mae", "mean_error"} & m.keys():  # e.g. an INT8 model no device scored
         return "-"
     if "accuracy" in m:
         return _pct(m["accuracy"])
@@ -241,14 +241,23 @@ def models(
     if json_out:
         typer.echo(orjson.dumps({"models": rows}).decode())
         return
-    table = _table("models: scores on each version's hold-out devices; devices running it (online)", "model",
-                   "state", "topic", "INT8", "FP32", "bytes", "devices", "created",
+    table = _table("models: scores on each version's hold-out (never a device whose data shaped it; a federated "
+                   "evaluation: held-out windows of the devices that trained it); devices running it (online)",
+                   "model", "state", "topic", "INT8", "FP32", "held out", "bytes", "devices", "created",
                    right=("INT8", "FP32", "bytes", "devices"))
     for r in rows:
         table.add_row(f"{r['name']} v{r['version']}", r["state"], "yes" if r["on_topic"] else "",
-                      _metric(r["int8"]), _metric(r["fp32"]), f"{(r['int8'] or {}).get('bytes', 0):,}",
+                      _metric(r["int8"]), _metric(r["fp32"]), _held_out(r), f"{(r['int8'] or {}).get('bytes', 0):,}",
                       f"{r['devices']} ({r['devices_online']})", _age(r["created"]))
     _console().print(table)
+
+
+def _held_out(row: dict[str, Any]) -> str:
+    """What a version's figures were measured on, in a few words."""
+    on = row.get("evaluated_on")
+    if on:
+        return str(on).split(" (")[0]
+    return ", ".join(row["holdout_devices"]) or "last 20% in time"
 
 
 def export(

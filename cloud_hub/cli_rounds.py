@@ -126,7 +126,8 @@ def rounds(
     config: ConfigOpt = None,
 ) -> None:
     """Each federated round: participants, updates accepted / late / refused (and why), upload bytes,
-    the devices' own score before and after, the hold-out score before and after, the version it made."""
+    the devices' own score before and after (INT8, FP32 beside), the hold-out score before and after, the
+    version it made."""
     from cloud_hub import db as hub_db
     from cloud_hub.cli_models import _engine
     from cloud_hub.round_store import RoundStore
@@ -155,20 +156,29 @@ def _show(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
     task = views[-1]["task"]
     unit = " %" if task == "classification" else ""
     table = _table(f"federated rounds of {name}", "round", "base", "made", "updates", "upload", f"devices{unit}",
-                   f"hold-out{unit}", "opened", right=("updates", "upload"))
+                   f"hold-out{unit}", f"FP32{unit}", "opened", right=("updates", "upload"))
     for v in views:
         made = f"v{v['new_version']} {v['state']}" if v["new_version"] else v["state"]
         table.add_row(str(v["round"]), f"v{v['base_version']}", made,
                       f"{v['accepted']}/{v['late']}/{v['refused']} of {len(v['participants'])}", _bytes(v["upload_bytes"]),
                       _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
-                      _pair(v["holdout_before"], v["holdout_after"], v["task"]), _age(v["opened_at"]))
+                      _pair(v["holdout_before"], v["holdout_after"], v["task"]), _fp32(v), _age(v["opened_at"]))
     console.print(table)
     console.print("updates: accepted/late/refused of the devices asked; devices: scores on their held-out windows, "
-                  "the base → the round's model (their evaluation, when there is no hold-out log) or → their own "
-                  "fine-tuned models; hold-out: the base → the round's model on the hold-out log")
+                  "the running INT8 model → the round's INT8 model (their evaluation, when there is no hold-out "
+                  "log: the gate's own windows) or → their own fine-tuned models; hold-out: the base → the round's "
+                  "INT8 model on the hold-out log; FP32: the round's FP32 weights on the same windows")
     for v in views:
         for reason, n in v["refusals"].items():
             console.print(f"round {v['round']}: refused {n}: {reason}")
+
+
+def _fp32(v: dict[str, Any]) -> str:
+    """The round's FP32 weights beside its INT8 model: the devices' evaluation (base → round), or the hold-out's."""
+    if v.get("device_fp32_after") is not None:
+        return _pair(v["device_fp32_before"], v["device_fp32_after"], v["task"])
+    after = v.get("holdout_fp32_after")
+    return "-" if after is None else _pair(after, after, v["task"]).split("→")[1]
 
 
 def _pair(a: float | None, b: float | None, task: str | None) -> str:

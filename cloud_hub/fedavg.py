@@ -22,8 +22,8 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
-__all__ = ["Update", "aggregate", "capped_examples", "clip", "delta_norm", "merge_ranges", "mlp_tensors",
-           "quantize_from_ranges", "staleness_weight", "with_tensors"]
+__all__ = ["Update", "aggregate", "capped_examples", "clip", "delta_norm", "evaluation", "merge_ranges",
+           "mlp_tensors", "quantize_from_ranges", "staleness_weight", "with_tensors"]
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -101,6 +101,28 @@ def capped_examples(counts: Sequence[int]) -> list[int]:
     (its average, its evaluation) by claiming a billion windows."""
     cap = 3 * int(np.median(counts)) if len(counts) else 0
     return [min(int(k), cap) for k in counts]
+
+
+def evaluation(answers: Mapping[str, tuple[int, Mapping[str, Any]]]) -> dict[str, Any] | None:
+    """The devices' evaluation of a round's candidate (device -> (held-out windows, its scores)), weighted by
+    :func:`capped_examples`: ``before``/``after``, the base's and the candidate's FP32 weights; ``int8_before``/
+    ``int8_after``, the INT8 models (the one running, the one that ships) over the devices that scored them
+    (``int8_devices``). None when no device evaluated it."""
+    weights = dict(zip(answers, capped_examples([k for k, _ in answers.values()]), strict=True))
+
+    def mean(key: str, devices: Sequence[str]) -> float:
+        return sum(weights[d] * float(answers[d][1][key]) for d in devices) / sum(weights[d] for d in devices)
+
+    every = sorted(d for d in answers if weights[d] > 0)
+    if not every:
+        return None
+    out: dict[str, Any] = {"devices": sorted(answers), "windows": int(sum(k for k, _ in answers.values())),
+                           "before": mean("metric_before", every), "after": mean("metric_after", every)}
+    int8 = [d for d in every if answers[d][1].get("int8_after") is not None]
+    if int8:
+        out |= {"int8_before": mean("int8_before", int8), "int8_after": mean("int8_after", int8),
+                "int8_devices": int8, "int8_windows": int(sum(answers[d][0] for d in int8))}
+    return out
 
 
 def aggregate(master: Tensors, updates: Sequence[Update], *, clip: float | None = None,

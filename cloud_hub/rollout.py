@@ -99,6 +99,7 @@ def rollout(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:
             "int8": _brief(metrics.get("int8")), "fp32": _brief(metrics.get("fp32")),
             "gate": metrics.get("gate"), "devices_online": c["online"], "devices": c["total"],
             "holdout_devices": r.manifest.get("training", {}).get("holdout_devices", []),
+            "evaluated_on": metrics.get("evaluated_on"),  # where the figures came from, when not hold-out devices
         })
     return out
 

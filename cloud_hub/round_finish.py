@@ -46,12 +46,13 @@ def fleet_view(updates: Sequence[Update]) -> dict[str, Any]:
 
 def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Sequence[tuple[str, int, bytes]], *,
            signing_key: str | None, allow_unsigned: bool,
-           evaluate: Callable[[dict[str, np.ndarray]], dict[str, Any] | None]
+           evaluate: Callable[[dict[str, np.ndarray], bytes], dict[str, Any] | None]
            ) -> tuple[str, int | None, dict[str, Any], str]:
     """(state, new version, outcome, reason) of a closed round; the new version is registered (and published).
 
-    The gate: the round's hold-out logs when it has some, else the devices' own evaluation (``evaluate``:
-    the devices that trained score the candidate and the base on windows they never train on)."""
+    The gate judges the INT8 model that ships against the running one: on the round's hold-out logs when it
+    has some, else in the devices' own evaluation (``evaluate(FP32 tensors, INT8 model)``: the devices that
+    trained score both, and the base, on windows they never train on; :func:`fedavg.evaluation`)."""
     updates = [(decode_update(payload), staleness) for _device, staleness, payload in counted]
     outcome: dict[str, Any] = {
         "counted": len(updates), "upload_bytes": sum(len(p) for _d, _s, p in counted),
@@ -97,45 +98,21 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
     metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
     holdout = [str(p) for p in r.plan.get("holdout_logs", [])]  # the round's own gate, also when resumed
-    tolerance = float(r.plan.get("tolerance", 0.0))
-    classifier = r.plan.get("task") == "classification"
     if holdout:
-        params = PreprocessParams.from_dict(manifest.preprocess)
-        data, y, held_devices, _starts = windows_from_logs(holdout, params)
-        X = extract_features(data, params)
-        m_new = quantize.evaluate(int8, X, y, latency_runs=20, warmup=2)
-        m_base = quantize.evaluate(decode_bundle(base.bundle).model, X, y, latency_runs=20, warmup=2)
-        ok = passes_gate(m_new, m_base, tolerance)
-        not_held = sorted(set(held_devices.tolist()) & shaped)
-        gate = (f"v{version} INT8 {_fmt(m_new)} vs running v{r.base_version} INT8 {_fmt(m_base)} on the hold-out "
-                f"logs ({len(y)} windows; tolerance {tolerance:g}"
-                + (f"; not held out: {', '.join(not_held)} shaped v{version}" if not_held else "")
-                + f"): {'pass' if ok else 'fail'}")
-        metrics |= {"int8": m_new, "baseline_int8": m_base}
-        outcome |= {"holdout_before": _score(m_base), "holdout_after": _score(m_new)}
+        ok, gate, held, judged, seen = _holdout_gate(r, version, holdout, manifest.preprocess, fp32, int8,
+                                                     decode_bundle(base.bundle).model, shaped)
     else:
-        fed = evaluate(new)
-        if fed is None:
-            ok, gate = False, f"v{version}: no device evaluated it by the deadline, so it is not published"
-        else:
-            before, after = fed["before"], fed["after"]
-            ok = after >= before - tolerance if classifier else after <= before + tolerance
-            what = (lambda x: f"{100 * x:.1f}%") if classifier else (lambda x: f"mean error {x:.3g}")
-            gate = (f"v{version} {what(after)} vs running v{r.base_version} {what(before)} in the devices' own "
-                    f"evaluation ({fed['windows']} held-out windows of {len(fed['devices'])} devices, FP32; "
-                    f"tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
-            key = "accuracy" if classifier else "mean_error"
-            metrics |= {"int8": {key: after, "n": fed["windows"], "bytes": len(int8),
-                                 "source": "federated evaluation (FP32 on the devices' held-out windows)"},
-                        "baseline_int8": {key: before, "n": fed["windows"]}}
-            outcome |= {"evaluation_before": before, "evaluation_after": after, "evaluated_by": fed["devices"]}
+        ok, gate, judged, seen = _evaluation_gate(r, version, evaluate(new, int8), fp32, int8)
+        held = []  # the devices that trained it judged it, on windows they never trained on
+    metrics |= judged
+    outcome |= seen
     state = "publishable" if ok else "rejected"
     bundle = Bundle(replace(
         manifest, version=version, sha256=hashlib.sha256(int8).hexdigest(), created=time.time(),
         metrics=metrics | {"gate": gate}, key_id=None, signature=None,
         training={**manifest.training, "source": "federated", "round": r.id, "parent_version": r.base_version,
                   "updates": len(updates), "devices": participants, "shaped_by": sorted(shaped),
-                  "warm_start": True}), int8)
+                  "holdout_devices": held, "warm_start": True}), int8)
     register(engine, bundle, weights.to_bytes(model), state)
     outcome |= {"int8_bytes": len(int8), "gate": gate}
     if state == "rejected":
@@ -146,6 +123,60 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
 
     publish(engine, settings, version=version, signing_key=signing_key, allow_unsigned=allow_unsigned)
     return "published", version, outcome, gate
+
+
+def _holdout_gate(r: RoundRow, version: int, logs: list[str], preprocess: dict[str, Any], fp32: bytes, int8: bytes,
+                  running: bytes, shaped: frozenset[str]
+                  ) -> tuple[bool, str, list[str], dict[str, Any], dict[str, Any]]:
+    """(passes, gate, held-out devices, metrics, outcome): the INT8 model against the running one on the
+    round's hold-out logs, the FP32 model beside them."""
+    tolerance = float(r.plan.get("tolerance", 0.0))
+    params = PreprocessParams.from_dict(preprocess)
+    data, y, devices, _starts = windows_from_logs(logs, params)
+    X = extract_features(data, params)
+    m_new = quantize.evaluate(int8, X, y, latency_runs=20, warmup=2)
+    m_fp32 = quantize.evaluate(fp32, X, y, latency_runs=20, warmup=2)
+    m_base = quantize.evaluate(running, X, y, latency_runs=20, warmup=2)
+    ok = passes_gate(m_new, m_base, tolerance)
+    not_held = sorted(set(devices.tolist()) & shaped)
+    gate = (f"v{version} INT8 {_fmt(m_new)} (FP32 {_fmt(m_fp32)}) vs running v{r.base_version} INT8 {_fmt(m_base)} "
+            f"on the hold-out logs ({len(y)} windows, the figures' own; tolerance {tolerance:g}"
+            + (f"; not held out: {', '.join(not_held)} shaped v{version}" if not_held else "")
+            + f"): {'pass' if ok else 'fail'}")
+    held = sorted(set(devices.tolist()) - shaped)
+    on = f"hold-out logs: {len(y)} windows of {', '.join(held) or 'no device it never learned from'} (the gate's own)"
+    return ok, gate, held, {"int8": m_new, "fp32": m_fp32, "baseline_int8": m_base, "evaluated_on": on}, {
+        "holdout_before": _score(m_base), "holdout_after": _score(m_new), "holdout_fp32_after": _score(m_fp32)}
+
+
+def _evaluation_gate(r: RoundRow, version: int, fed: dict[str, Any] | None, fp32: bytes, int8: bytes
+                     ) -> tuple[bool, str, dict[str, Any], dict[str, Any]]:
+    """(passes, gate, metrics, outcome): the devices' own evaluation (:func:`fedavg.evaluation`), decided on
+    the INT8 models, the one that would ship against the one running; their FP32 weights reported beside."""
+    if fed is None:
+        return False, f"v{version}: no device evaluated it by the deadline, so it is not published", {}, {}
+    classifier = r.plan.get("task") == "classification"
+    tolerance = float(r.plan.get("tolerance", 0.0))
+    what = (lambda x: f"{100 * x:.1f}%") if classifier else (lambda x: f"mean error {x:.3g}")
+    key = "accuracy" if classifier else "mean_error"
+    n, devices = fed["windows"], fed["devices"]
+    on = (f"federated evaluation: {n} held-out windows of {', '.join(devices)} (the devices that trained it, on "
+          "windows they never train on; the gate's own)")
+    metrics = {"fp32": {key: fed["after"], "n": n, "bytes": len(fp32)}, "baseline_fp32": {key: fed["before"], "n": n},
+               "evaluated_on": on}
+    seen = {"evaluation_fp32_before": fed["before"], "evaluation_fp32_after": fed["after"], "evaluated_by": devices}
+    fp32_text = f"FP32 weights {what(fed['after'])} vs {what(fed['before'])}"
+    if "int8_after" not in fed:  # only devices that predate INT8 evaluations answered: the shipped model is unjudged
+        return False, (f"v{version}: no device scored its INT8 model ({fp32_text} on {n} held-out windows of "
+                       f"{len(devices)} devices), so it is not published"), metrics | {"int8": {"bytes": len(int8)}}, seen
+    before, after = fed["int8_before"], fed["int8_after"]
+    ok = after >= before - tolerance if classifier else after <= before + tolerance
+    gate = (f"v{version} INT8 {what(after)} vs running v{r.base_version} INT8 {what(before)} in the devices' own "
+            f"evaluation ({fed['int8_windows']} held-out windows of {len(fed['int8_devices'])} devices, the same "
+            f"windows as these figures; {fp32_text}; tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
+    metrics |= {"int8": {key: after, "n": fed["int8_windows"], "bytes": len(int8)},
+                "baseline_int8": {key: before, "n": fed["int8_windows"]}}
+    return ok, gate, metrics, seen | {"evaluation_before": before, "evaluation_after": after}
 
 
 def _made_by(store: Store, engine: sa.Engine, r: RoundRow) -> Any:

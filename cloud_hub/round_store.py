@@ -167,11 +167,14 @@ def views(conn: Connection, name: str, ids: Sequence[int]) -> list[dict[str, Any
             "evaluated": sum(u["status"] == "evaluated" for u in mine),
             "refused": sum(refused.values()), "refusals": refused,
             "upload_bytes": sum(u["bytes"] for u in mine), "announcement_bytes": r.plan.get("announcement_bytes"),
-            # the base → the round's model, scored by the devices on windows they never train on (their
-            # evaluation); without one, the base → their own fine-tuned models
+            # the running INT8 model → the round's, scored by the devices on windows they never train on (their
+            # evaluation; the FP32 weights' scores beside); without one, the base → their own fine-tuned models
             "device_metric_before": r.outcome.get("evaluation_before", fed.get("metric_before")),
             "device_metric_after": r.outcome.get("evaluation_after", fed.get("metric_after")),
+            "device_fp32_before": r.outcome.get("evaluation_fp32_before"),
+            "device_fp32_after": r.outcome.get("evaluation_fp32_after"),
             "holdout_before": r.outcome.get("holdout_before"), "holdout_after": r.outcome.get("holdout_after"),
+            "holdout_fp32_after": r.outcome.get("holdout_fp32_after"),
             "task": r.plan.get("task"), "opened_at": r.opened_at, "closed_at": r.closed_at, "reason": r.reason,
         })
     return out

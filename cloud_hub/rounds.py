@@ -14,8 +14,9 @@ One :class:`Coordinator` runs the rounds of one model (``cloud-hub federate``). 
    answers to the previous rounds (up to ``max_staleness``) count, weighted down (FedBuff);
 4. **aggregates** (:mod:`cloud_hub.fedavg`: clip, example-weighted mean on the FP32 master copy),
    re-quantizes to static INT8 from the activation ranges the devices reported, evaluates on
-   hold-out logs when given (and the devices' own evaluations), gates against the base, registers
-   the version and, when it passes, signs and publishes it on the model topic.
+   hold-out logs when given (else the devices that trained score the INT8 model that would ship, and
+   its FP32 weights, against the base on their held-out windows), gates the INT8 model against the
+   base, registers the version and, when it passes, signs and publishes it on the model topic.
 
 The round's state lives in ``fl_rounds``: a restarted coordinator resumes an open round (re-publishing
 its announcement) or finishes a closed one.
@@ -29,7 +30,7 @@ import queue
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -334,7 +335,7 @@ class Coordinator:
             return ann
         from cloud_hub.signing import load_private_key, sign_round
 
-        return Announcement(sign_round(ann.plan, load_private_key(self.signing_key)), ann.weights)
+        return replace(ann, plan=sign_round(ann.plan, load_private_key(self.signing_key)))  # keeps its INT8 model
 
     def _send(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
         mid = self._link.publish(topic, payload, ROUND_DELIVERY)
@@ -416,9 +417,7 @@ class Coordinator:
 
     def _record(self, conn: sa.Connection, msg: Message, device: str, digest: str, v: Verdict) -> None:
         u = v.update
-        metrics = None if u is None else {
-            "loss_before": u.loss_before, "loss_after": u.loss_after, "metric_before": u.metric_before,
-            "metric_after": u.metric_after, "norm": u.norm, "epochs": u.epochs, "seconds": u.seconds}
+        metrics = None if u is None else answer_metrics(u)
         counted = v.status in ("accepted", "late")  # kept whole: the round aggregates them
         self.rounds.add_update(conn, round_id=v.round_id, update_round=None if u is None else u.round_id,
                                device_id=device, status=v.status, reason=v.reason,
@@ -431,9 +430,10 @@ class Coordinator:
 
     # ----------------------------------------------------------------- federated evaluation
 
-    def _evaluate(self, r: RoundRow, candidate: dict[str, np.ndarray]) -> dict[str, Any] | None:
-        """Ask the devices that trained in round ``r`` to score its candidate and the base on their held-out
-        windows; the example-weighted scores, or None when none answered by the deadline."""
+    def _evaluate(self, r: RoundRow, candidate: dict[str, np.ndarray], int8: bytes) -> dict[str, Any] | None:
+        """Ask the devices that trained in round ``r`` to score its candidate (its FP32 weights and ``int8``, the
+        model that would ship) and the base on their held-out windows; :func:`fedavg.evaluation` of their
+        answers, or None when none answered by the deadline."""
         with db.transaction(self.engine, write=False) as conn:
             devices = tuple(sorted(self.rounds.counted(conn, r.id, statuses=("accepted",))))  # trained on this base
         if not devices:
@@ -445,11 +445,11 @@ class Coordinator:
             task=str(r.plan["task"]), participants=devices, deadline=now + min(self.cfg.deadline_s, 60.0),
             min_windows=1, min_updates=len(devices), max_staleness=0, encoding=str(r.plan["encoding"]),
             created=now, kind="evaluate")
-        payload = self._signed(announcement(plan, candidate)).encode()
+        payload = self._signed(announcement(plan, candidate, int8)).encode()
         topic = self.s.topics.rounds(r.model_name)
         self._send(topic, payload)
-        self.say(f"round {r.id}: no hold-out log: asking {', '.join(devices)} to evaluate the candidate on their "
-                 f"held-out windows")
+        self.say(f"round {r.id}: no hold-out log: asking {', '.join(devices)} to evaluate the candidate (its INT8 "
+                 f"model and FP32 weights) on their held-out windows")
         while True:
             with db.transaction(self.engine, write=False) as conn:
                 answered = self.rounds.counted(conn, r.id, statuses=("evaluated",))
@@ -463,15 +463,9 @@ class Coordinator:
         self._send(topic, b"")
         with db.transaction(self.engine, write=False) as conn:
             got = self.rounds.evaluations(conn, r.id)
-        from cloud_hub.fedavg import capped_examples  # loaded with round_finish, which calls this
+        from cloud_hub.fedavg import evaluation  # loaded with round_finish, which calls this
 
-        weights = dict(zip(got, capped_examples([k for k, _ in got.values()]), strict=True))
-        n = sum(weights.values())
-        if not n:
-            return None
-        mean = lambda key: sum(weights[d] * float(m[key]) for d, (_, m) in got.items()) / n  # noqa: E731
-        return {"devices": sorted(got), "windows": int(sum(k for k, _ in got.values())), "before": mean("metric_before"),
-                "after": mean("metric_after")}
+        return evaluation(got)
 
     def _receive_evaluation(self, generation: int, msg: Message, r: RoundRow, devices: tuple[str, ...]) -> None:
         digest = hashlib.sha256(msg.payload).hexdigest()
@@ -528,7 +522,7 @@ class Coordinator:
         try:
             state, version, outcome, reason = finish(self.engine, self.s, r, counted, signing_key=self.signing_key,
                                                      allow_unsigned=self.allow_unsigned,
-                                                     evaluate=lambda tensors: self._evaluate(r, tensors))
+                                                     evaluate=lambda tensors, int8: self._evaluate(r, tensors, int8))
         except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
             state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
         with db.transaction(self.engine) as conn:
@@ -536,6 +530,16 @@ class Coordinator:
                                   outcome=outcome, reason=reason)
         self.say(f"round {round_id}: {state}" + (f" v{version}" if version else "") + f": {reason}")
         return round_id
+
+
+def answer_metrics(u: Update) -> dict[str, Any]:
+    """What ``fl_updates.metrics`` keeps of an answer (the evaluation reads its scores back from there)."""
+    out: dict[str, Any] = {
+        "loss_before": u.loss_before, "loss_after": u.loss_after, "metric_before": u.metric_before,
+        "metric_after": u.metric_after, "norm": u.norm, "epochs": u.epochs, "seconds": u.seconds}
+    if u.int8_before is not None:
+        out |= {"int8_before": u.int8_before, "int8_after": u.int8_after}
+    return out
 
 
 def _alpha(blob: bytes, batch: int) -> float:
@@ -547,4 +551,4 @@ def _alpha(blob: bytes, batch: int) -> float:
     return float(mlp.alpha) * batch / max(1, central)
 
 
-__all__: Sequence[str] = ("Coordinator", "FederateConfig", "RoundError", "judge", "trainable_names")
+__all__: Sequence[str] = ("Coordinator", "FederateConfig", "RoundError", "answer_metrics", "judge", "trainable_names")

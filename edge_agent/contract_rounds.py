@@ -7,7 +7,10 @@ own ``{prefix}/devices/{id}/update`` (QoS 1, not retained).
 Both are binary: a 4-byte magic, a 4-byte header length, a JSON header, then the tensors' bytes in
 the header's order (little-endian, C order). The announcement carries the base version's trainable
 FP32 weights, and the whole header (with the sha256 of those bytes) is Ed25519-signed like a model
-manifest; the device checks it against the model it runs before it trains. An update carries the
+manifest; the device checks it against the model it runs before it trains. An ``evaluate``
+announcement also carries, after the weights, the INT8 ONNX model the hub will ship if it passes
+(header ``int8``: its size and sha256, so the signature covers it): the devices score that model
+itself, not only its FP32 weights, and answer with both scores. An update carries the
 **INT8-quantized delta** of the tensors the round trains (one symmetric scale per tensor) and the
 activation ranges the device saw, from which the hub calibrates the next INT8 model without data.
 
@@ -160,12 +163,14 @@ class RoundPlan:
     tensors: tuple[TensorSpec, ...] = ()
     trainable: tuple[str, ...] = ()  # the tensors a device trains and sends back
     kind: str = "train"  # or "evaluate": score these weights (the round's candidate) on held-out windows
+    int8_sha256: str = ""  # evaluate: the INT8 ONNX model that ships, after the weights (int8_bytes long)
+    int8_bytes: int = 0
     key_id: str | None = None
     signature: str | None = None
 
     def header(self) -> dict[str, Any]:
         # floats written as floats (10.0, not 10): a device re-serializes what it decoded to check the signature
-        return {
+        obj = {
             "v": SCHEMA_VERSION, "round": self.round_id, "model": self.model, "base_version": self.base_version,
             "base_sha256": self.base_sha256, "task": self.task, "participants": list(self.participants),
             "deadline": float(self.deadline), "epochs": self.epochs, "lr": float(self.lr), "batch": self.batch,
@@ -175,6 +180,9 @@ class RoundPlan:
             "tensors": [t.to_obj() for t in self.tensors], "trainable": list(self.trainable), "kind": self.kind,
             "key_id": self.key_id, "signature": self.signature,
         }
+        if self.int8_bytes:  # only then: a round without it reads as before
+            obj["int8"] = {"bytes": self.int8_bytes, "sha256": self.int8_sha256}
+        return obj
 
     def signing_bytes(self) -> bytes:
         obj = self.header()
@@ -192,28 +200,48 @@ class RoundPlan:
 class Announcement:
     plan: RoundPlan
     weights: dict[str, np.ndarray] = field(repr=False)
+    int8: bytes = field(default=b"", repr=False)  # evaluate: the INT8 ONNX model (plan.int8_sha256)
 
     def encode(self) -> bytes:
-        return _pack(_ROUND_MAGIC, self.plan.header(), _body(self.plan.tensors, self.weights, np.dtype("<f4")),
-                     MAX_ROUND_BYTES)
+        body = _body(self.plan.tensors, self.weights, np.dtype("<f4")) + self.int8
+        return _pack(_ROUND_MAGIC, self.plan.header(), body, MAX_ROUND_BYTES)
 
 
 def _body(specs: tuple[TensorSpec, ...], arrays: dict[str, np.ndarray], dtype: np.dtype) -> bytes:
     return b"".join(np.ascontiguousarray(arrays[s.name], dtype=dtype).tobytes() for s in specs)
 
 
-def announcement(plan: RoundPlan, weights: dict[str, np.ndarray]) -> Announcement:
-    """An announcement of ``weights`` (float32), with their specs and digest filled into ``plan``."""
+def announcement(plan: RoundPlan, weights: dict[str, np.ndarray], int8: bytes = b"") -> Announcement:
+    """An announcement of ``weights`` (float32) and, for an evaluation, the ``int8`` ONNX model built from
+    them, with their specs and digests filled into ``plan``."""
     specs = tuple(TensorSpec(n, tuple(int(d) for d in np.shape(a))) for n, a in weights.items())
     missing = [t for t in plan.trainable if t not in weights]
     if missing or (plan.kind == "train") != bool(plan.trainable):
         raise ContractError(f"a {plan.kind} round with trainable {list(plan.trainable)}; the weights lack {missing}")
     body = _body(specs, weights, np.dtype("<f4"))
-    plan = replace(plan, tensors=specs, weights_sha256=hashlib.sha256(body).hexdigest(), key_id=None, signature=None)
-    return Announcement(plan, {s.name: np.ascontiguousarray(weights[s.name], dtype=np.float32) for s in specs})
+    if int8 and plan.kind != "evaluate":
+        raise ContractError("only an evaluate round carries an INT8 model")
+    plan = replace(plan, tensors=specs, weights_sha256=hashlib.sha256(body).hexdigest(), key_id=None, signature=None,
+                   int8_sha256=hashlib.sha256(int8).hexdigest() if int8 else "", int8_bytes=len(int8))
+    return Announcement(plan, {s.name: np.ascontiguousarray(weights[s.name], dtype=np.float32) for s in specs}, int8)
 
 
 _ROUND_KEYS: Final = frozenset(RoundPlan(0, "m", 1, "", "classification", (), 0.0).header())
+_ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8"})
+
+
+def _int8_part(obj: dict[str, Any], body: bytes) -> tuple[bytes, bytes]:
+    """(the weights' bytes, the INT8 model's) of an announcement's body, the model checked against its digest."""
+    if "int8" not in obj:
+        return body, b""
+    spec = obj["int8"]
+    if type(spec) is not dict or obj.get("kind") != "evaluate":
+        raise ContractError("round.int8 must be an object {bytes, sha256}, in an evaluate round only")
+    _check_keys(spec, frozenset({"bytes", "sha256"}), frozenset({"bytes", "sha256"}), "round.int8")
+    size = _int(spec, "bytes", "round.int8", 1, MAX_ROUND_BYTES)
+    if size > len(body) or hashlib.sha256(body[len(body) - size:]).hexdigest() != spec["sha256"]:
+        raise ContractError("round INT8 model does not match its sha256")
+    return body[:len(body) - size], body[len(body) - size:]
 
 
 def announcement_header(payload: bytes) -> dict[str, Any]:
@@ -227,7 +255,8 @@ def decode_announcement(payload: bytes) -> Announcement:
     receiver (``edge_agent.bundle.verify_signed``), the fit to its running model by the device."""
     obj, body = _unpack(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")
     what = "round"
-    _check_keys(obj, _ROUND_KEYS - {"key_id", "signature"}, _ROUND_KEYS, what)
+    _check_keys(obj, _ROUND_KEYS - _ROUND_OPTIONAL, _ROUND_KEYS | _ROUND_OPTIONAL, what)
+    body, int8 = _int8_part(obj, body)
     task, encoding = _choice(obj, "task", TASKS, what), _choice(obj, "encoding", ENCODINGS, what)
     parts = obj["participants"]
     if type(parts) is not list or len(parts) > 100_000:
@@ -255,7 +284,9 @@ def decode_announcement(payload: bytes) -> Announcement:
     weights = _arrays(specs, body, np.dtype("<f4"), "round announcement")
     if not all(np.isfinite(a).all() for a in weights.values()):
         raise ContractError("round weights hold NaN or inf")
-    return Announcement(plan, weights)
+    if int8:
+        plan = replace(plan, int8_sha256=obj["int8"]["sha256"], int8_bytes=len(int8))
+    return Announcement(plan, weights, int8)
 
 
 # --------------------------------------------------------------------------- updates
@@ -283,6 +314,9 @@ class Update:
     delta: dict[str, np.ndarray] = field(repr=False)  # int8 (scaled by the spec) or float32
     sent: float = 0.0
     kind: str = "train"  # "evaluate": no tensors; metric_before/after = the base's/the candidate's score
+    # evaluate: the INT8 models' scores, the running bundle's and the candidate's (what ships); metric_* are FP32
+    int8_before: float | None = None
+    int8_after: float | None = None
 
     def encode(self) -> bytes:
         header = {
@@ -293,6 +327,8 @@ class Update:
             "ranges": [list(r) for r in self.ranges], "encoding": self.encoding,
             "tensors": [t.to_obj() for t in self.tensors], "sent": self.sent, "kind": self.kind,
         }
+        if self.int8_before is not None and self.int8_after is not None:
+            header["int8"] = [self.int8_before, self.int8_after]
         return _pack(_UPDATE_MAGIC, header, _body(self.tensors, self.delta, ENCODINGS[self.encoding]), MAX_UPDATE_BYTES)
 
     def dequantized(self) -> dict[str, np.ndarray]:
@@ -311,7 +347,12 @@ _UPDATE_KEYS: Final = frozenset({"v", "round", "device_id", "model", "base_versi
 def decode_update(payload: bytes, topic_device: str | None = None) -> Update:
     obj, body = _unpack(payload, _UPDATE_MAGIC, MAX_UPDATE_BYTES, "update")
     what = "update"
-    _check_keys(obj, _UPDATE_KEYS, _UPDATE_KEYS, what)
+    _check_keys(obj, _UPDATE_KEYS, _UPDATE_KEYS | {"int8"}, what)
+    int8 = obj.get("int8")
+    if int8 is not None and (type(int8) is not list or len(int8) != 2 or obj["kind"] != "evaluate"):
+        raise ContractError("update.int8 must be [the base's, the candidate's] INT8 score, in an evaluation only")
+    int8_before, int8_after = (None, None) if int8 is None else (_float({"int8": int8[0]}, "int8", what),
+                                                                 _float({"int8": int8[1]}, "int8", what))
     device_id = check_id(obj["device_id"])
     if topic_device is not None and device_id != topic_device:
         raise ContractError(f"device id {device_id!r} in the update differs from {topic_device!r} in the topic")
@@ -333,6 +374,7 @@ def decode_update(payload: bytes, topic_device: str | None = None) -> Update:
         seconds=_float(obj, "seconds", what),
         ranges=tuple((float(a), float(b), float(c), float(d)) for a, b, c, d in ranges),
         encoding=encoding, tensors=specs, delta=delta, sent=_float(obj, "sent", what), kind=kind,
+        int8_before=int8_before, int8_after=int8_after,
     )
 
 

@@ -173,6 +173,10 @@ ROUND: dict[str, Any] = {
                       "kind is evaluate)"},
         "kind": {"enum": list(cr.KINDS), "description": "train: fine-tune and send the delta; evaluate: score "
                  "these weights (the round's candidate) on your held-out windows and send no tensors"},
+        "int8": {"type": "object", "additionalProperties": False, "required": ["bytes", "sha256"],
+                 "description": "evaluate only: the INT8 ONNX model the hub will ship if it passes, after the "
+                 "weights; score it too (and the INT8 model you run) and answer with both scores",
+                 "properties": {"bytes": {"type": "integer", "minimum": 1}, "sha256": {"type": "string"}}},
         "key_id": _nullable({"type": "string", "maxLength": 128}),
         "signature": _nullable({"type": "string", "maxLength": 256, "description": "base64 Ed25519 signature of "
                                 "the header without this field, keys sorted, as for a manifest"}),
@@ -198,6 +202,9 @@ UPDATE: dict[str, Any] = {
         "encoding": {"enum": sorted(cr.ENCODINGS)},
         "tensors": {**_TENSORS, "minItems": 0, "description": "the delta's tensors (none in an evaluate answer)"},
         "sent": NUMBER, "kind": {"enum": list(cr.KINDS), "description": "the kind of round it answers"},
+        "int8": {"type": "array", "minItems": 2, "maxItems": 2, "items": NUMBER, "description": "evaluate only: "
+                 "the INT8 models' scores on the same windows, the one the device runs and the round's (the "
+                 "announcement's int8): what the hub gates on; metric_before/after are then the FP32 weights'"},
     },
 }
 
@@ -205,7 +212,8 @@ ROUND_FORMAT = """\
 Federated rounds use the bundle's framing: 4 magic bytes (`EMLR` for an announcement, `EMLU` for an
 update), the header length as a 4-byte big-endian unsigned integer, the header (UTF-8 JSON: the
 `round` or `update` schema), then the tensors in the header's order, C order, little-endian: float32
-weights in an announcement (their sha256 is `weights_sha256`, covered by the signature), int8 (or
+weights in an announcement (their sha256 is `weights_sha256`, covered by the signature; an evaluate
+announcement then carries the INT8 ONNX model of its `int8` field), int8 (or
 float32 with `encoding` float32) deltas in an update. A device answers a round only when it runs the
 model of `base_version` and `base_sha256`, is among `participants` and holds enough labelled windows;
 it sends the delta of the `trainable` tensors, never its data."""

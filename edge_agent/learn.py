@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LocalResult", "activation_ranges", "fine_tune", "loss_and_grad", "n_layers", "predict",
-           "trainable_names"]
+__all__ = ["LocalResult", "activation_ranges", "fine_tune", "loss_and_grad", "metric", "n_layers", "predict",
+           "score", "trainable_names"]
 
 Tensors = Mapping[str, np.ndarray]
 _CHUNK = 1024  # rows per forward pass outside training (bounds the activation memory)
@@ -216,21 +216,32 @@ def loss_and_grad(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, 
     return loss, {name: g for name, g in zip(names, (g for pair in grads for g in pair), strict=True)}
 
 
+def metric(task: str, predicted: np.ndarray, y: np.ndarray) -> float:
+    """The one definition of a device's score: a classifier's accuracy (``predicted``: class indices, or a
+    score per class; ``y``: class indices), a regressor's mean Euclidean error in real units (``predicted``
+    and ``y``: [n, outputs]). Whatever model made the predictions (these tensors, or an INT8 ONNX model)."""
+    if task == "classification":
+        p = np.asarray(predicted)
+        return float(np.mean((p.argmax(axis=1) if p.ndim == 2 else p) == np.asarray(y).reshape(len(p))))
+    P = np.asarray(predicted, np.float64).reshape(len(predicted), -1)
+    D = P - np.asarray(y, np.float64).reshape(P.shape)
+    return float(np.mean(np.sqrt(np.sum(D * D, axis=1))))
+
+
 def _evaluate(layers: list[list[np.ndarray]], H: np.ndarray, Y: np.ndarray, y_real: np.ndarray, task: str,
               target: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
-    """Data loss and metric (accuracy, or mean Euclidean error in real units) of the trained part."""
-    loss, hits, err = 0.0, 0.0, 0.0
+    """Data loss and :func:`metric` of the trained part."""
+    loss, total = 0.0, 0.0
     for s in range(0, H.shape[0], _CHUNK):
         A = _forward(layers, H[s:s + _CHUNK])
         part, _ = _data_loss(A, Y[s:s + _CHUNK], task)
         loss += part * A.shape[0]
         if task == "classification":
-            hits += float(np.sum(A.argmax(axis=1) == Y[s:s + _CHUNK]))
+            total += metric(task, A, Y[s:s + _CHUNK]) * A.shape[0]
         else:
-            D = A * target[1] + target[0] - y_real[s:s + _CHUNK].reshape(A.shape)
-            err += float(np.sum(np.sqrt(np.sum(D.astype(np.float64) ** 2, axis=1))))
+            total += metric(task, A * target[1] + target[0], y_real[s:s + _CHUNK]) * A.shape[0]
     n = H.shape[0]
-    return loss / n, (hits if task == "classification" else err) / n
+    return loss / n, total / n
 
 
 def score(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray) -> float:

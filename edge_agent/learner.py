@@ -6,17 +6,21 @@ source) in the state dir, bounded, so a restart keeps them; they never leave the
 model this device runs, this device was selected, enough new windows), fine-tunes in a background
 thread with :mod:`edge_agent.learn` (numpy only; inference keeps running) and publishes its update:
 the INT8-quantized delta of the trainable tensors, its example count, losses and scores before and
-after, and the activation ranges it saw.
+after, and the activation ranges it saw. Asked to evaluate the round's candidate, it scores its FP32
+weights and the INT8 model the hub would ship (the announcement carries it; run by
+:mod:`edge_agent.runner`, as the agent would run it) against the base, on its held-out windows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -179,10 +183,10 @@ class Learner:
         if ann.plan.kind == "train":
             self.store.new = 0
         self.save()
-        work = self._train if ann.plan.kind == "train" else self._evaluate
         labels = bundle.manifest.labels if bundle is not None else ()  # of the model the round was checked against
-        self._thread = threading.Thread(target=work, args=(ann, X, y, t, labels), name="edge-agent-learn",
-                                        daemon=True)
+        work, args = (self._train, (ann, X, y, t, labels)) if ann.plan.kind == "train" else \
+            (self._evaluate, (ann, X, y, t, bundle))
+        self._thread = threading.Thread(target=work, args=args, name="edge-agent-learn", daemon=True)
         self._thread.start()
 
     def _check(self, payload: bytes) -> tuple[str | None, Announcement | None]:
@@ -252,13 +256,14 @@ class Learner:
         except Exception:  # a bug must not take inference down with it
             log.exception("round %d: training failed", p.round_id)
 
-    def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray,
-                  labels: tuple[str, ...]) -> None:
-        """The round's candidate and the base it trained, scored on the same held-out windows."""
+    def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray, running: Bundle) -> None:
+        """The round's candidate and the base it trained, scored on the same held-out windows: their FP32
+        weights, and the INT8 models (the one this device runs, the one the hub would ship)."""
         from edge_agent import learn
 
         p = ann.plan
         try:
+            labels = running.manifest.labels
             rows, target = _targets(p.task, labels, y)
             held = held_out(t[rows])
             if not held.any():
@@ -267,16 +272,18 @@ class Learner:
             Xh, yh = X[rows][held], target[held]
             t0 = time.monotonic()
             before, after = learn.score(self._bases[p.round_id], p.task, Xh, yh), learn.score(dict(ann.weights), p.task, Xh, yh)
+            int8 = (None, None) if not ann.int8 else (int8_score(running, running.model, Xh, yh),
+                                                      int8_score(running, ann.int8, Xh, yh))
             update = Update(
                 round_id=p.round_id, device_id=self.device_id, model=p.model, base_version=p.base_version,
                 n_examples=int(held.sum()), loss_before=0.0, loss_after=0.0, metric_before=before, metric_after=after,
                 norm=0.0, epochs=0, seconds=time.monotonic() - t0, ranges=(), encoding=p.encoding, tensors=(),
-                delta={}, sent=time.time(), kind="evaluate")
+                delta={}, sent=time.time(), kind="evaluate", int8_before=int8[0], int8_after=int8[1])
             self.publish(self.topic, update.encode())
             self._answered(p.round_id, p.kind)
             self.sent += 1
-            log.info("round %d: evaluated the candidate on %d held-out windows: %.3f (the base: %.3f)",
-                     p.round_id, int(held.sum()), after, before)
+            log.info("round %d: evaluated the candidate on %d held-out windows: %.3f (the base: %.3f); INT8 %s (%s)",
+                     p.round_id, int(held.sum()), after, before, *("-" if v is None else f"{v:.3f}" for v in int8[::-1]))
         except (ValueError, ContractError, FloatingPointError) as exc:
             log.error("round %d: evaluation failed: %s", p.round_id, exc)
         except Exception:  # a bug must not take inference down with it
@@ -302,4 +309,18 @@ class Learner:
         self.save()
 
 
-__all__ = ["Learner", "WindowStore", "UPDATE_DELIVERY"]
+def int8_score(running: Bundle, model: bytes, X: np.ndarray, y: np.ndarray) -> float:
+    """:func:`edge_agent.learn.metric` of an ONNX ``model`` of the running one's kind (its manifest: labels,
+    input, preprocessing) on feature rows ``X``, run as the agent runs a bundle; ``y`` as ``_targets`` gives."""
+    from edge_agent import learn
+    from edge_agent.runner import ModelRunner
+
+    runner = ModelRunner(Bundle(replace(running.manifest, sha256=hashlib.sha256(model).hexdigest()), model))
+    pred = runner.predict(np.asarray(X, np.float32))
+    if pred.labels is None:
+        return learn.metric(running.manifest.task, np.asarray(pred.values), y)
+    index = {label: i for i, label in enumerate(running.manifest.labels)}
+    return learn.metric(running.manifest.task, np.asarray([index[label] for label in pred.labels]), y)
+
+
+__all__ = ["Learner", "WindowStore", "UPDATE_DELIVERY", "int8_score"]

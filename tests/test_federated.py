@@ -142,9 +142,13 @@ def test_rounds_end_to_end_devices_learn_and_swap_to_the_aggregated_model(procs,
     manifest = orjson.loads(rows[2][2])
     assert manifest["training"]["source"] == "federated" and manifest["training"]["parent_version"] == 2
     assert "in the devices' own evaluation" in manifest["metrics"]["gate"], manifest["metrics"]["gate"]
-    assert manifest["metrics"]["int8"]["source"].startswith("federated evaluation")
-    assert 0 <= manifest["metrics"]["int8"]["accuracy"] <= 1 and manifest["metrics"]["int8"]["n"] > 0
+    assert manifest["metrics"]["evaluated_on"].startswith("federated evaluation")
+    assert manifest["metrics"]["gate"].startswith("v3 INT8 "), manifest["metrics"]["gate"]  # the model that ships
+    for key in ("int8", "baseline_int8", "fp32", "baseline_fp32"):
+        assert 0 <= manifest["metrics"][key]["accuracy"] <= 1 and manifest["metrics"][key]["n"] > 0, key
     assert manifest["training"]["devices"] == list(DEVICES)
+    assert manifest["training"]["shaped_by"] == [*DEVICES, "trn-1"]  # v1's training device and both rounds'
+    assert all(v["device_fp32_before"] is not None and v["device_fp32_after"] is not None for v in views)
     # the devices' own windows stayed home: the hub holds no feature vector of them
     r = db.results.c
     assert _query(fleet.url, sa.select(sa.func.count()).where(r.features.is_not(None))) == [(0,)]
@@ -631,4 +635,73 @@ def test_a_late_update_is_averaged_in_at_its_staleness_weight(tmp_path) -> None:
     for name in ("coef_1", "intercept_1"):
         np.testing.assert_allclose(got[name], tensors[name] + np.float32(step), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got["coef_0"], tensors["coef_0"])  # not trained in the round
+    engine.dispose()
+
+
+def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(tmp_path) -> None:
+    """A real learner trains in round 1, then evaluates its candidate: the INT8 model in the evaluate
+    announcement is the one the hub registers, and the device's INT8 scores are those of the registered
+    bundle and of the running v1, run through onnxruntime here on the same held-out windows."""
+    from cloud_hub import fedavg
+    from cloud_hub.round_finish import finish
+    from cloud_hub.rounds import answer_metrics
+    from cloud_hub.store import Store
+    from edge_agent.learner import Learner, held_out
+    from edge_agent.runner import ModelRunner
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
+    with engine.connect() as conn:
+        v1 = c.decode_bundle(Store(engine).get_model(conn, "default", 1).bundle)
+    params = PreprocessParams.from_dict(v1.manifest.preprocess)
+    data, labels, _, starts = lifecycle.windows_from_logs([str(make_log(tmp_path / "me.csv", devices=("me",),
+                                                                         seconds=120, seed=7))], params)
+    X = extract_features(data, params)
+    sent: list[bytes] = []
+    learner = Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=1000, trusted_key=None,
+                      allow_unsigned=True, running=lambda: v1, publish=lambda _t, p: sent.append(p), topic="t")
+    learner.on_windows("L", X, [str(v) for v in labels], starts)
+
+    def answer(ann: cr.Announcement) -> cr.Update:
+        learner.offer(ann.encode())
+        learner.tick()
+        learner.close()
+        return cr.decode_update(sent[-1], "me")
+
+    r, tensors = _closed_round(engine, ("me",), tolerance=-1.0)  # a gate no model passes: nothing is published
+    train = dataclasses.replace(cr.RoundPlan(**{**dataclasses.asdict(_plan_and_weights()[0]), "participants": ("me",)}),
+                                base_sha256=v1.manifest.sha256, trainable=("coef_1", "intercept_1"), lr=0.01)
+    update = answer(cr.announcement(train, tensors))
+    shipped: list[bytes] = []
+
+    def evaluate(candidate: dict, int8: bytes) -> dict | None:
+        shipped.append(int8)
+        plan = dataclasses.replace(train, kind="evaluate", trainable=())
+        got = answer(cr.announcement(plan, candidate, int8))
+        return fedavg.evaluation({"me": (got.n_examples, answer_metrics(got))})
+
+    state, version, outcome, gate = finish(engine, None, r, [("me", 0, sent[0])], signing_key=None,  # type: ignore[arg-type]
+                                           allow_unsigned=True, evaluate=evaluate)
+    assert (state, version) == ("rejected", 2) and update.kind == "train"
+    ev = cr.decode_update(sent[-1], "me")
+    assert ev.int8_after != ev.metric_after, "these windows tell the INT8 model from its FP32 weights"
+    with engine.connect() as conn:
+        v2 = Store(engine).get_model(conn, "default", 2)
+    bundle = c.decode_bundle(v2.bundle)
+    assert bundle.model == shipped[0], "the devices scored the very model the hub registered"
+    known = np.isin(labels, v1.manifest.labels)  # windows of a class v1 knows: those the device scores on
+    held = held_out(starts[known])
+    X_held, truth = X[known][held], labels[known][held]
+    assert ev.n_examples == held.sum() > 0
+    for runner_of, score in ((v1, ev.int8_before), (bundle, ev.int8_after)):
+        predicted = ModelRunner(runner_of).predict(X_held).labels
+        assert score == pytest.approx(np.mean(np.asarray(predicted) == truth))
+    assert v2.metrics["int8"]["accuracy"] == pytest.approx(ev.int8_after)  # what the version reports
+    assert v2.metrics["baseline_int8"]["accuracy"] == pytest.approx(ev.int8_before)
+    assert v2.metrics["fp32"]["accuracy"] == pytest.approx(ev.metric_after)  # and its FP32 weights beside
+    assert (outcome["evaluation_after"], outcome["evaluation_fp32_after"]) == pytest.approx((ev.int8_after,
+                                                                                              ev.metric_after))
+    assert gate.startswith(f"v2 INT8 {100 * ev.int8_after:.1f}% vs running v1 INT8 {100 * ev.int8_before:.1f}%")
+    assert "the same windows as these figures" in gate
     engine.dispose()

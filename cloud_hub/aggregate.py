@@ -328,6 +328,10 @@ def fleet_stats(conn: Connection, *, device: str | None = None, since: float | N
             last_seen=row[2] if row else None,
         )
     fleet = _with_error(finish(_merge(per_device.values()), quantiles(latency)), Errors.of(errors))
+    # "seen" means what each device's row means: the hub last heard from one (a duplicate or a status
+    # counts), not the newest stored row (after a replay of duplicates that read minutes ago)
+    heard = [t for t in (fleet.last_seen, *(d.last_seen for d in out.values())) if t is not None]
+    fleet = replace(fleet, last_seen=max(heard)) if heard else fleet
 
     dl = sa.select(sa.func.count()).select_from(dead_letters)
     if since is not None:

@@ -55,3 +55,26 @@ def test_a_replay_says_which_results_the_hub_stored_and_which_it_had_already(pro
     assert said is not None, again.stdout
     new, already = (int(x.replace(",", "")) for x in said.groups())
     assert (new, already) == (len(expected) - report["windows"], report["windows"])
+
+
+def test_the_fleet_row_was_seen_when_its_devices_were_even_when_it_sent_only_duplicates(tmp_path: Path) -> None:
+    """Results stored 9 minutes ago, sent again (a replay of duplicates) 12 s ago: each device and the
+    fleet row were seen 12 s ago, in `stats` and its JSON alike."""
+    from cloud_hub import db
+    from cloud_hub.store import Batch, Store
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    store = Store(engine)
+    stored, again = 1_000_000.0, 1_000_528.0
+    for t in (stored, again):
+        rows = [(d, seq, seq / 1000, seq / 1000 + 2, 1, "walk", 0.9, None, "walk", 0.5, None, t)
+                for d in ("dev-a", "dev-b") for seq in range(0, 5000, 500)]
+        with db.transaction(engine) as conn:
+            store.write(conn, Batch(rows=rows, seen={"dev-a": t, "dev-b": t}))
+    engine.dispose()
+    code, out, err = invoke("stats", "--db", url, "--json")
+    assert code == 0, err
+    got = orjson.loads(out)
+    assert {d: v["last_seen"] for d, v in got["devices"].items()} == {"dev-a": again, "dev-b": again}
+    assert got["last_seen"] == again  # the fleet's, at the top level

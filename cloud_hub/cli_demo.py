@@ -49,8 +49,8 @@ def demo(
     finally:
         view.stop()
     _summary(view, outcome, workdir)
-    if outcome["delivery"]:
-        typer.echo("cloud-hub demo: delivery check failed: " + "; ".join(outcome["delivery"]), err=True)
+    if outcome["problems"]:  # a claim the demo printed is false: say which, and fail
+        typer.echo("cloud-hub demo: check failed: " + "; ".join(outcome["problems"]), err=True)
         raise typer.Exit(1)
 
 
@@ -135,13 +135,15 @@ def _summary(view: _FleetView, outcome: dict[str, Any], workdir: Path) -> None:
                   f"dead letters {stats['dead_letters']}")
     from cloud_hub.demo import _score
 
-    for m in outcome["models"]:
-        console.print(f"model v{m['version']}: {m['state']}{' (on the model topic)' if m['on_topic'] else ''}, "
-                      f"INT8 {_score(m['int8']) if m['int8'] else '-'} on hold-out "
-                      f"{', '.join(m['holdout_devices']) or '-'}, devices running it: {m['devices']}")
     retrained = outcome.get("v2")
-    if retrained is not None and retrained.gate:  # the one comparison on the same windows
-        console.print(f"v{retrained.version}'s gate (both versions on the same hold-out): {retrained.gate}")
+    if retrained is not None and retrained.gate:  # the one comparison of two versions on the same windows
+        console.print(f"v{retrained.version} against the running version, both on the same hold-out (its gate): "
+                      f"{retrained.gate}")
+    for m in outcome["models"]:  # each on its own hold-out: different devices, not a comparison
+        console.print(f"model v{m['version']}: {m['state']}{' (on the model topic)' if m['on_topic'] else ''}, "
+                      f"devices running it: {m['devices']}; on its own hold-out "
+                      f"({', '.join(m['holdout_devices']) or '-'}, not comparable with another version's): "
+                      f"INT8 {_score(m['int8']) if m['int8'] else '-'}")
     console.print(f"done in {outcome['seconds']:.0f} s; everything the demo started is stopped "
                   f"(files in {workdir}/)")
 

@@ -4,7 +4,12 @@ Data: the real smartwatch recordings in ``../shared/data/watch_shoulder_exercise
 next to the repository (or named by ``EDGEML_DEMO_DATA``), otherwise a generated labelled log.
 Some devices' recordings train version 1; the others are replayed by the agents, which report
 labelled feature vectors; version 2 is retrained from those (plus the training logs), gated on a
-held-out agent device, signed and pushed; the agents hot-swap to it mid-replay.
+held-out agent device, signed and pushed; the agents hot-swap to it.
+
+The agents replay the first part of their recordings, then v2 is decided, then they replay the rest
+(with the state dir of the first part: they start on v1 and swap to the retained v2). Retraining while
+they replay was a race: on a loaded machine the replays ended before v2 came, and the demo said the
+agents swap to v2 while every device ran v1. The demo checks each claim it prints (:func:`claims`).
 """
 
 from __future__ import annotations
@@ -92,6 +97,19 @@ def prepare_positioning(work: Path, agents: int) -> DemoData:
                     f"{agents} are replayed by agents; the target is x;y in metres)", 600.0)
 
 
+def split_log(path: Path) -> tuple[Path, Path]:
+    """The log in two parts, cut at its widest pause between readings in the middle third (a recording's
+    gap, where no window spans the cut; a continuous log loses the one window across it)."""
+    lines = path.read_text().splitlines()
+    ts = [float(line.split(",", 1)[0]) for line in lines[1:]]
+    lo, hi = len(ts) // 3, max(len(ts) // 3 + 1, 2 * len(ts) // 3)
+    cut = max(range(lo, hi), key=lambda i: ts[i] - ts[i - 1]) if len(ts) > 3 else len(ts) // 2
+    parts = (path.with_suffix(".part1.csv"), path.with_suffix(".part2.csv"))
+    for part, rows in zip(parts, (lines[1:cut + 1], lines[cut + 1:]), strict=True):
+        part.write_text("\n".join([lines[0], *rows]) + "\n")
+    return parts
+
+
 def prepare_data(work: Path, agents: int, scenario: str = "activity") -> DemoData:
     if scenario == "positioning":
         return prepare_positioning(work, agents)
@@ -175,17 +193,21 @@ class Demo:
             rollout.publish(engine, settings)
             self.say("published v1 (signed, retained) on " + settings.topics.model("default"))
             speed = self.speed or max(1.0, data.duration_s / 20.0)
-            self._start_agents(data, url, public, speed)
-            self.say(f"agents: {len(self.procs)} replaying at {speed:g}x, sending labelled features")
-            self._wait_fraction(engine, data, 0.45)
+            halves = {device: split_log(path) for device, path in data.agent_logs.items()}
+            self._start_agents({d: h[0] for d, h in halves.items()}, url, public, speed)
+            self.say(f"agents: {len(self.procs)} replaying the first part of their recordings at {speed:g}x, "
+                     "sending labelled features")
+            first = self._wait_agents(engine)  # each exits once the hub has receipted all its results
             v2 = lifecycle.retrain(engine, holdout=data.holdout_fleet, tolerance=0.02,
                                    logs=[str(data.train_log)])
             self.say(f"retrained v2 from {v2.extra['fleet_windows']} fleet windows (+ training log), warm-started "
                      f"from v1: {v2.gate}")
             if v2.state == "publishable":
                 rollout.publish(engine, settings)
-                self.say("published v2: agents verify the signature and hot-swap between batches")
-            results = self._wait_agents(engine)  # each exits once the hub has receipted all its results
+                self.say("published v2: the agents, replaying the rest of their recordings, verify its signature "
+                         "and hot-swap to it")
+            self._start_agents({d: h[1] for d, h in halves.items()}, url, public, speed)
+            second = self._wait_agents(engine)
             self.show(self._table(engine))
         finally:
             hub.stop()
@@ -196,13 +218,15 @@ class Demo:
             per_device = store.count_results(conn, "device_id")
         models = rollout.rollout(engine)
         engine.dispose()
+        results = {d: {k: first[d][k] + second[d][k] for k in ("windows", "published")} for d in first}
+        delivery = delivery_check(results, per_device)
         return {"stats": stats, "models": models, "per_version": per_version, "agents": results,
-                "seconds": time.monotonic() - t0, "v1": v1, "v2": v2,
-                "delivery": delivery_check(results, per_device)}
+                "seconds": time.monotonic() - t0, "v1": v1, "v2": v2, "delivery": delivery,
+                "problems": delivery + claims(v2.version if v2.state == "publishable" else None, second, models)}
 
-    def _start_agents(self, data: DemoData, url: str, public: Path, speed: float) -> None:
+    def _start_agents(self, logs: dict[str, Path], url: str, public: Path, speed: float) -> None:
         exe = [sys.executable, "-m", "edge_agent"]
-        for device, path in data.agent_logs.items():
+        for device, path in logs.items():
             cmd = [*exe, "replay", str(path), "--broker", url, "--prefix", PREFIX, "--trusted-key", str(public),
                    "--state-dir", str(self.work / "agents" / device), "--speed", f"{speed:g}",
                    "--features", "all", "--json"]
@@ -219,16 +243,6 @@ class Demo:
             rows.append({"device": device, "results": s["results"], "accuracy": s["accuracy"], "error": s["error"],
                          "model_version": d.get("model_version"), "state": d.get("state")})
         return rows
-
-    def _wait_fraction(self, engine: sa.Engine, data: DemoData, fraction: float) -> None:
-        """Wait until the agents have reported ``fraction`` of their windows."""
-        expected = int(len(data.agent_logs) * data.duration_s * fraction)  # ~1 window per second per agent
-        while True:
-            rows = self._table(engine)
-            self.show(rows)
-            if sum(r["results"] for r in rows) >= expected or all(p.poll() is not None for p in self.procs.values()):
-                return
-            time.sleep(0.5)
 
     def _wait_agents(self, engine: sa.Engine) -> dict[str, dict[str, Any]]:
         while any(p.poll() is None for p in self.procs.values()):
@@ -268,6 +282,18 @@ def delivery_check(agents: dict[str, dict[str, Any]], stored: dict[str, int]) ->
             problems.append(f"{device}: {have} results stored for {windows} windows")
         if report["published"] != windows:
             problems.append(f"{device}: {report['published']} of {windows} results receipted by the hub")
+    return problems
+
+
+def claims(v2: int | None, last: dict[str, dict[str, Any]], models: list[dict[str, Any]]) -> list[str]:
+    """The demo's claims that are false: with ``v2`` published, every agent ended its replay on v2 (it
+    swapped) and the hub counts every device running it; else every agent stayed on v1."""
+    want = v2 or 1
+    problems = [f"{device}: ended on v{report['model_version']}, not v{want}"
+                for device, report in sorted(last.items()) if report["model_version"] != want]
+    running = {m["version"]: m["devices"] for m in models}
+    if running.get(want, 0) != len(last):
+        problems.append(f"the hub counts {running.get(want, 0)} of {len(last)} devices running v{want}")
     return problems
 
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from cloud_hub import db
-from cloud_hub.demo import delivery_check
+from cloud_hub.demo import claims, delivery_check, split_log
+from cloud_hub.lifecycle import default_params
 from cloud_hub.local_broker import port_open
 from tests.helpers import expected_keys, model_params
 from tests.test_ingest import stored_keys
@@ -26,7 +27,8 @@ def test_demo_runs_end_to_end_on_generated_data(tmp_path) -> None:
     assert "generated sensor log" in out and "published v1" in out and "published v2" in out
     assert "final stats per device" in out and "results stored exactly once" in out
     assert "model v2: published (on the model topic)" in out and "devices running it: 2" in out
-    assert "v2's gate (both versions on the same hold-out): " in out  # not only each on its own hold-out
+    assert "v2 against the running version, both on the same hold-out (its gate): " in out
+    assert "on its own hold-out (dev-01, not comparable with another version's)" in out  # v2's, labelled so
     port = int(re.search(r"private mosquitto on mqtt://127\.0\.0\.1:(\d+)", out).group(1))
     assert not port_open("127.0.0.1", port), "the demo stopped the broker it started"
     # "stored exactly once" is what the hub's table holds: every window of every agent's log, once.
@@ -48,6 +50,32 @@ def test_delivery_check_names_every_device_that_is_not_exactly_once() -> None:
     assert delivery_check({k: agents[k] for k in "ab"}, {"a": 10, "b": 8}) == []
     assert delivery_check(agents, {"a": 10, "b": 7, "c": 5}) == [
         "b: 7 results stored for 8 windows", "c: 4 of 5 results receipted by the hub"]
+
+
+def test_the_demo_names_each_claim_that_is_false() -> None:
+    """v2 published: every agent must end on v2 and the hub count them all running it; v2 rejected:
+    every agent stays on v1."""
+    models = [{"version": 1, "devices": 0}, {"version": 2, "devices": 2}]
+    on_v2 = {"a": {"model_version": 2}, "b": {"model_version": 2}}
+    assert claims(2, on_v2, models) == []
+    assert claims(2, {"a": {"model_version": 2}, "b": {"model_version": 1}},
+                  [{"version": 1, "devices": 1}, {"version": 2, "devices": 1}]) == [
+        "b: ended on v1, not v2", "the hub counts 1 of 2 devices running v2"]
+    assert claims(None, on_v2, models) == ["a: ended on v2, not v1", "b: ended on v2, not v1",
+                                           "the hub counts 0 of 2 devices running v1"]
+
+
+def test_a_log_is_split_at_its_widest_pause_so_no_window_is_lost(tmp_path) -> None:
+    from cloud_hub.sample import write_sample_log
+
+    log = tmp_path / "dev.csv"
+    write_sample_log(log, devices=("dev-x",), seconds=60, recordings=3)  # 5 s apart: no gap at half the rows
+    first, second = split_log(log)
+    params = default_params(str(log))  # the windowing of a model trained on it
+    assert expected_keys(first, params) | expected_keys(second, params) == expected_keys(log, params)
+    a, b = (p.read_text().splitlines() for p in (first, second))
+    assert a[0] == b[0] == log.read_text().splitlines()[0] and len(a) + len(b) - 2 == len(log.read_text().splitlines()) - 1
+    assert float(b[1].split(",")[0]) - float(a[-1].split(",")[0]) >= 5  # cut in the gap
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from cloud_hub.cli_data import _console, _pct
+from edge_agent import exits
 
 
 def demo(
@@ -29,11 +30,23 @@ def demo(
     rounds: Annotated[int, typer.Option(help="--federated: rounds to run.", min=1)] = 5,
 ) -> None:
     """Start a broker, a hub and agents; train v1, publish, retrain v2 from the fleet, roll it out, show stats."""
-    from cloud_hub.demo import Demo
-
     if scenario not in ("activity", "positioning"):
         raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    restore = exits.on_stop_signals(exits.interrupt)  # SIGTERM too: without it the broker and agents outlive us
+    try:
+        _demo(broker, agents, speed, workdir, scenario, federated, rounds)
+    except KeyboardInterrupt:  # the demo's finally blocks have stopped what it started
+        typer.echo("cloud-hub demo: error: interrupted; everything the demo started is stopped", err=True)
+        raise typer.Exit(exits.INTERRUPTED) from None
+    finally:
+        restore()
+
+
+def _demo(broker: str | None, agents: int, speed: float | None, workdir: Path, scenario: str, federated: bool,
+          rounds: int) -> None:
+    from cloud_hub.demo import Demo
+
     if federated:
         if scenario != "activity":
             raise _usage("--federated runs the activity scenario (the watch recordings, or a generated IMU log)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,19 +102,15 @@ def federate(
         say = (lambda line: None) if quiet or json_out else (lambda line: typer.echo(f"federate: {line}", err=True))
         coordinator = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
                                   progress=say)
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        restore = exits.on_stop_signals(exits.interrupt)
         try:
             done = coordinator.run()
         except KeyboardInterrupt:
             raise _fail(exits.INTERRUPTED, "interrupted: an open round stays open with every update it has "
                                            "accepted; run `cloud-hub federate` again to resume it") from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            restore()
     _show(engine, s.model_name, [r.id for r in done], json_out)
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def rounds(

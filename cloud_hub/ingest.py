@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +52,7 @@ from cloud_hub.db import HubError, describe, is_transient, make_engine, pack_fea
 from cloud_hub.settings import HubSettings, split_address
 from cloud_hub.store import Batch, Store, Written, dead_letter
 from edge_agent import contract as c
+from edge_agent import exits
 from edge_agent.contract import ContractError, Topics, decode_results, decode_status
 from edge_agent.mqtt import Message, MqttError, MqttLink
 from edge_agent.settings import SettingsError
@@ -449,10 +449,7 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
     """Run a hub until SIGTERM/SIGINT (or ``stop`` is set), then flush, commit, ack and disconnect."""
     stop = stop or threading.Event()
     hub = Hub(settings)
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    restore = exits.on_stop_signals(lambda *_: stop.set())
     try:
         if not hub.start(stop=stop):
             return hub.stats
@@ -474,8 +471,7 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
         if hub.link.fatal is not None:
             raise BrokerUnavailable(hub.link.fatal)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore()
     return hub.stats
 
 

@@ -197,7 +197,7 @@ def run(
     source_path: Annotated[str | None, typer.Option(help="Log file to follow (source = follow).")] = None,
     log_level: LogLevelOpt = None,
 ) -> None:
-    """The long-running agent on a live source; SIGTERM drains the outbox and exits cleanly."""
+    """The long-running agent on a live source; SIGTERM or SIGINT drains the outbox and exits cleanly."""
     from edge_agent import jobs
 
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,

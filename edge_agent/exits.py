@@ -8,12 +8,16 @@
 | 3 | broker or database unavailable: unreachable (with the cause), refused, taken over by another client; results not stored in time; a database that is not a hub database or at a schema revision this build does not serve |
 | 4 | model: none usable, refused by its gate, not found, or not enough data |
 | 5 | malformed input: a log file that is missing, unreadable, of unknown format or malformed (``file:line``), or a device id the contract refuses |
-| 130 | interrupted by SIGTERM/SIGINT (the agent keeps its results in the outbox; `federate` keeps its open round) |
+| 130 | interrupted by SIGTERM/SIGINT (the agent keeps its results in the outbox; `federate` keeps its open round; `demo` stops what it started) |
 """
 
 from __future__ import annotations
 
-from typing import Final
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Final, NoReturn
 
 OK: Final = 0
 UNEXPECTED: Final = 1
@@ -22,3 +26,32 @@ UNAVAILABLE: Final = 3
 MODEL: Final = 4
 INPUT: Final = 5
 INTERRUPTED: Final = 130
+
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+"""What stops a long-running command (``serve``, ``federate``, ``replay``, ``run``, ``demo``)."""
+
+Handler = Callable[[int, FrameType | None], object]
+
+
+def on_stop_signals(handler: Handler) -> Callable[[], None]:
+    """Handle SIGTERM and SIGINT with ``handler``; returns what puts the previous handlers back.
+
+    Both explicitly: a shell that starts a command in the background or under ``nohup`` hands SIGINT
+    down as *ignored*, and Python then never raises KeyboardInterrupt: ``kill -INT`` (or Ctrl-C on a
+    job brought back to the foreground) would do nothing. Outside the main thread (a test calling a
+    command's function) signals cannot be handled, and nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
+    """A stop-signal handler that ends the command where it is: KeyboardInterrupt, whichever signal."""
+    raise KeyboardInterrupt

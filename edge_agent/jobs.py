@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -12,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent import sources
+from edge_agent import exits, sources
 from edge_agent.agent import Agent, AgentError, Interrupted
 from edge_agent.mqtt import MqttError
 from edge_agent.settings import AgentSettings
@@ -224,14 +223,12 @@ def _until(chunks: Iterable[Any], stop: threading.Event) -> Iterator[Any]:
             return
 
 
-_previous: dict[int, Any] = {}
+_restore: list[Callable[[], None]] = []
 
 
 def _install_stop_handlers() -> threading.Event:
     """SIGTERM/SIGINT set a stop flag: the current chunk finishes, the outbox drains, then exit."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        return stop
 
     def handler(signum: int, _frame: object) -> None:
         if stop.is_set():  # second signal: give up draining
@@ -239,13 +236,11 @@ def _install_stop_handlers() -> threading.Event:
         log.info("signal %d: finishing the current batch and draining the outbox", signum)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        _previous[sig] = signal.signal(sig, handler)
+    _restore.append(exits.on_stop_signals(handler))
     return stop
 
 
 def _restore_handlers() -> None:
-    for sig, old in _previous.items():
-        signal.signal(sig, old)
-    _previous.clear()
+    while _restore:
+        _restore.pop()()
 

@@ -7,7 +7,6 @@ import gzip
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -260,20 +259,6 @@ def _first_column(out: str, value: str) -> bool:
     return value in cells
 
 
-def test_a_signal_ends_the_wait_for_a_model_at_once(procs: Processes, shared_broker, prefix, files, tmp_path) -> None:
-    import signal
-
-    err = tmp_path / "agent.err"
-    with open(err, "wb") as sink:
-        agent = procs.popen(agent_cmd("replay", str(files["log"]), "--broker", shared_broker.url, "--prefix", prefix,
-                                      "--state-dir", str(tmp_path / "s"), "--log-level", "INFO"),
-                            stdout=subprocess.DEVNULL, stderr=sink, env={**os.environ, "EDGE_AGENT_MODEL_WAIT_S": "120"})
-    wait_for(lambda: b"waiting up to 120 s for a model" in err.read_bytes(), what="the model wait")
-    agent.send_signal(signal.SIGINT)
-    assert agent.wait(15) == exits.INTERRUPTED, err.read_text()
-    assert "interrupted while waiting for a model" in err.read_text()
-
-
 def test_a_refused_model_ends_the_wait_with_what_to_do(shared_broker, prefix, files, tmp_path) -> None:
     from cloud_hub.signing import keygen, load_private_key, sign_bundle
     from edge_agent import contract as c
@@ -350,33 +335,3 @@ def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) ->
         res = run(hub_cmd(*command, "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"))
         one_line(res, exits.UNAVAILABLE, "missing.sqlite", "does not exist")
     assert not (tmp_path / "missing.sqlite").exists()
-
-
-def test_federate_says_what_it_waits_for_and_a_signal_ends_it_in_one_line(procs: Processes, shared_broker, prefix,
-                                                                          tmp_path) -> None:
-    import signal
-
-    from cloud_hub import db, lifecycle
-    from tests.helpers import SMALL
-
-    db_url = f"sqlite:///{tmp_path / 'h.sqlite'}"
-    engine = db.make_engine(db_url)
-    lifecycle.train_from_logs(engine, [str(make_log(tmp_path / "t.csv", seconds=20))], config=SMALL)
-    engine.dispose()
-    fed = procs.popen(hub_cmd("federate", "--db", db_url, "--broker", shared_broker.url, "--prefix", prefix,
-                              "--insecure-unsigned", "--min-available", "2", "--wait-devices", "600"),
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(fed.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-
-    def waiting() -> bool:
-        assert fed.poll() is None, "".join(err)
-        return any("waiting up to 600 s for 2 device(s) to report running default v1 (now 0)" in ln for ln in err)
-
-    wait_for(waiting, timeout=60, what="federate saying what it waits for")
-    fed.send_signal(signal.SIGINT)
-    fed.wait(60)
-    reader.join(10)
-    res = subprocess.CompletedProcess(fed.args, fed.returncode, "", "".join(err))
-    one_line(res, exits.INTERRUPTED, "interrupted", "run `cloud-hub federate` again to resume")

@@ -29,8 +29,10 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 
+from cloud_hub import canary_judge as cj
 from cloud_hub import db
 from cloud_hub.aggregate import result_errors
+from cloud_hub.canary_judge import Estimate
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from cloud_hub.signing import load_private_key, sign_bundle
 from cloud_hub.store import ModelRow, RolloutRow, Store
@@ -39,6 +41,7 @@ from edge_agent.mqtt import MqttError, MqttLink
 
 log = logging.getLogger(__name__)
 EVENTS_DELIVERY = RESULTS_DELIVERY  # QoS 1, not retained
+HISTORY_PER_DEVICE = 10_000  # a cohort device's latest results on the previous version: its own baseline
 CLEAR = b""  # an empty retained message deletes the retained bundle of a device's model topic
 
 
@@ -164,33 +167,39 @@ def start(engine: sa.Engine, settings: HubSettings, row: ModelRow, *, cohort: Se
 
 @dataclass(frozen=True)
 class Verdict:
-    action: str  # "wait", "promote" or "roll_back"
+    action: str  # "wait", "promote", "roll_back" or "hold" (undecided at the limit, kept open)
     metric: str  # accuracy, error or confidence
-    cohort: float | None
-    control: float | None
+    estimate: Estimate | None  # cohort minus previous version, with its always-valid interval
     cohort_n: int
     control_n: int
+    control: float | None  # the control fleet's mean score now (shown beside the estimate)
     reason: str
+    deciding: str  # what would decide it
+    shift: float | None = None  # without ground truth: the cohort's predicted-class shift vs its history
 
     def to_obj(self) -> dict[str, Any]:
-        return {"action": self.action, "metric": self.metric, "cohort": self.cohort, "control": self.control,
-                "cohort_results": self.cohort_n, "control_results": self.control_n, "reason": self.reason}
+        return {"action": self.action, "metric": self.metric, "cohort_results": self.cohort_n,
+                "control_results": self.control_n, "control": self.control, "reason": self.reason,
+                "deciding": self.deciding, "class_shift": self.shift,
+                **({"estimate": self.estimate.to_obj()} if self.estimate is not None else {"estimate": None})}
 
 
-def _score(rows: Sequence[tuple[Any, ...]], metric: str) -> tuple[float | None, int]:
-    """(score, results scored) where higher is better; error is negated."""
+Row = tuple[Any, ...]  # (device, version, label, truth, confidence, value), in each device's own order
+
+
+def _scores(rows: Sequence[Row], metric: str) -> cj.Series:
+    """Higher is better: a hit, a regressor's error (negated later, relative to its reference), a confidence."""
     if metric == "accuracy":
-        hits = [label == truth for _, _, label, truth, _, value in rows if truth is not None and value is None]
-        return (float(np.mean(hits)) if hits else None), len(hits)
-    if metric == "error":
+        kept = [(r[0], float(r[2] == r[3])) for r in rows if r[3] is not None and r[5] is None]
+    elif metric == "error":
         errors = result_errors([r[5] for r in rows], [r[3] for r in rows])
-        errors = errors[~np.isnan(errors)]
-        return (-float(np.mean(errors)) if errors.size else None), int(errors.size)
-    conf = [r[4] for r in rows if r[4] is not None]
-    return (float(np.mean(conf)) if conf else None), len(conf)
+        kept = [(r[0], float(e)) for r, e in zip(rows, errors, strict=True) if not np.isnan(e)]
+    else:
+        kept = [(r[0], float(r[4])) for r in rows if r[4] is not None]
+    return cj.Series.of([k[0] for k in kept], [k[1] for k in kept])
 
 
-def _metric(rows: Sequence[tuple[Any, ...]]) -> str:
+def _metric(rows: Sequence[Row]) -> str:
     if any(r[3] is not None and r[5] is not None for r in rows):
         return "error"
     if any(r[3] is not None for r in rows):
@@ -198,40 +207,42 @@ def _metric(rows: Sequence[tuple[Any, ...]]) -> str:
     return "confidence"
 
 
-def judge(engine: sa.Engine, rollout: RolloutRow) -> Verdict:
-    """Whether the cohort has done as well as the control (within the tolerance) over ``min_results``."""
+def rules(settings: HubSettings, rollout: RolloutRow, metric: str) -> cj.Rules:
+    """The judge's rules for ``rollout``: its own minimum and tolerance (a regressor's from the settings)."""
+    tolerance = settings.canary_error_tolerance if metric == "error" else rollout.tolerance
+    return cj.Rules(tolerance=tolerance, alpha=settings.canary_alpha, min_results=rollout.min_results,
+                    max_results=max(settings.canary_max_results, rollout.min_results), max_s=settings.canary_max_s,
+                    on_undecided=settings.canary_on_undecided)
+
+
+def judge(engine: sa.Engine, rollout: RolloutRow, settings: HubSettings, now: float | None = None) -> Verdict:
+    """Whether the cohort does worse on the canary than on the previous version, with stated error rates
+    (:mod:`cloud_hub.canary_judge`): each cohort device against its own history, the control fleet for
+    a device that has none."""
     store = Store(engine)
-    versions = [rollout.version] + ([rollout.previous] if rollout.previous is not None else [])
+    cohort_set = set(rollout.cohort)
     with db.transaction(engine, write=False) as conn:
-        rows = store.canary_results(conn, versions, rollout.started_at)
-        cohort_set = set(rollout.cohort)
-        cohort = [r for r in rows if r[0] in cohort_set and r[1] == rollout.version]
-        control = [r for r in rows if r[0] not in cohort_set and r[1] == rollout.previous]
-        metric = _metric(cohort + control)
-        c_score, c_n = _score(cohort, metric)
-        k_score, k_n = _score(control, metric)
-        if k_n < min(rollout.min_results, 20) and rollout.previous is not None:  # few fresh: the version's latest
-            control = store.results_of_version(conn, rollout.previous, max(rollout.min_results, 200))
-            k_score, k_n = _score(control, metric)
-    shown = _shown(metric)
-    if c_n < rollout.min_results:
-        return Verdict("wait", metric, c_score, k_score, c_n, k_n,
-                       f"{c_n} of {rollout.min_results} scored cohort results so far")
-    if k_score is None or c_score is None:
-        return Verdict("promote", metric, c_score, k_score, c_n, k_n,
-                       f"{c_n} cohort results and no control to compare with")
-    worse = c_score < k_score - rollout.tolerance
-    reason = (f"cohort {metric} {shown(c_score)} over {c_n} results vs control {shown(k_score)} over {k_n} "
-              f"(tolerance {rollout.tolerance:g}): {'worse' if worse else 'not worse'}")
-    return Verdict("roll_back" if worse else "promote", metric, c_score, k_score, c_n, k_n, reason)
-
-
-def _shown(metric: str) -> Any:
-    if metric == "accuracy":
-        return lambda x: f"{100 * x:.1f}%"
+        fresh = store.canary_results(conn, [rollout.version, *([rollout.previous] if rollout.previous else [])],
+                                     rollout.started_at)
+        history = ([] if rollout.previous is None else
+                   store.history_of(conn, rollout.previous, rollout.cohort, HISTORY_PER_DEVICE))
+    cohort_rows = [r for r in fresh if r[0] in cohort_set and r[1] == rollout.version]
+    control_rows = [r for r in fresh if r[0] not in cohort_set and r[1] == rollout.previous]
+    metric = _metric(cohort_rows + control_rows + history)
+    cohort, baseline, control = (_scores(cohort_rows, metric), _scores(history, metric),
+                                 _scores(control_rows, metric))
     if metric == "error":
-        return lambda x: f"{-x:.3g}"
-    return lambda x: f"{x:.3f}"
+        cohort, baseline, control = cj.relative_errors(cohort, baseline, control)
+    rule = rules(settings, rollout, metric)
+    est = cj.estimate(cohort, baseline, control, rule)
+    elapsed = (time.time() if now is None else now) - rollout.started_at
+    decision = cj.decide(est, rule, elapsed_s=elapsed, metric=metric)
+    shift = None
+    if metric == "confidence":
+        shift = cj.histogram_shift([r[2] for r in cohort_rows if r[2] is not None],
+                                   [r[2] for r in history if r[2] is not None])
+    return Verdict(decision.action, metric, est, len(cohort), len(control),
+                   float(control.score.mean()) if len(control) else None, decision.reason, decision.deciding, shift)
 
 
 def promote(engine: sa.Engine, settings: HubSettings, rollout: RolloutRow, reason: str, *,
@@ -269,14 +280,28 @@ def roll_back(engine: sa.Engine, settings: HubSettings, rollout: RolloutRow, rea
     log.warning("canary v%d rolled back (%s): %s", rollout.version, by, reason)
 
 
-def check(engine: sa.Engine, settings: HubSettings, name: str) -> tuple[RolloutRow, Verdict] | None:
-    """Judge the open canary of ``name`` and act on the verdict; None when no canary is open."""
+def unsigned_promotion(settings: HubSettings, rollout: RolloutRow) -> str | None:
+    """Why this hub could not promote ``rollout`` (no signing key), with the fix; None when it can."""
+    if settings.signing_key:
+        return None
+    return (f"canary {rollout.name} v{rollout.version} cannot be promoted by this hub: it has no signing key. "
+            "Give `cloud-hub serve` --signing-key PATH (or signing_key in its config, CLOUD_HUB_SIGNING_KEY); "
+            "`cloud-hub rollout status --check --signing-key PATH` promotes it by hand")
+
+
+def check(engine: sa.Engine, settings: HubSettings, name: str, now: float | None = None
+          ) -> tuple[RolloutRow, Verdict] | None:
+    """Judge the open canary of ``name`` and act on the verdict; None when no canary is open.
+    A promotion this hub cannot sign raises :class:`CanaryError` saying how to fix it."""
     with db.transaction(engine, write=False) as conn:
         open_ = Store(engine).rollouts(conn, name, state="canary")
     if not open_:
         return None
-    verdict = judge(engine, open_[0])
+    verdict = judge(engine, open_[0], settings, now)
     if verdict.action == "promote":
+        blocked = unsigned_promotion(settings, open_[0])
+        if blocked:
+            raise CanaryError(f"{blocked} (verdict: {verdict.reason})")
         promote(engine, settings, open_[0], verdict.reason)
     elif verdict.action == "roll_back":
         roll_back(engine, settings, open_[0], verdict.reason, by="automatic")
@@ -286,12 +311,18 @@ def check(engine: sa.Engine, settings: HubSettings, name: str) -> tuple[RolloutR
 class CanaryWatcher:
     """``serve``'s thread that judges the open canary every ``canary_check_s``."""
 
+    REPEAT_S = 300.0  # the same complaint is logged again only this often
+    NOTE_S = 60.0  # an undecided canary's estimate is logged this often
+
     def __init__(self, settings: HubSettings, engine: sa.Engine) -> None:
         self.settings, self.engine = settings, engine
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="canary", daemon=True)
+        self._said: dict[str, float] = {}
+        self._next_note = 0.0
 
     def start(self) -> None:
+        self._warn_unsigned()
         if self.settings.canary_check_s > 0:
             self._thread.start()
 
@@ -300,9 +331,35 @@ class CanaryWatcher:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
+    def _warn_unsigned(self) -> None:
+        """At start: an open canary this hub could never promote is said at once, not at its verdict."""
+        try:
+            with db.transaction(self.engine, write=False) as conn:
+                open_ = Store(self.engine).rollouts(conn, self.settings.model_name, state="canary")
+        except Exception as exc:  # the ingest path reports an unreachable database itself
+            log.debug("canary: cannot read rollouts at start: %s", db.first_line(exc))
+            return
+        blocked = open_ and unsigned_promotion(self.settings, open_[0])
+        if blocked:
+            self._say(logging.WARNING, blocked)
+
+    def _say(self, level: int, message: str) -> None:
+        now = time.monotonic()
+        if now - self._said.get(message, -math.inf) >= self.REPEAT_S:
+            self._said[message] = now
+            log.log(level, "%s", message)
+
     def _run(self) -> None:
         while not self._stop.wait(self.settings.canary_check_s):
             try:
-                check(self.engine, self.settings, self.settings.model_name)
+                done = check(self.engine, self.settings, self.settings.model_name)
+                if done is not None and done[1].action == "wait" and time.monotonic() >= self._next_note:
+                    self._next_note = time.monotonic() + self.NOTE_S
+                    log.info("canary v%d: %s; to decide: %s", done[0].version, done[1].reason, done[1].deciding)
+                if done is not None and done[1].action == "hold":
+                    self._say(logging.WARNING, f"canary v{done[0].version} {done[1].reason}: held open "
+                              "(`cloud-hub rollback` ends it, `rollout status --check` judges it again)")
+            except CanaryError as exc:
+                self._say(logging.ERROR, f"canary: {exc}")
             except Exception as exc:  # keep serving: log it and try again at the next check
-                log.error("canary check failed: %s", db.first_line(exc))
+                self._say(logging.ERROR, f"canary check failed: {db.first_line(exc)}")

@@ -17,6 +17,7 @@ from edge_agent.settings import LOG_LEVELS, BrokerSettings, SettingsError, choic
 
 ENV_PREFIX = "CLOUD_HUB"
 MAX_BATCH = 100_000
+ON_UNDECIDED = ("rollback", "promote", "hold")  # what an undecided canary does at its limit
 # What every command that publishes (publish, canary, federate) says when it has nothing to sign with.
 NO_SIGNING_KEY = ("no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
                   "or --insecure-unsigned for development brokers")
@@ -54,6 +55,15 @@ class HubSettings(BrokerSettings):
     canary_check_s: float = 5.0
     canary_min_results: int = 50
     canary_tolerance: float = 0.02
+    # The judge (cloud_hub/canary_judge.py, README: Canary rollouts): a regressor may have this fraction more
+    # error than on the previous version; each wrong decision has at most this chance over every check
+    # together; past this many cohort results or seconds (0: no time limit) an undecided canary is rolled
+    # back, promoted or held open, as on_undecided says.
+    canary_error_tolerance: float = 0.1
+    canary_alpha: float = 0.05
+    canary_max_results: int = 40_000
+    canary_max_s: float = 0.0
+    canary_on_undecided: str = "promote"
 
     def validate(self) -> None:
         self.validate_broker()
@@ -67,10 +77,19 @@ class HubSettings(BrokerSettings):
             raise SettingsError(exc.reason) from exc
         db_url(self.db)
         choice("log_level", self.log_level.upper(), LOG_LEVELS, raw=self.log_level)
-        for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s", "canary_min_results"):
+        choice("canary_on_undecided", self.canary_on_undecided, ON_UNDECIDED)
+        if not 0 < self.canary_alpha < 0.5:
+            raise SettingsError(f"canary_alpha must be between 0 and 0.5, got {self.canary_alpha}",
+                                field="canary_alpha")
+        if self.canary_max_results < self.canary_min_results:
+            raise SettingsError(f"canary_max_results ({self.canary_max_results}) must be at least "
+                                f"canary_min_results ({self.canary_min_results})", field="canary_max_results")
+        for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s", "canary_min_results",
+                     "canary_max_results"):
             positive(name, getattr(self, name))
         for name in ("batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
-                     "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance"):
+                     "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance",
+                     "canary_error_tolerance", "canary_max_s"):
             positive(name, getattr(self, name), zero_ok=True)
         if self.http is not None:
             split_address(self.http)

@@ -331,15 +331,20 @@ class Store:
         since ``since``: what a canary is judged on."""
         r = results.c
         query = sa.select(r.device_id, r.model_version, r.label, r.truth, r.confidence, r.value).where(
-            r.model_version.in_(list(versions)), r.received_at >= since)
+            r.model_version.in_(list(versions)), r.received_at >= since).order_by(r.device_id, r.seq)
         return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
 
-    def results_of_version(self, conn: Connection, version: int, limit: int
-                           ) -> list[tuple[str, int, str | None, str | None, float | None, str | None]]:
-        """The latest ``limit`` results of a version, whenever received (a control when few are fresh)."""
+    def history_of(self, conn: Connection, version: int, devices: Sequence[str], per_device: int
+                   ) -> list[tuple[str, int, str | None, str | None, float | None, str | None]]:
+        """Each of ``devices``' latest ``per_device`` results on ``version``, whenever received, in each
+        device's own order: a canary device's baseline."""
         r = results.c
-        query = (sa.select(r.device_id, r.model_version, r.label, r.truth, r.confidence, r.value)
-                 .where(r.model_version == version).order_by(r.id.desc()).limit(limit))
+        rank = sa.func.row_number().over(partition_by=r.device_id, order_by=r.seq.desc()).label("rank")
+        inner = (sa.select(r.device_id, r.seq, r.model_version, r.label, r.truth, r.confidence, r.value, rank)
+                 .where(r.model_version == version, r.device_id.in_(list(devices))).subquery())
+        i = inner.c
+        query = (sa.select(i.device_id, i.model_version, i.label, i.truth, i.confidence, i.value)
+                 .where(i.rank <= per_device).order_by(i.device_id, i.seq))
         return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
 
 

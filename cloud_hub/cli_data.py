@@ -147,13 +147,15 @@ def serve(
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
     http: Annotated[str | None, typer.Option("--http", help="host:port of the live dashboard (/) and the "
                                              "Prometheus metrics (/metrics), e.g. 127.0.0.1:9100.")] = None,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM) that signs "
+                                                    "a canary's promotion (and auto_publish's versions).")] = None,
 ) -> None:
     """Ingest every device's results and status into the database until SIGTERM/SIGINT."""
     from cloud_hub.ingest import serve as run
 
     with _errors():
         settings = _settings(config, broker=broker, db=db, prefix=prefix, share_group=share_group,
-                             client_id=client_id, log_level=log_level, http=http)
+                             client_id=client_id, log_level=log_level, http=http, signing_key=signing_key)
         logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run(settings)

@@ -216,7 +216,8 @@ def publish(
             s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
             engine = _engine(s.db)
         start_canary(s, engine, version=version, share=canary, devices=devices, min_results=min_results,
-                     tolerance=tolerance, allow_unsigned=insecure_unsigned, force=force)
+                     tolerance=tolerance, allow_unsigned=insecure_unsigned, force=force,
+                     key_from_flag=signing_key is not None)
         return
     with _lifecycle_errors():
         s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)

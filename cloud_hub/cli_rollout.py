@@ -27,7 +27,8 @@ def _canary_errors() -> Iterator[None]:
 
 
 def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None, devices: str | None,
-                 min_results: int | None, tolerance: float | None, allow_unsigned: bool, force: bool) -> None:
+                 min_results: int | None, tolerance: float | None, allow_unsigned: bool, force: bool,
+                 key_from_flag: bool = False) -> None:
     """``publish --canary SHARE`` / ``--devices A,B``: the version goes to a cohort first."""
     from cloud_hub import canary, db
     from cloud_hub.rollout import pick
@@ -47,9 +48,15 @@ def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None,
                                allow_unsigned=allow_unsigned)
     typer.echo(f"canary: {row.name} v{row.version} sent to {len(cohort)} of {len(known)} devices "
                f"({', '.join(cohort)}) on {s.prefix}/devices/<id>/model; the others keep v{rollout.previous}. "
-               f"`cloud-hub serve` promotes it after {rollout.min_results} scored results from the cohort, or "
-               f"rolls it back if they are worse than the others' by more than {rollout.tolerance:g} "
-               "(`cloud-hub rollout status`)")
+               f"`cloud-hub serve` judges it from {rollout.min_results} cohort results: each cohort device against "
+               f"its own results on v{rollout.previous}, rolled back when worse by more than the tolerance "
+               f"({rollout.tolerance:g}; a regressor's: {s.canary_error_tolerance:g} relative) with "
+               f"{100 * (1 - s.canary_alpha):g}% confidence, promoted when not worse with that confidence "
+               f"(`cloud-hub rollout status`)")
+    if key_from_flag:
+        typer.echo("note: `cloud-hub serve` signs the promotion with its own key: start it with --signing-key "
+                   f"{s.signing_key} (or signing_key in its config, CLOUD_HUB_SIGNING_KEY), or it rolls back "
+                   "but never promotes", err=True)
 
 
 def status(
@@ -57,6 +64,8 @@ def status(
     broker: Annotated[str | None, typer.Option("--broker", help="mqtt://… (with --check).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Judge the open canary now and promote or roll it back "
                                         "(what `serve` does every canary_check_s).")] = False,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM) that signs "
+                                                    "the version if --check promotes it.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     config: ConfigOpt = None,
@@ -68,7 +77,7 @@ def status(
     from cloud_hub.store import Store
 
     with _canary_errors():
-        s = _settings(config, db=db, broker=broker, model_name=name)
+        s = _settings(config, db=db, broker=broker, model_name=name, signing_key=signing_key)
         engine = _engine(s.db, read_only=not check)
         if check:
             canary.check(engine, s, s.model_name)
@@ -76,14 +85,16 @@ def status(
         with hub_db.transaction(engine, write=False) as conn:
             rollouts = store.rollouts(conn, s.model_name)
             events = store.events(conn, 20)
-        verdict = canary.judge(engine, rollouts[0]) if rollouts and rollouts[0].state == "canary" else None
+        verdict = canary.judge(engine, rollouts[0], s) if rollouts and rollouts[0].state == "canary" else None
+        blocked = canary.unsigned_promotion(s, rollouts[0]) if verdict is not None else None
     if json_out:
         typer.echo(orjson.dumps({
             "rollouts": [{"id": r.id, "model": r.name, "version": r.version, "previous_version": r.previous,
                           "cohort": list(r.cohort), "state": r.state, "min_results": r.min_results,
                           "tolerance": r.tolerance, "started_at": r.started_at, "ended_at": r.ended_at,
                           "reason": r.reason} for r in rollouts],
-            "verdict": None if verdict is None else verdict.to_obj(), "events": events}).decode())
+            "verdict": None if verdict is None else verdict.to_obj(), "cannot_promote": blocked,
+            "events": events}).decode())
         return
     table = _table(f"rollouts of {s.model_name}", "version", "state", "cohort", "started", "reason")
     for r in rollouts:
@@ -93,6 +104,13 @@ def status(
     console.print(table)
     if not rollouts:
         console.print("no canary rollout yet: `cloud-hub publish --canary 10%` starts one")
+    if verdict is not None:
+        console.print(f"open canary v{rollouts[0].version}: {verdict.action}: {verdict.reason}")
+        console.print(f"to decide: {verdict.deciding}")
+        if verdict.shift is not None:
+            console.print(f"predicted classes shifted {100 * verdict.shift:.1f}% from the cohort's history")
+    if blocked:
+        console.print(f"[red]{blocked}[/red]")
     for e in events[:5]:
         console.print(f"event {_age(e['ts'])}: {e['kind']} {e['model']} v{e['version']}"
                       + (f": {e['reason']}" if e.get("reason") else ""))

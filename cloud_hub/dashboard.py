@@ -53,11 +53,12 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         rollouts = store.rollouts(conn, name)[:5]
         events = store.events(conn, 10)
         rounds = round_views(conn, name, [r.id for r in RoundStore().rounds(conn, name, limit=5)])
-    verdict = canary.judge(hub.engine, rollouts[0]) if rollouts and rollouts[0].state == "canary" else None
+    verdict = canary.judge(hub.engine, rollouts[0], hub.settings) if rollouts and rollouts[0].state == "canary" else None
     return {**view, "backlog": hub.backlog, "model": name, "events": events,
             "rollouts": [{"version": r.version, "previous_version": r.previous, "state": r.state,
                           "cohort": list(r.cohort), "started_at": r.started_at, "reason": r.reason} for r in rollouts],
-            "verdict": None if verdict is None else verdict.to_obj(), "rounds": rounds}
+            "verdict": None if verdict is None else verdict.to_obj(), "rounds": rounds,
+            "canary_warning": canary.unsigned_promotion(hub.settings, rollouts[0]) if verdict is not None else None}
 
 
 def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
@@ -108,7 +109,7 @@ PAGE = """<!doctype html>
  <div><h2>results per minute (hub clock, 30 min)</h2><svg id="rate" width="420" height="140"></svg></div>
  <div><h2>accuracy per minute</h2><svg id="acc" width="420" height="140"></svg></div>
 </div>
-<h2>rollouts</h2><div id="rollouts"></div>
+<h2>rollouts</h2><div id="rollouts"></div><div id="verdict"></div>
 <h2>federated rounds</h2><div id="rounds"></div>
 <h2>dead letters</h2><div id="dead"></div>
 <script>
@@ -144,6 +145,10 @@ function render(f) {
       (r.state === "rolled_back" ? "bad" : "") + "\\">" + esc(r.state) + "</td><td>" + esc(r.cohort.join(", ")) +
       "</td><td>" + esc(r.reason || (f.verdict && r.state === "canary" ? f.verdict.reason : "")) + "</td></tr>").join("") + "</table>"
     : "no canary rollout yet";
+  const v = f.verdict;
+  $("verdict").innerHTML = v ? "<p>open canary: <b>" + esc(v.action) + "</b> · " + esc(v.reason) + "<br>to decide: " +
+    esc(v.deciding) + (v.class_shift == null ? "" : "<br>predicted classes shifted " + pct(v.class_shift) + " from the cohort's history") +
+    (f.canary_warning ? '<br><span class="bad">' + esc(f.canary_warning) + "</span>" : "") + "</p>" : "";
   const score = (r, x) => x == null ? "-" : r.task === "classification" ? pct(x) : x.toFixed(2);
   $("rounds").innerHTML = f.rounds.length ? "<table><tr><th>round</th><th>base</th><th>state</th><th>accepted / late / refused</th>" +
     "<th>upload</th><th>devices before → after</th><th>hold-out before → after</th></tr>" +

@@ -56,7 +56,6 @@ def _answers(port: int) -> bool:
     return True
 
 
-@pytest.mark.slow
 def _a_round(url: str) -> None:
     from cloud_hub.round_store import RoundStore
 
@@ -76,6 +75,17 @@ def _a_round(url: str) -> None:
     engine.dispose()
 
 
+def _a_canary(url: str) -> None:
+    from cloud_hub.store import Store
+
+    engine = db.make_engine(url)
+    with db.transaction(engine) as conn:
+        Store(engine).add_rollout(conn, name="default", version=2, previous=1, cohort=["dev-a"], min_results=50,
+                                  tolerance=0.02, at=time.time())
+    engine.dispose()
+
+
+@pytest.mark.slow
 def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, browser, broker: LocalBroker,
                                                                      prefix: str, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
@@ -127,6 +137,11 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
     cells = browser.execute_script(  # type: ignore[attr-defined]
         "return Array.from(document.querySelectorAll('#rounds tr[data-round] td')).map(td => td.textContent)")
     assert cells == ["1", "v1", "published v2", "2 / 0 / 1", "2 kB", "60.0% → 80.0%", "70.0% → 75.0%"], cells
+    _a_canary(url)  # as `cloud-hub publish --canary` records one: its verdict so far, and serve has no key
+    wait.until(lambda _: "to decide:" in browser.find_element(By.ID, "verdict").text)  # type: ignore[attr-defined]
+    verdict = browser.find_element(By.ID, "verdict").text  # type: ignore[attr-defined]
+    assert "open canary: wait" in verdict and "0 of 50 cohort results so far" in verdict, verdict
+    assert "cannot be promoted by this hub: it has no signing key" in verdict, verdict
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot))  # type: ignore[attr-defined]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -43,13 +44,13 @@ class ServeProcess:
     """`cloud-hub serve` as a real subprocess, logging to a file."""
 
     def __init__(self, procs: Processes, broker: LocalBroker, url: str, prefix: str, log: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
         self.log = log
         env = {**os.environ, "CLOUD_HUB_LOG_INTERVAL_S": "1", **(env or {})}
         with open(log, "ab") as out:
             self.proc = procs.popen(
                 [sys.executable, "-m", "cloud_hub", "serve", "--broker", broker.url, "--db", url,
-                 "--prefix", prefix, "--client-id", f"{prefix}-hub"], stdout=out, stderr=out, env=env)
+                 "--prefix", prefix, "--client-id", f"{prefix}-hub", *args], stdout=out, stderr=out, env=env)
 
     def wait_started(self) -> None:
         """Until the hub logs that it ingests (its signal handlers are in place by then)."""

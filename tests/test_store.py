@@ -250,3 +250,18 @@ def test_make_engine_errors(tmp_path: Path) -> None:
         make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test", connect_args={"connect_timeout": 2})
     with pytest.raises(SettingsError, match="schema"):
         make_engine("sqlite://", schema="x")
+
+
+def test_history_of_is_each_devices_latest_results_of_a_version_in_its_own_order(engine: Engine) -> None:
+    """A canary device's baseline (canary.judge): per device, the latest N of one version, oldest first."""
+    store = Store(engine)
+    rows = [row(d, s, label=f"l{s}", at=float(s)) for d in ("a", "b", "c") for s in range(1000, 1010)]
+    rows += [(*r[:4], 2, *r[5:]) for r in (row("a", s, label=f"l{s}", at=float(s)) for s in range(1010, 1015))]  # v2
+    with transaction(engine) as conn:
+        store.insert_results(conn, rows)
+    with transaction(engine, write=False) as conn:
+        got = store.history_of(conn, 1, ["a", "b"], 3)
+        fresh = store.canary_results(conn, [1, 2], since=1008.0)
+    assert [(r[0], r[1], r[2]) for r in got] == [(d, 1, f"l{s}") for d in ("a", "b") for s in (1007, 1008, 1009)]
+    assert [(r[0], r[2]) for r in fresh] == [("a", "l1008"), ("a", "l1009"), *(("a", f"l{s}") for s in range(1010, 1015)),
+                                             ("b", "l1008"), ("b", "l1009"), ("c", "l1008"), ("c", "l1009")]

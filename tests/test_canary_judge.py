@@ -246,3 +246,14 @@ def test_a_good_canary_that_meets_more_hard_stretches_than_usual_is_not_rolled_b
                         est.delta + (est.high - est.delta) / math.sqrt(est.design_effect), est.cohort_n,
                         est.baseline_n, est.paired, est.unpaired, 1.0)
     assert cj.decide(naive, rules, elapsed_s=300, metric="accuracy").action == "roll_back"
+
+
+def test_a_regressor_without_history_is_compared_with_the_fleets_error() -> None:
+    rng = np.random.default_rng(7)
+    fleet = series({f"c{i}": np.abs(rng.normal(size=2000)) * (1 + 0.1 * i) for i in range(4)})
+    cohort = series({"new": np.abs(rng.normal(size=2000)) * 3.0})  # three times the fleet's error
+    c, b, k = cj.relative_errors(cohort, cj.Series.of([], []), fleet)
+    rules = cj.Rules(tolerance=0.1, min_results=50)
+    est = cj.estimate(c, b, k, rules)
+    assert est is not None and est.unpaired == 1 and est.delta == pytest.approx(1 - 3.0 / 1.15, abs=0.2)
+    assert cj.decide(est, rules, elapsed_s=60, metric="error").action == "roll_back"

@@ -145,8 +145,12 @@ def serve(
                                                   "stable and unique per hub (default: cloud-hub-<host>-<hash of "
                                                   "db and prefix>).")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
-    http: Annotated[str | None, typer.Option("--http", help="host:port of the live dashboard (/) and the "
-                                             "Prometheus metrics (/metrics), e.g. 127.0.0.1:9100.")] = None,
+    http: Annotated[str | None, typer.Option("--http", help="PORT (on 127.0.0.1) or HOST:PORT of the live dashboard "
+                                             "(/) and the Prometheus metrics (/metrics); a public HOST needs "
+                                             "--http-token-file.")] = None,
+    http_token_file: Annotated[str | None, typer.Option("--http-token-file", help="File holding the token the "
+                                                        "HTTP door asks for (bearer, or basic auth's password)."
+                                                        )] = None,
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM) that signs "
                                                     "a canary's promotion (and auto_publish's versions).")] = None,
 ) -> None:
@@ -155,7 +159,8 @@ def serve(
 
     with _errors():
         settings = _settings(config, broker=broker, db=db, prefix=prefix, share_group=share_group,
-                             client_id=client_id, log_level=log_level, http=http, signing_key=signing_key)
+                             client_id=client_id, log_level=log_level, http=http,
+                             http_token_file=http_token_file, signing_key=signing_key)
         logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run(settings)

@@ -4,39 +4,24 @@
 The page shows the fleet table (device, online, model version, outbox depth, last seen, accuracy or
 error, results), results per minute and accuracy per minute over the last 30 minutes as SVG plots,
 the rollouts with the open canary's verdict, the dead letters, and each device's drift (flagged above
-``edge_agent.drift.DRIFTING``).
+``edge_agent.drift.DRIFTING``). Who may see it, and the server itself: :mod:`cloud_hub.http_door`.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
 
 from cloud_hub import db
 from cloud_hub.aggregate import dashboard_view
+from cloud_hub.http_door import WSGIApp
 from edge_agent.drift import DRIFTING
 
 if TYPE_CHECKING:
     from cloud_hub.ingest import Hub
-
-log = logging.getLogger(__name__)
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
 
 
 def snapshot(hub: Hub) -> dict[str, Any]:
@@ -64,6 +49,9 @@ def snapshot(hub: Hub) -> dict[str, Any]:
 def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
     def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):  # the door only shows: nothing to post
+            start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
+            return [b"method not allowed: GET or HEAD\n"]
         if path == "/metrics":
             return metrics(environ, start_response)
         if path in ("/", "/index.html"):
@@ -79,13 +67,6 @@ def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try / (the dashboard), /metrics or /api/fleet\n"]
     return route
-
-
-def serve_http(host: str, port: int, metrics: WSGIApp, hub: Hub) -> _Server:
-    """Start the server in a daemon thread; OSError when the address cannot be bound."""
-    server = make_server(host, port, app(metrics, hub), server_class=_Server, handler_class=_Quiet)
-    threading.Thread(target=server.serve_forever, name="hub-http", daemon=True).start()
-    return server
 
 
 PAGE = """<!doctype html>
@@ -165,9 +146,11 @@ function render(f) {
 }
 async function poll() {
   try {
-    const r = await fetch("/api/fleet", {cache: "no-store"});
-    const f = await r.json();
-    if (f.error) { $("status").textContent = "database unavailable: " + f.error; } else { render(f); }
+    // from the origin: a page opened as http://user:token@host/ makes a relative URL carry them, which fetch refuses
+    const r = await fetch(new URL("/api/fleet", location.origin), {cache: "no-store"});
+    const f = r.status === 401 ? null : await r.json();
+    if (f === null) { $("status").textContent = "not authorized (the hub's token changed?): reload the page"; }
+    else if (f.error) { $("status").textContent = "database unavailable: " + f.error; } else { render(f); }
   } catch (e) { $("status").textContent = "hub unreachable: " + e; }
   setTimeout(poll, 2000);
 }

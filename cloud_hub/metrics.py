@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -47,17 +47,31 @@ class HubMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry)
         self.registry.register(_FleetCollector(hub))
+        self.unauthorized = Counter(
+            "edgeml_hub_http_unauthorized", "HTTP requests refused (401) for want of the hub's http token.",
+            registry=self.registry)
         hub.on_commit = lambda seconds: self.commit_seconds.observe(seconds)
         self.hub = hub
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> None:
         """Serve ``/metrics`` and the dashboard (``/``, ``/api/fleet``) on ``host:port`` in a daemon
-        thread; OSError if the port is taken."""
-        from cloud_hub.dashboard import serve_http
+        thread, behind the token and TLS of the hub's settings; OSError if the port is taken."""
+        from cloud_hub.dashboard import app
+        from cloud_hub.http_door import Door, serve_http
+        from cloud_hub.settings import is_loopback
 
-        self._server = serve_http(host, port, make_wsgi_app(self.registry), self.hub)
-        log.info("metrics on http://%s:%d/metrics, dashboard on http://%s:%d/", host, port, host, port)
+        settings = self.hub.settings
+        token, tls = settings.http_token(), settings.http_tls()
+        routes = app(make_wsgi_app(self.registry), self.hub)
+        door = routes if token is None else Door(routes, token, self.unauthorized.inc)
+        self._server = serve_http(host, port, door, tls=tls, timeout_s=settings.http_timeout_s)
+        url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+        log.info("metrics on %s/metrics, dashboard on %s/ (%s)", url, url,
+                 "token required" if token else "no token: open to whoever reaches the address")
+        if token is not None and tls is None and not is_loopback(host):
+            log.warning("http: the token crosses the network in clear; set http_cert_file and http_key_file, "
+                        "or serve on 127.0.0.1 behind a TLS reverse proxy (README: Dashboard and metrics)")
 
     def stop(self) -> None:
         if self._server is not None:

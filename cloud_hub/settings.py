@@ -8,8 +8,10 @@ of error messages.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 
 from edge_agent.contract import ContractError, check_id
@@ -17,6 +19,7 @@ from edge_agent.settings import LOG_LEVELS, BrokerSettings, SettingsError, choic
 
 ENV_PREFIX = "CLOUD_HUB"
 MAX_BATCH = 100_000
+MIN_TOKEN = 16  # characters of an HTTP token: a guessable one is no door
 ON_UNDECIDED = ("rollback", "promote", "hold")  # what an undecided canary does at its limit
 # What every command that publishes (publish, canary, federate) says when it has nothing to sign with.
 NO_SIGNING_KEY = ("no signing key: pass --signing-key (make one with `cloud-hub keygen`), "
@@ -40,7 +43,15 @@ class HubSettings(BrokerSettings):
     receipts: bool = True  # after each commit, tell devices which results are stored (they keep them until then)
     dead_letter_max_bytes: int = 64 << 10  # raw payload bytes kept per dead letter
     log_interval_s: float = 10.0  # a stats line this often; 0 = never
-    http: str | None = None  # host:port where serve answers /metrics (Prometheus); None = no HTTP server
+    # The HTTP door of serve (README: Dashboard and metrics): PORT (on 127.0.0.1) or HOST:PORT answers /, /api/fleet
+    # and /metrics; None = no HTTP server. A non-loopback host needs http_token_file (bearer, or basic auth's
+    # password), unless http_insecure says another layer guards it. TLS with http_cert_file + http_key_file (PEM).
+    http: str | None = None
+    http_token_file: str | None = None
+    http_cert_file: str | None = None
+    http_key_file: str | None = None
+    http_insecure: bool = False
+    http_timeout_s: float = 10.0  # a client silent this long mid-request (or mid-handshake) is dropped
     log_level: str = "INFO"
     # Model lifecycle (used by the retraining/rollout commands).
     model_name: str = "default"
@@ -91,13 +102,62 @@ class HubSettings(BrokerSettings):
                      "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance",
                      "canary_error_tolerance", "canary_max_s"):
             positive(name, getattr(self, name), zero_ok=True)
+        positive("http_timeout_s", self.http_timeout_s)
         if self.http is not None:
-            split_address(self.http)
+            self.http_door_check()
         if self.batch_max > MAX_BATCH:
             raise SettingsError(f"batch_max must be at most {MAX_BATCH}, got {self.batch_max}")
         if self.session_expiry_s > 0xFFFFFFFF:
             raise SettingsError("session_expiry_s must fit in 32 bits (MQTT 5)")
 
+    def http_door_check(self) -> None:
+        """The HTTP door's settings, at start: a token and certificate that load, and no public address left open."""
+        host, _port = split_address(self.http or "")
+        token = self.http_token()
+        self.http_tls()
+        if token is None and not self.http_insecure and not is_loopback(host):
+            raise SettingsError(
+                f"http {self.http} is not a loopback address and http_token_file is not set: anyone reaching the "
+                "port would see every device; set http_token_file (README: Dashboard and metrics), or "
+                "http_insecure = true if a proxy or firewall guards it", field="http")
+
+    def http_token(self) -> str | None:
+        """The token of ``http_token_file`` (its one line, surrounding blanks stripped), or None."""
+        if self.http_token_file is None:
+            return None
+        path = user_path("http_token_file", self.http_token_file)
+        try:
+            token = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            raise SettingsError(f"http_token_file {str(path)!r} does not exist", field="http_token_file") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, not ASCII
+            raise SettingsError(f"http_token_file {str(path)!r} cannot be read: {exc}",
+                                field="http_token_file") from None
+        if not token:
+            raise SettingsError(f"http_token_file {str(path)!r} is empty", field="http_token_file")
+        if not token.isprintable() or any(ch.isspace() for ch in token):
+            raise SettingsError(f"http_token_file {str(path)!r} must hold one token (printable, no spaces)",
+                                field="http_token_file")
+        if len(token) < MIN_TOKEN:
+            raise SettingsError(f"http_token_file {str(path)!r} holds {len(token)} characters, fewer than "
+                                f"{MIN_TOKEN} (make one with `openssl rand -hex 32`)", field="http_token_file")
+        return token
+
+    def http_tls(self) -> ssl.SSLContext | None:
+        """The server's TLS context from ``http_cert_file`` and ``http_key_file``, or None (plain HTTP)."""
+        if self.http_cert_file is None and self.http_key_file is None:
+            return None
+        if self.http_cert_file is None or self.http_key_file is None:
+            raise SettingsError("http_cert_file and http_key_file go together", field="http_cert_file")
+        cert = user_path("http_cert_file", self.http_cert_file)
+        key = user_path("http_key_file", self.http_key_file)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:  # missing, unreadable, not PEM, a key of another certificate
+            raise SettingsError(f"http_cert_file {str(cert)!r} / http_key_file {str(key)!r} cannot be loaded: "
+                                f"{getattr(exc, 'strerror', None) or exc}", field="http_cert_file") from None
+        return context
 
     @property
     def session_id(self) -> str:
@@ -110,11 +170,22 @@ class HubSettings(BrokerSettings):
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` of the HTTP endpoint; a SettingsError naming ``http`` otherwise."""
+    """``host:port`` of the HTTP endpoint, or a bare port on 127.0.0.1; a SettingsError naming ``http`` otherwise."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # not "²"
-        raise SettingsError(f"http must be host:port, e.g. 127.0.0.1:9100, got {address!r}", field="http")
+    if not sep:
+        host = "127.0.0.1"  # the safe default: only this machine (a reverse proxy, ssh -L) reaches it
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # not "²"
+        raise SettingsError(f"http must be PORT or HOST:PORT, e.g. 9100 or 10.0.0.5:9100, got {address!r}",
+                            field="http")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect to ``host`` (a name other than localhost counts as public)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def db_url(url: str) -> str:

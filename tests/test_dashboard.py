@@ -1,5 +1,6 @@
 """The live dashboard of `cloud-hub serve --http`, in a real headless Chromium (Debian's `chromium` and
-`chromium-driver`, driven by selenium): it shows the devices of a live run and updates without a reload."""
+`chromium-driver`, driven by selenium): it shows the devices of a live run and updates without a reload, behind
+the hub's token (basic auth, as a person types it into the browser's prompt)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.helpers import agent_cmd, fleet_files, make_log, wait_for
 from tests.test_hub_cli import ServeProcess, count_rows
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+TOKEN = "dashboard-token-0123456789"
 
 
 @pytest.fixture
@@ -43,8 +45,12 @@ def browser(tmp_path: Path) -> Iterator[object]:
         driver.quit()
 
 
+def _get(port: int, path: str) -> urllib.request.Request:
+    return urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {TOKEN}"})
+
+
 def _api(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=5) as resp:
+    with urllib.request.urlopen(_get(port, "/api/fleet"), timeout=5) as resp:
         return orjson.loads(resp.read())
 
 
@@ -94,7 +100,9 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
     log, model, keys = fleet_files(tmp_path)
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     port = free_port()
-    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve.log", env={"CLOUD_HUB_HTTP": f"127.0.0.1:{port}"})
+    (tmp_path / "http.token").write_text(TOKEN + "\n")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve.log", env={
+        "CLOUD_HUB_HTTP": f"127.0.0.1:{port}", "CLOUD_HUB_HTTP_TOKEN_FILE": str(tmp_path / "http.token")})
     hub.wait_started()
     wait_for(lambda: _answers(port), what="the dashboard's API")
 
@@ -105,7 +113,7 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
         assert agent.wait(120) == 0, agent.stderr.read() if agent.stderr else ""
 
     replay(log, "a1")
-    browser.get(f"http://127.0.0.1:{port}/")  # type: ignore[attr-defined]
+    browser.get(f"http://hub:{TOKEN}@127.0.0.1:{port}/")  # type: ignore[attr-defined]  # the prompt's answer
     wait = WebDriverWait(browser, 60)
 
     def rows() -> dict[str, list[str]]:
@@ -148,4 +156,6 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
     api = _api(port)
     assert api["results"] == total and {d["device_id"] for d in api["devices"]} == {*per_device, "dev-late"}
     with pytest.raises(urllib.error.HTTPError, match="404"):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
+        urllib.request.urlopen(_get(port, "/nope"), timeout=5)
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # the page's data, without the token
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=5)

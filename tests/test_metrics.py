@@ -84,9 +84,9 @@ def test_metrics_of_a_replay_agree_with_the_database(procs, broker: LocalBroker,
 def test_a_bad_or_taken_http_address_is_one_line_and_exit_2(broker: LocalBroker, prefix: str, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     base = ["-m", "cloud_hub", "serve", "--broker", broker.url, "--db", url, "--prefix", prefix]
-    res = subprocess.run([sys.executable, *base, "--http", "9100"],
+    res = subprocess.run([sys.executable, *base, "--http", "host:port"],
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode == exits.USAGE and "http must be host:port" in res.stderr
+    assert res.returncode == exits.USAGE and "http must be PORT or HOST:PORT" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -46,6 +46,7 @@ from edge_agent.mqtt import Message, MqttLink
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import AgentSettings, BrokerURL, SettingsError, load_settings
 from edge_agent.sources import read_log
+from fuzz.targets import equivalent
 from tests.helpers import agent_cmd, make_bundle, make_log, wait_for
 
 # --------------------------------------------------------------------------- payload builders
@@ -335,17 +336,6 @@ def _reencoded(decoded: Any) -> bytes:
     return decoded.encode()
 
 
-def _equivalent(a: Any, b: Any) -> bool:
-    """Equal objects; arrays (an announcement's weights, an update's delta) compared by value."""
-    if isinstance(a, cr.Announcement):
-        return a.plan == b.plan and a.weights.keys() == b.weights.keys() and all(
-            np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
-    if isinstance(a, cr.Update):
-        return (dataclasses.replace(a, delta={}) == dataclasses.replace(b, delta={})
-                and all(np.array_equal(a.delta[k], b.delta[k]) for k in a.delta))
-    return bool(a == b)
-
-
 def _holds(name: str, payload: bytes) -> None:
     """The property: a valid object that re-encodes to an equivalent one, or ContractError."""
     decode = DECODERS[name][0]
@@ -353,7 +343,7 @@ def _holds(name: str, payload: bytes) -> None:
         got = decode(payload)
     except c.ContractError:
         return
-    assert _equivalent(decode(_reencoded(got)), got)
+    assert equivalent(decode(_reencoded(got)), got)
 
 
 json_values = st.recursive(

@@ -1,0 +1,26 @@
+"""``python -m fuzz TARGET [libFuzzer flags] [corpus dirs]``: one target under atheris, coverage-guided.
+
+The decoders (``edge_agent``) are instrumented for coverage as they are imported; libFuzzer's flags do
+the rest (``-runs=N``, ``-max_total_time=S``, ``-timeout=S`` per input: a hang, ``-rss_limit_mb``: memory
+growth, ``-seed``). ``bench/fuzz.py`` runs every target this way and sums up what they found."""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports(include=["edge_agent"]):  # the decoders, not the harness
+    from fuzz.targets import TARGETS
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
+        sys.exit(f"usage: python -m fuzz TARGET [libFuzzer flags] [corpus dirs]; targets: {', '.join(TARGETS)}")
+    target = TARGETS[sys.argv[1]]
+    atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

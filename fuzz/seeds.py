@@ -1,0 +1,47 @@
+"""Write each target's seed corpus, ``fuzz/corpus/<target>/``: valid objects encoded (the payloads the
+hostile-input tests are built on), valid logs in both formats, a gzipped log, a config file.
+
+Run ``python -m fuzz.seeds`` again after a format changes; the files are committed."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import orjson
+
+from tests.test_hostile_input import ANNOUNCEMENT, BUNDLE, DEEP, RECEIPT, RESULTS, STATUS, UPDATE, _header_of
+
+CORPUS = Path(__file__).parent / "corpus"
+
+CSV = (b"ts,device_id,ax,ay,label\n0.0,d1,1.5,-2,walk\n0.02,d1,1.25e-3,0,walk\n0.01,d2,,3,\n"
+       b'0.04,"d,1",1,2,run\n0.05,d1,nan,1,walk\n')
+JSONL = (b'{"ts":0.0,"device_id":"d1","ax":1.5,"ay":-2,"label":"walk"}\n'
+         b'{"ts":0.02,"device_id":"d1","ax":null,"ay":0}\n\n'
+         b'{"ts":0.01,"device_id":"d2","ax":1e3,"ay":3,"label":"run"}\n')
+TOML = (b'broker = "mqtt://localhost:1883"\nprefix = "edge"\ndevice_id = "dev-1"\nsim_rate_hz = 25.0\n'
+        b'sim_channels = ["ax", "ay"]\nreceipts = false\nfeatures = "sampled"\nmetrics_port = 9100\n')
+
+
+def seeds() -> dict[str, list[bytes]]:
+    _, header, _ = _header_of(BUNDLE)
+    return {
+        "results": [RESULTS], "status": [STATUS], "receipt": [RECEIPT], "update": [UPDATE],
+        "announcement": [ANNOUNCEMENT], "bundle": [BUNDLE], "manifest": [orjson.dumps(header), DEEP],
+        "log_csv": [CSV, CSV.replace(b"\n", b"\r\n")], "log_jsonl": [JSONL],
+        "log_gz": [b"\0" + gzip.compress(CSV, mtime=0), b"\x81" + CSV],
+        "settings": [TOML],
+    }
+
+
+def write() -> None:
+    for name, items in seeds().items():
+        folder = CORPUS / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for data in items:
+            (folder / hashlib.sha1(data).hexdigest()).write_bytes(data)
+
+
+if __name__ == "__main__":
+    write()

@@ -71,7 +71,7 @@ class HubMetrics:
                  "token required" if token else "no token: open to whoever reaches the address")
         if token is not None and tls is None and not is_loopback(host):
             log.warning("http: the token crosses the network in clear; set http_cert_file and http_key_file, "
-                        "or serve on 127.0.0.1 behind a TLS reverse proxy (README: Dashboard and metrics)")
+                        "or serve on 127.0.0.1 behind a TLS reverse proxy (README: Metrics)")
 
     def stop(self) -> None:
         if self._server is not None:

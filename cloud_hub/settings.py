@@ -43,7 +43,7 @@ class HubSettings(BrokerSettings):
     receipts: bool = True  # after each commit, tell devices which results are stored (they keep them until then)
     dead_letter_max_bytes: int = 64 << 10  # raw payload bytes kept per dead letter
     log_interval_s: float = 10.0  # a stats line this often; 0 = never
-    # The HTTP door of serve (README: Dashboard and metrics): PORT (on 127.0.0.1) or HOST:PORT answers /, /api/fleet
+    # The HTTP door of serve (README: Metrics): PORT (on 127.0.0.1) or HOST:PORT answers /, /api/fleet
     # and /metrics; None = no HTTP server. A non-loopback host needs http_token_file (bearer, or basic auth's
     # password), unless http_insecure says another layer guards it. TLS with http_cert_file + http_key_file (PEM).
     http: str | None = None
@@ -118,7 +118,7 @@ class HubSettings(BrokerSettings):
         if token is None and not self.http_insecure and not is_loopback(host):
             raise SettingsError(
                 f"http {self.http} is not a loopback address and http_token_file is not set: anyone reaching the "
-                "port would see every device; set http_token_file (README: Dashboard and metrics), or "
+                "port would see every device; set http_token_file (README: Metrics), or "
                 "http_insecure = true if a proxy or firewall guards it", field="http")
 
     def http_token(self) -> str | None:

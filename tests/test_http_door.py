@@ -6,6 +6,7 @@ against a real `serve` process and a real mosquitto."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import http.client
 import ipaddress
@@ -310,3 +311,15 @@ def test_hostile_requests_get_an_answer_and_serve_keeps_answering(procs, broker:
     holder.sendall(b"GET /")  # a client mid-request does not hold serve's stop up
     assert hub.signal(signal.SIGTERM) == 0
     holder.close()
+
+
+def test_the_shipped_hub_config_listens_on_loopback_and_its_commented_door_settings_are_real_settings() -> None:
+    import tomllib
+
+    text = (Path(__file__).parent.parent / "deploy" / "hub.toml").read_text()
+    shipped = tomllib.loads(text)
+    assert split_address(shipped["http"])[0] == "127.0.0.1"
+    commented = tomllib.loads("\n".join(line[2:] for line in text.splitlines()
+                                        if line.startswith("# http") and " = " in line))
+    assert {"http", "http_token_file", "http_cert_file", "http_key_file"} <= set(commented)
+    assert set(commented) <= {f.name for f in dataclasses.fields(HubSettings)}

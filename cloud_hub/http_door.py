@@ -40,7 +40,7 @@ def presented(environ: dict[str, Any]) -> bytes | None:
     """The token a request presents: a bearer token, or basic auth's password; None without one."""
     scheme, _, value = str(environ.get("HTTP_AUTHORIZATION", "")).strip().partition(" ")
     if scheme.lower() == "bearer":
-        return value.strip().encode("latin-1")
+        return value.strip().encode("latin-1", "replace")  # wsgiref decodes latin-1
     if scheme.lower() == "basic":
         try:
             user_pass = base64.b64decode(value.strip(), validate=True)

@@ -35,6 +35,7 @@ class Report:
     inputs: int = 0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    grew_mb: float = 0.0  # resident memory after the run minus before: what the inputs left behind
     failures: list[tuple[bytes, str]] = field(default_factory=list)
 
     def as_row(self) -> dict[str, object]:
@@ -102,6 +103,11 @@ def inputs(name: str, seed: int) -> Iterator[bytes]:
         yield data
 
 
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _alarm(signum: int, frame: FrameType | None) -> None:
     raise Hang("input took too long")
 
@@ -111,7 +117,7 @@ def fuzz_random(name: str, *, runs: int, seed: int = 0, seconds: float | None = 
     """Run ``runs`` inputs (or for ``seconds``) through target ``name`` (its corpus, its function unless
     ``target`` is given); every broken property, hang or escaped exception with its input."""
     target, report = target or TARGETS[name], Report(name)
-    start = time.monotonic()
+    start, before = time.monotonic(), resident_mb()
     old = signal.signal(signal.SIGALRM, _alarm)
     try:
         for data in inputs(name, seed):
@@ -127,7 +133,7 @@ def fuzz_random(name: str, *, runs: int, seed: int = 0, seconds: float | None = 
             report.inputs += 1
     finally:
         signal.signal(signal.SIGALRM, old)
-    report.seconds = time.monotonic() - start
+    report.seconds, report.grew_mb = time.monotonic() - start, resident_mb() - before
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if report.peak_rss_mb > rss_mb:
         report.failures.append((b"", f"peak RSS {report.peak_rss_mb:.0f} MB over the {rss_mb} MB bound"))

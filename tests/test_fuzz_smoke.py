@@ -19,6 +19,7 @@ def test_every_decoder_keeps_its_property_on_its_corpus_and_mutants(name: str) -
     report = fuzz_random(name, runs=RUNS.get(name, 2500), seed=29, per_input_s=10)
     assert report.inputs > len(corpus(name)), report
     assert not report.failures, "\n".join(f"{why}\n  input: {data!r:.400}" for data, why in report.failures[:3])
+    assert report.grew_mb < 64, f"{name}: {report.grew_mb:.0f} MB more resident after {report.inputs} inputs"
 
 
 def test_a_hang_and_a_stray_exception_are_findings_with_their_input() -> None:

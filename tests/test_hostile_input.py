@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ from edge_agent.bundle import (
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import AgentSettings, BrokerURL, SettingsError, load_settings
-from edge_agent.sources import read_log
+from edge_agent.sources import LogError, read_log
 from fuzz.targets import equivalent
 from tests.helpers import agent_cmd, make_bundle, make_log, wait_for
 
@@ -272,6 +273,16 @@ def test_numeric_labels_have_one_shape_however_the_log_is_chunked(tmp_path) -> N
         whole = reader.labels_as_numbers().read_all()
         assert whole is not None and whole.labels is not None
         np.testing.assert_array_equal(whole.labels, np.array(expected), err_msg=f"chunk_rows={rows}")
+
+
+def test_a_gz_log_whose_header_sets_a_reserved_flag_is_refused_naming_the_file(tmp_path) -> None:
+    """Found by fuzzing the gunzip (fuzz/corpus/log_gz/390ccfa0...): gzip.open reads such a file, zlib refuses it
+    as RFC 1952 asks. The reader keeps zlib's answer, as a LogError naming the file, never another error."""
+    data = gzip.compress(b"ts,device_id,x\n0,d,1\n", mtime=0)
+    path = tmp_path / "flags.csv.gz"
+    path.write_bytes(data[:3] + bytes([data[3] | 0x40]) + data[4:])  # FLG bit 6: reserved
+    with pytest.raises(LogError, match=r"flags\.csv\.gz: not a valid gzip file \(.*unknown header flags"):
+        read_log(path).read_all()
 
 
 @pytest.mark.parametrize(("cls", "flags", "field"), [

@@ -69,11 +69,11 @@ def hard_mask(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def device_stream(rng: np.random.Generator, n: int, kind: Kind, base: float, worse: bool) -> np.ndarray:
-    """Scores of ``n`` consecutive results, higher is better (hit, or -error for a regressor)."""
+    """What ``n`` consecutive results say: a hit (1) or a miss (0), or a regressor's error (>= 0), as
+    canary.judge reads them from the store."""
     hard = hard_mask(rng, n)
     if kind.regression:
-        err = np.abs(rng.normal(size=n)) * base * np.where(hard, 3.0, 1.0) * (kind.worse if worse else 1.0)
-        return -err
+        return np.abs(rng.normal(size=n)) * base * np.where(hard, 3.0, 1.0) * (kind.worse if worse else 1.0)
     p_err = np.where(hard, HARD_ERR, base) + (kind.worse if worse else 0.0)
     return (rng.random(n) >= np.clip(p_err, 0, 1)).astype(np.float64)
 
@@ -102,7 +102,8 @@ def run_one(rng: np.random.Generator, kind: Kind, args: argparse.Namespace, rule
     names = np.arange(args.devices)  # device ids as numbers: the judge groups them faster than strings
     base = cj.Series(np.repeat(names[:n_cohort], args.history), np.concatenate(history[:n_cohort]))
     cohort_all, control_all = np.stack(during[:n_cohort]), np.stack(during[n_cohort:])  # (devices, seconds)
-    control_sum = np.cumsum(control_all.sum(axis=0))
+    sign = -1.0 if kind.regression else 1.0  # the old judge: higher is better (a regressor's -error)
+    control_sum = np.cumsum(sign * control_all.sum(axis=0))
     old: tuple[str, int, float] | None = None
     new: tuple[str, int, float] | None = None
     t = args.check_s
@@ -110,7 +111,7 @@ def run_one(rng: np.random.Generator, kind: Kind, args: argparse.Namespace, rule
         k = int(t)  # results per device so far (one a second)
         cohort = cj.Series(np.repeat(names[:n_cohort], k), cohort_all[:, :k].reshape(-1))
         if old is None:
-            verdict = old_judge(cohort.score, control_sum[k - 1] / (k * control_all.shape[0]),
+            verdict = old_judge(sign * cohort.score, control_sum[k - 1] / (k * control_all.shape[0]),
                                 args.old_tolerance, args.min_results)
             if verdict:
                 old = (verdict, len(cohort), t)

@@ -249,10 +249,12 @@ def relative_errors(cohort: Series, baseline: Series, control: Series) -> tuple[
     fallback = fleet if fleet is not None else (float(np.mean(list(ref.values()))) if ref else 1.0)
 
     def scaled(s: Series, own: bool) -> Series:
-        factor = {d: 1.0 / (ref.get(d, fallback) if own else fallback) for d in s.parts}
-        codes = np.unique(s.device, return_inverse=True)[1] if len(s) else np.zeros(0, dtype=np.intp)
-        out = Series(s.device, -s.score * np.array(list(factor.values()))[codes] if len(s) else s.score)
-        out.__dict__["parts"] = {d: -x * factor[d] for d, x in s.parts.items()}  # already split: keep it
+        parts = {d: -x / (ref.get(d, fallback) if own else fallback) for d, x in s.parts.items()}
+        if not parts:
+            return s
+        out = Series(np.repeat(np.array(list(parts), dtype=s.device.dtype), [x.size for x in parts.values()]),
+                     np.concatenate(list(parts.values())))  # grouped by device, each in its own order
+        out.__dict__["parts"] = parts  # already split: keep it
         return out
 
     return scaled(cohort, True), scaled(baseline, True), scaled(control, False)

@@ -15,7 +15,7 @@ from atheris.import_hook import HookManager
 # atheris 3.0 leaks the result of every traced `==` that is not a bool (~10 KB an input with numpy arrays:
 # 480 MB after 40,000 log inputs, flat without it); they keep their edge coverage.
 with HookManager({"edge_agent"}, set(), True, trace_dataflow=False):
-    import edge_agent.preprocess  # noqa: F401
+    import edge_agent.preprocess
     import edge_agent.sources  # noqa: F401
 with atheris.instrument_imports(include=["edge_agent"]):
     from fuzz.targets import TARGETS

@@ -32,7 +32,7 @@ from fuzz.targets import TARGETS  # noqa: E402
 CRASHES = ROOT / "fuzz" / "crashes"
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
 _COV = re.compile(r"cov: (\d+) ft: (\d+)")
-SMALL = {"log_csv", "log_jsonl", "log_gz", "settings"}  # 4 KB inputs: a few hundred lines, every path taken
+SMALL = {"log_csv", "log_jsonl", "log_gz", "settings"}  # 1 KB inputs: tens of lines, every path taken
 
 
 def run_atheris(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -41,7 +41,7 @@ def run_atheris(name: str, args: argparse.Namespace) -> dict[str, object]:
     limit = [f"-runs={args.runs}"] if args.seconds is None else [f"-max_total_time={args.seconds}"]
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as work:
         cmd = [sys.executable, "-m", "fuzz", name, *limit, f"-seed={args.seed}", f"-timeout={args.timeout}",
-               f"-rss_limit_mb={args.rss_mb}", f"-max_len={4096 if name in SMALL else 16384}", "-print_final_stats=1",
+               f"-rss_limit_mb={args.rss_mb}", f"-max_len={1024 if name in SMALL else 16384}", "-print_final_stats=1",
                f"-artifact_prefix={CRASHES}/{name}-", work, str(CORPUS / name)]
         start = time.monotonic()
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace")

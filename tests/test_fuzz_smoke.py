@@ -10,7 +10,7 @@ from fuzz.engine import corpus, fuzz_random
 from fuzz.targets import TARGETS
 
 # inputs per target: the log targets parse every input five ways (whole, in pieces, raising, line by line,
-# written back), so fewer of them; about three seconds in all
+# written back), so fewer of them; a few seconds in all
 RUNS = {"log_csv": 600, "log_jsonl": 800, "log_gz": 800, "settings": 600}
 
 

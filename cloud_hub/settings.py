@@ -70,7 +70,7 @@ class HubSettings(BrokerSettings):
     # error than on the previous version; each wrong decision has at most this chance over every check
     # together; past this many cohort results or seconds (0: no time limit) an undecided canary is rolled
     # back, promoted or held open, as on_undecided says.
-    canary_error_tolerance: float = 0.1
+    canary_error_tolerance: float = 0.05
     canary_alpha: float = 0.05
     canary_max_results: int = 40_000
     canary_max_s: float = 0.0

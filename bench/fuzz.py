@@ -8,7 +8,7 @@ Each target runs in its own process (``python -m fuzz TARGET``) over its committ
 that takes over ``--timeout`` seconds (a hang) and a process past ``--rss-mb`` MB (memory growth), and
 writes the input that broke a property to ``fuzz/crashes/<target>-...``: make it a regression test in
 tests/test_hostile_input.py and copy it into the corpus. Prints one line per target: inputs, inputs/s,
-coverage edges, peak RSS, crashes. ``--engine random`` (no atheris) mutates the corpus in-house,
+coverage edges, peak RSS, crashes (libFuzzer's own output: /tmp/edgeml-fuzz-logs/<target>.log). ``--engine random`` (no atheris) mutates the corpus in-house,
 without coverage (``fuzz.engine``)."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from fuzz.engine import CORPUS, fuzz_random  # noqa: E402
 from fuzz.targets import TARGETS  # noqa: E402
 
 CRASHES = ROOT / "fuzz" / "crashes"
+LOGS = Path(tempfile.gettempdir()) / "edgeml-fuzz-logs"
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
 _COV = re.compile(r"cov: (\d+) ft: (\d+)")
 SMALL = {"log_csv", "log_jsonl", "log_gz", "settings"}  # 1 KB inputs: tens of lines, every path taken
@@ -38,19 +39,23 @@ SMALL = {"log_csv", "log_jsonl", "log_gz", "settings"}  # 1 KB inputs: tens of l
 def run_atheris(name: str, args: argparse.Namespace) -> dict[str, object]:
     """One target under libFuzzer; its final statistics."""
     CRASHES.mkdir(exist_ok=True)
+    LOGS.mkdir(exist_ok=True)
     limit = [f"-runs={args.runs}"] if args.seconds is None else [f"-max_total_time={args.seconds}"]
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as work:
         cmd = [sys.executable, "-m", "fuzz", name, *limit, f"-seed={args.seed}", f"-timeout={args.timeout}",
                f"-rss_limit_mb={args.rss_mb}", f"-max_len={1024 if name in SMALL else 16384}", "-print_final_stats=1",
                f"-artifact_prefix={CRASHES}/{name}-", work, str(CORPUS / name)]
+        log = LOGS / f"{name}.log"  # libFuzzer's progress, readable while it runs
         start = time.monotonic()
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace")
+        with open(log, "w") as out:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
         took = time.monotonic() - start
-    stats = {k: int(v) for k, v in _STAT.findall(res.stderr)}
-    cov = _COV.findall(res.stderr)
-    crashed = res.returncode != 0
+    text = log.read_text(errors="replace")
+    stats = {k: int(v) for k, v in _STAT.findall(text)}
+    cov = _COV.findall(text)
+    crashed = code != 0
     if crashed:
-        (CRASHES / f"{name}.log").write_text(res.stderr[-20000:])
+        (CRASHES / f"{name}.log").write_text(text[-20000:])
     inputs = stats.get("number_of_executed_units", 0)
     return {"target": name, "inputs": inputs, "per_s": round(inputs / took) if took else 0,
             "edges": int(cov[-1][0]) if cov else None, "rss_mb": stats.get("peak_rss_mb"),

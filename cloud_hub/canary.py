@@ -343,23 +343,27 @@ class CanaryWatcher:
         if blocked:
             self._say(logging.WARNING, blocked)
 
-    def _say(self, level: int, message: str) -> None:
-        now = time.monotonic()
-        if now - self._said.get(message, -math.inf) >= self.REPEAT_S:
-            self._said[message] = now
+    def _say(self, level: int, message: str, key: str | None = None) -> None:
+        now, key = time.monotonic(), key or message
+        if now - self._said.get(key, -math.inf) >= self.REPEAT_S:
+            self._said[key] = now
             log.log(level, "%s", message)
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.canary_check_s):
-            try:
-                done = check(self.engine, self.settings, self.settings.model_name)
-                if done is not None and done[1].action == "wait" and time.monotonic() >= self._next_note:
-                    self._next_note = time.monotonic() + self.NOTE_S
-                    log.info("canary v%d: %s; to decide: %s", done[0].version, done[1].reason, done[1].deciding)
-                if done is not None and done[1].action == "hold":
-                    self._say(logging.WARNING, f"canary v{done[0].version} {done[1].reason}: held open "
-                              "(`cloud-hub rollback` ends it, `rollout status --check` judges it again)")
-            except CanaryError as exc:
-                self._say(logging.ERROR, f"canary: {exc}")
-            except Exception as exc:  # keep serving: log it and try again at the next check
-                self._say(logging.ERROR, f"canary check failed: {db.first_line(exc)}")
+            self.check_once()
+
+    def check_once(self) -> None:
+        """One check: act on the verdict, say what blocks it (once per cause), never raise."""
+        try:
+            done = check(self.engine, self.settings, self.settings.model_name)
+            if done is not None and done[1].action == "wait" and time.monotonic() >= self._next_note:
+                self._next_note = time.monotonic() + self.NOTE_S
+                log.info("canary v%d: %s; to decide: %s", done[0].version, done[1].reason, done[1].deciding)
+            if done is not None and done[1].action == "hold":
+                self._say(logging.WARNING, f"canary v{done[0].version} {done[1].reason}: held open "
+                          "(`cloud-hub rollback` ends it, `rollout status --check` judges it again)")
+        except CanaryError as exc:  # said once per cause, not once per verdict (its figures change)
+            self._say(logging.ERROR, f"canary: {exc}", key=exc.args[0].split(" (verdict: ")[0])
+        except Exception as exc:  # keep serving: log it and try again at the next check
+            self._say(logging.ERROR, f"canary check failed: {db.first_line(exc)}")

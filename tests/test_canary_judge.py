@@ -257,3 +257,20 @@ def test_a_regressor_without_history_is_compared_with_the_fleets_error() -> None
     est = cj.estimate(c, b, k, rules)
     assert est is not None and est.unpaired == 1 and est.delta == pytest.approx(1 - 3.0 / 1.15, abs=0.2)
     assert cj.decide(est, rules, elapsed_s=60, metric="error").action == "roll_back"
+
+
+def test_serve_says_a_blocked_promotion_once_while_its_figures_change(tmp_path: Path, caplog) -> None:
+    url, engine = _store(tmp_path)
+    _write(engine, [_result(d, i, 1, 100.0 + i, hit=True) for d in ("a", "b") for i in range(1, 200)])
+    store = Store(engine)
+    with db.transaction(engine) as conn:
+        store.add_rollout(conn, name="default", version=2, previous=1, cohort=["a"], min_results=50,
+                          tolerance=0.1, at=1000.0)
+    watcher = canary.CanaryWatcher(HubSettings(db=url, canary_check_s=0), engine)
+    with caplog.at_level(logging.ERROR, logger="cloud_hub.canary"):
+        for n in (300, 400):  # the verdict's figures change between checks
+            _write(engine, [_result("a", i, 2, 1000.0 + i, hit=True) for i in range(n - 100, n)])
+            watcher.check_once()
+    said = [r.getMessage() for r in caplog.records if "cannot be promoted" in r.getMessage()]
+    assert len(said) == 1, said
+    engine.dispose()

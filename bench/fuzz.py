@@ -4,7 +4,8 @@
                          [--timeout S] [--rss-mb MB] [--engine atheris|random]
 
 Each target runs in its own process (``python -m fuzz TARGET``) over its committed seed corpus
-(``fuzz/corpus/<target>``, read only; new inputs go to a scratch folder): libFuzzer stops an input
+(``fuzz/corpus/<target>``, read only; new inputs go to /tmp/edgeml-fuzz-work/<target>, where a run
+interrupted resumes): libFuzzer stops an input
 that takes over ``--timeout`` seconds (a hang) and a process past ``--rss-mb`` MB (memory growth), and
 writes the input that broke a property to ``fuzz/crashes/<target>-...``: make it a regression test in
 tests/test_hostile_input.py and copy it into the corpus. Prints one line per target: inputs, inputs/s,
@@ -31,6 +32,7 @@ from fuzz.targets import TARGETS  # noqa: E402
 
 CRASHES = ROOT / "fuzz" / "crashes"
 LOGS = Path(tempfile.gettempdir()) / "edgeml-fuzz-logs"
+WORK = Path(tempfile.gettempdir()) / "edgeml-fuzz-work"
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
 _COV = re.compile(r"cov: (\d+) ft: (\d+)")
 SMALL = {"log_csv", "log_jsonl", "log_gz", "settings"}  # 1 KB inputs: tens of lines, every path taken
@@ -41,15 +43,16 @@ def run_atheris(name: str, args: argparse.Namespace) -> dict[str, object]:
     CRASHES.mkdir(exist_ok=True)
     LOGS.mkdir(exist_ok=True)
     limit = [f"-runs={args.runs}"] if args.seconds is None else [f"-max_total_time={args.seconds}"]
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as work:
-        cmd = [sys.executable, "-m", "fuzz", name, *limit, f"-seed={args.seed}", f"-timeout={args.timeout}",
-               f"-rss_limit_mb={args.rss_mb}", f"-max_len={1024 if name in SMALL else 16384}", "-print_final_stats=1",
-               f"-artifact_prefix={CRASHES}/{name}-", work, str(CORPUS / name)]
-        log = LOGS / f"{name}.log"  # libFuzzer's progress, readable while it runs
-        start = time.monotonic()
-        with open(log, "w") as out:
-            code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
-        took = time.monotonic() - start
+    work = WORK / name  # what the run adds to the corpus: kept, so an interrupted run resumes from it
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "fuzz", name, *limit, f"-seed={args.seed}", f"-timeout={args.timeout}",
+           f"-rss_limit_mb={args.rss_mb}", f"-max_len={1024 if name in SMALL else 16384}", "-print_final_stats=1",
+           f"-artifact_prefix={CRASHES}/{name}-", str(work), str(CORPUS / name)]
+    log = LOGS / f"{name}.log"  # libFuzzer's progress, readable while it runs
+    start = time.monotonic()
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    took = time.monotonic() - start
     text = log.read_text(errors="replace")
     stats = {k: int(v) for k, v in _STAT.findall(text)}
     cov = _COV.findall(text)

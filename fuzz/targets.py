@@ -13,11 +13,13 @@ an :class:`AssertionError`, a crash too.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gzip
 import hashlib
 import math
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -36,8 +38,24 @@ from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from edge_agent.sources import LineParser, LogError, read_log
 
 Target = Callable[[bytes], None]
-# Files the file-reading decoders (gunzip, settings) are given: in RAM when the machine has /dev/shm.
-_SCRATCH = Path(tempfile.mkdtemp(prefix="edgeml-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+
+
+def _scratch() -> Path:
+    """A folder for the files the file-reading decoders (gunzip, settings) are given: in RAM where there is
+    /dev/shm, one per process, removed at exit; libFuzzer ends a run with C's exit(), past atexit, so
+    the folders of processes that are gone are removed here too."""
+    root = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    for old in root.glob("edgeml-fuzz-*"):
+        pid = old.name.removeprefix("edgeml-fuzz-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / f"edgeml-fuzz-{os.getpid()}"
+    mine.mkdir(exist_ok=True)
+    atexit.register(shutil.rmtree, mine, ignore_errors=True)
+    return mine
+
+
+_SCRATCH = _scratch()
 
 
 # --------------------------------------------------------------------------- wire messages

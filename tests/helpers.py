@@ -183,3 +183,14 @@ def run_agent(*args: str, env: dict[str, str] | None = None, timeout: float = 12
 
 def features_of(results: dict[tuple[str, int], c.Result]) -> np.ndarray:
     return np.array([r.features for r in results.values() if r.features is not None], dtype=np.float32)
+
+
+def publish_retained(broker_url: str, topic: str, payload: bytes) -> None:
+    """Publish one retained message (model delivery: QoS 1, retained) and wait for its PUBACK."""
+    done: queue.Queue[bool] = queue.Queue()
+    link = MqttLink(BrokerURL.parse(broker_url), f"raw-{time.monotonic_ns()}", on_published=lambda *a: done.put(a[1]))
+    link.start()
+    link.wait_connected(10)
+    link.publish(topic, payload, c.MODEL_DELIVERY)
+    assert done.get(timeout=10)
+    link.stop()

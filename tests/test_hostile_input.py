@@ -17,7 +17,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import AgentSettings, BrokerURL, SettingsError, load_settings
 from edge_agent.sources import LogError, read_log
 from fuzz.targets import equivalent
-from tests.helpers import agent_cmd, make_bundle, make_log, wait_for
+from tests.helpers import agent_cmd, make_bundle, make_log, publish_retained, wait_for
 
 # --------------------------------------------------------------------------- payload builders
 
@@ -410,16 +409,6 @@ def test_any_json_as_a_manifest_is_a_manifest_or_a_contract_error(value: Any) ->
 # --------------------------------------------------------------------------- no crash loop, end to end
 
 
-def _publish_retained(broker_url: str, topic: str, payload: bytes) -> None:
-    done: queue.Queue[bool] = queue.Queue()
-    link = MqttLink(BrokerURL.parse(broker_url), f"raw-{time.monotonic_ns()}", on_published=lambda *a: done.put(a[1]))
-    link.start()
-    link.wait_connected(10)
-    link.publish(topic, payload, c.MODEL_DELIVERY)
-    assert done.get(timeout=10)
-    link.stop()
-
-
 @pytest.mark.slow
 def test_an_agent_given_a_malformed_retained_bundle_and_announcement_keeps_its_model(
         procs, shared_broker, prefix, tmp_path, keys, v1) -> None:
@@ -453,12 +442,12 @@ def test_an_agent_given_a_malformed_retained_bundle_and_announcement_keeps_its_m
 
     wait_for(status_where(lambda s: s.state == c.ONLINE and s.model_version == 1), 60, "the agent on v1")
     deep = _with_field(v1.encode(), "training", _nested(1000))
-    _publish_retained(shared_broker.url, topics.model("default"), deep)
+    publish_retained(shared_broker.url, topics.model("default"), deep)
     wait_for(status_where(lambda s: s.last_error is not None and "nested more than" in s.last_error), 60,
              "the deep bundle refused")
     bad_round = _signed(_with_field(_announcement(base_sha256=v1.manifest.sha256, participants=("live-1",)).encode(),
                                     "encoding", b"[]"), priv)
-    _publish_retained(shared_broker.url, topics.rounds("default"), bad_round)
+    publish_retained(shared_broker.url, topics.rounds("default"), bad_round)
     wait_for(lambda: b"round announcement refused" in log.read_bytes(), 60, "the announcement refused")
     seen.clear()
     wait_for(status_where(lambda s: s.state == c.ONLINE and s.model_version == 1), 30, "v1 still serving")
@@ -469,8 +458,8 @@ def test_an_agent_given_a_malformed_retained_bundle_and_announcement_keeps_its_m
     text = log.read_text()
     assert "Traceback" not in text, text
     assert sum("round announcement refused" in line for line in text.splitlines()) == 1, text
-    _publish_retained(shared_broker.url, topics.model("default"), b"")
-    _publish_retained(shared_broker.url, topics.rounds("default"), b"")
+    publish_retained(shared_broker.url, topics.model("default"), b"")
+    publish_retained(shared_broker.url, topics.rounds("default"), b"")
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from tests.helpers import (
     make_log,
     make_regression_log,
     model_params,
+    publish_retained,
 )
 from tests.test_ingest import stored_keys, wait_for
 
@@ -152,16 +153,6 @@ def _until(statuses: queue.Queue[c.Status], pred, timeout: float = 60) -> c.Stat
     raise AssertionError("no matching status")
 
 
-def _publish_raw(broker_url: str, topic: str, payload: bytes) -> None:
-    done: queue.Queue[bool] = queue.Queue()
-    link = MqttLink(BrokerURL.parse(broker_url), f"raw-{time.monotonic_ns()}", on_published=lambda *a: done.put(a[1]))
-    link.start()
-    link.wait_connected(10)
-    link.publish(topic, payload, c.MODEL_DELIVERY)
-    assert done.get(timeout=10)
-    link.stop()
-
-
 def test_bad_bundles_are_refused_and_v1_keeps_serving(procs, shared_broker, prefix, tmp_path, keys, v1,
                                                       train_log) -> None:
     priv, pub, other = keys
@@ -193,7 +184,7 @@ def test_bad_bundles_are_refused_and_v1_keeps_serving(procs, shared_broker, pref
             "does not take": sign_bundle(_mismatched(train_log, v1), load_private_key(priv)),
         }
         for reason, bundle in bad.items():
-            _publish_raw(shared_broker.url, topics.model("default"), bundle.encode())
+            publish_retained(shared_broker.url, topics.model("default"), bundle.encode())
             status = _until(statuses, lambda s, r=reason: s.last_error is not None and r in s.last_error)
             assert status.model_version == 1 and status.state == c.ONLINE
         # Results keep coming, all from v1.

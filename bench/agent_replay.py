@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from cloud_hub import lifecycle, training, weights
-from cloud_hub.ingest import Hub
-from cloud_hub.local_broker import LocalBroker
-from cloud_hub.quantize import session
+from cloud_hub.data.ingest import Hub
+from cloud_hub.models import lifecycle, training, weights
+from cloud_hub.models.quantize import session
+from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen, load_private_key, sign_bundle
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent.contract import decode_bundle
 from edge_agent.runner import INFER_SLICE
 from edge_agent.sources import read_log
@@ -42,9 +42,9 @@ from edge_agent.sources import read_log
 ROOT = Path(__file__).resolve().parents[1]
 _FLOOR = """
 import sys, orjson, numpy as np
-from edge_agent import cli, jobs  # what `edge-agent replay` imports
-from edge_agent.bundle import load_public_key, verify_bundle
-from edge_agent.jobs import peak_rss_mb
+from edge_agent.device import cli, jobs  # what `edge-agent replay` imports
+from edge_agent.device.bundle import load_public_key, verify_bundle
+from edge_agent.device.jobs import peak_rss_mb
 from edge_agent.runner import INFER_SLICE
 import cryptography.hazmat.primitives.serialization
 imports = peak_rss_mb()

@@ -18,7 +18,7 @@ hard stretches just as the previous version did. Kinds:
 
 Both judges look every ``--check-s`` seconds (``serve``'s ``canary_check_s``). Today's judge: from
 ``min_results`` cohort results, roll back when the cohort's mean is worse than the control's (now) by
-more than the tolerance, else promote. The new judge: ``cloud_hub.canary_judge`` with the settings'
+more than the tolerance, else promote. The new judge: ``cloud_hub.rollout.canary_judge`` with the settings'
 defaults. Printed per judge and kind: wrong decisions (false rollback for the good kinds, missed rollback
 for the bad ones), undecided at the limit (then ``on_undecided``), and the median cohort results and
 seconds to a decision.
@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_hub import canary_judge as cj
+from cloud_hub.rollout import canary_judge as cj
 from cloud_hub.settings import HubSettings
 
 HARD_IN, HARD_OUT, HARD_ERR = 1 / 300, 1 / 30, 0.40

@@ -10,9 +10,9 @@ Protocol
   the hub's pilot recordings; its preprocessing normalization is fitted on s01 only, as the hub would
   (the other devices' data never reaches it). s01 is also one of the 8 devices.
 * Each round every device (or a random 70 % with ``--dropout 0.3``) fine-tunes the current master on
-  its windows (``edge_agent.learn.fine_tune``: SGD, momentum 0.9, lr 0.03, 5 local epochs, batch 64, L2
+  its windows (``edge_agent.device.learn.fine_tune``: SGD, momentum 0.9, lr 0.03, 5 local epochs, batch 64, L2
   with the central training's effective strength ``alpha * 64 / 256``), sends its delta as INT8 (or FP32) and its activation
-  ranges; the hub aggregates (FedAvg weighted by windows, ``cloud_hub.fedavg.aggregate``), re-quantizes
+  ranges; the hub aggregates (FedAvg weighted by windows, ``cloud_hub.rounds.fedavg.aggregate``), re-quantizes
   to static INT8 from the merged ranges (``quantize_from_ranges``: no data at the hub) and the INT8
   model is evaluated on s09, s10 in onnxruntime (``quantize.evaluate``).
 * Reference: ``training.train`` on s01-s08 with the same defaults (normalization fitted on s01-s08,
@@ -85,9 +85,9 @@ def configs(args: argparse.Namespace) -> dict[str, Config]:
 
 @functools.lru_cache(maxsize=2)
 def load(init: str) -> dict:
-    from cloud_hub import lifecycle
-
-    # the federated world: normalization fitted on the pilot subject only
+    from cloud_hub.models import (
+        lifecycle,  # the federated world: normalization fitted on the pilot subject only
+    )
     fed = lifecycle.dataset_from_logs([str(DATA)], window_s=None, hop_s=None,
                                       holdout=[d for d in ALL if d != init])
     central = lifecycle.dataset_from_logs([str(DATA)], window_s=None, hop_s=None, holdout=list(TEST))
@@ -104,8 +104,7 @@ def _blas1():
 
 
 def central(seed: int) -> dict:
-    from cloud_hub import quantize, training
-
+    from cloud_hub.models import quantize, training
     data = load(ARGS.init)["central"]
     tr, te = ~np.isin(data.devices, TEST), np.isin(data.devices, TEST)
     with _blas1():
@@ -121,8 +120,9 @@ def central(seed: int) -> dict:
 
 def federated(cfg: Config, seed: int, rounds: int, devices: tuple[str, ...] = DEVICES,
               evaluate_on: tuple[str, ...] = TEST, eval_from: int = 30, int8_eval: bool = True) -> dict:
-    from cloud_hub import fedavg, quantize, training
-    from edge_agent import learn
+    from cloud_hub.models import quantize, training
+    from cloud_hub.rounds import fedavg
+    from edge_agent.device import learn
 
     data = load(ARGS.init)["fed"]
     with _blas1():
@@ -180,7 +180,7 @@ def _job(job: tuple) -> dict:
 
 def _on_the_wire(res, encoding: str, round_id: int, device: str) -> tuple[dict, int]:
     """The delta as the hub gets it (the contract's update, encoded and decoded) and the payload's bytes."""
-    from edge_agent import contract_rounds as cr
+    from edge_agent.contract import rounds as cr
 
     specs, arrays = cr.encode_update_delta(res.delta, encoding)
     payload = cr.Update(round_id, device, "default", 1, res.n, res.loss_before, res.loss_after, res.metric_before,
@@ -191,11 +191,11 @@ def _on_the_wire(res, encoding: str, round_id: int, device: str) -> tuple[dict, 
 
 DEVICE_SCRIPT = r"""
 import sys, time, numpy as np
-from edge_agent import learn
+from edge_agent.device import learn
 z = np.load(sys.argv[1])
 t = {k[2:]: z[k] for k in z.files if k.startswith("t_")}
 r = learn.fine_tune(t, "classification", z["X"], z["y"], epochs=float(sys.argv[2]), lr=0.03, batch=64, alpha=0.025)
-from edge_agent import contract_rounds as cr
+from edge_agent.contract import rounds as cr
 q = cr.encode_update_delta(r.delta, "int8")
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 mods = sorted(m.split(".")[0] for m in sys.modules)
@@ -204,11 +204,11 @@ print(int(hwm), r.seconds, "sklearn" in mods or "onnxruntime" in mods or "cloud_
 
 
 def device_rss(epochs: float) -> dict:
-    """Peak RSS of a process that imports only numpy + edge_agent.learn and fine-tunes the largest device."""
+    """Peak RSS of a process that imports only numpy + edge_agent.device.learn and fine-tunes the largest device."""
     import tempfile
 
-    from cloud_hub import fedavg, training
-
+    from cloud_hub.models import training
+    from cloud_hub.rounds import fedavg
     data = load(ARGS.init)["fed"]
     big = max(DEVICES, key=lambda d: int(np.sum(data.devices == d)))
     init = data.devices == ARGS.init

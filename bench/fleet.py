@@ -7,7 +7,7 @@ Every simulated device speaks the real agent's protocol over its own MQTT sessio
 ``sim-NNNN``): a retained ``online`` status naming the model it runs, with a last will ``offline``;
 one result a second (QoS 1) that it keeps until the hub's receipt, sending it again after 15 s
 without one; and the retained model topic, where it checks a new bundle's digest and Ed25519
-signature (``edge_agent.bundle.check_bundle``, as the agent does before loading it) and then
+signature (``edge_agent.device.bundle.check_bundle``, as the agent does before loading it) and then
 reports the new version in its status. It runs no model: inference is the agent's own cost
 (``bench/agent_replay.py``). The devices are spread over ``--procs`` processes, each driving its
 clients from one selector loop (paho's external-loop API), so 1,000 sessions need no 1,000 threads.
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent import contract as c
 from edge_agent import exits
-from edge_agent.bundle import BundleRejected, check_bundle, load_public_key
+from edge_agent.device.bundle import BundleRejected, check_bundle, load_public_key
 from edge_agent.mqtt import tcp_no_delay
 
 MODEL = "fleet"
@@ -245,11 +245,11 @@ def count(db_url: str, sql: str) -> int:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    from cloud_hub import rollout
-    from cloud_hub.db import make_engine
-    from cloud_hub.local_broker import LocalBroker
-    from cloud_hub.sample import write_sample_log
+    from cloud_hub.data.db import make_engine
+    from cloud_hub.rollout import publish as rollout
     from cloud_hub.settings import HubSettings
+    from cloud_hub.tools.local_broker import LocalBroker
+    from cloud_hub.tools.sample import write_sample_log
 
     schema = None
     if args.db:
@@ -378,8 +378,7 @@ def main() -> None:
     args.procs = min(args.procs, args.devices)
     if args.switch_at >= args.seconds:
         ap.error("--switch-at must be within --seconds")
-    from cloud_hub.db import DatabaseUnavailable
-
+    from cloud_hub.data.sessions import DatabaseUnavailable
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         try:
             run(args, Path(tmp))

@@ -13,7 +13,7 @@ For each batch size (results per MQTT message, as the agent sends them):
   run gets a fresh schema of its own, dropped afterwards.
 * bare: a paho subscriber (QoS 1) that only counts the same messages from the same broker: the MQTT
   ceiling (it includes the publisher's speed, like the hub does).
-* hub:  :class:`cloud_hub.ingest.Hub`, from MQTT in to committed rows out, with commit receipts
+* hub:  :class:`cloud_hub.data.ingest.Hub`, from MQTT in to committed rows out, with commit receipts
   to the devices (the default) and, for comparison, without.
 
 A private mosquitto (LocalBroker, the project's mosquitto.conf) carries the traffic; the load
@@ -41,9 +41,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_hub.ingest import Hub
-from cloud_hub.local_broker import LocalBroker
+from cloud_hub.data.ingest import Hub
 from cloud_hub.settings import HubSettings
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from edge_agent import exits
 from edge_agent.mqtt import tcp_no_delay
@@ -162,8 +162,7 @@ class PgSchema:
     def __init__(self, url: str) -> None:
         import sqlalchemy as sa
 
-        from cloud_hub.db import make_engine
-
+        from cloud_hub.data.db import make_engine
         self.url, self.name = url, f"bench_{uuid.uuid4().hex[:10]}"
         make_engine(url, schema=self.name).dispose()  # creates the schema and the tables
         self.hub_url = sa.engine.make_url(url).update_query_dict({"options": f"-csearch_path={self.name}"}) \
@@ -192,7 +191,7 @@ class PgSchema:
 def raw_postgres(url: str, per_msg: int, n_results: int, txn_rows: int, how: str) -> tuple[float, float]:
     """rows/s of bare psycopg into the hub's results table: ``executemany`` (ON CONFLICT DO NOTHING) or
     binary ``COPY``, in transactions of the hub's ``batch_max`` rows; CPU µs/row of this process."""
-    from cloud_hub.store import _COLS, _PG_TYPES
+    from cloud_hub.data.store import _COLS, _PG_TYPES
 
     rows = bench_rows(per_msg, n_results)
     with PgSchema(url) as schema, schema.connect() as db:
@@ -354,8 +353,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_publish":
         publish_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
-        from cloud_hub.db import DatabaseUnavailable
-
+        from cloud_hub.data.sessions import DatabaseUnavailable
         os.environ.setdefault("PYTHONHASHSEED", "0")
         try:
             main()

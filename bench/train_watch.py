@@ -46,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_hub.quantize import INTEGER_OPS, evaluate, op_counts, quantize_int8
-from cloud_hub.training import TrainConfig, export_onnx, train
+from cloud_hub.models.quantize import INTEGER_OPS, evaluate, op_counts, quantize_int8
+from cloud_hub.models.training import TrainConfig, export_onnx, train
 from edge_agent.preprocess import (
     PreprocessParams,
     WindowBatch,

@@ -1,3 +1,3 @@
-from cloud_hub.cli import app
+from cloud_hub.cli.app import app
 
 app(prog_name="cloud-hub")

@@ -66,7 +66,7 @@ class HubSettings(BrokerSettings):
     canary_check_s: float = 5.0
     canary_min_results: int = 50
     canary_tolerance: float = 0.02
-    # The judge (cloud_hub/canary_judge.py, README: Canary rollouts): a regressor may have this fraction more
+    # The judge (cloud_hub/rollout/canary_judge.py, README: Canary rollouts): a regressor may have this fraction more
     # error than on the previous version; each wrong decision has at most this chance over every check
     # together; past this many cohort results or seconds (0: no time limit) an undecided canary is rolled
     # back, promoted or held open, as on_undecided says.

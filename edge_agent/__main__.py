@@ -1,3 +1,3 @@
-from edge_agent.cli import app
+from edge_agent.device.cli import app
 
 app(prog_name="edge-agent")

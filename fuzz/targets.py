@@ -31,8 +31,8 @@ import numpy as np
 import orjson
 
 from edge_agent import contract as c
-from edge_agent import contract_rounds as cr
-from edge_agent.bundle import BundleRejected, check_bundle, check_round
+from edge_agent.contract import rounds as cr
+from edge_agent.device.bundle import BundleRejected, check_bundle, check_round
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from edge_agent.sources import LineParser, LogError, read_log

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_hub.local_broker import LocalBroker, port_open
+from cloud_hub.tools.local_broker import LocalBroker, port_open
 from tests.helpers import Processes
 
 

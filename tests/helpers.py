@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from cloud_hub import lifecycle, training
-from cloud_hub.sample import write_sample_log
+from cloud_hub.models import lifecycle, training
+from cloud_hub.tools.sample import write_sample_log
 from edge_agent import contract as c
+from edge_agent.device.pipeline import window_seq
 from edge_agent.mqtt import Message, MqttLink
-from edge_agent.pipeline import window_seq
 from edge_agent.preprocess import PreprocessParams, make_windows
 from edge_agent.settings import BrokerURL
 from edge_agent.sources import read_log
@@ -67,7 +67,7 @@ def fleet_files(root: Path, seconds: float = 40.0) -> tuple[Path, Path, set[tupl
 
 def model_params(engine, version: int = 1) -> PreprocessParams:
     """The preprocessing parameters of a registered model version."""
-    from cloud_hub.store import Store
+    from cloud_hub.data.store import Store
 
     with engine.connect() as conn:
         return PreprocessParams.from_dict(Store(engine).get_model(conn, "default", version).manifest["preprocess"])

@@ -14,9 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cloud_hub.local_broker import LocalBroker
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
-from edge_agent.jobs import replay
+from edge_agent.device.jobs import replay
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import AgentSettings, load_settings
 from tests.helpers import (
@@ -237,7 +237,7 @@ def test_invalid_device_id_in_a_log_is_an_input_error(shared_broker, prefix, tmp
 
 def test_sigterm_while_waiting_for_a_dead_broker_exits_130_keeping_results(procs, tmp_path, log_and_model) -> None:
     log, model, params = log_and_model
-    from cloud_hub.local_broker import free_port
+    from cloud_hub.tools.local_broker import free_port
 
     state = tmp_path / "s"
     proc = procs.popen(agent_cmd("replay", str(log), "--broker", f"mqtt://127.0.0.1:{free_port()}",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloud_hub.local_broker import free_port
+from cloud_hub.tools.local_broker import free_port
 from edge_agent import exits
 from tests.helpers import agent_cmd, fleet_files, wait_for
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_hub import aggregate as agg
-from cloud_hub.db import transaction
-from cloud_hub.store import Store
+from cloud_hub.data import aggregate as agg
+from cloud_hub.data.sessions import transaction
+from cloud_hub.data.store import Store
 from edge_agent import contract as c
 from tests.test_store import BACKENDS, backend_engine
 

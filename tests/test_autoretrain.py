@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from cloud_hub import db, lifecycle
-from cloud_hub.autoretrain import AutoRetrainer
-from cloud_hub.ingest import serve
+from cloud_hub.data import db, sessions
+from cloud_hub.data.store import Store
+from cloud_hub.models import lifecycle
+from cloud_hub.models.signing import keygen
+from cloud_hub.rollout.autoretrain import AutoRetrainer
+from cloud_hub.serve import serve
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen
-from cloud_hub.store import Store
 from edge_agent import contract as c
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.settings import BrokerURL, load_settings
@@ -36,8 +37,8 @@ def _report(engine, log, params, first_seq: int) -> int:
     ds = lifecycle.dataset_from_logs([str(log)], window_s=params.window_s, hop_s=params.hop_s, holdout=[],
                                      params=params)
     rows = [(dev, first_seq + i, float(i), float(i) + 2, 1, str(y), 0.9, None, str(y), 0.1,
-             db.pack_features(x), time.time()) for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]
-    with db.transaction(engine) as conn:
+             sessions.pack_features(x), time.time()) for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]
+    with sessions.transaction(engine) as conn:
         Store(engine).insert_results(conn, rows)
     return len(rows)
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from cloud_hub.local_broker import LocalBroker, derive_config, port_open
+from cloud_hub.tools.local_broker import LocalBroker, derive_config, port_open
 from edge_agent import contract as c
 from edge_agent.mqtt import ConnectRefused, Message, MqttLink, Will
 from edge_agent.settings import BrokerURL

@@ -14,10 +14,13 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from cloud_hub import canary, db, lifecycle, rollout
-from cloud_hub.cli import app as hub_app
+from cloud_hub.cli.app import app as hub_app
+from cloud_hub.data import db, tables
+from cloud_hub.models import lifecycle
+from cloud_hub.models.signing import keygen
+from cloud_hub.rollout import canary
+from cloud_hub.rollout import publish as rollout
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen
 from edge_agent import contract as c
 from edge_agent.mqtt import BrokerURL, MqttLink
 from edge_agent.settings import load_settings
@@ -42,7 +45,7 @@ def _devices(url: str) -> dict[str, tuple[int | None, str]]:
     try:
         with engine.connect() as conn:
             return {d: (v, s) for d, v, s in conn.execute(
-                sa.select(db.devices.c.device_id, db.devices.c.model_version, db.devices.c.state))}
+                sa.select(tables.devices.c.device_id, tables.devices.c.model_version, tables.devices.c.state))}
     finally:
         engine.dispose()
 
@@ -53,8 +56,8 @@ def _results(url: str) -> dict[tuple[str, int], int]:
     try:
         with engine.connect() as conn:
             return {(d, v): n for d, v, n in conn.execute(
-                sa.select(db.results.c.device_id, db.results.c.model_version, sa.func.count())
-                .group_by(db.results.c.device_id, db.results.c.model_version))}
+                sa.select(tables.results.c.device_id, tables.results.c.model_version, sa.func.count())
+                .group_by(tables.results.c.device_id, tables.results.c.model_version))}
     finally:
         engine.dispose()
 
@@ -63,7 +66,7 @@ def _rollout_state(url: str, version: int) -> str | None:
     engine = db.make_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(sa.select(db.rollouts.c.state).where(db.rollouts.c.version == version)
+            return conn.execute(sa.select(tables.rollouts.c.state).where(tables.rollouts.c.version == version)
                                 ).scalar_one_or_none()
     finally:
         engine.dispose()
@@ -205,9 +208,9 @@ def test_a_bad_canary_rolls_back_and_a_good_one_is_promoted_through_hard_stretch
         watch.stop()
     assert all(p.returncode == 0 for p in agents), errs
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(db.results.c.device_id, db.results.c.model_version)
-                            .order_by(db.results.c.device_id, db.results.c.seq)).all()
-        models = {v: s for v, s in conn.execute(sa.select(db.models.c.version, db.models.c.state))}
+        rows = conn.execute(sa.select(tables.results.c.device_id, tables.results.c.model_version)
+                            .order_by(tables.results.c.device_id, tables.results.c.seq)).all()
+        models = {v: s for v, s in conn.execute(sa.select(tables.models.c.version, tables.models.c.state))}
     engine.dispose()
     by_device = {d: [v for dd, v in rows if dd == d] for d in AGENTS}
     for dev, versions in by_device.items():

@@ -16,11 +16,12 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from cloud_hub import canary, db
-from cloud_hub import canary_judge as cj
-from cloud_hub.cli import app as hub_app
+from cloud_hub.cli.app import app as hub_app
+from cloud_hub.data import db, sessions
+from cloud_hub.data.store import Batch, Store
+from cloud_hub.rollout import canary
+from cloud_hub.rollout import canary_judge as cj
 from cloud_hub.settings import HubSettings
-from cloud_hub.store import Batch, Store
 
 runner = CliRunner()
 
@@ -136,7 +137,7 @@ def _store(tmp_path: Path) -> tuple[str, object]:
 
 def _write(engine, rows: list[tuple]) -> None:
     store = Store(engine)
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         store.write(conn, Batch(rows=rows))
 
 
@@ -169,7 +170,7 @@ def test_judge_on_stored_results_rolls_back_the_worse_version(tmp_path: Path, re
                     rows.append(_result(dev, seq[dev], v, start + i, hit=bool(rng.random() > (0.4 if v == 2 else 0.05))))
     _write(engine, rows)
     store = Store(engine)
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         store.add_rollout(conn, name="default", version=2, previous=1, cohort=["a", "b"], min_results=50,
                           tolerance=0.02, at=5000.0)
         rollout = store.rollouts(conn, "default", state="canary")[0]
@@ -189,13 +190,13 @@ def test_a_canary_this_hub_cannot_sign_says_so_with_the_fix(tmp_path: Path, capl
     rows += [_result("a", i, 2, 1000.0 + i, hit=True) for i in range(200, 400)]
     _write(engine, rows)
     store = Store(engine)
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         store.add_rollout(conn, name="default", version=2, previous=1, cohort=["a"], min_results=50,
                           tolerance=0.1, at=1000.0)
     settings = HubSettings(db=url, broker="mqtt://127.0.0.1:1")
     with pytest.raises(canary.CanaryError, match=r"no signing key.*--signing-key PATH"):
         canary.check(engine, settings, "default", now=2000.0)
-    with caplog.at_level(logging.WARNING, logger="cloud_hub.canary"):
+    with caplog.at_level(logging.WARNING, logger="cloud_hub.rollout.canary"):
         canary.CanaryWatcher(HubSettings(db=url, canary_check_s=0), engine).start()
     assert any("cannot be promoted by this hub" in r.getMessage() for r in caplog.records)
     res = runner.invoke(hub_app, ["rollout", "status", "--db", url, "--json"])
@@ -211,7 +212,7 @@ def test_a_canary_this_hub_cannot_sign_says_so_with_the_fix(tmp_path: Path, capl
 
 
 def store_rollout(engine) -> object:
-    with db.transaction(engine, write=False) as conn:
+    with sessions.transaction(engine, write=False) as conn:
         return Store(engine).rollouts(conn, "default", state="canary")[0]
 
 
@@ -263,11 +264,11 @@ def test_serve_says_a_blocked_promotion_once_while_its_figures_change(tmp_path: 
     url, engine = _store(tmp_path)
     _write(engine, [_result(d, i, 1, 100.0 + i, hit=True) for d in ("a", "b") for i in range(1, 200)])
     store = Store(engine)
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         store.add_rollout(conn, name="default", version=2, previous=1, cohort=["a"], min_results=50,
                           tolerance=0.1, at=1000.0)
     watcher = canary.CanaryWatcher(HubSettings(db=url, canary_check_s=0), engine)
-    with caplog.at_level(logging.ERROR, logger="cloud_hub.canary"):
+    with caplog.at_level(logging.ERROR, logger="cloud_hub.rollout.canary"):
         for n in (300, 400):  # the verdict's figures change between checks
             _write(engine, [_result("a", i, 2, 1000.0 + i, hit=True) for i in range(n - 100, n)])
             watcher.check_once()

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from edge_agent import contract as c
-from edge_agent import contract_rounds as cr
-from edge_agent import contract_schema as cs
+from edge_agent.contract import asyncapi as cs
+from edge_agent.contract import rounds as cr
 
 WEIGHTS = {"coef_0": np.arange(6, dtype=np.float32).reshape(2, 3), "intercept_0": np.zeros(3, np.float32)}
 PLAN = cr.RoundPlan(4, "default", 2, "a" * 64, "classification", ("d1",), 1e9, kind="evaluate")
@@ -24,8 +24,8 @@ def _header(payload: bytes) -> dict:
 
 
 def test_an_evaluate_announcement_carries_its_int8_model_under_its_digest(tmp_path) -> None:
-    from cloud_hub.signing import keygen, load_private_key, sign_round
-    from edge_agent.bundle import check_round, load_public_key
+    from cloud_hub.models.signing import keygen, load_private_key, sign_round
+    from edge_agent.device.bundle import check_round, load_public_key
 
     ann = cr.announcement(PLAN, WEIGHTS, ONNX)
     payload = ann.encode()

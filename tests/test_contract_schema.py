@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent import contract as c
-from edge_agent import contract_rounds as cr
-from edge_agent import contract_schema as cs
+from edge_agent.contract import asyncapi as cs
+from edge_agent.contract import rounds as cr
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATORS = {name: jsonschema.Draft7Validator(schema) for name, schema in cs.schemas().items()}
@@ -33,7 +33,7 @@ DECODERS = {
 
 def test_the_published_document_is_current() -> None:
     assert (ROOT / "contract" / "asyncapi.json").read_text() == cs.render(), \
-        "regenerate: python -m edge_agent.contract_schema > contract/asyncapi.json"
+        "regenerate: python -m edge_agent.contract.asyncapi > contract/asyncapi.json"
 
 
 def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cloud_hub import db
-from cloud_hub.local_broker import LocalBroker, free_port
+from cloud_hub.data import db, sessions
+from cloud_hub.tools.local_broker import LocalBroker, free_port
 from tests.helpers import agent_cmd, fleet_files, make_log, wait_for
 from tests.test_hub_cli import ServeProcess, count_rows
 
@@ -63,11 +63,11 @@ def _answers(port: int) -> bool:
 
 
 def _a_round(url: str) -> None:
-    from cloud_hub.round_store import RoundStore
+    from cloud_hub.rounds.store import RoundStore
 
     engine = db.make_engine(url)
     store = RoundStore()
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         store.add_round(conn, round_id=1, name="default", base_version=1, participants=["dev-a", "dev-b"],
                         plan={"task": "classification"}, announcement=b"x", opened_at=time.time(),
                         deadline=time.time() + 60)
@@ -82,10 +82,10 @@ def _a_round(url: str) -> None:
 
 
 def _a_canary(url: str) -> None:
-    from cloud_hub.store import Store
+    from cloud_hub.data.store import Store
 
     engine = db.make_engine(url)
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         Store(engine).add_rollout(conn, name="default", version=2, previous=1, cohort=["dev-a"], min_results=50,
                                   tolerance=0.02, at=time.time())
     engine.dispose()

@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cloud_hub.local_broker import REPO_CONF, LocalBroker
+from cloud_hub.tools.local_broker import REPO_CONF, LocalBroker
 from edge_agent import contract as c
 from tests.helpers import Processes, agent_cmd, fleet_files, outbox, wait_for
 from tests.test_hub_cli import ServeProcess, wait_ready

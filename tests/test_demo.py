@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from cloud_hub import db
-from cloud_hub.demo import claims, delivery_check, split_log
-from cloud_hub.lifecycle import default_params
-from cloud_hub.local_broker import port_open
+from cloud_hub.data import db, tables
+from cloud_hub.models.lifecycle import default_params
+from cloud_hub.tools.demo import claims, delivery_check, split_log
+from cloud_hub.tools.local_broker import port_open
 from tests.helpers import expected_keys, model_params
 from tests.test_ingest import stored_keys
 
@@ -66,7 +66,7 @@ def test_the_demo_names_each_claim_that_is_false() -> None:
 
 
 def test_a_log_is_split_at_its_widest_pause_so_no_window_is_lost(tmp_path) -> None:
-    from cloud_hub.sample import write_sample_log
+    from cloud_hub.tools.sample import write_sample_log
 
     log = tmp_path / "dev.csv"
     write_sample_log(log, devices=("dev-x",), seconds=60, recordings=3)  # 5 s apart: no gap at half the rows
@@ -95,8 +95,8 @@ def test_the_federated_demo_runs_rounds_and_ends_with_the_rounds_table(tmp_path)
     url = f"sqlite:///{tmp_path / 'demo' / 'hub.sqlite'}"
     engine = db.make_engine(url, create=False)
     with engine.connect() as conn:
-        updates = conn.execute(db.fl_updates.select()).all()
-        features = conn.execute(db.results.select().where(db.results.c.features.is_not(None))).all()
+        updates = conn.execute(tables.fl_updates.select()).all()
+        features = conn.execute(tables.results.select().where(tables.results.c.features.is_not(None))).all()
     engine.dispose()
     assert len(updates) == 6 and {u.status for u in updates} == {"accepted"}
     assert features == [], "the agents kept their windows: no feature vector reached the hub"

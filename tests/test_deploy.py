@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_hub.local_broker import LocalBroker, free_port
+from cloud_hub.tools.local_broker import LocalBroker, free_port
 from edge_agent import contract as c
 from edge_agent.mqtt import ConnectRefused, Message, MqttError, MqttLink
 from edge_agent.settings import AgentSettings, BrokerURL, TLSFiles, load_settings

@@ -81,7 +81,7 @@ def test_no_figure_below_the_minimum_count_and_a_device_on_its_training_data_is_
     """PSI over a handful of windows is noise: below MIN_WINDOWS a device reports none. A device replaying
     the very recordings its model was trained on, in recorded order (a few minutes of one activity at a
     time), reads above DRIFTING on fewer windows and below it from MIN_WINDOWS on."""
-    from cloud_hub import lifecycle
+    from cloud_hub.models import lifecycle
     from edge_agent.preprocess import extract_features
     from tests.helpers import make_log
 
@@ -104,8 +104,9 @@ def test_no_figure_below_the_minimum_count_and_a_device_on_its_training_data_is_
 
 @pytest.mark.slow
 def test_a_device_whose_inputs_moved_is_flagged_drifting(procs, broker, prefix, tmp_path: Path) -> None:
-    from cloud_hub import db, lifecycle
-    from cloud_hub.store import Store
+    from cloud_hub.data import db
+    from cloud_hub.data.store import Store
+    from cloud_hub.models import lifecycle
     from tests.helpers import SMALL, make_log, run_agent
     from tests.test_hub_cli import ServeProcess, invoke
 

@@ -39,12 +39,12 @@ def test_the_wheel_carries_the_broker_config_and_the_migrations(tmp_path: Path) 
         conf = z.read("cloud_hub/mosquitto.conf").decode()
     assert conf == (root / "mosquitto.conf").read_text()
     assert "max_queued_messages 10000000" in conf
-    assert {"cloud_hub/migrations/env.py", "cloud_hub/migrations/script.py.mako",
-            "cloud_hub/migrations/versions/0001_baseline.py"} <= names
+    assert {"cloud_hub/data/migrations/env.py", "cloud_hub/data/migrations/script.py.mako",
+            "cloud_hub/data/migrations/versions/0001_baseline.py"} <= names
 
 
 def test_a_missing_broker_config_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
-    from cloud_hub.local_broker import BrokerError, LocalBroker
+    from cloud_hub.tools.local_broker import BrokerError, LocalBroker
 
     with pytest.raises(BrokerError, match="cannot be read"):
         LocalBroker(tmp_path, base_config=tmp_path / "nosuch.conf")

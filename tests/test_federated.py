@@ -18,13 +18,15 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from cloud_hub import db, lifecycle, rollout
-from cloud_hub.cli import app as hub_app
+from cloud_hub.cli.app import app as hub_app
+from cloud_hub.data import db, sessions, tables
+from cloud_hub.models import lifecycle
+from cloud_hub.models.signing import keygen
+from cloud_hub.rollout import publish as rollout
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen
 from edge_agent import contract as c
-from edge_agent import contract_rounds as cr
-from edge_agent import learn
+from edge_agent.contract import rounds as cr
+from edge_agent.device import learn
 from edge_agent.mqtt import BrokerURL, MqttLink
 from edge_agent.preprocess import PreprocessParams, extract_features
 from edge_agent.settings import load_settings
@@ -38,7 +40,7 @@ def _devices(url: str) -> dict[str, int | None]:
     engine = db.make_engine(url)
     try:
         with engine.connect() as conn:
-            return {d: v for d, v in conn.execute(sa.select(db.devices.c.device_id, db.devices.c.model_version))}
+            return {d: v for d, v in conn.execute(sa.select(tables.devices.c.device_id, tables.devices.c.model_version))}
     finally:
         engine.dispose()
 
@@ -53,7 +55,7 @@ def _query(url: str, stmt: sa.Executable) -> list[tuple]:
 
 
 def _updates(url: str) -> list[tuple]:
-    u = db.fl_updates.c
+    u = tables.fl_updates.c
     return _query(url, sa.select(u.round_id, u.device_id, u.status, u.reason, u.bytes).order_by(u.id))
 
 
@@ -136,7 +138,7 @@ def test_rounds_end_to_end_devices_learn_and_swap_to_the_aggregated_model(procs,
     updates = _updates(fleet.url)
     assert sorted((r, d, s) for r, d, s, _, _ in updates) == sorted(
         (r, d, s) for r in (1, 2) for d in DEVICES for s in ("accepted", "evaluated"))
-    m = db.models.c
+    m = tables.models.c
     rows = _query(fleet.url, sa.select(m.version, m.state, m.manifest).order_by(m.version))
     assert [(v, s) for v, s, _ in rows] == [(1, "published"), (2, "published"), (3, "published")]
     manifest = orjson.loads(rows[2][2])
@@ -150,7 +152,7 @@ def test_rounds_end_to_end_devices_learn_and_swap_to_the_aggregated_model(procs,
     assert manifest["training"]["shaped_by"] == [*DEVICES, "trn-1"]  # v1's training device and both rounds'
     assert all(v["device_fp32_before"] is not None and v["device_fp32_after"] is not None for v in views)
     # the devices' own windows stayed home: the hub holds no feature vector of them
-    r = db.results.c
+    r = tables.results.c
     assert _query(fleet.url, sa.select(sa.func.count()).where(r.features.is_not(None))) == [(0,)]
     assert _query(fleet.url, sa.select(sa.func.count()).where(r.device_id.in_(DEVICES), r.model_version == 1))[0][0] > 0
     fleet.stop()
@@ -162,7 +164,7 @@ def test_a_hub_killed_mid_round_resumes_it_and_loses_no_update(procs, broker, pr
     # its gate is part of the round: the run that resumes it is not told again, and still applies it
     fed = fleet.federate("--rounds", "1", "--deadline", "300", "--holdout-log", str(tmp_path / "train.csv"),
                          "--tolerance", "1")
-    u = db.fl_updates.c
+    u = tables.fl_updates.c
     fleet.check(lambda: len(_query(fleet.url, sa.select(u.id).where(u.status == "accepted"))) == 2,
                 "the updates of fl-1 and fl-2", timeout=180)
     fed.kill()  # SIGKILL mid-round: fl-3 has not answered yet (too few labelled windows)
@@ -177,9 +179,9 @@ def test_a_hub_killed_mid_round_resumes_it_and_loses_no_update(procs, broker, pr
     assert "round 1: resuming (open, base v1)" in log2, log2
     rows = _updates(fleet.url)
     assert sorted((r, d, s) for r, d, s, _, _ in rows) == [(1, d, "accepted") for d in DEVICES], rows
-    fr = db.fl_rounds.c
+    fr = tables.fl_rounds.c
     assert _query(fleet.url, sa.select(fr.id, fr.state, fr.new_version)) == [(1, "published", 2)]
-    manifest = orjson.loads(_query(fleet.url, sa.select(db.models.c.manifest).where(db.models.c.version == 2))[0][0])
+    manifest = orjson.loads(_query(fleet.url, sa.select(tables.models.c.manifest).where(tables.models.c.version == 2))[0][0])
     assert manifest["training"]["devices"] == list(DEVICES) and manifest["training"]["updates"] == 3
     assert "on the hold-out logs" in manifest["metrics"]["gate"] and "tolerance 1" in manifest["metrics"]["gate"]
     assert "accuracy" in manifest["metrics"]["int8"]
@@ -200,7 +202,7 @@ class FakeDevices:
         self.link.wait_connected(10)
 
     def report(self, url: str, version: int) -> None:
-        m = db.models.c
+        m = tables.models.c
         sha = _query(url, sa.select(m.sha256).where(m.version == version))[0][0]
         for d in self.names:
             self.link.publish(self.topics.status(d), c.Status(d, c.ONLINE, time.time(), "default", version, sha).encode(),
@@ -245,7 +247,7 @@ def _fake_fleet(procs, broker, prefix: str, tmp_path: Path, names: tuple[str, ..
     engine = db.make_engine(url)
     train_log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
     assert lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-2"], config=SMALL).version == 1
-    params = PreprocessParams.from_dict(orjson.loads(_query(url, sa.select(db.models.c.manifest))[0][0])["preprocess"])
+    params = PreprocessParams.from_dict(orjson.loads(_query(url, sa.select(tables.models.c.manifest))[0][0])["preprocess"])
     data, *_ = lifecycle.windows_from_logs([str(train_log)], params)
     engine.dispose()
     hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
@@ -287,7 +289,7 @@ def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, b
     fakes.send(p1, _update(ann, p1, X, seed=1))  # a second, different one
     fakes.send(p1, good)  # the same again, as a broker's redelivery: counted once, not refused
     fakes.send(p2, _update(ann, p2, X, seed=2))  # the second update closes the round
-    wait_for(lambda: _query(url, sa.select(db.fl_rounds.c.state).where(db.fl_rounds.c.id == 1)) == [("published",)],
+    wait_for(lambda: _query(url, sa.select(tables.fl_rounds.c.state).where(tables.fl_rounds.c.id == 1)) == [("published",)],
              timeout=120, what="round 1 published")
     # round 2 starts once the devices report v2; an answer to round 1 is now after its deadline
     fakes.report(url, 2)
@@ -306,9 +308,9 @@ def test_bad_updates_are_refused_with_their_reason_and_the_rounds_go_on(procs, b
     assert any(r == 2 and d == p3 and "after the deadline of round 1" in reason for r, d, reason in refused), refused
     assert len(refused) == len(bad) + 2, refused
     assert sorted((r, d) for r, d, s, _, _ in rows if s == "accepted") == sorted([(1, p1), (1, p2), (2, q1), (2, q2)])
-    letters = _query(url, sa.select(db.dead_letters.c.reason))
+    letters = _query(url, sa.select(tables.dead_letters.c.reason))
     assert sum("update" in r for (r,) in letters) == 2, letters  # the two malformed ones
-    fr = db.fl_rounds.c
+    fr = tables.fl_rounds.c
     assert _query(url, sa.select(fr.id, fr.state, fr.new_version).order_by(fr.id)) == [(1, "published", 2),
                                                                                         (2, "published", 3)]
     res = CliRunner().invoke(hub_app, ["rounds", "--db", url])
@@ -333,7 +335,7 @@ def _plan_and_weights(**over) -> tuple[cr.RoundPlan, dict[str, np.ndarray]]:
 
 
 def test_the_window_store_keeps_the_newest_labelled_windows_on_disk(tmp_path) -> None:
-    from edge_agent.learner import WindowStore
+    from edge_agent.device.learner import WindowStore
 
     store = WindowStore(tmp_path / "w.npz", capacity=5)
     feats = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -354,9 +356,9 @@ def test_the_window_store_keeps_the_newest_labelled_windows_on_disk(tmp_path) ->
 
 
 def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> None:
-    from cloud_hub.signing import load_private_key, sign_round
-    from edge_agent.bundle import load_public_key
-    from edge_agent.learner import Learner, held_out
+    from cloud_hub.models.signing import load_private_key, sign_round
+    from edge_agent.device.bundle import load_public_key
+    from edge_agent.device.learner import Learner, held_out
 
     priv, pub, _ = keygen(tmp_path / "k.pem")
     other, _, _ = keygen(tmp_path / "other.pem")
@@ -434,14 +436,14 @@ def test_a_device_that_never_answers_stalls_nothing_past_the_deadline(procs, bro
     fakes.link.stop()
     log = (tmp_path / "federate.log").read_text()
     assert "round 1: closed, 1 update(s) counted at the deadline; no update from silent-1" in log, log
-    fr = db.fl_rounds.c
+    fr = tables.fl_rounds.c
     assert _query(url, sa.select(fr.state, fr.new_version)) == [("published", 2)]
     assert [(d, s) for _, d, s, _, _ in _updates(url)] == [("ok-1", "accepted")]
     hub.signal(signal.SIGTERM)
 
 
 def test_held_out_windows_are_whole_minutes_or_the_latest_fifth_of_a_short_recording() -> None:
-    from edge_agent.learner import held_out
+    from edge_agent.device.learner import held_out
 
     long = np.arange(0.0, 600.0, 0.5)  # ten minutes of windows every 0.5 s
     held = held_out(long)
@@ -453,8 +455,8 @@ def test_held_out_windows_are_whole_minutes_or_the_latest_fifth_of_a_short_recor
 
 
 def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault() -> None:
-    from cloud_hub.round_store import RoundRow
-    from cloud_hub.rounds import judge
+    from cloud_hub.rounds.coordinator import judge
+    from cloud_hub.rounds.store import RoundRow
 
     plan, w = _plan_and_weights(participants=("a", "b"))
     header = cr.announcement(plan, w).plan.header() | {"max_staleness": 1}
@@ -495,11 +497,11 @@ def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault()
 
 
 def test_lateness_counts_the_rounds_of_the_same_model_only(tmp_path) -> None:
-    from cloud_hub.round_store import RoundStore
+    from cloud_hub.rounds.store import RoundStore
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     store = RoundStore()
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         for i, name in enumerate(("default", "other", "other", "default", "default"), 1):
             store.add_round(conn, round_id=i, name=name, base_version=1, participants=["a"], plan={},
                             announcement=b"", opened_at=0.0, deadline=1.0)
@@ -513,10 +515,11 @@ def test_lateness_counts_the_rounds_of_the_same_model_only(tmp_path) -> None:
 def test_a_round_whose_version_was_registered_before_a_crash_is_finished_with_it(tmp_path) -> None:
     """The coordinator stopped between registering the round's version and recording the round: the next
     run finishes the round with that version instead of making a second one."""
-    from cloud_hub import fedavg, weights
-    from cloud_hub.round_finish import finish
-    from cloud_hub.round_store import RoundStore
-    from cloud_hub.store import Store
+    from cloud_hub.data.store import Store
+    from cloud_hub.models import weights
+    from cloud_hub.rounds import fedavg
+    from cloud_hub.rounds.finish import finish
+    from cloud_hub.rounds.store import RoundStore
 
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     engine = db.make_engine(url)
@@ -532,7 +535,7 @@ def test_a_round_whose_version_was_registered_before_a_crash_is_finished_with_it
     specs, arrays = cr.encode_update_delta({k: np.zeros_like(tensors[k]) for k in plan.trainable}, "int8")
     payload = cr.Update(1, "a", "default", 1, 10, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
                         ((0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 1.0)), "int8", specs, arrays).encode()
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         RoundStore().add_round(conn, round_id=1, name="default", base_version=1, participants=["a"], plan=header,
                                announcement=b"x", opened_at=time.time(), deadline=time.time())
         store.add_model(conn, name="default", version=2, sha256="b" * 64, created=time.time(), state="rejected",
@@ -558,9 +561,10 @@ def test_a_round_whose_version_was_registered_before_a_crash_is_finished_with_it
 
 def _closed_round(engine: sa.Engine, participants: tuple[str, ...], **plan_extra) -> tuple[object, dict]:
     """Round 1 on v1 (already registered), closed, its plan the coordinator's with ``plan_extra``."""
-    from cloud_hub import fedavg, weights
-    from cloud_hub.round_store import RoundStore
-    from cloud_hub.store import Store
+    from cloud_hub.data.store import Store
+    from cloud_hub.models import weights
+    from cloud_hub.rounds import fedavg
+    from cloud_hub.rounds.store import RoundStore
 
     with engine.connect() as conn:
         v1 = Store(engine).get_model(conn, "default", 1)
@@ -568,7 +572,7 @@ def _closed_round(engine: sa.Engine, participants: tuple[str, ...], **plan_extra
     plan = cr.RoundPlan(1, "default", 1, v1.sha256, "classification", participants, time.time() + 60,
                         trainable=("coef_1", "intercept_1"))
     header = cr.announcement(plan, tensors).plan.header() | plan_extra
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         RoundStore().add_round(conn, round_id=1, name="default", base_version=1, participants=list(participants),
                                plan=header, announcement=b"x", opened_at=time.time(), deadline=time.time())
         RoundStore().set_round(conn, 1, state="closed", expect=("open",), closed_at=time.time())
@@ -587,9 +591,9 @@ def _zero_update(device: str, tensors: dict, *, round_id: int = 1, n: int = 10, 
 def test_no_device_that_shaped_a_version_counts_as_held_out_for_it(tmp_path) -> None:
     """v1 trained on dev-a (dev-c held out), federated with dev-b into v2; results of v2 from all three:
     only dev-c's are held out (the manifest copies the base's train_devices; the round's are not in them)."""
-    from cloud_hub.aggregate import fleet_stats
-    from cloud_hub.round_finish import finish
-    from cloud_hub.store import Store
+    from cloud_hub.data.aggregate import fleet_stats
+    from cloud_hub.data.store import Store
+    from cloud_hub.rounds.finish import finish
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     log = make_log(tmp_path / "train.csv", devices=("dev-a", "dev-c"), seconds=40)
@@ -602,7 +606,7 @@ def test_no_device_that_shaped_a_version_counts_as_held_out_for_it(tmp_path) -> 
     assert (state, version) == ("rejected", 2)
     rows = [(dev, seq, float(seq), float(seq) + 2, 2, "walk", 0.9, None, truth, 1.0, None, time.time())
             for dev in ("dev-a", "dev-b", "dev-c") for seq, truth in enumerate(("walk", "run", "walk"))]
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         Store(engine).insert_results(conn, rows)
     with engine.connect() as conn:
         v2 = fleet_stats(conn).versions[2]
@@ -615,9 +619,10 @@ def test_no_device_that_shaped_a_version_counts_as_held_out_for_it(tmp_path) -> 
 def test_a_late_update_is_averaged_in_at_its_staleness_weight(tmp_path) -> None:
     """Two updates of the same size, one fresh and one a round late: the new master is the base plus their
     deltas weighted 1 and 1/sqrt(2) (FedBuff), not their plain mean."""
-    from cloud_hub import fedavg, weights
-    from cloud_hub.round_finish import finish
-    from cloud_hub.store import Store
+    from cloud_hub.data.store import Store
+    from cloud_hub.models import weights
+    from cloud_hub.rounds import fedavg
+    from cloud_hub.rounds.finish import finish
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
@@ -642,11 +647,10 @@ def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(
     """A real learner trains in round 1, then evaluates its candidate: the INT8 model in the evaluate
     announcement is the one the hub registers, and the device's INT8 scores are those of the registered
     bundle and of the running v1, run through onnxruntime here on the same held-out windows."""
-    from cloud_hub import fedavg
-    from cloud_hub.round_finish import finish
-    from cloud_hub.rounds import answer_metrics
-    from cloud_hub.store import Store
-    from edge_agent.learner import Learner, held_out
+    from cloud_hub.data.store import Store
+    from cloud_hub.rounds.coordinator import answer_metrics, fedavg
+    from cloud_hub.rounds.finish import finish
+    from edge_agent.device.learner import Learner, held_out
     from edge_agent.runner import ModelRunner
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")

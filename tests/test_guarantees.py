@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub import db
-from cloud_hub.ingest import Hub
-from cloud_hub.local_broker import LocalBroker
+from cloud_hub.data import db
+from cloud_hub.data.ingest import Hub
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
+from edge_agent.device.outbox import Outbox
+from edge_agent.device.publisher import Publisher
 from edge_agent.mqtt import Message, MqttLink
-from edge_agent.outbox import Outbox
-from edge_agent.publisher import Publisher
 from edge_agent.settings import BrokerURL
 from tests.helpers import wait_for
 from tests.test_ingest import Publisher as Device

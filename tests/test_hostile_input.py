@@ -28,13 +28,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud_hub import db
+from cloud_hub.data import tables
+from cloud_hub.models.signing import keygen, load_private_key, sign_bundle, sign_round
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen, load_private_key, sign_bundle, sign_round
 from edge_agent import contract as c
-from edge_agent import contract_rounds as cr
 from edge_agent import exits
-from edge_agent.bundle import (
+from edge_agent.contract import rounds as cr
+from edge_agent.device.bundle import (
     BundleRejected,
     check_bundle,
     check_round,
@@ -486,7 +486,7 @@ def test_federate_given_a_malformed_update_refuses_and_acknowledges_it(procs, br
     assert fed.wait(180) == 0, (tmp_path / "federate.log").read_text()
     refused = [(d, reason) for _, d, s, reason, _ in _updates(url) if s == "refused"]
     assert refused == [(p1, "malformed: update.encoding must be one of int8, float32, got []")], refused
-    assert any("update" in r for (r,) in _query(url, sa.select(db.dead_letters.c.reason)))
+    assert any("update" in r for (r,) in _query(url, sa.select(tables.dead_letters.c.reason)))
     # federate's session holds nothing unacknowledged: resumed, it gets the next update, not the poison again
     marker = crafted(ann, p2, X, seed=3)
     fakes.send(p2, marker)

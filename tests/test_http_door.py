@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloud_hub.http_door import Door, presented
-from cloud_hub.local_broker import LocalBroker, free_port, port_open
 from cloud_hub.settings import ENV_PREFIX, HubSettings, split_address
+from cloud_hub.tools.local_broker import LocalBroker, free_port, port_open
+from cloud_hub.web.http_door import Door, presented
 from edge_agent import exits
 from edge_agent.settings import SettingsError, load_settings
 from tests.helpers import wait_for
@@ -111,7 +111,7 @@ def test_the_door_lets_in_the_token_as_bearer_or_basic_password_only_and_logs_re
     assert _call(door, f"Bearer {TOKEN}") == "200 OK"
     assert _call(door, f"bearer  {TOKEN} ") == "200 OK"
     assert _call(door, basic(TOKEN)) == "200 OK"
-    caplog.set_level(logging.WARNING, logger="cloud_hub.http_door")
+    caplog.set_level(logging.WARNING, logger="cloud_hub.web.http_door")
     for auth in (None, f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", basic(TOKEN[:-1]), f"Token {TOKEN}",
                  "Basic !!!not-base64", "Basic " + base64.b64encode(TOKEN.encode()).decode(), "Bearer",
                  f"Bearer {TOKEN}\u00e9", "Basic " + base64.b64encode(b":").decode()):

@@ -18,10 +18,11 @@ import sqlalchemy as sa
 import typer
 from typer.testing import CliRunner
 
-from cloud_hub import db
-from cloud_hub.cli_data import EXIT_UNAVAILABLE, EXIT_USAGE, register
-from cloud_hub.local_broker import LocalBroker
-from cloud_hub.store import Store, dead_letter
+from cloud_hub.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE
+from cloud_hub.cli.data import register
+from cloud_hub.data import db, sessions, tables
+from cloud_hub.data.store import Store, dead_letter
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from tests.helpers import Processes, wait_for
 from tests.test_ingest import Publisher, batch, stored_keys
@@ -74,9 +75,9 @@ def wait_ready(pub: Publisher, topics: c.Topics, url: str, probe: str) -> None:
     def stored() -> bool:
         engine = db.make_engine(url)
         try:
-            with db.transaction(engine, write=False) as conn:
-                return conn.execute(sa.select(db.devices.c.device_id)
-                                    .where(db.devices.c.device_id == probe)).first() is not None
+            with sessions.transaction(engine, write=False) as conn:
+                return conn.execute(sa.select(tables.devices.c.device_id)
+                                    .where(tables.devices.c.device_id == probe)).first() is not None
         finally:
             engine.dispose()
 
@@ -177,7 +178,7 @@ def test_stats_json_numbers(tmp_path: Path) -> None:
     rows = [r("a", 1, t0 + 10, "walk", "walk", 0.8, 1.0), r("a", 2, t0 + 70, "run", "walk", 0.6, 3.0, 2),
             r("a", 3, t0 + 20, "walk", None, 0.7, 2.0),  # a late result for the first minute
             r("b", 1, t0 + 3700, "sit", "sit", 0.9, 5.0, 4)]
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         store.insert_results(conn, rows)
         store.touch_devices(conn, {"a": 99.0, "b": 99.0})
         store.insert_dead_letters(conn, [dead_letter("x", b"junk", "bad", 99.0, 100)])
@@ -234,7 +235,7 @@ def test_errors_have_documented_exit_codes(tmp_path: Path) -> None:
 
 
 def test_serve_exits_3_when_the_broker_is_unreachable(tmp_path: Path) -> None:
-    from cloud_hub.local_broker import free_port
+    from cloud_hub.tools.local_broker import free_port
 
     env = {**os.environ, "CLOUD_HUB_CONNECT_TIMEOUT_S": "1"}
     proc = subprocess.run([sys.executable, "-m", "cloud_hub", "serve", "--broker", f"mqtt://127.0.0.1:{free_port()}",

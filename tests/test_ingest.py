@@ -13,10 +13,10 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub import db
-from cloud_hub.ingest import Hub, Pending
-from cloud_hub.local_broker import LocalBroker
+from cloud_hub.data import db, sessions, tables
+from cloud_hub.data.ingest import Hub, Pending
 from cloud_hub.settings import HubSettings
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.settings import BrokerURL
@@ -60,8 +60,8 @@ def batch(device: str, first: int, n: int, **kw: object) -> c.ResultBatch:
 
 def stored_keys(url: str) -> list[tuple[str, int]]:
     engine = db.make_engine(url)
-    with db.transaction(engine, write=False) as conn:
-        got = [tuple(r) for r in conn.execute(sa.select(db.results.c.device_id, db.results.c.seq))]
+    with sessions.transaction(engine, write=False) as conn:
+        got = [tuple(r) for r in conn.execute(sa.select(tables.results.c.device_id, tables.results.c.seq))]
     engine.dispose()
     return got
 
@@ -110,8 +110,8 @@ def test_batches_from_several_devices_are_stored_exactly_once(hub: Hub, publishe
     got = stored_keys(hub.settings.db)
     assert len(got) == len(expected) == 1000
     assert set(got) == expected
-    with db.transaction(hub.engine, write=False) as conn:
-        devices = {r.device_id: r.state for r in conn.execute(sa.select(db.devices))}
+    with sessions.transaction(hub.engine, write=False) as conn:
+        devices = {r.device_id: r.state for r in conn.execute(sa.select(tables.devices))}
     assert devices == {"probe": "online", **{f"dev-{d}": "online" for d in range(5)}}
 
 
@@ -152,8 +152,8 @@ def test_garbage_goes_to_dead_letters_and_valid_results_around_it_are_stored(
     publisher.wait_acked()
     wait_for(lambda: hub.stats.stored >= 60 and hub.stats.dead_letters >= len(bad), what="all messages")
     assert set(stored_keys(hub.settings.db)) == {("dev-a", s) for s in range(60)}
-    with db.transaction(hub.engine, write=False) as conn:
-        letters = conn.execute(sa.select(db.dead_letters).order_by(db.dead_letters.c.id)).all()
+    with sessions.transaction(hub.engine, write=False) as conn:
+        letters = conn.execute(sa.select(tables.dead_letters).order_by(tables.dead_letters.c.id)).all()
     assert len(letters) == len(bad)
     by_topic_payload = {(r.topic, bytes(r.payload)): r for r in letters}
     for topic, payload, reason in bad:
@@ -173,8 +173,8 @@ def test_status_messages_update_devices(hub: Hub, publisher: Publisher) -> None:
     publisher.publish(topics.status("dev-s"), c.Status("dev-s", c.OFFLINE, 2.0).encode(), c.STATUS_DELIVERY)
     publisher.wait_acked()
     wait_for(lambda: hub.stats.messages >= 3, what="offline status")
-    with db.transaction(hub.engine, write=False) as conn:
-        dev = conn.execute(sa.select(db.devices).where(db.devices.c.device_id == "dev-s")).one()
+    with sessions.transaction(hub.engine, write=False) as conn:
+        dev = conn.execute(sa.select(tables.devices).where(tables.devices.c.device_id == "dev-s")).one()
     assert (dev.device_id, dev.state, dev.model_name, dev.model_version, dev.model_sha256) == (
         "dev-s", "offline", "default", 3, "e" * 64)
     assert (dev.outbox_depth, dev.last_error) == (0, None)
@@ -283,9 +283,9 @@ def test_exactly_once_and_a_row_the_database_refuses(
         publisher.wait_acked()
         wait_for(lambda: hub.stats.messages >= 27, what="all messages")
         hub.stop()
-        with db.transaction(engine, write=False) as conn:
-            got = [tuple(r) for r in conn.execute(sa.select(db.results.c.device_id, db.results.c.seq))]
-            letters = conn.execute(sa.select(db.dead_letters.c.reason)).scalars().all()
+        with sessions.transaction(engine, write=False) as conn:
+            got = [tuple(r) for r in conn.execute(sa.select(tables.results.c.device_id, tables.results.c.seq))]
+            letters = conn.execute(sa.select(tables.dead_letters.c.reason)).scalars().all()
     expected = {(b.device_id, r.seq) for b in batches for r in b.results}
     if kind == "sqlite":  # SQLite stores the NUL
         assert (len(got), set(got), letters) == (201, expected | {("dev-0", 5000)}, [])
@@ -310,7 +310,7 @@ def test_a_retained_status_does_not_make_a_silent_device_look_seen_now(
         hub.stop()
     engine = db.make_engine(settings_for(shared_broker, prefix, tmp_path).db)
     with engine.connect() as conn:
-        seen = conn.execute(sa.select(db.devices.c.last_seen).where(db.devices.c.device_id == "quiet")).scalar_one()
+        seen = conn.execute(sa.select(tables.devices.c.last_seen).where(tables.devices.c.device_id == "quiet")).scalar_one()
     engine.dispose()
     assert seen == pytest.approx(old), "last seen an hour ago, as its status says"
 

@@ -1,16 +1,17 @@
-"""On-device fine-tuning (edge_agent/learn.py) and the hub's federated math (cloud_hub/fedavg.py)."""
+"""On-device fine-tuning (edge_agent/device/learn.py) and the hub's federated math (cloud_hub/rounds/fedavg.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cloud_hub import fedavg, weights
-from cloud_hub.quantize import quantize_int8, session
-from cloud_hub.training import TrainConfig, export_onnx, train
+from cloud_hub.models import weights
+from cloud_hub.models.quantize import quantize_int8, session
+from cloud_hub.models.training import TrainConfig, export_onnx, train
+from cloud_hub.rounds import fedavg
 from edge_agent import contract as c
-from edge_agent import contract_rounds as cr
-from edge_agent import learn
+from edge_agent.contract import rounds as cr
+from edge_agent.device import learn
 
 SMALL = TrainConfig(hidden=(24, 16), max_iter=20, min_updates=100, batch_size=64)
 

@@ -15,14 +15,16 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from cloud_hub import db, lifecycle, rollout
-from cloud_hub.cli import app as hub_app
-from cloud_hub.ingest import Hub
+from cloud_hub.cli.app import app as hub_app
+from cloud_hub.data import db, sessions, tables
+from cloud_hub.data.ingest import Hub
+from cloud_hub.data.store import Store
+from cloud_hub.models import lifecycle
+from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
+from cloud_hub.rollout import publish as rollout
 from cloud_hub.settings import HubSettings
-from cloud_hub.signing import keygen, load_private_key, sign_bundle
-from cloud_hub.store import Store
 from edge_agent import contract as c
-from edge_agent.bundle import BundleRejected, load_public_key, verify_bundle
+from edge_agent.device.bundle import BundleRejected, load_public_key, verify_bundle
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import BrokerURL, load_settings
@@ -242,7 +244,7 @@ def test_retrain_from_fleet_and_rollout_switches_every_agent(procs, broker, pref
                  what="the agents' last status")
     finally:
         hub.stop()
-    r = db.results
+    r = tables.results
     with engine.connect() as conn:
         rows = conn.execute(sa.select(r.c.device_id, r.c.seq, r.c.model_version).order_by(r.c.device_id, r.c.seq)).all()
     states = {d: v for d, (v, _) in _device_versions(engine).items()}
@@ -258,7 +260,7 @@ def test_retrain_from_fleet_and_rollout_switches_every_agent(procs, broker, pref
 
 def _classes(engine: sa.Engine) -> dict[str, int]:
     """Distinct ground-truth classes per device among the results that carry features."""
-    r = db.results.c
+    r = tables.results.c
     with engine.connect() as conn:
         return {d: n for d, n in conn.execute(
             sa.select(r.device_id, sa.func.count(sa.distinct(r.truth)))
@@ -276,9 +278,9 @@ def test_gate_rejects_a_worse_model(tmp_path, train_log) -> None:
     store = Store(engine)
     rows = [(dev, i, float(i), float(i) + 2, 1, "x", 0.5, None,
              str(rng.choice(["idle", "walk", "run", "lift"])) if dev != "trn-3" else str(y), 0.1,
-             db.pack_features(x), time.time())
+             sessions.pack_features(x), time.time())
             for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         store.insert_results(conn, rows)
     out = lifecycle.retrain(engine, holdout=["trn-3"], tolerance=0.0, config=SMALL)
     assert out.state == "rejected" and "fail" in out.gate
@@ -304,7 +306,7 @@ def test_mirror_augmentation_doubles_training_windows_only(train_log) -> None:
 def _device_versions(engine: sa.Engine) -> dict[str, tuple[int | None, str | None]]:
     with engine.connect() as conn:
         return {d: (v, st) for d, v, st in conn.execute(
-            sa.select(db.devices.c.device_id, db.devices.c.model_version, db.devices.c.state))}
+            sa.select(tables.devices.c.device_id, tables.devices.c.model_version, tables.devices.c.state))}
 
 
 @pytest.mark.parametrize(("candidate", "running", "tolerance", "ok"), [

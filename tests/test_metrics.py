@@ -12,8 +12,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloud_hub import db
-from cloud_hub.local_broker import LocalBroker, free_port
+from cloud_hub.data import db, sessions
+from cloud_hub.tools.local_broker import LocalBroker, free_port
 from edge_agent import exits
 from tests.helpers import agent_cmd, fleet_files, wait_for
 from tests.test_hub_cli import ServeProcess, count_rows, invoke
@@ -73,7 +73,7 @@ def test_metrics_of_a_replay_agree_with_the_database(procs, broker: LocalBroker,
     assert transactions >= 1 and after[("edgeml_hub_commit_seconds_count", ())] == transactions
     assert after[("edgeml_hub_commit_seconds_sum", ())] > 0
     assert after[("edgeml_devices", (("state", "online"),))] == 0
-    with db.transaction(db.make_engine(url), write=False) as conn:
+    with sessions.transaction(db.make_engine(url), write=False) as conn:
         versions = {int(v) for (v,) in conn.exec_driver_sql("SELECT model_version FROM devices")}
     assert versions == {1}
     assert after[("edgeml_devices_by_model", (("model", "default"), ("state", "offline"), ("version", "1")))] == 3

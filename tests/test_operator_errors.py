@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_hub.local_broker import LocalBroker, free_port
+from cloud_hub.tools.local_broker import LocalBroker, free_port
 from edge_agent import exits
 from tests.helpers import Processes, agent_cmd, make_bundle, make_log, outbox, wait_for
 
@@ -179,7 +179,7 @@ def test_default_hub_client_ids_differ_per_database_and_stay_stable(tmp_path) ->
 
 def test_a_device_only_install_says_which_extra_the_hub_needs() -> None:
     code = ("import sys; sys.modules['sqlalchemy'] = None; sys.argv = ['cloud-hub', 'stats']; "
-            "from cloud_hub.cli import app; app()")
+            "from cloud_hub.cli.app import app; app()")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     one_line(res, exits.USAGE, "sqlalchemy", "pip install 'edgeml-mqtt[hub]'")
 
@@ -208,8 +208,9 @@ def test_the_readme_exit_code_table_is_the_code_table() -> None:
 
 
 def test_tables_fit_80_columns_and_never_cut_a_value(files, tmp_path) -> None:
-    from cloud_hub import db, lifecycle
-    from cloud_hub.store import Batch, Store
+    from cloud_hub.data import db, sessions
+    from cloud_hub.data.store import Batch, Store
+    from cloud_hub.models import lifecycle
     from edge_agent import contract as c
     from tests.helpers import SMALL
 
@@ -221,7 +222,7 @@ def test_tables_fit_80_columns_and_never_cut_a_value(files, tmp_path) -> None:
              None, 1.0e9) for d in devices for k in range(40)]
     status = c.Status(devices[1], c.ONLINE, 1.0e9, "default", 1, "e" * 64, 123_456,
                       "broker refused a results message: Not authorized (retried after a restart)")
-    with db.transaction(engine) as conn:
+    with sessions.transaction(engine) as conn:
         Store(engine).write(conn, Batch(rows=rows, seen=dict.fromkeys(devices, 1.0e9),
                                         statuses={devices[1]: (status, 1.0e9)}))
     engine.dispose()
@@ -260,7 +261,7 @@ def _first_column(out: str, value: str) -> bool:
 
 
 def test_a_refused_model_ends_the_wait_with_what_to_do(shared_broker, prefix, files, tmp_path) -> None:
-    from cloud_hub.signing import keygen, load_private_key, sign_bundle
+    from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
     from edge_agent import contract as c
     from tests.test_ingest import Publisher
 
@@ -276,8 +277,8 @@ def test_a_refused_model_ends_the_wait_with_what_to_do(shared_broker, prefix, fi
 
 
 def test_export_signs_with_a_key_so_a_trusted_agent_takes_it(files, tmp_path) -> None:
-    from cloud_hub.signing import keygen
-    from edge_agent.bundle import load_public_key, verify_bundle
+    from cloud_hub.models.signing import keygen
+    from edge_agent.device.bundle import load_public_key, verify_bundle
 
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     assert run(hub_cmd("train", str(files["log"]), "--db", url, "--holdout-devices", "dev-c")).returncode == 0
@@ -292,8 +293,7 @@ def test_export_signs_with_a_key_so_a_trusted_agent_takes_it(files, tmp_path) ->
 
 
 def test_stats_of_an_unknown_device_says_so(files, tmp_path) -> None:
-    from cloud_hub import db
-
+    from cloud_hub.data import db
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     db.make_engine(url).dispose()
     one_line(run(hub_cmd("stats", "--db", url, "--device", "nope")), exits.USAGE, "no device 'nope'")
@@ -313,8 +313,8 @@ def test_sample_writes_a_log_recorded_until_now(tmp_path) -> None:
 
 
 def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) -> None:
-    from cloud_hub import db
-    from cloud_hub.signing import keygen
+    from cloud_hub.data import db
+    from cloud_hub.models.signing import keygen
 
     db_url = f"sqlite:///{tmp_path / 'h.sqlite'}"
     db.make_engine(db_url).dispose()  # an empty hub database

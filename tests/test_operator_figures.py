@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 from typer.testing import CliRunner
 
-from cloud_hub.cli import app
+from cloud_hub.cli.app import app
 from edge_agent import exits
 from tests.helpers import fleet_files, make_log, run_agent
 from tests.test_hub_cli import ServeProcess
@@ -60,8 +60,8 @@ def test_a_replay_says_which_results_the_hub_stored_and_which_it_had_already(pro
 def test_the_fleet_row_was_seen_when_its_devices_were_even_when_it_sent_only_duplicates(tmp_path: Path) -> None:
     """Results stored 9 minutes ago, sent again (a replay of duplicates) 12 s ago: each device and the
     fleet row were seen 12 s ago, in `stats` and its JSON alike."""
-    from cloud_hub import db
-    from cloud_hub.store import Batch, Store
+    from cloud_hub.data import db, sessions
+    from cloud_hub.data.store import Batch, Store
 
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     engine = db.make_engine(url)
@@ -70,7 +70,7 @@ def test_the_fleet_row_was_seen_when_its_devices_were_even_when_it_sent_only_dup
     for t in (stored, again):
         rows = [(d, seq, seq / 1000, seq / 1000 + 2, 1, "walk", 0.9, None, "walk", 0.5, None, t)
                 for d in ("dev-a", "dev-b") for seq in range(0, 5000, 500)]
-        with db.transaction(engine) as conn:
+        with sessions.transaction(engine) as conn:
             store.write(conn, Batch(rows=rows, seen={"dev-a": t, "dev-b": t}))
     engine.dispose()
     code, out, err = invoke("stats", "--db", url, "--json")

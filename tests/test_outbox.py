@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from cloud_hub.local_broker import REPO_CONF, LocalBroker
+from cloud_hub.tools.local_broker import REPO_CONF, LocalBroker
 from edge_agent import contract as c
+from edge_agent.device.outbox import Outbox, OutboxFull
+from edge_agent.device.publisher import Publisher
 from edge_agent.mqtt import Message, MqttLink
-from edge_agent.outbox import Outbox, OutboxFull
-from edge_agent.publisher import Publisher
 from edge_agent.settings import BrokerURL
 from tests.helpers import wait_for
 
@@ -245,7 +245,7 @@ def test_overflow_never_drops_rows_being_sent(tmp_path) -> None:
 def test_rows_the_broker_refuses_stay_in_the_outbox(tmp_path, prefix: str, receipts: bool) -> None:
     """An ACL-denied publish gets a PUBACK with a failure reason (MQTT 5): those rows were not
     delivered and stay; the allowed device's rows leave (at the hub's receipt, or at the PUBACK)."""
-    from cloud_hub.ingest import Hub
+    from cloud_hub.data.ingest import Hub
     from tests.test_ingest import settings_for
 
     topics = c.Topics(prefix)

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cloud_hub.local_broker import LocalBroker
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from tests.helpers import agent_cmd, fleet_files, run_agent
 from tests.test_hub_cli import ServeProcess, invoke, wait_ready
@@ -92,9 +92,10 @@ def test_a_regressor_end_to_end_stores_predictions_and_mean_targets(procs, broke
     window is stored once with the model's value and, as truth, the mean target of its readings."""
     import sqlalchemy as sa
 
-    from cloud_hub import db, lifecycle
-    from cloud_hub.store import Store
-    from edge_agent.pipeline import window_seq
+    from cloud_hub.data import db, tables
+    from cloud_hub.data.store import Store
+    from cloud_hub.models import lifecycle
+    from edge_agent.device.pipeline import window_seq
     from edge_agent.preprocess import PreprocessParams, make_windows
     from edge_agent.sources import read_log
     from tests.helpers import SMALL, make_regression_log
@@ -124,7 +125,7 @@ def test_a_regressor_end_to_end_stores_predictions_and_mean_targets(procs, broke
     hub_db = db.make_engine(url)
     with hub_db.connect() as conn:
         got = {(d, s): (v, t) for d, s, v, t in conn.execute(
-            sa.select(db.results.c.device_id, db.results.c.seq, db.results.c.value, db.results.c.truth))}
+            sa.select(tables.results.c.device_id, tables.results.c.seq, tables.results.c.value, tables.results.c.truth))}
     hub_db.dispose()
     assert report["published"] == len(want) == len(got) and set(got) == set(want)
     for key, (value, truth) in got.items():

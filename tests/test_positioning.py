@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from cloud_hub import positioning
+from cloud_hub.tools import positioning
 from edge_agent.sources import LogError, read_log
 
 
@@ -143,8 +143,9 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_training_on_scans_gives_a_two_output_regressor_that_beats_the_mean(tmp_path: Path, scans: Path) -> None:
-    from cloud_hub import db, lifecycle
-    from cloud_hub.training import TrainConfig
+    from cloud_hub.data import db
+    from cloud_hub.models import lifecycle
+    from cloud_hub.models.training import TrainConfig
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     out = lifecycle.train_from_logs(engine, [str(scans)], holdout=["phone-5"],
@@ -169,7 +170,7 @@ def test_train_cli_names_a_bad_absent_and_preprocessing_that_does_not_fit_the_sc
                                                                                       scans: Path) -> None:
     from typer.testing import CliRunner
 
-    from cloud_hub.cli import app
+    from cloud_hub.cli.app import app
 
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     res = CliRunner().invoke(app, ["train", str(scans), "--db", url, "--absent", "100"])
@@ -189,10 +190,11 @@ def test_phones_through_a_real_broker_and_hub_get_positions_and_error_figures(pr
     the mean position as truth; `stats` reports the error figures from them."""
     import sqlalchemy as sa
 
-    from cloud_hub import db, lifecycle
-    from cloud_hub.aggregate import result_errors
-    from cloud_hub.store import Store
-    from cloud_hub.training import TrainConfig
+    from cloud_hub.data import db, tables
+    from cloud_hub.data.aggregate import result_errors
+    from cloud_hub.data.store import Store
+    from cloud_hub.models import lifecycle
+    from cloud_hub.models.training import TrainConfig
     from edge_agent import contract as c
     from tests.helpers import run_agent
     from tests.test_hub_cli import ServeProcess, invoke
@@ -216,7 +218,7 @@ def test_phones_through_a_real_broker_and_hub_get_positions_and_error_figures(pr
     assert hub.signal(signal.SIGTERM) == 0
     hub_db = db.make_engine(url)
     with hub_db.connect() as conn:
-        rows = conn.execute(sa.select(db.results.c.device_id, db.results.c.value, db.results.c.truth)).all()
+        rows = conn.execute(sa.select(tables.results.c.device_id, tables.results.c.value, tables.results.c.truth)).all()
     hub_db.dispose()
     assert report["published"] == report["windows"] == len(rows) == 5 * (420 - 2)
     truths = [[float(x) for x in t.split(";")] for _, _, t in rows]

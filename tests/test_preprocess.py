@@ -23,7 +23,7 @@ from edge_agent.preprocess import (
     make_windows,
 )
 from edge_agent.preprocess.features import _fft_bins as fft_bins
-from edge_agent.preprocess.params import _PERCENTILES
+from edge_agent.preprocess.params import PERCENTILES
 
 RATE = 50.0
 DT = 1.0 / RATE
@@ -92,7 +92,7 @@ def reference_features(windows: np.ndarray, params: PreprocessParams) -> np.ndar
     xc = x - mu[:, :, None]
     sd = np.sqrt(np.einsum("kcs,kcs->kc", xc, xc) / n)
     xs = np.sort(x, axis=2)
-    pos = np.asarray(_PERCENTILES, np.float64) / 100.0 * (size - 1)
+    pos = np.asarray(PERCENTILES, np.float64) / 100.0 * (size - 1)
     lo = np.floor(pos).astype(np.intp)
     hi = np.minimum(lo + 1, size - 1)
     frac = (pos - lo).astype(np.float32)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub.local_broker import LocalBroker
+from cloud_hub.tools.local_broker import LocalBroker
 from tests.conftest import postgres_url
 from tests.helpers import Processes, run_agent
 from tests.test_ingest import stored_keys, wait_for

@@ -17,10 +17,12 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from cloud_hub import db, lifecycle, schema
-from cloud_hub.cli import app
-from cloud_hub.ingest import Hub
-from cloud_hub.store import Batch, Store, dead_letter
+from cloud_hub.cli.app import app
+from cloud_hub.data import db, sessions, tables
+from cloud_hub.data import revisions as schema
+from cloud_hub.data.ingest import Hub
+from cloud_hub.data.store import Batch, Store, dead_letter
+from cloud_hub.models import lifecycle
 from tests.conftest import postgres_url
 from tests.helpers import SMALL, make_log
 from tests.test_ingest import Publisher, batch, settings_for, stored_keys, wait_for
@@ -72,7 +74,7 @@ def revision_of(url: str) -> str | None:
 def create_legacy(url: str) -> sa.Engine:
     """The hub's tables as a build before migrations (and before models.weights) left them."""
     engine = raw(url)
-    db.metadata.create_all(engine, tables=[db.metadata.tables[t] for t in sorted(schema.HUB_TABLES)])
+    tables.metadata.create_all(engine, tables=[tables.metadata.tables[t] for t in sorted(schema.HUB_TABLES)])
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE models DROP COLUMN weights"))
         for column in ("drift_psi", "mean_confidence"):  # added by later revisions
@@ -87,8 +89,8 @@ def fill(engine: sa.Engine, log: Path, *, weights: bool = True) -> dict[str, int
     bundle, _, _, blob = lifecycle.build(train, test, name="default", version=1, config=SMALL)
     store = Store(engine)
     rows = [(str(d), 1_000 * i, float(i), float(i) + 2, 1, str(y), 0.9, None, str(y), 0.3,
-             db.pack_features(x), 5.0) for i, (x, y, d) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]
-    with db.transaction(engine) as conn:
+             sessions.pack_features(x), 5.0) for i, (x, y, d) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]
+    with sessions.transaction(engine) as conn:
         store.write(conn, Batch(rows=rows, seen={"dev-a": 5.0, "dev-b": 5.0, "dev-c": 5.0},
                                 dead=[dead_letter("t/x", b"garbage", "not JSON", 5.0, 1024)]))
         values = {"name": "default", "version": 1, "created": 1.0, "sha256": bundle.manifest.sha256,
@@ -122,7 +124,7 @@ LATER_ROWS: dict[str, list[dict[str, object]]] = {
 def counts(engine: sa.Engine) -> dict[str, int]:
     """Rows of every hub table the database has (those of later revisions too)."""
     with engine.connect() as conn:
-        present = set(sa.inspect(conn).get_table_names()) & set(db.metadata.tables)
+        present = set(sa.inspect(conn).get_table_names()) & set(tables.metadata.tables)
         return {t: conn.execute(sa.text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in sorted(present)}
 
 
@@ -162,7 +164,7 @@ def test_the_migrations_build_exactly_the_schema_of_the_code(url: str, via: str)
         schema.check(engine)
     with engine.connect() as conn:
         assert schema.current(conn) == schema.HEAD
-        diff = compare_metadata(MigrationContext.configure(conn), db.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), tables.metadata)
     engine.dispose()
     assert diff == [], diff
 
@@ -342,7 +344,7 @@ def test_the_sqlite_backup_is_consistent_while_a_writer_is_busy(tmp_path: Path) 
         seq = 0
         while not stop.is_set():
             rows = [("dev", seq + i, 1.0, 2.0, 1, "a", 0.5, None, None, 0.1, None, 1.0) for i in range(200)]
-            with db.transaction(engine) as conn:
+            with sessions.transaction(engine) as conn:
                 store.insert_results(conn, rows)
             seq += 200
 

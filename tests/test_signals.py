@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_hub.local_broker import port_open
+from cloud_hub.tools.local_broker import port_open
 from edge_agent import exits
 from tests.helpers import Processes, agent_cmd, make_log, wait_for
 from tests.test_operator_errors import hub_cmd, one_line
@@ -64,7 +64,8 @@ def test_the_wrapper_starts_a_command_with_sigint_as_asked(sigint: str) -> None:
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_federate_says_what_it_waits_for_and_a_signal_ends_it_in_one_line(procs: Processes, shared_broker, prefix,
                                                                           tmp_path, sigint: str) -> None:
-    from cloud_hub import db, lifecycle
+    from cloud_hub.data import db
+    from cloud_hub.models import lifecycle
     from tests.helpers import SMALL
 
     db_url = f"sqlite:///{tmp_path / 'h.sqlite'}"

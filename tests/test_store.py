@@ -13,9 +13,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cloud_hub import db
-from cloud_hub.db import DatabaseUnavailable, make_engine, transaction
-from cloud_hub.store import COPY_MIN_ROWS, RESULT_COLUMNS, Batch, ModelExists, Store, dead_letter
+from cloud_hub.data import sessions, tables
+from cloud_hub.data.db import make_engine
+from cloud_hub.data.sessions import DatabaseUnavailable, transaction
+from cloud_hub.data.store import COPY_MIN_ROWS, RESULT_COLUMNS, Batch, ModelExists, Store, dead_letter
 from edge_agent import contract as c
 from edge_agent.settings import SettingsError
 from tests.conftest import postgres_url
@@ -56,13 +57,13 @@ def row(device: str, seq: int, *, label: str | None = "walk", truth: str | None 
         features: list[float] | None = None, value: str | None = None, at: float = 100.0) -> tuple:
     start = seq / 1000
     return (device, seq, start, start + 2.0, 1, label, 0.75, value, truth, 0.5,
-            db.pack_features(features), at)
+            sessions.pack_features(features), at)
 
 
 def keys(engine: Engine) -> list[tuple[str, int]]:
     with transaction(engine, write=False) as conn:
-        return [tuple(r) for r in conn.execute(sa.select(db.results.c.device_id, db.results.c.seq)
-                                               .order_by(db.results.c.device_id, db.results.c.seq))]
+        return [tuple(r) for r in conn.execute(sa.select(tables.results.c.device_id, tables.results.c.seq)
+                                               .order_by(tables.results.c.device_id, tables.results.c.seq))]
 
 
 def test_results_insert_is_idempotent_and_counts_new_rows(engine: Engine) -> None:
@@ -99,8 +100,8 @@ def test_big_and_small_batches_count_new_rows_and_duplicates_alike(engine: Engin
         twice = [row("c", s) for s in range(size)] * 2 + batch
         assert store.insert_results(conn, twice) == size
     with transaction(engine, write=False) as conn:
-        stored = conn.execute(sa.select(db.results.c.device_id, db.results.c.seq, db.results.c.label,
-                                        db.results.c.features)).all()
+        stored = conn.execute(sa.select(tables.results.c.device_id, tables.results.c.seq, tables.results.c.label,
+                                        tables.results.c.features)).all()
     assert len(stored) == 2 * size + 1 and {r.label for r in stored} == {"walk"}
     assert store.copy == (engine.dialect.name == "postgresql")
 
@@ -112,10 +113,10 @@ def test_result_values_round_trip(engine: Engine) -> None:
         store.insert_results(conn, [row("a", 5, truth="run", features=feats),
                                     row("a", 6, label=None, value="[1.5,2.0]")])
     with transaction(engine, write=False) as conn:
-        got = {r.seq: r for r in conn.execute(sa.select(db.results).order_by(db.results.c.seq))}
+        got = {r.seq: r for r in conn.execute(sa.select(tables.results).order_by(tables.results.c.seq))}
     assert got[5].truth == "run" and got[5].label == "walk" and got[5].confidence == 0.75
     assert got[5].start == 0.005 and got[5].end == 2.005 and got[5].received_at == 100.0
-    np.testing.assert_array_equal(db.unpack_features(got[5].features), np.asarray(feats, dtype=np.float32))
+    np.testing.assert_array_equal(sessions.unpack_features(got[5].features), np.asarray(feats, dtype=np.float32))
     assert got[6].features is None and got[6].value == "[1.5,2.0]" and got[6].label is None
 
 
@@ -131,7 +132,7 @@ def test_device_upserts(engine: Engine) -> None:
         store.apply_statuses(conn, {"b": (c.Status("b", c.OFFLINE, 2.0), 30.0)})
         store.apply_statuses(conn, {"c": (c.Status("c", c.ONLINE, 2.0, outbox_depth=3), 40.0)})
     with transaction(engine, write=False) as conn:
-        devs = {r.device_id: r for r in conn.execute(sa.select(db.devices))}
+        devs = {r.device_id: r for r in conn.execute(sa.select(tables.devices))}
     assert set(devs) == {"a", "b", "c"}
     assert (devs["a"].first_seen, devs["a"].last_seen, devs["a"].state) == (10.0, 10.0, "online")
     b = devs["b"]
@@ -149,7 +150,7 @@ def test_dead_letters_are_bounded(engine: Engine) -> None:
                                              dead_letter("p/devices/a/status", b"\x00\xff", "bad", 8.0, 1024)])
     assert n == 2
     with transaction(engine, write=False) as conn:
-        rows = conn.execute(sa.select(db.dead_letters).order_by(db.dead_letters.c.id)).all()
+        rows = conn.execute(sa.select(tables.dead_letters).order_by(tables.dead_letters.c.id)).all()
     assert [(r.topic, bytes(r.payload), r.size, r.reason) for r in rows] == [
         ("p/devices/a/results", b"x" * 1024, 5000, "too big"), ("p/devices/a/status", b"\x00\xff", 2, "bad")]
 
@@ -211,7 +212,7 @@ def test_concurrent_sqlite_writers_never_see_database_is_locked(tmp_path: Path) 
             for k in range(40):
                 with transaction(engine) as conn:
                     # read, then write: the pattern that fails at once under a deferred BEGIN
-                    conn.execute(sa.select(sa.func.count()).select_from(db.results)).scalar_one()
+                    conn.execute(sa.select(sa.func.count()).select_from(tables.results)).scalar_one()
                     store.insert_results(conn, [row(f"d{i}", k * 10 + j) for j in range(10)])
                     store.touch_devices(conn, {f"d{i}": float(k), "shared": float(k)})
         except BaseException as exc:  # collected and asserted below
@@ -233,9 +234,9 @@ def test_sqlite_pragmas_and_columns(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == sessions.SQLITE_BUSY_TIMEOUT_MS
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-    assert tuple(col.name for col in db.results.c if col.name != "id") == RESULT_COLUMNS
+    assert tuple(col.name for col in tables.results.c if col.name != "id") == RESULT_COLUMNS
     engine.dispose()
 
 

@@ -11,8 +11,8 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub import db
-from cloud_hub.local_broker import LocalBroker
+from cloud_hub.data import db, tables
+from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from tests.helpers import Processes, wait_for
 from tests.test_hub_cli import ServeProcess
@@ -31,7 +31,7 @@ def device_row(url: str, device: str) -> dict | None:
     engine = db.make_engine(url, create=False)
     try:
         with engine.connect() as conn:
-            row = conn.execute(sa.select(db.devices).where(db.devices.c.device_id == device)).mappings().first()
+            row = conn.execute(sa.select(tables.devices).where(tables.devices.c.device_id == device)).mappings().first()
             return dict(row) if row else None
     finally:
         engine.dispose()
@@ -41,7 +41,7 @@ def dead_letters(url: str) -> list[dict]:
     engine = db.make_engine(url, create=False)
     try:
         with engine.connect() as conn:
-            return [dict(r) for r in conn.execute(sa.select(db.dead_letters)).mappings()]
+            return [dict(r) for r in conn.execute(sa.select(tables.dead_letters)).mappings()]
     finally:
         engine.dispose()
 

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from cloud_hub.quantize import INTEGER_OPS, evaluate, op_counts, quantize_int8
-from cloud_hub.training import (
+from cloud_hub.models.quantize import INTEGER_OPS, evaluate, op_counts, quantize_int8
+from cloud_hub.models.training import (
     INPUT_NAME,
     TrainConfig,
     export_onnx,

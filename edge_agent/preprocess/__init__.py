@@ -64,8 +64,8 @@ When labels are given (one per reading), each window gets one label:
   compared by their ``str``).
 """
 
-from edge_agent.preprocess.features import extract_features, feature_names, fit_normalization, replace_absent
-from edge_agent.preprocess.params import FEATURE_SETS, MISSING_POLICIES, PreprocessParams
+from edge_agent.preprocess.features import extract_features, fit_normalization, replace_absent
+from edge_agent.preprocess.params import FEATURE_SETS, MISSING_POLICIES, PreprocessParams, feature_names
 from edge_agent.preprocess.windows import DeviceWindowers, WindowBatch, Windower, make_windows
 
 __all__ = [

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from edge_agent.preprocess.params import _PERCENTILES, _SPEC_NAMES, _STAT_NAMES, PreprocessParams
+from edge_agent.preprocess.params import PERCENTILES, PreprocessParams, fft_bins
 from edge_agent.preprocess.windows import WindowBatch
 
 
@@ -43,30 +43,6 @@ def replace_absent(values: np.ndarray, params: PreprocessParams) -> np.ndarray:
     if params.absent_value is None:
         return values
     return np.where(values == np.float32(params.absent_value), values.dtype.type(params.absent_as), values)
-
-
-def _fft_bins(params: PreprocessParams) -> int:
-    """Number of rFFT magnitude bins kept per channel (DC excluded)."""
-    size = params.window_size
-    n_rfft = size // 2 + 1
-    if params.fft_max_hz is None:
-        return n_rfft - 1
-    df = params.sample_rate_hz / size
-    return int(min(n_rfft - 1, max(1, math.floor(params.fft_max_hz / df + 1e-9))))
-
-
-def feature_names(params: PreprocessParams) -> list[str]:
-    """Names of the features, in the column order of :func:`extract_features`."""
-    ch = params.channels
-    if params.features == "mean-v1":
-        return [f"{c}_mean" for c in ch]
-    names = [f"{c}_{s}" for s in _STAT_NAMES for c in ch]
-    names += [f"corr_{ch[i]}_{ch[j]}" for i in range(len(ch)) for j in range(i + 1, len(ch))]
-    if params.features == "stats-fft-v1":
-        names += [f"{c}_{s}" for s in _SPEC_NAMES for c in ch]
-        df = params.sample_rate_hz / params.window_size
-        names += [f"{c}_fft_{(b + 1) * df:.2f}Hz" for c in ch for b in range(_fft_bins(params))]
-    return names
 
 
 def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams) -> np.ndarray:
@@ -218,7 +194,7 @@ def _window_features(x: np.ndarray, blocks: _Blocks, offsets: np.ndarray, params
     zcr = np.count_nonzero(above[:, :, 1:] != above[:, :, :-1], axis=2) / np.float32(size - 1)
     spectral = _spectral_features(win - mu32, params) if params.features == "stats-fft-v1" else []
     win.sort(axis=2)
-    pos = np.asarray(_PERCENTILES, np.float64) / 100.0 * (size - 1)
+    pos = np.asarray(PERCENTILES, np.float64) / 100.0 * (size - 1)
     lo = np.floor(pos).astype(np.intp)
     hi = np.minimum(lo + 1, size - 1)
     frac = (pos - lo).astype(np.float32)
@@ -280,5 +256,5 @@ def _spectral_features(xc: np.ndarray, params: PreprocessParams) -> list[np.ndar
     centroid = (power * freqs[1:]).sum(axis=2) / ptot
     p = power / ptot[:, :, None]
     ent = -(p * np.log(p + 1e-12)).sum(axis=2) / np.float32(math.log(max(ac.shape[2], 2)))
-    nb = _fft_bins(params)
+    nb = fft_bins(params)
     return [dom, centroid, ent, np.log(ptot), np.log1p(ac[:, :, :nb] * 10.0).reshape(k, c * nb)]

@@ -15,13 +15,13 @@ MISSING_POLICIES = ("interpolate", "drop")
 FEATURE_SETS = ("stats-fft-v1", "stats-v1", "mean-v1")
 
 # Percentiles used by the time-domain statistics.
-_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
+PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
 _STAT_NAMES = (
     "mean",
     "std",
     "min",
     "max",
-    *(f"p{int(p)}" for p in _PERCENTILES),
+    *(f"p{int(p)}" for p in PERCENTILES),
     "rms",
     "mad_diff",  # mean absolute first difference (jerkiness)
     "skew",
@@ -166,8 +166,6 @@ class PreprocessParams:
     @property
     def n_features(self) -> int:
         """Length of the feature vector produced by :func:`extract_features`."""
-        from edge_agent.preprocess.features import feature_names  # features import the params
-
         return len(feature_names(self))
 
     def with_normalization(self, mean: Sequence[float], std: Sequence[float]) -> PreprocessParams:
@@ -258,3 +256,27 @@ def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"invalid PreprocessParams dict: {name} must be a number, got {value!r}")
     return float(value)
+
+
+def fft_bins(params: PreprocessParams) -> int:
+    """Number of rFFT magnitude bins kept per channel (DC excluded)."""
+    size = params.window_size
+    n_rfft = size // 2 + 1
+    if params.fft_max_hz is None:
+        return n_rfft - 1
+    df = params.sample_rate_hz / size
+    return int(min(n_rfft - 1, max(1, math.floor(params.fft_max_hz / df + 1e-9))))
+
+
+def feature_names(params: PreprocessParams) -> list[str]:
+    """Names of the features, in the column order of :func:`~edge_agent.preprocess.features.extract_features`."""
+    ch = params.channels
+    if params.features == "mean-v1":
+        return [f"{c}_mean" for c in ch]
+    names = [f"{c}_{s}" for s in _STAT_NAMES for c in ch]
+    names += [f"corr_{ch[i]}_{ch[j]}" for i in range(len(ch)) for j in range(i + 1, len(ch))]
+    if params.features == "stats-fft-v1":
+        names += [f"{c}_{s}" for s in _SPEC_NAMES for c in ch]
+        df = params.sample_rate_hz / params.window_size
+        names += [f"{c}_fft_{(b + 1) * df:.2f}Hz" for c in ch for b in range(fft_bins(params))]
+    return names

@@ -38,7 +38,7 @@ _NUM = frozenset((int, float))
 Problem = tuple[int, str, str]  # (line, kind, reason)
 
 
-def _short(b: bytes | str, limit: int = 40) -> str:
+def shorten(b: bytes | str, limit: int = 40) -> str:
     s = b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
@@ -46,8 +46,8 @@ def _short(b: bytes | str, limit: int = 40) -> str:
 def _show(v: Any) -> str:
     """A field as written: CSV text in quotes, JSON values as JSON (numbers as Python shows them)."""
     if isinstance(v, bytes):
-        return f"'{_short(v)}'"
-    return _short(repr(v) if type(v) in _NUM else orjson.dumps(v))
+        return f"'{shorten(v)}'"
+    return shorten(repr(v) if type(v) in _NUM else orjson.dumps(v))
 
 
 def _number(v: Any) -> tuple[float, int]:
@@ -334,7 +334,7 @@ class Jsonl:
         extra = [k for k in rec if k not in self.keyset]
         if missing or extra:
             return None, ((MISSING_COLUMN, f"missing key '{missing[0]}'") if missing else
-                          (EXTRA_COLUMN, f"unexpected key '{_short(extra[0])}'"))
+                          (EXTRA_COLUMN, f"unexpected key '{shorten(extra[0])}'"))
         return self.rules.row(rec["ts"], rec["device_id"], [rec[c] for c in self.rules.channels], rec.get("label"))
 
 class Decoder:

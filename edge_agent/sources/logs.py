@@ -27,7 +27,7 @@ from edge_agent.sources.chunk import (
     file_error,
     group_order,
 )
-from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, _short
+from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, shorten
 
 DEFAULT_CHUNK_ROWS = 8192
 _PART_ROWS = 2048  # lines parsed at once
@@ -214,7 +214,7 @@ class LineParser:
                 last_ts[c], last_line[c] = t, line
                 continue
             bad[r] = True
-            b.problems.append((line, NON_MONOTONIC_TS, f"non-monotonic ts {t!r} for device '{_short(names[c])}' "
+            b.problems.append((line, NON_MONOTONIC_TS, f"non-monotonic ts {t!r} for device '{shorten(names[c])}' "
                                                        f"(previous {float(last_ts[c])!r} at line {last_line[c]})"))
         b.keep(~bad)
 

@@ -1,0 +1,1 @@
+"""The ``cloud-hub`` command line: ``app`` composes one module per command group."""

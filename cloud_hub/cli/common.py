@@ -1,0 +1,151 @@
+"""What every ``cloud-hub`` command group shares: the common options, settings, the database, errors and tables.
+
+Exit codes: :mod:`edge_agent.exits`. Errors are one readable line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from cloud_hub.data.sessions import HubError
+from cloud_hub.settings import ENV_PREFIX, HubSettings
+from edge_agent import exits
+from edge_agent.settings import SettingsError, load_settings
+
+EXIT_USAGE = exits.USAGE
+EXIT_UNAVAILABLE = exits.UNAVAILABLE
+EXIT_MODEL = exits.MODEL
+EXIT_INPUT = exits.INPUT
+
+T = TypeVar("T")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of hub settings (keys = field names).",
+                                                envvar=f"{ENV_PREFIX}_CONFIG")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy database URL (default: sqlite:///hub.sqlite).")]
+
+
+def settings_from(config: Path | None, **flags: Any) -> HubSettings:
+    return load_settings(HubSettings, env_prefix=ENV_PREFIX, config=config, flags=flags,
+                         warn=lambda m: typer.echo(f"cloud-hub: warning: {m}", err=True),
+                         other_env=(f"{ENV_PREFIX}_CONFIG",))
+
+
+def fail(code: int, message: str) -> typer.Exit:
+    typer.echo(f"cloud-hub: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """Translate the hub's errors into a message and a documented exit code."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cloud_hub.data.ingest import BrokerUnavailable
+    from cloud_hub.data.sessions import DatabaseUnavailable
+
+    try:
+        yield
+    except SettingsError as exc:
+        raise fail(EXIT_USAGE, str(exc)) from None
+    except (BrokerUnavailable, DatabaseUnavailable) as exc:
+        raise fail(EXIT_UNAVAILABLE, str(exc)) from None
+    except SQLAlchemyError as exc:
+        inner = getattr(exc, "orig", None) or exc
+        raise fail(EXIT_UNAVAILABLE, f"database error: {str(inner).strip().splitlines()[0]}") from None
+    except HubError as exc:
+        raise fail(1, str(exc)) from None
+
+
+def with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:
+    """Run a read-only ``work(conn)``: the database must exist and be at this build's revision."""
+    from cloud_hub.data.db import make_engine
+    from cloud_hub.data.sessions import transaction
+    engine = make_engine(settings.db, create=False)
+    try:
+        with transaction(engine, write=False) as conn:
+            return work(conn)
+    finally:
+        engine.dispose()
+
+
+def new_console() -> Any:
+    from rich.console import Console
+
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=160)  # pipes: don't squeeze to 80 columns
+
+
+def new_table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
+    """A table that fits a terminal: light borders, values folded (never cut with "…") when narrow."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    return table
+
+
+def utc(t: float | None) -> str:
+    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def age(t: float | None, now: float | None = None) -> str:
+    """How long ago, compactly: 4s, 12m, 3h, 2d (the exact UTC times are in --json)."""
+    if t is None:
+        return "-"
+    dt = max(0.0, (time.time() if now is None else now) - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if dt >= size:
+            return f"{dt / size:.0f}{unit} ago"
+    return f"{dt:.0f}s ago"
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@contextmanager
+def lifecycle_errors() -> Iterator[None]:
+    from cloud_hub.models.lifecycle import LifecycleError
+    from edge_agent.mqtt import MqttError
+    from edge_agent.settings import SettingsError
+    from edge_agent.sources import LogError
+
+    with errors():
+        try:
+            yield
+        except SettingsError:
+            raise  # exit 2, mapped by errors
+        except LogError as exc:
+            raise fail(EXIT_INPUT, str(exc)) from None
+        except (LifecycleError, ValueError) as exc:
+            raise fail(EXIT_MODEL, str(exc)) from None
+        except MqttError as exc:
+            raise fail(EXIT_UNAVAILABLE, str(exc)) from None
+
+
+def engine_for(db: str, *, read_only: bool = False) -> Any:
+    """The hub database; read-only commands never create one (a missing file is an error)."""
+    from cloud_hub.data.db import make_engine
+    return make_engine(db, create=not read_only)
+
+
+def progress_lines(quiet: bool) -> None:
+    """Stage lines of training on stderr ("training on 8,012 windows...") unless the output is JSON."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="cloud-hub: %(message)s")
+    if not quiet:
+        logging.getLogger("cloud_hub.models.lifecycle").setLevel(logging.INFO)
+
+

@@ -1,0 +1,194 @@
+"""Federated-learning commands of ``cloud-hub``: ``federate`` (run rounds) and ``rounds`` (what came of them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from cloud_hub.cli.common import ConfigOpt, DbOpt, age, fail, new_console, new_table, settings_from
+from cloud_hub.settings import NO_SIGNING_KEY
+from edge_agent import exits
+
+
+@contextmanager
+def _round_errors() -> Iterator[None]:
+    from cloud_hub.cli.common import lifecycle_errors
+    from cloud_hub.rounds.coordinator import RoundError
+
+    with lifecycle_errors():
+        try:
+            yield
+        except RoundError as exc:
+            raise fail(exits.MODEL, str(exc)) from None
+
+
+def federate(
+    db: DbOpt = None,
+    broker: Annotated[str | None, typer.Option("--broker", help="mqtt://… or mqtts://…")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Rounds to run (an open round left by a stopped "
+                                        "hub is resumed and counts as the first).", min=1)] = 5,
+    fraction: Annotated[float, typer.Option(help="Share of the available devices asked each round.",
+                                            min=0.0, max=1.0)] = 1.0,
+    min_available: Annotated[int, typer.Option("--min-available", help="Wait until this many devices run the "
+                                               "base version.", min=1)] = 1,
+    wait_devices: Annotated[float, typer.Option("--wait-devices", help="…for at most this many seconds.")] = 60.0,
+    min_updates: Annotated[int | None, typer.Option("--min-updates", help="K: close a round at this many "
+                                                    "updates (default: every participant).", min=1)] = None,
+    deadline: Annotated[float, typer.Option("--deadline", help="Seconds before a round closes anyway.")] = 60.0,
+    epochs: Annotated[int, typer.Option(help="Local epochs on each device.", min=1)] = 5,
+    lr: Annotated[float, typer.Option(help="Local learning rate (SGD, momentum 0.9).")] = 0.03,
+    batch: Annotated[int, typer.Option(help="Local minibatch size.", min=1)] = 64,
+    mu: Annotated[float, typer.Option(help="FedProx proximal weight (0 = FedAvg).", min=0.0)] = 0.0,
+    clip: Annotated[float, typer.Option(help="L2 norm devices clip their delta to; far above it is refused.")] = 10.0,
+    train_layers: Annotated[int | None, typer.Option("--train-layers", help="Train and send only the last K "
+                                                     "layers (smaller uploads).", min=1)] = None,
+    min_windows: Annotated[int, typer.Option("--min-windows", help="A device answers when it holds at least "
+                                             "this many labelled windows...", min=1)] = 32,
+    min_new: Annotated[int, typer.Option("--min-new", help="...of which this many are new since it last "
+                                         "answered.", min=0)] = 0,
+    max_staleness: Annotated[int, typer.Option("--max-staleness", help="Rounds an answer may be late and still "
+                                               "count (weighted down).", min=0)] = 1,
+    fp32_deltas: Annotated[bool, typer.Option("--fp32-deltas", help="Devices send FP32 deltas (4x the bytes; "
+                                              "for comparison).")] = False,
+    budget: Annotated[float, typer.Option("--budget", help="Seconds of training a device may spend.")] = 60.0,
+    holdout_log: Annotated[list[str] | None, typer.Option("--holdout-log", help="Labelled log the candidate is "
+                                                          "gated on (else the devices' own evaluation).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Gate: how much worse on the hold-out it may be.")] = 0.0,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
+    insecure_unsigned: Annotated[bool, typer.Option("--insecure-unsigned", help="Unsigned announcements and "
+                                                    "models (development brokers).")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="MQTT client id stem (its session, "
+                                                  "<id>-federate, keeps updates sent while it is down).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the participant sampling.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rounds as one JSON object at the end.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Federated rounds: devices fine-tune the running model on their own labelled windows and send INT8
+    deltas (never their data); the hub averages them, re-quantizes, gates, signs and publishes."""
+    from cloud_hub.cli.common import engine_for, progress_lines
+    from cloud_hub.rounds.coordinator import Coordinator, FederateConfig
+
+    for path in holdout_log or ():
+        if not Path(path).is_file():
+            raise fail(exits.INPUT, f"--holdout-log {path}: no such file")
+    cfg = FederateConfig(
+        rounds=rounds, fraction=fraction, min_available=min_available, wait_devices_s=wait_devices,
+        min_updates=min_updates, deadline_s=deadline, epochs=epochs, lr=lr, batch=batch, mu=mu, clip=clip,
+        train_layers=train_layers, min_windows=min_windows, min_new=min_new, max_staleness=max_staleness,
+        encoding="float32" if fp32_deltas else "int8", budget_s=budget, tolerance=tolerance,
+        holdout_logs=tuple(holdout_log or ()), seed=seed)
+    with _round_errors():
+        s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
+                      client_id=client_id)
+        progress_lines(True)  # warnings (the broker's) as `cloud-hub: ...` lines, not raw log records
+        if not s.signing_key and not insecure_unsigned:
+            raise fail(exits.USAGE, NO_SIGNING_KEY)
+        if s.signing_key:
+            from cloud_hub.models.signing import load_private_key
+
+            try:
+                load_private_key(s.signing_key)
+            except ValueError as exc:
+                raise fail(exits.USAGE, str(exc)) from None
+        engine = engine_for(s.db, read_only=True)  # the model must be there: never create an empty database
+        say = (lambda line: None) if quiet or json_out else (lambda line: typer.echo(f"federate: {line}", err=True))
+        coordinator = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
+                                  progress=say)
+        restore = exits.on_stop_signals(exits.interrupt)
+        try:
+            done = coordinator.run()
+        except KeyboardInterrupt:
+            raise fail(exits.INTERRUPTED, "interrupted: an open round stays open with every update it has "
+                                           "accepted; run `cloud-hub federate` again to resume it") from None
+        finally:
+            restore()
+    show_rounds(engine, s.model_name, [r.id for r in done], json_out)
+
+
+def rounds(
+    db: DbOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
+    last: Annotated[int, typer.Option("--last", help="Show the newest N rounds.", min=1)] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Each federated round: participants, updates accepted / late / refused (and why), upload bytes,
+    the devices' own score before and after (INT8, FP32 beside), the hold-out score before and after, the
+    version it made."""
+    from cloud_hub.cli.common import engine_for
+    from cloud_hub.data import sessions
+    from cloud_hub.rounds.store import RoundStore
+
+    with _round_errors():
+        s = settings_from(config, db=db, model_name=name)
+        engine = engine_for(s.db, read_only=True)
+        with sessions.transaction(engine, write=False) as conn:
+            ids = [r.id for r in RoundStore().rounds(conn, s.model_name, limit=last)]
+    show_rounds(engine, s.model_name, ids, json_out)
+
+
+def show_rounds(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
+    from cloud_hub.data import sessions
+    from cloud_hub.rounds.store import views as round_views
+
+    with sessions.transaction(engine, write=False) as conn:
+        views = round_views(conn, name, ids)
+    if json_out:
+        typer.echo(orjson.dumps({"rounds": views}).decode())
+        return
+    console = new_console()
+    if not views:
+        console.print(f"no federated round of {name} yet: `cloud-hub federate` runs some")
+        return
+    task = views[-1]["task"]
+    unit = " %" if task == "classification" else ""
+    table = new_table(f"federated rounds of {name}", "round", "base", "made", "updates", "upload", f"devices{unit}",
+                   f"hold-out{unit}", f"FP32{unit}", "opened", right=("updates", "upload"))
+    for v in views:
+        made = f"v{v['new_version']} {v['state']}" if v["new_version"] else v["state"]
+        table.add_row(str(v["round"]), f"v{v['base_version']}", made,
+                      f"{v['accepted']}/{v['late']}/{v['refused']} of {len(v['participants'])}", _bytes(v["upload_bytes"]),
+                      _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
+                      _pair(v["holdout_before"], v["holdout_after"], v["task"]), _fp32(v), age(v["opened_at"]))
+    console.print(table)
+    console.print("updates: accepted/late/refused of the devices asked; devices: scores on their held-out windows, "
+                  "the running INT8 model → the round's INT8 model (their evaluation, when there is no hold-out "
+                  "log: the gate's own windows) or → their own fine-tuned models; hold-out: the base → the round's "
+                  "INT8 model on the hold-out log; FP32: the round's FP32 weights on the same windows")
+    for v in views:
+        for reason, n in v["refusals"].items():
+            console.print(f"round {v['round']}: refused {n}: {reason}")
+
+
+def _fp32(v: dict[str, Any]) -> str:
+    """The round's FP32 weights beside its INT8 model: the devices' evaluation (base → round), or the hold-out's."""
+    if v.get("device_fp32_after") is not None:
+        return _pair(v["device_fp32_before"], v["device_fp32_after"], v["task"])
+    after = v.get("holdout_fp32_after")
+    return "-" if after is None else _pair(after, after, v["task"]).split("→")[1]
+
+
+def _pair(a: float | None, b: float | None, task: str | None) -> str:
+    """Before → after: accuracy in % (classifier) or the mean error (regressor)."""
+    if a is None or b is None:
+        return "-"
+    if task == "classification":
+        return f"{100 * a:.1f}→{100 * b:.1f}"
+    return f"{a:.3g}→{b:.3g}"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(federate)
+    app.command("rounds")(rounds)

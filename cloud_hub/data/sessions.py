@@ -1,0 +1,125 @@
+"""Sessions with the hub's database: engines with our SQLite pragmas, transactions, errors, feature blobs.
+
+Feature vectors are stored as float32 little-endian bytes (:func:`pack_features`), never as pickles: any
+reader in any language can load them, and loading them cannot run code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from edge_agent.settings import SettingsError
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class HubError(Exception):
+    """Base of the hub's own errors."""
+
+
+class DatabaseUnavailable(HubError):
+    """The database cannot be reached or opened."""
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # We emit BEGIN ourselves (see _sqlite_on_begin): pysqlite's implicit BEGIN is deferred, and a
+    # deferred transaction that reads then writes gets SQLITE_BUSY at once, without waiting for the
+    # busy timeout. That, not WAL, is where most "database is locked" errors come from.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+                   "foreign_keys=ON"):
+        cur.execute(f"PRAGMA {pragma}")
+    cur.close()
+    # floor() is built into SQLite only when compiled with math functions; aggregation needs it.
+    dbapi_conn.create_function("floor", 1, _floor, deterministic=True)
+
+
+def _floor(x: float | None) -> float | None:
+    return None if x is None else float(math.floor(x))
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    write = conn.get_execution_options().get("hub_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def new_engine(url: str, *, schema: str | None = None, create: bool = True, **kw: Any) -> Engine:
+    """An engine for ``url`` with our SQLite pragmas, not yet connected (:func:`cloud_hub.data.db.make_engine`
+    opens one at this build's schema revision). Raises :class:`SettingsError` for a malformed URL or a missing
+    driver, and :class:`DatabaseUnavailable` for a missing SQLite file when ``create`` is off."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise SettingsError(f"db {url!r} is not a database URL") from exc
+    if schema is not None:
+        if parsed.get_backend_name() != "postgresql":
+            raise SettingsError("a schema can only be chosen on PostgreSQL")
+        kw.setdefault("connect_args", {})["options"] = f"-csearch_path={schema}"
+    try:
+        engine = sa.create_engine(parsed, **kw)
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc})") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        path = parsed.database
+        if not create and path not in (None, "", ":memory:") and not Path(path).expanduser().exists():
+            raise DatabaseUnavailable(f"database file {path!r} does not exist")  # connecting would create it
+    return engine
+
+
+def describe(engine: Engine) -> str:
+    """The engine's URL without its password."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a database error's message (drivers' messages run over several)."""
+    inner = getattr(exc, "orig", None) or exc
+    return str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool = True) -> Iterator[Connection]:
+    """One transaction: committed when the block ends, rolled back if it raises.
+
+    ``write=True`` takes SQLite's write lock at BEGIN (``BEGIN IMMEDIATE``), so concurrent writers
+    queue on the busy timeout instead of failing with "database is locked".
+    """
+    with engine.connect() as conn:
+        if write:
+            conn.execution_options(hub_write=True)
+        with conn.begin():
+            yield conn
+
+
+def pack_features(values: Sequence[float] | np.ndarray | None) -> bytes | None:
+    """A feature vector as float32 little-endian bytes (None stays None)."""
+    if values is None:
+        return None
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def unpack_features(blob: bytes | None) -> np.ndarray | None:
+    """The inverse of :func:`pack_features`."""
+    if blob is None:
+        return None
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error may go away by retrying (connection lost, locked, deadlock)."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError
+                      | sa.exc.DisconnectionError)

@@ -1,0 +1,554 @@
+"""Federated rounds on the hub: select devices, announce, judge their updates, aggregate, gate, publish.
+
+One :class:`Coordinator` runs the rounds of one model (``cloud-hub federate``). A round:
+
+1. **opens**: the devices that report running the base version are sampled (``fraction``, at least
+   ``min_available``), and a signed announcement with the base's FP32 weights goes retained on
+   ``{prefix}/rounds/{model}``;
+2. **collects** updates from ``{prefix}/devices/+/update`` on a persistent session with manual
+   acknowledgements: each is judged (:func:`judge`), written to ``fl_updates`` with its verdict,
+   committed, and only then acknowledged, so a hub killed mid-round loses no accepted update (the
+   broker redelivers what was not acknowledged; a redelivery of a judged payload is recognised by
+   its sha256 and counted once);
+3. **closes** at ``min_updates`` accepted updates or at the deadline, whichever comes first; late
+   answers to the previous rounds (up to ``max_staleness``) count, weighted down (FedBuff);
+4. **aggregates** (:mod:`cloud_hub.rounds.fedavg`: clip, example-weighted mean on the FP32 master copy),
+   re-quantizes to static INT8 from the activation ranges the devices reported, evaluates on
+   hold-out logs when given (else the devices that trained score the INT8 model that would ship, and
+   its FP32 weights, against the base on their held-out windows), gates the INT8 model against the
+   base, registers the version and, when it passes, signs and publishes it on the model topic.
+
+The round's state lives in ``fl_rounds``: a restarted coordinator resumes an open round (re-publishing
+its announcement) or finishes a closed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from cloud_hub.data import sessions
+from cloud_hub.data.store import Store, dead_letter
+from cloud_hub.models.lifecycle import LifecycleError
+from cloud_hub.rounds.store import RoundRow, RoundStore
+from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
+from edge_agent.contract import ContractError
+from edge_agent.contract.rounds import (
+    ROUND_DELIVERY,
+    Announcement,
+    RoundPlan,
+    Update,
+    announcement,
+    decode_update,
+)
+from edge_agent.mqtt import Message, MqttError, MqttLink
+
+log = logging.getLogger(__name__)
+
+
+class RoundError(RuntimeError):
+    """No model to federate, no devices to ask, no signing key: an operator's problem, said in one line."""
+
+
+@dataclass(frozen=True)
+class FederateConfig:
+    rounds: int = 5
+    fraction: float = 1.0  # share of the available devices asked each round
+    min_available: int = 1  # wait (up to wait_devices_s) until this many devices run the base version
+    wait_devices_s: float = 60.0
+    min_updates: int | None = None  # K: close once this many updates counted (default: every participant)
+    deadline_s: float = 60.0
+    # Local training (SGD, momentum 0.9): chosen by bench/federated_watch.py --study on s01-s08 only
+    epochs: int = 5
+    lr: float = 0.03
+    batch: int = 64
+    mu: float = 0.0
+    clip: float = 10.0
+    refuse_factor: float = 3.0  # an update whose norm is over refuse_factor x clip is refused, not clipped
+    train_layers: int | None = None  # the last k layers; None = all
+    min_windows: int = 32  # a device answers when it holds this many labelled windows...
+    min_new: int = 0  # ...with this many new since it last answered
+    max_staleness: int = 1
+    encoding: str = "int8"
+    budget_s: float = 60.0
+    tolerance: float = 0.0  # the gate: the candidate may be this much worse on the hold-out
+    holdout_logs: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class Verdict:
+    status: str  # accepted | late | refused | duplicate (a redelivery, already counted)
+    reason: str | None = None
+    round_id: int = 0
+    staleness: int = 0
+    update: Update | None = field(default=None, repr=False)
+
+
+def trainable_names(n_layers: int, train_layers: int | None) -> tuple[str, ...]:
+    k = n_layers if train_layers is None else max(1, min(train_layers, n_layers))
+    return tuple(name for i in range(n_layers - k, n_layers) for name in (f"coef_{i}", f"intercept_{i}"))
+
+
+def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds: Callable[[int], RoundRow | None],
+          prior: Callable[[str, int], str | None], digest: str, refuse_factor: float,
+          rounds_since: Callable[[str, int, int], int]) -> Verdict:
+    """The hub's verdict on one update. ``prior(device, round)``: the sha256 of the update of that device
+    for that round already counted (in any round: a late one counts in a later round), or None.
+    ``rounds_since(model, after, upto)``: that model's rounds with ``after < id <= upto``."""
+    try:
+        u = decode_update(payload, topic_device)
+    except ContractError as exc:
+        return Verdict("refused", f"malformed: {exc.reason}", current.id if current else 0)
+    except Exception as exc:  # an update never acknowledged comes back at every restart of federate
+        return Verdict("refused", f"malformed ({type(exc).__name__}: {exc})", current.id if current else 0)
+    if current is None:
+        return Verdict("refused", f"round {u.round_id} is closed and no round is open", u.round_id, update=u)
+    if u.kind != "train":
+        return Verdict("refused", f"an evaluation for round {u.round_id}, which is not being evaluated", current.id,
+                       update=u)
+    own = rounds(u.round_id)
+    if own is None or u.round_id > current.id:
+        return Verdict("refused", f"unknown round {u.round_id}", current.id, update=u)
+    if u.model != own.model_name:
+        return Verdict("refused", f"model {u.model!r}, round {u.round_id} trains {own.model_name!r}", current.id, update=u)
+    if own.model_name != current.model_name:  # a late answer to another model's round: never mixed in
+        return Verdict("refused", f"round {u.round_id} trained {own.model_name!r}; the open round {current.id} "
+                       f"trains {current.model_name!r}", current.id, update=u)
+    if u.device_id not in own.participants:
+        return Verdict("refused", f"{u.device_id} was not selected for round {u.round_id}", current.id, update=u)
+    if u.base_version != own.base_version:
+        return Verdict("refused", f"base version v{u.base_version}, round {u.round_id} trains "
+                       f"v{own.base_version}", current.id, update=u)
+    before = prior(u.device_id, u.round_id)
+    if before is not None:
+        same = before == digest
+        return Verdict("duplicate" if same else "refused", None if same else
+                       f"a second update for round {u.round_id}", current.id, update=u)
+    staleness = 0 if own.id == current.id else rounds_since(current.model_name, own.id, current.id)
+    if staleness > int(current.plan["max_staleness"]):
+        return Verdict("refused", f"after the deadline of round {u.round_id} ({staleness} rounds late, "
+                       f"at most {current.plan['max_staleness']} count)", current.id, update=u)
+    want = {t["name"]: tuple(t["shape"]) for t in own.plan["tensors"] if t["name"] in own.plan["trainable"]}
+    got = {t.name: t.shape for t in u.tensors}
+    if got != want:
+        return Verdict("refused", f"wrong shape: tensors {sorted(got.items())} but the round trains "
+                       f"{sorted(want.items())}", current.id, update=u)
+    delta = u.dequantized()
+    finite = all(np.isfinite(d).all() for d in delta.values()) and all(np.isfinite(r).all() for r in u.ranges)
+    if not finite:
+        return Verdict("refused", "NaN or inf in the delta or the ranges", current.id, update=u)
+    layers = sum(1 for t in current.plan["tensors"] if t["name"].startswith("coef_"))
+    if len(u.ranges) != layers or any(lo > hi or ilo > ihi for ilo, ihi, lo, hi in u.ranges):
+        return Verdict("refused", f"activation ranges of {len(u.ranges)} layers, or a minimum over its maximum "
+                       f"(the model has {layers} layers)", current.id, update=u)
+    if own.id != current.id:  # late: it must still fit the model this round trains
+        now = {t["name"]: tuple(t["shape"]) for t in current.plan["tensors"]}
+        if any(now.get(name) != shape for name, shape in got.items()):
+            return Verdict("refused", f"late, and its tensors no longer fit v{current.base_version}", current.id, update=u)
+    if _accuracy_outside(current, u):
+        return Verdict("refused", "an accuracy outside [0, 1]", current.id, update=u)
+    norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
+    clip = float(own.plan["clip"])
+    if norm > refuse_factor * clip:
+        return Verdict("refused", f"delta norm {norm:.3g} is far above the clip {clip:g}", current.id, update=u)
+    return Verdict("late" if staleness else "accepted", None, current.id, staleness, u)
+
+
+def _accuracy_outside(r: RoundRow, u: Update) -> bool:
+    """A classifier's scores are accuracies: a device that states one outside [0, 1] is not believed."""
+    return r.plan["task"] == "classification" and not (0 <= u.metric_before <= 1 and 0 <= u.metric_after <= 1)
+
+
+class Coordinator:
+    """Runs federated rounds of ``settings.model_name`` (``cloud-hub federate``)."""
+
+    def __init__(self, settings: HubSettings, engine: sa.Engine, config: FederateConfig, *,
+                 signing_key: str | None, allow_unsigned: bool,
+                 progress: Callable[[str], None] = lambda line: None) -> None:
+        if not signing_key and not allow_unsigned:
+            raise RoundError(NO_SIGNING_KEY)
+        self.s, self.engine, self.cfg = settings, engine, config
+        self.signing_key, self.allow_unsigned = signing_key, allow_unsigned
+        self.say = progress
+        self.store, self.rounds = Store(engine), RoundStore()
+        # (connection generation, message): packet ids are per connection, so a message is acknowledged only
+        # on the connection it came on; after a reconnect the broker sends it again (and it is counted once)
+        self._inbox: queue.Queue[tuple[int, Message]] = queue.Queue()
+        self._generation = 0
+        self._later: list[tuple[int, Message]] = []  # training answers held (unacknowledged) during an evaluation
+        self._published: dict[int, str] = {}
+        self._link = MqttLink(
+            settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
+            session_expiry_s=settings.session_expiry_s, manual_ack=True, on_message=lambda m: self._inbox.put((self._generation, m)),
+            on_connected=self._on_connected,
+            on_published=self._on_published, subscriptions=[(settings.topics.all_updates, 1)], exclusive=True,
+        )
+
+    def _on_connected(self, _up: bool) -> None:
+        self._generation += 1
+
+    def _ack(self, generation: int, msg: Message) -> None:
+        if generation == self._generation:
+            self._link.ack(msg.mid, msg.qos)
+
+    def _on_published(self, mid: int, ok: bool, reason: str) -> None:
+        self._published[mid] = "ok" if ok else reason
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> list[RoundRow]:
+        self._link.start()
+        try:
+            self._link.wait_connected(self.s.connect_timeout_s)
+            self._link.wait_subscribed(self.s.connect_timeout_s)
+            done: list[int] = []
+            while len(done) < self.cfg.rounds:
+                done.append(self._one_round())
+            with sessions.transaction(self.engine, write=False) as conn:
+                return [r for r in self.rounds.rounds(conn, self.s.model_name) if r.id in done]
+        finally:
+            self._link.stop()
+
+    def _one_round(self) -> int:
+        with sessions.transaction(self.engine, write=False) as conn:
+            pending = self.rounds.rounds(conn, self.s.model_name, states=("open", "closed"))
+        if pending:
+            r = pending[-1]
+            gate = r.plan.get("holdout_logs") or "none (no hold-out log)"
+            self.say(f"round {r.id}: resuming ({r.state}, base v{r.base_version}); its gate: hold-out {gate}, "
+                     f"tolerance {r.plan.get('tolerance', 0.0):g}")
+            if r.state == "open":
+                with sessions.transaction(self.engine, write=False) as conn:
+                    self._send(self.s.topics.rounds(r.model_name), self.rounds.announcement(conn, r.id))
+        else:
+            r = self._open()
+        if r.state == "open":
+            # resumed: what devices sent while no coordinator listened arrives just after the connect
+            self._collect(r, grace_s=1.0 if pending else 0.0)
+        return self._finish(r.id)
+
+    def _open(self) -> RoundRow:
+        from cloud_hub.models import weights
+        from cloud_hub.models.lifecycle import current_model
+        from cloud_hub.rounds import fedavg
+
+        name = self.s.model_name
+        with sessions.transaction(self.engine, write=False) as conn:
+            rows = self.store.list_models(conn, name)
+        if not rows:
+            raise RoundError(f"no model {name!r} to federate: run `cloud-hub train` and `publish` first")
+        base = current_model(rows, name)
+        self._no_canary(name)
+        devices = self._available(base.version)
+        rng = random.Random(f"{self.cfg.seed}/{base.version}/{time.time_ns()}")
+        k = max(1, round(self.cfg.fraction * len(devices)))
+        chosen = sorted(rng.sample(devices, min(k, len(devices))))
+        with sessions.transaction(self.engine, write=False) as conn:
+            blob = self.store.get_weights(conn, name, base.version)
+            round_id = self.rounds.next_round_id(conn)
+        if blob is None:
+            raise RoundError(f"model {name} v{base.version} has no stored FP32 weights to start a round from")
+        tensors = fedavg.mlp_tensors(weights.from_bytes(blob))
+        n_layers = sum(1 for t in tensors if t.startswith("coef_"))
+        now = time.time()
+        c = self.cfg
+        plan = RoundPlan(
+            round_id=round_id, model=name, base_version=base.version, base_sha256=base.sha256,
+            task=str(base.manifest["task"]), participants=tuple(chosen), deadline=now + c.deadline_s,
+            epochs=c.epochs, lr=c.lr, batch=c.batch, mu=c.mu, alpha=_alpha(blob, c.batch), clip=c.clip,
+            min_windows=c.min_windows, min_new=c.min_new, min_updates=min(c.min_updates or len(chosen), len(chosen)),
+            max_staleness=c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
+            trainable=trainable_names(n_layers, c.train_layers),
+        )
+        ann = self._signed(announcement(plan, tensors))
+        payload = ann.encode()
+        with sessions.transaction(self.engine) as conn:
+            self.rounds.add_round(conn, round_id=round_id, name=name, base_version=base.version, participants=chosen,
+                                  plan=ann.plan.header() | {  # and the hub's own part of the plan: its gate
+                                      "announcement_bytes": len(payload), "tolerance": c.tolerance,
+                                      "holdout_logs": [str(Path(p).resolve()) for p in c.holdout_logs]},
+                                  announcement=payload, opened_at=now, deadline=plan.deadline)
+        self._send(self.s.topics.rounds(name), payload)
+        self.say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "
+                 f"({', '.join(chosen)}; the announcement with the base's FP32 weights: {len(payload) / 1e6:.2f} MB), "
+                 f"closes at {plan.min_updates} updates or in "
+                 f"{c.deadline_s:g} s")
+        with sessions.transaction(self.engine, write=False) as conn:
+            row = self.rounds.get_round(conn, round_id)
+        assert row is not None
+        return row
+
+    def _available(self, version: int) -> list[str]:
+        """Online devices whose last status says they run ``version``. Waits (up to wait_devices_s) for
+        min_available of them, and for the last round's participants to swap to it: a round started
+        the moment the first device swapped would leave the others out."""
+        with sessions.transaction(self.engine, write=False) as conn:
+            last = self.rounds.rounds(conn, self.s.model_name, limit=1)
+        expected = set(last[-1].participants) if last else set()
+        start = time.monotonic()
+        until, said = start + self.cfg.wait_devices_s, False
+        while True:
+            with sessions.transaction(self.engine, write=False) as conn:
+                rows = self.store.device_rows(conn)
+            online = {d: r for d, r in rows.items() if r["state"] == "online" and r["model_name"] == self.s.model_name}
+            found = sorted(d for d, r in online.items() if r["model_version"] == version)
+            lagging = sorted((expected & set(online)) - set(found))
+            if len(found) >= self.cfg.min_available and not lagging:
+                return found
+            others = ", ".join(f"{d} on v{online[d]['model_version']}" for d in sorted(set(online) - set(found)))
+            if not said and time.monotonic() - start > 3.0:
+                said = True
+                self.say(f"waiting up to {self.cfg.wait_devices_s:g} s for {max(self.cfg.min_available, len(expected))}"
+                         f" device(s) to report running {self.s.model_name} v{version} (now {len(found)}"
+                         + (f"; {others}" if others else "") + ")")
+            if time.monotonic() >= until:
+                if len(found) >= self.cfg.min_available:
+                    self.say(f"going on without {', '.join(lagging)}: not on v{version} after "
+                             f"{self.cfg.wait_devices_s:g} s")
+                    return found
+                raise RoundError(f"only {len(found)} device(s) report running {self.s.model_name} v{version} "
+                                 f"(need {self.cfg.min_available}) after {self.cfg.wait_devices_s:g} s"
+                                 + (f"; {others}" if others else "; no other device is online")
+                                 + f": are the agents and `cloud-hub serve` running on {self.s.broker_url}?")
+            time.sleep(0.2)
+
+    def _no_canary(self, name: str) -> None:
+        with sessions.transaction(self.engine, write=False) as conn:
+            canaries = self.store.rollouts(conn, name, state="canary")
+        if canaries:
+            raise RoundError(f"a canary rollout of {name} v{canaries[0].version} is open: rounds would train "
+                             "beside it and its promotion would replace their model; let `serve` finish it or "
+                             "`cloud-hub rollback`, then federate")
+
+    def _signed(self, ann: Announcement) -> Announcement:
+        if not self.signing_key:
+            return ann
+        from cloud_hub.models.signing import load_private_key, sign_round
+
+        return replace(ann, plan=sign_round(ann.plan, load_private_key(self.signing_key)))  # keeps its INT8 model
+
+    def _send(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
+        mid = self._link.publish(topic, payload, ROUND_DELIVERY)
+        until = time.monotonic() + timeout
+        while mid not in self._published:
+            self._check_link()
+            if time.monotonic() > until:
+                raise RoundError(f"no PUBACK from {self.s.broker_url} for {topic} within {timeout:g} s")
+            time.sleep(0.01)
+        outcome = self._published.pop(mid)
+        if outcome != "ok":
+            raise RoundError(f"the broker refused {topic}: {outcome}")
+
+    def _collect(self, r: RoundRow, grace_s: float = 0.0) -> None:
+        not_before = time.monotonic() + grace_s
+        for got in self._later:  # answers that came while the last round was being evaluated
+            self._inbox.put(got)
+        self._later = []
+        while True:
+            with sessions.transaction(self.engine, write=False) as conn:
+                fresh = self.rounds.counted(conn, r.id, statuses=("accepted",))  # K counts answers to this round
+                counted = self.rounds.counted(conn, r.id)
+            if len(fresh) >= int(r.plan["min_updates"]):
+                break
+            nxt = self._next(r.deadline, not_before)
+            if nxt is None:
+                break
+            if nxt[1] is not None:
+                self._receive(nxt[0], nxt[1], r)
+        silent = [d for d in r.participants if d not in fresh]
+        why = f"{len(counted)} update(s) counted" + ("" if len(fresh) >= int(r.plan["min_updates"]) else
+                                                    " at the deadline")
+        if silent:
+            why += f"; no update from {', '.join(silent)}"
+        if not counted:
+            why += (" (see the agents' logs: a device answers only an announcement signed by the key it trusts, "
+                    "on its prefix, for the version it runs, when it holds --min-windows labelled windows)")
+        with sessions.transaction(self.engine) as conn:
+            self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
+        self._send(self.s.topics.rounds(r.model_name), b"")  # the retained announcement is for open rounds only
+        self.say(f"round {r.id}: closed, {why}")
+
+    def _next(self, deadline: float, not_before: float = 0.0) -> tuple[int, Message | None] | None:
+        """The next (generation, message) before ``deadline``; (0, None) when none came within half a
+        second; None once the deadline has passed and the inbox is drained (at most 2 s past it, so a
+        device that keeps sending cannot hold a round open)."""
+        past = time.time() - deadline
+        if past >= 0 and (self._inbox.empty() or past > 2.0) and time.monotonic() >= not_before:
+            return None
+        self._check_link()
+        try:
+            return self._inbox.get(timeout=max(0.01, min(0.5, deadline - time.time())))
+        except queue.Empty:
+            return 0, None
+
+    def _check_link(self) -> None:
+        if self._link.fatal:  # another process took our client id (a second federate): stop, say so
+            raise MqttError(self._link.fatal)
+
+    def _receive(self, generation: int, msg: Message, r: RoundRow) -> None:
+        digest = hashlib.sha256(msg.payload).hexdigest()
+        device = msg.topic.split("/")[-2]
+        with sessions.transaction(self.engine) as conn:
+            if self.rounds.seen(conn, digest):
+                verdict = Verdict("duplicate", round_id=r.id)
+            else:
+                verdict = judge(msg.payload, device, current=r, rounds=lambda i: self.rounds.get_round(conn, i),
+                                prior=lambda d, i: self.rounds.prior(conn, d, i), digest=digest,
+                                refuse_factor=self.cfg.refuse_factor,
+                                rounds_since=lambda m, a, b: self.rounds.rounds_since(conn, m, a, b))
+            if verdict.status != "duplicate":
+                self._record(conn, msg, device, digest, verdict)
+        self._ack(generation, msg)  # after the commit: an update the hub had not stored is redelivered
+        if verdict.status == "refused":
+            self.say(f"round {r.id}: refused an update from {device}: {verdict.reason}")
+        elif verdict.status != "duplicate":
+            self.say(f"round {r.id}: {verdict.status} the update of {device} "
+                     f"({len(msg.payload):,} bytes{', ' + str(verdict.staleness) + ' round(s) late' if verdict.staleness else ''})")
+
+    def _record(self, conn: sa.Connection, msg: Message, device: str, digest: str, v: Verdict) -> None:
+        u = v.update
+        metrics = None if u is None else answer_metrics(u)
+        counted = v.status in ("accepted", "late")  # kept whole: the round aggregates them
+        self.rounds.add_update(conn, round_id=v.round_id, update_round=None if u is None else u.round_id,
+                               device_id=device, status=v.status, reason=v.reason,
+                               n_examples=None if u is None else u.n_examples, staleness=v.staleness,
+                               size=len(msg.payload), sha256=digest, metrics=metrics,
+                               payload=msg.payload if counted else None, at=time.time())
+        if v.reason is not None and v.reason.startswith("malformed"):
+            self.store.insert_dead_letters(conn, [dead_letter(msg.topic, msg.payload, v.reason, time.time(),
+                                                              self.s.dead_letter_max_bytes)])
+
+    # ----------------------------------------------------------------- federated evaluation
+
+    def _evaluate(self, r: RoundRow, candidate: dict[str, np.ndarray], int8: bytes) -> dict[str, Any] | None:
+        """Ask the devices that trained in round ``r`` to score its candidate (its FP32 weights and ``int8``, the
+        model that would ship) and the base on their held-out windows; :func:`fedavg.evaluation` of their
+        answers, or None when none answered by the deadline."""
+        with sessions.transaction(self.engine, write=False) as conn:
+            devices = tuple(sorted(self.rounds.counted(conn, r.id, statuses=("accepted",))))  # trained on this base
+        if not devices:
+            self.say(f"round {r.id}: only late updates, from devices that trained an older base: none can evaluate")
+            return None
+        now = time.time()
+        plan = RoundPlan(
+            round_id=r.id, model=r.model_name, base_version=r.base_version, base_sha256=str(r.plan["base_sha256"]),
+            task=str(r.plan["task"]), participants=devices, deadline=now + min(self.cfg.deadline_s, 60.0),
+            min_windows=1, min_updates=len(devices), max_staleness=0, encoding=str(r.plan["encoding"]),
+            created=now, kind="evaluate")
+        payload = self._signed(announcement(plan, candidate, int8)).encode()
+        topic = self.s.topics.rounds(r.model_name)
+        self._send(topic, payload)
+        self.say(f"round {r.id}: no hold-out log: asking {', '.join(devices)} to evaluate the candidate (its INT8 "
+                 f"model and FP32 weights) on their held-out windows")
+        while True:
+            with sessions.transaction(self.engine, write=False) as conn:
+                answered = self.rounds.counted(conn, r.id, statuses=("evaluated",))
+            if set(devices) <= set(answered):
+                break
+            nxt = self._next(plan.deadline)
+            if nxt is None:
+                break
+            if nxt[1] is not None:
+                self._receive_evaluation(nxt[0], nxt[1], r, devices)
+        self._send(topic, b"")
+        with sessions.transaction(self.engine, write=False) as conn:
+            got = self.rounds.evaluations(conn, r.id)
+        from cloud_hub.rounds.fedavg import evaluation  # loaded with round_finish, which calls this
+
+        return evaluation(got)
+
+    def _receive_evaluation(self, generation: int, msg: Message, r: RoundRow, devices: tuple[str, ...]) -> None:
+        digest = hashlib.sha256(msg.payload).hexdigest()
+        device = msg.topic.split("/")[-2]
+        try:
+            u: Update | None = decode_update(msg.payload, device)
+            malformed = None
+        except ContractError as exc:
+            u, malformed = None, exc.reason
+        except Exception as exc:  # as in judge: refuse and acknowledge, never stop federate
+            u, malformed = None, f"{type(exc).__name__}: {exc}"
+        if u is not None and u.kind == "train":  # a late answer: judged in the next round, acknowledged then
+            self._later.append((generation, msg))
+            return
+        with sessions.transaction(self.engine) as conn:
+            if self.rounds.seen(conn, digest):
+                verdict = Verdict("duplicate", round_id=r.id)
+            else:
+                if u is None:
+                    verdict = Verdict("refused", f"malformed: {malformed}", r.id)
+                else:
+                    verdict = self._evaluation_verdict(
+                        u, r, devices, self.rounds.counted(conn, r.id, statuses=("evaluated",)))
+                    verdict.update = u
+                self._record(conn, msg, device, digest, verdict)
+        self._ack(generation, msg)
+        if verdict.status == "refused":
+            self.say(f"round {r.id}: refused an answer from {device}: {verdict.reason}")
+
+    @staticmethod
+    def _evaluation_verdict(u: Update, r: RoundRow, devices: tuple[str, ...], answered: dict[str, str]) -> Verdict:
+        if u.kind != "evaluate" or u.round_id != r.id:
+            return Verdict("refused", f"round {u.round_id} ({u.kind}) arrived while round {r.id} is being evaluated",
+                           r.id)
+        if u.device_id not in devices:
+            return Verdict("refused", f"{u.device_id} was not asked to evaluate round {r.id}", r.id)
+        if u.device_id in answered:
+            return Verdict("refused", "a second evaluation in the same round", r.id)
+        if u.base_version != r.base_version:
+            return Verdict("refused", f"base version v{u.base_version}, round {r.id} trains v{r.base_version}", r.id)
+        if _accuracy_outside(r, u):
+            return Verdict("refused", "an accuracy outside [0, 1]", r.id)
+        return Verdict("evaluated", None, r.id)
+
+    # ----------------------------------------------------------------- closing
+
+    def _finish(self, round_id: int) -> int:
+        from cloud_hub.rounds.finish import finish
+
+        with sessions.transaction(self.engine, write=False) as conn:
+            r = self.rounds.get_round(conn, round_id)
+            counted = self.rounds.counted_payloads(conn, round_id)
+        assert r is not None
+        try:
+            state, version, outcome, reason = finish(self.engine, self.s, r, counted, signing_key=self.signing_key,
+                                                     allow_unsigned=self.allow_unsigned,
+                                                     evaluate=lambda tensors, int8: self._evaluate(r, tensors, int8))
+        except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
+            state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
+        with sessions.transaction(self.engine) as conn:
+            self.rounds.set_round(conn, round_id, state=state, expect=("closed",), new_version=version,
+                                  outcome=outcome, reason=reason)
+        self.say(f"round {round_id}: {state}" + (f" v{version}" if version else "") + f": {reason}")
+        return round_id
+
+
+def answer_metrics(u: Update) -> dict[str, Any]:
+    """What ``fl_updates.metrics`` keeps of an answer (the evaluation reads its scores back from there)."""
+    out: dict[str, Any] = {
+        "loss_before": u.loss_before, "loss_after": u.loss_after, "metric_before": u.metric_before,
+        "metric_after": u.metric_after, "norm": u.norm, "epochs": u.epochs, "seconds": u.seconds}
+    if u.int8_before is not None:
+        out |= {"int8_before": u.int8_before, "int8_after": u.int8_after}
+    return out
+
+
+def _alpha(blob: bytes, batch: int) -> float:
+    """The base's L2 penalty at the same strength per example: scikit-learn divides it by the batch size."""
+    from cloud_hub.models import weights
+    mlp = weights.from_bytes(blob).steps[-1][1]
+    central = mlp.batch_size if isinstance(mlp.batch_size, int) else 200
+    return float(mlp.alpha) * batch / max(1, central)
+
+
+__all__: Sequence[str] = ("Coordinator", "FederateConfig", "RoundError", "answer_metrics", "judge", "trainable_names")

@@ -1,0 +1,198 @@
+"""Closing a federated round: aggregate the counted updates, re-quantize, evaluate, gate, register, publish.
+
+Loaded by the coordinator (:mod:`cloud_hub.rounds.coordinator`) when a round closes; it needs the training stack
+(scikit-learn for the FP32 master copy, onnx and onnxruntime.quantization for the INT8 model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from cloud_hub.data import sessions
+from cloud_hub.data.aggregate import describe_score, shaped_by
+from cloud_hub.data.store import Store
+from cloud_hub.models import quantize, training, weights
+from cloud_hub.models.lifecycle import next_version, passes_gate, register, windows_from_logs
+from cloud_hub.rounds import fedavg
+from cloud_hub.rounds.store import RoundRow
+from cloud_hub.settings import HubSettings
+from edge_agent.contract import Bundle, decode_bundle, manifest_from_obj
+from edge_agent.contract.rounds import Update, decode_update
+from edge_agent.preprocess import PreprocessParams, extract_features
+
+log = logging.getLogger(__name__)
+
+
+def fleet_view(updates: Sequence[Update]) -> dict[str, Any]:
+    """What the devices measured on their own windows, weighted by their example counts: the base's
+    score before training (a federated evaluation of the running version) and their local models' after."""
+    n = sum(u.n_examples for u in updates)
+    if not n:
+        return {}
+
+    def mean(get: Any) -> float:
+        return float(sum(get(u) * u.n_examples for u in updates) / n)
+
+    return {"examples": n, "metric_before": mean(lambda u: u.metric_before),
+            "metric_after": mean(lambda u: u.metric_after), "loss_before": mean(lambda u: u.loss_before),
+            "loss_after": mean(lambda u: u.loss_after)}
+
+
+def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Sequence[tuple[str, int, bytes]], *,
+           signing_key: str | None, allow_unsigned: bool,
+           evaluate: Callable[[dict[str, np.ndarray], bytes], dict[str, Any] | None]
+           ) -> tuple[str, int | None, dict[str, Any], str]:
+    """(state, new version, outcome, reason) of a closed round; the new version is registered (and published).
+
+    The gate judges the INT8 model that ships against the running one: on the round's hold-out logs when it
+    has some, else in the devices' own evaluation (``evaluate(FP32 tensors, INT8 model)``: the devices that
+    trained score both, and the base, on windows they never train on; :func:`fedavg.evaluation`)."""
+    updates = [(decode_update(payload), staleness) for _device, staleness, payload in counted]
+    outcome: dict[str, Any] = {
+        "counted": len(updates), "upload_bytes": sum(len(p) for _d, _s, p in counted),
+        "federated": fleet_view([u for u, _ in updates]),
+    }
+    if not updates:
+        return "failed", None, outcome, "no update counted by the deadline: the model is unchanged"
+    store = Store(engine)
+    done = _made_by(store, engine, r)
+    if done is not None:  # a coordinator stopped after registering it: finish that version, do not make another
+        gate = str((done.metrics or {}).get("gate", "registered before the coordinator stopped"))
+        if done.state in ("published", "rejected"):
+            return done.state, done.version, outcome, gate
+        if _canary_open(store, engine, r.model_name):
+            return "failed", done.version, outcome, f"{gate}; registered but not published: a canary is open"
+        from cloud_hub.rollout.publish import publish
+
+        publish(engine, settings, version=done.version, signing_key=signing_key, allow_unsigned=allow_unsigned)
+        return "published", done.version, outcome, gate
+    with sessions.transaction(engine, write=False) as conn:
+        base = store.get_model(conn, r.model_name, r.base_version)
+        blob = store.get_weights(conn, r.model_name, r.base_version)
+        version = next_version(store, conn, r.model_name)
+        rows = store.list_models(conn, r.model_name)
+    if base is None or blob is None or base.bundle is None:
+        return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
+    t0 = time.monotonic()
+    pipeline = weights.from_bytes(blob)
+    master = fedavg.mlp_tensors(pipeline)
+    counts = fedavg.capped_examples([u.n_examples for u, _ in updates])
+    new = fedavg.aggregate(master, [fedavg.Update(u.dequantized(), k, s) for (u, s), k in zip(updates, counts,
+                                                                                                strict=True)],
+                           clip=float(r.plan["clip"]))
+    model = fedavg.with_tensors(pipeline, new)
+    manifest = manifest_from_obj(base.manifest)
+    participants = sorted({u.device_id for u, _ in updates})
+    # none of them is held out for the new version: the base's devices, every round's, this round's
+    shaped = shaped_by({(m.name, m.version): m.manifest for m in rows}).get((r.model_name, r.base_version),
+                                                                          frozenset()) | set(participants)
+    fp32 = training.export_onnx(model, manifest.n_features)
+    ranges = fedavg.merge_ranges([list(u.ranges) for u, _ in updates])
+    int8 = fedavg.quantize_from_ranges(fp32, ranges)
+    outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
+    metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
+    holdout = [str(p) for p in r.plan.get("holdout_logs", [])]  # the round's own gate, also when resumed
+    if holdout:
+        ok, gate, held, judged, seen = _holdout_gate(r, version, holdout, manifest.preprocess, fp32, int8,
+                                                     decode_bundle(base.bundle).model, shaped)
+    else:
+        ok, gate, judged, seen = _evaluation_gate(r, version, evaluate(new, int8), fp32, int8)
+        held = []  # the devices that trained it judged it, on windows they never trained on
+    metrics |= judged
+    outcome |= seen
+    state = "publishable" if ok else "rejected"
+    bundle = Bundle(replace(
+        manifest, version=version, sha256=hashlib.sha256(int8).hexdigest(), created=time.time(),
+        metrics=metrics | {"gate": gate}, key_id=None, signature=None,
+        training={**manifest.training, "source": "federated", "round": r.id, "parent_version": r.base_version,
+                  "updates": len(updates), "devices": participants, "shaped_by": sorted(shaped),
+                  "holdout_devices": held, "warm_start": True}), int8)
+    register(engine, bundle, weights.to_bytes(model), state)
+    outcome |= {"int8_bytes": len(int8), "gate": gate}
+    if state == "rejected":
+        return "rejected", version, outcome, gate
+    if _canary_open(store, engine, r.model_name):  # opened while the round ran: its promotion would replace it
+        return "failed", version, outcome, f"{gate}; v{version} is registered but not published: a canary is open"
+    from cloud_hub.rollout.publish import publish
+
+    publish(engine, settings, version=version, signing_key=signing_key, allow_unsigned=allow_unsigned)
+    return "published", version, outcome, gate
+
+
+def _holdout_gate(r: RoundRow, version: int, logs: list[str], preprocess: dict[str, Any], fp32: bytes, int8: bytes,
+                  running: bytes, shaped: frozenset[str]
+                  ) -> tuple[bool, str, list[str], dict[str, Any], dict[str, Any]]:
+    """(passes, gate, held-out devices, metrics, outcome): the INT8 model against the running one on the
+    round's hold-out logs, the FP32 model beside them."""
+    tolerance = float(r.plan.get("tolerance", 0.0))
+    params = PreprocessParams.from_dict(preprocess)
+    data, y, devices, _starts = windows_from_logs(logs, params)
+    X = extract_features(data, params)
+    m_new = quantize.evaluate(int8, X, y, latency_runs=20, warmup=2)
+    m_fp32 = quantize.evaluate(fp32, X, y, latency_runs=20, warmup=2)
+    m_base = quantize.evaluate(running, X, y, latency_runs=20, warmup=2)
+    ok = passes_gate(m_new, m_base, tolerance)
+    not_held = sorted(set(devices.tolist()) & shaped)
+    gate = (f"v{version} INT8 {describe_score(m_new)} (FP32 {describe_score(m_fp32)}) vs running v{r.base_version} INT8 {describe_score(m_base)} "
+            f"on the hold-out logs ({len(y)} windows, the figures' own; tolerance {tolerance:g}"
+            + (f"; not held out: {', '.join(not_held)} shaped v{version}" if not_held else "")
+            + f"): {'pass' if ok else 'fail'}")
+    held = sorted(set(devices.tolist()) - shaped)
+    on = f"hold-out logs: {len(y)} windows of {', '.join(held) or 'no device it never learned from'} (the gate's own)"
+    return ok, gate, held, {"int8": m_new, "fp32": m_fp32, "baseline_int8": m_base, "evaluated_on": on}, {
+        "holdout_before": _score(m_base), "holdout_after": _score(m_new), "holdout_fp32_after": _score(m_fp32)}
+
+
+def _evaluation_gate(r: RoundRow, version: int, fed: dict[str, Any] | None, fp32: bytes, int8: bytes
+                     ) -> tuple[bool, str, dict[str, Any], dict[str, Any]]:
+    """(passes, gate, metrics, outcome): the devices' own evaluation (:func:`fedavg.evaluation`), decided on
+    the INT8 models, the one that would ship against the one running; their FP32 weights reported beside."""
+    if fed is None:
+        return False, f"v{version}: no device evaluated it by the deadline, so it is not published", {}, {}
+    classifier = r.plan.get("task") == "classification"
+    tolerance = float(r.plan.get("tolerance", 0.0))
+    what = (lambda x: f"{100 * x:.1f}%") if classifier else (lambda x: f"mean error {x:.3g}")
+    key = "accuracy" if classifier else "mean_error"
+    n, devices = fed["windows"], fed["devices"]
+    on = (f"federated evaluation: {n} held-out windows of {', '.join(devices)} (the devices that trained it, on "
+          "windows they never train on; the gate's own)")
+    metrics = {"fp32": {key: fed["after"], "n": n, "bytes": len(fp32)}, "baseline_fp32": {key: fed["before"], "n": n},
+               "evaluated_on": on}
+    seen = {"evaluation_fp32_before": fed["before"], "evaluation_fp32_after": fed["after"], "evaluated_by": devices}
+    fp32_text = f"FP32 weights {what(fed['after'])} vs {what(fed['before'])}"
+    if "int8_after" not in fed:  # only devices that predate INT8 evaluations answered: the shipped model is unjudged
+        return False, (f"v{version}: no device scored its INT8 model ({fp32_text} on {n} held-out windows of "
+                       f"{len(devices)} devices), so it is not published"), metrics | {"int8": {"bytes": len(int8)}}, seen
+    before, after = fed["int8_before"], fed["int8_after"]
+    ok = after >= before - tolerance if classifier else after <= before + tolerance
+    gate = (f"v{version} INT8 {what(after)} vs running v{r.base_version} INT8 {what(before)} in the devices' own "
+            f"evaluation ({fed['int8_windows']} held-out windows of {len(fed['int8_devices'])} devices, the same "
+            f"windows as these figures; {fp32_text}; tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
+    metrics |= {"int8": {key: after, "n": fed["int8_windows"], "bytes": len(int8)},
+                "baseline_int8": {key: before, "n": fed["int8_windows"]}}
+    return ok, gate, metrics, seen | {"evaluation_before": before, "evaluation_after": after}
+
+
+def _made_by(store: Store, engine: sa.Engine, r: RoundRow) -> Any:
+    """The version this round already registered, if any (its manifest names the round)."""
+    with sessions.transaction(engine, write=False) as conn:
+        rows = store.list_models(conn, r.model_name)
+    return next((m for m in rows if m.manifest.get("training", {}).get("source") == "federated"
+                 and m.manifest["training"].get("round") == r.id), None)
+
+
+def _canary_open(store: Store, engine: sa.Engine, name: str) -> bool:
+    with sessions.transaction(engine, write=False) as conn:
+        return bool(store.rollouts(conn, name, state="canary"))
+
+
+def _score(m: dict[str, Any]) -> float:
+    return float(m["accuracy"]) if "accuracy" in m else float(m.get("mean_error", m.get("mae", np.nan)))

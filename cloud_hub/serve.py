@@ -1,0 +1,63 @@
+"""``cloud-hub serve``: one process that runs the ingest worker, the HTTP door (metrics and the live page),
+the canary watcher and the periodic retrain, starts them together and stops them together on a signal."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cloud_hub.data.ingest import BrokerUnavailable, Hub, HubStats
+from cloud_hub.rollout.autoretrain import AutoRetrainer
+from cloud_hub.rollout.canary import CanaryWatcher
+from cloud_hub.settings import HubSettings, split_address
+from edge_agent import exits
+from edge_agent.settings import SettingsError
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: HubSettings, *, stop: threading.Event | None = None,
+          on_started: Callable[[Hub], None] | None = None) -> HubStats:
+    """Run a hub until SIGTERM/SIGINT (or ``stop`` is set), then flush, commit, ack and disconnect."""
+    stop = stop or threading.Event()
+    hub = Hub(settings)
+    restore = exits.on_stop_signals(lambda *_: stop.set())
+    try:
+        if not hub.start(stop=stop):
+            return hub.stats
+        metrics = _serve_metrics(hub, settings.http) if settings.http else None
+        retrainer = AutoRetrainer(settings, hub.engine)
+        retrainer.start()
+        watcher = CanaryWatcher(settings, hub.engine)
+        watcher.start()
+        if on_started is not None:
+            on_started(hub)
+        while not stop.wait(1.0) and hub.link.fatal is None:
+            pass
+        retrainer.stop()
+        watcher.stop()
+        log.info("stopping: flushing %d queued messages", hub.backlog)
+        hub.stop()
+        if metrics is not None:
+            metrics.stop()
+        if hub.link.fatal is not None:
+            raise BrokerUnavailable(hub.link.fatal)
+    finally:
+        restore()
+    return hub.stats
+
+
+def _serve_metrics(hub: Hub, address: str) -> Any:
+    """Prometheus metrics on ``address`` (host:port); the hub stops with one line if it cannot listen."""
+    from cloud_hub.web.metrics import HubMetrics  # prometheus_client: only when asked for
+
+    host, port = split_address(address)
+    metrics = HubMetrics(hub)
+    try:
+        metrics.serve(host, port)
+    except OSError as exc:  # a port taken or an address not of this host: a setting to change
+        hub.stop(timeout=1.0, report=False)
+        raise SettingsError(f"http {address}: cannot listen ({exc.strerror or exc})", field="http") from exc
+    return metrics

@@ -1,0 +1,1 @@
+"""Not on the serving path: the private broker for tests and benchmarks, the demos, the sample generators."""

@@ -1,0 +1,118 @@
+"""Prometheus metrics of a hub worker, on ``cloud-hub serve --http HOST:PORT`` (``/metrics``).
+
+Counters come from the worker's own :class:`~cloud_hub.data.ingest.HubStats` (this process since it
+started; Prometheus' ``rate()`` and ``increase()`` handle restarts); the fleet gauges are read from
+the database at each scrape, so every worker of a ``$share`` group reports the same fleet. Names
+follow Prometheus' conventions: base units (seconds), ``_total`` for counters, an ``edgeml_``
+prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cloud_hub.data import sessions
+
+if TYPE_CHECKING:
+    from cloud_hub.data.ingest import Hub
+
+log = logging.getLogger(__name__)
+
+_COUNTERS = (  # HubStats field, metric name, help
+    ("messages", "edgeml_hub_messages", "Result and status messages committed."),
+    ("stored", "edgeml_hub_results_stored", "Result rows stored (new)."),
+    ("duplicates", "edgeml_hub_results_duplicate", "Result rows received again and ignored (already stored)."),
+    ("dead_letters", "edgeml_hub_dead_letters", "Messages refused and kept in the dead-letter table."),
+    ("receipts", "edgeml_hub_receipts_sent", "Receipt messages sent to devices after commits."),
+    ("batches", "edgeml_hub_transactions", "Transactions committed."),
+    ("db_errors", "edgeml_hub_database_errors", "Database writes that failed and were retried."),
+    ("unacked", "edgeml_hub_messages_left_for_redelivery",
+     "Committed messages not acknowledged because the connection changed (the broker sends them again)."),
+)
+
+
+class HubMetrics:
+    """The metrics of one :class:`~cloud_hub.data.ingest.Hub`; :meth:`serve` starts the HTTP endpoint."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.registry = CollectorRegistry()
+        self.commit_seconds = Histogram(
+            "edgeml_hub_commit_seconds", "Time to write and commit one batch (retries included).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry)
+        self.registry.register(_FleetCollector(hub))
+        self.unauthorized = Counter(
+            "edgeml_hub_http_unauthorized", "HTTP requests refused (401) for want of the hub's http token.",
+            registry=self.registry)
+        hub.on_commit = lambda seconds: self.commit_seconds.observe(seconds)
+        self.hub = hub
+        self._server: Any = None
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve ``/metrics`` and the dashboard (``/``, ``/api/fleet``) on ``host:port`` in a daemon
+        thread, behind the token and TLS of the hub's settings; OSError if the port is taken."""
+        from cloud_hub.settings import is_loopback
+        from cloud_hub.web.dashboard import app
+        from cloud_hub.web.http_door import Door, serve_http
+
+        settings = self.hub.settings
+        token, tls = settings.http_token(), settings.http_tls()
+        routes = app(make_wsgi_app(self.registry), self.hub)
+        door = routes if token is None else Door(routes, token, self.unauthorized.inc)
+        self._server = serve_http(host, port, door, tls=tls, timeout_s=settings.http_timeout_s)
+        url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+        log.info("metrics on %s/metrics, dashboard on %s/ (%s)", url, url,
+                 "token required" if token else "no token: open to whoever reaches the address")
+        if token is not None and tls is None and not is_loopback(host):
+            log.warning("http: the token crosses the network in clear; set http_cert_file and http_key_file, "
+                        "or serve on 127.0.0.1 behind a TLS reverse proxy (README: Metrics)")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _FleetCollector(Collector):
+    """Counters of the hub worker, and the fleet as the database holds it, at each scrape."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.hub.stats
+        for field, name, help_ in _COUNTERS:
+            yield CounterMetricFamily(name, help_, value=getattr(stats, field))
+        yield GaugeMetricFamily("edgeml_hub_backlog_messages", "Messages received and not yet committed.",
+                                value=self.hub.backlog)
+        try:
+            with sessions.transaction(self.hub.engine, write=False) as conn:
+                by_model = self.hub.store.devices_by_model(conn)
+                waiting = self.hub.store.outbox_total(conn)
+        except Exception as exc:  # a scrape must not fail because the database is away for a moment
+            log.warning("metrics: fleet gauges skipped: %s", exc)
+            return
+        devices = GaugeMetricFamily("edgeml_devices", "Devices by their last reported state.", labels=["state"])
+        per_state: dict[str, int] = {}
+        for _name, _version, state, n in by_model:
+            per_state[state] = per_state.get(state, 0) + n
+        for state in ("online", "offline"):
+            devices.add_metric([state], per_state.pop(state, 0))
+        for state, n in sorted(per_state.items()):
+            devices.add_metric([state], n)
+        yield devices
+        models = GaugeMetricFamily("edgeml_devices_by_model", "Devices by the model version they last reported.",
+                                   labels=["model", "version", "state"])
+        for model, version, state, n in sorted(by_model, key=lambda r: (r[0] or "", r[1] or 0, r[2])):
+            models.add_metric([model or "", "" if version is None else str(version), state], n)
+        yield models
+        yield GaugeMetricFamily("edgeml_device_outbox_results",
+                                "Results the devices reported still waiting for a receipt (sum of their last status).",
+                                value=waiting)

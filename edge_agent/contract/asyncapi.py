@@ -1,0 +1,319 @@
+"""The wire contract as a document: JSON Schemas of every payload and an AsyncAPI 3 description.
+
+For the authors of devices that are not our agent (a microcontroller, a Node-RED flow): what to
+send, on which topic, with which QoS and retain flag, and what comes back. Built from the limits in
+:mod:`edge_agent.contract`, so the two cannot drift apart; ``contract/asyncapi.json`` in the
+repository is this module's output, and a test checks that it is current, that everything the
+encoders produce validates, and that every payload a schema refuses, the decoders refuse too (the
+decoders may be stricter: ``end >= start``, the payload size, the topic's device id).
+
+    python -m edge_agent.contract.asyncapi > contract/asyncapi.json
+
+The agent never imports this module: it is documentation and tests, not the runtime path.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+
+from edge_agent import contract as c
+from edge_agent.contract import rounds as cr
+
+ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$",
+      "description": "1-64 of A-Z a-z 0-9 _ . : - (no MQTT wildcards, no slash)"}
+U63 = {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1}
+NUMBER = {"type": "number", "description": "finite (JSON has no NaN or Infinity)"}
+VERSION = {"const": c.SCHEMA_VERSION, "description": "schema version; other versions are refused"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields may be left out or be null."""
+    return {"oneOf": [{"type": "null"}, schema]}
+
+
+def _numbers(limit: int) -> dict[str, Any]:
+    return {"type": "array", "maxItems": limit, "items": NUMBER}
+
+
+RESULT: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "required": ["seq", "start", "end", "model_version", "latency_ms"],
+    "properties": {
+        "seq": {**U63, "description": "unique per device: (device_id, seq) is the result's key. Our agent "
+                "uses the window start in ms, so a replay of the same log has the same keys"},
+        "start": {**NUMBER, "description": "window start, epoch seconds (device clock)"},
+        "end": {**NUMBER, "description": "window end, epoch seconds; not before start"},
+        "model_version": {**U63, "description": "the model version that produced the result"},
+        "latency_ms": {"type": "number", "minimum": 0, "description": "inference time in milliseconds"},
+        "label": _nullable({"type": "string", "maxLength": 256, "description": "predicted class"}),
+        "confidence": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "value": _nullable({**_numbers(256), "description": "regression output, one number per output "
+                                                             "(e.g. x, y of a position)"}),
+        "truth": _nullable({"type": "string", "maxLength": 256, "description": "ground truth, when known: a "
+                            "class, or for a regressor its targets as numbers separated by ';' (the window mean)"}),
+        "features": _nullable({**_numbers(4096), "description": "the model input, for retraining at the hub"}),
+    },
+}
+
+RESULTS: dict[str, Any] = {
+    "title": "results", "type": "object", "additionalProperties": False,
+    "description": f"A batch of results of one device (at most {c.MAX_RESULTS_BYTES} bytes). The device_id "
+                   "must be the one in the topic.",
+    "required": ["v", "device_id", "results"],
+    "properties": {"v": VERSION, "device_id": ID,
+                   "results": {"type": "array", "minItems": 1, "maxItems": c.MAX_RESULTS_PER_BATCH, "items": RESULT},
+                   "mark_duplicates": {"type": "boolean", "description": "true: mark the results the hub had "
+                                       "already stored in the receipt's dup (a device that reads dup says so; "
+                                       "the hub writes dup to no other)"}},
+}
+
+STATUS: dict[str, Any] = {
+    "title": "status", "type": "object", "additionalProperties": False,
+    "description": f"The device's retained status (at most {c.MAX_STATUS_BYTES} bytes); its last will is the "
+                   "same with state offline. A status without model fields keeps the model last reported.",
+    "required": ["v", "device_id", "state", "ts"],
+    "properties": {
+        "v": VERSION, "device_id": ID, "state": {"enum": [c.ONLINE, c.OFFLINE]},
+        "ts": {**NUMBER, "description": "epoch seconds (device clock)"},
+        "model_name": _nullable({"type": "string", "maxLength": 64}),
+        "model_version": _nullable(U63),
+        "model_sha256": _nullable({"type": "string", "maxLength": 64}),
+        "outbox_depth": {**U63, "description": "results on the device not yet receipted by the hub"},
+        "last_error": _nullable({"type": "string", "maxLength": 2000}),
+        "drift_psi": _nullable({**NUMBER, "description": "population stability index of the device's recent "
+                                "windows' features against the training distribution in the manifest "
+                                "(training.feature_bins), averaged over the features; above 0.25: drifting"}),
+        "mean_confidence": _nullable({**NUMBER, "description": "mean confidence of its recent predictions"}),
+    },
+}
+
+RUNS: dict[str, Any] = {"type": "array", "minItems": 1, "maxItems": c.MAX_RECEIPT_RUNS, "items": {
+    "type": "array", "minItems": 3, "maxItems": 3,
+    "items": [U63, {"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}]}}
+
+RECEIPT: dict[str, Any] = {
+    "title": "receipt", "type": "object", "additionalProperties": False,
+    "description": "The hub's word that results of this device are committed (new rows and duplicates "
+                   "alike). runs: [first, step, count] stands for the seqs first, first+step, ... (count of "
+                   "them). A device deletes those results; applying a receipt twice is harmless. At most "
+                   f"{c.MAX_RECEIPT_BYTES} bytes: the hub splits a commit's receipt into as many as it takes.",
+    "required": ["v", "device_id", "runs"],
+    "properties": {
+        "v": VERSION, "device_id": ID, "runs": RUNS,
+        "dup": {**RUNS, "description": "those of runs the hub had already stored before this delivery (a "
+                "replay of the same log, a re-send): sent only to devices whose results say mark_duplicates"},
+    },
+}
+
+MANIFEST: dict[str, Any] = {
+    "title": "manifest", "type": "object", "additionalProperties": False,
+    "description": "What travels with a model: identity, integrity, interface, preprocessing and metrics.",
+    "required": ["v", "name", "version", "sha256", "task", "labels", "n_features", "input_name", "preprocess",
+                 "created"],
+    "properties": {
+        "v": VERSION, "name": ID, "version": {**U63, "minimum": 1},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "of the ONNX bytes"},
+        "task": {"enum": list(c.TASKS)},
+        "labels": {"type": "array", "items": {"type": "string"}, "description": "class names (classification)"},
+        "n_features": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
+        "input_name": {"type": "string", "minLength": 1},
+        "preprocess": {"type": "object", "description": "window length, hop, channels, feature set and "
+                       "normalization: edge_agent.preprocess.PreprocessParams"},
+        "created": NUMBER,
+        "metrics": {"type": "object"}, "training": {"type": "object"},
+        "key_id": _nullable({"type": "string", "maxLength": 128}),
+        "signature": _nullable({"type": "string", "maxLength": 256,
+                                "description": "base64 Ed25519 signature of the manifest without this field"}),
+    },
+}
+
+BUNDLE_FORMAT = """\
+A model bundle is binary: the 4 bytes `EMLB`, the manifest length as a 4-byte big-endian unsigned
+integer, the manifest (UTF-8 JSON, the `manifest` schema), then the INT8 ONNX model bytes to the end.
+At most 32 MiB. To verify one, a device: (1) checks the magic and lengths; (2) checks that the
+sha256 of the ONNX bytes equals `manifest.sha256`; (3) checks `manifest.signature` (base64 Ed25519)
+against the hub's public key over the signing bytes: the manifest as a JSON object without its
+`signature` field, keys sorted, no spaces (orjson OPT_SORT_KEYS: separators `,` and `:`), UTF-8;
+(4) checks that `n_features` and `preprocess.channels` fit its sensors; only then loads the model,
+warms it up and swaps it in. A bundle that fails any step is refused and the running model stays.
+The topic is retained: a device that connects gets the current bundle at once."""
+
+
+_TENSORS = {"type": "array", "minItems": 1, "maxItems": cr.MAX_TENSORS, "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "shape"],
+    "properties": {"name": ID, "shape": {"type": "array", "minItems": 1, "maxItems": 4,
+                                         "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}},
+                   "scale": {"type": "number", "minimum": 0, "description": "int8 deltas: value = int8 x scale"}}}}
+
+ROUND: dict[str, Any] = {
+    "title": "round", "type": "object", "additionalProperties": False,
+    "description": "The header of a federated round's announcement (signed like a manifest).",
+    "required": sorted(set(cr.RoundPlan(0, "m", 1, "", "classification", (), 0.0).header()) - {"key_id", "signature"}),
+    "properties": {
+        "v": VERSION, "round": {**U63, "minimum": 1}, "model": ID, "base_version": {**U63, "minimum": 1},
+        "base_sha256": {"type": "string", "description": "the sha256 of the model a device must run to answer"},
+        "task": {"enum": list(c.TASKS)},
+        "participants": {"type": "array", "items": ID, "description": "the devices asked; the others ignore it"},
+        "deadline": {**NUMBER, "description": "epoch seconds (hub clock): later answers count only as late"},
+        "epochs": {"type": "integer", "minimum": 1, "maximum": 1000}, "lr": NUMBER,
+        "batch": {"type": "integer", "minimum": 1, "maximum": 1 << 16},
+        "mu": {**NUMBER, "description": "FedProx proximal weight; 0 = FedAvg"},
+        "alpha": {**NUMBER, "description": "L2 penalty, as the hub trained with"},
+        "clip": {**NUMBER, "description": "clip the delta's L2 norm to this; far above it is refused"},
+        "min_windows": {"type": "integer", "minimum": 1, "description": "answer only holding this many labelled windows"},
+        "min_new": {"type": "integer", "minimum": 0, "description": "...this many new since the last answer"},
+        "min_updates": {"type": "integer", "minimum": 1}, "max_staleness": {"type": "integer", "minimum": 0},
+        "encoding": {"enum": sorted(cr.ENCODINGS)}, "budget_s": NUMBER, "created": NUMBER,
+        "weights_sha256": {"type": "string", "description": "of the tensor bytes after the header"},
+        "tensors": _TENSORS,
+        "trainable": {"type": "array", "items": ID, "description": "the tensors to train and send (none when "
+                      "kind is evaluate)"},
+        "kind": {"enum": list(cr.KINDS), "description": "train: fine-tune and send the delta; evaluate: score "
+                 "these weights (the round's candidate) on your held-out windows and send no tensors"},
+        "int8": {"type": "object", "additionalProperties": False, "required": ["bytes", "sha256"],
+                 "description": "evaluate only: the INT8 ONNX model the hub will ship if it passes, after the "
+                 "weights; score it too (and the INT8 model you run) and answer with both scores",
+                 "properties": {"bytes": {"type": "integer", "minimum": 1}, "sha256": {"type": "string"}}},
+        "key_id": _nullable({"type": "string", "maxLength": 128}),
+        "signature": _nullable({"type": "string", "maxLength": 256, "description": "base64 Ed25519 signature of "
+                                "the header without this field, keys sorted, as for a manifest"}),
+    },
+}
+
+UPDATE: dict[str, Any] = {
+    "title": "update", "type": "object", "additionalProperties": False,
+    "description": "The header of a device's answer to a round.",
+    "required": sorted(cr._UPDATE_KEYS),
+    "properties": {
+        "v": VERSION, "round": {**U63, "minimum": 1}, "device_id": ID, "model": ID,
+        "base_version": {**U63, "minimum": 1},
+        "n": {"type": "integer", "minimum": 1, "description": "labelled windows trained on"},
+        "loss_before": NUMBER, "loss_after": NUMBER,
+        "metric_before": {**NUMBER, "description": "accuracy (or mean error) of the base on the device's held-out "
+                          "windows (one in five, never trained on)"},
+        "metric_after": {**NUMBER, "description": "the same of its fine-tuned model (train) or of the candidate "
+                         "(evaluate)"}, "norm": {**NUMBER, "description": "of the delta before clipping"},
+        "epochs": {"type": "integer", "minimum": 0}, "seconds": NUMBER,
+        "ranges": {"type": "array", "maxItems": 64, "items": {"type": "array", "minItems": 4, "maxItems": 4,
+                   "items": NUMBER}, "description": "per layer: input min, max, pre-activation min, max"},
+        "encoding": {"enum": sorted(cr.ENCODINGS)},
+        "tensors": {**_TENSORS, "minItems": 0, "description": "the delta's tensors (none in an evaluate answer)"},
+        "sent": NUMBER, "kind": {"enum": list(cr.KINDS), "description": "the kind of round it answers"},
+        "int8": {"type": "array", "minItems": 2, "maxItems": 2, "items": NUMBER, "description": "evaluate only: "
+                 "the INT8 models' scores on the same windows, the one the device runs and the round's (the "
+                 "announcement's int8): what the hub gates on; metric_before/after are then the FP32 weights'"},
+    },
+}
+
+ROUND_FORMAT = """\
+Federated rounds use the bundle's framing: 4 magic bytes (`EMLR` for an announcement, `EMLU` for an
+update), the header length as a 4-byte big-endian unsigned integer, the header (UTF-8 JSON: the
+`round` or `update` schema), then the tensors in the header's order, C order, little-endian: float32
+weights in an announcement (their sha256 is `weights_sha256`, covered by the signature; an evaluate
+announcement then carries the INT8 ONNX model of its `int8` field), int8 (or
+float32 with `encoding` float32) deltas in an update. A device answers a round only when it runs the
+model of `base_version` and `base_sha256`, is among `participants` and holds enough labelled windows;
+it sends the delta of the `trainable` tensors, never its data."""
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    return {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST, "round": ROUND,
+            "update": UPDATE}
+
+
+def _mqtt(delivery: c.Delivery) -> dict[str, Any]:
+    return {"mqtt": {"qos": delivery.qos, "retain": delivery.retain, "bindingVersion": "0.2.0"}}
+
+
+def asyncapi() -> dict[str, Any]:
+    """The AsyncAPI 3 document, from a device's point of view."""
+    prefix = {"description": "topic prefix of the deployment (settings `prefix`, default `edgeml`)",
+              "default": "edgeml"}
+    device = {"description": "the device id: the same as in the payload (and the broker username under the "
+                             "deployment ACL)"}
+
+    def channel(address: str, message: str, **params: Any) -> dict[str, Any]:
+        return {"address": address, "parameters": {"prefix": prefix, **params},
+                "messages": {message: {"$ref": f"#/components/messages/{message}"}}}
+
+    def operation(action: str, chan: str, delivery: c.Delivery, summary: str) -> dict[str, Any]:
+        return {"action": action, "channel": {"$ref": f"#/channels/{chan}"}, "summary": summary,
+                "bindings": _mqtt(delivery)}
+
+    def message(name: str, summary: str, content: str = "application/json") -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "summary": summary, "contentType": content}
+        body["payload"] = ({"$ref": f"#/components/schemas/{name}"} if content == "application/json"
+                           else {"type": "string", "format": "binary",
+                                 "description": BUNDLE_FORMAT if name == "bundle" else ROUND_FORMAT})
+        return body
+
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "edgeml-mqtt device contract", "version": str(c.SCHEMA_VERSION),
+            "description": "What a device sends to the cloud hub and what it gets back, over MQTT 3.1.1 or 5. "
+                           "Every JSON payload carries the schema version `v`; the hub refuses anything else "
+                           "and keeps refused payloads in its dead-letter table with the reason. A result "
+                           "is stored once per (device_id, seq), however often it is sent.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {"broker": {"host": "localhost:1883", "protocol": "mqtt",
+                               "description": "mosquitto with the project's config; production: mqtts on 8883 "
+                                              "with a username per device (deploy/mosquitto)"}},
+        "channels": {
+            "results": channel("{prefix}/devices/{device_id}/results", "results", device_id=device),
+            "status": channel("{prefix}/devices/{device_id}/status", "status", device_id=device),
+            "receipts": channel("{prefix}/devices/{device_id}/receipts", "receipt", device_id=device),
+            "model": channel("{prefix}/models/{model_name}", "bundle",
+                             model_name={"description": "model name (settings `model_name`, default `default`)"}),
+            "deviceModel": channel("{prefix}/devices/{device_id}/model", "bundle", device_id=device),
+            "rounds": channel("{prefix}/rounds/{model_name}", "announcement",
+                              model_name={"description": "model name (settings `model_name`, default `default`)"}),
+            "update": channel("{prefix}/devices/{device_id}/update", "update", device_id=device),
+        },
+        "operations": {
+            "sendResults": operation("send", "results", c.RESULTS_DELIVERY,
+                                     "Publish result batches; keep each result until its receipt, send it "
+                                     "again if none comes (after a timeout and after every reconnect)."),
+            "sendStatus": operation("send", "status", c.STATUS_DELIVERY,
+                                    "Publish the retained status on connect and now and then; set the same "
+                                    "with state offline as the last will."),
+            "receiveReceipts": operation("receive", "receipts", c.RECEIPT_DELIVERY,
+                                         "Subscribe to your receipts: the hub sends one after each commit."),
+            "receiveModels": operation("receive", "model", c.MODEL_DELIVERY,
+                                       "Subscribe to the retained, signed model bundle; verify, then swap."),
+            "receiveDeviceModel": operation("receive", "deviceModel", c.MODEL_DELIVERY,
+                                            "Canary rollouts: a retained bundle here is for this device only and "
+                                            "wins over the model topic; an empty retained message ends it (run "
+                                            "the model topic's bundle again). Verify it the same way."),
+            "receiveRounds": operation("receive", "rounds", cr.ROUND_DELIVERY,
+                                       "Federated rounds: the retained, signed announcement of the open round "
+                                       "(empty: none). Verify it as a bundle, then train if asked."),
+            "sendUpdate": operation("send", "update", cr.UPDATE_DELIVERY,
+                                    "Answer a round once: the INT8 delta of the trainable tensors, the example "
+                                    "count, scores before and after, the activation ranges seen."),
+        },
+        "components": {
+            "messages": {
+                "results": message("results", "a batch of results"),
+                "status": message("status", "device status (retained; the last will says offline)"),
+                "receipt": message("receipt", "the hub's commit receipt"),
+                "bundle": message("bundle", "a signed INT8 ONNX model bundle", "application/octet-stream"),
+                "announcement": message("announcement", "a signed federated round: its plan and the base "
+                                        "weights", "application/octet-stream"),
+                "update": message("update", "a device's INT8 delta for a round", "application/octet-stream"),
+            },
+            "schemas": schemas(),
+        },
+    }
+
+
+def render() -> str:
+    return orjson.dumps(asyncapi(), option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

@@ -1,0 +1,364 @@
+"""The agent process: outbox + publisher + model slot + status, around the pure pipeline.
+
+The same :class:`Agent` serves ``edge-agent replay`` (recorded logs, many devices, exits when every
+result is acknowledged) and ``edge-agent run`` (a live source until SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_agent import contract as c
+from edge_agent.contract.rounds import UPDATE_DELIVERY
+from edge_agent.device.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
+from edge_agent.device.learner import Learner
+from edge_agent.device.outbox import Outbox
+from edge_agent.device.pipeline import Processor
+from edge_agent.device.publisher import Publisher
+from edge_agent.drift import DeviceDrift
+from edge_agent.mqtt import Message, MqttError, MqttLink, Will
+from edge_agent.runner import ModelRunner
+from edge_agent.settings import AgentSettings
+
+if TYPE_CHECKING:
+    from edge_agent.device.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+_OFFLINE_NOTE_S = 60.0  # how often a disconnected agent says why
+
+
+class AgentError(RuntimeError):
+    """A condition the agent cannot work around (no model, bad configuration)."""
+
+
+_DATA_FAULT = "that the source does not provide"  # bundle.verify_bundle: the data lacks what the model reads
+
+
+def _hint(reason: str) -> str:
+    """What to do about a refused bundle, by its reason."""
+    if "no trusted key is configured" in reason:
+        return "Pass --trusted-key with the hub's public key (the .pub.pem of `cloud-hub keygen`)."
+    if "unsigned" in reason:
+        return "Publish it signed (`cloud-hub publish --signing-key KEY`), or allow unsigned models in development."
+    if "not the trusted key" in reason:
+        return "Give --trusted-key the public key of the key that signs the models."
+    if _DATA_FAULT in reason:
+        return ("The data is at fault, not the model: the source lacks channels the model was trained on; "
+                "give it those columns, or train a model on the channels it has.")
+    return "Publish a good model with `cloud-hub publish`, or pass --model FILE."
+
+
+class StateConflict(AgentError):
+    """The state dir holds results made for another broker or prefix."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT before a replay finished; what was produced is safe in the outbox."""
+
+
+@dataclass
+class ModelState:
+    bundle: c.Bundle
+    runner: ModelRunner
+
+
+class Agent:
+    """One MQTT connection, one outbox, one model, any number of device ids (replay)."""
+
+    def __init__(self, settings: AgentSettings, *, device_ids: tuple[str, ...] = ()) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        state = settings.state_path
+        state.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state
+        self.active_path = state / f"model-{settings.model_name}.emlb"
+        self.outbox = Outbox(state / "outbox.sqlite", max_rows=settings.outbox_max,
+                             overflow=settings.outbox_overflow, resend_after_s=settings.resend_after_s,
+                             resend_max_s=settings.resend_max_s)
+        held = self.outbox.bind(settings.delivery_target)
+        if held is not None:
+            self.outbox.close()
+            raise StateConflict(
+                f"state dir {state} holds {self.outbox.depth} results made for {held}; they must not go to "
+                f"{settings.delivery_target}: deliver them first (run again with that broker and prefix) or "
+                "use another --state-dir")
+        self.device_ids: list[str] = list(device_ids)
+        single = device_ids[0] if len(device_ids) == 1 else None
+        will = None
+        if single is not None:
+            will = Will(self.topics.status(single), c.Status(single, c.OFFLINE, time.time()).encode(),
+                        c.STATUS_DELIVERY)
+        client_id = settings.client_id or (f"edge-agent-{single}" if single else f"edge-agent-{uuid.uuid4().hex[:8]}")
+        self._trusted = load_public_key(settings.trusted_key) if settings.trusted_key else None
+        # (from the device's own model topic?, payload): a canary bundle there wins over the fleet's
+        self._updates: queue.SimpleQueue[tuple[bool, bytes]] = queue.SimpleQueue()
+        self._model_topic = self.topics.model(settings.model_name)
+        self._device_model_topic = self.topics.device_model(single) if single else None
+        self._fleet_bundle: bytes | None = None  # the last bundle of the model topic
+        self._canary_bundle: bytes | None = None  # the device's own, while a canary rollout includes it
+        subscriptions = [(self._model_topic, 1)]
+        if self._device_model_topic:
+            subscriptions.append((self._device_model_topic, 1))
+        self._rounds_topic = self.topics.rounds(settings.model_name)
+        self.learner: Learner | None = None
+        if settings.federated and single is not None:
+            subscriptions.append((self._rounds_topic, 1))
+        if settings.receipts:
+            # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
+            # device to its own); subscribing per device as they appear would race their first results.
+            subscriptions.append((self.topics.receipts(single) if single else self.topics.all_receipts, 1))
+        self.link = MqttLink(
+            settings.broker_url, client_id, tls=settings.tls, clean_start=True, will=will,
+            max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
+            on_published=self._on_published, on_connected=self._on_connected,
+            subscriptions=subscriptions,
+        )
+        self.publisher = Publisher(
+            self.outbox, self.link, self.topics, batch_max_results=settings.batch_max_results,
+            batch_max_delay_s=settings.batch_max_delay_s, max_inflight=settings.max_inflight,
+            receipts=settings.receipts,
+        )
+        self.model: ModelState | None = None
+        if settings.federated and single is not None:
+            self.learner = Learner(
+                device_id=single, state_dir=state, model_name=settings.model_name, capacity=settings.learn_windows,
+                trusted_key=self._trusted, allow_unsigned=settings.insecure_allow_unsigned,
+                running=lambda: self.model.bundle if self.model is not None else None,
+                publish=self._publish_update,
+                topic=self.topics.update(single))
+        self.drift: DeviceDrift | None = None  # one meter per device id
+        self.metrics: AgentMetrics | None = None
+        self.processor: Processor | None = None
+        self.source_channels: tuple[str, ...] | None = None
+        self.last_error: str | None = None
+        self.swaps = 0
+        self.stop_event = threading.Event()  # set by SIGTERM/SIGINT (jobs.py): ends waits early
+        self._status_due = 0.0
+        self._offline_note = 0.0
+        self._status_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- paho thread callbacks
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.topic == self._model_topic:
+            if msg.payload:
+                self._updates.put((False, msg.payload))
+        elif msg.topic == self._device_model_topic:
+            self._updates.put((True, msg.payload))  # empty: the canary is over
+        elif msg.topic.endswith("/receipts"):
+            self.publisher.on_receipt(msg.topic, msg.payload)
+        elif msg.topic == self._rounds_topic and self.learner is not None:
+            self.learner.offer(msg.payload)
+
+    def _publish_update(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload, UPDATE_DELIVERY)
+
+    def _on_published(self, mid: int, ok: bool, reason: str) -> None:
+        self.publisher.on_published(mid, ok, reason)
+
+    def _on_connected(self, up: bool) -> None:
+        if up:
+            self._status_due = 0.0  # re-announce online (the will may have been published)
+            self.publisher.on_reconnect()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self.settings.metrics_port is not None and self.metrics is None:
+            from edge_agent.device.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(self)
+            self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        self.link.start()
+        self.publisher.start()
+
+    def close(self, *, drain_timeout: float | None = 10.0) -> bool:
+        """Drain the outbox (bounded), publish offline, disconnect. Returns True if fully drained."""
+        drained = self.publisher.wait_drained(drain_timeout)
+        self.publisher.stop()
+        if self.learner is not None:  # a round's answer in the making goes out before the link closes
+            self.learner.close()
+        self.link.stop(final=[(self.topics.status(d), self._status(d, c.OFFLINE).encode(), c.STATUS_DELIVERY)
+                              for d in self.device_ids if c.valid_id(d)])
+        self.outbox.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        return drained
+
+    # ----------------------------------------------------------------- models
+
+    def load_model(self, explicit: str | None, channels: tuple[str, ...]) -> ModelState:
+        """The model to start with: ``explicit`` file, else the persisted one, else the retained topic."""
+        self.source_channels = channels
+        candidates: list[tuple[str, bytes]] = []
+        if explicit:
+            try:
+                candidates.append((explicit, Path(explicit).expanduser().read_bytes()))
+            except OSError as exc:
+                raise AgentError(f"cannot read model {explicit}: {exc}") from exc
+        elif self.active_path.is_file():
+            candidates.append((str(self.active_path), self.active_path.read_bytes()))
+        for origin, payload in candidates:
+            try:
+                # A file the operator names is trusted like a signed bundle when no key is configured.
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned or
+                              (origin == explicit and self._trusted is None))
+                log.info("model v%d from %s", self.model.bundle.manifest.version, origin)  # type: ignore[union-attr]
+                return self.model  # type: ignore[return-value]
+            except BundleRejected as exc:
+                if origin == explicit:
+                    data = _DATA_FAULT in str(exc)  # then the model is right, and the hint says so
+                    raise AgentError(f"model {origin} refused: {exc}" + (f". {_hint(str(exc))}" if data else "")
+                                     ) from exc
+                log.warning("persisted model %s refused (%s); waiting for the model topic", origin, exc)
+        return self._wait_for_model()
+
+    def _wait_for_model(self) -> ModelState:
+        """The retained model of the topic. A refused one ends the wait at once (it stays retained: waiting
+        for another is waiting for an operator), and so does SIGTERM/SIGINT or an unreachable broker."""
+        topic = self.topics.model(self.settings.model_name)
+        deadline = time.monotonic() + self.settings.model_wait_s
+        log.info("waiting up to %g s for a model on %s", self.settings.model_wait_s, topic)
+        said = False
+        while time.monotonic() < deadline:
+            if self.stop_event.is_set():
+                raise Interrupted("interrupted while waiting for a model")
+            try:
+                own, payload = self._updates.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+                self._note(own, payload)
+                payload = self._canary_bundle or self._fleet_bundle or b""
+                if not payload:
+                    continue
+            except queue.Empty:
+                away = self.link.disconnected_since
+                if away is not None and time.monotonic() - away > min(3.0, self.settings.connect_timeout_s) \
+                        and not said:
+                    said = True
+                    log.warning("not connected to %s yet (%s); trying for up to %g s", self.settings.broker_url,
+                                self.link.unreachable_reason(), self.settings.connect_timeout_s)
+                if away is not None and time.monotonic() - away > self.settings.connect_timeout_s:
+                    raise MqttError(f"cannot reach the broker {self.settings.broker_url} for "
+                                    f"{self.settings.connect_timeout_s:g} s to get a model from {topic}: "
+                                    f"{self.link.unreachable_reason()}") from None
+                continue
+            try:
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)
+                return self.model  # type: ignore[return-value]
+            except Exception as exc:  # whatever it fails with, it is refused: one line, not a traceback
+                why = str(exc) if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
+                raise AgentError(f"the model on {topic} was refused: {why}. {_hint(why)}") from exc
+        why = (f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
+               if not self.link.connected else f"connected to {self.settings.broker_url}; nothing is published there")
+        raise AgentError(f"no model on {topic} within {self.settings.model_wait_s:g} s ({why}). "
+                         "Pass --model FILE or publish one with `cloud-hub publish`.")
+
+    def _install(self, payload: bytes, *, allow_unsigned: bool) -> None:
+        bundle, runner = verify_bundle(
+            payload, trusted_key=self._trusted, allow_unsigned=allow_unsigned,
+            channels=self.source_channels, intra_op_threads=self.settings.intra_op_threads,
+        )
+        if self.model is not None and bundle.manifest.sha256 == self.model.bundle.manifest.sha256:
+            return  # the retained copy of what already runs
+        persist_bundle(bundle, self.active_path)
+        self.model = ModelState(bundle, runner)
+        self.drift = DeviceDrift.of(bundle.manifest.training)  # counts start again with each model
+        if self.processor is not None:
+            self.processor.swap(runner)
+            self.processor.drift = self.drift
+            self.swaps += 1
+        self.last_error = None
+        self._status_due = 0.0
+        log.info("serving model %s v%d (%s)", bundle.manifest.name, bundle.manifest.version, bundle.manifest.sha256[:12])
+
+    def _note(self, own: bool, payload: bytes) -> None:
+        if own:
+            self._canary_bundle = payload or None
+        else:
+            self._fleet_bundle = payload
+
+    def poll_updates(self) -> None:
+        """Between batches: verify and hot-swap the model to run (the device's canary bundle while it has
+        one, else the model topic's) when it changed; a bad one is refused and the running one stays."""
+        changed = False
+        while True:
+            try:
+                own, payload = self._updates.get_nowait()
+            except queue.Empty:
+                break
+            self._note(own, payload)
+            changed = True
+        wanted = self._canary_bundle or self._fleet_bundle
+        if changed and wanted:
+            try:
+                self._install(wanted, allow_unsigned=self.settings.insecure_allow_unsigned)
+            except Exception as exc:  # retained: any failure must refuse it, not crash-loop on it
+                why = exc if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
+                self.last_error = f"model refused: {why}"
+                self._status_due = 0.0
+                log.error("%s; still serving v%s", self.last_error,
+                          self.model.bundle.manifest.version if self.model else "none")
+
+    def make_processor(self) -> Processor:
+        assert self.model is not None and self.source_channels is not None
+        s = self.settings
+        self.processor = Processor(self.model.runner, self.outbox, source_channels=self.source_channels,
+                                   device_id=s.device_id, features=s.features, features_sample=s.features_sample)
+        self.processor.drift = self.drift
+        if self.learner is not None:
+            self.processor.on_labelled = self.learner.on_windows
+        if self.metrics is not None:
+            self.processor.on_inference = self.metrics.observe_inference
+        return self.processor
+
+    # ----------------------------------------------------------------- status
+
+    def _status(self, device_id: str, state: str) -> c.Status:
+        m = self.model.bundle.manifest if self.model else None
+        error = self.last_error or self.publisher.last_error
+        if self.outbox.dropped:
+            error = f"{error}; " if error else ""
+            error += f"outbox overflow dropped {self.outbox.dropped} results"
+        return c.Status(device_id, state, time.time(), model_name=m.name if m else None,
+                        model_version=m.version if m else None, model_sha256=m.sha256 if m else None,
+                        outbox_depth=self.outbox.depth_of(device_id) if len(self.device_ids) > 1 else self.outbox.depth,
+                        last_error=error[:2000] if error else None,
+                        drift_psi=None if self.drift is None else self.drift.psi(device_id),
+                        mean_confidence=None if self.drift is None else self.drift.mean_confidence(device_id))
+
+    def publish_status(self, state: str = c.ONLINE) -> None:
+        with self._status_lock:
+            for device in self.device_ids:
+                try:
+                    self.link.publish(self.topics.status(device), self._status(device, state).encode(),
+                                      c.STATUS_DELIVERY)
+                except (MqttError, c.ContractError) as exc:
+                    log.warning("status publish failed: %s", exc)
+            self._status_due = time.monotonic() + self.settings.status_interval_s
+
+    def tick(self) -> None:
+        """Housekeeping between chunks: model updates, federated rounds, new devices, periodic status."""
+        self.poll_updates()
+        if self.learner is not None:
+            self.learner.tick()
+        if self.processor is not None:
+            new = sorted(self.processor.stats.devices - set(self.device_ids))
+            if new:
+                self.device_ids.extend(new)
+                self._status_due = 0.0
+        now = time.monotonic()
+        if now >= self._status_due and self.link.connected:
+            self.publish_status(c.ONLINE)
+        away = self.link.disconnected_since
+        if away is not None and now - away > min(3.0, self.settings.connect_timeout_s) and now >= self._offline_note:
+            # A device keeps working offline (the outbox holds its results), but never silently.
+            self._offline_note = now + _OFFLINE_NOTE_S
+            log.warning("not connected to %s for %.0f s: %s; %d results kept in the outbox", self.settings.broker_url,
+                        now - away, self.link.unreachable_reason(), self.outbox.depth)
+        self.publisher.notify()

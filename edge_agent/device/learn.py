@@ -1,0 +1,331 @@
+"""On-device fine-tuning of the hub's ``StandardScaler -> MLP`` for federated rounds (numpy only).
+
+A model is a dict of arrays named as the hub keeps them (:mod:`cloud_hub.models.weights`):
+
+* ``coef_i`` float[in, out] and ``intercept_i`` float[out] for the layers ``i = 0 .. L-1``
+  (hidden layers ReLU; output softmax for a classifier, identity for a regressor);
+* ``scaler_mean``, ``scaler_scale`` float[f]: the frozen input standardization
+  ``z = (x - mean) * (1 / scale)`` computed in float32 as the exported ONNX graph's ``Sub``/``Mul``
+  (a scale of 0 counts as 1, as scikit-learn's ``StandardScaler`` stores it);
+* regressors only, ``target_mu``, ``target_sd`` float[outputs]: the frozen target scale. The stored
+  last layer predicts real units (the scale is folded into it, as ``cloud_hub.models.training`` does);
+  training unfolds it and minimizes the loss in standardized target units, as the hub trains.
+
+Loss: mean cross-entropy (classifier) or mean over windows of half the squared error summed over the
+outputs in standardized units (regressor), plus scikit-learn's L2 ``alpha / (2 n_batch) * sum ||coef||^2``
+and FedProx's ``mu / 2 * ||w - w_start||^2`` over the trained tensors. Optimizer: SGD with momentum 0.9
+(default) or Adam, its state restarted at every call.
+
+``ranges`` (what the hub calibrates the INT8 model with, no data needed): per layer ``i`` a list
+``[in_lo, in_hi, out_lo, out_hi]`` of the input of its matrix product (standardized features for
+layer 0, post-ReLU activations for the others) and of its pre-activation output (real units for a
+regressor's last layer), observed on the device's windows with the new weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LocalResult", "activation_ranges", "fine_tune", "loss_and_grad", "metric", "n_layers", "predict",
+           "score", "trainable_names"]
+
+Tensors = Mapping[str, np.ndarray]
+_CHUNK = 1024  # rows per forward pass outside training (bounds the activation memory)
+
+
+@dataclass
+class LocalResult:
+    tensors: dict[str, np.ndarray]  # all tensors, the trained ones updated (unclipped)
+    delta: dict[str, np.ndarray]  # trained tensors only: new - start, clipped to ``clip``
+    n: int  # windows trained on
+    loss_before: float  # data loss (no penalty) on all n windows
+    loss_after: float
+    metric_before: float  # accuracy, or a regressor's mean Euclidean error in real units
+    metric_after: float
+    norm: float  # L2 norm of the delta before clipping
+    epochs: float  # passes done (fewer than asked when the time budget ran out)
+    seconds: float
+    ranges: list[list[float]]
+
+
+def n_layers(tensors: Tensors) -> int:
+    n = 0
+    while f"coef_{n}" in tensors:
+        n += 1
+    if n == 0:
+        raise ValueError("no coef_0 in the tensors")
+    return n
+
+
+def trainable_names(tensors: Tensors, train_layers: int | None = None) -> list[str]:
+    """Names of the tensors ``train_layers`` (default: all layers) trains, i.e. of the delta."""
+    L = n_layers(tensors)
+    k = L if train_layers is None else int(train_layers)
+    if not 1 <= k <= L:
+        raise ValueError(f"train_layers must be in 1..{L}, got {train_layers}")
+    return [f"{kind}_{i}" for i in range(L - k, L) for kind in ("coef", "intercept")]
+
+
+def _dtype(tensors: Tensors) -> np.dtype:
+    return np.dtype(np.float64 if np.asarray(tensors["coef_0"]).dtype == np.float64 else np.float32)
+
+
+def _standardize(tensors: Tensors, X: np.ndarray) -> np.ndarray:
+    dt = _dtype(tensors)
+    scale = np.asarray(tensors["scaler_scale"], np.float64)
+    factor = (1.0 / np.where(scale == 0, 1.0, scale)).astype(dt)
+    X = np.asarray(X, dt)
+    if X.ndim != 2 or X.shape[1] != factor.shape[0]:
+        raise ValueError(f"X must be [n, {factor.shape[0]}], got {X.shape}")
+    return (X - np.asarray(tensors["scaler_mean"], dt)) * factor
+
+
+def _target(tensors: Tensors, outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    dt = _dtype(tensors)
+    mu = np.broadcast_to(np.asarray(tensors.get("target_mu", 0.0), dt), (outputs,))
+    sd = np.broadcast_to(np.asarray(tensors.get("target_sd", 1.0), dt), (outputs,))
+    return mu, sd
+
+
+def _layers(tensors: Tensors, task: str, unfold: bool) -> list[list[np.ndarray]]:
+    """[[W, b], ...] copies; a regressor's last layer in standardized target units when ``unfold``."""
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    dt = _dtype(tensors)
+    out = [[np.array(tensors[f"coef_{i}"], dt), np.array(tensors[f"intercept_{i}"], dt)]
+           for i in range(n_layers(tensors))]
+    if unfold and task == "regression":
+        mu, sd = _target(tensors, out[-1][0].shape[1])
+        out[-1] = [out[-1][0] / sd, (out[-1][1] - mu) / sd]
+    return out
+
+
+def _forward(layers: list[list[np.ndarray]], H: np.ndarray, last_is_output: bool = True) -> np.ndarray:
+    for i, (W, b) in enumerate(layers):
+        H = H @ W + b
+        if i < len(layers) - 1 or not last_is_output:
+            np.maximum(H, 0, out=H)
+    return H
+
+
+def _softmax(A: np.ndarray) -> np.ndarray:
+    P = np.exp(A - A.max(axis=1, keepdims=True))
+    return P / P.sum(axis=1, keepdims=True)
+
+
+def predict(tensors: Tensors, task: str, X: np.ndarray) -> np.ndarray:
+    """Class probabilities [n, classes] or outputs [n, outputs] in real units (as the FP32 ONNX)."""
+    layers = _layers(tensors, task, unfold=False)
+    out = []
+    for i in range(0, len(X), _CHUNK):
+        A = _forward(layers, _standardize(tensors, X[i:i + _CHUNK]))
+        out.append(_softmax(A) if task == "classification" else A)
+    return np.concatenate(out)
+
+
+def activation_ranges(tensors: Tensors, X: np.ndarray) -> list[list[float]]:
+    """Per layer ``[in_lo, in_hi, out_lo, out_hi]`` observed on the rows X (see the module doc)."""
+    layers = _layers(tensors, "classification", unfold=False)  # stored (folded) weights, as ONNX runs
+    lo = np.full((len(layers), 2), np.inf)
+    hi = np.full((len(layers), 2), -np.inf)
+    for s in range(0, len(X), _CHUNK):
+        H = _standardize(tensors, X[s:s + _CHUNK])
+        for i, (W, b) in enumerate(layers):
+            A = H @ W + b
+            lo[i] = np.minimum(lo[i], (H.min(), A.min()))
+            hi[i] = np.maximum(hi[i], (H.max(), A.max()))
+            H = np.maximum(A, 0)
+    return [[float(lo[i, 0]), float(hi[i, 0]), float(lo[i, 1]), float(hi[i, 1])] for i in range(len(layers))]
+
+
+def _targets(tensors: Tensors, task: str, y: np.ndarray, n: int, outputs: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.shape[:1] != (n,):
+        raise ValueError(f"y must have {n} rows, got shape {y.shape}")
+    if task == "classification":
+        yi = y.astype(np.int64).reshape(n)
+        if yi.min() < 0 or yi.max() >= outputs:
+            raise ValueError(f"class indices must be in 0..{outputs - 1}")
+        return yi
+    mu, sd = _target(tensors, outputs)
+    return ((y.reshape(n, outputs) - mu) / sd).astype(_dtype(tensors))
+
+
+def _data_loss(A: np.ndarray, Y: np.ndarray, task: str) -> tuple[float, np.ndarray]:
+    """Mean loss of the output pre-activations A and its gradient with respect to A."""
+    n = A.shape[0]
+    if task == "classification":
+        P = _softmax(A)
+        loss = -float(np.mean(np.log(np.maximum(P[np.arange(n), Y], 1e-30))))
+        P[np.arange(n), Y] -= 1
+        return loss, P / n
+    D = A - Y
+    return 0.5 * float(np.sum(D * D)) / n, D / n
+
+
+def _step_grads(P: list[list[np.ndarray]], P0: list[list[np.ndarray]], H: np.ndarray, Y: np.ndarray,
+                task: str, alpha: float, mu: float) -> tuple[float, list[list[np.ndarray]]]:
+    """Objective of the trained layers P on inputs H (outputs of the frozen ones) and its gradients."""
+    n = H.shape[0]
+    acts = [H]
+    for i, (W, b) in enumerate(P):
+        A = acts[-1] @ W + b
+        if i < len(P) - 1:
+            np.maximum(A, 0, out=A)
+        acts.append(A)
+    loss, delta = _data_loss(acts[-1], Y, task)
+    grads: list[list[np.ndarray]] = [[]] * len(P)
+    for i in range(len(P) - 1, -1, -1):
+        W, b = P[i]
+        gW, gb = acts[i].T @ delta, delta.sum(axis=0)
+        if alpha:
+            gW += (alpha / n) * W
+            loss += 0.5 * alpha / n * float(np.sum(W * W))
+        if mu:
+            dW, db = W - P0[i][0], b - P0[i][1]
+            gW += mu * dW
+            gb += mu * db
+            loss += 0.5 * mu * float(np.sum(dW * dW) + np.sum(db * db))
+        grads[i] = [gW, gb]
+        if i:
+            delta = delta @ W.T
+            delta *= acts[i] > 0
+    return loss, grads
+
+
+def loss_and_grad(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, alpha: float = 0.0,
+                  mu: float = 0.0, start: Tensors | None = None,
+                  train_layers: int | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    """The objective ``fine_tune`` minimizes on all rows at once, and its gradient with respect to the
+    stored (folded) trained tensors (float64 tensors and X compute in float64)."""
+    L = n_layers(tensors)
+    names = trainable_names(tensors, train_layers)
+    first = L - len(names) // 2
+    layers = _layers(tensors, task, unfold=True)
+    start_layers = _layers(start if start is not None else tensors, task, unfold=True)
+    H = _forward(layers[:first], _standardize(tensors, X), last_is_output=False)
+    Y = _targets(tensors, task, y, H.shape[0], layers[-1][0].shape[1])
+    loss, grads = _step_grads(layers[first:], start_layers[first:], H, Y, task, alpha, mu)
+    if task == "regression":  # chain rule through the unfolding W_u = W / sd, b_u = (b - mu) / sd
+        sd = _target(tensors, layers[-1][0].shape[1])[1]
+        grads[-1] = [grads[-1][0] / sd, grads[-1][1] / sd]
+    return loss, {name: g for name, g in zip(names, (g for pair in grads for g in pair), strict=True)}
+
+
+def metric(task: str, predicted: np.ndarray, y: np.ndarray) -> float:
+    """The one definition of a device's score: a classifier's accuracy (``predicted``: class indices, or a
+    score per class; ``y``: class indices), a regressor's mean Euclidean error in real units (``predicted``
+    and ``y``: [n, outputs]). Whatever model made the predictions (these tensors, or an INT8 ONNX model)."""
+    if task == "classification":
+        p = np.asarray(predicted)
+        return float(np.mean((p.argmax(axis=1) if p.ndim == 2 else p) == np.asarray(y).reshape(len(p))))
+    P = np.asarray(predicted, np.float64).reshape(len(predicted), -1)
+    D = P - np.asarray(y, np.float64).reshape(P.shape)
+    return float(np.mean(np.sqrt(np.sum(D * D, axis=1))))
+
+
+def _evaluate(layers: list[list[np.ndarray]], H: np.ndarray, Y: np.ndarray, y_real: np.ndarray, task: str,
+              target: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """Data loss and :func:`metric` of the trained part."""
+    loss, total = 0.0, 0.0
+    for s in range(0, H.shape[0], _CHUNK):
+        A = _forward(layers, H[s:s + _CHUNK])
+        part, _ = _data_loss(A, Y[s:s + _CHUNK], task)
+        loss += part * A.shape[0]
+        if task == "classification":
+            total += metric(task, A, Y[s:s + _CHUNK]) * A.shape[0]
+        else:
+            total += metric(task, A * target[1] + target[0], y_real[s:s + _CHUNK]) * A.shape[0]
+    n = H.shape[0]
+    return loss / n, total / n
+
+
+def score(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray) -> float:
+    """The metric ``fine_tune`` reports (accuracy, or mean Euclidean error in real units) of ``tensors``
+    on windows X [n, f] with labels y as ``fine_tune`` takes them."""
+    layers = _layers(tensors, task, unfold=True)
+    H = _standardize(tensors, X)
+    outputs = layers[-1][0].shape[1]
+    Y = _targets(tensors, task, y, H.shape[0], outputs)
+    y_real = np.asarray(y, H.dtype) if task == "regression" else Y
+    return _evaluate(layers, H, Y, y_real, task, _target(tensors, outputs))[1]
+
+
+def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epochs: float, lr: float,
+              batch: int = 64, mu: float = 0.0, alpha: float = 0.0, clip: float | None = None,
+              train_layers: int | None = None, seed: int = 0, budget_s: float | None = None,
+              optimizer: str = "sgd", momentum: float = 0.9) -> LocalResult:
+    """Train the last ``train_layers`` layers (default all) on windows X [n, f] and labels y (int class
+    indices, or float[n, outputs] targets in real units) from ``tensors``, which are not modified.
+
+    ``epochs`` passes of minibatches of ``batch`` shuffled rows (seeded), stopping early once
+    ``budget_s`` seconds have passed; SGD with ``momentum`` (default: it beat Adam in federated rounds
+    on the watch data, ``bench/federated_watch.py --study``) or Adam (``optimizer="adam"``); the
+    optimizer state restarts at every call. See the module doc for the objective and ``LocalResult`` for what is returned."""
+    t0 = time.monotonic()
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    L = n_layers(tensors)
+    names = trainable_names(tensors, train_layers)
+    first = L - len(names) // 2
+    layers = _layers(tensors, task, unfold=True)
+    start = [[a.copy() for a in pair] for pair in layers[first:]]
+    P = layers[first:]
+    H = _forward(layers[:first], _standardize(tensors, X), last_is_output=False)  # frozen part, once
+    n = H.shape[0]
+    outputs = P[-1][0].shape[1]
+    Y = _targets(tensors, task, y, n, outputs)
+    target = _target(tensors, outputs)
+    y_real = np.asarray(y, H.dtype) if task == "regression" else Y
+    loss_before, metric_before = _evaluate(P, H, Y, y_real, task, target)
+
+    flat = [a for pair in P for a in pair]
+    m1 = [np.zeros_like(a) for a in flat]
+    m2 = [np.zeros_like(a) for a in flat] if optimizer == "adam" else []
+    rng = np.random.default_rng(seed)
+    batch = max(1, min(int(batch), n))
+    per_epoch = -(-n // batch)
+    total = int(round(float(epochs) * per_epoch))
+    done = 0
+    while done < total and not (budget_s is not None and time.monotonic() - t0 >= budget_s):
+        order = rng.permutation(n)
+        for s in range(0, n, batch):
+            if done >= total or (budget_s is not None and time.monotonic() - t0 >= budget_s):
+                break
+            idx = order[s:s + batch]
+            _, grads = _step_grads(P, start, H[idx], Y[idx], task, alpha, mu)
+            done += 1
+            for j, g in enumerate(g for pair in grads for g in pair):
+                if optimizer == "adam":
+                    m1[j] *= 0.9
+                    m1[j] += 0.1 * g
+                    m2[j] *= 0.999
+                    m2[j] += 0.001 * g * g
+                    step = lr * np.sqrt(1 - 0.999 ** done) / (1 - 0.9 ** done)
+                    flat[j] -= step * m1[j] / (np.sqrt(m2[j]) + 1e-8)
+                else:
+                    m1[j] *= momentum
+                    m1[j] += g
+                    flat[j] -= lr * m1[j]
+    loss_after, metric_after = _evaluate(P, H, Y, y_real, task, target)
+    del H
+
+    if task == "regression":  # fold the target scale back into the last layer
+        P[-1] = [P[-1][0] * target[1], P[-1][1] * target[1] + target[0]]
+    dt = _dtype(tensors)
+    new = {k: np.array(v) for k, v in tensors.items()}
+    delta = {}
+    for name, arr in zip(names, (a for pair in P for a in pair), strict=True):
+        new[name] = arr.astype(dt)
+        delta[name] = (new[name] - np.asarray(tensors[name], dt)).astype(np.float32)
+    norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
+    if clip is not None and norm > clip:
+        delta = {k: (d * (clip / norm)).astype(np.float32) for k, d in delta.items()}
+    return LocalResult(tensors=new, delta=delta, n=n, loss_before=loss_before, loss_after=loss_after,
+                       metric_before=metric_before, metric_after=metric_after, norm=norm,
+                       epochs=round(done / per_epoch, 4), seconds=time.monotonic() - t0,
+                       ranges=activation_ranges(new, X))

@@ -1,0 +1,187 @@
+"""Readings in, results into the outbox: windowing, features, inference, result encoding.
+
+No broker and no clock here: the processor takes reading chunks and writes encoded results to the
+outbox. Keys are deterministic: ``seq`` is the window start in milliseconds, so replaying the
+same log with the same model produces the same keys and the hub stores each window once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.contract import ContractError, Result, check_id, encode_result_obj
+from edge_agent.device.outbox import Outbox
+from edge_agent.drift import DeviceDrift
+from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
+from edge_agent.runner import ModelRunner, Prediction
+
+_GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
+
+
+def window_seq(start: np.ndarray) -> np.ndarray:
+    """The result key of each window: its start time in integer milliseconds."""
+    return np.rint(np.asarray(start, dtype=np.float64) * 1000.0).astype(np.int64)
+
+
+def sampled(seq: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic per-key sampling mask (the same windows are chosen on every replay)."""
+    if fraction >= 1.0:
+        return np.ones(len(seq), dtype=bool)
+    h = (seq.astype(np.uint64) * np.uint64(_GOLDEN)) & np.uint64(0xFFFFFFFF)
+    return h < np.uint64(int(fraction * 2**32))
+
+
+class DeviceIdError(ValueError):
+    """A device id that cannot be used: invalid in the contract, or several under one --device-id."""
+
+
+@dataclass
+class ProcessStats:
+    readings: int = 0
+    windows: int = 0
+    new_results: int = 0
+    dropped_windows: int = 0  # windows dropped for missing data (preprocessing policy)
+    devices: set[str] = field(default_factory=set)
+
+
+class Processor:
+    """Per-device windowers feeding one model runner; results go to the outbox."""
+
+    def __init__(self, runner: ModelRunner, outbox: Outbox, *, source_channels: tuple[str, ...],
+                 device_id: str | None = None, features: str = "off", features_sample: float = 0.1) -> None:
+        self.outbox = outbox
+        self.source_channels = tuple(source_channels)
+        self.device_id = device_id
+        self.features = features
+        self.features_sample = features_sample
+        self.stats = ProcessStats()
+        self._source_of_override: str | None = None
+        self._devices: dict[str, str] = {}  # source device id -> published device id (checked once)
+        self._source = "the source"  # named in errors
+        self.runner = runner
+        self._columns = self._column_index(runner.params)
+        self._windowers = DeviceWindowers(runner.params)  # by source device id
+        self.drift: DeviceDrift | None = None  # the model's meters, one a device; set by the agent
+        self.on_inference: Callable[[float], None] | None = None  # latency of each inference call (metrics)
+        # labelled windows for federated rounds (edge_agent/device/learner.py): (layout, features, truths, starts)
+        self.on_labelled: Callable[[str, np.ndarray, list[str | None], np.ndarray], None] | None = None
+        self._layout = _layout(runner.params)
+
+    def _column_index(self, params: PreprocessParams) -> np.ndarray:
+        missing = [c for c in params.channels if c not in self.source_channels]
+        if missing:
+            raise ValueError(f"model needs channels {missing}; the source has {list(self.source_channels)}")
+        return np.array([self.source_channels.index(c) for c in params.channels], dtype=np.intp)
+
+    def swap(self, runner: ModelRunner) -> None:
+        """Serve the next windows with ``runner``. Windows in progress continue if the windowing is equal."""
+        old = self.runner.params
+        new = runner.params
+        self._columns = self._column_index(new)
+        same_windows = (old.sample_rate_hz, old.window_s, old.hop_s, old.channels, old.missing,
+                        old.max_missing_frac) == (new.sample_rate_hz, new.window_s, new.hop_s, new.channels,
+                                                  new.missing, new.max_missing_frac)
+        if not same_windows:
+            self._windowers = DeviceWindowers(new)
+        self.runner = runner
+        self._layout = _layout(new)
+
+    def _device(self, source_device: str) -> str:
+        if self.device_id is None:
+            try:
+                return check_id(source_device)
+            except ContractError as exc:  # it would name an MQTT topic: refuse it here, not at publish
+                raise DeviceIdError(f"{self._source}: {exc.reason}") from exc
+        if self._source_of_override is None:
+            self._source_of_override = source_device
+        elif self._source_of_override != source_device:
+            raise DeviceIdError(
+                f"--device-id renames a single-device log, but this log holds {self._source_of_override!r} "
+                f"and {source_device!r}; drop --device-id to replay each under its own id"
+            )
+        return self.device_id
+
+    def process(self, per_device: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                source: str = "the source") -> int:
+        """Process readings grouped by device: ``{device: (ts, values[n, channels], labels|None)}``.
+
+        The windows of all devices are featurized and inferred as one batch: per-call overhead of
+        numpy and onnxruntime dominates small batches.
+        """
+        self._source = source
+        for source_device, (ts, _values, _labels) in per_device.items():
+            device = self._devices.get(source_device)
+            if device is None:
+                device = self._devices[source_device] = self._device(source_device)
+            self.stats.devices.add(device)
+            self.stats.readings += len(ts)
+        ready: list[tuple[str, WindowBatch]] = []
+        for source_device, batch in self._windowers.push(per_device, self._columns):
+            self.stats.dropped_windows += batch.dropped
+            if len(batch):
+                ready.append((self._devices[source_device], batch))
+        if not ready:
+            return 0
+        runner = self.runner
+        feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
+                                 runner.params)
+        pred = runner.predict(feats)
+        parts: list[tuple[str, slice]] = []  # each device's windows in the batch
+        offset = 0
+        for device, batch in ready:
+            parts.append((device, slice(offset, offset + len(batch))))
+            offset += len(batch)
+        if self.drift is not None:
+            self.drift.add(parts, feats, pred.confidence)
+        if self.on_inference is not None:
+            self.on_inference(pred.latency_ms)
+        rows: list[tuple[str, int, bytes]] = []
+        for (device, batch), (_, part) in zip(ready, parts, strict=True):
+            rows += self._results(device, batch, feats[part], pred, part)
+            if self.on_labelled is not None and batch.labels is not None:
+                self.on_labelled(self._layout, feats[part], _truths(batch.labels), batch.start)
+        self.stats.windows += len(rows)
+        added = self.outbox.put_many(rows)  # one transaction for every device of the chunk
+        self.stats.new_results += added
+        return added
+
+    def _results(self, device: str, batch: WindowBatch, feats: np.ndarray, pred: Prediction, part: slice
+                 ) -> list[tuple[str, int, bytes]]:
+        seqs = window_seq(batch.start)
+        send_features = (np.zeros(len(seqs), bool) if self.features == "off"
+                         else sampled(seqs, 1.0 if self.features == "all" else self.features_sample))
+        version = self.runner.version
+        rows: list[tuple[str, int, bytes]] = []
+        starts, ends, seq_list = batch.start.tolist(), batch.end.tolist(), seqs.tolist()
+        truths = None if batch.labels is None else _truths(batch.labels)
+        labels = pred.labels[part] if pred.labels is not None else None
+        conf = pred.confidence[part].tolist() if pred.confidence is not None else None
+        values = pred.values[part].tolist() if pred.values is not None else None
+        for i, seq in enumerate(seq_list):
+            result = Result(
+                seq=seq, start=starts[i], end=ends[i], model_version=version, latency_ms=pred.latency_ms,
+                label=labels[i] if labels is not None else None,
+                confidence=conf[i] if conf is not None else None,
+                value=tuple(values[i]) if values is not None else None,
+                truth=truths[i] if truths is not None else None,
+                features=tuple(feats[i].tolist()) if send_features[i] else None,
+            )
+            rows.append((device, seq, encode_result_obj(result)))
+        return rows
+
+
+def _layout(params: PreprocessParams) -> str:
+    """What makes two feature vectors comparable: the preprocessing that made them."""
+    return repr(sorted(params.to_dict().items()))
+
+
+def _truths(labels: np.ndarray) -> list[str | None]:
+    """Window ground truth as the contract carries it: text, or a number written out; None = unknown."""
+    if labels.dtype.kind == "f":  # regression targets: the window's mean, NaN when a reading had none
+        if labels.ndim == 2:  # several outputs: "x;y", as the log writes them
+            return [None if any(v != v for v in row) else ";".join(map(repr, row)) for row in labels.tolist()]
+        return [None if x != x else repr(x) for x in labels.tolist()]
+    return [None if (x is None or x == "") else str(x) for x in labels.tolist()]

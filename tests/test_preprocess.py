@@ -22,8 +22,7 @@ from edge_agent.preprocess import (
     fit_normalization,
     make_windows,
 )
-from edge_agent.preprocess.features import _fft_bins as fft_bins
-from edge_agent.preprocess.params import PERCENTILES
+from edge_agent.preprocess.params import PERCENTILES, fft_bins
 
 RATE = 50.0
 DT = 1.0 / RATE

@@ -19,7 +19,7 @@ from tests.test_hub_cli import ServeProcess
 from tests.test_ingest import stored_keys
 
 pytestmark = pytest.mark.slow
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
 
 
 def pub(broker: LocalBroker, topic: str, payload: str, *extra: str) -> None:

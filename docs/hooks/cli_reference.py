@@ -1,7 +1,7 @@
 """MkDocs hook: the command-line reference, generated at build time from the Typer apps.
 
 The apps are found the way ``pip`` finds them: the ``[project.scripts]`` table of ``pyproject.toml``
-(``edge-agent = "edge_agent.cli:app"``), read again on every build, so a module that moves only needs
+(``edge-agent = "edge_agent.device.cli:app"``), read again on every build, so a module that moves only needs
 its entry point updated. Each app becomes a click command (``typer.main.get_command``) and every
 command and sub-command is rendered: usage, help, and each argument and option with its type, default
 and help. The page (``cli.md``) exists only in the build; nothing is written to the repository.
@@ -62,7 +62,7 @@ def _load(name: str, target: str) -> Any:
         raise PluginError(f"cli_reference: entry point {name} = {target!r} names no object (module:attr)")
     try:
         module = importlib.import_module(module_name)
-    except SystemExit as exc:  # e.g. cloud_hub.cli stops when the hub extra is missing
+    except SystemExit as exc:  # e.g. cloud_hub.cli.app stops when the hub extra is missing
         raise PluginError(f"cli_reference: importing {module_name} (entry point {name}) exited with {exc.code}; "
                           "is the project installed with its extras (pip install -e '.[dev]')?") from exc
     except Exception as exc:

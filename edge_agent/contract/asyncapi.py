@@ -228,28 +228,83 @@ def _mqtt(delivery: c.Delivery) -> dict[str, Any]:
     return {"mqtt": {"qos": delivery.qos, "retain": delivery.retain, "bindingVersion": "0.2.0"}}
 
 
+_PREFIX = {"description": "topic prefix of the deployment (settings `prefix`, default `edgeml`)",
+           "default": "edgeml"}
+_DEVICE = {"description": "the device id: the same as in the payload (and the broker username under the "
+                          "deployment ACL)"}
+_MODEL_NAME = {"description": "model name (settings `model_name`, default `default`)"}
+
+
+def _channel(address: str, message: str, **params: Any) -> dict[str, Any]:
+    return {"address": address, "parameters": {"prefix": _PREFIX, **params},
+            "messages": {message: {"$ref": f"#/components/messages/{message}"}}}
+
+
+def _operation(action: str, chan: str, delivery: c.Delivery, summary: str) -> dict[str, Any]:
+    return {"action": action, "channel": {"$ref": f"#/channels/{chan}"}, "summary": summary,
+            "bindings": _mqtt(delivery)}
+
+
+def _message(name: str, summary: str, content: str = "application/json") -> dict[str, Any]:
+    """A JSON message points at its schema; a binary one carries its framing in prose."""
+    body: dict[str, Any] = {"name": name, "summary": summary, "contentType": content}
+    body["payload"] = ({"$ref": f"#/components/schemas/{name}"} if content == "application/json"
+                       else {"type": "string", "format": "binary",
+                             "description": BUNDLE_FORMAT if name == "bundle" else ROUND_FORMAT})
+    return body
+
+
+def _channels() -> dict[str, Any]:
+    return {
+        "results": _channel("{prefix}/devices/{device_id}/results", "results", device_id=_DEVICE),
+        "status": _channel("{prefix}/devices/{device_id}/status", "status", device_id=_DEVICE),
+        "receipts": _channel("{prefix}/devices/{device_id}/receipts", "receipt", device_id=_DEVICE),
+        "model": _channel("{prefix}/models/{model_name}", "bundle", model_name=_MODEL_NAME),
+        "deviceModel": _channel("{prefix}/devices/{device_id}/model", "bundle", device_id=_DEVICE),
+        "rounds": _channel("{prefix}/rounds/{model_name}", "announcement", model_name=_MODEL_NAME),
+        "update": _channel("{prefix}/devices/{device_id}/update", "update", device_id=_DEVICE),
+    }
+
+
+def _operations() -> dict[str, Any]:
+    return {
+        "sendResults": _operation("send", "results", c.RESULTS_DELIVERY,
+                                  "Publish result batches; keep each result until its receipt, send it "
+                                  "again if none comes (after a timeout and after every reconnect)."),
+        "sendStatus": _operation("send", "status", c.STATUS_DELIVERY,
+                                 "Publish the retained status on connect and now and then; set the same "
+                                 "with state offline as the last will."),
+        "receiveReceipts": _operation("receive", "receipts", c.RECEIPT_DELIVERY,
+                                      "Subscribe to your receipts: the hub sends one after each commit."),
+        "receiveModels": _operation("receive", "model", c.MODEL_DELIVERY,
+                                    "Subscribe to the retained, signed model bundle; verify, then swap."),
+        "receiveDeviceModel": _operation("receive", "deviceModel", c.MODEL_DELIVERY,
+                                         "Canary rollouts: a retained bundle here is for this device only "
+                                         "and wins over the model topic; an empty retained message ends it "
+                                         "(run the model topic's bundle again). Verify it the same way."),
+        "receiveRounds": _operation("receive", "rounds", cr.ROUND_DELIVERY,
+                                    "Federated rounds: the retained, signed announcement of the open round "
+                                    "(empty: none). Verify it as a bundle, then train if asked."),
+        "sendUpdate": _operation("send", "update", cr.UPDATE_DELIVERY,
+                                 "Answer a round once: the INT8 delta of the trainable tensors, the example "
+                                 "count, scores before and after, the activation ranges seen."),
+    }
+
+
+def _messages() -> dict[str, Any]:
+    return {
+        "results": _message("results", "a batch of results"),
+        "status": _message("status", "device status (retained; the last will says offline)"),
+        "receipt": _message("receipt", "the hub's commit receipt"),
+        "bundle": _message("bundle", "a signed INT8 ONNX model bundle", "application/octet-stream"),
+        "announcement": _message("announcement", "a signed federated round: its plan and the base "
+                                 "weights", "application/octet-stream"),
+        "update": _message("update", "a device's INT8 delta for a round", "application/octet-stream"),
+    }
+
+
 def asyncapi() -> dict[str, Any]:
     """The AsyncAPI 3 document, from a device's point of view."""
-    prefix = {"description": "topic prefix of the deployment (settings `prefix`, default `edgeml`)",
-              "default": "edgeml"}
-    device = {"description": "the device id: the same as in the payload (and the broker username under the "
-                             "deployment ACL)"}
-
-    def channel(address: str, message: str, **params: Any) -> dict[str, Any]:
-        return {"address": address, "parameters": {"prefix": prefix, **params},
-                "messages": {message: {"$ref": f"#/components/messages/{message}"}}}
-
-    def operation(action: str, chan: str, delivery: c.Delivery, summary: str) -> dict[str, Any]:
-        return {"action": action, "channel": {"$ref": f"#/channels/{chan}"}, "summary": summary,
-                "bindings": _mqtt(delivery)}
-
-    def message(name: str, summary: str, content: str = "application/json") -> dict[str, Any]:
-        body: dict[str, Any] = {"name": name, "summary": summary, "contentType": content}
-        body["payload"] = ({"$ref": f"#/components/schemas/{name}"} if content == "application/json"
-                           else {"type": "string", "format": "binary",
-                                 "description": BUNDLE_FORMAT if name == "bundle" else ROUND_FORMAT})
-        return body
-
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -263,51 +318,9 @@ def asyncapi() -> dict[str, Any]:
         "servers": {"broker": {"host": "localhost:1883", "protocol": "mqtt",
                                "description": "mosquitto with the project's config; production: mqtts on 8883 "
                                               "with a username per device (deploy/mosquitto)"}},
-        "channels": {
-            "results": channel("{prefix}/devices/{device_id}/results", "results", device_id=device),
-            "status": channel("{prefix}/devices/{device_id}/status", "status", device_id=device),
-            "receipts": channel("{prefix}/devices/{device_id}/receipts", "receipt", device_id=device),
-            "model": channel("{prefix}/models/{model_name}", "bundle",
-                             model_name={"description": "model name (settings `model_name`, default `default`)"}),
-            "deviceModel": channel("{prefix}/devices/{device_id}/model", "bundle", device_id=device),
-            "rounds": channel("{prefix}/rounds/{model_name}", "announcement",
-                              model_name={"description": "model name (settings `model_name`, default `default`)"}),
-            "update": channel("{prefix}/devices/{device_id}/update", "update", device_id=device),
-        },
-        "operations": {
-            "sendResults": operation("send", "results", c.RESULTS_DELIVERY,
-                                     "Publish result batches; keep each result until its receipt, send it "
-                                     "again if none comes (after a timeout and after every reconnect)."),
-            "sendStatus": operation("send", "status", c.STATUS_DELIVERY,
-                                    "Publish the retained status on connect and now and then; set the same "
-                                    "with state offline as the last will."),
-            "receiveReceipts": operation("receive", "receipts", c.RECEIPT_DELIVERY,
-                                         "Subscribe to your receipts: the hub sends one after each commit."),
-            "receiveModels": operation("receive", "model", c.MODEL_DELIVERY,
-                                       "Subscribe to the retained, signed model bundle; verify, then swap."),
-            "receiveDeviceModel": operation("receive", "deviceModel", c.MODEL_DELIVERY,
-                                            "Canary rollouts: a retained bundle here is for this device only and "
-                                            "wins over the model topic; an empty retained message ends it (run "
-                                            "the model topic's bundle again). Verify it the same way."),
-            "receiveRounds": operation("receive", "rounds", cr.ROUND_DELIVERY,
-                                       "Federated rounds: the retained, signed announcement of the open round "
-                                       "(empty: none). Verify it as a bundle, then train if asked."),
-            "sendUpdate": operation("send", "update", cr.UPDATE_DELIVERY,
-                                    "Answer a round once: the INT8 delta of the trainable tensors, the example "
-                                    "count, scores before and after, the activation ranges seen."),
-        },
-        "components": {
-            "messages": {
-                "results": message("results", "a batch of results"),
-                "status": message("status", "device status (retained; the last will says offline)"),
-                "receipt": message("receipt", "the hub's commit receipt"),
-                "bundle": message("bundle", "a signed INT8 ONNX model bundle", "application/octet-stream"),
-                "announcement": message("announcement", "a signed federated round: its plan and the base "
-                                        "weights", "application/octet-stream"),
-                "update": message("update", "a device's INT8 delta for a round", "application/octet-stream"),
-            },
-            "schemas": schemas(),
-        },
+        "channels": _channels(),
+        "operations": _operations(),
+        "components": {"messages": _messages(), "schemas": schemas()},
     }
 
 

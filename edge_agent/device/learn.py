@@ -255,34 +255,12 @@ def score(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray) -> float:
     return _evaluate(layers, H, Y, y_real, task, _target(tensors, outputs))[1]
 
 
-def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epochs: float, lr: float,
-              batch: int = 64, mu: float = 0.0, alpha: float = 0.0, clip: float | None = None,
-              train_layers: int | None = None, seed: int = 0, budget_s: float | None = None,
-              optimizer: str = "sgd", momentum: float = 0.9) -> LocalResult:
-    """Train the last ``train_layers`` layers (default all) on windows X [n, f] and labels y (int class
-    indices, or float[n, outputs] targets in real units) from ``tensors``, which are not modified.
-
-    ``epochs`` passes of minibatches of ``batch`` shuffled rows (seeded), stopping early once
-    ``budget_s`` seconds have passed; SGD with ``momentum`` (default: it beat Adam in federated rounds
-    on the watch data, ``bench/federated_watch.py --study``) or Adam (``optimizer="adam"``); the
-    optimizer state restarts at every call. See the module doc for the objective and ``LocalResult`` for what is returned."""
-    t0 = time.monotonic()
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    L = n_layers(tensors)
-    names = trainable_names(tensors, train_layers)
-    first = L - len(names) // 2
-    layers = _layers(tensors, task, unfold=True)
-    start = [[a.copy() for a in pair] for pair in layers[first:]]
-    P = layers[first:]
-    H = _forward(layers[:first], _standardize(tensors, X), last_is_output=False)  # frozen part, once
+def _descend(P: list[list[np.ndarray]], start: list[list[np.ndarray]], H: np.ndarray, Y: np.ndarray,
+             task: str, *, epochs: float, lr: float, batch: int, mu: float, alpha: float, seed: int, t0: float,
+             budget_s: float | None, optimizer: str, momentum: float) -> tuple[int, int]:
+    """The minibatch loop of :func:`fine_tune`, updating the arrays of P in place; the optimizer state
+    lives only here, so it restarts at every call. Returns (steps done, steps per epoch)."""
     n = H.shape[0]
-    outputs = P[-1][0].shape[1]
-    Y = _targets(tensors, task, y, n, outputs)
-    target = _target(tensors, outputs)
-    y_real = np.asarray(y, H.dtype) if task == "regression" else Y
-    loss_before, metric_before = _evaluate(P, H, Y, y_real, task, target)
-
     flat = [a for pair in P for a in pair]
     m1 = [np.zeros_like(a) for a in flat]
     m2 = [np.zeros_like(a) for a in flat] if optimizer == "adam" else []
@@ -311,9 +289,14 @@ def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epoc
                     m1[j] *= momentum
                     m1[j] += g
                     flat[j] -= lr * m1[j]
-    loss_after, metric_after = _evaluate(P, H, Y, y_real, task, target)
-    del H
+    return done, per_epoch
 
+
+def _fold_delta(tensors: Tensors, task: str, names: list[str], P: list[list[np.ndarray]],
+                target: tuple[np.ndarray, np.ndarray],
+                clip: float | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """The trained layers P back in the stored form (a regressor's target scale folded in, the tensors'
+    dtype), the delta the hub receives (float32, clipped) and its norm before clipping."""
     if task == "regression":  # fold the target scale back into the last layer
         P[-1] = [P[-1][0] * target[1], P[-1][1] * target[1] + target[0]]
     dt = _dtype(tensors)
@@ -325,6 +308,41 @@ def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epoc
     norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
     if clip is not None and norm > clip:
         delta = {k: (d * (clip / norm)).astype(np.float32) for k, d in delta.items()}
+    return new, delta, norm
+
+
+def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epochs: float, lr: float,
+              batch: int = 64, mu: float = 0.0, alpha: float = 0.0, clip: float | None = None,
+              train_layers: int | None = None, seed: int = 0, budget_s: float | None = None,
+              optimizer: str = "sgd", momentum: float = 0.9) -> LocalResult:
+    """Train the last ``train_layers`` layers (default all) on windows X [n, f] and labels y (int class
+    indices, or float[n, outputs] targets in real units) from ``tensors``, which are not modified.
+
+    ``epochs`` passes of minibatches of ``batch`` shuffled rows (seeded), stopping early once
+    ``budget_s`` seconds have passed; SGD with ``momentum`` (default: it beat Adam in federated rounds
+    on the watch data, ``bench/federated_watch.py --study``) or Adam (``optimizer="adam"``); the
+    optimizer state restarts at every call. See the module doc for the objective and ``LocalResult`` for what is returned."""
+    t0 = time.monotonic()
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    L = n_layers(tensors)
+    names = trainable_names(tensors, train_layers)
+    first = L - len(names) // 2
+    layers = _layers(tensors, task, unfold=True)
+    start = [[a.copy() for a in pair] for pair in layers[first:]]
+    P = layers[first:]
+    H = _forward(layers[:first], _standardize(tensors, X), last_is_output=False)  # frozen part, once
+    n = H.shape[0]
+    outputs = P[-1][0].shape[1]
+    Y = _targets(tensors, task, y, n, outputs)
+    target = _target(tensors, outputs)
+    y_real = np.asarray(y, H.dtype) if task == "regression" else Y
+    loss_before, metric_before = _evaluate(P, H, Y, y_real, task, target)
+    done, per_epoch = _descend(P, start, H, Y, task, epochs=epochs, lr=lr, batch=batch, mu=mu, alpha=alpha,
+                               seed=seed, t0=t0, budget_s=budget_s, optimizer=optimizer, momentum=momentum)
+    loss_after, metric_after = _evaluate(P, H, Y, y_real, task, target)
+    del H
+    new, delta, norm = _fold_delta(tensors, task, names, P, target, clip)
     return LocalResult(tensors=new, delta=delta, n=n, loss_before=loss_before, loss_after=loss_after,
                        metric_before=metric_before, metric_after=metric_after, norm=norm,
                        epochs=round(done / per_epoch, 4), seconds=time.monotonic() - t0,

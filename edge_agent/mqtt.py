@@ -130,9 +130,15 @@ class MqttLink:
         self._sub_pending: dict[int, str] = {}  # SUBSCRIBE mid -> filter, until its SUBACK
         self._sub_error: str | None = None
         self._subscribed = False
+        self._client = self._new_client(tls=tls, will=will, manual_ack=manual_ack, max_inflight=max_inflight)
 
+    def _new_client(self, *, tls: TLSFiles | None, will: Will | None, manual_ack: bool,
+                    max_inflight: int) -> paho.Client:
+        """The paho client, configured from the broker URL and wired to this link's handlers; made last,
+        once every field those handlers read is set."""
+        broker = self.broker
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack,
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5, manual_ack=manual_ack,
         )
         client.enable_logger(_paho_log)
         client.max_inflight_messages_set(max_inflight)
@@ -154,7 +160,7 @@ class MqttLink:
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
         client.on_socket_open = tcp_no_delay
-        self._client = client
+        return client
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -160,32 +160,15 @@ def load_settings(
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if config is not None:
-        path = user_path("config file", config)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise SettingsError(f"config file {str(path)!r} does not exist") from exc
-        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, not UTF-8 (TOML is UTF-8)
-            raise SettingsError(f"config file {str(path)!r} cannot be read: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-        unknown = set(data) - fields
-        if unknown:
-            raise SettingsError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(fields))}")
-        values.update({k: _coerce(k, v, hints[k], str(path)) for k, v in data.items()})
-        origins.update({k: str(path) for k in data})
+        from_file, path = _file_values(config, fields, hints)
+        values.update(from_file)
+        origins.update({k: path for k in from_file})
     for name in fields:
         key = f"{env_prefix}_{name.upper()}"
         if key in environ:
             values[name] = _coerce(name, environ[key], hints[name], f"environment {key}")
             origins[name] = f"environment {key}"
-    known = {f"{env_prefix}_{name.upper()}" for name in fields} | set(other_env)
-    strays = sorted(k for k in environ if k.startswith(f"{env_prefix}_") and k not in known)
-    for stray in strays:
-        close = difflib.get_close_matches(stray, sorted(known), n=1)
-        if warn is not None:
-            warn(f"ignoring environment variable {stray}: not a setting" +
-                 (f" (did you mean {close[0]}?)" if close else ""))
+    _warn_strays(environ, env_prefix, fields, other_env, warn)
     for name, value in (flags or {}).items():
         if name not in fields:
             raise SettingsError(f"unknown flag {name}")
@@ -206,6 +189,38 @@ def load_settings(
                 raise
             raise SettingsError(f"{origin}: {exc}", field=exc.field) from None
     return settings
+
+
+def _file_values(config: str | Path, fields: set[str], hints: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The settings of a TOML file, coerced, and the file's name as their origin. A key that is no
+    setting is refused rather than ignored: in a file it is a typo that would otherwise go unseen."""
+    path = user_path("config file", config)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file {str(path)!r} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, not UTF-8 (TOML is UTF-8)
+        raise SettingsError(f"config file {str(path)!r} cannot be read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    unknown = set(data) - fields
+    if unknown:
+        raise SettingsError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(sorted(fields))}")
+    return {k: _coerce(k, v, hints[k], str(path)) for k, v in data.items()}, str(path)
+
+
+def _warn_strays(environ: Mapping[str, str], env_prefix: str, fields: set[str], other_env: Sequence[str],
+                 warn: Callable[[str], None] | None) -> None:
+    """A variable with our prefix that is no setting is only warned about, not refused: the environment
+    is shared with whatever else runs, and ``other_env`` names those meant for something else."""
+    known = {f"{env_prefix}_{name.upper()}" for name in fields} | set(other_env)
+    strays = sorted(k for k in environ if k.startswith(f"{env_prefix}_") and k not in known)
+    for stray in strays:
+        close = difflib.get_close_matches(stray, sorted(known), n=1)
+        if warn is not None:
+            warn(f"ignoring environment variable {stray}: not a setting" +
+                 (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def choice(name: str, value: str, allowed: tuple[str, ...], *, raw: str | None = None) -> None:

@@ -79,22 +79,10 @@ class Agent:
         state.mkdir(parents=True, exist_ok=True)
         self.state_dir = state
         self.active_path = state / f"model-{settings.model_name}.emlb"
-        self.outbox = Outbox(state / "outbox.sqlite", max_rows=settings.outbox_max,
-                             overflow=settings.outbox_overflow, resend_after_s=settings.resend_after_s,
-                             resend_max_s=settings.resend_max_s)
-        held = self.outbox.bind(settings.delivery_target)
-        if held is not None:
-            self.outbox.close()
-            raise StateConflict(
-                f"state dir {state} holds {self.outbox.depth} results made for {held}; they must not go to "
-                f"{settings.delivery_target}: deliver them first (run again with that broker and prefix) or "
-                "use another --state-dir")
+        self.outbox = self._open_outbox(state)
         self.device_ids: list[str] = list(device_ids)
         single = device_ids[0] if len(device_ids) == 1 else None
-        will = None
-        if single is not None:
-            will = Will(self.topics.status(single), c.Status(single, c.OFFLINE, time.time()).encode(),
-                        c.STATUS_DELIVERY)
+        will = self._will(single)
         client_id = settings.client_id or (f"edge-agent-{single}" if single else f"edge-agent-{uuid.uuid4().hex[:8]}")
         self._trusted = load_public_key(settings.trusted_key) if settings.trusted_key else None
         # (from the device's own model topic?, payload): a canary bundle there wins over the fleet's
@@ -103,17 +91,9 @@ class Agent:
         self._device_model_topic = self.topics.device_model(single) if single else None
         self._fleet_bundle: bytes | None = None  # the last bundle of the model topic
         self._canary_bundle: bytes | None = None  # the device's own, while a canary rollout includes it
-        subscriptions = [(self._model_topic, 1)]
-        if self._device_model_topic:
-            subscriptions.append((self._device_model_topic, 1))
         self._rounds_topic = self.topics.rounds(settings.model_name)
         self.learner: Learner | None = None
-        if settings.federated and single is not None:
-            subscriptions.append((self._rounds_topic, 1))
-        if settings.receipts:
-            # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
-            # device to its own); subscribing per device as they appear would race their first results.
-            subscriptions.append((self.topics.receipts(single) if single else self.topics.all_receipts, 1))
+        subscriptions = self._subscriptions(single)
         self.link = MqttLink(
             settings.broker_url, client_id, tls=settings.tls, clean_start=True, will=will,
             max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
@@ -127,12 +107,7 @@ class Agent:
         )
         self.model: ModelState | None = None
         if settings.federated and single is not None:
-            self.learner = Learner(
-                device_id=single, state_dir=state, model_name=settings.model_name, capacity=settings.learn_windows,
-                trusted_key=self._trusted, allow_unsigned=settings.insecure_allow_unsigned,
-                running=lambda: self.model.bundle if self.model is not None else None,
-                publish=self._publish_update,
-                topic=self.topics.update(single))
+            self.learner = self._new_learner(single, state)
         self.drift: DeviceDrift | None = None  # one meter per device id
         self.metrics: AgentMetrics | None = None
         self.processor: Processor | None = None
@@ -143,6 +118,52 @@ class Agent:
         self._status_due = 0.0
         self._offline_note = 0.0
         self._status_lock = threading.Lock()
+
+    def _open_outbox(self, state: Path) -> Outbox:
+        """The state dir's outbox, refused when its results were made for another broker or prefix: they
+        must not be delivered to this one."""
+        settings = self.settings
+        outbox = Outbox(state / "outbox.sqlite", max_rows=settings.outbox_max,
+                        overflow=settings.outbox_overflow, resend_after_s=settings.resend_after_s,
+                        resend_max_s=settings.resend_max_s)
+        held = outbox.bind(settings.delivery_target)
+        if held is not None:
+            outbox.close()
+            raise StateConflict(
+                f"state dir {state} holds {outbox.depth} results made for {held}; they must not go to "
+                f"{settings.delivery_target}: deliver them first (run again with that broker and prefix) or "
+                "use another --state-dir")
+        return outbox
+
+    def _will(self, single: str | None) -> Will | None:
+        """Only a single device has a status the broker can declare offline for it; a replay of many
+        says offline for each in :meth:`close`."""
+        if single is None:
+            return None
+        return Will(self.topics.status(single), c.Status(single, c.OFFLINE, time.time()).encode(),
+                    c.STATUS_DELIVERY)
+
+    def _subscriptions(self, single: str | None) -> list[tuple[str, int]]:
+        subscriptions = [(self._model_topic, 1)]
+        if self._device_model_topic:
+            subscriptions.append((self._device_model_topic, 1))
+        if self.settings.federated and single is not None:
+            subscriptions.append((self._rounds_topic, 1))
+        if self.settings.receipts:
+            # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
+            # device to its own); subscribing per device as they appear would race their first results.
+            subscriptions.append((self.topics.receipts(single) if single else self.topics.all_receipts, 1))
+        return subscriptions
+
+    def _new_learner(self, single: str, state: Path) -> Learner:
+        """Federated rounds answer for one device only: its windows, its update topic."""
+        settings = self.settings
+        return Learner(
+            device_id=single, state_dir=state, model_name=settings.model_name, capacity=settings.learn_windows,
+            trusted_key=self._trusted, allow_unsigned=settings.insecure_allow_unsigned,
+            running=lambda: self.model.bundle if self.model is not None else None,
+            publish=self._publish_update,
+            topic=self.topics.update(single))
 
     # ----------------------------------------------------------------- paho thread callbacks
 

@@ -156,7 +156,7 @@ def federated(cfg: Config, seed: int, rounds: int, devices: tuple[str, ...] = DE
                 t_dev.append(res.seconds)
                 delta, size = _on_the_wire(res, "int8" if cfg.int8 else "float32", r, d)
                 up_bytes.append(size)
-                updates.append(fedavg.Update(delta, res.n))
+                updates.append(fedavg.Contribution(delta, res.n))
                 ranges.append(res.ranges)
             t1 = time.perf_counter()
             master = fedavg.aggregate(master, updates)

@@ -455,7 +455,7 @@ def test_held_out_windows_are_whole_minutes_or_the_latest_fifth_of_a_short_recor
 
 
 def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault() -> None:
-    from cloud_hub.rounds.coordinator import judge
+    from cloud_hub.rounds.coordinator import judge_update
     from cloud_hub.rounds.store import RoundRow
 
     plan, w = _plan_and_weights(participants=("a", "b"))
@@ -474,7 +474,7 @@ def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault()
     def verdict(payload: bytes, device: str = "a", current: RoundRow = r2):
         import hashlib
 
-        v = judge(payload, device, current=current, rounds=rows.get, prior=lambda d, i: counted.get((d, i)),
+        v = judge_update(payload, device, current=current, rounds=rows.get, prior=lambda d, i: counted.get((d, i)),
                   digest=hashlib.sha256(payload).hexdigest(), refuse_factor=3.0, rounds_since=since)
         if v.status in ("accepted", "late"):
             counted[(device, v.update.round_id)] = hashlib.sha256(payload).hexdigest()

@@ -218,26 +218,26 @@ def test_aggregate_is_the_weighted_mean_of_the_updates() -> None:
               "coef_1": np.ones((3, 1), np.float32)}
     d1 = {"coef_0": np.full((2, 3), 1.0, np.float32), "intercept_0": np.full(3, 2.0, np.float32)}
     d2 = {"coef_0": np.full((2, 3), -1.0, np.float32), "intercept_0": np.full(3, 0.0, np.float32)}
-    new = fedavg.aggregate(master, [fedavg.Update(d1, 300), fedavg.Update(d2, 100)])
+    new = fedavg.aggregate(master, [fedavg.Contribution(d1, 300), fedavg.Contribution(d2, 100)])
     np.testing.assert_allclose(new["coef_0"], 1 + (300 * 1 - 100) / 400)
     np.testing.assert_allclose(new["intercept_0"], 300 * 2 / 400)
     np.testing.assert_array_equal(new["coef_1"], master["coef_1"])  # no update holds it
     np.testing.assert_array_equal(master["coef_0"], 1)  # master untouched
     # staleness down-weights: the same n, the stale one counts 1/sqrt(1+3) = 1/2
-    stale = fedavg.aggregate(master, [fedavg.Update(d1, 100), fedavg.Update(d2, 100, staleness=3)])
+    stale = fedavg.aggregate(master, [fedavg.Contribution(d1, 100), fedavg.Contribution(d2, 100, staleness=3)])
     np.testing.assert_allclose(stale["coef_0"], 1 + (1 - 0.5) / 1.5, rtol=1e-6)
     assert fedavg.staleness_weight(0) == 1.0 and fedavg.staleness_weight(3) == 0.5
     # server learning rate and clipping (each update clipped before averaging)
-    half = fedavg.aggregate(master, [fedavg.Update(d1, 1)], server_lr=0.5)
+    half = fedavg.aggregate(master, [fedavg.Contribution(d1, 1)], server_lr=0.5)
     np.testing.assert_allclose(half["intercept_0"], 1.0)
-    small = fedavg.aggregate(master, [fedavg.Update(d1, 1)], clip=0.1)
+    small = fedavg.aggregate(master, [fedavg.Contribution(d1, 1)], clip=0.1)
     assert fedavg.delta_norm({k: small[k] - master[k] for k in d1}) == pytest.approx(0.1, rel=1e-5)
     # a device that trained only some tensors moves only those, and only with its peers' weight
-    part = fedavg.aggregate(master, [fedavg.Update(d1, 100), fedavg.Update({"intercept_0": d2["intercept_0"]}, 300)])
+    part = fedavg.aggregate(master, [fedavg.Contribution(d1, 100), fedavg.Contribution({"intercept_0": d2["intercept_0"]}, 300)])
     np.testing.assert_allclose(part["coef_0"], 2.0)
     np.testing.assert_allclose(part["intercept_0"], 0.5)
     with pytest.raises(ValueError):
-        fedavg.aggregate(master, [fedavg.Update({"coef_0": np.ones((3, 2), np.float32)}, 1)])
+        fedavg.aggregate(master, [fedavg.Contribution({"coef_0": np.ones((3, 2), np.float32)}, 1)])
 
 
 def test_merge_ranges() -> None:

@@ -359,12 +359,14 @@ def score(metrics: dict[str, Any]) -> float:
     the mean Euclidean distance, e.g. metres for a position)."""
     if "accuracy" in metrics:
         return float(metrics["accuracy"])
-    return -float(metrics.get("mean_error", metrics["mae"]))
+    return -float(metrics["mean_error"] if "mean_error" in metrics else metrics["mae"])
 
 
 def passes_gate(candidate: dict[str, Any], running: dict[str, Any], tolerance: float = 0.0) -> bool:
     """The gate: a candidate may replace the running version when it is not worse on the same hold-out
-    than ``tolerance`` allows. An equal score passes (a retrain that changes nothing is not a regression)."""
+    than ``tolerance`` allows. An equal score passes (a retrain that changes nothing is not a regression).
+    The one gate of every new version: a retrain's, a federated round's (hold-out logs or the devices' own
+    evaluation, :mod:`cloud_hub.rounds.finish`)."""
     return score(candidate) >= score(running) - tolerance
 
 

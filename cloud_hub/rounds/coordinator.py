@@ -6,7 +6,7 @@ One :class:`Coordinator` runs the rounds of one model (``cloud-hub federate``). 
    ``min_available``), and a signed announcement with the base's FP32 weights goes retained on
    ``{prefix}/rounds/{model}``;
 2. **collects** updates from ``{prefix}/devices/+/update`` on a persistent session with manual
-   acknowledgements: each is judged (:func:`judge`), written to ``fl_updates`` with its verdict,
+   acknowledgements: each is judged (:func:`judge_update`), written to ``fl_updates`` with its verdict,
    committed, and only then acknowledged, so a hub killed mid-round loses no accepted update (the
    broker redelivers what was not acknowledged; a redelivery of a judged payload is recognised by
    its sha256 and counted once);
@@ -50,6 +50,7 @@ from edge_agent.contract.rounds import (
     Update,
     announcement,
     decode_update,
+    trainable_names,
 )
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
@@ -95,17 +96,16 @@ class Verdict:
     update: Update | None = field(default=None, repr=False)
 
 
-def trainable_names(n_layers: int, train_layers: int | None) -> tuple[str, ...]:
-    k = n_layers if train_layers is None else max(1, min(train_layers, n_layers))
-    return tuple(name for i in range(n_layers - k, n_layers) for name in (f"coef_{i}", f"intercept_{i}"))
-
-
-def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds: Callable[[int], RoundRow | None],
-          prior: Callable[[str, int], str | None], digest: str, refuse_factor: float,
-          rounds_since: Callable[[str, int, int], int]) -> Verdict:
+def judge_update(payload: bytes, topic_device: str, *, current: RoundRow | None,
+                 rounds: Callable[[int], RoundRow | None], prior: Callable[[str, int], str | None], digest: str,
+                 refuse_factor: float, rounds_since: Callable[[str, int, int], int]) -> Verdict:
     """The hub's verdict on one update. ``prior(device, round)``: the sha256 of the update of that device
     for that round already counted (in any round: a late one counts in a later round), or None.
-    ``rounds_since(model, after, upto)``: that model's rounds with ``after < id <= upto``."""
+    ``rounds_since(model, after, upto)``: that model's rounds with ``after < id <= upto``.
+
+    In this order, the first that fails refuses it: it decodes, a round is open and it trains for one the
+    hub knows; it answers that round (:func:`_misfit`); it is not a second answer; it is not too late; its
+    delta and ranges are sound (:func:`_unsound`)."""
     try:
         u = decode_update(payload, topic_device)
     except ContractError as exc:
@@ -120,16 +120,9 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
     own = rounds(u.round_id)
     if own is None or u.round_id > current.id:
         return Verdict("refused", f"unknown round {u.round_id}", current.id, update=u)
-    if u.model != own.model_name:
-        return Verdict("refused", f"model {u.model!r}, round {u.round_id} trains {own.model_name!r}", current.id, update=u)
-    if own.model_name != current.model_name:  # a late answer to another model's round: never mixed in
-        return Verdict("refused", f"round {u.round_id} trained {own.model_name!r}; the open round {current.id} "
-                       f"trains {current.model_name!r}", current.id, update=u)
-    if u.device_id not in own.participants:
-        return Verdict("refused", f"{u.device_id} was not selected for round {u.round_id}", current.id, update=u)
-    if u.base_version != own.base_version:
-        return Verdict("refused", f"base version v{u.base_version}, round {u.round_id} trains "
-                       f"v{own.base_version}", current.id, update=u)
+    why = _misfit(u, own, current)
+    if why is not None:
+        return Verdict("refused", why, current.id, update=u)
     before = prior(u.device_id, u.round_id)
     if before is not None:
         same = before == digest
@@ -139,30 +132,53 @@ def judge(payload: bytes, topic_device: str, *, current: RoundRow | None, rounds
     if staleness > int(current.plan["max_staleness"]):
         return Verdict("refused", f"after the deadline of round {u.round_id} ({staleness} rounds late, "
                        f"at most {current.plan['max_staleness']} count)", current.id, update=u)
+    why = _unsound(u, own, current, refuse_factor)
+    if why is not None:
+        return Verdict("refused", why, current.id, update=u)
+    return Verdict("late" if staleness else "accepted", None, current.id, staleness, u)
+
+
+def _misfit(u: Update, own: RoundRow, current: RoundRow) -> str | None:
+    """Why ``u`` does not answer its round ``own`` (its model, the open round's model, its devices, its base
+    version), or None."""
+    if u.model != own.model_name:
+        return f"model {u.model!r}, round {u.round_id} trains {own.model_name!r}"
+    if own.model_name != current.model_name:  # a late answer to another model's round: never mixed in
+        return f"round {u.round_id} trained {own.model_name!r}; the open round {current.id} trains {current.model_name!r}"
+    if u.device_id not in own.participants:
+        return f"{u.device_id} was not selected for round {u.round_id}"
+    if u.base_version != own.base_version:
+        return f"base version v{u.base_version}, round {u.round_id} trains v{own.base_version}"
+    return None
+
+
+def _unsound(u: Update, own: RoundRow, current: RoundRow, refuse_factor: float) -> str | None:
+    """Why the delta of ``u`` (an answer to ``own``, counted in ``current``) cannot be aggregated, or None:
+    the trained tensors' shapes, finite values, one sound range per layer, a late one still fitting the
+    current model, believable accuracies, a norm not far above the clip."""
     want = {t["name"]: tuple(t["shape"]) for t in own.plan["tensors"] if t["name"] in own.plan["trainable"]}
     got = {t.name: t.shape for t in u.tensors}
     if got != want:
-        return Verdict("refused", f"wrong shape: tensors {sorted(got.items())} but the round trains "
-                       f"{sorted(want.items())}", current.id, update=u)
+        return f"wrong shape: tensors {sorted(got.items())} but the round trains {sorted(want.items())}"
     delta = u.dequantized()
     finite = all(np.isfinite(d).all() for d in delta.values()) and all(np.isfinite(r).all() for r in u.ranges)
     if not finite:
-        return Verdict("refused", "NaN or inf in the delta or the ranges", current.id, update=u)
+        return "NaN or inf in the delta or the ranges"
     layers = sum(1 for t in current.plan["tensors"] if t["name"].startswith("coef_"))
     if len(u.ranges) != layers or any(lo > hi or ilo > ihi for ilo, ihi, lo, hi in u.ranges):
-        return Verdict("refused", f"activation ranges of {len(u.ranges)} layers, or a minimum over its maximum "
-                       f"(the model has {layers} layers)", current.id, update=u)
+        return (f"activation ranges of {len(u.ranges)} layers, or a minimum over its maximum "
+                f"(the model has {layers} layers)")
     if own.id != current.id:  # late: it must still fit the model this round trains
         now = {t["name"]: tuple(t["shape"]) for t in current.plan["tensors"]}
         if any(now.get(name) != shape for name, shape in got.items()):
-            return Verdict("refused", f"late, and its tensors no longer fit v{current.base_version}", current.id, update=u)
+            return f"late, and its tensors no longer fit v{current.base_version}"
     if _accuracy_outside(current, u):
-        return Verdict("refused", "an accuracy outside [0, 1]", current.id, update=u)
+        return "an accuracy outside [0, 1]"
     norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
     clip = float(own.plan["clip"])
     if norm > refuse_factor * clip:
-        return Verdict("refused", f"delta norm {norm:.3g} is far above the clip {clip:g}", current.id, update=u)
-    return Verdict("late" if staleness else "accepted", None, current.id, staleness, u)
+        return f"delta norm {norm:.3g} is far above the clip {clip:g}"
+    return None
 
 
 def _accuracy_outside(r: RoundRow, u: Update) -> bool:
@@ -403,10 +419,11 @@ class Coordinator:
             if self.rounds.seen(conn, digest):
                 verdict = Verdict("duplicate", round_id=r.id)
             else:
-                verdict = judge(msg.payload, device, current=r, rounds=lambda i: self.rounds.get_round(conn, i),
-                                prior=lambda d, i: self.rounds.prior(conn, d, i), digest=digest,
-                                refuse_factor=self.cfg.refuse_factor,
-                                rounds_since=lambda m, a, b: self.rounds.rounds_since(conn, m, a, b))
+                verdict = judge_update(msg.payload, device, current=r,
+                                       rounds=lambda i: self.rounds.get_round(conn, i),
+                                       prior=lambda d, i: self.rounds.prior(conn, d, i), digest=digest,
+                                       refuse_factor=self.cfg.refuse_factor,
+                                       rounds_since=lambda m, a, b: self.rounds.rounds_since(conn, m, a, b))
             if verdict.status != "duplicate":
                 self._record(conn, msg, device, digest, verdict)
         self._ack(generation, msg)  # after the commit: an update the hub had not stored is redelivered
@@ -476,7 +493,7 @@ class Coordinator:
             malformed = None
         except ContractError as exc:
             u, malformed = None, exc.reason
-        except Exception as exc:  # as in judge: refuse and acknowledge, never stop federate
+        except Exception as exc:  # as in judge_update: refuse and acknowledge, never stop federate
             u, malformed = None, f"{type(exc).__name__}: {exc}"
         if u is not None and u.kind == "train":  # a late answer: judged in the next round, acknowledged then
             self._later.append((generation, msg))
@@ -551,4 +568,4 @@ def _alpha(blob: bytes, batch: int) -> float:
     return float(mlp.alpha) * batch / max(1, central)
 
 
-__all__: Sequence[str] = ("Coordinator", "FederateConfig", "RoundError", "answer_metrics", "judge", "trainable_names")
+__all__: Sequence[str] = ("Coordinator", "FederateConfig", "RoundError", "answer_metrics", "judge_update")

@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
-__all__ = ["Update", "aggregate", "capped_examples", "clip", "delta_norm", "evaluation", "merge_ranges",
+__all__ = ["Contribution", "aggregate", "capped_examples", "clip", "delta_norm", "evaluation", "merge_ranges",
            "mlp_tensors", "quantize_from_ranges", "staleness_weight", "with_tensors"]
 
 Tensors = Mapping[str, np.ndarray]
@@ -90,7 +90,10 @@ def staleness_weight(staleness: float) -> float:
 
 
 @dataclass
-class Update:
+class Contribution:
+    """One device's share of an aggregation (:func:`aggregate`): its dequantized delta and its weight's
+    ingredients (the wire message it came in is ``edge_agent.contract.rounds.Update``)."""
+
     delta: Mapping[str, np.ndarray]  # dequantized, the trained tensors only
     n_examples: int
     staleness: float = 0.0  # rounds between the master it started from and the current one
@@ -125,7 +128,7 @@ def evaluation(answers: Mapping[str, tuple[int, Mapping[str, Any]]]) -> dict[str
     return out
 
 
-def aggregate(master: Tensors, updates: Sequence[Update], *, clip: float | None = None,
+def aggregate(master: Tensors, updates: Sequence[Contribution], *, clip: float | None = None,
               server_lr: float = 1.0) -> dict[str, np.ndarray]:
     """FedAvg: ``master + server_lr * sum_k w_k clip(d_k) / sum_k w_k`` per tensor, with
     ``w_k = n_examples_k * staleness_weight(staleness_k)`` over the updates that hold the tensor;

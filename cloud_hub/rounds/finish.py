@@ -10,7 +10,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,13 @@ import sqlalchemy as sa
 
 from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import describe_score, shaped_by
-from cloud_hub.data.store import Store
+from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models import quantize, training, weights
 from cloud_hub.models.lifecycle import next_version, passes_gate, register, windows_from_logs
 from cloud_hub.rounds import fedavg
 from cloud_hub.rounds.store import RoundRow
 from cloud_hub.settings import HubSettings
-from edge_agent.contract import Bundle, decode_bundle, manifest_from_obj
+from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.contract.rounds import Update, decode_update
 from edge_agent.preprocess import PreprocessParams, extract_features
 
@@ -63,17 +64,14 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     if not updates:
         return "failed", None, outcome, "no update counted by the deadline: the model is unchanged"
     store = Store(engine)
+    ship = partial(_ship, engine, settings, store, r.model_name, signing_key=signing_key,
+                   allow_unsigned=allow_unsigned)
     done = _made_by(store, engine, r)
     if done is not None:  # a coordinator stopped after registering it: finish that version, do not make another
         gate = str((done.metrics or {}).get("gate", "registered before the coordinator stopped"))
         if done.state in ("published", "rejected"):
             return done.state, done.version, outcome, gate
-        if _canary_open(store, engine, r.model_name):
-            return "failed", done.version, outcome, f"{gate}; registered but not published: a canary is open"
-        from cloud_hub.rollout.publish import publish
-
-        publish(engine, settings, version=done.version, signing_key=signing_key, allow_unsigned=allow_unsigned)
-        return "published", done.version, outcome, gate
+        return ship(done.version, outcome, gate, f"{gate}; registered but not published: a canary is open")
     with sessions.transaction(engine, write=False) as conn:
         base = store.get_model(conn, r.model_name, r.base_version)
         blob = store.get_weights(conn, r.model_name, r.base_version)
@@ -82,14 +80,54 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     if base is None or blob is None or base.bundle is None:
         return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
     t0 = time.monotonic()
+    c = _aggregate(r, updates, blob, base.manifest, rows)
+    outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
+    metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
+    holdout = [str(p) for p in r.plan.get("holdout_logs", [])]  # the round's own gate, also when resumed
+    if holdout:
+        ok, gate, held, judged, seen = _holdout_gate(r, version, holdout, c.manifest.preprocess, c.fp32, c.int8,
+                                                     decode_bundle(base.bundle).model, c.shaped)
+    else:
+        ok, gate, judged, seen = _evaluation_gate(r, version, evaluate(c.tensors, c.int8), c.fp32, c.int8)
+        held = []  # the devices that trained it judged it, on windows they never trained on
+    metrics |= judged
+    outcome |= seen
+    state = "publishable" if ok else "rejected"
+    register(engine, _bundle(r, version, c, metrics | {"gate": gate}, len(updates), held), weights.to_bytes(c.model),
+             state)
+    outcome |= {"int8_bytes": len(c.int8), "gate": gate}
+    if state == "rejected":
+        return "rejected", version, outcome, gate
+    # a canary opened while the round ran: its promotion would replace the new version
+    return ship(version, outcome, gate, f"{gate}; v{version} is registered but not published: a canary is open")
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A round's new version before its gate: the FedAvg of the counted updates on the base's FP32 master
+    copy, exported to ONNX, and its INT8 model quantized from the devices' ranges."""
+
+    model: Any  # the scikit-learn pipeline, the FP32 master copy stored as the version's weights
+    tensors: dict[str, np.ndarray]  # its MLP tensors, what the devices evaluate
+    manifest: Manifest  # the base's
+    participants: list[str]  # the devices whose updates were counted
+    shaped: frozenset[str]  # every device whose data shaped it: none of them is held out for it
+    fp32: bytes
+    int8: bytes
+
+
+def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, base_manifest: dict[str, Any],
+               rows: Sequence[ModelRow]) -> _Candidate:
+    """FedAvg of the counted (update, staleness) on the base's FP32 weights ``blob`` (each weighted by its
+    capped example count and its staleness, clipped to the plan's clip), then FP32 ONNX and INT8 from the
+    devices' merged activation ranges (no data needed)."""
     pipeline = weights.from_bytes(blob)
     master = fedavg.mlp_tensors(pipeline)
     counts = fedavg.capped_examples([u.n_examples for u, _ in updates])
-    new = fedavg.aggregate(master, [fedavg.Update(u.dequantized(), k, s) for (u, s), k in zip(updates, counts,
-                                                                                                strict=True)],
-                           clip=float(r.plan["clip"]))
+    new = fedavg.aggregate(master, [fedavg.Contribution(u.dequantized(), k, s)
+                                    for (u, s), k in zip(updates, counts, strict=True)], clip=float(r.plan["clip"]))
     model = fedavg.with_tensors(pipeline, new)
-    manifest = manifest_from_obj(base.manifest)
+    manifest = manifest_from_obj(base_manifest)
     participants = sorted({u.device_id for u, _ in updates})
     # none of them is held out for the new version: the base's devices, every round's, this round's
     shaped = shaped_by({(m.name, m.version): m.manifest for m in rows}).get((r.model_name, r.base_version),
@@ -97,30 +135,27 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     fp32 = training.export_onnx(model, manifest.n_features)
     ranges = fedavg.merge_ranges([list(u.ranges) for u, _ in updates])
     int8 = fedavg.quantize_from_ranges(fp32, ranges)
-    outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
-    metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
-    holdout = [str(p) for p in r.plan.get("holdout_logs", [])]  # the round's own gate, also when resumed
-    if holdout:
-        ok, gate, held, judged, seen = _holdout_gate(r, version, holdout, manifest.preprocess, fp32, int8,
-                                                     decode_bundle(base.bundle).model, shaped)
-    else:
-        ok, gate, judged, seen = _evaluation_gate(r, version, evaluate(new, int8), fp32, int8)
-        held = []  # the devices that trained it judged it, on windows they never trained on
-    metrics |= judged
-    outcome |= seen
-    state = "publishable" if ok else "rejected"
-    bundle = Bundle(replace(
-        manifest, version=version, sha256=hashlib.sha256(int8).hexdigest(), created=time.time(),
-        metrics=metrics | {"gate": gate}, key_id=None, signature=None,
-        training={**manifest.training, "source": "federated", "round": r.id, "parent_version": r.base_version,
-                  "updates": len(updates), "devices": participants, "shaped_by": sorted(shaped),
-                  "holdout_devices": held, "warm_start": True}), int8)
-    register(engine, bundle, weights.to_bytes(model), state)
-    outcome |= {"int8_bytes": len(int8), "gate": gate}
-    if state == "rejected":
-        return "rejected", version, outcome, gate
-    if _canary_open(store, engine, r.model_name):  # opened while the round ran: its promotion would replace it
-        return "failed", version, outcome, f"{gate}; v{version} is registered but not published: a canary is open"
+    return _Candidate(model, new, manifest, participants, shaped, fp32, int8)
+
+
+def _bundle(r: RoundRow, version: int, c: _Candidate, metrics: dict[str, Any], n_updates: int,
+            held: list[str]) -> Bundle:
+    """The new version's bundle (unsigned): its INT8 model, the base's manifest with this round's record."""
+    return Bundle(replace(
+        c.manifest, version=version, sha256=hashlib.sha256(c.int8).hexdigest(), created=time.time(),
+        metrics=metrics, key_id=None, signature=None,
+        training={**c.manifest.training, "source": "federated", "round": r.id, "parent_version": r.base_version,
+                  "updates": n_updates, "devices": c.participants, "shaped_by": sorted(c.shaped),
+                  "holdout_devices": held, "warm_start": True}), c.int8)
+
+
+def _ship(engine: sa.Engine, settings: HubSettings, store: Store, name: str, version: int, outcome: dict[str, Any],
+          gate: str, held_back: str, *, signing_key: str | None, allow_unsigned: bool
+          ) -> tuple[str, int | None, dict[str, Any], str]:
+    """Publish the round's registered ``version`` of ``name``; the round fails with ``held_back`` instead
+    while a canary of ``name`` is open (its promotion would replace the new version)."""
+    if _canary_open(store, engine, name):
+        return "failed", version, outcome, held_back
     from cloud_hub.rollout.publish import publish
 
     publish(engine, settings, version=version, signing_key=signing_key, allow_unsigned=allow_unsigned)
@@ -172,7 +207,7 @@ def _evaluation_gate(r: RoundRow, version: int, fed: dict[str, Any] | None, fp32
         return False, (f"v{version}: no device scored its INT8 model ({fp32_text} on {n} held-out windows of "
                        f"{len(devices)} devices), so it is not published"), metrics | {"int8": {"bytes": len(int8)}}, seen
     before, after = fed["int8_before"], fed["int8_after"]
-    ok = after >= before - tolerance if classifier else after <= before + tolerance
+    ok = passes_gate({key: after}, {key: before}, tolerance)  # the one gate: retrains' and hold-out logs'
     gate = (f"v{version} INT8 {what(after)} vs running v{r.base_version} INT8 {what(before)} in the devices' own "
             f"evaluation ({fed['int8_windows']} held-out windows of {len(fed['int8_devices'])} devices, the same "
             f"windows as these figures; {fp32_text}; tolerance {tolerance:g}): {'pass' if ok else 'fail'}")

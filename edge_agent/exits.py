@@ -27,6 +27,19 @@ MODEL: Final = 4
 INPUT: Final = 5
 INTERRUPTED: Final = 130
 
+
+
+class Failure(Exception):
+    """An error an operator can act on: a one-line message and the exit code of the table above.
+
+    The errors of both packages derive from it (``SettingsError``, ``ContractError``, ``LogError``,
+    ``MqttError``, ...; the hub's ``HubError``) and say their code as ``exit_code``: each command line
+    turns any of them into one line on stderr and that code, in one place.
+    """
+
+    exit_code: int = UNEXPECTED
+
+
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 """What stops a long-running command (``serve``, ``federate``, ``replay``, ``run``, ``demo``)."""
 

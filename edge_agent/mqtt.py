@@ -33,6 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_agent import exits
 from edge_agent.contract import Delivery
 from edge_agent.settings import BrokerURL, TLSFiles
 
@@ -56,8 +57,10 @@ _QUICK_DROP_S = 5.0  # a connection the broker closes sooner than this after ope
 _QUICK_DROPS = 3  # ...and this many in a row as a session takeover
 
 
-class MqttError(Exception):
+class MqttError(exits.Failure):
     """An MQTT operation failed."""
+
+    exit_code = exits.UNAVAILABLE
 
 
 class ConnectRefused(MqttError):

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent import exits
 from edge_agent.contract import Bundle, Manifest
 from edge_agent.preprocess import PreprocessParams
 
 
-class ModelError(ValueError):
+class ModelError(exits.Failure, ValueError):
     """A model that cannot serve (bad ONNX, wrong input shape, outputs we cannot read)."""
+
+    exit_code = exits.MODEL
 
 
 @dataclass(frozen=True, slots=True)

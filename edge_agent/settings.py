@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from edge_agent import exits
 from edge_agent.contract import ContractError, Topics, valid_id
 
 
-class SettingsError(ValueError):
+class SettingsError(exits.Failure, ValueError):
     """A setting that is missing, unknown or invalid; ``field`` names it when one setting is at fault."""
+
+    exit_code = exits.USAGE
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)

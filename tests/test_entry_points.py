@@ -36,7 +36,7 @@ def test_the_wheel_carries_the_broker_config_and_the_migrations(tmp_path: Path) 
     (wheel,) = tmp_path.glob("edgeml_mqtt-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        conf = z.read("cloud_hub/mosquitto.conf").decode()
+        conf = z.read("cloud_hub/tools/mosquitto.conf").decode()
     assert conf == (root / "mosquitto.conf").read_text()
     assert "max_queued_messages 10000000" in conf
     assert {"cloud_hub/data/migrations/env.py", "cloud_hub/data/migrations/script.py.mako",

@@ -17,10 +17,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from cloud_hub.data.sessions import HubError
 from cloud_hub.settings import ENV_PREFIX, HubSettings
 from edge_agent import exits
-from edge_agent.settings import SettingsError, load_settings
+from edge_agent.settings import load_settings
 
 EXIT_USAGE = exits.USAGE
 EXIT_UNAVAILABLE = exits.UNAVAILABLE
@@ -47,23 +46,17 @@ def fail(code: int, message: str) -> typer.Exit:
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """Translate the hub's errors into a message and a documented exit code."""
+    """Every error of ours as one line and its own exit code (:class:`edge_agent.exits.Failure`); a database
+    error SQLAlchemy raises (a lost server, a locked file) as exit 3."""
     from sqlalchemy.exc import SQLAlchemyError
-
-    from cloud_hub.data.ingest import BrokerUnavailable
-    from cloud_hub.data.sessions import DatabaseUnavailable
 
     try:
         yield
-    except SettingsError as exc:
-        raise fail(EXIT_USAGE, str(exc)) from None
-    except (BrokerUnavailable, DatabaseUnavailable) as exc:
-        raise fail(EXIT_UNAVAILABLE, str(exc)) from None
+    except exits.Failure as exc:
+        raise fail(exc.exit_code, str(exc)) from None
     except SQLAlchemyError as exc:
         inner = getattr(exc, "orig", None) or exc
         raise fail(EXIT_UNAVAILABLE, f"database error: {str(inner).strip().splitlines()[0]}") from None
-    except HubError as exc:
-        raise fail(1, str(exc)) from None
 
 
 def with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:
@@ -118,22 +111,17 @@ def pct(x: float | None) -> str:
 
 @contextmanager
 def lifecycle_errors() -> Iterator[None]:
-    from cloud_hub.models.lifecycle import LifecycleError
-    from edge_agent.mqtt import MqttError
-    from edge_agent.settings import SettingsError
-    from edge_agent.sources import LogError
+    """:func:`errors`, where a value a trainer refuses (a ``ValueError`` not of ours) or a stored bundle the
+    contract refuses is a model problem: exit 4."""
+    from edge_agent.contract import ContractError
 
     with errors():
         try:
             yield
-        except SettingsError:
-            raise  # exit 2, mapped by errors
-        except LogError as exc:
-            raise fail(EXIT_INPUT, str(exc)) from None
-        except (LifecycleError, ValueError) as exc:
+        except ValueError as exc:
+            if isinstance(exc, exits.Failure) and not isinstance(exc, ContractError):
+                raise
             raise fail(EXIT_MODEL, str(exc)) from None
-        except MqttError as exc:
-            raise fail(EXIT_UNAVAILABLE, str(exc)) from None
 
 
 def engine_for(db: str, *, read_only: bool = False) -> Any:

@@ -3,27 +3,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 
 import orjson
 import typer
 
-from cloud_hub.cli.common import ConfigOpt, DbOpt, age, fail, new_console, new_table, settings_from
+from cloud_hub.cli.common import (
+    ConfigOpt,
+    DbOpt,
+    age,
+    fail,
+    lifecycle_errors,
+    new_console,
+    new_table,
+    settings_from,
+)
 from edge_agent.exits import USAGE as EXIT_USAGE
-
-
-@contextmanager
-def _canary_errors() -> Iterator[None]:
-    from cloud_hub.cli.common import lifecycle_errors
-    from cloud_hub.rollout.canary import CanaryError
-
-    with lifecycle_errors():
-        try:
-            yield
-        except CanaryError as exc:
-            raise fail(EXIT_USAGE, str(exc)) from None
 
 
 def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None, devices: str | None,
@@ -35,7 +30,7 @@ def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None,
     from cloud_hub.rollout import canary
     from cloud_hub.rollout.publish import pick
 
-    with _canary_errors():
+    with lifecycle_errors():
         store = Store(engine)
         with sessions.transaction(engine, write=False) as conn:
             row = pick(store, conn, s.model_name, version, force=force)
@@ -77,7 +72,7 @@ def status(
     from cloud_hub.data.store import Store
     from cloud_hub.rollout import canary
 
-    with _canary_errors():
+    with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key)
         engine = engine_for(s.db, read_only=not check)
         if check:
@@ -129,7 +124,7 @@ def rollback(
     from cloud_hub.data.store import Store
     from cloud_hub.rollout import canary
 
-    with _canary_errors():
+    with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name)
         engine = engine_for(s.db)
         with sessions.transaction(engine, write=False) as conn:

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 import typer
 
-from cloud_hub.cli.common import ConfigOpt, DbOpt, age, fail, new_console, new_table, settings_from
+from cloud_hub.cli.common import (
+    ConfigOpt,
+    DbOpt,
+    age,
+    fail,
+    lifecycle_errors,
+    new_console,
+    new_table,
+    settings_from,
+)
 from cloud_hub.settings import NO_SIGNING_KEY
 from edge_agent import exits
-
-
-@contextmanager
-def _round_errors() -> Iterator[None]:
-    from cloud_hub.cli.common import lifecycle_errors
-    from cloud_hub.rounds.coordinator import RoundError
-
-    with lifecycle_errors():
-        try:
-            yield
-        except RoundError as exc:
-            raise fail(exits.MODEL, str(exc)) from None
 
 
 def federate(
@@ -85,7 +80,7 @@ def federate(
         train_layers=train_layers, min_windows=min_windows, min_new=min_new, max_staleness=max_staleness,
         encoding="float32" if fp32_deltas else "int8", budget_s=budget, tolerance=tolerance,
         holdout_logs=tuple(holdout_log or ()), seed=seed)
-    with _round_errors():
+    with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                       client_id=client_id)
         progress_lines(True)  # warnings (the broker's) as `cloud-hub: ...` lines, not raw log records
@@ -127,7 +122,7 @@ def rounds(
     from cloud_hub.data import sessions
     from cloud_hub.rounds.store import RoundStore
 
-    with _round_errors():
+    with lifecycle_errors():
         s = settings_from(config, db=db, model_name=name)
         engine = engine_for(s.db, read_only=True)
         with sessions.transaction(engine, write=False) as conn:

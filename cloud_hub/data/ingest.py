@@ -47,10 +47,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cloud_hub.data.db import make_engine
-from cloud_hub.data.sessions import HubError, describe, is_transient, pack_features
-from cloud_hub.data.store import Batch, Store, Written, dead_letter
+from cloud_hub.data.sessions import describe, is_transient, pack_features
+from cloud_hub.data.store import Batch, ResultRow, Store, Written, dead_letter
+from cloud_hub.errors import HubError
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
+from edge_agent import exits
 from edge_agent.contract import ContractError, Topics, decode_results, decode_status
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
@@ -65,6 +67,8 @@ SEEN_RESOLUTION_S = 1.0  # devices.last_seen moves forward at most this often pe
 
 class BrokerUnavailable(HubError):
     """The broker cannot be reached or refused the connection."""
+
+    exit_code = exits.UNAVAILABLE
 
 
 @dataclass(slots=True)
@@ -275,7 +279,7 @@ class Hub:
                 batch = decode_results(msg.payload, device)
                 dumps, pack = orjson.dumps, pack_features
                 pending.rows.extend([
-                    (device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
+                    ResultRow(device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
                      None if r.value is None else dumps(r.value).decode(), r.truth, r.latency_ms,
                      None if r.features is None else pack(r.features), now)
                     for r in batch.results
@@ -347,9 +351,9 @@ class Hub:
         for when every row was new, all of them when none was, else a look at the table."""
         if not written.duplicates or not any(pending.marking.values()):
             return set()
-        rows = [row for row in pending.rows if pending.marking.get(row[0])]
+        rows = [row for row in pending.rows if pending.marking.get(row.device_id)]
         if written.new == 0:
-            return {(row[0], row[1]) for row in rows}
+            return {(row.device_id, row.seq) for row in rows}
         return self.store.stored_before(conn, rows)
 
     def _commit_one_by_one(self, pending: Pending) -> Written | None:
@@ -357,7 +361,7 @@ class Hub:
 
         Afterwards ``pending.rows`` holds only the rows that were stored: only those are receipted."""
         total = [0, 0, 0]
-        stored: list[tuple[Any, ...]] = []
+        stored: list[ResultRow] = []
         pending.dup = set()
         for msg in pending.messages:
             single = Pending()
@@ -390,10 +394,10 @@ class Hub:
         them were stored before: one message per device, or as many as it takes for each to fit."""
         per_device: dict[str, list[int]] = {}
         for row in pending.rows:
-            seqs = per_device.get(row[0])
+            seqs = per_device.get(row.device_id)
             if seqs is None:
-                per_device[row[0]] = seqs = []
-            seqs.append(row[1])
+                per_device[row.device_id] = seqs = []
+            seqs.append(row.seq)
         publish, topics, dup = self.link.publish, self.topics, pending.dup
         for device, seqs in per_device.items():
             try:

@@ -17,17 +17,17 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from cloud_hub.errors import HubError
+from edge_agent import exits
 from edge_agent.settings import SettingsError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-class HubError(Exception):
-    """Base of the hub's own errors."""
-
-
 class DatabaseUnavailable(HubError):
     """The database cannot be reached or opened."""
+
+    exit_code = exits.UNAVAILABLE
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -27,7 +27,9 @@ import sqlalchemy as sa
 from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import describe_score, shaped_by
 from cloud_hub.data.store import ModelRow, Store
+from cloud_hub.errors import HubError
 from cloud_hub.models import quantize, training, weights
+from edge_agent import exits
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.drift import feature_bins
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, extract_features, fit_normalization
@@ -62,8 +64,10 @@ def is_scan_log(channels: Sequence[str]) -> bool:
     return bool(channels) and all(_SCAN_CHANNEL.fullmatch(c) for c in channels)
 
 
-class LifecycleError(RuntimeError):
+class LifecycleError(HubError, RuntimeError):
     """Not enough data, an incompatible model, nothing to publish..."""
+
+    exit_code = exits.MODEL
 
 
 @dataclass

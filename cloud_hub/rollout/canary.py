@@ -32,10 +32,12 @@ import sqlalchemy as sa
 from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import result_errors
 from cloud_hub.data.store import ModelRow, RolloutRow, Store
+from cloud_hub.errors import HubError
 from cloud_hub.models.signing import load_private_key, sign_bundle
 from cloud_hub.rollout import canary_judge as cj
 from cloud_hub.rollout.canary_judge import Estimate
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
+from edge_agent import exits
 from edge_agent.contract import MODEL_DELIVERY, RESULTS_DELIVERY, Delivery, decode_bundle
 from edge_agent.mqtt import MqttError, MqttLink
 
@@ -45,8 +47,10 @@ HISTORY_PER_DEVICE = 10_000  # a cohort device's latest results on the previous 
 CLEAR = b""  # an empty retained message deletes the retained bundle of a device's model topic
 
 
-class CanaryError(RuntimeError):
+class CanaryError(HubError, RuntimeError):
     """Nothing to compare with, an unknown device, a canary already open..."""
+
+    exit_code = exits.USAGE
 
 
 # ----------------------------------------------------------------------------- sending

@@ -39,9 +39,11 @@ import sqlalchemy as sa
 
 from cloud_hub.data import sessions
 from cloud_hub.data.store import Store, dead_letter
+from cloud_hub.errors import HubError
 from cloud_hub.models.lifecycle import LifecycleError
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
+from edge_agent import exits
 from edge_agent.contract import ContractError
 from edge_agent.contract.rounds import (
     ROUND_DELIVERY,
@@ -57,8 +59,10 @@ from edge_agent.mqtt import Message, MqttError, MqttLink
 log = logging.getLogger(__name__)
 
 
-class RoundError(RuntimeError):
+class RoundError(HubError, RuntimeError):
     """No model to federate, no devices to ask, no signing key: an operator's problem, said in one line."""
+
+    exit_code = exits.MODEL
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import Any, Final
 
 import orjson
 
+from edge_agent import exits
+
 SCHEMA_VERSION: Final = 1
 MAX_RESULTS_BYTES: Final = 1 << 20  # a results batch; the agent stays far below (see outbox batching)
 MAX_STATUS_BYTES: Final = 16 << 10
@@ -34,8 +36,10 @@ def show(value: object) -> str:
     return SHOWN.repr(value)
 
 
-class ContractError(ValueError):
+class ContractError(exits.Failure, ValueError):
     """A payload or topic that the contract does not accept; ``reason`` says why."""
+
+    exit_code = exits.INPUT
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent import contract as c
+from edge_agent import exits
 from edge_agent.contract.rounds import UPDATE_DELIVERY
 from edge_agent.device.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
 from edge_agent.device.learner import Learner
@@ -34,8 +35,10 @@ log = logging.getLogger(__name__)
 _OFFLINE_NOTE_S = 60.0  # how often a disconnected agent says why
 
 
-class AgentError(RuntimeError):
+class AgentError(exits.Failure, RuntimeError):
     """A condition the agent cannot work around (no model, bad configuration)."""
+
+    exit_code = exits.MODEL
 
 
 _DATA_FAULT = "that the source does not provide"  # bundle.verify_bundle: the data lacks what the model reads
@@ -58,9 +61,13 @@ def _hint(reason: str) -> str:
 class StateConflict(AgentError):
     """The state dir holds results made for another broker or prefix."""
 
+    exit_code = exits.USAGE
 
-class Interrupted(RuntimeError):
+
+class Interrupted(exits.Failure, RuntimeError):
     """SIGTERM/SIGINT before a replay finished; what was produced is safe in the outbox."""
+
+    exit_code = exits.INTERRUPTED
 
 
 @dataclass

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_agent import exits
 from edge_agent.contract import Bundle, ContractError, Signed, manifest_from_obj, signed_part, split_bundle
 from edge_agent.contract import key_id as contract_key_id
 from edge_agent.contract.rounds import Announcement, announcement_header, decode_announcement
@@ -28,8 +29,10 @@ if TYPE_CHECKING:
 # agent that runs without signature checks (development) does not carry it.
 
 
-class BundleRejected(ValueError):
+class BundleRejected(exits.Failure, ValueError):
     """A model bundle that failed verification; the message is the reason shown in the status."""
+
+    exit_code = exits.MODEL
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

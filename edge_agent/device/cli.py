@@ -66,24 +66,9 @@ def _logging(level: str) -> None:
 
 
 def _map_errors(exc: BaseException) -> NoReturn:
-    from edge_agent.device.agent import AgentError, Interrupted, StateConflict
-    from edge_agent.device.bundle import BundleRejected
-    from edge_agent.device.pipeline import DeviceIdError
-    from edge_agent.mqtt import ConnectRefused, MqttError
-    from edge_agent.sources import LogError
-
-    if isinstance(exc, LogError):
-        _fail(str(exc), EXIT_INPUT)
-    if isinstance(exc, DeviceIdError):
-        _fail(str(exc), EXIT_INPUT)
-    if isinstance(exc, StateConflict | SettingsError):  # e.g. a metrics_port already taken
-        _fail(str(exc), EXIT_USAGE)
-    if isinstance(exc, Interrupted):
-        _fail(str(exc), EXIT_INTERRUPTED)
-    if isinstance(exc, ConnectRefused | MqttError):
-        _fail(str(exc), EXIT_BROKER)
-    if isinstance(exc, AgentError | BundleRejected):
-        _fail(str(exc), EXIT_MODEL)
+    """One line and the error's own exit code (:class:`edge_agent.exits.Failure`); anything else is a bug."""
+    if isinstance(exc, exits.Failure):
+        _fail(str(exc), exc.exit_code)
     raise exc
 
 

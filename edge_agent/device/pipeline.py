@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_agent import exits
 from edge_agent.contract import ContractError, Result, check_id, encode_result_obj
 from edge_agent.device.outbox import Outbox
 from edge_agent.drift import DeviceDrift
@@ -34,8 +35,10 @@ def sampled(seq: np.ndarray, fraction: float) -> np.ndarray:
     return h < np.uint64(int(fraction * 2**32))
 
 
-class DeviceIdError(ValueError):
+class DeviceIdError(exits.Failure, ValueError):
     """A device id that cannot be used: invalid in the contract, or several under one --device-id."""
+
+    exit_code = exits.INPUT
 
 
 @dataclass

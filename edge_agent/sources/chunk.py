@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_agent import exits
+
 MAX_ERRORS_KEPT = 10
 
 # Reason kinds (keys of ReadStats.skipped_by_reason).
@@ -27,13 +29,15 @@ BAD_HEADER = "bad header"
 # --------------------------------------------------------------------------- errors
 
 
-class LogError(ValueError):
+class LogError(exits.Failure, ValueError):
     """A malformed log line (or header).
 
     ``str(err)`` is ``"<path>:<line>: <reason>"``, ``line`` is the 1-based
     physical line number (the CSV header is line 1), ``kind`` the short reason
     class used for the skip counters (e.g. ``"bad number"``).
     """
+
+    exit_code = exits.INPUT
 
     def __init__(self, path: str, line: int, reason: str, kind: str | None = None):
         self.path = str(path)

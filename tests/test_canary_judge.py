@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cloud_hub.cli.app import app as hub_app
 from cloud_hub.data import db, sessions
-from cloud_hub.data.store import Batch, Store
+from cloud_hub.data.store import Batch, ResultRow, Store
 from cloud_hub.rollout import canary
 from cloud_hub.rollout import canary_judge as cj
 from cloud_hub.settings import HubSettings
@@ -142,13 +142,13 @@ def _write(engine, rows: list[tuple]) -> None:
 
 
 def _result(device: str, seq: int, version: int, at: float, *, hit: bool | None = None,
-            error: float | None = None) -> tuple:
-    """A stored result row (store.RESULT_COLUMNS order): a classifier's hit/miss or a regressor's error."""
+            error: float | None = None) -> ResultRow:
+    """A stored result row: a classifier's hit/miss or a regressor's error."""
     if error is not None:
         value, truth, label = orjson.dumps([error]).decode(), "0", None
     else:
         value, truth, label = None, "walk", "walk" if hit else "run"
-    return (device, seq, at, at + 1, version, label, 0.9, value, truth, 5.0, None, at)
+    return ResultRow(device, seq, at, at + 1, version, label, 0.9, value, truth, 5.0, None, at)
 
 
 @pytest.mark.parametrize("regressor", [False, True])

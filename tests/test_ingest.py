@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from cloud_hub.data import db, sessions, tables
 from cloud_hub.data.ingest import Hub, Pending
+from cloud_hub.data.store import ResultRow
 from cloud_hub.settings import HubSettings
 from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
@@ -381,7 +382,7 @@ def test_a_receipt_too_big_for_one_message_is_split_into_receipts_the_device_acc
     assert len(whole) > c.MAX_RECEIPT_BYTES  # as one receipt: too big for the device
     receipts = Receipts(shared_broker, hub.topics, "dev-big")
     try:
-        hub._send_receipts(Pending(rows=[("dev-big", s) for s in seqs], dup={("dev-big", s) for s in seqs}))
+        hub._send_receipts(Pending(rows=[ResultRow("dev-big", s, 0.0, 1.0, 1, None, None, None, None, 0.0, None, 0.0) for s in seqs], dup={("dev-big", s) for s in seqs}))
         got = receipts.covering(seqs)
     finally:
         receipts.stop()

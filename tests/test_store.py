@@ -16,7 +16,15 @@ from sqlalchemy.engine import Engine
 from cloud_hub.data import sessions, tables
 from cloud_hub.data.db import make_engine
 from cloud_hub.data.sessions import DatabaseUnavailable, transaction
-from cloud_hub.data.store import COPY_MIN_ROWS, RESULT_COLUMNS, Batch, ModelExists, Store, dead_letter
+from cloud_hub.data.store import (
+    COPY_MIN_ROWS,
+    RESULT_COLUMNS,
+    Batch,
+    ModelExists,
+    ResultRow,
+    Store,
+    dead_letter,
+)
 from edge_agent import contract as c
 from edge_agent.settings import SettingsError
 from tests.conftest import postgres_url
@@ -54,10 +62,10 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
 
 
 def row(device: str, seq: int, *, label: str | None = "walk", truth: str | None = None,
-        features: list[float] | None = None, value: str | None = None, at: float = 100.0) -> tuple:
+        features: list[float] | None = None, value: str | None = None, at: float = 100.0) -> ResultRow:
     start = seq / 1000
-    return (device, seq, start, start + 2.0, 1, label, 0.75, value, truth, 0.5,
-            sessions.pack_features(features), at)
+    return ResultRow(device, seq, start, start + 2.0, 1, label, 0.75, value, truth, 0.5,
+                     sessions.pack_features(features), at)
 
 
 def keys(engine: Engine) -> list[tuple[str, int]]:

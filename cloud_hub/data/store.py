@@ -19,21 +19,40 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from cloud_hub.data.sessions import HubError
 from cloud_hub.data.tables import MODEL_STATES, dead_letters, devices, events, models, results, rollouts
+from cloud_hub.errors import HubError
 from edge_agent.contract import Status
 from edge_agent.settings import SettingsError
 
-RESULT_COLUMNS = ("device_id", "seq", "start", "end", "model_version", "label", "confidence", "value",
-                  "truth", "latency_ms", "features", "received_at")
-"""The order of the values in a result row tuple."""
+
+class ResultRow(NamedTuple):
+    """One result as the hub stores it: the ``results`` table's columns (without ``id``), in its order.
+
+    A tuple, so that a batch goes to ``executemany``/COPY as it is; named, so that no code counts positions."""
+
+    device_id: str
+    seq: int
+    start: float
+    end: float
+    model_version: int
+    label: str | None
+    confidence: float | None
+    value: str | None  # a regressor's outputs as a JSON list
+    truth: str | None
+    latency_ms: float
+    features: bytes | None  # float32 little-endian (sessions.pack_features)
+    received_at: float  # the hub's clock
+
+
+RESULT_COLUMNS: tuple[str, ...] = ResultRow._fields
+"""The order of the values in a :class:`ResultRow`."""
 
 _INSERTS: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 COPY_MIN_ROWS = 16
@@ -56,7 +75,7 @@ class ModelExists(HubError):
 class Batch:
     """What one transaction writes: result rows, device sightings, statuses and dead letters."""
 
-    rows: list[tuple[Any, ...]] = field(default_factory=list)  # in RESULT_COLUMNS order
+    rows: list[ResultRow] = field(default_factory=list)
     seen: dict[str, float] = field(default_factory=dict)  # device id -> received time (hub clock)
     statuses: dict[str, tuple[Status, float]] = field(default_factory=dict)  # the latest per device
     dead: list[dict[str, Any]] = field(default_factory=list)  # see Store.dead_letter
@@ -114,8 +133,8 @@ class Store:
 
     # ----------------------------------------------------------------- results and devices
 
-    def insert_results(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
-        """Insert result rows (tuples in :data:`RESULT_COLUMNS` order); return how many were new."""
+    def insert_results(self, conn: Connection, rows: Sequence[ResultRow]) -> int:
+        """Insert result rows; return how many were new."""
         if not rows:
             return 0
         if self.copy and len(rows) >= COPY_MIN_ROWS:
@@ -125,7 +144,7 @@ class Store:
             params = params[0]
         return int(conn.exec_driver_sql(self._results_sql, params).rowcount)
 
-    def _copy_results(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+    def _copy_results(self, conn: Connection, rows: Sequence[ResultRow]) -> int:
         """PostgreSQL: binary COPY into ``results``; if a row is already there, through the stage.
 
         Driver errors come out as SQLAlchemy's, like every other statement's (the hub tells a
@@ -183,13 +202,13 @@ class Store:
         dead = self.insert_dead_letters(conn, batch.dead)
         return Written(new=new, duplicates=len(batch.rows) - new, dead=dead)
 
-    def stored_before(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> set[tuple[str, int]]:
+    def stored_before(self, conn: Connection, rows: Sequence[ResultRow]) -> set[tuple[str, int]]:
         """The keys of result ``rows`` just written (``ON CONFLICT DO NOTHING``) that an earlier write had
         stored: their stored ``received_at`` is not the row's. For receipts that tell a device its new
         results from its duplicates; only a batch mixing both needs it."""
         received: dict[str, dict[int, float]] = {}
         for row in rows:
-            received.setdefault(row[0], {})[row[1]] = row[-1]
+            received.setdefault(row.device_id, {})[row.seq] = row.received_at
         before: set[tuple[str, int]] = set()
         r = results.c
         for device, seqs in sorted(received.items()):

@@ -138,27 +138,33 @@ def prepare_data(work: Path, agents: int, scenario: str = "activity") -> DemoDat
                     f"generated sensor log ({len(trainers)} training devices, {agents} agents)", 240.0)
 
 
-class Demo:
-    """Runs every stage and reports through ``say`` (a line) and ``show`` (a live table)."""
+class DemoRun:
+    """What every demo does around its stages: a fresh work folder, a broker (the given one or a private
+    mosquitto), the hub's settings and signing key, and on the way out, success or not, every process it
+    started stopped. Reports through ``say`` (a line) and ``show`` (a live table)."""
 
-    def __init__(self, work: Path, *, broker: str | None, agents: int, speed: float | None,
-                 say: Callable[[str], None], show: Callable[[list[dict[str, Any]]], None],
-                 scenario: str = "activity") -> None:
+    def __init__(self, work: Path, *, broker: str | None, agents: int, say: Callable[[str], None],
+                 show: Callable[[list[dict[str, Any]]], None]) -> None:
         self.work = work
-        self.scenario = scenario
         self.broker_url = broker
         self.agents = agents
-        self.speed = speed
         self.say = say
         self.show = show
         self.broker: LocalBroker | None = None
-        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.procs: dict[str, subprocess.Popen[Any]] = {}
 
     def run(self) -> dict[str, Any]:
         try:
             return self._run()
         finally:
-            self._cleanup()
+            stop_all(self.procs.values(), self.broker)
+
+    def _run(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _fresh_workdir(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
 
     def _start_broker(self) -> str:
         if self.broker_url:
@@ -168,18 +174,34 @@ class Demo:
         self.say(f"broker: private mosquitto on {self.broker.url} (config derived from mosquitto.conf)")
         return self.broker.url
 
+    def _hub_settings(self, url: str) -> tuple[HubSettings, Path, str]:
+        """The demo hub's settings and a fresh signing key: (settings, the public key file, its id)."""
+        key = self.work / "keys" / "hub.pem"
+        settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
+            "broker": url, "db": f"sqlite:///{self.work / 'hub.sqlite'}", "prefix": PREFIX, "client_id": "demo-hub",
+            "log_interval_s": 0.0, "signing_key": str(key)})
+        _, public, kid = keygen(key)
+        return settings, public, kid
+
+
+class Demo(DemoRun):
+    """The pipeline demo: train v1, publish, agents replay, retrain v2 from the fleet, roll it out, show stats."""
+
+    def __init__(self, work: Path, *, broker: str | None, agents: int, speed: float | None,
+                 say: Callable[[str], None], show: Callable[[list[dict[str, Any]]], None],
+                 scenario: str = "activity") -> None:
+        super().__init__(work, broker=broker, agents=agents, say=say, show=show)
+        self.scenario = scenario
+        self.speed = speed
+
     def _run(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir(parents=True)
+        self._fresh_workdir()
         data = prepare_data(self.work, self.agents, self.scenario)
         self.say(f"data: {data.source}")
         url = self._start_broker()
         dbfile = self.work / "hub.sqlite"
-        settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
-            "broker": url, "db": f"sqlite:///{dbfile}", "prefix": PREFIX, "client_id": "demo-hub",
-            "log_interval_s": 0.0, "signing_key": str(self.work / "keys" / "hub.pem")})
-        _, public, kid = keygen(self.work / "keys" / "hub.pem")
+        settings, public, kid = self._hub_settings(url)
         self.say(f"keys: Ed25519 signing key {kid}; agents trust {public.name}")
         engine = db.make_engine(settings.db)
         hub = Hub(settings, engine=engine)
@@ -259,9 +281,6 @@ class Demo:
                 raise RuntimeError(f"agent {device} exited with {p.returncode}: {stderr.strip()[-500:]}")
             out[device] = orjson.loads(stdout)
         return out
-
-    def _cleanup(self) -> None:
-        stop_all(self.procs.values(), self.broker)
 
 
 def stop_all(procs: Iterable[subprocess.Popen[Any]], broker: LocalBroker | None) -> None:

@@ -26,13 +26,9 @@ from cloud_hub.data.aggregate import describe_score
 from cloud_hub.data.ingest import Hub
 from cloud_hub.data.store import Store
 from cloud_hub.models import lifecycle
-from cloud_hub.models.signing import keygen
 from cloud_hub.rollout import publish as rollout
 from cloud_hub.rounds.coordinator import Coordinator, FederateConfig
-from cloud_hub.settings import HubSettings
-from cloud_hub.tools.demo import PREFIX, DemoData, prepare_data, stop_all
-from cloud_hub.tools.local_broker import LocalBroker, port_open
-from edge_agent.settings import load_settings
+from cloud_hub.tools.demo import PREFIX, DemoData, DemoRun, prepare_data
 
 
 def _holdout_log(data: DemoData, work: Path) -> Path:
@@ -47,40 +43,23 @@ def _holdout_log(data: DemoData, work: Path) -> Path:
     return out
 
 
-class FederatedDemo:
+class FederatedDemo(DemoRun):
+    """``demo --federated``: train v1 centrally, then federated rounds among agents that keep their data."""
+
     def __init__(self, work: Path, *, broker: str | None, agents: int, rounds: int,
                  say: Callable[[str], None], show: Callable[[list[dict[str, Any]]], None]) -> None:
-        self.work, self.broker_url, self.agents, self.rounds = work, broker, agents, rounds
-        self.say, self.show = say, show
-        self.broker: LocalBroker | None = None
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def run(self) -> dict[str, Any]:
-        try:
-            return self._run()
-        finally:
-            stop_all(self.procs.values(), self.broker)
+        super().__init__(work, broker=broker, agents=agents, say=say, show=show)
+        self.rounds = rounds
 
     def _run(self) -> dict[str, Any]:
-        import shutil
-
         t0 = time.monotonic()
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir(parents=True)
+        self._fresh_workdir()
         data = prepare_data(self.work, self.agents)
         holdout = _holdout_log(data, self.work)
         self.say(f"data: {data.source}; {', '.join(data.holdout_train)} is the gate's hold-out")
-        if self.broker_url:
-            url = self.broker_url
-        else:
-            self.broker = LocalBroker(self.work / "broker", port=None if port_open("127.0.0.1", 1883) else 1883).start()
-            url = self.broker.url
-            self.say(f"broker: private mosquitto on {url}")
+        url = self._start_broker()
+        settings, public, kid = self._hub_settings(url)
         key = self.work / "keys" / "hub.pem"
-        _, public, kid = keygen(key)
-        settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
-            "broker": url, "db": f"sqlite:///{self.work / 'hub.sqlite'}", "prefix": PREFIX, "client_id": "demo-hub",
-            "log_interval_s": 0.0, "signing_key": str(key)})
         engine = db.make_engine(settings.db)
         hub = Hub(settings, engine=engine)
         hub.start()

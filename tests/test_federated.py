@@ -648,7 +648,8 @@ def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(
     announcement is the one the hub registers, and the device's INT8 scores are those of the registered
     bundle and of the running v1, run through onnxruntime here on the same held-out windows."""
     from cloud_hub.data.store import Store
-    from cloud_hub.rounds.coordinator import answer_metrics, fedavg
+    from cloud_hub.rounds import fedavg
+    from cloud_hub.rounds.coordinator import answer_metrics
     from cloud_hub.rounds.finish import finish
     from edge_agent.device.learner import Learner, held_out
     from edge_agent.runner import ModelRunner

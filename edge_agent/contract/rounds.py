@@ -138,8 +138,8 @@ def trainable_names(n_layers: int, train_layers: int | None = None) -> tuple[str
     """The tensors a round trains (:attr:`RoundPlan.trainable`, the names of an update's delta): ``coef_i``
     and ``intercept_i`` of the last ``train_layers`` of a model's ``n_layers`` layers (None: all of them),
     clamped to ``1..n_layers`` (the hub's ``--train-layers`` may exceed a model's depth). The device's trainer
-    spells the same names but refuses a count outside that range (``edge_agent.device.learn.trainable_names``,
-    which imports numpy only)."""
+    (``edge_agent.device.learn.trainable_names``) takes its names from here after refusing a count outside
+    that range."""
     k = n_layers if train_layers is None else max(1, min(train_layers, n_layers))
     return tuple(name for i in range(n_layers - k, n_layers) for name in (f"coef_{i}", f"intercept_{i}"))
 

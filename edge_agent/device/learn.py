@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.contract import rounds
+
 __all__ = ["LocalResult", "activation_ranges", "fine_tune", "loss_and_grad", "metric", "n_layers", "predict",
            "score", "trainable_names"]
 
@@ -67,7 +69,7 @@ def trainable_names(tensors: Tensors, train_layers: int | None = None) -> list[s
     k = L if train_layers is None else int(train_layers)
     if not 1 <= k <= L:
         raise ValueError(f"train_layers must be in 1..{L}, got {train_layers}")
-    return [f"{kind}_{i}" for i in range(L - k, L) for kind in ("coef", "intercept")]
+    return list(rounds.trainable_names(L, k))
 
 
 def _dtype(tensors: Tensors) -> np.dtype:

@@ -254,6 +254,10 @@ class BrokerSettings:
     key_file: str | None = None
     prefix: str = "edgeml"
     connect_timeout_s: float = 30.0  # give up (exit 3, saying why) when the broker is unreachable this long
+    # MQTT keepalive: with nothing from the broker for this long the link pings, and drops the link when the
+    # ping goes unanswered as long again; a half-open link (a NAT or a cable that went away without a word)
+    # is noticed within 1-2 keepalives, and the broker drops a silent client after 1.5.
+    keepalive_s: int = 30
 
     def validate_broker(self) -> None:
         try:
@@ -262,6 +266,8 @@ class BrokerSettings:
             raise SettingsError(str(exc), field="broker") from None
         self.tls.check()
         positive("connect_timeout_s", self.connect_timeout_s)
+        if not 1 <= self.keepalive_s <= 65535:  # MQTT's two-byte field; 0 would turn keepalive off
+            raise SettingsError(f"keepalive_s must be in 1..65535 seconds, got {self.keepalive_s}", field="keepalive_s")
 
     @property
     def broker_url(self) -> BrokerURL:

@@ -4,12 +4,15 @@ Nothing is lost, nothing is doubled, and a half-open link is noticed when the ke
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from cloud_hub.tools.local_broker import LocalBroker
@@ -111,6 +114,70 @@ def test_a_replay_through_a_faulty_network_stores_every_result_once(
     for n, report in reports.items():
         assert report["published"] == report["windows"] == len(fleets[n][2]), report
         assert outbox(tmp_path / f"agent{n}") == {}
-    assert hub.signal(__import__("signal").SIGTERM) == 0
+    assert hub.signal(signal.SIGTERM) == 0
     assert_exactly_once(url, expected)
     assert proxy.resets >= 3
+
+
+def test_half_open_links_of_the_hub_and_an_agent_are_noticed_per_keepalive_and_nothing_is_lost(
+        procs: Processes, broker: LocalBroker, proxy: FaultProxy, prefix: str, tmp_path: Path) -> None:
+    """``keepalive_s = 2`` for both: while an agent replays, the hub's link and the agent's go half-open
+    (the proxy drops everything and closes nothing). Each process notices within two keepalives (plus its
+    reconnect delay), connects again, and every result is stored exactly once."""
+    keepalive = 2
+    log, model, expected = fleet_files(tmp_path / "fleet", seconds=30.0)
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    hub = ServeProcess(procs, proxy, url, prefix, tmp_path / "hub.log",  # type: ignore[arg-type]
+                       env={"CLOUD_HUB_KEEPALIVE_S": str(keepalive)})
+    hub.wait_started()
+    state = tmp_path / "agent"
+    os.environ["EDGE_AGENT_KEEPALIVE_S"] = str(keepalive)  # start_replay passes the environment on
+    try:
+        agent = start_replay(procs, proxy, prefix, log, model, state, "--speed", "3")  # type: ignore[arg-type]
+    finally:
+        del os.environ["EDGE_AGENT_KEEPALIVE_S"]
+    wait_for(lambda: proxy.link_of("edge-agent-") is not None and len(outbox(state)) > 0, timeout=60,
+             what="the agent's link and its first results")
+    noticed = {}
+    for who in (f"{prefix}-hub", "edge-agent-"):
+        old = proxy.link_of(who)
+        assert old is not None
+        proxy.blackhole(old)
+        t0 = time.monotonic()
+        wait_for(lambda who=who, old=old: proxy.link_of(who) not in (None, old), timeout=2 * keepalive + 30,
+                 what=f"{who} to notice its half-open link and connect again")
+        noticed[who] = time.monotonic() - t0
+    for who, seconds in noticed.items():
+        # noticed after 1-2 keepalives; then the reconnect (paho's first retry comes after about a second)
+        assert keepalive * 0.9 <= seconds <= 2 * keepalive + 8, (who, noticed)
+    report = finish(agent)
+    assert report["published"] == report["windows"] == len(expected), report
+    assert outbox(state) == {}
+    assert hub.signal(signal.SIGTERM) == 0
+    assert_exactly_once(url, expected)
+
+
+def test_a_federated_round_through_a_faulty_network_completes_and_counts_each_update_once(
+        procs: Processes, broker: LocalBroker, proxy: FaultProxy, prefix: str, tmp_path: Path) -> None:
+    """`serve`, `federate` and three learning agents all reach the broker through the proxy, which resets
+    and stalls their links at random during the round: the round completes, each device's update is
+    counted once, and every device ends on the new version."""
+    from tests.test_federated import DEVICES, Fleet, _devices, _updates
+
+    fleet = Fleet(procs, proxy, prefix, tmp_path)
+    stop = threading.Event()
+    chaos = proxy.chaos(random.Random(26), stop, every_s=(0.5, 2.0))
+    try:
+        fed = fleet.federate("--rounds", "1", "--deadline", "120", "--tolerance", "1", "--json")
+        assert fed.wait(300) == 0, (tmp_path / "federate.log").read_text()
+    finally:
+        stop.set()
+        chaos.join(10)
+    out = (tmp_path / "federate.log").read_text()
+    views = orjson.loads(out.strip().splitlines()[-1])["rounds"]
+    assert [(v["round"], v["state"], v["new_version"], v["accepted"]) for v in views] == [(1, "published", 2, 3)], out
+    accepted = [(r, d) for r, d, s, _, _ in _updates(fleet.url) if s == "accepted"]
+    assert sorted(accepted) == [(1, d) for d in DEVICES]  # once each, whatever was sent again
+    fleet.check(lambda: all(_devices(fleet.url).get(d) == 2 for d in DEVICES), "every device on v2")
+    assert proxy.resets > 0
+    fleet.stop()

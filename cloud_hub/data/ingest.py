@@ -124,7 +124,7 @@ class Hub:
         group = settings.share_group
         self.link = MqttLink(
             settings.broker_url, settings.session_id, tls=settings.tls, clean_start=False,
-            session_expiry_s=settings.session_expiry_s, manual_ack=True,
+            session_expiry_s=settings.session_expiry_s, manual_ack=True, keepalive_s=settings.keepalive_s,
             on_message=self._queue.put, on_connected=self._on_connection_event, exclusive=True,
             subscriptions=[(self.topics.shared(self.topics.all_results, group), 1),
                            (self.topics.shared(self.topics.all_status, group), 1)],

@@ -72,7 +72,7 @@ def send(settings: HubSettings, messages: Sequence[tuple[str, bytes, Delivery]],
             changed.notify_all()
 
     link = MqttLink(settings.broker_url, f"{settings.session_id}-rollout-{int(time.time() * 1000)}",
-                    tls=settings.tls, on_published=on_published)
+                    tls=settings.tls, keepalive_s=settings.keepalive_s, on_published=on_published)
     link.start()
     try:
         link.wait_connected(timeout)

@@ -56,7 +56,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
         acked.set()
 
     link = MqttLink(settings.broker_url, f"{settings.session_id}-publish-{int(time.time())}", tls=settings.tls,
-                    on_published=on_published)
+                    keepalive_s=settings.keepalive_s, on_published=on_published)
     link.start()
     try:
         link.wait_connected(timeout)

@@ -210,7 +210,7 @@ class Coordinator:
         self._published: dict[int, str] = {}
         self._link = MqttLink(
             settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
-            session_expiry_s=settings.session_expiry_s, manual_ack=True, on_message=lambda m: self._inbox.put((self._generation, m)),
+            session_expiry_s=settings.session_expiry_s, manual_ack=True, keepalive_s=settings.keepalive_s, on_message=lambda m: self._inbox.put((self._generation, m)),
             on_connected=self._on_connected,
             on_published=self._on_published, subscriptions=[(settings.topics.all_updates, 1)], exclusive=True,
         )

@@ -103,7 +103,7 @@ class Agent:
         subscriptions = self._subscriptions(single)
         self.link = MqttLink(
             settings.broker_url, client_id, tls=settings.tls, clean_start=True, will=will,
-            max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
+            keepalive_s=settings.keepalive_s, max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
             on_published=self._on_published, on_connected=self._on_connected,
             subscriptions=subscriptions,
         )

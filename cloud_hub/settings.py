@@ -42,6 +42,11 @@ class HubSettings(BrokerSettings):
     batch_max_delay_s: float = 0.2  # longest time spent collecting one batch while messages keep coming
     receipts: bool = True  # after each commit, tell devices which results are stored (they keep them until then)
     dead_letter_max_bytes: int = 64 << 10  # raw payload bytes kept per dead letter
+    # What one device may send (cloud_hub/data/limits.py): messages a second, results and statuses alike, in
+    # bursts of up to device_burst. Past it a message is acknowledged and dropped unstored (no receipt: the
+    # device sends it again later), and a dead letter names the device every 10 s. 0 = no limit.
+    device_max_msgs_per_s: float = 200.0
+    device_burst: int = 2_000
     log_interval_s: float = 10.0  # a stats line this often; 0 = never
     # The HTTP door of serve (README: Metrics): PORT (on 127.0.0.1) or HOST:PORT answers /, /api/fleet
     # and /metrics; None = no HTTP server. A non-loopback host needs http_token_file (bearer, or basic auth's
@@ -98,7 +103,7 @@ class HubSettings(BrokerSettings):
         for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s", "canary_min_results",
                      "canary_max_results"):
             positive(name, getattr(self, name))
-        for name in ("batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
+        for name in ("device_max_msgs_per_s", "device_burst", "batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
                      "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance",
                      "canary_error_tolerance", "canary_max_s"):
             positive(name, getattr(self, name), zero_ok=True)

@@ -47,6 +47,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cloud_hub.data.db import make_engine
+from cloud_hub.data.limits import Admission
 from cloud_hub.data.sessions import describe, is_transient, pack_features
 from cloud_hub.data.store import Batch, ResultRow, Store, Written, dead_letter
 from cloud_hub.errors import HubError
@@ -94,6 +95,7 @@ class HubStats:
     db_errors: int = 0
     unacked: int = 0  # messages left for redelivery because the connection changed before their ack
     receipts: int = 0  # receipt messages sent to devices
+    rate_limited: int = 0  # messages dropped because their device was over its limit (data/limits.py)
 
 
 class Hub:
@@ -122,10 +124,13 @@ class Hub:
         self._writers = [threading.Thread(target=self._run, args=(i,), name=f"hub-writer-{i}", daemon=True)
                          for i in range(writers)]
         group = settings.share_group
+        self.admission = None if not settings.device_max_msgs_per_s else Admission(
+            self.topics, settings.device_max_msgs_per_s, max(settings.device_burst, 1),
+            max_bytes=settings.dead_letter_max_bytes)
         self.link = MqttLink(
             settings.broker_url, settings.session_id, tls=settings.tls, clean_start=False,
             session_expiry_s=settings.session_expiry_s, manual_ack=True, keepalive_s=settings.keepalive_s,
-            on_message=self._queue.put, on_connected=self._on_connection_event, exclusive=True,
+            on_message=self._queue.put if self.admission is None else self._on_message, on_connected=self._on_connection_event, exclusive=True,
             subscriptions=[(self.topics.shared(self.topics.all_results, group), 1),
                            (self.topics.shared(self.topics.all_status, group), 1)],
         )
@@ -184,6 +189,14 @@ class Hub:
 
     # ----------------------------------------------------------------- network thread
 
+    def _on_message(self, msg: Message) -> None:
+        """A device over its limit: acknowledged and dropped here, before it costs a decode or a write."""
+        if self.admission.admit(msg.topic):  # type: ignore[union-attr]
+            self._queue.put(msg)
+        else:
+            self.stats.rate_limited += 1  # written by this thread only
+            self.link.ack(msg.mid, msg.qos)
+
     def _on_connection_event(self, _up: bool) -> None:
         self._connection_events += 1
         self._queue.put(_CONNECTION_EVENT)
@@ -194,6 +207,9 @@ class Hub:
         """The decoder thread: batches of decoded messages for the writer, until the stop marker."""
         while True:
             pending = self._collect(timeout=0.5)
+            if self.admission is not None and (limited := self.admission.dead_letters(time.time())):
+                pending = pending or Pending(generation=self._generation)
+                pending.dead.extend(limited)
             if pending is not None:
                 self._decoded.put(pending)
                 if pending.final:

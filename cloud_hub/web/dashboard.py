@@ -40,6 +40,7 @@ def snapshot(hub: Hub) -> dict[str, Any]:
         rounds = round_views(conn, name, [r.id for r in RoundStore().rounds(conn, name, limit=5)])
     verdict = canary.judge(hub.engine, rollouts[0], hub.settings) if rollouts and rollouts[0].state == "canary" else None
     return {**view, "backlog": hub.backlog, "model": name, "events": events,
+            "limited": {} if hub.admission is None else hub.admission.limiter.most_dropped(10),
             "rollouts": [{"version": r.version, "previous_version": r.previous, "state": r.state,
                           "cohort": list(r.cohort), "started_at": r.started_at, "reason": r.reason} for r in rollouts],
             "verdict": None if verdict is None else verdict.to_obj(), "rounds": rounds,
@@ -140,7 +141,9 @@ function render(f) {
       score(r, r.holdout_before) + " → " + score(r, r.holdout_after) + "</td></tr>").join("") + "</table>"
     : "no federated round yet (cloud-hub federate)";
   $("dead").innerHTML = f.dead_letters.count + " refused messages" + (f.dead_letters.latest.length ? ": " +
-    f.dead_letters.latest.map((d) => esc(d.reason)).join("; ") : "");
+    f.dead_letters.latest.map((d) => esc(d.reason)).join("; ") : "") +
+    (Object.keys(f.limited).length ? "<br>over their limit (messages dropped since serve started): " +
+      Object.entries(f.limited).map(([d, n]) => "<b>" + esc(d) + "</b> " + n).join(", ") : "");
   $("status").textContent = f.devices.length + " devices, " + f.results + " results, backlog " + f.backlog +
     " · updated " + new Date().toLocaleTimeString();
 }

@@ -30,6 +30,8 @@ _COUNTERS = (  # HubStats field, metric name, help
     ("duplicates", "edgeml_hub_results_duplicate", "Result rows received again and ignored (already stored)."),
     ("dead_letters", "edgeml_hub_dead_letters", "Messages refused and kept in the dead-letter table."),
     ("receipts", "edgeml_hub_receipts_sent", "Receipt messages sent to devices after commits."),
+    ("rate_limited", "edgeml_hub_rate_limited",
+     "Messages dropped unstored because their device was over its limit (device_max_msgs_per_s)."),
     ("batches", "edgeml_hub_transactions", "Transactions committed."),
     ("db_errors", "edgeml_hub_database_errors", "Database writes that failed and were retried."),
     ("unacked", "edgeml_hub_messages_left_for_redelivery",

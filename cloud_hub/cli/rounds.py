@@ -21,6 +21,11 @@ from cloud_hub.cli.common import (
 from cloud_hub.settings import NO_SIGNING_KEY
 from edge_agent import exits
 
+InsecureOpt = Annotated[bool, typer.Option("--insecure-unsigned", help="Unsigned announcements and models "
+                                           "(development brokers).")]
+ClientIdOpt = Annotated[str | None, typer.Option("--client-id", help="MQTT client id stem (its session, <id>-federate, "
+                                                 "keeps updates sent while it is down).")]
+
 
 def federate(
     db: DbOpt = None,
@@ -55,12 +60,10 @@ def federate(
                                                           "gated on (else the devices' own evaluation).")] = None,
     tolerance: Annotated[float, typer.Option(help="Gate: how much worse on the hold-out it may be.")] = 0.0,
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
-    insecure_unsigned: Annotated[bool, typer.Option("--insecure-unsigned", help="Unsigned announcements and "
-                                                    "models (development brokers).")] = False,
+    insecure_unsigned: InsecureOpt = False,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
     prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
-    client_id: Annotated[str | None, typer.Option("--client-id", help="MQTT client id stem (its session, "
-                                                  "<id>-federate, keeps updates sent while it is down).")] = None,
+    client_id: ClientIdOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the participant sampling.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rounds as one JSON object at the end.")] = False,
@@ -68,8 +71,7 @@ def federate(
 ) -> None:
     """Federated rounds: devices fine-tune the running model on their own labelled windows and send INT8
     deltas (never their data); the hub averages them, re-quantizes, gates, signs and publishes."""
-    from cloud_hub.cli.common import engine_for, progress_lines
-    from cloud_hub.rounds.coordinator import Coordinator, FederateConfig
+    from cloud_hub.rounds.coordinator import FederateConfig
 
     for path in holdout_log or ():
         if not Path(path).is_file():
@@ -82,30 +84,38 @@ def federate(
         holdout_logs=tuple(holdout_log or ()), seed=seed)
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
-                      client_id=client_id)
-        progress_lines(True)  # warnings (the broker's) as `cloud-hub: ...` lines, not raw log records
-        if not s.signing_key and not insecure_unsigned:
-            raise fail(exits.USAGE, NO_SIGNING_KEY)
-        if s.signing_key:
-            from cloud_hub.models.signing import load_private_key
-
-            try:
-                load_private_key(s.signing_key)
-            except ValueError as exc:
-                raise fail(exits.USAGE, str(exc)) from None
-        engine = engine_for(s.db, read_only=True)  # the model must be there: never create an empty database
-        say = (lambda line: None) if quiet or json_out else (lambda line: typer.echo(f"federate: {line}", err=True))
-        coordinator = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
-                                  progress=say)
-        restore = exits.on_stop_signals(exits.interrupt)
-        try:
-            done = coordinator.run()
-        except KeyboardInterrupt:
-            raise fail(exits.INTERRUPTED, "interrupted: an open round stays open with every update it has "
-                                           "accepted; run `cloud-hub federate` again to resume it") from None
-        finally:
-            restore()
+                          client_id=client_id)
+        engine, done = _federate(s, cfg, insecure_unsigned=insecure_unsigned, quiet=quiet or json_out)
     show_rounds(engine, s.model_name, [r.id for r in done], json_out)
+
+
+def _federate(s: Any, cfg: Any, *, insecure_unsigned: bool, quiet: bool) -> tuple[Any, list[Any]]:
+    """Check the signing key, then run the rounds until done or a stop signal; (the engine, the rounds)."""
+    from cloud_hub.cli.common import engine_for, progress_lines
+    from cloud_hub.rounds.coordinator import Coordinator
+
+    progress_lines(True)  # warnings (the broker's) as `cloud-hub: ...` lines, not raw log records
+    if not s.signing_key and not insecure_unsigned:
+        raise fail(exits.USAGE, NO_SIGNING_KEY)
+    if s.signing_key:
+        from cloud_hub.models.signing import load_private_key
+
+        try:
+            load_private_key(s.signing_key)
+        except ValueError as exc:
+            raise fail(exits.USAGE, str(exc)) from None
+    engine = engine_for(s.db, read_only=True)  # the model must be there: never create an empty database
+    say = (lambda line: None) if quiet else (lambda line: typer.echo(f"federate: {line}", err=True))
+    coordinator = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,
+                              progress=say)
+    restore = exits.on_stop_signals(exits.interrupt)
+    try:
+        return engine, coordinator.run()
+    except KeyboardInterrupt:
+        raise fail(exits.INTERRUPTED, "interrupted: an open round stays open with every update it has "
+                                       "accepted; run `cloud-hub federate` again to resume it") from None
+    finally:
+        restore()
 
 
 def rounds(

@@ -6,6 +6,7 @@ result is acknowledged) and ``edge-agent run`` (a live source until SIGTERM).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -20,7 +21,7 @@ from edge_agent import exits
 from edge_agent.contract.rounds import UPDATE_DELIVERY
 from edge_agent.device.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
 from edge_agent.device.learner import Learner
-from edge_agent.device.outbox import Outbox
+from edge_agent.device.outbox import Outbox, is_disk_full
 from edge_agent.device.pipeline import Processor
 from edge_agent.device.publisher import Publisher
 from edge_agent.drift import DeviceDrift
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _OFFLINE_NOTE_S = 60.0  # how often a disconnected agent says why
+_DISK_NOTE_S = 60.0  # how often an agent whose disk is full says what it cannot keep (the first at once)
 
 
 class AgentError(exits.Failure, RuntimeError):
@@ -124,7 +126,10 @@ class Agent:
         self.stop_event = threading.Event()  # set by SIGTERM/SIGINT (jobs.py): ends waits early
         self._status_due = 0.0
         self._offline_note = 0.0
+        self._disk_note = 0.0
+        self._disk_said = False  # the disk was said to be full (and not yet that space came back)
         self._status_lock = threading.Lock()
+        self.outbox.on_wait = self._waiting_for_room
 
     def _open_outbox(self, state: Path) -> Outbox:
         """The state dir's outbox, refused when its results were made for another broker or prefix: they
@@ -215,6 +220,9 @@ class Agent:
             self.learner.close()
         self.link.stop(final=[(self.topics.status(d), self._status(d, c.OFFLINE).encode(), c.STATUS_DELIVERY)
                               for d in self.device_ids if c.valid_id(d)])
+        if self._disk_said:  # the last word on it, whatever the minute
+            self._disk_note = 0.0
+            self.note_disk()
         self.outbox.close()
         if self.metrics is not None:
             self.metrics.stop()
@@ -294,16 +302,31 @@ class Agent:
         )
         if self.model is not None and bundle.manifest.sha256 == self.model.bundle.manifest.sha256:
             return  # the retained copy of what already runs
-        persist_bundle(bundle, self.active_path)
+        saved = self._persist(bundle)
         self.model = ModelState(bundle, runner)
         self.drift = DeviceDrift.of(bundle.manifest.training)  # counts start again with each model
         if self.processor is not None:
             self.processor.swap(runner)
             self.processor.drift = self.drift
             self.swaps += 1
-        self.last_error = None
+        self.last_error = saved
         self._status_due = 0.0
         log.info("serving model %s v%d (%s)", bundle.manifest.name, bundle.manifest.version, bundle.manifest.sha256[:12])
+
+    def _persist(self, bundle: c.Bundle) -> str | None:
+        """Keep the model for the next start; a full disk does not stop it from serving (None: kept)."""
+        try:
+            persist_bundle(bundle, self.active_path)
+            return None
+        except OSError as exc:
+            tmp = self.active_path.with_suffix(self.active_path.suffix + ".tmp")  # bundle.persist_bundle's
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            why = "the disk is full" if is_disk_full(exc) else str(exc)
+            error = (f"cannot save model v{bundle.manifest.version} to {self.active_path} ({why}): serving it "
+                     "from memory; the next start takes it from the model topic again")
+            log.warning("%s", error)
+            return error
 
     def _note(self, own: bool, payload: bytes) -> None:
         if own:
@@ -353,6 +376,10 @@ class Agent:
         if self.outbox.dropped:
             error = f"{error}; " if error else ""
             error += f"outbox overflow dropped {self.outbox.dropped} results"
+        if self.outbox.full is not None or self.outbox.unstored:
+            error = f"{error}; " if error else ""
+            error += (f"disk full in {self.state_dir}" if self.outbox.full is not None else
+                      f"the disk was full in {self.state_dir}") + f": {self.outbox.unstored} results not kept"
         return c.Status(device_id, state, time.time(), model_name=m.name if m else None,
                         model_version=m.version if m else None, model_sha256=m.sha256 if m else None,
                         outbox_depth=self.outbox.depth_of(device_id) if len(self.device_ids) > 1 else self.outbox.depth,
@@ -389,4 +416,38 @@ class Agent:
             self._offline_note = now + _OFFLINE_NOTE_S
             log.warning("not connected to %s for %.0f s: %s; %d results kept in the outbox", self.settings.broker_url,
                         now - away, self.link.unreachable_reason(), self.outbox.depth)
+        self.outbox.check_space()
+        self.note_disk()
         self.publisher.notify()
+
+    def note_disk(self) -> None:
+        """Say once a minute (the first time at once) that the state dir's disk is full and what the outbox
+        could not keep, and once that space came back; the status says it too."""
+        ob = self.outbox
+        if ob.full is None:
+            if self._disk_said:
+                log.warning("disk space again in %s: %d results could not be kept while it was full "
+                            "(%d dropped to make room in all, outbox_overflow=%s); %d kept in the outbox",
+                            self.state_dir, ob.unstored, ob.dropped, ob.overflow, ob.depth)
+                self._disk_said = False
+                self._status_due = 0.0
+            return
+        now = time.monotonic()
+        if now < self._disk_note:
+            return
+        self._disk_note = now + _DISK_NOTE_S
+        self._disk_said = True
+        self._status_due = 0.0
+        log.error("disk full in %s (%s): %d results could not be kept, %d dropped to make room in all "
+                  "(outbox_overflow=%s); %d kept in the outbox; still inferring", self.state_dir, ob.full,
+                  ob.unstored, ob.dropped, ob.overflow, ob.depth)
+
+    def _waiting_for_room(self) -> None:
+        """The outbox waits for room on a full disk (``block``): say so, publish the status, and give up
+        on SIGTERM/SIGINT (what is kept is safe; the results of the batch in hand are not kept)."""
+        self.note_disk()
+        if time.monotonic() >= self._status_due and self.link.connected:
+            self.publish_status(c.ONLINE)
+        if self.stop_event.is_set():
+            raise Interrupted(f"interrupted while the disk of {self.state_dir} is full: {self.outbox.depth} "
+                              "results kept in the outbox, sent on the next start")

@@ -13,6 +13,8 @@ weights and the INT8 model the hub would ship (the announcement carries it; run 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -32,6 +34,7 @@ from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, Update, en
 from edge_agent.device.bundle import BundleRejected, check_round
 
 log = logging.getLogger(__name__)
+_SAVE_NOTE_S = 60.0  # a store that cannot be saved (a full disk) is said this often
 
 
 class WindowStore:
@@ -76,13 +79,20 @@ class WindowStore:
         self.new = min(self.new + len(keep), self.capacity)
 
     def save(self) -> None:
+        """Write the windows (atomically: the last saved copy stays whole); an OSError (a full disk) leaves
+        no partial file behind and is the caller's to say."""
         tmp = self.path.with_suffix(".tmp.npz")
-        with open(tmp, "wb") as f:
-            np.savez(f, X=self.X, y=np.asarray(self.y, dtype=str), t=self.t, layout=np.array(self.layout),
-                     new=np.array(self.new))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, X=self.X, y=np.asarray(self.y, dtype=str), t=self.t, layout=np.array(self.layout),
+                         new=np.array(self.new))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
 
 def _targets(task: str, labels: tuple[str, ...], y: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +146,8 @@ class Learner:
         self.last: dict[str, Any] = {}  # the last round's outcome (logged)
         self.sent = 0  # updates published (metrics)
         self._saved_at = time.monotonic()
+        self.unsaved: str | None = None  # why the windows could not be saved last time (a full disk)
+        self._save_note = 0.0
 
     def _read_answered(self) -> list[str]:
         try:
@@ -293,15 +305,31 @@ class Learner:
         """Once its answer is handed to MQTT (a device stopped before that answers again after its restart)."""
         self.answered = [*self.answered, f"{round_id}/{kind}"][-100:]
         tmp = self._answered_path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(self.answered))
-        os.replace(tmp, self._answered_path)
+        try:
+            tmp.write_bytes(orjson.dumps(self.answered))
+            os.replace(tmp, self._answered_path)
+        except OSError as exc:  # a full disk: known in this process; after a restart it may answer again
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.warning("round %d: cannot record the answer in %s (%s)", round_id, self._answered_path, exc)
 
     def save(self) -> None:
         self._saved_at = time.monotonic()
         try:
             self.store.save()
         except OSError as exc:
-            log.warning("cannot save labelled windows to %s: %s", self.store.path, exc)
+            # Inference goes on and the windows stay in memory (bounded by learn_windows) for the rounds of
+            # this process; a restart before a save succeeds starts from the last saved copy.
+            self.unsaved = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else str(exc)
+            if time.monotonic() >= self._save_note:
+                self._save_note = time.monotonic() + _SAVE_NOTE_S
+                log.warning("cannot save %d labelled windows to %s (%s): kept in memory only, trying again "
+                            "every 30 s", len(self.store.y), self.store.path, self.unsaved)
+            return
+        if self.unsaved is not None:
+            log.info("labelled windows saved to %s again (%d)", self.store.path, len(self.store.y))
+        self.unsaved = None
+        self._save_note = 0.0
 
     def close(self, timeout: float = 5.0) -> None:
         if self._thread is not None:

@@ -84,6 +84,14 @@ class _Collector:
             yield CounterMetricFamily(name, help_, value=getattr(stats, field) if stats is not None else 0)
         yield GaugeMetricFamily("edgeml_agent_outbox_results", "Results in the outbox, not yet receipted.",
                                 value=a.outbox.depth)
+        yield CounterMetricFamily("edgeml_agent_results_unstored",
+                                  "Results the outbox could not keep: the state dir's disk was full.",
+                                  value=a.outbox.unstored)
+        yield GaugeMetricFamily("edgeml_agent_results_dropped",
+                                "Results dropped to make room (outbox_overflow=drop_oldest: outbox_max or a "
+                                "full disk), since the outbox was made.", value=a.outbox.dropped)
+        yield GaugeMetricFamily("edgeml_agent_disk_full", "1 while the state dir's disk is full.",
+                                value=int(a.outbox.full is not None))
         yield CounterMetricFamily("edgeml_agent_model_swaps", "Models swapped in while running.", value=a.swaps)
         m = a.model.bundle.manifest if a.model is not None else None
         version = GaugeMetricFamily("edgeml_agent_model_version", "The model version serving.", labels=["model"])

@@ -17,10 +17,24 @@ in the publisher deletes rows at the PUBACK.)
   ``drop_oldest`` deletes the oldest rows that are not in flight to make room and counts them
   (reported in the device status: never silent); ``block`` makes :meth:`put` wait until receipts
   have freed room (back-pressure on the source).
+* A full disk (SQLITE_FULL) is survived, not corrupting anything: a failed transaction is rolled
+  back by SQLite and nothing of it stays. The outbox keeps a reserve file (``outbox.reserve``,
+  4 MiB) that it deletes when the disk is full, so that SQLite can still checkpoint its WAL, delete
+  receipted rows and drop old ones; from then on (until the reserve can be made again: space came
+  back) new results go only into the pages the file already has and the disk's room above half the
+  reserve: ``drop_oldest`` drops the oldest
+  rows not in flight to make room (counted as dropped, as for ``max_rows``), ``block`` waits for
+  receipts to free room or for space to come back. Results that cannot be kept either way are
+  counted (:attr:`Outbox.unstored`), never raised to the pipeline. SQLite's automatic checkpoint is
+  replaced by the outbox's own (after about 1 MiB written), so that a failed COMMIT always means
+  the transaction did not happen.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sqlite3
 import threading
 import time
@@ -49,10 +63,27 @@ _UPGRADE = ("ALTER TABLE outbox ADD COLUMN due REAL",
 _INDEX = "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due) WHERE due IS NOT NULL"
 _MAX_DOUBLINGS = 20
 _CHUNK = 500  # ids or seqs per statement (SQLite allows 32,766 parameters)
+RESERVE_BYTES = 4 << 20  # the reserve file: room for a checkpoint and the deletes on a full disk
+_CHECKPOINT_BYTES = 1 << 20  # about this much written to the WAL between checkpoints (SQLite's own: ~4 MiB)
+_ROW_BYTES = 96  # what a row costs in pages beyond its payload (record header, the two indexes), roughly
+_FULL_WAIT_S = 1.0  # block on a full disk: look again this often (a receipt wakes it at once)
+_RESERVE_RETRY_S = 1.0  # a full disk: try to make the reserve again (space came back?) this often
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL or an OSError ENOSPC/EDQUOT: the device's disk (or quota) is full."""
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "database or disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class OutboxFull(RuntimeError):
@@ -72,7 +103,8 @@ class Outbox:
     """Thread-safe durable queue of encoded results (one SQLite connection, one lock)."""
 
     def __init__(self, path: str | Path, *, max_rows: int = 200_000, overflow: str = "drop_oldest",
-                 durable: bool = False, resend_after_s: float = 15.0, resend_max_s: float = 300.0) -> None:
+                 durable: bool = False, resend_after_s: float = 15.0, resend_max_s: float = 300.0,
+                 reserve_bytes: int = RESERVE_BYTES) -> None:
         if overflow not in ("drop_oldest", "block"):
             raise ValueError(f"unknown overflow policy {overflow!r}")
         self.path = Path(path).expanduser()
@@ -81,18 +113,35 @@ class Outbox:
         self.overflow = overflow
         self.resend_after_s = resend_after_s
         self.resend_max_s = max(resend_max_s, resend_after_s)
+        self._reserve = self.path.with_name(self.path.stem + ".reserve")
+        self.reserve_bytes = reserve_bytes
+        # A full disk: the reason, while new results go only into pages the file has (see the module doc)
+        self.full: str | None = None
+        self.unstored = 0  # results this process could not keep at all (a full disk), counted, never raised
+        self._next_reserve = 0.0
+        self._wal_bytes = 0  # written to the WAL since the last checkpoint (an estimate)
+        self.on_wait: Callable[[], None] | None = None  # called about every second while put waits on a full disk
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # ours: a COMMIT's error then means it did not happen
+        self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        if "due" not in columns:  # an outbox written before receipts: every row is pending
-            for statement in _UPGRADE:
-                self._db.execute(statement)
-        self._db.execute(_INDEX)
-        # A new process sends every row again, unreceipted ones included: the broker may have lost them.
-        self._db.execute("UPDATE outbox SET due = NULL WHERE due IS NOT NULL")
         self._lock = threading.Lock()
+
+        def prepare() -> None:
+            for statement in filter(str.strip, _SCHEMA.split(";")):  # executescript would COMMIT first
+                self._db.execute(statement)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+            if "due" not in columns:  # an outbox written before receipts: every row is pending
+                for statement in _UPGRADE:
+                    self._db.execute(statement)
+            self._db.execute(_INDEX)
+            # A new process sends every row again, unreceipted ones included: the broker may have lost them.
+            self._db.execute("UPDATE outbox SET due = NULL WHERE due IS NOT NULL")
+
+        self._write(prepare)
+        if not self._make_reserve():
+            self.full = f"no room for the reserve file {self._reserve}"
         self._room = threading.Condition(self._lock)
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         # Rows with id <= floor and no ``due`` are held or in flight in the publisher: overflow never
@@ -135,40 +184,210 @@ class Outbox:
         return self.put_many([(device_id, seq, payload) for seq, payload in rows], timeout=timeout)
 
     def put_many(self, rows: Sequence[tuple[str, int, bytes]], *, timeout: float | None = None) -> int:
-        """Store results ``(device_id, seq, payload)`` in one transaction; returns how many were new."""
+        """Store results ``(device_id, seq, payload)`` in one transaction; returns how many were new.
+
+        On a full disk ``drop_oldest`` drops the oldest rows not in flight to make room and tries again;
+        what still does not fit is counted in :attr:`unstored` (0 returned, nothing raised). ``block``
+        waits, calling :attr:`on_wait` about every second, until receipts free room or space comes back
+        (:class:`OutboxFull` after ``timeout``)."""
         if not rows:
             return 0
         now = time.time()
-        with self._lock:
-            if self.overflow == "block" and not self._room.wait_for(
-                lambda: self._depth + len(rows) <= max(self.max_rows, len(rows)), timeout
-            ):
-                raise OutboxFull(f"outbox holds {self._depth} results (max {self.max_rows})")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+        need = sum(len(payload) + _ROW_BYTES for _, _, payload in rows)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drops, waits, retried = 0, 0, False
+        while True:
+            with self._lock:
+                if self.overflow == "block" and not self._room.wait_for(
+                    lambda: self._depth + len(rows) <= max(self.max_rows, len(rows)), _left(deadline)
+                ):
+                    raise OutboxFull(f"outbox holds {self._depth} results (max {self.max_rows})")
+                if self.full is not None:
+                    self._recover()
+                if self.full is None or self._room_bytes() >= need:
+                    try:
+                        return self._insert(rows, now, need)
+                    except sqlite3.OperationalError as exc:
+                        if not is_disk_full(exc):
+                            raise
+                        self._relieve(exc)
+                    if not retried and self._room_bytes() >= need:  # once more, in the reserve's room
+                        retried = True
+                        continue
+                if self.overflow == "drop_oldest":
+                    if drops < 4 and self._drop_for(need << drops):
+                        drops += 1
+                        continue
+                    if waits < 2 and self._depth > 0:  # rows in flight become droppable once acknowledged
+                        waits += 1
+                        self._room.wait(_FULL_WAIT_S)
+                        continue
+                    self.unstored += len(rows)
+                    return 0
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    raise OutboxFull(f"the disk of {self.path.parent} is full ({self.full})")
+                self._room.wait(_FULL_WAIT_S if left is None else min(_FULL_WAIT_S, left))
+            if self.on_wait is not None:  # outside the lock: it may read the outbox
+                self.on_wait()
+
+    def _insert(self, rows: Sequence[tuple[str, int, bytes]], now: float, need: int) -> int:
+        """put_many's transaction (lock held): the rows, and the room ``max_rows`` leaves (drop_oldest)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO outbox (device_id, seq, created, payload) VALUES (?, ?, ?, ?)",
+                [(device_id, seq, now, payload) for device_id, seq, payload in rows],
+            )
+            added = self._db.total_changes - before
+            excess = self._depth + added - self.max_rows
+            if excess > 0:  # only reachable with drop_oldest
                 before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO outbox (device_id, seq, created, payload) VALUES (?, ?, ?, ?)",
-                    [(device_id, seq, now, payload) for device_id, seq, payload in rows],
+                self._db.execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE id > ? OR due IS NOT NULL "
+                    "ORDER BY id LIMIT ?)",
+                    (self.floor, excess),
                 )
-                added = self._db.total_changes - before
-                excess = self._depth + added - self.max_rows
-                if excess > 0:  # only reachable with drop_oldest
-                    before = self._db.total_changes
-                    self._db.execute(
-                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE id > ? OR due IS NOT NULL "
-                        "ORDER BY id LIMIT ?)",
-                        (self.floor, excess),
-                    )
-                    excess = self._db.total_changes - before
-                    self.dropped += excess
-                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self.dropped,))
-                self._db.execute("COMMIT")
-            except BaseException:
+                excess = self._db.total_changes - before
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self.dropped + excess,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL)
                 self._db.execute("ROLLBACK")
+            raise
+        self.dropped += max(excess, 0)
+        self._depth += added - max(excess, 0)  # may exceed max_rows by what is in flight
+        self._wrote(need)
+        return added
+
+    # ----------------------------------------------------------------- a full disk (lock held)
+
+    def _free_bytes(self) -> int:
+        """Room in the pages the file already has (what deleted rows left)."""
+        return int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) * self._page
+
+    def _disk_free(self) -> int:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def _room_bytes(self) -> int:
+        """Room for new rows while the disk is full: the file's free pages, and the disk's free space above
+        half the reserve (the rest stays for checkpoints and deletes)."""
+        return self._free_bytes() + max(self._disk_free() - self.reserve_bytes // 2, 0)
+
+    def _drop_for(self, need: int) -> bool:
+        """drop_oldest on a full disk: delete the oldest rows not in flight until the file's free pages hold
+        about ``need`` bytes, counted as dropped; False when nothing could be dropped."""
+        want = max(need - self._room_bytes(), 1)
+        ids: list[int] = []
+        freed = 0
+        for row_id, size in self._db.execute(
+                "SELECT id, length(payload) FROM outbox WHERE id > ? OR due IS NOT NULL ORDER BY id", (self.floor,)):
+            if freed >= want:
+                break
+            ids.append(row_id)
+            freed += size + _ROW_BYTES
+        if not ids:
+            return False
+        chunks = [ids[i:i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
+        gone = 0
+
+        def drop() -> None:
+            nonlocal gone
+            before = self._db.total_changes
+            for c in chunks:
+                self._db.execute(f"DELETE FROM outbox WHERE id IN ({_marks(len(c))})", c)
+            gone = self._db.total_changes - before
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self.dropped + gone,))
+
+        try:
+            self._write(drop)
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
                 raise
-            self._depth += added - max(excess, 0)  # may exceed max_rows by what is in flight
-            return added
+            return False
+        self.dropped += gone
+        self._depth -= gone
+        self._checkpoint()  # the WAL is written over from its start: no new room needed for it
+        return gone > 0
+
+    def _relieve(self, exc: BaseException) -> None:
+        """The disk is full: free the reserve's room so that SQLite can checkpoint (its WAL is then written
+        over from its start, in the room it has), and keep new rows in the pages the file has from now on."""
+        if self.full is None:
+            self.full = str(exc) or type(exc).__name__
+        self._next_reserve = time.monotonic() + _RESERVE_RETRY_S
+        with contextlib.suppress(OSError):  # FileNotFoundError: already given
+            self._reserve.unlink()
+        self._checkpoint()
+
+    def check_space(self) -> None:
+        """While the disk is full (:attr:`full`): look whether space came back (at most once a second)."""
+        if self.full is not None:
+            with self._lock:
+                self._recover()
+
+    def _recover(self) -> None:
+        """While the disk is full: has space come back? Yes once the disk has room for the reserve twice
+        over and the reserve is made again."""
+        now = time.monotonic()
+        if now < self._next_reserve:
+            return
+        self._next_reserve = now + _RESERVE_RETRY_S
+        # Room for the reserve and as much again: else the room the outbox kept for itself would end
+        # the state at once, and the next rows would fill the disk again.
+        if self._disk_free() >= 2 * self.reserve_bytes and self._checkpoint() and self._make_reserve():
+            self.full = None
+
+    def _make_reserve(self) -> bool:
+        """Make the reserve file (allocated, not sparse); False when the disk has no room for it."""
+        if self.reserve_bytes <= 0:
+            return True
+        try:
+            if self._reserve.stat().st_size >= self.reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, self.reserve_bytes)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    block = bytes(64 << 10)
+                    for _ in range(0, self.reserve_bytes, len(block)):
+                        os.write(fd, block)
+            finally:
+                os.close(fd)
+            return True
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+            return False
+
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the file (its room is then written over from the start); True if complete."""
+        try:
+            busy, frames, done = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            return False
+        complete = not busy and frames == done
+        if complete:
+            self._wal_bytes = 0
+        return bool(complete)
+
+    def _wrote(self, n: int) -> None:
+        self._wal_bytes += n
+        if self._wal_bytes >= _CHECKPOINT_BYTES:
+            self._checkpoint()
 
     def pending(self, after_id: int, limit: int, *, hold: bool = False) -> list[OutboxRow]:
         """OutboxRow rows with id > ``after_id``, oldest first; ``hold``: the caller sends them, so
@@ -241,17 +460,25 @@ class Outbox:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE due IS NOT NULL").fetchone()[0])
 
     def _write(self, statement: Callable[[], object]) -> int:
-        """Run one statement in its own transaction (lock held); returns the rows it changed."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            before = self._db.total_changes
-            statement()
-            changed = self._db.total_changes - before
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        return changed
+        """Run one statement in its own transaction (lock held); returns the rows it changed. On a full
+        disk the reserve's room is given to SQLite and the statement tried once more."""
+        for attempt in (1, 2):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._db.total_changes
+                statement()
+                changed = self._db.total_changes - before
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                if self._db.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL)
+                    self._db.execute("ROLLBACK")
+                if attempt == 2 or not is_disk_full(exc):
+                    raise
+                self._relieve(exc)
+                continue
+            self._wrote(4096 + changed * _ROW_BYTES)
+            return changed
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:

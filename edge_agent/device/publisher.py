@@ -22,7 +22,7 @@ import time
 from collections import defaultdict, deque
 
 from edge_agent.contract import RESULTS_DELIVERY, ContractError, Topics, decode_receipt, join_results
-from edge_agent.device.outbox import Outbox, OutboxRow
+from edge_agent.device.outbox import Outbox, OutboxRow, is_disk_full
 from edge_agent.mqtt import MqttError, MqttLink
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ _DUE_CHECK_S = 0.5  # how often the pump looks for unreceipted rows whose time t
 # message on the fast path. Until then they are protected like rows in flight.
 _MARK_AFTER_S = 1.0
 _MARK_MAX_ROWS = 5_000
+_DISK_NOTE_S = 60.0  # a full disk failing the pump's writes is said this often (the agent says the rest)
 
 
 class Publisher:
@@ -71,6 +72,7 @@ class Publisher:
         self.refused = 0
         self.discarded = 0
         self.last_error: str | None = None
+        self._disk_note = 0.0
 
     # called from paho's network thread
     def on_published(self, mid: int, ok: bool, reason: str) -> None:
@@ -146,14 +148,21 @@ class Publisher:
             self._wake.wait(timeout=min(0.2, self.batch_max_delay_s or 0.2))
             self._wake.clear()
             try:
+                self.outbox.check_space()
                 self._handle_acks()
                 self._handle_receipts()
                 if self.link.connected:
                     self._requeue()
                     self._send()
             except Exception as exc:  # the pump must outlive any single failure; the rows stay queued
-                self.last_error = f"publisher: {exc}"
-                log.exception("publisher error")
+                if is_disk_full(exc):  # the outbox could not write (a receipt is tried again): said once a minute
+                    if time.monotonic() >= self._disk_note:
+                        self._disk_note = time.monotonic() + _DISK_NOTE_S
+                        log.warning("publisher: the disk of %s is full (%s); trying again",
+                                    self.outbox.path.parent, exc)
+                else:
+                    self.last_error = f"publisher: {exc}"
+                    log.exception("publisher error")
                 time.sleep(0.5)
             self.rounds += 1
 
@@ -207,9 +216,14 @@ class Publisher:
                 self.last_error = f"bad receipt on {topic}: {exc.reason}"
                 log.warning("%s", self.last_error)
                 continue
-            already = self.outbox.confirm(receipt.device_id, receipt.dup_seqs()) if receipt.dup else 0
-            self.already_stored += already
-            self.stored_results += already + self.outbox.confirm(receipt.device_id, receipt.seqs())
+            try:
+                already = self.outbox.confirm(receipt.device_id, receipt.dup_seqs()) if receipt.dup else 0
+                self.already_stored += already
+                self.stored_results += already
+                self.stored_results += self.outbox.confirm(receipt.device_id, receipt.seqs())
+            except Exception:  # e.g. a full disk: the receipt is applied again (confirming twice is harmless)
+                self._receipts.put((topic, payload))
+                raise
 
     def _requeue(self) -> None:
         """Take unreceipted rows whose time has come (or all of them after a reconnect) for sending."""

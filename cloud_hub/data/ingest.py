@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import sqlalchemy as sa
@@ -49,7 +49,7 @@ from sqlalchemy.engine import Engine
 from cloud_hub.data.db import make_engine
 from cloud_hub.data.limits import Admission
 from cloud_hub.data.sessions import describe, is_transient, pack_features
-from cloud_hub.data.store import Batch, ResultRow, Store, Written, dead_letter
+from cloud_hub.data.store import DEVICE_ID, SEQ, Batch, ResultRow, Store, Written, dead_letter
 from cloud_hub.errors import HubError
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
@@ -294,12 +294,12 @@ class Hub:
             if kind == "results":
                 batch = decode_results(msg.payload, device)
                 dumps, pack = orjson.dumps, pack_features
-                pending.rows.extend([
-                    ResultRow(device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
+                pending.rows.extend(cast("list[ResultRow]", [  # plain tuples in ResultRow's order (store.DEVICE_ID)
+                    (device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
                      None if r.value is None else dumps(r.value).decode(), r.truth, r.latency_ms,
                      None if r.features is None else pack(r.features), now)
                     for r in batch.results
-                ])
+                ]))
                 pending.seen[device] = now
                 pending.marking[device] = pending.marking.get(device, True) and batch.mark_duplicates
             elif kind == "status":
@@ -367,9 +367,9 @@ class Hub:
         for when every row was new, all of them when none was, else a look at the table."""
         if not written.duplicates or not any(pending.marking.values()):
             return set()
-        rows = [row for row in pending.rows if pending.marking.get(row.device_id)]
+        rows = [row for row in pending.rows if pending.marking.get(row[DEVICE_ID])]
         if written.new == 0:
-            return {(row.device_id, row.seq) for row in rows}
+            return {(row[DEVICE_ID], row[SEQ]) for row in rows}
         return self.store.stored_before(conn, rows)
 
     def _commit_one_by_one(self, pending: Pending) -> Written | None:
@@ -410,10 +410,10 @@ class Hub:
         them were stored before: one message per device, or as many as it takes for each to fit."""
         per_device: dict[str, list[int]] = {}
         for row in pending.rows:
-            seqs = per_device.get(row.device_id)
+            seqs = per_device.get(row[DEVICE_ID])
             if seqs is None:
-                per_device[row.device_id] = seqs = []
-            seqs.append(row.seq)
+                per_device[row[DEVICE_ID]] = seqs = []
+            seqs.append(row[SEQ])
         publish, topics, dup = self.link.publish, self.topics, pending.dup
         for device, seqs in per_device.items():
             try:

@@ -46,11 +46,11 @@ def unreceipted(state: Path) -> int:
 
 
 def start_replay(procs: Processes, broker: LocalBroker, prefix: str, log: Path, model: Path, state: Path,
-                 *extra: str) -> subprocess.Popen:
+                 *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return procs.popen(
         agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix", prefix,
                   "--state-dir", str(state), "--json", "--timeout", "120", *extra),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **FAST_RESEND})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **FAST_RESEND, **(env or {})})
 
 
 def finish(agent: subprocess.Popen) -> dict:

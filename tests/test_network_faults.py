@@ -4,7 +4,6 @@ Nothing is lost, nothing is doubled, and a half-open link is noticed when the ke
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
@@ -131,11 +130,8 @@ def test_half_open_links_of_the_hub_and_an_agent_are_noticed_per_keepalive_and_n
                        env={"CLOUD_HUB_KEEPALIVE_S": str(keepalive)})
     hub.wait_started()
     state = tmp_path / "agent"
-    os.environ["EDGE_AGENT_KEEPALIVE_S"] = str(keepalive)  # start_replay passes the environment on
-    try:
-        agent = start_replay(procs, proxy, prefix, log, model, state, "--speed", "3")  # type: ignore[arg-type]
-    finally:
-        del os.environ["EDGE_AGENT_KEEPALIVE_S"]
+    agent = start_replay(procs, proxy, prefix, log, model, state, "--speed", "3",  # type: ignore[arg-type]
+                         env={"EDGE_AGENT_KEEPALIVE_S": str(keepalive)})
     wait_for(lambda: proxy.link_of("edge-agent-") is not None and len(outbox(state)) > 0, timeout=60,
              what="the agent's link and its first results")
     noticed = {}

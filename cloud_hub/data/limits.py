@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cloud_hub.data.store import dead_letter
@@ -31,13 +31,6 @@ class _Bucket:
     tokens: float
     at: float
     dropped: int = 0  # since the last report
-
-
-@dataclass
-class Report:
-    """Devices over their limit since the last report: device -> messages dropped."""
-
-    dropped: dict[str, int] = field(default_factory=dict)
 
 
 class DeviceLimiter:
@@ -85,13 +78,13 @@ class DeviceLimiter:
         with self._lock:
             return dict(sorted(self.dropped_by_device.items(), key=lambda kv: -kv[1])[:n])
 
-    def report(self) -> Report:
-        """The devices that had messages dropped since the last report, and how many each."""
-        out = Report()
+    def report(self) -> dict[str, int]:
+        """The devices that had messages dropped since the last report: device -> how many."""
+        out = {}
         with self._lock:
             for device, bucket in self._buckets.items():
                 if bucket.dropped:
-                    out.dropped[device] = bucket.dropped
+                    out[device] = bucket.dropped
                     bucket.dropped = 0
         return out
 
@@ -135,12 +128,12 @@ class Admission:
         t = time.monotonic() if monotonic is None else monotonic
         if t < self._next_report:
             return []
-        report = self.limiter.report()
-        if not report.dropped:
+        dropped = self.limiter.report()
+        if not dropped:
             return []
         self._next_report = t + self.report_s
         lim = self.limiter
         return [dead_letter(self.topics.results(device), b"", f"device {device} over its limit of {lim.rate:g} "
                             f"messages/s (bursts of {lim.burst:g}): {n:,} messages dropped unstored (it keeps "
                             "them and sends them again)", now, self._max_bytes)
-                for device, n in sorted(report.dropped.items())]
+                for device, n in sorted(dropped.items())]

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +119,8 @@ class Device:
         return len(late)
 
 
-def devices_main(port: int, prefix: str, first: int, count: int, seconds: float, pubkey: str) -> None:
-    """A device process: connect ``count`` devices, say ready, wait for go, run, print a JSON report."""
-    topics, key = c.Topics(prefix), load_public_key(pubkey)
-    devices = [Device(f"sim-{i:04d}", topics, key) for i in range(first, first + count)]
+def connect_all(devices: list[Device], port: int) -> Callable[[float], None]:
+    """Connect every device to the broker on ``port``; the pump that drives them all from one selector."""
     sel = selectors.DefaultSelector()
     for d in devices:
         d.client.connect("127.0.0.1", port, keepalive=60)
@@ -133,6 +132,15 @@ def devices_main(port: int, prefix: str, first: int, count: int, seconds: float,
         for d in devices:
             if d.client.want_write():
                 d.client.loop_write()
+
+    return pump
+
+
+def devices_main(port: int, prefix: str, first: int, count: int, seconds: float, pubkey: str) -> None:
+    """A device process: connect ``count`` devices, say ready, wait for go, run, print a JSON report."""
+    topics, key = c.Topics(prefix), load_public_key(pubkey)
+    devices = [Device(f"sim-{i:04d}", topics, key) for i in range(first, first + count)]
+    pump = connect_all(devices, port)
 
     deadline = time.monotonic() + 60
     while not all(d.connected and d.model for d in devices):

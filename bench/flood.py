@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import sqlite3
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet import Device
+from fleet import Device, connect_all
 
 from edge_agent import contract as c
 from edge_agent.mqtt import tcp_no_delay
@@ -49,17 +48,7 @@ def devices_main(port: int, prefix: str, count: int, seconds: float) -> None:
     """Honest devices: one result a second each, spread over the second; print their receipt latencies."""
     topics = c.Topics(prefix)
     devices = [Device(f"sim-{i:04d}", topics, None) for i in range(count)]
-    sel = selectors.DefaultSelector()
-    for d in devices:
-        d.client.connect("127.0.0.1", port, keepalive=60)
-        sel.register(d.client.socket(), selectors.EVENT_READ, d)  # type: ignore[arg-type]
-
-    def pump(timeout: float) -> None:
-        for k, _ in sel.select(timeout):
-            k.data.client.loop_read()
-        for d in devices:
-            if d.client.want_write():
-                d.client.loop_write()
+    pump = connect_all(devices, port)
 
     while not all(d.connected for d in devices):
         pump(0.05)

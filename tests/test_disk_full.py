@@ -128,6 +128,20 @@ def assert_stored_once(url: str, expected: set[tuple[str, int]]) -> set[tuple[st
     return set(keys)
 
 
+def space_returns(small_disk: Path, filler: Path, procs, broker, prefix: str, tmp_path: Path, agent, err: Path,
+                  state: Path, expected: set[tuple[str, int]]) -> tuple[dict, set[tuple[str, int]]]:
+    """Free the disk, start the hub, let the agent finish: (its report, the keys stored, each once)."""
+    free_space(small_disk, filler)
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
+    out, _ = agent.communicate(timeout=180)
+    assert agent.returncode == 0, err.read_text()
+    report = orjson.loads(out)
+    assert hub.signal(signal.SIGTERM) == 0
+    assert integrity(state) == "ok"
+    return report, assert_stored_once(url, expected)
+
+
 def test_full_disk_drop_oldest_keeps_inferring_and_delivers_what_it_kept(
         small_disk: Path, procs, broker, prefix: str, tmp_path: Path, logs) -> None:
     log, model, expected = logs
@@ -147,15 +161,7 @@ def test_full_disk_drop_oldest_keeps_inferring_and_delivers_what_it_kept(
     dropped = meta_dropped(state)
     assert dropped > 0, "drop_oldest made room by dropping the oldest results"
 
-    free_space(small_disk, filler)
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
-    out, _ = agent.communicate(timeout=180)
-    assert agent.returncode == 0, err.read_text()
-    report = orjson.loads(out)
-    assert hub.signal(signal.SIGTERM) == 0
-    assert integrity(state) == "ok"
-    stored = assert_stored_once(url, expected)
+    report, stored = space_returns(small_disk, filler, procs, broker, prefix, tmp_path, agent, err, state, expected)
     unstored, said_dropped = said(err)
     assert said_dropped == dropped == meta_dropped(state)
     assert report["windows"] == len(expected)  # every window inferred
@@ -182,15 +188,7 @@ def test_full_disk_block_waits_for_room_and_loses_nothing(
     assert meta_dropped(state) == 0
     assert "waiting for the hub's receipts" not in err.read_text(), "back-pressure: the replay waits for room"
 
-    free_space(small_disk, filler)
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
-    out, _ = agent.communicate(timeout=180)
-    assert agent.returncode == 0, err.read_text()
-    report = orjson.loads(out)
-    assert hub.signal(signal.SIGTERM) == 0
-    assert integrity(state) == "ok"
-    stored = assert_stored_once(url, expected)
+    report, stored = space_returns(small_disk, filler, procs, broker, prefix, tmp_path, agent, err, state, expected)
     assert stored == expected, f"{len(expected - stored)} results lost"
     assert report["windows"] == report["published"] == len(expected)
     assert said(err) == (0, 0)

@@ -35,7 +35,8 @@ LOGS = Path(tempfile.gettempdir()) / "edgeml-fuzz-logs"
 WORK = Path(tempfile.gettempdir()) / "edgeml-fuzz-work"
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
 _COV = re.compile(r"cov: (\d+) ft: (\d+)")
-SMALL = {"log_csv", "log_jsonl", "log_gz", "settings"}  # 1 KB inputs: tens of lines, every path taken
+# 1 KB log and config inputs: tens of lines, every path taken; HTTP past serve's 64 KiB request line
+MAX_LEN = {"log_csv": 1024, "log_jsonl": 1024, "log_gz": 1024, "settings": 1024, "http": 1 << 17}
 
 
 def run_atheris(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -46,7 +47,7 @@ def run_atheris(name: str, args: argparse.Namespace) -> dict[str, object]:
     work = WORK / name  # what the run adds to the corpus: kept, so an interrupted run resumes from it
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "fuzz", name, *limit, f"-seed={args.seed}", f"-timeout={args.timeout}",
-           f"-rss_limit_mb={args.rss_mb}", f"-max_len={1024 if name in SMALL else 16384}", "-print_final_stats=1",
+           f"-rss_limit_mb={args.rss_mb}", f"-max_len={MAX_LEN.get(name, 16384)}", "-print_final_stats=1",
            f"-artifact_prefix={CRASHES}/{name}-", str(work), str(CORPUS / name)]
     log = LOGS / f"{name}.log"  # libFuzzer's progress, readable while it runs
     start = time.monotonic()

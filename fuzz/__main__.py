@@ -19,6 +19,9 @@ with HookManager({"edge_agent"}, set(), True, trace_dataflow=False):
     import edge_agent.sources  # noqa: F401
 with atheris.instrument_imports(include=["edge_agent"]):
     from fuzz.targets import TARGETS
+if sys.argv[1:2] == ["http"]:  # the hub's door: its routes and the stdlib's request parsing too
+    with atheris.instrument_imports(include=["cloud_hub", "wsgiref", "http.server"]):
+        import fuzz.http_door  # noqa: F401
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ Run ``python -m fuzz.seeds`` again after a format changes; the files are committ
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 from pathlib import Path
@@ -20,6 +21,15 @@ CSV = (b"ts,device_id,ax,ay,label\n0.0,d1,1.5,-2,walk\n0.02,d1,1.25e-3,0,walk\n0
 JSONL = (b'{"ts":0.0,"device_id":"d1","ax":1.5,"ay":-2,"label":"walk"}\n'
          b'{"ts":0.02,"device_id":"d1","ax":null,"ay":0}\n\n'
          b'{"ts":0.01,"device_id":"d2","ax":1e3,"ay":3,"label":"run"}\n')
+_BEARER = b"Authorization: Bearer fuzz-token-0123456789abcdef\r\n"  # fuzz.http_door.TOKEN
+_BASIC = b"Authorization: Basic " + base64.b64encode(b"ops:fuzz-token-0123456789abcdef") + b"\r\n"
+HTTP = [b"GET / HTTP/1.1\r\nHost: hub\r\n" + _BEARER + b"\r\n",
+        b"GET /api/fleet HTTP/1.1\r\nHost: hub\r\n" + _BASIC + b"Connection: close\r\n\r\n",
+        b"GET /metrics?name[]=edgeml_hub_messages_total HTTP/1.0\r\n" + _BEARER + b"Accept: text/plain\r\n\r\n",
+        b"HEAD /index.html HTTP/1.1\r\n" + _BEARER + b"\r\n",
+        b"POST /api/fleet HTTP/1.1\r\n" + _BEARER + b"Content-Length: 2\r\n\r\n{}",
+        b"GET /nowhere HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n"]
 TOML = (b'broker = "mqtt://localhost:1883"\nprefix = "edge"\ndevice_id = "dev-1"\nsim_rate_hz = 25.0\n'
         b'sim_channels = ["ax", "ay"]\nreceipts = false\nfeatures = "sampled"\nmetrics_port = 9100\n')
 
@@ -31,7 +41,7 @@ def seeds() -> dict[str, list[bytes]]:
         "announcement": [ANNOUNCEMENT], "bundle": [BUNDLE], "manifest": [orjson.dumps(header), DEEP],
         "log_csv": [CSV, CSV.replace(b"\n", b"\r\n")], "log_jsonl": [JSONL],
         "log_gz": [b"\0" + gzip.compress(CSV, mtime=0), b"\x81" + CSV],
-        "settings": [TOML],
+        "settings": [TOML], "http": HTTP,
     }
 
 

@@ -281,6 +281,17 @@ def settings(data: bytes) -> None:
     assert repr(again) == repr(got), (got, again)  # repr: a NaN setting equals itself
 
 
+# --------------------------------------------------------------------------- the hub's HTTP door
+
+
+def http(data: bytes) -> None:
+    """``data`` as one connection's bytes to ``serve --http`` (fuzz/http_door.py, imported on first use:
+    the hub's packages are heavy and only this target needs them)."""
+    from fuzz import http_door
+
+    http_door.target(data, _SCRATCH)
+
+
 TARGETS: dict[str, Target] = {
     "results": _message(c.decode_results),
     "status": _message(c.decode_status),
@@ -293,4 +304,5 @@ TARGETS: dict[str, Target] = {
     "log_jsonl": _log("jsonl", b"x\n"),
     "log_gz": log_gz,
     "settings": settings,
+    "http": http,
 }

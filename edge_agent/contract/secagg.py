@@ -147,6 +147,11 @@ def pair_seed(session: Session, s_private: X25519PrivateKey, me: str, peer: str,
                 + lo.encode() + b"\0" + hi.encode())
 
 
+def self_seed(session: Session, b: bytes) -> bytes:
+    """The self mask's seed of one vector (a round may mask several with the same ``b``: one per context)."""
+    return _kdf(b, b"edgeml secagg self\0" + session.context)
+
+
 def prg(seed: bytes, n: int, session: Session) -> np.ndarray:
     """``n`` ring elements expanded from ``seed`` (AES-256-CTR's keystream, uint32, reduced to the ring)."""
     enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
@@ -245,7 +250,7 @@ def mask(x: np.ndarray, session: Session, me: DeviceSecrets, adverts: Mapping[st
     peer in ``adverts``: the devices whose shares reached me (all of them did send shares: the hub can
     rebuild the mask key of any that drops later)."""
     y = to_ring(x, session)
-    y = y + prg(me.b, len(y), session)
+    y = y + prg(self_seed(session, me.b), len(y), session)
     s = me.s
     for peer, advert in sorted(adverts.items()):
         if peer == me.device_id:
@@ -290,7 +295,7 @@ def unmask(total: np.ndarray, session: Session, adverts: Mapping[str, Advert], s
     for u in sorted(alive):
         shares = {session.x(v): share for v, given in answers.items() if (got := given.get(u)) and got[0] == "b"
                   for share in [got[1]]}
-        out = out - prg(combine(shares, session.threshold), n, session)
+        out = out - prg(self_seed(session, combine(shares, session.threshold)), n, session)
     for u in dropped:
         shares = {session.x(v): share for v, given in answers.items() if (got := given.get(u)) and got[0] == "s"
                   for share in [got[1]]}

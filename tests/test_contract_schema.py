@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from edge_agent import contract as c
 from edge_agent.contract import asyncapi as cs
 from edge_agent.contract import rounds as cr
+from edge_agent.contract import secure_rounds as sr
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATORS = {name: jsonschema.Draft7Validator(schema) for name, schema in cs.schemas().items()}
@@ -39,19 +40,21 @@ def test_the_published_document_is_current() -> None:
 def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> None:
     doc = cs.asyncapi()
     assert doc["asyncapi"] == "3.0.0"
-    assert set(doc["channels"]) == {"results", "status", "receipts", "model", "deviceModel", "rounds", "update"}
+    assert set(doc["channels"]) == {"results", "status", "receipts", "model", "deviceModel", "rounds", "update",
+                                    "roundStep"}
     topics = c.Topics("edgeml")
     addresses = {name: ch["address"].format(prefix="edgeml", device_id="d1", model_name="default")
                  for name, ch in doc["channels"].items()}
     assert addresses == {"results": topics.results("d1"), "status": topics.status("d1"),
                          "receipts": topics.receipts("d1"), "model": topics.model("default"),
                          "deviceModel": topics.device_model("d1"), "rounds": topics.rounds("default"),
-                         "update": topics.update("d1")}
+                         "update": topics.update("d1"), "roundStep": topics.round_step("d1")}
     ops = doc["operations"]
     for op, delivery in (("sendResults", c.RESULTS_DELIVERY), ("sendStatus", c.STATUS_DELIVERY),
                          ("receiveReceipts", c.RECEIPT_DELIVERY), ("receiveModels", c.MODEL_DELIVERY),
                          ("receiveDeviceModel", c.MODEL_DELIVERY), ("receiveRounds", cr.ROUND_DELIVERY),
-                         ("sendUpdate", cr.UPDATE_DELIVERY)):
+                         ("sendUpdate", cr.UPDATE_DELIVERY), ("receiveRoundStep", sr.STEP_DELIVERY),
+                         ("sendSecureAnswer", sr.ANSWER_DELIVERY)):
         assert ops[op]["bindings"]["mqtt"]["qos"] == delivery.qos
         assert ops[op]["bindings"]["mqtt"]["retain"] == delivery.retain
     for schema in cs.schemas().values():
@@ -85,6 +88,33 @@ def test_round_announcements_and_updates_validate_and_decode_back() -> None:
     assert not got["intercept_1"].any()
     with pytest.raises(c.ContractError, match="differs"):
         cr.decode_update(data, "d2")
+
+
+def test_secure_round_steps_and_answers_validate() -> None:
+    """Every kind of step and answer, as encoded, against its schema (and a secure plan against the round's)."""
+    from dataclasses import replace
+
+    from edge_agent.contract import secagg
+
+    session = secagg.Session(b"m/round 3", ("d1", "d2", "d3"), 2, 10)
+    keys = {d: secagg.DeviceSecrets(d) for d in session.participants}
+    adverts = {d: k.advert() for d, k in keys.items()}
+    sealed, _ = secagg.seal_shares(session, keys["d1"], adverts)
+    header = lambda payload: orjson.loads(payload[8:8 + int.from_bytes(payload[4:8], "big")])  # noqa: E731
+    for step in (sr.Step(3, "default", "d2", "share", adverts=tuple(adverts.values())),
+                 sr.Step(3, "default", "d2", "mask", sealed={"d1": sealed["d2"]}, senders=("d1", "d2")),
+                 sr.Step(3, "default", "d2", "reveal", survivors=("d1", "d2"), dropped=("d3",))):
+        VALIDATORS["step"].validate(header(step.encode()))
+    ring = np.zeros(4, np.uint32)
+    for answer in (sr.Answer(3, "default", "d1", "advert", advert=adverts["d1"]),
+                   sr.Answer(3, "default", "d1", "shares", sealed=sealed),
+                   sr.Answer(3, "default", "d1", "masked", size=4, bits=10, stats=4,
+                             body=secagg.pack(ring, 10) + secagg.pack(ring, 32)),
+                   sr.Answer(3, "default", "d1", "reveal", revealed={"d1": ("b", 7), "d3": ("s", 255)})):
+        VALIDATORS["secureAnswer"].validate(header(answer.encode()))
+    plan = replace(cr.RoundPlan(3, "default", 2, "a" * 64, "classification", ("d1", "d2", "d3"), 1e9,
+                                trainable=("coef_0",)), secure=cr.SecureParams(2, 63, 3.0, 5, 10))
+    VALIDATORS["round"].validate(header(cr.announcement(plan, {"coef_0": np.zeros((2, 2), np.float32)}).encode()))
 
 
 # --------------------------------------------------------------------------- encoders -> schema

@@ -369,6 +369,19 @@ def test_device_reads_the_round_and_writes_only_its_own_update(peers, tag: bytes
     assert hub.publish(T.rounds("default"), b"", RETAINED)[0]  # clear it for the other tests
 
 
+def test_a_secure_round_step_reaches_its_device_only_and_only_the_hub_writes_it(peers, tag: bytes) -> None:
+    """A step holds the shares sealed for one device: another device neither reads nor forges it."""
+    a = peers("dev-a", subscriptions=[(T.round_step("dev-a"), 1), (T.round_step("dev-b"), 1)])
+    forge(peers, "dev-b", [T.round_step("dev-a"), T.round_step("dev-b")], tag + b"forged step")
+    hub = peers("hub")
+    assert hub.publish(T.round_step("dev-b"), tag + b"step for b", RETAINED)[0]
+    assert hub.publish(T.round_step("dev-a"), tag + b"step for a", RETAINED)[0]
+    got = a.wait_for(lambda m: m.payload == tag + b"step for a")
+    assert ours(tag, got) == [(T.round_step("dev-a"), tag + b"step for a")], "nothing forged, nothing of b's"
+    for device in ("dev-a", "dev-b"):
+        assert hub.publish(T.round_step(device), b"", RETAINED)[0]
+
+
 # --------------------------------------------------------------------------- the hub
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol, Self, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.contract import Bundle
 from edge_agent.contract import key_id as raw_key_id
-from edge_agent.contract.rounds import RoundPlan
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -42,8 +42,20 @@ def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> Bundle:
     return Bundle(unsigned.with_signature(signature, kid), bundle.model)
 
 
-def sign_round(plan: RoundPlan, private_key: Ed25519PrivateKey) -> RoundPlan:
-    """The round's announcement header with an Ed25519 signature (it holds the weights' sha256)."""
+class Signable(Protocol):
+    """A header that carries its own signature: a round's plan, a secure round's step."""
+
+    def with_signature(self, signature: bytes, key_id: str) -> Self: ...
+
+    def signing_bytes(self) -> bytes: ...
+
+
+S = TypeVar("S", bound=Signable)
+
+
+def sign_round(plan: S, private_key: Ed25519PrivateKey) -> S:
+    """A round's announcement header (it holds the weights' sha256), or a secure round's step, with an Ed25519
+    signature over its canonical bytes (its key id included)."""
     kid = key_id(private_key.public_key())
     unsigned = plan.with_signature(b"", kid)
     return unsigned.with_signature(private_key.sign(unsigned.signing_bytes()), kid)

@@ -128,6 +128,17 @@ class RoundStore:
                             .where(u.round_id == round_id, u.status == "evaluated"))
         return {d: (int(n or 0), orjson.loads(m) if m else {}) for d, n, m in rows}
 
+    def payloads(self, conn: Connection, round_id: int, status: str) -> dict[str, bytes]:
+        """device -> payload of one kind of a secure round's messages (``advert``, ``shares``, ``masked``,
+        ``revealed``): one per device, the first kept."""
+        u = fl_updates.c
+        rows = conn.execute(sa.select(u.device_id, u.payload).where(u.round_id == round_id, u.status == status)
+                            .order_by(u.id))
+        out: dict[str, bytes] = {}
+        for d, payload in rows:
+            out.setdefault(d, bytes(payload))
+        return out
+
     def counted_payloads(self, conn: Connection, round_id: int) -> list[tuple[str, int, bytes]]:
         """(device, staleness, payload) of the updates a round aggregates."""
         u = fl_updates.c

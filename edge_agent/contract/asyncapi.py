@@ -21,6 +21,7 @@ import orjson
 
 from edge_agent import contract as c
 from edge_agent.contract import rounds as cr
+from edge_agent.contract import secure_rounds as sr
 
 ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$",
       "description": "1-64 of A-Z a-z 0-9 _ . : - (no MQTT wildcards, no slash)"}
@@ -177,9 +178,71 @@ ROUND: dict[str, Any] = {
                  "description": "evaluate only: the INT8 ONNX model the hub will ship if it passes, after the "
                  "weights; score it too (and the INT8 model you run) and answer with both scores",
                  "properties": {"bytes": {"type": "integer", "minimum": 1}, "sha256": {"type": "string"}}},
+        "secure": {"type": "object", "additionalProperties": False,
+                   "required": ["threshold", "peak", "spread", "seed", "bits"],
+                   "description": "a secure round (train only): answer with the secure messages on your update "
+                   "topic (advert at once, then what each step on {prefix}/devices/{device_id}/round asks), never "
+                   "with a plain update; the hub learns only the sum",
+                   "properties": {
+                       "threshold": {"type": "integer", "minimum": 1, "description": "Shamir threshold: this many "
+                                     "devices must reveal their shares for the sum to come out"},
+                       "peak": {"type": "integer", "minimum": 1, "maximum": 1 << 15,
+                                "description": "the integer grid's bound: each value in [-peak, peak]"},
+                       "spread": {**NUMBER, "description": "the grid's step is spread * clip / sqrt(padded size) "
+                                  "/ peak (edge_agent/contract/secure_codec.py)"},
+                       "seed": {**U63, "description": "the rotation's seed (public)"},
+                       "bits": {"type": "integer", "minimum": 2, "maximum": 32,
+                                "description": "the ring: masked values are modulo 2**bits"}}},
         "key_id": _nullable({"type": "string", "maxLength": 128}),
         "signature": _nullable({"type": "string", "maxLength": 256, "description": "base64 Ed25519 signature of "
                                 "the header without this field, keys sorted, as for a manifest"}),
+    },
+}
+
+_B64 = {"type": "string", "maxLength": 4096, "description": "base64"}
+_IDS = {"type": "array", "items": ID, "maxItems": 1000, "uniqueItems": True}
+_SEALED = {"type": "object", "maxProperties": 1000, "additionalProperties": _B64,
+           "description": "device id -> the Shamir shares sealed for it (AES-256-GCM: nonce, ciphertext, tag)"}
+
+STEP: dict[str, Any] = {
+    "title": "step", "type": "object", "additionalProperties": False,
+    "description": "The hub's next step for one device in a secure round (retained on the device's own round "
+                   "topic, signed like the announcement).",
+    "required": ["v", "round", "model", "device_id", "step", "key_id", "signature"],
+    "properties": {
+        "v": VERSION, "round": {**U63, "minimum": 1}, "model": ID, "device_id": ID,
+        "step": {"enum": ["share", "mask", "reveal"], "description": "share: seal your shares for every advert; "
+                 "mask: open the shares sent to you, mask your vectors with the senders' keys and send them; "
+                 "reveal: send your shares of the survivors' self-mask seeds and of the dropped devices' keys"},
+        "adverts": {"type": "array", "maxItems": 1000, "items": {
+            "type": "object", "additionalProperties": False, "required": ["device_id", "c", "s"],
+            "properties": {"device_id": ID, "c": _B64, "s": _B64}}, "description": "share: every advert"},
+        "sealed": _SEALED, "senders": {**_IDS, "description": "mask: the devices whose shares reached the hub"},
+        "survivors": {**_IDS, "description": "reveal: whose masked vectors reached the hub"},
+        "dropped": {**_IDS, "description": "reveal: who sent shares but no masked vector"},
+        "key_id": _nullable({"type": "string", "maxLength": 128}),
+        "signature": _nullable({"type": "string", "maxLength": 256}),
+    },
+}
+
+SECURE_ANSWER: dict[str, Any] = {
+    "title": "secureAnswer", "type": "object", "additionalProperties": False,
+    "description": "A device's message in a secure round (magic EMLS, on its update topic).",
+    "required": ["v", "round", "model", "device_id", "step", "sent"],
+    "properties": {
+        "v": VERSION, "round": {**U63, "minimum": 1}, "model": ID, "device_id": ID, "sent": NUMBER,
+        "step": {"enum": ["advert", "shares", "masked", "reveal"]},
+        "c": {**_B64, "description": "advert: the X25519 public key peers seal its shares to"},
+        "s": {**_B64, "description": "advert: the X25519 public key of its pairwise masks"},
+        "sealed": _SEALED,
+        "size": {"type": "integer", "minimum": 1, "description": "masked: values of the delta vector"},
+        "bits": {"type": "integer", "minimum": 2, "maximum": 32, "description": "masked: its ring width"},
+        "stats": {"type": "integer", "minimum": 0, "description": "masked: values of the statistics vector "
+                  "(32-bit ring)"},
+        "revealed": {"type": "object", "maxProperties": 1000, "additionalProperties": {
+            "type": "array", "minItems": 2, "maxItems": 2, "items": [{"enum": ["b", "s"]},
+                                                                     {"type": "string", "pattern": "^[0-9a-f]+$"}]},
+            "description": "reveal: device id -> [b (its self-mask seed) or s (its mask key), my share in hex]"},
     },
 }
 
@@ -216,12 +279,17 @@ weights in an announcement (their sha256 is `weights_sha256`, covered by the sig
 announcement then carries the INT8 ONNX model of its `int8` field), int8 (or
 float32 with `encoding` float32) deltas in an update. A device answers a round only when it runs the
 model of `base_version` and `base_sha256`, is among `participants` and holds enough labelled windows;
-it sends the delta of the `trainable` tensors, never its data."""
+it sends the delta of the `trainable` tensors, never its data.
+
+A secure round (`secure` in the plan) frames its messages the same way: a device's answers (magic `EMLS`,
+the `secureAnswer` schema; a masked answer's header is followed by its two vectors, packed little-endian
+bit by bit: `size` values of `bits` bits, then `stats` values of 32 bits) and the hub's steps (magic
+`EMLT`, the `step` schema, no body)."""
 
 
 def schemas() -> dict[str, dict[str, Any]]:
     return {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST, "round": ROUND,
-            "update": UPDATE}
+            "update": UPDATE, "step": STEP, "secureAnswer": SECURE_ANSWER}
 
 
 def _mqtt(delivery: c.Delivery) -> dict[str, Any]:
@@ -262,7 +330,9 @@ def _channels() -> dict[str, Any]:
         "model": _channel("{prefix}/models/{model_name}", "bundle", model_name=_MODEL_NAME),
         "deviceModel": _channel("{prefix}/devices/{device_id}/model", "bundle", device_id=_DEVICE),
         "rounds": _channel("{prefix}/rounds/{model_name}", "announcement", model_name=_MODEL_NAME),
-        "update": _channel("{prefix}/devices/{device_id}/update", "update", device_id=_DEVICE),
+        "update": {**_channel("{prefix}/devices/{device_id}/update", "update", device_id=_DEVICE),
+                   "messages": {m: {"$ref": f"#/components/messages/{m}"} for m in ("update", "secureAnswer")}},
+        "roundStep": _channel("{prefix}/devices/{device_id}/round", "step", device_id=_DEVICE),
     }
 
 
@@ -288,6 +358,12 @@ def _operations() -> dict[str, Any]:
         "sendUpdate": _operation("send", "update", cr.UPDATE_DELIVERY,
                                  "Answer a round once: the INT8 delta of the trainable tensors, the example "
                                  "count, scores before and after, the activation ranges seen."),
+        "receiveRoundStep": _operation("receive", "roundStep", sr.STEP_DELIVERY,
+                                       "Secure rounds: the hub's next step for this device (retained, signed; "
+                                       "empty: none). Verify it as the announcement, then do it once."),
+        "sendSecureAnswer": _operation("send", "update", sr.ANSWER_DELIVERY,
+                                       "Secure rounds: your advert, sealed shares, masked vectors and revealed "
+                                       "shares, each once, on the update topic."),
     }
 
 
@@ -300,6 +376,9 @@ def _messages() -> dict[str, Any]:
         "announcement": _message("announcement", "a signed federated round: its plan and the base "
                                  "weights", "application/octet-stream"),
         "update": _message("update", "a device's INT8 delta for a round", "application/octet-stream"),
+        "step": _message("step", "the hub's next step for one device in a secure round",
+                         "application/octet-stream"),
+        "secureAnswer": _message("secureAnswer", "a device's message in a secure round", "application/octet-stream"),
     }
 
 

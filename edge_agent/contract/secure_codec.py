@@ -111,3 +111,34 @@ def decode(total: np.ndarray, grid: Grid) -> dict[str, np.ndarray]:
 def grid_for(specs: Sequence[tuple[str, Sequence[int]]], clip: float, *, peak: int = 63, spread: float = 3.0,
              seed: int = 0) -> Grid:
     return Grid(tuple((name, tuple(int(d) for d in shape)) for name, shape in specs), float(clip), peak, spread, seed)
+
+
+# --------------------------------------------------------------------------- what devices measured, summed too
+
+STAT_NAMES: Final = ("n_examples", "loss_before", "loss_after", "metric_before", "metric_after", "norm", "held")
+FIXED: Final = 256  # statistics in fixed point: 1/256
+
+
+def stats_limit(n_devices: int, bits: int = 32) -> int:
+    """The largest fixed-point magnitude one device may send so that ``n_devices`` of them add up exactly."""
+    return ((1 << (bits - 1)) - 1) // max(1, n_devices)
+
+
+def encode_stats(values: Mapping[str, float], ranges: Sequence[Sequence[float]], n_devices: int) -> np.ndarray:
+    """A device's statistics (:data:`STAT_NAMES`, then its activation ranges, 4 a layer) in fixed point, each held
+    to :func:`stats_limit` (a count of windows past it is capped, as the hub caps counts anyway)."""
+    flat = [float(values[k]) for k in STAT_NAMES] + [float(x) for r in ranges for x in r]
+    v = np.nan_to_num(np.asarray(flat, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    limit = stats_limit(n_devices)
+    return np.clip(np.rint(v * FIXED), -limit, limit).astype(np.int64)
+
+
+def decode_stats(total: np.ndarray, n_devices: int) -> tuple[dict[str, float], list[list[float]]]:
+    """The means over ``n_devices`` of :func:`encode_stats`' values (``n_examples`` and ``held``: their sums) and of
+    their ranges."""
+    v = np.asarray(total, np.float64) / FIXED
+    k = len(STAT_NAMES)
+    sums = dict(zip(STAT_NAMES, v[:k].tolist(), strict=True))
+    means = {name: (x if name in ("n_examples", "held") else x / n_devices) for name, x in sums.items()}
+    ranges = (v[k:] / n_devices).reshape(-1, 4).tolist()
+    return means, ranges

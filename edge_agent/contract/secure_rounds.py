@@ -27,8 +27,9 @@ from typing import Any, Final
 import orjson
 
 from edge_agent.contract.bundles import signature_bytes
-from edge_agent.contract.rounds import frame, unframe
-from edge_agent.contract.secagg import KEY_BYTES, SHARE_BYTES, Advert, packed_size
+from edge_agent.contract.rounds import RoundPlan, frame, unframe
+from edge_agent.contract.secagg import KEY_BYTES, SHARE_BYTES, Advert, Session, packed_size
+from edge_agent.contract.secure_codec import STAT_NAMES, Grid, grid_for
 from edge_agent.contract.wire import (
     SCHEMA_VERSION,
     ContractError,
@@ -54,6 +55,28 @@ ANSWERS: Final = ("advert", "shares", "masked", "reveal")
 STATS_BITS: Final = 32  # the statistics' ring: fixed point, 1/256, |value| < 2**24 / 256 per device
 SEALED_BYTES: Final = 12 + 2 * SHARE_BYTES + 16  # nonce, the two shares, the tag
 _HEX: Final = re.compile(f"[0-9a-f]{{1,{2 * SHARE_BYTES}}}")
+
+
+def secure_sessions(plan: RoundPlan) -> tuple[Session, Session]:
+    """The (delta, statistics) sessions of a secure round: the same devices and threshold, their own masks."""
+    if plan.secure is None:
+        raise ContractError(f"round {plan.round_id} is not secure")
+    base = f"{plan.model}/round {plan.round_id}/{plan.base_sha256}".encode()
+    return (Session(base + b"/delta", plan.participants, plan.secure.threshold, plan.secure.bits),
+            Session(base + b"/stats", plan.participants, plan.secure.threshold, STATS_BITS))
+
+
+def secure_grid(plan: RoundPlan) -> Grid:
+    """The round's integer grid over the tensors it trains, in the announcement's order."""
+    if plan.secure is None:
+        raise ContractError(f"round {plan.round_id} is not secure")
+    specs = [(t.name, t.shape) for t in plan.tensors if t.name in plan.trainable]
+    return grid_for(specs, plan.clip, peak=plan.secure.peak, spread=plan.secure.spread, seed=plan.secure.seed)
+
+
+def stats_size(plan: RoundPlan) -> int:
+    """How many values a masked answer's statistics hold: :data:`STAT_NAMES`, then 4 a layer."""
+    return len(STAT_NAMES) + 4 * sum(1 for t in plan.tensors if t.name.startswith("coef_"))
 
 
 def _b64(value: Any, what: str, size: int | None = None) -> bytes:

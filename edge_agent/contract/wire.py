@@ -111,6 +111,10 @@ class Topics:
         """A device's answer to a federated round: its INT8 delta and what it measured."""
         return f"{self.prefix}/devices/{check_id(device_id)}/update"
 
+    def round_step(self, device_id: str) -> str:
+        """The hub's next step for one device in a secure round (retained; edge_agent/contract/secure_rounds.py)."""
+        return f"{self.prefix}/devices/{check_id(device_id)}/round"
+
     @property
     def all_updates(self) -> str:
         return f"{self.prefix}/devices/+/update"

@@ -25,6 +25,8 @@ from edge_agent.runner import ModelError, ModelRunner
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from edge_agent.contract.secure_rounds import Step
+
 # cryptography (OpenSSL) costs ~8 MB of RSS on import: it is loaded only where a key is used, so an
 # agent that runs without signature checks (development) does not carry it.
 
@@ -108,6 +110,24 @@ def check_round(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_u
         return decode_announcement(payload)
     except ContractError as exc:
         raise BundleRejected(f"malformed round announcement: {exc.reason}") from exc
+
+
+def check_step(payload: bytes, device_id: str, *, trusted_key: Ed25519PublicKey | None,
+               allow_unsigned: bool) -> Step:
+    """Check a secure round step's signature (the hub signs it like the announcement), then decode it."""
+    from edge_agent.contract.secure_rounds import decode_step, step_header
+
+    try:
+        header = step_header(payload)
+        signed = signed_part(header, "step")
+    except ContractError as exc:
+        raise BundleRejected(f"malformed secure round step: {exc.reason}") from exc
+    _check_signature(_named("round ", header.get("round"), "secure round") + " step", signed, trusted_key,
+                     allow_unsigned)
+    try:
+        return decode_step(payload, device_id)
+    except ContractError as exc:
+        raise BundleRejected(f"malformed secure round step: {exc.reason}") from exc
 
 
 def _named(prefix: str, number: object, otherwise: str) -> str:

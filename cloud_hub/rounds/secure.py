@@ -1,0 +1,256 @@
+"""The hub's part in a secure round: relay keys and shares, sum what it cannot read, unmask only the sum.
+
+:class:`SecureRound` runs the four steps of :mod:`edge_agent.contract.secagg` for one round the coordinator
+opened with ``secure`` in its plan. Each device message (:class:`~edge_agent.contract.secure_rounds.Answer`) is
+judged, kept in ``fl_updates`` (status ``advert``, ``shares``, ``masked`` or ``revealed``) and acknowledged after
+the commit, as plain updates are; each step (:class:`~edge_agent.contract.secure_rounds.Step`) goes to one device,
+signed and retained on its own topic. A step ends when every device expected has answered, or at its deadline
+(a quarter of the round for the adverts, half for the shares, the round's deadline for the masked vectors, then
+a grace for the reveals). Because every answer is in the database, a coordinator that restarts sends the steps
+again from what it holds and goes on.
+
+What the hub holds at the end: public keys, shares sealed for others, masked vectors (each uniform on its
+own), the survivors' self-mask seeds and the dropped devices' mask keys, and the sum. It never holds a
+device's delta, its statistics, or the seeds that would unmask one vector alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from cloud_hub.data import sessions
+from cloud_hub.data.store import Store, dead_letter
+from cloud_hub.rounds.store import RoundRow, RoundStore
+from cloud_hub.settings import HubSettings
+from edge_agent.contract import secagg, secure_codec
+from edge_agent.contract.rounds import RoundPlan, decode_announcement
+from edge_agent.contract.secure_rounds import (
+    STATS_BITS,
+    Answer,
+    Step,
+    decode_answer,
+    is_answer,
+    secure_grid,
+    secure_sessions,
+    stats_size,
+)
+from edge_agent.contract.wire import ContractError
+from edge_agent.mqtt import Message
+
+log = logging.getLogger(__name__)
+
+REVEAL_GRACE_S = 5.0
+
+
+class SecureRoundFailed(Exception):
+    """Too few devices at a step: the round fails with this reason, and the hub learns no sum."""
+
+
+@dataclass
+class Summed:
+    """What a secure round yields: the mean of the survivors' deltas and of their statistics."""
+
+    delta: dict[str, np.ndarray]  # the mean delta of the trained tensors (float32)
+    stats: dict[str, float]  # means (n_examples, held: sums) of what the devices measured
+    ranges: list[list[float]]  # the mean activation ranges, per layer
+    survivors: list[str]
+    dropped: list[str]
+    revealed_by: list[str]
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Wire:
+    """What the coordinator lends a secure round: its link and its judgement of time."""
+
+    send: Callable[[str, bytes], None]  # publish retained, wait for the broker's PUBACK
+    next: Callable[[float], tuple[int, Message | None] | None]  # the next message before a deadline
+    ack: Callable[[int, Message], None]
+    sign: Callable[[Step], Step]
+    say: Callable[[str], None]
+    later: Callable[[int, Message], None]  # a plain update: judged by the coordinator's own rules
+
+
+class SecureRound:
+    def __init__(self, settings: HubSettings, engine: sa.Engine, r: RoundRow, wire: Wire) -> None:
+        self.s, self.engine, self.r, self.wire = settings, engine, r, wire
+        self.rounds, self.store = RoundStore(), Store(engine)
+        with sessions.transaction(engine, write=False) as conn:
+            self.plan: RoundPlan = decode_announcement(self.rounds.announcement(conn, r.id)).plan
+        assert self.plan.secure is not None
+        self.delta_session, self.stats_session = secure_sessions(self.plan)
+        self.grid = secure_grid(self.plan)
+        self.t = self.plan.secure.threshold
+        self.phase = "advert"
+        self.expect: set[str] = set(self.plan.participants)
+
+    # ----------------------------------------------------------------- the steps
+
+    def collect(self) -> None:
+        """The four steps; SecureRoundFailed when too few devices take part in one."""
+        span = self.r.deadline - self.r.opened_at
+        adverts = self._step("advert", set(self.plan.participants), self.r.opened_at + 0.25 * span)
+        self._enough(adverts, "advertised their keys")
+        keys = {d: decode_answer(p).advert for d, p in adverts.items()}
+        listed = tuple(a for _, a in sorted(keys.items()) if a is not None)
+        for d in sorted(adverts):
+            self._tell(d, Step(self.r.id, self.plan.model, d, "share", adverts=listed))
+        shares = self._step("shares", set(adverts), self.r.opened_at + 0.5 * span)
+        self._enough(shares, "sent their shares")
+        sealed = {d: decode_answer(p).sealed for d, p in shares.items()}
+        senders = tuple(sorted(shares))
+        for v in senders:
+            self._tell(v, Step(self.r.id, self.plan.model, v, "mask", senders=senders,
+                               sealed={u: sealed[u][v] for u in senders if u != v}))
+        masked = self._step("masked", set(senders), self.r.deadline)
+        self._enough(masked, "sent their masked update")
+        survivors = tuple(sorted(masked))
+        dropped = tuple(sorted(set(senders) - set(masked)))
+        for v in survivors:
+            self._tell(v, Step(self.r.id, self.plan.model, v, "reveal", survivors=survivors, dropped=dropped))
+        revealed = self._step("revealed", set(survivors), max(time.time(), self.r.deadline) + REVEAL_GRACE_S)
+        self._enough(revealed, "revealed their shares")
+
+    def clear(self) -> None:
+        """No step is left retained for anyone once the round is over."""
+        for d in self.plan.participants:
+            self.wire.send(self.s.topics.round_step(d), b"")
+
+    def _enough(self, got: dict[str, bytes], what: str) -> None:
+        if len(got) < self.t:
+            missing = sorted(self.expect - set(got))
+            raise SecureRoundFailed(f"only {len(got)} device(s) {what} (the threshold is {self.t}; missing: "
+                                    f"{', '.join(missing) or 'none'}): the sum stays hidden")
+
+    def _tell(self, device: str, step: Step) -> None:
+        self.wire.send(self.s.topics.round_step(device), self.wire.sign(step).encode())
+
+    def _stored(self, status: str) -> dict[str, bytes]:
+        with sessions.transaction(self.engine, write=False) as conn:
+            return self.rounds.payloads(conn, self.r.id, status)
+
+    def _step(self, status: str, expect: set[str], until: float) -> dict[str, bytes]:
+        """The answers of one step (those stored before a restart included), once every expected device has
+        answered or at ``until``."""
+        self.phase, self.expect = status, expect
+        while True:
+            got = {d: p for d, p in self._stored(status).items() if d in expect}
+            if set(got) >= expect:
+                return got
+            nxt = self.wire.next(until)
+            if nxt is None:
+                if set(expect) - set(got):
+                    self.wire.say(f"round {self.r.id}: no {status} answer from {', '.join(sorted(expect - set(got)))}")
+                return got
+            generation, msg = nxt
+            if msg is not None:
+                self.receive(generation, msg)
+
+    # ----------------------------------------------------------------- one message
+
+    def receive(self, generation: int, msg: Message) -> None:
+        """Judge, keep and acknowledge one message of the update topics while this round runs."""
+        if not is_answer(msg.payload):
+            self.wire.later(generation, msg)
+            return
+        digest = hashlib.sha256(msg.payload).hexdigest()
+        device = msg.topic.split("/")[-2]
+        with sessions.transaction(self.engine) as conn:
+            if not self.rounds.seen(conn, digest):
+                status, reason, answer = self._judge(conn, msg.payload, device)
+                self.rounds.add_update(conn, round_id=self.r.id, update_round=None if answer is None else answer.round_id,
+                                       device_id=device, status=status, reason=reason, n_examples=None, staleness=0,
+                                       size=len(msg.payload), sha256=digest, metrics=None,
+                                       payload=msg.payload if status != "refused" else None, at=time.time())
+                if reason is not None and reason.startswith("malformed"):
+                    self.store.insert_dead_letters(conn, [dead_letter(msg.topic, msg.payload, reason, time.time(),
+                                                                      self.s.dead_letter_max_bytes)])
+                if status == "refused":
+                    self.wire.say(f"round {self.r.id}: refused a secure answer from {device}: {reason}")
+        self.wire.ack(generation, msg)  # after the commit: an answer the hub had not stored comes again
+
+    def _judge(self, conn: sa.Connection, payload: bytes, device: str) -> tuple[str, str | None, Answer | None]:
+        try:
+            a = decode_answer(payload, device)
+        except ContractError as exc:
+            return "refused", f"malformed: {exc.reason}", None
+        except Exception as exc:  # never stop federate on a device's bytes
+            return "refused", f"malformed ({type(exc).__name__}: {exc})", None
+        status = "revealed" if a.step == "reveal" else a.step
+        if a.round_id != self.r.id or a.model != self.plan.model:
+            return "refused", f"an answer for round {a.round_id} of {a.model} during secure round {self.r.id}", a
+        if device not in self.plan.participants:
+            return "refused", f"{device} was not selected for round {self.r.id}", a
+        if status != self.phase:
+            return "refused", f"a {a.step} answer during the {self.phase} step", a
+        if device not in self.expect:
+            return "refused", f"{device} is not asked for a {a.step} answer (it missed an earlier step)", a
+        if device in self.rounds.payloads(conn, self.r.id, status):
+            return "refused", f"a second {a.step} answer", a
+        why = self._unsound(a)
+        return ("refused", why, a) if why else (status, None, a)
+
+    def _unsound(self, a: Answer) -> str | None:
+        if a.step == "shares":
+            want = self.expect - {a.device_id}
+            if set(a.sealed) != want:
+                return f"shares for {sorted(a.sealed)}, the devices that advertised are {sorted(want)}"
+        if a.step == "masked":
+            n_stats = stats_size(self.plan)
+            if (a.size, a.bits, a.stats) != (self.grid.padded, self.delta_session.bits, n_stats):
+                return (f"masked vectors of {a.size} x {a.bits} bits and {a.stats} statistics, the round's are "
+                        f"{self.grid.padded} x {self.delta_session.bits} bits and {n_stats}")
+        if a.step == "reveal":
+            survivors, dropped = self._survivors()
+            for device, (kind, _share) in a.revealed.items():
+                if (kind == "b" and device not in survivors) or (kind == "s" and device not in dropped):
+                    return f"revealed a {kind} share of {device}, which the reveal step did not ask for"
+        return None
+
+    def _survivors(self) -> tuple[set[str], set[str]]:
+        masked, shares = set(self._stored("masked")), set(self._stored("shares"))
+        return masked, shares - masked
+
+    # ----------------------------------------------------------------- the sum
+
+    def unmask(self) -> Summed:
+        """The mean of the survivors' deltas and statistics, from the stored answers."""
+        adverts = {d: decode_answer(p).advert for d, p in self._stored("advert").items()}
+        senders = set(self._stored("shares"))
+        masked = {d: decode_answer(p) for d, p in self._stored("masked").items()}
+        revealed = {d: decode_answer(p).revealed for d, p in self._stored("revealed").items()}
+        survivors = sorted(masked)
+        keys = {d: a for d, a in adverts.items() if d in senders and a is not None}
+        total = np.zeros(self.grid.padded, np.uint32)
+        stats_total: np.ndarray | None = None
+        for a in masked.values():
+            delta_bytes, stats_bytes = a.vectors()
+            total = total + secagg.unpack(delta_bytes, a.size, a.bits)
+            s = secagg.unpack(stats_bytes, a.stats, STATS_BITS)
+            stats_total = s if stats_total is None else stats_total + s
+        assert stats_total is not None
+        try:
+            ints = secagg.unmask(total, self.delta_session, keys, survivors, revealed)
+            stat_ints = secagg.unmask(stats_total, self.stats_session, keys, survivors, revealed)
+        except secagg.SecAggError as exc:
+            raise SecureRoundFailed(f"cannot unmask the sum: {exc.reason}") from None
+        n = len(survivors)
+        assert self.plan.secure is not None
+        if int(np.abs(ints).max(initial=0)) > n * self.plan.secure.peak:
+            raise SecureRoundFailed(f"the unmasked sum leaves the grid (|value| over {n} x {self.plan.secure.peak}): "
+                                    "a device sent values off the grid or masked with other keys")
+        summed = secure_codec.decode(ints, self.grid)
+        stats, ranges = secure_codec.decode_stats(stat_ints, n)
+        dropped = sorted(senders - set(masked))
+        return Summed({k: (v / n).astype(np.float32) for k, v in summed.items()}, stats, ranges, survivors,
+                      dropped, sorted(revealed),
+                      {"secure": True, "summed": n, "dropped": dropped, "threshold": self.t,
+                       "revealed_by": sorted(revealed), "held": int(stats.get("held", 0))})

@@ -1,0 +1,133 @@
+"""A device's part in a secure round: its secrets, its answers to the hub's steps, its masked delta.
+
+:class:`SecureAnswerer` holds one round's secrets (:class:`~edge_agent.contract.secagg.DeviceSecrets`, in memory
+only: a device that restarts mid-round has dropped out of it) and answers the hub's steps
+(:mod:`edge_agent.contract.secure_rounds`) in order: its advert when the round is announced, its sealed shares
+when it has every advert, its masked vectors when it has its peers' shares and its training is done, and its
+shares of the survivors' self-mask seeds and of the dropped devices' mask keys when the hub says who is who.
+
+What it checks, since the hub is not trusted with more than the sum: its own advert is in the hub's list
+unchanged, every device named is one the signed plan selected, at least the threshold of devices take part at
+each step, and it never reveals both secrets of one device (:func:`~edge_agent.contract.secagg.reveal`). The
+plaintext checks the hub can no longer make (the norm, finite values, the range) are made here: the delta is
+clipped to the round's norm and held to the grid before it is masked (:mod:`edge_agent.contract.secure_codec`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from edge_agent.contract import secagg, secure_codec
+from edge_agent.contract.rounds import RoundPlan
+from edge_agent.contract.secure_rounds import STATS_BITS, Answer, Step, secure_grid, secure_sessions
+
+log = logging.getLogger(__name__)
+
+
+class SecureAnswerer:
+    """One device's answers in one secure round (thread-safe: steps come from the agent's thread, the trained
+    delta from the training thread)."""
+
+    def __init__(self, plan: RoundPlan, device_id: str, send: Callable[[bytes], None]) -> None:
+        assert plan.secure is not None
+        self.plan, self.device_id, self.send = plan, device_id, send
+        self.me = secagg.DeviceSecrets(device_id)
+        self.delta_session, self.stats_session = secure_sessions(plan)
+        self.adverts: dict[str, secagg.Advert] = {}
+        self.held: dict[str, tuple[int, int]] = {}  # sender -> (its s share, its b share) that I hold
+        self.senders: tuple[str, ...] = ()
+        self.vectors: tuple[np.ndarray, np.ndarray] | None = None  # (delta, statistics) on their grids
+        self.done: list[str] = []  # the answers sent, in order
+        self._lock = threading.Lock()
+
+    def _answer(self, step: str, **fields: object) -> None:
+        payload = Answer(self.plan.round_id, self.plan.model, self.device_id, step, sent=time.time(),
+                         **fields).encode()  # type: ignore[arg-type]
+        self.send(payload)
+        self.done.append(step)
+
+    def advertise(self) -> None:
+        with self._lock:
+            if "advert" not in self.done:
+                self._answer("advert", advert=self.me.advert())
+
+    def trained(self, delta: Mapping[str, np.ndarray], stats: Mapping[str, float],
+                ranges: Sequence[Sequence[float]]) -> int:
+        """The training's result: put on the round's grid (clipped, rotated, rounded); masked and sent once the
+        peers' shares are in. Returns how many coordinates were held to the grid's peak."""
+        rng = np.random.default_rng(secrets.randbits(128))  # the rounding's coins: the device's own
+        ints, held = secure_codec.encode(delta, secure_grid(self.plan), rng)
+        stat_ints = secure_codec.encode_stats({**stats, "held": held}, ranges, len(self.plan.participants))
+        with self._lock:
+            self.vectors = (ints, stat_ints)
+            self._mask()
+        return held
+
+    def on_step(self, step: Step) -> str | None:
+        """Do what ``step`` asks, once; returns why it was refused (to log), or None."""
+        p = self.plan
+        if (step.round_id, step.model, step.device_id) != (p.round_id, p.model, self.device_id):
+            return f"a step for round {step.round_id} of {step.model} for {step.device_id}: not this round's"
+        with self._lock:
+            try:
+                if step.step == "share" and "shares" not in self.done:
+                    return self._share(step)
+                if step.step == "mask" and not self.senders:
+                    return self._take_shares(step)
+                if step.step == "reveal" and "reveal" not in self.done:
+                    return self._reveal(step)
+            except secagg.SecAggError as exc:
+                return f"round {p.round_id}: {exc.reason}"
+        return None
+
+    def _share(self, step: Step) -> str | None:
+        adverts = {a.device_id: a for a in step.adverts}
+        mine = self.me.advert()
+        if adverts.get(self.device_id) != mine:
+            return f"round {self.plan.round_id}: the hub's advert list does not hold this device's keys"
+        if not set(adverts) <= set(self.plan.participants) or len(adverts) < self.delta_session.threshold:
+            return (f"round {self.plan.round_id}: {len(adverts)} adverts (threshold {self.delta_session.threshold}), "
+                    "or a device the plan did not select")
+        sealed, own = secagg.seal_shares(self.delta_session, self.me, adverts)
+        self.adverts = adverts
+        self.held[self.device_id] = own
+        self._answer("shares", sealed=sealed)
+        return None
+
+    def _take_shares(self, step: Step) -> str | None:
+        senders = set(step.senders)
+        if "shares" not in self.done or self.device_id not in senders or not senders <= set(self.adverts):
+            return f"round {self.plan.round_id}: asked to mask, but this device's shares were not among the senders"
+        if len(senders) < self.delta_session.threshold or set(step.sealed) != senders - {self.device_id}:
+            return (f"round {self.plan.round_id}: shares from {sorted(step.sealed)} for senders {sorted(senders)} "
+                    f"(threshold {self.delta_session.threshold})")
+        for sender, sealed in step.sealed.items():
+            self.held[sender] = secagg.open_shares(self.delta_session, self.me, self.adverts[sender], sealed)
+        self.senders = tuple(sorted(senders))
+        self._mask()
+        return None
+
+    def _mask(self) -> None:
+        if self.vectors is None or not self.senders or "masked" in self.done:
+            return
+        peers = {d: self.adverts[d] for d in self.senders}
+        ints, stat_ints = self.vectors
+        y = secagg.mask(ints, self.delta_session, self.me, peers)
+        s = secagg.mask(stat_ints, self.stats_session, self.me, peers)
+        self._answer("masked", size=len(y), bits=self.delta_session.bits, stats=len(s),
+                     body=secagg.pack(y, self.delta_session.bits) + secagg.pack(s, STATS_BITS))
+
+    def _reveal(self, step: Step) -> str | None:
+        if not self.senders:
+            return f"round {self.plan.round_id}: asked to reveal before it had its peers' shares"
+        if not set(step.survivors) | set(step.dropped) <= set(self.senders):
+            return f"round {self.plan.round_id}: asked about devices whose shares it does not hold"
+        revealed = secagg.reveal(self.delta_session, self.held, step.survivors, step.dropped)
+        self._answer("reveal", revealed=revealed)
+        return None

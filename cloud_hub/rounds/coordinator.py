@@ -310,23 +310,32 @@ class Coordinator:
         return row
 
     def _available(self, version: int) -> list[str]:
-        """Online devices whose last status says they run ``version``. Waits (up to wait_devices_s) for
-        min_available of them, and for the last round's participants to swap to it: a round started
-        the moment the first device swapped would leave the others out."""
+        """Online devices whose last status (as ``serve`` recorded it) says they run ``version``: a device
+        whose last status is offline (its goodbye, or its last will) or that runs another version is
+        never asked. Waits (up to wait_devices_s) for min_available of them, and for the last round's
+        participants to swap to it: a round started the moment the first device swapped would leave the
+        others out. What it waits for is said, naming the devices of the model it cannot ask and why."""
         with sessions.transaction(self.engine, write=False) as conn:
             last = self.rounds.rounds(conn, self.s.model_name, limit=1)
         expected = set(last[-1].participants) if last else set()
         start = time.monotonic()
         until, said = start + self.cfg.wait_devices_s, False
+
+        def few(items: list[str], then: str = "") -> list[str]:  # a fleet's worth of names stays one line
+            more = [f"{len(items) - 5} more"] if len(items) > 5 else []
+            return [", ".join(items[:5] + more) + then] if items else []
+
         while True:
             with sessions.transaction(self.engine, write=False) as conn:
                 rows = self.store.device_rows(conn)
-            online = {d: r for d, r in rows.items() if r["state"] == "online" and r["model_name"] == self.s.model_name}
-            found = sorted(d for d, r in online.items() if r["model_version"] == version)
-            lagging = sorted((expected & set(online)) - set(found))
+            mine = {d: r for d, r in rows.items() if r["model_name"] == self.s.model_name}
+            online = {d for d, r in mine.items() if r["state"] == "online"}
+            found = sorted(d for d in online if mine[d]["model_version"] == version)
+            lagging = sorted((expected & online) - set(found))
             if len(found) >= self.cfg.min_available and not lagging:
                 return found
-            others = ", ".join(f"{d} on v{online[d]['model_version']}" for d in sorted(set(online) - set(found)))
+            others = "; ".join(few([f"{d} on v{mine[d]['model_version']}" for d in sorted(online - set(found))])
+                               + few(sorted(set(mine) - online), " offline"))
             if not said and time.monotonic() - start > 3.0:
                 said = True
                 self.say(f"waiting up to {self.cfg.wait_devices_s:g} s for {max(self.cfg.min_available, len(expected))}"
@@ -339,7 +348,7 @@ class Coordinator:
                     return found
                 raise RoundError(f"only {len(found)} device(s) report running {self.s.model_name} v{version} "
                                  f"(need {self.cfg.min_available}) after {self.cfg.wait_devices_s:g} s"
-                                 + (f"; {others}" if others else "; no other device is online")
+                                 + (f"; {others}" if others else f"; no device of {self.s.model_name} has reported")
                                  + f": are the agents and `cloud-hub serve` running on {self.s.broker_url}?")
             time.sleep(0.2)
 

@@ -4,7 +4,7 @@
 source) in the state dir, bounded, so a restart keeps them; they never leave the device.
 :class:`Learner` takes the hub's retained round announcement, checks it (signature, the base is the
 model this device runs, this device was selected, enough new windows), fine-tunes in a background
-thread with :mod:`edge_agent.device.learn` (numpy only; inference keeps running) and publishes its update:
+thread with :mod:`edge_agent.device.learn` (numpy, one BLAS thread; inference keeps running) and publishes its update:
 the INT8-quantized delta of the trainable tensors, its example count, losses and scores before and
 after, and the activation ranges it saw. Asked to evaluate the round's candidate, it scores its FP32
 weights and the INT8 model the hub would ship (the announcement carries it; run by
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from threadpoolctl import threadpool_limits
 
 from edge_agent.contract import Bundle, ContractError
 from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, Update, encode_update_delta
@@ -198,7 +199,8 @@ class Learner:
         labels = bundle.manifest.labels if bundle is not None else ()  # of the model the round was checked against
         work, args = (self._train, (ann, X, y, t, labels)) if ann.plan.kind == "train" else \
             (self._evaluate, (ann, X, y, t, bundle))
-        self._thread = threading.Thread(target=work, args=args, name="edge-agent-learn", daemon=True)
+        self._thread = threading.Thread(target=_one_blas_thread, args=(work, *args), name="edge-agent-learn",
+                                        daemon=True)
         self._thread.start()
 
     def _check(self, payload: bytes) -> tuple[str | None, Announcement | None]:
@@ -335,6 +337,20 @@ class Learner:
         if self._thread is not None:
             self._thread.join(timeout)
         self.save()
+
+
+def _one_blas_thread(work: Callable[..., None], *args: Any) -> None:
+    """Run a round's training or evaluation with one BLAS thread. Its matrix products are small (64-row
+    batches of a 512-unit MLP): numpy's default of a thread per core spends more time handing them out and
+    spinning than computing, and takes the cores inference runs on (one fine-tune of a watch device on 2
+    busy cores: 3-13 s and 2-9 CPU-s with 2 threads, 0.4 s and 0.24 CPU-s with one).
+
+    OpenBLAS (pthreads) keeps one count for the whole process: the agent's own numpy shares it while a round
+    runs, and threadpoolctl lets one thread at a time set it (nothing else in the agent does). An OpenMP
+    BLAS counts per thread, hence this thread. OPENBLAS_NUM_THREADS would not do: BLAS reads it when numpy
+    is imported, long before a round."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        work(*args)
 
 
 def int8_score(running: Bundle, model: bytes, X: np.ndarray, y: np.ndarray) -> float:

@@ -1,0 +1,106 @@
+"""Lean rounds on the device (issue #26 §5): a round trains with one BLAS thread, and its fine-tune holds
+a few copies of the model, not one per layer and chunk of windows."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from threadpoolctl import OpenBLASController, threadpool_info, threadpool_limits
+
+from edge_agent.contract import rounds as cr
+from edge_agent.device import learn
+from edge_agent.device.learner import Learner
+
+
+def _blas_threads() -> list[int]:
+    return [int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def _model(widths: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = {"scaler_mean": np.zeros(widths[0], np.float32), "scaler_scale": np.ones(widths[0], np.float32)}
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        t[f"coef_{i}"] = rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32)
+        t[f"intercept_{i}"] = np.zeros(b, np.float32)
+    return t
+
+
+def test_a_round_trains_and_evaluates_with_one_blas_thread(tmp_path, monkeypatch) -> None:
+    """The learner's background thread caps the BLAS library at one thread for the round (numpy's default
+    is a thread per core: many times slower on a round's small products), and gives the count back."""
+    assert _blas_threads(), "numpy's BLAS is not one threadpoolctl can see: the cap would do nothing"
+    seen: dict[str, list[list[int]]] = {"fine_tune": [], "score": []}
+    for name in seen:
+        real = getattr(learn, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name].append(_blas_threads())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(learn, name, spy)
+    sent: list[bytes] = []
+    running = type("B", (), {"manifest": type("M", (), {"version": 1, "sha256": "a" * 64, "labels": ("x", "y")})})
+    learner = Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100, trusted_key=None,
+                      allow_unsigned=True, running=lambda: running,  # type: ignore[arg-type,return-value]
+                      publish=lambda t, p: sent.append(p), topic="t")
+    X = np.random.default_rng(1).normal(size=(40, 4)).astype(np.float32)
+    learner.on_windows("L", X, ["x" if v > 0 else "y" for v in X[:, 0]], np.arange(40) * 15.0)
+    weights = _model((4, 8, 2))
+    plan = dict(round_id=1, model="default", base_version=1, base_sha256="a" * 64, task="classification",
+                participants=("me",), deadline=time.time() + 60, min_windows=10)
+    two = threadpool_limits(limits=2, user_api="blas")  # a two-core device's default, on any machine
+    # threadpoolctl lets one thread at a time set OpenBLAS's process-wide count (the first to set it, until it
+    # lets go): as in the agent, where nothing else sets it, this thread lets go and the learner's takes it
+    OpenBLASController.clear_controlling_thread()
+    try:
+        for kind, trainable in (("train", tuple(learn.trainable_names(weights))), ("evaluate", ())):
+            learner.offer(cr.announcement(cr.RoundPlan(**plan, kind=kind, trainable=trainable), weights).encode())
+            learner.tick()
+            learner.close()
+        assert _blas_threads() == [2] * len(_blas_threads()), "the count is given back after the round"
+    finally:
+        two.restore_original_limits()
+        OpenBLASController.clear_controlling_thread()
+    assert [cr.decode_update(p, "me").kind for p in sent] == ["train", "evaluate"]
+    assert len(seen["fine_tune"]) == 1 and len(seen["score"]) == 4  # train: before/after; evaluate: base/candidate
+    assert all(set(counts) == {1} for calls in seen.values() for counts in calls), seen
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_fine_tune_holds_a_few_copies_of_the_model(task) -> None:
+    """The default model's size (99 -> 512 -> 512 -> 7) on 1,000 windows: the fine-tune's peak allocation
+    is under 6 times the model's weights, scoring's under 2 and the activation ranges' under 1.5 (they were
+    11.5, 6.2 and 7.5: a copy of the weights for each, and two arrays a layer for each forward pass over
+    1,024 windows). The agent's peak RSS in a round follows them."""
+    weights = _model((99, 512, 512, 7))
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(1000, 99)).astype(np.float32)
+    if task == "regression":
+        weights["coef_2"], weights["intercept_2"] = weights["coef_2"][:, :2], weights["intercept_2"][:2]
+        weights |= {"target_mu": np.zeros(2, np.float32), "target_sd": np.ones(2, np.float32)}
+        y = rng.normal(size=(1000, 2)).astype(np.float32)
+    else:
+        y = rng.integers(0, 7, 1000)
+    size = sum(v.nbytes for v in weights.values())
+    with threadpool_limits(limits=1, user_api="blas"):
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            r = learn.fine_tune(weights, task, X, y, epochs=1, lr=0.03, alpha=1e-4, clip=10.0)
+            peak = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            learn.score(r.tensors, task, X, y)
+            scored = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            learn.activation_ranges(r.tensors, X)
+            ranged = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+    assert peak < 6 * size, f"fine_tune's peak: {peak / size:.1f} x the weights ({size:,} B)"
+    assert scored < 2 * size, f"score's peak: {scored / size:.1f} x the weights"
+    assert ranged < 1.5 * size, f"activation_ranges' peak: {ranged / size:.1f} x the weights"

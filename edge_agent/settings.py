@@ -323,6 +323,9 @@ class AgentSettings(BrokerSettings):
     # rounds with an INT8 weight delta trained on them (the windows never leave the device).
     federated: bool = True
     learn_windows: int = 4000  # at most this many labelled windows kept (the oldest go first)
+    # Secure rounds: keep the integer vectors this device masked (its contribution before the masks) in the
+    # state dir, the last 5 rounds, to audit what it gave: they never leave the device.
+    secure_audit: bool = False
 
     @property
     def state_path(self) -> Path:

@@ -62,8 +62,9 @@ def _updates(url: str) -> list[tuple]:
 class Fleet:
     """v1 trained and published signed, `serve` running, one `edge-agent run` per device following its log."""
 
-    def __init__(self, procs, broker, prefix: str, tmp_path: Path, *, partial: tuple[str, ...] = ()) -> None:
-        self.procs, self.broker, self.prefix, self.tmp = procs, broker, prefix, tmp_path
+    def __init__(self, procs, broker, prefix: str, tmp_path: Path, *, partial: tuple[str, ...] = (),
+                 devices: tuple[str, ...] = DEVICES, agent_env: dict[str, str] | None = None) -> None:
+        self.procs, self.broker, self.prefix, self.tmp, self.devices = procs, broker, prefix, tmp_path, devices
         self.priv, self.pub, _ = keygen(tmp_path / "keys" / "hub.pem")
         self.url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
         settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
@@ -78,7 +79,8 @@ class Fleet:
         self.hub.wait_started()
         self.logs: dict[str, Path] = {}
         self.rest: dict[str, list[str]] = {}
-        for i, dev in enumerate(DEVICES):
+        self.killed: set[str] = set()  # agents a test SIGKILLed on purpose
+        for i, dev in enumerate(devices):
             full = make_log(tmp_path / f"{dev}-all.csv", devices=(dev,), seconds=50, seed=10 + i).read_text()
             lines = full.splitlines(keepends=True)
             cut = 60 if dev in partial else len(lines)  # a second of readings: no window yet
@@ -90,13 +92,14 @@ class Fleet:
                       "--state-dir", str(tmp_path / dev), "--trusted-key", str(self.pub),
                       "--source", "follow", "--source-path", str(self.logs[dev])),
             stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{dev}.log", "wb"),  # noqa: SIM115 - closed by procs
-            env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2", "EDGE_AGENT_STATUS_INTERVAL_S": "1"})
-            for dev in DEVICES}
-        self.check(lambda: all(_devices(self.url).get(d) == 1 for d in DEVICES), "every device on v1")
+            env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2", "EDGE_AGENT_STATUS_INTERVAL_S": "1",
+                 **(agent_env or {})})
+            for dev in devices}
+        self.check(lambda: all(_devices(self.url).get(d) == 1 for d in devices), "every device on v1")
 
     def alive(self) -> None:
         for dev, p in self.agents.items():
-            assert p.poll() is None, (self.tmp / f"{dev}.log").read_text()
+            assert p.poll() is None or dev in self.killed, (self.tmp / f"{dev}.log").read_text()
 
     def check(self, cond, what: str, timeout: float = 120) -> None:
         def ok() -> bool:
@@ -109,14 +112,15 @@ class Fleet:
         return self.procs.popen(
             [sys.executable, "-m", "cloud_hub", "federate", "--broker", self.broker.url, "--db", self.url,
              "--prefix", self.prefix, "--client-id", f"{self.prefix}-fed", "--signing-key", str(self.priv),
-             "--min-available", "3", "--min-windows", "16", "--epochs", "3", "--lr", "0.003", *args],
+             "--min-available", str(len(self.devices)), "--min-windows", "16", "--epochs", "3", "--lr", "0.003", *args],
             stdout=out, stderr=out)
 
     def stop(self) -> None:
         for p in self.agents.values():
-            p.send_signal(signal.SIGTERM)
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
         for dev, p in self.agents.items():
-            assert p.wait(60) == 0, (self.tmp / f"{dev}.log").read_text()
+            assert p.wait(60) in (0, -signal.SIGKILL), (self.tmp / f"{dev}.log").read_text()
         self.hub.signal(signal.SIGTERM)
 
 

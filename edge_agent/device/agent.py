@@ -101,6 +101,7 @@ class Agent:
         self._fleet_bundle: bytes | None = None  # the last bundle of the model topic
         self._canary_bundle: bytes | None = None  # the device's own, while a canary rollout includes it
         self._rounds_topic = self.topics.rounds(settings.model_name)
+        self._step_topic = self.topics.round_step(single) if single else None  # secure rounds' steps for it
         self.learner: Learner | None = None
         subscriptions = self._subscriptions(single)
         self.link = MqttLink(
@@ -161,6 +162,7 @@ class Agent:
             subscriptions.append((self._device_model_topic, 1))
         if self.settings.federated and single is not None:
             subscriptions.append((self._rounds_topic, 1))
+            subscriptions.append((self.topics.round_step(single), 1))
         if self.settings.receipts:
             # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
             # device to its own); subscribing per device as they appear would race their first results.
@@ -175,7 +177,7 @@ class Agent:
             trusted_key=self._trusted, allow_unsigned=settings.insecure_allow_unsigned,
             running=lambda: self.model.bundle if self.model is not None else None,
             publish=self._publish_update,
-            topic=self.topics.update(single))
+            topic=self.topics.update(single), secure_audit=settings.secure_audit)
 
     # ----------------------------------------------------------------- paho thread callbacks
 
@@ -189,6 +191,8 @@ class Agent:
             self.publisher.on_receipt(msg.topic, msg.payload)
         elif msg.topic == self._rounds_topic and self.learner is not None:
             self.learner.offer(msg.payload)
+        elif msg.topic == self._step_topic and self.learner is not None:
+            self.learner.offer_step(msg.payload)
 
     def _publish_update(self, topic: str, payload: bytes) -> None:
         self.link.publish(topic, payload, UPDATE_DELIVERY)

@@ -24,15 +24,18 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 from threadpoolctl import threadpool_limits
 
 from edge_agent.contract import Bundle, ContractError
-from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, Update, encode_update_delta
+from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, RoundPlan, Update, encode_update_delta
 from edge_agent.device.bundle import BundleRejected, check_round
+
+if TYPE_CHECKING:
+    from edge_agent.device.secure import SecureAnswerer
 
 log = logging.getLogger(__name__)
 _SAVE_NOTE_S = 60.0  # a store that cannot be saved (a full disk) is said this often
@@ -130,8 +133,9 @@ class Learner:
 
     def __init__(self, *, device_id: str, state_dir: Path, model_name: str, capacity: int,
                  trusted_key: Any, allow_unsigned: bool, running: Callable[[], Bundle | None],
-                 publish: Callable[[str, bytes], None], topic: str) -> None:
+                 publish: Callable[[str, bytes], None], topic: str, secure_audit: bool = False) -> None:
         self.device_id, self.running, self.publish, self.topic = device_id, running, publish, topic
+        self.audit_dir = state_dir if secure_audit else None
         self.trusted_key, self.allow_unsigned = trusted_key, allow_unsigned
         self.store = WindowStore(state_dir / f"learn-{model_name}.npz", capacity)
         self._answered_path = state_dir / f"learn-{model_name}-rounds.json"
@@ -149,6 +153,10 @@ class Learner:
         self._saved_at = time.monotonic()
         self.unsaved: str | None = None  # why the windows could not be saved last time (a full disk)
         self._save_note = 0.0
+        self._secure: SecureAnswerer | None = None  # the secure round this device takes part in
+        self._step: bytes | None = None  # the hub's latest step for this device (secure rounds)
+        self._steps = 0
+        self._steps_seen = 0
 
     def _read_answered(self) -> list[str]:
         try:
@@ -168,12 +176,19 @@ class Learner:
             self._offered = payload or None
             self._offers += 1
 
+    def offer_step(self, payload: bytes) -> None:
+        """The hub's next step for this device in a secure round arrived (paho's thread); empty: none."""
+        with self._lock:
+            self._step = payload or None
+            self._steps += 1
+
     def tick(self) -> None:
         """Between chunks and while a live source is quiet (the agent's thread): answer the open round
         once it fits. It is looked at again whenever it, the running model or the new windows change,
         so a device that had too few windows answers once it has enough, before the deadline."""
         if time.monotonic() - self._saved_at > 30.0:
             self.save()
+        self._take_step()
         with self._lock:
             payload, offers = self._offered, self._offers
         if payload is None or (self._thread is not None and self._thread.is_alive()):
@@ -223,6 +238,11 @@ class Learner:
             return f"round {p.round_id} trains v{p.base_version}, this device runs {have}: not answering", None
         if time.time() > p.deadline:
             return f"round {p.round_id}: its deadline has passed", None
+        if p.secure is not None:  # its keys go out at once; its masked delta once it has trained
+            self._join(p)
+            if self._secure is None or self._secure.plan.round_id != p.round_id:
+                return (f"round {p.round_id}: this device joined the secure round before it restarted; its keys "
+                        "are gone: not answering"), None
         held = len(self.store.y)
         if held < p.min_windows or self.store.new < p.min_new:
             return (f"round {p.round_id}: {held} labelled windows ({self.store.new} new), the round wants "
@@ -247,6 +267,9 @@ class Learner:
             if held.any():  # scores on the device's windows that no round ever trains on
                 res.metric_before = learn.score(ann.weights, p.task, X[rows][held], target[held])
                 res.metric_after = learn.score(res.tensors, p.task, X[rows][held], target[held])
+            if p.secure is not None:
+                self._trained_secure(p, res)
+                return
             specs, arrays = encode_update_delta({k: res.delta[k] for k in p.trainable}, p.encoding)
             update = Update(
                 round_id=p.round_id, device_id=self.device_id, model=p.model, base_version=p.base_version,
@@ -269,6 +292,63 @@ class Learner:
             log.error("round %d: training failed: %s", p.round_id, exc)
         except Exception:  # a bug must not take inference down with it
             log.exception("round %d: training failed", p.round_id)
+
+    # ----------------------------------------------------------------- secure rounds
+
+    def _join(self, plan: RoundPlan) -> None:
+        """Take part in a secure round: make its secrets and send its keys, once (a device that restarts
+        mid-round has lost its secrets: it has dropped out of that round)."""
+        if self._secure is not None and self._secure.plan.round_id == plan.round_id:
+            return
+        if f"{plan.round_id}/secure" in self.answered:
+            return
+        # cryptography's keys: loaded for secure rounds only
+        from edge_agent.device.secure import SecureAnswerer
+
+        self._secure = SecureAnswerer(plan, self.device_id, lambda payload: self.publish(self.topic, payload),
+                                      audit_dir=self.audit_dir)
+        self._answered(plan.round_id, "secure")
+        self._secure.advertise()
+        log.info("round %d: a secure round (threshold %d of %d): sent this device's keys", plan.round_id,
+                 plan.secure.threshold if plan.secure else 0, len(plan.participants))
+
+    def _take_step(self) -> None:
+        with self._lock:
+            payload, steps = self._step, self._steps
+        if steps == self._steps_seen:
+            return
+        self._steps_seen = steps
+        if payload is None or self._secure is None:
+            return
+        from edge_agent.device.bundle import check_step
+
+        try:
+            step = check_step(payload, self.device_id, trusted_key=self.trusted_key, allow_unsigned=self.allow_unsigned)
+        except BundleRejected as exc:
+            log.warning("secure round step refused: %s", exc)
+            return
+        except Exception as exc:  # a retained message: dying here would die again at every start
+            log.warning("secure round step refused (%s: %s)", type(exc).__name__, exc)
+            return
+        why = self._secure.on_step(step)
+        if why is not None:
+            log.warning("%s", why)
+
+    def _trained_secure(self, p: RoundPlan, res: Any) -> None:
+        """A secure round's training result: on the round's grid, masked and sent once the peers' shares are in."""
+        assert self._secure is not None and self._secure.plan.round_id == p.round_id
+        stats = {"n_examples": float(res.n), "loss_before": float(res.loss_before), "loss_after": float(res.loss_after),
+                 "metric_before": float(res.metric_before), "metric_after": float(res.metric_after),
+                 "norm": float(res.norm)}
+        held = self._secure.trained({k: res.delta[k] for k in p.trainable}, stats, res.ranges)
+        self._answered(p.round_id, p.kind)
+        self.sent += 1
+        self.last = {"round": p.round_id, "n": int(res.n), "seconds": res.seconds, "secure": True,
+                     "metric_before": res.metric_before, "metric_after": res.metric_after}
+        log.info("round %d: trained on %d windows in %.1f s (%d epochs; %s %.3f -> %.3f); masked and sent once the "
+                 "peers' shares are in%s", p.round_id, res.n, res.seconds, res.epochs,
+                 "accuracy" if p.task == "classification" else "error", res.metric_before, res.metric_after,
+                 f" ({held} values held to the grid)" if held else "")
 
     def _evaluate(self, ann: Announcement, X: np.ndarray, y: list[str], t: np.ndarray, running: Bundle) -> None:
         """The round's candidate and the base it trained, scored on the same held-out windows: their FP32

@@ -20,6 +20,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -34,9 +35,10 @@ class SecureAnswerer:
     """One device's answers in one secure round (thread-safe: steps come from the agent's thread, the trained
     delta from the training thread)."""
 
-    def __init__(self, plan: RoundPlan, device_id: str, send: Callable[[bytes], None]) -> None:
+    def __init__(self, plan: RoundPlan, device_id: str, send: Callable[[bytes], None], *,
+                 audit_dir: Path | None = None) -> None:
         assert plan.secure is not None
-        self.plan, self.device_id, self.send = plan, device_id, send
+        self.plan, self.device_id, self.send, self.audit_dir = plan, device_id, send, audit_dir
         self.me = secagg.DeviceSecrets(device_id)
         self.delta_session, self.stats_session = secure_sessions(plan)
         self.adverts: dict[str, secagg.Advert] = {}
@@ -51,6 +53,7 @@ class SecureAnswerer:
                          **fields).encode()  # type: ignore[arg-type]
         self.send(payload)
         self.done.append(step)
+        log.info("round %d: secure %s sent (%s bytes)", self.plan.round_id, step, f"{len(payload):,}")
 
     def advertise(self) -> None:
         with self._lock:
@@ -122,6 +125,20 @@ class SecureAnswerer:
         s = secagg.mask(stat_ints, self.stats_session, self.me, peers)
         self._answer("masked", size=len(y), bits=self.delta_session.bits, stats=len(s),
                      body=secagg.pack(y, self.delta_session.bits) + secagg.pack(s, STATS_BITS))
+        if self.audit_dir is not None:
+            self._audit(ints, stat_ints)
+
+    def _audit(self, ints: np.ndarray, stat_ints: np.ndarray) -> None:
+        """What this device contributed, before the masks (``secure_audit``): the last 5 rounds kept."""
+        assert self.audit_dir is not None
+        path = self.audit_dir / f"secure-{self.plan.model}-{self.plan.round_id:08d}.npz"
+        try:
+            with open(path, "wb") as f:
+                np.savez(f, delta=ints, stats=stat_ints, survivors_of=np.array(self.senders))
+            for old in sorted(self.audit_dir.glob(f"secure-{self.plan.model}-*.npz"))[:-5]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:  # a full disk: the round goes on without its audit copy
+            log.warning("round %d: cannot keep the audit copy %s: %s", self.plan.round_id, path, exc)
 
     def _reveal(self, step: Step) -> str | None:
         if not self.senders:

@@ -1,0 +1,216 @@
+"""Secure rounds: the hub learns the sum of the devices' deltas and nothing else.
+
+In process first (the devices' answerers and the hub's four steps over a real SQLite database, messages
+handed over directly): the sum, devices that stop at each step, the threshold, a hub that restarts. Then with
+real processes (`edge-agent run`, `cloud-hub serve`, `cloud-hub federate --secure`, mosquitto): one device
+SIGKILLed after it masked, the round published, the hub's database holding no device's update."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_hub.data import db, sessions
+from cloud_hub.rounds.secure import SecureRound, SecureRoundFailed, Wire
+from cloud_hub.rounds.store import RoundStore
+from cloud_hub.settings import HubSettings
+from edge_agent.contract import rounds as cr
+from edge_agent.contract import secagg, secure_codec
+from edge_agent.contract.secure_rounds import decode_answer, decode_step, secure_grid
+from edge_agent.device.secure import SecureAnswerer
+from edge_agent.mqtt import Message
+
+PREFIX = "sec"
+TENSORS = {"coef_0": (12, 8), "intercept_0": (8,), "coef_1": (8, 3), "intercept_1": (3,)}
+
+
+def _plan(devices: Iterable[str], deadline_s: float = 30.0) -> tuple[cr.Announcement, float]:
+    devices = tuple(sorted(devices))
+    now = time.time()
+    plan = cr.RoundPlan(1, "m", 1, "a" * 64, "classification", devices, now + deadline_s, clip=5.0,
+                        trainable=tuple(TENSORS), created=now,
+                        secure=cr.SecureParams(threshold=secagg.threshold(len(devices)), peak=63, spread=3.0,
+                                               seed=11, bits=secagg.ring_bits(len(devices), 63)))
+    return cr.announcement(plan, {k: np.zeros(s, np.float32) for k, s in TENSORS.items()}), now
+
+
+class Network:
+    """The devices and the hub of one secure round, in one process: a step the hub sends reaches its
+    device's answerer at once; a device's answer waits in the hub's inbox."""
+
+    def __init__(self, tmp_path: Path, devices: Iterable[str], *, deadline_s: float = 30.0) -> None:
+        self.url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+        self.settings = HubSettings(db=self.url, prefix=PREFIX)
+        self.engine = db.make_engine(self.url)
+        self.ann, now = _plan(devices, deadline_s)
+        with sessions.transaction(self.engine) as conn:
+            RoundStore().add_round(conn, round_id=1, name="m", base_version=1, participants=self.ann.plan.participants,
+                                   plan=self.ann.plan.header(), announcement=self.ann.encode(), opened_at=now,
+                                   deadline=self.ann.plan.deadline)
+        self.inbox: collections.deque[Message] = collections.deque()
+        self.deaf: dict[str, str] = {}  # device -> the first step it no longer hears (it stopped)
+        self.said: list[str] = []
+        self.sent: dict[str, list[bytes]] = collections.defaultdict(list)
+        self.devices = {d: SecureAnswerer(self.ann.plan, d, lambda payload, d=d: self._answer(d, payload))
+                        for d in self.ann.plan.participants}
+        self.mid = 0
+
+    def _answer(self, device: str, payload: bytes) -> None:
+        self.sent[device].append(payload)
+        self.mid += 1
+        self.inbox.append(Message(f"{PREFIX}/devices/{device}/update", payload, 1, False, self.mid))
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        device = topic.split("/")[-2]
+        if not payload:
+            return
+        step = decode_step(payload, device)
+        stopped = self.deaf.get(device)
+        if stopped is not None and ["share", "mask", "reveal"].index(step.step) >= ["share", "mask", "reveal"].index(stopped):
+            return
+        why = self.devices[device].on_step(step)
+        assert why is None, why
+
+    def _next(self, deadline: float) -> tuple[int, Message | None] | None:
+        if self.inbox:
+            return 1, self.inbox.popleft()
+        return None  # nothing more will come: the step's deadline, at once
+
+    def hub(self) -> SecureRound:
+        wire = Wire(send=self._deliver, next=self._next, ack=lambda g, m: None, sign=lambda step: step,
+                    say=self.said.append, later=lambda g, m: pytest.fail(f"a plain message: {m.topic}"))
+        with sessions.transaction(self.engine, write=False) as conn:
+            row = RoundStore().get_round(conn, 1)
+        assert row is not None
+        return SecureRound(self.settings, self.engine, row, wire)
+
+
+def _deltas(devices: Iterable[str], seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {d: {k: rng.normal(0, 0.05, s).astype(np.float32) for k, s in TENSORS.items()} for d in devices}
+
+
+def _stats(i: int) -> tuple[dict[str, float], list[list[float]]]:
+    return ({"n_examples": 100 + i, "loss_before": 1.0 + i, "loss_after": 0.5, "metric_before": 0.5,
+             "metric_after": 0.75, "norm": 1.5}, [[-1.0 - i, 2.0, -3.0, 4.0 + i], [0.0, 1.0, -2.0, 2.0]])
+
+
+def _train(net: Network, devices: Iterable[str]) -> dict[str, np.ndarray]:
+    """Each device's training result handed to its answerer; returns the integer vector each put on the grid
+    (read back from what it will mask: the answerer keeps it until it masks)."""
+    out = {}
+    for i, d in enumerate(sorted(devices)):
+        stats, ranges = _stats(i)
+        net.devices[d].trained(_deltas([d], seed=i)[d], stats, ranges)
+        assert net.devices[d].vectors is not None
+        out[d] = net.devices[d].vectors[0]
+    return out
+
+
+def test_the_hub_gets_the_exact_sum_and_no_single_vector(tmp_path) -> None:
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, devices)
+    hub = net.hub()
+    hub.collect()
+    got = hub.unmask()
+    grid = secure_grid(net.ann.plan)
+    want = secure_codec.decode(np.sum(list(plain.values()), axis=0), grid)
+    assert got.survivors == devices and got.dropped == [] and got.outcome["summed"] == 5
+    assert all(np.array_equal(got.delta[k], (want[k] / 5).astype(np.float32)) for k in TENSORS)
+    assert got.stats["n_examples"] == sum(100 + i for i in range(5))
+    assert got.stats["loss_before"] == pytest.approx(3.0) and got.stats["metric_after"] == pytest.approx(0.75)
+    assert got.ranges[0] == pytest.approx([-3.0, 2.0, -3.0, 6.0])
+    # the hub's database: keys, sealed shares, masked vectors, revealed shares; no device's vector
+    stored = [p for status in ("advert", "shares", "masked", "revealed") for p in hub._stored(status).values()]
+    assert len(stored) == 20
+    for d, ints in plain.items():
+        ring = secagg.to_ring(ints, hub.delta_session)
+        mine = decode_answer(hub._stored("masked")[d])
+        masked = secagg.unpack(mine.vectors()[0], mine.size, mine.bits)
+        assert np.mean(masked == ring) < 0.01  # uniform noise, not its vector
+        assert all(secagg.pack(ring, hub.delta_session.bits) not in p for p in stored)
+
+
+def test_a_device_that_stops_after_masking_and_one_that_stops_before(tmp_path) -> None:
+    """d1's vector reached the hub and it never reveals: its self mask comes from the others' shares, its
+    vector is in the sum. d3 sent its shares but never masked: its pairwise masks come out, it is not in the sum."""
+    devices = [f"d{i}" for i in range(6)]
+    net = Network(tmp_path, devices)
+    net.deaf = {"d1": "reveal", "d3": "mask"}
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, [d for d in devices if d != "d3"])
+    hub = net.hub()
+    hub.collect()
+    got = hub.unmask()
+    assert got.survivors == ["d0", "d1", "d2", "d4", "d5"] and got.dropped == ["d3"]
+    assert got.revealed_by == ["d0", "d2", "d4", "d5"]
+    want = secure_codec.decode(np.sum(list(plain.values()), axis=0), secure_grid(net.ann.plan))
+    assert all(np.array_equal(got.delta[k], (want[k] / 5).astype(np.float32)) for k in TENSORS)
+
+
+@pytest.mark.parametrize("answering", [3, 2])
+def test_the_round_needs_the_threshold_of_reveals(tmp_path, answering: int) -> None:
+    """Five devices, threshold 3: three reveals give the sum; two leave it hidden and the round fails."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    net.deaf = {d: "reveal" for d in devices[answering:]}
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, devices)
+    hub = net.hub()
+    if answering < 3:
+        with pytest.raises(SecureRoundFailed, match="only 2 device.s. revealed their shares .the threshold is 3"):
+            hub.collect()
+        return
+    hub.collect()
+    assert np.array_equal(hub.unmask().delta["coef_0"], (secure_codec.decode(
+        np.sum(list(plain.values()), axis=0), secure_grid(net.ann.plan))["coef_0"] / 5).astype(np.float32))
+
+
+def test_a_hub_that_restarts_goes_on_from_what_it_stored(tmp_path) -> None:
+    """The first hub stops after the shares (nothing more comes before its deadline); a second one, with the
+    same database, sends the steps again and sums."""
+    devices = [f"d{i}" for i in range(4)]
+    net = Network(tmp_path, devices)
+    for a in net.devices.values():
+        a.advertise()
+    first = net.hub()
+    adverts = first._step("advert", set(devices), time.time())
+    assert sorted(adverts) == devices
+    plain = _train(net, devices)
+    second = net.hub()  # the same stored answers: the steps sent again are answered once
+    second.collect()
+    got = second.unmask()
+    assert got.survivors == devices
+    want = secure_codec.decode(np.sum(list(plain.values()), axis=0), secure_grid(net.ann.plan))
+    assert np.array_equal(got.delta["coef_1"], (want["coef_1"] / 4).astype(np.float32))
+
+
+def test_a_device_refuses_a_hub_that_lies(tmp_path) -> None:
+    """Its own advert replaced, a peer the plan never selected, a reveal naming one device twice."""
+    from dataclasses import replace
+
+    from edge_agent.contract.secure_rounds import Step
+
+    net = Network(tmp_path, ["a", "b", "c"])
+    a = net.devices["a"]
+    a.advertise()
+    others = [net.devices[d].me.advert() for d in ("b", "c")]
+    forged = secagg.DeviceSecrets("a").advert()
+    assert "does not hold this device's keys" in a.on_step(Step(1, "m", "a", "share", adverts=(forged, *others)))
+    stranger = secagg.DeviceSecrets("zz").advert()
+    assert "did not select" in a.on_step(Step(1, "m", "a", "share", adverts=(a.me.advert(), *others, stranger)))
+    assert a.on_step(Step(1, "m", "a", "share", adverts=(a.me.advert(), *others))) is None
+    assert "shares" in a.done
+    step = Step(1, "m", "a", "reveal", survivors=("a", "b"), dropped=("b",))
+    assert "before it had its peers' shares" in a.on_step(step)
+    assert "not this round's" in a.on_step(replace(step, round_id=2))

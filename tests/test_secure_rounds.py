@@ -214,3 +214,88 @@ def test_a_device_refuses_a_hub_that_lies(tmp_path) -> None:
     step = Step(1, "m", "a", "reveal", survivors=("a", "b"), dropped=("b",))
     assert "before it had its peers' shares" in a.on_step(step)
     assert "not this round's" in a.on_step(replace(step, round_id=2))
+
+
+# --------------------------------------------------------------------------- real processes
+
+SECURE_DEVICES = ("sa-1", "sa-2", "sa-3", "sa-4", "sa-5")
+
+
+@pytest.mark.slow
+def test_a_secure_round_survives_a_device_killed_after_masking(procs, broker, prefix, tmp_path) -> None:
+    """Five agents, threshold 3. sa-2 is SIGKILLed once its masked update is stored; sa-5 trains last (its log
+    comes late), so the hub asks for the reveals only after the kill. The round is published, its sum is the
+    sum of what the five masked (their audit copies) bit for bit, and the hub's database holds no device's
+    vector and no plain update."""
+    import hashlib
+    import signal
+
+    import orjson
+    import sqlalchemy as sa
+
+    from cloud_hub.data import tables
+    from cloud_hub.models import weights
+    from cloud_hub.rounds.fedavg import mlp_tensors
+    from edge_agent.contract.rounds import decode_update
+    from tests.test_federated import Fleet, _devices, _query
+
+    fleet = Fleet(procs, broker, prefix, tmp_path, devices=SECURE_DEVICES, partial=("sa-5",),
+                  agent_env={"EDGE_AGENT_SECURE_AUDIT": "1"})
+    fed = fleet.federate("--secure", "--rounds", "1", "--deadline", "120", "--tolerance", "1", "--json")
+    u = tables.fl_updates.c
+
+    def stored(status: str) -> set[str]:
+        return {d for (d,) in _query(fleet.url, sa.select(u.device_id).where(u.status == status))}
+
+    fleet.check(lambda: "sa-2" in stored("masked"), "sa-2's masked update at the hub", timeout=180)
+    assert "sa-5" not in stored("masked") and not stored("revealed")
+    fleet.killed.add("sa-2")
+    fleet.agents["sa-2"].send_signal(signal.SIGKILL)
+    fleet.agents["sa-2"].wait(30)
+    with open(fleet.logs["sa-5"], "a") as f:  # sa-5's windows arrive: it trains, masks, and the reveals begin
+        f.writelines(fleet.rest["sa-5"])
+    assert fed.wait(300) == 0, (tmp_path / "federate.log").read_text()
+    out = (tmp_path / "federate.log").read_text()
+    view = orjson.loads(out.strip().splitlines()[-1])["rounds"][0]
+    assert (view["state"], view["new_version"], view["secure"], view["summed"]) == ("published", 2, True, 5), out
+    assert stored("revealed") == set(SECURE_DEVICES) - {"sa-2"} and stored("masked") == set(SECURE_DEVICES)
+
+    # what each device masked, from its own audit copy: the hub's sum is theirs, bit for bit
+    plain = {}
+    for d in SECURE_DEVICES:
+        (copy,) = (tmp_path / d).glob("secure-*.npz")
+        with np.load(copy) as z:
+            plain[d] = z["delta"].astype(np.int64)
+    total = np.sum(list(plain.values()), axis=0)
+    fr = tables.fl_rounds.c
+    (outcome,) = _query(fleet.url, sa.select(fr.outcome).where(fr.id == 1))[0]
+    assert orjson.loads(outcome)["sum_sha256"] == hashlib.sha256(total.astype("<i8").tobytes()).hexdigest()
+
+    # the published model is the base plus the mean of the survivors' deltas (no noise)
+    m = tables.models.c
+    blobs = dict(_query(fleet.url, sa.select(m.version, m.weights)))
+    base, new = mlp_tensors(weights.from_bytes(blobs[1])), mlp_tensors(weights.from_bytes(blobs[2]))
+    ann = cr.decode_announcement(_query(fleet.url, sa.select(fr.announcement).where(fr.id == 1))[0][0])
+    mean = secure_codec.decode(total, secure_grid(ann.plan))
+    for name in ann.plan.trainable:
+        assert np.allclose(new[name], base[name] + mean[name] / 5, atol=1e-6), name
+
+    # the hub's database and logs: no device's vector, no plain update, every masked vector unlike its source
+    payloads = [bytes(p) for (p,) in _query(fleet.url, sa.select(u.payload).where(u.payload.is_not(None)))]
+    assert len(payloads) == 5 + 5 + 5 + 4
+    session = ann.plan.secure
+    assert session is not None
+    for p in payloads:
+        with pytest.raises(cr.ContractError):
+            decode_update(p)
+    logs = b"".join(f.read_bytes() for f in (tmp_path / "federate.log", tmp_path / "hub.log"))
+    for d, ints in plain.items():
+        ring = ints & ((1 << session.bits) - 1)
+        packed = secagg.pack(ring.astype(np.uint32), session.bits)
+        assert not any(packed in p for p in payloads) and packed not in logs
+        mine = decode_answer(next(p for p in payloads if decode_answer(p).step == "masked"
+                                  and decode_answer(p).device_id == d))
+        assert np.mean(secagg.unpack(mine.vectors()[0], mine.size, mine.bits) == ring) < 0.01
+    fleet.check(lambda: all(_devices(fleet.url).get(d) == 2 for d in SECURE_DEVICES if d != "sa-2"),
+                "the four living devices on v2")
+    fleet.stop()

@@ -28,14 +28,20 @@ def demo(
                                             "their own recordings (INT8 deltas, never data), then the rounds "
                                             "table.")] = False,
     rounds: Annotated[int, typer.Option(help="--federated: rounds to run.", min=1)] = 5,
+    secure: Annotated[bool, typer.Option("--secure", help="--federated: secure aggregation (the hub learns only "
+                                         "the sum of the deltas; at least 3 agents).")] = False,
 ) -> None:
     """Start a broker, a hub and agents; train v1, publish, retrain v2 from the fleet, roll it out, show stats."""
     if scenario not in ("activity", "positioning"):
         raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     restore = exits.on_stop_signals(exits.interrupt)  # SIGTERM too: without it the broker and agents outlive us
+    if secure and not federated:
+        raise _usage("--secure is for --federated rounds")
+    if secure and agents < 3:
+        raise _usage("--secure needs at least 3 agents: a sum of two would give away each one's delta to the other")
     try:
-        _demo(broker, agents, speed, workdir, scenario, federated, rounds)
+        _demo(broker, agents, speed, workdir, scenario, federated, rounds, secure)
     except KeyboardInterrupt:  # the demo's finally blocks have stopped what it started
         typer.echo("cloud-hub demo: error: interrupted; everything the demo started is stopped", err=True)
         raise typer.Exit(exits.INTERRUPTED) from None
@@ -44,13 +50,13 @@ def demo(
 
 
 def _demo(broker: str | None, agents: int, speed: float | None, workdir: Path, scenario: str, federated: bool,
-          rounds: int) -> None:
+          rounds: int, secure: bool = False) -> None:
     from cloud_hub.tools.demo import Demo
 
     if federated:
         if scenario != "activity":
             raise _usage("--federated runs the activity scenario (the watch recordings, or a generated IMU log)")
-        _federated(workdir, broker, agents, rounds)
+        _federated(workdir, broker, agents, rounds, secure)
         return
     view = _FleetView()
     try:
@@ -67,14 +73,14 @@ def _demo(broker: str | None, agents: int, speed: float | None, workdir: Path, s
         raise typer.Exit(1)
 
 
-def _federated(workdir: Path, broker: str | None, agents: int, rounds: int) -> None:
+def _federated(workdir: Path, broker: str | None, agents: int, rounds: int, secure: bool = False) -> None:
     from cloud_hub.cli.rounds import show_rounds
     from cloud_hub.tools.demo_federated import FederatedDemo
 
     view = _FleetView()
     try:
         outcome = FederatedDemo(workdir, broker=broker, agents=agents, rounds=rounds, say=view.say,
-                                show=view.show).run()
+                                show=view.show, secure=secure).run()
     except Exception as exc:
         typer.echo(f"cloud-hub demo: failed: {exc}", err=True)
         raise typer.Exit(1) from None

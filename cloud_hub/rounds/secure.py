@@ -47,7 +47,8 @@ from edge_agent.mqtt import Message
 
 log = logging.getLogger(__name__)
 
-REVEAL_GRACE_S = 5.0
+REVEAL_GRACE_S = 5.0  # past the round's deadline, for the reveals
+ENOUGH_GRACE_S = 1.0  # once a step has what it needs, this long for the others' answers
 
 
 class SecureRoundFailed(Exception):
@@ -110,13 +111,14 @@ class SecureRound:
         for v in senders:
             self._tell(v, Step(self.r.id, self.plan.model, v, "mask", senders=senders,
                                sealed={u: sealed[u][v] for u in senders if u != v}))
-        masked = self._step("masked", set(senders), self.r.deadline)
+        masked = self._step("masked", set(senders), self.r.deadline, enough=int(self.r.plan.get("min_updates") or 0))
         self._enough(masked, "sent their masked update")
         survivors = tuple(sorted(masked))
         dropped = tuple(sorted(set(senders) - set(masked)))
         for v in survivors:
             self._tell(v, Step(self.r.id, self.plan.model, v, "reveal", survivors=survivors, dropped=dropped))
-        revealed = self._step("revealed", set(survivors), max(time.time(), self.r.deadline) + REVEAL_GRACE_S)
+        revealed = self._step("revealed", set(survivors), max(time.time(), self.r.deadline) + REVEAL_GRACE_S,
+                              enough=self.t)
         self._enough(revealed, "revealed their shares")
 
     def clear(self) -> None:
@@ -137,14 +139,18 @@ class SecureRound:
         with sessions.transaction(self.engine, write=False) as conn:
             return self.rounds.payloads(conn, self.r.id, status)
 
-    def _step(self, status: str, expect: set[str], until: float) -> dict[str, bytes]:
+    def _step(self, status: str, expect: set[str], until: float, enough: int = 0) -> dict[str, bytes]:
         """The answers of one step (those stored before a restart included), once every expected device has
-        answered or at ``until``."""
+        answered, or ``ENOUGH_GRACE_S`` after ``enough`` of them have (the reveals: the threshold is all the
+        sum needs; the masked updates: the round's --min-updates), or at ``until``."""
         self.phase, self.expect = status, expect
+        shortened = False
         while True:
             got = {d: p for d, p in self._stored(status).items() if d in expect}
             if set(got) >= expect:
                 return got
+            if enough and len(got) >= enough and not shortened:
+                until, shortened = min(until, time.time() + ENOUGH_GRACE_S), True
             nxt = self.wire.next(until)
             if nxt is None:
                 if set(expect) - set(got):
@@ -250,7 +256,15 @@ class SecureRound:
         summed = secure_codec.decode(ints, self.grid)
         stats, ranges = secure_codec.decode_stats(stat_ints, n)
         dropped = sorted(senders - set(masked))
+        upload = sum(len(p) for status in ("advert", "shares", "masked", "revealed") for p in self._stored(status).values())
+        federated = {"examples": int(stats["n_examples"]), "metric_before": stats["metric_before"],
+                     "metric_after": stats["metric_after"], "loss_before": stats["loss_before"],
+                     "loss_after": stats["loss_after"]}
         return Summed({k: (v / n).astype(np.float32) for k, v in summed.items()}, stats, ranges, survivors,
                       dropped, sorted(revealed),
-                      {"secure": True, "summed": n, "dropped": dropped, "threshold": self.t,
-                       "revealed_by": sorted(revealed), "held": int(stats.get("held", 0))})
+                      {"secure": True, "summed": n, "survivors": survivors, "dropped": dropped, "threshold": self.t,
+                       "revealed_by": sorted(revealed), "held": int(stats.get("held", 0)), "upload_bytes": upload,
+                       "federated": federated,
+                       # the sum the hub learned (int64, little-endian), as a digest: an audit compares it with
+                       # what the devices masked (secure_audit) without the hub keeping the vector itself
+                       "sum_sha256": hashlib.sha256(np.asarray(ints, "<i8").tobytes()).hexdigest()})

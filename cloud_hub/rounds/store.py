@@ -187,5 +187,8 @@ def views(conn: Connection, name: str, ids: Sequence[int]) -> list[dict[str, Any
             "holdout_before": r.outcome.get("holdout_before"), "holdout_after": r.outcome.get("holdout_after"),
             "holdout_fp32_after": r.outcome.get("holdout_fp32_after"),
             "task": r.plan.get("task"), "opened_at": r.opened_at, "closed_at": r.closed_at, "reason": r.reason,
+            # a secure round: the hub holds only the sum of `summed` devices' deltas (masked: those that reached it)
+            "secure": "secure" in r.plan, "summed": r.outcome.get("summed"),
+            "masked": sum(u["status"] == "masked" for u in mine),
         })
     return out

@@ -47,9 +47,11 @@ class FederatedDemo(DemoRun):
     """``demo --federated``: train v1 centrally, then federated rounds among agents that keep their data."""
 
     def __init__(self, work: Path, *, broker: str | None, agents: int, rounds: int,
-                 say: Callable[[str], None], show: Callable[[list[dict[str, Any]]], None]) -> None:
+                 say: Callable[[str], None], show: Callable[[list[dict[str, Any]]], None], secure: bool = False,
+                 config: dict[str, Any] | None = None) -> None:
         super().__init__(work, broker=broker, agents=agents, say=say, show=show)
-        self.rounds = rounds
+        self.rounds, self.secure = rounds, secure
+        self.config = config or {}  # FederateConfig fields over the demo's (the benches')
 
     def _run(self) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -76,10 +78,12 @@ class FederatedDemo(DemoRun):
                     stdout=subprocess.DEVNULL, stderr=open(self.work / f"agent-{device}.log", "wb"),  # noqa: SIM115
                     env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1"})
             self._wait_recorded(engine, data)
-            cfg = FederateConfig(rounds=self.rounds, min_available=len(self.procs), deadline_s=120.0,
-                                 holdout_logs=(str(holdout),), tolerance=0.01)
+            cfg = FederateConfig(**{"rounds": self.rounds, "min_available": len(self.procs), "deadline_s": 120.0,
+                                    "holdout_logs": (str(holdout),), "tolerance": 0.01, "secure": self.secure,
+                                    **self.config})
             self.say(f"federated rounds: {self.rounds}, every agent trains {cfg.epochs} epoch(s) on its own "
-                     f"windows and sends an INT8 delta; gate: {', '.join(data.holdout_train)}")
+                     f"windows and sends an INT8 delta{' masked (secure: the hub sees only their sum)' if self.secure else ''}"
+                     f"; gate: {', '.join(data.holdout_train)}")
             done = Coordinator(settings, engine, cfg, signing_key=str(key), allow_unsigned=False,
                                progress=lambda line: self.say("  " + line)).run()
             last = max((r.new_version or 1 for r in done if r.state == "published"), default=1)

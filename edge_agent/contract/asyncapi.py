@@ -282,9 +282,9 @@ model of `base_version` and `base_sha256`, is among `participants` and holds eno
 it sends the delta of the `trainable` tensors, never its data.
 
 A secure round (`secure` in the plan) frames its messages the same way: a device's answers (magic `EMLS`,
-the `secureAnswer` schema; a masked answer's header is followed by its two vectors, packed little-endian
-bit by bit: `size` values of `bits` bits, then `stats` values of 32 bits) and the hub's steps (magic
-`EMLT`, the `step` schema, no body)."""
+the `secureAnswer` schema; a masked answer's header is followed by its two vectors as bit planes: for each
+bit from the lowest, that bit of every value, little-endian, padded to a whole byte; `size` values of `bits`
+bits, then `stats` values of 32 bits) and the hub's steps (magic `EMLT`, the `step` schema, no body)."""
 
 
 def schemas() -> dict[str, dict[str, Any]]:

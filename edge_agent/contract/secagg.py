@@ -312,19 +312,24 @@ def unmask(total: np.ndarray, session: Session, adverts: Mapping[str, Advert], s
 
 
 def pack(r: np.ndarray, bits: int) -> bytes:
-    """Ring elements as a little-endian bit stream, ``bits`` bits each (the wire form of a masked vector)."""
+    """Ring elements as ``bits`` bit planes (the lowest bit of every element, then the next...), each plane
+    little-endian and padded to whole bytes: the wire form of a masked vector."""
     v = np.asarray(r, np.uint32)
-    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(planes.ravel(), bitorder="little").tobytes()
+    return b"".join(np.packbits(((v >> np.uint32(k)) & 1).astype(np.uint8), bitorder="little").tobytes()
+                    for k in range(bits))
 
 
 def unpack(data: bytes, n: int, bits: int) -> np.ndarray:
     """:func:`pack`'s inverse; ContractError when ``data`` is not ``n`` elements of ``bits`` bits."""
     if len(data) != packed_size(n, bits):
         raise ContractError(f"a masked vector of {n} x {bits} bits is {packed_size(n, bits)} bytes, not {len(data)}")
-    planes = np.unpackbits(np.frombuffer(data, np.uint8), count=n * bits, bitorder="little").reshape(n, bits)
-    return (planes.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    per = (n + 7) // 8
+    out = np.zeros(n, np.uint32)
+    for k in range(bits):
+        plane = np.unpackbits(np.frombuffer(data, np.uint8, per, k * per), count=n, bitorder="little")
+        out |= plane.astype(np.uint32) << np.uint32(k)
+    return out
 
 
 def packed_size(n: int, bits: int) -> int:
-    return (n * bits + 7) // 8
+    return bits * ((n + 7) // 8)

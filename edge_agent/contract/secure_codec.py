@@ -54,7 +54,7 @@ class Grid:
 
     def _rotation(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, 0x5EC])
-        return rng.permutation(self.size), rng.choice(np.array([-1.0, 1.0]), self.size)
+        return rng.permutation(self.size), rng.choice(np.array([-1.0, 1.0], np.float32), self.size)
 
 
 def _fwht(x: np.ndarray) -> np.ndarray:
@@ -68,27 +68,29 @@ def _fwht(x: np.ndarray) -> np.ndarray:
         y[:, :, 0, :] += y[:, :, 1, :]
         y[:, :, 1, :] = a - y[:, :, 1, :]
         h *= 2
-    return x / math.sqrt(n)
+    x *= x.dtype.type(1.0 / math.sqrt(n))
+    return x
 
 
 def encode(delta: Mapping[str, np.ndarray], grid: Grid, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """(the integer vector of ``delta``, how many coordinates were held to ``peak``)."""
-    flat = np.concatenate([np.asarray(delta[name], np.float64).reshape(-1) for name, _ in grid.tensors])
+    flat = np.concatenate([np.asarray(delta[name], np.float32).reshape(-1) for name, _ in grid.tensors])
     if flat.size != grid.size:
         raise ValueError(f"a delta of {flat.size} values for a grid of {grid.size}")
     if not np.isfinite(flat).all():
         raise ValueError("the delta holds NaN or inf")
-    norm = float(np.linalg.norm(flat))
+    norm = float(np.linalg.norm(flat.astype(np.float64)))
     if norm > grid.clip:
-        flat *= grid.clip / norm
+        flat *= np.float32(grid.clip / norm)
     perm, signs = grid._rotation()
-    padded = np.zeros(grid.padded)
+    padded = np.zeros(grid.padded, np.float32)
     padded[: grid.size] = (flat * signs)[perm]
-    w = _fwht(padded.reshape(-1, BLOCK)).reshape(-1) / grid.step
+    w = _fwht(padded.reshape(-1, BLOCK)).reshape(-1)
+    w *= np.float32(1.0 / grid.step)
     held = int(np.count_nonzero(np.abs(w) > grid.peak))
-    w = np.clip(w, -grid.peak, grid.peak)
+    np.clip(w, -grid.peak, grid.peak, out=w)
     low = np.floor(w)
-    return (low + (rng.random(w.size) < w - low)).astype(np.int64), held
+    return (low + (rng.random(w.size, dtype=np.float32) < w - low)).astype(np.int64), held
 
 
 def decode(total: np.ndarray, grid: Grid) -> dict[str, np.ndarray]:

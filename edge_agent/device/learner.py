@@ -157,6 +157,7 @@ class Learner:
         self._step: bytes | None = None  # the hub's latest step for this device (secure rounds)
         self._steps = 0
         self._steps_seen = 0
+        self._step_lock = threading.Lock()
 
     def _read_answered(self) -> list[str]:
         try:
@@ -177,10 +178,14 @@ class Learner:
             self._offers += 1
 
     def offer_step(self, payload: bytes) -> None:
-        """The hub's next step for this device in a secure round arrived (paho's thread); empty: none."""
+        """The hub's next step for this device in a secure round arrived (paho's thread); empty: none. It is
+        done at once on a thread of its own (the round waits for every device at each step: a step left for
+        the next tick would cost every round that tick's delay, four times)."""
         with self._lock:
             self._step = payload or None
             self._steps += 1
+        if payload and self._secure is not None:
+            threading.Thread(target=self._take_step, name="edge-agent-step", daemon=True).start()
 
     def tick(self) -> None:
         """Between chunks and while a live source is quiet (the agent's thread): answer the open round
@@ -313,6 +318,10 @@ class Learner:
                  plan.secure.threshold if plan.secure else 0, len(plan.participants))
 
     def _take_step(self) -> None:
+        with self._step_lock:  # one step at a time, in order
+            self._take_one_step()
+
+    def _take_one_step(self) -> None:
         with self._lock:
             payload, steps = self._step, self._steps
         if steps == self._steps_seen:

@@ -34,6 +34,30 @@ TOML = (b'broker = "mqtt://localhost:1883"\nprefix = "edge"\ndevice_id = "dev-1"
         b'sim_channels = ["ax", "ay"]\nreceipts = false\nfeatures = "sampled"\nmetrics_port = 9100\n')
 
 
+def _secure() -> tuple[list[bytes], list[bytes]]:
+    """A secure round's steps and answers, one of each kind (fixed keys: the seeds stay the same)."""
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from edge_agent.contract import secagg
+    from edge_agent.contract import secure_rounds as sr
+
+    session = secagg.Session(b"m/round 7", ("d1", "d2", "d3"), 2, 10)
+    keys = [X25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32).public_key().public_bytes_raw() for i in range(6)]
+    adverts = tuple(secagg.Advert(d, keys[2 * i], keys[2 * i + 1]) for i, d in enumerate(session.participants))
+    sealed = bytes(range(sr.SEALED_BYTES))
+    ring = np.arange(16, dtype=np.uint32)
+    steps = [sr.Step(7, "m", "d1", "share", adverts=adverts),
+             sr.Step(7, "m", "d1", "mask", sealed={"d2": sealed, "d3": sealed}, senders=("d1", "d2", "d3")),
+             sr.Step(7, "m", "d1", "reveal", survivors=("d1", "d2"), dropped=("d3",))]
+    answers = [sr.Answer(7, "m", "d1", "advert", advert=adverts[0], sent=1.0),
+               sr.Answer(7, "m", "d1", "shares", sealed={"d2": sealed, "d3": sealed}, sent=1.0),
+               sr.Answer(7, "m", "d1", "masked", size=16, bits=10, stats=16, sent=1.0,
+                         body=secagg.pack(ring, 10) + secagg.pack(ring, sr.STATS_BITS)),
+               sr.Answer(7, "m", "d1", "reveal", revealed={"d1": ("b", 12345), "d3": ("s", 2 ** 500)}, sent=1.0)]
+    return [s.encode() for s in steps], [a.encode() for a in answers]
+
+
 def seeds() -> dict[str, list[bytes]]:
     _, header, _ = _header_of(BUNDLE)
     return {
@@ -41,7 +65,7 @@ def seeds() -> dict[str, list[bytes]]:
         "announcement": [ANNOUNCEMENT], "bundle": [BUNDLE], "manifest": [orjson.dumps(header), DEEP],
         "log_csv": [CSV, CSV.replace(b"\n", b"\r\n")], "log_jsonl": [JSONL],
         "log_gz": [b"\0" + gzip.compress(CSV, mtime=0), b"\x81" + CSV],
-        "settings": [TOML], "http": HTTP,
+        "settings": [TOML], "http": HTTP, "secure_step": _secure()[0], "secure_answer": _secure()[1],
     }
 
 

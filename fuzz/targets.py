@@ -32,7 +32,9 @@ import orjson
 
 from edge_agent import contract as c
 from edge_agent.contract import rounds as cr
-from edge_agent.device.bundle import BundleRejected, check_bundle, check_round
+from edge_agent.contract import secagg
+from edge_agent.contract import secure_rounds as sr
+from edge_agent.device.bundle import BundleRejected, check_bundle, check_round, check_step
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from edge_agent.sources import LineParser, LogError, read_log
@@ -281,6 +283,32 @@ def settings(data: bytes) -> None:
     assert repr(again) == repr(got), (got, again)  # repr: a NaN setting equals itself
 
 
+# --------------------------------------------------------------------------- secure rounds
+
+
+def secure_step(data: bytes) -> None:
+    """A hub's step as a device reads it: signature first (no key, unsigned allowed), then the decoder; round trip."""
+    _message(sr.decode_step)(data)
+    try:
+        got = check_step(data, "d1", trusted_key=None, allow_unsigned=True)
+    except BundleRejected:
+        return
+    assert check_step(got.encode(), "d1", trusted_key=None, allow_unsigned=True) == got
+
+
+def secure_answer(data: bytes) -> None:
+    """A device's secure answer as the hub reads it; a masked one's vectors unpack to their stated sizes."""
+    _message(sr.decode_answer)(data)
+    try:
+        got = sr.decode_answer(data)
+    except c.ContractError:
+        return
+    if got.step == "masked":
+        delta, stats = got.vectors()
+        assert len(secagg.unpack(delta, got.size, got.bits)) == got.size
+        assert len(secagg.unpack(stats, got.stats, sr.STATS_BITS)) == got.stats
+
+
 # --------------------------------------------------------------------------- the hub's HTTP door
 
 
@@ -304,5 +332,7 @@ TARGETS: dict[str, Target] = {
     "log_jsonl": _log("jsonl", b"x\n"),
     "log_gz": log_gz,
     "settings": settings,
+    "secure_step": secure_step,
+    "secure_answer": secure_answer,
     "http": http,
 }

@@ -295,3 +295,18 @@ def test_a_secure_plan_is_signed_with_its_numbers_and_read_back() -> None:
     too_high = cr.announcement(replace(plan, secure=replace(plan.secure, threshold=4)), ann.weights).encode()
     with pytest.raises(sa.ContractError, match="threshold"):
         cr.decode_announcement(too_high)
+
+
+@pytest.mark.parametrize("payload", [
+    # found by fuzzing (bench/fuzz.py secure_step / secure_answer): the kind read before the keys were checked
+    b'EMLT\x00\x00\x00\x86{"v":1,"round":7,"model":"m","device_id":"d1","steq":"reveal","key_id":null,'
+    b'"signature":null,"survivors":["d1","d2"],"dropped":["d3"]}',
+    b'EMLS\x00\x00\x00\x68{"v":1,"round":7,"model":"m","device_id":"d1","spep":"masked","sent":1.0,"size":16,'
+    b'"stats":16,"bits":10}',
+])
+def test_a_secure_message_without_its_kind_is_the_contracts_error(payload: bytes) -> None:
+    from edge_agent.contract import secure_rounds as sr
+
+    decode = sr.decode_step if payload.startswith(sr.STEP_MAGIC) else sr.decode_answer
+    with pytest.raises(sa.ContractError, match="step must be one of"):
+        decode(payload)

@@ -201,8 +201,9 @@ def check_keys(obj: dict[str, Any], required: frozenset[str], allowed: frozenset
 
 
 def check_choice(obj: dict[str, Any], key: str, allowed: Iterable[str], what: str) -> str:
-    """A string field with a fixed set of values (a list or an object there is refused, not hashed)."""
-    value = obj[key]
+    """A string field with a fixed set of values (a list or an object there is refused, not hashed; a missing
+    one is refused too: a message's kind is read before its keys are checked against it)."""
+    value = obj.get(key)
     if type(value) is not str or value not in allowed:
         raise ContractError(f"{what}.{key} must be one of {', '.join(allowed)}, got {show(value)}")
     return value

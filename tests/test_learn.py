@@ -240,6 +240,106 @@ def test_aggregate_is_the_weighted_mean_of_the_updates() -> None:
         fedavg.aggregate(master, [fedavg.Contribution({"coef_0": np.ones((3, 2), np.float32)}, 1)])
 
 
+def _fedavg_before_rules(master: dict, updates: list, *, clip: float | None = None, server_lr: float = 1.0) -> dict:
+    """``fedavg.aggregate`` as it was before it had rules (commit f6c737d), verbatim but for the checks."""
+    new = {k: np.array(v, np.float32) for k, v in master.items()}
+    acc: dict = {}
+    wsum: dict = {}
+    for u in updates:
+        if u.n_examples <= 0:
+            continue
+        w = float(u.n_examples) * fedavg.staleness_weight(u.staleness)
+        for name, d in fedavg.clip(u.delta, clip).items():
+            acc[name] = acc.get(name, np.zeros(d.shape, np.float64)) + w * d.astype(np.float64)
+            wsum[name] = wsum.get(name, 0.0) + w
+    for name, total in acc.items():
+        new[name] = (new[name] + server_lr * total / wsum[name]).astype(np.float32)
+    return new
+
+
+def _round(rng: np.random.Generator, n: int) -> tuple[dict, list[fedavg.Contribution]]:
+    """A master and ``n`` updates of random sizes, example counts (some 0) and lateness; some hold one tensor."""
+    shapes = {"coef_0": (9, 5), "intercept_0": (5,), "coef_1": (5, 3), "intercept_1": (3,)}
+    master = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    updates = []
+    for i in range(n):
+        names = list(shapes) if i % 4 else ["coef_1"]
+        delta = {k: (rng.normal(size=shapes[k]) * rng.uniform(0.01, 3)).astype(np.float32) for k in names}
+        updates.append(fedavg.Contribution(delta, int(rng.integers(0, 500)), float(rng.integers(0, 3))))
+    return master, updates
+
+
+def test_the_default_rule_is_byte_identical_to_fedavg_before_there_were_rules() -> None:
+    rng = np.random.default_rng(26)
+    for n in (1, 2, 5, 8):
+        master, updates = _round(rng, n)
+        for kw in ({}, {"clip": 1.5}, {"clip": 1.5, "server_lr": 0.7}):
+            want = _fedavg_before_rules(master, updates, **kw)
+            for got in (fedavg.aggregate(master, updates, **kw), fedavg.aggregate(master, updates, rule="fedavg", **kw)):
+                assert got.keys() == want.keys()
+                for k in want:
+                    assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), (n, kw, k)
+
+
+def test_one_update_scaled_to_the_clip_drags_fedavg_and_not_the_trimmed_mean() -> None:
+    """8 devices, 7 honest (each about +0.01 per weight, norm ~0.1) and one that sends the opposite of
+    theirs scaled to just under the clip (and claims 3x their examples, the most the hub lets it count)."""
+    rng = np.random.default_rng(3)
+    master = {"coef_0": np.zeros((10, 10), np.float32)}
+    honest = [{"coef_0": (0.01 + rng.normal(0, 0.002, (10, 10))).astype(np.float32)} for _ in range(7)]
+    mean = np.mean([h["coef_0"] for h in honest], axis=0)
+    attack = {"coef_0": (-mean * (0.99 * 10 / np.linalg.norm(mean))).astype(np.float32)}
+    updates = [fedavg.Contribution(h, 100) for h in honest] + [fedavg.Contribution(attack, 300)]
+    avg = fedavg.aggregate(master, updates, clip=10.0)["coef_0"]
+    robust = fedavg.aggregate(master, updates, clip=10.0, rule="trimmed-mean")["coef_0"]
+    assert np.all(avg < -0.2), "FedAvg goes the attacker's way, over 20x the honest step"
+    low, high = np.min([h["coef_0"] for h in honest], axis=0), np.max([h["coef_0"] for h in honest], axis=0)
+    assert np.all((low <= robust) & (robust <= high)), "every weight stays within the honest devices' values"
+    assert np.abs(robust - mean).max() < 0.003
+    # the attacker gains nothing by sending more than the clip: the hub clips it first
+    big = [*updates[:7], fedavg.Contribution({"coef_0": attack["coef_0"] * 30}, 300)]
+    np.testing.assert_allclose(fedavg.aggregate(master, big, clip=10.0)["coef_0"], avg, rtol=0.02)
+    np.testing.assert_array_equal(fedavg.aggregate(master, big, clip=10.0, rule="trimmed-mean")["coef_0"], robust)
+
+
+def test_the_trimmed_mean_rule() -> None:
+    assert [fedavg.trimmed(n) for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 24)] == [0, 0, 0, 1, 1, 1, 1, 1, 2, 3]
+    assert fedavg.trimmed(8, 0.5) == 3 and fedavg.trimmed(9, 0.5) == 4 and fedavg.trimmed(8, 0.0) == 0
+    with pytest.raises(ValueError):
+        fedavg.trimmed(8, 0.6)
+    stack = np.array([[1.0, -5.0], [2.0, 0.0], [3.0, 1.0], [4.0, 2.0], [5.0, 3.0], [6.0, 4.0], [7.0, 5.0],
+                      [100.0, -100.0]])
+    np.testing.assert_allclose(fedavg.trimmed_mean(stack), [27 / 6, 5 / 6])  # per column: its top and bottom dropped
+    for n in (3, 4, 7, 8):
+        data = np.random.default_rng(n).normal(size=(n, 6))
+        np.testing.assert_allclose(fedavg.trimmed_mean(data, 0.5), np.median(data, axis=0))
+    np.testing.assert_allclose(fedavg.trimmed_mean(stack[:2]), stack[:2].mean(axis=0))  # 2 values: their mean
+
+    master = {"w": np.zeros(3, np.float32), "b": np.ones(2, np.float32)}
+
+    def d(v: float) -> dict:
+        return {"w": np.full(3, v, np.float32)}
+
+    def robust(updates: list[fedavg.Contribution]) -> np.ndarray:
+        return fedavg.aggregate(master, updates, rule="trimmed-mean")["w"]
+
+    # one vote each, whatever the example count; a device with none does not vote
+    np.testing.assert_allclose(robust([fedavg.Contribution(d(1), 1), fedavg.Contribution(d(2), 10**6),
+                                       fedavg.Contribution(d(3), 1), fedavg.Contribution(d(99), 0)]), 2.0)
+    # a late update is shrunk by its staleness weight (1/2 three rounds late) before the trimming
+    np.testing.assert_allclose(robust([fedavg.Contribution(d(1), 5), fedavg.Contribution(d(8), 5, staleness=3),
+                                       fedavg.Contribution(d(3), 5)]), 3.0)
+    # clipped first, then trimmed; the server learning rate scales the result; "b" is held by none
+    new = fedavg.aggregate(master, [fedavg.Contribution(d(v), 5) for v in (1, 2, 3)], clip=np.sqrt(3) * 1.5,
+                           rule="trimmed-mean", server_lr=0.5)
+    np.testing.assert_allclose(new["w"], 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(new["b"], master["b"])
+    with pytest.raises(ValueError, match="NaN"):
+        robust([fedavg.Contribution(d(np.nan), 5)])
+    with pytest.raises(ValueError, match="unknown aggregation rule"):
+        fedavg.aggregate(master, [], rule="median")
+
+
 def test_merge_ranges() -> None:
     a = [[-1.0, 2.0, -3.0, 4.0], [0.0, 5.0, -1.0, 1.0]]
     b = [[-2.0, 1.0, -1.0, 6.0], [0.0, 4.0, -2.0, 0.5]]

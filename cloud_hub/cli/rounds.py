@@ -59,6 +59,12 @@ def federate(
     holdout_log: Annotated[list[str] | None, typer.Option("--holdout-log", help="Labelled log the candidate is "
                                                           "gated on (else the devices' own evaluation).")] = None,
     tolerance: Annotated[float, typer.Option(help="Gate: how much worse on the hold-out it may be.")] = 0.0,
+    aggregate: Annotated[str, typer.Option("--aggregate", help="How the hub combines the updates: fedavg (their "
+                                           "mean weighted by examples and lateness) or trimmed-mean (per weight, "
+                                           "the largest and smallest 1/8 of the values, at least one each, dropped "
+                                           "and the rest averaged: it bounds what one device in 8 can do to a "
+                                           "round).")
+                         ] = "fedavg",
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
     insecure_unsigned: InsecureOpt = False,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
@@ -76,12 +82,16 @@ def federate(
     for path in holdout_log or ():
         if not Path(path).is_file():
             raise fail(exits.INPUT, f"--holdout-log {path}: no such file")
+    from cloud_hub.rounds.fedavg import RULES  # federate loads it anyway (its first round does)
+
+    if aggregate not in RULES:
+        raise fail(exits.USAGE, f"--aggregate must be one of {', '.join(RULES)}, got {aggregate!r}")
     cfg = FederateConfig(
         rounds=rounds, fraction=fraction, min_available=min_available, wait_devices_s=wait_devices,
         min_updates=min_updates, deadline_s=deadline, epochs=epochs, lr=lr, batch=batch, mu=mu, clip=clip,
         train_layers=train_layers, min_windows=min_windows, min_new=min_new, max_staleness=max_staleness,
         encoding="float32" if fp32_deltas else "int8", budget_s=budget, tolerance=tolerance,
-        holdout_logs=tuple(holdout_log or ()), seed=seed)
+        holdout_logs=tuple(holdout_log or ()), aggregate=aggregate, seed=seed)
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                           client_id=client_id)
@@ -125,9 +135,9 @@ def rounds(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Each federated round: participants, updates accepted / late / refused (and why), upload bytes,
-    the devices' own score before and after (INT8, FP32 beside), the hold-out score before and after, the
-    version it made."""
+    """Each federated round: its aggregation rule, participants, updates accepted / late / refused (and why),
+    upload bytes, the devices' own score before and after (INT8, FP32 beside), the hold-out score before and
+    after, the version it made."""
     from cloud_hub.cli.common import engine_for
     from cloud_hub.data import sessions
     from cloud_hub.rounds.store import RoundStore
@@ -142,10 +152,14 @@ def rounds(
 
 def show_rounds(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
     from cloud_hub.data import sessions
+    from cloud_hub.rounds.store import RoundStore
     from cloud_hub.rounds.store import views as round_views
 
     with sessions.transaction(engine, write=False) as conn:
         views = round_views(conn, name, ids)
+        plans = {r.id: r.plan for r in RoundStore().rounds(conn, name) if r.id in set(ids)}
+    for v in views:  # the rule the round was aggregated by; a round opened before the plan named one: FedAvg
+        v["aggregate"] = str(plans[v["round"]].get("aggregate", "fedavg"))
     if json_out:
         typer.echo(orjson.dumps({"rounds": views}).decode())
         return
@@ -155,16 +169,17 @@ def show_rounds(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
         return
     task = views[-1]["task"]
     unit = " %" if task == "classification" else ""
-    table = new_table(f"federated rounds of {name}", "round", "base", "made", "updates", "upload", f"devices{unit}",
-                   f"hold-out{unit}", f"FP32{unit}", "opened", right=("updates", "upload"))
+    table = new_table(f"federated rounds of {name}", "round", "base", "made", "rule", "updates", "upload",
+                      f"devices{unit}", f"hold-out{unit}", f"FP32{unit}", "opened", right=("updates", "upload"))
     for v in views:
         made = f"v{v['new_version']} {v['state']}" if v["new_version"] else v["state"]
-        table.add_row(str(v["round"]), f"v{v['base_version']}", made,
+        table.add_row(str(v["round"]), f"v{v['base_version']}", made, v["aggregate"],
                       f"{v['accepted']}/{v['late']}/{v['refused']} of {len(v['participants'])}", _bytes(v["upload_bytes"]),
                       _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
                       _pair(v["holdout_before"], v["holdout_after"], v["task"]), _fp32(v), age(v["opened_at"]))
     console.print(table)
-    console.print("updates: accepted/late/refused of the devices asked; devices: scores on their held-out windows, "
+    console.print("rule: how the hub combined the updates (--aggregate); "
+                  "updates: accepted/late/refused of the devices asked; devices: scores on their held-out windows, "
                   "the running INT8 model → the round's INT8 model (their evaluation, when there is no hold-out "
                   "log: the gate's own windows) or → their own fine-tuned models; hold-out: the base → the round's "
                   "INT8 model on the hold-out log; FP32: the round's FP32 weights on the same windows")

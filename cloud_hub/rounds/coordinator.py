@@ -88,6 +88,7 @@ class FederateConfig:
     budget_s: float = 60.0
     tolerance: float = 0.0  # the gate: the candidate may be this much worse on the hold-out
     holdout_logs: tuple[str, ...] = ()
+    aggregate: str = "fedavg"  # or "trimmed-mean" (fedavg.RULES): how the hub combines the round's updates
     seed: int = 0
 
 
@@ -295,9 +296,10 @@ class Coordinator:
         payload = ann.encode()
         with sessions.transaction(self.engine) as conn:
             self.rounds.add_round(conn, round_id=round_id, name=name, base_version=base.version, participants=chosen,
-                                  plan=ann.plan.header() | {  # and the hub's own part of the plan: its gate
+                                  plan=ann.plan.header() | {  # and the hub's own part: its gate, its rule
                                       "announcement_bytes": len(payload), "tolerance": c.tolerance,
-                                      "holdout_logs": [str(Path(p).resolve()) for p in c.holdout_logs]},
+                                      "holdout_logs": [str(Path(p).resolve()) for p in c.holdout_logs],
+                                      "aggregate": c.aggregate},
                                   announcement=payload, opened_at=now, deadline=plan.deadline)
         self._send(self.s.topics.rounds(name), payload)
         self.say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "

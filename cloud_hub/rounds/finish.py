@@ -118,14 +118,17 @@ class _Candidate:
 
 def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, base_manifest: dict[str, Any],
                rows: Sequence[ModelRow]) -> _Candidate:
-    """FedAvg of the counted (update, staleness) on the base's FP32 weights ``blob`` (each weighted by its
-    capped example count and its staleness, clipped to the plan's clip), then FP32 ONNX and INT8 from the
-    devices' merged activation ranges (no data needed)."""
+    """The counted (update, staleness) aggregated on the base's FP32 weights ``blob`` by the plan's rule
+    (:func:`fedavg.aggregate`: FedAvg, each weighted by its capped example count and its staleness, or the
+    trimmed mean), each clipped to the plan's clip, then FP32 ONNX and INT8 from the devices' merged
+    activation ranges (no data needed)."""
     pipeline = weights.from_bytes(blob)
     master = fedavg.mlp_tensors(pipeline)
     counts = fedavg.capped_examples([u.n_examples for u, _ in updates])
+    rule = str(r.plan.get("aggregate", "fedavg"))  # a round opened before the plan named its rule: FedAvg
     new = fedavg.aggregate(master, [fedavg.Contribution(u.dequantized(), k, s)
-                                    for (u, s), k in zip(updates, counts, strict=True)], clip=float(r.plan["clip"]))
+                                    for (u, s), k in zip(updates, counts, strict=True)], clip=float(r.plan["clip"]),
+                           rule=rule)
     model = fedavg.with_tensors(pipeline, new)
     manifest = manifest_from_obj(base_manifest)
     participants = sorted({u.device_id for u, _ in updates})

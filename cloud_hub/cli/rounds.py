@@ -65,6 +65,12 @@ def federate(
                                            "and the rest averaged: it bounds what one device in 8 can do to a "
                                            "round).")
                          ] = "fedavg",
+    secure: Annotated[bool, typer.Option("--secure", help="Secure aggregation: devices mask their deltas so that "
+                                         "the hub learns only their sum (at least 3 devices; docs: Federated "
+                                         "rounds, secure aggregation).")] = False,
+    threshold: Annotated[int | None, typer.Option("--threshold", help="--secure: devices that must reveal their "
+                                                  "shares for the sum to come out (default: a majority).",
+                                                  min=2)] = None,
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
     insecure_unsigned: InsecureOpt = False,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
@@ -86,12 +92,16 @@ def federate(
 
     if aggregate not in RULES:
         raise fail(exits.USAGE, f"--aggregate must be one of {', '.join(RULES)}, got {aggregate!r}")
+    if secure and aggregate != "fedavg":
+        raise fail(exits.USAGE, f"--aggregate {aggregate} reads each update, which --secure hides: use one or the other")
+    if threshold is not None and not secure:
+        raise fail(exits.USAGE, "--threshold is the share threshold of --secure rounds: add --secure")
     cfg = FederateConfig(
         rounds=rounds, fraction=fraction, min_available=min_available, wait_devices_s=wait_devices,
         min_updates=min_updates, deadline_s=deadline, epochs=epochs, lr=lr, batch=batch, mu=mu, clip=clip,
         train_layers=train_layers, min_windows=min_windows, min_new=min_new, max_staleness=max_staleness,
         encoding="float32" if fp32_deltas else "int8", budget_s=budget, tolerance=tolerance,
-        holdout_logs=tuple(holdout_log or ()), aggregate=aggregate, seed=seed)
+        holdout_logs=tuple(holdout_log or ()), aggregate=aggregate, secure=secure, threshold=threshold, seed=seed)
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                           client_id=client_id)
@@ -173,13 +183,15 @@ def show_rounds(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
                       f"devices{unit}", f"hold-out{unit}", f"FP32{unit}", "opened", right=("updates", "upload"))
     for v in views:
         made = f"v{v['new_version']} {v['state']}" if v["new_version"] else v["state"]
-        table.add_row(str(v["round"]), f"v{v['base_version']}", made, v["aggregate"],
-                      f"{v['accepted']}/{v['late']}/{v['refused']} of {len(v['participants'])}", _bytes(v["upload_bytes"]),
+        updates = (f"{v['summed'] or v['masked']} summed of {len(v['participants'])}" if v["secure"] else
+                   f"{v['accepted']}/{v['late']}/{v['refused']} of {len(v['participants'])}")
+        table.add_row(str(v["round"]), f"v{v['base_version']}", made, "secure" if v["secure"] else v["aggregate"],
+                      updates, _bytes(v["upload_bytes"]),
                       _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
                       _pair(v["holdout_before"], v["holdout_after"], v["task"]), _fp32(v), age(v["opened_at"]))
     console.print(table)
-    console.print("rule: how the hub combined the updates (--aggregate); "
-                  "updates: accepted/late/refused of the devices asked; devices: scores on their held-out windows, "
+    console.print("rule: how the hub combined the updates (--aggregate; secure: it saw only their sum, --secure); "
+                  "updates: accepted/late/refused of the devices asked (secure: how many were in the sum); devices: scores on their held-out windows, "
                   "the running INT8 model → the round's INT8 model (their evaluation, when there is no hold-out "
                   "log: the gate's own windows) or → their own fine-tuned models; hold-out: the base → the round's "
                   "INT8 model on the hold-out log; FP32: the round's FP32 weights on the same windows")

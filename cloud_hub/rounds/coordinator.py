@@ -41,22 +41,29 @@ from cloud_hub.data import sessions
 from cloud_hub.data.store import Store, dead_letter
 from cloud_hub.errors import HubError
 from cloud_hub.models.lifecycle import LifecycleError
+from cloud_hub.rounds.secure import SecureRound, SecureRoundFailed, Wire
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent import exits
-from edge_agent.contract import ContractError
+from edge_agent.contract import ContractError, secagg
 from edge_agent.contract.rounds import (
     ROUND_DELIVERY,
     Announcement,
     RoundPlan,
+    SecureParams,
     Update,
     announcement,
     decode_update,
     trainable_names,
 )
+from edge_agent.contract.secure_rounds import Step
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
 log = logging.getLogger(__name__)
+
+
+SECURE_PEAK = 63  # the integer grid of secure rounds: [-63, 63] (secure_codec: 10-bit ring up to 8 devices)
+SECURE_SPREAD = 3.0
 
 
 class RoundError(HubError, RuntimeError):
@@ -89,6 +96,8 @@ class FederateConfig:
     tolerance: float = 0.0  # the gate: the candidate may be this much worse on the hold-out
     holdout_logs: tuple[str, ...] = ()
     aggregate: str = "fedavg"  # or "trimmed-mean" (fedavg.RULES): how the hub combines the round's updates
+    secure: bool = False  # secure aggregation: the hub learns only the sum of the devices' deltas
+    threshold: int | None = None  # secure: devices that must reveal their shares (default: a majority)
     seed: int = 0
 
 
@@ -148,6 +157,8 @@ def _misfit(u: Update, own: RoundRow, current: RoundRow) -> str | None:
     version), or None."""
     if u.model != own.model_name:
         return f"model {u.model!r}, round {u.round_id} trains {own.model_name!r}"
+    if "secure" in current.plan:  # its sum is masked: a plain update cannot be added to it
+        return f"a plain update while secure round {current.id} runs (only masked answers add up in it)"
     if own.model_name != current.model_name:  # a late answer to another model's round: never mixed in
         return f"round {u.round_id} trained {own.model_name!r}; the open round {current.id} trains {current.model_name!r}"
     if u.device_id not in own.participants:
@@ -209,6 +220,7 @@ class Coordinator:
         self._generation = 0
         self._later: list[tuple[int, Message]] = []  # training answers held (unacknowledged) during an evaluation
         self._published: dict[int, str] = {}
+        self._step_key: Any = None  # the signing key, loaded once for a secure round's steps
         self._link = MqttLink(
             settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
             session_expiry_s=settings.session_expiry_s, manual_ack=True, keepalive_s=settings.keepalive_s, on_message=lambda m: self._inbox.put((self._generation, m)),
@@ -254,7 +266,9 @@ class Coordinator:
                     self._send(self.s.topics.rounds(r.model_name), self.rounds.announcement(conn, r.id))
         else:
             r = self._open()
-        if r.state == "open":
+        if r.state == "open" and "secure" in r.plan:
+            self._collect_secure(r)
+        elif r.state == "open":
             # resumed: what devices sent while no coordinator listened arrives just after the connect
             self._collect(r, grace_s=1.0 if pending else 0.0)
         return self._finish(r.id)
@@ -275,6 +289,7 @@ class Coordinator:
         rng = random.Random(f"{self.cfg.seed}/{base.version}/{time.time_ns()}")
         k = max(1, round(self.cfg.fraction * len(devices)))
         chosen = sorted(rng.sample(devices, min(k, len(devices))))
+        secure = self._secure_params(chosen, rng)
         with sessions.transaction(self.engine, write=False) as conn:
             blob = self.store.get_weights(conn, name, base.version)
             round_id = self.rounds.next_round_id(conn)
@@ -290,7 +305,7 @@ class Coordinator:
             epochs=c.epochs, lr=c.lr, batch=c.batch, mu=c.mu, alpha=_alpha(blob, c.batch), clip=c.clip,
             min_windows=c.min_windows, min_new=c.min_new, min_updates=min(c.min_updates or len(chosen), len(chosen)),
             max_staleness=c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
-            trainable=trainable_names(n_layers, c.train_layers),
+            trainable=trainable_names(n_layers, c.train_layers), secure=secure,
         )
         ann = self._signed(announcement(plan, tensors))
         payload = ann.encode()
@@ -303,6 +318,9 @@ class Coordinator:
                                   announcement=payload, opened_at=now, deadline=plan.deadline)
         self._send(self.s.topics.rounds(name), payload)
         self.say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "
+                 + (f"(secure: the hub learns only the sum, once {secure.threshold} of them reveal their shares) "
+                    if secure else "")
+                 +
                  f"({', '.join(chosen)}; the announcement with the base's FP32 weights: {len(payload) / 1e6:.2f} MB), "
                  f"closes at {plan.min_updates} updates or in "
                  f"{c.deadline_s:g} s")
@@ -310,6 +328,26 @@ class Coordinator:
             row = self.rounds.get_round(conn, round_id)
         assert row is not None
         return row
+
+    def _secure_params(self, chosen: list[str], rng: random.Random) -> SecureParams | None:
+        """A secure round's numbers for ``chosen``, or None for a plain round; RoundError when it cannot be secure."""
+        if not self.cfg.secure:
+            return None
+        if len(chosen) < 3:
+            raise RoundError(f"a secure round needs at least 3 devices (its sum would give away a device's update); "
+                             f"{len(chosen)} available: lower --fraction or wait for more devices")
+        if self.cfg.aggregate != "fedavg":
+            raise RoundError(f"--aggregate {self.cfg.aggregate} reads each update, which a secure round hides: "
+                             "use one or the other")
+        t = self.cfg.threshold or secagg.threshold(len(chosen))
+        if not len(chosen) // 2 < t <= len(chosen):
+            raise RoundError(f"--threshold {t} for {len(chosen)} devices: it must be a majority (over "
+                             f"{len(chosen) // 2}) and at most {len(chosen)}")
+        if self.cfg.min_updates is not None and self.cfg.min_updates < t:
+            raise RoundError(f"--min-updates {self.cfg.min_updates} is under the threshold {t}: a secure round "
+                             "needs that many masked updates to reveal its sum")
+        return SecureParams(threshold=t, peak=SECURE_PEAK, spread=SECURE_SPREAD, seed=rng.randrange(1 << 62),
+                            bits=secagg.ring_bits(len(chosen), SECURE_PEAK))
 
     def _available(self, version: int) -> list[str]:
         """Online devices whose last status (as ``serve`` recorded it) says they run ``version``: a device
@@ -410,6 +448,37 @@ class Coordinator:
         self._send(self.s.topics.rounds(r.model_name), b"")  # the retained announcement is for open rounds only
         self.say(f"round {r.id}: closed, {why}")
 
+    def _secure_round(self, r: RoundRow) -> SecureRound:
+        wire = Wire(send=self._send, next=self._next, ack=self._ack, sign=self._sign_step, say=self.say,
+                    later=lambda generation, msg: self._receive(generation, msg, r))
+        return SecureRound(self.s, self.engine, r, wire)
+
+    def _collect_secure(self, r: RoundRow) -> None:
+        """The four steps of a secure round (cloud_hub/rounds/secure.py), then closed like any round."""
+        secure = self._secure_round(r)
+        try:
+            secure.collect()
+            with sessions.transaction(self.engine, write=False) as conn:
+                masked = sorted(self.rounds.payloads(conn, r.id, "masked"))
+            why = f"secure: {len(masked)} masked update(s) summed ({', '.join(masked)})"
+        except SecureRoundFailed as exc:
+            why = f"secure: {exc}"
+        finally:
+            secure.clear()
+        with sessions.transaction(self.engine) as conn:
+            self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
+        self._send(self.s.topics.rounds(r.model_name), b"")
+        self.say(f"round {r.id}: closed, {why}")
+
+    def _sign_step(self, step: Step) -> Step:
+        if not self.signing_key:
+            return step
+        from cloud_hub.models.signing import load_private_key, sign_round
+
+        if self._step_key is None:
+            self._step_key = load_private_key(self.signing_key)
+        return sign_round(step, self._step_key)
+
     def _next(self, deadline: float, not_before: float = 0.0) -> tuple[int, Message | None] | None:
         """The next (generation, message) before ``deadline``; (0, None) when none came within half a
         second; None once the deadline has passed and the inbox is drained (at most 2 s past it, so a
@@ -468,7 +537,8 @@ class Coordinator:
         model that would ship) and the base on their held-out windows; :func:`fedavg.evaluation` of their
         answers, or None when none answered by the deadline."""
         with sessions.transaction(self.engine, write=False) as conn:
-            devices = tuple(sorted(self.rounds.counted(conn, r.id, statuses=("accepted",))))  # trained on this base
+            # trained on this base (a secure round: those that revealed, alive to the end)
+            devices = tuple(sorted(self.rounds.counted(conn, r.id, statuses=("accepted", "revealed"))))
         if not devices:
             self.say(f"round {r.id}: only late updates, from devices that trained an older base: none can evaluate")
             return None
@@ -553,9 +623,12 @@ class Coordinator:
             counted = self.rounds.counted_payloads(conn, round_id)
         assert r is not None
         try:
+            summed = self._secure_round(r).unmask() if "secure" in r.plan else None
             state, version, outcome, reason = finish(self.engine, self.s, r, counted, signing_key=self.signing_key,
-                                                     allow_unsigned=self.allow_unsigned,
+                                                     allow_unsigned=self.allow_unsigned, summed=summed,
                                                      evaluate=lambda tensors, int8: self._evaluate(r, tensors, int8))
+        except SecureRoundFailed as exc:
+            state, version, outcome, reason = "failed", None, {"secure": True}, f"secure: {exc}"
         except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
             state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
         with sessions.transaction(self.engine) as conn:

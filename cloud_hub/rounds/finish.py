@@ -23,6 +23,7 @@ from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models import quantize, training, weights
 from cloud_hub.models.lifecycle import next_version, passes_gate, register, windows_from_logs
 from cloud_hub.rounds import fedavg
+from cloud_hub.rounds.secure import Summed
 from cloud_hub.rounds.store import RoundRow
 from cloud_hub.settings import HubSettings
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
@@ -49,7 +50,7 @@ def fleet_view(updates: Sequence[Update]) -> dict[str, Any]:
 
 def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Sequence[tuple[str, int, bytes]], *,
            signing_key: str | None, allow_unsigned: bool,
-           evaluate: Callable[[dict[str, np.ndarray], bytes], dict[str, Any] | None]
+           evaluate: Callable[[dict[str, np.ndarray], bytes], dict[str, Any] | None], summed: Summed | None = None
            ) -> tuple[str, int | None, dict[str, Any], str]:
     """(state, new version, outcome, reason) of a closed round; the new version is registered (and published).
 
@@ -61,7 +62,9 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
         "counted": len(updates), "upload_bytes": sum(len(p) for _d, _s, p in counted),
         "federated": fleet_view([u for u, _ in updates]),
     }
-    if not updates:
+    if summed is not None:  # a secure round: only the sum (its mean, its statistics' means) is known
+        outcome |= summed.outcome | {"counted": len(summed.survivors)}
+    elif not updates:
         return "failed", None, outcome, "no update counted by the deadline: the model is unchanged"
     store = Store(engine)
     ship = partial(_ship, engine, settings, store, r.model_name, signing_key=signing_key,
@@ -80,7 +83,8 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     if base is None or blob is None or base.bundle is None:
         return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
     t0 = time.monotonic()
-    c = _aggregate(r, updates, blob, base.manifest, rows)
+    c = _aggregate(r, updates, blob, base.manifest, rows) if summed is None else \
+        _from_sum(r, summed, blob, base.manifest, rows)
     outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
     metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
     holdout = [str(p) for p in r.plan.get("holdout_logs", [])]  # the round's own gate, also when resumed
@@ -93,8 +97,8 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     metrics |= judged
     outcome |= seen
     state = "publishable" if ok else "rejected"
-    register(engine, _bundle(r, version, c, metrics | {"gate": gate}, len(updates), held), weights.to_bytes(c.model),
-             state)
+    register(engine, _bundle(r, version, c, metrics | {"gate": gate}, outcome["counted"], held),
+             weights.to_bytes(c.model), state)
     outcome |= {"int8_bytes": len(c.int8), "gate": gate}
     if state == "rejected":
         return "rejected", version, outcome, gate
@@ -129,15 +133,30 @@ def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, 
     new = fedavg.aggregate(master, [fedavg.Contribution(u.dequantized(), k, s)
                                     for (u, s), k in zip(updates, counts, strict=True)], clip=float(r.plan["clip"]),
                            rule=rule)
+    return _candidate(r, pipeline, new, sorted({u.device_id for u, _ in updates}),
+                      [list(u.ranges) for u, _ in updates], base_manifest, rows)
+
+
+def _from_sum(r: RoundRow, summed: Summed, blob: bytes, base_manifest: dict[str, Any],
+              rows: Sequence[ModelRow]) -> _Candidate:
+    """A secure round's candidate: the base's FP32 weights plus the survivors' mean delta (each clipped on its
+    device), INT8 from their mean activation ranges (the hub sees no device's own)."""
+    pipeline = weights.from_bytes(blob)
+    master = fedavg.mlp_tensors(pipeline)
+    new = {k: (v + summed.delta[k]).astype(np.float32) if k in summed.delta else v for k, v in master.items()}
+    return _candidate(r, pipeline, new, summed.survivors, [summed.ranges], base_manifest, rows)
+
+
+def _candidate(r: RoundRow, pipeline: Any, new: dict[str, np.ndarray], participants: list[str],
+               ranges: Sequence[Sequence[Sequence[float]]], base_manifest: dict[str, Any],
+               rows: Sequence[ModelRow]) -> _Candidate:
     model = fedavg.with_tensors(pipeline, new)
     manifest = manifest_from_obj(base_manifest)
-    participants = sorted({u.device_id for u, _ in updates})
     # none of them is held out for the new version: the base's devices, every round's, this round's
     shaped = shaped_by({(m.name, m.version): m.manifest for m in rows}).get((r.model_name, r.base_version),
                                                                           frozenset()) | set(participants)
     fp32 = training.export_onnx(model, manifest.n_features)
-    ranges = fedavg.merge_ranges([list(u.ranges) for u, _ in updates])
-    int8 = fedavg.quantize_from_ranges(fp32, ranges)
+    int8 = fedavg.quantize_from_ranges(fp32, fedavg.merge_ranges(ranges))
     return _Candidate(model, new, manifest, participants, shaped, fp32, int8)
 
 

@@ -78,6 +78,12 @@ def _a_round(url: str) -> None:
                              sha256=device, metrics=None, payload=None, at=time.time())
         store.set_round(conn, 1, state="published", expect=("open",), new_version=2, outcome={
             "federated": {"metric_before": 0.6, "metric_after": 0.8}, "holdout_before": 0.7, "holdout_after": 0.75})
+        # a secure round: the hub saw only the sum of three devices' deltas
+        store.add_round(conn, round_id=2, name="default", base_version=2, participants=["dev-a", "dev-b", "dev-c"],
+                        plan={"task": "classification", "secure": {"threshold": 2}}, announcement=b"x",
+                        opened_at=time.time(), deadline=time.time() + 60)
+        store.set_round(conn, 2, state="published", expect=("open",), new_version=3, outcome={
+            "secure": True, "summed": 3, "federated": {"metric_before": 0.7, "metric_after": 0.9}})
     engine.dispose()
 
 
@@ -144,7 +150,8 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
     wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#rounds tr[data-round='1']"))  # type: ignore[attr-defined]
     cells = browser.execute_script(  # type: ignore[attr-defined]
         "return Array.from(document.querySelectorAll('#rounds tr[data-round] td')).map(td => td.textContent)")
-    assert cells == ["1", "v1", "published v2", "2 / 0 / 1", "2 kB", "60.0% → 80.0%", "70.0% → 75.0%"], cells
+    assert cells[:7] == ["1", "v1", "published v2", "2 / 0 / 1", "2 kB", "60.0% → 80.0%", "70.0% → 75.0%"], cells
+    assert cells[7:] == ["2", "v2", "published v3", "secure: 3 in the sum", "0 kB", "70.0% → 90.0%", "- → -"], cells
     _a_canary(url)  # as `cloud-hub publish --canary` records one: its verdict so far, and serve has no key
     wait.until(lambda _: "to decide:" in browser.find_element(By.ID, "verdict").text)  # type: ignore[attr-defined]
     verdict = browser.find_element(By.ID, "verdict").text  # type: ignore[attr-defined]

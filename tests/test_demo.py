@@ -91,7 +91,7 @@ def test_the_federated_demo_runs_rounds_and_ends_with_the_rounds_table(tmp_path)
     table = [line.split() for line in out.splitlines() if re.match(r"\s*[12]\s+v[12]\s", line)]
     assert [row[0] for row in table] == ["1", "2"] and table[0][1] == "v1", out
     assert [row[2] for row in table] == ["v2", "v3"], table  # the version each round made
-    assert all(row[3] in ("published", "rejected") and row[4:6] == ["3/0/0", "of"] for row in table), table
+    assert all(row[3] in ("published", "rejected") and row[4:7] == ["fedavg", "3/0/0", "of"] for row in table), table
     url = f"sqlite:///{tmp_path / 'demo' / 'hub.sqlite'}"
     engine = db.make_engine(url, create=False)
     with engine.connect() as conn:

@@ -190,5 +190,7 @@ def views(conn: Connection, name: str, ids: Sequence[int]) -> list[dict[str, Any
             # a secure round: the hub holds only the sum of `summed` devices' deltas (masked: those that reached it)
             "secure": "secure" in r.plan, "summed": r.outcome.get("summed"),
             "masked": sum(u["status"] == "masked" for u in mine),
+            "threshold": (r.plan.get("secure") or {}).get("threshold"), "dropped": r.outcome.get("dropped"),
+            "sum_sha256": r.outcome.get("sum_sha256"),
         })
     return out

@@ -459,7 +459,7 @@ def test_held_out_windows_are_whole_minutes_or_the_latest_fifth_of_a_short_recor
 
 
 def test_judge_counts_one_update_per_device_and_round_and_names_the_real_fault() -> None:
-    from cloud_hub.rounds.coordinator import judge_update
+    from cloud_hub.rounds.judge import judge_update
     from cloud_hub.rounds.store import RoundRow
 
     plan, w = _plan_and_weights(participants=("a", "b"))
@@ -653,8 +653,8 @@ def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(
     bundle and of the running v1, run through onnxruntime here on the same held-out windows."""
     from cloud_hub.data.store import Store
     from cloud_hub.rounds import fedavg
-    from cloud_hub.rounds.coordinator import answer_metrics
     from cloud_hub.rounds.finish import finish
+    from cloud_hub.rounds.judge import answer_metrics
     from edge_agent.device.learner import Learner, held_out
     from edge_agent.runner import ModelRunner
 

@@ -14,26 +14,17 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub.data import db, tables
+from cloud_hub.data import tables
 from edge_agent import contract as c
 from edge_agent import exits
 from edge_agent.mqtt import BrokerURL, MqttLink
 from tests.helpers import wait_for
-from tests.test_federated import DEVICES, Fleet
-
-
-def _rows(url: str, stmt: sa.Executable) -> list[tuple]:
-    engine = db.make_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(stmt)]
-    finally:
-        engine.dispose()
+from tests.test_federated import DEVICES, Fleet, _query
 
 
 def _states(url: str) -> dict[str, tuple[str, int | None]]:
     d = tables.devices.c
-    return {dev: (state, version) for dev, state, version in _rows(url, sa.select(d.device_id, d.state, d.model_version))}
+    return {dev: (state, version) for dev, state, version in _query(url, sa.select(d.device_id, d.state, d.model_version))}
 
 
 def _federate(fleet: Fleet, *args: str) -> list[str]:
@@ -67,9 +58,9 @@ def test_federate_asks_only_devices_online_on_the_base_version_and_stops_when_no
     log = (tmp_path / "federate.log").read_text()
     assert f"round 1: v1 to 1 of 1 devices ({left}; " in log, log
     r, u = tables.fl_rounds.c, tables.fl_updates.c
-    assert [orjson.loads(p) for p, in _rows(fleet.url, sa.select(r.participants))] == [[left]]
-    assert _rows(fleet.url, sa.select(u.device_id, u.status)) == [(left, "accepted")]
-    assert _rows(fleet.url, sa.select(r.state, r.new_version)) == [("published", 2)]
+    assert [orjson.loads(p) for p, in _query(fleet.url, sa.select(r.participants))] == [[left]]
+    assert _query(fleet.url, sa.select(u.device_id, u.status)) == [(left, "accepted")]
+    assert _query(fleet.url, sa.select(r.state, r.new_version)) == [("published", 2)]
 
     wait_for(lambda: _states(fleet.url)[left] == ("online", 2), timeout=120, what=f"{left} on v2")
     fleet.agents[left].send_signal(signal.SIGTERM)
@@ -82,6 +73,6 @@ def test_federate_asks_only_devices_online_on_the_base_version_and_stops_when_no
         "cloud-hub: error: only 0 device(s) report running default v2 (need 1) after 2 s; fl-old on v7; "
         f"{stopped}, {killed}, {left} offline: are the agents and `cloud-hub serve` running on {broker.url}?"], res.stderr
     assert time.monotonic() - t0 < 60, "it waits --wait-devices, not a round's deadline"
-    assert len(_rows(fleet.url, sa.select(r.id))) == 1, "no round was opened"
+    assert len(_query(fleet.url, sa.select(r.id))) == 1, "no round was opened"
     other.stop()
     fleet.hub.signal(signal.SIGTERM)

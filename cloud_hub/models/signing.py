@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol, Self, TypeVar
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.contract import Bundle
 from edge_agent.contract import key_id as raw_key_id
+from edge_agent.contract.rounds import SignedHeader
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -42,15 +43,7 @@ def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> Bundle:
     return Bundle(unsigned.with_signature(signature, kid), bundle.model)
 
 
-class Signable(Protocol):
-    """A header that carries its own signature: a round's plan, a secure round's step."""
-
-    def with_signature(self, signature: bytes, key_id: str) -> Self: ...
-
-    def signing_bytes(self) -> bytes: ...
-
-
-S = TypeVar("S", bound=Signable)
+S = TypeVar("S", bound=SignedHeader)
 
 
 def sign_round(plan: S, private_key: Ed25519PrivateKey) -> S:

@@ -25,7 +25,7 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Self
 
 import numpy as np
 import orjson
@@ -175,9 +175,34 @@ class SecureParams:
                             seed=int_field(obj, "seed", what, 0), bits=int_field(obj, "bits", what, 2, 32))
 
 
+class SignedHeader:
+    """A header that carries its own Ed25519 signature (a round's plan, a secure round's step): signed over its
+    canonical JSON without the signature (keys sorted, its key id included), as a manifest is."""
+
+    __slots__ = ()
+    signed_as: ClassVar[str]
+    signature: str | None
+
+    def header(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def signing_bytes(self) -> bytes:
+        obj = self.header()
+        obj.pop("signature")
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+    def with_signature(self, signature: bytes, key_id: str) -> Self:
+        return replace(self, key_id=key_id, signature=base64.b64encode(signature).decode())  # type: ignore[type-var]
+
+    def signature_bytes(self) -> bytes | None:
+        return signature_bytes(self.signature, self.signed_as)
+
+
 @dataclass(frozen=True, slots=True)
-class RoundPlan:
+class RoundPlan(SignedHeader):
     """What a round asks of the devices (the signed header of the announcement, without tensors)."""
+
+    signed_as: ClassVar[str] = "round"
 
     round_id: int
     model: str
@@ -227,16 +252,6 @@ class RoundPlan:
             obj["secure"] = self.secure.to_obj()
         return obj
 
-    def signing_bytes(self) -> bytes:
-        obj = self.header()
-        obj.pop("signature")
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-
-    def with_signature(self, signature: bytes, key_id: str) -> RoundPlan:
-        return replace(self, key_id=key_id, signature=base64.b64encode(signature).decode())
-
-    def signature_bytes(self) -> bytes | None:
-        return signature_bytes(self.signature, "round")
 
 
 @dataclass(frozen=True, slots=True)

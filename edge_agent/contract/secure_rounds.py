@@ -22,12 +22,9 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
-import orjson
-
-from edge_agent.contract.bundles import signature_bytes
-from edge_agent.contract.rounds import RoundPlan, frame, unframe
+from edge_agent.contract.rounds import RoundPlan, SignedHeader, frame, unframe
 from edge_agent.contract.secagg import KEY_BYTES, SHARE_BYTES, Advert, Session, packed_size
 from edge_agent.contract.secure_codec import STAT_NAMES, Grid, grid_for
 from edge_agent.contract.wire import (
@@ -50,8 +47,6 @@ MAX_ANSWER_BYTES: Final = 16 << 20
 MAX_PEERS: Final = 1000
 STEP_DELIVERY: Final = Delivery(qos=1, retain=True)  # a device that reconnects sees the step it is at
 ANSWER_DELIVERY: Final = Delivery(qos=1, retain=False)
-STEPS: Final = ("share", "mask", "reveal")
-ANSWERS: Final = ("advert", "shares", "masked", "reveal")
 STATS_BITS: Final = 32  # the statistics' ring: fixed point, 1/256, |value| < 2**24 / 256 per device
 SEALED_BYTES: Final = 12 + 2 * SHARE_BYTES + 16  # nonce, the two shares, the tag
 _HEX: Final = re.compile(f"[0-9a-f]{{1,{2 * SHARE_BYTES}}}")
@@ -123,18 +118,29 @@ def _advert_obj(a: Advert) -> dict[str, str]:
     return {"device_id": a.device_id, "c": _text(a.c_public), "s": _text(a.s_public)}
 
 
-def _common(obj: dict[str, Any], what: str) -> tuple[int, str, str]:
+def _head(obj: dict[str, Any], what: str, kinds: dict[str, frozenset[str]], common: frozenset[str],
+          topic_device: str | None) -> tuple[str, int, str, str]:
+    """(kind, round, model, device) of a step or an answer: its kind read first, then its keys checked
+    against that kind's, its device against the topic's."""
+    step = check_choice(obj, "step", tuple(kinds), what)
+    keys = common | kinds[step]
+    check_keys(obj, keys, keys, what)
     if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:
         raise ContractError(f"{what}.v must be {SCHEMA_VERSION}, got {show(obj.get('v'))}")
-    return int_field(obj, "round", what, 1), check_id(obj["model"], "model name"), check_id(obj["device_id"])
+    device = check_id(obj["device_id"])
+    if topic_device is not None and device != topic_device:
+        raise ContractError(f"{what}: device id {device!r} differs from {topic_device!r} in the topic")
+    return step, int_field(obj, "round", what, 1), check_id(obj["model"], "model name"), device
 
 
 # --------------------------------------------------------------------------- the hub's steps
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class Step(SignedHeader):
     """What the hub asks of one device next, in one secure round."""
+
+    signed_as: ClassVar[str] = "step"
 
     round_id: int
     model: str
@@ -160,17 +166,6 @@ class Step:
             obj |= {"survivors": list(self.survivors), "dropped": list(self.dropped)}
         return obj
 
-    def signing_bytes(self) -> bytes:
-        obj = self.header()
-        obj.pop("signature")
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-
-    def with_signature(self, signature: bytes, key_id: str) -> Step:
-        return replace(self, key_id=key_id, signature=base64.b64encode(signature).decode())
-
-    def signature_bytes(self) -> bytes | None:
-        return signature_bytes(self.signature, "step")
-
     def encode(self) -> bytes:
         return frame(STEP_MAGIC, self.header(), b"", MAX_STEP_BYTES)
 
@@ -190,12 +185,7 @@ def decode_step(payload: bytes, topic_device: str | None = None) -> Step:
     what = "step"
     if body:
         raise ContractError("a secure round step carries no body")
-    step = check_choice(obj, "step", STEPS, what)
-    keys = _STEP_COMMON | _STEP_KEYS[step]
-    check_keys(obj, keys, keys, what)
-    round_id, model, device = _common(obj, what)
-    if topic_device is not None and device != topic_device:
-        raise ContractError(f"a step for {device!r} on the topic of {topic_device!r}")
+    step, round_id, model, device = _head(obj, what, _STEP_KEYS, _STEP_COMMON, topic_device)
     out = Step(round_id, model, device, step, key_id=opt_str(obj, "key_id", what, 128),
                signature=opt_str(obj, "signature", what, 256))
     if step == "share":
@@ -271,12 +261,7 @@ def is_answer(payload: bytes) -> bool:
 def decode_answer(payload: bytes, topic_device: str | None = None) -> Answer:
     obj, body = unframe(payload, ANSWER_MAGIC, MAX_ANSWER_BYTES, "secure round answer")
     what = "answer"
-    step = check_choice(obj, "step", ANSWERS, what)
-    keys = _ANSWER_COMMON | _ANSWER_KEYS[step]
-    check_keys(obj, keys, keys, what)
-    round_id, model, device = _common(obj, what)
-    if topic_device is not None and device != topic_device:
-        raise ContractError(f"device id {device!r} in the answer differs from {topic_device!r} in the topic")
+    step, round_id, model, device = _head(obj, what, _ANSWER_KEYS, _ANSWER_COMMON, topic_device)
     out = Answer(round_id, model, device, step, sent=float_field(obj, "sent", what))
     if step != "masked" and body:
         raise ContractError(f"a {step} answer carries no body")

@@ -299,3 +299,42 @@ def test_a_secure_round_survives_a_device_killed_after_masking(procs, broker, pr
     fleet.check(lambda: all(_devices(fleet.url).get(d) == 2 for d in SECURE_DEVICES if d != "sa-2"),
                 "the four living devices on v2")
     fleet.stop()
+
+
+@pytest.mark.slow
+def test_a_secure_round_resumes_after_federate_is_killed(procs, broker, prefix, tmp_path) -> None:
+    """federate is SIGKILLed while it waits for the masked vectors (sa-4's windows have not come yet); sa-4
+    masks while no coordinator listens (the broker keeps it for federate's session); a second federate resumes
+    the round from what the first one stored and publishes the sum of all four."""
+    import signal
+
+    import orjson
+    import sqlalchemy as sa
+
+    from cloud_hub.data import tables
+    from tests.test_federated import Fleet, _query
+
+    devices = SECURE_DEVICES[:4]
+    fleet = Fleet(procs, broker, prefix, tmp_path, devices=devices, partial=("sa-4",))
+    fed = fleet.federate("--secure", "--rounds", "1", "--deadline", "300", "--tolerance", "1")
+    u = tables.fl_updates.c
+
+    def stored(status: str) -> set[str]:
+        return {d for (d,) in _query(fleet.url, sa.select(u.device_id).where(u.status == status))}
+
+    fleet.check(lambda: stored("masked") == set(devices[:3]), "three masked updates at the hub", timeout=180)
+    fed.send_signal(signal.SIGKILL)
+    fed.wait(30)
+    with open(fleet.logs["sa-4"], "a") as f:
+        f.writelines(fleet.rest["sa-4"])
+    fleet.check(lambda: "secure masked sent" in (tmp_path / "sa-4.log").read_text(), "sa-4's masked update",
+                timeout=180)
+    again = fleet.federate("--rounds", "1", "--deadline", "300", "--json", log="federate2.log")
+    assert again.wait(300) == 0, (tmp_path / "federate2.log").read_text()
+    out = (tmp_path / "federate2.log").read_text()
+    view = orjson.loads(out.strip().splitlines()[-1])["rounds"][0]
+    assert (view["state"], view["new_version"], view["secure"], view["summed"]) == ("published", 2, True, 4), out
+    assert stored("masked") == set(devices) and len(stored("revealed")) >= 3
+    refused = _query(fleet.url, sa.select(u.device_id, u.reason).where(u.status == "refused"))
+    assert refused == [], refused  # the steps sent again were answered once: no second answer
+    fleet.stop()

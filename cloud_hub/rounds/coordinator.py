@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -52,17 +52,18 @@ from edge_agent.contract.rounds import (
     Announcement,
     RoundPlan,
     SecureParams,
+    SignedHeader,
     Update,
     announcement,
     decode_update,
     trainable_names,
 )
-from edge_agent.contract.secure_rounds import Step
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
 log = logging.getLogger(__name__)
 
 
+S = TypeVar("S", bound=SignedHeader)
 SECURE_PEAK = 63  # the integer grid of secure rounds: [-63, 63] (secure_codec: 10-bit ring up to 8 devices)
 SECURE_SPREAD = 3.0
 
@@ -120,7 +121,7 @@ class Coordinator:
         self._generation = 0
         self._later: list[tuple[int, Message]] = []  # training answers held (unacknowledged) during an evaluation
         self._published: dict[int, str] = {}
-        self._step_key: Any = None  # the signing key, loaded once for a secure round's steps
+        self._key: Any = None  # the signing key, loaded at the first signature
         self._link = MqttLink(
             settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
             session_expiry_s=settings.session_expiry_s, manual_ack=True, keepalive_s=settings.keepalive_s, on_message=lambda m: self._inbox.put((self._generation, m)),
@@ -301,11 +302,18 @@ class Coordinator:
                              "`cloud-hub rollback`, then federate")
 
     def _signed(self, ann: Announcement) -> Announcement:
+        return replace(ann, plan=self._sign(ann.plan))  # keeps its INT8 model
+
+    def _sign(self, header: S) -> S:
+        """``header`` (a round's plan, a secure round's step) signed with the hub's key, loaded once; as it is
+        without a key (``--insecure-unsigned``)."""
         if not self.signing_key:
-            return ann
+            return header
         from cloud_hub.models.signing import load_private_key, sign_round
 
-        return replace(ann, plan=sign_round(ann.plan, load_private_key(self.signing_key)))  # keeps its INT8 model
+        if self._key is None:
+            self._key = load_private_key(self.signing_key)
+        return sign_round(header, self._key)
 
     def _send(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
         mid = self._link.publish(topic, payload, ROUND_DELIVERY)
@@ -349,7 +357,7 @@ class Coordinator:
         self.say(f"round {r.id}: closed, {why}")
 
     def _secure_round(self, r: RoundRow) -> SecureRound:
-        wire = Wire(send=self._send, next=self._next, ack=self._ack, sign=self._sign_step, say=self.say,
+        wire = Wire(send=self._send, next=self._next, ack=self._ack, sign=self._sign, say=self.say,
                     later=lambda generation, msg: self._receive(generation, msg, r))
         return SecureRound(self.s, self.engine, r, wire)
 
@@ -369,15 +377,6 @@ class Coordinator:
             self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
         self._send(self.s.topics.rounds(r.model_name), b"")
         self.say(f"round {r.id}: closed, {why}")
-
-    def _sign_step(self, step: Step) -> Step:
-        if not self.signing_key:
-            return step
-        from cloud_hub.models.signing import load_private_key, sign_round
-
-        if self._step_key is None:
-            self._step_key = load_private_key(self.signing_key)
-        return sign_round(step, self._step_key)
 
     def _next(self, deadline: float, not_before: float = 0.0) -> tuple[int, Message | None] | None:
         """The next (generation, message) before ``deadline``; (0, None) when none came within half a

@@ -134,7 +134,7 @@ class SecureAnswerer:
         path = self.audit_dir / f"secure-{self.plan.model}-{self.plan.round_id:08d}.npz"
         try:
             with open(path, "wb") as f:
-                np.savez(f, delta=ints, stats=stat_ints, survivors_of=np.array(self.senders))
+                np.savez(f, delta=ints, stats=stat_ints, masked_with=np.array(self.senders))
             for old in sorted(self.audit_dir.glob(f"secure-{self.plan.model}-*.npz"))[:-5]:
                 old.unlink(missing_ok=True)
         except OSError as exc:  # a full disk: the round goes on without its audit copy

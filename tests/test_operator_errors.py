@@ -181,7 +181,18 @@ def test_a_device_only_install_says_which_extra_the_hub_needs() -> None:
     code = ("import sys; sys.modules['sqlalchemy'] = None; sys.argv = ['cloud-hub', 'stats']; "
             "from cloud_hub.cli.app import app; app()")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    one_line(res, exits.USAGE, "sqlalchemy", "pip install 'edgeml-mqtt[hub]'")
+    one_line(res, exits.USAGE, "sqlalchemy", "pip install '.[hub]' from a clone", "pip install 'edgeml-mqtt[hub]'")
+
+
+def test_an_agent_without_prometheus_client_says_what_to_install(files, tmp_path) -> None:
+    """The device install leaves prometheus_client out: metrics_port names the extra from a clone and published."""
+    args = ["edge-agent", "replay", str(files["log"]), "--model", str(files["model"]), "--state-dir",
+            str(tmp_path / "s"), "--broker", f"mqtt://127.0.0.1:{free_port()}"]
+    code = (f"import sys; sys.modules['prometheus_client'] = None; sys.argv = {args!r}; "
+            "from edge_agent.device.cli import app; app()")
+    res = run([sys.executable, "-c", code], env={**FAST, "EDGE_AGENT_METRICS_PORT": str(free_port())})
+    one_line(res, exits.USAGE, "metrics_port needs prometheus_client",
+             "pip install './deploy/agent[agent-metrics]' from a clone", "'edgeml-agent[agent-metrics]'")
 
 
 @pytest.mark.parametrize("exe", ["edge-agent", "cloud-hub"])

@@ -24,7 +24,8 @@ def _require_hub_extra() -> None:
             missing.append(module)
     if missing:
         sys.stderr.write(f"cloud-hub: error: the hub's dependencies are not installed (missing: {', '.join(missing)});"
-                         " install the hub extra: pip install 'edgeml-mqtt[hub]' (PostgreSQL: '[hub,postgres]')\n")
+                         " install the hub extra: pip install '.[hub]' from a clone of the repository, or"
+                         " pip install 'edgeml-mqtt[hub]' (PostgreSQL: '[hub,postgres]')\n")
         raise SystemExit(2)
 
 

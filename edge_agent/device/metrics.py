@@ -1,6 +1,7 @@
 """Prometheus metrics of an agent, on ``metrics_port`` (``http://metrics_host:PORT/metrics``).
 
-Optional: ``prometheus_client`` is not a device dependency (``pip install 'edgeml-mqtt[agent-metrics]'``);
+Optional: ``prometheus_client`` is not a device dependency (``pip install './deploy/agent[agent-metrics]'``
+from a clone, ``'edgeml-agent[agent-metrics]'`` published);
 an agent told to serve metrics without it stops at start with one line saying so. Counters are this
 process's since it started; names follow Prometheus' conventions (``_total``, base units).
 """
@@ -37,7 +38,8 @@ class AgentMetrics:
             from prometheus_client import CollectorRegistry, Histogram
         except ImportError:
             raise SettingsError("metrics_port needs prometheus_client, which the device install leaves out: "
-                                "pip install 'edgeml-mqtt[agent-metrics]'", field="metrics_port") from None
+                                "pip install './deploy/agent[agent-metrics]' from a clone of the repository, or pip install "
+                                "'edgeml-agent[agent-metrics]'", field="metrics_port") from None
         self.agent = agent
         self.registry = CollectorRegistry()
         self.inference = Histogram("edgeml_agent_inference_seconds",

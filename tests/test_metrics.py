@@ -96,3 +96,67 @@ def test_a_bad_or_taken_http_address_is_one_line_and_exit_2(broker: LocalBroker,
                              capture_output=True, text=True, timeout=60)
     assert res.returncode == exits.USAGE, res.stderr
     assert f"http 127.0.0.1:{port}: cannot listen" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_canaries_rounds_and_drift_are_read_from_the_database(tmp_path: Path) -> None:
+    """The fleet's history as a hub reports it: written through the stores into a real SQLite file."""
+    import time
+
+    from prometheus_client import generate_latest
+
+    from cloud_hub.data.ingest import Hub
+    from cloud_hub.data.store import Store
+    from cloud_hub.rounds.store import RoundStore
+    from cloud_hub.settings import HubSettings
+    from cloud_hub.web.metrics import HubMetrics
+    from edge_agent import contract as c
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    hub = Hub(HubSettings(db=url), engine=engine)  # never started: no broker, the collector reads the database
+    try:
+        metrics = HubMetrics(hub)
+
+        def sample(name: str, **labels: str) -> float | None:
+            return metrics.registry.get_sample_value(name, labels)
+
+        assert sample("edgeml_canary_version", model="default") == 0  # every series there before anything happened
+        for outcome in ("promoted", "rolled_back"):
+            assert sample("edgeml_rollouts_total", model="default", outcome=outcome) == 0
+        for outcome in ("published", "rejected", "failed"):
+            assert sample("edgeml_rounds_total", model="default", outcome=outcome) == 0
+        assert sample("edgeml_rounds_open", model="default") == 0
+        assert "edgeml_device_drift_psi{" not in generate_latest(metrics.registry).decode()
+
+        store, rounds, now = Store(hub.engine), RoundStore(), time.time()
+        with sessions.transaction(hub.engine) as conn:
+            for version, end in ((2, "rolled_back"), (3, "promoted"), (4, "rolled_back"), (5, None)):
+                rid = store.add_rollout(conn, name="default", version=version, previous=version - 1, cohort=["a"],
+                                        min_results=10, tolerance=0.02, at=now)
+                if end is not None:
+                    assert store.end_rollout(conn, rid, end, "test", now)
+            store.add_rollout(conn, name="other", version=9, previous=8, cohort=["a"], min_results=10,
+                              tolerance=0.02, at=now)  # another model's canary: not the hub's model
+            for rid, state in enumerate(("failed", "published", "failed", "rejected", "closed", "open"), start=1):
+                rounds.add_round(conn, round_id=rid, name="default", base_version=1, participants=["a"], plan={},
+                                 announcement=b"x", opened_at=now, deadline=now + 60)
+                if state != "open":
+                    assert rounds.set_round(conn, rid, state=state, expect=("open",))
+            store.apply_statuses(conn, {
+                "s01": (c.Status("s01", c.ONLINE, now, "default", 5, "ab" * 32, drift_psi=0.41), now),
+                "s02": (c.Status("s02", c.ONLINE, now, "default", 5, "ab" * 32, drift_psi=0.05), now),
+                "s03": (c.Status("s03", c.ONLINE, now, "default", 5, "ab" * 32), now)})  # before MIN_WINDOWS: no PSI
+
+        assert sample("edgeml_canary_version", model="default") == 5
+        assert sample("edgeml_rollouts_total", model="default", outcome="rolled_back") == 2
+        assert sample("edgeml_rollouts_total", model="default", outcome="promoted") == 1
+        assert sample("edgeml_rounds_total", model="default", outcome="failed") == 2
+        assert sample("edgeml_rounds_total", model="default", outcome="published") == 1
+        assert sample("edgeml_rounds_total", model="default", outcome="rejected") == 1
+        assert sample("edgeml_rounds_open", model="default") == 2
+        assert sample("edgeml_device_drift_psi", device="s01") == 0.41
+        assert sample("edgeml_device_drift_psi", device="s02") == 0.05
+        assert 'device="s03"' not in generate_latest(metrics.registry).decode()
+        assert sample("edgeml_devices_by_model", model="default", version="5", state="online") == 3
+    finally:
+        engine.dispose()

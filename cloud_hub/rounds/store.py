@@ -116,6 +116,12 @@ class RoundStore:
         return int(conn.execute(sa.select(sa.func.count()).select_from(fl_rounds)
                                 .where(r.model_name == name, r.id > after, r.id <= upto)).scalar_one())
 
+    def count_by_state(self, conn: Connection, name: str) -> dict[str, int]:
+        """How many rounds of model ``name`` are in each state (the hub's metrics)."""
+        r = fl_rounds.c
+        return {str(s): int(n) for s, n in conn.execute(
+            sa.select(r.state, sa.func.count()).where(r.model_name == name).group_by(r.state))}
+
     def seen(self, conn: Connection, sha256: str) -> bool:
         """Whether this exact payload was already judged (a broker's redelivery after the hub restarted)."""
         u = fl_updates.c

@@ -2,7 +2,8 @@
 
 Counters come from the worker's own :class:`~cloud_hub.data.ingest.HubStats` (this process since it
 started; Prometheus' ``rate()`` and ``increase()`` handle restarts); the fleet gauges are read from
-the database at each scrape, so every worker of a ``$share`` group reports the same fleet. Names
+the database at each scrape, so every worker of a ``$share`` group reports the same fleet (devices,
+their versions, outboxes and drift; the hub model's canary, rollouts and federated rounds). Names
 follow Prometheus' conventions: base units (seconds), ``_total`` for counters, an ``edgeml_``
 prefix.
 """
@@ -21,6 +22,7 @@ from cloud_hub.data import sessions
 
 if TYPE_CHECKING:
     from cloud_hub.data.ingest import Hub
+    from cloud_hub.data.store import RolloutRow
     from cloud_hub.web.http_door import WSGIApp
 
 log = logging.getLogger(__name__)
@@ -100,10 +102,17 @@ class _FleetCollector(Collector):
             yield CounterMetricFamily(name, help_, value=getattr(stats, field))
         yield GaugeMetricFamily("edgeml_hub_backlog_messages", "Messages received and not yet committed.",
                                 value=self.hub.backlog)
+        from cloud_hub.rounds.store import RoundStore
+
+        name = self.hub.settings.model_name
         try:
             with sessions.transaction(self.hub.engine, write=False) as conn:
                 by_model = self.hub.store.devices_by_model(conn)
                 waiting = self.hub.store.outbox_total(conn)
+                drift = {d: r["drift_psi"] for d, r in self.hub.store.device_rows(conn).items()
+                         if r["drift_psi"] is not None}
+                rollouts = self.hub.store.rollouts(conn, name)
+                rounds = RoundStore().count_by_state(conn, name)
         except Exception as exc:  # a scrape must not fail because the database is away for a moment
             log.warning("metrics: fleet gauges skipped: %s", exc)
             return
@@ -124,3 +133,32 @@ class _FleetCollector(Collector):
         yield GaugeMetricFamily("edgeml_device_outbox_results",
                                 "Results the devices reported still waiting for a receipt (sum of their last status).",
                                 value=waiting)
+        psi = GaugeMetricFamily("edgeml_device_drift_psi", "PSI of a device's recent features vs its model's training "
+                                "(its last status; edge_agent/drift.py).", labels=["device"])
+        for device, value in sorted(drift.items()):
+            psi.add_metric([device], value)
+        yield psi
+        yield from _model_history(name, rollouts, rounds)
+
+
+def _model_history(name: str, rollouts: list[RolloutRow], rounds: dict[str, int]) -> Iterator[Any]:
+    """Canaries and federated rounds of the hub's model (``model_name``), as the database holds them.
+    Every outcome is reported, 0 included, so that ``increase()`` sees the first rollback or failed round."""
+    canary = GaugeMetricFamily("edgeml_canary_version", "The model version in canary (0: no canary open).",
+                               labels=["model"])
+    canary.add_metric([name], next((r.version for r in rollouts if r.state == "canary"), 0))
+    yield canary
+    ended = CounterMetricFamily("edgeml_rollouts", "Rollouts ended, by outcome (the database's history).",
+                                labels=["model", "outcome"])
+    for outcome in ("promoted", "rolled_back"):
+        ended.add_metric([name, outcome], sum(1 for r in rollouts if r.state == outcome))
+    yield ended
+    running = GaugeMetricFamily("edgeml_rounds_open", "Federated rounds open or closing (not yet finished).",
+                                labels=["model"])
+    running.add_metric([name], rounds.get("open", 0) + rounds.get("closed", 0))
+    yield running
+    done = CounterMetricFamily("edgeml_rounds", "Federated rounds finished, by outcome (the database's history): "
+                               "published, rejected by the gate, failed.", labels=["model", "outcome"])
+    for outcome in ("published", "rejected", "failed"):
+        done.add_metric([name, outcome], rounds.get(outcome, 0))
+    yield done

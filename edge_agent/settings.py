@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import string
 import tomllib
 import types
 import typing
@@ -241,7 +242,77 @@ def positive(name: str, value: float, *, zero_ok: bool = False) -> None:
 OUTBOX_POLICIES = ("drop_oldest", "block")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FEATURE_MODES = ("off", "sampled", "all")
-SOURCES = ("simulated", "stdin", "follow")
+SOURCES = ("simulated", "stdin", "follow", "mqtt", "serial")
+SERIAL_FORMATS = ("csv", "jsonl")
+TS_UNITS = ("s", "ms")
+_RECORD_KEYS = ("ts", "device_id", "label")  # a reading's own keys: no channel may be called so
+
+
+def field_path(name: str, text: str, *, columns: bool) -> tuple[str, ...]:
+    """Where a value sits in a sensor's reading: keys separated by dots (``BME280.Temperature``; a number
+    picks an item of a list), or in a CSV line the column's number (0 = the first)."""
+    text = text.strip()
+    if columns:
+        if not text.isdigit():
+            raise SettingsError(f"{name}: {text!r} is no column number (0 = the first column of a CSV line)",
+                                field=name)
+        return (str(int(text)),)
+    parts = tuple(p.strip() for p in text.split("."))
+    if not all(parts):
+        raise SettingsError(f"{name}: {text!r} is no field path (keys separated by dots, e.g. BME280.Temperature)",
+                            field=name)
+    return parts
+
+
+def channel_specs(specs: Sequence[str], *, columns: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``sensor_channels``: each ``name`` or ``name=path``; ``name`` alone is read from the field of that
+    name (JSON) or from the column at its place in the list (CSV)."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for i, spec in enumerate(specs):
+        name, eq, path = (x.strip() for x in spec.partition("="))
+        if not name or name in _RECORD_KEYS or name in dict(out):
+            why = "repeated" if name in dict(out) else f"reserved ({', '.join(_RECORD_KEYS)})" if name else "empty"
+            raise SettingsError(f"sensor_channels: channel name {name!r} is {why}", field="sensor_channels")
+        out.append((name, field_path("sensor_channels", path if eq else (str(i) if columns else name),
+                                     columns=columns)))
+    return tuple(out)
+
+
+def topic_filter(text: str) -> str:
+    """An MQTT topic filter: ``+`` is one whole level, ``#`` the rest of the topic (last level only)."""
+    levels = text.split("/")
+    if (not text or "\0" in text or "#" in levels[:-1]
+            or any(len(lv) > 1 and ("+" in lv or "#" in lv) for lv in levels)):
+        raise SettingsError(f"mqtt_topics: {text!r} is no topic filter (+ stands for one whole level, "
+                            "# for the rest of the topic, at the end)", field="mqtt_topics")
+    return text
+
+
+def device_template(template: str, filters: Sequence[str]) -> tuple[tuple[str, int | None], ...]:
+    """``mqtt_device``: text with ``{N}`` for the topic's level N (0 = the first), e.g. ``{1}`` on
+    ``zigbee2mqtt/+`` or ``tasmota-{1}`` on ``tele/+/SENSOR``; the parts are (literal, level or None)."""
+    def bad(why: str) -> SettingsError:
+        return SettingsError(f"mqtt_device {template!r}: {why}", field="mqtt_device")
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise bad(f"{exc} (write {{{{ and }}}} for a brace)") from None
+    parts: list[tuple[str, int | None]] = []
+    for literal, name, spec, conversion in parsed:
+        parts.append((literal, None))
+        if name is not None:
+            if not name.isdigit() or spec or conversion:
+                raise bad(f"{{{name}}} is no topic level: write {{0}}, {{1}}, ... (0 = the topic's first level)")
+            parts.append(("", int(name)))
+    levels = [lv for _, lv in parts if lv is not None]
+    if not levels:
+        raise bad("no {N}: every topic would give the same device id (for one device, set device_id instead)")
+    for f in filters:
+        n = len(f.split("/"))
+        if "#" not in f and max(levels) >= n:
+            raise bad(f"reads topic level {max(levels)}, but the topics of {f!r} have levels 0..{n - 1}")
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -301,6 +372,18 @@ class AgentSettings(BrokerSettings):
     insecure_allow_unsigned: bool = False  # development only: accept unsigned bundles
     source: str = "simulated"
     source_path: str | None = None  # for source = "follow"
+    # source = "mqtt" or "serial" (docs/sources.md): which fields of a reading are the channels, its time, its label
+    sensor_channels: tuple[str, ...] = ()  # "name" or "name=path" (JSON: keys.with.dots; CSV: a column number)
+    sensor_ts: str | None = None  # the field of the reading's time (seconds or ISO 8601); default: its arrival time
+    sensor_ts_unit: str = "s"  # a number in sensor_ts counts seconds (s) or milliseconds (ms)
+    sensor_label: str | None = None  # the field of its label (what federated rounds learn from)
+    mqtt_broker: str | None = None  # the local broker the sensors publish to; default: broker
+    mqtt_topics: tuple[str, ...] = ()  # topic filters, e.g. zigbee2mqtt/+
+    mqtt_device: str | None = None  # device id from the topic's levels, e.g. "{1}"; default: device_id for all
+    serial_port: str | None = None  # e.g. /dev/ttyUSB0 or a /dev/serial/by-id/ link
+    serial_baud: int = 115200
+    serial_format: str = "csv"  # csv (values separated by commas) or jsonl (a JSON object a line)
+    serial_reconnect_s: float = 1.0  # a port that went away is opened again every this many seconds
     sim_rate_hz: float = 50.0
     sim_seed: int = 0
     sim_channels: tuple[str, ...] = ("ax", "ay", "az", "wx", "wy", "wz")
@@ -362,7 +445,44 @@ class AgentSettings(BrokerSettings):
             raise SettingsError(f"features_sample must be in [0, 1], got {self.features_sample}")
         if self.source == "follow" and not self.source_path:
             raise SettingsError("source = 'follow' needs source_path")
+        if self.source in ("mqtt", "serial"):
+            self.validate_sensor()
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
             raise SettingsError(f"metrics_port must be in 1-65535, got {self.metrics_port}")
         if self.batch_max_results > 10_000:
             raise SettingsError("batch_max_results must be at most 10000")
+
+    def validate_sensor(self) -> None:
+        """The keys of ``source = "mqtt"`` and ``"serial"``: each mistake named before anything starts."""
+        src = self.source
+        if src == "mqtt":
+            if self.mqtt_broker is not None:
+                try:
+                    BrokerURL.parse(self.mqtt_broker)
+                except SettingsError as exc:
+                    raise SettingsError(f"mqtt_broker: {exc}", field="mqtt_broker") from None
+            if not self.mqtt_topics:
+                raise SettingsError("source = 'mqtt' needs mqtt_topics (topic filters, e.g. ['zigbee2mqtt/+'])",
+                                    field="mqtt_topics")
+            filters = [topic_filter(f) for f in self.mqtt_topics]
+            if self.mqtt_device is not None:
+                device_template(self.mqtt_device, filters)
+                if self.device_id is not None:
+                    raise SettingsError("mqtt_device names each device from its topic, device_id names every "
+                                        "reading after one device: set one of them", field="mqtt_device")
+        else:
+            if not self.serial_port:
+                raise SettingsError("source = 'serial' needs serial_port (e.g. /dev/ttyUSB0)", field="serial_port")
+            user_path("serial_port", self.serial_port)
+            choice("serial_format", self.serial_format, SERIAL_FORMATS)
+            positive("serial_baud", self.serial_baud)
+            positive("serial_reconnect_s", self.serial_reconnect_s)
+        if not self.sensor_channels:
+            raise SettingsError(f"source = '{src}' needs sensor_channels (the channels the model reads: "
+                                "name or name=path)", field="sensor_channels")
+        columns = src == "serial" and self.serial_format == "csv"
+        channel_specs(self.sensor_channels, columns=columns)
+        for name in ("sensor_ts", "sensor_label"):
+            if getattr(self, name) is not None:
+                field_path(name, getattr(self, name), columns=columns)
+        choice("sensor_ts_unit", self.sensor_ts_unit, TS_UNITS)

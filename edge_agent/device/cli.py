@@ -178,15 +178,18 @@ def run(
     state_dir: StateOpt = None,
     prefix: PrefixOpt = None,
     trusted_key: KeyOpt = None,
-    source: Annotated[str | None, typer.Option(help="simulated | stdin | follow.")] = None,
+    source: Annotated[str | None, typer.Option(help="simulated | stdin | follow | mqtt | serial (docs: Sensor sources).")
+                      ] = None,
     source_path: Annotated[str | None, typer.Option(help="Log file to follow (source = follow).")] = None,
+    serial_port: Annotated[str | None, typer.Option(help="Serial port to read (source = serial).")] = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """The long-running agent on a live source; SIGTERM or SIGINT drains the outbox and exits cleanly."""
     from edge_agent.device import jobs
 
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,
-                  trusted_key=trusted_key, source=source, source_path=source_path, log_level=log_level)
+                  trusted_key=trusted_key, source=source, source_path=source_path, serial_port=serial_port,
+                  log_level=log_level)
     _logging(s.log_level)
     try:
         summary = jobs.run(s, model=s.model)

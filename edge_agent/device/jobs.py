@@ -181,6 +181,13 @@ def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[
     if s.source == "stdin":
         src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels)
         return src, tuple(s.sim_channels)
+    if s.source == "mqtt":
+        mqtt = sources.MqttSensor.of(s, stop, idle)
+        mqtt.start(s.connect_timeout_s)
+        return mqtt, mqtt.channels
+    if s.source == "serial":
+        port = sources.SerialSensor.of(s, stop, idle)
+        return port, port.channels
     assert s.source_path is not None
     def wait(seconds: float) -> None:  # between polls of a quiet file the agent still does its housekeeping
         idle()
@@ -194,10 +201,11 @@ def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[
 
 def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: float = 10.0) -> dict[str, Any]:
     """The long-running agent: live source until SIGTERM/SIGINT or the source ends, then drain."""
-    if not settings.device_id:
+    many = settings.source == "mqtt" and settings.mqtt_device is not None  # each device named by its topic
+    if not settings.device_id and not many:
         raise AgentError("run needs device_id (in the config file, EDGE_AGENT_DEVICE_ID or --device-id)")
     stop = _install_stop_handlers()
-    agent = Agent(settings, device_ids=(settings.device_id,))
+    agent = Agent(settings, device_ids=(settings.device_id,) if settings.device_id else ())
     agent.stop_event = stop
     agent.start()
     try:

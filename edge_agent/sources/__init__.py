@@ -7,14 +7,21 @@
   the one engine every source's lines go through
 * ``replay``  -- :func:`pace` (readings released at their recorded time, scaled)
 * ``live``    -- :class:`SimulatedSensor`, :class:`JsonLinesStream`, :class:`FollowFile`
+* ``fields``  -- a real sensor's reading (JSON object, CSV line) -> a log record: :class:`FieldMap`, :class:`SensorFeed`
+* ``mqtt_sensor``   -- :class:`MqttSensor` (``source = "mqtt"``: topics of a local broker)
+* ``serial_sensor`` -- :class:`SerialSensor` (``source = "serial"``: a serial port, through a pulled cable)
 """
 
 from edge_agent.sources.chunk import MAX_ERRORS_KEPT, LogError, ReadingChunk, ReadStats, file_error
+from edge_agent.sources.fields import FieldMap, SensorFeed
 from edge_agent.sources.live import FollowFile, JsonLinesStream, SimulatedSensor, StdinSource
 from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, LogReader, log_format, read_log
+from edge_agent.sources.mqtt_sensor import DeviceNames, MqttSensor
 from edge_agent.sources.replay import pace
+from edge_agent.sources.serial_sensor import SerialSensor
 
 __all__ = [
-    "DEFAULT_CHUNK_ROWS", "MAX_ERRORS_KEPT", "FollowFile", "JsonLinesStream", "LineParser", "LogError", "LogReader",
-    "ReadStats", "ReadingChunk", "SimulatedSensor", "StdinSource", "file_error", "log_format", "pace", "read_log",
+    "DEFAULT_CHUNK_ROWS", "MAX_ERRORS_KEPT", "DeviceNames", "FieldMap", "FollowFile", "JsonLinesStream", "LineParser",
+    "LogError", "LogReader", "MqttSensor", "ReadStats", "ReadingChunk", "SensorFeed", "SerialSensor", "SimulatedSensor",
+    "StdinSource", "file_error", "log_format", "pace", "read_log",
 ]

@@ -1,14 +1,17 @@
 """The hub's HTTP door as a fuzz target (issue 29 §5): any bytes as what a client sends on one connection.
 
 The bytes go through the same pieces ``serve --http`` runs (wsgiref's request parsing, the token
-:class:`~cloud_hub.web.http_door.Door`, the dashboard's routes, ``/metrics``, ``/api/fleet`` over a real
-SQLite database with a few devices in it), in memory rather than over a socket, so that libFuzzer sees
-every input's coverage and an input's exception reaches the fuzzer instead of a server thread's log.
+:class:`~cloud_hub.web.http_door.Door`, the dashboard's routes, ``/metrics``, ``/api/fleet`` and the device
+pages over a real SQLite database with a few devices in it), in memory rather than over a socket, so that
+libFuzzer sees every input's coverage and an input's exception reaches the fuzzer instead of a server
+thread's log.
 
 The property: the request is answered (or, for a connection that sends no request line, closed), never
 with a 500 (an exception in our code); a 200 only for a request that presented the token (an HTTP/0.9
 request, a line without a version, gets a body without a status line: the 401's text unless it presented
-the token); the fleet's JSON parses; ``serve``'s own limits hold (request line over 64 KiB: 414).
+the token); the fleet's JSON parses; ``serve``'s own limits hold (request line over 64 KiB: 414); a device's
+page (``/devices/<id>``, ``/api/devices/<id>``) answers 200 only for a device the hub knows, and an HTML
+page never shows the id unescaped.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import orjson
@@ -32,6 +36,7 @@ from cloud_hub.web.metrics import HubMetrics
 from edge_agent import contract as c
 
 TOKEN = "fuzz-token-0123456789abcdef"
+DEVICES = ("dev-a", "dev-b", "dev-c")  # what _fill stores
 ANSWERS = {200, 400, 401, 404, 405, 408, 414, 431, 501, 503, 505}  # 503: the page's "database away"
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
 _BARE = re.compile(rb"^<!DOCTYPE HTML>.*<p>Error code: (\d{3})</p>", re.S)  # http.server's answer to HTTP/0.9
@@ -66,12 +71,16 @@ class Door:
         self.server.setup_environ()
         self.server.set_app(HubMetrics(self.hub).wsgi(token))
         self.server.socket.close()  # never bound: the requests come as bytes
+        self.path_info: str | None = None
 
     def answer(self, data: bytes) -> tuple[bytes, str | None]:
-        """What the door wrote back, and the request's HTTP version (None: there was no request line)."""
+        """What the door wrote back, and the request's HTTP version (None: there was no request line);
+        ``path_info`` is then the path the routes saw (as wsgiref decodes it), or None."""
         handler = _InMemory(data, ("127.0.0.1", 40000), self.server)  # type: ignore[arg-type]  # bytes, not a socket
         written = handler.wfile
         assert isinstance(written, io.BytesIO)
+        path = getattr(handler, "path", None)
+        self.path_info = None if path is None else unquote(path.split("?", 1)[0], "iso-8859-1")
         return written.getvalue(), getattr(handler, "request_version", None)
 
 
@@ -133,3 +142,10 @@ def check(door: Door, data: bytes) -> None:
     head, _, body = out.partition(b"\r\n\r\n")
     if status == 200 and b"application/json" in head and body:
         orjson.loads(body)
+    path = door.path_info or ""
+    for prefix in ("/devices/", "/api/devices/"):
+        if path.startswith(prefix):
+            device = path[len(prefix):]
+            assert status != 200 or device in DEVICES, f"a page for {device!r}, which the hub never heard of"
+            if prefix == "/devices/" and set(device) & set("<>&\"'") and b"text/html" in head:
+                assert device.encode() not in body, f"{device!r} shown unescaped"

@@ -28,6 +28,9 @@ HTTP = [b"GET / HTTP/1.1\r\nHost: hub\r\n" + _BEARER + b"\r\n",
         b"GET /metrics?name[]=edgeml_hub_messages_total HTTP/1.0\r\n" + _BEARER + b"Accept: text/plain\r\n\r\n",
         b"HEAD /index.html HTTP/1.1\r\n" + _BEARER + b"\r\n",
         b"POST /api/fleet HTTP/1.1\r\n" + _BEARER + b"Content-Length: 2\r\n\r\n{}",
+        b"GET /devices/dev-a HTTP/1.1\r\nHost: hub\r\n" + _BEARER + b"\r\n",
+        b"GET /api/devices/dev-b?x=1 HTTP/1.1\r\n" + _BASIC + b"\r\n",
+        b"GET /devices/%3Cb%3E'%22&x HTTP/1.1\r\n" + _BEARER + b"\r\n",
         b"GET /nowhere HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n",
         b"GET / HTTP/1.1\r\n\r\n"]
 TOML = (b'broker = "mqtt://localhost:1883"\nprefix = "edge"\ndevice_id = "dev-1"\nsim_rate_hz = 25.0\n'

@@ -166,3 +166,110 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
         urllib.request.urlopen(_get(port, "/nope"), timeout=5)
     with pytest.raises(urllib.error.HTTPError, match="401"):  # the page's data, without the token
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=5)
+
+
+def _say_drift(broker: LocalBroker, prefix: str, device: str, psi: float, confidence: float) -> None:
+    """A status as the agent publishes it once it has measured its drift (from 400 windows on: more than a
+    test replays), through the broker to serve."""
+    from edge_agent import contract as c
+    from edge_agent.mqtt import BrokerURL, MqttLink
+
+    link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-drift")
+    link.start()
+    try:
+        link.wait_connected(10)
+        link.publish(c.Topics(prefix).status(device), c.Status(device, c.ONLINE, time.time(), "default", 1,
+                                                               drift_psi=psi, mean_confidence=confidence).encode(),
+                     c.STATUS_DELIVERY)
+    finally:
+        link.stop()
+
+
+@pytest.mark.slow
+def test_a_device_page_shows_the_versions_it_ran_its_classes_and_its_drift(procs, browser, broker: LocalBroker,
+                                                                            prefix: str, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.helpers import make_bundle
+
+    fleet_log, v1, _ = fleet_files(tmp_path)
+    v2 = tmp_path / "v2.emlb"
+    v2.write_bytes(make_bundle(fleet_log, version=2).encode())
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    port = free_port()
+    (tmp_path / "http.token").write_text(TOKEN + "\n")
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "serve.log", env={
+        "CLOUD_HUB_HTTP": f"127.0.0.1:{port}", "CLOUD_HUB_HTTP_TOKEN_FILE": str(tmp_path / "http.token")})
+    hub.wait_started()
+    wait_for(lambda: _answers(port), what="the dashboard's API")
+    # dev-a runs v1, then v2 (a canary, say), then v1 again (rolled back): three runs, in that order
+    for i, model in enumerate((v1, v2, v1)):
+        log = make_log(tmp_path / f"a{i}.csv", devices=("dev-a",), seconds=15, seed=i, start_ts=10_000.0 * i)
+        agent = procs.popen(agent_cmd("replay", str(log), "--broker", broker.url, "--model", str(model), "--prefix",
+                                      prefix, "--state-dir", str(tmp_path / "state"), "--speed", "0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert agent.wait(120) == 0, agent.stderr.read() if agent.stderr else ""
+    total = count_rows(url)
+    wait_for(lambda: sum(d["results"] for d in _api(port)["devices"]) == total, what="every result stored")
+    _say_drift(broker, prefix, "dev-a", 0.41, 0.62)
+    wait_for(lambda: next(d for d in _api(port)["devices"] if d["device_id"] == "dev-a")["drift_psi"] == 0.41,
+             what="the drift status stored")
+
+    browser.get(f"http://hub:{TOKEN}@127.0.0.1:{port}/")  # type: ignore[attr-defined]
+    wait = WebDriverWait(browser, 60)
+    clock = browser.find_element(By.ID, "clock").text  # type: ignore[attr-defined]
+    assert "hub's clock" in clock and "received_at" in clock, clock  # which clock the per-minute plots count
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#devices a[href='/devices/dev-a']"))  # type: ignore[attr-defined]
+    browser.find_element(By.CSS_SELECTOR, "#devices a[href='/devices/dev-a']").click()  # type: ignore[attr-defined]
+    wait.until(lambda _: browser.find_elements(By.ID, "versions"))  # type: ignore[attr-defined]
+    assert browser.find_element(By.TAG_NAME, "h1").text == "device dev-a"  # type: ignore[attr-defined]
+
+    def cells(css: str) -> list[list[str]]:
+        return browser.execute_script(  # type: ignore[attr-defined, no-any-return]
+            f"return Array.from(document.querySelectorAll({css!r})).map(tr => Array.from(tr.cells).map(td => td.textContent))")
+
+    api = _device_api(port, "dev-a")
+    runs = cells("#versions tbody tr")
+    assert [r[0] for r in runs] == ["v1", "v2", "v1"], runs
+    assert [int(r[1]) for r in runs] == [r["results"] for r in api["runs"]] and sum(int(r[1]) for r in runs) == total
+    assert all(r[4].startswith("1970-01-01") for r in runs), runs  # the windows' times: the logs' own clock
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline rect")) == 3  # type: ignore[attr-defined]
+    classes = cells("#classes tr")
+    assert {r[0]: int(r[2]) for r in classes} == api["classes"] and sum(api["classes"].values()) == total, classes
+    assert len(classes) >= 2, classes  # the sample log's activities
+    drift = browser.find_element(By.ID, "drift").text  # type: ignore[attr-defined]
+    assert "0.41 drifting" in drift and "mean confidence 0.62" in drift, drift
+    browser.find_element(By.LINK_TEXT, "← the fleet").click()  # type: ignore[attr-defined]
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#devices tbody tr"))  # type: ignore[attr-defined]
+
+    # hostile and unknown ids: a 404 that names them, escaped (no markup of theirs on the page)
+    browser.get(f"http://127.0.0.1:{port}/devices/%3Cscript%3Ealert(1)%3C%2Fscript%3E")  # type: ignore[attr-defined]
+    body = browser.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
+    assert "'<script>alert(1)</script>' is not a device id" in body, body
+    assert not browser.find_elements(By.TAG_NAME, "script")  # type: ignore[attr-defined]
+    for path, status, needle in (("/devices/dev-zz", 404, b"no device &#x27;dev-zz&#x27; on this hub"),
+                                 ("/devices/%3Cb%3Ex", 404, b"&#x27;&lt;b&gt;x&#x27; is not a device id"),
+                                 ("/api/devices/dev-zz", 404, b'"error":"no device \'dev-zz\' on this hub'),
+                                 ("/devices/", 404, b"is not a device id"),
+                                 ("/devices/dev-a", 200, b"<h1>device dev-a</h1>")):
+        code, reply = _open(port, path)
+        assert code == status and needle in reply, (path, code, reply[-400:])
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # the device page, without the token
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/devices/dev-a", timeout=5)
+    assert "Traceback" not in hub.log.read_text()
+
+
+def _device_api(port: int, device: str) -> dict:
+    with urllib.request.urlopen(_get(port, f"/api/devices/{device}"), timeout=5) as resp:
+        return orjson.loads(resp.read())
+
+
+def _open(port: int, path: str) -> tuple[int, bytes]:
+    """GET ``path`` with the token: its status and body, a 404's too."""
+    try:
+        with urllib.request.urlopen(_get(port, path), timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.read()

@@ -1,10 +1,13 @@
 """The live dashboard of ``cloud-hub serve --http HOST:PORT``: ``/`` (one HTML page, no build step),
-``/api/fleet`` (the JSON it polls every 2 s) and ``/metrics`` (Prometheus) on one threaded server.
+``/api/fleet`` (the JSON it polls every 2 s), each device's page ``/devices/<id>`` (and its JSON,
+``/api/devices/<id>``: :mod:`cloud_hub.web.device_page`) and ``/metrics`` (Prometheus) on one threaded server.
 
 The page shows the fleet table (device, online, model version, outbox depth, last seen, accuracy or
 error, results), results per minute and accuracy per minute over the last 30 minutes as SVG plots,
 the rollouts with the open canary's verdict, the dead letters, and each device's drift (flagged above
-``edge_agent.drift.DRIFTING``). Who may see it, and the server itself: :mod:`cloud_hub.web.http_door`.
+``edge_agent.drift.DRIFTING``). The per-minute plots count minutes of the hub's clock (``received_at``, when
+it stored a result), as the page says: a device's own window times would put an outbox that drains after an
+hour offline an hour back, off the 30-minute plot. Who may see it, and the server itself: :mod:`cloud_hub.web.http_door`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import orjson
 
 from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import dashboard_view
+from cloud_hub.web import device_page
 from cloud_hub.web.http_door import WSGIApp
 from edge_agent.drift import DRIFTING
 
@@ -65,8 +69,10 @@ def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
                 body, status = orjson.dumps({"error": sessions.first_line(exc)}), "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
             return [body]
+        if path.startswith((device_page.PAGE_PREFIX, device_page.API_PREFIX)):
+            return device_page.answer(hub, path, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try / (the dashboard), /metrics or /api/fleet\n"]
+        return [b"not found: try / (the dashboard), /devices/<id>, /metrics or /api/fleet\n"]
     return route
 
 
@@ -79,7 +85,7 @@ PAGE = """<!doctype html>
  table { border-collapse: collapse; } th, td { padding: .25em .7em; border-bottom: 1px solid #ddd; text-align: right; }
  th:first-child, td:first-child { text-align: left; } .off { color: #999; } .bad { color: #b00; }
  .plots { display: flex; gap: 2em; flex-wrap: wrap; } svg { background: #fafafa; border: 1px solid #eee; }
- #status { color: #666; }
+ #status, .note { color: #666; }
 </style></head>
 <body>
 <h1>edgeml fleet</h1>
@@ -89,8 +95,11 @@ PAGE = """<!doctype html>
 <th>accuracy / error (1 h)</th><th>results</th><th>drift (PSI)</th></tr></thead><tbody></tbody></table>
 <div class="plots">
  <div><h2>results per minute (hub clock, 30 min)</h2><svg id="rate" width="420" height="140"></svg></div>
- <div><h2>accuracy per minute</h2><svg id="acc" width="420" height="140"></svg></div>
+ <div><h2>accuracy per minute (hub clock)</h2><svg id="acc" width="420" height="140"></svg></div>
 </div>
+<p class="note" id="clock">Both plots count minutes of the hub's clock: when it stored each result (<code>received_at</code>),
+not the device's timestamp of the window. A device that was offline shows up in the minutes its outbox drained;
+<code>cloud-hub stats --bucket minute</code> buckets by the devices' clocks (the window's start).</p>
 <h2>rollouts</h2><div id="rollouts"></div><div id="verdict"></div>
 <h2>federated rounds</h2><div id="rounds"></div>
 <h2>dead letters</h2><div id="dead"></div>
@@ -113,7 +122,7 @@ function plot(svg, points, max, fmt) {
 }
 function render(f) {
   const rows = f.devices.map((d) => "<tr class=\\"" + (d.state === "online" ? "" : "off") + "\\" data-device=\\"" + esc(d.device_id) + "\\">" +
-    "<td>" + esc(d.device_id) + "</td><td>" + esc(d.state) + "</td><td>" + (d.model_version == null ? "-" : "v" + d.model_version) +
+    "<td><a href=\\"/devices/" + encodeURIComponent(d.device_id) + "\\">" + esc(d.device_id) + "</a></td><td>" + esc(d.state) + "</td><td>" + (d.model_version == null ? "-" : "v" + d.model_version) +
     "</td><td>" + esc(d.outbox_depth) + "</td><td>" + ago(d.last_seen) + "</td><td>" +
     (d.error ? d.error.median.toFixed(2) + " (median)" : pct(d.accuracy)) + "</td><td class=\\"results\\">" + d.results +
     "</td><td class=\\"" + (d.drift_psi > DRIFTING ? "bad" : "") + "\\">" + (d.drift_psi == null ? "-" :

@@ -16,9 +16,11 @@ import orjson
 import pytest
 
 from cloud_hub.data import db, sessions
+from cloud_hub.data.store import ResultRow
 from cloud_hub.tools.local_broker import LocalBroker, free_port
 from tests.helpers import agent_cmd, fleet_files, make_log, wait_for
 from tests.test_hub_cli import ServeProcess, count_rows
+from tests.test_store import BACKENDS, backend_engine
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 TOKEN = "dashboard-token-0123456789"
@@ -273,3 +275,52 @@ def _open(port: int, path: str) -> tuple[int, bytes]:
     except urllib.error.HTTPError as err:
         with err:
             return err.code, err.read()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_devices_history_splits_its_versions_into_runs_and_counts_its_classes_and_values(
+        backend: str, tmp_path: Path) -> None:
+    """The queries behind the device page, on SQLite and PostgreSQL: v1, v2, v1 again (a rollback) are three
+    runs in seq order, whatever the hub's arrival order; a regressor gets a histogram per output."""
+    from cloud_hub.data.device_history import device_history
+    from cloud_hub.data.store import Store
+    from cloud_hub.web.device_page import render
+    from edge_agent import contract as c
+
+    def result(device: str, seq: int, version: int, *, label: str | None = None, value: str | None = None,
+               truth: str | None = None, at: float = 1_000.0) -> ResultRow:
+        return ResultRow(device, seq, seq / 1000, seq / 1000 + 2, version, label, 0.5 + version / 10, value, truth,
+                         1.0, None, at)
+
+    versions = [1] * 4 + [2] * 3 + [1] * 5
+    rows = [result("dev-a", 1000 * i, v, label="run" if i % 3 else "walk", truth="run", at=2_000.0 - i)
+            for i, v in enumerate(versions)]  # stored in the reverse order: runs follow seq, not arrival
+    rows += [result("r1", 1000 * i, 1, value=orjson.dumps([float(i), 5.0, 7.0 * i]).decode()) for i in range(11)]
+    rows += [result("r1", 99_000, 1, value="[1.0]"), result("r1", 98_000, 1, value="not json")]  # ignored
+    with backend_engine(backend, tmp_path) as engine:
+        store = Store(engine)
+        with sessions.transaction(engine) as conn:
+            store.insert_results(conn, rows)
+            store.apply_statuses(conn, {"dev-s": (c.Status("dev-s", c.ONLINE, 50.0, drift_psi=0.1), 60.0)})
+        with sessions.transaction(engine, write=False) as conn:
+            a, r1, s = (device_history(conn, d) for d in ("dev-a", "r1", "dev-s"))
+            assert device_history(conn, "dev-zz") is None
+    assert a is not None and r1 is not None and s is not None
+    assert [(run["version"], run["results"], run["seq"]) for run in a["runs"]] == [
+        (1, 4, [0, 3000]), (2, 3, [4000, 6000]), (1, 5, [7000, 11000])]
+    assert a["runs"][0]["received"] == [1997.0, 2000.0] and a["runs"][0]["start"] == [0.0, 3.0]
+    assert [run["accuracy"] for run in a["runs"]] == [0.5, 2 / 3, 0.8]
+    assert a["runs"][1]["mean_confidence"] == pytest.approx(0.7)
+    assert a["classes"] == {"run": 8, "walk": 4} and a["by_version"] == {1: {"run": 6, "walk": 3}, 2: {"run": 2, "walk": 1}}
+    assert a["status"] is None and a["drift"]["psi"] is None and a["values"] is None
+    values = r1["values"]
+    assert values["results"] == 11 and values["width"] == 3 and [o["output"] for o in values["outputs"]] == [0, 1, 2]
+    assert all(sum(o["counts"]) == 11 for o in values["outputs"]), values
+    assert values["outputs"][2]["edges"][0] == 0.0 and values["outputs"][2]["edges"][-1] == 70.0
+    assert values["outputs"][0]["counts"] == [1] * 9 + [2]  # 0 .. 10: ten bins, the last one closed
+    assert values["outputs"][1]["counts"][5] == 11  # a constant: one bin around it
+    assert s["runs"] == [] and s["results"] == 0 and s["drift"] == {"psi": 0.1, "mean_confidence": None,
+                                                                    "reported_at": 50.0}
+    page = render(r1, 3_000.0)
+    assert "predicted values" in page and page.count('class="values"') == 3 and "latest 11 results" in page
+    assert "none reported yet" in render(a, 3_000.0) and "no results stored yet" in render(s, 3_000.0)

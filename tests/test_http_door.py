@@ -159,7 +159,7 @@ def test_serve_answers_only_with_the_token_and_counts_each_401(procs, broker: Lo
                                                                tmp_path: Path) -> None:
     hub, port = start_serve(procs, broker, prefix, tmp_path, CLOUD_HUB_HTTP_TOKEN_FILE=token_file(tmp_path))
     refused = 0
-    for path in ("/", "/api/fleet", "/metrics", "/nope"):
+    for path in ("/", "/api/fleet", "/metrics", "/nope", "/devices/dev-1", "/api/devices/dev-1"):
         for auth in (None, "Bearer wrong-token-0123456789", basic("wrong")):
             status, resp, body = get(port, path, auth)
             assert status == 401 and b"fleet" not in body and b"edgeml_" not in body, (path, auth, body)
@@ -171,6 +171,8 @@ def test_serve_answers_only_with_the_token_and_counts_each_401(procs, broker: Lo
     status, _, body = get(port, "/", basic(TOKEN))
     assert status == 200 and b"edgeml fleet" in body
     assert get(port, "/nope", f"Bearer {TOKEN}")[0] == 404
+    status, _, body = get(port, "/devices/dev-1", f"Bearer {TOKEN}")  # the door let it in: the page answers
+    assert status == 404 and b"no device &#x27;dev-1&#x27; on this hub" in body, body
     assert unauthorized_total(port) == refused  # the authorized requests were not counted
     assert "refused" in hub.log.read_text()
     assert hub.signal(signal.SIGTERM) == 0
@@ -266,6 +268,9 @@ HOSTILE = {  # request -> the status it must get
     b"GET /%00%ff%2e%2e/metrics HTTP/1.1\r\n" + AUTH + b"\r\n": 404,
     b"GET /\xff\xfe\x00 HTTP/1.1\r\n" + AUTH + b"\r\n": 404,
     b"GET http://evil.example/api/fleet HTTP/1.1\r\n" + AUTH + b"\r\n": 404,
+    b"GET /devices/%3Cscript%3E HTTP/1.1\r\n" + AUTH + b"\r\n": 404,
+    b"GET /devices/" + b"a" * 60_000 + b" HTTP/1.1\r\n" + AUTH + b"\r\n": 404,
+    b"GET /api/devices/..%2F..%2Fetc HTTP/1.1\r\n" + AUTH + b"\r\n": 404,
     b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n": 414,
     b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n": 431,
     b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n": 431,

@@ -120,9 +120,12 @@ def test_the_rules_and_the_scrape_example_pass_promtool_check() -> None:
     assert rule_files(), "no rules in deploy/prometheus"
     res = promtool("check", "rules", *(p.name for p in rule_files()))
     assert res.returncode == 0, res.stdout + res.stderr
-    res = promtool("check", "config", "prometheus.yml")  # it loads the rule files too
+    # syntax only: the token file it names is on the Prometheus host, not here
+    res = promtool("check", "config", "--syntax-only", "prometheus.yml")
     assert res.returncode == 0, res.stdout + res.stderr
-    jobs = {job["job_name"] for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]}
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert sorted(config["rule_files"]) == [p.name for p in rule_files()]
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
     named = {j for rule in alerts() for j in re.findall(r'job="([^"]+)"', rule["expr"])}
     assert named <= jobs, f"rules name jobs the scrape example does not have: {named - jobs}"
 
@@ -168,6 +171,30 @@ def test_the_dashboard_and_its_provisioning_fit_together() -> None:
         assert target["datasource"] == {"type": "prometheus", "uid": f"${{{variable['name']}}}"}, title
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def test_the_compose_monitoring_profile_mounts_these_files() -> None:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    mounts = {svc: {v.split(":")[0]: v.split(":")[1] for v in services[svc]["volumes"] if v.startswith("./")}
+              for svc in ("prometheus", "grafana")}
+    for svc, by_source in mounts.items():
+        assert services[svc]["profiles"] == ["monitoring"]
+        for source in by_source:
+            assert source.startswith("./secrets/") or (DEPLOY / source).exists(), f"{svc} mounts a missing {source}"
+    prometheus = {Path(target).name: source for source, target in mounts["prometheus"].items()}
+    assert {p.name for p in rule_files()} | {"prometheus.yml"} <= set(prometheus)
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "edgeml.yaml").read_text())["providers"]
+    assert mounts["grafana"]["./grafana/dashboards"] == provider["options"]["path"]
+    (source,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "edgeml.yaml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    hub_job = next(j for j in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+                   if j["job_name"] == "edgeml-hub")
+    port = services["hub"]["environment"]["CLOUD_HUB_HTTP"].rsplit(":", 1)[1]
+    assert hub_job["static_configs"][0]["targets"] == [f"hub:{port}"]  # the service's name, its http port
+    token = hub_job["authorization"]["credentials_file"]
+    assert mounts["prometheus"]["./secrets/http.token"] == token
+    assert services["hub"]["environment"]["CLOUD_HUB_HTTP_TOKEN_FILE"] in [
+        v.split(":")[1] for v in services["hub"]["volumes"] if v.startswith("./secrets/http.token:")]
 
 
 def test_the_reference_check_catches_a_renamed_metric_or_label() -> None:

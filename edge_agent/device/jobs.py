@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ from edge_agent import exits, sources
 from edge_agent.device.agent import Agent, AgentError, Interrupted
 from edge_agent.mqtt import MqttError
 from edge_agent.settings import AgentSettings
+from edge_agent.sources.merge import ReplayLogs
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
            drain_timeout: float | None = None) -> ReplayReport:
     """Replay logs through the model into the broker; returns once every result is acknowledged."""
     t0 = time.perf_counter()
-    readers = _open_logs(logs, on_error)
-    channels = readers[0].channels
+    readings = _open_logs(logs, on_error)
     devices = (settings.device_id,) if settings.device_id else ()
     agent = Agent(settings, device_ids=devices)
     report = ReplayReport(leftovers=agent.outbox.depth)
@@ -64,28 +63,22 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     agent.stop_event = stop
     agent.start()
     try:
-        agent.load_model(model, channels)
-        _numeric_truth(agent, readers)
+        agent.load_model(model, readings.channels)
+        if _regression(agent):
+            readings.labels_as_numbers()
+        readings.index()  # every file read once: what cannot be replayed in time order is refused before any result
         processor = agent.make_processor()
-        sizes = [max(os.path.getsize(r.path), 1) for r in readers]
-        total, done, lines_done = sum(sizes), 0, 0
-        for reader, size in zip(readers, sizes, strict=True):
-            for chunk in sources.pace(reader, speed):
-                processor.process(chunk.by_device(), chunk.source)
-                agent.tick()
-                if progress is not None:
-                    # Readings released so far against the readings the logs hold, estimated from the
-                    # lines per byte read so far (the reader reads ahead of the pacing).
-                    lines, read = lines_done + reader.stats.lines, done + reader.position()
-                    progress(processor.stats.readings, processor.stats.windows,
-                             min(1.0, processor.stats.readings / max(1.0, total * lines / max(read, 1))))
-                if stop.is_set():
-                    raise Interrupted(f"interrupted: {agent.outbox.depth} results kept in the outbox "
-                                      f"({agent.state_dir}), sent on the next start")
-            done += size
-            lines_done += reader.stats.lines
-            report.skipped_lines += reader.stats.rows_skipped
-            report.skipped_examples += [str(e) for e in reader.stats.first_errors]
+        for chunk in sources.pace(readings, speed):
+            processor.process(chunk.by_device(), chunk.source)
+            agent.tick()
+            if progress is not None:
+                progress(processor.stats.readings, processor.stats.windows,
+                         min(1.0, readings.released / max(readings.rows, 1)))
+            if stop.is_set():
+                raise Interrupted(f"interrupted: {agent.outbox.depth} results kept in the outbox "
+                                  f"({agent.state_dir}), sent on the next start")
+        report.skipped_lines = readings.stats.rows_skipped
+        report.skipped_examples = [str(e) for e in readings.stats.first_errors]
         agent.tick()
         _drain(agent, settings, report, drain_timeout, stop)
         report.published = agent.publisher.stored_results
@@ -106,24 +99,21 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
     return report
 
 
-def _numeric_truth(agent: Agent, srcs: Iterable[Any]) -> None:
+def _regression(agent: Agent) -> bool:
     """A regressor's ground truth is a number: its sources read the label column as numbers, so a
     window's truth is the mean of its readings' targets, not the majority text (logs, followed files
     and stdin; the simulated sensor emits classes)."""
-    if agent.model is not None and agent.model.bundle.manifest.task == "regression":
-        for src in srcs:
-            parser = getattr(src, "parser", None)
-            if parser is not None:
-                parser.numeric_labels = True
+    return agent.model is not None and agent.model.bundle.manifest.task == "regression"
 
 
-def _open_logs(logs: list[str], on_error: str) -> list[sources.LogReader]:
-    readers = [sources.read_log(path, on_error=on_error) for path in logs]
-    channels = readers[0].channels
-    for r in readers[1:]:
-        if r.channels != channels:
-            raise AgentError(f"{r.path}: channels {list(r.channels)} differ from {list(channels)} of {readers[0].path}")
-    return readers
+def _open_logs(logs: list[str], on_error: str) -> ReplayLogs:
+    """The logs' schemas (a header error raises here); the channels must be the same in every file."""
+    readings = ReplayLogs(logs, on_error=on_error)
+    channels = readings.channels
+    for path, (other, _) in zip(logs[1:], readings.schemas[1:], strict=True):
+        if other != channels:
+            raise AgentError(f"{path}: channels {list(other)} differ from {list(channels)} of {logs[0]}")
+    return readings
 
 
 def _drain(agent: Agent, settings: AgentSettings, report: ReplayReport, timeout: float | None,
@@ -211,7 +201,9 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     try:
         source, channels = live_source(settings, stop, idle=agent.tick)
         agent.load_model(model or settings.model, channels)
-        _numeric_truth(agent, [source])
+        parser = getattr(source, "parser", None)
+        if _regression(agent) and parser is not None:
+            parser.numeric_labels = True
         processor = agent.make_processor()
         for chunk in _until(source, stop):
             processor.process(chunk.by_device(), chunk.source)

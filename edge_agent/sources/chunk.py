@@ -211,3 +211,46 @@ def group_order(codes: np.ndarray, ncodes: int) -> np.ndarray:
     return np.argsort(codes, kind="stable")
 
 
+
+
+def grow_last(last_ts: np.ndarray, last_tag: np.ndarray, ncodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-code state of :func:`increasing` grown to ``ncodes`` codes (new codes: no reading yet)."""
+    grow = ncodes - last_ts.shape[0]
+    if grow <= 0:
+        return last_ts, last_tag
+    return (np.concatenate([last_ts, np.full(grow, -np.inf)]),
+            np.concatenate([last_tag, np.zeros(grow, dtype=np.int64)]))
+
+
+def increasing(codes: np.ndarray, ts: np.ndarray, tags: np.ndarray, last_ts: np.ndarray,
+               last_tag: np.ndarray) -> list[tuple[int, float, int]]:
+    """The rule that a device's readings go forward in time: per device code, ``ts`` increases strictly.
+
+    ``last_ts`` / ``last_tag`` (indexed by code, see :func:`grow_last`) hold each device's latest ts and
+    where it came from (a line, or any int the caller decodes); they are updated in place with the rows
+    that pass, in order.  Returns the rows that fail as ``(row, previous ts, previous tag)`` (usually
+    none: checked vectorized, walked row by row only when a row fails)."""
+    n = ts.shape[0]
+    if n == 0:
+        return []
+    single = bool((codes == codes[0]).all())
+    order = None if single else group_order(codes, last_ts.shape[0])
+    sc, st = (codes, ts) if order is None else (codes[order], ts[order])
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(sc[1:], sc[:-1], out=first[1:])
+    prev = np.empty(n)
+    prev[1:] = st[:-1]
+    prev[first] = last_ts[sc[first]]
+    if not (st <= prev).any():
+        last = np.append(np.flatnonzero(first)[1:] - 1, n - 1)
+        last_ts[sc[last]] = st[last]
+        last_tag[sc[last]] = (tags if order is None else tags[order])[last]
+        return []
+    late = []  # rare: walk the rows in their order
+    for r, (t, c, tag) in enumerate(zip(ts.tolist(), codes.tolist(), tags.tolist(), strict=True)):
+        if t > last_ts[c]:
+            last_ts[c], last_tag[c] = t, tag
+        else:
+            late.append((r, float(last_ts[c]), int(last_tag[c])))
+    return late

@@ -25,7 +25,8 @@ from edge_agent.sources.chunk import (
     ReadingChunk,
     ReadStats,
     file_error,
-    group_order,
+    grow_last,
+    increasing,
 )
 from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, shorten
 
@@ -186,36 +187,20 @@ class LineParser:
 
     def _monotonic(self, b: Block) -> None:
         """Per device, ts must increase strictly: a row at or below the device's last ts is a problem."""
-        n, nd = b.ts.shape[0], len(self.d.devices.names)
-        if n == 0:
+        nd = len(self.d.devices.names)
+        if b.ts.shape[0] == 0:
             return
-        if self._last_ts.shape[0] < nd:
-            grow = nd - self._last_ts.shape[0]
-            self._last_ts = np.concatenate([self._last_ts, np.full(grow, -np.inf)])
-            self._last_line = np.concatenate([self._last_line, np.zeros(grow, dtype=np.int64)])
-        single = bool((b.dev == b.dev[0]).all())
-        order = None if single else group_order(b.dev, nd)
-        sc, st = (b.dev, b.ts) if order is None else (b.dev[order], b.ts[order])
-        first = np.empty(n, dtype=bool)
-        first[0] = True
-        np.not_equal(sc[1:], sc[:-1], out=first[1:])
-        prev = np.empty(n)
-        prev[1:] = st[:-1]
-        prev[first] = self._last_ts[sc[first]]
-        if not (st <= prev).any():
-            last = np.append(np.flatnonzero(first)[1:] - 1, n - 1)
-            self._last_ts[sc[last]] = st[last]
-            self._last_line[sc[last]] = (b.lines if order is None else b.lines[order])[last]
+        self._last_ts, self._last_line = grow_last(self._last_ts, self._last_line, nd)
+        late = increasing(b.dev, b.ts, b.lines, self._last_ts, self._last_line)
+        if not late:
             return
-        bad = np.zeros(n, dtype=bool)  # rare: walk the rows in file order
-        last_ts, last_line, names = self._last_ts, self._last_line, self.d.devices.names
-        for r, (t, c, line) in enumerate(zip(b.ts.tolist(), b.dev.tolist(), b.lines.tolist(), strict=True)):
-            if t > last_ts[c]:
-                last_ts[c], last_line[c] = t, line
-                continue
+        bad = np.zeros(b.ts.shape[0], dtype=bool)
+        names = self.d.devices.names
+        for r, prev, prev_line in late:
             bad[r] = True
-            b.problems.append((line, NON_MONOTONIC_TS, f"non-monotonic ts {t!r} for device '{shorten(names[c])}' "
-                                                       f"(previous {float(last_ts[c])!r} at line {last_line[c]})"))
+            b.problems.append((int(b.lines[r]), NON_MONOTONIC_TS,
+                               f"non-monotonic ts {float(b.ts[r])!r} for device '{shorten(names[int(b.dev[r])])}' "
+                               f"(previous {prev!r} at line {prev_line})"))
         b.keep(~bad)
 
 
@@ -230,10 +215,11 @@ def log_format(path: str | os.PathLike) -> tuple[str, bool]:
     raise file_error(path, "unknown log format: name it .csv, .jsonl or .ndjson (optionally .gz)")
 
 
-_BROKEN_FILE = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
+BROKEN_FILE = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
+GzipCheckpoint = tuple[int, Any, bool]  # Gunzip.checkpoint(): compressed position, decompressor, started
 
 
-def _broken(exc: BaseException) -> str:
+def broken_reason(exc: BaseException) -> str:
     if isinstance(exc, EOFError):
         return "the compressed file ends early (truncated .gz)"
     if isinstance(exc, gzip.BadGzipFile | zlib.error):
@@ -241,7 +227,7 @@ def _broken(exc: BaseException) -> str:
     return f"read error: {exc}"
 
 
-class _Gunzip:
+class Gunzip:
     """Decompress a .gz file as it is read (members one after the other, like ``gzip.open``), giving
     every byte that can be decompressed before a truncation or corruption is reported: the error then
     names the line where the file breaks. (``GzipFile.read`` loses what it decompressed in the read
@@ -276,6 +262,21 @@ class _Gunzip:
             self._started = True
         return out
 
+    def checkpoint(self) -> GzipCheckpoint:
+        """Where the next :meth:`read` starts, to :meth:`resume` from later: the compressed position and
+        a copy of the decompressor (its 32 kB window and state: about 45 kB)."""
+        return self.raw.tell(), self._z.copy(), self._started
+
+    @classmethod
+    def resume(cls, path: str, checkpoint: GzipCheckpoint) -> Gunzip:
+        """A reader whose first :meth:`read` continues where ``checkpoint`` was taken (no decompression
+        from the start of the file)."""
+        g = cls(path)
+        pos, z, g._started = checkpoint
+        g.raw.seek(pos)
+        g._z = z.copy()  # the checkpoint stays reusable
+        return g
+
     def close(self) -> None:
         self.raw.close()
 
@@ -295,7 +296,7 @@ class LogReader:
         self.parser = LineParser(self.path, self.format, on_error=on_error, chunk_rows=chunk_rows)
         self.stats = self.parser.stats
         try:
-            self._f: Any = _Gunzip(self.path) if gz else open(self.path, "rb")  # noqa: SIM115
+            self._f: Any = Gunzip(self.path) if gz else open(self.path, "rb")  # noqa: SIM115
         except OSError as exc:
             raise file_error(self.path, f"cannot open: {exc.strerror or exc}") from exc
         try:
@@ -316,8 +317,8 @@ class LogReader:
         """Read while looking for the schema: a broken file is an error about the whole file."""
         try:
             return self._f.read(n)
-        except _BROKEN_FILE as exc:
-            raise file_error(self.path, _broken(exc)) from exc
+        except BROKEN_FILE as exc:
+            raise file_error(self.path, broken_reason(exc)) from exc
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -377,9 +378,9 @@ class LogReader:
             while True:
                 try:
                     data = self._f.read(1 << 18)
-                except _BROKEN_FILE as exc:  # a truncated or corrupt .gz, a read error of the disk
+                except BROKEN_FILE as exc:  # a truncated or corrupt .gz, a read error of the disk
                     yield from self.parser.feed()  # the complete lines before the break, then where it is
-                    raise LogError(self.path, self.parser.line, _broken(exc), "bad file") from exc
+                    raise LogError(self.path, self.parser.line, broken_reason(exc), "bad file") from exc
                 if not data:
                     break
                 yield from self.parser.feed(data, flush=False)

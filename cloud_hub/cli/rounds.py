@@ -71,6 +71,17 @@ def federate(
     threshold: Annotated[int | None, typer.Option("--threshold", help="--secure: devices that must reveal their "
                                                   "shares for the sum to come out (default: a majority).",
                                                   min=2)] = None,
+    dp_noise: Annotated[float | None, typer.Option("--dp-noise", help="Differential privacy: the noise "
+                                                   "multiplier (noise over the clip); added by the devices with "
+                                                   "--secure, by the hub without (docs: Federated rounds, "
+                                                   "differential privacy).", min=0.01)] = None,
+    target_epsilon: Annotated[float | None, typer.Option("--target-epsilon", help="Differential privacy: the "
+                                                         "model's privacy budget; no round opens that would spend "
+                                                         "past it. Without --dp-noise, the noise is set so that "
+                                                         "--rounds rounds spend what is left of it.",
+                                                         min=0.01)] = None,
+    dp_delta: Annotated[float, typer.Option("--dp-delta", help="Differential privacy: the delta every epsilon "
+                                            "is stated at.", min=1e-12, max=0.1)] = 1e-5,
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
     insecure_unsigned: InsecureOpt = False,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
@@ -96,12 +107,16 @@ def federate(
         raise fail(exits.USAGE, f"--aggregate {aggregate} reads each update, which --secure hides: use one or the other")
     if threshold is not None and not secure:
         raise fail(exits.USAGE, "--threshold is the share threshold of --secure rounds: add --secure")
+    if (dp_noise is not None or target_epsilon is not None) and aggregate != "fedavg":
+        raise fail(exits.USAGE, f"--aggregate {aggregate} has no stated sensitivity: differential privacy "
+                                "(--dp-noise, --target-epsilon) needs fedavg")
     cfg = FederateConfig(
         rounds=rounds, fraction=fraction, min_available=min_available, wait_devices_s=wait_devices,
         min_updates=min_updates, deadline_s=deadline, epochs=epochs, lr=lr, batch=batch, mu=mu, clip=clip,
         train_layers=train_layers, min_windows=min_windows, min_new=min_new, max_staleness=max_staleness,
         encoding="float32" if fp32_deltas else "int8", budget_s=budget, tolerance=tolerance,
-        holdout_logs=tuple(holdout_log or ()), aggregate=aggregate, secure=secure, threshold=threshold, seed=seed)
+        holdout_logs=tuple(holdout_log or ()), aggregate=aggregate, secure=secure, threshold=threshold,
+        dp_noise=dp_noise, target_epsilon=target_epsilon, dp_delta=dp_delta, seed=seed)
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                           client_id=client_id)
@@ -180,7 +195,8 @@ def show_rounds(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
     task = views[-1]["task"]
     unit = " %" if task == "classification" else ""
     table = new_table(f"federated rounds of {name}", "round", "base", "made", "rule", "updates", "upload",
-                      f"devices{unit}", f"hold-out{unit}", f"FP32{unit}", "opened", right=("updates", "upload"))
+                      f"devices{unit}", f"hold-out{unit}", f"FP32{unit}", "epsilon", "opened",
+                      right=("updates", "upload"))
     for v in views:
         made = f"v{v['new_version']} {v['state']}" if v["new_version"] else v["state"]
         updates = (f"{v['summed'] or v['masked']} summed of {len(v['participants'])}" if v["secure"] else
@@ -188,16 +204,24 @@ def show_rounds(engine: Any, name: str, ids: list[int], json_out: bool) -> None:
         table.add_row(str(v["round"]), f"v{v['base_version']}", made, "secure" if v["secure"] else v["aggregate"],
                       updates, _bytes(v["upload_bytes"]),
                       _pair(v["device_metric_before"], v["device_metric_after"], v["task"]),
-                      _pair(v["holdout_before"], v["holdout_after"], v["task"]), _fp32(v), age(v["opened_at"]))
+                      _pair(v["holdout_before"], v["holdout_after"], v["task"]), _fp32(v), _epsilon(v),
+                      age(v["opened_at"]))
     console.print(table)
     console.print("rule: how the hub combined the updates (--aggregate; secure: it saw only their sum, --secure); "
                   "updates: accepted/late/refused of the devices asked (secure: how many were in the sum); devices: scores on their held-out windows, "
                   "the running INT8 model → the round's INT8 model (their evaluation, when there is no hold-out "
                   "log: the gate's own windows) or → their own fine-tuned models; hold-out: the base → the round's "
-                  "INT8 model on the hold-out log; FP32: the round's FP32 weights on the same windows")
+                  "INT8 model on the hold-out log; FP32: the round's FP32 weights on the same windows; epsilon: what the round "
+                  "spent / what the model has spent (differential privacy, at the round's delta; - without)")
     for v in views:
         for reason, n in v["refusals"].items():
             console.print(f"round {v['round']}: refused {n}: {reason}")
+
+
+def _epsilon(v: dict[str, Any]) -> str:
+    if v.get("epsilon") is None:
+        return "-" if v.get("dp") is None else f"{v['dp']}: none spent"
+    return f"{v['epsilon']:.3g} / {v['epsilon_total']:.3g}"
 
 
 def _fp32(v: dict[str, Any]) -> str:

@@ -41,12 +41,14 @@ from cloud_hub.data import sessions
 from cloud_hub.data.store import Store, dead_letter
 from cloud_hub.errors import HubError
 from cloud_hub.models.lifecycle import LifecycleError
+from cloud_hub.rounds import privacy
 from cloud_hub.rounds.judge import Verdict, accuracy_outside, answer_metrics, judge_update
 from cloud_hub.rounds.secure import SecureRound, SecureRoundFailed, Wire
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent import exits
 from edge_agent.contract import ContractError, secagg
+from edge_agent.contract.privacy import DpParams
 from edge_agent.contract.rounds import (
     ROUND_DELIVERY,
     Announcement,
@@ -100,7 +102,15 @@ class FederateConfig:
     aggregate: str = "fedavg"  # or "trimmed-mean" (fedavg.RULES): how the hub combines the round's updates
     secure: bool = False  # secure aggregation: the hub learns only the sum of the devices' deltas
     threshold: int | None = None  # secure: devices that must reveal their shares (default: a majority)
+    # differential privacy (cloud_hub/rounds/privacy.py): distributed noise with secure, central without
+    dp_noise: float | None = None  # the noise multiplier; None with a target_epsilon: calibrated to it
+    target_epsilon: float | None = None  # the model's budget: no round opens that would spend past it
+    dp_delta: float = 1e-5
     seed: int = 0
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_noise is not None or self.target_epsilon is not None
 
 
 class Coordinator:
@@ -122,6 +132,8 @@ class Coordinator:
         self._later: list[tuple[int, Message]] = []  # training answers held (unacknowledged) during an evaluation
         self._published: dict[int, str] = {}
         self._key: Any = None  # the signing key, loaded at the first signature
+        c = config
+        self.budget = privacy.Budget(c.dp_noise, c.target_epsilon, c.dp_delta, c.rounds) if c.dp else None
         self._link = MqttLink(
             settings.broker_url, f"{settings.session_id}-federate", tls=settings.tls, clean_start=False,
             session_expiry_s=settings.session_expiry_s, manual_ack=True, keepalive_s=settings.keepalive_s, on_message=lambda m: self._inbox.put((self._generation, m)),
@@ -148,7 +160,11 @@ class Coordinator:
             self._link.wait_subscribed(self.s.connect_timeout_s)
             done: list[int] = []
             while len(done) < self.cfg.rounds:
-                done.append(self._one_round())
+                try:
+                    done.append(self._one_round())
+                except privacy.BudgetSpent as exc:
+                    self.say(str(exc))
+                    break
             with sessions.transaction(self.engine, write=False) as conn:
                 return [r for r in self.rounds.rounds(conn, self.s.model_name) if r.id in done]
         finally:
@@ -198,6 +214,15 @@ class Coordinator:
             raise RoundError(f"model {name} v{base.version} has no stored FP32 weights to start a round from")
         tensors = fedavg.mlp_tensors(weights.from_bytes(blob))
         n_layers = sum(1 for t in tensors if t.startswith("coef_"))
+        trainable = trainable_names(n_layers, self.cfg.train_layers)
+        dp, spent_text = None, ""
+        if self.budget is not None:
+            spent_text = self.budget.spent_text(self._spent())
+            try:
+                secure, dp = self.budget.plan(self._spent(), secure, [(k, tensors[k].shape) for k in trainable],
+                                              self.cfg.clip, len(chosen))
+            except ValueError as exc:  # a ring past 32 bits
+                raise RoundError(f"differential privacy at this noise: {exc}; fewer devices or less noise") from None
         now = time.time()
         c = self.cfg
         plan = RoundPlan(
@@ -205,8 +230,8 @@ class Coordinator:
             task=str(base.manifest["task"]), participants=tuple(chosen), deadline=now + c.deadline_s,
             epochs=c.epochs, lr=c.lr, batch=c.batch, mu=c.mu, alpha=_alpha(blob, c.batch), clip=c.clip,
             min_windows=c.min_windows, min_new=c.min_new, min_updates=min(c.min_updates or len(chosen), len(chosen)),
-            max_staleness=c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
-            trainable=trainable_names(n_layers, c.train_layers), secure=secure,
+            max_staleness=0 if dp else c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
+            trainable=trainable, secure=secure, dp=dp,
         )
         ann = self._signed(announcement(plan, tensors))
         payload = ann.encode()
@@ -221,6 +246,8 @@ class Coordinator:
         self.say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "
                  + (f"(secure: the hub learns only the sum, once {secure.threshold} of them reveal their shares) "
                     if secure else "")
+                 + (f"(differential privacy, {dp.mode} noise x{dp.noise:.3g}; {spent_text}) "
+                    if dp else "")
                  +
                  f"({', '.join(chosen)}; the announcement with the base's FP32 weights: {len(payload) / 1e6:.2f} MB), "
                  f"closes at {plan.min_updates} updates or in "
@@ -292,6 +319,11 @@ class Coordinator:
                                  + (f"; {others}" if others else f"; no device of {self.s.model_name} has reported")
                                  + f": are the agents and `cloud-hub serve` running on {self.s.broker_url}?")
             time.sleep(0.2)
+
+    def _spent(self) -> tuple[float, int, int]:
+        """What this model's rounds have spent (:func:`privacy.spent`)."""
+        with sessions.transaction(self.engine, write=False) as conn:
+            return privacy.spent(r.outcome or {} for r in self.rounds.rounds(conn, self.s.model_name))
 
     def _no_canary(self, name: str) -> None:
         with sessions.transaction(self.engine, write=False) as conn:
@@ -521,20 +553,44 @@ class Coordinator:
             r = self.rounds.get_round(conn, round_id)
             counted = self.rounds.counted_payloads(conn, round_id)
         assert r is not None
+        spent: dict[str, Any] = {}
         try:
-            summed = self._secure_round(r).unmask() if "secure" in r.plan else None
+            secure = self._secure_round(r) if "secure" in r.plan else None
+            summed = secure.unmask() if secure is not None else None
+            spent = self._privacy(r, None if secure is None or summed is None else (len(summed.survivors),
+                                                                                   secure.grid.padded), counted)
             state, version, outcome, reason = finish(self.engine, self.s, r, counted, signing_key=self.signing_key,
                                                      allow_unsigned=self.allow_unsigned, summed=summed,
-                                                     evaluate=lambda tensors, int8: self._evaluate(r, tensors, int8))
+                                                     evaluate=lambda tensors, int8: self._evaluate(r, tensors, int8),
+                                                     privacy=spent or None)
         except SecureRoundFailed as exc:
             state, version, outcome, reason = "failed", None, {"secure": True}, f"secure: {exc}"
         except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
             state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
+        if spent:  # the hub learned the sum: spent, whatever became of the round
+            outcome = outcome | {"privacy": spent}
         with sessions.transaction(self.engine) as conn:
             self.rounds.set_round(conn, round_id, state=state, expect=("closed",), new_version=version,
                                   outcome=outcome, reason=reason)
         self.say(f"round {round_id}: {state}" + (f" v{version}" if version else "") + f": {reason}")
         return round_id
+
+
+    def _privacy(self, r: RoundRow, summed: tuple[int, int] | None, counted: Sequence[Any]) -> dict[str, Any]:
+        """What round ``r`` spent (:func:`privacy.record`), now that the hub learned its sum: ``summed`` is a secure
+        round's (devices in the sum, coordinates), ``counted`` a central round's updates; {} without dp or sum."""
+        if "dp" not in r.plan or (summed is None and not counted):
+            return {}
+        dp = DpParams.from_obj(r.plan["dp"])
+        if dp.mode == "distributed":
+            if summed is None:
+                return {}
+            n, rho = summed[0], privacy.distributed_rho(dp.bound, dp.sigma, summed[0], summed[1])
+        else:
+            n, rho = len(counted), privacy.central_rho(dp.noise)
+        with sessions.transaction(self.engine, write=False) as conn:
+            before = privacy.spent(o.outcome or {} for o in self.rounds.rounds(conn, r.model_name) if o.id != r.id)
+        return privacy.record(dp, rho, before, n)
 
 
 def _alpha(blob: bytes, batch: int) -> float:

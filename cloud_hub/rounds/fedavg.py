@@ -299,6 +299,37 @@ def quantize_from_ranges(fp32_bytes: bytes, ranges: Sequence[Sequence[float]], *
     return out
 
 
+def ranges_of(int8_bytes: bytes) -> list[list[float]]:
+    """The per-layer ``[in_lo, in_hi, out_lo, out_hi]`` a QDQ INT8 model was quantized with (each Gemm's input and
+    output, from their scales and zero points, layers in graph order): a differentially private round keeps its
+    base's ranges, since the devices' own are not noised. A layer output it does not quantize gets the input's."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(int8_bytes).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+    def span(node: Any) -> tuple[float, float]:  # a (De)QuantizeLinear's representable range
+        scale = float(np.asarray(inits[node.input[1]]).reshape(-1)[0])
+        zp = np.asarray(inits[node.input[2]]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        z, info = float(zp.reshape(-1)[0]), np.iinfo(zp.dtype)
+        return (info.min - z) * scale, (info.max - z) * scale
+
+    dequantized = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    quantizes = {n.input[0]: n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    out = []
+    for node in (n for n in graph.node if n.op_type in ("Gemm", "MatMul")):
+        dq = dequantized.get(node.input[0])
+        if dq is None:
+            raise ValueError(f"layer {node.name or node.output[0]!r} takes an input the model does not quantize")
+        lo, hi = span(dq)
+        out_lo, out_hi = span(quantizes[node.output[0]]) if node.output[0] in quantizes else (lo, hi)
+        out.append([lo, hi, out_lo, out_hi])
+    if not out:
+        raise ValueError("no quantized layer in the model")
+    return out
+
+
 def quantized_activations(int8_bytes: bytes) -> list[str]:
     """Names of the activations (not initializers) a QDQ model quantizes."""
     import onnx

@@ -22,11 +22,12 @@ from cloud_hub.data.aggregate import describe_score, shaped_by
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models import quantize, training, weights
 from cloud_hub.models.lifecycle import next_version, passes_gate, register, windows_from_logs
-from cloud_hub.rounds import fedavg
+from cloud_hub.rounds import fedavg, privacy
 from cloud_hub.rounds.secure import Summed
 from cloud_hub.rounds.store import RoundRow
 from cloud_hub.settings import HubSettings
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
+from edge_agent.contract.privacy import DpParams
 from edge_agent.contract.rounds import Update, decode_update
 from edge_agent.preprocess import PreprocessParams, extract_features
 
@@ -50,13 +51,17 @@ def fleet_view(updates: Sequence[Update]) -> dict[str, Any]:
 
 def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Sequence[tuple[str, int, bytes]], *,
            signing_key: str | None, allow_unsigned: bool,
-           evaluate: Callable[[dict[str, np.ndarray], bytes], dict[str, Any] | None], summed: Summed | None = None
-           ) -> tuple[str, int | None, dict[str, Any], str]:
+           evaluate: Callable[[dict[str, np.ndarray], bytes], dict[str, Any] | None], summed: Summed | None = None,
+           privacy: dict[str, Any] | None = None) -> tuple[str, int | None, dict[str, Any], str]:
     """(state, new version, outcome, reason) of a closed round; the new version is registered (and published).
 
     The gate judges the INT8 model that ships against the running one: on the round's hold-out logs when it
     has some, else in the devices' own evaluation (``evaluate(FP32 tensors, INT8 model)``: the devices that
-    trained score both, and the base, on windows they never train on; :func:`fedavg.evaluation`)."""
+    trained score both, and the base, on windows they never train on; :func:`fedavg.evaluation`).
+
+    With differential privacy (the plan's ``dp``; ``privacy``: what the round spent, :mod:`cloud_hub.rounds.privacy`)
+    the INT8 model keeps the base's activation ranges (the devices' are not noised), a central round weighs every
+    update alike and adds its noise here, and the new version's manifest states the model's epsilon."""
     updates = [(decode_update(payload), staleness) for _device, staleness, payload in counted]
     outcome: dict[str, Any] = {
         "counted": len(updates), "upload_bytes": sum(len(p) for _d, _s, p in counted),
@@ -64,6 +69,8 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     }
     if summed is not None:  # a secure round: only the sum (its mean, its statistics' means) is known
         outcome |= summed.outcome | {"counted": len(summed.survivors)}
+        if "dp" in r.plan:  # the devices sent zeros for what they measured: nothing to show
+            outcome["federated"] = {}
     elif not updates:
         return "failed", None, outcome, "no update counted by the deadline: the model is unchanged"
     store = Store(engine)
@@ -83,8 +90,9 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     if base is None or blob is None or base.bundle is None:
         return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
     t0 = time.monotonic()
-    c = _aggregate(r, updates, blob, base.manifest, rows) if summed is None else \
-        _from_sum(r, summed, blob, base.manifest, rows)
+    base_int8 = decode_bundle(base.bundle).model if "dp" in r.plan else None
+    c = _aggregate(r, updates, blob, base.manifest, rows, base_int8) if summed is None else \
+        _from_sum(r, summed, blob, base.manifest, rows, base_int8)
     outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
     metrics: dict[str, Any] = {"federated": {**outcome["federated"], "round": r.id}}
     holdout = [str(p) for p in r.plan.get("holdout_logs", [])]  # the round's own gate, also when resumed
@@ -97,7 +105,7 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     metrics |= judged
     outcome |= seen
     state = "publishable" if ok else "rejected"
-    register(engine, _bundle(r, version, c, metrics | {"gate": gate}, outcome["counted"], held),
+    register(engine, _bundle(r, version, c, metrics | {"gate": gate}, outcome["counted"], held, privacy),
              weights.to_bytes(c.model), state)
     outcome |= {"int8_bytes": len(c.int8), "gate": gate}
     if state == "rejected":
@@ -121,54 +129,60 @@ class _Candidate:
 
 
 def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, base_manifest: dict[str, Any],
-               rows: Sequence[ModelRow]) -> _Candidate:
+               rows: Sequence[ModelRow], base_int8: bytes | None = None) -> _Candidate:
     """The counted (update, staleness) aggregated on the base's FP32 weights ``blob`` by the plan's rule
     (:func:`fedavg.aggregate`: FedAvg, each weighted by its capped example count and its staleness, or the
     trimmed mean), each clipped to the plan's clip, then FP32 ONNX and INT8 from the devices' merged
-    activation ranges (no data needed)."""
+    activation ranges (no data needed). With central differential privacy: every update weighs the same, and
+    the mean gets the noise (:func:`privacy.central_noise`)."""
     pipeline = weights.from_bytes(blob)
     master = fedavg.mlp_tensors(pipeline)
     counts = fedavg.capped_examples([u.n_examples for u, _ in updates])
     rule = str(r.plan.get("aggregate", "fedavg"))  # a round opened before the plan named its rule: FedAvg
-    new = fedavg.aggregate(master, [fedavg.Contribution(u.dequantized(), k, s)
-                                    for (u, s), k in zip(updates, counts, strict=True)], clip=float(r.plan["clip"]),
-                           rule=rule)
+    dp = DpParams.from_obj(r.plan["dp"]) if "dp" in r.plan else None
+    clip = float(r.plan["clip"])
+    new = fedavg.aggregate(master, [fedavg.Contribution(u.dequantized(), 1 if dp else k, 0 if dp else s)
+                                    for (u, s), k in zip(updates, counts, strict=True)], clip=clip, rule=rule)
+    if dp is not None:
+        new = privacy.central_noise(new, r.plan["trainable"], dp.noise, clip, len(updates), np.random.default_rng())
     return _candidate(r, pipeline, new, sorted({u.device_id for u, _ in updates}),
-                      [list(u.ranges) for u, _ in updates], base_manifest, rows)
+                      [list(u.ranges) for u, _ in updates], base_manifest, rows, base_int8)
 
 
 def _from_sum(r: RoundRow, summed: Summed, blob: bytes, base_manifest: dict[str, Any],
-              rows: Sequence[ModelRow]) -> _Candidate:
+              rows: Sequence[ModelRow], base_int8: bytes | None = None) -> _Candidate:
     """A secure round's candidate: the base's FP32 weights plus the survivors' mean delta (each clipped on its
     device), INT8 from their mean activation ranges (the hub sees no device's own)."""
     pipeline = weights.from_bytes(blob)
     master = fedavg.mlp_tensors(pipeline)
     new = {k: (v + summed.delta[k]).astype(np.float32) if k in summed.delta else v for k, v in master.items()}
-    return _candidate(r, pipeline, new, summed.survivors, [summed.ranges], base_manifest, rows)
+    return _candidate(r, pipeline, new, summed.survivors, [summed.ranges], base_manifest, rows, base_int8)
 
 
 def _candidate(r: RoundRow, pipeline: Any, new: dict[str, np.ndarray], participants: list[str],
                ranges: Sequence[Sequence[Sequence[float]]], base_manifest: dict[str, Any],
-               rows: Sequence[ModelRow]) -> _Candidate:
+               rows: Sequence[ModelRow], base_int8: bytes | None = None) -> _Candidate:
     model = fedavg.with_tensors(pipeline, new)
     manifest = manifest_from_obj(base_manifest)
     # none of them is held out for the new version: the base's devices, every round's, this round's
     shaped = shaped_by({(m.name, m.version): m.manifest for m in rows}).get((r.model_name, r.base_version),
                                                                           frozenset()) | set(participants)
     fp32 = training.export_onnx(model, manifest.n_features)
+    if base_int8 is not None:  # differential privacy: the base's ranges, not the devices' (not noised)
+        ranges = [fedavg.ranges_of(base_int8)]
     int8 = fedavg.quantize_from_ranges(fp32, fedavg.merge_ranges(ranges))
     return _Candidate(model, new, manifest, participants, shaped, fp32, int8)
 
 
 def _bundle(r: RoundRow, version: int, c: _Candidate, metrics: dict[str, Any], n_updates: int,
-            held: list[str]) -> Bundle:
+            held: list[str], privacy: dict[str, Any] | None = None) -> Bundle:
     """The new version's bundle (unsigned): its INT8 model, the base's manifest with this round's record."""
     return Bundle(replace(
         c.manifest, version=version, sha256=hashlib.sha256(c.int8).hexdigest(), created=time.time(),
         metrics=metrics, key_id=None, signature=None,
         training={**c.manifest.training, "source": "federated", "round": r.id, "parent_version": r.base_version,
                   "updates": n_updates, "devices": c.participants, "shaped_by": sorted(c.shaped),
-                  "holdout_devices": held, "warm_start": True}), c.int8)
+                  "holdout_devices": held, "warm_start": True} | ({"privacy": privacy} if privacy else {})), c.int8)
 
 
 def _ship(engine: sa.Engine, settings: HubSettings, store: Store, name: str, version: int, outcome: dict[str, Any],

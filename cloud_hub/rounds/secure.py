@@ -31,6 +31,7 @@ from cloud_hub.data.store import Store, dead_letter
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import HubSettings
 from edge_agent.contract import secagg, secure_codec
+from edge_agent.contract.privacy import sum_limit
 from edge_agent.contract.rounds import RoundPlan, decode_announcement
 from edge_agent.contract.secure_rounds import (
     STATS_BITS,
@@ -250,8 +251,10 @@ class SecureRound:
             raise SecureRoundFailed(f"cannot unmask the sum: {exc.reason}") from None
         n = len(survivors)
         assert self.plan.secure is not None
-        if int(np.abs(ints).max(initial=0)) > n * self.plan.secure.peak:
-            raise SecureRoundFailed(f"the unmasked sum leaves the grid (|value| over {n} x {self.plan.secure.peak}): "
+        sigma = self.plan.dp.sigma if self.plan.dp is not None else 0.0
+        limit = sum_limit(n, self.plan.secure.peak, sigma)  # the grid, and the noise's far tail
+        if int(np.abs(ints).max(initial=0)) > limit:
+            raise SecureRoundFailed(f"the unmasked sum leaves the grid (|value| over {limit:,}): "
                                     "a device sent values off the grid or masked with other keys")
         summed = secure_codec.decode(ints, self.grid)
         stats, ranges = secure_codec.decode_stats(stat_ints, n)

@@ -198,5 +198,10 @@ def views(conn: Connection, name: str, ids: Sequence[int]) -> list[dict[str, Any
             "masked": sum(u["status"] == "masked" for u in mine),
             "threshold": (r.plan.get("secure") or {}).get("threshold"), "dropped": r.outcome.get("dropped"),
             "sum_sha256": r.outcome.get("sum_sha256"),
+            # differential privacy: its mode, and the epsilon (at delta) the round spent and its model has spent
+            "dp": (r.plan.get("dp") or {}).get("mode"), "dp_noise": (r.plan.get("dp") or {}).get("noise"),
+            "dp_delta": (r.plan.get("dp") or {}).get("delta"),
+            "epsilon": (r.outcome.get("privacy") or {}).get("epsilon"),
+            "epsilon_total": (r.outcome.get("privacy") or {}).get("epsilon_total"),
         })
     return out

@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 
 from edge_agent.contract.bundles import TASKS, signature_bytes
+from edge_agent.contract.privacy import DpParams
 from edge_agent.contract.wire import (
     MAX_HEADER_DEPTH,
     SCHEMA_VERSION,
@@ -231,6 +232,7 @@ class RoundPlan(SignedHeader):
     int8_sha256: str = ""  # evaluate: the INT8 ONNX model that ships, after the weights (int8_bytes long)
     int8_bytes: int = 0
     secure: SecureParams | None = None  # secure aggregation: the hub learns only the sum of the updates
+    dp: DpParams | None = None  # differential privacy: clipped, noised (on the devices, or at the hub)
     key_id: str | None = None
     signature: str | None = None
 
@@ -250,6 +252,8 @@ class RoundPlan(SignedHeader):
             obj["int8"] = {"bytes": self.int8_bytes, "sha256": self.int8_sha256}
         if self.secure is not None:
             obj["secure"] = self.secure.to_obj()
+        if self.dp is not None:
+            obj["dp"] = self.dp.to_obj()
         return obj
 
 
@@ -285,7 +289,7 @@ def announcement(plan: RoundPlan, weights: dict[str, np.ndarray], int8: bytes = 
 
 
 _ROUND_KEYS: Final = frozenset(RoundPlan(0, "m", 1, "", "classification", (), 0.0).header())
-_ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8", "secure"})
+_ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8", "secure", "dp"})
 
 
 def _int8_part(obj: dict[str, Any], body: bytes) -> tuple[bytes, bytes]:
@@ -348,6 +352,11 @@ def decode_announcement(payload: bytes) -> Announcement:
         if kind != "train":
             raise ContractError("round.secure belongs to a train round")
         plan = replace(plan, secure=SecureParams.from_obj(obj["secure"], len(plan.participants)))
+    if "dp" in obj:
+        dp = DpParams.from_obj(obj["dp"])
+        if kind != "train" or (dp.mode == "distributed") != (plan.secure is not None):
+            raise ContractError("round.dp belongs to a train round; distributed noise with secure aggregation only")
+        plan = replace(plan, dp=dp)
     return Announcement(plan, weights, int8)
 
 

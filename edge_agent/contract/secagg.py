@@ -58,12 +58,12 @@ class SecAggError(ContractError):
     request that would reveal both secrets of one device."""
 
 
-def ring_bits(n_devices: int, peak: int) -> int:
+def ring_bits(n_devices: int, peak: int, limit: int | None = None) -> int:
     """The ring width in which the sum of ``n_devices`` integers in ``[-peak, peak]`` is exact: room for
-    ``n * peak`` either side of zero (two's complement)."""
+    ``n * peak`` (or ``limit``, e.g. with noise added) either side of zero (two's complement)."""
     if n_devices < 1 or peak < 1:
         raise ValueError("ring_bits needs at least one device and a positive peak")
-    bits = math.ceil(math.log2(n_devices * peak + 1)) + 1
+    bits = math.ceil(math.log2(max(n_devices * peak, limit or 0) + 1)) + 1
     if bits > MAX_BITS:
         raise ValueError(f"{n_devices} devices x {peak} need a {bits}-bit ring; at most {MAX_BITS}")
     return bits

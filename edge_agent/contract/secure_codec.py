@@ -27,6 +27,8 @@ from typing import Final
 
 import numpy as np
 
+from edge_agent.contract.privacy import DpParams, conditional_round, rounding_bound
+
 BLOCK: Final = 1 << 12
 
 
@@ -52,6 +54,11 @@ class Grid:
     def step(self) -> float:
         return self.spread * self.clip / math.sqrt(self.padded) / self.peak
 
+    def dp_bound(self) -> float:
+        """The L2 norm of an encoded vector, in grid steps, that conditional rounding guarantees: the clip in steps,
+        with the rounding's room (:func:`~edge_agent.contract.privacy.rounding_bound`)."""
+        return rounding_bound(self.clip / self.step, self.padded)
+
     def _rotation(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, 0x5EC])
         return rng.permutation(self.size), rng.choice(np.array([-1.0, 1.0], np.float32), self.size)
@@ -72,8 +79,11 @@ def _fwht(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def encode(delta: Mapping[str, np.ndarray], grid: Grid, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """(the integer vector of ``delta``, how many coordinates were held to ``peak``)."""
+def encode(delta: Mapping[str, np.ndarray], grid: Grid, rng: np.random.Generator,
+           dp: DpParams | None = None) -> tuple[np.ndarray, int]:
+    """(the integer vector of ``delta``, how many coordinates were held to ``peak``). With distributed ``dp``
+    the rounding is conditional: the vector's L2 norm stays within ``dp.bound`` (the device then adds its noise,
+    :func:`~edge_agent.contract.privacy.discrete_gaussian`)."""
     flat = np.concatenate([np.asarray(delta[name], np.float32).reshape(-1) for name, _ in grid.tensors])
     if flat.size != grid.size:
         raise ValueError(f"a delta of {flat.size} values for a grid of {grid.size}")
@@ -89,6 +99,8 @@ def encode(delta: Mapping[str, np.ndarray], grid: Grid, rng: np.random.Generator
     w *= np.float32(1.0 / grid.step)
     held = int(np.count_nonzero(np.abs(w) > grid.peak))
     np.clip(w, -grid.peak, grid.peak, out=w)
+    if dp is not None:
+        return conditional_round(w, dp.bound, rng), held
     low = np.floor(w)
     return (low + (rng.random(w.size, dtype=np.float32) < w - low)).astype(np.int64), held
 

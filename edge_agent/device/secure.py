@@ -11,6 +11,9 @@ unchanged, every device named is one the signed plan selected, at least the thre
 each step, and it never reveals both secrets of one device (:func:`~edge_agent.contract.secagg.reveal`). The
 plaintext checks the hub can no longer make (the norm, finite values, the range) are made here: the delta is
 clipped to the round's norm and held to the grid before it is masked (:mod:`edge_agent.contract.secure_codec`).
+With differential privacy (the plan's ``dp``) the device also adds its share of the noise before it masks
+(:mod:`edge_agent.contract.privacy`), and sends zeros for what it measured (its losses, scores, example count and
+activation ranges): those are not noised, so they stay home.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.contract import secagg, secure_codec
+from edge_agent.contract import privacy, secagg, secure_codec
 from edge_agent.contract.rounds import RoundPlan
 from edge_agent.contract.secure_rounds import STATS_BITS, Answer, Step, secure_grid, secure_sessions
 
@@ -45,6 +48,7 @@ class SecureAnswerer:
         self.held: dict[str, tuple[int, int]] = {}  # sender -> (its s share, its b share) that I hold
         self.senders: tuple[str, ...] = ()
         self.vectors: tuple[np.ndarray, np.ndarray] | None = None  # (delta, statistics) on their grids
+        self.noise: np.ndarray | None = None  # differential privacy: the noise in vectors[0]
         self.done: list[str] = []  # the answers sent, in order
         self._lock = threading.Lock()
 
@@ -64,11 +68,17 @@ class SecureAnswerer:
                 ranges: Sequence[Sequence[float]]) -> int:
         """The training's result: put on the round's grid (clipped, rotated, rounded); masked and sent once the
         peers' shares are in. Returns how many coordinates were held to the grid's peak."""
-        rng = np.random.default_rng(secrets.randbits(128))  # the rounding's coins: the device's own
-        ints, held = secure_codec.encode(delta, secure_grid(self.plan), rng)
-        stat_ints = secure_codec.encode_stats({**stats, "held": held}, ranges, len(self.plan.participants))
+        rng = np.random.default_rng(secrets.randbits(128))  # the rounding's and the noise's coins: the device's own
+        ints, held = secure_codec.encode(delta, secure_grid(self.plan), rng, self.plan.dp)
+        noise = None
+        if self.plan.dp is not None:  # its share of the noise; what it measured is not noised: it stays home
+            noise = privacy.discrete_gaussian(self.plan.dp.sigma, ints.size, rng)
+            stats = dict.fromkeys(stats, 0.0)
+            ranges = [[0.0] * len(r) for r in ranges]
+        stat_ints = secure_codec.encode_stats({**stats, "held": 0 if self.plan.dp else held}, ranges, len(self.plan.participants))
         with self._lock:
-            self.vectors = (ints, stat_ints)
+            self.vectors = (ints if noise is None else ints + noise, stat_ints)
+            self.noise = noise
             self._mask()
         return held
 
@@ -134,7 +144,10 @@ class SecureAnswerer:
         path = self.audit_dir / f"secure-{self.plan.model}-{self.plan.round_id:08d}.npz"
         try:
             with open(path, "wb") as f:
-                np.savez(f, delta=ints, stats=stat_ints, masked_with=np.array(self.senders))
+                arrays = {"delta": ints, "stats": stat_ints, "masked_with": np.array(self.senders)}
+                if self.noise is not None:  # differential privacy: the noise in delta
+                    arrays["noise"] = self.noise
+                np.savez(f, **arrays)  # type: ignore[arg-type]
             for old in sorted(self.audit_dir.glob(f"secure-{self.plan.model}-*.npz"))[:-5]:
                 old.unlink(missing_ok=True)
         except OSError as exc:  # a full disk: the round goes on without its audit copy

@@ -242,6 +242,7 @@ def test_a_bad_canary_rolls_back_and_a_good_one_is_promoted_through_hard_stretch
 
 def test_rollback_by_hand_and_operator_mistakes_are_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    db.make_engine(url).dispose()  # a hub database without a canary (rollback never creates one)
     res = runner.invoke(hub_app, ["rollback", "--db", url, "--broker", "mqtt://127.0.0.1:1"])
     assert res.exit_code == 2 and "no open canary of default to roll back" in res.stderr
     res = runner.invoke(hub_app, ["publish", "--db", url, "--broker", "mqtt://127.0.0.1:1", "--canary", "150%"])

@@ -234,15 +234,29 @@ def test_errors_have_documented_exit_codes(tmp_path: Path) -> None:
         assert message in err and "Traceback" not in err, (args, err)
 
 
-def test_serve_exits_3_when_the_broker_is_unreachable(tmp_path: Path) -> None:
+def test_serve_exits_3_when_the_broker_is_unreachable_and_leaves_no_empty_database(tmp_path: Path) -> None:
+    """A hub started with a wrong broker address creates no database; one that was there stays."""
+    from cloud_hub.data import revisions
     from cloud_hub.tools.local_broker import free_port
 
-    env = {**os.environ, "CLOUD_HUB_CONNECT_TIMEOUT_S": "1"}
-    proc = subprocess.run([sys.executable, "-m", "cloud_hub", "serve", "--broker", f"mqtt://127.0.0.1:{free_port()}",
-                           "--db", f"sqlite:///{tmp_path / 'hub.sqlite'}"], capture_output=True, text=True,
-                          env=env, timeout=60)
-    assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr
-    assert "cloud-hub: error: no connection to" in proc.stderr and "Traceback" not in proc.stderr
+    def serve(path: Path) -> None:
+        proc = subprocess.run([sys.executable, "-m", "cloud_hub", "serve", "--broker",
+                               f"mqtt://127.0.0.1:{free_port()}", "--db", f"sqlite:///{path}"], capture_output=True,
+                              text=True, env={**os.environ, "CLOUD_HUB_CONNECT_TIMEOUT_S": "1"}, timeout=60)
+        assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr
+        assert "cloud-hub: error: no connection to" in proc.stderr and "Traceback" not in proc.stderr
+
+    serve(tmp_path / "new.sqlite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no database file (nor its -wal, -shm) left behind"
+    existing = tmp_path / "hub.sqlite"
+    db.make_engine(f"sqlite:///{existing}").dispose()  # an empty hub database made before: never removed
+    serve(existing)
+    engine = db.make_engine(f"sqlite:///{existing}", create=False)
+    try:
+        with sessions.transaction(engine, write=False) as conn:
+            assert revisions.current(conn) == revisions.HEAD
+    finally:
+        engine.dispose()
 
 
 def test_hub_settings_from_file_environment_and_flags(tmp_path: Path) -> None:

@@ -73,6 +73,29 @@ def test_log_files_that_cannot_be_read_are_named(files, tmp_path) -> None:
         one_line(train, exits.INPUT, needle)
 
 
+def test_failing_commands_leave_no_empty_database_behind(files, tmp_path) -> None:
+    """`publish` before `train` (and every command that needs what another stored) creates no database; a
+    `train` that fails removes the one it created, but never one that was there before."""
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    closed = f"mqtt://127.0.0.1:{free_port()}"
+    for command in (["publish", "--broker", closed, "--insecure-unsigned"],
+                    ["publish", "--broker", closed, "--insecure-unsigned", "--canary", "10%"],
+                    ["retrain"], ["rollback", "--broker", closed], ["rollout", "status", "--check", "--broker", closed]):
+        res = run(hub_cmd(*command, "--db", url))
+        one_line(res, exits.UNAVAILABLE, "hub.sqlite' does not exist", "`cloud-hub train`")
+        assert list(tmp_path.iterdir()) == [], command
+    for log, needle in ((str(files["txt"]), "unknown log format"), (str(files["truncated"]), "truncated")):
+        one_line(run(hub_cmd("train", log, "--db", url)), exits.INPUT, needle)
+        assert list(tmp_path.iterdir()) == [], "no database file (nor its -wal, -shm) left behind"
+    from cloud_hub.data import db
+
+    db.make_engine(url).dispose()  # an empty hub database made before: a failing command leaves it be
+    one_line(run(hub_cmd("train", str(files["txt"]), "--db", url)), exits.INPUT, "unknown log format")
+    assert (tmp_path / "hub.sqlite").exists()
+    one_line(run(hub_cmd("publish", "--broker", closed, "--insecure-unsigned", "--db", url)), exits.MODEL,
+             "no publishable version", "cloud-hub train")
+
+
 def test_an_unreachable_broker_is_named_with_its_cause_and_nothing_hangs(files, tmp_path) -> None:
     closed = f"mqtt://127.0.0.1:{free_port()}"
     state = tmp_path / "s"

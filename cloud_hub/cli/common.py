@@ -124,10 +124,14 @@ def lifecycle_errors() -> Iterator[None]:
             raise fail(EXIT_MODEL, str(exc)) from None
 
 
-def engine_for(db: str, *, read_only: bool = False) -> Any:
-    """The hub database; read-only commands never create one (a missing file is an error)."""
+def engine_for(db: str, *, create: bool = False, read_only: bool = False) -> Any:
+    """The hub database. Only a command that fills a new one creates it (``create``: ``train``, inside
+    :func:`cloud_hub.data.db.removed_if_left_empty`); every other one reads or needs what an earlier command
+    stored (``publish`` a trained model, ``rollback`` a canary), so a missing SQLite file is an error naming
+    the commands that make one, and a failing command leaves no empty database behind. ``read_only`` says
+    that the command only reads: it never creates either."""
     from cloud_hub.data.db import make_engine
-    return make_engine(db, create=not read_only)
+    return make_engine(db, create=create and not read_only)
 
 
 def progress_lines(quiet: bool) -> None:

@@ -68,6 +68,7 @@ def serve(
                                                     "a canary's promotion (and auto_publish's versions).")] = None,
 ) -> None:
     """Ingest every device's results and status into the database until SIGTERM/SIGINT."""
+    from cloud_hub.data.db import removed_if_left_empty
     from cloud_hub.serve import serve as run
 
     with errors():
@@ -76,7 +77,8 @@ def serve(
                              http_token_file=http_token_file, signing_key=signing_key)
         logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        run(settings)
+        with removed_if_left_empty(settings.db):  # e.g. a wrong broker address: no empty database left behind
+            run(settings)
 
 
 def stats(

@@ -101,14 +101,16 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Train a classifier (text labels) or regressor (numeric labels), quantize to INT8, register it."""
+    from cloud_hub.data.db import removed_if_left_empty
     from cloud_hub.models import lifecycle
     with lifecycle_errors():
         s = settings_from(config, db=db, model_name=name)
         progress_lines(json_out)
-        outcome = lifecycle.train_from_logs(engine_for(s.db), logs, name=s.model_name,
-                                            holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
-                                            seed=seed, features=features, mirror=_holdout(mirror) or (),
-                                            absent=_absent(absent))
+        with removed_if_left_empty(s.db):  # a log it cannot read leaves no empty database behind
+            outcome = lifecycle.train_from_logs(engine_for(s.db, create=True), logs, name=s.model_name,
+                                                holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
+                                                seed=seed, features=features, mirror=_holdout(mirror) or (),
+                                                absent=_absent(absent))
         if out is not None:
             _export(s.db, s.model_name, outcome.version, out, s.signing_key)
     _print_outcome(outcome, json_out)

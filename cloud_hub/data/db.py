@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cloud_hub.data import revisions
-from cloud_hub.data.sessions import DatabaseUnavailable, describe, first_line, new_engine
+from cloud_hub.data.sessions import DatabaseUnavailable, describe, first_line, new_engine, sqlite_file
 
 
 def make_engine(url: str, *, schema: str | None = None, create: bool = True, migrate: bool = False,
@@ -38,3 +40,37 @@ def make_engine(url: str, *, schema: str | None = None, create: bool = True, mig
         engine.dispose()
         raise
     return engine
+
+
+@contextmanager
+def removed_if_left_empty(url: str) -> Iterator[None]:
+    """A SQLite file that this block creates is removed again if the block fails before storing anything.
+
+    A command that fails (a hub whose broker is not there, a ``train`` on a log it cannot read) must not
+    leave an empty database behind: the next command would find it and report "no model" where the truth
+    is "no database here". Only a file that did not exist when the block began is removed, and only while
+    it holds no row but the schema's revision stamp; a file that was there before is never touched.
+    """
+    path = sqlite_file(url)
+    existed = path is None or path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path is not None and path.exists() and _holds_no_rows(url):
+            for leftover in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-journal"))):
+                leftover.unlink(missing_ok=True)
+        raise
+
+
+def _holds_no_rows(url: str) -> bool:
+    """Whether every table but Alembic's stamp is empty (False when it cannot tell: then the file stays)."""
+    engine = sa.create_engine(url)  # no pragmas: it only reads, and must not switch the journal mode
+    try:
+        with engine.connect() as conn:
+            tables = [t for t in sa.inspect(conn).get_table_names() if t != "alembic_version"]
+            return not any(conn.execute(sa.select(sa.literal(1)).select_from(sa.table(t)).limit(1)).first()
+                           for t in tables)
+    except sa.exc.SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()

@@ -72,10 +72,22 @@ def new_engine(url: str, *, schema: str | None = None, create: bool = True, **kw
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        path = parsed.database
-        if not create and path not in (None, "", ":memory:") and not Path(path).expanduser().exists():
-            raise DatabaseUnavailable(f"database file {path!r} does not exist")  # connecting would create it
+        path = sqlite_file(parsed)
+        if not create and path is not None and not path.exists():  # connecting would create it
+            raise DatabaseUnavailable(f"database file {parsed.database!r} does not exist (`cloud-hub train` or "
+                                      "`cloud-hub serve` creates one; --db or db in the config names another)")
     return engine
+
+
+def sqlite_file(url: str | sa.engine.URL) -> Path | None:
+    """The file of a SQLite URL; None for another database, an in-memory one or a malformed URL."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
 
 
 def describe(engine: Engine) -> str:

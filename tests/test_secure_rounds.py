@@ -223,10 +223,12 @@ SECURE_DEVICES = ("sa-1", "sa-2", "sa-3", "sa-4", "sa-5")
 
 @pytest.mark.slow
 def test_a_secure_round_survives_a_device_killed_after_masking(procs, broker, prefix, tmp_path) -> None:
-    """Five agents, threshold 3. sa-2 is SIGKILLed once its masked update is stored; sa-5 trains last (its log
-    comes late), so the hub asks for the reveals only after the kill. The round is published, its sum is the
-    sum of what the five masked (their audit copies) bit for bit, and the hub's database holds no device's
-    vector and no plain update."""
+    """Five agents, threshold 3, with differential privacy (each adds its share of the noise before it masks).
+    sa-2 is SIGKILLed once its masked update is stored; sa-5 trains last (its log comes late), so the hub asks
+    for the reveals only after the kill. The round is published, its sum is the sum of what the five masked
+    (their audit copies: vector and noise) bit for bit, the model is the base plus their mean, the noise is
+    there at its planned size, the epsilon is stated, and the hub's database and logs hold no device's vector,
+    noised or not, and no plain update."""
     import hashlib
     import signal
 
@@ -241,7 +243,8 @@ def test_a_secure_round_survives_a_device_killed_after_masking(procs, broker, pr
 
     fleet = Fleet(procs, broker, prefix, tmp_path, devices=SECURE_DEVICES, partial=("sa-5",),
                   agent_env={"EDGE_AGENT_SECURE_AUDIT": "1"})
-    fed = fleet.federate("--secure", "--rounds", "1", "--deadline", "120", "--tolerance", "1", "--json")
+    fed = fleet.federate("--secure", "--dp-noise", "0.5", "--rounds", "1", "--deadline", "120", "--tolerance", "1",
+                         "--json")
     u = tables.fl_updates.c
 
     def stored(status: str) -> set[str]:
@@ -261,24 +264,35 @@ def test_a_secure_round_survives_a_device_killed_after_masking(procs, broker, pr
     assert stored("revealed") == set(SECURE_DEVICES) - {"sa-2"} and stored("masked") == set(SECURE_DEVICES)
 
     # what each device masked, from its own audit copy: the hub's sum is theirs, bit for bit
-    plain = {}
+    plain, noise = {}, {}
     for d in SECURE_DEVICES:
         (copy,) = (tmp_path / d).glob("secure-*.npz")
         with np.load(copy) as z:
-            plain[d] = z["delta"].astype(np.int64)
+            plain[d], noise[d] = z["delta"].astype(np.int64), z["noise"].astype(np.int64)
     total = np.sum(list(plain.values()), axis=0)
     fr = tables.fl_rounds.c
     (outcome,) = _query(fleet.url, sa.select(fr.outcome).where(fr.id == 1))[0]
-    assert orjson.loads(outcome)["sum_sha256"] == hashlib.sha256(total.astype("<i8").tobytes()).hexdigest()
+    outcome = orjson.loads(outcome)
+    assert outcome["sum_sha256"] == hashlib.sha256(total.astype("<i8").tobytes()).hexdigest()
 
-    # the published model is the base plus the mean of the survivors' deltas (no noise)
+    # the published model is the base plus the mean of the survivors' deltas: their clean vectors plus their
+    # noise, which is there at the plan's size (sigma a device), and stated as an epsilon
     m = tables.models.c
     blobs = dict(_query(fleet.url, sa.select(m.version, m.weights)))
     base, new = mlp_tensors(weights.from_bytes(blobs[1])), mlp_tensors(weights.from_bytes(blobs[2]))
     ann = cr.decode_announcement(_query(fleet.url, sa.select(fr.announcement).where(fr.id == 1))[0][0])
-    mean = secure_codec.decode(total, secure_grid(ann.plan))
+    assert ann.plan.dp is not None and ann.plan.dp.mode == "distributed"
+    clean = np.sum([plain[d] - noise[d] for d in SECURE_DEVICES], axis=0)
+    mean = secure_codec.decode(clean + np.sum(list(noise.values()), axis=0), secure_grid(ann.plan))
     for name in ann.plan.trainable:
-        assert np.allclose(new[name], base[name] + mean[name] / 5, atol=1e-6), name
+        assert np.allclose(new[name], base[name] + mean[name] / 5, atol=1e-5), name
+    for d in SECURE_DEVICES:
+        assert float(noise[d].std()) == pytest.approx(ann.plan.dp.sigma, rel=0.1), d
+    spent = outcome["privacy"]
+    assert (spent["mode"], spent["devices"], spent["rounds"]) == ("distributed", 5, 1) and spent["epsilon"] > 0
+    assert view["dp"] == "distributed" and view["epsilon_total"] == spent["epsilon_total"]
+    (manifest,) = _query(fleet.url, sa.select(m.manifest).where(m.version == 2))[0]
+    assert orjson.loads(manifest)["training"]["privacy"]["epsilon_total"] == spent["epsilon_total"]
 
     # the hub's database and logs: no device's vector, no plain update, every masked vector unlike its source
     payloads = [bytes(p) for (p,) in _query(fleet.url, sa.select(u.payload).where(u.payload.is_not(None)))]
@@ -293,6 +307,8 @@ def test_a_secure_round_survives_a_device_killed_after_masking(procs, broker, pr
         ring = ints & ((1 << session.bits) - 1)
         packed = secagg.pack(ring.astype(np.uint32), session.bits)
         assert not any(packed in p for p in payloads) and packed not in logs
+        unnoised = secagg.pack(((ints - noise[d]) & ((1 << session.bits) - 1)).astype(np.uint32), session.bits)
+        assert not any(unnoised in p for p in payloads) and unnoised not in logs
         mine = decode_answer(next(p for p in payloads if decode_answer(p).step == "masked"
                                   and decode_answer(p).device_id == d))
         assert np.mean(secagg.unpack(mine.vectors()[0], mine.size, mine.bits) == ring) < 0.01

@@ -26,6 +26,7 @@ readings overlap in two files is refused at the first overlapping row (or it is 
 from __future__ import annotations
 
 import bisect
+import csv
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -54,11 +55,13 @@ from edge_agent.sources.logs import (
     log_format,
     read_log,
 )
+from edge_agent.sources.numbers import OK, PAD, parse_numbers
 
 SLACK_S = 1.0  # seconds a reading may lie below its run's latest and stay in the run (clock jitter)
 MAX_RUNS = 256  # stretches in time order merged at once (a cursor and an open file each)
 _MIN_CURSOR_ROWS = 256
-_READ = 1 << 18
+_READ = 1 << 18  # bytes read at once, split between the cursors (at least _MIN_READ each)
+_MIN_READ = 1 << 14
 _LINE_BITS = 40  # a row's tag in the merge: file index << 40 | line
 
 
@@ -72,6 +75,12 @@ def sort_hint(path: str, fmt: str, gz: bool, ts_column: int = 1) -> str:
         return (f"({cat} | head -n 1; {cat} | tail -n +2 | LC_ALL=C sort -s -t, -k{k},{k}g) > {sorted_name}")
     return (f"{cat} | python3 -c \"import sys, json; rows = [l for l in sys.stdin if l.strip()]; "
             f"rows.sort(key=lambda l: json.loads(l)['ts']); sys.stdout.writelines(rows)\" > {sorted_name}")
+
+
+def with_hint(exc: LogError, hint: str) -> LogError:
+    """A reading of a device that goes back in time, with how to sort the log."""
+    return LogError(exc.path, exc.line, f"{exc.reason}: a device's readings must go forward in time; "
+                    f"to sort the log by time: {hint}", exc.kind)
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,12 @@ class _Index:
 
 
 class _Indexer:
-    """The index pass over one file: runs, row count, and the parser's verdict on every line."""
+    """The index pass over one file: where its runs start, and about how many rows it holds.
+
+    CSV is scanned for the ts field alone (numbers decoded in bulk by :func:`parse_numbers`, the
+    parser's number rule): a third of a full parse.  Lines are judged when replayed, by the parser
+    (a line whose ts is not a plain number is skipped here, and cannot start a run).  JSON Lines go
+    through the parser (``ts`` cannot be found without decoding the record)."""
 
     def __init__(self, path: str, fmt: str, gz: bool, on_error: str, numeric: bool, slack: float, room: int):
         self.path, self.format, self.gz, self.slack, self.room = path, fmt, gz, slack, room
@@ -110,10 +124,13 @@ class _Indexer:
         self.nl_line = 1
         self.cps: list[tuple[int, GzipCheckpoint]] = []
         self.header = b""
+        self.its, self.ncols = 0, 1  # CSV: the ts column, the number of columns
+        self.buf, self.line, self.rows = b"", 2, 0  # CSV: the partial line, its number, rows seen
 
     def run(self) -> _Index:
         f: Any = Gunzip(self.path) if self.gz else open(self.path, "rb")  # noqa: SIM115 - closed below
         off = 0
+        csv_ = self.format == "csv"
         try:
             while True:
                 if self.gz:
@@ -121,50 +138,97 @@ class _Indexer:
                 try:
                     data = f.read(_READ)
                 except BROKEN_FILE as exc:
-                    self._chunks(self.parser.feed())
-                    raise LogError(self.path, self.parser.line, broken_reason(exc), "bad file") from exc
+                    if not csv_:
+                        self._chunks(self.parser.feed())
+                    line = self.line if csv_ else self.parser.line
+                    raise LogError(self.path, line, broken_reason(exc), "bad file") from exc
                 if not data:
                     break
-                if off == 0:
-                    self._body(data)
+                body = self._body(data) if off == 0 else 0
                 self.nl = np.concatenate([self.nl, np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + off])
                 off += len(data)
-                self._chunks(self.parser.feed(data, flush=False))
-            self._chunks(self.parser.feed(final=True))
+                if csv_:
+                    self._scan(data[body:])
+                else:
+                    self._chunks(self.parser.feed(data, flush=False))
+            if csv_:
+                self._scan(b"", final=True)
+            else:
+                self._chunks(self.parser.feed(final=True))
         except LogError as exc:
             if exc.kind == NON_MONOTONIC_TS:
-                raise LogError(exc.path, exc.line, f"{exc.reason}: a device's readings must go forward in time; "
-                               f"to sort the log by time: {self._hint()}", exc.kind) from None
+                raise with_hint(exc, self._hint()) from None
             raise
         finally:
             f.close()
         d = self.parser.d
-        return _Index(self.path, self.format, self.gz, self.header, d.rules.channels, d.rules.has_labels,
-                      d.outputs, self._ts_column(), self.runs or [self._first()], self.parser.stats.rows_read)
+        rows = self.rows if csv_ else self.parser.stats.rows_read
+        return _Index(self.path, self.format, self.gz, self.header, self._schema[0], self._schema[1],
+                      d.outputs, self.its + 1, self.runs or [self._first()], rows)
 
-    def _body(self, data: bytes) -> None:
+    def _body(self, data: bytes) -> int:
+        """Where the rows begin in the first block read (after the CSV header), noted as the first run."""
         if self.format == "csv":
             self.header = data[: data.find(b"\n") + 1] or data
+            names = [c.strip() for c in next(csv.reader([self.header.removeprefix(b"\xef\xbb\xbf").decode(
+                "utf-8", "replace").rstrip("\r\n")]))]
+            self.its, self.ncols = names.index("ts"), len(names)
         self.runs.append(self._first())
+        return len(self.header)
+
+    @property
+    def _schema(self) -> tuple[tuple[str, ...], bool]:
+        return self.parser.d.rules.channels, self.parser.d.rules.has_labels
 
     def _first(self) -> _Start:
         line, offset = (2, len(self.header)) if self.format == "csv" else (1, 0)
         return _Start(line, offset, self.cps[0] if self.gz and self.cps else None)
 
-    def _ts_column(self) -> int:
-        if self.format != "csv":
-            return 1
-        names = [c.strip() for c in self.header.decode("utf-8", "replace").strip().split(",")]
-        return names.index("ts") + 1 if "ts" in names else 1
-
     def _hint(self) -> str:
-        return sort_hint(self.path, self.format, self.gz, self._ts_column())
+        return sort_hint(self.path, self.format, self.gz, self.its + 1)
 
     def _chunks(self, chunks: Iterator[ReadingChunk]) -> None:
         for chunk in chunks:
             assert chunk.lines is not None
             self._cut(chunk.ts, chunk.lines)
             self._forget(int(chunk.lines[-1]))
+
+    def _scan(self, data: bytes, final: bool = False) -> None:
+        """CSV: the ts of every complete line buffered (NaN where it is not a plain number)."""
+        buf = self.buf + data if self.buf else data
+        if final and buf[-1:] not in (b"", b"\n"):
+            buf += b"\n"
+        a = np.frombuffer(buf, np.uint8)
+        nl = np.flatnonzero(a == 10)
+        n = nl.shape[0]
+        if n == 0:
+            self.buf = buf
+            return
+        end = int(nl[-1]) + 1
+        starts = np.empty_like(nl)
+        starts[0] = 0
+        starts[1:] = nl[:-1] + 1
+        commas = np.flatnonzero(a[:end] == 44)
+        m = commas.shape[0]
+        j = np.searchsorted(commas, starts)  # each line's first comma
+        ok = np.ones(n, dtype=bool)
+
+        def comma(k: np.ndarray) -> np.ndarray:
+            ok[:] &= k < m
+            return commas[np.minimum(k, m - 1)] if m else nl
+
+        S = starts if self.its == 0 else comma(j + self.its - 1) + 1
+        last = self.its == self.ncols - 1  # the field ends at the line's end (before a \r)
+        E = nl - (a[np.maximum(nl - 1, 0)] == 13) if last else comma(j + self.its)
+        ok &= (S <= E) & (nl >= E)
+        ts, st = parse_numbers(b"\n" * PAD + buf[:end], np.where(ok, S, 0) + PAD, np.where(ok, E, 0) + PAD)
+        good = ok & (st == OK)
+        lines = np.arange(self.line, self.line + n, dtype=np.int64)
+        self.rows += int(good.sum())
+        self._cut(ts[good], lines[good])
+        self.line += n
+        self.buf = buf[end:]
+        self._forget(self.line - 1)
 
     def _cut(self, ts: np.ndarray, lines: np.ndarray) -> None:
         """Note every row that goes back in time by more than the slack: a new run starts there."""
@@ -208,8 +272,10 @@ class _Indexer:
 class _Cursor:
     """Reads one run of a file: its chunks, each with its merge keys and the merge's device codes."""
 
-    def __init__(self, idx: _Index, k: int, rows: int, on_error: str, numeric: bool, file_no: int) -> None:
+    def __init__(self, idx: _Index, k: int, rows: int, read: int, on_error: str, numeric: bool, file_no: int) -> None:
         start = idx.runs[k]
+        self.read_size = read
+        self.hint = sort_hint(idx.path, idx.format, idx.gz, idx.ts_column)
         self.end = idx.runs[k + 1].offset if k + 1 < len(idx.runs) else None
         self.path, self.file_no = idx.path, file_no
         jsonl = idx.format == "jsonl"
@@ -237,7 +303,8 @@ class _Cursor:
     def _read(self) -> bytes:
         while True:
             try:
-                data = self.f.read(_READ if self.end is None else min(_READ, max(self.end - self.pos, 1)))
+                n = self.read_size
+                data = self.f.read(n if self.end is None else min(n, max(self.end - self.pos, 1)))
             except BROKEN_FILE as exc:
                 raise LogError(self.path, self.parser.line, broken_reason(exc), "bad file") from exc
             self.pos += len(data)
@@ -260,6 +327,14 @@ class _Cursor:
 
     def advance(self, codes_of: dict[str, int]) -> bool:
         """Buffer the run's next chunk (False once the run is done)."""
+        try:
+            return self._advance(codes_of)
+        except LogError as exc:
+            if exc.kind == NON_MONOTONIC_TS:
+                raise with_hint(exc, self.hint) from None
+            raise
+
+    def _advance(self, codes_of: dict[str, int]) -> bool:
         for chunk in self._it:
             if len(chunk) == 0:
                 continue
@@ -333,8 +408,9 @@ class ReplayLogs:
     def __iter__(self) -> Iterator[ReadingChunk]:
         indexes = self.index()._indexes
         assert indexes is not None
-        per = max(_MIN_CURSOR_ROWS, self.rows_buffered // max(self.runs, 1))
-        cursors = [_Cursor(idx, k, per, self.on_error, self.numeric, n)
+        runs = max(self.runs, 1)
+        per, read = max(_MIN_CURSOR_ROWS, self.rows_buffered // runs), max(_MIN_READ, _READ // runs)
+        cursors = [_Cursor(idx, k, per, read, self.on_error, self.numeric, n)
                    for n, idx in enumerate(indexes) for k in range(len(idx.runs))]
         try:
             yield from self._merge(cursors)

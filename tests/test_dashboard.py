@@ -184,7 +184,7 @@ def _say_drift(broker: LocalBroker, prefix: str, device: str, psi: float, confid
                                                                drift_psi=psi, mean_confidence=confidence).encode(),
                      c.STATUS_DELIVERY)
     finally:
-        link.stop()
+        link.stop(timeout=30)  # after its PUBACK
 
 
 @pytest.mark.slow
@@ -213,17 +213,17 @@ def test_a_device_page_shows_the_versions_it_ran_its_classes_and_its_drift(procs
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert agent.wait(120) == 0, agent.stderr.read() if agent.stderr else ""
     total = count_rows(url)
-    wait_for(lambda: sum(d["results"] for d in _api(port)["devices"]) == total, what="every result stored")
+    wait_for(lambda: sum(d["results"] for d in _api(port)["devices"]) == total, timeout=60, what="every result stored")
     _say_drift(broker, prefix, "dev-a", 0.41, 0.62)
     wait_for(lambda: next(d for d in _api(port)["devices"] if d["device_id"] == "dev-a")["drift_psi"] == 0.41,
-             what="the drift status stored")
+             timeout=60, what="the drift status stored")
 
     browser.get(f"http://hub:{TOKEN}@127.0.0.1:{port}/")  # type: ignore[attr-defined]
     wait = WebDriverWait(browser, 60)
     clock = browser.find_element(By.ID, "clock").text  # type: ignore[attr-defined]
     assert "hub's clock" in clock and "received_at" in clock, clock  # which clock the per-minute plots count
-    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#devices a[href='/devices/dev-a']"))  # type: ignore[attr-defined]
-    browser.find_element(By.CSS_SELECTOR, "#devices a[href='/devices/dev-a']").click()  # type: ignore[attr-defined]
+    wait.until(lambda _: browser.execute_script(  # type: ignore[attr-defined]  # found and clicked in one go: the
+        "const a = document.querySelector(\"#devices a[href='/devices/dev-a']\"); if (a) a.click(); return !!a"))  # table is redrawn every 2 s
     wait.until(lambda _: browser.find_elements(By.ID, "versions"))  # type: ignore[attr-defined]
     assert browser.find_element(By.TAG_NAME, "h1").text == "device dev-a"  # type: ignore[attr-defined]
 

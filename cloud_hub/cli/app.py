@@ -38,8 +38,16 @@ from cloud_hub.cli import models as cli_models  # noqa: E402
 from cloud_hub.cli import rollout as cli_rollout  # noqa: E402
 from cloud_hub.cli import rounds as cli_rounds  # noqa: E402
 
-app = typer.Typer(help="Cloud hub: ingest device results into SQL, aggregate, retrain and roll out models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False,
+# Each paragraph of a help text is one string without line breaks: in rich mode typer keeps a break inside
+# a paragraph where it is, so a hard-wrapped text renders as broken lines (tests/test_help_texts.py).
+HELP = ("Cloud hub: ingest device results into SQL, aggregate, retrain and roll out models.\n\n"
+        "To start: `cloud-hub demo` runs the whole pipeline on a private broker in about a minute. By hand: "
+        "`cloud-hub sample log.csv` (a labelled log), `cloud-hub train log.csv` (the first model), "
+        "`cloud-hub keygen keys/hub.pem`, then `cloud-hub serve --broker mqtt://HOST:1883` and "
+        "`cloud-hub publish --signing-key keys/hub.pem --broker mqtt://HOST:1883`; devices run `edge-agent`. "
+        "Getting started: docs/getting-started.md.")
+
+app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 
@@ -50,10 +58,10 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(help=HELP)
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False) -> None:
-    """Cloud hub: ingest device results into SQL, aggregate, retrain and roll out models."""
+    """The ``cloud-hub`` app's options (its help: :data:`HELP`)."""
 
 
 # Data path (serve, stats, devices), model lifecycle (train, retrain, keygen, publish, models, export),

@@ -90,8 +90,7 @@ def stats(
     bucket: Annotated[str | None, typer.Option("--bucket", help="Also per time bucket: minute or hour.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Result counts, class histogram, confidence, accuracy (a regressor: mean / median / p90 error) and
-    latency per device and fleet-wide."""
+    """Per device and fleet-wide: results, classes, confidence, accuracy (a regressor's error), latency."""
     from cloud_hub.data.aggregate import BUCKETS, fleet_stats, parse_since
 
     if bucket is not None and bucket not in BUCKETS:

@@ -185,8 +185,7 @@ def sample(
     building: Annotated[int | None, typer.Option(help="--ujiindoorloc: keep this BUILDINGID only.")] = None,
     floor: Annotated[int | None, typer.Option(help="--ujiindoorloc: keep this FLOOR only.")] = None,
 ) -> None:
-    """Write a labelled log to try the pipeline with, recorded until now: sensor readings with activity
-    classes, or phones' Wi-Fi scans with their positions (a regressor with two outputs)."""
+    """Write a labelled log, recorded until now: activity readings, or phones' Wi-Fi scans and positions."""
     if scenario not in ("activity", "positioning"):
         raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
     default = "dev-a,dev-b,dev-c" if scenario == "activity" else ",".join(f"phone-{i:02d}" for i in range(1, 9))

@@ -143,7 +143,7 @@ def keygen(
     private_key: Annotated[Path, typer.Argument(help="Where to write the Ed25519 private key (PEM, mode 0600).")],
     public_key: Annotated[Path | None, typer.Option("--public", help="Public key path "
                                                     "(default: <private>.pub.pem).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
 ) -> None:
     """Make an Ed25519 key pair: the hub signs bundles with the private key, devices trust the public one."""
     from cloud_hub.models.signing import keygen as make
@@ -162,7 +162,7 @@ def publish(
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
     insecure_unsigned: Annotated[bool, typer.Option("--insecure-unsigned", help="Publish without a signature "
                                                     "(devices refuse it unless they allow unsigned models).")] = False,
-    force: Annotated[bool, typer.Option(help="Publish a version that failed its gate.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Publish a version that failed its gate.")] = False,
     name: NameOpt = None,
     prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
     canary: Annotated[str | None, typer.Option("--canary", help="Send it to this share of the devices first "

@@ -24,7 +24,7 @@ EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INPUT, EXIT_INTERRUPTED = (
     exits.USAGE, exits.UNAVAILABLE, exits.MODEL, exits.INPUT, exits.INTERRUPTED)
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="TOML settings file.")]
-BrokerOpt = Annotated[str | None, typer.Option(help="mqtt://[user:pass@]host:port or mqtts://…")]
+BrokerOpt = Annotated[str | None, typer.Option(help="mqtt://\\[user:pass@]host:port or mqtts://…")]  # \\[: not markup
 ModelOpt = Annotated[str | None, typer.Option(help="Model bundle file (.emlb); default: the retained model topic.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device-id", help="Device id (replay: rename a single-device log).")]
 StateOpt = Annotated[str | None, typer.Option("--state-dir", help="Folder for the outbox and the active model.")]
@@ -83,7 +83,8 @@ def replay(
     prefix: PrefixOpt = None,
     trusted_key: KeyOpt = None,
     features: Annotated[str | None, typer.Option(help="Send model inputs for retraining: off|sampled|all.")] = None,
-    skip_bad_lines: Annotated[bool, typer.Option(help="Count and report malformed lines instead of stopping.")] = False,
+    skip_bad_lines: Annotated[bool, typer.Option("--skip-bad-lines", help="Count and report malformed lines instead "
+                                                 "of stopping.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Give up after S seconds of waiting (exit 3): for the broker, "
                                                   "the model on its topic, or the receipts.")] = None,
     until: Annotated[str | None, typer.Option(help="hub: exit 0 once the hub has stored every result (its receipts); "

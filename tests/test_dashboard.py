@@ -82,10 +82,12 @@ def _a_round(url: str) -> None:
             "federated": {"metric_before": 0.6, "metric_after": 0.8}, "holdout_before": 0.7, "holdout_after": 0.75})
         # a secure round: the hub saw only the sum of three devices' deltas
         store.add_round(conn, round_id=2, name="default", base_version=2, participants=["dev-a", "dev-b", "dev-c"],
-                        plan={"task": "classification", "secure": {"threshold": 2}}, announcement=b"x",
+                        plan={"task": "classification", "secure": {"threshold": 2},
+                              "dp": {"mode": "distributed", "noise": 1.2, "delta": 1e-5}}, announcement=b"x",
                         opened_at=time.time(), deadline=time.time() + 60)
         store.set_round(conn, 2, state="published", expect=("open",), new_version=3, outcome={
-            "secure": True, "summed": 3, "federated": {"metric_before": 0.7, "metric_after": 0.9}})
+            "secure": True, "summed": 3, "federated": {"metric_before": 0.7, "metric_after": 0.9},
+            "privacy": {"epsilon": 1.234, "epsilon_total": 2.5, "rho": 0.1}})
     engine.dispose()
 
 
@@ -152,8 +154,9 @@ def test_the_dashboard_shows_a_live_run_and_updates_without_a_reload(procs, brow
     wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#rounds tr[data-round='1']"))  # type: ignore[attr-defined]
     cells = browser.execute_script(  # type: ignore[attr-defined]
         "return Array.from(document.querySelectorAll('#rounds tr[data-round] td')).map(td => td.textContent)")
-    assert cells[:7] == ["1", "v1", "published v2", "2 / 0 / 1", "2 kB", "60.0% → 80.0%", "70.0% → 75.0%"], cells
-    assert cells[7:] == ["2", "v2", "published v3", "secure: 3 in the sum", "0 kB", "70.0% → 90.0%", "- → -"], cells
+    assert cells[:8] == ["1", "v1", "published v2", "2 / 0 / 1", "2 kB", "60.0% → 80.0%", "70.0% → 75.0%", "-"], cells
+    assert cells[8:] == ["2", "v2", "published v3", "secure: 3 in the sum", "0 kB", "70.0% → 90.0%", "- → -",
+                         "distributed 1.23 / 2.50 (δ 0.00001)"], cells
     _a_canary(url)  # as `cloud-hub publish --canary` records one: its verdict so far, and serve has no key
     wait.until(lambda _: "to decide:" in browser.find_element(By.ID, "verdict").text)  # type: ignore[attr-defined]
     verdict = browser.find_element(By.ID, "verdict").text  # type: ignore[attr-defined]

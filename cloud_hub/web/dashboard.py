@@ -142,13 +142,16 @@ function render(f) {
     (f.canary_warning ? '<br><span class="bad">' + esc(f.canary_warning) + "</span>" : "") + "</p>" : "";
   const score = (r, x) => x == null ? "-" : r.task === "classification" ? pct(x) : x.toFixed(2);
   $("rounds").innerHTML = f.rounds.length ? "<table><tr><th>round</th><th>base</th><th>state</th><th>accepted / late / refused (secure: the devices in the sum the hub saw)</th>" +
-    "<th>upload</th><th>devices before → after</th><th>hold-out before → after</th></tr>" +
+    "<th>upload</th><th>devices before → after</th><th>hold-out before → after</th><th>epsilon: round / model</th></tr>" +
     f.rounds.map((r) => "<tr data-round=\\"" + r.round + "\\"><td>" + r.round + "</td><td>v" + r.base_version + "</td><td class=\\"" +
       (r.state === "failed" || r.state === "rejected" ? "bad" : "") + "\\">" + esc(r.state) + (r.new_version ? " v" + r.new_version : "") +
       "</td><td>" + (r.secure ? "secure: " + (r.summed == null ? r.masked : r.summed) + " in the sum"
                               : r.accepted + " / " + r.late + " / " + r.refused) + "</td><td>" + Math.round(r.upload_bytes / 1024) +
       " kB</td><td>" + score(r, r.device_metric_before) + " → " + score(r, r.device_metric_after) + "</td><td>" +
-      score(r, r.holdout_before) + " → " + score(r, r.holdout_after) + "</td></tr>").join("") + "</table>"
+      score(r, r.holdout_before) + " → " + score(r, r.holdout_after) + "</td><td>" +
+      (r.epsilon == null ? (r.dp ? esc(r.dp) + ": none spent" : "-")
+                         : esc(r.dp) + " " + r.epsilon.toPrecision(3) + " / " + r.epsilon_total.toPrecision(3) +
+                           " (δ " + r.dp_delta + ")") + "</td></tr>").join("") + "</table>"
     : "no federated round yet (cloud-hub federate)";
   $("dead").innerHTML = f.dead_letters.count + " refused messages" + (f.dead_letters.latest.length ? ": " +
     f.dead_letters.latest.map((d) => esc(d.reason)).join("; ") : "") +

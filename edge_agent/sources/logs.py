@@ -150,6 +150,16 @@ class LineParser:
         self.stats.lines += n
         self._buf = self._buf[end:]
 
+    def continue_after(self, devices: Sequence[str], last_ts: np.ndarray, last_line: np.ndarray) -> None:
+        """Parse from the middle of a file whose earlier lines (read elsewhere) left ``devices[i]`` at
+        ``last_ts[i]`` (line ``last_line[i]``): the rule that a device's ts increases holds across."""
+        if not devices:
+            return
+        codes = self.d.devices.encode_values(list(devices))
+        self._last_ts, self._last_line = grow_last(self._last_ts, self._last_line, len(self.d.devices.names))
+        self._last_ts[codes] = last_ts[: len(devices)]
+        self._last_line[codes] = last_line[: len(devices)]
+
     def _part(self, block: bytes, nlines: int) -> LogError | None:
         """Parse one block of lines into the current chunk; the error to raise, if any."""
         assert self._fmt is not None

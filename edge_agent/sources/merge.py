@@ -29,6 +29,7 @@ import bisect
 import csv
 import math
 import os
+import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,7 @@ from edge_agent.sources.logs import (
     log_format,
     read_log,
 )
-from edge_agent.sources.numbers import OK, PAD, parse_numbers
+from edge_agent.sources.numbers import OK, PAD, Codes, parse_numbers
 
 SLACK_S = 1.0  # seconds a reading may lie below its run's latest and stay in the run (clock jitter)
 MAX_RUNS = 256  # stretches in time order merged at once (a cursor and an open file each)
@@ -66,15 +67,18 @@ _LINE_BITS = 40  # a row's tag in the merge: file index << 40 | line
 
 
 def sort_hint(path: str, fmt: str, gz: bool, ts_column: int = 1) -> str:
-    """The command that sorts a log by time, with bounded memory where a tool can (GNU sort)."""
-    cat = f"zcat {path}" if gz else f"cat {path}"
-    out = path.removesuffix(".gz").rsplit(".", 1)
-    sorted_name = f"{out[0]}.sorted.{out[1]}" if len(out) == 2 else f"{path}.sorted"
+    """The command that sorts a log by time (a CSV with GNU sort, which spills to disk when it must)."""
+    q = shlex.quote(path)
+    stem, _, ext = path.removesuffix(".gz").rpartition(".")
+    out = shlex.quote(f"{stem}.sorted.{ext}" if stem else f"{path}.sorted")
+    read = f"zcat {q} | " if gz else ""
     if fmt == "csv":
         k = ts_column
-        return (f"({cat} | head -n 1; {cat} | tail -n +2 | LC_ALL=C sort -s -t, -k{k},{k}g) > {sorted_name}")
-    return (f"{cat} | python3 -c \"import sys, json; rows = [l for l in sys.stdin if l.strip()]; "
-            f"rows.sort(key=lambda l: json.loads(l)['ts']); sys.stdout.writelines(rows)\" > {sorted_name}")
+        head, body = (f"{read}head -n 1", f"{read}tail -n +2") if gz else (f"head -n 1 {q}", f"tail -n +2 {q}")
+        return f"({head}; {body} | LC_ALL=C sort -s -t, -k{k},{k}g) > {out}"
+    return (f"{read}python3 -c \"import sys, json; rows = [l.rstrip() + '\\n' for l in sys.stdin if l.strip()]; "
+            f"rows.sort(key=lambda l: json.loads(l)['ts']); sys.stdout.writelines(rows)\" "
+            f"{'' if gz else '< ' + q + ' '}> {out}")
 
 
 def with_hint(exc: LogError, hint: str) -> LogError:
@@ -90,6 +94,7 @@ class _Start:
     line: int
     offset: int
     checkpoint: tuple[int, GzipCheckpoint] | None = None  # (uncompressed offset, state)
+    devices: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None  # each device's last ts and line before
 
 
 @dataclass
@@ -124,8 +129,10 @@ class _Indexer:
         self.nl_line = 1
         self.cps: list[tuple[int, GzipCheckpoint]] = []
         self.header = b""
-        self.its, self.ncols = 0, 1  # CSV: the ts column, the number of columns
+        self.its, self.idev, self.ncols = 0, 1, 2  # CSV: the ts and device_id columns, the number of columns
         self.buf, self.line, self.rows = b"", 2, 0  # CSV: the partial line, its number, rows seen
+        self.codes = Codes(allow_empty=False)  # CSV: the device ids
+        self.last_ts, self.last_line = np.empty(0), np.empty(0, dtype=np.int64)  # per device, as the parser's
 
     def run(self) -> _Index:
         f: Any = Gunzip(self.path) if self.gz else open(self.path, "rb")  # noqa: SIM115 - closed below
@@ -172,7 +179,7 @@ class _Indexer:
             self.header = data[: data.find(b"\n") + 1] or data
             names = [c.strip() for c in next(csv.reader([self.header.removeprefix(b"\xef\xbb\xbf").decode(
                 "utf-8", "replace").rstrip("\r\n")]))]
-            self.its, self.ncols = names.index("ts"), len(names)
+            self.its, self.idev, self.ncols = names.index("ts"), names.index("device_id"), len(names)
         self.runs.append(self._first())
         return len(self.header)
 
@@ -190,7 +197,7 @@ class _Indexer:
     def _chunks(self, chunks: Iterator[ReadingChunk]) -> None:
         for chunk in chunks:
             assert chunk.lines is not None
-            self._cut(chunk.ts, chunk.lines)
+            self._cut(chunk.ts, chunk.device_codes, chunk.lines, chunk.device_names)
             self._forget(int(chunk.lines[-1]))
 
     def _scan(self, data: bytes, final: bool = False) -> None:
@@ -217,21 +224,33 @@ class _Indexer:
             ok[:] &= k < m
             return commas[np.minimum(k, m - 1)] if m else nl
 
-        S = starts if self.its == 0 else comma(j + self.its - 1) + 1
-        last = self.its == self.ncols - 1  # the field ends at the line's end (before a \r)
-        E = nl - (a[np.maximum(nl - 1, 0)] == 13) if last else comma(j + self.its)
-        ok &= (S <= E) & (nl >= E)
-        ts, st = parse_numbers(b"\n" * PAD + buf[:end], np.where(ok, S, 0) + PAD, np.where(ok, E, 0) + PAD)
+        def field(col: int) -> tuple[np.ndarray, np.ndarray]:
+            S = starts if col == 0 else comma(j + col - 1) + 1
+            last = col == self.ncols - 1  # the field ends at the line's end (before a \r)
+            E = nl - (a[np.maximum(nl - 1, 0)] == 13) if last else comma(j + col)
+            ok[:] &= (S <= E) & (nl >= E)
+            return np.where(ok, S, 0) + PAD, np.where(ok, E, 0) + PAD
+
+        quoted = np.flatnonzero(a[:end] == 34)  # a quoted field may hold commas: left to the parser
+        if quoted.shape[0]:
+            ok[np.unique(np.searchsorted(nl, quoted))] = False
+        (Sts, Ets), (Sdev, Edev) = field(self.its), field(self.idev)
+        raw = b"\n" * PAD + buf[:end]
+        ts, st = parse_numbers(raw, Sts, Ets)
         good = ok & (st == OK)
         lines = np.arange(self.line, self.line + n, dtype=np.int64)
         self.rows += int(good.sum())
-        self._cut(ts[good], lines[good])
+        if good.any():
+            codes = self.codes.encode_fields(raw, Sdev[good], Edev[good], b"\0" in raw)
+            self._cut(ts[good], codes, lines[good], self.codes.names_tuple)
         self.line += n
         self.buf = buf[end:]
         self._forget(self.line - 1)
 
-    def _cut(self, ts: np.ndarray, lines: np.ndarray) -> None:
-        """Note every row that goes back in time by more than the slack: a new run starts there."""
+    def _cut(self, ts: np.ndarray, codes: np.ndarray, lines: np.ndarray, names: tuple[str, ...]) -> None:
+        """Note every row that goes back in time by more than the slack: a new run starts there, and
+        takes along each device's last ts before it (the parser's rule holds across runs)."""
+        self.last_ts, self.last_line = grow_last(self.last_ts, self.last_line, len(names))
         i, n = 0, ts.shape[0]
         while i < n:
             top = np.maximum(np.maximum.accumulate(ts[i:]), self.top)
@@ -239,23 +258,26 @@ class _Indexer:
             before[0] = self.top
             before[1:] = top[:-1]
             back = np.flatnonzero(ts[i:] < before - self.slack)
-            if back.shape[0] == 0:
+            j = n if back.shape[0] == 0 else i + int(back[0])
+            increasing(codes[i:j], ts[i:j], lines[i:j], self.last_ts, self.last_line)
+            if j == n:
                 self.top = float(top[-1])
                 return
-            j = i + int(back[0])
-            self._start(int(lines[j]), float(ts[j]), float(before[back[0]]))
-            self.top, i = float(ts[j]), j + 1
+            devices = (names, self.last_ts.copy(), self.last_line.copy())
+            self._start(int(lines[j]), float(ts[j]), float(before[back[0]]), devices)
+            self.top, i = float(ts[j]), j
 
-    def _start(self, line: int, t: float, top: float) -> None:
+    def _start(self, line: int, t: float, top: float, devices: tuple[tuple[str, ...], np.ndarray, np.ndarray]
+               ) -> None:
         offset = int(self.nl[line - 1 - self.nl_line]) + 1
         cp = None
         if self.gz:
             k = bisect.bisect_right([o for o, _ in self.cps], offset) - 1
             cp = self.cps[k]
-        self.runs.append(_Start(line, offset, cp))
+        self.runs.append(_Start(line, offset, cp, devices))
         if len(self.runs) > self.room:
-            raise LogError(self.path, line, f"the readings go back in time ({t!r} after {top!r}) more than "
-                           f"{self.room} times (replay merges up to {MAX_RUNS} stretches in time order, e.g. one "
+            raise LogError(self.path, line, f"the readings go back in time ({t!r} after {top!r}) at more places than "
+                           f"replay can merge (at most {MAX_RUNS} stretches in time order across the logs, e.g. one "
                            f"per device); sort the log by time: {self._hint()}", "unordered log")
 
     def _forget(self, line: int) -> None:
@@ -285,6 +307,8 @@ class _Cursor:
         self.parser.line, self.parser.stats.lines = start.line, 0
         self.parser.numeric_labels = numeric
         self.parser.d.outputs = idx.outputs
+        if start.devices is not None:
+            self.parser.continue_after(*start.devices)
         if start.checkpoint is None:
             self.f: Any = open(idx.path, "rb")  # noqa: SIM115 - closed by close()
             self.f.seek(start.offset)

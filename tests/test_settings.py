@@ -43,6 +43,31 @@ def test_precedence_file_env_flags(tmp_path) -> None:
         ('source = "follow"\n', {}, "needs source_path"),
         ('ca_file = "/no/such/ca.pem"\n', {}, "does not exist"),
         ("broker = \n", {}, "not valid TOML"),
+        ('source = "serial"\nsensor_channels = ["t"]\n', {}, "source = 'serial' needs serial_port"),
+        ('source = "serial"\nserial_port = "/dev/ttyUSB0"\n', {}, "source = 'serial' needs sensor_channels"),
+        ('source = "serial"\nserial_port = "/dev/ttyUSB0"\nsensor_channels = ["t=temp"]\n', {},
+         "sensor_channels: 'temp' is no column number"),
+        ('source = "serial"\nserial_port = "/dev/ttyUSB0"\nsensor_channels = ["t"]\nserial_format = "xml"\n', {},
+         "serial_format must be one of csv, jsonl"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\n', {}, "source = 'mqtt' needs mqtt_topics"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["a/#/b"]\n', {}, "'a/#/b' is no topic filter"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nmqtt_device = "{name}"\n', {},
+         "{name} is no topic level"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nmqtt_device = "{1"\n', {},
+         "mqtt_device '{1'"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nmqtt_device = "{2}"\n', {},
+         "reads topic level 2, but the topics of 'z2m/+' have levels 0..1"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nmqtt_device = "z2m"\n', {},
+         "no {N}"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nmqtt_device = "{1}"\n'
+         'device_id = "d"\n', {}, "set one of them"),
+        ('source = "mqtt"\nsensor_channels = ["t", "label"]\nmqtt_topics = ["z2m/+"]\n', {},
+         "channel name 'label' is reserved"),
+        ('source = "mqtt"\nsensor_channels = ["t=a..b"]\nmqtt_topics = ["z2m/+"]\n', {}, "'a..b' is no field path"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nmqtt_broker = "tcp://x"\n', {},
+         "mqtt_broker: broker URL 'tcp://x' must start with mqtt://"),
+        ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nsensor_ts_unit = "h"\n', {},
+         "sensor_ts_unit must be one of s, ms"),
     ],
 )
 def test_bad_settings_are_refused_readably(tmp_path, text: str, env: dict, message: str) -> None:
@@ -56,3 +81,15 @@ def test_bad_settings_are_refused_readably(tmp_path, text: str, env: dict, messa
 def test_missing_config_file(tmp_path) -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=tmp_path / "nope.toml", environ={})
+
+
+def test_sensor_settings_name_their_origin(tmp_path) -> None:
+    """A mistake in a sensor key says where the bad value came from, like every other key."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["tele/+/SENSOR"]\n')
+    env = {"EDGE_AGENT_MQTT_DEVICE": "tasmota-{3}"}
+    with pytest.raises(SettingsError, match=r"^environment EDGE_AGENT_MQTT_DEVICE: mqtt_device 'tasmota-\{3\}': reads"):
+        load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=cfg, environ=env)
+    ok = load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=cfg, environ={
+        "EDGE_AGENT_MQTT_DEVICE": "tasmota-{1}", "EDGE_AGENT_SENSOR_CHANNELS": "t=BME280.Temperature,h=BME280.Humidity"})
+    assert ok.mqtt_device == "tasmota-{1}" and ok.sensor_channels == ("t=BME280.Temperature", "h=BME280.Humidity")

@@ -68,6 +68,11 @@ class SerialSensor:
     def has_labels(self) -> bool:
         return self.feed.has_labels
 
+    @property
+    def partial(self) -> bytes:
+        """What was read of a line whose end has not come yet."""
+        return self._buf
+
     def stop(self) -> None:
         self.stop_event.set()
 

@@ -1,12 +1,17 @@
 """The published contract (contract/asyncapi.json) and the contract module never disagree: the file is
 current, every message the encoders produce validates, and every payload a schema refuses, the
-decoders refuse too (property tests on both sides)."""
+decoders refuse too (property tests on both sides). The schemas validate with common tools as they come:
+Python's jsonschema as it picks the dialect (the schemas' $schema, draft-07) and as 2020-12 (its default
+without one), and JavaScript's ajv (Debian's node-ajv 6, run by node), with the same verdicts."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import struct
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,28 @@ from edge_agent.contract import rounds as cr
 from edge_agent.contract import secure_rounds as sr
 
 ROOT = Path(__file__).resolve().parents[1]
-VALIDATORS = {name: jsonschema.Draft7Validator(schema) for name, schema in cs.schemas().items()}
+SCHEMAS: dict[str, Any] = json.loads((ROOT / "contract" / "asyncapi.json").read_text())["components"]["schemas"]
+DRAFT_07 = "http://json-schema.org/draft-07/schema#"
+
+
+class Both:
+    """A schema as a validator reads it by its ``$schema`` (draft-07) and as a 2020-12 validator reads it (the
+    default of Python's jsonschema, and of any tool that ignores ``$schema``): every verdict must agree."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.validators = (jsonschema.validators.validator_for(schema)(schema), jsonschema.Draft202012Validator(schema))
+
+    def validate(self, obj: Any) -> None:
+        for validator in self.validators:
+            validator.validate(obj)
+
+    def is_valid(self, obj: Any) -> bool:
+        verdicts = {validator.is_valid(obj) for validator in self.validators}
+        assert len(verdicts) == 1, f"draft-07 and 2020-12 read the schema differently on {obj!r}"
+        return verdicts.pop()
+
+
+VALIDATORS = {name: Both(schema) for name, schema in SCHEMAS.items()}
 DECODERS = {
     "results": lambda p: c.decode_results(p),
     "status": lambda p: c.decode_status(p),
@@ -57,8 +83,6 @@ def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> No
                          ("sendSecureAnswer", sr.ANSWER_DELIVERY)):
         assert ops[op]["bindings"]["mqtt"]["qos"] == delivery.qos
         assert ops[op]["bindings"]["mqtt"]["retain"] == delivery.retain
-    for schema in cs.schemas().values():
-        jsonschema.Draft7Validator.check_schema(schema)
 
 
 def test_round_announcements_and_updates_validate_and_decode_back() -> None:
@@ -239,3 +263,136 @@ def test_what_a_schema_refuses_the_decoder_refuses(kind: str, data: st.DataObjec
     obj = data.draw(mutated(kind))
     if not VALIDATORS[kind].is_valid(obj):
         assert _refused_by_decoder(kind, obj), f"the schema refuses it, the decoder took it: {obj!r}"
+
+
+# --------------------------------------------------------------------------- common tools as they come
+
+def test_each_schema_declares_draft_07_and_reads_as_such_in_2020_12() -> None:
+    from jsonschema.validators import validator_for
+
+    assert set(SCHEMAS) == set(cs.schemas())
+    for name, schema in SCHEMAS.items():
+        assert schema["$schema"] == DRAFT_07, name
+        assert validator_for(schema) is jsonschema.Draft7Validator, name  # the dialect is honoured
+        jsonschema.Draft7Validator.check_schema(schema)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        undeclared = {k: v for k, v in schema.items() if k != "$schema"}  # a tool that ignores $schema
+        assert validator_for(undeclared) is jsonschema.Draft202012Validator
+        validator_for(undeclared).check_schema(undeclared)
+
+
+def _header(payload: bytes) -> Any:
+    """The JSON header of a framed message (4 magic bytes, its length, the header, a body)."""
+    return orjson.loads(payload[8:8 + int.from_bytes(payload[4:8], "big")])
+
+
+@pytest.fixture(scope="module")
+def real_messages(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Any]]:
+    """(schema, JSON) of a message of every kind, as the code encodes it."""
+    from dataclasses import replace
+
+    from edge_agent.contract import secagg
+    from tests.helpers import make_bundle, make_log
+
+    results = (c.Result(10, 1.0, 3.5, 2, 0.4, "walk", 0.93, None, "walk", (0.5, -1.5)),
+               c.Result(11, 1.5, 4.0, 2, 0.2, None, None, (1.25, -3.0), "1.5;2", None))
+    out: list[tuple[str, Any]] = [
+        ("results", orjson.loads(c.ResultBatch("d1", results).encode())),
+        ("status", orjson.loads(c.Status("d1", c.ONLINE, 12.5, "default", 2, "a" * 64, 3, None).encode())),
+        ("status", orjson.loads(c.Status("d1", c.OFFLINE, 13.0, None, None, None, 0, "lost").encode())),
+        ("receipt", orjson.loads(c.Receipt.of("d1", [0, 500, 1000, 1001, (1 << 63) - 1], dup=[500]).encode())),
+    ]
+    bundle = make_bundle(make_log(tmp_path_factory.mktemp("contract") / "log.csv", seconds=20))
+    out.append(("manifest", orjson.loads(orjson.dumps(bundle.manifest.to_obj()))))
+    weights = {"coef_0": np.ones((2, 2), np.float32), "intercept_0": np.zeros(2, np.float32)}
+    plan = cr.RoundPlan(3, "default", 2, "a" * 64, "classification", ("d1", "d2", "d3"), 1e9,
+                        trainable=("coef_0",))
+    out += [("round", _header(cr.announcement(plan, weights).encode())),
+            ("round", _header(cr.announcement(replace(plan, secure=cr.SecureParams(2, 63, 3.0, 5, 10)),
+                                              weights).encode()))]
+    specs, arrays = cr.encode_update_delta({"coef_0": np.full((2, 2), 0.01, np.float32)}, "int8")
+    update = cr.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),), "int8",
+                       specs, arrays, 5.0)
+    out.append(("update", _header(update.encode())))
+    session = secagg.Session(b"m/round 3", ("d1", "d2", "d3"), 2, 10)
+    keys = {d: secagg.DeviceSecrets(d) for d in session.participants}
+    adverts = {d: k.advert() for d, k in keys.items()}
+    sealed, _ = secagg.seal_shares(session, keys["d1"], adverts)
+    out += [("step", _header(step.encode())) for step in (
+        sr.Step(3, "default", "d2", "share", adverts=tuple(adverts.values())),
+        sr.Step(3, "default", "d2", "mask", sealed={"d1": sealed["d2"]}, senders=("d1", "d2")),
+        sr.Step(3, "default", "d2", "reveal", survivors=("d1", "d2"), dropped=("d3",)))]
+    ring = np.zeros(4, np.uint32)
+    out += [("secureAnswer", _header(answer.encode())) for answer in (
+        sr.Answer(3, "default", "d1", "advert", advert=adverts["d1"]),
+        sr.Answer(3, "default", "d1", "shares", sealed=sealed),
+        sr.Answer(3, "default", "d1", "masked", size=4, bits=10, stats=4,
+                  body=secagg.pack(ring, 10) + secagg.pack(ring, 32)),
+        sr.Answer(3, "default", "d1", "reveal", revealed={"d1": ("b", 7), "d3": ("s", 255)}))]
+    assert {kind for kind, _ in out} == set(SCHEMAS), "a message of every schema"
+    return out
+
+
+def test_real_messages_validate_as_draft_07_and_as_2020_12(real_messages) -> None:
+    for kind, obj in real_messages:
+        VALIDATORS[kind].validate(obj)
+
+
+ODD_VALUES = [None, True, -1, 0, 1.5, 1 << 64, "", "x", "d1\n", "z" * 300, [], [1, 2, 3], {}, {"k": 1}]
+
+
+def _changed(obj: Any) -> Iterator[Any]:
+    """``obj`` with one value replaced by each of :data:`ODD_VALUES`, or one key dropped: at every place three
+    levels deep at most, in the first three items of a list."""
+    for path in _paths(obj)[1:]:
+        if len(path) > 3 or any(isinstance(key, int) and key > 2 for key in path):
+            continue
+        for value in [*ODD_VALUES, "drop"]:
+            copied = copy.deepcopy(obj)
+            parent = copied
+            for key in path[:-1]:
+                parent = parent[key]
+            if value == "drop" and isinstance(parent, dict):
+                del parent[path[-1]]
+            elif value != "drop":
+                parent[path[-1]] = value
+            else:
+                continue
+            yield copied
+
+
+AJV = """
+const Ajv = require('ajv');
+const input = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+const ajv = new Ajv();  // as it comes: draft-07 by default
+const out = {schemas: {}, verdicts: []};
+const compiled = {};
+for (const [name, schema] of Object.entries(input.schemas)) {
+  const ok = ajv.validateSchema(schema);
+  out.schemas[name] = ok ? null : ajv.errorsText();
+  compiled[name] = ajv.compile(schema);
+}
+for (const [kind, obj] of input.messages) out.verdicts.push(compiled[kind](obj));
+process.stdout.write(JSON.stringify(out));
+"""
+
+
+def test_ajv_reads_every_schema_and_agrees_with_python(real_messages) -> None:
+    """JavaScript's ajv as it comes (Debian's node-ajv 6) takes the schemas, every real message, and gives the
+    verdict Python's validators give on each message changed in one place."""
+    node = shutil.which("node")
+    assert node is not None and Path("/usr/share/nodejs/ajv").is_dir(), \
+        "node and node-ajv are missing: ./dev setup installs them (apt-get install node-ajv)"
+    changed = [(kind, obj) for kind, real in real_messages for obj in _changed(real)]
+    messages = real_messages + changed
+    res = subprocess.run([node, "-e", AJV], input=json.dumps({"schemas": SCHEMAS, "messages": messages}),
+                         capture_output=True, text=True, timeout=120, env={"NODE_PATH": "/usr/share/nodejs"})
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["schemas"] == dict.fromkeys(SCHEMAS), f"ajv refuses a schema: {got['schemas']}"
+    assert got["verdicts"][:len(real_messages)] == [True] * len(real_messages), "ajv refuses a real message"
+    python = [VALIDATORS[kind].is_valid(obj) for kind, obj in changed]
+    differ = [(kind, obj) for (kind, obj), js, py in zip(changed, got["verdicts"][len(real_messages):], python,
+                                                         strict=True) if js != py]
+    assert not differ, f"ajv and Python disagree on {len(differ)} of {len(changed)}, e.g. {differ[:3]}"
+    assert python.count(True) > 0 and python.count(False) > len(changed) // 2, "the changes are mostly refused"

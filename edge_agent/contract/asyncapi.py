@@ -23,7 +23,24 @@ from edge_agent import contract as c
 from edge_agent.contract import rounds as cr
 from edge_agent.contract import secure_rounds as sr
 
-ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$",
+# The schemas' dialect: JSON Schema draft-07, the one AsyncAPI 3 builds its Schema Object on and the one that
+# validators read by default before 2020-12 (ajv 6, older Python jsonschema). Each schema says so in $schema, and
+# uses only keywords that draft-07 and 2020-12 read alike, so that a validator forced to 2020-12 (or one that
+# ignores $schema) reaches the same verdict. That rules out a tuple: draft-07 writes one "items": [..], 2020-12
+# "prefixItems": [..], and each reads the other's wrongly; so a position's own rule (a receipt run's step >= 1)
+# is in its description, and the decoders check it (they may be stricter than the schemas anyway).
+# Patterns have no "$" either: Python's re (Python's jsonschema) lets "$" match before a final newline, ECMA-262
+# (ajv) does not; "no character outside the set" (not: pattern: [^...]) with lengths reads the same in both.
+DIALECT = "http://json-schema.org/draft-07/schema#"
+
+
+def _only(chars: str, min_length: int = 1, max_length: int | None = None) -> dict[str, Any]:
+    """A string of ``min_length``-``max_length`` characters, each in the regex class ``chars``."""
+    length = {"minLength": min_length} | ({} if max_length is None else {"maxLength": max_length})
+    return {"type": "string", **length, "not": {"pattern": f"[^{chars}]"}}
+
+
+ID = {**_only("A-Za-z0-9_.:-", 1, 64),
       "description": "1-64 of A-Z a-z 0-9 _ . : - (no MQTT wildcards, no slash)"}
 U63 = {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1}
 NUMBER = {"type": "number", "description": "finite (JSON has no NaN or Infinity)"}
@@ -92,8 +109,9 @@ STATUS: dict[str, Any] = {
 }
 
 RUNS: dict[str, Any] = {"type": "array", "minItems": 1, "maxItems": c.MAX_RECEIPT_RUNS, "items": {
-    "type": "array", "minItems": 3, "maxItems": 3,
-    "items": [U63, {"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}]}}
+    "type": "array", "minItems": 3, "maxItems": 3, "items": U63,
+    "description": "[first, step, count], step and count at least 1 (a rule on one position, which draft-07 and "
+                   "2020-12 write differently: the decoders check it)"}}
 
 RECEIPT: dict[str, Any] = {
     "title": "receipt", "type": "object", "additionalProperties": False,
@@ -116,7 +134,7 @@ MANIFEST: dict[str, Any] = {
                  "created"],
     "properties": {
         "v": VERSION, "name": ID, "version": {**U63, "minimum": 1},
-        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "of the ONNX bytes"},
+        "sha256": {**_only("0-9a-f", 64, 64), "description": "of the ONNX bytes"},
         "task": {"enum": list(c.TASKS)},
         "labels": {"type": "array", "items": {"type": "string"}, "description": "class names (classification)"},
         "n_features": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
@@ -240,8 +258,8 @@ SECURE_ANSWER: dict[str, Any] = {
         "stats": {"type": "integer", "minimum": 0, "description": "masked: values of the statistics vector "
                   "(32-bit ring)"},
         "revealed": {"type": "object", "maxProperties": 1000, "additionalProperties": {
-            "type": "array", "minItems": 2, "maxItems": 2, "items": [{"enum": ["b", "s"]},
-                                                                     {"type": "string", "pattern": "^[0-9a-f]+$"}]},
+            "type": "array", "minItems": 2, "maxItems": 2, "items": _only("0-9a-fs"),
+            "description": "[b or s, the share in hex] (the decoders check each position's rule)"},
             "description": "reveal: device id -> [b (its self-mask seed) or s (its mask key), my share in hex]"},
     },
 }
@@ -288,8 +306,10 @@ bits, then `stats` values of 32 bits) and the hub's steps (magic `EMLT`, the `st
 
 
 def schemas() -> dict[str, dict[str, Any]]:
-    return {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST, "round": ROUND,
-            "update": UPDATE, "step": STEP, "secureAnswer": SECURE_ANSWER}
+    """Every JSON payload's schema, each declaring its dialect (:data:`DIALECT`)."""
+    found = {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST, "round": ROUND,
+             "update": UPDATE, "step": STEP, "secureAnswer": SECURE_ANSWER}
+    return {name: {"$schema": DIALECT, **schema} for name, schema in found.items()}
 
 
 def _mqtt(delivery: c.Delivery) -> dict[str, Any]:
@@ -391,7 +411,9 @@ def asyncapi() -> dict[str, Any]:
             "description": "What a device sends to the cloud hub and what it gets back, over MQTT 3.1.1 or 5. "
                            "Every JSON payload carries the schema version `v`; the hub refuses anything else "
                            "and keeps refused payloads in its dead-letter table with the reason. A result "
-                           "is stored once per (device_id, seq), however often it is sent.",
+                           "is stored once per (device_id, seq), however often it is sent. The payloads' JSON "
+                           "Schemas (components.schemas) are draft-07, as each says in $schema, and read the "
+                           "same by a 2020-12 validator.",
         },
         "defaultContentType": "application/json",
         "servers": {"broker": {"host": "localhost:1883", "protocol": "mqtt",

@@ -86,3 +86,16 @@ def test_help_shows_each_text_as_written_on_one_line(path: list[str], command: A
     for what, text in _page(command):
         text = " ".join(text.replace("\\[", "[").split())  # \[ escapes rich markup: shown as [
         assert any(text in line for line in lines), f"{what}: {text!r} is not shown on one line as written"
+
+
+def test_the_first_steps_in_cloud_hub_help_are_commands_and_options_that_exist() -> None:
+    """`cloud-hub --help` says what to run first: each `cloud-hub ...` it names is a command with those options."""
+    root = typer.main.get_command(hub_app)
+    named = re.findall(r"`cloud-hub ([^`]+)`", root.help or "")
+    assert {"demo", "train"} <= {words.split()[0] for words in named}, named
+    for words in named:
+        name, *args = words.split()
+        command = root.commands.get(name)
+        assert command is not None, f"`cloud-hub {words}`: no command {name}"
+        options = {opt for param in command.params for opt in param.opts}
+        assert {a for a in args if a.startswith("-")} <= options, f"`cloud-hub {words}`: an option {name} lacks"

@@ -18,27 +18,38 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import sqlalchemy as sa
 
+from cloud_hub.data import db, tables
+from cloud_hub.models import lifecycle
+from cloud_hub.models.signing import keygen
+from cloud_hub.rollout import publish as rollout
+from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent.mqtt import BrokerURL, MqttLink
 from edge_agent.preprocess import PreprocessParams
+from edge_agent.settings import load_settings
 from edge_agent.sources import FieldMap, SerialSensor
-from tests.helpers import Collector, agent_cmd, expected_keys, make_bundle, wait_for
+from tests.helpers import SMALL, Collector, agent_cmd, expected_keys, make_bundle, wait_for
+from tests.test_federated import _devices, _query, _updates
+from tests.test_hub_cli import ServeProcess
 
 START = 1_796_562_000.0  # 2026-12-06T13:00:00Z
 CHANNELS = ("temperature", "humidity")
+CLIMATES = (("dry", 35.0), ("damp", 52.0), ("humid", 70.0))
 
 
 def _climate(devices: tuple[str, ...], seconds: int, seed: int = 0) -> list[dict]:
-    """One reading a second per device: humidity high or low by the label, which changes every 20 s."""
+    """One reading a second per device: humidity by the label (three classes: rounds learn a softmax;
+    scikit-learn's binary MLP has one output), which changes every 20 s."""
     rng = np.random.default_rng(seed)
     rows = []
     for d in devices:
         for i in range(seconds):
-            humid = (i // 20) % 2 == 1
-            rows.append({"ts": START + i, "device_id": d, "temperature": round(float(21 + np.sin(i / 9) + 0.2 * rng.normal()), 2),
-                         "humidity": round(float((70 if humid else 35) + 3 * rng.normal()), 1),
-                         "label": "humid" if humid else "dry"})
+            label, humidity = CLIMATES[(i // 20) % 3]
+            rows.append({"ts": START + i, "device_id": d,
+                         "temperature": round(float(21 + np.sin(i / 9) + 0.2 * rng.normal()), 2),
+                         "humidity": round(float(humidity + 3 * rng.normal()), 1), "label": label})
     return rows
 
 
@@ -71,12 +82,13 @@ def _toml(values: dict) -> str:
 class Agent:
     """`edge-agent run --config FILE` as a real process, its log in a file."""
 
-    def __init__(self, procs, tmp_path: Path, upstream: str, prefix: str, model: Path, **config: object) -> None:
+    def __init__(self, procs, tmp_path: Path, upstream: str, prefix: str, model: Path | None,
+                 **config: object) -> None:
         self.log = tmp_path / "agent.log"
         cfg = tmp_path / "agent.toml"
         cfg.write_text(_toml({"broker": upstream, "prefix": prefix, "state_dir": str(tmp_path / "state"),
-                              "model": str(model), "receipts": False, "batch_max_delay_s": 0.1,
-                              "serial_reconnect_s": 0.2, **config}))
+                              "receipts": False, "batch_max_delay_s": 0.1, "serial_reconnect_s": 0.2,
+                              **({} if model is None else {"model": str(model)}), **config}))
         with open(self.log, "wb") as out:
             self.proc = procs.popen(agent_cmd("run", "--config", str(cfg)), stdout=out, stderr=out,
                                     env={**os.environ, "TZ": "UTC"})
@@ -249,7 +261,7 @@ def test_serial_board_through_a_pulled_cable(procs, shared_broker, prefix, tmp_p
     cable.write(_csv_lines(rows[30:]))
     expected = expected_keys(_write_log(tmp_path / "all.csv", rows), params)
     assert collector.wait_for(expected, timeout=90) == expected
-    assert all(collector.results[k].truth in ("dry", "humid") for k in expected)
+    assert {collector.results[k].truth for k in expected} == {"dry", "damp", "humid"}
     log = agent.text()
     assert f"{cable.link}:32: reading skipped (bad number \"abc\" in column 'temperature')" in log, log
     agent.stop()
@@ -305,3 +317,44 @@ def test_missing_pyserial_is_one_line_naming_the_extra(tmp_path) -> None:
     assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == \
         "edge-agent: error: source = 'serial' needs pyserial: pip install 'edgeml-mqtt[serial]'", done.stderr
+
+
+@pytest.mark.slow
+def test_an_mqtt_device_takes_part_in_a_federated_round(procs, broker, prefix, tmp_path) -> None:
+    """`edge-agent run` on MQTT readings with a label field keeps its labelled windows and answers a round
+    of `cloud-hub federate` (serve, federate and the agent as real processes); the windows stay home."""
+    priv, pub, _ = keygen(tmp_path / "keys" / "hub.pem")
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    train = _write_log(tmp_path / "train.csv", _climate(("c-1", "c-2"), 240))
+    assert lifecycle.train_from_logs(engine, [str(train)], holdout=["c-2"], window_s=4, hop_s=2,
+                                     config=SMALL).version == 1
+    rollout.publish(engine, load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
+        "broker": broker.url, "db": url, "prefix": prefix, "client_id": f"{prefix}-cli", "signing_key": str(priv)}))
+    engine.dispose()
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    topic = f"{prefix}-sensors/room-1"
+    agent = Agent(procs, tmp_path, broker.url, prefix, None, source="mqtt",
+                  device_id="room-1", trusted_key=str(pub), receipts=True, status_interval_s=1,
+                  mqtt_topics=[topic], sensor_channels=list(CHANNELS), sensor_ts="at", sensor_label="activity")
+    agent.wait_log("reading sensors on")
+    rows = _climate(("room-1",), 200, seed=5)
+    sensors = Sensors(broker.url, f"{prefix}-room")
+    sensors.publish([(topic, orjson.dumps({"at": r["ts"], "temperature": r["temperature"], "humidity": r["humidity"],
+                                           "activity": r["label"]})) for r in rows])
+    sensors.stop()
+    wait_for(lambda: _devices(url).get("room-1") == 1, timeout=90, what="room-1 on v1")
+    with open(tmp_path / "federate.log", "wb") as out:
+        fed = procs.popen([sys.executable, "-m", "cloud_hub", "federate", "--broker", broker.url, "--db", url,
+                           "--prefix", prefix, "--client-id", f"{prefix}-fed", "--signing-key", str(priv),
+                           "--min-available", "1", "--min-windows", "16", "--rounds", "1", "--deadline", "120",
+                           "--tolerance", "1", "--epochs", "2"], stdout=out, stderr=out)
+    assert fed.wait(300) == 0, (tmp_path / "federate.log").read_text()
+    assert sorted((d, s) for _, d, s, _, _ in _updates(url)) == [("room-1", "accepted"), ("room-1", "evaluated")], \
+        (tmp_path / "federate.log").read_text()
+    wait_for(lambda: _devices(url).get("room-1") == 2, timeout=90, what="room-1 on the round's v2")
+    r = tables.results.c
+    assert _query(url, sa.select(sa.func.count()).where(r.features.is_not(None))) == [(0,)]
+    agent.stop()
+    hub.signal(signal.SIGTERM)

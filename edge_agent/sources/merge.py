@@ -4,34 +4,33 @@ A log may be sorted by time, grouped by device (all of A, then all of B), or be 
 files; replay must release every device's readings at their own recorded time, together.  Sorting
 a large log in memory would hold all of it, so :class:`ReplayLogs` reads each file twice instead:
 
-1. **Index** (one pass, the full parse and its rules): cut the file into *runs*, stretches in time
-   order.  A run ends where a reading goes back in time by more than ``slack`` seconds below the
-   run's latest (jitter between devices' clocks below that is no new run).  A run start is noted as
-   its line and byte offset; for a ``.gz``, also a copy of the decompressor's state shortly before it
-   (:meth:`Gunzip.checkpoint`, about 45 kB), since a gzip stream cannot be entered in the middle.
-   A time-sorted file is one run, a file grouped by device one run per device.
+1. **Index** (one pass, :mod:`edge_agent.sources.runs`): cut the file into *runs*, stretches in time order.  A run ends where a
+   reading goes back in time by more than ``slack`` seconds below the run's latest (jitter between
+   devices' clocks below that is no new run).  A run start is noted as its line and byte offset,
+   each device's last ts before it (so the parser's rule, a device's ts increases in file order,
+   holds across runs: :meth:`LineParser.continue_after`), and for a ``.gz`` a copy of the
+   decompressor's state shortly before it (:meth:`Gunzip.checkpoint`, about 45 kB), since a gzip
+   stream cannot be entered in the middle.  A time-sorted file is one run, a file grouped by device
+   one run per device.
 2. **Merge**: one cursor per run reads its stretch (a file handle and one small chunk each) and a
    k-way merge interleaves them by time, a chunk at a time (vectorized): every step takes, from
    each cursor, the rows up to the earliest of the cursors' last buffered times, so at least one
    cursor's chunk is used up per step.  A row's key is its run's running maximum of ts (a run is
-   in time order up to ``slack``), ties go to the earlier run.
+   in time order up to ``slack``); ties go to the earlier run.
 
-Memory is bounded by the number of runs, not rows: ``rows`` rows are buffered in all (split between
-the cursors, at least 256 each).  More than ``max_runs`` runs (rows in no usable order) is refused
-before any reading goes out, with the command that sorts the log.  A device's readings must still
-go forward in time in the merged order (:func:`increasing`, the parser's rule): a device whose
-readings overlap in two files is refused at the first overlapping row (or it is skipped).
+Memory is bounded by the number of runs, not rows: ``rows`` rows are buffered in all, split between
+the cursors (at least :data:`MIN_CURSOR_ROWS` each).  More than ``max_runs`` runs (rows in no usable
+order) is refused before any reading goes out, with the command that sorts the log.  Across files,
+a device's readings must go forward in time in the merged order (:func:`increasing`, the parser's
+rule): a device whose readings overlap in two files is refused at the first overlapping row (or the
+row is skipped).
 """
 
 from __future__ import annotations
 
-import bisect
-import csv
 import math
 import os
-import shlex
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,251 +49,25 @@ from edge_agent.sources.logs import (
     BROKEN_FILE,
     DEFAULT_CHUNK_ROWS,
     Gunzip,
-    GzipCheckpoint,
     LineParser,
     broken_reason,
     log_format,
     read_log,
 )
-from edge_agent.sources.numbers import OK, PAD, Codes, parse_numbers
+from edge_agent.sources.numbers import Workspace
+from edge_agent.sources.runs import MAX_RUNS, SLACK_S, Index, index_file, sort_hint, with_hint
 
-SLACK_S = 1.0  # seconds a reading may lie below its run's latest and stay in the run (clock jitter)
-MAX_RUNS = 256  # stretches in time order merged at once (a cursor and an open file each)
-_MIN_CURSOR_ROWS = 256
+MIN_CURSOR_ROWS = 512  # rows a cursor buffers at least (smaller parses cost more per row)
 _READ = 1 << 18  # bytes read at once, split between the cursors (at least _MIN_READ each)
 _MIN_READ = 1 << 14
 _LINE_BITS = 40  # a row's tag in the merge: file index << 40 | line
 
 
-def sort_hint(path: str, fmt: str, gz: bool, ts_column: int = 1) -> str:
-    """The command that sorts a log by time (a CSV with GNU sort, which spills to disk when it must)."""
-    q = shlex.quote(path)
-    stem, _, ext = path.removesuffix(".gz").rpartition(".")
-    out = shlex.quote(f"{stem}.sorted.{ext}" if stem else f"{path}.sorted")
-    read = f"zcat {q} | " if gz else ""
-    if fmt == "csv":
-        k = ts_column
-        head, body = (f"{read}head -n 1", f"{read}tail -n +2") if gz else (f"head -n 1 {q}", f"tail -n +2 {q}")
-        return f"({head}; {body} | LC_ALL=C sort -s -t, -k{k},{k}g) > {out}"
-    return (f"{read}python3 -c \"import sys, json; rows = [l.rstrip() + '\\n' for l in sys.stdin if l.strip()]; "
-            f"rows.sort(key=lambda l: json.loads(l)['ts']); sys.stdout.writelines(rows)\" "
-            f"{'' if gz else '< ' + q + ' '}> {out}")
-
-
-def with_hint(exc: LogError, hint: str) -> LogError:
-    """A reading of a device that goes back in time, with how to sort the log."""
-    return LogError(exc.path, exc.line, f"{exc.reason}: a device's readings must go forward in time; "
-                    f"to sort the log by time: {hint}", exc.kind)
-
-
-@dataclass(frozen=True)
-class _Start:
-    """Where a run begins: its first line and byte offset, and (gz) a decompressor state before it."""
-
-    line: int
-    offset: int
-    checkpoint: tuple[int, GzipCheckpoint] | None = None  # (uncompressed offset, state)
-    devices: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None  # each device's last ts and line before
-
-
-@dataclass
-class _Index:
-    path: str
-    format: str
-    gz: bool
-    header: bytes
-    channels: tuple[str, ...]
-    has_labels: bool
-    outputs: int | None
-    ts_column: int
-    runs: list[_Start]
-    rows: int
-
-
-class _Indexer:
-    """The index pass over one file: where its runs start, and about how many rows it holds.
-
-    CSV is scanned for the ts field alone (numbers decoded in bulk by :func:`parse_numbers`, the
-    parser's number rule): a third of a full parse.  Lines are judged when replayed, by the parser
-    (a line whose ts is not a plain number is skipped here, and cannot start a run).  JSON Lines go
-    through the parser (``ts`` cannot be found without decoding the record)."""
-
-    def __init__(self, path: str, fmt: str, gz: bool, on_error: str, numeric: bool, slack: float, room: int):
-        self.path, self.format, self.gz, self.slack, self.room = path, fmt, gz, slack, room
-        self.parser = LineParser(path, fmt, on_error=on_error)
-        self.parser.numeric_labels = numeric
-        self.runs: list[_Start] = []
-        self.top = -math.inf  # the current run's latest ts
-        self.nl = np.empty(0, dtype=np.int64)  # offsets of the newlines ending lines nl_line, nl_line + 1, ...
-        self.nl_line = 1
-        self.cps: list[tuple[int, GzipCheckpoint]] = []
-        self.header = b""
-        self.its, self.idev, self.ncols = 0, 1, 2  # CSV: the ts and device_id columns, the number of columns
-        self.buf, self.line, self.rows = b"", 2, 0  # CSV: the partial line, its number, rows seen
-        self.codes = Codes(allow_empty=False)  # CSV: the device ids
-        self.last_ts, self.last_line = np.empty(0), np.empty(0, dtype=np.int64)  # per device, as the parser's
-
-    def run(self) -> _Index:
-        f: Any = Gunzip(self.path) if self.gz else open(self.path, "rb")  # noqa: SIM115 - closed below
-        off = 0
-        csv_ = self.format == "csv"
-        try:
-            while True:
-                if self.gz:
-                    self.cps.append((off, f.checkpoint()))
-                try:
-                    data = f.read(_READ)
-                except BROKEN_FILE as exc:
-                    if not csv_:
-                        self._chunks(self.parser.feed())
-                    line = self.line if csv_ else self.parser.line
-                    raise LogError(self.path, line, broken_reason(exc), "bad file") from exc
-                if not data:
-                    break
-                body = self._body(data) if off == 0 else 0
-                self.nl = np.concatenate([self.nl, np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + off])
-                off += len(data)
-                if csv_:
-                    self._scan(data[body:])
-                else:
-                    self._chunks(self.parser.feed(data, flush=False))
-            if csv_:
-                self._scan(b"", final=True)
-            else:
-                self._chunks(self.parser.feed(final=True))
-        except LogError as exc:
-            if exc.kind == NON_MONOTONIC_TS:
-                raise with_hint(exc, self._hint()) from None
-            raise
-        finally:
-            f.close()
-        d = self.parser.d
-        rows = self.rows if csv_ else self.parser.stats.rows_read
-        return _Index(self.path, self.format, self.gz, self.header, self._schema[0], self._schema[1],
-                      d.outputs, self.its + 1, self.runs or [self._first()], rows)
-
-    def _body(self, data: bytes) -> int:
-        """Where the rows begin in the first block read (after the CSV header), noted as the first run."""
-        if self.format == "csv":
-            self.header = data[: data.find(b"\n") + 1] or data
-            names = [c.strip() for c in next(csv.reader([self.header.removeprefix(b"\xef\xbb\xbf").decode(
-                "utf-8", "replace").rstrip("\r\n")]))]
-            self.its, self.idev, self.ncols = names.index("ts"), names.index("device_id"), len(names)
-        self.runs.append(self._first())
-        return len(self.header)
-
-    @property
-    def _schema(self) -> tuple[tuple[str, ...], bool]:
-        return self.parser.d.rules.channels, self.parser.d.rules.has_labels
-
-    def _first(self) -> _Start:
-        line, offset = (2, len(self.header)) if self.format == "csv" else (1, 0)
-        return _Start(line, offset, self.cps[0] if self.gz and self.cps else None)
-
-    def _hint(self) -> str:
-        return sort_hint(self.path, self.format, self.gz, self.its + 1)
-
-    def _chunks(self, chunks: Iterator[ReadingChunk]) -> None:
-        for chunk in chunks:
-            assert chunk.lines is not None
-            self._cut(chunk.ts, chunk.device_codes, chunk.lines, chunk.device_names)
-            self._forget(int(chunk.lines[-1]))
-
-    def _scan(self, data: bytes, final: bool = False) -> None:
-        """CSV: the ts of every complete line buffered (NaN where it is not a plain number)."""
-        buf = self.buf + data if self.buf else data
-        if final and buf[-1:] not in (b"", b"\n"):
-            buf += b"\n"
-        a = np.frombuffer(buf, np.uint8)
-        nl = np.flatnonzero(a == 10)
-        n = nl.shape[0]
-        if n == 0:
-            self.buf = buf
-            return
-        end = int(nl[-1]) + 1
-        starts = np.empty_like(nl)
-        starts[0] = 0
-        starts[1:] = nl[:-1] + 1
-        commas = np.flatnonzero(a[:end] == 44)
-        m = commas.shape[0]
-        j = np.searchsorted(commas, starts)  # each line's first comma
-        ok = np.ones(n, dtype=bool)
-
-        def comma(k: np.ndarray) -> np.ndarray:
-            ok[:] &= k < m
-            return commas[np.minimum(k, m - 1)] if m else nl
-
-        def field(col: int) -> tuple[np.ndarray, np.ndarray]:
-            S = starts if col == 0 else comma(j + col - 1) + 1
-            last = col == self.ncols - 1  # the field ends at the line's end (before a \r)
-            E = nl - (a[np.maximum(nl - 1, 0)] == 13) if last else comma(j + col)
-            ok[:] &= (S <= E) & (nl >= E)
-            return np.where(ok, S, 0) + PAD, np.where(ok, E, 0) + PAD
-
-        quoted = np.flatnonzero(a[:end] == 34)  # a quoted field may hold commas: left to the parser
-        if quoted.shape[0]:
-            ok[np.unique(np.searchsorted(nl, quoted))] = False
-        (Sts, Ets), (Sdev, Edev) = field(self.its), field(self.idev)
-        raw = b"\n" * PAD + buf[:end]
-        ts, st = parse_numbers(raw, Sts, Ets)
-        good = ok & (st == OK)
-        lines = np.arange(self.line, self.line + n, dtype=np.int64)
-        self.rows += int(good.sum())
-        if good.any():
-            codes = self.codes.encode_fields(raw, Sdev[good], Edev[good], b"\0" in raw)
-            self._cut(ts[good], codes, lines[good], self.codes.names_tuple)
-        self.line += n
-        self.buf = buf[end:]
-        self._forget(self.line - 1)
-
-    def _cut(self, ts: np.ndarray, codes: np.ndarray, lines: np.ndarray, names: tuple[str, ...]) -> None:
-        """Note every row that goes back in time by more than the slack: a new run starts there, and
-        takes along each device's last ts before it (the parser's rule holds across runs)."""
-        self.last_ts, self.last_line = grow_last(self.last_ts, self.last_line, len(names))
-        i, n = 0, ts.shape[0]
-        while i < n:
-            top = np.maximum(np.maximum.accumulate(ts[i:]), self.top)
-            before = np.empty(n - i)
-            before[0] = self.top
-            before[1:] = top[:-1]
-            back = np.flatnonzero(ts[i:] < before - self.slack)
-            j = n if back.shape[0] == 0 else i + int(back[0])
-            increasing(codes[i:j], ts[i:j], lines[i:j], self.last_ts, self.last_line)
-            if j == n:
-                self.top = float(top[-1])
-                return
-            devices = (names, self.last_ts.copy(), self.last_line.copy())
-            self._start(int(lines[j]), float(ts[j]), float(before[back[0]]), devices)
-            self.top, i = float(ts[j]), j
-
-    def _start(self, line: int, t: float, top: float, devices: tuple[tuple[str, ...], np.ndarray, np.ndarray]
-               ) -> None:
-        offset = int(self.nl[line - 1 - self.nl_line]) + 1
-        cp = None
-        if self.gz:
-            k = bisect.bisect_right([o for o, _ in self.cps], offset) - 1
-            cp = self.cps[k]
-        self.runs.append(_Start(line, offset, cp, devices))
-        if len(self.runs) > self.room:
-            raise LogError(self.path, line, f"the readings go back in time ({t!r} after {top!r}) at more places than "
-                           f"replay can merge (at most {MAX_RUNS} stretches in time order across the logs, e.g. one "
-                           f"per device); sort the log by time: {self._hint()}", "unordered log")
-
-    def _forget(self, line: int) -> None:
-        """Drop what no later run start can need: newlines of lines before ``line``, older checkpoints."""
-        k = line - 1 - self.nl_line
-        if k > 0:
-            self.nl, self.nl_line = self.nl[k:], line - 1
-        if len(self.cps) > 1 and self.nl.shape[0]:
-            offset = int(self.nl[0])
-            while len(self.cps) > 1 and self.cps[1][0] <= offset:
-                self.cps.pop(0)
-
-
 class _Cursor:
     """Reads one run of a file: its chunks, each with its merge keys and the merge's device codes."""
 
-    def __init__(self, idx: _Index, k: int, rows: int, read: int, on_error: str, numeric: bool, file_no: int) -> None:
+    def __init__(self, idx: Index, k: int, rows: int, read: int, on_error: str, numeric: bool, file_no: int,
+                 ws: Workspace) -> None:
         start = idx.runs[k]
         self.read_size = read
         self.hint = sort_hint(idx.path, idx.format, idx.gz, idx.ts_column)
@@ -307,6 +80,7 @@ class _Cursor:
         self.parser.line, self.parser.stats.lines = start.line, 0
         self.parser.numeric_labels = numeric
         self.parser.d.outputs = idx.outputs
+        self.parser.d.ws = ws  # the cursors parse one at a time: one set of scratch buffers for all
         if start.devices is not None:
             self.parser.continue_after(*start.devices)
         if start.checkpoint is None:
@@ -396,7 +170,7 @@ class ReplayLogs:
                 self.schemas.append((r.channels, r.has_labels))
         self.numeric = False
         self.stats = ReadStats()
-        self._indexes: list[_Index] | None = None
+        self._indexes: list[Index] | None = None
         self.rows = self.released = self.peak_cursors = self.peak_rows = 0
         self.device_names: tuple[str, ...] = ()
 
@@ -416,11 +190,12 @@ class ReplayLogs:
     def index(self) -> ReplayLogs:
         """The index pass over every file (bad lines raise here in raise mode, as they would replaying)."""
         if self._indexes is None:
-            out: list[_Index] = []
+            out: list[Index] = []
             for p in self.paths:
                 fmt, gz = log_format(p)
                 room = self.max_runs - sum(len(i.runs) for i in out)
-                out.append(_Indexer(p, fmt, gz, self.on_error, self.numeric, self.slack, room).run())
+                out.append(index_file(p, fmt, gz, on_error=self.on_error, numeric=self.numeric, slack=self.slack,
+                                      room=room))
             self._indexes = out
             self.rows = sum(i.rows for i in out)
         return self
@@ -433,8 +208,9 @@ class ReplayLogs:
         indexes = self.index()._indexes
         assert indexes is not None
         runs = max(self.runs, 1)
-        per, read = max(_MIN_CURSOR_ROWS, self.rows_buffered // runs), max(_MIN_READ, _READ // runs)
-        cursors = [_Cursor(idx, k, per, read, self.on_error, self.numeric, n)
+        per, read = max(MIN_CURSOR_ROWS, self.rows_buffered // runs), max(_MIN_READ, _READ // runs)
+        ws = Workspace()
+        cursors = [_Cursor(idx, k, per, read, self.on_error, self.numeric, n, ws)
                    for n, idx in enumerate(indexes) for k in range(len(idx.runs))]
         try:
             yield from self._merge(cursors)

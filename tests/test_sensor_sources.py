@@ -28,7 +28,7 @@ from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent.mqtt import BrokerURL, MqttLink
 from edge_agent.preprocess import PreprocessParams
-from edge_agent.settings import load_settings
+from edge_agent.settings import AgentSettings, load_settings
 from edge_agent.sources import FieldMap, SerialSensor
 from tests.helpers import SMALL, Collector, agent_cmd, expected_keys, make_bundle, wait_for
 from tests.test_federated import _devices, _query, _updates
@@ -358,3 +358,14 @@ def test_an_mqtt_device_takes_part_in_a_federated_round(procs, broker, prefix, t
     assert _query(url, sa.select(sa.func.count()).where(r.features.is_not(None))) == [(0,)]
     agent.stop()
     hub.signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize(("name", "source"), [("agent-mqtt.toml", "mqtt"), ("agent-serial.toml", "serial")])
+def test_example_sensor_configs_are_valid(tmp_path, name: str, source: str) -> None:
+    """deploy/'s examples load as they are (only the TLS files, which must exist, swapped for files here)."""
+    tls = {key: str(tmp_path / key) for key in ("ca_file", "cert_file", "key_file")}
+    for path in tls.values():
+        Path(path).write_text("-")
+    s = load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={}, flags=tls,
+                      config=Path(__file__).parent.parent / "deploy" / name)
+    assert s.source == source and s.sensor_channels and s.trusted_key and s.broker_url.tls

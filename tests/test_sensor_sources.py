@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -264,6 +265,7 @@ def test_serial_board_through_a_pulled_cable(procs, shared_broker, prefix, tmp_p
     assert {collector.results[k].truth for k in expected} == {"dry", "damp", "humid"}
     log = agent.text()
     assert f"{cable.link}:32: reading skipped (bad number \"abc\" in column 'temperature')" in log, log
+    assert log.count("reading skipped") == 1, log  # the header line is no bad reading
     agent.stop()
 
 
@@ -303,6 +305,21 @@ def test_serial_readings_without_a_time_keep_their_order_through_a_pull(tmp_path
     assert set(np.concatenate([ch.labels for ch in chunks]).tolist()) == {"dry"}
     assert port.stats.skipped_by_reason == {"partial line": 1}
     assert str(port.stats.first_errors[0]) == f"{cable.link}:51: the port went away mid-line"
+
+
+def test_an_unreachable_sensors_broker_is_one_line_and_exit_3(procs, shared_broker, prefix, tmp_path,
+                                                              climate_model) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    agent = Agent(procs, tmp_path, shared_broker.url, prefix, climate_model[0], source="mqtt", device_id="d-1",
+                  mqtt_broker=f"mqtt://127.0.0.1:{port}", mqtt_topics=["z2m/+"], sensor_channels=list(CHANNELS),
+                  connect_timeout_s=2)
+    assert agent.proc.wait(120) == 3, agent.text()
+    assert "Traceback" not in agent.text()
+    assert agent.text().strip().splitlines()[-1] == (
+        f"edge-agent: error: no connection to the sensors' broker mqtt://127.0.0.1:{port} within 2 s: connection "
+        f"refused (nothing listens on 127.0.0.1:{port})"), agent.text()
 
 
 def test_missing_pyserial_is_one_line_naming_the_extra(tmp_path) -> None:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 from edge_agent.contract import valid_id
-from edge_agent.mqtt import Message, MqttLink
+from edge_agent.mqtt import Message, MqttError, MqttLink
 from edge_agent.settings import AgentSettings, BrokerURL, TLSFiles, device_template
 from edge_agent.sources.chunk import BAD_VALUE, ReadingChunk
 from edge_agent.sources.fields import FieldMap, SensorFeed
@@ -100,7 +100,13 @@ class MqttSensor:
     def start(self, timeout: float) -> None:
         """Connect and subscribe (MqttError, exit 3, when the broker cannot be reached within ``timeout``)."""
         self.link.start()
-        self.link.wait_connected(timeout)
+        deadline = time.monotonic() + timeout
+        while not self.link.connected_within(0.2):  # SIGTERM/SIGINT end the wait: the iteration ends at once
+            if self.stop_event.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise MqttError(f"no connection to the sensors' broker {self.broker} within {timeout:g} s: "
+                                f"{self.link.unreachable_reason()}")
         self.link.wait_subscribed(timeout)
         log.info("reading sensors on %s: %s", self.broker, ", ".join(self.filters))
 

@@ -92,8 +92,7 @@ def federate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the rounds as one JSON object at the end.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Federated rounds: devices fine-tune the running model on their own labelled windows and send INT8
-    deltas (never their data); the hub averages them, re-quantizes, gates, signs and publishes."""
+    """Federated rounds: devices fine-tune the model on their own windows and send INT8 deltas, never data."""
     from cloud_hub.rounds.coordinator import FederateConfig
 
     for path in holdout_log or ():
@@ -160,9 +159,7 @@ def rounds(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Each federated round: its aggregation rule, participants, updates accepted / late / refused (and why),
-    upload bytes, the devices' own score before and after (INT8, FP32 beside), the hold-out score before and
-    after, the version it made."""
+    """Each federated round: rule, participants, updates accepted / late / refused, bytes, scores, epsilon."""
     from cloud_hub.cli.common import engine_for
     from cloud_hub.data import sessions
     from cloud_hub.rounds.store import RoundStore

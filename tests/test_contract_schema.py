@@ -67,20 +67,21 @@ def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> No
     doc = cs.asyncapi()
     assert doc["asyncapi"] == "3.0.0"
     assert set(doc["channels"]) == {"results", "status", "receipts", "model", "deviceModel", "rounds", "update",
-                                    "roundStep"}
+                                    "roundStep", "answered"}
     topics = c.Topics("edgeml")
     addresses = {name: ch["address"].format(prefix="edgeml", device_id="d1", model_name="default")
                  for name, ch in doc["channels"].items()}
     assert addresses == {"results": topics.results("d1"), "status": topics.status("d1"),
                          "receipts": topics.receipts("d1"), "model": topics.model("default"),
                          "deviceModel": topics.device_model("d1"), "rounds": topics.rounds("default"),
-                         "update": topics.update("d1"), "roundStep": topics.round_step("d1")}
+                         "update": topics.update("d1"), "roundStep": topics.round_step("d1"),
+                         "answered": topics.answered("d1")}
     ops = doc["operations"]
     for op, delivery in (("sendResults", c.RESULTS_DELIVERY), ("sendStatus", c.STATUS_DELIVERY),
                          ("receiveReceipts", c.RECEIPT_DELIVERY), ("receiveModels", c.MODEL_DELIVERY),
                          ("receiveDeviceModel", c.MODEL_DELIVERY), ("receiveRounds", cr.ROUND_DELIVERY),
                          ("sendUpdate", cr.UPDATE_DELIVERY), ("receiveRoundStep", sr.STEP_DELIVERY),
-                         ("sendSecureAnswer", sr.ANSWER_DELIVERY)):
+                         ("sendSecureAnswer", sr.ANSWER_DELIVERY), ("receiveAnswered", cr.UPDATE_DELIVERY)):
         assert ops[op]["bindings"]["mqtt"]["qos"] == delivery.qos
         assert ops[op]["bindings"]["mqtt"]["retain"] == delivery.retain
 
@@ -292,6 +293,8 @@ def real_messages(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, A
     from dataclasses import replace
 
     from edge_agent.contract import secagg
+    from edge_agent.contract.answers import AnswerReceipt
+    from edge_agent.contract.privacy import DpParams
     from tests.helpers import make_bundle, make_log
 
     results = (c.Result(10, 1.0, 3.5, 2, 0.4, "walk", 0.93, None, "walk", (0.5, -1.5)),
@@ -309,7 +312,11 @@ def real_messages(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, A
                         trainable=("coef_0",))
     out += [("round", _header(cr.announcement(plan, weights).encode())),
             ("round", _header(cr.announcement(replace(plan, secure=cr.SecureParams(2, 63, 3.0, 5, 10)),
-                                              weights).encode()))]
+                                              weights).encode())),
+            ("round", _header(cr.announcement(replace(plan, secure=cr.SecureParams(2, 63, 3.0, 5, 20),
+                                                      dp=DpParams("distributed", 1.5, 1e-5, 120.5, 300.25)),
+                                              weights).encode())),
+            ("round", _header(cr.announcement(replace(plan, dp=DpParams("central", 2.0, 1e-6)), weights).encode()))]
     specs, arrays = cr.encode_update_delta({"coef_0": np.full((2, 2), 0.01, np.float32)}, "int8")
     update = cr.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),), "int8",
                        specs, arrays, 5.0)
@@ -329,6 +336,7 @@ def real_messages(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, A
         sr.Answer(3, "default", "d1", "masked", size=4, bits=10, stats=4,
                   body=secagg.pack(ring, 10) + secagg.pack(ring, 32)),
         sr.Answer(3, "default", "d1", "reveal", revealed={"d1": ("b", 7), "d3": ("s", 255)}))]
+    out.append(("answered", orjson.loads(AnswerReceipt("d1", 3, "b" * 64, "duplicate").encode())))
     assert {kind for kind, _ in out} == set(SCHEMAS), "a message of every schema"
     return out
 

@@ -44,6 +44,7 @@ PASSWORDS = {"hub": "hub-secret", "dev-a": "a-secret", "dev-b": "b-secret"}
 T = c.Topics()  # the ACL is written for the default prefix
 QOS1 = c.Delivery(qos=1, retain=False)
 RETAINED = c.Delivery(qos=1, retain=True)
+NOT_RETAINED = c.Delivery(qos=1, retain=False)
 
 
 def derive_deploy_config(text: str, *, tls_port: int, mtls_port: int, root: Path) -> str:
@@ -380,6 +381,17 @@ def test_a_secure_round_step_reaches_its_device_only_and_only_the_hub_writes_it(
     assert ours(tag, got) == [(T.round_step("dev-a"), tag + b"step for a")], "nothing forged, nothing of b's"
     for device in ("dev-a", "dev-b"):
         assert hub.publish(T.round_step(device), b"", RETAINED)[0]
+
+
+def test_an_answer_receipt_reaches_its_device_only_and_only_the_hub_writes_it(peers, tag: bytes) -> None:
+    """A receipt makes a device forget an answer: another device neither reads nor forges one."""
+    a = peers("dev-a", subscriptions=[(T.answered("dev-a"), 1), (T.answered("dev-b"), 1)])
+    forge(peers, "dev-b", [T.answered("dev-a"), T.answered("dev-b")], tag + b"forged receipt")
+    hub = peers("hub")
+    assert hub.publish(T.answered("dev-b"), tag + b"receipt for b", NOT_RETAINED)[0]
+    assert hub.publish(T.answered("dev-a"), tag + b"receipt for a", NOT_RETAINED)[0]
+    got = a.wait_for(lambda m: m.payload == tag + b"receipt for a")
+    assert ours(tag, got) == [(T.answered("dev-a"), tag + b"receipt for a")], "nothing forged, nothing of b's"
 
 
 # --------------------------------------------------------------------------- the hub

@@ -48,9 +48,11 @@ from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent import exits
 from edge_agent.contract import ContractError, secagg
+from edge_agent.contract.answers import AnswerReceipt
 from edge_agent.contract.privacy import DpParams
 from edge_agent.contract.rounds import (
     ROUND_DELIVERY,
+    UPDATE_DELIVERY,
     Announcement,
     RoundPlan,
     SecureParams,
@@ -442,11 +444,21 @@ class Coordinator:
             if verdict.status != "duplicate":
                 self._record(conn, msg, device, digest, verdict)
         self._ack(generation, msg)  # after the commit: an update the hub had not stored is redelivered
+        self._receipt(device, verdict, digest)
         if verdict.status == "refused":
             self.say(f"round {r.id}: refused an update from {device}: {verdict.reason}")
         elif verdict.status != "duplicate":
             self.say(f"round {r.id}: {verdict.status} the update of {device} "
                      f"({len(msg.payload):,} bytes{', ' + str(verdict.staleness) + ' round(s) late' if verdict.staleness else ''})")
+
+    def _receipt(self, device: str, v: Verdict, digest: str) -> None:
+        """Tell ``device`` its answer's verdict is committed (it stops sending it again); not waited for: a lost
+        receipt means one more copy, judged a duplicate and receipted again."""
+        try:
+            self._link.publish(self.s.topics.answered(device),
+                               AnswerReceipt(device, v.round_id or 0, digest, v.status).encode(), UPDATE_DELIVERY)
+        except (ContractError, MqttError) as exc:
+            log.warning("no receipt for %s's answer: %s", device, exc)
 
     def _record(self, conn: sa.Connection, msg: Message, device: str, digest: str, v: Verdict) -> None:
         u = v.update
@@ -526,6 +538,7 @@ class Coordinator:
                     verdict.update = u
                 self._record(conn, msg, device, digest, verdict)
         self._ack(generation, msg)
+        self._receipt(device, verdict, digest)
         if verdict.status == "refused":
             self.say(f"round {r.id}: refused an answer from {device}: {verdict.reason}")
 

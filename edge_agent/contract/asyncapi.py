@@ -211,6 +211,19 @@ ROUND: dict[str, Any] = {
                        "seed": {**U63, "description": "the rotation's seed (public)"},
                        "bits": {"type": "integer", "minimum": 2, "maximum": 32,
                                 "description": "the ring: masked values are modulo 2**bits"}}},
+        "dp": {"type": "object", "additionalProperties": False, "required": ["mode", "noise", "delta", "sigma", "bound"],
+               "description": "differential privacy (train only; edge_agent/contract/privacy.py). distributed (with "
+               "secure): put your delta on the grid with conditional rounding (L2 norm of the integer vector at most "
+               "bound) and add discrete Gaussian noise of sigma grid steps to every value before you mask; send "
+               "zeros for your statistics and ranges. central (without secure): answer as usual, the hub adds noise",
+               "properties": {
+                   "mode": {"enum": ["distributed", "central"]},
+                   "noise": {**NUMBER, "description": "noise multiplier: the noise's standard deviation over the "
+                             "sensitivity, for the sum of the fewest devices it may have"},
+                   "delta": {**NUMBER, "description": "the delta every epsilon of the round is stated at"},
+                   "sigma": {**NUMBER, "description": "distributed: each device's noise, in grid steps"},
+                   "bound": {**NUMBER, "description": "distributed: the L2 bound of each integer vector, in grid "
+                             "steps"}}},
         "key_id": _nullable({"type": "string", "maxLength": 128}),
         "signature": _nullable({"type": "string", "maxLength": 256, "description": "base64 Ed25519 signature of "
                                 "the header without this field, keys sorted, as for a manifest"}),
@@ -305,10 +318,23 @@ bit from the lowest, that bit of every value, little-endian, padded to a whole b
 bits, then `stats` values of 32 bits) and the hub's steps (magic `EMLT`, the `step` schema, no body)."""
 
 
+ANSWERED: dict[str, Any] = {
+    "title": "answered", "type": "object", "additionalProperties": False,
+    "description": "The hub's receipt for one of your answers to a round (an update, an evaluation): its verdict is "
+                   "committed, stop sending it again (edge_agent/contract/answers.py).",
+    "required": ["v", "device_id", "round", "sha256", "verdict"],
+    "properties": {
+        "v": VERSION, "device_id": ID, "round": U63,
+        "sha256": {**_only("0-9a-f", 64, 64), "description": "of the answer's payload, as you sent it"},
+        "verdict": {"enum": ["accepted", "late", "refused", "duplicate", "evaluated"]},
+    },
+}
+
+
 def schemas() -> dict[str, dict[str, Any]]:
     """Every JSON payload's schema, each declaring its dialect (:data:`DIALECT`)."""
     found = {"results": RESULTS, "status": STATUS, "receipt": RECEIPT, "manifest": MANIFEST, "round": ROUND,
-             "update": UPDATE, "step": STEP, "secureAnswer": SECURE_ANSWER}
+             "update": UPDATE, "step": STEP, "secureAnswer": SECURE_ANSWER, "answered": ANSWERED}
     return {name: {"$schema": DIALECT, **schema} for name, schema in found.items()}
 
 
@@ -353,6 +379,7 @@ def _channels() -> dict[str, Any]:
         "update": {**_channel("{prefix}/devices/{device_id}/update", "update", device_id=_DEVICE),
                    "messages": {m: {"$ref": f"#/components/messages/{m}"} for m in ("update", "secureAnswer")}},
         "roundStep": _channel("{prefix}/devices/{device_id}/round", "step", device_id=_DEVICE),
+        "answered": _channel("{prefix}/devices/{device_id}/answered", "answered", device_id=_DEVICE),
     }
 
 
@@ -377,7 +404,12 @@ def _operations() -> dict[str, Any]:
                                     "(empty: none). Verify it as a bundle, then train if asked."),
         "sendUpdate": _operation("send", "update", cr.UPDATE_DELIVERY,
                                  "Answer a round once: the INT8 delta of the trainable tensors, the example "
-                                 "count, scores before and after, the activation ranges seen."),
+                                 "count, scores before and after, the activation ranges seen. Keep the answer "
+                                 "and send the same bytes again (a doubling wait) until its receipt comes on "
+                                 "answered."),
+        "receiveAnswered": _operation("receive", "answered", cr.UPDATE_DELIVERY,
+                                      "The hub's receipt for one of your answers, once its verdict is committed: "
+                                      "stop sending that answer (named by the sha256 of its payload)."),
         "receiveRoundStep": _operation("receive", "roundStep", sr.STEP_DELIVERY,
                                        "Secure rounds: the hub's next step for this device (retained, signed; "
                                        "empty: none). Verify it as the announcement, then do it once."),
@@ -399,6 +431,7 @@ def _messages() -> dict[str, Any]:
         "step": _message("step", "the hub's next step for one device in a secure round",
                          "application/octet-stream"),
         "secureAnswer": _message("secureAnswer", "a device's message in a secure round", "application/octet-stream"),
+        "answered": _message("answered", "the hub's receipt for an answer to a round"),
     }
 
 

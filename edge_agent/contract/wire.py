@@ -115,6 +115,11 @@ class Topics:
         """The hub's next step for one device in a secure round (retained; edge_agent/contract/secure_rounds.py)."""
         return f"{self.prefix}/devices/{check_id(device_id)}/round"
 
+    def answered(self, device_id: str) -> str:
+        """The hub's receipt for one device's answer to a round, once its verdict is committed
+        (edge_agent/contract/answers.py): the device keeps the answer and sends it again until then."""
+        return f"{self.prefix}/devices/{check_id(device_id)}/answered"
+
     @property
     def all_updates(self) -> str:
         return f"{self.prefix}/devices/+/update"

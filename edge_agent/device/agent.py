@@ -102,6 +102,7 @@ class Agent:
         self._canary_bundle: bytes | None = None  # the device's own, while a canary rollout includes it
         self._rounds_topic = self.topics.rounds(settings.model_name)
         self._step_topic = self.topics.round_step(single) if single else None  # secure rounds' steps for it
+        self._answered_topic = self.topics.answered(single) if single else None  # the hub's receipts of its answers
         self.learner: Learner | None = None
         subscriptions = self._subscriptions(single)
         self.link = MqttLink(
@@ -163,6 +164,7 @@ class Agent:
         if self.settings.federated and single is not None:
             subscriptions.append((self._rounds_topic, 1))
             subscriptions.append((self.topics.round_step(single), 1))
+            subscriptions.append((self.topics.answered(single), 1))
         if self.settings.receipts:
             # A replay of many devices reads every device's receipts (the broker's ACL narrows a real
             # device to its own); subscribing per device as they appear would race their first results.
@@ -193,6 +195,8 @@ class Agent:
             self.learner.offer(msg.payload)
         elif msg.topic == self._step_topic and self.learner is not None:
             self.learner.offer_step(msg.payload)
+        elif msg.topic == self._answered_topic and self.learner is not None:
+            self.learner.on_answered(msg.payload)
 
     def _publish_update(self, topic: str, payload: bytes) -> None:
         self.link.publish(topic, payload, UPDATE_DELIVERY)

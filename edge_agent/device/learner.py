@@ -31,7 +31,9 @@ import orjson
 from threadpoolctl import threadpool_limits
 
 from edge_agent.contract import Bundle, ContractError
+from edge_agent.contract.answers import decode_answer_receipt
 from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, RoundPlan, Update, encode_update_delta
+from edge_agent.device.answers import PendingAnswers
 from edge_agent.device.bundle import BundleRejected, check_round
 
 if TYPE_CHECKING:
@@ -139,6 +141,7 @@ class Learner:
         self.trusted_key, self.allow_unsigned = trusted_key, allow_unsigned
         self.store = WindowStore(state_dir / f"learn-{model_name}.npz", capacity)
         self._answered_path = state_dir / f"learn-{model_name}-rounds.json"
+        self.pending = PendingAnswers(state_dir / f"answers-{model_name}")  # sent again until the hub's receipt
         self.answered: list[str] = self._read_answered()  # "<round>/<kind>": each answered once
         self._bases: dict[int, dict[str, np.ndarray]] = {}  # round -> the base it trained (to score it again)
         self._offered: bytes | None = None  # the retained announcement of the open round
@@ -177,6 +180,16 @@ class Learner:
             self._offered = payload or None
             self._offers += 1
 
+    def on_answered(self, payload: bytes) -> None:
+        """The hub's receipt for one of this device's answers (paho's thread): it is not sent again."""
+        try:
+            receipt = decode_answer_receipt(payload)
+        except ContractError as exc:
+            log.warning("answer receipt refused: %s", exc)
+            return
+        if receipt.device_id == self.device_id and self.pending.done(receipt.sha256):
+            log.info("round %d: the hub committed this device's answer (%s)", receipt.round_id, receipt.verdict)
+
     def offer_step(self, payload: bytes) -> None:
         """The hub's next step for this device in a secure round arrived (paho's thread); empty: none. It is
         done at once on a thread of its own (the round waits for every device at each step: a step left for
@@ -193,6 +206,9 @@ class Learner:
         so a device that had too few windows answers once it has enough, before the deadline."""
         if time.monotonic() - self._saved_at > 30.0:
             self.save()
+        for name, kept in self.pending.due():  # no receipt yet: the hub may never have had it
+            log.info("round answer %s: no receipt from the hub yet, sent again", name)
+            self.publish(self.topic, kept)
         self._take_step()
         with self._lock:
             payload, offers = self._offered, self._offers
@@ -284,6 +300,7 @@ class Learner:
                 ranges=tuple(tuple(float(v) for v in r) for r in res.ranges),  # type: ignore[misc]
                 encoding=p.encoding, tensors=specs, delta=arrays, sent=time.time())
             payload = update.encode()
+            self.pending.put(p.round_id, p.kind, payload)
             self.publish(self.topic, payload)
             self._answered(p.round_id, p.kind)
             self.sent += 1
@@ -382,7 +399,9 @@ class Learner:
                 n_examples=int(held.sum()), loss_before=0.0, loss_after=0.0, metric_before=before, metric_after=after,
                 norm=0.0, epochs=0, seconds=time.monotonic() - t0, ranges=(), encoding=p.encoding, tensors=(),
                 delta={}, sent=time.time(), kind="evaluate", int8_before=int8[0], int8_after=int8[1])
-            self.publish(self.topic, update.encode())
+            payload = update.encode()
+            self.pending.put(p.round_id, p.kind, payload)
+            self.publish(self.topic, payload)
             self._answered(p.round_id, p.kind)
             self.sent += 1
             log.info("round %d: evaluated the candidate on %d held-out windows: %.3f (the base: %.3f); INT8 %s (%s)",

@@ -16,7 +16,7 @@ import pytest
 
 from edge_agent import exits
 from edge_agent.sources import LogError, pace, read_log
-from edge_agent.sources.merge import MIN_CURSOR_ROWS, ReplayLogs
+from edge_agent.sources.merge import ROWS_IN_ALL, ReplayLogs
 from edge_agent.sources.runs import MAX_RUNS
 from tests.helpers import agent_cmd, fleet_files
 from tests.test_sources import FakeClock
@@ -96,8 +96,8 @@ def test_several_files_are_merged_into_one_clock(tmp_path: Path) -> None:
 
 
 def test_memory_is_bounded_by_the_runs_not_the_rows(tmp_path: Path) -> None:
-    """Forty devices, one after the other: forty cursors, each holding one chunk of at most 512 rows
-    (8,192 in all split between them, at least 512 each), whether the log has 40,000 or 160,000 rows."""
+    """Forty devices, one after the other: forty cursors, each holding one chunk (32,768 rows in all
+    split between them), whether the log has 40,000 or 160,000 rows."""
     peaks = []
     for n in (1000, 4000):
         log = by_device(tmp_path / f"log{n}.csv.gz", {f"d{k:02d}": 100.0 + k % 3 for k in range(40)}, n=n)
@@ -106,7 +106,7 @@ def test_memory_is_bounded_by_the_runs_not_the_rows(tmp_path: Path) -> None:
         assert len(ts) == 40 * n and np.all(np.diff(ts) >= 0)
         assert logs.peak_cursors == logs.runs == 40
         peaks.append(logs.peak_rows)
-    assert peaks[0] == peaks[1] <= 40 * MIN_CURSOR_ROWS
+    assert peaks[0] == peaks[1] <= ROWS_IN_ALL
 
 
 def test_a_bad_line_in_a_later_run_is_named_by_its_own_line(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ a large log in memory would hold all of it, so :class:`ReplayLogs` reads each fi
    cursor's chunk is used up per step.  A row's key is its run's running maximum of ts (a run is
    in time order up to ``slack``); ties go to the earlier run.
 
-Memory is bounded by the number of runs, not rows: ``rows`` rows are buffered in all, split between
-the cursors (at least :data:`MIN_CURSOR_ROWS` each).  More than ``max_runs`` runs (rows in no usable
+Memory is bounded by the number of runs, not rows: :data:`ROWS_IN_ALL` rows are buffered in all, split
+between the cursors (at most ``rows``, at least :data:`MIN_CURSOR_ROWS` each).  More than ``max_runs`` runs (rows in no usable
 order) is refused before any reading goes out, with the command that sorts the log.  Across files,
 a device's readings must go forward in time in the merged order (:func:`increasing`, the parser's
 rule): a device whose readings overlap in two files is refused at the first overlapping row (or the
@@ -57,7 +57,8 @@ from edge_agent.sources.logs import (
 from edge_agent.sources.numbers import Workspace
 from edge_agent.sources.runs import MAX_RUNS, SLACK_S, Index, index_file, sort_hint, with_hint
 
-MIN_CURSOR_ROWS = 512  # rows a cursor buffers at least (smaller parses cost more per row)
+ROWS_IN_ALL = 32768  # rows the cursors buffer together (a sorted log's one cursor: ``rows``, 8,192)
+MIN_CURSOR_ROWS = 256  # rows a cursor buffers at least (smaller parses cost more per row)
 _READ = 1 << 18  # bytes read at once, split between the cursors (at least _MIN_READ each)
 _MIN_READ = 1 << 14
 _LINE_BITS = 40  # a row's tag in the merge: file index << 40 | line
@@ -208,7 +209,8 @@ class ReplayLogs:
         indexes = self.index()._indexes
         assert indexes is not None
         runs = max(self.runs, 1)
-        per, read = max(MIN_CURSOR_ROWS, self.rows_buffered // runs), max(_MIN_READ, _READ // runs)
+        per = min(self.rows_buffered, max(MIN_CURSOR_ROWS, ROWS_IN_ALL // runs))
+        read = max(_MIN_READ, _READ // runs)
         ws = Workspace()
         cursors = [_Cursor(idx, k, per, read, self.on_error, self.numeric, n, ws)
                    for n, idx in enumerate(indexes) for k in range(len(idx.runs))]

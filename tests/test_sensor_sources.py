@@ -333,7 +333,8 @@ def test_missing_pyserial_is_one_line_naming_the_extra(tmp_path) -> None:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == \
-        "edge-agent: error: source = 'serial' needs pyserial: pip install 'edgeml-mqtt[serial]'", done.stderr
+        "edge-agent: error: source = 'serial' needs pyserial: pip install 'edgeml-mqtt[serial]' (on a device " \
+        "installed from deploy/agent: pip install pyserial)", done.stderr
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ def pyserial() -> Any:
     try:
         import serial
     except ImportError:
-        raise SettingsError("source = 'serial' needs pyserial: pip install 'edgeml-mqtt[serial]'",
+        raise SettingsError("source = 'serial' needs pyserial: pip install 'edgeml-mqtt[serial]' (on a device "
+                            "installed from deploy/agent: pip install pyserial)",
                             field="source") from None
     return serial
 

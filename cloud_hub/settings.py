@@ -40,6 +40,9 @@ class HubSettings(BrokerSettings):
     connect_timeout_s: float = 10.0  # `serve` gives up (exit 3) if the first connection takes longer
     batch_max: int = 5_000  # result rows per transaction
     batch_max_delay_s: float = 0.2  # longest time spent collecting one batch while messages keep coming
+    # A batch that drained the queue waits this long after its first message for more before it is written:
+    # a busy hub then commits, receipts and acknowledges groups (docs/configuration.md). 0 = write at once.
+    batch_linger_ms: float = 5.0
     receipts: bool = True  # after each commit, tell devices which results are stored (they keep them until then)
     dead_letter_max_bytes: int = 64 << 10  # raw payload bytes kept per dead letter
     # What one device may send (cloud_hub/data/limits.py): messages a second, results and statuses alike, in
@@ -103,7 +106,7 @@ class HubSettings(BrokerSettings):
         for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s", "canary_min_results",
                      "canary_max_results"):
             positive(name, getattr(self, name))
-        for name in ("device_max_msgs_per_s", "device_burst", "batch_max_delay_s", "log_interval_s", "session_expiry_s", "retrain_every_n",
+        for name in ("device_max_msgs_per_s", "device_burst", "batch_max_delay_s", "batch_linger_ms", "log_interval_s", "session_expiry_s", "retrain_every_n",
                      "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance",
                      "canary_error_tolerance", "canary_max_s"):
             positive(name, getattr(self, name), zero_ok=True)

@@ -389,3 +389,58 @@ def test_a_receipt_too_big_for_one_message_is_split_into_receipts_the_device_acc
     assert len(got) > 1 and all(len(payload) <= c.MAX_RECEIPT_BYTES for payload, _ in got)
     assert sorted(s for _, r in got for s in r.seqs()) == sorted(seqs)
     assert {s for _, r in got for s in r.dup_seqs()} == seqs
+
+
+def _rows_in(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT count(*) FROM results").fetchone()[0])
+
+
+def test_a_linger_groups_results_into_one_transaction_receipted_and_acked_after_its_commit(
+        shared_broker: LocalBroker, prefix: str, tmp_path: Path, publisher: Publisher) -> None:
+    """Ten one-result messages of ten devices, each sent once the previous one reached the broker, and a
+    linger far longer than the test: the batch closes at batch_max rows, so they make ONE transaction, and
+    each receipt (one per device) and PUBACK leaves only once the database holds all ten rows."""
+    settings = settings_for(shared_broker, prefix, tmp_path, batch_max=10, batch_linger_ms=600_000.0,
+                            batch_max_delay_s=600.0)
+    hub = Hub(settings)
+    path = tmp_path / "hub.sqlite"
+    sent: list[tuple[str, int]] = []  # (what left the hub, result rows committed at that moment)
+    publish, ack = hub.link.publish, hub.link.ack
+
+    def observed_publish(topic: str, payload: bytes, delivery: c.Delivery) -> int:
+        sent.append(("receipt", _rows_in(path)))
+        return publish(topic, payload, delivery)
+
+    def observed_ack(mid: int, qos: int) -> None:
+        sent.append(("ack", _rows_in(path)))
+        ack(mid, qos)
+
+    hub.link.publish, hub.link.ack = observed_publish, observed_ack  # type: ignore[method-assign]
+    hub.start()  # returns once the broker acknowledged the subscriptions
+    try:
+        for d in range(10):
+            publisher.publish(hub.topics.results(f"dev-{d}"), batch(f"dev-{d}", 100, 1).encode())
+            publisher.wait_acked()
+        wait_for(lambda: len(sent) >= 20, what="the ten results receipted and acknowledged")
+        assert (hub.stats.batches, hub.stats.messages, hub.stats.receipts) == (1, 10, 10)
+        assert sorted(sent) == [("ack", 10)] * 10 + [("receipt", 10)] * 10
+    finally:
+        hub.stop()
+
+
+def test_a_lone_result_is_written_after_the_linger_not_held_for_a_fuller_batch(
+        shared_broker: LocalBroker, prefix: str, tmp_path: Path, publisher: Publisher) -> None:
+    """A quiet hub: each result, alone, is committed and receipted in its own transaction although the
+    batch is far from full and its longest delay is ten minutes: the linger alone bounds its wait."""
+    settings = settings_for(shared_broker, prefix, tmp_path, batch_linger_ms=50.0, batch_max_delay_s=600.0)
+    hub = Hub(settings)
+    hub.start()
+    try:
+        for k in range(3):
+            publisher.publish(hub.topics.results("dev-q"), batch("dev-q", 10 * k, 1).encode())
+            wait_for(lambda k=k: hub.stats.receipts > k, what=f"lone result {k} receipted")  # type: ignore[misc]
+        assert (hub.stats.batches, hub.stats.receipts) == (3, 3)
+        assert sorted(stored_keys(settings.db)) == [("dev-q", 0), ("dev-q", 10), ("dev-q", 20)]
+    finally:
+        hub.stop()

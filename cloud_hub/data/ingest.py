@@ -19,10 +19,12 @@ device's decoder), and the device keeps every result until then, sending it agai
 comes. Receipts go out before the PUBACKs of the same batch; if the hub dies in between, the broker
 redelivers, the rows are duplicates and are receipted again.
 
-Why a batch ends as soon as the queue is empty: the broker keeps at most ``max_inflight_messages``
-(100 in our mosquitto.conf) unacknowledged QoS 1 messages in flight to us and sends nothing more until
-we acknowledge, so waiting for a fuller batch only stalls the stream. ``batch_max`` and
-``batch_max_delay_s`` bound a batch while messages keep arriving.
+Why a batch lingers: a fleet of devices each sending now and then keeps the queue nearly empty, and a
+batch that ended whenever the queue was empty held one message: one transaction per result. So once
+the queue runs dry a batch waits for more, up to ``batch_linger_ms`` after its first message (a few
+milliseconds; 0 = write at once), and a busy hub commits groups. Nothing is acknowledged or receipted
+before its batch commits, so the linger delays receipts and acks, never the guarantee. A batch ends
+at once at ``batch_max`` rows, and ``batch_max_delay_s`` bounds it while messages keep arriving.
 
 Why acknowledgements check the connection generation: packet ids (mids) are per connection. After a
 reconnect the broker resends the unacknowledged messages and may give their old mids to other
@@ -250,7 +252,8 @@ class Hub:
                 return
 
     def _collect(self, timeout: float) -> Pending | None:
-        """Block for the first item, then take what is queued, up to batch_max rows / max delay."""
+        """Block for the first item, then take what comes, until batch_max rows, a connection event or stop,
+        or the queue is empty once the linger (counted from the first item) or the max delay is over."""
         get = self._queue.get
         try:
             item = get(timeout=timeout)
@@ -258,7 +261,9 @@ class Hub:
             return None
         pending = Pending(generation=self._generation)
         now = time.time()
-        deadline = time.monotonic() + self.settings.batch_max_delay_s
+        start = time.monotonic()
+        deadline = start + self.settings.batch_max_delay_s
+        linger_until = min(start + self.settings.batch_linger_ms / 1000.0, deadline)
         batch_max = self.settings.batch_max
         while True:
             if item is _CONNECTION_EVENT:
@@ -276,7 +281,15 @@ class Hub:
             try:
                 item = get(block=False)
             except queue.Empty:
-                break  # drained: write now, more waiting would only stall the broker's inflight window
+                # Drained: linger for more (a busy hub then writes, receipts and acknowledges groups), but never
+                # past the linger counted from the batch's first item, nor once stop() was called.
+                wait = linger_until - time.monotonic()
+                if wait <= 0 or not pending.messages or self._stopping.is_set():
+                    break
+                try:
+                    item = get(timeout=wait)
+                except queue.Empty:
+                    break
         return pending
 
     def _add(self, pending: Pending, msg: Message, now: float) -> None:

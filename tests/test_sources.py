@@ -963,3 +963,69 @@ def test_a_numeric_label_column_reads_as_numbers_with_located_errors(tmp_path: P
                                               '{"ts":2,"device_id":"a","x":1,"label":"oops"}'])
     with pytest.raises(LogError, match=r"reg.jsonl:2: bad number 'oops' in column 'label'"):
         read_log(jl).labels_as_numbers().read_all()
+
+
+# ----------------------------------------------------------------------------- real sensors' readings (fields.py)
+
+
+def _feed(**kw) -> sources.SensorFeed:
+    fields = sources.FieldMap((("t", ("env", "t")), ("rh", ("env", "rh", "0"))), **kw)
+    return sources.SensorFeed("sensors", fields)
+
+
+def _read(feed: sources.SensorFeed, payloads: list[bytes]) -> ReadingChunk | None:
+    lines = b"".join(feed.take(f"m{i}", p, "d-1", 100.0 + i) for i, p in enumerate(payloads))
+    chunks = list(feed.chunks(lines))
+    return ReadingChunk.concat(chunks) if chunks else None
+
+
+def test_sensor_fields_by_path_time_and_label() -> None:
+    """Paths reach into objects and lists; a time in ms, ISO 8601 with an offset; a channel a reading lacks
+    is a missing value, a label it lacks an unknown one."""
+    feed = _feed(ts=("at",), ts_unit="ms", label=("state",))
+    chunk = _read(feed, [b'{"at": 1700000000000, "env": {"t": 21.5, "rh": [40.5, 0]}, "state": "dry"}',
+                         b'{"at": "1700000001500", "env": {"t": 21.6}}'])
+    assert chunk is not None and feed.stats.rows_skipped == 0
+    assert chunk.ts.tolist() == [1_700_000_000.0, 1_700_000_001.5]
+    assert chunk.values[0].tolist() == [21.5, 40.5] and chunk.values[1, 0] == np.float32(21.6)
+    assert math.isnan(chunk.values[1, 1]) and chunk.labels.tolist() == ["dry", ""]
+    iso = _feed(ts=("at",))
+    chunk = _read(iso, [b'{"at": "2026-12-06T13:00:00+01:00", "env": {"t": 1}}'])
+    assert chunk is not None and chunk.ts.tolist() == [1_796_558_400.0]
+
+
+@pytest.mark.parametrize(("payload", "kind", "reason"), [
+    (b'{"env": {"t": 21', "bad json", "bad JSON"),
+    (b"[1, 2]", "bad json", "expected a JSON object"),
+    (b'{"action": "single"}', "missing column", "no channel field (env.t, env.rh.0)"),
+    (b'{"at": 2, "env": {"t": true}}', "bad number", "bad number true in column 't'"),
+    (b'{"at": 2, "env": {"t": 1e39}}', "non-finite value", "out of float32 range in column 't'"),
+    (b'{"at": 2, "env": {"t": {"value": 21}}}', "bad number", "bad number {\"value\":21} in column 't'"),
+    (b'{"env": {"t": 1}, "at": "yesterday"}', "bad value", "neither a number nor ISO 8601"),
+    (b'{"env": {"t": 1}}', "missing column", "no time field 'at'"),
+])
+def test_a_sensor_reading_that_is_none_is_counted_and_named(payload: bytes, kind: str, reason: str) -> None:
+    feed = _feed(ts=("at",))
+    chunk = _read(feed, [b'{"at": 1, "env": {"t": 1}}', payload, b'{"at": 3, "env": {"t": 3}}'])
+    assert chunk is not None and chunk.ts.tolist() == [1.0, 3.0]  # the readings around it go on
+    assert feed.stats.skipped_by_reason == {kind: 1}
+    err = str(feed.stats.first_errors[0])
+    assert err.startswith("m1: ") and reason in err, err
+
+
+def test_sensor_readings_out_of_order_are_named_after_their_origin() -> None:
+    feed = _feed(ts=("at",))
+    _read(feed, [b'{"at": 5, "env": {"t": 1}}', b'{"at": 5, "env": {"t": 2}}'])
+    assert [str(e) for e in feed.stats.first_errors] == [
+        "m1: non-monotonic ts 5.0 for device 'd-1' (previous 5.0 at line 1)"]
+
+
+def test_csv_sensor_lines_by_column() -> None:
+    """A board's CSV line: columns by number, text where a number belongs named, its header passed over."""
+    fields = sources.FieldMap((("t", ("1",)), ("rh", ("2",))), ts=("0",), label=("3",), csv=True)
+    feed = sources.SensorFeed("/dev/ttyUSB0", fields)
+    lines = [b"ts,t,rh,label", b"10,21.5,40,dry", b"11,x,41,dry", b"12,21.7,,humid"]
+    chunk = _read(feed, lines)
+    assert chunk is not None and chunk.ts.tolist() == [10.0, 12.0] and chunk.labels.tolist() == ["dry", "humid"]
+    assert math.isnan(chunk.values[1, 1])
+    assert [str(e) for e in feed.stats.first_errors] == ["m2: bad number \"x\" in column 't'"]

@@ -309,7 +309,7 @@ def device_template(template: str, filters: Sequence[str]) -> tuple[tuple[str, i
     if not levels:
         raise bad("no {N}: every topic would give the same device id (for one device, set device_id instead)")
     for f in filters:
-        n = len(f.split("/"))
+        n = len(f.split("/")) - (2 if f.startswith("$share/") else 0)  # the topics have no $share/<group>/
         if "#" not in f and max(levels) >= n:
             raise bad(f"reads topic level {max(levels)}, but the topics of {f!r} have levels 0..{n - 1}")
     return tuple(parts)

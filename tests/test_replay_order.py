@@ -215,3 +215,27 @@ def test_edge_agent_replay_of_a_log_grouped_by_device_runs_every_device_together
     for d in where:
         seqs = [s for dd, s in order if dd == d]
         assert seqs == sorted(seqs)
+
+
+def test_edge_agent_replay_refuses_a_device_going_back_in_one_line_before_any_result(
+        shared_broker, prefix, fleet, tmp_path: Path) -> None:
+    """The fleet log grouped by device, with dev-a's first 100 readings written again at its end: exit 5
+    and one line naming the file, the line and the command that sorts it; no result was made."""
+    log, model, _ = fleet
+    lines = log.read_text().splitlines()
+    body = sorted(lines[1:], key=lambda ln: ln.split(",")[1])
+    again = [b for b in body if b.split(",")[1] == "dev-a"][:100]
+    bad = tmp_path / "again.csv"
+    bad.write_text("\n".join([lines[0], *body, *again]) + "\n")
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    res = subprocess.run(agent_cmd("replay", str(bad), "--broker", shared_broker.url, "--model", str(model),
+                                   "--prefix", prefix, "--state-dir", str(state), "--timeout", "5"),
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == exits.INPUT, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and "Traceback" not in res.stderr
+    assert errors[0].startswith(f"edge-agent: error: {bad}:{len(lines) + 1}: non-monotonic ts 0.0 for device 'dev-a' ")
+    assert errors[0].endswith(f"to sort the log by time: (head -n 1 {bad}; tail -n +2 {bad} | LC_ALL=C sort -s -t, "
+                              f"-k1,1g) > {tmp_path / 'again.sorted.csv'}")
+    assert _outbox_order(state) == []

@@ -67,6 +67,7 @@ class Config:
     dropout: float = 0.0
     train_layers: int | None = None
     alpha_scale: float = 1.0  # x the central training's effective L2 strength
+    fp16: bool = False  # the devices get the master as a float16 announcement (federate's default) and train from it
 
 
 def configs(args: argparse.Namespace) -> dict[str, Config]:
@@ -75,6 +76,7 @@ def configs(args: argparse.Namespace) -> dict[str, Config]:
         "fedavg": Config("fedavg", **base),
         "fedprox": Config("fedprox", mu=args.mu, **base),
         "fp32": Config("fp32", int8=False, **base),
+        "fp16": Config("fp16", fp16=True, **base),
         "dropout": Config("dropout", dropout=0.3, **base),
         "layers": Config(f"layers{args.train_layers}", train_layers=args.train_layers, **base),
     }
@@ -150,7 +152,8 @@ def federated(cfg: Config, seed: int, rounds: int, devices: tuple[str, ...] = DE
             updates, ranges = [], []
             for i, d in enumerate(active):
                 m = data.devices == d
-                res = learn.fine_tune(master, "classification", data.X[m], yi[m], epochs=cfg.epochs, lr=cfg.lr,
+                base = {k: v.astype(np.float16).astype(np.float32) for k, v in master.items()} if cfg.fp16 else master
+                res = learn.fine_tune(base, "classification", data.X[m], yi[m], epochs=cfg.epochs, lr=cfg.lr,
                                       batch=cfg.batch, mu=cfg.mu, alpha=alpha, train_layers=cfg.train_layers,
                                       optimizer=cfg.optimizer, seed=seed * 100_000 + r * 100 + i)
                 t_dev.append(res.seconds)

@@ -316,7 +316,8 @@ def real_messages(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, A
             ("round", _header(cr.announcement(replace(plan, secure=cr.SecureParams(2, 63, 3.0, 5, 20),
                                                       dp=DpParams("distributed", 1.5, 1e-5, 120.5, 300.25)),
                                               weights).encode())),
-            ("round", _header(cr.announcement(replace(plan, dp=DpParams("central", 2.0, 1e-6)), weights).encode()))]
+            ("round", _header(cr.announcement(replace(plan, dp=DpParams("central", 2.0, 1e-6),
+                                                      weights_dtype="float16"), weights).encode()))]
     specs, arrays = cr.encode_update_delta({"coef_0": np.full((2, 2), 0.01, np.float32)}, "int8")
     update = cr.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),), "int8",
                        specs, arrays, 5.0)

@@ -13,7 +13,7 @@ from cloud_hub.rounds.coordinator import FederateConfig
 
 # option (Python parameter) -> FederateConfig field, where the names differ
 RENAMED = {"wait_devices": "wait_devices_s", "deadline": "deadline_s", "budget": "budget_s",
-           "holdout_log": "holdout_logs", "fp32_deltas": "encoding"}
+           "holdout_log": "holdout_logs", "fp32_deltas": "encoding", "fp32_announcements": "weights_dtype"}
 NOT_AN_OPTION = {"refuse_factor"}  # a safety bound of the hub, not a knob (3 x clip)
 
 
@@ -35,6 +35,8 @@ def test_every_federate_config_field_has_an_option_with_its_default() -> None:
         option, shown = by_field[field]
         if field == "encoding":
             assert (default == "int8") is (shown is False), "--fp32-deltas off must mean the config's encoding"
+        elif field == "weights_dtype":
+            assert (default == "float16") is (shown is False), "--fp32-announcements off: the config's dtype"
         elif field == "holdout_logs":
             assert tuple(shown or ()) == default
         else:

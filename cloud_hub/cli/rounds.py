@@ -55,6 +55,9 @@ def federate(
                                                "count (weighted down).", min=0)] = 1,
     fp32_deltas: Annotated[bool, typer.Option("--fp32-deltas", help="Devices send FP32 deltas (4x the bytes; "
                                               "for comparison).")] = False,
+    fp32_announcements: Annotated[bool, typer.Option("--fp32-announcements", help="Announce the weights as "
+                                                     "float32 (2x the bytes down), for agents older than float16 "
+                                                     "announcements.")] = False,
     budget: Annotated[float, typer.Option("--budget", help="Seconds of training a device may spend.")] = 60.0,
     holdout_log: Annotated[list[str] | None, typer.Option("--holdout-log", help="Labelled log the candidate is "
                                                           "gated on (else the devices' own evaluation).")] = None,
@@ -115,7 +118,8 @@ def federate(
         train_layers=train_layers, min_windows=min_windows, min_new=min_new, max_staleness=max_staleness,
         encoding="float32" if fp32_deltas else "int8", budget_s=budget, tolerance=tolerance,
         holdout_logs=tuple(holdout_log or ()), aggregate=aggregate, secure=secure, threshold=threshold,
-        dp_noise=dp_noise, target_epsilon=target_epsilon, dp_delta=dp_delta, seed=seed)
+        dp_noise=dp_noise, target_epsilon=target_epsilon, dp_delta=dp_delta,
+        weights_dtype="float32" if fp32_announcements else "float16", seed=seed)
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                           client_id=client_id)

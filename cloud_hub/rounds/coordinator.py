@@ -108,6 +108,9 @@ class FederateConfig:
     dp_noise: float | None = None  # the noise multiplier; None with a target_epsilon: calibrated to it
     target_epsilon: float | None = None  # the model's budget: no round opens that would spend past it
     dp_delta: float = 1e-5
+    # the announcement's weights (train and evaluate rounds): float16 halves the bytes down (the devices train
+    # from the rounded base, and their deltas are against it: bench/federated_watch.py --fp16, docs)
+    weights_dtype: str = "float16"
     seed: int = 0
 
     @property
@@ -233,7 +236,7 @@ class Coordinator:
             epochs=c.epochs, lr=c.lr, batch=c.batch, mu=c.mu, alpha=_alpha(blob, c.batch), clip=c.clip,
             min_windows=c.min_windows, min_new=c.min_new, min_updates=min(c.min_updates or len(chosen), len(chosen)),
             max_staleness=0 if dp else c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
-            trainable=trainable, secure=secure, dp=dp,
+            trainable=trainable, secure=secure, dp=dp, weights_dtype=c.weights_dtype,
         )
         ann = self._signed(announcement(plan, tensors))
         payload = ann.encode()
@@ -490,7 +493,7 @@ class Coordinator:
             round_id=r.id, model=r.model_name, base_version=r.base_version, base_sha256=str(r.plan["base_sha256"]),
             task=str(r.plan["task"]), participants=devices, deadline=now + min(self.cfg.deadline_s, 60.0),
             min_windows=1, min_updates=len(devices), max_staleness=0, encoding=str(r.plan["encoding"]),
-            created=now, kind="evaluate")
+            created=now, kind="evaluate", weights_dtype=self.cfg.weights_dtype)
         payload = self._signed(announcement(plan, candidate, int8)).encode()
         topic = self.s.topics.rounds(r.model_name)
         self._send(topic, payload)

@@ -224,6 +224,7 @@ ROUND: dict[str, Any] = {
                    "sigma": {**NUMBER, "description": "distributed: each device's noise, in grid steps"},
                    "bound": {**NUMBER, "description": "distributed: the L2 bound of each integer vector, in grid "
                              "steps"}}},
+        "weights_dtype": {"enum": ["float32", "float16"], "description": "the body's weights (absent: float32)"},
         "key_id": _nullable({"type": "string", "maxLength": 128}),
         "signature": _nullable({"type": "string", "maxLength": 256, "description": "base64 Ed25519 signature of "
                                 "the header without this field, keys sorted, as for a manifest"}),
@@ -306,6 +307,7 @@ ROUND_FORMAT = """\
 Federated rounds use the bundle's framing: 4 magic bytes (`EMLR` for an announcement, `EMLU` for an
 update), the header length as a 4-byte big-endian unsigned integer, the header (UTF-8 JSON: the
 `round` or `update` schema), then the tensors in the header's order, C order, little-endian: float32
+(or float16 with `weights_dtype` float16: train from them as float32, send the delta against them)
 weights in an announcement (their sha256 is `weights_sha256`, covered by the signature; an evaluate
 announcement then carries the INT8 ONNX model of its `int8` field), int8 (or
 float32 with `encoding` float32) deltas in an update. A device answers a round only when it runs the

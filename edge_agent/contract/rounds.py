@@ -233,6 +233,7 @@ class RoundPlan(SignedHeader):
     int8_bytes: int = 0
     secure: SecureParams | None = None  # secure aggregation: the hub learns only the sum of the updates
     dp: DpParams | None = None  # differential privacy: clipped, noised (on the devices, or at the hub)
+    weights_dtype: str = "float32"  # or "float16": the announcement's weights at half the bytes
     key_id: str | None = None
     signature: str | None = None
 
@@ -254,6 +255,8 @@ class RoundPlan(SignedHeader):
             obj["secure"] = self.secure.to_obj()
         if self.dp is not None:
             obj["dp"] = self.dp.to_obj()
+        if self.weights_dtype != "float32":  # only then: a round without it reads as before
+            obj["weights_dtype"] = self.weights_dtype
         return obj
 
 
@@ -265,7 +268,7 @@ class Announcement:
     int8: bytes = field(default=b"", repr=False)  # evaluate: the INT8 ONNX model (plan.int8_sha256)
 
     def encode(self) -> bytes:
-        body = _body(self.plan.tensors, self.weights, np.dtype("<f4")) + self.int8
+        body = _body(self.plan.tensors, self.weights, WEIGHTS_DTYPES[self.plan.weights_dtype]) + self.int8
         return frame(_ROUND_MAGIC, self.plan.header(), body, MAX_ROUND_BYTES)
 
 
@@ -280,16 +283,26 @@ def announcement(plan: RoundPlan, weights: dict[str, np.ndarray], int8: bytes = 
     missing = [t for t in plan.trainable if t not in weights]
     if missing or (plan.kind == "train") != bool(plan.trainable):
         raise ContractError(f"a {plan.kind} round with trainable {list(plan.trainable)}; the weights lack {missing}")
-    body = _body(specs, weights, np.dtype("<f4"))
+    dtype = WEIGHTS_DTYPES.get(plan.weights_dtype)
+    if dtype is None:
+        raise ContractError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}")
+    body = _body(specs, weights, dtype)
+    if not all(np.isfinite(np.asarray(weights[s.name], dtype)).all() for s in specs):
+        raise ContractError(f"weights past the range of {plan.weights_dtype}: announce them as float32")
     if int8 and plan.kind != "evaluate":
         raise ContractError("only an evaluate round carries an INT8 model")
     plan = replace(plan, tensors=specs, weights_sha256=hashlib.sha256(body).hexdigest(), key_id=None, signature=None,
                    int8_sha256=hashlib.sha256(int8).hexdigest() if int8 else "", int8_bytes=len(int8))
-    return Announcement(plan, {s.name: np.ascontiguousarray(weights[s.name], dtype=np.float32) for s in specs}, int8)
+    # as the devices will read them (float16: rounded)
+    return Announcement(plan, {s.name: np.ascontiguousarray(np.asarray(weights[s.name], dtype), dtype=np.float32)
+                               for s in specs}, int8)
 
 
 _ROUND_KEYS: Final = frozenset(RoundPlan(0, "m", 1, "", "classification", (), 0.0).header())
-_ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8", "secure", "dp"})
+_ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8", "secure", "dp", "weights_dtype"})
+# An announcement's weights: float32, or float16 (half the bytes down; a device trains from the rounded base
+# and sends its delta against it, so the hub's FP32 master loses nothing: bench/federated_watch.py --fp16).
+WEIGHTS_DTYPES: Final[dict[str, np.dtype[Any]]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
 def _int8_part(obj: dict[str, Any], body: bytes) -> tuple[bytes, bytes]:
@@ -343,11 +356,15 @@ def decode_announcement(payload: bytes) -> Announcement:
         weights_sha256=obj["weights_sha256"], tensors=specs, trainable=tuple(trainable), kind=kind,
         key_id=opt_str(obj, "key_id", what, 128), signature=opt_str(obj, "signature", what, 256),
     )
-    weights = _arrays(specs, body, np.dtype("<f4"), "round announcement")
+    weights_dtype = check_choice(obj, "weights_dtype", WEIGHTS_DTYPES, what) if "weights_dtype" in obj else "float32"
+    weights = {k: v.astype(np.float32) for k, v in
+               _arrays(specs, body, WEIGHTS_DTYPES[weights_dtype], "round announcement").items()}
     if not all(np.isfinite(a).all() for a in weights.values()):
         raise ContractError("round weights hold NaN or inf")
     if int8:
         plan = replace(plan, int8_sha256=obj["int8"]["sha256"], int8_bytes=len(int8))
+    if weights_dtype != "float32":
+        plan = replace(plan, weights_dtype=weights_dtype)
     if "secure" in obj:
         if kind != "train":
             raise ContractError("round.secure belongs to a train round")

@@ -35,6 +35,16 @@ def classifier() -> tuple:
 
 
 @pytest.fixture(scope="module")
+def binary() -> tuple:
+    """Two classes: scikit-learn gives the MLP one logistic output (the second class's log-odds)."""
+    X, cls, _ = _data(seed=2)
+    yb = (cls > 0).astype(int)
+    model = train(X, np.array(["no", "yes"])[yb], config=SMALL)
+    assert model[-1].coefs_[-1].shape[1] == 1
+    return model, X, yb
+
+
+@pytest.fixture(scope="module")
 def regressor() -> tuple:
     X, _, target = _data(seed=1)
     model = train(X, target, config=SMALL)
@@ -91,9 +101,10 @@ def _f64(t: dict) -> dict:
     return {k: v.astype(np.float64) for k, v in t.items()}
 
 
-@pytest.mark.parametrize("kind", ["classification", "regression"])
-def test_gradient_matches_finite_differences(classifier, regressor, kind) -> None:
-    model, X, y = classifier if kind == "classification" else regressor
+@pytest.mark.parametrize("kind", ["classification", "regression", "binary"])
+def test_gradient_matches_finite_differences(classifier, regressor, binary, kind) -> None:
+    model, X, y = {"classification": classifier, "regression": regressor, "binary": binary}[kind]
+    kind = "regression" if kind == "regression" else "classification"
     t = _f64(fedavg.mlp_tensors(model))
     X, y = X[:40].astype(np.float64), y[:40]
     rng = np.random.default_rng(3)
@@ -117,6 +128,23 @@ def test_gradient_matches_finite_differences(classifier, regressor, kind) -> Non
     if kind == "regression":  # alpha applies to the unfolded (standardized-target) last layer
         l2 += float(np.sum((t["coef_2"] / t["target_sd"]) ** 2)) - float(np.sum(t["coef_2"] ** 2))
     assert learn.loss_and_grad(t, kind, X, y, alpha=0.7)[0] == pytest.approx(plain + 0.5 * 0.7 / 40 * l2, rel=1e-9)
+
+
+def test_a_two_class_model_predicts_as_its_onnx_and_fine_tunes(binary) -> None:
+    """Federated rounds of a two-class model (issue #28's trial found them failing: one output, not two)."""
+    model, X, yb = binary
+    t = fedavg.mlp_tensors(model)
+    got = learn.predict(t, "classification", X)
+    np.testing.assert_allclose(got, _onnx_out(model, X), atol=1e-4, rtol=1e-4)
+    assert got.shape == (len(X), 2)
+    idx = {c: i for i, c in enumerate(model[-1].classes_)}
+    y = np.array([idx[c] for c in np.array(["no", "yes"])[yb]])
+    Xd = X + np.float32(0.8)
+    r = learn.fine_tune(t, "classification", Xd, y, epochs=10, lr=1e-3, optimizer="adam")
+    assert r.loss_after < r.loss_before and r.metric_after >= r.metric_before
+    assert r.metric_after == pytest.approx(np.mean(learn.predict(r.tensors, "classification", Xd).argmax(1) == y))
+    with pytest.raises(ValueError, match=r"class indices must be in 0\.\.1"):
+        learn.fine_tune(t, "classification", X, np.full(len(X), 2), epochs=1, lr=1e-3)
 
 
 def test_no_device_outweighs_a_round_by_the_examples_it_claims() -> None:

@@ -120,6 +120,11 @@ def _forward(layers: list[list[np.ndarray]], H: np.ndarray, last_is_output: bool
 
 
 def _softmax(A: np.ndarray) -> np.ndarray:
+    """Class probabilities of the output pre-activations: softmax, or for a two-class model (scikit-learn gives
+    it one logistic output, the second class's log-odds) [1 - sigmoid, sigmoid]."""
+    if A.shape[1] == 1:
+        p = 1.0 / (1.0 + np.exp(-np.clip(A[:, 0], -500, 500)))
+        return np.stack([1.0 - p, p], axis=1)
     P = np.exp(A - A.max(axis=1, keepdims=True))
     return P / P.sum(axis=1, keepdims=True)
 
@@ -156,8 +161,9 @@ def _targets(tensors: Tensors, task: str, y: np.ndarray, n: int, outputs: int) -
         raise ValueError(f"y must have {n} rows, got shape {y.shape}")
     if task == "classification":
         yi = y.astype(np.int64).reshape(n)
-        if yi.min() < 0 or yi.max() >= outputs:
-            raise ValueError(f"class indices must be in 0..{outputs - 1}")
+        classes = max(outputs, 2)  # one logistic output: two classes
+        if yi.min() < 0 or yi.max() >= classes:
+            raise ValueError(f"class indices must be in 0..{classes - 1}")
         return yi
     mu, sd = _target(tensors, outputs)
     return ((y.reshape(n, outputs) - mu) / sd).astype(_dtype(tensors))
@@ -169,6 +175,8 @@ def _data_loss(A: np.ndarray, Y: np.ndarray, task: str) -> tuple[float, np.ndarr
     if task == "classification":
         P = _softmax(A)
         loss = -float(np.mean(np.log(np.maximum(P[np.arange(n), Y], 1e-30))))
+        if A.shape[1] == 1:  # the logistic output: d loss / d a = sigmoid(a) - y
+            return loss, ((P[:, 1] - Y) / n).reshape(n, 1).astype(A.dtype)
         P[np.arange(n), Y] -= 1
         return loss, P / n
     D = A - Y
@@ -230,6 +238,8 @@ def metric(task: str, predicted: np.ndarray, y: np.ndarray) -> float:
     and ``y``: [n, outputs]). Whatever model made the predictions (these tensors, or an INT8 ONNX model)."""
     if task == "classification":
         p = np.asarray(predicted)
+        if p.ndim == 2 and p.shape[1] == 1:  # a two-class model's one output: the second class's log-odds
+            p = (p[:, 0] > 0).astype(np.int64)
         return float(np.mean((p.argmax(axis=1) if p.ndim == 2 else p) == np.asarray(y).reshape(len(p))))
     P = np.asarray(predicted, np.float64).reshape(len(predicted), -1)
     D = P - np.asarray(y, np.float64).reshape(P.shape)

@@ -2,6 +2,7 @@
 
     python bench/fleet.py                                     # 1,000 devices for 120 s, SQLite, 1 hub
     python bench/fleet.py --db postgresql+psycopg://postgres@127.0.0.1:5432/postgres --workers 2
+    python bench/fleet.py --linger 0,5,20 --seconds 60 --switch-at 45   # one run per batch_linger_ms
 
 Every simulated device speaks the real agent's protocol over its own MQTT session (client id
 ``sim-NNNN``): a retained ``online`` status naming the model it runs, with a last will ``offline``;
@@ -17,6 +18,10 @@ latency from a result's window end to its receipt at the device (commit, then th
 an upper bound of window end -> commit), p50/p99; the results waiting for a receipt over time (the
 backlog); broker, hub and PostgreSQL CPU and peak RSS; and, after ``--switch-at`` seconds, the
 time from publishing a new signed model until the hub's devices table shows every device on it.
+
+``--linger`` (default: 0 and the hub's default ``batch_linger_ms``) runs the whole fleet once per
+value, one after the other, and ends with a table of the hub's CPU per 1,000 results/s (before the
+model switch, and over the whole run) and the receipt latency of each: what the linger buys.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class Device:
         self.name, self.topics, self.key = name, topics, key
         self.model: c.Manifest | None = None
         self.waiting: dict[int, tuple[float, float]] = {}  # seq -> (window end, last sent)
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[float, float]] = []  # (window end, seconds until its receipt)
         self.model_at: dict[int, float] = {}  # version -> when it arrived
         self.rejected = 0
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
@@ -90,7 +95,7 @@ class Device:
             for seq in c.decode_receipt(bytes(msg.payload), self.name).seqs():
                 entry = self.waiting.pop(seq, None)
                 if entry is not None:
-                    self.latencies.append(now - entry[0])
+                    self.latencies.append((entry[0], now - entry[0]))
             return
         try:
             bundle = check_bundle(bytes(msg.payload), trusted_key=self.key, allow_unsigned=False)
@@ -179,7 +184,7 @@ def devices_main(port: int, prefix: str, first: int, count: int, seconds: float,
     print(json.dumps({
         "sent": sum(len(d.latencies) + len(d.waiting) for d in devices),
         "unreceipted": sum(len(d.waiting) for d in devices), "resent": resent,
-        "latencies": [round(x, 4) for d in devices for x in d.latencies],
+        "latencies": [(round(e, 3), round(x, 4)) for d in devices for e, x in d.latencies],
         "model_at": [d.model_at.get(2) for d in devices], "rejected": sum(d.rejected for d in devices),
         "backlog": backlog,
     }), flush=True)
@@ -252,7 +257,9 @@ def count(db_url: str, sql: str) -> int:
         engine.dispose()
 
 
-def run(args: argparse.Namespace, work: Path) -> None:
+def run(args: argparse.Namespace, work: Path, linger_ms: float) -> dict[str, float]:
+    """One fleet run with the hub's ``batch_linger_ms`` at ``linger_ms``: prints its figures, returns the
+    headline ones."""
     from cloud_hub.data.db import make_engine
     from cloud_hub.rollout import publish as rollout
     from cloud_hub.settings import HubSettings
@@ -272,7 +279,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     procs: list[subprocess.Popen[str]] = []
     try:
         print(f"setting up: two model versions, a broker on port {broker.port}, {args.workers} hub worker(s) on "
-              f"{'PostgreSQL' if schema else 'SQLite'}", flush=True)
+              f"{'PostgreSQL' if schema else 'SQLite'}, batch_linger_ms {linger_ms:g}", flush=True)
         log = work / "sample.csv"
         write_sample_log(log, seconds=40)
         hub_cli("keygen", str(work / "hub.key"))
@@ -287,6 +294,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             share = ["--share-group", "fleet", "--client-id", f"hub-{k}"] if args.workers > 1 else []
             hubs.append(subprocess.Popen([sys.executable, "-m", "cloud_hub", "serve", "--broker", broker.url,
                                           "--db", db_url, "--prefix", prefix, *share],
+                                         env={**os.environ, "CLOUD_HUB_BATCH_LINGER_MS": f"{linger_ms:g}"},
                                          stderr=open(work / f"hub-{k}.log", "w"), text=True))  # noqa: SIM115
         procs += hubs
         for hub, k in zip(hubs, range(args.workers), strict=True):
@@ -312,6 +320,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             s.stdin.write("go\n")  # type: ignore[union-attr]
             s.stdin.flush()  # type: ignore[union-attr]
         time.sleep(args.switch_at)
+        steady = sampler.report(time.time() - t_go)  # before the model switch: results only
         settings = HubSettings(broker=broker.url, db=db_url, prefix=prefix, model_name=MODEL)
         engine = make_engine(db_url)
         t_pub = time.time()  # what `cloud-hub publish` does, timed without its interpreter start
@@ -329,7 +338,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         usage = sampler.report(elapsed)
         stored = count(db_url, "SELECT count(*) FROM results") - stored0
         window = count(db_url, f"SELECT count(*) FROM results WHERE received_at <= {t_go + args.seconds}")
-        lat = np.array([x for r in reports for x in r["latencies"]])
+        ends, lat = np.array([pair for r in reports for pair in r["latencies"]]).reshape(-1, 2).T
+        calm = lat[ends < t_pub]  # receipts of results made before the model switch
         sent = sum(r["sent"] for r in reports)
         got_v2 = [t for r in reports for t in r["model_at"] if t is not None]
         slots: dict[float, int] = {}
@@ -342,15 +352,22 @@ def run(args: argparse.Namespace, work: Path) -> None:
               f"({window / args.seconds:,.0f}/s during the run); unreceipted at the end "
               f"{sum(r['unreceipted'] for r in reports)}, sent again {sum(r['resent'] for r in reports)}")
         print(f"  window end -> receipt at the device: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
-              f"p99 {np.percentile(lat, 99) * 1000:.0f} ms, max {lat.max() * 1000:.0f} ms ({len(lat):,} receipts)")
+              f"p99 {np.percentile(lat, 99) * 1000:.0f} ms, max {lat.max() * 1000:.0f} ms ({len(lat):,} receipts); "
+              f"before the switch p50 {np.percentile(calm, 50) * 1000:.0f} ms, p99 {np.percentile(calm, 99) * 1000:.0f} ms")
         print("  results waiting for a receipt (every 5 s): "
               + " ".join(str(slots[k]) for k in sorted(slots)))
         for name, (cpu, rss) in usage.items():
-            print(f"  {name:8s} CPU {cpu:5.0%} of one core   peak RSS {rss:7.1f} MB")
+            print(f"  {name:8s} CPU {cpu:5.0%} of one core   peak RSS {rss:7.1f} MB   (before the switch: "
+                  f"{steady[name][0]:.0%})")
         print(f"  model v2: signed and PUBACKed {t_acked - t_pub:.2f} s after publish; every device checked it within "
               f"{max(got_v2) - t_pub:.2f} s (median {np.median(got_v2) - t_pub:.2f} s); the hub's devices table "
               f"shows all {args.devices} on v2 {t_all - t_pub:.2f} s after publish; refused bundles: "
               f"{sum(r['rejected'] for r in reports)}", flush=True)
+        per_k = 1000 / max(window / args.seconds, 1e-9)  # CPU per 1,000 results/s
+        return {"linger": linger_ms, "cpu": usage["hub"][0] * per_k, "steady": steady["hub"][0] * per_k,
+                "p50": float(np.percentile(calm, 50)), "p99": float(np.percentile(calm, 99)),
+                "p99_all": float(np.percentile(lat, 99)),
+                "lost": sent - stored}
     finally:
         for p in procs:
             p.kill()
@@ -376,7 +393,16 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=4, help="device processes")
     ap.add_argument("--workers", type=int, default=1, help="hub workers ($share group when more than one)")
     ap.add_argument("--db", help="a postgresql+psycopg:// URL (default: a SQLite file)")
+    ap.add_argument("--linger", default=None,
+                    help="the hub's batch_linger_ms, comma-separated: one run each (default: 0 and the hub's default)")
     args = ap.parse_args()
+    from cloud_hub.settings import HubSettings
+    try:
+        lingers = [float(x) for x in args.linger.split(",")] if args.linger else [0.0, HubSettings().batch_linger_ms]
+    except ValueError:
+        ap.error(f"--linger takes numbers separated by commas, got {args.linger!r}")
+    if any(x < 0 for x in lingers):
+        ap.error("--linger values must be 0 or more")
     if args.workers > 1 and not args.db:
         ap.error("several hub workers need PostgreSQL (--db)")
     if args.db and not args.db.startswith("postgresql+psycopg://"):
@@ -387,12 +413,21 @@ def main() -> None:
     if args.switch_at >= args.seconds:
         ap.error("--switch-at must be within --seconds")
     from cloud_hub.data.sessions import DatabaseUnavailable
-    with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
-        try:
-            run(args, Path(tmp))
-        except DatabaseUnavailable as exc:
-            print(f"fleet.py: {exc}", file=sys.stderr)
-            raise SystemExit(exits.UNAVAILABLE) from None
+    figures = []
+    for linger in lingers:
+        with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
+            try:
+                figures.append(run(args, Path(tmp), linger))
+            except DatabaseUnavailable as exc:
+                print(f"fleet.py: {exc}", file=sys.stderr)
+                raise SystemExit(exits.UNAVAILABLE) from None
+    print(f"\nhub CPU per 1,000 results/s and receipt latency by batch_linger_ms ({args.devices} devices, "
+          f"{'PostgreSQL' if args.db else 'SQLite'}, load average {os.getloadavg()[0]:.1f} at the end):")
+    print("  linger ms   CPU before the switch   CPU whole run   receipt p50 / p99 before the switch   "
+          "p99 whole run   not stored")
+    for f in figures:
+        print(f"  {f['linger']:9g}   {f['steady']:21.1%}   {f['cpu']:13.1%}   {f['p50'] * 1000:17.0f} / "
+              f"{f['p99'] * 1000:.0f} ms {'':12s}   {f['p99_all'] * 1000:10.0f} ms   {f['lost']:10.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -279,7 +279,7 @@ class ReplayLogs:
         return ReadingChunk(
             ts=pick(cat(lambda c, i, j: c.chunk.ts[i:j])), device_codes=pick(cat(lambda c, i, j: c.codes[i:j])),
             device_names=names, values=pick(cat(lambda c, i, j: c.chunk.values[i:j])), channels=first.channels,
-            labels=labels, source=first.source if all(c.path == first.source for c, _, _ in parts) else "the logs",
+            labels=labels, source=", ".join(dict.fromkeys(c.path for c, _, _ in parts)),
             lines=pick(tags))
 
     def _forward(self, out: ReadingChunk, last_ts: np.ndarray, last_tag: np.ndarray) -> ReadingChunk:

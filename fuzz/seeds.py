@@ -12,7 +12,24 @@ from pathlib import Path
 
 import orjson
 
-from tests.test_hostile_input import ANNOUNCEMENT, BUNDLE, DEEP, RECEIPT, RESULTS, STATUS, UPDATE, _header_of
+from edge_agent.contract.answers import AnswerReceipt
+from edge_agent.contract.privacy import DpParams
+from tests.test_hostile_input import (
+    ANNOUNCEMENT,
+    BUNDLE,
+    DEEP,
+    RECEIPT,
+    RESULTS,
+    STATUS,
+    UPDATE,
+    _announcement,
+    _header_of,
+)
+
+# a central-DP round announced in float16 (issue #26): the optional fields a plain round does not carry
+DP_ANNOUNCEMENT = _announcement(dp=DpParams("central", 1.5, 1e-5), weights_dtype="float16").encode()
+ANSWERED = [AnswerReceipt("dev-1", 3, "ab" * 32, "accepted").encode(),
+            AnswerReceipt("d.x:1", 0, "0" * 64, "duplicate").encode()]
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -65,7 +82,7 @@ def seeds() -> dict[str, list[bytes]]:
     _, header, _ = _header_of(BUNDLE)
     return {
         "results": [RESULTS], "status": [STATUS], "receipt": [RECEIPT], "update": [UPDATE],
-        "announcement": [ANNOUNCEMENT], "bundle": [BUNDLE], "manifest": [orjson.dumps(header), DEEP],
+        "announcement": [ANNOUNCEMENT, DP_ANNOUNCEMENT], "answered": ANSWERED, "bundle": [BUNDLE], "manifest": [orjson.dumps(header), DEEP],
         "log_csv": [CSV, CSV.replace(b"\n", b"\r\n")], "log_jsonl": [JSONL],
         "log_gz": [b"\0" + gzip.compress(CSV, mtime=0), b"\x81" + CSV],
         "settings": [TOML], "http": HTTP, "secure_step": _secure()[0], "secure_answer": _secure()[1],

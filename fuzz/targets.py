@@ -34,6 +34,7 @@ from edge_agent import contract as c
 from edge_agent.contract import rounds as cr
 from edge_agent.contract import secagg
 from edge_agent.contract import secure_rounds as sr
+from edge_agent.contract.answers import decode_answer_receipt
 from edge_agent.device.bundle import BundleRejected, check_bundle, check_round, check_step
 from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
@@ -334,5 +335,6 @@ TARGETS: dict[str, Target] = {
     "settings": settings,
     "secure_step": secure_step,
     "secure_answer": secure_answer,
+    "answered": _message(decode_answer_receipt),
     "http": http,
 }

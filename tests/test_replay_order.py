@@ -95,6 +95,22 @@ def test_several_files_are_merged_into_one_clock(tmp_path: Path) -> None:
         assert whole is not None and np.array_equal(ts[dev == d], whole.ts[whole.device_ids == d])
 
 
+def test_jitter_between_devices_never_reorders_a_device(tmp_path: Path) -> None:
+    """b's clock runs 0.5 s ahead of a's (no new run: within the slack), so a's last rows of the first
+    run are keyed at b's times; the second run (it starts with d far back) continues a at 30 s: a's
+    rows still come out in their file order, none refused."""
+    rows = [HEADER] + [f"{t:.2f},{d},1,2,x" for t0 in np.arange(0, 30, 0.1) for t, d in ((t0, "a"), (t0 + 0.5, "b"))]
+    rows += ["0.00,d,1,2,x"] + [f"{30 + i / 10:.2f},a,1,2,x" for i in range(300)]
+    log = tmp_path / "log.csv"
+    write(log, rows)
+    logs = ReplayLogs([log]).index()
+    assert logs.runs == 2
+    ts, dev, _ = merged(logs)
+    assert len(ts) == 901 and np.all(np.diff(ts) >= -1.0)  # in time order up to the slack
+    whole = read_log(log).read_all()
+    assert whole is not None and np.array_equal(ts[dev == "a"], whole.ts[whole.device_ids == "a"])
+
+
 def test_memory_is_bounded_by_the_runs_not_the_rows(tmp_path: Path) -> None:
     """Forty devices, one after the other: forty cursors, each holding one chunk (32,768 rows in all
     split between them), whether the log has 40,000 or 160,000 rows."""

@@ -150,15 +150,17 @@ class LineParser:
         self.stats.lines += n
         self._buf = self._buf[end:]
 
-    def continue_after(self, devices: Sequence[str], last_ts: np.ndarray, last_line: np.ndarray) -> None:
+    def continue_after(self, devices: Sequence[str], last_ts: np.ndarray, last_line: np.ndarray) -> np.ndarray:
         """Parse from the middle of a file whose earlier lines (read elsewhere) left ``devices[i]`` at
-        ``last_ts[i]`` (line ``last_line[i]``): the rule that a device's ts increases holds across."""
+        ``last_ts[i]`` (line ``last_line[i]``): the rule that a device's ts increases holds across.
+        Returns the devices' codes in this parser's chunks."""
         if not devices:
-            return
+            return np.empty(0, dtype=np.int32)
         codes = self.d.devices.encode_values(list(devices))
         self._last_ts, self._last_line = grow_last(self._last_ts, self._last_line, len(self.d.devices.names))
         self._last_ts[codes] = last_ts[: len(devices)]
         self._last_line[codes] = last_line[: len(devices)]
+        return codes
 
     def _part(self, block: bytes, nlines: int) -> LogError | None:
         """Parse one block of lines into the current chunk; the error to raise, if any."""

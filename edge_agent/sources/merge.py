@@ -16,7 +16,8 @@ a large log in memory would hold all of it, so :class:`ReplayLogs` reads each fi
    k-way merge interleaves them by time, a chunk at a time (vectorized): every step takes, from
    each cursor, the rows up to the earliest of the cursors' last buffered times, so at least one
    cursor's chunk is used up per step.  A row's key is its run's running maximum of ts (a run is
-   in time order up to ``slack``); ties go to the earlier run.
+   in time order up to ``slack``), at least its device's last key in the file's earlier runs
+   (:func:`merge_keys`), so each device's rows keep their file order; ties go to the earlier run.
 
 Memory is bounded by the number of runs, not rows: :data:`ROWS_IN_ALL` rows are buffered in all, split
 between the cursors (at most ``rows``, at least :data:`MIN_CURSOR_ROWS` each).  More than ``max_runs`` runs (rows in no usable
@@ -55,7 +56,7 @@ from edge_agent.sources.logs import (
     read_log,
 )
 from edge_agent.sources.numbers import Workspace
-from edge_agent.sources.runs import MAX_RUNS, SLACK_S, Index, index_file, sort_hint, with_hint
+from edge_agent.sources.runs import MAX_RUNS, SLACK_S, Index, index_file, merge_keys, sort_hint, with_hint
 
 ROWS_IN_ALL = 32768  # rows the cursors buffer together (a sorted log's one cursor: ``rows``, 8,192)
 MIN_CURSOR_ROWS = 256  # rows a cursor buffers at least (smaller parses cost more per row)
@@ -82,8 +83,12 @@ class _Cursor:
         self.parser.numeric_labels = numeric
         self.parser.d.outputs = idx.outputs
         self.parser.d.ws = ws  # the cursors parse one at a time: one set of scratch buffers for all
+        self.floor = np.empty(0)  # per device code: its last merge key in the file's earlier runs
         if start.devices is not None:
-            self.parser.continue_after(*start.devices)
+            names, last_ts, last_line, last_key = start.devices
+            codes = self.parser.continue_after(names, last_ts, last_line)
+            self.floor = np.full(len(self.parser.d.devices.names), -np.inf)
+            self.floor[codes] = last_key[: len(names)]
         if start.checkpoint is None:
             self.f: Any = open(idx.path, "rb")  # noqa: SIM115 - closed by close()
             self.f.seek(start.offset)
@@ -141,7 +146,9 @@ class _Cursor:
             if self.remap.shape[0] < len(names):
                 self.remap = np.array([codes_of.setdefault(nm, len(codes_of)) for nm in names], dtype=np.int32)
             self.chunk, self.at = chunk, 0
-            self.keys = np.maximum(np.maximum.accumulate(chunk.ts), self.top)
+            if self.floor.shape[0] < len(names):
+                self.floor = np.concatenate([self.floor, np.full(len(names) - self.floor.shape[0], -np.inf)])
+            self.keys = merge_keys(chunk.ts, self.floor[chunk.device_codes], self.top)
             self.top = float(self.keys[-1])
             self.codes = self.remap[chunk.device_codes]
             return True

@@ -29,6 +29,21 @@ MAX_RUNS = 256  # stretches in time order merged at once (a cursor and an open f
 _READ = 1 << 18
 
 
+Devices = tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]  # names; their last ts, line, merge key
+
+
+def merge_keys(ts: np.ndarray, floor: np.ndarray, top: float) -> np.ndarray:
+    """A run's merge keys: the running maximum of ``ts`` (from ``top``, the run's so far), each row's at
+    least its device's last key in the file's earlier runs (``floor``, per row): merged by these keys,
+    every device's rows keep their file order, and a run is in key order though in time order only up
+    to the slack."""
+    return np.maximum.accumulate(np.maximum(np.maximum(ts, floor), top))
+
+
+def _grow(a: np.ndarray, n: int) -> np.ndarray:
+    return a if a.shape[0] >= n else np.concatenate([a, np.full(n - a.shape[0], -np.inf)])
+
+
 def sort_hint(path: str, fmt: str, gz: bool, ts_column: int = 1) -> str:
     """The command that sorts a log by time (a CSV with GNU sort, which spills to disk when it must)."""
     q = shlex.quote(path)
@@ -57,7 +72,7 @@ class Start:
     line: int
     offset: int
     checkpoint: tuple[int, GzipCheckpoint] | None = None  # (uncompressed offset, state)
-    devices: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None  # each device's last ts and line before
+    devices: Devices | None = None  # each device's last ts, line and merge key before the run
 
 
 @dataclass
@@ -96,8 +111,10 @@ class _Indexer:
         self.header = b""
         self.its, self.idev, self.ncols = 0, 1, 2  # CSV: the ts and device_id columns, the number of columns
         self.buf, self.line, self.rows = b"", 2, 0  # CSV: the partial line, its number, rows seen
+        self.base = 0  # CSV: the offset of the partial line
         self.codes = Codes(allow_empty=False)  # CSV: the device ids
         self.last_ts, self.last_line = np.empty(0), np.empty(0, dtype=np.int64)  # per device, as the parser's
+        self.last_key, self.floor, self.ktop = np.empty(0), np.empty(0), -math.inf  # the merge's keys
 
     def run(self) -> Index:
         f: Any = Gunzip(self.path) if self.gz else open(self.path, "rb")  # noqa: SIM115 - closed below
@@ -117,12 +134,12 @@ class _Indexer:
                 if not data:
                     break
                 body = self._body(data) if off == 0 else 0
-                self.nl = np.concatenate([self.nl, np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + off])
-                off += len(data)
                 if csv_:
-                    self._scan(data[body:])
+                    self._scan(data[body:])  # notes its newlines itself
                 else:
+                    self.nl = np.concatenate([self.nl, np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + off])
                     self._chunks(self.parser.feed(data, flush=False))
+                off += len(data)
             if csv_:
                 self._scan(b"", final=True)
             else:
@@ -146,6 +163,7 @@ class _Indexer:
                 "utf-8", "replace").rstrip("\r\n")]))]
             self.its, self.idev, self.ncols = names.index("ts"), names.index("device_id"), len(names)
         self.runs.append(self._first())
+        self.base, self.nl_line = len(self.header), 2 if self.format == "csv" else 1
         return len(self.header)
 
     @property
@@ -177,6 +195,7 @@ class _Indexer:
             self.buf = buf
             return
         end = int(nl[-1]) + 1
+        self.nl = np.concatenate([self.nl, nl + self.base])
         starts = np.empty_like(nl)
         starts[0] = 0
         starts[1:] = nl[:-1] + 1
@@ -196,9 +215,8 @@ class _Indexer:
             ok[:] &= (S <= E) & (nl >= E)
             return np.where(ok, S, 0) + PAD, np.where(ok, E, 0) + PAD
 
-        quoted = np.flatnonzero(a[:end] == 34)  # a quoted field may hold commas: left to the parser
-        if quoted.shape[0]:
-            ok[np.unique(np.searchsorted(nl, quoted))] = False
+        if buf.find(b'"', 0, end) >= 0:  # a quoted field may hold commas: its line is left to the parser
+            ok[np.unique(np.searchsorted(nl, np.flatnonzero(a[:end] == 34)))] = False
         (Sts, Ets), (Sdev, Edev) = field(self.its), field(self.idev)
         raw = b"\n" * PAD + buf[:end]
         ts, st = parse_numbers(raw, Sts, Ets)
@@ -209,13 +227,16 @@ class _Indexer:
             codes = self.codes.encode_fields(raw, Sdev[good], Edev[good], b"\0" in raw)
             self._cut(ts[good], codes, lines[good], self.codes.names_tuple)
         self.line += n
-        self.buf = buf[end:]
+        self.buf, self.base = buf[end:], self.base + end
         self._forget(self.line - 1)
 
     def _cut(self, ts: np.ndarray, codes: np.ndarray, lines: np.ndarray, names: tuple[str, ...]) -> None:
         """Note every row that goes back in time by more than the slack: a new run starts there, and
-        takes along each device's last ts before it (the parser's rule holds across runs)."""
-        self.last_ts, self.last_line = grow_last(self.last_ts, self.last_line, len(names))
+        takes along each device's last ts before it (the parser's rule holds across runs) and its last
+        merge key (:func:`merge_keys`)."""
+        nd = len(names)
+        self.last_ts, self.last_line = grow_last(self.last_ts, self.last_line, nd)
+        self.last_key, self.floor = _grow(self.last_key, nd), _grow(self.floor, nd)
         i, n = 0, ts.shape[0]
         while i < n:
             top = np.maximum(np.maximum.accumulate(ts[i:]), self.top)
@@ -224,16 +245,21 @@ class _Indexer:
             before[1:] = top[:-1]
             back = np.flatnonzero(ts[i:] < before - self.slack)
             j = n if back.shape[0] == 0 else i + int(back[0])
-            increasing(codes[i:j], ts[i:j], lines[i:j], self.last_ts, self.last_line)
+            if j > i:
+                c = codes[i:j]
+                increasing(c, ts[i:j], lines[i:j], self.last_ts, self.last_line)
+                keys = merge_keys(ts[i:j], self.floor[c], self.ktop)
+                self.ktop = float(keys[-1])
+                u, first = np.unique(c[::-1], return_index=True)  # each device's last row: its highest key
+                self.last_key[u] = keys[c.shape[0] - 1 - first]
             if j == n:
                 self.top = float(top[-1])
                 return
-            devices = (names, self.last_ts.copy(), self.last_line.copy())
+            devices = (names, self.last_ts.copy(), self.last_line.copy(), self.last_key.copy())
             self._start(int(lines[j]), float(ts[j]), float(before[back[0]]), devices)
-            self.top, i = float(ts[j]), j
+            self.top, self.ktop, self.floor, i = float(ts[j]), -math.inf, self.last_key.copy(), j
 
-    def _start(self, line: int, t: float, top: float, devices: tuple[tuple[str, ...], np.ndarray, np.ndarray]
-               ) -> None:
+    def _start(self, line: int, t: float, top: float, devices: Devices) -> None:
         offset = int(self.nl[line - 1 - self.nl_line]) + 1
         cp = None
         if self.gz:

@@ -87,7 +87,12 @@ def train(
                                               "scans: 1 scan).")] = None,
     features: Annotated[str | None, typer.Option("--features", help="Feature set: stats-v1 (time-domain, the "
                                                  "default), stats-fft-v1 (adds spectra), mean-v1 (window means; "
-                                                 "the default for scans).")] = None,
+                                                 "the default for scans), trend-v1 (last readings, slope: the "
+                                                 "default with --forecast).")] = None,
+    forecast: Annotated[str | None, typer.Option("--forecast", help="Channel whose next readings the labels "
+                                                 "hold (e.g. the reading an hour later): a window's target is "
+                                                 "its last reading's label and the model learns the change from "
+                                                 "that channel's last reading.")] = None,
     absent: Annotated[str | None, typer.Option("--absent", help="VALUE=AS: a reading of VALUE means 'not there' "
                                                "and counts as AS (scans: 100=-110, UJIIndoorLoc's 'not heard').")]
         = None,
@@ -110,7 +115,7 @@ def train(
             outcome = lifecycle.train_from_logs(engine_for(s.db, create=True), logs, name=s.model_name,
                                                 holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
                                                 seed=seed, features=features, mirror=_holdout(mirror) or (),
-                                                absent=_absent(absent))
+                                                absent=_absent(absent), forecast=forecast)
         if out is not None:
             _export(s.db, s.model_name, outcome.version, out, s.signing_key)
     _print_outcome(outcome, json_out)

@@ -32,7 +32,14 @@ from cloud_hub.models import quantize, training, weights
 from edge_agent import exits
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.drift import feature_bins
-from edge_agent.preprocess import DeviceWindowers, PreprocessParams, extract_features, fit_normalization
+from edge_agent.preprocess import (
+    DeviceWindowers,
+    PreprocessParams,
+    extract_features,
+    feature_names,
+    fit_normalization,
+    last_readings,
+)
 from edge_agent.sources import read_log
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,11 @@ SCAN_FEATURES = "mean-v1"
 SCAN_ABSENT = (100.0, -110.0)
 SCAN_OFFSET_COPIES, SCAN_OFFSET_DB, SCAN_DROP = 2, 6.0, 0.1
 SCAN_CONFIG = training.TrainConfig(alpha=1e-3)
+# A forecast (--forecast CHANNEL): "trend-v1" features, the change from the last reading learned, the
+# network blind to the level of the forecast channel (its graph adds the last reading back). Measured
+# with bench/forecast.py on Mauna Loa's weekly CO2 (statsmodels' co2, the last 20 % in time held out,
+# INT8 MAE over persistence's): see docs/benchmarks.md, "Forecasts against persistence".
+FORECAST_FEATURES = "trend-v1"
 _SCAN_CHANNEL = re.compile(r"WAP\d+")
 
 
@@ -78,11 +90,13 @@ class Dataset:
     params: PreprocessParams
     order: np.ndarray | None = None  # time order within the set (window start), for time splits
     augmented: np.ndarray | None = None  # bool[n]: made by augmentation (not recorded); None = none is
+    last: np.ndarray | None = None  # float[n, channels]: each window's last readings (persistence); None = unknown
 
     def subset(self, mask: np.ndarray) -> Dataset:
         return Dataset(self.X[mask], self.y[mask], self.devices[mask], self.params,
                        None if self.order is None else self.order[mask],
-                       None if self.augmented is None else self.augmented[mask])
+                       None if self.augmented is None else self.augmented[mask],
+                       None if self.last is None else self.last[mask])
 
     def recorded(self) -> Dataset:
         """The windows as recorded, without augmented copies."""
@@ -183,22 +197,24 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
 
 def default_params(path: str, *, window_s: float | None = None, hop_s: float | None = None,
                    features: str | None = None, absent: tuple[float, float] | None = None,
-                   on_error: str = "raise") -> PreprocessParams:
+                   on_error: str = "raise", forecast: str | None = None) -> PreprocessParams:
     """Preprocessing for a log, before normalization: what is given, else the defaults of its kind
-    (sensor readings: 2.5 s windows every 0.5 s, ``stats-v1``; signal-strength scans: windows of
-    ``SCAN_WINDOW`` (3) scans every scan, ``mean-v1``, +100 = not heard)."""
+    (sensor readings: 2.5 s windows every 0.5 s, ``stats-v1``, a forecast ``trend-v1``; signal-strength
+    scans: windows of ``SCAN_WINDOW`` (3) scans every scan, ``mean-v1``, +100 = not heard)."""
     first = read_log(path, on_error=on_error)
     first.close()
     rate = _rate_hint(path)
     scans = is_scan_log(first.channels)
     window_s = (SCAN_WINDOW / rate if scans else DEFAULT_WINDOW_S) if window_s is None else window_s
     hop_s = (SCAN_HOP / rate if scans else DEFAULT_HOP_S) if hop_s is None else hop_s
-    features = (SCAN_FEATURES if scans else DEFAULT_FEATURES) if features is None else features
+    if features is None:
+        features = SCAN_FEATURES if scans else FORECAST_FEATURES if forecast is not None else DEFAULT_FEATURES
     absent = (SCAN_ABSENT if scans else None) if absent is None else absent
     absent_value, absent_as = absent if absent else (None, None)
     try:
         return PreprocessParams(sample_rate_hz=rate, window_s=window_s, hop_s=hop_s, channels=first.channels,
-                                features=features, absent_value=absent_value, absent_as=absent_as)
+                                features=features, absent_value=absent_value, absent_as=absent_as,
+                                forecast=forecast)
     except ValueError as exc:
         raise LifecycleError(f"{path}: {exc} (the log has {rate:g} readings a second)") from None
 
@@ -212,7 +228,7 @@ def dataset_from_logs(paths: Sequence[str], *, window_s: float | None, hop_s: fl
                       params: PreprocessParams | None = None, on_error: str = "raise",
                       features: str | None = None, mirror: Sequence[str] = (),
                       absent: tuple[float, float] | None = None, offset_copies: int | None = None,
-                      seed: int = 0) -> Dataset:
+                      seed: int = 0, forecast: str | None = None) -> Dataset:
     """Features of labelled logs; normalization statistics are fitted on the training devices only.
 
     ``mirror`` names channels to negate in an extra, mirrored copy of every training window (data
@@ -225,8 +241,9 @@ def dataset_from_logs(paths: Sequence[str], *, window_s: float | None, hop_s: fl
     """
     if params is None:
         params = default_params(paths[0], window_s=window_s, hop_s=hop_s, features=features, absent=absent,
-                                on_error=on_error)
+                                on_error=on_error, forecast=forecast)
     data, y, devices, starts = windows_from_logs(paths, params, on_error=on_error)
+    last = data[:, -1, :].astype(np.float64)
     if not params.is_fitted:
         train_mask = ~np.isin(devices, list(holdout)) if holdout else np.ones(len(devices), bool)
         mean, std = fit_normalization(data[train_mask].reshape(-1, data.shape[2]), params)
@@ -249,9 +266,10 @@ def dataset_from_logs(paths: Sequence[str], *, window_s: float | None, hop_s: fl
         y = np.concatenate([y, *[y[train_mask]] * n])
         devices = np.concatenate([devices, *[devices[train_mask]] * n])
         starts = np.concatenate([starts, *[starts[train_mask]] * n])
+        last = np.vstack([last, np.full((n * int(train_mask.sum()), last.shape[1]), np.nan)])  # not recorded
     augmented = np.zeros(len(y), bool)
     augmented[len(y) - len(extra) * int(train_mask.sum()):] = True
-    return Dataset(X, y, devices, params, starts, augmented)
+    return Dataset(X, y, devices, params, starts, augmented, last)
 
 
 def _offset_copies(data: np.ndarray, params: PreprocessParams, copies: int, seed: int) -> list[np.ndarray]:
@@ -331,17 +349,19 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
     t0 = time.monotonic()
     log.info("training on %d windows of %d devices (%d features)%s", len(train.y), len(set(train.devices.tolist())),
              train.X.shape[1], ", warm-started" if warm_from is not None else "")
-    model = training.train(train.X, train.y, warm_from=warm_from, seed=seed, config=config)
+    add_back, offset = _forecast_offset(train)
+    model = training.train(train.X, train.y - offset, warm_from=warm_from, seed=seed, config=config,
+                           ignore=() if add_back is None else (add_back[0],))
     n_features = train.X.shape[1]
     log.info("trained in %.1f s; exporting FP32 ONNX and quantizing to INT8 (calibrated on training windows)",
              time.monotonic() - t0)
-    fp32 = training.export_onnx(model, n_features)
+    fp32 = training.export_onnx(model, n_features, add_back)
     int8 = quantize.quantize_int8(fp32, train.X, seed=seed)
     log.info("evaluating FP32 and INT8 on %d hold-out windows", len(test.y))
     m_fp32 = quantize.evaluate(fp32, test.X, test.y)
     m_int8 = quantize.evaluate(int8, test.X, test.y)
     recorded = train.recorded()  # classic baselines learn from the recordings, not our augmented copies
-    base = training.baselines(recorded.X, recorded.y, test.X, test.y)
+    base = training.baselines(recorded.X, recorded.y, test.X, test.y, persistence=_persistence(recorded, test))
     task = training.model_task(model)
     manifest = Manifest(
         name=name, version=version, sha256=hashlib.sha256(int8).hexdigest(), task=task,
@@ -356,6 +376,43 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
                   "feature_bins": feature_bins(recorded.X)},  # the devices measure their drift against it
     )
     return Bundle(manifest, int8), m_fp32, m_int8, weights.to_bytes(model)
+
+
+def _forecast_offset(train: Dataset) -> tuple[tuple[int, float, float] | None, Any]:
+    """A forecast learns the change from the last reading of its channel: (the column the graph adds
+    back, with its normalization) and the training windows' last readings; else (None, 0)."""
+    p = train.params
+    if p.forecast is None:
+        return None, 0.0
+    col = p.channels.index(p.forecast)
+    last = last_readings(train.X, p)
+    if last is None or feature_names(p)[col] != f"{p.forecast}_last":
+        raise LifecycleError(f"a forecast of {p.forecast!r} needs features that keep its last reading (trend-v1)")
+    return (col, p.norm_mean[col], p.norm_std[col]), last[:, col].astype(np.float64)
+
+
+def _persistence(train: Dataset, test: Dataset) -> training.Persistence | None:
+    """The windows' last readings for the persistence baseline: recorded (logs), else read back from
+    features that keep them (a fleet's trend-v1 vectors); None when unknown."""
+    def last(ds: Dataset) -> np.ndarray | None:
+        return ds.last if ds.last is not None else last_readings(ds.X, ds.params)
+    a, b = last(train), last(test)
+    if a is None or b is None:
+        return None
+    return training.Persistence(a, b, train.params.channels, train.params.forecast)
+
+
+def persistence_check(int8: dict[str, Any], baselines: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether the INT8 model beats persistence on the same hold-out, and the sentence that says so
+    (``(True, None)`` when there is no persistence baseline: a classifier, several outputs, or last
+    readings not known)."""
+    p = baselines.get("persistence")
+    if p is None or "mae" not in int8:
+        return True, None
+    ok = score(int8) > score(p)
+    ratio = int8["mae"] / p["mae"] if p["mae"] > 0 else math.inf
+    return ok, (f"INT8 {describe_score(int8)} {'beats' if ok else 'loses to'} persistence (the last {p['channel']} "
+                f"reading) {describe_score(p)}: {ratio:.2f}x its error on the same hold-out")
 
 
 def score(metrics: dict[str, Any]) -> float:
@@ -392,14 +449,16 @@ def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "defa
                     holdout: Sequence[str] | None = None, window_s: float | None = None,
                     hop_s: float | None = None, seed: int = 0, on_error: str = "raise",
                     config: training.TrainConfig | None = None, features: str | None = None,
-                    mirror: Sequence[str] = (), absent: tuple[float, float] | None = None) -> Outcome:
-    """``cloud-hub train``: a new version from labelled logs, registered as publishable."""
+                    mirror: Sequence[str] = (), absent: tuple[float, float] | None = None,
+                    forecast: str | None = None) -> Outcome:
+    """``cloud-hub train``: a new version from labelled logs, registered as publishable. A regressor that
+    loses to persistence is registered all the same (it was asked for), and its ``gate`` says so."""
     log.info("reading %d log(s): %s", len(logs), ", ".join(str(p) for p in logs))
     require_labels(logs, on_error)
     chosen = choose_holdout(_devices_of(logs, on_error), holdout)
     log.info("windowing and featurizing (hold-out devices: %s)", ", ".join(chosen) or "the last 20% in time")
     ds = dataset_from_logs(logs, window_s=window_s, hop_s=hop_s, holdout=chosen, on_error=on_error,
-                           features=features, mirror=mirror, absent=absent, seed=seed)
+                           features=features, mirror=mirror, absent=absent, seed=seed, forecast=forecast)
     train, test = split(ds, chosen)
     config = config or default_config(ds.params)
     store = Store(engine)
@@ -408,8 +467,12 @@ def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "defa
     bundle, m_fp32, m_int8, blob = build(train, test, name=name, version=version, seed=seed, config=config,
                                          summary={"source": "logs", "logs": [str(p) for p in logs],
                                                   "mirror": list(mirror)})
+    _, verdict = persistence_check(m_int8, bundle.manifest.metrics["baselines"])
+    if verdict is not None:
+        log.info("%s", verdict)
+        bundle = Bundle(replace(bundle.manifest, metrics={**bundle.manifest.metrics, "gate": verdict}), bundle.model)
     register(engine, bundle, blob, "publishable")
-    return Outcome(name, version, "publishable", m_fp32, m_int8, chosen, len(train.y), len(test.y),
+    return Outcome(name, version, "publishable", m_fp32, m_int8, chosen, len(train.y), len(test.y), gate=verdict,
                    extra={"baselines": bundle.manifest.metrics["baselines"]})
 
 
@@ -459,8 +522,9 @@ def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int, 
     if not X:
         raise LifecycleError("no labelled feature vectors reported by the fleet yet "
                              "(agents send them with features = 'sampled' or 'all')")
-    return Dataset(np.vstack(X).astype(np.float32), _labels_array(y), np.asarray(devices, dtype=str), params,
-                   np.asarray(starts))
+    features = np.vstack(X).astype(np.float32)
+    return Dataset(features, _labels_array(y), np.asarray(devices, dtype=str), params, np.asarray(starts),
+                   last=last_readings(features, params))
 
 
 def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] | None = None,
@@ -483,8 +547,10 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
     if logs:
         data, y, devices, starts = windows_from_logs(logs, params)
         extra = Dataset(extract_features(data, params), y, devices, params, starts)
+        last = None if ds.last is None else np.vstack([ds.last, data[:, -1, :]])
         ds = Dataset(np.vstack([ds.X, extra.X]), np.concatenate([ds.y.astype(extra.y.dtype), extra.y]),
-                     np.concatenate([ds.devices, extra.devices]), params, np.concatenate([ds.order, extra.order]))
+                     np.concatenate([ds.devices, extra.devices]), params, np.concatenate([ds.order, extra.order]),
+                     last=last)
     if len(ds.y) < min_windows:
         raise LifecycleError(f"only {len(ds.y)} labelled windows (need {min_windows})")
     chosen = choose_holdout(ds.devices.tolist(), holdout, shaped, f"v{current.version}")
@@ -497,9 +563,11 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
                  "parent_version": current.version})
     baseline = _evaluate_bundle(current, test)
     ok = passes_gate(m_int8, baseline, tolerance)
+    beats, verdict = persistence_check(m_int8, bundle.manifest.metrics["baselines"])
     gate = (f"v{version} INT8 {describe_score(m_int8)} vs running v{current.version} INT8 {describe_score(baseline)}, both on "
-            f"hold-out {', '.join(chosen) or 'windows'} ({len(test.y)} windows; tolerance {tolerance:g}): "
-            f"{'pass' if ok else 'fail'}")
+            f"hold-out {', '.join(chosen) or 'windows'} ({len(test.y)} windows; tolerance {tolerance:g})"
+            + (f"; {verdict}" if verdict else "") + f": {'pass' if ok and beats else 'fail'}")
+    ok = ok and beats  # a regressor that loses to repeating the last reading is never published by a retrain
     state = "publishable" if ok else "rejected"
     bundle = Bundle(_with_gate(bundle.manifest, baseline, gate), bundle.model)
     register(engine, bundle, blob, state)

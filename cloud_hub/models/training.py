@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from threadpoolctl import threadpool_limits
 
 __all__ = [
     "INPUT_NAME",
+    "Persistence",
     "TrainConfig",
     "export_onnx",
     "model_labels",
@@ -135,6 +137,7 @@ def train(
     warm_from: Pipeline | None = None,
     seed: int = 0,
     config: TrainConfig | None = None,
+    ignore: Sequence[int] = (),
 ) -> Pipeline:
     """Fit a ``StandardScaler -> MLP`` pipeline on features ``X`` and labels ``y``.
 
@@ -146,12 +149,26 @@ def train(
         seed: random seed (initialization and shuffling); same inputs + seed give
             the same model.
         config: hyper-parameters (default :class:`TrainConfig`).
+        ignore: feature columns the network must not use (it learns with them held at the scaler's
+            mean, then their first-layer weights are zeroed): a forecast's last reading, which its
+            graph adds back (level-free inputs extrapolate past the training range, see
+            ``lifecycle.FORECAST_FEATURES``) but which must stay an input for that.
     """
     cfg = config or TrainConfig()
+    cols = list(ignore)
+    if cols:
+        X = np.array(X, dtype=np.float32)  # a copy: the caller's features are left alone
+        held = (warm_from.steps[0][1].mean_[cols] if warm_from is not None and hasattr(warm_from, "steps")
+                and getattr(warm_from.steps[0][1], "n_features_in_", None) == X.shape[1] else X[:, cols].mean(axis=0))
+        X[:, cols] = held
     if cfg.blas_threads is None:
-        return _train(X, y, warm_from, seed, cfg)
-    with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
-        return _train(X, y, warm_from, seed, cfg)
+        model = _train(X, y, warm_from, seed, cfg)
+    else:
+        with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
+            model = _train(X, y, warm_from, seed, cfg)
+    if cols:
+        _mlp(model).coefs_[0][cols, :] = 0.0
+    return model
 
 
 def _train(X: np.ndarray, y: np.ndarray, warm_from: Pipeline | None, seed: int, cfg: TrainConfig) -> Pipeline:
@@ -286,7 +303,7 @@ def _continue(
     return Pipeline([("scaler", scaler), ("mlp", mlp)])
 
 
-def export_onnx(model: Pipeline, n_features: int) -> bytes:
+def export_onnx(model: Pipeline, n_features: int, add_back: tuple[int, float, float] | None = None) -> bytes:
     """Serialize a model of :func:`train` to FP32 ONNX bytes.
 
     Input: ``"input"`` float32[N, n_features].  Outputs:
@@ -294,6 +311,12 @@ def export_onnx(model: Pipeline, n_features: int) -> bytes:
     * classifier: ``"label"`` string[N] and ``"probabilities"`` float32[N, n_classes]
       (columns in :func:`model_labels` order; no ZipMap);
     * regressor: ``"variable"`` float32[N, outputs].
+
+    ``add_back = (column, mean, std)``: a one-output regressor trained on the change from a reading
+    (a forecast, ``PreprocessParams.forecast``) outputs that reading plus its change: the graph adds
+    ``input[:, column] * std + mean`` (the normalized last reading back in its units). These nodes
+    stay float in the INT8 model (the quantizer touches MatMul, Gemm and Relu only), so the 8-bit
+    output grid spans the changes, not the series' whole range.
     """
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
@@ -310,8 +333,31 @@ def export_onnx(model: Pipeline, n_features: int) -> bytes:
     )
     _replace_scaler(onx)
     _flatten_biases(onx)
+    if add_back is not None:
+        if isinstance(mlp, MLPClassifier) or mlp.coefs_[-1].shape[1] != 1:
+            raise ValueError("only a regressor of one output forecasts the change from a reading")
+        _add_back(onx, *add_back)
     onx.producer_name = "edgeml-cloud-hub"
     return onx.SerializeToString()
+
+
+def _add_back(onx: Any, column: int, mean: float, std: float) -> None:
+    """Rename the output ``variable`` to ``change`` and add ``input[:, column] * std + mean`` to it."""
+    from onnx import helper, numpy_helper
+
+    graph = onx.graph
+    out = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = ["forecast_change" if o == out else o for o in node.output]
+    graph.initializer.extend([numpy_helper.from_array(np.array([column], np.int64), "forecast_column"),
+                              numpy_helper.from_array(np.array(std, np.float32), "forecast_std"),
+                              numpy_helper.from_array(np.array(mean, np.float32), "forecast_mean")])
+    graph.node.extend([
+        helper.make_node("Gather", [INPUT_NAME, "forecast_column"], ["forecast_last_n"], axis=1, name="forecast_gather"),
+        helper.make_node("Mul", ["forecast_last_n", "forecast_std"], ["forecast_last_s"], name="forecast_mul"),
+        helper.make_node("Add", ["forecast_last_s", "forecast_mean"], ["forecast_last"], name="forecast_unnorm"),
+        helper.make_node("Add", ["forecast_change", "forecast_last"], [out], name="forecast_add"),
+    ])
 
 
 def _flatten_biases(onx: Any) -> None:
@@ -375,10 +421,12 @@ KNN_MAX_PAIRS = 400_000_000
 
 
 def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
-              k: int = 3) -> dict[str, dict[str, Any]]:
+              k: int = 3, *, persistence: Persistence | None = None) -> dict[str, dict[str, Any]]:
     """What a model must beat, on the same windows and inputs: the constant predictor (the training
-    mean, or the most frequent class) and k-nearest neighbours on the standardized features (for
-    positioning, classic k-NN fingerprinting). Metrics as :func:`cloud_hub.models.quantize.evaluate` gives."""
+    mean, or the most frequent class), k-nearest neighbours on the standardized features (for
+    positioning, classic k-NN fingerprinting) and, for a regressor of one output given the windows'
+    last readings, persistence (:func:`persistence_baseline`). Metrics as
+    :func:`cloud_hub.models.quantize.evaluate` gives."""
     from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
     from cloud_hub.models.quantize import error_metrics
@@ -402,4 +450,48 @@ def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_te
         with threadpool_limits(limits=1, user_api="blas"):
             knn.fit(scaler.transform(X_train), y_train)
             out[f"knn{k}"] = score(knn.predict(scaler.transform(X_test)))
+    if task == "regression" and persistence is not None:
+        found = persistence_baseline(persistence, y_train, y_test)
+        if found is not None:
+            out["persistence"] = found
     return out
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """The windows' last readings, for the persistence baseline: float[n, channels] of the training
+    and the hold-out windows (NaN where unknown), the channel names, and the channel a forecast
+    names (``PreprocessParams.forecast``; None: the one whose last reading follows the training
+    targets best)."""
+
+    train: np.ndarray
+    test: np.ndarray
+    channels: tuple[str, ...]
+    channel: str | None = None
+
+
+def persistence_baseline(last: Persistence, y_train: np.ndarray, y_test: np.ndarray) -> dict[str, Any] | None:
+    """Persistence: each window's target predicted by its last reading of one channel (for a series,
+    "the next hour is as this hour"). Without a named channel, the channel whose last reading has the
+    lowest error on the *training* windows is used (never chosen on the hold-out). None for a
+    regressor of several outputs or when the last readings are not known."""
+    from cloud_hub.models.quantize import error_metrics
+
+    y_train, y_test = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
+    if y_test.ndim != 1 or last.test.shape != (len(y_test), len(last.channels)) or not len(y_test):
+        return None
+    if last.channel is not None:
+        col = last.channels.index(last.channel)
+    else:
+        if last.train.shape != (len(y_train), len(last.channels)) or not len(y_train):
+            return None
+        with np.errstate(invalid="ignore"):
+            err = np.nanmean(np.abs(last.train - y_train[:, None]), axis=0)
+        if not np.isfinite(err).any():
+            return None
+        col = int(np.nanargmin(err))
+    pred = last.test[:, col].astype(np.float64)
+    if not np.all(np.isfinite(pred)):
+        return None
+    return {"task": "regression", "n": len(y_test), "channel": last.channels[col],
+            **error_metrics(pred[:, None], y_test[:, None])}

@@ -58,13 +58,16 @@ When labels are given (one per reading), each window gets one label:
 
 * float labels (regression targets, ``[n]`` or ``[n, outputs]``): the mean over
   the window's readings, per output;
+  with ``PreprocessParams.forecast`` set, the label of the window's last
+  reading instead (what the readings up to it are to predict, e.g. the
+  reading an hour later);
 * any other labels (text, int, bool, object): the majority label of the
   window's readings; ties go to the tied label seen most recently.  Labels
   are compared by value (object arrays mixing types, e.g. str and None, are
   compared by their ``str``).
 """
 
-from edge_agent.preprocess.features import extract_features, fit_normalization, replace_absent
+from edge_agent.preprocess.features import extract_features, fit_normalization, last_readings, replace_absent
 from edge_agent.preprocess.params import FEATURE_SETS, MISSING_POLICIES, PreprocessParams, feature_names
 from edge_agent.preprocess.windows import DeviceWindowers, WindowBatch, Windower, make_windows
 
@@ -79,5 +82,6 @@ __all__ = [
     "extract_features",
     "feature_names",
     "fit_normalization",
+    "last_readings",
     "replace_absent",
 ]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from edge_agent.preprocess.params import PERCENTILES, PreprocessParams, fft_bins
+from edge_agent.preprocess.params import PERCENTILES, PreprocessParams, fft_bins, trend_lags
 from edge_agent.preprocess.windows import WindowBatch
 
 
@@ -45,6 +45,17 @@ def replace_absent(values: np.ndarray, params: PreprocessParams) -> np.ndarray:
     return np.where(values == np.float32(params.absent_value), values.dtype.type(params.absent_as), values)
 
 
+def last_readings(features: np.ndarray, params: PreprocessParams) -> np.ndarray | None:
+    """The windows' last readings, in the readings' units, read back from ``"trend-v1"`` feature rows
+    (float32 [k, channels], ``last * std + mean`` in float32 as a forecast's ONNX graph computes it);
+    None for a feature set that does not keep them."""
+    if params.features != "trend-v1" or not params.is_fitted:
+        return None
+    c = len(params.channels)
+    x = np.asarray(features, np.float32)[:, :c]  # the "{channel}_last" columns come first
+    return x * np.asarray(params.norm_std, np.float32) + np.asarray(params.norm_mean, np.float32)
+
+
 def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams) -> np.ndarray:
     """Feature vectors of windows, vectorized over windows.
 
@@ -72,6 +83,9 @@ def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams
         watch exercise data it generalizes better to unseen subjects (the
         spectrum mostly encodes each person's repetition tempo).
         ``"mean-v1"`` is the per-channel mean only (signal-strength scans).
+        ``"trend-v1"`` (forecasts): per channel the last reading, the readings
+        before it less the last one, the least-squares slope per sample and the
+        window mean less the last reading (:func:`_trend_features`).
         Readings equal to ``params.absent_value`` count as ``absent_as``.
     """
     if not params.is_fitted:
@@ -119,6 +133,8 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     if params.features == "mean-v1":
         return sliding_window_view(x, size, axis=1)[:, offsets].mean(axis=2, dtype=np.float32).T.copy()
+    if params.features == "trend-v1":
+        return _trend_features(x, offsets, params)
     g = _block_size(params)
     if np.any(offsets % g):  # windows not on block boundaries: lay the windows out one after the other
         x = sliding_window_view(x, size, axis=1)[:, offsets].reshape(c, k * size)
@@ -127,6 +143,26 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
     out = np.empty((k, params.n_features), np.float32)
     for i in range(0, k, FEATURE_SLICE):
         out[i : i + FEATURE_SLICE] = _window_features(x, blocks, offsets[i : i + FEATURE_SLICE], params)
+    return out
+
+
+def _trend_features(x: np.ndarray, offsets: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """``"trend-v1"``'s rows of the windows at ``offsets`` of the normalized readings ``x`` (c, m).
+
+    What a summary of the window loses and a forecast needs: where the series is now (the last
+    reading), where it just was (the lags, as differences from now: level-free, so a series that
+    drifts past its training range still looks familiar) and where it is heading (the slope).
+    """
+    size, k = params.window_size, offsets.shape[0]
+    lags = trend_lags(params)
+    out = np.empty((k, params.n_features), np.float32)
+    t = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    for i in range(0, k, FEATURE_SLICE):
+        win = sliding_window_view(x, size, axis=1)[:, offsets[i : i + FEATURE_SLICE]]  # (c, k', size), a view
+        last = win[:, :, -1]
+        parts = [last, *(win[:, :, -1 - j] - last for j in range(1, lags + 1)),
+                 (win @ t) / float(t @ t), win.mean(axis=2, dtype=np.float64) - last]
+        out[i : i + FEATURE_SLICE] = np.concatenate([p.T for p in parts], axis=1)
     return out
 
 

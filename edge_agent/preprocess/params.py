@@ -12,7 +12,7 @@ MISSING_POLICIES = ("interpolate", "drop")
 
 #: Supported feature sets.  The name is versioned: changing what a feature set
 #: computes requires a new name, because trained models depend on it.
-FEATURE_SETS = ("stats-fft-v1", "stats-v1", "mean-v1")
+FEATURE_SETS = ("stats-fft-v1", "stats-v1", "mean-v1", "trend-v1")
 
 # Percentiles used by the time-domain statistics.
 PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
@@ -29,6 +29,9 @@ _STAT_NAMES = (
     "zcr",  # zero (mean) crossing rate, crossings per sample
 )
 _SPEC_NAMES = ("dom_freq", "centroid", "entropy", "log_energy")
+# "trend-v1" keeps what a summary loses for a forecast: the last reading, the readings just before it
+# (as differences from it), the slope and the mean of the window (bench/forecast.py chose 3 lags).
+TREND_LAGS = 3
 
 # Sane bounds: parameters arrive in signed manifests, but a value past these would overflow an integer
 # (a rate or hop of 1e308), or stall a device for seconds and gigabytes (a 1e5 s window: 9.4 s, 1.2 GB
@@ -76,6 +79,15 @@ class PreprocessParams:
             ``absent_as`` (e.g. -110 dBm, below the weakest signal heard);
             ``None`` = no such value.  Applied before normalization, at
             training and on the device alike.
+            ``"trend-v1"``: per channel the last reading, the ``TREND_LAGS``
+            readings before it as differences from it, the least-squares slope
+            and the window mean less the last reading (forecasts of a series).
+        forecast: a channel whose next readings a regressor forecasts, or
+            ``None``.  Then a window's target is the label of its *last*
+            reading (e.g. the reading an hour later), not the mean of its
+            readings' labels; the model learns the change from the window's
+            last reading of that channel and its ONNX graph adds that reading
+            back (so every runner gets forecasts); needs ``"trend-v1"``.
     """
 
     sample_rate_hz: float
@@ -90,6 +102,7 @@ class PreprocessParams:
     fft_max_hz: float | None = None
     absent_value: float | None = None
     absent_as: float | None = None
+    forecast: str | None = None
 
     def __post_init__(self) -> None:
         # Normalize sequence fields to tuples so that equality and hashing
@@ -124,6 +137,10 @@ class PreprocessParams:
             errors.append(f"features must be one of {FEATURE_SETS}, got {self.features!r}")
         if self.fft_max_hz is not None and not (_finite(self.fft_max_hz) and self.fft_max_hz > 0):
             errors.append(f"fft_max_hz must be > 0 or None, got {self.fft_max_hz!r}")
+        if self.forecast is not None and (self.forecast not in self.channels or self.features != "trend-v1"):
+            errors.append(f"forecast must name one of the channels {list(self.channels)} and go with features "
+                          f"'trend-v1' (the graph adds back its last reading), got {self.forecast!r} with "
+                          f"{self.features!r}")
         if (self.absent_value is None) != (self.absent_as is None):
             errors.append("absent_value and absent_as go together (both set or both None)")
         elif self.absent_value is not None and not (_finite(self.absent_value) and _finite(self.absent_as)):
@@ -180,6 +197,8 @@ class PreprocessParams:
             d[k] = list(d[k])
         if self.absent_value is None:  # keys added later are left out at their default, so agents that
             del d["absent_value"], d["absent_as"]  # predate them still read every manifest they can serve
+        if self.forecast is None:
+            del d["forecast"]
         return d
 
     @classmethod
@@ -212,9 +231,11 @@ class PreprocessParams:
         for name, value in d.items():
             if name in ("sample_rate_hz", "window_s", "hop_s", "max_missing_frac"):
                 kw[name] = _as_float(name, value)
+            elif name == "forecast" and value is None:
+                kw[name] = None
             elif name in ("fft_max_hz", "absent_value", "absent_as"):
                 kw[name] = None if value is None else _as_float(name, value)
-            elif name in ("missing", "features"):
+            elif name in ("missing", "features", "forecast"):
                 if not isinstance(value, str):
                     raise ValueError(f"invalid PreprocessParams dict: {name} must be a string, got {value!r}")
                 kw[name] = value
@@ -268,11 +289,19 @@ def fft_bins(params: PreprocessParams) -> int:
     return int(min(n_rfft - 1, max(1, math.floor(params.fft_max_hz / df + 1e-9))))
 
 
+def trend_lags(params: PreprocessParams) -> int:
+    """Readings before the last one that ``"trend-v1"`` keeps (fewer in a window of fewer readings)."""
+    return min(TREND_LAGS, params.window_size - 1)
+
+
 def feature_names(params: PreprocessParams) -> list[str]:
     """Names of the features, in the column order of :func:`~edge_agent.preprocess.features.extract_features`."""
     ch = params.channels
     if params.features == "mean-v1":
         return [f"{c}_mean" for c in ch]
+    if params.features == "trend-v1":
+        lags = [f"lag{j}" for j in range(1, trend_lags(params) + 1)]
+        return [f"{c}_{s}" for s in ("last", *lags, "slope", "mean_rel") for c in ch]
     names = [f"{c}_{s}" for s in _STAT_NAMES for c in ch]
     names += [f"corr_{ch[i]}_{ch[j]}" for i in range(len(ch)) for j in range(i + 1, len(ch))]
     if params.features == "stats-fft-v1":

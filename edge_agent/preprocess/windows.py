@@ -285,7 +285,9 @@ def _window_segment(
         dropped = k - starts.shape[0]
     ends = starts + size - 1
     win_labels = None
-    if labels is not None:
+    if labels is not None and params.forecast is not None and labels.dtype.kind == "f":
+        win_labels = labels[ends].astype(np.float64)  # a forecast's target: what its last reading's label says
+    elif labels is not None:
         win_labels = _window_labels(labels, starts, ends)
     batch = WindowBatch(start=ts[starts], end=ts[ends], values=region, offsets=offsets, size=size,
                         labels=win_labels, dropped=dropped)

@@ -350,8 +350,8 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
     log.info("training on %d windows of %d devices (%d features)%s", len(train.y), len(set(train.devices.tolist())),
              train.X.shape[1], ", warm-started" if warm_from is not None else "")
     add_back, offset = _forecast_offset(train)
-    model = training.train(train.X, train.y - offset, warm_from=warm_from, seed=seed, config=config,
-                           ignore=() if add_back is None else (add_back[0],))
+    model = training.train(train.X, train.y if add_back is None else train.y - offset, warm_from=warm_from,
+                           seed=seed, config=config, ignore=() if add_back is None else (add_back[0],))
     n_features = train.X.shape[1]
     log.info("trained in %.1f s; exporting FP32 ONNX and quantizing to INT8 (calibrated on training windows)",
              time.monotonic() - t0)
@@ -378,12 +378,12 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
     return Bundle(manifest, int8), m_fp32, m_int8, weights.to_bytes(model)
 
 
-def _forecast_offset(train: Dataset) -> tuple[tuple[int, float, float] | None, Any]:
+def _forecast_offset(train: Dataset) -> tuple[tuple[int, float, float] | None, np.ndarray | None]:
     """A forecast learns the change from the last reading of its channel: (the column the graph adds
-    back, with its normalization) and the training windows' last readings; else (None, 0)."""
+    back, with its normalization) and the training windows' last readings; else (None, None)."""
     p = train.params
     if p.forecast is None:
-        return None, 0.0
+        return None, None
     col = p.channels.index(p.forecast)
     last = last_readings(train.X, p)
     if last is None or feature_names(p)[col] != f"{p.forecast}_last":

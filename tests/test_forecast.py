@@ -3,6 +3,7 @@ added back by the graph, the persistence baseline and the gates that say when a 
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -205,3 +206,39 @@ def test_a_retrain_that_loses_to_persistence_is_rejected_and_says_so(series, tmp
     assert out.gate is not None and "loses to persistence" in out.gate and out.gate.endswith(": fail")
     with engine.connect() as conn:
         assert Store(engine).get_model(conn, "default", 2).state == "rejected"
+
+
+def test_a_device_replaying_the_series_reports_the_forecasts_the_hub_measured(procs, broker, prefix, series,
+                                                                              tmp_path) -> None:
+    """The agent's own windows, features and runner (a real replay, a real hub): each stored value is a
+    forecast of the next reading (its truth), as good on the held-out device as the hub's INT8 score."""
+    import sqlalchemy as sa
+
+    from cloud_hub.data import tables
+    from tests.helpers import run_agent
+    from tests.test_hub_cli import ServeProcess
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'train.sqlite'}")
+    out = lifecycle.train_from_logs(engine, [str(series)], window_s=24 * HOUR, hop_s=HOUR, forecast="temp",
+                                    config=SMALL)
+    with engine.connect() as conn:
+        (tmp_path / "v1.emlb").write_bytes(Store(engine).get_model(conn, "default").bundle)
+    engine.dispose()
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    res = run_agent("replay", str(series), "--broker", broker.url, "--model", str(tmp_path / "v1.emlb"),
+                    "--prefix", prefix, "--state-dir", str(tmp_path / "state"), "--json")
+    assert res.returncode == 0, res.stderr
+    assert hub.signal(signal.SIGTERM) == 0  # the replay ended on the hub's receipts: every result stored
+    hub_db = db.make_engine(url)
+    with hub_db.connect() as conn:
+        rows = conn.execute(sa.select(tables.results.c.device_id, tables.results.c.value, tables.results.c.truth)
+                            .where(tables.results.c.device_id == "s3")).all()
+    hub_db.dispose()
+    assert len(rows) == out.holdout_windows and orjson.loads(res.stdout)["published"] > len(rows)
+    values = np.array([orjson.loads(v)[0] for _, v, _ in rows])
+    truths = np.array([float(t) for _, _, t in rows])
+    mae = float(np.mean(np.abs(values - truths)))
+    assert mae == pytest.approx(out.int8["mae"], rel=1e-3)  # the device forecasts as the hub evaluated
+    assert mae < 0.6 * out.extra["baselines"]["persistence"]["mae"]

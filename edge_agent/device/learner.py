@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import orjson
@@ -35,9 +35,7 @@ from edge_agent.contract.answers import decode_answer_receipt
 from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, RoundPlan, Update, encode_update_delta
 from edge_agent.device.answers import PendingAnswers
 from edge_agent.device.bundle import BundleRejected, check_round
-
-if TYPE_CHECKING:
-    from edge_agent.device.secure import SecureAnswerer
+from edge_agent.device.seat import SecureSeat
 
 log = logging.getLogger(__name__)
 _SAVE_NOTE_S = 60.0  # a store that cannot be saved (a full disk) is said this often
@@ -156,11 +154,8 @@ class Learner:
         self._saved_at = time.monotonic()
         self.unsaved: str | None = None  # why the windows could not be saved last time (a full disk)
         self._save_note = 0.0
-        self._secure: SecureAnswerer | None = None  # the secure round this device takes part in
-        self._step: bytes | None = None  # the hub's latest step for this device (secure rounds)
-        self._steps = 0
-        self._steps_seen = 0
-        self._step_lock = threading.Lock()
+        self.seat = SecureSeat(device_id, lambda payload: self.publish(self.topic, payload), trusted_key=trusted_key,
+                               allow_unsigned=allow_unsigned, audit_dir=self.audit_dir)  # secure rounds
 
     def _read_answered(self) -> list[str]:
         try:
@@ -191,14 +186,8 @@ class Learner:
             log.info("round %d: the hub committed this device's answer (%s)", receipt.round_id, receipt.verdict)
 
     def offer_step(self, payload: bytes) -> None:
-        """The hub's next step for this device in a secure round arrived (paho's thread); empty: none. It is
-        done at once on a thread of its own (the round waits for every device at each step: a step left for
-        the next tick would cost every round that tick's delay, four times)."""
-        with self._lock:
-            self._step = payload or None
-            self._steps += 1
-        if payload and self._secure is not None:
-            threading.Thread(target=self._take_step, name="edge-agent-step", daemon=True).start()
+        """The hub's next step for this device in a secure round arrived (paho's thread)."""
+        self.seat.offer(payload)
 
     def tick(self) -> None:
         """Between chunks and while a live source is quiet (the agent's thread): answer the open round
@@ -209,7 +198,7 @@ class Learner:
         for name, kept in self.pending.due():  # no receipt yet: the hub may never have had it
             log.info("round answer %s: no receipt from the hub yet, sent again", name)
             self.publish(self.topic, kept)
-        self._take_step()
+        self.seat.take_step()
         with self._lock:
             payload, offers = self._offered, self._offers
         if payload is None or (self._thread is not None and self._thread.is_alive()):
@@ -260,8 +249,10 @@ class Learner:
         if time.time() > p.deadline:
             return f"round {p.round_id}: its deadline has passed", None
         if p.secure is not None:  # its keys go out at once; its masked delta once it has trained
-            self._join(p)
-            if self._secure is None or self._secure.plan.round_id != p.round_id:
+            if f"{p.round_id}/secure" not in self.answered:
+                self.seat.join(p)
+                self._answered(p.round_id, "secure")
+            if not self.seat.joined(p.round_id):
                 return (f"round {p.round_id}: this device joined the secure round before it restarted; its keys "
                         "are gone: not answering"), None
         held = len(self.store.y)
@@ -317,56 +308,12 @@ class Learner:
 
     # ----------------------------------------------------------------- secure rounds
 
-    def _join(self, plan: RoundPlan) -> None:
-        """Take part in a secure round: make its secrets and send its keys, once (a device that restarts
-        mid-round has lost its secrets: it has dropped out of that round)."""
-        if self._secure is not None and self._secure.plan.round_id == plan.round_id:
-            return
-        if f"{plan.round_id}/secure" in self.answered:
-            return
-        # cryptography's keys: loaded for secure rounds only
-        from edge_agent.device.secure import SecureAnswerer
-
-        self._secure = SecureAnswerer(plan, self.device_id, lambda payload: self.publish(self.topic, payload),
-                                      audit_dir=self.audit_dir)
-        self._answered(plan.round_id, "secure")
-        self._secure.advertise()
-        log.info("round %d: a secure round (threshold %d of %d): sent this device's keys", plan.round_id,
-                 plan.secure.threshold if plan.secure else 0, len(plan.participants))
-
-    def _take_step(self) -> None:
-        with self._step_lock:  # one step at a time, in order
-            self._take_one_step()
-
-    def _take_one_step(self) -> None:
-        with self._lock:
-            payload, steps = self._step, self._steps
-        if steps == self._steps_seen:
-            return
-        self._steps_seen = steps
-        if payload is None or self._secure is None:
-            return
-        from edge_agent.device.bundle import check_step
-
-        try:
-            step = check_step(payload, self.device_id, trusted_key=self.trusted_key, allow_unsigned=self.allow_unsigned)
-        except BundleRejected as exc:
-            log.warning("secure round step refused: %s", exc)
-            return
-        except Exception as exc:  # a retained message: dying here would die again at every start
-            log.warning("secure round step refused (%s: %s)", type(exc).__name__, exc)
-            return
-        why = self._secure.on_step(step)
-        if why is not None:
-            log.warning("%s", why)
-
     def _trained_secure(self, p: RoundPlan, res: Any) -> None:
         """A secure round's training result: on the round's grid, masked and sent once the peers' shares are in."""
-        assert self._secure is not None and self._secure.plan.round_id == p.round_id
         stats = {"n_examples": float(res.n), "loss_before": float(res.loss_before), "loss_after": float(res.loss_after),
                  "metric_before": float(res.metric_before), "metric_after": float(res.metric_after),
                  "norm": float(res.norm)}
-        held = self._secure.trained({k: res.delta[k] for k in p.trainable}, stats, res.ranges)
+        held = self.seat.trained(p, res.delta, stats, res.ranges)
         self._answered(p.round_id, p.kind)
         self.sent += 1
         self.last = {"round": p.round_id, "n": int(res.n), "seconds": res.seconds, "secure": True,

@@ -415,7 +415,7 @@ def test_fit_normalization_ignores_nan_and_constant_channels():
         fit_normalization(np.full((3, 1), np.nan))
 
 
-@pytest.mark.parametrize("features", ["stats-fft-v1", "stats-v1"])
+@pytest.mark.parametrize("features", ["stats-fft-v1", "stats-v1", "trend-v1"])
 def test_extract_features_shape_and_vectorization(features):
     p = params(window_s=2.0, hop_s=0.5, c=3, features=features, fft_max_hz=10.0)
     rng = np.random.default_rng(0)
@@ -507,6 +507,26 @@ def test_batch_features_equal_the_per_window_reference(features, size, hop):
     interpolated = len(batch) - len(make_windows(ts, values, None, dataclasses.replace(p, missing="drop")))
     assert interpolated > 0 and np.isfinite(batch.data).all()
     expected = reference_features(batch.data, p)
+    np.testing.assert_allclose(extract_features(batch, p), expected, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(extract_features(batch.data, p), expected, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(("size", "hop"), WINDOW_HOP)
+def test_streamed_trend_features_equal_the_per_window_reference(size, hop):
+    """"trend-v1" of a streamed WindowBatch (interpolated windows included) and of its materialized
+    windows: the last reading, the lags from it, the slope and the mean, computed per window in float64."""
+    p = PreprocessParams(RATE, size / RATE, hop / RATE, ("a", "b", "c"), features="trend-v1", forecast="b")
+    ts, values = noisy_stream(3000, 3, seed=size * 100 + hop)
+    p = p.with_normalization(*fit_normalization(values))
+    w = Windower(p)
+    batch = WindowBatch.concat([w.push(ts[i : i + 97], values[i : i + 97]) for i in range(0, len(ts), 97)])
+    assert len(batch) > 20 and batch.dropped > 0
+    x = (batch.data.astype(np.float64) - p.norm_mean) / p.norm_std  # (k, size, c)
+    last = x[:, -1, :]
+    t = np.arange(size) - (size - 1) / 2
+    lags = [x[:, -1 - j, :] - last for j in range(1, min(3, size - 1) + 1)]
+    slope = np.einsum("ksc,s->kc", x, t) / (t @ t)
+    expected = np.concatenate([last, *lags, slope, x.mean(axis=1) - last], axis=1)
     np.testing.assert_allclose(extract_features(batch, p), expected, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(extract_features(batch.data, p), expected, rtol=2e-4, atol=2e-5)
 

@@ -267,24 +267,25 @@ def bare_subscriber(broker: LocalBroker, per_msg: int, n_results: int) -> tuple[
 
 
 def hub_run(broker: LocalBroker, workdir: Path, per_msg: int, n_results: int,
-            profile: cProfile.Profile | None, receipts: bool = True, db_url: str | None = None
-            ) -> tuple[float, float, int, int]:
+            profile: cProfile.Profile | None, receipts: bool = True, db_url: str | None = None,
+            linger_ms: float | None = None) -> tuple[float, float, int, int]:
     """results/s stored (committed) by the hub, from the publisher's start; CPU µs/result; receipts sent;
     transactions."""
     prefix = f"hub-{uuid.uuid4().hex[:8]}"
     if db_url is None:
         return _hub_run(broker, f"sqlite:///{workdir / f'{prefix}.sqlite'}", prefix, per_msg, n_results, profile,
-                        receipts)
+                        receipts, linger_ms)
     with PgSchema(db_url) as schema:
-        return _hub_run(broker, schema.hub_url, prefix, per_msg, n_results, profile, receipts)
+        return _hub_run(broker, schema.hub_url, prefix, per_msg, n_results, profile, receipts, linger_ms)
 
 
 def _hub_run(broker: LocalBroker, url: str, prefix: str, per_msg: int, n_results: int,
-             profile: cProfile.Profile | None, receipts: bool) -> tuple[float, float, int, int]:
+             profile: cProfile.Profile | None, receipts: bool, linger_ms: float | None) -> tuple[float, float, int, int]:
     # device_max_msgs_per_s=0: this measures the store path, with 8 devices each sending far faster than an
     # agent does (thousands of one-result messages a second); the per-device limit would drop most of them.
     settings = HubSettings(broker=broker.url, db=url, prefix=prefix, client_id=prefix, log_interval_s=0,
-                           receipts=receipts, device_max_msgs_per_s=0)
+                           receipts=receipts, device_max_msgs_per_s=0,
+                           **({} if linger_ms is None else {"batch_linger_ms": linger_ms}))
     hub = Hub(settings)
     if profile is not None:
         run = hub._run
@@ -320,6 +321,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", help="write a cProfile of the hub's writer thread to this file")
     ap.add_argument("--db", help="a PostgreSQL SQLAlchemy URL (postgresql+psycopg://...) instead of SQLite files")
+    ap.add_argument("--linger", type=float, help="the hub's batch_linger_ms (default: the hub's default)")
     args = ap.parse_args()
     pg = args.db is not None
     if pg and not args.db.startswith("postgresql+psycopg://"):
@@ -344,8 +346,9 @@ def main() -> None:
                     else:
                         raws.append(raw_sqlite(work / f"raw-{per_msg}-{i}.sqlite", per_msg, n, txn))
                     bare_runs.append(bare_subscriber(broker, per_msg, n))
-                    hubs.append(hub_run(broker, work, per_msg, n, profile, db_url=args.db))
-                    plain.append(hub_run(broker, work, per_msg, n, None, receipts=False, db_url=args.db))
+                    hubs.append(hub_run(broker, work, per_msg, n, profile, db_url=args.db, linger_ms=args.linger))
+                    plain.append(hub_run(broker, work, per_msg, n, None, receipts=False, db_url=args.db,
+                                         linger_ms=args.linger))
                 (raw, raw_cpu), (hub, hub_cpu, receipts, txns) = max(raws), max(hubs)
                 no_receipts = max(plain)[0]
                 bare, bare_cpu, _ = max(bare_runs)

@@ -3,6 +3,7 @@ a few copies of the model, not one per layer and chunk of windows."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import tracemalloc
 
@@ -104,3 +105,26 @@ def test_a_fine_tune_holds_a_few_copies_of_the_model(task) -> None:
     assert peak < 6 * size, f"fine_tune's peak: {peak / size:.1f} x the weights ({size:,} B)"
     assert scored < 2 * size, f"score's peak: {scored / size:.1f} x the weights"
     assert ranged < 1.5 * size, f"activation_ranges' peak: {ranged / size:.1f} x the weights"
+
+
+def test_a_float16_announcement_halves_the_bytes_and_devices_read_the_rounded_weights() -> None:
+    """The announcement's weights go down as float16 (federate's default): a device reads them as float32, rounded,
+    and the announcement the hub keeps says what the devices read, not its FP32 master."""
+    master = _model((99, 512, 512, 7))
+    now = time.time()
+    plan = cr.RoundPlan(1, "m", 1, "a" * 64, "classification", ("d1",), now + 60, created=now,
+                        trainable=tuple(k for k in master if k.startswith(("coef", "intercept"))))
+    fp32 = cr.announcement(plan, master).encode()
+    ann = cr.announcement(dataclasses.replace(plan, weights_dtype="float16"), master)
+    fp16 = ann.encode()
+    assert len(fp16) < 0.51 * len(fp32)
+    got = cr.decode_announcement(fp16)
+    assert got.plan.weights_dtype == "float16"
+    for k, v in master.items():
+        assert got.weights[k].dtype == np.float32
+        np.testing.assert_array_equal(got.weights[k], v.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(got.weights[k], ann.weights[k])
+        assert np.abs(got.weights[k] - v).max() <= 1e-3 * max(1.0, float(np.abs(v).max()))
+    big = dict(master, coef_0=master["coef_0"] * np.float32(1e6))  # past float16's 65,504
+    with pytest.raises(cr.ContractError, match="past the range of float16"):
+        cr.announcement(dataclasses.replace(plan, weights_dtype="float16"), big)

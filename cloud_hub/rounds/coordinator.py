@@ -238,7 +238,11 @@ class Coordinator:
             max_staleness=0 if dp else c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
             trainable=trainable, secure=secure, dp=dp, weights_dtype=c.weights_dtype,
         )
-        ann = self._signed(announcement(plan, tensors))
+        try:
+            ann = self._signed(announcement(plan, tensors))
+        except ContractError:  # weights past float16's range (65,504): this round goes down as float32
+            self.say(f"round {round_id}: the base's weights do not fit float16: announced as float32")
+            ann = self._signed(announcement(replace(plan, weights_dtype="float32"), tensors))
         payload = ann.encode()
         with sessions.transaction(self.engine) as conn:
             self.rounds.add_round(conn, round_id=round_id, name=name, base_version=base.version, participants=chosen,

@@ -286,8 +286,10 @@ def announcement(plan: RoundPlan, weights: dict[str, np.ndarray], int8: bytes = 
     dtype = WEIGHTS_DTYPES.get(plan.weights_dtype)
     if dtype is None:
         raise ContractError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}")
-    body = _body(specs, weights, dtype)
-    if not all(np.isfinite(np.asarray(weights[s.name], dtype)).all() for s in specs):
+    with np.errstate(over="ignore"):  # a value past float16's range becomes inf: refused just below
+        body = _body(specs, weights, dtype)
+        fits = all(np.isfinite(np.asarray(weights[s.name], dtype)).all() for s in specs)
+    if not fits:
         raise ContractError(f"weights past the range of {plan.weights_dtype}: announce them as float32")
     if int8 and plan.kind != "evaluate":
         raise ContractError("only an evaluate round carries an INT8 model")

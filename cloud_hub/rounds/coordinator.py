@@ -238,11 +238,7 @@ class Coordinator:
             max_staleness=0 if dp else c.max_staleness, encoding=c.encoding, budget_s=c.budget_s, created=now,
             trainable=trainable, secure=secure, dp=dp, weights_dtype=c.weights_dtype,
         )
-        try:
-            ann = self._signed(announcement(plan, tensors))
-        except ContractError:  # weights past float16's range (65,504): this round goes down as float32
-            self.say(f"round {round_id}: the base's weights do not fit float16: announced as float32")
-            ann = self._signed(announcement(replace(plan, weights_dtype="float32"), tensors))
+        ann = self._announcement(plan, tensors)
         payload = ann.encode()
         with sessions.transaction(self.engine) as conn:
             self.rounds.add_round(conn, round_id=round_id, name=name, base_version=base.version, participants=chosen,
@@ -341,6 +337,14 @@ class Coordinator:
             raise RoundError(f"a canary rollout of {name} v{canaries[0].version} is open: rounds would train "
                              "beside it and its promotion would replace their model; let `serve` finish it or "
                              "`cloud-hub rollback`, then federate")
+
+    def _announcement(self, plan: RoundPlan, tensors: dict[str, np.ndarray], int8: bytes = b"") -> Announcement:
+        """The signed announcement of ``plan`` with ``tensors``; as float32 when they do not fit float16 (65,504)."""
+        try:
+            return self._signed(announcement(plan, tensors, int8))
+        except ContractError:
+            self.say(f"round {plan.round_id}: the weights do not fit float16: announced as float32")
+            return self._signed(announcement(replace(plan, weights_dtype="float32"), tensors, int8))
 
     def _signed(self, ann: Announcement) -> Announcement:
         return replace(ann, plan=self._sign(ann.plan))  # keeps its INT8 model
@@ -498,7 +502,7 @@ class Coordinator:
             task=str(r.plan["task"]), participants=devices, deadline=now + min(self.cfg.deadline_s, 60.0),
             min_windows=1, min_updates=len(devices), max_staleness=0, encoding=str(r.plan["encoding"]),
             created=now, kind="evaluate", weights_dtype=self.cfg.weights_dtype)
-        payload = self._signed(announcement(plan, candidate, int8)).encode()
+        payload = self._announcement(plan, candidate, int8).encode()
         topic = self.s.topics.rounds(r.model_name)
         self._send(topic, payload)
         self.say(f"round {r.id}: no hold-out log: asking {', '.join(devices)} to evaluate the candidate (its INT8 "

@@ -6,6 +6,8 @@
 * ``logs``    -- recorded logs (CSV / JSON Lines, gzip): :func:`read_log`, and :class:`LineParser`,
   the one engine every source's lines go through
 * ``replay``  -- :func:`pace` (readings released at their recorded time, scaled)
+* ``runs``    -- the first pass over a log: its stretches in time order (one per device for a log grouped by device)
+* ``merge``   -- :class:`ReplayLogs`: the stretches of one or more logs merged by time, memory bounded by the stretches
 * ``live``    -- :class:`SimulatedSensor`, :class:`JsonLinesStream`, :class:`FollowFile`
 * ``fields``  -- a real sensor's reading (JSON object, CSV line) -> a log record: :class:`FieldMap`, :class:`SensorFeed`
 * ``mqtt_sensor``   -- :class:`MqttSensor` (``source = "mqtt"``: topics of a local broker)
@@ -16,12 +18,13 @@ from edge_agent.sources.chunk import MAX_ERRORS_KEPT, LogError, ReadingChunk, Re
 from edge_agent.sources.fields import FieldMap, SensorFeed
 from edge_agent.sources.live import FollowFile, JsonLinesStream, SimulatedSensor, StdinSource
 from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, LogReader, log_format, read_log
+from edge_agent.sources.merge import ReplayLogs
 from edge_agent.sources.mqtt_sensor import DeviceNames, MqttSensor
 from edge_agent.sources.replay import pace
 from edge_agent.sources.serial_sensor import SerialSensor
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS", "MAX_ERRORS_KEPT", "DeviceNames", "FieldMap", "FollowFile", "JsonLinesStream", "LineParser",
-    "LogError", "LogReader", "MqttSensor", "ReadStats", "ReadingChunk", "SensorFeed", "SerialSensor", "SimulatedSensor",
+    "LogError", "LogReader", "MqttSensor", "ReadStats", "ReadingChunk", "ReplayLogs", "SensorFeed", "SerialSensor", "SimulatedSensor",
     "StdinSource", "file_error", "log_format", "pace", "read_log",
 ]

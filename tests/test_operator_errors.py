@@ -369,3 +369,15 @@ def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) ->
         res = run(hub_cmd(*command, "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"))
         one_line(res, exits.UNAVAILABLE, "missing.sqlite", "does not exist")
     assert not (tmp_path / "missing.sqlite").exists()
+
+
+def test_device_id_on_a_log_of_several_devices_says_which_command_does_what(shared_broker, prefix, files,
+                                                                            tmp_path) -> None:
+    """--device-id renames a one-device log; on a log of several the line says what replay and run each do (it
+    told `run` users to drop --device-id, which run needs)."""
+    res = run(agent_cmd("replay", str(files["log"]), "--device-id", "renamed", "--model", str(files["model"]),
+                        "--broker", shared_broker.url, "--prefix", prefix, "--state-dir", str(tmp_path / "s"),
+                        "--until", "broker", "--speed", "0"))
+    one_line(res, exits.INPUT, "--device-id renames a single-device log",
+             "`edge-agent replay` without --device-id replays each under its own id",
+             "`edge-agent run` is one device")

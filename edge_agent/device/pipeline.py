@@ -103,7 +103,8 @@ class Processor:
         elif self._source_of_override != source_device:
             raise DeviceIdError(
                 f"--device-id renames a single-device log, but this log holds {self._source_of_override!r} "
-                f"and {source_device!r}; drop --device-id to replay each under its own id"
+                f"and {source_device!r}: `edge-agent replay` without --device-id replays each under its own id; "
+                "`edge-agent run` is one device: give it that device's readings only"
             )
         return self.device_id
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cloud_hub.cli.app import app as hub_app
 from cloud_hub.data import db, sessions
 from cloud_hub.data.store import Store
-from cloud_hub.models import lifecycle, training
+from cloud_hub.models import forecast, lifecycle, training
 from cloud_hub.models.quantize import quantize_int8
 from edge_agent.preprocess import (
     PreprocessParams,
@@ -142,12 +142,12 @@ def test_persistence_baseline_uses_the_named_channel_or_the_one_that_fits_traini
     y_train, y_test = rng.normal(size=40), rng.normal(size=10)
     last_train = np.stack([y_train + 5.0, y_train + 0.1], 1)
     last_test = np.stack([y_test + 5.0, y_test + 0.1], 1)
-    found = training.persistence_baseline(training.Persistence(last_train, last_test, ("a", "b")), y_train, y_test)
+    found = forecast.persistence_baseline(forecast.Persistence(last_train, last_test, ("a", "b")), y_train, y_test)
     assert found is not None and found["channel"] == "b" and found["mae"] == pytest.approx(0.1)
-    named = training.persistence_baseline(training.Persistence(last_train, last_test, ("a", "b"), "a"), y_train, y_test)
+    named = forecast.persistence_baseline(forecast.Persistence(last_train, last_test, ("a", "b"), "a"), y_train, y_test)
     assert named is not None and named["channel"] == "a" and named["mae"] == pytest.approx(5.0)
     several = np.stack([y_test, y_test], 1)
-    assert training.persistence_baseline(training.Persistence(last_train, last_test, ("a", "b")), y_train,
+    assert forecast.persistence_baseline(forecast.Persistence(last_train, last_test, ("a", "b")), y_train,
                                          several) is None
 
 

@@ -29,6 +29,7 @@ from cloud_hub.data.aggregate import describe_score, shaped_by
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.errors import HubError
 from cloud_hub.models import quantize, training, weights
+from cloud_hub.models.forecast import Persistence, persistence_check
 from edge_agent import exits
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.drift import feature_bins
@@ -391,7 +392,7 @@ def _forecast_offset(train: Dataset) -> tuple[tuple[int, float, float] | None, n
     return (col, p.norm_mean[col], p.norm_std[col]), last[:, col].astype(np.float64)
 
 
-def _persistence(train: Dataset, test: Dataset) -> training.Persistence | None:
+def _persistence(train: Dataset, test: Dataset) -> Persistence | None:
     """The windows' last readings for the persistence baseline: recorded (logs), else read back from
     features that keep them (a fleet's trend-v1 vectors); None when unknown."""
     def last(ds: Dataset) -> np.ndarray | None:
@@ -399,20 +400,7 @@ def _persistence(train: Dataset, test: Dataset) -> training.Persistence | None:
     a, b = last(train), last(test)
     if a is None or b is None:
         return None
-    return training.Persistence(a, b, train.params.channels, train.params.forecast)
-
-
-def persistence_check(int8: dict[str, Any], baselines: dict[str, Any]) -> tuple[bool, str | None]:
-    """Whether the INT8 model beats persistence on the same hold-out, and the sentence that says so
-    (``(True, None)`` when there is no persistence baseline: a classifier, several outputs, or last
-    readings not known)."""
-    p = baselines.get("persistence")
-    if p is None or "mae" not in int8:
-        return True, None
-    ok = score(int8) > score(p)
-    ratio = int8["mae"] / p["mae"] if p["mae"] > 0 else math.inf
-    return ok, (f"INT8 {describe_score(int8)} {'beats' if ok else 'loses to'} persistence (the last {p['channel']} "
-                f"reading) {describe_score(p)}: {ratio:.2f}x its error on the same hold-out")
+    return Persistence(a, b, train.params.channels, train.params.forecast)
 
 
 def score(metrics: dict[str, Any]) -> float:

@@ -37,9 +37,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from cloud_hub.models import forecast
+
 __all__ = [
     "INPUT_NAME",
-    "Persistence",
     "TrainConfig",
     "export_onnx",
     "model_labels",
@@ -336,28 +337,9 @@ def export_onnx(model: Pipeline, n_features: int, add_back: tuple[int, float, fl
     if add_back is not None:
         if isinstance(mlp, MLPClassifier) or mlp.coefs_[-1].shape[1] != 1:
             raise ValueError("only a regressor of one output forecasts the change from a reading")
-        _add_back(onx, *add_back)
+        forecast.add_back(onx, *add_back)
     onx.producer_name = "edgeml-cloud-hub"
     return onx.SerializeToString()
-
-
-def _add_back(onx: Any, column: int, mean: float, std: float) -> None:
-    """Rename the output ``variable`` to ``change`` and add ``input[:, column] * std + mean`` to it."""
-    from onnx import helper, numpy_helper
-
-    graph = onx.graph
-    out = graph.output[0].name
-    for node in graph.node:
-        node.output[:] = ["forecast_change" if o == out else o for o in node.output]
-    graph.initializer.extend([numpy_helper.from_array(np.array([column], np.int64), "forecast_column"),
-                              numpy_helper.from_array(np.array(std, np.float32), "forecast_std"),
-                              numpy_helper.from_array(np.array(mean, np.float32), "forecast_mean")])
-    graph.node.extend([
-        helper.make_node("Gather", [INPUT_NAME, "forecast_column"], ["forecast_last_n"], axis=1, name="forecast_gather"),
-        helper.make_node("Mul", ["forecast_last_n", "forecast_std"], ["forecast_last_s"], name="forecast_mul"),
-        helper.make_node("Add", ["forecast_last_s", "forecast_mean"], ["forecast_last"], name="forecast_unnorm"),
-        helper.make_node("Add", ["forecast_change", "forecast_last"], [out], name="forecast_add"),
-    ])
 
 
 def _flatten_biases(onx: Any) -> None:
@@ -421,11 +403,11 @@ KNN_MAX_PAIRS = 400_000_000
 
 
 def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
-              k: int = 3, *, persistence: Persistence | None = None) -> dict[str, dict[str, Any]]:
+              k: int = 3, *, persistence: forecast.Persistence | None = None) -> dict[str, dict[str, Any]]:
     """What a model must beat, on the same windows and inputs: the constant predictor (the training
     mean, or the most frequent class), k-nearest neighbours on the standardized features (for
     positioning, classic k-NN fingerprinting) and, for a regressor of one output given the windows'
-    last readings, persistence (:func:`persistence_baseline`). Metrics as
+    last readings, persistence (:func:`cloud_hub.models.forecast.persistence_baseline`). Metrics as
     :func:`cloud_hub.models.quantize.evaluate` gives."""
     from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
@@ -451,47 +433,7 @@ def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_te
             knn.fit(scaler.transform(X_train), y_train)
             out[f"knn{k}"] = score(knn.predict(scaler.transform(X_test)))
     if task == "regression" and persistence is not None:
-        found = persistence_baseline(persistence, y_train, y_test)
+        found = forecast.persistence_baseline(persistence, y_train, y_test)
         if found is not None:
             out["persistence"] = found
     return out
-
-
-@dataclass(frozen=True)
-class Persistence:
-    """The windows' last readings, for the persistence baseline: float[n, channels] of the training
-    and the hold-out windows (NaN where unknown), the channel names, and the channel a forecast
-    names (``PreprocessParams.forecast``; None: the one whose last reading follows the training
-    targets best)."""
-
-    train: np.ndarray
-    test: np.ndarray
-    channels: tuple[str, ...]
-    channel: str | None = None
-
-
-def persistence_baseline(last: Persistence, y_train: np.ndarray, y_test: np.ndarray) -> dict[str, Any] | None:
-    """Persistence: each window's target predicted by its last reading of one channel (for a series,
-    "the next hour is as this hour"). Without a named channel, the channel whose last reading has the
-    lowest error on the *training* windows is used (never chosen on the hold-out). None for a
-    regressor of several outputs or when the last readings are not known."""
-    from cloud_hub.models.quantize import error_metrics
-
-    y_train, y_test = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
-    if y_test.ndim != 1 or last.test.shape != (len(y_test), len(last.channels)) or not len(y_test):
-        return None
-    if last.channel is not None:
-        col = last.channels.index(last.channel)
-    else:
-        if last.train.shape != (len(y_train), len(last.channels)) or not len(y_train):
-            return None
-        with np.errstate(invalid="ignore"):
-            err = np.nanmean(np.abs(last.train - y_train[:, None]), axis=0)
-        if not np.isfinite(err).any():
-            return None
-        col = int(np.nanargmin(err))
-    pred = last.test[:, col].astype(np.float64)
-    if not np.all(np.isfinite(pred)):
-        return None
-    return {"task": "regression", "n": len(y_test), "channel": last.channels[col],
-            **error_metrics(pred[:, None], y_test[:, None])}

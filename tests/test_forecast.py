@@ -32,7 +32,7 @@ from tests.helpers import SMALL, model_params
 HOUR = 3600.0
 
 
-def make_series_log(path: Path, *, hours: int = 24 * 30, levels=(("s1", 0.0), ("s2", 4.0), ("s3", 12.0)),
+def make_series_log(path: Path, *, hours: int = 24 * 30, levels=(("s1", 0.0), ("s2", 4.0), ("s3", 20.0)),
                     seed: int = 0) -> Path:
     """Hourly readings of devices whose ``temp`` has a trend, a daily cycle and noise, each at its own
     level (the last device's above any other's); each reading's label is the next hour's reading."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cloud_hub.data.aggregate import describe_score
+from edge_agent.preprocess import PreprocessParams, feature_names
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,19 @@ def persistence_check(int8: dict[str, Any], baselines: dict[str, Any]) -> tuple[
     ratio = int8["mae"] / p["mae"] if p["mae"] > 0 else math.inf
     return ok, (f"INT8 {describe_score(int8)} {'beats' if ok else 'loses to'} persistence (the last {p['channel']} "
                 f"reading) {describe_score(p)}: {ratio:.2f}x its error on the same hold-out")
+
+
+def add_back_of(params: PreprocessParams) -> tuple[int, float, float] | None:
+    """What :func:`add_back` needs for a model preprocessed with ``params``: (the feature column of the
+    forecast channel's last reading, its normalization mean and std); None when it is not a forecast.
+    Every export of a forecast's network needs it (a retrain's, a federated round's), else the model
+    would output changes under a manifest that promises forecasts."""
+    if params.forecast is None:
+        return None
+    col = params.channels.index(params.forecast)
+    if feature_names(params)[col] != f"{params.forecast}_last":
+        raise ValueError(f"a forecast of {params.forecast!r} needs features that keep its last reading (trend-v1)")
+    return col, params.norm_mean[col], params.norm_std[col]
 
 
 def add_back(onx: Any, column: int, mean: float, std: float) -> None:

@@ -29,7 +29,7 @@ from cloud_hub.data.aggregate import describe_score, shaped_by
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.errors import HubError
 from cloud_hub.models import quantize, training, weights
-from cloud_hub.models.forecast import Persistence, persistence_check
+from cloud_hub.models.forecast import Persistence, add_back_of, persistence_check
 from edge_agent import exits
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.drift import feature_bins
@@ -37,7 +37,6 @@ from edge_agent.preprocess import (
     DeviceWindowers,
     PreprocessParams,
     extract_features,
-    feature_names,
     fit_normalization,
     last_readings,
 )
@@ -382,14 +381,11 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
 def _forecast_offset(train: Dataset) -> tuple[tuple[int, float, float] | None, np.ndarray | None]:
     """A forecast learns the change from the last reading of its channel: (the column the graph adds
     back, with its normalization) and the training windows' last readings; else (None, None)."""
-    p = train.params
-    if p.forecast is None:
+    add_back = add_back_of(train.params)
+    last = last_readings(train.X, train.params)
+    if add_back is None or last is None:
         return None, None
-    col = p.channels.index(p.forecast)
-    last = last_readings(train.X, p)
-    if last is None or feature_names(p)[col] != f"{p.forecast}_last":
-        raise LifecycleError(f"a forecast of {p.forecast!r} needs features that keep its last reading (trend-v1)")
-    return (col, p.norm_mean[col], p.norm_std[col]), last[:, col].astype(np.float64)
+    return add_back, last[:, add_back[0]].astype(np.float64)
 
 
 def _persistence(train: Dataset, test: Dataset) -> Persistence | None:

@@ -242,3 +242,18 @@ def test_a_device_replaying_the_series_reports_the_forecasts_the_hub_measured(pr
     mae = float(np.mean(np.abs(values - truths)))
     assert mae == pytest.approx(out.int8["mae"], rel=1e-3)  # the device forecasts as the hub evaluated
     assert mae < 0.6 * out.extra["baselines"]["persistence"]["mae"]
+
+
+def test_federate_refuses_a_forecast_model(series, tmp_path) -> None:
+    """Rounds would train levels, not changes, and export without the add-back: refused until they do."""
+    from cloud_hub.rounds.coordinator import Coordinator, FederateConfig, RoundError
+    from cloud_hub.settings import HubSettings
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    lifecycle.train_from_logs(engine, [str(series)], window_s=24 * HOUR, hop_s=HOUR, forecast="temp", config=SMALL)
+    coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine, FederateConfig(),
+                              signing_key=None, allow_unsigned=True)
+    with pytest.raises(RoundError, match="federated rounds do not train forecasts yet"):
+        coordinator._open()
+    engine.dispose()

@@ -206,6 +206,10 @@ class Coordinator:
         if not rows:
             raise RoundError(f"no model {name!r} to federate: run `cloud-hub train` and `publish` first")
         base = current_model(rows, name)
+        if (base.manifest.get("preprocess") or {}).get("forecast"):
+            raise RoundError(f"{name} v{base.version} forecasts (train --forecast): federated rounds do not train "
+                             "forecasts yet (the devices would learn levels, not changes); retrain it with "
+                             "`cloud-hub train` on logs instead")
         self._no_canary(name)
         devices = self._available(base.version)
         rng = random.Random(f"{self.cfg.seed}/{base.version}/{time.time_ns()}")

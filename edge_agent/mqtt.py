@@ -20,6 +20,7 @@ paho calls back on its own network thread. Handlers passed in here must be quick
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -262,9 +263,15 @@ class MqttLink:
 
     # ----------------------------------------------------------------- operations
 
-    def publish(self, topic: str, payload: bytes, delivery: Delivery) -> int:
-        """Queue a publish and return its mid; PUBACK is reported through ``on_published``."""
-        info = self._client.publish(topic, payload, qos=delivery.qos, retain=delivery.retain)
+    def publish(self, topic: str, payload: bytes, delivery: Delivery, expiry_s: float | None = None) -> int:
+        """Queue a publish and return its mid; PUBACK is reported through ``on_published``. ``expiry_s``: the
+        broker drops the message if it is still queued for a subscriber after that long (MQTT 5's message
+        expiry), e.g. a copy that another copy will replace."""
+        props = None
+        if expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
+        info = self._client.publish(topic, payload, qos=delivery.qos, retain=delivery.retain, properties=props)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._state_changed:

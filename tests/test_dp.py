@@ -173,6 +173,41 @@ def test_a_distributed_round_sums_noised_vectors_and_the_hub_sees_no_measurement
     assert got.stats["n_examples"] == 0 and got.stats["loss_before"] == 0 and np.all(np.asarray(got.ranges) == 0)
 
 
+def test_a_sum_refused_after_unmasking_is_still_charged(tmp_path, monkeypatch) -> None:
+    """A device that sends values off the grid makes the hub refuse the sum, but only after it has learned it:
+    the failure carries the sum's size, so the round's privacy is counted (the coordinator's _finish)."""
+    import dataclasses
+
+    import tests.test_secure_rounds as sr
+    from cloud_hub.rounds.secure import SecureRoundFailed
+
+    devices = [f"d{i}" for i in range(4)]
+    secure = cr.SecureParams(threshold=3, peak=63, spread=3.0, seed=11, bits=secagg.ring_bits(4, 63))
+    wider, dp = privacy.Budget(1.0, None, 1e-5, rounds=1).plan((0.0, 0, 0), secure, list(TENSORS.items()), 5.0, 4)
+    original = sr._plan
+
+    def plan_with_dp(devs, deadline_s=30.0):
+        ann, now = original(devs, deadline_s)
+        return dataclasses.replace(ann, plan=dataclasses.replace(ann.plan, secure=wider, dp=dp)), now
+
+    monkeypatch.setattr(sr, "_plan", plan_with_dp)
+    net = Network(tmp_path, devices)
+    for a in net.devices.values():
+        a.advertise()
+    for i, d in enumerate(devices):
+        stats, ranges = _stats(i)
+        net.devices[d].trained(_deltas([d], seed=i)[d], stats, ranges)
+    bad = net.devices["d0"]  # masks once the peers' shares are in: its vector pushed past the noise's tail first
+    assert bad.vectors is not None and "masked" not in bad.done
+    ints, stat_ints = bad.vectors
+    bad.vectors = (ints + sum_limit(4, 63, dp.sigma) * 2, stat_ints)
+    hub = net.hub()
+    hub.collect()
+    with pytest.raises(SecureRoundFailed, match="leaves the grid") as failed:
+        hub.unmask()
+    assert failed.value.summed == (4, secure_grid(net.ann.plan).padded)
+
+
 def test_a_central_round_weighs_alike_adds_its_noise_keeps_the_base_ranges_and_states_its_epsilon(
         tmp_path, monkeypatch) -> None:
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
@@ -211,6 +246,18 @@ def test_a_central_round_weighs_alike_adds_its_noise_keeps_the_base_ranges_and_s
         base_row = store.get_model(conn, "default", 1)
     assert row is not None and base_row is not None
     assert row.manifest["training"]["privacy"]["epsilon_total"] == spent["epsilon_total"]
+    # what the devices measured (example counts, losses, scores) is not noised: never released
+    assert row.manifest["metrics"]["federated"] == {"round": r.id} and outcome["federated"] == {}
+    # the noise comes from the round's own seed: a finish resumed after a crash draws the same noise
+    assert "dp_seed" in r.plan
+    from cloud_hub.rounds import finish as finish_module
+
+    with engine.connect() as conn:
+        blob1 = store.get_weights(conn, "default", 1)
+    updates = [(cr.decode_update(p), s) for _d, s, p in counted]
+    once, again = (finish_module._aggregate(r, updates, blob1, base_row.manifest, [base_row],
+                                            decode_bundle(base_row.bundle).model).tensors for _ in range(2))
+    assert all(np.array_equal(once[k], again[k]) for k in r.plan["trainable"])
     noise = np.concatenate([(new[k] - base[k] - np.float32(0.001)).ravel() for k in r.plan["trainable"]])
     assert float(noise.std()) == pytest.approx(dp.noise * 0.5 / 4, rel=0.1)  # noise x clip on the sum of 4
     # the INT8 model's activation ranges are the base's, not the devices' (theirs say [0, 1] everywhere)

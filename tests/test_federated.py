@@ -371,7 +371,7 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     running = type("B", (), {"manifest": manifest})
     learner = Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100,
                       trusted_key=load_public_key(pub), allow_unsigned=False, running=lambda: running,  # type: ignore[arg-type,return-value]
-                      publish=lambda t, p: sent.append((t, p)), topic="t/devices/me/update")
+                      publish=lambda t, p, _e=None: sent.append((t, p)), topic="t/devices/me/update")
 
     def offer(plan: cr.RoundPlan, weights, key=priv) -> str | None:
         ann = cr.announcement(plan, weights)
@@ -421,7 +421,7 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     assert answer.metric_after == pytest.approx(np.mean(learn.predict(candidate, "classification",
                                                                       X[held]).argmax(1) == truth))
     assert Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100, trusted_key=None,
-                   allow_unsigned=True, running=lambda: None, publish=lambda t, p: None,
+                   allow_unsigned=True, running=lambda: None, publish=lambda t, p, _e=None: None,
                    topic="x").answered == ["1/train", "1/evaluate"]
 
 
@@ -669,7 +669,7 @@ def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(
     X = extract_features(data, params)
     sent: list[bytes] = []
     learner = Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=1000, trusted_key=None,
-                      allow_unsigned=True, running=lambda: v1, publish=lambda _t, p: sent.append(p), topic="t")
+                      allow_unsigned=True, running=lambda: v1, publish=lambda _t, p, _e=None: sent.append(p), topic="t")
     learner.on_windows("L", X, [str(v) for v in labels], starts)
 
     def answer(ann: cr.Announcement) -> cr.Update:

@@ -46,7 +46,7 @@ def test_a_round_trains_and_evaluates_with_one_blas_thread(tmp_path, monkeypatch
     running = type("B", (), {"manifest": type("M", (), {"version": 1, "sha256": "a" * 64, "labels": ("x", "y")})})
     learner = Learner(device_id="me", state_dir=tmp_path, model_name="default", capacity=100, trusted_key=None,
                       allow_unsigned=True, running=lambda: running,  # type: ignore[arg-type,return-value]
-                      publish=lambda t, p: sent.append(p), topic="t")
+                      publish=lambda t, p, _e=None: sent.append(p), topic="t")
     X = np.random.default_rng(1).normal(size=(40, 4)).astype(np.float32)
     learner.on_windows("L", X, ["x" if v > 0 else "y" for v in X[:, 0]], np.arange(40) * 15.0)
     weights = _model((4, 8, 2))

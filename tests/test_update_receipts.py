@@ -34,20 +34,24 @@ def test_pending_answers_are_kept_sent_again_on_a_doubling_wait_and_dropped_at_t
     digest = pending.put(7, "train", b"update-7")
     assert digest == hashlib.sha256(b"update-7").hexdigest() and pending.held() == 1
     assert pending.due() == []  # just sent: not again at once
-    waits = []
+    waits, expiries = [], []
     for _ in range(5):
         before = clock[0]
         while not (sent := pending.due()):
             clock[0] += 1
-        assert [p for _, p in sent] == [b"update-7"]
+        assert [p for _, p, _ in sent] == [b"update-7"]
         waits.append(clock[0] - before)
+        expiries.append(sent[0][2])
     assert waits == [5, 10, 20, 20, 20]  # doubling, up to max_s
+    # each copy may wait at the broker until the next is due (and a first wait more): one or two queued, not one
+    # per wait, while a federate with a kept session is down
+    assert pending.first_expiry_s == 10 and expiries == [15, 25, 25, 25, 25]
     assert not pending.done("0" * 64) and pending.held() == 1
     assert pending.done(digest) and pending.held() == 0
     # a restarted device sends what it kept at once
     pending.put(8, "train", b"update-8")
     again = PendingAnswers(tmp_path / "answers")
-    assert [p for _, p in again.due()] == [b"update-8"]
+    assert [p for _, p, _ in again.due()] == [b"update-8"]
     for i in range(9, 13):  # bounded: the oldest go first
         pending.put(i, "evaluate", f"e{i}".encode())
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "answers").glob("*.bin")) == ["00000010", "00000011",

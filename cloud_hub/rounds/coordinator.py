@@ -28,6 +28,7 @@ import hashlib
 import logging
 import queue
 import random
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -58,6 +59,7 @@ from edge_agent.contract.rounds import (
     SecureParams,
     SignedHeader,
     Update,
+    WeightsRangeError,
     announcement,
     decode_update,
     trainable_names,
@@ -249,7 +251,8 @@ class Coordinator:
                                   plan=ann.plan.header() | {  # and the hub's own part: its gate, its rule
                                       "announcement_bytes": len(payload), "tolerance": c.tolerance,
                                       "holdout_logs": [str(Path(p).resolve()) for p in c.holdout_logs],
-                                      "aggregate": c.aggregate},
+                                      "aggregate": c.aggregate}
+                                  | ({"dp_seed": secrets.randbits(63)} if dp and dp.mode == "central" else {}),
                                   announcement=payload, opened_at=now, deadline=plan.deadline)
         self._send(self.s.topics.rounds(name), payload)
         self.say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "
@@ -346,7 +349,7 @@ class Coordinator:
         """The signed announcement of ``plan`` with ``tensors``; as float32 when they do not fit float16 (65,504)."""
         try:
             return self._signed(announcement(plan, tensors, int8))
-        except ContractError:
+        except WeightsRangeError:
             self.say(f"round {plan.round_id}: the weights do not fit float16: announced as float32")
             return self._signed(announcement(replace(plan, weights_dtype="float32"), tensors, int8))
 
@@ -593,6 +596,8 @@ class Coordinator:
                                                      privacy=spent or None)
         except SecureRoundFailed as exc:
             state, version, outcome, reason = "failed", None, {"secure": True}, f"secure: {exc}"
+            if exc.summed is not None:  # the hub learned the sum before it refused it: spent all the same
+                spent = self._privacy(r, exc.summed, counted)
         except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
             state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
         if spent:  # the hub learned the sum: spent, whatever became of the round

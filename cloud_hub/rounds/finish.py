@@ -67,9 +67,11 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
         "counted": len(updates), "upload_bytes": sum(len(p) for _d, _s, p in counted),
         "federated": fleet_view([u for u, _ in updates]),
     }
+    if "dp" in r.plan:  # what the devices measured is not noised: never released (the manifest, rounds, the page)
+        outcome["federated"] = {}
     if summed is not None:  # a secure round: only the sum (its mean, its statistics' means) is known
         outcome |= summed.outcome | {"counted": len(summed.survivors)}
-        if "dp" in r.plan:  # the devices sent zeros for what they measured: nothing to show
+        if "dp" in r.plan:
             outcome["federated"] = {}
     elif not updates:
         return "failed", None, outcome, "no update counted by the deadline: the model is unchanged"
@@ -144,7 +146,10 @@ def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, 
     new = fedavg.aggregate(master, [fedavg.Contribution(u.dequantized(), 1 if dp else k, 0 if dp else s)
                                     for (u, s), k in zip(updates, counts, strict=True)], clip=clip, rule=rule)
     if dp is not None:
-        new = privacy.central_noise(new, r.plan["trainable"], dp.noise, clip, len(updates), np.random.default_rng())
+        # the round's own seed (stored when it opened): a finish resumed after a crash draws the same noise, not a
+        # second noisy view of the same sum; a trusted hub's database holds the plain updates anyway
+        rng = np.random.default_rng(r.plan.get("dp_seed"))
+        new = privacy.central_noise(new, r.plan["trainable"], dp.noise, clip, len(updates), rng)
     return _candidate(r, pipeline, new, sorted({u.device_id for u, _ in updates}),
                       [list(u.ranges) for u, _ in updates], base_manifest, rows, base_int8)
 

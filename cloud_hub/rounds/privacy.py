@@ -12,8 +12,8 @@ formula of ours:
   (Kairouz, Liu, Steinke 2021, Theorem 1; ``tau`` is below 1e-300 at the sigmas rounds use).
 
 What a model has spent is the sum over every round of that model whose sum the hub learned (published, rejected or
-failed after it): a rejected round's noisy sum was seen all the same. The neighbouring relation is one device's data
-in or out of a round (``ADD_OR_REMOVE_ONE``); which devices answered is not hidden, and the rounds are not
+failed after it): a rejected round's noisy sum was seen all the same. The neighbouring relation is one device's update
+replaced by zero (its data in or out), the devices that answered being the same; which devices answered is not hidden, and the rounds are not
 subsampled (no amplification is claimed). Not covered: the gate's decision and the devices' federated evaluation of
 a candidate (on their held-out windows), and every round run without ``dp``, counted apart (``plain_rounds``).
 """
@@ -59,16 +59,19 @@ class Budget:
             if left <= 0:
                 raise BudgetSpent(self.spent_text(before))
             self.noise = noise_for(left / max(1, self.rounds))
-        if self.target is not None and epsilon(rho_before + central_rho(self.noise), self.delta) > self.target * (1 + 1e-9):
-            raise BudgetSpent(self.spent_text(before) + f"; a round at noise x{self.noise:.3g} would reach epsilon "
-                              f"{epsilon(rho_before + central_rho(self.noise), self.delta):.3g}")
         if secure is None:
-            return None, DpParams("central", self.noise, self.delta)
-        grid = grid_for(specs, clip, peak=secure.peak, spread=secure.spread, seed=secure.seed)
-        bound = grid.dp_bound()
-        sigma = self.noise * bound / math.sqrt(secure.threshold)
-        bits = secagg.ring_bits(n_devices, secure.peak, sum_limit(n_devices, secure.peak, sigma))
-        return replace(secure, bits=bits), DpParams("distributed", self.noise, self.delta, sigma, bound)
+            out, dp, rho = None, DpParams("central", self.noise, self.delta), central_rho(self.noise)
+        else:
+            grid = grid_for(specs, clip, peak=secure.peak, spread=secure.spread, seed=secure.seed)
+            bound = grid.dp_bound()
+            sigma = self.noise * bound / math.sqrt(secure.threshold)
+            bits = secagg.ring_bits(n_devices, secure.peak, sum_limit(n_devices, secure.peak, sigma))
+            out, dp = replace(secure, bits=bits), DpParams("distributed", self.noise, self.delta, sigma, bound)
+            rho = distributed_rho(bound, sigma, secure.threshold, grid.padded)  # the ledger's formula, at its most
+        if self.target is not None and epsilon(rho_before + rho, self.delta) > self.target * (1 + 1e-9):
+            raise BudgetSpent(self.spent_text(before) + f"; a round at noise x{self.noise:.3g} would reach epsilon "
+                              f"{epsilon(rho_before + rho, self.delta):.3g}")
+        return out, dp
 
     def spent_text(self, before: tuple[float, int, int]) -> str:
         rho, private, plain = before

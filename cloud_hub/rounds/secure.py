@@ -53,7 +53,12 @@ ENOUGH_GRACE_S = 1.0  # once a step has what it needs, this long for the others'
 
 
 class SecureRoundFailed(Exception):
-    """Too few devices at a step: the round fails with this reason, and the hub learns no sum."""
+    """Too few devices at a step: the round fails with this reason, and the hub learns no sum; or the sum it
+    learned was refused (``summed``: the devices in it and its size, so that its privacy is counted)."""
+
+    def __init__(self, reason: str, summed: tuple[int, int] | None = None) -> None:
+        super().__init__(reason)
+        self.summed = summed
 
 
 @dataclass
@@ -255,7 +260,8 @@ class SecureRound:
         limit = sum_limit(n, self.plan.secure.peak, sigma)  # the grid, and the noise's far tail
         if int(np.abs(ints).max(initial=0)) > limit:
             raise SecureRoundFailed(f"the unmasked sum leaves the grid (|value| over {limit:,}): "
-                                    "a device sent values off the grid or masked with other keys")
+                                    "a device sent values off the grid or masked with other keys",
+                                    summed=(n, self.grid.padded))
         summed = secure_codec.decode(ints, self.grid)
         stats, ranges = secure_codec.decode_stats(stat_ints, n)
         dropped = sorted(senders - set(masked))

@@ -1,7 +1,8 @@
 """Differential privacy of a federated round: what a round's plan says (:class:`DpParams`) and the device's part.
 
-Two modes, one meaning: the model a round releases is differentially private with respect to any one device's
-data (its update in or out, add/remove neighbours; who answered is not hidden), at the plan's noise.
+Two modes, one meaning: the sum a round releases is differentially private with respect to any one device's
+update (replaced by zero, the devices that answered being the same: who answered is not hidden), at the plan's
+noise.
 
 - **distributed** (with secure aggregation): every device clips its delta, puts it on the round's integer grid
   with *conditional* stochastic rounding (rounded again until the integer vector's L2 norm is at most the

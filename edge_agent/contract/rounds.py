@@ -136,6 +136,10 @@ def _arrays(specs: tuple[TensorSpec, ...], body: bytes, dtype: np.dtype, what: s
 # --------------------------------------------------------------------------- announcements
 
 
+class WeightsRangeError(ContractError):
+    """Weights that do not fit the announcement's ``weights_dtype`` (float16: past 65,504)."""
+
+
 def trainable_names(n_layers: int, train_layers: int | None = None) -> tuple[str, ...]:
     """The tensors a round trains (:attr:`RoundPlan.trainable`, the names of an update's delta): ``coef_i``
     and ``intercept_i`` of the last ``train_layers`` of a model's ``n_layers`` layers (None: all of them),
@@ -290,7 +294,7 @@ def announcement(plan: RoundPlan, weights: dict[str, np.ndarray], int8: bytes = 
         body = _body(specs, weights, dtype)
         fits = all(np.isfinite(np.asarray(weights[s.name], dtype)).all() for s in specs)
     if not fits:
-        raise ContractError(f"weights past the range of {plan.weights_dtype}: announce them as float32")
+        raise WeightsRangeError(f"weights past the range of {plan.weights_dtype}: announce them as float32")
     if int8 and plan.kind != "evaluate":
         raise ContractError("only an evaluate round carries an INT8 model")
     plan = replace(plan, tensors=specs, weights_sha256=hashlib.sha256(body).hexdigest(), key_id=None, signature=None,

@@ -202,8 +202,8 @@ class Agent:
         elif msg.topic == self._answered_topic and self.learner is not None:
             self.learner.on_answered(msg.payload)
 
-    def _publish_update(self, topic: str, payload: bytes) -> None:
-        self.link.publish(topic, payload, UPDATE_DELIVERY)
+    def _publish_update(self, topic: str, payload: bytes, expiry_s: float | None = None) -> None:
+        self.link.publish(topic, payload, UPDATE_DELIVERY, expiry_s)
 
     def _on_published(self, mid: int, ok: bool, reason: str) -> None:
         self.publisher.on_published(mid, ok, reason)

@@ -3,8 +3,10 @@
 Each answer (a training update, an evaluation) is written to ``state_dir/answers-<model>/`` before it is handed
 to MQTT, and sent again until the hub says it committed a verdict on it, as results wait in the outbox for
 theirs: a crash before the PUBACK, a broker that forgets everything or a ``federate`` that was not listening
-loses nothing. The waits double from ``first_s`` to ``max_s``; an answer still unreceipted after ``max_age_s``
-(no ``federate`` ran for that long: its round is long over) is dropped and logged. At most ``capacity`` are kept.
+loses nothing. The waits double from ``first_s`` to ``max_s``; each copy expires at the broker once the next one
+is due (MQTT 5's message expiry: the ``expiry_s`` of :meth:`PendingAnswers.put` and :meth:`~PendingAnswers.due`), so a ``federate`` that is down, its session
+kept, finds one or two copies queued, not one per wait. An answer still unreceipted after ``max_age_s`` (no
+``federate`` ran for that long: its round is long over) is dropped and logged. At most ``capacity`` are kept.
 
 Files are written whole (a temporary file, fsync, rename), named ``<round>-<kind>-<sha256>.bin``: the hub names
 an answer by the sha256 of its payload. A secure round's answers are not kept: its protocol is live (a device
@@ -30,6 +32,7 @@ class PendingAnswers:
         self._due: dict[str, tuple[float, float]] = {}  # file name -> (when it is sent again, the wait after that)
         self._lock = threading.Lock()
         self.resent = 0
+        self.first_expiry_s = 2 * first_s  # the first copy may wait at the broker until the first resend, and more
         for path in self._files():  # kept by an earlier run: sent again at once
             self._due[path.name] = (0.0, first_s)
 
@@ -41,7 +44,7 @@ class PendingAnswers:
 
     def put(self, round_id: int, kind: str, payload: bytes) -> str:
         """Keep ``payload`` (before it is published); returns its sha256. An OSError (a full disk) is logged: the
-        answer is then sent once, as before answers were kept."""
+        answer is then sent once, as before answers were kept. Its first copy's expiry: :attr:`first_expiry_s`."""
         digest = hashlib.sha256(payload).hexdigest()
         name = f"{round_id:08d}-{kind}-{digest}.bin"
         try:
@@ -64,8 +67,9 @@ class PendingAnswers:
             self._forget(old)
         return digest
 
-    def due(self) -> list[tuple[str, bytes]]:
-        """(file name, payload) of the answers to send again now; their next wait doubles."""
+    def due(self) -> list[tuple[str, bytes, float]]:
+        """(file name, payload, expiry_s) of the answers to send again now; their next wait doubles, and the copy
+        may wait at the broker until the next one is due (and a first wait more)."""
         now, out = time.monotonic(), []
         with self._lock:
             names = [n for n, (when, _) in self._due.items() if when <= now]
@@ -84,7 +88,7 @@ class PendingAnswers:
             with self._lock:
                 wait = self._due.get(name, (0.0, self.first_s))[1]
                 self._due[name] = (now + wait, min(2 * wait, self.max_s))
-            out.append((name, payload))
+            out.append((name, payload, wait + self.first_s))
         self.resent += len(out)
         return out
 

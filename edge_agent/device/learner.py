@@ -133,7 +133,7 @@ class Learner:
 
     def __init__(self, *, device_id: str, state_dir: Path, model_name: str, capacity: int,
                  trusted_key: Any, allow_unsigned: bool, running: Callable[[], Bundle | None],
-                 publish: Callable[[str, bytes], None], topic: str, secure_audit: bool = False) -> None:
+                 publish: Callable[[str, bytes, float | None], None], topic: str, secure_audit: bool = False) -> None:
         self.device_id, self.running, self.publish, self.topic = device_id, running, publish, topic
         self.audit_dir = state_dir if secure_audit else None
         self.trusted_key, self.allow_unsigned = trusted_key, allow_unsigned
@@ -154,7 +154,7 @@ class Learner:
         self._saved_at = time.monotonic()
         self.unsaved: str | None = None  # why the windows could not be saved last time (a full disk)
         self._save_note = 0.0
-        self.seat = SecureSeat(device_id, lambda payload: self.publish(self.topic, payload), trusted_key=trusted_key,
+        self.seat = SecureSeat(device_id, lambda payload: self.publish(self.topic, payload, None), trusted_key=trusted_key,
                                allow_unsigned=allow_unsigned, audit_dir=self.audit_dir)  # secure rounds
 
     def _read_answered(self) -> list[str]:
@@ -195,9 +195,9 @@ class Learner:
         so a device that had too few windows answers once it has enough, before the deadline."""
         if time.monotonic() - self._saved_at > 30.0:
             self.save()
-        for name, kept in self.pending.due():  # no receipt yet: the hub may never have had it
+        for name, kept, expiry_s in self.pending.due():  # no receipt yet: the hub may never have had it
             log.info("round answer %s: no receipt from the hub yet, sent again", name)
-            self.publish(self.topic, kept)
+            self.publish(self.topic, kept, expiry_s)
         self.seat.take_step()
         with self._lock:
             payload, offers = self._offered, self._offers
@@ -250,8 +250,8 @@ class Learner:
             return f"round {p.round_id}: its deadline has passed", None
         if p.secure is not None:  # its keys go out at once; its masked delta once it has trained
             if f"{p.round_id}/secure" not in self.answered:
+                self._answered(p.round_id, "secure")  # first: a device that restarts never sends a second advert
                 self.seat.join(p)
-                self._answered(p.round_id, "secure")
             if not self.seat.joined(p.round_id):
                 return (f"round {p.round_id}: this device joined the secure round before it restarted; its keys "
                         "are gone: not answering"), None
@@ -292,7 +292,7 @@ class Learner:
                 encoding=p.encoding, tensors=specs, delta=arrays, sent=time.time())
             payload = update.encode()
             self.pending.put(p.round_id, p.kind, payload)
-            self.publish(self.topic, payload)
+            self.publish(self.topic, payload, self.pending.first_expiry_s)
             self._answered(p.round_id, p.kind)
             self.sent += 1
             self.last = {"round": p.round_id, "n": int(res.n), "bytes": len(payload), "seconds": res.seconds,
@@ -348,7 +348,7 @@ class Learner:
                 delta={}, sent=time.time(), kind="evaluate", int8_before=int8[0], int8_after=int8[1])
             payload = update.encode()
             self.pending.put(p.round_id, p.kind, payload)
-            self.publish(self.topic, payload)
+            self.publish(self.topic, payload, self.pending.first_expiry_s)
             self._answered(p.round_id, p.kind)
             self.sent += 1
             log.info("round %d: evaluated the candidate on %d held-out windows: %.3f (the base: %.3f); INT8 %s (%s)",

@@ -18,10 +18,11 @@ from edge_agent.sources.merge import ReplayLogs
 
 log = logging.getLogger(__name__)
 
-# Rows a replay parses, windows and infers at once (#27 §4, the watch log with a trusted key): 8,192 (the
-# readers' default) held 2.4-3 MB more anonymous memory (45.3-46 vs 42.9 MB) for 8 % less CPU in the loop (one
-# outbox transaction and the fixed costs of parsing and features per chunk); 2,048 saved 0.5 MB more.
-REPLAY_ROWS = 4096
+# Rows a replay parses, windows and infers at once (#27 §4, the watch log with a trusted key). 4,096 held 2.4-3 MB
+# less anonymous memory (42.9 vs 45.3-46 MB) for 8 % more CPU in the loop, and was tried: on a full disk with
+# drop_oldest (tests/test_disk_full.py) its smaller batches made the outbox wait for rows in flight at almost every
+# batch, and half the replays took over 10x as long (8,192: 10 of 10 as usual). Kept at the readers' default.
+REPLAY_ROWS = 8192
 
 
 @dataclass

@@ -131,16 +131,15 @@ def test_a_distributed_plan_widens_the_ring_and_the_contract_checks_it() -> None
         cr.decode_announcement(bad.encode())
 
 
-def test_a_distributed_round_sums_noised_vectors_and_the_hub_sees_no_measurement(tmp_path, monkeypatch) -> None:
-    """Six devices, one stops after masking: the hub's sum is the survivors' noised vectors, bit for bit; the noise in
-    it has the planned size; the statistics the devices measured never leave them (zeros summed)."""
+def _dp_network(tmp_path, monkeypatch, devices: list[str], threshold: int) -> tuple[Network, DpParams]:
+    """The in-process secure round of tests/test_secure_rounds.py, its plan with distributed DP (noise x1.0)."""
     import dataclasses
 
     import tests.test_secure_rounds as sr
 
-    devices = [f"d{i}" for i in range(6)]
-    secure = cr.SecureParams(threshold=4, peak=63, spread=3.0, seed=11, bits=secagg.ring_bits(6, 63))
-    wider, dp = privacy.Budget(1.0, None, 1e-5, rounds=1).plan((0.0, 0, 0), secure, list(TENSORS.items()), 5.0, 6)
+    n = len(devices)
+    secure = cr.SecureParams(threshold=threshold, peak=63, spread=3.0, seed=11, bits=secagg.ring_bits(n, 63))
+    wider, dp = privacy.Budget(1.0, None, 1e-5, rounds=1).plan((0.0, 0, 0), secure, list(TENSORS.items()), 5.0, n)
     original = sr._plan
 
     def plan_with_dp(devs, deadline_s=30.0):
@@ -149,9 +148,17 @@ def test_a_distributed_round_sums_noised_vectors_and_the_hub_sees_no_measurement
 
     monkeypatch.setattr(sr, "_plan", plan_with_dp)
     net = Network(tmp_path, devices)
-    net.deaf = {"d2": "reveal"}
     for a in net.devices.values():
         a.advertise()
+    return net, dp
+
+
+def test_a_distributed_round_sums_noised_vectors_and_the_hub_sees_no_measurement(tmp_path, monkeypatch) -> None:
+    """Six devices, one stops after masking: the hub's sum is the survivors' noised vectors, bit for bit; the noise in
+    it has the planned size; the statistics the devices measured never leave them (zeros summed)."""
+    devices = [f"d{i}" for i in range(6)]
+    net, dp = _dp_network(tmp_path, monkeypatch, devices, threshold=4)
+    net.deaf = {"d2": "reveal"}
     noised, noise = {}, {}
     for i, d in enumerate(devices):
         stats, ranges = _stats(i)
@@ -176,24 +183,10 @@ def test_a_distributed_round_sums_noised_vectors_and_the_hub_sees_no_measurement
 def test_a_sum_refused_after_unmasking_is_still_charged(tmp_path, monkeypatch) -> None:
     """A device that sends values off the grid makes the hub refuse the sum, but only after it has learned it:
     the failure carries the sum's size, so the round's privacy is counted (the coordinator's _finish)."""
-    import dataclasses
-
-    import tests.test_secure_rounds as sr
     from cloud_hub.rounds.secure import SecureRoundFailed
 
     devices = [f"d{i}" for i in range(4)]
-    secure = cr.SecureParams(threshold=3, peak=63, spread=3.0, seed=11, bits=secagg.ring_bits(4, 63))
-    wider, dp = privacy.Budget(1.0, None, 1e-5, rounds=1).plan((0.0, 0, 0), secure, list(TENSORS.items()), 5.0, 4)
-    original = sr._plan
-
-    def plan_with_dp(devs, deadline_s=30.0):
-        ann, now = original(devs, deadline_s)
-        return dataclasses.replace(ann, plan=dataclasses.replace(ann.plan, secure=wider, dp=dp)), now
-
-    monkeypatch.setattr(sr, "_plan", plan_with_dp)
-    net = Network(tmp_path, devices)
-    for a in net.devices.values():
-        a.advertise()
+    net, dp = _dp_network(tmp_path, monkeypatch, devices, threshold=3)
     for i, d in enumerate(devices):
         stats, ranges = _stats(i)
         net.devices[d].trained(_deltas([d], seed=i)[d], stats, ranges)

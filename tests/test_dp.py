@@ -115,7 +115,8 @@ def test_a_distributed_plan_widens_the_ring_and_the_contract_checks_it() -> None
     assert dp.bound == pytest.approx(grid.dp_bound()) and dp.bound >= 5.0 / grid.step
     assert dp.sigma == pytest.approx(1.5 * dp.bound / math.sqrt(3))  # the threshold's sum has noise 1.5 x bound
     assert (1 << (wider.bits - 1)) > sum_limit(5, 63, dp.sigma) and wider.bits > secure.bits
-    assert privacy.planned_rho(dp, 3) == pytest.approx(privacy.central_rho(1.5))
+    # at the threshold's sum (the least noise it may have) the round spends what noise x1.5 spends
+    assert privacy.distributed_rho(dp.bound, dp.sigma, 3, grid.padded) == pytest.approx(privacy.central_rho(1.5))
     now = 1e9
     plan = cr.RoundPlan(1, "m", 1, "a" * 64, "classification", ("a", "b", "c", "d", "e"), now + 30, clip=5.0,
                         trainable=tuple(TENSORS), created=now, secure=wider, dp=dp)

@@ -121,14 +121,6 @@ def distributed_rho(bound: float, sigma: float, n: int, d: int) -> float:
     return (bound * bound / (n * sigma * sigma) + tau * d / 2) / 2
 
 
-def planned_rho(dp: DpParams, threshold: int | None) -> float:
-    """What a round with ``dp`` spends at most: central, its noise; distributed, with the fewest devices a sum may
-    have (the threshold), whose noise is the least."""
-    if dp.mode == "central":
-        return central_rho(dp.noise)
-    return (dp.bound / (dp.sigma * math.sqrt(threshold or 1))) ** 2 / 2
-
-
 def spent(outcomes: Iterable[Mapping[str, Any]]) -> tuple[float, int, int]:
     """(rho spent, differentially private rounds, rounds without dp) over rounds' outcomes: a round counts when the
     hub learned its sum (it has ``privacy``), or, without dp, when it counted an update."""
@@ -162,5 +154,5 @@ def central_noise(new: Mapping[str, np.ndarray], names: Iterable[str], noise: fl
     return out
 
 
-__all__ = ["Budget", "BudgetSpent", "central_noise", "central_rho", "distributed_rho", "epsilon", "noise_for", "planned_rho", "record",
+__all__ = ["Budget", "BudgetSpent", "central_noise", "central_rho", "distributed_rho", "epsilon", "noise_for", "record",
            "rho_for", "spent"]

@@ -228,9 +228,10 @@ class Coordinator:
         trainable = trainable_names(n_layers, self.cfg.train_layers)
         dp, spent_text = None, ""
         if self.budget is not None:
-            spent_text = self.budget.spent_text(self._spent())
+            before = self._spent()  # one read of the model's rounds for the check and the line
+            spent_text = self.budget.spent_text(before)
             try:
-                secure, dp = self.budget.plan(self._spent(), secure, [(k, tensors[k].shape) for k in trainable],
+                secure, dp = self.budget.plan(before, secure, [(k, tensors[k].shape) for k in trainable],
                                               self.cfg.clip, len(chosen))
             except ValueError as exc:  # a ring past 32 bits
                 raise RoundError(f"differential privacy at this noise: {exc}; fewer devices or less noise") from None

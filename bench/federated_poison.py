@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import federated_watch as fw  # bench/ is not a package: its scripts import each other by name
 
-from cloud_hub.rounds.coordinator import FederateConfig
+from cloud_hub.rounds.config import FederateConfig
 
 ATTACKS = ("label-flip", "scale", "sign-flip")
 RULES = {"fedavg": ("fedavg", None), "trimmed-mean": ("trimmed-mean", None), "median": ("trimmed-mean", 0.5)}

@@ -18,7 +18,8 @@ from cloud_hub.data import db, sessions
 from cloud_hub.data.store import Store
 from cloud_hub.models import lifecycle, weights
 from cloud_hub.rounds import fedavg, privacy
-from cloud_hub.rounds.coordinator import Coordinator, FederateConfig
+from cloud_hub.rounds.config import FederateConfig
+from cloud_hub.rounds.coordinator import Coordinator
 from cloud_hub.rounds.finish import finish
 from cloud_hub.rounds.store import RoundStore
 from cloud_hub.settings import HubSettings

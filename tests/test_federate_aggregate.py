@@ -16,7 +16,8 @@ from cloud_hub.data import db, sessions
 from cloud_hub.data.store import Store
 from cloud_hub.models import lifecycle, weights
 from cloud_hub.rounds import fedavg
-from cloud_hub.rounds.coordinator import Coordinator, FederateConfig
+from cloud_hub.rounds.config import FederateConfig
+from cloud_hub.rounds.coordinator import Coordinator
 from cloud_hub.rounds.finish import finish
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import HubSettings

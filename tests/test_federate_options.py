@@ -9,7 +9,7 @@ import dataclasses
 import typer
 
 from cloud_hub.cli.app import app
-from cloud_hub.rounds.coordinator import FederateConfig
+from cloud_hub.rounds.config import FederateConfig
 
 # option (Python parameter) -> FederateConfig field, where the names differ
 RENAMED = {"wait_devices": "wait_devices_s", "deadline": "deadline_s", "budget": "budget_s",

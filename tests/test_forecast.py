@@ -246,7 +246,8 @@ def test_a_device_replaying_the_series_reports_the_forecasts_the_hub_measured(pr
 
 def test_federate_refuses_a_forecast_model(series, tmp_path) -> None:
     """Rounds would train levels, not changes, and export without the add-back: refused until they do."""
-    from cloud_hub.rounds.coordinator import Coordinator, FederateConfig, RoundError
+    from cloud_hub.rounds.config import FederateConfig, RoundError
+    from cloud_hub.rounds.coordinator import Coordinator
     from cloud_hub.settings import HubSettings
 
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"

@@ -96,7 +96,7 @@ def federate(
     config: ConfigOpt = None,
 ) -> None:
     """Federated rounds: devices fine-tune the model on their own windows and send INT8 deltas, never data."""
-    from cloud_hub.rounds.coordinator import FederateConfig
+    from cloud_hub.rounds.config import FederateConfig
 
     for path in holdout_log or ():
         if not Path(path).is_file():

@@ -27,7 +27,8 @@ from cloud_hub.data.ingest import Hub
 from cloud_hub.data.store import Store
 from cloud_hub.models import lifecycle
 from cloud_hub.rollout import publish as rollout
-from cloud_hub.rounds.coordinator import Coordinator, FederateConfig
+from cloud_hub.rounds.config import FederateConfig
+from cloud_hub.rounds.coordinator import Coordinator
 from cloud_hub.tools.demo import PREFIX, DemoData, DemoRun, prepare_data
 
 

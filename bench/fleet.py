@@ -3,25 +3,33 @@
     python bench/fleet.py                                     # 1,000 devices for 120 s, SQLite, 1 hub
     python bench/fleet.py --db postgresql+psycopg://postgres@127.0.0.1:5432/postgres --workers 2
     python bench/fleet.py --linger 0,5,20 --seconds 60 --switch-at 45   # one run per batch_linger_ms
+    python bench/fleet.py --devices 10000 --period 10 --seconds 150 --switch-at 40 --storm-at 80 --linger 5
 
-Every simulated device speaks the real agent's protocol over its own MQTT session (client id
-``sim-NNNN``): a retained ``online`` status naming the model it runs, with a last will ``offline``;
-one result a second (QoS 1) that it keeps until the hub's receipt, sending it again after 15 s
-without one; and the retained model topic, where it checks a new bundle's digest and Ed25519
-signature (``edge_agent.device.bundle.check_bundle``, as the agent does before loading it) and then
-reports the new version in its status. It runs no model: inference is the agent's own cost
-(``bench/agent_replay.py``). The devices are spread over ``--procs`` processes, each driving its
-clients from one selector loop (paho's external-loop API), so 1,000 sessions need no 1,000 threads.
+The devices (``bench/fleet_devices.py``) speak the real agent's protocol, each over its own MQTT session:
+a retained status with a last will, one result every ``--period`` seconds kept until the hub's receipt,
+the retained model topic with the bundle's signature checked, and the agent's reconnect policy. They are
+spread over ``--procs`` processes, each driving its clients from one selector loop (paho's external-loop
+API), so 10,000 sessions need no 10,000 threads.
 
 Reported from one run: results/s stored (the hub's database) against results/s produced; the
 latency from a result's window end to its receipt at the device (commit, then the receipt's trip:
 an upper bound of window end -> commit), p50/p99; the results waiting for a receipt over time (the
-backlog); broker, hub and PostgreSQL CPU and peak RSS; and, after ``--switch-at`` seconds, the
-time from publishing a new signed model until the hub's devices table shows every device on it.
+backlog); broker, hub, simulator and PostgreSQL CPU and peak RSS; after ``--switch-at`` seconds, the
+time from publishing a new signed model until every device has checked it and the hub's devices table
+shows every device on it.
+
+``--storm-at`` restarts the broker that many seconds in (SIGTERM: it saves its persistence file, as a
+service restart does; ``--storm-down`` seconds later it starts again on the same port): every session
+drops at once and comes back by the agent's reconnect policy. Reported: when every device was back,
+when every result that was waiting at its return had its receipt, and that nothing was lost.
 
 ``--linger`` (default: 0 and the hub's default ``batch_linger_ms``) runs the whole fleet once per
 value, one after the other, and ends with a table of the hub's CPU per 1,000 results/s (before the
 model switch, and over the whole run) and the receipt latency of each: what the linger buys.
+
+File descriptors: the broker holds one per session and each device process one per device; the bench
+raises its soft ``RLIMIT_NOFILE`` to the hard limit (inherited by the broker and the devices) and refuses
+to start when that is too low for ``--devices``.
 """
 
 from __future__ import annotations
@@ -29,165 +37,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent import contract as c
 from edge_agent import exits
-from edge_agent.device.bundle import BundleRejected, check_bundle, load_public_key
-from edge_agent.mqtt import tcp_no_delay
 
 MODEL = "fleet"
-RESEND_S = 15.0
-SLOT_S = 5.0  # backlog samples
-
-
-# --------------------------------------------------------------------------- device processes
-
-
-class Device:
-    """One simulated device: its session, the results it still waits a receipt for, its model."""
-
-    def __init__(self, name: str, topics: c.Topics, key: Any) -> None:
-        self.name, self.topics, self.key = name, topics, key
-        self.model: c.Manifest | None = None
-        self.waiting: dict[int, tuple[float, float]] = {}  # seq -> (window end, last sent)
-        self.latencies: list[tuple[float, float]] = []  # (window end, seconds until its receipt)
-        self.model_at: dict[int, float] = {}  # version -> when it arrived
-        self.rejected = 0
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
-        self.client.on_socket_open = tcp_no_delay  # as the agent's link does
-        self.client.will_set(topics.status(name), c.Status(name, c.OFFLINE, time.time()).encode(), qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.connected = False
-
-    def status(self, state: str = c.ONLINE) -> None:
-        m = self.model
-        s = c.Status(self.name, state, time.time(), model_name=m.name if m else None,
-                     model_version=m.version if m else None, model_sha256=m.sha256 if m else None,
-                     outbox_depth=len(self.waiting))
-        self.client.publish(self.topics.status(self.name), s.encode(), qos=1, retain=True)
-
-    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        if rc.is_failure:
-            raise SystemExit(f"{self.name}: connection refused: {rc}")
-        client.subscribe([(self.topics.receipts(self.name), 1), (self.topics.model(MODEL), 1)])
-        self.connected = True
-        self.status()
-
-    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        if msg.topic.endswith("/receipts"):
-            now = time.time()
-            for seq in c.decode_receipt(bytes(msg.payload), self.name).seqs():
-                entry = self.waiting.pop(seq, None)
-                if entry is not None:
-                    self.latencies.append((entry[0], now - entry[0]))
-            return
-        try:
-            bundle = check_bundle(bytes(msg.payload), trusted_key=self.key, allow_unsigned=False)
-        except BundleRejected:
-            self.rejected += 1
-            return
-        self.model = bundle.manifest
-        self.model_at.setdefault(bundle.manifest.version, time.time())
-        self.status()
-
-    def produce(self, now: float) -> None:
-        seq = int(now * 1000)
-        version = self.model.version if self.model else 0
-        r = c.Result(seq=seq, start=now - 2.5, end=now, model_version=version, latency_ms=0.8, label="walk",
-                     confidence=0.9)
-        self.client.publish(self.topics.results(self.name), c.ResultBatch(self.name, (r,)).encode(), qos=1)
-        self.waiting[seq] = (now, now)
-
-    def resend(self, now: float) -> int:
-        late = [(s, e) for s, (e, sent) in self.waiting.items() if now - sent >= RESEND_S]
-        for seq, end in late:
-            r = c.Result(seq=seq, start=end - 2.5, end=end, model_version=self.model.version if self.model else 0,
-                         latency_ms=0.8, label="walk", confidence=0.9)
-            self.client.publish(self.topics.results(self.name), c.ResultBatch(self.name, (r,)).encode(), qos=1)
-            self.waiting[seq] = (end, now)
-        return len(late)
-
-
-def connect_all(devices: list[Device], port: int) -> Callable[[float], None]:
-    """Connect every device to the broker on ``port``; the pump that drives them all from one selector."""
-    sel = selectors.DefaultSelector()
-    for d in devices:
-        d.client.connect("127.0.0.1", port, keepalive=60)
-        sel.register(d.client.socket(), selectors.EVENT_READ, d)  # type: ignore[arg-type]
-
-    def pump(timeout: float) -> None:
-        for k, _ in sel.select(timeout):
-            k.data.client.loop_read()
-        for d in devices:
-            if d.client.want_write():
-                d.client.loop_write()
-
-    return pump
-
-
-def devices_main(port: int, prefix: str, first: int, count: int, seconds: float, pubkey: str) -> None:
-    """A device process: connect ``count`` devices, say ready, wait for go, run, print a JSON report."""
-    topics, key = c.Topics(prefix), load_public_key(pubkey)
-    devices = [Device(f"sim-{i:04d}", topics, key) for i in range(first, first + count)]
-    pump = connect_all(devices, port)
-
-    deadline = time.monotonic() + 60
-    while not all(d.connected and d.model for d in devices):
-        pump(0.05)
-        if time.monotonic() > deadline:
-            raise SystemExit(f"devices {first}..: not all connected with a model within 60 s")
-    print("ready", flush=True)
-    sys.stdin.readline()
-    t0 = time.time()
-    phase = [(i / count) for i in range(count)]  # spread each second's results over the second
-    next_at = [t0 + p for p in phase]
-    backlog: list[tuple[float, int]] = []
-    next_slot, next_misc, resent = t0 + SLOT_S, time.monotonic() + 1, 0
-    while (now := time.time()) < t0 + seconds:
-        for i, d in enumerate(devices):
-            if now >= next_at[i]:
-                d.produce(now)
-                next_at[i] += 1.0
-        pump(0.01)
-        if time.monotonic() >= next_misc:
-            next_misc += 1
-            for d in devices:
-                d.client.loop_misc()
-                resent += d.resend(now)
-        if now >= next_slot:
-            backlog.append((now - t0, sum(len(d.waiting) for d in devices)))
-            next_slot += SLOT_S
-    drain_until = time.monotonic() + 30  # the last receipts
-    while any(d.waiting for d in devices) and time.monotonic() < drain_until:
-        pump(0.05)
-    for d in devices:
-        d.status(c.OFFLINE)
-        pump(0)
-        d.client.disconnect()
-        pump(0)
-    print(json.dumps({
-        "sent": sum(len(d.latencies) + len(d.waiting) for d in devices),
-        "unreceipted": sum(len(d.waiting) for d in devices), "resent": resent,
-        "latencies": [(round(e, 3), round(x, 4)) for d in devices for e, x in d.latencies],
-        "model_at": [d.model_at.get(2) for d in devices], "rejected": sum(d.rejected for d in devices),
-        "backlog": backlog,
-    }), flush=True)
+SLOT_S = 5.0  # backlog samples (fleet_devices.SLOT_S)
+DEVICES = Path(__file__).with_name("fleet_devices.py")
 
 
 # --------------------------------------------------------------------------- the run
@@ -199,6 +66,16 @@ class Sampler:
     def __init__(self, pids: dict[str, list[int]]) -> None:
         self.pids, self.tick = pids, os.sysconf("SC_CLK_TCK")
         self.start = {name: self.cpu(ps) for name, ps in pids.items()}
+        self.gone: dict[str, tuple[float, float]] = {}  # CPU seconds and peak RSS of processes that ended
+
+    def retire(self, name: str, pid: int) -> None:
+        """Keep what ``pid`` (about to end, e.g. a restarted broker) used, and stop reading it."""
+        cpu, rss = self.gone.get(name, (0.0, 0.0))
+        self.gone[name] = (cpu + self.cpu([pid]), max(rss, self.peak_rss_mb([pid])))
+        self.pids[name] = [p for p in self.pids[name] if p != pid]
+
+    def add(self, name: str, pid: int) -> None:
+        self.pids[name].append(pid)
 
     def cpu(self, pids: list[int]) -> float:
         total = 0.0
@@ -212,19 +89,43 @@ class Sampler:
 
     @staticmethod
     def peak_rss_mb(pids: list[int]) -> float:
-        total = 0.0
-        for pid in pids:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1]) / 1024
-            except OSError:
-                pass
-        return total
+        return sum(_vm(pid, "VmHWM:") for pid in pids)
 
     def report(self, seconds: float) -> dict[str, tuple[float, float]]:
-        return {name: ((self.cpu(ps) - self.start[name]) / seconds, self.peak_rss_mb(ps))
+        return {name: ((self.cpu(ps) + self.gone.get(name, (0.0, 0.0))[0] - self.start[name]) / seconds,
+                       max(self.peak_rss_mb(ps), self.gone.get(name, (0.0, 0.0))[1]))
                 for name, ps in self.pids.items()}
+
+
+class RssTimeline:
+    """The resident memory of processes every ``SLOT_S`` seconds, from a thread."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.samples: dict[str, list[float]] = {name: [] for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SLOT_S):
+            for name, pids in self.pids.items():
+                self.samples[name].append(sum(_vm(pid, "VmRSS:") for pid in pids))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _vm(pid: int, field: str) -> float:
+    """A ``/proc/PID/status`` size in MB (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def postgres_pids() -> list[int]:
@@ -304,22 +205,23 @@ def run(args: argparse.Namespace, work: Path, linger_ms: float) -> dict[str, flo
         for first in range(0, args.devices, per):
             n = min(per, args.devices - first)
             sims.append(subprocess.Popen(
-                [sys.executable, __file__, "_devices", str(broker.port), prefix, str(first), str(n),
-                 str(args.seconds), str(work / "hub.pub.pem")],
+                [sys.executable, str(DEVICES), str(broker.port), prefix, str(first), str(n),
+                 str(args.seconds), str(args.period), str(work / "hub.pub.pem")],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         procs += sims
         for s in sims:
             if (line := s.stdout.readline().strip()) != "ready":  # type: ignore[union-attr]
                 raise SystemExit(f"a device process did not start: {line!r}")
         print(f"{args.devices} devices connected, running {args.seconds:.0f} s ...", flush=True)
-        sampler = Sampler({"broker": [broker.pid or 0], "hub": [h.pid for h in hubs],
+        sampler = Sampler({"broker": [broker.pid or 0], "hub": [h.pid for h in hubs], "devices": [s.pid for s in sims],
                            **({"postgres": postgres_pids()} if schema else {})})
         stored0 = count(db_url, "SELECT count(*) FROM results")
         t_go = time.time()
         for s in sims:
             s.stdin.write("go\n")  # type: ignore[union-attr]
             s.stdin.flush()  # type: ignore[union-attr]
-        time.sleep(args.switch_at)
+        memory = RssTimeline({"hub": [h.pid for h in hubs], "broker": [broker.pid or 0]})
+        _sleep_until(t_go + args.switch_at)
         steady = sampler.report(time.time() - t_go)  # before the model switch: results only
         settings = HubSettings(broker=broker.url, db=db_url, prefix=prefix, model_name=MODEL)
         engine = make_engine(db_url)
@@ -333,6 +235,18 @@ def run(args: argparse.Namespace, work: Path, linger_ms: float) -> dict[str, flo
                 raise SystemExit("not every device reported model v2 within 120 s")
             time.sleep(0.1)
         t_all = time.time()
+        storm: tuple[float, float] | None = None
+        if args.storm_at is not None:
+            _sleep_until(t_go + args.storm_at)
+            sampler.retire("broker", broker.pid or 0)
+            t_down = time.time()
+            broker.stop()  # SIGTERM: the persistence file is saved, as a service restart does
+            time.sleep(args.storm_down)
+            broker.start(timeout=30)
+            storm = (t_down, time.time())
+            sampler.add("broker", broker.pid or 0)
+            memory.pids["broker"] = [broker.pid or 0]
+            print(f"broker restarted: down {storm[1] - storm[0]:.1f} s", flush=True)
         reports = [json.loads(s.stdout.readline()) for s in sims]  # type: ignore[union-attr]
         elapsed = time.time() - t_go
         usage = sampler.report(elapsed)
@@ -346,23 +260,46 @@ def run(args: argparse.Namespace, work: Path, linger_ms: float) -> dict[str, flo
         for r in reports:
             for t, n in r["backlog"]:
                 slots[round(t / SLOT_S) * SLOT_S] = slots.get(round(t / SLOT_S) * SLOT_S, 0) + n
-        print(f"\n{args.devices} devices x 1 result/s for {args.seconds:.0f} s, {args.workers} hub worker(s), "
-              f"{'PostgreSQL' if schema else 'SQLite'}, {args.procs} device processes")
+        rate = args.devices / args.period
+        print(f"\n{args.devices:,} devices x 1 result every {args.period:g} s ({rate:,.0f} results/s) for "
+              f"{args.seconds:.0f} s, {args.workers} hub worker(s), {'PostgreSQL' if schema else 'SQLite'}, "
+              f"{args.procs} device processes")
         print(f"  produced {sent:,} results ({sent / args.seconds:,.0f}/s); stored {stored:,} "
               f"({window / args.seconds:,.0f}/s during the run); unreceipted at the end "
-              f"{sum(r['unreceipted'] for r in reports)}, sent again {sum(r['resent'] for r in reports)}")
+              f"{sum(r['unreceipted'] for r in reports)}, sent again {sum(r['resent'] for r in reports)}; "
+              f"{'every result stored once' if stored == sent else f'MISMATCH: {sent - stored:+,} not stored'}")
         print(f"  window end -> receipt at the device: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
               f"p99 {np.percentile(lat, 99) * 1000:.0f} ms, max {lat.max() * 1000:.0f} ms ({len(lat):,} receipts); "
               f"before the switch p50 {np.percentile(calm, 50) * 1000:.0f} ms, p99 {np.percentile(calm, 99) * 1000:.0f} ms")
         print("  results waiting for a receipt (every 5 s): "
               + " ".join(str(slots[k]) for k in sorted(slots)))
+        memory.stop()
+        for name, values in memory.samples.items():
+            print(f"  {name} RSS (MB, every 5 s): " + " ".join(f"{v:.0f}" for v in values))
         for name, (cpu, rss) in usage.items():
             print(f"  {name:8s} CPU {cpu:5.0%} of one core   peak RSS {rss:7.1f} MB   (before the switch: "
                   f"{steady[name][0]:.0%})")
         print(f"  model v2: signed and PUBACKed {t_acked - t_pub:.2f} s after publish; every device checked it within "
               f"{max(got_v2) - t_pub:.2f} s (median {np.median(got_v2) - t_pub:.2f} s); the hub's devices table "
-              f"shows all {args.devices} on v2 {t_all - t_pub:.2f} s after publish; refused bundles: "
+              f"shows all {args.devices:,} on v2 {t_all - t_pub:.2f} s after publish; refused bundles: "
               f"{sum(r['rejected'] for r in reports)}", flush=True)
+        checks = [pair for r in reports for pair in r["bundle_checks"]]
+        print(f"  each device process checked each bundle once ({len(checks)} checks: {max(n for n, _ in checks):,} "
+              f"bytes, {1000 * max(t for _, t in checks):.1f} ms at most); a device checks its own copy, on its own CPU",
+              flush=True)
+        if storm is not None:
+            backs = [t for r in reports for t in r["backs"] if t is not None]
+            dropped = sum(t is not None for r in reports for t in r["drops"])
+            recovered = [t for r in reports for t in r["recovered"] if t is not None]
+            never = sum(r["never_recovered"] for r in reports)
+            print(f"  reconnect storm: {dropped:,} sessions dropped; broker down {storm[1] - storm[0]:.1f} s; after it "
+                  f"was up again: {len(backs):,} devices back, the last after {max(backs) - storm[1]:.1f} s "
+                  f"(median {np.median(backs) - storm[1]:.1f} s); every result waiting at a device's return "
+                  f"receipted after {max(recovered) - storm[1]:.1f} s" if backs and recovered else
+                  f"  reconnect storm: {dropped:,} sessions dropped, {len(backs):,} back", flush=True)
+            if never or len(backs) < args.devices:
+                print(f"  reconnect storm: NOT RECOVERED: {args.devices - len(backs):,} devices not back, "
+                      f"{never:,} with results still waiting", flush=True)
         per_k = 1000 / max(window / args.seconds, 1e-9)  # CPU per 1,000 results/s
         return {"linger": linger_ms, "cpu": usage["hub"][0] * per_k, "steady": steady["hub"][0] * per_k,
                 "p50": float(np.percentile(calm, 50)), "p99": float(np.percentile(calm, 99)),
@@ -375,6 +312,24 @@ def run(args: argparse.Namespace, work: Path, linger_ms: float) -> dict[str, flo
         broker.stop()
         if schema is not None:
             schema.__exit__()
+
+
+def _sleep_until(t: float) -> None:
+    if (left := t - time.time()) > 0:
+        time.sleep(left)
+
+
+def raise_fd_limit(devices: int) -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard one (the broker and the device processes inherit it); exit 2
+    when even the hard limit cannot hold the broker's sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = devices + 256  # the broker: a socket per session, its listeners, persistence, log
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise SystemExit(f"fleet.py: {devices:,} devices need {need:,} open files in the broker, the hard limit "
+                         f"(ulimit -Hn) is {hard:,}: raise it (LimitNOFILE= for a service, nofile in "
+                         f"/etc/security/limits.conf) or run fewer devices")
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _wait_log(path: Path, needle: str, proc: subprocess.Popen[str]) -> None:
@@ -395,6 +350,10 @@ def main() -> None:
     ap.add_argument("--db", help="a postgresql+psycopg:// URL (default: a SQLite file)")
     ap.add_argument("--linger", default=None,
                     help="the hub's batch_linger_ms, comma-separated: one run each (default: 0 and the hub's default)")
+    ap.add_argument("--period", type=float, default=1.0, help="seconds between a device's results")
+    ap.add_argument("--storm-at", type=float, default=None,
+                    help="restart the broker this many seconds in (after the model switch): a reconnect storm")
+    ap.add_argument("--storm-down", type=float, default=2.0, help="seconds the restarted broker stays down")
     args = ap.parse_args()
     from cloud_hub.settings import HubSettings
     try:
@@ -412,6 +371,11 @@ def main() -> None:
     args.procs = min(args.procs, args.devices)
     if args.switch_at >= args.seconds:
         ap.error("--switch-at must be within --seconds")
+    if args.period <= 0 or args.storm_down < 0:
+        ap.error("--period must be above 0 and --storm-down 0 or more")
+    if args.storm_at is not None and not args.switch_at < args.storm_at < args.seconds:
+        ap.error("--storm-at must come after --switch-at and within --seconds")
+    raise_fd_limit(args.devices)
     from cloud_hub.data.sessions import DatabaseUnavailable
     figures = []
     for linger in lingers:
@@ -431,8 +395,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_devices":
-        a = sys.argv[2:]
-        devices_main(int(a[0]), a[1], int(a[2]), int(a[3]), float(a[4]), a[5])
-    else:
-        main()
+    main()

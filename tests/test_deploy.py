@@ -552,3 +552,81 @@ def test_agent_image_installs_the_base_package_only() -> None:
     hub = (DEPLOY / "Dockerfile.hub").read_text()
     assert "FROM python:3.11-slim" in agent and "pip install . " in agent and "[hub" not in agent
     assert 'pip install ".[hub,postgres]"' in hub
+
+
+# ----------------------------------------------------------------------------- open files
+
+SYSTEMD_DEFAULT_NOFILE = 1024  # systemd's soft limit for a service that sets none (Debian's mosquitto.service)
+
+
+def _mqtt_connect(client_id: str) -> bytes:
+    """A minimal MQTT 3.1.1 CONNECT (clean session, keepalive 60): thousands of sessions without a client each."""
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    return b"\x10" + bytes([len(body)]) + body
+
+
+def _sessions_held(limit: int, sessions: int, procs, tmp_path: Path) -> int:
+    """Start mosquitto with RLIMIT_NOFILE at ``limit``, open ``sessions`` sessions; how many got a CONNACK."""
+    port = free_port()
+    conf = tmp_path / f"nofile-{limit}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\n")
+    # util-linux's prlimit sets the limit and execs mosquitto: the pid is the broker's
+    proc = procs.popen(["prlimit", f"--nofile={limit}:{limit}", shutil.which("mosquitto") or "/usr/sbin/mosquitto",
+                        "-c", str(conf)], stderr=subprocess.DEVNULL)
+    _wait_for_port(port, proc)
+    socks: list[socket.socket] = []
+    held = 0
+    try:
+        for i in range(sessions):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+            s.sendall(_mqtt_connect(f"n{i}"))
+            try:
+                reply = s.recv(4)  # CONNACK, or b"" when the broker closed the socket it could not keep
+            except OSError:
+                reply = b""
+            held += reply[:1] == b"\x20"
+    finally:
+        for s in socks:
+            s.close()
+    return held
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
+    from cloud_hub.tools.local_broker import port_open
+
+    for _ in range(500):
+        if port_open("127.0.0.1", port):
+            return
+        assert proc.poll() is None, "mosquitto exited"
+        threading.Event().wait(0.02)
+    raise AssertionError(f"mosquitto did not listen on {port}")
+
+
+def test_the_broker_unit_lifts_the_open_files_limit_a_fleet_needs(procs, tmp_path: Path) -> None:
+    """mosquitto holds one file per session and never raises its limit: under systemd's default it refuses
+    devices past about a thousand; under the shipped drop-in (and compose's ulimits) it takes them."""
+    import resource
+
+    import yaml
+
+    drop_in = (DEPLOY / "systemd" / "mosquitto.service.d" / "edgeml.conf").read_text().splitlines()
+    shipped = int(next(line.split("=", 1)[1] for line in drop_in if line.startswith("LimitNOFILE=")))
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["broker"]["ulimits"]["nofile"] == {"soft": shipped, "hard": shipped}
+    assert shipped >= 20_000  # the 10,000 devices of docs/scale.md, twice over
+
+    sessions = SYSTEMD_DEFAULT_NOFILE + 100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * sessions + 64  # this test's own sockets, and the broker's under a limit this process passes on
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard open-files limit here ({hard}) is below {need}")
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    try:
+        under_lifted = min(shipped, hard) if hard != resource.RLIM_INFINITY else shipped
+        assert _sessions_held(under_lifted, sessions, procs, tmp_path) == sessions
+        assert _sessions_held(SYSTEMD_DEFAULT_NOFILE, sessions, procs, tmp_path) < SYSTEMD_DEFAULT_NOFILE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -11,7 +11,7 @@ lost); a flooder's messages cost the hub next to nothing.
 
 The other limits a device meets are the contract's (a results message is at most 1 MiB and 10,000
 results, a status 16 KiB; past them: a dead letter with the reason) and the broker's (``max_packet_size``
-in ``mosquitto.conf``); a federated round counts one update per device (``rounds/coordinator.py``).
+in ``mosquitto.conf``); a federated round counts one update per device (``rounds/judge.py``, ``rounds/answers.py``).
 """
 
 from __future__ import annotations

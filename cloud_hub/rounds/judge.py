@@ -2,7 +2,7 @@
 
 :func:`judge_update` decides, for a plain round's update, in this order: it decodes, a round is open and it
 answers one the hub knows (:func:`_misfit`), it is not a second answer, it is not too late, its delta and
-ranges are sound (:func:`_unsound`). The coordinator (:mod:`cloud_hub.rounds.coordinator`) commits the
+ranges are sound (:func:`_unsound`). :mod:`cloud_hub.rounds.answers` commits the
 verdict before it acknowledges the message; a secure round's answers are judged in
 :mod:`cloud_hub.rounds.secure`.
 """

@@ -63,10 +63,12 @@ def federate(
                                                           "gated on (else the devices' own evaluation).")] = None,
     tolerance: Annotated[float, typer.Option(help="Gate: how much worse on the hold-out it may be.")] = 0.0,
     aggregate: Annotated[str, typer.Option("--aggregate", help="How the hub combines the updates: fedavg (their "
-                                           "mean weighted by examples and lateness) or trimmed-mean (per weight, "
-                                           "the largest and smallest 1/8 of the values, at least one each, dropped "
-                                           "and the rest averaged: it bounds what one device in 8 can do to a "
-                                           "round).")
+                                           "mean weighted by examples and lateness); centered-clip (robust: each "
+                                           "update one vote, any further than twice the median distance from "
+                                           "their trimmed mean pulled in to that distance, so one device moves a "
+                                           "round by a bounded step); trimmed-mean (robust, the first such rule: "
+                                           "per weight, the largest and smallest 1/8 of the values dropped and the "
+                                           "rest averaged).")
                          ] = "fedavg",
     secure: Annotated[bool, typer.Option("--secure", help="Secure aggregation: devices mask their deltas so that "
                                          "the hub learns only their sum (at least 3 devices; docs: Federated "

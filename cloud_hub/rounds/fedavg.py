@@ -1,4 +1,4 @@
-"""Federated rounds' math at the hub: model tensors, clipping, FedAvg or a trimmed mean, and INT8 without data.
+"""Federated rounds' math at the hub: model tensors, clipping, FedAvg or a robust rule, and INT8 without data.
 
 Tensors are named as the devices' trainer (``edge_agent/device/learn.py``) names them: ``coef_i``,
 ``intercept_i`` (the stored layers; a regressor's last layer predicts real units), and the frozen
@@ -22,9 +22,11 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
-__all__ = ["RULES", "TRIM", "Contribution", "aggregate", "capped_examples", "clip", "delta_norm", "evaluation",
-           "merge_ranges", "mlp_tensors", "quantize_from_ranges", "staleness_weight", "trimmed", "trimmed_mean",
-           "with_tensors"]
+from cloud_hub.rounds.robust import TRIM, centered_clip, coordinate_start, trimmed, trimmed_mean
+
+__all__ = ["CENTER_RADIUS", "RULES", "TRIM", "Contribution", "aggregate", "capped_examples", "clip", "delta_norm",
+           "evaluation", "merge_ranges", "mlp_tensors", "quantize_from_ranges", "staleness_weight", "trimmed",
+           "trimmed_mean", "with_tensors"]
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -129,8 +131,9 @@ def evaluation(answers: Mapping[str, tuple[int, Mapping[str, Any]]]) -> dict[str
     return out
 
 
-RULES = ("fedavg", "trimmed-mean")  # how :func:`aggregate` combines the updates; a round's plan names one
-TRIM = 0.125  # the trimmed mean's share dropped at each end per coordinate: 1 of 8 devices
+# how :func:`aggregate` combines the updates; a round's plan names one (``trimmed-mean`` stays for the rounds
+# whose plans name it)
+RULES = ("fedavg", "trimmed-mean", "centered-clip")
 
 
 def aggregate(master: Tensors, updates: Sequence[Contribution], *, clip: float | None = None,
@@ -141,25 +144,29 @@ def aggregate(master: Tensors, updates: Sequence[Contribution], *, clip: float |
     ``rule="fedavg"`` (the default): ``sum_k w_k clip(d_k) / sum_k w_k`` with
     ``w_k = n_examples_k * staleness_weight(staleness_k)``.
 
-    ``rule="trimmed-mean"``: :func:`trimmed_mean` per coordinate of ``staleness_weight(staleness_k) *
-    clip(d_k)``: every update is one vote whatever its example count (a count is the device's word, and a
-    weighted vote would let one device pull the values the trimming keeps), and a late one is shrunk
-    towards no change rather than weighted down. It bounds what any one device (or ``trim`` of them) can
-    do to a round, which FedAvg does not: one update scaled up to the clip moves a FedAvg by its share of
-    the examples times the clip, in any direction it likes. It needs the individual updates, so it is for
-    rounds without secure aggregation.
+    The robust rules bound what any one device can do to a round, which FedAvg does not: one update scaled
+    up to the clip moves a FedAvg by its share of the examples times the clip, in any direction it likes.
+    Both take ``staleness_weight(staleness_k) * clip(d_k)``, every update one vote whatever its example count
+    (a count is the device's word, and a weighted vote would let one device claim a larger share of the
+    bound), a late one shrunk towards no change rather than weighted down. They need the individual updates,
+    so they are for rounds without secure aggregation.
 
-    Measured by ``bench/federated_poison.py`` (the watch data, 8 devices, 10 rounds, the largest device
-    attacking every round; INT8 accuracy against clean FedAvg, ``docs/benchmarks.md``): its update scaled
-    to the clip costs FedAvg 8.3 points and the trimmed mean 1.3; sign-flipped and scaled, 11.5 and 4.0;
-    its labels flipped, 1.4 and 2.7; with no attacker the trimmed mean is 1.6 points behind (leaving that
-    device out altogether costs 1.4). The coordinate-wise median did no better (1.6, 4.0, 2.1; 1.9 with
-    no attacker): the trimmed mean was kept because it averages 6 of 8 values per coordinate, not 2, and
-    ``trim`` says how many attackers it is to withstand."""
-    if rule == "trimmed-mean":
-        return _trimmed(master, updates, clip, server_lr, trim)
-    if rule != "fedavg":
+    ``rule="centered-clip"``: :func:`robust.centered_clip` (Karimireddy, He and Jaggi, ICML 2021) from the
+    coordinate-wise trimmed mean, ``tau`` twice the median distance from it (``CENTER_RADIUS``), 3
+    iterations: updates within ``tau`` of the centre count as in a mean, one further away is pulled in to
+    ``tau``, so one device moves the round by at most ``tau / n`` per iteration.
+
+    ``rule="trimmed-mean"`` (the first robust rule, kept for the rounds whose plans name it):
+    :func:`trimmed_mean` per coordinate, ``trim`` of the values dropped at each end.
+
+    Measured by ``bench/federated_poison.py`` (the watch data, 8 devices, 10 rounds, one device attacking
+    every round; INT8 accuracy, ``docs/benchmarks.md``, "Poisoned rounds"): centered clipping costs less
+    than the trimmed mean without an attacker and keeps more under a scaled or label-flipped update; see the
+    benchmark for the figures per attacker."""
+    if rule not in RULES:
         raise ValueError(f"unknown aggregation rule {rule!r}: one of {', '.join(RULES)}")
+    if rule != "fedavg":
+        return _robust(master, updates, clip, server_lr, rule, trim)
     clip_norm = clip
     new = {k: np.array(v, np.float32) for k, v in master.items()}
     acc: dict[str, np.ndarray] = {}
@@ -176,39 +183,27 @@ def aggregate(master: Tensors, updates: Sequence[Contribution], *, clip: float |
     return new
 
 
-def _trimmed(master: Tensors, updates: Sequence[Contribution], clip_norm: float | None, server_lr: float,
-             trim: float) -> dict[str, np.ndarray]:
+CENTER_RADIUS = 2.0  # centered clipping's tau over the updates' median distance from the trimmed mean
+CENTER_ITERATIONS = 3
+
+
+def _robust(master: Tensors, updates: Sequence[Contribution], clip_norm: float | None, server_lr: float, rule: str,
+            trim: float) -> dict[str, np.ndarray]:
     new = {k: np.array(v, np.float32) for k, v in master.items()}
-    held: dict[str, list[np.ndarray]] = {}
+    deltas: list[dict[str, np.ndarray]] = []
     for u in updates:
         if u.n_examples <= 0:
             continue
         shrink = np.float32(staleness_weight(u.staleness))
-        for name, d in _checked(new, u.delta, clip_norm).items():
-            held.setdefault(name, []).append(d * shrink)
-    for name, deltas in held.items():
-        new[name] = (new[name] + server_lr * trimmed_mean(np.stack(deltas), trim)).astype(np.float32)
+        deltas.append({name: d * shrink for name, d in _checked(new, u.delta, clip_norm).items()})
+    if rule == "trimmed-mean":
+        combined = coordinate_start(deltas, trim)
+    else:
+        combined = centered_clip(deltas, [1.0] * len(deltas), start=coordinate_start(deltas),
+                                 radius=CENTER_RADIUS, iterations=CENTER_ITERATIONS)
+    for name, step in combined.items():
+        new[name] = (new[name] + server_lr * step).astype(np.float32)
     return new
-
-
-def trimmed(n: int, trim: float = TRIM) -> int:
-    """How many of ``n`` values :func:`trimmed_mean` drops at each end: ``floor(trim * n)``, at least 1
-    from 3 values on when ``trim > 0`` (so 3 to 15 updates tolerate one outlier), and always leaving 1 or 2
-    (the median)."""
-    if not 0.0 <= trim <= 0.5:
-        raise ValueError("trim must be in [0, 0.5]")
-    if n < 3 or trim == 0:
-        return 0
-    return min((n - 1) // 2, max(1, math.floor(trim * n)))
-
-
-def trimmed_mean(stack: np.ndarray, trim: float = TRIM) -> np.ndarray:
-    """Coordinate-wise trimmed mean over axis 0 (float64): per coordinate, the :func:`trimmed` largest and
-    smallest values dropped, the rest averaged. ``trim=0.5`` is the coordinate-wise median."""
-    n = stack.shape[0]
-    k = trimmed(n, trim)
-    kept = np.sort(stack, axis=0)[k:n - k] if k else stack
-    return np.asarray(np.mean(kept, axis=0, dtype=np.float64))
 
 
 def _checked(master: Mapping[str, np.ndarray], delta: Tensors, clip_norm: float | None) -> dict[str, np.ndarray]:

@@ -1,0 +1,150 @@
+"""`federate --aggregate centered-clip`: centered clipping's math on small arrays (checked against a plain
+reference on flattened vectors), what one hostile update can do to it, and that federate accepts the rule and
+stores it in the round's plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cloud_hub.cli.app import app as hub_app
+from cloud_hub.data import db
+from cloud_hub.models import lifecycle
+from cloud_hub.rounds import fedavg, robust
+from cloud_hub.rounds.config import FederateConfig
+from cloud_hub.rounds.coordinator import Coordinator
+from cloud_hub.settings import HubSettings
+from tests.helpers import SMALL, make_log
+
+SHAPES = {"coef_0": (4, 3), "intercept_0": (3,)}
+
+
+def _flat(d: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(d[k], np.float64).ravel() for k in sorted(d)])
+
+
+def _reference(xs: np.ndarray, w: np.ndarray, start: np.ndarray, radius: float, iterations: int) -> np.ndarray:
+    """Centered clipping on rows of a matrix, written out as the paper states it."""
+    dist0 = np.linalg.norm(xs - start, axis=1)
+    order = np.argsort(dist0)
+    tau = radius * dist0[order][np.searchsorted(np.cumsum(w[order]), 0.5 * w.sum())]
+    v = start.copy()
+    for _ in range(iterations):
+        steps = []
+        for x in xs:
+            gap = x - v
+            norm = np.linalg.norm(gap)
+            steps.append(gap * min(1.0, tau / norm) if norm > 0 else gap)
+        v = v + np.average(steps, axis=0, weights=w)
+    return v
+
+
+def _deltas(rng: np.random.Generator, n: int, spread: float = 1.0) -> list[dict[str, np.ndarray]]:
+    return [{k: rng.normal(0.1, spread, s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(n)]
+
+
+def test_centered_clip_matches_the_written_out_rule() -> None:
+    rng = np.random.default_rng(0)
+    for n, radius, iterations in ((8, 2.0, 3), (5, 1.0, 1), (3, 0.5, 6)):
+        deltas = _deltas(rng, n)
+        w = rng.uniform(0.5, 2.0, n)
+        start = robust.coordinate_start(deltas)
+        got = robust.centered_clip(deltas, list(w), start=start, radius=radius, iterations=iterations)
+        want = _reference(np.stack([_flat(d) for d in deltas]), w, _flat(start), radius, iterations)
+        np.testing.assert_allclose(_flat(got), want, rtol=1e-9, atol=1e-12)
+    # from zero, one iteration: every delta bounded to radius x the median norm, then averaged
+    deltas = [{"w": np.array([v, 0.0])} for v in (1.0, 2.0, 3.0, 40.0)]
+    got = robust.centered_clip(deltas, [1.0] * 4, radius=1.0, iterations=1)
+    np.testing.assert_allclose(got["w"], [(1 + 2 + 2 + 2) / 4, 0.0])
+
+
+def test_one_huge_update_moves_centered_clipping_by_at_most_tau_over_n_per_iteration() -> None:
+    rng = np.random.default_rng(1)
+    honest = _deltas(rng, 7, spread=0.05)
+    master = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    mean = robust.weighted_mean(honest, [1.0] * 7)
+    direction = {k: -m / np.linalg.norm(_flat(mean)) for k, m in mean.items()}
+    clean = fedavg.aggregate(master, [fedavg.Contribution(h, 100) for h in honest], rule="centered-clip")
+    start = robust.coordinate_start(honest)
+    tau = fedavg.CENTER_RADIUS * np.median(robust.distances(honest, start))
+    for size in (10.0, 1e3, 1e6):
+        hostile = {k: (size * x).astype(np.float32) for k, x in direction.items()}
+        updates = [fedavg.Contribution(h, 100) for h in honest] + [fedavg.Contribution(hostile, 300)]
+        avg = fedavg.aggregate(master, updates)
+        got = fedavg.aggregate(master, updates, rule="centered-clip")
+        # FedAvg goes the attacker's way by its share of the examples times its size
+        assert np.linalg.norm(_flat(avg) - _flat(mean)) > 0.2 * size
+        # centered clipping: within 3 iterations' bounded pull (tau of the 8 updates' round, at most twice the
+        # honest median distance plus the attacker's shift of the trimmed mean) of the honest result
+        assert np.linalg.norm(_flat(got) - _flat(clean)) < 3 * 2 * tau / 8 + 0.05, size
+
+
+def test_identical_honest_updates_come_out_unchanged_whatever_one_other_sends() -> None:
+    master = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}
+    same = {k: np.full(s, 0.25, np.float32) for k, s in SHAPES.items()}
+    alone = fedavg.aggregate(master, [fedavg.Contribution(same, 10) for _ in range(8)], rule="centered-clip")
+    for k in SHAPES:
+        np.testing.assert_allclose(alone[k], master[k] + 0.25, rtol=0, atol=1e-7)
+    hostile = {k: np.full(s, -1e4, np.float32) for k, s in SHAPES.items()}
+    updates = [fedavg.Contribution(same, 10) for _ in range(7)] + [fedavg.Contribution(hostile, 10**6)]
+    got = fedavg.aggregate(master, updates, rule="centered-clip")
+    for k in SHAPES:  # the trimmed mean starts it at the honest value; tau is 0: the outlier is pulled in to it
+        np.testing.assert_allclose(got[k], master[k] + 0.25, rtol=0, atol=1e-7)
+
+
+def test_the_centered_clip_rule_in_aggregate() -> None:
+    master = {"w": np.zeros(3, np.float32), "b": np.ones(2, np.float32)}
+
+    def d(v: float) -> dict:
+        return {"w": np.full(3, v, np.float32)}
+
+    def cc(updates: list[fedavg.Contribution], **kw) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return fedavg.aggregate(master, updates, rule="centered-clip", **kw)["w"]
+
+    # updates all within tau of the trimmed mean (1.267) and of their mean: the result is their plain mean, one
+    # vote each whatever the example count; a device with none has no vote
+    np.testing.assert_allclose(cc([fedavg.Contribution(d(v), k) for v, k in ((1.0, 1), (1.4, 10**6), (1.0, 1),
+                                                                             (1.4, 1), (1.5, 1), (99.0, 0))]),
+                               (1.0 + 1.4 + 1.0 + 1.4 + 1.5) / 5, rtol=1e-6)
+    # a late update is shrunk by its staleness weight (1/2 three rounds late) first
+    np.testing.assert_allclose(cc([fedavg.Contribution(d(1.0), 5), fedavg.Contribution(d(2.0), 5, staleness=3)]),
+                               1.0, rtol=1e-6)
+    # clipped to --clip first; the server learning rate scales the result; "b" is held by none
+    new = fedavg.aggregate(master, [fedavg.Contribution(d(v), 5) for v in (4.0, 4.0, 4.0)], clip=np.sqrt(3) * 2,
+                           rule="centered-clip", server_lr=0.5)
+    np.testing.assert_allclose(new["w"], 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(new["b"], master["b"])
+    assert fedavg.aggregate(master, [], rule="centered-clip")["w"].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="NaN"):
+        cc([fedavg.Contribution(d(np.nan), 5)])
+
+
+def test_federate_accepts_centered_clip_and_stores_it_in_the_round_plan(tmp_path, monkeypatch) -> None:
+    from cloud_hub.cli import rounds as cli_rounds
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    ran: list[FederateConfig] = []
+
+    def federate(_s, cfg, **_kw):  # what `federate` runs once its options are checked
+        ran.append(cfg)
+        return engine, []
+
+    monkeypatch.setattr(cli_rounds, "_federate", federate)
+    base = ["federate", "--db", url, "--insecure-unsigned"]
+    for rule in ("centered-clip", "trimmed-mean"):  # the first robust rule stays for the plans that name it
+        res = CliRunner().invoke(hub_app, [*base, "--aggregate", rule])
+        assert res.exit_code == 0, res.output
+    assert [c.aggregate for c in ran] == ["centered-clip", "trimmed-mean"]
+    res = CliRunner().invoke(hub_app, [*base, "--aggregate", "centered-clip", "--secure"])
+    assert res.exit_code != 0 and "--secure hides" in res.output and len(ran) == 2
+
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
+    coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine,
+                              FederateConfig(aggregate="centered-clip"), signing_key=None, allow_unsigned=True)
+    monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b", "c"])  # no broker here
+    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload: None)
+    assert coordinator._open().plan["aggregate"] == "centered-clip"
+    engine.dispose()

@@ -67,6 +67,7 @@ class Sampler:
         self.pids, self.tick = pids, os.sysconf("SC_CLK_TCK")
         self.start = {name: self.cpu(ps) for name, ps in pids.items()}
         self.gone: dict[str, tuple[float, float]] = {}  # CPU seconds and peak RSS of processes that ended
+        self.peaks: dict[str, float] = {}
 
     def retire(self, name: str, pid: int) -> None:
         """Keep what ``pid`` (about to end, e.g. a restarted broker) used, and stop reading it."""
@@ -92,9 +93,10 @@ class Sampler:
         return sum(_vm(pid, "VmHWM:") for pid in pids)
 
     def report(self, seconds: float) -> dict[str, tuple[float, float]]:
+        for name, ps in self.pids.items():  # the peak so far: a process may be gone at the next report
+            self.peaks[name] = max(self.peaks.get(name, 0.0), self.peak_rss_mb(ps), self.gone.get(name, (0.0, 0.0))[1])
         return {name: ((self.cpu(ps) + self.gone.get(name, (0.0, 0.0))[0] - self.start[name]) / seconds,
-                       max(self.peak_rss_mb(ps), self.gone.get(name, (0.0, 0.0))[1]))
-                for name, ps in self.pids.items()}
+                       self.peaks[name]) for name, ps in self.pids.items()}
 
 
 class RssTimeline:

@@ -286,6 +286,8 @@ def run(args: argparse.Namespace, work: Path, linger_ms: float) -> dict[str, flo
               f"shows all {args.devices:,} on v2 {t_all - t_pub:.2f} s after publish; refused bundles: "
               f"{sum(r['rejected'] for r in reports)}", flush=True)
         checks = [pair for r in reports for pair in r["bundle_checks"]]
+        print(f"  model bundles the devices downloaded during the run: "
+              f"{sum(r['bundle_bytes'] for r in reports) / 1e6:,.0f} MB", flush=True)
         print(f"  each device process checked each bundle once ({len(checks)} checks: {max(n for n, _ in checks):,} "
               f"bytes, {1000 * max(t for _, t in checks):.1f} ms at most); a device checks its own copy, on its own CPU",
               flush=True)

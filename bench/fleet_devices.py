@@ -12,7 +12,10 @@ Every device speaks the real agent's protocol over its own MQTT 5 session (clien
   version goes into its status;
 * a lost connection is retried as paho retries for the agent (``reconnect_delay_set(1, 30)``: 1 s, then
   twice the last wait, at most 30 s); results made while it is down wait, and every result without a
-  receipt is sent again once it is back (the agent's ``resend_all`` after a reconnect).
+  receipt is sent again once it is back (the agent's ``resend_all`` after a reconnect);
+* its session outlives a dropped connection as the agent's does (``session_expiry_s``, a day; the
+  environment variable ``FLEET_SESSION_EXPIRY_S=0`` gives clean sessions, as agents had before): a
+  reconnect asks for retained messages only on subscriptions the broker no longer holds.
 
 It runs no model: inference is the agent's own cost (``bench/agent_replay.py``). The clients are driven
 through paho's external-loop API: their sockets sit in one selector, a client asks to be written through
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import selectors
 import sys
 import time
@@ -36,6 +40,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,7 +55,16 @@ MODEL = "fleet"
 RESEND_S, RESEND_MAX_S = 15.0, 300.0  # the agent's resend_after_s, doubled per send up to resend_max_s
 SLOT_S = 5.0  # backlog samples
 CONNECTING = 32  # sessions of a process waiting for their first CONNACK at a time
-RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0  # the agent's reconnect_delay_set(min_delay=1, max_delay=30)
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+SESSION_EXPIRY_S = int(os.environ.get("FLEET_SESSION_EXPIRY_S", "86400"))  # the agent's session_expiry_s (0: clean)
+
+
+def session_properties() -> Properties | None:
+    if not SESSION_EXPIRY_S:
+        return None
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = SESSION_EXPIRY_S
+    return props  # the agent's reconnect_delay_set(min_delay=1, max_delay=30)
 
 
 _LAST: list[tuple[bytes, Bundle]] = []  # the last bundle this process checked, with its bytes
@@ -78,6 +94,7 @@ class Device:
         self.latencies: list[tuple[float, float]] = []  # (window end, seconds until its receipt)
         self.model_at: dict[int, float] = {}  # version -> when it arrived
         self.rejected = 0
+        self.bundle_bytes = 0  # model messages received, after the first connect's
         self.connected = False
         self.retry_at: float | None = None  # when to knock again after a lost connection (in ``retrying``)
         self.knocked_at = 0.0
@@ -121,7 +138,11 @@ class Device:
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
             raise SystemExit(f"{self.name}: connection refused: {rc}")
-        client.subscribe([(self.topics.receipts(self.name), 1), (self.topics.model(MODEL), 1)])
+        # as the agent's link: retained messages on the first connect, then only for subscriptions the broker
+        # no longer holds (session_expiry_s: the session outlives a dropped connection)
+        retain = 1 if SESSION_EXPIRY_S and (self.drops or self.backs) else 0
+        client.subscribe([(t, SubscribeOptions(qos=1, retainHandling=retain))
+                          for t in (self.topics.receipts(self.name), self.topics.model(MODEL))])
         self.connected, self.retry_at, self.retry_wait = True, None, RETRY_MIN_S
         self.retrying.discard(self)
         self.status()
@@ -151,6 +172,7 @@ class Device:
             if self.recovered_at is None and self.backs and not self.pending_at_back:
                 self.recovered_at = now
             return
+        self.bundle_bytes += len(msg.payload)
         try:
             bundle = checked(bytes(msg.payload), self.key)
         except BundleRejected:
@@ -236,7 +258,8 @@ def main(port: int, prefix: str, first: int, count: int, seconds: float, period:
         # kernel drops SYNs, and paho's blocking connect would wait out its timeout
         while started < count and started - sum(d.connected for d in devices[:started]) < CONNECTING:
             try:
-                devices[started].client.connect("127.0.0.1", port, keepalive=60)
+                devices[started].client.connect("127.0.0.1", port, keepalive=60, clean_start=not SESSION_EXPIRY_S,
+                                                properties=session_properties())
             except OSError:
                 break  # the broker's queue is full: pump, then try again
             started += 1
@@ -244,6 +267,8 @@ def main(port: int, prefix: str, first: int, count: int, seconds: float, period:
         if time.monotonic() > deadline:
             n = sum(d.connected and d.model is not None for d in devices)
             raise SystemExit(f"devices {first}..: {n} of {count} connected with a model after {deadline:.0f} s")
+    for d in devices:
+        d.bundle_bytes = 0  # count from go: the model switch and any reconnect
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.time()
@@ -289,7 +314,7 @@ def main(port: int, prefix: str, first: int, count: int, seconds: float, period:
         "backs": [d.backs[0] if d.backs else None for d in devices],
         "recovered": [d.recovered_at for d in devices if d.backs],
         "never_recovered": sum(1 for d in devices if d.backs and d.recovered_at is None),
-        "bundle_checks": CHECKS,
+        "bundle_checks": CHECKS, "bundle_bytes": sum(d.bundle_bytes for d in devices),
     }), flush=True)
 
 

@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent import exits
 from edge_agent.contract import Delivery
@@ -110,6 +111,7 @@ class MqttLink:
         on_connected: Callable[[bool], None] | None = None,
         subscriptions: Sequence[tuple[str, int]] = (),
         exclusive: bool = False,
+        retained_once: bool = False,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -125,6 +127,10 @@ class MqttLink:
         self.fatal: str | None = None  # why this link gave up for good (a session takeover)
         self._outgoing = 0  # publishes not yet acknowledged (QoS 1) or sent (QoS 0)
         self._exclusive = exclusive
+        # With a session the broker keeps (clean_start False), a reconnect of this link asks for retained
+        # messages only where the subscription is new, i.e. the broker lost the session: what was published
+        # meanwhile is queued in the session, and a retained bundle is not downloaded again (#27 §2).
+        self._retained_once = retained_once
         self._connected_at = 0.0
         self._quick_drops = 0
         self._refused: str | None = None
@@ -289,9 +295,11 @@ class MqttLink:
             self._send_subscribe(self._client, topic_filter, qos)
 
     def _send_subscribe(self, client: paho.Client, topic_filter: str, qos: int) -> None:
+        # retain handling 1: retained messages only for a subscription the session did not hold yet
+        retain = 1 if self._retained_once and self.connects > 1 else 0
         with self._state_changed:
             self._subscribed = False
-            _rc, mid = client.subscribe(topic_filter, qos=qos)
+            _rc, mid = client.subscribe(topic_filter, options=SubscribeOptions(qos=qos, retainHandling=retain))
             if mid is not None:
                 self._sub_pending[mid] = topic_filter
 

@@ -395,6 +395,9 @@ class AgentSettings(BrokerSettings):
     receipts: bool = True  # keep each result until the hub's commit receipt; false: until the broker's PUBACK
     resend_after_s: float = 15.0  # a sent result without a receipt goes out again after this (doubling)...
     resend_max_s: float = 300.0  # ...up to this wait between attempts
+    # How long the broker keeps a device's session (its subscriptions, what was published for it) after a
+    # disconnect: a reconnect within it does not download the retained model again. 0: clean sessions.
+    session_expiry_s: int = 86_400
     features: str = "off"  # send model inputs for retraining: off, sampled or all
     features_sample: float = 0.1
     intra_op_threads: int = 1
@@ -441,6 +444,9 @@ class AgentSettings(BrokerSettings):
             positive(name, getattr(self, name))
         for name in ("batch_max_delay_s", "model_wait_s", "status_interval_s"):
             positive(name, getattr(self, name), zero_ok=True)
+        if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:  # MQTT 5's four-byte Session Expiry Interval
+            raise SettingsError(f"session_expiry_s must be in 0..4294967295 seconds, got {self.session_expiry_s}",
+                                field="session_expiry_s")
         if not 0.0 <= self.features_sample <= 1.0:
             raise SettingsError(f"features_sample must be in [0, 1], got {self.features_sample}")
         if self.source == "follow" and not self.source_path:

@@ -8,7 +8,8 @@ and bytes are pumped both ways by two threads. On demand the proxy:
 * **stalls**: holds every byte for a while, then delivers it;
 * **delays**: adds latency to every chunk;
 * **blackholes**: drops every byte from now on, both ways, and closes nothing: a half-open link that
-  only MQTT's keepalive can detect (the broker's close of its side is not passed on either).
+  only MQTT's keepalive can detect (the broker's close of its side is not passed on either);
+* **refuses** new connections while ``refusing`` is set (closes them at once): the network is down.
 
 Every spawned thread is a daemon that ends with its sockets; :meth:`FaultProxy.stop` closes them all.
 """
@@ -38,6 +39,7 @@ class Link:
     closed: bool = False
     swallowed: int = 0  # bytes dropped
     forwarded: int = 0
+    down: int = 0  # of which broker -> client
     client_id: str | None = None  # from the CONNECT packet, once it went through
 
 
@@ -84,6 +86,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self.resets = 0
+        self.refusing = False  # while set, a new client connection is closed at once (the network is down)
         self._accepting = threading.Thread(target=self._accept, name="faultproxy-accept", daemon=True)
 
     def start(self) -> FaultProxy:
@@ -159,6 +162,9 @@ class FaultProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
+            if self.refusing:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.upstream, timeout=5)
             except OSError:
@@ -203,6 +209,8 @@ class FaultProxy:
                 self._close(link, reset=False)
                 return
             link.forwarded += len(data)
+            if way == "down":
+                link.down += len(data)
 
     def _close(self, link: Link, *, reset: bool) -> None:
         with self._lock:

@@ -105,8 +105,13 @@ class Agent:
         self._answered_topic = self.topics.answered(single) if single else None  # the hub's receipts of its answers
         self.learner: Learner | None = None
         subscriptions = self._subscriptions(single)
+        # One device, one client id: the broker keeps its session across reconnects (subscriptions, and what
+        # was published for it meanwhile), so a reconnect does not download the retained model again. A
+        # replay of many devices has a random id: its session would only pile up receipts after it.
+        keep = single is not None and settings.session_expiry_s > 0
         self.link = MqttLink(
-            settings.broker_url, client_id, tls=settings.tls, clean_start=True, will=will,
+            settings.broker_url, client_id, tls=settings.tls, clean_start=not keep, will=will,
+            session_expiry_s=settings.session_expiry_s if keep else None, retained_once=keep,
             keepalive_s=settings.keepalive_s, max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
             on_published=self._on_published, on_connected=self._on_connected,
             subscriptions=subscriptions,

@@ -258,3 +258,38 @@ def test_federate_refuses_a_forecast_model(series, tmp_path) -> None:
     with pytest.raises(RoundError, match="federated rounds do not train forecasts yet"):
         coordinator._open()
     engine.dispose()
+
+
+# --------------------------------------------------------------------------- one device: the time hold-out
+
+
+def test_one_device_normalization_and_augmentation_see_only_the_first_80_percent(tmp_path) -> None:
+    """Without hold-out devices the hold-out is the last 20 % in time: its readings must not shape the
+    normalization (a rising series would otherwise tell the model where the hold-out's level lies), and no
+    augmented copy of a hold-out window may train or be scored."""
+    log = make_series_log(tmp_path / "one.csv", hours=24 * 20, levels=(("s1", 0.0),))
+    ds = lifecycle.dataset_from_logs([str(log)], window_s=6 * HOUR, hop_s=HOUR, holdout=[], forecast="temp",
+                                     mirror=["temp"])
+    recorded = ds.recorded()
+    early = recorded.order < np.quantile(recorded.order, 0.8)
+    readings = np.loadtxt(log, delimiter=",", skiprows=1, usecols=(0, 2))
+    window_end = recorded.order[early].max() + 6 * HOUR
+    fitted = readings[readings[:, 0] < window_end, 1]
+    assert ds.params.norm_mean[0] == pytest.approx(fitted.mean(), abs=0.05)
+    assert ds.params.norm_mean[0] < readings[:, 1].mean() - 0.1  # the whole series' mean is higher: it rises
+    train, test = lifecycle.split(ds, [])
+    assert not test.augmented.any() and len(test.y) == int((~early).sum())
+    assert train.order[train.augmented].max() < test.order.min()  # copies only of training windows
+
+
+@pytest.mark.parametrize(("step_s", "rate"), [(7 * 86400, 1 / (7 * 86400)), (30 * 86400, 1 / (30 * 86400)),
+                                              (365 * 86400, 1 / (365 * 86400))])
+def test_weekly_monthly_and_yearly_logs_keep_their_rate(tmp_path, step_s: int, rate: float) -> None:
+    """The rate is read with significant digits: rounded to micro-hertz, a weekly log read 2e-06 Hz (its
+    windows came out 20 % longer than asked) and a monthly or yearly one 0 Hz (refused)."""
+    log = tmp_path / "slow.csv"
+    log.write_text("ts,device_id,temp,label\n" + "".join(f"{i * step_s},d1,{i % 7}.0,{(i + 1) % 7}.0\n"
+                                                        for i in range(200)))
+    params = lifecycle.default_params(str(log), window_s=26 * step_s, hop_s=step_s, forecast="temp")
+    assert params.sample_rate_hz == pytest.approx(rate, rel=1e-5)
+    assert params.window_size == 26

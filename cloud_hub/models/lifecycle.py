@@ -244,12 +244,13 @@ def dataset_from_logs(paths: Sequence[str], *, window_s: float | None, hop_s: fl
                                 on_error=on_error, forecast=forecast)
     data, y, devices, starts = windows_from_logs(paths, params, on_error=on_error)
     last = data[:, -1, :].astype(np.float64)
+    # the windows :func:`split` will train on: the other devices', or without hold-out devices the first 80 %
+    # in time (the hold-out's statistics must not shape the normalization, nor its windows be augmented)
+    train_mask = ~np.isin(devices, list(holdout)) if holdout else ~time_holdout(starts)
     if not params.is_fitted:
-        train_mask = ~np.isin(devices, list(holdout)) if holdout else np.ones(len(devices), bool)
         mean, std = fit_normalization(data[train_mask].reshape(-1, data.shape[2]), params)
         params = params.with_normalization(mean, std)
     X = extract_features(data, params)
-    train_mask = ~np.isin(devices, list(holdout))
     extra: list[np.ndarray] = []  # feature rows of augmented copies of the training windows
     copies = (SCAN_OFFSET_COPIES if params.features == SCAN_FEATURES else 0) if offset_copies is None else offset_copies
     if copies:
@@ -298,7 +299,7 @@ def _rate_hint(path: str) -> float:
             steps.append(np.median(d))
     if not steps:
         raise LifecycleError(f"{path}: cannot infer the sampling rate (too few readings)")
-    return float(round(1.0 / float(np.median(steps)), 6))
+    return float(f"{1.0 / float(np.median(steps)):.6g}")  # significant digits: a weekly log is 1.65e-06 Hz
 
 
 def choose_holdout(devices: Sequence[str], requested: Sequence[str] | None,
@@ -326,12 +327,19 @@ def choose_holdout(devices: Sequence[str], requested: Sequence[str] | None,
     return fresh[-min(len(fresh), max(1, math.ceil(0.2 * len(known)))):]
 
 
+def time_holdout(starts: np.ndarray) -> np.ndarray:
+    """The hold-out when no device is held out: the windows of the last 20 % in time."""
+    return starts >= np.quantile(starts, 0.8)
+
+
 def split(ds: Dataset, holdout: Sequence[str]) -> tuple[Dataset, Dataset]:
     if holdout:
         mask = np.isin(ds.devices, list(holdout))
-    else:  # one device: hold out the last 20 % in time
+    else:  # one device: hold out the last 20 % in time, of the recorded windows (augmented copies train)
         order = ds.order if ds.order is not None else np.arange(len(ds.y))
-        mask = order >= np.quantile(order, 0.8)
+        recorded = np.ones(len(order), bool) if ds.augmented is None else ~ds.augmented
+        mask = np.zeros(len(order), bool)
+        mask[recorded] = time_holdout(order[recorded])
     train, test = ds.subset(~mask), ds.subset(mask)
     if len(train.y) == 0 or len(test.y) == 0:
         raise LifecycleError(f"split left {len(train.y)} training and {len(test.y)} hold-out windows")

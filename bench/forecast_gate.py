@@ -9,15 +9,13 @@ Data (statsmodels' bundled CSV files, read without importing statsmodels: ``pip 
 statsmodels``, a bench-only dependency; bench/forecast.py finds them), one device each, one step ahead:
 
 - ``co2``: Mauna Loa's weekly CO2, 1958-2001 (2,284 weeks, 59 missing; bench/forecast.py's log and
-  its ``window_s`` of 26 weeks): a trend and a yearly cycle. The product infers the log's rate
-  rounded to 1e-6 Hz (2e-6 instead of 1.65e-6), so those windows hold 31 readings (printed).
+  its ``window_s`` of 26 weeks): a trend and a yearly cycle.
 - ``elnino``: monthly sea surface temperature of the El Nino region, 1950-2010 (732 months, the 12
   month columns of each year in order), windows of 12 readings (one yearly cycle).
 - ``sunspots``: yearly sunspot numbers, 1700-2008 (309 years), windows of 11 readings (one solar cycle).
 
-The last two are written one reading an hour: at their real rates the product's rate hint rounds to
-0 Hz and ``train`` refuses the log (``sample_rate_hz must be > 0``). Only the spacing is rescaled;
-the readings and their order are the data's.
+The last two have no dates, only years (and months): they are written one reading every 30 days and
+every 365 days.
 
 Protocol, per series and cutoff (``--cutoffs`` of them, evenly from 45 % to 83 % of the series: a
 later cutoff's fresh block would run past the end): the log cut before the cutoff, the label of its
@@ -57,18 +55,18 @@ from cloud_hub.models.forecast import Persistence, persistence_baseline, persist
 from edge_agent.contract import decode_bundle
 from edge_agent.preprocess import PreprocessParams, extract_features
 
-HOUR = 3600.0
+DAY = 86400.0
 FIRST, LAST = 0.45, 0.83
 
 
-def _write_series(values: list[str], channel: str, out: Path) -> None:
-    """A regular series as a log, one reading an hour (see the module docstring): ts, device_id, the
-    reading, label = the next reading."""
+def _write_series(values: list[str], channel: str, out: Path, step_s: float) -> None:
+    """A regular series as a log, one reading every ``step_s``: ts, device_id, the reading, label = the
+    next reading."""
     with out.open("w") as f:
         f.write(f"ts,device_id,{channel},label\n")
         for i, value in enumerate(values):
             nxt = values[i + 1] if i + 1 < len(values) else ""
-            f.write(f"{i * HOUR:.0f},{channel},{value},{nxt}\n")
+            f.write(f"{i * step_s:.0f},{channel},{value},{nxt}\n")
 
 
 def co2_log(datasets: Path, out: Path) -> list[str]:
@@ -81,14 +79,14 @@ def co2_log(datasets: Path, out: Path) -> list[str]:
 def elnino_log(datasets: Path, out: Path) -> list[str]:
     with (datasets / "elnino" / "elnino.csv").open() as f:
         rows = list(csv.reader(f))[1:]
-    _write_series([v for row in rows for v in row[1:13]], "sst", out)  # the months of each year, in order
+    _write_series([v for row in rows for v in row[1:13]], "sst", out, 30 * DAY)  # the months of each year, in order
     return [f"{int(float(row[0]))}-{m:02d}" for row in rows for m in range(1, 13)]
 
 
 def sunspots_log(datasets: Path, out: Path) -> list[str]:
     with (datasets / "sunspots" / "sunspots.csv").open() as f:
         rows = list(csv.reader(f))[1:]
-    _write_series([r[1] for r in rows], "sunspots", out)
+    _write_series([r[1] for r in rows], "sunspots", out, 365 * DAY)
     return [str(int(float(r[0]))) for r in rows]
 
 
@@ -104,8 +102,8 @@ class Series:
 
 SERIES = {s.name: s for s in (
     Series("co2", CHANNEL, WEEK, 26, "week", co2_log),
-    Series("elnino", "sst", HOUR, 12, "month", elnino_log),
-    Series("sunspots", "sunspots", HOUR, 11, "year", sunspots_log),
+    Series("elnino", "sst", 30 * DAY, 12, "month", elnino_log),
+    Series("sunspots", "sunspots", 365 * DAY, 11, "year", sunspots_log),
 )}
 
 

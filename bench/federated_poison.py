@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         results = list(ex.map(run, jobs))
     wall = time.perf_counter() - t0
     return report(results, rules, attacks, attackers, seeds, args.rounds, windows, wall,
-                  cpu=sum(r["seconds"] for r in results))
+                  busy=sum(r["seconds"] for r in results))
 
 
 def report(results: list[dict], rules: list[str], attacks: list[str], attackers: list[str], seeds: list[int],
-           rounds: int, windows: dict[str, int], wall: float, cpu: float) -> int:
+           rounds: int, windows: dict[str, int], wall: float, busy: float) -> int:
     def cell(rule: str, attack: str, who: str | None) -> dict:
         rs = sorted((r for r in results if r["rule"] == rule and r["attack"] == attack
                      and (who is None or r["attacker"] == who)), key=lambda r: r["seed"])
@@ -192,7 +192,7 @@ def report(results: list[dict], rules: list[str], attacks: list[str], attackers:
     print(f"devices {', '.join(fw.DEVICES)}; attackers {', '.join(f'{w} ({windows[w]})' for w in attackers)} of "
           f"{sum(windows.values())} windows, one at a time, every round; clip {CLIP:g}; held out "
           f"{', '.join(fw.TEST)}; first model on {INIT}; {rounds} rounds, seeds {seeds}; "
-          f"{len(results)} runs, wall {wall:.0f} s, {cpu / 60:.1f} CPU-min")
+          f"{len(results)} runs, wall {wall:.0f} s, the runs' own times summed {busy / 60:.1f} min")
     print(f"{'rule':14s} {'attacker':8s} {'attack':11s} {f'INT8 s09,s10 r{max(1, rounds - 2)}-{rounds}':>20s} "
           f"{'vs clean FedAvg':>16s} {'vs absent':>10s} {'per seed':>{6 * len(seeds) + 2}s} {f'round {rounds}':>9s}")
     for rule, attack, who, v in rows:

@@ -6,7 +6,8 @@ Every device speaks the real agent's protocol over its own MQTT 5 session (clien
 
 * a retained ``online`` status naming the model it runs, with a last will ``offline``;
 * one result every ``PERIOD`` seconds (QoS 1), spread evenly over the period across the devices, kept
-  until the hub's receipt and sent again after 15 s without one (the agent's ``resend_after_s``);
+  until the hub's receipt and sent again after 60 s without one (the agent's ``resend_after_s``;
+  ``FLEET_RESEND_S`` sets another), doubling up to 300 s;
 * the retained model topic: a new bundle's digest and Ed25519 signature are checked
   (:func:`edge_agent.device.bundle.check_bundle`, as the agent does before loading it), then the new
   version goes into its status;
@@ -52,10 +53,11 @@ from edge_agent.device.bundle import BundleRejected, check_bundle, load_public_k
 from edge_agent.mqtt import tcp_no_delay
 
 MODEL = "fleet"
-RESEND_S, RESEND_MAX_S = 15.0, 300.0  # the agent's resend_after_s, doubled per send up to resend_max_s
+RESEND_S, RESEND_MAX_S = float(os.environ.get("FLEET_RESEND_S", "60")), 300.0  # the agent's resend_after_s, doubled
+# per send up to resend_max_s
 SLOT_S = 5.0  # backlog samples
 CONNECTING = 32  # sessions of a process waiting for their first CONNACK at a time
-RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0  # the agent's reconnect_delay_set(min_delay=1, max_delay=30)
 SESSION_EXPIRY_S = int(os.environ.get("FLEET_SESSION_EXPIRY_S", "86400"))  # the agent's session_expiry_s (0: clean)
 
 
@@ -64,7 +66,7 @@ def session_properties() -> Properties | None:
         return None
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = SESSION_EXPIRY_S
-    return props  # the agent's reconnect_delay_set(min_delay=1, max_delay=30)
+    return props
 
 
 _LAST: list[tuple[bytes, Bundle]] = []  # the last bundle this process checked, with its bytes
@@ -258,7 +260,8 @@ def main(port: int, prefix: str, first: int, count: int, seconds: float, period:
         # kernel drops SYNs, and paho's blocking connect would wait out its timeout
         while started < count and started - sum(d.connected for d in devices[:started]) < CONNECTING:
             try:
-                devices[started].client.connect("127.0.0.1", port, keepalive=60, clean_start=not SESSION_EXPIRY_S,
+                devices[started].client.connect("127.0.0.1", port, keepalive=60,  # a new session, then kept
+                                                clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY if SESSION_EXPIRY_S else True,
                                                 properties=session_properties())
             except OSError:
                 break  # the broker's queue is full: pump, then try again

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -100,7 +101,7 @@ class MqttLink:
         client_id: str,
         *,
         tls: TLSFiles | None = None,
-        clean_start: bool = True,
+        clean_start: bool | Literal["first"] = True,
         session_expiry_s: int | None = None,
         will: Will | None = None,
         manual_ack: bool = False,
@@ -127,15 +128,17 @@ class MqttLink:
         self.fatal: str | None = None  # why this link gave up for good (a session takeover)
         self._outgoing = 0  # publishes not yet acknowledged (QoS 1) or sent (QoS 0)
         self._exclusive = exclusive
-        # With a session the broker keeps (clean_start False), a reconnect of this link asks for retained
-        # messages only where the subscription is new, i.e. the broker lost the session: what was published
-        # meanwhile is queued in the session, and a retained bundle is not downloaded again (#27 §2).
+        # With a session the broker keeps (clean_start "first": a new session for this process, resumed by its
+        # reconnects), a reconnect of this link asks for retained messages only where the subscription is new,
+        # i.e. the broker lost the session: what was published meanwhile is queued in the session, and a
+        # retained bundle is not downloaded again (#27 §2).
         self._retained_once = retained_once
         self._connected_at = 0.0
         self._quick_drops = 0
         self._refused: str | None = None
         self._state_changed = threading.Condition()
         self.connects = 0
+        self.session_present = False  # the last CONNACK's: the broker resumed this client's session
         self._stopping = False
         self._sub_pending: dict[int, str] = {}  # SUBSCRIBE mid -> filter, until its SUBACK
         self._sub_error: str | None = None
@@ -182,7 +185,8 @@ class MqttLink:
         try:
             self._client.connect_async(
                 self.broker.host, self.broker.port, keepalive=self._keepalive_s,
-                clean_start=self._clean_start, properties=props,
+                clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY if self._clean_start == "first" else self._clean_start,
+                properties=props,
             )
         except (OSError, ValueError) as exc:
             raise MqttError(f"cannot connect to {self.broker}: {exc}") from exc
@@ -259,7 +263,11 @@ class MqttLink:
             with self._state_changed:
                 self._state_changed.wait_for(lambda: self._outgoing <= 0 or not self.connected, timeout)
         self._stopping = True
-        if self._client.disconnect() == paho.MQTT_ERR_SUCCESS:
+        props = None
+        if self._retained_once:  # the next process starts a session of its own: this one would only queue
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        if self._client.disconnect(properties=props) == paho.MQTT_ERR_SUCCESS:
             # loop_stop() ends the network thread at its next turn, whether or not it has written what
             # is queued (PUBACKs of the hub's last batch, the DISCONNECT): wait until paho reports the
             # disconnection, which it does once the DISCONNECT is on the wire.
@@ -305,7 +313,7 @@ class MqttLink:
 
     # ----------------------------------------------------------------- paho callbacks (network thread)
 
-    def _handle_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+    def _handle_connect(self, client: paho.Client, _u: object, flags: object, rc: ReasonCode, _p: object) -> None:
         if rc.is_failure:
             log.error("broker %s refused the connection: %s", self.broker, rc)
             with self._state_changed:
@@ -313,6 +321,7 @@ class MqttLink:
                 self._state_changed.notify_all()
             return
         self.connects += 1
+        self.session_present = bool(getattr(flags, "session_present", False))
         with self._state_changed:
             self._sub_pending.clear()
             self._subscribed = not self._subscriptions

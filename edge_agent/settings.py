@@ -393,7 +393,10 @@ class AgentSettings(BrokerSettings):
     outbox_max: int = 200_000  # results kept on the device while the broker is unreachable
     outbox_overflow: str = "drop_oldest"
     receipts: bool = True  # keep each result until the hub's commit receipt; false: until the broker's PUBACK
-    resend_after_s: float = 15.0  # a sent result without a receipt goes out again after this (doubling)...
+    # A sent result without a receipt goes out again after this (doubling)... Not shorter: receipts wait behind
+    # a model bundle on the device's link (a fleet-wide switch: 10-25 s at 10,000 devices, docs/scale.md), and
+    # resending then doubles the fleet's load. A reconnect resends at once anyway.
+    resend_after_s: float = 60.0
     resend_max_s: float = 300.0  # ...up to this wait between attempts
     # How long the broker keeps a device's session (its subscriptions, what was published for it) after a
     # disconnect: a reconnect within it does not download the retained model again. 0: clean sessions.

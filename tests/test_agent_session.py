@@ -122,3 +122,51 @@ def test_clean_sessions_when_the_operator_asks(procs, broker, prefix, proxy, bun
                  and ln.down > len(bundles[1]), timeout=60, what="the retained v1 downloaded again")
     finally:
         stop(agent, watch)
+
+
+@pytest.mark.parametrize("expiry", ["86400", "0"])
+def test_a_canary_rolled_back_while_the_device_was_away_ends_when_it_is_back(procs, broker, prefix, proxy, bundles,
+                                                                               tmp_path: Path, expiry: str) -> None:
+    """The rollback's empty message waits in the kept session; without one (clean sessions, an expired or lost
+    session) the agent forgets its canary at a reconnect that resumed nothing, and the fleet's bundle wins."""
+    topics = c.Topics(prefix)
+    publish_retained(broker.url, topics.model("default"), bundles[1])
+    publish_retained(broker.url, topics.device_model(DEVICE), bundles[2])  # the device is in a canary of v2
+    watch = StatusWatch(broker, prefix)
+    agent = start_agent(procs, proxy, prefix, tmp_path / "state", EDGE_AGENT_SESSION_EXPIRY_S=expiry)
+    try:
+        watch.wait("the agent on its canary, v2", lambda s: s.state == c.ONLINE and s.model_version == 2)
+        proxy.refusing = True
+        proxy.reset_now(proxy.link_of(f"edge-agent-{DEVICE}"))
+        watch.wait("the broker's last will for the agent", lambda s: s.state == c.OFFLINE)
+        publish_retained(broker.url, topics.device_model(DEVICE), b"")  # the canary is rolled back
+        proxy.refusing = False
+        watch.wait("the agent back on the fleet's v1", lambda s: s.state == c.ONLINE and s.model_version == 1)
+    finally:
+        stop(agent, watch)
+
+
+def test_a_new_process_starts_its_own_session(procs, broker, prefix, proxy, bundles, tmp_path: Path) -> None:
+    """A killed agent leaves its session at the broker; the next process with that client id (here moved to
+    another prefix) must not inherit its subscriptions and get what is published under the old prefix."""
+    old, new = c.Topics(prefix), c.Topics(f"{prefix}-moved")
+    publish_retained(broker.url, old.model("default"), bundles[1])
+    publish_retained(broker.url, new.model("default"), bundles[1])
+    first = start_agent(procs, proxy, prefix, tmp_path / "old")
+    watch = StatusWatch(broker, prefix)
+    watch.wait("the first agent online", lambda s: s.state == c.ONLINE and s.model_version == 1)
+    first.kill()  # no DISCONNECT: its session stays
+    first.wait(30)
+    watch.link.stop()
+    watch = StatusWatch(broker, f"{prefix}-moved")
+    second = start_agent(procs, proxy, f"{prefix}-moved", tmp_path / "new")
+    try:
+        watch.wait("the agent under the new prefix", lambda s: s.state == c.ONLINE and s.model_version == 1)
+        link = proxy.link_of(f"edge-agent-{DEVICE}")
+        before = link.down
+        publish_retained(broker.url, old.model("default"), bundles[3])  # the old prefix's: not for it any more
+        publish_retained(broker.url, new.model("default"), bundles[2])
+        watch.wait("the agent on v2", lambda s: s.model_version == 2)
+        assert link.down - before < len(bundles[2]) + len(bundles[3]), link.down - before
+    finally:
+        stop(second, watch)

@@ -59,6 +59,9 @@ from edge_agent.contract.rounds import (
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
 S = TypeVar("S", bound=SignedHeader)
+# A round's end (its retained announcement cleared), queued for a device that is away: past this the device
+# reads the announcement's deadline itself, if it saw the announcement at all.
+CLEAR_EXPIRY_S = 60.0
 
 
 class Coordinator:
@@ -130,7 +133,8 @@ class Coordinator:
                      f"tolerance {r.plan.get('tolerance', 0.0):g}")
             if r.state == "open":
                 with sessions.transaction(self.engine, write=False) as conn:
-                    self._send(self.s.topics.rounds(r.model_name), self.rounds.announcement(conn, r.id))
+                    self._send(self.s.topics.rounds(r.model_name), self.rounds.announcement(conn, r.id),
+                               expiry_s=r.deadline - time.time())
         else:
             r = self._open()
         if r.state == "open" and "secure" in r.plan:
@@ -173,7 +177,7 @@ class Coordinator:
                     "on its prefix, for the version it runs, when it holds --min-windows labelled windows)")
         with sessions.transaction(self.engine) as conn:
             self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
-        self._send(self.s.topics.rounds(r.model_name), b"")  # the retained announcement is for open rounds only
+        self._send(self.s.topics.rounds(r.model_name), b"", expiry_s=CLEAR_EXPIRY_S)  # retained: open rounds only
         self.say(f"round {r.id}: closed, {why}")
 
     def _secure_round(self, r: RoundRow) -> SecureRound:
@@ -195,7 +199,7 @@ class Coordinator:
             secure.clear()
         with sessions.transaction(self.engine) as conn:
             self.rounds.set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason=why)
-        self._send(self.s.topics.rounds(r.model_name), b"")
+        self._send(self.s.topics.rounds(r.model_name), b"", expiry_s=CLEAR_EXPIRY_S)
         self.say(f"round {r.id}: closed, {why}")
 
     # ----------------------------------------------------------------- the link
@@ -222,8 +226,10 @@ class Coordinator:
             self._key = load_private_key(self.signing_key)
         return sign_round(header, self._key)
 
-    def _send(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
-        mid = self._link.publish(topic, payload, ROUND_DELIVERY)
+    def _send(self, topic: str, payload: bytes, timeout: float = 30.0, expiry_s: float | None = None) -> None:
+        """Publish retained and wait for the PUBACK. ``expiry_s``: how long a copy queued for a device that is
+        away (its session kept, ``session_expiry_s``) stays worth delivering."""
+        mid = self._link.publish(topic, payload, ROUND_DELIVERY, None if expiry_s is None else max(1.0, expiry_s))
         until = time.monotonic() + timeout
         while mid not in self._published:
             self._check_link()
@@ -271,7 +277,7 @@ class Coordinator:
             created=now, kind="evaluate", weights_dtype=self.cfg.weights_dtype)
         payload = self._announcement(plan, candidate, int8).encode()
         topic = self.s.topics.rounds(r.model_name)
-        self._send(topic, payload)
+        self._send(topic, payload, expiry_s=plan.deadline - now)
         self.say(f"round {r.id}: no hold-out log: asking {', '.join(devices)} to evaluate the candidate (its INT8 "
                  f"model and FP32 weights) on their held-out windows")
         while True:
@@ -284,7 +290,7 @@ class Coordinator:
                 break
             if nxt[1] is not None and not self.answers.receive_evaluation(nxt[0], nxt[1], r, devices):
                 self._later.append((nxt[0], nxt[1]))  # a training answer: judged in the next round, acked then
-        self._send(topic, b"")
+        self._send(topic, b"", expiry_s=CLEAR_EXPIRY_S)
         with sessions.transaction(self.engine, write=False) as conn:
             got = self.rounds.evaluations(conn, r.id)
         from cloud_hub.rounds.fedavg import evaluation  # loaded with round_finish, which calls this

@@ -39,7 +39,7 @@ SECURE_SPREAD = 3.0
 def open_round(settings: HubSettings, engine: sa.Engine, store: Store, cfg: FederateConfig,
                budget: privacy.Budget | None, *, available: Callable[[int], list[str]],
                announce: Callable[[RoundPlan, dict[str, np.ndarray]], Announcement],
-               send: Callable[[str, bytes], None], say: Callable[[str], None]) -> RoundRow:
+               send: Callable[..., None], say: Callable[[str], None]) -> RoundRow:
     """Open the next round of ``settings.model_name`` and announce it; the round as stored.
 
     ``available(version)`` names the devices to sample from (:func:`available_devices`), ``announce`` signs the
@@ -102,7 +102,8 @@ def open_round(settings: HubSettings, engine: sa.Engine, store: Store, cfg: Fede
                              "aggregate": cfg.aggregate}
                          | ({"dp_seed": secrets.randbits(63)} if dp and dp.mode == "central" else {}),
                          announcement=payload, opened_at=now, deadline=plan.deadline)
-    send(settings.topics.rounds(name), payload)
+    # a copy queued for an offline device's session expires with the round: it could no longer answer
+    send(settings.topics.rounds(name), payload, expiry_s=plan.deadline - time.time())
     say(f"round {round_id}: v{base.version} to {len(chosen)} of {len(devices)} devices "
         + (f"(secure: the hub learns only the sum, once {secure.threshold} of them reveal their shares) "
            if secure else "")

@@ -106,11 +106,12 @@ class Agent:
         self.learner: Learner | None = None
         subscriptions = self._subscriptions(single)
         # One device, one client id: the broker keeps its session across reconnects (subscriptions, and what
-        # was published for it meanwhile), so a reconnect does not download the retained model again. A
-        # replay of many devices has a random id: its session would only pile up receipts after it.
+        # was published for it meanwhile), so a reconnect does not download the retained model again. Each
+        # process starts a new session (an old one could hold another prefix's filters, or bundles since
+        # replaced). A replay of many devices has a random id: its session would only pile up receipts.
         keep = single is not None and settings.session_expiry_s > 0
         self.link = MqttLink(
-            settings.broker_url, client_id, tls=settings.tls, clean_start=not keep, will=will,
+            settings.broker_url, client_id, tls=settings.tls, clean_start="first" if keep else True, will=will,
             session_expiry_s=settings.session_expiry_s if keep else None, retained_once=keep,
             keepalive_s=settings.keepalive_s, max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
             on_published=self._on_published, on_connected=self._on_connected,
@@ -217,6 +218,10 @@ class Agent:
         if up:
             self._status_due = 0.0  # re-announce online (the will may have been published)
             self.publisher.on_reconnect()
+            if self._device_model_topic and self.link.connects > 1 and not self.link.session_present:
+                # The broker lost the session (expired, a crash, clean sessions): a canary rolled back meanwhile
+                # left no message. Forget it; the retained bundle of a canary still running comes right after.
+                self._updates.put((True, b""))
 
     # ----------------------------------------------------------------- lifecycle
 

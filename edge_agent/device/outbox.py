@@ -103,7 +103,7 @@ class Outbox:
     """Thread-safe durable queue of encoded results (one SQLite connection, one lock)."""
 
     def __init__(self, path: str | Path, *, max_rows: int = 200_000, overflow: str = "drop_oldest",
-                 durable: bool = False, resend_after_s: float = 15.0, resend_max_s: float = 300.0,
+                 durable: bool = False, resend_after_s: float = 60.0, resend_max_s: float = 300.0,
                  reserve_bytes: int = RESERVE_BYTES) -> None:
         if overflow not in ("drop_oldest", "block"):
             raise ValueError(f"unknown overflow policy {overflow!r}")

@@ -145,6 +145,6 @@ def test_federate_accepts_centered_clip_and_stores_it_in_the_round_plan(tmp_path
     coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine,
                               FederateConfig(aggregate="centered-clip"), signing_key=None, allow_unsigned=True)
     monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b", "c"])  # no broker here
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload: None)
+    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
     assert coordinator._open().plan["aggregate"] == "centered-clip"
     engine.dispose()

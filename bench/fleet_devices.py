@@ -260,8 +260,8 @@ def main(port: int, prefix: str, first: int, count: int, seconds: float, period:
         # kernel drops SYNs, and paho's blocking connect would wait out its timeout
         while started < count and started - sum(d.connected for d in devices[:started]) < CONNECTING:
             try:
-                devices[started].client.connect("127.0.0.1", port, keepalive=60,  # a new session, then kept
-                                                clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY if SESSION_EXPIRY_S else True,
+                devices[started].client.connect("127.0.0.1", port, keepalive=60,  # as an agent resuming its own
+                                                clean_start=not SESSION_EXPIRY_S,
                                                 properties=session_properties())
             except OSError:
                 break  # the broker's queue is full: pump, then try again

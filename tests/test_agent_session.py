@@ -170,3 +170,33 @@ def test_a_new_process_starts_its_own_session(procs, broker, prefix, proxy, bund
         assert link.down - before < len(bundles[2]) + len(bundles[3]), link.down - before
     finally:
         stop(second, watch)
+
+
+def test_the_session_survives_a_broker_restart(procs, broker, prefix, proxy, bundles, tmp_path: Path) -> None:
+    """mosquitto saves only the sessions whose last connect did not start clean: an agent restarted on the
+    same state dir resumes its session from the first connect, so a broker restart (the reconnect storm of
+    docs/scale.md) does not send every device the retained model again."""
+    topic = c.Topics(prefix).model("default")
+    publish_retained(broker.url, topic, bundles[1])
+    watch = StatusWatch(broker, prefix)
+    state = tmp_path / "state"
+    first = start_agent(procs, proxy, prefix, state)
+    watch.wait("the agent online on v1", lambda s: s.state == c.ONLINE and s.model_version == 1)
+    stop(first, watch)  # a clean exit; the next process of this state dir resumes from its first connect
+    watch = StatusWatch(broker, prefix)
+    agent = start_agent(procs, proxy, prefix, state)
+    try:
+        watch.wait("the agent online again", lambda s: s.state == c.ONLINE and s.model_version == 1
+                   and (ln := proxy.link_of(f"edge-agent-{DEVICE}")) is not None and not ln.closed)
+        before = proxy.link_of(f"edge-agent-{DEVICE}")
+        watch.link.stop()
+        broker.restart()  # SIGTERM: mosquitto saves its sessions, then starts again on the same port
+        watch = StatusWatch(broker, prefix)
+        wait_for(lambda: (ln := proxy.link_of(f"edge-agent-{DEVICE}")) is not None and ln is not before,
+                 timeout=60, what="the agent reconnected to the restarted broker")
+        after = proxy.link_of(f"edge-agent-{DEVICE}")
+        publish_retained(broker.url, topic, bundles[2])
+        watch.wait("the agent on v2", lambda s: s.model_version == 2)
+        assert len(bundles[2]) <= after.down < len(bundles[2]) + len(bundles[1]), after.down
+    finally:
+        stop(agent, watch)

@@ -14,7 +14,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+import orjson
 
 from edge_agent import contract as c
 from edge_agent import exits
@@ -58,6 +60,24 @@ def _hint(reason: str) -> str:
         return ("The data is at fault, not the model: the source lacks channels the model was trained on; "
                 "give it those columns, or train a model on the channels it has.")
     return "Publish a good model with `cloud-hub publish`, or pass --model FILE."
+
+
+def _session_start(state: Path, client_id: str, broker: object,
+                   subscriptions: list[tuple[str, int]]) -> bool | Literal["first"]:
+    """How this process starts its MQTT session: resumed (``False``: clean start off from the first connect, the
+    only session mosquitto keeps across its own restart) when the last process of this state dir subscribed
+    the same filters as the same client; else a new session (``"first"``), since an old one could hold
+    filters of another prefix or model. The state dir remembers what this process subscribes."""
+    mark = state / "mqtt-session.json"
+    now = orjson.dumps({"client_id": client_id, "broker": str(broker), "subscriptions": sorted(subscriptions)})
+    try:
+        same = mark.read_bytes() == now
+    except OSError:
+        same = False
+    if not same:
+        with contextlib.suppress(OSError):  # a read-only state dir: a new session every start, nothing worse
+            mark.write_bytes(now)
+    return False if same else "first"
 
 
 class StateConflict(AgentError):
@@ -106,12 +126,12 @@ class Agent:
         self.learner: Learner | None = None
         subscriptions = self._subscriptions(single)
         # One device, one client id: the broker keeps its session across reconnects (subscriptions, and what
-        # was published for it meanwhile), so a reconnect does not download the retained model again. Each
-        # process starts a new session (an old one could hold another prefix's filters, or bundles since
-        # replaced). A replay of many devices has a random id: its session would only pile up receipts.
+        # was published for it meanwhile), so a reconnect does not download the retained model again. A
+        # replay of many devices has a random id: its session would only pile up receipts.
         keep = single is not None and settings.session_expiry_s > 0
         self.link = MqttLink(
-            settings.broker_url, client_id, tls=settings.tls, clean_start="first" if keep else True, will=will,
+            settings.broker_url, client_id, tls=settings.tls, will=will,
+            clean_start=_session_start(state, client_id, settings.broker_url, subscriptions) if keep else True,
             session_expiry_s=settings.session_expiry_s if keep else None, retained_once=keep,
             keepalive_s=settings.keepalive_s, max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
             on_published=self._on_published, on_connected=self._on_connected,

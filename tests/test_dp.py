@@ -213,7 +213,7 @@ def test_a_central_round_weighs_alike_adds_its_noise_keeps_the_base_ranges_and_s
     coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine, cfg, signing_key=None,
                               allow_unsigned=True)
     monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b", "c", "d"])
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload: None)
+    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
     store = Store(engine)
     rounds_done = []
     for _ in range(2):
@@ -291,7 +291,7 @@ def test_a_central_round_gives_every_update_the_same_weight(tmp_path, monkeypatc
     coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine,
                               FederateConfig(clip=1.0, dp_noise=1e-6), signing_key=None, allow_unsigned=True)
     monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b"])
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload: None)
+    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
     r = coordinator._open()
     store = Store(engine)
     with engine.connect() as conn:

@@ -40,11 +40,14 @@ def test_federate_passes_aggregate_to_its_config_and_refuses_an_unknown_rule(tmp
     monkeypatch.setattr(cli_rounds, "_federate", federate)
     base = ["federate", "--db", url, "--insecure-unsigned"]
     assert CliRunner().invoke(hub_app, base).exit_code == 0
-    assert CliRunner().invoke(hub_app, [*base, "--aggregate", "trimmed-mean"]).exit_code == 0
-    assert [c.aggregate for c in ran] == ["fedavg", "trimmed-mean"]
+    for rule in ("trimmed-mean", "centered-clip"):  # the first robust rule stays for the plans that name it
+        assert CliRunner().invoke(hub_app, [*base, "--aggregate", rule]).exit_code == 0
+    assert [c.aggregate for c in ran] == ["fedavg", "trimmed-mean", "centered-clip"]
     res = CliRunner().invoke(hub_app, [*base, "--aggregate", "median"])
     assert res.exit_code == exits.USAGE and "--aggregate must be one of fedavg, trimmed-mean" in res.output
-    assert len(ran) == 2, "an unknown rule runs no round"
+    res = CliRunner().invoke(hub_app, [*base, "--aggregate", "centered-clip", "--secure"])
+    assert res.exit_code != 0 and "--secure hides" in res.output
+    assert len(ran) == 3, "an unknown rule, or a robust one with --secure, runs no round"
     engine.dispose()
 
 
@@ -65,7 +68,7 @@ def test_the_rule_is_stored_with_the_round_used_to_finish_it_and_shown(tmp_path,
                               FederateConfig(aggregate="trimmed-mean", clip=1000.0), signing_key=None,
                               allow_unsigned=True)
     monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b", "c"])  # no broker here
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload: None)
+    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
     r = coordinator._open()
     assert r.plan["aggregate"] == "trimmed-mean" and r.plan["tolerance"] == 0.0  # beside the round's gate
     with engine.connect() as conn:

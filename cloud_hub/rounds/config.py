@@ -44,7 +44,7 @@ class FederateConfig:
     budget_s: float = 60.0
     tolerance: float = 0.0  # the gate: the candidate may be this much worse on the hold-out
     holdout_logs: tuple[str, ...] = ()
-    aggregate: str = "fedavg"  # or "trimmed-mean" (fedavg.RULES): how the hub combines the round's updates
+    aggregate: str = "fedavg"  # or a robust rule (fedavg.RULES): how the hub combines the round's updates
     secure: bool = False  # secure aggregation: the hub learns only the sum of the devices' deltas
     threshold: int | None = None  # secure: devices that must reveal their shares (default: a majority)
     # differential privacy (cloud_hub/rounds/privacy.py): distributed noise with secure, central without

@@ -133,8 +133,8 @@ class _Candidate:
 def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, base_manifest: dict[str, Any],
                rows: Sequence[ModelRow], base_int8: bytes | None = None) -> _Candidate:
     """The counted (update, staleness) aggregated on the base's FP32 weights ``blob`` by the plan's rule
-    (:func:`fedavg.aggregate`: FedAvg, each weighted by its capped example count and its staleness, or the
-    trimmed mean), each clipped to the plan's clip, then FP32 ONNX and INT8 from the devices' merged
+    (:func:`fedavg.aggregate`: FedAvg, each weighted by its capped example count and its staleness, or a
+    robust rule), each clipped to the plan's clip, then FP32 ONNX and INT8 from the devices' merged
     activation ranges (no data needed). With central differential privacy: every update weighs the same, and
     the mean gets the noise (:func:`privacy.central_noise`)."""
     pipeline = weights.from_bytes(blob)

@@ -194,3 +194,21 @@ def publish_retained(broker_url: str, topic: str, payload: bytes) -> None:
     link.publish(topic, payload, c.MODEL_DELIVERY)
     assert done.get(timeout=10)
     link.stop()
+
+
+def offline_coordinator(tmp_path: Path, monkeypatch: Any, cfg: Any, devices: tuple[str, ...]) -> tuple[Any, Any, str]:
+    """A ``federate`` coordinator on a SQLite hub holding a small trained v1, with no broker: ``devices`` are
+    the ones available, and every send (announcement, clear) goes nowhere. Returns it, the engine and the URL."""
+    from cloud_hub.data import db
+    from cloud_hub.rounds.coordinator import Coordinator
+    from cloud_hub.settings import HubSettings
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
+    coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine, cfg, signing_key=None,
+                              allow_unsigned=True)
+    monkeypatch.setattr(coordinator, "_available", lambda _version: list(devices))
+    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
+    return coordinator, engine, url

@@ -14,15 +14,13 @@ from dp_accounting.rdp import RdpAccountant
 from typer.testing import CliRunner
 
 from cloud_hub.cli.app import app as hub_app
-from cloud_hub.data import db, sessions
+from cloud_hub.data import sessions
 from cloud_hub.data.store import Store
-from cloud_hub.models import lifecycle, weights
+from cloud_hub.models import weights
 from cloud_hub.rounds import fedavg, privacy
 from cloud_hub.rounds.config import FederateConfig
-from cloud_hub.rounds.coordinator import Coordinator
 from cloud_hub.rounds.finish import finish
 from cloud_hub.rounds.store import RoundStore
-from cloud_hub.settings import HubSettings
 from edge_agent import exits
 from edge_agent.contract import ContractError, decode_bundle, secagg, secure_codec
 from edge_agent.contract import rounds as cr
@@ -34,7 +32,7 @@ from edge_agent.contract.privacy import (
     sum_limit,
 )
 from edge_agent.contract.secure_rounds import secure_grid
-from tests.helpers import SMALL, make_log
+from tests.helpers import offline_coordinator
 from tests.test_federate_aggregate import _update
 from tests.test_secure_rounds import TENSORS, Network, _deltas, _stats
 
@@ -205,15 +203,8 @@ def test_a_sum_refused_after_unmasking_is_still_charged(tmp_path, monkeypatch) -
 
 def test_a_central_round_weighs_alike_adds_its_noise_keeps_the_base_ranges_and_states_its_epsilon(
         tmp_path, monkeypatch) -> None:
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    engine = db.make_engine(url)
-    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
-    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
     cfg = FederateConfig(clip=0.5, target_epsilon=3.0, rounds=2, max_staleness=1)
-    coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine, cfg, signing_key=None,
-                              allow_unsigned=True)
-    monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b", "c", "d"])
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
+    coordinator, engine, url = offline_coordinator(tmp_path, monkeypatch, cfg, ("a", "b", "c", "d"))
     store = Store(engine)
     rounds_done = []
     for _ in range(2):
@@ -284,14 +275,8 @@ def test_a_central_round_gives_every_update_the_same_weight(tmp_path, monkeypatc
     clip: under dp every update weighs the same (noise tiny here, so the mean shows)."""
     import dataclasses
 
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    engine = db.make_engine(url)
-    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
-    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
-    coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine,
-                              FederateConfig(clip=1.0, dp_noise=1e-6), signing_key=None, allow_unsigned=True)
-    monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b"])
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
+    coordinator, engine, _ = offline_coordinator(tmp_path, monkeypatch, FederateConfig(clip=1.0, dp_noise=1e-6),
+                                                 ("a", "b"))
     r = coordinator._open()
     store = Store(engine)
     with engine.connect() as conn:

@@ -14,16 +14,14 @@ from typer.testing import CliRunner
 from cloud_hub.cli.app import app as hub_app
 from cloud_hub.data import db, sessions
 from cloud_hub.data.store import Store
-from cloud_hub.models import lifecycle, weights
+from cloud_hub.models import weights
 from cloud_hub.rounds import fedavg
 from cloud_hub.rounds.config import FederateConfig
-from cloud_hub.rounds.coordinator import Coordinator
 from cloud_hub.rounds.finish import finish
 from cloud_hub.rounds.store import RoundRow, RoundStore
-from cloud_hub.settings import HubSettings
 from edge_agent import exits
 from edge_agent.contract import rounds as cr
-from tests.helpers import SMALL, make_log
+from tests.helpers import offline_coordinator
 
 
 def test_federate_passes_aggregate_to_its_config_and_refuses_an_unknown_rule(tmp_path, monkeypatch) -> None:
@@ -60,15 +58,8 @@ def _update(r: RoundRow, device: str, tensors: dict, value: float) -> bytes:
 
 
 def test_the_rule_is_stored_with_the_round_used_to_finish_it_and_shown(tmp_path, monkeypatch) -> None:
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    engine = db.make_engine(url)
-    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
-    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
-    coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine,
-                              FederateConfig(aggregate="trimmed-mean", clip=1000.0), signing_key=None,
-                              allow_unsigned=True)
-    monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b", "c"])  # no broker here
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
+    coordinator, engine, url = offline_coordinator(
+        tmp_path, monkeypatch, FederateConfig(aggregate="trimmed-mean", clip=1000.0), ("a", "b", "c"))
     r = coordinator._open()
     assert r.plan["aggregate"] == "trimmed-mean" and r.plan["tolerance"] == 0.0  # beside the round's gate
     with engine.connect() as conn:

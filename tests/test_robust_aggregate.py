@@ -7,13 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud_hub.data import db
-from cloud_hub.models import lifecycle
 from cloud_hub.rounds import fedavg, robust
 from cloud_hub.rounds.config import FederateConfig
-from cloud_hub.rounds.coordinator import Coordinator
-from cloud_hub.settings import HubSettings
-from tests.helpers import SMALL, make_log
+from tests.helpers import offline_coordinator
 
 SHAPES = {"coef_0": (4, 3), "intercept_0": (3,)}
 
@@ -120,13 +116,7 @@ def test_the_centered_clip_rule_in_aggregate() -> None:
 
 def test_a_round_opened_with_centered_clip_stores_it_in_its_plan(tmp_path, monkeypatch) -> None:
     """(``federate --aggregate centered-clip`` is accepted, and refused with ``--secure``: test_federate_aggregate.)"""
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    engine = db.make_engine(url)
-    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
-    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
-    coordinator = Coordinator(HubSettings(db=url, broker="mqtt://127.0.0.1:1"), engine,
-                              FederateConfig(aggregate="centered-clip"), signing_key=None, allow_unsigned=True)
-    monkeypatch.setattr(coordinator, "_available", lambda _version: ["a", "b", "c"])  # no broker here
-    monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
+    coordinator, engine, _ = offline_coordinator(tmp_path, monkeypatch, FederateConfig(aggregate="centered-clip"),
+                                                 ("a", "b", "c"))
     assert coordinator._open().plan["aggregate"] == "centered-clip"
     engine.dispose()

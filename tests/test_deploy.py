@@ -32,10 +32,11 @@ from pathlib import Path
 
 import pytest
 
-from cloud_hub.tools.local_broker import LocalBroker, free_port
+from cloud_hub.tools.local_broker import LocalBroker, free_port, port_open
 from edge_agent import contract as c
 from edge_agent.mqtt import ConnectRefused, Message, MqttError, MqttLink
 from edge_agent.settings import AgentSettings, BrokerURL, TLSFiles, load_settings
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -574,7 +575,12 @@ def _sessions_held(limit: int, sessions: int, procs, tmp_path: Path) -> int:
     # util-linux's prlimit sets the limit and execs mosquitto: the pid is the broker's
     proc = procs.popen(["prlimit", f"--nofile={limit}:{limit}", shutil.which("mosquitto") or "/usr/sbin/mosquitto",
                         "-c", str(conf)], stderr=subprocess.DEVNULL)
-    _wait_for_port(port, proc)
+
+    def listening() -> bool:
+        assert proc.poll() is None, "mosquitto exited"
+        return port_open("127.0.0.1", port)
+
+    wait_for(listening, timeout=10, what=f"mosquitto listening on port {port}")
     socks: list[socket.socket] = []
     held = 0
     try:
@@ -591,17 +597,6 @@ def _sessions_held(limit: int, sessions: int, procs, tmp_path: Path) -> int:
         for s in socks:
             s.close()
     return held
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
-    from cloud_hub.tools.local_broker import port_open
-
-    for _ in range(500):
-        if port_open("127.0.0.1", port):
-            return
-        assert proc.poll() is None, "mosquitto exited"
-        threading.Event().wait(0.02)
-    raise AssertionError(f"mosquitto did not listen on {port}")
 
 
 def test_the_broker_unit_lifts_the_open_files_limit_a_fleet_needs(procs, tmp_path: Path) -> None:

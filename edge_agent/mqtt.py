@@ -128,8 +128,8 @@ class MqttLink:
         self.fatal: str | None = None  # why this link gave up for good (a session takeover)
         self._outgoing = 0  # publishes not yet acknowledged (QoS 1) or sent (QoS 0)
         self._exclusive = exclusive
-        # With a session the broker keeps (clean_start "first": a new session for this process, resumed by its
-        # reconnects), a reconnect of this link asks for retained messages only where the subscription is new,
+        # With a session the broker keeps (clean_start False or "first": the agent's, see its _session_start), a
+        # reconnect of this link asks for retained messages only where the subscription is new,
         # i.e. the broker lost the session: what was published meanwhile is queued in the session, and a
         # retained bundle is not downloaded again (#27 §2).
         self._retained_once = retained_once

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -345,6 +346,9 @@ def _wait_log(path: Path, needle: str, proc: subprocess.Popen[str]) -> None:
 
 
 def main() -> None:
+    # SIGTERM (a service manager, `kill`, a timeout) ends the run like Ctrl-C: run()'s finally stops the
+    # broker, the hub and the device processes instead of leaving them behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=120.0, help="how long every device produces results")

@@ -403,4 +403,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # everything it started is stopped by then (run's finally)
+        print("fleet.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -304,8 +304,8 @@ def _receipt_runs(items: Any, key: str, least: int) -> tuple[tuple[tuple[int, in
         if type(run) is not list or len(run) != 3 or not all(type(x) is int for x in run):
             raise ContractError(f"receipt.{key}[{i}] must be [first, step, count] integers")
         first, step, count = run
-        if not (0 <= first <= _MAX_INT and step >= 1 and count >= 1
-                and first + step * (count - 1) <= _MAX_INT):
+        if not (0 <= first <= _MAX_INT and 1 <= step <= _MAX_INT and count >= 1
+                and first + step * (count - 1) <= _MAX_INT):  # a step past int64 too, even of a run of one
             raise ContractError(f"receipt.{key}[{i}] = {run} is out of range (first >= 0, step >= 1, count >= 1)")
         total += count
         runs.append((first, step, count))

@@ -1,0 +1,107 @@
+"""Peak RSS of a real ``cloud-hub federate`` process through a few rounds (issue 26 §5: target <= 150 MB).
+
+    python bench/federate_rss.py [--agents 4] [--rounds 3] [--secure] [--workdir /tmp/edgeml-federate-rss]
+
+Runs ``cloud-hub demo --federated``'s fleet (a private mosquitto, the hub ingesting in this process, v1 trained
+centrally and published, one ``edge-agent run`` per device following its own recording: the watch recordings of
+``../shared/data`` when present, else the generated IMU log) but the rounds are run by ``python -m cloud_hub
+federate`` as a process of its own, with the demo's options (hold-out log gate, tolerance 0.01). Its peak RSS is
+the kernel's ``ru_maxrss`` of that process (``os.wait4``: the same figure as its ``VmHWM`` at exit), and
+``--importtime`` adds what importing ``cloud_hub.cli.rounds`` and the modules a round loads costs, measured in a
+fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud_hub.rounds.store import RoundStore
+from cloud_hub.tools import demo_federated
+from cloud_hub.tools.demo_federated import FederatedDemo
+
+TARGET_MB = 150.0
+FLOOR = ("import sys\n"
+         "import cloud_hub.cli.app, cloud_hub.cli.rounds, cloud_hub.rounds.coordinator, cloud_hub.rounds.finish\n"
+         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
+         "print(' '.join(sorted(m for m in ('sklearn', 'scipy', 'skl2onnx', 'onnxruntime', 'onnx', "
+         "'onnxruntime.quantization') if m in sys.modules)))\n")
+
+
+class FederateProcess:
+    """Stands in for :class:`~cloud_hub.rounds.coordinator.Coordinator` in the demo: ``run`` is a ``cloud-hub
+    federate`` process with the same settings and plan; its peak RSS is kept in ``peak_mb``."""
+
+    peak_mb: float = 0.0
+    seconds: float = 0.0
+
+    def __init__(self, settings: Any, engine: sa.Engine, cfg: Any, *, signing_key: str, allow_unsigned: bool,
+                 progress: Any) -> None:
+        self.s, self.engine, self.cfg, self.key = settings, engine, cfg, signing_key
+
+    def run(self) -> list[Any]:
+        c = self.cfg
+        cmd = [sys.executable, "-m", "cloud_hub", "federate", "--broker", str(self.s.broker_url), "--db", self.s.db,
+               "--prefix", self.s.prefix, "--client-id", self.s.client_id, "--signing-key", self.key,
+               "--rounds", str(c.rounds), "--min-available", str(c.min_available), "--deadline", str(c.deadline_s),
+               "--tolerance", str(c.tolerance), *(a for h in c.holdout_logs for a in ("--holdout-log", h)),
+               *(["--secure"] if c.secure else [])]
+        log = Path(self.s.db.removeprefix("sqlite:///")).with_name("federate.log")
+        t0 = time.monotonic()
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=out)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            finally:
+                if proc.returncode is None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        FederateProcess.seconds = time.monotonic() - t0
+        FederateProcess.peak_mb = usage.ru_maxrss / 1024
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"cloud-hub federate exited with {os.waitstatus_to_exitcode(status)}: "
+                               + log.read_text()[-2000:])
+        with self.engine.connect() as conn:
+            return RoundStore().rounds(conn, self.s.model_name)
+
+
+def floor() -> tuple[float, str]:
+    """(VmHWM in MB, the heavy packages loaded) of a fresh interpreter importing what federate imports."""
+    out = subprocess.run([sys.executable, "-c", FLOOR], capture_output=True, text=True, check=True).stdout.split("\n")
+    return float(out[0]), out[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--secure", action="store_true", help="secure rounds (at least 3 agents)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/edgeml-federate-rss"))
+    args = ap.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    demo_federated.Coordinator = FederateProcess  # type: ignore[misc, assignment]
+    out = FederatedDemo(args.workdir, broker=None, agents=args.agents, rounds=args.rounds, secure=args.secure,
+                        say=lambda line: print(f"  {line}", file=sys.stderr), show=lambda rows: None).run()
+    with out["engine"].connect() as conn:
+        rounds = RoundStore().rounds(conn, "default")
+    out["engine"].dispose()
+    imports, loaded = floor()
+    print(f"{args.agents} agents, {args.rounds} {'secure' if args.secure else 'plain'} rounds: "
+          + ", ".join(f"round {r.id} {r.state}" + (f" v{r.new_version}" if r.new_version else "") for r in rounds))
+    print(f"federate peak RSS (ru_maxrss): {FederateProcess.peak_mb:.1f} MB over {FederateProcess.seconds:.0f} s "
+          f"(target <= {TARGET_MB:g} MB: {'met' if FederateProcess.peak_mb <= TARGET_MB else 'NOT met'})")
+    print(f"its imports alone (cli.rounds, coordinator, finish): {imports:.1f} MB; loaded: {loaded or 'none of them'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,11 @@ when every result that was waiting at its return had its receipt, and that nothi
 
 ``--linger`` (default: 0 and the hub's default ``batch_linger_ms``) runs the whole fleet once per
 value, one after the other, and ends with a table of the hub's CPU per 1,000 results/s (before the
-model switch, and over the whole run) and the receipt latency of each: what the linger buys.
+model switch, and over the whole run) and the receipt latency of each: what the linger buys. The
+table ends with the floor under those figures, measured in the same run at the fleet's rate
+(``bench/paho_floor.py``): a bare paho client doing only the hub's four MQTT packets per result (the
+result in, its PUBACK, a receipt out and its PUBACK in), with no decoding and no database; ``--no-floor``
+skips it.
 
 File descriptors: the broker holds one per session and each device process one per device; the bench
 raises its soft ``RLIMIT_NOFILE`` to the hard limit (inherited by the broker and the devices) and refuses
@@ -362,6 +366,8 @@ def main() -> None:
     ap.add_argument("--storm-at", type=float, default=None,
                     help="restart the broker this many seconds in (after the model switch): a reconnect storm")
     ap.add_argument("--storm-down", type=float, default=2.0, help="seconds the restarted broker stays down")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the floor: a bare paho client's CPU for the hub's packets at the same rate")
     args = ap.parse_args()
     from cloud_hub.settings import HubSettings
     try:
@@ -400,6 +406,14 @@ def main() -> None:
     for f in figures:
         print(f"  {f['linger']:9g}   {f['steady']:21.1%}   {f['cpu']:13.1%}   {f['p50'] * 1000:17.0f} / "
               f"{f['p99'] * 1000:.0f} ms {'':12s}   {f['p99_all'] * 1000:10.0f} ms   {f['lost']:10.0f}", flush=True)
+    if not args.no_floor:
+        from paho_floor import measure
+        rate = args.devices / args.period
+        floor = measure(rate, 20.0, min(args.devices, 10_000), 1)["cpu_per_k"]
+        best = min(f["steady"] for f in figures)
+        print(f"  floor: a bare paho client doing only the hub's 4 packets a result at {rate:,.0f} results/s: "
+              f"{floor:.1%} of a core per 1,000 results/s; the hub's best before the switch is {best / floor:.2f}x it "
+              f"(target 8 %: {'below' if floor > 0.08 else 'above'} the floor)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The agent's own memory (#27 §4): an agent that joins no federated round does not carry the learner.
+"""The agent's own memory (#27 §4): an agent that joins no federated round does not carry the learner
+nor the rounds' contract, and one without a config file does not carry the TOML parser.
 
 Each case is a fresh interpreter (this one has imported everything by now): it builds the agent as
 ``edge-agent replay`` and ``run`` do, without starting it, and says which of the learner's modules it holds.
@@ -22,7 +23,8 @@ s = load_settings(AgentSettings, env_prefix="EDGE_AGENT_PROBE", config=None,
                              federated=sys.argv[3] == "on"))
 agent = Agent(s, device_ids=(s.device_id,) if s.device_id else ())
 print(json.dumps({"learner": agent.learner is not None,
-                  "loaded": sorted(m for m in ("edge_agent.device.learner", "threadpoolctl") if m in sys.modules)}))
+                  "loaded": sorted(m for m in ("edge_agent.device.learner", "threadpoolctl", "edge_agent.contract.rounds",
+                                              "tomllib") if m in sys.modules)}))
 agent.outbox.close()
 """
 
@@ -44,4 +46,4 @@ def test_an_agent_that_joins_no_round_does_not_import_the_learner(tmp_path: Path
 
 def test_an_agent_that_joins_rounds_has_its_learner(tmp_path: Path) -> None:
     out = _agent_modules(tmp_path / "state", "d-1", "on")
-    assert out == {"learner": True, "loaded": ["edge_agent.device.learner", "threadpoolctl"]}
+    assert out == {"learner": True, "loaded": ["edge_agent.contract.rounds", "edge_agent.device.learner", "threadpoolctl"]}

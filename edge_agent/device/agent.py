@@ -20,7 +20,6 @@ import orjson
 
 from edge_agent import contract as c
 from edge_agent import exits
-from edge_agent.contract.rounds import UPDATE_DELIVERY
 from edge_agent.device.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
 from edge_agent.device.outbox import Outbox, is_disk_full
 from edge_agent.device.pipeline import Processor
@@ -229,6 +228,8 @@ class Agent:
             self.learner.on_answered(msg.payload)
 
     def _publish_update(self, topic: str, payload: bytes, expiry_s: float | None = None) -> None:
+        from edge_agent.contract.rounds import UPDATE_DELIVERY  # loaded with the learner already
+
         self.link.publish(topic, payload, UPDATE_DELIVERY, expiry_s)
 
     def _on_published(self, mid: int, ok: bool, reason: str) -> None:

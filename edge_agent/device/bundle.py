@@ -11,6 +11,7 @@ torn file.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import os
 from pathlib import Path
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING
 from edge_agent import exits
 from edge_agent.contract import Bundle, ContractError, Signed, manifest_from_obj, signed_part, split_bundle
 from edge_agent.contract import key_id as contract_key_id
-from edge_agent.contract.rounds import Announcement, announcement_header, decode_announcement
 from edge_agent.runner import ModelError, ModelRunner
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from edge_agent.contract.rounds import Announcement
     from edge_agent.contract.secure_rounds import Step
 
 # cryptography (OpenSSL) costs ~8 MB of RSS on import: it is loaded only where a key is used, so an
@@ -38,22 +39,41 @@ class BundleRejected(exits.Failure, ValueError):
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    from cryptography.hazmat.primitives import serialization
+    return contract_key_id(public_key.public_bytes_raw())
 
-    return contract_key_id(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+# An Ed25519 public key in X.509 SubjectPublicKeyInfo (RFC 8410): SEQUENCE { SEQUENCE { OID 1.3.101.112 },
+# BIT STRING { 0 unused bits, the 32 key bytes } }. Every Ed25519 SPKI is these 12 bytes and then the key.
+# Read here rather than by cryptography's `serialization` (which loads its SSH, RSA, DSA, EC and DH modules:
+# 1 MB of anonymous memory in every agent that has a trusted key, #27 §4).
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----"
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    from cryptography.hazmat.primitives import serialization
+    """The Ed25519 public key of a PEM file (``cloud-hub keygen``'s ``.pub.pem``); anything else (no
+    PEM public key, an RSA or EC key, a private key) is refused with :class:`BundleRejected`, naming the file."""
+    try:
+        text = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise BundleRejected(f"cannot read trusted key {path}: {exc}") from exc
+    start = text.find(_PEM_BEGIN)
+    end = text.find(_PEM_END, start + 1)
+    if start < 0 or end < 0:
+        if b"PUBLIC KEY-----" in text:  # e.g. BEGIN RSA PUBLIC KEY (PKCS #1)
+            raise BundleRejected(f"trusted key {path} is not an Ed25519 public key")
+        what = "a private key, not the public one" if b"PRIVATE KEY-----" in text else "no PEM public key"
+        raise BundleRejected(f"cannot read trusted key {path}: it holds {what} (expected {_PEM_BEGIN.decode()} "
+                             "... of the .pub.pem of `cloud-hub keygen`)")
+    try:
+        der = binascii.a2b_base64(b"".join(text[start + len(_PEM_BEGIN):end].split()), strict_mode=True)
+    except binascii.Error as exc:
+        raise BundleRejected(f"cannot read trusted key {path}: its PEM block is not base64 ({exc})") from exc
+    if len(der) != len(_ED25519_SPKI) + 32 or not der.startswith(_ED25519_SPKI):
+        raise BundleRejected(f"trusted key {path} is not an Ed25519 public key")
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    try:
-        key = serialization.load_pem_public_key(Path(path).expanduser().read_bytes())
-    except (OSError, ValueError) as exc:
-        raise BundleRejected(f"cannot read trusted key {path}: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise BundleRejected(f"trusted key {path} is not an Ed25519 public key")
-    return key
+    return Ed25519PublicKey.from_public_bytes(der[len(_ED25519_SPKI):])
 
 
 def verify_bundle(
@@ -100,6 +120,9 @@ def check_bundle(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_
 
 def check_round(payload: bytes, *, trusted_key: Ed25519PublicKey | None, allow_unsigned: bool) -> Announcement:
     """Check a round announcement's signature, then decode it and check its weights' digest, as for a bundle."""
+    # Loaded by an agent that joins rounds only: 0.5 MB of anonymous memory (#27 §4).
+    from edge_agent.contract.rounds import announcement_header, decode_announcement
+
     try:
         header = announcement_header(payload)
         signed = signed_part(header, "round")

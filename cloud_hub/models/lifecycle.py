@@ -383,7 +383,7 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
                   "warm_start": warm_from is not None, **(summary or {}),
                   "feature_bins": feature_bins(recorded.X)},  # the devices measure their drift against it
     )
-    return Bundle(manifest, int8), m_fp32, m_int8, weights.to_bytes(model)
+    return Bundle(manifest, int8), m_fp32, m_int8, weights.to_bytes(model, fp32)  # its graph: federated rounds'
 
 
 def _forecast_offset(train: Dataset) -> tuple[tuple[int, float, float] | None, np.ndarray | None]:

@@ -28,16 +28,16 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from cloud_hub.models import forecast
+
+if TYPE_CHECKING:  # scikit-learn is imported by what trains or exports, not by importing this module
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.pipeline import Pipeline
 
 __all__ = [
     "INPUT_NAME",
@@ -107,16 +107,23 @@ def task_of(y: np.ndarray) -> str:
 
 def model_task(model: Pipeline) -> str:
     """Task of a model returned by :func:`train`."""
+    from sklearn.neural_network import MLPClassifier
+
     return "classification" if isinstance(_mlp(model), MLPClassifier) else "regression"
 
 
 def model_labels(model: Pipeline) -> tuple[str, ...]:
     """Class labels of a classifier in probability-column order (empty for a regressor)."""
+    from sklearn.neural_network import MLPClassifier
+
     mlp = _mlp(model)
     return tuple(str(c) for c in mlp.classes_) if isinstance(mlp, MLPClassifier) else ()
 
 
 def _mlp(model: Pipeline) -> MLPClassifier | MLPRegressor:
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.pipeline import Pipeline
+
     if not isinstance(model, Pipeline) or not isinstance(model.steps[-1][1], (MLPClassifier, MLPRegressor)):
         raise TypeError("expected a Pipeline produced by cloud_hub.models.training.train")
     return model.steps[-1][1]
@@ -173,6 +180,11 @@ def train(
 
 
 def _train(X: np.ndarray, y: np.ndarray, warm_from: Pipeline | None, seed: int, cfg: TrainConfig) -> Pipeline:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
     X = _check_X(X)
     y = np.asarray(y)
     if y.shape[:1] != (X.shape[0],) or y.ndim > 2:
@@ -265,6 +277,9 @@ def _warm_incompatibility(prev: Any, X: np.ndarray, y: np.ndarray, task: str) ->
 def _continue(
     prev: Pipeline, X: np.ndarray, y: np.ndarray, task: str, cfg: TrainConfig, seed: int
 ) -> Pipeline:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.pipeline import Pipeline
+
     scaler = copy.deepcopy(prev.steps[0][1])
     mlp = copy.deepcopy(_mlp(prev))
     Xs = scaler.transform(X).astype(np.float32)
@@ -321,6 +336,7 @@ def export_onnx(model: Pipeline, n_features: int, add_back: tuple[int, float, fl
     """
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.neural_network import MLPClassifier
 
     mlp = _mlp(model)
     if getattr(mlp, "n_features_in_", n_features) != n_features:
@@ -410,6 +426,7 @@ def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_te
     last readings, persistence (:func:`cloud_hub.models.forecast.persistence_baseline`). Metrics as
     :func:`cloud_hub.models.quantize.evaluate` gives."""
     from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+    from sklearn.preprocessing import StandardScaler
 
     from cloud_hub.models.quantize import error_metrics
 

@@ -16,11 +16,9 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.pipeline import Pipeline
 
 from cloud_hub.rounds.robust import TRIM, centered_clip, coordinate_start, trimmed, trimmed_mean
 
@@ -28,10 +26,16 @@ __all__ = ["CENTER_RADIUS", "RULES", "TRIM", "Contribution", "aggregate", "cappe
            "evaluation", "merge_ranges", "mlp_tensors", "quantize_from_ranges", "staleness_weight", "trimmed",
            "trimmed_mean", "with_tensors"]
 
+if TYPE_CHECKING:  # the hub's rounds read weights blobs (cloud_hub.models.weights); these take pipelines
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.pipeline import Pipeline
+
 Tensors = Mapping[str, np.ndarray]
 
 
 def _parts(pipeline: Pipeline) -> tuple[Any, MLPClassifier | MLPRegressor]:
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+
     mlp = pipeline.steps[-1][1]
     if not isinstance(mlp, (MLPClassifier, MLPRegressor)):
         raise TypeError("expected a Pipeline(StandardScaler -> MLPClassifier/MLPRegressor)")
@@ -39,7 +43,10 @@ def _parts(pipeline: Pipeline) -> tuple[Any, MLPClassifier | MLPRegressor]:
 
 
 def mlp_tensors(pipeline: Pipeline) -> dict[str, np.ndarray]:
-    """The float32 tensors of a ``StandardScaler -> MLP`` pipeline (as ``weights.from_bytes`` returns it)."""
+    """The float32 tensors of a ``StandardScaler -> MLP`` pipeline (as ``weights.from_bytes`` returns it; without
+    scikit-learn, from a weights blob: ``weights.tensors``)."""
+    from sklearn.neural_network import MLPRegressor
+
     scaler, mlp = _parts(pipeline)
     out = {"scaler_mean": np.asarray(scaler.mean_, np.float32),
            "scaler_scale": np.asarray(scaler.scale_, np.float32)}

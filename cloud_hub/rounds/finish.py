@@ -1,7 +1,9 @@
 """Closing a federated round: aggregate the counted updates, re-quantize, evaluate, gate, register, publish.
 
-Loaded by the coordinator (:mod:`cloud_hub.rounds.coordinator`) when a round closes; it needs the training stack
-(scikit-learn for the FP32 master copy, onnx and onnxruntime.quantization for the INT8 model).
+Loaded by the coordinator (:mod:`cloud_hub.rounds.coordinator`) when a round closes. The FP32 master copy is the
+base's weights blob (:mod:`cloud_hub.models.weights`: its arrays and its FP32 ONNX graph), so a round needs onnx and
+onnxruntime.quantization for the INT8 model but not scikit-learn or skl2onnx; those are loaded only for a base
+registered without its graph (none after revision ``0006_fp32_graph``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sqlalchemy as sa
 from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import describe_score, shaped_by
 from cloud_hub.data.store import ModelRow, Store
-from cloud_hub.models import quantize, training, weights
+from cloud_hub.models import quantize, weights
 from cloud_hub.models.lifecycle import next_version, passes_gate, register, windows_from_logs
 from cloud_hub.rounds import fedavg, privacy
 from cloud_hub.rounds.secure import Summed
@@ -108,7 +110,7 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     outcome |= seen
     state = "publishable" if ok else "rejected"
     register(engine, _bundle(r, version, c, metrics | {"gate": gate}, outcome["counted"], held, privacy),
-             weights.to_bytes(c.model), state)
+             c.weights, state)
     outcome |= {"int8_bytes": len(c.int8), "gate": gate}
     if state == "rejected":
         return "rejected", version, outcome, gate
@@ -121,7 +123,7 @@ class _Candidate:
     """A round's new version before its gate: the FedAvg of the counted updates on the base's FP32 master
     copy, exported to ONNX, and its INT8 model quantized from the devices' ranges."""
 
-    model: Any  # the scikit-learn pipeline, the FP32 master copy stored as the version's weights
+    weights: bytes  # the FP32 master copy stored as the version's weights (arrays and FP32 graph)
     tensors: dict[str, np.ndarray]  # its MLP tensors, what the devices evaluate
     manifest: Manifest  # the base's
     participants: list[str]  # the devices whose updates were counted
@@ -137,8 +139,7 @@ def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, 
     robust rule), each clipped to the plan's clip, then FP32 ONNX and INT8 from the devices' merged
     activation ranges (no data needed). With central differential privacy: every update weighs the same, and
     the mean gets the noise (:func:`privacy.central_noise`)."""
-    pipeline = weights.from_bytes(blob)
-    master = fedavg.mlp_tensors(pipeline)
+    master = weights.tensors(blob)
     counts = fedavg.capped_examples([u.n_examples for u, _ in updates])
     rule = str(r.plan.get("aggregate", "fedavg"))  # a round opened before the plan named its rule: FedAvg
     dp = DpParams.from_obj(r.plan["dp"]) if "dp" in r.plan else None
@@ -150,7 +151,7 @@ def _aggregate(r: RoundRow, updates: Sequence[tuple[Update, int]], blob: bytes, 
         # second noisy view of the same sum; a trusted hub's database holds the plain updates anyway
         rng = np.random.default_rng(r.plan.get("dp_seed"))
         new = privacy.central_noise(new, r.plan["trainable"], dp.noise, clip, len(updates), rng)
-    return _candidate(r, pipeline, new, sorted({u.device_id for u, _ in updates}),
+    return _candidate(r, blob, new, sorted({u.device_id for u, _ in updates}),
                       [list(u.ranges) for u, _ in updates], base_manifest, rows, base_int8)
 
 
@@ -158,25 +159,35 @@ def _from_sum(r: RoundRow, summed: Summed, blob: bytes, base_manifest: dict[str,
               rows: Sequence[ModelRow], base_int8: bytes | None = None) -> _Candidate:
     """A secure round's candidate: the base's FP32 weights plus the survivors' mean delta (each clipped on its
     device), INT8 from their mean activation ranges (the hub sees no device's own)."""
-    pipeline = weights.from_bytes(blob)
-    master = fedavg.mlp_tensors(pipeline)
+    master = weights.tensors(blob)
     new = {k: (v + summed.delta[k]).astype(np.float32) if k in summed.delta else v for k, v in master.items()}
-    return _candidate(r, pipeline, new, summed.survivors, [summed.ranges], base_manifest, rows, base_int8)
+    return _candidate(r, blob, new, summed.survivors, [summed.ranges], base_manifest, rows, base_int8)
 
 
-def _candidate(r: RoundRow, pipeline: Any, new: dict[str, np.ndarray], participants: list[str],
+def _candidate(r: RoundRow, blob: bytes, new: dict[str, np.ndarray], participants: list[str],
                ranges: Sequence[Sequence[Sequence[float]]], base_manifest: dict[str, Any],
                rows: Sequence[ModelRow], base_int8: bytes | None = None) -> _Candidate:
-    model = fedavg.with_tensors(pipeline, new)
     manifest = manifest_from_obj(base_manifest)
     # none of them is held out for the new version: the base's devices, every round's, this round's
     shaped = shaped_by({(m.name, m.version): m.manifest for m in rows}).get((r.model_name, r.base_version),
                                                                           frozenset()) | set(participants)
-    fp32 = training.export_onnx(model, manifest.n_features)
+    fp32 = _fp32(blob, new, manifest.n_features)
     if base_int8 is not None:  # differential privacy: the base's ranges, not the devices' (not noised)
         ranges = [fedavg.ranges_of(base_int8)]
     int8 = fedavg.quantize_from_ranges(fp32, fedavg.merge_ranges(ranges))
-    return _Candidate(model, new, manifest, participants, shaped, fp32, int8)
+    return _Candidate(weights.with_tensors(blob, new, fp32), new, manifest, participants, shaped, fp32, int8)
+
+
+def _fp32(blob: bytes, new: dict[str, np.ndarray], n_features: int) -> bytes:
+    """The FP32 ONNX model of the base's weights ``blob`` with the layers ``new``: its stored graph refilled
+    (:func:`weights.fill_graph`), or, for a base stored without one, exported with scikit-learn and skl2onnx."""
+    graph = weights.graph(blob)
+    if graph is not None:
+        return weights.fill_graph(graph, new)
+    from cloud_hub.models import training
+
+    log.info("the base's weights hold no FP32 graph (registered before revision 0006): exporting it with skl2onnx")
+    return training.export_onnx(fedavg.with_tensors(weights.from_bytes(blob), new), n_features)
 
 
 def _bundle(r: RoundRow, version: int, c: _Candidate, metrics: dict[str, Any], n_updates: int,

@@ -46,7 +46,6 @@ def open_round(settings: HubSettings, engine: sa.Engine, store: Store, cfg: Fede
     announcement of a plan, ``send`` publishes it retained and waits for the broker's PUBACK."""
     from cloud_hub.models import weights
     from cloud_hub.models.lifecycle import current_model
-    from cloud_hub.rounds import fedavg
 
     rounds = RoundStore()
     name = settings.model_name
@@ -70,7 +69,7 @@ def open_round(settings: HubSettings, engine: sa.Engine, store: Store, cfg: Fede
         round_id = rounds.next_round_id(conn)
     if blob is None:
         raise RoundError(f"model {name} v{base.version} has no stored FP32 weights to start a round from")
-    tensors = fedavg.mlp_tensors(weights.from_bytes(blob))
+    tensors = weights.tensors(blob)  # the arrays, without scikit-learn
     n_layers = sum(1 for t in tensors if t.startswith("coef_"))
     trainable = trainable_names(n_layers, cfg.train_layers)
     dp, spent_text = None, ""
@@ -200,6 +199,6 @@ def _no_canary(engine: sa.Engine, store: Store, name: str) -> None:
 def _alpha(blob: bytes, batch: int) -> float:
     """The base's L2 penalty at the same strength per example: scikit-learn divides it by the batch size."""
     from cloud_hub.models import weights
-    mlp = weights.from_bytes(blob).steps[-1][1]
-    central = mlp.batch_size if isinstance(mlp.batch_size, int) else 200
-    return float(mlp.alpha) * batch / max(1, central)
+
+    alpha, central = weights.penalty(blob)
+    return alpha * batch / max(1, 200 if central is None else central)  # 200: scikit-learn's "auto" batch

@@ -30,7 +30,7 @@ from cloud_hub.data.tables import metadata
 log = logging.getLogger(__name__)
 
 REVISIONS: tuple[str, ...] = ("0001_baseline", "0002_rollouts", "0003_device_drift", "0004_federated_rounds",
-                              "0005_secure_rounds")
+                              "0005_secure_rounds", "0006_fp32_graph")
 """Every revision of ``cloud_hub/data/migrations/versions``, oldest first (a test checks the two agree)."""
 HEAD = REVISIONS[-1]
 UNVERSIONED = "unversioned"  # the hub's tables without alembic_version: made before migrations existed

@@ -29,6 +29,7 @@ its announcement) or finishes a closed one.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -81,7 +82,8 @@ class Coordinator:
         self._inbox: queue.Queue[tuple[int, Message]] = queue.Queue()
         self._generation = 0
         self._later: list[tuple[int, Message]] = []  # training answers held (unacknowledged) during an evaluation
-        self._published: dict[int, str] = {}
+        self._published: dict[int, str] = {}  # mid -> "ok" or the broker's reason, until _send_all reads it
+        self._puback = threading.Condition()  # notified at each PUBACK: a send wakes at once, not at a poll
         self._key: Any = None  # the signing key, loaded at the first signature
         c = config
         self.budget = privacy.Budget(c.dp_noise, c.target_epsilon, c.dp_delta, c.rounds) if c.dp else None
@@ -102,7 +104,9 @@ class Coordinator:
             self._link.ack(msg.mid, msg.qos)
 
     def _on_published(self, mid: int, ok: bool, reason: str) -> None:
-        self._published[mid] = "ok" if ok else reason
+        with self._puback:
+            self._published[mid] = "ok" if ok else reason
+            self._puback.notify_all()
 
     # ----------------------------------------------------------------- the loop
 
@@ -182,7 +186,7 @@ class Coordinator:
 
     def _secure_round(self, r: RoundRow) -> SecureRound:
         wire = Wire(send=self._send, next=self._next, ack=self._ack, sign=self._sign, say=self.say,
-                    later=lambda generation, msg: self.answers.receive(generation, msg, r))
+                    later=lambda generation, msg: self.answers.receive(generation, msg, r), send_all=self._send_all)
         return SecureRound(self.s, self.engine, r, wire)
 
     def _collect_secure(self, r: RoundRow) -> None:
@@ -229,16 +233,27 @@ class Coordinator:
     def _send(self, topic: str, payload: bytes, timeout: float = 30.0, expiry_s: float | None = None) -> None:
         """Publish retained and wait for the PUBACK. ``expiry_s``: how long a copy queued for a device that is
         away (its session kept, ``session_expiry_s``) stays worth delivering."""
-        mid = self._link.publish(topic, payload, ROUND_DELIVERY, None if expiry_s is None else max(1.0, expiry_s))
+        self._send_all([(topic, payload)], timeout, expiry_s)
+
+    def _send_all(self, messages: Sequence[tuple[str, bytes]], timeout: float = 30.0,
+                  expiry_s: float | None = None) -> None:
+        """Publish each (topic, payload) retained, then wait for all their PUBACKs: a secure round's step goes to
+        every device at once, not one broker round trip after another."""
+        expiry = None if expiry_s is None else max(1.0, expiry_s)
+        mids = [(self._link.publish(topic, payload, ROUND_DELIVERY, expiry), topic) for topic, payload in messages]
         until = time.monotonic() + timeout
-        while mid not in self._published:
-            self._check_link()
-            if time.monotonic() > until:
-                raise RoundError(f"no PUBACK from {self.s.broker_url} for {topic} within {timeout:g} s")
-            time.sleep(0.01)
-        outcome = self._published.pop(mid)
-        if outcome != "ok":
-            raise RoundError(f"the broker refused {topic}: {outcome}")
+        with self._puback:
+            while not all(mid in self._published for mid, _ in mids):
+                self._check_link()
+                left = until - time.monotonic()
+                if left <= 0:
+                    late = [topic for mid, topic in mids if mid not in self._published]
+                    raise RoundError(f"no PUBACK from {self.s.broker_url} for {', '.join(late)} within {timeout:g} s")
+                self._puback.wait(min(left, 0.1))  # woken by each PUBACK; the link checked at least every 0.1 s
+            outcomes = [(topic, self._published.pop(mid)) for mid, topic in mids]
+        refused = [f"{topic}: {outcome}" for topic, outcome in outcomes if outcome != "ok"]
+        if refused:
+            raise RoundError(f"the broker refused {'; '.join(refused)}")
 
     def _next(self, deadline: float, not_before: float = 0.0) -> tuple[int, Message | None] | None:
         """The next (generation, message) before ``deadline``; (0, None) when none came within half a

@@ -84,6 +84,8 @@ class Wire:
     sign: Callable[[Step], Step]
     say: Callable[[str], None]
     later: Callable[[int, Message], None]  # a plain update: judged by the coordinator's own rules
+    # publish several retained and wait for all their PUBACKs (a step to every device at once); None: one by one
+    send_all: Callable[[list[tuple[str, bytes]]], None] | None = None
 
 
 class SecureRound:
@@ -98,69 +100,81 @@ class SecureRound:
         self.t = self.plan.secure.threshold
         self.phase = "advert"
         self.expect: set[str] = set(self.plan.participants)
+        self.survivors: set[str] = set()  # the reveal step's: whose masked vectors it sums, who dropped
+        self.dropped: set[str] = set()
 
     # ----------------------------------------------------------------- the steps
 
     def collect(self) -> None:
         """The four steps; SecureRoundFailed when too few devices take part in one."""
         span = self.r.deadline - self.r.opened_at
-        adverts = self._step("advert", set(self.plan.participants), self.r.opened_at + 0.25 * span)
-        self._enough(adverts, "advertised their keys")
-        keys = {d: decode_answer(p).advert for d, p in adverts.items()}
+        advertised = self._step("advert", set(self.plan.participants), self.r.opened_at + 0.25 * span)
+        self._enough(advertised, "advertised their keys")
+        keys = {d: decode_answer(p).advert for d, p in self._stored("advert").items() if d in advertised}
         listed = tuple(a for _, a in sorted(keys.items()) if a is not None)
-        for d in sorted(adverts):
-            self._tell(d, Step(self.r.id, self.plan.model, d, "share", adverts=listed))
-        shares = self._step("shares", set(adverts), self.r.opened_at + 0.5 * span)
-        self._enough(shares, "sent their shares")
-        sealed = {d: decode_answer(p).sealed for d, p in shares.items()}
-        senders = tuple(sorted(shares))
-        for v in senders:
-            self._tell(v, Step(self.r.id, self.plan.model, v, "mask", senders=senders,
-                               sealed={u: sealed[u][v] for u in senders if u != v}))
+        self._tell([Step(self.r.id, self.plan.model, d, "share", adverts=listed) for d in sorted(advertised)])
+        shared = self._step("shares", advertised, self.r.opened_at + 0.5 * span)
+        self._enough(shared, "sent their shares")
+        sealed = {d: decode_answer(p).sealed for d, p in self._stored("shares").items() if d in shared}
+        senders = tuple(sorted(shared))
+        self._tell([Step(self.r.id, self.plan.model, v, "mask", senders=senders,
+                         sealed={u: sealed[u][v] for u in senders if u != v}) for v in senders])
         masked = self._step("masked", set(senders), self.r.deadline, enough=int(self.r.plan.get("min_updates") or 0))
         self._enough(masked, "sent their masked update")
         survivors = tuple(sorted(masked))
-        dropped = tuple(sorted(set(senders) - set(masked)))
-        for v in survivors:
-            self._tell(v, Step(self.r.id, self.plan.model, v, "reveal", survivors=survivors, dropped=dropped))
+        dropped = tuple(sorted(set(senders) - masked))
+        self.survivors, self.dropped = set(survivors), set(dropped)
+        self._tell([Step(self.r.id, self.plan.model, v, "reveal", survivors=survivors, dropped=dropped)
+                    for v in survivors])
         revealed = self._step("revealed", set(survivors), max(time.time(), self.r.deadline) + REVEAL_GRACE_S,
                               enough=self.t)
         self._enough(revealed, "revealed their shares")
 
     def clear(self) -> None:
         """No step is left retained for anyone once the round is over."""
-        for d in self.plan.participants:
-            self.wire.send(self.s.topics.round_step(d), b"")
+        self._send([(self.s.topics.round_step(d), b"") for d in self.plan.participants])
 
-    def _enough(self, got: dict[str, bytes], what: str) -> None:
+    def _enough(self, got: set[str], what: str) -> None:
         if len(got) < self.t:
             missing = sorted(self.expect - set(got))
             raise SecureRoundFailed(f"only {len(got)} device(s) {what} (the threshold is {self.t}; missing: "
                                     f"{', '.join(missing) or 'none'}): the sum stays hidden")
 
-    def _tell(self, device: str, step: Step) -> None:
-        self.wire.send(self.s.topics.round_step(device), self.wire.sign(step).encode())
+    def _tell(self, steps: list[Step]) -> None:
+        self._send([(self.s.topics.round_step(step.device_id), self.wire.sign(step).encode()) for step in steps])
+
+    def _send(self, messages: list[tuple[str, bytes]]) -> None:
+        if self.wire.send_all is not None:
+            self.wire.send_all(messages)
+        else:
+            for topic, payload in messages:
+                self.wire.send(topic, payload)
 
     def _stored(self, status: str) -> dict[str, bytes]:
         with sessions.transaction(self.engine, write=False) as conn:
             return self.rounds.payloads(conn, self.r.id, status)
 
-    def _step(self, status: str, expect: set[str], until: float, enough: int = 0) -> dict[str, bytes]:
-        """The answers of one step (those stored before a restart included), once every expected device has
+    def _answered(self, status: str) -> set[str]:
+        """The devices whose answer of one kind is stored (not the answers: a masked one is 400 kB)."""
+        with sessions.transaction(self.engine, write=False) as conn:
+            return set(self.rounds.counted(conn, self.r.id, statuses=(status,)))
+
+    def _step(self, status: str, expect: set[str], until: float, enough: int = 0) -> set[str]:
+        """The devices that answered one step (those stored before a restart included), once every expected device has
         answered, or ``ENOUGH_GRACE_S`` after ``enough`` of them have (the reveals: the threshold is all the
         sum needs; the masked updates: the round's --min-updates), or at ``until``."""
         self.phase, self.expect = status, expect
         shortened = False
         while True:
-            got = {d: p for d, p in self._stored(status).items() if d in expect}
-            if set(got) >= expect:
+            got = self._answered(status) & expect
+            if got >= expect:
                 return got
             if enough and len(got) >= enough and not shortened:
                 until, shortened = min(until, time.time() + ENOUGH_GRACE_S), True
             nxt = self.wire.next(until)
             if nxt is None:
-                if set(expect) - set(got):
-                    self.wire.say(f"round {self.r.id}: no {status} answer from {', '.join(sorted(expect - set(got)))}")
+                if expect - got:
+                    self.wire.say(f"round {self.r.id}: no {status} answer from {', '.join(sorted(expect - got))}")
                 return got
             generation, msg = nxt
             if msg is not None:
@@ -205,7 +219,7 @@ class SecureRound:
             return "refused", f"a {a.step} answer during the {self.phase} step", a
         if device not in self.expect:
             return "refused", f"{device} is not asked for a {a.step} answer (it missed an earlier step)", a
-        if device in self.rounds.payloads(conn, self.r.id, status):
+        if device in self.rounds.counted(conn, self.r.id, statuses=(status,)):
             return "refused", f"a second {a.step} answer", a
         why = self._unsound(a)
         return ("refused", why, a) if why else (status, None, a)
@@ -221,15 +235,10 @@ class SecureRound:
                 return (f"masked vectors of {a.size} x {a.bits} bits and {a.stats} statistics, the round's are "
                         f"{self.grid.padded} x {self.delta_session.bits} bits and {n_stats}")
         if a.step == "reveal":
-            survivors, dropped = self._survivors()
             for device, (kind, _share) in a.revealed.items():
-                if (kind == "b" and device not in survivors) or (kind == "s" and device not in dropped):
+                if (kind == "b" and device not in self.survivors) or (kind == "s" and device not in self.dropped):
                     return f"revealed a {kind} share of {device}, which the reveal step did not ask for"
         return None
-
-    def _survivors(self) -> tuple[set[str], set[str]]:
-        masked, shares = set(self._stored("masked")), set(self._stored("shares"))
-        return masked, shares - masked
 
     # ----------------------------------------------------------------- the sum
 

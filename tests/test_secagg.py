@@ -227,6 +227,29 @@ def test_the_grid_clips_to_the_round_norm_and_counts_what_it_holds() -> None:
                   grid, rng)
 
 
+def test_the_rotation_is_the_walsh_hadamard_transform_older_devices_compute() -> None:
+    """The transform as two 64 x 64 matrix products is the normalized Walsh-Hadamard transform of 4,096 values
+    (the butterflies devices and hubs computed before: a device and a hub of either kind agree), its own inverse."""
+    from edge_agent.contract import secure_codec as sc
+
+    def butterflies(x: np.ndarray) -> np.ndarray:
+        x = x.copy()
+        rows, n = x.shape
+        h = 1
+        while h < n:
+            y = x.reshape(rows, n // (2 * h), 2, h)
+            a = y[:, :, 0, :].copy()
+            y[:, :, 0, :] += y[:, :, 1, :]
+            y[:, :, 1, :] = a - y[:, :, 1, :]
+            h *= 2
+        return x / np.sqrt(n)
+
+    x = np.random.default_rng(4).normal(size=(3, sc.BLOCK))
+    assert np.allclose(sc._fwht(x), butterflies(x), rtol=0, atol=1e-12)
+    assert np.allclose(sc._fwht(x.astype(np.float32)), butterflies(x), rtol=0, atol=1e-5)
+    assert np.allclose(sc._fwht(sc._fwht(x)), x, rtol=0, atol=1e-12)
+
+
 def test_stochastic_rounding_keeps_the_mean() -> None:
     """Rounded many times, a delta's mean is the delta: no bias from the grid."""
     from edge_agent.contract import secure_codec as sc

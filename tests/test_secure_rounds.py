@@ -54,6 +54,8 @@ class Network:
                                    deadline=self.ann.plan.deadline)
         self.inbox: collections.deque[Message] = collections.deque()
         self.deaf: dict[str, str] = {}  # device -> the first step it no longer hears (it stopped)
+        self.trains_after_mask: set[str] = set()  # devices whose training ends once they have the mask step
+        self.trained_late: dict[str, np.ndarray] = {}  # their integer vectors
         self.said: list[str] = []
         self.sent: dict[str, list[bytes]] = collections.defaultdict(list)
         self.devices = {d: SecureAnswerer(self.ann.plan, d, lambda payload, d=d: self._answer(d, payload))
@@ -75,6 +77,10 @@ class Network:
             return
         why = self.devices[device].on_step(step)
         assert why is None, why
+        if step.step == "mask" and device in self.trains_after_mask:
+            answerer = self.devices[device]
+            assert answerer.masks is not None and len(answerer.masks[0]) == secure_grid(self.ann.plan).padded
+            self.trained_late |= _train(self, [device])
 
     def _next(self, deadline: float) -> tuple[int, Message | None] | None:
         if self.inbox:
@@ -137,6 +143,30 @@ def test_the_hub_gets_the_exact_sum_and_no_single_vector(tmp_path) -> None:
         masked = secagg.unpack(mine.vectors()[0], mine.size, mine.bits)
         assert np.mean(masked == ring) < 0.01  # uniform noise, not its vector
         assert all(secagg.pack(ring, hub.delta_session.bits) not in p for p in stored)
+
+
+def test_devices_that_finish_training_after_the_mask_step_mask_with_what_they_made_meanwhile(tmp_path) -> None:
+    """A device makes its masks when its peers' shares arrive (the mask step), before it knows the vector they
+    hide; three of five finish training after that step: the sum is still the plain sum, bit for bit."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    net.trains_after_mask = {"d0", "d2", "d3"}
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, ["d1", "d4"])
+    hub = net.hub()
+    hub.collect()
+    assert sorted(net.trained_late) == ["d0", "d2", "d3"]
+    plain |= net.trained_late
+    total = np.zeros(secure_grid(net.ann.plan).padded, np.uint32)
+    for payload in hub._stored("masked").values():
+        masked = decode_answer(payload)
+        total = total + secagg.unpack(masked.vectors()[0], masked.size, masked.bits)
+    revealed = {d: decode_answer(p).revealed for d, p in hub._stored("revealed").items()}
+    keys = {d: decode_answer(p).advert for d, p in hub._stored("advert").items()}
+    ints = secagg.unmask(total, hub.delta_session, {d: k for d, k in keys.items() if k is not None}, devices, revealed)
+    assert np.array_equal(ints, np.sum([plain[d] for d in devices], axis=0))
+    assert hub.unmask().survivors == devices
 
 
 def test_a_device_that_stops_after_masking_and_one_that_stops_before(tmp_path) -> None:

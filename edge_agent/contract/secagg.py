@@ -245,19 +245,30 @@ def from_ring(r: np.ndarray, session: Session) -> np.ndarray:
     return np.where(v >= 1 << (session.bits - 1), v - (1 << session.bits), v)
 
 
-def mask(x: np.ndarray, session: Session, me: DeviceSecrets, adverts: Mapping[str, Advert]) -> np.ndarray:
-    """My vector ``x`` (signed integers) masked: plus my self mask, plus or minus the pairwise mask of every
-    peer in ``adverts``: the devices whose shares reached me (all of them did send shares: the hub can
-    rebuild the mask key of any that drops later)."""
-    y = to_ring(x, session)
-    y = y + prg(self_seed(session, me.b), len(y), session)
+def masks(n: int, session: Session, me: DeviceSecrets, adverts: Mapping[str, Advert]) -> np.ndarray:
+    """What :func:`mask` adds to a vector of ``n`` values: my self mask, plus or minus the pairwise mask of every
+    peer in ``adverts``. It does not depend on the vector: a device works it out while it still trains."""
+    total = prg(self_seed(session, me.b), n, session)
     s = me.s
     for peer, advert in sorted(adverts.items()):
         if peer == me.device_id:
             continue
-        m = prg(pair_seed(session, s, me.device_id, peer, advert.s_public), len(y), session)
-        y = y + m if me.device_id < peer else y - m
-    return y & session.modulus_mask
+        m = prg(pair_seed(session, s, me.device_id, peer, advert.s_public), n, session)
+        if me.device_id < peer:  # uint32 wraps modulo 2**32, a multiple of the ring's modulus
+            np.add(total, m, out=total)
+        else:
+            np.subtract(total, m, out=total)
+    return total & session.modulus_mask
+
+
+def mask(x: np.ndarray, session: Session, me: DeviceSecrets, adverts: Mapping[str, Advert],
+         added: np.ndarray | None = None) -> np.ndarray:
+    """My vector ``x`` (signed integers) masked: plus my self mask, plus or minus the pairwise mask of every
+    peer in ``adverts``: the devices whose shares reached me (all of them did send shares: the hub can
+    rebuild the mask key of any that drops later). ``added``: those masks, when :func:`masks` made them already."""
+    if added is None or len(added) != len(x):
+        added = masks(len(x), session, me, adverts)
+    return (to_ring(x, session) + added) & session.modulus_mask
 
 
 def reveal(session: Session, held: Mapping[str, tuple[int, int]], survivors: Iterable[str],

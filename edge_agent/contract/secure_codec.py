@@ -20,6 +20,7 @@ on the watch recordings' first-round deltas of 8 devices (316,000 values): the m
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,19 @@ import numpy as np
 from edge_agent.contract.privacy import DpParams, conditional_round, rounding_bound
 
 BLOCK: Final = 1 << 12
+_SIDE: Final = 1 << 6  # a block is a _SIDE x _SIDE matrix: its transform is H @ X @ H, H of side _SIDE
+
+
+def _hadamard(n: int) -> np.ndarray:
+    """The Sylvester-ordered Hadamard matrix of side ``n`` (a power of two), entries +-1."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+_H: Final = {np.dtype(np.float32): _hadamard(_SIDE).astype(np.float32), np.dtype(np.float64): _hadamard(_SIDE)}
+assert _SIDE * _SIDE == BLOCK
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,23 +74,30 @@ class Grid:
         return rounding_bound(self.clip / self.step, self.padded)
 
     def _rotation(self) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 0x5EC])
-        return rng.permutation(self.size), rng.choice(np.array([-1.0, 1.0], np.float32), self.size)
+        """(the permutation, the signs): the same for every device of the round, and worked out once per process
+        (a device asks for it while it trains, :meth:`~edge_agent.device.secure.SecureAnswerer.on_step`)."""
+        return _rotation(self.seed, self.size)
+
+
+@functools.lru_cache(maxsize=1)
+def _rotation(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, 0x5EC])
+    perm, signs = rng.permutation(size), rng.choice(np.array([-1.0, 1.0], np.float32), size)
+    perm.flags.writeable = signs.flags.writeable = False  # shared by every caller
+    return perm, signs
 
 
 def _fwht(x: np.ndarray) -> np.ndarray:
-    """The normalized Walsh-Hadamard transform of each row (its own inverse)."""
-    x = x.copy()
+    """The normalized Walsh-Hadamard transform of each row of ``BLOCK`` values (its own inverse): a row as a
+    64 x 64 matrix ``X``, the transform is ``H @ X @ H / 64`` (the Hadamard matrix of 4,096 is ``H``'s Kronecker
+    square), two small matrix products instead of 12 passes of butterflies."""
     rows, n = x.shape
-    h = 1
-    while h < n:
-        y = x.reshape(rows, n // (2 * h), 2, h)
-        a = y[:, :, 0, :].copy()
-        y[:, :, 0, :] += y[:, :, 1, :]
-        y[:, :, 1, :] = a - y[:, :, 1, :]
-        h *= 2
-    x *= x.dtype.type(1.0 / math.sqrt(n))
-    return x
+    if n != BLOCK:
+        raise ValueError(f"rows of {n} values, the transform's blocks are {BLOCK}")
+    h = _H[x.dtype]
+    out = h @ x.reshape(rows, _SIDE, _SIDE) @ h
+    out *= x.dtype.type(1.0 / _SIDE)
+    return out.reshape(rows, n)
 
 
 def encode(delta: Mapping[str, np.ndarray], grid: Grid, rng: np.random.Generator,

@@ -29,7 +29,14 @@ import numpy as np
 
 from edge_agent.contract import privacy, secagg, secure_codec
 from edge_agent.contract.rounds import RoundPlan
-from edge_agent.contract.secure_rounds import STATS_BITS, Answer, Step, secure_grid, secure_sessions
+from edge_agent.contract.secure_rounds import (
+    STATS_BITS,
+    Answer,
+    Step,
+    secure_grid,
+    secure_sessions,
+    stats_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ class SecureAnswerer:
         self.held: dict[str, tuple[int, int]] = {}  # sender -> (its s share, its b share) that I hold
         self.senders: tuple[str, ...] = ()
         self.vectors: tuple[np.ndarray, np.ndarray] | None = None  # (delta, statistics) on their grids
+        self.masks: tuple[np.ndarray, np.ndarray] | None = None  # what masking adds to them, made at the mask step
         self.noise: np.ndarray | None = None  # differential privacy: the noise in vectors[0]
         self.done: list[str] = []  # the answers sent, in order
         self._lock = threading.Lock()
@@ -90,14 +98,18 @@ class SecureAnswerer:
         with self._lock:
             try:
                 if step.step == "share" and "shares" not in self.done:
-                    return self._share(step)
-                if step.step == "mask" and not self.senders:
+                    why = self._share(step)
+                elif step.step == "mask" and not self.senders:
                     return self._take_shares(step)
-                if step.step == "reveal" and "reveal" not in self.done:
+                elif step.step == "reveal" and "reveal" not in self.done:
                     return self._reveal(step)
+                else:
+                    return None
             except secagg.SecAggError as exc:
                 return f"round {p.round_id}: {exc.reason}"
-        return None
+        if why is None and self.vectors is None:  # the shares are out: the grid's rotation while the training runs
+            secure_grid(p)._rotation()
+        return why
 
     def _share(self, step: Step) -> str | None:
         adverts = {a.device_id: a for a in step.adverts}
@@ -123,6 +135,9 @@ class SecureAnswerer:
         for sender, sealed in step.sealed.items():
             self.held[sender] = secagg.open_shares(self.delta_session, self.me, self.adverts[sender], sealed)
         self.senders = tuple(sorted(senders))
+        peers = {d: self.adverts[d] for d in self.senders}  # the masks, made before the vectors they hide are known
+        self.masks = (secagg.masks(secure_grid(self.plan).padded, self.delta_session, self.me, peers),
+                      secagg.masks(stats_size(self.plan), self.stats_session, self.me, peers))
         self._mask()
         return None
 
@@ -131,8 +146,10 @@ class SecureAnswerer:
             return
         peers = {d: self.adverts[d] for d in self.senders}
         ints, stat_ints = self.vectors
-        y = secagg.mask(ints, self.delta_session, self.me, peers)
-        s = secagg.mask(stat_ints, self.stats_session, self.me, peers)
+        added = self.masks or (None, None)
+        y = secagg.mask(ints, self.delta_session, self.me, peers, added[0])
+        s = secagg.mask(stat_ints, self.stats_session, self.me, peers, added[1])
+        self.masks = None
         self._answer("masked", size=len(y), bits=self.delta_session.bits, stats=len(s),
                      body=secagg.pack(y, self.delta_session.bits) + secagg.pack(s, STATS_BITS))
         if self.audit_dir is not None:

@@ -155,8 +155,10 @@ def encode_results(device_id: str, result_objs: list[dict[str, Any]], mark_dupli
 
 
 def encode_result_obj(result: Result) -> bytes:
-    """One result as JSON bytes (how the agent's outbox stores it)."""
-    return orjson.dumps(result.to_obj())
+    """One result as JSON bytes (how the agent's outbox stores it), in an object of its own size: orjson's
+    ``dumps`` returns its 4 kB working buffer, and a chunk's ~300 results waiting for the outbox held 1.3 MB
+    instead of 60 kB (#27 §4)."""
+    return memoryview(orjson.dumps(result.to_obj())).tobytes()
 
 
 def join_results(device_id: str, encoded: list[bytes], mark_duplicates: bool = False) -> bytes:

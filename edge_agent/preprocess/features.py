@@ -108,7 +108,7 @@ def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams
 # hop): the moments of each block are computed once, and a window's moments are combined from its
 # blocks'. With more blocks than this per window (e.g. a hop of one sample) windows are one block.
 _MAX_BLOCKS = 16
-FEATURE_SLICE = 512  # windows per pass of the per-window statistics (bounds the temporaries)
+FEATURE_SLICE = 128  # windows per pass of the per-window statistics (bounds the temporaries)
 
 
 def _block_size(params: PreprocessParams) -> int:
@@ -139,10 +139,20 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
     if np.any(offsets % g):  # windows not on block boundaries: lay the windows out one after the other
         x = sliding_window_view(x, size, axis=1)[:, offsets].reshape(c, k * size)
         offsets = np.arange(k, dtype=np.intp) * size
-    blocks = _Blocks.of(x, g)
     out = np.empty((k, params.n_features), np.float32)
+    if k <= FEATURE_SLICE or np.any(np.diff(offsets) < 0):
+        blocks = _Blocks.of(x, g)
+        for i in range(0, k, FEATURE_SLICE):
+            out[i : i + FEATURE_SLICE] = _window_features(x, blocks, offsets[i : i + FEATURE_SLICE], params)
+        return out
+    # The blocks of each slice's readings only (their temporaries bound like the windows'): the readings from
+    # the slice's first window to one past its last (the absolute difference that reaches into the next block),
+    # so that every block holds the same sums as in the blocks of all readings.
     for i in range(0, k, FEATURE_SLICE):
-        out[i : i + FEATURE_SLICE] = _window_features(x, blocks, offsets[i : i + FEATURE_SLICE], params)
+        part = offsets[i : i + FEATURE_SLICE]
+        lo = int(part[0])
+        xs = x[:, lo : int(part[-1]) + size + 1]
+        out[i : i + FEATURE_SLICE] = _window_features(xs, _Blocks.of(xs, g), part - lo, params)
     return out
 
 
@@ -189,20 +199,23 @@ class _Blocks:
 
     @classmethod
     def of(cls, x: np.ndarray, g: int) -> _Blocks:
-        """Blocks of the normalized readings ``x`` (c, m); a partial last block is left out.
+        """Blocks of the normalized readings ``x`` (c, m); a partial last block is left out (but its first
+        reading is the one the last block's ``edge`` reaches: the blocks of a stretch of ``x`` and one reading
+        more hold the same sums as those of all of ``x``).
 
         The sums are float32 like the readings (the precision of a float32 window statistic) and
         are combined in float64.
         """
         c, nb = x.shape[0], x.shape[1] // g
-        x = x[:, : nb * g]
-        xb = x.reshape(c, nb, g)
+        n = nb * g
+        xb = x[:, :n].reshape(c, nb, g)
         shift = xb.mean(axis=2, dtype=np.float32)
         d = xb - shift[:, :, None]
         d2 = d * d
         dt = d.transpose(1, 0, 2)  # (nb, c, g)
-        ad = np.zeros((c, nb * g), np.float32)
-        np.abs(np.diff(x, axis=1), out=ad[:, :-1])
+        ad = np.zeros((c, n), np.float32)
+        reach = min(x.shape[1], n + 1)  # the last block's difference reaches into the partial block, if any
+        np.abs(np.diff(x[:, :reach], axis=1), out=ad[:, : reach - 1])
         f64 = np.float64
         return cls(
             g=g,

@@ -129,3 +129,33 @@ def test_parsed_times_do_not_keep_the_other_columns_alive(tmp_path: Path) -> Non
         chunks = list(reader)
     assert chunks and all(c.ts.strides == (8,) and (c.ts.base is None or c.ts.base.nbytes == c.ts.nbytes)
                           for c in chunks)
+
+
+_ARENAS = """
+import ctypes, sys, threading
+from edge_agent.device.cli import one_malloc_arena
+applied = one_malloc_arena() if sys.argv[1] == "one" else None
+barrier = threading.Barrier(4)
+kept = []
+def work():  # 100 kB: malloc's own (not Python's small-object allocator), below its mmap threshold
+    kept.append(bytearray(100_000))
+    barrier.wait()  # the four threads hold their memory at once
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(applied, flush=True)
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" paragraph per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_agent_keeps_one_malloc_arena_for_all_its_threads() -> None:
+    def arenas(mode: str) -> tuple[str, int]:
+        proc = subprocess.run([sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip(), sum(line.startswith("Arena ") for line in proc.stderr.splitlines())
+
+    assert arenas("one") == ("True", 1)
+    assert arenas("default")[1] > 1  # what it prevents: the threads' arenas of their own

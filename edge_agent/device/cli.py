@@ -45,6 +45,23 @@ def _version(value: bool) -> None:
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False) -> None:
     """Edge agent: read sensors or replay logs, run the INT8 model, publish results over MQTT."""
+    one_malloc_arena()
+
+
+def one_malloc_arena() -> bool:
+    """glibc's malloc gives each thread that allocates an arena of its own (up to 8 per core): the agent's
+    threads (paho's network loop, the publisher, the main loop) each kept their own free memory. One arena
+    for all, set before any thread starts: 0.4-0.5 MB less anonymous memory in a replay, as fast (#27 §4).
+    False where the C library has no ``mallopt`` (not glibc)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))
+    except (AttributeError, OSError):
+        return False
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 def _settings(config: str | None, **flags: Any) -> AgentSettings:

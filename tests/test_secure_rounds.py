@@ -225,6 +225,37 @@ def test_a_hub_that_restarts_goes_on_from_what_it_stored(tmp_path) -> None:
     assert np.array_equal(got.delta["coef_1"], (want["coef_1"] / 4).astype(np.float32))
 
 
+def test_a_second_answer_to_a_step_is_refused_before_and_after_a_restart(tmp_path) -> None:
+    """d0 sends a second advert (other bytes) during the advert step, and again once a hub restarted mid-step:
+    both refused, the first kept; the round sums all four. (The hub keeps who answered in memory while a step runs,
+    read back from the database when a step starts.)"""
+    import sqlalchemy as sa
+
+    from cloud_hub.data import tables
+    from edge_agent.contract.secure_rounds import Answer
+
+    devices = [f"d{i}" for i in range(4)]
+    net = Network(tmp_path, devices)
+    again = lambda sent: Answer(1, "m", "d0", "advert", advert=net.devices["d0"].me.advert(), sent=sent).encode()  # noqa: E731
+    net.devices["d0"].advertise()
+    net.devices["d1"].advertise()
+    net._answer("d0", again(1.0))
+    first = net.hub()  # it stops (nothing more comes) with two adverts of four
+    assert first._step("advert", set(devices), time.time()) == {"d0", "d1"}
+    net._answer("d0", again(2.0))
+    net.devices["d2"].advertise()
+    net.devices["d3"].advertise()
+    plain = _train(net, devices)
+    second = net.hub()
+    second.collect()
+    assert np.array_equal(second.unmask().delta["coef_0"], (secure_codec.decode(
+        np.sum(list(plain.values()), axis=0), secure_grid(net.ann.plan))["coef_0"] / 4).astype(np.float32))
+    u = tables.fl_updates.c
+    with net.engine.connect() as conn:
+        refused = conn.execute(sa.select(u.device_id, u.reason).where(u.status == "refused").order_by(u.id)).all()
+    assert [tuple(r) for r in refused] == [("d0", "a second advert answer")] * 2
+
+
 def test_a_device_refuses_a_hub_that_lies(tmp_path) -> None:
     """Its own advert replaced, a peer the plan never selected, a reveal naming one device twice."""
     from dataclasses import replace

@@ -101,6 +101,8 @@ class SecureRound:
         self.phase = "advert"
         self.expect: set[str] = set(self.plan.participants)
         self.survivors: set[str] = set()  # the reveal step's: whose masked vectors it sums, who dropped
+        self.answered: set[str] = set()  # who answered the current step: read from the database when it starts,
+        # then kept as answers are committed (one coordinator writes a round: federate's client id is exclusive)
         self.dropped: set[str] = set()
 
     # ----------------------------------------------------------------- the steps
@@ -164,9 +166,10 @@ class SecureRound:
         answered, or ``ENOUGH_GRACE_S`` after ``enough`` of them have (the reveals: the threshold is all the
         sum needs; the masked updates: the round's --min-updates), or at ``until``."""
         self.phase, self.expect = status, expect
+        self.answered = self._answered(status)
         shortened = False
         while True:
-            got = self._answered(status) & expect
+            got = self.answered & expect
             if got >= expect:
                 return got
             if enough and len(got) >= enough and not shortened:
@@ -189,9 +192,10 @@ class SecureRound:
             return
         digest = hashlib.sha256(msg.payload).hexdigest()
         device = msg.topic.split("/")[-2]
+        status = None
         with sessions.transaction(self.engine) as conn:
             if not self.rounds.seen(conn, digest):
-                status, reason, answer = self._judge(conn, msg.payload, device)
+                status, reason, answer = self._judge(msg.payload, device)
                 self.rounds.add_update(conn, round_id=self.r.id, update_round=None if answer is None else answer.round_id,
                                        device_id=device, status=status, reason=reason, n_examples=None, staleness=0,
                                        size=len(msg.payload), sha256=digest, metrics=None,
@@ -201,9 +205,11 @@ class SecureRound:
                                                                       self.s.dead_letter_max_bytes)])
                 if status == "refused":
                     self.wire.say(f"round {self.r.id}: refused a secure answer from {device}: {reason}")
+        if status == self.phase:  # committed
+            self.answered.add(device)
         self.wire.ack(generation, msg)  # after the commit: an answer the hub had not stored comes again
 
-    def _judge(self, conn: sa.Connection, payload: bytes, device: str) -> tuple[str, str | None, Answer | None]:
+    def _judge(self, payload: bytes, device: str) -> tuple[str, str | None, Answer | None]:
         try:
             a = decode_answer(payload, device)
         except ContractError as exc:
@@ -219,7 +225,7 @@ class SecureRound:
             return "refused", f"a {a.step} answer during the {self.phase} step", a
         if device not in self.expect:
             return "refused", f"{device} is not asked for a {a.step} answer (it missed an earlier step)", a
-        if device in self.rounds.counted(conn, self.r.id, statuses=(status,)):
+        if device in self.answered:
             return "refused", f"a second {a.step} answer", a
         why = self._unsound(a)
         return ("refused", why, a) if why else (status, None, a)

@@ -67,7 +67,7 @@ models = sa.Table(
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("manifest", sa.Text, nullable=False),  # JSON
     sa.Column("bundle", sa.LargeBinary),  # the encoded contract Bundle (manifest + INT8 ONNX)
-    sa.Column("weights", sa.LargeBinary),  # FP32 training weights as arrays (cloud_hub.models.weights), for warm starts
+    sa.Column("weights", sa.LargeBinary),  # FP32 weights as arrays and their FP32 ONNX graph (cloud_hub.models.weights)
     sa.Column("metrics", sa.Text),  # JSON
     sa.Column("state", sa.String(16), nullable=False, server_default="candidate"),
     sa.Column("published_at", sa.Double),

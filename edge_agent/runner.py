@@ -32,8 +32,9 @@ class Prediction:
 
 
 # Windows per onnxruntime run: its arena grows with the batch (measured with the default model:
-# +3 MB at 300 windows, +14 MB at 2,600) while a run costs ~10 us of overhead.
-INFER_SLICE = 256
+# +3 MB at 300 windows, +14 MB at 2,600) while a run costs ~10 us of overhead. 128 rather than 256:
+# -0.3 MB anonymous in a replay for no CPU that the bench can see (#27 §4).
+INFER_SLICE = 128
 
 
 def cpu_session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | None = None) -> ort.InferenceSession:

@@ -159,8 +159,9 @@ def test_a_round_on_the_stored_graph_makes_the_model_the_scikit_learn_path_made(
     engine.dispose()
 
 
-def test_finishing_a_round_loads_neither_scikit_learn_nor_skl2onnx(tmp_path: Path) -> None:
-    """`cloud-hub federate`'s modules and a whole finish (aggregate, FP32, INT8, register) in a fresh process."""
+def test_finishing_a_round_loads_neither_scikit_learn_nor_skl2onnx_nor_onnxruntime(tmp_path: Path) -> None:
+    """`cloud-hub federate`'s modules and a whole finish (aggregate, FP32, INT8, register) in a fresh process; v1
+    is quantized per layer (quantize_int8's choice on this log), so its INT8 graph is the new one's template."""
     hub = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     engine = db.make_engine(hub)
     log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
@@ -180,7 +181,7 @@ def test_finishing_a_round_loads_neither_scikit_learn_nor_skl2onnx(tmp_path: Pat
         counted = [(d, s, bytes.fromhex(p)) for d, s, p in orjson.loads(open({str(tmp_path / 'counted.json')!r}, 'rb').read())]
         state, version, outcome, reason = finish(engine, None, r, counted, signing_key=None, allow_unsigned=True,
                                                  evaluate=lambda *_: None)
-        print(state, version, ' '.join(m for m in ('sklearn', 'skl2onnx', 'scipy') if m in sys.modules) or 'none')
+        print(state, version, ' '.join(m for m in ('sklearn', 'skl2onnx', 'scipy', 'onnxruntime') if m in sys.modules) or 'none')
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr

@@ -23,6 +23,7 @@ from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import describe_score, shaped_by
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models import quantize, weights
+from cloud_hub.models.int8 import relu_outputs, requantize
 from cloud_hub.models.lifecycle import next_version, passes_gate, register, windows_from_logs
 from cloud_hub.rounds import fedavg, privacy
 from cloud_hub.rounds.secure import Summed
@@ -94,7 +95,7 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
     if base is None or blob is None or base.bundle is None:
         return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
     t0 = time.monotonic()
-    base_int8 = decode_bundle(base.bundle).model if "dp" in r.plan else None
+    base_int8 = decode_bundle(base.bundle).model  # the template of the new INT8 model (int8.requantize)
     c = _aggregate(r, updates, blob, base.manifest, rows, base_int8) if summed is None else \
         _from_sum(r, summed, blob, base.manifest, rows, base_int8)
     outcome["aggregate_s"] = round(time.monotonic() - t0, 3)
@@ -172,9 +173,13 @@ def _candidate(r: RoundRow, blob: bytes, new: dict[str, np.ndarray], participant
     shaped = shaped_by({(m.name, m.version): m.manifest for m in rows}).get((r.model_name, r.base_version),
                                                                           frozenset()) | set(participants)
     fp32 = _fp32(blob, new, manifest.n_features)
-    if base_int8 is not None:  # differential privacy: the base's ranges, not the devices' (not noised)
+    if base_int8 is not None and "dp" in r.plan:  # differential privacy: the base's ranges, not the devices'
         ranges = [fedavg.ranges_of(base_int8)]
-    int8 = fedavg.quantize_from_ranges(fp32, fedavg.merge_ranges(ranges))
+    merged = fedavg.merge_ranges(ranges)
+    # the base's INT8 graph with the new numbers: the bytes onnxruntime's quantizer gives, without loading it
+    int8 = None if base_int8 is None else requantize(base_int8, new, merged, relu_outputs(fp32))
+    if int8 is None:  # no base model to follow, or one quantized per output unit: onnxruntime quantizes it
+        int8 = fedavg.quantize_from_ranges(fp32, merged)
     return _Candidate(weights.with_tensors(blob, new, fp32), new, manifest, participants, shaped, fp32, int8)
 
 

@@ -159,3 +159,30 @@ def test_the_agent_keeps_one_malloc_arena_for_all_its_threads() -> None:
 
     assert arenas("one") == ("True", 1)
     assert arenas("default")[1] > 1  # what it prevents: the threads' arenas of their own
+
+
+def test_a_rounds_fine_tune_holds_one_layers_gradients_and_no_float64_copy_of_a_tensor() -> None:
+    """#26 §5: the default model's training (99-512-512-7) held every layer's gradients at once, and its
+    delta's norm was taken on float64 copies of the 512x512 tensor (two of 2 MB): the agent's peak in a round."""
+    import tracemalloc
+
+    from edge_agent.device import learn
+
+    rng = np.random.default_rng(0)
+    sizes = [99, 512, 512, 7]
+    tensors = {"scaler_mean": np.zeros(99, np.float32), "scaler_scale": np.ones(99, np.float32)}
+    for i in range(3):
+        tensors[f"coef_{i}"] = (rng.normal(size=(sizes[i], sizes[i + 1])) * 0.05).astype(np.float32)
+        tensors[f"intercept_{i}"] = np.zeros(sizes[i + 1], np.float32)
+    X, y = rng.normal(size=(800, 99)).astype(np.float32), rng.integers(0, 7, 800)
+    tracemalloc.start()
+    try:
+        res = learn.fine_tune(tensors, "classification", X, y, epochs=1, lr=0.03, clip=1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept = sum(a.nbytes for a in res.delta.values()) + sum(a.nbytes for k, a in res.tensors.items()
+                                                           if k.startswith(("coef_", "intercept_")))
+    # beyond what it returns (2.4 MB): 1.85 MB, 3.15 MB before
+    assert peak - kept < 2.4 * 2**20, (peak, kept)
+    assert res.norm > 0 and np.isfinite(res.norm)

@@ -25,7 +25,7 @@ regressor's last layer), observed on the device's windows with the new weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,8 +184,12 @@ def _data_loss(A: np.ndarray, Y: np.ndarray, task: str) -> tuple[float, np.ndarr
 
 
 def _step_grads(P: list[list[np.ndarray]], P0: list[list[np.ndarray]], H: np.ndarray, Y: np.ndarray,
-                task: str, alpha: float, mu: float) -> tuple[float, list[list[np.ndarray]]]:
-    """Objective of the trained layers P on inputs H (outputs of the frozen ones) and its gradients."""
+                task: str, alpha: float, mu: float,
+                apply: Callable[[int, np.ndarray, np.ndarray], None] | None = None
+                ) -> tuple[float, list[list[np.ndarray]]]:
+    """Objective of the trained layers P on inputs H (outputs of the frozen ones) and its gradients; with
+    ``apply``, each layer's gradients are handed to it as soon as the layer before no longer needs the layer's
+    weights (it may update them) instead of being returned: one layer's gradients live at a time, not all."""
     n = H.shape[0]
     acts = [H]
     for i, (W, b) in enumerate(P):
@@ -206,10 +210,14 @@ def _step_grads(P: list[list[np.ndarray]], P0: list[list[np.ndarray]], H: np.nda
             gW += mu * dW
             gb += mu * db
             loss += 0.5 * mu * float(np.sum(dW * dW) + np.sum(db * db))
-        grads[i] = [gW, gb]
         if i:
             delta = delta @ W.T
             delta *= acts[i] > 0
+        if apply is None:
+            grads[i] = [gW, gb]
+        else:
+            apply(i, gW, gb)
+            del gW, gb
     return loss, grads
 
 
@@ -293,20 +301,24 @@ def _descend(P: list[list[np.ndarray]], start: list[list[np.ndarray]], H: np.nda
             if done >= total or (budget_s is not None and time.monotonic() - t0 >= budget_s):
                 break
             idx = order[s:s + batch]
-            _, grads = _step_grads(P, start, H[idx], Y[idx], task, alpha, mu)
             done += 1
-            for j, g in enumerate(g for pair in grads for g in pair):
-                if optimizer == "adam":
-                    m1[j] *= 0.9
-                    m1[j] += 0.1 * g
-                    m2[j] *= 0.999
-                    m2[j] += 0.001 * g * g
-                    step = lr * np.sqrt(1 - 0.999 ** done) / (1 - 0.9 ** done)
-                    flat[j] -= step * m1[j] / (np.sqrt(m2[j]) + 1e-8)
-                else:
-                    m1[j] *= momentum
-                    m1[j] += g
-                    flat[j] -= np.multiply(m1[j], lr, out=g)  # g is spent: its buffer, not a new array
+
+            def update(i: int, gW: np.ndarray, gb: np.ndarray, done: int = done) -> None:
+                for j, g in ((2 * i, gW), (2 * i + 1, gb)):
+                    if optimizer == "adam":
+                        m1[j] *= 0.9
+                        m1[j] += 0.1 * g
+                        m2[j] *= 0.999
+                        m2[j] += 0.001 * g * g
+                        step = lr * np.sqrt(1 - 0.999 ** done) / (1 - 0.9 ** done)
+                        flat[j] -= step * m1[j] / (np.sqrt(m2[j]) + 1e-8)
+                    else:
+                        m1[j] *= momentum
+                        m1[j] += g
+                        flat[j] -= np.multiply(m1[j], lr, out=g)  # g is spent: its buffer, not a new array
+
+            # each layer updated once its gradients are made: one layer's gradients at a time (#26 §5)
+            _step_grads(P, start, H[idx], Y[idx], task, alpha, mu, apply=update)
     return done, per_epoch
 
 
@@ -323,10 +335,19 @@ def _fold_delta(tensors: Tensors, task: str, names: list[str], P: list[list[np.n
     delta = {}
     for name in names:
         delta[name] = (new[name] - np.asarray(tensors[name], dt)).astype(np.float32, copy=False)
-    norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
+    norm = float(np.sqrt(sum(_squares(d) for d in delta.values())))
     if clip is not None and norm > clip:
         delta = {k: (d * (clip / norm)).astype(np.float32, copy=False) for k, d in delta.items()}
     return new, delta, norm
+
+
+def _squares(d: np.ndarray, block: int = 1 << 14) -> float:
+    """The sum of the squares of ``d`` in float64, a block at a time: ``d.astype(np.float64) ** 2`` made two
+    float64 copies of the largest tensor (4 MB of the 99-512-512-7 MLP) at the end of every round's training,
+    the agent's peak (#26 §5)."""
+    flat = d.reshape(-1)
+    return sum((float(np.sum(np.square(flat[i:i + block], dtype=np.float64))) for i in range(0, flat.size, block)),
+               0.0)
 
 
 def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epochs: float, lr: float,

@@ -1,0 +1,131 @@
+"""The memory of real ``edge-agent run`` processes through federated rounds (issue 26 §5: peak RSS <= 100 MB).
+
+    python bench/agent_round_memory.py [--agents 4] [--rounds 2] [--workdir /tmp/edgeml-agent-rounds]
+
+Runs ``cloud-hub demo --federated``'s fleet (a private mosquitto, the hub in this process, v1 trained centrally and
+published signed, one ``edge-agent run`` per device with a trusted key, following its own recording: the watch
+recordings of ``../shared/data`` when present, else the generated IMU log) and its rounds (``Coordinator``, in this
+process). A thread of this script reads every agent's ``/proc/PID/smaps_rollup`` (Rss, Anonymous) every 20 ms.
+
+Printed per agent, then the highest of them:
+* before any round (the agents have inferred their whole recordings and keep their labelled windows): RSS and
+  anonymous memory then, and the peak RSS so far (``VmHWM``: the inference of the recording included);
+* during the rounds (the learner loaded, fine-tuning, the update encoded and sent, the new model verified and
+  swapped): the highest RSS and anonymous memory sampled (the target's figure), and ``VmHWM`` when the rounds
+  are over (which holds the inference of the recording too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud_hub.tools import demo_federated
+from cloud_hub.tools.demo_federated import FederatedDemo
+
+TARGET_MB = 100.0  # issue 26 §5: an agent's peak RSS during a round
+
+
+def rollup(pid: int) -> tuple[float, float]:
+    """(Rss, Anonymous) of a process in MB; (0, 0) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in f if line.endswith("kB\n")}
+        return fields.get("Rss", 0.0), fields.get("Anonymous", 0.0)
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
+def hwm(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+class Sampler(threading.Thread):
+    """The highest Rss and Anonymous of each process, every ``every`` seconds until stopped."""
+
+    def __init__(self, pids: dict[str, int], every: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.every = pids, every
+        self.rss = dict.fromkeys(pids, 0.0)
+        self.anon = dict.fromkeys(pids, 0.0)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every):
+            for dev, pid in self.pids.items():
+                rss, anon = rollup(pid)
+                self.rss[dev], self.anon[dev] = max(self.rss[dev], rss), max(self.anon[dev], anon)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+class Measured:
+    """Stands in for :class:`~cloud_hub.rounds.coordinator.Coordinator` in the demo: reads the agents before the
+    rounds, samples them while the real coordinator runs the rounds."""
+
+    demo: FederatedDemo
+    before: dict[str, tuple[float, float, float]] = {}  # device -> (RSS, anonymous, VmHWM) before any round
+    during: dict[str, tuple[float, float, float]] = {}  # device -> (peak RSS sampled, peak anonymous, VmHWM after)
+    real = demo_federated.Coordinator
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.inner = self.real(*args, **kwargs)
+
+    def run(self) -> list[Any]:
+        pids = {dev: p.pid for dev, p in self.demo.procs.items()}
+        Measured.before = {dev: (*rollup(pid), hwm(pid)) for dev, pid in pids.items()}
+        sampler = Sampler(pids)
+        sampler.start()
+        try:
+            done = self.inner.run()
+        finally:
+            sampler.stop()
+        # the last round's new model reaches the agents after federate's return: wait for the swap, then read
+        self.demo._wait(lambda: all(v == max((r.new_version or 1 for r in done if r.state == "published"), default=1)
+                                    for v in self.demo._versions(self.inner.engine).values()), "every agent swapped")
+        Measured.during = {dev: (max(sampler.rss[dev], rollup(pid)[0]), max(sampler.anon[dev], rollup(pid)[1]),
+                                 hwm(pid)) for dev, pid in pids.items()}
+        return done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/edgeml-agent-rounds"))
+    args = ap.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    demo = FederatedDemo(args.workdir, broker=None, agents=args.agents, rounds=args.rounds,
+                         say=lambda line: print(f"  {line}", file=sys.stderr), show=lambda rows: None)
+    Measured.demo = demo
+    demo_federated.Coordinator = Measured  # type: ignore[misc, assignment]
+    out = demo.run()
+    out["engine"].dispose()
+    print(f"{args.agents} agents, rounds {out['rounds']} ({out['seconds']:.0f} s); MB:")
+    print(f"{'device':10s} {'before: RSS':>12s} {'anon':>6s} {'VmHWM':>6s}   {'rounds: RSS':>12s} {'anon':>6s} "
+          f"{'VmHWM':>6s}")
+    for dev in sorted(Measured.before):
+        b, d = Measured.before[dev], Measured.during[dev]
+        print(f"{dev:10s} {b[0]:12.1f} {b[1]:6.1f} {b[2]:6.1f}   {d[0]:12.1f} {d[1]:6.1f} {d[2]:6.1f}")
+    peak = max(d[0] for d in Measured.during.values())  # VmHWM holds the inference of the recording too
+    print(f"highest: before any round RSS {max(b[0] for b in Measured.before.values()):.1f} MB (anonymous "
+          f"{max(b[1] for b in Measured.before.values()):.1f}, VmHWM {max(b[2] for b in Measured.before.values()):.1f}); "
+          f"through the rounds peak RSS {peak:.1f} MB (anonymous "
+          f"{max(d[1] for d in Measured.during.values()):.1f}): target <= {TARGET_MB:g}: "
+          f"{'met' if peak <= TARGET_MB else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud_hub.data.ingest import BrokerUnavailable, Hub, HubStats
+from cloud_hub.data.sessions import sqlite_file
 from cloud_hub.rollout.autoretrain import AutoRetrainer
 from cloud_hub.rollout.canary import CanaryWatcher
 from cloud_hub.settings import HubSettings, split_address
@@ -22,12 +23,17 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
           on_started: Callable[[Hub], None] | None = None) -> HubStats:
     """Run a hub until SIGTERM/SIGINT (or ``stop`` is set), then flush, commit, ack and disconnect."""
     stop = stop or threading.Event()
+    path = sqlite_file(settings.db)
+    if path is not None and not path.exists():  # a first start, or a typo that would store the fleet elsewhere
+        log.warning("creating a new database %s: no file was there (check db if the hub ran before)", path.resolve())
     hub = Hub(settings)
     restore = exits.on_stop_signals(lambda *_: stop.set())
+    metrics = None
     try:
+        # The HTTP door first: a port that is taken stops serve before it connects and stores anything.
+        metrics = _serve_metrics(hub, settings.http) if settings.http else None
         if not hub.start(stop=stop):
             return hub.stats
-        metrics = _serve_metrics(hub, settings.http) if settings.http else None
         retrainer = AutoRetrainer(settings, hub.engine)
         retrainer.start()
         watcher = CanaryWatcher(settings, hub.engine)
@@ -40,11 +46,11 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
         watcher.stop()
         log.info("stopping: flushing %d queued messages", hub.backlog)
         hub.stop()
-        if metrics is not None:
-            metrics.stop()
         if hub.link.fatal is not None:
             raise BrokerUnavailable(hub.link.fatal)
     finally:
+        if metrics is not None:
+            metrics.stop()
         restore()
     return hub.stats
 

@@ -51,7 +51,7 @@ class HubSettings(BrokerSettings):
     device_max_msgs_per_s: float = 200.0
     device_burst: int = 2_000
     log_interval_s: float = 10.0  # a stats line this often; 0 = never
-    # The HTTP door of serve (README: Metrics): PORT (on 127.0.0.1) or HOST:PORT answers /, /api/fleet
+    # The HTTP door of serve (docs/operations.md: The HTTP door): PORT (on 127.0.0.1) or HOST:PORT answers /, /api/fleet
     # and /metrics; None = no HTTP server. A non-loopback host needs http_token_file (bearer, or basic auth's
     # password), unless http_insecure says another layer guards it. TLS with http_cert_file + http_key_file (PEM).
     http: str | None = None
@@ -111,6 +111,11 @@ class HubSettings(BrokerSettings):
                      "canary_error_tolerance", "canary_max_s"):
             positive(name, getattr(self, name), zero_ok=True)
         positive("http_timeout_s", self.http_timeout_s)
+        if self.signing_key is not None:  # at start, not when the first canary is promoted hours later
+            key = user_path("signing_key", self.signing_key)
+            if not key.is_file():
+                raise SettingsError(f"signing_key {str(key)!r} {'is not a file' if key.exists() else 'does not exist'}"
+                                    " (make a key pair with `cloud-hub keygen`)", field="signing_key")
         if self.http is not None:
             self.http_door_check()
         if self.batch_max > MAX_BATCH:
@@ -126,7 +131,7 @@ class HubSettings(BrokerSettings):
         if token is None and not self.http_insecure and not is_loopback(host):
             raise SettingsError(
                 f"http {self.http} is not a loopback address and http_token_file is not set: anyone reaching the "
-                "port would see every device; set http_token_file (README: Metrics), or "
+                "port would see every device; set http_token_file (docs/operations.md: The HTTP door), or "
                 "http_insecure = true if a proxy or firewall guards it", field="http")
 
     def http_token(self) -> str | None:

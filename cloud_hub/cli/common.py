@@ -124,6 +124,31 @@ def lifecycle_errors() -> Iterator[None]:
             raise fail(EXIT_MODEL, str(exc)) from None
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a one-shot command (:func:`stoppable`). Not a KeyboardInterrupt: scikit-learn's
+    MLP catches that in its epoch loop, warns "Training interrupted by user." and returns the half-trained
+    model, which ``train`` would then register and call done."""
+
+
+@contextmanager
+def stoppable(what: str) -> Iterator[None]:
+    """A one-shot command stopped by SIGINT or SIGTERM (even started in the background, where the shell hands
+    SIGINT down as ignored) ends where it is: exit 130 and one line saying what was not done. Outer ``with``
+    blocks see the exception on the way (:func:`cloud_hub.data.db.removed_if_left_empty` removes a database the
+    command created and left empty)."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise Interrupted
+
+    restore = exits.on_stop_signals(stop)
+    try:
+        yield
+    except Interrupted:
+        raise fail(exits.INTERRUPTED, f"interrupted: {what}") from None
+    finally:
+        restore()
+
+
 def engine_for(db: str, *, create: bool = False, read_only: bool = False) -> Any:
     """The hub database. Only a command that fills a new one creates it (``create``: ``train``, inside
     :func:`cloud_hub.data.db.removed_if_left_empty`); every other one reads or needs what an earlier command

@@ -184,8 +184,11 @@ def sample(
                                                       "UJIIndoorLoc CSV instead of generating scans.")] = None,
     building: Annotated[int | None, typer.Option(help="--ujiindoorloc: keep this BUILDINGID only.")] = None,
     floor: Annotated[int | None, typer.Option(help="--ujiindoorloc: keep this FLOOR only.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
 ) -> None:
     """Write a labelled log, recorded until now: activity readings, or phones' Wi-Fi scans and positions."""
+    if out.exists() and not force:  # a recorded log of the same name is worth more than a sample
+        raise _usage(f"{out} exists: pass --force to overwrite it")
     if scenario not in ("activity", "positioning"):
         raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
     default = "dev-a,dev-b,dev-c" if scenario == "activity" else ",".join(f"phone-{i:02d}" for i in range(1, 9))

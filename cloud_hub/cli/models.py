@@ -25,6 +25,7 @@ from cloud_hub.cli.common import (
     pct,
     progress_lines,
     settings_from,
+    stoppable,
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
@@ -111,13 +112,14 @@ def train(
     with lifecycle_errors():
         s = settings_from(config, db=db, model_name=name)
         progress_lines(json_out)
-        with removed_if_left_empty(s.db):  # a log it cannot read leaves no empty database behind
+        with stoppable("no model registered"), removed_if_left_empty(s.db):  # a log it cannot read leaves no empty database behind
             outcome = lifecycle.train_from_logs(engine_for(s.db, create=True), logs, name=s.model_name,
                                                 holdout=_holdout(holdout_devices), window_s=window, hop_s=hop,
                                                 seed=seed, features=features, mirror=_holdout(mirror) or (),
                                                 absent=_absent(absent), forecast=forecast)
         if out is not None:
-            _export(s.db, s.model_name, outcome.version, out, s.signing_key)
+            with stoppable(f"{s.model_name} v{outcome.version} is registered; --out {out} not written"):
+                _export(s.db, s.model_name, outcome.version, out, s.signing_key)
     _print_outcome(outcome, json_out)
 
 
@@ -137,8 +139,9 @@ def retrain(
     with lifecycle_errors():
         s = settings_from(config, db=db, model_name=name, retrain_tolerance=tolerance)
         progress_lines(json_out)
-        outcome = lifecycle.retrain(engine_for(s.db), name=s.model_name, holdout=_holdout(holdout_devices),
-                                    tolerance=s.retrain_tolerance, logs=log or [], seed=seed)
+        with stoppable("no model registered"):
+            outcome = lifecycle.retrain(engine_for(s.db), name=s.model_name, holdout=_holdout(holdout_devices),
+                                        tolerance=s.retrain_tolerance, logs=log or [], seed=seed)
     _print_outcome(outcome, json_out)
     if outcome.state == "rejected":
         raise typer.Exit(EXIT_MODEL)
@@ -197,10 +200,12 @@ def publish(
         return
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
-        bundle = run(engine_for(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)
+        with stoppable("nothing confirmed: `cloud-hub models` shows which version is on the topic"):
+            bundle = run(engine_for(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)
     m = bundle.manifest
     typer.echo(f"published {m.name} v{m.version} ({m.sha256[:12]}, "
-               f"{'signed by ' + str(m.key_id) if m.signature else 'UNSIGNED'}) on {s.topics.model(m.name)}")
+               f"{'signed by ' + str(m.key_id) if m.signature else 'UNSIGNED'}) on {s.topics.model(m.name)} "
+               f"at {s.broker_url}")
 
 
 def models(

@@ -73,7 +73,7 @@ class HubMetrics:
                  "token required" if token else "no token: open to whoever reaches the address")
         if token is not None and tls is None and not is_loopback(host):
             log.warning("http: the token crosses the network in clear; set http_cert_file and http_key_file, "
-                        "or serve on 127.0.0.1 behind a TLS reverse proxy (README: Metrics)")
+                        "or serve on 127.0.0.1 behind a TLS reverse proxy (docs/operations.md: The HTTP door)")
 
     def wsgi(self, token: str | None) -> WSGIApp:
         """What the door serves: the dashboard's routes and ``/metrics``, behind ``token`` when there is one."""

@@ -1,0 +1,116 @@
+"""More operator mistakes, found by a new user's first hour: each one ends at once with its exit code and one
+line, or says what it does, instead of finishing wrongly or silently (the real commands, as subprocesses)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from cloud_hub.tools.local_broker import LocalBroker, free_port
+from edge_agent import contract as c
+from edge_agent import exits
+from tests.helpers import Processes, publish_retained
+from tests.test_operator_errors import hub_cmd, one_line, run
+
+
+def test_ctrl_c_while_train_fits_registers_nothing(procs: Processes, tmp_path: Path) -> None:
+    """scikit-learn's MLP catches KeyboardInterrupt in its epoch loop, warns and returns: `train` then registered
+    the half-trained model and exited 0. Now SIGINT ends it with 130 and leaves no database behind."""
+    log = tmp_path / "log.csv"
+    assert run(hub_cmd("sample", str(log), "--seconds", "300")).returncode == 0
+    db = tmp_path / "hub.sqlite"
+    proc = procs.popen(hub_cmd("train", str(log), "--db", f"sqlite:///{db}"), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # the stage line printed just before fitting starts
+        seen.append(line)
+        if "training on" in line:
+            break
+    else:
+        raise AssertionError(f"train never reached fitting: {seen}")
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(120) == exits.INTERRUPTED, rest
+    assert "cloud-hub: error: interrupted: no model registered" in rest, rest
+    assert "Traceback" not in rest and "registered" not in "".join(seen), rest
+    assert not db.exists()
+
+
+def test_serve_with_a_taken_http_port_stops_before_it_stores_anything(shared_broker: LocalBroker, prefix: str,
+                                                                     tmp_path: Path) -> None:
+    """The HTTP door opens before the broker connection: a taken port no longer leaves behind a new database
+    that already holds the fleet's retained statuses."""
+    status = c.Status("dev-a", c.ONLINE, 1.0, model_version=1)
+    publish_retained(shared_broker.url, c.Topics(prefix).status("dev-a"), status.encode())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = tmp_path / "new.sqlite"
+        res = run(hub_cmd("serve", "--broker", shared_broker.url, "--prefix", prefix, "--db", f"sqlite:///{db}",
+                          "--http", str(port)), timeout=60)
+    one_line(res, exits.USAGE, f"http {port}: cannot listen")
+    assert not db.exists()
+
+
+def test_serve_says_when_it_creates_a_new_database(procs: Processes, shared_broker: LocalBroker, prefix: str,
+                                                   tmp_path: Path) -> None:
+    """A mistyped SQLite path makes a new database that receipts the fleet's results: serve says so, loudly."""
+    db = tmp_path / "hbu.sqlite"
+    proc = procs.popen(hub_cmd("serve", "--broker", shared_broker.url, "--prefix", prefix, "--db", f"sqlite:///{db}"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "creating a new database" in line:
+            assert "WARNING" in line and str(db) in line, line
+            break
+        assert "ingesting" not in line, "serve connected without saying it made a new database"
+    else:
+        raise AssertionError("serve ended without a word about the new database")
+    for line in proc.stderr:  # stopped once it runs (its signal handlers are in place by then)
+        if "ingesting" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+
+
+def test_a_missing_signing_key_is_refused_at_start(shared_broker: LocalBroker, tmp_path: Path) -> None:
+    """serve used to run for hours and fail only when a canary came to be promoted."""
+    missing = tmp_path / "keys" / "nope.pem"
+    res = run(hub_cmd("serve", "--broker", shared_broker.url, "--db", f"sqlite:///{tmp_path / 'h.sqlite'}",
+                      "--signing-key", str(missing)), timeout=60)
+    one_line(res, exits.USAGE, f"signing_key '{missing}' does not exist", "cloud-hub keygen")
+    assert not (tmp_path / "h.sqlite").exists()
+    res = run(hub_cmd("publish", "--db", f"sqlite:///{tmp_path / 'h.sqlite'}", "--signing-key", str(tmp_path)))
+    one_line(res, exits.USAGE, f"signing_key '{tmp_path}' is not a file")
+
+
+def test_sample_does_not_overwrite_a_log_without_force(tmp_path: Path) -> None:
+    log = tmp_path / "recorded.csv"
+    log.write_text("ts,device_id,ax\n1,a,0.5\n")
+    res = run(hub_cmd("sample", str(log), "--seconds", "5"))
+    one_line(res, exits.USAGE, f"{log} exists", "--force")
+    assert log.read_text() == "ts,device_id,ax\n1,a,0.5\n"
+    assert run(hub_cmd("sample", str(log), "--seconds", "5", "--force")).returncode == 0
+    assert log.read_text().startswith("ts,device_id,ax,ay,az")
+
+
+def test_publish_says_which_broker_it_published_to(tmp_path: Path) -> None:
+    """Without --broker, publish goes to 127.0.0.1:1883: its line names the broker, so a wrong one shows."""
+    from tests.helpers import make_bundle, make_log
+
+    log = make_log(tmp_path / "fleet.csv", seconds=20)
+    bundle = tmp_path / "v1.emlb"
+    bundle.write_bytes(make_bundle(log).encode())
+    db = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    assert run(hub_cmd("train", str(log), "--db", db)).returncode == 0
+    with LocalBroker(tmp_path / "mosquitto") as broker:
+        res = run(hub_cmd("publish", "--db", db, "--broker", broker.url, "--insecure-unsigned", "--force"))
+    assert res.returncode == 0, res.stderr
+    assert f"at mqtt://127.0.0.1:{broker.port}" in res.stdout, res.stdout
+    closed = run(hub_cmd("publish", "--db", db, "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                         "--insecure-unsigned", "--force"), env={"CLOUD_HUB_CONNECT_TIMEOUT_S": "2"})
+    assert closed.returncode == exits.UNAVAILABLE, closed.stderr

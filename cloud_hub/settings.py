@@ -211,6 +211,10 @@ def db_url(url: str) -> str:
     except (ArgumentError, ValueError) as exc:  # "9://:.": make_url's int() of the port raises ValueError
         raise SettingsError(f"db {url!r} is not a database URL (e.g. sqlite:///hub.sqlite, "
                             "postgresql+psycopg://user@host/db)", field="db") from exc
+    if parsed.drivername.startswith("sqlite") and parsed.host:  # sqlite://hub.sqlite: a host, no file
+        raise SettingsError(f"db {url!r}: a SQLite URL takes three slashes before a relative path "
+                            f"(sqlite:///{parsed.host}{'/' + parsed.database if parsed.database else ''}) "
+                            "and four before an absolute one (sqlite:////var/lib/hub.sqlite)", field="db")
     if parsed.drivername.startswith("sqlite") and parsed.database:
         user_path("db", parsed.database)  # sqlite:///~nosuchuser/hub.sqlite
     return url

@@ -114,3 +114,9 @@ def test_publish_says_which_broker_it_published_to(tmp_path: Path) -> None:
     closed = run(hub_cmd("publish", "--db", db, "--broker", f"mqtt://127.0.0.1:{free_port()}",
                          "--insecure-unsigned", "--force"), env={"CLOUD_HUB_CONNECT_TIMEOUT_S": "2"})
     assert closed.returncode == exits.UNAVAILABLE, closed.stderr
+
+
+def test_a_sqlite_url_with_two_slashes_is_a_settings_mistake(tmp_path: Path) -> None:
+    """`sqlite://hub.sqlite` parses as a host named hub.sqlite: SQLAlchemy refused it as a database error (exit 3)."""
+    res = run(hub_cmd("stats", "--db", "sqlite://hub.sqlite"))
+    one_line(res, exits.USAGE, "db 'sqlite://hub.sqlite'", "sqlite:///hub.sqlite")

@@ -32,9 +32,13 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cloud_hub.models.signing import keygen
 from cloud_hub.rounds.store import RoundStore
+from cloud_hub.settings import HubSettings
 from cloud_hub.tools import demo_federated
+from cloud_hub.tools.demo import PREFIX
 from cloud_hub.tools.demo_federated import FederatedDemo
+from edge_agent.settings import load_settings
 
 TARGET_MB = 150.0
 FLOOR = ("import sys\n"
@@ -117,6 +121,18 @@ class FederateProcess:
             time.sleep(0.005)
 
 
+class Fleet(FederatedDemo):
+    """The demo's fleet, its signing key made before the settings that name it are read."""
+
+    def _hub_settings(self, url: str) -> tuple[HubSettings, Path, str]:
+        key = self.work / "keys" / "hub.pem"
+        _, public, kid = keygen(key)
+        settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
+            "broker": url, "db": f"sqlite:///{self.work / 'hub.sqlite'}", "prefix": PREFIX, "client_id": "demo-hub",
+            "log_interval_s": 0.0, "signing_key": str(key)})
+        return settings, public, kid
+
+
 def floor() -> tuple[float, str]:
     """(VmHWM in MB, the heavy packages loaded) of a fresh interpreter importing what federate imports."""
     out = subprocess.run([sys.executable, "-c", FLOOR], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -135,7 +151,7 @@ def main() -> None:
     FederateProcess.trace = args.trace
     shutil.rmtree(args.workdir, ignore_errors=True)
     demo_federated.Coordinator = FederateProcess  # type: ignore[misc, assignment]
-    out = FederatedDemo(args.workdir, broker=None, agents=args.agents, rounds=args.rounds, secure=args.secure,
+    out = Fleet(args.workdir, broker=None, agents=args.agents, rounds=args.rounds, secure=args.secure,
                         config={"holdout_logs": ()} if args.no_holdout else None,
                         say=lambda line: print(f"  {line}", file=sys.stderr), show=lambda rows: None).run()
     with out["engine"].connect() as conn:

@@ -120,3 +120,29 @@ def test_a_sqlite_url_with_two_slashes_is_a_settings_mistake(tmp_path: Path) -> 
     """`sqlite://hub.sqlite` parses as a host named hub.sqlite: SQLAlchemy refused it as a database error (exit 3)."""
     res = run(hub_cmd("stats", "--db", "sqlite://hub.sqlite"))
     one_line(res, exits.USAGE, "db 'sqlite://hub.sqlite'", "sqlite:///hub.sqlite")
+
+
+def test_a_second_agent_on_one_state_dir_is_refused(procs: Processes, shared_broker: LocalBroker, prefix: str,
+                                                   tmp_path: Path) -> None:
+    """Two agents on one state dir shared its outbox (one reported -3 results in it) and, with one device id,
+    knocked each other off the broker: the second now stops at once naming the folder and the first's pid,
+    and the lock goes with its holder, however it ends (SIGKILL here)."""
+    from tests.helpers import agent_cmd, make_bundle, make_log, wait_for
+
+    log = make_log(tmp_path / "fleet.csv", seconds=20)
+    model = tmp_path / "v1.emlb"
+    model.write_bytes(make_bundle(log).encode())
+    state = tmp_path / "state"
+    common = ("--model", str(model), "--state-dir", str(state), "--broker", shared_broker.url, "--prefix", prefix,
+              "--until", "broker")
+    first = procs.popen(agent_cmd("replay", str(log), *common, "--speed", "0.5"), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    lock = state / "agent.lock"
+    wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), what="the first agent's lock")
+    second = run(agent_cmd("replay", str(log), *common, "--speed", "0"))
+    one_line(second, exits.USAGE, f"state dir {state} is in use by another edge-agent (pid {first.pid})")
+    assert first.poll() is None
+    first.kill()
+    first.wait(30)
+    third = run(agent_cmd("replay", str(log), *common, "--speed", "0"))
+    assert third.returncode == 0, third.stderr

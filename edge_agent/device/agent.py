@@ -24,6 +24,7 @@ from edge_agent.device.bundle import BundleRejected, load_public_key, persist_bu
 from edge_agent.device.outbox import Outbox, is_disk_full
 from edge_agent.device.pipeline import Processor
 from edge_agent.device.publisher import Publisher
+from edge_agent.device.state_lock import StateLock
 from edge_agent.drift import DeviceDrift
 from edge_agent.mqtt import Message, MqttError, MqttLink, Will
 from edge_agent.runner import ModelRunner
@@ -106,6 +107,7 @@ class Agent:
         state = settings.state_path
         state.mkdir(parents=True, exist_ok=True)
         self.state_dir = state
+        self._state_lock = StateLock(state)  # before the outbox: a second agent on the folder stops here
         self.active_path = state / f"model-{settings.model_name}.emlb"
         self.outbox = self._open_outbox(state)
         self.device_ids: list[str] = list(device_ids)
@@ -267,6 +269,7 @@ class Agent:
             self._disk_note = 0.0
             self.note_disk()
         self.outbox.close()
+        self._state_lock.release()
         if self.metrics is not None:
             self.metrics.stop()
         return drained

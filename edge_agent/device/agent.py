@@ -348,6 +348,10 @@ class Agent:
         )
         if self.model is not None and bundle.manifest.sha256 == self.model.bundle.manifest.sha256:
             return  # the retained copy of what already runs
+        if self.model is not None and bundle.manifest.version < self.model.bundle.manifest.version:
+            log.warning("the model topic holds %s v%d, older than the v%d running: switching to it (the topic "
+                        "decides, as in a rollback; --model only chooses the model to start with)",
+                        bundle.manifest.name, bundle.manifest.version, self.model.bundle.manifest.version)
         saved = self._persist(bundle)
         self.model = ModelState(bundle, runner)
         self.drift = DeviceDrift.of(bundle.manifest.training)  # counts start again with each model

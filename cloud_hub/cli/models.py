@@ -200,6 +200,7 @@ def publish(
         return
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
+        progress_lines(True)  # warnings ("not connected to ... yet") as one "cloud-hub:" line each
         with stoppable("nothing confirmed: `cloud-hub models` shows which version is on the topic"):
             bundle = run(engine_for(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)
     m = bundle.manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -14,7 +15,9 @@ from cloud_hub.models.lifecycle import LifecycleError, on_topic
 from cloud_hub.models.signing import load_private_key, sign_bundle
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent.contract import MODEL_DELIVERY, Bundle, decode_bundle
-from edge_agent.mqtt import MqttError, MqttLink
+from edge_agent.mqtt import ConnectRefused, MqttError, MqttLink
+
+log = logging.getLogger(__name__)
 
 
 def pick(store: Store, conn: sa.Connection, name: str, version: int | None, *, force: bool) -> ModelRow:
@@ -59,7 +62,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
                     keepalive_s=settings.keepalive_s, on_published=on_published)
     link.start()
     try:
-        link.wait_connected(timeout)
+        _connect(link, settings)
         link.publish(settings.topics.model(row.name), bundle.encode(), MODEL_DELIVERY)
         if not acked.wait(timeout):
             raise MqttError(f"no PUBACK for the model within {timeout:g} s")
@@ -70,6 +73,28 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     with sessions.transaction(engine) as conn:
         store.set_model_state(conn, row.name, row.version, "published", at=time.time())
     return bundle
+
+
+def _connect(link: MqttLink, settings: HubSettings) -> None:
+    """Wait up to ``connect_timeout_s`` for the broker, saying after 3 s what is in the way (no silent wait)."""
+    first = min(3.0, settings.connect_timeout_s)
+    try:
+        link.wait_connected(first)
+        return
+    except ConnectRefused:
+        raise
+    except MqttError:
+        if first >= settings.connect_timeout_s:
+            raise
+    log.warning("not connected to %s yet (%s); trying for up to %g s", settings.broker_url,
+                link.unreachable_reason(), settings.connect_timeout_s)
+    try:
+        link.wait_connected(settings.connect_timeout_s - first)
+    except ConnectRefused:
+        raise
+    except MqttError:
+        raise MqttError(f"no connection to {settings.broker_url} within {settings.connect_timeout_s:g} s: "
+                        f"{link.unreachable_reason()}") from None
 
 
 def rollout(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:

@@ -1,9 +1,11 @@
 """Closing a federated round: aggregate the counted updates, re-quantize, evaluate, gate, register, publish.
 
 Loaded by the coordinator (:mod:`cloud_hub.rounds.coordinator`) when a round closes. The FP32 master copy is the
-base's weights blob (:mod:`cloud_hub.models.weights`: its arrays and its FP32 ONNX graph), so a round needs onnx and
-onnxruntime.quantization for the INT8 model but not scikit-learn or skl2onnx; those are loaded only for a base
-registered without its graph (none after revision ``0006_fp32_graph``).
+base's weights blob (:mod:`cloud_hub.models.weights`: its arrays and its FP32 ONNX graph, refilled with the new
+layers) and the INT8 model the base's INT8 graph with the new numbers (:mod:`cloud_hub.models.int8`), so a round
+needs onnx but not scikit-learn, skl2onnx or onnxruntime (loaded only to score a hold-out log). The old ways stay
+for what these cannot read: a base registered without its graph (none after revision ``0006_fp32_graph``) is
+exported with scikit-learn, and one whose INT8 model has a weight scale per output unit is quantized by onnxruntime.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
 @dataclass(frozen=True)
 class _Candidate:
     """A round's new version before its gate: the FedAvg of the counted updates on the base's FP32 master
-    copy, exported to ONNX, and its INT8 model quantized from the devices' ranges."""
+    copy, its FP32 ONNX model, and its INT8 model quantized from the devices' ranges."""
 
     weights: bytes  # the FP32 master copy stored as the version's weights (arrays and FP32 graph)
     tensors: dict[str, np.ndarray]  # its MLP tensors, what the devices evaluate

@@ -13,7 +13,11 @@ Prints, from one run:
 * the ceiling measured in the same run: parsing the same log alone (``read_log``), and the ratio;
 * INT8 vs FP32 inference latency of the same model per batch (the agent's batch size) and per window.
 
-    python bench/agent_replay.py [LOG] [--model BUNDLE]
+    python bench/agent_replay.py [LOG] [--model BUNDLE] [--runs N] [--signed-only] [--agent-path DIR]
+
+``--signed-only``: only the replays with a trusted key, with the medians of their peak RSS, readings/s and agent
+CPU. ``--agent-path DIR``: the agent run is the ``edge_agent`` package in DIR (e.g. ``git archive COMMIT edge_agent |
+tar -x -C DIR``): before/after figures under the same load, alternating runs of this command with and without it.
 
 LOG defaults to ../shared/data/watch_shoulder_exercise/watch_shoulder_exercise.csv; without
 --model the script trains one on subjects s01-s08 (the model `cloud-hub train` would make).
@@ -22,6 +26,7 @@ LOG defaults to ../shared/data/watch_shoulder_exercise/watch_shoulder_exercise.c
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import subprocess
@@ -30,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -55,9 +61,8 @@ from edge_agent.device import cli, jobs  # what `edge-agent replay` imports
 from edge_agent.device.bundle import load_public_key, verify_bundle
 from edge_agent.device.jobs import peak_rss_mb
 from edge_agent.runner import INFER_SLICE
-import cryptography.hazmat.primitives.serialization
-imports, imports_anon = peak_rss_mb(), anon()
 key = load_public_key(sys.argv[2])
+imports, imports_anon = peak_rss_mb(), anon()
 bundle, runner = verify_bundle(open(sys.argv[1], "rb").read(), trusted_key=key, allow_unsigned=False)
 runner.predict(np.zeros((INFER_SLICE, bundle.manifest.n_features), np.float32))
 print(orjson.dumps([imports, peak_rss_mb(), imports_anon, anon()]).decode())
@@ -110,11 +115,14 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
-def run_sampled(cmd: list[str], stderr_path: Path) -> tuple[subprocess.CompletedProcess[bytes], MemorySampler]:
+def run_sampled(cmd: list[str], stderr_path: Path, agent_path: Path | None = None
+                ) -> tuple[subprocess.CompletedProcess[bytes], MemorySampler]:
     """Run the agent with a memory sampler on it; read it once more when its summary arrives (the
-    replay is over, the interpreter not yet torn down)."""
+    replay is over, the interpreter not yet torn down). ``agent_path``: a folder holding another
+    ``edge_agent`` (e.g. ``git archive`` of an older commit), run instead of this one's."""
+    env = None if agent_path is None else {**os.environ, "PYTHONPATH": str(agent_path)}
     with stderr_path.open("wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=agent_path)
         sampler = MemorySampler(proc.pid, cmd)
         sampler.start()
         assert proc.stdout is not None
@@ -154,6 +162,9 @@ def main() -> None:
     ap.add_argument("log", nargs="?", type=Path, default=WATCH)
     ap.add_argument("--model", type=Path, help="bundle (.emlb); default: train one on s01-s08")
     ap.add_argument("--runs", type=int, default=3, help="replays; the best is reported")
+    ap.add_argument("--signed-only", action="store_true",
+                    help="only the --trusted-key replays (the memory target), and their agent CPU")
+    ap.add_argument("--agent-path", type=Path, help="run the edge_agent package under this folder instead (before/after)")
     args = ap.parse_args()
     if not args.log.is_file():
         sys.exit(f"no log at {args.log} (pass one)")
@@ -173,6 +184,9 @@ def main() -> None:
 
     # An installed package carries compiled bytecode; compiling at import would count in the RSS.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "edge_agent")], check=True)
+    if args.signed_only:
+        signed_replays(args, work, bundle)
+        return
     rows, parse_s = 0, float("inf")
     best: dict[str, dict] = {}
     anon: dict[str, float] = {}  # the highest anonymous peak of each mode's runs
@@ -225,35 +239,14 @@ def main() -> None:
           f"({plain['peak_rss_mb']:.1f} MB with --until broker); anonymous peak {anon['hub']:.1f} MB "
           f"({anon['broker']:.1f} MB with --until broker; highest of {args.runs} runs, sampled every 50 ms)")
 
-    # The same replay with signature verification (a production agent: trusted_key set): the memory target.
-    priv, pub, _ = keygen(work / "hub.pem")
-    signed = work / "signed.emlb"
-    signed.write_bytes(sign_bundle(bundle, load_private_key(priv)).encode())
-    verified: dict = {}
-    peak = {"anon": 0.0, "rss": 0.0, "end": 0.0}
-    with LocalBroker(work / "broker2") as broker:
-        for i in range(args.runs):
-            res, mem = run_sampled([sys.executable, "-m", "edge_agent", "replay", str(args.log), "--broker",
-                                    broker.url, "--model", str(signed), "--trusted-key", str(pub), "--state-dir",
-                                    str(work / f"signed{i}"), "--json", "--until", "broker"], work / "stderr.txt")
-            if res.returncode != 0:
-                sys.exit(f"signed replay failed ({res.returncode}): {res.stderr.decode()}")
-            out = orjson.loads(res.stdout)
-            peak = {"anon": max(peak["anon"], mem.anon_mb), "rss": max(peak["rss"], out["peak_rss_mb"]),
-                    "end": max(peak["end"], mem.end_anon_mb or 0.0)}
-            if not verified or out["seconds"] < verified["seconds"]:
-                verified = out
-    print(f"with --trusted-key (Ed25519 verification loads cryptography): "
-          f"{verified['readings'] / verified['seconds']:,.0f} readings/s, peak RSS {peak['rss']:.1f} MB")
-    print(f"         anonymous peak {peak['anon']:.1f} MB ({met(peak['anon'], ANON_TARGET_MB)}; highest of "
-          f"{args.runs} runs, /proc/PID/smaps_rollup every 50 ms), {peak['end']:.1f} MB after the summary")
+    signed, pub = signed_replays(args, work, bundle)
 
     # The floor under any replay: the imports, the verification, the session and one inference,
     # and nothing else (no log, no outbox, no broker).
     floor = subprocess.run([sys.executable, "-c", _FLOOR, str(signed), str(pub)], capture_output=True, check=True)
     imports_mb, floor_mb, imports_anon, floor_anon = orjson.loads(floor.stdout)
-    print(f"floor of the agent process: imports {imports_mb:.1f} MB (numpy, onnxruntime, paho, typer, sqlite3, "
-          f"cryptography); + verified bundle, onnxruntime session and one batch of {INFER_SLICE}: {floor_mb:.1f} MB")
+    print(f"floor of the agent process: imports {imports_mb:.1f} MB (numpy, onnxruntime, paho, typer, sqlite3; "
+          f"cryptography's Ed25519 with the key); + verified bundle, onnxruntime session and one batch of {INFER_SLICE}: {floor_mb:.1f} MB")
     print(f"         of it anonymous: imports {imports_anon:.1f} MB, + bundle, session and a batch {floor_anon:.1f} MB")
 
     m = bundle.manifest
@@ -267,6 +260,47 @@ def main() -> None:
         print(f"FP32 model: {len(fp32):,} bytes; per batch of {len(x)}: {fp32_b:.3f} ms; "
               f"per single window: {fp32_1:.3f} ms")
         print(f"INT8 / FP32 latency: batch {int8_b / fp32_b:.2f}, single window {int8_1 / fp32_1:.2f}")
+
+
+def signed_replays(args: argparse.Namespace, work: Path, bundle: Any) -> tuple[Path, Path]:
+    """The same replay with signature verification (a production agent: trusted_key set): the memory target."""
+    priv, pub, _ = keygen(work / "hub.pem")
+    signed = work / "signed.emlb"
+    signed.write_bytes(sign_bundle(bundle, load_private_key(priv)).encode())
+    verified: dict = {}
+    peak = {"anon": 0.0, "rss": 0.0, "end": 0.0}
+    anons: list[float] = []  # each run's anonymous peak
+    rss: list[float] = []
+    cpus: list[float] = []
+    rates: list[float] = []
+    with LocalBroker(work / "broker2") as broker:
+        for i in range(args.runs):
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            res, mem = run_sampled([sys.executable, "-m", "edge_agent", "replay", str(args.log.resolve()), "--broker",
+                                    broker.url, "--model", str(signed.resolve()), "--trusted-key", str(pub.resolve()),
+                                    "--state-dir", str((work / f"signed{i}").resolve()), "--json", "--until", "broker"],
+                                   work / "stderr.txt", args.agent_path)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if res.returncode != 0:
+                sys.exit(f"signed replay failed ({res.returncode}): {res.stderr.decode()}")
+            out = orjson.loads(res.stdout)
+            anons.append(mem.anon_mb)
+            rss.append(out["peak_rss_mb"])
+            cpus.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+            rates.append(out["readings"] / out["seconds"])
+            peak = {"anon": max(peak["anon"], mem.anon_mb), "rss": max(peak["rss"], out["peak_rss_mb"]),
+                    "end": max(peak["end"], mem.end_anon_mb or 0.0)}
+            if not verified or out["seconds"] < verified["seconds"]:
+                verified = out
+    print(f"with --trusted-key (Ed25519 verification loads cryptography): "
+          f"{verified['readings'] / verified['seconds']:,.0f} readings/s, peak RSS {peak['rss']:.1f} MB")
+    print(f"         anonymous peak {peak['anon']:.1f} MB ({met(peak['anon'], ANON_TARGET_MB)}; highest of "
+          f"{args.runs} runs, median {statistics.median(anons):.1f} MB, /proc/PID/smaps_rollup every 50 ms), "
+          f"{peak['end']:.1f} MB after the summary")
+    print(f"         medians of the {args.runs} runs: peak RSS {statistics.median(rss):.1f} MB, "
+          f"{statistics.median(rates):,.0f} readings/s, agent CPU {statistics.median(cpus):.3f} s "
+          f"(load {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    return signed, pub
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def device_cpu(announcement: bytes) -> dict[str, float]:
 def _device_round(p: Any, delta: Any, stats: Any, ranges: Any, timed: Any) -> None:
     from edge_agent.contract import secure_codec
     from edge_agent.contract.rounds import encode_update_delta
-    from edge_agent.contract.secure_rounds import Step, decode_answer
+    from edge_agent.contract.secure_rounds import Step, decode_answer, secure_grid
     from edge_agent.device.secure import SecureAnswerer
 
     sent: dict[str, list[bytes]] = {d: [] for d in p.participants}
@@ -113,13 +113,14 @@ def _device_round(p: Any, delta: Any, stats: Any, ranges: Any, timed: Any) -> No
         timed("keys", who[d].advertise)
     adverts = tuple(a for d in p.participants if (a := decode_answer(sent[d][0]).advert) is not None)
     for d in p.participants:
-        secure_codec._rotation.cache_clear()  # one process per device: each works the rotation out
+        secure_codec.forget_rotation()  # one process per device: each works the rotation out
         timed("shares and rotation", lambda d=d: who[d].on_step(Step(p.round_id, p.model, d, "share", adverts=adverts)))
     sealed = {d: decode_answer(sent[d][1]).sealed for d in p.participants}
     for d in p.participants:
         timed("opening shares, masks", lambda d=d: who[d].on_step(Step(p.round_id, p.model, d, "mask", senders=p.participants,
                                                        sealed={u: sealed[u][d] for u in p.participants if u != d})))
     for d in p.participants:
+        secure_grid(p)._rotation()  # as each device holds it from its share step (one process each; untimed here)
         timed("after training", lambda d=d: who[d].trained(delta, stats, ranges))
         timed("reveal", lambda d=d: who[d].on_step(Step(p.round_id, p.model, d, "reveal", survivors=p.participants)))
     timed("plain INT8 encoding", lambda: encode_update_delta(delta, p.encoding))

@@ -78,6 +78,7 @@ class SecureAnswerer:
         peers' shares are in. Returns how many coordinates were held to the grid's peak."""
         rng = np.random.default_rng(secrets.randbits(128))  # the rounding's and the noise's coins: the device's own
         ints, held = secure_codec.encode(delta, secure_grid(self.plan), rng, self.plan.dp)
+        secure_codec.forget_rotation()  # worked out for this round alone
         noise = None
         if self.plan.dp is not None:  # its share of the noise; what it measured is not noised: it stays home
             noise = privacy.discrete_gaussian(self.plan.dp.sigma, ints.size, rng)

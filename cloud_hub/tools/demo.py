@@ -177,10 +177,10 @@ class DemoRun:
     def _hub_settings(self, url: str) -> tuple[HubSettings, Path, str]:
         """The demo hub's settings and a fresh signing key: (settings, the public key file, its id)."""
         key = self.work / "keys" / "hub.pem"
+        _, public, kid = keygen(key)  # first: the settings refuse a signing key that does not exist
         settings = load_settings(HubSettings, env_prefix="CLOUD_HUB", environ={}, flags={
             "broker": url, "db": f"sqlite:///{self.work / 'hub.sqlite'}", "prefix": PREFIX, "client_id": "demo-hub",
             "log_interval_s": 0.0, "signing_key": str(key)})
-        _, public, kid = keygen(key)
         return settings, public, kid
 
 

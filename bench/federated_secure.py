@@ -120,7 +120,7 @@ def _device_round(p: Any, delta: Any, stats: Any, ranges: Any, timed: Any) -> No
         timed("opening shares, masks", lambda d=d: who[d].on_step(Step(p.round_id, p.model, d, "mask", senders=p.participants,
                                                        sealed={u: sealed[u][d] for u in p.participants if u != d})))
     for d in p.participants:
-        secure_grid(p)._rotation()  # as each device holds it from its share step (one process each; untimed here)
+        secure_grid(p).rotation()  # as each device holds it from its share step (one process each; untimed here)
         timed("after training", lambda d=d: who[d].trained(delta, stats, ranges))
         timed("reveal", lambda d=d: who[d].on_step(Step(p.round_id, p.model, d, "reveal", survivors=p.participants)))
     timed("plain INT8 encoding", lambda: encode_update_delta(delta, p.encoding))

@@ -101,9 +101,10 @@ class SecureRound:
         self.phase = "advert"
         self.expect: set[str] = set(self.plan.participants)
         self.survivors: set[str] = set()  # the reveal step's: whose masked vectors it sums, who dropped
-        self.answered: set[str] = set()  # who answered the current step: read from the database when it starts,
-        # then kept as answers are committed (one coordinator writes a round: federate's client id is exclusive)
         self.dropped: set[str] = set()
+        # who answered the current step: read from the database when it starts, then kept as answers are committed
+        # (one coordinator writes a round: federate's client id is exclusive)
+        self.answered: set[str] = set()
 
     # ----------------------------------------------------------------- the steps
 

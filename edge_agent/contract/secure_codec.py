@@ -73,8 +73,8 @@ class Grid:
         with the rounding's room (:func:`~edge_agent.contract.privacy.rounding_bound`)."""
         return rounding_bound(self.clip / self.step, self.padded)
 
-    def _rotation(self) -> tuple[np.ndarray, np.ndarray]:
-        """(the permutation, the signs): the same for every device of the round, and worked out once per process
+    def rotation(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the permutation, the signs): the same for every device of the round; the last round's is kept
         (a device asks for it while it trains, :meth:`~edge_agent.device.secure.SecureAnswerer.on_step`)."""
         return _rotation(self.seed, self.size)
 
@@ -120,7 +120,7 @@ def encode(delta: Mapping[str, np.ndarray], grid: Grid, rng: np.random.Generator
     norm = float(np.linalg.norm(flat.astype(np.float64)))
     if norm > grid.clip:
         flat *= np.float32(grid.clip / norm)
-    perm, signs = grid._rotation()
+    perm, signs = grid.rotation()
     padded = np.zeros(grid.padded, np.float32)
     padded[: grid.size] = (flat * signs)[perm]
     w = _fwht(padded.reshape(-1, BLOCK)).reshape(-1)
@@ -138,7 +138,7 @@ def decode(total: np.ndarray, grid: Grid) -> dict[str, np.ndarray]:
     if len(total) != grid.padded:
         raise ValueError(f"a sum of {len(total)} values for a grid of {grid.padded}")
     v = _fwht(np.asarray(total, np.float64).reshape(-1, BLOCK) * grid.step).reshape(-1)[: grid.size]
-    perm, signs = grid._rotation()
+    perm, signs = grid.rotation()
     flat = np.empty(grid.size)
     flat[perm] = v
     flat *= signs

@@ -109,7 +109,7 @@ class SecureAnswerer:
             except secagg.SecAggError as exc:
                 return f"round {p.round_id}: {exc.reason}"
         if why is None and self.vectors is None:  # the shares are out: the grid's rotation while the training runs
-            secure_grid(p)._rotation()
+            secure_grid(p).rotation()
         return why
 
     def _share(self, step: Step) -> str | None:

@@ -75,3 +75,35 @@ def test_run_following_a_growing_log_until_sigterm(procs, shared_broker, prefix,
     _, err = agent.communicate(timeout=60)
     assert agent.returncode == 0, err
     sub.stop()
+
+
+def test_a_followed_log_may_come_later_and_a_bad_line_is_skipped_and_named(procs, shared_broker, prefix, tmp_path,
+                                                                          model) -> None:
+    """The agent waits for the logger's file (saying so), and a malformed line appended to it is skipped with its
+    file:line instead of stopping the agent (a restart would meet the same line again: a crash loop)."""
+    from tests.helpers import wait_for
+    from tests.test_signals import Lines
+
+    sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
+    log = tmp_path / "later.csv"
+    rows = _readings("live-1", 8, 7000.0)
+
+    def csv(part: list[dict]) -> str:
+        return "".join(f"{r['ts']:.2f},{r['device_id']},{r['ax']},{r['ay']},{r['az']},{r['wx']},{r['wy']},{r['wz']},"
+                       f"{r['label']}\n" for r in part)
+
+    agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "follow", "--source-path", str(log))
+    err = Lines(agent.stderr)
+    wait_for(lambda: err.said(f"waiting for {log}: no such file yet") or agent.poll() is not None, what="the wait")
+    assert agent.poll() is None, err.text()
+    log.write_text("ts,device_id,ax,ay,az,wx,wy,wz,label\n" + csv(rows[:200]))
+    with open(log, "a") as f:
+        f.write("7004.01,live-1,0.1,oops,0.3,0.4,0.5,0.6,walk\n")  # line 202
+        f.write(csv(rows[200:]))
+    expected = {("live-1", int(round((7000.0 + s) * 1000))) for s in range(7)}
+    assert sub.wait_for(expected) == expected  # the lines after the bad one are read too
+    wait_for(lambda: err.said(f"skipped 1 malformed line (1 in all); the last: {log}:202: bad number"),
+             what="the skipped line named")
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(60) == 0, err.text()
+    sub.stop()

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edge_agent import exits, sources
@@ -174,8 +175,8 @@ def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[
         src = sources.SimulatedSensor(s.device_id or "sim-0", s.sim_channels, s.sim_rate_hz, s.sim_seed,
                                       start_ts=round(time.time(), 2), stop_event=stop)
         return src, tuple(s.sim_channels)
-    if s.source == "stdin":
-        src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels)
+    if s.source == "stdin":  # a malformed line is skipped and named (SkipReport): one must not stop a device
+        src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels, on_error="skip")
         return src, tuple(s.sim_channels)
     if s.source == "mqtt":
         mqtt = sources.MqttSensor.of(s, stop, idle)
@@ -189,10 +190,46 @@ def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[
         idle()
         stop.wait(seconds)
 
-    follow = sources.FollowFile(s.source_path, stop_event=stop, sleep=wait)
-    if follow.channels is None:
-        raise AgentError(f"{s.source_path}: no header line yet (ts,device_id,<channels>[,label])")
-    return follow, tuple(follow.channels)
+    follow = _followed(s.source_path, stop, wait)
+    return follow, tuple(follow.channels or ())
+
+
+def _followed(path: str, stop: threading.Event, wait: Callable[[float], None]) -> sources.FollowFile:
+    """The followed file once it has its header line: until then the agent waits (a logger that has not started
+    yet), saying after 3 s and every 30 s what it waits for. A malformed line later is skipped and named
+    (:class:`SkipReport`): restarting on it would only meet it again."""
+    started, said = time.monotonic(), 0.0
+    while True:
+        follow = sources.FollowFile(path, stop_event=stop, sleep=wait, on_error="skip")
+        if follow.channels is not None:
+            return follow
+        follow.close()
+        if stop.is_set():
+            raise Interrupted(f"interrupted while waiting for {path}")
+        now = time.monotonic()
+        if now - started >= 3.0 and now - said >= 30.0:
+            said = now
+            what = "no header line yet (ts,device_id,<channels>[,label])" if Path(path).exists() else "no such file yet"
+            log.warning("waiting for %s: %s", path, what)
+        wait(0.5)
+
+
+class SkipReport:
+    """Names each malformed line a live source skipped (a warning with ``file:line`` and the reason, at most one
+    per check with the count since the last), so that nothing is skipped silently."""
+
+    def __init__(self, source: Any) -> None:
+        lines = isinstance(source, (sources.JsonLinesStream, sources.FollowFile))
+        self.stats = source.stats if lines else None
+        self.seen = 0
+
+    def __call__(self) -> None:
+        stats = self.stats
+        if stats is None or stats.rows_skipped == self.seen:
+            return
+        new, self.seen = stats.rows_skipped - self.seen, stats.rows_skipped
+        log.warning("skipped %d malformed line%s (%d in all); the last: %s", new, "s" if new != 1 else "",
+                    stats.rows_skipped, stats.last_error)
 
 
 def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: float = 10.0) -> dict[str, Any]:
@@ -205,7 +242,15 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     agent.stop_event = stop
     agent.start()
     try:
-        source, channels = live_source(settings, stop, idle=agent.tick)
+        skipped: list[SkipReport] = []
+
+        def idle() -> None:  # between polls of a quiet source, and after each chunk
+            agent.tick()
+            for report in skipped:
+                report()
+
+        source, channels = live_source(settings, stop, idle=idle)
+        skipped.append(SkipReport(source))
         agent.load_model(model or settings.model, channels)
         parser = getattr(source, "parser", None)
         if _regression(agent) and parser is not None:
@@ -213,8 +258,8 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
         processor = agent.make_processor()
         for chunk in _until(source, stop):
             processor.process(chunk.by_device(), chunk.source)
-            agent.tick()
-        agent.tick()
+            idle()
+        idle()
     finally:
         drained = agent.close(drain_timeout=drain_timeout)
         _restore_handlers()

@@ -65,9 +65,11 @@ class ReadStats:
     blank_lines: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     first_errors: list[LogError] = field(default_factory=list)
+    last_error: LogError | None = None  # the latest skipped line (a live source reports each as it comes)
 
     def record(self, err: LogError) -> None:
         """Count a skipped line (the first few errors are kept for the summary)."""
+        self.last_error = err
         self.rows_skipped += 1
         self.skipped_by_reason[err.kind] = self.skipped_by_reason.get(err.kind, 0) + 1
         if len(self.first_errors) < MAX_ERRORS_KEPT:

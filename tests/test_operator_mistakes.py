@@ -150,3 +150,20 @@ def test_a_second_agent_on_one_state_dir_is_refused(procs: Processes, shared_bro
     first.wait(30)
     third = run(agent_cmd("replay", str(log), *common, "--speed", "0"))
     assert third.returncode == 0, third.stderr
+
+
+def test_an_agents_missing_files_and_device_id_are_settings_mistakes(tmp_path: Path) -> None:
+    """A trusted key or model file that is not there, or `run` without a device id: exit 2 (the operator's to fix),
+    not 4 (a model the fleet sent), and the error said once, not repeated by the OS's own message."""
+    from tests.helpers import agent_cmd, make_log
+
+    log = make_log(tmp_path / "fleet.csv", seconds=10)
+    common = ("--state-dir", str(tmp_path / "s"), "--broker", f"mqtt://127.0.0.1:{free_port()}")
+    key = tmp_path / "keys" / "hub.pub.pem"
+    line = one_line(run(agent_cmd("replay", str(log), "--trusted-key", str(key), *common)), exits.USAGE,
+                    f"cannot read trusted key {key}: No such file or directory")
+    assert line.count(str(key)) == 1, line
+    model = tmp_path / "v9.emlb"
+    one_line(run(agent_cmd("replay", str(log), "--model", str(model), *common)), exits.USAGE,
+             f"cannot read model {model}: No such file or directory")
+    one_line(run(agent_cmd("run", "--source", "simulated", *common)), exits.USAGE, "run needs device_id")

@@ -86,6 +86,13 @@ class StateConflict(AgentError):
     exit_code = exits.USAGE
 
 
+class BadSetting(AgentError):
+    """A setting the agent cannot start with: a trusted key or model file that is not there or not a key, no
+    device id for ``run``. The operator's to fix (exit 2), not a model the fleet sent."""
+
+    exit_code = exits.USAGE
+
+
 class Interrupted(exits.Failure, RuntimeError):
     """SIGTERM/SIGINT before a replay finished; what was produced is safe in the outbox."""
 
@@ -114,7 +121,10 @@ class Agent:
         single = device_ids[0] if len(device_ids) == 1 else None
         will = self._will(single)
         client_id = settings.client_id or (f"edge-agent-{single}" if single else f"edge-agent-{uuid.uuid4().hex[:8]}")
-        self._trusted = load_public_key(settings.trusted_key) if settings.trusted_key else None
+        try:
+            self._trusted = load_public_key(settings.trusted_key) if settings.trusted_key else None
+        except BundleRejected as exc:
+            raise BadSetting(str(exc)) from None
         # (from the device's own model topic?, payload): a canary bundle there wins over the fleet's
         self._updates: queue.SimpleQueue[tuple[bool, bytes]] = queue.SimpleQueue()
         self._model_topic = self.topics.model(settings.model_name)
@@ -284,7 +294,7 @@ class Agent:
             try:
                 candidates.append((explicit, Path(explicit).expanduser().read_bytes()))
             except OSError as exc:
-                raise AgentError(f"cannot read model {explicit}: {exc}") from exc
+                raise BadSetting(f"cannot read model {explicit}: {exc.strerror or exc}") from exc
         elif self.active_path.is_file():
             candidates.append((str(self.active_path), self.active_path.read_bytes()))
         for origin, payload in candidates:

@@ -56,7 +56,7 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     try:
         text = Path(path).expanduser().read_bytes()
     except OSError as exc:
-        raise BundleRejected(f"cannot read trusted key {path}: {exc}") from exc
+        raise BundleRejected(f"cannot read trusted key {path}: {exc.strerror or exc}") from exc
     start = text.find(_PEM_BEGIN)
     end = text.find(_PEM_END, start + 1)
     if start < 0 or end < 0:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import exits, sources
-from edge_agent.device.agent import Agent, AgentError, Interrupted
+from edge_agent.device.agent import Agent, AgentError, BadSetting, Interrupted
 from edge_agent.mqtt import MqttError
 from edge_agent.settings import AgentSettings
 from edge_agent.sources.merge import ReplayLogs
@@ -236,7 +236,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     """The long-running agent: live source until SIGTERM/SIGINT or the source ends, then drain."""
     many = settings.source == "mqtt" and settings.mqtt_device is not None  # each device named by its topic
     if not settings.device_id and not many:
-        raise AgentError("run needs device_id (in the config file, EDGE_AGENT_DEVICE_ID or --device-id)")
+        raise BadSetting("run needs device_id (in the config file, EDGE_AGENT_DEVICE_ID or --device-id)")
     stop = _install_stop_handlers()
     agent = Agent(settings, device_ids=(settings.device_id,) if settings.device_id else ())
     agent.stop_event = stop

@@ -167,3 +167,16 @@ def test_an_agents_missing_files_and_device_id_are_settings_mistakes(tmp_path: P
     one_line(run(agent_cmd("replay", str(log), "--model", str(model), *common)), exits.USAGE,
              f"cannot read model {model}: No such file or directory")
     one_line(run(agent_cmd("run", "--source", "simulated", *common)), exits.USAGE, "run needs device_id")
+
+
+def test_usage_errors_are_one_line_naming_the_option(tmp_path: Path) -> None:
+    """click printed a usage line, a hint and a five-line box; now one line, exit 2, with where to look."""
+    from tests.helpers import agent_cmd
+
+    one_line(run(hub_cmd("rply")), exits.USAGE, "No such command 'rply'", "(cloud-hub -h)")
+    one_line(run(hub_cmd("demo", "--agents", "20")), exits.USAGE, "'--agents'", "(cloud-hub demo -h)")
+    one_line(run(agent_cmd("replay", "--sped", "1", "x.csv")), exits.USAGE, "No such option: --sped",
+             "--speed", "(edge-agent replay -h)")
+    line = one_line(run(agent_cmd("replay", "--speed", "fast", "x.csv")), exits.USAGE, "'fast' is not a valid float")
+    assert line.startswith("edge-agent: error: "), line
+    assert run(agent_cmd("--version")).returncode == 0

@@ -37,6 +37,7 @@ from cloud_hub.cli import demo as cli_demo  # noqa: E402
 from cloud_hub.cli import models as cli_models  # noqa: E402
 from cloud_hub.cli import rollout as cli_rollout  # noqa: E402
 from cloud_hub.cli import rounds as cli_rounds  # noqa: E402
+from edge_agent.usage import OneLineUsage  # noqa: E402
 
 # Each paragraph of a help text is one string without line breaks: in rich mode typer keeps a break inside
 # a paragraph where it is, so a hard-wrapped text renders as broken lines (tests/test_help_texts.py).
@@ -47,7 +48,7 @@ HELP = ("Cloud hub: ingest device results into SQL, aggregate, retrain and roll 
         "`cloud-hub publish --signing-key keys/hub.pem --broker mqtt://HOST:1883`; devices run `edge-agent`. "
         "Getting started: docs/getting-started.md.")
 
-app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineUsage,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 

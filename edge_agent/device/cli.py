@@ -15,9 +15,10 @@ import typer
 
 from edge_agent import exits
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
+from edge_agent.usage import OneLineUsage
 
 app = typer.Typer(help="Edge agent: read sensors or replay logs, run the INT8 model, publish results over MQTT.",
-                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineUsage,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INPUT, EXIT_INTERRUPTED = (

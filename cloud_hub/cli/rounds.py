@@ -171,8 +171,9 @@ def _federate(s: Any, cfg: Any, *, insecure_unsigned: bool, quiet: bool) -> tupl
     try:
         return engine, coordinator.run()
     except KeyboardInterrupt:
-        raise fail(exits.INTERRUPTED, "interrupted: an open round stays open with every update it has "
-                                       "accepted; run `cloud-hub federate` again to resume it") from None
+        raise fail(exits.INTERRUPTED, "interrupted: a round it opened stays open with every update it has "
+                                       "accepted (`cloud-hub rounds` shows it); run `cloud-hub federate` again to "
+                                       "resume it") from None
     finally:
         restore()
 

@@ -27,7 +27,9 @@ EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INPUT, EXIT_INTERRUPTED = (
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="TOML settings file.")]
 BrokerOpt = Annotated[str | None, typer.Option(help="mqtt://\\[user:pass@]host:port or mqtts://…")]  # \\[: not markup
 ModelOpt = Annotated[str | None, typer.Option(help="Model bundle file (.emlb); default: the retained model topic.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device-id", help="Device id (replay: rename a single-device log).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device-id", help="Device id: rename a single-device log.")]
+RunDeviceOpt = Annotated[str | None, typer.Option("--device-id", help="This device's id: its results, status "
+                                                   "and model topics (EDGE_AGENT_DEVICE_ID, device_id).")]
 StateOpt = Annotated[str | None, typer.Option("--state-dir", help="Folder for the outbox and the active model.")]
 PrefixOpt = Annotated[str | None, typer.Option(help="Topic prefix.")]
 KeyOpt = Annotated[str | None, typer.Option("--trusted-key", help="Ed25519 public key (PEM) that signs models.")]
@@ -193,7 +195,7 @@ def run(
     config: ConfigOpt = None,
     broker: BrokerOpt = None,
     model: ModelOpt = None,
-    device_id: DeviceOpt = None,
+    device_id: RunDeviceOpt = None,
     state_dir: StateOpt = None,
     prefix: PrefixOpt = None,
     trusted_key: KeyOpt = None,

@@ -1029,3 +1029,52 @@ def test_csv_sensor_lines_by_column() -> None:
     assert chunk is not None and chunk.ts.tolist() == [10.0, 12.0] and chunk.labels.tolist() == ["dry", "humid"]
     assert math.isnan(chunk.values[1, 1])
     assert [str(e) for e in feed.stats.first_errors] == ["m2: bad number \"x\" in column 't'"]
+
+
+def test_place_values_are_the_matrix_product_bit_for_bit_without_a_float64_copy() -> None:
+    """The digits' place values are summed column by column (Horner): exactly ``d @ 10**k`` in float64, to the
+    widest field (14 bytes of the largest byte codes a field holds), and the parse keeps no float64 scratch of
+    the digit matrix between blocks (0.6 MB of a replay's peak, #27 §4)."""
+    rng = np.random.default_rng(7)
+    for ell in range(1, 15):
+        d = rng.integers(0, 10, (500, ell)).astype(np.uint8)
+        codes = np.array([254, 253, 251, 9], np.uint8)  # '.', '-', '+' as their codes less 48, the largest digit
+        d[:4] = codes[:, None]  # rows of one code: the largest sums
+        d[4:8, 0] = codes
+        want = d.astype(np.float64) @ numbers._POW10[ell - 1::-1]
+        got = numbers._place_values(d)
+        assert got.dtype == np.float64 and got.tobytes() == want.tobytes(), ell
+        dots = d == 254
+        assert numbers._place_values(dots).tobytes() == (dots.astype(np.float64) @ numbers._POW10[ell - 1::-1]).tobytes()
+    ws = numbers.Workspace()
+    texts = [f"{x:.6f}" for x in rng.normal(size=3000)]
+    raw = b"\n" * 64 + ",".join(texts).encode()
+    starts = np.cumsum([64] + [len(t) + 1 for t in texts[:-1]])
+    vals, _ = numbers.parse_numbers(raw, starts, starts + np.array([len(t) for t in texts]), ws)
+    assert vals.tolist() == [float(t) for t in texts]
+    assert not [key for key in ws._bufs if np.dtype(key[1]) == np.float64]
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_between_chunks_a_log_is_held_once_in_the_parsers_buffer(tmp_path: Path, replay: bool) -> None:
+    """While a chunk is in use, the bytes read ahead of it live in the parser's buffer only: the read that fed
+    it (256 kB) is not kept beside their concatenation with the last partial line (#27 §4)."""
+    path = tmp_path / "log.csv"
+    rows = [f"{i * 0.02:.2f},d{i % 3},{i * 0.5:.6f},-1.25" for i in range(40_000)]
+    path.write_text("ts,device_id,ax,ay\n" + "\n".join(rows) + "\n")
+    if replay:
+        logs = sources.ReplayLogs([path], rows=4096)
+        it = iter(logs)
+        chunk = next(it)
+        frames = [it.gi_frame]  # the merge, and the cursor's reading generator
+        cursor = next(c for c in frames[0].f_locals["cursors"])
+        gen = cursor._it
+    else:
+        reader = sources.read_log(path, chunk_rows=4096)
+        chunk = next(reader)
+        gen = reader._it
+    assert len(chunk) == 4096
+    held = [v for v in gen.gi_frame.f_locals.values() if isinstance(v, bytes) and len(v) > 1 << 14]
+    assert held == [], f"the generator keeps {[len(v) for v in held]} bytes read"
+    data = b"".join(c.values.tobytes() for c in ([chunk, *(reader if not replay else it)]))
+    assert len(data) == 40_000 * 2 * 4

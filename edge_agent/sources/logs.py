@@ -395,7 +395,9 @@ class LogReader:
                     raise LogError(self.path, self.parser.line, broken_reason(exc), "bad file") from exc
                 if not data:
                     break
-                yield from self.parser.feed(data, flush=False)
+                self.parser.prime(data)
+                del data  # held while the chunks are used: the parser's buffer is the one copy (#27 §4)
+                yield from self.parser.feed(flush=False)
             yield from self.parser.feed(final=True)
         finally:
             self.close()

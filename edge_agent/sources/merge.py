@@ -126,7 +126,9 @@ class _Cursor:
             data = self._read()
             if not data:
                 break
-            yield from self.parser.feed(data, flush=False)
+            self.parser.prime(data)
+            del data  # held while the chunks are used: the parser's buffer is the one copy (#27 §4)
+            yield from self.parser.feed(flush=False)
         yield from self.parser.feed(final=True)
 
     def advance(self, codes_of: dict[str, int]) -> bool:

@@ -110,6 +110,12 @@ def frame(magic: bytes, header: dict[str, Any], body: bytes, limit: int) -> byte
 
 
 def unframe(payload: bytes, magic: bytes, limit: int, what: str) -> tuple[dict[str, Any], bytes]:
+    obj, end = _unframe(payload, magic, limit, what)
+    return obj, payload[end:]
+
+
+def _unframe(payload: bytes, magic: bytes, limit: int, what: str) -> tuple[dict[str, Any], int]:
+    """:func:`unframe`'s header and where the body starts (no copy of the body)."""
     if len(payload) > limit:
         raise ContractError(f"{what} of {len(payload)} bytes is over the {limit}-byte limit")
     if len(payload) < _HEADER.size or payload[:4] != magic:
@@ -118,10 +124,10 @@ def unframe(payload: bytes, magic: bytes, limit: int, what: str) -> tuple[dict[s
     end = _HEADER.size + head_len
     if end > len(payload):
         raise ContractError(f"{what} header length points past the end of the payload")
-    return load_json(payload[_HEADER.size:end], 1 << 20, what, MAX_HEADER_DEPTH), payload[end:]
+    return load_json(payload[_HEADER.size:end], 1 << 20, what, MAX_HEADER_DEPTH), end
 
 
-def _arrays(specs: tuple[TensorSpec, ...], body: bytes, dtype: np.dtype, what: str) -> dict[str, np.ndarray]:
+def _arrays(specs: tuple[TensorSpec, ...], body: bytes | memoryview, dtype: np.dtype, what: str) -> dict[str, np.ndarray]:
     need = sum(s.size() for s in specs) * dtype.itemsize
     if len(body) != need:
         raise ContractError(f"{what} carries {len(body)} bytes of tensors, its header describes {need}")
@@ -311,7 +317,7 @@ _ROUND_OPTIONAL: Final = frozenset({"key_id", "signature", "int8", "secure", "dp
 WEIGHTS_DTYPES: Final[dict[str, np.dtype[Any]]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
-def _int8_part(obj: dict[str, Any], body: bytes) -> tuple[bytes, bytes]:
+def _int8_part(obj: dict[str, Any], body: memoryview) -> tuple[memoryview, bytes]:
     """(the weights' bytes, the INT8 model's) of an announcement's body, the model checked against its digest."""
     if "int8" not in obj:
         return body, b""
@@ -322,7 +328,7 @@ def _int8_part(obj: dict[str, Any], body: bytes) -> tuple[bytes, bytes]:
     size = int_field(spec, "bytes", "round.int8", 1, MAX_ROUND_BYTES)
     if size > len(body) or hashlib.sha256(body[len(body) - size:]).hexdigest() != spec["sha256"]:
         raise ContractError("round INT8 model does not match its sha256")
-    return body[:len(body) - size], body[len(body) - size:]
+    return body[:len(body) - size], bytes(body[len(body) - size:])
 
 
 def announcement_header(payload: bytes) -> dict[str, Any]:
@@ -333,8 +339,13 @@ def announcement_header(payload: bytes) -> dict[str, Any]:
 
 def decode_announcement(payload: bytes) -> Announcement:
     """Parse an announcement and check its weights against the digest. The signature is checked by the
-    receiver (``edge_agent.device.bundle.verify_signed``), the fit to its running model by the device."""
-    obj, body = unframe(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")
+    receiver (``edge_agent.device.bundle.verify_signed``), the fit to its running model by the device.
+
+    float32 weights are read-only views of ``payload`` (a device holds the announcement anyway: a copy put
+    1.3 MB more on an agent's peak in a round, #26 §5); float16 ones are converted. A caller that changes
+    them makes its own copy (``np.array``), as the device's fine-tune does."""
+    obj, end = _unframe(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")
+    body: memoryview = memoryview(payload).toreadonly()[end:]
     what = "round"
     check_keys(obj, _ROUND_KEYS - _ROUND_OPTIONAL, _ROUND_KEYS | _ROUND_OPTIONAL, what)
     body, int8 = _int8_part(obj, body)
@@ -363,8 +374,10 @@ def decode_announcement(payload: bytes) -> Announcement:
         key_id=opt_str(obj, "key_id", what, 128), signature=opt_str(obj, "signature", what, 256),
     )
     weights_dtype = check_choice(obj, "weights_dtype", WEIGHTS_DTYPES, what) if "weights_dtype" in obj else "float32"
-    weights = {k: v.astype(np.float32) for k, v in
+    weights = {k: v.astype(np.float32, copy=False) for k, v in
                _arrays(specs, body, WEIGHTS_DTYPES[weights_dtype], "round announcement").items()}
+    for a in weights.values():
+        a.flags.writeable = False  # views of the payload (float32) or not, the same for every caller
     if not all(np.isfinite(a).all() for a in weights.values()):
         raise ContractError("round weights hold NaN or inf")
     if int8:

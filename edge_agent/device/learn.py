@@ -203,13 +203,16 @@ def _step_grads(P: list[list[np.ndarray]], P0: list[list[np.ndarray]], H: np.nda
         W, b = P[i]
         gW, gb = acts[i].T @ delta, delta.sum(axis=0)
         if alpha:
-            gW += (alpha / n) * W
-            loss += 0.5 * alpha / n * float(np.sum(W * W))
+            _add_scaled(gW, alpha / n, W)
+            if apply is None:  # the descent has no use for the objective's value: no square of W to sum
+                loss += 0.5 * alpha / n * float(np.sum(W * W))
         if mu:
-            dW, db = W - P0[i][0], b - P0[i][1]
-            gW += mu * dW
+            _add_scaled(gW, mu, W, P0[i][0])
+            db = b - P0[i][1]
             gb += mu * db
-            loss += 0.5 * mu * float(np.sum(dW * dW) + np.sum(db * db))
+            if apply is None:
+                dW = W - P0[i][0]
+                loss += 0.5 * mu * float(np.sum(dW * dW) + np.sum(db * db))
         if i:
             delta = delta @ W.T
             delta *= acts[i] > 0
@@ -219,6 +222,16 @@ def _step_grads(P: list[list[np.ndarray]], P0: list[list[np.ndarray]], H: np.nda
             apply(i, gW, gb)
             del gW, gb
     return loss, grads
+
+
+def _add_scaled(g: np.ndarray, scale: float, a: np.ndarray, b: np.ndarray | None = None, block: int = 1 << 14) -> None:
+    """``g += scale * a`` (or ``scale * (a - b)``), the same operations element by element, a block of rows at a
+    time: ``(alpha / n) * W`` or ``mu * (W - W0)`` of the 512x512 layer was a 1 MB temporary beside its gradient at
+    every step, the fine-tune's peak (#26 §5)."""
+    rows = max(1, block // max(1, g.size // max(1, g.shape[0])))
+    for s in range(0, g.shape[0], rows):
+        part = a[s:s + rows] if b is None else a[s:s + rows] - b[s:s + rows]
+        g[s:s + rows] += scale * part
 
 
 def loss_and_grad(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, alpha: float = 0.0,
@@ -369,7 +382,8 @@ def fine_tune(tensors: Tensors, task: str, X: np.ndarray, y: np.ndarray, *, epoc
     first = L - len(names) // 2
     layers = _layers(tensors, task, unfold=True, copy=True)
     P = layers[first:]
-    start = [[a.copy() for a in pair] for pair in P] if mu else P  # read only by FedProx's term
+    # read only, by FedProx's term: the layers as given (the values P starts from), not a copy of them (#26 §5)
+    start = _layers(tensors, task, unfold=True)[first:] if mu else P
     H = _forward(layers[:first], _standardize(tensors, X), last_is_output=False)  # frozen part, once
     n = H.shape[0]
     outputs = P[-1][0].shape[1]

@@ -21,6 +21,7 @@ import argparse
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,15 @@ class Sampler(threading.Thread):
         self.pids, self.every = pids, every
         self.rss = dict.fromkeys(pids, 0.0)
         self.anon = dict.fromkeys(pids, 0.0)
+        self.when = dict.fromkeys(pids, 0.0)  # the wall clock of each peak RSS (to read against the agents' logs)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.every):
             for dev, pid in self.pids.items():
                 rss, anon = rollup(pid)
+                if rss > self.rss[dev]:
+                    self.when[dev] = time.time()
                 self.rss[dev], self.anon[dev] = max(self.rss[dev], rss), max(self.anon[dev], anon)
 
     def stop(self) -> None:
@@ -78,6 +82,7 @@ class Measured:
     demo: FederatedDemo
     before: dict[str, tuple[float, float, float]] = {}  # device -> (RSS, anonymous, VmHWM) before any round
     during: dict[str, tuple[float, float, float]] = {}  # device -> (peak RSS sampled, peak anonymous, VmHWM after)
+    when: dict[str, float] = {}  # device -> the wall clock of its peak RSS sampled
     real = demo_federated.Coordinator
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -95,6 +100,7 @@ class Measured:
         # the last round's new model reaches the agents after federate's return: wait for the swap, then read
         self.demo._wait(lambda: all(v == max((r.new_version or 1 for r in done if r.state == "published"), default=1)
                                     for v in self.demo._versions(self.inner.engine).values()), "every agent swapped")
+        Measured.when = dict(sampler.when)
         Measured.during = {dev: (max(sampler.rss[dev], rollup(pid)[0]), max(sampler.anon[dev], rollup(pid)[1]),
                                  hwm(pid)) for dev, pid in pids.items()}
         return done
@@ -118,7 +124,9 @@ def main() -> None:
           f"{'VmHWM':>6s}")
     for dev in sorted(Measured.before):
         b, d = Measured.before[dev], Measured.during[dev]
-        print(f"{dev:10s} {b[0]:12.1f} {b[1]:6.1f} {b[2]:6.1f}   {d[0]:12.1f} {d[1]:6.1f} {d[2]:6.1f}")
+        at = time.strftime("%H:%M:%S", time.localtime(Measured.when[dev])) + f".{Measured.when[dev] % 1 * 1e3:03.0f}"
+        print(f"{dev:10s} {b[0]:12.1f} {b[1]:6.1f} {b[2]:6.1f}   {d[0]:12.1f} {d[1]:6.1f} {d[2]:6.1f}   "
+              f"(peak at {at}: see {args.workdir}/agent-{dev}.log)")
     peak = max(d[0] for d in Measured.during.values())  # VmHWM holds the inference of the recording too
     print(f"highest: before any round RSS {max(b[0] for b in Measured.before.values()):.1f} MB (anonymous "
           f"{max(b[1] for b in Measured.before.values()):.1f}, VmHWM {max(b[2] for b in Measured.before.values()):.1f}); "

@@ -70,11 +70,31 @@ INTEGER_OPS = frozenset(
 )
 
 
-def session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | Path | None = None) -> Any:
-    """An onnxruntime CPU session as on a small device (the device's own helper, so both agree)."""
+def session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | Path | None = None,
+            lean: bool = False) -> Any:
+    """An onnxruntime CPU session as on a small device (the device's own helper, so both agree).
+
+    ``lean``: without onnxruntime's memory arena and memory patterns (the same graph, kernels and results:
+    only how its buffers are allocated differs), for a process that scores a few hundred windows once and
+    watches its peak memory (``federate``'s hold-out gate); slower per run, so not for ``train``."""
     from edge_agent.runner import cpu_session
 
-    return cpu_session(onnx_bytes, threads=threads, optimized_path=None if optimized_path is None else str(optimized_path))
+    if not lean:
+        return cpu_session(onnx_bytes, threads=threads,
+                           optimized_path=None if optimized_path is None else str(optimized_path))
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 
 
 class _Reader:
@@ -248,6 +268,8 @@ def evaluate(
     *,
     latency_runs: int = 300,
     warmup: int = 30,
+    batch: int = 1024,
+    lean: bool = False,
 ) -> dict[str, Any]:
     """Quality, size and speed of an ONNX model on features ``X`` / labels ``y``.
 
@@ -259,20 +281,25 @@ def evaluate(
     ``latency_ms`` (median batch-of-1 inference time over ``latency_runs``
     runs after ``warmup`` runs, cycling over the rows of ``X``) and
     ``latency_p90_ms``.
+
+    ``batch``: rows per run when scoring (the scores do not depend on it); ``lean``: a :func:`session`
+    without memory arena, released before returning (``federate`` scores its hold-out log so).
     """
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
     if X.ndim != 2 or X.shape[0] == 0 or y.shape[:1] != (X.shape[0],) or y.ndim > 2:
         raise ValueError(f"X must be [n, f] with n > 0 and y [n] or [n, outputs], got {X.shape} and {y.shape}")
-    sess = session(onnx_bytes)
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    sess = session(onnx_bytes, lean=lean)
     input_name = sess.get_inputs()[0].name
     out_names = [o.name for o in sess.get_outputs()]
     out: dict[str, Any] = {"n": int(X.shape[0]), "bytes": len(onnx_bytes)}
 
     pred_name = "label" if "label" in out_names else out_names[0]
     preds = []
-    for i in range(0, X.shape[0], 1024):
-        preds.append(sess.run([pred_name], {input_name: X[i : i + 1024]})[0])
+    for i in range(0, X.shape[0], batch):
+        preds.append(sess.run([pred_name], {input_name: X[i : i + batch]})[0])
     pred = np.concatenate(preds)
     if "label" in out_names:
         out["task"] = "classification"
@@ -292,4 +319,5 @@ def evaluate(
     times.sort()
     out["latency_ms"] = statistics.median(times) * 1e3
     out["latency_p90_ms"] = times[min(len(times) - 1, int(0.9 * len(times)))] * 1e3
+    del sess  # its kernels' buffers go now, not at the next collection
     return out

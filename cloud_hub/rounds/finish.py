@@ -10,8 +10,14 @@ exported with scikit-learn, and one whose INT8 model has a weight scale per outp
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
+import json
 import logging
+import os
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -96,6 +102,7 @@ def finish(engine: sa.Engine, settings: HubSettings, r: RoundRow, counted: Seque
         rows = store.list_models(conn, r.model_name)
     if base is None or blob is None or base.bundle is None:
         return "failed", None, outcome, f"base v{r.base_version} is no longer in the registry"
+    _give_back()  # what the round's answers and the last round left: the aggregation's peak starts lower
     t0 = time.monotonic()
     base_int8 = decode_bundle(base.bundle).model  # the template of the new INT8 model (int8.requantize)
     c = _aggregate(r, updates, blob, base.manifest, rows, base_int8) if summed is None else \
@@ -227,12 +234,8 @@ def _holdout_gate(r: RoundRow, version: int, logs: list[str], preprocess: dict[s
     """(passes, gate, held-out devices, metrics, outcome): the INT8 model against the running one on the
     round's hold-out logs, the FP32 model beside them."""
     tolerance = float(r.plan.get("tolerance", 0.0))
-    params = PreprocessParams.from_dict(preprocess)
-    data, y, devices, _starts = windows_from_logs(logs, params)
-    X = extract_features(data, params)
-    m_new = quantize.evaluate(int8, X, y, latency_runs=20, warmup=2)
-    m_fp32 = quantize.evaluate(fp32, X, y, latency_runs=20, warmup=2)
-    m_base = quantize.evaluate(running, X, y, latency_runs=20, warmup=2)
+    X, y, devices = _holdout_features(logs, preprocess)
+    m_new, m_fp32, m_base = _score_apart([int8, fp32, running], X, y)
     ok = passes_gate(m_new, m_base, tolerance)
     not_held = sorted(set(devices.tolist()) & shaped)
     gate = (f"v{version} INT8 {describe_score(m_new)} (FP32 {describe_score(m_fp32)}) vs running v{r.base_version} INT8 {describe_score(m_base)} "
@@ -243,6 +246,93 @@ def _holdout_gate(r: RoundRow, version: int, logs: list[str], preprocess: dict[s
     on = f"hold-out logs: {len(y)} windows of {', '.join(held) or 'no device it never learned from'} (the gate's own)"
     return ok, gate, held, {"int8": m_new, "fp32": m_fp32, "baseline_int8": m_base, "evaluated_on": on}, {
         "holdout_before": _score(m_base), "holdout_after": _score(m_new), "holdout_fp32_after": _score(m_fp32)}
+
+
+#: the last hold-out log's features: ((path, size, mtime) of each log, preprocessing) -> (X, y, devices)
+_held: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _holdout_features(logs: list[str], preprocess: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, devices) of the windows of ``logs`` under ``preprocess``, read again only when a
+    log or the preprocessing changed: every round of a model gates on the same logs, and reading them
+    (5.6 MB of raw windows and the CSV reader's chunks for the demo's log) was the peak of a round's RSS."""
+    def stat(path: str) -> tuple[str, int, int]:
+        try:
+            st = os.stat(path)
+        except OSError:  # windows_from_logs says what is wrong with it
+            return path, -1, -1
+        return path, st.st_size, st.st_mtime_ns
+
+    key = (tuple(stat(p) for p in logs), json.dumps(preprocess, sort_keys=True, default=str))
+    if key not in _held:
+        params = PreprocessParams.from_dict(preprocess)
+        data, y, devices, _starts = windows_from_logs(logs, params)
+        X = extract_features(data, params)
+        del data, _starts  # only the features are scored
+        _held.clear()
+        _held[key] = (X, y, devices)
+    return _held[key]
+
+
+def _score_apart(models: Sequence[bytes], X: np.ndarray, y: np.ndarray) -> list[dict[str, Any]]:
+    """:func:`quantize.evaluate` of each model on ``(X, y)``, one after the other, in a child process forked for
+    it: onnxruntime and its sessions (about 40 MB, its libraries' pages for the most part) are loaded there and
+    gone when it exits, not kept by ``federate`` for the rest of its life (issue #26 §5; docs/federated.md). The
+    scores are those of the same code on the same arrays; without ``fork`` (not POSIX) they are computed here."""
+    score = partial(quantize.evaluate, X=X, y=y, latency_runs=20, warmup=2, batch=256, lean=True)
+    if not hasattr(os, "fork"):
+        return [score(m) for m in models]
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: it only scores and writes; os._exit runs none of the parent's exit hooks
+        status = 0
+        try:
+            os.close(rd)
+            try:
+                out: tuple[Any, ...] = ("ok", [score(m) for m in models], _peak_mb())
+            except Exception as exc:  # sent to the parent, which raises it
+                out = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"), 0.0)
+            with os.fdopen(wr, "wb") as f:
+                pickle.dump(out, f)
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        sent = f.read()
+    _pid, status = os.waitpid(pid, 0)
+    if not sent:
+        raise RuntimeError(f"scoring the hold-out log: its process ended with status {status} and no scores")
+    kind, value, peak = pickle.loads(sent)
+    if kind == "error":
+        raise value
+    log.debug("hold-out log scored in process %d (peak RSS %.1f MB)", pid, peak)
+    return list(value)
+
+
+def _picklable(exc: BaseException) -> bool:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return False
+    return True
+
+
+def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def _give_back() -> None:
+    """Collect what the last step left and hand the heap's free memory back to the OS (glibc's
+    ``malloc_trim``; elsewhere only the collection): the hold-out gate's peak then starts from what is alive."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _evaluation_gate(r: RoundRow, version: int, fed: dict[str, Any] | None, fp32: bytes, int8: bytes

@@ -13,7 +13,9 @@ Its peak RSS is its ``VmHWM`` as it exits (written by an ``atexit`` hook of a tw
 high-water mark lazily, so a read can see a few hundred kB more than the exit). Not the ``ru_maxrss`` of ``os.wait4``: the kernel folds into it the
 RSS the forked child had before its ``exec``, i.e. this script's (~270 MB with the hub and scikit-learn loaded),
 which hid every figure under it. Also printed: what importing federate's modules costs in a fresh interpreter, and
-whether scikit-learn, skl2onnx or onnxruntime are among them. ``--trace``: federate's RSS each time it grew by
+whether scikit-learn, skl2onnx or onnxruntime are among them. A hold-out log is scored in a child that
+federate forks for it (``cloud_hub.rounds.finish._score_apart``): that child's own peak RSS, and the highest RSS of
+the two read at one time, are printed too (both count the pages they share, the second twice). ``--trace``: federate's RSS each time it grew by
 2 MB, after the last line it had logged.
 """
 
@@ -64,12 +66,22 @@ def status_mb(pid: int, field: str) -> float:
         return 0.0
 
 
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 class FederateProcess:
     """Stands in for :class:`~cloud_hub.rounds.coordinator.Coordinator` in the demo: ``run`` is a ``cloud-hub
     federate`` process with the same settings and plan; its peak RSS is kept in ``peak_mb``."""
 
     peak_mb: float = 0.0  # its VmHWM at exit
     polled_mb: float = 0.0  # the highest VmHWM read while it ran
+    child_mb: float = 0.0  # the highest VmHWM of a child of it (the one that scores a hold-out log)
+    together_mb: float = 0.0  # the highest VmRSS of it and its children read at one time
     seconds: float = 0.0
     trace = False
 
@@ -114,6 +126,11 @@ class FederateProcess:
                 return status
             FederateProcess.polled_mb = max(FederateProcess.polled_mb, status_mb(pid, "VmHWM"))
             rss = status_mb(pid, "VmRSS")
+            kids = children(pid)
+            if kids:
+                FederateProcess.child_mb = max([FederateProcess.child_mb, *(status_mb(k, "VmHWM") for k in kids)])
+            FederateProcess.together_mb = max(FederateProcess.together_mb,
+                                              rss + sum(status_mb(k, "VmRSS") for k in kids))
             if self.trace and rss >= last + 2:
                 lines = log.read_text(errors="replace").splitlines()
                 print(f"trace: RSS {rss:.0f} MB after: {lines[-1][:110] if lines else '(start)'}", file=sys.stderr)
@@ -164,6 +181,10 @@ def main() -> None:
     peak = max(FederateProcess.peak_mb, FederateProcess.polled_mb)
     print(f"federate peak RSS: {peak:.1f} MB (VmHWM at exit {FederateProcess.peak_mb:.1f} MB, polled "
           f"{FederateProcess.polled_mb:.1f} MB) over {FederateProcess.seconds:.0f} s (target <= {TARGET_MB:g} MB: {'met' if peak <= TARGET_MB else 'NOT met'})")
+    if FederateProcess.child_mb:
+        print(f"its child that scored the hold-out log: peak RSS {FederateProcess.child_mb:.1f} MB (pages shared "
+              f"with federate counted); both at once at most {FederateProcess.together_mb:.1f} MB (shared pages "
+              "counted twice)")
     print(f"its imports alone (cli.rounds, coordinator, finish): {imports:.1f} MB; loaded: {loaded or 'none of them'}")
 
 

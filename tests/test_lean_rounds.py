@@ -178,3 +178,37 @@ def test_the_penalties_are_added_a_block_at_a_time_bit_for_bit(dtype) -> None:
     plain = learn.loss_and_grad(moved, "classification", X, y, start=weights)[0]
     both = learn.loss_and_grad(moved, "classification", X, y, alpha=0.5, mu=0.3, start=weights)[0]
     assert both > plain
+
+
+def test_the_window_store_is_read_only_so_a_round_reads_it_without_a_copy(tmp_path) -> None:
+    """The labelled windows a round trains on are the store's arrays as they are when the round is taken: the
+    store replaces them as windows come and never writes them (read-only, also once loaded from disk), so the
+    round's thread holds no copy of them."""
+    from edge_agent.device.learner import WindowStore
+
+    store = WindowStore(tmp_path / "w.npz", capacity=50)
+    rng = np.random.default_rng(0)
+    store.add("L", rng.normal(size=(30, 4)).astype(np.float32), ["a"] * 30, np.arange(30.0))
+    taken = store.X
+    store.add("L", rng.normal(size=(30, 4)).astype(np.float32), ["b"] * 30, np.arange(30.0, 60.0))
+    assert taken.shape == (30, 4) and store.X.shape == (50, 4) and not np.shares_memory(taken, store.X)
+    store.save()
+    again = WindowStore(tmp_path / "w.npz", capacity=50)
+    for a in (taken, store.X, store.t, again.X, again.t):
+        assert not a.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 0
+    np.testing.assert_array_equal(again.X, store.X)
+
+
+def test_the_int8_delta_is_the_former_encoding_bit_for_bit() -> None:
+    """The update's INT8 delta is rounded and clipped in one float32 temporary: the same bytes as before."""
+    rng = np.random.default_rng(4)
+    delta = {"coef_1": (rng.normal(size=(512, 512)) * 0.03).astype(np.float32),
+             "intercept_1": rng.normal(size=512).astype(np.float32), "zero": np.zeros(3, np.float32)}
+    specs, arrays = cr.encode_update_delta(delta, "int8")
+    for s in specs:
+        d = delta[s.name]
+        scale = float(np.max(np.abs(d))) / 127.0
+        want = np.zeros(d.shape, np.int8) if scale == 0 else np.clip(np.rint(d / scale), -127, 127).astype(np.int8)
+        assert s.scale == scale and arrays[s.name].tobytes() == want.tobytes()

@@ -499,7 +499,12 @@ def encode_update_delta(delta: dict[str, np.ndarray], encoding: str) -> tuple[tu
             continue
         peak = float(np.max(np.abs(d))) if d.size else 0.0
         scale = peak / 127.0 if peak > 0 else 0.0
-        q = np.zeros(d.shape, np.int8) if scale == 0 else np.clip(np.rint(d / scale), -127, 127).astype(np.int8)
+        if scale == 0:
+            q = np.zeros(d.shape, np.int8)
+        else:  # one float32 temporary, rounded and clipped in place (not three: 2 MB of a device's round, #26 §5)
+            t = np.divide(d, scale, dtype=np.float32)
+            np.rint(t, out=t)
+            q = np.clip(t, -127, 127, out=t).astype(np.int8)
         specs.append(TensorSpec(name, shape, scale))
         arrays[name] = q
     return tuple(specs), arrays

@@ -59,7 +59,7 @@ class WindowStore:
                 X, y, t = z["X"].astype(np.float32), [str(v) for v in z["y"].tolist()], z["t"].astype(np.float64)
                 if not len(X) == len(y) == len(t):
                     raise ValueError(f"{len(X)} windows, {len(y)} labels and {len(t)} times")
-                self.X, self.y, self.t = X, y, t
+                self.X, self.y, self.t = _frozen(X), y, _frozen(t)
                 self.layout, self.new = str(z["layout"]), int(z["new"])
         except FileNotFoundError:
             return
@@ -77,9 +77,9 @@ class WindowStore:
         if not keep:
             return
         rows = np.asarray(feats[keep], dtype=np.float32)
-        self.X = np.concatenate([self.X.reshape(-1, rows.shape[1]), rows])[-self.capacity:]
+        self.X = _frozen(np.concatenate([self.X.reshape(-1, rows.shape[1]), rows])[-self.capacity:])
         self.y = (self.y + [str(truths[i]) for i in keep])[-self.capacity:]
-        self.t = np.concatenate([self.t, np.asarray(starts, np.float64)[keep]])[-self.capacity:]
+        self.t = _frozen(np.concatenate([self.t, np.asarray(starts, np.float64)[keep]])[-self.capacity:])
         self.new = min(self.new + len(keep), self.capacity)
 
     def save(self) -> None:
@@ -97,6 +97,13 @@ class WindowStore:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` read-only: the store's arrays are replaced when windows come, never written, so a round's thread
+    reads them without a copy (#26 §5)."""
+    a.flags.writeable = False
+    return a
 
 
 def _targets(task: str, labels: tuple[str, ...], y: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +224,8 @@ class Learner:
             if why is None or "labelled windows" not in why:  # only new windows could change this verdict
                 self._settled = settled
             return
-        X, y, t = self.store.X.copy(), list(self.store.y), self.store.t.copy()
+        # The store's arrays are replaced, never written (read-only): the round reads them as they are now, no copy.
+        X, y, t = self.store.X, list(self.store.y), self.store.t
         if ann.plan.kind == "train":
             self.store.new = 0
         self.save()
@@ -279,6 +287,7 @@ class Learner:
             if held.any():  # scores on the device's windows that no round ever trains on
                 res.metric_before = learn.score(ann.weights, p.task, X[rows][held], target[held])
                 res.metric_after = learn.score(res.tensors, p.task, X[rows][held], target[held])
+            res.tensors = {}  # the trained model is not sent (its delta is): 1.3 MB less while the update is made
             if p.secure is not None:
                 self._trained_secure(p, res)
                 return

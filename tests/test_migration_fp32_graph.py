@@ -4,6 +4,7 @@ without scikit-learn (issue 26 §5: `cloud-hub federate`'s memory) and make the 
 from __future__ import annotations
 
 import importlib
+import io
 import subprocess
 import sys
 import textwrap
@@ -111,9 +112,17 @@ def test_an_upgrade_from_0005_stores_each_versions_graph_and_a_downgrade_takes_i
     _insert(engine, 2, old, forecast)  # a forecast: federated rounds do not train it, left alone
     _insert(engine, 3, b"not an npz file", manifest)  # does not load: left as it was
     _insert(engine, 4, None, manifest)
+    # blobs that fail in other ways (an empty one: EOFError; a cut npz: BadZipFile; an .npy: TypeError) are
+    # left as they were too, and neither the upgrade nor the downgrade stops on them
+    npy = io.BytesIO()
+    np.save(npy, np.zeros(3))
+    odd = {5: b"", 6: old[: len(old) // 2], 7: npy.getvalue()}
+    for version, odd_blob in odd.items():
+        _insert(engine, version, odd_blob, manifest)
     assert schema.upgrade(engine, backup=False).after == schema.HEAD
     after = _blobs(engine)
     assert after[2] == old and after[3] == b"not an npz file" and after[4] is None
+    assert all(after[v] == b for v, b in odd.items())
     assert named(weights.graph(after[1])) == named(weights.graph(blob))
     a, b = weights.arrays(after[1]), weights.arrays(old)
     assert sorted(a) == sorted([*b, weights.GRAPH])
@@ -122,7 +131,7 @@ def test_an_upgrade_from_0005_stores_each_versions_graph_and_a_downgrade_takes_i
     assert schema.downgrade(engine, BEFORE) == BEFORE
     down = _blobs(engine)
     assert weights.graph(down[1]) is None and sorted(weights.arrays(down[1])) == sorted(b)
-    assert down[2] == old and down[3] == b"not an npz file"
+    assert down[2] == old and down[3] == b"not an npz file" and all(down[v] == b for v, b in odd.items())
     engine.dispose()
 
 

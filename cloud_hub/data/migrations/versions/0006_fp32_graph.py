@@ -124,15 +124,19 @@ def upgrade() -> None:
         name, version, manifest, blob = conn.execute(
             sa.select(_models.c.name, _models.c.version, _models.c.manifest, _models.c.weights)
             .where(_models.c.id == row_id)).one()
-        if (json.loads(manifest).get("preprocess") or {}).get("forecast"):
-            continue
         try:
+            if (json.loads(manifest).get("preprocess") or {}).get("forecast"):
+                continue
             a = _arrays(bytes(blob))
             if GRAPH in a:
                 continue
             a[GRAPH] = np.frombuffer(_export(a), np.uint8)
-        except (ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
-            log.warning("model %s v%s: its weights do not load (%s): stored without an FP32 graph", name, version, exc)
+        # Whatever a stored blob or manifest does wrong (an empty blob: EOFError; a cut npz: BadZipFile; a bad
+        # member: zlib.error; not JSON): that version stays as it was and the upgrade goes on (an upgrade that
+        # stopped here would leave the hub refusing its database).
+        except Exception as exc:
+            log.warning("model %s v%s: its weights do not load (%s: %s): stored without an FP32 graph", name, version,
+                        type(exc).__name__, exc)
             continue
         conn.execute(_models.update().where(_models.c.id == row_id).values(weights=_save(a)))
 
@@ -143,7 +147,7 @@ def downgrade() -> None:
         (blob,) = conn.execute(sa.select(_models.c.weights).where(_models.c.id == row_id)).one()
         try:
             a = _arrays(bytes(blob))
-        except (ValueError, OSError):  # left as it was by the upgrade
+        except Exception:  # left as it was by the upgrade, whatever was wrong with it
             continue
         if a.pop(GRAPH, None) is not None:
             conn.execute(_models.update().where(_models.c.id == row_id).values(weights=_save(a)))

@@ -334,7 +334,7 @@ def _int8_part(obj: dict[str, Any], body: memoryview) -> tuple[memoryview, bytes
 def announcement_header(payload: bytes) -> dict[str, Any]:
     """An announcement's header as decoded JSON, not yet interpreted: the receiver checks its signature
     (``edge_agent.contract.signed_part``) before :func:`decode_announcement` reads a field of it."""
-    return unframe(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")[0]
+    return _unframe(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")[0]  # no copy of the weights
 
 
 def decode_announcement(payload: bytes) -> Announcement:

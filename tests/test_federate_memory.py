@@ -120,3 +120,28 @@ def test_the_hold_out_logs_are_read_again_only_when_they_change(tmp_path: Path) 
     X2, y2, _ = finish._holdout_features([str(log)], pre)
     assert X2 is not X and 0 < len(y2) < len(y)
     assert set(devices.tolist()) == set(DEVICES)
+
+
+def test_a_scoring_child_that_hangs_is_killed_and_federate_goes_on(tmp_path: Path, monkeypatch) -> None:
+    """A forked child could hang (a lock another thread held at the fork): federate must not hang with it."""
+    import os
+    import time
+
+    _paths, X, y = _trained("classes", tmp_path)
+    monkeypatch.setattr(finish, "SCORE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(finish.quantize, "evaluate", lambda *a, **k: time.sleep(3600))  # the child's work, hung
+    forked: list[int] = []
+    fork = os.fork
+
+    def recorded() -> int:
+        pid = fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(finish.os, "fork", recorded)
+    with pytest.raises(RuntimeError, match="no scores from its process within 1 s"):
+        finish._score_apart([b"model"], X, y)
+    assert len(forked) == 1
+    with pytest.raises(ChildProcessError):  # killed and reaped already: no child left behind
+        os.waitpid(forked[0], os.WNOHANG)

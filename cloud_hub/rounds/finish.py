@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import pickle
+import select
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +45,7 @@ from edge_agent.contract.rounds import Update, decode_update
 from edge_agent.preprocess import PreprocessParams, extract_features
 
 log = logging.getLogger(__name__)
+SCORE_TIMEOUT_S = 600.0  # the forked scoring of a hold-out log (_score_apart): seconds, then it is killed
 
 
 def fleet_view(updates: Sequence[Update]) -> dict[str, Any]:
@@ -299,8 +302,15 @@ def _score_apart(models: Sequence[bytes], X: np.ndarray, y: np.ndarray) -> list[
         finally:
             os._exit(status)
     os.close(wr)
-    with os.fdopen(rd, "rb") as f:
-        sent = f.read()
+    try:
+        sent = _read_all(rd, SCORE_TIMEOUT_S)
+    except BaseException:  # no scores in time, or federate stopped meanwhile: the child goes too
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(rd)
     _pid, status = os.waitpid(pid, 0)
     if not sent:
         raise RuntimeError(f"scoring the hold-out log: its process ended with status {status} and no scores")
@@ -309,6 +319,21 @@ def _score_apart(models: Sequence[bytes], X: np.ndarray, y: np.ndarray) -> list[
         raise value
     log.debug("hold-out log scored in process %d (peak RSS %.1f MB)", pid, peak)
     return list(value)
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    """Everything written to the pipe ``fd`` until its writer closes it, within ``timeout`` seconds (a child
+    that hangs, e.g. on a lock a thread of the parent held when it forked, must not hang ``federate``)."""
+    parts: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise RuntimeError(f"scoring the hold-out log: no scores from its process within {timeout:g} s")
+        part = os.read(fd, 1 << 20)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
 
 
 def _picklable(exc: BaseException) -> bool:

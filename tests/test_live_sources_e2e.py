@@ -107,3 +107,18 @@ def test_a_followed_log_may_come_later_and_a_bad_line_is_skipped_and_named(procs
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(60) == 0, err.text()
     sub.stop()
+
+
+def test_a_stop_while_waiting_for_the_followed_log_is_a_clean_stop(procs, shared_broker, prefix, tmp_path,
+                                                                  model) -> None:
+    """`systemctl stop` of an agent whose logger has not started yet: exit 0, as any stop of `run`, not 130."""
+    from tests.helpers import wait_for
+    from tests.test_signals import Lines
+
+    log = tmp_path / "never.csv"
+    agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "follow", "--source-path", str(log))
+    err = Lines(agent.stderr)
+    wait_for(lambda: err.said(f"waiting for {log}: no such file yet") or agent.poll() is not None, what="the wait")
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(60) == 0, err.text()
+    assert "Traceback" not in err.text()

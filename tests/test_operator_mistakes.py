@@ -8,6 +8,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cloud_hub.tools.local_broker import LocalBroker, free_port
 from edge_agent import contract as c
 from edge_agent import exits
@@ -180,3 +182,26 @@ def test_usage_errors_are_one_line_naming_the_option(tmp_path: Path) -> None:
     line = one_line(run(agent_cmd("replay", "--speed", "fast", "x.csv")), exits.USAGE, "'fast' is not a valid float")
     assert line.startswith("edge-agent: error: "), line
     assert run(agent_cmd("--version")).returncode == 0
+
+
+def test_an_agent_that_fails_to_start_frees_its_state_dir(tmp_path: Path) -> None:
+    """In one process (a test, an embedding program), an Agent whose start failed, or whose settings were refused,
+    no longer keeps its state dir locked against the next one."""
+    from edge_agent.device.agent import Agent, BadSetting
+    from edge_agent.settings import AgentSettings, SettingsError, load_settings
+
+    def settings(**flags: object) -> AgentSettings:
+        return load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={}, flags={
+            "state_dir": str(tmp_path / "s"), "broker": f"mqtt://127.0.0.1:{free_port()}", "device_id": "d-1",
+            **flags})
+
+    with pytest.raises(BadSetting, match="cannot read trusted key"):
+        Agent(settings(trusted_key=str(tmp_path / "none.pem")), device_ids=("d-1",))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        agent = Agent(settings(metrics_port=taken.getsockname()[1]), device_ids=("d-1",))
+        with pytest.raises(SettingsError, match="metrics_port"):
+            agent.start()
+    again = Agent(settings(), device_ids=("d-1",))  # not refused as "in use by another edge-agent"
+    again.outbox.close()

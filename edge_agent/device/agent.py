@@ -115,6 +115,13 @@ class Agent:
         state.mkdir(parents=True, exist_ok=True)
         self.state_dir = state
         self._state_lock = StateLock(state)  # before the outbox: a second agent on the folder stops here
+        try:
+            self._setup(settings, state, device_ids)
+        except BaseException:  # the folder is free again for the next Agent of this process
+            self._state_lock.release()
+            raise
+
+    def _setup(self, settings: AgentSettings, state: Path, device_ids: tuple[str, ...]) -> None:
         self.active_path = state / f"model-{settings.model_name}.emlb"
         self.outbox = self._open_outbox(state)
         self.device_ids: list[str] = list(device_ids)
@@ -259,13 +266,19 @@ class Agent:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if self.settings.metrics_port is not None and self.metrics is None:
-            from edge_agent.device.metrics import AgentMetrics
+        try:
+            if self.settings.metrics_port is not None and self.metrics is None:
+                from edge_agent.device.metrics import AgentMetrics
 
-            self.metrics = AgentMetrics(self)
-            self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
-        self.link.start()
-        self.publisher.start()
+                self.metrics = AgentMetrics(self)
+                self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            self.link.start()
+            self.publisher.start()
+        except BaseException:  # e.g. the metrics port taken: nothing started is left holding the folder
+            self.link.stop()
+            self.outbox.close()
+            self._state_lock.release()
+            raise
 
     def close(self, *, drain_timeout: float | None = 10.0) -> bool:
         """Drain the outbox (bounded), publish offline, disconnect. Returns True if fully drained."""

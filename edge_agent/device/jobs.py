@@ -205,7 +205,7 @@ def _followed(path: str, stop: threading.Event, wait: Callable[[float], None]) -
             return follow
         follow.close()
         if stop.is_set():
-            raise Interrupted(f"interrupted while waiting for {path}")
+            raise _StoppedWaiting(path)
         now = time.monotonic()
         if now - started >= 3.0 and now - said >= 30.0:
             said = now
@@ -214,19 +214,28 @@ def _followed(path: str, stop: threading.Event, wait: Callable[[float], None]) -
         wait(0.5)
 
 
-class SkipReport:
-    """Names each malformed line a live source skipped (a warning with ``file:line`` and the reason, at most one
-    per check with the count since the last), so that nothing is skipped silently."""
+class _StoppedWaiting(Exception):
+    """SIGTERM/SIGINT while ``run`` waited for its followed file: it stops as it would later (exit 0)."""
 
-    def __init__(self, source: Any) -> None:
+
+class SkipReport:
+    """Names the malformed lines a live source skipped (a warning with the last one's ``file:line`` and reason, and
+    the count since the one before), so that nothing is skipped silently: the first at once, then at most one
+    every ``every_s`` (a stream of nothing but bad lines must not flood the log)."""
+
+    def __init__(self, source: Any, every_s: float = 10.0) -> None:
         lines = isinstance(source, (sources.JsonLinesStream, sources.FollowFile))
         self.stats = source.stats if lines else None
         self.seen = 0
+        self.every_s = every_s
+        self.said: float | None = None
 
     def __call__(self) -> None:
         stats = self.stats
-        if stats is None or stats.rows_skipped == self.seen:
+        now = time.monotonic()
+        if stats is None or stats.rows_skipped == self.seen or (self.said is not None and now - self.said < self.every_s):
             return
+        self.said = now
         new, self.seen = stats.rows_skipped - self.seen, stats.rows_skipped
         log.warning("skipped %d malformed line%s (%d in all); the last: %s", new, "s" if new != 1 else "",
                     stats.rows_skipped, stats.last_error)
@@ -249,22 +258,27 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
             for report in skipped:
                 report()
 
-        source, channels = live_source(settings, stop, idle=idle)
-        skipped.append(SkipReport(source))
-        agent.load_model(model or settings.model, channels)
-        parser = getattr(source, "parser", None)
-        if _regression(agent) and parser is not None:
-            parser.numeric_labels = True
-        processor = agent.make_processor()
-        for chunk in _until(source, stop):
-            processor.process(chunk.by_device(), chunk.source)
+        readings = windows = 0
+        try:
+            source, channels = live_source(settings, stop, idle=idle)
+        except _StoppedWaiting:  # stopped before the source was there: a stop like any other (exit 0)
+            source = None
+        if source is not None:
+            skipped.append(SkipReport(source))
+            agent.load_model(model or settings.model, channels)
+            parser = getattr(source, "parser", None)
+            if _regression(agent) and parser is not None:
+                parser.numeric_labels = True
+            processor = agent.make_processor()
+            for chunk in _until(source, stop):
+                processor.process(chunk.by_device(), chunk.source)
+                idle()
             idle()
-        idle()
+            readings, windows = processor.stats.readings, processor.stats.windows
     finally:
         drained = agent.close(drain_timeout=drain_timeout)
         _restore_handlers()
-    return {"readings": processor.stats.readings, "windows": processor.stats.windows,
-            "drained": drained, "outbox_depth": agent.outbox.depth}
+    return {"readings": readings, "windows": windows, "drained": drained, "outbox_depth": agent.outbox.depth}
 
 
 def _until(chunks: Iterable[Any], stop: threading.Event) -> Iterator[Any]:

@@ -15,12 +15,14 @@ pid for the message; it is not removed at exit (removing it would race with a st
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from edge_agent import exits
 
 LOCK_FILE = "agent.lock"
+log = logging.getLogger(__name__)
 
 
 class StateDirInUse(exits.Failure, RuntimeError):
@@ -42,11 +44,12 @@ class StateLock:
             os.close(fd)
             raise StateDirInUse(f"state dir {state} is in use by another edge-agent (pid {holder}): give each "
                                 "agent its own --state-dir (state_dir, EDGE_AGENT_STATE_DIR)") from None
-        except OSError:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # no locks here (NFS without a lock manager: ENOLCK): run, and say what is lost
+            log.warning("cannot lock %s (%s): a second agent on this state dir would not be stopped", self.path,
+                        exc.strerror or exc)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd: int | None = fd
 
     def release(self) -> None:

@@ -111,17 +111,22 @@ class HubSettings(BrokerSettings):
                      "canary_error_tolerance", "canary_max_s"):
             positive(name, getattr(self, name), zero_ok=True)
         positive("http_timeout_s", self.http_timeout_s)
-        if self.signing_key is not None:  # at start, not when the first canary is promoted hours later
-            key = user_path("signing_key", self.signing_key)
-            if not key.is_file():
-                raise SettingsError(f"signing_key {str(key)!r} {'is not a file' if key.exists() else 'does not exist'}"
-                                    " (make a key pair with `cloud-hub keygen`)", field="signing_key")
         if self.http is not None:
             self.http_door_check()
         if self.batch_max > MAX_BATCH:
             raise SettingsError(f"batch_max must be at most {MAX_BATCH}, got {self.batch_max}")
         if self.session_expiry_s > 0xFFFFFFFF:
             raise SettingsError("session_expiry_s must fit in 32 bits (MQTT 5)")
+
+    def signing_key_check(self) -> None:
+        """For the commands that sign (serve's promotions, publish, export, federate): a ``signing_key`` that is not
+        a file is refused at start, not when the first canary is promoted hours later. Only those check it: a
+        config shared with commands that only read must not need the key on every machine."""
+        if self.signing_key is not None:
+            key = user_path("signing_key", self.signing_key)
+            if not key.is_file():
+                raise SettingsError(f"signing_key {str(key)!r} {'is not a file' if key.exists() else 'does not exist'}"
+                                    " (make a key pair with `cloud-hub keygen`)", field="signing_key")
 
     def http_door_check(self) -> None:
         """The HTTP door's settings, at start: a token and certificate that load, and no public address left open."""

@@ -4,7 +4,7 @@ click (under Typer) prints a usage error as a usage line, a hint and a boxed mes
 such option". :class:`OneLineUsage`, the top-level group of ``edge-agent`` and ``cloud-hub``, says it as
 ``edge-agent: error: No such option: --sped (Did you mean --speed?) (edge-agent replay -h)`` with exit 2.
 Everything else keeps click's standalone behaviour: ``typer.Exit`` codes, ``--help``, ``--version``; an
-end of input at a prompt is exit 130 with one line instead of "Aborted!" and 1.
+stray EOFError (typer's Abort) is exit 1 with one line instead of "Aborted!".
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
-
-from edge_agent import exits
 
 # click's exception classes, from a public name of typer's (typer 0.28 carries its own copy of click as a private
 # module; before, these are click's own): BadParameter is a UsageError, a ClickException.
@@ -42,8 +40,8 @@ class OneLineUsage(TyperGroup):
             _exit(getattr(exc, "exit_code", 2), f"{name}: error: {message} ({where} -h)")
         except ClickException as exc:  # a bad file argument and the like: click's own words, on one line
             _exit(getattr(exc, "exit_code", 1), f"{name}: error: {_message(exc)}")
-        except typer.Abort:  # end of input at a prompt
-            _exit(exits.INTERRUPTED, f"{name}: interrupted")
+        except typer.Abort:  # typer's word for an EOFError that no command caught: no command prompts, so a bug
+            _exit(1, f"{name}: error: unexpected end of input (a bug: please report it with the log)")
         sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 

@@ -88,6 +88,10 @@ def test_a_missing_signing_key_is_refused_at_start(shared_broker: LocalBroker, t
     assert not (tmp_path / "h.sqlite").exists()
     res = run(hub_cmd("publish", "--db", f"sqlite:///{tmp_path / 'h.sqlite'}", "--signing-key", str(tmp_path)))
     one_line(res, exits.USAGE, f"signing_key '{tmp_path}' is not a file")
+    # a command that does not sign does not need the key (a config shared with machines that only read)
+    res = run(hub_cmd("stats", "--db", f"sqlite:///{tmp_path / 'h.sqlite'}"), env={"CLOUD_HUB_SIGNING_KEY": str(missing)})
+    one_line(res, exits.UNAVAILABLE, "does not exist")
+    assert "signing_key '" not in res.stderr and "keygen" not in res.stderr
 
 
 def test_sample_does_not_overwrite_a_log_without_force(tmp_path: Path) -> None:

@@ -33,10 +33,14 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML fil
 DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy database URL (default: sqlite:///hub.sqlite).")]
 
 
-def settings_from(config: Path | None, **flags: Any) -> HubSettings:
-    return load_settings(HubSettings, env_prefix=ENV_PREFIX, config=config, flags=flags,
-                         warn=lambda m: typer.echo(f"cloud-hub: warning: {m}", err=True),
-                         other_env=(f"{ENV_PREFIX}_CONFIG",))
+def settings_from(config: Path | None, *, signs: bool = False, **flags: Any) -> HubSettings:
+    """The command's settings; ``signs``: it signs bundles, so its signing key must be there (checked now)."""
+    settings = load_settings(HubSettings, env_prefix=ENV_PREFIX, config=config, flags=flags,
+                             warn=lambda m: typer.echo(f"cloud-hub: warning: {m}", err=True),
+                             other_env=(f"{ENV_PREFIX}_CONFIG",))
+    if signs:
+        settings.signing_key_check()
+    return settings
 
 
 def fail(code: int, message: str) -> typer.Exit:

@@ -72,7 +72,7 @@ def serve(
     from cloud_hub.serve import serve as run
 
     with errors():
-        settings = settings_from(config, broker=broker, db=db, prefix=prefix, share_group=share_group,
+        settings = settings_from(config, signs=True, broker=broker, db=db, prefix=prefix, share_group=share_group,
                              client_id=client_id, log_level=log_level, http=http,
                              http_token_file=http_token_file, signing_key=signing_key)
         logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,

@@ -192,14 +192,14 @@ def publish(
         from cloud_hub.cli.rollout import start_canary
 
         with lifecycle_errors():
-            s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
+            s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
             engine = engine_for(s.db)
         start_canary(s, engine, version=version, share=canary, devices=devices, min_results=min_results,
                      tolerance=tolerance, allow_unsigned=insecure_unsigned, force=force,
                      key_from_flag=signing_key is not None)
         return
     with lifecycle_errors():
-        s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
+        s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
         progress_lines(True)  # warnings ("not connected to ... yet") as one "cloud-hub:" line each
         with stoppable("nothing confirmed: `cloud-hub models` shows which version is on the topic"):
             bundle = run(engine_for(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)
@@ -254,7 +254,7 @@ def export(
 ) -> None:
     """Write a registered bundle to a file (for `edge-agent --model FILE`), signed when a key is given."""
     with lifecycle_errors():
-        s = settings_from(config, db=db, model_name=name, signing_key=signing_key)
+        s = settings_from(config, signs=True, db=db, model_name=name, signing_key=signing_key)
         v, signed = _export(s.db, s.model_name, version, out, s.signing_key)
     typer.echo(f"wrote {s.model_name} v{v} to {out}" + ("" if signed else
                " (unsigned: an agent with --trusted-key refuses it; pass --signing-key to sign it)"))

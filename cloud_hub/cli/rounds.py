@@ -125,7 +125,7 @@ def federate(
         dp_noise=dp_noise, target_epsilon=target_epsilon, dp_delta=dp_delta,
         weights_dtype="float32" if fp32_announcements else "float16", seed=seed)
     with lifecycle_errors():
-        s = settings_from(config, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
+        s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                           client_id=client_id)
         engine, done = _federate(s, cfg, insecure_unsigned=insecure_unsigned, quiet=quiet or json_out)
     show_rounds(engine, s.model_name, [r.id for r in done], json_out)

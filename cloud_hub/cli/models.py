@@ -201,7 +201,7 @@ def publish(
     with lifecycle_errors():
         s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
         progress_lines(True)  # warnings ("not connected to ... yet") as one "cloud-hub:" line each
-        with stoppable("nothing confirmed: `cloud-hub models` shows which version is on the topic"):
+        with stoppable("the model may be on the topic already: publish it again so that the database says so"):
             bundle = run(engine_for(s.db), s, version=version, allow_unsigned=insecure_unsigned, force=force)
     m = bundle.manifest
     typer.echo(f"published {m.name} v{m.version} ({m.sha256[:12]}, "

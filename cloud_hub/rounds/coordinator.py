@@ -248,6 +248,8 @@ class Coordinator:
                 left = until - time.monotonic()
                 if left <= 0:
                     late = [topic for mid, topic in mids if mid not in self._published]
+                    for mid, _ in mids:  # the PUBACKs that came: not left to confirm a later publish on a reused mid
+                        self._published.pop(mid, None)
                     raise RoundError(f"no PUBACK from {self.s.broker_url} for {', '.join(late)} within {timeout:g} s")
                 self._puback.wait(min(left, 0.1))  # woken by each PUBACK; the link checked at least every 0.1 s
             outcomes = [(topic, self._published.pop(mid)) for mid, topic in mids]

@@ -78,8 +78,13 @@ def test_an_update_sent_where_no_one_listened_is_sent_again_and_counted_once(
     fleet.check(lambda: "not answering yet" in agent_log.read_text(), "the device saw round 1 (too few windows)")
     fed.send_signal(signal.SIGKILL)
     fed.wait(30)
+    connects = agent_log.read_text().count("edge_agent.mqtt: connected to")
     forgetful_broker.kill()  # sessions, queued and retained messages: gone, federate's subscription with them
     forgetful_broker.start()
+    # Back on the new broker before it trains: an update paho still held while reconnecting would reach the next
+    # federate directly, and the test would not see it sent again (a race it once lost under load).
+    fleet.check(lambda: agent_log.read_text().count("edge_agent.mqtt: connected to") > connects,
+                "the device back on the restarted broker")
     with open(fleet.logs[device], "a") as f:  # its windows arrive: it trains and sends, and no one listens
         f.writelines(fleet.rest[device])
     fleet.check(lambda: "sent" in agent_log.read_text().split("trained on", 1)[-1], "the device's update sent",

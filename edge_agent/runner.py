@@ -37,20 +37,26 @@ class Prediction:
 INFER_SLICE = 128
 
 
-def cpu_session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | None = None) -> ort.InferenceSession:
+def cpu_session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | None = None,
+                lean: bool = False) -> ort.InferenceSession:
     """The one way we open an onnxruntime session, on the device and on the hub alike: CPU,
     ``threads`` intra-op threads (1 on a small device), sequential, every graph optimization.
 
     The memory arena and memory patterns stay on (#27 §4, the default model, batches of 1-256): without
     the arena the process held 0.6-1.1 MB more anonymous memory (freed blocks left in malloc's heap)
     and ran 25 % slower; without patterns it held as much and ran slower; without weight prepacking
-    it held as much once it had run, 10-20 % slower; the basic optimization level held 4 MB more, 4x slower."""
+    it held as much once it had run, 10-20 % slower; the basic optimization level held 4 MB more, 4x slower.
+    ``lean`` turns both off for a process that scores once and watches its peak (``federate``'s hold-out gate,
+    through ``cloud_hub.models.quantize.session``): the same graph, kernels and results."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if lean:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])

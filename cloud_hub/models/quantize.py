@@ -79,22 +79,8 @@ def session(onnx_bytes: bytes, *, threads: int = 1, optimized_path: str | Path |
     watches its peak memory (``federate``'s hold-out gate); slower per run, so not for ``train``."""
     from edge_agent.runner import cpu_session
 
-    if not lean:
-        return cpu_session(onnx_bytes, threads=threads,
-                           optimized_path=None if optimized_path is None else str(optimized_path))
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    return cpu_session(onnx_bytes, threads=threads, lean=lean,
+                       optimized_path=None if optimized_path is None else str(optimized_path))
 
 
 class _Reader:

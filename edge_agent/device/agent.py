@@ -14,13 +14,19 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-import orjson
+from typing import TYPE_CHECKING
 
 from edge_agent import contract as c
-from edge_agent import exits
 from edge_agent.device.bundle import BundleRejected, load_public_key, persist_bundle, verify_bundle
+from edge_agent.device.errors import (
+    DATA_FAULT,
+    AgentError,
+    BadSetting,
+    Interrupted,
+    StateConflict,
+    refusal_hint,
+    session_start,
+)
 from edge_agent.device.outbox import Outbox, is_disk_full
 from edge_agent.device.pipeline import Processor
 from edge_agent.device.publisher import Publisher
@@ -37,66 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _OFFLINE_NOTE_S = 60.0  # how often a disconnected agent says why
 _DISK_NOTE_S = 60.0  # how often an agent whose disk is full says what it cannot keep (the first at once)
-
-
-class AgentError(exits.Failure, RuntimeError):
-    """A condition the agent cannot work around (no model, bad configuration)."""
-
-    exit_code = exits.MODEL
-
-
-_DATA_FAULT = "that the source does not provide"  # bundle.verify_bundle: the data lacks what the model reads
-
-
-def _hint(reason: str) -> str:
-    """What to do about a refused bundle, by its reason."""
-    if "no trusted key is configured" in reason:
-        return "Pass --trusted-key with the hub's public key (the .pub.pem of `cloud-hub keygen`)."
-    if "unsigned" in reason:
-        return "Publish it signed (`cloud-hub publish --signing-key KEY`), or allow unsigned models in development."
-    if "not the trusted key" in reason:
-        return "Give --trusted-key the public key of the key that signs the models."
-    if _DATA_FAULT in reason:
-        return ("The data is at fault, not the model: the source lacks channels the model was trained on; "
-                "give it those columns, or train a model on the channels it has.")
-    return "Publish a good model with `cloud-hub publish`, or pass --model FILE."
-
-
-def _session_start(state: Path, client_id: str, broker: object,
-                   subscriptions: list[tuple[str, int]]) -> bool | Literal["first"]:
-    """How this process starts its MQTT session: resumed (``False``: clean start off from the first connect, the
-    only session mosquitto keeps across its own restart) when the last process of this state dir subscribed
-    the same filters as the same client; else a new session (``"first"``), since an old one could hold
-    filters of another prefix or model. The state dir remembers what this process subscribes."""
-    mark = state / "mqtt-session.json"
-    now = orjson.dumps({"client_id": client_id, "broker": str(broker), "subscriptions": sorted(subscriptions)})
-    try:
-        same = mark.read_bytes() == now
-    except OSError:
-        same = False
-    if not same:
-        with contextlib.suppress(OSError):  # a read-only state dir: a new session every start, nothing worse
-            mark.write_bytes(now)
-    return False if same else "first"
-
-
-class StateConflict(AgentError):
-    """The state dir holds results made for another broker or prefix."""
-
-    exit_code = exits.USAGE
-
-
-class BadSetting(AgentError):
-    """A setting the agent cannot start with: a trusted key or model file that is not there or not a key, no
-    device id for ``run``. The operator's to fix (exit 2), not a model the fleet sent."""
-
-    exit_code = exits.USAGE
-
-
-class Interrupted(exits.Failure, RuntimeError):
-    """SIGTERM/SIGINT before a replay finished; what was produced is safe in the outbox."""
-
-    exit_code = exits.INTERRUPTED
 
 
 @dataclass
@@ -149,7 +95,7 @@ class Agent:
         keep = single is not None and settings.session_expiry_s > 0
         self.link = MqttLink(
             settings.broker_url, client_id, tls=settings.tls, will=will,
-            clean_start=_session_start(state, client_id, settings.broker_url, subscriptions) if keep else True,
+            clean_start=session_start(state, client_id, settings.broker_url, subscriptions) if keep else True,
             session_expiry_s=settings.session_expiry_s if keep else None, retained_once=keep,
             keepalive_s=settings.keepalive_s, max_inflight=max(settings.max_inflight, 1), on_message=self._on_message,
             on_published=self._on_published, on_connected=self._on_connected,
@@ -319,8 +265,8 @@ class Agent:
                 return self.model  # type: ignore[return-value]
             except BundleRejected as exc:
                 if origin == explicit:
-                    data = _DATA_FAULT in str(exc)  # then the model is right, and the hint says so
-                    raise AgentError(f"model {origin} refused: {exc}" + (f". {_hint(str(exc))}" if data else "")
+                    data = DATA_FAULT in str(exc)  # then the model is right, and the hint says so
+                    raise AgentError(f"model {origin} refused: {exc}" + (f". {refusal_hint(str(exc))}" if data else "")
                                      ) from exc
                 log.warning("persisted model %s refused (%s); waiting for the model topic", origin, exc)
         return self._wait_for_model()
@@ -358,7 +304,7 @@ class Agent:
                 return self.model  # type: ignore[return-value]
             except Exception as exc:  # whatever it fails with, it is refused: one line, not a traceback
                 why = str(exc) if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
-                raise AgentError(f"the model on {topic} was refused: {why}. {_hint(why)}") from exc
+                raise AgentError(f"the model on {topic} was refused: {why}. {refusal_hint(why)}") from exc
         why = (f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
                if not self.link.connected else f"connected to {self.settings.broker_url}; nothing is published there")
         raise AgentError(f"no model on {topic} within {self.settings.model_wait_s:g} s ({why}). "

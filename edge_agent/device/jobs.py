@@ -175,8 +175,9 @@ def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[
         src = sources.SimulatedSensor(s.device_id or "sim-0", s.sim_channels, s.sim_rate_hz, s.sim_seed,
                                       start_ts=round(time.time(), 2), stop_event=stop)
         return src, tuple(s.sim_channels)
-    if s.source == "stdin":  # a malformed line is skipped and named (SkipReport): one must not stop a device
-        src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels, on_error="skip")
+    if s.source == "stdin":  # a malformed line is skipped and named (NotedStats): one must not stop a device
+        src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels, on_error="skip",
+                                      noted=True)
         return src, tuple(s.sim_channels)
     if s.source == "mqtt":
         mqtt = sources.MqttSensor.of(s, stop, idle)
@@ -197,10 +198,10 @@ def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[
 def _followed(path: str, stop: threading.Event, wait: Callable[[float], None]) -> sources.FollowFile:
     """The followed file once it has its header line: until then the agent waits (a logger that has not started
     yet), saying after 3 s and every 30 s what it waits for. A malformed line later is skipped and named
-    (:class:`SkipReport`): restarting on it would only meet it again."""
+    (:class:`~edge_agent.sources.chunk.NotedStats`): restarting on it would only meet it again."""
     started, said = time.monotonic(), 0.0
     while True:
-        follow = sources.FollowFile(path, stop_event=stop, sleep=wait, on_error="skip")
+        follow = sources.FollowFile(path, stop_event=stop, sleep=wait, on_error="skip", noted=True)
         if follow.channels is not None:
             return follow
         follow.close()
@@ -218,29 +219,6 @@ class _StoppedWaiting(Exception):
     """SIGTERM/SIGINT while ``run`` waited for its followed file: it stops as it would later (exit 0)."""
 
 
-class SkipReport:
-    """Names the malformed lines a live source skipped (a warning with the last one's ``file:line`` and reason, and
-    the count since the one before), so that nothing is skipped silently: the first at once, then at most one
-    every ``every_s`` (a stream of nothing but bad lines must not flood the log)."""
-
-    def __init__(self, source: Any, every_s: float = 10.0) -> None:
-        lines = isinstance(source, (sources.JsonLinesStream, sources.FollowFile))
-        self.stats = source.stats if lines else None
-        self.seen = 0
-        self.every_s = every_s
-        self.said: float | None = None
-
-    def __call__(self) -> None:
-        stats = self.stats
-        now = time.monotonic()
-        if stats is None or stats.rows_skipped == self.seen or (self.said is not None and now - self.said < self.every_s):
-            return
-        self.said = now
-        new, self.seen = stats.rows_skipped - self.seen, stats.rows_skipped
-        log.warning("skipped %d malformed line%s (%d in all); the last: %s", new, "s" if new != 1 else "",
-                    stats.rows_skipped, stats.last_error)
-
-
 def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: float = 10.0) -> dict[str, Any]:
     """The long-running agent: live source until SIGTERM/SIGINT or the source ends, then drain."""
     many = settings.source == "mqtt" and settings.mqtt_device is not None  # each device named by its topic
@@ -251,20 +229,12 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     agent.stop_event = stop
     agent.start()
     try:
-        skipped: list[SkipReport] = []
-
-        def idle() -> None:  # between polls of a quiet source, and after each chunk
-            agent.tick()
-            for report in skipped:
-                report()
-
         readings = windows = 0
         try:
-            source, channels = live_source(settings, stop, idle=idle)
+            source, channels = live_source(settings, stop, idle=agent.tick)
         except _StoppedWaiting:  # stopped before the source was there: a stop like any other (exit 0)
             source = None
         if source is not None:
-            skipped.append(SkipReport(source))
             agent.load_model(model or settings.model, channels)
             parser = getattr(source, "parser", None)
             if _regression(agent) and parser is not None:
@@ -272,8 +242,8 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
             processor = agent.make_processor()
             for chunk in _until(source, stop):
                 processor.process(chunk.by_device(), chunk.source)
-                idle()
-            idle()
+                agent.tick()
+            agent.tick()
             readings, windows = processor.stats.readings, processor.stats.windows
     finally:
         drained = agent.close(drain_timeout=drain_timeout)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +13,9 @@ import numpy as np
 from edge_agent import exits
 
 MAX_ERRORS_KEPT = 10
+NOTED_ONE_BY_ONE = 10  # skipped readings a live source names one by one; after that, a count once a minute
+NOTED_SUMMARY_S = 60.0
+log = logging.getLogger(__name__)
 
 # Reason kinds (keys of ReadStats.skipped_by_reason).
 BAD_NUMBER = "bad number"
@@ -65,11 +70,9 @@ class ReadStats:
     blank_lines: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     first_errors: list[LogError] = field(default_factory=list)
-    last_error: LogError | None = None  # the latest skipped line (a live source reports each as it comes)
 
     def record(self, err: LogError) -> None:
         """Count a skipped line (the first few errors are kept for the summary)."""
-        self.last_error = err
         self.rows_skipped += 1
         self.skipped_by_reason[err.kind] = self.skipped_by_reason.get(err.kind, 0) + 1
         if len(self.first_errors) < MAX_ERRORS_KEPT:
@@ -82,6 +85,31 @@ class ReadStats:
         for e in self.first_errors:
             s += f"\n  {e}"
         return s
+
+
+class NotedStats(ReadStats):
+    """The counters of a live source, which also says what it skipped in the log, since no summary comes at the
+    end: the first :data:`NOTED_ONE_BY_ONE` readings one by one, then a count once a minute (a stream of nothing
+    but bad lines must not flood the log). ``name`` is the source (a file, ``<stdin>``, a topic or a port)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self._summary_due = 0.0
+
+    def record(self, err: LogError) -> None:  # a line of a file or stream the parser refused
+        self.note(f"line {err.line}", err.kind, err.reason)
+
+    def note(self, origin: str, kind: str, reason: str) -> None:
+        """Count a reading that is not one (``origin``: where it came from) and say so."""
+        ReadStats.record(self, LogError(origin, 0, reason, kind))
+        now = time.monotonic()
+        if self.rows_skipped <= NOTED_ONE_BY_ONE:
+            log.warning("%s: %s: reading skipped (%s)", self.name, origin, reason)
+        elif now >= self._summary_due:
+            self._summary_due = now + NOTED_SUMMARY_S
+            log.warning("%s: %d readings skipped so far (%s); the latest: %s: %s", self.name, self.rows_skipped,
+                        ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped_by_reason.items())), origin, reason)
 
 
 # --------------------------------------------------------------------------- chunk

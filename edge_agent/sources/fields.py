@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -27,15 +26,13 @@ from edge_agent.sources.chunk import (
     BAD_VALUE,
     MISSING_COLUMN,
     LogError,
+    NotedStats,
     ReadingChunk,
-    ReadStats,
 )
 from edge_agent.sources.logs import LineParser
 
 log = logging.getLogger(__name__)
 
-_LOGGED = 10  # rejected readings named one by one; after that, a count once a minute
-_SUMMARY_S = 60.0
 _MISSING = object()
 
 
@@ -148,18 +145,15 @@ class FieldMap:
         return rec
 
 
-class _Named(ReadStats):
+class _Named(NotedStats):
     """The parser's counters, where a line the rules refuse is named after where its reading came from."""
 
     def __init__(self, feed: SensorFeed) -> None:
-        super().__init__()
+        super().__init__(feed.name)
         self.feed = feed
 
     def record(self, err: LogError) -> None:  # the parser's, for a refused line
-        self.feed.reject(self.feed.origins.get(err.line, f"line {err.line}"), err.kind, err.reason)
-
-    def count(self, err: LogError) -> None:
-        super().record(err)
+        self.note(self.feed.origins.get(err.line, f"line {err.line}"), err.kind, err.reason)
 
 
 class SensorFeed:
@@ -172,7 +166,6 @@ class SensorFeed:
         self.stats = self.parser.stats = _Named(self)
         self._line = 1  # the parser's line of the next record
         self.origins: dict[int, str] = {}  # parser line -> where the record came from, until it is judged
-        self._summary_due = 0.0
         self._arrived: dict[str, float] = {}  # device -> the arrival time of its last reading
 
     @property
@@ -184,16 +177,8 @@ class SensorFeed:
         return self.fields.label is not None
 
     def reject(self, origin: str, kind: str, reason: str) -> None:
-        """Count a reading that is not one, and say so (each of the first few, then a count a minute)."""
-        self.stats.count(LogError(origin, 0, reason, kind))
-        now = time.monotonic()
-        if self.stats.rows_skipped <= _LOGGED:
-            log.warning("%s: %s: reading skipped (%s)", self.name, origin, reason)
-        elif now >= self._summary_due:
-            self._summary_due = now + _SUMMARY_S
-            log.warning("%s: %d readings skipped so far (%s); the latest: %s: %s", self.name, self.stats.rows_skipped,
-                        ", ".join(f"{k}: {v}" for k, v in sorted(self.stats.skipped_by_reason.items())), origin,
-                        reason)
+        """Count a reading that is not one, and say so (:class:`NotedStats`: the first few, then a count a minute)."""
+        self.stats.note(origin, kind, reason)
 
     def take(self, origin: str, raw: bytes, device: str, arrival: float) -> bytes:
         """One reading as a record's JSON line (b"" when it is rejected, or a CSV header)."""

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from edge_agent.sources.chunk import LogError, ReadingChunk
+from edge_agent.sources.chunk import LogError, NotedStats, ReadingChunk
 from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, log_format
 
 
@@ -143,12 +143,14 @@ class JsonLinesStream(_Lines):
 
     def __init__(self, file_obj: TextIO | BinaryIO, *, name: str | None = None,
                  channels: Sequence[str] | None = None, has_labels: bool | None = None, chunk_rows: int = 1024,
-                 on_error: str = "raise", format: str = "jsonl"):
+                 on_error: str = "raise", format: str = "jsonl", noted: bool = False):
         self.file = file_obj
         name = name or getattr(file_obj, "name", None)
         self.name = name if isinstance(name, str) else "<stream>"
         self.parser = LineParser(self.name, format, on_error=on_error, chunk_rows=chunk_rows, channels=channels,
                                  has_labels=has_labels)
+        if noted:  # a live stream: what it skips is said as it comes (NotedStats), no summary comes at the end
+            self.parser.stats = NotedStats(self.name)
         self.stats = self.parser.stats
 
     def _reader(self) -> Callable[[], bytes]:
@@ -195,7 +197,8 @@ class FollowFile(_Lines):
 
     def __init__(self, path: str | os.PathLike, *, poll_s: float = 0.2, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  on_error: str = "raise", format: str | None = None, from_end: bool = False,
-                 stop_event: threading.Event | None = None, sleep: Callable[[float], Any] | None = None):
+                 stop_event: threading.Event | None = None, sleep: Callable[[float], Any] | None = None,
+                 noted: bool = False):
         self.path = str(path)
         fmt, gz = log_format(path) if format is None else (format, False)
         if gz:
@@ -204,6 +207,8 @@ class FollowFile(_Lines):
         self.stop_event = stop_event or threading.Event()
         self._sleep = sleep or self.stop_event.wait
         self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
+        if noted:  # a followed file: what it skips is said as it comes (NotedStats)
+            self.parser.stats = NotedStats(self.path)
         self.stats = self.parser.stats
         self._f: BinaryIO | None = None
         self._pos = 0

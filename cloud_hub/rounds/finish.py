@@ -292,9 +292,9 @@ def _score_apart(models: Sequence[bytes], X: np.ndarray, y: np.ndarray) -> list[
         try:
             os.close(rd)
             try:
-                out: tuple[Any, ...] = ("ok", [score(m) for m in models], _peak_mb())
+                out: tuple[Any, ...] = ("ok", [score(m) for m in models])
             except Exception as exc:  # sent to the parent, which raises it
-                out = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"), 0.0)
+                out = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
             with os.fdopen(wr, "wb") as f:
                 pickle.dump(out, f)
         except BaseException:
@@ -314,10 +314,9 @@ def _score_apart(models: Sequence[bytes], X: np.ndarray, y: np.ndarray) -> list[
     _pid, status = os.waitpid(pid, 0)
     if not sent:
         raise RuntimeError(f"scoring the hold-out log: its process ended with status {status} and no scores")
-    kind, value, peak = pickle.loads(sent)
+    kind, value = pickle.loads(sent)
     if kind == "error":
         raise value
-    log.debug("hold-out log scored in process %d (peak RSS %.1f MB)", pid, peak)
     return list(value)
 
 
@@ -342,14 +341,6 @@ def _picklable(exc: BaseException) -> bool:
     except Exception:
         return False
     return True
-
-
-def _peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
 
 
 def _give_back() -> None:

@@ -29,16 +29,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from edge_agent import exits
 from edge_agent.contract import Delivery
+from edge_agent.lazy import defer
 from edge_agent.settings import BrokerURL, TLSFiles
+
+defer("urllib.request")  # paho reads it only for a SOCKS proxy, with PySocks installed (edge_agent/lazy.py)
+
+import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
+from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -186,3 +186,33 @@ def test_a_rounds_fine_tune_holds_one_layers_gradients_and_no_float64_copy_of_a_
     # beyond what it returns (2.4 MB): 1.85 MB, 3.15 MB before
     assert peak - kept < 2.4 * 2**20, (peak, kept)
     assert res.norm > 0 and np.isfinite(res.norm)
+
+
+_LAZY_PROBE = """
+import json, sys
+sys.modules["socks"] = None  # as on a device: PySocks is not a device dependency (the dev extras bring it)
+from edge_agent.mqtt import MqttLink
+from edge_agent.settings import BrokerURL
+link = MqttLink(BrokerURL.parse(sys.argv[1]), "lazy-probe")
+link.start()
+assert link.connected_within(30), "no connection"
+link.stop()
+seen = {"connected": sorted(m for m in ("http.client", "email.parser") if m in sys.modules)}
+import urllib.request
+from urllib.request import Request
+seen["getproxies"] = type(urllib.request.getproxies()).__name__
+seen["request"] = Request("http://example.invalid/").host
+seen["after_use"] = sorted(m for m in ("http.client", "email.parser") if m in sys.modules)
+print(json.dumps(seen))
+"""
+
+
+def test_paho_does_not_load_urllib_request_on_a_device_yet_it_works_when_used(broker) -> None:
+    """paho imports ``urllib.request`` (with ``http.client`` and ``email``: 1.8 MB anonymous) for a SOCKS proxy
+    lookup it makes only with PySocks installed: the agent stands in for it until first use (edge_agent/lazy.py)."""
+    proc = subprocess.run([sys.executable, "-c", _LAZY_PROBE, broker.url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["connected"] == []  # connected to a real broker, and none of them ran
+    assert seen == {"connected": [], "getproxies": "dict", "request": "example.invalid",
+                    "after_use": ["email.parser", "http.client"]}

@@ -367,10 +367,11 @@ class MqttLink:
                f"is probably connected: the broker closed {self._quick_drops} connections within seconds")
         message = (f"another client with the client id {self.client_id!r} {why} on {self.broker}; "
                    "give each process its own client id")
-        log.error("%s", message)
-        if self._exclusive:
+        if self._exclusive:  # its owner stops and says why, in its one error line
             self.fatal = message
             client.disconnect()  # ends paho's reconnect loop
+        else:
+            log.error("%s", message)
 
     def _handle_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
         with self._state_changed:

@@ -189,6 +189,7 @@ def test_two_hubs_with_one_client_id_are_told_so(procs: Processes, broker: Local
     text = logs[stopped].read_text()
     assert "cloud-hub: error: another client with the client id 'same-hub'" in text, text[-2000:]
     assert "give each process its own client id" in text and "Traceback" not in text
+    assert text.count("another client with the client id") == 1, text[-2000:]  # said once, not logged as well
     assert hubs[1 - stopped].poll() is None, "the other hub keeps the session"
 
 

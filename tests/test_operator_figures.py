@@ -51,11 +51,29 @@ def test_a_replay_says_which_results_the_hub_stored_and_which_it_had_already(pro
     assert report["already_stored"] == 0 and 0 < report["published"] == report["windows"] < len(expected)
     again = run_agent("replay", str(log), *args, "--state-dir", str(tmp_path / "s2"))
     assert again.returncode == 0, again.stderr
-    said = re.search(r"([\d,]+) results stored by the hub and ([\d,]+) it had already stored", again.stdout)
+    said = re.search(r"the hub stored ([\d,]+) and had ([\d,]+) already", again.stdout)
     assert said is not None, again.stdout
     new, already = (int(x.replace(",", "")) for x in said.groups())
     assert (new, already) == (len(expected) - report["windows"], report["windows"])
 
+
+
+def test_a_replay_after_an_interrupted_one_counts_the_results_left_in_the_outbox_apart(procs, broker, prefix,
+                                                                                         tmp_path) -> None:
+    """No hub at first: the replay gives up waiting and leaves its results in the outbox. The same replay again,
+    with the hub up: it sends those first, then its own (the same keys), and says which are which."""
+    log, model, expected = fleet_files(tmp_path)
+    args = ("--broker", broker.url, "--model", str(model), "--prefix", prefix, "--state-dir", str(tmp_path / "s"))
+    first = run_agent("replay", str(log), *args, "--timeout", "2")
+    assert first.returncode == exits.UNAVAILABLE, first.stderr
+    assert f"{len(expected)} results not yet stored by the hub" in first.stderr, first.stderr
+    hub = ServeProcess(procs, broker, f"sqlite:///{tmp_path / 'hub.sqlite'}", prefix, tmp_path / "hub.log")
+    hub.wait_started()
+    again = run_agent("replay", str(log), *args)
+    assert again.returncode == 0, again.stderr
+    n = len(expected)
+    assert (f"{2 * n:,} results sent ({n:,} of this run, {n:,} left in the outbox by an earlier run); "
+            f"the hub stored {n:,} and had {n:,} already") in again.stdout, again.stdout
 
 def test_the_fleet_row_was_seen_when_its_devices_were_even_when_it_sent_only_duplicates(tmp_path: Path) -> None:
     """Results stored 9 minutes ago, sent again (a replay of duplicates) 12 s ago: each device and the

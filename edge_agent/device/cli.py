@@ -139,12 +139,11 @@ def replay(
     if json_out:
         typer.echo(orjson.dumps(report.as_dict()).decode())
     else:
-        earlier = f" ({report.leftovers} of them left over from an earlier run)" if report.leftovers else ""
         producing = max(report.seconds - report.drain_s, 1e-9)
         typer.echo(
             f"{report.devices} devices, {report.readings:,} readings, {report.windows:,} windows "
-            f"({report.readings / producing:,.0f} readings/s), model v{report.model_version}; "
-            f"{_delivered(report)}{earlier} after {report.seconds:.2f} s"
+            f"({report.readings / producing:,.0f} readings/s), model v{report.model_version}, {report.seconds:.2f} s: "
+            f"{_delivered(report)}"
         )
     if not report.drained:
         within = f" within {timeout:g} s" if timeout is not None else ""
@@ -154,13 +153,18 @@ def replay(
 
 
 def _delivered(report: Any) -> str:
-    """What the hub did with the results: stored them, or had them already (its receipts say which)."""
+    """The results sent (this run's, and any an earlier run left in the outbox), and what the hub did with them:
+    stored them, or had them already (its receipts say which)."""
+    sent = f"{report.published:,} results sent"
+    if report.leftovers:
+        sent += (f" ({report.published - report.leftovers:,} of this run, {report.leftovers:,} left in the outbox by an "
+                 "earlier run)")
     if report.until != "hub":
-        return f"{report.published:,} results acknowledged by the broker"
-    new = report.published - report.already_stored
+        return f"{sent}, acknowledged by the broker"
     if not report.already_stored:
-        return f"{new:,} results stored by the hub"
-    return f"{new:,} results stored by the hub and {report.already_stored:,} it had already stored"
+        return f"{sent}, stored by the hub"
+    return (f"{sent}; the hub stored {report.published - report.already_stored:,} and had "
+            f"{report.already_stored:,} already (each result is stored once, by its key)")
 
 
 def _with_progress(job: Any) -> Any:

@@ -54,6 +54,37 @@ def test_run_on_stdin_json_lines(procs, shared_broker, prefix, tmp_path, model) 
     sub.stop()
 
 
+
+def test_a_followed_json_lines_log_whose_first_records_are_bad_takes_its_channels_from_the_first_good_one(
+        procs, shared_broker, prefix, tmp_path, model) -> None:
+    """A followed JSON Lines file's first record fixes its channels; a cut first line (a logger that started
+    mid-write) or one without a device id stopped the agent with exit 5, and a restart met it again. Now each is
+    skipped and named, and the first good record fixes the channels."""
+    from edge_agent.sources import LineParser
+    from edge_agent.sources.chunk import LogError
+    from tests.helpers import wait_for
+    from tests.test_signals import Lines
+
+    sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
+    start = 1_700_000_500.0
+    log = tmp_path / "live.jsonl"
+    good = b"".join(orjson.dumps(r) + b"\n" for r in _readings("live-1", 10, start))
+    bad = b'"ax": 0.1, "ay": 0.2}\n\n{"ts": 1, "ax": 0.5}\n'  # line 1 cut, line 2 blank, line 3 no device_id
+    log.write_bytes(bad + good)
+    agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "follow", "--source-path", str(log))
+    err = Lines(agent.stderr)
+    expected = {("live-1", int(round((start + s) * 1000))) for s in range(9)}
+    assert sub.wait_for(expected) == expected
+    wait_for(lambda: err.said(f"{log}: line 3: reading skipped (missing key 'device_id' in first record)"),
+             what="the third line named")
+    assert err.said(f"{log}: line 1: reading skipped (bad JSON"), err.text()
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(60) == 0, err.text()
+    sub.stop()
+    # A recorded log (raise mode) still stops at its first line, naming it.
+    with pytest.raises(LogError, match="line 1"):
+        list(LineParser("rec.jsonl", "jsonl").feed(bad + good, final=True))
+
 def test_run_following_a_growing_log_until_sigterm(procs, shared_broker, prefix, tmp_path, model) -> None:
     sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
     log = tmp_path / "live.csv"

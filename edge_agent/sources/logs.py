@@ -96,10 +96,19 @@ class LineParser:
                 self._buf, self.line, self.stats.lines = buf[end:], 2, 1
             return
         if self._given is None:
+            start = 0
             for lineno, ln in enumerate(buf.split(b"\n")[:-1], self.line):
                 if ln.strip():
-                    self._given = Jsonl.schema(self.source, ln, lineno)
-                    break
+                    try:
+                        self._given = Jsonl.schema(self.source, ln, lineno)
+                        break
+                    except LogError as err:  # skip mode (a live stream): the next record may fix the channels
+                        if self.on_error == "raise":
+                            raise
+                        self.stats.record(err)
+                        self.stats.lines += lineno - self.line + 1
+                        self._buf, self.line = buf[start + len(ln) + 1:], lineno + 1
+                start += len(ln) + 1
             else:
                 return
         self.d.rules = Rules(*self._given)

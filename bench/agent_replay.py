@@ -42,7 +42,7 @@ import numpy as np
 import orjson
 
 from cloud_hub.data.ingest import Hub
-from cloud_hub.models import lifecycle, training, weights
+from cloud_hub.models import datasets, lifecycle, training, weights
 from cloud_hub.models.quantize import session
 from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
 from cloud_hub.settings import HubSettings
@@ -184,10 +184,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     fp32, feats = None, None
     if args.model is None:  # the model `cloud-hub train LOG --holdout-devices s09,s10 --mirror ax,wy,wz` makes
-        ds = lifecycle.dataset_from_logs([str(args.log)], window_s=lifecycle.DEFAULT_WINDOW_S,
-                                         hop_s=lifecycle.DEFAULT_HOP_S, holdout=["s09", "s10"],
+        ds = datasets.dataset_from_logs([str(args.log)], window_s=datasets.DEFAULT_WINDOW_S,
+                                         hop_s=datasets.DEFAULT_HOP_S, holdout=["s09", "s10"],
                                          mirror=["ax", "wy", "wz"])
-        train, test = lifecycle.split(ds, ["s09", "s10"])
+        train, test = datasets.split(ds, ["s09", "s10"])
         bundle, _, _, weights_blob = lifecycle.build(train, test, name="default", version=1)
         fp32 = training.export_onnx(weights.from_bytes(weights_blob), train.X.shape[1])
         feats = test.X

@@ -3,7 +3,7 @@
 Protocol
 --------
 * Windows and features exactly as ``cloud-hub train`` makes them by default
-  (``lifecycle.dataset_from_logs``: 2.5 s windows every 0.5 s, ``stats-v1``, 99 features, no mirror).
+  (``datasets.dataset_from_logs``: 2.5 s windows every 0.5 s, ``stats-v1``, 99 features, no mirror).
 * Devices: s01-s08, one per subject, each training on all its own windows. s09, s10 are held out
   and never used for choosing anything (``--study`` tunes on s01-s06 with s07, s08 as validation).
 * First model: trained centrally (``training.train``, default config) on ONE subject, s01 (``--init``):
@@ -87,12 +87,12 @@ def configs(args: argparse.Namespace) -> dict[str, Config]:
 
 @functools.lru_cache(maxsize=2)
 def load(init: str) -> dict:
-    from cloud_hub.models import (
-        lifecycle,  # the federated world: normalization fitted on the pilot subject only
-    )
-    fed = lifecycle.dataset_from_logs([str(DATA)], window_s=None, hop_s=None,
+    from cloud_hub.models import datasets
+
+    # the federated world: normalization fitted on the pilot subject only
+    fed = datasets.dataset_from_logs([str(DATA)], window_s=None, hop_s=None,
                                       holdout=[d for d in ALL if d != init])
-    central = lifecycle.dataset_from_logs([str(DATA)], window_s=None, hop_s=None, holdout=list(TEST))
+    central = datasets.dataset_from_logs([str(DATA)], window_s=None, hop_s=None, holdout=list(TEST))
     return {"fed": fed, "central": central}
 
 

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_hub.data import db
-from cloud_hub.models import lifecycle
+from cloud_hub.models import datasets, lifecycle
 from edge_agent.preprocess import extract_features, fit_normalization
 
 WEEK = 7 * 86400.0
@@ -68,13 +68,13 @@ def write_log(src: Path, out: Path) -> int:
 
 def option(log: str, window: int, features: str, change: bool, seed: int) -> dict:
     """One option on the same windows and targets (the forecast's: each window's last label)."""
-    params = lifecycle.default_params(log, window_s=window * WEEK, hop_s=WEEK, forecast=CHANNEL)
-    data, y, devices, starts = lifecycle.windows_from_logs([log], params)
+    params = datasets.default_params(log, window_s=window * WEEK, hop_s=WEEK, forecast=CHANNEL)
+    data, y, devices, starts = datasets.windows_from_logs([log], params)
     params = dataclasses.replace(params, features=features, forecast=CHANNEL if change else None)
     order = starts >= np.quantile(starts, 0.8)
     params = params.with_normalization(*fit_normalization(data[~order].reshape(-1, data.shape[2]), params))
-    ds = lifecycle.Dataset(extract_features(data, params), y, devices, params, starts, last=data[:, -1, :])
-    train, test = lifecycle.split(ds, [])
+    ds = datasets.Dataset(extract_features(data, params), y, devices, params, starts, last=data[:, -1, :])
+    train, test = datasets.split(ds, [])
     t0 = time.perf_counter()
     bundle, _fp32, int8, _ = lifecycle.build(train, test, name="co2", version=1, seed=seed)
     base = bundle.manifest.metrics["baselines"]

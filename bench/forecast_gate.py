@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.forecast import CHANNEL, WEEK, co2_csv, write_log
 from cloud_hub.data import db
 from cloud_hub.data.store import Store
-from cloud_hub.models import lifecycle, quantize
+from cloud_hub.models import datasets, lifecycle, quantize
 from cloud_hub.models.forecast import Persistence, persistence_baseline, persistence_check
 from edge_agent.contract import decode_bundle
 from edge_agent.preprocess import PreprocessParams, extract_features
@@ -154,7 +154,7 @@ def origin(s: Series, log: Path, lines: list[str], dates: list[str], share: floa
     assert row is not None and row.bundle is not None
     bundle = decode_bundle(row.bundle)
     params = PreprocessParams.from_dict(bundle.manifest.preprocess)
-    data, y, devices, starts = lifecycle.windows_from_logs([str(log)], params)
+    data, y, devices, starts = datasets.windows_from_logs([str(log)], params)
     # a window's target is the reading one step after its last: fresh when it is at or after the cutoff
     fresh = np.flatnonzero(starts + s.window * s.step_s >= cutoff_ts - s.step_s / 2)
     fresh = fresh[np.argsort(starts[fresh], kind="stable")][:out.holdout_windows]
@@ -214,7 +214,7 @@ def main() -> int:
             log = Path(tmp) / f"{name}.csv"
             dates = s.write(datasets, log)
             lines = log.read_text().splitlines(keepends=True)
-            size = lifecycle.default_params(str(log), window_s=s.window * s.step_s, hop_s=s.step_s,
+            size = datasets.default_params(str(log), window_s=s.window * s.step_s, hop_s=s.step_s,
                                             forecast=s.channel).window_size
             print(f"# {name}: {len(dates):,} readings ({dates[0]} to {dates[-1]}), one {s.unit} ahead, "
                   f"window_s {s.window} {s.unit}s = {size} readings, hop 1")

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_hub.models import lifecycle
+from cloud_hub.models import datasets, lifecycle
 from cloud_hub.models.training import baselines
 from cloud_hub.tools.positioning import write_positioning_log
 
@@ -57,11 +57,11 @@ def main() -> int:
 
 
 def fold(log: str, holdout: list[str], seed: int) -> dict:
-    ds = lifecycle.dataset_from_logs([log], window_s=None, hop_s=None, holdout=holdout, seed=seed)
-    train, test = lifecycle.split(ds, holdout)
+    ds = datasets.dataset_from_logs([log], window_s=None, hop_s=None, holdout=holdout, seed=seed)
+    train, test = datasets.split(ds, holdout)
     t0 = time.perf_counter()
     _, fp32, int8, _ = lifecycle.build(train, test, name="bench", version=1, seed=seed,
-                                       config=lifecycle.default_config(ds.params))
+                                       config=datasets.default_config(ds.params))
     seconds = time.perf_counter() - t0
     ptrain = train.recorded()
     same = baselines(train.X, train.y, test.X, test.y)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud_hub.models import lifecycle, training
+from cloud_hub.models import datasets, lifecycle, training
 from cloud_hub.tools.sample import write_sample_log
 from edge_agent import contract as c
 from edge_agent.device.pipeline import window_seq
@@ -49,9 +49,9 @@ def make_regression_log(path: Path, *, readings: int = 1500, seed: int = 0, spre
 
 def make_bundle(log: Path, *, version: int = 1, name: str = "default", holdout=("dev-c",),
                 window_s: float = 2.0, hop_s: float = 1.0, features: str = "stats-v1") -> c.Bundle:
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=window_s, hop_s=hop_s, holdout=list(holdout),
+    ds = datasets.dataset_from_logs([str(log)], window_s=window_s, hop_s=hop_s, holdout=list(holdout),
                                      features=features)
-    train, test = lifecycle.split(ds, list(holdout))
+    train, test = datasets.split(ds, list(holdout))
     bundle, *_ = lifecycle.build(train, test, name=name, version=version, config=SMALL)
     return bundle
 

@@ -10,7 +10,7 @@ import pytest
 
 from cloud_hub.data import db, sessions
 from cloud_hub.data.store import Store
-from cloud_hub.models import lifecycle
+from cloud_hub.models import datasets, lifecycle
 from cloud_hub.models.signing import keygen
 from cloud_hub.rollout.autoretrain import AutoRetrainer
 from cloud_hub.serve import serve
@@ -34,7 +34,7 @@ def _settings(tmp_path, **kw) -> HubSettings:
 
 def _report(engine, log, params, first_seq: int) -> int:
     """Insert the log's windows as if agents had reported them with features and ground truth."""
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=params.window_s, hop_s=params.hop_s, holdout=[],
+    ds = datasets.dataset_from_logs([str(log)], window_s=params.window_s, hop_s=params.hop_s, holdout=[],
                                      params=params)
     rows = [(dev, first_seq + i, float(i), float(i) + 2, 1, str(y), 0.9, None, str(y), 0.1,
              sessions.pack_features(x), time.time()) for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices, strict=True))]

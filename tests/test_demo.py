@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cloud_hub.data import db, tables
-from cloud_hub.models.lifecycle import default_params
+from cloud_hub.models.datasets import default_params
 from cloud_hub.tools.demo import claims, delivery_check, split_log
 from cloud_hub.tools.local_broker import port_open
 from tests.helpers import expected_keys, model_params

@@ -81,13 +81,13 @@ def test_no_figure_below_the_minimum_count_and_a_device_on_its_training_data_is_
     """PSI over a handful of windows is noise: below MIN_WINDOWS a device reports none. A device replaying
     the very recordings its model was trained on, in recorded order (a few minutes of one activity at a
     time), reads above DRIFTING on fewer windows and below it from MIN_WINDOWS on."""
-    from cloud_hub.models import lifecycle
+    from cloud_hub.models import datasets
     from edge_agent.preprocess import extract_features
     from tests.helpers import make_log
 
     log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=240)
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=None, hop_s=None, holdout=[])
-    data, _y, devices, starts = lifecycle.windows_from_logs([str(log)], ds.params)
+    ds = datasets.dataset_from_logs([str(log)], window_s=None, hop_s=None, holdout=[])
+    data, _y, devices, starts = datasets.windows_from_logs([str(log)], ds.params)
     own = (devices == "trn-1")
     feats = extract_features(data[own], ds.params)[np.argsort(starts[own], kind="stable")]
     assert len(feats) >= MIN_WINDOWS

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from cloud_hub.cli.app import app as hub_app
 from cloud_hub.data import db, sessions, tables
-from cloud_hub.models import lifecycle
+from cloud_hub.models import datasets, lifecycle
 from cloud_hub.models.signing import keygen
 from cloud_hub.rollout import publish as rollout
 from cloud_hub.settings import HubSettings
@@ -252,7 +252,7 @@ def _fake_fleet(procs, broker, prefix: str, tmp_path: Path, names: tuple[str, ..
     train_log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=40)
     assert lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-2"], config=SMALL).version == 1
     params = PreprocessParams.from_dict(orjson.loads(_query(url, sa.select(tables.models.c.manifest))[0][0])["preprocess"])
-    data, *_ = lifecycle.windows_from_logs([str(train_log)], params)
+    data, *_ = datasets.windows_from_logs([str(train_log)], params)
     engine.dispose()
     hub = ServeProcess(procs, broker, url, prefix, tmp_path / "hub.log")
     hub.wait_started()
@@ -664,7 +664,7 @@ def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(
     with engine.connect() as conn:
         v1 = c.decode_bundle(Store(engine).get_model(conn, "default", 1).bundle)
     params = PreprocessParams.from_dict(v1.manifest.preprocess)
-    data, labels, _, starts = lifecycle.windows_from_logs([str(make_log(tmp_path / "me.csv", devices=("me",),
+    data, labels, _, starts = datasets.windows_from_logs([str(make_log(tmp_path / "me.csv", devices=("me",),
                                                                          seconds=120, seed=7))], params)
     X = extract_features(data, params)
     sent: list[bytes] = []

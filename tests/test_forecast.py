@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cloud_hub.cli.app import app as hub_app
 from cloud_hub.data import db, sessions
 from cloud_hub.data.store import Store
-from cloud_hub.models import forecast, lifecycle, training
+from cloud_hub.models import datasets, forecast, lifecycle, training
 from cloud_hub.models.quantize import quantize_int8
 from edge_agent.preprocess import (
     PreprocessParams,
@@ -187,7 +187,7 @@ def test_train_json_prints_persistence_and_says_when_the_model_loses_to_it(serie
 
 def _report(engine, log: Path, params: PreprocessParams, first_seq: int) -> None:
     """The log's windows as agents report them: features and ground truth."""
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=None, hop_s=None, holdout=[], params=params)
+    ds = datasets.dataset_from_logs([str(log)], window_s=None, hop_s=None, holdout=[], params=params)
     rows = [(dev, first_seq + i, float(i), float(i) + 2, 1, str(y), None, None, str(y), 0.1,
              sessions.pack_features(x), time.time()) for i, (x, y, dev) in enumerate(zip(ds.X, ds.y, ds.devices,
                                                                                       strict=True))]
@@ -268,7 +268,7 @@ def test_one_device_normalization_and_augmentation_see_only_the_first_80_percent
     normalization (a rising series would otherwise tell the model where the hold-out's level lies), and no
     augmented copy of a hold-out window may train or be scored."""
     log = make_series_log(tmp_path / "one.csv", hours=24 * 20, levels=(("s1", 0.0),))
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=6 * HOUR, hop_s=HOUR, holdout=[], forecast="temp",
+    ds = datasets.dataset_from_logs([str(log)], window_s=6 * HOUR, hop_s=HOUR, holdout=[], forecast="temp",
                                      mirror=["temp"])
     recorded = ds.recorded()
     early = recorded.order < np.quantile(recorded.order, 0.8)
@@ -277,7 +277,7 @@ def test_one_device_normalization_and_augmentation_see_only_the_first_80_percent
     fitted = readings[readings[:, 0] < window_end, 1]
     assert ds.params.norm_mean[0] == pytest.approx(fitted.mean(), abs=0.05)
     assert ds.params.norm_mean[0] < readings[:, 1].mean() - 0.1  # the whole series' mean is higher: it rises
-    train, test = lifecycle.split(ds, [])
+    train, test = datasets.split(ds, [])
     assert not test.augmented.any() and len(test.y) == int((~early).sum())
     assert train.order[train.augmented].max() < test.order.min()  # copies only of training windows
 
@@ -290,6 +290,6 @@ def test_weekly_monthly_and_yearly_logs_keep_their_rate(tmp_path, step_s: int, r
     log = tmp_path / "slow.csv"
     log.write_text("ts,device_id,temp,label\n" + "".join(f"{i * step_s},d1,{i % 7}.0,{(i + 1) % 7}.0\n"
                                                         for i in range(200)))
-    params = lifecycle.default_params(str(log), window_s=26 * step_s, hop_s=step_s, forecast="temp")
+    params = datasets.default_params(str(log), window_s=26 * step_s, hop_s=step_s, forecast="temp")
     assert params.sample_rate_hz == pytest.approx(rate, rel=1e-5)
     assert params.window_size == 26

@@ -19,7 +19,7 @@ from cloud_hub.cli.app import app as hub_app
 from cloud_hub.data import db, sessions, tables
 from cloud_hub.data.ingest import Hub
 from cloud_hub.data.store import Store
-from cloud_hub.models import lifecycle
+from cloud_hub.models import datasets, lifecycle
 from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
 from cloud_hub.rollout import publish as rollout
 from cloud_hub.settings import HubSettings
@@ -272,7 +272,7 @@ def test_gate_rejects_a_worse_model(tmp_path, train_log) -> None:
     lifecycle.train_from_logs(engine, [str(train_log)], holdout=["trn-3"], config=SMALL)
     params = model_params(engine)
     # The fleet reports features with scrambled ground truth: a model learned from it must lose.
-    ds = lifecycle.dataset_from_logs([str(train_log)], window_s=params.window_s, hop_s=params.hop_s,
+    ds = datasets.dataset_from_logs([str(train_log)], window_s=params.window_s, hop_s=params.hop_s,
                                      holdout=[], params=params)
     rng = np.random.default_rng(1)
     store = Store(engine)
@@ -292,15 +292,15 @@ def test_gate_rejects_a_worse_model(tmp_path, train_log) -> None:
 
 
 def test_mirror_augmentation_doubles_training_windows_only(train_log) -> None:
-    plain = lifecycle.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=["trn-3"])
-    mirrored = lifecycle.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=["trn-3"],
+    plain = datasets.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=["trn-3"])
+    mirrored = datasets.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=["trn-3"],
                                            mirror=["ax", "wy"])
     n_train = int((plain.devices != "trn-3").sum())
     assert len(mirrored.y) == len(plain.y) + n_train
     assert (mirrored.devices == "trn-3").sum() == (plain.devices == "trn-3").sum()
     assert not np.allclose(mirrored.X[len(plain.y):], plain.X[plain.devices != "trn-3"])
     with pytest.raises(lifecycle.LifecycleError, match="unknown channels"):
-        lifecycle.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=[], mirror=["nope"])
+        datasets.dataset_from_logs([str(train_log)], window_s=2.0, hop_s=1.0, holdout=[], mirror=["nope"])
 
 
 def _device_versions(engine: sa.Engine) -> dict[str, tuple[int | None, str | None]]:
@@ -329,20 +329,20 @@ def test_a_window_of_numeric_labels_has_their_mean_as_its_target(tmp_path) -> No
     log = tmp_path / "reg.csv"
     log.write_text("ts,device_id,x,label\n" + "".join(f"{i / 50:.2f},d,{i},{y}\n" for i, y in enumerate(targets)))
     params = PreprocessParams(sample_rate_hz=50.0, window_s=4 / 50, hop_s=4 / 50, channels=("x",))
-    _, y, _, _ = lifecycle.windows_from_logs([str(log)], params)
+    _, y, _, _ = datasets.windows_from_logs([str(log)], params)
     assert y.dtype == np.float64
     np.testing.assert_allclose(y, [np.mean(targets[:4]), np.mean(targets[4:])])
     mixed = tmp_path / "text.csv"
     mixed.write_text("ts,device_id,x,label\n0,d,1,walk\n")
     with pytest.raises(lifecycle.LifecycleError, match="labels are text"):
-        lifecycle.windows_from_logs([str(log), str(mixed)], params)
+        datasets.windows_from_logs([str(log), str(mixed)], params)
 
 
 def test_a_retrain_never_holds_out_a_device_that_shaped_the_version_it_starts_from() -> None:
     devices = ["a", "b", "c", "d", "e"]
-    assert lifecycle.choose_holdout(devices, None) == ["e"]
-    assert lifecycle.choose_holdout(devices, None, shaped={"d", "e"}, parent="v3") == ["c"]
+    assert datasets.choose_holdout(devices, None) == ["e"]
+    assert datasets.choose_holdout(devices, None, shaped={"d", "e"}, parent="v3") == ["c"]
     with pytest.raises(lifecycle.LifecycleError, match=r"hold-out devices \['e'\] shaped v3"):
-        lifecycle.choose_holdout(devices, ["c", "e"], shaped={"d", "e"}, parent="v3")
+        datasets.choose_holdout(devices, ["c", "e"], shaped={"d", "e"}, parent="v3")
     with pytest.raises(lifecycle.LifecycleError, match="every device with labelled windows .* shaped v3"):
-        lifecycle.choose_holdout(devices, None, shaped=set(devices), parent="v3")
+        datasets.choose_holdout(devices, None, shaped=set(devices), parent="v3")

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from cloud_hub.data import db, tables
 from cloud_hub.data import revisions as schema
 from cloud_hub.data.store import Store
-from cloud_hub.models import lifecycle, training, weights
+from cloud_hub.models import datasets, lifecycle, training, weights
 from cloud_hub.rounds import fedavg
 from edge_agent.contract import rounds as cr
 from tests.helpers import SMALL, make_log
@@ -101,8 +101,8 @@ def test_an_upgrade_from_0005_stores_each_versions_graph_and_a_downgrade_takes_i
     engine = raw(url)
     schema.upgrade(engine, target=BEFORE, backup=False)
     log = make_log(tmp_path / "train.csv", devices=("dev-a", "dev-b"), seconds=30)
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=2.0, hop_s=1.0, holdout=["dev-b"])
-    train, test = lifecycle.split(ds, ["dev-b"])
+    ds = datasets.dataset_from_logs([str(log)], window_s=2.0, hop_s=1.0, holdout=["dev-b"])
+    train, test = datasets.split(ds, ["dev-b"])
     bundle, _, _, blob = lifecycle.build(train, test, name="default", version=1, config=SMALL)
     assert weights.graph(blob) is not None, "a version trained now is stored with its graph"
     old = weights.with_tensors(blob, weights.tensors(blob))  # as a build before this revision stored it

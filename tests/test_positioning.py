@@ -144,7 +144,7 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_on_scans_gives_a_two_output_regressor_that_beats_the_mean(tmp_path: Path, scans: Path) -> None:
     from cloud_hub.data import db
-    from cloud_hub.models import lifecycle
+    from cloud_hub.models import datasets, lifecycle
     from cloud_hub.models.training import TrainConfig
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
@@ -152,7 +152,7 @@ def test_training_on_scans_gives_a_two_output_regressor_that_beats_the_mean(tmp_
                                     config=TrainConfig(hidden=(64, 64), alpha=1e-3, max_iter=60))
     obj = out.to_obj()
     engine.dispose()
-    params = lifecycle.default_params(str(scans))
+    params = datasets.default_params(str(scans))
     assert (params.features, params.window_size, params.hop_size, params.absent_value) == ("mean-v1", 3, 1, 100.0)
     assert obj["int8"]["task"] == "regression" and obj["int8"]["outputs"] == 2
     for key in ("mae", "mean_error", "median_error", "p90_error"):

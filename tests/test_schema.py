@@ -22,7 +22,7 @@ from cloud_hub.data import db, sessions, tables
 from cloud_hub.data import revisions as schema
 from cloud_hub.data.ingest import Hub
 from cloud_hub.data.store import Batch, Store, dead_letter
-from cloud_hub.models import lifecycle
+from cloud_hub.models import datasets, lifecycle
 from tests.conftest import postgres_url
 from tests.helpers import SMALL, make_log
 from tests.test_ingest import Publisher, batch, settings_for, stored_keys, wait_for
@@ -84,8 +84,8 @@ def create_legacy(url: str) -> sa.Engine:
 
 def fill(engine: sa.Engine, log: Path, *, weights: bool = True) -> dict[str, int]:
     """Results with labelled features, devices, a registered model, dead letters; returns row counts."""
-    ds = lifecycle.dataset_from_logs([str(log)], window_s=2.0, hop_s=1.0, holdout=["dev-c"])
-    train, test = lifecycle.split(ds, ["dev-c"])
+    ds = datasets.dataset_from_logs([str(log)], window_s=2.0, hop_s=1.0, holdout=["dev-c"])
+    train, test = datasets.split(ds, ["dev-c"])
     bundle, _, _, blob = lifecycle.build(train, test, name="default", version=1, config=SMALL)
     store = Store(engine)
     rows = [(str(d), 1_000 * i, float(i), float(i) + 2, 1, str(y), 0.9, None, str(y), 0.3,

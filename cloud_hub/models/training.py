@@ -160,7 +160,7 @@ def train(
         ignore: feature columns the network must not use (it learns with them held at the scaler's
             mean, then their first-layer weights are zeroed): a forecast's last reading, which its
             graph adds back (level-free inputs extrapolate past the training range, see
-            ``lifecycle.FORECAST_FEATURES``) but which must stay an input for that.
+            ``datasets.FORECAST_FEATURES``) but which must stay an input for that.
     """
     cfg = config or TrainConfig()
     cols = list(ignore)

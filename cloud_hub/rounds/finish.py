@@ -33,8 +33,9 @@ from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import describe_score, shaped_by
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models import quantize, weights
+from cloud_hub.models.datasets import windows_from_logs
 from cloud_hub.models.int8 import relu_outputs, requantize
-from cloud_hub.models.lifecycle import next_version, passes_gate, register, windows_from_logs
+from cloud_hub.models.lifecycle import next_version, passes_gate, register
 from cloud_hub.rounds import fedavg, privacy
 from cloud_hub.rounds.secure import Summed
 from cloud_hub.rounds.store import RoundRow

@@ -8,7 +8,7 @@ Prints, from one run:
   not the library code it shares with the page cache), sampled from ``/proc/PID/smaps_rollup`` every
   50 ms by a thread of this script, the peak kept, and once more when the agent has printed its summary;
   target: <= 40 MB with a trusted key; the agent runs with a device's packages (PySocks, which the dev extras
-  bring with selenium, hidden from it: see ``_device_packages``);
+  bring with selenium, hidden from it: see ``device_packages``);
 * the same replay with ``--until broker`` (rows leave at the broker's PUBACK, no hub), interleaved in
   the same run: what the end-to-end receipts cost the agent;
 * the ceiling measured in the same run: parsing the same log alone (``read_log``), and the ratio;
@@ -116,7 +116,7 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
-def _device_packages() -> Path:
+def device_packages() -> Path:
     """A folder whose ``socks`` module fails to import, put on the agent's path: the agent runs with the packages
     a device has. PySocks is no dependency of the agent (deploy/agent/pyproject.toml); the dev extras bring it
     with selenium, and with it installed paho imports ``urllib.request`` on every connect to look up a proxy
@@ -133,7 +133,7 @@ def run_sampled(cmd: list[str], stderr_path: Path, agent_path: Path | None = Non
     replay is over, the interpreter not yet torn down). ``agent_path``: a folder holding another
     ``edge_agent`` (e.g. ``git archive`` of an older commit), run instead of this one's."""
     path = [str(agent_path)] if agent_path is not None else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path + [str(_device_packages())])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path + [str(device_packages())])}
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=agent_path)
         sampler = MemorySampler(proc.pid, cmd)

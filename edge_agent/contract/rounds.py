@@ -341,9 +341,10 @@ def decode_announcement(payload: bytes) -> Announcement:
     """Parse an announcement and check its weights against the digest. The signature is checked by the
     receiver (``edge_agent.device.bundle.verify_signed``), the fit to its running model by the device.
 
-    float32 weights are read-only views of ``payload`` (a device holds the announcement anyway: a copy put
-    1.3 MB more on an agent's peak in a round, #26 §5); float16 ones are converted. A caller that changes
-    them makes its own copy (``np.array``), as the device's fine-tune does."""
+    The weights are read-only views of ``payload`` in the dtype they were sent in (``plan.weights_dtype``:
+    float32, or float16, federate's default): a device holds the announcement anyway, and a float32 copy put
+    1.3 MB more on an agent's peak in a round (#26 §5). A caller converts where it computes (float16 to
+    float32 is exact), as the device's fine-tune and scores do, and copies what it changes (``np.array``)."""
     obj, end = _unframe(payload, _ROUND_MAGIC, MAX_ROUND_BYTES, "round announcement")
     body: memoryview = memoryview(payload).toreadonly()[end:]
     what = "round"
@@ -374,10 +375,9 @@ def decode_announcement(payload: bytes) -> Announcement:
         key_id=opt_str(obj, "key_id", what, 128), signature=opt_str(obj, "signature", what, 256),
     )
     weights_dtype = check_choice(obj, "weights_dtype", WEIGHTS_DTYPES, what) if "weights_dtype" in obj else "float32"
-    weights = {k: v.astype(np.float32, copy=False) for k, v in
-               _arrays(specs, body, WEIGHTS_DTYPES[weights_dtype], "round announcement").items()}
+    weights = _arrays(specs, body, WEIGHTS_DTYPES[weights_dtype], "round announcement")
     for a in weights.values():
-        a.flags.writeable = False  # views of the payload (float32) or not, the same for every caller
+        a.flags.writeable = False  # views of the payload: nothing writes into the retained message
     if not all(np.isfinite(a).all() for a in weights.values()):
         raise ContractError("round weights hold NaN or inf")
     if int8:

@@ -96,20 +96,22 @@ class LineParser:
                 self._buf, self.line, self.stats.lines = buf[end:], 2, 1
             return
         if self._given is None:
-            start = 0
+            start = skipped = 0  # skip mode (a live stream): bad lines before the first good record are dropped
             for lineno, ln in enumerate(buf.split(b"\n")[:-1], self.line):
                 if ln.strip():
                     try:
                         self._given = Jsonl.schema(self.source, ln, lineno)
                         break
-                    except LogError as err:  # skip mode (a live stream): the next record may fix the channels
+                    except LogError as err:
                         if self.on_error == "raise":
                             raise
                         self.stats.record(err)
-                        self.stats.lines += lineno - self.line + 1
-                        self._buf, self.line = buf[start + len(ln) + 1:], lineno + 1
+                        skipped = start + len(ln) + 1
                 start += len(ln) + 1
-            else:
+            if skipped:  # the next record may fix the channels
+                lines = buf.count(b"\n", 0, skipped)
+                self._buf, self.line, self.stats.lines = buf[skipped:], self.line + lines, self.stats.lines + lines
+            if self._given is None:
                 return
         self.d.rules = Rules(*self._given)
         self._fmt = Jsonl(self.d)

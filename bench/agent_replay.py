@@ -119,7 +119,7 @@ class MemorySampler(threading.Thread):
 def device_packages() -> Path:
     """A folder whose ``socks`` module fails to import, put on the agent's path: the agent runs with the packages
     a device has. PySocks is no dependency of the agent (deploy/agent/pyproject.toml); the dev extras bring it
-    with selenium, and with it installed paho imports ``urllib.request`` on every connect to look up a proxy
+    with selenium, and with it installed paho imports ``urllib.request`` on its first connect to look up a proxy
     (1.3-1.8 MB anonymous that a device does not have)."""
     folder = Path(tempfile.gettempdir()) / "bench-agent-device-packages"
     folder.mkdir(exist_ok=True)
@@ -133,6 +133,7 @@ def run_sampled(cmd: list[str], stderr_path: Path, agent_path: Path | None = Non
     replay is over, the interpreter not yet torn down). ``agent_path``: a folder holding another
     ``edge_agent`` (e.g. ``git archive`` of an older commit), run instead of this one's."""
     path = [str(agent_path)] if agent_path is not None else []
+    path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path + [str(device_packages())])}
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=agent_path)

@@ -198,17 +198,21 @@ class MqttLink:
     def connected_within(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the connection; False if it is not there yet (refused: raises)."""
         with self._state_changed:
-            self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused, timeout)
+            self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused or self.fatal, timeout)
         if self._refused and not self._connected.is_set():
             raise ConnectRefused(self._refused)
+        if self.fatal:
+            raise MqttError(self.fatal)
         return self._connected.is_set()
 
     def wait_connected(self, timeout: float) -> None:
         """Block until connected; raise :class:`ConnectRefused` on a refused CONNACK, MqttError on timeout."""
         with self._state_changed:
-            ok = self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused, timeout)
+            ok = self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused or self.fatal, timeout)
         if self._refused and not self._connected.is_set():
             raise ConnectRefused(self._refused)
+        if self.fatal:
+            raise MqttError(self.fatal)
         if not ok:
             raise MqttError(f"no connection to {self.broker} within {timeout:g} s: {self.unreachable_reason()}")
 
@@ -240,7 +244,9 @@ class MqttLink:
         ACL per message instead.)
         """
         with self._state_changed:
-            ok = self._state_changed.wait_for(lambda: self._subscribed or self._sub_error, timeout)
+            ok = self._state_changed.wait_for(lambda: self._subscribed or self._sub_error or self.fatal, timeout)
+        if self.fatal:
+            raise MqttError(self.fatal)
         if self._sub_error:
             raise MqttError(self._sub_error)
         if not ok:
@@ -367,8 +373,10 @@ class MqttLink:
                f"is probably connected: the broker closed {self._quick_drops} connections within seconds")
         message = (f"another client with the client id {self.client_id!r} {why} on {self.broker}; "
                    "give each process its own client id")
-        if self._exclusive:  # its owner stops and says why, in its one error line
-            self.fatal = message
+        if self._exclusive:  # its owner stops and says why, in its one error line (waits on the link raise it)
+            with self._state_changed:
+                self.fatal = message
+                self._state_changed.notify_all()
             client.disconnect()  # ends paho's reconnect loop
         else:
             log.error("%s", message)

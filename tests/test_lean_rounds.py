@@ -229,6 +229,9 @@ def test_the_shuffler_is_numpys_permutation_bit_for_bit() -> None:
         for n in (0, 1, 2, 3, 7, 64, 816, 5000, 816):
             a, b = want.permutation(n), got.permutation(n)
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (seed, n)
+    assert Shuffler(np.int64(5)).permutation(9).tobytes() == np.random.default_rng(5).permutation(9).tobytes()
+    with pytest.raises(ValueError, match="seed must be >= 0"):  # numpy refuses it too (this one looped forever)
+        Shuffler(-1)
     code = ("import sys, numpy as np; from edge_agent.device import learn; "
             "t = {'scaler_mean': np.zeros(3, np.float32), 'scaler_scale': np.ones(3, np.float32), "
             "'coef_0': np.ones((3, 2), np.float32), 'intercept_0': np.zeros(2, np.float32)}; "

@@ -193,6 +193,29 @@ def test_two_hubs_with_one_client_id_are_told_so(procs: Processes, broker: Local
     assert hubs[1 - stopped].poll() is None, "the other hub keeps the session"
 
 
+
+def test_a_link_that_lost_its_client_id_says_why_in_every_wait(broker: LocalBroker) -> None:
+    """An exclusive link (the hub's, federate's) whose client id another process took stops and keeps the reason;
+    a wait on it then raises that reason at once, not "no connection within N s" (federate waiting for its
+    subscriptions would have said that, the reason lost)."""
+    from edge_agent.mqtt import MqttError, MqttLink
+    from edge_agent.settings import BrokerURL
+
+    url = BrokerURL.parse(broker.url)
+    mine = MqttLink(url, "taken-id", exclusive=True, subscriptions=[("x/#", 1)])
+    other = MqttLink(url, "taken-id")
+    mine.start()
+    mine.wait_connected(30)
+    other.start()
+    try:
+        wait_for(lambda: mine.fatal is not None, timeout=60, what="the exclusive link to give up")
+        for wait in (mine.wait_connected, mine.wait_subscribed, mine.connected_within):
+            with pytest.raises(MqttError, match="another client with the client id 'taken-id'"):
+                wait(5)
+    finally:
+        other.stop()
+        mine.stop()
+
 def test_default_hub_client_ids_differ_per_database_and_stay_stable(tmp_path) -> None:
     from cloud_hub.settings import HubSettings
 

@@ -122,6 +122,8 @@ class Coordinator:
                 except privacy.BudgetSpent as exc:
                     self.say(str(exc))
                     break
+            if self._link.fatal:  # the rounds are done, but another process has our client id: say so
+                self.say(f"warning: {self._link.fatal}")
             with sessions.transaction(self.engine, write=False) as conn:
                 return [r for r in self.rounds.rounds(conn, self.s.model_name) if r.id in done]
         finally:

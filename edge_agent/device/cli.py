@@ -153,12 +153,12 @@ def replay(
 
 
 def _delivered(report: Any) -> str:
-    """The results sent (this run's, and any an earlier run left in the outbox), and what the hub did with them:
-    stored them, or had them already (its receipts say which)."""
+    """The results sent (and what an earlier run had left in the outbox: the outbox keeps one result a key, so this
+    run's results with those keys may or may not go again), and what the hub did with them: stored them, or had
+    them already (its receipts say which)."""
     sent = f"{report.published:,} results sent"
     if report.leftovers:
-        sent += (f" ({report.published - report.leftovers:,} of this run, {report.leftovers:,} left in the outbox by an "
-                 "earlier run)")
+        sent += f" (the outbox held {report.leftovers:,} from an earlier run when this one started)"
     if report.until != "hub":
         return f"{sent}, acknowledged by the broker"
     if not report.already_stored:

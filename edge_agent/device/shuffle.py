@@ -12,6 +12,8 @@ call, so a numpy that changes them is noticed (the shuffle would stay a good one
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 __all__ = ["Shuffler"]
@@ -25,6 +27,9 @@ class Shuffler:
     importing ``numpy.random`` (see the module doc). Orders of up to 2**32 rows."""
 
     def __init__(self, seed: int) -> None:
+        seed = operator.index(seed)  # numpy's integers too
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")  # as numpy's SeedSequence says
         words, h = [], 0x43B0D7E5  # the seed as 32-bit words, least significant first
         while True:
             words.append(seed & _M32)

@@ -36,6 +36,7 @@ About 23 CPU-s a run (more on a loaded machine): ``--attackers all`` with one ro
 
 Usage: python bench/federated_poison.py [--rounds 10] [--seeds 2] [--attacks label-flip,scale,sign-flip]
        [--rules fedavg,centered-clip] [--attackers s02,s04|all] [--jobs 2]
+       [--center-radius 2] [--norm-bound 1.5]   # centered-clip's research variants (federate: 2, none)
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def run(job: tuple[str, str, int, int, str]) -> dict:
             "last": res["curve"][rounds], "seconds": time.perf_counter() - t0}
 
 
-def _init() -> None:
+def _init(radius: float = fedavg.CENTER_RADIUS, norm_bound: float | None = fedavg.CENTER_NORM_BOUND) -> None:
     fw.ARGS = argparse.Namespace(init=INIT)  # federated() reads the pilot subject from it
+    fedavg.CENTER_RADIUS, fedavg.CENTER_NORM_BOUND = radius, norm_bound  # centered-clip's variants (research)
 
 
 def jobs_for(rules: list[str], attacks: list[str], attackers: list[str], seeds: list[int],
@@ -145,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the poisoning devices, one at a time: a list, or 'all' (every device but s01; default: "
                          "the largest but s01)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--center-radius", type=float, default=fedavg.CENTER_RADIUS,
+                    help="centered-clip's tau over the median distance (research; federate's: %(default)s)")
+    ap.add_argument("--norm-bound", type=float, default=fedavg.CENTER_NORM_BOUND,
+                    help="centered-clip: every update first bounded to this multiple of the median norm "
+                         "(research; federate's: %(default)s)")
     args = ap.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     rules = [r for r in args.rules.split(",") if r]
@@ -153,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if not fw.DATA.is_file():
         print(f"federated_poison: {fw.DATA} is absent: this bench runs on the watch recordings", file=sys.stderr)
         return 2
-    _init()
+    variant = (args.center_radius, args.norm_bound)
+    _init(*variant)
     data = fw.load(INIT)["fed"]  # loaded once, before the workers fork
     windows = {d: int(np.sum(data.devices == d)) for d in fw.DEVICES}
     others = [d for d in fw.DEVICES if d != INIT]
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     jobs = jobs_for(rules, attacks, attackers, seeds, args.rounds)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs, initializer=_init) as ex:
+    with ProcessPoolExecutor(args.jobs, initializer=_init, initargs=variant) as ex:
         results = list(ex.map(run, jobs))
     wall = time.perf_counter() - t0
     return report(results, rules, attacks, attackers, seeds, args.rounds, windows, wall,
@@ -193,6 +201,10 @@ def report(results: list[dict], rules: list[str], attacks: list[str], attackers:
           f"{sum(windows.values())} windows, one at a time, every round; clip {CLIP:g}; held out "
           f"{', '.join(fw.TEST)}; first model on {INIT}; {rounds} rounds, seeds {seeds}; "
           f"{len(results)} runs, wall {wall:.0f} s, the runs' own times summed {busy / 60:.1f} min")
+    if "centered-clip" in rules:
+        bound = fedavg.CENTER_NORM_BOUND
+        print(f"centered-clip: tau {fedavg.CENTER_RADIUS:g}x the median distance, {fedavg.CENTER_ITERATIONS} iterations, "
+              + (f"updates first bounded to {bound:g}x the median norm" if bound else "no norm bound"))
     print(f"{'rule':14s} {'attacker':8s} {'attack':11s} {f'INT8 s09,s10 r{max(1, rounds - 2)}-{rounds}':>20s} "
           f"{'vs clean FedAvg':>16s} {'vs absent':>10s} {'per seed':>{6 * len(seeds) + 2}s} {f'round {rounds}':>9s}")
     for rule, attack, who, v in rows:

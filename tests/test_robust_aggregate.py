@@ -120,3 +120,47 @@ def test_a_round_opened_with_centered_clip_stores_it_in_its_plan(tmp_path, monke
                                                  ("a", "b", "c"))
     assert coordinator._open().plan["aggregate"] == "centered-clip"
     engine.dispose()
+
+
+
+def test_norm_bounding_counts_a_scaled_update_no_more_than_a_median_one() -> None:
+    rng = np.random.default_rng(2)
+    honest = _deltas(rng, 7)
+    scaled = {k: 50.0 * x for k, x in honest[0].items()}
+    deltas = [*honest, scaled]
+    norms = np.array([np.linalg.norm(_flat(d)) for d in deltas])
+    median = np.sort(norms)[3]  # equal weights: the lower median of 8
+    for multiple in (1.0, 1.5):
+        got = robust.norm_bounded(deltas, [1.0] * 8, multiple)
+        for d, norm, g in zip(deltas, norms, got, strict=True):  # each scaled to min(norm, bound), direction kept
+            np.testing.assert_allclose(_flat(g), _flat(d) * min(1.0, multiple * median / norm), rtol=1e-6)
+        # the scaled update counts no more than a (multiple of a) median honest one
+        assert np.linalg.norm(_flat(got[-1])) == pytest.approx(multiple * median)
+    # equal norms: nothing changes
+    same = [{"w": np.array(v)} for v in ([3.0, 4.0], [0.0, 5.0], [-5.0, 0.0])]
+    for a, b in zip(robust.norm_bounded(same, [1.0, 2.0, 1.0]), same, strict=True):
+        np.testing.assert_array_equal(a["w"], b["w"])
+    assert robust.norm_bounded([], []) == []
+
+
+def test_centered_clip_with_a_norm_bound_counts_a_scaled_update_as_one_at_the_bound(monkeypatch) -> None:
+    """``CENTER_NORM_BOUND`` (off in federate; ``bench/federated_poison.py --norm-bound``): the updates are bounded
+    to that multiple of their median norm before the centered clipping."""
+    rng = np.random.default_rng(3)
+    honest = _deltas(rng, 7, spread=0.3)
+    master = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    scaled = {k: 20.0 * x for k, x in honest[0].items()}
+    updates = [fedavg.Contribution(h, 100) for h in honest] + [fedavg.Contribution(scaled, 100)]
+    assert fedavg.CENTER_NORM_BOUND is None
+    monkeypatch.setattr(fedavg, "CENTER_NORM_BOUND", 1.0)
+    median = np.sort([np.linalg.norm(_flat(d)) for d in [*honest, scaled]])[3]
+    at_bound = {k: x * np.float32(median / np.linalg.norm(_flat(honest[0]))) for k, x in honest[0].items()}
+    bounded = robust.norm_bounded([*honest, at_bound], [1.0] * 8)
+    want = robust.centered_clip(bounded, [1.0] * 8, start=robust.coordinate_start(bounded),
+                                radius=fedavg.CENTER_RADIUS, iterations=fedavg.CENTER_ITERATIONS)
+    got = fedavg.aggregate(master, updates, rule="centered-clip")
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
+    # whatever its scale, the attacker's update counts as the same one at the bound
+    louder = fedavg.aggregate(master, [*updates[:7], fedavg.Contribution({k: 5 * x for k, x in scaled.items()}, 100)],
+                              rule="centered-clip")
+    np.testing.assert_allclose(_flat(louder), _flat(got), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TRIM", "centered_clip", "coordinate_start", "distances", "trimmed", "trimmed_mean", "weighted_mean"]
+__all__ = ["TRIM", "centered_clip", "coordinate_start", "distances", "norm_bounded", "trimmed", "trimmed_mean",
+           "weighted_mean"]
 
 Delta = Mapping[str, np.ndarray]
 TRIM = 0.125  # the trimmed mean's share dropped at each end per coordinate: 1 of 8 devices
@@ -63,6 +64,18 @@ def distances(deltas: Sequence[Delta], center: Mapping[str, np.ndarray]) -> np.n
     """Each delta's L2 distance from ``center`` over the tensors it holds."""
     return np.array([math.sqrt(sum(float(np.sum((np.asarray(x, np.float64) - center[n]) ** 2)) for n, x in d.items()))
                      for d in deltas])
+
+
+def norm_bounded(deltas: Sequence[Delta], weights: Sequence[float], multiple: float = 1.0) -> list[dict[str, np.ndarray]]:
+    """Every delta scaled down to an L2 norm of at most ``multiple`` times the deltas' weighted median norm
+    (adaptive norm bounding: Sun et al., "Can You Really Backdoor Federated Learning?", 2019): a delta
+    scaled up counts no more than a median one. Deltas within the bound are returned as they are (float64)."""
+    if not deltas:
+        return []
+    norms = distances(deltas, {n: np.zeros((), np.float64) for d in deltas for n in d})
+    bound = multiple * _weighted_median(norms, np.asarray(weights, np.float64))
+    scale = np.minimum(1.0, bound / np.maximum(norms, 1e-30))
+    return [{n: s * np.asarray(x, np.float64) for n, x in d.items()} for d, s in zip(deltas, scale, strict=True)]
 
 
 def centered_clip(deltas: Sequence[Delta], weights: Sequence[float], *, start: Mapping[str, np.ndarray] | None = None,

@@ -19,7 +19,7 @@ from cloud_hub.cli.common import (
     settings_from,
 )
 from cloud_hub.settings import NO_SIGNING_KEY
-from edge_agent import exits
+from edge_agent import exits, heap
 
 InsecureOpt = Annotated[bool, typer.Option("--insecure-unsigned", help="Unsigned announcements and models "
                                            "(development brokers).")]
@@ -137,15 +137,9 @@ def lean_malloc() -> bool:
     rounds' arrays (a layer's float64 sums, the hold-out windows) come from the heap, which keeps what they leave.
     Measured with ``bench/federate_rss.py`` (hold-out gate): peak RSS 168-174 -> 159 MB over 3 rounds. False where
     the C library has no ``mallopt`` (not glibc)."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 * 1024))
-    except (AttributeError, OSError):
-        return False
+    return heap.mallopt(heap.M_MMAP_THRESHOLD, 128 * 1024)
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def _federate(s: Any, cfg: Any, *, insecure_unsigned: bool, quiet: bool) -> tuple[Any, list[Any]]:

@@ -11,7 +11,6 @@ exported with scikit-learn, and one whose INT8 model has a weight scale per outp
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import hashlib
 import json
@@ -40,6 +39,7 @@ from cloud_hub.rounds import fedavg, privacy
 from cloud_hub.rounds.secure import Summed
 from cloud_hub.rounds.store import RoundRow
 from cloud_hub.settings import HubSettings
+from edge_agent import heap
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.contract.privacy import DpParams
 from edge_agent.contract.rounds import Update, decode_update
@@ -348,8 +348,7 @@ def _give_back() -> None:
     """Collect what the last step left and hand the heap's free memory back to the OS (glibc's
     ``malloc_trim``; elsewhere only the collection): the hold-out gate's peak then starts from what is alive."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)
+    heap.trim()
 
 
 def _evaluation_gate(r: RoundRow, version: int, fed: dict[str, Any] | None, fp32: bytes, int8: bytes

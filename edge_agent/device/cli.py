@@ -13,7 +13,7 @@ from typing import Annotated, Any, NoReturn
 import orjson
 import typer
 
-from edge_agent import exits
+from edge_agent import exits, heap
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from edge_agent.usage import OneLineUsage
 
@@ -56,15 +56,9 @@ def one_malloc_arena() -> bool:
     threads (paho's network loop, the publisher, the main loop) each kept their own free memory. One arena
     for all, set before any thread starts: 0.4-0.5 MB less anonymous memory in a replay, as fast (#27 §4).
     False where the C library has no ``mallopt`` (not glibc)."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))
-    except (AttributeError, OSError):
-        return False
+    return heap.mallopt(heap.M_ARENA_MAX, 1)
 
 
-_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 def _settings(config: str | None, **flags: Any) -> AgentSettings:

@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 from threadpoolctl import threadpool_limits
 
+from edge_agent import heap
 from edge_agent.contract import Bundle, ContractError
 from edge_agent.contract.answers import decode_answer_receipt
 from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, RoundPlan, Update, encode_update_delta
@@ -413,22 +414,13 @@ def _one_blas_thread(work: Callable[..., None], *args: Any) -> None:
     runs, and threadpoolctl lets one thread at a time set it (nothing else in the agent does). An OpenMP
     BLAS counts per thread, hence this thread. OPENBLAS_NUM_THREADS would not do: BLAS reads it when numpy
     is imported, long before a round."""
-    _trim()
+    heap.trim()  # the free pages v2's swap and the last round left go back before this round: -0.8 MB (#26 §5)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             work(*args)
     finally:
-        _trim()
+        heap.trim()
 
-
-def _trim() -> None:
-    """glibc's ``malloc_trim(0)``: the heap's free pages back to the system before and after a round (the new
-    model's swap between two rounds leaves some behind; the round's arrays, once freed, stay in the heap for
-    inference to reuse or not): about -0.8 MB at an agent's peak in a round (#26 §5). Nothing elsewhere."""
-    import ctypes
-
-    with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def int8_score(running: Bundle, model: bytes, X: np.ndarray, y: np.ndarray) -> float:

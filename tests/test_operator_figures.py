@@ -73,13 +73,14 @@ def test_a_replay_after_an_interrupted_one_counts_the_results_left_in_the_outbox
     assert again.returncode == 0, again.stderr
     n = len(expected)
     # The earlier run's results go first; this run's, with the same keys, go again (the hub had them) unless they
-    # reached the outbox while those were still there (it keeps one result a key): either way n stored now.
+    # reached the outbox while those were still there (it keeps one result a key): all, none or some of them, as
+    # the receipts and this run's writes interleave. Either way n stored now, and each one sent counted once.
     said = re.search(r"([\d,]+) results sent \(the outbox held ([\d,]+) from an earlier run when this one started\)"
                      r"(?:, stored by the hub|; the hub stored ([\d,]+) and had ([\d,]+) already)", again.stdout)
     assert said is not None, again.stdout
     sent, held = int(said[1].replace(",", "")), int(said[2].replace(",", ""))
     stored, already = (int(x.replace(",", "")) for x in (said[3], said[4])) if said[3] else (sent, 0)
-    assert held == n and stored == n and sent == n + already and already in (0, n), again.stdout
+    assert held == n and stored == n and sent == n + already and 0 <= already <= n, again.stdout
 
 def test_the_fleet_row_was_seen_when_its_devices_were_even_when_it_sent_only_duplicates(tmp_path: Path) -> None:
     """Results stored 9 minutes ago, sent again (a replay of duplicates) 12 s ago: each device and the

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from cloud_hub.data.result_rows import fast_rows
+from cloud_hub.data.sessions import pack_features
 from edge_agent import contract as c
 from edge_agent.contract import rounds as cr
 from edge_agent.contract import secagg
@@ -92,6 +94,29 @@ def _checked(data: bytes, check: Callable[..., Any]) -> Any:
         return check(data, trusted_key=None, allow_unsigned=True)
     except BundleRejected:
         return None
+
+
+def results(data: bytes) -> None:
+    """The contract's decoder round-trips, and the hub's fast path (cloud_hub/data/result_rows.py) accepts
+    only what the contract accepts, giving the same rows."""
+    _message(c.decode_results)(data)
+    try:
+        batch: c.ResultBatch | None = c.decode_results(data)
+    except c.ContractError:
+        batch = None
+    got = fast_rows(data, batch.device_id if batch is not None else "dev-1", 0.0)
+    if got is None:
+        return
+    assert batch is not None, "the hub's fast path accepted a results payload the contract refuses"
+    rows, mark = got
+    assert mark is batch.mark_duplicates and len(rows) == len(batch.results), "the fast path's batch differs"
+    for row, r in zip(rows, batch.results, strict=True):
+        want = (batch.device_id, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
+                None if r.value is None else list(r.value), r.truth, r.latency_ms,
+                None if r.features is None else pack_features(r.features), 0.0)
+        have = (*row[:7], None if row[7] is None else orjson.loads(row[7]), *row[8:])
+        assert all(type(a) is type(b) and a == b for a, b in zip(have, want, strict=True)), \
+            f"the fast path's row differs from the contract's: {have!r} != {want!r}"
 
 
 def bundle(data: bytes) -> None:
@@ -322,7 +347,7 @@ def http(data: bytes) -> None:
 
 
 TARGETS: dict[str, Target] = {
-    "results": _message(c.decode_results),
+    "results": results,
     "status": _message(c.decode_status),
     "receipt": _message(c.decode_receipt),
     "update": _message(cr.decode_update),

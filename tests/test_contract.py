@@ -27,7 +27,7 @@ def results(draw: st.DrawFn) -> c.Result:
         confidence=draw(st.floats(0, 1)) if classifier else None,
         value=None if classifier else tuple(draw(st.lists(finite, min_size=1, max_size=4))),
         truth=draw(st.none() | small_text),
-        features=draw(st.none() | st.lists(finite, max_size=50).map(tuple)),
+        features=draw(st.none() | st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), max_size=50).map(tuple)),
     )
 
 

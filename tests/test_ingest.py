@@ -144,6 +144,11 @@ def test_garbage_goes_to_dead_letters_and_valid_results_around_it_are_stored(
         (topics.results("dev-a"), orjson.dumps({**valid_obj, "extra": 1}), "unknown field(s) extra"),
         (topics.status("dev-a"), b'{"v":1,"device_id":"dev-a","state":"sleeping","ts":1}', "status.state"),
         (f"{prefix}/devices/bad id!/results", good[2].encode(), "invalid device id"),
+        # past the hub's fast path (cloud_hub/data/result_rows.py): the contract names the reason
+        (topics.results("dev-a"), orjson.dumps({**valid_obj, "results": [
+            {**valid_obj["results"][0], "features": [1.0, 4e38]}]}), "features must hold numbers within"),
+        (topics.results("dev-a"), orjson.dumps({**valid_obj, "results": [
+            {**valid_obj["results"][0], "end": -1.0}]}), "end -1.0 is before start"),
     ]
     assert b'"start":0.0' in good[0].encode()
     for i, g in enumerate(good):  # a valid message, a bad one, a valid one, ...

@@ -50,6 +50,7 @@ from sqlalchemy.engine import Engine
 
 from cloud_hub.data.db import make_engine
 from cloud_hub.data.limits import Admission
+from cloud_hub.data.result_rows import fast_rows
 from cloud_hub.data.sessions import describe, is_transient, pack_features
 from cloud_hub.data.store import DEVICE_ID, SEQ, Batch, ResultRow, Store, Written, dead_letter
 from cloud_hub.errors import HubError
@@ -305,16 +306,22 @@ class Hub:
                 self._topic_cache[topic] = parsed
             kind, device = parsed
             if kind == "results":
-                batch = decode_results(msg.payload, device)
-                dumps, pack = orjson.dumps, pack_features
-                pending.rows.extend(cast("list[ResultRow]", [  # plain tuples in ResultRow's order (store.DEVICE_ID)
-                    (device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
-                     None if r.value is None else dumps(r.value).decode(), r.truth, r.latency_ms,
-                     None if r.features is None else pack(r.features), now)
-                    for r in batch.results
-                ]))
+                fast = fast_rows(msg.payload, device, now)
+                if fast is not None:
+                    rows, mark = fast
+                else:  # the contract decides: it stores what the fast path was unsure of, or names the reason
+                    batch = decode_results(msg.payload, device)
+                    dumps, pack = orjson.dumps, pack_features
+                    rows = cast("list[ResultRow]", [  # plain tuples in ResultRow's order (store.DEVICE_ID)
+                        (device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
+                         None if r.value is None else dumps(r.value).decode(), r.truth, r.latency_ms,
+                         None if r.features is None else pack(r.features), now)
+                        for r in batch.results
+                    ])
+                    mark = batch.mark_duplicates
+                pending.rows.extend(rows)
                 pending.seen[device] = now
-                pending.marking[device] = pending.marking.get(device, True) and batch.mark_duplicates
+                pending.marking[device] = pending.marking.get(device, True) and mark
             elif kind == "status":
                 status = decode_status(msg.payload, device)
                 # A retained status comes again with every (re)subscription: it says nothing about now.

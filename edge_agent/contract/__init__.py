@@ -43,6 +43,7 @@ from edge_agent.contract.messages import (
     seq_runs,
 )
 from edge_agent.contract.wire import (
+    FLOAT32_MAX,
     MAX_BUNDLE_BYTES,
     MAX_HEADER_DEPTH,
     MAX_RECEIPT_BYTES,
@@ -79,6 +80,7 @@ __all__ = [
     "ContractError",
     "Delivery",
     "MAX_BUNDLE_BYTES",
+    "FLOAT32_MAX",
     "MAX_HEADER_DEPTH",
     "MAX_RECEIPT_BYTES",
     "MAX_RECEIPT_RUNS",

@@ -72,7 +72,10 @@ RESULT: dict[str, Any] = {
                                                              "(e.g. x, y of a position)"}),
         "truth": _nullable({"type": "string", "maxLength": 256, "description": "ground truth, when known: a "
                             "class, or for a regressor its targets as numbers separated by ';' (the window mean)"}),
-        "features": _nullable({**_numbers(4096), "description": "the model input, for retraining at the hub"}),
+        "features": _nullable({"type": "array", "maxItems": 4096,
+                               "items": {"type": "number", "minimum": -c.FLOAT32_MAX, "maximum": c.FLOAT32_MAX,
+                                         "description": "finite, and a float32 (the hub stores features as float32)"},
+                               "description": "the model input, for retraining at the hub"}),
     },
 }
 

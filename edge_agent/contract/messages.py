@@ -10,6 +10,7 @@ from typing import Any, Final
 import orjson
 
 from edge_agent.contract.wire import (
+    FLOAT32_MAX,
     MAX_RECEIPT_BYTES,
     MAX_RECEIPT_RUNS,
     MAX_RESULTS_BYTES,
@@ -124,7 +125,7 @@ def _result_from_obj(obj: Any, i: int) -> Result:
         seq, start, end, version, latency, label, confidence,
         None if value is None else opt_floats(obj, "value", f"results[{i}]", 256),
         truth,
-        None if features is None else opt_floats(obj, "features", f"results[{i}]"),
+        None if features is None else opt_floats(obj, "features", f"results[{i}]", bound=FLOAT32_MAX),
     )
 
 

@@ -21,6 +21,7 @@ MAX_RESULTS_PER_BATCH: Final = 10_000
 MAX_RECEIPT_BYTES: Final = 256 << 10
 MAX_RECEIPT_RUNS: Final = 10_000
 
+FLOAT32_MAX: Final = 3.4028234663852886e38  # a result's features are stored as float32: a larger number is refused
 MAX_HEADER_DEPTH: Final = 32  # nesting of a signed header's JSON (a manifest's metrics, a round's plan)
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -248,7 +249,9 @@ def opt_str(obj: dict[str, Any], key: str, what: str, limit: int = 256) -> str |
     return value
 
 
-def opt_floats(obj: dict[str, Any], key: str, what: str, limit: int = 4096) -> tuple[float, ...] | None:
+def opt_floats(obj: dict[str, Any], key: str, what: str, limit: int = 4096,
+               bound: float | None = None) -> tuple[float, ...] | None:
+    """An optional list of finite numbers, as floats; with ``bound``, each within [-bound, bound]."""
     value = obj.get(key)
     if value is None:
         return None
@@ -257,7 +260,11 @@ def opt_floats(obj: dict[str, Any], key: str, what: str, limit: int = 4096) -> t
     for x in value:
         if type(x) is not float and type(x) is not int:
             raise ContractError(f"{what}.{key} must hold only finite numbers, got {show(x)}")
-    return tuple(float(x) for x in value)
+    out = tuple(float(x) for x in value)
+    if bound is not None and any(not -bound <= x <= bound for x in out):
+        raise ContractError(f"{what}.{key} must hold numbers within ±{bound:.8g} (float32), got "
+                            f"{show(next(x for x in out if not -bound <= x <= bound))}")
+    return out
 
 
 def device_of(obj: dict[str, Any], topic_device: str | None) -> str:

@@ -304,10 +304,10 @@ def _hub_run(broker: LocalBroker, url: str, prefix: str, per_msg: int, n_results
     if profile is not None:
         run = hub._run
 
-        def profiled() -> None:
+        def profiled(*args: int) -> None:  # the writer's index
             profile.enable()
             try:
-                run()
+                run(*args)
             finally:
                 profile.disable()
 

@@ -146,7 +146,7 @@ def test_garbage_goes_to_dead_letters_and_valid_results_around_it_are_stored(
         (f"{prefix}/devices/bad id!/results", good[2].encode(), "invalid device id"),
         # past the hub's fast path (cloud_hub/data/result_rows.py): the contract names the reason
         (topics.results("dev-a"), orjson.dumps({**valid_obj, "results": [
-            {**valid_obj["results"][0], "features": [1.0, 4e38]}]}), "features must hold numbers within"),
+            {**valid_obj["results"][0], "features": [1.0, 4e38]}]}), "features must hold numbers a float32 can hold"),
         (topics.results("dev-a"), orjson.dumps({**valid_obj, "results": [
             {**valid_obj["results"][0], "end": -1.0}]}), "end -1.0 is before start"),
     ]

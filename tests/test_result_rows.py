@@ -9,6 +9,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,7 +41,7 @@ def same_rows(a: list[tuple], b: list[tuple]) -> bool:
         for i, (x, y) in enumerate(zip(ra, rb, strict=True)):
             if i == 7 and x is not None and y is not None:
                 x, y = json.loads(x), json.loads(y)
-            if type(x) is not type(y) or x != y:
+            if type(x) is not type(y) or x != y or (type(x) is float and repr(x) != repr(y)):  # -0.0 is not 0.0
                 return False
     return True
 
@@ -94,7 +95,8 @@ def test_the_fast_path_takes_valid_batches_and_gives_the_contracts_rows(obj: dic
 
 HOSTILE: list[Any] = [None, True, False, 0, -1, 1.5, -0.0, (1 << 63) - 1, 1 << 63, 1 << 64, 10**400, 1e308, -1e308,
                       float("nan"), float("inf"), "", "x", "y" * 257, "é" * 256, [], [1], [1, "a"], [None], {}, {"a": 1},
-                      [1.0] * 257, [0.5] * 4097, [3.5e38], [-3.5e38], [3.4028234663852886e38]]
+                      [1.0] * 257, [0.5] * 4097, [3.5e38], [-3.5e38], [3.4028235e38],
+                      [3.4028235677973366e38], [-3.4028235677973366e38]]
 KEYS = ["seq", "start", "end", "model_version", "latency_ms", "label", "confidence", "truth", "value", "features",
         "extra", "SEQ"]
 TOP_KEYS = ["v", "device_id", "results", "mark_duplicates", "extra"]
@@ -164,6 +166,25 @@ def test_a_batch_over_the_size_limit_is_left_to_the_contract() -> None:
     assert fast_rows(payload, DEVICE, NOW) is None
     with pytest.raises(ContractError, match="limit"):
         decode_results(payload, DEVICE)
+
+
+@pytest.mark.parametrize(("x", "ok"), [(3.4028234663852886e38, True), (3.4028235e38, True), (-3.4028235e38, True),
+                                       (3.4028235677973366e38, False), (-3.4028235677973366e38, False)])
+def test_features_are_refused_from_where_float32_overflows(x: float, ok: bool) -> None:
+    """3.4028235e38 is how float32 writers spell its largest value (numpy's finfo, Rust's ryu): it is
+    above float32's max as a double, yet rounds to it; 2**128 - 2**103 is the first that rounds to inf."""
+    payload = encode({"v": 1, "device_id": DEVICE, "results": [
+        {"seq": 3, "start": 1.0, "end": 2.0, "model_version": 4, "latency_ms": 1.0, "features": [0.5, x]}]})
+    if ok:
+        rows, _ = fast_rows(payload, DEVICE, NOW) or ([], False)
+        assert same_rows(rows, contract_rows(payload)[0]) and rows
+        assert math.isfinite(float(np.frombuffer(rows[0][10], "<f4")[1]))
+    else:
+        assert fast_rows(payload, DEVICE, NOW) is None
+        with pytest.raises(ContractError, match="a float32 can hold"):
+            decode_results(payload, DEVICE)
+        with pytest.raises(ContractError, match="a float32 can hold"):
+            c.ResultBatch(DEVICE, (c.Result(3, 1.0, 2.0, 4, 1.0, features=(x,)),)).encode()  # the agent's side
 
 
 def test_values_and_features_come_out_as_the_contract_makes_them() -> None:

@@ -23,12 +23,17 @@ import orjson
 
 from cloud_hub.data.sessions import pack_features
 from cloud_hub.data.store import ResultRow
-from edge_agent.contract.wire import FLOAT32_MAX, MAX_RESULTS_BYTES, MAX_RESULTS_PER_BATCH, SCHEMA_VERSION
+from edge_agent.contract.wire import (
+    FLOAT32_OVERFLOW,
+    MAX_RESULTS_BYTES,
+    MAX_RESULTS_PER_BATCH,
+    SCHEMA_VERSION,
+)
 
 _MAX_INT: Final = (1 << 63) - 1
 _Key = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT)]
 _Text = Annotated[str, msgspec.Meta(max_length=256)]
-_Float32 = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+_Float32 = Annotated[float, msgspec.Meta(gt=-FLOAT32_OVERFLOW, lt=FLOAT32_OVERFLOW)]
 
 
 class _Result(msgspec.Struct, forbid_unknown_fields=True, gc=False):

@@ -43,7 +43,7 @@ from edge_agent.contract.messages import (
     seq_runs,
 )
 from edge_agent.contract.wire import (
-    FLOAT32_MAX,
+    FLOAT32_OVERFLOW,
     MAX_BUNDLE_BYTES,
     MAX_HEADER_DEPTH,
     MAX_RECEIPT_BYTES,
@@ -80,7 +80,7 @@ __all__ = [
     "ContractError",
     "Delivery",
     "MAX_BUNDLE_BYTES",
-    "FLOAT32_MAX",
+    "FLOAT32_OVERFLOW",
     "MAX_HEADER_DEPTH",
     "MAX_RECEIPT_BYTES",
     "MAX_RECEIPT_RUNS",

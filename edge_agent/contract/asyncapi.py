@@ -73,8 +73,10 @@ RESULT: dict[str, Any] = {
         "truth": _nullable({"type": "string", "maxLength": 256, "description": "ground truth, when known: a "
                             "class, or for a regressor its targets as numbers separated by ';' (the window mean)"}),
         "features": _nullable({"type": "array", "maxItems": 4096,
-                               "items": {"type": "number", "minimum": -c.FLOAT32_MAX, "maximum": c.FLOAT32_MAX,
-                                         "description": "finite, and a float32 (the hub stores features as float32)"},
+                               "items": {"type": "number", "exclusiveMinimum": -c.FLOAT32_OVERFLOW,
+                                         "exclusiveMaximum": c.FLOAT32_OVERFLOW,
+                                         "description": "finite, and one a float32 can hold (the hub stores "
+                                                        "features as float32)"},
                                "description": "the model input, for retraining at the hub"}),
     },
 }

@@ -10,7 +10,7 @@ from typing import Any, Final
 import orjson
 
 from edge_agent.contract.wire import (
-    FLOAT32_MAX,
+    FLOAT32_OVERFLOW,
     MAX_RECEIPT_BYTES,
     MAX_RECEIPT_RUNS,
     MAX_RESULTS_BYTES,
@@ -76,6 +76,8 @@ class Result:
         if self.features is not None:
             if not all(map(isfinite, self.features)):
                 raise ContractError("result.features must hold only finite numbers")
+            if self.features and max(map(abs, self.features)) >= FLOAT32_OVERFLOW:
+                raise ContractError(f"result.features must hold numbers a float32 can hold (|x| < {FLOAT32_OVERFLOW!r})")
             obj["features"] = list(self.features)
         return obj
 
@@ -125,7 +127,7 @@ def _result_from_obj(obj: Any, i: int) -> Result:
         seq, start, end, version, latency, label, confidence,
         None if value is None else opt_floats(obj, "value", f"results[{i}]", 256),
         truth,
-        None if features is None else opt_floats(obj, "features", f"results[{i}]", bound=FLOAT32_MAX),
+        None if features is None else opt_floats(obj, "features", f"results[{i}]", overflow=FLOAT32_OVERFLOW),
     )
 
 

@@ -21,7 +21,9 @@ MAX_RESULTS_PER_BATCH: Final = 10_000
 MAX_RECEIPT_BYTES: Final = 256 << 10
 MAX_RECEIPT_RUNS: Final = 10_000
 
-FLOAT32_MAX: Final = 3.4028234663852886e38  # a result's features are stored as float32: a larger number is refused
+# The smallest magnitude that float32 rounds to infinity (2**128 - 2**103): a result's features are stored as
+# float32, so from it on they are refused. Anything below rounds to a finite float32 (3.4028235e38 to its max).
+FLOAT32_OVERFLOW: Final = 3.4028235677973366e38
 MAX_HEADER_DEPTH: Final = 32  # nesting of a signed header's JSON (a manifest's metrics, a round's plan)
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -250,8 +252,8 @@ def opt_str(obj: dict[str, Any], key: str, what: str, limit: int = 256) -> str |
 
 
 def opt_floats(obj: dict[str, Any], key: str, what: str, limit: int = 4096,
-               bound: float | None = None) -> tuple[float, ...] | None:
-    """An optional list of finite numbers, as floats; with ``bound``, each within [-bound, bound]."""
+               overflow: float | None = None) -> tuple[float, ...] | None:
+    """An optional list of finite numbers, as floats; with ``overflow``, each of magnitude below it."""
     value = obj.get(key)
     if value is None:
         return None
@@ -261,9 +263,9 @@ def opt_floats(obj: dict[str, Any], key: str, what: str, limit: int = 4096,
         if type(x) is not float and type(x) is not int:
             raise ContractError(f"{what}.{key} must hold only finite numbers, got {show(x)}")
     out = tuple(float(x) for x in value)
-    if bound is not None and any(not -bound <= x <= bound for x in out):
-        raise ContractError(f"{what}.{key} must hold numbers within ±{bound:.8g} (float32), got "
-                            f"{show(next(x for x in out if not -bound <= x <= bound))}")
+    if overflow is not None and out and max(map(abs, out)) >= overflow:
+        raise ContractError(f"{what}.{key} must hold numbers a float32 can hold (|x| < {overflow!r}), got "
+                            f"{show(next(x for x in out if abs(x) >= overflow))}")
     return out
 
 

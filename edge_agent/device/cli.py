@@ -153,6 +153,8 @@ def _delivered(report: Any) -> str:
     sent = f"{report.published:,} results sent"
     if report.leftovers:
         sent += f" (the outbox held {report.leftovers:,} from an earlier run when this one started)"
+    if not report.drained:  # the reason follows on stderr
+        return f"{sent}; {report.not_stored:,} not yet {'stored by the hub' if report.until == 'hub' else 'acknowledged'}"
     if report.until != "hub":
         return f"{sent}, acknowledged by the broker"
     if not report.already_stored:

@@ -276,3 +276,23 @@ def test_hub_settings_from_file_environment_and_flags(tmp_path: Path) -> None:
                            ({"client_id": "a b"}, "invalid client id")]:
         with pytest.raises(SettingsError, match=re.escape(message)):
             load_settings(HubSettings, env_prefix=ENV_PREFIX, environ={}, flags=flags)
+
+
+def test_text_a_device_chose_is_printed_as_it_is(tmp_path: Path) -> None:
+    """A label ``[/bold]`` stopped `stats` with rich's MarkupError (and a model name ``[/x]`` `devices`), for good:
+    the row stays. Escape sequences and NULs in a device's text reached the operator's terminal raw."""
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    store = Store(engine)
+    label, evil = "[/bold]", "\x1b]0;pwned\x07[red]x[/red]\x00"
+    with sessions.transaction(engine) as conn:
+        store.insert_results(conn, [("d1", 1, 10.0, 12.0, 1, label, 0.9, None, label, 1.0, None, 99.0),
+                                    ("d1", 2, 12.0, 14.0, 1, evil, 0.9, None, None, 1.0, None, 99.0)])
+        store.apply_statuses(conn, {"d1": (c.Status("d1", c.ONLINE, 99.0, "[/x]", 1, "e" * 64, 0, evil), 99.0)})
+    engine.dispose()
+    code, out, err = invoke("stats", "--db", url)
+    assert code == 0, err
+    assert "classes: \\x1b]0;pwned\\x07[red]x[/red]\\x00 1, [/bold] 1" in out, out
+    code, out, err = invoke("devices", "--db", url)
+    assert code == 0, err
+    assert "[/x] v1" in out and "\\x1b]0;pwned" in out and "\x1b" not in out and "\x00" not in out, out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -75,20 +76,36 @@ def with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:
         engine.dispose()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """Text a device chose (a label, a model name, an error), as it may be printed: its control characters
+    (an escape sequence would drive the operator's terminal; a NUL, a newline) written as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def new_console() -> Any:
+    """A console that prints text as it is: no rich markup (a device's label ``[/b]`` stopped ``stats`` with
+    a MarkupError); style with ``style=`` or :class:`rich.text.Text`."""
     from rich.console import Console
 
     if sys.stdout.isatty() or "COLUMNS" in os.environ:
-        return Console()
-    return Console(width=160)  # pipes: don't squeeze to 80 columns
+        return Console(markup=False)
+    return Console(width=160, markup=False)  # pipes: don't squeeze to 80 columns
 
 
 def new_table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
-    """A table that fits a terminal: light borders, values folded (never cut with "…") when narrow."""
+    """A table that fits a terminal: light borders, values folded (never cut with "…") when narrow. Its text
+    cells are printed as they are (print it on :func:`new_console`), control characters escaped (:func:`shown`)."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    class Shown(Table):
+        def add_row(self, *cells: Any, **kwargs: Any) -> None:
+            super().add_row(*(shown(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+    table = Shown(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in columns:
         table.add_column(col, justify="right" if col in right else "left", overflow="fold")
     return table

@@ -24,6 +24,7 @@ from cloud_hub.cli.common import (
     new_table,
     pct,
     settings_from,
+    shown,
     utc,
     with_db,
 )
@@ -91,6 +92,8 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Per device and fleet-wide: results, classes, confidence, accuracy (a regressor's error), latency."""
+    from rich.text import Text
+
     from cloud_hub.data.aggregate import BUCKETS, fleet_stats, parse_since
 
     if bucket is not None and bucket not in BUCKETS:
@@ -117,7 +120,7 @@ def stats(
                       _ms(s.latency_p50_ms), _ms(s.latency_p95_ms), _num(d.model_version, "d"), d.state or "-",
                       age(d.last_seen))
     f = result.fleet
-    table.add_row("[b]fleet[/b]", f"{f.results:,}", _quality(f), _num(f.mean_confidence, ".2f"),
+    table.add_row(Text("fleet", style="bold"), f"{f.results:,}", _quality(f), _num(f.mean_confidence, ".2f"),
                   _ms(f.latency_p50_ms), _ms(f.latency_p95_ms), "", "", age(f.last_seen), end_section=True)
     console = new_console()
     console.print(table)
@@ -131,7 +134,7 @@ def stats(
                        f"{v.held_out.results:,}", f"{len(v.train_devices)} devices" if v.train_devices else "-")
         console.print(vt)
     if f.classes:
-        console.print("classes: " + ", ".join(f"{k} {v}" for k, v in sorted(f.classes.items())))
+        console.print("classes: " + ", ".join(f"{shown(k)} {v}" for k, v in sorted(f.classes.items())))
     console.print(f"dead letters: {result.dead_letters}")
     if bucket is not None:
         bt = new_table(f"per {bucket} (window start, UTC)", "bucket", "results", "devices", quality, "conf",

@@ -105,7 +105,9 @@ class _FleetView:
             self.live.start()
 
     def say(self, line: str) -> None:
-        self.console.print(f"[bold cyan]›[/] {line}")
+        from rich.text import Text
+
+        self.console.print(Text.assemble(("›", "bold cyan"), " ", line))
 
     def table(self, rows: list[dict[str, Any]], title: str = "fleet (live)") -> Any:
         from rich.table import Table

@@ -106,7 +106,7 @@ def status(
         if verdict.shift is not None:
             console.print(f"predicted classes shifted {100 * verdict.shift:.1f}% from the cohort's history")
     if blocked:
-        console.print(f"[red]{blocked}[/red]")
+        console.print(blocked, style="red")
     for e in events[:5]:
         console.print(f"event {age(e['ts'])}: {e['kind']} {e['model']} v{e['version']}"
                       + (f": {e['reason']}" if e.get("reason") else ""))

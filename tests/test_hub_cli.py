@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -296,3 +297,33 @@ def test_text_a_device_chose_is_printed_as_it_is(tmp_path: Path) -> None:
     code, out, err = invoke("devices", "--db", url)
     assert code == 0, err
     assert "[/x] v1" in out and "\\x1b]0;pwned" in out and "\x1b" not in out and "\x00" not in out, out
+
+
+def test_dead_letters_lists_what_the_hub_refused_and_why(tmp_path: Path) -> None:
+    """`cloud-hub dead-letters` (the docs named it before it existed): newest first, by device, since a time,
+    as a table or JSON with the kept payload."""
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    topics = c.Topics("edgeml")
+    letters = [dead_letter(topics.results("d1"), b"not json", "results payload is not valid JSON: x", 100.0, 64),
+               dead_letter(topics.results("d2"), b'{"v":9}', "results has unsupported schema version 9", 200.0, 64),
+               dead_letter(topics.status("d1"), b"\x1b[31m" + b"y" * 100, "status payload is not valid JSON", 300.0, 64)]
+    with sessions.transaction(engine) as conn:
+        Store(engine).insert_dead_letters(conn, letters)
+    engine.dispose()
+
+    code, out, err = invoke("dead-letters", "--db", url)
+    assert code == 0, err
+    assert "newest 3 of 3" in out and out.index("1970-01-01 00:05:00") < out.index("1970-01-01 00:01:40"), out
+    assert "unsupported schema version 9" in out and "\\x1b[31myyy" in out and "\x1b" not in out, out
+    code, out, err = invoke("dead-letters", "--db", url, "--device", "d1", "--since", "150", "--json")
+    assert code == 0, err
+    got = orjson.loads(out)
+    assert got["total"] == 1 and [d["topic"] for d in got["dead_letters"]] == [topics.status("d1")]
+    assert got["dead_letters"][0]["size"] == 105 and len(base64.b64decode(got["dead_letters"][0]["payload"])) == 64
+    code, out, _ = invoke("dead-letters", "--db", url, "--limit", "1")
+    assert "newest 1 of 3" in out and "status payload" in out, out
+    code, out, _ = invoke("dead-letters", "--db", url, "--device", "d3")
+    assert code == 0 and "no dead letters of d3" in out, out
+    code, _, err = invoke("dead-letters", "--db", url, "--device", "a/b")
+    assert code == EXIT_USAGE and "not a device id" in err, err

@@ -28,6 +28,7 @@ from cloud_hub.cli.common import (
     utc,
     with_db,
 )
+from edge_agent import contract as c
 
 
 def _num(x: float | None, fmt: str = ".1f") -> str:
@@ -172,8 +173,50 @@ def devices(
     new_console().print(table)
 
 
+def dead_letters(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="Only what came on this device's topics.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only what arrived at or after this time: "
+                                              "epoch seconds or ISO-8601 (UTC unless it has a zone).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Show the newest N.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (payloads in base64).")] = False,
+) -> None:
+    """Messages the hub refused, newest first: when, on which topic, why, and how the payload starts."""
+    import base64
+
+    from cloud_hub.data.aggregate import parse_since
+    from cloud_hub.data.store import Store
+
+    try:
+        t0 = None if since is None else parse_since(since)
+    except ValueError as exc:
+        raise fail(EXIT_USAGE, f"--since: {exc}") from None
+    with errors():
+        settings = settings_from(config, db=db)
+        if device is not None and not c.valid_id(device):
+            raise fail(EXIT_USAGE, f"--device: {c.show(device)} is not a device id (1-64 of A-Z a-z 0-9 _ . : -)")
+        topics = None if device is None else [settings.topics.results(device), settings.topics.status(device)]
+        total, rows = with_db(settings, lambda conn: Store(conn.engine).dead_letters(
+            conn, limit=limit, since=t0, topics=topics))
+    if as_json:
+        typer.echo(orjson.dumps({"total": total, "dead_letters": [
+            {**r, "payload": base64.b64encode(r["payload"]).decode()} for r in rows]}).decode())
+        return
+    if not rows:
+        typer.echo(f"no dead letters{' of ' + device if device else ''}{f' since {utc(t0)} UTC' if t0 else ''}")
+        return
+    table = new_table(f"dead letters, newest {len(rows)} of {total:,}", "received (UTC)", "topic", "reason",
+                      "bytes", "payload starts", right=("bytes",))
+    for r in rows:
+        start = r["payload"][:60].decode("utf-8", "backslashreplace")
+        table.add_row(utc(r["received_at"]), r["topic"], r["reason"], f"{r['size']:,}", start)
+    new_console().print(table)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``serve``, ``stats`` and ``devices`` to the ``cloud-hub`` app."""
+    """Add ``serve``, ``stats``, ``devices`` and ``dead-letters`` to the ``cloud-hub`` app."""
     app.command()(serve)
     app.command()(stats)
     app.command()(devices)
+    app.command("dead-letters")(dead_letters)

@@ -256,6 +256,21 @@ class Store:
         for device, truth, blob, start in conn.execute(query):
             yield str(device), str(truth), bytes(blob), float(start)
 
+    def dead_letters(self, conn: Connection, *, limit: int, since: float | None = None,
+                     topics: Sequence[str] | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """How many dead letters match, and the newest ``limit`` of them (received at or after ``since``, on
+        one of ``topics``), newest first: id, topic, reason, size, received_at and the kept payload bytes."""
+        d = dead_letters.c
+        where = [d.received_at >= since] if since is not None else []
+        if topics is not None:
+            where.append(d.topic.in_(list(topics)))
+        total = int(conn.execute(sa.select(sa.func.count()).select_from(dead_letters).where(*where)).scalar_one())
+        query = (sa.select(d.id, d.topic, d.reason, d.size, d.received_at, d.payload).where(*where)
+                 .order_by(d.received_at.desc(), d.id.desc()).limit(limit))
+        return total, [{"id": int(row.id), "topic": str(row.topic), "reason": str(row.reason), "size": int(row.size),
+                        "received_at": float(row.received_at), "payload": bytes(row.payload)}
+                       for row in conn.execute(query)]
+
     def count_results(self, conn: Connection, by: str) -> dict[Any, int]:
         """Result counts grouped by a column: ``device_id`` or ``model_version``."""
         column = results.c[by]

@@ -453,7 +453,9 @@ def asyncapi() -> dict[str, Any]:
                            "and keeps refused payloads in its dead-letter table with the reason. A result "
                            "is stored once per (device_id, seq), however often it is sent. The payloads' JSON "
                            "Schemas (components.schemas) are draft-07, as each says in $schema, and read the "
-                           "same by a 2020-12 validator.",
+                           "same by a 2020-12 validator. One thing a schema cannot say: an integer field "
+                           "(`v`, `seq`, a version, a count) is written without a fraction or an exponent. JSON "
+                           "Schema counts 2.0 as an integer; the hub refuses it, naming the field.",
         },
         "defaultContentType": "application/json",
         "servers": {"broker": {"host": "localhost:1883", "protocol": "mqtt",

@@ -188,8 +188,10 @@ def test_malformed_log_names_file_and_line(shared_broker, prefix, tmp_path, log_
                         "--prefix", prefix, "--state-dir", str(tmp_path / "s"), "--skip-bad-lines", "--json",
                         "--until", "broker")
     assert skipped.returncode == 0, skipped.stderr
-    assert orjson.loads(skipped.stdout)["skipped_lines"] == 1
+    report = orjson.loads(skipped.stdout)
+    assert report["skipped_lines"] == 1 and report["skipped_by_reason"] == {"bad number": 1}
     assert "bad.csv:3" in skipped.stderr
+    assert "skipped 1 bad line in all (bad number: 1)" in skipped.stderr, skipped.stderr  # without --json too
 
 
 def test_without_model_the_agent_waits_for_the_topic_then_says_why(shared_broker, prefix, tmp_path,

@@ -130,6 +130,10 @@ def replay(
         _map_errors(exc)
     for line in report.skipped_examples:
         typer.echo(f"skipped {line}", err=True)
+    if report.skipped_lines:
+        reasons = ", ".join(f"{why}: {n:,}" for why, n in sorted(report.skipped_by_reason.items()))
+        typer.echo(f"skipped {report.skipped_lines:,} bad line{'s' if report.skipped_lines != 1 else ''} in all "
+                   f"({reasons})", err=True)
     if json_out:
         typer.echo(orjson.dumps(report.as_dict()).decode())
     else:

@@ -48,6 +48,7 @@ class ReplayReport:
     drained: bool = True
     peak_rss_mb: float | None = None  # this process's peak resident memory (Linux VmHWM)
     skipped_examples: list[str] = field(default_factory=list)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # --skip-bad-lines: lines skipped, per reason
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 3) if isinstance(v, float) else v
@@ -86,6 +87,7 @@ def replay(settings: AgentSettings, logs: list[str], *, model: str | None, speed
                                   f"({agent.state_dir}), sent on the next start")
         report.skipped_lines = readings.stats.rows_skipped
         report.skipped_examples = [str(e) for e in readings.stats.first_errors]
+        report.skipped_by_reason = dict(readings.stats.skipped_by_reason)
         agent.tick()
         _drain(agent, settings, report, drain_timeout, stop)
         report.published = agent.publisher.stored_results

@@ -97,10 +97,14 @@ class _Indexer:
     CSV is scanned for the ts field alone (numbers decoded in bulk by :func:`parse_numbers`, the
     parser's number rule): a third of a full parse.  Lines are judged when replayed, by the parser
     (a line whose ts is not a plain number is skipped here, and cannot start a run).  JSON Lines go
-    through the parser (``ts`` cannot be found without decoding the record)."""
+    through the parser (``ts`` cannot be found without decoding the record), and so does CSV when bad
+    lines are skipped: a skipped line's ts must not count as its device's last (the scan cannot tell a
+    bad line from a good one, and a bad line with a ts ahead of the rest made every later row of its
+    device "non-monotonic": hundreds of good rows dropped for one bad one)."""
 
     def __init__(self, path: str, fmt: str, gz: bool, on_error: str, numeric: bool, slack: float, room: int):
         self.path, self.format, self.gz, self.slack, self.room = path, fmt, gz, slack, room
+        self.scan = fmt == "csv" and on_error != "skip"  # the ts field alone; else every line through the parser
         self.parser = LineParser(path, fmt, on_error=on_error)
         self.parser.numeric_labels = numeric
         self.runs: list[Start] = []
@@ -119,7 +123,7 @@ class _Indexer:
     def run(self) -> Index:
         f: Any = Gunzip(self.path) if self.gz else open(self.path, "rb")  # noqa: SIM115 - closed below
         off = 0
-        csv_ = self.format == "csv"
+        csv_ = self.scan
         try:
             while True:
                 if self.gz:
@@ -163,8 +167,8 @@ class _Indexer:
                 "utf-8", "replace").rstrip("\r\n")]))]
             self.its, self.idev, self.ncols = names.index("ts"), names.index("device_id"), len(names)
         self.runs.append(self._first())
-        self.base, self.nl_line = len(self.header), 2 if self.format == "csv" else 1
-        return len(self.header)
+        self.base, self.nl_line = len(self.header), 2 if self.scan else 1
+        return len(self.header) if self.scan else 0  # the parser reads the header itself
 
     @property
     def _schema(self) -> tuple[tuple[str, ...], bool]:

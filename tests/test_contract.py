@@ -13,7 +13,7 @@ from edge_agent import contract as c
 
 ids = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
-small_text = st.text(max_size=40)
+small_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)  # NUL: refused
 
 
 @st.composite
@@ -159,3 +159,27 @@ def test_topics() -> None:
         c.Topics("bad/#")
     assert (c.RESULTS_DELIVERY.qos, c.RESULTS_DELIVERY.retain) == (1, False)
     assert c.STATUS_DELIVERY.retain and c.MODEL_DELIVERY.retain
+
+
+@pytest.mark.parametrize("bad", ["wa\x00lk", "x" * 257])
+def test_text_no_result_can_carry_is_refused_where_it_would_enter(bad: str) -> None:
+    """A NUL (PostgreSQL's text refuses it; SQLite kept it) or a label over 256 characters: the hub refuses the
+    result, our encoder too, and a device refuses a model whose labels its results could not carry."""
+    with pytest.raises(c.ContractError, match="label"):
+        c.ResultBatch("d", (c.Result(1, 0.0, 1.0, 1, 0.5, bad),)).encode()
+    with pytest.raises(c.ContractError, match="truth"):
+        c.ResultBatch("d", (c.Result(1, 0.0, 1.0, 1, 0.5, truth=bad),)).encode()
+    payload = c.ResultBatch("d", (c.Result(1, 0.0, 1.0, 1, 0.5, "ok"),)).encode().replace(
+        b'"ok"', orjson.dumps(bad))
+    with pytest.raises(c.ContractError, match=r"results\[0\]\.label must"):
+        c.decode_results(payload)
+    with pytest.raises(c.ContractError, match="manifest.labels"):
+        c.decode_bundle(c.Bundle(_manifest(labels=("A", bad)), b"onnx").encode())
+
+
+def test_a_status_error_is_fitted_to_what_the_hub_takes_not_refused() -> None:
+    """An error's text is whatever an exception said: the status carries it without NUL, cut at 2,000."""
+    status = c.decode_status(c.Status("d", c.ONLINE, 1.0, last_error="bad\x00" + "e" * 3000).encode())
+    assert status.last_error == "bad\ufffd" + "e" * 1996
+    with pytest.raises(c.ContractError, match="status.last_error must not hold a NUL"):
+        c.decode_status(b'{"v":1,"device_id":"d","state":"online","ts":1.0,"last_error":"a\\u0000"}')

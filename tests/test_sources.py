@@ -9,6 +9,7 @@ import gzip
 import io
 import math
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -247,6 +248,28 @@ def test_long_device_ids_and_labels(tmp_path: Path) -> None:
     c = read_all(write_lines(tmp_path / "l.csv", lines))
     assert len(set(c.device_ids.tolist())) == 5
     assert c.labels[-1] == "é" and c.labels[0] == "label-number-0-of-the-long-kind"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_label_no_result_can_carry_is_a_bad_line(tmp_path: Path, fmt: str) -> None:
+    """A label holding a NUL, or over 256 characters: sent as a result's truth, the hub refuses the whole batch
+    holding it and the device keeps it for good. The log names the line instead; skipped, the rest goes on."""
+    labels = ["walk", "wa\x00lk", "x" * 257, "x" * 256, "walk"]
+    if fmt == "csv":
+        path = write_lines(tmp_path / "l.csv", [HEADER] + [f"{i},a,1,2,3,{lab}" for i, lab in enumerate(labels)])
+    else:
+        path = tmp_path / "l.jsonl"
+        path.write_bytes(b"".join(orjson.dumps({"ts": i, "device_id": "a", "ax": 1, "ay": 2, "az": 3, "label": lab})
+                                  + b"\n" for i, lab in enumerate(labels)))
+    first = 3 if fmt == "csv" else 2
+    with pytest.raises(LogError, match=re.escape(f':{first}: label "wa\\u0000lk" holds a NUL')):
+        read_all(path)
+    reader = read_log(path, on_error="skip")
+    got = [lab for chunk in reader for lab in chunk.labels.tolist()]
+    assert got == ["walk", "x" * 256, "walk"]
+    errors = [str(e).split(": ", 1)[1] for e in reader.stats.first_errors]
+    assert errors[0] == 'label "wa\\u0000lk" holds a NUL' and errors[1].startswith('label "xxx'), errors
+    assert errors[1].endswith("is longer than 256 characters") and len(errors) == 2, errors
 
 
 def test_unknown_extension(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ _decode = msgspec.json.Decoder(_Batch).decode
 def fast_rows(payload: bytes, device: str, now: float) -> tuple[list[ResultRow], bool] | None:
     """The rows of a results payload from ``device`` (already checked by the topic parser) and its
     ``mark_duplicates``, or None when the contract must decide (see the module docstring)."""
-    if len(payload) > MAX_RESULTS_BYTES:
+    if len(payload) > MAX_RESULTS_BYTES or b"\\u0000" in payload:  # NUL (JSON can only escape it): the contract refuses
         return None
     try:
         batch = _decode(payload)

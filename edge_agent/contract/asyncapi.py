@@ -52,6 +52,11 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"oneOf": [{"type": "null"}, schema]}
 
 
+def _text(limit: int, **more: Any) -> dict[str, Any]:
+    """A string a device writes: at most ``limit`` characters, no NUL (PostgreSQL's text cannot hold one)."""
+    return {"type": "string", "maxLength": limit, "not": {"pattern": "\u0000"}, **more}
+
+
 def _numbers(limit: int) -> dict[str, Any]:
     return {"type": "array", "maxItems": limit, "items": NUMBER}
 
@@ -66,12 +71,12 @@ RESULT: dict[str, Any] = {
         "end": {**NUMBER, "description": "window end, epoch seconds; not before start"},
         "model_version": {**U63, "description": "the model version that produced the result"},
         "latency_ms": {"type": "number", "minimum": 0, "description": "inference time in milliseconds"},
-        "label": _nullable({"type": "string", "maxLength": 256, "description": "predicted class"}),
+        "label": _nullable(_text(c.MAX_LABEL_CHARS, description="predicted class")),
         "confidence": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
         "value": _nullable({**_numbers(256), "description": "regression output, one number per output "
                                                              "(e.g. x, y of a position)"}),
-        "truth": _nullable({"type": "string", "maxLength": 256, "description": "ground truth, when known: a "
-                            "class, or for a regressor its targets as numbers separated by ';' (the window mean)"}),
+        "truth": _nullable(_text(c.MAX_LABEL_CHARS, description="ground truth, when known: a class, or for a regressor its "
+                                 "targets as numbers separated by ';' (the window mean)")),
         "features": _nullable({"type": "array", "maxItems": 4096,
                                "items": {"type": "number", "exclusiveMinimum": -c.FLOAT32_OVERFLOW,
                                          "exclusiveMaximum": c.FLOAT32_OVERFLOW,
@@ -101,11 +106,11 @@ STATUS: dict[str, Any] = {
     "properties": {
         "v": VERSION, "device_id": ID, "state": {"enum": [c.ONLINE, c.OFFLINE]},
         "ts": {**NUMBER, "description": "epoch seconds (device clock)"},
-        "model_name": _nullable({"type": "string", "maxLength": 64}),
+        "model_name": _nullable(_text(64)),
         "model_version": _nullable(U63),
-        "model_sha256": _nullable({"type": "string", "maxLength": 64}),
+        "model_sha256": _nullable(_text(64)),
         "outbox_depth": {**U63, "description": "results on the device not yet receipted by the hub"},
-        "last_error": _nullable({"type": "string", "maxLength": 2000}),
+        "last_error": _nullable(_text(2000)),
         "drift_psi": _nullable({**NUMBER, "description": "population stability index of the device's recent "
                                 "windows' features against the training distribution in the manifest "
                                 "(training.feature_bins), averaged over the features; above 0.25: drifting"}),
@@ -141,7 +146,7 @@ MANIFEST: dict[str, Any] = {
         "v": VERSION, "name": ID, "version": {**U63, "minimum": 1},
         "sha256": {**_only("0-9a-f", 64, 64), "description": "of the ONNX bytes"},
         "task": {"enum": list(c.TASKS)},
-        "labels": {"type": "array", "items": {"type": "string"}, "description": "class names (classification)"},
+        "labels": {"type": "array", "items": _text(c.MAX_LABEL_CHARS), "description": "class names (classification)"},
         "n_features": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
         "input_name": {"type": "string", "minLength": 1},
         "preprocess": {"type": "object", "description": "window length, hop, channels, feature set and "

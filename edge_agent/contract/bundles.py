@@ -13,6 +13,7 @@ import orjson
 from edge_agent.contract.wire import (
     MAX_BUNDLE_BYTES,
     MAX_HEADER_DEPTH,
+    MAX_LABEL_CHARS,
     MAX_STATUS_BYTES,
     SCHEMA_VERSION,
     ContractError,
@@ -131,6 +132,10 @@ def manifest_from_obj(obj: dict[str, Any]) -> Manifest:
     labels = obj["labels"]
     if type(labels) is not list or not all(type(x) is str for x in labels):
         raise ContractError("manifest.labels must be a list of strings")
+    if bad := next((x for x in labels if len(x) > MAX_LABEL_CHARS or "\x00" in x), None):
+        # the device's results would carry it, and the hub refuse every batch holding one
+        raise ContractError(f"manifest.labels: {show(bad)} is not a label a result can carry "
+                            f"(at most {MAX_LABEL_CHARS} characters, no NUL)")
     for key in ("preprocess", "metrics", "training"):
         if key in obj and type(obj[key]) is not dict:
             raise ContractError(f"manifest.{key} must be an object")

@@ -11,6 +11,7 @@ import orjson
 
 from edge_agent.contract.wire import (
     FLOAT32_OVERFLOW,
+    MAX_LABEL_CHARS,
     MAX_RECEIPT_BYTES,
     MAX_RECEIPT_RUNS,
     MAX_RESULTS_BYTES,
@@ -63,6 +64,8 @@ class Result:
             "model_version": self.model_version, "latency_ms": self.latency_ms,
         }
         if self.label is not None:
+            if len(self.label) > MAX_LABEL_CHARS or "\x00" in self.label:
+                raise ContractError(f"result.label must be at most {MAX_LABEL_CHARS} characters, without NUL")
             obj["label"] = self.label
         if self.confidence is not None:
             check_finite(self.confidence, "result.confidence")
@@ -72,6 +75,8 @@ class Result:
                 raise ContractError("result.value must hold only finite numbers")
             obj["value"] = list(self.value)
         if self.truth is not None:
+            if len(self.truth) > MAX_LABEL_CHARS or "\x00" in self.truth:
+                raise ContractError(f"result.truth must be at most {MAX_LABEL_CHARS} characters, without NUL")
             obj["truth"] = self.truth
         if self.features is not None:
             if not all(map(isfinite, self.features)):
@@ -118,10 +123,10 @@ def _result_from_obj(obj: Any, i: int) -> Result:
         if not 0.0 <= confidence <= 1.0:
             raise ContractError(f"results[{i}].confidence must be in [0, 1], got {confidence}")
     label, truth = obj.get("label"), obj.get("truth")
-    if label is not None and (type(label) is not str or len(label) > 256):
-        opt_str(obj, "label", f"results[{i}]")
-    if truth is not None and (type(truth) is not str or len(truth) > 256):
-        opt_str(obj, "truth", f"results[{i}]")
+    if label is not None and (type(label) is not str or len(label) > MAX_LABEL_CHARS or "\x00" in label):
+        opt_str(obj, "label", f"results[{i}]", MAX_LABEL_CHARS)
+    if truth is not None and (type(truth) is not str or len(truth) > MAX_LABEL_CHARS or "\x00" in truth):
+        opt_str(obj, "truth", f"results[{i}]", MAX_LABEL_CHARS)
     value, features = obj.get("value"), obj.get("features")
     return Result(
         seq, start, end, version, latency, label, confidence,
@@ -346,9 +351,13 @@ class Status:
         check_finite(self.drift_psi, "status.drift_psi")
         check_finite(self.mean_confidence, "status.mean_confidence")
         obj = {"v": SCHEMA_VERSION, **asdict(self)}
+        if (error := self.last_error) is not None and (len(error) > _MAX_ERROR_CHARS or "\x00" in error):
+            # an error's text is whatever an exception said: fitted to what the hub takes, not refused
+            obj["last_error"] = error[:_MAX_ERROR_CHARS].replace("\x00", "\ufffd")
         return orjson.dumps({k: v for k, v in obj.items() if v is not None})
 
 
+_MAX_ERROR_CHARS: Final = 2000  # a status's last_error
 _STATUS_REQUIRED: Final = frozenset({"v", "device_id", "state", "ts"})
 _STATUS_ALLOWED: Final = _STATUS_REQUIRED | {"model_name", "model_version", "model_sha256", "outbox_depth", "last_error",
                                               "drift_psi", "mean_confidence"}
@@ -364,7 +373,7 @@ def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
         model_version=None if obj.get("model_version") is None else int_field(obj, "model_version", "status"),
         model_sha256=opt_str(obj, "model_sha256", "status", 64),
         outbox_depth=int_field(obj, "outbox_depth", "status") if "outbox_depth" in obj else 0,
-        last_error=opt_str(obj, "last_error", "status", 2000),
+        last_error=opt_str(obj, "last_error", "status", _MAX_ERROR_CHARS),
         drift_psi=None if obj.get("drift_psi") is None else float_field(obj, "drift_psi", "status"),
         mean_confidence=None if obj.get("mean_confidence") is None else float_field(obj, "mean_confidence", "status"),
     )

@@ -18,6 +18,7 @@ MAX_RESULTS_BYTES: Final = 1 << 20  # a results batch; the agent stays far below
 MAX_STATUS_BYTES: Final = 16 << 10
 MAX_BUNDLE_BYTES: Final = 32 << 20
 MAX_RESULTS_PER_BATCH: Final = 10_000
+MAX_LABEL_CHARS: Final = 256  # a result's label and truth
 MAX_RECEIPT_BYTES: Final = 256 << 10
 MAX_RECEIPT_RUNS: Final = 10_000
 
@@ -248,6 +249,8 @@ def opt_str(obj: dict[str, Any], key: str, what: str, limit: int = 256) -> str |
         return None
     if type(value) is not str or len(value) > limit:
         raise ContractError(f"{what}.{key} must be a string of at most {limit} characters, got {show(value)}")
+    if "\x00" in value:  # PostgreSQL's text refuses it (SQLite kept it): one rule for every database
+        raise ContractError(f"{what}.{key} must not hold a NUL character (\\u0000), got {show(value)}")
     return value
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from edge_agent.contract.wire import MAX_LABEL_CHARS
 from edge_agent.sources.chunk import (
     BAD_ENCODING,
     BAD_HEADER,
@@ -351,6 +352,7 @@ class Decoder:
         self._label_list: list[tuple[float, ...] | None] = []  # per label code, for a numeric label column
         self._label_values = np.empty((0, 1))
         self._label_errors: dict[int, tuple[str, str]] = {}
+        self._texts_checked = 0  # text labels judged so far (check_label_text)
         self.outputs: int | None = None  # numbers per label: fixed by the first label that has any
 
     def check_label_numbers(self, b: Block) -> None:
@@ -376,7 +378,26 @@ class Decoder:
             new = np.array([x if x is not None else (math.nan,) * k for x in self._label_list[known:]],
                            dtype=np.float64).reshape(-1, k)
             self._label_values = np.concatenate([self._label_values, new])
+        self._drop_bad_labels(b)
+
+    def check_label_text(self, b: Block) -> None:
+        """A text label column: a label a result cannot carry (over 256 characters, or holding a NUL) makes its
+        rows problems. Sent as a result's truth, the hub would refuse every batch holding it, and the device
+        would keep those results for good."""
+        assert b.lab is not None
+        names = self.labels.names
+        if self._texts_checked < len(names):  # labels first met in this block, each judged once
+            for i in range(self._texts_checked, len(names)):
+                name = names[i]
+                if len(name) > MAX_LABEL_CHARS or "\x00" in name:
+                    why = "holds a NUL" if "\x00" in name else f"is longer than {MAX_LABEL_CHARS} characters"
+                    self._label_errors[i] = (BAD_VALUE, f"label {_show(name)} {why}")
+            self._texts_checked = len(names)
+        self._drop_bad_labels(b)
+
+    def _drop_bad_labels(self, b: Block) -> None:
         if self._label_errors:
+            assert b.lab is not None
             bad = np.isin(b.lab, np.fromiter(self._label_errors, dtype=np.int64))
             if bad.any():
                 for r in np.flatnonzero(bad).tolist():

@@ -181,8 +181,11 @@ class LineParser:
         self.stats.lines += nlines
         self.stats.blank_lines += b.blank
         self._acc_lines += nlines
-        if self.numeric_labels and b.lab is not None:
-            self.d.check_label_numbers(b)
+        if b.lab is not None:
+            if self.numeric_labels:
+                self.d.check_label_numbers(b)
+            else:
+                self.d.check_label_text(b)
         self._monotonic(b)
         error = None
         if b.problems:

@@ -267,3 +267,43 @@ def test_send_waits_for_every_puback_without_deadlocking_on_early_ones(broker, p
         wait_for(lambda: got.qsize() >= 2000, what="every message delivered")
     finally:
         watch.stop()
+
+
+def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, tmp_path: Path) -> None:
+    """A device known only from its results, or offline, or running another model, held a cohort seat it
+    could never be judged on (a new user's canary went to two hand-made devices that never sent a status)."""
+    from cloud_hub.data import sessions
+    from cloud_hub.data.store import Store
+
+    priv, _, _ = keygen(tmp_path / "keys" / "hub.pem")
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    args = ["--db", url, "--broker", broker.url, "--prefix", prefix, "--signing-key", str(priv)]
+    engine = db.make_engine(url)
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=120)
+    assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 1
+    res = runner.invoke(hub_app, ["publish", *args])  # v1 to the fleet: the canary's comparison
+    assert res.exit_code == 0, res.output
+    assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 2
+    store = Store(engine)
+
+    def statuses(online: tuple[str, ...]) -> None:
+        fleet = {d: (c.Status(d, c.ONLINE if d in online else c.OFFLINE, 1.0, "default", 1, "a" * 64, 0), 1.0)
+                 for d in ("on-1", "on-2", "on-3", "off-1")}
+        fleet["other-1"] = (c.Status("other-1", c.ONLINE, 1.0, "other", 1, "a" * 64, 0), 1.0)
+        with sessions.transaction(engine) as conn:
+            store.touch_devices(conn, {"results-only-1": 1.0, "results-only-2": 1.0})
+            store.apply_statuses(conn, fleet)
+
+    statuses(online=("on-1",))
+    res = runner.invoke(hub_app, ["publish", *args, "--canary", "60%"])
+    assert res.exit_code in (2, 4) and "at least 2 online devices running default" in res.stderr, res.output
+    assert "the hub knows 7 devices, 1 of them such" in res.stderr and "--devices A,B" in res.stderr, res.stderr
+
+    statuses(online=("on-1", "on-2", "on-3"))
+    res = runner.invoke(hub_app, ["publish", *args, "--canary", "60%"])
+    assert res.exit_code == 0, res.output
+    said = next(line for line in res.output.splitlines() if line.startswith("canary:"))
+    assert "sent to 2 of the 3 online devices running default (on-" in said, said
+    cohort = said.split("(", 1)[1].split(")", 1)[0].split(", ")
+    assert set(cohort) < {"on-1", "on-2", "on-3"}, cohort
+    engine.dispose()

@@ -34,15 +34,24 @@ def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None,
         store = Store(engine)
         with sessions.transaction(engine, write=False) as conn:
             row = pick(store, conn, s.model_name, version, force=force)
-            known = list(store.device_rows(conn))
+            rows = store.device_rows(conn)
+        known = list(rows)
         named = [d.strip() for d in (devices or "").split(",") if d.strip()]
-        cohort = canary.choose_cohort(known, fraction=None if named else canary.parse_canary(share or ""),
-                                      named=named, salt=f"{row.name}/v{row.version}")
+        fraction = None if named else canary.parse_canary(share or "")
+        # A share is drawn from the devices that can answer: online, and running this model by their status (a
+        # device known only from its results, or offline, would hold a cohort seat and never be judged).
+        pool = known if named else [d for d, r in rows.items() if r["state"] == "online" and r["model_name"] == row.name]
+        if not named and len(pool) < 2:
+            raise canary.CanaryError(
+                f"a canary needs at least 2 online devices running {row.name} by their status; the hub knows "
+                f"{len(known)} devices, {len(pool)} of them such (`cloud-hub devices`): name a cohort with --devices A,B")
+        cohort = canary.choose_cohort(pool, fraction=fraction, named=named, salt=f"{row.name}/v{row.version}")
         rollout = canary.start(engine, s, row, cohort=cohort,
                                min_results=s.canary_min_results if min_results is None else min_results,
                                tolerance=s.canary_tolerance if tolerance is None else tolerance,
                                allow_unsigned=allow_unsigned)
-    typer.echo(f"canary: {row.name} v{row.version} sent to {len(cohort)} of {len(known)} devices "
+    of = f"{len(known)} devices" if named else f"the {len(pool)} online devices running {row.name}"
+    typer.echo(f"canary: {row.name} v{row.version} sent to {len(cohort)} of {of} "
                f"({', '.join(cohort)}) on {s.prefix}/devices/<id>/model; the others keep v{rollout.previous}. "
                f"`cloud-hub serve` judges it from {rollout.min_results} cohort results: each cohort device against "
                f"its own results on v{rollout.previous}, rolled back when worse by more than the tolerance "

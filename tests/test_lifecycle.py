@@ -346,3 +346,21 @@ def test_a_retrain_never_holds_out_a_device_that_shaped_the_version_it_starts_fr
         datasets.choose_holdout(devices, ["c", "e"], shaped={"d", "e"}, parent="v3")
     with pytest.raises(lifecycle.LifecycleError, match="every device with labelled windows .* shaped v3"):
         datasets.choose_holdout(devices, None, shaped=set(devices), parent="v3")
+
+
+def test_fleet_features_of_another_length_are_left_out_and_said(tmp_path: Path, caplog) -> None:
+    """A device sending features the model does not take (another length): its results were dropped from
+    retraining without a word (a new user trained on 224 windows and never learned why not more)."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'h.sqlite'}")
+    pack = sessions.pack_features
+    rows = [("good", i, float(i), i + 1.0, 1, "A", 0.9, None, "A", 1.0, pack([0.5, 1.0, 2.0]), 1.0) for i in range(4)]
+    rows += [("odd", i, float(i), i + 1.0, 1, "A", 0.9, None, "B", 1.0, pack([0.5] * (i % 2 * 5)), 1.0)
+             for i in range(3)]
+    with sessions.transaction(engine) as conn:
+        Store(engine).insert_results(conn, rows)
+    params = PreprocessParams(sample_rate_hz=50.0, window_s=2.0, hop_s=1.0, channels=("ax",))
+    with caplog.at_level("WARNING", logger="cloud_hub.models.lifecycle"):
+        ds = lifecycle.fleet_dataset(engine, params, 3)
+    assert ds.devices.tolist() == ["good"] * 4
+    assert "left out 3 labelled results whose features are not 3 numbers (odd: 3)" in caplog.text, caplog.text
+    engine.dispose()

@@ -226,15 +226,21 @@ def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int, 
     """Labelled feature vectors that agents reported, from results of ``versions`` (the versions
     whose preprocessing equals ``params``: features made otherwise do not mean the same thing)."""
     X, y, devices, starts = [], [], [], []
+    other: dict[str, int] = {}  # device -> results whose features are not n_features numbers
     with engine.connect() as conn:
         for device_id, truth, blob, start in Store(engine).labelled_features(conn, versions):
             vec = sessions.unpack_features(blob)
             if vec is None or vec.shape[0] != n_features:
-                continue  # reported under other preprocessing parameters
+                other[device_id] = other.get(device_id, 0) + 1
+                continue
             X.append(vec)
             y.append(truth)
             devices.append(device_id)
             starts.append(start)
+    if other:  # said, not silently dropped: a device sending something else, or a bug
+        log.warning("left out %d labelled results whose features are not %d numbers (%s)", sum(other.values()),
+                    n_features, ", ".join(f"{d}: {n}" for d, n in sorted(other.items(), key=lambda kv: -kv[1])[:5])
+                    + (f" and {len(other) - 5} more devices" if len(other) > 5 else ""))
     if not X:
         raise LifecycleError("no labelled feature vectors reported by the fleet yet "
                              "(agents send them with features = 'sampled' or 'all')")

@@ -34,7 +34,8 @@ def test_precedence_file_env_flags(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
-        ("bogus = 1\n", {}, "unknown setting(s) bogus"),
+        ("bogus = 1\n", {}, "unknown setting(s) bogus; known: "),
+        ("batch_max_result = 1\n", {}, "unknown setting(s) batch_max_result (did you mean batch_max_results?)"),
         ('batch_max_results = "many"\n', {}, "batch_max_results must be int"),
         ("", {"EDGE_AGENT_BATCH_MAX_RESULTS": "x"}, "environment EDGE_AGENT_BATCH_MAX_RESULTS"),
         ('outbox_overflow = "explode"\n', {}, "outbox_overflow must be one of drop_oldest, block"),

@@ -253,6 +253,8 @@ def test_make_engine_errors(tmp_path: Path) -> None:
         make_engine("not a url")
     with pytest.raises(SettingsError, match="no driver"):
         make_engine("nosuchdb://x/y")
+    with pytest.raises(SettingsError, match=r"no driver .*; for PostgreSQL write postgresql\+psycopg://"):
+        make_engine("postgres://u@127.0.0.1/db")  # Heroku's spelling
     with pytest.raises(DatabaseUnavailable, match="cannot open"):
         make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'hub.sqlite'}")
     with pytest.raises(DatabaseUnavailable, match="cannot open"):

@@ -68,7 +68,10 @@ def new_engine(url: str, *, schema: str | None = None, create: bool = True, **kw
     try:
         engine = sa.create_engine(parsed, **kw)
     except (sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc})") from exc
+        hint = ""
+        if parsed.get_backend_name() in ("postgres", "postgresql"):  # postgres:// is Heroku's; psycopg2 is not ours
+            hint = "; for PostgreSQL write postgresql+psycopg://USER@HOST:PORT/DB (the postgres extra installs psycopg)"
+        raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc}){hint}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)

@@ -127,6 +127,14 @@ class HubSettings(BrokerSettings):
             if not key.is_file():
                 raise SettingsError(f"signing_key {str(key)!r} {'is not a file' if key.exists() else 'does not exist'}"
                                     " (make a key pair with `cloud-hub keygen`)", field="signing_key")
+            try:
+                public = b"PUBLIC KEY" in key.read_bytes()[:100]
+            except OSError as exc:
+                raise SettingsError(f"signing_key {str(key)!r} cannot be read: {exc.strerror or exc}",
+                                    field="signing_key") from exc
+            if public:  # a setting given the wrong file, like the agent's trusted_key given a private key: exit 2
+                raise SettingsError(f"signing_key {str(key)!r} is a public key: sign with the private key of "
+                                    "`cloud-hub keygen` (devices get the .pub.pem)", field="signing_key")
 
     def http_door_check(self) -> None:
         """The HTTP door's settings, at start: a token and certificate that load, and no public address left open."""

@@ -388,7 +388,7 @@ def test_federate_mistakes_are_one_line_each(shared_broker, prefix, tmp_path) ->
     one_line(res, exits.USAGE, "no signing key", "--signing-key")
     _, public, _ = keygen(tmp_path / "k.pem")
     res = run(hub_cmd("federate", "--db", db_url, "--broker", shared_broker.url, "--signing-key", str(public)))
-    one_line(res, exits.USAGE, f"signing key {public} is a public key")
+    one_line(res, exits.USAGE, f"signing_key '{public}' is a public key")
     for command in (["rounds"], ["federate", "--insecure-unsigned"]):  # neither creates a database not there
         res = run(hub_cmd(*command, "--db", f"sqlite:///{tmp_path / 'missing.sqlite'}"))
         one_line(res, exits.UNAVAILABLE, "missing.sqlite", "does not exist")

@@ -237,3 +237,20 @@ def test_phones_through_a_real_broker_and_hub_get_positions_and_error_figures(pr
     assert held["n"] == len(rows)  # the hub never saw this model trained: no device counts as trained on
     code, out, _ = invoke("stats", "--db", url)
     assert code == 0 and "error mean/median/p90" in out
+
+
+def test_a_truth_of_many_outputs_is_fitted_to_what_the_contract_carries() -> None:
+    """Targets written in full ("x;y") unless that is over 256 characters: then to 6 digits, else unknown. A
+    longer truth was refused by the hub with the whole batch (and by the encoder now), which kept it for good."""
+    import numpy as np
+
+    from edge_agent import contract as c
+    from edge_agent.device.pipeline import _truths
+
+    few, many, too_many = np.array([[1.5, 2.25]]), np.full((1, 16), 1 / 3), np.full((1, 40), 1 / 3)
+    assert _truths(few) == ["1.5;2.25"]
+    [fitted] = _truths(many)
+    assert fitted is not None and len(fitted) <= c.MAX_LABEL_CHARS and fitted.split(";") == ["0.333333"] * 16
+    assert _truths(too_many) == [None]
+    for truth in (*_truths(few), fitted):
+        c.ResultBatch("d", (c.Result(1, 0.0, 1.0, 1, 0.5, value=(1.0,), truth=truth),)).encode()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_agent import exits
-from edge_agent.contract import ContractError, Result, check_id, encode_result_obj
+from edge_agent.contract import MAX_LABEL_CHARS, ContractError, Result, check_id, encode_result_obj
 from edge_agent.device.outbox import Outbox
 from edge_agent.drift import DeviceDrift
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
@@ -182,10 +182,19 @@ def _layout(params: PreprocessParams) -> str:
     return repr(sorted(params.to_dict().items()))
 
 
+def _fitted(row: list[float]) -> str | None:
+    """Several targets as a truth the contract carries (at most MAX_LABEL_CHARS): each number in full, or, for
+    many outputs, to 6 significant digits; None (unknown) if even that is too long: the result still goes."""
+    text = ";".join(map(repr, row))
+    if len(text) > MAX_LABEL_CHARS:
+        text = ";".join(format(v, ".6g") for v in row)
+    return text if len(text) <= MAX_LABEL_CHARS else None
+
+
 def _truths(labels: np.ndarray) -> list[str | None]:
     """Window ground truth as the contract carries it: text, or a number written out; None = unknown."""
     if labels.dtype.kind == "f":  # regression targets: the window's mean, NaN when a reading had none
         if labels.ndim == 2:  # several outputs: "x;y", as the log writes them
-            return [None if any(v != v for v in row) else ";".join(map(repr, row)) for row in labels.tolist()]
+            return [None if any(v != v for v in row) else _fitted(row) for row in labels.tolist()]
         return [None if x != x else repr(x) for x in labels.tolist()]
     return [None if (x is None or x == "") else str(x) for x in labels.tolist()]

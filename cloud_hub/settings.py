@@ -128,7 +128,8 @@ class HubSettings(BrokerSettings):
                 raise SettingsError(f"signing_key {str(key)!r} {'is not a file' if key.exists() else 'does not exist'}"
                                     " (make a key pair with `cloud-hub keygen`)", field="signing_key")
             try:
-                public = b"PUBLIC KEY" in key.read_bytes()[:100]
+                with open(key, "rb") as f:  # a key is far smaller: a big file named by mistake is not read whole
+                    public = b"PUBLIC KEY" in f.read(1 << 16)
             except OSError as exc:
                 raise SettingsError(f"signing_key {str(key)!r} cannot be read: {exc.strerror or exc}",
                                     field="signing_key") from exc

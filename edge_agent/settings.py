@@ -210,7 +210,7 @@ def _file_values(config: str | Path, fields: set[str], hints: Mapping[str, Any])
         raise SettingsError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
     unknown = set(data) - fields
     if unknown:
-        close = {k: difflib.get_close_matches(k, sorted(fields), n=1) for k in sorted(unknown)}
+        close = {k: difflib.get_close_matches(k, sorted(fields), n=1, cutoff=0.75) for k in sorted(unknown)}
         if all(close.values()):  # a typo: the one line names the setting meant
             raise SettingsError(f"{path}: unknown setting(s) " + ", ".join(
                 f"{k} (did you mean {m[0]}?)" for k, m in close.items()))

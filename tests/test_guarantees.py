@@ -92,6 +92,35 @@ def test_overflow_never_drops_a_row_the_publisher_has_in_flight(broker: LocalBro
     assert sorted(stored_keys(hub.settings.db)) == [("d", s) for s in (0, 1, 2, 3, *range(7, 13))]
 
 
+def test_results_an_older_build_wrote_with_a_nul_are_discarded_not_resent_forever(broker: LocalBroker, hub: Hub,
+                                                                                 prefix: str, tmp_path: Path) -> None:
+    """An outbox row with a NUL in its label (written before the contract refused it): every hub now refuses the
+    batch holding it, good results included, at every retry. The publisher discards that row, says so, and the
+    rest is stored."""
+    topics = hub.topics
+    box = Outbox(tmp_path / "outbox.sqlite")
+    link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-dev", subscriptions=[(topics.receipts("d"), 1)],
+                    on_published=lambda *a: pub.on_published(*a),
+                    on_message=lambda m: pub.on_receipt(m.topic, m.payload))
+    pub = Publisher(box, link, topics, batch_max_results=10, batch_max_delay_s=0.0)
+    rows = _rows(range(6))
+    rows[2] = (2, rows[2][1].replace(b'"walk"', b'"wa\\u0000lk"'))  # as an older build encoded it
+    box.put("d", rows)
+    link.start()
+    link.wait_subscribed(10)
+    pub.start()
+    try:
+        assert pub.wait_drained(30)
+    finally:
+        pub.stop()
+        link.stop()
+        box.close()
+    wait_for(lambda: len(stored_keys(hub.settings.db)) >= 5, what="the other rows stored")
+    assert sorted(stored_keys(hub.settings.db)) == [("d", s) for s in (0, 1, 3, 4, 5)]
+    assert pub.discarded == 1 and "a NUL in a label or truth" in (pub.last_error or "")
+    assert hub.stats.dead_letters == 0
+
+
 class Receipts:
     """A device's receipts topic, as the device sees it: every message, in order."""
 

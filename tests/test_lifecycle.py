@@ -356,11 +356,13 @@ def test_fleet_features_of_another_length_are_left_out_and_said(tmp_path: Path, 
     rows = [("good", i, float(i), i + 1.0, 1, "A", 0.9, None, "A", 1.0, pack([0.5, 1.0, 2.0]), 1.0) for i in range(4)]
     rows += [("odd", i, float(i), i + 1.0, 1, "A", 0.9, None, "B", 1.0, pack([0.5] * (i % 2 * 5)), 1.0)
              for i in range(3)]
+    rows.append(("old", 0, 0.0, 1.0, 1, "A", 0.9, None, "A\x00", 1.0, pack([0.5, 1.0, 2.0]), 1.0))  # SQLite kept it
     with sessions.transaction(engine) as conn:
         Store(engine).insert_results(conn, rows)
     params = PreprocessParams(sample_rate_hz=50.0, window_s=2.0, hop_s=1.0, channels=("ax",))
     with caplog.at_level("WARNING", logger="cloud_hub.models.lifecycle"):
         ds = lifecycle.fleet_dataset(engine, params, 3)
     assert ds.devices.tolist() == ["good"] * 4
-    assert "left out 3 labelled results whose features are not 3 numbers (odd: 3)" in caplog.text, caplog.text
+    assert ("left out 4 labelled results whose features are not 3 numbers or whose truth no label can be "
+            "(odd: 3, old: 1)") in caplog.text, caplog.text
     engine.dispose()

@@ -96,6 +96,10 @@ def test_a_missing_signing_key_is_refused_at_start(shared_broker: LocalBroker, t
     res = run(hub_cmd("stats", "--db", f"sqlite:///{tmp_path / 'h.sqlite'}"), env={"CLOUD_HUB_SIGNING_KEY": str(missing)})
     one_line(res, exits.UNAVAILABLE, "does not exist")
     assert "signing_key '" not in res.stderr and "keygen" not in res.stderr
+    res = run(hub_cmd("rollout", "status", "--db", f"sqlite:///{tmp_path / 'h.sqlite'}"),  # reads; --check signs
+              env={"CLOUD_HUB_SIGNING_KEY": str(public)})
+    one_line(res, exits.UNAVAILABLE, "does not exist")
+    assert "signing_key '" not in res.stderr, res.stderr
 
 
 def test_sample_does_not_overwrite_a_log_without_force(tmp_path: Path) -> None:

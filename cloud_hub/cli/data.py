@@ -204,7 +204,7 @@ def dead_letters(
             {**r, "payload": base64.b64encode(r["payload"]).decode()} for r in rows]}).decode())
         return
     if not rows:
-        typer.echo(f"no dead letters{' of ' + device if device else ''}{f' since {utc(t0)} UTC' if t0 else ''}")
+        typer.echo(f"no dead letters{' of ' + device if device else ''}{f' since {utc(t0)} UTC' if t0 is not None else ''}")
         return
     table = new_table(f"dead letters, newest {len(rows)} of {total:,}", "received (UTC)", "topic", "reason",
                       "bytes", "payload starts", right=("bytes",))

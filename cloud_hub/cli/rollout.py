@@ -82,7 +82,7 @@ def status(
     from cloud_hub.rollout import canary
 
     with lifecycle_errors():
-        s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key)
+        s = settings_from(config, signs=check, db=db, broker=broker, model_name=name, signing_key=signing_key)
         engine = engine_for(s.db)  # --check too: there is no canary in a database not there
         if check:
             canary.check(engine, s, s.model_name)

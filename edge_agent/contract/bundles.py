@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
@@ -63,6 +64,7 @@ class Manifest:
     signature: str | None = None
 
     def to_obj(self) -> dict[str, Any]:
+        _check_labels(self.labels)  # a bundle every device would refuse is not made
         obj = {"v": SCHEMA_VERSION, **asdict(self)}
         obj["labels"] = list(self.labels)
         return obj
@@ -118,6 +120,13 @@ _MANIFEST_REQUIRED: Final = frozenset(
 _MANIFEST_ALLOWED: Final = _MANIFEST_REQUIRED | {"metrics", "training", "key_id", "signature"}
 
 
+def _check_labels(labels: Iterable[str]) -> None:
+    """The labels a device's results would carry: the hub refuses every batch holding one it cannot store."""
+    if bad := next((x for x in labels if len(x) > MAX_LABEL_CHARS or "\x00" in x), None):
+        raise ContractError(f"manifest.labels: {show(bad)} is not a label a result can carry "
+                            f"(at most {MAX_LABEL_CHARS} characters, no NUL)")
+
+
 def manifest_from_obj(obj: dict[str, Any]) -> Manifest:
     """A manifest from its decoded JSON (a bundle's header, or one the hub stored); ContractError if
     anything in it is not what the contract says, nesting past MAX_HEADER_DEPTH included."""
@@ -132,10 +141,7 @@ def manifest_from_obj(obj: dict[str, Any]) -> Manifest:
     labels = obj["labels"]
     if type(labels) is not list or not all(type(x) is str for x in labels):
         raise ContractError("manifest.labels must be a list of strings")
-    if bad := next((x for x in labels if len(x) > MAX_LABEL_CHARS or "\x00" in x), None):
-        # the device's results would carry it, and the hub refuse every batch holding one
-        raise ContractError(f"manifest.labels: {show(bad)} is not a label a result can carry "
-                            f"(at most {MAX_LABEL_CHARS} characters, no NUL)")
+    _check_labels(labels)
     for key in ("preprocess", "metrics", "training"):
         if key in obj and type(obj[key]) is not dict:
             raise ContractError(f"manifest.{key} must be an object")

@@ -153,12 +153,13 @@ def replay(
 def _delivered(report: Any) -> str:
     """The results sent (and what an earlier run had left in the outbox: the outbox keeps one result a key, so this
     run's results with those keys may or may not go again), and what the hub did with them: stored them, or had
-    them already (its receipts say which)."""
-    sent = f"{report.published:,} results sent"
-    if report.leftovers:
-        sent += f" (the outbox held {report.leftovers:,} from an earlier run when this one started)"
-    if not report.drained:  # the reason follows on stderr
-        return f"{sent}; {report.not_stored:,} not yet {'stored by the hub' if report.until == 'hub' else 'acknowledged'}"
+    them already (its receipts say which); or, when the replay gave up waiting, how many are not yet stored."""
+    held = f" (the outbox held {report.leftovers:,} from an earlier run when this one started)" if report.leftovers else ""
+    if not report.drained:  # the reason follows on stderr; "published" counts the receipted ones only
+        done = "stored by the hub" if report.until == "hub" else "acknowledged by the broker"
+        return (f"{report.published:,} results {done}, {report.not_stored:,} not yet{held} (the broker "
+                f"acknowledged {report.acknowledged:,} sends)")
+    sent = f"{report.published:,} results sent{held}"
     if report.until != "hub":
         return f"{sent}, acknowledged by the broker"
     if not report.already_stored:

@@ -164,6 +164,11 @@ def test_a_federated_round_through_a_faulty_network_completes_and_counts_each_up
     stop = threading.Event()
     chaos = proxy.chaos(random.Random(26), stop, every_s=(0.5, 2.0))
     try:
+        # At least one reset whatever the chaos picks: a round of this small model takes ~0.15 s, and on a quiet
+        # machine it could end before the chaos's first reset (a swallow on an idle link never fires, a stall
+        # resets nothing). Every link (the hub's, the agents') is reset as federate starts, before its round.
+        for link in proxy.open_links():
+            proxy.reset_now(link)
         fed = fleet.federate("--rounds", "1", "--deadline", "120", "--tolerance", "1", "--json")
         assert fed.wait(300) == 0, (tmp_path / "federate.log").read_text()
     finally:

@@ -42,22 +42,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cloud_hub.data.db import make_engine
 from cloud_hub.data.limits import Admission
-from cloud_hub.data.result_rows import fast_rows
-from cloud_hub.data.sessions import describe, is_transient, pack_features
+from cloud_hub.data.result_rows import result_rows
+from cloud_hub.data.sessions import describe, is_transient
 from cloud_hub.data.store import DEVICE_ID, SEQ, Batch, ResultRow, Store, Written, dead_letter
 from cloud_hub.errors import HubError
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent import exits
-from edge_agent.contract import ContractError, Topics, decode_results, decode_status
+from edge_agent.contract import ContractError, Topics, decode_status
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
 log = logging.getLogger(__name__)
@@ -306,19 +305,7 @@ class Hub:
                 self._topic_cache[topic] = parsed
             kind, device = parsed
             if kind == "results":
-                fast = fast_rows(msg.payload, device, now)
-                if fast is not None:
-                    rows, mark = fast
-                else:  # the contract decides: it stores what the fast path was unsure of, or names the reason
-                    batch = decode_results(msg.payload, device)
-                    dumps, pack = orjson.dumps, pack_features
-                    rows = cast("list[ResultRow]", [  # plain tuples in ResultRow's order (store.DEVICE_ID)
-                        (device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
-                         None if r.value is None else dumps(r.value).decode(), r.truth, r.latency_ms,
-                         None if r.features is None else pack(r.features), now)
-                        for r in batch.results
-                    ])
-                    mark = batch.mark_duplicates
+                rows, mark = result_rows(msg.payload, device, now)  # plain tuples in ResultRow's order
                 pending.rows.extend(rows)
                 pending.seen[device] = now
                 pending.marking[device] = pending.marking.get(device, True) and mark

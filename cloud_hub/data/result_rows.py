@@ -23,8 +23,10 @@ import orjson
 
 from cloud_hub.data.sessions import pack_features
 from cloud_hub.data.store import ResultRow
+from edge_agent.contract import decode_results
 from edge_agent.contract.wire import (
     FLOAT32_OVERFLOW,
+    MAX_LABEL_CHARS,
     MAX_RESULTS_BYTES,
     MAX_RESULTS_PER_BATCH,
     SCHEMA_VERSION,
@@ -32,7 +34,7 @@ from edge_agent.contract.wire import (
 
 _MAX_INT: Final = (1 << 63) - 1
 _Key = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT)]
-_Text = Annotated[str, msgspec.Meta(max_length=256)]
+_Text = Annotated[str, msgspec.Meta(max_length=MAX_LABEL_CHARS)]
 _Float32 = Annotated[float, msgspec.Meta(gt=-FLOAT32_OVERFLOW, lt=FLOAT32_OVERFLOW)]
 
 
@@ -58,6 +60,21 @@ class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 assert SCHEMA_VERSION == 1, "the fast path's schema version (_Batch.v) must follow the contract's"
 _decode = msgspec.json.Decoder(_Batch).decode
+
+
+def result_rows(payload: bytes, device: str, now: float) -> tuple[list[ResultRow], bool]:
+    """The rows of a results payload from ``device`` and its ``mark_duplicates``: through the fast path, or
+    where it declines through the contract, which raises :class:`ContractError` naming why it refuses."""
+    fast = fast_rows(payload, device, now)
+    if fast is not None:
+        return fast
+    batch = decode_results(payload, device)
+    dumps = orjson.dumps
+    rows = [(device, r.seq, r.start, r.end, r.model_version, r.label, r.confidence,
+             None if r.value is None else dumps(r.value).decode(), r.truth, r.latency_ms,
+             None if r.features is None else pack_features(r.features), now)
+            for r in batch.results]
+    return cast("list[ResultRow]", rows), batch.mark_duplicates
 
 
 def fast_rows(payload: bytes, device: str, now: float) -> tuple[list[ResultRow], bool] | None:

@@ -83,6 +83,16 @@ def serve(
             run(settings)
 
 
+def _since(text: str | None) -> float | None:
+    """``--since`` as epoch seconds (None: from the start); a time it cannot read is a usage error."""
+    from cloud_hub.data.aggregate import parse_since
+
+    try:
+        return None if text is None else parse_since(text)
+    except ValueError as exc:
+        raise fail(EXIT_USAGE, f"--since: {exc}") from None
+
+
 def stats(
     db: DbOpt = None,
     config: ConfigOpt = None,
@@ -95,14 +105,11 @@ def stats(
     """Per device and fleet-wide: results, classes, confidence, accuracy (a regressor's error), latency."""
     from rich.text import Text
 
-    from cloud_hub.data.aggregate import BUCKETS, fleet_stats, parse_since
+    from cloud_hub.data.aggregate import BUCKETS, fleet_stats
 
     if bucket is not None and bucket not in BUCKETS:
         raise fail(EXIT_USAGE, f"--bucket must be one of {', '.join(BUCKETS)}, got {bucket!r}")
-    try:
-        t0 = None if since is None else parse_since(since)
-    except ValueError as exc:
-        raise fail(EXIT_USAGE, f"--since: {exc}") from None
+    t0 = _since(since)
     with errors():
         settings = settings_from(config, db=db)
         result = with_db(settings, lambda conn: fleet_stats(conn, device=device, since=t0, bucket=bucket))
@@ -185,13 +192,9 @@ def dead_letters(
     """Messages the hub refused, newest first: when, on which topic, why, and how the payload starts."""
     import base64
 
-    from cloud_hub.data.aggregate import parse_since
     from cloud_hub.data.store import Store
 
-    try:
-        t0 = None if since is None else parse_since(since)
-    except ValueError as exc:
-        raise fail(EXIT_USAGE, f"--since: {exc}") from None
+    t0 = _since(since)
     with errors():
         settings = settings_from(config, db=db)
         if device is not None and not c.valid_id(device):

@@ -35,7 +35,7 @@ from cloud_hub.models.datasets import (
     windows_from_logs,
 )
 from cloud_hub.models.forecast import Persistence, add_back_of, persistence_check
-from edge_agent.contract import MAX_LABEL_CHARS, Bundle, Manifest, decode_bundle, manifest_from_obj
+from edge_agent.contract import Bundle, Manifest, decode_bundle, fits_label, manifest_from_obj
 from edge_agent.drift import feature_bins
 from edge_agent.preprocess import (
     PreprocessParams,
@@ -230,7 +230,7 @@ def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int, 
     with engine.connect() as conn:
         for device_id, truth, blob, start in Store(engine).labelled_features(conn, versions):
             vec = sessions.unpack_features(blob)
-            if vec is None or vec.shape[0] != n_features or len(truth) > MAX_LABEL_CHARS or "\x00" in truth:
+            if vec is None or vec.shape[0] != n_features or not fits_label(truth):
                 other[device_id] = other.get(device_id, 0) + 1  # (a truth stored before the contract refused it)
                 continue
             X.append(vec)

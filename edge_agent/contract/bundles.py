@@ -21,6 +21,7 @@ from edge_agent.contract.wire import (
     check_choice,
     check_id,
     check_keys,
+    fits_label,
     float_field,
     hex64,
     int_field,
@@ -122,7 +123,7 @@ _MANIFEST_ALLOWED: Final = _MANIFEST_REQUIRED | {"metrics", "training", "key_id"
 
 def _check_labels(labels: Iterable[str]) -> None:
     """The labels a device's results would carry: the hub refuses every batch holding one it cannot store."""
-    if bad := next((x for x in labels if len(x) > MAX_LABEL_CHARS or "\x00" in x), None):
+    if bad := next((x for x in labels if not fits_label(x)), None):
         raise ContractError(f"manifest.labels: {show(bad)} is not a label a result can carry "
                             f"(at most {MAX_LABEL_CHARS} characters, no NUL)")
 

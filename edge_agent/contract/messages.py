@@ -24,6 +24,7 @@ from edge_agent.contract.wire import (
     check_id,
     check_keys,
     device_of,
+    fits_label,
     float_field,
     int_field,
     load_json,
@@ -64,7 +65,7 @@ class Result:
             "model_version": self.model_version, "latency_ms": self.latency_ms,
         }
         if self.label is not None:
-            if len(self.label) > MAX_LABEL_CHARS or "\x00" in self.label:
+            if not fits_label(self.label):
                 raise ContractError(f"result.label must be at most {MAX_LABEL_CHARS} characters, without NUL")
             obj["label"] = self.label
         if self.confidence is not None:
@@ -75,7 +76,7 @@ class Result:
                 raise ContractError("result.value must hold only finite numbers")
             obj["value"] = list(self.value)
         if self.truth is not None:
-            if len(self.truth) > MAX_LABEL_CHARS or "\x00" in self.truth:
+            if not fits_label(self.truth):
                 raise ContractError(f"result.truth must be at most {MAX_LABEL_CHARS} characters, without NUL")
             obj["truth"] = self.truth
         if self.features is not None:

@@ -68,6 +68,12 @@ def valid_id(value: object) -> bool:
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
+def fits_label(text: str) -> bool:
+    """A label or truth a result can carry: at most MAX_LABEL_CHARS characters, no NUL (PostgreSQL's text cannot
+    hold one). The one rule for the log parser, the encoders, a model's labels and retraining."""
+    return len(text) <= MAX_LABEL_CHARS and "\x00" not in text
+
+
 def check_id(value: object, what: str = "device id") -> str:
     """Return ``value`` if it is a valid device id / model name (a string; no MQTT wildcards, no slash)."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edge_agent.contract.wire import MAX_LABEL_CHARS
+from edge_agent.contract.wire import MAX_LABEL_CHARS, fits_label
 from edge_agent.sources.chunk import (
     BAD_ENCODING,
     BAD_HEADER,
@@ -389,7 +389,7 @@ class Decoder:
         if self._texts_checked < len(names):  # labels first met in this block, each judged once
             for i in range(self._texts_checked, len(names)):
                 name = names[i]
-                if len(name) > MAX_LABEL_CHARS or "\x00" in name:
+                if not fits_label(name):
                     why = "holds a NUL" if "\x00" in name else f"is longer than {MAX_LABEL_CHARS} characters"
                     self._label_errors[i] = (BAD_VALUE, f"label {_show(name)} {why}")
             self._texts_checked = len(names)

@@ -112,7 +112,12 @@ def new_table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
 
 
 def utc(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if t is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # a device's clock, or its lie: years past 9999
+        return f"{t:.6g} s (out of range)"
 
 
 def age(t: float | None, now: float | None = None) -> str:

@@ -148,7 +148,7 @@ def stats(
         bt = new_table(f"per {bucket} (window start, UTC)", "bucket", "results", "devices", quality, "conf",
                     "p50 ms", "p95 ms", right=("results", "devices", quality, "conf", "p50 ms", "p95 ms"))
         for start, (s, per_device) in sorted(result.buckets.items()):
-            bt.add_row(utc(start)[:16], f"{s.results:,}", str(len(per_device)), _quality(s),
+            bt.add_row(utc(start).removesuffix(":00"), f"{s.results:,}", str(len(per_device)), _quality(s),
                        _num(s.mean_confidence, ".2f"), _ms(s.latency_p50_ms), _ms(s.latency_p95_ms))
         console.print(bt)
 

@@ -285,7 +285,10 @@ class Store:
 
     def outbox_total(self, conn: Connection) -> int:
         """Results the devices said they still hold (the sum of their last reported outbox depth)."""
-        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(devices.c.outbox_depth), 0))).scalar_one())
+        # summed as a float: one device stating 2**63 - 1 overflowed SQLite's integer SUM, and every fleet gauge
+        # of /metrics went with it
+        total = sa.func.sum(sa.cast(devices.c.outbox_depth, sa.Float))
+        return int(conn.execute(sa.select(sa.func.coalesce(total, 0))).scalar_one())
 
     def device_rows(self, conn: Connection) -> dict[str, Mapping[str, Any]]:
         """Every device's row (status fields), by id."""

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from cloud_hub.data import sessions
 from cloud_hub.data.store import Store, dead_letter
-from cloud_hub.rounds.judge import Verdict, accuracy_outside, answer_metrics, judge_update
+from cloud_hub.rounds.judge import Verdict, answer_metrics, judge_update, scores_unbelievable
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import HubSettings
 from edge_agent.contract import ContractError
@@ -129,6 +129,6 @@ def _evaluation_verdict(u: Update, r: RoundRow, devices: tuple[str, ...], answer
         return Verdict("refused", "a second evaluation in the same round", r.id)
     if u.base_version != r.base_version:
         return Verdict("refused", f"base version v{u.base_version}, round {r.id} trains v{r.base_version}", r.id)
-    if accuracy_outside(r, u):
-        return Verdict("refused", "an accuracy outside [0, 1]", r.id)
+    if (unbelievable := scores_unbelievable(r, u)) is not None:
+        return Verdict("refused", unbelievable, r.id)
     return Verdict("evaluated", None, r.id)

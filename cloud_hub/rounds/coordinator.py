@@ -28,6 +28,7 @@ its announcement) or finishes a closed one.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -58,6 +59,8 @@ from edge_agent.contract.rounds import (
     announcement,
 )
 from edge_agent.mqtt import Message, MqttError, MqttLink
+
+log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=SignedHeader)
 # A round's end (its retained announcement cleared), queued for a device that is away: past this the device
@@ -341,6 +344,9 @@ class Coordinator:
                 spent = self._privacy(r, exc.summed, counted)
         except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
             state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
+        except Exception as exc:  # a bug: the round fails with it, or every restart would meet it again
+            log.exception("round %d: could not finish", round_id)
+            state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc!r}"
         if spent:  # the hub learned the sum: spent, whatever became of the round
             outcome = outcome | {"privacy": spent}
         with sessions.transaction(self.engine) as conn:

@@ -9,6 +9,7 @@ verdict before it acknowledges the message; a secure round's answers are judged 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,8 +108,8 @@ def _unsound(u: Update, own: RoundRow, current: RoundRow, refuse_factor: float) 
         now = {t["name"]: tuple(t["shape"]) for t in current.plan["tensors"]}
         if any(now.get(name) != shape for name, shape in got.items()):
             return f"late, and its tensors no longer fit v{current.base_version}"
-    if accuracy_outside(current, u):
-        return "an accuracy outside [0, 1]"
+    if (unbelievable := scores_unbelievable(current, u)) is not None:
+        return unbelievable
     norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
     clip = float(own.plan["clip"])
     if norm > refuse_factor * clip:
@@ -116,9 +117,18 @@ def _unsound(u: Update, own: RoundRow, current: RoundRow, refuse_factor: float) 
     return None
 
 
-def accuracy_outside(r: RoundRow, u: Update) -> bool:
-    """A classifier's scores are accuracies: a device that states one outside [0, 1] is not believed."""
-    return r.plan["task"] == "classification" and not (0 <= u.metric_before <= 1 and 0 <= u.metric_after <= 1)
+def scores_unbelievable(r: RoundRow, u: Update) -> str | None:
+    """Why the scores an answer states cannot be true, or None. A classifier's scores are accuracies, in
+    [0, 1]; a regressor's are mean errors, finite and not negative. Every score counts, the INT8 models'
+    too: a round whose devices evaluate its candidate is gated on those (one device stating an INT8
+    accuracy of 1e300 carried the mean of every honest device's drop)."""
+    scores = [u.metric_before, u.metric_after] + [x for x in (u.int8_before, u.int8_after) if x is not None]
+    if r.plan["task"] == "classification":
+        if not all(0 <= x <= 1 for x in scores):
+            return "an accuracy outside [0, 1]"
+    elif not all(math.isfinite(x) and x >= 0 for x in scores):
+        return "a mean error that is negative or not finite"
+    return None
 
 
 def answer_metrics(u: Update) -> dict[str, Any]:

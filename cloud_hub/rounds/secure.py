@@ -232,6 +232,9 @@ class SecureRound:
         return ("refused", why, a) if why else (status, None, a)
 
     def _unsound(self, a: Answer) -> str | None:
+        if a.step == "advert" and a.advert is not None and not (
+                secagg.usable_key(a.advert.c_public) and secagg.usable_key(a.advert.s_public)):
+            return "an advert whose public keys no peer can agree a secret with (a low-order point)"
         if a.step == "shares":
             want = self.expect - {a.device_id}
             if set(a.sealed) != want:
@@ -255,6 +258,9 @@ class SecureRound:
         senders = set(self._stored("shares"))
         masked = {d: decode_answer(p) for d, p in self._stored("masked").items()}
         revealed = {d: decode_answer(p).revealed for d, p in self._stored("revealed").items()}
+        # a round whose steps failed is finished here too (closed, then finished: after a restart as well)
+        self._enough(set(masked), "sent their masked update")
+        self._enough(set(revealed), "revealed their shares")
         survivors = sorted(masked)
         keys = {d: a for d, a in adverts.items() if d in senders and a is not None}
         total = np.zeros(self.grid.padded, np.uint32)
@@ -264,7 +270,7 @@ class SecureRound:
             total = total + secagg.unpack(delta_bytes, a.size, a.bits)
             s = secagg.unpack(stats_bytes, a.stats, STATS_BITS)
             stats_total = s if stats_total is None else stats_total + s
-        assert stats_total is not None
+        assert stats_total is not None  # at least the threshold (2 or more) masked: checked above
         try:
             ints = secagg.unmask(total, self.delta_session, keys, survivors, revealed)
             stat_ints = secagg.unmask(stats_total, self.stats_session, keys, survivors, revealed)

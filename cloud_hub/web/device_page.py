@@ -72,7 +72,12 @@ def _send(start_response: StartResponse, status: str, as_json: bool, obj: dict[s
 
 
 def when(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if t is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):  # a device's clock, or its lie: years past 9999
+        return f"{t:.6g} s (out of range)"
 
 
 def _num(x: float | None, fmt: str) -> str:

@@ -387,6 +387,8 @@ def decode_announcement(payload: bytes) -> Announcement:
     if "secure" in obj:
         if kind != "train":
             raise ContractError("round.secure belongs to a train round")
+        if list(plan.participants) != sorted(set(plan.participants)):  # the devices' Shamir x follows this order
+            raise ContractError("round.participants of a secure round must be sorted and distinct")
         plan = replace(plan, secure=SecureParams.from_obj(obj["secure"], len(plan.participants)))
     if "dp" in obj:
         dp = DpParams.from_obj(obj["dp"])

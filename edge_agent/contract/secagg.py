@@ -140,6 +140,17 @@ def _exchange(private: X25519PrivateKey, public: bytes) -> bytes:
         raise SecAggError(f"a peer's public key is unusable: {exc}") from None
 
 
+def usable_key(public: bytes) -> bool:
+    """Whether a peer can agree on a secret with ``public``: 32 bytes and not a low-order point (those give
+    the all-zero secret whatever the private key, which X25519 refuses). The hub checks each advert so, so
+    that one device cannot make every honest peer refuse the round at its next step."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 def pair_seed(session: Session, s_private: X25519PrivateKey, me: str, peer: str, peer_s_public: bytes) -> bytes:
     """The mask seed ``me`` and ``peer`` share (each derives it from its own ``s`` key and the other's public)."""
     lo, hi = sorted((me, peer))

@@ -2,6 +2,7 @@
 
     python bench/paho_floor.py                 # 1,000 results/s from 1,000 device topics, 20 s each case
     python bench/paho_floor.py --rate 2000 --seconds 30
+    python bench/paho_floor.py --rest 0,2,5,10,20 --cases receipts-qos1   # the network thread's rest, swept
 
 The hub's cost per result (``bench/fleet.py``) has a floor that no batching can lower: every result is
 one QoS 1 PUBLISH in and its PUBACK out (after the commit), and, since each device sends one result at
@@ -17,6 +18,10 @@ Cases, each measured over the same rate and length:
 * ``receipts QoS 1``: the hub's four packets per result (what ``serve`` does);
 * ``receipts QoS 0``: the receipt's PUBACK saved;
 * ``no receipts``: the result and its PUBACK only (``receipts = false``).
+
+``--rest MS`` (default 0 and the hub's: 5) runs each case again with the network thread resting that long
+between turns, as the hub's does (``edge_agent.mqtt``'s lingering client: each turn reads all that has
+arrived, then rests; paho's own loop turns once a packet).
 
 The figure is the client process's CPU (user + system, ``getrusage``) over the middle of the run, per
 1,000 results/s. ``bench/fleet.py`` runs the first case in the same run as the hub and prints the hub
@@ -40,13 +45,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_hub.tools.local_broker import LocalBroker
-from edge_agent.mqtt import tcp_no_delay
+from edge_agent.mqtt import _LingeringClient, tcp_no_delay
 
 PREFIX = "floor"
 # The sizes of a one-result message and of its receipt as the agent and the hub send them (about).
 RESULT = b'{"v":1,"d":"d0000","r":[[1700000000000,1700000000.0,1700000002.5,3,0.41,"walk",0.93,null]]}'
 RECEIPT = b'{"v":1,"s":[[1700000000000,1]]}'
-CASES = {"receipts QoS 1": 1, "receipts QoS 0": 0, "no receipts": None}
+CASES = {"receipts-qos1": 1, "receipts-qos0": 0, "no-receipts": None}
 
 
 def publish_main(port: int, rate: float, seconds: float, devices: int) -> None:
@@ -68,12 +73,13 @@ def publish_main(port: int, rate: float, seconds: float, devices: int) -> None:
 
 
 def measure(rate: float = 1000.0, seconds: float = 20.0, devices: int = 1000, receipt_qos: int | None = 1,
-            workdir: Path | None = None) -> dict[str, float]:
+            workdir: Path | None = None, rest_ms: float = 0.0) -> dict[str, float]:
     """One case: the floor client's CPU per 1,000 results/s (a fraction of a core) and the rate it saw."""
     with tempfile.TemporaryDirectory() as tmp, LocalBroker(Path(workdir or tmp) / "floor-broker") as broker:
         got = [0]
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="floor-hub", protocol=paho.MQTTv5,
-                             manual_ack=True)
+        client = _LingeringClient(CallbackAPIVersion.VERSION2, client_id="floor-hub", protocol=paho.MQTTv5,
+                                  manual_ack=True)
+        client.linger = rest_ms / 1000.0  # 0: paho's own loop
         client.on_socket_open = tcp_no_delay
 
         def on_message(c: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
@@ -122,17 +128,27 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="results a second (default 1000)")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each case (default 20)")
     ap.add_argument("--devices", type=int, default=1000, help="device topics the results come from (default 1000)")
+    ap.add_argument("--rest", default="0,5", help="the network thread's rest in ms, comma-separated (default 0,5)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     args = ap.parse_args()
-    if args.rate <= 0 or args.seconds < 4 or args.devices < 1:
-        ap.error("--rate must be positive, --seconds at least 4, --devices at least 1")
+    try:
+        rests = [float(x) for x in args.rest.split(",")]
+    except ValueError:
+        ap.error(f"--rest takes numbers separated by commas, got {args.rest!r}")
+    cases = args.cases.split(",")
+    if args.rate <= 0 or args.seconds < 4 or args.devices < 1 or any(not 0 <= r <= 100 for r in rests):
+        ap.error("--rate must be positive, --seconds at least 4, --devices at least 1, --rest 0-100 ms")
+    if unknown := [c for c in cases if c not in CASES]:
+        ap.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
     print(f"a bare paho client doing the hub's packets, {args.rate:g} results/s from {args.devices} devices, "
           f"{args.seconds:g} s a case")
-    for name, qos in CASES.items():
-        f = measure(args.rate, args.seconds, args.devices, qos)
-        with open("/proc/loadavg") as fh:
-            load = fh.read().split()[0]
-        print(f"  {name:15s} {f['cpu_per_k']:6.1%} of a core per 1,000 results/s ({f['us_per_result']:5.0f} µs a result, "
-              f"{f['rate']:,.0f} results/s seen, load {load})", flush=True)
+    for name in cases:
+        for rest in rests:
+            f = measure(args.rate, args.seconds, args.devices, CASES[name], rest_ms=rest)
+            with open("/proc/loadavg") as fh:
+                load = fh.read().split()[0]
+            print(f"  {name:13s} rest {rest:4g} ms {f['cpu_per_k']:6.1%} of a core per 1,000 results/s "
+                  f"({f['us_per_result']:5.0f} µs a result, {f['rate']:,.0f} results/s seen, load {load})", flush=True)
 
 
 if __name__ == "__main__":

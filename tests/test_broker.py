@@ -6,6 +6,7 @@ import queue
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -107,3 +108,47 @@ def test_refused_connack_is_an_error(tmp_path) -> None:
             bad.wait_connected(10)
         bad.stop()
 
+
+
+def burst_through_lingering_link(url: str, topic: str, *, pub_url: str | None = None, tls=None, n: int = 300,
+                                 linger_s: float = 0.05) -> None:
+    """``n`` QoS 1 messages published 2 ms apart reach a link whose network thread rests ``linger_s`` between
+    turns: every one, once, in order, in far fewer turns than messages. paho's own loop turns once a message at
+    this pace (the cost the rest saves), and reads one packet a turn: without the draining, ``n`` messages
+    would take ``n`` rests (15 s here, past the wait)."""
+    got: list[bytes] = []
+    cond = threading.Condition()
+
+    def on_message(m: Message) -> None:
+        with cond:
+            got.append(m.payload)
+            cond.notify_all()
+        sub.ack(m.mid, m.qos)
+
+    broker = BrokerURL.parse(url)
+    sub = MqttLink(broker, f"linger-sub-{threading.get_ident()}", tls=tls, manual_ack=True, linger_s=linger_s,
+                   on_message=on_message, subscriptions=[(topic, 1)])
+    pub = MqttLink(BrokerURL.parse(pub_url or url), f"linger-pub-{threading.get_ident()}", tls=tls)
+    turns = [0]
+    loop = sub._client._loop
+    sub._client._loop = lambda timeout=1.0: (turns.__setitem__(0, turns[0] + 1), loop(timeout))[1]  # type: ignore[method-assign]
+    try:
+        for link in (sub, pub):
+            link.start()
+            link.wait_connected(10)
+        sub.wait_subscribed(10)
+        want = [b"m%04d" % i for i in range(n)]
+        for payload in want:
+            pub.publish(topic, payload, c.RESULTS_DELIVERY)
+            time.sleep(0.002)  # a fleet's pace, not a burst: each message would wake paho's thread on its own
+        with cond:
+            assert cond.wait_for(lambda: len(got) >= n, 10), f"{len(got)} of {n} messages in 10 s"
+        assert got == want
+        assert turns[0] < n / 3, f"{turns[0]} turns of the network thread for {n} messages"
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_a_lingering_link_reads_a_burst_in_few_turns(shared_broker: LocalBroker, prefix: str) -> None:
+    burst_through_lingering_link(shared_broker.url, f"{prefix}/linger")

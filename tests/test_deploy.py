@@ -625,3 +625,13 @@ def test_the_broker_unit_lifts_the_open_files_limit_a_fleet_needs(procs, tmp_pat
         assert _sessions_held(SYSTEMD_DEFAULT_NOFILE, sessions, procs, tmp_path) < SYSTEMD_DEFAULT_NOFILE
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_lingering_hub_link_reads_every_message_over_tls(deploy: Deploy) -> None:
+    """The hub's network thread rests between turns and then reads all that arrived, over TLS as over TCP
+    (the drain also reads what the TLS layer has decrypted and not handed out: ``pending()``)."""
+    from tests.test_broker import burst_through_lingering_link
+
+    burst_through_lingering_link(f"mqtts://hub:{PASSWORDS['hub']}@127.0.0.1:{deploy.tls_port}", T.results("dev-a"),
+                                 pub_url=f"mqtts://dev-a:{PASSWORDS['dev-a']}@127.0.0.1:{deploy.tls_port}",
+                                 tls=deploy.tls())

@@ -40,6 +40,10 @@ class OneLineUsage(TyperGroup):
             _exit(getattr(exc, "exit_code", 2), f"{name}: error: {message} ({where} -h)")
         except ClickException as exc:  # a bad file argument and the like: click's own words, on one line
             _exit(getattr(exc, "exit_code", 1), f"{name}: error: {_message(exc)}")
+        except OSError as exc:  # a path the operator gave that cannot be used: a folder, read-only, not there
+            if exc.filename is None:
+                raise
+            _exit(2, f"{name}: error: {exc.filename}: {exc.strerror or exc}")
         except typer.Abort:  # typer's word for an EOFError that no command caught: no command prompts, so a bug
             _exit(1, f"{name}: error: unexpected end of input (a bug: please report it with the log)")
         sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)

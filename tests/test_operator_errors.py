@@ -405,3 +405,20 @@ def test_device_id_on_a_log_of_several_devices_says_which_command_does_what(shar
     one_line(res, exits.INPUT, "--device-id renames a single-device log",
              "`edge-agent replay` without --device-id replays each under its own id",
              "`edge-agent run` is one device")
+
+
+def test_paths_that_cannot_be_used_are_one_line_naming_them(files, tmp_path) -> None:
+    """A state dir that is a file, an outbox that is not a database, a bundle or a log written over a folder
+    or under a file: each one line naming the path, exit 2 (they were tracebacks, exit 1). Permissions (a
+    read-only folder) take the same way; the suite runs as root, to whom no folder is read-only."""
+    as_file = tmp_path / "a-file"
+    as_file.write_text("x")
+    base = ("--model", str(files["model"]), "--broker", "mqtt://127.0.0.1:1", "--timeout", "1")
+    one_line(run(agent_cmd("replay", str(files["log"]), "--state-dir", str(as_file), *base)), 2, str(as_file))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.sqlite").write_text("not a database, a note someone left\n")
+    one_line(run(agent_cmd("replay", str(files["log"]), "--state-dir", str(state), *base)), 2,
+             f"cannot open the outbox {state / 'outbox.sqlite'}")
+    one_line(run(hub_cmd("sample", str(as_file / "s.csv"))), 2, str(as_file), "File exists")
+    one_line(run(hub_cmd("sample", str(tmp_path), "--force")), 2, str(tmp_path))

@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.settings import SettingsError
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -121,8 +123,12 @@ class Outbox:
         self._next_reserve = 0.0
         self._wal_bytes = 0  # written to the WAL since the last checkpoint (an estimate)
         self.on_wait: Callable[[], None] | None = None  # called about every second while put waits on a full disk
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:  # a read-only or unreadable file, not a database: the operator's to fix
+            raise SettingsError(f"cannot open the outbox {self.path}: {exc} (check the file and its folder: the "
+                                "agent must read and write both)", field="state_dir") from None
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # ours: a COMMIT's error then means it did not happen
         self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")

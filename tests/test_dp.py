@@ -93,6 +93,12 @@ def test_the_budget_calibrates_the_noise_and_stops_at_the_target() -> None:
     assert privacy.epsilon(sum(spent), 1e-5) == pytest.approx(4.0, rel=1e-6)
     with pytest.raises(privacy.BudgetSpent, match=r"privacy budget: epsilon 4 \(delta 1e-05\) spent in 5 round"):
         budget.plan(before, None, [("coef_0", (4, 3))], 1.0, 8)
+    # a new federate on the spent budget: what is left (rounding's crumbs) would take a noise past what devices
+    # accept; it opened a round at noise x4.75e7 that every device refused
+    for left in (0.0, 1e-12, 1e-15):
+        with pytest.raises(privacy.BudgetSpent, match="of a target 4: no more rounds"):
+            privacy.Budget(None, 4.0, 1e-5, rounds=5).plan(
+                (privacy.rho_for(4.0, 1e-5) - left, 5, 0), None, [("coef_0", (4, 3))], 1.0, 8)
     # a given noise: rounds open until the next would pass the target
     fixed = privacy.Budget(2.0, 1.0, 1e-5, rounds=100)
     before, n = (0.0, 0, 0), 0

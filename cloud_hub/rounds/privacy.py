@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.contract import secagg
-from edge_agent.contract.privacy import DpParams, sum_limit
+from edge_agent.contract.privacy import MAX_NOISE, DpParams, sum_limit
 from edge_agent.contract.rounds import SecureParams
 from edge_agent.contract.secure_codec import grid_for
 
@@ -56,9 +56,12 @@ class Budget:
         if self.noise is None:
             assert self.target is not None
             left = rho_for(self.target, self.delta) - rho_before
-            if left <= 0:
-                raise BudgetSpent(self.spent_text(before))
-            self.noise = noise_for(left / max(1, self.rounds))
+            noise = noise_for(left / max(1, self.rounds)) if left > 0 else math.inf
+            if noise > MAX_NOISE:  # spent, or so nearly that a round would take more noise than devices accept
+                raise BudgetSpent(self.spent_text(before) + ": no more rounds" + (
+                    f" (what is left would take noise x{noise:.3g}, past the x{MAX_NOISE:g} devices accept)"
+                    if left > 0 else ""))
+            self.noise = noise
         if secure is None:
             out, dp, rho = None, DpParams("central", self.noise, self.delta), central_rho(self.noise)
         else:
@@ -69,14 +72,14 @@ class Budget:
             out, dp = replace(secure, bits=bits), DpParams("distributed", self.noise, self.delta, sigma, bound)
             rho = distributed_rho(bound, sigma, secure.threshold, grid.padded)  # the ledger's formula, at its most
         if self.target is not None and epsilon(rho_before + rho, self.delta) > self.target * (1 + 1e-9):
-            raise BudgetSpent(self.spent_text(before) + f"; a round at noise x{self.noise:.3g} would reach epsilon "
-                              f"{epsilon(rho_before + rho, self.delta):.3g}")
+            raise BudgetSpent(self.spent_text(before) + f": no more rounds (a round at noise x{self.noise:.3g} would "
+                              f"reach epsilon {epsilon(rho_before + rho, self.delta):.3g})")
         return out, dp
 
     def spent_text(self, before: tuple[float, int, int]) -> str:
         rho, private, plain = before
         return (f"privacy budget: epsilon {epsilon(rho, self.delta):.3g} (delta {self.delta:g}) spent in {private} "
-                f"round(s)" + (f" of a target {self.target:g}: no more rounds" if self.target is not None else "")
+                f"round(s)" + (f" of a target {self.target:g}" if self.target is not None else "")
                 + (f" ({plain} earlier round(s) without differential privacy are not in it)" if plain else ""))
 
 

@@ -36,6 +36,9 @@ MODES: Final = ("distributed", "central")
 TAIL: Final = 12.0  # noise past TAIL standard deviations is taken as impossible when sizing rings (p < 1e-32)
 
 
+MAX_NOISE: Final = 1e6
+"""The largest noise multiplier a device accepts in a round's plan: past it the round learns nothing."""
+
 @dataclass(frozen=True, slots=True)
 class DpParams:
     """A round's differential privacy: its mode, its noise multiplier (noise standard deviation over the
@@ -61,8 +64,8 @@ class DpParams:
         check_keys(obj, keys, keys, what)
         out = DpParams(check_choice(obj, "mode", MODES, what), float_field(obj, "noise", what),
                        float_field(obj, "delta", what), float_field(obj, "sigma", what), float_field(obj, "bound", what))
-        if not (0 < out.noise <= 1e6 and 0 < out.delta < 1 and 0 <= out.sigma <= 1e9 and 0 <= out.bound <= 1e12):
-            raise ContractError(f"{what}: noise in (0, 1e6], delta in (0, 1), sigma and bound not negative")
+        if not (0 < out.noise <= MAX_NOISE and 0 < out.delta < 1 and 0 <= out.sigma <= 1e9 and 0 <= out.bound <= 1e12):
+            raise ContractError(f"{what}: noise in (0, {MAX_NOISE:g}], delta in (0, 1), sigma and bound not negative")
         if out.mode == "distributed" and not (out.sigma > 0 and out.bound > 0):
             raise ContractError(f"{what}: a distributed round needs a positive sigma and bound")
         return out

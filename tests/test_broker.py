@@ -152,3 +152,49 @@ def burst_through_lingering_link(url: str, topic: str, *, pub_url: str | None = 
 
 def test_a_lingering_link_reads_a_burst_in_few_turns(shared_broker: LocalBroker, prefix: str) -> None:
     burst_through_lingering_link(shared_broker.url, f"{prefix}/linger")
+
+
+def test_dev_broker_keeps_retained_models_across_a_restart(procs, prefix: str) -> None:
+    """`./dev broker PORT`, the README's private broker: the repository's config on that port, with its
+    persistence folder made (mosquitto does not make it, and logged an error at every autosave): a retained
+    model survives a restart, as the config promises."""
+    from pathlib import Path
+
+    from cloud_hub.tools.local_broker import free_port
+    from tests.helpers import wait_for
+
+    repo = Path(__file__).resolve().parents[1]
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    topic = c.Topics(prefix).model("dev-broker")
+
+    def start() -> subprocess.Popen:
+        proc = procs.popen([str(repo / "dev"), "broker", str(port)], cwd=repo, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+        wait_for(lambda: port_open("127.0.0.1", port) or proc.poll() is not None, what="./dev broker")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        return proc
+
+    first = start()
+    pub = _link_url(url, f"{prefix}-retain", on_published=None)
+    pub.publish(topic, b"bundle v1", c.MODEL_DELIVERY)
+    pub.stop()  # waits for its PUBACK: the broker holds it
+    first.terminate()
+    assert first.wait(10) == 0
+    said = first.stderr.read().decode() if first.stderr else ""
+    assert "Error" not in said, said  # "Error saving in-memory database" without its folder
+    start()
+    got: queue.Queue[Message] = queue.Queue()
+    sub = _link_url(url, f"{prefix}-read", on_message=got.put, subscriptions=[(topic, 1)])
+    msg = got.get(timeout=10)
+    sub.publish(topic, b"", c.MODEL_DELIVERY)  # cleared: mosquitto-data/ is the developer's
+    sub.stop()
+    assert (msg.payload, msg.retain) == (b"bundle v1", True)
+
+
+def _link_url(url: str, client_id: str, **kw) -> MqttLink:
+    link = MqttLink(BrokerURL.parse(url), client_id, **kw)
+    link.start()
+    link.wait_connected(10)
+    link.wait_subscribed(10)
+    return link

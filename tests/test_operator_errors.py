@@ -422,3 +422,15 @@ def test_paths_that_cannot_be_used_are_one_line_naming_them(files, tmp_path) -> 
              f"cannot open the outbox {state / 'outbox.sqlite'}")
     one_line(run(hub_cmd("sample", str(as_file / "s.csv"))), 2, str(as_file), "File exists")
     one_line(run(hub_cmd("sample", str(tmp_path), "--force")), 2, str(tmp_path))
+
+
+def test_tolerances_are_fractions_and_a_deadline_is_positive(tmp_path) -> None:
+    """`--tolerance 5` meant 5 points and was stored as 500 (a canary that could never roll back); a negative
+    round deadline opened a round that closed at once and blamed the devices. Each is one line, exit 2."""
+    db = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    one_line(run(hub_cmd("publish", "--db", db, "--canary", "50%", "--tolerance", "5")), 2,
+             "--tolerance is a fraction (0.02 = 2 accuracy points", "got 5")
+    one_line(run(hub_cmd("stats", "--db", db), env={"CLOUD_HUB_CANARY_TOLERANCE": "2"}), 2, "canary_tolerance",
+             "is a fraction")
+    one_line(run(hub_cmd("federate", "--db", db, "--deadline", "-5")), 2, "--deadline", "got -5")
+    one_line(run(hub_cmd("federate", "--db", db, "--tolerance", "1.5")), 2, "--tolerance is a fraction")

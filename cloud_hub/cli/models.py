@@ -14,6 +14,7 @@ import typer
 
 from cloud_hub.cli.common import (
     EXIT_MODEL,
+    EXIT_USAGE,
     ConfigOpt,
     DbOpt,
     age,
@@ -188,6 +189,9 @@ def publish(
     """Sign a registered bundle and publish it retained on the model topic (or to a canary cohort first)."""
     from cloud_hub.rollout.publish import publish as run
 
+    if tolerance is not None and not 0 <= tolerance < 1:
+        raise fail(EXIT_USAGE, f"--tolerance is a fraction (0.02 = 2 accuracy points, or 2 % more error), got "
+                                f"{tolerance:g}")
     if canary is not None or devices is not None:
         from cloud_hub.cli.rollout import start_canary
 

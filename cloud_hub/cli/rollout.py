@@ -55,7 +55,8 @@ def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None,
                f"({', '.join(cohort)}) on {s.prefix}/devices/<id>/model; the others keep v{rollout.previous}. "
                f"`cloud-hub serve` judges it from {rollout.min_results} cohort results: each cohort device against "
                f"its own results on v{rollout.previous}, rolled back when worse by more than the tolerance "
-               f"({rollout.tolerance:g}; a regressor's: {s.canary_error_tolerance:g} relative) with "
+               f"({100 * rollout.tolerance:g} accuracy points; a regressor's: {100 * s.canary_error_tolerance:g} % "
+               "more error) with "
                f"{100 * (1 - s.canary_alpha):g}% confidence, promoted when not worse with that confidence "
                f"(`cloud-hub rollout status`)")
     if key_from_flag:

@@ -107,6 +107,10 @@ def federate(
             raise fail(exits.INPUT, f"--holdout-log {path}: no such file")
     from cloud_hub.rounds.fedavg import RULES  # federate loads it anyway (its first round does)
 
+    if not deadline > 0:
+        raise fail(exits.USAGE, f"--deadline is a round's length in seconds: it must be positive, got {deadline:g}")
+    if not 0 <= tolerance < 1:
+        raise fail(exits.USAGE, f"--tolerance is a fraction (0.02 = 2 accuracy points, or 2 % more error), got {tolerance:g}")
     if aggregate not in RULES:
         raise fail(exits.USAGE, f"--aggregate must be one of {', '.join(RULES)}, got {aggregate!r}")
     if secure and aggregate != "fedavg":

@@ -306,4 +306,9 @@ def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, 
     assert "sent to 2 of the 3 online devices running default (on-" in said, said
     cohort = said.split("(", 1)[1].split(")", 1)[0].split(", ")
     assert set(cohort) < {"on-1", "on-2", "on-3"}, cohort
+    # A fleet publish while the canary is open moved the fleet under it (its judge then compared with a version
+    # the fleet no longer ran, and a rollback named one version while the cohort went to another): refused
+    res = runner.invoke(hub_app, ["publish", *args, "--version", "1", "--force"])
+    assert res.exit_code == 4 and "a canary of default v2 is open (against v1): end it first" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     engine.dispose()

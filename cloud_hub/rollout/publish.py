@@ -43,6 +43,12 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     store = Store(engine)
     with sessions.transaction(engine, write=False) as conn:
         row = pick(store, conn, settings.model_name, version, force=force)
+        open_ = store.rollouts(conn, settings.model_name, state="canary")
+    if open_:  # the fleet would move under it: its judge compares with a version the fleet no longer runs, and a
+        # rollback would send the cohort to the version the rollout names, not the one just published
+        c = open_[0]
+        raise LifecycleError(f"a canary of {c.name} v{c.version} is open (against v{c.previous}): end it first "
+                             "(`cloud-hub rollback`, or let `serve` judge it: `cloud-hub rollout status`)")
     if row.bundle is None:
         raise LifecycleError(f"model {row.name} v{row.version} has no stored bundle")
     bundle = decode_bundle(row.bundle)

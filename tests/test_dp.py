@@ -208,7 +208,7 @@ def test_a_sum_refused_after_unmasking_is_still_charged(tmp_path, monkeypatch) -
 
 
 def test_a_central_round_weighs_alike_adds_its_noise_keeps_the_base_ranges_and_states_its_epsilon(
-        tmp_path, monkeypatch) -> None:
+        tmp_path, monkeypatch, shared_broker) -> None:
     cfg = FederateConfig(clip=0.5, target_epsilon=3.0, rounds=2, max_staleness=1)
     coordinator, engine, url = offline_coordinator(tmp_path, monkeypatch, cfg, ("a", "b", "c", "d"))
     store = Store(engine)
@@ -266,6 +266,13 @@ def test_a_central_round_weighs_alike_adds_its_noise_keeps_the_base_ranges_and_s
                                                             ("central", spent["epsilon_total"])]
     table = CliRunner().invoke(hub_app, ["rounds", "--db", url], env={"COLUMNS": "220"}).stdout
     assert f"{spent['epsilon']:.3g} / {spent['epsilon_total']:.3g}" in table, table
+    # `federate` on the spent budget says so, and not "no federated round yet" (two rounds are there)
+    res = CliRunner().invoke(hub_app, ["federate", "--db", url, "--insecure-unsigned", "--target-epsilon", "3",
+                                       "--broker", shared_broker.url, "--prefix", f"dp-{tmp_path.name[-6:]}",
+                                       "--wait-devices", "0"])
+    assert res.exit_code == 0, res.output
+    assert "of a target 3: no more rounds" in res.output and "no round of default ran this time" in res.output, res.output
+    assert "no federated round of default yet" not in res.output, res.output
     engine.dispose()
 
 

@@ -132,6 +132,9 @@ def federate(
         s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix,
                           client_id=client_id)
         engine, done = _federate(s, cfg, insecure_unsigned=insecure_unsigned, quiet=quiet or json_out)
+    if not done and not json_out:  # e.g. the privacy budget was spent: said above; the earlier rounds: `rounds`
+        typer.echo(f"no round of {s.model_name} ran this time (`cloud-hub rounds` lists the earlier ones)")
+        return
     show_rounds(engine, s.model_name, [r.id for r in done], json_out)
 
 

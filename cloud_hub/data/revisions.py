@@ -117,9 +117,11 @@ def check(engine: Engine, *, create: bool = True, migrate: bool = False) -> str:
                         f" (backup: {done.backup})" if done.backup else "")
             return done.after
         what = "was created before schema migrations" if rev == UNVERSIONED else f"is at schema revision {rev}"
+        backup = ("it writes a backup first" if engine.dialect.name == "sqlite" else
+                  "back the database up first: on PostgreSQL it writes none")
         raise SchemaBehind(f"{describe(engine)} {what}; this build needs {HEAD}: run "
-                           f"`cloud-hub db upgrade --db {describe(engine)}` (it writes a backup first), "
-                           "or set auto_migrate = true")
+                           f"`cloud-hub db upgrade --db {describe(engine)}` ({backup}), "
+                           "or set auto_migrate = true for `serve`")
     raise SchemaUnknown(f"{describe(engine)} is at schema revision {rev!r}, which this build does not know "
                         f"(its newest is {HEAD}; written by a newer cloud-hub?): nothing was changed")
 

@@ -59,6 +59,8 @@ def open_round(settings: HubSettings, engine: sa.Engine, store: Store, cfg: Fede
                          "forecasts yet (the devices would learn levels, not changes); retrain it with "
                          "`cloud-hub train` on logs instead")
     _no_canary(engine, store, name)
+    if budget is not None:  # a spent budget stops here, not after waiting for devices
+        budget.check(_spent(engine, name))
     devices = available(base.version)
     rng = random.Random(f"{cfg.seed}/{base.version}/{time.time_ns()}")
     k = max(1, round(cfg.fraction * len(devices)))

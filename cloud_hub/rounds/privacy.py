@@ -53,15 +53,9 @@ class Budget:
         """(the secure numbers, their ring widened for the noise; the round's dp) for a round of ``n_devices``
         training ``specs`` clipped to ``clip``, after ``before`` (:func:`spent`) was spent."""
         rho_before = before[0]
+        self.check(before)
         if self.noise is None:
-            assert self.target is not None
-            left = rho_for(self.target, self.delta) - rho_before
-            noise = noise_for(left / max(1, self.rounds)) if left > 0 else math.inf
-            if noise > MAX_NOISE:  # spent, or so nearly that a round would take more noise than devices accept
-                raise BudgetSpent(self.spent_text(before) + ": no more rounds" + (
-                    f" (what is left would take noise x{noise:.3g}, past the x{MAX_NOISE:g} devices accept)"
-                    if left > 0 else ""))
-            self.noise = noise
+            self.noise = self._calibrated(before)
         if secure is None:
             out, dp, rho = None, DpParams("central", self.noise, self.delta), central_rho(self.noise)
         else:
@@ -75,6 +69,23 @@ class Budget:
             raise BudgetSpent(self.spent_text(before) + f": no more rounds (a round at noise x{self.noise:.3g} would "
                               f"reach epsilon {epsilon(rho_before + rho, self.delta):.3g})")
         return out, dp
+
+    def check(self, before: tuple[float, int, int]) -> None:
+        """:class:`BudgetSpent` when no round can open after ``before``: asked before waiting for devices."""
+        if self.noise is None and self.target is not None:
+            self._calibrated(before)
+
+    def _calibrated(self, before: tuple[float, int, int]) -> float:
+        """The noise that spends what is left of the target in ``rounds`` rounds; BudgetSpent when spent, or so
+        nearly that a round would take more noise than devices accept."""
+        assert self.target is not None
+        left = rho_for(self.target, self.delta) - before[0]
+        noise = noise_for(left / max(1, self.rounds)) if left > 0 else math.inf
+        if noise > MAX_NOISE:
+            raise BudgetSpent(self.spent_text(before) + ": no more rounds" + (
+                f" (what is left would take noise x{noise:.3g}, past the x{MAX_NOISE:g} devices accept)"
+                if left > 0 else ""))
+        return noise
 
     def spent_text(self, before: tuple[float, int, int]) -> str:
         rho, private, plain = before

@@ -83,4 +83,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     raise NotImplementedError(
         "0001_baseline cannot be downgraded: it would drop every table and all their data. "
-        "Restore the backup that `cloud-hub db upgrade` wrote next to the database instead.")
+        "Restore a backup instead (on SQLite, `cloud-hub db upgrade` wrote one next to the database).")

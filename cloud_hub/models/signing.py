@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edge_agent.contract import Bundle
 from edge_agent.contract import key_id as raw_key_id
 from edge_agent.contract.rounds import SignedHeader
+from edge_agent.settings import SettingsError
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -19,19 +20,21 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    """The hub's Ed25519 signing key; a :class:`SettingsError` naming ``signing_key`` (exit 2) when it cannot be one."""
     try:
         data = Path(path).expanduser().read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read signing key {path}: {exc.strerror or exc}") from exc
+        raise SettingsError(f"signing_key {path}: cannot read it ({exc.strerror or exc})", field="signing_key") from exc
     if b"PUBLIC KEY" in data:
-        raise ValueError(f"signing key {path} is a public key: sign with the private key of `cloud-hub keygen` "
-                         "(devices get the .pub.pem)")
+        raise SettingsError(f"signing_key {path} is a public key: sign with the private key of `cloud-hub keygen` "
+                            "(devices get the .pub.pem)", field="signing_key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"signing key {path} is not a PEM private key ({str(exc).splitlines()[0]})") from exc
+        raise SettingsError(f"signing_key {path} is not a PEM private key ({str(exc).splitlines()[0]}): "
+                            "`cloud-hub keygen` makes one", field="signing_key") from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"signing key {path} is not an Ed25519 private key")
+        raise SettingsError(f"signing_key {path} is not an Ed25519 private key", field="signing_key")
     return key
 
 

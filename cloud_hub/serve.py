@@ -23,6 +23,8 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
           on_started: Callable[[Hub], None] | None = None) -> HubStats:
     """Run a hub until SIGTERM/SIGINT (or ``stop`` is set), then flush, commit, ack and disconnect."""
     stop = stop or threading.Event()
+    if settings.http:  # a taken port stops serve before it opens, or creates, the database
+        _can_listen(settings.http)
     path = sqlite_file(settings.db)
     if path is not None and not path.exists():  # a first start, or a typo that would store the fleet elsewhere
         log.warning("creating a new database %s: no file was there (check db if the hub ran before)", path.resolve())
@@ -53,6 +55,18 @@ def serve(settings: HubSettings, *, stop: threading.Event | None = None,
             metrics.stop()
         restore()
     return hub.stats
+
+
+def _can_listen(address: str) -> None:
+    """SettingsError (exit 2, naming ``http``) when nothing can listen on ``address``: asked once, early."""
+    import socket
+
+    host, port = split_address(address)
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"http {address}: cannot listen ({exc.strerror or exc})", field="http") from exc
 
 
 def _serve_metrics(hub: Hub, address: str) -> Any:

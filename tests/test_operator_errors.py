@@ -434,3 +434,6 @@ def test_tolerances_are_fractions_and_a_deadline_is_positive(tmp_path) -> None:
              "is a fraction")
     one_line(run(hub_cmd("federate", "--db", db, "--deadline", "-5")), 2, "--deadline", "got -5")
     one_line(run(hub_cmd("federate", "--db", db, "--tolerance", "1.5")), 2, "--tolerance is a fraction")
+    one_line(run(hub_cmd("federate", "--db", db, "--fraction", "0")), 2, "--fraction", "more than 0")
+    one_line(run(hub_cmd("sample", str(tmp_path / "s.csv"), "--devices", "ok,bad/id")), 2, "invalid device id 'bad/id'")
+    assert not (tmp_path / "s.csv").exists()

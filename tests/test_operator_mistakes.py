@@ -55,7 +55,7 @@ def test_serve_with_a_taken_http_port_stops_before_it_stores_anything(shared_bro
         res = run(hub_cmd("serve", "--broker", shared_broker.url, "--prefix", prefix, "--db", f"sqlite:///{db}",
                           "--http", str(port)), timeout=60)
     one_line(res, exits.USAGE, f"http {port}: cannot listen")
-    assert not db.exists()
+    assert not db.exists() and "creating a new database" not in res.stderr, res.stderr
 
 
 def test_serve_says_when_it_creates_a_new_database(procs: Processes, shared_broker: LocalBroker, prefix: str,

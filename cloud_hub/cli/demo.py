@@ -197,6 +197,13 @@ def sample(
     ids = [d.strip() for d in (devices or default).split(",") if d.strip()]
     if not ids or seconds <= 0:
         raise _usage("--devices needs at least one id and --seconds must be > 0")
+    from edge_agent.contract import ContractError, check_id
+
+    for device in ids:  # a log whose ids no agent takes (replay refused it; train did not)
+        try:
+            check_id(device, "device id")
+        except ContractError as exc:
+            raise _usage(f"--devices: {exc.reason}") from None
     start = float(int(time.time() - seconds))
     if scenario == "activity":
         from cloud_hub.tools.sample import write_sample_log

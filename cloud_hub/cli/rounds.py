@@ -107,6 +107,8 @@ def federate(
             raise fail(exits.INPUT, f"--holdout-log {path}: no such file")
     from cloud_hub.rounds.fedavg import RULES  # federate loads it anyway (its first round does)
 
+    if not fraction > 0:
+        raise fail(exits.USAGE, "--fraction is the share of the available devices asked each round: more than 0")
     if not deadline > 0:
         raise fail(exits.USAGE, f"--deadline is a round's length in seconds: it must be positive, got {deadline:g}")
     if not 0 <= tolerance < 1:

@@ -199,6 +199,7 @@ def _alembic(command: str, conn: Connection, target: str) -> None:
     from alembic.config import Config
     from alembic.util import CommandError
 
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # "setup plugin ..." x7 at every upgrade
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = conn

@@ -110,10 +110,9 @@ class HubSettings(BrokerSettings):
                      "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance",
                      "canary_error_tolerance", "canary_max_s"):
             positive(name, getattr(self, name), zero_ok=True)
-        for name in ("retrain_tolerance", "canary_tolerance", "canary_error_tolerance"):
-            if not getattr(self, name) < 1:  # 5 meant 5 points: 500, and a canary that could never roll back
-                raise SettingsError(f"{name} is a fraction (0.02 = 2 accuracy points, or 2 % more error), got "
-                                    f"{getattr(self, name):g}", field=name)
+        if not self.canary_tolerance < 1:  # 5 meant 5 points: 500, and a canary that could never roll back
+            raise SettingsError(f"canary_tolerance is a fraction (0.02 = 2 accuracy points), got "
+                                f"{self.canary_tolerance:g}", field="canary_tolerance")
         positive("http_timeout_s", self.http_timeout_s)
         if self.http is not None:
             self.http_door_check()

@@ -9,6 +9,7 @@ stray EOFError (typer's Abort) is exit 1 with one line instead of "Aborted!".
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,11 @@ from typer.core import TyperGroup
 _ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
 UsageError: type[Exception] = _ERRORS["UsageError"]
 ClickException: type[Exception] = _ERRORS["ClickException"]
+
+
+# A path the operator gave that cannot be used: a folder where a file goes, no permission, read-only, not there.
+_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
+                          errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 class OneLineUsage(TyperGroup):
@@ -40,10 +46,11 @@ class OneLineUsage(TyperGroup):
             _exit(getattr(exc, "exit_code", 2), f"{name}: error: {message} ({where} -h)")
         except ClickException as exc:  # a bad file argument and the like: click's own words, on one line
             _exit(getattr(exc, "exit_code", 1), f"{name}: error: {_message(exc)}")
-        except OSError as exc:  # a path the operator gave that cannot be used: a folder, read-only, not there
+        except OSError as exc:  # a file that cannot be used: the operator's path (2), or the disk (3)
             if exc.filename is None:
                 raise
-            _exit(2, f"{name}: error: {exc.filename}: {exc.strerror or exc}")
+            code = 2 if exc.errno in _PATH_ERRNOS else 3  # a full disk, an I/O error, too many open files
+            _exit(code, f"{name}: error: {exc.filename}: {exc.strerror or exc}")
         except typer.Abort:  # typer's word for an EOFError that no command caught: no command prompts, so a bug
             _exit(1, f"{name}: error: unexpected end of input (a bug: please report it with the log)")
         sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)

@@ -628,8 +628,9 @@ def test_the_broker_unit_lifts_the_open_files_limit_a_fleet_needs(procs, tmp_pat
 
 
 def test_a_lingering_hub_link_reads_every_message_over_tls(deploy: Deploy) -> None:
-    """The hub's network thread rests between turns and then reads all that arrived, over TLS as over TCP
-    (the drain also reads what the TLS layer has decrypted and not handed out: ``pending()``)."""
+    """The hub's network thread rests between turns and then reads all that arrived, over TLS as over TCP. (The
+    drain's look at ``pending()``, what TLS decrypted and not handed out, is not what this guards: mosquitto
+    writes one record a packet, so the socket says readable whenever a packet is left.)"""
     from tests.test_broker import burst_through_lingering_link
 
     burst_through_lingering_link(f"mqtts://hub:{PASSWORDS['hub']}@127.0.0.1:{deploy.tls_port}", T.results("dev-a"),

@@ -93,6 +93,10 @@ def test_the_budget_calibrates_the_noise_and_stops_at_the_target() -> None:
     assert privacy.epsilon(sum(spent), 1e-5) == pytest.approx(4.0, rel=1e-6)
     with pytest.raises(privacy.BudgetSpent, match=r"privacy budget: epsilon 4 \(delta 1e-05\) spent in 5 round"):
         budget.plan(before, None, [("coef_0", (4, 3))], 1.0, 8)
+    # a given noise (--dp-noise) on a spent budget: stopped before the round's shape is known (before waiting
+    # for devices)
+    with pytest.raises(privacy.BudgetSpent, match="of a target 1: no more rounds"):
+        privacy.Budget(2.0, 1.0, 1e-5, rounds=1).check((privacy.rho_for(1.0, 1e-5), 9, 0))
     # a new federate on the spent budget: what is left (rounding's crumbs) would take a noise past what devices
     # accept; it opened a round at noise x4.75e7 that every device refused
     for left in (0.0, 1e-12, 1e-15):

@@ -156,3 +156,27 @@ def test_a_secure_announcement_whose_participants_are_not_sorted_is_refused_by_t
         payload = cr.announcement(plan, {k: np.zeros(s, np.float32) for k, s in TENSORS.items()}).encode()
         with pytest.raises(ContractError, match="participants of a secure round must be sorted and distinct"):
             cr.decode_announcement(payload)
+
+
+def test_a_broker_away_while_a_round_finishes_leaves_it_to_the_next_run(tmp_path: Path, monkeypatch) -> None:
+    """The catch-all that fails a round on a bug must not fail it on a broker or a database away: the round
+    stays closed (its version may be registered already) and the next `federate` finishes it."""
+    from cloud_hub.rounds import finish as finish_module
+    from edge_agent.mqtt import MqttError
+    from tests.helpers import offline_coordinator
+
+    coordinator, engine, _url = offline_coordinator(tmp_path, monkeypatch, FederateConfig(rounds=1), ("a", "b"))
+    r = coordinator._open()
+    with sessions.transaction(engine) as conn:
+        RoundStore().set_round(conn, r.id, state="closed", expect=("open",), closed_at=time.time(), reason="test")
+
+    def away(*_a: object, **_k: object) -> None:
+        raise MqttError("no PUBACK for the model within 30 s")
+
+    monkeypatch.setattr(finish_module, "finish", away)
+    with pytest.raises(MqttError):
+        coordinator._finish(r.id)
+    with sessions.transaction(engine, write=False) as conn:
+        row = RoundStore().get_round(conn, r.id)
+    assert row is not None and row.state == "closed", row
+    engine.dispose()

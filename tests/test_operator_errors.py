@@ -433,7 +433,17 @@ def test_tolerances_are_fractions_and_a_deadline_is_positive(tmp_path) -> None:
     one_line(run(hub_cmd("stats", "--db", db), env={"CLOUD_HUB_CANARY_TOLERANCE": "2"}), 2, "canary_tolerance",
              "is a fraction")
     one_line(run(hub_cmd("federate", "--db", db, "--deadline", "-5")), 2, "--deadline", "got -5")
-    one_line(run(hub_cmd("federate", "--db", db, "--tolerance", "1.5")), 2, "--tolerance is a fraction")
+    one_line(run(hub_cmd("federate", "--db", db, "--tolerance", "-0.5")), 2, "--tolerance is how much worse")
     one_line(run(hub_cmd("federate", "--db", db, "--fraction", "0")), 2, "--fraction", "more than 0")
     one_line(run(hub_cmd("sample", str(tmp_path / "s.csv"), "--devices", "ok,bad/id")), 2, "invalid device id 'bad/id'")
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_serve_refuses_a_signing_key_that_cannot_sign_at_start(tmp_path) -> None:
+    """It passed the start check (a file, not a public key) and failed hours later at the first promotion."""
+    not_pem = tmp_path / "key.csv"
+    not_pem.write_text("ts,device_id\n")
+    res = run(hub_cmd("serve", "--signing-key", str(not_pem), "--db", f"sqlite:///{tmp_path / 'h.sqlite'}",
+                      "--broker", "mqtt://127.0.0.1:1"))
+    one_line(res, exits.USAGE, f"signing_key {not_pem} is not a PEM private key")
+    assert not (tmp_path / "h.sqlite").exists()

@@ -41,6 +41,10 @@ def settings_from(config: Path | None, *, signs: bool = False, **flags: Any) -> 
                              other_env=(f"{ENV_PREFIX}_CONFIG",))
     if signs:
         settings.signing_key_check()
+        if settings.signing_key:  # a key that cannot sign (not PEM, not Ed25519) fails now, not at the first promotion
+            from cloud_hub.models.signing import load_private_key
+
+            load_private_key(settings.signing_key)
     return settings
 
 

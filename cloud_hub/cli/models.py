@@ -190,8 +190,8 @@ def publish(
     from cloud_hub.rollout.publish import publish as run
 
     if tolerance is not None and not 0 <= tolerance < 1:
-        raise fail(EXIT_USAGE, f"--tolerance is a fraction (0.02 = 2 accuracy points, or 2 % more error), got "
-                                f"{tolerance:g}")
+        raise fail(EXIT_USAGE, f"--tolerance is a fraction (0.02 = 2 accuracy points; a regressor's canary: "
+                               f"canary_error_tolerance), got {tolerance:g}")
     if canary is not None or devices is not None:
         from cloud_hub.cli.rollout import start_canary
 

@@ -111,8 +111,8 @@ def federate(
         raise fail(exits.USAGE, "--fraction is the share of the available devices asked each round: more than 0")
     if not deadline > 0:
         raise fail(exits.USAGE, f"--deadline is a round's length in seconds: it must be positive, got {deadline:g}")
-    if not 0 <= tolerance < 1:
-        raise fail(exits.USAGE, f"--tolerance is a fraction (0.02 = 2 accuracy points, or 2 % more error), got {tolerance:g}")
+    if not tolerance >= 0:  # a classifier's accuracy points as a fraction, a regressor's error in its units
+        raise fail(exits.USAGE, f"--tolerance is how much worse the candidate may be: 0 or more, got {tolerance:g}")
     if aggregate not in RULES:
         raise fail(exits.USAGE, f"--aggregate must be one of {', '.join(RULES)}, got {aggregate!r}")
     if secure and aggregate != "fedavg":
@@ -172,7 +172,10 @@ def _federate(s: Any, cfg: Any, *, insecure_unsigned: bool, quiet: bool) -> tupl
                               progress=say)
     restore = exits.on_stop_signals(exits.interrupt)
     try:
-        return engine, coordinator.run()
+        done = coordinator.run()
+        if quiet and coordinator.stopped_by:  # not said as progress: said here, once
+            typer.echo(f"federate: {coordinator.stopped_by}", err=True)
+        return engine, done
     except KeyboardInterrupt:
         raise fail(exits.INTERRUPTED, "interrupted: a round it opened stays open with every update it has "
                                        "accepted (`cloud-hub rounds` shows it); run `cloud-hub federate` again to "

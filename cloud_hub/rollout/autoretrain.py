@@ -76,7 +76,12 @@ class AutoRetrainer:
             if not s.signing_key:
                 log.warning("auto_publish is on but no signing_key is configured: v%d not published", outcome.version)
             else:
-                rollout.publish(self.engine, s, version=outcome.version)
+                try:
+                    rollout.publish(self.engine, s, version=outcome.version)
+                except lifecycle.LifecycleError as exc:  # e.g. a canary is open: v stays publishable, said why
+                    log.warning("auto_publish: v%d not published: %s (`cloud-hub publish --version %d` later)",
+                                outcome.version, exc, outcome.version)
+                    return outcome
                 log.info("auto-published v%d", outcome.version)
         return outcome
 

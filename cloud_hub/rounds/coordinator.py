@@ -49,6 +49,7 @@ from cloud_hub.rounds.opening import available_devices, open_round
 from cloud_hub.rounds.secure import SecureRound, SecureRoundFailed, Wire
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
+from edge_agent import exits
 from edge_agent.contract.privacy import DpParams
 from edge_agent.contract.rounds import (
     ROUND_DELIVERY,
@@ -79,6 +80,7 @@ class Coordinator:
         self.s, self.engine, self.cfg = settings, engine, config
         self.signing_key, self.allow_unsigned = signing_key, allow_unsigned
         self.say = progress
+        self.stopped_by: str | None = None  # why run() opened no more rounds before --rounds (the privacy budget)
         self.store, self.rounds = Store(engine), RoundStore()
         # (connection generation, message): packet ids are per connection, so a message is acknowledged only
         # on the connection it came on; after a reconnect the broker sends it again (and it is counted once)
@@ -124,6 +126,7 @@ class Coordinator:
                     done.append(self._one_round())
                 except privacy.BudgetSpent as exc:
                     self.say(str(exc))
+                    self.stopped_by = str(exc)
                     break
             if self._link.fatal:  # the rounds are done, but another process has our client id: say so
                 self.say(f"warning: {self._link.fatal}")
@@ -345,6 +348,8 @@ class Coordinator:
         except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'
             state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc}"
         except Exception as exc:  # a bug: the round fails with it, or every restart would meet it again
+            if isinstance(exc, (exits.Failure, sa.exc.SQLAlchemyError)):
+                raise  # a broker or database away: the round stays closed, and the next run finishes it
             log.exception("round %d: could not finish", round_id)
             state, version, outcome, reason = "failed", None, {}, f"could not finish the round: {exc!r}"
         if spent:  # the hub learned the sum: spent, whatever became of the round

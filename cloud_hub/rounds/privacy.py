@@ -72,6 +72,8 @@ class Budget:
 
     def check(self, before: tuple[float, int, int]) -> None:
         """:class:`BudgetSpent` when no round can open after ``before``: asked before waiting for devices."""
+        if self.target is not None and epsilon(before[0], self.delta) >= self.target * (1 - 1e-9):
+            raise BudgetSpent(self.spent_text(before) + ": no more rounds")  # whatever the noise (--dp-noise too)
         if self.noise is None and self.target is not None:
             self._calibrated(before)
 

@@ -107,6 +107,60 @@ def test_decisions_wait_for_evidence_and_the_limit_applies_the_policy() -> None:
         assert cj.decide(est, by_time, elapsed_s=31, metric="accuracy").action == action
 
 
+def test_a_canary_worse_than_the_tolerance_is_not_promoted_at_the_limit_on_a_short_history() -> None:
+    """A new user's canary, 20 points worse, on two devices with 278 results of history each: the history's
+    own uncertainty kept the interval [-45, +5] points however many cohort results came, `rollout status`
+    promised a decision "in about 170 more results", and at the limit on_undecided=promote shipped it. Now the
+    judge says more cohort results cannot decide it, and at the limit rolls it back."""
+    rng = np.random.default_rng(7)
+    history = series({d: stretches(rng, 278, 0.10) for d in ("d1", "d2")})
+    floors, widths = [], []
+    for n in (500, 5000):  # the references' part of the width stays; the cohort's shrinks
+        cohort = series({d: stretches(rng, n, 0.30) for d in ("d1", "d2")})
+        est = cj.estimate(cohort, history, cj.Series.of([], []), cj.Rules(tolerance=0.02))
+        assert est is not None and 0 < est.floor < (est.high - est.low) / 2
+        floors.append(est.floor)
+        widths.append((est.high - est.low) / 2)
+    assert floors[1] == pytest.approx(floors[0], rel=0.5) and widths[1] - floors[1] < (widths[0] - floors[0]) / 2
+    est = cj.Estimate(-0.205, -0.45, 0.04, 3540, 556, 2, 0, 40.0, floor=0.24, se=0.09)  # the user's, as shown
+    waiting = cj.decide(est, cj.Rules(tolerance=0.02, max_results=40_000, on_undecided="promote"), elapsed_s=60,
+                        metric="accuracy")
+    assert waiting.action == "wait" and "more cohort results cannot decide it" in waiting.deciding, waiting
+    assert "the previous version's 556 results on the cohort's devices leave it ±24.0 pts wide" in waiting.deciding
+    assert "roll back: worse than the tolerance by a last fixed-sample test" in waiting.deciding, waiting
+    rules = cj.Rules(tolerance=0.02, max_results=3500, on_undecided="promote")
+    at_limit = cj.decide(est, rules, elapsed_s=3600, metric="accuracy")
+    assert at_limit.action == "roll_back" and "rolled back, not promoted" in at_limit.reason, at_limit
+    for policy, action in (("rollback", "roll_back"), ("hold", "hold")):  # the other policies as they were
+        other = cj.decide(est, cj.Rules(tolerance=0.02, max_results=3500, on_undecided=policy), elapsed_s=1,
+                          metric="accuracy")
+        assert other.action == action and other.reason.startswith(f"undecided at the limit (on_undecided={policy})")
+    near = cj.Estimate(-0.05, -0.3, 0.2, 3540, 556, 2, 0, 40.0, floor=0.15, se=0.09)  # worse, but not shown so
+    assert cj.decide(near, rules, elapsed_s=3600, metric="accuracy").action == "promote"
+
+
+def test_hits_in_a_row_on_both_versions_do_not_make_a_zero_width_interval() -> None:
+    """Both versions at 100 %: the variance was 0, the interval [+0.0, +0.0] after 48 results, and the
+    canary promoted at once; 48 hits bound its error rate only below about 6 %."""
+    history = series({d: np.ones(300) for d in ("a", "b")})
+    cohort = series({d: np.ones(25) for d in ("a", "b")})
+    rules = cj.Rules(tolerance=0.02, min_results=50 - 2)
+    est = cj.estimate(cohort, history, cj.Series.of([], []), rules)
+    assert est is not None and est.high - est.low > 2 * rules.tolerance, est
+    assert cj.decide(est, rules, elapsed_s=30, metric="accuracy").action == "wait"
+    many = series({d: np.ones(3000) for d in ("a", "b")})
+    long_history = series({d: np.ones(20_000) for d in ("a", "b")})
+    est = cj.estimate(many, long_history, cj.Series.of([], []), rules)
+    assert est is not None and cj.decide(est, rules, elapsed_s=600, metric="accuracy").action == "promote"
+
+
+def test_an_accuracy_interval_is_shown_within_the_metrics_range() -> None:
+    """An accuracy difference lies in [-100, +100] points: "-90.0 pts [-125.7 pts, -54.3 pts]" was shown."""
+    est = cj.Estimate(-0.9, -1.257, -0.543, 60, 300, 2, 0, 3.0)
+    reason = cj.decide(est, cj.Rules(tolerance=0.02), elapsed_s=10, metric="accuracy").reason
+    assert "-90.0 pts [-100.0 pts, -54.3 pts]" in reason, reason
+
+
 @pytest.mark.parametrize(("factor", "action"), [(1.5, "roll_back"), (0.6, "promote")])
 def test_a_regressor_with_more_error_is_worse_and_with_less_is_not(factor: float, action: str) -> None:
     rng = np.random.default_rng(4)

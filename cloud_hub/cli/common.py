@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -116,12 +115,9 @@ def new_table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
 
 
 def utc(t: float | None) -> str:
-    if t is None:
-        return "-"
-    try:
-        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
-    except (OverflowError, OSError, ValueError):  # a device's clock, or its lie: years past 9999
-        return f"{t:.6g} s (out of range)"
+    from cloud_hub.data.aggregate import utc_text
+
+    return utc_text(t)
 
 
 def age(t: float | None, now: float | None = None) -> str:

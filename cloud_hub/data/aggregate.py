@@ -157,6 +157,17 @@ def describe_error(metrics: Mapping[str, Any]) -> str:
             f"p90 {metrics['p90_error']:.3g}")
 
 
+def utc_text(t: float | None, suffix: str = "") -> str:
+    """A timestamp as ``YYYY-MM-DD HH:MM:SS`` in UTC (``-`` for none), the commands' and the pages' one spelling.
+    A device's clock, or its lie, may lie past year 9999: said, not crashed on."""
+    if t is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S") + suffix
+    except (OverflowError, OSError, ValueError):
+        return f"{t:.6g} s (out of range)"
+
+
 def describe_score(metrics: Mapping[str, Any], *, named: bool = True) -> str:
     """A model's hold-out score in a few words, the one spelling every command and log line uses: a
     classifier's accuracy ("accuracy 91.2%", or "91.2%" unnamed), a regressor's :func:`describe_error`."""

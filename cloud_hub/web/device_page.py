@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from html import escape
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -21,6 +20,7 @@ from urllib.parse import quote
 import orjson
 
 from cloud_hub.data import sessions
+from cloud_hub.data.aggregate import utc_text
 from cloud_hub.data.device_history import device_history
 from edge_agent.contract import valid_id
 from edge_agent.drift import DRIFTING
@@ -72,12 +72,7 @@ def _send(start_response: StartResponse, status: str, as_json: bool, obj: dict[s
 
 
 def when(t: float | None) -> str:
-    if t is None:
-        return "-"
-    try:
-        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, OSError, ValueError):  # a device's clock, or its lie: years past 9999
-        return f"{t:.6g} s (out of range)"
+    return utc_text(t, " UTC")
 
 
 def _num(x: float | None, fmt: str) -> str:

@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Final, NoReturn
+from typing import Final
 
 OK: Final = 0
 UNEXPECTED: Final = 1
@@ -65,6 +66,16 @@ def on_stop_signals(handler: Handler) -> Callable[[], None]:
     return restore
 
 
-def interrupt(_signum: int, _frame: FrameType | None) -> NoReturn:
-    """A stop-signal handler that ends the command where it is: KeyboardInterrupt, whichever signal."""
+def interrupt(signum: int, frame: FrameType | None) -> None:
+    """A stop-signal handler that ends the command where it is: KeyboardInterrupt, whichever signal.
+
+    Not inside a finalizer: Python prints an exception raised in ``__del__`` and goes on, so a signal that
+    arrived while, say, paho's ``Client.__del__`` ran was lost, and the demo ran to its end and exited 0
+    (seen once under load). There the signal is sent again a moment later, once the finalizer is over."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__":
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            return
+        f = f.f_back
     raise KeyboardInterrupt

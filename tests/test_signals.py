@@ -156,3 +156,31 @@ def test_the_demo_stops_what_it_started_on_a_signal(procs: Processes, tmp_path, 
         for leftover in processes_naming(work):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(leftover.split(":")[0]), signal.SIGKILL)
+
+
+def test_a_stop_signal_that_arrives_inside_a_finalizer_is_not_lost(tmp_path) -> None:
+    """Python prints an exception raised in ``__del__`` and goes on: a SIGINT that arrived while paho's
+    ``Client.__del__`` ran was lost, and the demo ran to its end and exited 0 (once, under load). The handler
+    sends the signal again once the finalizer is over."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from edge_agent import exits\n"
+        "exits.on_stop_signals(exits.interrupt)\n"
+        "class Dying:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        for _ in range(100_000):\n"
+        "            pass\n"
+        "try:\n"
+        "    Dying()\n"
+        "    deadline = time.monotonic() + 10\n"
+        "    while time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+        "sys.exit(0)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert "Exception ignored" not in res.stderr, res.stderr

@@ -187,3 +187,47 @@ def test_a_status_error_is_fitted_to_what_the_hub_takes_not_refused() -> None:
     assert status.last_error == "bad\ufffd" + "e" * 1996
     with pytest.raises(c.ContractError, match="status.last_error must not hold a NUL"):
         c.decode_status(b'{"v":1,"device_id":"d","state":"online","ts":1.0,"last_error":"a\\u0000"}')
+
+
+def _greedy_runs(seqs: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """The reference: seq_runs as first written, a Python step per seq."""
+    ordered = sorted(set(seqs))
+    runs: list[tuple[int, int, int]] = []
+    i, n = 0, len(ordered)
+    while i < n:
+        first = ordered[i]
+        if i + 1 == n:
+            runs.append((first, 1, 1))
+            break
+        step = ordered[i + 1] - first
+        j = i + 1
+        while j + 1 < n and ordered[j + 1] - ordered[j] == step:
+            j += 1
+        runs.append((first, step, j - i + 1))
+        i = j + 1
+    return tuple(runs)
+
+
+_runs_of = st.lists(st.tuples(st.integers(0, 1 << 62), st.integers(1, 5000), st.integers(1, 40)), max_size=6)
+
+
+@given(st.one_of(
+    st.lists(st.integers(0, (1 << 63) - 1), max_size=60),
+    st.lists(st.integers(0, 40), max_size=60),  # dense: runs that touch and steps that change often
+    _runs_of.map(lambda rs: [f + s * k for f, s, n in rs for k in range(n)]),  # runs as devices send them
+))
+def test_seq_runs_are_the_greedy_runs_of_the_sorted_distinct_seqs(seqs: list[int]) -> None:
+    """seq_runs finds its runs in C (one comparison for one run, then the steps grouped), not a Python
+    step per seq: the same runs as the plain greedy walk, and they expand to exactly the seqs."""
+    runs = c.seq_runs(seqs)
+    assert runs == _greedy_runs(seqs)
+    assert [f + s * k for f, s, n in runs for k in range(n)] == sorted(set(seqs))
+    assert c.seq_runs(reversed(seqs)) == runs
+
+
+def test_receipt_payloads_hold_the_seqs_and_the_duplicates_asked_for() -> None:
+    seqs = list(range(1000, 3000, 20)) + [5000, 5001, 5003]
+    [payload] = c.receipt_payloads("dev-1", reversed(seqs), dup=[1020, 5001, 99])
+    receipt = c.decode_receipt(payload, "dev-1")
+    assert receipt.seqs() == seqs
+    assert receipt.dup_seqs() == [1020, 5001]  # 99 was not in the receipt

@@ -19,12 +19,7 @@ device's decoder), and the device keeps every result until then, sending it agai
 comes. Receipts go out before the PUBACKs of the same batch; if the hub dies in between, the broker
 redelivers, the rows are duplicates and are receipted again.
 
-Why a batch lingers: a fleet of devices each sending now and then keeps the queue nearly empty, and a
-batch that ended whenever the queue was empty held one message: one transaction per result. So once
-the queue runs dry a batch waits for more, up to ``batch_linger_ms`` after its first message (a few
-milliseconds; 0 = write at once), and a busy hub commits groups. Nothing is acknowledged or receipted
-before its batch commits, so the linger delays receipts and acks, never the guarantee. A batch ends
-at once at ``batch_max`` rows, and ``batch_max_delay_s`` bounds it while messages keep arriving.
+Batches are made by :mod:`cloud_hub.data.batches` (why a batch lingers is said there).
 
 Why acknowledgements check the connection generation: packet ids (mids) are per connection. After a
 reconnect the broker resends the unacknowledged messages and may give their old mids to other
@@ -43,30 +38,27 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from cloud_hub.data.batches import CONNECTION_EVENT, STOP, Batcher, Pending
 from cloud_hub.data.db import make_engine
 from cloud_hub.data.limits import Admission
-from cloud_hub.data.result_rows import result_rows
 from cloud_hub.data.sessions import describe, is_transient
-from cloud_hub.data.store import DEVICE_ID, SEQ, Batch, ResultRow, Store, Written, dead_letter
+from cloud_hub.data.store import DEVICE_ID, SEQ, ResultRow, Store, Written, dead_letter
 from cloud_hub.errors import HubError
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent import exits
-from edge_agent.contract import ContractError, Topics, decode_status
+from edge_agent.contract import ContractError, Topics
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
 log = logging.getLogger(__name__)
 
-_CONNECTION_EVENT = object()  # queued by the network thread on every connect and disconnect
-_STOP = object()  # queued by stop(): everything before it is flushed, committed and acknowledged
 _MAX_BACKOFF_S = 30.0
-_TOPIC_CACHE_MAX = 100_000
 _DEVICE_OF, _SEQ_OF = operator.itemgetter(DEVICE_ID), operator.itemgetter(SEQ)
 SEEN_RESOLUTION_S = 1.0  # devices.last_seen moves forward at most this often per device (saves a write a batch)
 
@@ -79,17 +71,6 @@ class BrokerUnavailable(HubError):
     """The broker cannot be reached or refused the connection."""
 
     exit_code = exits.UNAVAILABLE
-
-
-@dataclass(slots=True)
-class Pending(Batch):
-    """A batch being collected: the decoded rows plus the messages to acknowledge after commit."""
-
-    messages: list[Message] = field(default_factory=list)
-    generation: int = 0
-    final: bool = False
-    marking: dict[str, bool] = field(default_factory=dict)  # device -> all its messages ask mark_duplicates
-    dup: set[tuple[str, int]] = field(default_factory=set)  # keys stored before this batch (devices marking)
 
 
 @dataclass(slots=True)
@@ -119,12 +100,11 @@ class Hub:
         self.stats = HubStats()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._connection_events = 0  # incremented on the network thread only
-        self._generation = 0  # connection events dequeued by the writer
-        self._topic_cache: dict[str, tuple[str, str]] = {}
         self._touched: dict[str, float] = {}  # device -> last_seen last committed by this hub
         self._local = threading.local()  # .conn: each writer thread's connection
         self._stop_deadline: float | None = None
         self._stopping = threading.Event()  # cuts a retry backoff short
+        self._batcher = Batcher(settings, self._queue, self._stopping)
         self._decoded: queue.Queue[Pending] = queue.Queue(maxsize=1)  # decoder -> writers
         self._decoder = threading.Thread(target=self._decode, name="hub-decoder", daemon=True)
         self._stats_lock = threading.Lock()
@@ -182,7 +162,7 @@ class Hub:
         unacknowledged: the broker redelivers it to the next session.
         """
         self._stop_deadline = time.monotonic() + timeout
-        self._queue.put(_STOP)
+        self._queue.put(STOP)
         self._stopping.set()
         for thread in (self._decoder, *self._writers):
             if thread.is_alive():
@@ -209,16 +189,16 @@ class Hub:
 
     def _on_connection_event(self, _up: bool) -> None:
         self._connection_events += 1
-        self._queue.put(_CONNECTION_EVENT)
+        self._queue.put(CONNECTION_EVENT)
 
     # ----------------------------------------------------------------- writer thread
 
     def _decode(self) -> None:
         """The decoder thread: batches of decoded messages for the writer, until the stop marker."""
         while True:
-            pending = self._collect(timeout=0.5)
+            pending = self._batcher.collect(timeout=0.5)
             if self.admission is not None and (limited := self.admission.dead_letters(time.time())):
-                pending = pending or Pending(generation=self._generation)
+                pending = pending or Pending(generation=self._batcher.generation)
                 pending.dead.extend(limited)
             if pending is not None:
                 self._decoded.put(pending)
@@ -258,78 +238,6 @@ class Hub:
                 if self._local.conn is not None:
                     self._local.conn.close()
                 return
-
-    def _collect(self, timeout: float) -> Pending | None:
-        """Block for the first item, then take what comes, until batch_max rows, a connection event or stop,
-        or the queue is empty once the linger (counted from the first item) or the max delay is over."""
-        get = self._queue.get
-        try:
-            item = get(timeout=timeout)
-        except queue.Empty:
-            return None
-        pending = Pending(generation=self._generation)
-        now = time.time()
-        start = time.monotonic()
-        deadline = start + self.settings.batch_max_delay_s
-        linger_until = min(start + self.settings.batch_linger_ms / 1000.0, deadline)
-        batch_max = self.settings.batch_max
-        while True:
-            if item is _CONNECTION_EVENT:
-                self._generation += 1
-                if pending.messages:
-                    break  # messages of one connection per batch (see the module docstring)
-                pending.generation = self._generation
-            elif item is _STOP:
-                pending.final = True
-                break
-            else:
-                self._add(pending, item, now)
-                if len(pending.rows) >= batch_max or time.monotonic() >= deadline:
-                    break
-            try:
-                item = get(block=False)
-            except queue.Empty:
-                # Drained: linger for more (a busy hub then writes, receipts and acknowledges groups), but never
-                # past the linger counted from the batch's first item, nor once stop() was called.
-                wait = linger_until - time.monotonic()
-                if wait <= 0 or not pending.messages or self._stopping.is_set():
-                    break
-                try:
-                    item = get(timeout=wait)
-                except queue.Empty:
-                    break
-        return pending
-
-    def _add(self, pending: Pending, msg: Message, now: float) -> None:
-        """Decode one message into the batch; anything the contract refuses becomes a dead letter."""
-        pending.messages.append(msg)
-        topic = msg.topic
-        try:
-            parsed = self._topic_cache.get(topic)
-            if parsed is None:
-                parsed = self.topics.parse(topic)
-                if len(self._topic_cache) >= _TOPIC_CACHE_MAX:
-                    self._topic_cache.clear()
-                self._topic_cache[topic] = parsed
-            kind, device = parsed
-            if kind == "results":
-                rows, mark = result_rows(msg.payload, device, now)  # plain tuples in ResultRow's order
-                pending.rows.extend(rows)
-                pending.seen[device] = now
-                pending.marking[device] = pending.marking.get(device, True) and mark
-            elif kind == "status":
-                status = decode_status(msg.payload, device)
-                # A retained status comes again with every (re)subscription: it says nothing about now.
-                pending.statuses[device] = (status, min(now, status.ts) if msg.retain else now)
-            else:
-                raise ContractError(f"the hub does not ingest {kind} topics")
-        except ContractError as exc:
-            pending.dead.append(dead_letter(topic, msg.payload, exc.reason, now,
-                                            self.settings.dead_letter_max_bytes))
-        except Exception as exc:  # a decoder bug must not stop ingestion: keep the message, say why
-            log.exception("could not decode a message on %s", topic)
-            pending.dead.append(dead_letter(topic, msg.payload, f"hub failed to decode: {exc!r}", now,
-                                            self.settings.dead_letter_max_bytes))
 
     def _commit(self, pending: Pending) -> Written | None:
         """Write the batch in one transaction, retrying with backoff; None if stop() gave up waiting."""
@@ -396,7 +304,7 @@ class Hub:
         pending.dup = set()
         for msg in pending.messages:
             single = Pending()
-            self._add(single, msg, time.time())
+            self._batcher.add(single, msg, time.time())
             try:
                 w = self._write(single)
                 stored += single.rows

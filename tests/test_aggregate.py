@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_hub.data import aggregate as agg
+from cloud_hub.data import summaries
 from cloud_hub.data.sessions import transaction
 from cloud_hub.data.store import Store
 from edge_agent import contract as c
@@ -19,22 +20,22 @@ from tests.test_store import BACKENDS, backend_engine
 
 def test_bucket_floor_uses_the_window_start() -> None:
     starts = np.array([0.0, 59.9, 60.0, 3599.0, 3600.0, 1_700_000_123.5])
-    assert agg.bucket_floor(starts, 60).tolist() == [0.0, 0.0, 60.0, 3540.0, 3600.0, 1_700_000_100.0]
-    assert agg.bucket_floor(starts, 3600).tolist() == [0.0, 0.0, 0.0, 0.0, 3600.0, 1_699_999_200.0]
+    assert summaries.bucket_floor(starts, 60).tolist() == [0.0, 0.0, 60.0, 3540.0, 3600.0, 1_700_000_100.0]
+    assert summaries.bucket_floor(starts, 3600).tolist() == [0.0, 0.0, 0.0, 0.0, 3600.0, 1_699_999_200.0]
 
 
 def test_quantiles() -> None:
-    assert agg.quantiles([]) == (None, None)
-    assert agg.quantiles([4.0]) == (4.0, 4.0)
-    p50, p95 = agg.quantiles(np.arange(1, 101, dtype=float))
+    assert summaries.quantiles([]) == (None, None)
+    assert summaries.quantiles([4.0]) == (4.0, 4.0)
+    p50, p95 = summaries.quantiles(np.arange(1, 101, dtype=float))
     assert p50 == pytest.approx(50.5) and p95 == pytest.approx(95.05)
-    q = agg.group_quantiles(["b", "a", "b", "a", "b"], [1.0, 10.0, 3.0, 20.0, 2.0])
+    q = summaries.group_quantiles(["b", "a", "b", "a", "b"], [1.0, 10.0, 3.0, 20.0, 2.0])
     assert q == {"a": (15.0, 19.5), "b": (2.0, pytest.approx(2.9))}
-    assert agg.group_quantiles([], []) == {}
+    assert summaries.group_quantiles([], []) == {}
 
 
 def test_summary_of_rows() -> None:
-    s = agg.summarize(labels=["walk", "run", "walk", None], confidence=[0.5, 1.0, 0.75, None],
+    s = summaries.summarize(labels=["walk", "run", "walk", None], confidence=[0.5, 1.0, 0.75, None],
                       truth=["walk", "walk", None, "run"], latency_ms=[1.0, 2.0, 3.0, 4.0],
                       received_at=[10.0, 12.0, 11.0, 9.0])
     assert s.results == 4 and s.classes == {"walk": 2, "run": 1}
@@ -42,9 +43,9 @@ def test_summary_of_rows() -> None:
     assert (s.labelled, s.accuracy) == (3, pytest.approx(1 / 3))  # a missing prediction counts as wrong
     assert (s.latency_p50_ms, s.latency_p95_ms) == (2.5, pytest.approx(3.85))
     assert s.last_seen == 12.0
-    empty = agg.summarize([], [], [], [])
+    empty = summaries.summarize([], [], [], [])
     assert (empty.results, empty.accuracy, empty.mean_confidence, empty.latency_p50_ms) == (0, None, None, None)
-    assert agg.summarize(["a"], [0.2], [None], [1.0]).accuracy is None  # no ground truth: no accuracy
+    assert summaries.summarize(["a"], [0.2], [None], [1.0]).accuracy is None  # no ground truth: no accuracy
 
 
 rows_strategy = st.lists(st.tuples(st.sampled_from(["a", "b", None]), st.one_of(st.none(), st.floats(0, 1)),
@@ -54,8 +55,8 @@ rows_strategy = st.lists(st.tuples(st.sampled_from(["a", "b", None]), st.one_of(
 @settings(max_examples=60, deadline=None)
 @given(rows_strategy, st.integers(0, 40))
 def test_counts_merge_like_the_rows_they_come_from(rows: list[tuple], cut: int) -> None:
-    def counts(part: list[tuple]) -> agg.Counts:
-        return agg.counts_of([r[0] for r in part], [r[1] for r in part], [r[2] for r in part],
+    def counts(part: list[tuple]) -> summaries.Counts:
+        return summaries.counts_of([r[0] for r in part], [r[1] for r in part], [r[2] for r in part],
                              [r[3] for r in part])
 
     whole, merged = counts(rows), counts(rows[:cut]).merge(counts(rows[cut:]))
@@ -65,13 +66,13 @@ def test_counts_merge_like_the_rows_they_come_from(rows: list[tuple], cut: int) 
 
 
 def test_parse_since() -> None:
-    assert agg.parse_since("1700000000") == 1_700_000_000.0
-    assert agg.parse_since("1700000000.5") == 1_700_000_000.5
-    assert agg.parse_since("2023-11-14T22:13:20Z") == 1_700_000_000.0
-    assert agg.parse_since("2023-11-14T22:13:20") == 1_700_000_000.0  # no zone: UTC
-    assert agg.parse_since("2023-11-15T00:13:20+02:00") == 1_700_000_000.0
+    assert summaries.parse_since("1700000000") == 1_700_000_000.0
+    assert summaries.parse_since("1700000000.5") == 1_700_000_000.5
+    assert summaries.parse_since("2023-11-14T22:13:20Z") == 1_700_000_000.0
+    assert summaries.parse_since("2023-11-14T22:13:20") == 1_700_000_000.0  # no zone: UTC
+    assert summaries.parse_since("2023-11-15T00:13:20+02:00") == 1_700_000_000.0
     with pytest.raises(ValueError, match="neither epoch seconds nor an ISO-8601"):
-        agg.parse_since("yesterday")
+        summaries.parse_since("yesterday")
 
 
 def make_rows(seed: int = 0, n: int = 400) -> list[tuple]:
@@ -90,12 +91,12 @@ def make_rows(seed: int = 0, n: int = 400) -> list[tuple]:
     return out
 
 
-def expected(rows: list[tuple]) -> agg.Summary:
-    return agg.summarize([r[5] for r in rows], [r[6] for r in rows], [r[8] for r in rows], [r[9] for r in rows],
+def expected(rows: list[tuple]) -> summaries.Summary:
+    return summaries.summarize([r[5] for r in rows], [r[6] for r in rows], [r[8] for r in rows], [r[9] for r in rows],
                          [r[11] for r in rows])
 
 
-def assert_same(got: agg.Summary, want: agg.Summary) -> None:
+def assert_same(got: summaries.Summary, want: summaries.Summary) -> None:
     assert (got.results, got.classes, got.labelled, got.last_seen) == (
         want.results, want.classes, want.labelled, want.last_seen)
     for name in ("mean_confidence", "accuracy", "latency_p50_ms", "latency_p95_ms"):
@@ -127,7 +128,7 @@ def test_sql_aggregation_agrees_with_the_pure_functions(kind: str, tmp_path: Pat
     assert stats.devices["dev-1"].state == "offline" and stats.devices["dev-2"].last_seen == 7.0
     assert stats.dead_letters == 0
 
-    buckets = agg.bucket_floor([r[2] for r in rows], 3600)
+    buckets = summaries.bucket_floor([r[2] for r in rows], 3600)
     assert sorted(stats.buckets) == sorted(set(buckets.tolist()))
     for b, (fleet, per_device) in stats.buckets.items():
         assert_same(fleet, expected([r for r, rb in zip(rows, buckets, strict=True) if rb == b]))
@@ -138,7 +139,7 @@ def test_sql_aggregation_agrees_with_the_pure_functions(kind: str, tmp_path: Pat
     mine = [r for r in rows if r[0] == "dev-2" and r[2] >= since]
     assert_same(late.fleet, expected(mine))
     assert set(late.devices) == {"dev-2"}
-    minute = agg.bucket_floor([r[2] for r in mine], 60)
+    minute = summaries.bucket_floor([r[2] for r in mine], 60)
     assert sorted(late.buckets) == sorted(set(minute.tolist()))
     obj = late.to_obj()
     assert obj["results"] == len(mine) and obj["bucket"] == "minute"

@@ -191,8 +191,8 @@ def test_phones_through_a_real_broker_and_hub_get_positions_and_error_figures(pr
     import sqlalchemy as sa
 
     from cloud_hub.data import db, tables
-    from cloud_hub.data.aggregate import result_errors
     from cloud_hub.data.store import Store
+    from cloud_hub.data.summaries import result_errors
     from cloud_hub.models import lifecycle
     from cloud_hub.models.training import TrainConfig
     from edge_agent import contract as c

@@ -115,7 +115,7 @@ def new_table(title: str, *columns: str, right: tuple[str, ...] = ()) -> Any:
 
 
 def utc(t: float | None) -> str:
-    from cloud_hub.data.aggregate import utc_text
+    from cloud_hub.data.summaries import utc_text
 
     return utc_text(t)
 

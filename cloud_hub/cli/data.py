@@ -85,7 +85,7 @@ def serve(
 
 def _since(text: str | None) -> float | None:
     """``--since`` as epoch seconds (None: from the start); a time it cannot read is a usage error."""
-    from cloud_hub.data.aggregate import parse_since
+    from cloud_hub.data.summaries import parse_since
 
     try:
         return None if text is None else parse_since(text)

@@ -154,7 +154,7 @@ def _summary(view: _FleetView, outcome: dict[str, Any], workdir: Path) -> None:
                f"accuracy {pct(stats['accuracy'])}")
     console.print(f"fleet: {stats['results']:,} results {delivered} ({versions}), {quality}, "
                   f"dead letters {stats['dead_letters']}")
-    from cloud_hub.data.aggregate import describe_score
+    from cloud_hub.data.summaries import describe_score
 
     retrained = outcome.get("v2")
     if retrained is not None and retrained.gate:  # the one comparison of two versions on the same windows

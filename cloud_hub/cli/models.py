@@ -54,7 +54,7 @@ def _metric(m: dict[str, Any] | None) -> str:
         return "-"
     if "accuracy" in m:
         return pct(m["accuracy"])
-    from cloud_hub.data.aggregate import describe_error
+    from cloud_hub.data.summaries import describe_error
 
     return describe_error(m)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud_hub.data.aggregate import describe_score
+from cloud_hub.data.summaries import describe_score
 from edge_agent.preprocess import PreprocessParams, feature_names
 
 

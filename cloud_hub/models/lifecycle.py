@@ -20,8 +20,9 @@ import numpy as np
 import sqlalchemy as sa
 
 from cloud_hub.data import sessions
-from cloud_hub.data.aggregate import describe_score, shaped_by
+from cloud_hub.data.aggregate import shaped_by
 from cloud_hub.data.store import ModelRow, Store
+from cloud_hub.data.summaries import describe_score
 from cloud_hub.models import quantize, training, weights
 from cloud_hub.models.datasets import (
     Dataset,

@@ -30,8 +30,8 @@ import orjson
 import sqlalchemy as sa
 
 from cloud_hub.data import sessions
-from cloud_hub.data.aggregate import result_errors
 from cloud_hub.data.store import ModelRow, RolloutRow, Store
+from cloud_hub.data.summaries import result_errors
 from cloud_hub.errors import HubError
 from cloud_hub.models.signing import load_private_key, sign_bundle
 from cloud_hub.rollout import canary_judge as cj

@@ -28,9 +28,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from cloud_hub.data import db
-from cloud_hub.data.aggregate import describe_score, fleet_stats
+from cloud_hub.data.aggregate import fleet_stats
 from cloud_hub.data.ingest import Hub
 from cloud_hub.data.store import Store
+from cloud_hub.data.summaries import describe_score
 from cloud_hub.models import lifecycle
 from cloud_hub.models.signing import keygen
 from cloud_hub.rollout import publish as rollout

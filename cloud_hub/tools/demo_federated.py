@@ -22,9 +22,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from cloud_hub.data import db
-from cloud_hub.data.aggregate import describe_score
 from cloud_hub.data.ingest import Hub
 from cloud_hub.data.store import Store
+from cloud_hub.data.summaries import describe_score
 from cloud_hub.models import lifecycle
 from cloud_hub.rollout import publish as rollout
 from cloud_hub.rounds.config import FederateConfig

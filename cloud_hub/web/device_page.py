@@ -20,8 +20,8 @@ from urllib.parse import quote
 import orjson
 
 from cloud_hub.data import sessions
-from cloud_hub.data.aggregate import utc_text
 from cloud_hub.data.device_history import device_history
+from cloud_hub.data.summaries import utc_text
 from edge_agent.contract import valid_id
 from edge_agent.drift import DRIFTING
 

@@ -217,3 +217,13 @@ def test_an_agent_that_fails_to_start_frees_its_state_dir(tmp_path: Path) -> Non
             agent.start()
     again = Agent(settings(), device_ids=("d-1",))  # not refused as "in use by another edge-agent"
     again.outbox.close()
+
+
+@pytest.mark.parametrize("command", [("db", "current"), ("db", "history"), ("db", "upgrade")])
+def test_a_database_error_names_the_database(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """`db current` on a file that is not a database said "database error: file is not a database", without
+    saying which: an operator with a config file, an environment variable and a flag could not tell."""
+    bad = tmp_path / "notes.sqlite"
+    bad.write_text("these are notes, not a database " * 40)
+    res = run(hub_cmd(*command, "--db", f"sqlite:///{bad}"))
+    one_line(res, exits.UNAVAILABLE, f"database error on sqlite:///{bad}: file is not a database")

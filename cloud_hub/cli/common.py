@@ -38,6 +38,8 @@ def settings_from(config: Path | None, *, signs: bool = False, **flags: Any) -> 
     settings = load_settings(HubSettings, env_prefix=ENV_PREFIX, config=config, flags=flags,
                              warn=lambda m: typer.echo(f"cloud-hub: warning: {m}", err=True),
                              other_env=(f"{ENV_PREFIX}_CONFIG",))
+    global _database
+    _database = _shown_url(settings.db)
     if signs:
         settings.signing_key_check()
         if settings.signing_key:  # a key that cannot sign (not PEM, not Ed25519) fails now, not at the first promotion
@@ -45,6 +47,19 @@ def settings_from(config: Path | None, *, signs: bool = False, **flags: Any) -> 
 
             load_private_key(settings.signing_key)
     return settings
+
+
+_database: str | None = None  # the database of the command's settings, for errors() to name
+
+
+def _shown_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def fail(code: int, message: str) -> typer.Exit:
@@ -64,7 +79,8 @@ def errors() -> Iterator[None]:
         raise fail(exc.exit_code, str(exc)) from None
     except SQLAlchemyError as exc:
         inner = getattr(exc, "orig", None) or exc
-        raise fail(EXIT_UNAVAILABLE, f"database error: {str(inner).strip().splitlines()[0]}") from None
+        where = f" on {_database}" if _database else ""
+        raise fail(EXIT_UNAVAILABLE, f"database error{where}: {str(inner).strip().splitlines()[0]}") from None
 
 
 def with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:

@@ -124,22 +124,14 @@ class HubSettings(BrokerSettings):
 
     def signing_key_check(self) -> None:
         """For the commands that sign (serve's promotions, publish, export, federate): a ``signing_key`` that is not
-        a file is refused at start, not when the first canary is promoted hours later. Only those check it: a
-        config shared with commands that only read must not need the key on every machine."""
+        a file is refused at start, not when the first canary is promoted hours later (what is in it:
+        ``cloud_hub.models.signing.load_private_key``, which ``settings_from(signs=True)`` calls next). Only those
+        check it: a config shared with commands that only read must not need the key on every machine."""
         if self.signing_key is not None:
             key = user_path("signing_key", self.signing_key)
             if not key.is_file():
                 raise SettingsError(f"signing_key {str(key)!r} {'is not a file' if key.exists() else 'does not exist'}"
                                     " (make a key pair with `cloud-hub keygen`)", field="signing_key")
-            try:
-                with open(key, "rb") as f:  # a key is far smaller: a big file named by mistake is not read whole
-                    public = b"PUBLIC KEY" in f.read(1 << 16)
-            except OSError as exc:
-                raise SettingsError(f"signing_key {str(key)!r} cannot be read: {exc.strerror or exc}",
-                                    field="signing_key") from exc
-            if public:  # a setting given the wrong file, like the agent's trusted_key given a private key: exit 2
-                raise SettingsError(f"signing_key {str(key)!r} is a public key: sign with the private key of "
-                                    "`cloud-hub keygen` (devices get the .pub.pem)", field="signing_key")
 
     def http_door_check(self) -> None:
         """The HTTP door's settings, at start: a token and certificate that load, and no public address left open."""

@@ -283,7 +283,7 @@ def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, 
     assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 1
     not_pem = ["--db", url, "--broker", broker.url, "--prefix", prefix, "--signing-key", str(log)]
     res = runner.invoke(hub_app, ["publish", *not_pem])  # an operator's slip: exit 2 naming the setting (it was 4)
-    assert res.exit_code == 2 and f"signing_key {log} is not a PEM private key" in res.stderr, res.output
+    assert res.exit_code == 2 and f"signing_key {str(log)!r} is not a PEM private key" in res.stderr, res.output
     res = runner.invoke(hub_app, ["publish", *args])  # v1 to the fleet: the canary's comparison
     assert res.exit_code == 0, res.output
     assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 2

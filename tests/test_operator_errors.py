@@ -445,5 +445,5 @@ def test_serve_refuses_a_signing_key_that_cannot_sign_at_start(tmp_path) -> None
     not_pem.write_text("ts,device_id\n")
     res = run(hub_cmd("serve", "--signing-key", str(not_pem), "--db", f"sqlite:///{tmp_path / 'h.sqlite'}",
                       "--broker", "mqtt://127.0.0.1:1"))
-    one_line(res, exits.USAGE, f"signing_key {not_pem} is not a PEM private key")
+    one_line(res, exits.USAGE, f"signing_key {str(not_pem)!r} is not a PEM private key")
     assert not (tmp_path / "h.sqlite").exists()

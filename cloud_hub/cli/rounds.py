@@ -152,20 +152,13 @@ def lean_malloc() -> bool:
 
 
 def _federate(s: Any, cfg: Any, *, insecure_unsigned: bool, quiet: bool) -> tuple[Any, list[Any]]:
-    """Check the signing key, then run the rounds until done or a stop signal; (the engine, the rounds)."""
+    """Check that there is a signing key (settings_from(signs=True) loaded it), then run the rounds until done or a stop signal; (the engine, the rounds)."""
     from cloud_hub.cli.common import engine_for, progress_lines
     from cloud_hub.rounds.coordinator import Coordinator
 
     progress_lines(True)  # warnings (the broker's) as `cloud-hub: ...` lines, not raw log records
     if not s.signing_key and not insecure_unsigned:
         raise fail(exits.USAGE, NO_SIGNING_KEY)
-    if s.signing_key:
-        from cloud_hub.models.signing import load_private_key
-
-        try:
-            load_private_key(s.signing_key)
-        except ValueError as exc:
-            raise fail(exits.USAGE, str(exc)) from None
     engine = engine_for(s.db, read_only=True)  # the model must be there: never create an empty database
     say = (lambda line: None) if quiet else (lambda line: typer.echo(f"federate: {line}", err=True))
     coordinator = Coordinator(s, engine, cfg, signing_key=s.signing_key, allow_unsigned=insecure_unsigned,

@@ -19,22 +19,29 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return raw_key_id(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
+_KEY_MAX_BYTES = 1 << 16  # an Ed25519 PEM key is 119 bytes
+
+
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """The hub's Ed25519 signing key; a :class:`SettingsError` naming ``signing_key`` (exit 2) when it cannot be one."""
+    shown = repr(str(path))
     try:
-        data = Path(path).expanduser().read_bytes()
+        with open(Path(path).expanduser(), "rb") as f:  # a key is far smaller: a big file named by mistake is not read whole
+            data = f.read(_KEY_MAX_BYTES + 1)
     except OSError as exc:
-        raise SettingsError(f"signing_key {path}: cannot read it ({exc.strerror or exc})", field="signing_key") from exc
-    if b"PUBLIC KEY" in data:
-        raise SettingsError(f"signing_key {path} is a public key: sign with the private key of `cloud-hub keygen` "
+        raise SettingsError(f"signing_key {shown} cannot be read: {exc.strerror or exc}", field="signing_key") from exc
+    if b"PUBLIC KEY" in data:  # a setting given the wrong file, like the agent's trusted_key given a private key
+        raise SettingsError(f"signing_key {shown} is a public key: sign with the private key of `cloud-hub keygen` "
                             "(devices get the .pub.pem)", field="signing_key")
     try:
+        if len(data) > _KEY_MAX_BYTES:
+            raise ValueError(f"over {_KEY_MAX_BYTES // 1024} kB")
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise SettingsError(f"signing_key {path} is not a PEM private key ({str(exc).splitlines()[0]}): "
+        raise SettingsError(f"signing_key {shown} is not a PEM private key ({str(exc).splitlines()[0]}): "
                             "`cloud-hub keygen` makes one", field="signing_key") from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise SettingsError(f"signing_key {path} is not an Ed25519 private key", field="signing_key")
+        raise SettingsError(f"signing_key {shown} is not an Ed25519 private key", field="signing_key")
     return key
 
 

@@ -243,11 +243,13 @@ def test_the_shuffler_is_numpys_permutation_bit_for_bit() -> None:
 
 @pytest.mark.parametrize("optimizer,task,dtype", [("sgd", "classification", np.float32), ("adam", "regression", np.float32),
                                                   ("sgd", "regression", np.float64), ("adam", "classification", np.float64)])
-def test_the_gradient_a_block_of_rows_at_a_time_trains_as_the_whole_one_bit_for_bit(monkeypatch, optimizer, task, dtype) -> None:
+def test_the_gradient_a_block_of_rows_at_a_time_trains_as_the_whole_one(monkeypatch, optimizer, task, dtype) -> None:
     """A round's descent makes a layer's gradient a block of rows at a time (``learn._GRAD_BLOCK`` elements) and
-    updates those rows (64 at least): the same trained tensors and delta, bit for bit, as with the whole gradient at once (a
+    updates those rows (64 at least): the same trained tensors and delta as with the whole gradient at once (a
     block larger than any layer, the former computation), with weight decay, FedProx, Adam, a last short batch
-    and one trained layer."""
+    and one trained layer. The same up to rounding, not bit for bit: OpenBLAS may sum a block's products in
+    another order than the whole matrix's (on an AVX-512 machine with 2 threads, 2-3 ulps of a float32 gradient;
+    bit for bit on others), and two epochs carry that to ~1e-5 of the delta. A wrong block is off by far more."""
     rng = np.random.default_rng(6)
     weights = {k: v.astype(dtype) for k, v in _model((20, 300, 200, 3), seed=4).items()}
     X = rng.normal(size=(203, 20)).astype(np.float32)
@@ -257,18 +259,27 @@ def test_the_gradient_a_block_of_rows_at_a_time_trains_as_the_whole_one_bit_for_
         y = rng.normal(size=(203, 3)).astype(np.float32)
     else:
         y = rng.integers(0, 3, 203)
+    rel = 2e-4 if dtype == np.float32 else 1e-9
+
+    def same(got: np.ndarray, want: np.ndarray) -> bool:
+        scale = max(float(np.max(np.abs(want))), 1e-30)
+        return got.shape == want.shape and bool(np.all(np.abs(got - want) <= rel * scale))
+
     for layers in (None, 1):
         kw: dict[str, Any] = {"epochs": 2, "lr": 0.02, "batch": 37, "mu": 0.05, "alpha": 1e-3, "clip": 0.5, "seed": 3,
               "optimizer": optimizer, "train_layers": layers}
         monkeypatch.setattr(learn, "_GRAD_BLOCK", 1 << 40)
         want = learn.fine_tune(weights, task, X, y, **kw)
+        assert any(np.any(want.delta[k]) for k in want.delta)
         for block in (1, 100 * 200, 150 * 200):  # 64 rows at a time (the fewest), 100 and 150: a remainder
             monkeypatch.setattr(learn, "_GRAD_BLOCK", block)
             got = learn.fine_tune(weights, task, X, y, **kw)
-            assert all(got.delta[k].tobytes() == want.delta[k].tobytes() for k in want.delta), (block, layers)
-            assert all(got.tensors[k].tobytes() == want.tensors[k].tobytes() for k in want.tensors), (block, layers)
-            assert (got.loss_after, got.metric_after, got.norm, got.ranges) == \
-                   (want.loss_after, want.metric_after, want.norm, want.ranges)
+            assert got.delta.keys() == want.delta.keys() and got.tensors.keys() == want.tensors.keys()
+            assert all(same(got.delta[k], want.delta[k]) for k in want.delta), (block, layers)
+            assert all(same(got.tensors[k], want.tensors[k]) for k in want.tensors), (block, layers)
+            assert same(np.asarray(got.ranges, float), np.asarray(want.ranges, float)), (block, layers)
+            assert (got.loss_after, got.metric_after, got.norm) == pytest.approx(
+                (want.loss_after, want.metric_after, want.norm), rel=rel), (block, layers)
 
 
 def test_a_float16_announcement_is_read_as_views_of_the_payload_and_trains_as_float32_copies_would() -> None:

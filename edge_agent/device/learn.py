@@ -218,7 +218,7 @@ def _step_grads(P: list[list[np.ndarray]], P0: list[list[np.ndarray]], H: np.nda
                 back *= Ai > 0
             rows = max(64, _GRAD_BLOCK // max(1, W.shape[1]))  # a row alone is a product BLAS sums otherwise
             for s in range(0, W.shape[0], rows):
-                gW = Ai[:, s:s + rows].T @ delta  # rows s: of ``Ai.T @ delta``, the same numbers (tested)
+                gW = Ai[:, s:s + rows].T @ delta  # rows s: of ``Ai.T @ delta`` (to rounding: BLAS's order; tested)
                 if alpha:
                     _add_scaled(gW, alpha / n, W[s:s + rows])
                 if mu:

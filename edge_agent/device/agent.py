@@ -284,8 +284,7 @@ class Agent:
             try:
                 own, payload = self._updates.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
                 self._note(own, payload)
-                payload = self._canary_bundle or self._fleet_bundle or b""
-                if not payload:
+                if not (self._canary_bundle or self._fleet_bundle):
                     continue
             except queue.Empty:
                 away = self.link.disconnected_since
@@ -299,22 +298,26 @@ class Agent:
                                     f"{self.settings.connect_timeout_s:g} s to get a model from {topic}: "
                                     f"{self.link.unreachable_reason()}") from None
                 continue
-            try:
-                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned)
-                return self.model  # type: ignore[return-value]
-            except Exception as exc:  # whatever it fails with, it is refused: one line, not a traceback
-                why = str(exc) if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
-                raise AgentError(f"the model on {topic} was refused: {why}. {refusal_hint(why)}") from exc
+            refusals = self._install_wanted()
+            if self.model is not None:
+                return self.model
+            where, why = refusals[-1]
+            raise AgentError(f"the model on {where} was refused: {why}. {refusal_hint(why)}")
         why = (f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
                if not self.link.connected else f"connected to {self.settings.broker_url}; nothing is published there")
         raise AgentError(f"no model on {topic} within {self.settings.model_wait_s:g} s ({why}). "
                          "Pass --model FILE or publish one with `cloud-hub publish`.")
 
-    def _install(self, payload: bytes, *, allow_unsigned: bool) -> None:
+    def _install(self, payload: bytes, *, allow_unsigned: bool, from_topic: bool = False) -> None:
+        """Verify and swap in a bundle; ``from_topic``: it came on this model's topic or the device's canary
+        topic, which carry this model only (a bundle of another model, signed by the same hub, is refused)."""
         bundle, runner = verify_bundle(
             payload, trusted_key=self._trusted, allow_unsigned=allow_unsigned,
             channels=self.source_channels, intra_op_threads=self.settings.intra_op_threads,
         )
+        if from_topic and bundle.manifest.name != self.settings.model_name:
+            raise BundleRejected(f"the bundle is model {bundle.manifest.name!r} v{bundle.manifest.version}, and this "
+                                 f"device runs {self.settings.model_name!r} (model_name): not installed")
         if self.model is not None and bundle.manifest.sha256 == self.model.bundle.manifest.sha256:
             return  # the retained copy of what already runs
         if self.model is not None and bundle.manifest.version < self.model.bundle.manifest.version:
@@ -364,16 +367,30 @@ class Agent:
                 break
             self._note(own, payload)
             changed = True
-        wanted = self._canary_bundle or self._fleet_bundle
-        if changed and wanted:
+        if changed:
+            self._install_wanted()
+
+    def _install_wanted(self) -> list[tuple[str, str]]:
+        """Install the device's canary bundle while it has one, else the model topic's; the topic's too when the
+        canary's is refused (a refused canary must not hold back every later fleet model). A refused bundle is
+        said in the status and the log, and what runs stays; returns the refusals, (topic, why)."""
+        refusals: list[tuple[str, str]] = []
+        for topic, payload in ((self._device_model_topic, self._canary_bundle), (self._model_topic, self._fleet_bundle)):
+            if not payload:
+                continue
             try:
-                self._install(wanted, allow_unsigned=self.settings.insecure_allow_unsigned)
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned, from_topic=True)
             except Exception as exc:  # retained: any failure must refuse it, not crash-loop on it
-                why = exc if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
-                self.last_error = f"model refused: {why}"
-                self._status_due = 0.0
-                log.error("%s; still serving v%s", self.last_error,
+                why = str(exc) if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
+                refusals.append((topic or self._model_topic, why))
+                log.error("model on %s refused: %s; still serving v%s", topic, why,
                           self.model.bundle.manifest.version if self.model else "none")
+                continue
+            break
+        if refusals:
+            self.last_error = f"model refused: {refusals[0][1]}"
+            self._status_due = 0.0
+        return refusals
 
     def make_processor(self) -> Processor:
         assert self.model is not None and self.source_channels is not None

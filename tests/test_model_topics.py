@@ -1,0 +1,80 @@
+"""What a device takes from its model topics, with a real agent and mosquitto: the model topic and the device's
+canary topic carry this model only, and a canary bundle the device refuses does not hold back the fleet's."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import subprocess
+from collections.abc import Callable
+
+import pytest
+
+from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
+from edge_agent import contract as c
+from edge_agent.mqtt import MqttLink
+from edge_agent.settings import BrokerURL
+from tests.helpers import agent_cmd, make_bundle, make_log, publish_retained, wait_for
+
+
+@pytest.mark.slow
+def test_a_model_topic_carries_its_own_model_and_a_refused_canary_falls_back_to_the_fleets(
+        procs, shared_broker, prefix, tmp_path) -> None:
+    """A hostile peer's finding: a bundle of another model (signed by the same hub) retained on this model's topic
+    was installed, saved as this model and served after restarts. And a canary bundle the device refused kept
+    the device from every later fleet model ("model refused ... still serving v1" at each update)."""
+    priv, pub, _ = keygen(tmp_path / "hub.pem")
+    key = load_private_key(priv)
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=30)
+    v1 = sign_bundle(make_bundle(log, holdout=("trn-2",)), key)
+    v2 = sign_bundle(make_bundle(make_log(tmp_path / "more.csv", devices=("trn-1", "trn-2"), seconds=40), version=2,
+                                 holdout=("trn-2",)), key)
+    other = sign_bundle(dataclasses.replace(v1, manifest=dataclasses.replace(v1.manifest, name="other", version=7)), key)
+    topics = c.Topics(prefix)
+    model_file = tmp_path / "v1.emlb"
+    model_file.write_bytes(v1.encode())
+    statuses: queue.Queue[c.Status] = queue.Queue()
+    watch = MqttLink(BrokerURL.parse(shared_broker.url), f"{prefix}-watch", subscriptions=[(topics.all_status, 1)],
+                     on_message=lambda m: statuses.put(c.decode_status(m.payload)))
+    watch.start()
+    watch.wait_connected(10)
+    seen: list[c.Status] = []
+
+    def status_where(pred: Callable[[c.Status], bool]) -> Callable[[], bool]:
+        def check() -> bool:
+            while not statuses.empty():
+                seen.append(statuses.get())
+            return any(pred(s) for s in seen)
+        return check
+
+    agent_log = tmp_path / "agent.log"
+    try:
+        with open(agent_log, "wb") as out:
+            agent = procs.popen(
+                agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1",
+                          "--state-dir", str(tmp_path / "state"), "--model", str(model_file), "--trusted-key", str(pub),
+                          "--source", "simulated"),
+                stdout=subprocess.DEVNULL, stderr=out,
+                env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1", "EDGE_AGENT_RECEIPTS": "false"})
+        wait_for(status_where(lambda s: s.state == c.ONLINE and s.model_version == 1), 60, "the agent on v1")
+        publish_retained(shared_broker.url, topics.model("default"), other.encode())
+        wait_for(status_where(lambda s: s.last_error is not None and "the bundle is model 'other' v7" in s.last_error),
+                 60, "the other model refused")
+        seen.clear()
+        wait_for(status_where(lambda s: s.model_version == 1 and s.model_name == "default"), 30, "v1 still serving")
+        assert (tmp_path / "state" / "model-default.emlb").read_bytes() == v1.encode()  # not saved as this model
+
+        publish_retained(shared_broker.url, topics.device_model("live-1"), b"garbage, not a bundle")
+        wait_for(status_where(lambda s: s.last_error is not None and "bad magic" in s.last_error), 60,
+                 "the canary bundle refused")
+        publish_retained(shared_broker.url, topics.model("default"), v2.encode())
+        wait_for(status_where(lambda s: s.model_version == 2), 60, "the fleet's v2 despite the refused canary")
+        assert agent.poll() is None, agent_log.read_text()
+        agent.terminate()
+        assert agent.wait(30) == 0, agent_log.read_text()
+        assert "Traceback" not in agent_log.read_text()
+    finally:
+        watch.stop()
+        publish_retained(shared_broker.url, topics.model("default"), b"")
+        publish_retained(shared_broker.url, topics.device_model("live-1"), b"")

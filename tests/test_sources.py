@@ -295,6 +295,9 @@ CSV_CASES = [
     ("0.2,,1,2,3,x", "empty field", "empty field 'device_id'"),
     ("inf,a,1,2,3,x", "non-finite ts", "non-finite ts 'inf'"),
     ("nan,a,1,2,3,x", "non-finite ts", "non-finite ts 'nan'"),
+    # a result's key is its window start in ms from 0 on: a negative ts made a batch every hub refused for ever
+    ("-0.5,a,1,2,3,x", "ts out of range", "ts '-0.5' out of range (seconds since 1970, 0 to 9.0072e+12)"),
+    ("1e16,a,1,2,3,x", "ts out of range", "ts '1e16' out of range (seconds since 1970, 0 to 9.0072e+12)"),
     ("0.2,a,1,-inf,3,x", "non-finite value", "non-finite value '-inf' in column 'ay'"),
     ("0.2,a,1e39,2,3,x", "non-finite value", "value '1e39' out of float32 range in column 'ax'"),
     (
@@ -395,6 +398,7 @@ JSON_CASES = [
         "bad number true in column 'ax'",
     ),
     ('{"ts":null,"device_id":"a","ax":1,"ay":2,"az":3,"label":"x"}', "empty field", "empty field 'ts'"),
+    ('{"ts":-1.5,"device_id":"a","ax":1,"ay":2,"az":3,"label":"x"}', "ts out of range", "ts -1.5 out of range"),
     ('{"ts":0.2,"device_id":"","ax":1,"ay":2,"az":3,"label":"x"}', "empty field", "empty field 'device_id'"),
     (
         '{"ts":0.2,"device_id":"a","ax":1e300,"ay":2,"az":3,"label":"x"}',
@@ -903,6 +907,7 @@ ONE_RULE_CASES = [
     ("0.2,a,abc,2,3,x", "bad number 'abc' in column 'ax'"),
     ("0.2,a,1,2,1e39,x", "value '1e39' out of float32 range in column 'az'"),
     ("nan,a,1,2,3,x", "non-finite ts 'nan'"),
+    ("-3,a,1,2,3,x", "ts '-3' out of range (seconds since 1970, 0 to 9.0072e+12)"),
     ("0.2,,1,2,3,x", "empty field 'device_id'"),
     ("0.05,a,1,2,3,x", "non-monotonic ts 0.05 for device 'a' (previous 0.12 at line 4)"),
 ]
@@ -1026,6 +1031,7 @@ def test_sensor_fields_by_path_time_and_label() -> None:
     (b'{"at": 2, "env": {"t": {"value": 21}}}', "bad number", "bad number {\"value\":21} in column 't'"),
     (b'{"env": {"t": 1}, "at": "yesterday"}', "bad value", "neither a number nor ISO 8601"),
     (b'{"env": {"t": 1}}', "missing column", "no time field 'at'"),
+    (b'{"at": -2, "env": {"t": 1}}', "ts out of range", "ts -2.0 out of range"),
 ])
 def test_a_sensor_reading_that_is_none_is_counted_and_named(payload: bytes, kind: str, reason: str) -> None:
     feed = _feed(ts=("at",))

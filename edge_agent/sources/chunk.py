@@ -24,6 +24,20 @@ EMPTY_FIELD = "empty field"
 MISSING_COLUMN = "missing column"
 EXTRA_COLUMN = "extra column"
 NON_FINITE_TS = "non-finite ts"
+TS_OUT_OF_RANGE = "ts out of range"
+# A reading's ts is seconds since 1970: a result's key is its window's start in integer milliseconds, which the
+# contract takes from 0 on and a float64 holds exactly up to 2**53 ms (the year 287,396). A ts outside made a key
+# every hub refuses, and the result's batch, re-sent for ever, took its good results down with it.
+TS_MAX = 2**53 / 1000.0
+
+
+def ts_in_range(ts: np.ndarray) -> np.ndarray:
+    """Which ``ts`` a reading may have (False for NaN too)."""
+    return (ts >= 0.0) & (ts <= TS_MAX)
+
+
+def ts_range_reason(shown: str) -> tuple[str, str]:
+    return TS_OUT_OF_RANGE, f"ts {shown} out of range (seconds since 1970, 0 to {TS_MAX:.6g})"
 NON_MONOTONIC_TS = "non-monotonic ts"
 BAD_JSON = "bad json"
 BAD_ENCODING = "bad encoding"

@@ -31,7 +31,10 @@ from edge_agent.sources.chunk import (
     MISSING_COLUMN,
     NON_FINITE_TS,
     NON_FINITE_VALUE,
+    TS_MAX,
     LogError,
+    ts_in_range,
+    ts_range_reason,
 )
 from edge_agent.sources.numbers import BAD, EMPTY, INF, OK, PAD, Codes, Workspace, number, parse_numbers
 
@@ -99,6 +102,8 @@ class Rules:
             return None, ((EMPTY_FIELD, "empty field 'ts'") if st == EMPTY else
                           (BAD_NUMBER, f"bad number {_show(ts)} in column 'ts'") if st == BAD else
                           (NON_FINITE_TS, f"non-finite ts {_show(ts)}"))
+        if not 0.0 <= t <= TS_MAX:
+            return None, ts_range_reason(_show(ts))
         device, err = _text(dev, "device_id")
         if err or not device.strip():
             return None, err or (EMPTY_FIELD, "empty field 'device_id'")
@@ -227,7 +232,7 @@ class Csv:
         lab = None if self.ilab is None else p.labels.encode_fields(raw, S[:, self.ilab], E[:, self.ilab], has_nul)
         with np.errstate(over="ignore"):
             vals = num[:, 1:].astype(np.float32)
-        suspect = (st[:, 0] != OK) | (st[:, 1:] >= INF).any(axis=1) | np.isinf(vals).any(axis=1)
+        suspect = (st[:, 0] != OK) | ~ts_in_range(num[:, 0]) | (st[:, 1:] >= INF).any(axis=1) | np.isinf(vals).any(axis=1)
         # The times copied out: a view of num's first column would keep all of num (float64, every numeric
         # column) alive with the block until its chunk is complete: 0.4 MB of a replay's peak (#27 §4).
         b = Block(num[:, 0].copy(), dev, vals, lab, lines, problems, blank)
@@ -280,8 +285,7 @@ class Jsonl:
             except (OverflowError, ValueError, TypeError):
                 pass  # e.g. an integer too big for a double: the rules name it
             else:
-                fin = np.isfinite(b.ts)
-                self.p.judge(b, ~fin | np.isinf(b.vals).any(axis=1),
+                self.p.judge(b, ~ts_in_range(b.ts) | np.isinf(b.vals).any(axis=1),
                               lambda r: (cols[0][r], cols[1][r], [c[r] for c in cols[2:-1]], cols[-1][r]))
                 return b
         return self._by_line(lines_b, first_line)

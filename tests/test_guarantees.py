@@ -93,10 +93,11 @@ def test_overflow_never_drops_a_row_the_publisher_has_in_flight(broker: LocalBro
 
 
 def test_results_an_older_build_wrote_with_a_nul_are_discarded_not_resent_forever(broker: LocalBroker, hub: Hub,
-                                                                                 prefix: str, tmp_path: Path) -> None:
-    """An outbox row with a NUL in its label (written before the contract refused it): every hub now refuses the
-    batch holding it, good results included, at every retry. The publisher discards that row, says so, and the
-    rest is stored."""
+                                                                                 prefix: str, tmp_path: Path,
+                                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An outbox row with a NUL in its label, or a key below 0 (written before the contract, then the sources,
+    refused them): every hub refuses the batch holding it, good results included, at every retry. The publisher
+    discards those rows, says so, and the rest is stored."""
     topics = hub.topics
     box = Outbox(tmp_path / "outbox.sqlite")
     link = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-dev", subscriptions=[(topics.receipts("d"), 1)],
@@ -106,6 +107,7 @@ def test_results_an_older_build_wrote_with_a_nul_are_discarded_not_resent_foreve
     rows = _rows(range(6))
     rows[2] = (2, rows[2][1].replace(b'"walk"', b'"wa\\u0000lk"'))  # as an older build encoded it
     box.put("d", rows)
+    box.put("d", _rows([-1500]))  # a reading's ts before 1970, as an older build took it
     link.start()
     link.wait_subscribed(10)
     pub.start()
@@ -117,7 +119,7 @@ def test_results_an_older_build_wrote_with_a_nul_are_discarded_not_resent_foreve
         box.close()
     wait_for(lambda: len(stored_keys(hub.settings.db)) >= 5, what="the other rows stored")
     assert sorted(stored_keys(hub.settings.db)) == [("d", s) for s in (0, 1, 3, 4, 5)]
-    assert pub.discarded == 1 and "a NUL in a label or truth" in (pub.last_error or "")
+    assert pub.discarded == 2 and "a NUL in a label or truth" in caplog.text and "a key below 0" in caplog.text
     assert hub.stats.dead_letters == 0
 
 

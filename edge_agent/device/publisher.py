@@ -265,8 +265,11 @@ class Publisher:
                     # refuses the batch holding it, with the good results around it, at every retry
                     self._discard(nul, "a NUL in a label or truth (written by an older build; refused by the hub)")
                     rows = [r for r in rows if b"\\u0000" not in r.payload]
-                    if not rows:
-                        continue
+                if negative := [r for r in rows if r.seq < 0]:  # a ts before 1970, taken by a build before sources refused it
+                    self._discard(negative, "a key below 0 (a reading's ts before 1970; refused by the hub)")
+                    rows = [r for r in rows if r.seq >= 0]
+                if not rows:
+                    continue
                 # mark_duplicates: the receipt then says which were stored before (a hub of this build
                 # or newer reads it; an older one refuses it: upgrade the hub first)
                 payload = join_results(device_id, [r.payload for r in rows], mark_duplicates=self.receipts)

@@ -1107,3 +1107,18 @@ def test_between_chunks_a_log_is_held_once_in_the_parsers_buffer(tmp_path: Path,
     assert held == [], f"the generator keeps {[len(v) for v in held]} bytes read"
     data = b"".join(c.values.tobytes() for c in ([chunk, *(reader if not replay else it)]))
     assert len(data) == 40_000 * 2 * 4
+
+
+def test_a_refused_long_label_costs_nothing_afterwards(tmp_path: Path) -> None:
+    """A hostile peer's finding: one refused 1 MiB label stayed in the label table, and numpy sized every later
+    chunk's label cells to it (rows x 4 MiB: an agent on a stream went from 76 MB to 4.8 GB)."""
+    from edge_agent.contract.wire import MAX_LABEL_CHARS
+
+    rows = [{"ts": i * 0.01, "device_id": "a", "ax": 1.0, "ay": 2.0, "az": 3.0, "label": "walk"} for i in range(4000)]
+    rows[5]["label"] = "x" * 8192  # 1 MiB took gigabytes; this is enough to see the cells sized to it
+    path = write_lines(tmp_path / "long.jsonl", [orjson.dumps(r).decode() for r in rows])
+    reader = read_log(path, on_error="skip")
+    chunk = reader.read_all()
+    assert reader.stats.rows_skipped == 1 and len(chunk) == 3999
+    assert chunk.labels is not None and set(chunk.labels.tolist()) == {"walk"}
+    assert chunk.labels.dtype.itemsize <= 4 * MAX_LABEL_CHARS, chunk.labels.dtype

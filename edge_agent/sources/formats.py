@@ -351,7 +351,7 @@ class Decoder:
     def __init__(self, source: str):
         self.source = source
         self.ws = Workspace()
-        self.devices, self.labels = Codes(allow_empty=False), Codes(allow_empty=True)
+        self.devices, self.labels = Codes(allow_empty=False), Codes(allow_empty=True, longest=MAX_LABEL_CHARS)
         self.rules = Rules((), False)
         self._label_list: list[tuple[float, ...] | None] = []  # per label code, for a numeric label column
         self._label_values = np.empty((0, 1))

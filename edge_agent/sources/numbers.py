@@ -165,9 +165,10 @@ class Codes:
     it are checked one by one, where the reason is written.
     """
 
-    def __init__(self, allow_empty: bool):
+    def __init__(self, allow_empty: bool, longest: int | None = None):
         self.allow_empty = allow_empty
         self.names: list[str] = []
+        self.longest = longest  # a longer name is never a valid value: its rows are refused
         self.invalid: set[int] = set()
         self.by_bytes: dict[bytes, int] = {}
         self.by_str: dict[Any, int] = {}
@@ -214,7 +215,11 @@ class Codes:
     @property
     def names_array(self) -> np.ndarray:
         if len(self._names_arr) != len(self.names):
-            self._names_arr = np.array(self.names, dtype=str)
+            # numpy sizes every cell to the longest name: one refused 1 MiB label made each later chunk of
+            # labels rows x 4 MiB (gigabytes). A name past ``longest`` indexes no row (its rows are refused).
+            longest = self.longest
+            names = self.names if longest is None else [n if len(n) <= longest else "" for n in self.names]
+            self._names_arr = np.array(names, dtype=str)
         return self._names_arr
 
     def encode_fields(self, raw: bytes, S: np.ndarray, E: np.ndarray, has_nul: bool) -> np.ndarray:

@@ -103,7 +103,7 @@ def device_cpu(announcement: bytes) -> dict[str, float]:
 
 def _device_round(p: Any, delta: Any, stats: Any, ranges: Any, timed: Any) -> None:
     from edge_agent.contract import secure_codec
-    from edge_agent.contract.rounds import encode_update_delta
+    from edge_agent.contract.round_updates import encode_update_delta
     from edge_agent.contract.secure_rounds import Step, decode_answer, secure_grid
     from edge_agent.device.secure import SecureAnswerer
 

@@ -183,13 +183,13 @@ def _job(job: tuple) -> dict:
 
 def _on_the_wire(res, encoding: str, round_id: int, device: str) -> tuple[dict, int]:
     """The delta as the hub gets it (the contract's update, encoded and decoded) and the payload's bytes."""
-    from edge_agent.contract import rounds as cr
+    from edge_agent.contract import round_updates as cu
 
-    specs, arrays = cr.encode_update_delta(res.delta, encoding)
-    payload = cr.Update(round_id, device, "default", 1, res.n, res.loss_before, res.loss_after, res.metric_before,
+    specs, arrays = cu.encode_update_delta(res.delta, encoding)
+    payload = cu.Update(round_id, device, "default", 1, res.n, res.loss_before, res.loss_after, res.metric_before,
                         res.metric_after, res.norm, int(res.epochs), res.seconds,
                         tuple(tuple(x) for x in res.ranges), encoding, specs, arrays, time.time()).encode()
-    return cr.decode_update(payload).dequantized(), len(payload)
+    return cu.decode_update(payload).dequantized(), len(payload)
 
 
 DEVICE_SCRIPT = r"""
@@ -198,8 +198,8 @@ from edge_agent.device import learn
 z = np.load(sys.argv[1])
 t = {k[2:]: z[k] for k in z.files if k.startswith("t_")}
 r = learn.fine_tune(t, "classification", z["X"], z["y"], epochs=float(sys.argv[2]), lr=0.03, batch=64, alpha=0.025)
-from edge_agent.contract import rounds as cr
-q = cr.encode_update_delta(r.delta, "int8")
+from edge_agent.contract import round_updates as cu
+q = cu.encode_update_delta(r.delta, "int8")
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 mods = sorted(m.split(".")[0] for m in sys.modules)
 print(int(hwm), r.seconds, "sklearn" in mods or "onnxruntime" in mods or "cloud_hub" in mods)

@@ -33,6 +33,7 @@ import orjson
 from cloud_hub.data.result_rows import fast_rows
 from cloud_hub.data.sessions import pack_features
 from edge_agent import contract as c
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 from edge_agent.contract import secagg
 from edge_agent.contract import secure_rounds as sr
@@ -71,7 +72,7 @@ def equivalent(a: Any, b: Any) -> bool:
     if isinstance(a, cr.Announcement):
         return a.plan == b.plan and a.weights.keys() == b.weights.keys() and all(
             np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
-    if isinstance(a, cr.Update):
+    if isinstance(a, cu.Update):
         return (dataclasses.replace(a, delta={}) == dataclasses.replace(b, delta={})
                 and a.delta.keys() == b.delta.keys() and all(np.array_equal(a.delta[k], b.delta[k]) for k in a.delta))
     return bool(a == b)
@@ -362,7 +363,7 @@ TARGETS: dict[str, Target] = {
     "results": results,
     "status": _message(c.decode_status),
     "receipt": _message(c.decode_receipt),
-    "update": _message(cr.decode_update),
+    "update": _message(cu.decode_update),
     "announcement": announcement,
     "bundle": bundle,
     "manifest": manifest,

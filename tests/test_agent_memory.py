@@ -26,6 +26,7 @@ s = load_settings(AgentSettings, env_prefix="EDGE_AGENT_PROBE", config=None,
 agent = Agent(s, device_ids=(s.device_id,) if s.device_id else ())
 print(json.dumps({"learner": agent.learner is not None,
                   "loaded": sorted(m for m in ("edge_agent.device.learner", "threadpoolctl", "edge_agent.contract.rounds",
+                                              "edge_agent.contract.round_updates", "edge_agent.contract.round_frames",
                                               "tomllib") if m in sys.modules)}))
 agent.outbox.close()
 """
@@ -48,7 +49,8 @@ def test_an_agent_that_joins_no_round_does_not_import_the_learner(tmp_path: Path
 
 def test_an_agent_that_joins_rounds_has_its_learner(tmp_path: Path) -> None:
     out = _agent_modules(tmp_path / "state", "d-1", "on")
-    assert out == {"learner": True, "loaded": ["edge_agent.contract.rounds", "edge_agent.device.learner", "threadpoolctl"]}
+    assert out == {"learner": True, "loaded": ["edge_agent.contract.round_frames", "edge_agent.contract.round_updates",
+                                               "edge_agent.contract.rounds", "edge_agent.device.learner", "threadpoolctl"]}
 
 
 # ------------------------------------------------------------------ buffers a replay holds (#27 §4)

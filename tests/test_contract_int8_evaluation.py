@@ -12,6 +12,7 @@ import pytest
 
 from edge_agent import contract as c
 from edge_agent.contract import asyncapi as cs
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 
 WEIGHTS = {"coef_0": np.arange(6, dtype=np.float32).reshape(2, 3), "intercept_0": np.zeros(3, np.float32)}
@@ -60,16 +61,16 @@ def test_only_an_evaluate_round_carries_a_model() -> None:
 
 
 def test_an_evaluation_answer_carries_both_int8_scores() -> None:
-    answer = cr.Update(4, "d1", "default", 2, 30, 0.0, 0.0, 0.8, 0.9, 0.0, 0, 0.1, (), "int8", (), {},
+    answer = cu.Update(4, "d1", "default", 2, 30, 0.0, 0.0, 0.8, 0.9, 0.0, 0, 0.1, (), "int8", (), {},
                        kind="evaluate", int8_before=0.75, int8_after=0.85)
     payload = answer.encode()
     jsonschema.Draft7Validator(cs.UPDATE).validate(_header(payload))
-    back = cr.decode_update(payload, "d1")
+    back = cu.decode_update(payload, "d1")
     assert (back.metric_before, back.metric_after, back.int8_before, back.int8_after) == (0.8, 0.9, 0.75, 0.85)
     old = dataclasses.replace(answer, int8_before=None, int8_after=None)  # an agent from before: still read
-    assert "int8" not in _header(old.encode()) and cr.decode_update(old.encode()).int8_after is None
+    assert "int8" not in _header(old.encode()) and cu.decode_update(old.encode()).int8_after is None
     for bad in ([0.5], [0.5, "x"], {"a": 1}):
         head = _header(payload) | {"int8": bad}
         raw = b"EMLU" + len(orjson.dumps(head)).to_bytes(4, "big") + orjson.dumps(head)
         with pytest.raises(c.ContractError, match="int8"):
-            cr.decode_update(raw)
+            cu.decode_update(raw)

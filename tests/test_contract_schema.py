@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from edge_agent import contract as c
 from edge_agent.contract import asyncapi as cs
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 from edge_agent.contract import secure_rounds as sr
 
@@ -80,8 +81,8 @@ def test_the_document_is_asyncapi_3_with_every_channel_and_valid_schemas() -> No
     for op, delivery in (("sendResults", c.RESULTS_DELIVERY), ("sendStatus", c.STATUS_DELIVERY),
                          ("receiveReceipts", c.RECEIPT_DELIVERY), ("receiveModels", c.MODEL_DELIVERY),
                          ("receiveDeviceModel", c.MODEL_DELIVERY), ("receiveRounds", cr.ROUND_DELIVERY),
-                         ("sendUpdate", cr.UPDATE_DELIVERY), ("receiveRoundStep", sr.STEP_DELIVERY),
-                         ("sendSecureAnswer", sr.ANSWER_DELIVERY), ("receiveAnswered", cr.UPDATE_DELIVERY)):
+                         ("sendUpdate", cu.UPDATE_DELIVERY), ("receiveRoundStep", sr.STEP_DELIVERY),
+                         ("sendSecureAnswer", sr.ANSWER_DELIVERY), ("receiveAnswered", cu.UPDATE_DELIVERY)):
         assert ops[op]["bindings"]["mqtt"]["qos"] == delivery.qos
         assert ops[op]["bindings"]["mqtt"]["retain"] == delivery.retain
 
@@ -101,18 +102,18 @@ def test_round_announcements_and_updates_validate_and_decode_back() -> None:
     with pytest.raises(c.ContractError, match="sha256"):
         cr.decode_announcement(payload[:-1] + bytes([payload[-1] ^ 1]))  # a flipped weight bit
     delta = {"coef_1": rng.normal(0, 0.01, (4, 3)).astype(np.float32), "intercept_1": np.zeros(3, np.float32)}
-    specs, arrays = cr.encode_update_delta(delta, "int8")
-    update = cr.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),) * 2, "int8",
+    specs, arrays = cu.encode_update_delta(delta, "int8")
+    update = cu.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),) * 2, "int8",
                        specs, arrays, 5.0)
     data = update.encode()
     assert len(data) < 8 + 400 + 15  # 12 + 3 bytes of int8 after the header
     VALIDATORS["update"].validate(orjson.loads(data[8:8 + int.from_bytes(data[4:8], "big")]))
-    got = cr.decode_update(data, "d1").dequantized()
+    got = cu.decode_update(data, "d1").dequantized()
     scale = specs[0].scale
     assert np.max(np.abs(got["coef_1"] - delta["coef_1"])) <= scale / 2 + 1e-9
     assert not got["intercept_1"].any()
     with pytest.raises(c.ContractError, match="differs"):
-        cr.decode_update(data, "d2")
+        cu.decode_update(data, "d2")
 
 
 def test_secure_round_steps_and_answers_validate() -> None:
@@ -318,8 +319,8 @@ def real_messages(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, A
                                               weights).encode())),
             ("round", _header(cr.announcement(replace(plan, dp=DpParams("central", 2.0, 1e-6),
                                                       weights_dtype="float16"), weights).encode()))]
-    specs, arrays = cr.encode_update_delta({"coef_0": np.full((2, 2), 0.01, np.float32)}, "int8")
-    update = cr.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),), "int8",
+    specs, arrays = cu.encode_update_delta({"coef_0": np.full((2, 2), 0.01, np.float32)}, "int8")
+    update = cu.Update(3, "d1", "default", 2, 10, 1.0, 0.5, 0.5, 0.8, 0.1, 1, 0.2, ((0, 1, -1, 2),), "int8",
                        specs, arrays, 5.0)
     out.append(("update", _header(update.encode())))
     session = secagg.Session(b"m/round 3", ("d1", "d2", "d3"), 2, 10)

@@ -23,6 +23,7 @@ from cloud_hub.rounds.finish import finish
 from cloud_hub.rounds.store import RoundStore
 from edge_agent import exits
 from edge_agent.contract import ContractError, decode_bundle, secagg, secure_codec
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 from edge_agent.contract.privacy import (
     DpParams,
@@ -250,7 +251,7 @@ def test_a_central_round_weighs_alike_adds_its_noise_keeps_the_base_ranges_and_s
 
     with engine.connect() as conn:
         blob1 = store.get_weights(conn, "default", 1)
-    updates = [(cr.decode_update(p), s) for _d, s, p in counted]
+    updates = [(cu.decode_update(p), s) for _d, s, p in counted]
     once, again = (finish_module._aggregate(r, updates, blob1, base_row.manifest, [base_row],
                                             decode_bundle(base_row.bundle).model).tensors for _ in range(2))
     assert all(np.array_equal(once[k], again[k]) for k in r.plan["trainable"])
@@ -300,7 +301,7 @@ def test_a_central_round_gives_every_update_the_same_weight(tmp_path, monkeypatc
         base = fedavg.mlp_tensors(weights.from_bytes(store.get_weights(conn, "default", 1)))
 
     def update(device: str, value: float, n_examples: int) -> bytes:
-        u = cr.decode_update(_update(r, device, base, value))
+        u = cu.decode_update(_update(r, device, base, value))
         return dataclasses.replace(u, n_examples=n_examples).encode()
 
     counted = [("a", 0, update("a", 0.001, 10)), ("b", 0, update("b", 0.003, 90))]

@@ -20,7 +20,7 @@ from cloud_hub.rounds.config import FederateConfig
 from cloud_hub.rounds.finish import finish
 from cloud_hub.rounds.store import RoundRow, RoundStore
 from edge_agent import exits
-from edge_agent.contract import rounds as cr
+from edge_agent.contract import round_updates as cu
 from tests.helpers import offline_coordinator
 
 
@@ -52,8 +52,8 @@ def test_federate_passes_aggregate_to_its_config_and_refuses_an_unknown_rule(tmp
 def _update(r: RoundRow, device: str, tensors: dict, value: float) -> bytes:
     """An update whose delta is ``value`` in every trained weight (exact in INT8: one step of its scale)."""
     trainable = r.plan["trainable"]
-    specs, arrays = cr.encode_update_delta({k: np.full_like(tensors[k], value) for k in trainable}, "int8")
-    return cr.Update(r.id, device, "default", 1, 10, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
+    specs, arrays = cu.encode_update_delta({k: np.full_like(tensors[k], value) for k in trainable}, "int8")
+    return cu.Update(r.id, device, "default", 1, 10, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
                      ((0.0, 1.0, 0.0, 1.0),) * (len(trainable) // 2), "int8", specs, arrays).encode()
 
 

@@ -25,7 +25,9 @@ from cloud_hub.models.signing import keygen
 from cloud_hub.rollout import publish as rollout
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
+from edge_agent.contract.round_frames import TensorSpec
 from edge_agent.device import learn
 from edge_agent.mqtt import BrokerURL, MqttLink
 from edge_agent.preprocess import PreprocessParams, extract_features
@@ -219,7 +221,7 @@ class FakeDevices:
                 return ann
 
     def send(self, device: str, payload: bytes) -> None:
-        self.link.publish(self.topics.update(device), payload, cr.UPDATE_DELIVERY)
+        self.link.publish(self.topics.update(device), payload, cu.UPDATE_DELIVERY)
 
 
 def _update(ann: cr.Announcement, device: str, X: np.ndarray, *, scale: float = 1e-3, encoding: str = "int8",
@@ -231,9 +233,9 @@ def _update(ann: cr.Announcement, device: str, X: np.ndarray, *, scale: float = 
     if nan:
         delta[p.trainable[0]].flat[0] = np.nan
     if nan:  # a device that sends what our encoder refuses
-        specs, arrays = tuple(cr.TensorSpec(k, v.shape) for k, v in delta.items()), delta
+        specs, arrays = tuple(TensorSpec(k, v.shape) for k, v in delta.items()), delta
     else:
-        specs, arrays = cr.encode_update_delta(delta, encoding)
+        specs, arrays = cu.encode_update_delta(delta, encoding)
     if force_scale is not None:  # int8 values times a scale that overflows float32
         specs = tuple(dataclasses.replace(t, scale=force_scale) for t in specs)
     fields = dict(round_id=p.round_id, device_id=device, model=p.model, base_version=base or p.base_version,
@@ -241,7 +243,7 @@ def _update(ann: cr.Announcement, device: str, X: np.ndarray, *, scale: float = 
                   epochs=1, seconds=0.1, ranges=tuple(tuple(r) for r in learn.activation_ranges(ann.weights, X)),
                   encoding=encoding, tensors=specs, delta=arrays, sent=time.time())
     fields.update(over)
-    return cr.Update(**fields).encode()
+    return cu.Update(**fields).encode()
 
 
 def _fake_fleet(procs, broker, prefix: str, tmp_path: Path, names: tuple[str, ...]):
@@ -396,7 +398,7 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     learner.tick()
     learner.close()
     assert len(sent) == 1 and sent[0][0] == "t/devices/me/update"
-    update = cr.decode_update(sent[0][1], "me")
+    update = cu.decode_update(sent[0][1], "me")
     held = held_out(starts)
     assert held.sum() == 8 and update.n_examples == 32  # held-out windows are never trained on
     assert update.round_id == 1 and update.metric_after >= update.metric_before
@@ -414,7 +416,7 @@ def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> N
     learner.tick()
     learner.close()
     assert len(sent) == 2
-    answer = cr.decode_update(sent[1][1], "me")
+    answer = cu.decode_update(sent[1][1], "me")
     assert answer.kind == "evaluate" and answer.tensors == () and answer.n_examples == held.sum()
     truth = (X[held, 0] <= 0).astype(int)  # scored here through the ONNX-equivalent forward pass, independently
     assert answer.metric_before == pytest.approx(np.mean(learn.predict(w, "classification", X[held]).argmax(1) == truth))
@@ -536,8 +538,8 @@ def test_a_round_whose_version_was_registered_before_a_crash_is_finished_with_it
     plan = cr.RoundPlan(1, "default", 1, v1.sha256, "classification", ("a",), time.time() + 60,
                         trainable=("coef_1", "intercept_1"))
     header = cr.announcement(plan, tensors).plan.header()
-    specs, arrays = cr.encode_update_delta({k: np.zeros_like(tensors[k]) for k in plan.trainable}, "int8")
-    payload = cr.Update(1, "a", "default", 1, 10, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
+    specs, arrays = cu.encode_update_delta({k: np.zeros_like(tensors[k]) for k in plan.trainable}, "int8")
+    payload = cu.Update(1, "a", "default", 1, 10, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
                         ((0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 1.0)), "int8", specs, arrays).encode()
     with sessions.transaction(engine) as conn:
         RoundStore().add_round(conn, round_id=1, name="default", base_version=1, participants=["a"], plan=header,
@@ -586,9 +588,9 @@ def _closed_round(engine: sa.Engine, participants: tuple[str, ...], **plan_extra
 
 def _zero_update(device: str, tensors: dict, *, round_id: int = 1, n: int = 10, value: float = 0.0) -> bytes:
     """An update whose delta is ``value`` in every trained weight (exact in INT8: one step of its scale)."""
-    specs, arrays = cr.encode_update_delta({k: np.full_like(tensors[k], value) for k in ("coef_1", "intercept_1")},
+    specs, arrays = cu.encode_update_delta({k: np.full_like(tensors[k], value) for k in ("coef_1", "intercept_1")},
                                            "int8")
-    return cr.Update(round_id, device, "default", 1, n, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
+    return cu.Update(round_id, device, "default", 1, n, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
                      ((0.0, 1.0, 0.0, 1.0), (0.0, 1.0, 0.0, 1.0)), "int8", specs, arrays).encode()
 
 
@@ -672,11 +674,11 @@ def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(
                       allow_unsigned=True, running=lambda: v1, publish=lambda _t, p, _e=None: sent.append(p), topic="t")
     learner.on_windows("L", X, [str(v) for v in labels], starts)
 
-    def answer(ann: cr.Announcement) -> cr.Update:
+    def answer(ann: cr.Announcement) -> cu.Update:
         learner.offer(ann.encode())
         learner.tick()
         learner.close()
-        return cr.decode_update(sent[-1], "me")
+        return cu.decode_update(sent[-1], "me")
 
     r, tensors = _closed_round(engine, ("me",), tolerance=-1.0)  # a gate no model passes: nothing is published
     train = dataclasses.replace(cr.RoundPlan(**{**dataclasses.asdict(_plan_and_weights()[0]), "participants": ("me",)}),
@@ -693,7 +695,7 @@ def test_the_devices_judge_the_int8_model_that_ships_and_the_gate_decides_on_it(
     state, version, outcome, gate = finish(engine, None, r, [("me", 0, sent[0])], signing_key=None,  # type: ignore[arg-type]
                                            allow_unsigned=True, evaluate=evaluate)
     assert (state, version) == ("rejected", 2) and update.kind == "train"
-    ev = cr.decode_update(sent[-1], "me")
+    ev = cu.decode_update(sent[-1], "me")
     assert ev.int8_after != ev.metric_after, "these windows tell the INT8 model from its FP32 weights"
     with engine.connect() as conn:
         v2 = Store(engine).get_model(conn, "default", 2)

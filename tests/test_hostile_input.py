@@ -33,6 +33,7 @@ from cloud_hub.models.signing import keygen, load_private_key, sign_bundle, sign
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent import exits
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 from edge_agent.device.bundle import (
     BundleRejected,
@@ -89,14 +90,14 @@ def _announcement(**over: Any) -> cr.Announcement:
     return cr.announcement(cr.RoundPlan(**fields), weights)
 
 
-def _update(**over: Any) -> cr.Update:
-    specs, arrays = cr.encode_update_delta({"coef_0": np.full((4, 3), 0.01, np.float32)}, "int8")
+def _update(**over: Any) -> cu.Update:
+    specs, arrays = cu.encode_update_delta({"coef_0": np.full((4, 3), 0.01, np.float32)}, "int8")
     fields: dict[str, Any] = dict(round_id=1, device_id="dev-1", model="default", base_version=1, n_examples=50,
                                   loss_before=1.0, loss_after=0.5, metric_before=0.5, metric_after=0.7, norm=0.1,
                                   epochs=1, seconds=0.1, ranges=((0.0, 1.0, -1.0, 1.0),), encoding="int8",
                                   tensors=specs, delta=arrays, sent=1.0)
     fields.update(over)
-    return cr.Update(**fields)
+    return cu.Update(**fields)
 
 
 def _manifest(**over: Any) -> c.Manifest:
@@ -124,9 +125,9 @@ def _nested(depth: int) -> bytes:
 
 @pytest.mark.parametrize(("payload", "decode", "field"), [
     (ANNOUNCEMENT, cr.decode_announcement, "encoding"),
-    (UPDATE, cr.decode_update, "encoding"),
+    (UPDATE, cu.decode_update, "encoding"),
     (ANNOUNCEMENT, cr.decode_announcement, "kind"),
-    (UPDATE, cr.decode_update, "kind"),
+    (UPDATE, cu.decode_update, "kind"),
     (ANNOUNCEMENT, cr.decode_announcement, "task"),
     (ANNOUNCEMENT, cr.decode_announcement, "base_sha256"),
     (ANNOUNCEMENT, cr.decode_announcement, "weights_sha256"),
@@ -163,8 +164,8 @@ DEEP = b"[" * 1000 + b"]" * 1000
     (c.decode_results, RESULTS.replace(b'"label":"A"', b'"label":' + DEEP)),
     (c.decode_results, RESULTS.replace(b'"features":[1.0,2.0]', b'"features":[1.0,' + DEEP + b"]")),
     (c.decode_receipt, RECEIPT.replace(b'"device_id":"dev-1"', b'"device_id":' + DEEP)),
-    (cr.decode_update, _with_field(UPDATE, "model", DEEP)),
-    (cr.decode_update, _with_field(UPDATE, "n", DEEP)),
+    (cu.decode_update, _with_field(UPDATE, "model", DEEP)),
+    (cu.decode_update, _with_field(UPDATE, "n", DEEP)),
     (cr.decode_announcement, _with_field(ANNOUNCEMENT, "participants", b"[" + DEEP + b"]")),
     (cr.decode_announcement, _with_field(ANNOUNCEMENT, "tensors", b'[{"name":"coef_0","shape":' + DEEP + b"}]")),
     (c.decode_bundle, _with_field(BUNDLE, "metrics", _nested(300))),
@@ -338,7 +339,7 @@ DECODERS: dict[str, tuple[Callable[[bytes], Any], bytes]] = {
     "receipt": (c.decode_receipt, RECEIPT),
     "bundle": (c.decode_bundle, BUNDLE),
     "announcement": (cr.decode_announcement, ANNOUNCEMENT),
-    "update": (cr.decode_update, UPDATE),
+    "update": (cu.decode_update, UPDATE),
 }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from threadpoolctl import OpenBLASController, threadpool_info, threadpool_limits
 
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 from edge_agent.device import learn
 from edge_agent.device.learner import Learner
@@ -69,7 +70,7 @@ def test_a_round_trains_and_evaluates_with_one_blas_thread(tmp_path, monkeypatch
     finally:
         two.restore_original_limits()
         OpenBLASController.clear_controlling_thread()
-    assert [cr.decode_update(p, "me").kind for p in sent] == ["train", "evaluate"]
+    assert [cu.decode_update(p, "me").kind for p in sent] == ["train", "evaluate"]
     assert len(seen["fine_tune"]) == 1 and len(seen["score"]) == 4  # train: before/after; evaluate: base/candidate
     assert all(set(counts) == {1} for calls in seen.values() for counts in calls), seen
 
@@ -212,7 +213,7 @@ def test_the_int8_delta_is_the_former_encoding_bit_for_bit() -> None:
     rng = np.random.default_rng(4)
     delta = {"coef_1": (rng.normal(size=(512, 512)) * 0.03).astype(np.float32),
              "intercept_1": rng.normal(size=512).astype(np.float32), "zero": np.zeros(3, np.float32)}
-    specs, arrays = cr.encode_update_delta(delta, "int8")
+    specs, arrays = cu.encode_update_delta(delta, "int8")
     for s in specs:
         d = delta[s.name]
         scale = float(np.max(np.abs(d))) / 127.0

@@ -10,7 +10,7 @@ from cloud_hub.models.quantize import quantize_int8, session
 from cloud_hub.models.training import TrainConfig, export_onnx, train
 from cloud_hub.rounds import fedavg
 from edge_agent import contract as c
-from edge_agent.contract import rounds as cr
+from edge_agent.contract import round_updates as cu
 from edge_agent.device import learn
 
 SMALL = TrainConfig(hidden=(24, 16), max_iter=20, min_updates=100, batch_size=64)
@@ -229,16 +229,16 @@ def test_int8_delta_round_trip_on_the_wire() -> None:
     rng = np.random.default_rng(0)
     delta = {"a": rng.normal(0, 1e-3, (50, 30)).astype(np.float32), "b": np.zeros(7, np.float32),
              "c": np.array([-2.0, 0.5, 1.0], np.float32)}
-    specs, arrays = cr.encode_update_delta(delta, "int8")
+    specs, arrays = cu.encode_update_delta(delta, "int8")
     assert arrays["a"].dtype == np.int8 and {t.name: t.scale for t in specs}["b"] == 0.0
     assert arrays["c"].tolist() == [-127, 32, 64]
-    update = cr.Update(1, "d", "m", 1, 5, 1.0, 1.0, 0.5, 0.5, 0.1, 1, 0.1, (), "int8", specs, arrays)
-    deq = cr.decode_update(update.encode(), "d").dequantized()
+    update = cu.Update(1, "d", "m", 1, 5, 1.0, 1.0, 0.5, 0.5, 0.1, 1, 0.1, (), "int8", specs, arrays)
+    deq = cu.decode_update(update.encode(), "d").dequantized()
     for t in specs:
         assert np.all(np.abs(deq[t.name] - delta[t.name]) <= (t.scale or 0) / 2 * (1 + 1e-5) + 1e-12), t.name
     np.testing.assert_array_equal(deq["b"], 0)
     with pytest.raises(c.ContractError, match="NaN or inf"):
-        cr.encode_update_delta({"a": np.array([1.0, np.nan], np.float32)}, "int8")
+        cu.encode_update_delta({"a": np.array([1.0, np.nan], np.float32)}, "int8")
 
 
 def test_aggregate_is_the_weighted_mean_of_the_updates() -> None:

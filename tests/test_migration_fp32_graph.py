@@ -21,7 +21,7 @@ from cloud_hub.data import revisions as schema
 from cloud_hub.data.store import Store
 from cloud_hub.models import datasets, lifecycle, training, weights
 from cloud_hub.rounds import fedavg
-from edge_agent.contract import rounds as cr
+from edge_agent.contract import round_updates as cu
 from tests.helpers import SMALL, make_log
 from tests.test_federated import _closed_round
 from tests.test_schema import raw, url  # noqa: F401 - url: the SQLite file / PostgreSQL database fixture
@@ -140,8 +140,8 @@ def _updates(tensors: dict[str, np.ndarray]) -> list[tuple[str, int, bytes]]:
     out = []
     for i, device in enumerate(("a", "b")):
         delta = {k: rng.normal(0, 0.02, tensors[k].shape).astype(np.float32) for k in ("coef_1", "intercept_1")}
-        specs, arrays = cr.encode_update_delta(delta, "int8")
-        out.append((device, 0, cr.Update(1, device, "default", 1, 20 + i, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
+        specs, arrays = cu.encode_update_delta(delta, "int8")
+        out.append((device, 0, cu.Update(1, device, "default", 1, 20 + i, 1.0, 1.0, 0.5, 0.5, 0.0, 1, 0.1,
                                          ((-3.0, 3.0, -2.0, 4.0), (0.0, 4.0, -5.0, 5.0)), "int8", specs,
                                          arrays).encode()))
     return out
@@ -158,7 +158,7 @@ def test_a_round_on_the_stored_graph_makes_the_model_the_scikit_learn_path_made(
     with engine.connect() as conn:
         blob, base, rows = (store.get_weights(conn, "default", 1), store.get_model(conn, "default", 1),
                             store.list_models(conn, "default"))
-    updates = [(cr.decode_update(p), s) for _, s, p in _updates(tensors)]
+    updates = [(cu.decode_update(p), s) for _, s, p in _updates(tensors)]
     now = finish._aggregate(r, updates, blob, base.manifest, rows)
     then = finish._aggregate(r, updates, weights.with_tensors(blob, weights.tensors(blob)), base.manifest, rows)
     assert sorted(now.tensors) == sorted(then.tensors)

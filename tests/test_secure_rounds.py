@@ -299,7 +299,7 @@ def test_a_secure_round_survives_a_device_killed_after_masking(procs, broker, pr
     from cloud_hub.data import tables
     from cloud_hub.models import weights
     from cloud_hub.rounds.fedavg import mlp_tensors
-    from edge_agent.contract.rounds import decode_update
+    from edge_agent.contract.round_updates import decode_update
     from tests.test_federated import Fleet, _devices, _query
 
     fleet = Fleet(procs, broker, prefix, tmp_path, devices=SECURE_DEVICES, partial=("sa-5",),

@@ -27,7 +27,7 @@ from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import HubSettings
 from edge_agent.contract import ContractError
 from edge_agent.contract.answers import AnswerReceipt
-from edge_agent.contract.rounds import UPDATE_DELIVERY, Update, decode_update
+from edge_agent.contract.round_updates import UPDATE_DELIVERY, Update, decode_update
 from edge_agent.mqtt import Message, MqttError, MqttLink
 
 log = logging.getLogger(__name__)

@@ -51,11 +51,11 @@ from cloud_hub.rounds.store import RoundRow, RoundStore
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent import exits
 from edge_agent.contract.privacy import DpParams
+from edge_agent.contract.round_frames import SignedHeader
 from edge_agent.contract.rounds import (
     ROUND_DELIVERY,
     Announcement,
     RoundPlan,
-    SignedHeader,
     WeightsRangeError,
     announcement,
 )

@@ -102,7 +102,7 @@ def staleness_weight(staleness: float) -> float:
 @dataclass
 class Contribution:
     """One device's share of an aggregation (:func:`aggregate`): its dequantized delta and its weight's
-    ingredients (the wire message it came in is ``edge_agent.contract.rounds.Update``)."""
+    ingredients (the wire message it came in is ``edge_agent.contract.round_updates.Update``)."""
 
     delta: Mapping[str, np.ndarray]  # dequantized, the trained tensors only
     n_examples: int

@@ -43,7 +43,7 @@ from cloud_hub.settings import HubSettings
 from edge_agent import heap
 from edge_agent.contract import Bundle, Manifest, decode_bundle, manifest_from_obj
 from edge_agent.contract.privacy import DpParams
-from edge_agent.contract.rounds import Update, decode_update
+from edge_agent.contract.round_updates import Update, decode_update
 from edge_agent.preprocess import PreprocessParams, extract_features
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import numpy as np
 
 from cloud_hub.rounds.store import RoundRow
 from edge_agent.contract import ContractError
-from edge_agent.contract.rounds import Update, decode_update
+from edge_agent.contract.round_updates import Update, decode_update
 
 
 @dataclass

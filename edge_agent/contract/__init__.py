@@ -10,8 +10,9 @@ and it refuses ``NaN``/``Infinity`` and numbers that overflow to infinity, so ev
 survives :func:`orjson.loads` is finite.
 
 Rooms: ``wire`` (limits, errors, ids, topics, strict decoding), ``messages`` (results, receipts,
-statuses), ``bundles`` (signed model bundles), ``rounds`` (federated rounds' announcement and update),
-``asyncapi`` (the published document, generated from the above).
+statuses), ``bundles`` (signed model bundles), ``rounds`` (a federated round's announcement),
+``round_updates`` (a device's update), ``round_frames`` (the framing and signed headers that round
+messages share), ``asyncapi`` (the published document, generated from the above).
 """
 
 from edge_agent.contract.bundles import (

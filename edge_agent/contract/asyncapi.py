@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 
 from edge_agent import contract as c
+from edge_agent.contract import round_frames as crf
+from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 from edge_agent.contract import secure_rounds as sr
 
@@ -171,7 +173,7 @@ warms it up and swaps it in. A bundle that fails any step is refused and the run
 The topic is retained: a device that connects gets the current bundle at once."""
 
 
-_TENSORS = {"type": "array", "minItems": 1, "maxItems": cr.MAX_TENSORS, "items": {
+_TENSORS = {"type": "array", "minItems": 1, "maxItems": crf.MAX_TENSORS, "items": {
     "type": "object", "additionalProperties": False, "required": ["name", "shape"],
     "properties": {"name": ID, "shape": {"type": "array", "minItems": 1, "maxItems": 4,
                                          "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}},
@@ -291,7 +293,7 @@ SECURE_ANSWER: dict[str, Any] = {
 UPDATE: dict[str, Any] = {
     "title": "update", "type": "object", "additionalProperties": False,
     "description": "The header of a device's answer to a round.",
-    "required": sorted(cr._UPDATE_KEYS),
+    "required": sorted(cu._UPDATE_KEYS),
     "properties": {
         "v": VERSION, "round": {**U63, "minimum": 1}, "device_id": ID, "model": ID,
         "base_version": {**U63, "minimum": 1},
@@ -414,12 +416,12 @@ def _operations() -> dict[str, Any]:
         "receiveRounds": _operation("receive", "rounds", cr.ROUND_DELIVERY,
                                     "Federated rounds: the retained, signed announcement of the open round "
                                     "(empty: none). Verify it as a bundle, then train if asked."),
-        "sendUpdate": _operation("send", "update", cr.UPDATE_DELIVERY,
+        "sendUpdate": _operation("send", "update", cu.UPDATE_DELIVERY,
                                  "Answer a round once: the INT8 delta of the trainable tensors, the example "
                                  "count, scores before and after, the activation ranges seen. Keep the answer "
                                  "and send the same bytes again (a doubling wait) until its receipt comes on "
                                  "answered."),
-        "receiveAnswered": _operation("receive", "answered", cr.UPDATE_DELIVERY,
+        "receiveAnswered": _operation("receive", "answered", cu.UPDATE_DELIVERY,
                                       "The hub's receipt for one of your answers, once its verdict is committed: "
                                       "stop sending that answer (named by the sha256 of its payload)."),
         "receiveRoundStep": _operation("receive", "roundStep", sr.STEP_DELIVERY,

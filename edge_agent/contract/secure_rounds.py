@@ -24,7 +24,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Final
 
-from edge_agent.contract.rounds import RoundPlan, SignedHeader, frame, unframe
+from edge_agent.contract.round_frames import SignedHeader, frame, unframe
+from edge_agent.contract.rounds import RoundPlan
 from edge_agent.contract.secagg import KEY_BYTES, SHARE_BYTES, Advert, Session, packed_size
 from edge_agent.contract.secure_codec import STAT_NAMES, Grid, grid_for
 from edge_agent.contract.wire import (

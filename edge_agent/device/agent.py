@@ -193,7 +193,7 @@ class Agent:
             self.learner.on_answered(msg.payload)
 
     def _publish_update(self, topic: str, payload: bytes, expiry_s: float | None = None) -> None:
-        from edge_agent.contract.rounds import UPDATE_DELIVERY  # loaded with the learner already
+        from edge_agent.contract.round_updates import UPDATE_DELIVERY  # loaded with the learner already
 
         self.link.publish(topic, payload, UPDATE_DELIVERY, expiry_s)
 

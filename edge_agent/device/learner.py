@@ -33,7 +33,8 @@ from threadpoolctl import threadpool_limits
 from edge_agent import heap
 from edge_agent.contract import Bundle, ContractError
 from edge_agent.contract.answers import decode_answer_receipt
-from edge_agent.contract.rounds import UPDATE_DELIVERY, Announcement, RoundPlan, Update, encode_update_delta
+from edge_agent.contract.round_updates import UPDATE_DELIVERY, Update, encode_update_delta
+from edge_agent.contract.rounds import Announcement, RoundPlan
 from edge_agent.device.answers import PendingAnswers
 from edge_agent.device.bundle import BundleRejected, check_round
 from edge_agent.device.seat import SecureSeat

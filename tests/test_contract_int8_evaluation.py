@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from edge_agent import contract as c
-from edge_agent.contract import asyncapi as cs
+from edge_agent.contract import round_schemas as rs
 from edge_agent.contract import round_updates as cu
 from edge_agent.contract import rounds as cr
 
@@ -31,7 +31,7 @@ def test_an_evaluate_announcement_carries_its_int8_model_under_its_digest(tmp_pa
     ann = cr.announcement(PLAN, WEIGHTS, ONNX)
     payload = ann.encode()
     head = _header(payload)
-    jsonschema.Draft7Validator(cs.ROUND).validate(head)
+    jsonschema.Draft7Validator(rs.ROUND).validate(head)
     assert head["int8"] == {"bytes": len(ONNX), "sha256": ann.plan.int8_sha256}
     back = cr.decode_announcement(payload)
     assert back.int8 == ONNX and back.plan == ann.plan
@@ -64,7 +64,7 @@ def test_an_evaluation_answer_carries_both_int8_scores() -> None:
     answer = cu.Update(4, "d1", "default", 2, 30, 0.0, 0.0, 0.8, 0.9, 0.0, 0, 0.1, (), "int8", (), {},
                        kind="evaluate", int8_before=0.75, int8_after=0.85)
     payload = answer.encode()
-    jsonschema.Draft7Validator(cs.UPDATE).validate(_header(payload))
+    jsonschema.Draft7Validator(rs.UPDATE).validate(_header(payload))
     back = cu.decode_update(payload, "d1")
     assert (back.metric_before, back.metric_after, back.int8_before, back.int8_after) == (0.8, 0.9, 0.75, 0.85)
     old = dataclasses.replace(answer, int8_before=None, int8_after=None)  # an agent from before: still read

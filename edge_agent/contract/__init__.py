@@ -12,7 +12,8 @@ survives :func:`orjson.loads` is finite.
 Rooms: ``wire`` (limits, errors, ids, topics, strict decoding), ``messages`` (results, receipts,
 statuses), ``bundles`` (signed model bundles), ``rounds`` (a federated round's announcement),
 ``round_updates`` (a device's update), ``round_frames`` (the framing and signed headers that round
-messages share), ``asyncapi`` (the published document, generated from the above).
+messages share), ``schemas`` + ``round_schemas`` (the payloads' JSON Schemas), ``asyncapi`` (the
+published document, generated from the above).
 """
 
 from edge_agent.contract.bundles import (

@@ -40,7 +40,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.tools import demo_federated
 from cloud_hub.tools.demo import PREFIX
 from cloud_hub.tools.demo_federated import FederatedDemo
-from edge_agent.settings import load_settings
+from edge_agent.settings.loader import load_settings
 
 TARGET_MB = 150.0
 FLOOR = ("import sys\n"

@@ -14,7 +14,7 @@ from cloud_hub.rollout.autoretrain import AutoRetrainer
 from cloud_hub.rollout.canary import CanaryWatcher
 from cloud_hub.settings import HubSettings, split_address
 from edge_agent import exits
-from edge_agent.settings import SettingsError
+from edge_agent.settings.loader import SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Hub settings: one validated object per hub process (file ``[hub]`` keys = field names).
 
-Loaded with :func:`edge_agent.settings.load_settings` (defaults < TOML file < environment
+Loaded with :func:`edge_agent.settings.loader.load_settings` (defaults < TOML file < environment
 ``CLOUD_HUB_<FIELD>`` < command-line flags), so the hub and the agent share one loader and one set
 of error messages.
 """
@@ -15,7 +15,8 @@ import ssl
 from dataclasses import dataclass
 
 from edge_agent.contract import ContractError, check_id
-from edge_agent.settings import LOG_LEVELS, BrokerSettings, SettingsError, choice, positive, user_path
+from edge_agent.settings.broker import BrokerSettings
+from edge_agent.settings.loader import LOG_LEVELS, SettingsError, choice, positive, user_path
 
 ENV_PREFIX = "CLOUD_HUB"
 MAX_BATCH = 100_000

@@ -33,7 +33,7 @@ from typing import Literal
 from edge_agent import exits
 from edge_agent.contract import Delivery
 from edge_agent.lazy import defer
-from edge_agent.settings import BrokerURL, TLSFiles
+from edge_agent.settings.broker import BrokerURL, TLSFiles
 
 defer("urllib.request")  # paho reads it only for a SOCKS proxy, with PySocks installed (edge_agent/lazy.py)
 

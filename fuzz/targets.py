@@ -40,7 +40,8 @@ from edge_agent.contract import secure_rounds as sr
 from edge_agent.contract.answers import decode_answer_receipt
 from edge_agent.device.bundle import BundleRejected, check_bundle, check_round, check_step
 from edge_agent.preprocess import PreprocessParams
-from edge_agent.settings import AgentSettings, SettingsError, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.loader import SettingsError, load_settings
 from edge_agent.sources import LineParser, LogError, read_log
 
 Target = Callable[[bytes], None]

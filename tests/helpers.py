@@ -21,7 +21,7 @@ from edge_agent import contract as c
 from edge_agent.device.pipeline import window_seq
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.preprocess import PreprocessParams, make_windows
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from edge_agent.sources import read_log
 
 SMALL = training.TrainConfig(hidden=(32,), max_iter=40)

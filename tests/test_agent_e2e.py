@@ -18,7 +18,8 @@ from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from edge_agent.device.jobs import replay
 from edge_agent.preprocess import PreprocessParams
-from edge_agent.settings import AgentSettings, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.loader import load_settings
 from tests.helpers import (
     Collector,
     agent_cmd,

@@ -19,7 +19,8 @@ import pytest
 _PROBE = """
 import json, sys
 from edge_agent.device.agent import Agent
-from edge_agent.settings import AgentSettings, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.loader import load_settings
 s = load_settings(AgentSettings, env_prefix="EDGE_AGENT_PROBE", config=None,
                   flags=dict(broker="mqtt://127.0.0.1:9", state_dir=sys.argv[1], device_id=sys.argv[2] or None,
                              federated=sys.argv[3] == "on"))
@@ -194,7 +195,7 @@ _LAZY_PROBE = """
 import json, sys
 sys.modules["socks"] = None  # as on a device: PySocks is not a device dependency (the dev extras bring it)
 from edge_agent.mqtt import MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 link = MqttLink(BrokerURL.parse(sys.argv[1]), "lazy-probe")
 link.start()
 assert link.connected_within(30), "no connection"

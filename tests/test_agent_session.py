@@ -20,7 +20,7 @@ import pytest
 from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from edge_agent.mqtt import MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from tests.faultproxy import FaultProxy
 from tests.helpers import Processes, agent_cmd, make_bundle, make_log, publish_retained, wait_for
 

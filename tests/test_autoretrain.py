@@ -17,7 +17,8 @@ from cloud_hub.serve import serve
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent.mqtt import Message, MqttLink
-from edge_agent.settings import BrokerURL, load_settings
+from edge_agent.settings.broker import BrokerURL
+from edge_agent.settings.loader import load_settings
 from tests.helpers import SMALL, make_log, model_params
 
 

@@ -13,7 +13,7 @@ import pytest
 from cloud_hub.tools.local_broker import LocalBroker, derive_config, port_open
 from edge_agent import contract as c
 from edge_agent.mqtt import ConnectRefused, Message, MqttLink, Will
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 
 
 def _link(broker: LocalBroker, client_id: str, **kw) -> MqttLink:

@@ -23,7 +23,7 @@ from cloud_hub.rollout import publish as rollout
 from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent.mqtt import BrokerURL, MqttLink
-from edge_agent.settings import load_settings
+from edge_agent.settings.loader import load_settings
 from tests.helpers import SMALL, agent_cmd, make_log, wait_for
 from tests.test_hub_cli import ServeProcess
 

@@ -271,7 +271,7 @@ def store_rollout(engine) -> object:
 
 
 def test_the_judges_settings_are_validated() -> None:
-    from edge_agent.settings import SettingsError, load_settings
+    from edge_agent.settings.loader import SettingsError, load_settings
 
     for flags, field in (({"canary_on_undecided": "maybe"}, "canary_on_undecided"),
                          ({"canary_alpha": 0.7}, "canary_alpha"),

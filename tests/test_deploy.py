@@ -35,7 +35,9 @@ import pytest
 from cloud_hub.tools.local_broker import LocalBroker, free_port, port_open
 from edge_agent import contract as c
 from edge_agent.mqtt import ConnectRefused, Message, MqttError, MqttLink
-from edge_agent.settings import AgentSettings, BrokerURL, TLSFiles, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.broker import BrokerURL, TLSFiles
+from edge_agent.settings.loader import load_settings
 from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]

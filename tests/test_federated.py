@@ -31,7 +31,7 @@ from edge_agent.contract.round_frames import TensorSpec
 from edge_agent.device import learn
 from edge_agent.mqtt import BrokerURL, MqttLink
 from edge_agent.preprocess import PreprocessParams, extract_features
-from edge_agent.settings import load_settings
+from edge_agent.settings.loader import load_settings
 from tests.helpers import SMALL, agent_cmd, make_log, wait_for
 from tests.test_hub_cli import ServeProcess
 

@@ -30,7 +30,7 @@ from edge_agent import contract as c
 from edge_agent.device.outbox import Outbox
 from edge_agent.device.publisher import Publisher
 from edge_agent.mqtt import Message, MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from tests.helpers import wait_for
 from tests.test_ingest import Publisher as Device
 from tests.test_ingest import batch, ready, settings_for, stored_keys

@@ -45,7 +45,9 @@ from edge_agent.device.bundle import (
 )
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.preprocess import PreprocessParams
-from edge_agent.settings import AgentSettings, BrokerURL, SettingsError, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.broker import BrokerURL
+from edge_agent.settings.loader import SettingsError, load_settings
 from edge_agent.sources import LogError, read_log
 from fuzz.targets import equivalent
 from tests.helpers import agent_cmd, make_bundle, make_log, publish_retained, wait_for

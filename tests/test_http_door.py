@@ -27,7 +27,7 @@ from cloud_hub.settings import ENV_PREFIX, HubSettings, split_address
 from cloud_hub.tools.local_broker import LocalBroker, free_port, port_open
 from cloud_hub.web.http_door import Door, presented
 from edge_agent import exits
-from edge_agent.settings import SettingsError, load_settings
+from edge_agent.settings.loader import SettingsError, load_settings
 from tests.helpers import wait_for
 from tests.test_hub_cli import ServeProcess
 

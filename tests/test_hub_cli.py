@@ -262,7 +262,7 @@ def test_serve_exits_3_when_the_broker_is_unreachable_and_leaves_no_empty_databa
 
 def test_hub_settings_from_file_environment_and_flags(tmp_path: Path) -> None:
     from cloud_hub.settings import ENV_PREFIX, HubSettings
-    from edge_agent.settings import SettingsError, load_settings
+    from edge_agent.settings.loader import SettingsError, load_settings
 
     cfg = tmp_path / "hub.toml"
     cfg.write_text('db = "sqlite:///file.sqlite"\nshare_group = "hubs"\nbatch_max = 100\n')

@@ -20,7 +20,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
 from edge_agent.mqtt import Message, MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from tests.helpers import wait_for
 from tests.test_store import BACKENDS, backend_engine
 

@@ -27,7 +27,8 @@ from edge_agent import contract as c
 from edge_agent.device.bundle import BundleRejected, load_public_key, verify_bundle
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.preprocess import PreprocessParams
-from edge_agent.settings import BrokerURL, load_settings
+from edge_agent.settings.broker import BrokerURL
+from edge_agent.settings.loader import load_settings
 from tests.helpers import (
     SMALL,
     agent_cmd,

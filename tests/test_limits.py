@@ -17,7 +17,7 @@ from cloud_hub.data.limits import Admission, DeviceLimiter
 from cloud_hub.tools.local_broker import LocalBroker, free_port
 from edge_agent import contract as c
 from edge_agent.mqtt import MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from tests.helpers import Processes, fleet_files, wait_for
 from tests.test_delivery_e2e import finish, start_replay
 from tests.test_hub_cli import ServeProcess

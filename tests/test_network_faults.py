@@ -17,7 +17,7 @@ import pytest
 from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent.contract import Delivery
 from edge_agent.mqtt import MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from tests.faultproxy import FaultProxy
 from tests.helpers import Processes, fleet_files, outbox, wait_for
 from tests.test_delivery_e2e import assert_exactly_once, finish, start_replay

@@ -162,7 +162,8 @@ def test_results_never_go_to_another_broker_or_prefix(shared_broker, prefix, fil
 
 
 def test_the_default_state_dir_is_one_per_broker_and_prefix(tmp_path) -> None:
-    from edge_agent.settings import AgentSettings, load_settings
+    from edge_agent.settings.agent import AgentSettings
+    from edge_agent.settings.loader import load_settings
 
     def state(**flags: str) -> Path:
         return load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={}, flags=flags).state_path
@@ -199,7 +200,7 @@ def test_a_link_that_lost_its_client_id_says_why_in_every_wait(broker: LocalBrok
     a wait on it then raises that reason at once, not "no connection within N s" (federate waiting for its
     subscriptions would have said that, the reason lost)."""
     from edge_agent.mqtt import MqttError, MqttLink
-    from edge_agent.settings import BrokerURL
+    from edge_agent.settings.broker import BrokerURL
 
     url = BrokerURL.parse(broker.url)
     mine = MqttLink(url, "taken-id", exclusive=True, subscriptions=[("x/#", 1)])

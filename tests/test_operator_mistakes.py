@@ -200,7 +200,8 @@ def test_an_agent_that_fails_to_start_frees_its_state_dir(tmp_path: Path) -> Non
     """In one process (a test, an embedding program), an Agent whose start failed, or whose settings were refused,
     no longer keeps its state dir locked against the next one."""
     from edge_agent.device.agent import Agent, BadSetting
-    from edge_agent.settings import AgentSettings, SettingsError, load_settings
+    from edge_agent.settings.agent import AgentSettings
+    from edge_agent.settings.loader import SettingsError, load_settings
 
     def settings(**flags: object) -> AgentSettings:
         return load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={}, flags={

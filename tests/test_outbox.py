@@ -13,7 +13,7 @@ from edge_agent import contract as c
 from edge_agent.device.outbox import Outbox, OutboxFull
 from edge_agent.device.publisher import Publisher
 from edge_agent.mqtt import Message, MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from tests.helpers import wait_for
 
 

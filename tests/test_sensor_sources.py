@@ -29,7 +29,8 @@ from cloud_hub.settings import HubSettings
 from edge_agent import contract as c
 from edge_agent.mqtt import BrokerURL, MqttLink
 from edge_agent.preprocess import PreprocessParams
-from edge_agent.settings import AgentSettings, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.loader import load_settings
 from edge_agent.sources import FieldMap, SerialSensor
 from tests.helpers import SMALL, Collector, agent_cmd, expected_keys, make_bundle, wait_for
 from tests.test_federated import _devices, _query, _updates

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.settings import AgentSettings, BrokerURL, SettingsError, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.broker import BrokerURL
+from edge_agent.settings.loader import SettingsError, load_settings
 
 
 def test_broker_url_parsing() -> None:

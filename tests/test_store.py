@@ -26,7 +26,7 @@ from cloud_hub.data.store import (
     dead_letter,
 )
 from edge_agent import contract as c
-from edge_agent.settings import SettingsError
+from edge_agent.settings.loader import SettingsError
 from tests.conftest import postgres_url
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

@@ -19,7 +19,7 @@ import typer
 
 from cloud_hub.settings import ENV_PREFIX, HubSettings
 from edge_agent import exits
-from edge_agent.settings import load_settings
+from edge_agent.settings.loader import load_settings
 
 EXIT_USAGE = exits.USAGE
 EXIT_UNAVAILABLE = exits.UNAVAILABLE

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from cloud_hub.errors import HubError
 from edge_agent import exits
-from edge_agent.settings import SettingsError
+from edge_agent.settings.loader import SettingsError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 

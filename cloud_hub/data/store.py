@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from cloud_hub.data.tables import MODEL_STATES, dead_letters, devices, events, models, results, rollouts
 from cloud_hub.errors import HubError
 from edge_agent.contract import Status
-from edge_agent.settings import SettingsError
+from edge_agent.settings.loader import SettingsError
 
 
 class ResultRow(NamedTuple):

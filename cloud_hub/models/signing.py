@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edge_agent.contract import Bundle
 from edge_agent.contract import key_id as raw_key_id
 from edge_agent.contract.round_frames import SignedHeader
-from edge_agent.settings import SettingsError
+from edge_agent.settings.loader import SettingsError
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

@@ -39,7 +39,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.tools.local_broker import LocalBroker, port_open
 from cloud_hub.tools.positioning import write_positioning_log
 from cloud_hub.tools.sample import write_sample_log
-from edge_agent.settings import load_settings
+from edge_agent.settings.loader import load_settings
 
 log = logging.getLogger(__name__)
 WATCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "watch_shoulder_exercise" / "watch_shoulder_exercise.csv"

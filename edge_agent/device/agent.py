@@ -34,7 +34,7 @@ from edge_agent.device.state_lock import StateLock
 from edge_agent.drift import DeviceDrift
 from edge_agent.mqtt import Message, MqttError, MqttLink, Will
 from edge_agent.runner import ModelRunner
-from edge_agent.settings import AgentSettings
+from edge_agent.settings.agent import AgentSettings
 
 if TYPE_CHECKING:
     from edge_agent.device.learner import Learner

@@ -14,7 +14,8 @@ import orjson
 import typer
 
 from edge_agent import exits, heap
-from edge_agent.settings import AgentSettings, SettingsError, load_settings
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.loader import SettingsError, load_settings
 from edge_agent.usage import OneLineUsage
 
 app = typer.Typer(help="Edge agent: read sensors or replay logs, run the INT8 model, publish results over MQTT.",

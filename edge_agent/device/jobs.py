@@ -14,7 +14,7 @@ from typing import Any
 from edge_agent import exits, sources
 from edge_agent.device.agent import Agent, AgentError, BadSetting, Interrupted
 from edge_agent.mqtt import MqttError
-from edge_agent.settings import AgentSettings
+from edge_agent.settings.agent import AgentSettings
 from edge_agent.sources.merge import ReplayLogs
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from edge_agent.drift import MIN_WINDOWS
-from edge_agent.settings import SettingsError
+from edge_agent.settings.loader import SettingsError
 
 
 class Agent(Protocol):

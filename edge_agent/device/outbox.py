@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.settings import SettingsError
+from edge_agent.settings.loader import SettingsError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from edge_agent.settings import AgentSettings, channel_specs, field_path
+from edge_agent.settings.agent import AgentSettings, channel_specs, field_path
 from edge_agent.sources.chunk import (
     BAD_JSON,
     BAD_NUMBER,

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 from edge_agent.contract import valid_id
 from edge_agent.mqtt import Message, MqttError, MqttLink
-from edge_agent.settings import AgentSettings, BrokerURL, TLSFiles, device_template
+from edge_agent.settings.agent import AgentSettings, device_template
+from edge_agent.settings.broker import BrokerURL, TLSFiles
 from edge_agent.sources.chunk import BAD_VALUE, ReadingChunk
 from edge_agent.sources.fields import FieldMap, SensorFeed
 

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from edge_agent.settings import AgentSettings, SettingsError
+from edge_agent.settings.agent import AgentSettings
+from edge_agent.settings.loader import SettingsError
 from edge_agent.sources.chunk import ReadingChunk
 from edge_agent.sources.fields import FieldMap, SensorFeed
 

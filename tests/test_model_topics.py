@@ -14,7 +14,7 @@ import pytest
 from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
 from edge_agent import contract as c
 from edge_agent.mqtt import MqttLink
-from edge_agent.settings import BrokerURL
+from edge_agent.settings.broker import BrokerURL
 from tests.helpers import agent_cmd, make_bundle, make_log, publish_retained, wait_for
 
 

@@ -199,7 +199,8 @@ def test_usage_errors_are_one_line_naming_the_option(tmp_path: Path) -> None:
 def test_an_agent_that_fails_to_start_frees_its_state_dir(tmp_path: Path) -> None:
     """In one process (a test, an embedding program), an Agent whose start failed, or whose settings were refused,
     no longer keeps its state dir locked against the next one."""
-    from edge_agent.device.agent import Agent, BadSetting
+    from edge_agent.device.agent import Agent
+    from edge_agent.device.errors import BadSetting
     from edge_agent.settings.agent import AgentSettings
     from edge_agent.settings.loader import SettingsError, load_settings
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import exits, sources
-from edge_agent.device.agent import Agent, AgentError, BadSetting, Interrupted
+from edge_agent.device.agent import Agent
+from edge_agent.device.errors import AgentError, BadSetting, Interrupted
 from edge_agent.mqtt import MqttError
 from edge_agent.settings.agent import AgentSettings
 from edge_agent.sources.merge import ReplayLogs

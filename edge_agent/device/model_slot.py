@@ -1,0 +1,233 @@
+"""The agent's model slot: which model runs, and the switch to the next one.
+
+:class:`ModelSlot` holds the :class:`~edge_agent.device.agent.Agent`'s model methods: the model to start with
+(a file named on the command line, the one the state dir kept, else the retained model topic, waited for),
+each bundle verified, kept on disk and hot-swapped into the pipeline (a device's canary bundle over the
+fleet's), and the pipeline built around it. Apart from :mod:`edge_agent.device.agent` because it changes with
+the rules for bundles and swaps, not with the link, the outbox or the status; the agent builds the state these
+methods use (``Agent._setup``: the queue the paho thread fills, the trusted key, the paths) and mixes them in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_agent import contract as c
+from edge_agent.device.bundle import BundleRejected, persist_bundle, verify_bundle
+from edge_agent.device.errors import DATA_FAULT, AgentError, BadSetting, Interrupted, refusal_hint
+from edge_agent.device.outbox import Outbox, is_disk_full
+from edge_agent.device.pipeline import Processor
+from edge_agent.drift import DeviceDrift
+from edge_agent.mqtt import MqttError, MqttLink
+from edge_agent.runner import ModelRunner
+from edge_agent.settings.agent import AgentSettings
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from edge_agent.device.learner import Learner
+    from edge_agent.device.metrics import AgentMetrics
+
+log = logging.getLogger("edge_agent.device.agent")  # the agent's logger: its lines keep the name they had
+
+
+@dataclass
+class ModelState:
+    bundle: c.Bundle
+    runner: ModelRunner
+
+
+class ModelSlot:
+    """The :class:`~edge_agent.device.agent.Agent`'s model methods (mixed into it; ``Agent._setup`` sets the
+    attributes below)."""
+
+    settings: AgentSettings
+    topics: c.Topics
+    link: MqttLink
+    outbox: Outbox
+    active_path: Path  # where the running model is kept for the next start
+    stop_event: threading.Event
+    # (from the device's own model topic?, payload), put by the paho thread
+    _updates: queue.SimpleQueue[tuple[bool, bytes]]
+    _model_topic: str  # the fleet's model topic
+    _device_model_topic: str | None  # the device's own (canary) model topic, when it runs as one device
+    _fleet_bundle: bytes | None
+    _canary_bundle: bytes | None
+    _trusted: Ed25519PublicKey | None
+    _status_due: float
+    model: ModelState | None
+    source_channels: tuple[str, ...] | None
+    processor: Processor | None
+    drift: DeviceDrift | None
+    learner: Learner | None
+    metrics: AgentMetrics | None
+    last_error: str | None
+    swaps: int
+
+    # ----------------------------------------------------------------- models
+
+    def load_model(self, explicit: str | None, channels: tuple[str, ...]) -> ModelState:
+        """The model to start with: ``explicit`` file, else the persisted one, else the retained topic."""
+        self.source_channels = channels
+        candidates: list[tuple[str, bytes]] = []
+        if explicit:
+            try:
+                candidates.append((explicit, Path(explicit).expanduser().read_bytes()))
+            except OSError as exc:
+                raise BadSetting(f"cannot read model {explicit}: {exc.strerror or exc}") from exc
+        elif self.active_path.is_file():
+            candidates.append((str(self.active_path), self.active_path.read_bytes()))
+        for origin, payload in candidates:
+            try:
+                # A file the operator names is trusted like a signed bundle when no key is configured.
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned or
+                              (origin == explicit and self._trusted is None))
+                log.info("model v%d from %s", self.model.bundle.manifest.version, origin)  # type: ignore[union-attr]
+                return self.model  # type: ignore[return-value]
+            except BundleRejected as exc:
+                if origin == explicit:
+                    data = DATA_FAULT in str(exc)  # then the model is right, and the hint says so
+                    raise AgentError(f"model {origin} refused: {exc}" + (f". {refusal_hint(str(exc))}" if data else "")
+                                     ) from exc
+                log.warning("persisted model %s refused (%s); waiting for the model topic", origin, exc)
+        return self._wait_for_model()
+
+    def _wait_for_model(self) -> ModelState:
+        """The retained model of the topic. A refused one ends the wait at once (it stays retained: waiting
+        for another is waiting for an operator), and so does SIGTERM/SIGINT or an unreachable broker."""
+        topic = self.topics.model(self.settings.model_name)
+        deadline = time.monotonic() + self.settings.model_wait_s
+        log.info("waiting up to %g s for a model on %s", self.settings.model_wait_s, topic)
+        said = False
+        while time.monotonic() < deadline:
+            if self.stop_event.is_set():
+                raise Interrupted("interrupted while waiting for a model")
+            try:
+                own, payload = self._updates.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+                self._note(own, payload)
+                if not (self._canary_bundle or self._fleet_bundle):
+                    continue
+            except queue.Empty:
+                away = self.link.disconnected_since
+                if away is not None and time.monotonic() - away > min(3.0, self.settings.connect_timeout_s) \
+                        and not said:
+                    said = True
+                    log.warning("not connected to %s yet (%s); trying for up to %g s", self.settings.broker_url,
+                                self.link.unreachable_reason(), self.settings.connect_timeout_s)
+                if away is not None and time.monotonic() - away > self.settings.connect_timeout_s:
+                    raise MqttError(f"cannot reach the broker {self.settings.broker_url} for "
+                                    f"{self.settings.connect_timeout_s:g} s to get a model from {topic}: "
+                                    f"{self.link.unreachable_reason()}") from None
+                continue
+            refusals = self._install_wanted()
+            if self.model is not None:
+                return self.model
+            where, why = refusals[-1]
+            raise AgentError(f"the model on {where} was refused: {why}. {refusal_hint(why)}")
+        why = (f"not connected to {self.settings.broker_url}: {self.link.unreachable_reason()}"
+               if not self.link.connected else f"connected to {self.settings.broker_url}; nothing is published there")
+        raise AgentError(f"no model on {topic} within {self.settings.model_wait_s:g} s ({why}). "
+                         "Pass --model FILE or publish one with `cloud-hub publish`.")
+
+    def _install(self, payload: bytes, *, allow_unsigned: bool, from_topic: bool = False) -> None:
+        """Verify and swap in a bundle; ``from_topic``: it came on this model's topic or the device's canary
+        topic, which carry this model only (a bundle of another model, signed by the same hub, is refused)."""
+        bundle, runner = verify_bundle(
+            payload, trusted_key=self._trusted, allow_unsigned=allow_unsigned,
+            channels=self.source_channels, intra_op_threads=self.settings.intra_op_threads,
+        )
+        if from_topic and bundle.manifest.name != self.settings.model_name:
+            raise BundleRejected(f"the bundle is model {bundle.manifest.name!r} v{bundle.manifest.version}, and this "
+                                 f"device runs {self.settings.model_name!r} (model_name): not installed")
+        if self.model is not None and bundle.manifest.sha256 == self.model.bundle.manifest.sha256:
+            return  # the retained copy of what already runs
+        if self.model is not None and bundle.manifest.version < self.model.bundle.manifest.version:
+            log.warning("the model topic holds %s v%d, older than the v%d running: switching to it (the topic "
+                        "decides, as in a rollback; --model only chooses the model to start with)",
+                        bundle.manifest.name, bundle.manifest.version, self.model.bundle.manifest.version)
+        saved = self._persist(bundle)
+        self.model = ModelState(bundle, runner)
+        self.drift = DeviceDrift.of(bundle.manifest.training)  # counts start again with each model
+        if self.processor is not None:
+            self.processor.swap(runner)
+            self.processor.drift = self.drift
+            self.swaps += 1
+        self.last_error = saved
+        self._status_due = 0.0
+        log.info("serving model %s v%d (%s)", bundle.manifest.name, bundle.manifest.version, bundle.manifest.sha256[:12])
+
+    def _persist(self, bundle: c.Bundle) -> str | None:
+        """Keep the model for the next start; a full disk does not stop it from serving (None: kept)."""
+        try:
+            persist_bundle(bundle, self.active_path)
+            return None
+        except OSError as exc:
+            tmp = self.active_path.with_suffix(self.active_path.suffix + ".tmp")  # bundle.persist_bundle's
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            why = "the disk is full" if is_disk_full(exc) else str(exc)
+            error = (f"cannot save model v{bundle.manifest.version} to {self.active_path} ({why}): serving it "
+                     "from memory; the next start takes it from the model topic again")
+            log.warning("%s", error)
+            return error
+
+    def _note(self, own: bool, payload: bytes) -> None:
+        if own:
+            self._canary_bundle = payload or None
+        else:
+            self._fleet_bundle = payload
+
+    def poll_updates(self) -> None:
+        """Between batches: verify and hot-swap the model to run (the device's canary bundle while it has
+        one, else the model topic's) when it changed; a bad one is refused and the running one stays."""
+        changed = False
+        while True:
+            try:
+                own, payload = self._updates.get_nowait()
+            except queue.Empty:
+                break
+            self._note(own, payload)
+            changed = True
+        if changed:
+            self._install_wanted()
+
+    def _install_wanted(self) -> list[tuple[str, str]]:
+        """Install the device's canary bundle while it has one, else the model topic's; the topic's too when the
+        canary's is refused (a refused canary must not hold back every later fleet model). A refused bundle is
+        said in the status and the log, and what runs stays; returns the refusals, (topic, why)."""
+        refusals: list[tuple[str, str]] = []
+        for topic, payload in ((self._device_model_topic, self._canary_bundle), (self._model_topic, self._fleet_bundle)):
+            if not payload:
+                continue
+            try:
+                self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned, from_topic=True)
+            except Exception as exc:  # retained: any failure must refuse it, not crash-loop on it
+                why = str(exc) if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
+                refusals.append((topic or self._model_topic, why))
+                log.error("model on %s refused: %s; still serving v%s", topic, why,
+                          self.model.bundle.manifest.version if self.model else "none")
+                continue
+            break
+        if refusals:
+            self.last_error = f"model refused: {refusals[0][1]}"
+            self._status_due = 0.0
+        return refusals
+
+    def make_processor(self) -> Processor:
+        assert self.model is not None and self.source_channels is not None
+        s = self.settings
+        self.processor = Processor(self.model.runner, self.outbox, source_channels=self.source_channels,
+                                   device_id=s.device_id, features=s.features, features_sample=s.features_sample)
+        self.processor.drift = self.drift
+        if self.learner is not None:
+            self.processor.on_labelled = self.learner.on_windows
+        if self.metrics is not None:
+            self.processor.on_inference = self.metrics.observe_inference
+        return self.processor

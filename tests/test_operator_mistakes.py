@@ -229,3 +229,22 @@ def test_a_database_error_names_the_database(tmp_path: Path, command: tuple[str,
     bad.write_text("these are notes, not a database " * 40)
     res = run(hub_cmd(*command, "--db", f"sqlite:///{bad}"))
     one_line(res, exits.UNAVAILABLE, f"database error on sqlite:///{bad}: file is not a database")
+
+
+@pytest.mark.parametrize(("command", "wants"), [
+    (("replay", "--speed", "nan", "x.csv"), "--speed must be >= 0"),
+    (("replay", "--timeout", "-1", "x.csv"), "--timeout is seconds to wait: more than 0, got -1"),
+    (("replay", "--timeout", "nan", "x.csv"), "--timeout is seconds to wait: more than 0, got nan"),
+])
+def test_a_replay_wait_or_pace_that_is_no_number_of_seconds_is_refused(command: tuple[str, ...], wants: str) -> None:
+    """`--timeout -1` said "not yet acknowledged within -1 s" after a whole replay; `--speed nan` was taken."""
+    from tests.helpers import agent_cmd
+
+    one_line(run(agent_cmd(*command)), exits.USAGE, wants)
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_federate_refuses_a_device_wait_that_is_no_number_of_seconds(value: str) -> None:
+    """`--wait-devices nan` waited for ever (a new user's finding); -1 was taken."""
+    one_line(run(hub_cmd("federate", "--wait-devices", value, "--insecure-unsigned")), exits.USAGE,
+             f"--wait-devices is how long to wait for devices, in seconds: 0 or more, got {value}")

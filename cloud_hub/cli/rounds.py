@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,6 +110,8 @@ def federate(
 
     if not fraction > 0:
         raise fail(exits.USAGE, "--fraction is the share of the available devices asked each round: more than 0")
+    if not 0 <= wait_devices < math.inf:
+        raise fail(exits.USAGE, f"--wait-devices is how long to wait for devices, in seconds: 0 or more, got {wait_devices:g}")
     if not deadline > 0:
         raise fail(exits.USAGE, f"--deadline is a round's length in seconds: it must be positive, got {deadline:g}")
     if not tolerance >= 0:  # a classifier's accuracy points as a fraction, a regressor's error in its units

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -100,8 +101,8 @@ def replay(
     features: Annotated[str | None, typer.Option(help="Send model inputs for retraining: off|sampled|all.")] = None,
     skip_bad_lines: Annotated[bool, typer.Option("--skip-bad-lines", help="Count and report malformed lines instead "
                                                  "of stopping.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Give up after S seconds of waiting (exit 3): for the broker, "
-                                                  "the model on its topic, or the receipts.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Give up after S seconds of waiting: for the broker or the "
+                                                  "receipts (exit 3), for the model on its topic (exit 4).")] = None,
     until: Annotated[str | None, typer.Option(help="hub: exit 0 once the hub has stored every result (its receipts); "
                                             "broker: once the broker has them (setups without a hub). "
                                             "Default: the receipts setting (true = hub).")] = None,
@@ -112,8 +113,10 @@ def replay(
     """Replay recorded logs as if live; exit 0 once the hub has stored every result (or the broker, --until)."""
     from edge_agent.device import jobs
 
-    if speed < 0:
-        _fail("--speed must be >= 0", EXIT_USAGE)
+    if not 0 <= speed < math.inf:
+        _fail(f"--speed must be >= 0 (1 = real time, 0 = as fast as possible), got {speed:g}", EXIT_USAGE)
+    if timeout is not None and not 0 < timeout < math.inf:
+        _fail(f"--timeout is seconds to wait: more than 0, got {timeout:g}", EXIT_USAGE)
     if until not in (None, "hub", "broker"):
         _fail(f"--until must be hub or broker, got {until!r}", EXIT_USAGE)
     s = _settings(config, broker=broker, model=model, device_id=device_id, state_dir=state_dir, prefix=prefix,

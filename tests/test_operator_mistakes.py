@@ -248,3 +248,10 @@ def test_federate_refuses_a_device_wait_that_is_no_number_of_seconds(value: str)
     """`--wait-devices nan` waited for ever (a new user's finding); -1 was taken."""
     one_line(run(hub_cmd("federate", "--wait-devices", value, "--insecure-unsigned")), exits.USAGE,
              f"--wait-devices is how long to wait for devices, in seconds: 0 or more, got {value}")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--window", "0"), ("--hop", "-1"), ("--window", "nan")])
+def test_train_refuses_a_window_or_hop_that_is_no_length(tmp_path: Path, flag: str, value: str) -> None:
+    """`train --window 0` read the log, then exit 4 with "invalid PreprocessParams" (a class name); now exit 2 at once."""
+    res = run(hub_cmd("train", str(tmp_path / "absent.csv"), flag, value, "--db", f"sqlite:///{tmp_path / 'h.sqlite'}"))
+    one_line(res, exits.USAGE, f"{flag} is seconds: more than 0, got {value}")

@@ -6,6 +6,7 @@ enough data to train; 5: a malformed input log.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -110,6 +111,9 @@ def train(
     """Train a classifier (text labels) or regressor (numeric labels), quantize to INT8, register it."""
     from cloud_hub.data.db import removed_if_left_empty
     from cloud_hub.models import lifecycle
+    for flag, seconds in (("--window", window), ("--hop", hop)):
+        if seconds is not None and not 0 < seconds < math.inf:
+            raise fail(EXIT_USAGE, f"{flag} is seconds: more than 0, got {seconds:g}")
     with lifecycle_errors():
         s = settings_from(config, db=db, model_name=name)
         progress_lines(json_out)

@@ -255,3 +255,13 @@ def test_train_refuses_a_window_or_hop_that_is_no_length(tmp_path: Path, flag: s
     """`train --window 0` read the log, then exit 4 with "invalid PreprocessParams" (a class name); now exit 2 at once."""
     res = run(hub_cmd("train", str(tmp_path / "absent.csv"), flag, value, "--db", f"sqlite:///{tmp_path / 'h.sqlite'}"))
     one_line(res, exits.USAGE, f"{flag} is seconds: more than 0, got {value}")
+
+
+@pytest.mark.parametrize("module", ["dp_accounting", "msgspec", "sqlalchemy"])
+def test_a_missing_hub_dependency_is_one_line_naming_the_extra(module: str) -> None:
+    """dp_accounting or msgspec missing gave a traceback (exit 1) at the first command that needed it."""
+    import sys
+
+    code = f"import sys; sys.modules[{module!r}] = None; import cloud_hub.cli.app"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    one_line(res, exits.USAGE, f"missing: {module}", "install the hub extra")

@@ -15,7 +15,7 @@ import typer
 def _require_hub_extra() -> None:
     """A device-only install (``pip install .``) has no hub dependencies: say which extra to install."""
     missing = []
-    for module in ("sqlalchemy", "alembic", "sklearn", "onnx", "skl2onnx", "prometheus_client"):
+    for module in ("sqlalchemy", "alembic", "sklearn", "onnx", "skl2onnx", "prometheus_client", "dp_accounting", "msgspec"):
         try:
             found = importlib.util.find_spec(module) is not None  # finds without importing (sklearn: ~1 s)
         except ValueError:  # sys.modules[module] is None: blocked

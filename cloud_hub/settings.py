@@ -1,4 +1,4 @@
-"""Hub settings: one validated object per hub process (file ``[hub]`` keys = field names).
+"""Hub settings: one validated object per hub process (a TOML file's top-level keys = field names).
 
 Loaded with :func:`edge_agent.settings.loader.load_settings` (defaults < TOML file < environment
 ``CLOUD_HUB_<FIELD>`` < command-line flags), so the hub and the agent share one loader and one set

@@ -260,7 +260,7 @@ def export(
     name: NameOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Write a registered bundle to a file (for `edge-agent --model FILE`), signed when a key is given."""
+    """Write a registered bundle to a file (for `edge-agent replay|run --model FILE`), signed when a key is given."""
     with lifecycle_errors():
         s = settings_from(config, signs=True, db=db, model_name=name, signing_key=signing_key)
         v, signed = _export(s.db, s.model_name, version, out, s.signing_key)

@@ -71,6 +71,10 @@ def test_precedence_file_env_flags(tmp_path) -> None:
          "mqtt_broker: broker URL 'tcp://x' must start with mqtt://"),
         ('source = "mqtt"\nsensor_channels = ["t"]\nmqtt_topics = ["z2m/+"]\nsensor_ts_unit = "h"\n', {},
          "sensor_ts_unit must be one of s, ms"),
+        # a hostile peer's finding: a traceback (exit 1), an OverflowError, gigabytes for a second of readings
+        ("", {"EDGE_AGENT_SIM_SEED": "-1"}, "sim_seed must be >= 0, got -1"),
+        ("", {"EDGE_AGENT_SIM_RATE_HZ": "inf"}, "sim_rate_hz must be at most 10000, got inf"),
+        ("sim_rate_hz = 1e9\n", {}, "sim_rate_hz must be at most 10000"),
     ],
 )
 def test_bad_settings_are_refused_readably(tmp_path, text: str, env: dict, message: str) -> None:

@@ -92,6 +92,9 @@ def device_template(template: str, filters: Sequence[str]) -> tuple[tuple[str, i
     return tuple(parts)
 
 
+SIM_RATE_MAX_HZ = 10_000.0  # the simulated sensor's readings a second, at most
+
+
 @dataclass(frozen=True)
 class AgentSettings(BrokerSettings):
     """Everything an edge agent process needs (keys of its TOML file = field names)."""
@@ -196,6 +199,11 @@ class AgentSettings(BrokerSettings):
             raise SettingsError(f"metrics_port must be in 1-65535, got {self.metrics_port}")
         if self.batch_max_results > 10_000:
             raise SettingsError("batch_max_results must be at most 10000")
+        if self.sim_rate_hz > SIM_RATE_MAX_HZ:  # inf overflowed, 1e9 took gigabytes for one second's readings
+            raise SettingsError(f"sim_rate_hz must be at most {SIM_RATE_MAX_HZ:g}, got {self.sim_rate_hz!r}",
+                                field="sim_rate_hz")
+        if self.sim_seed < 0:  # numpy's generator refuses it (a traceback)
+            raise SettingsError(f"sim_seed must be >= 0, got {self.sim_seed}", field="sim_seed")
 
     def validate_sensor(self) -> None:
         """The keys of ``source = "mqtt"`` and ``"serial"``: each mistake named before anything starts."""

@@ -1122,3 +1122,50 @@ def test_a_refused_long_label_costs_nothing_afterwards(tmp_path: Path) -> None:
     assert reader.stats.rows_skipped == 1 and len(chunk) == 3999
     assert chunk.labels is not None and set(chunk.labels.tolist()) == {"walk"}
     assert chunk.labels.dtype.itemsize <= 4 * MAX_LABEL_CHARS, chunk.labels.dtype
+
+
+def test_follow_file_goes_on_with_the_new_file_when_the_log_is_rotated(tmp_path: Path) -> None:
+    """A hostile peer's finding: a log rotated by rename and create (logrotate's default) left the agent reading
+    the renamed file for ever, saying nothing. Now the renamed file is read to its end, then the new one from its
+    start (its header too); a partial last line of the old one is counted."""
+    path = tmp_path / "live.csv"
+    path.write_text("ts,device_id,ax,label\n0,a,1,x\n1,a,2,x\n")
+    steps = iter([
+        lambda: path.open("a").write("2,a,3,x\n"),
+        lambda: path.rename(tmp_path / "live.csv.1"),  # renamed, not yet created: the old one is read on
+        lambda: (tmp_path / "live.csv.1").open("a").write("3,a,4,x\n3.5,a,"),  # its last line cut
+        lambda: path.write_text("ts,device_id,ax,label\n4,a,5,y\n5,a,6,y\n"),
+        lambda: path.open("a").write("6,a,7,y\n"),
+    ])
+    ff: FollowFile
+
+    def sleep(_dt: float) -> None:
+        step = next(steps, None)
+        if step is None:
+            ff.stop()
+        else:
+            step()
+
+    ff = FollowFile(path, poll_s=0.01, sleep=sleep)
+    c = ReadingChunk.concat(list(ff))
+    assert c.ts.tolist() == [0, 1, 2, 3, 4, 5, 6] and c.labels.tolist() == ["x"] * 4 + ["y"] * 3
+    assert ff.stats.skipped_by_reason == {"partial line at rotation": 1}
+
+
+def test_follow_file_refuses_a_rotated_file_with_other_columns(tmp_path: Path) -> None:
+    path = tmp_path / "live.csv"
+    path.write_text("ts,device_id,ax\n0,a,1\n")
+    done = []
+    ff: FollowFile
+
+    def sleep(_dt: float) -> None:
+        if done:
+            ff.stop()
+            return
+        path.rename(tmp_path / "old.csv")
+        path.write_text("ts,device_id,t,rh\n1,a,20,40\n")
+        done.append(1)
+
+    ff = FollowFile(path, poll_s=0.01, sleep=sleep)
+    with pytest.raises(LogError, match=r"live.csv:1: the file that replaced it has other columns \(\('t', 'rh'\)"):
+        list(ff)

@@ -206,6 +206,7 @@ class FollowFile(_Lines):
         self.poll_s, self.from_end = poll_s, from_end
         self.stop_event = stop_event or threading.Event()
         self._sleep = sleep or self.stop_event.wait
+        self._parser_args = (fmt, on_error, chunk_rows)
         self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
         if noted:  # a followed file: what it skips is said as it comes (NotedStats)
             self.parser.stats = NotedStats(self.path)
@@ -278,6 +279,38 @@ class FollowFile(_Lines):
                 raise LogError(self.path, self.parser.line, "file truncated while following", "truncated")
             data = self._read(1 << 20)
             if not data:
-                return got
+                if not self._rotated():
+                    return got
+                yield from self._next_file()
+                continue
             got = True
             yield from self.parser.feed(data)
+
+    def _rotated(self) -> bool:
+        """The path names another file now (a log rotated by rename and create): the one open is read to its end.
+        Until the new one is created, the renamed one is read on."""
+        assert self._f is not None
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        was = os.fstat(self._f.fileno())
+        return (now.st_ino, now.st_dev) != (was.st_ino, was.st_dev)
+
+    def _next_file(self) -> Generator[ReadingChunk, None, None]:
+        """Go on with the new file at the path, from its start (its header too), with the same columns."""
+        yield from self.parser.feed()  # (every complete line is parsed already)
+        if self.parser.partial.strip():
+            self.stats.record(LogError(self.path, self.parser.line, "partial line at rotation (no newline)",
+                                       "partial line at rotation"))
+        channels, has_labels = self.parser.channels, self.parser.has_labels
+        fmt, on_error, chunk_rows = self._parser_args
+        self.close()
+        self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
+        self.parser.stats, lines = self.stats, self.stats.lines  # one count for the path
+        self._pos, self.from_end = 0, False
+        self._open()
+        self.stats.lines += lines
+        if self.parser.ready and (self.parser.channels, self.parser.has_labels) != (channels, has_labels):
+            raise LogError(self.path, 1, f"the file that replaced it has other columns ({self.parser.channels} "
+                                         f"instead of {channels})", "bad header")

@@ -1032,6 +1032,7 @@ def test_sensor_fields_by_path_time_and_label() -> None:
     (b'{"env": {"t": 1}, "at": "yesterday"}', "bad value", "neither a number nor ISO 8601"),
     (b'{"env": {"t": 1}}', "missing column", "no time field 'at'"),
     (b'{"at": -2, "env": {"t": 1}}', "ts out of range", "ts -2.0 out of range"),
+    (b'{"at": 4102444800, "env": {"t": 1}}', "ts ahead of the clock", "ahead of this device's clock"),
 ])
 def test_a_sensor_reading_that_is_none_is_counted_and_named(payload: bytes, kind: str, reason: str) -> None:
     feed = _feed(ts=("at",))
@@ -1169,3 +1170,22 @@ def test_follow_file_refuses_a_rotated_file_with_other_columns(tmp_path: Path) -
     ff = FollowFile(path, poll_s=0.01, sleep=sleep)
     with pytest.raises(LogError, match=r"live.csv:1: the file that replaced it has other columns \(\('t', 'rh'\)"):
         list(ff)
+
+
+def test_a_live_reading_from_the_future_is_refused_and_the_stream_goes_on() -> None:
+    """A hostile peer's finding: one reading dated 2100 on a live source made every later one "non-monotonic"
+    (the device stopped inferring, for good, saying it was online). A live source now refuses a reading more
+    than a day ahead of the device's clock; a recorded log keeps its own dates."""
+    import time
+
+    now = round(time.time(), 1)
+    lines = [{"ts": now - 2, "device_id": "a", "ax": 1}, {"ts": 4_102_444_800.0, "device_id": "a", "ax": 2},
+             {"ts": now - 1, "device_id": "a", "ax": 3}, {"ts": now, "device_id": "a", "ax": 4}]
+    data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+    live = JsonLinesStream(io.BytesIO(data), name="<stdin>", on_error="skip", noted=True)
+    c = ReadingChunk.concat(list(live))
+    assert c.ts.tolist() == [now - 2, now - 1, now]
+    assert live.stats.skipped_by_reason == {"ts ahead of the clock": 1}
+    assert "line 2: ts 4102444800.0 is" in str(live.stats.first_errors[0]), live.stats.first_errors
+    recorded = JsonLinesStream(io.BytesIO(data), name="log", on_error="skip")
+    assert ReadingChunk.concat(list(recorded)).ts.tolist() == [now - 2, 4_102_444_800.0]  # then non-monotonic

@@ -25,6 +25,10 @@ MISSING_COLUMN = "missing column"
 EXTRA_COLUMN = "extra column"
 NON_FINITE_TS = "non-finite ts"
 TS_OUT_OF_RANGE = "ts out of range"
+TS_AHEAD = "ts ahead of the clock"
+# A live source (stdin, a followed file, a sensor) refuses a reading further ahead of the device's clock than
+# this: one reading dated 2100 made every later one "non-monotonic", and the device stopped inferring for good.
+LIVE_AHEAD_S = 86_400.0
 # A reading's ts is seconds since 1970: a result's key is its window's start in integer milliseconds, which the
 # contract takes from 0 on and a float64 holds exactly up to 2**53 ms (the year 287,396). A ts outside made a key
 # every hub refuses, and the result's batch, re-sent for ever, took its good results down with it.

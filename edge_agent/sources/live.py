@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from edge_agent.sources.chunk import LogError, NotedStats, ReadingChunk
+from edge_agent.sources.chunk import LIVE_AHEAD_S, LogError, NotedStats, ReadingChunk
 from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, log_format
 
 
@@ -151,6 +151,7 @@ class JsonLinesStream(_Lines):
                                  has_labels=has_labels)
         if noted:  # a live stream: what it skips is said as it comes (NotedStats), no summary comes at the end
             self.parser.stats = NotedStats(self.name)
+            self.parser.ahead_s = LIVE_AHEAD_S  # and a reading from the future is refused
         self.stats = self.parser.stats
 
     def _reader(self) -> Callable[[], bytes]:
@@ -208,8 +209,9 @@ class FollowFile(_Lines):
         self._sleep = sleep or self.stop_event.wait
         self._parser_args = (fmt, on_error, chunk_rows)
         self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
-        if noted:  # a followed file: what it skips is said as it comes (NotedStats)
+        if noted:  # a followed file: what it skips is said as it comes (NotedStats); a reading from the future is refused
             self.parser.stats = NotedStats(self.path)
+            self.parser.ahead_s = LIVE_AHEAD_S
         self.stats = self.parser.stats
         self._f: BinaryIO | None = None
         self._pos = 0
@@ -303,11 +305,12 @@ class FollowFile(_Lines):
         if self.parser.partial.strip():
             self.stats.record(LogError(self.path, self.parser.line, "partial line at rotation (no newline)",
                                        "partial line at rotation"))
-        channels, has_labels = self.parser.channels, self.parser.has_labels
+        channels, has_labels, ahead_s = self.parser.channels, self.parser.has_labels, self.parser.ahead_s
         fmt, on_error, chunk_rows = self._parser_args
         self.close()
         self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
         self.parser.stats, lines = self.stats, self.stats.lines  # one count for the path
+        self.parser.ahead_s = ahead_s
         self._pos, self.from_end = 0, False
         self._open()
         self.stats.lines += lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from edge_agent.sources.chunk import (
     BAD_HEADER,
     NON_MONOTONIC_TS,
+    TS_AHEAD,
     LogError,
     ReadingChunk,
     ReadStats,
@@ -57,6 +59,7 @@ class LineParser:
         self._fmt: Csv | Jsonl | None = None
         self._given = (tuple(channels), has_labels is not False) if channels is not None and fmt == "jsonl" else None
         self.numeric_labels = False  # labels as numbers (regression targets): see LogReader.labels_as_numbers
+        self.ahead_s: float | None = None  # a live source: readings further ahead of the clock are refused
         self._buf = b""
         self._acc: list[ReadingChunk] = []
         self._acc_lines = 0
@@ -216,6 +219,14 @@ class LineParser:
         nd = len(self.d.devices.names)
         if b.ts.shape[0] == 0:
             return
+        if self.ahead_s is not None and (ahead := b.ts > (now := time.time()) + self.ahead_s).any():
+            for r in np.flatnonzero(ahead).tolist():  # before the order check: it must not become the last ts
+                b.problems.append((int(b.lines[r]), TS_AHEAD, f"ts {float(b.ts[r])!r} is {float(b.ts[r]) - now:.0f} s "
+                                   f"ahead of this device's clock (a live reading more than {self.ahead_s:g} s "
+                                   "ahead is refused)"))
+            b.keep(~ahead)
+            if b.ts.shape[0] == 0:
+                return
         self._last_ts, self._last_line = grow_last(self._last_ts, self._last_line, nd)
         late = increasing(b.dev, b.ts, b.lines, self._last_ts, self._last_line)
         if not late:

@@ -265,3 +265,28 @@ def test_a_missing_hub_dependency_is_one_line_naming_the_extra(module: str) -> N
     code = f"import sys; sys.modules[{module!r}] = None; import cloud_hub.cli.app"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     one_line(res, exits.USAGE, f"missing: {module}", "install the hub extra")
+
+
+def test_a_model_named_receipts_still_gets_its_round_announcements(tmp_path: Path) -> None:
+    """The agent routed every topic ending in /receipts to the outbox's receipts first: a model named "receipts"
+    would never have seen a round (a hostile peer's note). The exact topics are matched first now."""
+    from edge_agent.device.agent import Agent
+    from edge_agent.mqtt import Message
+    from edge_agent.settings.agent import AgentSettings
+    from edge_agent.settings.loader import load_settings
+
+    s = load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={}, flags={
+        "state_dir": str(tmp_path / "s"), "broker": f"mqtt://127.0.0.1:{free_port()}", "device_id": "d-1",
+        "model_name": "receipts"})
+    agent = Agent(s, device_ids=("d-1",))
+    try:
+        offered: list[bytes] = []
+        agent.learner.offer = offered.append  # type: ignore[union-attr, method-assign]
+        receipts: list[str] = []
+        agent.publisher.on_receipt = lambda topic, payload: receipts.append(topic)  # type: ignore[method-assign]
+        topics = c.Topics(s.prefix)
+        agent._on_message(Message(topics.rounds("receipts"), b"announcement", 1, True, 1))
+        agent._on_message(Message(topics.receipts("d-1"), b"receipt", 1, False, 2))
+        assert offered == [b"announcement"] and receipts == [topics.receipts("d-1")]
+    finally:
+        agent.close()

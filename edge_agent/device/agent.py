@@ -169,14 +169,17 @@ class Agent(ModelSlot):
                 self._updates.put((False, msg.payload))
         elif msg.topic == self._device_model_topic:
             self._updates.put((True, msg.payload))  # empty: the canary is over
+        elif msg.topic == self._rounds_topic:  # the exact topics first: a model may be named "receipts"
+            if self.learner is not None:
+                self.learner.offer(msg.payload)
+        elif msg.topic == self._step_topic:
+            if self.learner is not None:
+                self.learner.offer_step(msg.payload)
+        elif msg.topic == self._answered_topic:
+            if self.learner is not None:
+                self.learner.on_answered(msg.payload)
         elif msg.topic.endswith("/receipts"):
             self.publisher.on_receipt(msg.topic, msg.payload)
-        elif msg.topic == self._rounds_topic and self.learner is not None:
-            self.learner.offer(msg.payload)
-        elif msg.topic == self._step_topic and self.learner is not None:
-            self.learner.offer_step(msg.payload)
-        elif msg.topic == self._answered_topic and self.learner is not None:
-            self.learner.on_answered(msg.payload)
 
     def _publish_update(self, topic: str, payload: bytes, expiry_s: float | None = None) -> None:
         from edge_agent.contract.round_updates import UPDATE_DELIVERY  # loaded with the learner already

@@ -212,3 +212,29 @@ def offline_coordinator(tmp_path: Path, monkeypatch: Any, cfg: Any, devices: tup
     monkeypatch.setattr(coordinator, "_available", lambda _version: list(devices))
     monkeypatch.setattr(coordinator, "_send", lambda _topic, _payload, **_kw: None)
     return coordinator, engine, url
+
+
+class StatusWatch:
+    """Every device status published under ``prefix``, kept in order, for waits on a condition over them."""
+
+    def __init__(self, broker_url: str, prefix: str, client_id: str) -> None:
+        self._inbox: queue.Queue[c.Status] = queue.Queue()
+        self.seen: list[c.Status] = []
+        self.link = MqttLink(BrokerURL.parse(broker_url), client_id, subscriptions=[(c.Topics(prefix).all_status, 1)],
+                             on_message=lambda m: self._inbox.put(c.decode_status(m.payload)))
+        self.link.start()
+        self.link.wait_connected(10)
+
+    def where(self, pred: Callable[[c.Status], bool]) -> Callable[[], bool]:
+        """A condition for :func:`wait_for`: some status seen so far (since :meth:`clear`) satisfies ``pred``."""
+        def check() -> bool:
+            while not self._inbox.empty():
+                self.seen.append(self._inbox.get())
+            return any(pred(s) for s in self.seen)
+        return check
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+    def stop(self) -> None:
+        self.link.stop()

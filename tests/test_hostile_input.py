@@ -50,7 +50,7 @@ from edge_agent.settings.broker import BrokerURL
 from edge_agent.settings.loader import SettingsError, load_settings
 from edge_agent.sources import LogError, read_log
 from fuzz.targets import equivalent
-from tests.helpers import agent_cmd, make_bundle, make_log, publish_retained, wait_for
+from tests.helpers import StatusWatch, agent_cmd, make_bundle, make_log, publish_retained, wait_for
 
 # --------------------------------------------------------------------------- payload builders
 
@@ -421,11 +421,7 @@ def test_an_agent_given_a_malformed_retained_bundle_and_announcement_keeps_its_m
     topics = c.Topics(prefix)
     model_file = tmp_path / "v1.emlb"
     model_file.write_bytes(sign_bundle(v1, load_private_key(priv)).encode())
-    statuses: queue.Queue[c.Status] = queue.Queue()
-    watch = MqttLink(BrokerURL.parse(shared_broker.url), f"{prefix}-watch", subscriptions=[(topics.all_status, 1)],
-                     on_message=lambda m: statuses.put(c.decode_status(m.payload)))
-    watch.start()
-    watch.wait_connected(10)
+    watch = StatusWatch(shared_broker.url, prefix, f"{prefix}-watch")
     log = tmp_path / "agent.log"
     with open(log, "wb") as out:
         agent = procs.popen(
@@ -434,14 +430,7 @@ def test_an_agent_given_a_malformed_retained_bundle_and_announcement_keeps_its_m
                       "--source", "simulated"),
             stdout=subprocess.DEVNULL, stderr=out,
             env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1", "EDGE_AGENT_RECEIPTS": "false"})
-    seen: list[c.Status] = []
-
-    def status_where(pred: Callable[[c.Status], bool]) -> Callable[[], bool]:
-        def check() -> bool:
-            while not statuses.empty():
-                seen.append(statuses.get())
-            return any(pred(s) for s in seen)
-        return check
+    status_where = watch.where
 
     wait_for(status_where(lambda s: s.state == c.ONLINE and s.model_version == 1), 60, "the agent on v1")
     deep = _with_field(v1.encode(), "training", _nested(1000))
@@ -452,7 +441,7 @@ def test_an_agent_given_a_malformed_retained_bundle_and_announcement_keeps_its_m
                                     "encoding", b"[]"), priv)
     publish_retained(shared_broker.url, topics.rounds("default"), bad_round)
     wait_for(lambda: b"round announcement refused" in log.read_bytes(), 60, "the announcement refused")
-    seen.clear()
+    watch.clear()
     wait_for(status_where(lambda s: s.state == c.ONLINE and s.model_version == 1), 30, "v1 still serving")
     assert agent.poll() is None, log.read_text()
     agent.terminate()

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import subprocess
-from collections.abc import Callable
 
 import pytest
 
 from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
 from edge_agent import contract as c
-from edge_agent.mqtt import MqttLink
-from edge_agent.settings.broker import BrokerURL
-from tests.helpers import agent_cmd, make_bundle, make_log, publish_retained, wait_for
+from tests.helpers import StatusWatch, agent_cmd, make_bundle, make_log, publish_retained, wait_for
 
 
 @pytest.mark.slow
@@ -34,19 +30,8 @@ def test_a_model_topic_carries_its_own_model_and_a_refused_canary_falls_back_to_
     topics = c.Topics(prefix)
     model_file = tmp_path / "v1.emlb"
     model_file.write_bytes(v1.encode())
-    statuses: queue.Queue[c.Status] = queue.Queue()
-    watch = MqttLink(BrokerURL.parse(shared_broker.url), f"{prefix}-watch", subscriptions=[(topics.all_status, 1)],
-                     on_message=lambda m: statuses.put(c.decode_status(m.payload)))
-    watch.start()
-    watch.wait_connected(10)
-    seen: list[c.Status] = []
-
-    def status_where(pred: Callable[[c.Status], bool]) -> Callable[[], bool]:
-        def check() -> bool:
-            while not statuses.empty():
-                seen.append(statuses.get())
-            return any(pred(s) for s in seen)
-        return check
+    watch = StatusWatch(shared_broker.url, prefix, f"{prefix}-watch")
+    status_where = watch.where
 
     agent_log = tmp_path / "agent.log"
     try:
@@ -61,7 +46,7 @@ def test_a_model_topic_carries_its_own_model_and_a_refused_canary_falls_back_to_
         publish_retained(shared_broker.url, topics.model("default"), other.encode())
         wait_for(status_where(lambda s: s.last_error is not None and "the bundle is model 'other' v7" in s.last_error),
                  60, "the other model refused")
-        seen.clear()
+        watch.clear()
         wait_for(status_where(lambda s: s.model_version == 1 and s.model_name == "default"), 30, "v1 still serving")
         assert (tmp_path / "state" / "model-default.emlb").read_bytes() == v1.encode()  # not saved as this model
 

@@ -361,23 +361,6 @@ def test_the_window_store_keeps_the_newest_labelled_windows_on_disk(tmp_path) ->
     assert WindowStore(tmp_path / "torn.npz", capacity=5).y == []  # a torn file: an empty store, not a crash
 
 
-def test_a_window_store_holding_a_window_from_the_future_heals(tmp_path) -> None:
-    """A hostile peer's finding: one reading dated 2100 left a window the store kept, and every later window
-    (starting before it) was refused, for good and across restarts. Such windows are dropped now."""
-    import time
-
-    from edge_agent.device.learner import WindowStore
-
-    now = time.time()
-    store = WindowStore(tmp_path / "w.npz", capacity=10)
-    feats = np.ones((3, 2), np.float32)
-    store.add("L1", feats, ["a", "b", "c"], np.array([now - 20, now - 10, 4_102_444_800.0]))  # 2100-01-01
-    store.save()
-    healed = WindowStore(tmp_path / "w.npz", capacity=10)
-    healed.add("L1", feats[:2], ["d", "e"], np.array([now, now + 1]))
-    assert healed.y == ["a", "b", "d", "e"] and healed.t.tolist() == [now - 20, now - 10, now, now + 1]
-    assert healed.X.shape == (4, 2)
-
 
 def test_the_learner_answers_only_a_round_it_can_and_was_asked_to(tmp_path) -> None:
     from cloud_hub.models.signing import load_private_key, sign_round

@@ -3,7 +3,6 @@ canary topic carry this model only, and a canary bundle the device refuses does 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 
@@ -11,6 +10,7 @@ import pytest
 
 from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
 from edge_agent import contract as c
+from edge_agent import exits
 from tests.helpers import StatusWatch, agent_cmd, make_bundle, make_log, publish_retained, wait_for
 
 
@@ -26,7 +26,9 @@ def test_a_model_topic_carries_its_own_model_and_a_refused_canary_falls_back_to_
     v1 = sign_bundle(make_bundle(log, holdout=("trn-2",)), key)
     v2 = sign_bundle(make_bundle(make_log(tmp_path / "more.csv", devices=("trn-1", "trn-2"), seconds=40), version=2,
                                  holdout=("trn-2",)), key)
-    other = sign_bundle(dataclasses.replace(v1, manifest=dataclasses.replace(v1.manifest, name="other", version=7)), key)
+    other = sign_bundle(make_bundle(make_log(tmp_path / "other.csv", devices=("trn-1", "trn-2"), seconds=35), version=7,
+                                    name="other", holdout=("trn-2",)), key)  # its own ONNX: not v1's copy
+    assert other.manifest.sha256 != v1.manifest.sha256
     topics = c.Topics(prefix)
     model_file = tmp_path / "v1.emlb"
     model_file.write_bytes(v1.encode())
@@ -59,6 +61,18 @@ def test_a_model_topic_carries_its_own_model_and_a_refused_canary_falls_back_to_
         agent.terminate()
         assert agent.wait(30) == 0, agent_log.read_text()
         assert "Traceback" not in agent_log.read_text()
+
+        # a state dir where an older build kept another model: not served at the next start
+        (tmp_path / "state" / "model-default.emlb").write_bytes(other.encode())
+        publish_retained(shared_broker.url, topics.device_model("live-1"), b"")
+        publish_retained(shared_broker.url, topics.model("default"), b"")  # nothing to fall back to: it says why
+        res = subprocess.run(agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1",
+                                       "--state-dir", str(tmp_path / "state"), "--trusted-key", str(pub),
+                                       "--source", "simulated"), capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1", "EDGE_AGENT_RECEIPTS": "false",
+                                  "EDGE_AGENT_MODEL_WAIT_S": "0.1", "EDGE_AGENT_CONNECT_TIMEOUT_S": "5"})
+        assert res.returncode == exits.MODEL, res.stderr
+        assert "persisted model" in res.stderr and "the bundle is model 'other' v7" in res.stderr, res.stderr
     finally:
         watch.stop()
         publish_retained(shared_broker.url, topics.model("default"), b"")

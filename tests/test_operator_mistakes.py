@@ -229,6 +229,10 @@ def test_a_database_error_names_the_database(tmp_path: Path, command: tuple[str,
     bad.write_text("these are notes, not a database " * 40)
     res = run(hub_cmd(*command, "--db", f"sqlite:///{bad}"))
     one_line(res, exits.UNAVAILABLE, f"database error on sqlite:///{bad}: file is not a database")
+    # never a password, in the user part or as a query parameter (the port refuses: a database error)
+    hidden = run(hub_cmd(*command, "--db", "postgresql+psycopg://bob:pw1@127.0.0.1:1/x?password=s3cret"))
+    assert hidden.returncode == exits.UNAVAILABLE and "bob:***@" in hidden.stderr, hidden.stderr
+    assert "s3cret" not in hidden.stderr and "pw1" not in hidden.stderr and "password=***" in hidden.stderr
 
 
 @pytest.mark.parametrize(("command", "wants"), [
@@ -243,9 +247,9 @@ def test_a_replay_wait_or_pace_that_is_no_number_of_seconds_is_refused(command: 
     one_line(run(agent_cmd(*command)), exits.USAGE, wants)
 
 
-@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+@pytest.mark.parametrize("value", ["nan", "-1"])
 def test_federate_refuses_a_device_wait_that_is_no_number_of_seconds(value: str) -> None:
-    """`--wait-devices nan` waited for ever (a new user's finding); -1 was taken."""
+    """`--wait-devices nan` waited for ever (a new user's finding); -1 was taken. (inf: as long as it takes.)"""
     one_line(run(hub_cmd("federate", "--wait-devices", value, "--insecure-unsigned")), exits.USAGE,
              f"--wait-devices is how long to wait for devices, in seconds: 0 or more, got {value}")
 

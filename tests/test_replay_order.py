@@ -273,3 +273,21 @@ def test_edge_agent_replay_refuses_a_device_going_back_in_one_line_before_any_re
     assert errors[0].endswith(f"to sort the log by time: (head -n 1 {bad}; tail -n +2 {bad} | LC_ALL=C sort -s -t, "
                               f"-k1,1g) > {tmp_path / 'again.sorted.csv'}")
     assert _outbox_order(state) == []
+
+
+def test_a_replay_refuses_a_reading_before_1970_and_training_takes_it(tmp_path: Path) -> None:
+    """A hostile peer's finding: a log whose ts began at -5 s made results with negative keys; every hub
+    dead-lettered their batch with the good results in it, sent again for ever, and the replay never finished.
+    A replay's readings become results: such a line is a bad line. Training makes no keys: a log in relative
+    time that starts below 0 still trains (the review's catch)."""
+    log = tmp_path / "rel.csv"
+    log.write_text("ts,device_id,ax\n" + "".join(f"{t / 10:.1f},a,{t}\n" for t in range(-50, 50)))
+    with pytest.raises(LogError) as err:
+        list(ReplayLogs([log]).index())
+    assert (err.value.line, err.value.kind) == (2, "ts out of range")
+    assert "ts -5.0 is before 1970" in str(err.value)
+    skipping = ReplayLogs([log], on_error="skip").index()
+    ts, _, _ = merged(skipping)
+    assert ts.tolist() == [t / 10 for t in range(0, 50)] and skipping.stats.skipped_by_reason == {"ts out of range": 50}
+    whole = read_log(log).read_all()
+    assert whole is not None and len(whole) == 100

@@ -53,11 +53,12 @@ _database: str | None = None  # the database of the command's settings, for erro
 
 
 def _shown_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    from cloud_hub.data.sessions import shown_url
+
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return shown_url(url)
     except ArgumentError:
         return url
 

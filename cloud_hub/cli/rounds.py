@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -110,7 +109,7 @@ def federate(
 
     if not fraction > 0:
         raise fail(exits.USAGE, "--fraction is the share of the available devices asked each round: more than 0")
-    if not 0 <= wait_devices < math.inf:
+    if not wait_devices >= 0:  # NaN is not (inf: for as long as it takes)
         raise fail(exits.USAGE, f"--wait-devices is how long to wait for devices, in seconds: 0 or more, got {wait_devices:g}")
     if not deadline > 0:
         raise fail(exits.USAGE, f"--deadline is a round's length in seconds: it must be positive, got {deadline:g}")

@@ -7,6 +7,7 @@ reader in any language can load them, and loading them cannot run code.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,7 +96,13 @@ def sqlite_file(url: str | sa.engine.URL) -> Path | None:
 
 def describe(engine: Engine) -> str:
     """The engine's URL without its password."""
-    return engine.url.render_as_string(hide_password=True)
+    return shown_url(engine.url)
+
+
+def shown_url(url: sa.URL | str) -> str:
+    """A database URL without its password, in the user part or as a query parameter (``?password=``)."""
+    text = sa.make_url(url).render_as_string(hide_password=True)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", text)
 
 
 def first_line(exc: BaseException) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -113,9 +112,9 @@ def replay(
     """Replay recorded logs as if live; exit 0 once the hub has stored every result (or the broker, --until)."""
     from edge_agent.device import jobs
 
-    if not 0 <= speed < math.inf:
+    if not speed >= 0:  # NaN is not (inf: as fast as possible, as 0)
         _fail(f"--speed must be >= 0 (1 = real time, 0 = as fast as possible), got {speed:g}", EXIT_USAGE)
-    if timeout is not None and not 0 < timeout < math.inf:
+    if timeout is not None and not timeout > 0:  # NaN is not (inf: no bound)
         _fail(f"--timeout is seconds to wait: more than 0, got {timeout:g}", EXIT_USAGE)
     if until not in (None, "hub", "broker"):
         _fail(f"--until must be hub or broker, got {until!r}", EXIT_USAGE)

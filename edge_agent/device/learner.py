@@ -38,7 +38,6 @@ from edge_agent.contract.rounds import Announcement, RoundPlan
 from edge_agent.device.answers import PendingAnswers
 from edge_agent.device.bundle import BundleRejected, check_round
 from edge_agent.device.seat import SecureSeat
-from edge_agent.sources.chunk import LIVE_AHEAD_S
 
 log = logging.getLogger(__name__)
 _SAVE_NOTE_S = 60.0  # a store that cannot be saved (a full disk) is said this often
@@ -75,12 +74,6 @@ class WindowStore:
         if layout != self.layout or (self.X.size and self.X.shape[1] != feats.shape[1]):
             self.X, self.y, self.t = np.zeros((0, feats.shape[1]), np.float32), [], np.zeros(0)
             self.layout, self.new = layout, 0
-        if len(self.t) and (future := self.t > time.time() + LIVE_AHEAD_S).any():  # kept by a build before
-            # live sources refused readings from the future: its windows would hold every later one back for good
-            log.warning("dropping %d labelled windows dated after tomorrow", int(future.sum()))
-            now = ~future
-            self.X, self.t = _frozen(self.X[now]), _frozen(self.t[now])
-            self.y = [y for y, k in zip(self.y, now.tolist(), strict=True) if k]
         last = float(self.t.max()) if len(self.t) else -np.inf
         keep = [i for i, t in enumerate(truths) if t and float(starts[i]) > last]
         if not keep:

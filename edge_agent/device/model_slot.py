@@ -86,9 +86,10 @@ class ModelSlot:
             candidates.append((str(self.active_path), self.active_path.read_bytes()))
         for origin, payload in candidates:
             try:
-                # A file the operator names is trusted like a signed bundle when no key is configured.
+                # A file the operator names is trusted like a signed bundle when no key is configured; the one kept
+                # in the state dir came from this model's topics (or an older build kept another model there).
                 self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned or
-                              (origin == explicit and self._trusted is None))
+                              (origin == explicit and self._trusted is None), from_topic=origin != explicit)
                 log.info("model v%d from %s", self.model.bundle.manifest.version, origin)  # type: ignore[union-attr]
                 return self.model  # type: ignore[return-value]
             except BundleRejected as exc:

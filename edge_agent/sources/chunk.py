@@ -26,28 +26,35 @@ EXTRA_COLUMN = "extra column"
 NON_FINITE_TS = "non-finite ts"
 TS_OUT_OF_RANGE = "ts out of range"
 TS_AHEAD = "ts ahead of the clock"
-# A live source (stdin, a followed file, a sensor) refuses a reading further ahead of the device's clock than
-# this: one reading dated 2100 made every later one "non-monotonic", and the device stopped inferring for good.
-LIVE_AHEAD_S = 86_400.0
-# A reading's ts is seconds since 1970: a result's key is its window's start in integer milliseconds, which the
-# contract takes from 0 on and a float64 holds exactly up to 2**53 ms (the year 287,396). A ts outside made a key
-# every hub refuses, and the result's batch, re-sent for ever, took its good results down with it.
-TS_MAX = 2**53 / 1000.0
-
-
-def ts_in_range(ts: np.ndarray) -> np.ndarray:
-    """Which ``ts`` a reading may have (False for NaN too)."""
-    return (ts >= 0.0) & (ts <= TS_MAX)
-
-
-def ts_range_reason(shown: str) -> tuple[str, str]:
-    return TS_OUT_OF_RANGE, f"ts {shown} out of range (seconds since 1970, 0 to {TS_MAX:.6g})"
 NON_MONOTONIC_TS = "non-monotonic ts"
 BAD_JSON = "bad json"
 BAD_ENCODING = "bad encoding"
 BAD_QUOTING = "bad quoting"
 BAD_VALUE = "bad value"
 BAD_HEADER = "bad header"
+
+# A live source (stdin, a followed file, a sensor) refuses a reading further ahead of the device's clock than
+# this: one reading dated 2100 made every later one "non-monotonic", and the device stopped inferring for good.
+LIVE_AHEAD_S = 86_400.0
+# A reading's ts is seconds since 1970. Where readings become results (the agent), their key is the window's start
+# in integer milliseconds, which the contract takes from 0 on: a ts before 1970 made a key every hub refuses, and
+# the result's batch, sent again for ever, took its good results down with it (LineParser.keys). Everywhere, a
+# float64 holds whole milliseconds exactly only up to 2**53 ms (the year 287,396) either way.
+TS_MAX = 2**53 / 1000.0
+
+
+def ts_in_range(ts: np.ndarray) -> np.ndarray:
+    """Which ``ts`` a reading may have (False for NaN too)."""
+    return np.abs(ts) <= TS_MAX
+
+
+def ts_range_reason(shown: str) -> tuple[str, str]:
+    return TS_OUT_OF_RANGE, f"ts {shown} out of range (seconds since 1970, at most {TS_MAX:.6g} either way)"
+
+
+def ts_before_1970_reason(ts: float) -> tuple[str, str]:
+    return TS_OUT_OF_RANGE, f"ts {ts!r} is before 1970: a result's key, its window's start in ms, is 0 or more"
+
 
 # --------------------------------------------------------------------------- errors
 

@@ -166,6 +166,7 @@ class SensorFeed:
                                  on_error="skip")
         self.stats = self.parser.stats = _Named(self)
         self.parser.ahead_s = LIVE_AHEAD_S  # a live sensor: a reading from the future is refused
+        self.parser.keys = True
         self._line = 1  # the parser's line of the next record
         self.origins: dict[int, str] = {}  # parser line -> where the record came from, until it is judged
         self._arrived: dict[str, float] = {}  # device -> the arrival time of its last reading

@@ -102,7 +102,7 @@ class Rules:
             return None, ((EMPTY_FIELD, "empty field 'ts'") if st == EMPTY else
                           (BAD_NUMBER, f"bad number {_show(ts)} in column 'ts'") if st == BAD else
                           (NON_FINITE_TS, f"non-finite ts {_show(ts)}"))
-        if not 0.0 <= t <= TS_MAX:
+        if not -TS_MAX <= t <= TS_MAX:
             return None, ts_range_reason(_show(ts))
         device, err = _text(dev, "device_id")
         if err or not device.strip():

@@ -149,6 +149,7 @@ class JsonLinesStream(_Lines):
         self.name = name if isinstance(name, str) else "<stream>"
         self.parser = LineParser(self.name, format, on_error=on_error, chunk_rows=chunk_rows, channels=channels,
                                  has_labels=has_labels)
+        self.parser.keys = True  # the agent's: its readings become results
         if noted:  # a live stream: what it skips is said as it comes (NotedStats), no summary comes at the end
             self.parser.stats = NotedStats(self.name)
             self.parser.ahead_s = LIVE_AHEAD_S  # and a reading from the future is refused
@@ -186,6 +187,10 @@ def StdinSource(**kwargs: Any) -> JsonLinesStream:
     return JsonLinesStream(sys.stdin, **kwargs)
 
 
+# A log rotated by rename and create: the renamed file is read on until it has given nothing for this long.
+ROTATE_GRACE_S = 5.0
+
+
 class FollowFile(_Lines):
     """Follow a CSV / JSONL log as it grows (like ``tail -f``).
 
@@ -199,8 +204,10 @@ class FollowFile(_Lines):
     def __init__(self, path: str | os.PathLike, *, poll_s: float = 0.2, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  on_error: str = "raise", format: str | None = None, from_end: bool = False,
                  stop_event: threading.Event | None = None, sleep: Callable[[float], Any] | None = None,
-                 noted: bool = False):
+                 noted: bool = False, rotate_grace_s: float = ROTATE_GRACE_S):
         self.path = str(path)
+        self.rotate_grace_s = rotate_grace_s
+        self._quiet_since: float | None = None  # a rotated file: since when it has given nothing
         fmt, gz = log_format(path) if format is None else (format, False)
         if gz:
             raise ValueError("cannot follow a gzip file")
@@ -209,12 +216,14 @@ class FollowFile(_Lines):
         self._sleep = sleep or self.stop_event.wait
         self._parser_args = (fmt, on_error, chunk_rows)
         self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
+        self.parser.keys = True  # the agent's: its readings become results
         if noted:  # a followed file: what it skips is said as it comes (NotedStats); a reading from the future is refused
             self.parser.stats = NotedStats(self.path)
             self.parser.ahead_s = LIVE_AHEAD_S
         self.stats = self.parser.stats
         self._f: BinaryIO | None = None
         self._pos = 0
+        self._columns: tuple[tuple[str, ...] | None, bool | None] | None = None  # a rotated CSV's, until its header
         self._open()
 
     def stop(self) -> None:
@@ -274,6 +283,7 @@ class FollowFile(_Lines):
     def _new_lines(self) -> Generator[ReadingChunk, None, bool]:
         """Chunks of what was appended since the last poll; returns whether anything was."""
         assert self._f is not None
+        self._check_columns()
         yield from self.parser.feed()  # lines buffered while reading the schema
         got = False
         while True:
@@ -283,9 +293,23 @@ class FollowFile(_Lines):
             if not data:
                 if not self._rotated():
                     return got
+                # The logger may write to the renamed file until it reopens the path: read it on until it has
+                # been quiet for a while (its lines all come before the new file's).
+                now = time.monotonic()
+                if self._quiet_since is None:
+                    self._quiet_since = now
+                if now - self._quiet_since < self.rotate_grace_s:
+                    return got
+                self._quiet_since = None
                 yield from self._next_file()
+                if self._f is None:  # the new file went away again: waited for as at the start
+                    return got
                 continue
-            got = True
+            got, self._quiet_since = True, None
+            if self._columns is not None:  # a rotated file's header came: its columns before its rows
+                self.parser.prime(data)
+                data = b""
+                self._check_columns()
             yield from self.parser.feed(data)
 
     def _rotated(self) -> bool:
@@ -300,20 +324,29 @@ class FollowFile(_Lines):
         return (now.st_ino, now.st_dev) != (was.st_ino, was.st_dev)
 
     def _next_file(self) -> Generator[ReadingChunk, None, None]:
-        """Go on with the new file at the path, from its start (its header too), with the same columns."""
+        """Go on with the new file at the path, from its start (a CSV's header too): the same columns (a CSV's
+        are checked once its header is there: logrotate creates the file empty), each device's time forward."""
         yield from self.parser.feed()  # (every complete line is parsed already)
-        if self.parser.partial.strip():
-            self.stats.record(LogError(self.path, self.parser.line, "partial line at rotation (no newline)",
+        old = self.parser
+        if old.partial.strip():
+            self.stats.record(LogError(self.path, old.line, "partial line at rotation (no newline)",
                                        "partial line at rotation"))
-        channels, has_labels, ahead_s = self.parser.channels, self.parser.has_labels, self.parser.ahead_s
         fmt, on_error, chunk_rows = self._parser_args
         self.close()
-        self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
-        self.parser.stats, lines = self.stats, self.stats.lines  # one count for the path
-        self.parser.ahead_s = ahead_s
+        jsonl = fmt == "jsonl"  # its columns are given: a record's keys may come in any order
+        self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows,
+                                 channels=old.channels if jsonl else None, has_labels=old.has_labels if jsonl else None)
+        self.parser.stats = self.stats  # one count for the path
+        self.parser.ahead_s, self.parser.keys, self.parser.numeric_labels = old.ahead_s, old.keys, old.numeric_labels
+        self.parser.continue_after(*old.last_readings())
+        self._columns = None if jsonl else (old.channels, old.has_labels)
         self._pos, self.from_end = 0, False
-        self._open()
-        self.stats.lines += lines
-        if self.parser.ready and (self.parser.channels, self.parser.has_labels) != (channels, has_labels):
-            raise LogError(self.path, 1, f"the file that replaced it has other columns ({self.parser.channels} "
-                                         f"instead of {channels})", "bad header")
+        if self._open():
+            self._check_columns()
+
+    def _check_columns(self) -> None:
+        if self._columns is not None and self.parser.ready:
+            if (self.parser.channels, self.parser.has_labels) != self._columns:
+                raise LogError(self.path, 1, f"the file that replaced it has other columns ({self.parser.channels} "
+                                             f"instead of {self._columns[0]})", "bad header")
+            self._columns = None

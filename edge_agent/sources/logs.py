@@ -29,6 +29,7 @@ from edge_agent.sources.chunk import (
     file_error,
     grow_last,
     increasing,
+    ts_before_1970_reason,
 )
 from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, shorten
 
@@ -60,6 +61,7 @@ class LineParser:
         self._given = (tuple(channels), has_labels is not False) if channels is not None and fmt == "jsonl" else None
         self.numeric_labels = False  # labels as numbers (regression targets): see LogReader.labels_as_numbers
         self.ahead_s: float | None = None  # a live source: readings further ahead of the clock are refused
+        self.keys = False  # the readings become results (the agent's): a ts before 1970 is refused (no key)
         self._buf = b""
         self._acc: list[ReadingChunk] = []
         self._acc_lines = 0
@@ -96,7 +98,8 @@ class LineParser:
             end = buf.find(b"\n") + 1
             if end:
                 self._fmt = Csv(self.d, buf[:end])
-                self._buf, self.line, self.stats.lines = buf[end:], 2, 1
+                self._buf, self.line = buf[end:], 2
+                self.stats.lines += 1  # the header (added: a followed log's next file counts on)
             return
         if self._given is None:
             start = skipped = 0  # skip mode (a live stream): bad lines before the first good record are dropped
@@ -164,6 +167,12 @@ class LineParser:
         self.stats.lines += n
         self._buf = self._buf[end:]
 
+    def last_readings(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(devices, each one's last ts, its line) so far: for :meth:`continue_after` in another parser."""
+        names = list(self.d.devices.names)
+        self._last_ts, self._last_line = grow_last(self._last_ts, self._last_line, len(names))
+        return names, self._last_ts[: len(names)].copy(), self._last_line[: len(names)].copy()
+
     def continue_after(self, devices: Sequence[str], last_ts: np.ndarray, last_line: np.ndarray) -> np.ndarray:
         """Parse from the middle of a file whose earlier lines (read elsewhere) left ``devices[i]`` at
         ``last_ts[i]`` (line ``last_line[i]``): the rule that a device's ts increases holds across.
@@ -219,6 +228,12 @@ class LineParser:
         nd = len(self.d.devices.names)
         if b.ts.shape[0] == 0:
             return
+        if self.keys and (before := b.ts < 0.0).any():
+            for r in np.flatnonzero(before).tolist():
+                b.problems.append((int(b.lines[r]), *ts_before_1970_reason(float(b.ts[r]))))
+            b.keep(~before)
+            if b.ts.shape[0] == 0:
+                return
         if self.ahead_s is not None and (ahead := b.ts > (now := time.time()) + self.ahead_s).any():
             for r in np.flatnonzero(ahead).tolist():  # before the order check: it must not become the last ts
                 b.problems.append((int(b.lines[r]), TS_AHEAD, f"ts {float(b.ts[r])!r} is {float(b.ts[r]) - now:.0f} s "

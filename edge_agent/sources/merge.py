@@ -81,6 +81,7 @@ class _Cursor:
         self.parser.prime(b"" if jsonl else idx.header)
         self.parser.line, self.parser.stats.lines = start.line, 0
         self.parser.numeric_labels = numeric
+        self.parser.keys = True  # a replay's readings become results: a ts before 1970 has no key
         self.parser.d.outputs = idx.outputs
         self.parser.d.ws = ws  # the cursors parse one at a time: one set of scratch buffers for all
         self.floor = np.empty(0)  # per device code: its last merge key in the file's earlier runs

@@ -107,6 +107,7 @@ class _Indexer:
         self.scan = fmt == "csv" and on_error != "skip"  # the ts field alone; else every line through the parser
         self.parser = LineParser(path, fmt, on_error=on_error)
         self.parser.numeric_labels = numeric
+        self.parser.keys = True  # as the replay's own parsers (merge.py): the lines it skips are theirs
         self.runs: list[Start] = []
         self.top = -math.inf  # the current run's latest ts
         self.nl = np.empty(0, dtype=np.int64)  # offsets of the newlines ending lines nl_line, nl_line + 1, ...

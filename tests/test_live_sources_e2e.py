@@ -54,6 +54,24 @@ def test_run_on_stdin_json_lines(procs, shared_broker, prefix, tmp_path, model) 
     sub.stop()
 
 
+def test_run_on_stdin_skips_another_devices_readings_and_says_so(procs, shared_broker, prefix, tmp_path,
+                                                               model) -> None:
+    """A new user's finding: a second device id on stdin stopped the agent (exit 5) with "--device-id renames a
+    single-device log", a flag they never passed, naming no line. A live agent is one device: another device's
+    readings are skipped and said once, and the agent goes on."""
+    sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
+    start = 1_700_001_000.0
+    agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "stdin", stdin=subprocess.PIPE)
+    mine, other = _readings("s01", 10, start), _readings("other", 10, start)
+    lines = b"".join(orjson.dumps(r) + b"\n" for pair in zip(mine, other, strict=True) for r in pair)
+    _, err = agent.communicate(input=lines.decode(), timeout=120)
+    assert agent.returncode == 0, err
+    expected = {("live-1", int(round((start + s) * 1000))) for s in range(9)}
+    assert sub.wait_for(expected) == expected and len(sub.results) == 9
+    assert err.count("readings of device 'other' skipped: this agent is one device, 'live-1' (device_id)") == 1, err
+    sub.stop()
+
+
 
 def test_a_followed_json_lines_log_whose_first_records_are_bad_takes_its_channels_from_the_first_good_one(
         procs, shared_broker, prefix, tmp_path, model) -> None:

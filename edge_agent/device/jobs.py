@@ -243,6 +243,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
             if _regression(agent) and parser is not None:
                 parser.numeric_labels = True
             processor = agent.make_processor()
+            processor.one_device = True  # a live agent: another device's readings are skipped and said
             for chunk in _until(source, stop):
                 processor.process(chunk.by_device(), chunk.source)
                 agent.tick()

@@ -7,6 +7,7 @@ same log with the same model produces the same keys and the hub stores each wind
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch
 from edge_agent.runner import ModelRunner, Prediction
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
+
+log = logging.getLogger(__name__)
 
 
 def window_seq(start: np.ndarray) -> np.ndarray:
@@ -63,6 +66,10 @@ class Processor:
         self.stats = ProcessStats()
         self._source_of_override: str | None = None
         self._devices: dict[str, str] = {}  # source device id -> published device id (checked once)
+        # A live agent runs one device (device_id): readings another device's id names are skipped and said, not a
+        # stop (a restart would meet them again); a replay of a log of several devices under --device-id stops.
+        self.one_device = False
+        self.other_devices: dict[str, int] = {}  # skipped: source device id -> readings
         self._source = "the source"  # named in errors
         self.runner = runner
         self._columns = self._column_index(runner.params)
@@ -116,10 +123,22 @@ class Processor:
         numpy and onnxruntime dominates small batches.
         """
         self._source = source
-        for source_device, (ts, _values, _labels) in per_device.items():
+        for source_device, (ts, _values, _labels) in list(per_device.items()):
             device = self._devices.get(source_device)
             if device is None:
-                device = self._devices[source_device] = self._device(source_device)
+                try:
+                    device = self._devices[source_device] = self._device(source_device)
+                except DeviceIdError:
+                    if not self.one_device or self.device_id is None:
+                        raise
+                    per_device = {d: v for d, v in per_device.items() if d != source_device}
+                    if source_device not in self.other_devices:
+                        log.warning("%s: readings of device %r skipped: this agent is one device, %r (device_id), "
+                                    "and takes the readings of %r; run another agent for %r", source,
+                                    source_device[:64], self.device_id, self._source_of_override,
+                                    source_device[:64])
+                    self.other_devices[source_device] = self.other_devices.get(source_device, 0) + len(ts)
+                    continue
             self.stats.devices.add(device)
             self.stats.readings += len(ts)
         ready: list[tuple[str, WindowBatch]] = []

@@ -73,6 +73,8 @@ def test_precedence_file_env_flags(tmp_path) -> None:
          "sensor_ts_unit must be one of s, ms"),
         # a hostile peer's finding: a traceback (exit 1), an OverflowError, gigabytes for a second of readings
         ("", {"EDGE_AGENT_SIM_SEED": "-1"}, "sim_seed must be >= 0, got -1"),
+        ('source = "follow"\nsource_path = "x.csv.gz"\n', {}, "source_path 'x.csv.gz': a followed log is .csv, .jsonl"),
+        ('source = "follow"\nsource_path = "x.txt"\n', {}, "source_path 'x.txt': a followed log is .csv, .jsonl"),
         ("", {"EDGE_AGENT_SIM_RATE_HZ": "inf"}, "sim_rate_hz must be at most 10000, got inf"),
         ("sim_rate_hz = 1e9\n", {}, "sim_rate_hz must be at most 10000"),
     ],

@@ -193,6 +193,10 @@ class AgentSettings(BrokerSettings):
             raise SettingsError(f"features_sample must be in [0, 1], got {self.features_sample}")
         if self.source == "follow" and not self.source_path:
             raise SettingsError("source = 'follow' needs source_path")
+        if self.source == "follow" and not str(self.source_path).lower().endswith((".csv", ".jsonl", ".ndjson")):
+            # a .gz cannot grow line by line; another name has no format (a traceback and exit 5 before)
+            raise SettingsError(f"source_path {self.source_path!r}: a followed log is .csv, .jsonl or .ndjson "
+                                "(not compressed)", field="source_path")
         if self.source in ("mqtt", "serial"):
             self.validate_sensor()
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:

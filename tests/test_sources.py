@@ -1032,7 +1032,8 @@ def test_sensor_fields_by_path_time_and_label() -> None:
     (b'{"env": {"t": 1}, "at": "yesterday"}', "bad value", "neither a number nor ISO 8601"),
     (b'{"env": {"t": 1}}', "missing column", "no time field 'at'"),
     (b'{"at": -2, "env": {"t": 1}}', "ts out of range", "ts -2.0 is before 1970"),  # no result key
-    (b'{"at": 4102444800, "env": {"t": 1}}', "ts ahead of the clock", "ahead of this device's clock"),
+    (b'{"at": 4102444800, "env": {"t": 1}}', "ts ahead of the clock", "ahead of this device's clock (a live"),
+    (b'{"at": 1796000000000, "env": {"t": 1}}', "ts ahead of the clock", "milliseconds read as seconds?"),
 ])
 def test_a_sensor_reading_that_is_none_is_counted_and_named(payload: bytes, kind: str, reason: str) -> None:
     feed = _feed(ts=("at",))

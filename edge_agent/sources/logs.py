@@ -236,9 +236,11 @@ class LineParser:
                 return
         if self.ahead_s is not None and (ahead := b.ts > (now := time.time()) + self.ahead_s).any():
             for r in np.flatnonzero(ahead).tolist():  # before the order check: it must not become the last ts
-                b.problems.append((int(b.lines[r]), TS_AHEAD, f"ts {float(b.ts[r])!r} is {float(b.ts[r]) - now:.0f} s "
-                                   f"ahead of this device's clock (a live reading more than {self.ahead_s:g} s "
-                                   "ahead is refused)"))
+                ts = float(b.ts[r])
+                b.problems.append((int(b.lines[r]), TS_AHEAD, f"ts {ts!r} is {ts - now:.0f} s ahead of this device's "
+                                   f"clock (a live reading more than {self.ahead_s:g} s ahead is refused" +
+                                   ("; milliseconds read as seconds? a sensor's unit is sensor_ts_unit)" if ts > 1e11
+                                    else ")")))
             b.keep(~ahead)
             if b.ts.shape[0] == 0:
                 return

@@ -16,6 +16,7 @@ from edge_agent.device.agent import Agent
 from edge_agent.device.errors import AgentError, BadSetting, Interrupted
 from edge_agent.mqtt import MqttError
 from edge_agent.settings.agent import AgentSettings
+from edge_agent.sources.chunk import NotedStats
 from edge_agent.sources.merge import ReplayLogs
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     agent.stop_event = stop
     agent.start()
     try:
-        readings = windows = 0
+        readings = windows = skipped = 0
         try:
             source, channels = live_source(settings, stop, idle=agent.tick)
         except _StoppedWaiting:  # stopped before the source was there: a stop like any other (exit 0)
@@ -249,10 +250,16 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
                 agent.tick()
             agent.tick()
             readings, windows = processor.stats.readings, processor.stats.windows
+            read = getattr(source, "stats", None)
+            if isinstance(read, NotedStats):  # what it skipped since it last said so
+                read.final()
+                skipped = read.rows_skipped
+            skipped += sum(processor.other_devices.values())
     finally:
         drained = agent.close(drain_timeout=drain_timeout)
         _restore_handlers()
-    return {"readings": readings, "windows": windows, "drained": drained, "outbox_depth": agent.outbox.depth}
+    return {"readings": readings, "windows": windows, "skipped": skipped, "drained": drained,
+            "outbox_depth": agent.outbox.depth}
 
 
 def _until(chunks: Iterable[Any], stop: threading.Event) -> Iterator[Any]:

@@ -121,6 +121,7 @@ class NotedStats(ReadStats):
         super().__init__()
         self.name = name
         self._summary_due = 0.0
+        self._told = 0  # readings skipped as of the last line said
 
     def record(self, err: LogError) -> None:  # a line of a file or stream the parser refused
         self.note(f"line {err.line}", err.kind, err.reason)
@@ -131,10 +132,19 @@ class NotedStats(ReadStats):
         now = time.monotonic()
         if self.rows_skipped <= NOTED_ONE_BY_ONE:
             log.warning("%s: %s: reading skipped (%s)", self.name, origin, reason)
+            self._told = self.rows_skipped
         elif now >= self._summary_due:
             self._summary_due = now + NOTED_SUMMARY_S
             log.warning("%s: %d readings skipped so far (%s); the latest: %s: %s", self.name, self.rows_skipped,
                         ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped_by_reason.items())), origin, reason)
+            self._told = self.rows_skipped
+
+    def final(self) -> None:
+        """At the end of a run: the count of what was skipped since the last line said (none: nothing said)."""
+        if self.rows_skipped > self._told:
+            log.warning("%s: %d readings skipped in all (%s)", self.name, self.rows_skipped,
+                        ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped_by_reason.items())))
+            self._told = self.rows_skipped
 
 
 # --------------------------------------------------------------------------- chunk

@@ -294,3 +294,15 @@ def test_a_model_named_receipts_still_gets_its_round_announcements(tmp_path: Pat
         assert offered == [b"announcement"] and receipts == [topics.receipts("d-1")]
     finally:
         agent.close()
+
+
+def test_train_on_a_slow_log_says_to_set_the_window(tmp_path: Path) -> None:
+    """A new user's 1 Hz climate log: "invalid PreprocessParams: window_s=2.5 gives fewer than 2 samples", with no
+    word of the flags that fix it."""
+    log = tmp_path / "climate.csv"
+    log.write_text("ts,device_id,t,label\n" + "".join(f"{i},d1,{20 + i % 5},{'warm' if i % 40 < 20 else 'cold'}\n"
+                                                      for i in range(600)))
+    res = run(hub_cmd("train", str(log), "--db", f"sqlite:///{tmp_path / 'h.sqlite'}"))
+    line = one_line(res, exits.MODEL, f"{log}: the windows do not fit this log: window_s=2.5 gives fewer than",
+                    "set --window and --hop")
+    assert "PreprocessParams" not in line

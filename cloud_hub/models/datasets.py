@@ -178,7 +178,11 @@ def default_params(path: str, *, window_s: float | None = None, hop_s: float | N
                                 features=features, absent_value=absent_value, absent_as=absent_as,
                                 forecast=forecast)
     except ValueError as exc:
-        raise LifecycleError(f"{path}: {exc} (the log has {rate:g} readings a second)") from None
+        why = str(exc).removeprefix("invalid PreprocessParams: ")
+        hint = (f"; windows of {window_s:g} s every {hop_s:g} s are the defaults, made for 50 readings a second: set "
+                "--window and --hop (a few readings a window at least)") if rate < 10 else ""
+        raise LifecycleError(f"{path}: the windows do not fit this log: {why} (the log has {rate:g} readings a "
+                             f"second{hint})") from None
 
 
 def default_config(params: PreprocessParams) -> training.TrainConfig:

@@ -303,6 +303,6 @@ def test_train_on_a_slow_log_says_to_set_the_window(tmp_path: Path) -> None:
     log.write_text("ts,device_id,t,label\n" + "".join(f"{i},d1,{20 + i % 5},{'warm' if i % 40 < 20 else 'cold'}\n"
                                                       for i in range(600)))
     res = run(hub_cmd("train", str(log), "--db", f"sqlite:///{tmp_path / 'h.sqlite'}"))
-    line = one_line(res, exits.MODEL, f"{log}: the windows do not fit this log: window_s=2.5 gives fewer than",
+    line = one_line(res, exits.MODEL, f"{log}: the windows do not fit this log: hop_s=0.5 gives a hop of less than",
                     "set --window and --hop")
     assert "PreprocessParams" not in line

@@ -212,8 +212,8 @@ class ModelSlot:
             except Exception as exc:  # retained: any failure must refuse it, not crash-loop on it
                 why = str(exc) if isinstance(exc, BundleRejected) else f"{type(exc).__name__}: {exc}"
                 refusals.append((topic or self._model_topic, why))
-                log.error("model on %s refused: %s; still serving v%s", topic, why,
-                          self.model.bundle.manifest.version if self.model else "none")
+                log.error("model on %s refused: %s; %s", topic, why,
+                          f"still serving v{self.model.bundle.manifest.version}" if self.model else "no model yet")
                 continue
             break
         if refusals:

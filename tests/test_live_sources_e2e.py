@@ -171,3 +171,17 @@ def test_a_stop_while_waiting_for_the_followed_log_is_a_clean_stop(procs, shared
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(60) == 0, err.text()
     assert "Traceback" not in err.text()
+
+
+def test_run_says_when_its_windows_are_dropped(procs, shared_broker, prefix, tmp_path, model) -> None:
+    """A new user's sensor that left a channel out half the time gave readings and no results, said nowhere but in
+    the metrics. A live agent says it, with the rate the model takes."""
+    readings = _readings("live-1", 10, 1_700_002_000.0)
+    for i, r in enumerate(readings):
+        if i % 2:
+            r["az"] = None  # a missing reading: half of every window
+    agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "stdin", stdin=subprocess.PIPE)
+    _, err = agent.communicate(input=b"".join(orjson.dumps(r) + b"\n" for r in readings).decode(), timeout=120)
+    assert agent.returncode == 0, err
+    assert "windows dropped so far (a channel more than 20 % missing in a window" in err, err
+    assert "the model takes 50 readings a second in windows of 2 s" in err, err

@@ -233,7 +233,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     agent.stop_event = stop
     agent.start()
     try:
-        readings = windows = skipped = 0
+        readings = windows = skipped = dropped = 0
         try:
             source, channels = live_source(settings, stop, idle=agent.tick)
         except _StoppedWaiting:  # stopped before the source was there: a stop like any other (exit 0)
@@ -249,7 +249,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
                 processor.process(chunk.by_device(), chunk.source)
                 agent.tick()
             agent.tick()
-            readings, windows = processor.stats.readings, processor.stats.windows
+            readings, windows, dropped = processor.stats.readings, processor.stats.windows, processor.stats.dropped_windows
             read = getattr(source, "stats", None)
             if isinstance(read, NotedStats):  # what it skipped since it last said so
                 read.final()
@@ -258,8 +258,8 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
     finally:
         drained = agent.close(drain_timeout=drain_timeout)
         _restore_handlers()
-    return {"readings": readings, "windows": windows, "skipped": skipped, "drained": drained,
-            "outbox_depth": agent.outbox.depth}
+    return {"readings": readings, "windows": windows, "dropped_windows": dropped, "skipped": skipped,
+            "drained": drained, "outbox_depth": agent.outbox.depth}
 
 
 def _until(chunks: Iterable[Any], stop: threading.Event) -> Iterator[Any]:

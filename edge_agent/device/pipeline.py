@@ -8,6 +8,8 @@ same log with the same model produces the same keys and the hub stores each wind
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -70,6 +72,7 @@ class Processor:
         # stop (a restart would meet them again); a replay of a log of several devices under --device-id stops.
         self.one_device = False
         self.other_devices: dict[str, int] = {}  # skipped: source device id -> readings
+        self._dropped_said = (0, -math.inf)  # (dropped windows when last said, when): a live agent says them
         self._source = "the source"  # named in errors
         self.runner = runner
         self._columns = self._column_index(runner.params)
@@ -146,6 +149,8 @@ class Processor:
             self.stats.dropped_windows += batch.dropped
             if len(batch):
                 ready.append((self._devices[source_device], batch))
+        if self.one_device and self.stats.dropped_windows > self._dropped_said[0]:
+            self._say_dropped()
         if not ready:
             return 0
         runner = self.runner
@@ -170,6 +175,18 @@ class Processor:
         added = self.outbox.put_many(rows)  # one transaction for every device of the chunk
         self.stats.new_results += added
         return added
+
+    def _say_dropped(self) -> None:
+        """A live agent says (at most once a minute) that windows were dropped: a sensor that reports less often
+        than the model's rate, or unevenly, gave readings and no results, said nowhere but in the metrics."""
+        now = time.monotonic()
+        if now - self._dropped_said[1] < 60.0:
+            return
+        p = self.runner.params
+        log.warning("%d windows dropped so far (a channel more than 20 %% missing in a window, or a gap over 1.5 "
+                    "sample periods): the model takes %g readings a second in windows of %g s; the sensor must "
+                    "report that often", self.stats.dropped_windows, p.sample_rate_hz, p.window_s)
+        self._dropped_said = (self.stats.dropped_windows, now)
 
     def _results(self, device: str, batch: WindowBatch, feats: np.ndarray, pred: Prediction, part: slice
                  ) -> list[tuple[str, int, bytes]]:

@@ -172,11 +172,12 @@ def _federate(s: Any, cfg: Any, *, insecure_unsigned: bool, quiet: bool) -> tupl
             typer.echo(f"federate: {coordinator.stopped_by}", err=True)
         return engine, done
     except KeyboardInterrupt:
-        if coordinator.in_round is None:  # e.g. while it waited for devices: nothing to resume
+        left = coordinator.unfinished()  # asked of the database: a round is open once committed, announced or not
+        if left is None:  # e.g. while it waited for devices: nothing to resume
             raise fail(exits.INTERRUPTED, "interrupted: no round was open") from None
-        raise fail(exits.INTERRUPTED, f"interrupted: round {coordinator.in_round} stays open with every update it "
-                                       "has accepted (`cloud-hub rounds` shows it); run `cloud-hub federate` again "
-                                       "to resume it") from None
+        raise fail(exits.INTERRUPTED, f"interrupted: round {left} stays open with every update it has accepted "
+                                       "(`cloud-hub rounds` shows it); run `cloud-hub federate` again to resume "
+                                       "it") from None
     finally:
         restore()
 

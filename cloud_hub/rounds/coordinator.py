@@ -81,7 +81,6 @@ class Coordinator:
         self.signing_key, self.allow_unsigned = signing_key, allow_unsigned
         self.say = progress
         self.stopped_by: str | None = None  # why run() opened no more rounds before --rounds (the privacy budget)
-        self.in_round: int | None = None  # the round open or resumed and not yet finished (for a stop's message)
         self.store, self.rounds = Store(engine), RoundStore()
         # (connection generation, message): packet ids are per connection, so a message is acknowledged only
         # on the connection it came on; after a reconnect the broker sends it again (and it is counted once)
@@ -150,15 +149,18 @@ class Coordinator:
                                expiry_s=r.deadline - time.time())
         else:
             r = self._open()
-        self.in_round = r.id
         if r.state == "open" and "secure" in r.plan:
             self._collect_secure(r)
         elif r.state == "open":
             # resumed: what devices sent while no coordinator listened arrives just after the connect
             self._collect(r, grace_s=1.0 if pending else 0.0)
-        done = self._finish(r.id)
-        self.in_round = None
-        return done
+        return self._finish(r.id)
+
+    def unfinished(self) -> int | None:
+        """The model's round a stop leaves open or closed and not yet finished (the next run resumes it)."""
+        with sessions.transaction(self.engine, write=False) as conn:
+            pending = self.rounds.rounds(conn, self.s.model_name, states=("open", "closed"))
+        return pending[-1].id if pending else None
 
     def _open(self) -> RoundRow:
         return open_round(self.s, self.engine, self.store, self.cfg, self.budget, available=self._available,

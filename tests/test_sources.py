@@ -1280,3 +1280,19 @@ def test_a_live_sources_last_count_is_said_at_the_end(caplog: pytest.LogCaptureF
     caplog.clear()
     stats.final()  # said once
     assert caplog.text == ""
+
+
+def test_a_live_line_that_never_ends_is_skipped_not_kept() -> None:
+    """A hostile peer's note: stdin and followed files kept a line without a newline whole, however long (a writer
+    gone wrong: memory without bound). Past 1 MiB it is skipped to its end, named, and the stream goes on."""
+    import time
+
+    now = round(time.time(), 1)
+    good = [orjson.dumps({"ts": now - 3 + i, "device_id": "a", "ax": i}) + b"\n" for i in range(3)]
+    data = good[0] + b'{"ts": 1, "device_id": "a", "ax": "' + b"x" * (3 << 20) + b'"}\n' + good[1] + good[2]
+    live = JsonLinesStream(io.BytesIO(data), name="<stdin>", on_error="skip", noted=True)
+    c = ReadingChunk.concat(list(live))
+    assert c.ts.tolist() == [now - 3, now - 2, now - 1]
+    assert live.stats.skipped_by_reason == {"line too long": 1}
+    assert "line 2: a line longer than 1048576 bytes: skipped to its end" in str(live.stats.first_errors[0])
+    assert len(live.parser.partial) == 0 and live.parser.line == 5

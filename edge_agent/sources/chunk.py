@@ -32,6 +32,8 @@ BAD_ENCODING = "bad encoding"
 BAD_QUOTING = "bad quoting"
 BAD_VALUE = "bad value"
 BAD_HEADER = "bad header"
+LINE_TOO_LONG = "line too long"
+LIVE_MAX_LINE = 1 << 20  # bytes of one line a live stream keeps while it waits for its end
 
 # A live source (stdin, a followed file, a sensor) refuses a reading further ahead of the device's clock than
 # this: one reading dated 2100 made every later one "non-monotonic", and the device stopped inferring for good.

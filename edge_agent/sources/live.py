@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from edge_agent.sources.chunk import LIVE_AHEAD_S, LogError, NotedStats, ReadingChunk
+from edge_agent.sources.chunk import LIVE_AHEAD_S, LIVE_MAX_LINE, LogError, NotedStats, ReadingChunk
 from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, log_format
 
 
@@ -153,6 +153,7 @@ class JsonLinesStream(_Lines):
         if noted:  # a live stream: what it skips is said as it comes (NotedStats), no summary comes at the end
             self.parser.stats = NotedStats(self.name)
             self.parser.ahead_s = LIVE_AHEAD_S  # and a reading from the future is refused
+            self.parser.max_line = LIVE_MAX_LINE  # and a line that never ends is not kept for ever
         self.stats = self.parser.stats
 
     def _reader(self) -> Callable[[], bytes]:
@@ -220,6 +221,7 @@ class FollowFile(_Lines):
         if noted:  # a followed file: what it skips is said as it comes (NotedStats); a reading from the future is refused
             self.parser.stats = NotedStats(self.path)
             self.parser.ahead_s = LIVE_AHEAD_S
+            self.parser.max_line = LIVE_MAX_LINE
         self.stats = self.parser.stats
         self._f: BinaryIO | None = None
         self._pos = 0
@@ -338,6 +340,7 @@ class FollowFile(_Lines):
                                  channels=old.channels if jsonl else None, has_labels=old.has_labels if jsonl else None)
         self.parser.stats = self.stats  # one count for the path
         self.parser.ahead_s, self.parser.keys, self.parser.numeric_labels = old.ahead_s, old.keys, old.numeric_labels
+        self.parser.max_line = old.max_line
         self.parser.continue_after(*old.last_readings())
         self._columns = None if jsonl else (old.channels, old.has_labels)
         self._pos, self.from_end = 0, False

@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_agent.sources.chunk import (
     BAD_HEADER,
+    LINE_TOO_LONG,
     NON_MONOTONIC_TS,
     TS_AHEAD,
     LogError,
@@ -62,6 +63,8 @@ class LineParser:
         self.numeric_labels = False  # labels as numbers (regression targets): see LogReader.labels_as_numbers
         self.ahead_s: float | None = None  # a live source: readings further ahead of the clock are refused
         self.keys = False  # the readings become results (the agent's): a ts before 1970 is refused (no key)
+        self.max_line: int | None = None  # a live stream: a line longer than this is skipped, not buffered for ever
+        self._cutting = False  # the rest of such a line is being dropped, up to its newline
         self._buf = b""
         self._acc: list[ReadingChunk] = []
         self._acc_lines = 0
@@ -86,6 +89,13 @@ class LineParser:
 
     def prime(self, data: bytes = b"") -> bool:
         """Buffer ``data`` and set up the schema when it can be; True once it is."""
+        if data and self._cutting:  # the rest of a line too long to keep: dropped up to its newline
+            nl = data.find(b"\n")
+            if nl < 0:
+                return self._fmt is not None
+            data, self._cutting = data[nl + 1:], False
+            self.line += 1
+            self.stats.lines += 1
         if data:
             self._buf = self._buf + data if self._buf else data
         if self._fmt is None:
@@ -132,6 +142,7 @@ class LineParser:
         if final and (data or self._buf)[-1:] not in (b"", b"\n"):
             data += b"\n"
         if not self.prime(data):
+            self._cut_long_line()
             return
         buf = self._buf
         nl = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
@@ -153,6 +164,18 @@ class LineParser:
         self._buf = buf[off:]
         if flush:
             yield from self._take()
+            self._cut_long_line()
+
+    def _cut_long_line(self) -> None:
+        """A live stream's partial line past ``max_line`` bytes (a writer that never ends its line): skipped."""
+        if self.max_line is None or len(self._buf) <= self.max_line or b"\n" in self._buf:
+            return
+        err = LogError(self.source, self.line, f"a line longer than {self.max_line} bytes: skipped to its end",
+                       LINE_TOO_LONG)
+        self._buf, self._cutting = b"", True
+        if self.on_error == "raise":
+            raise err
+        self.stats.record(err)
 
     def _take(self) -> Iterator[ReadingChunk]:
         acc, self._acc, self._acc_lines = self._acc, [], 0

@@ -58,6 +58,12 @@ def ts_before_1970_reason(ts: float) -> tuple[str, str]:
     return TS_OUT_OF_RANGE, f"ts {ts!r} is before 1970: a result's key, its window's start in ms, is 0 or more"
 
 
+def ts_ahead_reason(ts: float, now: float, ahead_s: float) -> tuple[str, str]:
+    unit = "; milliseconds read as seconds? a sensor's unit is sensor_ts_unit" if ts > 1e11 else ""
+    return TS_AHEAD, (f"ts {ts!r} is {ts - now:.0f} s ahead of this device's clock (a live reading more than "
+                      f"{ahead_s:g} s ahead is refused{unit})")
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -24,7 +24,6 @@ from edge_agent.sources.chunk import (
     BAD_JSON,
     BAD_NUMBER,
     BAD_VALUE,
-    LIVE_AHEAD_S,
     MISSING_COLUMN,
     LogError,
     NotedStats,
@@ -164,8 +163,8 @@ class SensorFeed:
         self.name, self.fields = name, fields
         self.parser = LineParser(name, "jsonl", channels=fields.channels, has_labels=fields.label is not None,
                                  on_error="skip")
-        self.stats = self.parser.stats = _Named(self)
-        self.parser.ahead_s = LIVE_AHEAD_S  # a live sensor: a reading from the future is refused
+        self.stats = _Named(self)
+        self.parser.live(self.stats)
         self.parser.keys = True
         self._line = 1  # the parser's line of the next record
         self.origins: dict[int, str] = {}  # parser line -> where the record came from, until it is judged

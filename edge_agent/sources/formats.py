@@ -88,7 +88,7 @@ class Rules:
 
     ``ts`` a finite number; ``device_id`` non-blank text; each channel a number, empty/null/NaN
     meaning a missing reading, within float32 range; ``label`` text (numbers and booleans are
-    written out).  Per device, ``ts`` strictly increases (:meth:`LineParser._monotonic`).
+    written out).  Per device, ``ts`` strictly increases (:meth:`LineParser._times`).
     """
 
     def __init__(self, channels: Sequence[str], has_labels: bool):

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from edge_agent.sources.chunk import LIVE_AHEAD_S, LIVE_MAX_LINE, LogError, NotedStats, ReadingChunk
+from edge_agent.sources.chunk import LogError, NotedStats, ReadingChunk
 from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, log_format
 
 
@@ -150,10 +150,8 @@ class JsonLinesStream(_Lines):
         self.parser = LineParser(self.name, format, on_error=on_error, chunk_rows=chunk_rows, channels=channels,
                                  has_labels=has_labels)
         self.parser.keys = True  # the agent's: its readings become results
-        if noted:  # a live stream: what it skips is said as it comes (NotedStats), no summary comes at the end
-            self.parser.stats = NotedStats(self.name)
-            self.parser.ahead_s = LIVE_AHEAD_S  # and a reading from the future is refused
-            self.parser.max_line = LIVE_MAX_LINE  # and a line that never ends is not kept for ever
+        if noted:  # a live stream: what it skips is said as it comes (no summary comes at the end)
+            self.parser.live(NotedStats(self.name))
         self.stats = self.parser.stats
 
     def _reader(self) -> Callable[[], bytes]:
@@ -218,10 +216,8 @@ class FollowFile(_Lines):
         self._parser_args = (fmt, on_error, chunk_rows)
         self.parser = LineParser(self.path, fmt, on_error=on_error, chunk_rows=chunk_rows)
         self.parser.keys = True  # the agent's: its readings become results
-        if noted:  # a followed file: what it skips is said as it comes (NotedStats); a reading from the future is refused
-            self.parser.stats = NotedStats(self.path)
-            self.parser.ahead_s = LIVE_AHEAD_S
-            self.parser.max_line = LIVE_MAX_LINE
+        if noted:  # a followed file (the agent's): live
+            self.parser.live(NotedStats(self.path))
         self.stats = self.parser.stats
         self._f: BinaryIO | None = None
         self._pos = 0

@@ -14,7 +14,7 @@ import gzip
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,14 +22,16 @@ import numpy as np
 from edge_agent.sources.chunk import (
     BAD_HEADER,
     LINE_TOO_LONG,
+    LIVE_AHEAD_S,
+    LIVE_MAX_LINE,
     NON_MONOTONIC_TS,
-    TS_AHEAD,
     LogError,
     ReadingChunk,
     ReadStats,
     file_error,
     grow_last,
     increasing,
+    ts_ahead_reason,
     ts_before_1970_reason,
 )
 from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, shorten
@@ -70,6 +72,11 @@ class LineParser:
         self._acc_lines = 0
         self._last_ts = np.empty(0)
         self._last_line = np.empty(0, dtype=np.int64)
+
+    def live(self, stats: ReadStats) -> None:
+        """A live source's parser: what it skips is said as it comes (``stats``: a NotedStats), a reading more than
+        a day ahead of the clock is refused, and a line that never ends is not kept whole."""
+        self.stats, self.ahead_s, self.max_line = stats, LIVE_AHEAD_S, LIVE_MAX_LINE
 
     @property
     def ready(self) -> bool:
@@ -190,6 +197,15 @@ class LineParser:
         self.stats.lines += n
         self._buf = self._buf[end:]
 
+    @staticmethod
+    def _refuse(b: Block, rows: np.ndarray, reason: Callable[[float], tuple[str, str]]) -> bool:
+        """The ``rows`` of ``b`` are problems, for ``reason(ts)``; True when no row is left."""
+        if rows.any():
+            for r in np.flatnonzero(rows).tolist():
+                b.problems.append((int(b.lines[r]), *reason(float(b.ts[r]))))
+            b.keep(~rows)
+        return b.ts.shape[0] == 0
+
     def last_readings(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(devices, each one's last ts, its line) so far: for :meth:`continue_after` in another parser."""
         names = list(self.d.devices.names)
@@ -221,7 +237,7 @@ class LineParser:
                 self.d.check_label_numbers(b)
             else:
                 self.d.check_label_text(b)
-        self._monotonic(b)
+        self._times(b)
         error = None
         if b.problems:
             b.problems.sort()
@@ -246,26 +262,18 @@ class LineParser:
                 lines=b.lines))
         return error
 
-    def _monotonic(self, b: Block) -> None:
-        """Per device, ts must increase strictly: a row at or below the device's last ts is a problem."""
+    def _times(self, b: Block) -> None:
+        """The rules on a row's time that need more than its line: before 1970 where it would be a key, ahead of
+        the clock on a live source, then, per device, ts must increase strictly (a row at or below the device's
+        last ts is a problem). The first two go first: such a row must not become a device's last ts."""
         nd = len(self.d.devices.names)
         if b.ts.shape[0] == 0:
             return
-        if self.keys and (before := b.ts < 0.0).any():
-            for r in np.flatnonzero(before).tolist():
-                b.problems.append((int(b.lines[r]), *ts_before_1970_reason(float(b.ts[r]))))
-            b.keep(~before)
-            if b.ts.shape[0] == 0:
-                return
-        if self.ahead_s is not None and (ahead := b.ts > (now := time.time()) + self.ahead_s).any():
-            for r in np.flatnonzero(ahead).tolist():  # before the order check: it must not become the last ts
-                ts = float(b.ts[r])
-                b.problems.append((int(b.lines[r]), TS_AHEAD, f"ts {ts!r} is {ts - now:.0f} s ahead of this device's "
-                                   f"clock (a live reading more than {self.ahead_s:g} s ahead is refused" +
-                                   ("; milliseconds read as seconds? a sensor's unit is sensor_ts_unit)" if ts > 1e11
-                                    else ")")))
-            b.keep(~ahead)
-            if b.ts.shape[0] == 0:
+        if self.keys and self._refuse(b, b.ts < 0.0, ts_before_1970_reason):
+            return
+        if self.ahead_s is not None:
+            now, ahead_s = time.time(), self.ahead_s
+            if self._refuse(b, b.ts > now + ahead_s, lambda ts: ts_ahead_reason(ts, now, ahead_s)):
                 return
         self._last_ts, self._last_line = grow_last(self._last_ts, self._last_line, nd)
         late = increasing(b.dev, b.ts, b.lines, self._last_ts, self._last_line)

@@ -103,7 +103,7 @@ class ModelSlot:
     def _wait_for_model(self) -> ModelState:
         """The retained model of the topic. A refused one ends the wait at once (it stays retained: waiting
         for another is waiting for an operator), and so does SIGTERM/SIGINT or an unreachable broker."""
-        topic = self.topics.model(self.settings.model_name)
+        topic = self._model_topic
         deadline = time.monotonic() + self.settings.model_wait_s
         log.info("waiting up to %g s for a model on %s", self.settings.model_wait_s, topic)
         said = False

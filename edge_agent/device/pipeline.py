@@ -126,24 +126,27 @@ class Processor:
         numpy and onnxruntime dominates small batches.
         """
         self._source = source
-        for source_device, (ts, _values, _labels) in list(per_device.items()):
+        skipped = []
+        for source_device, (ts, _values, _labels) in per_device.items():
             device = self._devices.get(source_device)
-            if device is None:
+            if device is None and source_device not in self.other_devices:
                 try:
                     device = self._devices[source_device] = self._device(source_device)
                 except DeviceIdError:
                     if not self.one_device or self.device_id is None:
                         raise
-                    per_device = {d: v for d, v in per_device.items() if d != source_device}
-                    if source_device not in self.other_devices:
-                        log.warning("%s: readings of device %r skipped: this agent is one device, %r (device_id), "
-                                    "and takes the readings of %r; run another agent for %r", source,
-                                    source_device[:64], self.device_id, self._source_of_override,
-                                    source_device[:64])
-                    self.other_devices[source_device] = self.other_devices.get(source_device, 0) + len(ts)
-                    continue
+                    log.warning("%s: readings of device %r skipped: this agent is one device, %r (device_id), and "
+                                "takes the readings of %r; run another agent for %r", source, source_device[:64],
+                                self.device_id, self._source_of_override, source_device[:64])
+                    self.other_devices[source_device] = 0
+            if device is None:
+                self.other_devices[source_device] += len(ts)
+                skipped.append(source_device)
+                continue
             self.stats.devices.add(device)
             self.stats.readings += len(ts)
+        if skipped:
+            per_device = {d: v for d, v in per_device.items() if d not in skipped}
         ready: list[tuple[str, WindowBatch]] = []
         for source_device, batch in self._windowers.push(per_device, self._columns):
             self.stats.dropped_windows += batch.dropped

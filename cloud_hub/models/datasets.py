@@ -22,6 +22,7 @@ from cloud_hub.models import training
 from edge_agent import exits
 from edge_agent.preprocess import (
     DeviceWindowers,
+    InvalidParams,
     PreprocessParams,
     extract_features,
     fit_normalization,
@@ -178,7 +179,7 @@ def default_params(path: str, *, window_s: float | None = None, hop_s: float | N
                                 features=features, absent_value=absent_value, absent_as=absent_as,
                                 forecast=forecast)
     except ValueError as exc:
-        why = str(exc).removeprefix("invalid PreprocessParams: ")
+        why = "; ".join(exc.problems) if isinstance(exc, InvalidParams) else str(exc)
         hint = (f"; windows of {window_s:g} s every {hop_s:g} s are the defaults, made for 50 readings a second: set "
                 "--window and --hop (a few readings a window at least)") if rate < 10 else ""
         raise LifecycleError(f"{path}: the windows do not fit this log: {why} (the log has {rate:g} readings a "

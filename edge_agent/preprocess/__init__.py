@@ -68,12 +68,19 @@ When labels are given (one per reading), each window gets one label:
 """
 
 from edge_agent.preprocess.features import extract_features, fit_normalization, last_readings, replace_absent
-from edge_agent.preprocess.params import FEATURE_SETS, MISSING_POLICIES, PreprocessParams, feature_names
+from edge_agent.preprocess.params import (
+    FEATURE_SETS,
+    MISSING_POLICIES,
+    InvalidParams,
+    PreprocessParams,
+    feature_names,
+)
 from edge_agent.preprocess.windows import DeviceWindowers, WindowBatch, Windower, make_windows
 
 __all__ = [
     "FEATURE_SETS",
     "MISSING_POLICIES",
+    "InvalidParams",
     "PreprocessParams",
     "WindowBatch",
     "Windower",

@@ -44,6 +44,14 @@ MAX_WINDOW_VALUES = 1 << 20  # samples x channels of one window (4 MB as float32
 
 
 
+class InvalidParams(ValueError):
+    """Preprocessing parameters that cannot work, each ``problem`` said (a log's rate against the windows)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid PreprocessParams: " + "; ".join(problems))
+        self.problems = problems
+
+
 @dataclass(frozen=True)
 class PreprocessParams:
     """Everything needed to turn raw readings into model inputs.
@@ -157,7 +165,7 @@ class PreprocessParams:
         if not all(_finite(v) and v > 0 for v in self.norm_std):
             errors.append("norm_std must be finite and > 0")
         if errors:
-            raise ValueError("invalid PreprocessParams: " + "; ".join(errors))
+            raise InvalidParams(errors)
 
     # -- derived sizes -----------------------------------------------------
     @property

@@ -79,9 +79,10 @@ def errors() -> Iterator[None]:
     except exits.Failure as exc:
         raise fail(exc.exit_code, str(exc)) from None
     except SQLAlchemyError as exc:
-        inner = getattr(exc, "orig", None) or exc
+        from cloud_hub.data.sessions import first_line
+
         where = f" on {_database}" if _database else ""
-        raise fail(EXIT_UNAVAILABLE, f"database error{where}: {str(inner).strip().splitlines()[0]}") from None
+        raise fail(EXIT_UNAVAILABLE, f"database error{where}: {first_line(exc)}") from None
 
 
 def with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:

@@ -11,7 +11,10 @@ import math
 import pickle
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -1126,29 +1129,42 @@ def test_a_refused_long_label_costs_nothing_afterwards(tmp_path: Path) -> None:
     assert chunk.labels.dtype.itemsize <= 4 * MAX_LABEL_CHARS, chunk.labels.dtype
 
 
+def _following(path: Path, steps: list[Callable[[], object]], *, quiet_s: float = 0.0, **kw: Any) -> FollowFile:
+    """A FollowFile of ``path`` whose polls run ``steps`` in turn (a logger's writes, a rotation), then go on for
+    ``quiet_s`` of real time (past a rotation's grace), then stop it."""
+    todo = iter(steps)
+    until: list[float] = []
+    ff: FollowFile
+
+    def sleep(_dt: float) -> None:
+        step = next(todo, None)
+        if step is not None:
+            step()
+            return
+        if not until:
+            until.append(time.monotonic() + quiet_s)
+        if time.monotonic() < until[0]:
+            time.sleep(0.01)
+        else:
+            ff.stop()
+
+    ff = FollowFile(path, poll_s=0.01, sleep=sleep, **kw)
+    return ff
+
+
 def test_follow_file_goes_on_with_the_new_file_when_the_log_is_rotated(tmp_path: Path) -> None:
     """A hostile peer's finding: a log rotated by rename and create (logrotate's default) left the agent reading
     the renamed file for ever, saying nothing. Now the renamed file is read to its end, then the new one from its
     start (its header too); a partial last line of the old one is counted."""
     path = tmp_path / "live.csv"
     path.write_text("ts,device_id,ax,label\n0,a,1,x\n1,a,2,x\n")
-    steps = iter([
+    ff = _following(path, [
         lambda: path.open("a").write("2,a,3,x\n"),
         lambda: path.rename(tmp_path / "live.csv.1"),  # renamed, not yet created: the old one is read on
         lambda: (tmp_path / "live.csv.1").open("a").write("3,a,4,x\n3.5,a,"),  # its last line cut
         lambda: path.write_text("ts,device_id,ax,label\n4,a,5,y\n5,a,6,y\n"),
         lambda: path.open("a").write("6,a,7,y\n"),
-    ])
-    ff: FollowFile
-
-    def sleep(_dt: float) -> None:
-        step = next(steps, None)
-        if step is None:
-            ff.stop()
-        else:
-            step()
-
-    ff = FollowFile(path, poll_s=0.01, sleep=sleep, rotate_grace_s=0.0)
+    ], rotate_grace_s=0.0)
     c = ReadingChunk.concat(list(ff))
     assert c.ts.tolist() == [0, 1, 2, 3, 4, 5, 6] and c.labels.tolist() == ["x"] * 4 + ["y"] * 3
     assert ff.stats.skipped_by_reason == {"partial line at rotation": 1}
@@ -1157,18 +1173,8 @@ def test_follow_file_goes_on_with_the_new_file_when_the_log_is_rotated(tmp_path:
 def test_follow_file_refuses_a_rotated_file_with_other_columns(tmp_path: Path) -> None:
     path = tmp_path / "live.csv"
     path.write_text("ts,device_id,ax\n0,a,1\n")
-    done = []
-    ff: FollowFile
-
-    def sleep(_dt: float) -> None:
-        if done:
-            ff.stop()
-            return
-        path.rename(tmp_path / "old.csv")
-        path.write_text("ts,device_id,t,rh\n1,a,20,40\n")
-        done.append(1)
-
-    ff = FollowFile(path, poll_s=0.01, sleep=sleep, rotate_grace_s=0.0)
+    ff = _following(path, [lambda: (path.rename(tmp_path / "old.csv"), path.write_text("ts,device_id,t,rh\n1,a,20,40\n"))],
+                    rotate_grace_s=0.0)
     with pytest.raises(LogError, match=r"live.csv:1: the file that replaced it has other columns \(\('t', 'rh'\)"):
         list(ff)
 
@@ -1197,18 +1203,8 @@ def test_a_rotated_log_created_empty_gets_its_columns_checked_once_its_header_co
     columns were taken as they came (the review's catch): the model would have read the wrong channels."""
     path = tmp_path / "live.csv"
     path.write_text("ts,device_id,ax,ay\n0,a,1,2\n")
-    steps = iter([lambda: (path.rename(tmp_path / "old.csv"), path.write_text("")),
-                  lambda: path.write_text("ts,device_id,bx,by,bz\n1,a,1,2,3\n")])
-    ff: FollowFile
-
-    def sleep(_dt: float) -> None:
-        step = next(steps, None)
-        if step is None:
-            ff.stop()
-        else:
-            step()
-
-    ff = FollowFile(path, poll_s=0.01, sleep=sleep, rotate_grace_s=0.0)
+    ff = _following(path, [lambda: (path.rename(tmp_path / "old.csv"), path.write_text("")),
+                           lambda: path.write_text("ts,device_id,bx,by,bz\n1,a,1,2,3\n")], rotate_grace_s=0.0)
     with pytest.raises(LogError, match=r"live.csv:1: the file that replaced it has other columns"):
         list(ff)
 
@@ -1219,18 +1215,9 @@ def test_a_rotated_jsonl_log_keeps_its_columns_its_devices_time_and_its_line_cou
     path = tmp_path / "live.jsonl"
     path.write_text("".join(orjson.dumps({"ts": t, "device_id": "a", "ax": t, "ay": 0}).decode() + "\n" for t in range(5)))
     new = [{"ay": 0, "ts": 3.5, "device_id": "a", "ax": 9}, {"ay": 1, "ax": 8, "device_id": "a", "ts": 6}]
-    steps = iter([lambda: (path.rename(tmp_path / "old.jsonl"),
-                           path.write_text("".join(orjson.dumps(x).decode() + "\n" for x in new)))])
-    ff: FollowFile
-
-    def sleep(_dt: float) -> None:
-        step = next(steps, None)
-        if step is None:
-            ff.stop()
-        else:
-            step()
-
-    ff = FollowFile(path, poll_s=0.01, sleep=sleep, on_error="skip", rotate_grace_s=0.0)
+    ff = _following(path, [lambda: (path.rename(tmp_path / "old.jsonl"),
+                                    path.write_text("".join(orjson.dumps(x).decode() + "\n" for x in new)))],
+                    on_error="skip", rotate_grace_s=0.0)
     c = ReadingChunk.concat(list(ff))
     assert c.ts.tolist() == [0, 1, 2, 3, 4, 6] and c.values[-1].tolist() == [8.0, 1.0]
     assert ff.stats.skipped_by_reason == {"non-monotonic ts": 1}  # 3.5 after 4: across the files
@@ -1241,28 +1228,13 @@ def test_lines_written_to_a_renamed_log_before_the_logger_reopens_are_read(tmp_p
     """A new user's finding: logrotate renames and creates, and the logger writes on to the renamed file until it
     reopens the path (3 s in the trial): 250 of 700 readings were lost. The renamed file is now read on until it
     has been quiet for ``rotate_grace_s``, then the new one from its start."""
-    import time
-
     path, old = tmp_path / "live.csv", tmp_path / "live.csv.1"
     path.write_text("ts,device_id,ax\n0,a,0\n")
-    steps = iter([lambda: (path.rename(old), path.write_text("ts,device_id,ax\n")),
-                  lambda: old.open("a").write("1,a,1\n"),  # the logger has not reopened yet
-                  lambda: old.open("a").write("2,a,2\n"),
-                  lambda: path.open("a").write("3,a,3\n")])  # now it has
-    ff: FollowFile
-    quiet_polls = [0]
-
-    def sleep(_dt: float) -> None:
-        step = next(steps, None)
-        if step is not None:
-            step()
-        elif quiet_polls[0] < 40:  # about 0.4 s of polls: past the grace
-            quiet_polls[0] += 1
-            time.sleep(0.01)
-        else:
-            ff.stop()
-
-    ff = FollowFile(path, poll_s=0.01, sleep=sleep, rotate_grace_s=0.2)
+    ff = _following(path, [lambda: (path.rename(old), path.write_text("ts,device_id,ax\n")),
+                           lambda: old.open("a").write("1,a,1\n"),  # the logger has not reopened yet
+                           lambda: old.open("a").write("2,a,2\n"),
+                           lambda: path.open("a").write("3,a,3\n")],  # now it has
+                    quiet_s=0.4, rotate_grace_s=0.2)  # past the grace
     c = ReadingChunk.concat(list(ff))
     assert c.ts.tolist() == [0, 1, 2, 3]
 

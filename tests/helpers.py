@@ -238,3 +238,13 @@ class StatusWatch:
 
     def stop(self) -> None:
         self.link.stop()
+
+
+# A test's live agent: statuses every second, no hub (a result is delivered once the broker has it).
+LIVE_AGENT_ENV = {"EDGE_AGENT_STATUS_INTERVAL_S": "1", "EDGE_AGENT_RECEIPTS": "false"}
+
+
+def live_agent_cmd(broker_url: str, prefix: str, state_dir: Path, trusted_key: Path, *extra: str) -> list[str]:
+    """`edge-agent run` of one simulated device, `live-1`, trusting ``trusted_key`` (run with :data:`LIVE_AGENT_ENV`)."""
+    return agent_cmd("run", "--broker", broker_url, "--prefix", prefix, "--device-id", "live-1", "--state-dir",
+                     str(state_dir), "--trusted-key", str(trusted_key), "--source", "simulated", *extra)

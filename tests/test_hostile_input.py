@@ -50,7 +50,15 @@ from edge_agent.settings.broker import BrokerURL
 from edge_agent.settings.loader import SettingsError, load_settings
 from edge_agent.sources import LogError, read_log
 from fuzz.targets import equivalent
-from tests.helpers import StatusWatch, agent_cmd, make_bundle, make_log, publish_retained, wait_for
+from tests.helpers import (
+    LIVE_AGENT_ENV,
+    StatusWatch,
+    live_agent_cmd,
+    make_bundle,
+    make_log,
+    publish_retained,
+    wait_for,
+)
 
 # --------------------------------------------------------------------------- payload builders
 
@@ -424,12 +432,8 @@ def test_an_agent_given_a_malformed_retained_bundle_and_announcement_keeps_its_m
     watch = StatusWatch(shared_broker.url, prefix, f"{prefix}-watch")
     log = tmp_path / "agent.log"
     with open(log, "wb") as out:
-        agent = procs.popen(
-            agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1",
-                      "--state-dir", str(tmp_path / "state"), "--model", str(model_file), "--trusted-key", str(pub),
-                      "--source", "simulated"),
-            stdout=subprocess.DEVNULL, stderr=out,
-            env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1", "EDGE_AGENT_RECEIPTS": "false"})
+        agent = procs.popen(live_agent_cmd(shared_broker.url, prefix, tmp_path / "state", pub, "--model", str(model_file)),
+                            stdout=subprocess.DEVNULL, stderr=out, env={**os.environ, **LIVE_AGENT_ENV})
     status_where = watch.where
 
     wait_for(status_where(lambda s: s.state == c.ONLINE and s.model_version == 1), 60, "the agent on v1")

@@ -30,9 +30,11 @@ from edge_agent.preprocess import PreprocessParams
 from edge_agent.settings.broker import BrokerURL
 from edge_agent.settings.loader import load_settings
 from tests.helpers import (
+    LIVE_AGENT_ENV,
     SMALL,
     agent_cmd,
     expected_keys,
+    live_agent_cmd,
     make_bundle,
     make_log,
     make_regression_log,
@@ -169,13 +171,9 @@ def test_bad_bundles_are_refused_and_v1_keeps_serving(procs, shared_broker, pref
                    subscriptions=[(topics.all_results, 1)])
     sub.start()
     sub.wait_connected(10)
-    agent = procs.popen(
-        agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1",
-                  "--state-dir", str(tmp_path / "state"), "--model", str(model_file), "--trusted-key", str(pub),
-                  "--source", "simulated"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2", "EDGE_AGENT_STATUS_INTERVAL_S": "1",
-             "EDGE_AGENT_RECEIPTS": "false"})  # no hub here: results are delivered once the broker has them
+    agent = procs.popen(live_agent_cmd(shared_broker.url, prefix, tmp_path / "state", pub, "--model", str(model_file)),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                        env={**os.environ, **LIVE_AGENT_ENV, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.2"})
     try:
         _until(statuses, lambda s: s.state == c.ONLINE and s.model_version == 1)
         bad = {

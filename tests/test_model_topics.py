@@ -11,7 +11,15 @@ import pytest
 from cloud_hub.models.signing import keygen, load_private_key, sign_bundle
 from edge_agent import contract as c
 from edge_agent import exits
-from tests.helpers import StatusWatch, agent_cmd, make_bundle, make_log, publish_retained, wait_for
+from tests.helpers import (
+    LIVE_AGENT_ENV,
+    StatusWatch,
+    live_agent_cmd,
+    make_bundle,
+    make_log,
+    publish_retained,
+    wait_for,
+)
 
 
 @pytest.mark.slow
@@ -38,12 +46,8 @@ def test_a_model_topic_carries_its_own_model_and_a_refused_canary_falls_back_to_
     agent_log = tmp_path / "agent.log"
     try:
         with open(agent_log, "wb") as out:
-            agent = procs.popen(
-                agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1",
-                          "--state-dir", str(tmp_path / "state"), "--model", str(model_file), "--trusted-key", str(pub),
-                          "--source", "simulated"),
-                stdout=subprocess.DEVNULL, stderr=out,
-                env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1", "EDGE_AGENT_RECEIPTS": "false"})
+            agent = procs.popen(live_agent_cmd(shared_broker.url, prefix, tmp_path / "state", pub, "--model", str(model_file)),
+                                stdout=subprocess.DEVNULL, stderr=out, env={**os.environ, **LIVE_AGENT_ENV})
         wait_for(status_where(lambda s: s.state == c.ONLINE and s.model_version == 1), 60, "the agent on v1")
         publish_retained(shared_broker.url, topics.model("default"), other.encode())
         wait_for(status_where(lambda s: s.last_error is not None and "the bundle is model 'other' v7" in s.last_error),
@@ -66,11 +70,9 @@ def test_a_model_topic_carries_its_own_model_and_a_refused_canary_falls_back_to_
         (tmp_path / "state" / "model-default.emlb").write_bytes(other.encode())
         publish_retained(shared_broker.url, topics.device_model("live-1"), b"")
         publish_retained(shared_broker.url, topics.model("default"), b"")  # nothing to fall back to: it says why
-        res = subprocess.run(agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1",
-                                       "--state-dir", str(tmp_path / "state"), "--trusted-key", str(pub),
-                                       "--source", "simulated"), capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "EDGE_AGENT_STATUS_INTERVAL_S": "1", "EDGE_AGENT_RECEIPTS": "false",
-                                  "EDGE_AGENT_MODEL_WAIT_S": "0.1", "EDGE_AGENT_CONNECT_TIMEOUT_S": "5"})
+        res = subprocess.run(live_agent_cmd(shared_broker.url, prefix, tmp_path / "state", pub), capture_output=True,
+                             text=True, timeout=120, env={**os.environ, **LIVE_AGENT_ENV, "EDGE_AGENT_MODEL_WAIT_S": "0.1",
+                                                          "EDGE_AGENT_CONNECT_TIMEOUT_S": "5"})
         assert res.returncode == exits.MODEL, res.stderr
         assert "persisted model" in res.stderr and "the bundle is model 'other' v7" in res.stderr, res.stderr
     finally:

@@ -29,7 +29,7 @@ from edge_agent.sources.chunk import (
     NotedStats,
     ReadingChunk,
 )
-from edge_agent.sources.logs import LineParser
+from edge_agent.sources.lines import LineParser
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 
 from edge_agent.sources.chunk import LogError, NotedStats, ReadingChunk
-from edge_agent.sources.logs import DEFAULT_CHUNK_ROWS, LineParser, log_format
+from edge_agent.sources.lines import DEFAULT_CHUNK_ROWS, LineParser
+from edge_agent.sources.logs import log_format
 
 
 class SimulatedSensor:

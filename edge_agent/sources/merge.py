@@ -46,15 +46,8 @@ from edge_agent.sources.chunk import (
     increasing,
 )
 from edge_agent.sources.formats import shorten
-from edge_agent.sources.logs import (
-    BROKEN_FILE,
-    DEFAULT_CHUNK_ROWS,
-    Gunzip,
-    LineParser,
-    broken_reason,
-    log_format,
-    read_log,
-)
+from edge_agent.sources.lines import DEFAULT_CHUNK_ROWS, LineParser
+from edge_agent.sources.logs import BROKEN_FILE, Gunzip, broken_reason, log_format, read_log
 from edge_agent.sources.numbers import Workspace
 from edge_agent.sources.runs import MAX_RUNS, SLACK_S, Index, index_file, merge_keys, sort_hint, with_hint
 

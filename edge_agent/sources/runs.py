@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.sources.chunk import NON_MONOTONIC_TS, LogError, ReadingChunk, grow_last, increasing
-from edge_agent.sources.logs import BROKEN_FILE, Gunzip, GzipCheckpoint, LineParser, broken_reason
+from edge_agent.sources.lines import LineParser
+from edge_agent.sources.logs import BROKEN_FILE, Gunzip, GzipCheckpoint, broken_reason
 from edge_agent.sources.numbers import OK, PAD, Codes, parse_numbers
 
 SLACK_S = 1.0  # seconds a reading may lie below its run's latest and stay in the run (clock jitter)

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from edge_agent.contract.bundles import decode_bundle
-from edge_agent.device.outbox import RESERVE_BYTES
+from edge_agent.device.disk_room import RESERVE_BYTES
 from edge_agent.preprocess import PreprocessParams
 from tests.helpers import Processes, agent_cmd, expected_keys, fleet_files, make_log, wait_for
 from tests.test_hub_cli import ServeProcess

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from edge_agent import contract as c
 from edge_agent.device.bundle import BundleRejected, persist_bundle, verify_bundle
+from edge_agent.device.disk_room import is_disk_full
 from edge_agent.device.errors import DATA_FAULT, AgentError, BadSetting, Interrupted, refusal_hint
-from edge_agent.device.outbox import Outbox, is_disk_full
+from edge_agent.device.outbox import Outbox
 from edge_agent.device.pipeline import Processor
 from edge_agent.drift import DeviceDrift
 from edge_agent.mqtt import MqttError, MqttLink

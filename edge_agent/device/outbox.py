@@ -27,14 +27,12 @@ in the publisher deletes rows at the PUBACK.)
   receipts to free room or for space to come back. Results that cannot be kept either way are
   counted (:attr:`Outbox.unstored`), never raised to the pipeline. SQLite's automatic checkpoint is
   replaced by the outbox's own (after about 1 MiB written), so that a failed COMMIT always means
-  the transaction did not happen.
+  the transaction did not happen. The disk's side of this (the reserve, the checkpoints, the room
+  left) is :class:`~edge_agent.device.disk_room.DiskRoom`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
 import sqlite3
 import threading
 import time
@@ -42,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.device.disk_room import RESERVE_BYTES, DiskRoom, is_disk_full
 from edge_agent.settings.loader import SettingsError
 
 _SCHEMA = """
@@ -65,19 +64,8 @@ _UPGRADE = ("ALTER TABLE outbox ADD COLUMN due REAL",
 _INDEX = "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due) WHERE due IS NOT NULL"
 _MAX_DOUBLINGS = 20
 _CHUNK = 500  # ids or seqs per statement (SQLite allows 32,766 parameters)
-RESERVE_BYTES = 4 << 20  # the reserve file: room for a checkpoint and the deletes on a full disk
-_CHECKPOINT_BYTES = 1 << 20  # about this much written to the WAL between checkpoints (SQLite's own: ~4 MiB)
 _ROW_BYTES = 96  # what a row costs in pages beyond its payload (record header, the two indexes), roughly
 _FULL_WAIT_S = 1.0  # block on a full disk: look again this often (a receipt wakes it at once)
-_RESERVE_RETRY_S = 1.0  # a full disk: try to make the reserve again (space came back?) this often
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """SQLite's SQLITE_FULL or an OSError ENOSPC/EDQUOT: the device's disk (or quota) is full."""
-    if isinstance(exc, sqlite3.OperationalError):
-        code = getattr(exc, "sqlite_errorcode", None)
-        return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "database or disk is full" in str(exc)
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _marks(n: int) -> str:
@@ -115,13 +103,7 @@ class Outbox:
         self.overflow = overflow
         self.resend_after_s = resend_after_s
         self.resend_max_s = max(resend_max_s, resend_after_s)
-        self._reserve = self.path.with_name(self.path.stem + ".reserve")
-        self.reserve_bytes = reserve_bytes
-        # A full disk: the reason, while new results go only into pages the file has (see the module doc)
-        self.full: str | None = None
         self.unstored = 0  # results this process could not keep at all (a full disk), counted, never raised
-        self._next_reserve = 0.0
-        self._wal_bytes = 0  # written to the WAL since the last checkpoint (an estimate)
         self.on_wait: Callable[[], None] | None = None  # called about every second while put waits on a full disk
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -130,9 +112,9 @@ class Outbox:
             raise SettingsError(f"cannot open the outbox {self.path}: {exc} (check the file and its folder: the "
                                 "agent must read and write both)", field="state_dir") from None
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # ours: a COMMIT's error then means it did not happen
-        self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._lock = threading.Lock()
+        self._disk = DiskRoom(self._db, self.path, reserve_bytes)
 
         def prepare() -> None:
             for statement in filter(str.strip, _SCHEMA.split(";")):  # executescript would COMMIT first
@@ -146,8 +128,8 @@ class Outbox:
             self._db.execute("UPDATE outbox SET due = NULL WHERE due IS NOT NULL")
 
         self._write(prepare)
-        if not self._make_reserve():
-            self.full = f"no room for the reserve file {self._reserve}"
+        if not self._disk.make_reserve():
+            self._disk.full = f"no room for the reserve file {self._disk.reserve}"
         self._room = threading.Condition(self._lock)
         self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         # Rows with id <= floor and no ``due`` are held or in flight in the publisher: overflow never
@@ -159,6 +141,11 @@ class Outbox:
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else 0
+
+    @property
+    def full(self) -> str | None:
+        """A full disk: the reason, while new results go only into pages the file has (see the module doc)."""
+        return self._disk.full
 
     @property
     def depth(self) -> int:
@@ -208,16 +195,17 @@ class Outbox:
                     lambda: self._depth + len(rows) <= max(self.max_rows, len(rows)), _left(deadline)
                 ):
                     raise OutboxFull(f"outbox holds {self._depth} results (max {self.max_rows})")
-                if self.full is not None:
-                    self._recover()
-                if self.full is None or self._room_bytes() >= need:
+                disk = self._disk
+                if disk.full is not None:
+                    disk.recover()
+                if disk.full is None or disk.room_bytes() >= need:
                     try:
                         return self._insert(rows, now, need)
                     except sqlite3.OperationalError as exc:
                         if not is_disk_full(exc):
                             raise
-                        self._relieve(exc)
-                    if not retried and self._room_bytes() >= need:  # once more, in the reserve's room
+                        disk.relieve(exc)
+                    if not retried and disk.room_bytes() >= need:  # once more, in the reserve's room
                         retried = True
                         continue
                 if self.overflow == "drop_oldest":
@@ -264,31 +252,15 @@ class Outbox:
             raise
         self.dropped += max(excess, 0)
         self._depth += added - max(excess, 0)  # may exceed max_rows by what is in flight
-        self._wrote(need)
+        self._disk.wrote(need)
         return added
 
     # ----------------------------------------------------------------- a full disk (lock held)
 
-    def _free_bytes(self) -> int:
-        """Room in the pages the file already has (what deleted rows left)."""
-        return int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) * self._page
-
-    def _disk_free(self) -> int:
-        try:
-            st = os.statvfs(self.path.parent)
-        except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
-
-    def _room_bytes(self) -> int:
-        """Room for new rows while the disk is full: the file's free pages, and the disk's free space above
-        half the reserve (the rest stays for checkpoints and deletes)."""
-        return self._free_bytes() + max(self._disk_free() - self.reserve_bytes // 2, 0)
-
     def _drop_for(self, need: int) -> bool:
         """drop_oldest on a full disk: delete the oldest rows not in flight until the file's free pages hold
         about ``need`` bytes, counted as dropped; False when nothing could be dropped."""
-        want = max(need - self._room_bytes(), 1)
+        want = max(need - self._disk.room_bytes(), 1)
         ids: list[int] = []
         freed = 0
         for row_id, size in self._db.execute(
@@ -318,82 +290,14 @@ class Outbox:
             return False
         self.dropped += gone
         self._depth -= gone
-        self._checkpoint()  # the WAL is written over from its start: no new room needed for it
+        self._disk.checkpoint()  # the WAL is written over from its start: no new room needed for it
         return gone > 0
-
-    def _relieve(self, exc: BaseException) -> None:
-        """The disk is full: free the reserve's room so that SQLite can checkpoint (its WAL is then written
-        over from its start, in the room it has), and keep new rows in the pages the file has from now on."""
-        if self.full is None:
-            self.full = str(exc) or type(exc).__name__
-        self._next_reserve = time.monotonic() + _RESERVE_RETRY_S
-        with contextlib.suppress(OSError):  # FileNotFoundError: already given
-            self._reserve.unlink()
-        self._checkpoint()
 
     def check_space(self) -> None:
         """While the disk is full (:attr:`full`): look whether space came back (at most once a second)."""
-        if self.full is not None:
+        if self._disk.full is not None:
             with self._lock:
-                self._recover()
-
-    def _recover(self) -> None:
-        """While the disk is full: has space come back? Yes once the disk has room for the reserve twice
-        over and the reserve is made again."""
-        now = time.monotonic()
-        if now < self._next_reserve:
-            return
-        self._next_reserve = now + _RESERVE_RETRY_S
-        # Room for the reserve and as much again: else the room the outbox kept for itself would end
-        # the state at once, and the next rows would fill the disk again.
-        if self._disk_free() >= 2 * self.reserve_bytes and self._checkpoint() and self._make_reserve():
-            self.full = None
-
-    def _make_reserve(self) -> bool:
-        """Make the reserve file (allocated, not sparse); False when the disk has no room for it."""
-        if self.reserve_bytes <= 0:
-            return True
-        try:
-            if self._reserve.stat().st_size >= self.reserve_bytes:
-                return True
-        except FileNotFoundError:
-            pass
-        try:
-            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                try:
-                    os.posix_fallocate(fd, 0, self.reserve_bytes)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
-                    block = bytes(64 << 10)
-                    for _ in range(0, self.reserve_bytes, len(block)):
-                        os.write(fd, block)
-            finally:
-                os.close(fd)
-            return True
-        except OSError:
-            with contextlib.suppress(OSError):
-                self._reserve.unlink()
-            return False
-
-    def _checkpoint(self) -> bool:
-        """Copy the WAL into the file (its room is then written over from the start); True if complete."""
-        try:
-            busy, frames, done = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.OperationalError as exc:
-            if not is_disk_full(exc):
-                raise
-            return False
-        complete = not busy and frames == done
-        if complete:
-            self._wal_bytes = 0
-        return bool(complete)
-
-    def _wrote(self, n: int) -> None:
-        self._wal_bytes += n
-        if self._wal_bytes >= _CHECKPOINT_BYTES:
-            self._checkpoint()
+                self._disk.recover()
 
     def pending(self, after_id: int, limit: int, *, hold: bool = False) -> list[OutboxRow]:
         """OutboxRow rows with id > ``after_id``, oldest first; ``hold``: the caller sends them, so
@@ -480,9 +384,9 @@ class Outbox:
                     self._db.execute("ROLLBACK")
                 if attempt == 2 or not is_disk_full(exc):
                     raise
-                self._relieve(exc)
+                self._disk.relieve(exc)
                 continue
-            self._wrote(4096 + changed * _ROW_BYTES)
+            self._disk.wrote(4096 + changed * _ROW_BYTES)
             return changed
         raise AssertionError("unreachable")
 

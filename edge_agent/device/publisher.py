@@ -22,7 +22,8 @@ import time
 from collections import defaultdict, deque
 
 from edge_agent.contract import RESULTS_DELIVERY, ContractError, Topics, decode_receipt, join_results
-from edge_agent.device.outbox import Outbox, OutboxRow, is_disk_full
+from edge_agent.device.disk_room import is_disk_full
+from edge_agent.device.outbox import Outbox, OutboxRow
 from edge_agent.mqtt import MqttError, MqttLink
 
 log = logging.getLogger(__name__)

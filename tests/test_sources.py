@@ -1129,6 +1129,38 @@ def test_a_refused_long_label_costs_nothing_afterwards(tmp_path: Path) -> None:
     assert chunk.labels.dtype.itemsize <= 4 * MAX_LABEL_CHARS, chunk.labels.dtype
 
 
+@pytest.mark.parametrize("kind", ["numbers", "pairs", "text"])
+def test_labels_that_differ_at_every_reading_keep_the_label_table_bounded(kind: str, monkeypatch) -> None:
+    """A regression target or a position differs at every reading: each new label stayed in the parser's code
+    table for as long as the source ran (~300 bytes a label: a live agent labelled at 1 Hz grew 26 MB a day).
+    Past MAX_LABEL_CODES the table starts afresh; the labels that come out, and the bad ones refused with their
+    line, are the same as with an unbounded table."""
+    from edge_agent.sources import lines as lines_module
+
+    monkeypatch.setattr(lines_module, "MAX_LABEL_CODES", 50)
+    n = 5000
+
+    def label(i: int) -> str:
+        if i % 997 == 13:
+            return "oops" if kind != "text" else "bad\x00label"  # a refused label, before and after the resets
+        return {"numbers": f"{i}.5", "pairs": f"{i};{-i}", "text": f"spot-{i}"}[kind]
+
+    records = [orjson.dumps({"ts": 1_700_000_000 + i, "device_id": "a", "x": 1.0, "label": label(i)}) for i in range(n)]
+    parser = lines_module.LineParser("pos.jsonl", "jsonl", on_error="skip")
+    parser.numeric_labels = kind != "text"
+    data = b"\n".join(records) + b"\n"
+    chunks = [c for k in range(0, len(data), 40_000) for c in parser.feed(data[k:k + 40_000], final=k + 40_000 >= len(data))]
+    got = ReadingChunk.concat(chunks)
+    kept = [i for i in range(n) if i % 997 != 13]
+    assert got.ts.tolist() == [1_700_000_000 + i for i in kept]
+    want: list[Any] = {"numbers": [i + 0.5 for i in kept], "pairs": [[float(i), float(-i)] for i in kept],
+                       "text": [f"spot-{i}" for i in kept]}[kind]
+    assert got.labels.tolist() == want
+    assert [e.line for e in parser.stats.first_errors] == [i + 1 for i in range(n) if i % 997 == 13]
+    assert parser.stats.rows_skipped == n - len(kept)
+    assert len(parser.d.labels.names) <= 50 + 2048  # reset after the block that passed the bound
+
+
 def _following(path: Path, steps: list[Callable[[], object]], *, quiet_s: float = 0.0, **kw: Any) -> FollowFile:
     """A FollowFile of ``path`` whose polls run ``steps`` in turn (a logger's writes, a rotation), then go on for
     ``quiet_s`` of real time (past a rotation's grace), then stop it."""

@@ -359,6 +359,17 @@ class Decoder:
         self._texts_checked = 0  # text labels judged so far (check_label_text)
         self.outputs: int | None = None  # numbers per label: fixed by the first label that has any
 
+    def forget_labels(self) -> None:
+        """Start the label code table afresh (the column's count of numbers stays). Labels leave the parser as
+        text or numbers, never as codes, so nothing downstream sees this; it bounds a source whose labels
+        differ at every reading (a regression target, a position): else its table grows for as long as it
+        runs (~300 bytes a label)."""
+        self.labels = Codes(allow_empty=True, longest=MAX_LABEL_CHARS)
+        self._label_list = []
+        self._label_values = np.empty((0, self.outputs or 1))
+        self._label_errors = {}
+        self._texts_checked = 0
+
     def check_label_numbers(self, b: Block) -> None:
         """A numeric label column: rows whose label is not a number (or empty), or holds another
         count of numbers than the column's first, become problems."""

@@ -30,6 +30,7 @@ from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, shorte
 
 DEFAULT_CHUNK_ROWS = 8192
 _PART_ROWS = 2048  # lines parsed at once
+MAX_LABEL_CODES = 1 << 14  # distinct labels kept coded between blocks (~5 MB); past it the table starts afresh
 
 
 class LineParser:
@@ -252,6 +253,8 @@ class LineParser:
                 ts=b.ts, device_codes=b.dev, device_names=self.d.devices.names_tuple, values=b.vals,
                 channels=self.d.rules.channels, labels=labels, source=self.source, first_line=int(b.lines[0]),
                 lines=b.lines))
+        if len(self.d.labels.names) > MAX_LABEL_CODES:
+            self.d.forget_labels()
         return error
 
     def _times(self, b: Block) -> None:

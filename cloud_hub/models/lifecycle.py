@@ -23,7 +23,7 @@ from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import shaped_by
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.data.summaries import describe_score
-from cloud_hub.models import quantize, training, weights
+from cloud_hub.models import baselines, quantize, training, weights
 from cloud_hub.models.datasets import (
     Dataset,
     LifecycleError,
@@ -94,7 +94,7 @@ def build(train: Dataset, test: Dataset, *, name: str, version: int, warm_from: 
     m_fp32 = quantize.evaluate(fp32, test.X, test.y)
     m_int8 = quantize.evaluate(int8, test.X, test.y)
     recorded = train.recorded()  # classic baselines learn from the recordings, not our augmented copies
-    base = training.baselines(recorded.X, recorded.y, test.X, test.y, persistence=_persistence(recorded, test))
+    base = baselines.baselines(recorded.X, recorded.y, test.X, test.y, persistence=_persistence(recorded, test))
     task = training.model_task(model)
     manifest = Manifest(
         name=name, version=version, sha256=hashlib.sha256(int8).hexdigest(), task=task,

@@ -22,6 +22,7 @@ from cloud_hub.data.store import Batch, ResultRow, Store
 from cloud_hub.rollout import canary
 from cloud_hub.rollout import canary_judge as cj
 from cloud_hub.settings import HubSettings
+from edge_agent import contract as c
 
 runner = CliRunner()
 
@@ -235,6 +236,40 @@ def test_judge_on_stored_results_rolls_back_the_worse_version(tmp_path: Path, re
     assert verdict.estimate.delta == pytest.approx(-0.5 if regressor else -0.35, abs=0.08)
     obj = verdict.to_obj()
     assert obj["estimate"]["low"] < obj["estimate"]["delta"] < obj["estimate"]["high"]
+    engine.dispose()
+
+
+def test_the_control_is_this_models_devices_not_another_models_at_the_same_version(tmp_path: Path) -> None:
+    """Version numbers are each model's own. A hub whose fleet also runs another model (a positioning regressor
+    at its own v1) took that model's v1 results as the control of a classifier's canary against v1: the judge
+    saw errors and truths, judged the classifier as a regressor against positioning errors, and the control
+    counted devices that never ran it."""
+    url, engine = _store(tmp_path)
+    rng = np.random.default_rng(3)
+    rows, seq = [], {}
+    for version, start, n in ((1, 1000.0, 600), (2, 5000.0, 400)):
+        for dev in ("a", "b", "c", "pos-1", "pos-2"):
+            v = 1 if dev in ("c", "pos-1", "pos-2") else version
+            for i in range(n):
+                seq[dev] = seq.get(dev, 0) + 1
+                if dev.startswith("pos"):  # the other model: a regressor's results, metres off
+                    rows.append(_result(dev, seq[dev], v, start + i, error=abs(rng.normal()) * 3.0))
+                else:
+                    rows.append(_result(dev, seq[dev], v, start + i, hit=bool(rng.random() > 0.05)))
+    _write(engine, rows)
+    store = Store(engine)
+    with sessions.transaction(engine) as conn:
+        store.apply_statuses(conn, {d: (c.Status(d, c.ONLINE, 6000.0, name, 1, "a" * 64, 0), 6000.0) for d, name in
+                                    (("a", "default"), ("b", "default"), ("c", "default"), ("pos-1", "positioning"),
+                                     ("pos-2", "positioning"))})
+        store.add_rollout(conn, name="default", version=2, previous=1, cohort=["a", "b"], min_results=50,
+                          tolerance=0.02, at=5000.0)
+        rollout = store.rollouts(conn, "default", state="canary")[0]
+    verdict = canary.judge(engine, rollout, HubSettings(db=url), now=6000.0)
+    assert verdict.metric == "accuracy", verdict
+    assert verdict.control_n == 400, verdict  # c's results on v1 only
+    assert verdict.control == pytest.approx(0.95, abs=0.04)
+    assert verdict.action != "roll_back", verdict.reason
     engine.dispose()
 
 

@@ -283,6 +283,12 @@ class Store:
             sa.select(d.model_name, d.model_version, d.state, sa.func.count())
             .group_by(d.model_name, d.model_version, d.state))]
 
+    def running_other_models(self, conn: Connection, name: str) -> set[str]:
+        """The devices whose last status named a model other than ``name``: a version number is a model's own,
+        so their results at the same number are another model's."""
+        d = devices.c
+        return set(conn.scalars(sa.select(d.device_id).where(d.model_name.is_not(None), d.model_name != name)))
+
     def outbox_total(self, conn: Connection) -> int:
         """Results the devices said they still hold (the sum of their last reported outbox depth)."""
         # summed as a float: one device stating 2**63 - 1 overflowed SQLite's integer SUM, and every fleet gauge

@@ -230,8 +230,10 @@ def judge(engine: sa.Engine, rollout: RolloutRow, settings: HubSettings, now: fl
                                      rollout.started_at)
         history = ([] if rollout.previous is None else
                    store.history_of(conn, rollout.previous, rollout.cohort, HISTORY_PER_DEVICE))
+        others = store.running_other_models(conn, rollout.name)
     cohort_rows = [r for r in fresh if r[0] in cohort_set and r[1] == rollout.version]
-    control_rows = [r for r in fresh if r[0] not in cohort_set and r[1] == rollout.previous]
+    # the control: the devices of this model on its previous version (another model's version 1 is not ours)
+    control_rows = [r for r in fresh if r[0] not in cohort_set and r[1] == rollout.previous and r[0] not in others]
     metric = _metric(cohort_rows + control_rows + history)
     cohort, baseline, control = (_scores(cohort_rows, metric), _scores(history, metric),
                                  _scores(control_rows, metric))

@@ -365,3 +365,26 @@ def test_fleet_features_of_another_length_are_left_out_and_said(tmp_path: Path, 
     assert ("left out 4 labelled results whose features are not 3 numbers or whose truth no label can be "
             "(odd: 3, old: 1)") in caplog.text, caplog.text
     engine.dispose()
+
+
+def test_a_retrain_takes_only_its_own_models_fleet_features(tmp_path: Path) -> None:
+    """Version numbers are each model's own: a retrain of `default` from its v1 took the labelled windows of
+    every result at v1, another model's too (a second fleet's labels in the first's training data)."""
+    from edge_agent import contract as c
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'h.sqlite'}")
+    pack = sessions.pack_features
+    rows = [(dev, i, float(i), i + 1.0, 1, "A", 0.9, None, truth, 1.0, pack([0.5, 1.0, 2.0]), 1.0)
+            for dev, truth in (("mine", "walk"), ("theirs", "kitchen"), ("silent", "run")) for i in range(4)]
+    store = Store(engine)
+    with sessions.transaction(engine) as conn:
+        store.insert_results(conn, rows)
+        store.apply_statuses(conn, {d: (c.Status(d, c.ONLINE, 1.0, name, 1, "a" * 64, 0), 1.0)
+                                    for d, name in (("mine", "default"), ("theirs", "rooms"))})
+    params = PreprocessParams(sample_rate_hz=50.0, window_s=2.0, hop_s=1.0, channels=("ax",))
+    ds = lifecycle.fleet_dataset(engine, params, 3, versions=[1], name="default")
+    assert sorted(set(ds.devices.tolist())) == ["mine", "silent"]  # a device that never said its model: kept
+    assert set(ds.y.tolist()) == {"walk", "run"}
+    assert sorted(set(lifecycle.fleet_dataset(engine, params, 3, versions=[1]).devices.tolist())) == \
+        ["mine", "silent", "theirs"]
+    engine.dispose()

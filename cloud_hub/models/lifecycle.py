@@ -223,13 +223,19 @@ def current_model(rows: Sequence[ModelRow], name: str) -> ModelRow:
 
 
 def fleet_dataset(engine: sa.Engine, params: PreprocessParams, n_features: int, *,
-                  versions: Sequence[int] | None = None) -> Dataset:
+                  versions: Sequence[int] | None = None, name: str | None = None) -> Dataset:
     """Labelled feature vectors that agents reported, from results of ``versions`` (the versions
-    whose preprocessing equals ``params``: features made otherwise do not mean the same thing)."""
+    whose preprocessing equals ``params``: features made otherwise do not mean the same thing) of model
+    ``name`` when given: a version number is a model's own, so the results of devices whose last status names
+    another model are another model's data (its labels, its windows), left out."""
     X, y, devices, starts = [], [], [], []
     other: dict[str, int] = {}  # device -> results whose features are not n_features numbers
+    store = Store(engine)
     with engine.connect() as conn:
-        for device_id, truth, blob, start in Store(engine).labelled_features(conn, versions):
+        others = set() if name is None else store.running_other_models(conn, name)
+        for device_id, truth, blob, start in store.labelled_features(conn, versions):
+            if device_id in others:
+                continue
             vec = sessions.unpack_features(blob)
             if vec is None or vec.shape[0] != n_features or not fits_label(truth):
                 other[device_id] = other.get(device_id, 0) + 1  # (a truth stored before the contract refused it)
@@ -266,7 +272,7 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
     config = config or default_config(params)
     same = [row.version for row in rows if row.manifest.get("preprocess") == manifest.preprocess]
     shaped = shaped_by({(r.name, r.version): r.manifest for r in rows}).get((name, current.version), frozenset())
-    ds = fleet_dataset(engine, params, manifest.n_features, versions=same)
+    ds = fleet_dataset(engine, params, manifest.n_features, versions=same, name=name)
     n_fleet = len(ds.y)
     if logs:
         data, y, devices, starts = windows_from_logs(logs, params)

@@ -273,6 +273,58 @@ def test_the_control_is_this_models_devices_not_another_models_at_the_same_versi
     engine.dispose()
 
 
+def test_a_lying_devices_huge_errors_are_judged_not_a_division_by_zero(tmp_path: Path) -> None:
+    """A hostile peer's finding: a cohort device sending errors of 1e150 against a control of 1e-10 made the
+    scores' variance inf, and the judge divided by zero at every check (`rollout status` a traceback, the live
+    page a 503, serve never judged the canary). Scores are capped at RELATIVE_ERROR_CAP: rolled back."""
+    url, engine = _store(tmp_path)
+    rows = [_result("c", i + 1, 1, 4600.0 + i, error=1e-10) for i in range(5)]
+    rows += [_result("a", i + 1, 2, 5000.0 + i, error=1e150 if i % 2 else 0.0) for i in range(50)]
+    rows += [_result("b", i + 1, 2, 5000.0 + i, error=1e150) for i in range(50)]
+    _write(engine, rows)
+    store = Store(engine)
+    with sessions.transaction(engine) as conn:
+        for cohort, at in ((["a"], 4500.0), (["b"], 4500.0)):
+            store.add_rollout(conn, name="default", version=2, previous=1, cohort=cohort, min_results=50,
+                              tolerance=0.02, at=at)
+        a_rollout, b_rollout = sorted(store.rollouts(conn, "default", state="canary"), key=lambda r: r.cohort)
+    verdict = canary.judge(engine, a_rollout, HubSettings(db=url), now=6000.0)  # raised ZeroDivisionError
+    assert verdict.metric == "error" and verdict.cohort_n == 50 and verdict.estimate is not None
+    assert verdict.estimate.delta < -100 and verdict.action == "wait", verdict.reason  # half 0, half 1e150
+    verdict = canary.judge(engine, b_rollout, HubSettings(db=url), now=6000.0)
+    assert verdict.action == "roll_back", verdict.reason  # every result 1e150 off: worse, and said so
+    engine.dispose()
+    # a spread no score can have: an interval without bounds, not a division by zero (or an OverflowError)
+    assert cj.radius(math.inf, 0.05, (400.0,)) == cj.radius(1e200, 0.05, (400.0,)) == math.inf
+    assert cj.radius(math.nan, 0.05, (400.0,)) == math.inf
+
+
+def test_a_classifiers_canary_is_judged_by_accuracy_whatever_one_device_sends(tmp_path: Path) -> None:
+    """A hostile peer's finding: ONE regression result (a value and a truth) from a device outside the cohort
+    switched a classifier's judge to errors, where none of its results scored: "0 of 50 cohort results" for
+    ever. The metric follows the model's task."""
+    url, engine = _store(tmp_path)
+    rng = np.random.default_rng(11)
+    rows = [_result(d, i + 1, v, at + i, hit=bool(rng.random() > 0.05))
+            for d, v, at in (("a", 1, 1000.0), ("b", 1, 1000.0), ("c", 1, 1000.0)) for i in range(300)]
+    rows += [_result(d, 301 + i, 2, 5000.0 + i, hit=bool(rng.random() > 0.05)) for d in ("a", "b") for i in range(200)]
+    rows += [_result("c", 301 + i, 1, 5000.0 + i, hit=bool(rng.random() > 0.05)) for i in range(200)]
+    rows.append(_result("liar", 1, 1, 5500.0, error=1.0))
+    _write(engine, rows)
+    store = Store(engine)
+    with sessions.transaction(engine) as conn:
+        for version in (1, 2):
+            store.add_model(conn, name="default", version=version, sha256=f"{version}" * 64, created=1.0,
+                            manifest={"name": "default", "version": version, "task": "classification"})
+        store.add_rollout(conn, name="default", version=2, previous=1, cohort=["a", "b"], min_results=50,
+                          tolerance=0.05, at=5000.0)
+        rollout = store.rollouts(conn, "default", state="canary")[0]
+    verdict = canary.judge(engine, rollout, HubSettings(db=url), now=6000.0)
+    assert verdict.metric == "accuracy" and verdict.cohort_n == 400, verdict
+    assert verdict.control_n == 200, verdict  # the liar's regression result scores nothing as a hit
+    engine.dispose()
+
+
 def test_a_canary_this_hub_cannot_sign_says_so_with_the_fix(tmp_path: Path, caplog) -> None:
     url, engine = _store(tmp_path)
     rows = [_result(d, i, 1, 100.0 + i, hit=True) for d in ("a", "b") for i in range(1, 200)]

@@ -327,3 +327,38 @@ def test_a_devices_history_splits_its_versions_into_runs_and_counts_its_classes_
     page = render(r1, 3_000.0)
     assert "predicted values" in page and page.count('class="values"') == 3 and "latest 11 results" in page
     assert "none reported yet" in render(a, 3_000.0) and "no results stored yet" in render(s, 3_000.0)
+
+
+def test_values_and_truths_past_a_floats_range_leave_the_figures_finite(tmp_path: Path, caplog) -> None:
+    """A hostile peer's findings: values of +-1.7e308 made the device page's histogram a 503 ("database
+    unavailable", numpy's "too many bins"); a truth "inf" made the fleet's error figures inf, null in the JSON,
+    and the live page stopped drawing. An error past a float's range, or against a truth that is no finite
+    number, is no error (NaN, as for a missing truth); and a bug is a 500 naming itself, not a database away."""
+    import numpy as np
+    import sqlalchemy as sa
+
+    from cloud_hub.data.device_history import device_history
+    from cloud_hub.data.store import Store
+    from cloud_hub.data.summaries import Errors, result_errors
+    from cloud_hub.web.http_door import error_status, error_text
+
+    big = [orjson.dumps([x]).decode() for x in (1.7e308, -1.7e308, 0.0)]
+    errors = result_errors([*big, "[1.0]", "[1.0]", "[2.0, 1e200]"], ["0", "0", "0", "inf", "nan", "0;0"])
+    assert errors.tolist()[2] == 0.0 and all(e != e for e in errors.tolist()[:2] + errors.tolist()[3:]), errors
+    top = Errors.of(np.array([1.7e308, 1.7e308, 1.0]))
+    assert top is not None and top.mean == pytest.approx(1.7e308 / 3 * 2) and top.median == 1.7e308  # no inf mean
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    with sessions.transaction(engine) as conn:
+        Store(engine).insert_results(conn, [ResultRow("big", i, i, i + 1.0, 1, None, None, v, None, 1.0, None, 5.0)
+                                            for i, v in enumerate(big)])
+    with sessions.transaction(engine, write=False) as conn:
+        view = device_history(conn, "big")
+    engine.dispose()
+    assert view is not None
+    (hist,) = view["values"]["outputs"]
+    assert sum(hist["counts"]) == 3 and hist["edges"][0] == -1.7e308 and hist["edges"][-1] == 1.7e308
+    assert error_status(sa.exc.OperationalError("SELECT", {}, Exception("gone"))) == "503 Service Unavailable"
+    with caplog.at_level("ERROR", logger="cloud_hub.web.http_door"):
+        assert error_status(ZeroDivisionError("float division by zero")) == "500 Internal Server Error"
+    assert "float division by zero" in caplog.text
+    assert error_text(ZeroDivisionError("float division by zero")).startswith("hub error")

@@ -93,8 +93,11 @@ def value_histogram(conn: Connection, device_id: str, *, rows: int = VALUE_ROWS,
         column = values[:, i][np.isfinite(values[:, i])]
         if column.size == 0:
             continue
-        counts, edges = np.histogram(column, bins=bins)
-        outputs.append({"output": i, "edges": edges.tolist(), "counts": counts.tolist()})
+        with np.errstate(over="ignore"):  # a range past a float's (values of +-1.7e308): numpy's bins overflowed
+            span = float(column.max()) - float(column.min())
+        scale = 1.0 if np.isfinite(span) else float(np.max(np.abs(column)))  # then in units of the largest value
+        counts, edges = np.histogram(column / scale, bins=bins)
+        outputs.append({"output": i, "edges": (edges * scale).tolist(), "counts": counts.tolist()})
     return {"results": int(values.shape[0]), "of_latest": rows, "outputs": outputs, "width": width}
 
 

@@ -139,6 +139,11 @@ def unpack_features(blob: bytes | None) -> np.ndarray | None:
     return np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
+def is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` came from the database or its driver (else it is the hub's own: a bug)."""
+    return isinstance(exc, sa.exc.SQLAlchemyError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a database error may go away by retrying (connection lost, locked, deadlock)."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:

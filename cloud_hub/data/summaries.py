@@ -58,7 +58,9 @@ class Errors:
         if errors.size == 0:
             return None
         median, p90 = np.percentile(errors, (50.0, 90.0))
-        return cls(int(errors.size), float(errors.mean()), float(median), float(p90))
+        top = float(errors.max())
+        mean = float(errors.mean()) if top < 1e300 else float(np.mean(errors / top)) * top  # no overflow to inf
+        return cls(int(errors.size), mean, float(median), float(p90))
 
     def to_obj(self) -> dict[str, Any]:
         return {"n": self.n, "mean": self.mean, "median": self.median, "p90": self.p90}
@@ -167,7 +169,9 @@ def describe_score(metrics: Mapping[str, Any], *, named: bool = True) -> str:
 
 def result_errors(values: Sequence[str | None], truths: Sequence[str | None]) -> np.ndarray:
     """Per result, the Euclidean distance between its value (the JSON list the hub stores) and its
-    truth (numbers separated by ``;``); NaN where either is missing, not numbers, or of other lengths."""
+    truth (numbers separated by ``;``); NaN where either is missing, not finite numbers, or of other lengths,
+    and where the distance is past a float's range (a truth "inf" made every figure of the fleet inf and
+    stopped the live page)."""
     out = np.full(len(values), np.nan)
     for i, (value, truth) in enumerate(zip(values, truths, strict=True)):
         if value is None or truth is None:
@@ -178,7 +182,10 @@ def result_errors(values: Sequence[str | None], truths: Sequence[str | None]) ->
         except (orjson.JSONDecodeError, ValueError, TypeError):
             continue
         if v.shape == t.shape:
-            out[i] = float(np.sqrt(np.sum((v - t) ** 2)))
+            with np.errstate(over="ignore", invalid="ignore"):
+                d = float(np.sqrt(np.sum((v - t) ** 2)))
+            if np.isfinite(d):
+                out[i] = d
     return out
 
 

@@ -203,11 +203,16 @@ def _scores(rows: Sequence[Row], metric: str) -> cj.Series:
     return cj.Series.of([k[0] for k in kept], [k[1] for k in kept])
 
 
-def _metric(rows: Sequence[Row]) -> str:
-    if any(r[3] is not None and r[5] is not None for r in rows):
-        return "error"
-    if any(r[3] is not None for r in rows):
-        return "accuracy"
+def _metric(rows: Sequence[Row], task: str | None) -> str:
+    """By the model's ``task``: its results' ground truth where one of its kind carries it (a regressor's
+    error, a classifier's hit), else their confidence. A row of the other kind is not this model's (one lying
+    device's regression result switched a classifier's judge to errors, where none of its results scored: the
+    canary waited for ever). A manifest that does not say its task: the results say it."""
+    if task is None:
+        task = "regression" if any(r[3] is not None and r[5] is not None for r in rows) else "classification"
+    regression = task == "regression"
+    if any(r[3] is not None and (r[5] is not None) == regression for r in rows):
+        return "error" if regression else "accuracy"
     return "confidence"
 
 
@@ -231,10 +236,11 @@ def judge(engine: sa.Engine, rollout: RolloutRow, settings: HubSettings, now: fl
         history = ([] if rollout.previous is None else
                    store.history_of(conn, rollout.previous, rollout.cohort, HISTORY_PER_DEVICE))
         others = store.running_other_models(conn, rollout.name)
+        model = store.get_model(conn, rollout.name, rollout.version)
     cohort_rows = [r for r in fresh if r[0] in cohort_set and r[1] == rollout.version]
     # the control: the devices of this model on its previous version (another model's version 1 is not ours)
     control_rows = [r for r in fresh if r[0] not in cohort_set and r[1] == rollout.previous and r[0] not in others]
-    metric = _metric(cohort_rows + control_rows + history)
+    metric = _metric(cohort_rows + control_rows + history, None if model is None else model.manifest.get("task"))
     cohort, baseline, control = (_scores(cohort_rows, metric), _scores(history, metric),
                                  _scores(control_rows, metric))
     if metric == "error":

@@ -132,6 +132,8 @@ def radius(se: float, alpha: float, rhos: Sequence[float]) -> float:
     """
     if se <= 0:
         return 0.0
+    if not se < 1e100:  # no spread a score can have (inf, nan): no bound; 1/se^2 divided by zero
+        return math.inf
     info, a = 1.0 / se**2, alpha / len(rhos)
     return min(math.sqrt(2 * (info + rho) * math.log(math.sqrt((info + rho) / rho) / a)) / info for rho in rhos)
 
@@ -294,16 +296,24 @@ def show(metric: str) -> Any:
     return lambda x: f"{x:+.3f}"
 
 
+RELATIVE_ERROR_CAP = 1000.0  # a result's error counts as at most this many times its reference's (scores)
+
+
 def relative_errors(cohort: Series, baseline: Series, control: Series) -> tuple[Series, Series, Series]:
     """A regressor's errors as scores: each divided by the mean error of its reference (the device's own
     history on the previous version, else the control fleet's) and negated, so that a difference of
-    -0.1 reads "10 % more error" on an easy device and a hard one alike."""
+    -0.1 reads "10 % more error" on an easy device and a hard one alike. A score is at least
+    ``-RELATIVE_ERROR_CAP``: a device sending errors of 1e150 made the scores' variance inf and the judge
+    divide by zero at every check (``rollout status`` a traceback, the live page a 503); so capped, such a
+    canary is rolled back."""
     ref = {d: x.mean() for d, x in baseline.parts.items() if x.size >= MIN_BASELINE and x.mean() > 0}
     fleet = float(control.score.mean()) if len(control) and control.score.mean() > 0 else None
     fallback = fleet if fleet is not None else (float(np.mean(list(ref.values()))) if ref else 1.0)
 
     def scaled(s: Series, own: bool) -> Series:
-        parts = {d: -x / (ref.get(d, fallback) if own else fallback) for d, x in s.parts.items()}
+        with np.errstate(over="ignore"):
+            parts = {d: np.maximum(-x / (ref.get(d, fallback) if own else fallback), -RELATIVE_ERROR_CAP)
+                     for d, x in s.parts.items()}
         if not parts:
             return s
         out = Series(np.repeat(np.array(list(parts), dtype=s.device.dtype), [x.size for x in parts.values()]),

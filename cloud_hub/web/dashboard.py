@@ -21,7 +21,7 @@ import orjson
 from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import dashboard_view
 from cloud_hub.web import device_page
-from cloud_hub.web.http_door import WSGIApp
+from cloud_hub.web.http_door import WSGIApp, error_status, error_text
 from edge_agent.drift import DRIFTING
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
             try:
                 body, status = orjson.dumps(snapshot(hub), option=orjson.OPT_NON_STR_KEYS), "200 OK"
             except Exception as exc:  # the database away for a moment: the page says so and polls again
-                body, status = orjson.dumps({"error": sessions.first_line(exc)}), "503 Service Unavailable"
+                body, status = orjson.dumps({"error": error_text(exc)}), error_status(exc)
             start_response(status, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
             return [body]
         if path.startswith((device_page.PAGE_PREFIX, device_page.API_PREFIX)):
@@ -110,6 +110,7 @@ const DRIFTING = %(drifting)s;
 const esc = (s) => String(s ?? "-").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 const ago = (t) => t == null ? "-" : Math.max(0, Math.round(Date.now() / 1000 - t)) + " s ago";
 const pct = (x) => x == null ? "-" : (100 * x).toFixed(1) + "%";
+const num = (x) => x == null ? "-" : x.toFixed(2);
 function plot(svg, points, max, fmt) {
   const w = svg.width.baseVal.value, h = svg.height.baseVal.value, pad = 28;
   if (!points.length) { svg.innerHTML = '<text x="10" y="20" fill="#999">no data yet</text>'; return; }
@@ -124,7 +125,7 @@ function render(f) {
   const rows = f.devices.map((d) => "<tr class=\\"" + (d.state === "online" ? "" : "off") + "\\" data-device=\\"" + esc(d.device_id) + "\\">" +
     "<td><a href=\\"/devices/" + encodeURIComponent(d.device_id) + "\\">" + esc(d.device_id) + "</a></td><td>" + esc(d.state) + "</td><td>" + (d.model_version == null ? "-" : "v" + d.model_version) +
     "</td><td>" + esc(d.outbox_depth) + "</td><td>" + ago(d.last_seen) + "</td><td>" +
-    (d.error ? d.error.median.toFixed(2) + " (median)" : pct(d.accuracy)) + "</td><td class=\\"results\\">" + d.results +
+    (d.error ? num(d.error.median) + " (median)" : pct(d.accuracy)) + "</td><td class=\\"results\\">" + d.results +
     "</td><td class=\\"" + (d.drift_psi > DRIFTING ? "bad" : "") + "\\">" + (d.drift_psi == null ? "-" :
     d.drift_psi.toFixed(2) + (d.drift_psi > DRIFTING ? " drifting" : "")) + "</td></tr>");
   $("devices").tBodies[0].innerHTML = rows.join("");
@@ -140,7 +141,7 @@ function render(f) {
   $("verdict").innerHTML = v ? "<p>open canary: <b>" + esc(v.action) + "</b> · " + esc(v.reason) + "<br>to decide: " +
     esc(v.deciding) + (v.class_shift == null ? "" : "<br>predicted classes shifted " + pct(v.class_shift) + " from the cohort's history") +
     (f.canary_warning ? '<br><span class="bad">' + esc(f.canary_warning) + "</span>" : "") + "</p>" : "";
-  const score = (r, x) => x == null ? "-" : r.task === "classification" ? pct(x) : x.toFixed(2);
+  const score = (r, x) => x == null ? "-" : r.task === "classification" ? pct(x) : num(x);
   $("rounds").innerHTML = f.rounds.length ? "<table><tr><th>round</th><th>base</th><th>state</th><th>accepted / late / refused (secure: the devices in the sum the hub saw)</th>" +
     "<th>upload</th><th>devices before → after</th><th>hold-out before → after</th><th>epsilon: round / model</th></tr>" +
     f.rounds.map((r) => "<tr data-round=\\"" + r.round + "\\"><td>" + r.round + "</td><td>v" + r.base_version + "</td><td class=\\"" +
@@ -166,7 +167,7 @@ async function poll() {
     const r = await fetch(new URL("/api/fleet", location.origin), {cache: "no-store"});
     const f = r.status === 401 ? null : await r.json();
     if (f === null) { $("status").textContent = "not authorized (the hub's token changed?): reload the page"; }
-    else if (f.error) { $("status").textContent = "database unavailable: " + f.error; } else { render(f); }
+    else if (f.error) { $("status").textContent = f.error; } else { render(f); }
   } catch (e) { $("status").textContent = "hub unreachable: " + e; }
   setTimeout(poll, 2000);
 }

@@ -30,6 +30,8 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from cloud_hub.data import sessions
+
 log = logging.getLogger(__name__)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 REALM = "edgeml hub"
@@ -122,3 +124,17 @@ def serve_http(host: str, port: int, app: WSGIApp, *, tls: ssl.SSLContext | None
     server: _Server = make_server(host, port, app, server_class=server_class, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, name="hub-http", daemon=True).start()
     return server
+
+
+def error_status(exc: BaseException) -> str:
+    """503 while the database is away (a reload may do); 500 for the hub's own fault (logged with its
+    traceback: a lying device's figures once made the judge divide by zero, shown as "database unavailable")."""
+    if sessions.is_database_error(exc):
+        return "503 Service Unavailable"
+    log.error("a page's figures failed: %s", sessions.first_line(exc), exc_info=exc)
+    return "500 Internal Server Error"
+
+
+def error_text(exc: BaseException) -> str:
+    what = "database unavailable" if sessions.is_database_error(exc) else "hub error (its log has the traceback)"
+    return f"{what}: {sessions.first_line(exc)}"

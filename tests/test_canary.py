@@ -303,6 +303,11 @@ def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, 
     assert "the hub knows 7 devices, 1 of them such" in res.stderr and "--devices A,B" in res.stderr, res.stderr
 
     statuses(online=("on-1", "on-2", "on-3"))
+    # A canary of the version the fleet runs compared it with the one before, which no device ran any more: it
+    # never decided, blocked every publish, and its rollback marked the fleet's model rejected
+    res = runner.invoke(hub_app, ["publish", *args, "--version", "1", "--canary", "60%"])
+    assert res.exit_code == 2 and "default v1 is the version on the model topic: the fleet runs it already" in \
+        res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
     res = runner.invoke(hub_app, ["publish", *args, "--canary", "60%"])
     assert res.exit_code == 0, res.output
     said = next(line for line in res.output.splitlines() if line.startswith("canary:"))

@@ -152,6 +152,11 @@ def start(engine: sa.Engine, settings: HubSettings, row: ModelRow, *, cohort: Se
         if store.rollouts(conn, row.name, state="canary"):
             raise CanaryError(f"a canary of {row.name} is open: finish it first (`cloud-hub rollout status`, "
                               "`cloud-hub rollback`)")
+    live = max((r for r in rows if r.state == "published"), key=lambda r: (r.published_at or 0.0, r.version), default=None)
+    if live is not None and live.version == row.version:  # it compared v14 with v13, which no device ran any more
+        raise CanaryError(f"{row.name} v{row.version} is the version on the model topic: the fleet runs it already. "
+                          "A canary tries a newer version against it (train or retrain one, or name it with "
+                          "--version)")
     published = [r for r in rows if r.state == "published" and r.version != row.version]
     if not published:
         raise CanaryError(f"no version of {row.name} is on the model topic to compare the canary with: "

@@ -416,3 +416,17 @@ def test_serve_says_a_blocked_promotion_once_while_its_figures_change(tmp_path: 
     said = [r.getMessage() for r in caplog.records if "cannot be promoted" in r.getMessage()]
     assert len(said) == 1, said
     engine.dispose()
+
+
+def test_a_cohort_that_never_reports_is_rolled_back_at_the_time_limit_never_promoted() -> None:
+    """A new operator's finding: a canary sent to an offline device said "0 of 50 cohort results" past
+    canary_max_s, and blocked every publish and federate; the docs said the time limit applies."""
+    for policy, action in (("promote", "roll_back"), ("rollback", "roll_back"), ("hold", "wait")):
+        rules = cj.Rules(tolerance=0.02, min_results=50, max_s=150.0, on_undecided=policy)
+        assert cj.decide(None, rules, elapsed_s=149.0, metric="accuracy").action == "wait"
+        late = cj.decide(None, rules, elapsed_s=151.0, metric="accuracy")
+        assert late.action == action, (policy, late)
+        if policy != "hold":
+            assert "only 0 of 50 cohort results in the time limit (150 s)" in late.reason, late
+    no_limit = cj.Rules(tolerance=0.02, min_results=50, max_s=0.0)
+    assert cj.decide(None, no_limit, elapsed_s=1e9, metric="accuracy").action == "wait"

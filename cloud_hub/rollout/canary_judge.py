@@ -228,6 +228,12 @@ def decide(est: Estimate | None, rules: Rules, *, elapsed_s: float, metric: str)
     """Act on the estimate: roll back, promote, wait, or (past the limits) apply ``on_undecided``."""
     n = 0 if est is None else est.cohort_n
     if est is None or n < rules.min_results:
+        if rules.max_s > 0 and elapsed_s >= rules.max_s and rules.on_undecided != "hold":
+            # a cohort that never reports (offline, or not running it) held every publish for ever; no evidence
+            # promotes nothing, whatever on_undecided says
+            return Decision("roll_back", f"only {n} of {rules.min_results} cohort results in the time limit "
+                            f"({rules.max_s:g} s): the cohort's devices are offline or do not run it; rolled back "
+                            "(never promoted without results)", "decided")
         return Decision("wait", f"{n} of {rules.min_results} cohort results so far",
                         f"{rules.min_results - n} more cohort results")
     shown = show(metric)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import typer
 
 from cloud_hub.cli.app import app
@@ -42,3 +43,17 @@ def test_every_federate_config_field_has_an_option_with_its_default() -> None:
         else:
             assert shown == default, f"--{option.replace('_', '-')} defaults to {shown!r}, FederateConfig.{field} " \
                                      f"to {default!r}"
+
+
+def test_a_secure_round_with_too_few_devices_asked_says_which_way_to_move_fraction() -> None:
+    """A new operator's finding: --secure --fraction 0.3 with 3 devices online asked 1, and the error said
+    "1 available: lower --fraction", the opposite of the fix."""
+    import random
+
+    from cloud_hub.rounds.config import RoundError
+    from cloud_hub.rounds.opening import _secure_params
+
+    with pytest.raises(RoundError, match=r"1 of the 3 available asked: raise --fraction \(0\.3 of 3 asks 1\)"):
+        _secure_params(FederateConfig(secure=True, fraction=0.3), ["d1"], 3, random.Random(0))
+    with pytest.raises(RoundError, match=r"2 of the 2 available asked: wait for more devices"):
+        _secure_params(FederateConfig(secure=True), ["d1", "d2"], 2, random.Random(0))

@@ -65,7 +65,7 @@ def open_round(settings: HubSettings, engine: sa.Engine, store: Store, cfg: Fede
     rng = random.Random(f"{cfg.seed}/{base.version}/{time.time_ns()}")
     k = max(1, round(cfg.fraction * len(devices)))
     chosen = sorted(rng.sample(devices, min(k, len(devices))))
-    secure = _secure_params(cfg, chosen, rng)
+    secure = _secure_params(cfg, chosen, len(devices), rng)
     with sessions.transaction(engine, write=False) as conn:
         blob = store.get_weights(conn, name, base.version)
         round_id = rounds.next_round_id(conn)
@@ -162,13 +162,16 @@ def available_devices(settings: HubSettings, engine: sa.Engine, store: Store, cf
         time.sleep(0.2)
 
 
-def _secure_params(cfg: FederateConfig, chosen: list[str], rng: random.Random) -> SecureParams | None:
-    """A secure round's numbers for ``chosen``, or None for a plain round; RoundError when it cannot be secure."""
+def _secure_params(cfg: FederateConfig, chosen: list[str], available: int, rng: random.Random) -> SecureParams | None:
+    """A secure round's numbers for ``chosen`` (of ``available`` devices), or None for a plain round; RoundError
+    when it cannot be secure."""
     if not cfg.secure:
         return None
     if len(chosen) < 3:
+        fix = (f"raise --fraction ({cfg.fraction:g} of {available} asks {len(chosen)})" if available >= 3
+               else "wait for more devices")  # it said "lower --fraction" when a higher one was the fix
         raise RoundError(f"a secure round needs at least 3 devices (its sum would give away a device's update); "
-                         f"{len(chosen)} available: lower --fraction or wait for more devices")
+                         f"{len(chosen)} of the {available} available asked: {fix}")
     if cfg.aggregate != "fedavg":
         raise RoundError(f"--aggregate {cfg.aggregate} reads each update, which a secure round hides: "
                          "use one or the other")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from edge_agent.contract import ContractError, check_id
 from edge_agent.settings.broker import BrokerSettings
-from edge_agent.settings.loader import LOG_LEVELS, SettingsError, choice, positive, user_path
+from edge_agent.settings.loader import LOG_LEVELS, SettingsError, choice, positive, seconds, user_path
 
 ENV_PREFIX = "CLOUD_HUB"
 MAX_BATCH = 100_000
@@ -105,17 +105,22 @@ class HubSettings(BrokerSettings):
         if self.canary_max_results < self.canary_min_results:
             raise SettingsError(f"canary_max_results ({self.canary_max_results}) must be at least "
                                 f"canary_min_results ({self.canary_min_results})", field="canary_max_results")
-        for name in ("batch_max", "dead_letter_max_bytes", "connect_timeout_s", "canary_min_results",
-                     "canary_max_results"):
+        for name in ("batch_max", "dead_letter_max_bytes", "canary_min_results", "canary_max_results"):
             positive(name, getattr(self, name))
-        for name in ("device_max_msgs_per_s", "device_burst", "batch_max_delay_s", "batch_linger_ms", "log_interval_s", "session_expiry_s", "retrain_every_n",
-                     "retrain_tolerance", "retrain_interval_s", "canary_check_s", "canary_tolerance",
-                     "canary_error_tolerance", "canary_max_s"):
+        for name in ("device_max_msgs_per_s", "device_burst", "session_expiry_s", "retrain_every_n",
+                     "retrain_tolerance", "canary_tolerance", "canary_error_tolerance"):
             positive(name, getattr(self, name), zero_ok=True)
+        seconds("connect_timeout_s", self.connect_timeout_s)
+        for name in ("batch_max_delay_s", "log_interval_s", "retrain_interval_s", "canary_check_s", "canary_max_s"):
+            seconds(name, getattr(self, name), zero_ok=True)
+        positive("batch_linger_ms", self.batch_linger_ms, zero_ok=True)
+        if not self.batch_linger_ms <= 60_000:  # every result would wait for it before its receipt
+            raise SettingsError(f"batch_linger_ms must be at most 60000 (a minute), got {self.batch_linger_ms!r}",
+                                field="batch_linger_ms")
         if not self.canary_tolerance < 1:  # 5 meant 5 points: 500, and a canary that could never roll back
             raise SettingsError(f"canary_tolerance is a fraction (0.02 = 2 accuracy points), got "
                                 f"{self.canary_tolerance:g}", field="canary_tolerance")
-        positive("http_timeout_s", self.http_timeout_s)
+        seconds("http_timeout_s", self.http_timeout_s)
         if self.http is not None:
             self.http_door_check()
         if self.batch_max > MAX_BATCH:

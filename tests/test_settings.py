@@ -77,6 +77,8 @@ def test_precedence_file_env_flags(tmp_path) -> None:
         ('source = "follow"\nsource_path = "x.txt"\n', {}, "source_path 'x.txt': a followed log is .csv, .jsonl"),
         ("", {"EDGE_AGENT_SIM_RATE_HZ": "inf"}, "sim_rate_hz must be at most 10000, got inf"),
         ("sim_rate_hz = 1e9\n", {}, "sim_rate_hz must be at most 10000"),
+        ("", {"EDGE_AGENT_MODEL_WAIT_S": "inf"}, "model_wait_s must be at most 1e+09 seconds (about 31 years), got inf"),
+        ("status_interval_s = 1e300\n", {}, "status_interval_s must be at most 1e+09 seconds"),
     ],
 )
 def test_bad_settings_are_refused_readably(tmp_path, text: str, env: dict, message: str) -> None:
@@ -102,3 +104,20 @@ def test_sensor_settings_name_their_origin(tmp_path) -> None:
     ok = load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=cfg, environ={
         "EDGE_AGENT_MQTT_DEVICE": "tasmota-{1}", "EDGE_AGENT_SENSOR_CHANNELS": "t=BME280.Temperature,h=BME280.Humidity"})
     assert ok.mqtt_device == "tasmota-{1}" and ok.sensor_channels == ("t=BME280.Temperature", "h=BME280.Humidity")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"CLOUD_HUB_CONNECT_TIMEOUT_S": "inf"}, "connect_timeout_s must be at most 1e+09 seconds (about 31 years), got inf"),
+    ({"CLOUD_HUB_HTTP_TIMEOUT_S": "1e300"}, "http_timeout_s must be at most 1e+09 seconds"),
+    ({"CLOUD_HUB_CANARY_CHECK_S": "1e300"}, "canary_check_s must be at most 1e+09 seconds"),
+    ({"CLOUD_HUB_BATCH_LINGER_MS": "1e12"}, "batch_linger_ms must be at most 60000 (a minute)"),
+])
+def test_a_hubs_time_settings_past_any_wait_are_refused(env: dict, message: str) -> None:
+    """A hostile peer's finding: connect_timeout_s = inf was an OverflowError traceback at start,
+    http_timeout_s = 1e300 an HTTP door that answered nothing, canary_check_s = 1e300 a judge thread dead at
+    its first wait."""
+    from cloud_hub.settings import HubSettings
+
+    with pytest.raises(SettingsError) as err:
+        load_settings(HubSettings, env_prefix="CLOUD_HUB", environ=env)
+    assert message in str(err.value)

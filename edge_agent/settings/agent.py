@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edge_agent.contract import valid_id
 from edge_agent.settings.broker import BrokerSettings, BrokerURL
-from edge_agent.settings.loader import LOG_LEVELS, SettingsError, choice, positive, user_path
+from edge_agent.settings.loader import LOG_LEVELS, SettingsError, choice, positive, seconds, user_path
 
 OUTBOX_POLICIES = ("drop_oldest", "block")
 FEATURE_MODES = ("off", "sampled", "all")
@@ -183,9 +183,9 @@ class AgentSettings(BrokerSettings):
                      "learn_windows"):
             positive(name, getattr(self, name))
         for name in ("resend_after_s", "resend_max_s"):
-            positive(name, getattr(self, name))
+            seconds(name, getattr(self, name))
         for name in ("batch_max_delay_s", "model_wait_s", "status_interval_s"):
-            positive(name, getattr(self, name), zero_ok=True)
+            seconds(name, getattr(self, name), zero_ok=True)
         if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:  # MQTT 5's four-byte Session Expiry Interval
             raise SettingsError(f"session_expiry_s must be in 0..4294967295 seconds, got {self.session_expiry_s}",
                                 field="session_expiry_s")
@@ -233,7 +233,7 @@ class AgentSettings(BrokerSettings):
             user_path("serial_port", self.serial_port)
             choice("serial_format", self.serial_format, SERIAL_FORMATS)
             positive("serial_baud", self.serial_baud)
-            positive("serial_reconnect_s", self.serial_reconnect_s)
+            seconds("serial_reconnect_s", self.serial_reconnect_s)
         if not self.sensor_channels:
             raise SettingsError(f"source = '{src}' needs sensor_channels (the channels the model reads: "
                                 "name or name=path)", field="sensor_channels")

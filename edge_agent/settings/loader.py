@@ -187,4 +187,16 @@ def positive(name: str, value: float, *, zero_ok: bool = False) -> None:
         raise SettingsError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}", field=name)
 
 
+MAX_SECONDS = 1e9  # about 31 years: a wait past this is no setting (inf and 1e300 overflowed Python's waits)
+
+
+def seconds(name: str, value: float, *, zero_ok: bool = False) -> None:
+    """A time setting: :func:`positive`, and at most :data:`MAX_SECONDS` (``inf`` a traceback at start, ``1e300``
+    a thread that died at its first wait)."""
+    positive(name, value, zero_ok=zero_ok)
+    if not value <= MAX_SECONDS:
+        raise SettingsError(f"{name} must be at most {MAX_SECONDS:g} seconds (about 31 years), got {value!r}",
+                            field=name)
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # the log_level of the agent and of the hub

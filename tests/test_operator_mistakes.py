@@ -306,3 +306,33 @@ def test_train_on_a_slow_log_says_to_set_the_window(tmp_path: Path) -> None:
     line = one_line(res, exits.MODEL, f"{log}: the windows do not fit this log: hop_s=0.5 gives a hop of less than",
                     "set --window and --hop")
     assert "PreprocessParams" not in line
+
+
+@pytest.mark.parametrize(("args", "wants"), [
+    (("dead-letters", "--limit", "99999999999999999999"), "'--limit': 99999999999999999999 is not in the range"),
+    (("rounds", "--last", "99999999999999999999"), "'--last': 99999999999999999999 is not in the range"),
+    (("export", "OUT", "--version", "99999999999999999999"), "'--version': 99999999999999999999 is not in the range"),
+    (("sample", "OUT", "--seconds", "nan"), "--seconds must be > 0 and at most 604,800 (a week)"),
+    (("sample", "OUT", "--seconds", "1e300"), "--seconds must be > 0 and at most 604,800 (a week)"),
+    (("sample", "OUT", "--seed", "-1"), "'--seed': -1 is not in the range x>=0"),
+    (("stats", "--since", "nan"), "--since: 'nan' is no time"),
+    (("stats", "--since", "1e400"), "--since: '1e400' is no time"),
+])
+def test_numbers_no_command_can_use_are_one_line_not_a_traceback(tmp_path: Path, args: tuple[str, ...],
+                                                                   wants: str) -> None:
+    """A hostile peer's findings: an OverflowError traceback (SQLite's integers), a ValueError from numpy, a
+    sample that wrote 273 MB in 20 s and would have filled the disk, and a --since that showed 0 results."""
+    from typer.testing import CliRunner
+
+    from cloud_hub.cli.app import app as hub_app
+    from cloud_hub.data import db
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    db.make_engine(url).dispose()
+    argv = [str(tmp_path / "out.csv") if a == "OUT" else a for a in args]
+    if args[0] not in ("sample",):
+        argv += ["--db", url]
+    res = CliRunner().invoke(hub_app, argv)
+    assert res.exit_code == exits.USAGE and wants in res.stderr, (res.exit_code, res.output)
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "out.csv").exists()

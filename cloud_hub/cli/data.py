@@ -186,7 +186,7 @@ def dead_letters(
     device: Annotated[str | None, typer.Option("--device", help="Only what came on this device's topics.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="Only what arrived at or after this time: "
                                               "epoch seconds or ISO-8601 (UTC unless it has a zone).")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="Show the newest N.")] = 20,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1_000_000_000, help="Show the newest N.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (payloads in base64).")] = False,
 ) -> None:
     """Messages the hub refused, newest first: when, on which topic, why, and how the payload starts."""

@@ -13,6 +13,8 @@ import typer
 from cloud_hub.cli.common import new_console, pct
 from edge_agent import exits
 
+MAX_SAMPLE_S = 604_800  # sample --seconds: a week per device (activity: 30 million readings each)
+
 
 def demo(
     broker: Annotated[str | None, typer.Option("--broker", help="Use this broker instead of starting a private "
@@ -180,7 +182,7 @@ def sample(
                                                 "positioning: phone-01..phone-08).")] = None,
     seconds: Annotated[float, typer.Option(help="Recorded seconds per device (activity: 50 readings a second; "
                                            "positioning: 1 scan a second).")] = 120.0,
-    seed: Annotated[int, typer.Option(help="Random seed (positioning: of the phones; the floor stays the same).")]
+    seed: Annotated[int, typer.Option(help="Random seed (positioning: of the phones; the floor stays the same).", min=0)]
         = 0,
     ujiindoorloc: Annotated[Path | None, typer.Option("--ujiindoorloc", help="positioning: convert this "
                                                       "UJIIndoorLoc CSV instead of generating scans.")] = None,
@@ -195,8 +197,9 @@ def sample(
         raise _usage(f"--scenario must be activity or positioning, got {scenario!r}")
     default = "dev-a,dev-b,dev-c" if scenario == "activity" else ",".join(f"phone-{i:02d}" for i in range(1, 9))
     ids = [d.strip() for d in (devices or default).split(",") if d.strip()]
-    if not ids or seconds <= 0:
-        raise _usage("--devices needs at least one id and --seconds must be > 0")
+    if not ids or not 0 < seconds <= MAX_SAMPLE_S:  # nan is not; 1e300 wrote until the disk was full
+        raise _usage(f"--devices needs at least one id and --seconds must be > 0 and at most {MAX_SAMPLE_S:,} "
+                     "(a week)")
     from edge_agent.contract import ContractError, check_id
 
     for device in ids:  # a log whose ids no agent takes (replay refused it; train did not)

@@ -30,6 +30,7 @@ from cloud_hub.cli.common import (
     stoppable,
 )
 
+MAX_VERSION = 2**63 - 1  # what the database's integer holds (a larger one was an OverflowError traceback)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")]
 HoldoutOpt = Annotated[str | None, typer.Option("--holdout-devices", help="Comma-separated device ids to evaluate "
@@ -104,7 +105,7 @@ def train(
                                                "either side; the watch data: ax,wy,wz).")] = None,
     name: NameOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the bundle (.emlb) to this file.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0)] = 0,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -135,7 +136,7 @@ def retrain(
                                                     "or MAE) the new INT8 model may be.")] = None,
     log: Annotated[list[str] | None, typer.Option("--log", help="Also learn from this labelled log.")] = None,
     name: NameOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0)] = 0,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -171,7 +172,7 @@ def keygen(
 def publish(
     db: DbOpt = None,
     broker: Annotated[str | None, typer.Option("--broker", help="mqtt://… or mqtts://…")] = None,
-    version: Annotated[int | None, typer.Option(help="Version to publish (default: newest that passed its gate).")] = None,
+    version: Annotated[int | None, typer.Option(help="Version to publish (default: newest that passed its gate).", min=1, max=MAX_VERSION)] = None,
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Ed25519 private key (PEM).")] = None,
     insecure_unsigned: Annotated[bool, typer.Option("--insecure-unsigned", help="Publish without a signature "
                                                     "(devices refuse it unless they allow unsigned models).")] = False,
@@ -254,7 +255,7 @@ def _held_out(row: dict[str, Any]) -> str:
 def export(
     out: Annotated[Path, typer.Argument(help="Bundle file to write (.emlb).")],
     db: DbOpt = None,
-    version: Annotated[int | None, typer.Option(help="Version (default: newest).")] = None,
+    version: Annotated[int | None, typer.Option(help="Version (default: newest).", min=1, max=MAX_VERSION)] = None,
     signing_key: Annotated[str | None, typer.Option("--signing-key", help="Sign it with this Ed25519 private "
                                                     "key (PEM), as publish does (default: settings signing_key).")] = None,
     name: NameOpt = None,

@@ -92,7 +92,7 @@ def federate(
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
     prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default: edgeml).")] = None,
     client_id: ClientIdOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the participant sampling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the participant sampling.", min=0)] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rounds as one JSON object at the end.")] = False,
     config: ConfigOpt = None,
@@ -185,7 +185,7 @@ def _federate(s: Any, cfg: Any, *, insecure_unsigned: bool, quiet: bool) -> tupl
 def rounds(
     db: DbOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")] = None,
-    last: Annotated[int, typer.Option("--last", help="Show the newest N rounds.", min=1)] = 20,
+    last: Annotated[int, typer.Option("--last", help="Show the newest N rounds.", min=1, max=1_000_000_000)] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -198,9 +198,13 @@ def summarize(labels: Sequence[str | None], confidence: Sequence[float | None], 
 def parse_since(text: str) -> float:
     """Epoch seconds from ``text``: a number of seconds, or ISO-8601 (without a zone: UTC)."""
     try:
-        return float(text)
+        when_s = float(text)
     except ValueError:
         pass
+    else:
+        if not abs(when_s) < 1e13:  # nan, inf ("1e400"), or past any date a result can have: no time
+            raise ValueError(f"{text!r} is no time (epoch seconds within ±1e13, or ISO-8601)")
+        return when_s
     try:
         when = datetime.fromisoformat(text)
     except ValueError as exc:

@@ -231,3 +231,13 @@ def test_receipt_payloads_hold_the_seqs_and_the_duplicates_asked_for() -> None:
     receipt = c.decode_receipt(payload, "dev-1")
     assert receipt.seqs() == seqs
     assert receipt.dup_seqs() == [1020, 5001]  # 99 was not in the receipt
+
+
+@pytest.mark.parametrize(("key", "value"), [("mean_confidence", 5.0), ("mean_confidence", -0.1), ("drift_psi", -3.0)])
+def test_a_status_with_an_impossible_confidence_or_psi_is_refused(key: str, value: float) -> None:
+    """A hostile peer's finding: a mean confidence of 5 and a PSI of -3 were stored and shown on the device's
+    page and in Prometheus."""
+    ok = {"v": 1, "device_id": "d1", "state": "online", "ts": 1.0, "mean_confidence": 1.0, "drift_psi": 0.0}
+    assert c.decode_status(orjson.dumps(ok)).mean_confidence == 1.0
+    with pytest.raises(c.ContractError, match=rf"status\.{key} must be in \["):
+        c.decode_status(orjson.dumps({**ok, key: value}))

@@ -390,9 +390,20 @@ def decode_status(payload: bytes, topic_device: str | None = None) -> Status:
         model_sha256=opt_str(obj, "model_sha256", "status", 64),
         outbox_depth=int_field(obj, "outbox_depth", "status") if "outbox_depth" in obj else 0,
         last_error=opt_str(obj, "last_error", "status", _MAX_ERROR_CHARS),
-        drift_psi=None if obj.get("drift_psi") is None else float_field(obj, "drift_psi", "status"),
-        mean_confidence=None if obj.get("mean_confidence") is None else float_field(obj, "mean_confidence", "status"),
+        drift_psi=_in_range(obj, "drift_psi", 0.0, math.inf),  # a PSI is never negative
+        mean_confidence=_in_range(obj, "mean_confidence", 0.0, 1.0),  # a mean of probabilities
     )
+
+
+def _in_range(obj: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    """An optional status number within [low, high]: a device stating a confidence of 5 or a PSI of -3 was
+    stored and shown on its page and in Prometheus."""
+    if obj.get(key) is None:
+        return None
+    value = float_field(obj, key, "status")
+    if not low <= value <= high:
+        raise ContractError(f"status.{key} must be in [{low:g}, {high:g}], got {value}")
+    return value
 
 
 # --------------------------------------------------------------------------- model bundles

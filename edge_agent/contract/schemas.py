@@ -104,10 +104,11 @@ STATUS: dict[str, Any] = {
         "model_sha256": nullable(_text(64)),
         "outbox_depth": {**U63, "description": "results on the device not yet receipted by the hub"},
         "last_error": nullable(_text(2000)),
-        "drift_psi": nullable({**NUMBER, "description": "population stability index of the device's recent "
+        "drift_psi": nullable({**NUMBER, "minimum": 0, "description": "population stability index of the device's recent "
                                 "windows' features against the training distribution in the manifest "
                                 "(training.feature_bins), averaged over the features; above 0.25: drifting"}),
-        "mean_confidence": nullable({**NUMBER, "description": "mean confidence of its recent predictions"}),
+        "mean_confidence": nullable({**NUMBER, "minimum": 0, "maximum": 1,
+                                     "description": "mean confidence of its recent predictions"}),
     },
 }
 

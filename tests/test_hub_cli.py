@@ -285,7 +285,7 @@ def test_text_a_device_chose_is_printed_as_it_is(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     engine = db.make_engine(url)
     store = Store(engine)
-    label, evil = "[/bold]", "\x1b]0;pwned\x07[red]x[/red]\x00"
+    label, evil = "[/bold]", "\x1b]0;pwned\x07[red]x[/red]\x00\u202egol.exe"  # and a right-to-left override
     with sessions.transaction(engine) as conn:
         store.insert_results(conn, [("d1", 1, 10.0, 12.0, 1, label, 0.9, None, label, 1.0, None, 99.0),
                                     ("d1", 2, 12.0, 14.0, 1, evil, 0.9, None, None, 1.0, None, 99.0)])
@@ -293,10 +293,11 @@ def test_text_a_device_chose_is_printed_as_it_is(tmp_path: Path) -> None:
     engine.dispose()
     code, out, err = invoke("stats", "--db", url)
     assert code == 0, err
-    assert "classes: \\x1b]0;pwned\\x07[red]x[/red]\\x00 1, [/bold] 1" in out, out
+    assert "classes: \\x1b]0;pwned\\x07[red]x[/red]\\x00\\u202egol.exe 1, [/bold] 1" in out, out
     code, out, err = invoke("devices", "--db", url)
     assert code == 0, err
     assert "[/x] v1" in out and "\\x1b]0;pwned" in out and "\x1b" not in out and "\x00" not in out, out
+    assert "\u202e" not in out and "\\u202egol.exe" in out, out
 
 
 def test_dead_letters_lists_what_the_hub_refused_and_why(tmp_path: Path) -> None:

@@ -388,3 +388,37 @@ def test_a_retrain_takes_only_its_own_models_fleet_features(tmp_path: Path) -> N
     assert sorted(set(lifecycle.fleet_dataset(engine, params, 3, versions=[1]).devices.tolist())) == \
         ["mine", "silent", "theirs"]
     engine.dispose()
+
+
+def test_a_model_no_better_than_the_majority_class_is_said_and_not_published_by_default(tmp_path: Path) -> None:
+    """A new operator's finding: `train` on shuffled labels printed "v4: publishable" (INT8 49.6 %, the majority
+    class 59.5 %), and the README's plain `publish` shipped it to the whole fleet without a word."""
+    from cloud_hub.rollout.publish import pick
+    from tests.helpers import SMALL, make_log
+
+    log = make_log(tmp_path / "good.csv", seconds=60)
+    rows = log.read_text().splitlines()
+    rng = np.random.default_rng(4)  # labels that no reading tells: in stretches of 3 s, "sit" 4 times in 5
+    stretch = {k: "walk" if rng.random() < 0.2 else "sit" for k in range(100)}
+    bad = [rows[0]] + [f"{r.rsplit(',', 1)[0]},{stretch[int(float(r.split(',', 1)[0]) // 3) % 100]}"
+                       for r in rows[1:]]
+    (tmp_path / "bad.csv").write_text("\n".join(bad) + "\n")
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'h.sqlite'}")
+    good = lifecycle.train_from_logs(engine, [str(log)], holdout=["dev-c"], config=SMALL)
+    assert good.gate is None
+    out = lifecycle.train_from_logs(engine, [str(tmp_path / "bad.csv")], holdout=["dev-c"], config=SMALL)
+    assert out.gate is not None and "does no better than the majority class" in out.gate, out.gate
+    store = Store(engine)
+    with engine.connect() as conn:
+        assert pick(store, conn, "default", None, force=False).version == good.version  # passed over
+        with pytest.raises(lifecycle.LifecycleError, match=r"v2 failed its gate \(INT8 accuracy .* does no better "
+                                                           r"than the majority class .*use --force"):
+            pick(store, conn, "default", 2, force=False)
+        assert pick(store, conn, "default", 2, force=True).version == 2
+    with sessions.transaction(engine) as conn:
+        store.set_model_state(conn, "default", 1, "rejected")
+    with engine.connect() as conn, pytest.raises(lifecycle.LifecycleError,
+                                                 match=r"no publishable version of model 'default': v2 INT8 .* "
+                                                       r"\(publish it with --version 2 --force\)"):
+        pick(store, conn, "default", None, force=False)
+    engine.dispose()

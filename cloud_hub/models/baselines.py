@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from cloud_hub.data.summaries import describe_score
 from cloud_hub.models import forecast
 from cloud_hub.models.training import task_of
 
@@ -55,3 +56,19 @@ def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_te
         if found is not None:
             out["persistence"] = found
     return out
+
+
+def constant_check(int8: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """The sentence that says the INT8 model does no better on the hold-out than the constant predictor (the
+    training's majority class, or its mean) of :func:`baselines`; None when it does better, or without one. A
+    model trained on shuffled labels was registered publishable and shipped by a plain ``publish``."""
+    if "accuracy" in int8 and "majority" in found:
+        const, what, worse = found["majority"], "the majority class", int8["accuracy"] <= found["majority"]["accuracy"]
+    elif "mean_error" in int8 and "mean_error" in found.get("mean", {}):
+        const, what, worse = found["mean"], "the training mean", int8["mean_error"] >= found["mean"]["mean_error"]
+    else:
+        return None
+    if not worse:
+        return None
+    return (f"INT8 {describe_score(int8)} does no better than {what} ({describe_score(const)}) on the same "
+            "hold-out: it has learned nothing a constant does not say")

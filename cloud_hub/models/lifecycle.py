@@ -162,6 +162,9 @@ def register(engine: sa.Engine, bundle: Bundle, weights_blob: bytes, state: str)
                         weights=weights_blob)
 
 
+BELOW_CONSTANT = "below_constant"  # a manifest metric: the INT8 model did no better than a constant (train)
+
+
 def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "default",
                     holdout: Sequence[str] | None = None, window_s: float | None = None,
                     hop_s: float | None = None, seed: int = 0, on_error: str = "raise",
@@ -185,6 +188,12 @@ def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "defa
                                          summary={"source": "logs", "logs": [str(p) for p in logs],
                                                   "mirror": list(mirror)})
     _, verdict = persistence_check(m_int8, bundle.manifest.metrics["baselines"])
+    constant = baselines.constant_check(m_int8, bundle.manifest.metrics["baselines"])
+    if constant is not None:  # publish passes it over, and takes it only by --version with --force
+        log.warning("%s", constant)
+        verdict = constant if verdict is None else f"{constant}; {verdict}"
+        bundle = Bundle(replace(bundle.manifest, metrics={**bundle.manifest.metrics, BELOW_CONSTANT: True}),
+                        bundle.model)
     if verdict is not None:
         log.info("%s", verdict)
         bundle = Bundle(replace(bundle.manifest, metrics={**bundle.manifest.metrics, "gate": verdict}), bundle.model)

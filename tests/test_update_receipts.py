@@ -102,3 +102,15 @@ def test_an_update_sent_where_no_one_listened_is_sent_again_and_counted_once(
     assert sorted(s for (s,) in rows) == ["accepted", "evaluated"], rows  # once each: copies are duplicates
     fleet.check(lambda: not kept(), "the device's copies dropped at the hub's receipts")
     fleet.stop()
+
+
+def test_a_round_verdict_that_only_counts_more_windows_is_the_same_verdict() -> None:
+    """A new operator's finding: waiting to join a round, each agent logged "round 12: 1378 labelled windows (746
+    new)...: not answering yet" once per window (120 lines a minute), its repeat filter comparing the text with
+    its counts. The learner says a verdict again when its words change, its counts at most once a minute."""
+    from edge_agent.device import learner
+
+    a = "round 12: 1378 labelled windows (746 new) of the 100000 (100000 new) asked: not answering yet"
+    b = "round 12: 1379 labelled windows (747 new) of the 100000 (100000 new) asked: not answering yet"
+    assert learner._shape(a) == learner._shape(b) and learner._shape(a) != learner._shape("round 12: too old")
+    assert learner.SAID_AGAIN_S == 60.0

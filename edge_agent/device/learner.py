@@ -18,6 +18,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 import zipfile
@@ -41,6 +42,14 @@ from edge_agent.device.seat import SecureSeat
 
 log = logging.getLogger(__name__)
 _SAVE_NOTE_S = 60.0  # a store that cannot be saved (a full disk) is said this often
+
+
+SAID_AGAIN_S = 60.0  # a round's "not answering yet" with new counts, at most this often
+
+
+def _shape(text: str | None) -> str | None:
+    """A message without its numbers: the same verdict with other counts."""
+    return None if text is None else re.sub(r"\d+", "#", text)
 
 
 class WindowStore:
@@ -156,6 +165,7 @@ class Learner:
         self._looked_at: tuple[Any, ...] = ()
         self._settled: tuple[Any, ...] = ()  # (announcement, model) whose verdict new windows cannot change
         self._said: str | None = None
+        self._said_at = -SAID_AGAIN_S  # monotonic time _said was logged
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.last: dict[str, Any] = {}  # the last round's outcome (logged)
@@ -220,8 +230,12 @@ class Learner:
         self._looked_at = key
         why, ann = self._check(payload)
         if ann is None:
-            if why and why != self._said:
+            # said when its words change, its counts (windows held, new) at most once a minute: with the counts in
+            # the text, an agent waiting to join a round logged 120 lines a minute
+            now = time.monotonic()
+            if why and (_shape(why) != _shape(self._said) or now - self._said_at >= SAID_AGAIN_S):
                 log.info("%s", why)
+                self._said_at = now
             self._said = why
             if why is None or "labelled windows" not in why:  # only new windows could change this verdict
                 self._settled = settled

@@ -60,8 +60,8 @@ def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None,
                f"{100 * (1 - s.canary_alpha):g}% confidence, promoted when not worse with that confidence "
                f"(`cloud-hub rollout status`)")
     if key_from_flag:
-        typer.echo("note: `cloud-hub serve` signs the promotion with its own key: start it with --signing-key "
-                   f"{s.signing_key} (or signing_key in its config, CLOUD_HUB_SIGNING_KEY), or it rolls back "
+        typer.echo("note: `cloud-hub serve` signs the promotion with its own key: a serve started without one "
+                   f"(--signing-key {s.signing_key}, signing_key in its config, CLOUD_HUB_SIGNING_KEY) rolls back "
                    "but never promotes", err=True)
 
 
@@ -92,7 +92,9 @@ def status(
             rollouts = store.rollouts(conn, s.model_name)
             events = store.events(conn, 20)
         verdict = canary.judge(engine, rollouts[0], s) if rollouts and rollouts[0].state == "canary" else None
-        blocked = canary.unsigned_promotion(s, rollouts[0]) if verdict is not None else None
+        # only when this command judges (--check): serve judges with its own settings, and this command's lack
+        # of a key said in red, at every call, that a serve with one could not promote
+        blocked = canary.unsigned_promotion(s, rollouts[0]) if verdict is not None and check else None
     if json_out:
         typer.echo(orjson.dumps({
             "rollouts": [{"id": r.id, "model": r.name, "version": r.version, "previous_version": r.previous,

@@ -183,6 +183,7 @@ def test_a_hub_killed_mid_round_resumes_it_and_loses_no_update(procs, broker, pr
     assert again.wait(300) == 0, (tmp_path / "federate2.log").read_text()
     log2 = (tmp_path / "federate2.log").read_text()
     assert "round 1: resuming (open, base v1)" in log2, log2
+    assert "round 1: waiting for 3 update(s) from fl-1, fl-2, fl-3, until its deadline in " in log2, log2
     rows = _updates(fleet.url)
     assert sorted((r, d, s) for r, d, s, _, _ in rows) == [(1, d, "accepted") for d in DEVICES], rows
     fr = tables.fl_rounds.c

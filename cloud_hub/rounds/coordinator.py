@@ -147,6 +147,10 @@ class Coordinator:
                 with sessions.transaction(self.engine, write=False) as conn:
                     self._send(self.s.topics.rounds(r.model_name), self.rounds.announcement(conn, r.id),
                                expiry_s=r.deadline - time.time())
+                # what it waits for: it said nothing more until the deadline (a new operator's finding)
+                self.say(f"round {r.id}: waiting for {r.plan.get('min_updates')} update(s) from "
+                         f"{', '.join(r.participants) or 'no device'}, until its deadline in "
+                         f"{max(0.0, r.deadline - time.time()):.0f} s")
         else:
             r = self._open()
         if r.state == "open" and "secure" in r.plan:

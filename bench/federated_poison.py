@@ -36,7 +36,8 @@ About 23 CPU-s a run (more on a loaded machine): ``--attackers all`` with one ro
 
 Usage: python bench/federated_poison.py [--rounds 10] [--seeds 2] [--attacks label-flip,scale,sign-flip]
        [--rules fedavg,centered-clip] [--attackers s02,s04|all] [--jobs 2]
-       [--center-radius 2] [--norm-bound 1.5]   # centered-clip's research variants (federate: 2, none)
+       [--center-radius 2] [--norm-bound 1.5] [--norm-outlier 0|4 [--outlier-to 1]]
+                                                # centered-clip's variants (federate: 2, none, 4)
 """
 
 from __future__ import annotations
@@ -120,9 +121,11 @@ def run(job: tuple[str, str, int, int, str]) -> dict:
             "last": res["curve"][rounds], "seconds": time.perf_counter() - t0}
 
 
-def _init(radius: float = fedavg.CENTER_RADIUS, norm_bound: float | None = fedavg.CENTER_NORM_BOUND) -> None:
+def _init(radius: float = fedavg.CENTER_RADIUS, norm_bound: float | None = fedavg.CENTER_NORM_BOUND,
+          norm_outlier: float | None = fedavg.CENTER_NORM_OUTLIER, outlier_to: float = fedavg.CENTER_OUTLIER_TO) -> None:
     fw.ARGS = argparse.Namespace(init=INIT)  # federated() reads the pilot subject from it
     fedavg.CENTER_RADIUS, fedavg.CENTER_NORM_BOUND = radius, norm_bound  # centered-clip's variants (research)
+    fedavg.CENTER_NORM_OUTLIER, fedavg.CENTER_OUTLIER_TO = norm_outlier, outlier_to
 
 
 def jobs_for(rules: list[str], attacks: list[str], attackers: list[str], seeds: list[int],
@@ -152,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--norm-bound", type=float, default=fedavg.CENTER_NORM_BOUND,
                     help="centered-clip: every update first bounded to this multiple of the median norm "
                          "(research; federate's: %(default)s)")
+    ap.add_argument("--norm-outlier", type=float, default=fedavg.CENTER_NORM_OUTLIER,
+                    help="centered-clip: an update whose norm exceeds this multiple of the median norm first scaled "
+                         "down to --outlier-to x the median norm; 0: not (federate's: %(default)s)")
+    ap.add_argument("--outlier-to", type=float, default=fedavg.CENTER_OUTLIER_TO,
+                    help="see --norm-outlier (default: %(default)s)")
     args = ap.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     rules = [r for r in args.rules.split(",") if r]
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not fw.DATA.is_file():
         print(f"federated_poison: {fw.DATA} is absent: this bench runs on the watch recordings", file=sys.stderr)
         return 2
-    variant = (args.center_radius, args.norm_bound)
+    variant = (args.center_radius, args.norm_bound, args.norm_outlier or None, args.outlier_to)
     _init(*variant)
     data = fw.load(INIT)["fed"]  # loaded once, before the workers fork
     windows = {d: int(np.sum(data.devices == d)) for d in fw.DEVICES}
@@ -202,9 +210,11 @@ def report(results: list[dict], rules: list[str], attacks: list[str], attackers:
           f"{', '.join(fw.TEST)}; first model on {INIT}; {rounds} rounds, seeds {seeds}; "
           f"{len(results)} runs, wall {wall:.0f} s, the runs' own times summed {busy / 60:.1f} min")
     if "centered-clip" in rules:
-        bound = fedavg.CENTER_NORM_BOUND
+        bound, outlier = fedavg.CENTER_NORM_BOUND, fedavg.CENTER_NORM_OUTLIER
         print(f"centered-clip: tau {fedavg.CENTER_RADIUS:g}x the median distance, {fedavg.CENTER_ITERATIONS} iterations, "
-              + (f"updates first bounded to {bound:g}x the median norm" if bound else "no norm bound"))
+              + (f"updates first bounded to {bound:g}x the median norm" if bound else "no norm bound")
+              + (f", updates over {outlier:g}x the median norm first scaled to {fedavg.CENTER_OUTLIER_TO:g}x it"
+                 if outlier else ""))
     print(f"{'rule':14s} {'attacker':8s} {'attack':11s} {f'INT8 s09,s10 r{max(1, rounds - 2)}-{rounds}':>20s} "
           f"{'vs clean FedAvg':>16s} {'vs absent':>10s} {'per seed':>{6 * len(seeds) + 2}s} {f'round {rounds}':>9s}")
     for rule, attack, who, v in rows:

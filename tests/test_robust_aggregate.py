@@ -164,3 +164,38 @@ def test_centered_clip_with_a_norm_bound_counts_a_scaled_update_as_one_at_the_bo
     louder = fedavg.aggregate(master, [*updates[:7], fedavg.Contribution({k: 5 * x for k, x in scaled.items()}, 100)],
                               rule="centered-clip")
     np.testing.assert_allclose(_flat(louder), _flat(got), rtol=1e-5, atol=1e-6)
+
+
+def test_norm_outliers_are_scaled_to_the_median_norm_and_the_rest_left_whole() -> None:
+    rng = np.random.default_rng(4)
+    honest = _deltas(rng, 7)
+    big = {k: 3.0 * x for k, x in honest[1].items()}  # a large honest update, under the outlier multiple
+    scaled = {k: 50.0 * x for k, x in honest[0].items()}
+    deltas = [*honest[1:], big, scaled]
+    norms = np.array([np.linalg.norm(_flat(d)) for d in deltas])
+    median = np.sort(norms)[3]  # equal weights: the lower median of 8
+    assert norms[-2] < 4 * median < norms[-1]
+    for to in (1.0, 2.0):
+        got = robust.norm_outliers_bounded(deltas, [1.0] * 8, 4.0, to)
+        for d, g in zip(deltas[:-1], got[:-1], strict=True):  # within 4x the median: unchanged
+            np.testing.assert_array_equal(_flat(g), _flat(d))
+        np.testing.assert_allclose(_flat(got[-1]), _flat(scaled) * to * median / norms[-1], rtol=1e-6)
+    assert robust.norm_outliers_bounded([], []) == []
+
+
+def test_centered_clip_with_norm_outliers_counts_a_scaled_update_as_one_median_update(monkeypatch) -> None:
+    """``CENTER_NORM_OUTLIER`` (federate's: 4; ``bench/federated_poison.py --norm-outlier``): an update over that
+    multiple of the median norm is scaled to the median norm before the centered clipping, whatever its scale."""
+    rng = np.random.default_rng(5)
+    honest = _deltas(rng, 7, spread=0.3)
+    master = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    assert (fedavg.CENTER_NORM_OUTLIER, fedavg.CENTER_OUTLIER_TO) == (4.0, 1.0)
+    clean = fedavg.aggregate(master, [fedavg.Contribution(h, 100) for h in honest], rule="centered-clip")
+    with monkeypatch.context() as m:  # no honest update is an outlier: the same as without the bound
+        m.setattr(fedavg, "CENTER_NORM_OUTLIER", None)
+        np.testing.assert_array_equal(_flat(clean), _flat(fedavg.aggregate(
+            master, [fedavg.Contribution(h, 100) for h in honest], rule="centered-clip")))
+    got = [fedavg.aggregate(master, [fedavg.Contribution(h, 100) for h in honest]
+                            + [fedavg.Contribution({k: s * x for k, x in honest[0].items()}, 100)], rule="centered-clip")
+           for s in (20.0, 1e3)]
+    np.testing.assert_allclose(_flat(got[0]), _flat(got[1]), rtol=1e-5, atol=1e-6)

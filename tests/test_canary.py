@@ -247,6 +247,15 @@ def test_rollback_by_hand_and_operator_mistakes_are_one_line(tmp_path: Path) -> 
     assert res.exit_code == 2 and "no open canary of default to roll back" in res.stderr
     res = runner.invoke(hub_app, ["publish", "--db", url, "--broker", "mqtt://127.0.0.1:1", "--canary", "150%"])
     assert res.exit_code in (2, 4) and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    # a new operator's findings: "--devices ," was refused as a bad --canary share, and --canary beside --devices
+    # was ignored without a word
+    key, _, _ = keygen(tmp_path / "keys" / "hub.pem")
+    args = ["publish", "--db", url, "--broker", "mqtt://127.0.0.1:1", "--signing-key", str(key)]
+    for extra, wants in ((["--devices", ","], "--devices ',' names no device"),
+                         (["--devices="], "--devices '' names no device"),
+                         (["--canary", "10%", "--devices", "sim-0"], "--canary and --devices both choose the cohort")):
+        res = runner.invoke(hub_app, [*args, *extra])
+        assert res.exit_code == 2 and wants in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
 
 
 def test_send_waits_for_every_puback_without_deadlocking_on_early_ones(broker, prefix, tmp_path: Path) -> None:

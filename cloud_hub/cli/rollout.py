@@ -30,13 +30,17 @@ def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None,
     from cloud_hub.rollout import canary
     from cloud_hub.rollout.publish import pick
 
+    named = [d.strip() for d in (devices or "").split(",") if d.strip()]
+    if devices is not None and not named:  # "--devices ," was refused as a bad --canary share
+        raise fail(EXIT_USAGE, f"--devices {devices!r} names no device: give ids, comma-separated")
+    if named and share is not None:  # the share was ignored without a word
+        raise fail(EXIT_USAGE, "--canary and --devices both choose the cohort: give one of them")
     with lifecycle_errors():
         store = Store(engine)
         with sessions.transaction(engine, write=False) as conn:
             row = pick(store, conn, s.model_name, version, force=force)
             rows = store.device_rows(conn)
         known = list(rows)
-        named = [d.strip() for d in (devices or "").split(",") if d.strip()]
         fraction = None if named else canary.parse_canary(share or "")
         # A share is drawn from the devices that can answer: online, and running this model by their status (a
         # device known only from its results, or offline, would hold a cohort seat and never be judged).

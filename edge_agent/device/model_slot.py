@@ -71,6 +71,7 @@ class ModelSlot:
     metrics: AgentMetrics | None
     last_error: str | None
     swaps: int
+    _from_file = False  # the running model is the one --model named (the first, until the topic's replaces it)
 
     # ----------------------------------------------------------------- models
 
@@ -92,6 +93,7 @@ class ModelSlot:
                 self._install(payload, allow_unsigned=self.settings.insecure_allow_unsigned or
                               (origin == explicit and self._trusted is None), from_topic=origin != explicit)
                 log.info("model v%d from %s", self.model.bundle.manifest.version, origin)  # type: ignore[union-attr]
+                self._from_file = origin == explicit
                 return self.model  # type: ignore[return-value]
             except BundleRejected as exc:
                 if origin == explicit:
@@ -152,8 +154,10 @@ class ModelSlot:
             return  # the retained copy of what already runs
         if self.model is not None and bundle.manifest.version < self.model.bundle.manifest.version:
             log.warning("the model topic holds %s v%d, older than the v%d running: switching to it (the topic "
-                        "decides, as in a rollback; --model only chooses the model to start with)",
-                        bundle.manifest.name, bundle.manifest.version, self.model.bundle.manifest.version)
+                        "decides, as in a rollback%s)", bundle.manifest.name, bundle.manifest.version,
+                        self.model.bundle.manifest.version,  # --model named where no --model was given (an operator)
+                        "; --model only chooses the model to start with" if self._from_file else "")
+        self._from_file = False
         saved = self._persist(bundle)
         self.model = ModelState(bundle, runner)
         self.drift = DeviceDrift.of(bundle.manifest.training)  # counts start again with each model

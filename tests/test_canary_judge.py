@@ -432,3 +432,14 @@ def test_a_cohort_that_never_reports_is_rolled_back_at_the_time_limit_never_prom
             assert "only 0 of 50 cohort results in the time limit (150 s)" in late.reason, late
     no_limit = cj.Rules(tolerance=0.02, min_results=50, max_s=0.0)
     assert cj.decide(None, no_limit, elapsed_s=1e9, metric="accuracy").action == "wait"
+
+
+def test_rollout_status_says_the_cohorts_pace_and_when_the_limit_comes() -> None:
+    """A new operator's finding: a good canary on a young fleet was "undecided" until 40,000 results, about 2.8
+    hours at its pace, and `rollout status` counted results but never gave a time."""
+    from cloud_hub.cli.rollout import _pace
+
+    assert _pace(0, 60.0, 40_000) == "the cohort has sent no scored result yet"
+    assert _pace(240, 60.0, 40_000) == ("the cohort sends 240.0 scored results a minute: the limit of 40,000 results "
+                                        "in about 2.8 h at this pace")
+    assert _pace(1000, 60.0, 40_000).endswith("in about 39 min at this pace")

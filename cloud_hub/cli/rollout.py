@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import orjson
@@ -119,6 +120,7 @@ def status(
     if verdict is not None:
         console.print(f"open canary v{rollouts[0].version}: {verdict.action}: {verdict.reason}")
         console.print(f"to decide: {verdict.deciding}")
+        console.print(_pace(verdict.cohort_n, time.time() - rollouts[0].started_at, s.canary_max_results))
         if verdict.shift is not None:
             console.print(f"predicted classes shifted {100 * verdict.shift:.1f}% from the cohort's history")
     if blocked:
@@ -126,6 +128,18 @@ def status(
     for e in events[:5]:
         console.print(f"event {age(e['ts'])}: {e['kind']} {e['model']} v{e['version']}"
                       + (f": {e['reason']}" if e.get("reason") else ""))
+
+
+def _pace(results: int, elapsed_s: float, max_results: int) -> str:
+    """How fast the cohort reports, and when the result limit comes at that pace: a young fleet's canary said
+    "undecided" for hours without a time (a new operator's finding)."""
+    if results <= 0 or elapsed_s <= 0:
+        return "the cohort has sent no scored result yet"
+    rate = results / elapsed_s
+    left = max(max_results - results, 0) / rate
+    when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
+    return (f"the cohort sends {60 * rate:,.1f} scored results a minute: the limit of {max_results:,} results "
+            f"in about {when} at this pace")
 
 
 def rollback(

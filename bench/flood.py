@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import selectors
 import sqlite3
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet import Device, connect_all
+from fleet_devices import CONNECTING, Device, pump, session_properties
 
 from edge_agent import contract as c
 from edge_agent.mqtt import tcp_no_delay
@@ -46,12 +47,15 @@ FLOODER = "flood-0000"
 
 def devices_main(port: int, prefix: str, count: int, seconds: float) -> None:
     """Honest devices: one result a second each, spread over the second; print their receipt latencies."""
-    topics = c.Topics(prefix)
-    devices = [Device(f"sim-{i:04d}", topics, None) for i in range(count)]
-    pump = connect_all(devices, port)
-
-    while not all(d.connected for d in devices):
-        pump(0.05)
+    topics, sel = c.Topics(prefix), selectors.DefaultSelector()
+    devices = [Device(f"sim-{i:04d}", topics, None, sel, set()) for i in range(count)]
+    started = 0
+    while not all(d.connected for d in devices):  # at most CONNECTING sessions without a CONNACK, as fleet_devices
+        while started < count and started - sum(d.connected for d in devices[:started]) < CONNECTING:
+            devices[started].client.connect("127.0.0.1", port, keepalive=60, clean_start=True,
+                                            properties=session_properties())
+            started += 1
+        pump(sel, 0.05)
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.time()
@@ -61,11 +65,11 @@ def devices_main(port: int, prefix: str, count: int, seconds: float) -> None:
             if now >= next_at[i]:
                 d.produce(now)
                 next_at[i] += 1.0
-        pump(0.01)
+        pump(sel, 0.01)
     until = time.monotonic() + 60
     while any(d.waiting for d in devices) and time.monotonic() < until:
-        pump(0.05)
-    print(json.dumps({"latencies": [x for d in devices for x in d.latencies],
+        pump(sel, 0.05)
+    print(json.dumps({"latencies": [seconds for _end, seconds in (x for d in devices for x in d.latencies)],
                       "unreceipted": sum(len(d.waiting) for d in devices)}), flush=True)
 
 

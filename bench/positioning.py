@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_hub.models import datasets, lifecycle
-from cloud_hub.models.training import baselines
+from cloud_hub.models.baselines import baselines
 from cloud_hub.tools.positioning import write_positioning_log
 
 

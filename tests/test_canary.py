@@ -178,7 +178,7 @@ def test_a_bad_canary_rolls_back_and_a_good_one_is_promoted_through_hard_stretch
                                          holdout=["trn-3"], config=SMALL).version == 2
         out = publish_canary(2)
         assert "sent to 2 of 4 devices (live-1, live-2)" in out
-        assert "start it with --signing-key" in out  # the key given here is not serve's
+        assert "a serve started without one (--signing-key" in out  # the key given here is not serve's
         on(2, cohort)
         rec.feed(300, 600)
         wait_for(lambda: running(lambda: _rollout_state(url, 2) == "rolled_back"), timeout=120,

@@ -297,6 +297,7 @@ def test_a_lying_devices_huge_errors_are_judged_not_a_division_by_zero(tmp_path:
     # a spread no score can have: an interval without bounds, not a division by zero (or an OverflowError)
     assert cj.radius(math.inf, 0.05, (400.0,)) == cj.radius(1e200, 0.05, (400.0,)) == math.inf
     assert cj.radius(math.nan, 0.05, (400.0,)) == math.inf
+    assert 0 < cj.radius(1e-162, 0.05, (1.0,)) < 1e-90  # a hair's spread: a hair's width, not 1/0 (the review)
 
 
 def test_a_classifiers_canary_is_judged_by_accuracy_whatever_one_device_sends(tmp_path: Path) -> None:

@@ -408,6 +408,7 @@ def test_a_model_no_better_than_the_majority_class_is_said_and_not_published_by_
     assert good.gate is None
     out = lifecycle.train_from_logs(engine, [str(tmp_path / "bad.csv")], holdout=["dev-c"], config=SMALL)
     assert out.gate is not None and "does no better than the majority class" in out.gate, out.gate
+    assert (good.state, out.state) == ("publishable", "rejected")  # `cloud-hub models` says so; train exits 4
     store = Store(engine)
     with engine.connect() as conn:
         assert pick(store, conn, "default", None, force=False).version == good.version  # passed over
@@ -418,7 +419,18 @@ def test_a_model_no_better_than_the_majority_class_is_said_and_not_published_by_
     with sessions.transaction(engine) as conn:
         store.set_model_state(conn, "default", 1, "rejected")
     with engine.connect() as conn, pytest.raises(lifecycle.LifecycleError,
-                                                 match=r"no publishable version of model 'default': v2 INT8 .* "
-                                                       r"\(publish it with --version 2 --force\)"):
+                                                 match=r"no publishable version of model 'default': v2 is rejected "
+                                                       r"\(INT8 accuracy .*\); `--version 2 --force` publishes it"):
         pick(store, conn, "default", None, force=False)
+    with engine.connect() as conn, pytest.raises(lifecycle.LifecycleError,  # a canary rolled back: no gate text
+                                                 match=r"v1 is rejected \(a canary rolled back: `cloud-hub rollout "
+                                                       r"status` says why\); use --force"):
+        pick(store, conn, "default", 1, force=False)
     engine.dispose()
+    # equal is no better, unless both are perfect (a hold-out of one class that the model gets right)
+    from cloud_hub.models.baselines import constant_check
+    assert constant_check({"accuracy": 0.6}, {"majority": {"accuracy": 0.6}}) is not None
+    assert constant_check({"accuracy": 1.0}, {"majority": {"accuracy": 1.0}}) is None
+    err = lambda e: {"mean_error": e, "mae": e}  # noqa: E731 - one output: the MAE is the mean error
+    assert constant_check(err(2.0), {"mean": err(2.1)}) is None
+    assert constant_check(err(2.2), {"mean": err(2.1)}) is not None

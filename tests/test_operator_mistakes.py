@@ -116,7 +116,7 @@ def test_publish_says_which_broker_it_published_to(tmp_path: Path) -> None:
     """Without --broker, publish goes to 127.0.0.1:1883: its line names the broker, so a wrong one shows."""
     from tests.helpers import make_bundle, make_log
 
-    log = make_log(tmp_path / "fleet.csv", seconds=20)
+    log = make_log(tmp_path / "fleet.csv", seconds=60)  # 20 s: a model no better than the majority class (exit 4)
     bundle = tmp_path / "v1.emlb"
     bundle.write_bytes(make_bundle(log).encode())
     db = f"sqlite:///{tmp_path / 'hub.sqlite'}"

@@ -78,6 +78,7 @@ def test_precedence_file_env_flags(tmp_path) -> None:
         ("", {"EDGE_AGENT_SIM_RATE_HZ": "inf"}, "sim_rate_hz must be at most 10000, got inf"),
         ("sim_rate_hz = 1e9\n", {}, "sim_rate_hz must be at most 10000"),
         ("", {"EDGE_AGENT_MODEL_WAIT_S": "inf"}, "model_wait_s must be at most 1e+09 seconds (about 31 years), got inf"),
+        ("", {"EDGE_AGENT_CONNECT_TIMEOUT_S": "inf"}, "connect_timeout_s must be at most 1e+09 seconds"),
         ("status_interval_s = 1e300\n", {}, "status_interval_s must be at most 1e+09 seconds"),
     ],
 )

@@ -112,5 +112,9 @@ def test_a_round_verdict_that_only_counts_more_windows_is_the_same_verdict() -> 
 
     a = "round 12: 1378 labelled windows (746 new) of the 100000 (100000 new) asked: not answering yet"
     b = "round 12: 1379 labelled windows (747 new) of the 100000 (100000 new) asked: not answering yet"
-    assert learner._shape(a) == learner._shape(b) and learner._shape(a) != learner._shape("round 12: too old")
-    assert learner.SAID_AGAIN_S == 60.0
+    repeats = learner.Repeats(every_s=60.0)
+    assert repeats.say(a, 0.0) and not repeats.say(b, 1.0) and not repeats.say(a, 59.0)  # counts: once a minute
+    assert repeats.say(b, 60.5)
+    assert repeats.say("round 12: the announcement is for v3, and this device runs v2", 61.0)  # other words: at once
+    assert repeats.say(a.replace("round 12", "round 13"), 62.0)  # a new round: at once
+    assert learner.Learner.__init__.__code__.co_names.count("Repeats") == 1  # the learner says through it

@@ -105,7 +105,7 @@ def train(
                                                "either side; the watch data: ax,wy,wz).")] = None,
     name: NameOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the bundle (.emlb) to this file.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -127,6 +127,8 @@ def train(
             with stoppable(f"{s.model_name} v{outcome.version} is registered; --out {out} not written"):
                 _export(s.db, s.model_name, outcome.version, out, s.signing_key)
     _print_outcome(outcome, json_out)
+    if outcome.state == "rejected":  # no better than a constant: registered, said, not publishable
+        raise typer.Exit(EXIT_MODEL)
 
 
 def retrain(
@@ -136,7 +138,7 @@ def retrain(
                                                     "or MAE) the new INT8 model may be.")] = None,
     log: Annotated[list[str] | None, typer.Option("--log", help="Also learn from this labelled log.")] = None,
     name: NameOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:

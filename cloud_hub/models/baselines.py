@@ -60,12 +60,17 @@ def baselines(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_te
 
 def constant_check(int8: dict[str, Any], found: dict[str, Any]) -> str | None:
     """The sentence that says the INT8 model does no better on the hold-out than the constant predictor (the
-    training's majority class, or its mean) of :func:`baselines`; None when it does better, or without one. A
-    model trained on shuffled labels was registered publishable and shipped by a plain ``publish``."""
-    if "accuracy" in int8 and "majority" in found:
-        const, what, worse = found["majority"], "the majority class", int8["accuracy"] <= found["majority"]["accuracy"]
+    training's majority class, or its mean) of :func:`baselines`; None when it does better (or both are perfect),
+    or without one. A model trained on shuffled labels was registered publishable and shipped by a plain
+    ``publish``; ``train`` now registers such a model rejected."""
+    if "accuracy" in int8 and "majority" in found:  # equal is no better, unless both are perfect
+        const, what = found["majority"], "the majority class"
+        a, b = int8["accuracy"], const["accuracy"]
+        worse = a < b or (a == b and b < 1.0)
     elif "mean_error" in int8 and "mean_error" in found.get("mean", {}):
-        const, what, worse = found["mean"], "the training mean", int8["mean_error"] >= found["mean"]["mean_error"]
+        const, what = found["mean"], "the training mean"
+        a, b = int8["mean_error"], const["mean_error"]
+        worse = a > b or (a == b and b > 0.0)
     else:
         return None
     if not worse:

@@ -162,9 +162,6 @@ def register(engine: sa.Engine, bundle: Bundle, weights_blob: bytes, state: str)
                         weights=weights_blob)
 
 
-BELOW_CONSTANT = "below_constant"  # a manifest metric: the INT8 model did no better than a constant (train)
-
-
 def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "default",
                     holdout: Sequence[str] | None = None, window_s: float | None = None,
                     hop_s: float | None = None, seed: int = 0, on_error: str = "raise",
@@ -172,7 +169,9 @@ def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "defa
                     mirror: Sequence[str] = (), absent: tuple[float, float] | None = None,
                     forecast: str | None = None) -> Outcome:
     """``cloud-hub train``: a new version from labelled logs, registered as publishable. A regressor that
-    loses to persistence is registered all the same (it was asked for), and its ``gate`` says so."""
+    loses to persistence is registered all the same (it was asked for), and its ``gate`` says so; a model that
+    does no better than the constant (the majority class, the training mean) is registered rejected, its
+    ``gate`` saying why (``publish --version N --force`` still takes it)."""
     log.info("reading %d log(s): %s", len(logs), ", ".join(str(p) for p in logs))
     require_labels(logs, on_error)
     chosen = choose_holdout(_devices_of(logs, on_error), holdout)
@@ -189,16 +188,14 @@ def train_from_logs(engine: sa.Engine, logs: Sequence[str], *, name: str = "defa
                                                   "mirror": list(mirror)})
     _, verdict = persistence_check(m_int8, bundle.manifest.metrics["baselines"])
     constant = baselines.constant_check(m_int8, bundle.manifest.metrics["baselines"])
-    if constant is not None:  # publish passes it over, and takes it only by --version with --force
-        log.warning("%s", constant)
+    if constant is not None:  # registered rejected: publish passes it over, and takes it only by --version --force
         verdict = constant if verdict is None else f"{constant}; {verdict}"
-        bundle = Bundle(replace(bundle.manifest, metrics={**bundle.manifest.metrics, BELOW_CONSTANT: True}),
-                        bundle.model)
     if verdict is not None:
         log.info("%s", verdict)
         bundle = Bundle(replace(bundle.manifest, metrics={**bundle.manifest.metrics, "gate": verdict}), bundle.model)
-    register(engine, bundle, blob, "publishable")
-    return Outcome(name, version, "publishable", m_fp32, m_int8, chosen, len(train.y), len(test.y), gate=verdict,
+    state = "publishable" if constant is None else "rejected"
+    register(engine, bundle, blob, state)
+    return Outcome(name, version, state, m_fp32, m_int8, chosen, len(train.y), len(test.y), gate=verdict,
                    extra={"baselines": bundle.manifest.metrics["baselines"]})
 
 

@@ -134,6 +134,7 @@ def radius(se: float, alpha: float, rhos: Sequence[float]) -> float:
         return 0.0
     if not se < 1e100:  # no spread a score can have (inf, nan): no bound; 1/se^2 divided by zero
         return math.inf
+    se = max(se, 1e-100)  # scores a hair apart: 1/se^2 overflowed (a NaN interval, promoted at the limit)
     info, a = 1.0 / se**2, alpha / len(rhos)
     return min(math.sqrt(2 * (info + rho) * math.log(math.sqrt((info + rho) / rho) / a)) / info for rho in rhos)
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from cloud_hub.data import sessions
 from cloud_hub.data.store import ModelRow, Store
-from cloud_hub.models.lifecycle import BELOW_CONSTANT, LifecycleError, on_topic
+from cloud_hub.models.lifecycle import LifecycleError, on_topic
 from cloud_hub.models.signing import load_private_key, sign_bundle
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent.contract import MODEL_DELIVERY, Bundle, decode_bundle
@@ -26,21 +26,20 @@ def pick(store: Store, conn: sa.Connection, name: str, version: int | None, *, f
         row = store.get_model(conn, name, version)
         if row is None:
             raise LifecycleError(f"model {name} v{version} is not registered")
-        if (row.state == "rejected" or _below_constant(row)) and not force:
-            raise LifecycleError(f"model {name} v{version} failed its gate ({(row.metrics or {}).get('gate')}); "
-                                 "use --force to publish it anyway")
+        if row.state == "rejected" and not force:
+            gate = (row.metrics or {}).get("gate")  # none: a canary rolled back (`cloud-hub rollout status` says why)
+            raise LifecycleError(f"model {name} v{version} " + (f"failed its gate ({gate})" if gate else
+                                 "is rejected (a canary rolled back: `cloud-hub rollout status` says why)")
+                                 + "; use --force to publish it anyway")
         return row
     rows = [r for r in store.list_models(conn, name) if r.state in ("publishable", "published")]
-    good = [r for r in rows if not _below_constant(r)]
-    if not good:
-        passed = (f": v{rows[-1].version} {(rows[-1].metrics or {}).get('gate')} (publish it with --version "
-                  f"{rows[-1].version} --force)" if rows else "")
-        raise LifecycleError(f"no publishable version of model {name!r}{passed}; run `cloud-hub train` or `retrain`")
-    return good[-1]
-
-
-def _below_constant(row: ModelRow) -> bool:
-    return bool((row.metrics or {}).get(BELOW_CONSTANT))
+    if not rows:
+        last = store.get_model(conn, name)
+        why = (f": v{last.version} is {last.state}" + (f" ({(last.metrics or {}).get('gate')})"
+               if (last.metrics or {}).get("gate") else "") + f"; `--version {last.version} --force` publishes it"
+               if last is not None and last.state == "rejected" else "")
+        raise LifecycleError(f"no publishable version of model {name!r}{why}; run `cloud-hub train` or `retrain`")
+    return rows[-1]
 
 
 def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = None,

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
@@ -48,8 +49,24 @@ SAID_AGAIN_S = 60.0  # a round's "not answering yet" with new counts, at most th
 
 
 def _shape(text: str | None) -> str | None:
-    """A message without its numbers: the same verdict with other counts."""
-    return None if text is None else re.sub(r"\d+", "#", text)
+    """A message without its counts: the same verdict with other counts (the round's number kept: a new round's
+    verdict is said at once)."""
+    return None if text is None else re.sub(r"(?<!round )\b\d+", "#", text)
+
+
+class Repeats:
+    """Whether to log a message again: when its words change (its round too), its counts at most every ``every_s``."""
+
+    def __init__(self, every_s: float = SAID_AGAIN_S) -> None:
+        self.every_s, self._at = every_s, -math.inf
+        self._shape: str | None = None
+
+    def say(self, text: str, now: float) -> bool:
+        shape = _shape(text)
+        if shape != self._shape or now - self._at >= self.every_s:
+            self._shape, self._at = shape, now
+            return True
+        return False
 
 
 class WindowStore:
@@ -164,8 +181,7 @@ class Learner:
         self._offers = 0  # announcements received: a new one is looked at even if it equals the last
         self._looked_at: tuple[Any, ...] = ()
         self._settled: tuple[Any, ...] = ()  # (announcement, model) whose verdict new windows cannot change
-        self._said: str | None = None
-        self._said_at = -SAID_AGAIN_S  # monotonic time _said was logged
+        self._repeats = Repeats()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.last: dict[str, Any] = {}  # the last round's outcome (logged)
@@ -232,11 +248,8 @@ class Learner:
         if ann is None:
             # said when its words change, its counts (windows held, new) at most once a minute: with the counts in
             # the text, an agent waiting to join a round logged 120 lines a minute
-            now = time.monotonic()
-            if why and (_shape(why) != _shape(self._said) or now - self._said_at >= SAID_AGAIN_S):
+            if why and self._repeats.say(why, time.monotonic()):
                 log.info("%s", why)
-                self._said_at = now
-            self._said = why
             if why is None or "labelled windows" not in why:  # only new windows could change this verdict
                 self._settled = settled
             return

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from edge_agent.contract import ContractError, Topics
-from edge_agent.settings.loader import SettingsError, positive, user_path
+from edge_agent.settings.loader import SettingsError, seconds, user_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,7 @@ class BrokerSettings:
         except SettingsError as exc:
             raise SettingsError(str(exc), field="broker") from None
         self.tls.check()
-        positive("connect_timeout_s", self.connect_timeout_s)
+        seconds("connect_timeout_s", self.connect_timeout_s)
         if not 1 <= self.keepalive_s <= 65535:  # MQTT's two-byte field; 0 would turn keepalive off
             raise SettingsError(f"keepalive_s must be in 1..65535 seconds, got {self.keepalive_s}", field="keepalive_s")
 

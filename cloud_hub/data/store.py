@@ -285,7 +285,8 @@ class Store:
 
     def running_other_models(self, conn: Connection, name: str) -> set[str]:
         """The devices whose last status named a model other than ``name``: a version number is a model's own,
-        so their results at the same number are another model's."""
+        so their results at the same number are another model's. Results carry no model name: a device that
+        changed models has all its results taken as its last status's model's."""
         d = devices.c
         return set(conn.scalars(sa.select(d.device_id).where(d.model_name.is_not(None), d.model_name != name)))
 

@@ -70,7 +70,7 @@ def test_federate_says_what_it_waits_for_and_a_signal_ends_it_in_one_line(procs:
 
     db_url = f"sqlite:///{tmp_path / 'h.sqlite'}"
     engine = db.make_engine(db_url)
-    lifecycle.train_from_logs(engine, [str(make_log(tmp_path / "t.csv", seconds=20))], config=SMALL)
+    lifecycle.train_from_logs(engine, [str(make_log(tmp_path / "t.csv", seconds=60))], config=SMALL)  # 20 s: rejected
     engine.dispose()
     fed = procs.popen(started_with(sigint, hub_cmd(
         "federate", "--db", db_url, "--broker", shared_broker.url, "--prefix", prefix, "--insecure-unsigned",

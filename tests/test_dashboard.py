@@ -340,7 +340,7 @@ def test_values_and_truths_past_a_floats_range_leave_the_figures_finite(tmp_path
     from cloud_hub.data.device_history import device_history
     from cloud_hub.data.store import Store
     from cloud_hub.data.summaries import Errors, result_errors
-    from cloud_hub.web.http_door import error_status, error_text
+    from cloud_hub.web.http_door import error_answer
 
     big = [orjson.dumps([x]).decode() for x in (1.7e308, -1.7e308, 0.0)]
     errors = result_errors([*big, "[1.0]", "[1.0]", "[2.0, 1e200]"], ["0", "0", "0", "inf", "nan", "0;0"])
@@ -357,8 +357,9 @@ def test_values_and_truths_past_a_floats_range_leave_the_figures_finite(tmp_path
     assert view is not None
     (hist,) = view["values"]["outputs"]
     assert sum(hist["counts"]) == 3 and hist["edges"][0] == -1.7e308 and hist["edges"][-1] == 1.7e308
-    assert error_status(sa.exc.OperationalError("SELECT", {}, Exception("gone"))) == "503 Service Unavailable"
+    assert error_answer(sa.exc.OperationalError("SELECT", {}, Exception("gone"))) == (
+        "503 Service Unavailable", "database unavailable: gone")
     with caplog.at_level("ERROR", logger="cloud_hub.web.http_door"):
-        assert error_status(ZeroDivisionError("float division by zero")) == "500 Internal Server Error"
-    assert "float division by zero" in caplog.text
-    assert error_text(ZeroDivisionError("float division by zero")).startswith("hub error")
+        status, text = error_answer(ZeroDivisionError("float division by zero"))
+    assert status == "500 Internal Server Error" and "float division by zero" in caplog.text
+    assert text == "hub error (its log has the traceback): float division by zero"

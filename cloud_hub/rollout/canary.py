@@ -152,7 +152,10 @@ def start(engine: sa.Engine, settings: HubSettings, row: ModelRow, *, cohort: Se
         if store.rollouts(conn, row.name, state="canary"):
             raise CanaryError(f"a canary of {row.name} is open: finish it first (`cloud-hub rollout status`, "
                               "`cloud-hub rollback`)")
-    live = max((r for r in rows if r.state == "published"), key=lambda r: (r.published_at or 0.0, r.version), default=None)
+    # imported here: serve judges canaries without loading the lifecycle
+    from cloud_hub.models.lifecycle import on_topic
+
+    live = on_topic(rows)
     if live is not None and live.version == row.version:  # it compared v14 with v13, which no device ran any more
         raise CanaryError(f"{row.name} v{row.version} is the version on the model topic: the fleet runs it already. "
                           "A canary tries a newer version against it (train or retrain one, or name it with "

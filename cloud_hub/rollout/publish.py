@@ -34,10 +34,11 @@ def pick(store: Store, conn: sa.Connection, name: str, version: int | None, *, f
         return row
     rows = [r for r in store.list_models(conn, name) if r.state in ("publishable", "published")]
     if not rows:
+        why = ""
         last = store.get_model(conn, name)
-        why = (f": v{last.version} is {last.state}" + (f" ({(last.metrics or {}).get('gate')})"
-               if (last.metrics or {}).get("gate") else "") + f"; `--version {last.version} --force` publishes it"
-               if last is not None and last.state == "rejected" else "")
+        if last is not None and last.state == "rejected":
+            gate = (last.metrics or {}).get("gate")
+            why = f": v{last.version} is rejected{f' ({gate})' if gate else ''}; `--version {last.version} --force` publishes it"
         raise LifecycleError(f"no publishable version of model {name!r}{why}; run `cloud-hub train` or `retrain`")
     return rows[-1]
 

@@ -21,7 +21,7 @@ import orjson
 from cloud_hub.data import sessions
 from cloud_hub.data.aggregate import dashboard_view
 from cloud_hub.web import device_page
-from cloud_hub.web.http_door import WSGIApp, error_status, error_text
+from cloud_hub.web.http_door import WSGIApp, error_answer
 from edge_agent.drift import DRIFTING
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ def app(metrics: WSGIApp, hub: Hub) -> WSGIApp:
             try:
                 body, status = orjson.dumps(snapshot(hub), option=orjson.OPT_NON_STR_KEYS), "200 OK"
             except Exception as exc:  # the database away for a moment: the page says so and polls again
-                body, status = orjson.dumps({"error": error_text(exc)}), error_status(exc)
+                status, text = error_answer(exc)
+                body = orjson.dumps({"error": text})
             start_response(status, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
             return [body]
         if path.startswith((device_page.PAGE_PREFIX, device_page.API_PREFIX)):

@@ -22,7 +22,7 @@ import orjson
 from cloud_hub.data import sessions
 from cloud_hub.data.device_history import device_history
 from cloud_hub.data.summaries import utc_text
-from cloud_hub.web.http_door import error_status, error_text
+from cloud_hub.web.http_door import error_answer
 from edge_agent.contract import valid_id
 from edge_agent.drift import DRIFTING
 
@@ -50,8 +50,8 @@ def answer(hub: Hub, path: str, start_response: StartResponse) -> Iterable[bytes
         with sessions.transaction(hub.engine, write=False) as conn:
             view = device_history(conn, device_id)
     except Exception as exc:  # the database away for a moment: say so, a reload tries again
-        return _send(start_response, error_status(exc), as_json, {"error": error_text(exc)},
-                     f"<p>{escape(error_text(exc))}</p>")
+        status, text = error_answer(exc)
+        return _send(start_response, status, as_json, {"error": text}, f"<p>{escape(text)}</p>")
     if view is None:
         return _missing(start_response, as_json, f"no device {device_id!r} on this hub (it has neither sent a "
                         "status nor a result)")

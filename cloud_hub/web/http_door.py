@@ -126,15 +126,11 @@ def serve_http(host: str, port: int, app: WSGIApp, *, tls: ssl.SSLContext | None
     return server
 
 
-def error_status(exc: BaseException) -> str:
-    """503 while the database is away (a reload may do); 500 for the hub's own fault (logged with its
-    traceback: a lying device's figures once made the judge divide by zero, shown as "database unavailable")."""
+def error_answer(exc: BaseException) -> tuple[str, str]:
+    """A page's (HTTP status, error text) for ``exc``: 503 while the database is away (a reload may do); 500
+    for the hub's own fault, logged with its traceback (a lying device's figures once made the judge divide
+    by zero, shown as "database unavailable")."""
     if sessions.is_database_error(exc):
-        return "503 Service Unavailable"
+        return "503 Service Unavailable", f"database unavailable: {sessions.first_line(exc)}"
     log.error("a page's figures failed: %s", sessions.first_line(exc), exc_info=exc)
-    return "500 Internal Server Error"
-
-
-def error_text(exc: BaseException) -> str:
-    what = "database unavailable" if sessions.is_database_error(exc) else "hub error (its log has the traceback)"
-    return f"{what}: {sessions.first_line(exc)}"
+    return "500 Internal Server Error", f"hub error (its log has the traceback): {sessions.first_line(exc)}"

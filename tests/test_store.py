@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from cloud_hub.data.db import make_engine
 from cloud_hub.data.sessions import DatabaseUnavailable, transaction
 from cloud_hub.data.store import (
     COPY_MIN_ROWS,
+    MULTI_MIN_ROWS,
     RESULT_COLUMNS,
     Batch,
     ModelExists,
@@ -91,11 +93,12 @@ def test_results_insert_is_idempotent_and_counts_new_rows(engine: Engine) -> Non
     assert ("a", 1010) in got and ("c", 1000) in got and ("d", 1) in got
 
 
-@pytest.mark.parametrize("size", [1, COPY_MIN_ROWS - 1, COPY_MIN_ROWS, 700])
+@pytest.mark.parametrize("size", [1, MULTI_MIN_ROWS - 1, MULTI_MIN_ROWS, COPY_MIN_ROWS - 1, COPY_MIN_ROWS, 700, 2500])
 def test_big_and_small_batches_count_new_rows_and_duplicates_alike(engine: Engine, size: int) -> None:
-    """On PostgreSQL batches from COPY_MIN_ROWS rows go through COPY and a staging table: the same
-    contract as executemany (new rows counted, duplicates within and across batches ignored, two
-    batches in one transaction, a rolled-back batch leaves nothing behind)."""
+    """On PostgreSQL batches from COPY_MIN_ROWS rows go through COPY and a staging table, on SQLite batches
+    from MULTI_MIN_ROWS rows through statements of up to 1,024 rows each: the same contract as executemany
+    (new rows counted, duplicates within and across batches and statements ignored, two batches in one
+    transaction, a rolled-back batch leaves nothing behind)."""
     store = Store(engine)
     batch = [row("a", s) for s in range(size)]
     with transaction(engine) as conn:
@@ -114,18 +117,33 @@ def test_big_and_small_batches_count_new_rows_and_duplicates_alike(engine: Engin
     assert store.copy == (engine.dialect.name == "postgresql")
 
 
-def test_result_values_round_trip(engine: Engine) -> None:
+@pytest.mark.parametrize("others", [0, 40])
+def test_result_values_round_trip(engine: Engine, others: int) -> None:
+    """Alone (one row a statement) and among others (statements of many rows, COPY): each value in its column."""
     store = Store(engine)
     feats = [0.25, -1.5, 3.0e-3]
     with transaction(engine) as conn:
-        store.insert_results(conn, [row("a", 5, truth="run", features=feats),
-                                    row("a", 6, label=None, value="[1.5,2.0]")])
+        store.insert_results(conn, [row("z", s) for s in range(others // 2)]
+                             + [row("a", 5, truth="run", features=feats), row("a", 6, label=None, value="[1.5,2.0]")]
+                             + [row("z", s) for s in range(others // 2, others)])
     with transaction(engine, write=False) as conn:
-        got = {r.seq: r for r in conn.execute(sa.select(tables.results).order_by(tables.results.c.seq))}
-    assert got[5].truth == "run" and got[5].label == "walk" and got[5].confidence == 0.75
+        got = {r.seq: r for r in conn.execute(sa.select(tables.results).where(tables.results.c.device_id == "a"))}
+    assert len(got) == 2 and got[5].truth == "run" and got[5].label == "walk" and got[5].confidence == 0.75
     assert got[5].start == 0.005 and got[5].end == 2.005 and got[5].received_at == 100.0
     np.testing.assert_array_equal(sessions.unpack_features(got[5].features), np.asarray(feats, dtype=np.float32))
     assert got[6].features is None and got[6].value == "[1.5,2.0]" and got[6].label is None
+
+
+def test_sqlite_with_a_lower_parameter_limit_takes_smaller_statements(tmp_path: Path) -> None:
+    """A SQLite built with the old limit of 999 parameters (83 rows of 12): statements of 64 rows, all stored."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    store = Store(engine)
+    with transaction(engine) as conn:
+        conn.connection.dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # type: ignore[union-attr]
+        assert store.insert_results(conn, [row("a", s) for s in range(1000)]) == 1000
+    assert store._multi_max == 64
+    assert keys(engine) == [("a", s) for s in range(1000)]
+    engine.dispose()
 
 
 def test_device_upserts(engine: Engine) -> None:

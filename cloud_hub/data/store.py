@@ -5,7 +5,9 @@ The hot path (:meth:`Store.insert_results`) compiles the dialect's
 through ``exec_driver_sql``: SQLAlchemy's per-row parameter processing (dict to tuple, type
 processors) cost more than the insert itself (measured on SQLite: 35k rows/s through
 ``conn.execute(stmt, dicts)``, 85-90k rows/s this way, raw ``sqlite3`` about 90k on the same
-loaded machine). The rows are plain values already, so there is nothing to process.
+loaded machine). The rows are plain values already, so there is nothing to process. On SQLite a batch
+of :data:`MULTI_MIN_ROWS` or more goes in statements of many rows each instead (one step and one
+release of the GIL a statement, not a row).
 
 On PostgreSQL through psycopg 3, batches of :data:`COPY_MIN_ROWS` or more go through binary
 ``COPY`` straight into ``results`` inside a savepoint: the unique key (device_id, seq) refuses the
@@ -17,8 +19,10 @@ before. ``bench/hub_ingest.py --db URL`` measures it against bare ``COPY`` and `
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Final, NamedTuple
 
 import orjson
@@ -64,6 +68,10 @@ assert (RESULT_COLUMNS[DEVICE_ID], RESULT_COLUMNS[SEQ], RESULT_COLUMNS[RECEIVED_
 _INSERTS: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 COPY_MIN_ROWS = 16
 """Smaller batches are inserted with ``executemany``: COPY's two extra statements cost more than it saves."""
+MULTI_MIN_ROWS: Final = 8
+"""SQLite: batches of this many rows or more go in statements of many rows (:meth:`Store.insert_results`)."""
+MULTI_MAX_ROWS: Final = 1024
+"""SQLite: the most rows in one statement (longer ones gained nothing more; fewer if SQLite's limit is lower)."""
 _PG_TYPES = ("text", "int8", "float8", "float8", "int8", "text", "float8", "text", "text", "float8", "bytea", "float8")
 _COLS = ", ".join(f'"{c}"' for c in RESULT_COLUMNS)
 _STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS results_stage ON COMMIT DELETE ROWS AS SELECT {_COLS} FROM results "
@@ -126,6 +134,13 @@ class Store:
         self._positional = bool(dialect.positional)
         if self._positional and tuple(compiled.positiontup or ()) != RESULT_COLUMNS:
             raise AssertionError(f"unexpected parameter order {compiled.positiontup}")
+        head, _, rest = self._results_sql.partition(" VALUES ")
+        row, _, tail = rest.partition(")")
+        if dialect.name == "sqlite" and (not rest.startswith("(") or row.count("?") != len(RESULT_COLUMNS)):
+            raise AssertionError(f"unexpected insert {self._results_sql}")
+        self._multi_head, self._multi_row, self._multi_tail = head + " VALUES ", row + ")", tail
+        self._multi_sql: dict[int, str] = {}
+        self._multi_max = 0
 
         dev = insert(devices)
         newer = sa.case((dev.excluded.last_seen > devices.c.last_seen, dev.excluded.last_seen),
@@ -152,9 +167,31 @@ class Store:
             params = rows
         else:  # the drivers bind a tuple subclass (ResultRow) through a slower path (+1.7 µs a row)
             params = [tuple(r) for r in rows]
+        if self.dialect == "sqlite" and len(params) >= MULTI_MIN_ROWS:
+            return self._insert_multi(conn, params)
         if len(params) == 1:
             params = params[0]
         return int(conn.exec_driver_sql(self._results_sql, params).rowcount)
+
+    def _insert_multi(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        """SQLite: the rows in statements of many rows each (``VALUES (...), (...), ...``), sizes powers of two.
+
+        ``executemany`` steps the statement once a row, and ``sqlite3`` lets go of the GIL at every step: on a
+        hub whose network and decoder threads want it too, the writer waited for it once a row (see
+        ``docs/benchmarks.md``, "Receipts in statements of many rows"). Each size's statement is cached."""
+        if self._multi_max == 0:  # the linked SQLite's limit on parameters (999 before 3.32, 32766 since)
+            limit = conn.connection.dbapi_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)  # type: ignore[union-attr]
+            self._multi_max = 1 << max(0, min(MULTI_MAX_ROWS, limit // len(RESULT_COLUMNS)).bit_length() - 1)
+        new, i, n = 0, 0, len(rows)
+        flat = chain.from_iterable
+        while i < n:
+            size = min(self._multi_max, 1 << ((n - i).bit_length() - 1))  # the largest power of two that fits
+            sql = self._multi_sql.get(size)
+            if sql is None:
+                sql = self._multi_sql[size] = self._multi_head + ", ".join([self._multi_row] * size) + self._multi_tail
+            new += conn.exec_driver_sql(sql, tuple(flat(rows[i:i + size]))).rowcount
+            i += size
+        return new
 
     def _copy_results(self, conn: Connection, rows: Sequence[ResultRow]) -> int:
         """PostgreSQL: binary COPY into ``results``; if a row is already there, through the stage.

@@ -180,7 +180,8 @@ class Store:
         hub whose network and decoder threads want it too, the writer waited for it once a row (see
         ``docs/benchmarks.md``, "Receipts in statements of many rows"). Each size's statement is cached."""
         if self._multi_max == 0:  # the linked SQLite's limit on parameters (999 before 3.32, 32766 since)
-            limit = conn.connection.dbapi_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)  # type: ignore[union-attr]
+            getlimit = getattr(conn.connection.dbapi_connection, "getlimit", None)  # another driver: the old limit
+            limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit is not None else 999
             self._multi_max = 1 << max(0, min(MULTI_MAX_ROWS, limit // len(RESULT_COLUMNS)).bit_length() - 1)
         new, i, n = 0, 0, len(rows)
         flat = chain.from_iterable

@@ -363,3 +363,35 @@ def test_values_and_truths_past_a_floats_range_leave_the_figures_finite(tmp_path
         status, text = error_answer(ZeroDivisionError("float division by zero"))
     assert status == "500 Internal Server Error" and "float division by zero" in caplog.text
     assert text == "hub error (its log has the traceback): float division by zero"
+
+
+def test_a_devices_bidirectional_controls_are_shown_not_obeyed(browser, tmp_path: Path) -> None:
+    """A right-to-left override in a device's text (a label, its last error) makes "gol.exe" of "exe.log": the
+    text read is not the text stored. The device page and the live page write such controls out as \\uNNNN, as
+    the CLI's tables do; the live page's own escaping runs in Chromium."""
+    import re
+
+    from cloud_hub.data.device_history import device_history
+    from cloud_hub.data.store import Store
+    from cloud_hub.web.dashboard import PAGE
+    from cloud_hub.web.device_page import render
+    from edge_agent import contract as c
+
+    with backend_engine("sqlite", tmp_path) as engine:
+        with sessions.transaction(engine) as conn:
+            Store(engine).insert_results(conn, [ResultRow("d1", 1, 0.0, 2.0, 1, "\u202ewalk", 0.9, None, None, 1.0,
+                                                          None, 10.0)])
+            Store(engine).apply_statuses(conn, {"d1": (c.Status("d1", c.ONLINE, 5.0, "m\u2066", 1, None, 0,
+                                                                "open \u202egol.exe\x1b[2J"), 6.0)})
+        with sessions.transaction(engine, write=False) as conn:
+            view = device_history(conn, "d1")
+    assert view is not None
+    page = render(view, 20.0)
+    assert not re.search("[\u202e\u2066\x1b]", page), page
+    assert "open \\u202egol.exe\\x1b[2J" in page and "\\u202ewalk" in page and "m\\u2066" in page
+
+    esc = re.search(r"^const esc = .*?;$", PAGE, re.M | re.S)  # no % in it: the template is the text
+    assert esc is not None
+    browser.get("about:blank")  # type: ignore[attr-defined]
+    shown = browser.execute_script(esc.group(0) + " return [esc('a\\u202e<b>\\u2069\\u0007'), esc(null)];")  # type: ignore[attr-defined]
+    assert shown == ["a\\u202e&lt;b&gt;\\u2069\\u0007", "-"]

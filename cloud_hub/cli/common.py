@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from cloud_hub.data.summaries import shown
 from cloud_hub.settings import ENV_PREFIX, HubSettings
 from edge_agent import exits
 from edge_agent.settings.loader import load_settings
@@ -95,19 +95,6 @@ def with_db(settings: HubSettings, work: Callable[[Any], T]) -> T:
             return work(conn)
     finally:
         engine.dispose()
-
-
-# C0 and C1 controls, and Unicode's bidirectional controls (a right-to-left override makes "gol.exe" of
-# "exe.log": the text shown is not the text stored)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def shown(text: str) -> str:
-    """Text a device chose (a label, a model name, an error), as it may be printed: its control characters
-    (an escape sequence would drive the operator's terminal; a NUL, a newline; a bidirectional override)
-    written as ``\\xNN`` or ``\\uNNNN``."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
-                        text)
 
 
 def new_console() -> Any:

@@ -10,6 +10,7 @@ that the commands and the pages show.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -210,3 +211,16 @@ def parse_since(text: str) -> float:
     except ValueError as exc:
         raise ValueError(f"{text!r} is neither epoch seconds nor an ISO-8601 time") from exc
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+# C0 and C1 controls, and Unicode's bidirectional controls (a right-to-left override makes "gol.exe" of
+# "exe.log": the text shown is not the text stored)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """Text a device chose (a label, a model name, an error), as it may be printed or shown on a page: its control characters
+    (an escape sequence would drive the operator's terminal; a NUL, a newline; a bidirectional override)
+    written as ``\\xNN`` or ``\\uNNNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)

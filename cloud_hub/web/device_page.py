@@ -11,9 +11,9 @@ unknown one a 404 naming it, and every text on the page is HTML-escaped.
 
 from __future__ import annotations
 
+import html
 import time
 from collections.abc import Callable, Iterable
-from html import escape
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -21,7 +21,7 @@ import orjson
 
 from cloud_hub.data import sessions
 from cloud_hub.data.device_history import device_history
-from cloud_hub.data.summaries import utc_text
+from cloud_hub.data.summaries import shown, utc_text
 from cloud_hub.web.http_door import error_answer
 from edge_agent.contract import valid_id
 from edge_agent.drift import DRIFTING
@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 PAGE_PREFIX, API_PREFIX = "/devices/", "/api/devices/"
 COLOURS = ("#2a6fdb", "#e07b00", "#2a9d4b", "#a23cc4", "#c4323c", "#3c9dc4")
 StartResponse = Callable[..., Any]
+
+
+def escape(text: str) -> str:
+    """A device's text in HTML: its control characters written out as in the CLI (a right-to-left override
+    shown as ``\\u202e``, not obeyed), then HTML's specials escaped."""
+    return html.escape(shown(text))
 
 
 def href(device_id: str) -> str:

@@ -146,6 +146,26 @@ def test_sqlite_with_a_lower_parameter_limit_takes_smaller_statements(tmp_path: 
     engine.dispose()
 
 
+def test_sqlite_rows_in_one_statement_refused_name_the_rows_column_and_other_paramstyles_still_store(
+        tmp_path: Path) -> None:
+    """A row SQLite cannot bind, among others: the error names its column's place in a row (as executemany's
+    did), not its place among a statement's 12,288 values. A SQLite engine with a named paramstyle (dicts, not
+    tuples) takes the row-at-a-time path and stores as before (the review's catch)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    bad = [row("a", s) for s in range(20)]
+    bad[7] = bad[7]._replace(model_version=[1])  # type: ignore[arg-type]
+    with pytest.raises(sa.exc.DBAPIError, match="parameter 5") as refused, transaction(engine) as conn:
+        Store(engine).insert_results(conn, bad)
+    assert "parameter 89" not in str(refused.value)
+    engine.dispose()
+    named = sa.create_engine(f"sqlite:///{tmp_path / 'named.sqlite'}", paramstyle="named")
+    tables.metadata.create_all(named)
+    with transaction(named) as conn:
+        assert Store(named).insert_results(conn, [row("a", s) for s in range(10)]) == 10
+    assert keys(named) == [("a", s) for s in range(10)]
+    named.dispose()
+
+
 def test_device_upserts(engine: Engine) -> None:
     store = Store(engine)
     with transaction(engine) as conn:

@@ -136,7 +136,8 @@ class Store:
             raise AssertionError(f"unexpected parameter order {compiled.positiontup}")
         head, _, rest = self._results_sql.partition(" VALUES ")
         row, _, tail = rest.partition(")")
-        if dialect.name == "sqlite" and (not rest.startswith("(") or row.count("?") != len(RESULT_COLUMNS)):
+        self._multi_rows = dialect.name == "sqlite" and self._positional  # (a named paramstyle binds dicts)
+        if self._multi_rows and (not rest.startswith("(") or row.count("?") != len(RESULT_COLUMNS)):
             raise AssertionError(f"unexpected insert {self._results_sql}")
         self._multi_head, self._multi_row, self._multi_tail = head + " VALUES ", row + ")", tail
         self._multi_sql: dict[int, str] = {}
@@ -167,7 +168,7 @@ class Store:
             params = rows
         else:  # the drivers bind a tuple subclass (ResultRow) through a slower path (+1.7 µs a row)
             params = [tuple(r) for r in rows]
-        if self.dialect == "sqlite" and len(params) >= MULTI_MIN_ROWS:
+        if self._multi_rows and len(params) >= MULTI_MIN_ROWS:
             return self._insert_multi(conn, params)
         if len(params) == 1:
             params = params[0]
@@ -190,7 +191,10 @@ class Store:
             sql = self._multi_sql.get(size)
             if sql is None:
                 sql = self._multi_sql[size] = self._multi_head + ", ".join([self._multi_row] * size) + self._multi_tail
-            new += conn.exec_driver_sql(sql, tuple(flat(rows[i:i + size]))).rowcount
+            try:
+                new += conn.exec_driver_sql(sql, tuple(flat(rows[i:i + size]))).rowcount
+            except sa.exc.DBAPIError:  # SQLite undid the statement: again a row at a time, for an error that
+                new += conn.exec_driver_sql(self._results_sql, rows[i:i + size]).rowcount  # names a row's column
             i += size
         return new
 

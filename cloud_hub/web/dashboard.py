@@ -109,7 +109,8 @@ not the device's timestamp of the window. A device that was offline shows up in 
 const $ = (id) => document.getElementById(id);
 const DRIFTING = %(drifting)s;
 const esc = (s) => String(s ?? "-").replace(/[\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u200e\\u200f\\u202a-\\u202e\\u2066-\\u2069]/g,
-  (c) => "\\\\u" + c.charCodeAt(0).toString(16).padStart(4, "0")).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+  (c) => c.charCodeAt(0) < 256 ? "\\\\x" + c.charCodeAt(0).toString(16).padStart(2, "0")
+    : "\\\\u" + c.charCodeAt(0).toString(16).padStart(4, "0")).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 const ago = (t) => t == null ? "-" : Math.max(0, Math.round(Date.now() / 1000 - t)) + " s ago";
 const pct = (x) => x == null ? "-" : (100 * x).toFixed(1) + "%";
 const num = (x) => x == null ? "-" : x.toFixed(2);

@@ -58,17 +58,25 @@ def test_run_on_stdin_skips_another_devices_readings_and_says_so(procs, shared_b
                                                                model) -> None:
     """A new user's finding: a second device id on stdin stopped the agent (exit 5) with "--device-id renames a
     single-device log", a flag they never passed, naming no line. A live agent is one device: another device's
-    readings are skipped and said once, and the agent goes on."""
+    readings are skipped and said once, and the agent goes on. A stream of ever new ids is named for the first
+    OTHER_DEVICES_NAMED devices, then counted in one line (a line a reading flooded the log)."""
+    from edge_agent.device.pipeline import OTHER_DEVICES_NAMED
+
     sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
     start = 1_700_001_000.0
     agent = _run(procs, shared_broker, prefix, tmp_path, model, "--source", "stdin", stdin=subprocess.PIPE)
     mine, other = _readings("s01", 10, start), _readings("other", 10, start)
     lines = b"".join(orjson.dumps(r) + b"\n" for pair in zip(mine, other, strict=True) for r in pair)
+    many = [dict(r, device_id=f"x-{i}") for i, r in enumerate(_readings("x", OTHER_DEVICES_NAMED + 16, start + 20))]
+    lines += b"".join(orjson.dumps(r) + b"\n" for r in many)
     _, err = agent.communicate(input=lines.decode(), timeout=120)
     assert agent.returncode == 0, err
     expected = {("live-1", int(round((start + s) * 1000))) for s in range(9)}
     assert sub.wait_for(expected) == expected and len(sub.results) == 9
     assert err.count("readings of device 'other' skipped: this agent is one device, 'live-1' (device_id)") == 1, err
+    assert err.count("skipped: this agent is one device") == OTHER_DEVICES_NAMED, err
+    assert err.count(f"readings of more than {OTHER_DEVICES_NAMED} other devices: skipped, counted, no longer named") == 1
+    assert f'"skipped":{len(other) + len(many)}' in err, err[-400:]  # every one counted
     sub.stop()
 
 

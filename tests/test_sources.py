@@ -1161,6 +1161,34 @@ def test_labels_that_differ_at_every_reading_keep_the_label_table_bounded(kind: 
     assert len(parser.d.labels.names) <= 50 + 2048  # reset after the block that passed the bound
 
 
+def test_a_live_source_naming_ever_new_devices_keeps_its_device_table_bounded(monkeypatch) -> None:
+    """A live stream whose lines name ever new device ids (a writer's bug, a hostile peer) grew the parser's device
+    table for as long as it ran (~300 bytes an id: 125 MB after 300,000 ids). Past MAX_LIVE_DEVICE_CODES the table
+    starts afresh with the devices read most recently; every reading still comes out under its own id, and the
+    agent's own device, read all along, still has its readings' order checked across the resets."""
+    from edge_agent.sources import lines as lines_module
+    from edge_agent.sources.chunk import NON_MONOTONIC_TS, ReadStats
+
+    monkeypatch.setattr(lines_module, "MAX_LIVE_DEVICE_CODES", 100)
+    monkeypatch.setattr(lines_module, "LIVE_DEVICES_KEPT", 4)
+    t0 = float(int(time.time()) - 10_000)
+    parser = lines_module.LineParser("<stdin>", "csv", on_error="skip")
+    parser.live(ReadStats())
+    parser.prime(b"ts,device_id,x\n")
+    chunks, peak = [], 0
+    for piece in range(20):  # 150 new ids a piece: the table starts afresh after each
+        rows = [f"{t0 + piece * 150 - 100:.3f},me,9.0"] if piece in (8, 15) else []  # out of order: the first
+        for i in range(piece * 150, (piece + 1) * 150):  # row after a reset, refused all the same
+            rows += [f"{t0 + i:.3f},me,1.0", f"{t0 + i - 0.5:.3f},x-{i},2.0"]  # each id once, behind the device
+        chunks += list(parser.feed(("\n".join(rows) + "\n").encode(), final=piece == 19))
+        peak = max(peak, len(parser.d.devices.names))
+    got = ReadingChunk.concat(chunks).by_device()
+    assert got["me"][0].tolist() == [t0 + i for i in range(3000)] and set(got["me"][1][:, 0].tolist()) == {1.0}
+    assert len(got) == 3001 and all(got[f"x-{i}"][0].tolist() == [t0 + i - 0.5] for i in range(3000))
+    assert [e.kind for e in parser.stats.first_errors] == [NON_MONOTONIC_TS] * 2
+    assert peak <= 100 + 200, peak  # reset after the block that passed the bound
+
+
 def _following(path: Path, steps: list[Callable[[], object]], *, quiet_s: float = 0.0, **kw: Any) -> FollowFile:
     """A FollowFile of ``path`` whose polls run ``steps`` in turn (a logger's writes, a rotation), then go on for
     ``quiet_s`` of real time (past a rotation's grace), then stop it."""

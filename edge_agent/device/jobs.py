@@ -254,7 +254,7 @@ def run(settings: AgentSettings, *, model: str | None = None, drain_timeout: flo
             if isinstance(read, NotedStats):  # what it skipped since it last said so
                 read.final()
                 skipped = read.rows_skipped
-            skipped += sum(processor.other_devices.values())
+            skipped += sum(processor.other_devices.values()) + processor.other_devices_more
     finally:
         drained = agent.close(drain_timeout=drain_timeout)
         _restore_handlers()

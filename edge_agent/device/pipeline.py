@@ -26,6 +26,9 @@ _GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sa
 
 log = logging.getLogger(__name__)
 
+OTHER_DEVICES_NAMED = 64
+"""A live agent names (and counts) the first devices whose readings it skips; the rest are counted together."""
+
 
 def window_seq(start: np.ndarray) -> np.ndarray:
     """The result key of each window: its start time in integer milliseconds."""
@@ -71,7 +74,8 @@ class Processor:
         # A live agent runs one device (device_id): readings another device's id names are skipped and said, not a
         # stop (a restart would meet them again); a replay of a log of several devices under --device-id stops.
         self.one_device = False
-        self.other_devices: dict[str, int] = {}  # skipped: source device id -> readings
+        self.other_devices: dict[str, int] = {}  # skipped: source device id -> readings (at most OTHER_DEVICES_NAMED)
+        self.other_devices_more = 0  # skipped readings of the devices past those, counted together
         self._dropped_said = (0, -math.inf)  # (dropped windows when last said, when): a live agent says them
         self._source = "the source"  # named in errors
         self.runner = runner
@@ -135,6 +139,13 @@ class Processor:
                 except DeviceIdError:
                     if not self.one_device or self.device_id is None:
                         raise
+                    if len(self.other_devices) >= OTHER_DEVICES_NAMED:  # a stream of ever new ids: one line, a count
+                        if not self.other_devices_more:
+                            log.warning("%s: readings of more than %d other devices: skipped, counted, no longer "
+                                        "named", source, OTHER_DEVICES_NAMED)
+                        self.other_devices_more += len(ts)
+                        skipped.append(source_device)
+                        continue
                     log.warning("%s: readings of device %r skipped: this agent is one device, %r (device_id), and "
                                 "takes the readings of %r; run another agent for %r", source, source_device[:64],
                                 self.device_id, self._source_of_override, source_device[:64])

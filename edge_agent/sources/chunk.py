@@ -164,8 +164,9 @@ class ReadingChunk:
 
     * ``ts``            float64[n], seconds
     * ``device_codes``  int32[n], index into ``device_names``
-    * ``device_names``  tuple of device ids (shared by all chunks of a source;
-                        codes are stable for the source's lifetime)
+    * ``device_names``  tuple of device ids (shared by the chunks of a source; codes are stable for
+                        its lifetime, except a live source's past ``MAX_LIVE_DEVICE_CODES`` ids:
+                        read a chunk's codes through its own names)
     * ``values``        float32[n, len(channels)], NaN = missing reading
     * ``channels``      tuple of channel names
     * ``labels``        str array [n] (ground truth, "" = unknown) or None

@@ -359,6 +359,10 @@ class Decoder:
         self._texts_checked = 0  # text labels judged so far (check_label_text)
         self.outputs: int | None = None  # numbers per label: fixed by the first label that has any
 
+    def forget_devices(self) -> None:
+        """Start the device code table afresh (see :meth:`LineParser._forget_devices`, the one caller)."""
+        self.devices = Codes(allow_empty=False)
+
     def forget_labels(self) -> None:
         """Start the label code table afresh (the column's count of numbers stays). Labels leave the parser as
         text or numbers, never as codes, so nothing downstream sees this; it bounds a source whose labels

@@ -30,6 +30,8 @@ from edge_agent.sources.formats import Block, Csv, Decoder, Jsonl, Rules, shorte
 
 DEFAULT_CHUNK_ROWS = 8192
 _PART_ROWS = 2048  # lines parsed at once
+MAX_LIVE_DEVICE_CODES = 1 << 12  # distinct device ids a live source keeps coded; past it only the latest stay
+LIVE_DEVICES_KEPT = 64  # ... the devices read most recently, whose readings' order is still checked
 MAX_LABEL_CODES = 1 << 14  # distinct labels kept coded between blocks (~5 MB); past it the table starts afresh
 
 
@@ -255,7 +257,22 @@ class LineParser:
                 lines=b.lines))
         if len(self.d.labels.names) > MAX_LABEL_CODES:
             self.d.forget_labels()
+        if self.ahead_s is not None and len(self.d.devices.names) > MAX_LIVE_DEVICE_CODES:
+            self._forget_devices()
         return error
+
+    def _forget_devices(self) -> None:
+        """A live source naming ever new device ids (a writer's bug, a hostile peer on the stream) grew the device
+        table for as long as it ran (~300 bytes an id). Past :data:`MAX_LIVE_DEVICE_CODES` ids the table starts
+        afresh with the :data:`LIVE_DEVICES_KEPT` devices read most recently, each keeping its last ts (its
+        readings must still go forward); a device forgotten and met again starts afresh. A live agent runs one
+        device and skips the others' readings; a chunk's codes index its own ``device_names``, so nothing
+        downstream sees the change. A log (replay, training) keeps every device."""
+        names, last_ts, last_line = self.last_readings()
+        keep = np.argsort(last_ts, kind="stable")[-LIVE_DEVICES_KEPT:]
+        self.d.forget_devices()
+        self._last_ts, self._last_line = np.empty(0), np.empty(0, dtype=np.int64)
+        self.continue_after([names[i] for i in keep], last_ts[keep], last_line[keep])
 
     def _times(self, b: Block) -> None:
         """The rules on a row's time that need more than its line: before 1970 where it would be a key, ahead of

@@ -29,8 +29,9 @@ from cloud_hub.cli.common import (
     settings_from,
     stoppable,
 )
+from edge_agent.contract.wire import MAX_INT
 
-MAX_VERSION = 2**63 - 1  # what the database's integer holds (a larger one was an OverflowError traceback)
+MAX_VERSION = MAX_INT  # what the database's integer holds (a larger one was an OverflowError traceback)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Model name (default: settings model_name).")]
 HoldoutOpt = Annotated[str | None, typer.Option("--holdout-devices", help="Comma-separated device ids to evaluate "

@@ -16,7 +16,7 @@ them, each payload the fast path accepts gives the contract's rows exactly.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal, cast
+from typing import Annotated, Literal, cast
 
 import msgspec
 import orjson
@@ -26,14 +26,14 @@ from cloud_hub.data.store import ResultRow
 from edge_agent.contract import decode_results
 from edge_agent.contract.wire import (
     FLOAT32_OVERFLOW,
+    MAX_INT,
     MAX_LABEL_CHARS,
     MAX_RESULTS_BYTES,
     MAX_RESULTS_PER_BATCH,
     SCHEMA_VERSION,
 )
 
-_MAX_INT: Final = (1 << 63) - 1
-_Key = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT)]
+_Key = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 _Text = Annotated[str, msgspec.Meta(max_length=MAX_LABEL_CHARS)]
 _Float32 = Annotated[float, msgspec.Meta(gt=-FLOAT32_OVERFLOW, lt=FLOAT32_OVERFLOW)]
 

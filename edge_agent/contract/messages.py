@@ -14,6 +14,7 @@ import orjson
 
 from edge_agent.contract.wire import (
     FLOAT32_OVERFLOW,
+    MAX_INT,
     MAX_LABEL_CHARS,
     MAX_RECEIPT_BYTES,
     MAX_RECEIPT_RUNS,
@@ -93,7 +94,6 @@ class Result:
 
 _RESULT_REQUIRED: Final = frozenset({"seq", "start", "end", "model_version", "latency_ms"})
 _RESULT_ALLOWED: Final = _RESULT_REQUIRED | {"label", "confidence", "value", "truth", "features"}
-_MAX_INT: Final = (1 << 63) - 1
 
 
 def _result_from_obj(obj: Any, i: int) -> Result:
@@ -106,9 +106,9 @@ def _result_from_obj(obj: Any, i: int) -> Result:
         check_keys(obj, _RESULT_REQUIRED, _RESULT_ALLOWED, f"results[{i}]")
     seq, version = obj["seq"], obj["model_version"]
     start, end, latency = obj["start"], obj["end"], obj["latency_ms"]
-    if type(seq) is not int or not 0 <= seq <= _MAX_INT:
+    if type(seq) is not int or not 0 <= seq <= MAX_INT:
         int_field(obj, "seq", f"results[{i}]")
-    if type(version) is not int or not 0 <= version <= _MAX_INT:
+    if type(version) is not int or not 0 <= version <= MAX_INT:
         int_field(obj, "model_version", f"results[{i}]")
     if type(start) is not float:
         start = float_field(obj, "start", f"results[{i}]")
@@ -330,8 +330,8 @@ def _receipt_runs(items: Any, key: str, least: int) -> tuple[tuple[tuple[int, in
         if type(run) is not list or len(run) != 3 or not all(type(x) is int for x in run):
             raise ContractError(f"receipt.{key}[{i}] must be [first, step, count] integers")
         first, step, count = run
-        if not (0 <= first <= _MAX_INT and 1 <= step <= _MAX_INT and count >= 1
-                and first + step * (count - 1) <= _MAX_INT):  # a step past int64 too, even of a run of one
+        if not (0 <= first <= MAX_INT and 1 <= step <= MAX_INT and count >= 1
+                and first + step * (count - 1) <= MAX_INT):  # a step past int64 too, even of a run of one
             raise ContractError(f"receipt.{key}[{i}] = {run} is out of range (first >= 0, step >= 1, count >= 1)")
         total += count
         runs.append((first, step, count))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge_agent import contract as c
+from edge_agent.contract.wire import MAX_INT
 
 # The schemas' dialect: JSON Schema draft-07, the one AsyncAPI 3 builds its Schema Object on and the one that
 # validators read by default before 2020-12 (ajv 6, older Python jsonschema). Each schema says so in $schema, and
@@ -35,7 +36,7 @@ def only_chars(chars: str, min_length: int = 1, max_length: int | None = None) -
 
 ID = {**only_chars("A-Za-z0-9_.:-", 1, 64),
       "description": "1-64 of A-Z a-z 0-9 _ . : - (no MQTT wildcards, no slash)"}
-U63 = {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1}
+U63 = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
 NUMBER = {"type": "number", "description": "finite (JSON has no NaN or Infinity)"}
 VERSION = {"const": c.SCHEMA_VERSION, "description": "schema version; other versions are refused"}
 

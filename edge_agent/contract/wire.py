@@ -13,6 +13,9 @@ import orjson
 
 from edge_agent import exits
 
+MAX_INT: Final = (1 << 63) - 1
+"""The largest integer a message's count or key holds: a signed 64-bit integer, the databases' BIGINT."""
+
 SCHEMA_VERSION: Final = 1
 MAX_RESULTS_BYTES: Final = 1 << 20  # a results batch; the agent stays far below (see outbox batching)
 MAX_STATUS_BYTES: Final = 16 << 10
@@ -232,7 +235,7 @@ def hex64(obj: dict[str, Any], key: str, what: str) -> str:
     return value
 
 
-def int_field(obj: dict[str, Any], key: str, what: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+def int_field(obj: dict[str, Any], key: str, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
     value = obj[key]
     if type(value) is not int or not lo <= value <= hi:
         raise ContractError(f"{what}.{key} must be an integer in [{lo}, {hi}], got {show(value)}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import select
 import socket
 import ssl
 import threading
@@ -44,19 +43,9 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
 from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: E402
 
+from edge_agent.mqtt.client import LINGER_MAX_S, PAHO_LOG, LingeringClient, tcp_no_delay  # noqa: E402
+
 log = logging.getLogger(__name__)
-
-
-class _QuietDisconnectRace(logging.Filter):
-    """paho's network thread may run one more loop between disconnect() and loop_stop() and log
-    "Client is not connected" at ERROR level: harmless, and alarming in a clean shutdown."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
-
-
-_paho_log = logging.getLogger("paho")
-_paho_log.addFilter(_QuietDisconnectRace())
 
 
 _SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason code
@@ -64,45 +53,6 @@ _QUICK_DROP_S = 5.0  # a connection the broker closes sooner than this after ope
 _QUICK_DROPS = 3  # ...and this many in a row as a session takeover
 
 
-_LINGER_MAX_S = 0.1
-_DRAIN_MAX = 1000  # packets read in one wake of a lingering network thread, at most (then it writes)
-
-
-class _LingeringClient(paho.Client):
-    """paho's client whose network thread, given a ``linger``, wakes at most once per ``linger`` seconds.
-
-    paho's thread wakes for every packet: at 1,000 one-result messages a second that costs more than the
-    packets themselves (``bench/paho_floor.py``: 208 µs a result with the hub's four packets, 95 µs when
-    the thread rests 5 ms after each turn). Here each turn reads everything that has arrived (paho reads
-    one packet a turn), then rests: what arrives meanwhile waits up to ``linger`` and is read in the next
-    turn with the rest, and what other threads queue (acks, receipts) is written then. A lone packet on an
-    idle link is still read at once. ``linger`` 0 is paho's own behaviour."""
-
-    linger = 0.0
-
-    def _loop(self, timeout: float = 1.0) -> paho.MQTTErrorCode:
-        rc = super()._loop(timeout)
-        if self.linger and rc == paho.MQTT_ERR_SUCCESS:
-            time.sleep(self.linger)
-        return rc
-
-    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        if not self.linger:
-            return rc
-        for _ in range(_DRAIN_MAX):
-            sock = self._sock
-            if rc != paho.MQTT_ERR_SUCCESS or sock is None:
-                break
-            pending = getattr(sock, "pending", None)  # bytes a TLS socket has decrypted but not handed out
-            if not (pending and pending()) and not select.select([sock], [], [], 0)[0]:
-                break
-            rc = super().loop_read(max_packets)
-        return rc
-
-
-if "_loop" not in vars(paho.Client):  # the hook above is paho's private loop turn: fail loudly if it moves
-    raise ImportError("edge_agent.mqtt needs paho-mqtt 2.x (this one's Client has no _loop)")
 
 
 class MqttError(exits.Failure):
@@ -191,17 +141,17 @@ class MqttLink:
         self._subscribed = False
         self._client = self._new_client(tls=tls, will=will, manual_ack=manual_ack, max_inflight=max_inflight)
         # how long the network thread rests between turns (a busy hub's); never long enough to miss a keepalive
-        self._client.linger = min(max(0.0, linger_s), _LINGER_MAX_S)
+        self._client.linger = min(max(0.0, linger_s), LINGER_MAX_S)
 
     def _new_client(self, *, tls: TLSFiles | None, will: Will | None, manual_ack: bool,
-                    max_inflight: int) -> _LingeringClient:
+                    max_inflight: int) -> LingeringClient:
         """The paho client, configured from the broker URL and wired to this link's handlers; made last,
         once every field those handlers read is set."""
         broker = self.broker
-        client = _LingeringClient(
+        client = LingeringClient(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5, manual_ack=manual_ack,
         )
-        client.enable_logger(_paho_log)
+        client.enable_logger(PAHO_LOG)
         client.max_inflight_messages_set(max_inflight)
         client.max_queued_messages_set(0)  # bounded by our own outbox, which checks every return code
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -447,12 +397,3 @@ class MqttLink:
             self._state_changed.notify_all()
         if self._on_published is not None:
             self._on_published(mid, not rc.is_failure, str(rc))
-
-
-def tcp_no_delay(_c: object, _u: object, sock: object) -> None:
-    """Turn Nagle's algorithm off: results, acks and receipts are small messages, and each would
-    otherwise wait behind the peer's delayed ACK (40 ms on Linux; measured at the end of a replay)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
-    except (AttributeError, OSError) as exc:  # not a TCP socket (a websocket wrapper, a unix socket)
-        log.debug("TCP_NODELAY not set on %r: %s", sock, exc)

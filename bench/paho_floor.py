@@ -45,7 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_hub.tools.local_broker import LocalBroker
-from edge_agent.mqtt import _LingeringClient, tcp_no_delay
+from edge_agent.mqtt.client import LingeringClient, tcp_no_delay
 
 PREFIX = "floor"
 # The sizes of a one-result message and of its receipt as the agent and the hub send them (about).
@@ -77,7 +77,7 @@ def measure(rate: float = 1000.0, seconds: float = 20.0, devices: int = 1000, re
     """One case: the floor client's CPU per 1,000 results/s (a fraction of a core) and the rate it saw."""
     with tempfile.TemporaryDirectory() as tmp, LocalBroker(Path(workdir or tmp) / "floor-broker") as broker:
         got = [0]
-        client = _LingeringClient(CallbackAPIVersion.VERSION2, client_id="floor-hub", protocol=paho.MQTTv5,
+        client = LingeringClient(CallbackAPIVersion.VERSION2, client_id="floor-hub", protocol=paho.MQTTv5,
                                   manual_ack=True)
         client.linger = rest_ms / 1000.0  # 0: paho's own loop
         client.on_socket_open = tcp_no_delay

@@ -219,3 +219,24 @@ def test_paho_does_not_load_urllib_request_on_a_device_yet_it_works_when_used(br
     assert seen["connected"] == []  # connected to a real broker, and none of them ran
     assert seen == {"connected": [], "getproxies": "dict", "request": "example.invalid",
                     "after_use": ["email.parser", "http.client"]}
+
+
+def test_model_messages_flooding_a_busy_agent_hold_one_payload_a_topic() -> None:
+    """A hostile peer's finding: every model-topic message waited in an unbounded queue until the agent's next
+    tick (15 messages of 30 MB: 84 -> 612 MB). The newest a topic replaces the older: what the agent installs is
+    the newest anyway, and it takes them in arrival order."""
+    import queue
+
+    from edge_agent.device.model_slot import LatestUpdates
+
+    updates = LatestUpdates()
+    for i in range(1000):
+        updates.put((False, b"fleet-%d" % i))
+        if i % 100 == 0:
+            updates.put((True, b"own-%d" % i))
+    assert len(updates) == 2
+    assert updates.get(timeout=0.1) == (True, b"own-900") and updates.get_nowait() == (False, b"fleet-999")
+    with pytest.raises(queue.Empty):
+        updates.get(timeout=0.01)
+    updates.put((True, b""))  # the canary is over: an empty payload is news too
+    assert updates.get_nowait() == (True, b"")

@@ -193,3 +193,32 @@ def test_run_says_when_its_windows_are_dropped(procs, shared_broker, prefix, tmp
     assert agent.returncode == 0, err
     assert "windows dropped so far (a channel more than 20 % missing in a window" in err, err
     assert "the model takes 50 readings a second in windows of 2 s" in err, err
+
+
+def test_an_agent_on_a_quiet_stdin_reports_takes_a_model_and_stops_on_sigterm(procs, shared_broker, prefix,
+                                                                             tmp_path, model) -> None:
+    """A hostile peer's finding: `run --source stdin` blocked in its read while stdin was open and quiet: no
+    status for as long, a model published meanwhile not installed (its messages piling up in memory), and SIGTERM
+    unheard until stdin closed. Now the agent's idle work runs while it waits for a line."""
+    from tests.helpers import LIVE_AGENT_ENV, StatusWatch, publish_retained, wait_for
+
+    watch = StatusWatch(shared_broker.url, prefix, f"{prefix}-watch")
+    v2 = tmp_path / "v2.emlb"
+    v2.write_bytes(make_bundle(make_log(tmp_path / "train2.csv", seconds=30, seed=5), version=2).encode())
+    agent = procs.popen(
+        agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1", "--state-dir",
+                  str(tmp_path / "state"), "--model", str(model), "--source", "stdin"),
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **LIVE_AGENT_ENV, "EDGE_AGENT_INSECURE_ALLOW_UNSIGNED": "true"})
+    try:
+        wait_for(watch.where(lambda s: s.device_id == "live-1" and s.state == c.ONLINE and s.model_version == 1),
+                 timeout=60, what="a status of v1 from the agent on a quiet stdin")
+        publish_retained(shared_broker.url, c.Topics(prefix).model("default"), v2.read_bytes())
+        wait_for(watch.where(lambda s: s.device_id == "live-1" and s.model_version == 2), timeout=60,
+                 what="v2 installed while stdin is quiet")
+        agent.send_signal(signal.SIGTERM)  # stdin still open
+        _, err = agent.communicate(timeout=60)
+    finally:
+        watch.stop()
+    assert agent.returncode == 0, err[-2000:]
+    assert "serving model default v2" in err, err[-2000:]

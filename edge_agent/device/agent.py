@@ -9,7 +9,6 @@ to run and its hot swap are its :class:`~edge_agent.device.model_slot.ModelSlot`
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 from edge_agent import contract as c
 from edge_agent.device.bundle import BundleRejected, load_public_key
 from edge_agent.device.errors import BadSetting, Interrupted, StateConflict, session_start
-from edge_agent.device.model_slot import ModelSlot, ModelState
+from edge_agent.device.model_slot import LatestUpdates, ModelSlot, ModelState
 from edge_agent.device.outbox import Outbox
 from edge_agent.device.pipeline import Processor
 from edge_agent.device.publisher import Publisher
@@ -65,7 +64,7 @@ class Agent(ModelSlot):
         except BundleRejected as exc:
             raise BadSetting(str(exc)) from None
         # (from the device's own model topic?, payload): a canary bundle there wins over the fleet's
-        self._updates: queue.SimpleQueue[tuple[bool, bytes]] = queue.SimpleQueue()
+        self._updates = LatestUpdates()
         self._model_topic = self.topics.model(settings.model_name)
         self._device_model_topic = self.topics.device_model(single) if single else None
         self._fleet_bundle: bytes | None = None  # the last bundle of the model topic

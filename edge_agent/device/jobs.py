@@ -181,7 +181,7 @@ def live_source(settings: AgentSettings, stop: threading.Event, idle: Callable[[
         return src, tuple(s.sim_channels)
     if s.source == "stdin":  # a malformed line is skipped and named (NotedStats): one must not stop a device
         src = sources.JsonLinesStream(sys.stdin.buffer, name="<stdin>", channels=s.sim_channels, on_error="skip",
-                                      noted=True)
+                                      noted=True, stop=stop, idle=idle)
         return src, tuple(s.sim_channels)
     if s.source == "mqtt":
         mqtt = sources.MqttSensor.of(s, stop, idle)

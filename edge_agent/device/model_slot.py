@@ -39,6 +39,43 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent.device.agent")  # the agent's logger: its lines keep the name they had
 
 
+class LatestUpdates:
+    """The model topics' newest payloads not yet taken, one a topic (the device's own, the fleet's): a newer one
+    replaces the older, since the newest is what a device installs anyway. A flood of model messages while the
+    agent is busy or its source quiet held every one of them (15 messages of 30 MB: 84 -> 612 MB, a hostile
+    peer's finding); now it holds one a topic. Put by paho's thread, taken by the agent's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[bool, bytes] = {}  # from the device's own model topic? -> payload
+        self._ready = threading.Event()
+
+    def put(self, item: tuple[bool, bytes]) -> None:
+        own, payload = item
+        with self._lock:
+            self._items.pop(own, None)  # the newest goes last: taken in arrival order
+            self._items[own] = payload
+            self._ready.set()
+
+    def get_nowait(self) -> tuple[bool, bytes]:
+        with self._lock:
+            if not self._items:
+                raise queue.Empty
+            own = next(iter(self._items))
+            payload = self._items.pop(own)
+            if not self._items:
+                self._ready.clear()
+            return own, payload
+
+    def get(self, timeout: float) -> tuple[bool, bytes]:
+        if not self._ready.wait(timeout):
+            raise queue.Empty
+        return self.get_nowait()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class ModelState:
     bundle: c.Bundle
@@ -56,7 +93,7 @@ class ModelSlot:
     active_path: Path  # where the running model is kept for the next start
     stop_event: threading.Event
     # (from the device's own model topic?, payload), put by the paho thread
-    _updates: queue.SimpleQueue[tuple[bool, bytes]]
+    _updates: LatestUpdates
     _model_topic: str  # the fleet's model topic
     _device_model_topic: str | None  # the device's own (canary) model topic, when it runs as one device
     _fleet_bundle: bytes | None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import select
 import sys
 import threading
 import time
@@ -133,6 +134,8 @@ class _Lines:
         return self.parser.has_labels
 
 
+QUIET_TICK_S = 0.5  # a live stream that gives nothing: the agent's idle work runs this often meanwhile
+
 class JsonLinesStream(_Lines):
     """JSON lines from a live stream (a text or binary file object, e.g. stdin):
     ``{"ts":..., "device_id":..., "<channel>":..., "label":...}``.
@@ -144,8 +147,10 @@ class JsonLinesStream(_Lines):
 
     def __init__(self, file_obj: TextIO | BinaryIO, *, name: str | None = None,
                  channels: Sequence[str] | None = None, has_labels: bool | None = None, chunk_rows: int = 1024,
-                 on_error: str = "raise", format: str = "jsonl", noted: bool = False):
+                 on_error: str = "raise", format: str = "jsonl", noted: bool = False,
+                 stop: threading.Event | None = None, idle: Callable[[], None] | None = None):
         self.file = file_obj
+        self.stop, self.idle = stop, idle  # a live agent's: see _readable
         name = name or getattr(file_obj, "name", None)
         self.name = name if isinstance(name, str) else "<stream>"
         self.parser = LineParser(self.name, format, on_error=on_error, chunk_rows=chunk_rows, channels=channels,
@@ -176,9 +181,31 @@ class JsonLinesStream(_Lines):
 
     def __iter__(self) -> Iterator[ReadingChunk]:
         read = self._reader()
-        while data := read():
+        while self._readable() and (data := read()):
             yield from self.parser.feed(data)
         yield from self.parser.feed(final=True)
+
+    def _readable(self) -> bool:
+        """With ``stop`` (a live agent's stream): wait until the stream has data, calling ``idle`` every
+        :data:`QUIET_TICK_S` meanwhile; False once ``stop`` is set. A blocking read had held the agent for as long
+        as its stdin was open and quiet: no status, no model update, no round, and SIGTERM unheard (a hostile
+        peer's finding). Each read takes all the buffer holds (``read1`` of 64 KiB from a buffer of 8), so the
+        descriptor alone tells whether data waits."""
+        if self.stop is None:
+            return True
+        try:
+            fd = self.file.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real stream (a test's BytesIO): it never blocks
+            return not self.stop.is_set()
+        while not self.stop.is_set():
+            try:
+                if select.select([fd], [], [], QUIET_TICK_S)[0]:
+                    return True
+            except (OSError, ValueError):  # closed under us: the read says so
+                return True
+            if self.idle is not None:
+                self.idle()
+        return False
 
 
 def StdinSource(**kwargs: Any) -> JsonLinesStream:

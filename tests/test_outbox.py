@@ -62,6 +62,29 @@ def test_block_overflow_waits_for_room(tmp_path) -> None:
     assert box.depth == 5 and box.dropped == 0
 
 
+def test_a_receipts_runs_remove_exactly_their_seqs_without_being_expanded(tmp_path) -> None:
+    """A receipt's runs (first, step, count) are removed by range: the same rows as its seqs one by one, whatever
+    the steps; a forged run of a million seqs (a hostile peer's: expanded first, it cost a core for 30 s on 200
+    such receipts) removes only what the outbox holds in it."""
+    import random
+
+    rng = random.Random(7)
+    held = sorted(rng.sample(range(5000), 1500))
+    one, two = Outbox(tmp_path / "one.sqlite"), Outbox(tmp_path / "two.sqlite")
+    for box in (one, two):
+        box.put("d", _rows("d", held))
+        box.put("e", _rows("e", held[:10]))
+    for _ in range(40):
+        first, step, count = rng.randrange(5000), rng.choice([1, 1, 2, 3, 7, 250]), rng.randrange(1, 300)
+        runs = [(first, step, count), (rng.randrange(5000), 1, rng.randrange(1, 50))]
+        seqs = sorted({f + k * st for f, st, n in runs for k in range(n)})
+        assert one.confirm_runs("d", runs) == two.confirm("d", seqs)
+    assert one.depth == two.depth and one.depth < 1510
+    left = one.depth - 10
+    assert one.confirm_runs("d", [(0, 1, 1_000_000)]) == left and one.depth == 10  # "e" keeps its rows
+    assert one.confirm_runs("e", [(held[3], held[5] - held[3], 2)]) == 2 and one.depth == 8
+
+
 def test_a_row_leaves_only_with_its_receipt_and_is_due_again_without_one(tmp_path) -> None:
     box = Outbox(tmp_path / "o.sqlite", resend_after_s=10, resend_max_s=25)
     box.put("d", _rows("d", range(4)))

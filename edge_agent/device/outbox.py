@@ -322,6 +322,13 @@ class Outbox:
         return self._remove(lambda p: f"DELETE FROM outbox WHERE device_id = ? AND seq IN ({_marks(len(p) - 1)})",
                             params)
 
+    def confirm_runs(self, device_id: str, runs: Sequence[tuple[int, int, int]]) -> int:
+        """:meth:`confirm` of a receipt's runs ``(first, step, count)``: one ranged DELETE a run, whatever its
+        count. Expanding them first cost a core for 30 s on 200 forged receipts of a million seqs each (a hostile
+        peer's finding); a range costs what the outbox holds in it."""
+        return self._remove("DELETE FROM outbox WHERE device_id = ? AND seq BETWEEN ? AND ? AND (seq - ?) % ? = 0",
+                            [(device_id, first, first + step * (count - 1), first, step) for first, step, count in runs])
+
     def _remove(self, sql: str | Callable[[list[object]], str], params: Sequence[Sequence[object]]) -> int:
         if not params:
             return 0

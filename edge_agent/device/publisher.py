@@ -218,10 +218,10 @@ class Publisher:
                 log.warning("%s", self.last_error)
                 continue
             try:
-                already = self.outbox.confirm(receipt.device_id, receipt.dup_seqs()) if receipt.dup else 0
+                already = self.outbox.confirm_runs(receipt.device_id, receipt.dup) if receipt.dup else 0
                 self.already_stored += already
                 self.stored_results += already
-                self.stored_results += self.outbox.confirm(receipt.device_id, receipt.seqs())
+                self.stored_results += self.outbox.confirm_runs(receipt.device_id, receipt.runs)
             except Exception:  # e.g. a full disk: the receipt is applied again (confirming twice is harmless)
                 self._receipts.put((topic, payload))
                 raise

@@ -137,8 +137,14 @@ class ModelRunner:
             prob = np.asarray(out, dtype=np.float32)
             if prob.ndim != 2 or prob.shape[1] != len(self._labels):
                 raise ModelError(f"probabilities of shape {prob.shape} do not match {len(self._labels)} labels")
+            if not np.isfinite(prob).all():
+                raise ModelError(f"model v{self.version} gave non-finite probabilities for "
+                                 f"{int((~np.isfinite(prob).all(axis=1)).sum())} of {len(prob)} windows")
             idx = prob.argmax(axis=1)
             conf = np.clip(prob[np.arange(len(idx)), idx], 0.0, 1.0)
             return Prediction(list(self._labels[idx]), conf, None, latency)
         values = np.asarray(out, dtype=np.float32).reshape(len(x), -1)
+        if not np.isfinite(values).all():
+            raise ModelError(f"model v{self.version} gave non-finite values for "
+                             f"{int((~np.isfinite(values).all(axis=1)).sum())} of {len(values)} windows")
         return Prediction(None, None, values, latency)

@@ -222,3 +222,86 @@ def test_an_agent_on_a_quiet_stdin_reports_takes_a_model_and_stops_on_sigterm(pr
         watch.stop()
     assert agent.returncode == 0, err[-2000:]
     assert "serving model default v2" in err, err[-2000:]
+
+
+def _nan_on_real_readings(bundle: c.Bundle, version: int) -> c.Bundle:
+    """``bundle`` made hostile: its probabilities plus sqrt(-|x|) summed over the features, 0 on the zeros of the
+    agent's warm-up and NaN on anything else (a hostile peer's model)."""
+    import dataclasses
+    import hashlib
+
+    import onnx
+    from onnx import helper
+
+    m = onnx.load_from_string(bundle.model)
+    g = m.graph
+    out = next((o for o in g.output if "prob" in o.name.lower()), g.output[-1]).name
+    for node in g.node:
+        node.output[:] = [out + "_orig" if o == out else o for o in node.output]
+        node.input[:] = [out + "_orig" if i == out else i for i in node.input]
+    g.node.extend([helper.make_node("Abs", [g.input[0].name], ["h_abs"]), helper.make_node("Neg", ["h_abs"], ["h_neg"]),
+                   helper.make_node("Sqrt", ["h_neg"], ["h_sqrt"]),
+                   helper.make_node("ReduceSum", ["h_sqrt"], ["h_sum"], keepdims=1),
+                   helper.make_node("Add", [out + "_orig", "h_sum"], [out])])
+    onnx_bytes = m.SerializeToString()
+    return c.Bundle(dataclasses.replace(bundle.manifest, version=version,
+                                        sha256=hashlib.sha256(onnx_bytes).hexdigest()), onnx_bytes)
+
+
+def test_a_model_that_fails_on_real_readings_is_refused_and_the_one_before_serves_again(
+        procs, shared_broker, prefix, tmp_path, model) -> None:
+    """A hostile peer's finding: a model finite on the zeros of the warm-up and NaN on real readings passed every
+    check; the agent stopped at its first status (exit 5), and again at every start on the model it had kept. Now
+    its first failing batch refuses it for good on this device (a restart, and the retained topic, install it no
+    more) and the model before it serves again, that batch included."""
+    from tests.helpers import LIVE_AGENT_ENV, StatusWatch, publish_retained, wait_for
+
+    watch = StatusWatch(shared_broker.url, prefix, f"{prefix}-watch")
+    sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
+    bad = _nan_on_real_readings(c.decode_bundle(model.read_bytes()), 2)
+    env = {**os.environ, **LIVE_AGENT_ENV, "EDGE_AGENT_INSECURE_ALLOW_UNSIGNED": "true",
+           "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1"}
+    cmd = agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1", "--state-dir",
+                    str(tmp_path / "state"), "--source", "stdin")
+    start = 1_700_002_000.0
+    try:
+        agent = procs.popen([*cmd, "--model", str(model)], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+        wait_for(watch.where(lambda s: s.device_id == "live-1" and s.model_version == 1), timeout=60, what="v1 runs")
+        publish_retained(shared_broker.url, c.Topics(prefix).model("default"), bad.encode())
+        wait_for(watch.where(lambda s: s.device_id == "live-1" and s.model_version == 2), timeout=60, what="v2 runs")
+        lines = "".join(orjson.dumps(r).decode() + "\n" for r in _readings("live-1", 10, start))
+        _, err = agent.communicate(input=lines, timeout=120)  # the end of stdin ends the run
+        assert agent.returncode == 0, err[-3000:]
+        assert "model default v2 refused: it failed on this device's readings (model v2 gave non-finite" in err, err
+        expected = {("live-1", int(round((start + s) * 1000))) for s in range(9)}
+        assert sub.wait_for(expected) == expected and {r.model_version for r in sub.results.values()} == {1}
+        assert watch.where(lambda s: s.model_version == 1 and "v2 refused" in (s.last_error or ""))()
+
+        again = procs.popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # no --model
+        _, err = again.communicate(input="", timeout=120)
+        assert again.returncode == 0, err[-3000:]
+        assert "model v1 from" in err and "model v2 was refused on this device" in err, err[-3000:]
+    finally:
+        watch.stop()
+        sub.stop()
+
+
+def test_a_first_model_that_fails_on_real_readings_stops_the_agent_in_one_line_and_is_not_kept(
+        procs, shared_broker, prefix, tmp_path, model) -> None:
+    """With no model before it to go back to, the agent stops with the model's exit code and one line, and keeps
+    neither the model nor a way back to it: the next start waits for another (or refuses it again, saying why)."""
+    from edge_agent import exits
+
+    bad = tmp_path / "bad.emlb"
+    bad.write_bytes(_nan_on_real_readings(c.decode_bundle(model.read_bytes()), 3).encode())
+    agent = _run(procs, shared_broker, prefix, tmp_path, bad, "--source", "stdin", stdin=subprocess.PIPE)
+    lines = "".join(orjson.dumps(r).decode() + "\n" for r in _readings("live-1", 10, 1_700_003_000.0))
+    _, err = agent.communicate(input=lines, timeout=120)
+    assert agent.returncode == exits.MODEL, err[-3000:]
+    assert "Traceback" not in err and "model default v3 refused: it failed on this device's readings" in err, err
+    state = tmp_path / "state"
+    assert not (state / "model-default.emlb").exists() and (state / "model-default.emlb.refused.json").is_file()
+    again = _run(procs, shared_broker, prefix, tmp_path, bad, "--source", "stdin", stdin=subprocess.PIPE)
+    _, err = again.communicate(input="", timeout=120)
+    assert again.returncode != 0 and "model v3 was refused on this device" in err, err[-3000:]

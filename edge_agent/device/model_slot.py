@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import orjson
+
 from edge_agent import contract as c
 from edge_agent.device.bundle import BundleRejected, persist_bundle, verify_bundle
 from edge_agent.device.disk_room import is_disk_full
@@ -27,7 +29,7 @@ from edge_agent.device.outbox import Outbox
 from edge_agent.device.pipeline import Processor
 from edge_agent.drift import DeviceDrift
 from edge_agent.mqtt import MqttError, MqttLink
-from edge_agent.runner import ModelRunner
+from edge_agent.runner import ModelError, ModelRunner
 from edge_agent.settings.agent import AgentSettings
 
 if TYPE_CHECKING:
@@ -109,6 +111,7 @@ class ModelSlot:
     last_error: str | None
     swaps: int
     _from_file = False  # the running model is the one --model named (the first, until the topic's replaces it)
+    _previous: c.Bundle | None = None  # the model before the running one: what serves again if it fails
 
     # ----------------------------------------------------------------- models
 
@@ -189,6 +192,10 @@ class ModelSlot:
                                  f"device runs {self.settings.model_name!r} (model_name): not installed")
         if self.model is not None and bundle.manifest.sha256 == self.model.bundle.manifest.sha256:
             return  # the retained copy of what already runs
+        refused = self._refused().get(bundle.manifest.sha256)
+        if refused is not None:
+            raise BundleRejected(f"model v{bundle.manifest.version} was refused on this device: {refused} (delete "
+                                 f"{self._refused_path()} to try it again)")
         if self.model is not None and bundle.manifest.version < self.model.bundle.manifest.version:
             log.warning("the model topic holds %s v%d, older than the v%d running: switching to it (the topic "
                         "decides, as in a rollback%s)", bundle.manifest.name, bundle.manifest.version,
@@ -196,6 +203,7 @@ class ModelSlot:
                         "; --model only chooses the model to start with" if self._from_file else "")
         self._from_file = False
         saved = self._persist(bundle)
+        self._previous = self.model.bundle if self.model is not None else None
         self.model = ModelState(bundle, runner)
         self.drift = DeviceDrift.of(bundle.manifest.training)  # counts start again with each model
         if self.processor is not None:
@@ -205,6 +213,53 @@ class ModelSlot:
         self.last_error = saved
         self._status_due = 0.0
         log.info("serving model %s v%d (%s)", bundle.manifest.name, bundle.manifest.version, bundle.manifest.sha256[:12])
+
+    def _model_fault(self, exc: ModelError) -> bool:
+        """The running model failed on real readings (the :class:`Processor` asks; e.g. NaN on anything but the
+        zeros of its warm-up, a hostile peer's finding: the agent stopped, and again at every start on the model it
+        had kept). It is refused for good on this device (its sha256 kept beside the kept model, so that neither
+        a restart nor the retained topic installs it again) and the model before it serves again: True. False
+        when there is none: the agent stops, saying why, and keeps no model for its next start."""
+        assert self.model is not None and self.processor is not None
+        m = self.model.bundle.manifest
+        why = f"it failed on this device's readings ({exc})"
+        self._refuse(m.sha256, why)
+        self.last_error = f"model v{m.version} refused: {why}"
+        self._status_due = 0.0
+        previous, self._previous = self._previous, None
+        if previous is None:
+            with contextlib.suppress(OSError):
+                self.active_path.unlink(missing_ok=True)
+            log.error("model %s v%d refused: %s; no model to go back to", m.name, m.version, why)
+            return False
+        runner = ModelRunner(previous, intra_op_threads=self.settings.intra_op_threads)
+        self.last_error = self._persist(previous) or self.last_error
+        self.model = ModelState(previous, runner)
+        self.drift = DeviceDrift.of(previous.manifest.training)
+        self.processor.swap(runner)
+        self.processor.drift = self.drift
+        self.swaps += 1
+        log.error("model %s v%d refused: %s; serving v%d again", m.name, m.version, why, previous.manifest.version)
+        return True
+
+    def _refused_path(self) -> Path:
+        return self.active_path.with_name(self.active_path.name + ".refused.json")
+
+    def _refused(self) -> dict[str, str]:
+        """sha256 -> why, of the models this device refused once they ran (empty when it cannot be read)."""
+        try:
+            got = orjson.loads(self._refused_path().read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return {}
+        return {k: v for k, v in got.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(got, dict) else {}
+
+    def _refuse(self, sha256: str, why: str) -> None:
+        refused = self._refused()
+        refused[sha256] = why
+        try:
+            self._refused_path().write_bytes(orjson.dumps(refused))
+        except OSError as exc:  # a full disk: refused for this run only
+            log.warning("cannot keep the refusal in %s: %s", self._refused_path(), exc)
 
     def _persist(self, bundle: c.Bundle) -> str | None:
         """Keep the model for the next start; a full disk does not stop it from serving (None: kept)."""
@@ -269,6 +324,7 @@ class ModelSlot:
         self.processor = Processor(self.model.runner, self.outbox, source_channels=self.source_channels,
                                    device_id=s.device_id, features=s.features, features_sample=s.features_sample)
         self.processor.drift = self.drift
+        self.processor.on_model_fault = self._model_fault
         if self.learner is not None:
             self.processor.on_labelled = self.learner.on_windows
         if self.metrics is not None:

@@ -20,7 +20,7 @@ from edge_agent.contract import MAX_LABEL_CHARS, ContractError, Result, check_id
 from edge_agent.device.outbox import Outbox
 from edge_agent.drift import DeviceDrift
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
-from edge_agent.runner import ModelRunner, Prediction
+from edge_agent.runner import ModelError, ModelRunner, Prediction
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
 
@@ -79,6 +79,8 @@ class Processor:
         self._dropped_said = (0, -math.inf)  # (dropped windows when last said, when): a live agent says them
         self._source = "the source"  # named in errors
         self.runner = runner
+        # a model that fails on real readings: the agent goes back to the model before it (True: swapped back)
+        self.on_model_fault: Callable[[ModelError], bool] | None = None
         self._columns = self._column_index(runner.params)
         self._windowers = DeviceWindowers(runner.params)  # by source device id
         self.drift: DeviceDrift | None = None  # the model's meters, one a device; set by the agent
@@ -170,7 +172,16 @@ class Processor:
         runner = self.runner
         feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
                                  runner.params)
-        pred = runner.predict(feats)
+        try:
+            pred = runner.predict(feats)
+        except ModelError as exc:  # e.g. NaN on real readings, which its warm-up on zeros did not show
+            if self.on_model_fault is None or not self.on_model_fault(exc):
+                raise
+            if self._layout != _layout(runner.params):  # the model gone back to makes other features: these are void
+                self.stats.dropped_windows += len(feats)
+                return 0
+            runner = self.runner
+            pred = runner.predict(feats)
         parts: list[tuple[str, slice]] = []  # each device's windows in the batch
         offset = 0
         for device, batch in ready:

@@ -381,10 +381,12 @@ def test_an_mqtt_device_takes_part_in_a_federated_round(procs, broker, prefix, t
 
 @pytest.mark.parametrize(("name", "source"), [("agent-mqtt.toml", "mqtt"), ("agent-serial.toml", "serial")])
 def test_example_sensor_configs_are_valid(tmp_path, name: str, source: str) -> None:
-    """deploy/'s examples load as they are (only the TLS files, which must exist, swapped for files here)."""
-    tls = {key: str(tmp_path / key) for key in ("ca_file", "cert_file", "key_file")}
-    for path in tls.values():
-        Path(path).write_text("-")
+    """deploy/'s examples load as they are (only the TLS files, which must exist and load, swapped for a
+    self-signed pair made here)."""
+    from tests.test_http_door import self_signed
+
+    cert, key = self_signed(tmp_path)
+    tls = {"ca_file": str(cert), "cert_file": str(cert), "key_file": str(key)}
     s = load_settings(AgentSettings, env_prefix="EDGE_AGENT", environ={}, flags=tls,
                       config=Path(__file__).parent.parent / "deploy" / name)
     assert s.source == source and s.sensor_channels and s.trusted_key and s.broker_url.tls

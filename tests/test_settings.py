@@ -95,6 +95,45 @@ def test_missing_config_file(tmp_path) -> None:
         load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=tmp_path / "nope.toml", environ={})
 
 
+def test_tls_files_that_cannot_serve_are_one_line_naming_the_setting(tmp_path) -> None:
+    """A new operator's findings: a CA file that is not PEM and a certificate with another's key were tracebacks
+    (exit 1) at the first connection, a directory given as ca_file "did not exist", and an encrypted key would
+    have waited for a password on a terminal a service does not have. Each is now refused with the setting
+    named, where it came from (here the environment), before anything connects."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.test_http_door import self_signed
+
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_cert, _ = self_signed(tmp_path / "other")
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate\n")
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+
+    def refused(env: dict[str, str]) -> str:
+        with pytest.raises(SettingsError) as err:
+            load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=None, environ=env)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    ok = load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=None, environ={
+        "EDGE_AGENT_CA_FILE": str(cert), "EDGE_AGENT_CERT_FILE": str(cert), "EDGE_AGENT_KEY_FILE": str(key)})
+    assert ok.key_file == str(key)
+    assert refused({"EDGE_AGENT_CA_FILE": str(tmp_path)}).startswith(
+        f"environment EDGE_AGENT_CA_FILE: ca_file '{tmp_path}' is a directory")
+    assert refused({"EDGE_AGENT_CA_FILE": str(garbage)}).startswith(
+        f"environment EDGE_AGENT_CA_FILE: ca_file '{garbage}' holds no PEM certificate")
+    assert "the key is not the certificate's (KEY_VALUES_MISMATCH)" in refused(
+        {"EDGE_AGENT_CERT_FILE": str(other_cert), "EDGE_AGENT_KEY_FILE": str(key)})
+    assert "not a PEM certificate / unencrypted PEM key" in refused(
+        {"EDGE_AGENT_CERT_FILE": str(cert), "EDGE_AGENT_KEY_FILE": str(locked)})
+    assert refused({"EDGE_AGENT_CERT_FILE": str(cert)}).startswith(
+        "environment EDGE_AGENT_CERT_FILE: cert_file is set and key_file is not")
+
+
 def test_sensor_settings_name_their_origin(tmp_path) -> None:
     """A mistake in a sensor key says where the bad value came from, like every other key."""
     cfg = tmp_path / "agent.toml"

@@ -64,12 +64,46 @@ class TLSFiles:
     key_file: str | None = None
 
     def check(self) -> None:
+        """The files exist, can be read, and hold what the TLS handshake will load: a CA file of PEM certificates,
+        a certificate and its own key. Loaded here as paho will load them, so that a mistake is one line naming the
+        setting (an unreadable CA, a CA that is not PEM, a certificate with another's key had been tracebacks)."""
         for name in ("ca_file", "cert_file", "key_file"):
             value = getattr(self, name)
-            if value is not None and not user_path(name, value).is_file():
+            if value is None:
+                continue
+            path = user_path(name, value)
+            if path.is_dir():
+                raise SettingsError(f"{name} {value!r} is a directory: give the file", field=name)
+            if not path.is_file():
                 raise SettingsError(f"{name} {value!r} does not exist", field=name)
+            try:
+                with path.open("rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                raise SettingsError(f"{name} {value!r} cannot be read: {exc.strerror or exc}", field=name) from None
         if (self.cert_file is None) != (self.key_file is None):
-            raise SettingsError("cert_file and key_file go together")
+            given = "cert_file" if self.key_file is None else "key_file"
+            raise SettingsError(f"{given} is set and {'key_file' if given == 'cert_file' else 'cert_file'} is not: "
+                                "a client certificate needs its key (give both, or neither)", field=given)
+        import ssl  # what paho's tls_set loads (paho imports ssl anyway)
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(user_path("ca_file", self.ca_file)))
+            except (ssl.SSLError, ValueError) as exc:
+                raise SettingsError(f"ca_file {self.ca_file!r} holds no PEM certificate the TLS library can read "
+                                    f"({getattr(exc, 'reason', None) or exc})", field="ca_file") from None
+        if self.cert_file is not None and self.key_file is not None:
+            try:  # no password prompt: an encrypted key would wait on a terminal a service does not have
+                context.load_cert_chain(str(user_path("cert_file", self.cert_file)),
+                                        str(user_path("key_file", self.key_file)), password=lambda: b"")
+            except ssl.SSLError as exc:
+                reason = getattr(exc, "reason", None) or str(exc)
+                why = ("the key is not the certificate's" if reason == "KEY_VALUES_MISMATCH" else
+                       "one of them is not a PEM certificate / unencrypted PEM key the TLS library can read")
+                raise SettingsError(f"cert_file {self.cert_file!r} and key_file {self.key_file!r}: {why} ({reason})",
+                                    field="key_file") from None
 
 
 @dataclass(frozen=True)

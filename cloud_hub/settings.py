@@ -220,7 +220,7 @@ def is_loopback(host: str) -> bool:
 def db_url(url: str) -> str:
     """Check that ``url`` is an SQLAlchemy database URL; return it unchanged."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
         parsed = make_url(url)
@@ -231,6 +231,17 @@ def db_url(url: str) -> str:
         raise SettingsError(f"db {url!r}: a SQLite URL takes three slashes before a relative path "
                             f"(sqlite:///{parsed.host}{'/' + parsed.database if parsed.database else ''}) "
                             "and four before an absolute one (sqlite:////var/lib/hub.sqlite)", field="db")
-    if parsed.drivername.startswith("sqlite") and parsed.database:
-        user_path("db", parsed.database)  # sqlite:///~nosuchuser/hub.sqlite
+    try:  # the driver, now: later its error could not say where the URL came from
+        parsed.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError) as exc:
+        hint = ""
+        if parsed.get_backend_name() in ("postgres", "postgresql"):  # postgres:// is Heroku's; psycopg2 is not ours
+            hint = "; for PostgreSQL write postgresql+psycopg://USER@HOST:PORT/DB (the postgres extra installs psycopg)"
+        raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc}){hint}",
+                            field="db") from None
+    if parsed.drivername.startswith("sqlite") and parsed.database and parsed.database != ":memory:":
+        folder = user_path("db", parsed.database).parent  # sqlite:///~nosuchuser/hub.sqlite
+        if not folder.is_dir():  # SQLite's own word: "unable to open database file", exit 3, naming nothing
+            raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: the folder {str(folder)!r} "
+                                "does not exist (create it, or name a file in another)", field="db")
     return url

@@ -64,8 +64,9 @@ class MqttError(exits.Failure):
 class ConnectRefused(MqttError):
     """The broker answered CONNACK with a failure reason (bad credentials, not authorized, ...)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"broker refused the connection: {reason}")
+    def __init__(self, reason: str, broker: object = None) -> None:
+        super().__init__(f"broker {broker} refused the connection: {reason}" if broker is not None else
+                         f"broker refused the connection: {reason}")
         self.reason = reason
 
 
@@ -195,7 +196,7 @@ class MqttLink:
         with self._state_changed:
             self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused or self.fatal, timeout)
         if self._refused and not self._connected.is_set():
-            raise ConnectRefused(self._refused)
+            raise ConnectRefused(self._refused, self.broker)
         if self.fatal:
             raise MqttError(self.fatal)
         return self._connected.is_set()
@@ -205,7 +206,7 @@ class MqttLink:
         with self._state_changed:
             ok = self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused or self.fatal, timeout)
         if self._refused and not self._connected.is_set():
-            raise ConnectRefused(self._refused)
+            raise ConnectRefused(self._refused, self.broker)
         if self.fatal:
             raise MqttError(self.fatal)
         if not ok:

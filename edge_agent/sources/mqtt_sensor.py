@@ -26,6 +26,10 @@ from edge_agent.sources.fields import FieldMap, SensorFeed
 log = logging.getLogger(__name__)
 
 _BATCH = 4096  # messages judged at once at most
+MAX_SENSOR_DEVICES = 1000
+"""Devices one agent reads from its topics (``mqtt_device``) at most; a topic naming a device past them is skipped
+and said: any peer of the sensors' broker could otherwise make devices without end (each costs the agent its
+windows, drift meters and statuses: 30,000 of them took it from 73 to 487 MB, a hostile peer's finding)."""
 
 
 class DeviceNames:
@@ -66,6 +70,7 @@ class MqttSensor:
             raise ValueError("give device or names")
         self.broker, self.filters = broker, tuple(filters)
         self.device, self.names = device, names
+        self._devices: set[str] = set()  # named by the topics so far (at most MAX_SENSOR_DEVICES)
         self.source = f"mqtt {broker}"
         self.feed = SensorFeed(self.source, fields)
         self.parser, self.stats = self.feed.parser, self.feed.stats
@@ -121,10 +126,17 @@ class MqttSensor:
         if self.names is None:
             return self.device
         try:
-            return self.names(topic)
+            device = self.names(topic)
         except ValueError as exc:
             self.feed.reject(f"topic {topic}", BAD_VALUE, str(exc))
             return None
+        if device not in self._devices:
+            if len(self._devices) >= MAX_SENSOR_DEVICES:
+                self.feed.reject(f"topic {topic}", BAD_VALUE, f"it names a device past the {MAX_SENSOR_DEVICES} this "
+                                 f"agent reads ({device[:70]!r}): skipped (run another agent for more devices)")
+                return None
+            self._devices.add(device)
+        return device
 
     def __iter__(self) -> Iterator[ReadingChunk]:
         try:

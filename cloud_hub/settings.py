@@ -239,9 +239,6 @@ def db_url(url: str) -> str:
             hint = "; for PostgreSQL write postgresql+psycopg://USER@HOST:PORT/DB (the postgres extra installs psycopg)"
         raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc}){hint}",
                             field="db") from None
-    if parsed.drivername.startswith("sqlite") and parsed.database and parsed.database != ":memory:":
-        folder = user_path("db", parsed.database).parent  # sqlite:///~nosuchuser/hub.sqlite
-        if not folder.is_dir():  # SQLite's own word: "unable to open database file", exit 3, naming nothing
-            raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: the folder {str(folder)!r} "
-                                "does not exist (create it, or name a file in another)", field="db")
+    if parsed.drivername.startswith("sqlite") and parsed.database:
+        user_path("db", parsed.database)  # sqlite:///~nosuchuser/hub.sqlite
     return url

@@ -435,15 +435,16 @@ def test_wrong_password_unknown_user_and_anonymous_are_refused(deploy: Deploy, r
         assert "Not authorized" in err.value.reason or "Bad user name or password" in err.value.reason, url
 
 
-def _fails_to_connect(retire: Callable[[MqttLink], None], url: str, tls: TLSFiles | None) -> None:
+def _fails_to_connect(retire: Callable[[MqttLink], None], url: str, tls: TLSFiles | None) -> str:
     link = MqttLink(BrokerURL.parse(url), f"probe-{uuid.uuid4().hex[:6]}", tls=tls)
     retire(link)
     link.start()
     # The TLS handshake fails at once on loopback, so no CONNACK ever comes; a longer wait could
     # only turn a failure into a pass, never the reverse.
-    with pytest.raises(MqttError):
+    with pytest.raises(MqttError) as err:
         link.wait_connected(0.5)
     assert not link.connected
+    return str(err.value)
 
 
 def test_tls_verifies_the_broker_by_name_and_ca(deploy: Deploy, retire) -> None:
@@ -454,7 +455,9 @@ def test_tls_verifies_the_broker_by_name_and_ca(deploy: Deploy, retire) -> None:
         link.wait_connected(10)
     finally:
         link.stop()
-    _fails_to_connect(retire, url, TLSFiles())  # the system CAs do not trust the development CA
+    why = _fails_to_connect(retire, url, TLSFiles())  # the system CAs do not trust the development CA
+    # a new operator's finding: the cause was "the TLS/MQTT handshake fails", not a word of certificates
+    assert "the broker's certificate is not accepted: " in why and "ca_file must hold the CA that signed it" in why, why
     with pytest.raises(ssl.SSLCertVerificationError):
         _tls_exchange(deploy.tls_port, ssl.create_default_context())
 
@@ -638,3 +641,25 @@ def test_a_lingering_hub_link_reads_every_message_over_tls(deploy: Deploy) -> No
     burst_through_lingering_link(f"mqtts://hub:{PASSWORDS['hub']}@127.0.0.1:{deploy.tls_port}", T.results("dev-a"),
                                  pub_url=f"mqtts://dev-a:{PASSWORDS['dev-a']}@127.0.0.1:{deploy.tls_port}",
                                  tls=deploy.tls())
+
+
+def test_an_agent_whose_device_id_is_not_its_login_stops_in_one_line(deploy: Deploy, procs, tmp_path: Path) -> None:
+    """A new operator's finding: an agent logged in as dev-a with device_id dev-b logged "broker refused 2 results:
+    Not authorized" every second for ever, its outbox filling. The refusal is final (the ACL does not change by
+    waiting): the agent stops, exit 3, saying which topic, why, and what to make equal; its results stay kept."""
+    from edge_agent import exits
+    from tests.helpers import agent_cmd, make_bundle, make_log
+
+    model = tmp_path / "v1.emlb"
+    model.write_bytes(make_bundle(make_log(tmp_path / "train.csv", seconds=30)).encode())
+    run = procs.popen(agent_cmd(
+        "run", "--broker", f"mqtts://dev-a:{PASSWORDS['dev-a']}@127.0.0.1:{deploy.tls_port}", "--device-id", "dev-b",
+        "--state-dir", str(tmp_path / "state"), "--model", str(model), "--source", "simulated"),
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1", "EDGE_AGENT_CA_FILE": str(deploy.certs / "ca.crt")})
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == exits.UNAVAILABLE, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"edge-agent: error: the broker mqtts://dev-a@127.0.0.1:{deploy.tls_port} does not let "
+                           "this client publish on edgeml/devices/dev-b/results (Not authorized)"), last
+    assert "device_id must be the client certificate's CN or the MQTT username" in last and "Traceback" not in err

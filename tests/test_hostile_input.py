@@ -304,8 +304,7 @@ def test_a_gz_log_whose_header_sets_a_reserved_flag_is_refused_naming_the_file(t
     (AgentSettings, {"sim_rate_hz": "nan"}, "--sim-rate-hz"),
     (HubSettings, {"db": "9://:."}, "--db"),
     (HubSettings, {"db": "sqlite:///~nosuchuser/hub.sqlite"}, "--db"),
-    # a new operator's findings: these were "database error" (exit 3) or a driver error naming no source
-    (HubSettings, {"db": "sqlite:////nope/dir/hub.sqlite"}, "--db: db 'sqlite:////nope/dir/hub.sqlite': the folder"),
+    # a new operator's finding: a driver error naming no source (CLOUD_HUB_DB)
     (HubSettings, {"db": "mysql://x@127.0.0.1/db"}, r"--db: db 'mysql://x@127.0.0.1/db': no driver"),
     (HubSettings, {"http": "h:²"}, "--http"),
     (HubSettings, {"broker": "mqtt://["}, "--broker"),

@@ -235,6 +235,15 @@ def test_errors_have_documented_exit_codes(tmp_path: Path) -> None:
         assert message in err and "Traceback" not in err, (args, err)
 
 
+def test_a_sqlite_file_in_a_folder_that_does_not_exist_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    """A new operator's finding: "database error on ...: unable to open database file", exit 3, naming no folder."""
+    proc = subprocess.run([sys.executable, "-m", "cloud_hub", "db", "upgrade", "--db",
+                           f"sqlite:///{tmp_path / 'nope' / 'hub.sqlite'}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.stderr.strip() == (f"cloud-hub: error: db 'sqlite:///{tmp_path / 'nope' / 'hub.sqlite'}': the folder "
+                                   f"'{tmp_path / 'nope'}' does not exist (create it, or name a file in another)")
+
+
 def test_serve_exits_3_when_the_broker_is_unreachable_and_leaves_no_empty_database(tmp_path: Path) -> None:
     """A hub started with a wrong broker address creates no database; one that was there stays."""
     from cloud_hub.data import revisions

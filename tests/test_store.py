@@ -293,7 +293,7 @@ def test_make_engine_errors(tmp_path: Path) -> None:
         make_engine("nosuchdb://x/y")
     with pytest.raises(SettingsError, match=r"no driver .*; for PostgreSQL write postgresql\+psycopg://"):
         make_engine("postgres://u@127.0.0.1/db")  # Heroku's spelling
-    with pytest.raises(DatabaseUnavailable, match="cannot open"):
+    with pytest.raises(SettingsError, match="the folder .*missing-dir' does not exist"):  # a usage error, exit 2
         make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'hub.sqlite'}")
     with pytest.raises(DatabaseUnavailable, match="cannot open"):
         make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test", connect_args={"connect_timeout": 2})

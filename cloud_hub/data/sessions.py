@@ -77,6 +77,9 @@ def new_engine(url: str, *, schema: str | None = None, create: bool = True, **kw
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         path = sqlite_file(parsed)
+        if create and path is not None and not path.parent.is_dir():  # SQLite: "unable to open database file"
+            raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: the folder "
+                                f"{str(path.parent)!r} does not exist (create it, or name a file in another)")
         if not create and path is not None and not path.exists():  # connecting would create it
             raise DatabaseUnavailable(f"database file {parsed.database!r} does not exist (`cloud-hub train` or "
                                       "`cloud-hub serve` creates one; --db or db in the config names another)")

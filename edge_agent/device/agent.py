@@ -261,7 +261,11 @@ class Agent(ModelSlot):
             self._status_due = time.monotonic() + self.settings.status_interval_s
 
     def tick(self) -> None:
-        """Housekeeping between chunks: model updates, federated rounds, new devices, periodic status."""
+        """Housekeeping between chunks: model updates, federated rounds, new devices, periodic status. Stops (an
+        :class:`MqttError`, exit 3) once the broker refused results for good: the access rules do not change by
+        waiting, and every result after would only fill the outbox."""
+        if self.publisher.refusal is not None:
+            raise MqttError(self.publisher.refusal)
         self.poll_updates()
         if self.learner is not None:
             self.learner.tick()

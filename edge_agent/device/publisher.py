@@ -52,6 +52,8 @@ class Publisher:
         self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
         self._receipts: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._inflight: dict[int, list[int]] = {}  # mid -> outbox row ids
+        self._topics: dict[int, str] = {}  # mid -> its topic (named when the broker refuses it)
+        self.refusal: str | None = None  # why the broker will never take results from this client (final)
         self._read_upto = 0  # highest row id read from the outbox in this process (held, in flight or sent)
         self._held: list[OutboxRow] = []  # waiting for a full batch or its age (new rows and re-sends)
         self._done: list[int] = []  # acknowledged rows not yet marked/deleted (a failed write is retried)
@@ -175,6 +177,7 @@ class Publisher:
             except queue.Empty:
                 break
             ids = self._inflight.pop(mid, None)
+            topic = self._topics.pop(mid, "?")
             if ids is None:
                 continue  # a duplicate callback: idempotent
             if ok:
@@ -184,7 +187,13 @@ class Publisher:
                 self.refused += len(ids)
                 self._refused_ids.update(ids)
                 self.last_error = f"broker refused a results message: {reason}"
-                log.error("broker refused %d results: %s", len(ids), reason)
+                log.error("broker refused %d results on %s: %s", len(ids), topic, reason)
+                if "authoriz" in reason.lower() and self.refusal is None:  # MQTT 5's 0x87: final, as the ACL is
+                    self.refusal = (
+                        f"the broker {self.link.broker} does not let this client publish on {topic} ({reason}): its "
+                        "access rules let a device publish under its own id only, so device_id must be the client "
+                        "certificate's CN or the MQTT username, and prefix the ACL's (deploy/README.md: Access "
+                        f"rules); {self.outbox.depth} results kept in the outbox")
         if done:
             # If this raises, the ids stay in self._done for the next round.
             if self.receipts:
@@ -286,6 +295,7 @@ class Publisher:
                     log.warning("publish failed, will retry: %s", exc)
                     return
                 self._inflight[mid] = [r.id for r in rows]
+                self._topics[mid] = topic
                 self.published_messages += 1
                 sent = {r.id for r in rows}
                 self._held = [r for r in self._held if r.id not in sent]

@@ -139,6 +139,7 @@ class MqttLink:
         self._stopping = False
         self._sub_pending: dict[int, str] = {}  # SUBSCRIBE mid -> filter, until its SUBACK
         self._sub_error: str | None = None
+        self._tls = TLSFiles()  # the TLS files of an mqtts:// link (set by _new_client)
         self._subscribed = False
         self._client = self._new_client(tls=tls, will=will, manual_ack=manual_ack, max_inflight=max_inflight)
         # how long the network thread rests between turns (a busy hub's); never long enough to miss a keepalive
@@ -159,7 +160,7 @@ class MqttLink:
         if broker.username is not None:
             client.username_pw_set(broker.username, broker.password)
         if broker.tls:
-            files = tls or TLSFiles()
+            files = self._tls = tls or TLSFiles()
             client.tls_set(
                 ca_certs=files.ca_file, certfile=files.cert_file, keyfile=files.key_file,
                 cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
@@ -228,8 +229,30 @@ class MqttLink:
             return f"no answer from {host}:{port} (timed out)"
         except OSError as exc:
             return exc.strerror or str(exc)
-        return ("the TCP connection opens but MQTT does not come up (a TLS/plain mismatch, or not an MQTT "
-                "broker?)" if not self.broker.tls else "the TCP connection opens but the TLS/MQTT handshake fails")
+        if not self.broker.tls:
+            return "the TCP connection opens but MQTT does not come up (a TLS/plain mismatch, or not an MQTT broker?)"
+        return self._tls_problem() or "the TCP connection opens and TLS comes up, but MQTT does not"
+
+    def _tls_problem(self) -> str | None:
+        """A TLS handshake made as paho makes it, for the cause paho does not say (a certificate signed by
+        another CA, a host name the certificate does not hold); None when it succeeds."""
+        host, port, files = self.broker.host, self.broker.port, self._tls
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if files.ca_file:
+                context.load_verify_locations(cafile=files.ca_file)
+            else:
+                context.load_default_certs()
+            if files.cert_file and files.key_file:
+                context.load_cert_chain(files.cert_file, files.key_file, password=lambda: b"")
+            with socket.create_connection((host, port), timeout=3) as sock, \
+                    context.wrap_socket(sock, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            return (f"the broker's certificate is not accepted: {exc.verify_message} (ca_file must hold the CA that "
+                    f"signed it, and the broker URL's host {host!r} must be one of its names)")
+        except (ssl.SSLError, OSError) as exc:
+            return f"the TLS handshake fails: {getattr(exc, 'reason', None) or exc}"
 
     def wait_subscribed(self, timeout: float) -> None:
         """Block until the broker acknowledged every subscription of the current connection.

@@ -240,3 +240,17 @@ def test_model_messages_flooding_a_busy_agent_hold_one_payload_a_topic() -> None
         updates.get(timeout=0.01)
     updates.put((True, b""))  # the canary is over: an empty payload is news too
     assert updates.get_nowait() == (True, b"")
+
+
+def test_a_refusal_that_cannot_be_written_keeps_the_earlier_ones(tmp_path, caplog) -> None:
+    """The refused models' file is written aside and renamed: a write that fails (a full disk) left it truncated,
+    and every model refused before was taken again at the next start (the review's catch)."""
+    from edge_agent.device.model_slot import ModelSlot
+
+    slot = ModelSlot.__new__(ModelSlot)
+    slot.active_path = tmp_path / "model-default.emlb"
+    slot._refuse("a" * 64, "NaN on this device's readings")
+    (tmp_path / "model-default.emlb.refused.json.tmp").mkdir()  # the write fails, as on a full disk
+    slot._refuse("b" * 64, "another")
+    assert slot._refused() == {"a" * 64: "NaN on this device's readings"}
+    assert "cannot keep the refusal" in caplog.text

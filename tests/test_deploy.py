@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -643,23 +644,41 @@ def test_a_lingering_hub_link_reads_every_message_over_tls(deploy: Deploy) -> No
                                  tls=deploy.tls())
 
 
-def test_an_agent_whose_device_id_is_not_its_login_stops_in_one_line(deploy: Deploy, procs, tmp_path: Path) -> None:
+def test_an_agent_whose_device_id_is_not_its_login_stops_in_one_line(deploy: Deploy, procs, peers,
+                                                                       tmp_path: Path) -> None:
     """A new operator's finding: an agent logged in as dev-a with device_id dev-b logged "broker refused 2 results:
     Not authorized" every second for ever, its outbox filling. The refusal is final (the ACL does not change by
-    waiting): the agent stops, exit 3, saying which topic, why, and what to make equal; its results stay kept."""
+    waiting): the agent stops, exit 3, saying which topic, why, and what to make equal; its results stay kept.
+    Started again with the device_id fixed, it runs and delivers its own results; the other id's stay refused
+    (the review's catch: they had stopped it again at every start)."""
     from edge_agent import exits
     from tests.helpers import agent_cmd, make_bundle, make_log
+    from tests.test_signals import Lines, stopped
 
     model = tmp_path / "v1.emlb"
     model.write_bytes(make_bundle(make_log(tmp_path / "train.csv", seconds=30)).encode())
-    run = procs.popen(agent_cmd(
-        "run", "--broker", f"mqtts://dev-a:{PASSWORDS['dev-a']}@127.0.0.1:{deploy.tls_port}", "--device-id", "dev-b",
-        "--state-dir", str(tmp_path / "state"), "--model", str(model), "--source", "simulated"),
-        stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1", "EDGE_AGENT_CA_FILE": str(deploy.certs / "ca.crt")})
+
+    def agent(device: str) -> subprocess.Popen:
+        return procs.popen(agent_cmd(
+            "run", "--broker", f"mqtts://dev-a:{PASSWORDS['dev-a']}@127.0.0.1:{deploy.tls_port}", "--device-id",
+            device, "--state-dir", str(tmp_path / "state"), "--model", str(model), "--source", "simulated"),
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1",
+                                                    "EDGE_AGENT_RECEIPTS": "false",
+                                                    "EDGE_AGENT_CA_FILE": str(deploy.certs / "ca.crt")})
+
+    run = agent("dev-b")
     _, err = run.communicate(timeout=120)
     assert run.returncode == exits.UNAVAILABLE, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"edge-agent: error: the broker mqtts://dev-a@127.0.0.1:{deploy.tls_port} does not let "
                            "this client publish on edgeml/devices/dev-b/results (Not authorized)"), last
     assert "device_id must be the client certificate's CN or the MQTT username" in last and "Traceback" not in err
+
+    hub = peers("hub", subscriptions=[(T.results("dev-a"), 1)])
+    fixed = agent("dev-a")
+    lines = Lines(fixed.stderr)
+    hub.wait_for(lambda m: m.topic == T.results("dev-a"), timeout=60)  # its own results go through
+    wait_for(lambda: lines.said("on edgeml/devices/dev-b/results: Not authorized"), timeout=30,
+             what="the other id's kept results refused again")
+    done = stopped(fixed, signal.SIGTERM, lines)
+    assert done.returncode == 0 and "edge-agent: error" not in done.stderr, done.stderr[-3000:]

@@ -262,10 +262,13 @@ class Agent(ModelSlot):
 
     def tick(self) -> None:
         """Housekeeping between chunks: model updates, federated rounds, new devices, periodic status. Stops (an
-        :class:`MqttError`, exit 3) once the broker refused results for good: the access rules do not change by
-        waiting, and every result after would only fill the outbox."""
-        if self.publisher.refusal is not None:
-            raise MqttError(self.publisher.refusal)
+        :class:`MqttError`, exit 3) once the broker refused this run's results for good: the access rules do not
+        change by waiting, and every result after would only fill the outbox."""
+        refusals = self.publisher.refusals
+        if refusals:  # another device's (results an earlier device_id left in the outbox): kept, said, not a stop
+            for device in self.device_ids:
+                if device in refusals:
+                    raise MqttError(refusals[device])
         self.poll_updates()
         if self.learner is not None:
             self.learner.tick()

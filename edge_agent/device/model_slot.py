@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -256,10 +257,15 @@ class ModelSlot:
     def _refuse(self, sha256: str, why: str) -> None:
         refused = self._refused()
         refused[sha256] = why
-        try:
-            self._refused_path().write_bytes(orjson.dumps(refused))
-        except OSError as exc:  # a full disk: refused for this run only
-            log.warning("cannot keep the refusal in %s: %s", self._refused_path(), exc)
+        path = self._refused_path()
+        tmp = path.with_name(path.name + ".tmp")
+        try:  # written aside, then renamed: a full disk must not truncate the refusals kept before
+            tmp.write_bytes(orjson.dumps(refused))
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk: this refusal holds for this run only
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.warning("cannot keep the refusal in %s: %s", path, exc)
 
     def _persist(self, bundle: c.Bundle) -> str | None:
         """Keep the model for the next start; a full disk does not stop it from serving (None: kept)."""

@@ -100,10 +100,7 @@ class Processor:
         old = self.runner.params
         new = runner.params
         self._columns = self._column_index(new)
-        same_windows = (old.sample_rate_hz, old.window_s, old.hop_s, old.channels, old.missing,
-                        old.max_missing_frac) == (new.sample_rate_hz, new.window_s, new.hop_s, new.channels,
-                                                  new.missing, new.max_missing_frac)
-        if not same_windows:
+        if not _same_windows(old, new):
             self._windowers = DeviceWindowers(new)
         self.runner = runner
         self._layout = _layout(new)
@@ -177,10 +174,14 @@ class Processor:
         except ModelError as exc:  # e.g. NaN on real readings, which its warm-up on zeros did not show
             if self.on_model_fault is None or not self.on_model_fault(exc):
                 raise
-            if self._layout != _layout(runner.params):  # the model gone back to makes other features: these are void
+            if not _same_windows(runner.params, self.runner.params):  # the model gone back to cuts other windows
                 self.stats.dropped_windows += len(feats)
+                log.error("%d windows inferred by the refused model dropped: the model serving again cuts its "
+                          "windows otherwise", len(feats))
                 return 0
-            runner = self.runner
+            runner = self.runner  # the same windows, its own features (a retrained model's normalization differs)
+            feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
+                                     runner.params)
             pred = runner.predict(feats)
         parts: list[tuple[str, slice]] = []  # each device's windows in the batch
         offset = 0
@@ -236,6 +237,12 @@ class Processor:
             )
             rows.append((device, seq, encode_result_obj(result)))
         return rows
+
+
+def _same_windows(a: PreprocessParams, b: PreprocessParams) -> bool:
+    """Whether two models cut the same windows from the same readings (their features may still differ)."""
+    return (a.sample_rate_hz, a.window_s, a.hop_s, a.channels, a.missing, a.max_missing_frac) == (
+        b.sample_rate_hz, b.window_s, b.hop_s, b.channels, b.missing, b.max_missing_frac)
 
 
 def _layout(params: PreprocessParams) -> str:

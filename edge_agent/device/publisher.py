@@ -53,7 +53,7 @@ class Publisher:
         self._receipts: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._inflight: dict[int, list[int]] = {}  # mid -> outbox row ids
         self._topics: dict[int, str] = {}  # mid -> its topic (named when the broker refuses it)
-        self.refusal: str | None = None  # why the broker will never take results from this client (final)
+        self.refusals: dict[str, str] = {}  # device id -> why the broker will never take its results (final)
         self._read_upto = 0  # highest row id read from the outbox in this process (held, in flight or sent)
         self._held: list[OutboxRow] = []  # waiting for a full batch or its age (new rows and re-sends)
         self._done: list[int] = []  # acknowledged rows not yet marked/deleted (a failed write is retried)
@@ -188,8 +188,9 @@ class Publisher:
                 self._refused_ids.update(ids)
                 self.last_error = f"broker refused a results message: {reason}"
                 log.error("broker refused %d results on %s: %s", len(ids), topic, reason)
-                if "authoriz" in reason.lower() and self.refusal is None:  # MQTT 5's 0x87: final, as the ACL is
-                    self.refusal = (
+                device = topic.split("/")[-2] if topic.count("/") >= 2 else "?"
+                if "authoriz" in reason.lower() and device not in self.refusals:  # MQTT 5's 0x87: final, as the ACL
+                    self.refusals[device] = (
                         f"the broker {self.link.broker} does not let this client publish on {topic} ({reason}): its "
                         "access rules let a device publish under its own id only, so device_id must be the client "
                         "certificate's CN or the MQTT username, and prefix the ACL's (deploy/README.md: Access "

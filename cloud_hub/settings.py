@@ -13,10 +13,14 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_agent.contract import ContractError, check_id
 from edge_agent.settings.broker import BrokerSettings
 from edge_agent.settings.loader import LOG_LEVELS, SettingsError, choice, positive, seconds, user_path
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 ENV_PREFIX = "CLOUD_HUB"
 MAX_BATCH = 100_000
@@ -217,6 +221,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def no_driver(parsed: URL, exc: BaseException) -> str:
+    """What to say of a database URL whose driver cannot be loaded."""
+    hint = ""
+    if parsed.get_backend_name() in ("postgres", "postgresql"):  # postgres:// is Heroku's; psycopg2 is not ours
+        hint = "; for PostgreSQL write postgresql+psycopg://USER@HOST:PORT/DB (the postgres extra installs psycopg)"
+    return f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc}){hint}"
+
+
 def db_url(url: str) -> str:
     """Check that ``url`` is an SQLAlchemy database URL; return it unchanged."""
     from sqlalchemy.engine import make_url
@@ -234,11 +246,7 @@ def db_url(url: str) -> str:
     try:  # the driver, now: later its error could not say where the URL came from
         parsed.get_dialect().import_dbapi()
     except (ImportError, NoSuchModuleError) as exc:
-        hint = ""
-        if parsed.get_backend_name() in ("postgres", "postgresql"):  # postgres:// is Heroku's; psycopg2 is not ours
-            hint = "; for PostgreSQL write postgresql+psycopg://USER@HOST:PORT/DB (the postgres extra installs psycopg)"
-        raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc}){hint}",
-                            field="db") from None
+        raise SettingsError(no_driver(parsed, exc), field="db") from None
     if parsed.drivername.startswith("sqlite") and parsed.database:
         user_path("db", parsed.database)  # sqlite:///~nosuchuser/hub.sqlite
     return url

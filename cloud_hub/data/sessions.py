@@ -19,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from cloud_hub.errors import HubError
+from cloud_hub.settings import no_driver
 from edge_agent import exits
 from edge_agent.settings.loader import SettingsError
 
@@ -68,11 +69,8 @@ def new_engine(url: str, *, schema: str | None = None, create: bool = True, **kw
         kw.setdefault("connect_args", {})["options"] = f"-csearch_path={schema}"
     try:
         engine = sa.create_engine(parsed, **kw)
-    except (sa.exc.NoSuchModuleError, ImportError) as exc:
-        hint = ""
-        if parsed.get_backend_name() in ("postgres", "postgresql"):  # postgres:// is Heroku's; psycopg2 is not ours
-            hint = "; for PostgreSQL write postgresql+psycopg://USER@HOST:PORT/DB (the postgres extra installs psycopg)"
-        raise SettingsError(f"db {parsed.render_as_string(hide_password=True)!r}: no driver ({exc}){hint}") from exc
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:  # make_engine called with a URL no settings checked
+        raise SettingsError(no_driver(parsed, exc)) from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)

@@ -17,7 +17,6 @@ from cloud_hub.models import forecast
 from cloud_hub.models.training import task_of
 
 #: k-NN baselines are skipped beyond this many train x test distance computations (seconds of CPU).
-#: k-NN baselines are skipped beyond this many train x test distance computations (seconds of CPU).
 KNN_MAX_PAIRS = 400_000_000
 
 

@@ -167,8 +167,8 @@ class Processor:
         if not ready:
             return 0
         runner = self.runner
-        feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
-                                 runner.params)
+        windows = ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready)
+        feats = extract_features(windows, runner.params)
         try:
             pred = runner.predict(feats)
         except ModelError as exc:  # e.g. NaN on real readings, which its warm-up on zeros did not show
@@ -180,8 +180,7 @@ class Processor:
                           "windows otherwise", len(feats))
                 return 0
             runner = self.runner  # the same windows, its own features (a retrained model's normalization differs)
-            feats = extract_features(ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready),
-                                     runner.params)
+            feats = extract_features(windows, runner.params)
             pred = runner.predict(feats)
         parts: list[tuple[str, slice]] = []  # each device's windows in the batch
         offset = 0

@@ -177,7 +177,7 @@ class Publisher:
             except queue.Empty:
                 break
             ids = self._inflight.pop(mid, None)
-            topic = self._topics.pop(mid, "?")
+            topic = self._topics.pop(mid, "")
             if ids is None:
                 continue  # a duplicate callback: idempotent
             if ok:
@@ -188,7 +188,7 @@ class Publisher:
                 self._refused_ids.update(ids)
                 self.last_error = f"broker refused a results message: {reason}"
                 log.error("broker refused %d results on %s: %s", len(ids), topic, reason)
-                device = topic.split("/")[-2] if topic.count("/") >= 2 else "?"
+                device = self.topics.parse(topic)[1]
                 if "authoriz" in reason.lower() and device not in self.refusals:  # MQTT 5's 0x87: final, as the ACL
                     self.refusals[device] = (
                         f"the broker {self.link.broker} does not let this client publish on {topic} ({reason}): its "

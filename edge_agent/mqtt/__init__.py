@@ -64,9 +64,8 @@ class MqttError(exits.Failure):
 class ConnectRefused(MqttError):
     """The broker answered CONNACK with a failure reason (bad credentials, not authorized, ...)."""
 
-    def __init__(self, reason: str, broker: object = None) -> None:
-        super().__init__(f"broker {broker} refused the connection: {reason}" if broker is not None else
-                         f"broker refused the connection: {reason}")
+    def __init__(self, reason: str, broker: BrokerURL) -> None:
+        super().__init__(f"broker {broker} refused the connection: {reason}")
         self.reason = reason
 
 
@@ -236,15 +235,9 @@ class MqttLink:
     def _tls_problem(self) -> str | None:
         """A TLS handshake made as paho makes it, for the cause paho does not say (a certificate signed by
         another CA, a host name the certificate does not hold); None when it succeeds."""
-        host, port, files = self.broker.host, self.broker.port, self._tls
+        host, port = self.broker.host, self.broker.port
         try:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            if files.ca_file:
-                context.load_verify_locations(cafile=files.ca_file)
-            else:
-                context.load_default_certs()
-            if files.cert_file and files.key_file:
-                context.load_cert_chain(files.cert_file, files.key_file, password=lambda: b"")
+            context = self._tls.client_context()
             with socket.create_connection((host, port), timeout=3) as sock, \
                     context.wrap_socket(sock, server_hostname=host):
                 return None

@@ -9,10 +9,14 @@ process's own settings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from edge_agent.contract import ContractError, Topics
 from edge_agent.settings.loader import SettingsError, seconds, user_path
+
+if TYPE_CHECKING:
+    import ssl
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,22 +92,41 @@ class TLSFiles:
         import ssl  # what paho's tls_set loads (paho imports ssl anyway)
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        if self.ca_file is not None:
+        if self.ca_file is not None:  # the system's CAs (no ca_file) are not read here: nothing to check
             try:
-                context.load_verify_locations(cafile=str(user_path("ca_file", self.ca_file)))
+                self._load_ca(context)
             except (ssl.SSLError, ValueError) as exc:
                 raise SettingsError(f"ca_file {self.ca_file!r} holds no PEM certificate the TLS library can read "
                                     f"({getattr(exc, 'reason', None) or exc})", field="ca_file") from None
-        if self.cert_file is not None and self.key_file is not None:
-            try:  # no password prompt: an encrypted key would wait on a terminal a service does not have
-                context.load_cert_chain(str(user_path("cert_file", self.cert_file)),
-                                        str(user_path("key_file", self.key_file)), password=lambda: b"")
-            except ssl.SSLError as exc:
-                reason = getattr(exc, "reason", None) or str(exc)
-                why = ("the key is not the certificate's" if reason == "KEY_VALUES_MISMATCH" else
-                       "one of them is not a PEM certificate / unencrypted PEM key the TLS library can read")
-                raise SettingsError(f"cert_file {self.cert_file!r} and key_file {self.key_file!r}: {why} ({reason})",
-                                    field="key_file") from None
+        try:
+            self._load_certificate(context)
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            why = ("the key is not the certificate's" if reason == "KEY_VALUES_MISMATCH" else
+                   "one of them is not a PEM certificate / unencrypted PEM key the TLS library can read")
+            raise SettingsError(f"cert_file {self.cert_file!r} and key_file {self.key_file!r}: {why} ({reason})",
+                                field="key_file") from None
+
+    def client_context(self) -> ssl.SSLContext:
+        """The TLS context paho's ``tls_set`` makes of these files: the CA file's certificates (else the system's)
+        and the client certificate. Raises ``ssl.SSLError``/``OSError`` as loading them does."""
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ca_file is None:
+            context.load_default_certs()
+        else:
+            self._load_ca(context)
+        self._load_certificate(context)
+        return context
+
+    def _load_ca(self, context: ssl.SSLContext) -> None:
+        context.load_verify_locations(cafile=str(user_path("ca_file", self.ca_file or "")))
+
+    def _load_certificate(self, context: ssl.SSLContext) -> None:
+        if self.cert_file is not None and self.key_file is not None:  # no password prompt: an encrypted key would
+            context.load_cert_chain(str(user_path("cert_file", self.cert_file)),  # wait on a terminal a service
+                                    str(user_path("key_file", self.key_file)), password=lambda: b"")  # does not have
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,7 @@ class _Lines:
 
 QUIET_TICK_S = 0.5  # a live stream that gives nothing: the agent's idle work runs this often meanwhile
 
+
 class JsonLinesStream(_Lines):
     """JSON lines from a live stream (a text or binary file object, e.g. stdin):
     ``{"ts":..., "device_id":..., "<channel>":..., "label":...}``.

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_hub.data.ingest import Hub
 from cloud_hub.data.store import MULTI_MAX_ROWS
+from cloud_hub.serve import collect_less
 from cloud_hub.settings import HubSettings
 from cloud_hub.tools.local_broker import LocalBroker
 from edge_agent import contract as c
@@ -315,6 +316,7 @@ def _hub_run(broker: LocalBroker, url: str, prefix: str, per_msg: int, n_results
     settings = HubSettings(broker=broker.url, db=url, prefix=prefix, client_id=prefix, log_interval_s=0,
                            receipts=receipts, device_max_msgs_per_s=0,
                            **({} if linger_ms is None else {"batch_linger_ms": linger_ms}))
+    collect_less()  # as serve does
     hub = _Timed(settings, n_results)
     if profile is not None:
         run = hub._run

@@ -3,6 +3,7 @@ the canary watcher and the periodic retrain, starts them together and stops them
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -18,11 +19,27 @@ from edge_agent.settings.loader import SettingsError
 
 log = logging.getLogger(__name__)
 
+GC_GEN0 = 10_000
+"""The youngest generation's threshold in a serving hub (CPython's default: 700). Each result's row
+lives until its batch is committed, so at the default the collector ran every few hundred results, and
+went through the older objects (SQLAlchemy's, paho's, the libraries') every tenth or hundredth time: 14 %
+of the hub's CPU in ``bench/hub_ingest.py --db`` (3.3 against 2.85 µs a result with the collector off). At 10,000 it
+costs as little as off, and the hub's peak memory is the same (103.2 against 103.8 MB in a SQLite run
+of 400,000 results: what waits longer for the collector is young cyclic garbage, little of it)."""
+
+
+def collect_less() -> None:
+    """Raise the garbage collector's youngest threshold to :data:`GC_GEN0` (never lower it): for the
+    process whose job is ingest (``serve``, and the bench that measures it)."""
+    gen0, *older = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_GEN0), *older)
+
 
 def serve(settings: HubSettings, *, stop: threading.Event | None = None,
           on_started: Callable[[Hub], None] | None = None) -> HubStats:
     """Run a hub until SIGTERM/SIGINT (or ``stop`` is set), then flush, commit, ack and disconnect."""
     stop = stop or threading.Event()
+    collect_less()
     if settings.http:  # a taken port stops serve before it opens, or creates, the database
         _can_listen(settings.http)
     path = sqlite_file(settings.db)

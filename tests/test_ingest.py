@@ -458,3 +458,26 @@ def test_a_lone_result_is_written_after_the_linger_not_held_for_a_fuller_batch(
         assert sorted(stored_keys(settings.db)) == [("dev-q", 0), ("dev-q", 10), ("dev-q", 20)]
     finally:
         hub.stop()
+
+
+def test_serve_collects_young_garbage_less_often_and_never_more_often(tmp_path) -> None:
+    """The collector at CPython's default (700) took 14 % of a PostgreSQL hub's CPU (bench/hub_ingest.py):
+    serve raises the youngest threshold to GC_GEN0, keeps a higher one, and leaves the older ones alone."""
+    import gc
+
+    from cloud_hub.serve import GC_GEN0, collect_less, serve
+    from cloud_hub.tools.local_broker import free_port
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        stopped = threading.Event()
+        stopped.set()  # serve sets the threshold first, then returns at its first look at the stop event
+        serve(HubSettings(broker=f"mqtt://127.0.0.1:{free_port()}", db=f"sqlite:///{tmp_path / 'hub.sqlite'}",
+                          connect_timeout_s=5), stop=stopped)
+        assert gc.get_threshold() == (GC_GEN0, 10, 10)
+        gc.set_threshold(GC_GEN0 * 3, 7, 9)
+        collect_less()
+        assert gc.get_threshold() == (GC_GEN0 * 3, 7, 9)
+    finally:
+        gc.set_threshold(*before)

@@ -80,7 +80,9 @@ def result_rows(payload: bytes, device: str, now: float) -> tuple[list[ResultRow
 def fast_rows(payload: bytes, device: str, now: float) -> tuple[list[ResultRow], bool] | None:
     """The rows of a results payload from ``device`` (already checked by the topic parser) and its
     ``mark_duplicates``, or None when the contract must decide (see the module docstring)."""
-    if len(payload) > MAX_RESULTS_BYTES or b"\\u0000" in payload:  # NUL (JSON can only escape it): the contract refuses
+    # NUL (JSON can only escape it): the contract refuses. A backslash first: a memchr, 0.3 µs for a batch of
+    # 100 results where the six-byte search takes 9 µs (most payloads hold no escape at all).
+    if len(payload) > MAX_RESULTS_BYTES or (b"\\" in payload and b"\\u0000" in payload):
         return None
     try:
         batch = _decode(payload)

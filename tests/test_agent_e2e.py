@@ -256,3 +256,49 @@ def test_sigterm_while_waiting_for_a_dead_broker_exits_130_keeping_results(procs
     assert proc.returncode == 130, err
     assert "interrupted" in err and "kept in the outbox" in err
     assert len(_pending(state)) == produced
+
+
+def test_readings_out_of_range_drop_their_windows_and_the_replay_delivers_the_rest(
+        shared_broker, prefix, tmp_path, log_and_model) -> None:
+    """A hostile sensor's finding: a dead register reading 4294967295 made the features inf/NaN; with --features all
+    the agent stopped (exit 5: "result.features must hold only finite numbers") having delivered nothing, and again
+    at every start; without, it published confident labels computed from nothing. Now the windows that cover such a
+    reading are dropped and counted, said in one line naming the device, the channel and the reading, and every
+    other window is delivered; no numpy warning reaches the operator."""
+    import numpy as np
+
+    log, model, params = log_and_model
+    lines = log.read_text().splitlines()
+    header = lines[0].split(",")
+    ts_col, dev_col, ax = header.index("ts"), header.index("device_id"), header.index("ax")
+    bursts = {"dev-a": (10.0, 10.5, "4294967295"), "dev-b": (26.0, 26.04, "1e30"), "dev-c": (30.0, 30.3, "3.4e38")}
+    bad: dict[str, list[float]] = {d: [] for d in bursts}
+    out = [lines[0]]
+    for line in lines[1:]:
+        cells = line.split(",")
+        t, dev = float(cells[ts_col]), cells[dev_col]
+        lo, hi, reading = bursts[dev]
+        if lo <= t < hi:
+            cells[ax] = reading
+            bad[dev].append(t)
+        out.append(",".join(cells))
+    hostile = tmp_path / "register.csv"
+    hostile.write_text("\n".join(out) + "\n")
+    last = (params.window_size - 1) / params.sample_rate_hz  # a window's last reading, after its first
+    dropped = {(d, s) for d, s in expected_keys(hostile, params)
+               if any(s / 1000 - 1e-6 <= t <= s / 1000 + last + 1e-6 for t in bad[d])}
+    assert len(dropped) >= 3 and all(bad.values())
+    sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
+    res = run_agent("replay", str(hostile), "--broker", shared_broker.url, "--model", str(model), "--prefix", prefix,
+                    "--state-dir", str(tmp_path / "s"), "--json", "--features", "all", "--until", "broker")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = orjson.loads(res.stdout)
+    wanted = expected_keys(hostile, params) - dropped
+    got = sub.wait_for(wanted)
+    sub.stop()
+    assert got == wanted and sub.distinct() == wanted, "the other windows delivered, none of the dropped"
+    assert all(np.isfinite(r.features).all() for r in sub.results.values())
+    assert summary["dropped_windows"] == len(dropped) and summary["published"] == len(wanted)
+    said = [ln for ln in res.stderr.splitlines() if "standard deviations" in ln]
+    assert len(said) == 1 and "4.294967e+09 in ax" in said[0] and "dev-a" in said[0], res.stderr[-2000:]
+    assert "RuntimeWarning" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -434,3 +434,28 @@ def test_a_model_no_better_than_the_majority_class_is_said_and_not_published_by_
     err = lambda e: {"mean_error": e, "mae": e}  # noqa: E731 - one output: the MAE is the mean error
     assert constant_check(err(2.0), {"mean": err(2.1)}) is None
     assert constant_check(err(2.2), {"mean": err(2.1)}) is not None
+
+
+def test_training_windows_of_readings_out_of_range_are_left_out_and_said(tmp_path: Path, caplog) -> None:
+    """A running model's statistics (a retrain from logs, a round's hold-out) make a dead register's 4294967295 out
+    of range: its windows' features are a row of NaN (edge_agent.preprocess.features.MAX_NORMALIZED), which the
+    trainer would refuse with a traceback. They are left out and counted, with their labels, devices and starts."""
+    from cloud_hub.models import datasets
+    from tests.helpers import make_log
+
+    log = make_log(tmp_path / "good.csv", seconds=60)
+    rows = log.read_text().splitlines()
+    hostile = [rows[0]] + [",".join([r.split(",")[0], r.split(",")[1], "4294967295", *r.split(",")[3:]])
+                           if r.split(",")[1] == "dev-a" and 20.0 <= float(r.split(",")[0]) < 20.5 else r
+                           for r in rows[1:]]
+    (tmp_path / "register.csv").write_text("\n".join(hostile) + "\n")
+    good = datasets.dataset_from_logs([str(log)], window_s=None, hop_s=None, holdout=["dev-c"])
+    with caplog.at_level("WARNING"):
+        got = datasets.dataset_from_logs([str(tmp_path / "register.csv")], window_s=None, hop_s=None,
+                                         holdout=["dev-c"], params=good.params)
+    said = [r.getMessage() for r in caplog.records if "standard deviations" in r.getMessage()]
+    assert len(said) == 1 and "register.csv" in said[0], said
+    n = int(said[0].split(": ")[1].split(" of ")[0])
+    assert n >= 2 and len(got.y) == len(good.y) - n and np.isfinite(got.X).all()
+    assert len(got.devices) == len(got.order) == len(got.y) and (got.devices == "dev-a").sum() == \
+        (good.devices == "dev-a").sum() - n

@@ -586,3 +586,38 @@ def test_window_batch_of_windows_and_concat():
     np.testing.assert_array_equal(both.data, np.concatenate([data, b.data]))
     with pytest.raises(ValueError, match="window sizes"):
         WindowBatch.concat([a, WindowBatch.empty(6, 2)])
+
+
+@pytest.mark.parametrize("features", ["stats-v1", "stats-fft-v1", "mean-v1", "trend-v1"])
+@pytest.mark.parametrize("reading", [4294967295.0, 1e30, 3.4028235e38, -3.4028235e38])
+def test_a_window_covering_a_reading_out_of_range_is_a_row_of_nan_and_the_others_are_untouched(
+        features: str, reading: float) -> None:
+    """A hostile sensor's finding: a dead register's 4294967295 overflowed the kurtosis' fourth powers; the
+    features came out inf/NaN (the contract refused them: the agent stopped, exit 5) or, at float32's largest,
+    silently 0 (a confident result from nothing). Now each window that covers such a reading is a row of NaN,
+    without a numpy warning, and every other window's features are those of the readings without it."""
+    import warnings
+
+    from edge_agent.preprocess.features import MAX_NORMALIZED
+
+    p = params(window_s=1.0, hop_s=0.2, c=3, features=features)
+    rng = np.random.default_rng(3)
+    ts = np.arange(400) / RATE
+    values = rng.normal(size=(400, 3)).astype(np.float32)
+    p = p.with_normalization(*fit_normalization(values))
+    clean = make_windows(ts, values, None, p)
+    bad = values.copy()
+    bad[200, 1] = reading
+    hit = make_windows(ts, bad, None, p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would fail here
+        got = extract_features(hit, p)
+    want = extract_features(clean, p)
+    covers = (hit.offsets <= 200) & (hit.offsets + p.window_size > 200)
+    assert covers.sum() == p.window_size // p.hop_size
+    assert np.isnan(got[covers]).all()
+    np.testing.assert_allclose(got[~covers], want[~covers], rtol=1e-6, atol=1e-6)  # block sums: float32 rounding
+    assert np.isfinite(got[~covers]).all()
+    edge = values.copy()
+    edge[200, 1] = p.norm_mean[1] + 0.9 * MAX_NORMALIZED * p.norm_std[1]  # just inside: computed, finite
+    assert np.isfinite(extract_features(make_windows(ts, edge, None, p), p)).all()

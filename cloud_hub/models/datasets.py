@@ -10,6 +10,7 @@ instead split in time (its last 20 % of windows).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Collection, Sequence
@@ -27,7 +28,10 @@ from edge_agent.preprocess import (
     extract_features,
     fit_normalization,
 )
+from edge_agent.preprocess.features import MAX_NORMALIZED
 from edge_agent.sources import read_log
+
+log = logging.getLogger(__name__)
 
 # Defaults measured on the watch recordings (bench/train_watch.py, subjects s09 and s10 held out):
 # time-domain statistics generalize to unseen people better than spectra, which capture each
@@ -158,6 +162,17 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
     return np.concatenate(data), y, np.asarray(devices, dtype=str), np.concatenate(starts)
 
 
+def computed(X: np.ndarray, what: str) -> np.ndarray:
+    """The rows of ``extract_features``'s ``X`` it could compute (a row of NaN: a window that covers a reading out
+    of range, further than ``MAX_NORMALIZED`` standard deviations from the training mean); says how many were not."""
+    ok = ~np.isnan(X).any(axis=1)
+    if not ok.all():
+        log.warning("%s: %d of %d windows left out: each covers a reading further than %g standard deviations from "
+                    "the training readings' mean (a dead register, a rail)", what, int((~ok).sum()), len(ok),
+                    MAX_NORMALIZED)
+    return ok
+
+
 def default_params(path: str, *, window_s: float | None = None, hop_s: float | None = None,
                    features: str | None = None, absent: tuple[float, float] | None = None,
                    on_error: str = "raise", forecast: str | None = None) -> PreprocessParams:
@@ -218,6 +233,8 @@ def dataset_from_logs(paths: Sequence[str], *, window_s: float | None, hop_s: fl
         mean, std = fit_normalization(data[train_mask].reshape(-1, data.shape[2]), params)
         params = params.with_normalization(mean, std)
     X = extract_features(data, params)
+    if not (ok := computed(X, ", ".join(paths))).all():
+        X, data, y, devices, starts, last, train_mask = (a[ok] for a in (X, data, y, devices, starts, last, train_mask))
     extra: list[np.ndarray] = []  # feature rows of augmented copies of the training windows
     copies = (SCAN_OFFSET_COPIES if params.features == SCAN_FEATURES else 0) if offset_copies is None else offset_copies
     if copies:

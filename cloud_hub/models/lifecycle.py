@@ -28,6 +28,7 @@ from cloud_hub.models.datasets import (
     Dataset,
     LifecycleError,
     choose_holdout,
+    computed,
     dataset_from_logs,
     default_config,
     labels_array,
@@ -282,7 +283,10 @@ def retrain(engine: sa.Engine, *, name: str = "default", holdout: Sequence[str] 
     n_fleet = len(ds.y)
     if logs:
         data, y, devices, starts = windows_from_logs(logs, params)
-        extra = Dataset(extract_features(data, params), y, devices, params, starts)
+        X = extract_features(data, params)
+        kept = computed(X, ", ".join(logs))
+        data, y, devices, starts = data[kept], y[kept], devices[kept], starts[kept]
+        extra = Dataset(X[kept], y, devices, params, starts)
         last = None if ds.last is None else np.vstack([ds.last, data[:, -1, :]])
         ds = Dataset(np.vstack([ds.X, extra.X]), np.concatenate([ds.y.astype(extra.y.dtype), extra.y]),
                      np.concatenate([ds.devices, extra.devices]), params, np.concatenate([ds.order, extra.order]),

@@ -33,7 +33,7 @@ from cloud_hub.data.aggregate import shaped_by
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.data.summaries import describe_score
 from cloud_hub.models import quantize, weights
-from cloud_hub.models.datasets import windows_from_logs
+from cloud_hub.models.datasets import computed, windows_from_logs
 from cloud_hub.models.int8 import relu_outputs, requantize
 from cloud_hub.models.lifecycle import next_version, passes_gate, register
 from cloud_hub.rounds import fedavg, privacy
@@ -274,6 +274,8 @@ def _holdout_features(logs: list[str], preprocess: dict[str, Any]) -> tuple[np.n
         data, y, devices, _starts = windows_from_logs(logs, params)
         X = extract_features(data, params)
         del data, _starts  # only the features are scored
+        ok = computed(X, ", ".join(logs))
+        X, y, devices = X[ok], y[ok], devices[ok]
         _held.clear()
         _held[key] = (X, y, devices)
     return _held[key]

@@ -20,6 +20,7 @@ from edge_agent.contract import MAX_LABEL_CHARS, ContractError, Result, check_id
 from edge_agent.device.outbox import Outbox
 from edge_agent.drift import DeviceDrift
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
+from edge_agent.preprocess.features import MAX_NORMALIZED
 from edge_agent.runner import ModelError, ModelRunner, Prediction
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
@@ -54,7 +55,8 @@ class ProcessStats:
     readings: int = 0
     windows: int = 0
     new_results: int = 0
-    dropped_windows: int = 0  # windows dropped for missing data (preprocessing policy)
+    dropped_windows: int = 0  # windows dropped for missing data (preprocessing policy) or a reading out of range
+    out_of_range: int = 0  # windows dropped for a reading out of range (MAX_NORMALIZED)
     devices: set[str] = field(default_factory=set)
 
 
@@ -77,6 +79,7 @@ class Processor:
         self.other_devices: dict[str, int] = {}  # skipped: source device id -> readings (at most OTHER_DEVICES_NAMED)
         self.other_devices_more = 0  # skipped readings of the devices past those, counted together
         self._dropped_said = (0, -math.inf)  # (dropped windows when last said, when): a live agent says them
+        self._out_of_range_said = -math.inf  # when windows dropped for a reading out of range were last said
         self._source = "the source"  # named in errors
         self.runner = runner
         # a model that fails on real readings: the agent goes back to the model before it (True: swapped back)
@@ -162,13 +165,14 @@ class Processor:
             self.stats.dropped_windows += batch.dropped
             if len(batch):
                 ready.append((self._devices[source_device], batch))
-        if self.one_device and self.stats.dropped_windows > self._dropped_said[0]:
+        if self.one_device and self.stats.dropped_windows - self.stats.out_of_range > self._dropped_said[0]:
             self._say_dropped()
         if not ready:
             return 0
         runner = self.runner
-        windows = ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready)
-        feats = extract_features(windows, runner.params)
+        ready, feats = self._featurize(ready, runner)
+        if not ready:
+            return 0
         try:
             pred = runner.predict(feats)
         except ModelError as exc:  # e.g. NaN on real readings, which its warm-up on zeros did not show
@@ -180,7 +184,9 @@ class Processor:
                           "windows otherwise", len(feats))
                 return 0
             runner = self.runner  # the same windows, its own features (a retrained model's normalization differs)
-            feats = extract_features(windows, runner.params)
+            ready, feats = self._featurize(ready, runner)
+            if not ready:
+                return 0
             pred = runner.predict(feats)
         parts: list[tuple[str, slice]] = []  # each device's windows in the batch
         offset = 0
@@ -201,6 +207,42 @@ class Processor:
         self.stats.new_results += added
         return added
 
+    def _featurize(self, ready: list[tuple[str, WindowBatch]], runner: ModelRunner
+                   ) -> tuple[list[tuple[str, WindowBatch]], np.ndarray]:
+        """The features of the ready windows, and the windows they are of: a window that covers a reading out of
+        range (a row of NaN, see ``MAX_NORMALIZED``) is dropped, counted and said, never inferred."""
+        windows = ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready)
+        feats = extract_features(windows, runner.params)
+        ok = ~np.isnan(feats).any(axis=1)
+        if ok.all():
+            return ready, feats
+        kept: list[tuple[str, WindowBatch]] = []
+        offset = 0
+        for device, batch in ready:
+            keep = ok[offset : offset + len(batch)]
+            offset += len(batch)
+            if not keep.all():
+                self._out_of_range(device, batch, int((~keep).sum()), runner.params)
+            if keep.any():
+                kept.append((device, batch.take(keep)))
+        return kept, feats[ok]
+
+    def _out_of_range(self, device: str, batch: WindowBatch, n: int, params: PreprocessParams) -> None:
+        """Count windows dropped for a reading out of range; say so at most once a minute, naming the device and
+        the batch's largest reading."""
+        self.stats.dropped_windows += n
+        self.stats.out_of_range += n
+        now = time.monotonic()
+        if now - self._out_of_range_said < 60.0:
+            return
+        self._out_of_range_said = now
+        size = np.abs(np.nan_to_num(batch.values, nan=0.0, posinf=np.inf, neginf=np.inf))
+        row, col = np.unravel_index(int(np.argmax(size)), size.shape)
+        log.warning("%s: %d windows dropped so far (%d now, device %s): a reading of %.7g in %s, further than %g "
+                    "standard deviations from the model's training readings: no sensor that works reads it (a dead "
+                    "register, a rail); check the sensor", self._source, self.stats.out_of_range, n, device,
+                    float(batch.values[row, col]), params.channels[col], MAX_NORMALIZED)
+
     def _say_dropped(self) -> None:
         """A live agent says (at most once a minute) that windows were dropped: a sensor that reports less often
         than the model's rate, or unevenly, gave readings and no results, said nowhere but in the metrics."""
@@ -208,10 +250,11 @@ class Processor:
         if now - self._dropped_said[1] < 60.0:
             return
         p = self.runner.params
+        missing = self.stats.dropped_windows - self.stats.out_of_range
         log.warning("%d windows dropped so far (a channel more than 20 %% missing in a window, or a gap over 1.5 "
                     "sample periods): the model takes %g readings a second in windows of %g s; the sensor must "
-                    "report that often", self.stats.dropped_windows, p.sample_rate_hz, p.window_s)
-        self._dropped_said = (self.stats.dropped_windows, now)
+                    "report that often", missing, p.sample_rate_hz, p.window_s)
+        self._dropped_said = (missing, now)
 
     def _results(self, device: str, batch: WindowBatch, feats: np.ndarray, pred: Prediction, part: slice
                  ) -> list[tuple[str, int, bytes]]:

@@ -66,7 +66,8 @@ def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams
         params: fitted params (``norm_mean``/``norm_std`` set).
 
     Returns:
-        float32[k, params.n_features].  Each channel is first normalized with
+        float32[k, params.n_features], a row of NaN for a window that covers a reading out of range
+        (:data:`MAX_NORMALIZED`).  Each channel is first normalized with
         the shipped statistics, then (column order = :func:`feature_names`):
 
         * per channel: mean, std, min, max, 10/25/50/75/90th percentiles,
@@ -108,6 +109,11 @@ def extract_features(windows: np.ndarray | WindowBatch, params: PreprocessParams
 # hop): the moments of each block are computed once, and a window's moments are combined from its
 # blocks'. With more blocks than this per window (e.g. a hop of one sample) windows are one block.
 _MAX_BLOCKS = 16
+MAX_NORMALIZED = 1e8
+"""A reading further than this many standard deviations (the model's training statistics) from the training mean
+is out of range: the fourth powers of the kurtosis would overflow float32 (from ~1e9 on, over a window), and no
+sensor that works reads it (a dead register reads 4294967295, a rail float32's largest). A window that covers one
+gets a row of NaN from :func:`extract_features`: callers leave it out and count it."""
 FEATURE_SLICE = 128  # windows per pass of the per-window statistics (bounds the temporaries)
 
 
@@ -127,10 +133,27 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
     inv = np.float32(1.0) / np.asarray(params.norm_std, np.float32)[:, None]
     # Layout (c, m), C order: every statistic reduces the last, contiguous axis.
     x = np.empty((c, values.shape[0]), np.float32)
-    np.subtract(replace_absent(values, params).T, mean, out=x)
-    x *= inv
-    if not np.isfinite(x).all():  # readings no window covers (dropped), or an overflow
-        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # a reading at float32's largest: inf, dealt with below
+        np.subtract(replace_absent(values, params).T, mean, out=x)
+        x *= inv
+    out_of_range = None
+    within = np.abs(x) <= MAX_NORMALIZED  # False for NaN and inf too
+    if not within.all():
+        bad = ~within.all(axis=0)
+        x[:, bad] = 0.0  # readings no window covers (dropped), or out of range: the windows that cover one are NaN
+        covered = np.concatenate(([0], np.cumsum(bad, dtype=np.intp)))
+        out_of_range = covered[offsets + size] > covered[offsets]
+    feats = _features_of(x, offsets, params)
+    if out_of_range is not None and out_of_range.any():
+        feats[out_of_range] = np.nan
+    return feats
+
+
+def _features_of(x: np.ndarray, offsets: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Features of the windows at ``offsets`` of the normalized readings ``x`` (c, m), every one finite and
+    within :data:`MAX_NORMALIZED`."""
+    size, c = params.window_size, len(params.channels)
+    k = offsets.shape[0]
     if params.features == "mean-v1":
         return sliding_window_view(x, size, axis=1)[:, offsets].mean(axis=2, dtype=np.float32).T.copy()
     if params.features == "trend-v1":

@@ -79,6 +79,12 @@ class WindowBatch:
             dropped=0,
         )
 
+    def take(self, keep: np.ndarray) -> WindowBatch:
+        """The windows where ``keep`` (bool[k]) is True, cut from the same readings."""
+        return WindowBatch(start=self.start[keep], end=self.end[keep], values=self.values, offsets=self.offsets[keep],
+                           size=self.size, labels=None if self.labels is None else self.labels[keep],
+                           dropped=self.dropped)
+
     @classmethod
     def concat(cls, batches: Iterable[WindowBatch]) -> WindowBatch:
         """Concatenate batches (all with labels or all without, all of one window size)."""

@@ -1328,3 +1328,36 @@ def test_a_live_line_that_never_ends_is_skipped_not_kept() -> None:
     assert live.stats.skipped_by_reason == {"line too long": 1}
     assert "line 2: a line longer than 1048576 bytes: skipped to its end" in str(live.stats.first_errors[0])
     assert len(live.parser.partial) == 0 and live.parser.line == 5
+
+
+@pytest.mark.parametrize("lines_a_block", [1, 7, 5000])
+def test_a_live_device_whose_clock_glitched_ahead_once_goes_on_after_a_run_of_readings(lines_a_block, caplog) -> None:
+    """A hostile sensor's finding: one reading 12 h ahead (less than the day a live source allows) made every later
+    reading "non-monotonic" until the clock caught up: 12 h of readings skipped. Now LIVE_REANCHOR_READINGS readings
+    in a row dated before it, each later than the one before, take it for the glitch and the device goes on. A
+    reading that arrives late now and then (the other device's too) is skipped as before, and never re-anchors."""
+    from edge_agent.sources import lines as lines_module
+    from edge_agent.sources.chunk import NON_MONOTONIC_TS, ReadStats
+
+    n = lines_module.LIVE_REANCHOR_READINGS
+    t0 = float(int(time.time()) - 10_000)
+    rows = [f"{t0 + i * 0.02:.3f},me,1.0" for i in range(500)]
+    rows.insert(250, f"{t0 + 43_200:.3f},me,9.0")  # the glitch, after the 250th reading
+    for i in range(0, 500, 5):  # another device: every other reading late, 100 of them (more than n)
+        rows.append(f"{t0 + i * 0.02:.3f},other,2.0")
+        rows.append(f"{t0 + i * 0.02 - 1.0:.3f},other,3.0")
+    parser = lines_module.LineParser("<stdin>", "csv", on_error="skip")
+    parser.live(ReadStats())
+    parser.prime(b"ts,device_id,x\n")
+    chunks = []
+    with caplog.at_level("WARNING"):
+        for i in range(0, len(rows), lines_a_block):
+            chunks += list(parser.feed(("\n".join(rows[i:i + lines_a_block]) + "\n").encode(),
+                                       final=i + lines_a_block >= len(rows)))
+    got = ReadingChunk.concat(chunks).by_device()
+    me = got["me"][0].tolist()
+    assert me == [t0 + i * 0.02 for i in range(250)] + [t0 + 43_200] + [t0 + i * 0.02 for i in range(250 + n - 1, 500)]
+    assert got["other"][0].tolist() == [t0 + i * 0.02 for i in range(0, 500, 5)]
+    assert parser.stats.skipped_by_reason == {NON_MONOTONIC_TS: n - 1 + 100}
+    said = [r.getMessage() for r in caplog.records if "glitch" in r.getMessage()]
+    assert len(said) == 1 and "'me'" in said[0] and "43" in said[0], said

@@ -8,6 +8,8 @@ codes, the last ts per device, the skip/raise policy, a live source's clock boun
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -33,6 +35,12 @@ _PART_ROWS = 2048  # lines parsed at once
 MAX_LIVE_DEVICE_CODES = 1 << 12  # distinct device ids a live source keeps coded; past it only the latest stay
 LIVE_DEVICES_KEPT = 64  # ... the devices read most recently, whose readings' order is still checked
 MAX_LABEL_CODES = 1 << 14  # distinct labels kept coded between blocks (~5 MB); past it the table starts afresh
+LIVE_REANCHOR_READINGS = 50
+"""A live device's readings that keep coming dated before its last one, this many in a row and each later than the
+one before it: its last reading is taken for a glitch of the sensor's clock (a reading 12 h ahead made every later
+one "non-monotonic" until the clock caught up: 12 h of readings skipped), and its readings go on from there."""
+
+log = logging.getLogger(__name__)
 
 
 class LineParser:
@@ -67,6 +75,9 @@ class LineParser:
         self._acc_lines = 0
         self._last_ts = np.empty(0)
         self._last_line = np.empty(0, dtype=np.int64)
+        self._behind = np.empty(0, dtype=np.int64)  # a live source: each device's late readings in a row
+        self._behind_ts = np.empty(0)  # ... and the ts of the latest of them
+        self._glitch_said = -math.inf  # when a re-anchored device was last said
 
     def live(self, stats: ReadStats) -> None:
         """A live source's parser: what it skips is said as it comes (``stats``: a NotedStats), a reading more than
@@ -261,6 +272,44 @@ class LineParser:
             self._forget_devices()
         return error
 
+    def _reanchor(self, b: Block, late: list[tuple[int, float, int]], last_ts: np.ndarray, last_line: np.ndarray
+                  ) -> list[tuple[int, float, int]]:
+        """A live source's rule on late readings: a device whose readings come dated before its last one
+        :data:`LIVE_REANCHOR_READINGS` times in a row, each later than the one before, goes on from them (its last
+        reading was the glitch). ``last_ts``/``last_line``: the devices' state before the block. Returns the rows
+        that stay late."""
+        nd = last_ts.shape[0]
+        if self._behind.shape[0] < nd:
+            grow = nd - self._behind.shape[0]
+            self._behind = np.concatenate([self._behind, np.zeros(grow, np.int64)])
+            self._behind_ts = np.concatenate([self._behind_ts, np.full(grow, -np.inf)])
+        if not late:
+            if self._behind.any():
+                self._behind[b.dev] = 0  # every device of the block went forward
+            return late
+        out = []  # rare: the block walked again from the state before it, as increasing() walks it
+        behind, behind_ts = self._behind, self._behind_ts
+        for r, (t, c, line) in enumerate(zip(b.ts.tolist(), b.dev.tolist(), b.lines.tolist(), strict=True)):
+            if t > last_ts[c]:
+                last_ts[c], last_line[c], behind[c] = t, line, 0
+                continue
+            behind[c] = behind[c] + 1 if behind[c] and t > behind_ts[c] else 1
+            behind_ts[c] = t
+            if behind[c] < LIVE_REANCHOR_READINGS:
+                out.append((r, float(last_ts[c]), int(last_line[c])))
+                continue
+            now = time.monotonic()
+            if now - self._glitch_said >= 60.0:
+                self._glitch_said = now
+                log.warning("%s: line %d: %d readings of device '%s' in a row dated before its reading of line %d "
+                            "(ts %r, %.0f s ahead of them): that one taken for a glitch of the sensor's clock, the "
+                            "readings go on from this line", self.source, line, int(behind[c]),
+                            shorten(self.d.devices.names[c]), int(last_line[c]), float(last_ts[c]),
+                            float(last_ts[c]) - t)
+            last_ts[c], last_line[c], behind[c] = t, line, 0
+        self._last_ts, self._last_line = last_ts, last_line
+        return out
+
     def _forget_devices(self) -> None:
         """A live source naming ever new device ids (a writer's bug, a hostile peer on the stream) grew the device
         table for as long as it ran (~300 bytes an id). Past :data:`MAX_LIVE_DEVICE_CODES` ids the table starts
@@ -272,6 +321,7 @@ class LineParser:
         keep = np.argsort(last_ts, kind="stable")[-LIVE_DEVICES_KEPT:]
         self.d.forget_devices()
         self._last_ts, self._last_line = np.empty(0), np.empty(0, dtype=np.int64)
+        self._behind, self._behind_ts = np.empty(0, dtype=np.int64), np.empty(0)
         self.continue_after([names[i] for i in keep], last_ts[keep], last_line[keep])
 
     def _times(self, b: Block) -> None:
@@ -288,7 +338,10 @@ class LineParser:
             if self._refuse(b, b.ts > now + ahead_s, lambda ts: ts_ahead_reason(ts, now, ahead_s)):
                 return
         self._last_ts, self._last_line = grow_last(self._last_ts, self._last_line, nd)
+        before = (self._last_ts.copy(), self._last_line.copy()) if self.ahead_s is not None else None
         late = increasing(b.dev, b.ts, b.lines, self._last_ts, self._last_line)
+        if before is not None:
+            late = self._reanchor(b, late, *before)
         if not late:
             return
         bad = np.zeros(b.ts.shape[0], dtype=bool)

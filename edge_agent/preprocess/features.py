@@ -137,7 +137,8 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
         np.subtract(replace_absent(values, params).T, mean, out=x)
         x *= inv
     out_of_range = None
-    within = np.abs(x) <= MAX_NORMALIZED  # False for NaN and inf too
+    within = x <= MAX_NORMALIZED  # False for NaN too; two comparisons: no float temporary the size of x
+    within &= x >= -MAX_NORMALIZED
     if not within.all():
         bad = ~within.all(axis=0)
         x[:, bad] = 0.0  # readings no window covers (dropped), or out of range: the windows that cover one are NaN

@@ -459,3 +459,7 @@ def test_training_windows_of_readings_out_of_range_are_left_out_and_said(tmp_pat
     assert n >= 2 and len(got.y) == len(good.y) - n and np.isfinite(got.X).all()
     assert len(got.devices) == len(got.order) == len(got.y) and (got.devices == "dev-a").sum() == \
         (good.devices == "dev-a").sum() - n
+    # the review's catch: a training copy's lost readings are NaN on purpose (the mean), not out of range
+    copies = datasets.dataset_from_logs([str(log)], window_s=None, hop_s=None, holdout=["dev-c"], offset_copies=2)
+    assert len(copies.y) == 3 * int((good.devices != "dev-c").sum()) + int((good.devices == "dev-c").sum())
+    assert np.isfinite(copies.X).all()

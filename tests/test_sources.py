@@ -1361,3 +1361,32 @@ def test_a_live_device_whose_clock_glitched_ahead_once_goes_on_after_a_run_of_re
     assert parser.stats.skipped_by_reason == {NON_MONOTONIC_TS: n - 1 + 100}
     said = [r.getMessage() for r in caplog.records if "glitch" in r.getMessage()]
     assert len(said) == 1 and "'me'" in said[0] and "43" in said[0], said
+
+
+@pytest.mark.parametrize("late", ["clock reset", "second writer behind", "not going forward"])
+def test_late_readings_that_do_not_show_a_glitch_ahead_never_reanchor_a_live_device(late: str) -> None:
+    """The review's catch: the rule took any run of late readings for a glitch, a sensor clock reset to 1970 and a
+    second writer whose clock is 12 h behind too. Only a last reading ahead of the clock can be the glitch, and the
+    late readings must go forward among themselves."""
+    from edge_agent.sources import lines as lines_module
+    from edge_agent.sources.chunk import NON_MONOTONIC_TS, ReadStats
+
+    n = lines_module.LIVE_REANCHOR_READINGS
+    now = float(int(time.time()))
+    rows = [f"{now - 100 + i * 0.02:.3f},me,1.0" for i in range(100)]  # on time, the last one behind the clock
+    if late == "clock reset":
+        rows += [f"{1.0 + i * 0.02:.3f},me,2.0" for i in range(3 * n)]
+    elif late == "second writer behind":
+        for burst in range(3):
+            rows += [f"{now - 43_200 + burst * 10 + i * 0.02:.3f},me,2.0" for i in range(2 * n)]
+    else:  # ahead of the clock once, then readings that repeat one ts
+        rows += [f"{now + 43_200:.3f},me,9.0"] + [f"{now - 50:.3f},me,2.0"] * (3 * n)
+    parser = lines_module.LineParser("<stdin>", "csv", on_error="skip")
+    parser.live(ReadStats())
+    parser.keys = True
+    parser.prime(b"ts,device_id,x\n")
+    got = ReadingChunk.concat(list(parser.feed(("\n".join(rows) + "\n").encode(), final=True))).by_device()
+    kept = got["me"][0].tolist()
+    assert kept[:100] == [now - 100 + i * 0.02 for i in range(100)]
+    assert len(kept) == 100 + (late == "not going forward"), kept[100:105]
+    assert parser.stats.skipped_by_reason == {NON_MONOTONIC_TS: len(rows) - len(kept)}

@@ -229,15 +229,16 @@ class Processor:
 
     def _out_of_range(self, device: str, batch: WindowBatch, n: int, params: PreprocessParams) -> None:
         """Count windows dropped for a reading out of range; say so at most once a minute, naming the device and
-        the batch's largest reading."""
+        the batch's reading furthest from the model's training readings."""
         self.stats.dropped_windows += n
         self.stats.out_of_range += n
         now = time.monotonic()
         if now - self._out_of_range_said < 60.0:
             return
         self._out_of_range_said = now
-        size = np.abs(np.nan_to_num(batch.values, nan=0.0, posinf=np.inf, neginf=np.inf))
-        row, col = np.unravel_index(int(np.argmax(size)), size.shape)
+        with np.errstate(over="ignore", invalid="ignore"):  # the reading furthest from the training readings
+            far = np.abs((batch.values.astype(np.float64) - np.asarray(params.norm_mean)) / np.asarray(params.norm_std))
+        row, col = np.unravel_index(int(np.argmax(np.nan_to_num(far, nan=0.0, posinf=np.inf))), far.shape)
         log.warning("%s: %d windows dropped so far (%d now, device %s): a reading of %.7g in %s, further than %g "
                     "standard deviations from the model's training readings: no sensor that works reads it (a dead "
                     "register, a rail); check the sensor", self._source, self.stats.out_of_range, n, device,

@@ -140,10 +140,13 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
     within = x <= MAX_NORMALIZED  # False for NaN too; two comparisons: no float temporary the size of x
     within &= x >= -MAX_NORMALIZED
     if not within.all():
-        bad = ~within.all(axis=0)
-        x[:, bad] = 0.0  # readings no window covers (dropped), or out of range: the windows that cover one are NaN
-        covered = np.concatenate(([0], np.cumsum(bad, dtype=np.intp)))
-        out_of_range = covered[offsets + size] > covered[offsets]
+        # NaN: a reading no window covers (dropped), or one a training copy lost on purpose: the mean, 0, as ever.
+        # Out of range (inf too): the windows that cover one are a row of NaN.
+        bad = (~within & ~np.isnan(x)).any(axis=0)
+        x[~within] = 0.0
+        if bad.any():
+            covered = np.concatenate(([0], np.cumsum(bad, dtype=np.intp)))
+            out_of_range = covered[offsets + size] > covered[offsets]
     feats = _features_of(x, offsets, params)
     if out_of_range is not None and out_of_range.any():
         feats[out_of_range] = np.nan

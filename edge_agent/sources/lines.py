@@ -37,7 +37,7 @@ LIVE_DEVICES_KEPT = 64  # ... the devices read most recently, whose readings' or
 MAX_LABEL_CODES = 1 << 14  # distinct labels kept coded between blocks (~5 MB); past it the table starts afresh
 LIVE_REANCHOR_READINGS = 50
 """A live device's readings that keep coming dated before its last one, this many in a row and each later than the
-one before it: its last reading is taken for a glitch of the sensor's clock (a reading 12 h ahead made every later
+one before it, while that one is still ahead of the device's clock: it is taken for a glitch of the sensor's clock (a reading 12 h ahead made every later
 one "non-monotonic" until the clock caught up: 12 h of readings skipped), and its readings go on from there."""
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,8 @@ class LineParser:
     def _reanchor(self, b: Block, late: list[tuple[int, float, int]], last_ts: np.ndarray, last_line: np.ndarray
                   ) -> list[tuple[int, float, int]]:
         """A live source's rule on late readings: a device whose readings come dated before its last one
-        :data:`LIVE_REANCHOR_READINGS` times in a row, each later than the one before, goes on from them (its last
-        reading was the glitch). ``last_ts``/``last_line``: the devices' state before the block. Returns the rows
+        :data:`LIVE_REANCHOR_READINGS` times in a row, each later than the one before, while that one is ahead of the
+        clock, goes on from them (its last reading was the glitch). ``last_ts``/``last_line``: the devices' state before the block. Returns the rows
         that stay late."""
         nd = last_ts.shape[0]
         if self._behind.shape[0] < nd:
@@ -288,19 +288,20 @@ class LineParser:
                 self._behind[b.dev] = 0  # every device of the block went forward
             return late
         out = []  # rare: the block walked again from the state before it, as increasing() walks it
-        behind, behind_ts = self._behind, self._behind_ts
+        behind, behind_ts, now = self._behind, self._behind_ts, time.time()
         for r, (t, c, line) in enumerate(zip(b.ts.tolist(), b.dev.tolist(), b.lines.tolist(), strict=True)):
             if t > last_ts[c]:
                 last_ts[c], last_line[c], behind[c] = t, line, 0
                 continue
             behind[c] = behind[c] + 1 if behind[c] and t > behind_ts[c] else 1
             behind_ts[c] = t
-            if behind[c] < LIVE_REANCHOR_READINGS:
+            # only a last reading ahead of the clock can be the glitch: a sensor clock reset to 1970, or a second
+            # writer whose clock is behind, keeps its readings refused
+            if behind[c] < LIVE_REANCHOR_READINGS or last_ts[c] <= now:
                 out.append((r, float(last_ts[c]), int(last_line[c])))
                 continue
-            now = time.monotonic()
-            if now - self._glitch_said >= 60.0:
-                self._glitch_said = now
+            if (said := time.monotonic()) - self._glitch_said >= 60.0:
+                self._glitch_said = said
                 log.warning("%s: line %d: %d readings of device '%s' in a row dated before its reading of line %d "
                             "(ts %r, %.0f s ahead of them): that one taken for a glitch of the sensor's clock, the "
                             "readings go on from this line", self.source, line, int(behind[c]),

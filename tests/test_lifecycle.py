@@ -459,6 +459,15 @@ def test_training_windows_of_readings_out_of_range_are_left_out_and_said(tmp_pat
     assert n >= 2 and len(got.y) == len(good.y) - n and np.isfinite(got.X).all()
     assert len(got.devices) == len(got.order) == len(got.y) and (got.devices == "dev-a").sum() == \
         (good.devices == "dev-a").sum() - n
+    # a first training on it (its own statistics): the dead register is left out of them (FIT_ABSURD), so the real
+    # readings keep their scale and its windows are out of range, left out and said as above (the review's catch)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        first = datasets.dataset_from_logs([str(tmp_path / "register.csv")], window_s=None, hop_s=None,
+                                           holdout=["dev-c"])
+    np.testing.assert_allclose(first.params.norm_std, good.params.norm_std, rtol=0.01)
+    assert any("standard deviations" in r.getMessage() for r in caplog.records)
+    assert len(first.y) == len(got.y) and np.isfinite(first.X).all()
     # the review's catch: a training copy's lost readings are NaN on purpose (the mean), not out of range
     copies = datasets.dataset_from_logs([str(log)], window_s=None, hop_s=None, holdout=["dev-c"], offset_copies=2)
     assert len(copies.y) == 3 * int((good.devices != "dev-c").sum()) + int((good.devices == "dev-c").sum())

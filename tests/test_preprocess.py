@@ -621,3 +621,21 @@ def test_a_window_covering_a_reading_out_of_range_is_a_row_of_nan_and_the_others
     edge = values.copy()
     edge[200, 1] = p.norm_mean[1] + 0.9 * MAX_NORMALIZED * p.norm_std[1]  # just inside: computed, finite
     assert np.isfinite(extract_features(make_windows(ts, edge, None, p), p)).all()
+
+
+def test_fit_normalization_leaves_out_only_absurd_readings() -> None:
+    """A dead register's 4294967295 among readings of +-2 made a channel's std 2.9e8; it is now left out of the
+    statistics. Ordinary data comes out the same to the last digit: rare events (a WAP heard 3 % or 0.5 % of the
+    time, a door sensor open 30 % of the time) stay in."""
+    rng = np.random.default_rng(5)
+    n = 20_000
+    ordinary = np.column_stack([rng.normal(size=n), np.where(rng.random(n) < 0.03, -70.0, -110.0),
+                                np.where(rng.random(n) < 0.005, -60.0, -110.0), (rng.random(n) < 0.3) * 1.0,
+                                1e9 + rng.normal(size=n) * 1e3])
+    means, stds = fit_normalization(ordinary)
+    np.testing.assert_array_equal(means, ordinary.mean(axis=0))
+    np.testing.assert_array_equal(stds, ordinary.std(axis=0))
+    dead = ordinary.copy()
+    dead[100:110, 0] = 4294967295.0
+    mean, std = fit_normalization(dead)
+    assert abs(std[0] - np.delete(ordinary[:, 0], range(100, 110)).std()) < 1e-9 and std[1:] == stds[1:]

@@ -18,8 +18,8 @@ def fit_normalization(values: np.ndarray, params: PreprocessParams | None = None
     """Per-channel mean and std of training values, ignoring NaN/inf.
 
     ``values`` is ``[n, c]`` readings or ``[k, size, c]`` windows; with ``params``, their absent
-    value is replaced first (:func:`replace_absent`), as :func:`extract_features` does.  A channel
-    with (near) zero spread gets std 1.0.  Returns tuples ready for
+    value is replaced first (:func:`replace_absent`), as :func:`extract_features` does, and absurd readings are left
+    out (:data:`FIT_ABSURD`).  A channel with (near) zero spread gets std 1.0.  Returns tuples ready for
     ``PreprocessParams.with_normalization``.
     """
     v = np.asarray(values, dtype=np.float64)
@@ -31,10 +31,31 @@ def fit_normalization(values: np.ndarray, params: PreprocessParams | None = None
     v = np.where(np.isfinite(v), v, np.nan)
     if v.shape[0] == 0 or np.all(np.isnan(v), axis=0).any():
         raise ValueError("every channel needs at least one finite value")
+    v = _without_absurd(v)
     mean = np.nanmean(v, axis=0)
     std = np.nanstd(v, axis=0)
     std = np.where(std > 1e-8 * np.maximum(1.0, np.abs(mean)), std, 1.0)
     return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
+FIT_ABSURD = 1e6
+"""Readings further than this many times a channel's typical spread from its median are left out of the
+normalization statistics (:func:`fit_normalization`): one dead register's 4294967295 among readings of +-2 made a
+channel's std 2.9e8, every real reading ~0 after normalization, and itself in range at inference. Left out, its
+windows are out of range (:data:`MAX_NORMALIZED`): dropped and said, in training as on the device."""
+
+
+def _without_absurd(v: np.ndarray) -> np.ndarray:
+    """``v`` (float64 [n, c], NaN for no reading) with readings over :data:`FIT_ABSURD` spreads from their channel's
+    median as NaN. The spread is the 90th percentile of the distances to the median (the 99th where that is 0: a
+    channel at one value nine times in ten); a channel at one value 99 times in 100 keeps every reading. Data
+    without such a reading comes back unchanged."""
+    med = np.nanmedian(v, axis=0)
+    dist = np.abs(v - med)
+    q90, q99 = np.nanpercentile(dist, [90.0, 99.0], axis=0)
+    spread = np.where(q90 > 0, q90, q99)
+    absurd = (dist > FIT_ABSURD * spread) & (spread > 0)
+    return np.where(absurd, np.nan, v) if absurd.any() else v
 
 
 def replace_absent(values: np.ndarray, params: PreprocessParams) -> np.ndarray:

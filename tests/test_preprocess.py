@@ -70,6 +70,9 @@ def reference_windows(ts, values, labels, p: PreprocessParams):
                     counts = Counter(ls)
                     best = max(counts.values())
                     lab = next(v for v in reversed(ls) if counts[v] == best)
+            if size > 1 and p.features != "mean-v1" and ts[idx[-1]] - ts[idx[0]] < 0.75 * (size - 1) / p.sample_rate_hz:
+                dropped += 1  # faster than the model's rate
+                continue
             out.append((ts[idx[0]], ts[idx[-1]], w.astype(np.float32), lab))
     return out, dropped
 
@@ -151,6 +154,9 @@ def streams(draw, with_nan: bool = True):
     gap_p = draw(st.sampled_from([0.0, 0.02, 0.1]))
     gaps = rng.random(n) < gap_p
     steps[gaps] = DT * rng.uniform(1.6, 6.0, gaps.sum())
+    fast_p = draw(st.sampled_from([0.0, 0.0, 0.2, 0.7]))  # a sensor faster than the model's rate, now and then
+    fast = ~gaps & (rng.random(n) < fast_p)
+    steps[fast] = DT * rng.uniform(0.05, 1.0, fast.sum())
     ts = 1000.0 + np.cumsum(steps)
     values = rng.normal(size=(n, c)).astype(np.float32)
     if with_nan and n:
@@ -639,3 +645,23 @@ def test_fit_normalization_leaves_out_only_absurd_readings() -> None:
     dead[100:110, 0] = 4294967295.0
     mean, std = fit_normalization(dead)
     assert abs(std[0] - np.delete(ordinary[:, 0], range(100, 110)).std()) < 1e-9 and std[1:] == stds[1:]
+
+
+def test_windows_of_readings_faster_than_the_models_rate_are_dropped_and_counted() -> None:
+    """A hostile sensor's finding: 5,000 readings at 1 kHz between two stretches at the model's 50 Hz made "2 s"
+    windows of 0.1 s, inferred and stored as any other. They are dropped and counted like windows of missing
+    readings; the windows at the model's rate on either side are kept, whatever the chunks."""
+    p = params(window_s=2.0, hop_s=1.0, c=1)
+    ts = np.concatenate([np.arange(500) * DT, 10.0 + np.arange(1, 5001) * 0.001, 15.0 + np.arange(1, 501) * DT])
+    values = np.sin(ts).astype(np.float32).reshape(-1, 1)
+    batch = make_windows(ts, values, None, p)
+    spans = batch.end - batch.start
+    assert (spans >= 0.75 * (p.window_size - 1) / RATE).all()
+    assert batch.dropped > 50 and len(batch) >= 16  # ~9 at 50 Hz on each side, the mixed ones dropped
+    assert not ((batch.start > 10.05) & (batch.end < 15.0)).any(), "no window of the 1 kHz stretch"
+    w = Windower(p)
+    pieces = [w.push(ts[i:i + 333], values[i:i + 333]) for i in range(0, len(ts), 333)]
+    assert sum(b.dropped for b in pieces) == batch.dropped
+    np.testing.assert_array_equal(np.concatenate([b.start for b in pieces]), batch.start)
+    means = dataclasses.replace(p, features="mean-v1")  # scans come when they come: every window kept
+    assert make_windows(ts, values, None, means).dropped == 0

@@ -1390,3 +1390,22 @@ def test_late_readings_that_do_not_show_a_glitch_ahead_never_reanchor_a_live_dev
     assert kept[:100] == [now - 100 + i * 0.02 for i in range(100)]
     assert len(kept) == 100 + (late == "not going forward"), kept[100:105]
     assert parser.stats.skipped_by_reason == {NON_MONOTONIC_TS: len(rows) - len(kept)}
+
+
+def test_a_json_line_with_nan_or_infinity_names_them_and_null() -> None:
+    """A hostile sensor's finding: NaN and Infinity, which Python's json.dumps writes, were refused as "bad JSON:
+    unexpected character ... column 50", where a CSV line's "inf" is named. The reason now says what they are and
+    what to write instead."""
+    from edge_agent.sources.chunk import BAD_JSON, ReadStats
+    from edge_agent.sources.lines import LineParser
+
+    parser = LineParser("<stdin>", "jsonl", on_error="skip")
+    parser.live(ReadStats())
+    lines = [b'{"ts": 1700000000.0, "device_id": "d", "x": 1.0}', b'{"ts": 1700000000.02, "device_id": "d", "x": NaN}',
+             b'{"ts": 1700000000.04, "device_id": "d", "x": -Infinity}', b'{"ts": 1700000000.06, "device_id": "d", "x": }']
+    parser.prime(lines[0] + b"\n")
+    list(parser.feed(b"\n".join(lines[1:]) + b"\n", final=True))
+    errors = parser.stats.first_errors
+    assert [e.kind for e in errors] == [BAD_JSON] * 3
+    assert all("write null for a missing reading" in e.reason for e in errors[:2]), [e.reason for e in errors]
+    assert "null" not in errors[2].reason  # another mistake: the parser's own words only

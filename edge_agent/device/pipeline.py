@@ -252,9 +252,9 @@ class Processor:
             return
         p = self.runner.params
         missing = self.stats.dropped_windows - self.stats.out_of_range
-        log.warning("%d windows dropped so far (a channel more than 20 %% missing in a window, or a gap over 1.5 "
-                    "sample periods): the model takes %g readings a second in windows of %g s; the sensor must "
-                    "report that often", missing, p.sample_rate_hz, p.window_s)
+        log.warning("%d windows dropped so far (a channel more than 20 %% missing in a window, readings faster "
+                    "than the model's rate, or a gap over 1.5 sample periods): the model takes %g readings a second "
+                    "in windows of %g s; the sensor must report that often", missing, p.sample_rate_hz, p.window_s)
         self._dropped_said = (missing, now)
 
     def _results(self, device: str, batch: WindowBatch, feats: np.ndarray, pred: Prediction, part: slice

@@ -36,6 +36,12 @@ Windowing rules
   samples have arrived.  No window spans a gap.
 * A window's ``start`` is the timestamp of its first sample, ``end`` the
   timestamp of its last sample.
+* A window whose readings span less than ``MIN_SPAN`` (0.75) of
+  ``(size - 1) / sample_rate_hz`` came from a sensor reporting faster than the
+  model's rate (a 2 s window of a 1 kHz burst lasts 0.1 s): it is **dropped**
+  and counted in ``WindowBatch.dropped``, like a window of missing readings
+  (not with ``"mean-v1"`` features: window means of scans, which come when
+  they come).
 
 Missing-data policy (``PreprocessParams.missing``)
 ---------------------------------------------------

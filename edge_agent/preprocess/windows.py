@@ -13,6 +13,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from edge_agent.preprocess.params import PreprocessParams
 
+MIN_SPAN = 0.75
+"""A window whose readings span less than this share of its nominal length, ``(size - 1) / sample_rate_hz``, is
+dropped and counted: its sensor reports faster than the model's rate (a hostile sensor's finding: 1 kHz readings
+made "2 s" windows of 0.1 s, inferred and stored as any other). Gaps over 1.5 periods already break the stream,
+so a kept window spans 0.75 to 1.5 times its nominal length. Not for ``"mean-v1"`` (the means of Wi-Fi scans, which
+come when they come: a real log's scans of one second are a millisecond apart)."""
+
 
 @dataclass
 class WindowBatch:
@@ -290,6 +297,11 @@ def _window_segment(
         starts, offsets, region = _apply_missing_policy(region, bad, starts, params)
         dropped = k - starts.shape[0]
     ends = starts + size - 1
+    if size > 1 and params.features != "mean-v1":  # a model of window means (scans) takes readings at any pace
+        short = ts[ends] - ts[starts] < MIN_SPAN * (size - 1) / params.sample_rate_hz
+        if short.any():
+            starts, offsets, ends = starts[~short], offsets[~short], ends[~short]
+            dropped += int(short.sum())
     win_labels = None
     if labels is not None and params.forecast is not None and labels.dtype.kind == "f":
         win_labels = labels[ends].astype(np.float64)  # a forecast's target: what its last reading's label says

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,17 @@ LIVE_AHEAD_S = 86_400.0
 # the result's batch, sent again for ever, took its good results down with it (LineParser.keys). Everywhere, a
 # float64 holds whole milliseconds exactly only up to 2**53 ms (the year 287,396) either way.
 TS_MAX = 2**53 / 1000.0
+
+
+_NOT_JSON_NUMBER = re.compile(rb"[:\[,]\s*-?(NaN|Infinity)\b")
+
+
+def bad_json_reason(exc: Exception, line: bytes) -> str:
+    """A JSON line's refusal, naming the usual cause: NaN and Infinity, which Python's json.dumps writes, are not
+    JSON (a missing reading is null)."""
+    if _NOT_JSON_NUMBER.search(line[:65536]):
+        return f"bad JSON: NaN and Infinity are not JSON numbers (write null for a missing reading): {exc}"
+    return f"bad JSON: {exc}"
 
 
 def ts_in_range(ts: np.ndarray) -> np.ndarray:

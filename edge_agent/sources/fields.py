@@ -28,6 +28,7 @@ from edge_agent.sources.chunk import (
     LogError,
     NotedStats,
     ReadingChunk,
+    bad_json_reason,
 )
 from edge_agent.sources.lines import LineParser
 
@@ -114,7 +115,7 @@ class FieldMap:
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise Rejected(BAD_JSON, f"bad JSON: {exc}") from None
+            raise Rejected(BAD_JSON, bad_json_reason(exc, raw)) from None
         if not isinstance(obj, dict):
             raise Rejected(BAD_JSON, f"expected a JSON object, got {raw[:40]!r}")
         return obj

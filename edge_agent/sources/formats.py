@@ -33,6 +33,7 @@ from edge_agent.sources.chunk import (
     NON_FINITE_VALUE,
     TS_MAX,
     LogError,
+    bad_json_reason,
     ts_in_range,
     ts_range_reason,
 )
@@ -261,7 +262,7 @@ class Jsonl:
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            raise LogError(source, lineno, f"bad JSON: {exc}", BAD_JSON) from None
+            raise LogError(source, lineno, bad_json_reason(exc, line), BAD_JSON) from None
         if type(rec) is not dict:
             raise LogError(source, lineno, "expected a JSON object", BAD_JSON)
         missing = [k for k in ("ts", "device_id") if k not in rec]
@@ -334,7 +335,7 @@ class Jsonl:
         try:
             rec = orjson.loads(ln)
         except orjson.JSONDecodeError as exc:
-            return None, (BAD_JSON, f"bad JSON: {exc}")
+            return None, (BAD_JSON, bad_json_reason(exc, ln))
         if type(rec) is not dict:
             return None, (BAD_JSON, "expected a JSON object")
         missing = [k for k in self.keys if k not in rec and k != "label"]

@@ -150,6 +150,34 @@ def test_a_two_class_model_predicts_as_its_onnx_and_fine_tunes(binary) -> None:
 def test_no_device_outweighs_a_round_by_the_examples_it_claims() -> None:
     assert fedavg.capped_examples([100, 120, 10**12]) == [100, 120, 360]  # 3x the median
     assert fedavg.capped_examples([80, 90]) == [80, 90] and fedavg.capped_examples([]) == []
+    # a hostile device's finding: of two devices, the median was their mean and 2**40 windows weighed the round
+    assert fedavg.capped_examples([50, 2**40]) == [50, 150] and fedavg.capped_examples([2**40, 50, 60, 70]) == \
+        [180, 50, 60, 70]
+
+
+def test_of_two_devices_a_hostile_one_cannot_push_a_candidate_through_the_gate() -> None:
+    """A hostile device's finding: in a round of two, the hostile one scored the candidate 0 % → 100 % on 2**40
+    windows, the honest one 90 % → 10 % on 20, and a model that predicts one class was published and signed. With
+    fewer than three devices scoring it, each must pass on its own: a hostile device can hold a round back, not push
+    it through. Three or more: the capped weights decide, as before."""
+    from types import SimpleNamespace
+
+    from cloud_hub.rounds.finish import _evaluation_gate
+
+    r = SimpleNamespace(plan={"task": "classification", "tolerance": 0.0}, base_version=1)
+
+    def answer(n: int, before: float, after: float) -> tuple[int, dict[str, float]]:
+        return n, {"metric_before": before, "metric_after": after, "int8_before": before, "int8_after": after}
+
+    hostile = {"honest": answer(20, 0.9, 0.1), "hostile": answer(2**40, 0.0, 1.0)}
+    ok, gate, _, _ = _evaluation_gate(r, 2, fedavg.evaluation(hostile), b"fp32", b"int8")
+    assert not ok and "each must pass: honest INT8 10.0% vs 90.0%" in gate and gate.endswith("fail"), gate
+    ok, gate, _, _ = _evaluation_gate(r, 2, fedavg.evaluation({"a": answer(20, 0.8, 0.85), "b": answer(30, 0.7, 0.75)}),
+                                      b"fp32", b"int8")
+    assert ok and gate.endswith("pass"), gate
+    three = {"a": answer(20, 0.8, 0.9), "b": answer(20, 0.8, 0.9), "c": answer(20, 0.8, 0.75)}  # one worse, weighed
+    ok, gate, _, _ = _evaluation_gate(r, 2, fedavg.evaluation(three), b"fp32", b"int8")
+    assert ok and "each must pass" not in gate, gate
 
 
 def test_score_is_the_metric_fine_tune_reports_and_that_of_the_predictions(classifier, regressor) -> None:
@@ -376,6 +404,10 @@ def test_merge_ranges() -> None:
     wild = [[-1e30, 1e30, -1e30, 1e30], [0.0, 1e30, -1e30, 1e30]]
     merged = fedavg.merge_ranges([a, a, b, wild])
     assert all(abs(x) < 100 for layer in merged for x in layer), merged
+    # ... nor of two devices, where the median was the pair's mean (a hostile device's finding: it set the ranges)
+    for pair in ([a, wild], [wild, a]):
+        merged = fedavg.merge_ranges(pair)
+        assert all(abs(x) < 100 for layer in merged for x in layer), merged
     with pytest.raises(ValueError):
         fedavg.merge_ranges([a, a[:1]])
 

@@ -415,3 +415,29 @@ def test_a_secure_round_resumes_after_federate_is_killed(procs, broker, prefix, 
     refused = _query(fleet.url, sa.select(u.device_id, u.reason).where(u.status == "refused"))
     assert refused == [], refused  # the steps sent again were answered once: no second answer
     fleet.stop()
+
+
+@pytest.mark.parametrize("lie", ["accuracy", "loss", "ranges"])
+def test_statistics_no_data_can_give_fail_the_round_naming_them(tmp_path, lie: str) -> None:
+    """A hostile device's finding: one device of five stating accuracies of +-1e5 made the round's unmasked mean
+    accuracy 2,000,000 %, and its ranges the INT8 ranges, unrefused. A sum no devices' data can give now fails the
+    round with what it cannot be."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    for a in net.devices.values():
+        a.advertise()
+    for i, d in enumerate(devices):
+        stats, ranges = _stats(i)
+        if d == "d4" and lie == "accuracy":
+            stats = {**stats, "metric_after": 1e5}
+        elif d == "d4" and lie == "loss":
+            stats = {**stats, "loss_after": -1e5}
+        elif d == "d4":
+            ranges = [[1e5, -1e5, 1e5, -1e5] for _ in ranges]
+        net.devices[d].trained(_deltas([d], seed=i)[d], stats, ranges)
+    hub = net.hub()
+    hub.collect()
+    want = {"accuracy": r"mean metric_after 2000\d+(\.\d+)? outside \[0, 1\]", "loss": r"mean loss_after -\d+.* below 0",
+            "ranges": r"layer 0's mean activation range .* is inverted"}[lie]
+    with pytest.raises(SecureRoundFailed, match=rf"the unmasked statistics are impossible \({want}\)"):
+        hub.unmask()

@@ -376,12 +376,34 @@ def _evaluation_gate(r: RoundRow, version: int, fed: dict[str, Any] | None, fp32
                        f"{len(devices)} devices), so it is not published"), metrics | {"int8": {"bytes": len(int8)}}, seen
     before, after = fed["int8_before"], fed["int8_after"]
     ok = passes_gate({key: after}, {key: before}, tolerance)  # the one gate: retrains' and hold-out logs'
+    worse = _one_device_worse(fed.get("int8_each", {}), key, tolerance, what)
     gate = (f"v{version} INT8 {what(after)} vs running v{r.base_version} INT8 {what(before)} in the devices' own "
             f"evaluation ({fed['int8_windows']} held-out windows of {len(fed['int8_devices'])} devices, the same "
-            f"windows as these figures; {fp32_text}; tolerance {tolerance:g}): {'pass' if ok else 'fail'}")
+            f"windows as these figures; {fp32_text}; tolerance {tolerance:g})"
+            + (f"; {worse}" if worse else "") + f": {'pass' if ok and not worse else 'fail'}")
+    ok = ok and not worse
     metrics |= {"int8": {key: after, "n": fed["int8_windows"], "bytes": len(int8)},
                 "baseline_int8": {key: before, "n": fed["int8_windows"]}}
     return ok, gate, metrics, seen | {"evaluation_before": before, "evaluation_after": after}
+
+
+GATE_MIN_DEVICES = 3
+"""Fewer devices than this scoring a candidate, and the weighted gate cannot outvote one of them (a hostile device's
+finding: of two devices, one stating 2**40 windows scored 0 % → 100 % and a model that predicts one class was
+published and signed). Then every one of them must pass the gate on its own: one device can hold a round back, never
+push one through. With this many or more, the capped weights (:func:`fedavg.capped_examples`) decide."""
+
+
+def _one_device_worse(each: dict[str, tuple[float, float]], key: str, tolerance: float, what: Any) -> str | None:
+    """Why a candidate that fewer than :data:`GATE_MIN_DEVICES` devices scored fails on one of them, or None."""
+    if not each or len(each) >= GATE_MIN_DEVICES:
+        return None
+    failing = sorted(d for d, (b, a) in each.items() if not passes_gate({key: a}, {key: b}, tolerance))
+    if not failing:
+        return None
+    d = failing[0]
+    return (f"with fewer than {GATE_MIN_DEVICES} devices scoring it each must pass: {d} INT8 {what(each[d][1])} vs "
+            f"{what(each[d][0])}" + (f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""))
 
 
 def _made_by(store: Store, engine: sa.Engine, r: RoundRow) -> Any:

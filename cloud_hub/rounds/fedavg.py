@@ -119,10 +119,9 @@ class Contribution:
 
 def capped_examples(counts: Sequence[int]) -> list[int]:
     """Devices' stated example counts, each capped at 3x the median: one device must not outvote a round
-    (its average, its evaluation) by claiming a billion windows. Of an even number of counts the lower of the two
-    middle ones (a hostile device's findings: with two devices the median was their mean, so 2**40 windows
-    capped at 1.6e12 and one device weighed the whole round)."""
-    cap = 3 * int(sorted(int(k) for k in counts)[(len(counts) - 1) // 2]) if len(counts) else 0
+    (its average, its evaluation) by claiming a billion windows. Of two devices the median is their mean, and
+    caps neither: a round of fewer than 3 devices is gated on each of them (``finish.GATE_MIN_DEVICES``)."""
+    cap = 3 * int(np.median(counts)) if len(counts) else 0
     return [min(int(k), cap) for k in counts]
 
 
@@ -284,15 +283,11 @@ def merge_ranges(ranges: Sequence[Sequence[Sequence[float]]], *, spread: float =
     if not np.all(np.isfinite(stack)):
         raise ValueError("ranges contain NaN or inf")
     lo, hi = stack.min(axis=0), stack.max(axis=0)
-    # the median device's bounds; of an even number of devices the inner of the two middle ones (with two devices
-    # the median was their mean: a device stating +-1e30 set the ranges, and the model predicted one class)
-    ordered = np.sort(stack, axis=0)
-    k = stack.shape[0]
-    for a, b in ((0, 1), (2, 3)):  # input and pre-activation bounds
-        mid_lo, mid_hi = ordered[k // 2, :, a], ordered[(k - 1) // 2, :, b]
-        span = np.maximum(mid_hi - mid_lo, 1e-6)
-        lo[:, a] = np.maximum(lo[:, a], mid_lo - spread * span)
-        hi[:, b] = np.minimum(hi[:, b], mid_hi + spread * span)
+    mid = np.median(stack, axis=0)  # of two devices their mean: one of two can stretch the ranges, and the round is
+    for a, b in ((0, 1), (2, 3)):  # gated on each of them (finish.GATE_MIN_DEVICES); input and pre-activation bounds
+        span = np.maximum(mid[:, b] - mid[:, a], 1e-6)
+        lo[:, a] = np.maximum(lo[:, a], mid[:, a] - spread * span)
+        hi[:, b] = np.minimum(hi[:, b], mid[:, b] + spread * span)
     return [[float(lo[i, 0]), float(hi[i, 1]), float(lo[i, 2]), float(hi[i, 3])] for i in range(stack.shape[1])]
 
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cloud_hub.models import datasets, lifecycle
 from edge_agent.contract import Bundle
 from edge_agent.preprocess import DeviceWindowers, extract_features
+from edge_agent.preprocess.features import computed_rows
 from edge_agent.runner import ModelError, ModelRunner
 from edge_agent.sources import read_log
 
@@ -112,7 +113,7 @@ def outcomes(runner: ModelRunner, rec: dict[str, tuple[np.ndarray, np.ndarray]],
                 per_device[device] = (ts[lo:hi], values[lo:hi], None)
         for _, batch in windowers.push(per_device):
             feats = extract_features(batch, runner.params)
-            feats = feats[~np.isnan(feats).any(axis=1)]  # out of range: dropped and counted, as the agent does
+            feats = feats[computed_rows(feats)]  # out of range: dropped and counted, as the agent does
             if len(feats):
                 try:
                     runner.predict(feats)
@@ -123,8 +124,9 @@ def outcomes(runner: ModelRunner, rec: dict[str, tuple[np.ndarray, np.ndarray]],
         t += chunk_s
 
 
-def hostile(bundle: Bundle) -> Bundle:
-    """``bundle`` plus sqrt(-|x|) summed over its features: 0 on zeros, NaN on anything else."""
+def hostile(bundle: Bundle, version: int | None = None) -> Bundle:
+    """``bundle`` plus sqrt(-|x|) summed over its features: 0 on the zeros of the agent's warm-up, NaN on anything
+    else (a hostile peer's model), as ``version`` if given (tests/test_live_sources_e2e.py serves it too)."""
     import onnx
     from onnx import helper
 
@@ -139,7 +141,8 @@ def hostile(bundle: Bundle) -> Bundle:
                    helper.make_node("ReduceSum", ["h_sqrt"], ["h_sum"], keepdims=1),
                    helper.make_node("Add", [out + "_orig", "h_sum"], [out])])
     model = m.SerializeToString()
-    return Bundle(dataclasses.replace(bundle.manifest, sha256=hashlib.sha256(model).hexdigest()), model)
+    return Bundle(dataclasses.replace(bundle.manifest, version=bundle.manifest.version if version is None else version,
+                                      sha256=hashlib.sha256(model).hexdigest()), model)
 
 
 def upper(errors: int, n: int) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
+from bench.model_refusal import hostile
 from edge_agent import contract as c
 from tests.helpers import Collector, agent_cmd, make_bundle, make_log
 
@@ -224,30 +225,6 @@ def test_an_agent_on_a_quiet_stdin_reports_takes_a_model_and_stops_on_sigterm(pr
     assert "serving model default v2" in err, err[-2000:]
 
 
-def _nan_on_real_readings(bundle: c.Bundle, version: int) -> c.Bundle:
-    """``bundle`` made hostile: its probabilities plus sqrt(-|x|) summed over the features, 0 on the zeros of the
-    agent's warm-up and NaN on anything else (a hostile peer's model)."""
-    import dataclasses
-    import hashlib
-
-    import onnx
-    from onnx import helper
-
-    m = onnx.load_from_string(bundle.model)
-    g = m.graph
-    out = next((o for o in g.output if "prob" in o.name.lower()), g.output[-1]).name
-    for node in g.node:
-        node.output[:] = [out + "_orig" if o == out else o for o in node.output]
-        node.input[:] = [out + "_orig" if i == out else i for i in node.input]
-    g.node.extend([helper.make_node("Abs", [g.input[0].name], ["h_abs"]), helper.make_node("Neg", ["h_abs"], ["h_neg"]),
-                   helper.make_node("Sqrt", ["h_neg"], ["h_sqrt"]),
-                   helper.make_node("ReduceSum", ["h_sqrt"], ["h_sum"], keepdims=1),
-                   helper.make_node("Add", [out + "_orig", "h_sum"], [out])])
-    onnx_bytes = m.SerializeToString()
-    return c.Bundle(dataclasses.replace(bundle.manifest, version=version,
-                                        sha256=hashlib.sha256(onnx_bytes).hexdigest()), onnx_bytes)
-
-
 def test_a_model_that_fails_on_real_readings_is_refused_and_the_one_before_serves_again(
         procs, shared_broker, prefix, tmp_path, model) -> None:
     """A hostile peer's finding: a model finite on the zeros of the warm-up and NaN on real readings passed every
@@ -261,7 +238,7 @@ def test_a_model_that_fails_on_real_readings_is_refused_and_the_one_before_serve
     sub = Collector(shared_broker.url, c.Topics(prefix), f"{prefix}-sub")
     # a retrained model (another log: its own normalization), made hostile: the failing batch is inferred by v1 on
     # v1's own features, not dropped (the review's catch)
-    bad = _nan_on_real_readings(make_bundle(make_log(tmp_path / "other.csv", seconds=30, seed=5)), 2)
+    bad = hostile(make_bundle(make_log(tmp_path / "other.csv", seconds=30, seed=5)), 2)
     env = {**os.environ, **LIVE_AGENT_ENV, "EDGE_AGENT_INSECURE_ALLOW_UNSIGNED": "true",
            "EDGE_AGENT_BATCH_MAX_DELAY_S": "0.1"}
     cmd = agent_cmd("run", "--broker", shared_broker.url, "--prefix", prefix, "--device-id", "live-1", "--state-dir",
@@ -302,7 +279,7 @@ def test_a_first_model_that_fails_on_real_readings_stops_the_agent_in_one_line_a
     from edge_agent import exits
 
     bad = tmp_path / "bad.emlb"
-    bad.write_bytes(_nan_on_real_readings(c.decode_bundle(model.read_bytes()), 3).encode())
+    bad.write_bytes(hostile(c.decode_bundle(model.read_bytes()), 3).encode())
     agent = _run(procs, shared_broker, prefix, tmp_path, bad, "--source", "stdin", stdin=subprocess.PIPE)
     lines = "".join(orjson.dumps(r).decode() + "\n" for r in _readings("live-1", 10, 1_700_003_000.0))
     _, err = agent.communicate(input=lines, timeout=120)

@@ -28,7 +28,7 @@ from edge_agent.preprocess import (
     extract_features,
     fit_normalization,
 )
-from edge_agent.preprocess.features import MAX_NORMALIZED
+from edge_agent.preprocess.features import MAX_NORMALIZED, computed_rows
 from edge_agent.sources import read_log
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def windows_from_logs(paths: Sequence[str], params: PreprocessParams, *,
 def computed(X: np.ndarray, what: str) -> np.ndarray:
     """The rows of ``extract_features``'s ``X`` it could compute (a row of NaN: a window that covers a reading out
     of range, further than ``MAX_NORMALIZED`` standard deviations from the training mean); says how many were not."""
-    ok = ~np.isnan(X).any(axis=1)
+    ok = computed_rows(X)
     if not ok.all():
         log.warning("%s: %d of %d windows left out: each covers a reading further than %g standard deviations from "
                     "the training readings' mean (a dead register, a rail)", what, int((~ok).sum()), len(ok),

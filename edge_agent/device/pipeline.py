@@ -20,7 +20,7 @@ from edge_agent.contract import MAX_LABEL_CHARS, ContractError, Result, check_id
 from edge_agent.device.outbox import Outbox
 from edge_agent.drift import DeviceDrift
 from edge_agent.preprocess import DeviceWindowers, PreprocessParams, WindowBatch, extract_features
-from edge_agent.preprocess.features import MAX_NORMALIZED
+from edge_agent.preprocess.features import MAX_NORMALIZED, computed_rows
 from edge_agent.runner import ModelError, ModelRunner, Prediction
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: a deterministic "random" sample of windows
@@ -213,7 +213,7 @@ class Processor:
         range (a row of NaN, see ``MAX_NORMALIZED``) is dropped, counted and said, never inferred."""
         windows = ready[0][1] if len(ready) == 1 else WindowBatch.concat(b for _, b in ready)
         feats = extract_features(windows, runner.params)
-        ok = ~np.isnan(feats).any(axis=1)
+        ok = computed_rows(feats)
         if ok.all():
             return ready, feats
         kept: list[tuple[str, WindowBatch]] = []

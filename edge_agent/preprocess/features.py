@@ -182,6 +182,11 @@ def _features(values: np.ndarray, offsets: np.ndarray, params: PreprocessParams)
     return feats
 
 
+def computed_rows(features: np.ndarray) -> np.ndarray:
+    """bool[k]: the rows of :func:`extract_features` it computed (False for a window out of range: a row of NaN)."""
+    return ~np.isnan(features).any(axis=1)
+
+
 def _features_of(x: np.ndarray, offsets: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """Features of the windows at ``offsets`` of the normalized readings ``x`` (c, m), every one finite and
     within :data:`MAX_NORMALIZED`."""

@@ -136,6 +136,8 @@ def test_secure_round_steps_and_answers_validate() -> None:
                    sr.Answer(3, "default", "d1", "shares", sealed=sealed),
                    sr.Answer(3, "default", "d1", "masked", size=4, bits=10, stats=4,
                              body=secagg.pack(ring, 10) + secagg.pack(ring, 32)),
+                   sr.Answer(3, "default", "d1", "masked", size=4, bits=10, stats=4,
+                             body=secagg.pack(ring, 10) + secagg.pack(ring, 32), unopened=("d3",)),
                    sr.Answer(3, "default", "d1", "reveal", revealed={"d1": ("b", 7), "d3": ("s", 255)})):
         VALIDATORS["secureAnswer"].validate(header(answer.encode()))
     plan = replace(cr.RoundPlan(3, "default", 2, "a" * 64, "classification", ("d1", "d2", "d3"), 1e9,
@@ -337,6 +339,8 @@ def real_messages(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, A
         sr.Answer(3, "default", "d1", "shares", sealed=sealed),
         sr.Answer(3, "default", "d1", "masked", size=4, bits=10, stats=4,
                   body=secagg.pack(ring, 10) + secagg.pack(ring, 32)),
+        sr.Answer(3, "default", "d1", "masked", size=4, bits=10, stats=4,
+                  body=secagg.pack(ring, 10) + secagg.pack(ring, 32), unopened=("d3",)),
         sr.Answer(3, "default", "d1", "reveal", revealed={"d1": ("b", 7), "d3": ("s", 255)}))]
     out.append(("answered", orjson.loads(AnswerReceipt("d1", 3, "b" * 64, "duplicate").encode())))
     assert {kind for kind, _ in out} == set(SCHEMAS), "a message of every schema"

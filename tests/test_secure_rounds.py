@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +61,10 @@ class Network:
         self.devices = {d: SecureAnswerer(self.ann.plan, d, lambda payload, d=d: self._answer(d, payload))
                         for d in self.ann.plan.participants}
         self.mid = 0
+        self.tamper: Callable[[str, bytes], bytes] = lambda device, payload: payload  # a hostile device's bytes
 
     def _answer(self, device: str, payload: bytes) -> None:
+        payload = self.tamper(device, payload)
         self.sent[device].append(payload)
         self.mid += 1
         self.inbox.append(Message(f"{PREFIX}/devices/{device}/update", payload, 1, False, self.mid))
@@ -275,6 +277,87 @@ def test_a_device_refuses_a_hub_that_lies(tmp_path) -> None:
     step = Step(1, "m", "a", "reveal", survivors=("a", "b"), dropped=("b",))
     assert "before it had its peers' shares" in a.on_step(step)
     assert "not this round's" in a.on_step(replace(step, round_id=2))
+
+
+def _garbles_shares_for(net: Network, sender: str, peers: Iterable[str]) -> None:
+    """``sender`` seals shares that do not open for ``peers`` (one bit of each flipped), sound ones for the rest."""
+    from dataclasses import replace
+
+    from edge_agent.contract.secure_rounds import Answer
+
+    def tamper(device: str, payload: bytes) -> bytes:
+        a = decode_answer(payload)
+        if device != sender or a.step != "shares":
+            return payload
+        bad = {p: bytes([s[0] ^ 1]) + s[1:] if p in peers else s for p, s in a.sealed.items()}
+        return Answer.encode(replace(a, sealed=bad))
+
+    net.tamper = tamper
+
+
+def test_shares_that_do_not_open_leave_their_sender_out_and_name_both(tmp_path) -> None:
+    """A hostile device's finding: d2 sealed shares for d0 that do not open; d0 refused the mask step, so did
+    not mask, and the hub named d0 (honest) as missing. Now d0 masks all the same and names d2 in its masked
+    answer: the round sums the other four exactly, d2 left out as if it had dropped, and the hub says who named
+    whom."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    _garbles_shares_for(net, "d2", ["d0"])
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, devices)
+    hub = net.hub()
+    hub.collect()
+    got = hub.unmask()
+    assert net.devices["d0"].unopened == ("d2",) and decode_answer(hub._stored("masked")["d0"]).unopened == ("d2",)
+    assert got.survivors == ["d0", "d1", "d3", "d4"] and got.dropped == ["d2"]
+    assert got.outcome["unopened"] == {"d0": ["d2"]} and got.outcome["summed"] == 4
+    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
+    assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
+    assert "round 1: d0 says the shares d2 sealed for it do not open: left out of the sum (one of the two is " \
+        "faulty)" in net.said
+
+
+def test_shares_that_open_for_too_few_survivors_fail_the_round_naming_their_sender(tmp_path) -> None:
+    """d2's shares open only for d4: its mask key cannot be rebuilt from one survivor (threshold 3), so the
+    round fails naming d2 and who said so, not the honest devices."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    _garbles_shares_for(net, "d2", ["d0", "d1", "d3"])
+    for a in net.devices.values():
+        a.advertise()
+    _train(net, devices)
+    hub = net.hub()
+    with pytest.raises(SecureRoundFailed, match=r"^d2's shares did not open for d0, d1, d3: its mask key cannot be "
+                       r"rebuilt from the 1 survivor\(s\) that hold them \(the threshold is 3\)"):
+        hub.collect()
+
+
+def test_a_masked_answer_naming_a_device_outside_the_round_is_refused(tmp_path) -> None:
+    """A device cannot leave out a device that sent no shares, nor itself (the decoder refuses that)."""
+    from dataclasses import replace
+
+    from edge_agent.contract.wire import ContractError
+
+    devices = [f"d{i}" for i in range(4)]
+    net = Network(tmp_path, devices)
+    net.deaf = {"d3": "share"}  # it advertised, then stopped: no shares from it
+
+    def tamper(device: str, payload: bytes) -> bytes:
+        a = decode_answer(payload)
+        return a.encode() if device != "d1" or a.step != "masked" else replace(a, unopened=("d3",)).encode()
+
+    net.tamper = tamper
+    for a in net.devices.values():
+        a.advertise()
+    _train(net, devices[:3])
+    hub = net.hub()
+    with pytest.raises(SecureRoundFailed):
+        hub.collect()  # d1 refused: two masked of three senders, threshold 3
+    assert any("refused a secure answer from d1: names ['d3'] as sealing it shares, not senders" in s for s in net.said)
+    masked = decode_answer(net.sent["d1"][-1])
+    with pytest.raises(ContractError, match="names the device itself"):
+        decode_answer(replace(masked, unopened=("d1",)).encode(), "d1")
 
 
 # --------------------------------------------------------------------------- real processes

@@ -124,8 +124,10 @@ class SecureRound:
                          sealed={u: sealed[u][v] for u in senders if u != v}) for v in senders])
         masked = self._step("masked", set(senders), self.r.deadline, enough=int(self.r.plan.get("min_updates") or 0))
         self._enough(masked, "sent their masked update")
-        survivors = tuple(sorted(masked))
-        dropped = tuple(sorted(set(senders) - masked))
+        named = self._named(masked)
+        survivors = tuple(sorted(masked - _named_senders(named)))
+        dropped = tuple(sorted(set(senders) - set(survivors)))
+        self._disputes(named, survivors, dropped)
         self.survivors, self.dropped = set(survivors), set(dropped)
         self._tell([Step(self.r.id, self.plan.model, v, "reveal", survivors=survivors, dropped=dropped)
                     for v in survivors])
@@ -136,6 +138,33 @@ class SecureRound:
     def clear(self) -> None:
         """No step is left retained for anyone once the round is over."""
         self._send([(self.s.topics.round_step(d), b"") for d in self.plan.participants])
+
+    def _named(self, masked: set[str]) -> dict[str, tuple[str, ...]]:
+        """Device -> the senders whose sealed shares it said did not open (its stored masked answer's
+        ``unopened``), for the devices in ``masked`` that named any."""
+        return {d: a.unopened for d, p in self._stored("masked").items()
+                if d in masked and (a := decode_answer(p)).unopened}
+
+    def _disputes(self, named: dict[str, tuple[str, ...]], survivors: tuple[str, ...], dropped: tuple[str, ...]) -> None:
+        """Say who named whom (the hub cannot tell which of the two is faulty: it cannot open shares sealed for a
+        device), and fail the round when the named devices leave fewer survivors than the threshold, or fewer
+        survivors holding a dropped device's shares than its mask key needs."""
+        for device, senders in sorted(named.items()):
+            self.wire.say(f"round {self.r.id}: {device} says the shares {', '.join(senders)} sealed for it do not "
+                          "open: left out of the sum (one of the two is faulty)")
+        if not named:
+            return
+        if len(survivors) < self.t:
+            raise SecureRoundFailed(f"only {len(survivors)} masked update(s) can be summed once the devices named "
+                                    f"as sealing shares that do not open are left out (the threshold is {self.t}; "
+                                    f"left out: {', '.join(sorted(_named_senders(named)))}): the sum stays hidden")
+        for u in dropped:
+            holders = [v for v in survivors if u not in named.get(v, ())]
+            if len(holders) < self.t:
+                said = sorted(v for v, us in named.items() if u in us)
+                raise SecureRoundFailed(f"{u}'s shares did not open for {', '.join(said)}: its mask key cannot be "
+                                        f"rebuilt from the {len(holders)} survivor(s) that hold them (the threshold is "
+                                        f"{self.t}): the sum stays hidden")
 
     def _enough(self, got: set[str], what: str) -> None:
         if len(got) < self.t:
@@ -244,6 +273,9 @@ class SecureRound:
             if (a.size, a.bits, a.stats) != (self.grid.padded, self.delta_session.bits, n_stats):
                 return (f"masked vectors of {a.size} x {a.bits} bits and {a.stats} statistics, the round's are "
                         f"{self.grid.padded} x {self.delta_session.bits} bits and {n_stats}")
+            if not set(a.unopened) <= self.expect - {a.device_id}:
+                return f"names {sorted(set(a.unopened) - self.expect)} as sealing it shares, not senders of this round"
+
         if a.step == "reveal":
             for device, (kind, _share) in a.revealed.items():
                 if (kind == "b" and device not in self.survivors) or (kind == "s" and device not in self.dropped):
@@ -257,6 +289,8 @@ class SecureRound:
         adverts = {d: decode_answer(p).advert for d, p in self._stored("advert").items()}
         senders = set(self._stored("shares"))
         masked = {d: decode_answer(p) for d, p in self._stored("masked").items()}
+        named = {d: a.unopened for d, a in masked.items() if a.unopened}
+        masked = {d: a for d, a in masked.items() if d not in _named_senders(named)}  # as if they had dropped
         revealed = {d: decode_answer(p).revealed for d, p in self._stored("revealed").items()}
         # a round whose steps failed is finished here too (closed, then finished: after a restart as well)
         self._enough(set(masked), "sent their masked update")
@@ -298,10 +332,16 @@ class SecureRound:
                       dropped, sorted(revealed),
                       {"secure": True, "summed": n, "survivors": survivors, "dropped": dropped, "threshold": self.t,
                        "revealed_by": sorted(revealed), "held": int(stats.get("held", 0)), "upload_bytes": upload,
+                       "unopened": {d: list(us) for d, us in sorted(named.items())},
                        "federated": federated,
                        # the sum the hub learned (int64, little-endian), as a digest: an audit compares it with
                        # what the devices masked (secure_audit) without the hub keeping the vector itself
                        "sum_sha256": hashlib.sha256(np.asarray(ints, "<i8").tobytes()).hexdigest()})
+
+
+def _named_senders(named: dict[str, tuple[str, ...]]) -> set[str]:
+    """The devices some masked answer named as sealing it shares that do not open: left out of the sum."""
+    return {u for senders in named.values() for u in senders}
 
 
 def _impossible(stats: dict[str, float], ranges: list[list[float]], task: str) -> str | None:

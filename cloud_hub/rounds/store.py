@@ -197,6 +197,7 @@ def views(conn: Connection, name: str, ids: Sequence[int]) -> list[dict[str, Any
             "secure": "secure" in r.plan, "summed": r.outcome.get("summed"),
             "masked": sum(u["status"] == "masked" for u in mine),
             "threshold": (r.plan.get("secure") or {}).get("threshold"), "dropped": r.outcome.get("dropped"),
+            "unopened": r.outcome.get("unopened") or None,  # device -> the senders whose shares it could not open
             "sum_sha256": r.outcome.get("sum_sha256"),
             # differential privacy: its mode, and the epsilon (at delta) the round spent and its model has spent
             "dp": (r.plan.get("dp") or {}).get("mode"), "dp_noise": (r.plan.get("dp") or {}).get("noise"),

@@ -130,6 +130,8 @@ SECURE_ANSWER: dict[str, Any] = {
         "bits": {"type": "integer", "minimum": 2, "maximum": 32, "description": "masked: its ring width"},
         "stats": {"type": "integer", "minimum": 0, "description": "masked: values of the statistics vector "
                   "(32-bit ring)"},
+        "unopened": {**_IDS, "description": "masked, when not empty: the senders whose sealed shares did not "
+                     "open for this device (the hub leaves their vectors out of the sum and names them)"},
         "revealed": {"type": "object", "maxProperties": 1000, "additionalProperties": {
             "type": "array", "minItems": 2, "maxItems": 2, "items": only_chars("0-9a-fs"),
             "description": "[b or s, the share in hex] (the decoders check each position's rule)"},

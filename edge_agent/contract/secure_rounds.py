@@ -6,7 +6,9 @@ its plan. Then:
 * a device answers on its update topic (``{prefix}/devices/{id}/update``, QoS 1) with :class:`Answer`
   messages (magic ``EMLS``): ``advert`` (its two public keys, at once), ``shares`` (its Shamir shares sealed
   for each peer), ``masked`` (its masked integer vectors: the delta on the round's grid and its statistics),
-  ``reveal`` (its shares of the survivors' self-mask seeds and of the dropped devices' mask keys);
+  ``reveal`` (its shares of the survivors' self-mask seeds and of the dropped devices' mask keys); a masked
+  answer names the senders whose sealed shares did not open for it (``unopened``): the hub leaves their
+  vectors out of the sum, as if they had dropped, and says which device named which;
 * the hub tells each device what to do next on ``{prefix}/devices/{id}/round`` (retained, QoS 1, signed like
   the announcement; the broker's ACL lets a device read only its own) with :class:`Step` messages (magic
   ``EMLT``): ``share`` (every advert), ``mask`` (the shares sealed for it, from the devices whose shares
@@ -120,12 +122,12 @@ def _advert_obj(a: Advert) -> dict[str, str]:
 
 
 def _head(obj: dict[str, Any], what: str, kinds: dict[str, frozenset[str]], common: frozenset[str],
-          topic_device: str | None) -> tuple[str, int, str, str]:
+          topic_device: str | None, optional: dict[str, frozenset[str]] | None = None) -> tuple[str, int, str, str]:
     """(kind, round, model, device) of a step or an answer: its kind read first, then its keys checked
-    against that kind's, its device against the topic's."""
+    against that kind's (``optional``: keys a kind may leave out), its device against the topic's."""
     step = check_choice(obj, "step", tuple(kinds), what)
     keys = common | kinds[step]
-    check_keys(obj, keys, keys, what)
+    check_keys(obj, keys, keys | (optional or {}).get(step, frozenset()), what)
     if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:
         raise ContractError(f"{what}.v must be {SCHEMA_VERSION}, got {show(obj.get('v'))}")
     device = check_id(obj["device_id"])
@@ -228,6 +230,7 @@ class Answer:
     body: bytes = field(default=b"", repr=False)  # masked: the two packed vectors, delta first
     revealed: dict[str, tuple[str, int]] = field(default_factory=dict)  # reveal: device -> ("b" | "s", share)
     sent: float = 0.0
+    unopened: tuple[str, ...] = ()  # masked: the senders whose sealed shares did not open for this device
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"v": SCHEMA_VERSION, "round": self.round_id, "model": self.model,
@@ -239,6 +242,8 @@ class Answer:
             obj["sealed"] = {k: _text(v) for k, v in sorted(self.sealed.items())}
         elif self.step == "masked":
             obj |= {"size": self.size, "stats": self.stats, "bits": self.bits}
+            if self.unopened:  # only then: a hub that predates the field reads every other masked answer
+                obj["unopened"] = list(self.unopened)
         else:
             obj["revealed"] = {k: [kind, f"{share:x}"] for k, (kind, share) in sorted(self.revealed.items())}
         return frame(ANSWER_MAGIC, obj, self.body, MAX_ANSWER_BYTES)
@@ -252,6 +257,7 @@ class Answer:
 _ANSWER_KEYS: Final = {"advert": frozenset({"c", "s"}), "shares": frozenset({"sealed"}),
                        "masked": frozenset({"size", "stats", "bits"}), "reveal": frozenset({"revealed"})}
 _ANSWER_COMMON: Final = frozenset({"v", "round", "model", "device_id", "step", "sent"})
+_ANSWER_OPTIONAL: Final = {"masked": frozenset({"unopened"})}
 
 
 def is_answer(payload: bytes) -> bool:
@@ -262,7 +268,7 @@ def is_answer(payload: bytes) -> bool:
 def decode_answer(payload: bytes, topic_device: str | None = None) -> Answer:
     obj, body = unframe(payload, ANSWER_MAGIC, MAX_ANSWER_BYTES, "secure round answer")
     what = "answer"
-    step, round_id, model, device = _head(obj, what, _ANSWER_KEYS, _ANSWER_COMMON, topic_device)
+    step, round_id, model, device = _head(obj, what, _ANSWER_KEYS, _ANSWER_COMMON, topic_device, _ANSWER_OPTIONAL)
     out = Answer(round_id, model, device, step, sent=float_field(obj, "sent", what))
     if step != "masked" and body:
         raise ContractError(f"a {step} answer carries no body")
@@ -280,7 +286,10 @@ def decode_answer(payload: bytes, topic_device: str | None = None) -> Answer:
         if len(body) != packed_size(size, bits) + packed_size(stats, STATS_BITS):
             raise ContractError(f"answer carries {len(body)} bytes of vectors, its header describes "
                                 f"{packed_size(size, bits) + packed_size(stats, STATS_BITS)}")
-        return replace(out, size=size, bits=bits, stats=stats, body=body)
+        unopened = _ids(obj.get("unopened", []), "answer.unopened")
+        if device in unopened:
+            raise ContractError("answer.unopened names the device itself")
+        return replace(out, size=size, bits=bits, stats=stats, body=body, unopened=unopened)
     revealed = obj["revealed"]
     if type(revealed) is not dict or len(revealed) > MAX_PEERS:
         raise ContractError("answer.revealed must be an object of device id -> [kind, share]")

@@ -5,6 +5,8 @@ only: a device that restarts mid-round has dropped out of it) and answers the hu
 (:mod:`edge_agent.contract.secure_rounds`) in order: its advert when the round is announced, its sealed shares
 when it has every advert, its masked vectors when it has its peers' shares and its training is done, and its
 shares of the survivors' self-mask seeds and of the dropped devices' mask keys when the hub says who is who.
+A peer's sealed shares that do not open are named in its masked answer (``unopened``): it masks all the same,
+and the hub leaves that peer's vector out of the sum.
 
 What it checks, since the hub is not trusted with more than the sum: its own advert is in the hub's list
 unchanged, every device named is one the signed plan selected, at least the threshold of devices take part at
@@ -54,6 +56,7 @@ class SecureAnswerer:
         self.adverts: dict[str, secagg.Advert] = {}
         self.held: dict[str, tuple[int, int]] = {}  # sender -> (its s share, its b share) that I hold
         self.senders: tuple[str, ...] = ()
+        self.unopened: tuple[str, ...] = ()  # senders whose sealed shares did not open: named in the masked answer
         self.vectors: tuple[np.ndarray, np.ndarray] | None = None  # (delta, statistics) on their grids
         self.masks: tuple[np.ndarray, np.ndarray] | None = None  # what masking adds to them, made at the mask step
         self.noise: np.ndarray | None = None  # differential privacy: the noise in vectors[0]
@@ -133,8 +136,16 @@ class SecureAnswerer:
         if len(senders) < self.delta_session.threshold or set(step.sealed) != senders - {self.device_id}:
             return (f"round {self.plan.round_id}: shares from {sorted(step.sealed)} for senders {sorted(senders)} "
                     f"(threshold {self.delta_session.threshold})")
-        for sender, sealed in step.sealed.items():
-            self.held[sender] = secagg.open_shares(self.delta_session, self.me, self.adverts[sender], sealed)
+        unopened = []
+        for sender, sealed in sorted(step.sealed.items()):
+            try:
+                self.held[sender] = secagg.open_shares(self.delta_session, self.me, self.adverts[sender], sealed)
+            except secagg.SecAggError as exc:  # masks with it all the same (they need only its advert) and names it:
+                # the hub leaves its vector out; refusing the step would make this device look dropped instead
+                unopened.append(sender)
+                log.warning("round %d: %s: named to the hub, which leaves %s out of the sum", self.plan.round_id,
+                            exc.reason, sender)
+        self.unopened = tuple(unopened)
         self.senders = tuple(sorted(senders))
         peers = {d: self.adverts[d] for d in self.senders}  # the masks, made before the vectors they hide are known
         self.masks = (secagg.masks(secure_grid(self.plan).padded, self.delta_session, self.me, peers),
@@ -152,7 +163,7 @@ class SecureAnswerer:
         s = secagg.mask(stat_ints, self.stats_session, self.me, peers, added[1])
         self.masks = None
         self._answer("masked", size=len(y), bits=self.delta_session.bits, stats=len(s),
-                     body=secagg.pack(y, self.delta_session.bits) + secagg.pack(s, STATS_BITS))
+                     body=secagg.pack(y, self.delta_session.bits) + secagg.pack(s, STATS_BITS), unopened=self.unopened)
         if self.audit_dir is not None:
             self._audit(ints, stat_ints)
 

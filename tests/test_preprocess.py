@@ -48,7 +48,9 @@ def reference_windows(ts, values, labels, p: PreprocessParams):
     if len(ts):
         segments.append(cur)
     out, dropped = [], 0
-    for seg in segments:
+    for n, seg in enumerate(segments):
+        if n < len(segments) - 1 and len(seg) < size:  # a gap ended it before one window: readings, no window
+            dropped += 1
         for s in range(0, len(seg) - size + 1, hop):
             idx = seg[s : s + size]
             w = values[idx].astype(np.float64)
@@ -206,8 +208,24 @@ def test_basic_windows_and_gap():
     np.testing.assert_array_equal(b.data[:, 0, 0], [0, 3, 6, 11])
     np.testing.assert_allclose(b.start, [0, 3 * DT, 6 * DT, 1.0])
     np.testing.assert_allclose(b.end, [4 * DT, 7 * DT, 10 * DT, 1.0 + 4 * DT])
-    assert b.labels is None and b.dropped == 0
+    assert b.labels is None and b.dropped == 0  # a segment's last readings, too few for a window: not counted
     assert b.data.dtype == np.float32 and b.start.dtype == np.float64
+
+
+def test_a_sensor_that_pauses_more_often_than_a_window_lasts_counts_its_windows_dropped():
+    """A hostile sensor's finding: runs of 40 readings at the model's rate, a pause after each, windows of 50:
+    readings and no windows, and dropped_windows said 0 (the agent's warning, which names gaps, never came). Each
+    run a pause ends now counts one window dropped, whichever way the stream is cut into pushes."""
+    p = params(window_s=1.0, hop_s=0.5, c=1)  # 50 samples, hop 25
+    runs = [k * 10.0 + np.arange(40) * DT for k in range(6)]
+    ts = np.concatenate(runs)
+    vals = np.ones((ts.size, 1), np.float32)
+    whole = make_windows(ts, vals, None, p)
+    assert len(whole) == 0 and whole.dropped == 5  # one for each run a pause ended (the last may go on)
+    for cuts in ([40, 80], [1, 39, 41, 200], list(range(7, 240, 13))):
+        w = Windower(p)
+        pieces = [w.push(ts[a:b], vals[a:b]) for a, b in zip([0, *cuts], [*cuts, ts.size], strict=True)]
+        assert sum(b.dropped for b in pieces) == whole.dropped, cuts
 
 
 def test_non_increasing_timestamp_breaks_the_stream():

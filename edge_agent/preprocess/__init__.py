@@ -30,7 +30,12 @@ Windowing rules
 * A *gap* is a jump between consecutive timestamps larger than
   ``1.5 / sample_rate_hz`` seconds.  A timestamp that does not increase
   (repeated or going backwards, e.g. a device clock reset) also breaks the
-  stream.  The stream is thereby cut into contiguous *segments*.
+  stream.  The stream is thereby cut into contiguous *segments*.  A segment
+  that a gap ends before it filled one window counts one window **dropped**
+  in ``WindowBatch.dropped`` (a sensor that pauses more often than a window
+  lasts gives readings and no windows, and says so); the last readings of a
+  longer segment, too few for another window, are not counted (a recording
+  ends when it ends).
 * Within each segment windows start at the segment's first sample and every
   ``hop`` samples after it; a window is emitted only when all its ``size``
   samples have arrived.  No window spans a gap.

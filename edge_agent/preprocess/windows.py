@@ -134,6 +134,7 @@ class Windower:
         self._c = len(params.channels)
         self._last_ts: float | None = None
         self._skip = 0  # samples of the current segment to skip before the next window start
+        self._seg_windowed = False  # whether the current segment has begun a window and completed it
         self._buf_ts = np.empty(0, np.float64)
         self._buf_vals = np.empty((0, self._c), np.float32)
         self._buf_labels: np.ndarray | None = None
@@ -166,16 +167,24 @@ class Windower:
                                      () if labels is None else labels.shape[1:])
         bounds, continues = self._segment_bounds(ts)
         out: list[WindowBatch] = []
+        # a gap since the last push, after a run of readings too short for one window
+        cut = int(not continues and self._last_ts is not None and not self._seg_windowed)
         for s in range(len(bounds) - 1):
             a, b = bounds[s], bounds[s + 1]
             seg_ts, seg_v, seg_l, skip = self._segment(
                 ts[a:b], values[a:b], labels[a:b] if labels is not None else None, continues and s == 0)
             batch, next_start = _window_segment(seg_ts, seg_v, seg_l, self.params)
             out.append(batch)
+            windowed = next_start > 0 or (continues and s == 0 and self._seg_windowed)  # the segment has a window
             if s == len(bounds) - 2:  # keep the tail of the last segment only
                 self._keep_tail(seg_ts, seg_v, seg_l, skip, next_start)
+                self._seg_windowed = windowed
+            elif not windowed:  # a gap follows a run too short for one window: readings, and no window
+                cut += 1
         self._last_ts = float(ts[-1])
-        return out[0] if len(out) == 1 else WindowBatch.concat(out)
+        batch = out[0] if len(out) == 1 else WindowBatch.concat(out)
+        batch.dropped += cut
+        return batch
 
     def _checked(self, ts: np.ndarray, values: np.ndarray,
                  labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

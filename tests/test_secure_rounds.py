@@ -295,6 +295,17 @@ def _garbles_shares_for(net: Network, sender: str, peers: Iterable[str]) -> None
     net.tamper = tamper
 
 
+def _names_in_its_masked_answer(net: Network, device: str, peers: tuple[str, ...]) -> None:
+    """``device``'s masked answer names ``peers`` as sealing it shares that do not open (whether they did or not)."""
+    from dataclasses import replace
+
+    def tamper(sender: str, payload: bytes) -> bytes:
+        a = decode_answer(payload)
+        return replace(a, unopened=peers).encode() if sender == device and a.step == "masked" else payload
+
+    net.tamper = tamper
+
+
 def test_shares_that_do_not_open_leave_their_sender_out_and_name_both(tmp_path) -> None:
     """A hostile device's finding: d2 sealed shares for d0 that do not open; d0 refused the mask step, so did
     not mask, and the hub named d0 (honest) as missing. Now d0 masks all the same and names d2 in its masked
@@ -314,8 +325,8 @@ def test_shares_that_do_not_open_leave_their_sender_out_and_name_both(tmp_path) 
     assert got.outcome["unopened"] == {"d0": ["d2"]} and got.outcome["summed"] == 4
     want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
     assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
-    assert "round 1: d0 says the shares d2 sealed for it do not open: left out of the sum (one of the two is " \
-        "faulty)" in net.said
+    assert net.said == ["round 1: d0 says the shares d2 sealed for it do not open: d2 left out of the sum (one of the "
+                        "two is faulty)"]
 
 
 def test_shares_that_open_for_too_few_survivors_fail_the_round_naming_their_sender(tmp_path) -> None:
@@ -333,6 +344,67 @@ def test_shares_that_open_for_too_few_survivors_fail_the_round_naming_their_send
         hub.collect()
 
 
+def test_a_failed_dispute_keeps_its_reason_when_the_round_is_finished(tmp_path) -> None:
+    """The helper's finding: the coordinator finishes a round with a new SecureRound's unmask(), which said "only 0
+    device(s) revealed their shares (missing: d0, d1, d2, d3, d4)" and dropped the claims. It gives collect()'s
+    reason now, and the claims with it."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    _garbles_shares_for(net, "d2", ["d0", "d1", "d3"])
+    for a in net.devices.values():
+        a.advertise()
+    _train(net, devices)
+    with pytest.raises(SecureRoundFailed) as closed:
+        net.hub().collect()
+    with pytest.raises(SecureRoundFailed) as finished:
+        net.hub().unmask()
+    assert str(finished.value) == str(closed.value) and str(closed.value).startswith("d2's shares did not open for")
+    assert finished.value.unopened == {"d0": ["d2"], "d1": ["d2"], "d3": ["d2"]}
+
+
+def test_a_device_naming_several_peers_is_left_out_itself(tmp_path) -> None:
+    """The helper's finding: d0 named three honest peers and stayed in a sum of seven of ten (its weight 1/7 for
+    1/10). A device that names several peers is left out and its claims are not followed: one hostile device keeps
+    at most one honest peer out while it stays in."""
+    devices = [f"d{i}" for i in range(6)]
+    net = Network(tmp_path, devices)
+    _names_in_its_masked_answer(net, "d0", ("d1", "d2", "d3"))
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, devices)
+    hub = net.hub()
+    hub.collect()
+    got = hub.unmask()
+    assert got.survivors == ["d1", "d2", "d3", "d4", "d5"] and got.dropped == ["d0"]
+    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
+    assert all(np.array_equal(got.delta[k], (want[k] / 5).astype(np.float32)) for k in TENSORS)
+    assert net.said == ["round 1: d0 says the shares of d1, d2, d3 sealed for it do not open: d0 left out of the sum "
+                        "(a device may name one peer)"]
+
+
+def test_a_masked_answer_after_the_reveals_does_not_change_the_survivors_after_a_restart(tmp_path) -> None:
+    """The helper's finding: a first hub asked d0-d3 for their reveals (d4 had not masked); d4 then masked naming d2,
+    and a restarted hub took that answer, made d2 dropped, asked for an s-share of d2 the devices never give (each
+    reveals once) and failed with "1 shares, the threshold is 3". Once reveals are stored, the survivors stand."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    net.trains_after_mask = set()
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, devices[:4])
+    net.hub().collect()
+    assert set(net.hub()._answered("revealed")) == {"d0", "d1", "d2", "d3"}
+    _names_in_its_masked_answer(net, "d4", ("d2",))
+    _train(net, ["d4"])  # its masked answer now waits in the hub's inbox
+    second = net.hub()
+    second.collect()
+    got = second.unmask()
+    assert got.survivors == ["d0", "d1", "d2", "d3"] and got.dropped == ["d4"]
+    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
+    assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
+    assert "d4" not in second._answered("masked")
+
+
 def test_a_masked_answer_naming_a_device_outside_the_round_is_refused(tmp_path) -> None:
     """A device cannot leave out a device that sent no shares, nor itself (the decoder refuses that)."""
     from dataclasses import replace
@@ -342,12 +414,7 @@ def test_a_masked_answer_naming_a_device_outside_the_round_is_refused(tmp_path) 
     devices = [f"d{i}" for i in range(4)]
     net = Network(tmp_path, devices)
     net.deaf = {"d3": "share"}  # it advertised, then stopped: no shares from it
-
-    def tamper(device: str, payload: bytes) -> bytes:
-        a = decode_answer(payload)
-        return a.encode() if device != "d1" or a.step != "masked" else replace(a, unopened=("d3",)).encode()
-
-    net.tamper = tamper
+    _names_in_its_masked_answer(net, "d1", ("d3",))
     for a in net.devices.values():
         a.advertise()
     _train(net, devices[:3])

@@ -212,9 +212,9 @@ class Coordinator:
         secure = self._secure_round(r)
         try:
             secure.collect()
-            with sessions.transaction(self.engine, write=False) as conn:
-                masked = sorted(self.rounds.payloads(conn, r.id, "masked"))
-            why = f"secure: {len(masked)} masked update(s) summed ({', '.join(masked)})"
+            summed, out = sorted(secure.survivors), sorted(secure.dropped & secure.masked)
+            why = f"secure: {len(summed)} masked update(s) summed ({', '.join(summed)})" + (
+                f", {len(out)} left out ({', '.join(out)}: shares that did not open)" if out else "")
         except SecureRoundFailed as exc:
             why = f"secure: {exc}"
         finally:
@@ -353,6 +353,8 @@ class Coordinator:
                                                      privacy=spent or None)
         except SecureRoundFailed as exc:
             state, version, outcome, reason = "failed", None, {"secure": True}, f"secure: {exc}"
+            if exc.unopened:  # who named whom: the round's record of the dispute
+                outcome["unopened"] = exc.unopened
             if exc.summed is not None:  # the hub learned the sum before it refused it: spent all the same
                 spent = self._privacy(r, exc.summed, counted)
         except (ValueError, KeyError, OSError, LifecycleError) as exc:  # never a round stuck in 'closed'

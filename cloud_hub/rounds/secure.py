@@ -59,6 +59,7 @@ class SecureRoundFailed(Exception):
     def __init__(self, reason: str, summed: tuple[int, int] | None = None) -> None:
         super().__init__(reason)
         self.summed = summed
+        self.unopened: dict[str, list[str]] = {}  # device -> the peers it named (their shares did not open)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class SecureRound:
         self.expect: set[str] = set(self.plan.participants)
         self.survivors: set[str] = set()  # the reveal step's: whose masked vectors it sums, who dropped
         self.dropped: set[str] = set()
+        self.masked: set[str] = set()  # whose masked vectors the hub took (survivors, and those left out of the sum)
         # who answered the current step: read from the database when it starts, then kept as answers are committed
         # (one coordinator writes a round: federate's client id is exclusive)
         self.answered: set[str] = set()
@@ -122,13 +124,18 @@ class SecureRound:
         senders = tuple(sorted(shared))
         self._tell([Step(self.r.id, self.plan.model, v, "mask", senders=senders,
                          sealed={u: sealed[u][v] for u in senders if u != v}) for v in senders])
-        masked = self._step("masked", set(senders), self.r.deadline, enough=int(self.r.plan.get("min_updates") or 0))
+        if self._answered("revealed"):  # a restart after the reveal step went out: its survivors stand (a masked
+            masked = self._answered("masked") & set(senders)  # answer taken now would need reveals already sent)
+            self.phase = "masked"
+        else:
+            masked = self._step("masked", set(senders), self.r.deadline,
+                                enough=int(self.r.plan.get("min_updates") or 0))
         self._enough(masked, "sent their masked update")
         named = self._named(masked)
-        survivors = tuple(sorted(masked - _named_senders(named)))
-        dropped = tuple(sorted(set(senders) - set(survivors)))
+        survivors, dropped = _sides(named, masked, senders)
+        self._say_disputes(named)
         self._disputes(named, survivors, dropped)
-        self.survivors, self.dropped = set(survivors), set(dropped)
+        self.survivors, self.dropped, self.masked = set(survivors), set(dropped), set(masked)
         self._tell([Step(self.r.id, self.plan.model, v, "reveal", survivors=survivors, dropped=dropped)
                     for v in survivors])
         revealed = self._step("revealed", set(survivors), max(time.time(), self.r.deadline) + REVEAL_GRACE_S,
@@ -145,19 +152,26 @@ class SecureRound:
         return {d: a.unopened for d, p in self._stored("masked").items()
                 if d in masked and (a := decode_answer(p)).unopened}
 
-    def _disputes(self, named: dict[str, tuple[str, ...]], survivors: tuple[str, ...], dropped: tuple[str, ...]) -> None:
-        """Say who named whom (the hub cannot tell which of the two is faulty: it cannot open shares sealed for a
-        device), and fail the round when the named devices leave fewer survivors than the threshold, or fewer
-        survivors holding a dropped device's shares than its mask key needs."""
+    def _say_disputes(self, named: dict[str, tuple[str, ...]]) -> None:
+        """Who named whom, and who is left out for it (the hub cannot tell which of two is faulty: it cannot open
+        shares sealed for a device)."""
         for device, senders in sorted(named.items()):
-            self.wire.say(f"round {self.r.id}: {device} says the shares {', '.join(senders)} sealed for it do not "
-                          "open: left out of the sum (one of the two is faulty)")
+            if len(senders) == 1:
+                self.wire.say(f"round {self.r.id}: {device} says the shares {senders[0]} sealed for it do not open: "
+                              f"{senders[0]} left out of the sum (one of the two is faulty)")
+            else:
+                self.wire.say(f"round {self.r.id}: {device} says the shares of {', '.join(senders)} sealed for it do "
+                              f"not open: {device} left out of the sum (a device may name one peer)")
+
+    def _disputes(self, named: dict[str, tuple[str, ...]], survivors: tuple[str, ...], dropped: tuple[str, ...]) -> None:
+        """Fail the round when the devices left out for naming or being named leave fewer survivors than the
+        threshold, or fewer survivors holding a dropped device's shares than its mask key needs."""
         if not named:
             return
         if len(survivors) < self.t:
-            raise SecureRoundFailed(f"only {len(survivors)} masked update(s) can be summed once the devices named "
-                                    f"as sealing shares that do not open are left out (the threshold is {self.t}; "
-                                    f"left out: {', '.join(sorted(_named_senders(named)))}): the sum stays hidden")
+            raise SecureRoundFailed(f"only {len(survivors)} masked update(s) can be summed once the devices that named "
+                                    f"peers whose shares do not open, or were named, are left out (the threshold is "
+                                    f"{self.t}; left out: {', '.join(sorted(_left_out(named)))}): the sum stays hidden")
         for u in dropped:
             holders = [v for v in survivors if u not in named.get(v, ())]
             if len(holders) < self.t:
@@ -290,11 +304,20 @@ class SecureRound:
         senders = set(self._stored("shares"))
         masked = {d: decode_answer(p) for d, p in self._stored("masked").items()}
         named = {d: a.unopened for d, a in masked.items() if a.unopened}
-        masked = {d: a for d, a in masked.items() if d not in _named_senders(named)}  # as if they had dropped
         revealed = {d: decode_answer(p).revealed for d, p in self._stored("revealed").items()}
-        # a round whose steps failed is finished here too (closed, then finished: after a restart as well)
-        self._enough(set(masked), "sent their masked update")
-        self._enough(set(revealed), "revealed their shares")
+        # a round whose steps failed is finished here too (closed, then finished: after a restart as well), with
+        # the reason collect() gave
+        try:
+            self.expect = senders
+            self._enough(set(masked), "sent their masked update")
+            sides = _sides(named, set(masked), senders)
+            self._disputes(named, *sides)
+            self.expect = set(sides[0])
+            self._enough(set(revealed), "revealed their shares")
+        except SecureRoundFailed as exc:
+            exc.unopened = {d: list(us) for d, us in sorted(named.items())}
+            raise
+        masked = {d: a for d, a in masked.items() if d in sides[0]}  # the left out as if they had dropped
         survivors = sorted(masked)
         keys = {d: a for d, a in adverts.items() if d in senders and a is not None}
         total = np.zeros(self.grid.padded, np.uint32)
@@ -339,9 +362,20 @@ class SecureRound:
                        "sum_sha256": hashlib.sha256(np.asarray(ints, "<i8").tobytes()).hexdigest()})
 
 
-def _named_senders(named: dict[str, tuple[str, ...]]) -> set[str]:
-    """The devices some masked answer named as sealing it shares that do not open: left out of the sum."""
-    return {u for senders in named.values() for u in senders}
+def _left_out(named: dict[str, tuple[str, ...]]) -> set[str]:
+    """Who is left out of the sum for ``named`` (device -> the peers it names as sealing it shares that do not
+    open): the one peer a device names, and a device that names several (its claims not followed: an honest device
+    names several only when several peers are faulty at once, and a hostile one would otherwise empty the sum). So
+    one hostile device keeps at most one honest peer out while it stays in."""
+    return {d if len(us) > 1 else us[0] for d, us in named.items()}
+
+
+def _sides(named: dict[str, tuple[str, ...]], masked: set[str], senders: tuple[str, ...] | set[str]
+           ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(survivors, dropped) of the reveal step: the devices whose masked vectors are summed, and every other
+    sender (its pairwise masks come off with its key)."""
+    survivors = tuple(sorted(masked - _left_out(named)))
+    return survivors, tuple(sorted(set(senders) - set(survivors)))
 
 
 def _impossible(stats: dict[str, float], ranges: list[list[float]], task: str) -> str | None:

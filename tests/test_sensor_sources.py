@@ -392,6 +392,33 @@ def test_example_sensor_configs_are_valid(tmp_path, name: str, source: str) -> N
     assert s.source == source and s.sensor_channels and s.trusted_key and s.broker_url.tls
 
 
+def test_messages_past_a_full_inbox_are_skipped_counted_and_said(monkeypatch, caplog) -> None:
+    """A hostile sensor's finding: paho's thread queued every message without bound, so a sensor (or a peer of the
+    sensors' broker) publishing faster than the agent reads grew the agent to its memory limit. Past MAX_INBOX
+    waiting messages one is skipped, counted and said in one line; what was waiting is read."""
+    import threading
+
+    from edge_agent.mqtt import Message
+    from edge_agent.settings.agent import AgentSettings
+    from edge_agent.settings.loader import load_settings
+    from edge_agent.sources import mqtt_sensor
+
+    monkeypatch.setattr(mqtt_sensor, "MAX_INBOX", 5)
+    s = load_settings(AgentSettings, env_prefix="EDGE_AGENT", config=None, environ={}, flags={
+        "source": "mqtt", "mqtt_topics": ["z/t"], "device_id": "dev1", "sensor_channels": ["t"]})
+    stop = threading.Event()
+    sensor = mqtt_sensor.MqttSensor.of(s, stop, stop.set)  # idle (the inbox empty): stop
+    sensor.poll_s = 0.01
+    for k in range(12):  # the agent reads nothing meanwhile
+        sensor._on_message(Message("z/t", orjson.dumps({"t": 20.0 + k}), 1, False, 0))
+    with caplog.at_level("WARNING"):
+        got = [v for ch in sensor for v in ch.by_device()["dev1"][1][:, 0].tolist()]
+    assert got == [20.0, 21.0, 22.0, 23.0, 24.0]
+    assert sensor.stats.rows_skipped == 7 and sensor.stats.skipped_by_reason == {"inbox full": 7}
+    said = [r.getMessage() for r in caplog.records if "inbox" in r.getMessage() or "waiting" in r.getMessage()]
+    assert len(said) == 1 and "7 message(s) skipped: 5 were waiting for the agent" in said[0], said
+
+
 def test_topics_naming_ever_new_devices_are_skipped_past_the_cap(monkeypatch) -> None:
     """A hostile peer's finding: with mqtt_device = "{1}" any peer of the sensors' broker made a device a topic
     (30,000 topics: the agent from 73 to 487 MB, and 43,000 statuses in 10 s). Past MAX_SENSOR_DEVICES a topic

@@ -146,9 +146,12 @@ class NotedStats(ReadStats):
     def record(self, err: LogError) -> None:  # a line of a file or stream the parser refused
         self.note(f"line {err.line}", err.kind, err.reason)
 
-    def note(self, origin: str, kind: str, reason: str) -> None:
-        """Count a reading that is not one (``origin``: where it came from) and say so."""
+    def note(self, origin: str, kind: str, reason: str, count: int = 1) -> None:
+        """Count a reading that is not one (``origin``: where it came from; ``count`` of them) and say so."""
         ReadStats.record(self, LogError(origin, 0, reason, kind))
+        if count > 1:
+            self.rows_skipped += count - 1
+            self.skipped_by_reason[kind] += count - 1
         now = time.monotonic()
         if self.rows_skipped <= NOTED_ONE_BY_ONE:
             log.warning("%s: %s: reading skipped (%s)", self.name, origin, reason)

@@ -30,6 +30,11 @@ MAX_SENSOR_DEVICES = 1000
 """Devices one agent reads from its topics (``mqtt_device``) at most; a topic naming a device past them is skipped
 and said: any peer of the sensors' broker could otherwise make devices without end (each costs the agent its
 windows, drift meters and statuses: 30,000 of them took it from 73 to 487 MB, a hostile peer's finding)."""
+MAX_INBOX = 20_000
+"""Messages waiting for the agent at most: past them a message is skipped, counted and said (``inbox full``).
+A sensor, or a peer of the sensors' broker, that publishes faster than the agent reads (a sensor set to 10 kHz, a
+flood) grew the queue without end, to the agent's memory limit; a full inbox holds about 20 s of a 1 kHz sensor."""
+INBOX_FULL = "inbox full"
 
 
 class DeviceNames:
@@ -77,6 +82,7 @@ class MqttSensor:
         self.poll_s, self.idle = poll_s, idle
         self.stop_event = stop_event or threading.Event()
         self._inbox: queue.SimpleQueue[tuple[Message, float]] = queue.SimpleQueue()
+        self._overflow = [0, 0]  # messages skipped for a full inbox: (by paho's thread, as said by the iterator)
         self.link = MqttLink(broker, client_id or f"edge-agent-sensors-{uuid.uuid4().hex[:8]}", tls=tls,
                              keepalive_s=keepalive_s, on_message=self._on_message,
                              subscriptions=[(f, qos) for f in self.filters])
@@ -100,8 +106,19 @@ class MqttSensor:
     def has_labels(self) -> bool:
         return self.feed.has_labels
 
-    def _on_message(self, msg: Message) -> None:  # paho's thread: hand on, nothing else
+    def _on_message(self, msg: Message) -> None:  # paho's thread: hand on (or count one the inbox has no room for)
+        if self._inbox.qsize() >= MAX_INBOX:
+            self._overflow[0] += 1
+            return
         self._inbox.put((msg, time.time()))
+
+    def _say_overflow(self, topic: str) -> None:
+        skipped = self._overflow[0] - self._overflow[1]
+        if skipped:
+            self._overflow[1] += skipped
+            self.stats.note(f"topic {topic}", INBOX_FULL, f"{skipped} message(s) skipped: {MAX_INBOX:,} were waiting "
+                            "for the agent, which reads slower than the sensors publish (check their rate, or who else "
+                            "publishes on these topics)", count=skipped)
 
     def start(self, timeout: float) -> None:
         """Connect and subscribe (MqttError, exit 3, when the broker cannot be reached within ``timeout``)."""
@@ -157,6 +174,7 @@ class MqttSensor:
                     device = self._device(msg.topic)
                     if device is not None:
                         lines.append(self.feed.take(f"topic {msg.topic}", msg.payload, device, arrival))
+                self._say_overflow(batch[-1][0].topic)
                 yield from self.feed.chunks(b"".join(lines))
         finally:
             self.close()

@@ -323,6 +323,7 @@ def test_shares_that_do_not_open_leave_their_sender_out_and_name_both(tmp_path) 
     assert net.devices["d0"].unopened == ("d2",) and decode_answer(hub._stored("masked")["d0"]).unopened == ("d2",)
     assert got.survivors == ["d0", "d1", "d3", "d4"] and got.dropped == ["d2"]
     assert got.outcome["unopened"] == {"d0": ["d2"]} and got.outcome["summed"] == 4
+    assert hub.left_out() == ["d2: its shares did not open for d0"]
     want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
     assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
     assert net.said == ["round 1: d0 says the shares d2 sealed for it do not open: d2 left out of the sum (one of the "
@@ -380,6 +381,7 @@ def test_a_device_naming_several_peers_is_left_out_itself(tmp_path) -> None:
     assert all(np.array_equal(got.delta[k], (want[k] / 5).astype(np.float32)) for k in TENSORS)
     assert net.said == ["round 1: d0 says the shares of d1, d2, d3 sealed for it do not open: d0 left out of the sum "
                         "(a device may name one peer)"]
+    assert hub.left_out() == ["d0: it named 3 peers"]
 
 
 def test_a_masked_answer_after_the_reveals_does_not_change_the_survivors_after_a_restart(tmp_path) -> None:

@@ -212,9 +212,9 @@ class Coordinator:
         secure = self._secure_round(r)
         try:
             secure.collect()
-            summed, out = sorted(secure.survivors), sorted(secure.dropped & secure.masked)
+            summed, out = sorted(secure.survivors), secure.left_out()
             why = f"secure: {len(summed)} masked update(s) summed ({', '.join(summed)})" + (
-                f", {len(out)} left out ({', '.join(out)}: shares that did not open)" if out else "")
+                f", {len(out)} left out ({'; '.join(out)})" if out else "")
         except SecureRoundFailed as exc:
             why = f"secure: {exc}"
         finally:

@@ -104,6 +104,7 @@ class SecureRound:
         self.survivors: set[str] = set()  # the reveal step's: whose masked vectors it sums, who dropped
         self.dropped: set[str] = set()
         self.masked: set[str] = set()  # whose masked vectors the hub took (survivors, and those left out of the sum)
+        self.named: dict[str, tuple[str, ...]] = {}  # device -> the peers it named (their shares did not open)
         # who answered the current step: read from the database when it starts, then kept as answers are committed
         # (one coordinator writes a round: federate's client id is exclusive)
         self.answered: set[str] = set()
@@ -131,7 +132,7 @@ class SecureRound:
             masked = self._step("masked", set(senders), self.r.deadline,
                                 enough=int(self.r.plan.get("min_updates") or 0))
         self._enough(masked, "sent their masked update")
-        named = self._named(masked)
+        named = self.named = self._named(masked)
         survivors, dropped = _sides(named, masked, senders)
         self._say_disputes(named)
         self._disputes(named, survivors, dropped)
@@ -145,6 +146,16 @@ class SecureRound:
     def clear(self) -> None:
         """No step is left retained for anyone once the round is over."""
         self._send([(self.s.topics.round_step(d), b"") for d in self.plan.participants])
+
+    def left_out(self) -> list[str]:
+        """Each device whose masked vector the hub took and left out of the sum, with why (after :meth:`collect`)."""
+        out = []
+        for d in sorted(self.dropped & self.masked):
+            if len(self.named.get(d, ())) > 1:
+                out.append(f"{d}: it named {len(self.named[d])} peers")
+            else:
+                out.append(f"{d}: its shares did not open for {', '.join(v for v, us in self.named.items() if d in us)}")
+        return out
 
     def _named(self, masked: set[str]) -> dict[str, tuple[str, ...]]:
         """Device -> the senders whose sealed shares it said did not open (its stored masked answer's

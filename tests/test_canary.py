@@ -72,6 +72,15 @@ def _rollout_state(url: str, version: int) -> str | None:
         engine.dispose()
 
 
+def test_a_share_without_its_percent_sign_says_how_to_write_it() -> None:
+    """A new operator's finding: `--canary 10` was refused as "must be between 0 and 100%", which 10 is."""
+    assert canary.parse_canary("10%") == pytest.approx(0.1) and canary.parse_canary("0.25") == 0.25
+    with pytest.raises(canary.CanaryError, match=r"got '10': write 10% for 10 percent$"):
+        canary.parse_canary("10")
+    with pytest.raises(canary.CanaryError, match=r"as 10% or 0.1, got '150%'$"):
+        canary.parse_canary("150%")
+
+
 def test_cohort_choice_is_stable_never_everyone_and_names_unknown_devices() -> None:
     fleet = [f"d{i}" for i in range(10)]
     cohort = canary.choose_cohort(fleet, fraction=0.1, salt="m/v2")
@@ -328,4 +337,70 @@ def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, 
     res = runner.invoke(hub_app, ["publish", *args, "--version", "1", "--force"])
     assert res.exit_code == 4 and "a canary of default v2 is open (against v1): end it first" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    engine.dispose()
+
+
+def test_a_canary_publish_stopped_after_the_broker_took_it_clears_its_cohort(broker, prefix, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """A new operator's finding: Ctrl-C during `publish --devices` exited 130 without a word, after the broker had
+    the bundle on the cohort's topic: the device ran a version no rollout recorded, and neither `rollback` nor a
+    fleet publish took it back. Now the cohort's topics are cleared again and the command says no canary started;
+    afterwards, a rolled-back version is refused naming its rollback, not a gate it passed."""
+    from cloud_hub.cli.common import Interrupted
+    from cloud_hub.data import sessions
+    from cloud_hub.data.store import Store
+
+    priv, _, _ = keygen(tmp_path / "keys" / "hub.pem")
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    args = ["--db", url, "--broker", broker.url, "--prefix", prefix, "--signing-key", str(priv)]
+    engine = db.make_engine(url)
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=120)
+    assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 1
+    assert runner.invoke(hub_app, ["publish", *args]).exit_code == 0
+    assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 2
+    with sessions.transaction(engine) as conn:
+        Store(engine).apply_statuses(conn, {d: (c.Status(d, c.ONLINE, 1.0, "default", 1, "a" * 64, 0), 1.0)
+                                            for d in ("on-1", "on-2")})
+    real_send, sent = canary.send, []
+
+    def stopped_once_sent(settings, messages, timeout=30.0):  # Ctrl-C as the PUBACKs come in
+        real_send(settings, messages, timeout)
+        sent.append([topic for topic, _, _ in messages])
+        if len(sent) == 1:
+            raise Interrupted
+
+    monkeypatch.setattr(canary, "send", stopped_once_sent)
+    res = runner.invoke(hub_app, ["publish", *args, "--devices", "on-1", "--version", "2"])
+    assert res.exit_code == 130 and "interrupted: no canary started" in res.stderr, res.output
+    assert sent[0][0] == f"{prefix}/devices/on-1/model" and sent[1] == [f"{prefix}/devices/on-1/model"]
+    with sessions.transaction(engine, write=False) as conn:
+        assert Store(engine).rollouts(conn, "default") == []
+    # what the broker keeps retained on the cohort's topic: nothing (a marker published after the SUBACK comes
+    # after every retained message of the subscription)
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    watch = MqttLink(BrokerURL.parse(broker.url), f"{prefix}-watch", subscriptions=[(f"{prefix}/devices/+/model", 1)],
+                     on_message=lambda m: got.put((m.topic, m.payload)))
+    watch.start()
+    try:
+        watch.wait_connected(10)
+        watch.wait_subscribed(10)
+        watch.publish(f"{prefix}/devices/marker/model", b"marker", c.RESULTS_DELIVERY)
+        seen = []
+        while not seen or seen[-1][0] != f"{prefix}/devices/marker/model":
+            seen.append(got.get(timeout=10))
+        assert seen == [(f"{prefix}/devices/marker/model", b"marker")], [t for t, _ in seen]
+    finally:
+        watch.stop()
+    monkeypatch.setattr(canary, "send", real_send)
+    assert runner.invoke(hub_app, ["publish", *args, "--devices", "on-1", "--version", "2"]).exit_code == 0
+    # a rollback to a broker not there said nothing for 30 s: now it gives up at connect_timeout_s (and says
+    # after 3 s what is in the way, as publish does)
+    res = runner.invoke(hub_app, ["rollback", "--db", url, "--broker", "mqtt://127.0.0.1:1"],
+                        env={"CLOUD_HUB_PREFIX": prefix, "CLOUD_HUB_CONNECT_TIMEOUT_S": "4"})
+    assert res.exit_code == 3 and "no connection to mqtt://127.0.0.1:1 within 4 s" in res.stderr, res.output
+    assert runner.invoke(hub_app, ["rollback", *args[:4]], env={"CLOUD_HUB_PREFIX": prefix}).exit_code == 0
+    res = runner.invoke(hub_app, ["publish", *args, "--devices", "on-1", "--version", "2"])
+    assert res.exit_code == 4 and "v2 is rejected: its canary was rolled back (rolled back by hand" in res.stderr, \
+        res.output
+    assert "failed its gate" not in res.stderr
     engine.dispose()

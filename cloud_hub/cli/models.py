@@ -206,9 +206,13 @@ def publish(
         with lifecycle_errors():
             s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)
             engine = engine_for(s.db)
-        start_canary(s, engine, version=version, share=canary, devices=devices, min_results=min_results,
-                     tolerance=tolerance, allow_unsigned=insecure_unsigned, force=force,
-                     key_from_flag=signing_key is not None)
+        progress_lines(True)  # warnings ("not connected to ... yet", a cohort not cleared) as "cloud-hub:" lines
+        # Ctrl-C: the cohort's topics are cleared again (canary.start), or a warning says what is left to do
+        with stoppable("no canary started (a cohort device it reached is cleared again, unless a line above says "
+                       "otherwise)"):
+            start_canary(s, engine, version=version, share=canary, devices=devices, min_results=min_results,
+                         tolerance=tolerance, allow_unsigned=insecure_unsigned, force=force,
+                         key_from_flag=signing_key is not None)
         return
     with lifecycle_errors():
         s = settings_from(config, signs=True, db=db, broker=broker, model_name=name, signing_key=signing_key, prefix=prefix)

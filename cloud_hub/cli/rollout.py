@@ -17,6 +17,7 @@ from cloud_hub.cli.common import (
     lifecycle_errors,
     new_console,
     new_table,
+    progress_lines,
     settings_from,
 )
 from edge_agent.exits import USAGE as EXIT_USAGE
@@ -154,6 +155,7 @@ def rollback(
     from cloud_hub.data.store import Store
     from cloud_hub.rollout import canary
 
+    progress_lines(True)  # "not connected to ... yet" after 3 s, as one "cloud-hub:" line
     with lifecycle_errors():
         s = settings_from(config, db=db, broker=broker, model_name=name)
         engine = engine_for(s.db)

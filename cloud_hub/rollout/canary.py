@@ -39,7 +39,7 @@ from cloud_hub.rollout.canary_judge import Estimate
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent import exits
 from edge_agent.contract import MODEL_DELIVERY, RESULTS_DELIVERY, Delivery, decode_bundle
-from edge_agent.mqtt import MqttError, MqttLink
+from edge_agent.mqtt import ConnectRefused, MqttError, MqttLink
 
 log = logging.getLogger(__name__)
 EVENTS_DELIVERY = RESULTS_DELIVERY  # QoS 1, not retained
@@ -75,7 +75,7 @@ def send(settings: HubSettings, messages: Sequence[tuple[str, bytes, Delivery]],
                     tls=settings.tls, keepalive_s=settings.keepalive_s, on_published=on_published)
     link.start()
     try:
-        link.wait_connected(timeout)
+        connect(link, settings)
         mids = {link.publish(topic, payload, delivery) for topic, payload, delivery in messages}
         with changed:
             if not changed.wait_for(lambda: mids <= acked, timeout):
@@ -84,6 +84,41 @@ def send(settings: HubSettings, messages: Sequence[tuple[str, bytes, Delivery]],
             raise MqttError(f"the broker refused: {refused[0]}")
     finally:
         link.stop()
+
+
+def connect(link: MqttLink, settings: HubSettings) -> None:
+    """Wait up to ``connect_timeout_s`` for the broker, saying after 3 s what is in the way (no silent wait: a
+    rollback to a wrong broker said nothing for 30 s, a new operator's finding)."""
+    first = min(3.0, settings.connect_timeout_s)
+    try:
+        link.wait_connected(first)
+        return
+    except ConnectRefused:
+        raise
+    except MqttError:
+        if first >= settings.connect_timeout_s:
+            raise
+    log.warning("not connected to %s yet (%s); trying for up to %g s", settings.broker_url,
+                link.unreachable_reason(), settings.connect_timeout_s)
+    try:
+        link.wait_connected(settings.connect_timeout_s - first)
+    except ConnectRefused:
+        raise
+    except MqttError:
+        raise MqttError(f"no connection to {settings.broker_url} within {settings.connect_timeout_s:g} s: "
+                        f"{link.unreachable_reason()}") from None
+
+
+def _take_back(settings: HubSettings, row: ModelRow, cohort: Sequence[str]) -> None:
+    """A canary whose sending failed or was stopped (Ctrl-C) is recorded nowhere, yet some of its cohort may hold
+    it (a new operator's finding: the device ran a version no rollout knew, and neither rollback nor a fleet
+    publish took it back): clear the cohort's model topics, or say how to."""
+    try:
+        send(settings, [(settings.topics.device_model(d), CLEAR, MODEL_DELIVERY) for d in cohort], timeout=5.0)
+    except BaseException as exc:  # a second Ctrl-C, the broker gone: say what is left to do
+        log.warning("%s v%d may have reached %s, and no canary is recorded (%s): publish it to them again "
+                    "(`cloud-hub publish --version %d --devices %s`), then `cloud-hub rollback`", row.name,
+                    row.version, ", ".join(cohort), exc or type(exc).__name__, row.version, ",".join(cohort))
 
 
 def signed_bundle(row: ModelRow, settings: HubSettings, signing_key: str | None, allow_unsigned: bool) -> bytes:
@@ -135,7 +170,9 @@ def parse_canary(text: str) -> float:
     except ValueError:
         raise CanaryError(f"--canary: expected a share like 10% or 0.1, got {text!r}") from None
     if not 0 < value < 1:
-        raise CanaryError(f"--canary: the share must be between 0 and 100% (exclusive), got {text!r}")
+        hint = f": write {text}% for {text} percent" if not text.endswith("%") and 1 <= value < 100 else ""
+        raise CanaryError(f"--canary: the share must be between 0 and 100% (exclusive), as 10% or 0.1, got "
+                          f"{text!r}{hint}")
     return value
 
 
@@ -172,8 +209,13 @@ def start(engine: sa.Engine, settings: HubSettings, row: ModelRow, *, cohort: Se
                           min_results=min_results, tolerance=tolerance, at=now)
         note = _event(settings, store, conn, "canary_started", row.name, row.version,
                       {"cohort": list(cohort), "previous_version": previous.version}, now)
-        # inside the transaction: when the broker does not take every message, no rollout is recorded
-        send(settings, [*((settings.topics.device_model(d), payload, MODEL_DELIVERY) for d in cohort), note])
+        # inside the transaction: when the broker does not take every message, no rollout is recorded, and the
+        # cohort's topics are cleared again
+        try:
+            send(settings, [*((settings.topics.device_model(d), payload, MODEL_DELIVERY) for d in cohort), note])
+        except BaseException:
+            _take_back(settings, row, cohort)
+            raise
         return store.rollouts(conn, row.name, state="canary")[0]
 
 

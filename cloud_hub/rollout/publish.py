@@ -13,9 +13,10 @@ from cloud_hub.data import sessions
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models.lifecycle import LifecycleError, on_topic
 from cloud_hub.models.signing import load_private_key, sign_bundle
+from cloud_hub.rollout.canary import connect
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent.contract import MODEL_DELIVERY, Bundle, decode_bundle
-from edge_agent.mqtt import ConnectRefused, MqttError, MqttLink
+from edge_agent.mqtt import MqttError, MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,13 @@ def pick(store: Store, conn: sa.Connection, name: str, version: int | None, *, f
         if row is None:
             raise LifecycleError(f"model {name} v{version} is not registered")
         if row.state == "rejected" and not force:
-            gate = (row.metrics or {}).get("gate")  # none: a canary rolled back (`cloud-hub rollout status` says why)
-            raise LifecycleError(f"model {name} v{version} " + (f"failed its gate ({gate})" if gate else
-                                 "is rejected (a canary rolled back: `cloud-hub rollout status` says why)")
-                                 + "; use --force to publish it anyway")
+            # a canary rolled back rejects its version, whose gate had passed (it said "failed its gate (...: pass)")
+            back = next((r for r in store.rollouts(conn, name, state="rolled_back") if r.version == version), None)
+            gate = (row.metrics or {}).get("gate")
+            raise LifecycleError(f"model {name} v{version} " + (
+                f"is rejected: its canary was rolled back ({back.reason}; `cloud-hub rollout status`)" if back else
+                f"failed its gate ({gate})" if gate else "is rejected")
+                + "; use --force to publish it anyway")
         return row
     rows = [r for r in store.list_models(conn, name) if r.state in ("publishable", "published")]
     if not rows:
@@ -75,7 +79,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
                     keepalive_s=settings.keepalive_s, on_published=on_published)
     link.start()
     try:
-        _connect(link, settings)
+        connect(link, settings)
         link.publish(settings.topics.model(row.name), bundle.encode(), MODEL_DELIVERY)
         if not acked.wait(timeout):
             raise MqttError(f"no PUBACK for the model within {timeout:g} s")
@@ -86,28 +90,6 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     with sessions.transaction(engine) as conn:
         store.set_model_state(conn, row.name, row.version, "published", at=time.time())
     return bundle
-
-
-def _connect(link: MqttLink, settings: HubSettings) -> None:
-    """Wait up to ``connect_timeout_s`` for the broker, saying after 3 s what is in the way (no silent wait)."""
-    first = min(3.0, settings.connect_timeout_s)
-    try:
-        link.wait_connected(first)
-        return
-    except ConnectRefused:
-        raise
-    except MqttError:
-        if first >= settings.connect_timeout_s:
-            raise
-    log.warning("not connected to %s yet (%s); trying for up to %g s", settings.broker_url,
-                link.unreachable_reason(), settings.connect_timeout_s)
-    try:
-        link.wait_connected(settings.connect_timeout_s - first)
-    except ConnectRefused:
-        raise
-    except MqttError:
-        raise MqttError(f"no connection to {settings.broker_url} within {settings.connect_timeout_s:g} s: "
-                        f"{link.unreachable_reason()}") from None
 
 
 def rollout(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:

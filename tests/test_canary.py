@@ -393,6 +393,18 @@ def test_a_canary_publish_stopped_after_the_broker_took_it_clears_its_cohort(bro
         watch.stop()
     monkeypatch.setattr(canary, "send", real_send)
     assert runner.invoke(hub_app, ["publish", *args, "--devices", "on-1", "--version", "2"]).exit_code == 0
+    # a canary its cohort does not run (signed with a key they do not trust): status names each device and why
+    with sessions.transaction(engine) as conn:
+        Store(engine).apply_statuses(conn, {"on-1": (c.Status(
+            "on-1", c.ONLINE, 2.0, "default", 1, "a" * 64, 0, last_error="model refused: signed by key 4070"), 2.0)})
+    view = orjson.loads(runner.invoke(hub_app, ["rollout", "status", "--db", url, "--json"]).stdout)
+    (line,) = view["cohort_not_running"]
+    assert line.startswith("on-1: runs default v1, not v2 (online, last seen ") and \
+        line.endswith("; its last error: model refused: signed by key 4070"), line
+    with sessions.transaction(engine) as conn:
+        Store(engine).apply_statuses(conn, {"on-1": (c.Status("on-1", c.ONLINE, 3.0, "default", 2, "b" * 64, 0), 3.0)})
+    view = orjson.loads(runner.invoke(hub_app, ["rollout", "status", "--db", url, "--json"]).stdout)
+    assert view["cohort_not_running"] == [] and view["verdict"] is not None
     # a rollback to a broker not there said nothing for 30 s: now it gives up at connect_timeout_s (and says
     # after 3 s what is in the way, as publish does)
     res = runner.invoke(hub_app, ["rollback", "--db", url, "--broker", "mqtt://127.0.0.1:1"],

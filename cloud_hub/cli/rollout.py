@@ -101,6 +101,7 @@ def status(
         # only when this command judges (--check): serve judges with its own settings, and this command's lack
         # of a key said in red, at every call, that a serve with one could not promote
         blocked = canary.unsigned_promotion(s, rollouts[0]) if verdict is not None and check else None
+        behind = canary.cohort_not_running(engine, rollouts[0]) if verdict is not None else []
     if json_out:
         typer.echo(orjson.dumps({
             "rollouts": [{"id": r.id, "model": r.name, "version": r.version, "previous_version": r.previous,
@@ -108,6 +109,7 @@ def status(
                           "tolerance": r.tolerance, "started_at": r.started_at, "ended_at": r.ended_at,
                           "reason": r.reason} for r in rollouts],
             "verdict": None if verdict is None else verdict.to_obj(), "cannot_promote": blocked,
+            "cohort_not_running": behind,
             "events": events}).decode())
         return
     table = new_table(f"rollouts of {s.model_name}", "version", "state", "cohort", "started", "reason")
@@ -124,6 +126,8 @@ def status(
         console.print(_pace(verdict.cohort_n, time.time() - rollouts[0].started_at, s.canary_max_results))
         if verdict.shift is not None:
             console.print(f"predicted classes shifted {100 * verdict.shift:.1f}% from the cohort's history")
+        for line in behind:
+            console.print(f"cohort {line}", style="yellow")
     if blocked:
         console.print(blocked, style="red")
     for e in events[:5]:

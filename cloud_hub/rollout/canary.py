@@ -342,6 +342,26 @@ def roll_back(engine: sa.Engine, settings: HubSettings, rollout: RolloutRow, rea
     log.warning("canary v%d rolled back (%s): %s", rollout.version, by, reason)
 
 
+def cohort_not_running(engine: sa.Engine, rollout: RolloutRow, now: float | None = None) -> list[str]:
+    """Each cohort device that does not report running the canary's version, with what the hub knows of it (a
+    new operator's finding: a canary signed with a key the devices do not trust waited for ever, and `rollout
+    status` said only that the cohort had sent no scored result; the device's refusal was in `devices`)."""
+    now = time.time() if now is None else now
+    with sessions.transaction(engine, write=False) as conn:
+        rows = Store(engine).device_rows(conn)
+    out = []
+    for d in rollout.cohort:
+        row = rows.get(d)
+        if row is None:
+            out.append(f"{d}: the hub has no status from it")
+        elif row["model_name"] != rollout.name or row["model_version"] != rollout.version:
+            runs = f"runs {row['model_name']} v{row['model_version']}" if row["model_version"] else "runs no model"
+            seen = f"{row['state']}, last seen {max(now - float(row['last_seen']), 0):.0f} s ago"
+            error = f"; its last error: {row['last_error']}" if row["last_error"] else ""
+            out.append(f"{d}: {runs}, not v{rollout.version} ({seen}){error}")
+    return out
+
+
 def unsigned_promotion(settings: HubSettings, rollout: RolloutRow) -> str | None:
     """Why this hub could not promote ``rollout`` (no signing key), with the fix; None when it can."""
     if settings.signing_key:

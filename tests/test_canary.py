@@ -335,7 +335,7 @@ def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, 
     # A fleet publish while the canary is open moved the fleet under it (its judge then compared with a version
     # the fleet no longer ran, and a rollback named one version while the cohort went to another): refused
     res = runner.invoke(hub_app, ["publish", *args, "--version", "1", "--force"])
-    assert res.exit_code == 4 and "a canary of default v2 is open (against v1): end it first" in res.stderr, res.output
+    assert res.exit_code == 2 and "a canary of default v2 is open (against v1): end it first" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     engine.dispose()
 
@@ -356,6 +356,8 @@ def test_a_canary_publish_stopped_after_the_broker_took_it_clears_its_cohort(bro
     engine = db.make_engine(url)
     log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=120)
     assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 1
+    res = runner.invoke(hub_app, ["publish", *args[:6]])  # no signing key: exit 2 as a canary's publish (it was 4)
+    assert res.exit_code == 2 and "no signing key: pass --signing-key" in res.stderr, res.output
     assert runner.invoke(hub_app, ["publish", *args]).exit_code == 0
     assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 2
     with sessions.transaction(engine) as conn:
@@ -392,7 +394,10 @@ def test_a_canary_publish_stopped_after_the_broker_took_it_clears_its_cohort(bro
     finally:
         watch.stop()
     monkeypatch.setattr(canary, "send", real_send)
-    assert runner.invoke(hub_app, ["publish", *args, "--devices", "on-1", "--version", "2"]).exit_code == 0
+    with sessions.transaction(engine) as conn:
+        Store(engine).apply_statuses(conn, {"on-1": (c.Status("on-1", c.OFFLINE, 1.5, "default", 1, "a" * 64, 0), 1.5)})
+    res = runner.invoke(hub_app, ["publish", *args, "--devices", "on-1", "--version", "2"])
+    assert res.exit_code == 0 and "note: not online: on-1 (offline): the canary waits" in res.stderr, res.output
     # a canary its cohort does not run (signed with a key they do not trust): status names each device and why
     with sessions.transaction(engine) as conn:
         Store(engine).apply_statuses(conn, {"on-1": (c.Status(

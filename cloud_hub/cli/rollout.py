@@ -65,6 +65,10 @@ def start_canary(s: Any, engine: Any, *, version: int | None, share: str | None,
                "more error) with "
                f"{100 * (1 - s.canary_alpha):g}% confidence, promoted when not worse with that confidence "
                f"(`cloud-hub rollout status`)")
+    away = [f"{d} ({rows[d]['state']})" for d in cohort if rows[d]["state"] != "online"]
+    if away:  # a new operator's finding: a canary on an offline device waited, said nowhere
+        typer.echo(f"note: not online: {', '.join(away)}: the canary waits for their results, and blocks every "
+                   "publish meanwhile (`cloud-hub rollback` ends it)", err=True)
     if key_from_flag:
         typer.echo("note: `cloud-hub serve` signs the promotion with its own key: a serve started without one "
                    f"(--signing-key {s.signing_key}, signing_key in its config, CLOUD_HUB_SIGNING_KEY) rolls back "

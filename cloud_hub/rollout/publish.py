@@ -13,7 +13,7 @@ from cloud_hub.data import sessions
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models.lifecycle import LifecycleError, on_topic
 from cloud_hub.models.signing import load_private_key, sign_bundle
-from cloud_hub.rollout.canary import connect
+from cloud_hub.rollout.canary import CanaryError, connect
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
 from edge_agent.contract import MODEL_DELIVERY, Bundle, decode_bundle
 from edge_agent.mqtt import MqttError, MqttLink
@@ -33,7 +33,7 @@ def pick(store: Store, conn: sa.Connection, name: str, version: int | None, *, f
             gate = (row.metrics or {}).get("gate")
             raise LifecycleError(f"model {name} v{version} " + (
                 f"is rejected: its canary was rolled back ({back.reason}; `cloud-hub rollout status`)" if back else
-                f"failed its gate ({gate})" if gate else "is rejected")
+                f"failed its gate ({gate})" if gate else "is rejected (a canary rolled back: `cloud-hub rollout status` says why)")
                 + "; use --force to publish it anyway")
         return row
     rows = [r for r in store.list_models(conn, name) if r.state in ("publishable", "published")]
@@ -58,7 +58,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     if open_:  # the fleet would move under it: its judge compares with a version the fleet no longer runs, and a
         # rollback would send the cohort to the version the rollout names, not the one just published
         c = open_[0]
-        raise LifecycleError(f"a canary of {c.name} v{c.version} is open (against v{c.previous}): end it first "
+        raise CanaryError(f"a canary of {c.name} v{c.version} is open (against v{c.previous}): end it first "
                              "(`cloud-hub rollback`, or let `serve` judge it: `cloud-hub rollout status`)")
     if row.bundle is None:
         raise LifecycleError(f"model {row.name} v{row.version} has no stored bundle")
@@ -66,8 +66,8 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     key_path = signing_key or settings.signing_key
     if key_path:
         bundle = sign_bundle(bundle, load_private_key(key_path))
-    elif not allow_unsigned:
-        raise LifecycleError(NO_SIGNING_KEY)
+    elif not allow_unsigned:  # a setting missing: exit 2, as a canary's publish says it
+        raise CanaryError(NO_SIGNING_KEY)
     acked = threading.Event()
     outcome: list[str] = []
 

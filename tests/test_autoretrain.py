@@ -84,3 +84,34 @@ def test_serve_retrains_and_publishes_when_configured(broker, prefix, tmp_path, 
         stop.set()
         thread.join(60)
         watcher.stop()
+
+
+def test_auto_publish_while_a_canary_is_open_keeps_the_version_publishable_and_says_why(tmp_path, monkeypatch,
+                                                                                      caplog) -> None:
+    """A review's finding: publish's refusals while a canary is open (exit 2 now) must stay errors auto-publish
+    catches: it raised out of check(), and serve logged a traceback instead of the line below."""
+    import logging
+    from types import SimpleNamespace
+
+    from cloud_hub.settings import HubSettings
+    from tests.helpers import SMALL, make_log
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+    engine = db.make_engine(url)
+    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=120)
+    lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
+    v2 = lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL)
+    with sessions.transaction(engine) as conn:
+        Store(engine).add_rollout(conn, name="default", version=1, previous=None, cohort=["on-1"],
+                                  min_results=5, tolerance=0.0, at=time.time())
+    auto = AutoRetrainer(HubSettings(db=url, signing_key="/nonexistent.pem", auto_publish=True, retrain_every_n=1),
+                         engine)
+    monkeypatch.setattr(auto, "new_labelled", lambda: 1)
+    monkeypatch.setattr(lifecycle, "retrain", lambda engine, name, tolerance: SimpleNamespace(
+        version=v2.version, state="publishable", gate="pass"))
+    with caplog.at_level(logging.WARNING):
+        out = auto.check()
+    assert out is not None and out.version == v2.version
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"v{v2.version} not published: a canary of default v1 is open" in m for m in said), said
+    engine.dispose()

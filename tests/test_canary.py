@@ -365,12 +365,20 @@ def test_a_canary_publish_stopped_after_the_broker_took_it_clears_its_cohort(bro
                                             for d in ("on-1", "on-2")})
     real_send, sent = canary.send, []
 
-    def stopped_once_sent(settings, messages, timeout=30.0):  # Ctrl-C as the PUBACKs come in
-        real_send(settings, messages, timeout)
+    def stopped_once_sent(settings, messages, timeout=30.0, began=None):  # Ctrl-C as the PUBACKs come in
+        real_send(settings, messages, timeout, began)
         sent.append([topic for topic, _, _ in messages])
         if len(sent) == 1:
             raise Interrupted
 
+    # a broker not there: nothing was sent, so nothing is taken back (it waited twice and said the model may
+    # have reached the cohort)
+    calls: list[int] = []
+    monkeypatch.setattr(canary, "send", lambda *a, **k: (calls.append(1), real_send(*a, **k))[1])
+    res = runner.invoke(hub_app, ["publish", *args[:2], "--broker", "mqtt://127.0.0.1:1", *args[4:], "--devices",
+                                  "on-1", "--version", "2"], env={"CLOUD_HUB_CONNECT_TIMEOUT_S": "2"})
+    assert res.exit_code == 3 and "no connection to mqtt://127.0.0.1:1 within 2 s" in res.stderr, res.output
+    assert calls == [1], "no second send to take back what was never sent"
     monkeypatch.setattr(canary, "send", stopped_once_sent)
     res = runner.invoke(hub_app, ["publish", *args, "--devices", "on-1", "--version", "2"])
     assert res.exit_code == 130 and "interrupted: no canary started" in res.stderr, res.output

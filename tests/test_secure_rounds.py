@@ -345,6 +345,57 @@ def test_shares_that_open_for_too_few_survivors_fail_the_round_naming_their_send
         hub.collect()
 
 
+def test_with_a_device_left_out_the_hub_waits_for_reveals_that_hold_its_shares(tmp_path) -> None:
+    """A review's finding: the reveal step ended 1 s after the threshold of reveals, but d0 (which named d2) holds no
+    share of d2's mask key: with d0, d1, d3 revealed, 2 of 3 shares, and the round failed "2 shares, the threshold
+    is 3", naming no one. The hub now waits for reveals holding the threshold of each left-out device's shares: d4's
+    reveal, later than the grace, is taken (it is handed over only to a hub that still waits past the grace)."""
+    from cloud_hub.rounds import secure
+
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    _garbles_shares_for(net, "d2", ["d0"])
+    for a in net.devices.values():
+        a.advertise()
+    plain = _train(net, devices)
+    late: list[Message] = []
+
+    def next_late(deadline: float) -> tuple[int, Message | None] | None:
+        for m in [m for m in net.inbox if m.topic.endswith("/d4/update") and decode_answer(m.payload).step == "reveal"]:
+            net.inbox.remove(m)
+            late.append(m)
+        if net.inbox:
+            return 1, net.inbox.popleft()
+        if late and deadline > time.time() + secure.ENOUGH_GRACE_S + 1:  # still waiting past the grace
+            return 1, late.pop()
+        return None
+
+    net._next = next_late  # type: ignore[method-assign]
+    hub = net.hub()
+    hub.collect()
+    got = hub.unmask()
+    assert got.survivors == ["d0", "d1", "d3", "d4"] and got.revealed_by == ["d0", "d1", "d3", "d4"]
+    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
+    assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
+
+
+def test_with_a_device_left_out_too_few_reveals_holding_its_shares_fail_naming_it(tmp_path) -> None:
+    """The same round with d4 stopped before its reveal (a dropout the threshold tolerates without a dispute): the
+    round fails naming d2's mask key and who could not open its shares, at collect and when finished."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    _garbles_shares_for(net, "d2", ["d0"])
+    net.deaf = {"d4": "reveal"}
+    for a in net.devices.values():
+        a.advertise()
+    _train(net, devices)
+    why = r"^d2's mask key: 2 of the devices that revealed hold its shares \(the threshold is 3; they did not open for d0\)"
+    with pytest.raises(SecureRoundFailed, match=why):
+        net.hub().collect()
+    with pytest.raises(SecureRoundFailed, match=why):
+        net.hub().unmask()
+
+
 def test_a_failed_dispute_keeps_its_reason_when_the_round_is_finished(tmp_path) -> None:
     """The helper's finding: the coordinator finishes a round with a new SecureRound's unmask(), which said "only 0
     device(s) revealed their shares (missing: d0, d1, d2, d3, d4)" and dropped the claims. It gives collect()'s

@@ -56,8 +56,10 @@ class CanaryError(HubError, RuntimeError):
 # ----------------------------------------------------------------------------- sending
 
 
-def send(settings: HubSettings, messages: Sequence[tuple[str, bytes, Delivery]], timeout: float = 30.0) -> None:
-    """Publish ``messages`` and wait for every PUBACK (the broker has them, retained ones included)."""
+def send(settings: HubSettings, messages: Sequence[tuple[str, bytes, Delivery]], timeout: float = 30.0,
+         began: list[bool] | None = None) -> None:
+    """Publish ``messages`` and wait for every PUBACK (the broker has them, retained ones included); ``began``
+    gets True once the first is handed to the broker (after that, a failure may have left some there)."""
     acked: set[int] = set()
     refused: list[str] = []
     changed = threading.Condition()
@@ -76,6 +78,8 @@ def send(settings: HubSettings, messages: Sequence[tuple[str, bytes, Delivery]],
     link.start()
     try:
         connect(link, settings)
+        if began is not None:
+            began.append(True)
         mids = {link.publish(topic, payload, delivery) for topic, payload, delivery in messages}
         with changed:
             if not changed.wait_for(lambda: mids <= acked, timeout):
@@ -118,7 +122,7 @@ def _take_back(settings: HubSettings, row: ModelRow, cohort: Sequence[str]) -> N
     except BaseException as exc:  # a second Ctrl-C, the broker gone: say what is left to do
         log.warning("%s v%d may have reached %s, and no canary is recorded (%s): publish it to them again "
                     "(`cloud-hub publish --version %d --devices %s`), then `cloud-hub rollback`", row.name,
-                    row.version, ", ".join(cohort), exc or type(exc).__name__, row.version, ",".join(cohort))
+                    row.version, ", ".join(cohort), str(exc) or type(exc).__name__, row.version, ",".join(cohort))
 
 
 def signed_bundle(row: ModelRow, settings: HubSettings, signing_key: str | None, allow_unsigned: bool) -> bytes:
@@ -204,19 +208,23 @@ def start(engine: sa.Engine, settings: HubSettings, row: ModelRow, *, cohort: Se
     previous = max(published, key=lambda r: (r.published_at or 0.0, r.version))
     payload = signed_bundle(row, settings, signing_key, allow_unsigned)
     now = time.time()
-    with sessions.transaction(engine) as conn:
-        store.add_rollout(conn, name=row.name, version=row.version, previous=previous.version, cohort=cohort,
-                          min_results=min_results, tolerance=tolerance, at=now)
-        note = _event(settings, store, conn, "canary_started", row.name, row.version,
-                      {"cohort": list(cohort), "previous_version": previous.version}, now)
-        # inside the transaction: when the broker does not take every message, no rollout is recorded, and the
-        # cohort's topics are cleared again
-        try:
-            send(settings, [*((settings.topics.device_model(d), payload, MODEL_DELIVERY) for d in cohort), note])
-        except BaseException:
+    began: list[bool] = []
+    try:
+        with sessions.transaction(engine) as conn:
+            store.add_rollout(conn, name=row.name, version=row.version, previous=previous.version, cohort=cohort,
+                              min_results=min_results, tolerance=tolerance, at=now)
+            note = _event(settings, store, conn, "canary_started", row.name, row.version,
+                          {"cohort": list(cohort), "previous_version": previous.version}, now)
+            # inside the transaction: when the broker does not take every message, no rollout is recorded, and
+            # the cohort's topics are cleared again
+            send(settings, [*((settings.topics.device_model(d), payload, MODEL_DELIVERY) for d in cohort), note],
+                 began=began)
+            started = store.rollouts(conn, row.name, state="canary")[0]
+    except BaseException:  # not committed: no rollout; what reached the broker is taken back
+        if began:
             _take_back(settings, row, cohort)
-            raise
-        return store.rollouts(conn, row.name, state="canary")[0]
+        raise
+    return started
 
 
 @dataclass(frozen=True)

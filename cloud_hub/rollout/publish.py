@@ -13,12 +13,20 @@ from cloud_hub.data import sessions
 from cloud_hub.data.store import ModelRow, Store
 from cloud_hub.models.lifecycle import LifecycleError, on_topic
 from cloud_hub.models.signing import load_private_key, sign_bundle
-from cloud_hub.rollout.canary import CanaryError, connect
+from cloud_hub.rollout.canary import connect
 from cloud_hub.settings import NO_SIGNING_KEY, HubSettings
+from edge_agent import exits
 from edge_agent.contract import MODEL_DELIVERY, Bundle, decode_bundle
 from edge_agent.mqtt import MqttError, MqttLink
 
 log = logging.getLogger(__name__)
+
+
+class PublishRefused(LifecycleError):
+    """What the operator must do first: end the open canary, give a signing key (exit 2, as a canary's publish
+    says it; a LifecycleError still, which auto-publish and a round's finish catch)."""
+
+    exit_code = exits.USAGE
 
 
 def pick(store: Store, conn: sa.Connection, name: str, version: int | None, *, force: bool) -> ModelRow:
@@ -58,7 +66,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     if open_:  # the fleet would move under it: its judge compares with a version the fleet no longer runs, and a
         # rollback would send the cohort to the version the rollout names, not the one just published
         c = open_[0]
-        raise CanaryError(f"a canary of {c.name} v{c.version} is open (against v{c.previous}): end it first "
+        raise PublishRefused(f"a canary of {c.name} v{c.version} is open (against v{c.previous}): end it first "
                              "(`cloud-hub rollback`, or let `serve` judge it: `cloud-hub rollout status`)")
     if row.bundle is None:
         raise LifecycleError(f"model {row.name} v{row.version} has no stored bundle")
@@ -67,7 +75,7 @@ def publish(engine: sa.Engine, settings: HubSettings, *, version: int | None = N
     if key_path:
         bundle = sign_bundle(bundle, load_private_key(key_path))
     elif not allow_unsigned:  # a setting missing: exit 2, as a canary's publish says it
-        raise CanaryError(NO_SIGNING_KEY)
+        raise PublishRefused(NO_SIGNING_KEY)
     acked = threading.Event()
     outcome: list[str] = []
 

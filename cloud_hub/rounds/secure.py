@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,9 +139,11 @@ class SecureRound:
         self.survivors, self.dropped, self.masked = set(survivors), set(dropped), set(masked)
         self._tell([Step(self.r.id, self.plan.model, v, "reveal", survivors=survivors, dropped=dropped)
                     for v in survivors])
+        # the threshold of reveals, and of them the threshold holding each left-out device's shares
         revealed = self._step("revealed", set(survivors), max(time.time(), self.r.deadline) + REVEAL_GRACE_S,
-                              enough=self.t)
+                              enough=self.t, ready=lambda got: self._rebuildable(got, named, dropped) is None)
         self._enough(revealed, "revealed their shares")
+        self._rebuilt(revealed, named, dropped)
 
     def clear(self) -> None:
         """No step is left retained for anyone once the round is over."""
@@ -173,6 +175,21 @@ class SecureRound:
             else:
                 self.wire.say(f"round {self.r.id}: {device} says the shares of {', '.join(senders)} sealed for it do "
                               f"not open: {device} left out of the sum (a device may name one peer)")
+
+    def _rebuildable(self, revealed: set[str], named: dict[str, tuple[str, ...]], dropped: Sequence[str]) -> str | None:
+        """Why the revealing devices cannot rebuild some dropped device's mask key (fewer than the threshold of them
+        hold its shares: the others named it), or None."""
+        for u in dropped:
+            holders = [v for v in revealed if u not in named.get(v, ())]
+            if len(holders) < self.t:
+                said = sorted(v for v, us in named.items() if u in us)
+                return (f"{u}'s mask key: {len(holders)} of the devices that revealed hold its shares (the threshold "
+                        f"is {self.t}; they did not open for {', '.join(said)}): the sum stays hidden")
+        return None
+
+    def _rebuilt(self, revealed: set[str], named: dict[str, tuple[str, ...]], dropped: Sequence[str]) -> None:
+        if named and (why := self._rebuildable(revealed, named, dropped)) is not None:
+            raise SecureRoundFailed(why)
 
     def _disputes(self, named: dict[str, tuple[str, ...]], survivors: tuple[str, ...], dropped: tuple[str, ...]) -> None:
         """Fail the round when the devices left out for naming or being named leave fewer survivors than the
@@ -216,10 +233,12 @@ class SecureRound:
         with sessions.transaction(self.engine, write=False) as conn:
             return set(self.rounds.counted(conn, self.r.id, statuses=(status,)))
 
-    def _step(self, status: str, expect: set[str], until: float, enough: int = 0) -> set[str]:
+    def _step(self, status: str, expect: set[str], until: float, enough: int = 0,
+              ready: Callable[[set[str]], bool] | None = None) -> set[str]:
         """The devices that answered one step (those stored before a restart included), once every expected device has
         answered, or ``ENOUGH_GRACE_S`` after ``enough`` of them have (the reveals: the threshold is all the
-        sum needs; the masked updates: the round's --min-updates), or at ``until``."""
+        sum needs; the masked updates: the round's --min-updates) and ``ready`` says they are enough (the reveals
+        of a round with left-out devices: the threshold of them holding each one's shares), or at ``until``."""
         self.phase, self.expect = status, expect
         self.answered = self._answered(status)
         shortened = False
@@ -227,7 +246,7 @@ class SecureRound:
             got = self.answered & expect
             if got >= expect:
                 return got
-            if enough and len(got) >= enough and not shortened:
+            if enough and len(got) >= enough and (ready is None or ready(got)) and not shortened:
                 until, shortened = min(until, time.time() + ENOUGH_GRACE_S), True
             nxt = self.wire.next(until)
             if nxt is None:
@@ -325,6 +344,7 @@ class SecureRound:
             self._disputes(named, *sides)
             self.expect = set(sides[0])
             self._enough(set(revealed), "revealed their shares")
+            self._rebuilt(set(revealed), named, sides[1])
         except SecureRoundFailed as exc:
             exc.unopened = {d: list(us) for d, us in sorted(named.items())}
             raise

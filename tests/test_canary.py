@@ -287,18 +287,25 @@ def test_send_waits_for_every_puback_without_deadlocking_on_early_ones(broker, p
         watch.stop()
 
 
-def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, tmp_path: Path) -> None:
-    """A device known only from its results, or offline, or running another model, held a cohort seat it
-    could never be judged on (a new user's canary went to two hand-made devices that never sent a status)."""
-    from cloud_hub.data import sessions
-    from cloud_hub.data.store import Store
-
+def _hub_with_v1(broker, prefix: str, tmp_path: Path) -> tuple[str, list[str], sa.Engine, Path]:
+    """A hub database holding v1, trained on a log of trn-1 and trn-2: (its URL, publish's flags with a signing
+    key, its engine, the log)."""
     priv, _, _ = keygen(tmp_path / "keys" / "hub.pem")
     url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
     args = ["--db", url, "--broker", broker.url, "--prefix", prefix, "--signing-key", str(priv)]
     engine = db.make_engine(url)
     log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=120)
     assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 1
+    return url, args, engine, log
+
+
+def test_a_share_is_drawn_from_online_devices_running_the_model(broker, prefix, tmp_path: Path) -> None:
+    """A device known only from its results, or offline, or running another model, held a cohort seat it
+    could never be judged on (a new user's canary went to two hand-made devices that never sent a status)."""
+    from cloud_hub.data import sessions
+    from cloud_hub.data.store import Store
+
+    url, args, engine, log = _hub_with_v1(broker, prefix, tmp_path)
     not_pem = ["--db", url, "--broker", broker.url, "--prefix", prefix, "--signing-key", str(log)]
     res = runner.invoke(hub_app, ["publish", *not_pem])  # an operator's slip: exit 2 naming the setting (it was 4)
     assert res.exit_code == 2 and f"signing_key {str(log)!r} is not a PEM private key" in res.stderr, res.output
@@ -350,12 +357,7 @@ def test_a_canary_publish_stopped_after_the_broker_took_it_clears_its_cohort(bro
     from cloud_hub.data import sessions
     from cloud_hub.data.store import Store
 
-    priv, _, _ = keygen(tmp_path / "keys" / "hub.pem")
-    url = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-    args = ["--db", url, "--broker", broker.url, "--prefix", prefix, "--signing-key", str(priv)]
-    engine = db.make_engine(url)
-    log = make_log(tmp_path / "train.csv", devices=("trn-1", "trn-2"), seconds=120)
-    assert lifecycle.train_from_logs(engine, [str(log)], holdout=["trn-2"], config=SMALL).version == 1
+    url, args, engine, log = _hub_with_v1(broker, prefix, tmp_path)
     res = runner.invoke(hub_app, ["publish", *args[:6]])  # no signing key: exit 2 as a canary's publish (it was 4)
     assert res.exit_code == 2 and "no signing key: pass --signing-key" in res.stderr, res.output
     assert runner.invoke(hub_app, ["publish", *args]).exit_code == 0

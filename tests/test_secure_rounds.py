@@ -306,17 +306,30 @@ def _names_in_its_masked_answer(net: Network, device: str, peers: tuple[str, ...
     net.tamper = tamper
 
 
+def _disputed(tmp_path: Path, garbled_for: list[str], deaf: dict[str, str] | None = None
+              ) -> tuple[Network, dict[str, np.ndarray]]:
+    """Five devices, threshold 3, advertised and trained; d2 seals shares that do not open for ``garbled_for``."""
+    devices = [f"d{i}" for i in range(5)]
+    net = Network(tmp_path, devices)
+    _garbles_shares_for(net, "d2", garbled_for)
+    net.deaf = deaf or {}
+    for a in net.devices.values():
+        a.advertise()
+    return net, _train(net, [d for d in devices if (deaf or {}).get(d) not in ("share", "mask")])
+
+
+def _the_survivors_mean(net: Network, got, plain: dict[str, np.ndarray]) -> bool:
+    """Whether a round's published delta is the mean of its survivors' vectors, bit for bit."""
+    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
+    return all(np.array_equal(got.delta[k], (want[k] / len(got.survivors)).astype(np.float32)) for k in TENSORS)
+
+
 def test_shares_that_do_not_open_leave_their_sender_out_and_name_both(tmp_path) -> None:
     """A hostile device's finding: d2 sealed shares for d0 that do not open; d0 refused the mask step, so did
     not mask, and the hub named d0 (honest) as missing. Now d0 masks all the same and names d2 in its masked
     answer: the round sums the other four exactly, d2 left out as if it had dropped, and the hub says who named
     whom."""
-    devices = [f"d{i}" for i in range(5)]
-    net = Network(tmp_path, devices)
-    _garbles_shares_for(net, "d2", ["d0"])
-    for a in net.devices.values():
-        a.advertise()
-    plain = _train(net, devices)
+    net, plain = _disputed(tmp_path, ["d0"])
     hub = net.hub()
     hub.collect()
     got = hub.unmask()
@@ -324,8 +337,7 @@ def test_shares_that_do_not_open_leave_their_sender_out_and_name_both(tmp_path) 
     assert got.survivors == ["d0", "d1", "d3", "d4"] and got.dropped == ["d2"]
     assert got.outcome["unopened"] == {"d0": ["d2"]} and got.outcome["summed"] == 4
     assert hub.left_out() == ["d2: its shares did not open for d0"]
-    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
-    assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
+    assert _the_survivors_mean(net, got, plain)
     assert net.said == ["round 1: d0 says the shares d2 sealed for it do not open: d2 left out of the sum (one of the "
                         "two is faulty)"]
 
@@ -333,12 +345,7 @@ def test_shares_that_do_not_open_leave_their_sender_out_and_name_both(tmp_path) 
 def test_shares_that_open_for_too_few_survivors_fail_the_round_naming_their_sender(tmp_path) -> None:
     """d2's shares open only for d4: its mask key cannot be rebuilt from one survivor (threshold 3), so the
     round fails naming d2 and who said so, not the honest devices."""
-    devices = [f"d{i}" for i in range(5)]
-    net = Network(tmp_path, devices)
-    _garbles_shares_for(net, "d2", ["d0", "d1", "d3"])
-    for a in net.devices.values():
-        a.advertise()
-    _train(net, devices)
+    net, _ = _disputed(tmp_path, ["d0", "d1", "d3"])
     hub = net.hub()
     with pytest.raises(SecureRoundFailed, match=r"^d2's shares did not open for d0, d1, d3: its mask key cannot be "
                        r"rebuilt from the 1 survivor\(s\) that hold them \(the threshold is 3\)"):
@@ -352,12 +359,7 @@ def test_with_a_device_left_out_the_hub_waits_for_reveals_that_hold_its_shares(t
     reveal, later than the grace, is taken (it is handed over only to a hub that still waits past the grace)."""
     from cloud_hub.rounds import secure
 
-    devices = [f"d{i}" for i in range(5)]
-    net = Network(tmp_path, devices)
-    _garbles_shares_for(net, "d2", ["d0"])
-    for a in net.devices.values():
-        a.advertise()
-    plain = _train(net, devices)
+    net, plain = _disputed(tmp_path, ["d0"])
     late: list[Message] = []
 
     def next_late(deadline: float) -> tuple[int, Message | None] | None:
@@ -375,20 +377,13 @@ def test_with_a_device_left_out_the_hub_waits_for_reveals_that_hold_its_shares(t
     hub.collect()
     got = hub.unmask()
     assert got.survivors == ["d0", "d1", "d3", "d4"] and got.revealed_by == ["d0", "d1", "d3", "d4"]
-    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
-    assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
+    assert _the_survivors_mean(net, got, plain)
 
 
 def test_with_a_device_left_out_too_few_reveals_holding_its_shares_fail_naming_it(tmp_path) -> None:
     """The same round with d4 stopped before its reveal (a dropout the threshold tolerates without a dispute): the
     round fails naming d2's mask key and who could not open its shares, at collect and when finished."""
-    devices = [f"d{i}" for i in range(5)]
-    net = Network(tmp_path, devices)
-    _garbles_shares_for(net, "d2", ["d0"])
-    net.deaf = {"d4": "reveal"}
-    for a in net.devices.values():
-        a.advertise()
-    _train(net, devices)
+    net, _ = _disputed(tmp_path, ["d0"], deaf={"d4": "reveal"})
     why = r"^d2's mask key: 2 of the devices that revealed hold its shares \(the threshold is 3; they did not open for d0\)"
     with pytest.raises(SecureRoundFailed, match=why):
         net.hub().collect()
@@ -400,12 +395,7 @@ def test_a_failed_dispute_keeps_its_reason_when_the_round_is_finished(tmp_path) 
     """The helper's finding: the coordinator finishes a round with a new SecureRound's unmask(), which said "only 0
     device(s) revealed their shares (missing: d0, d1, d2, d3, d4)" and dropped the claims. It gives collect()'s
     reason now, and the claims with it."""
-    devices = [f"d{i}" for i in range(5)]
-    net = Network(tmp_path, devices)
-    _garbles_shares_for(net, "d2", ["d0", "d1", "d3"])
-    for a in net.devices.values():
-        a.advertise()
-    _train(net, devices)
+    net, _ = _disputed(tmp_path, ["d0", "d1", "d3"])
     with pytest.raises(SecureRoundFailed) as closed:
         net.hub().collect()
     with pytest.raises(SecureRoundFailed) as finished:
@@ -428,8 +418,7 @@ def test_a_device_naming_several_peers_is_left_out_itself(tmp_path) -> None:
     hub.collect()
     got = hub.unmask()
     assert got.survivors == ["d1", "d2", "d3", "d4", "d5"] and got.dropped == ["d0"]
-    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
-    assert all(np.array_equal(got.delta[k], (want[k] / 5).astype(np.float32)) for k in TENSORS)
+    assert _the_survivors_mean(net, got, plain)
     assert net.said == ["round 1: d0 says the shares of d1, d2, d3 sealed for it do not open: d0 left out of the sum "
                         "(a device may name one peer)"]
     assert hub.left_out() == ["d0: it named 3 peers"]
@@ -453,8 +442,7 @@ def test_a_masked_answer_after_the_reveals_does_not_change_the_survivors_after_a
     second.collect()
     got = second.unmask()
     assert got.survivors == ["d0", "d1", "d2", "d3"] and got.dropped == ["d4"]
-    want = secure_codec.decode(np.sum([plain[d] for d in got.survivors], axis=0), secure_grid(net.ann.plan))
-    assert all(np.array_equal(got.delta[k], (want[k] / 4).astype(np.float32)) for k in TENSORS)
+    assert _the_survivors_mean(net, got, plain)
     assert "d4" not in second._answered("masked")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,16 +176,24 @@ class SecureRound:
                 self.wire.say(f"round {self.r.id}: {device} says the shares of {', '.join(senders)} sealed for it do "
                               f"not open: {device} left out of the sum (a device may name one peer)")
 
-    def _rebuildable(self, revealed: set[str], named: dict[str, tuple[str, ...]], dropped: Sequence[str]) -> str | None:
-        """Why the revealing devices cannot rebuild some dropped device's mask key (fewer than the threshold of them
-        hold its shares: the others named it), or None."""
+    def _short_of_holders(self, among: Iterable[str], named: dict[str, tuple[str, ...]], dropped: Sequence[str]
+                          ) -> tuple[str, int, list[str]] | None:
+        """The first dropped device whose shares fewer than the threshold of ``among`` hold (the others named it),
+        with how many do and who named it; None when each has enough holders for its mask key."""
+        among = list(among)
         for u in dropped:
-            holders = [v for v in revealed if u not in named.get(v, ())]
-            if len(holders) < self.t:
-                said = sorted(v for v, us in named.items() if u in us)
-                return (f"{u}'s mask key: {len(holders)} of the devices that revealed hold its shares (the threshold "
-                        f"is {self.t}; they did not open for {', '.join(said)}): the sum stays hidden")
+            holders = sum(1 for v in among if u not in named.get(v, ()))
+            if holders < self.t:
+                return u, holders, sorted(v for v, us in named.items() if u in us)
         return None
+
+    def _rebuildable(self, revealed: set[str], named: dict[str, tuple[str, ...]], dropped: Sequence[str]) -> str | None:
+        """Why the revealing devices cannot rebuild some dropped device's mask key, or None."""
+        if (short := self._short_of_holders(revealed, named, dropped)) is None:
+            return None
+        u, holders, said = short
+        return (f"{u}'s mask key: {holders} of the devices that revealed hold its shares (the threshold is {self.t}; "
+                f"they did not open for {', '.join(said)}): the sum stays hidden")
 
     def _rebuilt(self, revealed: set[str], named: dict[str, tuple[str, ...]], dropped: Sequence[str]) -> None:
         if named and (why := self._rebuildable(revealed, named, dropped)) is not None:
@@ -200,13 +208,11 @@ class SecureRound:
             raise SecureRoundFailed(f"only {len(survivors)} masked update(s) can be summed once the devices that named "
                                     f"peers whose shares do not open, or were named, are left out (the threshold is "
                                     f"{self.t}; left out: {', '.join(sorted(_left_out(named)))}): the sum stays hidden")
-        for u in dropped:
-            holders = [v for v in survivors if u not in named.get(v, ())]
-            if len(holders) < self.t:
-                said = sorted(v for v, us in named.items() if u in us)
-                raise SecureRoundFailed(f"{u}'s shares did not open for {', '.join(said)}: its mask key cannot be "
-                                        f"rebuilt from the {len(holders)} survivor(s) that hold them (the threshold is "
-                                        f"{self.t}): the sum stays hidden")
+        if (short := self._short_of_holders(survivors, named, dropped)) is not None:
+            u, holders, said = short
+            raise SecureRoundFailed(f"{u}'s shares did not open for {', '.join(said)}: its mask key cannot be rebuilt "
+                                    f"from the {holders} survivor(s) that hold them (the threshold is {self.t}): the "
+                                    "sum stays hidden")
 
     def _enough(self, got: set[str], what: str) -> None:
         if len(got) < self.t:
@@ -319,7 +325,6 @@ class SecureRound:
                         f"{self.grid.padded} x {self.delta_session.bits} bits and {n_stats}")
             if not set(a.unopened) <= self.expect - {a.device_id}:
                 return f"names {sorted(set(a.unopened) - self.expect)} as sealing it shares, not senders of this round"
-
         if a.step == "reveal":
             for device, (kind, _share) in a.revealed.items():
                 if (kind == "b" and device not in self.survivors) or (kind == "s" and device not in self.dropped):

@@ -134,7 +134,7 @@ class Windower:
         self._c = len(params.channels)
         self._last_ts: float | None = None
         self._skip = 0  # samples of the current segment to skip before the next window start
-        self._seg_windowed = False  # whether the current segment has begun a window and completed it
+        self._seg_windowed = False  # whether the current segment has completed a window
         self._buf_ts = np.empty(0, np.float64)
         self._buf_vals = np.empty((0, self._c), np.float32)
         self._buf_labels: np.ndarray | None = None
